@@ -1,0 +1,16 @@
+"""The `mplsorch` command line. Exit codes: 0 ok, 1 operation failed, 2 bad input or
+configuration, 3 environment not usable (missing kernel features, not root)."""
+
+from __future__ import annotations
+
+import typer
+
+from orchestrator.cli.lab import lab_app
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Linux kernel MPLS route orchestrator (session-label load balancing).")
+app.add_typer(lab_app, name="lab")
+
+
+def main() -> None:
+    app()

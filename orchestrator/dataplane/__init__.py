@@ -1,0 +1,1 @@
+"""Dataplane: operations on kernel forwarding objects and the providers that apply them."""

@@ -1,0 +1,158 @@
+"""rtnetlink dump messages -> the objects of ops.py, with the offload state the kernel reports.
+Each function returns None for a message that is not one of ours (other owner, other kind)."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Callable
+
+from orchestrator.dataplane import ops
+from orchestrator.dataplane.netlink import nla
+from orchestrator.dataplane.netlink.constants import (
+    AF_INET6, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, FRA_PRIORITY, FRA_PROTOCOL, FRA_SRC, FRA_TABLE,
+    IPPROTO_TCP, IPPROTO_UDP, LWTUNNEL_ENCAP_MPLS, MPLS_IPTUNNEL_DST, RT_PROTO, RTA_DST,
+    RTA_ENCAP, RTA_ENCAP_TYPE, RTA_GATEWAY, RTA_NEWDST, RTA_OIF, RTA_TABLE, RTA_VIA, RTM_F_OFFLOAD,
+    RTM_F_OFFLOAD_FAILED, RTM_F_TRAP, RTNH_F_OFFLOAD, RTNH_F_TRAP, TC_COOKIE_PREFIX,
+    TC_H_MIN_EGRESS, TCA_ACT_COOKIE, TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_CLS_FLAGS_IN_HW,
+    TCA_CLS_FLAGS_SKIP_HW, TCA_CLS_FLAGS_SKIP_SW, TCA_FLOWER_ACT, TCA_FLOWER_FLAGS,
+    TCA_FLOWER_IN_HW_COUNT, TCA_FLOWER_KEY_ETH_TYPE, TCA_FLOWER_KEY_IP_PROTO, TCA_KIND,
+    TCA_MPLS_ACT_POP, TCA_MPLS_ACT_PUSH, TCA_MPLS_LABEL, TCA_MPLS_PARMS, TCA_MPLS_PROTO,
+    TCA_MPLS_TTL, TCA_OPTIONS,
+)
+from orchestrator.dataplane.netlink.encode import ADDR_ATTRS, PORT_ATTRS
+
+Ifname = Callable[[int], str]
+
+_RTMSG = struct.Struct("=BBBBBBBBI")
+_TCMSG = struct.Struct("=BBHiIII")
+_PROTO_NAMES = {ETH_P_IP: "ip", ETH_P_IPV6: "ipv6", ETH_P_MPLS_UC: "mpls_uc"}
+_IP_PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
+
+
+def labels_of(payload: memoryview) -> tuple[int, ...]:
+    return tuple(struct.unpack_from("!I", payload, i)[0] >> 12 for i in range(0, len(payload), 4))
+
+
+def _via(payload: memoryview) -> str:
+    family = struct.unpack_from("=H", payload)[0]
+    raw = bytes(payload[2:18] if family == AF_INET6 else payload[2:6])
+    return str(ipaddress.ip_address(raw))
+
+
+def _route_offload(flags: int) -> ops.OffloadState:
+    return ops.OffloadState(in_hw=bool(flags & (RTM_F_OFFLOAD | RTNH_F_OFFLOAD)),
+                            trap=bool(flags & (RTM_F_TRAP | RTNH_F_TRAP)),
+                            failed=bool(flags & RTM_F_OFFLOAD_FAILED))
+
+
+def route(body: memoryview, ifname: Ifname) -> ops.Installed | None:
+    """An AF_MPLS label route or an AF_INET/AF_INET6 encap route of ours."""
+    family, dst_len, _src_len, _tos, table, proto, _scope, _type, flags = _RTMSG.unpack_from(body)
+    if proto != RT_PROTO:
+        return None
+    a = nla.attrs(body, _RTMSG.size)
+    oif = a.get(RTA_OIF)
+    dev = ifname(nla.get_u32(oif)) if oif is not None else ""
+    if family == 28:
+        obj: ops.DataplaneObject = ops.MplsRoute(
+            label=labels_of(a[RTA_DST])[0], dev=dev,
+            via=_via(a[RTA_VIA]) if RTA_VIA in a else None,
+            out_labels=labels_of(a[RTA_NEWDST]) if RTA_NEWDST in a else ())
+    else:
+        if RTA_ENCAP_TYPE not in a or nla.get_u16(a[RTA_ENCAP_TYPE]) != LWTUNNEL_ENCAP_MPLS:
+            return None
+        dst = ipaddress.ip_address(bytes(a[RTA_DST])) if RTA_DST in a else (
+            ipaddress.IPv6Address(0) if family == AF_INET6 else ipaddress.IPv4Address(0))
+        encap = nla.attrs(a[RTA_ENCAP])
+        obj = ops.EncapRoute(
+            dst=f"{dst}/{dst_len}", labels=labels_of(encap[MPLS_IPTUNNEL_DST]), dev=dev,
+            via=str(ipaddress.ip_address(bytes(a[RTA_GATEWAY]))) if RTA_GATEWAY in a else None,
+            table=nla.get_u32(a[RTA_TABLE]) if RTA_TABLE in a else table)
+    return ops.Installed(obj, _route_offload(flags))
+
+
+def rule(body: memoryview) -> ops.Installed | None:
+    family, _dst_len, src_len, _tos, table, _r1, _r2, _action, _flags = _RTMSG.unpack_from(body)
+    a = nla.attrs(body, _RTMSG.size)
+    if FRA_PROTOCOL not in a or nla.get_u8(a[FRA_PROTOCOL]) != RT_PROTO or FRA_SRC not in a:
+        return None
+    src = ipaddress.ip_address(bytes(a[FRA_SRC]))
+    return ops.Installed(ops.Rule(
+        src=f"{src}/{src_len}",
+        table=nla.get_u32(a[FRA_TABLE]) if FRA_TABLE in a else table,
+        priority=nla.get_u32(a[FRA_PRIORITY]) if FRA_PRIORITY in a else 0))
+
+
+def tc_header(body: memoryview) -> tuple[int, int, int, int]:
+    """(ifindex, handle, parent, info) of a tcmsg."""
+    _family, _pad1, _pad2, ifindex, handle, parent, info = _TCMSG.unpack_from(body)
+    return ifindex, handle, parent, info
+
+
+def qdisc_kind(body: memoryview) -> str:
+    a = nla.attrs(body, _TCMSG.size)
+    return nla.get_str(a[TCA_KIND]) if TCA_KIND in a else ""
+
+
+def _mpls_action(payload: memoryview) -> tuple[ops.Action, bytes] | None:
+    a = nla.attrs(payload)
+    if TCA_ACT_KIND not in a or nla.get_str(a[TCA_ACT_KIND]) != "mpls":
+        return None
+    cookie = bytes(a[TCA_ACT_COOKIE]) if TCA_ACT_COOKIE in a else b""
+    opts = nla.attrs(a[TCA_ACT_OPTIONS])
+    m_action = struct.unpack_from("=IIiiii", opts[TCA_MPLS_PARMS])[5]
+    if m_action == TCA_MPLS_ACT_PUSH:
+        ttl = nla.get_u8(opts[TCA_MPLS_TTL]) if TCA_MPLS_TTL in opts else None
+        return ops.MplsPush(nla.get_u32(opts[TCA_MPLS_LABEL]), ttl=ttl), cookie
+    if m_action == TCA_MPLS_ACT_POP:
+        proto = nla.get_be16(opts[TCA_MPLS_PROTO]) if TCA_MPLS_PROTO in opts else ETH_P_IP
+        return ops.MplsPop(_PROTO_NAMES.get(proto, hex(proto))), cookie
+    return None
+
+
+def _prefix(key: memoryview, mask: memoryview | None) -> str:
+    address = ipaddress.ip_address(bytes(key))
+    if mask is None:
+        return f"{address}/{address.max_prefixlen}"
+    bits = bin(int.from_bytes(bytes(mask), "big")).count("1")
+    return f"{address}/{bits}"
+
+
+def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops.Installed | None:
+    """A flower filter whose actions all carry our cookie (all act_mpls, or it is not ours).
+    `require_cookie=False` decodes filters made by others, e.g. by `tc` in the encoder tests."""
+    ifindex, handle, parent, info = tc_header(body)
+    a = nla.attrs(body, _TCMSG.size)
+    if handle == 0 or TCA_KIND not in a or nla.get_str(a[TCA_KIND]) != "flower" or TCA_OPTIONS not in a:
+        return None
+    o = nla.attrs(a[TCA_OPTIONS])
+    actions: list[ops.Action] = []
+    for _order, payload in sorted(nla.iter_attrs(o[TCA_FLOWER_ACT]) if TCA_FLOWER_ACT in o else ()):
+        decoded = _mpls_action(payload)
+        if decoded is None or (require_cookie and not decoded[1].startswith(TC_COOKIE_PREFIX)):
+            return None
+        actions.append(decoded[0])
+    if require_cookie and not actions:
+        return None
+    eth_type = nla.get_be16(o[TCA_FLOWER_KEY_ETH_TYPE]) if TCA_FLOWER_KEY_ETH_TYPE in o else 0
+    version = 6 if eth_type == ETH_P_IPV6 else 4
+    ip_proto = _IP_PROTO_NAMES.get(nla.get_u8(o[TCA_FLOWER_KEY_IP_PROTO])) \
+        if TCA_FLOWER_KEY_IP_PROTO in o else None
+    prefixes = {side: _prefix(o[key], o.get(mask))
+                for (v, side), (key, mask) in ADDR_ATTRS.items() if v == version and key in o}
+    ports = {side: nla.get_be16(o[key])
+             for (proto, side), (key, _mask) in PORT_ATTRS.items() if proto == ip_proto and key in o}
+    flags = nla.get_u32(o[TCA_FLOWER_FLAGS]) if TCA_FLOWER_FLAGS in o else 0
+    offload = (ops.OffloadPolicy.REQUIRED if flags & TCA_CLS_FLAGS_SKIP_SW else
+               ops.OffloadPolicy.SOFTWARE if flags & TCA_CLS_FLAGS_SKIP_HW else ops.OffloadPolicy.AUTO)
+    obj = ops.FlowerFilter(
+        dev=ifname(ifindex), handle=handle,
+        match=ops.FlowerMatch(src=prefixes.get("src"), dst=prefixes.get("dst"), ip_proto=ip_proto,
+                              src_port=ports.get("src"), dst_port=ports.get("dst")),
+        actions=tuple(actions),
+        direction=ops.Direction.EGRESS if parent & 0xFFFF == TC_H_MIN_EGRESS else ops.Direction.INGRESS,
+        pref=info >> 16, offload=offload)
+    in_hw_count = nla.get_u32(o[TCA_FLOWER_IN_HW_COUNT]) if TCA_FLOWER_IN_HW_COUNT in o else 0
+    return ops.Installed(obj, ops.OffloadState(in_hw=bool(flags & TCA_CLS_FLAGS_IN_HW),
+                                               in_hw_count=in_hw_count))

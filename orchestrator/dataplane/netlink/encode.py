@@ -1,0 +1,208 @@
+"""Operations -> rtnetlink request bodies. One function per object kind; each returns
+(message type, flags, body) so the batching socket can stamp sequence numbers.
+
+Layouts follow the kernel: af_mpls.c (RTA_DST/RTA_VIA/RTA_NEWDST), lwtunnel MPLS encap
+(RTA_ENCAP_TYPE + RTA_ENCAP{MPLS_IPTUNNEL_DST}), fib_rules.c, cls_flower.c and act_mpls.c.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Callable
+
+from orchestrator.dataplane import ops
+from orchestrator.dataplane.netlink import nla
+from orchestrator.dataplane.netlink.constants import (
+    AF_INET, AF_INET6, AF_MPLS, AF_UNSPEC, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, FR_ACT_TO_TBL,
+    FRA_PRIORITY, FRA_PROTOCOL, FRA_SRC, FRA_TABLE, IPPROTO_TCP, IPPROTO_UDP, LWTUNNEL_ENCAP_MPLS,
+    MPLS_IPTUNNEL_DST, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, RT_PROTO,
+    RT_SCOPE_UNIVERSE, RT_TABLE_MAIN, RTA_DST, RTA_ENCAP, RTA_ENCAP_TYPE, RTA_GATEWAY, RTA_NEWDST,
+    RTA_OIF, RTA_TABLE, RTA_VIA, RTM_DELQDISC, RTM_DELROUTE, RTM_DELRULE, RTM_DELTFILTER,
+    RTM_NEWQDISC, RTM_NEWROUTE, RTM_NEWRULE, RTM_NEWTFILTER, RTN_UNICAST, TC_ACT_PIPE,
+    TC_COOKIE_PREFIX, TC_H_CLSACT, TC_H_MIN_EGRESS, TC_H_MIN_INGRESS, TCA_ACT_COOKIE, TCA_ACT_KIND,
+    TCA_ACT_OPTIONS, TCA_CLS_FLAGS_SKIP_HW, TCA_CLS_FLAGS_SKIP_SW, TCA_FLOWER_ACT,
+    TCA_FLOWER_FLAGS, TCA_FLOWER_KEY_ETH_TYPE, TCA_FLOWER_KEY_IP_PROTO, TCA_FLOWER_KEY_IPV4_DST,
+    TCA_FLOWER_KEY_IPV4_DST_MASK, TCA_FLOWER_KEY_IPV4_SRC, TCA_FLOWER_KEY_IPV4_SRC_MASK,
+    TCA_FLOWER_KEY_IPV6_DST, TCA_FLOWER_KEY_IPV6_DST_MASK, TCA_FLOWER_KEY_IPV6_SRC,
+    TCA_FLOWER_KEY_IPV6_SRC_MASK, TCA_FLOWER_KEY_TCP_DST, TCA_FLOWER_KEY_TCP_DST_MASK,
+    TCA_FLOWER_KEY_TCP_SRC, TCA_FLOWER_KEY_TCP_SRC_MASK, TCA_FLOWER_KEY_UDP_DST,
+    TCA_FLOWER_KEY_UDP_DST_MASK, TCA_FLOWER_KEY_UDP_SRC, TCA_FLOWER_KEY_UDP_SRC_MASK, TCA_KIND,
+    TCA_MPLS_ACT_POP, TCA_MPLS_ACT_PUSH, TCA_MPLS_LABEL, TCA_MPLS_PARMS, TCA_MPLS_PROTO,
+    TCA_MPLS_TTL, TCA_OPTIONS,
+)
+
+Ifindex = Callable[[str], int]
+Request = tuple[int, int, bytes]
+
+_RTMSG = struct.Struct("=BBBBBBBBI")
+_TCMSG = struct.Struct("=BBHiIII")
+_LABEL = struct.Struct("!I")
+
+ETH_TYPES = {"ip": ETH_P_IP, "ipv6": ETH_P_IPV6, "mpls_uc": ETH_P_MPLS_UC}
+IP_PROTOS = {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP}
+# (key, mask) attribute types of the port matches, by protocol and side.
+PORT_ATTRS = {
+    ("tcp", "src"): (TCA_FLOWER_KEY_TCP_SRC, TCA_FLOWER_KEY_TCP_SRC_MASK),
+    ("tcp", "dst"): (TCA_FLOWER_KEY_TCP_DST, TCA_FLOWER_KEY_TCP_DST_MASK),
+    ("udp", "src"): (TCA_FLOWER_KEY_UDP_SRC, TCA_FLOWER_KEY_UDP_SRC_MASK),
+    ("udp", "dst"): (TCA_FLOWER_KEY_UDP_DST, TCA_FLOWER_KEY_UDP_DST_MASK),
+}
+ADDR_ATTRS = {
+    (4, "src"): (TCA_FLOWER_KEY_IPV4_SRC, TCA_FLOWER_KEY_IPV4_SRC_MASK),
+    (4, "dst"): (TCA_FLOWER_KEY_IPV4_DST, TCA_FLOWER_KEY_IPV4_DST_MASK),
+    (6, "src"): (TCA_FLOWER_KEY_IPV6_SRC, TCA_FLOWER_KEY_IPV6_SRC_MASK),
+    (6, "dst"): (TCA_FLOWER_KEY_IPV6_DST, TCA_FLOWER_KEY_IPV6_DST_MASK),
+}
+_FLAGS = {"add": NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL,
+          "replace": NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE,
+          "delete": NLM_F_REQUEST}
+
+
+def label_stack(labels: tuple[int, ...]) -> bytes:
+    """MPLS label stack entries, outermost first, bottom-of-stack bit on the last; TTL and TC 0
+    as the kernel demands for RTA_NEWDST and MPLS_IPTUNNEL_DST."""
+    last = len(labels) - 1
+    return b"".join(_LABEL.pack(label << 12 | (0x100 if i == last else 0))
+                    for i, label in enumerate(labels))
+
+
+def _family(version: int) -> int:
+    return AF_INET6 if version == 6 else AF_INET
+
+
+def _addr(address: str) -> bytes:
+    return ipaddress.ip_address(address).packed
+
+
+def _via(address: str) -> bytes:
+    parsed = ipaddress.ip_address(address)
+    return struct.pack("=H", _family(parsed.version)) + parsed.packed
+
+
+def mpls_route(op: ops.Operation, obj: ops.MplsRoute, ifindex: Ifindex) -> Request:
+    body = _RTMSG.pack(AF_MPLS, 20, 0, 0, RT_TABLE_MAIN, RT_PROTO, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
+    body += nla.attr(RTA_DST, label_stack((obj.label,)))
+    if isinstance(op, ops.Delete):
+        return RTM_DELROUTE, _FLAGS["delete"], body
+    body += nla.u32(RTA_OIF, ifindex(obj.dev))
+    if obj.via:
+        body += nla.attr(RTA_VIA, _via(obj.via))
+    if obj.out_labels:
+        body += nla.attr(RTA_NEWDST, label_stack(obj.out_labels))
+    return RTM_NEWROUTE, _FLAGS[op.verb], body
+
+
+def encap_route(op: ops.Operation, obj: ops.EncapRoute, ifindex: Ifindex) -> Request:
+    net = ipaddress.ip_network(obj.dst)
+    table = obj.table if obj.table < 256 else 0
+    body = _RTMSG.pack(_family(net.version), net.prefixlen, 0, 0, table, RT_PROTO,
+                       RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
+    body += nla.attr(RTA_DST, net.network_address.packed) + nla.u32(RTA_TABLE, obj.table)
+    if isinstance(op, ops.Delete):
+        return RTM_DELROUTE, _FLAGS["delete"], body
+    body += nla.u32(RTA_OIF, ifindex(obj.dev))
+    if obj.via:
+        body += nla.attr(RTA_GATEWAY, _addr(obj.via))
+    body += nla.u16(RTA_ENCAP_TYPE, LWTUNNEL_ENCAP_MPLS)
+    body += nla.nest(RTA_ENCAP, nla.attr(MPLS_IPTUNNEL_DST, label_stack(obj.labels)))
+    return RTM_NEWROUTE, _FLAGS[op.verb], body
+
+
+def rule(op: ops.Operation, obj: ops.Rule, _ifindex: Ifindex) -> Request:
+    net = ipaddress.ip_network(obj.src)
+    table = obj.table if obj.table < 256 else 0
+    body = _RTMSG.pack(_family(net.version), 0, net.prefixlen, 0, table, 0, 0, FR_ACT_TO_TBL, 0)
+    body += (nla.attr(FRA_SRC, net.network_address.packed) + nla.u32(FRA_PRIORITY, obj.priority)
+             + nla.u32(FRA_TABLE, obj.table) + nla.u8(FRA_PROTOCOL, RT_PROTO))
+    if isinstance(op, ops.Delete):
+        return RTM_DELRULE, _FLAGS["delete"], body
+    # Rules have no replace in the kernel; EXCL makes an equal rule an EEXIST error.
+    return RTM_NEWRULE, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL, body
+
+
+def clsact(op: ops.Operation, obj: ops.ClsactQdisc, ifindex: Ifindex) -> Request:
+    body = _TCMSG.pack(AF_UNSPEC, 0, 0, ifindex(obj.dev), 0xFFFF0000, TC_H_CLSACT, 0)
+    body += nla.asciiz(TCA_KIND, "clsact")
+    if isinstance(op, ops.Delete):
+        return RTM_DELQDISC, _FLAGS["delete"], body
+    return RTM_NEWQDISC, _FLAGS[op.verb], body
+
+
+def filter_parent(direction: ops.Direction) -> int:
+    low = TC_H_MIN_EGRESS if direction == ops.Direction.EGRESS else TC_H_MIN_INGRESS
+    return (TC_H_CLSACT & 0xFFFF0000) | low
+
+
+def _tc_info(pref: int, eth_type: int) -> int:
+    """tcm_info of a filter: priority in the upper half, protocol (network order) in the lower."""
+    return pref << 16 | struct.unpack("=H", struct.pack("!H", eth_type))[0]
+
+
+def flower_filter(op: ops.Operation, obj: ops.FlowerFilter, ifindex: Ifindex,
+                  cookie: bytes = TC_COOKIE_PREFIX) -> Request:
+    eth_type = ETH_TYPES[obj.protocol]
+    body = _TCMSG.pack(AF_UNSPEC, 0, 0, ifindex(obj.dev), obj.handle,
+                       filter_parent(obj.direction), _tc_info(obj.pref, eth_type))
+    body += nla.asciiz(TCA_KIND, "flower")
+    if isinstance(op, ops.Delete):
+        return RTM_DELTFILTER, NLM_F_REQUEST, body
+    body += nla.nest(TCA_OPTIONS, flower_options(obj, cookie))
+    # tc's own semantics: add = create exclusive, replace = create or overwrite this handle.
+    flags = NLM_F_REQUEST | NLM_F_CREATE | (NLM_F_EXCL if isinstance(op, ops.Add) else 0)
+    return RTM_NEWTFILTER, flags, body
+
+
+def flower_options(obj: ops.FlowerFilter, cookie: bytes = TC_COOKIE_PREFIX) -> bytes:
+    """The TCA_OPTIONS payload of a flower filter: keys, flags and the act_mpls list."""
+    m = obj.match
+    out = nla.be16(TCA_FLOWER_KEY_ETH_TYPE, ETH_TYPES[obj.protocol])
+    if m.ip_proto:
+        out += nla.u8(TCA_FLOWER_KEY_IP_PROTO, IP_PROTOS[m.ip_proto])
+    for side, prefix in (("src", m.src), ("dst", m.dst)):
+        if prefix:
+            net = ipaddress.ip_network(prefix)
+            key, mask = ADDR_ATTRS[(net.version, side)]
+            out += nla.attr(key, net.network_address.packed) + nla.attr(mask, net.netmask.packed)
+    for side, port in (("src", m.src_port), ("dst", m.dst_port)):
+        if port is not None and m.ip_proto:
+            key, mask = PORT_ATTRS[(m.ip_proto, side)]
+            out += nla.be16(key, port) + nla.be16(mask, 0xFFFF)
+    flags = {ops.OffloadPolicy.AUTO: 0, ops.OffloadPolicy.SOFTWARE: TCA_CLS_FLAGS_SKIP_HW,
+             ops.OffloadPolicy.REQUIRED: TCA_CLS_FLAGS_SKIP_SW}[obj.offload]
+    out += nla.u32(TCA_FLOWER_FLAGS, flags)
+    actions = [nla.nest(order, mpls_action(action, cookie))
+               for order, action in enumerate(obj.actions, start=1)]
+    return out + nla.nest(TCA_FLOWER_ACT, *actions)
+
+
+def mpls_action(action: ops.Action, cookie: bytes = TC_COOKIE_PREFIX) -> bytes:
+    """One act_mpls action: struct tc_mpls (tc_gen with action TC_ACT_PIPE, then m_action) and
+    the label or protocol; the cookie marks it as ours."""
+    if isinstance(action, ops.MplsPush):
+        parms = struct.pack("=IIiiii", 0, 0, TC_ACT_PIPE, 0, 0, TCA_MPLS_ACT_PUSH)
+        opts = (nla.attr(TCA_MPLS_PARMS, parms) + nla.be16(TCA_MPLS_PROTO, ETH_P_MPLS_UC)
+                + nla.u32(TCA_MPLS_LABEL, action.label))
+        if action.ttl is not None:
+            opts += nla.u8(TCA_MPLS_TTL, action.ttl)
+    else:
+        parms = struct.pack("=IIiiii", 0, 0, TC_ACT_PIPE, 0, 0, TCA_MPLS_ACT_POP)
+        opts = nla.attr(TCA_MPLS_PARMS, parms) + nla.be16(TCA_MPLS_PROTO, ETH_TYPES[action.protocol])
+    return (nla.asciiz(TCA_ACT_KIND, "mpls") + nla.nest(TCA_ACT_OPTIONS, opts)
+            + nla.attr(TCA_ACT_COOKIE, cookie))
+
+
+ENCODERS: dict[type, Callable[..., Request]] = {
+    ops.MplsRoute: mpls_route,
+    ops.EncapRoute: encap_route,
+    ops.Rule: rule,
+    ops.ClsactQdisc: clsact,
+    ops.FlowerFilter: flower_filter,
+}
+
+
+def encode(op: ops.Operation, ifindex: Ifindex) -> Request:
+    """The request for one operation. Raises InvalidOperation/ValueError for what cannot be
+    encoded and KeyError naming a device that does not exist."""
+    ops.validate(op)
+    return ENCODERS[type(op.obj)](op, op.obj, ifindex)

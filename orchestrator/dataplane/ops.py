@@ -1,0 +1,350 @@
+"""Dataplane objects and the operations on them: the only language between the core and providers.
+
+The decision core returns lists of operations; a provider (netlink or fake) applies them and reports
+one result per operation. Objects are frozen so operations can be logged, compared and replayed.
+Label stacks are always written outermost first, as they appear on the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Union
+
+MPLS_LABEL_MAX = (1 << 20) - 1
+MPLS_FIRST_UNRESERVED = 16
+
+
+class OffloadPolicy(enum.StrEnum):
+    """Where a tc filter may run: `auto` lets the driver decide, `software` never offloads
+    (skip_hw), `required` fails unless hardware takes it (skip_sw)."""
+
+    AUTO = "auto"
+    SOFTWARE = "software"
+    REQUIRED = "required"
+
+
+class Direction(enum.StrEnum):
+    INGRESS = "ingress"
+    EGRESS = "egress"
+
+
+def _net(prefix: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(prefix, strict=True)
+
+
+def family_of(address: str) -> int:
+    """4 or 6 for an address or prefix string."""
+    return ipaddress.ip_interface(address).version
+
+
+@dataclass(frozen=True)
+class MplsRoute:
+    """An entry of the kernel's label table (AF_MPLS): pop (no out_labels) or swap to out_labels,
+    then forward to `via` on `dev`; without `via` the packet is delivered locally (`dev lo`)."""
+
+    label: int
+    dev: str
+    via: str | None = None
+    out_labels: tuple[int, ...] = ()
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return ("mpls", self.label)
+
+    def describe(self) -> str:
+        text = f"mpls route {self.label}"
+        if self.out_labels:
+            text += " as " + "/".join(str(label) for label in self.out_labels)
+        if self.via:
+            text += f" via inet{'6' if family_of(self.via) == 6 else ''} {self.via}"
+        return text + f" dev {self.dev}"
+
+
+@dataclass(frozen=True)
+class EncapRoute:
+    """An IPv4/IPv6 route whose packets get an MPLS label stack (lwtunnel encap mpls)."""
+
+    dst: str
+    labels: tuple[int, ...]
+    dev: str
+    via: str | None = None
+    table: int = 254
+
+    @property
+    def family(self) -> int:
+        return family_of(self.dst)
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return ("encap", self.family, self.table, str(_net(self.dst)))
+
+    def describe(self) -> str:
+        stack = "/".join(str(label) for label in self.labels)
+        via = f" via {self.via}" if self.via else ""
+        return f"route {self.dst} encap mpls {stack}{via} dev {self.dev} table {self.table}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A policy routing rule `from SRC lookup TABLE` (the per-VIP return table on servers)."""
+
+    src: str
+    table: int
+    priority: int
+
+    @property
+    def family(self) -> int:
+        return family_of(self.src)
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return ("rule", self.family, self.priority, str(_net(self.src)), self.table)
+
+    def describe(self) -> str:
+        return f"rule pref {self.priority} from {self.src} lookup {self.table}"
+
+
+@dataclass(frozen=True)
+class ClsactQdisc:
+    """The clsact qdisc that holds ingress/egress filters of a device."""
+
+    dev: str
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return ("qdisc", self.dev)
+
+    def describe(self) -> str:
+        return f"qdisc clsact dev {self.dev}"
+
+
+@dataclass(frozen=True)
+class FlowerMatch:
+    """What a flower filter matches. Prefixes are CIDR strings; ports need ip_proto."""
+
+    src: str | None = None
+    dst: str | None = None
+    ip_proto: str | None = None  # "tcp" | "udp"
+    src_port: int | None = None
+    dst_port: int | None = None
+
+    @property
+    def family(self) -> int:
+        for prefix in (self.src, self.dst):
+            if prefix:
+                return family_of(prefix)
+        return 4
+
+    def describe(self) -> str:
+        parts = []
+        if self.ip_proto:
+            parts.append(f"ip_proto {self.ip_proto}")
+        if self.src:
+            parts.append(f"src_ip {self.src}")
+        if self.dst:
+            parts.append(f"dst_ip {self.dst}")
+        if self.src_port is not None:
+            parts.append(f"src_port {self.src_port}")
+        if self.dst_port is not None:
+            parts.append(f"dst_port {self.dst_port}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class MplsPush:
+    """act_mpls push of one label (bottom-of-stack is set by the kernel)."""
+
+    label: int
+    ttl: int | None = None
+
+    def describe(self) -> str:
+        return f"mpls push {self.label}"
+
+
+@dataclass(frozen=True)
+class MplsPop:
+    """act_mpls pop; `protocol` is the ethertype of what lies under the popped label."""
+
+    protocol: str = "ip"  # "ip" | "ipv6" | "mpls_uc"
+
+    def describe(self) -> str:
+        return f"mpls pop protocol {self.protocol}"
+
+
+Action = Union[MplsPush, MplsPop]
+
+
+def push_stack(labels: tuple[int, ...] | list[int]) -> tuple[MplsPush, ...]:
+    """Actions that leave `labels` (outermost first) on the packet: innermost is pushed first."""
+    return tuple(MplsPush(label) for label in reversed(labels))
+
+
+@dataclass(frozen=True)
+class FlowerFilter:
+    """A cls_flower filter with act_mpls actions, identified by dev, direction, pref and handle.
+    The C2S imposition of a session: match client key and VIP, push [transport, C2S]."""
+
+    dev: str
+    handle: int
+    match: FlowerMatch
+    actions: tuple[Action, ...]
+    direction: Direction = Direction.EGRESS
+    pref: int = 10
+    offload: OffloadPolicy = OffloadPolicy.AUTO
+
+    @property
+    def protocol(self) -> str:
+        return "ipv6" if self.match.family == 6 else "ip"
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return ("flower", self.dev, str(self.direction), self.pref, self.protocol, self.handle)
+
+    def describe(self) -> str:
+        actions = " ".join(f"action {a.describe()}" for a in self.actions)
+        skip = {OffloadPolicy.AUTO: "", OffloadPolicy.SOFTWARE: " skip_hw",
+                OffloadPolicy.REQUIRED: " skip_sw"}[self.offload]
+        return (f"filter dev {self.dev} {self.direction} protocol {self.protocol} pref {self.pref} "
+                f"handle {self.handle} flower{skip} {self.match.describe()} {actions}").rstrip()
+
+
+DataplaneObject = Union[MplsRoute, EncapRoute, Rule, ClsactQdisc, FlowerFilter]
+
+
+@dataclass(frozen=True)
+class Add:
+    """Create; fails if an object with the same key exists."""
+
+    obj: DataplaneObject
+    verb: str = field(default="add", init=False)
+
+
+@dataclass(frozen=True)
+class Replace:
+    """Create or overwrite the object with the same key."""
+
+    obj: DataplaneObject
+    verb: str = field(default="replace", init=False)
+
+
+@dataclass(frozen=True)
+class Delete:
+    """Remove the object with the same key; fails if there is none."""
+
+    obj: DataplaneObject
+    verb: str = field(default="delete", init=False)
+
+
+Operation = Union[Add, Replace, Delete]
+
+
+def describe(op: Operation) -> str:
+    return f"{op.verb} {op.obj.describe()}"
+
+
+@dataclass(frozen=True)
+class OpResult:
+    """What became of one operation. `error` is None on success; `errno` is the kernel's (or
+    EINVAL for an operation rejected before it reached the kernel)."""
+
+    op: Operation
+    error: str | None = None
+    errno: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def __str__(self) -> str:
+        return f"{describe(self.op)}: {'ok' if self.ok else self.error}"
+
+
+@dataclass(frozen=True)
+class OffloadState:
+    """What the kernel says about hardware: tc in_hw/not_in_hw (with the count of devices),
+    routes RTM_F_OFFLOAD / RTM_F_TRAP / RTM_F_OFFLOAD_FAILED."""
+
+    in_hw: bool = False
+    in_hw_count: int = 0
+    trap: bool = False
+    failed: bool = False
+
+    def describe(self) -> str:
+        if self.failed:
+            return "offload_failed"
+        if self.in_hw:
+            return "in_hw" + (f" ({self.in_hw_count})" if self.in_hw_count else "")
+        return "trap" if self.trap else "not_in_hw"
+
+
+@dataclass(frozen=True)
+class Installed:
+    """One of our objects as the kernel reports it."""
+
+    obj: DataplaneObject
+    offload: OffloadState = OffloadState()
+
+
+class InvalidOperation(ValueError):
+    """An operation that cannot be encoded at all (checked before anything reaches the kernel)."""
+
+
+def _check_label(label: int, what: str) -> None:
+    if not isinstance(label, int) or not 0 <= label <= MPLS_LABEL_MAX:
+        raise InvalidOperation(f"{what} {label!r} is not an MPLS label (0..{MPLS_LABEL_MAX})")
+
+
+MAX_STACK = 30  # the kernel's MAX_NEW_LABELS (net/mpls/internal.h), for routes and encap
+
+
+def validate(op: Operation) -> None:
+    """Reject what no kernel could accept, so both providers report it the same way."""
+    obj = op.obj
+    if isinstance(obj, MplsRoute):
+        _check_label(obj.label, "label")
+        for label in obj.out_labels:
+            _check_label(label, "out label")
+        if obj.via:
+            family_of(obj.via)
+    elif isinstance(obj, EncapRoute):
+        _net(obj.dst)
+        if not obj.labels and not isinstance(op, Delete):
+            raise InvalidOperation("an encap route needs at least one label")
+        for label in obj.labels:
+            _check_label(label, "encap label")
+        if obj.via and family_of(obj.via) != obj.family:
+            raise InvalidOperation(f"next hop {obj.via} is not of the family of {obj.dst}")
+        if not 0 < obj.table < 1 << 32:
+            raise InvalidOperation(f"table {obj.table} out of range")
+    elif isinstance(obj, Rule):
+        _net(obj.src)
+        if not 0 < obj.table < 1 << 32 or not 0 <= obj.priority < 1 << 32:
+            raise InvalidOperation("rule table or priority out of range")
+    elif isinstance(obj, FlowerFilter):
+        m = obj.match
+        families = {family_of(p) for p in (m.src, m.dst) if p}
+        if len(families) > 1:
+            raise InvalidOperation("src and dst of a flower match are of different families")
+        for prefix in (m.src, m.dst):
+            if prefix:
+                _net(prefix)
+        if m.ip_proto not in (None, "tcp", "udp"):
+            raise InvalidOperation(f"ip_proto {m.ip_proto!r} is not tcp or udp")
+        if (m.src_port is not None or m.dst_port is not None) and m.ip_proto is None:
+            raise InvalidOperation("a port match needs ip_proto tcp or udp")
+        for port in (m.src_port, m.dst_port):
+            if port is not None and not 0 <= port <= 0xFFFF:
+                raise InvalidOperation(f"port {port} out of range")
+        if not 0 < obj.handle < 1 << 32:
+            raise InvalidOperation(f"handle {obj.handle} out of range (1..2^32-1)")
+        if not 0 < obj.pref < 1 << 16:
+            raise InvalidOperation(f"pref {obj.pref} out of range (1..65535)")
+        for action in obj.actions:
+            if isinstance(action, MplsPush):
+                _check_label(action.label, "pushed label")
+                if action.ttl is not None and not 1 <= action.ttl <= 255:
+                    raise InvalidOperation(f"ttl {action.ttl} out of range (1..255)")
+            elif action.protocol not in ("ip", "ipv6", "mpls_uc"):
+                raise InvalidOperation(f"pop protocol {action.protocol!r} unknown")

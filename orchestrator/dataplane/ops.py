@@ -231,7 +231,8 @@ class Replace:
 
 @dataclass(frozen=True)
 class Delete:
-    """Remove the object with the same key; fails if there is none."""
+    """Remove the object with the same key. Fails if there is none, except for MPLS label
+    routes: the kernel's mpls_route_del() accepts an absent label (reconcile from a dump)."""
 
     obj: DataplaneObject
     verb: str = field(default="delete", init=False)
@@ -296,6 +297,14 @@ def _check_label(label: int, what: str) -> None:
         raise InvalidOperation(f"{what} {label!r} is not an MPLS label (0..{MPLS_LABEL_MAX})")
 
 
+def _check_address(address: str) -> int:
+    """The family of a next hop, which must be an address, not a prefix."""
+    try:
+        return ipaddress.ip_address(address).version
+    except ValueError:
+        raise InvalidOperation(f"next hop {address!r} is not an IP address") from None
+
+
 MAX_STACK = 30  # the kernel's MAX_NEW_LABELS (net/mpls/internal.h), for routes and encap
 
 
@@ -307,14 +316,14 @@ def validate(op: Operation) -> None:
         for label in obj.out_labels:
             _check_label(label, "out label")
         if obj.via:
-            family_of(obj.via)
+            _check_address(obj.via)
     elif isinstance(obj, EncapRoute):
         _net(obj.dst)
         if not obj.labels and not isinstance(op, Delete):
             raise InvalidOperation("an encap route needs at least one label")
         for label in obj.labels:
             _check_label(label, "encap label")
-        if obj.via and family_of(obj.via) != obj.family:
+        if obj.via and _check_address(obj.via) != obj.family:
             raise InvalidOperation(f"next hop {obj.via} is not of the family of {obj.dst}")
         if not 0 < obj.table < 1 << 32:
             raise InvalidOperation(f"table {obj.table} out of range")
@@ -346,5 +355,8 @@ def validate(op: Operation) -> None:
                 _check_label(action.label, "pushed label")
                 if action.ttl is not None and not 1 <= action.ttl <= 255:
                     raise InvalidOperation(f"ttl {action.ttl} out of range (1..255)")
-            elif action.protocol not in ("ip", "ipv6", "mpls_uc"):
-                raise InvalidOperation(f"pop protocol {action.protocol!r} unknown")
+            elif isinstance(action, MplsPop):
+                if action.protocol not in ("ip", "ipv6", "mpls_uc"):
+                    raise InvalidOperation(f"pop protocol {action.protocol!r} unknown")
+            else:
+                raise InvalidOperation(f"unknown filter action {action!r}")

@@ -87,11 +87,13 @@ def parse_error(flags: int, body: memoryview) -> KernelError | None:
 class NetlinkSocket:
     """One rtnetlink socket, opened in a network namespace; not thread-safe."""
 
-    def __init__(self, netns: str | None = None) -> None:
-        with in_netns(netns):
-            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    def __init__(self, netns: str | None = None, sock: socket.socket | None = None) -> None:
+        """`sock` replaces the kernel socket (tests script the kernel's replies with it)."""
+        if sock is None:
+            with in_netns(netns):
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        self._sock = sock
         self.netns = netns
-        sock = self._sock
         for option, size in ((SO_RCVBUFFORCE, RCVBUF), (SO_SNDBUFFORCE, SNDBUF)):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, option, size)

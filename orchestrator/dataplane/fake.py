@@ -1,0 +1,288 @@
+"""An in-memory provider for unit tests of the decision core.
+
+It applies the same operations as the netlink provider to a model of one node's forwarding state,
+rejects them with the errno the kernel would give (so a test that passes on the fake means something
+on the kernel), and answers where a packet goes and with which labels.
+
+Kernel behaviour mirrored, checked against the kernel sources (net/mpls/af_mpls.c,
+net/ipv4/fib_trie.c, net/core/fib_rules.c, net/sched/cls_api.c, cls_flower.c, sch_api.c):
+
+- deleting a missing MPLS route succeeds: mpls_route_del() only checks the label range and returns 0
+  (unlike IPv4/IPv6 routes, ESRCH, and rules and tc filters, ENOENT);
+- a reserved label (< 16), a label >= net.mpls.platform_labels, implicit null (3) in any out or
+  encap stack and a stack deeper than MAX_NEW_LABELS all give EINVAL;
+- a tc filter on a device without a clsact qdisc gives EINVAL ("Parent Qdisc doesn't exists"), so
+  does a filter at a pref already used by another protocol; deleting the qdisc deletes its filters;
+- `replace` of an existing clsact qdisc is a no-op success (no options to change);
+- skip_sw (OffloadPolicy.REQUIRED) on a device that cannot offload gives EOPNOTSUPP.
+
+Not modelled: plain IP routes, neighbours, sysctls (conf.<dev>.input is taken as enabled where the
+reference enables it, including lo on servers).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from orchestrator.dataplane import ops
+from orchestrator.dataplane.ops import (
+    ClsactQdisc,
+    DataplaneObject,
+    Delete,
+    Direction,
+    EncapRoute,
+    FlowerFilter,
+    FlowerMatch,
+    Installed,
+    MplsPush,
+    MplsRoute,
+    OffloadPolicy,
+    OffloadState,
+    OpResult,
+    Operation,
+    Replace,
+    Rule,
+)
+
+LOOPBACK = "lo"
+MAIN_TABLE = 254
+DEFAULT_TABLE = 253
+IMPLICIT_NULL = 3
+# The kernel's own rules that stay after ours: (priority, table). The local table (priority 0)
+# holds no encap routes, so it is left out.
+_DEFAULT_RULES = ((32766, MAIN_TABLE), (32767, DEFAULT_TABLE))
+_KIND = {MplsRoute: "label route", EncapRoute: "route", Rule: "rule", ClsactQdisc: "clsact qdisc",
+         FlowerFilter: "filter"}
+# Like an MPLS TTL: a swap loop through lo ends in a drop instead of hanging the test.
+_MAX_HOPS = 255
+
+
+@dataclass(frozen=True)
+class Forwarding:
+    """Where a packet goes: its label stack on leaving (outermost first, empty for plain IP), the
+    next hop and device, or local delivery (dev lo, no labels left)."""
+
+    labels: tuple[int, ...] = ()
+    via: str | None = None
+    dev: str | None = None
+    delivered_locally: bool = False
+
+
+class _Rejected(Exception):
+    """An operation the kernel would refuse, with its errno."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+class FakeProvider:
+    """The Provider protocol over an in-memory forwarding model of one node."""
+
+    def __init__(self, devices: Iterable[str], platform_labels: int = 100000,
+                 offload_capable: Iterable[str] = ()) -> None:
+        self.devices = frozenset(devices) | {LOOPBACK}
+        self.platform_labels = platform_labels
+        self.offload_capable = frozenset(offload_capable)
+        unknown = self.offload_capable - self.devices
+        if unknown:
+            raise ValueError(f"offload_capable names unknown devices: {sorted(unknown)}")
+        # One dict keyed by obj.key: insertion order is kept, and Replace keeps the position
+        # (which matters for rules of equal priority, evaluated in insertion order by the kernel).
+        self._objects: dict[tuple[object, ...], DataplaneObject] = {}
+
+    # ---- Provider ----
+
+    def apply(self, operations: Sequence[Operation]) -> list[OpResult]:
+        return [self._apply_one(op) for op in operations]
+
+    def dump(self) -> list[Installed]:
+        return [Installed(obj, self._offload_state(obj)) for obj in self._objects.values()]
+
+    # ---- forwarding queries (pure functions of the model) ----
+
+    def mpls_lookup(self, label: int) -> MplsRoute | None:
+        route = self._objects.get(("mpls", label))
+        return route if isinstance(route, MplsRoute) else None
+
+    def receive_mpls(self, stack: Sequence[int]) -> Forwarding | None:
+        """A labelled packet arrives; None when the kernel drops it (no route for the top label).
+        A route to lo with labels left loops back and the new top is looked up again, which is how a
+        server pops a transport label and then terminates the session label under it."""
+        labels = tuple(stack)
+        if not labels:
+            raise ValueError("an MPLS packet needs at least one label")
+        for _ in range(_MAX_HOPS):
+            route = self.mpls_lookup(labels[0])
+            if route is None:
+                return None
+            labels = route.out_labels + labels[1:]
+            if route.dev != LOOPBACK:
+                return Forwarding(labels, route.via, route.dev)
+            if not labels:
+                return Forwarding(dev=LOOPBACK, delivered_locally=True)
+        return None
+
+    def route_ip(self, src: str, dst: str) -> Forwarding | None:
+        """Policy routing of a locally sent packet: rules `from SRC lookup TABLE` by priority, then
+        main and default, longest prefix match among encap routes of each table. None: no route."""
+        src_ip, dst_ip = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+        for table in self._tables_for(src_ip):
+            route = self._longest_match(table, dst_ip)
+            if route is not None:
+                return Forwarding(route.labels, route.via, route.dev)
+        return None
+
+    def forward_ip(self, src: str, dst: str, proto: str | None = None, sport: int | None = None,
+                   dport: int | None = None, out_dev: str | None = None) -> Forwarding | None:
+        """An IP packet leaving the node. With `out_dev`, a plain IP route (not modelled) sends it
+        there and the egress flower filters of that device label it (first match by pref, then
+        handle). Without, policy routing decides (route_ip); the encap then makes it an MPLS packet,
+        which ip/ipv6 flower filters no longer match."""
+        if out_dev is None:
+            return self.route_ip(src, dst)
+        if out_dev not in self.devices:
+            raise ValueError(f"no such device {out_dev}")
+        src_ip, dst_ip = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+        labels: tuple[int, ...] = ()
+        filters = sorted((f for f in self._objects.values()
+                          if isinstance(f, FlowerFilter) and f.dev == out_dev
+                          and f.direction == Direction.EGRESS),
+                         key=lambda f: (f.pref, f.handle))
+        for flt in filters:
+            if _matches(flt, src_ip, dst_ip, proto, sport, dport):
+                for action in flt.actions:
+                    if isinstance(action, MplsPush):
+                        labels = (action.label,) + labels
+                    elif labels:  # act_mpls pop of a packet without labels does nothing
+                        labels = labels[1:]
+                break
+        return Forwarding(labels, None, out_dev)
+
+    # ---- applying ----
+
+    def _apply_one(self, op: Operation) -> OpResult:
+        try:
+            ops.validate(op)
+        except (ValueError, TypeError) as exc:  # InvalidOperation, and bad addresses from ipaddress
+            return OpResult(op, f"invalid operation: {exc}", errno.EINVAL)
+        try:
+            self._check_and_commit(op)
+        except _Rejected as exc:
+            return OpResult(op, str(exc), exc.errno)
+        return OpResult(op)
+
+    def _check_and_commit(self, op: Operation) -> None:
+        obj = op.obj
+        dev = getattr(obj, "dev", None)
+        if dev is not None and dev not in self.devices:
+            raise _Rejected(errno.ENODEV, f"no such device {dev}")
+        missing = errno.ENOENT  # rules (fib_nl_delrule), qdiscs and tc filters
+        if isinstance(obj, MplsRoute):
+            self._check_mpls_route(obj)
+            if isinstance(op, Delete):  # mpls_route_del() does not check that the label was routed
+                self._objects.pop(obj.key, None)
+                return
+        elif isinstance(obj, EncapRoute):
+            if not isinstance(op, Delete):
+                _check_stack(obj.labels, "encap")
+            missing = errno.ESRCH  # fib_table_delete / ip6_route_del: "No such process"
+        elif isinstance(obj, FlowerFilter):
+            self._check_filter(op, obj)
+
+        exists = obj.key in self._objects
+        if isinstance(op, Delete):
+            if not exists:
+                raise _Rejected(missing, f"no such {_KIND[type(obj)]}")
+            del self._objects[obj.key]
+            if isinstance(obj, ClsactQdisc):  # the filters go with their qdisc
+                for key, other in list(self._objects.items()):
+                    if isinstance(other, FlowerFilter) and other.dev == obj.dev:
+                        del self._objects[key]
+            return
+        if exists and not isinstance(op, Replace):
+            raise _Rejected(errno.EEXIST, "object exists (use replace to overwrite)")
+        self._objects[obj.key] = obj
+
+    def _check_mpls_route(self, route: MplsRoute) -> None:
+        if route.label < ops.MPLS_FIRST_UNRESERVED:
+            raise _Rejected(errno.EINVAL, f"label {route.label} is reserved (0-15 cannot be routed)")
+        if route.label >= self.platform_labels:
+            raise _Rejected(errno.EINVAL, f"label {route.label} >= net.mpls.platform_labels "
+                                          f"({self.platform_labels})")
+        _check_stack(route.out_labels, "out")
+
+    def _check_filter(self, op: Operation, flt: FlowerFilter) -> None:
+        if ClsactQdisc(flt.dev).key not in self._objects:
+            raise _Rejected(errno.EINVAL, f"no clsact qdisc on {flt.dev} "
+                                          "(kernel: Parent Qdisc doesn't exists)")
+        same_pref = [f for f in self._objects.values()
+                     if isinstance(f, FlowerFilter) and f.dev == flt.dev
+                     and f.direction == flt.direction and f.pref == flt.pref]
+        if any(f.protocol != flt.protocol for f in same_pref):
+            raise _Rejected(errno.EINVAL, f"pref {flt.pref} on {flt.dev} {flt.direction} is used by "
+                                          f"another protocol than {flt.protocol}")
+        if isinstance(op, Delete):
+            return
+        if flt.key not in self._objects and any(
+                f.match == flt.match and f.protocol == flt.protocol for f in same_pref):
+            # cls_flower keeps one filter per (mask, key) in a pref: fl_ht_insert_unique().
+            raise _Rejected(errno.EEXIST, f"another filter at pref {flt.pref} on {flt.dev} "
+                                          "has the same match")
+        if flt.offload == OffloadPolicy.REQUIRED and flt.dev not in self.offload_capable:
+            raise _Rejected(errno.EOPNOTSUPP, f"offload required (skip_sw) but {flt.dev} "
+                                              "cannot offload tc filters")
+
+    # ---- model helpers ----
+
+    def _offload_state(self, obj: DataplaneObject) -> OffloadState:
+        if (isinstance(obj, FlowerFilter) and obj.dev in self.offload_capable
+                and obj.offload != OffloadPolicy.SOFTWARE):
+            return OffloadState(in_hw=True, in_hw_count=1)
+        return OffloadState()
+
+    def _tables_for(self, src: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[int]:
+        rules: list[tuple[int, int]] = list(_DEFAULT_RULES)  # the kernel's come first on ties
+        rules += [(r.priority, r.table) for r in self._objects.values()
+                  if isinstance(r, Rule) and src in ipaddress.ip_network(r.src)]
+        return [table for _, table in sorted(rules, key=lambda rule: rule[0])]
+
+    def _longest_match(self, table: int, dst: ipaddress.IPv4Address | ipaddress.IPv6Address
+                       ) -> EncapRoute | None:
+        best: EncapRoute | None = None
+        best_len = -1
+        for route in self._objects.values():
+            if isinstance(route, EncapRoute) and route.table == table:
+                net = ipaddress.ip_network(route.dst)
+                if dst in net and net.prefixlen > best_len:
+                    best, best_len = route, net.prefixlen
+        return best
+
+
+def _check_stack(labels: tuple[int, ...], what: str) -> None:
+    """nla_get_labels(): at most MAX_NEW_LABELS, and never implicit null on the wire."""
+    if len(labels) > ops.MAX_STACK:
+        raise _Rejected(errno.EINVAL, f"{what} stack of {len(labels)} labels exceeds the kernel's "
+                                      f"maximum of {ops.MAX_STACK}")
+    if IMPLICIT_NULL in labels:
+        raise _Rejected(errno.EINVAL, f"implicit null (3) cannot be in an {what} label stack")
+
+
+def _matches(flt: FlowerFilter, src: ipaddress.IPv4Address | ipaddress.IPv6Address,
+             dst: ipaddress.IPv4Address | ipaddress.IPv6Address, proto: str | None,
+             sport: int | None, dport: int | None) -> bool:
+    m: FlowerMatch = flt.match
+    if (6 if flt.protocol == "ipv6" else 4) != src.version:
+        return False
+    if m.src and src not in ipaddress.ip_network(m.src):
+        return False
+    if m.dst and dst not in ipaddress.ip_network(m.dst):
+        return False
+    if m.ip_proto is not None and m.ip_proto != proto:
+        return False
+    if m.src_port is not None and m.src_port != sport:
+        return False
+    return m.dst_port is None or m.dst_port == dport

@@ -7,7 +7,7 @@ Layouts follow the kernel: af_mpls.c (RTA_DST/RTA_VIA/RTA_NEWDST), lwtunnel MPLS
 
 from __future__ import annotations
 
-import ipaddress
+import functools
 import struct
 from typing import Callable
 
@@ -16,7 +16,7 @@ from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.constants import (
     AF_INET, AF_INET6, AF_MPLS, AF_UNSPEC, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, FR_ACT_TO_TBL,
     FRA_PRIORITY, FRA_PROTOCOL, FRA_SRC, FRA_TABLE, IPPROTO_TCP, IPPROTO_UDP, LWTUNNEL_ENCAP_MPLS,
-    MPLS_IPTUNNEL_DST, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, RT_PROTO,
+    MPLS_IPTUNNEL_DST, NLA_F_NESTED, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, RT_PROTO,
     RT_SCOPE_UNIVERSE, RT_TABLE_MAIN, RTA_DST, RTA_ENCAP, RTA_ENCAP_TYPE, RTA_GATEWAY, RTA_NEWDST,
     RTA_OIF, RTA_TABLE, RTA_VIA, RTM_DELQDISC, RTM_DELROUTE, RTM_DELRULE, RTM_DELTFILTER,
     RTM_NEWQDISC, RTM_NEWROUTE, RTM_NEWRULE, RTM_NEWTFILTER, RTN_UNICAST, TC_ACT_PIPE,
@@ -59,9 +59,18 @@ _FLAGS = {"add": NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL,
           "delete": NLM_F_REQUEST}
 
 
+_TWO_LABELS = struct.Struct("!II")
+_ATTR_U32 = struct.Struct("=HHI")
+_ATTR_HDR = struct.Struct("=HH")
+_ATTR_V4 = struct.Struct("=HH4s")
+_ATTR_V4_PAIR = struct.Struct("=HH4sHH4s")
+
+
 def label_stack(labels: tuple[int, ...]) -> bytes:
     """MPLS label stack entries, outermost first, bottom-of-stack bit on the last; TTL and TC 0
     as the kernel demands for RTA_NEWDST and MPLS_IPTUNNEL_DST."""
+    if len(labels) == 2:  # the common case: [transport, session]
+        return _TWO_LABELS.pack(labels[0] << 12, labels[1] << 12 | 0x100)
     last = len(labels) - 1
     return b"".join(_LABEL.pack(label << 12 | (0x100 if i == last else 0))
                     for i, label in enumerate(labels))
@@ -71,49 +80,65 @@ def _family(version: int) -> int:
     return AF_INET6 if version == 6 else AF_INET
 
 
-def _addr(address: str) -> bytes:
-    return ipaddress.ip_address(address).packed
+@functools.lru_cache(maxsize=4096)
+def _via_attr(address: str) -> bytes:
+    version, packed = ops.parse_address(address)
+    return nla.attr(RTA_VIA, struct.pack("=H", _family(version)) + packed)
 
 
-def _via(address: str) -> bytes:
-    parsed = ipaddress.ip_address(address)
-    return struct.pack("=H", _family(parsed.version)) + parsed.packed
+@functools.lru_cache(maxsize=4096)
+def _gateway_attr(address: str) -> bytes:
+    return nla.attr(RTA_GATEWAY, ops.parse_address(address)[1])
+
+
+# Constant parts of the messages on the session-setup path, packed once: the encoders below
+# only pack what varies (labels, addresses, indexes), which is most of their speed.
+_MPLS_ROUTE_HEAD = (_RTMSG.pack(AF_MPLS, 20, 0, 0, RT_TABLE_MAIN, RT_PROTO, RT_SCOPE_UNIVERSE,
+                                RTN_UNICAST, 0) + _ATTR_HDR.pack(8, RTA_DST))
+_ENCAP_TYPE_MPLS = nla.u16(RTA_ENCAP_TYPE, LWTUNNEL_ENCAP_MPLS)
+
+
+@functools.lru_cache(maxsize=None)
+def netmask(version: int, plen: int) -> bytes:
+    bits = 32 if version == 4 else 128
+    return (((1 << bits) - 1) ^ ((1 << (bits - plen)) - 1)).to_bytes(bits // 8, "big")
 
 
 def mpls_route(op: ops.Operation, obj: ops.MplsRoute, ifindex: Ifindex) -> Request:
-    body = _RTMSG.pack(AF_MPLS, 20, 0, 0, RT_TABLE_MAIN, RT_PROTO, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
-    body += nla.attr(RTA_DST, label_stack((obj.label,)))
+    body = _MPLS_ROUTE_HEAD + (obj.label << 12 | 0x100).to_bytes(4, "big")
     if isinstance(op, ops.Delete):
         return RTM_DELROUTE, _FLAGS["delete"], body
-    body += nla.u32(RTA_OIF, ifindex(obj.dev))
+    body += _ATTR_U32.pack(8, RTA_OIF, ifindex(obj.dev))
     if obj.via:
-        body += nla.attr(RTA_VIA, _via(obj.via))
+        body += _via_attr(obj.via)
     if obj.out_labels:
-        body += nla.attr(RTA_NEWDST, label_stack(obj.out_labels))
+        stack = label_stack(obj.out_labels)
+        body += _ATTR_HDR.pack(4 + len(stack), RTA_NEWDST) + stack
     return RTM_NEWROUTE, _FLAGS[op.verb], body
 
 
 def encap_route(op: ops.Operation, obj: ops.EncapRoute, ifindex: Ifindex) -> Request:
-    net = ipaddress.ip_network(obj.dst)
+    version, packed, plen = ops.parse_prefix(obj.dst)
     table = obj.table if obj.table < 256 else 0
-    body = _RTMSG.pack(_family(net.version), net.prefixlen, 0, 0, table, RT_PROTO,
+    body = _RTMSG.pack(_family(version), plen, 0, 0, table, RT_PROTO,
                        RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
-    body += nla.attr(RTA_DST, net.network_address.packed) + nla.u32(RTA_TABLE, obj.table)
+    body += nla.attr(RTA_DST, packed) + _ATTR_U32.pack(8, RTA_TABLE, obj.table)
     if isinstance(op, ops.Delete):
         return RTM_DELROUTE, _FLAGS["delete"], body
-    body += nla.u32(RTA_OIF, ifindex(obj.dev))
+    body += _ATTR_U32.pack(8, RTA_OIF, ifindex(obj.dev))
     if obj.via:
-        body += nla.attr(RTA_GATEWAY, _addr(obj.via))
-    body += nla.u16(RTA_ENCAP_TYPE, LWTUNNEL_ENCAP_MPLS)
-    body += nla.nest(RTA_ENCAP, nla.attr(MPLS_IPTUNNEL_DST, label_stack(obj.labels)))
+        body += _gateway_attr(obj.via)
+    stack = label_stack(obj.labels)
+    body += (_ENCAP_TYPE_MPLS + _ATTR_HDR.pack(8 + len(stack), RTA_ENCAP | NLA_F_NESTED)
+             + _ATTR_HDR.pack(4 + len(stack), MPLS_IPTUNNEL_DST) + stack)
     return RTM_NEWROUTE, _FLAGS[op.verb], body
 
 
 def rule(op: ops.Operation, obj: ops.Rule, _ifindex: Ifindex) -> Request:
-    net = ipaddress.ip_network(obj.src)
+    version, packed, plen = ops.parse_prefix(obj.src)
     table = obj.table if obj.table < 256 else 0
-    body = _RTMSG.pack(_family(net.version), 0, net.prefixlen, 0, table, 0, 0, FR_ACT_TO_TBL, 0)
-    body += (nla.attr(FRA_SRC, net.network_address.packed) + nla.u32(FRA_PRIORITY, obj.priority)
+    body = _RTMSG.pack(_family(version), 0, plen, 0, table, 0, 0, FR_ACT_TO_TBL, 0)
+    body += (nla.attr(FRA_SRC, packed) + nla.u32(FRA_PRIORITY, obj.priority)
              + nla.u32(FRA_TABLE, obj.table) + nla.u8(FRA_PROTOCOL, RT_PROTO))
     if isinstance(op, ops.Delete):
         return RTM_DELRULE, _FLAGS["delete"], body
@@ -161,9 +186,12 @@ def flower_options(obj: ops.FlowerFilter, cookie: bytes = TC_COOKIE_PREFIX) -> b
         out += nla.u8(TCA_FLOWER_KEY_IP_PROTO, IP_PROTOS[m.ip_proto])
     for side, prefix in (("src", m.src), ("dst", m.dst)):
         if prefix:
-            net = ipaddress.ip_network(prefix)
-            key, mask = ADDR_ATTRS[(net.version, side)]
-            out += nla.attr(key, net.network_address.packed) + nla.attr(mask, net.netmask.packed)
+            version, packed, plen = ops.parse_prefix(prefix)
+            key, mask = ADDR_ATTRS[(version, side)]
+            if version == 4:
+                out += _ATTR_V4_PAIR.pack(8, key, packed, 8, mask, netmask(4, plen))
+            else:
+                out += nla.attr(key, packed) + nla.attr(mask, netmask(version, plen))
     for side, port in (("src", m.src_port), ("dst", m.dst_port)):
         if port is not None and m.ip_proto:
             key, mask = PORT_ATTRS[(m.ip_proto, side)]
@@ -171,9 +199,26 @@ def flower_options(obj: ops.FlowerFilter, cookie: bytes = TC_COOKIE_PREFIX) -> b
     flags = {ops.OffloadPolicy.AUTO: 0, ops.OffloadPolicy.SOFTWARE: TCA_CLS_FLAGS_SKIP_HW,
              ops.OffloadPolicy.REQUIRED: TCA_CLS_FLAGS_SKIP_SW}[obj.offload]
     out += nla.u32(TCA_FLOWER_FLAGS, flags)
-    actions = [nla.nest(order, mpls_action(action, cookie))
-               for order, action in enumerate(obj.actions, start=1)]
-    return out + nla.nest(TCA_FLOWER_ACT, *actions)
+    actions = b"".join(_action_attr(order, action, cookie)
+                       for order, action in enumerate(obj.actions, start=1))
+    return out + _ATTR_HDR.pack(4 + len(actions), TCA_FLOWER_ACT | NLA_F_NESTED) + actions
+
+
+def _action_attr(order: int, action: ops.Action, cookie: bytes) -> bytes:
+    """The action list entry `order`; a plain push is built from a template (label varies)."""
+    if type(action) is ops.MplsPush and action.ttl is None:
+        head, tail = _push_template(order, cookie)
+        return head + _ATTR_U32.pack(8, TCA_MPLS_LABEL, action.label) + tail
+    return nla.nest(order, mpls_action(action, cookie))
+
+
+@functools.lru_cache(maxsize=256)
+def _push_template(order: int, cookie: bytes) -> tuple[bytes, bytes]:
+    """The bytes of a push action before and after its 8-byte label attribute."""
+    whole = nla.nest(order, mpls_action(ops.MplsPush(0), cookie))
+    label_attr = _ATTR_U32.pack(8, TCA_MPLS_LABEL, 0)
+    at = whole.index(label_attr)
+    return whole[:at], whole[at + len(label_attr):]
 
 
 def mpls_action(action: ops.Action, cookie: bytes = TC_COOKIE_PREFIX) -> bytes:

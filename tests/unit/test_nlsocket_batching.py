@@ -1,0 +1,112 @@
+"""Batching: many messages per sendmsg, errors matched back to their operation by sequence."""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections import deque
+
+from orchestrator.dataplane import ops
+from orchestrator.dataplane.netlink import constants as c
+from orchestrator.dataplane.netlink import nla, nlsocket
+from orchestrator.dataplane.netlink.provider import NetlinkProvider
+
+
+class ScriptedKernel:
+    """Stands in for the kernel side of the socket: handles each sent message in order, replies
+    with an error for labels it is told to refuse, and with an ACK where one is asked for."""
+
+    def __init__(self, refuse: dict[int, tuple[int, str]] | None = None) -> None:
+        self.refuse = refuse or {}
+        self.sends: list[list[tuple[int, int, int]]] = []
+        self.replies: deque[bytes] = deque()
+        self.handled: list[int] = []
+
+    def setsockopt(self, *args: object) -> None:
+        pass
+
+    def bind(self, *args: object) -> None:
+        pass
+
+    def settimeout(self, *args: object) -> None:
+        pass
+
+    def sendall(self, data: bytes) -> None:
+        batch = []
+        for kind, flags, seq, body in nla.messages(data):
+            batch.append((kind, flags, seq))
+            label = struct.unpack_from("!I", body, 12 + 4)[0] >> 12  # RTA_DST of an MPLS route
+            self.handled.append(label)
+            code, text = self.refuse.get(label, (0, ""))
+            if code or flags & c.NLM_F_ACK:
+                tlv = nla.asciiz(c.NLMSGERR_ATTR_MSG, text) if text else b""
+                payload = struct.pack("=i", -code) + struct.pack("=IHHII", 16 + len(body), kind,
+                                                                 flags, seq, 0) + tlv
+                self.replies.append(nla.message(c.NLMSG_ERROR, 0x100 | (0x200 if tlv else 0),
+                                                seq, payload))
+        self.sends.append(batch)
+
+    def recv_into(self, buf: bytearray) -> int:
+        data = self.replies.popleft()
+        buf[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        pass
+
+
+def provider_with(kernel: ScriptedKernel) -> NetlinkProvider:
+    provider = NetlinkProvider.__new__(NetlinkProvider)
+    provider._sock = nlsocket.NetlinkSocket(sock=kernel)  # type: ignore[arg-type]
+    provider._by_name, provider._by_index = {"lo": 1}, {1: "lo"}
+    provider._links_fresh = True
+    return provider
+
+
+def test_one_sendmsg_per_chunk_and_ack_only_on_the_last(monkeypatch) -> None:
+    monkeypatch.setattr(nlsocket, "CHUNK_MESSAGES", 100)
+    kernel = ScriptedKernel()
+    results = provider_with(kernel).apply([ops.Add(ops.MplsRoute(16 + i, "lo")) for i in range(250)])
+    assert all(r.ok for r in results) and len(results) == 250
+    assert [len(batch) for batch in kernel.sends] == [100, 100, 50]
+    for batch in kernel.sends:
+        acked = [flags & c.NLM_F_ACK for _kind, flags, _seq in batch]
+        assert acked[-1] and not any(acked[:-1])
+
+
+def test_errors_map_to_their_operation_and_nothing_else_is_lost(monkeypatch) -> None:
+    monkeypatch.setattr(nlsocket, "CHUNK_MESSAGES", 10)
+    kernel = ScriptedKernel(refuse={23: (errno.EEXIST, ""), 29: (errno.EINVAL, "bad label"),
+                                    30: (errno.ENOBUFS, "")})
+    operations = [ops.Add(ops.MplsRoute(label, "lo")) for label in range(16, 40)]
+    results = provider_with(kernel).apply(operations)
+    assert [r.op for r in results] == operations
+    failed = {r.op.obj.label: r for r in results if not r.ok}
+    assert set(failed) == {23, 29, 30}
+    assert failed[23].errno == errno.EEXIST and "File exists" in failed[23].error
+    assert failed[29].error == "bad label (EINVAL)"
+    assert "mpls route 29" in str(failed[29])  # the report names the operation
+    assert kernel.handled == list(range(16, 40))  # every operation reached the kernel, in order
+
+
+def test_unencodable_operation_is_reported_and_others_still_sent() -> None:
+    kernel = ScriptedKernel()
+    operations = [ops.Add(ops.MplsRoute(100, "lo")), ops.Add(ops.MplsRoute(1 << 20, "lo")),
+                  ops.Add(ops.MplsRoute(101, "nosuchdev")), ops.Add(ops.MplsRoute(102, "lo"))]
+    provider = provider_with(kernel)
+    provider._load_links = lambda: None  # type: ignore[method-assign]
+    results = provider.apply(operations)
+    assert [r.ok for r in results] == [True, False, False, True]
+    assert results[1].errno == errno.EINVAL and "not an MPLS label" in results[1].error
+    assert results[2].errno == errno.ENODEV and "nosuchdev" in results[2].error
+    assert kernel.handled == [100, 102]
+
+
+def test_stale_replies_of_other_sequences_are_ignored() -> None:
+    kernel = ScriptedKernel()
+    sock = nlsocket.NetlinkSocket(sock=kernel)  # type: ignore[arg-type]
+    stale = nla.message(c.NLMSG_ERROR, 0, 99999, struct.pack("=i", -errno.EPERM) + bytes(16))
+    kernel.replies.append(stale)
+    body = struct.pack("=BBBBBBBBI", c.AF_MPLS, 20, 0, 0, 254, c.RT_PROTO, 0, 1, 0) + \
+        nla.attr(c.RTA_DST, struct.pack("!I", 100 << 12 | 0x100))
+    assert sock.transact([(c.RTM_NEWROUTE, c.NLM_F_REQUEST, body)]) == [None]

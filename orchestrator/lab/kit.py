@@ -1,0 +1,134 @@
+"""What code running inside the lab (netns tests, the demo) needs of it: its description,
+commands in a node, a provider per node, bounded background processes and packet captures."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.dataplane.netlink.provider import NetlinkProvider
+
+
+@dataclass
+class Lab:
+    desc: dict[str, Any]
+    providers: dict[str, NetlinkProvider] = field(default_factory=dict)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @classmethod
+    def from_env(cls) -> "Lab":
+        return cls(json.loads(Path(os.environ["MPLSORCH_LAB_JSON"]).read_text()))
+
+    def node(self, name: str) -> dict[str, Any]:
+        return next(n for n in self.desc["nodes"] if n["name"] == name)
+
+    def names(self, role: str) -> list[str]:
+        return [n["name"] for n in self.desc["nodes"] if n["role"] == role]
+
+    def iface(self, node: str, towards: str | None = None, segment: str | None = None) -> dict[str, Any]:
+        """The interface of `node` whose segment also holds `towards` (or is `segment`)."""
+        for iface in self.node(node)["interfaces"]:
+            if segment and iface["segment"] == segment:
+                return iface
+            if towards and any(p["node"] == towards for p in iface["peers"]):
+                return iface
+        raise KeyError(f"{node} has no interface towards {towards or segment}")
+
+    def address(self, node: str, towards: str | None = None) -> str:
+        ifaces = self.node(node)["interfaces"]
+        return (self.iface(node, towards) if towards else ifaces[0])["address"]
+
+    def peer_address(self, node: str, peer: str) -> str:
+        """The address of `peer` on the segment it shares with `node`."""
+        iface = self.iface(node, towards=peer)
+        return next(p["address"] for p in iface["peers"] if p["node"] == peer)
+
+    @property
+    def vip(self) -> str:
+        return self.desc["vips"][0]
+
+    def netns(self, node: str) -> str:
+        return self.node(node)["netns"]
+
+    def sh(self, node: str, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", self.netns(node), *cmd], capture_output=True,
+                              text=True, check=check, timeout=timeout)
+
+    def provider(self, node: str) -> NetlinkProvider:
+        if node not in self.providers:
+            self.providers[node] = NetlinkProvider(self.netns(node))
+        return self.providers[node]
+
+    def spawn(self, node: str, *cmd: str, log: Path | None = None) -> subprocess.Popen[bytes]:
+        out = open(log, "wb") if log else subprocess.DEVNULL
+        proc = subprocess.Popen(["ip", "netns", "exec", self.netns(node), *cmd], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        """End a process this lab started (by its own id), at most after a few seconds."""
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def http_server(self, node: str, address: str, port: int = 80) -> tuple[subprocess.Popen[bytes], Path]:
+        log = Path(self.node(node)["runtime_dir"]) / f"http-{port}.log"
+        proc = self.spawn(node, "python3", "-u", "-m", "http.server", str(port), "--bind", address, log=log)
+        deadline = time.monotonic() + 30
+        while b"Serving HTTP" not in (log.read_bytes() if log.exists() else b""):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"http server on {node} did not start: {log.read_text()}")
+            time.sleep(0.2)
+        return proc, log
+
+    def curl(self, node: str, url: str, timeout: float = 5) -> str:
+        """The HTTP status code, or '000' when no answer came."""
+        result = self.sh(node, "curl", "-s", "-o", "/dev/null", "-m", str(timeout), "-w", "%{http_code}",
+                         url, check=False, timeout=timeout + 10)
+        return result.stdout.strip() or "000"
+
+    def capture(self, node: str, dev: str, name: str) -> "Capture":
+        path = Path(self.node(node)["runtime_dir"]) / f"{name}.pcap"
+        proc = self.spawn(node, "tcpdump", "-U", "-nn", "-i", dev, "-w", str(path), "mpls",
+                          log=path.with_suffix(".log"))
+        deadline = time.monotonic() + 20
+        while b"listening" not in (path.with_suffix(".log").read_bytes()
+                                   if path.with_suffix(".log").exists() else b""):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"tcpdump on {node}:{dev} did not start")
+            time.sleep(0.2)
+        return Capture(self, proc, path)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            self.stop(proc)
+        for provider in self.providers.values():
+            provider.close()
+
+
+@dataclass
+class Capture:
+    lab: Lab
+    proc: subprocess.Popen[bytes]
+    path: Path
+
+    def stacks(self) -> list[tuple[int, ...]]:
+        """Stop the capture; the MPLS label stack (outermost first) of every packet seen."""
+        time.sleep(0.5)
+        self.lab.stop(self.proc)
+        text = subprocess.run(["tcpdump", "-nn", "-r", str(self.path)], capture_output=True,
+                              text=True, check=True).stdout
+        return [tuple(int(x) for x in re.findall(r"label (\d+)", line))
+                for line in text.splitlines() if "MPLS" in line]

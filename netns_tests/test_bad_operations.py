@@ -47,15 +47,19 @@ def test_each_bad_operation_is_reported_and_the_good_ones_land(lab: Lab) -> None
 
 def test_delete_of_something_absent_is_an_error_that_names_it(lab: Lab) -> None:
     lb = balancer_node(lab)
-    fab = lab.iface(lb, towards=fabric_node(lab))["dev"]
-    missing = ops.FlowerFilter(fab, 77777, ops.FlowerMatch(src="192.0.2.77/32"), ops.push_stack((5,)))
-    missing_route = ops.EncapRoute("192.0.2.78/32", (5,), fab, table=4243)
-    results = lab.provider(lb).apply([ops.Add(ops.ClsactQdisc(fab)), ops.Delete(missing),
-                                      ops.Delete(missing_route)])
-    # clsact may exist already (from an earlier test); that is EEXIST, never a silent success.
-    assert results[0].ok or results[0].errno == errno.EEXIST
-    assert results[1].errno == errno.ENOENT and "handle 77777" in str(results[1])
-    assert results[2].errno == errno.ESRCH and "192.0.2.78/32" in str(results[2])
+    lab.sh(lb, "ip", "link", "add", "absent0", "type", "dummy")
+    try:
+        missing = ops.FlowerFilter("absent0", 77777, ops.FlowerMatch(src="192.0.2.77/32"),
+                                   ops.push_stack((5,)))
+        missing_route = ops.EncapRoute("192.0.2.78/32", (5,), "absent0", table=4243)
+        results = lab.provider(lb).apply([ops.Add(ops.ClsactQdisc("absent0")), ops.Delete(missing),
+                                          ops.Delete(missing_route), ops.Add(ops.ClsactQdisc("absent0"))])
+        assert results[0].ok
+        assert results[1].errno == errno.ENOENT and "handle 77777" in str(results[1])
+        assert results[2].errno == errno.ESRCH and "192.0.2.78/32" in str(results[2])
+        assert results[3].errno == errno.EEXIST and "qdisc clsact dev absent0" in str(results[3])
+    finally:
+        lab.sh(lb, "ip", "link", "del", "absent0", check=False)
 
 
 def test_objects_of_other_owners_are_neither_dumped_nor_touched(lab: Lab) -> None:

@@ -183,12 +183,16 @@ class FlowerMatch:
         return " ".join(parts)
 
 
+ACT_MPLS_TTL_DEFAULT = 255  # what act_mpls stores (and dumps) for a push given no TTL
+
+
 @dataclass(frozen=True)
 class MplsPush:
-    """act_mpls push of one label (bottom-of-stack is set by the kernel)."""
+    """act_mpls push of one label (bottom-of-stack is set by the kernel). The TTL is explicit
+    because the kernel reports one either way: what we ask for is what a dump gives back."""
 
     label: int
-    ttl: int | None = None
+    ttl: int = ACT_MPLS_TTL_DEFAULT
 
     def describe(self) -> str:
         return f"mpls push {self.label}"
@@ -380,7 +384,7 @@ def validate(op: Operation) -> None:
         for action in obj.actions:
             if isinstance(action, MplsPush):
                 _check_label(action.label, "pushed label")
-                if action.ttl is not None and not 1 <= action.ttl <= 255:
+                if not 1 <= action.ttl <= 255:
                     raise InvalidOperation(f"ttl {action.ttl} out of range (1..255)")
             elif isinstance(action, MplsPop):
                 if action.protocol not in ("ip", "ipv6", "mpls_uc"):

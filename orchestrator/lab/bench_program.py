@@ -104,6 +104,12 @@ def build_netns(name: str, platform_labels: int) -> None:
     _sh("ip", "netns", "exec", name, "sysctl", "-qw", f"net.mpls.platform_labels={platform_labels}")
 
 
+def _phase(name: str, seconds: float, count: int) -> float:
+    """Progress on stderr: which phase took how long (stdout stays the result)."""
+    print(f"bench: {name}: {count} objects in {seconds:.2f} s ({count / seconds:.0f}/s)", file=sys.stderr)
+    return seconds
+
+
 def _timed_iproute2(netns: str, batches: list[tuple[list[str], str]]) -> float:
     """Wall time of the batch runs (each file is written before the clock starts)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,7 +121,9 @@ def _timed_iproute2(netns: str, batches: list[tuple[list[str], str]]) -> float:
             runs.append([tool[0], "-n", netns, *tool[1:], "-batch", path])
         start = time.perf_counter()
         for cmd in runs:
+            step = time.perf_counter()
             _sh(*cmd)
+            print(f"bench:   {' '.join(cmd[:4])}: {time.perf_counter() - step:.2f} s", file=sys.stderr)
         return time.perf_counter() - start
 
 
@@ -132,26 +140,31 @@ def _timed_apply(provider: NetlinkProvider, operations: list[ops.Operation]) -> 
 def run(count: int) -> BenchResult:
     netns = f"mplsorch-bench-{os.getpid()}"
     all_sessions = sessions(count)
-    objects = [obj for handle, s in enumerate(all_sessions, start=1) for obj in session_objects(s, handle)]
+    per_session = [session_objects(s, handle) for handle, s in enumerate(all_sessions, start=1)]
+    # Grouped by kind in the order of the iproute2 runs (label routes, encap routes, filters),
+    # so the two sides program the same objects in the same order.
+    objects = [objs[i] for i in (1, 2, 3, 0) for objs in per_session]
     build_netns(netns, platform_labels=FIRST_C2S + 2 * count + 16)
     try:
         with NetlinkProvider(netns) as provider:
             setup = provider.apply([ops.Add(ops.ClsactQdisc("fab0"))])
             assert setup[0].ok, setup[0]
             provider.ifindex("fab0")  # the link table is read before the clock starts
-            t_install = _timed_apply(provider, [ops.Add(o) for o in objects])
+            n = len(objects)
+            t_install = _phase("provider install", _timed_apply(provider, [ops.Add(o) for o in objects]), n)
+            start = time.perf_counter()
             installed = len(provider.dump())
+            _phase("provider dump", time.perf_counter() - start, installed)
             if installed != len(objects) + 1:  # + the clsact qdisc
                 raise RuntimeError(f"dump shows {installed - 1} objects, expected {len(objects)}")
-            t_delete = _timed_apply(provider, [ops.Delete(o) for o in objects])
+            t_delete = _phase("provider delete", _timed_apply(provider, [ops.Delete(o) for o in objects]), n)
             if len(provider.dump()) != 0:
                 raise RuntimeError("objects left after delete")
             batches = iproute2_batches(all_sessions)
-            t_ip_install = _timed_iproute2(netns, batches["install"])
-            t_ip_delete = _timed_iproute2(netns, batches["delete"])
+            t_ip_install = _phase("iproute2 install", _timed_iproute2(netns, batches["install"]), n)
+            t_ip_delete = _phase("iproute2 delete", _timed_iproute2(netns, batches["delete"]), n)
     finally:
         subprocess.run(["ip", "netns", "del", netns], check=False)
-    n = len(objects)
     return BenchResult(
         sessions=count, objects=n,
         provider_install_per_s=n / t_install, provider_delete_per_s=n / t_delete,

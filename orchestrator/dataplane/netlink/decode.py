@@ -103,7 +103,7 @@ def _mpls_action(payload: memoryview) -> tuple[ops.Action, bytes] | None:
     opts = nla.attrs(a[TCA_ACT_OPTIONS])
     m_action = struct.unpack_from("=IIiiii", opts[TCA_MPLS_PARMS])[5]
     if m_action == TCA_MPLS_ACT_PUSH:
-        ttl = nla.get_u8(opts[TCA_MPLS_TTL]) if TCA_MPLS_TTL in opts else None
+        ttl = nla.get_u8(opts[TCA_MPLS_TTL]) if TCA_MPLS_TTL in opts else ops.ACT_MPLS_TTL_DEFAULT
         return ops.MplsPush(nla.get_u32(opts[TCA_MPLS_LABEL]), ttl=ttl), cookie
     if m_action == TCA_MPLS_ACT_POP:
         proto = nla.get_be16(opts[TCA_MPLS_PROTO]) if TCA_MPLS_PROTO in opts else ETH_P_IP

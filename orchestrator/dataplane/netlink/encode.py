@@ -159,46 +159,60 @@ def filter_parent(direction: ops.Direction) -> int:
     return (TC_H_CLSACT & 0xFFFF0000) | low
 
 
+@functools.lru_cache(maxsize=1024)
 def _tc_info(pref: int, eth_type: int) -> int:
     """tcm_info of a filter: priority in the upper half, protocol (network order) in the lower."""
     return pref << 16 | struct.unpack("=H", struct.pack("!H", eth_type))[0]
 
 
+_FLOWER_KIND = nla.asciiz(TCA_KIND, "flower")
+_FLOWER_ETH = {4: nla.be16(TCA_FLOWER_KEY_ETH_TYPE, ETH_P_IP), 6: nla.be16(TCA_FLOWER_KEY_ETH_TYPE, ETH_P_IPV6)}
+_FLOWER_FLAGS = {ops.OffloadPolicy.AUTO: nla.u32(TCA_FLOWER_FLAGS, 0),
+                 ops.OffloadPolicy.SOFTWARE: nla.u32(TCA_FLOWER_FLAGS, TCA_CLS_FLAGS_SKIP_HW),
+                 ops.OffloadPolicy.REQUIRED: nla.u32(TCA_FLOWER_FLAGS, TCA_CLS_FLAGS_SKIP_SW)}
+_IP_PROTO_ATTRS = {name: nla.u8(TCA_FLOWER_KEY_IP_PROTO, number) for name, number in IP_PROTOS.items()}
+
+
 def flower_filter(op: ops.Operation, obj: ops.FlowerFilter, ifindex: Ifindex,
                   cookie: bytes = TC_COOKIE_PREFIX) -> Request:
-    eth_type = ETH_TYPES[obj.protocol]
+    m = obj.match
+    src = ops.parse_prefix(m.src) if m.src else None
+    dst = ops.parse_prefix(m.dst) if m.dst else None
+    version = (src or dst or (4,))[0]
+    eth_type = ETH_P_IPV6 if version == 6 else ETH_P_IP
     body = _TCMSG.pack(AF_UNSPEC, 0, 0, ifindex(obj.dev), obj.handle,
-                       filter_parent(obj.direction), _tc_info(obj.pref, eth_type))
-    body += nla.asciiz(TCA_KIND, "flower")
+                       filter_parent(obj.direction), _tc_info(obj.pref, eth_type)) + _FLOWER_KIND
     if isinstance(op, ops.Delete):
         return RTM_DELTFILTER, NLM_F_REQUEST, body
-    body += nla.nest(TCA_OPTIONS, flower_options(obj, cookie))
+    options = flower_options(obj, cookie, src, dst, version)
+    body += _ATTR_HDR.pack(4 + len(options), TCA_OPTIONS | NLA_F_NESTED) + options
     # tc's own semantics: add = create exclusive, replace = create or overwrite this handle.
     flags = NLM_F_REQUEST | NLM_F_CREATE | (NLM_F_EXCL if isinstance(op, ops.Add) else 0)
     return RTM_NEWTFILTER, flags, body
 
 
-def flower_options(obj: ops.FlowerFilter, cookie: bytes = TC_COOKIE_PREFIX) -> bytes:
-    """The TCA_OPTIONS payload of a flower filter: keys, flags and the act_mpls list."""
+def flower_options(obj: ops.FlowerFilter, cookie: bytes = TC_COOKIE_PREFIX,
+                   src: tuple[int, bytes, int] | None = None, dst: tuple[int, bytes, int] | None = None,
+                   version: int = 4) -> bytes:
+    """The TCA_OPTIONS payload of a flower filter: keys, flags and the act_mpls list (the
+    parsed prefixes are passed in by flower_filter, which has them already)."""
     m = obj.match
-    out = nla.be16(TCA_FLOWER_KEY_ETH_TYPE, ETH_TYPES[obj.protocol])
+    out = _FLOWER_ETH[version]
     if m.ip_proto:
-        out += nla.u8(TCA_FLOWER_KEY_IP_PROTO, IP_PROTOS[m.ip_proto])
-    for side, prefix in (("src", m.src), ("dst", m.dst)):
-        if prefix:
-            version, packed, plen = ops.parse_prefix(prefix)
-            key, mask = ADDR_ATTRS[(version, side)]
-            if version == 4:
+        out += _IP_PROTO_ATTRS[m.ip_proto]
+    for side, parsed in (("src", src), ("dst", dst)):
+        if parsed:
+            v, packed, plen = parsed
+            key, mask = ADDR_ATTRS[(v, side)]
+            if v == 4:
                 out += _ATTR_V4_PAIR.pack(8, key, packed, 8, mask, netmask(4, plen))
             else:
-                out += nla.attr(key, packed) + nla.attr(mask, netmask(version, plen))
+                out += nla.attr(key, packed) + nla.attr(mask, netmask(v, plen))
     for side, port in (("src", m.src_port), ("dst", m.dst_port)):
         if port is not None and m.ip_proto:
             key, mask = PORT_ATTRS[(m.ip_proto, side)]
             out += nla.be16(key, port) + nla.be16(mask, 0xFFFF)
-    flags = {ops.OffloadPolicy.AUTO: 0, ops.OffloadPolicy.SOFTWARE: TCA_CLS_FLAGS_SKIP_HW,
-             ops.OffloadPolicy.REQUIRED: TCA_CLS_FLAGS_SKIP_SW}[obj.offload]
-    out += nla.u32(TCA_FLOWER_FLAGS, flags)
+    out += _FLOWER_FLAGS[obj.offload]
     actions = b"".join(_action_attr(order, action, cookie)
                        for order, action in enumerate(obj.actions, start=1))
     return out + _ATTR_HDR.pack(4 + len(actions), TCA_FLOWER_ACT | NLA_F_NESTED) + actions
@@ -206,7 +220,7 @@ def flower_options(obj: ops.FlowerFilter, cookie: bytes = TC_COOKIE_PREFIX) -> b
 
 def _action_attr(order: int, action: ops.Action, cookie: bytes) -> bytes:
     """The action list entry `order`; a plain push is built from a template (label varies)."""
-    if type(action) is ops.MplsPush and action.ttl is None:
+    if type(action) is ops.MplsPush and action.ttl == ops.ACT_MPLS_TTL_DEFAULT:
         head, tail = _push_template(order, cookie)
         return head + _ATTR_U32.pack(8, TCA_MPLS_LABEL, action.label) + tail
     return nla.nest(order, mpls_action(action, cookie))
@@ -215,7 +229,7 @@ def _action_attr(order: int, action: ops.Action, cookie: bytes) -> bytes:
 @functools.lru_cache(maxsize=256)
 def _push_template(order: int, cookie: bytes) -> tuple[bytes, bytes]:
     """The bytes of a push action before and after its 8-byte label attribute."""
-    whole = nla.nest(order, mpls_action(ops.MplsPush(0), cookie))
+    whole = nla.nest(order, mpls_action(ops.MplsPush(0), cookie))  # default TTL: no attribute
     label_attr = _ATTR_U32.pack(8, TCA_MPLS_LABEL, 0)
     at = whole.index(label_attr)
     return whole[:at], whole[at + len(label_attr):]
@@ -228,7 +242,7 @@ def mpls_action(action: ops.Action, cookie: bytes = TC_COOKIE_PREFIX) -> bytes:
         parms = struct.pack("=IIiiii", 0, 0, TC_ACT_PIPE, 0, 0, TCA_MPLS_ACT_PUSH)
         opts = (nla.attr(TCA_MPLS_PARMS, parms) + nla.be16(TCA_MPLS_PROTO, ETH_P_MPLS_UC)
                 + nla.u32(TCA_MPLS_LABEL, action.label))
-        if action.ttl is not None:
+        if action.ttl != ops.ACT_MPLS_TTL_DEFAULT:
             opts += nla.u8(TCA_MPLS_TTL, action.ttl)
     else:
         parms = struct.pack("=IIiiii", 0, 0, TC_ACT_PIPE, 0, 0, TCA_MPLS_ACT_POP)

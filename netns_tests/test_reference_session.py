@@ -55,9 +55,9 @@ def test_http_through_the_vip_with_labels_on_the_wire(lab: Lab, served: dict) ->
 
 
 def test_server_sees_the_real_client_address(lab: Lab, served: dict) -> None:
-    assert lab.curl(FIRST.client, f"http://{lab.vip}/real-address") == "200"
+    assert lab.curl(FIRST.client, f"http://{lab.vip}/?probe=real-address") == "200"
     log = served["logs"][FIRST.server].read_text()
-    line = next(line for line in log.splitlines() if "/real-address" in line)
+    line = next(line for line in log.splitlines() if "probe=real-address" in line)
     assert line.startswith(lab.address(FIRST.client) + " "), line
 
 

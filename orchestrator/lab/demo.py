@@ -54,11 +54,11 @@ def run(lab: Lab) -> tuple[list[SessionReport], dict[str, list[ops.Installed]]]:
     for s in sessions:
         towards_lb = lab.capture(p, lab.iface(p, towards=lb)["dev"], f"demo-c2s-{s.handle}")
         towards_server = lab.capture(p, lab.iface(p, towards=s.server)["dev"], f"demo-s2c-{s.handle}")
-        status = lab.curl(s.client, f"http://{lab.vip}/demo-{s.client}")
+        status = lab.curl(s.client, f"http://{lab.vip}/?demo={s.client}")
         c2s = [st for st in towards_lb.stacks() if len(st) == 2 and st[1] == s.c2s]
         s2c = [st for st in towards_server.stacks() if len(st) == 2 and st[1] == s.s2c]
         address = lab.address(s.client)
-        seen = any(line.startswith(address + " ") and f"/demo-{s.client}" in line
+        seen = any(line.startswith(address + " ") and f"demo={s.client}" in line
                    for line in logs[s.server].read_text().splitlines())
         reports.append(SessionReport(s, address, status, c2s[0] if c2s else None,
                                      s2c[0] if s2c else None, seen))

@@ -84,8 +84,12 @@ class Lab:
                 proc.wait()
 
     def http_server(self, node: str, address: str, port: int = 80) -> tuple[subprocess.Popen[bytes], Path]:
+        root = Path(self.node(node)["runtime_dir"]) / "www"
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "index.html").write_text(f"served by {node}\n")
         log = Path(self.node(node)["runtime_dir"]) / f"http-{port}.log"
-        proc = self.spawn(node, "python3", "-u", "-m", "http.server", str(port), "--bind", address, log=log)
+        proc = self.spawn(node, "python3", "-u", "-m", "http.server", str(port), "--bind", address,
+                          "--directory", str(root), log=log)
         deadline = time.monotonic() + 30
         while b"Serving HTTP" not in (log.read_bytes() if log.exists() else b""):
             if time.monotonic() > deadline or proc.poll() is not None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import typer
 
+from orchestrator.cli.config import config_app
 from orchestrator.cli.lab import lab_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Linux kernel MPLS route orchestrator (session-label load balancing).")
 app.add_typer(lab_app, name="lab")
+app.add_typer(config_app, name="config")
 
 
 def main() -> None:

@@ -1,0 +1,138 @@
+"""Conntrack destroy events: a session's flows end here. When the kernel cannot deliver events
+(ENOBUFS on the socket), the listener dumps the whole table instead and reports the live flows,
+so the daemon ends exactly the flows that are gone: a session end is never lost."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+import struct
+from dataclasses import dataclass
+
+from orchestrator.dataplane.netlink import nla
+from orchestrator.dataplane.netlink.nlsocket import in_netns
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
+NFNLGRP_CONNTRACK_DESTROY = 3
+CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 1, 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
+SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
+_NFGEN = struct.Struct("!BBH")
+
+
+@dataclass(frozen=True)
+class FlowKey:
+    """A flow as the client sent it (conntrack's original tuple)."""
+
+    proto: int
+    src: str
+    dst: str
+    sport: int | None
+    dport: int | None
+
+
+@dataclass(frozen=True)
+class FlowsEnded:
+    flows: tuple[FlowKey, ...]
+
+
+@dataclass(frozen=True)
+class FlowTableResync:
+    """Events were lost; these are all the flows alive now."""
+
+    live: frozenset[FlowKey]
+
+
+def parse_flow(body: memoryview) -> FlowKey | None:
+    a = nla.attrs(body, _NFGEN.size)
+    if CTA_TUPLE_ORIG not in a:
+        return None
+    tup = nla.attrs(a[CTA_TUPLE_ORIG])
+    if CTA_TUPLE_IP not in tup or CTA_TUPLE_PROTO not in tup:
+        return None
+    ip = nla.attrs(tup[CTA_TUPLE_IP])
+    proto = nla.attrs(tup[CTA_TUPLE_PROTO])
+    if CTA_IP_V4_SRC in ip:
+        family, src, dst = socket.AF_INET, ip[CTA_IP_V4_SRC], ip.get(CTA_IP_V4_DST)
+    elif CTA_IP_V6_SRC in ip:
+        family, src, dst = socket.AF_INET6, ip[CTA_IP_V6_SRC], ip.get(CTA_IP_V6_DST)
+    else:
+        return None
+    if dst is None or CTA_PROTO_NUM not in proto:
+        return None
+    sport = struct.unpack_from("!H", proto[CTA_PROTO_SRC_PORT])[0] if CTA_PROTO_SRC_PORT in proto else None
+    dport = struct.unpack_from("!H", proto[CTA_PROTO_DST_PORT])[0] if CTA_PROTO_DST_PORT in proto else None
+    return FlowKey(proto[CTA_PROTO_NUM][0], socket.inet_ntop(family, bytes(src)),
+                   socket.inet_ntop(family, bytes(dst)), sport, dport)
+
+
+class ConntrackListener:
+    """Destroy events of one network namespace's conntrack table."""
+
+    def __init__(self, netns: str | None = None, rcvbuf: int = 8 << 20) -> None:
+        self._netns = netns
+        with in_netns(netns):
+            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE
+        self._sock.bind((0, 0))
+        self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_CONNTRACK_DESTROY)
+        self._sock.setblocking(False)
+        self._buf = bytearray(1 << 18)
+        self.resyncs = 0
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def read(self) -> list[FlowsEnded | FlowTableResync]:
+        """What happened since the last read (call when readable)."""
+        ended: list[FlowKey] = []
+        while True:
+            try:
+                size = self._sock.recv_into(self._buf)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self.resyncs += 1
+                return [FlowsEnded(tuple(ended)), FlowTableResync(self.dump())]
+            for kind, _flags, _seq, body in nla.messages(memoryview(self._buf)[:size]):
+                if kind == NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE:
+                    flow = parse_flow(body)
+                    if flow is not None:
+                        ended.append(flow)
+        return [FlowsEnded(tuple(ended))] if ended else []
+
+    def dump(self) -> frozenset[FlowKey]:
+        """Every flow in the table, on a socket of its own (events keep arriving on ours)."""
+        live: set[FlowKey] = set()
+        with in_netns(self._netns):
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        with sock:
+            sock.bind((0, 0))
+            buf = bytearray(1 << 18)
+            for family in (socket.AF_INET, socket.AF_INET6):
+                body = _NFGEN.pack(family, 0, 0)
+                sock.send(nla.message(NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET,
+                                      NLM_F_REQUEST | NLM_F_DUMP, family, body))
+                done = False
+                while not done:
+                    size = sock.recv_into(buf)
+                    for kind, _flags, _seq, mbody in nla.messages(memoryview(buf)[:size]):
+                        if kind in (NLMSG_DONE, NLMSG_ERROR):
+                            done = True
+                            break
+                        flow = parse_flow(mbody)
+                        if flow is not None:
+                            live.add(flow)
+        return frozenset(live)

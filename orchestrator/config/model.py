@@ -1,0 +1,245 @@
+"""The balancer configuration as frozen dataclasses (parsed and validated by `load.py`).
+
+Every default below is the value `mplsorch config show` prints when a key is absent from the file.
+Durations are float seconds; addresses are `ipaddress` objects; label ranges are inclusive
+`(first, last)` pairs. `to_dict()` gives back the file format (durations as seconds), so the
+output of `config show` is itself a valid configuration.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Union
+
+from orchestrator.analyze.keys import SessionKeyKind  # one definition: the analyzer's
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+MIN_LABEL = 16                 # 0-15 are reserved
+MAX_LABEL = 1048575            # 20-bit label space
+DEFAULT_CONTROL_SOCKET = "/run/mplsorch/mplsorch.sock"
+
+
+class _Named(str, Enum):
+    """An enum whose value is its spelling in the configuration file."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Role(_Named):
+    BALANCER = "balancer"
+
+
+class Scheduler(_Named):
+    RR = "rr"
+    WRR = "wrr"
+    LC = "lc"
+    WLC = "wlc"
+    RESPONSE_TIME = "response-time"
+    MAGLEV = "maglev"
+    SOURCE_HASH = "source-hash"
+
+
+class Protocol(_Named):
+    TCP = "tcp"
+    UDP = "udp"
+    SCTP = "sctp"
+    ESP = "esp"          # no ports
+
+
+class LabelAllocation(_Named):
+    POOL = "pool"
+    SERVER_BLOCKS = "server-blocks"
+
+
+class RefuseWith(_Named):
+    RST = "rst"          # TCP reset (tcp services only)
+    ICMP = "icmp"        # ICMP administratively prohibited
+
+
+class FailPolicy(_Named):
+    OPEN = "open"        # bypass: traffic to the VIP is no longer queued
+    CLOSED = "closed"    # new sessions are dropped
+
+
+class RateUnit(_Named):
+    SECOND = "second"
+    MINUTE = "minute"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """`node:` this balancer in the fabric."""
+    transport_label: int                                  # required; 16..1048575
+    control_socket: str = DEFAULT_CONTROL_SOCKET
+
+
+@dataclass(frozen=True)
+class Interfaces:
+    """`interfaces:` all keys required; `clients` and `fabric` are non-empty and disjoint."""
+    clients: tuple[str, ...]
+    fabric: tuple[str, ...]
+    fabric_next_hop: IPAddress
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """`labels:` the session label pool."""
+    range: tuple[int, int]                                # required; 16 <= first < last <= 1048575
+    allocation: LabelAllocation = LabelAllocation.POOL
+    hold_down: float = 2.0                                # seconds before a released pair is reused
+
+    @property
+    def size(self) -> int:
+        """Usable labels of the pool: two per (odd C2S, even S2C) pair inside the range."""
+        return pair_labels(*self.range)
+
+
+def pair_labels(first: int, last: int) -> int:
+    """Labels usable as (odd C2S, C2S + 1) pairs inside [first, last]."""
+    start = first if first % 2 else first + 1
+    return 0 if start + 1 > last else 2 * ((last - 1 - start) // 2 + 1)
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """`nfqueue.rate_limit:` per-source new sessions, written "N/second" or "N/minute"."""
+    count: int = 200
+    per: RateUnit = RateUnit.SECOND
+    burst: int = 400
+
+    @property
+    def per_second(self) -> float:
+        return self.count / (60.0 if self.per is RateUnit.MINUTE else 1.0)
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.per.value}"
+
+
+@dataclass(frozen=True)
+class NfqueueConfig:
+    """`nfqueue:` (optional section). `rate_limit: null` disables the per-source limit."""
+    queues: tuple[int, int] = (0, 0)                      # first..last queue number, 0..65535
+    batch: int = 64                                       # packets read per wakeup, >= 1
+    rate_limit: RateLimit | None = field(default_factory=RateLimit)
+
+
+@dataclass(frozen=True)
+class Server:
+    """One server of a pool (`pools.NAME.servers.NAME`). A server in several pools is one server."""
+    name: str
+    address: IPAddress                                    # required
+    transport_label: int                                  # required; unique across servers and node
+    weight: int = 1                                       # >= 0; 0 takes no new sessions
+    max_sessions: int | None = None                       # None: unlimited; else >= 1
+    label_block: tuple[int, int] | None = None            # required with allocation: server-blocks
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    servers: tuple[Server, ...]                           # at least one
+
+    def server(self, name: str) -> Server:
+        for s in self.servers:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """`services.NAME.admission:` (optional)."""
+    max_sessions: int | None = None                       # None: unlimited; else >= 1
+    min_free_labels: int = 16                             # < the labels the service can draw on
+    refuse_with: RefuseWith = RefuseWith.RST              # default: rst for tcp, icmp otherwise
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    vip: IPAddress                                        # required
+    protocol: Protocol                                    # required
+    ports: tuple[int, ...]                                # required (none for esp); 1..65535
+    pool: str                                             # required; a key of `pools`
+    session_key: SessionKeyKind = SessionKeyKind.CLIENT_IP
+    persistence_timeout: float = 30.0                     # seconds, >= 0
+    scheduler: Scheduler = Scheduler.RR
+    admission: Admission = field(default_factory=Admission)
+    fail_policy: FailPolicy = FailPolicy.OPEN
+
+
+@dataclass(frozen=True)
+class BalancerConfig:
+    role: Role
+    node: NodeConfig
+    interfaces: Interfaces
+    labels: LabelConfig
+    pools: tuple[Pool, ...]
+    services: tuple[Service, ...]
+    nfqueue: NfqueueConfig = field(default_factory=NfqueueConfig)
+    source: str = field(default="<string>", compare=False)
+
+    def pool(self, name: str) -> Pool:
+        for p in self.pools:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def service(self, name: str) -> Service:
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    @property
+    def servers(self) -> tuple[Server, ...]:
+        """Every distinct server, in order of first appearance."""
+        seen: dict[str, Server] = {}
+        for p in self.pools:
+            for s in p.servers:
+                seen.setdefault(s.name, s)
+        return tuple(seen.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective configuration in the file format (defaults filled in, durations in seconds)."""
+        nq = self.nfqueue
+        return {
+            "role": self.role.value,
+            "node": {"transport_label": self.node.transport_label,
+                     "control_socket": self.node.control_socket},
+            "interfaces": {"clients": list(self.interfaces.clients), "fabric": list(self.interfaces.fabric),
+                           "fabric_next_hop": str(self.interfaces.fabric_next_hop)},
+            "labels": {"range": list(self.labels.range), "allocation": self.labels.allocation.value,
+                       "hold_down": self.labels.hold_down},
+            "nfqueue": {"queues": list(nq.queues), "batch": nq.batch,
+                        "rate_limit": None if nq.rate_limit is None
+                        else {"rate": str(nq.rate_limit), "burst": nq.rate_limit.burst}},
+            "pools": {p.name: {"servers": {s.name: _server_dict(s) for s in p.servers}} for p in self.pools},
+            "services": {s.name: _service_dict(s) for s in self.services},
+        }
+
+
+def _server_dict(s: Server) -> dict[str, Any]:
+    d: dict[str, Any] = {"address": str(s.address), "transport_label": s.transport_label,
+                         "weight": s.weight, "max_sessions": s.max_sessions}
+    if s.label_block is not None:
+        d["label_block"] = list(s.label_block)
+    return d
+
+
+def _service_dict(s: Service) -> dict[str, Any]:
+    d: dict[str, Any] = {"vip": str(s.vip), "protocol": s.protocol.value}
+    if s.protocol is not Protocol.ESP:
+        d["ports"] = list(s.ports)
+    d.update({
+        "pool": s.pool, "session_key": s.session_key.value, "persistence_timeout": s.persistence_timeout,
+        "scheduler": s.scheduler.value,
+        "admission": {"max_sessions": s.admission.max_sessions, "min_free_labels": s.admission.min_free_labels,
+                      "refuse_with": s.admission.refuse_with.value},
+        "fail_policy": s.fail_policy.value,
+    })
+    return d

@@ -1,0 +1,1 @@
+"""Pure decision core: session labels, schedulers and decisions, with no I/O and no clocks."""

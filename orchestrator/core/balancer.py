@@ -1,0 +1,313 @@
+"""The balancer's decision core: pure, no I/O. It takes events and the time and returns dataplane
+operations and packet verdicts (as FRR's zebra separates its RIB from dataplane providers).
+
+First packets, per batch: analyse -> find the service -> derive the session key -> existing
+session: accept; new one: admission -> schedule -> labels -> operations. The daemon applies the
+operations in one netlink batch, then `commit` turns the provider's results into verdicts: a
+packet is accepted only after its session's objects are in the kernel, and a session whose
+objects failed is rolled back, its packet dropped, nothing left half-programmed.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from orchestrator.analyze.keys import SessionKey, SessionKeyKind, session_key
+from orchestrator.analyze.packet import Malformed, Packet, analyze
+from orchestrator.config.model import BalancerConfig, LabelAllocation, Server, Service
+from orchestrator.core.events import (
+    Action, FirstPacket, FlowKey, FlowsEnded, FlowTableResync, PacketVerdict,
+)
+from orchestrator.core.labels import LabelAllocator
+from orchestrator.core.schedulers import Scheduler, ServerState, make_scheduler
+from orchestrator.core.sessions import Session, SessionTable, State
+from orchestrator.dataplane import ops
+
+PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132, "esp": 50}
+FLOWER_PROTOS = {"tcp", "udp"}
+PREF_IPV4, PREF_IPV6 = 10, 11  # the kernel keeps one protocol per filter priority
+
+
+@dataclass
+class Plan:
+    """Operations for one batch of first packets, and what each packet waits for."""
+
+    ops: list[ops.Operation] = field(default_factory=list)
+    groups: dict[int, tuple[int, int]] = field(default_factory=dict)  # session id -> ops slice
+    # In packet order: each verdict, and the session whose objects it waits for (None: final).
+    verdicts: list[tuple[int | None, PacketVerdict]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Commit:
+    verdicts: tuple[PacketVerdict, ...]
+    cleanup: tuple[ops.Operation, ...]  # deletes of what a failed session did get installed
+    failures: tuple[str, ...]
+
+
+class Balancer:
+    def __init__(self, config: BalancerConfig, now: float) -> None:
+        self.table = SessionTable()
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.drain: set[str] = set()
+        self._schedulers: dict[str, Scheduler] = {}
+        self.configure(config, now)
+
+    # -- configuration ---------------------------------------------------------------------
+    def configure(self, config: BalancerConfig, now: float) -> None:
+        """Apply a (re)loaded configuration; sessions in the table are kept as they are."""
+        blocks = None
+        if config.labels.allocation == LabelAllocation.SERVER_BLOCKS:
+            blocks = {s.name: s.label_block for p in config.pools for s in p.servers if s.label_block}
+        shape = (config.labels.range, tuple(sorted((blocks or {}).items())), config.labels.hold_down)
+        if shape != getattr(self, "_label_shape", None):
+            # A new pool; the pairs of sessions in the table stay theirs.
+            self.labels = LabelAllocator(config.labels.range[0], config.labels.range[1],
+                                         config.labels.hold_down, blocks)
+            for session in self.table:
+                self.labels.claim(session.c2s, session.server)
+            self._label_shape = shape
+        self.config = config
+        self.servers: dict[str, Server] = {s.name: s for p in config.pools for s in p.servers}
+        self.pools = {p.name: p for p in config.pools}
+        self.services: dict[tuple[str, int, int | None], Service] = {}
+        for svc in config.services:
+            for port in svc.ports or (None,):
+                self.services[(str(svc.vip), PROTO_NUMBERS[str(svc.protocol.value)], port)] = svc
+        self._schedulers = {svc.name: self._schedulers.get(svc.name) or make_scheduler(svc.scheduler.value)
+                            for svc in config.services}
+        self.transport = {name: s.transport_label for name, s in self.servers.items()}
+
+    # -- first packets -----------------------------------------------------------------------
+    def on_packets(self, packets: Sequence[FirstPacket], now: float) -> Plan:
+        plan = Plan()
+        for first in packets:
+            self.counters["packets_userspace"] += 1
+            verdict, session_id = self._packet(first, now, plan)
+            plan.verdicts.append((session_id, verdict))
+        return plan
+
+    def _packet(self, first: FirstPacket, now: float, plan: Plan) -> tuple[PacketVerdict, int | None]:
+        def verdict(action: Action, reason: str = "", refuse_with: str | None = None) -> PacketVerdict:
+            return PacketVerdict(first.queue, first.packet_id, action, refuse_with, reason)
+
+        info = analyze(first.data)
+        if isinstance(info, Malformed):
+            self.counters[f"malformed:{info.reason}"] += 1
+            return verdict(Action.DROP, f"malformed {info.reason}"), None
+        svc = self.services.get((info.dst, info.proto, info.dport)) or self.services.get((info.dst, info.proto, None))
+        if svc is None:
+            self.counters["no_service"] += 1
+            return verdict(Action.DROP, "no service"), None
+        key = session_key(info, svc.session_key)
+        flow = FlowKey(info.proto, info.src, info.dst, info.sport, info.dport)
+        session = self.table.get(svc.name, key.value)
+        if session is not None:
+            self.table.add_flow(session, flow, now)
+            if key.client not in session.clients:  # a mobile client's new care-of address
+                self._rekey(session, svc, info, key, first.indev, plan)
+            if session.state == State.OPENING:
+                return verdict(Action.ACCEPT), session.id
+            return verdict(Action.ACCEPT), None
+        refusal = self._admit(svc)
+        server = None if refusal else self._schedule(svc, key, now)
+        if refusal is None and server is None:
+            refusal = "no-server"
+        # Headroom: the labels left free after this session's pair must not drop below the minimum.
+        if refusal is None and 2 * (self.labels.free(server if self.labels.blocks else None, now=now) - 1) \
+                < svc.admission.min_free_labels:
+            refusal = "label-headroom"
+        c2s = None if refusal else self.labels.allocate(server, now)  # type: ignore[arg-type]
+        if refusal is None and c2s is None:
+            refusal = "labels-exhausted"
+        if refusal:
+            self.counters[f"refused:{refusal}"] += 1
+            return verdict(Action.REFUSE, refusal, str(svc.admission.refuse_with.value)), None
+        assert server is not None and c2s is not None
+        session = Session(id=self.table.new_id(), service=svc.name, key=key, vip=str(svc.vip),
+                          protocol=str(svc.protocol.value), port=info.dport, server=server, c2s=c2s,
+                          created=now, last_seen=now)
+        self.table.add(session)
+        self.table.add_flow(session, flow, now)
+        start = len(plan.ops)
+        self._add_client(session, svc, info, key.client, first.indev, plan)
+        plan.groups[session.id] = (start, len(plan.ops))
+        self.counters["sessions_started"] += 1
+        return verdict(Action.ACCEPT), session.id
+
+    def _admit(self, svc: Service) -> str | None:
+        """Admission control judges only new sessions: refuse rather than degrade those served."""
+        limit = svc.admission.max_sessions
+        if limit is not None and self.table.count(service=svc.name) >= limit:
+            return "service-full"
+        return None
+
+    def server_states(self, svc: Service, now: float) -> list[ServerState]:
+        """The pool as the scheduler sees it: a server is available unless its weight is 0, an
+        operator drains it, it holds max_sessions, or its label block is used up."""
+        out = []
+        for s in self.pools[svc.pool].servers:
+            sessions = self.table.count(server=s.name)
+            available = (s.weight > 0 and s.name not in self.drain
+                         and (s.max_sessions is None or sessions < s.max_sessions)
+                         and (not self.labels.blocks or self.labels.free(s.name, now=now) > 0))
+            out.append(ServerState(s.name, s.weight, sessions, None, available))
+        return out
+
+    def _schedule(self, svc: Service, key: SessionKey, now: float) -> str | None:
+        return self._schedulers[svc.name].pick(key.value, self.server_states(svc, now))
+
+    def _add_client(self, session: Session, svc: Service, info: Packet, client: str,
+                    indev: str | None, plan: Plan) -> None:
+        """Objects that bring `client`'s packets into the session: the C2S imposition filter(s) on
+        the fabric link and the S2C label route that pops towards the client."""
+        n = len(session.clients)
+        session.clients.append(client)
+        host = 32 if ":" not in client else 128
+        vip_host = 32 if ":" not in session.vip else 128
+        proto = session.protocol if session.protocol in FLOWER_PROTOS else None
+        five = session.key.kind == SessionKeyKind.FIVE_TUPLE
+        ports: tuple[int | None, ...] = (info.dport,) if five else (svc.ports or (None,))
+        for i, port in enumerate(ports):
+            match = ops.FlowerMatch(src=f"{client}/{host}", dst=f"{session.vip}/{vip_host}",
+                                    ip_proto=proto, dst_port=port if proto else None,
+                                    src_port=info.sport if five and proto else None)
+            handle = session.c2s << 8 | (n * len(ports) + i) & 0xFF
+            flt = ops.FlowerFilter(self.config.interfaces.fabric[0], handle, match,
+                                   ops.push_stack((self.transport[session.server], session.c2s)),
+                                   pref=PREF_IPV6 if host == 128 else PREF_IPV4)
+            plan.ops.append(ops.Add(flt))
+            session.objects.append(flt)
+        route = ops.MplsRoute(session.s2c, indev or self.config.interfaces.clients[0], via=client)
+        plan.ops.append(ops.Replace(route) if n else ops.Add(route))
+        session.objects = [o for o in session.objects if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
+        session.objects.append(route)
+
+    def _rekey(self, session: Session, svc: Service, info: Packet, key: SessionKey,
+               indev: str | None, plan: Plan) -> None:
+        """Same home address, new care-of address: same server, same labels; answers now go to
+        the new address. The old address's filter stays until the session ends."""
+        self.counters["rekeyed"] += 1
+        start = len(plan.ops)
+        self._add_client(session, svc, info, key.client, indev, plan)
+        first, _ = plan.groups.get(session.id, (start, start))
+        plan.groups[session.id] = (first, len(plan.ops))
+
+    def commit(self, plan: Plan, results: Sequence[ops.OpResult], now: float) -> Commit:
+        """The provider's results for `plan.ops` decide the waiting packets' verdicts."""
+        failed: dict[int, list[str]] = {}
+        cleanup: list[ops.Operation] = []
+        for session_id, (start, end) in plan.groups.items():
+            group = results[start:end]
+            bad = [str(r) for r in group if not r.ok]
+            if not bad:
+                session = self.table.by_id(session_id)
+                if session is not None and session.state == State.OPENING:
+                    session.state = State.SERVING
+                continue
+            failed[session_id] = bad
+            cleanup += [ops.Delete(r.op.obj) for r in group if r.ok and isinstance(r.op, ops.Add)]
+            session = self.table.by_id(session_id)
+            if session is not None:
+                self.counters["sessions_failed"] += 1
+                self.table.remove(session)
+                self.labels.release(session.c2s, now)
+        verdicts = [v if session_id not in failed else
+                    PacketVerdict(v.queue, v.packet_id, Action.DROP, None,
+                                  "programming failed: " + "; ".join(failed[session_id]))
+                    for session_id, v in plan.verdicts]
+        for v in verdicts:
+            self.counters[f"verdict:{v.action}"] += 1
+        return Commit(tuple(verdicts), tuple(cleanup), tuple(x for f in failed.values() for x in f))
+
+    # -- flows and time -------------------------------------------------------------------------
+    def on_flow_events(self, events: Sequence[FlowsEnded | FlowTableResync], now: float) -> None:
+        for event in events:
+            if isinstance(event, FlowsEnded):
+                ended = event.flows
+            else:
+                self.counters["conntrack_resyncs"] += 1
+                ended = tuple(f for f in self.table.flows() if f not in event.live)
+            for flow in ended:
+                session = self.table.end_flow(flow)
+                if session is not None and not session.flows and session.state != State.CLOSING:
+                    session.state = State.DRAINING
+                    session.ends_at = now + self._service(session).persistence_timeout
+
+    def _service(self, session: Session) -> Service:
+        return next((s for s in self.config.services if s.name == session.service),
+                    self.config.services[0])
+
+    def tick(self, now: float) -> list[ops.Operation]:
+        """Sessions whose persistence timeout has passed end: all their objects are deleted and
+        their labels go back to the pool after the hold-down."""
+        out: list[ops.Operation] = []
+        for session in self.table:
+            if session.state == State.DRAINING and session.ends_at is not None and now >= session.ends_at:
+                out += self.end(session, now, "persistence timeout")
+        return out
+
+    def end(self, session: Session, now: float, reason: str) -> list[ops.Operation]:
+        self.table.remove(session)
+        self.labels.release(session.c2s, now)
+        self.counters["sessions_ended"] += 1
+        self.counters[f"ended:{reason}"] += 1
+        return [ops.Delete(o) for o in reversed(session.objects)]
+
+    # -- restart ----------------------------------------------------------------------------------
+    def restore(self, installed: Sequence[ops.Installed], live: frozenset[FlowKey], now: float) -> list[ops.Operation]:
+        """Rebuild the session table from our kernel objects after a restart (the kernel is the
+        source of truth). Filters name their session by handle (C2S << 8 | n), their client and
+        VIP by match, their server by transport label; flows come from a conntrack dump. Objects
+        that fit no service or server any more are deleted."""
+        by_transport = {s.transport_label: name for name, s in self.servers.items()}
+        routes = {i.obj.label: i.obj for i in installed if isinstance(i.obj, ops.MplsRoute)}
+        stale: list[ops.Operation] = []
+        for item in installed:
+            flt = item.obj
+            if not isinstance(flt, ops.FlowerFilter):
+                continue
+            pushes = [a.label for a in flt.actions if isinstance(a, ops.MplsPush)]
+            c2s = flt.handle >> 8
+            client = (flt.match.src or "").split("/")[0]
+            vip = (flt.match.dst or "").split("/")[0]
+            proto = PROTO_NUMBERS.get(flt.match.ip_proto or "", 0)
+            svc = self.services.get((vip, proto, flt.match.dst_port)) or self.services.get((vip, proto, None))
+            server = by_transport.get(pushes[-1]) if len(pushes) == 2 else None
+            if svc is None or server is None or pushes[0] != c2s:
+                stale.append(ops.Delete(flt))
+                continue
+            kind = svc.session_key
+            value = client if kind != SessionKeyKind.FIVE_TUPLE else \
+                f"{proto}/{client}/{flt.match.src_port}/{vip}/{flt.match.dst_port}"
+            session = self.table.get(svc.name, value)
+            if session is None:
+                if not self.labels.claim(c2s, server):
+                    stale.append(ops.Delete(flt))
+                    continue
+                session = Session(id=self.table.new_id(), service=svc.name,
+                                  key=SessionKey(kind, value, client), vip=vip, protocol=str(svc.protocol.value),
+                                  port=flt.match.dst_port, server=server, c2s=c2s, created=now,
+                                  last_seen=now, state=State.SERVING)
+                self.table.add(session)
+                if c2s + 1 in routes:
+                    session.objects.append(routes.pop(c2s + 1))
+            session.objects.insert(0, flt)
+            if client not in session.clients:
+                session.clients.append(client)
+        for flow in live:
+            for session in self.table:
+                if flow.src in session.clients and flow.dst == session.vip and \
+                        (session.port is None or flow.dport == session.port or session.key.kind != SessionKeyKind.FIVE_TUPLE):
+                    self.table.add_flow(session, flow, now)
+                    break
+        for session in self.table:
+            if not session.flows:
+                session.state = State.DRAINING
+                session.ends_at = now + self._service(session).persistence_timeout
+        claimed = {s.s2c for s in self.table}
+        stale += [ops.Delete(r) for label, r in routes.items() if label not in claimed]
+        self.counters["restored_sessions"] = len(self.table)
+        return stale

@@ -1,0 +1,57 @@
+"""What the decision core is told (events) and what it answers besides dataplane operations
+(verdicts). Frozen, so every step of the core can be logged and replayed in tests."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FlowKey:
+    """A flow as the client sent it (conntrack's original tuple; ports None without L4 ports)."""
+
+    proto: int
+    src: str
+    dst: str
+    sport: int | None
+    dport: int | None
+
+
+@dataclass(frozen=True)
+class FirstPacket:
+    """The first packet of a new flow, as NFQUEUE handed it over (raw IP, no link layer)."""
+
+    queue: int
+    packet_id: int
+    data: bytes
+    indev: str | None = None
+
+
+@dataclass(frozen=True)
+class FlowsEnded:
+    """Conntrack destroyed these flows."""
+
+    flows: tuple[FlowKey, ...]
+
+
+@dataclass(frozen=True)
+class FlowTableResync:
+    """Conntrack events were lost: these are all the flows alive now; any other flow ended."""
+
+    live: frozenset[FlowKey]
+
+
+class Action(enum.StrEnum):
+    ACCEPT = "accept"
+    DROP = "drop"
+    REFUSE = "refuse"  # rejected by the kernel with TCP RST or ICMP, as `refuse_with` says
+
+
+@dataclass(frozen=True)
+class PacketVerdict:
+    queue: int
+    packet_id: int
+    action: Action
+    refuse_with: str | None = None  # "rst" | "icmp" with REFUSE
+    reason: str = ""

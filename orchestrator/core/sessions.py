@@ -1,0 +1,113 @@
+"""The session table: affinity between a client key and a service, with its labels and server.
+Indexed by (service, key) for new packets and by flow for conntrack's destroy events."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from orchestrator.analyze.keys import SessionKey
+from orchestrator.core.events import FlowKey
+from orchestrator.dataplane import ops
+
+
+class State(enum.StrEnum):
+    OPENING = "opening"    # objects being programmed; its first packet waits for them
+    SERVING = "serving"    # flows alive
+    DRAINING = "draining"  # no flow left; ends when the persistence timeout has passed
+    CLOSING = "closing"    # removed; its objects are being deleted
+
+
+@dataclass
+class Session:
+    """One row of the session table (mutable inside the core; exported via `view()`)."""
+
+    id: int
+    service: str
+    key: SessionKey
+    vip: str
+    protocol: str
+    port: int | None
+    server: str
+    c2s: int
+    created: float
+    last_seen: float
+    state: State = State.OPENING
+    flows: set[FlowKey] = field(default_factory=set)
+    ends_at: float | None = None
+    clients: list[str] = field(default_factory=list)       # addresses with a C2S filter
+    objects: list[ops.DataplaneObject] = field(default_factory=list)  # ours in the kernel
+
+    @property
+    def s2c(self) -> int:
+        return self.c2s + 1
+
+    def view(self) -> dict[str, object]:
+        """The documented JSON row of `mplsorch sessions --json`."""
+        return {"id": self.id, "client": self.clients[-1] if self.clients else self.key.client,
+                "clients": list(self.clients), "key": self.key.value, "key_kind": str(self.key.kind),
+                "service": self.service, "vip": self.vip, "protocol": self.protocol, "port": self.port,
+                "server": self.server, "c2s_label": self.c2s, "s2c_label": self.s2c,
+                "state": str(self.state), "flows": len(self.flows), "created": self.created,
+                "last_seen": self.last_seen, "ends_at": self.ends_at}
+
+
+class SessionTable:
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[str, str], Session] = {}
+        self._by_flow: dict[FlowKey, Session] = {}
+        self._by_id: dict[int, Session] = {}
+        self._next_id = 1
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._by_id.values()))
+
+    def new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    def get(self, service: str, key: str) -> Session | None:
+        return self._by_key.get((service, key))
+
+    def by_flow(self, flow: FlowKey) -> Session | None:
+        return self._by_flow.get(flow)
+
+    def by_id(self, session_id: int) -> Session | None:
+        return self._by_id.get(session_id)
+
+    def add(self, session: Session) -> None:
+        self._by_key[(session.service, session.key.value)] = session
+        self._by_id[session.id] = session
+        self._next_id = max(self._next_id, session.id + 1)
+
+    def add_flow(self, session: Session, flow: FlowKey, now: float) -> None:
+        session.flows.add(flow)
+        session.last_seen = now
+        session.ends_at = None
+        if session.state == State.DRAINING:
+            session.state = State.SERVING
+        self._by_flow[flow] = session
+
+    def end_flow(self, flow: FlowKey) -> Session | None:
+        session = self._by_flow.pop(flow, None)
+        if session is not None:
+            session.flows.discard(flow)
+        return session
+
+    def flows(self) -> list[FlowKey]:
+        return list(self._by_flow)
+
+    def remove(self, session: Session) -> None:
+        self._by_key.pop((session.service, session.key.value), None)
+        self._by_id.pop(session.id, None)
+        for flow in session.flows:
+            self._by_flow.pop(flow, None)
+        session.flows.clear()
+        session.state = State.CLOSING
+
+    def count(self, server: str | None = None, service: str | None = None) -> int:
+        return sum(1 for s in self._by_id.values()
+                   if (server is None or s.server == server) and (service is None or s.service == service))

@@ -1,0 +1,230 @@
+"""The balancer's decision core, driven with real packets against the fake provider: what the
+kernel would do with the operations it returns is checked by asking the fake where packets go."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
+
+from orchestrator.config.load import parse_config
+from orchestrator.core.balancer import Balancer
+from orchestrator.core.events import Action, FirstPacket, FlowKey, FlowsEnded, FlowTableResync
+from orchestrator.dataplane import ops
+from orchestrator.dataplane.fake import FakeProvider
+
+EXAMPLE = (Path(__file__).parents[2] / "templates" / "balancer.example.yaml").read_text()
+VIP = "10.0.0.100"
+TRANSPORT = {"s1": 101, "s2": 102, "s3": 103}
+
+
+def config(text: str = EXAMPLE, **replace: str):  # type: ignore[no-untyped-def]
+    for old, new in replace.items():
+        assert old in text
+        text = text.replace(old, new)
+    return parse_config(text, "test.yaml")
+
+
+def syn(src: str, sport: int = 40000, dport: int = 80, dst: str = VIP) -> bytes:
+    return bytes(IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags="S"))
+
+
+class Node:
+    """The balancer core plus a fake kernel, glued as the daemon glues them."""
+
+    def __init__(self, cfg=None, now: float = 1000.0) -> None:  # type: ignore[no-untyped-def]
+        self.core = Balancer(cfg or config(), now)
+        self.kernel = FakeProvider(["lan0", "fab0"])
+        assert all(r.ok for r in self.kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))]))
+        self.now = now
+        self.seq = 0
+
+    def packets(self, *datas: bytes):  # type: ignore[no-untyped-def]
+        batch = []
+        for data in datas:
+            self.seq += 1
+            batch.append(FirstPacket(0, self.seq, data, "lan0"))
+        plan = self.core.on_packets(batch, self.now)
+        results = self.kernel.apply(plan.ops)
+        commit = self.core.commit(plan, results, self.now)
+        assert all(r.ok for r in self.kernel.apply(commit.cleanup))
+        return commit
+
+    def labels_of(self, client: str, dport: int = 80, proto: str = "tcp") -> tuple[int, ...]:
+        fwd = self.kernel.forward_ip(client, VIP, proto=proto, sport=40000, dport=dport, out_dev="fab0")
+        return fwd.labels if fwd else ()
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        assert all(r.ok for r in self.kernel.apply(self.core.tick(self.now)))
+
+
+def test_new_session_is_programmed_before_its_packet_is_accepted() -> None:
+    node = Node()
+    commit = node.packets(syn("10.0.1.10"))
+    assert [v.action for v in commit.verdicts] == [Action.ACCEPT]
+    [session] = list(node.core.table)
+    assert session.server == "s1" and session.c2s % 2 == 1
+    # C2S leaves on the fabric link with [server transport, C2S] ...
+    assert node.labels_of("10.0.1.10") == (TRANSPORT["s1"], session.c2s)
+    # ... and S2C = C2S + 1 is popped towards the client on its own link.
+    back = node.kernel.receive_mpls([session.c2s + 1])
+    assert back is not None and (back.labels, back.via, back.dev) == ((), "10.0.1.10", "lan0")
+    # Other clients and other services are not matched by this session's filter.
+    assert node.labels_of("10.0.1.11") == ()
+    assert node.labels_of("10.0.1.10", dport=53, proto="udp") == ()
+
+
+def test_round_robin_spreads_and_a_client_keeps_its_session() -> None:
+    node = Node()
+    commit = node.packets(*(syn(f"10.0.1.{10 + i}") for i in range(6)))
+    assert all(v.action == Action.ACCEPT for v in commit.verdicts)
+    assert [s.server for s in node.core.table] == ["s1", "s2", "s3"] * 2
+    pairs = [(s.c2s, s.s2c) for s in node.core.table]
+    assert all(c % 2 == 1 and s == c + 1 for c, s in pairs) and len({c for c, _ in pairs}) == 6
+    before = len(node.kernel.dump())
+    again = node.packets(syn("10.0.1.10", sport=40001), syn("10.0.1.10", sport=40002))
+    assert all(v.action == Action.ACCEPT for v in again.verdicts)
+    assert len(node.core.table) == 6 and len(node.kernel.dump()) == before  # no new objects
+    assert next(s for s in node.core.table if s.key.value == "10.0.1.10").flows.__len__() == 3
+
+
+def test_two_first_packets_of_one_client_in_one_batch_open_one_session() -> None:
+    node = Node()
+    commit = node.packets(syn("10.0.1.10", sport=1), syn("10.0.1.10", sport=2))
+    assert [v.action for v in commit.verdicts] == [Action.ACCEPT, Action.ACCEPT]
+    assert len(node.core.table) == 1
+
+
+def test_wrr_and_lc_follow_their_rules() -> None:
+    node = Node(config(**{"scheduler: rr": "scheduler: wrr"}))
+    node.packets(*(syn(f"10.0.{i // 200}.{i % 200 + 1}") for i in range(300)))
+    counts = collections.Counter(s.server for s in node.core.table)
+    assert counts == {"s1": 75, "s2": 75, "s3": 150}  # weights 1:1:2, exact over whole cycles
+    lc = Node(config(**{"scheduler: rr": "scheduler: lc"}))
+    lc.packets(syn("10.0.1.10"), syn("10.0.1.11"))
+    first = next(s for s in lc.core.table if s.key.value == "10.0.1.10")
+    lc.core.on_flow_events([FlowsEnded(tuple(first.flows))], lc.now)
+    lc.advance(31)  # persistence 30 s: s1's session ends, so s1 has fewest sessions again
+    lc.packets(syn("10.0.1.12"))
+    assert next(s for s in lc.core.table if s.key.value == "10.0.1.12").server == "s1"
+
+
+def test_session_ends_after_its_last_flow_and_the_persistence_timeout() -> None:
+    node = Node()
+    node.packets(syn("10.0.1.10", sport=1), syn("10.0.1.10", sport=2))
+    [session] = list(node.core.table)
+    flows = sorted(session.flows, key=lambda f: f.sport or 0)
+    node.core.on_flow_events([FlowsEnded((flows[0],))], node.now)
+    node.advance(100)
+    assert len(node.core.table) == 1  # one flow still alive: no timer
+    node.core.on_flow_events([FlowsEnded((flows[1],))], node.now)
+    node.advance(29.9)
+    assert len(node.core.table) == 1 and node.labels_of("10.0.1.10") != ()
+    node.advance(0.2)
+    assert len(node.core.table) == 0
+    assert node.kernel.dump() == [ops.Installed(ops.ClsactQdisc("fab0"))]  # every object gone
+    # The labels come back only after the hold-down (2 s).
+    stats = node.core.labels.stats(node.now)
+    assert stats.held_down == 1 and node.core.labels.stats(node.now + 2).held_down == 0
+
+
+def test_a_new_flow_during_the_persistence_timeout_keeps_the_session() -> None:
+    node = Node()
+    node.packets(syn("10.0.1.10", sport=1))
+    [session] = list(node.core.table)
+    c2s = session.c2s
+    node.core.on_flow_events([FlowsEnded(tuple(session.flows))], node.now)
+    node.advance(10)
+    node.packets(syn("10.0.1.10", sport=2))
+    node.advance(60)
+    assert [s.c2s for s in node.core.table] == [c2s]
+
+
+def test_lost_conntrack_events_are_recovered_from_a_dump() -> None:
+    node = Node()
+    node.packets(syn("10.0.1.10"), syn("10.0.1.11"))
+    keep = next(s for s in node.core.table if s.key.value == "10.0.1.11")
+    node.core.on_flow_events([FlowTableResync(frozenset(keep.flows))], node.now)
+    node.advance(31)
+    assert [s.key.value for s in node.core.table] == ["10.0.1.11"]
+
+
+def test_admission_refuses_new_sessions_only() -> None:
+    node = Node(config(**{"max_sessions: 100000      # all sessions of the service":
+                          "max_sessions: 2"}))
+    commit = node.packets(syn("10.0.1.10"), syn("10.0.1.11"), syn("10.0.1.12"))
+    assert [v.action for v in commit.verdicts] == [Action.ACCEPT, Action.ACCEPT, Action.REFUSE]
+    assert commit.verdicts[2].refuse_with == "rst" and commit.verdicts[2].reason == "service-full"
+    assert node.core.counters["refused:service-full"] == 1
+    # An existing session's new flow is still served.
+    assert node.packets(syn("10.0.1.10", sport=5)).verdicts[0].action == Action.ACCEPT
+
+
+def test_label_pool_headroom_and_exhaustion() -> None:
+    node = Node(config(**{"range: [1000, 99999]": "range: [1001, 1010]",
+                          "min_free_labels: 16": "min_free_labels: 4"}))
+    commit = node.packets(*(syn(f"10.0.1.{10 + i}") for i in range(5)))
+    # 5 pairs: 1001..1010; sessions stop while 2 pairs (4 labels) would be left.
+    assert [v.action for v in commit.verdicts] == [Action.ACCEPT] * 3 + [Action.REFUSE] * 2
+    assert node.core.counters["refused:label-headroom"] == 2
+
+
+def test_malformed_and_unknown_packets_are_dropped_and_counted() -> None:
+    node = Node()
+    commit = node.packets(b"\x45\x00", syn("10.0.1.10", dport=8080), syn("10.0.1.10")[:30])
+    assert [v.action for v in commit.verdicts] == [Action.DROP] * 3
+    assert node.core.counters["no_service"] == 1
+    assert sum(v for k, v in node.core.counters.items() if k.startswith("malformed:")) == 2
+    assert len(node.core.table) == 0
+
+
+def test_failed_programming_drops_the_packet_and_leaves_nothing_behind() -> None:
+    node = Node()
+    node.kernel.apply([ops.Add(ops.MplsRoute(1002, "lan0", via="10.9.9.9"))])  # someone's label
+    commit = node.packets(syn("10.0.1.10"), syn("10.0.1.11"))
+    assert [v.action for v in commit.verdicts] == [Action.DROP, Action.ACCEPT]
+    assert "mpls route 1002" in commit.verdicts[0].reason
+    assert [s.key.value for s in node.core.table] == ["10.0.1.11"]
+    assert node.labels_of("10.0.1.10") == ()  # its filter was rolled back
+    assert node.kernel.mpls_lookup(1002).via == "10.9.9.9"  # the other owner's route untouched
+
+
+def test_mobile_client_keeps_server_and_labels_when_its_care_of_address_changes() -> None:
+    v6 = config(**{"vip: 10.0.0.100\n    protocol: tcp": "vip: 2001:db8::100\n    protocol: tcp",
+                   "session_key: client-ip      # client-ip": "session_key: mip6-home-address  #"})
+    node = Node(v6)
+
+    def mip6_syn(coa: str, sport: int) -> bytes:
+        return bytes(IPv6(src=coa, dst="2001:db8::100") / IPv6ExtHdrDestOpt(options=[HAO(hoa="2001:db8:aa::1")])
+                     / TCP(sport=sport, dport=80, flags="S"))
+
+    node.packets(mip6_syn("2001:db8:1::10", 1))
+    [session] = list(node.core.table)
+    node.packets(mip6_syn("2001:db8:2::20", 2))
+    [same] = list(node.core.table)
+    assert (same.id, same.server, same.c2s) == (session.id, session.server, session.c2s)
+    assert same.clients == ["2001:db8:1::10", "2001:db8:2::20"]
+    assert node.kernel.receive_mpls([same.s2c]).via == "2001:db8:2::20"  # answers follow the move
+    fwd = node.kernel.forward_ip("2001:db8:2::20", "2001:db8::100", proto="tcp", sport=3, dport=80, out_dev="fab0")
+    assert fwd is not None and fwd.labels == (TRANSPORT[same.server], same.c2s)
+
+
+def test_restart_restores_sessions_from_the_kernel() -> None:
+    node = Node()
+    node.packets(syn("10.0.1.10"), syn("10.0.1.11"), syn("10.0.1.12"))
+    before = {(s.key.value, s.server, s.c2s) for s in node.core.table}
+    live = frozenset(f for s in node.core.table for f in s.flows if s.key.value != "10.0.1.12")
+    fresh = Balancer(config(), node.now)
+    stale = fresh.restore(node.kernel.dump(), live, node.now)
+    assert stale == []
+    assert {(s.key.value, s.server, s.c2s) for s in fresh.table} == before
+    idle = next(s for s in fresh.table if s.key.value == "10.0.1.12")
+    assert idle.ends_at == node.now + 30  # no flow alive: its persistence timer runs
+    # The restored allocator will not hand out a label that is in use.
+    node.core = fresh
+    node.packets(syn("10.0.1.13"))
+    assert len({s.c2s for s in fresh.table}) == 4

@@ -105,7 +105,7 @@ class Lab:
 
     def capture(self, node: str, dev: str, name: str) -> "Capture":
         path = Path(self.node(node)["runtime_dir"]) / f"{name}.pcap"
-        proc = self.spawn(node, "tcpdump", "-U", "-nn", "-i", dev, "-w", str(path), "mpls",
+        proc = self.spawn(node, "tcpdump", "--immediate-mode", "-U", "-nn", "-i", dev, "-w", str(path), "mpls",
                           log=path.with_suffix(".log"))
         deadline = time.monotonic() + 20
         while b"listening" not in (path.with_suffix(".log").read_bytes()
@@ -130,7 +130,7 @@ class Capture:
 
     def stacks(self) -> list[tuple[int, ...]]:
         """Stop the capture; the MPLS label stack (outermost first) of every packet seen."""
-        time.sleep(0.5)
+        time.sleep(1.0)  # packets just sent may still be on their way through the namespaces
         self.lab.stop(self.proc)
         text = subprocess.run(["tcpdump", "-nn", "-r", str(self.path)], capture_output=True,
                               text=True, check=True).stdout

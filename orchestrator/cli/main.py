@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import typer
 
+from orchestrator.cli import daemon
 from orchestrator.cli.config import config_app
 from orchestrator.cli.lab import lab_app
 
@@ -12,6 +13,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Linux kernel MPLS route orchestrator (session-label load balancing).")
 app.add_typer(lab_app, name="lab")
 app.add_typer(config_app, name="config")
+daemon.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,67 @@
+"""The balancer's nftables ruleset: rendered from templates/ with jinja2, loaded with `nft -f`.
+
+The ruleset is per node, loaded at start and on reload, never per session: nftables' own netlink
+batch protocol buys nothing here, and `nft` checks the whole ruleset atomically for us."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import jinja2
+
+from orchestrator.config.model import BalancerConfig, FailPolicy
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+MARK_RST = 0x6D6F0001   # "mo" + 1: reject with TCP reset
+MARK_ICMP = 0x6D6F0002  # reject with ICMP administratively prohibited
+
+
+def render(config: BalancerConfig, template_dir: Path = TEMPLATES) -> str:
+    services = []
+    for svc in config.services:
+        version = svc.vip.version
+        proto = str(svc.protocol.value)
+        if svc.ports:
+            ports = ", ".join(str(p) for p in svc.ports)
+            l4 = f"{proto} dport {{ {ports} }}"
+        else:
+            l4 = f"meta l4proto {proto}"
+        flags = "bypass,fanout" if svc.fail_policy == FailPolicy.OPEN else "fanout"
+        services.append({"name": svc.name, "vip": str(svc.vip), "version": version,
+                         "family": "ip6" if version == 6 else "ip", "l4": l4, "queue_flags": flags})
+    first, last = config.nfqueue.queues
+    rate = config.nfqueue.rate_limit
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir)), autoescape=False,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.get_template("nftables.balancer.nft.j2").render(
+        services=services, queues=f"{first}-{last}" if last > first else str(first),
+        rate_limit={"count": rate.count, "per": str(rate.per.value), "burst": rate.burst} if rate else None,
+        mark_rst=hex(MARK_RST), mark_icmp=hex(MARK_ICMP))
+
+
+def load(ruleset: str) -> None:
+    """Replace our table atomically; raise with nft's own message on failure."""
+    result = subprocess.run(["nft", "-f", "-"], input=ruleset, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"nft refused the ruleset: {result.stderr.strip()}")
+
+
+def counters() -> dict[str, int]:
+    """Our named counters' packet counts (for status and tests)."""
+    result = subprocess.run(["nft", "-j", "list", "counters", "table", "inet", "mplsorch"],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        return {}
+    import json
+
+    out: dict[str, int] = {}
+    for item in json.loads(result.stdout).get("nftables", []):
+        counter = item.get("counter")
+        if counter:
+            out[counter["name"]] = counter["packets"]
+    return out
+
+
+def remove() -> None:
+    subprocess.run(["nft", "delete", "table", "inet", "mplsorch"], capture_output=True)

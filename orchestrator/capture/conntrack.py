@@ -8,8 +8,8 @@ import contextlib
 import errno
 import socket
 import struct
-from dataclasses import dataclass
 
+from orchestrator.core.events import FlowKey, FlowsEnded, FlowTableResync
 from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.nlsocket import in_netns
 
@@ -24,29 +24,6 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
 SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
 _NFGEN = struct.Struct("!BBH")
-
-
-@dataclass(frozen=True)
-class FlowKey:
-    """A flow as the client sent it (conntrack's original tuple)."""
-
-    proto: int
-    src: str
-    dst: str
-    sport: int | None
-    dport: int | None
-
-
-@dataclass(frozen=True)
-class FlowsEnded:
-    flows: tuple[FlowKey, ...]
-
-
-@dataclass(frozen=True)
-class FlowTableResync:
-    """Events were lost; these are all the flows alive now."""
-
-    live: frozenset[FlowKey]
 
 
 def parse_flow(body: memoryview) -> FlowKey | None:

@@ -114,6 +114,15 @@ class BalancerDaemon:
         batch = self.queue.read_batch(self.config.nfqueue.batch)
         if not batch:
             return
+        try:
+            self._decide(batch)
+        except Exception:  # a bug must not strand queued packets: let them go, loudly
+            log.exception("first-packet batch failed; accepting its %d packets unlabelled", len(batch))
+            self.core.counters["batch_errors"] += 1
+            self.queue.send_verdicts(Verdict(p.queue, p.packet_id, NF_ACCEPT) for p in batch)
+
+    def _decide(self, batch: list) -> None:  # type: ignore[type-arg]
+        assert self.queue is not None
         now = time.monotonic()
         names = self.provider.ifname
         packets = [FirstPacket(p.queue, p.packet_id, p.payload, names(p.indev) if p.indev else None)
@@ -135,9 +144,13 @@ class BalancerDaemon:
 
     def _on_conntrack(self) -> None:
         assert self.conntrack is not None
-        events = self.conntrack.read()
-        if events:
-            self.core.on_flow_events(events, time.monotonic())
+        try:
+            events = self.conntrack.read()
+            if events:
+                self.core.on_flow_events(events, time.monotonic())
+        except Exception:
+            log.exception("conntrack events failed")
+            self.core.counters["conntrack_errors"] += 1
 
     def reload(self) -> None:
         """SIGHUP: a new configuration without dropping sessions; an invalid one changes nothing."""

@@ -27,7 +27,11 @@ UDP_ECHO = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRA
 def lab_config(lab: Lab, sock: Path, **changes: str) -> str:
     text = (ROOT / "templates" / "balancer.example.yaml").read_text()
     replace = {"range: [1000, 99999]": f"range: [{LABELS[0]}, {LABELS[1]}]",
-               "persistence_timeout: 30s": "persistence_timeout: 2s", "hold_down: 2s": "hold_down: 1s",
+               # http sessions outlive the gaps between a test's connections in the emulated VM;
+               # dns sessions end soon after their flow, for the session-end test.
+               "persistence_timeout: 30s\n    scheduler: rr": "persistence_timeout: 60s\n    scheduler: rr",
+               "persistence_timeout: 30s\n    scheduler: wrr": "persistence_timeout: 2s\n    scheduler: wrr",
+               "hold_down: 2s": "hold_down: 1s",
                "control_socket: /run/mplsorch/mplsorch.sock": f"control_socket: {sock}", **changes}
     for old, new in replace.items():
         assert old in text, old

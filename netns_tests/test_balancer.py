@@ -242,12 +242,14 @@ for packet in bad:
 
 def test_sigterm_stops_cleanly_and_sessions_keep_forwarding(lab: Lab, balancer: Balancer) -> None:
     assert balancer.proc is not None
+    assert balancer.curl("c2") == "200"  # a fresh session that cannot expire during this test
     served = _by_client(balancer.sessions())
+    assert lab.address("c2") in served
     os.kill(balancer.proc.pid, signal.SIGTERM)
     assert balancer.proc.wait(timeout=60) == 0
     assert "sessions left forwarding" in balancer.log()
     # With the daemon gone the queue is bypassed (fail-open) and the installed filter still
     # labels the client's packets: a new connection of a served client works.
-    assert lab.curl("c1", f"http://{lab.vip}/") == "200"
+    assert lab.curl("c2", f"http://{lab.vip}/") == "200"
     filters = [i.obj for i in lab.provider("lb").dump() if isinstance(i.obj, ops.FlowerFilter)]
     assert {f.match.src.split("/")[0] for f in filters} >= set(served)

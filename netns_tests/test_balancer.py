@@ -4,10 +4,8 @@ routes only) and answer as plain IP from the VIP. One daemon serves the module's
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,113 +14,24 @@ from typing import Any, Iterator
 import pytest
 
 from orchestrator.dataplane import ops
+from orchestrator.lab.balancer_lab import LABELS, BalancerLab
 from orchestrator.lab.kit import Lab
 
-ROOT = Path(__file__).resolve().parents[1]
-LABELS = (1001, 1999)
-UDP_ECHO = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 53))\n"
-            "while True:\n d,a=s.recvfrom(2048); s.sendto(b'echo '+d, a)")
-
-
-def lab_config(lab: Lab, sock: Path, **changes: str) -> str:
-    text = (ROOT / "templates" / "balancer.example.yaml").read_text()
-    replace = {"range: [1000, 99999]": f"range: [{LABELS[0]}, {LABELS[1]}]",
-               # http sessions outlive the gaps between a test's connections in the emulated VM;
-               # dns sessions end soon after their flow, for the session-end test.
-               "persistence_timeout: 30s\n    scheduler: rr": "persistence_timeout: 60s\n    scheduler: rr",
-               "persistence_timeout: 30s\n    scheduler: wrr": "persistence_timeout: 2s\n    scheduler: wrr",
-               "hold_down: 2s": "hold_down: 1s",
-               "control_socket: /run/mplsorch/mplsorch.sock": f"control_socket: {sock}", **changes}
-    for old, new in replace.items():
-        assert old in text, old
-        text = text.replace(old, new)
-    return text
-
-
-class Balancer:
-    """The running daemon and what the tests counted of it."""
-
-    def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.dir = Path(lab.node("lb")["runtime_dir"])
-        self.sock = self.dir / "mplsorch.sock"
-        self.config = self.dir / "balancer.yaml"
-        self.config.write_text(lab_config(lab, self.sock))
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.flows = 0  # new flows the tests started
-
-    def start(self) -> None:
-        self.proc = self.lab.spawn("lb", sys.executable, "-m", "orchestrator", "run", "--config",
-                                   str(self.config), log=self.dir / "daemon.log")
-        deadline = time.monotonic() + 60
-        while not self.sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("daemon did not start: " + self.log())
-            time.sleep(0.2)
-
-    def log(self) -> str:
-        path = self.dir / "daemon.log"
-        return path.read_text() if path.exists() else ""
-
-    def cli(self, *args: str) -> Any:
-        out = subprocess.run([sys.executable, "-m", "orchestrator", *args, "--json", "--socket", str(self.sock)],
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
-
-    def sessions(self) -> list[dict[str, Any]]:
-        return self.cli("sessions")
-
-    def curl(self, client: str) -> str:
-        """One new flow from `client` through the VIP; its HTTP status."""
-        self.flows += 1
-        return self.lab.curl(client, f"http://{self.lab.vip}/")
-
-    def reload(self, **changes: str) -> None:
-        self.config.write_text(lab_config(self.lab, self.sock, **changes))
-        assert self.proc is not None
-        before = self.log().count("configuration reloaded")
-        os.kill(self.proc.pid, signal.SIGHUP)
-        deadline = time.monotonic() + 30
-        while self.log().count("configuration reloaded") + self.log().count("reload rejected") <= before:
-            assert time.monotonic() < deadline, self.log()
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
-def balancer(lab: Lab) -> Iterator[Balancer]:
-    procs = []
-    for server in lab.names("server"):
-        results = lab.provider(server).apply([ops.Add(ops.MplsRoute(label, "lo"))
-                                              for label in range(LABELS[0], LABELS[1], 2)])
-        assert all(r.ok for r in results)
-        procs.append(lab.http_server(server, lab.vip)[0])
-        procs.append(lab.spawn(server, sys.executable, "-c", UDP_ECHO, lab.vip))
-    # Plain servers answer as IP: the fabric routes the client LAN back through the balancer.
-    lab.sh("p", "ip", "route", "add", "10.0.1.0/24", "via", lab.peer_address("p", "lb"))
-    b = Balancer(lab)
-    b.start()
-    # Short conntrack timeouts, so flows (and then sessions) end within a test's patience.
-    lab.sh("lb", "sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=3",
-           "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1", "net.netfilter.nf_conntrack_tcp_timeout_close=1",
-           "net.netfilter.nf_conntrack_tcp_timeout_fin_wait=1", "net.netfilter.nf_conntrack_tcp_timeout_last_ack=1")
-    yield b
-    for proc in [*procs, *([b.proc] if b.proc else [])]:
-        lab.stop(proc)
-    lb = lab.provider("lb")
-    lb.apply([ops.Delete(i.obj) for i in reversed(lb.dump())])
-    lab.sh("lb", "nft", "delete", "table", "inet", "mplsorch", check=False)
-    lab.sh("p", "ip", "route", "del", "10.0.1.0/24", check=False)
-    for server in lab.names("server"):
-        server_provider = lab.provider(server)
-        server_provider.apply([ops.Delete(i.obj) for i in server_provider.dump()])
+def balancer(lab: Lab) -> Iterator[BalancerLab]:
+    b = BalancerLab(lab)
+    try:
+        b.start()
+        yield b
+    finally:
+        b.close()
 
 
 def _by_client(sessions: list[dict[str, Any]], service: str = "http") -> dict[str, dict[str, Any]]:
     return {s["client"]: s for s in sessions if s["service"] == service}
 
 
-def test_round_robin_sessions_with_consecutive_label_pairs(lab: Lab, balancer: Balancer) -> None:
+def test_round_robin_sessions_with_consecutive_label_pairs(lab: Lab, balancer: BalancerLab) -> None:
     clients = lab.names("client")
     assert [balancer.curl(c) for c in clients] == ["200"] * len(clients)
     sessions = sorted(balancer.sessions(), key=lambda s: s["id"])
@@ -139,7 +48,7 @@ def test_round_robin_sessions_with_consecutive_label_pairs(lab: Lab, balancer: B
         assert any(line.startswith(s["client"] + " ") for line in log.splitlines()), log
 
 
-def test_the_first_packet_leaves_with_the_session_labels(lab: Lab, balancer: Balancer) -> None:
+def test_the_first_packet_leaves_with_the_session_labels(lab: Lab, balancer: BalancerLab) -> None:
     capture = lab.capture("p", lab.iface("p", towards="lb")["dev"], "balancer-c2s")
     assert balancer.curl("c2") == "200"
     stacks = capture.stacks()
@@ -149,7 +58,7 @@ def test_the_first_packet_leaves_with_the_session_labels(lab: Lab, balancer: Bal
 
 
 def test_repeated_connections_reuse_the_session_and_only_first_packets_reach_userspace(
-        lab: Lab, balancer: Balancer) -> None:
+        lab: Lab, balancer: BalancerLab) -> None:
     c1 = lab.address("c1")
     before = _by_client(balancer.sessions())[c1]
     assert [balancer.curl("c1") for _ in range(3)] == ["200"] * 3
@@ -161,24 +70,18 @@ def test_repeated_connections_reuse_the_session_and_only_first_packets_reach_use
     assert status["counters"]["packets_userspace"] == balancer.flows
     assert status["nft_counters"]["queued_http"] == balancer.flows
     # ... while the kernel label-switched all the others (each curl is 5+ packets towards the VIP).
-    stats = lab.sh("lb", "tc", "-s", "-j", "filter", "show", "dev", "fab0", "egress").stdout
-    pushed = sum(a["stats"]["packets"] for f in json.loads(stats) if "options" in f
-                 for a in f["options"].get("actions", []) if a.get("order") == 1)
-    assert pushed >= 5 * balancer.flows
+    assert balancer.kernel_packets() >= 5 * balancer.flows
 
 
-def test_udp_clients_get_a_session_of_their_own(lab: Lab, balancer: Balancer) -> None:
-    script = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5);"
-              "s.sendto(b'hello', (sys.argv[1], 53)); print(s.recvfrom(100)[0].decode())")
-    out = lab.sh("c3", sys.executable, "-c", script, lab.vip).stdout.strip()
-    assert out == "echo hello"
+def test_udp_clients_get_a_session_of_their_own(lab: Lab, balancer: BalancerLab) -> None:
+    assert balancer.udp("c3") == "echo hello"
     dns = _by_client(balancer.sessions(), "dns")
     assert set(dns) == {lab.address("c3")}
     session = dns[lab.address("c3")]
     assert session["protocol"] == "udp" and session["port"] == 53 and session["s2c_label"] == session["c2s_label"] + 1
 
 
-def test_a_session_ends_after_its_flows_and_the_persistence_timeout(lab: Lab, balancer: Balancer) -> None:
+def test_a_session_ends_after_its_flows_and_the_persistence_timeout(lab: Lab, balancer: BalancerLab) -> None:
     c3 = lab.address("c3")
     session = _by_client(balancer.sessions(), "dns")[c3]
     deadline = time.monotonic() + 60  # conntrack's UDP timeout (3 s) + persistence (2 s), emulated
@@ -191,7 +94,7 @@ def test_a_session_ends_after_its_flows_and_the_persistence_timeout(lab: Lab, ba
     assert "ended" in balancer.log() or balancer.cli("status")["counters"].get("sessions_ended", 0) >= 1
 
 
-def test_admission_refusal_reaches_the_client_as_a_reset(lab: Lab, balancer: Balancer) -> None:
+def test_admission_refusal_reaches_the_client_as_a_reset(lab: Lab, balancer: BalancerLab) -> None:
     assert balancer.curl("c1") == "200"  # c1's session is fresh: the service holds at least one
     balancer.reload(**{"max_sessions: 100000      # all sessions of the service": "max_sessions: 1"})
     assert "reload rejected" not in balancer.log()
@@ -211,14 +114,14 @@ def test_admission_refusal_reaches_the_client_as_a_reset(lab: Lab, balancer: Bal
         balancer.reload()
 
 
-def test_an_invalid_reload_is_rejected_and_the_old_configuration_stays(lab: Lab, balancer: Balancer) -> None:
+def test_an_invalid_reload_is_rejected_and_the_old_configuration_stays(lab: Lab, balancer: BalancerLab) -> None:
     balancer.reload(**{"scheduler: rr": "scheduler: fastest"})
     assert "reload rejected" in balancer.log()
     assert balancer.curl("c2") == "200"
     balancer.reload()
 
 
-def test_malformed_first_packets_do_not_disturb_the_daemon(lab: Lab, balancer: Balancer) -> None:
+def test_malformed_first_packets_do_not_disturb_the_daemon(lab: Lab, balancer: BalancerLab) -> None:
     script = """
 import sys
 from scapy.all import IP, TCP, UDP, Raw, send, conf
@@ -240,7 +143,7 @@ for packet in bad:
     assert balancer.curl("c2") == "200"
 
 
-def test_sigterm_stops_cleanly_and_sessions_keep_forwarding(lab: Lab, balancer: Balancer) -> None:
+def test_sigterm_stops_cleanly_and_sessions_keep_forwarding(lab: Lab, balancer: BalancerLab) -> None:
     assert balancer.proc is not None
     assert balancer.curl("c2") == "200"  # a fresh session that cannot expire during this test
     served = _by_client(balancer.sessions())

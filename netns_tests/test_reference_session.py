@@ -7,7 +7,6 @@ from typing import Iterator
 
 import pytest
 
-from orchestrator.dataplane import ops
 from orchestrator.lab.kit import Lab
 from orchestrator.lab.reference import (
     Session, apply_all, balancer_node, deletes, fabric_node, once_per_node, session_ops,

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 from orchestrator.capture import nftables
@@ -23,7 +21,7 @@ from orchestrator.capture.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, NfQueue,
 from orchestrator.config.load import ConfigError, load_config
 from orchestrator.config.model import BalancerConfig
 from orchestrator.core.balancer import Balancer
-from orchestrator.core.events import Action, FirstPacket, FlowKey, FlowsEnded, FlowTableResync
+from orchestrator.core.events import Action, FirstPacket
 from orchestrator.daemon.control import ControlServer
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink.provider import NetlinkProvider

@@ -1,0 +1,134 @@
+"""The balancer daemon running in the lab, for the demo, tests and benchmarks: its configuration
+(the example config with lab-sized labels and timeouts), plain servers (termination routes,
+HTTP and UDP echo on the VIP), the daemon process and its control socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.dataplane import ops
+from orchestrator.lab.kit import Lab
+
+ROOT = Path(__file__).resolve().parents[2]
+LABELS = (1001, 1999)
+UDP_ECHO = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 53))\n"
+            "while True:\n d,a=s.recvfrom(2048); s.sendto(b'echo '+d, a)")
+UDP_ASK = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5);"
+           "s.sendto(b'hello', (sys.argv[1], 53)); print(s.recvfrom(100)[0].decode())")
+
+
+def lab_config(sock: Path, **changes: str) -> str:
+    """templates/balancer.example.yaml fitted to the lab; `changes` replace text in it."""
+    text = (ROOT / "templates" / "balancer.example.yaml").read_text()
+    replace = {"range: [1000, 99999]": f"range: [{LABELS[0]}, {LABELS[1]}]",
+               # http sessions outlive the gaps between connections in the emulated VM; dns
+               # sessions end soon after their flow, so tests can watch a session end.
+               "persistence_timeout: 30s\n    scheduler: rr": "persistence_timeout: 60s\n    scheduler: rr",
+               "persistence_timeout: 30s\n    scheduler: wrr": "persistence_timeout: 2s\n    scheduler: wrr",
+               "hold_down: 2s": "hold_down: 1s",
+               "control_socket: /run/mplsorch/mplsorch.sock": f"control_socket: {sock}", **changes}
+    for old, new in replace.items():
+        if old not in text:
+            raise KeyError(f"{old!r} is not in the example configuration")
+        text = text.replace(old, new)
+    return text
+
+
+class BalancerLab:
+    """Set up with `start()`, torn down with `close()`: everything it made is removed."""
+
+    def __init__(self, lab: Lab, node: str = "lb") -> None:
+        self.lab = lab
+        self.node = node
+        self.dir = Path(lab.node(node)["runtime_dir"])
+        self.sock = self.dir / "mplsorch.sock"
+        self.config = self.dir / "balancer.yaml"
+        self.config.write_text(lab_config(self.sock))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self.flows = 0  # new flows started through curl()/udp()
+
+    def start(self) -> None:
+        lab = self.lab
+        for server in lab.names("server"):
+            results = lab.provider(server).apply([ops.Add(ops.MplsRoute(label, "lo"))
+                                                  for label in range(LABELS[0], LABELS[1], 2)])
+            if not all(r.ok for r in results):
+                raise RuntimeError(f"termination routes on {server}: {next(r for r in results if not r.ok)}")
+            self._procs.append(lab.http_server(server, lab.vip)[0])
+            self._procs.append(lab.spawn(server, sys.executable, "-c", UDP_ECHO, lab.vip))
+        # Plain servers answer as IP: the fabric routes the client LAN back through the balancer.
+        lab.sh("p", "ip", "route", "replace", "10.0.1.0/24", "via", lab.peer_address("p", self.node))
+        self.proc = lab.spawn(self.node, sys.executable, "-m", "orchestrator", "run", "--config",
+                              str(self.config), log=self.dir / "daemon.log")
+        deadline = time.monotonic() + 90
+        while not self.sock.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the balancer did not start:\n" + self.log())
+            time.sleep(0.2)
+        # Short conntrack timeouts, so flows (and then sessions) end within a test's patience.
+        lab.sh(self.node, "sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=3",
+               "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1",
+               "net.netfilter.nf_conntrack_tcp_timeout_close=1",
+               "net.netfilter.nf_conntrack_tcp_timeout_fin_wait=1",
+               "net.netfilter.nf_conntrack_tcp_timeout_last_ack=1")
+
+    def log(self) -> str:
+        path = self.dir / "daemon.log"
+        return path.read_text() if path.exists() else ""
+
+    def cli(self, *args: str) -> Any:
+        out = subprocess.run([sys.executable, "-m", "orchestrator", *args, "--json", "--socket", str(self.sock)],
+                             capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"mplsorch {' '.join(args)}: {out.stderr}")
+        return json.loads(out.stdout)
+
+    def sessions(self) -> list[dict[str, Any]]:
+        return self.cli("sessions")
+
+    def curl(self, client: str) -> str:
+        """One new TCP flow from `client` through the VIP; its HTTP status."""
+        self.flows += 1
+        return self.lab.curl(client, f"http://{self.lab.vip}/")
+
+    def udp(self, client: str) -> str:
+        """One new UDP flow from `client` to the VIP's port 53; the answer ('' if none)."""
+        self.flows += 1
+        return self.lab.sh(client, sys.executable, "-c", UDP_ASK, self.lab.vip, check=False).stdout.strip()
+
+    def kernel_packets(self) -> int:
+        """Packets our C2S filters labelled in the kernel (the first action's counter)."""
+        out = self.lab.sh(self.node, "tc", "-s", "-j", "filter", "show", "dev", "fab0", "egress").stdout
+        return sum(a["stats"]["packets"] for f in json.loads(out) if "options" in f
+                   for a in f["options"].get("actions", []) if a.get("order") == 1)
+
+    def reload(self, **changes: str) -> None:
+        self.config.write_text(lab_config(self.sock, **changes))
+        assert self.proc is not None
+        before = self.log().count("configuration reloaded") + self.log().count("reload rejected")
+        os.kill(self.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while self.log().count("configuration reloaded") + self.log().count("reload rejected") <= before:
+            if time.monotonic() > deadline:
+                raise RuntimeError("no answer to SIGHUP:\n" + self.log())
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        lab = self.lab
+        for proc in [*self._procs, *([self.proc] if self.proc else [])]:
+            lab.stop(proc)
+        lb = lab.provider(self.node)
+        lb.apply([ops.Delete(i.obj) for i in reversed(lb.dump())])
+        lab.sh(self.node, "nft", "delete", "table", "inet", "mplsorch", check=False)
+        lab.sh("p", "ip", "route", "del", "10.0.1.0/24", check=False)
+        for server in lab.names("server"):
+            provider = lab.provider(server)
+            provider.apply([ops.Delete(i.obj) for i in provider.dump()])

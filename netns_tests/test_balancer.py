@@ -5,9 +5,11 @@ routes only) and answer as plain IP from the VIP. One daemon serves the module's
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -141,6 +143,50 @@ for packet in bad:
     assert balancer.proc is not None and balancer.proc.poll() is None
     assert balancer.sessions() == sessions_before or len(balancer.sessions()) == len(sessions_before)
     assert balancer.curl("c2") == "200"
+
+
+SPREAD = """
+import sys
+from scapy.all import IP, UDP, Raw, send, conf
+conf.verb = 0
+vip, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+send([IP(src=f"10.{first}.{i // 250}.{i % 250 + 1}", dst=vip) / UDP(sport=5353, dport=53)
+      / Raw(b"spread") for i in range(count)], inter=0.002)
+"""
+
+
+def _started(balancer: BalancerLab, service: str, prefix: str) -> Counter[str]:
+    """Servers of the sessions the daemon logged as started for clients under `prefix`."""
+    pattern = re.compile(rf"session \d+ start: {service} ({re.escape(prefix)}\S*) -> (\S+) ")
+    return Counter(m.group(2) for m in pattern.finditer(balancer.log()))
+
+
+def _wait_for(balancer: BalancerLab, service: str, prefix: str, count: int) -> Counter[str]:
+    deadline = time.monotonic() + 300
+    while sum(_started(balancer, service, prefix).values()) < count:
+        assert time.monotonic() < deadline, (_started(balancer, service, prefix), balancer.log()[-2000:])
+        time.sleep(2)
+    return _started(balancer, service, prefix)
+
+
+def test_weighted_round_robin_over_300_sessions_and_least_connections(lab: Lab, balancer: BalancerLab) -> None:
+    # Sources outside the client LAN come from c1 (their answers have nowhere to go: only the
+    # first packets matter here), so the balancer must not drop them as spoofed.
+    lab.sh("lb", "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.lan0.rp_filter=0")
+    dns = "persistence_timeout: 30s\n    scheduler: wrr"  # in the example; held long for lc below
+    balancer.reload(**{dns: "persistence_timeout: 600s\n    scheduler: wrr"})
+    lab.sh("c1", sys.executable, "-c", SPREAD, lab.vip, "200", "300", timeout=600)
+    spread = _wait_for(balancer, "dns", "10.200.", 300)
+    weights = {"s1": 1, "s2": 1, "s3": 2}  # templates/balancer.example.yaml
+    for server, weight in weights.items():
+        expected = 300 * weight / sum(weights.values())
+        assert abs(spread[server] - expected) <= 0.1 * expected, spread
+    # lc: new sessions go to the servers with the fewest sessions (s3 holds twice as many).
+    balancer.reload(**{dns: "persistence_timeout: 600s\n    scheduler: lc"})
+    lab.sh("c1", sys.executable, "-c", SPREAD, lab.vip, "210", "4", timeout=600)
+    least = _wait_for(balancer, "dns", "10.210.", 4)
+    assert set(least) <= {"s1", "s2"} and sum(least.values()) == 4, least
+    balancer.reload()
 
 
 def test_sigterm_stops_cleanly_and_sessions_keep_forwarding(lab: Lab, balancer: BalancerLab) -> None:

@@ -6,13 +6,12 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-import pytest
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
 
 from orchestrator.config.load import parse_config
 from orchestrator.core.balancer import Balancer
-from orchestrator.core.events import Action, FirstPacket, FlowKey, FlowsEnded, FlowTableResync
+from orchestrator.core.events import Action, FirstPacket, FlowsEnded, FlowTableResync
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.fake import FakeProvider
 

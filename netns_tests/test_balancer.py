@@ -43,7 +43,8 @@ def test_round_robin_sessions_with_consecutive_label_pairs(lab: Lab, balancer: B
                 "state", "flows", "created", "last_seen"} <= set(s)
         assert s["c2s_label"] % 2 == 1 and s["s2c_label"] == s["c2s_label"] + 1
         assert LABELS[0] <= s["c2s_label"] < LABELS[1]
-        assert (s["vip"], s["protocol"], s["port"], s["state"]) == (lab.vip, "tcp", 80, "serving")
+        assert (s["vip"], s["protocol"], s["port"]) == (lab.vip, "tcp", 80)
+        assert s["state"] in ("serving", "draining")  # draining: flows ended, persistence running
     # Each server saw its client's real address.
     for s in sessions:
         log = (Path(lab.node(s["server"])["runtime_dir"]) / "http-80.log").read_text()

@@ -76,8 +76,14 @@ class Balancer:
         for svc in config.services:
             for port in svc.ports or (None,):
                 self.services[(str(svc.vip), PROTO_NUMBERS[str(svc.protocol.value)], port)] = svc
-        self._schedulers = {svc.name: self._schedulers.get(svc.name) or make_scheduler(svc.scheduler.value)
-                            for svc in config.services}
+        # A service keeps its scheduler's state (rr position, maglev table) across a reload
+        # unless the reload changes which scheduler it uses.
+        old_kinds = {svc.name: svc.scheduler for svc in getattr(self, "config", config).services}
+        self._schedulers = {
+            svc.name: self._schedulers[svc.name]
+            if svc.name in self._schedulers and old_kinds.get(svc.name) == svc.scheduler
+            else make_scheduler(svc.scheduler.value)
+            for svc in config.services}
         self.transport = {name: s.transport_label for name, s in self.servers.items()}
 
     # -- first packets -----------------------------------------------------------------------

@@ -44,13 +44,13 @@ def lab_config(sock: Path, **changes: str) -> str:
 class BalancerLab:
     """Set up with `start()`, torn down with `close()`: everything it made is removed."""
 
-    def __init__(self, lab: Lab, node: str = "lb") -> None:
+    def __init__(self, lab: Lab, node: str = "lb", **changes: str) -> None:
         self.lab = lab
         self.node = node
         self.dir = Path(lab.node(node)["runtime_dir"])
         self.sock = self.dir / "mplsorch.sock"
         self.config = self.dir / "balancer.yaml"
-        self.config.write_text(lab_config(self.sock))
+        self.config.write_text(lab_config(self.sock, **changes))
         self.proc: subprocess.Popen[bytes] | None = None
         self._procs: list[subprocess.Popen[bytes]] = []
         self.flows = 0  # new flows started through curl()/udp()
@@ -111,6 +111,7 @@ class BalancerLab:
                    for a in f["options"].get("actions", []) if a.get("order") == 1)
 
     def reload(self, **changes: str) -> None:
+        """Rewrite the configuration (the example plus `changes`) and SIGHUP the daemon."""
         self.config.write_text(lab_config(self.sock, **changes))
         assert self.proc is not None
         before = self.log().count("configuration reloaded") + self.log().count("reload rejected")
@@ -126,7 +127,9 @@ class BalancerLab:
         for proc in [*self._procs, *([self.proc] if self.proc else [])]:
             lab.stop(proc)
         lb = lab.provider(self.node)
-        lb.apply([ops.Delete(i.obj) for i in reversed(lb.dump())])
+        lb.apply([ops.Delete(i.obj) for i in reversed(lb.dump()) if not isinstance(i.obj, ops.ClsactQdisc)])
+        # The daemon made the clsact qdisc (a dump shows it only while it holds our filters).
+        lb.apply([ops.Delete(ops.ClsactQdisc(dev)) for dev in ("fab0",)])
         lab.sh(self.node, "nft", "delete", "table", "inet", "mplsorch", check=False)
         lab.sh("p", "ip", "route", "del", "10.0.1.0/24", check=False)
         for server in lab.names("server"):

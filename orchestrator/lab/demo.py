@@ -19,7 +19,9 @@ HTTP_PER_CLIENT = 2
 
 
 def run(lab: Lab) -> dict[str, Any]:
-    balancer = BalancerLab(lab)
+    # Both services' sessions persist for the whole demo, so the table shows every one of them.
+    balancer = BalancerLab(lab, **{"persistence_timeout: 30s\n    scheduler: wrr":
+                                   "persistence_timeout: 60s\n    scheduler: wrr"})
     try:
         balancer.start()
         capture = lab.capture("p", lab.iface("p", towards="lb")["dev"], "demo-c2s")

@@ -227,3 +227,13 @@ def test_restart_restores_sessions_from_the_kernel() -> None:
     node.core = fresh
     node.packets(syn("10.0.1.13"))
     assert len({s.c2s for s in fresh.table}) == 4
+
+
+def test_reload_changes_the_scheduler_and_keeps_sessions() -> None:
+    node = Node(config(**{"scheduler: rr": "scheduler: wrr"}))
+    node.packets(*(syn(f"10.0.1.{10 + i}") for i in range(4)))  # wrr 1:1:2 -> s1, s2, s3, s3
+    assert collections.Counter(s.server for s in node.core.table) == {"s1": 1, "s2": 1, "s3": 2}
+    node.core.configure(config(**{"scheduler: rr": "scheduler: lc"}), node.now)
+    node.packets(syn("10.0.1.50"), syn("10.0.1.51"))
+    picked = {s.key.value: s.server for s in node.core.table}
+    assert len(picked) == 6 and {picked["10.0.1.50"], picked["10.0.1.51"]} == {"s1", "s2"}

@@ -58,6 +58,7 @@ class Balancer:
     # -- configuration ---------------------------------------------------------------------
     def configure(self, config: BalancerConfig, now: float) -> None:
         """Apply a (re)loaded configuration; sessions in the table are kept as they are."""
+        old_kinds = {svc.name: svc.scheduler for svc in self.config.services} if hasattr(self, "config") else {}
         blocks = None
         if config.labels.allocation == LabelAllocation.SERVER_BLOCKS:
             blocks = {s.name: s.label_block for p in config.pools for s in p.servers if s.label_block}
@@ -78,7 +79,6 @@ class Balancer:
                 self.services[(str(svc.vip), PROTO_NUMBERS[str(svc.protocol.value)], port)] = svc
         # A service keeps its scheduler's state (rr position, maglev table) across a reload
         # unless the reload changes which scheduler it uses.
-        old_kinds = {svc.name: svc.scheduler for svc in getattr(self, "config", config).services}
         self._schedulers = {
             svc.name: self._schedulers[svc.name]
             if svc.name in self._schedulers and old_kinds.get(svc.name) == svc.scheduler

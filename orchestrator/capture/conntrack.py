@@ -4,14 +4,13 @@ so the daemon ends exactly the flows that are gone: a session end is never lost.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import socket
 import struct
 
 from orchestrator.core.events import FlowKey, FlowsEnded, FlowTableResync
 from orchestrator.dataplane.netlink import nla
-from orchestrator.dataplane.netlink.nlsocket import in_netns
+from orchestrator.dataplane.netlink.nlsocket import open_netlink
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
@@ -54,10 +53,7 @@ class ConntrackListener:
 
     def __init__(self, netns: str | None = None, rcvbuf: int = 8 << 20) -> None:
         self._netns = netns
-        with in_netns(netns):
-            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        with contextlib.suppress(OSError):
-            self._sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE
+        self._sock = open_netlink(NETLINK_NETFILTER, netns, rcvbuf)
         self._sock.bind((0, 0))
         self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_CONNTRACK_DESTROY)
         self._sock.setblocking(False)
@@ -93,9 +89,7 @@ class ConntrackListener:
     def dump(self) -> frozenset[FlowKey]:
         """Every flow in the table, on a socket of its own (events keep arriving on ours)."""
         live: set[FlowKey] = set()
-        with in_netns(self._netns):
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        with sock:
+        with open_netlink(NETLINK_NETFILTER, self._netns) as sock:
             sock.bind((0, 0))
             buf = bytearray(1 << 18)
             for family in (socket.AF_INET, socket.AF_INET6):

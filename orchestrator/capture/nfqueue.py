@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from orchestrator.dataplane.netlink import nla
-from orchestrator.dataplane.netlink.nlsocket import in_netns, parse_error
+from orchestrator.dataplane.netlink.nlsocket import open_netlink, parse_error
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_QUEUE = 3
@@ -73,11 +73,8 @@ class NfQueue:
 
     def __init__(self, first: int, last: int, netns: str | None = None, copy_range: int = 0xFFFF,
                  max_len: int = 4096, fail_open: bool = True, rcvbuf: int = 8 << 20) -> None:
-        with in_netns(netns):
-            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self._sock = open_netlink(NETLINK_NETFILTER, netns, rcvbuf)
         self._sock.bind((0, 0))
-        with contextlib.suppress(OSError):
-            self._sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE
         self.queues = list(range(first, last + 1))
         self._seq = 0
         self._buf = bytearray(1 << 18)

@@ -5,6 +5,7 @@ batch protocol buys nothing here, and `nft` checks the whole ruleset atomically 
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -53,8 +54,6 @@ def counters() -> dict[str, int]:
                             capture_output=True, text=True)
     if result.returncode != 0:
         return {}
-    import json
-
     out: dict[str, int] = {}
     for item in json.loads(result.stdout).get("nftables", []):
         counter = item.get("counter")

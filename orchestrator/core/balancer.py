@@ -73,6 +73,7 @@ class Balancer:
         self.config = config
         self.servers: dict[str, Server] = {s.name: s for p in config.pools for s in p.servers}
         self.pools = {p.name: p for p in config.pools}
+        self._by_name = {svc.name: svc for svc in config.services}
         self.services: dict[tuple[str, int, int | None], Service] = {}
         for svc in config.services:
             for port in svc.ports or (None,):
@@ -240,11 +241,13 @@ class Balancer:
                 session = self.table.end_flow(flow)
                 if session is not None and not session.flows and session.state != State.CLOSING:
                     session.state = State.DRAINING
-                    session.ends_at = now + self._service(session).persistence_timeout
+                    session.ends_at = now + self._persistence(session)
 
-    def _service(self, session: Session) -> Service:
-        return next((s for s in self.config.services if s.name == session.service),
-                    self.config.services[0])
+    def _persistence(self, session: Session) -> float:
+        """The persistence timeout of the session's service; a service a reload removed keeps
+        none, so its sessions end as soon as their last flow has."""
+        svc = self._by_name.get(session.service)
+        return svc.persistence_timeout if svc is not None else 0.0
 
     def tick(self, now: float) -> list[ops.Operation]:
         """Sessions whose persistence timeout has passed end: all their objects are deleted and
@@ -312,7 +315,7 @@ class Balancer:
         for session in self.table:
             if not session.flows:
                 session.state = State.DRAINING
-                session.ends_at = now + self._service(session).persistence_timeout
+                session.ends_at = now + self._persistence(session)
         claimed = {s.s2c for s in self.table}
         stale += [ops.Delete(r) for label, r in routes.items() if label not in claimed]
         self.counters["restored_sessions"] = len(self.table)

@@ -68,6 +68,17 @@ def in_netns(name: str | None) -> Iterator[None]:
             libc.setns(home.fileno(), CLONE_NEWNET)
 
 
+def open_netlink(protocol: int, netns: str | None = None, rcvbuf: int | None = None) -> socket.socket:
+    """A raw netlink socket of `protocol`, created inside network namespace `netns` (a socket
+    keeps the namespace it was made in), with its receive buffer forced to `rcvbuf` if given."""
+    with in_netns(netns):
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
+    if rcvbuf:
+        with contextlib.suppress(OSError):  # needs CAP_NET_ADMIN; the default buffer still works
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+    return sock
+
+
 def parse_error(flags: int, body: memoryview) -> KernelError | None:
     """The nlmsgerr in `body`: None for an ACK, else the error with its extack message."""
     code = struct.unpack_from("=i", body)[0]
@@ -90,13 +101,11 @@ class NetlinkSocket:
     def __init__(self, netns: str | None = None, sock: socket.socket | None = None) -> None:
         """`sock` replaces the kernel socket (tests script the kernel's replies with it)."""
         if sock is None:
-            with in_netns(netns):
-                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+            sock = open_netlink(NETLINK_ROUTE, netns, RCVBUF)
         self._sock = sock
         self.netns = netns
-        for option, size in ((SO_RCVBUFFORCE, RCVBUF), (SO_SNDBUFFORCE, SNDBUF)):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, option, size)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SNDBUF)
         for option in (NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK):
             with contextlib.suppress(OSError):
                 sock.setsockopt(SOL_NETLINK, option, 1)

@@ -21,14 +21,15 @@ def test_demo_json(lab: Lab) -> None:
     assert out["ok"] is True
     clients = lab.names("client")
     sessions = out["sessions"]
-    assert len(sessions) == 2 * len(clients)  # one http and one dns session per client
+    assert len(sessions) == 3 * len(clients)  # http over IPv4 and IPv6, and dns, per client
+    assert {s["service"] for s in sessions} == {"http", "dns", "mobile"}
     for s in sessions:
         assert SESSION_KEYS <= set(s)
         assert s["c2s_label"] % 2 == 1 and s["s2c_label"] == s["c2s_label"] + 1
         assert s["c2s_stack_on_wire"] == [lab.node(s["server"])["transport_label"], s["c2s_label"]]
     assert set(out["servers"]) == set(lab.names("server")) and sum(out["servers"].values()) == len(sessions)
     packets = out["packets"]
-    assert packets["userspace"] == packets["flows"] == 3 * len(clients)
+    assert packets["userspace"] == packets["flows"] == 4 * len(clients)
     assert packets["total"] > 3 * packets["userspace"]
     # The demo removes what it installed: nothing of ours is left on the balancer.
     assert lab.provider("lb").dump() == []

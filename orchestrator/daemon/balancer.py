@@ -95,13 +95,22 @@ class BalancerDaemon:
                 if "reload" in self.flags:
                     self.flags.discard("reload")
                     self.reload()
-                self.program(self.core.tick(time.monotonic()), "session end")
+                self.end_sessions()
         finally:
             loop.remove_reader(self.queue.fileno())
             loop.remove_reader(self.conntrack.fileno())
             await control.stop()
             self.shutdown()
         return 0
+
+    def end_sessions(self) -> None:
+        """Sessions past their persistence timeout: delete their objects and say so in the log."""
+        before = {s.id: s for s in self.core.table}
+        self.program(self.core.tick(time.monotonic()), "session end")
+        for session_id in before.keys() - {s.id for s in self.core.table}:
+            s = before[session_id]
+            log.info("session %d end: %s %s -> %s c2s %d s2c %d (persistence timeout)", s.id, s.service,
+                     s.key.value, s.server, s.c2s, s.s2c)
 
     def _flag(self, flag: str) -> None:
         self.flags.add(flag)

@@ -4,6 +4,7 @@ HTTP and UDP echo on the VIP), the daemon process and its control socket."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -28,9 +29,9 @@ def lab_config(sock: Path, **changes: str) -> str:
     """templates/balancer.example.yaml fitted to the lab; `changes` replace text in it."""
     text = (ROOT / "templates" / "balancer.example.yaml").read_text()
     replace = {"range: [1000, 99999]": f"range: [{LABELS[0]}, {LABELS[1]}]",
-               # http sessions outlive the gaps between connections in the emulated VM; dns
+               # http sessions outlive a whole test run however slow the emulated VM is; dns
                # sessions end soon after their flow, so tests can watch a session end.
-               "persistence_timeout: 30s\n    scheduler: rr": "persistence_timeout: 60s\n    scheduler: rr",
+               "persistence_timeout: 30s\n    scheduler: rr": "persistence_timeout: 3600s\n    scheduler: rr",
                "persistence_timeout: 30s\n    scheduler: wrr": "persistence_timeout: 2s\n    scheduler: wrr",
                "hold_down: 2s": "hold_down: 1s",
                "control_socket: /run/mplsorch/mplsorch.sock": f"control_socket: {sock}", **changes}
@@ -63,9 +64,11 @@ class BalancerLab:
             if not all(r.ok for r in results):
                 raise RuntimeError(f"termination routes on {server}: {next(r for r in results if not r.ok)}")
             self._procs.append(lab.http_server(server, lab.vip)[0])
+            self._procs.append(lab.http_server(server, lab.vip6)[0])
             self._procs.append(lab.spawn(server, sys.executable, "-c", UDP_ECHO, lab.vip))
         # Plain servers answer as IP: the fabric routes the client LAN back through the balancer.
-        lab.sh("p", "ip", "route", "replace", "10.0.1.0/24", "via", lab.peer_address("p", self.node))
+        for net, gw in self._client_lan_routes():
+            lab.sh("p", "ip", "route", "replace", net, "via", gw)
         self.proc = lab.spawn(self.node, sys.executable, "-m", "orchestrator", "run", "--config",
                               str(self.config), log=self.dir / "daemon.log")
         deadline = time.monotonic() + 90
@@ -79,6 +82,13 @@ class BalancerLab:
                "net.netfilter.nf_conntrack_tcp_timeout_close=1",
                "net.netfilter.nf_conntrack_tcp_timeout_fin_wait=1",
                "net.netfilter.nf_conntrack_tcp_timeout_last_ack=1")
+
+    def _client_lan_routes(self) -> list[tuple[str, str]]:
+        """(client LAN, balancer's fabric address) per address family: the fabric's way back."""
+        lan = self.lab.iface(self.node, segment="lan")["addresses"]
+        fab = self.lab.iface(self.node, towards="p")["addresses"]
+        return [(str(ipaddress.ip_interface(a).network), next(g.split("/")[0] for g in fab if (":" in g) == (":" in a)))
+                for a in lan]
 
     def log(self) -> str:
         path = self.dir / "daemon.log"
@@ -94,10 +104,11 @@ class BalancerLab:
     def sessions(self) -> list[dict[str, Any]]:
         return self.cli("sessions")
 
-    def curl(self, client: str) -> str:
-        """One new TCP flow from `client` through the VIP; its HTTP status."""
+    def curl(self, client: str, vip: str | None = None) -> str:
+        """One new TCP flow from `client` through the VIP (the lab's first unless given); its HTTP status."""
         self.flows += 1
-        return self.lab.curl(client, f"http://{self.lab.vip}/")
+        vip = vip or self.lab.vip
+        return self.lab.curl(client, f"http://[{vip}]/" if ":" in vip else f"http://{vip}/")
 
     def udp(self, client: str) -> str:
         """One new UDP flow from `client` to the VIP's port 53; the answer ('' if none)."""
@@ -131,7 +142,8 @@ class BalancerLab:
         # The daemon made the clsact qdisc (a dump shows it only while it holds our filters).
         lb.apply([ops.Delete(ops.ClsactQdisc(dev)) for dev in ("fab0",)])
         lab.sh(self.node, "nft", "delete", "table", "inet", "mplsorch", check=False)
-        lab.sh("p", "ip", "route", "del", "10.0.1.0/24", check=False)
+        for net, _ in self._client_lan_routes():
+            lab.sh("p", "ip", "route", "del", net, check=False)
         for server in lab.names("server"):
             provider = lab.provider(server)
             provider.apply([ops.Delete(i.obj) for i in provider.dump()])

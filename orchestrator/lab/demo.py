@@ -21,11 +21,12 @@ HTTP_PER_CLIENT = 2
 def run(lab: Lab) -> dict[str, Any]:
     # Both services' sessions persist for the whole demo, so the table shows every one of them.
     balancer = BalancerLab(lab, **{"persistence_timeout: 30s\n    scheduler: wrr":
-                                   "persistence_timeout: 60s\n    scheduler: wrr"})
+                                   "persistence_timeout: 3600s\n    scheduler: wrr"})
     try:
         balancer.start()
         capture = lab.capture("p", lab.iface("p", towards="lb")["dev"], "demo-c2s")
-        http = {c: [balancer.curl(c) for _ in range(HTTP_PER_CLIENT)] for c in lab.names("client")}
+        http = {c: [balancer.curl(c) for _ in range(HTTP_PER_CLIENT)] + [balancer.curl(c, lab.vip6)]
+                for c in lab.names("client")}
         udp = {c: balancer.udp(c) for c in lab.names("client")}
         stacks = Counter(capture.stacks())
         sessions = sorted(balancer.sessions(), key=lambda s: s["id"])
@@ -41,7 +42,7 @@ def run(lab: Lab) -> dict[str, Any]:
     ok = (all(code == "200" for codes in http.values() for code in codes)
           and all(answer == "echo hello" for answer in udp.values())
           and all(s["c2s_stack_on_wire"] for s in sessions)
-          and len(sessions) == 2 * len(lab.names("client")))
+          and len(sessions) == 3 * len(lab.names("client")))
     return {"sessions": sessions, "servers": servers,
             "packets": {"userspace": status["counters"].get("packets_userspace", 0), "total": kernel,
                         "flows": balancer.flows},
@@ -49,11 +50,11 @@ def run(lab: Lab) -> dict[str, Any]:
 
 
 def show(result: dict[str, Any]) -> None:
-    print("mplsorch demo: the balancer on the default lab, HTTP and UDP from every client\n")
-    print(f"{'client':12}{'service':9}{'server':8}{'C2S':>6}{'S2C':>6}  {'on the fabric':16}{'flows':>6}")
+    print("mplsorch demo: the balancer on the default lab, HTTP (IPv4 and IPv6) and UDP from every client\n")
+    print(f"{'client':14}{'service':9}{'server':8}{'C2S':>6}{'S2C':>6}  {'on the fabric':16}{'flows':>6}")
     for s in result["sessions"]:
         wire = "[" + ", ".join(map(str, s["c2s_stack_on_wire"])) + "]" if s["c2s_stack_on_wire"] else "not seen"
-        print(f"{s['client']:12}{s['service']:9}{s['server']:8}{s['c2s_label']:>6}{s['s2c_label']:>6}  "
+        print(f"{s['client']:14}{s['service']:9}{s['server']:8}{s['c2s_label']:>6}{s['s2c_label']:>6}  "
               f"{wire:16}{s['flows']:>6}")
     print("\nsessions per server: " + ", ".join(f"{k} {v}" for k, v in result["servers"].items()))
     p = result["packets"]

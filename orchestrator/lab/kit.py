@@ -41,9 +41,10 @@ class Lab:
                 return iface
         raise KeyError(f"{node} has no interface towards {towards or segment}")
 
-    def address(self, node: str, towards: str | None = None) -> str:
-        ifaces = self.node(node)["interfaces"]
-        return (self.iface(node, towards) if towards else ifaces[0])["address"]
+    def address(self, node: str, towards: str | None = None, version: int = 4) -> str:
+        """The node's address (of IP `version`) on its first interface, or the one towards `towards`."""
+        iface = self.iface(node, towards) if towards else self.node(node)["interfaces"][0]
+        return next(a.split("/")[0] for a in iface["addresses"] if (":" in a) == (version == 6))
 
     def peer_address(self, node: str, peer: str) -> str:
         """The address of `peer` on the segment it shares with `node`."""
@@ -53,6 +54,10 @@ class Lab:
     @property
     def vip(self) -> str:
         return self.desc["vips"][0]
+
+    @property
+    def vip6(self) -> str:
+        return next(v for v in self.desc["vips"] if ":" in v)
 
     def netns(self, node: str) -> str:
         return self.node(node)["netns"]
@@ -87,7 +92,7 @@ class Lab:
         root = Path(self.node(node)["runtime_dir"]) / "www"
         root.mkdir(parents=True, exist_ok=True)
         (root / "index.html").write_text(f"served by {node}\n")
-        log = Path(self.node(node)["runtime_dir"]) / f"http-{port}.log"
+        log = Path(self.node(node)["runtime_dir"]) / f"http-{port}{'-v6' if ':' in address else ''}.log"
         proc = self.spawn(node, "python3", "-u", "-m", "http.server", str(port), "--bind", address,
                           "--directory", str(root), log=log)
         deadline = time.monotonic() + 30

@@ -230,7 +230,8 @@ def hosts_file(topo: Topology) -> str:
     lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", "# mplsorch lab"]
     for node in topo.names():
         for i, (_, m) in enumerate(topo.attachments(node)):
-            lines.append(f"{m.address}\t{node}-{m.dev}" + (f" {node}" if i == 0 else ""))
+            for addr in m.addresses:
+                lines.append(f"{addr}\t{node}-{m.dev}" + (f" {node}" if i == 0 else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -299,8 +300,10 @@ def _links(topo: Topology, shell: Shell) -> None:
 def _addresses(topo: Topology, node: str) -> list[str]:
     lines = ["link set lo up"]
     for seg, m in topo.attachments(node):
-        nodad = " nodad" if m.address.version == 6 else ""
-        lines += [f"addr add {m.address}/{seg.subnet.prefixlen} dev {m.dev}{nodad}", f"link set {m.dev} up"]
+        for addr in m.addresses:
+            nodad = " nodad" if addr.version == 6 else ""
+            lines.append(f"addr add {addr}/{seg.prefixlen(addr.version)} dev {m.dev}{nodad}")
+        lines.append(f"link set {m.dev} up")
     if topo.node(node).role == "server":
         lines += [f"addr add {v}/{v.max_prefixlen} dev lo" for v in topo.vips]
     return lines
@@ -315,16 +318,17 @@ def _routes(topo: Topology, node: str) -> list[str]:
     if gw_role and not explicit_default:
         done: set[int] = set()
         for _, _, gw in topo.neighbours(node, gw_role):
-            if gw.address.version not in done:
-                done.add(gw.address.version)
-                lines.append(f"route add {_default(gw.address.version)} via {gw.address}")
+            for addr in gw.addresses:
+                if addr.version not in done:
+                    done.add(addr.version)
+                    lines.append(f"route add {_default(addr.version)} via {addr}")
     if n.role == "balancer":
         for vip in topo.vips:
-            hop = next(((mine, o) for _, mine, o in topo.neighbours(node, "fabric")
-                        if o.address.version == vip.version), None)
+            hop = next(((mine, o.of_version(vip.version)) for _, mine, o in topo.neighbours(node, "fabric")
+                        if o.of_version(vip.version) is not None), None)
             if hop is None:
                 raise LabError(f"balancer {node} has no fabric neighbour of the VIP {vip}'s address family")
-            lines.append(f"route add {vip}/{vip.max_prefixlen} via {hop[1].address} dev {hop[0].dev}")
+            lines.append(f"route add {vip}/{vip.max_prefixlen} via {hop[1]} dev {hop[0].dev}")
     for r in n.routes:
         to = _default(r.via.version) if r.to == "default" else r.to
         lines.append(f"route add {to} via {r.via}" + (f" dev {r.dev}" if r.dev else ""))
@@ -392,7 +396,8 @@ def build(topo: Topology, paths: LabPaths, state: LabState, shell: Shell = run_c
 def describe(topo: Topology, paths: LabPaths, vm: bool) -> dict[str, Any]:
     """The lab description given to CMD (the MPLSORCH_LAB_JSON file); its format is documented."""
     def peers(seg: Segment, node: str) -> list[dict[str, str]]:
-        return [{"node": o.node, "dev": o.dev, "address": str(o.address)} for o in seg.members if o.node != node]
+        return [{"node": o.node, "dev": o.dev, "address": str(o.address),
+                 "addresses": [str(a) for a in o.addresses]} for o in seg.members if o.node != node]
 
     bridges = bridge_names(topo)
     nodes = []
@@ -401,14 +406,16 @@ def describe(topo: Topology, paths: LabPaths, vm: bool) -> dict[str, Any]:
         for seg, m in topo.attachments(n.name):
             p = peers(seg, n.name)
             ifaces.append({"dev": m.dev, "address": str(m.address), "prefix": seg.subnet.prefixlen,
+                           "addresses": [f"{a}/{seg.prefixlen(a.version)}" for a in m.addresses],
                            "segment": seg.name, "peer": p[0]["node"] if len(p) == 1 else None, "peers": p})
         nodes.append({"name": n.name, "role": n.role, "netns": n.name, "transport_label": n.transport_label,
                       "interfaces": ifaces, "runtime_dir": str(paths.run_dir / n.name),
                       "etc_dir": str(paths.etc_netns / n.name),
                       "routes": [{"to": r.to, "via": str(r.via), "dev": r.dev} for r in n.routes]})
-    segments = [{"name": s.name, "subnet": str(s.subnet), "kind": "bridge" if s.is_bridge else "veth",
+    segments = [{"name": s.name, "subnet": str(s.subnet), "subnets": [str(n) for n in s.subnets], "kind": "bridge" if s.is_bridge else "veth",
                  "bridge": bridges.get(s.name), "switch_netns": SWITCH_NETNS if s.is_bridge else None,
-                 "members": [{"node": m.node, "dev": m.dev, "address": str(m.address)} for m in s.members]}
+                 "members": [{"node": m.node, "dev": m.dev, "address": str(m.address),
+                              "addresses": [str(a) for a in m.addresses]} for m in s.members]}
                 for s in topo.segments]
     return {"version": 1, "source": topo.source, "platform_labels": topo.platform_labels, "vm": vm,
             "nodes": nodes, "segments": segments, "vips": [str(v) for v in topo.vips]}

@@ -48,10 +48,19 @@ class Node:
 
 @dataclass(frozen=True)
 class Member:
-    """One node's attachment to a segment."""
+    """One node's attachment to a segment: `address` is the first of `addresses` (at most one
+    per address family, so a segment can be dual-stack)."""
     node: str
     dev: str
     address: IPAddress
+    addresses: tuple[IPAddress, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.addresses:
+            object.__setattr__(self, "addresses", (self.address,))
+
+    def of_version(self, version: int) -> IPAddress | None:
+        return next((a for a in self.addresses if a.version == version), None)
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,14 @@ class Segment:
     name: str
     subnet: IPNetwork
     members: tuple[Member, ...]
+    subnets: tuple[IPNetwork, ...] = ()  # all of them, `subnet` first: one per address family
+
+    def __post_init__(self) -> None:
+        if not self.subnets:
+            object.__setattr__(self, "subnets", (self.subnet,))
+
+    def prefixlen(self, version: int) -> int:
+        return next(n.prefixlen for n in self.subnets if n.version == version)
 
     @property
     def is_bridge(self) -> bool:
@@ -178,6 +195,22 @@ def _nodes(raw: Any, platform_labels: int) -> tuple[Node, ...]:
     return tuple(nodes)
 
 
+def _subnets(raw: Any, path: str) -> tuple[IPNetwork, ...]:
+    """One subnet, or a list of at most one per address family (dual stack)."""
+    out: list[IPNetwork] = []
+    for value in raw if isinstance(raw, list) else [raw]:
+        try:
+            net = ipaddress.ip_network(str(value), strict=True)
+        except ValueError as e:
+            raise TopologyError(f"{path}: {value!r} is not a network ({e})") from None
+        if any(n.version == net.version for n in out):
+            raise TopologyError(f"{path}: two IPv{net.version} subnets (one per family)")
+        out.append(net)
+    if not out:
+        raise TopologyError(f"{path}: no subnet")
+    return tuple(out)
+
+
 def _segments(raw: Any, nodes: dict[str, Node]) -> tuple[Segment, ...]:
     segments = []
     seen_addr: dict[IPAddress, str] = {}
@@ -188,10 +221,7 @@ def _segments(raw: Any, nodes: dict[str, Node]) -> tuple[Segment, ...]:
             raise TopologyError(f"{path}: bad segment name (lower-case letter, then [a-z0-9-], at most 32)")
         spec = _mapping(spec, path)
         _keys(spec, path, {"subnet", "members"}, set())
-        try:
-            subnet = ipaddress.ip_network(str(spec["subnet"]), strict=True)
-        except ValueError as e:
-            raise TopologyError(f"{path}.subnet: {spec['subnet']!r} is not a network ({e})") from None
+        subnets = _subnets(spec["subnet"], f"{path}.subnet")
         members = []
         for node, mspec in _mapping(spec["members"], f"{path}.members").items():
             mpath = f"{path}.members.{node}"
@@ -205,19 +235,28 @@ def _segments(raw: Any, nodes: dict[str, Node]) -> tuple[Segment, ...]:
             if (node, dev) in seen_dev:
                 raise TopologyError(f"{mpath}.dev: {node} already has {dev} on segment {seen_dev[node, dev]}")
             seen_dev[node, dev] = name
-            addr = _address(mspec["address"], f"{mpath}.address")
-            if addr not in subnet:
-                raise TopologyError(f"{mpath}.address: {addr} is outside the subnet {subnet}")
-            if subnet.version == 4 and subnet.prefixlen < 31 and addr in (subnet.network_address,
-                                                                          subnet.broadcast_address):
-                raise TopologyError(f"{mpath}.address: {addr} is the network or broadcast address of {subnet}")
-            if addr in seen_addr:
-                raise TopologyError(f"{mpath}.address: duplicate address {addr} (also {seen_addr[addr]})")
-            seen_addr[addr] = mpath
-            members.append(Member(node, dev, addr))
+            raw_addrs = mspec["address"] if isinstance(mspec["address"], list) else [mspec["address"]]
+            addrs: list[IPAddress] = []
+            for addr in (_address(a, f"{mpath}.address") for a in raw_addrs):
+                subnet = next((n for n in subnets if n.version == addr.version), None)
+                if subnet is None or addr not in subnet:
+                    raise TopologyError(f"{mpath}.address: {addr} is outside the subnet "
+                                        f"{' and '.join(map(str, subnets))}")
+                if subnet.version == 4 and subnet.prefixlen < 31 and addr in (subnet.network_address,
+                                                                              subnet.broadcast_address):
+                    raise TopologyError(f"{mpath}.address: {addr} is the network or broadcast address of {subnet}")
+                if addr in seen_addr:
+                    raise TopologyError(f"{mpath}.address: duplicate address {addr} (also {seen_addr[addr]})")
+                if any(a.version == addr.version for a in addrs):
+                    raise TopologyError(f"{mpath}.address: two IPv{addr.version} addresses (one per family)")
+                seen_addr[addr] = mpath
+                addrs.append(addr)
+            if not addrs:
+                raise TopologyError(f"{mpath}.address: no address")
+            members.append(Member(node, dev, addrs[0], tuple(addrs)))
         if len(members) < 2:
             raise TopologyError(f"{path}.members: a segment needs at least 2 members, has {len(members)}")
-        segments.append(Segment(name, subnet, tuple(members)))
+        segments.append(Segment(name, subnets[0], tuple(members), subnets))
     return tuple(segments)
 
 

@@ -86,7 +86,9 @@ def assert_error(text: str, marker: str, path: str, fragment: str, nth: int = 1)
 def test_example_validates() -> None:
     cfg = load_config(EXAMPLE)
     assert cfg.role is Role.BALANCER and cfg.source == str(EXAMPLE)
-    assert [s.name for s in cfg.services] == ["http", "dns"]
+    assert [s.name for s in cfg.services] == ["http", "dns", "mobile"]
+    mobile = cfg.services[2]
+    assert str(mobile.vip) == "fd00:100::100" and mobile.session_key.value == "mip6-home-address"
     assert [s.name for s in cfg.servers] == ["s1", "s2", "s3"]
     assert cfg.node.transport_label == 100 and cfg.node.control_socket == "/run/mplsorch/mplsorch.sock"
     assert cfg.interfaces.clients == ("lan0",) and cfg.interfaces.fabric == ("fab0",)
@@ -419,7 +421,7 @@ runner = CliRunner()
 def test_cli_validate_ok() -> None:
     r = runner.invoke(app, ["config", "validate", str(EXAMPLE)])
     assert r.exit_code == 0, r.output
-    assert r.stdout == f"{EXAMPLE}: ok (2 services, 3 servers)\n"
+    assert r.stdout == f"{EXAMPLE}: ok (3 services, 3 servers)\n"
 
 
 def test_cli_validate_invalid(tmp_path: Path) -> None:

@@ -27,13 +27,25 @@ def test_default_parses() -> None:
     assert t.names("server") == ["s1", "s2", "s3"]
     assert {n.name: n.transport_label for n in t.nodes if n.transport_label} == \
         {"lb": 100, "s1": 101, "s2": 102, "s3": 103}
-    assert [str(v) for v in t.vips] == ["10.0.0.100"] and t.platform_labels == 100000
+    assert [str(v) for v in t.vips] == ["10.0.0.100", "fd00:100::100"] and t.platform_labels == 100000
     seg = {s.name: s for s in t.segments}
     assert seg["lan"].is_bridge and seg["farm1"].is_bridge
     assert not seg["core"].is_bridge and not seg["farm2"].is_bridge
     assert str(seg["core"].member("lb").address) == "10.255.0.1" and seg["core"].member("p").dev == "pl"
     assert str(seg["farm1"].member("s2").address) == "10.1.1.11"
     assert str(seg["farm2"].member("s3").address) == "10.1.2.10"
+    assert [str(a) for a in seg["lan"].member("c1").addresses] == ["10.0.1.10", "fd00:1::10"]
+    assert str(seg["lan"].member("c1").of_version(6)) == "fd00:1::10" and seg["lan"].prefixlen(6) == 64
+
+
+def test_dual_stack_nodes_get_both_addresses_and_default_routes() -> None:
+    t = load()
+    assert netns._addresses(t, "c1") == ["link set lo up", "addr add 10.0.1.10/24 dev eth0",
+                                         "addr add fd00:1::10/64 dev eth0 nodad", "link set eth0 up"]
+    assert netns._routes(t, "c1") == ["route add 0.0.0.0/0 via 10.0.1.1", "route add ::/0 via fd00:1::1"]
+    assert netns._routes(t, "lb") == ["route add 10.0.0.100/32 via 10.255.0.2 dev fab0",
+                                      "route add fd00:100::100/128 via fd00:ff::2 dev fab0"]
+    assert "addr add fd00:100::100/128 dev lo" in netns._addresses(t, "s1")
 
 
 @pytest.mark.parametrize("mutate, expected", [
@@ -45,6 +57,12 @@ def test_default_parses() -> None:
     (lambda d: d["segments"]["lan"]["members"].update(c9={"dev": "eth0", "address": "10.0.1.99"}),
      r"segments\.lan\.members\.c9: not a node"),
     (lambda d: d["segments"]["core"].pop("subnet"), r"segments\.core\.subnet: missing key"),
+    (lambda d: d["segments"]["core"].update(subnet=["10.255.0.0/30", "10.255.1.0/30"]),
+     r"segments\.core\.subnet: two IPv4 subnets \(one per family\)"),
+    (lambda d: d["segments"]["core"].update(subnet="10.255.0.0/30"),
+     r"segments\.core\.members\.lb\.address: fd00:ff::1 is outside the subnet 10\.255\.0\.0/30$"),
+    (lambda d: d["segments"]["lan"]["members"]["c1"].update(address=["fd00:1::10", "fd00:1::20"]),
+     r"segments\.lan\.members\.c1\.address: two IPv6 addresses"),
     (lambda d: d["nodes"]["lb"].pop("role"), r"nodes\.lb\.role: missing key"),
     (lambda d: d.pop("segments"), r"topology\.segments: missing key"),
     (lambda d: d["segments"]["lan"]["members"]["c1"].pop("dev"), r"segments\.lan\.members\.c1\.dev: missing key"),
@@ -111,7 +129,9 @@ def test_describe_lists_interfaces_and_peers(tmp_path: Path) -> None:
     lb = next(n for n in d["nodes"] if n["name"] == "lb")
     assert lb["netns"] == "lb" and lb["transport_label"] == 100
     assert lb["interfaces"][1] == {"dev": "fab0", "address": "10.255.0.1", "prefix": 30, "segment": "core",
-                                   "peer": "p", "peers": [{"node": "p", "dev": "pl", "address": "10.255.0.2"}]}
+                                   "addresses": ["10.255.0.1/30", "fd00:ff::1/64"], "peer": "p",
+                                   "peers": [{"node": "p", "dev": "pl", "address": "10.255.0.2",
+                                              "addresses": ["10.255.0.2", "fd00:ff::2"]}]}
     assert lb["interfaces"][0]["peer"] is None and len(lb["interfaces"][0]["peers"]) == 3
     json.dumps(d)
 

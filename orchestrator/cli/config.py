@@ -1,16 +1,21 @@
-"""`mplsorch config ...`: check and print a balancer configuration file. Reads the file only: no
-daemon, no kernel. Exit codes: 0 ok, 2 the file is missing, unreadable or invalid (message on stderr)."""
+"""`mplsorch config ...`: check and print a configuration file of either role (balancer or server).
+Reads the file only: no daemon, no kernel. Exit codes: 0 ok, 2 the file is missing, unreadable or
+invalid (message on stderr)."""
 
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import typer
 
-config_app = typer.Typer(no_args_is_help=True, help="Validate and show balancer configuration files.")
+if TYPE_CHECKING:
+    from orchestrator.config import BalancerConfig, ServerConfig
+
+config_app = typer.Typer(no_args_is_help=True, help="Validate and show configuration files (balancer or server).")
 
 
-def _load(file: str):
+def _load(file: str) -> BalancerConfig | ServerConfig:
     from orchestrator.config import ConfigError, load_config
 
     try:
@@ -20,17 +25,31 @@ def _load(file: str):
         raise typer.Exit(2) from None
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
+def summary(cfg: BalancerConfig | ServerConfig) -> str:
+    """The part of `validate`'s line in parentheses: what the file configures, in a few numbers."""
+    from orchestrator.config import ServerConfig
+
+    if isinstance(cfg, ServerConfig):
+        return f"server, {_count(len(cfg.vips), 'VIP')}, {_count(len(cfg.c2s_labels()), 'C2S label')}"
+    return f"{len(cfg.services)} services, {len(cfg.servers)} servers"     # unchanged since before servers
+
+
 @config_app.command("validate")
-def config_validate(file: str = typer.Argument(..., metavar="FILE", help="Balancer configuration (YAML).")) -> None:
-    """Check FILE; print "FILE: ok (N services, M servers)". Exit 2 with "FILE:LINE: KEY.PATH: message"
-    on stderr when it is invalid, missing or unreadable."""
+def config_validate(file: str = typer.Argument(..., metavar="FILE", help="Configuration (YAML).")) -> None:
+    """Check FILE; print "FILE: ok (N services, M servers)" for a balancer, "FILE: ok (server, N VIPs,
+    M C2S labels)" for a server. Exit 2 with "FILE:LINE: KEY.PATH: message" on stderr when it is
+    invalid, missing or unreadable."""
     cfg = _load(file)
-    typer.echo(f"{file}: ok ({len(cfg.services)} services, {len(cfg.servers)} servers)")
+    typer.echo(f"{file}: ok ({summary(cfg)})")
 
 
 @config_app.command("show")
 def config_show(
-    file: str = typer.Argument(..., metavar="FILE", help="Balancer configuration (YAML)."),
+    file: str = typer.Argument(..., metavar="FILE", help="Configuration (YAML)."),
     json_output: bool = typer.Option(False, "--json", help="JSON instead of YAML."),
 ) -> None:
     """Print the effective configuration of FILE, defaults filled in (durations in seconds).

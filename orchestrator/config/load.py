@@ -1,215 +1,28 @@
-"""Parse and validate a balancer configuration file.
+"""Parse and validate a configuration file of either role.
 
-The YAML is composed (SafeLoader) into a node tree that keeps line marks, and walked here by hand,
-so that every error says where it is: `ConfigError` reads "FILE:LINE: KEY.PATH: message". The first
-error found is raised. Nothing here touches the kernel or the network.
+`parse_config` reads `role` first, then the keys of that role: the balancer's sections are parsed
+here, the server's in `server.py`; the YAML walker with its line-marked errors is `parser.py`.
+The first error found is raised as `ConfigError` ("FILE:LINE: KEY.PATH: message"). Nothing here
+touches the kernel or the network.
 """
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
 import re
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
-
-import yaml
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from typing import Any
 
 from orchestrator.config.model import (
-    MAX_LABEL, MIN_LABEL, Admission, BalancerConfig, FailPolicy, Interfaces, IPAddress, LabelAllocation,
+    MAX_LABEL, MIN_LABEL, Admission, BalancerConfig, FailPolicy, Interfaces, LabelAllocation,
     LabelConfig, NfqueueConfig, NodeConfig, Pool, Protocol, RateLimit, RateUnit, RefuseWith, Role, Scheduler,
     Server, Service, SessionKeyKind, pair_labels,
 )
+from orchestrator.config.parser import ConfigError, _did_you_mean, _join, _Parser, _V
+from orchestrator.config.server import SERVER_KEYS, ServerConfig, parse_server
 
-E = TypeVar("E", bound=Enum)
+__all__ = ["ConfigError", "load_balancer_config", "load_config", "load_server_config", "parse_config"]
 
-_TAG = "tag:yaml.org,2002:"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_DEV_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,14}$")   # IFNAMSIZ - 1, no '/' or spaces
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)\s*$")
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-class ConfigError(ValueError):
-    """A configuration is unusable. str(): "FILE:LINE: KEY.PATH: message" (LINE and KEY.PATH are
-    left out when unknown, e.g. for a file that cannot be read)."""
-
-    def __init__(self, source: str, line: int | None, path: str | None, message: str) -> None:
-        self.source, self.line, self.path, self.message = source, line, path, message
-        parts = [source] + ([str(line)] if line is not None else [])
-        text = ":".join(parts) + ": " + (f"{path}: " if path else "") + message
-        super().__init__(text)
-
-
-@dataclass
-class _V:
-    """A YAML node at a key path; `line` is the line of the key that introduced it."""
-    node: Node
-    path: str
-    line: int
-
-    @property
-    def vline(self) -> int:
-        """Line of the value itself."""
-        return self.node.start_mark.line + 1
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _describe(node: Node) -> str:
-    if isinstance(node, MappingNode):
-        return "a mapping"
-    if isinstance(node, SequenceNode):
-        return "a list"
-    if node.tag == _TAG + "null":
-        return "nothing (null)"
-    return repr(node.value)
-
-
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-class _Parser:
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.lines: dict[str, int] = {}          # key path -> line of its value, for semantic errors
-        self.key_lines: dict[str, int] = {}      # key path -> line of its key
-        self._constructor = yaml.constructor.SafeConstructor()
-
-    # ---- errors ----
-    def error(self, line: int | None, path: str | None, message: str) -> ConfigError:
-        return ConfigError(self.source, line, path, message)
-
-    def at(self, path: str, message: str) -> ConfigError:
-        """An error on a value already parsed (semantic checks)."""
-        return self.error(self.lines.get(path), path, message)
-
-    def _seen(self, v: _V) -> _V:
-        self.lines[v.path] = v.vline
-        return v
-
-    # ---- structure ----
-    def mapping(self, v: _V, allowed: Iterable[str] | None, required: Iterable[str] = ()) -> dict[str, _V]:
-        """A mapping's entries by key; rejects duplicate keys, unknown keys (when `allowed` is given)
-        and missing required keys."""
-        self._seen(v)
-        if not isinstance(v.node, MappingNode):
-            raise self.error(v.vline, v.path or "(document)", f"expected a mapping, got {_describe(v.node)}")
-        allowed = list(allowed) if allowed is not None else None
-        out: dict[str, _V] = {}
-        for knode, vnode in v.node.value:
-            kline = knode.start_mark.line + 1
-            if isinstance(knode, ScalarNode) and knode.tag == _TAG + "merge":
-                raise self.error(kline, _join(v.path, "<<"), "merge keys (<<) are not supported")
-            if not isinstance(knode, ScalarNode) or knode.tag != _TAG + "str":
-                raise self.error(kline, v.path or "(document)",
-                                 f"keys must be plain strings, got {_describe(knode)}")
-            key = knode.value
-            path = _join(v.path, key)
-            if key in out:
-                raise self.error(kline, path, f"duplicate key (first given at line {out[key].line})")
-            if allowed is not None and key not in allowed:
-                raise self.error(kline, path, "unknown key" + _did_you_mean(key, allowed))
-            out[key] = self._seen(_V(vnode, path, kline))
-            self.key_lines[path] = kline
-        for key in required:
-            if key not in out:
-                raise self.error(v.line, _join(v.path, key), "required key is missing")
-        return out
-
-    def sequence(self, v: _V) -> list[_V]:
-        if not isinstance(v.node, SequenceNode):
-            raise self.error(v.vline, v.path, f"expected a list, got {_describe(v.node)}")
-        return [self._seen(_V(n, f"{v.path}[{i}]", n.start_mark.line + 1)) for i, n in enumerate(v.node.value)]
-
-    # ---- scalars ----
-    def _scalar(self, v: _V, want: str) -> Any:
-        if not isinstance(v.node, ScalarNode):
-            raise self.error(v.vline, v.path, f"expected {want}, got {_describe(v.node)}")
-        return self._constructor.construct_object(v.node)
-
-    def is_null(self, v: _V) -> bool:
-        return isinstance(v.node, ScalarNode) and v.node.tag == _TAG + "null"
-
-    def integer(self, v: _V, lo: int | None = None, hi: int | None = None, what: str = "") -> int:
-        value = self._scalar(v, "an integer")
-        if v.node.tag != _TAG + "int":
-            raise self.error(v.vline, v.path, f"expected an integer, got {_describe(v.node)}")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            rng = f"{lo}..{hi}" if lo is not None and hi is not None else (f">= {lo}" if lo is not None
-                                                                          else f"<= {hi}")
-            raise self.error(v.vline, v.path, f"{(what + ' ') if what else ''}{value} is out of range: must be {rng}")
-        return value
-
-    def string(self, v: _V) -> str:
-        self._scalar(v, "a string")
-        if v.node.tag != _TAG + "str" or v.node.value == "":
-            raise self.error(v.vline, v.path, f"expected a non-empty string, got {_describe(v.node)}")
-        return v.node.value
-
-    def name(self, key: str, path: str, line: int, what: str) -> str:
-        if not _NAME_RE.match(key):
-            raise self.error(line, path, f"invalid {what} name {key!r}: use letters, digits, '-' and '_' "
-                                         "(at most 64, starting with a letter or digit)")
-        return key
-
-    def address(self, v: _V) -> IPAddress:
-        self._scalar(v, "an IP address")
-        text = v.node.value
-        try:
-            addr = ipaddress.ip_address(text)
-        except ValueError:
-            raise self.error(v.vline, v.path, f"{text!r} is not an IP address") from None
-        if addr.is_unspecified or addr.is_multicast:
-            raise self.error(v.vline, v.path, f"{text!r} is not a usable unicast address")
-        return addr
-
-    def choice(self, v: _V, enum: type[E], what: str) -> E:
-        text = self.string(v)
-        try:
-            return enum(text)
-        except ValueError:
-            names = [e.value for e in enum]
-            raise self.error(v.vline, v.path, f"unknown {what} {text!r}; expected one of {', '.join(names)}"
-                             + _did_you_mean(text, names)) from None
-
-    def duration(self, v: _V) -> float:
-        """"30s", "5m", "1h", "500ms" or a number of seconds; must be >= 0."""
-        value = self._scalar(v, "a duration")
-        tag = v.node.tag
-        if tag in (_TAG + "int", _TAG + "float"):
-            seconds = float(value)
-        elif tag == _TAG + "str" and (m := _DURATION_RE.match(value)):
-            seconds = float(m.group(1)) * _UNITS[m.group(2)]
-        else:
-            raise self.error(v.vline, v.path, f"{_describe(v.node)} is not a duration: write e.g. "
-                                              "\"30s\", \"5m\", \"1h\", \"500ms\" or a number of seconds")
-        if not seconds >= 0 or seconds == float("inf"):      # also rejects NaN
-            raise self.error(v.vline, v.path, f"{v.node.value} is out of range: must be >= 0")
-        return seconds
-
-    def int_pair(self, v: _V, lo: int, hi: int, strict: bool, what: str) -> tuple[int, int]:
-        """[first, last] with lo <= first (<|<=) last <= hi."""
-        items = self.sequence(v)
-        if len(items) != 2:
-            raise self.error(v.vline, v.path, f"expected [first, last] (two integers), got {len(items)} items")
-        first, last = (self.integer(i) for i in items)
-        for n in (first, last):
-            if not lo <= n <= hi:
-                raise self.error(v.vline, v.path, f"{what} {n} is out of range: must be within {lo}..{hi}")
-        if first > last or (strict and first == last):
-            rel = "<" if strict else "<="
-            raise self.error(v.vline, v.path, f"first {first} must be {rel} last {last}")
-        return first, last
-
 
 # ---- sections ----
 
@@ -224,26 +37,12 @@ def _node(p: _Parser, v: _V) -> NodeConfig:
     return NodeConfig(label, sock)
 
 
-def _devices(p: _Parser, v: _V) -> tuple[str, ...]:
-    items = p.sequence(v)
-    if not items:
-        raise p.error(v.vline, v.path, "must name at least one interface")
-    out: list[str] = []
-    for i in items:
-        dev = p.string(i)
-        if not _DEV_RE.match(dev):
-            raise p.error(i.vline, i.path, f"{dev!r} is not a valid interface name")
-        if dev in out:
-            raise p.error(i.vline, i.path, f"interface {dev!r} is listed twice")
-        out.append(dev)
-    return tuple(out)
-
 
 def _interfaces(p: _Parser, v: _V) -> Interfaces:
     keys = ("clients", "fabric", "fabric_next_hop")
     m = p.mapping(v, keys, keys)
-    clients = _devices(p, m["clients"])
-    fabric = _devices(p, m["fabric"])
+    clients = p.devices(m["clients"])
+    fabric = p.devices(m["fabric"])
     both = [d for d in fabric if d in clients]
     if both:
         raise p.error(m["fabric"].vline, m["fabric"].path,
@@ -489,24 +288,10 @@ def _check(p: _Parser, cfg: BalancerConfig) -> None:
                                       f"({size} usable labels)")
 
 
-def parse_config(text: str, source: str = "<string>") -> BalancerConfig:
-    """Parse and validate a balancer configuration; raise ConfigError on the first problem."""
-    p = _Parser(source)
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark is not None else None
-        msg = " ".join(x for x in (e.context, e.problem) if x)
-        raise p.error(line, "(yaml)", f"not valid YAML: {msg}") from None
-    except yaml.YAMLError as e:
-        raise p.error(None, "(yaml)", f"not valid YAML: {e}") from None
-    if root is None:
-        raise p.error(1, "(document)", "the configuration is empty")
-    top = p.mapping(_V(root, "", root.start_mark.line + 1), _TOP, _TOP_REQUIRED)
-    role = p.choice(top["role"], Role, "role")
+def _parse_balancer(p: _Parser, root: _V, source: str) -> BalancerConfig:
+    top = p.mapping(root, _TOP, _TOP_REQUIRED, elsewhere=_SERVER_ONLY)
     cfg = BalancerConfig(
-        role=role,
+        role=p.choice(top["role"], Role, "role"),
         node=_node(p, top["node"]),
         interfaces=_interfaces(p, top["interfaces"]),
         labels=_labels(p, top["labels"]),
@@ -519,8 +304,27 @@ def parse_config(text: str, source: str = "<string>") -> BalancerConfig:
     return cfg
 
 
-def load_config(path: str | Path) -> BalancerConfig:
-    """Read, parse and validate a balancer configuration file."""
+# A key of the other role's files is named as such rather than answered with a spelling suggestion.
+_SERVER_ONLY = {k: "a key of role server, but this file has role: balancer" for k in SERVER_KEYS if k not in _TOP}
+_BALANCER_ONLY = {k: "a key of role balancer, but this file has role: server" for k in _TOP if k not in SERVER_KEYS}
+
+
+def parse_config(text: str, source: str = "<string>", role: Role | None = None) -> BalancerConfig | ServerConfig:
+    """Parse and validate a configuration of the role its `role` key names; raise ConfigError on the
+    first problem. With `role`, a file of another role is refused too (a daemon must not start on
+    the other role's file)."""
+    p = _Parser(source)
+    root = p.compose(text)
+    found = p.role(root)
+    if role is not None and found is not role:
+        raise p.at("role", f"this is a {found.value} configuration, but a {role.value} configuration is needed here")
+    if found is Role.SERVER:
+        return parse_server(p, root, source, _BALANCER_ONLY)
+    return _parse_balancer(p, root, source)
+
+
+def load_config(path: str | Path, role: Role | None = None) -> BalancerConfig | ServerConfig:
+    """Read, parse and validate a configuration file (of `role`, when given)."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -530,4 +334,18 @@ def load_config(path: str | Path) -> BalancerConfig:
         raise ConfigError(source, None, None, f"cannot read the configuration: not UTF-8 text ({e.reason})") from None
     except OSError as e:
         raise ConfigError(source, None, None, f"cannot read the configuration: {e.strerror or e}") from None
-    return parse_config(text, source)
+    return parse_config(text, source, role)
+
+
+def load_balancer_config(path: str | Path) -> BalancerConfig:
+    """`load_config` for the balancer daemon: a server file is a ConfigError at its `role` line."""
+    cfg = load_config(path, Role.BALANCER)
+    assert isinstance(cfg, BalancerConfig)
+    return cfg
+
+
+def load_server_config(path: str | Path) -> ServerConfig:
+    """`load_config` for the server agent: a balancer file is a ConfigError at its `role` line."""
+    cfg = load_config(path, Role.SERVER)
+    assert isinstance(cfg, ServerConfig)
+    return cfg

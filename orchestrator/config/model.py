@@ -1,4 +1,5 @@
-"""The balancer configuration as frozen dataclasses (parsed and validated by `load.py`).
+"""The balancer configuration as frozen dataclasses (parsed and validated by `load.py`; the server
+role's configuration is `server.py`).
 
 Every default below is the value `mplsorch config show` prints when a key is absent from the file.
 Durations are float seconds; addresses are `ipaddress` objects; label ranges are inclusive
@@ -31,6 +32,7 @@ class _Named(str, Enum):
 
 class Role(_Named):
     BALANCER = "balancer"
+    SERVER = "server"      # the server agent: `orchestrator/config/server.py`
 
 
 class Scheduler(_Named):

@@ -29,6 +29,17 @@ class FirstPacket:
 
 
 @dataclass(frozen=True)
+class LabelledPacket:
+    """On a server: the first packet of a new flow to a VIP that arrived under session label
+    `label` (the ingress ruleset put the label into the packet mark before the label was popped)."""
+
+    queue: int
+    packet_id: int
+    label: int
+    data: bytes
+
+
+@dataclass(frozen=True)
 class FlowsEnded:
     """Conntrack destroyed these flows."""
 

@@ -11,38 +11,29 @@ import asyncio
 import errno
 import logging
 import os
-import signal
 import time
 from typing import Any
 
 from orchestrator.capture import nftables
 from orchestrator.capture.conntrack import ConntrackListener
 from orchestrator.capture.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, NfQueue, Verdict
-from orchestrator.config.load import ConfigError, load_config
+from orchestrator.config.load import ConfigError, load_balancer_config
 from orchestrator.config.model import BalancerConfig
 from orchestrator.core.balancer import Balancer
 from orchestrator.core.events import Action, FirstPacket
-from orchestrator.daemon.control import ControlServer
+from orchestrator.daemon.loop import Daemon
 from orchestrator.dataplane import ops
-from orchestrator.dataplane.netlink.provider import NetlinkProvider
 
 log = logging.getLogger("mplsorch")
-TICK = 0.25
 
 
-class BalancerDaemon:
+class BalancerDaemon(Daemon):
     def __init__(self, config_path: str, keep_on_exit: bool = True) -> None:
-        self.config_path = config_path
-        self.config: BalancerConfig = load_config(config_path)
+        super().__init__(config_path)
+        self.config: BalancerConfig = load_balancer_config(config_path)
+        self.control_socket = self.config.node.control_socket
         self.keep_on_exit = keep_on_exit
-        self.core = Balancer(self.config, time.monotonic())
-        self.provider = NetlinkProvider()
-        self.queue: NfQueue | None = None
-        self.conntrack: ConntrackListener | None = None
-        self.flags: set[str] = set()
-        self.wake = asyncio.Event()
-        self.started = time.time()
-        self.op_results: dict[str, int] = {"ok": 0, "error": 0}
+        self.core: Balancer = Balancer(self.config, time.monotonic())
         self.batches = 0
 
     # -- setup ------------------------------------------------------------------------------------
@@ -62,46 +53,13 @@ class BalancerDaemon:
         first, last = self.config.nfqueue.queues
         self.queue = NfQueue(first, last)
 
-    def program(self, operations: list[ops.Operation], why: str) -> list[ops.OpResult]:
-        if not operations:
-            return []
-        results = self.provider.apply(operations)
-        for r in results:
-            self.op_results["ok" if r.ok else "error"] += 1
-            if not r.ok:
-                log.error("%s: %s", why, r)
-        return results
+    def running_message(self) -> str:
+        return (f"balancer running: {len(self.config.services)} services, queues "
+                f"{'-'.join(map(str, self.config.nfqueue.queues))}, control {self.control_socket}")
 
-    # -- the loop -----------------------------------------------------------------------------------
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        self.setup()
-        assert self.queue is not None and self.conntrack is not None
-        for sig, flag in ((signal.SIGHUP, "reload"), (signal.SIGTERM, "stop"), (signal.SIGINT, "stop")):
-            loop.add_signal_handler(sig, self._flag, flag)
-        loop.add_reader(self.queue.fileno(), self._on_packets)
-        loop.add_reader(self.conntrack.fileno(), self._on_conntrack)
-        control = ControlServer(self.config.node.control_socket, self.handle_request)
-        await control.start()
-        log.info("balancer running: %d services, queues %s, control %s", len(self.config.services),
-                 "-".join(map(str, self.config.nfqueue.queues)), self.config.node.control_socket)
-        try:
-            while "stop" not in self.flags:
-                try:
-                    await asyncio.wait_for(self.wake.wait(), TICK)
-                except asyncio.TimeoutError:
-                    pass
-                self.wake.clear()
-                if "reload" in self.flags:
-                    self.flags.discard("reload")
-                    self.reload()
-                self.end_sessions()
-        finally:
-            loop.remove_reader(self.queue.fileno())
-            loop.remove_reader(self.conntrack.fileno())
-            await control.stop()
-            self.shutdown()
-        return 0
+    # -- the loop's hooks ---------------------------------------------------------------------------
+    def tick(self) -> None:
+        self.end_sessions()
 
     def end_sessions(self) -> None:
         """Sessions past their persistence timeout: delete their objects and say so in the log."""
@@ -112,11 +70,7 @@ class BalancerDaemon:
             log.info("session %d end: %s %s -> %s c2s %d s2c %d (persistence timeout)", s.id, s.service,
                      s.key.value, s.server, s.c2s, s.s2c)
 
-    def _flag(self, flag: str) -> None:
-        self.flags.add(flag)
-        self.wake.set()
-
-    def _on_packets(self) -> None:
+    def on_packets(self) -> None:
         assert self.queue is not None
         batch = self.queue.read_batch(self.config.nfqueue.batch)
         if not batch:
@@ -149,20 +103,10 @@ class BalancerDaemon:
             if v.action != Action.ACCEPT:
                 log.warning("packet %d %s: %s", v.packet_id, v.action, v.reason)
 
-    def _on_conntrack(self) -> None:
-        assert self.conntrack is not None
-        try:
-            events = self.conntrack.read()
-            if events:
-                self.core.on_flow_events(events, time.monotonic())
-        except Exception:
-            log.exception("conntrack events failed")
-            self.core.counters["conntrack_errors"] += 1
-
     def reload(self) -> None:
         """SIGHUP: a new configuration without dropping sessions; an invalid one changes nothing."""
         try:
-            config = load_config(self.config_path)
+            config = load_balancer_config(self.config_path)
             nftables.load(nftables.render(config))
         except (ConfigError, OSError, RuntimeError) as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc)

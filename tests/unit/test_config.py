@@ -459,7 +459,7 @@ def test_cli_show_yaml_and_json(tmp_path: Path) -> None:
 
 def test_cli_show_invalid_exits_2(tmp_path: Path) -> None:
     f = tmp_path / "lb.yaml"
-    f.write_text(BASE.replace("role: balancer", "role: server"))
+    f.write_text(BASE.replace("role: balancer", "role: router"))
     r = runner.invoke(app, ["config", "show", "--json", str(f)])
     assert r.exit_code == 2 and r.stdout == ""
-    assert r.stderr.startswith(f"{f}:1: role: unknown role 'server'")
+    assert r.stderr.startswith(f"{f}:1: role: unknown role 'router'")

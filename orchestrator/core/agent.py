@@ -1,0 +1,229 @@
+"""The server agent's decision core: pure, like the balancer's (events and the time in, dataplane
+operations and verdicts out).
+
+A server learns each session in-band, from the first packet of each new flow that arrives under a
+session label (the ingress ruleset copies the label into the packet mark; see
+capture/server_rules): no message from the balancer. It answers with S2C = C2S + 1: one lwtunnel
+route per (VIP, client) in the VIP's return table, encap [balancer transport, S2C]. Return routes
+end like balancer sessions: when conntrack has destroyed the session's last flow and the
+persistence timeout has passed.
+
+Two sessions of one client on one VIP (two services, or five-tuple keys) share that client's
+return route: it carries the newest live session's S2C and falls back to the next one when that
+ends, so no answer ever goes out under a label whose session has ended.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from orchestrator.analyze.packet import Packet, analyze
+from orchestrator.config.server import ServerConfig
+from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowTableResync, LabelledPacket, PacketVerdict
+from orchestrator.dataplane import ops
+
+RULE_PRIORITY = 1000  # `from VIP lookup TABLE`: before the main table (32766)
+
+
+class State(enum.StrEnum):
+    SERVING = "serving"    # flows alive
+    DRAINING = "draining"  # no flow left; ends when the persistence timeout has passed
+
+
+@dataclass
+class ReturnSession:
+    """A session as the server knows it: the label it arrived under and where answers go."""
+
+    c2s: int
+    client: str
+    vip: str
+    created: float
+    last_seen: float
+    state: State = State.SERVING
+    flows: set[FlowKey] = field(default_factory=set)
+    ends_at: float | None = None
+
+    @property
+    def s2c(self) -> int:
+        return self.c2s + 1
+
+    def view(self) -> dict[str, Any]:
+        """The documented JSON row of `mplsorch sessions --json` on a server."""
+        return {"client": self.client, "vip": self.vip, "c2s_label": self.c2s, "s2c_label": self.s2c,
+                "state": str(self.state), "flows": len(self.flows), "created": self.created,
+                "last_seen": self.last_seen, "ends_at": self.ends_at}
+
+
+@dataclass
+class Plan:
+    """The operations a batch of first packets needs, and the packets' verdicts, which are sent
+    only after the operations are applied (so even the first answer leaves labelled)."""
+
+    ops: list[ops.Operation] = field(default_factory=list)
+    verdicts: list[PacketVerdict] = field(default_factory=list)
+
+
+def _host(address: str) -> str:
+    return f"{address}/{128 if ':' in address else 32}"
+
+
+class ServerAgent:
+    def __init__(self, config: ServerConfig) -> None:
+        self.sessions: dict[int, ReturnSession] = {}          # by C2S label
+        self.by_flow: dict[FlowKey, ReturnSession] = {}
+        self.routes: dict[tuple[str, str], int] = {}          # (VIP, client) -> S2C installed
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.configure(config)
+
+    def configure(self, config: ServerConfig) -> None:
+        self.config = config
+        self.block = config.c2s_labels()
+        self.tables = {str(v.address): v.table for v in config.vips}
+
+    # -- node objects -----------------------------------------------------------------------------
+    def node_objects(self) -> list[ops.DataplaneObject]:
+        """Once per node: a termination route (pop, deliver locally) for every C2S label of the
+        block, and one `from VIP lookup TABLE` rule per VIP."""
+        objs: list[ops.DataplaneObject] = [ops.MplsRoute(label, "lo") for label in self.block]
+        objs += [ops.Rule(_host(vip), table, RULE_PRIORITY) for vip, table in self.tables.items()]
+        return objs
+
+    def return_route(self, vip: str, client: str, s2c: int) -> ops.EncapRoute:
+        version = 6 if ":" in client else 4
+        via = self.config.next_hop(version)
+        return ops.EncapRoute(_host(client), (self.config.balancer_transport_label, s2c), self.config.fabric[0],
+                              None if via is None else str(via), self.tables[vip])
+
+    # -- first packets ----------------------------------------------------------------------------
+    def on_packets(self, packets: Sequence[LabelledPacket], now: float) -> Plan:
+        plan = Plan()
+        touched: set[tuple[str, str]] = set()
+        for p in packets:
+            plan.verdicts.append(PacketVerdict(p.queue, p.packet_id, Action.ACCEPT))  # never break traffic
+            self.counters["packets_userspace"] += 1
+            info = analyze(p.data)
+            if not isinstance(info, Packet):
+                self.counters[f"malformed:{info.reason}"] += 1
+                continue
+            if p.label not in self.block:
+                self.counters["label_outside_block"] += 1
+                continue
+            if info.dst not in self.tables:
+                self.counters["not_a_vip"] += 1
+                continue
+            if info.version == 6 and self.config.next_hop(6) is None or \
+                    info.version == 4 and self.config.next_hop(4) is None:
+                self.counters["no_next_hop"] += 1
+                continue
+            session = self.sessions.get(p.label)
+            if session is not None and (session.client, session.vip) != (info.src, info.dst):
+                # The balancer reused the label after the old session ended there: a new session.
+                self.counters["label_reused"] += 1
+                plan.ops += self._end(session)
+                session = None
+            if session is None:
+                session = ReturnSession(p.label, info.src, info.dst, now, now)
+                self.sessions[p.label] = session
+                self.counters["sessions_learned"] += 1
+            flow = FlowKey(info.proto, info.src, info.dst, info.sport, info.dport)
+            session.flows.add(flow)
+            self.by_flow[flow] = session
+            session.state, session.ends_at, session.last_seen = State.SERVING, None, now
+            touched.add((session.vip, session.client))
+        for vip, client in touched:
+            plan.ops += self._route_ops(vip, client)
+        return plan
+
+    def commit(self, plan: Plan, results: Sequence[ops.OpResult]) -> list[PacketVerdict]:
+        """Count failed return routes (their answers go out as plain IP; nothing is dropped) and
+        forget what the kernel does not hold, so the next first packet tries again."""
+        for r in results:
+            if not r.ok:
+                self.counters["route_errors"] += 1
+                if isinstance(r.op, (ops.Add, ops.Replace)) and isinstance(r.op.obj, ops.EncapRoute):
+                    vip = next(v for v, t in self.tables.items() if t == r.op.obj.table)
+                    self.routes.pop((vip, r.op.obj.dst.split("/")[0]), None)
+        return plan.verdicts
+
+    def _route_ops(self, vip: str, client: str) -> list[ops.Operation]:
+        """Bring the (VIP, client) return route to the newest live session's S2C."""
+        live = [s for s in self.sessions.values() if (s.vip, s.client) == (vip, client)]
+        current = self.routes.get((vip, client))
+        if not live:
+            if current is None:
+                return []
+            del self.routes[vip, client]
+            return [ops.Delete(self.return_route(vip, client, current))]
+        want = max(live, key=lambda s: (s.last_seen, s.created)).s2c
+        if want == current:
+            return []
+        self.routes[vip, client] = want
+        route = self.return_route(vip, client, want)
+        return [ops.Replace(route) if current is not None else ops.Add(route)]
+
+    # -- flows and time -----------------------------------------------------------------------------
+    def on_flow_events(self, events: Sequence[FlowsEnded | FlowTableResync], now: float) -> None:
+        for event in events:
+            if isinstance(event, FlowsEnded):
+                ended: Sequence[FlowKey] = event.flows
+            else:
+                self.counters["conntrack_resyncs"] += 1
+                ended = [f for f in self.by_flow if f not in event.live]
+            for flow in ended:
+                session = self.by_flow.pop(flow, None)
+                if session is None:
+                    continue
+                session.flows.discard(flow)
+                if not session.flows:
+                    session.state = State.DRAINING
+                    session.ends_at = now + self.config.persistence_timeout
+
+    def tick(self, now: float) -> list[ops.Operation]:
+        out: list[ops.Operation] = []
+        for session in list(self.sessions.values()):
+            if session.state == State.DRAINING and session.ends_at is not None and now >= session.ends_at:
+                out += self._end(session)
+        return out
+
+    def _end(self, session: ReturnSession) -> list[ops.Operation]:
+        del self.sessions[session.c2s]
+        for flow in session.flows:
+            self.by_flow.pop(flow, None)
+        self.counters["sessions_ended"] += 1
+        return self._route_ops(session.vip, session.client)
+
+    # -- restart ----------------------------------------------------------------------------------
+    def restore(self, installed: Sequence[ops.Installed], live: frozenset[FlowKey], now: float) -> list[ops.Operation]:
+        """Rebuild the sessions from our return routes after a restart (the kernel is the source
+        of truth): route (client, table, S2C) -> session C2S = S2C - 1. Live conntrack flows
+        between a client and a VIP join that session; routes without one drain. Routes in no
+        VIP's table any more, or under a label outside the block, are deleted."""
+        by_table = {table: vip for vip, table in self.tables.items()}
+        stale: list[ops.Operation] = []
+        for item in installed:
+            route = item.obj
+            if not isinstance(route, ops.EncapRoute):
+                continue
+            vip = by_table.get(route.table)
+            c2s = route.labels[-1] - 1
+            client = route.dst.split("/")[0]
+            if vip is None or c2s not in self.block or c2s in self.sessions:
+                stale.append(ops.Delete(route))
+                continue
+            self.sessions[c2s] = ReturnSession(c2s, client, vip, now, now)
+            self.routes[vip, client] = c2s + 1
+        by_pair = {(s.client, s.vip): s for s in self.sessions.values()}
+        for flow in live:
+            session = by_pair.get((flow.src, flow.dst))
+            if session is not None:
+                session.flows.add(flow)
+                self.by_flow[flow] = session
+        for session in self.sessions.values():
+            if not session.flows:
+                session.state = State.DRAINING
+                session.ends_at = now + self.config.persistence_timeout
+        self.counters["restored_sessions"] = len(self.sessions)
+        return stale

@@ -37,6 +37,11 @@ CASES = [
     (["protocol", "ip", "pref", "13", "handle", "3", "flower", "dst_ip", "10.0.0.0/8", "action",
       "mpls", "pop", "protocol", "ipv4"],
      ops.FlowerFilter(OURS_DEV, 3, ops.FlowerMatch(dst="10.0.0.0/8"), (ops.MplsPop("ip"),), pref=13)),
+    # The server agent's learning filter: an MPLS packet's top label into the packet mark.
+    (["protocol", "mpls_uc", "pref", "20", "handle", "1001", "flower", "mpls_label", "1001",
+      "action", "skbedit", "mark", "1835009001"],
+     ops.FlowerFilter(OURS_DEV, 1001, ops.FlowerMatch(mpls_label=1001), (ops.SetMark(0x6D6003E9),),
+                      ops.Direction.INGRESS, pref=20)),
 ]
 
 
@@ -52,22 +57,22 @@ def devices(lab: Lab) -> Iterator[str]:
         lab.sh(lb, "ip", "link", "del", dev, check=False)
 
 
-@pytest.mark.parametrize("tc_args, ours", CASES, ids=["reference", "tcp-port-ttl", "ipv6-udp", "pop"])
+@pytest.mark.parametrize("tc_args, ours", CASES, ids=["reference", "tcp-port-ttl", "ipv6-udp", "pop", "mpls-label-mark"])
 def test_same_filter_reads_back_the_same(lab: Lab, devices: str, tc_args: list[str],
                                          ours: ops.FlowerFilter) -> None:
     lb = devices
-    lab.sh(lb, "tc", "filter", "add", "dev", TC_DEV, "egress", *tc_args)
+    lab.sh(lb, "tc", "filter", "add", "dev", TC_DEV, str(ours.direction), *tc_args)
     results = lab.provider(lb).apply([ops.Add(ours)])
     assert results[0].ok, str(results[0])
-    theirs = [i.obj for i in lab.provider(lb).dump_filters(TC_DEV, ours_only=False)
+    theirs = [i.obj for i in lab.provider(lb).dump_filters(TC_DEV, ours.direction, ours_only=False)
               if i.obj.handle == ours.handle and i.obj.pref == ours.pref]
-    mine = [i.obj for i in lab.provider(lb).dump_filters(OURS_DEV)
+    mine = [i.obj for i in lab.provider(lb).dump_filters(OURS_DEV, ours.direction)
             if i.obj.handle == ours.handle and i.obj.pref == ours.pref]
     assert mine == [ours]
     assert theirs == [dataclasses.replace(ours, dev=TC_DEV)]
     # tc's own reading of our filter matches its reading of its own, line for line.
     show = ["tc", "filter", "show", "dev"]
-    tail = ["egress", "pref", str(ours.pref)]
+    tail = [str(ours.direction), "pref", str(ours.pref)]
     ours_text = lab.sh(lb, *show, OURS_DEV, *tail).stdout
     tc_text = lab.sh(lb, *show, TC_DEV, *tail).stdout
 

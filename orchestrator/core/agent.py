@@ -26,6 +26,14 @@ from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowTableResyn
 from orchestrator.dataplane import ops
 
 RULE_PRIORITY = 1000  # `from VIP lookup TABLE`: before the main table (32766)
+MARK_TAG = 0x6D600000  # "m`" in the high 12 bits; the low 20 bits carry the session label
+MARK_MASK = 0xFFF00000
+PREF_LEARN = 20        # the ingress label-marking filters
+
+
+def label_of(mark: int) -> int | None:
+    """The session label a packet mark carries, or None for a mark that is not ours."""
+    return mark & 0xFFFFF if mark & MARK_MASK == MARK_TAG else None
 
 
 class State(enum.StrEnum):
@@ -85,9 +93,15 @@ class ServerAgent:
 
     # -- node objects -----------------------------------------------------------------------------
     def node_objects(self) -> list[ops.DataplaneObject]:
-        """Once per node: a termination route (pop, deliver locally) for every C2S label of the
-        block, and one `from VIP lookup TABLE` rule per VIP."""
-        objs: list[ops.DataplaneObject] = [ops.MplsRoute(label, "lo") for label in self.block]
+        """Once per node: for every C2S label of the block, a termination route (pop, deliver
+        locally) and an ingress filter on each fabric link that marks the packet with its label
+        (MARK_TAG | label) before the pop, so the ruleset can queue a new flow's first packet
+        with its label; and one `from VIP lookup TABLE` rule per VIP."""
+        objs: list[ops.DataplaneObject] = [ops.ClsactQdisc(dev) for dev in self.config.fabric]
+        objs += [ops.MplsRoute(label, "lo") for label in self.block]
+        objs += [ops.FlowerFilter(dev, label, ops.FlowerMatch(mpls_label=label), (ops.SetMark(MARK_TAG | label),),
+                                  ops.Direction.INGRESS, PREF_LEARN)
+                 for dev in self.config.fabric for label in self.block]
         objs += [ops.Rule(_host(vip), table, RULE_PRIORITY) for vip, table in self.tables.items()]
         return objs
 

@@ -160,6 +160,7 @@ class FlowerMatch:
     ip_proto: str | None = None  # "tcp" | "udp"
     src_port: int | None = None
     dst_port: int | None = None
+    mpls_label: int | None = None  # the top label of an MPLS packet (protocol mpls_uc, no IP keys)
 
     @property
     def family(self) -> int:
@@ -169,7 +170,7 @@ class FlowerMatch:
         return 4
 
     def describe(self) -> str:
-        parts = []
+        parts = [] if self.mpls_label is None else [f"mpls_label {self.mpls_label}"]
         if self.ip_proto:
             parts.append(f"ip_proto {self.ip_proto}")
         if self.src:
@@ -208,7 +209,18 @@ class MplsPop:
         return f"mpls pop protocol {self.protocol}"
 
 
-Action = Union[MplsPush, MplsPop]
+@dataclass(frozen=True)
+class SetMark:
+    """act_skbedit mark: the packet mark, so later hooks (nftables, after the label is popped)
+    know which session label the packet came under."""
+
+    mark: int
+
+    def describe(self) -> str:
+        return f"skbedit mark {self.mark}"
+
+
+Action = Union[MplsPush, MplsPop, SetMark]
 
 
 def push_stack(labels: tuple[int, ...] | list[int]) -> tuple[MplsPush, ...]:
@@ -231,6 +243,8 @@ class FlowerFilter:
 
     @property
     def protocol(self) -> str:
+        if self.match.mpls_label is not None:
+            return "mpls_uc"
         return "ipv6" if self.match.family == 6 else "ip"
 
     @property
@@ -377,6 +391,10 @@ def validate(op: Operation) -> None:
         for port in (m.src_port, m.dst_port):
             if port is not None and not 0 <= port <= 0xFFFF:
                 raise InvalidOperation(f"port {port} out of range")
+        if m.mpls_label is not None:
+            _check_label(m.mpls_label, "matched label")
+            if m.src or m.dst or m.ip_proto:
+                raise InvalidOperation("an mpls_label match takes no IP keys (the packet is MPLS)")
         if not 0 < obj.handle < 1 << 32:
             raise InvalidOperation(f"handle {obj.handle} out of range (1..2^32-1)")
         if not 0 < obj.pref < 1 << 16:
@@ -389,5 +407,8 @@ def validate(op: Operation) -> None:
             elif isinstance(action, MplsPop):
                 if action.protocol not in ("ip", "ipv6", "mpls_uc"):
                     raise InvalidOperation(f"pop protocol {action.protocol!r} unknown")
+            elif isinstance(action, SetMark):
+                if not 0 <= action.mark < 1 << 32:
+                    raise InvalidOperation(f"mark {action.mark} out of range (32 bits)")
             else:
                 raise InvalidOperation(f"unknown filter action {action!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import sys
 
 import pytest
 
@@ -105,6 +106,8 @@ def _roundtrip(obj: ops.DataplaneObject) -> ops.DataplaneObject:
                      offload=ops.OffloadPolicy.SOFTWARE, direction=ops.Direction.INGRESS),
     ops.FlowerFilter("lan0", 3, ops.FlowerMatch(dst="10.0.0.0/8"), (ops.MplsPop("ip"),),
                      offload=ops.OffloadPolicy.REQUIRED),
+    ops.FlowerFilter("fab0", 1001, ops.FlowerMatch(mpls_label=1001), (ops.SetMark(0x6D6003E9),),
+                     ops.Direction.INGRESS, pref=20),
 ])
 def test_decode_inverts_encode(obj: ops.DataplaneObject) -> None:
     assert _roundtrip(obj) == obj
@@ -133,3 +136,29 @@ def test_others_objects_are_not_ours() -> None:
 def test_unencodable_operations_are_rejected_with_reason(op: ops.Operation, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         encode.encode(op, ifindex)
+
+
+def test_mpls_label_filter_layout() -> None:
+    """protocol mpls_uc in tcm_info and as the key's ethertype, the label as a host-order u32
+    (the kernel reads it with nla_get_u32), then act_skbedit with its mark."""
+    flt = ops.FlowerFilter("fab0", 1001, ops.FlowerMatch(mpls_label=1001), (ops.SetMark(0x6D6003E9),),
+                           ops.Direction.INGRESS, pref=20)
+    _kind, _flags, body = encode.flower_filter(ops.Add(flt), flt, ifindex)
+    _ifindex, _handle, _parent, info = decode.tc_header(memoryview(body))
+    assert info == 20 << 16 | 0x4788  # ETH_P_MPLS_UC in network order
+    options = nla.attrs(nla.attrs(memoryview(body), 20)[c.TCA_OPTIONS])
+    assert nla.get_be16(options[c.TCA_FLOWER_KEY_ETH_TYPE]) == 0x8847
+    assert bytes(options[c.TCA_FLOWER_KEY_MPLS_LABEL]) == (1001).to_bytes(4, sys.byteorder)
+    [(_order, action)] = list(nla.iter_attrs(options[c.TCA_FLOWER_ACT]))
+    a = nla.attrs(action)
+    assert nla.get_str(a[c.TCA_ACT_KIND]) == "skbedit"
+    assert nla.get_u32(nla.attrs(a[c.TCA_ACT_OPTIONS])[c.TCA_SKBEDIT_MARK]) == 0x6D6003E9
+
+
+@pytest.mark.parametrize("match, words", [
+    (ops.FlowerMatch(mpls_label=1 << 20), "not an MPLS label"),
+    (ops.FlowerMatch(mpls_label=1001, dst="10.0.0.100/32"), "takes no IP keys"),
+])
+def test_bad_mpls_label_matches_are_refused(match: ops.FlowerMatch, words: str) -> None:
+    with pytest.raises(ops.InvalidOperation, match=words):
+        ops.validate(ops.Add(ops.FlowerFilter("fab0", 1, match, (ops.SetMark(1),), ops.Direction.INGRESS)))

@@ -16,9 +16,9 @@ from orchestrator.dataplane.netlink.constants import (
     RTM_F_OFFLOAD_FAILED, RTM_F_TRAP, RTNH_F_OFFLOAD, RTNH_F_TRAP, TC_COOKIE_PREFIX,
     TC_H_MIN_EGRESS, TCA_ACT_COOKIE, TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_CLS_FLAGS_IN_HW,
     TCA_CLS_FLAGS_SKIP_HW, TCA_CLS_FLAGS_SKIP_SW, TCA_FLOWER_ACT, TCA_FLOWER_FLAGS,
-    TCA_FLOWER_IN_HW_COUNT, TCA_FLOWER_KEY_ETH_TYPE, TCA_FLOWER_KEY_IP_PROTO, TCA_KIND,
+    TCA_FLOWER_IN_HW_COUNT, TCA_FLOWER_KEY_ETH_TYPE, TCA_FLOWER_KEY_IP_PROTO, TCA_FLOWER_KEY_MPLS_LABEL, TCA_KIND,
     TCA_MPLS_ACT_POP, TCA_MPLS_ACT_PUSH, TCA_MPLS_LABEL, TCA_MPLS_PARMS, TCA_MPLS_PROTO,
-    TCA_MPLS_TTL, TCA_OPTIONS,
+    TCA_MPLS_TTL, TCA_OPTIONS, TCA_SKBEDIT_MARK,
 )
 from orchestrator.dataplane.netlink.encode import ADDR_ATTRS, PORT_ATTRS
 
@@ -95,12 +95,16 @@ def qdisc_kind(body: memoryview) -> str:
     return nla.get_str(a[TCA_KIND]) if TCA_KIND in a else ""
 
 
-def _mpls_action(payload: memoryview) -> tuple[ops.Action, bytes] | None:
+def _action(payload: memoryview) -> tuple[ops.Action, bytes] | None:
+    """An act_mpls push/pop or act_skbedit mark with its cookie; None for any other action."""
     a = nla.attrs(payload)
-    if TCA_ACT_KIND not in a or nla.get_str(a[TCA_ACT_KIND]) != "mpls":
+    kind = nla.get_str(a[TCA_ACT_KIND]) if TCA_ACT_KIND in a else ""
+    if kind not in ("mpls", "skbedit") or TCA_ACT_OPTIONS not in a:
         return None
     cookie = bytes(a[TCA_ACT_COOKIE]) if TCA_ACT_COOKIE in a else b""
     opts = nla.attrs(a[TCA_ACT_OPTIONS])
+    if kind == "skbedit":
+        return (ops.SetMark(nla.get_u32(opts[TCA_SKBEDIT_MARK])), cookie) if TCA_SKBEDIT_MARK in opts else None
     m_action = struct.unpack_from("=IIiiii", opts[TCA_MPLS_PARMS])[5]
     if m_action == TCA_MPLS_ACT_PUSH:
         ttl = nla.get_u8(opts[TCA_MPLS_TTL]) if TCA_MPLS_TTL in opts else ops.ACT_MPLS_TTL_DEFAULT
@@ -120,7 +124,8 @@ def _prefix(key: memoryview, mask: memoryview | None) -> str:
 
 
 def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops.Installed | None:
-    """A flower filter whose actions all carry our cookie (all act_mpls, or it is not ours).
+    """A flower filter whose actions all carry our cookie (act_mpls and act_skbedit only, or it
+    is not ours).
     `require_cookie=False` decodes filters made by others, e.g. by `tc` in the encoder tests."""
     ifindex, handle, parent, info = tc_header(body)
     a = nla.attrs(body, _TCMSG.size)
@@ -129,13 +134,14 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
     o = nla.attrs(a[TCA_OPTIONS])
     actions: list[ops.Action] = []
     for _order, payload in sorted(nla.iter_attrs(o[TCA_FLOWER_ACT]) if TCA_FLOWER_ACT in o else ()):
-        decoded = _mpls_action(payload)
+        decoded = _action(payload)
         if decoded is None or (require_cookie and not decoded[1].startswith(TC_COOKIE_PREFIX)):
             return None
         actions.append(decoded[0])
     if require_cookie and not actions:
         return None
     eth_type = nla.get_be16(o[TCA_FLOWER_KEY_ETH_TYPE]) if TCA_FLOWER_KEY_ETH_TYPE in o else 0
+    mpls_label = nla.get_u32(o[TCA_FLOWER_KEY_MPLS_LABEL]) if TCA_FLOWER_KEY_MPLS_LABEL in o else None
     version = 6 if eth_type == ETH_P_IPV6 else 4
     ip_proto = _IP_PROTO_NAMES.get(nla.get_u8(o[TCA_FLOWER_KEY_IP_PROTO])) \
         if TCA_FLOWER_KEY_IP_PROTO in o else None
@@ -149,7 +155,7 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
     obj = ops.FlowerFilter(
         dev=ifname(ifindex), handle=handle,
         match=ops.FlowerMatch(src=prefixes.get("src"), dst=prefixes.get("dst"), ip_proto=ip_proto,
-                              src_port=ports.get("src"), dst_port=ports.get("dst")),
+                              src_port=ports.get("src"), dst_port=ports.get("dst"), mpls_label=mpls_label),
         actions=tuple(actions),
         direction=ops.Direction.EGRESS if parent & 0xFFFF == TC_H_MIN_EGRESS else ops.Direction.INGRESS,
         pref=info >> 16, offload=offload)

@@ -22,14 +22,14 @@ from orchestrator.dataplane.netlink.constants import (
     RTM_NEWQDISC, RTM_NEWROUTE, RTM_NEWRULE, RTM_NEWTFILTER, RTN_UNICAST, TC_ACT_PIPE,
     TC_COOKIE_PREFIX, TC_H_CLSACT, TC_H_MIN_EGRESS, TC_H_MIN_INGRESS, TCA_ACT_COOKIE, TCA_ACT_KIND,
     TCA_ACT_OPTIONS, TCA_CLS_FLAGS_SKIP_HW, TCA_CLS_FLAGS_SKIP_SW, TCA_FLOWER_ACT,
-    TCA_FLOWER_FLAGS, TCA_FLOWER_KEY_ETH_TYPE, TCA_FLOWER_KEY_IP_PROTO, TCA_FLOWER_KEY_IPV4_DST,
+    TCA_FLOWER_FLAGS, TCA_FLOWER_KEY_ETH_TYPE, TCA_FLOWER_KEY_IP_PROTO, TCA_FLOWER_KEY_IPV4_DST, TCA_FLOWER_KEY_MPLS_LABEL,
     TCA_FLOWER_KEY_IPV4_DST_MASK, TCA_FLOWER_KEY_IPV4_SRC, TCA_FLOWER_KEY_IPV4_SRC_MASK,
     TCA_FLOWER_KEY_IPV6_DST, TCA_FLOWER_KEY_IPV6_DST_MASK, TCA_FLOWER_KEY_IPV6_SRC,
     TCA_FLOWER_KEY_IPV6_SRC_MASK, TCA_FLOWER_KEY_TCP_DST, TCA_FLOWER_KEY_TCP_DST_MASK,
     TCA_FLOWER_KEY_TCP_SRC, TCA_FLOWER_KEY_TCP_SRC_MASK, TCA_FLOWER_KEY_UDP_DST,
     TCA_FLOWER_KEY_UDP_DST_MASK, TCA_FLOWER_KEY_UDP_SRC, TCA_FLOWER_KEY_UDP_SRC_MASK, TCA_KIND,
     TCA_MPLS_ACT_POP, TCA_MPLS_ACT_PUSH, TCA_MPLS_LABEL, TCA_MPLS_PARMS, TCA_MPLS_PROTO,
-    TCA_MPLS_TTL, TCA_OPTIONS,
+    TCA_MPLS_TTL, TCA_OPTIONS, TCA_SKBEDIT_MARK, TCA_SKBEDIT_PARMS,
 )
 
 Ifindex = Callable[[str], int]
@@ -167,6 +167,7 @@ def _tc_info(pref: int, eth_type: int) -> int:
 
 _FLOWER_KIND = nla.asciiz(TCA_KIND, "flower")
 _FLOWER_ETH = {4: nla.be16(TCA_FLOWER_KEY_ETH_TYPE, ETH_P_IP), 6: nla.be16(TCA_FLOWER_KEY_ETH_TYPE, ETH_P_IPV6)}
+_FLOWER_ETH_MPLS = nla.be16(TCA_FLOWER_KEY_ETH_TYPE, ETH_P_MPLS_UC)
 _FLOWER_FLAGS = {ops.OffloadPolicy.AUTO: nla.u32(TCA_FLOWER_FLAGS, 0),
                  ops.OffloadPolicy.SOFTWARE: nla.u32(TCA_FLOWER_FLAGS, TCA_CLS_FLAGS_SKIP_HW),
                  ops.OffloadPolicy.REQUIRED: nla.u32(TCA_FLOWER_FLAGS, TCA_CLS_FLAGS_SKIP_SW)}
@@ -179,7 +180,7 @@ def flower_filter(op: ops.Operation, obj: ops.FlowerFilter, ifindex: Ifindex,
     src = ops.parse_prefix(m.src) if m.src else None
     dst = ops.parse_prefix(m.dst) if m.dst else None
     version = (src or dst or (4,))[0]
-    eth_type = ETH_P_IPV6 if version == 6 else ETH_P_IP
+    eth_type = ETH_P_MPLS_UC if m.mpls_label is not None else ETH_P_IPV6 if version == 6 else ETH_P_IP
     body = _TCMSG.pack(AF_UNSPEC, 0, 0, ifindex(obj.dev), obj.handle,
                        filter_parent(obj.direction), _tc_info(obj.pref, eth_type)) + _FLOWER_KIND
     if isinstance(op, ops.Delete):
@@ -197,7 +198,10 @@ def flower_options(obj: ops.FlowerFilter, cookie: bytes = TC_COOKIE_PREFIX,
     """The TCA_OPTIONS payload of a flower filter: keys, flags and the act_mpls list (the
     parsed prefixes are passed in by flower_filter, which has them already)."""
     m = obj.match
-    out = _FLOWER_ETH[version]
+    if m.mpls_label is not None:
+        out = _FLOWER_ETH_MPLS + nla.u32(TCA_FLOWER_KEY_MPLS_LABEL, m.mpls_label)
+    else:
+        out = _FLOWER_ETH[version]
     if m.ip_proto:
         out += _IP_PROTO_ATTRS[m.ip_proto]
     for side, parsed in (("src", src), ("dst", dst)):
@@ -223,7 +227,17 @@ def _action_attr(order: int, action: ops.Action, cookie: bytes) -> bytes:
     if type(action) is ops.MplsPush and action.ttl == ops.ACT_MPLS_TTL_DEFAULT:
         head, tail = _push_template(order, cookie)
         return head + _ATTR_U32.pack(8, TCA_MPLS_LABEL, action.label) + tail
+    if isinstance(action, ops.SetMark):
+        return nla.nest(order, skbedit_action(action, cookie))
     return nla.nest(order, mpls_action(action, cookie))
+
+
+def skbedit_action(action: ops.SetMark, cookie: bytes = TC_COOKIE_PREFIX) -> bytes:
+    """act_skbedit setting the packet mark: struct tc_skbedit (tc_gen, TC_ACT_PIPE) and the mark."""
+    parms = struct.pack("=IIiii", 0, 0, TC_ACT_PIPE, 0, 0)
+    opts = nla.attr(TCA_SKBEDIT_PARMS, parms) + nla.u32(TCA_SKBEDIT_MARK, action.mark)
+    return (nla.asciiz(TCA_ACT_KIND, "skbedit") + nla.nest(TCA_ACT_OPTIONS, opts)
+            + nla.attr(TCA_ACT_COOKIE, cookie))
 
 
 @functools.lru_cache(maxsize=256)

@@ -9,6 +9,7 @@ from collections import deque
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import constants as c
 from orchestrator.dataplane.netlink import nla, nlsocket
+from orchestrator.dataplane.netlink import provider as provider_module
 from orchestrator.dataplane.netlink.provider import NetlinkProvider
 
 
@@ -110,3 +111,19 @@ def test_stale_replies_of_other_sequences_are_ignored() -> None:
     body = struct.pack("=BBBBBBBBI", c.AF_MPLS, 20, 0, 0, 254, c.RT_PROTO, 0, 1, 0) + \
         nla.attr(c.RTA_DST, struct.pack("!I", 100 << 12 | 0x100))
     assert sock.transact([(c.RTM_NEWROUTE, c.NLM_F_REQUEST, body)]) == [None]
+
+
+def test_a_big_batch_is_sent_by_the_pipeline_in_order_with_every_error_mapped(monkeypatch) -> None:
+    """Pieces encoded while the sender thread has the previous one in the kernel: same order,
+    same results as one piece, an unencodable operation reported in place."""
+    monkeypatch.setattr(nlsocket, "CHUNK_MESSAGES", 7)
+    monkeypatch.setattr(provider_module, "PIPELINE_PIECE", 10)
+    kernel = ScriptedKernel(refuse={25: (errno.EEXIST, ""), 51: (errno.EINVAL, "bad")})
+    provider = provider_with(kernel)
+    provider._load_links = lambda: None  # type: ignore[method-assign]
+    operations = [ops.Add(ops.MplsRoute(label, "lo" if label != 40 else "nosuchdev")) for label in range(16, 66)]
+    results = provider.apply(operations)
+    assert [r.op for r in results] == operations
+    assert {r.op.obj.label: r.errno for r in results if not r.ok} == \
+        {25: errno.EEXIST, 40: errno.ENODEV, 51: errno.EINVAL}
+    assert kernel.handled == [label for label in range(16, 66) if label != 40]

@@ -3,9 +3,11 @@ The only place (with the rest of this subpackage) that speaks netlink."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import gc
+import socket
 import struct
 from typing import Iterator, Sequence
 
@@ -17,6 +19,7 @@ from orchestrator.dataplane.netlink.constants import (
 )
 from orchestrator.dataplane.netlink.nlsocket import KernelError, NetlinkSocket
 
+PIPELINE_PIECE = 4096  # operations encoded while the previous piece is in the kernel
 _IFINFO = struct.Struct("=BxHiII")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _TCMSG = struct.Struct("=BBHiIII")
@@ -84,11 +87,33 @@ class NetlinkProvider:
             return self._apply(operations)
 
     def _apply(self, operations: Sequence[ops.Operation]) -> list[ops.OpResult]:
+        """Encode and send in pieces of PIPELINE_PIECE operations; a big batch is sent by one
+        sender thread while the next piece is encoded. The kernel handles a sendmsg in the
+        sender's system call, with the GIL released, so encoding (Python) and installing
+        (kernel) overlap on two CPUs; one sender keeps the operations in order."""
         self._links_fresh = False
         results: list[ops.OpResult | None] = [None] * len(operations)
+        pieces = range(0, len(operations), PIPELINE_PIECE)
+        if len(pieces) < 2:
+            sent, requests = self._encode(operations, 0, results)
+            self._finish(operations, sent, self._sock.transact(requests), results)
+            return [r for r in results if r is not None]
+        self._load_links()  # now, so no device lookup dumps on the socket while the sender uses it
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as sender:
+            pending = []
+            for start in pieces:
+                sent, requests = self._encode(operations[start:start + PIPELINE_PIECE], start, results)
+                pending.append((sent, sender.submit(self._sock.transact, requests)))
+            for sent, future in pending:
+                self._finish(operations, sent, future.result(), results)
+        return [r for r in results if r is not None]
+
+    def _encode(self, operations: Sequence[ops.Operation], offset: int,
+                results: list[ops.OpResult | None]) -> tuple[list[int], list[tuple[int, int, bytes]]]:
+        """Requests for the operations that encode; the others get their result now."""
         requests: list[tuple[int, int, bytes]] = []
         sent: list[int] = []
-        for i, op in enumerate(operations):
+        for i, op in enumerate(operations, start=offset):
             try:
                 requests.append(encode.encode(op, self.ifindex))
                 sent.append(i)
@@ -96,11 +121,14 @@ class NetlinkProvider:
                 results[i] = ops.OpResult(op, f"no such device {exc.name}", errno.ENODEV)
             except (ValueError, KeyError) as exc:
                 results[i] = ops.OpResult(op, f"invalid: {exc}", errno.EINVAL)
-        for i, error in zip(sent, self._sock.transact(requests)):
+        return sent, requests
+
+    @staticmethod
+    def _finish(operations: Sequence[ops.Operation], sent: list[int],
+                errors: Sequence[KernelError | None], results: list[ops.OpResult | None]) -> None:
+        for i, error in zip(sent, errors):
             op = operations[i]
-            results[i] = ops.OpResult(op) if error is None else ops.OpResult(
-                op, _explain(op, error), error.errno)
-        return [r for r in results if r is not None]
+            results[i] = ops.OpResult(op) if error is None else ops.OpResult(op, _explain(op, error), error.errno)
 
     # -- dump ---------------------------------------------------------------------------------
     def dump(self) -> list[ops.Installed]:
@@ -139,6 +167,24 @@ class NetlinkProvider:
             if filters:
                 out.append(ops.Installed(ops.ClsactQdisc(self.ifname(ifindex))))
                 out.extend(filters)
+        return out
+
+    def addresses(self, dev: str) -> list[str]:
+        """The IP addresses on `dev`, without prefix length (the server agent checks that every
+        VIP is on lo). Raises UnknownDevice."""
+        rtm_newaddr, rtm_getaddr, ifa_address, ifa_local = 20, 22, 1, 2  # rtnetlink.h, if_addr.h
+        ifaddrmsg = struct.Struct("=BBBBI")
+        index = self.ifindex(dev)
+        out = []
+        for family in (AF_INET, AF_INET6):
+            for kind, body in self._sock.dump(rtm_getaddr, ifaddrmsg.pack(family, 0, 0, 0, index)):
+                if kind != rtm_newaddr or ifaddrmsg.unpack_from(body)[4] != index:
+                    continue
+                attrs = nla.attrs(body, ifaddrmsg.size)
+                raw = attrs.get(ifa_local, attrs.get(ifa_address))
+                if raw is not None:
+                    out.append(socket.inet_ntop(socket.AF_INET6 if family == AF_INET6 else socket.AF_INET,
+                                                bytes(raw)))
         return out
 
     def dump_filters(self, dev: str, direction: ops.Direction = ops.Direction.EGRESS,

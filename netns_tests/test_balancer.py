@@ -157,7 +157,7 @@ for packet in bad:
     send(packet)
 """
     started_before = balancer.cli("status")["counters"].get("sessions_started", 0)
-    lab.sh("c2", sys.executable, "-c", script, lab.vip)
+    lab.sh("c2", sys.executable, "-c", script, lab.vip, timeout=600)  # scapy starts slowly in the VM
     time.sleep(1)
     assert balancer.proc is not None and balancer.proc.poll() is None
     counters = balancer.cli("status")["counters"]
@@ -189,8 +189,8 @@ def test_a_mobile_client_keeps_its_server_and_labels_when_its_care_of_address_ch
     capture = lab.capture("p", lab.iface("p", towards="lb")["dev"], "mobile-c2s")
     rekeyed = balancer.cli("status")["counters"].get("rekeyed", 0)
     for i, coa in enumerate(coas):
-        lab.sh("c1", sys.executable, "-c", MOBILE, lab.vip6, home, coa, str(40000 + i))
-        deadline = time.monotonic() + 60
+        lab.sh("c1", sys.executable, "-c", MOBILE, lab.vip6, home, coa, str(40000 + i), timeout=600)
+        deadline = time.monotonic() + 300
         while coa not in {c for s in balancer.sessions() if s["key"] == home for c in s["clients"]}:
             assert time.monotonic() < deadline, balancer.log()[-2000:]
             time.sleep(0.5)

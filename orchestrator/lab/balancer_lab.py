@@ -32,6 +32,7 @@ def lab_config(sock: Path, **changes: str) -> str:
                # http sessions outlive a whole test run however slow the emulated VM is; dns
                # sessions end soon after their flow, so tests can watch a session end.
                "persistence_timeout: 30s\n    scheduler: rr": "persistence_timeout: 3600s\n    scheduler: rr",
+               "persistence_timeout: 30s\n    scheduler: maglev": "persistence_timeout: 3600s\n    scheduler: maglev",
                "persistence_timeout: 30s\n    scheduler: wrr": "persistence_timeout: 2s\n    scheduler: wrr",
                "hold_down: 2s": "hold_down: 1s",
                "control_socket: /run/mplsorch/mplsorch.sock": f"control_socket: {sock}", **changes}
@@ -45,9 +46,13 @@ def lab_config(sock: Path, **changes: str) -> str:
 class BalancerLab:
     """Set up with `start()`, torn down with `close()`: everything it made is removed."""
 
-    def __init__(self, lab: Lab, node: str = "lb", **changes: str) -> None:
+    def __init__(self, lab: Lab, node: str = "lb", plain_servers: bool = True, **changes: str) -> None:
+        """`plain_servers=False`: the servers run the agent (server_lab.py), which installs the
+        termination routes itself and answers under S2C labels, so neither the hand-made
+        termination routes nor the fabric's plain-IP way back to the clients are set up."""
         self.lab = lab
         self.node = node
+        self.plain_servers = plain_servers
         self.dir = Path(lab.node(node)["runtime_dir"])
         self.sock = self.dir / "mplsorch.sock"
         self.config = self.dir / "balancer.yaml"
@@ -60,14 +65,15 @@ class BalancerLab:
         lab = self.lab
         for server in lab.names("server"):
             results = lab.provider(server).apply([ops.Add(ops.MplsRoute(label, "lo"))
-                                                  for label in range(LABELS[0], LABELS[1], 2)])
+                                                  for label in range(LABELS[0], LABELS[1], 2)
+                                                  if self.plain_servers])
             if not all(r.ok for r in results):
                 raise RuntimeError(f"termination routes on {server}: {next(r for r in results if not r.ok)}")
             self._procs.append(lab.http_server(server, lab.vip)[0])
             self._procs.append(lab.http_server(server, lab.vip6)[0])
             self._procs.append(lab.spawn(server, sys.executable, "-c", UDP_ECHO, lab.vip))
         # Plain servers answer as IP: the fabric routes the client LAN back through the balancer.
-        for net, gw in self._client_lan_routes():
+        for net, gw in self._client_lan_routes() if self.plain_servers else []:
             lab.sh("p", "ip", "route", "replace", net, "via", gw)
         self.proc = lab.spawn(self.node, sys.executable, "-m", "orchestrator", "run", "--config",
                               str(self.config), log=self.dir / "daemon.log")
@@ -142,7 +148,7 @@ class BalancerLab:
         # The daemon made the clsact qdisc (a dump shows it only while it holds our filters).
         lb.apply([ops.Delete(ops.ClsactQdisc(dev)) for dev in ("fab0",)])
         lab.sh(self.node, "nft", "delete", "table", "inet", "mplsorch", check=False)
-        for net, _ in self._client_lan_routes():
+        for net, _ in self._client_lan_routes() if self.plain_servers else []:
             lab.sh("p", "ip", "route", "del", net, check=False)
         for server in lab.names("server"):
             provider = lab.provider(server)

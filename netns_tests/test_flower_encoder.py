@@ -37,6 +37,14 @@ CASES = [
     (["protocol", "ip", "pref", "13", "handle", "3", "flower", "dst_ip", "10.0.0.0/8", "action",
       "mpls", "pop", "protocol", "ipv4"],
      ops.FlowerFilter(OURS_DEV, 3, ops.FlowerMatch(dst="10.0.0.0/8"), (ops.MplsPop("ip"),), pref=13)),
+    (["protocol", "ip", "pref", "14", "handle", "5", "flower", "ip_proto", "sctp", "dst_ip", "10.0.0.100",
+      "dst_port", "3868", "action", "mpls", "push", "protocol", "mpls_uc", "label", "1007"],
+     ops.FlowerFilter(OURS_DEV, 5, ops.FlowerMatch(dst="10.0.0.100/32", ip_proto="sctp", dst_port=3868),
+                      (ops.MplsPush(1007),), pref=14)),
+    (["protocol", "ipv6", "pref", "15", "handle", "6", "flower", "ip_proto", "esp", "dst_ip", "2001:db8:ff::100",
+      "action", "mpls", "push", "protocol", "mpls_uc", "label", "1009"],
+     ops.FlowerFilter(OURS_DEV, 6, ops.FlowerMatch(dst="2001:db8:ff::100/128", ip_proto="esp"),
+                      (ops.MplsPush(1009),), pref=15)),
     # The server agent's learning filter: an MPLS packet's top label into the packet mark.
     (["protocol", "mpls_uc", "pref", "20", "handle", "1001", "flower", "mpls_label", "1001",
       "action", "skbedit", "mark", "1835009001"],
@@ -57,7 +65,7 @@ def devices(lab: Lab) -> Iterator[str]:
         lab.sh(lb, "ip", "link", "del", dev, check=False)
 
 
-@pytest.mark.parametrize("tc_args, ours", CASES, ids=["reference", "tcp-port-ttl", "ipv6-udp", "pop", "mpls-label-mark"])
+@pytest.mark.parametrize("tc_args, ours", CASES, ids=["reference", "tcp-port-ttl", "ipv6-udp", "pop", "sctp-port", "ipv6-esp", "mpls-label-mark"])
 def test_same_filter_reads_back_the_same(lab: Lab, devices: str, tc_args: list[str],
                                          ours: ops.FlowerFilter) -> None:
     lb = devices

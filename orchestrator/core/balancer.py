@@ -26,7 +26,7 @@ from orchestrator.core.sessions import Session, SessionTable, State
 from orchestrator.dataplane import ops
 
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132, "esp": 50}
-FLOWER_PROTOS = {"tcp", "udp"}
+FLOWER_PROTOS = {"tcp", "udp", "sctp", "esp"}
 PREF_IPV4, PREF_IPV6 = 10, 11  # the kernel keeps one protocol per filter priority
 
 

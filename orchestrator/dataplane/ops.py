@@ -157,7 +157,7 @@ class FlowerMatch:
 
     src: str | None = None
     dst: str | None = None
-    ip_proto: str | None = None  # "tcp" | "udp"
+    ip_proto: str | None = None  # "tcp" | "udp" | "sctp" | "esp" (ports: not with esp)
     src_port: int | None = None
     dst_port: int | None = None
     mpls_label: int | None = None  # the top label of an MPLS packet (protocol mpls_uc, no IP keys)
@@ -384,10 +384,10 @@ def validate(op: Operation) -> None:
         m = obj.match
         if m.src and m.dst and family_of(m.src) != family_of(m.dst):
             raise InvalidOperation("src and dst of a flower match are of different families")
-        if m.ip_proto not in (None, "tcp", "udp"):
-            raise InvalidOperation(f"ip_proto {m.ip_proto!r} is not tcp or udp")
-        if (m.src_port is not None or m.dst_port is not None) and m.ip_proto is None:
-            raise InvalidOperation("a port match needs ip_proto tcp or udp")
+        if m.ip_proto not in (None, "tcp", "udp", "sctp", "esp"):
+            raise InvalidOperation(f"ip_proto {m.ip_proto!r} is not tcp, udp, sctp or esp")
+        if (m.src_port is not None or m.dst_port is not None) and m.ip_proto not in ("tcp", "udp", "sctp"):
+            raise InvalidOperation("a port match needs ip_proto tcp, udp or sctp")
         for port in (m.src_port, m.dst_port):
             if port is not None and not 0 <= port <= 0xFFFF:
                 raise InvalidOperation(f"port {port} out of range")

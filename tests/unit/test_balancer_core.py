@@ -237,3 +237,17 @@ def test_reload_changes_the_scheduler_and_keeps_sessions() -> None:
     node.packets(syn("10.0.1.50"), syn("10.0.1.51"))
     picked = {s.key.value: s.server for s in node.core.table}
     assert len(picked) == 6 and {picked["10.0.1.50"], picked["10.0.1.51"]} == {"s1", "s2"}
+
+
+def test_esp_and_sctp_sessions_match_their_protocol_in_the_kernel() -> None:
+    """The C2S filter of an ESP or SCTP service matches its IP protocol, so other traffic of the
+    same client to the same VIP is not labelled into the session."""
+    esp = "  dns:\n    vip: 10.0.0.100\n    protocol: udp\n    ports: [53]"
+    node = Node(config(**{esp: "  dns:\n    vip: 10.0.0.100\n    protocol: esp"}))
+    packet = bytes(IP(src="10.0.1.30", dst=VIP, proto=50) / (b"\x00\x00\x10\x01" + b"\x00" * 12))
+    assert [v.action for v in node.packets(packet).verdicts] == [Action.ACCEPT]
+    flt = next(i.obj for i in node.kernel.dump() if isinstance(i.obj, ops.FlowerFilter))
+    assert flt.match.ip_proto == "esp" and flt.match.dst_port is None
+    [session] = list(node.core.table)
+    assert node.labels_of("10.0.1.30", proto="esp") == (TRANSPORT[session.server], session.c2s)
+    assert node.labels_of("10.0.1.30", dport=53, proto="udp") == ()

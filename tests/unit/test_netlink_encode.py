@@ -108,6 +108,10 @@ def _roundtrip(obj: ops.DataplaneObject) -> ops.DataplaneObject:
                      offload=ops.OffloadPolicy.REQUIRED),
     ops.FlowerFilter("fab0", 1001, ops.FlowerMatch(mpls_label=1001), (ops.SetMark(0x6D6003E9),),
                      ops.Direction.INGRESS, pref=20),
+    ops.FlowerFilter("fab0", 4, ops.FlowerMatch(src="10.0.1.10/32", dst="10.0.0.100/32", ip_proto="sctp",
+                                                dst_port=3868), ops.push_stack((102, 1007))),
+    ops.FlowerFilter("fab0", 5, ops.FlowerMatch(src="2001:db8::7/128", dst="2001:db8:ff::100/128",
+                                                ip_proto="esp"), ops.push_stack((102, 1009)), pref=11),
 ])
 def test_decode_inverts_encode(obj: ops.DataplaneObject) -> None:
     assert _roundtrip(obj) == obj
@@ -158,6 +162,8 @@ def test_mpls_label_filter_layout() -> None:
 @pytest.mark.parametrize("match, words", [
     (ops.FlowerMatch(mpls_label=1 << 20), "not an MPLS label"),
     (ops.FlowerMatch(mpls_label=1001, dst="10.0.0.100/32"), "takes no IP keys"),
+    (ops.FlowerMatch(dst="10.0.0.100/32", ip_proto="esp", dst_port=80), "needs ip_proto tcp, udp or sctp"),
+    (ops.FlowerMatch(dst="10.0.0.100/32", ip_proto="gre"), "is not tcp, udp, sctp or esp"),
 ])
 def test_bad_mpls_label_matches_are_refused(match: ops.FlowerMatch, words: str) -> None:
     with pytest.raises(ops.InvalidOperation, match=words):

@@ -11,7 +11,7 @@ from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.constants import (
     AF_INET6, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, FRA_PRIORITY, FRA_PROTOCOL, FRA_SRC, FRA_TABLE,
-    IPPROTO_TCP, IPPROTO_UDP, LWTUNNEL_ENCAP_MPLS, MPLS_IPTUNNEL_DST, RT_PROTO, RTA_DST,
+    LWTUNNEL_ENCAP_MPLS, MPLS_IPTUNNEL_DST, RT_PROTO, RTA_DST,
     RTA_ENCAP, RTA_ENCAP_TYPE, RTA_GATEWAY, RTA_NEWDST, RTA_OIF, RTA_TABLE, RTA_VIA, RTM_F_OFFLOAD,
     RTM_F_OFFLOAD_FAILED, RTM_F_TRAP, RTNH_F_OFFLOAD, RTNH_F_TRAP, TC_COOKIE_PREFIX,
     TC_H_MIN_EGRESS, TCA_ACT_COOKIE, TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_CLS_FLAGS_IN_HW,
@@ -20,14 +20,14 @@ from orchestrator.dataplane.netlink.constants import (
     TCA_MPLS_ACT_POP, TCA_MPLS_ACT_PUSH, TCA_MPLS_LABEL, TCA_MPLS_PARMS, TCA_MPLS_PROTO,
     TCA_MPLS_TTL, TCA_OPTIONS, TCA_SKBEDIT_MARK,
 )
-from orchestrator.dataplane.netlink.encode import ADDR_ATTRS, PORT_ATTRS
+from orchestrator.dataplane.netlink.encode import ADDR_ATTRS, IP_PROTOS, PORT_ATTRS
 
 Ifname = Callable[[int], str]
 
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _TCMSG = struct.Struct("=BBHiIII")
 _PROTO_NAMES = {ETH_P_IP: "ip", ETH_P_IPV6: "ipv6", ETH_P_MPLS_UC: "mpls_uc"}
-_IP_PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
+_IP_PROTO_NAMES = {number: name for name, number in IP_PROTOS.items()}
 
 
 def labels_of(payload: memoryview) -> tuple[int, ...]:

@@ -19,6 +19,9 @@ from orchestrator.lab.kit import Lab
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = (1001, 1999)
+# Seconds a daemon may take to answer on its control socket: Python's start alone takes 20-45 s
+# in the emulated VM, several times that when other VMs share the host's CPUs.
+START_TIMEOUT = 300
 UDP_ECHO = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 53))\n"
             "while True:\n d,a=s.recvfrom(2048); s.sendto(b'echo '+d, a)")
 UDP_ASK = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5);"
@@ -77,7 +80,7 @@ class BalancerLab:
             lab.sh("p", "ip", "route", "replace", net, "via", gw)
         self.proc = lab.spawn(self.node, sys.executable, "-m", "orchestrator", "run", "--config",
                               str(self.config), log=self.dir / "daemon.log")
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + START_TIMEOUT
         while not self.sock.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the balancer did not start:\n" + self.log())

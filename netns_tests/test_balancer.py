@@ -174,12 +174,15 @@ def test_ipv6_clients_reach_the_ipv6_vip(lab: Lab, balancer: BalancerLab) -> Non
     assert any(line.startswith(lab.address("c2", version=6) + " ") for line in log.splitlines()), log
 
 
+# Sent to the balancer's MAC directly: scapy's own neighbour discovery for a care-of address the
+# client does not hold falls back to a broadcast frame, which an IPv6 router never forwards.
 MOBILE = """
 import sys
-from scapy.all import IPv6, IPv6ExtHdrDestOpt, HAO, TCP, send, conf
+from scapy.all import Ether, IPv6, IPv6ExtHdrDestOpt, HAO, TCP, sendp, conf
 conf.verb = 0
-vip, home, coa, sport = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-send(IPv6(src=coa, dst=vip) / IPv6ExtHdrDestOpt(options=[HAO(hoa=home)]) / TCP(sport=sport, dport=80, flags="S"))
+vip, home, coa, sport, mac, dev = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6]
+sendp(Ether(dst=mac) / IPv6(src=coa, dst=vip) / IPv6ExtHdrDestOpt(options=[HAO(hoa=home)])
+      / TCP(sport=sport, dport=80, flags="S"), iface=dev)
 """
 
 
@@ -188,8 +191,11 @@ def test_a_mobile_client_keeps_its_server_and_labels_when_its_care_of_address_ch
     home, coas = "fd00:200::7", ("fd00:1::71", "fd00:1::72")  # home network elsewhere; two care-of addresses
     capture = lab.capture("p", lab.iface("p", towards="lb")["dev"], "mobile-c2s")
     rekeyed = balancer.cli("status")["counters"].get("rekeyed", 0)
+    lan0 = lab.iface("lb", towards="c1")["dev"]
+    mac = lab.sh("lb", "cat", f"/sys/class/net/{lan0}/address").stdout.strip()
     for i, coa in enumerate(coas):
-        lab.sh("c1", sys.executable, "-c", MOBILE, lab.vip6, home, coa, str(40000 + i), timeout=600)
+        lab.sh("c1", sys.executable, "-c", MOBILE, lab.vip6, home, coa, str(40000 + i), mac,
+               lab.iface("c1", towards="lb")["dev"], timeout=600)
         deadline = time.monotonic() + 300
         while coa not in {c for s in balancer.sessions() if s["key"] == home for c in s["clients"]}:
             assert time.monotonic() < deadline, balancer.log()[-2000:]

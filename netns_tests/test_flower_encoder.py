@@ -41,7 +41,7 @@ CASES = [
       "dst_port", "3868", "action", "mpls", "push", "protocol", "mpls_uc", "label", "1007"],
      ops.FlowerFilter(OURS_DEV, 5, ops.FlowerMatch(dst="10.0.0.100/32", ip_proto="sctp", dst_port=3868),
                       (ops.MplsPush(1007),), pref=14)),
-    (["protocol", "ipv6", "pref", "15", "handle", "6", "flower", "ip_proto", "50", "dst_ip", "2001:db8:ff::100",
+    (["protocol", "ipv6", "pref", "15", "handle", "6", "flower", "ip_proto", "0x32", "dst_ip", "2001:db8:ff::100",
       "action", "mpls", "push", "protocol", "mpls_uc", "label", "1009"],
      ops.FlowerFilter(OURS_DEV, 6, ops.FlowerMatch(dst="2001:db8:ff::100/128", ip_proto="esp"),
                       (ops.MplsPush(1009),), pref=15)),

@@ -3,6 +3,7 @@ Indexed by (service, key) for new packets and by flow for conntrack's destroy ev
 
 from __future__ import annotations
 
+import collections
 import enum
 from dataclasses import dataclass, field
 
@@ -58,6 +59,9 @@ class SessionTable:
         self._by_flow: dict[FlowKey, Session] = {}
         self._by_id: dict[int, Session] = {}
         self._next_id = 1
+        # Sessions per (server, service), per server and per service: admission and the
+        # schedulers ask for them on every new session, so they must not cost a scan.
+        self._counts: collections.Counter[tuple[str | None, str | None]] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -79,6 +83,8 @@ class SessionTable:
         return self._by_id.get(session_id)
 
     def add(self, session: Session) -> None:
+        if session.id not in self._by_id:
+            self._count(session, 1)
         self._by_key[(session.service, session.key.value)] = session
         self._by_id[session.id] = session
         self._next_id = max(self._next_id, session.id + 1)
@@ -102,12 +108,18 @@ class SessionTable:
 
     def remove(self, session: Session) -> None:
         self._by_key.pop((session.service, session.key.value), None)
-        self._by_id.pop(session.id, None)
+        if self._by_id.pop(session.id, None) is not None:
+            self._count(session, -1)
         for flow in session.flows:
             self._by_flow.pop(flow, None)
         session.flows.clear()
         session.state = State.CLOSING
 
+    def _count(self, session: Session, delta: int) -> None:
+        for key in ((session.server, session.service), (session.server, None), (None, session.service)):
+            self._counts[key] += delta
+
     def count(self, server: str | None = None, service: str | None = None) -> int:
-        return sum(1 for s in self._by_id.values()
-                   if (server is None or s.server == server) and (service is None or s.service == service))
+        if server is None and service is None:
+            return len(self._by_id)
+        return self._counts[(server, service)]

@@ -251,3 +251,17 @@ def test_esp_and_sctp_sessions_match_their_protocol_in_the_kernel() -> None:
     [session] = list(node.core.table)
     assert node.labels_of("10.0.1.30", proto="esp") == (TRANSPORT[session.server], session.c2s)
     assert node.labels_of("10.0.1.30", dport=53, proto="udp") == ()
+
+
+def test_session_counts_follow_adds_and_removes_without_a_scan() -> None:
+    node = Node()
+    node.packets(syn("10.0.1.10"), syn("10.0.1.11"), syn("10.0.1.12"))
+    table = node.core.table
+    expected = {s.server: 1 for s in table}
+    assert {name: table.count(server=name) for name in expected} == expected
+    assert table.count(service="http") == 3 and table.count() == 3 and table.count(service="dns") == 0
+    first = next(iter(table))
+    table.remove(first)
+    table.remove(first)  # twice: counted once
+    assert table.count(server=first.server) == 0 and table.count(server=first.server, service="http") == 0
+    assert table.count(service="http") == 2 == table.count()

@@ -11,7 +11,7 @@ job="${1:-setup}"
 # Debian packages: QEMU and Debian's kernel for the lab VM (virtme-ng boots it when this host's
 # kernel has no MPLS routing), the tools the lab and tests use to build and check topologies.
 apt_packages="qemu-system-x86 linux-image-amd64 busybox-static kmod nftables iproute2 tcpdump
-  curl iputils-ping python3 python3-venv"
+  curl iputils-ping ipvsadm python3 python3-venv"
 missing=""
 for pkg in $apt_packages; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"

@@ -56,3 +56,18 @@ def bench_program(
     kernel; print both rates and the ratios provider/iproute2 (install_ratio, delete_ratio)."""
     args = ["--sessions", str(sessions)] + (["--json"] if json_output else [])
     raise typer.Exit(_in_lab("orchestrator.lab.bench_program", args))
+
+
+@bench_app.command("setup")
+def bench_setup(
+    sessions: int = typer.Option(2000, "--sessions", min=1, max=40000,
+                                 help="First packets (new sessions) for the rate."),
+    samples: int = typer.Option(100, "--samples", min=1, max=4000,
+                                help="New/existing connect pairs for the latency."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+) -> None:
+    """New sessions per second turned into kernel state, and the added latency of a new session's
+    first packet (p50, p99), for the balancer and for IPVS (tunnel mode) in one lab run; ratios
+    balancer/IPVS (setup_ratio, latency_p50_ratio, latency_p99_ratio)."""
+    args = ["--sessions", str(sessions), "--samples", str(samples)] + (["--json"] if json_output else [])
+    raise typer.Exit(_in_lab("orchestrator.lab.bench_setup", args))

@@ -174,6 +174,46 @@ def test_ipv6_clients_reach_the_ipv6_vip(lab: Lab, balancer: BalancerLab) -> Non
     assert any(line.startswith(lab.address("c2", version=6) + " ") for line in log.splitlines()), log
 
 
+# Sent to the balancer's MAC directly: scapy's own neighbour discovery for a care-of address the
+# client does not hold falls back to a broadcast frame, which an IPv6 router never forwards.
+MOBILE = """
+import sys
+from scapy.all import Ether, IPv6, IPv6ExtHdrDestOpt, HAO, TCP, sendp, conf
+conf.verb = 0
+vip, home, coa, sport, mac, dev = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6]
+sendp(Ether(dst=mac) / IPv6(src=coa, dst=vip) / IPv6ExtHdrDestOpt(options=[HAO(hoa=home)])
+      / TCP(sport=sport, dport=80, flags="S"), iface=dev)
+"""
+
+
+def test_a_mobile_client_keeps_its_server_and_labels_when_its_care_of_address_changes(
+        lab: Lab, balancer: BalancerLab) -> None:
+    home, coas = "fd00:200::7", ("fd00:1::71", "fd00:1::72")  # home network elsewhere; two care-of addresses
+    # The client's checksum covers its home address (RFC 6275), which conntrack would judge invalid:
+    # the balancer's `node.setup: apply` (the lab's) turned that check off, saying so.
+    assert "node setup: done: sysctl -w net.netfilter.nf_conntrack_checksum=0" in balancer.log()
+    capture = lab.capture("p", lab.iface("p", towards="lb")["dev"], "mobile-c2s")
+    rekeyed = balancer.cli("status")["counters"].get("rekeyed", 0)
+    lan0 = lab.iface("lb", towards="c1")["dev"]
+    mac = lab.sh("lb", "cat", f"/sys/class/net/{lan0}/address").stdout.strip()
+    for i, coa in enumerate(coas):
+        lab.sh("c1", sys.executable, "-c", MOBILE, lab.vip6, home, coa, str(40000 + i), mac,
+               lab.iface("c1", towards="lb")["dev"], timeout=600)
+        deadline = time.monotonic() + 300
+        while coa not in {c for s in balancer.sessions() if s["key"] == home for c in s["clients"]}:
+            assert time.monotonic() < deadline, balancer.log()[-2000:]
+            time.sleep(0.5)
+    started = _logged(balancer, "start", "mobile", home)
+    assert len(started) == 1, balancer.log()[-2000:]  # one session, re-keyed, not a second one
+    session = next(s for s in balancer.sessions() if s["key"] == home)
+    assert session["key_kind"] == "mip6-home-address" and session["clients"] == list(coas)
+    assert (session["server"], session["c2s_label"]) == (started[0]["server"], started[0]["c2s_label"])
+    assert balancer.cli("status")["counters"]["rekeyed"] == rekeyed + 1
+    # On the wire: both first packets, from either care-of address, left with the same labels.
+    transport = lab.node(session["server"])["transport_label"]
+    assert capture.stacks() == [(transport, session["c2s_label"])] * 2
+
+
 SPREAD = """
 import sys
 from scapy.all import IP, UDP, Raw, send, conf

@@ -1,6 +1,12 @@
 """Conntrack destroy events: a session's flows end here. When the kernel cannot deliver events
-(ENOBUFS on the socket), the listener dumps the whole table instead and reports the live flows,
-so the daemon ends exactly the flows that are gone: a session end is never lost."""
+(ENOBUFS on the socket), the listener dumps our flows instead and reports the live ones, so the
+daemon ends exactly the flows that are gone: a session end is never lost.
+
+The kernel reports an expired flow's end only when its garbage collector reaches the entry (its
+scan interval grows up to a minute and more on a busy table), or when a lookup or a dump does:
+`sweep()` dumps on a timer, which both ends the expired entries and tells which are alive. Our
+rulesets tag the flows they queue with CT_TAG in the conntrack mark, so a dump asks the kernel
+for ours only instead of copying a router's whole table to userspace."""
 
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ NFNLGRP_CONNTRACK_DESTROY = 3
 CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+CTA_MARK, CTA_MARK_MASK = 8, 21
+CT_TAG, CT_MASK = 0x6D600000, 0xFFF00000  # "m`" in the high 12 bits of the conntrack mark
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
 SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
@@ -86,14 +94,19 @@ class ConntrackListener:
                         ended.append(flow)
         return [FlowsEnded(tuple(ended))] if ended else []
 
+    def sweep(self) -> FlowTableResync:
+        """Our live flows now; expired ones are ended by the dump itself (their destroy events
+        follow on the event socket and find nothing left to end)."""
+        return FlowTableResync(self.dump(), sweep=True)
+
     def dump(self) -> frozenset[FlowKey]:
-        """Every flow in the table, on a socket of its own (events keep arriving on ours)."""
+        """Our flows (CT_TAG) in the table, on a socket of its own (events keep arriving on ours)."""
         live: set[FlowKey] = set()
         with open_netlink(NETLINK_NETFILTER, self._netns) as sock:
             sock.bind((0, 0))
             buf = bytearray(1 << 18)
             for family in (socket.AF_INET, socket.AF_INET6):
-                body = _NFGEN.pack(family, 0, 0)
+                body = _NFGEN.pack(family, 0, 0) + mark_filter()
                 sock.send(nla.message(NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET,
                                       NLM_F_REQUEST | NLM_F_DUMP, family, body))
                 done = False
@@ -107,3 +120,8 @@ class ConntrackListener:
                         if flow is not None:
                             live.add(flow)
         return frozenset(live)
+
+
+def mark_filter() -> bytes:
+    """The dump request's attributes that make the kernel report only flows tagged CT_TAG."""
+    return (nla.attr(CTA_MARK, struct.pack("!I", CT_TAG)) + nla.attr(CTA_MARK_MASK, struct.pack("!I", CT_MASK)))

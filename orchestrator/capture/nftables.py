@@ -1,4 +1,5 @@
-"""The balancer's nftables ruleset: rendered from templates/ with jinja2, loaded with `nft -f`.
+"""The nftables rulesets of both roles (table `inet mplsorch`): rendered from templates/ with
+jinja2, loaded with `nft -f`.
 
 The ruleset is per node, loaded at start and on reload, never per session: nftables' own netlink
 batch protocol buys nothing here, and `nft` checks the whole ruleset atomically for us."""
@@ -11,11 +12,15 @@ from pathlib import Path
 
 import jinja2
 
+from orchestrator.capture.conntrack import CT_MASK, CT_TAG
 from orchestrator.config.model import BalancerConfig, FailPolicy
+from orchestrator.config.server import ServerConfig
+from orchestrator.core.agent import MARK_MASK, MARK_TAG
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 MARK_RST = 0x6D6F0001   # "mo" + 1: reject with TCP reset
 MARK_ICMP = 0x6D6F0002  # reject with ICMP administratively prohibited
+CT_MARKS = {"ct_tag": f"{CT_TAG:#010x}", "ct_keep": f"{~CT_MASK & 0xFFFFFFFF:#010x}"}  # tag our flows
 
 
 def render(config: BalancerConfig, template_dir: Path = TEMPLATES) -> str:
@@ -33,12 +38,27 @@ def render(config: BalancerConfig, template_dir: Path = TEMPLATES) -> str:
                          "family": "ip6" if version == 6 else "ip", "l4": l4, "queue_flags": flags})
     first, last = config.nfqueue.queues
     rate = config.nfqueue.rate_limit
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir)), autoescape=False,
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    return env.get_template("nftables.balancer.nft.j2").render(
+    return _template(template_dir, "nftables.balancer.nft.j2").render(
         services=services, queues=f"{first}-{last}" if last > first else str(first),
         rate_limit={"count": rate.count, "per": str(rate.per.value), "burst": rate.burst} if rate else None,
-        mark_rst=hex(MARK_RST), mark_icmp=hex(MARK_ICMP))
+        mark_rst=hex(MARK_RST), mark_icmp=hex(MARK_ICMP), **CT_MARKS)
+
+
+def render_server(config: ServerConfig, template_dir: Path = TEMPLATES) -> str:
+    """The server agent's ruleset: queue the first packet of each new flow that came to a VIP
+    under one of our session labels (its mark says so), count the labelled ones that stay in the
+    kernel."""
+    families = [(family, [str(v.address) for v in config.vips if v.address.version == version])
+                for family, version in (("ip", 4), ("ip6", 6))]
+    return _template(template_dir, "nftables.server.nft.j2").render(
+        families=[(family, vips) for family, vips in families if vips], queue=config.nfqueue.queue,
+        mark_mask=f"{MARK_MASK:#010x}", mark_tag=f"{MARK_TAG:#010x}", **CT_MARKS)
+
+
+def _template(template_dir: Path, name: str) -> jinja2.Template:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir)), autoescape=False,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.get_template(name)
 
 
 def load(ruleset: str) -> None:

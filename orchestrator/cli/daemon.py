@@ -25,19 +25,29 @@ def register(app: typer.Typer) -> None:
     app.command("routes")(routes)
 
 
+NODE_NOT_READY = 4  # the server role's node check failed (node.setup: check, or apply could not fix it)
+
+
 def run(config: str = typer.Option(..., "--config", metavar="FILE", help="Daemon configuration.")) -> None:
-    """Run the daemon of the role the configuration names (balancer)."""
-    from orchestrator.config.load import ConfigError
-    from orchestrator.daemon import balancer
+    """Run the daemon of the role the configuration names (balancer or server)."""
+    from orchestrator.config.load import ConfigError, load_config
+    from orchestrator.config.server import ServerConfig
+    from orchestrator.daemon import balancer, server
+    from orchestrator.daemon.node_setup import NodeNotReady
 
     try:
-        code = balancer.run(config)
+        loaded = load_config(config)
+        code = server.run(config, loaded) if isinstance(loaded, ServerConfig) else balancer.run(config, loaded)
     except ConfigError as exc:
         typer.echo(f"mplsorch: {exc}", err=True)
         raise typer.Exit(2) from None
     except PermissionError as exc:
         typer.echo(f"mplsorch: not permitted (run as root with CAP_NET_ADMIN): {exc}", err=True)
         raise typer.Exit(3) from None
+    except NodeNotReady as exc:
+        for problem in exc.problems:
+            typer.echo(f"mplsorch: node not ready: {problem}", err=True)
+        raise typer.Exit(NODE_NOT_READY) from None
     raise typer.Exit(code)
 
 
@@ -84,21 +94,30 @@ def status(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
     if json_output:
         print(json.dumps(answer))
         return
-    labels = answer["labels"]
-    print(f"role {answer['role']}  pid {answer['pid']}  up {answer['uptime_s']} s  "
-          f"sessions {answer['sessions']}  services {', '.join(answer['services'])}")
-    print(f"labels: {labels['in_use']} in use, {labels['held_down']} held down, {labels['free']} free "
-          f"of {labels['total']} pairs")
-    _table("servers", ["server", "sessions"], [[k, v] for k, v in answer["servers"].items()])
+    head = f"role {answer['role']}  pid {answer['pid']}  up {answer['uptime_s']} s  sessions {answer['sessions']}"
+    if answer["role"] == "server":
+        first, last = answer["block"]
+        print(f"{head}  VIPs {', '.join(answer['vips'])}  labels {first}-{last}  queue {answer['queue']}")
+    else:
+        labels = answer["labels"]
+        print(f"{head}  services {', '.join(answer['services'])}")
+        print(f"labels: {labels['in_use']} in use, {labels['held_down']} held down, {labels['free']} free "
+              f"of {labels['total']} pairs")
+        _table("servers", ["server", "sessions"], [[k, v] for k, v in answer["servers"].items()])
     _table("counters", ["counter", "value"], sorted([k, v] for k, v in answer["counters"].items()))
 
 
 def sessions(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
              config: Optional[str] = ConfigOption) -> None:
     """The session table."""
-    rows = _ask("sessions", socket, config)["sessions"]
+    answer = _ask("sessions", socket, config)
+    rows = answer["sessions"]
     if json_output:
         print(json.dumps(rows))
+        return
+    if answer.get("role") == "server":
+        _table("sessions", ["client", "VIP", "C2S", "S2C", "state", "flows"],
+               [[s["client"], s["vip"], s["c2s_label"], s["s2c_label"], s["state"], s["flows"]] for s in rows])
         return
     _table("sessions", ["id", "service", "client", "key", "server", "C2S", "S2C", "state", "flows"],
            [[s["id"], s["service"], s["client"], s["key"], s["server"], s["c2s_label"], s["s2c_label"],
@@ -107,7 +126,7 @@ def sessions(json_output: bool = JsonOption, socket: Optional[str] = SocketOptio
 
 def labels(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
            config: Optional[str] = ConfigOption) -> None:
-    """Label pool use."""
+    """Label pool use (balancer)."""
     answer = _ask("labels", socket, config)["labels"]
     if json_output:
         print(json.dumps(answer))

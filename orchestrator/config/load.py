@@ -8,15 +8,20 @@ touches the kernel or the network.
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from yaml.nodes import ScalarNode
+
 from orchestrator.config.model import (
-    MAX_LABEL, MIN_LABEL, Admission, BalancerConfig, FailPolicy, Interfaces, LabelAllocation,
+    MAX_LABEL, MIN_LABEL, Admission, BalancerConfig, ClientsConfig, FailPolicy, Interfaces, LabelAllocation,
     LabelConfig, NfqueueConfig, NodeConfig, Pool, Protocol, RateLimit, RateUnit, RefuseWith, Role, Scheduler,
-    Server, Service, SessionKeyKind, pair_labels,
+    Server, Service, SessionKeyKind, Setup, pair_labels,
 )
+from orchestrator.config.model import HealthCheck, HealthCheckType, MetricsConfig, ServerFailure
 from orchestrator.config.parser import ConfigError, _did_you_mean, _join, _Parser, _V
 from orchestrator.config.server import SERVER_KEYS, ServerConfig, parse_server
 
@@ -26,15 +31,16 @@ _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*$")
 
 # ---- sections ----
 
-_TOP = ("role", "node", "interfaces", "labels", "nfqueue", "pools", "services")
+_TOP = ("role", "node", "interfaces", "clients", "labels", "nfqueue", "pools", "services", "metrics")
 _TOP_REQUIRED = ("role", "node", "interfaces", "labels", "pools", "services")
 
 
 def _node(p: _Parser, v: _V) -> NodeConfig:
-    m = p.mapping(v, ("transport_label", "control_socket"), ("transport_label",))
+    m = p.mapping(v, ("transport_label", "control_socket", "setup"), ("transport_label",))
     label = p.integer(m["transport_label"], MIN_LABEL, MAX_LABEL, "transport label")
     sock = p.string(m["control_socket"]) if "control_socket" in m else NodeConfig.control_socket
-    return NodeConfig(label, sock)
+    setup = p.choice(m["setup"], Setup, "setup mode") if "setup" in m else NodeConfig.setup
+    return NodeConfig(label, sock, setup)
 
 
 
@@ -49,6 +55,19 @@ def _interfaces(p: _Parser, v: _V) -> Interfaces:
                       f"interface {both[0]!r} is also in interfaces.clients: client-facing and fabric "
                       "interfaces must be disjoint")
     return Interfaces(clients, fabric, p.address(m["fabric_next_hop"]))
+
+
+def _clients(p: _Parser, v: _V) -> ClientsConfig:
+    m = p.mapping(v, ("label_aware",))
+    if "label_aware" not in m or p.is_null(m["label_aware"]):
+        return ClientsConfig()
+    out: list[Any] = []
+    for item in p.sequence(m["label_aware"]):
+        net = p.prefix(item)
+        if net in out:
+            raise p.error(item.vline, item.path, f"prefix {net} is listed twice")
+        out.append(net)
+    return ClientsConfig(tuple(out))
 
 
 def _labels(p: _Parser, v: _V) -> LabelConfig:
@@ -109,6 +128,108 @@ def _server(p: _Parser, name: str, v: _V) -> Server:
     )
 
 
+_HC_COMMON = ("type", "port", "interval", "timeout", "rise", "fall")
+_HC_ONLY = {"path": HealthCheckType.HTTP, "expect_status": HealthCheckType.HTTP, "host": HealthCheckType.HTTP,
+            "send": HealthCheckType.UDP, "expect": HealthCheckType.UDP}
+_PATH_RE = re.compile(r"^/[\x21-\x7e]*\Z")      # no spaces or control characters: one request line
+_HOST_RE = re.compile(r"^[\x21-\x7e]+\Z")
+_LISTEN_RES = (re.compile(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)\Z"), re.compile(r"^([0-9.]+):(\d+)\Z"))
+
+
+def _octets(p: _Parser, v: _V) -> bytes:
+    """A string whose every character is one byte (latin-1), so that YAML's "\\xNN" escapes can
+    write a binary request (a DNS query) exactly."""
+    text = p.string(v)
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError as e:
+        raise p.error(v.vline, v.path, f"character {text[e.start]!r} is not a byte: every character must be "
+                                       "U+0000..U+00FF (write binary as \"\\xNN\" escapes)") from None
+
+
+def _health_check(p: _Parser, v: _V) -> HealthCheck | None:
+    """`pools.P.health_check`; null means no check. Keys of another check type are refused, so a
+    wrong type cannot silently ignore the path or payload the operator wrote."""
+    if p.is_null(v):
+        return None
+    m = p.mapping(v, _HC_COMMON + tuple(_HC_ONLY), ("type", "port"))
+    kind = p.choice(m["type"], HealthCheckType, "health check type")
+    for key, only in _HC_ONLY.items():
+        if key in m and kind is not only:
+            raise p.error(m[key].line, m[key].path, f"{key} is only used with type: {only.value}, "
+                                                    f"this check is {kind.value}")
+    d = HealthCheck(kind, 0)
+    interval = p.duration(m["interval"]) if "interval" in m else d.interval
+    if interval <= 0:
+        raise p.error(m["interval"].vline, m["interval"].path, "must be > 0")
+    timeout = p.duration(m["timeout"]) if "timeout" in m else d.timeout
+    if timeout <= 0 or timeout > interval:
+        tv = m.get("timeout") or m["interval"]
+        raise p.error(tv.vline, tv.path, f"timeout {timeout:g}s must be > 0 and <= interval {interval:g}s "
+                                         "(a check ends before the next one starts)")
+    check = HealthCheck(
+        type=kind, port=p.integer(m["port"], 1, 65535, "port"), interval=interval, timeout=timeout,
+        rise=p.integer(m["rise"], 1, 100, "rise") if "rise" in m else d.rise,
+        fall=p.integer(m["fall"], 1, 100, "fall") if "fall" in m else d.fall,
+    )
+    if kind is HealthCheckType.HTTP:
+        path = p.string(m["path"]) if "path" in m else d.path
+        if not _PATH_RE.match(path):
+            raise p.error(m["path"].vline, m["path"].path, f"{path!r} is not a request path: it starts with '/' "
+                                                           "and has no spaces or control characters")
+        status = d.expect_status
+        if "expect_status" in m:
+            sv = m["expect_status"]
+            items = [sv] if isinstance(sv.node, ScalarNode) else p.sequence(sv)
+            if not items:
+                raise p.error(sv.vline, sv.path, "must list at least one status")
+            codes: list[int] = []
+            for i in items:
+                code = p.integer(i, 100, 599, "status")
+                if code in codes:
+                    raise p.error(i.vline, i.path, f"status {code} is listed twice")
+                codes.append(code)
+            status = tuple(codes)
+        host = None
+        if "host" in m and not p.is_null(m["host"]):
+            host = p.string(m["host"])
+            if not _HOST_RE.match(host):
+                raise p.error(m["host"].vline, m["host"].path, f"{host!r} is not a Host header value")
+        return replace(check, path=path, expect_status=status, host=host)
+    if kind is HealthCheckType.UDP:
+        if "send" not in m:
+            raise p.error(v.line, _join(v.path, "send"), "required key is missing (type udp sends a request)")
+        expect = None
+        if "expect" in m and not p.is_null(m["expect"]):
+            expect = _octets(p, m["expect"])
+        return replace(check, send=_octets(p, m["send"]), expect=expect)
+    return check
+
+
+def _metrics(p: _Parser, v: _V) -> MetricsConfig | None:
+    """`metrics.listen: "IP:PORT"` ("[IPv6]:PORT"); null: no endpoint. An address, never a host
+    name: the daemon must not depend on DNS to start. 0.0.0.0 or [::] listen everywhere."""
+    if p.is_null(v):
+        return None
+    m = p.mapping(v, ("listen",))
+    if "listen" not in m:
+        return MetricsConfig()
+    lv = m["listen"]
+    text = p.string(lv)
+    match = _LISTEN_RES[0].match(text) or _LISTEN_RES[1].match(text)
+    try:
+        if not match:
+            raise ValueError(text)
+        host = str(ipaddress.ip_address(match.group(1)))
+    except ValueError:
+        raise p.error(lv.vline, lv.path, f"{text!r} is not an address to listen on: write \"IP:PORT\" "
+                                         "or \"[IPv6]:PORT\", e.g. \"127.0.0.1:9469\"") from None
+    port = int(match.group(2))
+    if not 1 <= port <= 65535:
+        raise p.error(lv.vline, lv.path, f"port {port} is out of range: must be 1..65535")
+    return MetricsConfig(host, port)
+
+
 def _pools(p: _Parser, v: _V) -> tuple[Pool, ...]:
     pools: list[Pool] = []
     entries = p.mapping(v, None)
@@ -116,7 +237,7 @@ def _pools(p: _Parser, v: _V) -> tuple[Pool, ...]:
         raise p.error(v.vline, v.path, "at least one pool is required")
     for pname, pv in entries.items():
         p.name(pname, pv.path, pv.line, "pool")
-        pm = p.mapping(pv, ("servers",), ("servers",))
+        pm = p.mapping(pv, ("servers", "health_check"), ("servers",))
         sv = pm["servers"]
         servers = []
         sentries = p.mapping(sv, None)
@@ -125,12 +246,13 @@ def _pools(p: _Parser, v: _V) -> tuple[Pool, ...]:
         for sname, s in sentries.items():
             p.name(sname, s.path, s.line, "server")
             servers.append(_server(p, sname, s))
-        pools.append(Pool(pname, tuple(servers)))
+        check = _health_check(p, pm["health_check"]) if "health_check" in pm else None
+        pools.append(Pool(pname, tuple(servers), check))
     return tuple(pools)
 
 
 _SERVICE_KEYS = ("vip", "protocol", "ports", "pool", "session_key", "persistence_timeout", "scheduler",
-                 "admission", "fail_policy")
+                 "admission", "fail_policy", "on_server_failure")
 
 
 def _ports(p: _Parser, v: _V) -> tuple[int, ...]:
@@ -192,6 +314,8 @@ def _service(p: _Parser, name: str, v: _V) -> Service:
         admission=_admission(p, m.get("admission"), protocol),
         fail_policy=p.choice(m["fail_policy"], FailPolicy, "fail policy") if "fail_policy" in m
         else Service.fail_policy,
+        on_server_failure=p.choice(m["on_server_failure"], ServerFailure, "server failure policy")
+        if "on_server_failure" in m else Service.on_server_failure,
     )
 
 
@@ -298,7 +422,9 @@ def _parse_balancer(p: _Parser, root: _V, source: str) -> BalancerConfig:
         pools=_pools(p, top["pools"]),
         services=_services(p, top["services"]),
         nfqueue=_nfqueue(p, top["nfqueue"]) if "nfqueue" in top else NfqueueConfig(),
+        clients=_clients(p, top["clients"]) if "clients" in top else ClientsConfig(),
         source=source,
+        metrics=_metrics(p, top["metrics"]) if "metrics" in top else None,
     )
     _check(p, cfg)
     return cfg

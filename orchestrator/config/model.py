@@ -17,6 +17,7 @@ from typing import Any, Union
 from orchestrator.analyze.keys import SessionKeyKind  # one definition: the analyzer's
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 MIN_LABEL = 16                 # 0-15 are reserved
 MAX_LABEL = 1048575            # 20-bit label space
@@ -33,6 +34,13 @@ class _Named(str, Enum):
 class Role(_Named):
     BALANCER = "balancer"
     SERVER = "server"      # the server agent: `orchestrator/config/server.py`
+
+
+class Setup(_Named):
+    """`node.setup`: what the daemon does about a node that is not ready (modules, sysctls, and on
+    a server the VIPs on lo)."""
+    CHECK = "check"      # refuse to start and name what is not ready
+    APPLY = "apply"      # make it ready
 
 
 class Scheduler(_Named):
@@ -72,11 +80,24 @@ class RateUnit(_Named):
     MINUTE = "minute"
 
 
+class HealthCheckType(_Named):
+    TCP = "tcp"          # a TCP connect succeeds
+    HTTP = "http"        # an HTTP/1.0 GET answers with an expected status
+    UDP = "udp"          # a datagram is answered (with the expected bytes)
+
+
+class ServerFailure(_Named):
+    """What happens to a service's sessions when their server fails its health check."""
+    REASSIGN = "reassign"  # the session moves to another server of its pool; its clients stay on it
+    RESET = "reset"        # the session ends; its clients' flows are reset and start anew
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """`node:` this balancer in the fabric."""
     transport_label: int                                  # required; 16..1048575
     control_socket: str = DEFAULT_CONTROL_SOCKET
+    setup: Setup = Setup.CHECK
 
 
 @dataclass(frozen=True)
@@ -85,6 +106,19 @@ class Interfaces:
     clients: tuple[str, ...]
     fabric: tuple[str, ...]
     fabric_next_hop: IPAddress
+
+
+@dataclass(frozen=True)
+class ClientsConfig:
+    """`clients:` (optional section). A client inside a `label_aware` prefix takes the session's
+    labels itself: its answers keep the S2C label (the S2C route swaps instead of popping)."""
+    label_aware: tuple[IPNetwork, ...] = ()
+
+    def is_label_aware(self, address: str) -> bool:
+        if not self.label_aware:
+            return False
+        ip = ipaddress.ip_address(address)
+        return any(ip in net for net in self.label_aware)
 
 
 @dataclass(frozen=True)
@@ -141,9 +175,37 @@ class Server:
 
 
 @dataclass(frozen=True)
+class HealthCheck:
+    """`pools.NAME.health_check:` (optional; without it a pool's servers are never checked and
+    count as healthy). The check goes to each server's `address` on `port`."""
+    type: HealthCheckType                                 # required
+    port: int                                             # required; 1..65535
+    interval: float = 2.0                                 # seconds between checks of one server, > 0
+    timeout: float = 1.0                                  # seconds; > 0 and <= interval
+    rise: int = 2                                         # consecutive successes: down -> up
+    fall: int = 3                                         # consecutive failures: up -> down
+    path: str = "/"                                       # http only
+    expect_status: tuple[int, ...] = (200,)               # http only
+    host: str | None = None                               # http only; None: the server's address
+    send: bytes = b""                                     # udp only; required there
+    expect: bytes | None = None                           # udp only; None: any answer will do
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": self.type.value, "port": self.port, "interval": self.interval,
+                             "timeout": self.timeout, "rise": self.rise, "fall": self.fall}
+        if self.type is HealthCheckType.HTTP:
+            d.update(path=self.path, expect_status=list(self.expect_status), host=self.host)
+        elif self.type is HealthCheckType.UDP:
+            d.update(send=self.send.decode("latin-1"),
+                     expect=None if self.expect is None else self.expect.decode("latin-1"))
+        return d
+
+
+@dataclass(frozen=True)
 class Pool:
     name: str
     servers: tuple[Server, ...]                           # at least one
+    health_check: HealthCheck | None = None
 
     def server(self, name: str) -> Server:
         for s in self.servers:
@@ -172,6 +234,21 @@ class Service:
     scheduler: Scheduler = Scheduler.RR
     admission: Admission = field(default_factory=Admission)
     fail_policy: FailPolicy = FailPolicy.OPEN
+    on_server_failure: ServerFailure = ServerFailure.REASSIGN
+
+
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9469"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """`metrics:` (optional; no endpoint when absent or null): the Prometheus endpoint."""
+    host: str = "127.0.0.1"                               # an IP address (IPv6 written [addr]:port)
+    port: int = 9469                                      # 1..65535
+
+    @property
+    def listen(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -183,7 +260,9 @@ class BalancerConfig:
     pools: tuple[Pool, ...]
     services: tuple[Service, ...]
     nfqueue: NfqueueConfig = field(default_factory=NfqueueConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
     source: str = field(default="<string>", compare=False)
+    metrics: MetricsConfig | None = None
 
     def pool(self, name: str) -> Pool:
         for p in self.pools:
@@ -212,16 +291,20 @@ class BalancerConfig:
         return {
             "role": self.role.value,
             "node": {"transport_label": self.node.transport_label,
-                     "control_socket": self.node.control_socket},
+                     "control_socket": self.node.control_socket, "setup": self.node.setup.value},
             "interfaces": {"clients": list(self.interfaces.clients), "fabric": list(self.interfaces.fabric),
                            "fabric_next_hop": str(self.interfaces.fabric_next_hop)},
+            "clients": {"label_aware": [str(net) for net in self.clients.label_aware]},
             "labels": {"range": list(self.labels.range), "allocation": self.labels.allocation.value,
                        "hold_down": self.labels.hold_down},
             "nfqueue": {"queues": list(nq.queues), "batch": nq.batch,
                         "rate_limit": None if nq.rate_limit is None
                         else {"rate": str(nq.rate_limit), "burst": nq.rate_limit.burst}},
-            "pools": {p.name: {"servers": {s.name: _server_dict(s) for s in p.servers}} for p in self.pools},
+            "pools": {p.name: {"servers": {s.name: _server_dict(s) for s in p.servers},
+                               "health_check": None if p.health_check is None else p.health_check.to_dict()}
+                      for p in self.pools},
             "services": {s.name: _service_dict(s) for s in self.services},
+            "metrics": None if self.metrics is None else {"listen": self.metrics.listen},
         }
 
 
@@ -242,6 +325,6 @@ def _service_dict(s: Service) -> dict[str, Any]:
         "scheduler": s.scheduler.value,
         "admission": {"max_sessions": s.admission.max_sessions, "min_free_labels": s.admission.min_free_labels,
                       "refuse_with": s.admission.refuse_with.value},
-        "fail_policy": s.fail_policy.value,
+        "fail_policy": s.fail_policy.value, "on_server_failure": s.on_server_failure.value,
     })
     return d

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, TypeVar
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from orchestrator.config.model import IPAddress, Role
+from orchestrator.config.model import IPAddress, IPNetwork, Role
 
 E = TypeVar("E", bound=Enum)
 
@@ -173,6 +173,21 @@ class _Parser:
         if addr.is_unspecified or addr.is_multicast:
             raise self.error(line, path, f"{text!r} is not a usable unicast address")
         return addr
+
+    def prefix(self, v: _V) -> IPNetwork:
+        """An IP prefix "ADDRESS/LENGTH" (a bare address is a host prefix); host bits must be
+        zero, so that a typo cannot silently widen or narrow what it covers."""
+        self._scalar(v, "an IP prefix")
+        text = str(v.node.value)
+        try:
+            return ipaddress.ip_network(text)
+        except ValueError:
+            pass
+        try:
+            wide = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise self.error(v.vline, v.path, f"{text!r} is not an IP prefix (ADDRESS/LENGTH)") from None
+        raise self.error(v.vline, v.path, f"{text!r} has host bits set; did you mean {wide}?")
 
     def choice(self, v: _V, enum: type[E], what: str) -> E:
         text = self.string(v)

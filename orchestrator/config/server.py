@@ -17,19 +17,12 @@ from typing import Any, Mapping
 from yaml.nodes import SequenceNode
 
 from orchestrator.config.model import (
-    DEFAULT_CONTROL_SOCKET, MAX_LABEL, MIN_LABEL, IPAddress, Role, _Named, pair_labels,
+    DEFAULT_CONTROL_SOCKET, MAX_LABEL, MIN_LABEL, IPAddress, Role, Setup, pair_labels,
 )
 from orchestrator.config.parser import _Parser, _V
 
 MAX_TABLE = 4294967295                                   # routing table ids are 32 bits; 0 is "unspecified"
 KERNEL_TABLES = {253: "default", 254: "main", 255: "local"}
-
-
-class Setup(_Named):
-    """`node.setup`: what the agent does about a node that is not ready (sysctls, MPLS input, VIPs
-    on lo, the per-VIP rules)."""
-    CHECK = "check"      # refuse to start and name what is not ready
-    APPLY = "apply"      # make it ready
 
 
 @dataclass(frozen=True)

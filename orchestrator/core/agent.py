@@ -184,7 +184,7 @@ class ServerAgent:
             if isinstance(event, FlowsEnded):
                 ended: Sequence[FlowKey] = event.flows
             else:
-                self.counters["conntrack_resyncs"] += 1
+                self.counters["conntrack_sweeps" if event.sweep else "conntrack_resyncs"] += 1
                 ended = [f for f in self.by_flow if f not in event.live]
             for flow in ended:
                 session = self.by_flow.pop(flow, None)

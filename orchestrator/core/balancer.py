@@ -111,13 +111,20 @@ class Balancer:
         key = session_key(info, svc.session_key)
         flow = FlowKey(info.proto, info.src, info.dst, info.sport, info.dport)
         session = self.table.get(svc.name, key.value)
+        # Answers go to the client through the balancer's own route to it. Without one the
+        # client cannot be answered (a refusal could not reach it either): no session, no objects.
+        needs_route = session is None or key.client not in session.clients
+        if needs_route and first.next_hop is None:
+            self.counters["no_route"] += 1
+            return verdict(Action.DROP, f"no route to client {key.client}"), None
         if session is not None:
             self.table.add_flow(session, flow, now)
-            if key.client not in session.clients:  # a mobile client's new care-of address
-                self._rekey(session, svc, info, key, first.indev, plan)
+            if needs_route and first.next_hop is not None:  # a mobile client's new care-of address
+                self._rekey(session, svc, info, key, first.next_hop, plan)
             if session.state == State.OPENING:
                 return verdict(Action.ACCEPT), session.id
             return verdict(Action.ACCEPT), None
+        assert first.next_hop is not None
         refusal = self._admit(svc)
         server = None if refusal else self._schedule(svc, key, now)
         if refusal is None and server is None:
@@ -139,7 +146,7 @@ class Balancer:
         self.table.add(session)
         self.table.add_flow(session, flow, now)
         start = len(plan.ops)
-        self._add_client(session, svc, info, key.client, first.indev, plan)
+        self._add_client(session, svc, info, key.client, first.next_hop, plan)
         plan.groups[session.id] = (start, len(plan.ops))
         self.counters["sessions_started"] += 1
         return verdict(Action.ACCEPT), session.id
@@ -167,9 +174,11 @@ class Balancer:
         return self._schedulers[svc.name].pick(key.value, self.server_states(svc, now))
 
     def _add_client(self, session: Session, svc: Service, info: Packet, client: str,
-                    indev: str | None, plan: Plan) -> None:
+                    hop: ops.NextHop, plan: Plan) -> None:
         """Objects that bring `client`'s packets into the session: the C2S imposition filter(s) on
-        the fabric link and the S2C label route that pops towards the client."""
+        the fabric link and the S2C label route towards the balancer's next hop to the client (the
+        client itself when on-link, else the gateway, on the device of that route). The route pops
+        the label; for a label-aware client it swaps S2C for S2C, so the answer still carries it."""
         n = len(session.clients)
         session.clients.append(client)
         host = 32 if ":" not in client else 128
@@ -187,18 +196,20 @@ class Balancer:
                                    pref=PREF_IPV6 if host == 128 else PREF_IPV4)
             plan.ops.append(ops.Add(flt))
             session.objects.append(flt)
-        route = ops.MplsRoute(session.s2c, indev or self.config.interfaces.clients[0], via=client)
+        aware = self.config.clients.is_label_aware(client)
+        route = ops.MplsRoute(session.s2c, hop.dev, via=hop.via or client,
+                              out_labels=(session.s2c,) if aware else ())
         plan.ops.append(ops.Replace(route) if n else ops.Add(route))
         session.objects = [o for o in session.objects if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
         session.objects.append(route)
 
     def _rekey(self, session: Session, svc: Service, info: Packet, key: SessionKey,
-               indev: str | None, plan: Plan) -> None:
+               hop: ops.NextHop, plan: Plan) -> None:
         """Same home address, new care-of address: same server, same labels; answers now go to
         the new address. The old address's filter stays until the session ends."""
         self.counters["rekeyed"] += 1
         start = len(plan.ops)
-        self._add_client(session, svc, info, key.client, indev, plan)
+        self._add_client(session, svc, info, key.client, hop, plan)
         first, _ = plan.groups.get(session.id, (start, start))
         plan.groups[session.id] = (first, len(plan.ops))
 
@@ -235,7 +246,7 @@ class Balancer:
             if isinstance(event, FlowsEnded):
                 ended = event.flows
             else:
-                self.counters["conntrack_resyncs"] += 1
+                self.counters["conntrack_sweeps" if event.sweep else "conntrack_resyncs"] += 1
                 ended = tuple(f for f in self.table.flows() if f not in event.live)
             for flow in ended:
                 session = self.table.end_flow(flow)
@@ -269,8 +280,10 @@ class Balancer:
     def restore(self, installed: Sequence[ops.Installed], live: frozenset[FlowKey], now: float) -> list[ops.Operation]:
         """Rebuild the session table from our kernel objects after a restart (the kernel is the
         source of truth). Filters name their session by handle (C2S << 8 | n), their client and
-        VIP by match, their server by transport label; flows come from a conntrack dump. Objects
-        that fit no service or server any more are deleted."""
+        VIP by match, their server by transport label; flows come from a conntrack dump. A
+        session's S2C route is our route at label C2S + 1, whatever its form: pop, or swap to
+        itself (a label-aware client), to the client or its gateway. Objects that fit no service
+        or server any more are deleted."""
         by_transport = {s.transport_label: name for name, s in self.servers.items()}
         routes = {i.obj.label: i.obj for i in installed if isinstance(i.obj, ops.MplsRoute)}
         stale: list[ops.Operation] = []

@@ -6,6 +6,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from orchestrator.dataplane.ops import NextHop
+
 
 @dataclass(frozen=True)
 class FlowKey:
@@ -20,12 +22,16 @@ class FlowKey:
 
 @dataclass(frozen=True)
 class FirstPacket:
-    """The first packet of a new flow, as NFQUEUE handed it over (raw IP, no link layer)."""
+    """The first packet of a new flow, as NFQUEUE handed it over (raw IP, no link layer), with
+    the balancer's route to its source (`next_hop`, looked up by the daemon, since the core does
+    no I/O): where a new session's S2C label route must send answers. None: no route, so the
+    client cannot be answered and no session is opened for it."""
 
     queue: int
     packet_id: int
     data: bytes
     indev: str | None = None
+    next_hop: NextHop | None = None
 
 
 @dataclass(frozen=True)
@@ -48,9 +54,12 @@ class FlowsEnded:
 
 @dataclass(frozen=True)
 class FlowTableResync:
-    """Conntrack events were lost: these are all the flows alive now; any other flow ended."""
+    """A dump of our flows in conntrack: any other flow ended. Taken when events were lost
+    (ENOBUFS), and as a periodic sweep (`sweep`): the kernel reports an expired flow's end only
+    when its garbage collector or a lookup reaches it, which can take minutes; a dump does."""
 
     live: frozenset[FlowKey]
+    sweep: bool = False
 
 
 class Action(enum.StrEnum):

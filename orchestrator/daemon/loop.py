@@ -1,24 +1,32 @@
 """What the daemons of every role share: one asyncio loop that reads the queue and conntrack
 sockets, serves the control socket and acts on flags that signals set (signals only set flags,
-as ExaBGP does), and the program step that applies a core's operations and logs failures."""
+as ExaBGP does), the program step that applies a core's operations and logs failures, the
+fail-safe around each batch of queued packets, and the control requests every role answers
+(`status`, `sessions`, `routes`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
+from orchestrator.capture import nftables
 from orchestrator.capture.conntrack import ConntrackListener
-from orchestrator.capture.nfqueue import NfQueue
-from orchestrator.core.events import FlowsEnded, FlowTableResync
+from orchestrator.capture.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, NfQueue, QueuedPacket, Verdict, accept_all
+from orchestrator.config.model import BalancerConfig, Setup
+from orchestrator.config.server import ServerConfig
+from orchestrator.core.events import Action, FlowsEnded, FlowTableResync, PacketVerdict
+from orchestrator.daemon import node_setup
 from orchestrator.daemon.control import ControlServer
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink.provider import NetlinkProvider
 
 log = logging.getLogger("mplsorch")
 TICK = 0.25
+SWEEP = 10.0  # seconds between conntrack sweeps: how late at most a flow's end is noticed
 
 
 class FlowCore(Protocol):
@@ -27,10 +35,16 @@ class FlowCore(Protocol):
     def on_flow_events(self, events: list[FlowsEnded | FlowTableResync], now: float) -> None: ...
 
 
-class Daemon:
-    """A role's daemon: subclasses give setup, the packet handler, reload, tick, shutdown and the
-    control requests; this class runs them in order and owns the sockets' lifetime."""
+Request = Callable[[float], dict[str, Any]]
 
+
+class Daemon:
+    """A role's daemon: subclasses give setup, the batch decision, reload, tick, shutdown and
+    their sessions and status; this class runs them in order, owns the sockets' lifetime and
+    answers the control socket."""
+
+    role: str
+    config: BalancerConfig | ServerConfig
     core: FlowCore
     control_socket: str
 
@@ -43,6 +57,7 @@ class Daemon:
         self.wake = asyncio.Event()
         self.started = time.time()
         self.op_results: dict[str, int] = {"ok": 0, "error": 0}
+        self.next_sweep = time.monotonic() + SWEEP
 
     def program(self, operations: list[ops.Operation], why: str) -> list[ops.OpResult]:
         if not operations:
@@ -54,11 +69,32 @@ class Daemon:
                 log.error("%s: %s", why, r)
         return results
 
+    def make_ready(self, config: BalancerConfig | ServerConfig) -> None:
+        """Raise NodeNotReady naming every problem of this node for the role; with
+        `node.setup: apply` fix them first."""
+        system = node_setup.HostSystem(self.provider)
+        for line in node_setup.make_ready(config, system, fix=config.node.setup is Setup.APPLY):
+            log.info("node setup: %s", line)
+
+    def on_packets(self) -> None:
+        """The queue is readable: decide one batch. A bug must not strand queued packets: they
+        are let go unlabelled, loudly."""
+        assert self.queue is not None
+        batch = self.queue.read_batch(self.config.nfqueue.batch)
+        if not batch:
+            return
+        try:
+            self.decide(batch)
+        except Exception:
+            log.exception("first-packet batch failed; accepting its %d packets unlabelled", len(batch))
+            self.core.counters["batch_errors"] += 1
+            self.queue.send_verdicts(accept_all(batch))
+
     # -- hooks ----------------------------------------------------------------------------------------
     def setup(self) -> None:
         raise NotImplementedError
 
-    def on_packets(self) -> None:
+    def decide(self, batch: list[QueuedPacket]) -> None:
         raise NotImplementedError
 
     def reload(self) -> None:
@@ -68,13 +104,43 @@ class Daemon:
         raise NotImplementedError
 
     def shutdown(self) -> None:
+        """After the queue and conntrack sockets are closed, before the provider is."""
         raise NotImplementedError
 
-    def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
+    def session_views(self) -> Iterable[dict[str, Any]]:
+        """The documented rows of `mplsorch sessions --json`, times still monotonic."""
+        raise NotImplementedError
+
+    def status_details(self, now: float) -> dict[str, Any]:
+        """The role's own keys of `mplsorch status --json`."""
         raise NotImplementedError
 
     def running_message(self) -> str:
         return "running"
+
+    # -- control socket -------------------------------------------------------------------------------
+    def requests(self) -> dict[str, Request]:
+        """The control socket's commands (each gets the monotonic time); a role adds its own."""
+        return {"status": self.status, "sessions": self.sessions, "routes": self.routes}
+
+    def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request.get("cmd")
+        handler = self.requests().get(cmd) if isinstance(cmd, str) else None
+        if handler is None:
+            return {"error": f"unknown command {cmd!r}"}
+        return handler(time.monotonic())
+
+    def status(self, now: float) -> dict[str, Any]:
+        return {"role": self.role, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
+                **self.status_details(now), "counters": dict(self.core.counters),
+                "dataplane_ops": dict(self.op_results), "nft_counters": nftables.counters()}
+
+    def sessions(self, now: float) -> dict[str, Any]:
+        return {"role": self.role, "sessions": [session_json(view, now) for view in self.session_views()]}
+
+    def routes(self, now: float) -> dict[str, Any]:
+        return {"routes": [{"object": i.obj.describe(), "kind": type(i.obj).__name__,
+                            "offload": i.offload.describe()} for i in self.provider.dump()]}
 
     # -- the loop -----------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -98,12 +164,17 @@ class Daemon:
                 if "reload" in self.flags:
                     self.flags.discard("reload")
                     self.reload()
+                if time.monotonic() >= self.next_sweep:
+                    self._sweep()
                 self.tick()
         finally:
             loop.remove_reader(self.queue.fileno())
             loop.remove_reader(self.conntrack.fileno())
             await control.stop()
+            self.queue.close()
+            self.conntrack.close()
             self.shutdown()
+            self.provider.close()
         return 0
 
     def _flag(self, flag: str) -> None:
@@ -112,10 +183,48 @@ class Daemon:
 
     def _on_conntrack(self) -> None:
         assert self.conntrack is not None
+        self._flow_events(self.conntrack.read)
+
+    def _sweep(self) -> None:
+        """Expired flows end now rather than when conntrack's garbage collector gets to them.
+        Pending destroy events are read first, so the dump is never older than what the core knows."""
+        assert self.conntrack is not None
+        self.next_sweep = time.monotonic() + SWEEP
+        self._on_conntrack()
+        self._flow_events(lambda: [self.conntrack.sweep()] if self.conntrack else [])
+
+    def _flow_events(self, read: Callable[[], list[FlowsEnded | FlowTableResync]]) -> None:
         try:
-            events = self.conntrack.read()
+            events = read()
             if events:
                 self.core.on_flow_events(events, time.monotonic())
         except Exception:
             log.exception("conntrack events failed")
             self.core.counters["conntrack_errors"] += 1
+
+
+def session_json(view: dict[str, Any], now: float) -> dict[str, Any]:
+    """Times as Unix seconds (the cores keep monotonic time)."""
+    shift = time.time() - now
+    out = dict(view)
+    for key in ("created", "last_seen", "ends_at"):
+        if out.get(key) is not None:
+            out[key] = round(out[key] + shift, 3)
+    return out
+
+
+def nf_verdict(v: PacketVerdict) -> Verdict:
+    """A core's verdict as nfqueue's. A refused packet goes back through the ruleset with the
+    mark of its refusal, where the kernel rejects it (TCP RST or ICMP)."""
+    if v.action == Action.ACCEPT:
+        return Verdict(v.queue, v.packet_id, NF_ACCEPT)
+    if v.action == Action.REFUSE:
+        mark = nftables.MARK_RST if v.refuse_with == "rst" else nftables.MARK_ICMP
+        return Verdict(v.queue, v.packet_id, NF_REPEAT, mark)
+    return Verdict(v.queue, v.packet_id, NF_DROP)
+
+
+def serve(daemon: Daemon) -> int:
+    """`mplsorch run`: log to stderr and run the daemon until SIGTERM/SIGINT."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s mplsorch %(levelname)s %(message)s")
+    return asyncio.run(daemon.run())

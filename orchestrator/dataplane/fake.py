@@ -16,7 +16,9 @@ net/ipv4/fib_trie.c, net/core/fib_rules.c, net/sched/cls_api.c, cls_flower.c, sc
 - `replace` of an existing clsact qdisc is a no-op success (no options to change);
 - skip_sw (OffloadPolicy.REQUIRED) on a device that cannot offload gives EOPNOTSUPP.
 
-Not modelled: plain IP routes, neighbours, sysctls (conf.<dev>.input is taken as enabled where the
+Plain IP routes are modelled only as far as the balancer looks them up (`add_ip_route`,
+`routes_to`: longest prefix match, no route gives None as the kernel's ENETUNREACH does); they
+forward nothing. Not modelled: neighbours, sysctls (conf.<dev>.input is taken as enabled where the
 reference enables it, including lo on servers).
 """
 
@@ -39,6 +41,7 @@ from orchestrator.dataplane.ops import (
     Installed,
     MplsPush,
     MplsRoute,
+    NextHop,
     OffloadPolicy,
     OffloadState,
     OpResult,
@@ -93,6 +96,8 @@ class FakeProvider:
         # One dict keyed by obj.key: insertion order is kept, and Replace keeps the position
         # (which matters for rules of equal priority, evaluated in insertion order by the kernel).
         self._objects: dict[tuple[object, ...], DataplaneObject] = {}
+        self._ip_routes: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, NextHop] = {}
+        self.route_queries: list[tuple[str, ...]] = []  # the addresses of each routes_to call
 
     # ---- Provider ----
 
@@ -101,6 +106,29 @@ class FakeProvider:
 
     def dump(self) -> list[Installed]:
         return [Installed(obj, self._offload_state(obj)) for obj in self._objects.values()]
+
+    def routes_to(self, addresses: Iterable[str]) -> dict[str, NextHop | None]:
+        """The node's route to each address, as the netlink provider's RTM_GETROUTE answers it."""
+        wanted = tuple(dict.fromkeys(addresses))
+        self.route_queries.append(wanted)
+        out: dict[str, NextHop | None] = {}
+        for address in wanted:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                out[address] = None
+                continue
+            nets = [net for net in self._ip_routes if ip in net]
+            out[address] = self._ip_routes[max(nets, key=lambda n: n.prefixlen)] if nets else None
+        return out
+
+    # ---- plain IP routes (for lookups only) ----
+
+    def add_ip_route(self, prefix: str, dev: str, via: str | None = None) -> None:
+        """`ip route replace PREFIX [via GATEWAY] dev DEV`: without `via` the prefix is on-link."""
+        if dev not in self.devices:
+            raise ValueError(f"no such device {dev}")
+        self._ip_routes[ipaddress.ip_network(prefix)] = NextHop(dev, via)
 
     # ---- forwarding queries (pure functions of the model) ----
 

@@ -337,6 +337,16 @@ class Installed:
     offload: OffloadState = OffloadState()
 
 
+@dataclass(frozen=True)
+class NextHop:
+    """The node's own route to an address, as a provider's route lookup answers it: the device,
+    and the gateway (None: the address is on-link on `dev`). The S2C label route of a client
+    goes there, since an MPLS route can only name a neighbour."""
+
+    dev: str
+    via: str | None = None
+
+
 class InvalidOperation(ValueError):
     """An operation that cannot be encoded at all (checked before anything reaches the kernel)."""
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
-from orchestrator.dataplane.ops import Installed, OpResult, Operation
+from orchestrator.dataplane.ops import Installed, NextHop, OpResult, Operation
 
 
 class Provider(Protocol):
@@ -15,4 +15,9 @@ class Provider(Protocol):
 
     def dump(self) -> list[Installed]:
         """Our own objects as currently installed (nothing of other route owners)."""
+        ...
+
+    def routes_to(self, addresses: Iterable[str]) -> dict[str, NextHop | None]:
+        """The node's route to each address (all looked up in one request batch): its device and
+        gateway, or None where there is no usable route (unreachable, or a local address)."""
         ...

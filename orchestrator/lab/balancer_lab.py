@@ -38,6 +38,7 @@ def lab_config(sock: Path, **changes: str) -> str:
                "persistence_timeout: 30s\n    scheduler: maglev": "persistence_timeout: 3600s\n    scheduler: maglev",
                "persistence_timeout: 30s\n    scheduler: wrr": "persistence_timeout: 2s\n    scheduler: wrr",
                "hold_down: 2s": "hold_down: 1s",
+               "setup: check ": "setup: apply ",  # the lab proves apply: conntrack's checksum check goes
                "control_socket: /run/mplsorch/mplsorch.sock": f"control_socket: {sock}", **changes}
     for old, new in replace.items():
         if old not in text:

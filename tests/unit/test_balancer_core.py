@@ -9,6 +9,7 @@ from pathlib import Path
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
 
+from orchestrator.analyze.packet import source_address
 from orchestrator.config.load import parse_config
 from orchestrator.core.balancer import Balancer
 from orchestrator.core.events import Action, FirstPacket, FlowsEnded, FlowTableResync
@@ -36,16 +37,21 @@ class Node:
 
     def __init__(self, cfg=None, now: float = 1000.0) -> None:  # type: ignore[no-untyped-def]
         self.core = Balancer(cfg or config(), now)
-        self.kernel = FakeProvider(["lan0", "fab0"])
+        self.kernel = FakeProvider(["lan0", "lan1", "fab0"])
         assert all(r.ok for r in self.kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))]))
+        # The client LANs are on-link on lan0 (tests add routes through gateways).
+        self.kernel.add_ip_route("10.0.0.0/16", "lan0")
+        self.kernel.add_ip_route("2001:db8::/32", "lan0")
         self.now = now
         self.seq = 0
 
     def packets(self, *datas: bytes):  # type: ignore[no-untyped-def]
         batch = []
-        for data in datas:
+        sources = [source_address(data) for data in datas]
+        hops = self.kernel.routes_to(s for s in sources if s is not None)
+        for data, src in zip(datas, sources):
             self.seq += 1
-            batch.append(FirstPacket(0, self.seq, data, "lan0"))
+            batch.append(FirstPacket(0, self.seq, data, "lan0", hops.get(src) if src else None))
         plan = self.core.on_packets(batch, self.now)
         results = self.kernel.apply(plan.ops)
         commit = self.core.commit(plan, results, self.now)

@@ -35,3 +35,72 @@ def test_a_parsed_destroy_ends_a_session_in_the_core() -> None:
     node.core.on_flow_events([FlowsEnded((flow,))], node.now)
     node.advance(31)
     assert len(node.core.table) == 0
+
+
+def test_dumps_ask_the_kernel_only_for_the_flows_our_rulesets_tag() -> None:
+    from pathlib import Path
+
+    from orchestrator.capture import nftables
+    from orchestrator.config import load_balancer_config, load_server_config
+
+    a = nla.attrs(ct.mark_filter())
+    mark, mask = (struct.unpack("!I", a[k])[0] for k in (ct.CTA_MARK, ct.CTA_MARK_MASK))
+    assert mark & mask == mark == ct.CT_TAG
+    templates = Path(__file__).resolve().parents[2] / "templates"
+    rulesets = (nftables.render(load_balancer_config(templates / "balancer.example.yaml")),
+                nftables.render_server(load_server_config(templates / "server.example.yaml")))
+    for ruleset in rulesets:
+        queue_rules = [line for line in ruleset.splitlines() if " queue " in line]
+        assert queue_rules
+        # (mark & keep) | tag: the tag in the bits the dump filters on, an operator's other bits kept
+        keep = ~mask & 0xFFFFFFFF
+        assert all(f"ct mark set ct mark and {keep:#010x} or {mark:#010x} " in line for line in queue_rules), ruleset
+
+
+def test_a_sweep_ends_the_flows_conntrack_no_longer_holds_and_keeps_the_others() -> None:
+    from tests.unit.test_balancer_core import Node
+    from scapy.layers.inet import IP, UDP
+
+    from orchestrator.core.events import FlowTableResync
+    from orchestrator.core.sessions import State
+
+    node = Node()
+    gone, alive = FlowKey(17, "10.0.1.12", "10.0.0.100", 40000, 53), FlowKey(17, "10.0.1.11", "10.0.0.100", 40001, 53)
+    for f in (gone, alive):
+        node.packets(bytes(IP(src=f.src, dst=f.dst) / UDP(sport=f.sport, dport=f.dport)))
+    node.core.on_flow_events([FlowTableResync(frozenset({alive}), sweep=True)], node.now)
+    assert node.core.table.by_flow(gone) is None and node.core.table.by_flow(alive) is not None
+    states = {s.key.client: s.state for s in node.core.table}
+    assert states == {"10.0.1.12": State.DRAINING, "10.0.1.11": State.SERVING}
+    assert node.core.counters["conntrack_sweeps"] == 1 and node.core.counters["conntrack_resyncs"] == 0
+
+
+def test_the_daemon_sweeps_after_reading_pending_events_and_on_a_timer() -> None:
+    from orchestrator.core.events import FlowTableResync
+    from orchestrator.daemon import loop
+
+    calls: list[str] = []
+    seen: list[object] = []
+
+    class Listener:
+        def read(self) -> list[object]:
+            calls.append("read")
+            return []
+
+        def sweep(self) -> FlowTableResync:
+            calls.append("sweep")
+            return FlowTableResync(frozenset(), sweep=True)
+
+    class Core:
+        counters: dict[str, int] = {}
+
+        def on_flow_events(self, events: list[object], now: float) -> None:
+            seen.extend(events)
+
+    d = loop.Daemon.__new__(loop.Daemon)
+    d.conntrack, d.core = Listener(), Core()  # type: ignore[assignment]
+    import time
+
+    d._sweep()
+    assert calls == ["read", "sweep"] and seen == [FlowTableResync(frozenset(), sweep=True)]
+    assert loop.SWEEP - 1 < d.next_sweep - time.monotonic() <= loop.SWEEP

@@ -13,7 +13,7 @@ from orchestrator.dataplane.netlink.constants import (
     AF_INET6, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, FRA_PRIORITY, FRA_PROTOCOL, FRA_SRC, FRA_TABLE,
     LWTUNNEL_ENCAP_MPLS, MPLS_IPTUNNEL_DST, RT_PROTO, RTA_DST,
     RTA_ENCAP, RTA_ENCAP_TYPE, RTA_GATEWAY, RTA_NEWDST, RTA_OIF, RTA_TABLE, RTA_VIA, RTM_F_OFFLOAD,
-    RTM_F_OFFLOAD_FAILED, RTM_F_TRAP, RTNH_F_OFFLOAD, RTNH_F_TRAP, TC_COOKIE_PREFIX,
+    RTM_F_OFFLOAD_FAILED, RTM_F_TRAP, RTN_UNICAST, RTNH_F_OFFLOAD, RTNH_F_TRAP, TC_COOKIE_PREFIX,
     TC_H_MIN_EGRESS, TCA_ACT_COOKIE, TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_CLS_FLAGS_IN_HW,
     TCA_CLS_FLAGS_SKIP_HW, TCA_CLS_FLAGS_SKIP_SW, TCA_FLOWER_ACT, TCA_FLOWER_FLAGS,
     TCA_FLOWER_IN_HW_COUNT, TCA_FLOWER_KEY_ETH_TYPE, TCA_FLOWER_KEY_IP_PROTO, TCA_FLOWER_KEY_MPLS_LABEL, TCA_KIND,
@@ -70,6 +70,19 @@ def route(body: memoryview, ifname: Ifname) -> ops.Installed | None:
             via=str(ipaddress.ip_address(bytes(a[RTA_GATEWAY]))) if RTA_GATEWAY in a else None,
             table=nla.get_u32(a[RTA_TABLE]) if RTA_TABLE in a else table)
     return ops.Installed(obj, _route_offload(flags))
+
+
+def next_hop(body: memoryview | bytes, ifname: Ifname) -> ops.NextHop | None:
+    """The answer to a route query (encode.route_query): device and gateway (RTA_GATEWAY, or
+    RTA_VIA for an IPv4 route via an IPv6 gateway; neither: on-link). None for anything but a
+    unicast route out of a device: a local address, a broadcast, a blackhole."""
+    _family, _dst_len, _src_len, _tos, _table, _proto, _scope, rtype, _flags = _RTMSG.unpack_from(body)
+    a = nla.attrs(body, _RTMSG.size)
+    if rtype != RTN_UNICAST or RTA_OIF not in a:
+        return None
+    via = str(ipaddress.ip_address(bytes(a[RTA_GATEWAY]))) if RTA_GATEWAY in a else (
+        _via(a[RTA_VIA]) if RTA_VIA in a else None)
+    return ops.NextHop(ifname(nla.get_u32(a[RTA_OIF])), via)
 
 
 def rule(body: memoryview) -> ops.Installed | None:

@@ -20,7 +20,7 @@ from orchestrator.dataplane.netlink.constants import (
     MPLS_IPTUNNEL_DST, NLA_F_NESTED, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, RT_PROTO,
     RT_SCOPE_UNIVERSE, RT_TABLE_MAIN, RTA_DST, RTA_ENCAP, RTA_ENCAP_TYPE, RTA_GATEWAY, RTA_NEWDST,
     RTA_OIF, RTA_TABLE, RTA_VIA, RTM_DELQDISC, RTM_DELROUTE, RTM_DELRULE, RTM_DELTFILTER,
-    RTM_NEWQDISC, RTM_NEWROUTE, RTM_NEWRULE, RTM_NEWTFILTER, RTN_UNICAST, TC_ACT_PIPE,
+    RTM_GETROUTE, RTM_NEWQDISC, RTM_NEWROUTE, RTM_NEWRULE, RTM_NEWTFILTER, RTN_UNICAST, TC_ACT_PIPE,
     TC_COOKIE_PREFIX, TC_H_CLSACT, TC_H_MIN_EGRESS, TC_H_MIN_INGRESS, TCA_ACT_COOKIE, TCA_ACT_KIND,
     TCA_ACT_OPTIONS, TCA_CLS_FLAGS_SKIP_HW, TCA_CLS_FLAGS_SKIP_SW, TCA_FLOWER_ACT,
     TCA_FLOWER_FLAGS, TCA_FLOWER_KEY_ETH_TYPE, TCA_FLOWER_KEY_IP_PROTO, TCA_FLOWER_KEY_IPV4_DST, TCA_FLOWER_KEY_MPLS_LABEL,
@@ -119,6 +119,15 @@ def mpls_route(op: ops.Operation, obj: ops.MplsRoute, ifindex: Ifindex) -> Reque
         stack = label_stack(obj.out_labels)
         body += _ATTR_HDR.pack(4 + len(stack), RTA_NEWDST) + stack
     return RTM_NEWROUTE, _FLAGS[op.verb], body
+
+
+def route_query(address: str) -> Request:
+    """RTM_GETROUTE for one address: the route the node's own packets to it take (the resolved
+    route, one path of a multipath one). With strict checking the kernel wants every header
+    field but the family and a full-length rtm_dst_len at zero. Raises InvalidOperation."""
+    version, packed = ops.parse_address(address)
+    body = _RTMSG.pack(_family(version), 32 if version == 4 else 128, 0, 0, 0, 0, 0, 0, 0)
+    return RTM_GETROUTE, NLM_F_REQUEST, body + nla.attr(RTA_DST, packed)
 
 
 def encap_route(op: ops.Operation, obj: ops.EncapRoute, ifindex: Ifindex) -> Request:

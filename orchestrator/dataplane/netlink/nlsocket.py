@@ -138,15 +138,8 @@ class NetlinkSocket:
     def transact(self, requests: Sequence[tuple[int, int, bytes]]) -> list[KernelError | None]:
         """Send every request; return per request None (done) or its KernelError."""
         results: list[KernelError | None] = [None] * len(requests)
-        start = 0
-        while start < len(requests):
-            end, size = start, 0
-            while end < len(requests) and end - start < CHUNK_MESSAGES and (
-                    size < CHUNK_BYTES or end == start):
-                size += 16 + len(requests[end][2])
-                end += 1
+        for start, end in _chunks(requests):
             self._transact_chunk(requests, start, end, results)
-            start = end
         return results
 
     def _transact_chunk(self, requests: Sequence[tuple[int, int, bytes]], start: int, end: int,
@@ -163,6 +156,35 @@ class NetlinkSocket:
                 results[start + seq - first] = parse_error(flags, body)
                 if seq == last_seq:
                     return
+
+    def query(self, requests: Sequence[tuple[int, int, bytes]]) -> list[tuple[int, bytes] | KernelError]:
+        """Get requests that each have one answer (RTM_GETROUTE for one address, ...), a chunk
+        per sendmsg with an ACK asked only of its last request: the kernel answers a chunk's
+        requests in order, each with its reply or an error carrying its sequence number, so
+        when the last one's ACK (or error) arrives every answer of the chunk is in. Returns per
+        request its answer (message type, body) or its KernelError."""
+        results: list[tuple[int, bytes] | KernelError | None] = [None] * len(requests)
+        for start, end in _chunks(requests):
+            first = self._next_seqs(end - start)
+            last_seq = first + end - start - 1
+            self._sock.sendall(b"".join(
+                nla.message(kind, flags | NLM_F_REQUEST | (NLM_F_ACK if i == end - 1 else 0),
+                            first + i - start, body)
+                for i, (kind, flags, body) in enumerate(requests[start:end], start=start)))
+            done = False
+            while not done:
+                for kind, flags, seq, body in nla.messages(self._recv()):
+                    if not first <= seq <= last_seq:
+                        continue  # a late reply of an earlier exchange, or a notification
+                    i = start + seq - first
+                    if kind == NLMSG_ERROR:
+                        error = parse_error(flags, body)
+                        if error is not None:
+                            results[i] = error
+                        done = done or seq == last_seq
+                    else:
+                        results[i] = (kind, bytes(body))  # copied: the receive buffer is reused
+        return [r if r is not None else KernelError(errno_mod.ENOMSG, "no answer") for r in results]
 
     def dump(self, kind: int, body: bytes) -> list[tuple[int, memoryview]]:
         """All messages of a dump request as (type, body); restarted if the kernel says the
@@ -192,3 +214,17 @@ class NetlinkSocket:
             if not interrupted:
                 return out
         raise DumpInterrupted(f"dump of message type {kind} kept changing; gave up after {DUMP_RETRIES}")
+
+
+def _chunks(requests: Sequence[tuple[int, int, bytes]]) -> Iterator[tuple[int, int]]:
+    """(start, end) of each chunk: at most CHUNK_MESSAGES messages, CHUNK_BYTES unless one
+    message alone is bigger."""
+    start = 0
+    while start < len(requests):
+        end, size = start, 0
+        while end < len(requests) and end - start < CHUNK_MESSAGES and (
+                size < CHUNK_BYTES or end == start):
+            size += 16 + len(requests[end][2])
+            end += 1
+        yield start, end
+        start = end

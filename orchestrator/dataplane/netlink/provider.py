@@ -9,13 +9,13 @@ import errno
 import gc
 import socket
 import struct
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import decode, encode, nla
 from orchestrator.dataplane.netlink.constants import (
     AF_INET, AF_INET6, AF_MPLS, AF_UNSPEC, IFLA_IFNAME, RT_PROTO, RTM_GETLINK, RTM_GETQDISC,
-    RTM_GETROUTE, RTM_GETRULE, RTM_GETTFILTER, RTM_NEWLINK, TC_H_CLSACT,
+    RTM_GETROUTE, RTM_GETRULE, RTM_GETTFILTER, RTM_NEWLINK, RTM_NEWROUTE, TC_H_CLSACT,
 )
 from orchestrator.dataplane.netlink.nlsocket import KernelError, NetlinkSocket
 
@@ -167,6 +167,29 @@ class NetlinkProvider:
             if filters:
                 out.append(ops.Installed(ops.ClsactQdisc(self.ifname(ifindex))))
                 out.extend(filters)
+        return out
+
+    # -- route lookups --------------------------------------------------------------------------
+    def routes_to(self, addresses: Iterable[str]) -> dict[str, ops.NextHop | None]:
+        """This node's route to each address: device and gateway (None as gateway: on-link), or
+        None where there is no usable route (the kernel's error, e.g. ENETUNREACH, or a route
+        that is not unicast out of a device). All lookups go in one sendmsg; the answers are
+        matched to their address by sequence number. The balancer asks this of each batch's
+        client addresses: an S2C label route can only name a neighbour."""
+        out: dict[str, ops.NextHop | None] = {}
+        wanted: list[str] = []
+        requests: list[tuple[int, int, bytes]] = []
+        for address in dict.fromkeys(addresses):
+            out[address] = None
+            try:
+                requests.append(encode.route_query(address))
+            except ValueError:  # not an address: no route to it
+                continue
+            wanted.append(address)
+        answers = self._sock.query(requests) if requests else []
+        for address, answer in zip(wanted, answers):
+            if isinstance(answer, tuple) and answer[0] == RTM_NEWROUTE:
+                out[address] = decode.next_hop(answer[1], self.ifname)
         return out
 
     def addresses(self, dev: str) -> list[str]:

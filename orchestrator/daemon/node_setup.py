@@ -1,0 +1,285 @@
+"""Is this node ready for its role? Kernel modules, sysctls, and on a server the VIPs on lo and
+rp_filter; on a balancer forwarding and, for Mobile IPv6 services, conntrack's checksum check.
+
+A daemon refuses to start half-configured: `check` (`check_balancer`) returns every problem at
+once, each naming the exact module, sysctl or address and the command that fixes it; with
+`node.setup: apply` the daemon runs those fixes itself and checks again. The checks are pure functions over a `NodeSystem`
+(the real one reads /proc/sys, /sys/module and the provider), so unit tests need no root.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from orchestrator.analyze.keys import SessionKeyKind
+from orchestrator.config.model import BalancerConfig
+from orchestrator.config.server import ServerConfig
+from orchestrator.dataplane.netlink.provider import NetlinkProvider, UnknownDevice
+
+MPLS_MODULE = "mpls_router"  # present when net.mpls.platform_labels exists
+CONNTRACK_MODULE = "nf_conntrack"  # present when net.netfilter.nf_conntrack_checksum exists
+# Modules the agent's objects need besides mpls_router: lwtunnel MPLS encap (return routes), clsact
+# (sch_ingress), cls_flower and act_skbedit (the label-marking filters), nfnetlink_queue (first packets).
+MODULES = ("mpls_iptunnel", "sch_ingress", "cls_flower", "act_skbedit", "nfnetlink_queue")
+# The balancer's: clsact on the fabric links, flower filters pushing the session labels (act_mpls).
+BALANCER_MODULES = ("sch_ingress", "cls_flower", "act_mpls", "nfnetlink_queue")
+STRICT = 1  # rp_filter 1: strict reverse-path check; 0 off, 2 loose
+
+
+def sysctl_name(*parts: str) -> str:
+    """sysctl(8)'s name: dots between the parts, and a dot inside a part (a device like eth0.100)
+    written as a slash."""
+    return ".".join(p.replace(".", "/") for p in parts)
+
+
+class NodeSystem(Protocol):
+    """What the checks read and the fixes change."""
+
+    def sysctl(self, *parts: str) -> str | None:
+        """The value of net.X.Y (as path parts), None when it does not exist."""
+
+    def module(self, name: str) -> bool | None:
+        """True when loaded, built in or installed (the kernel loads it on first use), False when
+        none of these, None when that cannot be told."""
+
+    def device_exists(self, dev: str) -> bool: ...
+
+    def addresses(self, dev: str) -> set[str]: ...
+
+    def write_sysctl(self, parts: tuple[str, ...], value: str) -> None: ...
+
+    def modprobe(self, name: str) -> None: ...
+
+    def add_address(self, dev: str, address: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Fix:
+    """One action that makes the node ready; `command` is how an operator would do it by hand."""
+
+    kind: str                 # "sysctl" | "modprobe" | "address"
+    target: tuple[str, ...]   # the sysctl's path parts, (module,) or (dev, address/prefix)
+    value: str = ""
+
+    @property
+    def command(self) -> str:
+        if self.kind == "sysctl":
+            return f"sysctl -w {sysctl_name(*self.target)}={self.value}"
+        if self.kind == "modprobe":
+            return f"modprobe {self.target[0]}"
+        return f"ip address add {self.target[1]} dev {self.target[0]}"
+
+    def apply(self, system: NodeSystem) -> None:
+        if self.kind == "sysctl":
+            system.write_sysctl(self.target, self.value)
+        elif self.kind == "modprobe":
+            system.modprobe(self.target[0])
+        else:
+            system.add_address(*self.target)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What is wrong, and either a Fix or, when the agent cannot fix it, what to do."""
+
+    text: str
+    fix: Fix | None = None
+    hint: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.text}; fix: {self.fix.command if self.fix else self.hint}"
+
+
+class NodeNotReady(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("; ".join(map(str, problems)))
+        self.problems = problems
+
+
+def check(config: ServerConfig, system: NodeSystem) -> list[Problem]:
+    """Every problem of a server node."""
+    problems, devices = _mpls(system, MODULES, config.block[1], config.fabric, "lo")
+    problems += _rp_filter(system, ["lo", *devices])
+    on_lo = system.addresses("lo")
+    for vip in config.vips:
+        if str(vip.address) not in on_lo:
+            problems.append(Problem(f"VIP {vip.address} is not on lo (servers answer from it)",
+                                    Fix("address", ("lo", f"{vip.address}/{vip.address.max_prefixlen}"))))
+    return problems
+
+
+def check_balancer(config: BalancerConfig, system: NodeSystem) -> list[Problem]:
+    """Every problem of a balancer node."""
+    problems, _ = _mpls(system, BALANCER_MODULES, config.labels.range[1], config.interfaces.fabric, None)
+    for version in sorted({s.vip.version for s in config.services}):
+        parts = ("net", "ipv4", "ip_forward") if version == 4 else ("net", "ipv6", "conf", "all", "forwarding")
+        if system.sysctl(*parts) != "1":
+            problems.append(Problem(f"sysctl {sysctl_name(*parts)} is {system.sysctl(*parts)}, not 1: "
+                                    f"IPv{version} first packets are not forwarded", Fix("sysctl", parts, "1")))
+    mobile = [s.name for s in config.services if s.session_key == SessionKeyKind.MIP6_HOME_ADDRESS]
+    checksum = ("net", "netfilter", "nf_conntrack_checksum")
+    value = system.sysctl(*checksum)
+    if mobile and value is None:
+        # Its sysctls appear when the module loads (at the latest with our ruleset), at their defaults.
+        problems.append(Problem(f"kernel module {CONNTRACK_MODULE} is not loaded (no {sysctl_name(*checksum)})",
+                                Fix("modprobe", (CONNTRACK_MODULE,))))
+    if mobile and value != "0":
+        now = f"is {value}" if value is not None else f"will be 1 ({CONNTRACK_MODULE} is not loaded)"
+        problems.append(Problem(
+            f"sysctl {sysctl_name(*checksum)} {now}: a mobile node computes its transport checksum over its home "
+            f"address (RFC 6275), so conntrack would judge every packet of service {', '.join(mobile)} invalid "
+            "and never queue its first packet (the servers still verify checksums)", Fix("sysctl", checksum, "0")))
+    return problems
+
+
+def _mpls(system: NodeSystem, modules: tuple[str, ...], last_label: int, fabric: tuple[str, ...],
+          local: str | None) -> tuple[list[Problem], list[str]]:
+    """The problems of the MPLS side, modules first (so that applying the fixes in order works even
+    when mpls_router is missing: its sysctls are then judged by their values after loading, 0),
+    and the fabric devices that exist. `local`: a device labelled packets are delivered to."""
+    problems: list[Problem] = []
+    mpls_loaded = system.sysctl("net", "mpls", "platform_labels") is not None
+    if not mpls_loaded:
+        problems.append(Problem(f"kernel module {MPLS_MODULE} is not loaded (no net.mpls.platform_labels): "
+                                "no MPLS label routes", Fix("modprobe", (MPLS_MODULE,))))
+    for module in modules:
+        if system.module(module) is False:
+            problems.append(Problem(f"kernel module {module} is not available (not loaded, built in or installed "
+                                    "for this kernel)", hint="install this kernel's modules"))
+
+    def mpls_sysctl(*parts: str) -> int:
+        value = system.sysctl("net", "mpls", *parts) if mpls_loaded else "0"
+        return int(value) if value is not None else 0
+
+    now = "is" if mpls_loaded else f"will be ({MPLS_MODULE} is not loaded)"
+    labels = mpls_sysctl("platform_labels")
+    if labels <= last_label:
+        problems.append(Problem(
+            f"sysctl {sysctl_name('net', 'mpls', 'platform_labels')} {now} {labels}: the session labels end at "
+            f"{last_label}, so it must be greater",
+            Fix("sysctl", ("net", "mpls", "platform_labels"), str(last_label + 1))))
+    devices = []
+    for dev in fabric:
+        if system.device_exists(dev):
+            devices.append(dev)
+        else:
+            problems.append(Problem(f"interface {dev} (interfaces.fabric) does not exist",
+                                    hint="create it or correct interfaces.fabric"))
+    for dev in [*devices, *([local] if local else [])]:
+        if mpls_sysctl("conf", dev, "input") != 1:
+            why = "labelled packets from the fabric" if dev != local else "the C2S termination routes deliver to lo"
+            problems.append(Problem(f"sysctl {sysctl_name('net', 'mpls', 'conf', dev, 'input')} {now} "
+                                    f"{mpls_sysctl('conf', dev, 'input')}, not 1: MPLS input is off ({why})",
+                                    Fix("sysctl", ("net", "mpls", "conf", dev, "input"), "1")))
+    return problems, devices
+
+
+def _rp_filter(system: NodeSystem, devs: list[str]) -> list[Problem]:
+    """Session packets arrive on lo from client addresses whose route leaves elsewhere, so the
+    effective rp_filter (the kernel takes max(all, dev)) must not be strict on lo or the fabric
+    links. One problem per sysctl that makes it strict."""
+    def value(dev: str) -> int:
+        return int(system.sysctl("net", "ipv4", "conf", dev, "rp_filter") or 0)
+
+    every = value("all")
+    strict = [dev for dev in devs if max(every, value(dev)) == STRICT]
+    problems = [Problem(f"sysctl {sysctl_name('net', 'ipv4', 'conf', dev, 'rp_filter')} is 1 (strict): drops "
+                        f"session packets arriving on {dev} from client addresses",
+                        Fix("sysctl", ("net", "ipv4", "conf", dev, "rp_filter"), "0"))
+                for dev in strict if value(dev) == STRICT]
+    if strict and every == STRICT:
+        problems.append(Problem(f"sysctl {sysctl_name('net', 'ipv4', 'conf', 'all', 'rp_filter')} is 1 (strict), "
+                                f"which makes rp_filter strict on {', '.join(strict)}: drops session packets "
+                                "arriving there from client addresses",
+                                Fix("sysctl", ("net", "ipv4", "conf", "all", "rp_filter"), "0")))
+    return problems
+
+
+def apply(problems: list[Problem], system: NodeSystem) -> list[str]:
+    """Run every fix in order; one line per fix saying what was done or why it failed."""
+    done = []
+    for problem in problems:
+        if problem.fix is None:
+            continue
+        try:
+            problem.fix.apply(system)
+            done.append(f"done: {problem.fix.command}")
+        except (OSError, subprocess.CalledProcessError) as exc:
+            detail = exc.stderr.strip() if isinstance(exc, subprocess.CalledProcessError) and exc.stderr else exc
+            done.append(f"failed: {problem.fix.command}: {detail}")
+    return done
+
+
+def make_ready(config: ServerConfig | BalancerConfig, system: NodeSystem, fix: bool) -> list[str]:
+    """Check the node for its role; with `fix`, apply the fixes and check again. Returns what was
+    done; raises NodeNotReady with every remaining problem."""
+    checker = check if isinstance(config, ServerConfig) else check_balancer
+    problems = checker(config, system)  # type: ignore[arg-type]
+    done = apply(problems, system) if problems and fix else []
+    if done:
+        problems = checker(config, system)  # type: ignore[arg-type]
+    if problems:
+        raise NodeNotReady(problems)
+    return done
+
+
+class HostSystem:
+    """The node this process runs on (its network namespace): /proc/sys, /sys/module, the
+    kernel's modules.builtin and modules.dep, and the provider for devices and addresses."""
+
+    def __init__(self, provider: NetlinkProvider, proc_sys: Path = Path("/proc/sys"),
+                 sys_module: Path = Path("/sys/module"),
+                 modules_dir: Path = Path("/lib/modules") / os.uname().release) -> None:
+        self.provider = provider
+        self.proc_sys = proc_sys
+        self.sys_module = sys_module
+        self.modules_dir = modules_dir
+
+    def sysctl(self, *parts: str) -> str | None:
+        try:
+            return self.proc_sys.joinpath(*parts).read_text().strip()
+        except OSError:
+            return None
+
+    def module(self, name: str) -> bool | None:
+        if (self.sys_module / name).exists():
+            return True
+        known = False
+        for listing in ("modules.builtin", "modules.dep"):
+            try:
+                lines = (self.modules_dir / listing).read_text().splitlines()
+            except OSError:
+                continue
+            known = True
+            if any(_module_name(line) == name for line in lines):
+                return True
+        return False if known else None  # no listing to read: cannot tell
+
+    def device_exists(self, dev: str) -> bool:
+        try:
+            self.provider.ifindex(dev)
+        except UnknownDevice:
+            return False
+        return True
+
+    def addresses(self, dev: str) -> set[str]:
+        return set(self.provider.addresses(dev))
+
+    def write_sysctl(self, parts: tuple[str, ...], value: str) -> None:
+        self.proc_sys.joinpath(*parts).write_text(value + "\n")
+
+    def modprobe(self, name: str) -> None:
+        subprocess.run(["modprobe", name], check=True, capture_output=True, text=True)
+
+    def add_address(self, dev: str, address: str) -> None:
+        subprocess.run(["ip", "address", "add", address, "dev", dev], check=True, capture_output=True, text=True)
+
+
+def _module_name(line: str) -> str:
+    """`kernel/net/mpls/mpls_iptunnel.ko.xz: deps` -> mpls_iptunnel (modprobe treats - and _ alike)."""
+    name = Path(line.split(":", 1)[0].strip()).name
+    return name.split(".ko", 1)[0].replace("-", "_")

@@ -1,0 +1,244 @@
+"""Prometheus metrics: one custom collector that reads an immutable snapshot.
+
+Nothing here is mutated per packet: the daemon keeps its counters where it already does (the
+core's `counters`, `op_results`) and hands the collector a callable that returns a
+`MetricsSnapshot`. The HTTP endpoint serves from its own thread, so the daemon should build the
+snapshot on its loop (on each tick) and publish it through `LatestSnapshot`, whose read is a
+single reference load: the scrape never walks the daemon's live dicts.
+
+Conventions (prometheus.io/docs/practices/naming): the `mplsorch_` prefix, `_total` on counters,
+base units (seconds), and bounded label values only: states, verdicts, results and reasons from
+fixed vocabularies, pool and server names from the configuration. Never a session, a label or a
+client address. Families:
+
+    mplsorch_build_info{version}                       1
+    mplsorch_sessions{state}                           sessions by state (opening, serving, draining, closing)
+    mplsorch_sessions_started_total                    new sessions
+    mplsorch_sessions_refused_total{reason}            refusals by admission control
+    mplsorch_packets_userspace_total{verdict}          first packets queued to the daemon, by verdict
+    mplsorch_dataplane_operations_total{result}        kernel operations, ok or error
+    mplsorch_dataplane_batch_duration_seconds          histogram of one netlink batch's duration
+    mplsorch_label_pairs{state}                        label pairs: free, in_use, held_down
+    mplsorch_server_health{pool,server,state}          1 for the server's health state, 0 for the others
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from orchestrator import __version__
+from orchestrator.config.model import MetricsConfig
+
+__all__ = ["BATCH_BUCKETS", "DurationHistogram", "HistogramSnapshot", "LatestSnapshot", "MetricsEndpoint",
+           "MetricsSnapshot", "MplsorchCollector", "make_registry", "snapshot_from", "start_metrics_server"]
+
+SESSION_STATES = ("opening", "serving", "draining", "closing")   # core.sessions.State
+VERDICTS = ("accept", "drop", "refuse")                          # core.events.Action
+OP_RESULTS = ("ok", "error")
+LABEL_STATES = ("free", "in_use", "held_down")
+HEALTH_STATES = ("unknown", "up", "down")                        # health.state.HealthState
+REFUSAL_REASONS = ("service-full", "no-server", "label-headroom", "labels-exhausted")  # core.balancer
+# A netlink batch takes tens of microseconds to a few hundred milliseconds (a large reconcile).
+BATCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+MAX_REASONS = 32                 # distinct refusal reasons exposed; the rest add up under "other"
+_TOKEN_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")   # a word: never an address, a number or a key
+
+
+def _frozen(m: Mapping[str, int] | None = None) -> Mapping[str, int]:
+    return MappingProxyType(dict(m or {}))
+
+
+@dataclass(frozen=True)
+class HistogramSnapshot:
+    """Cumulative bucket counts (upper bounds without +Inf), the total count and the sum."""
+    bounds: tuple[float, ...] = BATCH_BUCKETS
+    cumulative: tuple[int, ...] = (0,) * len(BATCH_BUCKETS)
+    count: int = 0
+    sum: float = 0.0
+
+
+class DurationHistogram:
+    """A histogram the daemon owns (no global registry): `observe` once per netlink batch."""
+
+    def __init__(self, bounds: Sequence[float] = BATCH_BUCKETS) -> None:
+        if list(bounds) != sorted(set(bounds)) or not bounds:
+            raise ValueError("bounds must be distinct and ascending")
+        self.bounds = tuple(bounds)
+        self._counts = [0] * (len(self.bounds) + 1)
+        self._sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self._counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self._sum += seconds
+
+    def snapshot(self) -> HistogramSnapshot:
+        cumulative, running = [], 0
+        for c in self._counts[:-1]:
+            running += c
+            cumulative.append(running)
+        return HistogramSnapshot(self.bounds, tuple(cumulative), running + self._counts[-1], self._sum)
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """Everything one scrape shows, taken at one moment on the daemon's loop."""
+    sessions: Mapping[str, int] = field(default_factory=_frozen)           # state -> sessions
+    sessions_started: int = 0
+    refused: Mapping[str, int] = field(default_factory=_frozen)            # reason -> refusals
+    packets: Mapping[str, int] = field(default_factory=_frozen)            # verdict -> packets
+    dataplane_ops: Mapping[str, int] = field(default_factory=_frozen)      # ok | error -> operations
+    batch_duration: HistogramSnapshot = field(default_factory=HistogramSnapshot)
+    label_pairs: Mapping[str, int] = field(default_factory=_frozen)        # free | in_use | held_down
+    health: tuple[tuple[str, str, str], ...] = ()                          # (pool, server, state)
+
+
+def snapshot_from(counters: Mapping[str, int], sessions_by_state: Mapping[str, int],
+                  label_pairs: Mapping[str, Any], dataplane_ops: Mapping[str, int],
+                  batch_duration: HistogramSnapshot | None = None,
+                  health: Iterable[tuple[str, str, str]] = ()) -> MetricsSnapshot:
+    """A snapshot from what the balancer daemon already keeps: the core's counters
+    (`sessions_started`, `refused:<reason>`, `verdict:<action>`), its sessions counted by state,
+    `labels.stats(now).to_dict()` (only free, in_use and held_down are taken: they add up to the
+    total), `op_results` and the health table as (pool, server, state) rows."""
+    pairs = {k: int(label_pairs[k]) for k in LABEL_STATES if k in label_pairs}
+    refused = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("refused:")}
+    packets = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("verdict:")}
+    return MetricsSnapshot(_frozen(sessions_by_state), int(counters.get("sessions_started", 0)),
+                           _frozen(refused), _frozen(packets), _frozen(dataplane_ops),
+                           batch_duration or HistogramSnapshot(), _frozen(pairs), tuple(health))
+
+
+class LatestSnapshot:
+    """The hand-over between the daemon's loop (`update`) and the endpoint's thread (`__call__`)."""
+
+    def __init__(self, snapshot: MetricsSnapshot | None = None) -> None:
+        self._snapshot = snapshot or MetricsSnapshot()
+
+    def update(self, snapshot: MetricsSnapshot) -> None:
+        self._snapshot = snapshot
+
+    def __call__(self) -> MetricsSnapshot:
+        return self._snapshot
+
+
+def _known(values: Mapping[str, int], known: Sequence[str]) -> list[tuple[str, int]]:
+    """Every known value (0 when absent, so series exist from the start); anything else adds up
+    under "other", so a label value can never be unbounded."""
+    out = {k: 0 for k in known}
+    for k, v in values.items():
+        key = k if k in out else "other"
+        out[key] = out.get(key, 0) + v
+    return list(out.items())
+
+
+def _tokens(values: Mapping[str, int], known: Sequence[str] = (), cap: int = MAX_REASONS) -> list[tuple[str, int]]:
+    """Free-form words (refusal reasons): the known ones always, others only if they look like a
+    word, at most `cap` in all; the rest add up under "other"."""
+    out: dict[str, int] = {k: 0 for k in known}
+    for k in sorted(values):
+        key = k if _TOKEN_RE.match(k) and (k in out or len(out) < cap) else "other"
+        out[key] = out.get(key, 0) + values[k]
+    return list(out.items())
+
+
+class MplsorchCollector(Collector):
+    def __init__(self, snapshot: Callable[[], MetricsSnapshot], version: str = __version__) -> None:
+        self.snapshot, self.version = snapshot, version
+
+    def describe(self) -> Iterable[Any]:
+        """Nothing: registering must not call `snapshot` (the daemon may not have one yet)."""
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        s = self.snapshot()
+        info = GaugeMetricFamily("mplsorch_build_info", "mplsorch build; the value is always 1", labels=["version"])
+        info.add_metric([self.version], 1)
+        yield info
+
+        sessions = GaugeMetricFamily("mplsorch_sessions", "Sessions in the table, by state", labels=["state"])
+        for state, n in _known(s.sessions, SESSION_STATES):
+            sessions.add_metric([state], n)
+        yield sessions
+
+        yield CounterMetricFamily("mplsorch_sessions_started", "New sessions started", value=s.sessions_started)
+
+        refused = CounterMetricFamily("mplsorch_sessions_refused", "New sessions refused by admission control, "
+                                      "by reason", labels=["reason"])
+        for reason, n in _tokens(s.refused, REFUSAL_REASONS):
+            refused.add_metric([reason], n)
+        yield refused
+
+        packets = CounterMetricFamily("mplsorch_packets_userspace", "First packets queued to the daemon, by "
+                                      "verdict", labels=["verdict"])
+        for verdict, n in _known(s.packets, VERDICTS):
+            packets.add_metric([verdict], n)
+        yield packets
+
+        ops = CounterMetricFamily("mplsorch_dataplane_operations", "Kernel (netlink) operations, by result",
+                                  labels=["result"])
+        for result, n in _known(s.dataplane_ops, OP_RESULTS):
+            ops.add_metric([result], n)
+        yield ops
+
+        h = s.batch_duration
+        buckets = [(_le(b), c) for b, c in zip(h.bounds, h.cumulative)] + [("+Inf", h.count)]
+        batch = HistogramMetricFamily("mplsorch_dataplane_batch_duration_seconds",
+                                      "Duration of one netlink batch of operations", unit="seconds")
+        batch.add_metric([], buckets, h.sum)
+        yield batch
+
+        labels = GaugeMetricFamily("mplsorch_label_pairs", "Session label pairs (C2S odd, S2C = C2S + 1) of "
+                                   "the pool, by state", labels=["state"])
+        for state, n in _known(s.label_pairs, LABEL_STATES):
+            labels.add_metric([state], n)
+        yield labels
+
+        health = GaugeMetricFamily("mplsorch_server_health", "Health check state of a server in a pool: 1 for "
+                                   "its state, 0 for the others", labels=["pool", "server", "state"])
+        for pool, server, current in s.health:
+            for state in HEALTH_STATES:
+                health.add_metric([pool, server, state], 1 if state == current else 0)
+        yield health
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+def make_registry(snapshot: Callable[[], MetricsSnapshot], version: str = __version__) -> CollectorRegistry:
+    """A registry of our own (not prometheus_client's global one) holding only our collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MplsorchCollector(snapshot, version))
+    return registry
+
+
+@dataclass
+class MetricsEndpoint:
+    """The running HTTP endpoint (prometheus_client's server in a daemon thread)."""
+    server: Any
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def start_metrics_server(config: MetricsConfig, registry: CollectorRegistry) -> MetricsEndpoint:
+    """Serve `registry` on `config.host`:`config.port` (IPv6 too); port 0 picks a free port."""
+    server, thread = start_http_server(config.port, addr=config.host, registry=registry)
+    return MetricsEndpoint(server, thread)

@@ -1,0 +1,108 @@
+"""The server daemon's wiring over the fake provider and a scripted queue: node objects installed
+idempotently (and stale ones removed), queued packets turned into labelled packets by their mark,
+return routes programmed before the verdicts, sessions logged and answered on the control socket,
+and `mplsorch run` exiting with the node's problems."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from typer.testing import CliRunner
+
+from orchestrator.capture.nfqueue import NF_ACCEPT, QueuedPacket, Verdict
+from orchestrator.cli.main import app
+from orchestrator.config import load_server_config
+from orchestrator.core.agent import MARK_TAG
+from orchestrator.daemon import node_setup, server
+from orchestrator.daemon.server import ServerDaemon
+from orchestrator.dataplane import ops
+from orchestrator.dataplane.fake import FakeProvider
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "templates" / "server.example.yaml"
+VIP, CLIENT = "10.0.0.100", "10.0.1.10"
+
+
+class ScriptedQueue:
+    """Records the verdicts and what the kernel held when they were sent."""
+
+    def __init__(self, kernel: FakeProvider) -> None:
+        self.kernel = kernel
+        self.sent: list[tuple[list[Verdict], bool]] = []
+
+    def send_verdicts(self, verdicts: Any) -> None:
+        self.sent.append((list(verdicts), self.kernel.route_ip(VIP, CLIENT) is not None))
+
+
+@pytest.fixture
+def daemon() -> ServerDaemon:
+    d = ServerDaemon(str(EXAMPLE), load_server_config(EXAMPLE))
+    d.provider.close()
+    d.provider = FakeProvider(["eth0"])  # type: ignore[assignment]
+    d.install_node_objects()
+    d.queue = ScriptedQueue(d.provider)  # type: ignore[arg-type,assignment]
+    return d
+
+
+def syn(packet_id: int, mark: int, src: str = CLIENT) -> QueuedPacket:
+    return QueuedPacket(8, packet_id, bytes(IP(src=src, dst=VIP) / TCP(sport=40000, dport=80, flags="S")), 1, None, mark)
+
+
+def test_node_objects_are_installed_idempotently_and_stale_ones_removed(daemon: ServerDaemon) -> None:
+    kernel: FakeProvider = daemon.provider  # type: ignore[assignment]
+    first = {i.obj for i in kernel.dump()}
+    daemon.install_node_objects()  # a restart: the same objects, no error
+    assert {i.obj for i in kernel.dump()} == first and daemon.op_results["error"] == 0
+    assert kernel.receive_mpls([1001]).delivered_locally
+    # A rule and a termination route the configuration no longer wants go; others' objects stay.
+    kernel.apply([ops.Add(ops.Rule("10.0.0.99/32", 99, 1000)), ops.Add(ops.MplsRoute(2001, "lo")),
+                  ops.Add(ops.MplsRoute(3001, "eth0", "10.1.1.1"))])
+    daemon.install_node_objects()
+    left = {i.obj for i in kernel.dump()}
+    assert ops.Rule("10.0.0.99/32", 99, 1000) not in left and ops.MplsRoute(2001, "lo") not in left
+    assert ops.MplsRoute(3001, "eth0", "10.1.1.1") in left
+
+
+def test_a_marked_first_packet_gets_its_return_route_before_its_verdict(
+        daemon: ServerDaemon, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "mplsorch")
+    daemon.decide([syn(1, MARK_TAG | 1001), syn(2, 0x1234, src="10.0.1.11")])
+    [(verdicts, route_present)] = daemon.queue.sent  # type: ignore[union-attr]
+    assert route_present  # the verdict went after the route was in the kernel
+    assert sorted(v.packet_id for v in verdicts) == [1, 2] and {v.verdict for v in verdicts} == {NF_ACCEPT}
+    assert daemon.provider.route_ip(VIP, CLIENT).labels == (100, 1002)  # type: ignore[attr-defined]
+    assert daemon.core.counters["unmarked"] == 1
+    assert "session learned: 10.0.1.10 -> 10.0.0.100 c2s 1001 s2c 1002" in caplog.messages
+    [row] = daemon.handle_request({"cmd": "sessions"})["sessions"]
+    assert (row["client"], row["vip"], row["c2s_label"], row["s2c_label"]) == (CLIENT, VIP, 1001, 1002)
+    assert row["created"] > 1.6e9  # Unix time
+    status = daemon.handle_request({"cmd": "status"})
+    assert (status["role"], status["sessions"], status["vips"]) == ("server", 1, [VIP, "fd00:100::100"])
+    assert daemon.handle_request({"cmd": "labels"}) == {"error": "unknown command 'labels'"}
+
+
+def test_the_label_reused_for_another_client_is_a_new_session(
+        daemon: ServerDaemon, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "mplsorch")
+    daemon.decide([syn(1, MARK_TAG | 1001)])
+    daemon.decide([syn(2, MARK_TAG | 1001, src="10.0.1.11")])
+    assert "session end: 10.0.1.10 -> 10.0.0.100 c2s 1001 s2c 1002 (label reused)" in caplog.messages
+    assert "session learned: 10.0.1.11 -> 10.0.0.100 c2s 1001 s2c 1002" in caplog.messages
+
+
+def test_run_prints_every_problem_and_exits_4_when_the_node_is_not_ready(monkeypatch: pytest.MonkeyPatch) -> None:
+    problems = [node_setup.Problem("VIP 10.0.0.100 is not on lo", node_setup.Fix("address", ("lo", "10.0.0.100/32"))),
+                node_setup.Problem("interface eth0 (interfaces.fabric) does not exist", hint="create it")]
+
+    def not_ready(path: str, config: Any) -> int:
+        raise node_setup.NodeNotReady(problems)
+
+    monkeypatch.setattr(server, "run", not_ready)
+    result = CliRunner().invoke(app, ["run", "--config", str(EXAMPLE)])
+    assert result.exit_code == 4
+    assert result.stderr.splitlines() == [
+        "mplsorch: node not ready: VIP 10.0.0.100 is not on lo; fix: ip address add 10.0.0.100/32 dev lo",
+        "mplsorch: node not ready: interface eth0 (interfaces.fabric) does not exist; fix: create it"]

@@ -205,6 +205,8 @@ def test_a_mobile_client_keeps_its_server_and_labels_when_its_care_of_address_ch
             time.sleep(0.5)
     started = _logged(balancer, "start", "mobile", home)
     assert len(started) == 1, balancer.log()[-2000:]  # one session, re-keyed, not a second one
+    assert re.search(rf"session {started[0]['id']} rekeyed: mobile {re.escape(home)} -> \S+ c2s \d+ s2c \d+ "
+                     rf"client {re.escape(coas[1])}\n", balancer.log()), balancer.log()[-2000:]
     session = next(s for s in balancer.sessions() if s["key"] == home)
     assert session["key_kind"] == "mip6-home-address" and session["clients"] == list(coas)
     assert (session["server"], session["c2s_label"]) == (started[0]["server"], started[0]["c2s_label"])
@@ -239,23 +241,32 @@ def _wait_for(balancer: BalancerLab, service: str, prefix: str, count: int) -> C
 
 
 def test_weighted_round_robin_over_300_sessions_and_least_connections(lab: Lab, balancer: BalancerLab) -> None:
-    # Sources outside the client LAN come from c1 (their answers have nowhere to go: only the
-    # first packets matter here), so the balancer must not drop them as spoofed.
+    # Sources outside the client LAN come from c1, as from a router with networks behind it
+    # (their answers have nowhere to go: only the first packets matter here). The balancer
+    # routes those networks via c1 (it answers only clients it has a route to) and must not
+    # drop them as spoofed.
     lab.sh("lb", "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.lan0.rp_filter=0")
-    dns = "persistence_timeout: 30s\n    scheduler: wrr"  # in the example; held long for lc below
-    balancer.reload(**{dns: "persistence_timeout: 600s\n    scheduler: wrr"})
-    lab.sh("c1", sys.executable, "-c", SPREAD, lab.vip, "200", "300", timeout=600)
-    spread = _wait_for(balancer, "dns", "10.200.", 300)
-    weights = {"s1": 1, "s2": 1, "s3": 2}  # templates/balancer.example.yaml
-    for server, weight in weights.items():
-        expected = 300 * weight / sum(weights.values())
-        assert abs(spread[server] - expected) <= 0.1 * expected, spread
-    # lc: new sessions go to the servers with the fewest sessions (s3 holds twice as many).
-    balancer.reload(**{dns: "persistence_timeout: 600s\n    scheduler: lc"})
-    lab.sh("c1", sys.executable, "-c", SPREAD, lab.vip, "210", "4", timeout=600)
-    least = _wait_for(balancer, "dns", "10.210.", 4)
-    assert set(least) <= {"s1", "s2"} and sum(least.values()) == 4, least
-    balancer.reload()
+    behind_c1 = ("10.200.0.0/16", "10.210.0.0/16")
+    for net in behind_c1:
+        lab.sh("lb", "ip", "route", "replace", net, "via", lab.address("c1"))
+    try:
+        dns = "persistence_timeout: 30s\n    scheduler: wrr"  # in the example; held long for lc below
+        balancer.reload(**{dns: "persistence_timeout: 600s\n    scheduler: wrr"})
+        lab.sh("c1", sys.executable, "-c", SPREAD, lab.vip, "200", "300", timeout=600)
+        spread = _wait_for(balancer, "dns", "10.200.", 300)
+        weights = {"s1": 1, "s2": 1, "s3": 2}  # templates/balancer.example.yaml
+        for server, weight in weights.items():
+            expected = 300 * weight / sum(weights.values())
+            assert abs(spread[server] - expected) <= 0.1 * expected, spread
+        # lc: new sessions go to the servers with the fewest sessions (s3 holds twice as many).
+        balancer.reload(**{dns: "persistence_timeout: 600s\n    scheduler: lc"})
+        lab.sh("c1", sys.executable, "-c", SPREAD, lab.vip, "210", "4", timeout=600)
+        least = _wait_for(balancer, "dns", "10.210.", 4)
+        assert set(least) <= {"s1", "s2"} and sum(least.values()) == 4, least
+    finally:
+        balancer.reload()
+        for net in behind_c1:
+            lab.sh("lb", "ip", "route", "del", net, check=False)
 
 
 def test_sigterm_stops_cleanly_and_sessions_keep_forwarding(lab: Lab, balancer: BalancerLab) -> None:

@@ -36,6 +36,7 @@ class Plan:
 
     ops: list[ops.Operation] = field(default_factory=list)
     groups: dict[int, tuple[int, int]] = field(default_factory=dict)  # session id -> ops slice
+    rekeyed: set[int] = field(default_factory=set)  # sessions of earlier batches that got a new client address
     # In packet order: each verdict, and the session whose objects it waits for (None: final).
     verdicts: list[tuple[int | None, PacketVerdict]] = field(default_factory=list)
 
@@ -208,6 +209,8 @@ class Balancer:
         """Same home address, new care-of address: same server, same labels; answers now go to
         the new address. The old address's filter stays until the session ends."""
         self.counters["rekeyed"] += 1
+        if session.id not in plan.groups:
+            plan.rekeyed.add(session.id)
         start = len(plan.ops)
         self._add_client(session, svc, info, key.client, hop, plan)
         first, _ = plan.groups.get(session.id, (start, start))

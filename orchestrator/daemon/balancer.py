@@ -93,7 +93,12 @@ class BalancerDaemon(Daemon):
         self.batches += 1
         for session_id in plan.groups:
             session = self.core.table.by_id(session_id)
-            if session is not None:
+            if session is None:
+                continue
+            if session_id in plan.rekeyed:
+                log.info("session %d rekeyed: %s %s -> %s c2s %d s2c %d client %s", session.id, session.service,
+                         session.key.value, session.server, session.c2s, session.s2c, session.clients[-1])
+            else:
                 log.info("session %d start: %s %s -> %s c2s %d s2c %d", session.id, session.service,
                          session.key.value, session.server, session.c2s, session.s2c)
         for v in commit.verdicts:

@@ -411,12 +411,16 @@ class Setup:
     def prepare_clients(self) -> None:
         """Latency sources: aliases on the client, reachable from the balancer (permanent neighbour
         entries: no ARP inside a measured connect) and from the fabric (servers answer through it).
-        Spoofed flood sources must not be dropped by the balancer's reverse-path filter."""
+        Spoofed flood sources must be routed by the balancer and not dropped by its reverse-path
+        filter."""
         lab, lb = self.lab, self.balancer
         subprocess.run(["modprobe", "pktgen"], check=True)
         _batch(lab, self.client, [f"address add {a}/32 dev {self.client_dev}" for a in self.aliases])
         mac = _mac(lab, self.client, self.client_dev)
+        # The flood's spoofed sources sit behind the client LAN too: the balancer answers (and so
+        # opens sessions for) only clients it has a route to.
         _batch(lab, lb, [f"route replace {ALIAS_NET} dev {self.lan_dev}"]
+               + [f"route replace 10.{octet}.0.0/16 dev {self.lan_dev}" for octet in FLOOD_NETS.values()]
                + [f"neigh replace {a} lladdr {mac} dev {self.lan_dev} nud permanent" for a in self.aliases])
         lab.sh(self.fabric, "ip", "route", "replace", ALIAS_NET, "via", lab.peer_address(self.fabric, lb))
         lab.sh(lb, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", f"net.ipv4.conf.{self.lan_dev}.rp_filter=0")

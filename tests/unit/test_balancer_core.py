@@ -53,6 +53,7 @@ class Node:
             self.seq += 1
             batch.append(FirstPacket(0, self.seq, data, "lan0", hops.get(src) if src else None))
         plan = self.core.on_packets(batch, self.now)
+        self.plan = plan
         results = self.kernel.apply(plan.ops)
         commit = self.core.commit(plan, results, self.now)
         assert all(r.ok for r in self.kernel.apply(commit.cleanup))
@@ -209,8 +210,10 @@ def test_mobile_client_keeps_server_and_labels_when_its_care_of_address_changes(
 
     node.packets(mip6_syn("2001:db8:1::10", 1))
     [session] = list(node.core.table)
+    assert node.plan.rekeyed == set()  # a new session: logged as a start
     node.packets(mip6_syn("2001:db8:2::20", 2))
     [same] = list(node.core.table)
+    assert node.plan.rekeyed == {same.id} and node.core.counters["rekeyed"] == 1  # logged as a rekey
     assert (same.id, same.server, same.c2s) == (session.id, session.server, session.c2s)
     assert same.clients == ["2001:db8:1::10", "2001:db8:2::20"]
     assert node.kernel.receive_mpls([same.s2c]).via == "2001:db8:2::20"  # answers follow the move

@@ -91,6 +91,15 @@ class ServerAgent:
         self.block = config.c2s_labels()
         self.tables = {str(v.address): v.table for v in config.vips}
 
+    def reconfigure(self, config: ServerConfig) -> list[ops.Operation]:
+        """A reload: the sessions of a VIP that is gone or has another table end now (their
+        return routes are deleted from the old table); all others are kept."""
+        kept = {str(v.address): v.table for v in config.vips}
+        out = [op for s in list(self.sessions.values()) if kept.get(s.vip) != self.tables[s.vip]
+               for op in self._end(s)]
+        self.configure(config)
+        return out
+
     # -- node objects -----------------------------------------------------------------------------
     def node_objects(self) -> list[ops.DataplaneObject]:
         """Once per node: for every C2S label of the block, a termination route (pop, deliver

@@ -140,14 +140,9 @@ class ServerDaemon(Daemon):
         except (ConfigError, OSError, node_setup.NodeNotReady) as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc)
             return
-        # Sessions of a VIP that is gone or has another table: their routes go with the old table.
-        kept = {str(v.address): v.table for v in config.vips}
         before = dict(self.core.sessions)
-        ended = [op for s in list(before.values()) if kept.get(s.vip) != self.core.tables[s.vip]
-                 for op in self.core._end(s)]
-        self.program(ended, "reload")
+        self.program(self.core.reconfigure(config), "reload")
         self.log_changes(before, "its VIP left the configuration")
-        self.core.configure(config)
         self.config = config
         try:
             self.install_node_objects()

@@ -168,3 +168,17 @@ def test_restart_rebuilds_sessions_from_the_kernel_and_deletes_what_fits_no_vip(
     # The restored session goes on: its next flow changes nothing in the kernel.
     plan = fresh.on_packets([LabelledPacket(8, 1, 1001, ipv4_tcp("10.0.1.10", VIP, 40001, 80))], 60)
     assert plan.ops == []
+
+
+def test_a_reload_ends_the_sessions_of_a_vip_that_left_and_keeps_the_others() -> None:
+    import dataclasses
+
+    node = Node()
+    assert node.first(1001, ipv4_tcp("10.0.1.10", VIP, 40000, 80)) == [Action.ACCEPT]
+    assert node.first(1003, ipv6_tcp("fd00:1::10", VIP6, 40000, 80)) == [Action.ACCEPT]
+    without_v4 = dataclasses.replace(node.config, vips=tuple(v for v in node.config.vips if str(v.address) != VIP))
+    assert all(r.ok for r in node.kernel.apply(node.agent.reconfigure(without_v4)))
+    assert set(node.agent.sessions) == {1003}
+    assert node.answer("10.0.1.10") is None  # its return route left the old table
+    assert node.answer("fd00:1::10", VIP6) == (100, 1004)
+    assert node.agent.counters["sessions_ended"] == 1

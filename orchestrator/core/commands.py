@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from orchestrator.core.schedulers import Maglev
 from orchestrator.core.servers import AdminState, BadCommand, check_server, check_weight
 from orchestrator.core.sessions import Session
-from orchestrator.dataplane import ops
+from orchestrator.dataplane.ops import Operation
 
 if TYPE_CHECKING:
     from orchestrator.core.balancer import Balancer
@@ -32,7 +32,7 @@ class WeightChange:
 @dataclass
 class Flush:
     ended: list[Session] = field(default_factory=list)
-    ops: list[ops.Operation] = field(default_factory=list)
+    ops: list[Operation] = field(default_factory=list)
 
 
 def set_admin(core: Balancer, server: object, state: AdminState) -> dict[str, object]:

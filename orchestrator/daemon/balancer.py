@@ -91,9 +91,14 @@ class BalancerDaemon(Daemon):
         self.stop_metrics()
 
     def start_metrics(self) -> None:
+        """A port that cannot be bound is logged, not fatal: balancing matters more than its metrics."""
         self.publish()
         if self.config.metrics is not None:
-            self.metrics = start_metrics_server(self.config.metrics, make_registry(self.snapshot))
+            try:
+                self.metrics = start_metrics_server(self.config.metrics, make_registry(self.snapshot))
+            except OSError as exc:
+                log.error("metrics endpoint %s not started: %s", self.config.metrics.listen, exc,
+                          extra=fields(event="metrics_failed", reason=str(exc)))
 
     def stop_metrics(self) -> None:
         if self.metrics is not None:
@@ -122,12 +127,14 @@ class BalancerDaemon(Daemon):
         """A check's result (from its task): the rise/fall table judges it; the core gets the new
         view, and the servers that went down take their sessions along their policy."""
         event = self.health.observe(pool, server, result, now)
-        if event is not None:
-            log.info("server %s %s: %s (pool %s, was %s)", server, event.new, event.reason, pool, event.old,
-                     extra=fields(event="server_health", server=server, pool=pool, state=str(event.new),
-                                  previous=str(event.old), reason=event.reason))
+        if event is None:  # no change of state: only the response time is news
+            self.core.on_health(HealthView.of(self.health), [], now)
+            return
+        log.info("server %s %s: %s (pool %s, was %s)", server, event.new, event.reason, pool, event.old,
+                 extra=fields(event="server_health", server=server, pool=pool, state=str(event.new),
+                              previous=str(event.old), reason=event.reason))
         before = {s.id: s for s in self.core.table}
-        plan = self.core.on_health(HealthView.of(self.health), [event] if event else [], now)
+        plan = self.core.on_health(HealthView.of(self.health), [event], now)
         if not plan.outcomes:
             return
         results = self.program(plan.ops, f"server {server} down")

@@ -330,3 +330,15 @@ def test_nfqueue_proc_lines_are_parsed() -> None:
     [q0, q1] = parse_queue_stats(text)
     assert (q0.queue, q0.waiting, q0.queue_dropped, q0.user_dropped) == (0, 3, 17, 5)
     assert views.queue_summary([q0, q1], (1, 1)) == {"bound": 1, "waiting": 0, "queue_dropped": 0, "user_dropped": 0}
+
+
+def test_a_metrics_port_in_use_is_logged_and_the_daemon_goes_on(
+        daemon: BalancerDaemon, caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon.config = dataclasses.replace(daemon.config, metrics=MetricsConfig("127.0.0.1", port))
+        daemon.start_metrics()
+    assert daemon.metrics is None
+    assert any(m.startswith(f"metrics endpoint 127.0.0.1:{port} not started") for m in caplog.messages)

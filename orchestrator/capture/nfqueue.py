@@ -165,3 +165,37 @@ def _parse_packet(body: memoryview) -> QueuedPacket | None:
 
 def accept_all(packets: Sequence[QueuedPacket]) -> list[Verdict]:
     return [Verdict(p.queue, p.packet_id, NF_ACCEPT) for p in packets]
+
+
+PROC_QUEUES = "/proc/net/netfilter/nfnetlink_queue"
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """One line of /proc/net/netfilter/nfnetlink_queue (of the reader's network namespace):
+    packets waiting for a verdict, dropped because the queue was full, and dropped because
+    userspace's socket buffer was (nfnetlink_queue.c, seq_show)."""
+
+    queue: int
+    waiting: int
+    queue_dropped: int
+    user_dropped: int
+
+
+def queue_stats(path: str = PROC_QUEUES) -> list[QueueStats]:
+    """Every bound queue's counters; [] when the file is not there (module not loaded)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return []
+    return parse_queue_stats(text)
+
+
+def parse_queue_stats(text: str) -> list[QueueStats]:
+    out = []
+    for line in text.splitlines():
+        cols = line.split()
+        if len(cols) >= 7 and all(c.lstrip("-").isdigit() for c in cols[:7]):
+            out.append(QueueStats(int(cols[0]), int(cols[2]), int(cols[5]), int(cols[6])))
+    return out

@@ -1,4 +1,8 @@
-"""`mplsorch run` and the commands that ask the running daemon over its control socket."""
+"""`mplsorch run` and the commands that ask the running daemon over its control socket (the
+operator's commands that change it are in `operate.py`).
+
+Exit codes of the commands that ask: 0 answered; 1 the daemon answered an error; 2 bad input (an
+unknown server name, a bad value: the daemon changed nothing); 3 no daemon answers."""
 
 from __future__ import annotations
 
@@ -18,26 +22,37 @@ JsonOption = typer.Option(False, "--json", help="The documented JSON on stdout."
 
 
 def register(app: typer.Typer) -> None:
+    from orchestrator.cli.operate import servers_app, sessions_app
+
     app.command("run")(run)
     app.command("status")(status)
-    app.command("sessions")(sessions)
+    app.add_typer(sessions_app, name="sessions")
+    app.add_typer(servers_app, name="servers")
     app.command("labels")(labels)
     app.command("routes")(routes)
 
 
 NODE_NOT_READY = 4  # the server role's node check failed (node.setup: check, or apply could not fix it)
+BAD_INPUT = 2
 
 
-def run(config: str = typer.Option(..., "--config", metavar="FILE", help="Daemon configuration.")) -> None:
+def run(config: str = typer.Option(..., "--config", metavar="FILE", help="Daemon configuration."),
+        log_format: str = typer.Option("text", "--log-format", metavar="text|json",
+                                       help="Log lines on stderr: text, or one JSON object per line.")) -> None:
     """Run the daemon of the role the configuration names (balancer or server)."""
     from orchestrator.config.load import ConfigError, load_config
     from orchestrator.config.server import ServerConfig
     from orchestrator.daemon import balancer, server
+    from orchestrator.daemon.logs import FORMATS
     from orchestrator.daemon.node_setup import NodeNotReady
 
+    if log_format not in FORMATS:
+        typer.echo(f"mplsorch: --log-format {log_format!r}: one of {', '.join(FORMATS)}", err=True)
+        raise typer.Exit(BAD_INPUT)
     try:
         loaded = load_config(config)
-        code = server.run(config, loaded) if isinstance(loaded, ServerConfig) else balancer.run(config, loaded)
+        role = server if isinstance(loaded, ServerConfig) else balancer
+        code = role.run(config, loaded, log_format)  # type: ignore[arg-type]
     except ConfigError as exc:
         typer.echo(f"mplsorch: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -51,7 +66,7 @@ def run(config: str = typer.Option(..., "--config", metavar="FILE", help="Daemon
     raise typer.Exit(code)
 
 
-def _ask(cmd: str, socket_path: Optional[str], config: Optional[str]) -> dict[str, Any]:
+def ask(cmd: str, socket_path: Optional[str], config: Optional[str], **args: Any) -> dict[str, Any]:
     from orchestrator.daemon.control import request
 
     path = socket_path
@@ -65,7 +80,7 @@ def _ask(cmd: str, socket_path: Optional[str], config: Optional[str]) -> dict[st
             raise typer.Exit(2) from None
     path = path or DEFAULT_CONTROL_SOCKET
     try:
-        answer = request(path, cmd)
+        answer = request(path, cmd, **args)
     except (FileNotFoundError, ConnectionRefusedError):
         typer.echo(f"mplsorch: no daemon answers on {path} (is `mplsorch run` running?)", err=True)
         raise typer.Exit(3) from None
@@ -74,7 +89,7 @@ def _ask(cmd: str, socket_path: Optional[str], config: Optional[str]) -> dict[st
         raise typer.Exit(3) from None
     if "error" in answer:
         typer.echo(f"mplsorch: {answer['error']}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(BAD_INPUT if answer.get("bad_input") else 1)
     return answer
 
 
@@ -90,44 +105,55 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 def status(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
            config: Optional[str] = ConfigOption) -> None:
     """The daemon's state on one screen."""
-    answer = _ask("status", socket, config)
+    answer = ask("status", socket, config)
     if json_output:
         print(json.dumps(answer))
         return
-    head = f"role {answer['role']}  pid {answer['pid']}  up {answer['uptime_s']} s  sessions {answer['sessions']}"
+    for line in status_lines(answer):
+        print(line)
+
+
+def status_lines(answer: dict[str, Any]) -> list[str]:
+    """`mplsorch status` without --json: role, services, servers, sessions, labels, queue drops and
+    the counters that tell of trouble, each on a line."""
+    head = f"{answer['role']}  pid {answer['pid']}  up {answer['uptime_s']} s"
+    counters = answer.get("counters", {})
     if answer["role"] == "server":
         first, last = answer["block"]
-        print(f"{head}  VIPs {', '.join(answer['vips'])}  labels {first}-{last}  queue {answer['queue']}")
-    else:
-        labels = answer["labels"]
-        print(f"{head}  services {', '.join(answer['services'])}")
-        print(f"labels: {labels['in_use']} in use, {labels['held_down']} held down, {labels['free']} free "
-              f"of {labels['total']} pairs")
-        _table("servers", ["server", "sessions"], [[k, v] for k, v in answer["servers"].items()])
-    _table("counters", ["counter", "value"], sorted([k, v] for k, v in answer["counters"].items()))
+        return [head, f"VIPs: {', '.join(answer['vips'])}", f"labels: {first}-{last}, queue {answer['queue']}",
+                f"sessions: {answer['sessions']}", _counter_line(counters)]
+    labels, health, queue = answer["labels"], answer.get("health", {}), answer.get("queue", {})
+    by_state = ", ".join(f"{n} {state}" for state, n in sorted(answer.get("sessions_by_state", {}).items()))
+    draining = answer.get("draining") or []
+    nft = answer.get("nft_counters", {})
+    return [
+        head,
+        f"services: {', '.join(answer['services'])}",
+        f"servers: {health.get('up', 0)} up, {health.get('down', 0)} down, {health.get('unknown', 0)} unknown"
+        + (f"; draining: {', '.join(draining)}" if draining else ""),
+        f"sessions: {answer['sessions']}" + (f" ({by_state})" if by_state else "") + "; per server: "
+        + ", ".join(f"{k} {v}" for k, v in answer["servers"].items()),
+        f"labels: {labels['in_use']} in use, {labels['held_down']} held down, {labels['free']} free "
+        f"of {labels['total']} pairs",
+        f"queue: {queue.get('waiting', 0)} waiting, {queue.get('queue_dropped', 0)} dropped (queue full), "
+        f"{queue.get('user_dropped', 0)} dropped (daemon's buffer full), {nft.get('rate_limited', 0)} rate limited",
+        f"dataplane: {answer['dataplane_ops'].get('ok', 0)} operations ok, "
+        f"{answer['dataplane_ops'].get('error', 0)} failed",
+        _counter_line(counters),
+    ]
 
 
-def sessions(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
-             config: Optional[str] = ConfigOption) -> None:
-    """The session table."""
-    answer = _ask("sessions", socket, config)
-    rows = answer["sessions"]
-    if json_output:
-        print(json.dumps(rows))
-        return
-    if answer.get("role") == "server":
-        _table("sessions", ["client", "VIP", "C2S", "S2C", "state", "flows"],
-               [[s["client"], s["vip"], s["c2s_label"], s["s2c_label"], s["state"], s["flows"]] for s in rows])
-        return
-    _table("sessions", ["id", "service", "client", "key", "server", "C2S", "S2C", "state", "flows"],
-           [[s["id"], s["service"], s["client"], s["key"], s["server"], s["c2s_label"], s["s2c_label"],
-             s["state"], s["flows"]] for s in rows])
+def _counter_line(counters: dict[str, int]) -> str:
+    keys = ("sessions_started", "sessions_ended", "sessions_reassigned", "packets_userspace")
+    trouble = sorted((k, v) for k, v in counters.items()
+                     if k.split(":")[0] in ("refused", "malformed", "no_route", "batch_errors", "sessions_failed"))
+    return "counters: " + ", ".join(f"{k} {v}" for k, v in [*((k, counters.get(k, 0)) for k in keys), *trouble])
 
 
 def labels(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
            config: Optional[str] = ConfigOption) -> None:
     """Label pool use (balancer)."""
-    answer = _ask("labels", socket, config)["labels"]
+    answer = ask("labels", socket, config)["labels"]
     if json_output:
         print(json.dumps(answer))
         return
@@ -138,7 +164,7 @@ def labels(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
 def routes(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
            config: Optional[str] = ConfigOption) -> None:
     """Our kernel objects, with what the kernel says of their offload state."""
-    rows = _ask("routes", socket, config)["routes"]
+    rows = ask("routes", socket, config)["routes"]
     if json_output:
         print(json.dumps(rows))
         return

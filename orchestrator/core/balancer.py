@@ -20,10 +20,14 @@ from orchestrator.config.model import BalancerConfig, LabelAllocation, Server, S
 from orchestrator.core.events import (
     Action, FirstPacket, FlowKey, FlowsEnded, FlowTableResync, PacketVerdict,
 )
+from orchestrator.core.failover import Failover, fail_over
 from orchestrator.core.labels import LabelAllocator
 from orchestrator.core.schedulers import Scheduler, ServerState, make_scheduler
+from orchestrator.core.servers import ServerAdmin
 from orchestrator.core.sessions import Session, SessionTable, State
 from orchestrator.dataplane import ops
+from orchestrator.health.scheduling import HealthView, apply_health
+from orchestrator.health.state import HealthEvent, HealthState
 
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132, "esp": 50}
 FLOWER_PROTOS = {"tcp", "udp", "sctp", "esp"}
@@ -52,7 +56,8 @@ class Balancer:
     def __init__(self, config: BalancerConfig, now: float) -> None:
         self.table = SessionTable()
         self.counters: collections.Counter[str] = collections.Counter()
-        self.drain: set[str] = set()
+        self.admin = ServerAdmin()      # the operator's drain and weights
+        self.health = HealthView()      # the latest health checks: every server unknown until then
         self._schedulers: dict[str, Scheduler] = {}
         self.configure(config, now)
 
@@ -84,9 +89,28 @@ class Balancer:
         self._schedulers = {
             svc.name: self._schedulers[svc.name]
             if svc.name in self._schedulers and old_kinds.get(svc.name) == svc.scheduler
-            else make_scheduler(svc.scheduler.value)
+            else self._new_scheduler(svc)
             for svc in config.services}
         self.transport = {name: s.transport_label for name, s in self.servers.items()}
+        self.admin.configure({name: s.weight for name, s in self.servers.items()})
+
+    def _new_scheduler(self, svc: Service) -> Scheduler:
+        """Maglev sized for the whole pool, so its table keeps one size whatever the weights
+        (weight 0 leaves a server out): a weight change then moves only the entries it must."""
+        if svc.scheduler.value == "maglev":
+            return make_scheduler("maglev", capacity=len(self.pools[svc.pool].servers))
+        return make_scheduler(svc.scheduler.value)
+
+    def scheduler(self, service: str) -> Scheduler:
+        return self._schedulers[service]
+
+    def service_of(self, session: Session) -> Service | None:
+        """The session's service, None once a reload removed it."""
+        return self._by_name.get(session.service)
+
+    def weight(self, server: str) -> int:
+        """The weight in force: the operator's, else the configuration's."""
+        return self.admin.weight(server, self.servers[server].weight)
 
     # -- first packets -----------------------------------------------------------------------
     def on_packets(self, packets: Sequence[FirstPacket], now: float) -> Plan:
@@ -161,18 +185,23 @@ class Balancer:
 
     def server_states(self, svc: Service, now: float) -> list[ServerState]:
         """The pool as the scheduler sees it: a server is available unless its weight is 0, an
-        operator drains it, it holds max_sessions, or its label block is used up."""
+        operator drains it, it holds max_sessions, its label block is used up, or its health
+        check says it is down in this pool; its measured response time comes with it."""
         out = []
         for s in self.pools[svc.pool].servers:
             sessions = self.table.count(server=s.name)
-            available = (s.weight > 0 and s.name not in self.drain
+            weight = self.weight(s.name)
+            available = (weight > 0 and s.name not in self.admin.draining
                          and (s.max_sessions is None or sessions < s.max_sessions)
                          and (not self.labels.blocks or self.labels.free(s.name, now=now) > 0))
-            out.append(ServerState(s.name, s.weight, sessions, None, available))
-        return out
+            out.append(ServerState(s.name, weight, sessions, None, available))
+        return apply_health(out, svc.pool, self.health)
+
+    def pick(self, svc: Service, key: str, now: float) -> str | None:
+        return self._schedulers[svc.name].pick(key, self.server_states(svc, now))
 
     def _schedule(self, svc: Service, key: SessionKey, now: float) -> str | None:
-        return self._schedulers[svc.name].pick(key.value, self.server_states(svc, now))
+        return self.pick(svc, key.value, now)
 
     def _add_client(self, session: Session, svc: Service, info: Packet, client: str,
                     hop: ops.NextHop, plan: Plan) -> None:
@@ -273,11 +302,42 @@ class Balancer:
         return out
 
     def end(self, session: Session, now: float, reason: str) -> list[ops.Operation]:
+        """The session leaves the table, its pair goes to hold-down; the deletes of its objects."""
         self.table.remove(session)
         self.labels.release(session.c2s, now)
         self.counters["sessions_ended"] += 1
         self.counters[f"ended:{reason}"] += 1
         return [ops.Delete(o) for o in reversed(session.objects)]
+
+    def sessions_by_state(self) -> dict[str, int]:
+        return dict(collections.Counter(str(s.state) for s in self.table))
+
+    # -- health -----------------------------------------------------------------------------------
+    def on_health(self, view: HealthView, events: Sequence[HealthEvent], now: float) -> Failover:
+        """The latest health view (new sessions avoid servers it says are down, the response-time
+        scheduler reads its times); each server that went down takes its sessions with it as
+        their services' `on_server_failure` says."""
+        self.health = view
+        plan = Failover()
+        for event in events:
+            if event.new is HealthState.DOWN:
+                fail_over(self, event.pool, event.server, now, plan)
+        return plan
+
+    def commit_failover(self, plan: Failover, results: Sequence[ops.OpResult], now: float) -> list[ops.Operation]:
+        """A move whose batch failed in part leaves its session half on the new server: it ends,
+        and whatever of its new objects did get in is deleted."""
+        cleanup: list[ops.Operation] = []
+        for session_id, (start, end) in plan.groups.items():
+            group = results[start:end]
+            if all(r.ok for r in group):
+                continue
+            session = self.table.by_id(session_id)
+            cleanup += [ops.Delete(r.op.obj) for r in reversed(group) if r.ok and isinstance(r.op, ops.Add)]
+            if session is not None:
+                session.objects = []
+                self.end(session, now, "reassign failed")
+        return cleanup
 
     # -- restart ----------------------------------------------------------------------------------
     def restore(self, installed: Sequence[ops.Installed], live: frozenset[FlowKey], now: float) -> list[ops.Operation]:

@@ -106,6 +106,12 @@ class SessionTable:
     def flows(self) -> list[FlowKey]:
         return list(self._by_flow)
 
+    def reassign(self, session: Session, server: str, c2s: int) -> None:
+        """The session moves to another server under another pair (its server failed)."""
+        self._count(session, -1)
+        session.server, session.c2s = server, c2s
+        self._count(session, 1)
+
     def remove(self, session: Session) -> None:
         self._by_key.pop((session.service, session.key.value), None)
         if self._by_id.pop(session.id, None) is not None:

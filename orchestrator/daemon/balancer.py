@@ -1,8 +1,12 @@
 """`mplsorch run` for the balancer role: one asyncio loop around the pure decision core.
 
 capture (NFQUEUE batch) -> analyse + decide (core) -> program (one netlink batch) -> verdicts
-(one sendmsg). Conntrack destroy events end flows; a timer ends sessions. Signals only set flags
-and wake the loop, which acts on them: SIGHUP reloads, SIGTERM/SIGINT stop.
+(one sendmsg). Conntrack destroy events end flows; a timer ends sessions. Health checks run as
+tasks on the same loop: each result goes through the pure rise/fall table, and the core learns
+the new health view (and the servers that went down, whose sessions it moves or ends). Operator
+commands arrive on the control socket. Signals only set flags and wake the loop, which acts on
+them: SIGHUP reloads, SIGTERM/SIGINT stop. With `metrics.listen` the tick publishes a snapshot
+that the Prometheus endpoint's thread serves.
 """
 
 from __future__ import annotations
@@ -15,14 +19,20 @@ from typing import Any, Iterable
 from orchestrator.analyze.packet import source_address
 from orchestrator.capture import nftables
 from orchestrator.capture.conntrack import ConntrackListener
-from orchestrator.capture.nfqueue import NfQueue, QueuedPacket
+from orchestrator.capture.nfqueue import NfQueue, QueuedPacket, queue_stats
 from orchestrator.config.load import ConfigError, load_balancer_config
 from orchestrator.config.model import BalancerConfig
+from orchestrator.core import commands
 from orchestrator.core.balancer import Balancer
 from orchestrator.core.events import Action, FirstPacket
-from orchestrator.daemon import node_setup
-from orchestrator.daemon.loop import Daemon, Request, nf_verdict, serve
+from orchestrator.core.servers import AdminState
+from orchestrator.daemon import node_setup, views
+from orchestrator.daemon.logs import fields
+from orchestrator.daemon.loop import Command, Daemon, Request, nf_verdict, serve
 from orchestrator.dataplane import ops
+from orchestrator.health import CheckResult, HealthRunner, HealthTable, HealthView, probes_of, run_check, targets_of
+from orchestrator.health.runner import Checker
+from orchestrator.metrics import LatestSnapshot, MetricsEndpoint, make_registry, start_metrics_server
 
 log = logging.getLogger("mplsorch")
 
@@ -37,6 +47,12 @@ class BalancerDaemon(Daemon):
         self.keep_on_exit = keep_on_exit
         self.core: Balancer = Balancer(self.config, time.monotonic())
         self.batches = 0
+        self.health = HealthTable()
+        self.health.configure(targets_of(self.config))
+        self.runner: HealthRunner | None = None
+        self.checker: Checker = run_check
+        self.snapshot = LatestSnapshot()
+        self.metrics: MetricsEndpoint | None = None
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -58,21 +74,78 @@ class BalancerDaemon(Daemon):
         self.queue = NfQueue(first, last)
 
     def running_message(self) -> str:
+        metrics = f", metrics {self.config.metrics.listen}" if self.config.metrics else ""
         return (f"balancer running: {len(self.config.services)} services, queues "
-                f"{'-'.join(map(str, self.config.nfqueue.queues))}, control {self.control_socket}")
+                f"{'-'.join(map(str, self.config.nfqueue.queues))}, control {self.control_socket}, "
+                f"{len(self.health)} servers checked{metrics}")
+
+    async def start_tasks(self) -> None:
+        """The health checks' tasks and the metrics endpoint, before READY."""
+        self.runner = HealthRunner(self.on_health_result, self.checker)
+        self.runner.configure(probes_of(self.config))
+        self.start_metrics()
+
+    async def stop_tasks(self) -> None:
+        if self.runner is not None:
+            await self.runner.close()
+        self.stop_metrics()
+
+    def start_metrics(self) -> None:
+        """A port that cannot be bound is logged, not fatal: balancing matters more than its metrics."""
+        self.publish()
+        if self.config.metrics is not None:
+            try:
+                self.metrics = start_metrics_server(self.config.metrics, make_registry(self.snapshot))
+            except OSError as exc:
+                log.error("metrics endpoint %s not started: %s", self.config.metrics.listen, exc,
+                          extra=fields(event="metrics_failed", reason=str(exc)))
+
+    def stop_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     # -- the loop's hooks ---------------------------------------------------------------------------
     def tick(self) -> None:
         self.end_sessions()
+        self.publish()
+
+    def publish(self) -> None:
+        """The metrics endpoint serves this snapshot until the next tick."""
+        if self.config.metrics is not None:
+            self.snapshot.update(views.metrics_snapshot(self.core, time.monotonic(), self.op_results,
+                                                        self.batch_duration.snapshot()))
 
     def end_sessions(self) -> None:
         """Sessions past their persistence timeout: delete their objects and say so in the log."""
         before = {s.id: s for s in self.core.table}
         self.program(self.core.tick(time.monotonic()), "session end")
         for session_id in before.keys() - {s.id for s in self.core.table}:
-            s = before[session_id]
-            log.info("session %d end: %s %s -> %s c2s %d s2c %d (persistence timeout)", s.id, s.service,
-                     s.key.value, s.server, s.c2s, s.s2c)
+            views.log_end(before[session_id], "persistence timeout")
+
+    def on_health_result(self, pool: str, server: str, result: CheckResult, now: float) -> None:
+        """A check's result (from its task): the rise/fall table judges it; the core gets the new
+        view, and the servers that went down take their sessions along their policy."""
+        event = self.health.observe(pool, server, result, now)
+        if event is None:  # no change of state: only the response time is news
+            self.core.on_health(HealthView.of(self.health), [], now)
+            return
+        log.info("server %s %s: %s (pool %s, was %s)", server, event.new, event.reason, pool, event.old,
+                 extra=fields(event="server_health", server=server, pool=pool, state=str(event.new),
+                              previous=str(event.old), reason=event.reason))
+        before = {s.id: s for s in self.core.table}
+        plan = self.core.on_health(HealthView.of(self.health), [event], now)
+        if not plan.outcomes:
+            return
+        results = self.program(plan.ops, f"server {server} down")
+        self.program(self.core.commit_failover(plan, results, now), "failed move")
+        for outcome in plan.outcomes:
+            session = self.core.table.by_id(outcome.session)
+            if outcome.action == "reassign" and session is not None:
+                views.log_moved(outcome, session)
+            else:
+                views.log_end(before[outcome.session], outcome.reason if outcome.action == "reset"
+                              else "reassign failed")
 
     def decide(self, batch: list[QueuedPacket]) -> None:
         assert self.queue is not None
@@ -96,14 +169,13 @@ class BalancerDaemon(Daemon):
             if session is None:
                 continue
             if session_id in plan.rekeyed:
-                log.info("session %d rekeyed: %s %s -> %s c2s %d s2c %d client %s", session.id, session.service,
-                         session.key.value, session.server, session.c2s, session.s2c, session.clients[-1])
+                views.log_rekeyed(session)
             else:
-                log.info("session %d start: %s %s -> %s c2s %d s2c %d", session.id, session.service,
-                         session.key.value, session.server, session.c2s, session.s2c)
-        for v in commit.verdicts:
+                views.log_start(session)
+        for v, src in zip(commit.verdicts, sources):
             if v.action != Action.ACCEPT:
-                log.warning("packet %d %s: %s", v.packet_id, v.action, v.reason)
+                log.warning("packet from %s %s: %s", src, v.action, v.reason,
+                            extra=fields(event=f"packet_{v.action}", client=src, reason=v.reason))
 
     def reload(self) -> None:
         """SIGHUP: a new configuration without dropping sessions; an invalid one changes nothing."""
@@ -114,8 +186,17 @@ class BalancerDaemon(Daemon):
         except (ConfigError, OSError, RuntimeError, node_setup.NodeNotReady) as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc)
             return
-        self.core.configure(config, time.monotonic())
+        now = time.monotonic()
+        self.core.configure(config, now)
+        metrics_changed = config.metrics != self.config.metrics
         self.config = config
+        self.health.configure(targets_of(config))
+        if self.runner is not None:
+            self.runner.configure(probes_of(config))
+        self.core.on_health(HealthView.of(self.health), [], now)
+        if metrics_changed:
+            self.stop_metrics()
+            self.start_metrics()
         log.info("configuration reloaded from %s", self.config_path)
 
     def shutdown(self) -> None:
@@ -130,7 +211,35 @@ class BalancerDaemon(Daemon):
 
     # -- control socket -------------------------------------------------------------------------------
     def requests(self) -> dict[str, Request]:
-        return {**super().requests(), "labels": lambda now: {"labels": self.core.labels.stats(now).to_dict()}}
+        return {**super().requests(), "labels": lambda now: {"labels": self.core.labels.stats(now).to_dict()},
+                "servers": lambda now: {"servers": views.server_rows(self.core, self.health)}}
+
+    def commands(self) -> dict[str, Command]:
+        return {"drain": lambda req, now: self.set_admin(req, AdminState.DRAINING),
+                "enable": lambda req, now: self.set_admin(req, AdminState.ENABLED),
+                "weight": self.set_weight, "flush": self.flush}
+
+    def set_admin(self, request: dict[str, Any], state: AdminState) -> dict[str, Any]:
+        answer = commands.set_admin(self.core, request.get("server"), state)
+        log.info("server %s %s by the operator (was %s; %d sessions)", answer["server"], state,
+                 answer["previous"], answer["sessions"],
+                 extra=fields(event="server_admin", server=answer["server"], admin=str(state)))
+        return answer
+
+    def set_weight(self, request: dict[str, Any], now: float) -> dict[str, Any]:
+        change = commands.set_weight(self.core, request.get("server"), request.get("weight"), now)
+        moved = ", ".join(f"{svc} {share:.1%}" for svc, share in change.moved.items()) or "no maglev service"
+        log.info("server %s weight %d (was %d) by the operator; keys moved: %s", change.server, change.weight,
+                 change.previous, moved, extra=fields(event="server_weight", **change.to_dict()))
+        return change.to_dict()
+
+    def flush(self, request: dict[str, Any], now: float) -> dict[str, Any]:
+        done = commands.flush(self.core, now, request.get("server"), request.get("client"))
+        results = self.program(done.ops, "flush")
+        for session in done.ended:
+            views.log_end(session, "flushed")
+        return {"flushed": len(done.ended), "sessions": [s.id for s in done.ended],
+                "errors": sum(not r.ok for r in results)}
 
     def session_views(self) -> Iterable[dict[str, Any]]:
         return (s.view() for s in self.core.table)
@@ -138,8 +247,11 @@ class BalancerDaemon(Daemon):
     def status_details(self, now: float) -> dict[str, Any]:
         servers = {s.name: self.core.table.count(server=s.name) for p in self.config.pools for s in p.servers}
         return {"services": [s.name for s in self.config.services], "sessions": len(self.core.table),
-                "servers": servers, "labels": self.core.labels.stats(now).to_dict()}
+                "sessions_by_state": self.core.sessions_by_state(),
+                "servers": servers, **views.server_summary(views.server_rows(self.core, self.health)),
+                "labels": self.core.labels.stats(now).to_dict(),
+                "queue": views.queue_summary(queue_stats(), self.config.nfqueue.queues)}
 
 
-def run(config_path: str, config: BalancerConfig | None = None) -> int:
-    return serve(BalancerDaemon(config_path, config))
+def run(config_path: str, config: BalancerConfig | None = None, log_format: str = "text") -> int:
+    return serve(BalancerDaemon(config_path, config), log_format)

@@ -1,8 +1,9 @@
 """What the daemons of every role share: one asyncio loop that reads the queue and conntrack
 sockets, serves the control socket and acts on flags that signals set (signals only set flags,
 as ExaBGP does), the program step that applies a core's operations and logs failures, the
-fail-safe around each batch of queued packets, and the control requests every role answers
-(`status`, `sessions`, `routes`)."""
+fail-safe around each batch of queued packets, the control requests every role answers
+(`status`, `sessions`, `routes`), and the service manager's notifications (sd_notify: READY once
+the control socket is up, WATCHDOG from the loop, RELOADING around a reload, STOPPING)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,19 @@ import signal
 import time
 from typing import Any, Callable, Iterable, Protocol
 
+from orchestrator import systemd
 from orchestrator.capture import nftables
 from orchestrator.capture.conntrack import ConntrackListener
 from orchestrator.capture.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, NfQueue, QueuedPacket, Verdict, accept_all
 from orchestrator.config.model import BalancerConfig, Setup
 from orchestrator.config.server import ServerConfig
 from orchestrator.core.events import Action, FlowsEnded, FlowTableResync, PacketVerdict
-from orchestrator.daemon import node_setup
+from orchestrator.core.servers import BadCommand
+from orchestrator.daemon import logs, node_setup
 from orchestrator.daemon.control import ControlServer
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink.provider import NetlinkProvider
+from orchestrator.metrics import DurationHistogram
 
 log = logging.getLogger("mplsorch")
 TICK = 0.25
@@ -36,6 +40,7 @@ class FlowCore(Protocol):
 
 
 Request = Callable[[float], dict[str, Any]]
+Command = Callable[[dict[str, Any], float], dict[str, Any]]  # a request with arguments
 
 
 class Daemon:
@@ -57,12 +62,18 @@ class Daemon:
         self.wake = asyncio.Event()
         self.started = time.time()
         self.op_results: dict[str, int] = {"ok": 0, "error": 0}
+        self.batch_duration = DurationHistogram()
         self.next_sweep = time.monotonic() + SWEEP
+        self.notify = systemd.notifier()
+        self.next_watchdog = 0.0
 
     def program(self, operations: list[ops.Operation], why: str) -> list[ops.OpResult]:
+        """Apply one batch; its duration feeds the metrics, each failure is logged with its reason."""
         if not operations:
             return []
+        started = time.perf_counter()
         results = self.provider.apply(operations)
+        self.batch_duration.observe(time.perf_counter() - started)
         for r in results:
             self.op_results["ok" if r.ok else "error"] += 1
             if not r.ok:
@@ -118,17 +129,36 @@ class Daemon:
     def running_message(self) -> str:
         return "running"
 
+    async def start_tasks(self) -> None:
+        """On the running loop, after setup and before READY: a role's own tasks."""
+
+    async def stop_tasks(self) -> None:
+        """At the stop, before the sockets close."""
+
     # -- control socket -------------------------------------------------------------------------------
     def requests(self) -> dict[str, Request]:
-        """The control socket's commands (each gets the monotonic time); a role adds its own."""
+        """The control socket's queries (each gets the monotonic time); a role adds its own."""
         return {"status": self.status, "sessions": self.sessions, "routes": self.routes}
+
+    def commands(self) -> dict[str, Command]:
+        """The control socket's commands that take arguments (the request itself) and may change
+        state; a BadCommand they raise has changed nothing."""
+        return {}
 
     def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         cmd = request.get("cmd")
-        handler = self.requests().get(cmd) if isinstance(cmd, str) else None
-        if handler is None:
+        now = time.monotonic()
+        query = self.requests().get(cmd) if isinstance(cmd, str) else None
+        if query is not None:
+            return query(now)
+        command = self.commands().get(cmd) if isinstance(cmd, str) else None
+        if command is None:
             return {"error": f"unknown command {cmd!r}"}
-        return handler(time.monotonic())
+        try:
+            return command(request, now)
+        except BadCommand as exc:
+            log.warning("command %s refused: %s", cmd, exc, extra=logs.fields(event="command_refused", cmd=cmd))
+            return {"error": str(exc), "bad_input": True}
 
     def status(self, now: float) -> dict[str, Any]:
         return {"role": self.role, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
@@ -153,8 +183,10 @@ class Daemon:
         loop.add_reader(self.conntrack.fileno(), self._on_conntrack)
         control = ControlServer(self.control_socket, self.handle_request)
         await control.start()
-        log.info("%s", self.running_message())
         try:
+            await self.start_tasks()
+            log.info("%s", self.running_message())
+            self.notify.ready(self.running_message())
             while "stop" not in self.flags:
                 try:
                     await asyncio.wait_for(self.wake.wait(), TICK)
@@ -163,11 +195,16 @@ class Daemon:
                 self.wake.clear()
                 if "reload" in self.flags:
                     self.flags.discard("reload")
+                    self.notify.reloading()
                     self.reload()
+                    self.notify.ready(self.running_message())
                 if time.monotonic() >= self.next_sweep:
                     self._sweep()
                 self.tick()
+                self._watchdog()
         finally:
+            self.notify.stopping()
+            await self.stop_tasks()
             loop.remove_reader(self.queue.fileno())
             loop.remove_reader(self.conntrack.fileno())
             await control.stop()
@@ -176,6 +213,15 @@ class Daemon:
             self.shutdown()
             self.provider.close()
         return 0
+
+    def _watchdog(self) -> None:
+        """WATCHDOG=1 at the interval systemd asks for (half WatchdogSec), from the loop itself:
+        a loop that is stuck stops sending, and systemd restarts the daemon."""
+        interval = self.notify.watchdog_interval()
+        now = time.monotonic()
+        if interval is not None and now >= self.next_watchdog:
+            self.notify.watchdog()
+            self.next_watchdog = now + interval
 
     def _flag(self, flag: str) -> None:
         self.flags.add(flag)
@@ -224,7 +270,7 @@ def nf_verdict(v: PacketVerdict) -> Verdict:
     return Verdict(v.queue, v.packet_id, NF_DROP)
 
 
-def serve(daemon: Daemon) -> int:
-    """`mplsorch run`: log to stderr and run the daemon until SIGTERM/SIGINT."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s mplsorch %(levelname)s %(message)s")
+def serve(daemon: Daemon, log_format: str = "text") -> int:
+    """`mplsorch run`: log to stderr (text or JSON lines) and run the daemon until SIGTERM/SIGINT."""
+    logs.configure(log_format)
     return asyncio.run(daemon.run())

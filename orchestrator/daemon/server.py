@@ -171,5 +171,5 @@ class ServerDaemon(Daemon):
                 "queue": self.config.nfqueue.queue, "sessions": len(self.core.sessions)}
 
 
-def run(config_path: str, config: ServerConfig | None = None) -> int:
-    return serve(ServerDaemon(config_path, config))
+def run(config_path: str, config: ServerConfig | None = None, log_format: str = "text") -> int:
+    return serve(ServerDaemon(config_path, config), log_format)

@@ -19,6 +19,7 @@ from orchestrator.lab.kit import Lab
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = (1001, 1999)
+CHECK_PORT = 8080  # with `checked`: the servers' application on their own address, for health checks
 # Seconds a daemon may take to answer on its control socket: Python's start alone takes 20-45 s
 # in the emulated VM, several times that when other VMs share the host's CPUs.
 START_TIMEOUT = 300
@@ -50,13 +51,18 @@ def lab_config(sock: Path, **changes: str) -> str:
 class BalancerLab:
     """Set up with `start()`, torn down with `close()`: everything it made is removed."""
 
-    def __init__(self, lab: Lab, node: str = "lb", plain_servers: bool = True, **changes: str) -> None:
+    def __init__(self, lab: Lab, node: str = "lb", plain_servers: bool = True, checked: bool = False,
+                 **changes: str) -> None:
         """`plain_servers=False`: the servers run the agent (server_lab.py), which installs the
         termination routes itself and answers under S2C labels, so neither the hand-made
-        termination routes nor the fabric's plain-IP way back to the clients are set up."""
+        termination routes nor the fabric's plain-IP way back to the clients are set up.
+        `checked=True`: each server's application also serves HTTP on its own address, port
+        CHECK_PORT, where health checks reach it, and the balancer gets routes to the servers."""
         self.lab = lab
         self.node = node
         self.plain_servers = plain_servers
+        self.checked = checked
+        self.apps: dict[str, list[subprocess.Popen[bytes]]] = {}  # server -> its application's processes
         self.dir = Path(lab.node(node)["runtime_dir"])
         self.sock = self.dir / "mplsorch.sock"
         self.config = self.dir / "balancer.yaml"
@@ -73,12 +79,12 @@ class BalancerLab:
                                                   if self.plain_servers])
             if not all(r.ok for r in results):
                 raise RuntimeError(f"termination routes on {server}: {next(r for r in results if not r.ok)}")
-            self._procs.append(lab.http_server(server, lab.vip)[0])
-            self._procs.append(lab.http_server(server, lab.vip6)[0])
-            self._procs.append(lab.spawn(server, sys.executable, "-c", UDP_ECHO, lab.vip))
+            self.start_app(server)
         # Plain servers answer as IP: the fabric routes the client LAN back through the balancer.
         for net, gw in self._client_lan_routes() if self.plain_servers else []:
             lab.sh("p", "ip", "route", "replace", net, "via", gw)
+        for net in self._server_nets() if self.checked else []:
+            lab.sh(self.node, "ip", "route", "replace", net, "via", lab.peer_address(self.node, "p"))
         self.proc = lab.spawn(self.node, sys.executable, "-m", "orchestrator", "run", "--config",
                               str(self.config), log=self.dir / "daemon.log")
         deadline = time.monotonic() + START_TIMEOUT
@@ -92,6 +98,25 @@ class BalancerLab:
                "net.netfilter.nf_conntrack_tcp_timeout_close=1",
                "net.netfilter.nf_conntrack_tcp_timeout_fin_wait=1",
                "net.netfilter.nf_conntrack_tcp_timeout_last_ack=1")
+
+    def start_app(self, server: str) -> None:
+        """The server's application: HTTP on both VIPs (and on its own address when checked), UDP echo."""
+        lab = self.lab
+        procs = [lab.http_server(server, lab.vip)[0], lab.http_server(server, lab.vip6)[0]]
+        if self.checked:
+            procs.append(lab.http_server(server, lab.address(server), CHECK_PORT)[0])
+        procs.append(lab.spawn(server, sys.executable, "-c", UDP_ECHO, lab.vip))
+        self.apps[server] = procs
+        self._procs += procs
+
+    def stop_app(self, server: str) -> None:
+        for proc in self.apps.pop(server, []):
+            self.lab.stop(proc)
+
+    def _server_nets(self) -> list[str]:
+        """The servers' IPv4 subnets: health checks go to the servers' own addresses."""
+        return sorted({str(ipaddress.ip_interface(a).network) for server in self.lab.names("server")
+                       for a in self.lab.iface(server, towards="p")["addresses"] if ":" not in a})
 
     def _client_lan_routes(self) -> list[tuple[str, str]]:
         """(client LAN, balancer's fabric address) per address family: the fabric's way back."""
@@ -154,6 +179,8 @@ class BalancerLab:
         lab.sh(self.node, "nft", "delete", "table", "inet", "mplsorch", check=False)
         for net, _ in self._client_lan_routes() if self.plain_servers else []:
             lab.sh("p", "ip", "route", "del", net, check=False)
+        for net in self._server_nets() if self.checked else []:
+            lab.sh(self.node, "ip", "route", "del", net, check=False)
         for server in lab.names("server"):
             provider = lab.provider(server)
             provider.apply([ops.Delete(i.obj) for i in provider.dump()])

@@ -97,7 +97,7 @@ def test_run_prints_every_problem_and_exits_4_when_the_node_is_not_ready(monkeyp
     problems = [node_setup.Problem("VIP 10.0.0.100 is not on lo", node_setup.Fix("address", ("lo", "10.0.0.100/32"))),
                 node_setup.Problem("interface eth0 (interfaces.fabric) does not exist", hint="create it")]
 
-    def not_ready(path: str, config: Any) -> int:
+    def not_ready(path: str, config: Any, log_format: str = "text") -> int:
         raise node_setup.NodeNotReady(problems)
 
     monkeypatch.setattr(server, "run", not_ready)

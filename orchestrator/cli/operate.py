@@ -1,0 +1,98 @@
+"""`mplsorch sessions [flush]` and `mplsorch servers [drain|enable|weight]`: the tables, and the
+operator's commands that change the running balancer without a restart. An unknown name or a bad
+value changes nothing and exits 2, naming it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import typer
+
+from orchestrator.cli.daemon import ConfigOption, JsonOption, SocketOption, _table, ask
+
+sessions_app = typer.Typer(help="The session table; `flush` ends sessions.")
+servers_app = typer.Typer(help="Servers: health, admin state, weight; drain, enable, weight.")
+
+
+def _print(answer: Any, json_output: bool, text: str) -> None:
+    print(json.dumps(answer) if json_output else text)
+
+
+@sessions_app.callback(invoke_without_command=True)
+def sessions(ctx: typer.Context, json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
+             config: Optional[str] = ConfigOption) -> None:
+    """The session table."""
+    if ctx.invoked_subcommand is not None:
+        return
+    answer = ask("sessions", socket, config)
+    rows = answer["sessions"]
+    if json_output:
+        print(json.dumps(rows))
+        return
+    if answer.get("role") == "server":
+        _table("sessions", ["client", "VIP", "C2S", "S2C", "state", "flows"],
+               [[s["client"], s["vip"], s["c2s_label"], s["s2c_label"], s["state"], s["flows"]] for s in rows])
+        return
+    _table("sessions", ["id", "service", "client", "key", "server", "C2S", "S2C", "state", "flows"],
+           [[s["id"], s["service"], s["client"], s["key"], s["server"], s["c2s_label"], s["s2c_label"],
+             s["state"], s["flows"]] for s in rows])
+
+
+@sessions_app.command("flush")
+def flush(server: Optional[str] = typer.Option(None, "--server", metavar="NAME", help="Only sessions on it."),
+          client: Optional[str] = typer.Option(None, "--client", metavar="ADDRESS", help="Only sessions of it."),
+          json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
+          config: Optional[str] = ConfigOption) -> None:
+    """End sessions (all of them without --server or --client) and delete their kernel objects."""
+    args = {k: v for k, v in (("server", server), ("client", client)) if v is not None}
+    answer = ask("flush", socket, config, **args)
+    errors = f" ({answer['errors']} kernel operations failed, see the daemon's log)" if answer.get("errors") else ""
+    _print(answer, json_output, f"flushed {answer['flushed']} sessions{errors}")
+    if answer.get("errors"):
+        raise typer.Exit(1)
+
+
+@servers_app.callback(invoke_without_command=True)
+def servers(ctx: typer.Context, json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
+            config: Optional[str] = ConfigOption) -> None:
+    """Every server of every pool: health, admin state, weight, sessions, response time."""
+    if ctx.invoked_subcommand is not None:
+        return
+    rows = ask("servers", socket, config)["servers"]
+    if json_output:
+        print(json.dumps(rows))
+        return
+    _table("servers", ["server", "pool", "address", "state", "admin", "weight", "sessions", "response ms", "reason"],
+           [[r["name"], r["pool"], r["address"], r["state"] if r["checked"] else f"{r['state']} (no check)",
+             r["admin"], r["weight"], r["sessions"],
+             None if r["response_time"] is None else f"{r['response_time'] * 1000:.1f}", r["reason"]] for r in rows])
+
+
+@servers_app.command("drain")
+def drain(name: str = typer.Argument(..., metavar="NAME"), json_output: bool = JsonOption,
+          socket: Optional[str] = SocketOption, config: Optional[str] = ConfigOption) -> None:
+    """No new sessions for NAME; its sessions stay until they end."""
+    answer = ask("drain", socket, config, server=name)
+    _print(answer, json_output, f"{answer['server']}: draining (was {answer['previous']}); "
+                                f"its {answer['sessions']} sessions stay until they end")
+
+
+@servers_app.command("enable")
+def enable(name: str = typer.Argument(..., metavar="NAME"), json_output: bool = JsonOption,
+           socket: Optional[str] = SocketOption, config: Optional[str] = ConfigOption) -> None:
+    """NAME takes new sessions again."""
+    answer = ask("enable", socket, config, server=name)
+    _print(answer, json_output, f"{answer['server']}: enabled (was {answer['previous']})")
+
+
+@servers_app.command("weight")
+def weight(name: str = typer.Argument(..., metavar="NAME"),
+           value: int = typer.Argument(..., metavar="W", help="0 or more; 0 takes no new sessions."),
+           json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
+           config: Optional[str] = ConfigOption) -> None:
+    """Set NAME's weight in every pool; maglev tables are rebuilt and the keys that moved reported."""
+    answer = ask("weight", socket, config, server=name, weight=value)
+    moved = ", ".join(f"{svc} {share:.1%}" for svc, share in answer["moved"].items()) or "no maglev service"
+    _print(answer, json_output, f"{answer['server']}: weight {answer['weight']} (was {answer['previous']}); "
+                                f"keys moved: {moved}")

@@ -24,13 +24,18 @@ def served(lab: Lab) -> Iterator[dict[str, object]]:
     per_session = {s: session_ops(lab, s) for s in (FIRST, SECOND)}
     results = apply_all(lab, setup) + [r for s in per_session.values() for r in apply_all(lab, s)]
     assert all(r.ok for r in results), [str(r) for r in results if not r.ok]
-    logs = {}
+    logs, servers = {}, []
     for session in (FIRST, SECOND):
-        _proc, logs[session.server] = lab.http_server(session.server, lab.vip)
-    yield {"logs": logs, "ops": per_session}
-    for session_ops_ in per_session.values():
-        apply_all(lab, deletes(session_ops_))
-    apply_all(lab, deletes(setup))
+        proc, logs[session.server] = lab.http_server(session.server, lab.vip)
+        servers.append(proc)
+    try:
+        yield {"logs": logs, "ops": per_session}
+    finally:  # later modules start their own servers on the VIP's port
+        for proc in servers:
+            lab.stop(proc)
+        for session_ops_ in per_session.values():
+            apply_all(lab, deletes(session_ops_))
+        apply_all(lab, deletes(setup))
 
 
 def test_http_through_the_vip_with_labels_on_the_wire(lab: Lab, served: dict) -> None:

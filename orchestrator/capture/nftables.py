@@ -17,7 +17,9 @@ from orchestrator.config.model import BalancerConfig, FailPolicy
 from orchestrator.config.server import ServerConfig
 from orchestrator.core.agent import MARK_MASK, MARK_TAG
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+# In the package (package data), so an installed daemon has them; templates/ at the top of the
+# repository is a link to the same folder.
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 MARK_RST = 0x6D6F0001   # "mo" + 1: reject with TCP reset
 MARK_ICMP = 0x6D6F0002  # reject with ICMP administratively prohibited
 CT_MARKS = {"ct_tag": f"{CT_TAG:#010x}", "ct_keep": f"{~CT_MASK & 0xFFFFFFFF:#010x}"}  # tag our flows

@@ -229,7 +229,8 @@ def make_ready(config: ServerConfig | BalancerConfig, system: NodeSystem, fix: b
 
 class HostSystem:
     """The node this process runs on (its network namespace): /proc/sys, /sys/module, the
-    kernel's modules.builtin and modules.dep, and the provider for devices and addresses."""
+    kernel's modules.builtin and modules.dep, and the provider for devices and for reading and
+    adding addresses."""
 
     def __init__(self, provider: NetlinkProvider, proc_sys: Path = Path("/proc/sys"),
                  sys_module: Path = Path("/sys/module"),
@@ -276,7 +277,9 @@ class HostSystem:
         subprocess.run(["modprobe", name], check=True, capture_output=True, text=True)
 
     def add_address(self, dev: str, address: str) -> None:
-        subprocess.run(["ip", "address", "add", address, "dev", dev], check=True, capture_output=True, text=True)
+        """Through the provider (one RTM_NEWADDR), not ip(8): product code speaks netlink itself.
+        Already there counts as done, so `apply` stays idempotent; failures are OSError."""
+        self.provider.add_address(dev, address)
 
 
 def _module_name(line: str) -> str:

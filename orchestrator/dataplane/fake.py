@@ -18,8 +18,11 @@ net/ipv4/fib_trie.c, net/core/fib_rules.c, net/sched/cls_api.c, cls_flower.c, sc
 
 Plain IP routes are modelled only as far as the balancer looks them up (`add_ip_route`,
 `routes_to`: longest prefix match, no route gives None as the kernel's ENETUNREACH does); they
-forward nothing. Not modelled: neighbours, sysctls (conf.<dev>.input is taken as enabled where the
-reference enables it, including lo on servers).
+forward nothing. Interface addresses only as far as node setup reads and adds them (`addresses`,
+`add_address`; lo starts with 127.0.0.1/8 and ::1/128): an address already on the device is the
+kernel's EEXIST, which the providers count as success (IPv4: same address and prefix length, else
+another address is added; IPv6: same address). Not modelled: neighbours, sysctls
+(conf.<dev>.input is taken as enabled where the reference enables it, including lo on servers).
 """
 
 from __future__ import annotations
@@ -98,6 +101,8 @@ class FakeProvider:
         self._objects: dict[tuple[object, ...], DataplaneObject] = {}
         self._ip_routes: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, NextHop] = {}
         self.route_queries: list[tuple[str, ...]] = []  # the addresses of each routes_to call
+        self._addresses: dict[str, list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]] = {
+            LOOPBACK: [ipaddress.ip_interface("127.0.0.1/8"), ipaddress.ip_interface("::1/128")]}
 
     # ---- Provider ----
 
@@ -121,6 +126,24 @@ class FakeProvider:
             nets = [net for net in self._ip_routes if ip in net]
             out[address] = self._ip_routes[max(nets, key=lambda n: n.prefixlen)] if nets else None
         return out
+
+    def addresses(self, dev: str) -> list[str]:
+        """The addresses on `dev` without prefix length, in the order they were added."""
+        return [str(iface.ip) for iface in self._device_addresses(dev)]
+
+    def add_address(self, dev: str, address: str) -> None:
+        """`ip address add ADDRESS dev DEV`, except that an address already there is no error."""
+        iface = ipaddress.ip_interface(address)
+        present = self._device_addresses(dev)
+        if any(iface.ip == other.ip and (iface.version == 6 or iface.network.prefixlen == other.network.prefixlen)
+               for other in present):
+            return  # the kernel's EEXIST: already done
+        present.append(iface)
+
+    def _device_addresses(self, dev: str) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+        if dev not in self.devices:
+            raise OSError(errno.ENODEV, f"no such device {dev}")
+        return self._addresses.setdefault(dev, [])
 
     # ---- plain IP routes (for lookups only) ----
 

@@ -21,3 +21,13 @@ class Provider(Protocol):
         """The node's route to each address (all looked up in one request batch): its device and
         gateway, or None where there is no usable route (unreachable, or a local address)."""
         ...
+
+    def addresses(self, dev: str) -> list[str]:
+        """The IP addresses on `dev`, without prefix length (a server checks its VIPs are on lo)."""
+        ...
+
+    def add_address(self, dev: str, address: str) -> None:
+        """Put `address` (with prefix length, e.g. 10.0.0.100/32) on `dev`, as `node.setup: apply`
+        does for a VIP missing from lo. An address already there counts as success, so applying
+        again changes nothing. Raises OSError (ENODEV for an unknown device)."""
+        ...

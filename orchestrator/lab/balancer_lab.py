@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.dataplane import ops
-from orchestrator.lab.kit import Lab
+from orchestrator.lab.kit import Lab, daemon_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = (1001, 1999)
@@ -130,11 +130,8 @@ class BalancerLab:
         return path.read_text() if path.exists() else ""
 
     def cli(self, *args: str) -> Any:
-        out = subprocess.run([sys.executable, "-m", "orchestrator", *args, "--json", "--socket", str(self.sock)],
-                             capture_output=True, text=True, timeout=120)
-        if out.returncode != 0:
-            raise RuntimeError(f"mplsorch {' '.join(args)}: {out.stderr}")
-        return json.loads(out.stdout)
+        """`mplsorch ARGS --json` against the balancer's control socket, parsed."""
+        return daemon_cli(self.sock, *args)
 
     def sessions(self) -> list[dict[str, Any]]:
         return self.cli("sessions")

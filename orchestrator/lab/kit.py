@@ -8,12 +8,26 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from orchestrator.dataplane.netlink.provider import NetlinkProvider
+
+
+def daemon_cli(sock: Path, *args: str, node: str | None = None, timeout: float = 120) -> Any:
+    """`mplsorch ARGS --json --socket SOCK` against a running daemon, as an operator asks it, and
+    its parsed JSON: one place for how the lab's balancer and agents are queried. It runs in this
+    namespace (the control socket is a file, reachable from any). Raises RuntimeError with the
+    CLI's stderr, naming `node` when given, if the command fails."""
+    out = subprocess.run([sys.executable, "-m", "orchestrator", *args, "--json", "--socket", str(sock)],
+                         capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        where = f" on {node}" if node else ""
+        raise RuntimeError(f"mplsorch {' '.join(args)}{where}: {out.stderr}")
+    return json.loads(out.stdout)
 
 
 @dataclass

@@ -5,7 +5,6 @@ the balancer's label range as block, lab-sized timeouts)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.lab.balancer_lab import LABELS, ROOT, START_TIMEOUT, BalancerLab
-from orchestrator.lab.kit import Lab
+from orchestrator.lab.kit import Lab, daemon_cli
 
 EXAMPLE_VIPS = '  10.0.0.100: {table: 100}      # not 253, 254, 255: the kernel\'s default, main and local tables\n' \
                '  "fd00:100::100": {table: 101}\n'
@@ -89,11 +88,8 @@ class AgentLab:
         return path.read_text() if path.exists() else ""
 
     def cli(self, *args: str) -> Any:
-        out = subprocess.run([sys.executable, "-m", "orchestrator", *args, "--json", "--socket", str(self.sock)],
-                             capture_output=True, text=True, timeout=120)
-        if out.returncode != 0:
-            raise RuntimeError(f"mplsorch {' '.join(args)} on {self.node}: {out.stderr}")
-        return json.loads(out.stdout)
+        """`mplsorch ARGS --json` against this agent's control socket, parsed."""
+        return daemon_cli(self.sock, *args, node=self.node)
 
     def sessions(self) -> list[dict[str, Any]]:
         return self.cli("sessions")

@@ -348,3 +348,25 @@ def test_dump_round_trips(lb, s2):
         # what the dump says can rebuild the node (the daemon's reconcile after a restart)
         rebuilt = _node(node.devices, [Add(i.obj) for i in dumped])
         assert rebuilt.dump() == dumped
+
+
+# ---- interface addresses (node setup) ----
+
+def test_added_addresses_are_listed_and_adding_again_changes_nothing():
+    node = FakeProvider({"eth0"})
+    assert node.addresses("lo") == ["127.0.0.1", "::1"] and node.addresses("eth0") == []
+    node.add_address("lo", f"{VIP}/32")
+    node.add_address("lo", "fd00:100::100/128")
+    node.add_address("lo", f"{VIP}/32")            # the kernel's EEXIST: already done
+    node.add_address("lo", "fd00:100::100/64")     # IPv6: the same address whatever its prefix
+    assert node.addresses("lo") == ["127.0.0.1", "::1", VIP, "fd00:100::100"]
+    node.add_address("eth0", "10.1.2.2/24")
+    assert node.addresses("eth0") == ["10.1.2.2"]
+
+
+def test_addresses_of_an_unknown_device_are_enodev():
+    node = FakeProvider({"eth0"})
+    for call in (lambda: node.add_address("eth1", f"{VIP}/32"), lambda: node.addresses("eth1")):
+        with pytest.raises(OSError) as raised:
+            call()
+        assert raised.value.errno == errno.ENODEV

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 import sys
 
@@ -15,6 +16,7 @@ DEVS = {"lo": 1, "lan0": 2, "fab0": 3, "eth0": 4}
 NAMES = {v: k for k, v in DEVS.items()}
 RTMSG = struct.Struct("=BBBBBBBBI")
 TCMSG = struct.Struct("=BBHiIII")
+IFADDRMSG = struct.Struct("=BBBBI")
 
 
 def ifindex(name: str) -> int:
@@ -168,3 +170,29 @@ def test_mpls_label_filter_layout() -> None:
 def test_bad_mpls_label_matches_are_refused(match: ops.FlowerMatch, words: str) -> None:
     with pytest.raises(ops.InvalidOperation, match=words):
         ops.validate(ops.Add(ops.FlowerFilter("fab0", 1, match, (ops.SetMark(1),), ops.Direction.INGRESS)))
+
+
+@pytest.mark.parametrize("address, family, plen, scope", [
+    ("10.0.0.100/32", c.AF_INET, 32, c.RT_SCOPE_UNIVERSE),       # a VIP, as node setup passes it
+    ("fd00:100::100/128", c.AF_INET6, 128, c.RT_SCOPE_UNIVERSE),
+    ("10.0.1.5/24", c.AF_INET, 24, c.RT_SCOPE_UNIVERSE),         # host bits set: an interface address
+    ("127.0.0.2", c.AF_INET, 32, c.RT_SCOPE_HOST),               # bare: host prefix; 127/8 scope host, as ip does
+])
+def test_address_add_layout(address: str, family: int, plen: int, scope: int) -> None:
+    """What `ip address add ADDRESS dev eth0` sends: ifaddrmsg with family, prefix length, scope
+    and index, the address in both IFA_LOCAL and IFA_ADDRESS, exclusive create."""
+    kind, flags, body = encode.address_add(address, DEVS["eth0"])
+    assert kind == c.RTM_NEWADDR
+    assert flags == c.NLM_F_REQUEST | c.NLM_F_CREATE | c.NLM_F_EXCL
+    assert IFADDRMSG.unpack_from(body) == (family, plen, 0, scope, 4)
+    a = nla.attrs(body, IFADDRMSG.size)
+    packed = ipaddress.ip_interface(address).ip.packed
+    assert set(a) == {c.IFA_LOCAL, c.IFA_ADDRESS}
+    assert bytes(a[c.IFA_LOCAL]) == bytes(a[c.IFA_ADDRESS]) == packed
+    assert len(body) == IFADDRMSG.size + 2 * (4 + len(packed))
+
+
+@pytest.mark.parametrize("address", ["lo", "10.0.0.300/32", "10.0.0.1/33", ""])
+def test_address_add_refuses_what_is_not_an_address(address: str) -> None:
+    with pytest.raises(ValueError):
+        encode.address_add(address, 1)

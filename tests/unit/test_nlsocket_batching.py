@@ -6,9 +6,11 @@ import errno
 import struct
 from collections import deque
 
+import pytest
+
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import constants as c
-from orchestrator.dataplane.netlink import nla, nlsocket
+from orchestrator.dataplane.netlink import encode, nla, nlsocket
 from orchestrator.dataplane.netlink import provider as provider_module
 from orchestrator.dataplane.netlink.provider import NetlinkProvider
 
@@ -32,13 +34,17 @@ class ScriptedKernel:
     def settimeout(self, *args: object) -> None:
         pass
 
+    def answer(self, body: memoryview) -> tuple[int, str]:
+        """(errno, extack text) for one request; 0 is success."""
+        label = struct.unpack_from("!I", body, 12 + 4)[0] >> 12  # RTA_DST of an MPLS route
+        self.handled.append(label)
+        return self.refuse.get(label, (0, ""))
+
     def sendall(self, data: bytes) -> None:
         batch = []
         for kind, flags, seq, body in nla.messages(data):
             batch.append((kind, flags, seq))
-            label = struct.unpack_from("!I", body, 12 + 4)[0] >> 12  # RTA_DST of an MPLS route
-            self.handled.append(label)
-            code, text = self.refuse.get(label, (0, ""))
+            code, text = self.answer(body)
             if code or flags & c.NLM_F_ACK:
                 tlv = nla.asciiz(c.NLMSGERR_ATTR_MSG, text) if text else b""
                 payload = struct.pack("=i", -code) + struct.pack("=IHHII", 16 + len(body), kind,
@@ -127,3 +133,41 @@ def test_a_big_batch_is_sent_by_the_pipeline_in_order_with_every_error_mapped(mo
     assert {r.op.obj.label: r.errno for r in results if not r.ok} == \
         {25: errno.EEXIST, 40: errno.ENODEV, 51: errno.EINVAL}
     assert kernel.handled == [label for label in range(16, 66) if label != 40]
+
+
+class AddressKernel(ScriptedKernel):
+    """Answers every request (here: RTM_NEWADDR) with one errno and keeps the bodies."""
+
+    def __init__(self, code: int = 0, text: str = "") -> None:
+        super().__init__()
+        self.code, self.text = code, text
+        self.bodies: list[bytes] = []
+
+    def answer(self, body: memoryview) -> tuple[int, str]:
+        self.bodies.append(bytes(body))
+        return self.code, self.text
+
+
+def test_add_address_is_one_exclusive_rtm_newaddr_for_the_devices_index() -> None:
+    kernel = AddressKernel()
+    provider_with(kernel).add_address("lo", "10.0.0.100/32")
+    [[(kind, flags, _seq)]] = kernel.sends
+    assert kind == c.RTM_NEWADDR and flags & c.NLM_F_CREATE and flags & c.NLM_F_EXCL and flags & c.NLM_F_ACK
+    assert kernel.bodies == [encode.address_add("10.0.0.100/32", 1)[2]]  # lo is index 1
+
+
+def test_add_address_already_there_is_done_so_apply_stays_idempotent() -> None:
+    provider_with(AddressKernel(errno.EEXIST)).add_address("lo", "fd00:100::100/128")  # no exception
+
+
+def test_add_address_failures_are_os_errors_with_the_kernels_errno() -> None:
+    with pytest.raises(OSError) as raised:
+        provider_with(AddressKernel(errno.EPERM, "not allowed")).add_address("lo", "10.0.0.100/32")
+    assert raised.value.errno == errno.EPERM and "not allowed (EPERM)" in str(raised.value)
+    kernel = AddressKernel()
+    provider = provider_with(kernel)
+    provider._load_links = lambda: None  # type: ignore[method-assign]
+    with pytest.raises(OSError) as raised:
+        provider.add_address("nosuchdev", "10.0.0.100/32")
+    assert raised.value.errno == errno.ENODEV and "nosuchdev" in str(raised.value)
+    assert kernel.sends == []

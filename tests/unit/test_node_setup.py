@@ -10,7 +10,8 @@ import pytest
 
 from orchestrator.config import load_balancer_config, load_server_config
 from orchestrator.daemon import node_setup
-from orchestrator.daemon.node_setup import HostSystem, NodeNotReady, check, check_balancer, make_ready
+from orchestrator.daemon.node_setup import Fix, HostSystem, NodeNotReady, Problem, check, check_balancer, make_ready
+from orchestrator.dataplane.fake import FakeProvider
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "templates" / "server.example.yaml"  # fabric eth0, block 1001..1999
 
@@ -175,6 +176,31 @@ def test_a_modprobe_that_fails_is_reported_and_its_problem_stays(config) -> None
     with pytest.raises(NodeNotReady) as raised:
         make_ready(config, node, fix=True)
     assert lines(raised.value.problems)[0].startswith("kernel module mpls_router is not loaded")
+
+
+def test_apply_puts_a_missing_vip_on_lo_through_the_provider_and_again_changes_nothing(
+        config, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def no_ip(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"ran a program: {args}")
+    monkeypatch.setattr(node_setup.subprocess, "run", no_ip)
+    node = FakeSystem()
+    node.addrs["lo"] -= {"10.0.0.100"}
+    problems = check(config, node)
+    provider = FakeProvider({"eth0"})
+    provider.add_address("lo", "fd00:100::100/128")
+    host = HostSystem(provider)  # type: ignore[arg-type]
+    assert "10.0.0.100" not in host.addresses("lo")
+    assert node_setup.apply(problems, host) == ["done: ip address add 10.0.0.100/32 dev lo"]
+    assert node_setup.apply(problems, host) == ["done: ip address add 10.0.0.100/32 dev lo"]  # already there
+    assert provider.addresses("lo") == ["127.0.0.1", "::1", "fd00:100::100", "10.0.0.100"]
+    assert {"10.0.0.100", "fd00:100::100"} <= host.addresses("lo")
+
+
+def test_an_address_the_provider_cannot_add_is_reported() -> None:
+    host = HostSystem(FakeProvider({"eth0"}))  # type: ignore[arg-type]
+    problem = Problem("VIP 10.0.0.100 is not on lo0", Fix("address", ("lo0", "10.0.0.100/32")))
+    assert node_setup.apply([problem], host) == [
+        "failed: ip address add 10.0.0.100/32 dev lo0: [Errno 19] no such device lo0"]
 
 
 BALANCER = Path(__file__).resolve().parents[2] / "templates" / "balancer.example.yaml"

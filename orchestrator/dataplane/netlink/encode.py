@@ -8,6 +8,7 @@ Layouts follow the kernel: af_mpls.c (RTA_DST/RTA_VIA/RTA_NEWDST), lwtunnel MPLS
 from __future__ import annotations
 
 import functools
+import ipaddress
 import struct
 from typing import Callable
 
@@ -15,12 +16,12 @@ from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.constants import (
     AF_INET, AF_INET6, AF_MPLS, AF_UNSPEC, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, FR_ACT_TO_TBL,
-    FRA_PRIORITY, FRA_PROTOCOL, FRA_SRC, FRA_TABLE, IPPROTO_ESP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    FRA_PRIORITY, FRA_PROTOCOL, FRA_SRC, FRA_TABLE, IFA_ADDRESS, IFA_LOCAL, IPPROTO_ESP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
     LWTUNNEL_ENCAP_MPLS,
     MPLS_IPTUNNEL_DST, NLA_F_NESTED, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, RT_PROTO,
-    RT_SCOPE_UNIVERSE, RT_TABLE_MAIN, RTA_DST, RTA_ENCAP, RTA_ENCAP_TYPE, RTA_GATEWAY, RTA_NEWDST,
+    RT_SCOPE_HOST, RT_SCOPE_UNIVERSE, RT_TABLE_MAIN, RTA_DST, RTA_ENCAP, RTA_ENCAP_TYPE, RTA_GATEWAY, RTA_NEWDST,
     RTA_OIF, RTA_TABLE, RTA_VIA, RTM_DELQDISC, RTM_DELROUTE, RTM_DELRULE, RTM_DELTFILTER,
-    RTM_GETROUTE, RTM_NEWQDISC, RTM_NEWROUTE, RTM_NEWRULE, RTM_NEWTFILTER, RTN_UNICAST, TC_ACT_PIPE,
+    RTM_GETROUTE, RTM_NEWADDR, RTM_NEWQDISC, RTM_NEWROUTE, RTM_NEWRULE, RTM_NEWTFILTER, RTN_UNICAST, TC_ACT_PIPE,
     TC_COOKIE_PREFIX, TC_H_CLSACT, TC_H_MIN_EGRESS, TC_H_MIN_INGRESS, TCA_ACT_COOKIE, TCA_ACT_KIND,
     TCA_ACT_OPTIONS, TCA_CLS_FLAGS_SKIP_HW, TCA_CLS_FLAGS_SKIP_SW, TCA_FLOWER_ACT,
     TCA_FLOWER_FLAGS, TCA_FLOWER_KEY_ETH_TYPE, TCA_FLOWER_KEY_IP_PROTO, TCA_FLOWER_KEY_IPV4_DST, TCA_FLOWER_KEY_MPLS_LABEL,
@@ -39,6 +40,7 @@ Request = tuple[int, int, bytes]
 
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _TCMSG = struct.Struct("=BBHiIII")
+_IFADDRMSG = struct.Struct("=BBBBI")
 _LABEL = struct.Struct("!I")
 
 ETH_TYPES = {"ip": ETH_P_IP, "ipv6": ETH_P_IPV6, "mpls_uc": ETH_P_MPLS_UC}
@@ -128,6 +130,23 @@ def route_query(address: str) -> Request:
     version, packed = ops.parse_address(address)
     body = _RTMSG.pack(_family(version), 32 if version == 4 else 128, 0, 0, 0, 0, 0, 0, 0)
     return RTM_GETROUTE, NLM_F_REQUEST, body + nla.attr(RTA_DST, packed)
+
+
+_IPV4_LOOPBACK = ipaddress.ip_network("127.0.0.0/8")  # iproute2's default_scope()
+
+
+def address_add(address: str, index: int) -> Request:
+    """RTM_NEWADDR as `ip address add ADDRESS dev DEV` sends it, so the node gets the address an
+    operator's fix by hand would give it: the address in IFA_LOCAL and IFA_ADDRESS (no peer),
+    scope host for 127/8 and universe otherwise, exclusive create (an address already there
+    answers EEXIST). ADDRESS may carry a prefix length (without: a host prefix); host bits may be
+    set, as on any interface address. Raises ValueError for what is not an address."""
+    iface = ipaddress.ip_interface(address)
+    packed = iface.ip.packed
+    scope = RT_SCOPE_HOST if iface.version == 4 and iface.ip in _IPV4_LOOPBACK else RT_SCOPE_UNIVERSE
+    body = _IFADDRMSG.pack(_family(iface.version), iface.network.prefixlen, 0, scope, index)
+    body += nla.attr(IFA_LOCAL, packed) + nla.attr(IFA_ADDRESS, packed)
+    return RTM_NEWADDR, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL, body
 
 
 def encap_route(op: ops.Operation, obj: ops.EncapRoute, ifindex: Ifindex) -> Request:

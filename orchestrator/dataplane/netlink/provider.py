@@ -14,8 +14,9 @@ from typing import Iterable, Iterator, Sequence
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import decode, encode, nla
 from orchestrator.dataplane.netlink.constants import (
-    AF_INET, AF_INET6, AF_MPLS, AF_UNSPEC, IFLA_IFNAME, RT_PROTO, RTM_GETLINK, RTM_GETQDISC,
-    RTM_GETROUTE, RTM_GETRULE, RTM_GETTFILTER, RTM_NEWLINK, RTM_NEWROUTE, TC_H_CLSACT,
+    AF_INET, AF_INET6, AF_MPLS, AF_UNSPEC, IFA_ADDRESS, IFA_LOCAL, IFLA_IFNAME, RT_PROTO, RTM_GETADDR,
+    RTM_GETLINK, RTM_GETQDISC, RTM_GETROUTE, RTM_GETRULE, RTM_GETTFILTER, RTM_NEWADDR, RTM_NEWLINK,
+    RTM_NEWROUTE, TC_H_CLSACT,
 )
 from orchestrator.dataplane.netlink.nlsocket import KernelError, NetlinkSocket
 
@@ -23,6 +24,7 @@ PIPELINE_PIECE = 4096  # operations encoded while the previous piece is in the k
 _IFINFO = struct.Struct("=BxHiII")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _TCMSG = struct.Struct("=BBHiIII")
+_IFADDRMSG = struct.Struct("=BBBBI")
 
 
 class UnknownDevice(KeyError):
@@ -195,20 +197,32 @@ class NetlinkProvider:
     def addresses(self, dev: str) -> list[str]:
         """The IP addresses on `dev`, without prefix length (the server agent checks that every
         VIP is on lo). Raises UnknownDevice."""
-        rtm_newaddr, rtm_getaddr, ifa_address, ifa_local = 20, 22, 1, 2  # rtnetlink.h, if_addr.h
-        ifaddrmsg = struct.Struct("=BBBBI")
         index = self.ifindex(dev)
         out = []
         for family in (AF_INET, AF_INET6):
-            for kind, body in self._sock.dump(rtm_getaddr, ifaddrmsg.pack(family, 0, 0, 0, index)):
-                if kind != rtm_newaddr or ifaddrmsg.unpack_from(body)[4] != index:
+            for kind, body in self._sock.dump(RTM_GETADDR, _IFADDRMSG.pack(family, 0, 0, 0, index)):
+                if kind != RTM_NEWADDR or _IFADDRMSG.unpack_from(body)[4] != index:
                     continue
-                attrs = nla.attrs(body, ifaddrmsg.size)
-                raw = attrs.get(ifa_local, attrs.get(ifa_address))
+                attrs = nla.attrs(body, _IFADDRMSG.size)
+                raw = attrs.get(IFA_LOCAL, attrs.get(IFA_ADDRESS))
                 if raw is not None:
                     out.append(socket.inet_ntop(socket.AF_INET6 if family == AF_INET6 else socket.AF_INET,
                                                 bytes(raw)))
         return out
+
+    def add_address(self, dev: str, address: str) -> None:
+        """Put ADDRESS (with its prefix length, e.g. a VIP as 10.0.0.100/32) on `dev` with one
+        RTM_NEWADDR, for `node.setup: apply`. An address already there (EEXIST) counts as done, so
+        applying twice, or racing an operator, is no failure. Raises OSError with the kernel's
+        errno (ENODEV for an unknown device), ValueError for what is not an address."""
+        self._links_fresh = False  # a device made since the last lookup is found
+        try:
+            index = self.ifindex(dev)
+        except UnknownDevice:
+            raise OSError(errno.ENODEV, f"no such device {dev}") from None
+        [error] = self._sock.transact([encode.address_add(address, index)])
+        if error is not None and error.errno != errno.EEXIST:
+            raise OSError(error.errno, str(error))
 
     def dump_filters(self, dev: str, direction: ops.Direction = ops.Direction.EGRESS,
                      ours_only: bool = True) -> list[ops.Installed]:

@@ -9,9 +9,10 @@ cd "$(dirname "$0")"
 job="${1:-setup}"
 
 # Debian packages: QEMU and Debian's kernel for the lab VM (virtme-ng boots it when this host's
-# kernel has no MPLS routing), the tools the lab and tests use to build and check topologies.
+# kernel has no MPLS routing), the tools the lab and tests use to build and check topologies;
+# openssh-server: the Ansible roll-out test runs an sshd in every lab node (netns_tests/test_ansible.py).
 apt_packages="qemu-system-x86 linux-image-amd64 busybox-static kmod nftables iproute2 tcpdump
-  curl iputils-ping ipvsadm python3 python3-venv"
+  curl iputils-ping ipvsadm python3 python3-venv openssh-server"
 missing=""
 for pkg in $apt_packages; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
@@ -27,6 +28,12 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,lab]"
+# The wheelhouse of the Ansible roll-out test (netns_tests/test_ansible.py): mplsorch's wheel, built
+# from this tree, and its dependencies' (and setuptools/wheel, to build it offline). The lab VM has
+# no network, and building the wheel in its emulated CPU takes a quarter of an hour.
+rm -f .wheelhouse/mplsorch-*.whl
+SOURCE_DATE_EPOCH=315532800 .venv/bin/python -m pip wheel -q --disable-pip-version-check -w .wheelhouse . \
+  "setuptools>=68" wheel
 
 # Our route protocol number gets its name, so `ip route` shows "proto mplsorch".
 install -D -m 0644 templates/rt_protos.d/mplsorch.conf /etc/iproute2/rt_protos.d/mplsorch.conf

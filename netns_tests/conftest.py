@@ -23,3 +23,10 @@ def lab() -> Iterator[Lab]:
     lab = Lab.from_env()
     yield lab
     lab.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The Ansible roll-out runs last: it takes back what the lab builder set up and lets the
+    roles redo it (its teardown restores the builder's settings, but no other module should
+    depend on that)."""
+    items.sort(key=lambda item: item.module.__name__.endswith("test_ansible") if item.module else False)

@@ -15,7 +15,9 @@ import csv
 import hashlib
 import json
 import os
+import pwd
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -52,25 +54,54 @@ def managed(lab: Lab) -> list[str]:
     return [n["name"] for n in lab.desc["nodes"] if n["role"] in MANAGED_ROLES]
 
 
-def bare(lab: Lab) -> None:
+@dataclass
+class Taken:
+    """What bare() took from the lab, for restore(): per node the sysctls it set (name to the
+    value before), the fabric's label routes (`ip -f mpls route` lines), the servers' VIPs."""
+    sysctls: dict[str, dict[str, str]]
+    label_routes: dict[str, list[str]]
+    vips: dict[str, list[str]]
+
+
+def bare(lab: Lab) -> Taken:
     """Take back what the lab builder did that the roles own, so the roll-out starts from bare
     namespaces (links, addresses and plain routes only): the fabric's transport label routes,
-    the label tables, MPLS input, forwarding, the servers' VIPs on lo and their loose rp_filter."""
+    the label tables, MPLS input, forwarding, the servers' VIPs on lo and their loose rp_filter.
+    Returns what it took: restore() gives it back for the test modules that run after."""
+    taken = Taken({}, {}, {})
     for node in managed(lab):
         role = lab.node(node)["role"]
         devs = [i["dev"] for i in lab.node(node)["interfaces"]] + ["lo"]
         if role == "fabric":
-            for line in lab.sh(node, "ip", "-f", "mpls", "route", "show").stdout.splitlines():
-                if line.split() and line.split()[0].isdigit():
+            taken.label_routes[node] = mpls_routes(lab, node)
+            for line in taken.label_routes[node]:
+                if line.split()[0].isdigit():
                     lab.sh(node, "ip", "-f", "mpls", "route", "del", line.split()[0])
-        settings = ["net.mpls.platform_labels=0"] + [f"net.mpls.conf.{d}.input=0" for d in devs]
+        settings = {"net.mpls.platform_labels": "0"} | {f"net.mpls.conf.{d}.input": "0" for d in devs}
         if role in ("balancer", "fabric"):
-            settings += ["net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0"]
+            settings |= {"net.ipv4.ip_forward": "0", "net.ipv6.conf.all.forwarding": "0"}
         if role == "server":
-            settings += [f"net.ipv4.conf.{d}.rp_filter=1" for d in devs]  # strict: the role makes it loose
+            # Strict: the role makes it loose where it must.
+            settings |= {f"net.ipv4.conf.{d}.rp_filter": "1" for d in devs}
+            taken.vips[node] = list(lab.desc["vips"])
             for vip in lab.desc["vips"]:
                 lab.sh(node, "ip", "address", "del", f"{vip}/{128 if ':' in vip else 32}", "dev", "lo")
-        lab.sh(node, "sysctl", "-q", "-w", *settings)
+        taken.sysctls[node] = {name: lab.sh(node, "sysctl", "-n", name).stdout.strip() for name in settings}
+        lab.sh(node, "sysctl", "-q", "-w", *(f"{k}={v}" for k, v in settings.items()))
+    return taken
+
+
+def restore(lab: Lab, taken: Taken) -> None:
+    """Give the lab back what bare() took (the roll-out's own settings are overwritten: its label
+    tables are smaller than the lab's), so later test modules find the lab as its builder left it."""
+    for node, settings in taken.sysctls.items():
+        lab.sh(node, "sysctl", "-q", "-w", *(f"{k}={v}" for k, v in settings.items()))
+    for node, routes in taken.label_routes.items():
+        for line in routes:
+            lab.sh(node, "ip", "-f", "mpls", "route", "replace", *line.split())
+    for node, vips in taken.vips.items():
+        for vip in vips:
+            lab.sh(node, "ip", "address", "replace", f"{vip}/{128 if ':' in vip else 32}", "dev", "lo")
 
 
 def wheelhouse_wheel() -> Path:
@@ -187,7 +218,8 @@ class AnsibleLab:
         pid_file = d / "sshd.pid"
         pid_file.unlink(missing_ok=True)
         self.lab.sh(node, SSHD, "-t", "-f", str(config))
-        self.lab.sh(node, SSHD, "-f", str(config), "-E", str(d / "sshd.log"))
+        self.lab.sh(node, "sh", "-c", self._hide_rc_files() + 'exec "$@"', "sshd",
+                    SSHD, "-f", str(config), "-E", str(d / "sshd.log"))
         deadline = time.monotonic() + 60
         while not pid_file.exists():
             if time.monotonic() > deadline:
@@ -196,6 +228,19 @@ class AnsibleLab:
         self.sshd_pids[node] = int(pid_file.read_text().split()[0])
         return f"{address} {host_key.with_suffix('.pub').read_text().split(' ')[0]} " \
                f"{host_key.with_suffix('.pub').read_text().split(' ')[1]}\n"
+
+    def _hide_rc_files(self) -> str:
+        """Shell commands that bind an empty file over root's shell start-up files, in the mount
+        namespace `ip netns exec` made for sshd (nothing outside it changes). sshd runs every
+        command through root's login shell, and bash sources ~/.bashrc for commands that come
+        over ssh: this machine's (pyenv init) costs 7 s a command in the emulated VM, and
+        Ansible runs one for every module call."""
+        empty = self.dir / "empty-rc"
+        empty.write_text("")
+        home = Path(pwd.getpwnam("root").pw_dir)
+        files = [home / name for name in (".bashrc", ".bash_profile", ".bash_login", ".profile")]
+        return "".join(f"mount --bind {shlex.quote(str(empty))} {shlex.quote(str(f))} && "
+                       for f in files if f.is_file())
 
     def _wait_listening(self, node: str) -> None:
         deadline = time.monotonic() + 60

@@ -8,10 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")"
 job="${1:-setup}"
 
-# Debian packages: QEMU and Debian's kernel for the lab VM (virtme-ng boots it when this host's
-# kernel has no MPLS routing), the tools the lab and tests use to build and check topologies;
-# openssh-server: the Ansible roll-out test runs an sshd in every lab node (netns_tests/test_ansible.py).
-apt_packages="qemu-system-x86 linux-image-amd64 busybox-static kmod nftables iproute2 tcpdump
+# Debian packages: the kernel source and toolchain for the lab's User-Mode Linux kernel (the fast
+# backend when this host's kernel has no MPLS routing; orchestrator/lab/uml.py BUILD_PACKAGES);
+# QEMU and Debian's kernel for the lab VM (the slow backend, kept alive by one smoke test); the
+# tools the lab and tests use to build and check topologies; openssh-server: the Ansible roll-out
+# test runs an sshd in every lab node (netns_tests/test_ansible.py).
+apt_packages="linux-source-6.1 build-essential flex bison bc libelf-dev
+  qemu-system-x86 linux-image-amd64 busybox-static kmod nftables iproute2 tcpdump
   curl iputils-ping ipvsadm python3 python3-venv openssh-server"
 missing=""
 for pkg in $apt_packages; do
@@ -39,12 +42,23 @@ SOURCE_DATE_EPOCH=315532800 .venv/bin/python -m pip wheel -q --disable-pip-versi
 install -D -m 0644 templates/rt_protos.d/mplsorch.conf /etc/iproute2/rt_protos.d/mplsorch.conf
 
 export PATH="$PWD/.venv/bin:$PATH"
+# The lab's UML kernel: built once (about 5 minutes on 2 cores), again only when Debian's source or
+# orchestrator/lab/uml_kernel.config changes.
+mplsorch lab kernel build
+
 case "$job" in
   setup) ;;
   demo) exec mplsorch lab demo ;;
   test)
     python -m pytest -q tests
-    exec mplsorch lab run -- python -m pytest -q -p no:cacheprovider netns_tests
+    # The VM backend stays alive: one boot of the emulated VM with the hand-built reference session.
+    vm=0
+    mplsorch lab run --backend vm -- python -m pytest -q -p no:cacheprovider netns_tests/test_reference_session.py || vm=$?
+    # Every netns module in a lab of its own, one UML lab per core, one combined summary.
+    suite=0
+    mplsorch lab pytest netns_tests || suite=$?
+    [ "$vm" -eq 0 ] || echo "bootstrap: the VM backend's smoke test failed (exit $vm)" >&2
+    [ "$vm" -eq 0 ] && [ "$suite" -eq 0 ] || exit 1
     ;;
   *) echo "usage: bash bootstrap.sh [setup|demo|test]" >&2; exit 2 ;;
 esac

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from orchestrator.lab.kit import Lab
+from orchestrator.lab.kit import Lab, patience
 
 SESSION_KEYS = {"id", "client", "key", "vip", "protocol", "port", "server", "c2s_label", "s2c_label",
                 "state", "flows", "created", "last_seen"}
@@ -15,7 +15,7 @@ SESSION_KEYS = {"id", "client", "key", "vip", "protocol", "port", "server", "c2s
 
 def test_demo_json(lab: Lab) -> None:
     run = subprocess.run([sys.executable, "-m", "orchestrator.lab.demo", "--json"], capture_output=True,
-                         text=True, timeout=1200)
+                         text=True, timeout=patience(120))
     assert run.returncode == 0, run.stdout + run.stderr
     out = json.loads(run.stdout)
     assert out["ok"] is True

@@ -19,12 +19,12 @@ import pytest
 from orchestrator.daemon.control import request
 from orchestrator.dataplane import ops
 from orchestrator.lab.balancer_lab import CHECK_PORT, BalancerLab
-from orchestrator.lab.kit import Lab
+from orchestrator.lab.kit import Lab, patience
 
 CHECK = (f"  web:\n    health_check: {{type: http, port: {CHECK_PORT}, path: /, interval: 2s, timeout: 2s, "
          "rise: 1, fall: 3}\n")
 METRICS = "127.0.0.1:9469"
-PATIENCE = 300  # seconds: a loaded emulated VM is slow
+PATIENCE = patience(40)  # seconds
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def balancer(lab: Lab) -> Iterator[BalancerLab]:
 
 
 def ask(balancer: BalancerLab, cmd: str, **args: Any) -> Any:
-    answer = request(str(balancer.sock), cmd, timeout=120, **args)
+    answer = request(str(balancer.sock), cmd, timeout=patience(20), **args)
     assert "error" not in answer, answer
     return answer
 

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import pytest
 
 from orchestrator.dataplane import ops
-from orchestrator.lab.kit import Lab
+from orchestrator.lab.kit import Lab, patience
 from orchestrator.lab.server_lab import ServerLab, server_config
 
 SESSION_KEYS = {"client", "vip", "c2s_label", "s2c_label", "state", "flows", "created", "last_seen", "ends_at"}
@@ -52,7 +52,7 @@ def _agent_session(farm: ServerLab, server: str, client: str, vip: str) -> dict[
 
 
 def _wait_for(what: str, text: Any, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + patience(timeout)
     while what not in text():
         assert time.monotonic() < deadline, (what, text()[-3000:])
         time.sleep(0.5)
@@ -124,7 +124,7 @@ def test_setup_apply_made_the_node_ready_and_check_names_what_is_not(lab: Lab, f
     config, sock = agent.dir / "not-ready.yaml", agent.dir / "not-ready.sock"
     config.write_text(server_config(lab, "s2", sock, setup="check", extra_vips="  10.0.0.200: {table: 102}\n"))
     result = lab.sh("s2", sys.executable, "-m", "orchestrator", "run", "--config", str(config), check=False,
-                    timeout=180)
+                    timeout=patience(30))
     assert result.returncode == 4, result
     lines = result.stderr.splitlines()
     assert "mplsorch: node not ready: VIP 10.0.0.200 is not on lo (servers answer from it); " \
@@ -174,6 +174,6 @@ def test_a_restarted_agent_relearns_from_the_kernel_and_a_download_keeps_going(l
     assert (row["c2s_label"], row["s2c_label"], row["state"]) == (c2s, s2c, "serving")
     assert row["flows"] >= 1
     assert agent.log().count("restored") >= 1
-    assert download.wait(timeout=900) == 0
+    assert download.wait(timeout=patience(90)) == 0
     assert out.stat().st_size == size
     assert _in_no_routes(lab, "p") == unroutable  # no answer went out unlabelled meanwhile

@@ -7,8 +7,16 @@ import typer
 lab_app = typer.Typer(no_args_is_help=True, help="Build the netns lab and run commands, demos and benchmarks in it.")
 
 
-# ---- lab run (owner: lab runner; self-contained) ----
+# ---- lab run, status, pytest ----
 from typing import List, Optional  # noqa: E402
+
+
+def _backend_name(value: Optional[str]) -> Optional[str]:
+    from orchestrator.lab.backend import BACKENDS
+
+    if value is not None and value not in BACKENDS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(BACKENDS)}")
+    return value
 
 
 @lab_app.command("run", context_settings={"allow_interspersed_args": False})
@@ -18,13 +26,65 @@ def lab_run(
                                            help="Topology YAML (default: the embedded default lab)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout at the end "
                                                             "(CMD's stdout then goes to stderr)."),
+    backend: Optional[str] = typer.Option(None, "--backend", metavar="host|uml|vm", callback=_backend_name,
+                                          help="The lab's kernel (default: MPLSORCH_LAB_BACKEND, else the first "
+                                               "available of host, uml, vm; see `lab status`)."),
 ) -> None:
-    """Build the netns lab (in a VM when this kernel lacks MPLS), run CMD in it, tear it down.
+    """Build the netns lab (in a guest kernel when this one lacks MPLS), run CMD in it, tear it down.
 
     Exit status: CMD's; 2 bad topology; 3 the lab cannot be built; 130/143 interrupted."""
     from orchestrator.lab.runner import run_lab
 
-    raise typer.Exit(run_lab(topology, json_output, list(cmd)))
+    raise typer.Exit(run_lab(topology, json_output, list(cmd), backend))
+
+
+@lab_app.command("status")
+def lab_status(
+    json_output: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+    backend: Optional[str] = typer.Option(None, "--backend", metavar="host|uml|vm", callback=_backend_name,
+                                          help="Judge this backend instead of choosing one."),
+) -> None:
+    """Which backend `lab run` would use and why, the kernels, and what each other backend lacks.
+
+    Exit status: 0 a backend can run; 3 none can (or not the one asked for)."""
+    import json
+
+    from orchestrator.lab import backend as backends
+
+    st = backends.status(backend or backends.requested())
+    if json_output:
+        print(json.dumps(st))
+    else:
+        print(f"backend: {st['backend'] or 'none'} ({st['reason']})")
+        print(f"host kernel: {st['host_kernel']}")
+        for name, b in st["backends"].items():
+            print(f"  {name:<5} {'available' if b['available'] else 'missing  '}  {b['detail']}")
+        k = st["uml_kernel"]
+        print(f"UML kernel: {k['path'] + ' (' + k.get('release', '?') + ', ' + k.get('source_package', '?') + ' ' + k.get('source_version', '?') + ')' if k else 'not built'}"
+              f"; cache {st['uml_cache']}, config fragment {st['uml_fragment_sha256']}")
+    raise typer.Exit(0 if st["backend"] else 3)
+
+
+@lab_app.command("pytest", context_settings={"allow_interspersed_args": False})
+def lab_pytest(
+    paths: List[str] = typer.Argument(..., metavar="PATH... [-- PYTEST_ARGS]",
+                                      help="Test modules, or directories of test_*.py modules."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1,
+                                       help="Labs at once (default: one per core on uml, else 1)."),
+    backend: Optional[str] = typer.Option(None, "--backend", metavar="host|uml|vm", callback=_backend_name,
+                                          help="As for `lab run`."),
+) -> None:
+    """Run each test module in a lab of its own, several labs at once, and print one combined
+    pytest summary. Arguments after `--` go to every pytest.
+
+    Exit status: 0 all passed; 1 a test failed or erred, a lab failed, or a module ran no test;
+    2 no module found; 3 no backend can run; 130/143 interrupted."""
+    from orchestrator.lab.parallel import run_parallel
+
+    args = list(paths)
+    extra = args[args.index("--") + 1:] if "--" in args else []
+    args = args[:args.index("--")] if "--" in args else args
+    raise typer.Exit(run_parallel(args, jobs, backend, extra))
 
 
 # ---- lab demo / lab bench: run a module of orchestrator.lab inside the default lab ----
@@ -71,3 +131,30 @@ def bench_setup(
     balancer/IPVS (setup_ratio, latency_p50_ratio, latency_p99_ratio)."""
     args = ["--sessions", str(sessions), "--samples", str(samples)] + (["--json"] if json_output else [])
     raise typer.Exit(_in_lab("orchestrator.lab.bench_setup", args))
+
+
+# ---- lab kernel: the UML backend's kernel ----
+kernel_app = typer.Typer(no_args_is_help=True, help="The lab's User-Mode Linux kernel.")
+lab_app.add_typer(kernel_app, name="kernel")
+
+
+@kernel_app.command("build")
+def kernel_build(
+    force: bool = typer.Option(False, "--force", help="Build even when the cached kernel is current."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel compile jobs (default: all cores)."),
+) -> None:
+    """Build the UML kernel from Debian's linux-source package and the repository's config fragment,
+    unless the cache already holds one for this source version and fragment.
+
+    Exit status: 0 built or already current; 3 it cannot be built (the message says why)."""
+    from orchestrator.lab.guest import GuestUnavailable
+    from orchestrator.lab.runner import EXIT_ENV, say
+    from orchestrator.lab.uml import build_kernel
+
+    try:
+        kernel, built = build_kernel(say, jobs=jobs, force=force)
+    except GuestUnavailable as e:
+        say(f"cannot build the UML kernel: {e}")
+        raise typer.Exit(EXIT_ENV)
+    if not built:
+        say(f"the UML kernel is current: {kernel.binary} ({kernel.release})")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from orchestrator import kmod
 from orchestrator.analyze.keys import SessionKeyKind
 from orchestrator.config.model import BalancerConfig
 from orchestrator.config.server import ServerConfig
@@ -247,18 +248,7 @@ class HostSystem:
             return None
 
     def module(self, name: str) -> bool | None:
-        if (self.sys_module / name).exists():
-            return True
-        known = False
-        for listing in ("modules.builtin", "modules.dep"):
-            try:
-                lines = (self.modules_dir / listing).read_text().splitlines()
-            except OSError:
-                continue
-            known = True
-            if any(_module_name(line) == name for line in lines):
-                return True
-        return False if known else None  # no listing to read: cannot tell
+        return kmod.available(name, self.sys_module, self.modules_dir)
 
     def device_exists(self, dev: str) -> bool:
         try:
@@ -280,9 +270,3 @@ class HostSystem:
         """Through the provider (one RTM_NEWADDR), not ip(8): product code speaks netlink itself.
         Already there counts as done, so `apply` stays idempotent; failures are OSError."""
         self.provider.add_address(dev, address)
-
-
-def _module_name(line: str) -> str:
-    """`kernel/net/mpls/mpls_iptunnel.ko.xz: deps` -> mpls_iptunnel (modprobe treats - and _ alike)."""
-    name = Path(line.split(":", 1)[0].strip()).name
-    return name.split(".ko", 1)[0].replace("-", "_")

@@ -44,7 +44,7 @@ MANAGED_ROLES = ("balancer", "fabric", "server")
 SSHD = "/usr/sbin/sshd"
 # An ansible-playbook run in the emulated VM: starting Python alone takes a while there, and every
 # task costs each node one more.
-PLAYBOOK_TIMEOUT = 3600
+PLAYBOOK_TIMEOUT = 600
 RECAP_RE = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)"
                       r"\s+skipped=(\d+)\s+rescued=(\d+)\s+ignored=(\d+)", re.M)
 

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.dataplane import ops
-from orchestrator.lab.kit import Lab, daemon_cli
+from orchestrator.lab.kit import Lab, daemon_cli, patience
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = (1001, 1999)
 CHECK_PORT = 8080  # with `checked`: the servers' application on their own address, for health checks
 # Seconds a daemon may take to answer on its control socket: Python's start alone takes 20-45 s
 # in the emulated VM, several times that when other VMs share the host's CPUs.
-START_TIMEOUT = 300
+START_TIMEOUT = 30
 UDP_ECHO = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 53))\n"
             "while True:\n d,a=s.recvfrom(2048); s.sendto(b'echo '+d, a)")
 UDP_ASK = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5);"
@@ -87,7 +87,7 @@ class BalancerLab:
             lab.sh(self.node, "ip", "route", "replace", net, "via", lab.peer_address(self.node, "p"))
         self.proc = lab.spawn(self.node, sys.executable, "-m", "orchestrator", "run", "--config",
                               str(self.config), log=self.dir / "daemon.log")
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + patience(START_TIMEOUT)
         while not self.sock.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the balancer did not start:\n" + self.log())

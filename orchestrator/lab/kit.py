@@ -17,13 +17,19 @@ from typing import Any
 from orchestrator.dataplane.netlink.provider import NetlinkProvider
 
 
-def daemon_cli(sock: Path, *args: str, node: str | None = None, timeout: float = 120) -> Any:
+def patience(seconds: float) -> float:
+    """A wait sized for native speed, stretched tenfold on the vm backend (an emulated CPU runs
+    user code about 25x slower): one place for how long the lab's tests wait for anything."""
+    return seconds * (10 if os.environ.get("MPLSORCH_LAB_BACKEND") == "vm" else 1)
+
+
+def daemon_cli(sock: Path, *args: str, node: str | None = None, timeout: float = 20) -> Any:
     """`mplsorch ARGS --json --socket SOCK` against a running daemon, as an operator asks it, and
     its parsed JSON: one place for how the lab's balancer and agents are queried. It runs in this
     namespace (the control socket is a file, reachable from any). Raises RuntimeError with the
     CLI's stderr, naming `node` when given, if the command fails."""
     out = subprocess.run([sys.executable, "-m", "orchestrator", *args, "--json", "--socket", str(sock)],
-                         capture_output=True, text=True, timeout=timeout)
+                         capture_output=True, text=True, timeout=patience(timeout))
     if out.returncode != 0:
         where = f" on {node}" if node else ""
         raise RuntimeError(f"mplsorch {' '.join(args)}{where}: {out.stderr}")

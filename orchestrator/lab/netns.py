@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
+from orchestrator import kmod
 from orchestrator.lab.topology import SWITCH_NETNS, Segment, Topology
 
 MODULES: tuple[str, ...] = ("mpls_router", "mpls_iptunnel", "act_mpls", "cls_flower", "sch_ingress")
@@ -107,8 +108,11 @@ def lab_lock(paths: LabPaths) -> Iterator[None]:
 
 
 def load_modules(shell: Shell = run_cmd) -> None:
-    """modprobe every module the lab and the product need; name the one that is missing."""
+    """modprobe every module the lab and the product need (not those built into the kernel, which
+    modprobe cannot know without modules.builtin); name the one that is missing."""
     for mod in MODULES:
+        if kmod.builtin(mod):
+            continue
         try:
             shell(["modprobe", mod])
         except LabError as e:
@@ -393,7 +397,7 @@ def build(topo: Topology, paths: LabPaths, state: LabState, shell: Shell = run_c
         _batch(shell, fabric, transport_routes(topo, fabric), family="mpls")
 
 
-def describe(topo: Topology, paths: LabPaths, vm: bool) -> dict[str, Any]:
+def describe(topo: Topology, paths: LabPaths, vm: bool, backend: str | None = None) -> dict[str, Any]:
     """The lab description given to CMD (the MPLSORCH_LAB_JSON file); its format is documented."""
     def peers(seg: Segment, node: str) -> list[dict[str, str]]:
         return [{"node": o.node, "dev": o.dev, "address": str(o.address),
@@ -418,4 +422,5 @@ def describe(topo: Topology, paths: LabPaths, vm: bool) -> dict[str, Any]:
                               "addresses": [str(a) for a in m.addresses]} for m in s.members]}
                 for s in topo.segments]
     return {"version": 1, "source": topo.source, "platform_labels": topo.platform_labels, "vm": vm,
+            "backend": backend,
             "nodes": nodes, "segments": segments, "vips": [str(v) for v in topo.vips]}

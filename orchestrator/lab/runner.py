@@ -1,9 +1,12 @@
-"""`mplsorch lab run`: build the lab (in a VM when this kernel lacks MPLS), run CMD, tear down.
+"""`mplsorch lab run`: build the lab on the chosen backend's kernel, run CMD, tear down.
+
+On the host backend the lab is built here; on uml and vm the same `lab run` runs again inside the
+guest (which builds it there) and its result comes back through a file.
 
 Teardown sits in a `finally`, and signal handlers only raise KeyboardInterrupt while CMD runs
 (during build and teardown they just set a flag), so neither Ctrl-C nor SIGTERM can leave a half
-removed lab behind. Exit status: CMD's; 2 bad topology or usage; 3 lab cannot be built; 130/143
-interrupted by SIGINT/SIGTERM.
+removed lab behind. Exit status: CMD's; 2 bad topology or usage; 3 lab cannot be built (no backend can run, the
+guest ended without a result); 130/143 interrupted by SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +22,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from orchestrator.lab import netns, vm
+from orchestrator.lab import backend, netns, uml, vm
+from orchestrator.lab.guest import IN_GUEST_ENV, RESULT_ENV, GuestResult, GuestUnavailable
 from orchestrator.lab.topology import ROLES, Topology, TopologyError, load
 
 EXIT_USAGE = 2
@@ -29,14 +32,6 @@ EXIT_ENV = 3
 
 def say(msg: str) -> None:
     print(f"mplsorch lab: {msg}", file=sys.stderr, flush=True)
-
-
-def kernel_has_mpls() -> bool:
-    """True when this kernel can route MPLS (loading mpls_router first if we may)."""
-    knob = Path("/proc/sys/net/mpls/platform_labels")
-    if not knob.exists() and os.geteuid() == 0 and shutil.which("modprobe"):
-        subprocess.run(["modprobe", "-q", "mpls_router"], capture_output=True, check=False)
-    return knob.exists()
 
 
 class _Signals:
@@ -79,7 +74,7 @@ def summary(topo: Topology) -> dict[str, Any]:
 def cmd_env(topo: Topology, paths: netns.LabPaths) -> dict[str, str]:
     """The documented environment of CMD."""
     env = dict(os.environ)
-    env.pop(vm.RESULT_ENV, None)
+    env.pop(RESULT_ENV, None)
     env |= {"MPLSORCH_LAB_JSON": str(paths.description), "MPLSORCH_LAB_DIR": str(paths.run_dir),
             "MPLSORCH_LAB_NODES": " ".join(topo.names()),
             "MPLSORCH_LAB_CLIENTS": " ".join(topo.names("client")),
@@ -134,7 +129,7 @@ def _direct(topo: Topology, json_output: bool, cmd: list[str], result: dict[str,
             try:
                 t0 = time.monotonic()
                 netns.build(topo, paths, state, progress=say)
-                paths.description.write_text(json.dumps(netns.describe(topo, paths, result["vm"]), indent=2))
+                paths.description.write_text(json.dumps(netns.describe(topo, paths, result["vm"], result["backend"]), indent=2))
                 say(f"lab up in {time.monotonic() - t0:.1f}s ({len(topo.nodes)} nodes); running: {' '.join(cmd)}")
                 sigs.check()
                 rc = _run_cmd(cmd, cmd_env(topo, paths), json_output, sigs)
@@ -153,55 +148,75 @@ def _direct(topo: Topology, json_output: bool, cmd: list[str], result: dict[str,
         sigs.restore()
 
 
-def _via_vm(topology_path: str | None, json_output: bool, cmd: list[str], result: dict[str, Any]) -> int:
+def _via_guest(choice: backend.Availability, topology_path: str | None, json_output: bool, cmd: list[str],
+               result: dict[str, Any]) -> int:
+    """Run this same `lab run` inside the backend's guest kernel and take over its result."""
     args = (["--topology", os.path.abspath(topology_path)] if topology_path else []) \
         + (["--json"] if json_output else []) + ["--"] + cmd
+    sigs = _Signals()
+    sigs.install()
     try:
-        kernel, vng = vm.find_kernel(), vm.find_vng()
-        vm.check_qemu()
-        say(f"this kernel ({platform.release()}) has no MPLS routing: booting {kernel.name} with {vng}")
-        res = vm.run_in_vm(args)
-    except vm.VMUnavailable as e:
-        raise netns.LabError(f"this kernel ({platform.release()}) has no MPLS routing, and the lab VM "
-                             f"cannot start: {e}") from None
+        say(f"this kernel ({platform.release()}) has no MPLS routing: lab on {choice.detail}")
+        sigs.armed = True
+        sigs.check()
+        res: GuestResult
+        if choice.name == "uml":
+            kernel = uml.built_kernel()
+            if kernel is None:
+                raise GuestUnavailable("the UML kernel went away")
+            res = uml.run_in_uml(kernel, args, os.environ.get("MPLSORCH_LAB_MEMORY", "3G"))
+        else:
+            res = vm.run_in_vm(args, kvm=choice.kvm)
+    except GuestUnavailable as e:
+        raise netns.LabError(f"the {choice.name} guest cannot start: {e}") from None
     except KeyboardInterrupt:
-        say("interrupted")
-        return 130
+        say(f"interrupted by signal {sigs.received or signal.SIGINT}: the {choice.name} guest is gone")
+        return sigs.exit_code
+    finally:
+        sigs.armed = False
+        sigs.restore()
     if res.result is None:
-        raise netns.LabError(f"the lab VM ended without a result (vng exit status {res.returncode})")
+        raise netns.LabError(f"the {choice.name} guest ended without a result (exit status {res.returncode})")
     inner = res.result
     result.update({k: inner.get(k) for k in ("exit_status", "error", "kernel")})
     result["lab_duration_s"] = inner.get("duration_s")
     return int(inner.get("exit_code", res.returncode))
 
 
-def run_lab(topology_path: str | None, json_output: bool, cmd: list[str]) -> int:
-    """The `lab run` command. Returns the process exit code (see module docstring)."""
+def run_lab(topology_path: str | None, json_output: bool, cmd: list[str], backend_name: str | None = None) -> int:
+    """The `lab run` command. BACKEND_NAME: host, uml or vm (None: MPLSORCH_LAB_BACKEND, else the
+    first available). Returns the process exit code (see module docstring)."""
     start = time.monotonic()
-    in_vm = os.environ.get(vm.IN_VM_ENV) == "1"
+    in_guest = os.environ.get(IN_GUEST_ENV) == "1"
     result: dict[str, Any] = {"topology": None, "exit_status": None, "exit_code": None, "duration_s": None,
-                              "vm": in_vm, "kernel": platform.release(), "error": None}
+                              "vm": in_guest, "backend": os.environ.get(backend.BACKEND_ENV) if in_guest else None,
+                              "kernel": platform.release(), "error": None}
     try:
         if not cmd:
             raise TopologyError("no command given: mplsorch lab run [--topology FILE] [--json] -- CMD...")
         topo = load(topology_path)
         result["topology"] = summary(topo)
-        mode = os.environ.get("MPLSORCH_LAB_VM", "auto")
-        if in_vm or mode == "never" or (mode != "always" and kernel_has_mpls()):
+        if in_guest:
             code = _direct(topo, json_output, cmd, result)
         else:
-            result["vm"] = True
-            code = _via_vm(topology_path, json_output, cmd, result)
+            choice = backend.choose(backend_name or backend.requested())
+            result["backend"] = choice.name
+            if choice.name == "host":
+                code = _direct(topo, json_output, cmd, result)
+            else:
+                result["vm"] = True
+                os.environ[backend.BACKEND_ENV] = choice.name     # the guest's run reports it
+                code = _via_guest(choice, topology_path, json_output, cmd, result)
     except TopologyError as e:
         say(f"bad topology: {e}")
         result["error"], code = f"bad topology: {e}", EXIT_USAGE
-    except netns.LabError as e:
+    except (netns.LabError, backend.BackendError) as e:
         say(f"cannot build the lab: {e}")
         result["error"], code = f"cannot build the lab: {e}", EXIT_ENV
     result["exit_code"] = code
     result["duration_s"] = round(time.monotonic() - start, 3)
-    if in_vm and os.environ.get(vm.RESULT_ENV):
-        Path(os.environ[vm.RESULT_ENV]).write_text(json.dumps(result))
+    if in_guest and os.environ.get(RESULT_ENV):
+        Path(os.environ[RESULT_ENV]).write_text(json.dumps(result))
     elif json_output:
         print(json.dumps(result), flush=True)
     return code

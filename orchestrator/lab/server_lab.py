@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.lab.balancer_lab import LABELS, ROOT, START_TIMEOUT, BalancerLab
-from orchestrator.lab.kit import Lab, daemon_cli
+from orchestrator.lab.kit import Lab, daemon_cli, patience
 
 EXAMPLE_VIPS = '  10.0.0.100: {table: 100}      # not 253, 254, 255: the kernel\'s default, main and local tables\n' \
                '  "fd00:100::100": {table: 101}\n'
@@ -71,7 +71,7 @@ class AgentLab:
         self.lab.procs.append(self.proc)
 
     def wait_running(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + patience(START_TIMEOUT)
         while not self.sock.exists():
             if self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the agent on {self.node} did not start:\n" + self.log()[-3000:])
@@ -81,7 +81,7 @@ class AgentLab:
         """SIGTERM, as systemd would; the exit status."""
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGTERM)
-        return self.proc.wait(timeout=60)
+        return self.proc.wait(timeout=patience(15))
 
     def log(self) -> str:
         path = self.dir / "agent.log"

@@ -4,30 +4,30 @@ Development machines run kernels without mpls_router and cannot load modules; De
 image has them. virtme-ng boots it with the host's filesystem (read-only, plus --rwdir and overlay
 dirs), so the same interpreter and checkout run inside. The guest does not inherit our environment
 and the kernel command line is short, so the inner command goes through a launcher script.
+KVM is used only when a probe shows that a guest really runs under it; otherwise QEMU emulates
+(TCG), about 25x slower than native for user code: the UML backend is the fast one.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TextIO
+from typing import Any
 
-IN_VM_ENV = "MPLSORCH_LAB_IN_VM"          # set inside the guest: do not recurse
-RESULT_ENV = "MPLSORCH_LAB_RESULT"        # where the inner run writes its result for the outer one
-PASS_ENV: tuple[str, ...] = ("PATH", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
-                             "HOME", "LANG", "LC_ALL", "TERM", "NO_COLOR")
+from orchestrator.lab.guest import RESULT_ENV, GuestResult, GuestUnavailable, guest_env, launcher, read_result, relay_stream
+
+KVM_PROBE_TIMEOUT = 10.0
 
 
-class VMUnavailable(RuntimeError):
+class VMUnavailable(GuestUnavailable):
     """No way to boot the lab VM; the message says what is missing."""
 
 
@@ -68,22 +68,6 @@ def check_qemu() -> None:
         raise VMUnavailable("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
 
 
-@dataclass(frozen=True)
-class VMResult:
-    returncode: int
-    result: dict[str, Any] | None   # what the inner run wrote, None when it never finished
-
-
-def _guest_env() -> dict[str, str]:
-    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
-    env.update({k: v for k, v in os.environ.items() if k.startswith("MPLSORCH_")})
-    for extra in os.environ.get("MPLSORCH_LAB_PASSENV", "").split():
-        if extra in os.environ:
-            env[extra] = os.environ[extra]
-    env[IN_VM_ENV] = "1"
-    return env
-
-
 def rw_dirs(cwd: str) -> list[str]:
     """Host dirs writable in the guest: the cwd plus MPLSORCH_LAB_RWDIRS (colon separated)."""
     dirs = [cwd] + [d for d in os.environ.get("MPLSORCH_LAB_RWDIRS", "").split(":") if d]
@@ -95,34 +79,47 @@ def rw_dirs(cwd: str) -> list[str]:
     return out
 
 
-def _relay(src: IO[bytes] | None, dst: TextIO) -> None:
-    if src is None:
-        return
-    out = dst.buffer if hasattr(dst, "buffer") else None
-    for chunk in iter(lambda: src.read1(65536), b""):
-        if out is not None:
-            out.write(chunk)
-            out.flush()
-        else:
-            dst.write(chunk.decode(errors="replace"))
-            dst.flush()
+def probe_kvm(kernel: Path, timeout: float = KVM_PROBE_TIMEOUT) -> str | None:
+    """None when a KVM guest really runs here, else why not. The probe boots KERNEL with no root
+    under KVM and waits for its first console line: on these machines /dev/kvm opens but the
+    guest hangs after the boot loader, so opening it proves nothing, and a hang must not last."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is absent or not accessible"
+    argv = ["qemu-system-x86_64", "-accel", "kvm", "-m", "256", "-nodefaults", "-no-reboot", "-display", "none",
+            "-serial", "stdio", "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 earlyprintk=ttyS0"]
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    except OSError as e:
+        return f"qemu-system-x86_64 cannot start: {e.strerror}"
+    seen = threading.Event()
+
+    def watch() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if b"Linux version" in line:
+                seen.set()
+                return
+    threading.Thread(target=watch, daemon=True).start()
+    ok = seen.wait(timeout)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    return None if ok else f"a KVM guest printed nothing within {timeout:.0f}s (it hangs here)"
 
 
-def run_in_vm(inner_args: list[str]) -> VMResult:
+def run_in_vm(inner_args: list[str], kvm: bool) -> GuestResult:
     """Boot the VM and run `python -m orchestrator lab run <inner_args>` there, in the same cwd."""
     kernel, vng = find_kernel(), find_vng()
     check_qemu()
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="mplsorch-vm-") as tmp:
         result = Path(tmp, "result.json")
-        env = _guest_env() | {RESULT_ENV: str(result)}
         script = Path(tmp, "launch.sh")
-        script.write_text("#!/bin/sh\n"
-                          f"cd {shlex.quote(cwd)} || exit 3\n"
-                          f"exec env {' '.join(shlex.quote(f'{k}={v}') for k, v in sorted(env.items()))} "
-                          f"{shlex.quote(sys.executable)} -m orchestrator lab run "
-                          + " ".join(shlex.quote(a) for a in inner_args) + "\n")
-        argv = [str(vng), "--run", str(kernel), "--disable-kvm",
+        script.write_text(launcher(cwd, guest_env({RESULT_ENV: str(result)}), inner_args))
+        argv = [str(vng), "--run", str(kernel), *([] if kvm else ["--disable-kvm"]),
                 "--memory", os.environ.get("MPLSORCH_LAB_MEMORY", "2G"),
                 "--cpus", os.environ.get("MPLSORCH_LAB_CPUS", "2"),
                 "--overlay-rwdir", "/etc", "--cwd", cwd, "--rwdir", tmp]
@@ -134,7 +131,7 @@ def run_in_vm(inner_args: list[str]) -> VMResult:
         sys.stdout.flush()
         sys.stderr.flush()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        relays = [threading.Thread(target=_relay, args=(src, dst), daemon=True)
+        relays = [threading.Thread(target=relay_stream, args=(src, dst), daemon=True)
                   for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
         for r in relays:
             r.start()
@@ -149,10 +146,4 @@ def run_in_vm(inner_args: list[str]) -> VMResult:
             except subprocess.TimeoutExpired:
                 proc.kill()
             raise
-        data: dict[str, Any] | None = None
-        if result.exists():
-            try:
-                data = json.loads(result.read_text())
-            except ValueError:
-                data = None
-        return VMResult(rc, data)
+        return GuestResult(rc, read_result(result))

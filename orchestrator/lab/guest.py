@@ -85,7 +85,7 @@ class FileRelay(threading.Thread):
     def __init__(self, path: Path, dst: TextIO, interval: float = 0.2) -> None:
         super().__init__(daemon=True)
         self.path, self.dst, self.interval = path, dst, interval
-        self._stop = threading.Event()
+        self._done = threading.Event()
         self._offset = 0
 
     def _pump(self) -> None:
@@ -99,10 +99,10 @@ class FileRelay(threading.Thread):
             pass
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._done.wait(self.interval):
             self._pump()
 
     def finish(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join(timeout=5)
         self._pump()

@@ -27,7 +27,7 @@ def test_asks_the_daemons_socket_for_json_and_parses_it(monkeypatch: pytest.Monk
     assert kit.daemon_cli(Path("/run/x/agent.sock"), "status") == {"counters": {"sessions_started": 3}}
     [(argv, kwargs)] = calls
     assert argv == [sys.executable, "-m", "orchestrator", "status", "--json", "--socket", "/run/x/agent.sock"]
-    assert kwargs["timeout"] == 120 and kwargs["capture_output"] and kwargs["text"]
+    assert kwargs["timeout"] == 20 and kwargs["capture_output"] and kwargs["text"]
 
 
 @pytest.mark.parametrize("node, words", [(None, "mplsorch servers drain s1: no such server\n"),
@@ -38,3 +38,10 @@ def test_a_failing_command_raises_with_its_stderr(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(RuntimeError) as raised:
         kit.daemon_cli(Path("/s"), "servers", "drain", "s1", node=node)
     assert str(raised.value) == words
+
+
+def test_patience_is_native_except_on_the_emulated_vm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPLSORCH_LAB_BACKEND", "uml")
+    assert kit.patience(30) == 30
+    monkeypatch.setenv("MPLSORCH_LAB_BACKEND", "vm")
+    assert kit.patience(30) == 300

@@ -1,4 +1,4 @@
-"""Session keys: which client a first packet belongs to, per the service's key kind (DESIGN.md, Sessions).
+"""Session keys: which client a first packet belongs to, per the service's key kind (docs/design.md, Sessions).
 
 A `SessionKey` is (kind, value, client). `value` is what the session table is looked up by;
 `client` is always the packet's source address, the address the session's return path (S2C route)

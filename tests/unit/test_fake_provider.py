@@ -1,4 +1,4 @@
-"""FakeProvider: the reference session of shared/reference-dataplane.sh as operations, and the
+"""FakeProvider: the reference session (docs/design.md, "Kernel objects per session") as operations, and the
 kernel's errors for what the kernel refuses."""
 
 from __future__ import annotations

@@ -224,6 +224,7 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 exec >>{q(str(err))} 2>&1
 set -e
 mount -t proc proc /proc
+trap 'echo o > /proc/sysrq-trigger' EXIT
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /dev/shm
@@ -231,8 +232,9 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs shm /dev/shm
 mount -t tmpfs run /run
 mount -t tmpfs tmp /tmp
-mkdir -p /run/guest/etc.upper /run/guest/etc.work /run/guest/home /run/netns
-mount -t overlay etc -o lowerdir=/etc,upperdir=/run/guest/etc.upper,workdir=/run/guest/etc.work /etc
+mkdir -p /run/guest/etc.upper /run/guest/etc.work /run/guest/etc /run/guest/home /run/netns
+mount -t overlay etc -o lowerdir=/etc,upperdir=/run/guest/etc.upper,workdir=/run/guest/etc.work /etc || {{
+  cp -a /etc/. /run/guest/etc/ && mount --bind /run/guest/etc /etc; }}
 mount -t tmpfs modules /lib/modules
 ln -s {q(str(kernel.modules))} /lib/modules/{q(kernel.release)}
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null || true
@@ -241,7 +243,6 @@ set +e
 sh {q(str(tmp / 'launch.sh'))} >>{q(str(out))} 2>>{q(str(err))}
 echo $? > {q(str(rc))}
 sync
-echo o > /proc/sysrq-trigger
 """
 
 
@@ -268,7 +269,7 @@ def run_in_uml(kernel: Kernel, inner_args: list[str], memory: str) -> GuestResul
         with open(tmp / "console", "wb") as console:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=console,
                                     start_new_session=True, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                                                                 "TMPDIR": str(tmp)})
+                                                                 "TMPDIR": _memory_dir(tmp)})
             for r in relays:
                 r.start()
             try:
@@ -286,6 +287,13 @@ def run_in_uml(kernel: Kernel, inner_args: list[str], memory: str) -> GuestResul
             sys.stderr.write("mplsorch lab: the UML guest ended before its command did; its console:\n"
                              + "\n".join(tail) + "\n")
         return GuestResult(code, data)
+
+
+def _memory_dir(fallback: Path) -> str:
+    """Where UML keeps the file that backs the guest's memory: tmpfs, so that the host never
+    writes guest memory back to disk."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else str(fallback)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -115,7 +115,7 @@ def bench_program(
     """Install and delete N sessions' objects through the provider, then through ip/tc -batch, in one
     kernel; print both rates and the ratios provider/iproute2 (install_ratio, delete_ratio)."""
     args = ["--sessions", str(sessions)] + (["--json"] if json_output else [])
-    raise typer.Exit(_in_lab("orchestrator.lab.bench_program", args))
+    raise typer.Exit(_in_lab("orchestrator.lab.bench.program", args))
 
 
 @bench_app.command("setup")
@@ -130,7 +130,7 @@ def bench_setup(
     first packet (p50, p99), for the balancer and for IPVS (tunnel mode) in one lab run; ratios
     balancer/IPVS (setup_ratio, latency_p50_ratio, latency_p99_ratio)."""
     args = ["--sessions", str(sessions), "--samples", str(samples)] + (["--json"] if json_output else [])
-    raise typer.Exit(_in_lab("orchestrator.lab.bench_setup", args))
+    raise typer.Exit(_in_lab("orchestrator.lab.bench.setup", args))
 
 
 # ---- lab kernel: the UML backend's kernel ----

@@ -1,100 +1,22 @@
-"""The pure parts of `lab bench setup`: percentiles, ratios, addresses, the flood's pktgen
-commands, the parsers of /proc texts, the result and its table."""
+"""`lab bench setup` without a lab: the result (the --json fields of docs/json.md) and its table,
+the command line's bounds, and the label range it gives the daemon."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import pytest
 
-from orchestrator.lab.bench_setup import (Latency, RateRun, alias_addresses, build_result, chunks,
-                                          flood_sources, format_table, ipvs_connections, percentile,
-                                          pktgen_chunk, pktgen_result, pktgen_setup, ratio,
-                                          softnet_drops, tx_packets)
+from orchestrator.lab.bench.balancer import label_range
+from orchestrator.lab.bench.result import Latency, RateRun, SetupResult, build_result, format_table
+from orchestrator.lab.bench.setup import BACKLOG, MAX_SAMPLES, MAX_SESSIONS, parse_args
 
-
-def test_percentile_interpolates_between_closest_ranks_like_numpy() -> None:
-    values = [float(v) for v in range(1, 101)]  # 1..100
-    assert percentile(values, 50) == pytest.approx(50.5)
-    assert percentile(values, 99) == pytest.approx(99.01)
-    assert percentile(values, 0) == 1 and percentile(values, 100) == 100
-    assert percentile([3.0, 1.0, 2.0], 50) == 2.0  # unsorted input
-    assert percentile([7.0], 99) == 7.0
-    with pytest.raises(ValueError):
-        percentile([], 50)
-
-
-def test_ratio_is_undefined_without_a_positive_reference() -> None:
-    assert ratio(10, 4) == 2.5
-    assert ratio(1, 0) is None and ratio(1, -0.2) is None
-
-
-def test_flood_sources_are_consecutive_like_pktgens_walk() -> None:
-    sources = flood_sources(200, 1000)
-    assert len(set(sources)) == 1000
-    assert sources[:2] == ["10.200.0.1", "10.200.0.2"] and sources[255] == "10.200.1.0"
-    assert sources[-1] == "10.200.3.232"
-    with pytest.raises(ValueError):
-        flood_sources(200, 0)
-
-
-def test_alias_addresses_are_the_first_hosts() -> None:
-    assert alias_addresses("10.0.16.0/20", 3) == ["10.0.16.1", "10.0.16.2", "10.0.16.3"]
-    assert alias_addresses("10.0.16.0/20", 300)[-1] == "10.0.17.44"
-
-
-def test_bursts_cover_every_packet_once() -> None:
-    assert chunks(5000, 2000) == [(0, 2000), (2000, 2000), (4000, 1000)]
-    assert chunks(2000, 2000) == [(0, 2000)] and chunks(1, 2000) == [(0, 1)]
-
-
-def test_pktgen_commands() -> None:
-    setup = dict(pktgen_setup("eth0", "02:00:00:00:00:02", "10.0.0.100"))
-    assert setup["kpktgend_0"] == "add_device eth0"  # the later of its two commands
-    commands = [c for name, c in pktgen_setup("eth0", "02:00:00:00:00:02", "10.0.0.100") if name == "eth0"]
-    assert {"clone_skb 0", "dst 10.0.0.100", "dst_mac 02:00:00:00:00:02", "udp_dst_min 53",
-            "udp_dst_max 53"} <= set(commands)
-    sources = flood_sources(201, 4000)[2000:]
-    assert pktgen_chunk("eth0", sources) == [("eth0", "count 2000"), ("eth0", "src_min 10.201.7.209"),
-                                             ("eth0", "src_max 10.201.15.160")]
-
-
-def test_pktgen_result_gives_its_own_time_and_count() -> None:
-    text = ("Params: count 2000  min_pkt_size: 60  max_pkt_size: 60\n"
-            "Current:\n     pkts-sofar: 2000  errors: 0\n"
-            "Result: OK: 155090(c136647+d18442) usec, 2000 (60byte,0frags)\n"
-            "  12895pps 6Mb/sec (6189600bps) errors: 0\n")
-    assert pktgen_result(text) == (155090, 2000)
-    with pytest.raises(RuntimeError, match="Result: Idle"):
-        pktgen_result("Params: count 0\nResult: Idle\n")
-
-
-def test_softnet_drops_sums_the_second_column_of_every_cpu() -> None:
-    text = ("0000178a 00000000 00000005 00000000 00000000 00000000 00000000 00000000 00000000 00000000\n"
-            "00000155 0000002f 00000003 00000000 00000000 00000000 00000000 00000000 00000000 00000000\n")
-    assert softnet_drops(text) == 0x2F
-
-
-def test_ipvs_connections_counts_connections_of_the_sources_not_templates() -> None:
-    text = ("Pro FromIP   FPrt ToIP     TPrt DestIP   DPrt State       Expires PEName PEData\n"
-            "UDP 0AC90001 14E9 0A000064 0035 0A01010A 0035 UDP         299\n"
-            "UDP 0AC90001 0000 0A000064 0035 0A01010A 0035 NONE        299\n"      # the template
-            "UDP 0AC90002 14E9 0A000064 0035 0A01020A 0035 UDP         299\n"
-            "TCP 0A00100A 9C40 0A000064 0050 0A01010B 0050 ESTABLISHED 899\n")
-    assert ipvs_connections(text, {"10.201.0.1", "10.201.0.2"}) == 2
-    assert ipvs_connections(text, {"10.0.16.10"}) == 1
-    assert ipvs_connections(text, set()) == 0
-
-
-def test_tx_packets_reads_the_device_row() -> None:
-    text = ("Inter-|   Receive                                                |  Transmit\n"
-            " face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n"
-            "    lo:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0\n"
-            "  fab0:    1234      10    0    0    0     0          0         0    99999     321    0    0    0     0       0          0\n")
-    assert tx_packets(text, "fab0") == 321 and tx_packets(text, "lo") == 0
-    with pytest.raises(KeyError):
-        tx_packets(text, "lan0")
+JSON_KEYS = ["sessions", "samples", "sessions_per_s", "ipvs_connections_per_s", "setup_ratio",
+             "added_latency_p50_ms", "added_latency_p99_ms", "ipvs_added_latency_p50_ms",
+             "ipvs_added_latency_p99_ms", "latency_p50_ratio", "latency_p99_ratio", "connect_new_p50_ms",
+             "connect_existing_p50_ms", "ipvs_connect_new_p50_ms", "ipvs_connect_existing_p50_ms",
+             "offered_per_s", "ipvs_offered_per_s", "syn_retransmits", "ipvs_syn_retransmits"]
 
 
 def _result() -> object:
@@ -132,3 +54,35 @@ def test_table_shows_both_systems_and_ratios_side_by_side() -> None:
     assert lines[2].split()[-3:] == ["500", "4000", "0.12"]
     assert lines[4].split()[-3:] == ["20.00", "0.50", "40.00"]
     assert lines[5].split()[-3:] == ["100.00", "5.00", "20.00"]
+
+
+def test_json_fields_are_the_documented_ones_in_order() -> None:
+    assert [f.name for f in fields(SetupResult)] == JSON_KEYS
+    assert list(asdict(_result())) == JSON_KEYS  # type: ignore[call-overload]
+
+
+def test_a_sender_without_time_offers_infinitely() -> None:
+    assert RateRun(10, 1.0, 0.0).offered_per_s == float("inf")
+
+
+def test_command_line_defaults_and_bounds() -> None:
+    args = parse_args([])
+    assert (args.sessions, args.samples, args.json) == (2000, 100, False)
+    args = parse_args(["--sessions", str(MAX_SESSIONS), "--samples", str(MAX_SAMPLES), "--json"])
+    assert (args.sessions, args.samples, args.json) == (MAX_SESSIONS, MAX_SAMPLES, True)
+    for bad in (["--sessions", "0"], ["--samples", str(MAX_SAMPLES + 1)], ["--sessions", str(MAX_SESSIONS + 1)]):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(bad)
+        assert exit_.value.code == 2
+
+
+def test_backlog_holds_several_bursts() -> None:
+    assert BACKLOG == 8000
+
+
+def test_label_range_has_room_for_every_session_and_the_headroom() -> None:
+    from orchestrator.lab.balancer_lab import LABELS
+
+    first, last = label_range(2000, 100)
+    assert first == LABELS[0] and last == LABELS[0] + 2 * (2000 + 100 + 256) + 1
+    assert label_range(1, 1) == (LABELS[0], LABELS[1])  # never below the harness's own range

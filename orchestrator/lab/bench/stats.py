@@ -1,0 +1,86 @@
+"""The arithmetic and parsing of `lab bench setup`, pure so that it is tested without a lab:
+percentiles and ratios of the result, the flood's address and burst plan, and the kernel's texts
+(pktgen's result, /proc/net/softnet_stat, /proc/net/ip_vs_conn, /proc/net/dev) it reads."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import math
+import re
+from typing import Sequence
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between closest ranks (numpy's default)."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def ratio(ours: float, theirs: float) -> float | None:
+    """ours / theirs; None when the reference is not positive (no meaningful ratio)."""
+    return ours / theirs if theirs > 0 else None
+
+
+def flood_sources(second_octet: int, count: int) -> list[str]:
+    """`count` consecutive spoofed sources from 10.<second_octet>.0.1 (as pktgen walks them)."""
+    if not 0 < count <= 65534:
+        raise ValueError(f"count {count} out of range")
+    first = int(ipaddress.IPv4Address(f"10.{second_octet}.0.1"))
+    return [str(ipaddress.IPv4Address(first + i)) for i in range(count)]
+
+
+def alias_addresses(network: str, count: int) -> list[str]:
+    """The first `count` host addresses of `network`."""
+    hosts = [str(a) for a in itertools.islice(ipaddress.ip_network(network).hosts(), count)]
+    if len(hosts) < count:
+        raise ValueError(f"{network} has fewer than {count} host addresses")
+    return hosts
+
+
+def chunks(count: int, size: int) -> list[tuple[int, int]]:
+    """(first index, length) of the bursts that send `count` packets, each at most `size`."""
+    return [(i, min(size, count - i)) for i in range(0, count, size)]
+
+
+def pktgen_result(text: str) -> tuple[int, int]:
+    """(microseconds, packets sent) of pktgen's last run, from /proc/net/pktgen/DEV."""
+    match = re.search(r"Result: OK: (\d+)\(.*?\) usec, (\d+) ", text)
+    if not match:
+        raise RuntimeError("pktgen: " + (text.strip().splitlines() or ["no result"])[-1])
+    return int(match[1]), int(match[2])
+
+
+def softnet_drops(text: str) -> int:
+    """Packets dropped from the per-CPU input backlogs, summed, from /proc/net/softnet_stat."""
+    return sum(int(line.split()[1], 16) for line in text.splitlines() if line.strip())
+
+
+def ipvs_connections(proc_text: str, sources: set[str]) -> int:
+    """Connections (not persistence templates, which carry client port 0) from `sources` in a
+    /proc/net/ip_vs_conn text (addresses and ports in hex)."""
+    count = 0
+    for line in proc_text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 3 or fields[2] == "0000":
+            continue
+        try:
+            client = str(ipaddress.IPv4Address(int(fields[1], 16)))
+        except ValueError:
+            continue
+        count += client in sources
+    return count
+
+
+def tx_packets(proc_net_dev: str, dev: str) -> int:
+    """Packets `dev` transmitted, from a /proc/net/dev text."""
+    for line in proc_net_dev.splitlines():
+        name, _, counters = line.partition(":")
+        if name.strip() == dev:
+            return int(counters.split()[9])
+    raise KeyError(f"no device {dev} in /proc/net/dev")

@@ -1,0 +1,165 @@
+"""The lab side of `lab bench setup` that both phases share: the topology facts, the client's
+latency aliases and flood routes, the servers' accept sinks, and the two measurements, each run
+by its helper (flood, connect) inside the client's namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from orchestrator.lab.bench import connect, flood, sink
+from orchestrator.lab.bench.result import Latency, RateRun
+from orchestrator.lab.bench.stats import alias_addresses, softnet_drops
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from orchestrator.lab.kit import Lab
+
+TCP_PORT = 80  # the VIP's HTTP service, where the latency samples connect
+FLOOD_NETS = {"balancer": 200, "ipvs": 201}  # second octet of each phase's spoofed sources
+ALIAS_NET = "10.0.16.0/20"  # the latency samples' client addresses, on c1
+SOFTNET = Path("/proc/net/softnet_stat")
+
+T0 = time.monotonic()
+
+
+def say(msg: str) -> None:
+    """Progress on stderr (stdout is the result)."""
+    print(f"bench: {time.monotonic() - T0:7.1f}s {msg}", file=sys.stderr, flush=True)
+
+
+def helper(lab: "Lab", node: str, module: "ModuleType", *args: str) -> list[str]:
+    """The command that runs a helper module with `python -m` inside `node`'s namespace."""
+    return ["ip", "netns", "exec", lab.netns(node), sys.executable, "-m", module.__name__, *args]
+
+
+def mac(lab: "Lab", node: str, dev: str) -> str:
+    return str(json.loads(lab.sh(node, "ip", "-j", "link", "show", "dev", dev).stdout)[0]["address"])
+
+
+def batch(lab: "Lab", node: str, lines: list[str]) -> None:
+    """Many `ip` commands in one run: hundreds of aliases and neighbours, one process."""
+    with tempfile.NamedTemporaryFile("w", suffix=".batch", delete=False) as f:
+        f.write("\n".join(lines) + "\n")
+    try:
+        lab.sh(node, "ip", "-batch", f.name)
+    finally:
+        os.unlink(f.name)
+
+
+class NodeProcess:
+    """A process parked in a node, so that /proc/PID/net/dev shows that node's links to any
+    process (reading it costs the systems under test nothing)."""
+
+    def __init__(self, lab: "Lab", node: str) -> None:
+        self.lab = lab
+        self.proc = lab.spawn(node, "sleep", "100000")
+        netns = os.stat(f"/run/netns/{lab.netns(node)}").st_ino
+        deadline = time.monotonic() + 30
+        while os.stat(f"/proc/{self.proc.pid}/ns/net").st_ino != netns:  # `ip netns exec` not there yet
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no process entered {node}'s namespace")
+            time.sleep(0.1)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def close(self) -> None:
+        self.lab.stop(self.proc)
+
+
+class Testbed:
+    """The topology facts both phases need, and the client side they share."""
+
+    def __init__(self, lab: "Lab", sessions: int, samples: int) -> None:
+        self.lab, self.sessions, self.samples = lab, sessions, samples
+        self.client = lab.names("client")[0]
+        self.balancer = lab.names("balancer")[0]
+        self.fabric = next(p["node"] for p in lab.iface(self.balancer, segment="core")["peers"])
+        client_iface = lab.iface(self.client, towards=self.balancer)
+        self.client_dev = client_iface["dev"]
+        self.client_subnet = next(s["subnet"] for s in lab.desc["segments"] if s["name"] == client_iface["segment"])
+        self.lan_dev = lab.iface(self.balancer, towards=self.client)["dev"]
+        self.fab_dev = lab.iface(self.balancer, towards=self.fabric)["dev"]
+        self.aliases = alias_addresses(ALIAS_NET, samples)
+        self.sinks: list[subprocess.Popen[bytes]] = []
+
+    def prepare_clients(self) -> None:
+        """Latency sources: aliases on the client, reachable from the balancer (permanent neighbour
+        entries: no ARP inside a measured connect) and from the fabric (servers answer through it).
+        Spoofed flood sources must be routed by the balancer and not dropped by its reverse-path
+        filter."""
+        lab, lb = self.lab, self.balancer
+        subprocess.run(["modprobe", "pktgen"], check=True)
+        batch(lab, self.client, [f"address add {a}/32 dev {self.client_dev}" for a in self.aliases])
+        client_mac = mac(lab, self.client, self.client_dev)
+        # The flood's spoofed sources sit behind the client LAN too: the balancer answers (and so
+        # opens sessions for) only clients it has a route to.
+        batch(lab, lb, [f"route replace {ALIAS_NET} dev {self.lan_dev}"]
+              + [f"route replace 10.{octet}.0.0/16 dev {self.lan_dev}" for octet in FLOOD_NETS.values()]
+              + [f"neigh replace {a} lladdr {client_mac} dev {self.lan_dev} nud permanent" for a in self.aliases])
+        lab.sh(self.fabric, "ip", "route", "replace", ALIAS_NET, "via", lab.peer_address(self.fabric, lb))
+        lab.sh(lb, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", f"net.ipv4.conf.{self.lan_dev}.rp_filter=0")
+        lab.sh(self.client, "ping", "-c", "1", "-W", "5", lab.address(lb, towards=self.client))
+
+    def start_sinks(self) -> None:
+        """The accept sink on every server's VIP:80, ready when it says so."""
+        for server in self.lab.names("server"):
+            log = Path(self.lab.node(server)["runtime_dir"]) / "accept-sink.log"
+            proc = self.lab.spawn(server, sys.executable, "-m", sink.__name__, self.lab.vip, str(TCP_PORT), log=log)
+            self.sinks.append(proc)
+            deadline = time.monotonic() + 120
+            while b"listening" not in (log.read_bytes() if log.exists() else b""):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"accept sink on {server} did not start: {log.read_text()}")
+                time.sleep(0.2)
+
+    def stop_sinks(self) -> None:
+        for proc in self.sinks:
+            self.lab.stop(proc)
+        self.sinks.clear()
+
+    def rate(self, phase: str) -> RateRun:
+        """Flood from the client; the helper waits until the balancer node has sent it all on."""
+        lab = self.lab
+        watch = NodeProcess(lab, self.balancer)
+        drops_before = softnet_drops(SOFTNET.read_text())
+        try:
+            cmd = helper(lab, self.client, flood, self.client_dev, mac(lab, self.balancer, self.lan_dev),
+                         lab.vip, str(FLOOD_NETS[phase]), str(self.sessions), str(watch.pid), self.fab_dev)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=900 + self.sessions)
+        finally:
+            watch.close()
+        if done.returncode != 0:
+            raise RuntimeError(f"flood helper failed: {done.stderr}")
+        out = json.loads(done.stdout)
+        elapsed = out["reached"] - out["start"]
+        say(f"{phase}: {out['seen']} of {self.sessions} first packets out on the fabric after {elapsed:.3f} s "
+            f"(pktgen busy {out['send_s']:.3f} s)")
+        if out["seen"] < self.sessions:
+            drops = softnet_drops(SOFTNET.read_text()) - drops_before
+            raise RuntimeError(f"{phase}: only {out['seen']} of {self.sessions} first packets left the "
+                               f"balancer node ({flood.STALL_S:.0f} s without progress; {drops} dropped "
+                               f"from the kernel's input backlog)")
+        return RateRun(self.sessions, elapsed, out["send_s"])
+
+    def latency(self, phase: str) -> Latency:
+        lab = self.lab
+        cmd = helper(lab, self.client, connect, lab.vip, str(TCP_PORT), lab.address(self.client),
+                     ",".join(self.aliases))
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 5 * self.samples)
+        if done.returncode != 0:
+            raise RuntimeError(f"connect helper failed: {done.stderr}")
+        out = json.loads(done.stdout)
+        if out["failed"]:
+            raise RuntimeError(f"{phase}: {len(out['failed'])} connects failed, first: {out['failed'][0]}")
+        say(f"{phase}: {out['retransmits']} of {2 * len(out['pairs'])} connects retransmitted their SYN")
+        return Latency([(new, old) for new, old in out["pairs"]], out["retransmits"])

@@ -1,0 +1,103 @@
+"""The helpers `lab bench setup` starts with `python -m` (flood's waiting, connect's timing, the
+servers' accept sink) and the IPVS services it sets up, on the loopback and the example
+configuration: no lab."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Iterator
+
+import pytest
+
+from orchestrator.lab.bench import connect, flood, ipvs, sink
+
+
+def test_wait_for_returns_when_the_count_reaches_its_target() -> None:
+    counts = iter(range(100))
+    when, seen = flood.wait_for(lambda: next(counts), 5, time.monotonic())
+    assert seen == 5 and when <= time.monotonic()
+
+
+def test_wait_for_gives_up_after_a_stall_with_the_last_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flood, "STALL_S", 0.05)
+    start = time.monotonic()
+    when, seen = flood.wait_for(lambda: 3, 10, start)
+    assert seen == 3 and start <= when < start + 0.05
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    """A port on 127.0.0.1 that accepts and closes, like the sink."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        port = s.getsockname()[1]
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = s.accept()
+                except OSError:
+                    return
+                conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        yield port
+        s.shutdown(socket.SHUT_RDWR)
+
+
+def test_connects_time_a_pair_per_source_and_report_failures(listener: int) -> None:
+    out = connect.connects("127.0.0.1", listener, ["127.0.0.2", "127.0.0.3", "192.0.2.1"], "127.0.0.1", 0)
+    assert len(out["pairs"]) == 2 and all(0 < t < 1 for pair in out["pairs"] for t in pair)
+    assert out["retransmits"] == 0
+    assert len(out["failed"]) == 1 and out["failed"][0].startswith("192.0.2.1: ")  # not a local address
+    json.dumps(out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_sink_runs_as_a_module_says_when_it_listens_and_accepts() -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", sink.__name__, "127.0.0.1", str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "listening\n"
+        for _ in range(3):
+            elapsed, retransmitted = connect.connect_time("127.0.0.1", "127.0.0.1", port, 5)
+            assert elapsed < 1 and not retransmitted
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_helpers_refuse_a_wrong_command_line() -> None:
+    for module in (flood, connect, sink):
+        with pytest.raises(ValueError):
+            module.main(["too", "few"] if module is not sink else ["just-one"])
+
+
+def test_ipvs_services_follow_the_balancers_configuration() -> None:
+    from orchestrator.config.load import load_config
+    from orchestrator.config.model import BalancerConfig
+    from orchestrator.lab.balancer_lab import ROOT
+
+    config = load_config(ROOT / "templates" / "balancer.example.yaml")
+    assert isinstance(config, BalancerConfig)
+    commands = ipvs.service_commands(config, "10.0.0.100")
+    assert commands[0] == ["-A", "-t", "10.0.0.100:80", "-s", "rr", "-p", "300"]
+    assert ["-A", "-u", "10.0.0.100:53", "-s", "wrr", "-p", "300"] in commands
+    real = [c for c in commands if c[0] == "-a"]
+    assert {c[1] for c in real} == {"-t", "-u"} and all(c[5:7] == ["-i", "-w"] for c in real)
+    assert len(real) == 2 * len(config.pool("web").servers)
+    assert all("fd00" not in " ".join(c) for c in commands)  # only the VIP it was asked for
+    assert ipvs.service_commands(config, "10.9.9.9") == []
+    assert set(ipvs.SCHEDULERS) >= {s.scheduler.value for s in config.services}

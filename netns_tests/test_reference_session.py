@@ -1,4 +1,4 @@
-"""The reference session of shared/reference-dataplane.sh, programmed through the provider only,
+"""The reference session (docs/design.md, "Illustration with iproute2"), programmed through the provider only,
 carries HTTP through the VIP; the wire shows the label stacks; deleting it stops it alone."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Build and tear down the netns lab for a Topology with iproute2 and sysctl.
 
 Lab-only code: the product programs the kernel over netlink, but the lab is scaffolding, and plain
-`ip` commands keep it close to the hand-verified reference (shared/reference-dataplane.sh). Every
+`ip` commands keep it close to the hand-verified reference session (docs/design.md). Every
 object is recorded in a state file *before* it is created, so a crashed run's leftovers, and only
 those, are removed at the next start. A lock file keeps two lab runs apart on one host.
 """

@@ -1,5 +1,5 @@
-"""The reference session's kernel objects, built from the lab description exactly as
-shared/reference-dataplane.sh builds them (the decision core will emit the same operations)."""
+"""The reference session's kernel objects, built from the lab description exactly as the
+iproute2 illustration in docs/design.md ("Kernel objects per session") builds them by hand."""
 
 from __future__ import annotations
 

@@ -226,7 +226,7 @@ set -e
 mount -t proc proc /proc
 trap 'echo o > /proc/sysrq-trigger' EXIT
 mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
+mountpoint -q /dev || mount -t devtmpfs dev /dev      # DEVTMPFS_MOUNT mounts it at boot
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs shm /dev/shm

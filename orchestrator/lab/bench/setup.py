@@ -15,7 +15,8 @@ in one run. Two figures per system:
 
 Runs as root inside `mplsorch lab run` on the default lab (`mplsorch lab bench setup`): this
 module is the order of things and the command line; the phases are `balancer` and `ipvs`, the
-shared lab side `testbed`, the helpers inside the client's namespace `flood` and `connect`.
+shared lab side `testbed`, the helpers run with `python -m` `flood` and `connect` (in the client's
+namespace) and `sink` (on the servers).
 """
 
 from __future__ import annotations

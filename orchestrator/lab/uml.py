@@ -8,9 +8,9 @@ ip/ip6/inet, so the kernel is built from Debian's linux-source package with the 
 hash: a change to either builds a new kernel, anything else reuses the one there.
 
 The guest's root is the host's / over hostfs, read-write. Its init mounts tmpfs on /run, /tmp,
-/dev/shm, /lib/modules and an overlay (upper layer in tmpfs) on /etc, and gives HOME a tmpfs
-directory, so what the lab writes there (network namespaces, /etc/netns, state files, keys)
-disappears with the guest, however it ends. Output comes back through two files that the guest
+/dev/shm, /lib/modules and an overlay (upper layer in tmpfs) on /etc, so what the lab writes
+there (network namespaces, /etc/netns, state files, keys, sockets) disappears with the guest,
+however it ends. HOME stays the caller's: tools found through it (pyenv's shims) keep working. Output comes back through two files that the guest
 appends to and the host relays as they grow; the exit status through a third.
 """
 
@@ -232,7 +232,7 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs shm /dev/shm
 mount -t tmpfs run /run
 mount -t tmpfs tmp /tmp
-mkdir -p /run/guest/etc.upper /run/guest/etc.work /run/guest/etc /run/guest/home /run/netns
+mkdir -p /run/guest/etc.upper /run/guest/etc.work /run/guest/etc /run/netns
 mount -t overlay etc -o lowerdir=/etc,upperdir=/run/guest/etc.upper,workdir=/run/guest/etc.work /etc || {{
   cp -a /etc/. /run/guest/etc/ && mount --bind /run/guest/etc /etc; }}
 mount -t tmpfs modules /lib/modules
@@ -255,7 +255,7 @@ def run_in_uml(kernel: Kernel, inner_args: list[str], memory: str) -> GuestResul
         out, err, rc, result = tmp / "stdout", tmp / "stderr", tmp / "rc", tmp / "result.json"
         for f in (out, err):
             f.touch()
-        env = guest_env({"HOME": "/run/guest/home", RESULT_ENV: str(result)})
+        env = guest_env({RESULT_ENV: str(result)})
         (tmp / "launch.sh").write_text(launcher(os.getcwd(), env, inner_args))
         init = tmp / "init"
         init.write_text(_init_script(tmp, kernel, out, err, rc))

@@ -21,13 +21,12 @@ from orchestrator.core.events import (
     Action, FirstPacket, FlowKey, FlowsEnded, FlowTableResync, PacketVerdict,
 )
 from orchestrator.core.failover import Failover, fail_over
+from orchestrator.core.health import HealthEvent, HealthState, HealthView, apply_health
 from orchestrator.core.labels import LabelAllocator
 from orchestrator.core.schedulers import Scheduler, ServerState, make_scheduler
 from orchestrator.core.servers import ServerAdmin
 from orchestrator.core.sessions import Session, SessionTable, State
 from orchestrator.dataplane import ops
-from orchestrator.health.scheduling import HealthView, apply_health
-from orchestrator.health.state import HealthEvent, HealthState
 
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132, "esp": 50}
 FLOWER_PROTOS = {"tcp", "udp", "sctp", "esp"}

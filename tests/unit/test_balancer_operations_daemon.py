@@ -31,7 +31,7 @@ from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.fake import FakeProvider
 from orchestrator.health import CheckResult
-from orchestrator.health.state import HealthState
+from orchestrator.core.health import HealthState
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "templates" / "balancer.example.yaml"
 VIP = "10.0.0.100"

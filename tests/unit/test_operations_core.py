@@ -10,8 +10,7 @@ import pytest
 from orchestrator.core import commands
 from orchestrator.core.servers import AdminState, BadCommand
 from orchestrator.dataplane import ops
-from orchestrator.health.scheduling import HealthView
-from orchestrator.health.state import HealthEvent, HealthState
+from orchestrator.core.health import HealthEvent, HealthState, HealthView
 from tests.unit.test_balancer_core import TRANSPORT, Node, config, syn
 
 UP, DOWN = HealthState.UP, HealthState.DOWN

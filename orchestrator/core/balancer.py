@@ -16,15 +16,15 @@ from typing import Sequence
 
 from orchestrator.analyze.keys import SessionKey, SessionKeyKind, session_key
 from orchestrator.analyze.packet import Malformed, Packet, analyze
-from orchestrator.config.model import BalancerConfig, LabelAllocation, Server, Service
+from orchestrator.config.model import BalancerConfig, LabelAllocation, Server, ServerFailure, Service
 from orchestrator.core.events import (
     Action, FirstPacket, FlowKey, FlowsEnded, FlowTableResync, PacketVerdict,
 )
-from orchestrator.core.failover import Failover, fail_over
+from orchestrator.core.failover import Failover, Outcome, relabelled, replacement
 from orchestrator.core.health import HealthEvent, HealthState, HealthView, apply_health
 from orchestrator.core.labels import LabelAllocator
 from orchestrator.core.schedulers import Scheduler, ServerState, make_scheduler
-from orchestrator.core.servers import ServerAdmin
+from orchestrator.core.servers import AdminState, ServerAdmin
 from orchestrator.core.sessions import Session, SessionTable, State
 from orchestrator.dataplane import ops
 
@@ -110,6 +110,24 @@ class Balancer:
     def weight(self, server: str) -> int:
         """The weight in force: the operator's, else the configuration's."""
         return self.admin.weight(server, self.servers[server].weight)
+
+    # -- the operator's commands (core.commands checks their arguments first) -------------------
+    def set_admin(self, server: str, state: AdminState) -> AdminState:
+        """Drain or enable a known server; the state it had before."""
+        previous = self.admin.state(server)
+        self.admin.set_state(server, state)
+        return previous
+
+    def set_weight(self, server: str, weight: int) -> None:
+        """The operator's weight for a known server, until a reload changes its configured one."""
+        self.admin.set_weight(server, self.servers[server].weight, weight)
+
+    def sessions(self) -> list[Session]:
+        """A snapshot of the table: callers may end sessions while they walk it."""
+        return list(self.table)
+
+    def session_count(self, service: str | None = None, server: str | None = None) -> int:
+        return self.table.count(service=service, server=server)
 
     # -- first packets -----------------------------------------------------------------------
     def on_packets(self, packets: Sequence[FirstPacket], now: float) -> Plan:
@@ -320,8 +338,40 @@ class Balancer:
         plan = Failover()
         for event in events:
             if event.new is HealthState.DOWN:
-                fail_over(self, event.pool, event.server, now, plan)
+                self._fail_over(event.pool, event.server, now, plan)
         return plan
+
+    def _fail_over(self, pool: str, server: str, now: float, plan: Failover) -> None:
+        """Every session on `server` of a service of `pool` follows its service's policy (see
+        core.failover): reassigned to another server with a new pair, else reset."""
+        for session in self.table:
+            svc = self.service_of(session)
+            if svc is None or svc.pool != pool or session.server != server:
+                continue
+            reason = f"server {server} down"
+            if svc.on_server_failure is ServerFailure.REASSIGN:
+                target = self.pick(svc, session.key.value, now)
+                c2s = self.labels.allocate(target, now) if target is not None else None
+                if target is not None and c2s is not None:
+                    self._move(session, target, c2s, now, plan, reason)
+                    continue
+                reason += ": no other server available" if target is None else f": no label pair for {target}"
+            plan.outcomes.append(Outcome(session.id, session.service, session.key.value, server, session.c2s,
+                                         "reset", reason=reason))
+            plan.ops += self.end(session, now, "server down")
+
+    def _move(self, session: Session, target: str, c2s: int, now: float, plan: Failover, reason: str) -> None:
+        old_server, old_c2s, old = session.server, session.c2s, list(session.objects)
+        new = relabelled(old, old_c2s, c2s, self.transport[target])
+        self.labels.release(old_c2s, now)
+        self.table.reassign(session, target, c2s)
+        session.objects = new
+        start = len(plan.ops)
+        plan.ops += replacement(old, new)
+        plan.groups[session.id] = (start, len(plan.ops))
+        self.counters["sessions_reassigned"] += 1
+        plan.outcomes.append(Outcome(session.id, session.service, session.key.value, old_server, old_c2s,
+                                     "reassign", target, c2s, reason))
 
     def commit_failover(self, plan: Failover, results: Sequence[ops.OpResult], now: float) -> list[ops.Operation]:
         """A move whose batch failed in part leaves its session half on the new server: it ends,

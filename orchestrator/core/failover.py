@@ -1,5 +1,7 @@
-"""Sessions of a failed server, as their service's `on_server_failure` says. Pure: it builds
-operations and changes the session table; the daemon applies the operations.
+"""Sessions of a failed server, as their service's `on_server_failure` says: the plan a failover
+produces and the pure steps of a move. `Balancer.on_health` walks its own table and decides;
+this module knows nothing of the balancer, so the two do not import each other. The daemon
+applies the operations.
 
 `reassign`: the session gets another server of its pool and a new label pair; its objects are
 replaced in one batch: the old C2S filters are deleted before the new ones are added (cls_flower
@@ -18,14 +20,8 @@ reset: staying on a server that is down serves nobody.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
-from orchestrator.config.model import ServerFailure
-from orchestrator.core.sessions import Session
 from orchestrator.dataplane import ops
-
-if TYPE_CHECKING:
-    from orchestrator.core.balancer import Balancer
 
 
 @dataclass(frozen=True)
@@ -82,37 +78,3 @@ def replacement(old: list[ops.DataplaneObject], new: list[ops.DataplaneObject]) 
 
     return ([ops.Delete(o) for o in filters(old)] + [ops.Add(o) for o in filters(new)]
             + [ops.Add(o) for o in others(new)] + [ops.Delete(o) for o in reversed(others(old))])
-
-
-def fail_over(core: Balancer, pool: str, server: str, now: float, plan: Failover) -> None:
-    """Every session on `server` of a service of `pool` follows its service's policy."""
-    for session in core.table:
-        svc = core.service_of(session)
-        if svc is None or svc.pool != pool or session.server != server:
-            continue
-        reason = f"server {server} down"
-        if svc.on_server_failure is ServerFailure.REASSIGN:
-            target = core.pick(svc, session.key.value, now)
-            c2s = core.labels.allocate(target, now) if target is not None else None
-            if target is not None and c2s is not None:
-                _move(core, session, target, c2s, now, plan, reason)
-                continue
-            reason += ": no other server available" if target is None else f": no label pair for {target}"
-        plan.outcomes.append(Outcome(session.id, session.service, session.key.value, server, session.c2s,
-                                     "reset", reason=reason))
-        plan.ops += core.end(session, now, "server down")
-
-
-def _move(core: Balancer, session: Session, target: str, c2s: int, now: float, plan: Failover,
-          reason: str) -> None:
-    old_server, old_c2s, old = session.server, session.c2s, list(session.objects)
-    new = relabelled(old, old_c2s, c2s, core.transport[target])
-    core.labels.release(old_c2s, now)
-    core.table.reassign(session, target, c2s)
-    session.objects = new
-    start = len(plan.ops)
-    plan.ops += replacement(old, new)
-    plan.groups[session.id] = (start, len(plan.ops))
-    core.counters["sessions_reassigned"] += 1
-    plan.outcomes.append(Outcome(session.id, session.service, session.key.value, old_server, old_c2s,
-                                 "reassign", target, c2s, reason))

@@ -11,29 +11,18 @@ import sys
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from orchestrator.config.model import DEFAULT_CONTROL_SOCKET
-
-SocketOption = typer.Option(None, "--socket", metavar="PATH", help="Control socket of the daemon.")
-ConfigOption = typer.Option(None, "--config", metavar="FILE", help="Find the socket in this config.")
-JsonOption = typer.Option(False, "--json", help="The documented JSON on stdout.")
+from orchestrator.cli.client import BAD_INPUT, ConfigOption, JsonOption, SocketOption, ask, print_table
 
 
 def register(app: typer.Typer) -> None:
-    from orchestrator.cli.operate import servers_app, sessions_app
-
     app.command("run")(run)
     app.command("status")(status)
-    app.add_typer(sessions_app, name="sessions")
-    app.add_typer(servers_app, name="servers")
     app.command("labels")(labels)
     app.command("routes")(routes)
 
 
 NODE_NOT_READY = 4  # the server role's node check failed (node.setup: check, or apply could not fix it)
-BAD_INPUT = 2
 
 
 def run(config: str = typer.Option(..., "--config", metavar="FILE", help="Daemon configuration."),
@@ -64,42 +53,6 @@ def run(config: str = typer.Option(..., "--config", metavar="FILE", help="Daemon
             typer.echo(f"mplsorch: node not ready: {problem}", err=True)
         raise typer.Exit(NODE_NOT_READY) from None
     raise typer.Exit(code)
-
-
-def ask(cmd: str, socket_path: Optional[str], config: Optional[str], **args: Any) -> dict[str, Any]:
-    from orchestrator.daemon.control import request
-
-    path = socket_path
-    if path is None and config is not None:
-        from orchestrator.config.load import ConfigError, load_config
-
-        try:
-            path = load_config(config).node.control_socket
-        except ConfigError as exc:
-            typer.echo(f"mplsorch: {exc}", err=True)
-            raise typer.Exit(2) from None
-    path = path or DEFAULT_CONTROL_SOCKET
-    try:
-        answer = request(path, cmd, **args)
-    except (FileNotFoundError, ConnectionRefusedError):
-        typer.echo(f"mplsorch: no daemon answers on {path} (is `mplsorch run` running?)", err=True)
-        raise typer.Exit(3) from None
-    except PermissionError:
-        typer.echo(f"mplsorch: {path}: the control socket is for root only", err=True)
-        raise typer.Exit(3) from None
-    if "error" in answer:
-        typer.echo(f"mplsorch: {answer['error']}", err=True)
-        raise typer.Exit(BAD_INPUT if answer.get("bad_input") else 1)
-    return answer
-
-
-def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
-    Console().print(table)
 
 
 def status(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
@@ -157,7 +110,7 @@ def labels(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
     if json_output:
         print(json.dumps(answer))
         return
-    _table("label pairs", ["total", "in use", "held down", "free"],
+    print_table("label pairs", ["total", "in use", "held down", "free"],
            [[answer["total"], answer["in_use"], answer["held_down"], answer["free"]]])
 
 
@@ -168,7 +121,7 @@ def routes(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
     if json_output:
         print(json.dumps(rows))
         return
-    _table("kernel objects", ["object", "offload"], [[r["object"], r["offload"]] for r in rows])
+    print_table("kernel objects", ["object", "offload"], [[r["object"], r["offload"]] for r in rows])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,7 @@ import jinja2
 
 from orchestrator.capture.conntrack import CT_MASK, CT_TAG
 from orchestrator.config.model import BalancerConfig, FailPolicy
-from orchestrator.config.server import ServerConfig
+from orchestrator.config.server_model import ServerConfig
 from orchestrator.core.agent import MARK_MASK, MARK_TAG
 
 # In the package (package data), so an installed daemon has them; templates/ at the top of the

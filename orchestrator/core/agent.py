@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from orchestrator.analyze.packet import Packet, analyze
-from orchestrator.config.server import ServerConfig
+from orchestrator.config.server_model import ServerConfig
 from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowTableResync, LabelledPacket, PacketVerdict
 from orchestrator.dataplane import ops
 

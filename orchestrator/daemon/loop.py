@@ -19,7 +19,7 @@ from orchestrator.capture import nftables
 from orchestrator.capture.conntrack import ConntrackListener
 from orchestrator.capture.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, NfQueue, QueuedPacket, Verdict, accept_all
 from orchestrator.config.model import BalancerConfig, Setup
-from orchestrator.config.server import ServerConfig
+from orchestrator.config.server_model import ServerConfig
 from orchestrator.core.events import Action, FlowsEnded, FlowTableResync, PacketVerdict
 from orchestrator.core.servers import BadCommand
 from orchestrator.daemon import logs, node_setup

@@ -15,9 +15,10 @@ requires (its claim 7). The other values carry a prefix ("iid:", "spi:") that no
 from __future__ import annotations
 
 import enum
-import socket
 from dataclasses import dataclass
 from typing import Optional, Union
+
+from orchestrator.inet import pton
 
 from .packet import IPPROTO_ESP, Packet
 
@@ -45,7 +46,7 @@ def _port(p: Optional[int]) -> str:
 
 def _iid(addr: str) -> str:
     """'iid:xxxx:xxxx:xxxx:xxxx' (zero-padded lower-case hex) for an IPv6 text address."""
-    b = socket.inet_pton(socket.AF_INET6, addr)
+    b = pton(addr)[1]
     h = b[8:16].hex()
     return f"iid:{h[0:4]}:{h[4:8]}:{h[8:12]}:{h[12:16]}"
 

@@ -11,7 +11,7 @@ from typing import Mapping
 from yaml.nodes import SequenceNode
 
 from orchestrator.config.model import MAX_LABEL, MIN_LABEL, IPAddress, Role, Setup, pair_labels
-from orchestrator.config.parser import _Parser, _V
+from orchestrator.config.parser import Parser, YamlValue
 from orchestrator.config.server_model import KERNEL_TABLES, MAX_TABLE, ServerConfig, ServerNode, ServerQueue, Vip
 
 __all__ = ["SERVER_KEYS", "ServerConfig", "ServerNode", "ServerQueue", "Vip", "parse_server"]
@@ -20,7 +20,7 @@ SERVER_KEYS = ("role", "node", "balancer", "interfaces", "labels", "vips", "sess
 _REQUIRED = ("role", "node", "balancer", "interfaces", "labels", "vips")
 
 
-def _node(p: _Parser, v: _V) -> ServerNode:
+def _node(p: Parser, v: YamlValue) -> ServerNode:
     m = p.mapping(v, ("transport_label", "control_socket", "setup"), ("transport_label",))
     return ServerNode(
         transport_label=p.integer(m["transport_label"], MIN_LABEL, MAX_LABEL, "transport label"),
@@ -29,12 +29,12 @@ def _node(p: _Parser, v: _V) -> ServerNode:
     )
 
 
-def _balancer(p: _Parser, v: _V) -> int:
+def _balancer(p: Parser, v: YamlValue) -> int:
     m = p.mapping(v, ("transport_label",), ("transport_label",))
     return p.integer(m["transport_label"], MIN_LABEL, MAX_LABEL, "transport label")
 
 
-def _next_hops(p: _Parser, v: _V) -> tuple[IPAddress, ...]:
+def _next_hops(p: Parser, v: YamlValue) -> tuple[IPAddress, ...]:
     """One address, or a list of at most one address per family."""
     if not isinstance(v.node, SequenceNode):
         return (p.address(v),)
@@ -52,13 +52,13 @@ def _next_hops(p: _Parser, v: _V) -> tuple[IPAddress, ...]:
     return tuple(hops)
 
 
-def _interfaces(p: _Parser, v: _V) -> tuple[tuple[str, ...], tuple[IPAddress, ...]]:
+def _interfaces(p: Parser, v: YamlValue) -> tuple[tuple[str, ...], tuple[IPAddress, ...]]:
     keys = ("fabric", "fabric_next_hop")
     m = p.mapping(v, keys, keys)
     return p.devices(m["fabric"]), _next_hops(p, m["fabric_next_hop"])
 
 
-def _block(p: _Parser, v: _V) -> tuple[int, int]:
+def _block(p: Parser, v: YamlValue) -> tuple[int, int]:
     m = p.mapping(v, ("block",), ("block",))
     bv = m["block"]
     block = p.int_pair(bv, MIN_LABEL, MAX_LABEL, strict=True, what="label")
@@ -68,7 +68,7 @@ def _block(p: _Parser, v: _V) -> tuple[int, int]:
     return block
 
 
-def _vips(p: _Parser, v: _V) -> tuple[tuple[Vip, ...], dict[IPAddress, str]]:
+def _vips(p: Parser, v: YamlValue) -> tuple[tuple[Vip, ...], dict[IPAddress, str]]:
     """The VIPs in file order, and each one's key path (errors name the VIP as it was written)."""
     entries = p.mapping(v, None)
     if not entries:
@@ -97,12 +97,12 @@ def _vips(p: _Parser, v: _V) -> tuple[tuple[Vip, ...], dict[IPAddress, str]]:
     return tuple(vips), paths
 
 
-def _sessions(p: _Parser, v: _V) -> float:
+def _sessions(p: Parser, v: YamlValue) -> float:
     m = p.mapping(v, ("persistence_timeout",))
     return p.duration(m["persistence_timeout"]) if "persistence_timeout" in m else ServerConfig.persistence_timeout
 
 
-def _nfqueue(p: _Parser, v: _V) -> ServerQueue:
+def _nfqueue(p: Parser, v: YamlValue) -> ServerQueue:
     m = p.mapping(v, ("queue", "batch"))
     return ServerQueue(
         queue=p.integer(m["queue"], 0, 65535, "queue") if "queue" in m else ServerQueue.queue,
@@ -110,7 +110,7 @@ def _nfqueue(p: _Parser, v: _V) -> ServerQueue:
     )
 
 
-def _check(p: _Parser, cfg: ServerConfig, vip_paths: dict[IPAddress, str]) -> None:
+def _check(p: Parser, cfg: ServerConfig, vip_paths: dict[IPAddress, str]) -> None:
     """Rules between sections: transport labels against each other and the block, VIP families
     against the next hops."""
     first, last = cfg.block
@@ -131,7 +131,7 @@ def _check(p: _Parser, cfg: ServerConfig, vip_paths: dict[IPAddress, str]) -> No
                                                        "(its S2C return routes go there)")
 
 
-def parse_server(p: _Parser, root: _V, source: str, elsewhere: Mapping[str, str] | None = None) -> ServerConfig:
+def parse_server(p: Parser, root: YamlValue, source: str, elsewhere: Mapping[str, str] | None = None) -> ServerConfig:
     """A `role: server` document (its role already read by `p.role`); `elsewhere` explains the
     balancer's top-level keys when they appear here."""
     top = p.mapping(root, SERVER_KEYS, _REQUIRED, elsewhere)

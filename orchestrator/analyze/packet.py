@@ -1,9 +1,10 @@
 """First-packet analysis: raw IP bytes (as NFQUEUE hands them over, no link layer) -> `Packet`.
 
 This is the daemon's hot path: one call per new session, so it uses only `struct` and
-`orchestrator.inet` (inet_ntop's text without the socket module), walks the bytes once and allocates one result object. It never raises: every
-defect of the input is a `Malformed` whose `reason` is a short stable token fit for a metric label
-(see `REASONS`); an exception inside the parser is a bug and is still turned into
+`orchestrator.inet` (inet_ntop's text without the socket module), walks the bytes once and
+allocates one result object. It never raises: every defect of the input is a `Malformed` whose
+`reason` is a short stable token fit for a metric label (see `REASONS`); an exception inside the
+parser is a bug and is still turned into
 `Malformed("internal", ...)` by a final guard.
 
 Bounds. The upper-layer data of a datagram ends where its IP header says (IPv4 total length,

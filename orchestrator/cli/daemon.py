@@ -111,7 +111,7 @@ def labels(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
         print(json.dumps(answer))
         return
     print_table("label pairs", ["total", "in use", "held down", "free"],
-           [[answer["total"], answer["in_use"], answer["held_down"], answer["free"]]])
+                [[answer["total"], answer["in_use"], answer["held_down"], answer["free"]]])
 
 
 def routes(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,

@@ -22,8 +22,9 @@ from orchestrator.config.model import (
     Server, Service, SessionKeyKind, Setup, pair_labels,
 )
 from orchestrator.config.model import HealthCheck, HealthCheckType, MetricsConfig, ServerFailure
-from orchestrator.config.parser import ConfigError, did_you_mean, join_path, Parser, YamlValue
+from orchestrator.config.parser import ConfigError, Parser, YamlValue, did_you_mean, join_path
 from orchestrator.config.server import SERVER_KEYS, ServerConfig, parse_server
+from orchestrator.dataplane.handles import FILTERS_PER_SESSION
 
 __all__ = ["ConfigError", "load_balancer_config", "load_config", "load_server_config", "parse_config"]
 
@@ -301,6 +302,11 @@ def _service(p: Parser, name: str, v: YamlValue) -> Service:
         ports = _ports(p, m["ports"])
     key = p.choice(m["session_key"], SessionKeyKind, "session key") if "session_key" in m \
         else Service.session_key
+    if key is not SessionKeyKind.FIVE_TUPLE and len(ports) > FILTERS_PER_SESSION:
+        # Each client address takes one C2S filter per port, all under the session's C2S label.
+        raise p.error(m["ports"].line, m["ports"].path,
+                      f"{len(ports)} ports, but a session's filter handles hold at most {FILTERS_PER_SESSION} "
+                      "filters (one per port); split the service, or use session_key: five_tuple")
     if key in (SessionKeyKind.IPV6_IID, SessionKeyKind.MIP6_HOME_ADDRESS) and vip.version != 6:
         raise p.error(m["session_key"].vline, m["session_key"].path,
                       f"{key.value} keys IPv6 clients, but vip {vip} is IPv4")

@@ -26,7 +26,7 @@ from orchestrator.core.labels import LabelAllocator
 from orchestrator.core.schedulers import Scheduler, ServerState, make_scheduler
 from orchestrator.core.servers import AdminState, ServerAdmin
 from orchestrator.core.sessions import Session, SessionTable, State
-from orchestrator.dataplane import ops
+from orchestrator.dataplane import handles, ops
 
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132, "esp": 50}
 FLOWER_PROTOS = {"tcp", "udp", "sctp", "esp"}
@@ -160,6 +160,11 @@ class Balancer:
             self.counters["no_route"] += 1
             return verdict(Action.DROP, f"no route to client {key.client}"), None
         if session is not None:
+            if needs_route and (len(session.clients) + 1) * self._filters_per_client(session, svc) \
+                    > handles.FILTERS_PER_SESSION:
+                self.counters["no_filter_handle"] += 1
+                return verdict(Action.DROP, f"session {session.id} has no filter handle left for client "
+                                            f"{key.client}"), None
             self.table.add_flow(session, flow, now)
             if needs_route and first.next_hop is not None:  # a mobile client's new care-of address
                 self._rekey(session, svc, info, key, first.next_hop, plan)
@@ -237,7 +242,7 @@ class Balancer:
             match = ops.FlowerMatch(src=f"{client}/{host}", dst=f"{session.vip}/{vip_host}",
                                     ip_proto=proto, dst_port=port if proto else None,
                                     src_port=info.sport if five and proto else None)
-            handle = session.c2s << 8 | (n * len(ports) + i) & 0xFF
+            handle = handles.filter_handle(session.c2s, n * len(ports) + i)
             flt = ops.FlowerFilter(self.config.interfaces.fabric[0], handle, match,
                                    ops.push_stack((self.transport[session.server], session.c2s)),
                                    pref=PREF_IPV6 if host == 128 else PREF_IPV4)
@@ -249,6 +254,11 @@ class Balancer:
         plan.ops.append(ops.Replace(route) if n else ops.Add(route))
         session.objects = [o for o in session.objects if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
         session.objects.append(route)
+
+    @staticmethod
+    def _filters_per_client(session: Session, svc: Service) -> int:
+        """C2S filters each client address of the session takes (see `_add_client`)."""
+        return 1 if session.key.kind == SessionKeyKind.FIVE_TUPLE else len(svc.ports) or 1
 
     def _rekey(self, session: Session, svc: Service, info: Packet, key: SessionKey,
                hop: ops.NextHop, plan: Plan) -> None:
@@ -391,7 +401,7 @@ class Balancer:
     # -- restart ----------------------------------------------------------------------------------
     def restore(self, installed: Sequence[ops.Installed], live: frozenset[FlowKey], now: float) -> list[ops.Operation]:
         """Rebuild the session table from our kernel objects after a restart (the kernel is the
-        source of truth). Filters name their session by handle (C2S << 8 | n), their client and
+        source of truth). Filters name their session by handle (dataplane.handles), their client and
         VIP by match, their server by transport label; flows come from a conntrack dump. A
         session's S2C route is our route at label C2S + 1, whatever its form: pop, or swap to
         itself (a label-aware client), to the client or its gateway. Objects that fit no service
@@ -404,7 +414,7 @@ class Balancer:
             if not isinstance(flt, ops.FlowerFilter):
                 continue
             pushes = [a.label for a in flt.actions if isinstance(a, ops.MplsPush)]
-            c2s = flt.handle >> 8
+            c2s = handles.handle_c2s(flt.handle)
             client = (flt.match.src or "").split("/")[0]
             vip = (flt.match.dst or "").split("/")[0]
             proto = PROTO_NUMBERS.get(flt.match.ip_proto or "", 0)

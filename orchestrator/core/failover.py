@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from orchestrator.dataplane import ops
+from orchestrator.dataplane import handles, ops
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,13 @@ class Failover:
 def relabelled(objects: list[ops.DataplaneObject], old_c2s: int, new_c2s: int,
                transport: int) -> list[ops.DataplaneObject]:
     """A session's objects under a new pair and server: each C2S filter keeps its match and the
-    low byte of its handle and pushes [new transport, new C2S]; the S2C route keeps its next hop
+    index of its handle and pushes [new transport, new C2S]; the S2C route keeps its next hop
     (and its swap for a label-aware client) under the new S2C."""
     labels = {old_c2s: new_c2s, old_c2s + 1: new_c2s + 1}
     out: list[ops.DataplaneObject] = []
     for obj in objects:
         if isinstance(obj, ops.FlowerFilter):
-            out.append(replace(obj, handle=new_c2s << 8 | obj.handle & 0xFF,
+            out.append(replace(obj, handle=handles.relabel_handle(obj.handle, new_c2s),
                                actions=ops.push_stack((transport, new_c2s))))
         elif isinstance(obj, ops.MplsRoute):
             out.append(replace(obj, label=labels.get(obj.label, obj.label),

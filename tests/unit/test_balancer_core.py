@@ -221,6 +221,29 @@ def test_mobile_client_keeps_server_and_labels_when_its_care_of_address_changes(
     assert fwd is not None and fwd.labels == (TRANSPORT[same.server], same.c2s)
 
 
+def test_a_client_address_beyond_the_sessions_filter_handles_is_dropped() -> None:
+    """128 ports: two client addresses fill the session's 256 filter handles; a third one would
+    wrap onto the first one's handles, so its packet is dropped and nothing is programmed."""
+    v6 = config(**{"vip: 10.0.0.100\n    protocol: tcp": "vip: 2001:db8::100\n    protocol: tcp",
+                   "ports: [80]\n    pool: web\n    session_key: client-ip      # client-ip":
+                   f"ports: {list(range(80, 208))}\n    pool: web\n    session_key: mip6-home-address  #"})
+    node = Node(v6)
+
+    def mip6_syn(coa: str) -> bytes:
+        return bytes(IPv6(src=coa, dst="2001:db8::100") / IPv6ExtHdrDestOpt(options=[HAO(hoa="2001:db8:aa::1")])
+                     / TCP(sport=1, dport=80, flags="S"))
+
+    for coa in ("2001:db8:1::10", "2001:db8:2::20"):
+        assert [v.action for v in node.packets(mip6_syn(coa)).verdicts] == [Action.ACCEPT]
+    [session] = list(node.core.table)
+    assert len([o for o in session.objects if isinstance(o, ops.FlowerFilter)]) == 256
+    commit = node.packets(mip6_syn("2001:db8:3::30"))
+    assert [v.action for v in commit.verdicts] == [Action.DROP] and "no filter handle left" in commit.verdicts[0].reason
+    assert node.plan.ops == [] and node.core.counters["no_filter_handle"] == 1
+    assert session.clients == ["2001:db8:1::10", "2001:db8:2::20"]
+    assert all(flow.src != "2001:db8:3::30" for flow in session.flows)  # its flow was not taken in
+
+
 def test_restart_restores_sessions_from_the_kernel() -> None:
     node = Node()
     node.packets(syn("10.0.1.10"), syn("10.0.1.11"), syn("10.0.1.12"))

@@ -9,7 +9,7 @@ import errno
 import gc
 import socket
 import struct
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import decode, encode, nla
@@ -19,6 +19,7 @@ from orchestrator.dataplane.netlink.constants import (
     RTM_NEWROUTE, TC_H_CLSACT,
 )
 from orchestrator.dataplane.netlink.nlsocket import KernelError, NetlinkSocket
+from orchestrator.dataplane.provider import UnknownDevice
 
 PIPELINE_PIECE = 4096  # operations encoded while the previous piece is in the kernel
 _IFINFO = struct.Struct("=BxHiII")
@@ -27,20 +28,17 @@ _TCMSG = struct.Struct("=BBHiIII")
 _IFADDRMSG = struct.Struct("=BBBBI")
 
 
-class UnknownDevice(KeyError):
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-
 class NetlinkProvider:
     """Provider for the kernel of one network namespace (None: ours)."""
 
-    def __init__(self, netns: str | None = None) -> None:
-        self._sock = NetlinkSocket(netns)
-        self._by_name: dict[str, int] = {}
-        self._by_index: dict[int, str] = {}
-        self._links_fresh = False
+    def __init__(self, netns: str | None = None, sock: NetlinkSocket | None = None,
+                 links: Mapping[str, int] | None = None) -> None:
+        """`sock` instead of a new socket in `netns`, and `links` (name -> index) instead of the
+        first link dump: how tests run the provider against a scripted kernel."""
+        self._sock = sock if sock is not None else NetlinkSocket(netns)
+        self._by_name: dict[str, int] = dict(links or {})
+        self._by_index: dict[int, str] = {index: name for name, index in self._by_name.items()}
+        self._links_fresh = links is not None
 
     def close(self) -> None:
         self._sock.close()

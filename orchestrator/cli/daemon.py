@@ -13,6 +13,8 @@ from typing import Any, Optional
 import typer
 
 from orchestrator.cli.client import BAD_INPUT, ConfigOption, JsonOption, SocketOption, ask, print_table
+from orchestrator.config.model import BalancerConfig
+from orchestrator.config.server_model import ServerConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -30,8 +32,6 @@ def run(config: str = typer.Option(..., "--config", metavar="FILE", help="Daemon
                                        help="Log lines on stderr: text, or one JSON object per line.")) -> None:
     """Run the daemon of the role the configuration names (balancer or server)."""
     from orchestrator.config.load import ConfigError, load_config
-    from orchestrator.config.server import ServerConfig
-    from orchestrator.daemon import balancer, server
     from orchestrator.daemon.logs import FORMATS
     from orchestrator.daemon.node_setup import NodeNotReady
 
@@ -39,9 +39,7 @@ def run(config: str = typer.Option(..., "--config", metavar="FILE", help="Daemon
         typer.echo(f"mplsorch: --log-format {log_format!r}: one of {', '.join(FORMATS)}", err=True)
         raise typer.Exit(BAD_INPUT)
     try:
-        loaded = load_config(config)
-        role = server if isinstance(loaded, ServerConfig) else balancer
-        code = role.run(config, loaded, log_format)  # type: ignore[arg-type]
+        code = serve_on_kernel(config, load_config(config), log_format)
     except ConfigError as exc:
         typer.echo(f"mplsorch: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -53,6 +51,22 @@ def run(config: str = typer.Option(..., "--config", metavar="FILE", help="Daemon
             typer.echo(f"mplsorch: node not ready: {problem}", err=True)
         raise typer.Exit(NODE_NOT_READY) from None
     raise typer.Exit(code)
+
+
+def serve_on_kernel(config_path: str, config: BalancerConfig | ServerConfig, log_format: str) -> int:
+    """The daemon of the configuration's role over the kernel's dataplane and sockets: the one
+    place that wires the real ones (the daemons take them as arguments)."""
+    from orchestrator.capture.conntrack import ConntrackListener
+    from orchestrator.capture.nfqueue import NfQueue
+    from orchestrator.daemon.balancer import BalancerDaemon
+    from orchestrator.daemon.loop import Capture, Daemon, serve
+    from orchestrator.daemon.server import ServerDaemon
+    from orchestrator.dataplane.netlink.provider import NetlinkProvider
+
+    kernel = Capture(queue=NfQueue, conntrack=ConntrackListener)
+    daemon: Daemon = ServerDaemon(config_path, NetlinkProvider(), kernel, config) \
+        if isinstance(config, ServerConfig) else BalancerDaemon(config_path, NetlinkProvider(), kernel, config)
+    return serve(daemon, log_format)
 
 
 def status(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,

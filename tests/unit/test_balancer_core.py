@@ -4,69 +4,14 @@ kernel would do with the operations it returns is checked by asking the fake whe
 from __future__ import annotations
 
 import collections
-from pathlib import Path
 
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
 
-from orchestrator.analyze.packet import source_address
-from orchestrator.config.load import parse_config
 from orchestrator.core.balancer import Balancer
-from orchestrator.core.events import Action, FirstPacket, FlowsEnded, FlowTableResync
+from orchestrator.core.events import Action, FlowsEnded, FlowTableResync
 from orchestrator.dataplane import ops
-from orchestrator.dataplane.fake import FakeProvider
-
-EXAMPLE = (Path(__file__).parents[2] / "templates" / "balancer.example.yaml").read_text()
-VIP = "10.0.0.100"
-TRANSPORT = {"s1": 101, "s2": 102, "s3": 103}
-
-
-def config(text: str = EXAMPLE, **replace: str):  # type: ignore[no-untyped-def]
-    for old, new in replace.items():
-        assert old in text
-        text = text.replace(old, new)
-    return parse_config(text, "test.yaml")
-
-
-def syn(src: str, sport: int = 40000, dport: int = 80, dst: str = VIP) -> bytes:
-    return bytes(IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags="S"))
-
-
-class Node:
-    """The balancer core plus a fake kernel, glued as the daemon glues them."""
-
-    def __init__(self, cfg=None, now: float = 1000.0) -> None:  # type: ignore[no-untyped-def]
-        self.core = Balancer(cfg or config(), now)
-        self.kernel = FakeProvider(["lan0", "lan1", "fab0"])
-        assert all(r.ok for r in self.kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))]))
-        # The client LANs are on-link on lan0 (tests add routes through gateways).
-        self.kernel.add_ip_route("10.0.0.0/16", "lan0")
-        self.kernel.add_ip_route("2001:db8::/32", "lan0")
-        self.now = now
-        self.seq = 0
-
-    def packets(self, *datas: bytes):  # type: ignore[no-untyped-def]
-        batch = []
-        sources = [source_address(data) for data in datas]
-        hops = self.kernel.routes_to(s for s in sources if s is not None)
-        for data, src in zip(datas, sources):
-            self.seq += 1
-            batch.append(FirstPacket(0, self.seq, data, "lan0", hops.get(src) if src else None))
-        plan = self.core.on_packets(batch, self.now)
-        self.plan = plan
-        results = self.kernel.apply(plan.ops)
-        commit = self.core.commit(plan, results, self.now)
-        assert all(r.ok for r in self.kernel.apply(commit.cleanup))
-        return commit
-
-    def labels_of(self, client: str, dport: int = 80, proto: str = "tcp") -> tuple[int, ...]:
-        fwd = self.kernel.forward_ip(client, VIP, proto=proto, sport=40000, dport=dport, out_dev="fab0")
-        return fwd.labels if fwd else ()
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-        assert all(r.ok for r in self.kernel.apply(self.core.tick(self.now)))
-
+from tests.unit.conftest import TRANSPORT, VIP, Node, config, syn
 
 def test_new_session_is_programmed_before_its_packet_is_accepted() -> None:
     node = Node()

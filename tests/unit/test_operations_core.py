@@ -11,7 +11,7 @@ from orchestrator.core import commands
 from orchestrator.core.servers import AdminState, BadCommand
 from orchestrator.dataplane import ops
 from orchestrator.core.health import HealthEvent, HealthState, HealthView
-from tests.unit.test_balancer_core import TRANSPORT, Node, config, syn
+from tests.unit.conftest import TRANSPORT, Node, config, syn
 
 UP, DOWN = HealthState.UP, HealthState.DOWN
 VIP6 = "2001:db8::100"

@@ -33,12 +33,14 @@ class NetlinkProvider:
 
     def __init__(self, netns: str | None = None, sock: NetlinkSocket | None = None,
                  links: Mapping[str, int] | None = None) -> None:
-        """`sock` instead of a new socket in `netns`, and `links` (name -> index) instead of the
-        first link dump: how tests run the provider against a scripted kernel."""
+        """`sock` instead of a new socket in `netns`, and `links` (name -> index) as a fixed link
+        table instead of the kernel's (never dumped): how tests run the provider against a
+        scripted kernel."""
         self._sock = sock if sock is not None else NetlinkSocket(netns)
+        self._static_links = links is not None
         self._by_name: dict[str, int] = dict(links or {})
         self._by_index: dict[int, str] = {index: name for name, index in self._by_name.items()}
-        self._links_fresh = links is not None
+        self._links_fresh = self._static_links
 
     def close(self) -> None:
         self._sock.close()
@@ -51,6 +53,8 @@ class NetlinkProvider:
 
     # -- links ------------------------------------------------------------------------------
     def _load_links(self) -> None:
+        if self._static_links:
+            return
         self._by_name.clear()
         self._by_index.clear()
         for kind, body in self._sock.dump(RTM_GETLINK, _IFINFO.pack(AF_UNSPEC, 0, 0, 0, 0)):

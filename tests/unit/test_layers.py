@@ -141,3 +141,18 @@ def test_the_core_loads_no_io_library() -> None:
     loaded_io, core_modules = json.loads(done.stdout)
     assert core_modules == sorted(m for m in module_names() if m.startswith("orchestrator.core"))
     assert loaded_io == []
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared helpers live in conftest.py; a test module importing another runs its tests twice
+    over and ties unrelated tests to each other's details."""
+    here = Path(__file__).parent
+    modules = {p.stem for p in here.glob("test_*.py")}
+    offenders = []
+    for path in sorted(here.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names] \
+                if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name} imports {n}" for n in names if n.rpartition(".")[2] in modules]
+    assert offenders == []

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from orchestrator.inet import pton
+from orchestrator.ipproto import IPPROTO_ESP
 
-from .packet import IPPROTO_ESP, Packet
+from .packet import Packet
 
 __all__ = ["SessionKeyKind", "SessionKey", "session_key", "icmp_error_client", "icmp_error_session_key"]
 

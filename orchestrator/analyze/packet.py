@@ -33,6 +33,10 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from orchestrator.inet import ntop4, ntop6
+from orchestrator.ipproto import (
+    IPPROTO_AH, IPPROTO_DCCP, IPPROTO_DSTOPTS, IPPROTO_ESP, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
+)
 
 __all__ = [
     "Packet",
@@ -45,22 +49,6 @@ __all__ = [
 ]
 
 MAX_EXT_HEADERS = 16
-
-# IP protocol numbers
-IPPROTO_HOPOPTS = 0
-IPPROTO_ICMP = 1
-IPPROTO_TCP = 6
-IPPROTO_UDP = 17
-IPPROTO_DCCP = 33
-IPPROTO_ROUTING = 43
-IPPROTO_FRAGMENT = 44
-IPPROTO_ESP = 50
-IPPROTO_AH = 51
-IPPROTO_ICMPV6 = 58
-IPPROTO_NONE = 59
-IPPROTO_DSTOPTS = 60
-IPPROTO_SCTP = 132
-IPPROTO_UDPLITE = 136
 
 # ICMP error types whose payload is the offending datagram.
 ICMP4_ERRORS = frozenset({3, 11, 12})  # dest unreachable (incl. frag needed), time exceeded, param problem

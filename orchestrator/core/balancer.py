@@ -14,6 +14,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from orchestrator import ipproto
 from orchestrator.analyze.keys import SessionKey, SessionKeyKind, session_key
 from orchestrator.analyze.packet import Malformed, Packet, analyze
 from orchestrator.config.model import BalancerConfig, LabelAllocation, Server, ServerFailure, Service
@@ -28,8 +29,7 @@ from orchestrator.core.servers import AdminState, ServerAdmin
 from orchestrator.core.sessions import Session, SessionTable, State
 from orchestrator.dataplane import handles, ops
 
-PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132, "esp": 50}
-FLOWER_PROTOS = {"tcp", "udp", "sctp", "esp"}
+FLOWER_PROTOS = frozenset(ipproto.BY_NAME)  # every service protocol has a flower ip_proto key
 PREF_IPV4, PREF_IPV6 = 10, 11  # the kernel keeps one protocol per filter priority
 
 
@@ -82,7 +82,7 @@ class Balancer:
         self.services: dict[tuple[str, int, int | None], Service] = {}
         for svc in config.services:
             for port in svc.ports or (None,):
-                self.services[(str(svc.vip), PROTO_NUMBERS[str(svc.protocol.value)], port)] = svc
+                self.services[(str(svc.vip), ipproto.BY_NAME[str(svc.protocol.value)], port)] = svc
         # A service keeps its scheduler's state (rr position, maglev table) across a reload
         # unless the reload changes which scheduler it uses.
         self._schedulers = {
@@ -417,7 +417,7 @@ class Balancer:
             c2s = handles.handle_c2s(flt.handle)
             client = (flt.match.src or "").split("/")[0]
             vip = (flt.match.dst or "").split("/")[0]
-            proto = PROTO_NUMBERS.get(flt.match.ip_proto or "", 0)
+            proto = ipproto.BY_NAME.get(flt.match.ip_proto or "", 0)
             svc = self.services.get((vip, proto, flt.match.dst_port)) or self.services.get((vip, proto, None))
             server = by_transport.get(pushes[-1]) if len(pushes) == 2 else None
             if svc is None or server is None or pushes[0] != c2s:

@@ -8,7 +8,6 @@ import contextlib
 import errno
 import gc
 import socket
-import struct
 from typing import Iterable, Iterator, Mapping, Sequence
 
 from orchestrator.dataplane import ops
@@ -22,10 +21,6 @@ from orchestrator.dataplane.netlink.nlsocket import KernelError, NetlinkSocket
 from orchestrator.dataplane.provider import UnknownDevice
 
 PIPELINE_PIECE = 4096  # operations encoded while the previous piece is in the kernel
-_IFINFO = struct.Struct("=BxHiII")
-_RTMSG = struct.Struct("=BBBBBBBBI")
-_TCMSG = struct.Struct("=BBHiIII")
-_IFADDRMSG = struct.Struct("=BBBBI")
 
 
 class NetlinkProvider:
@@ -57,11 +52,11 @@ class NetlinkProvider:
             return
         self._by_name.clear()
         self._by_index.clear()
-        for kind, body in self._sock.dump(RTM_GETLINK, _IFINFO.pack(AF_UNSPEC, 0, 0, 0, 0)):
+        for kind, body in self._sock.dump(RTM_GETLINK, nla.IFINFOMSG.pack(AF_UNSPEC, 0, 0, 0, 0)):
             if kind != RTM_NEWLINK:
                 continue
-            index = _IFINFO.unpack_from(body)[2]
-            attrs = nla.attrs(body, _IFINFO.size)
+            index = nla.IFINFOMSG.unpack_from(body)[2]
+            attrs = nla.attrs(body, nla.IFINFOMSG.size)
             if IFLA_IFNAME in attrs:
                 name = nla.get_str(attrs[IFLA_IFNAME])
                 self._by_name[name] = index
@@ -140,13 +135,13 @@ class NetlinkProvider:
         out: list[ops.Installed] = []
         for family in (AF_MPLS, AF_INET, AF_INET6):
             # With strict checking the kernel itself keeps only routes of our protocol.
-            request = _RTMSG.pack(family, 0, 0, 0, 0, RT_PROTO, 0, 0, 0)
+            request = nla.RTMSG.pack(family, 0, 0, 0, 0, RT_PROTO, 0, 0, 0)
             for _kind, body in self._sock.dump(RTM_GETROUTE, request):
                 installed = decode.route(body, self.ifname)
                 if installed is not None:
                     out.append(installed)
         for family in (AF_INET, AF_INET6):
-            for _kind, body in self._sock.dump(RTM_GETRULE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
+            for _kind, body in self._sock.dump(RTM_GETRULE, nla.RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
                 installed = decode.rule(body)
                 if installed is not None:
                     out.append(installed)
@@ -156,14 +151,14 @@ class NetlinkProvider:
     def _dump_tc(self) -> list[ops.Installed]:
         """Our flower filters, and the clsact qdiscs that hold at least one of them."""
         out: list[ops.Installed] = []
-        qdiscs = self._sock.dump(RTM_GETQDISC, _TCMSG.pack(AF_UNSPEC, 0, 0, 0, 0, 0, 0))
+        qdiscs = self._sock.dump(RTM_GETQDISC, nla.TCMSG.pack(AF_UNSPEC, 0, 0, 0, 0, 0, 0))
         for _kind, body in qdiscs:
             ifindex, _handle, parent, _info = decode.tc_header(body)
             if parent != TC_H_CLSACT or decode.qdisc_kind(body) != "clsact":
                 continue
             filters = []
             for direction in ops.Direction:
-                request = _TCMSG.pack(AF_UNSPEC, 0, 0, ifindex, 0, encode.filter_parent(direction), 0)
+                request = nla.TCMSG.pack(AF_UNSPEC, 0, 0, ifindex, 0, encode.filter_parent(direction), 0)
                 for _k, fbody in self._sock.dump(RTM_GETTFILTER, request):
                     installed = decode.flower(fbody, self.ifname)
                     if installed is not None:
@@ -202,10 +197,10 @@ class NetlinkProvider:
         index = self.ifindex(dev)
         out = []
         for family in (AF_INET, AF_INET6):
-            for kind, body in self._sock.dump(RTM_GETADDR, _IFADDRMSG.pack(family, 0, 0, 0, index)):
-                if kind != RTM_NEWADDR or _IFADDRMSG.unpack_from(body)[4] != index:
+            for kind, body in self._sock.dump(RTM_GETADDR, nla.IFADDRMSG.pack(family, 0, 0, 0, index)):
+                if kind != RTM_NEWADDR or nla.IFADDRMSG.unpack_from(body)[4] != index:
                     continue
-                attrs = nla.attrs(body, _IFADDRMSG.size)
+                attrs = nla.attrs(body, nla.IFADDRMSG.size)
                 raw = attrs.get(IFA_LOCAL, attrs.get(IFA_ADDRESS))
                 if raw is not None:
                     out.append(socket.inet_ntop(socket.AF_INET6 if family == AF_INET6 else socket.AF_INET,
@@ -229,7 +224,7 @@ class NetlinkProvider:
     def dump_filters(self, dev: str, direction: ops.Direction = ops.Direction.EGRESS,
                      ours_only: bool = True) -> list[ops.Installed]:
         """Flower filters of one device, optionally including others' (to compare with tc)."""
-        request = _TCMSG.pack(AF_UNSPEC, 0, 0, self.ifindex(dev), 0, encode.filter_parent(direction), 0)
+        request = nla.TCMSG.pack(AF_UNSPEC, 0, 0, self.ifindex(dev), 0, encode.filter_parent(direction), 0)
         out = []
         for _kind, body in self._sock.dump(RTM_GETTFILTER, request):
             installed = decode.flower(body, self.ifname, require_cookie=ours_only)

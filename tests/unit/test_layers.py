@@ -156,3 +156,21 @@ def test_no_test_module_imports_another() -> None:
                 if isinstance(node, ast.ImportFrom) else []
             offenders += [f"{path.name} imports {n}" for n in names if n.rpartition(".")[2] in modules]
     assert offenders == []
+
+
+def test_protocol_numbers_are_defined_once() -> None:
+    """Netlink and netfilter numbers live in dataplane/netlink/constants.py, IP protocol numbers
+    in ipproto.py: a second definition drifts (or hides a typo) without anyone noticing."""
+    owners = {"IPPROTO_": "orchestrator.ipproto"}
+    netlink = ("NETLINK_", "NLM_", "NLMSG_", "NLA_", "RTM_", "RTA_", "TCA_", "NFQA_", "NFQNL_", "NFNL_", "CTA_",
+               "IPCTNL_", "NF_", "IFLA_", "IFA_", "FRA_")
+    owners.update({prefix: "orchestrator.dataplane.netlink.constants" for prefix in netlink})
+    found = []
+    for name, path in module_names().items():
+        for node in ast.parse(path.read_text(), str(path)).body:
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            names = [e.id for t in targets for e in (t.elts if isinstance(t, ast.Tuple) else [t])
+                     if isinstance(e, ast.Name)]
+            found += [f"{name}.{n}" for n in names
+                      for prefix, owner in owners.items() if n.startswith(prefix) and name != owner]
+    assert found == []

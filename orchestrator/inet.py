@@ -57,8 +57,6 @@ def pton(text: str) -> tuple[int, bytes]:
     """(4 or 6, packed bytes) of an address in text; ValueError for anything else."""
     if not isinstance(text, str) or "%" in text:
         raise ValueError(f"{text!r} is not an IP address")
-    try:
-        return 4, ipaddress.IPv4Address(text).packed
-    except ValueError:
-        pass
-    return 6, ipaddress.IPv6Address(text).packed
+    if ":" in text:  # only IPv6 text has one
+        return 6, ipaddress.IPv6Address(text).packed
+    return 4, ipaddress.IPv4Address(text).packed

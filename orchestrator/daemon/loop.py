@@ -184,6 +184,15 @@ class Daemon:
         state; a BadCommand they raise has changed nothing."""
         return {}
 
+    async def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The control socket's handler. `status` also reports nftables' counters, read by an `nft`
+        subprocess the loop awaits (first packets are decided meanwhile); everything else is
+        answered from memory at once."""
+        if request.get("cmd") != "status":
+            return self.handle_request(request)
+        counters = await nftables.read_counters()
+        return {**self.handle_request(request), "nft_counters": counters}
+
     def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         cmd = request.get("cmd")
         now = time.monotonic()
@@ -200,9 +209,10 @@ class Daemon:
             return {"error": str(exc), "bad_input": True}
 
     def status(self, now: float) -> dict[str, Any]:
+        """`mplsorch status --json` but for nftables' counters, which `answer` adds."""
         return {"role": self.role, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
                 **self.status_details(now), "counters": dict(self.core.counters),
-                "dataplane_ops": dict(self.op_results), "nft_counters": nftables.counters()}
+                "dataplane_ops": dict(self.op_results)}
 
     def sessions(self, now: float) -> dict[str, Any]:
         return {"role": self.role, "sessions": [session_json(view, now) for view in self.session_views()]}
@@ -220,7 +230,7 @@ class Daemon:
             loop.add_signal_handler(sig, self.flag, flag)
         loop.add_reader(self.queue.fileno(), self.on_packets)
         loop.add_reader(self.conntrack.fileno(), self._on_conntrack)
-        control = ControlServer(self.control_socket, self.handle_request)
+        control = ControlServer(self.control_socket, self.answer)
         await control.start()
         try:
             await self.start_tasks()

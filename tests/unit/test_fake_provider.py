@@ -11,7 +11,6 @@ import pytest
 
 from orchestrator.dataplane.fake import FakeProvider, Forwarding
 from orchestrator.dataplane.netlink.provider import NetlinkProvider
-from orchestrator.dataplane.provider import Provider, UnknownDevice
 from orchestrator.dataplane.ops import (
     MAX_STACK,
     Add,
@@ -29,6 +28,7 @@ from orchestrator.dataplane.ops import (
     describe,
     push_stack,
 )
+from orchestrator.dataplane.provider import Provider, UnknownDevice
 
 CLIENT, VIP = "10.0.1.10", "10.0.0.100"
 C2S, S2C = 1001, 1002

@@ -86,6 +86,11 @@ class ServerAgent:
         self.counters: collections.Counter[str] = collections.Counter()
         self.configure(config)
 
+    def count(self, event: str, n: int = 1) -> None:
+        """An event the daemon saw around the core (unmarked packets, a failed batch), counted
+        with the core's own."""
+        self.counters[event] += n
+
     def configure(self, config: ServerConfig) -> None:
         self.config = config
         self.block = config.c2s_labels()

@@ -336,6 +336,11 @@ class Balancer:
         self.counters[f"ended:{reason}"] += 1
         return [ops.Delete(o) for o in reversed(session.objects)]
 
+    def count(self, event: str, n: int = 1) -> None:
+        """An event the daemon saw around the core (a failed batch, conntrack errors), counted
+        with the core's own so status and metrics report them together."""
+        self.counters[event] += n
+
     def sessions_by_state(self) -> dict[str, int]:
         return dict(collections.Counter(str(s.state) for s in self.table))
 

@@ -37,9 +37,13 @@ SWEEP = 10.0  # seconds between conntrack sweeps: how late at most a flow's end 
 
 
 class FlowCore(Protocol):
-    counters: Any
+    """What the shared loop needs of either role's core."""
+
+    counters: Any  # read for status
 
     def on_flow_events(self, events: list[FlowsEnded | FlowTableResync], now: float) -> None: ...
+
+    def count(self, event: str, n: int = 1) -> None: ...
 
 
 class PacketQueue(Protocol):
@@ -137,7 +141,7 @@ class Daemon:
             self.decide(batch)
         except Exception:
             log.exception("first-packet batch failed; accepting its %d packets unlabelled", len(batch))
-            self.core.counters["batch_errors"] += 1
+            self.core.count("batch_errors")
             self.queue.send_verdicts(accept_all(batch))
 
     # -- hooks ----------------------------------------------------------------------------------------
@@ -296,7 +300,7 @@ class Daemon:
                 self.core.on_flow_events(events, time.monotonic())
         except Exception:
             log.exception("conntrack events failed")
-            self.core.counters["conntrack_errors"] += 1
+            self.core.count("conntrack_errors")
 
 
 def session_json(view: dict[str, Any], now: float) -> dict[str, Any]:

@@ -105,7 +105,7 @@ class ServerDaemon(Daemon):
             else:
                 packets.append(LabelledPacket(p.queue, p.packet_id, label, p.payload))
         if unmarked:
-            self.core.counters["unmarked"] += len(unmarked)
+            self.core.count("unmarked", len(unmarked))
         before = dict(self.core.sessions)
         plan = self.core.on_packets(packets, time.monotonic())
         verdicts = self.core.commit(plan, self.program(plan.ops, "return route"))

@@ -1,5 +1,5 @@
 """The unit tests' one harness: the example configurations, a balancer core glued to the fake
-kernel as the daemon glues them (`Node`), and the daemons over the fake provider with a scripted
+kernel as the daemon glues them (`Node`; `AgentNode` for the server role), and the daemons over the fake provider with a scripted
 queue and conntrack socket instead of the kernel's. Test modules import these from here and never
 from each other, so a change to the harness is made once."""
 
@@ -13,11 +13,12 @@ from scapy.layers.inet import IP, TCP
 
 from orchestrator.analyze.packet import source_address
 from orchestrator.capture.nfqueue import QueuedPacket, Verdict
-from orchestrator.config.load import parse_config
+from orchestrator.config.load import load_server_config, parse_config
 from orchestrator.config.model import BalancerConfig
 from orchestrator.config.server_model import ServerConfig
+from orchestrator.core.agent import ServerAgent
 from orchestrator.core.balancer import Balancer, Commit, Plan
-from orchestrator.core.events import FirstPacket, FlowKey, FlowsEnded, FlowTableResync
+from orchestrator.core.events import Action, FirstPacket, FlowKey, FlowsEnded, FlowTableResync, LabelledPacket
 from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.daemon.loop import Capture
 from orchestrator.daemon.server import ServerDaemon
@@ -85,6 +86,30 @@ class Node:
     def advance(self, seconds: float) -> None:
         self.now += seconds
         assert all(r.ok for r in self.kernel.apply(self.core.tick(self.now)))
+
+
+class AgentNode:
+    """The agent and a fake kernel, wired as the daemon wires them."""
+
+    def __init__(self) -> None:
+        self.config = load_server_config(SERVER_EXAMPLE)
+        self.agent = ServerAgent(self.config)
+        self.kernel = FakeProvider(["eth0"])
+        assert all(r.ok for r in self.kernel.apply([ops.Add(o) for o in self.agent.node_objects()]))
+        self.next_id = 0
+
+    def first(self, label: int, data: bytes, now: float = 0.0) -> list[Action]:
+        self.next_id += 1
+        plan = self.agent.on_packets([LabelledPacket(8, self.next_id, label, data)], now)
+        return [v.action for v in self.agent.commit(plan, self.kernel.apply(plan.ops))]
+
+    def answer(self, client: str, vip: str = VIP) -> tuple[int, ...] | None:
+        """The label stack an answer from the VIP to `client` leaves with (None: plain IP)."""
+        fwd = self.kernel.route_ip(vip, client)
+        return None if fwd is None else fwd.labels
+
+    def tick(self, now: float) -> None:
+        assert all(r.ok for r in self.kernel.apply(self.agent.tick(now)))
 
 
 class _Pipe:

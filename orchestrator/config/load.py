@@ -306,7 +306,7 @@ def _service(p: Parser, name: str, v: YamlValue) -> Service:
         # Each client address takes one C2S filter per port, all under the session's C2S label.
         raise p.error(m["ports"].line, m["ports"].path,
                       f"{len(ports)} ports, but a session's filter handles hold at most {FILTERS_PER_SESSION} "
-                      "filters (one per port); split the service, or use session_key: five_tuple")
+                      "filters (one per port); split the service, or use session_key: five-tuple")
     if key in (SessionKeyKind.IPV6_IID, SessionKeyKind.MIP6_HOME_ADDRESS) and vip.version != 6:
         raise p.error(m["session_key"].vline, m["session_key"].path,
                       f"{key.value} keys IPv6 clients, but vip {vip} is IPv4")

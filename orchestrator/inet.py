@@ -16,6 +16,9 @@ import struct
 __all__ = ["ntop", "ntop4", "ntop6", "pton"]
 
 _WORDS = struct.Struct("!8H")
+_HEX_GROUPS = ":%x:%x:%x:%x:%x:%x:%x:%x:"   # framed by colons, so every group is ":g:"
+# The zero runs that `::` may stand for, longest first: str.find gives the first of the longest.
+_ZERO_RUNS = tuple((n, ":" + ":".join(["0"] * n) + ":") for n in range(8, 1, -1))
 
 
 def ntop4(packed: bytes) -> str:
@@ -23,25 +26,34 @@ def ntop4(packed: bytes) -> str:
     return f"{a}.{b}.{c}.{d}"
 
 
+# Recent IPv6 texts: a first packet's destination is one of a few VIPs and its source often a
+# client seen before. Bounded: emptied when full.
+_RECENT: dict[bytes, str] = {}
+_RECENT_MAX = 4096
+
+
 def ntop6(packed: bytes) -> str:
-    words = _WORDS.unpack(packed)
-    best, best_len, run, run_len = -1, 0, -1, 0
-    for i, word in enumerate(words):
-        if word:
-            run = -1
-            continue
-        if run < 0:
-            run, run_len = i, 0
-        run_len += 1
-        if run_len > best_len:
-            best, best_len = run, run_len
-    if best_len < 2:
-        return ":".join([f"{w:x}" for w in words])
-    if best == 0 and (best_len == 6 or (best_len == 5 and words[5] == 0xFFFF)):
-        return ("::" if best_len == 6 else "::ffff:") + ntop4(packed[12:])
-    head = ":".join([f"{w:x}" for w in words[:best]])
-    tail = ":".join([f"{w:x}" for w in words[best + best_len:]])
-    return f"{head}::{tail}"
+    """String operations in C rather than a loop over the groups: this is on the first-packet path."""
+    text = _RECENT.get(packed)
+    if text is None:
+        text = _ntop6(packed)
+        if len(_RECENT) >= _RECENT_MAX:
+            _RECENT.clear()
+        _RECENT[bytes(packed)] = text
+    return text
+
+
+def _ntop6(packed: bytes) -> str:
+    text = _HEX_GROUPS % _WORDS.unpack(packed)
+    for length, zeros in _ZERO_RUNS:
+        at = text.find(zeros)
+        if at >= 0:
+            break
+    else:
+        return text[1:-1]
+    if at == 0 and (length == 6 or (length == 5 and packed[10:12] == b"\xff\xff")):
+        return ("::" if length == 6 else "::ffff:") + ntop4(packed[12:])
+    return text[1:at] + "::" + text[at + len(zeros):-1] if at else "::" + text[len(zeros):-1]
 
 
 def ntop(packed: bytes) -> str:

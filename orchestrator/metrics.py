@@ -46,7 +46,7 @@ SESSION_STATES = ("opening", "serving", "draining", "closing")   # core.sessions
 VERDICTS = ("accept", "drop", "refuse")                          # core.events.Action
 OP_RESULTS = ("ok", "error")
 LABEL_STATES = ("free", "in_use", "held_down")
-HEALTH_STATES = ("unknown", "up", "down")                        # health.state.HealthState
+HEALTH_STATES = ("unknown", "up", "down")                        # core.health.HealthState
 REFUSAL_REASONS = ("service-full", "no-server", "label-headroom", "labels-exhausted")  # core.balancer
 # A netlink batch takes tens of microseconds to a few hundred milliseconds (a large reconcile).
 BATCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

@@ -15,11 +15,14 @@ requires (its claim 7). The other values carry a prefix ("iid:", "spi:") that no
 from __future__ import annotations
 
 import enum
-import socket
+import functools
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from .packet import IPPROTO_ESP, Packet
+from orchestrator.inet import pton
+from orchestrator.ipproto import IPPROTO_ESP
+
+from .packet import Packet
 
 __all__ = ["SessionKeyKind", "SessionKey", "session_key", "icmp_error_client", "icmp_error_session_key"]
 
@@ -43,9 +46,11 @@ def _port(p: Optional[int]) -> str:
     return "-" if p is None else str(p)
 
 
+@functools.lru_cache(maxsize=4096)
 def _iid(addr: str) -> str:
-    """'iid:xxxx:xxxx:xxxx:xxxx' (zero-padded lower-case hex) for an IPv6 text address."""
-    b = socket.inet_pton(socket.AF_INET6, addr)
+    """'iid:xxxx:xxxx:xxxx:xxxx' (zero-padded lower-case hex) for an IPv6 text address. Cached:
+    parsing the text costs microseconds, and a client's next flow asks again."""
+    b = pton(addr)[1]
     h = b[8:16].hex()
     return f"iid:{h[0:4]}:{h[4:8]}:{h[8:12]}:{h[12:16]}"
 

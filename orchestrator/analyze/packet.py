@@ -1,9 +1,10 @@
 """First-packet analysis: raw IP bytes (as NFQUEUE hands them over, no link layer) -> `Packet`.
 
 This is the daemon's hot path: one call per new session, so it uses only `struct` and
-`socket.inet_ntop`, walks the bytes once and allocates one result object. It never raises: every
-defect of the input is a `Malformed` whose `reason` is a short stable token fit for a metric label
-(see `REASONS`); an exception inside the parser is a bug and is still turned into
+`orchestrator.inet` (inet_ntop's text without the socket module), walks the bytes once and
+allocates one result object. It never raises: every defect of the input is a `Malformed` whose
+`reason` is a short stable token fit for a metric label (see `REASONS`); an exception inside the
+parser is a bug and is still turned into
 `Malformed("internal", ...)` by a final guard.
 
 Bounds. The upper-layer data of a datagram ends where its IP header says (IPv4 total length,
@@ -27,10 +28,15 @@ What is parsed:
 
 from __future__ import annotations
 
-import socket
 import struct
 from dataclasses import dataclass
 from typing import Optional, Union
+
+from orchestrator.inet import ntop4, ntop6
+from orchestrator.ipproto import (
+    IPPROTO_AH, IPPROTO_DCCP, IPPROTO_DSTOPTS, IPPROTO_ESP, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
+)
 
 __all__ = [
     "Packet",
@@ -43,22 +49,6 @@ __all__ = [
 ]
 
 MAX_EXT_HEADERS = 16
-
-# IP protocol numbers
-IPPROTO_HOPOPTS = 0
-IPPROTO_ICMP = 1
-IPPROTO_TCP = 6
-IPPROTO_UDP = 17
-IPPROTO_DCCP = 33
-IPPROTO_ROUTING = 43
-IPPROTO_FRAGMENT = 44
-IPPROTO_ESP = 50
-IPPROTO_AH = 51
-IPPROTO_ICMPV6 = 58
-IPPROTO_NONE = 59
-IPPROTO_DSTOPTS = 60
-IPPROTO_SCTP = 132
-IPPROTO_UDPLITE = 136
 
 # ICMP error types whose payload is the offending datagram.
 ICMP4_ERRORS = frozenset({3, 11, 12})  # dest unreachable (incl. frag needed), time exceeded, param problem
@@ -87,10 +77,6 @@ REASONS = frozenset({
     "truncated-icmp",
     "internal",
 })
-
-_AF_INET = socket.AF_INET
-_AF_INET6 = socket.AF_INET6
-_ntop = socket.inet_ntop
 
 _V4 = struct.Struct("!BBHHHBBH4s4s")  # ver/ihl, tos, total length, id, flags/frag, ttl, proto, csum, src, dst
 _V6 = struct.Struct("!IHBB16s16s")  # ver/tc/flow, payload length, next header, hop limit, src, dst
@@ -168,9 +154,9 @@ def source_address(data: bytes) -> Optional[str]:
     `analyze` gives (`Packet.src`); None when the header is not there. The balancer daemon looks
     up its routes to a batch's clients with it before the core analyses the batch."""
     if len(data) >= 20 and data[0] >> 4 == 4:
-        return _ntop(_AF_INET, data[12:16])
+        return ntop4(data[12:16])
     if len(data) >= 40 and data[0] >> 4 == 6:
-        return _ntop(_AF_INET6, data[8:24])
+        return ntop6(data[8:24])
     return None
 
 
@@ -198,8 +184,8 @@ def _parse(data: bytes, partial: bool, lenient: bool) -> Packet:
             end = n
         else:
             end = total
-        src = _ntop(_AF_INET, s)
-        dst = _ntop(_AF_INET, d)
+        src = ntop4(s)
+        dst = ntop4(d)
         off = hl
         length = total
         frag_off = frag & 0x1FFF
@@ -233,8 +219,8 @@ def _parse(data: bytes, partial: bool, lenient: bool) -> Packet:
                 end = n
             else:
                 end = length
-        src = _ntop(_AF_INET6, s)
-        dst = _ntop(_AF_INET6, d)
+        src = ntop6(s)
+        dst = ntop6(d)
         off = 40
         home = None
         is_frag = False
@@ -262,7 +248,7 @@ def _parse(data: bytes, partial: bool, lenient: bool) -> Packet:
                         if hend - off != 24:
                             raise _Bad("bad-routing-header", f"type 2 routing header of {hend - off} bytes")
                         if home is None:
-                            home = _ntop(_AF_INET6, data[off + 8:off + 24])
+                            home = ntop6(data[off + 8:off + 24])
                 proto = nxt
                 off = hend
             elif proto == IPPROTO_FRAGMENT:
@@ -376,6 +362,6 @@ def _home_address_option(data: bytes, pos: int, end: int) -> Optional[str]:
             if olen != 16:
                 raise _Bad("bad-home-address-option", f"home address option of {olen} bytes, not 16")
             if home is None:
-                home = _ntop(_AF_INET6, data[pos + 2:oend])
+                home = ntop6(data[pos + 2:oend])
         pos = oend
     return home

@@ -16,25 +16,21 @@ import struct
 
 from orchestrator.core.events import FlowKey, FlowsEnded, FlowTableResync
 from orchestrator.dataplane.netlink import nla
+from orchestrator.dataplane.netlink.constants import (
+    CTA_IP_V4_DST, CTA_IP_V4_SRC, CTA_IP_V6_DST, CTA_IP_V6_SRC, CTA_MARK, CTA_MARK_MASK, CTA_PROTO_DST_PORT,
+    CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_TUPLE_IP, CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, IPCTNL_MSG_CT_DELETE,
+    IPCTNL_MSG_CT_GET, NETLINK_ADD_MEMBERSHIP, NETLINK_NETFILTER, NFNL_SUBSYS_CTNETLINK,
+    NFNLGRP_CONNTRACK_DESTROY, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, SOL_NETLINK,
+)
 from orchestrator.dataplane.netlink.nlsocket import open_netlink
 
-NETLINK_NETFILTER = 12
-NFNL_SUBSYS_CTNETLINK = 1
-IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
-NFNLGRP_CONNTRACK_DESTROY = 3
-CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 1, 2
-CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
-CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
-CTA_MARK, CTA_MARK_MASK = 8, 21
+__all__ = ["CTA_MARK", "CTA_MARK_MASK", "CT_MASK", "CT_TAG", "ConntrackListener", "mark_filter", "parse_flow"]
+
 CT_TAG, CT_MASK = 0x6D600000, 0xFFF00000  # "m`" in the high 12 bits of the conntrack mark
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
-SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
-_NFGEN = struct.Struct("!BBH")
 
 
 def parse_flow(body: memoryview) -> FlowKey | None:
-    a = nla.attrs(body, _NFGEN.size)
+    a = nla.attrs(body, nla.NFGENMSG.size)
     if CTA_TUPLE_ORIG not in a:
         return None
     tup = nla.attrs(a[CTA_TUPLE_ORIG])
@@ -106,7 +102,7 @@ class ConntrackListener:
             sock.bind((0, 0))
             buf = bytearray(1 << 18)
             for family in (socket.AF_INET, socket.AF_INET6):
-                body = _NFGEN.pack(family, 0, 0) + mark_filter()
+                body = nla.NFGENMSG.pack(family, 0, 0) + mark_filter()
                 sock.send(nla.message(NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET,
                                       NLM_F_REQUEST | NLM_F_DUMP, family, body))
                 done = False

@@ -19,24 +19,18 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from orchestrator.dataplane.netlink import nla
+from orchestrator.dataplane.netlink.constants import (
+    NETLINK_NETFILTER, NF_ACCEPT, NF_DROP, NF_REPEAT, NFNL_SUBSYS_QUEUE, NFQA_CFG_CMD,
+    NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_FLAGS, NFQA_CFG_MASK, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN,
+    NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV, NFQA_MARK, NFQA_PACKET_HDR, NFQA_PAYLOAD, NFQA_VERDICT_HDR,
+    NFQNL_CFG_CMD_BIND, NFQNL_CFG_CMD_UNBIND, NFQNL_COPY_PACKET, NFQNL_MSG_CONFIG, NFQNL_MSG_PACKET,
+    NFQNL_MSG_VERDICT, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR,
+)
 from orchestrator.dataplane.netlink.nlsocket import open_netlink, parse_error
 
-NETLINK_NETFILTER = 12
-NFNL_SUBSYS_QUEUE = 3
-NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
-NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_MARK = 1, 2, 3
-NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV, NFQA_PAYLOAD = 5, 6, 10
-NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN, NFQA_CFG_MASK, NFQA_CFG_FLAGS = 1, 2, 3, 4, 5
-NFQNL_CFG_CMD_BIND, NFQNL_CFG_CMD_UNBIND = 1, 2
-NFQNL_COPY_PACKET = 2
-NFQA_CFG_F_FAIL_OPEN = 1
-NLMSG_ERROR = 2
-NLM_F_REQUEST, NLM_F_ACK = 1, 4
-SOL_NETLINK, NETLINK_NO_ENOBUFS = 270, 5
+__all__ = ["NF_ACCEPT", "NF_DROP", "NF_REPEAT", "NfQueue", "QueueError", "QueueStats", "QueuedPacket", "Verdict",
+           "accept_all", "parse_queue_stats", "queue_stats"]
 
-NF_DROP, NF_ACCEPT, NF_REPEAT = 0, 1, 4
-
-_NFGEN = struct.Struct("!BBH")  # family, version, res_id (queue number), network order
 _PKT_HDR = struct.Struct("!IHB")
 _VERDICT = struct.Struct("!II")
 
@@ -100,7 +94,7 @@ class NfQueue:
 
     def _message(self, kind: int, flags: int, queue: int, attrs: bytes) -> tuple[int, bytes]:
         self._seq += 1
-        body = _NFGEN.pack(socket.AF_UNSPEC, 0, queue) + attrs
+        body = nla.NFGENMSG.pack(socket.AF_UNSPEC, 0, queue) + attrs
         return self._seq, nla.message(NFNL_SUBSYS_QUEUE << 8 | kind, flags, self._seq, body)
 
     def _config(self, queue: int, attrs: bytes) -> None:
@@ -152,8 +146,8 @@ class NfQueue:
 
 
 def _parse_packet(body: memoryview) -> QueuedPacket | None:
-    queue = _NFGEN.unpack_from(body)[2]
-    a = nla.attrs(body, _NFGEN.size)
+    queue = nla.NFGENMSG.unpack_from(body)[2]
+    a = nla.attrs(body, nla.NFGENMSG.size)
     if NFQA_PACKET_HDR not in a or NFQA_PAYLOAD not in a:
         return None
     packet_id = _PKT_HDR.unpack_from(a[NFQA_PACKET_HDR])[0]

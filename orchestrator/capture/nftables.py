@@ -6,6 +6,7 @@ batch protocol buys nothing here, and `nft` checks the whole ruleset atomically 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from pathlib import Path
@@ -14,7 +15,7 @@ import jinja2
 
 from orchestrator.capture.conntrack import CT_MASK, CT_TAG
 from orchestrator.config.model import BalancerConfig, FailPolicy
-from orchestrator.config.server import ServerConfig
+from orchestrator.config.server_model import ServerConfig
 from orchestrator.core.agent import MARK_MASK, MARK_TAG
 
 # In the package (package data), so an installed daemon has them; templates/ at the top of the
@@ -70,14 +71,20 @@ def load(ruleset: str) -> None:
         raise RuntimeError(f"nft refused the ruleset: {result.stderr.strip()}")
 
 
-def counters() -> dict[str, int]:
-    """Our named counters' packet counts (for status and tests)."""
-    result = subprocess.run(["nft", "-j", "list", "counters", "table", "inet", "mplsorch"],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        return {}
+async def read_counters() -> dict[str, int]:
+    """Our named counters' packet counts (for `status`). `nft` runs as a subprocess the event loop
+    awaits: run synchronously it would stall the first-packet path for as long as nft takes."""
+    proc = await asyncio.create_subprocess_exec(
+        "nft", "-j", "list", "counters", "table", "inet", "mplsorch",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, _stderr = await proc.communicate()
+    return parse_counters(stdout.decode()) if proc.returncode == 0 else {}
+
+
+def parse_counters(text: str) -> dict[str, int]:
+    """`nft -j list counters` output -> counter name: packets."""
     out: dict[str, int] = {}
-    for item in json.loads(result.stdout).get("nftables", []):
+    for item in json.loads(text).get("nftables", []):
         counter = item.get("counter")
         if counter:
             out[counter["name"]] = counter["packets"]

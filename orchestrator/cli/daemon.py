@@ -11,29 +11,20 @@ import sys
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from orchestrator.config.model import DEFAULT_CONTROL_SOCKET
-
-SocketOption = typer.Option(None, "--socket", metavar="PATH", help="Control socket of the daemon.")
-ConfigOption = typer.Option(None, "--config", metavar="FILE", help="Find the socket in this config.")
-JsonOption = typer.Option(False, "--json", help="The documented JSON on stdout.")
+from orchestrator.cli.client import BAD_INPUT, ConfigOption, JsonOption, SocketOption, ask, print_table
+from orchestrator.config.model import BalancerConfig
+from orchestrator.config.server_model import ServerConfig
 
 
 def register(app: typer.Typer) -> None:
-    from orchestrator.cli.operate import servers_app, sessions_app
-
     app.command("run")(run)
     app.command("status")(status)
-    app.add_typer(sessions_app, name="sessions")
-    app.add_typer(servers_app, name="servers")
     app.command("labels")(labels)
     app.command("routes")(routes)
 
 
 NODE_NOT_READY = 4  # the server role's node check failed (node.setup: check, or apply could not fix it)
-BAD_INPUT = 2
 
 
 def run(config: str = typer.Option(..., "--config", metavar="FILE", help="Daemon configuration."),
@@ -41,8 +32,6 @@ def run(config: str = typer.Option(..., "--config", metavar="FILE", help="Daemon
                                        help="Log lines on stderr: text, or one JSON object per line.")) -> None:
     """Run the daemon of the role the configuration names (balancer or server)."""
     from orchestrator.config.load import ConfigError, load_config
-    from orchestrator.config.server import ServerConfig
-    from orchestrator.daemon import balancer, server
     from orchestrator.daemon.logs import FORMATS
     from orchestrator.daemon.node_setup import NodeNotReady
 
@@ -50,9 +39,7 @@ def run(config: str = typer.Option(..., "--config", metavar="FILE", help="Daemon
         typer.echo(f"mplsorch: --log-format {log_format!r}: one of {', '.join(FORMATS)}", err=True)
         raise typer.Exit(BAD_INPUT)
     try:
-        loaded = load_config(config)
-        role = server if isinstance(loaded, ServerConfig) else balancer
-        code = role.run(config, loaded, log_format)  # type: ignore[arg-type]
+        code = serve_on_kernel(config, load_config(config), log_format)
     except ConfigError as exc:
         typer.echo(f"mplsorch: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -66,40 +53,20 @@ def run(config: str = typer.Option(..., "--config", metavar="FILE", help="Daemon
     raise typer.Exit(code)
 
 
-def ask(cmd: str, socket_path: Optional[str], config: Optional[str], **args: Any) -> dict[str, Any]:
-    from orchestrator.daemon.control import request
+def serve_on_kernel(config_path: str, config: BalancerConfig | ServerConfig, log_format: str) -> int:
+    """The daemon of the configuration's role over the kernel's dataplane and sockets: the one
+    place that wires the real ones (the daemons take them as arguments)."""
+    from orchestrator.capture.conntrack import ConntrackListener
+    from orchestrator.capture.nfqueue import NfQueue
+    from orchestrator.daemon.balancer import BalancerDaemon
+    from orchestrator.daemon.loop import Capture, Daemon, serve
+    from orchestrator.daemon.server import ServerDaemon
+    from orchestrator.dataplane.netlink.provider import NetlinkProvider
 
-    path = socket_path
-    if path is None and config is not None:
-        from orchestrator.config.load import ConfigError, load_config
-
-        try:
-            path = load_config(config).node.control_socket
-        except ConfigError as exc:
-            typer.echo(f"mplsorch: {exc}", err=True)
-            raise typer.Exit(2) from None
-    path = path or DEFAULT_CONTROL_SOCKET
-    try:
-        answer = request(path, cmd, **args)
-    except (FileNotFoundError, ConnectionRefusedError):
-        typer.echo(f"mplsorch: no daemon answers on {path} (is `mplsorch run` running?)", err=True)
-        raise typer.Exit(3) from None
-    except PermissionError:
-        typer.echo(f"mplsorch: {path}: the control socket is for root only", err=True)
-        raise typer.Exit(3) from None
-    if "error" in answer:
-        typer.echo(f"mplsorch: {answer['error']}", err=True)
-        raise typer.Exit(BAD_INPUT if answer.get("bad_input") else 1)
-    return answer
-
-
-def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
-    Console().print(table)
+    kernel = Capture(queue=NfQueue, conntrack=ConntrackListener)
+    daemon: Daemon = ServerDaemon(config_path, NetlinkProvider(), kernel, config) \
+        if isinstance(config, ServerConfig) else BalancerDaemon(config_path, NetlinkProvider(), kernel, config)
+    return serve(daemon, log_format)
 
 
 def status(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
@@ -157,8 +124,8 @@ def labels(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
     if json_output:
         print(json.dumps(answer))
         return
-    _table("label pairs", ["total", "in use", "held down", "free"],
-           [[answer["total"], answer["in_use"], answer["held_down"], answer["free"]]])
+    print_table("label pairs", ["total", "in use", "held down", "free"],
+                [[answer["total"], answer["in_use"], answer["held_down"], answer["free"]]])
 
 
 def routes(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
@@ -168,7 +135,7 @@ def routes(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
     if json_output:
         print(json.dumps(rows))
         return
-    _table("kernel objects", ["object", "offload"], [[r["object"], r["offload"]] for r in rows])
+    print_table("kernel objects", ["object", "offload"], [[r["object"], r["offload"]] for r in rows])
 
 
 if __name__ == "__main__":  # pragma: no cover

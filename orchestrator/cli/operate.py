@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from orchestrator.cli.daemon import ConfigOption, JsonOption, SocketOption, _table, ask
+from orchestrator.cli.client import ConfigOption, JsonOption, SocketOption, ask, print_table
 
 sessions_app = typer.Typer(help="The session table; `flush` ends sessions.")
 servers_app = typer.Typer(help="Servers: health, admin state, weight; drain, enable, weight.")
@@ -31,12 +31,12 @@ def sessions(ctx: typer.Context, json_output: bool = JsonOption, socket: Optiona
         print(json.dumps(rows))
         return
     if answer.get("role") == "server":
-        _table("sessions", ["client", "VIP", "C2S", "S2C", "state", "flows"],
-               [[s["client"], s["vip"], s["c2s_label"], s["s2c_label"], s["state"], s["flows"]] for s in rows])
+        print_table("sessions", ["client", "VIP", "C2S", "S2C", "state", "flows"],
+                    [[s["client"], s["vip"], s["c2s_label"], s["s2c_label"], s["state"], s["flows"]] for s in rows])
         return
-    _table("sessions", ["id", "service", "client", "key", "server", "C2S", "S2C", "state", "flows"],
-           [[s["id"], s["service"], s["client"], s["key"], s["server"], s["c2s_label"], s["s2c_label"],
-             s["state"], s["flows"]] for s in rows])
+    print_table("sessions", ["id", "service", "client", "key", "server", "C2S", "S2C", "state", "flows"],
+                [[s["id"], s["service"], s["client"], s["key"], s["server"], s["c2s_label"], s["s2c_label"],
+                  s["state"], s["flows"]] for s in rows])
 
 
 @sessions_app.command("flush")
@@ -63,10 +63,12 @@ def servers(ctx: typer.Context, json_output: bool = JsonOption, socket: Optional
     if json_output:
         print(json.dumps(rows))
         return
-    _table("servers", ["server", "pool", "address", "state", "admin", "weight", "sessions", "response ms", "reason"],
-           [[r["name"], r["pool"], r["address"], r["state"] if r["checked"] else f"{r['state']} (no check)",
-             r["admin"], r["weight"], r["sessions"],
-             None if r["response_time"] is None else f"{r['response_time'] * 1000:.1f}", r["reason"]] for r in rows])
+    print_table("servers",
+                ["server", "pool", "address", "state", "admin", "weight", "sessions", "response ms", "reason"],
+                [[r["name"], r["pool"], r["address"], r["state"] if r["checked"] else f"{r['state']} (no check)",
+                  r["admin"], r["weight"], r["sessions"],
+                  None if r["response_time"] is None else f"{r['response_time'] * 1000:.1f}", r["reason"]]
+                 for r in rows])
 
 
 @servers_app.command("drain")

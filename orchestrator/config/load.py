@@ -22,8 +22,9 @@ from orchestrator.config.model import (
     Server, Service, SessionKeyKind, Setup, pair_labels,
 )
 from orchestrator.config.model import HealthCheck, HealthCheckType, MetricsConfig, ServerFailure
-from orchestrator.config.parser import ConfigError, _did_you_mean, _join, _Parser, _V
+from orchestrator.config.parser import ConfigError, Parser, YamlValue, did_you_mean, join_path
 from orchestrator.config.server import SERVER_KEYS, ServerConfig, parse_server
+from orchestrator.dataplane.handles import FILTERS_PER_SESSION
 
 __all__ = ["ConfigError", "load_balancer_config", "load_config", "load_server_config", "parse_config"]
 
@@ -35,7 +36,7 @@ _TOP = ("role", "node", "interfaces", "clients", "labels", "nfqueue", "pools", "
 _TOP_REQUIRED = ("role", "node", "interfaces", "labels", "pools", "services")
 
 
-def _node(p: _Parser, v: _V) -> NodeConfig:
+def _node(p: Parser, v: YamlValue) -> NodeConfig:
     m = p.mapping(v, ("transport_label", "control_socket", "setup"), ("transport_label",))
     label = p.integer(m["transport_label"], MIN_LABEL, MAX_LABEL, "transport label")
     sock = p.string(m["control_socket"]) if "control_socket" in m else NodeConfig.control_socket
@@ -44,7 +45,7 @@ def _node(p: _Parser, v: _V) -> NodeConfig:
 
 
 
-def _interfaces(p: _Parser, v: _V) -> Interfaces:
+def _interfaces(p: Parser, v: YamlValue) -> Interfaces:
     keys = ("clients", "fabric", "fabric_next_hop")
     m = p.mapping(v, keys, keys)
     clients = p.devices(m["clients"])
@@ -57,7 +58,7 @@ def _interfaces(p: _Parser, v: _V) -> Interfaces:
     return Interfaces(clients, fabric, p.address(m["fabric_next_hop"]))
 
 
-def _clients(p: _Parser, v: _V) -> ClientsConfig:
+def _clients(p: Parser, v: YamlValue) -> ClientsConfig:
     m = p.mapping(v, ("label_aware",))
     if "label_aware" not in m or p.is_null(m["label_aware"]):
         return ClientsConfig()
@@ -70,7 +71,7 @@ def _clients(p: _Parser, v: _V) -> ClientsConfig:
     return ClientsConfig(tuple(out))
 
 
-def _labels(p: _Parser, v: _V) -> LabelConfig:
+def _labels(p: Parser, v: YamlValue) -> LabelConfig:
     m = p.mapping(v, ("range", "allocation", "hold_down"), ("range",))
     rng = p.int_pair(m["range"], MIN_LABEL, MAX_LABEL, strict=True, what="label")
     if pair_labels(*rng) == 0:
@@ -81,7 +82,7 @@ def _labels(p: _Parser, v: _V) -> LabelConfig:
     return LabelConfig(rng, alloc, hold)
 
 
-def _rate_limit(p: _Parser, v: _V) -> RateLimit | None:
+def _rate_limit(p: Parser, v: YamlValue) -> RateLimit | None:
     if p.is_null(v):
         return None
     m = p.mapping(v, ("rate", "burst"), ("rate",))
@@ -98,7 +99,7 @@ def _rate_limit(p: _Parser, v: _V) -> RateLimit | None:
     return RateLimit(count, RateUnit(match.group(2)), burst)
 
 
-def _nfqueue(p: _Parser, v: _V) -> NfqueueConfig:
+def _nfqueue(p: Parser, v: YamlValue) -> NfqueueConfig:
     m = p.mapping(v, ("queues", "batch", "rate_limit"))
     d = NfqueueConfig()
     queues = p.int_pair(m["queues"], 0, 65535, strict=False, what="queue") if "queues" in m else d.queues
@@ -110,7 +111,7 @@ def _nfqueue(p: _Parser, v: _V) -> NfqueueConfig:
 _SERVER_KEYS = ("address", "transport_label", "weight", "max_sessions", "label_block")
 
 
-def _server(p: _Parser, name: str, v: _V) -> Server:
+def _server(p: Parser, name: str, v: YamlValue) -> Server:
     m = p.mapping(v, _SERVER_KEYS, ("address", "transport_label"))
     max_sessions = None
     if "max_sessions" in m and not p.is_null(m["max_sessions"]):
@@ -136,7 +137,7 @@ _HOST_RE = re.compile(r"^[\x21-\x7e]+\Z")
 _LISTEN_RES = (re.compile(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)\Z"), re.compile(r"^([0-9.]+):(\d+)\Z"))
 
 
-def _octets(p: _Parser, v: _V) -> bytes:
+def _octets(p: Parser, v: YamlValue) -> bytes:
     """A string whose every character is one byte (latin-1), so that YAML's "\\xNN" escapes can
     write a binary request (a DNS query) exactly."""
     text = p.string(v)
@@ -147,7 +148,7 @@ def _octets(p: _Parser, v: _V) -> bytes:
                                        "U+0000..U+00FF (write binary as \"\\xNN\" escapes)") from None
 
 
-def _health_check(p: _Parser, v: _V) -> HealthCheck | None:
+def _health_check(p: Parser, v: YamlValue) -> HealthCheck | None:
     """`pools.P.health_check`; null means no check. Keys of another check type are refused, so a
     wrong type cannot silently ignore the path or payload the operator wrote."""
     if p.is_null(v):
@@ -198,7 +199,7 @@ def _health_check(p: _Parser, v: _V) -> HealthCheck | None:
         return replace(check, path=path, expect_status=status, host=host)
     if kind is HealthCheckType.UDP:
         if "send" not in m:
-            raise p.error(v.line, _join(v.path, "send"), "required key is missing (type udp sends a request)")
+            raise p.error(v.line, join_path(v.path, "send"), "required key is missing (type udp sends a request)")
         expect = None
         if "expect" in m and not p.is_null(m["expect"]):
             expect = _octets(p, m["expect"])
@@ -206,7 +207,7 @@ def _health_check(p: _Parser, v: _V) -> HealthCheck | None:
     return check
 
 
-def _metrics(p: _Parser, v: _V) -> MetricsConfig | None:
+def _metrics(p: Parser, v: YamlValue) -> MetricsConfig | None:
     """`metrics.listen: "IP:PORT"` ("[IPv6]:PORT"); null: no endpoint. An address, never a host
     name: the daemon must not depend on DNS to start. 0.0.0.0 or [::] listen everywhere."""
     if p.is_null(v):
@@ -230,7 +231,7 @@ def _metrics(p: _Parser, v: _V) -> MetricsConfig | None:
     return MetricsConfig(host, port)
 
 
-def _pools(p: _Parser, v: _V) -> tuple[Pool, ...]:
+def _pools(p: Parser, v: YamlValue) -> tuple[Pool, ...]:
     pools: list[Pool] = []
     entries = p.mapping(v, None)
     if not entries:
@@ -255,7 +256,7 @@ _SERVICE_KEYS = ("vip", "protocol", "ports", "pool", "session_key", "persistence
                  "admission", "fail_policy", "on_server_failure")
 
 
-def _ports(p: _Parser, v: _V) -> tuple[int, ...]:
+def _ports(p: Parser, v: YamlValue) -> tuple[int, ...]:
     items = p.sequence(v)
     if not items:
         raise p.error(v.vline, v.path, "must list at least one port")
@@ -268,7 +269,7 @@ def _ports(p: _Parser, v: _V) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _admission(p: _Parser, v: _V | None, protocol: Protocol) -> Admission:
+def _admission(p: Parser, v: YamlValue | None, protocol: Protocol) -> Admission:
     default_refuse = RefuseWith.RST if protocol is Protocol.TCP else RefuseWith.ICMP
     if v is None:
         return Admission(refuse_with=default_refuse)
@@ -287,7 +288,7 @@ def _admission(p: _Parser, v: _V | None, protocol: Protocol) -> Admission:
     return Admission(max_sessions, free, refuse)
 
 
-def _service(p: _Parser, name: str, v: _V) -> Service:
+def _service(p: Parser, name: str, v: YamlValue) -> Service:
     m = p.mapping(v, _SERVICE_KEYS, ("vip", "protocol", "pool"))
     vip = p.address(m["vip"])
     protocol = p.choice(m["protocol"], Protocol, "protocol")
@@ -296,11 +297,16 @@ def _service(p: _Parser, name: str, v: _V) -> Service:
             raise p.error(m["ports"].line, m["ports"].path, "esp has no ports: remove the key")
         ports: tuple[int, ...] = ()
     elif "ports" not in m:
-        raise p.error(v.line, _join(v.path, "ports"), "required key is missing")
+        raise p.error(v.line, join_path(v.path, "ports"), "required key is missing")
     else:
         ports = _ports(p, m["ports"])
     key = p.choice(m["session_key"], SessionKeyKind, "session key") if "session_key" in m \
         else Service.session_key
+    if key is not SessionKeyKind.FIVE_TUPLE and len(ports) > FILTERS_PER_SESSION:
+        # Each client address takes one C2S filter per port, all under the session's C2S label.
+        raise p.error(m["ports"].line, m["ports"].path,
+                      f"{len(ports)} ports, but a session's filter handles hold at most {FILTERS_PER_SESSION} "
+                      "filters (one per port); split the service, or use session_key: five-tuple")
     if key in (SessionKeyKind.IPV6_IID, SessionKeyKind.MIP6_HOME_ADDRESS) and vip.version != 6:
         raise p.error(m["session_key"].vline, m["session_key"].path,
                       f"{key.value} keys IPv6 clients, but vip {vip} is IPv4")
@@ -319,7 +325,7 @@ def _service(p: _Parser, name: str, v: _V) -> Service:
     )
 
 
-def _services(p: _Parser, v: _V) -> tuple[Service, ...]:
+def _services(p: Parser, v: YamlValue) -> tuple[Service, ...]:
     entries = p.mapping(v, None)
     if not entries:
         raise p.error(v.vline, v.path, "at least one service is required")
@@ -332,7 +338,7 @@ def _services(p: _Parser, v: _V) -> tuple[Service, ...]:
 
 # ---- cross-checks ----
 
-def _check(p: _Parser, cfg: BalancerConfig) -> None:
+def _check(p: Parser, cfg: BalancerConfig) -> None:
     labels = cfg.labels
     first, last = labels.range
 
@@ -391,7 +397,7 @@ def _check(p: _Parser, cfg: BalancerConfig) -> None:
     for svc in cfg.services:
         base = f"services.{svc.name}"
         if svc.pool not in pool_names:
-            raise p.at(base + ".pool", f"no pool named {svc.pool!r}" + _did_you_mean(svc.pool, pool_names))
+            raise p.at(base + ".pool", f"no pool named {svc.pool!r}" + did_you_mean(svc.pool, pool_names))
         for port in svc.ports or (None,):
             k = (svc.vip, svc.protocol, port)
             if k in claimed:
@@ -412,7 +418,7 @@ def _check(p: _Parser, cfg: BalancerConfig) -> None:
                                       f"({size} usable labels)")
 
 
-def _parse_balancer(p: _Parser, root: _V, source: str) -> BalancerConfig:
+def _parse_balancer(p: Parser, root: YamlValue, source: str) -> BalancerConfig:
     top = p.mapping(root, _TOP, _TOP_REQUIRED, elsewhere=_SERVER_ONLY)
     cfg = BalancerConfig(
         role=p.choice(top["role"], Role, "role"),
@@ -439,7 +445,7 @@ def parse_config(text: str, source: str = "<string>", role: Role | None = None) 
     """Parse and validate a configuration of the role its `role` key names; raise ConfigError on the
     first problem. With `role`, a file of another role is refused too (a daemon must not start on
     the other role's file)."""
-    p = _Parser(source)
+    p = Parser(source)
     root = p.compose(text)
     found = p.role(root)
     if role is not None and found is not role:

@@ -40,7 +40,7 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class _V:
+class YamlValue:
     """A YAML node at a key path; `line` is the line of the key that introduced it."""
     node: Node
     path: str
@@ -52,7 +52,7 @@ class _V:
         return self.node.start_mark.line + 1
 
 
-def _join(path: str, key: str) -> str:
+def join_path(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
@@ -66,12 +66,12 @@ def _describe(node: Node) -> str:
     return repr(node.value)
 
 
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-class _Parser:
+class Parser:
     def __init__(self, source: str) -> None:
         self.source = source
         self.lines: dict[str, int] = {}          # key path -> line of its value, for semantic errors
@@ -86,13 +86,13 @@ class _Parser:
         """An error on a value already parsed (semantic checks)."""
         return self.error(self.lines.get(path), path, message)
 
-    def _seen(self, v: _V) -> _V:
+    def _seen(self, v: YamlValue) -> YamlValue:
         self.lines[v.path] = v.vline
         return v
 
     # ---- structure ----
-    def mapping(self, v: _V, allowed: Iterable[str] | None, required: Iterable[str] = (),
-                elsewhere: Mapping[str, str] | None = None) -> dict[str, _V]:
+    def mapping(self, v: YamlValue, allowed: Iterable[str] | None, required: Iterable[str] = (),
+                elsewhere: Mapping[str, str] | None = None) -> dict[str, YamlValue]:
         """A mapping's entries by key; rejects duplicate keys, unknown keys (when `allowed` is given)
         and missing required keys. `elsewhere` explains unknown keys that are known in another
         place (the other role's top-level keys), where a spelling suggestion would mislead."""
@@ -100,45 +100,45 @@ class _Parser:
         if not isinstance(v.node, MappingNode):
             raise self.error(v.vline, v.path or "(document)", f"expected a mapping, got {_describe(v.node)}")
         allowed = list(allowed) if allowed is not None else None
-        out: dict[str, _V] = {}
+        out: dict[str, YamlValue] = {}
         for knode, vnode in v.node.value:
             kline = knode.start_mark.line + 1
             if isinstance(knode, ScalarNode) and knode.tag == _TAG + "merge":
-                raise self.error(kline, _join(v.path, "<<"), "merge keys (<<) are not supported")
+                raise self.error(kline, join_path(v.path, "<<"), "merge keys (<<) are not supported")
             if not isinstance(knode, ScalarNode) or knode.tag != _TAG + "str":
                 hint = "; quote it to make it one" if isinstance(knode, ScalarNode) else ""
                 raise self.error(kline, v.path or "(document)",
                                  f"keys must be plain strings, got {_describe(knode)}{hint}")
             key = knode.value
-            path = _join(v.path, key)
+            path = join_path(v.path, key)
             if key in out:
                 raise self.error(kline, path, f"duplicate key (first given at line {out[key].line})")
             if allowed is not None and key not in allowed:
                 note = (elsewhere or {}).get(key)
                 raise self.error(kline, path, "unknown key" + (f" ({note})" if note else
-                                                               _did_you_mean(key, allowed)))
-            out[key] = self._seen(_V(vnode, path, kline))
+                                                               did_you_mean(key, allowed)))
+            out[key] = self._seen(YamlValue(vnode, path, kline))
             self.key_lines[path] = kline
         for key in required:
             if key not in out:
-                raise self.error(v.line, _join(v.path, key), "required key is missing")
+                raise self.error(v.line, join_path(v.path, key), "required key is missing")
         return out
 
-    def sequence(self, v: _V) -> list[_V]:
+    def sequence(self, v: YamlValue) -> list[YamlValue]:
         if not isinstance(v.node, SequenceNode):
             raise self.error(v.vline, v.path, f"expected a list, got {_describe(v.node)}")
-        return [self._seen(_V(n, f"{v.path}[{i}]", n.start_mark.line + 1)) for i, n in enumerate(v.node.value)]
+        return [self._seen(YamlValue(n, f"{v.path}[{i}]", n.start_mark.line + 1)) for i, n in enumerate(v.node.value)]
 
     # ---- scalars ----
-    def _scalar(self, v: _V, want: str) -> Any:
+    def _scalar(self, v: YamlValue, want: str) -> Any:
         if not isinstance(v.node, ScalarNode):
             raise self.error(v.vline, v.path, f"expected {want}, got {_describe(v.node)}")
         return self._constructor.construct_object(v.node)
 
-    def is_null(self, v: _V) -> bool:
+    def is_null(self, v: YamlValue) -> bool:
         return isinstance(v.node, ScalarNode) and v.node.tag == _TAG + "null"
 
-    def integer(self, v: _V, lo: int | None = None, hi: int | None = None, what: str = "") -> int:
+    def integer(self, v: YamlValue, lo: int | None = None, hi: int | None = None, what: str = "") -> int:
         value = self._scalar(v, "an integer")
         if v.node.tag != _TAG + "int":
             raise self.error(v.vline, v.path, f"expected an integer, got {_describe(v.node)}")
@@ -148,7 +148,7 @@ class _Parser:
             raise self.error(v.vline, v.path, f"{(what + ' ') if what else ''}{value} is out of range: must be {rng}")
         return value
 
-    def string(self, v: _V) -> str:
+    def string(self, v: YamlValue) -> str:
         self._scalar(v, "a string")
         if v.node.tag != _TAG + "str" or v.node.value == "":
             raise self.error(v.vline, v.path, f"expected a non-empty string, got {_describe(v.node)}")
@@ -160,7 +160,7 @@ class _Parser:
                                          "(at most 64, starting with a letter or digit)")
         return key
 
-    def address(self, v: _V) -> IPAddress:
+    def address(self, v: YamlValue) -> IPAddress:
         self._scalar(v, "an IP address")
         return self.address_text(v.node.value, v.vline, v.path)
 
@@ -174,7 +174,7 @@ class _Parser:
             raise self.error(line, path, f"{text!r} is not a usable unicast address")
         return addr
 
-    def prefix(self, v: _V) -> IPNetwork:
+    def prefix(self, v: YamlValue) -> IPNetwork:
         """An IP prefix "ADDRESS/LENGTH" (a bare address is a host prefix); host bits must be
         zero, so that a typo cannot silently widen or narrow what it covers."""
         self._scalar(v, "an IP prefix")
@@ -189,16 +189,16 @@ class _Parser:
             raise self.error(v.vline, v.path, f"{text!r} is not an IP prefix (ADDRESS/LENGTH)") from None
         raise self.error(v.vline, v.path, f"{text!r} has host bits set; did you mean {wide}?")
 
-    def choice(self, v: _V, enum: type[E], what: str) -> E:
+    def choice(self, v: YamlValue, enum: type[E], what: str) -> E:
         text = self.string(v)
         try:
             return enum(text)
         except ValueError:
             names = [e.value for e in enum]
             raise self.error(v.vline, v.path, f"unknown {what} {text!r}; expected one of {', '.join(names)}"
-                             + _did_you_mean(text, names)) from None
+                             + did_you_mean(text, names)) from None
 
-    def duration(self, v: _V) -> float:
+    def duration(self, v: YamlValue) -> float:
         """"30s", "5m", "1h", "500ms" or a number of seconds; must be >= 0."""
         value = self._scalar(v, "a duration")
         tag = v.node.tag
@@ -213,7 +213,7 @@ class _Parser:
             raise self.error(v.vline, v.path, f"{v.node.value} is out of range: must be >= 0")
         return seconds
 
-    def int_pair(self, v: _V, lo: int, hi: int, strict: bool, what: str) -> tuple[int, int]:
+    def int_pair(self, v: YamlValue, lo: int, hi: int, strict: bool, what: str) -> tuple[int, int]:
         """[first, last] with lo <= first (<|<=) last <= hi."""
         items = self.sequence(v)
         if len(items) != 2:
@@ -227,7 +227,7 @@ class _Parser:
             raise self.error(v.vline, v.path, f"first {first} must be {rel} last {last}")
         return first, last
 
-    def devices(self, v: _V) -> tuple[str, ...]:
+    def devices(self, v: YamlValue) -> tuple[str, ...]:
         """A non-empty list of distinct interface names."""
         items = self.sequence(v)
         if not items:
@@ -243,7 +243,7 @@ class _Parser:
         return tuple(out)
 
     # ---- the document ----
-    def compose(self, text: str) -> _V:
+    def compose(self, text: str) -> YamlValue:
         """The document's root node; YAML syntax errors and an empty document are ConfigErrors."""
         try:
             root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -256,15 +256,15 @@ class _Parser:
             raise self.error(None, "(yaml)", f"not valid YAML: {e}") from None
         if root is None:
             raise self.error(1, "(document)", "the configuration is empty")
-        return _V(root, "", root.start_mark.line + 1)
+        return YamlValue(root, "", root.start_mark.line + 1)
 
-    def role(self, root: _V) -> Role:
+    def role(self, root: YamlValue) -> Role:
         """`role`, read before anything else: it decides which keys the rest of the file may have."""
         if not isinstance(root.node, MappingNode):
             raise self.error(root.vline, "(document)", f"expected a mapping, got {_describe(root.node)}")
         for knode, vnode in root.node.value:
             if isinstance(knode, ScalarNode) and knode.tag == _TAG + "str" and knode.value == "role":
-                return self.choice(self._seen(_V(vnode, "role", knode.start_mark.line + 1)), Role, "role")
+                return self.choice(self._seen(YamlValue(vnode, "role", knode.start_mark.line + 1)), Role, "role")
         roles = " or ".join(r.value for r in Role)
         raise self.error(root.line, "role", f"required key is missing ({roles})")
 

@@ -1,117 +1,26 @@
-"""The server role's configuration: the file format of templates/server.example.yaml, its frozen
-dataclasses and its parser.
-
-The server agent terminates the C2S session labels of its block (C2S -> pop -> lo) and, for each
-session, installs an S2C return route (client -> encap [balancer transport, S2C]) in the return table
-of the session's VIP. It shares the balancer's YAML walker (`parser.py`), so a broken server file
+"""The server role's configuration parser: the file format of templates/server.example.yaml into the
+dataclasses of `server_model.py`. It shares the balancer's YAML walker (`parser.py`), so a broken server file
 fails exactly like a broken balancer file: "FILE:LINE: KEY.PATH: message". `parse_config` and
 `load_config` (load.py) read `role` first and come here for `role: server`.
 """
 
 from __future__ import annotations
 
-import ipaddress
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Mapping
 
 from yaml.nodes import SequenceNode
 
-from orchestrator.config.model import (
-    DEFAULT_CONTROL_SOCKET, MAX_LABEL, MIN_LABEL, IPAddress, Role, Setup, pair_labels,
-)
-from orchestrator.config.parser import _Parser, _V
+from orchestrator.config.model import MAX_LABEL, MIN_LABEL, IPAddress, Role, Setup, pair_labels
+from orchestrator.config.parser import Parser, YamlValue
+from orchestrator.config.server_model import KERNEL_TABLES, MAX_TABLE, ServerConfig, ServerNode, ServerQueue, Vip
 
-MAX_TABLE = 4294967295                                   # routing table ids are 32 bits; 0 is "unspecified"
-KERNEL_TABLES = {253: "default", 254: "main", 255: "local"}
-
-
-@dataclass(frozen=True)
-class ServerNode:
-    """`node:` this server in the fabric."""
-    transport_label: int                                  # required; 16..1048575, outside labels.block
-    control_socket: str = DEFAULT_CONTROL_SOCKET
-    setup: Setup = Setup.CHECK
-
-
-@dataclass(frozen=True)
-class Vip:
-    """One VIP this server answers from (on lo) and the routing table of its S2C return routes
-    (one rule `from VIP lookup TABLE`)."""
-    address: IPAddress
-    table: int                                            # 1..4294967295, not 253/254/255, unique
-
-
-@dataclass(frozen=True)
-class ServerQueue:
-    """`nfqueue:` the queue that receives the first packet of each labelled session."""
-    queue: int = 8                                        # 0..65535
-    batch: int = 64                                       # packets read per wakeup, >= 1
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    role: Role
-    node: ServerNode
-    balancer_transport_label: int                         # S2C answers go out under this label
-    fabric: tuple[str, ...]                               # MPLS input allowed here; S2C leaves via [0]
-    fabric_next_hops: tuple[IPAddress, ...]               # at most one per address family, in file order
-    block: tuple[int, int]                                # inclusive [first, last] of the C2S labels
-    vips: tuple[Vip, ...]                                 # at least one, in file order
-    persistence_timeout: float = 30.0                     # seconds a return route outlives its last flow
-    nfqueue: ServerQueue = field(default_factory=ServerQueue)
-    source: str = field(default="<string>", compare=False)
-
-    @property
-    def return_device(self) -> str:
-        """The interface S2C return routes leave through: the first fabric interface."""
-        return self.fabric[0]
-
-    def next_hop(self, version: int) -> IPAddress | None:
-        """The fabric next hop of address family `version` (4 or 6), None when the file gives none."""
-        for hop in self.fabric_next_hops:
-            if hop.version == version:
-                return hop
-        return None
-
-    def vip(self, address: IPAddress | str) -> Vip | None:
-        """The VIP entry of `address` (an address or its text; ValueError if the text is no
-        address), None when this server does not answer from it."""
-        addr = ipaddress.ip_address(address) if isinstance(address, str) else address
-        for v in self.vips:
-            if v.address == addr:
-                return v
-        return None
-
-    def c2s_labels(self) -> range:
-        """The C2S labels this server terminates: the odd labels of the block whose S2C (C2S + 1)
-        is inside the block too."""
-        first, last = self.block
-        return range(first if first % 2 else first + 1, last, 2)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The effective configuration in the file format (defaults filled in, durations in seconds),
-        so the output of `config show` is itself a valid configuration."""
-        return {
-            "role": self.role.value,
-            "node": {"transport_label": self.node.transport_label, "control_socket": self.node.control_socket,
-                     "setup": self.node.setup.value},
-            "balancer": {"transport_label": self.balancer_transport_label},
-            "interfaces": {"fabric": list(self.fabric),
-                           "fabric_next_hop": [str(h) for h in self.fabric_next_hops]},
-            "labels": {"block": list(self.block)},
-            "vips": {str(v.address): {"table": v.table} for v in self.vips},
-            "sessions": {"persistence_timeout": self.persistence_timeout},
-            "nfqueue": {"queue": self.nfqueue.queue, "batch": self.nfqueue.batch},
-        }
-
-
-# ---- parsing ----
+__all__ = ["SERVER_KEYS", "ServerConfig", "ServerNode", "ServerQueue", "Vip", "parse_server"]
 
 SERVER_KEYS = ("role", "node", "balancer", "interfaces", "labels", "vips", "sessions", "nfqueue")
 _REQUIRED = ("role", "node", "balancer", "interfaces", "labels", "vips")
 
 
-def _node(p: _Parser, v: _V) -> ServerNode:
+def _node(p: Parser, v: YamlValue) -> ServerNode:
     m = p.mapping(v, ("transport_label", "control_socket", "setup"), ("transport_label",))
     return ServerNode(
         transport_label=p.integer(m["transport_label"], MIN_LABEL, MAX_LABEL, "transport label"),
@@ -120,12 +29,12 @@ def _node(p: _Parser, v: _V) -> ServerNode:
     )
 
 
-def _balancer(p: _Parser, v: _V) -> int:
+def _balancer(p: Parser, v: YamlValue) -> int:
     m = p.mapping(v, ("transport_label",), ("transport_label",))
     return p.integer(m["transport_label"], MIN_LABEL, MAX_LABEL, "transport label")
 
 
-def _next_hops(p: _Parser, v: _V) -> tuple[IPAddress, ...]:
+def _next_hops(p: Parser, v: YamlValue) -> tuple[IPAddress, ...]:
     """One address, or a list of at most one address per family."""
     if not isinstance(v.node, SequenceNode):
         return (p.address(v),)
@@ -143,13 +52,13 @@ def _next_hops(p: _Parser, v: _V) -> tuple[IPAddress, ...]:
     return tuple(hops)
 
 
-def _interfaces(p: _Parser, v: _V) -> tuple[tuple[str, ...], tuple[IPAddress, ...]]:
+def _interfaces(p: Parser, v: YamlValue) -> tuple[tuple[str, ...], tuple[IPAddress, ...]]:
     keys = ("fabric", "fabric_next_hop")
     m = p.mapping(v, keys, keys)
     return p.devices(m["fabric"]), _next_hops(p, m["fabric_next_hop"])
 
 
-def _block(p: _Parser, v: _V) -> tuple[int, int]:
+def _block(p: Parser, v: YamlValue) -> tuple[int, int]:
     m = p.mapping(v, ("block",), ("block",))
     bv = m["block"]
     block = p.int_pair(bv, MIN_LABEL, MAX_LABEL, strict=True, what="label")
@@ -159,7 +68,7 @@ def _block(p: _Parser, v: _V) -> tuple[int, int]:
     return block
 
 
-def _vips(p: _Parser, v: _V) -> tuple[tuple[Vip, ...], dict[IPAddress, str]]:
+def _vips(p: Parser, v: YamlValue) -> tuple[tuple[Vip, ...], dict[IPAddress, str]]:
     """The VIPs in file order, and each one's key path (errors name the VIP as it was written)."""
     entries = p.mapping(v, None)
     if not entries:
@@ -188,12 +97,12 @@ def _vips(p: _Parser, v: _V) -> tuple[tuple[Vip, ...], dict[IPAddress, str]]:
     return tuple(vips), paths
 
 
-def _sessions(p: _Parser, v: _V) -> float:
+def _sessions(p: Parser, v: YamlValue) -> float:
     m = p.mapping(v, ("persistence_timeout",))
     return p.duration(m["persistence_timeout"]) if "persistence_timeout" in m else ServerConfig.persistence_timeout
 
 
-def _nfqueue(p: _Parser, v: _V) -> ServerQueue:
+def _nfqueue(p: Parser, v: YamlValue) -> ServerQueue:
     m = p.mapping(v, ("queue", "batch"))
     return ServerQueue(
         queue=p.integer(m["queue"], 0, 65535, "queue") if "queue" in m else ServerQueue.queue,
@@ -201,7 +110,7 @@ def _nfqueue(p: _Parser, v: _V) -> ServerQueue:
     )
 
 
-def _check(p: _Parser, cfg: ServerConfig, vip_paths: dict[IPAddress, str]) -> None:
+def _check(p: Parser, cfg: ServerConfig, vip_paths: dict[IPAddress, str]) -> None:
     """Rules between sections: transport labels against each other and the block, VIP families
     against the next hops."""
     first, last = cfg.block
@@ -222,7 +131,7 @@ def _check(p: _Parser, cfg: ServerConfig, vip_paths: dict[IPAddress, str]) -> No
                                                        "(its S2C return routes go there)")
 
 
-def parse_server(p: _Parser, root: _V, source: str, elsewhere: Mapping[str, str] | None = None) -> ServerConfig:
+def parse_server(p: Parser, root: YamlValue, source: str, elsewhere: Mapping[str, str] | None = None) -> ServerConfig:
     """A `role: server` document (its role already read by `p.role`); `elsewhere` explains the
     balancer's top-level keys when they appear here."""
     top = p.mapping(root, SERVER_KEYS, _REQUIRED, elsewhere)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from orchestrator.analyze.packet import Packet, analyze
-from orchestrator.config.server import ServerConfig
+from orchestrator.config.server_model import ServerConfig
 from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowTableResync, LabelledPacket, PacketVerdict
 from orchestrator.dataplane import ops
 
@@ -85,6 +85,11 @@ class ServerAgent:
         self.routes: dict[tuple[str, str], int] = {}          # (VIP, client) -> S2C installed
         self.counters: collections.Counter[str] = collections.Counter()
         self.configure(config)
+
+    def count(self, event: str, n: int = 1) -> None:
+        """An event the daemon saw around the core (unmarked packets, a failed batch), counted
+        with the core's own."""
+        self.counters[event] += n
 
     def configure(self, config: ServerConfig) -> None:
         self.config = config

@@ -14,23 +14,22 @@ import collections
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from orchestrator import ipproto
 from orchestrator.analyze.keys import SessionKey, SessionKeyKind, session_key
 from orchestrator.analyze.packet import Malformed, Packet, analyze
-from orchestrator.config.model import BalancerConfig, LabelAllocation, Server, Service
+from orchestrator.config.model import BalancerConfig, LabelAllocation, Server, ServerFailure, Service
 from orchestrator.core.events import (
     Action, FirstPacket, FlowKey, FlowsEnded, FlowTableResync, PacketVerdict,
 )
-from orchestrator.core.failover import Failover, fail_over
+from orchestrator.core.failover import Failover, Outcome, relabelled, replacement
+from orchestrator.core.health import HealthEvent, HealthState, HealthView, apply_health
 from orchestrator.core.labels import LabelAllocator
 from orchestrator.core.schedulers import Scheduler, ServerState, make_scheduler
-from orchestrator.core.servers import ServerAdmin
+from orchestrator.core.servers import AdminState, ServerAdmin
 from orchestrator.core.sessions import Session, SessionTable, State
-from orchestrator.dataplane import ops
-from orchestrator.health.scheduling import HealthView, apply_health
-from orchestrator.health.state import HealthEvent, HealthState
+from orchestrator.dataplane import handles, ops
 
-PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132, "esp": 50}
-FLOWER_PROTOS = {"tcp", "udp", "sctp", "esp"}
+FLOWER_PROTOS = frozenset(ipproto.BY_NAME)  # every service protocol has a flower ip_proto key
 PREF_IPV4, PREF_IPV6 = 10, 11  # the kernel keeps one protocol per filter priority
 
 
@@ -83,7 +82,7 @@ class Balancer:
         self.services: dict[tuple[str, int, int | None], Service] = {}
         for svc in config.services:
             for port in svc.ports or (None,):
-                self.services[(str(svc.vip), PROTO_NUMBERS[str(svc.protocol.value)], port)] = svc
+                self.services[(str(svc.vip), ipproto.BY_NAME[str(svc.protocol.value)], port)] = svc
         # A service keeps its scheduler's state (rr position, maglev table) across a reload
         # unless the reload changes which scheduler it uses.
         self._schedulers = {
@@ -111,6 +110,24 @@ class Balancer:
     def weight(self, server: str) -> int:
         """The weight in force: the operator's, else the configuration's."""
         return self.admin.weight(server, self.servers[server].weight)
+
+    # -- the operator's commands (core.commands checks their arguments first) -------------------
+    def set_admin(self, server: str, state: AdminState) -> AdminState:
+        """Drain or enable a known server; the state it had before."""
+        previous = self.admin.state(server)
+        self.admin.set_state(server, state)
+        return previous
+
+    def set_weight(self, server: str, weight: int) -> None:
+        """The operator's weight for a known server, until a reload changes its configured one."""
+        self.admin.set_weight(server, self.servers[server].weight, weight)
+
+    def sessions(self) -> list[Session]:
+        """A snapshot of the table: callers may end sessions while they walk it."""
+        return list(self.table)
+
+    def session_count(self, service: str | None = None, server: str | None = None) -> int:
+        return self.table.count(service=service, server=server)
 
     # -- first packets -----------------------------------------------------------------------
     def on_packets(self, packets: Sequence[FirstPacket], now: float) -> Plan:
@@ -143,6 +160,11 @@ class Balancer:
             self.counters["no_route"] += 1
             return verdict(Action.DROP, f"no route to client {key.client}"), None
         if session is not None:
+            if needs_route and (len(session.clients) + 1) * self._filters_per_client(session, svc) \
+                    > handles.FILTERS_PER_SESSION:
+                self.counters["no_filter_handle"] += 1
+                return verdict(Action.DROP, f"session {session.id} has no filter handle left for client "
+                                            f"{key.client}"), None
             self.table.add_flow(session, flow, now)
             if needs_route and first.next_hop is not None:  # a mobile client's new care-of address
                 self._rekey(session, svc, info, key, first.next_hop, plan)
@@ -220,7 +242,7 @@ class Balancer:
             match = ops.FlowerMatch(src=f"{client}/{host}", dst=f"{session.vip}/{vip_host}",
                                     ip_proto=proto, dst_port=port if proto else None,
                                     src_port=info.sport if five and proto else None)
-            handle = session.c2s << 8 | (n * len(ports) + i) & 0xFF
+            handle = handles.filter_handle(session.c2s, n * len(ports) + i)
             flt = ops.FlowerFilter(self.config.interfaces.fabric[0], handle, match,
                                    ops.push_stack((self.transport[session.server], session.c2s)),
                                    pref=PREF_IPV6 if host == 128 else PREF_IPV4)
@@ -232,6 +254,11 @@ class Balancer:
         plan.ops.append(ops.Replace(route) if n else ops.Add(route))
         session.objects = [o for o in session.objects if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
         session.objects.append(route)
+
+    @staticmethod
+    def _filters_per_client(session: Session, svc: Service) -> int:
+        """C2S filters each client address of the session takes (see `_add_client`)."""
+        return 1 if session.key.kind == SessionKeyKind.FIVE_TUPLE else len(svc.ports) or 1
 
     def _rekey(self, session: Session, svc: Service, info: Packet, key: SessionKey,
                hop: ops.NextHop, plan: Plan) -> None:
@@ -309,6 +336,11 @@ class Balancer:
         self.counters[f"ended:{reason}"] += 1
         return [ops.Delete(o) for o in reversed(session.objects)]
 
+    def count(self, event: str, n: int = 1) -> None:
+        """An event the daemon saw around the core (a failed batch, conntrack errors), counted
+        with the core's own so status and metrics report them together."""
+        self.counters[event] += n
+
     def sessions_by_state(self) -> dict[str, int]:
         return dict(collections.Counter(str(s.state) for s in self.table))
 
@@ -321,8 +353,40 @@ class Balancer:
         plan = Failover()
         for event in events:
             if event.new is HealthState.DOWN:
-                fail_over(self, event.pool, event.server, now, plan)
+                self._fail_over(event.pool, event.server, now, plan)
         return plan
+
+    def _fail_over(self, pool: str, server: str, now: float, plan: Failover) -> None:
+        """Every session on `server` of a service of `pool` follows its service's policy (see
+        core.failover): reassigned to another server with a new pair, else reset."""
+        for session in self.table:
+            svc = self.service_of(session)
+            if svc is None or svc.pool != pool or session.server != server:
+                continue
+            reason = f"server {server} down"
+            if svc.on_server_failure is ServerFailure.REASSIGN:
+                target = self.pick(svc, session.key.value, now)
+                c2s = self.labels.allocate(target, now) if target is not None else None
+                if target is not None and c2s is not None:
+                    self._move(session, target, c2s, now, plan, reason)
+                    continue
+                reason += ": no other server available" if target is None else f": no label pair for {target}"
+            plan.outcomes.append(Outcome(session.id, session.service, session.key.value, server, session.c2s,
+                                         "reset", reason=reason))
+            plan.ops += self.end(session, now, "server down")
+
+    def _move(self, session: Session, target: str, c2s: int, now: float, plan: Failover, reason: str) -> None:
+        old_server, old_c2s, old = session.server, session.c2s, list(session.objects)
+        new = relabelled(old, old_c2s, c2s, self.transport[target])
+        self.labels.release(old_c2s, now)
+        self.table.reassign(session, target, c2s)
+        session.objects = new
+        start = len(plan.ops)
+        plan.ops += replacement(old, new)
+        plan.groups[session.id] = (start, len(plan.ops))
+        self.counters["sessions_reassigned"] += 1
+        plan.outcomes.append(Outcome(session.id, session.service, session.key.value, old_server, old_c2s,
+                                     "reassign", target, c2s, reason))
 
     def commit_failover(self, plan: Failover, results: Sequence[ops.OpResult], now: float) -> list[ops.Operation]:
         """A move whose batch failed in part leaves its session half on the new server: it ends,
@@ -342,7 +406,7 @@ class Balancer:
     # -- restart ----------------------------------------------------------------------------------
     def restore(self, installed: Sequence[ops.Installed], live: frozenset[FlowKey], now: float) -> list[ops.Operation]:
         """Rebuild the session table from our kernel objects after a restart (the kernel is the
-        source of truth). Filters name their session by handle (C2S << 8 | n), their client and
+        source of truth). Filters name their session by handle (dataplane.handles), their client and
         VIP by match, their server by transport label; flows come from a conntrack dump. A
         session's S2C route is our route at label C2S + 1, whatever its form: pop, or swap to
         itself (a label-aware client), to the client or its gateway. Objects that fit no service
@@ -355,10 +419,10 @@ class Balancer:
             if not isinstance(flt, ops.FlowerFilter):
                 continue
             pushes = [a.label for a in flt.actions if isinstance(a, ops.MplsPush)]
-            c2s = flt.handle >> 8
+            c2s = handles.handle_c2s(flt.handle)
             client = (flt.match.src or "").split("/")[0]
             vip = (flt.match.dst or "").split("/")[0]
-            proto = PROTO_NUMBERS.get(flt.match.ip_proto or "", 0)
+            proto = ipproto.BY_NAME.get(flt.match.ip_proto or "", 0)
             svc = self.services.get((vip, proto, flt.match.dst_port)) or self.services.get((vip, proto, None))
             server = by_transport.get(pushes[-1]) if len(pushes) == 2 else None
             if svc is None or server is None or pushes[0] != c2s:

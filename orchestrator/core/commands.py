@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from orchestrator.core.balancer import Balancer
 from orchestrator.core.schedulers import Maglev
 from orchestrator.core.servers import AdminState, BadCommand, check_server, check_weight
 from orchestrator.core.sessions import Session
 from orchestrator.dataplane.ops import Operation
-
-if TYPE_CHECKING:
-    from orchestrator.core.balancer import Balancer
 
 
 @dataclass(frozen=True)
@@ -38,13 +35,9 @@ class Flush:
 def set_admin(core: Balancer, server: object, state: AdminState) -> dict[str, object]:
     """drain: no new sessions, its sessions stay until they end; enable: new sessions again."""
     name = check_server(server, core.servers)
-    previous = core.admin.state(name)
-    if state is AdminState.DRAINING:
-        core.admin.draining.add(name)
-    else:
-        core.admin.draining.discard(name)
+    previous = core.set_admin(name, state)
     return {"server": name, "admin": str(state), "previous": str(previous),
-            "sessions": core.table.count(server=name)}
+            "sessions": core.session_count(server=name)}
 
 
 def set_weight(core: Balancer, server: object, weight: object, now: float) -> WeightChange:
@@ -62,7 +55,7 @@ def set_weight(core: Balancer, server: object, weight: object, now: float) -> We
             if not sched.size:  # never built: build it as it stood, to compare with
                 sched.rebuild(core.server_states(svc, now))
             before[svc.name] = sched.table
-    core.admin.set_weight(name, core.servers[name].weight, value)
+    core.set_weight(name, value)
     moved: dict[str, float] = {}
     for svc in affected:
         sched = core.scheduler(svc.name)
@@ -87,7 +80,7 @@ def flush(core: Balancer, now: float, server: object = None, client: object = No
     name = check_server(server, core.servers) if server is not None else None
     address = _address(client) if client is not None else None
     out = Flush()
-    for session in core.table:
+    for session in core.sessions():
         if name is not None and session.server != name:
             continue
         if address is not None and address not in session.clients and session.key.client != address:

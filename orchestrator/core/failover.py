@@ -1,5 +1,7 @@
-"""Sessions of a failed server, as their service's `on_server_failure` says. Pure: it builds
-operations and changes the session table; the daemon applies the operations.
+"""Sessions of a failed server, as their service's `on_server_failure` says: the plan a failover
+produces and the pure steps of a move. `Balancer.on_health` walks its own table and decides;
+this module knows nothing of the balancer, so the two do not import each other. The daemon
+applies the operations.
 
 `reassign`: the session gets another server of its pool and a new label pair; its objects are
 replaced in one batch: the old C2S filters are deleted before the new ones are added (cls_flower
@@ -18,14 +20,8 @@ reset: staying on a server that is down serves nobody.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
-from orchestrator.config.model import ServerFailure
-from orchestrator.core.sessions import Session
-from orchestrator.dataplane import ops
-
-if TYPE_CHECKING:
-    from orchestrator.core.balancer import Balancer
+from orchestrator.dataplane import handles, ops
 
 
 @dataclass(frozen=True)
@@ -55,13 +51,13 @@ class Failover:
 def relabelled(objects: list[ops.DataplaneObject], old_c2s: int, new_c2s: int,
                transport: int) -> list[ops.DataplaneObject]:
     """A session's objects under a new pair and server: each C2S filter keeps its match and the
-    low byte of its handle and pushes [new transport, new C2S]; the S2C route keeps its next hop
+    index of its handle and pushes [new transport, new C2S]; the S2C route keeps its next hop
     (and its swap for a label-aware client) under the new S2C."""
     labels = {old_c2s: new_c2s, old_c2s + 1: new_c2s + 1}
     out: list[ops.DataplaneObject] = []
     for obj in objects:
         if isinstance(obj, ops.FlowerFilter):
-            out.append(replace(obj, handle=new_c2s << 8 | obj.handle & 0xFF,
+            out.append(replace(obj, handle=handles.relabel_handle(obj.handle, new_c2s),
                                actions=ops.push_stack((transport, new_c2s))))
         elif isinstance(obj, ops.MplsRoute):
             out.append(replace(obj, label=labels.get(obj.label, obj.label),
@@ -82,37 +78,3 @@ def replacement(old: list[ops.DataplaneObject], new: list[ops.DataplaneObject]) 
 
     return ([ops.Delete(o) for o in filters(old)] + [ops.Add(o) for o in filters(new)]
             + [ops.Add(o) for o in others(new)] + [ops.Delete(o) for o in reversed(others(old))])
-
-
-def fail_over(core: Balancer, pool: str, server: str, now: float, plan: Failover) -> None:
-    """Every session on `server` of a service of `pool` follows its service's policy."""
-    for session in core.table:
-        svc = core.service_of(session)
-        if svc is None or svc.pool != pool or session.server != server:
-            continue
-        reason = f"server {server} down"
-        if svc.on_server_failure is ServerFailure.REASSIGN:
-            target = core.pick(svc, session.key.value, now)
-            c2s = core.labels.allocate(target, now) if target is not None else None
-            if target is not None and c2s is not None:
-                _move(core, session, target, c2s, now, plan, reason)
-                continue
-            reason += ": no other server available" if target is None else f": no label pair for {target}"
-        plan.outcomes.append(Outcome(session.id, session.service, session.key.value, server, session.c2s,
-                                     "reset", reason=reason))
-        plan.ops += core.end(session, now, "server down")
-
-
-def _move(core: Balancer, session: Session, target: str, c2s: int, now: float, plan: Failover,
-          reason: str) -> None:
-    old_server, old_c2s, old = session.server, session.c2s, list(session.objects)
-    new = relabelled(old, old_c2s, c2s, core.transport[target])
-    core.labels.release(old_c2s, now)
-    core.table.reassign(session, target, c2s)
-    session.objects = new
-    start = len(plan.ops)
-    plan.ops += replacement(old, new)
-    plan.groups[session.id] = (start, len(plan.ops))
-    core.counters["sessions_reassigned"] += 1
-    plan.outcomes.append(Outcome(session.id, session.service, session.key.value, old_server, old_c2s,
-                                 "reassign", target, c2s, reason))

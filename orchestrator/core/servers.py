@@ -40,6 +40,12 @@ class ServerAdmin:
     def state(self, server: str) -> AdminState:
         return AdminState.DRAINING if server in self.draining else AdminState.ENABLED
 
+    def set_state(self, server: str, state: AdminState) -> None:
+        if state is AdminState.DRAINING:
+            self.draining.add(server)
+        else:
+            self.draining.discard(server)
+
     def weight(self, server: str, configured: int) -> int:
         entry = self._weights.get(server)
         return entry[1] if entry is not None and entry[0] == configured else configured

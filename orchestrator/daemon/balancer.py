@@ -18,8 +18,7 @@ from typing import Any, Iterable
 
 from orchestrator.analyze.packet import source_address
 from orchestrator.capture import nftables
-from orchestrator.capture.conntrack import ConntrackListener
-from orchestrator.capture.nfqueue import NfQueue, QueuedPacket, queue_stats
+from orchestrator.capture.nfqueue import QueuedPacket, queue_stats
 from orchestrator.config.load import ConfigError, load_balancer_config
 from orchestrator.config.model import BalancerConfig
 from orchestrator.core import commands
@@ -28,8 +27,9 @@ from orchestrator.core.events import Action, FirstPacket
 from orchestrator.core.servers import AdminState
 from orchestrator.daemon import node_setup, views
 from orchestrator.daemon.logs import fields
-from orchestrator.daemon.loop import Command, Daemon, Request, nf_verdict, serve
+from orchestrator.daemon.loop import Capture, Command, Daemon, Request, nf_verdict
 from orchestrator.dataplane import ops
+from orchestrator.dataplane.provider import Provider
 from orchestrator.health import CheckResult, HealthRunner, HealthTable, HealthView, probes_of, run_check, targets_of
 from orchestrator.health.runner import Checker
 from orchestrator.metrics import LatestSnapshot, MetricsEndpoint, make_registry, start_metrics_server
@@ -40,8 +40,9 @@ log = logging.getLogger("mplsorch")
 class BalancerDaemon(Daemon):
     role = "balancer"
 
-    def __init__(self, config_path: str, config: BalancerConfig | None = None, keep_on_exit: bool = True) -> None:
-        super().__init__(config_path)
+    def __init__(self, config_path: str, provider: Provider, capture: Capture, config: BalancerConfig | None = None,
+                 keep_on_exit: bool = True) -> None:
+        super().__init__(config_path, provider, capture)
         self.config: BalancerConfig = config or load_balancer_config(config_path)
         self.control_socket = self.config.node.control_socket
         self.keep_on_exit = keep_on_exit
@@ -64,14 +65,14 @@ class BalancerDaemon(Daemon):
             result = self.provider.apply([ops.Add(ops.ClsactQdisc(dev))])[0]
             if not result.ok and result.errno != errno.EEXIST:
                 raise RuntimeError(str(result))
-        self.conntrack = ConntrackListener()
+        self.conntrack = self.capture.conntrack()
         stale = self.core.restore(self.provider.dump(), self.conntrack.dump(), time.monotonic())
         self.program(stale, "reconcile")
         if len(self.core.table):
             log.info("restored %d sessions from the kernel", len(self.core.table))
         nftables.load(nftables.render(self.config))
         first, last = self.config.nfqueue.queues
-        self.queue = NfQueue(first, last)
+        self.queue = self.capture.queue(first, last)
 
     def running_message(self) -> str:
         metrics = f", metrics {self.config.metrics.listen}" if self.config.metrics else ""
@@ -252,6 +253,3 @@ class BalancerDaemon(Daemon):
                 "labels": self.core.labels.stats(now).to_dict(),
                 "queue": views.queue_summary(queue_stats(), self.config.nfqueue.queues)}
 
-
-def run(config_path: str, config: BalancerConfig | None = None, log_format: str = "text") -> int:
-    return serve(BalancerDaemon(config_path, config), log_format)

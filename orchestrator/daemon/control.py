@@ -9,9 +9,10 @@ import os
 import socket
 import struct
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+# A request -> its answer, awaited on the loop (an answer that needs a subprocess awaits it).
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class ControlServer:
@@ -47,7 +48,7 @@ class ControlServer:
             else:
                 line = await reader.readline()
                 try:
-                    answer = self.handler(json.loads(line or b"{}"))
+                    answer = await self.handler(json.loads(line or b"{}"))
                 except (ValueError, KeyError, TypeError) as exc:
                     answer = {"error": f"bad request: {exc}"}
             writer.write(json.dumps(answer).encode() + b"\n")

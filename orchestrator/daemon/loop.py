@@ -3,7 +3,10 @@ sockets, serves the control socket and acts on flags that signals set (signals o
 as ExaBGP does), the program step that applies a core's operations and logs failures, the
 fail-safe around each batch of queued packets, the control requests every role answers
 (`status`, `sessions`, `routes`), and the service manager's notifications (sd_notify: READY once
-the control socket is up, WATCHDOG from the loop, RELOADING around a reload, STOPPING)."""
+the control socket is up, WATCHDOG from the loop, RELOADING around a reload, STOPPING).
+
+A daemon is given its dataplane provider and how to open its queue and conntrack sockets
+(`Capture`): `mplsorch run` passes the kernel's, unit tests a fake provider and scripted ones."""
 
 from __future__ import annotations
 
@@ -12,20 +15,20 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
 
 from orchestrator import systemd
 from orchestrator.capture import nftables
-from orchestrator.capture.conntrack import ConntrackListener
-from orchestrator.capture.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, NfQueue, QueuedPacket, Verdict, accept_all
+from orchestrator.capture.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueuedPacket, Verdict, accept_all
 from orchestrator.config.model import BalancerConfig, Setup
-from orchestrator.config.server import ServerConfig
-from orchestrator.core.events import Action, FlowsEnded, FlowTableResync, PacketVerdict
+from orchestrator.config.server_model import ServerConfig
+from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowTableResync, PacketVerdict
 from orchestrator.core.servers import BadCommand
 from orchestrator.daemon import logs, node_setup
 from orchestrator.daemon.control import ControlServer
 from orchestrator.dataplane import ops
-from orchestrator.dataplane.netlink.provider import NetlinkProvider
+from orchestrator.dataplane.provider import Provider
 from orchestrator.metrics import DurationHistogram
 
 log = logging.getLogger("mplsorch")
@@ -34,9 +37,48 @@ SWEEP = 10.0  # seconds between conntrack sweeps: how late at most a flow's end 
 
 
 class FlowCore(Protocol):
-    counters: Any
+    """What the shared loop needs of either role's core."""
+
+    counters: Any  # read for status
 
     def on_flow_events(self, events: list[FlowsEnded | FlowTableResync], now: float) -> None: ...
+
+    def count(self, event: str, n: int = 1) -> None: ...
+
+
+class PacketQueue(Protocol):
+    """The NFQUEUE socket as the daemon uses it (capture.nfqueue.NfQueue)."""
+
+    def fileno(self) -> int: ...
+
+    def read_batch(self, limit: int) -> list[QueuedPacket]: ...
+
+    def send_verdicts(self, verdicts: Iterable[Verdict]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FlowSource(Protocol):
+    """The conntrack socket as the daemon uses it (capture.conntrack.ConntrackListener)."""
+
+    def fileno(self) -> int: ...
+
+    def read(self) -> list[FlowsEnded | FlowTableResync]: ...
+
+    def sweep(self) -> FlowTableResync: ...
+
+    def dump(self) -> frozenset[FlowKey]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Capture:
+    """How a daemon opens its sockets. Openers, not open sockets: setup opens conntrack before it
+    reconciles and the queue last, so no first packet waits before the core knows the sessions."""
+
+    queue: Callable[[int, int], PacketQueue]   # (first, last queue number) -> the queue
+    conntrack: Callable[[], FlowSource]
 
 
 Request = Callable[[float], dict[str, Any]]
@@ -53,11 +95,12 @@ class Daemon:
     core: FlowCore
     control_socket: str
 
-    def __init__(self, config_path: str) -> None:
+    def __init__(self, config_path: str, provider: Provider, capture: Capture) -> None:
         self.config_path = config_path
-        self.provider = NetlinkProvider()
-        self.queue: NfQueue | None = None
-        self.conntrack: ConntrackListener | None = None
+        self.provider = provider
+        self.capture = capture
+        self.queue: PacketQueue | None = None
+        self.conntrack: FlowSource | None = None
         self.flags: set[str] = set()
         self.wake = asyncio.Event()
         self.started = time.time()
@@ -98,7 +141,7 @@ class Daemon:
             self.decide(batch)
         except Exception:
             log.exception("first-packet batch failed; accepting its %d packets unlabelled", len(batch))
-            self.core.counters["batch_errors"] += 1
+            self.core.count("batch_errors")
             self.queue.send_verdicts(accept_all(batch))
 
     # -- hooks ----------------------------------------------------------------------------------------
@@ -145,6 +188,15 @@ class Daemon:
         state; a BadCommand they raise has changed nothing."""
         return {}
 
+    async def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The control socket's handler. `status` also reports nftables' counters, read by an `nft`
+        subprocess the loop awaits (first packets are decided meanwhile); everything else is
+        answered from memory at once."""
+        if request.get("cmd") != "status":
+            return self.handle_request(request)
+        counters = await nftables.read_counters()
+        return {**self.handle_request(request), "nft_counters": counters}
+
     def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         cmd = request.get("cmd")
         now = time.monotonic()
@@ -161,9 +213,10 @@ class Daemon:
             return {"error": str(exc), "bad_input": True}
 
     def status(self, now: float) -> dict[str, Any]:
+        """`mplsorch status --json` but for nftables' counters, which `answer` adds."""
         return {"role": self.role, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
                 **self.status_details(now), "counters": dict(self.core.counters),
-                "dataplane_ops": dict(self.op_results), "nft_counters": nftables.counters()}
+                "dataplane_ops": dict(self.op_results)}
 
     def sessions(self, now: float) -> dict[str, Any]:
         return {"role": self.role, "sessions": [session_json(view, now) for view in self.session_views()]}
@@ -178,10 +231,10 @@ class Daemon:
         self.setup()
         assert self.queue is not None and self.conntrack is not None
         for sig, flag in ((signal.SIGHUP, "reload"), (signal.SIGTERM, "stop"), (signal.SIGINT, "stop")):
-            loop.add_signal_handler(sig, self._flag, flag)
+            loop.add_signal_handler(sig, self.flag, flag)
         loop.add_reader(self.queue.fileno(), self.on_packets)
         loop.add_reader(self.conntrack.fileno(), self._on_conntrack)
-        control = ControlServer(self.control_socket, self.handle_request)
+        control = ControlServer(self.control_socket, self.answer)
         await control.start()
         try:
             await self.start_tasks()
@@ -199,7 +252,7 @@ class Daemon:
                     self.reload()
                     self.notify.ready(self.running_message())
                 if time.monotonic() >= self.next_sweep:
-                    self._sweep()
+                    self.sweep()
                 self.tick()
                 self._watchdog()
         finally:
@@ -223,7 +276,8 @@ class Daemon:
             self.notify.watchdog()
             self.next_watchdog = now + interval
 
-    def _flag(self, flag: str) -> None:
+    def flag(self, flag: str) -> None:
+        """What a signal does: set `flag` (reload, stop) and wake the loop, which acts on it."""
         self.flags.add(flag)
         self.wake.set()
 
@@ -231,7 +285,7 @@ class Daemon:
         assert self.conntrack is not None
         self._flow_events(self.conntrack.read)
 
-    def _sweep(self) -> None:
+    def sweep(self) -> None:
         """Expired flows end now rather than when conntrack's garbage collector gets to them.
         Pending destroy events are read first, so the dump is never older than what the core knows."""
         assert self.conntrack is not None
@@ -246,7 +300,7 @@ class Daemon:
                 self.core.on_flow_events(events, time.monotonic())
         except Exception:
             log.exception("conntrack events failed")
-            self.core.counters["conntrack_errors"] += 1
+            self.core.count("conntrack_errors")
 
 
 def session_json(view: dict[str, Any], now: float) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from orchestrator import kmod
 from orchestrator.analyze.keys import SessionKeyKind
 from orchestrator.config.model import BalancerConfig
 from orchestrator.config.server import ServerConfig
-from orchestrator.dataplane.netlink.provider import NetlinkProvider, UnknownDevice
+from orchestrator.dataplane.provider import Provider, UnknownDevice
 
 MPLS_MODULE = "mpls_router"  # present when net.mpls.platform_labels exists
 CONNTRACK_MODULE = "nf_conntrack"  # present when net.netfilter.nf_conntrack_checksum exists
@@ -233,7 +233,7 @@ class HostSystem:
     kernel's modules.builtin and modules.dep, and the provider for devices and for reading and
     adding addresses."""
 
-    def __init__(self, provider: NetlinkProvider, proc_sys: Path = Path("/proc/sys"),
+    def __init__(self, provider: Provider, proc_sys: Path = Path("/proc/sys"),
                  sys_module: Path = Path("/sys/module"),
                  modules_dir: Path = Path("/lib/modules") / os.uname().release) -> None:
         self.provider = provider

@@ -16,15 +16,15 @@ import time
 from typing import Any, Iterable
 
 from orchestrator.capture import nftables
-from orchestrator.capture.conntrack import ConntrackListener
-from orchestrator.capture.nfqueue import NF_ACCEPT, NfQueue, QueuedPacket, Verdict
+from orchestrator.capture.nfqueue import NF_ACCEPT, QueuedPacket, Verdict
 from orchestrator.config.load import ConfigError, load_server_config
 from orchestrator.config.server import ServerConfig
 from orchestrator.core.agent import PREF_LEARN, RULE_PRIORITY, ReturnSession, ServerAgent, label_of
 from orchestrator.core.events import LabelledPacket
 from orchestrator.daemon import node_setup
-from orchestrator.daemon.loop import Daemon, nf_verdict, serve
+from orchestrator.daemon.loop import Capture, Daemon, nf_verdict
 from orchestrator.dataplane import ops
+from orchestrator.dataplane.provider import Provider
 
 log = logging.getLogger("mplsorch")
 
@@ -48,8 +48,9 @@ def _describe(s: ReturnSession) -> str:
 class ServerDaemon(Daemon):
     role = "server"
 
-    def __init__(self, config_path: str, config: ServerConfig | None = None, keep_on_exit: bool = True) -> None:
-        super().__init__(config_path)
+    def __init__(self, config_path: str, provider: Provider, capture: Capture, config: ServerConfig | None = None,
+                 keep_on_exit: bool = True) -> None:
+        super().__init__(config_path, provider, capture)
         self.config: ServerConfig = config or load_server_config(config_path)
         self.control_socket = self.config.node.control_socket
         self.keep_on_exit = keep_on_exit
@@ -62,13 +63,13 @@ class ServerDaemon(Daemon):
         the core knows the sessions that survived a restart."""
         self.make_ready(self.config)
         self.install_node_objects()
-        self.conntrack = ConntrackListener()
+        self.conntrack = self.capture.conntrack()
         now = time.monotonic()
         self.program(self.core.restore(self.provider.dump(), self.conntrack.dump(), now), "reconcile")
         if self.core.sessions:
             log.info("restored %d sessions from the kernel", len(self.core.sessions))
         nftables.load(nftables.render_server(self.config))
-        self.queue = NfQueue(self.config.nfqueue.queue, self.config.nfqueue.queue)
+        self.queue = self.capture.queue(self.config.nfqueue.queue, self.config.nfqueue.queue)
 
     def install_node_objects(self) -> None:
         """Bring the node objects to the core's: remove ours that are no longer wanted, then
@@ -104,7 +105,7 @@ class ServerDaemon(Daemon):
             else:
                 packets.append(LabelledPacket(p.queue, p.packet_id, label, p.payload))
         if unmarked:
-            self.core.counters["unmarked"] += len(unmarked)
+            self.core.count("unmarked", len(unmarked))
         before = dict(self.core.sessions)
         plan = self.core.on_packets(packets, time.monotonic())
         verdicts = self.core.commit(plan, self.program(plan.ops, "return route"))
@@ -170,6 +171,3 @@ class ServerDaemon(Daemon):
         return {"vips": [str(v.address) for v in self.config.vips], "block": list(self.config.block),
                 "queue": self.config.nfqueue.queue, "sessions": len(self.core.sessions)}
 
-
-def run(config_path: str, config: ServerConfig | None = None, log_format: str = "text") -> int:
-    return serve(ServerDaemon(config_path, config), log_format)

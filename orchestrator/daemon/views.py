@@ -14,7 +14,7 @@ from orchestrator.core.balancer import Balancer
 from orchestrator.core.failover import Outcome
 from orchestrator.core.sessions import Session
 from orchestrator.daemon.logs import fields
-from orchestrator.health.state import HealthTable
+from orchestrator.core.health import HealthTable
 from orchestrator.metrics import HistogramSnapshot, MetricsSnapshot, snapshot_from
 
 log = logging.getLogger("mplsorch")

@@ -52,6 +52,7 @@ from orchestrator.dataplane.ops import (
     Replace,
     Rule,
 )
+from orchestrator.dataplane.provider import UnknownDevice
 
 LOOPBACK = "lo"
 MAIN_TABLE = 254
@@ -91,6 +92,8 @@ class FakeProvider:
     def __init__(self, devices: Iterable[str], platform_labels: int = 100000,
                  offload_capable: Iterable[str] = ()) -> None:
         self.devices = frozenset(devices) | {LOOPBACK}
+        # Indexes as a kernel numbers them: lo first, then the devices in the order given.
+        self._indexes = {name: i for i, name in enumerate(dict.fromkeys([LOOPBACK, *devices]), start=1)}
         self.platform_labels = platform_labels
         self.offload_capable = frozenset(offload_capable)
         unknown = self.offload_capable - self.devices
@@ -139,6 +142,18 @@ class FakeProvider:
                for other in present):
             return  # the kernel's EEXIST: already done
         present.append(iface)
+
+    def ifindex(self, name: str) -> int:
+        if name not in self._indexes:
+            raise UnknownDevice(name)
+        return self._indexes[name]
+
+    def ifname(self, index: int) -> str:
+        """As the netlink provider: `ifN` for an index no device has."""
+        return next((name for name, i in self._indexes.items() if i == index), f"if{index}")
+
+    def close(self) -> None:
+        """Nothing to release: the model lives in memory."""
 
     def _device_addresses(self, dev: str) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
         if dev not in self.devices:

@@ -1,10 +1,19 @@
-"""The interface every dataplane provider implements (netlink for the kernel, fake for tests)."""
+"""The interface every dataplane provider implements (netlink for the kernel, fake for tests): all
+that the daemons and the node setup ask of the node's dataplane, so a daemon runs over either."""
 
 from __future__ import annotations
 
 from typing import Iterable, Protocol, Sequence
 
 from orchestrator.dataplane.ops import Installed, NextHop, OpResult, Operation
+
+
+class UnknownDevice(KeyError):
+    """A device name the node does not have."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
 
 
 class Provider(Protocol):
@@ -30,4 +39,16 @@ class Provider(Protocol):
         """Put `address` (with prefix length, e.g. 10.0.0.100/32) on `dev`, as `node.setup: apply`
         does for a VIP missing from lo. An address already there counts as success, so applying
         again changes nothing. Raises OSError (ENODEV for an unknown device)."""
+        ...
+
+    def ifindex(self, name: str) -> int:
+        """The index of device `name`; UnknownDevice when there is none."""
+        ...
+
+    def ifname(self, index: int) -> str:
+        """The name of the device with `index` (NFQUEUE names input devices by index)."""
+        ...
+
+    def close(self) -> None:
+        """Release the provider's sockets; the daemon calls it last."""
         ...

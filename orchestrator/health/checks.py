@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from orchestrator import __version__
 from orchestrator.config.model import HealthCheck, HealthCheckType
-from orchestrator.health.state import CheckResult
+from orchestrator.core.health import CheckResult
 
 __all__ = ["check_tcp", "check_http", "check_udp", "run_check", "http_request"]
 

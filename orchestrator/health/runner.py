@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from orchestrator.config.model import BalancerConfig, HealthCheck
 from orchestrator.health.checks import run_check
-from orchestrator.health.state import CheckResult, Target
+from orchestrator.core.health import CheckResult, Target
 
 __all__ = ["Probe", "HealthRunner", "probes_of", "targets_of"]
 

@@ -3,20 +3,17 @@ first packets, S2C = C2S + 1 return routes per VIP table, session end, label reu
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from orchestrator.config import load_server_config
 from orchestrator.core.agent import RULE_PRIORITY, ServerAgent, State
 from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowTableResync, LabelledPacket
 from orchestrator.dataplane import ops
-from orchestrator.dataplane.fake import FakeProvider
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "templates" / "server.example.yaml"
-VIP, VIP6 = "10.0.0.100", "fd00:100::100"
+from tests.unit.conftest import VIP, AgentNode
+
+VIP6 = "fd00:100::100"
 
 
 def ipv4_tcp(src: str, dst: str, sport: int, dport: int) -> bytes:
@@ -27,32 +24,8 @@ def ipv6_tcp(src: str, dst: str, sport: int, dport: int) -> bytes:
     return bytes(IPv6(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags="S"))
 
 
-class Node:
-    """The agent and a fake kernel, wired as the daemon wires them."""
-
-    def __init__(self) -> None:
-        self.config = load_server_config(EXAMPLE)
-        self.agent = ServerAgent(self.config)
-        self.kernel = FakeProvider(["eth0"])
-        assert all(r.ok for r in self.kernel.apply([ops.Add(o) for o in self.agent.node_objects()]))
-        self.next_id = 0
-
-    def first(self, label: int, data: bytes, now: float = 0.0) -> list[Action]:
-        self.next_id += 1
-        plan = self.agent.on_packets([LabelledPacket(8, self.next_id, label, data)], now)
-        return [v.action for v in self.agent.commit(plan, self.kernel.apply(plan.ops))]
-
-    def answer(self, client: str, vip: str = VIP) -> tuple[int, ...] | None:
-        """The label stack an answer from the VIP to `client` leaves with (None: plain IP)."""
-        fwd = self.kernel.route_ip(vip, client)
-        return None if fwd is None else fwd.labels
-
-    def tick(self, now: float) -> None:
-        assert all(r.ok for r in self.kernel.apply(self.agent.tick(now)))
-
-
 def test_node_objects_terminate_the_block_and_select_the_vip_tables() -> None:
-    node = Node()
+    node = AgentNode()
     assert node.kernel.receive_mpls([1001]).delivered_locally
     assert node.kernel.receive_mpls([1997]).delivered_locally
     assert node.kernel.mpls_lookup(1002) is None and node.kernel.mpls_lookup(1999) is None  # S2C, unpaired
@@ -61,7 +34,7 @@ def test_node_objects_terminate_the_block_and_select_the_vip_tables() -> None:
 
 
 def test_a_labelled_first_packet_installs_the_s2c_return_route_before_its_verdict() -> None:
-    node = Node()
+    node = AgentNode()
     assert node.answer("10.0.1.10") is None
     assert node.first(1001, ipv4_tcp("10.0.1.10", VIP, 40000, 80)) == [Action.ACCEPT]
     assert node.answer("10.0.1.10") == (100, 1002)  # [balancer transport, S2C = C2S + 1]
@@ -75,7 +48,7 @@ def test_a_labelled_first_packet_installs_the_s2c_return_route_before_its_verdic
 
 
 def test_ipv6_clients_get_their_route_in_the_ipv6_vip_table() -> None:
-    node = Node()
+    node = AgentNode()
     assert node.first(1003, ipv6_tcp("fd00:1::10", VIP6, 40000, 80)) == [Action.ACCEPT]
     assert node.answer("fd00:1::10", vip=VIP6) == (100, 1004)
     route = next(i.obj for i in node.kernel.dump() if isinstance(i.obj, ops.EncapRoute))
@@ -83,7 +56,7 @@ def test_ipv6_clients_get_their_route_in_the_ipv6_vip_table() -> None:
 
 
 def test_more_flows_of_a_session_add_no_route_and_the_route_ends_after_the_last_flow_and_persistence() -> None:
-    node = Node()
+    node = AgentNode()
     node.first(1001, ipv4_tcp("10.0.1.10", VIP, 40000, 80), now=0)
     node.first(1001, ipv4_tcp("10.0.1.10", VIP, 40001, 80), now=1)
     assert len([i for i in node.kernel.dump() if isinstance(i.obj, ops.EncapRoute)]) == 1
@@ -99,7 +72,7 @@ def test_more_flows_of_a_session_add_no_route_and_the_route_ends_after_the_last_
 
 
 def test_a_new_flow_while_draining_keeps_the_session() -> None:
-    node = Node()
+    node = AgentNode()
     node.first(1001, ipv4_tcp("10.0.1.10", VIP, 40000, 80), now=0)
     node.agent.on_flow_events([FlowTableResync(frozenset())], now=1)
     assert node.agent.sessions[1001].state == State.DRAINING
@@ -109,7 +82,7 @@ def test_a_new_flow_while_draining_keeps_the_session() -> None:
 
 
 def test_two_sessions_of_one_client_share_the_route_and_it_falls_back_when_the_newer_ends() -> None:
-    node = Node()
+    node = AgentNode()
     node.first(1001, ipv4_tcp("10.0.1.10", VIP, 40000, 80), now=0)
     node.first(1005, ipv4_tcp("10.0.1.10", VIP, 40001, 53), now=1)  # another service on the VIP
     assert node.answer("10.0.1.10") == (100, 1006)
@@ -120,7 +93,7 @@ def test_two_sessions_of_one_client_share_the_route_and_it_falls_back_when_the_n
 
 
 def test_a_reused_label_from_another_client_starts_a_new_session() -> None:
-    node = Node()
+    node = AgentNode()
     node.first(1001, ipv4_tcp("10.0.1.10", VIP, 40000, 80), now=0)
     node.first(1001, ipv4_tcp("10.0.1.11", VIP, 40000, 80), now=100)
     assert node.answer("10.0.1.10") is None  # the old session's route went with it
@@ -135,14 +108,14 @@ def test_a_reused_label_from_another_client_starts_a_new_session() -> None:
     (1001, b"\x45\x00", "malformed:truncated-ipv4-header"),
 ])
 def test_packets_it_cannot_learn_from_are_accepted_and_counted(label: int, data: bytes, counter: str) -> None:
-    node = Node()
+    node = AgentNode()
     assert node.first(label, data) == [Action.ACCEPT]  # the agent never breaks traffic
     assert node.agent.counters[counter] == 1 and not node.agent.sessions
     assert not [i for i in node.kernel.dump() if isinstance(i.obj, ops.EncapRoute)]
 
 
 def test_a_failed_route_is_forgotten_so_the_next_first_packet_tries_again() -> None:
-    node = Node()
+    node = AgentNode()
     plan = node.agent.on_packets([LabelledPacket(8, 1, 1001, ipv4_tcp("10.0.1.10", VIP, 1, 80))], 0)
     failed = [ops.OpResult(op, "No such device", 19) for op in plan.ops]
     assert [v.action for v in node.agent.commit(plan, failed)] == [Action.ACCEPT]
@@ -152,7 +125,7 @@ def test_a_failed_route_is_forgotten_so_the_next_first_packet_tries_again() -> N
 
 
 def test_restart_rebuilds_sessions_from_the_kernel_and_deletes_what_fits_no_vip() -> None:
-    node = Node()
+    node = AgentNode()
     node.first(1001, ipv4_tcp("10.0.1.10", VIP, 40000, 80), now=0)
     node.first(1003, ipv4_tcp("10.0.1.11", VIP, 40000, 80), now=0)
     foreign = ops.EncapRoute("10.0.1.12/32", (100, 1008), "eth0", "10.1.1.1", 77)  # no VIP's table
@@ -173,7 +146,7 @@ def test_restart_rebuilds_sessions_from_the_kernel_and_deletes_what_fits_no_vip(
 def test_a_reload_ends_the_sessions_of_a_vip_that_left_and_keeps_the_others() -> None:
     import dataclasses
 
-    node = Node()
+    node = AgentNode()
     assert node.first(1001, ipv4_tcp("10.0.1.10", VIP, 40000, 80)) == [Action.ACCEPT]
     assert node.first(1003, ipv6_tcp("fd00:1::10", VIP6, 40000, 80)) == [Action.ACCEPT]
     without_v4 = dataclasses.replace(node.config, vips=tuple(v for v in node.config.vips if str(v.address) != VIP))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -485,17 +484,3 @@ def test_product_code_imports_no_scapy_or_ipaddress() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 names.add(node.module.split(".")[0])
         assert not names & {"scapy", "ipaddress", "netaddr"}, (f, names)
-
-
-def test_speed_report(capsys) -> None:
-    """Micro-check: analyze() on a 60-byte TCP SYN. The figure is reported, not asserted."""
-    data = syn4()
-    runs = 10000
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(runs):
-            analyze(data)
-        best = min(best, (time.perf_counter() - t) / runs)
-    with capsys.disabled():
-        print(f"\nanalyze(60-byte TCP SYN): {best * 1e6:.2f} us/packet (best of 3 x {runs})")

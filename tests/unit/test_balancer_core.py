@@ -4,69 +4,14 @@ kernel would do with the operations it returns is checked by asking the fake whe
 from __future__ import annotations
 
 import collections
-from pathlib import Path
 
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
 
-from orchestrator.analyze.packet import source_address
-from orchestrator.config.load import parse_config
 from orchestrator.core.balancer import Balancer
-from orchestrator.core.events import Action, FirstPacket, FlowsEnded, FlowTableResync
+from orchestrator.core.events import Action, FlowsEnded, FlowTableResync
 from orchestrator.dataplane import ops
-from orchestrator.dataplane.fake import FakeProvider
-
-EXAMPLE = (Path(__file__).parents[2] / "templates" / "balancer.example.yaml").read_text()
-VIP = "10.0.0.100"
-TRANSPORT = {"s1": 101, "s2": 102, "s3": 103}
-
-
-def config(text: str = EXAMPLE, **replace: str):  # type: ignore[no-untyped-def]
-    for old, new in replace.items():
-        assert old in text
-        text = text.replace(old, new)
-    return parse_config(text, "test.yaml")
-
-
-def syn(src: str, sport: int = 40000, dport: int = 80, dst: str = VIP) -> bytes:
-    return bytes(IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags="S"))
-
-
-class Node:
-    """The balancer core plus a fake kernel, glued as the daemon glues them."""
-
-    def __init__(self, cfg=None, now: float = 1000.0) -> None:  # type: ignore[no-untyped-def]
-        self.core = Balancer(cfg or config(), now)
-        self.kernel = FakeProvider(["lan0", "lan1", "fab0"])
-        assert all(r.ok for r in self.kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))]))
-        # The client LANs are on-link on lan0 (tests add routes through gateways).
-        self.kernel.add_ip_route("10.0.0.0/16", "lan0")
-        self.kernel.add_ip_route("2001:db8::/32", "lan0")
-        self.now = now
-        self.seq = 0
-
-    def packets(self, *datas: bytes):  # type: ignore[no-untyped-def]
-        batch = []
-        sources = [source_address(data) for data in datas]
-        hops = self.kernel.routes_to(s for s in sources if s is not None)
-        for data, src in zip(datas, sources):
-            self.seq += 1
-            batch.append(FirstPacket(0, self.seq, data, "lan0", hops.get(src) if src else None))
-        plan = self.core.on_packets(batch, self.now)
-        self.plan = plan
-        results = self.kernel.apply(plan.ops)
-        commit = self.core.commit(plan, results, self.now)
-        assert all(r.ok for r in self.kernel.apply(commit.cleanup))
-        return commit
-
-    def labels_of(self, client: str, dport: int = 80, proto: str = "tcp") -> tuple[int, ...]:
-        fwd = self.kernel.forward_ip(client, VIP, proto=proto, sport=40000, dport=dport, out_dev="fab0")
-        return fwd.labels if fwd else ()
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-        assert all(r.ok for r in self.kernel.apply(self.core.tick(self.now)))
-
+from tests.unit.conftest import TRANSPORT, VIP, Node, config, syn
 
 def test_new_session_is_programmed_before_its_packet_is_accepted() -> None:
     node = Node()
@@ -219,6 +164,29 @@ def test_mobile_client_keeps_server_and_labels_when_its_care_of_address_changes(
     assert node.kernel.receive_mpls([same.s2c]).via == "2001:db8:2::20"  # answers follow the move
     fwd = node.kernel.forward_ip("2001:db8:2::20", "2001:db8::100", proto="tcp", sport=3, dport=80, out_dev="fab0")
     assert fwd is not None and fwd.labels == (TRANSPORT[same.server], same.c2s)
+
+
+def test_a_client_address_beyond_the_sessions_filter_handles_is_dropped() -> None:
+    """128 ports: two client addresses fill the session's 256 filter handles; a third one would
+    wrap onto the first one's handles, so its packet is dropped and nothing is programmed."""
+    v6 = config(**{"vip: 10.0.0.100\n    protocol: tcp": "vip: 2001:db8::100\n    protocol: tcp",
+                   "ports: [80]\n    pool: web\n    session_key: client-ip      # client-ip":
+                   f"ports: {list(range(80, 208))}\n    pool: web\n    session_key: mip6-home-address  #"})
+    node = Node(v6)
+
+    def mip6_syn(coa: str) -> bytes:
+        return bytes(IPv6(src=coa, dst="2001:db8::100") / IPv6ExtHdrDestOpt(options=[HAO(hoa="2001:db8:aa::1")])
+                     / TCP(sport=1, dport=80, flags="S"))
+
+    for coa in ("2001:db8:1::10", "2001:db8:2::20"):
+        assert [v.action for v in node.packets(mip6_syn(coa)).verdicts] == [Action.ACCEPT]
+    [session] = list(node.core.table)
+    assert len([o for o in session.objects if isinstance(o, ops.FlowerFilter)]) == 256
+    commit = node.packets(mip6_syn("2001:db8:3::30"))
+    assert [v.action for v in commit.verdicts] == [Action.DROP] and "no filter handle left" in commit.verdicts[0].reason
+    assert node.plan.ops == [] and node.core.counters["no_filter_handle"] == 1
+    assert session.clients == ["2001:db8:1::10", "2001:db8:2::20"]
+    assert all(flow.src != "2001:db8:3::30" for flow in session.flows)  # its flow was not taken in
 
 
 def test_restart_restores_sessions_from_the_kernel() -> None:

@@ -14,7 +14,6 @@ import os
 import socket
 import tempfile
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,53 +21,25 @@ from scapy.layers.inet import IP, TCP
 from typer.testing import CliRunner
 
 from orchestrator import systemd
-from orchestrator.capture.nfqueue import QueuedPacket, Verdict, parse_queue_stats
+from orchestrator.capture.nfqueue import NF_ACCEPT, QueuedPacket, parse_queue_stats
 from orchestrator.cli.main import app
-from orchestrator.config.load import parse_config
 from orchestrator.config.model import MetricsConfig
 from orchestrator.daemon import control, logs, views
 from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.fake import FakeProvider
 from orchestrator.health import CheckResult
-from orchestrator.health.state import HealthState
+from orchestrator.core.health import HealthState
+from tests.unit.conftest import BALANCER_EXAMPLE, EXAMPLE, VIP, ScriptedQueue, balancer_daemon, config
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "templates" / "balancer.example.yaml"
-VIP = "10.0.0.100"
 CHECK = "  web:\n    health_check: {type: tcp, port: 80, interval: 1s, timeout: 1s, rise: 1, fall: 3}\n"
 
 
-class Kernel(FakeProvider):
-    """The fake provider with what the daemon asks of the netlink one besides operations."""
-
-    def ifname(self, index: int) -> str:
-        return "lan0"
-
-    def close(self) -> None:
-        pass
-
-
-class ScriptedQueue:
-    def __init__(self) -> None:
-        self.sent: list[Verdict] = []
-
-    def send_verdicts(self, verdicts: Any) -> None:
-        self.sent += list(verdicts)
-
-
 def make_daemon(**replace: str) -> BalancerDaemon:
-    text = EXAMPLE.read_text().replace("  web:\n", CHECK)
-    for old, new in replace.items():
-        assert old in text
-        text = text.replace(old, new)
-    d = BalancerDaemon(str(EXAMPLE), parse_config(text, "lb.yaml"))
-    d.provider.close()
-    kernel = Kernel(["lan0", "fab0"])
+    kernel = FakeProvider(["lan0", "fab0"])
     kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
     kernel.add_ip_route("10.0.0.0/16", "lan0")
-    d.provider = kernel  # type: ignore[assignment]
-    d.queue = ScriptedQueue()  # type: ignore[assignment]
-    return d
+    return balancer_daemon(config(EXAMPLE.replace("  web:\n", CHECK), **replace), kernel)
 
 
 @pytest.fixture
@@ -104,8 +75,8 @@ def test_a_server_down_is_logged_avoided_and_its_sessions_move(
     assert moved.server != "s2" and moved.c2s != old_c2s
     assert f"session {moved.id} moved: http 10.0.1.11 -> {moved.server} c2s {moved.c2s} s2c {moved.s2c} " \
            f"(was s2 c2s {old_c2s}: server s2 down)" in caplog.messages
-    kernel: Kernel = daemon.provider  # type: ignore[assignment]
-    fwd = kernel.forward_ip("10.0.1.11", VIP, proto="tcp", sport=1, dport=80, out_dev="fab0")
+    assert isinstance(daemon.provider, FakeProvider)
+    fwd = daemon.provider.forward_ip("10.0.1.11", VIP, proto="tcp", sport=1, dport=80, out_dev="fab0")
     assert fwd is not None and fwd.labels == (daemon.core.transport[moved.server], moved.c2s)
     daemon.decide([syn(4, "10.0.1.20"), syn(5, "10.0.1.21"), syn(6, "10.0.1.22")])
     assert "s2" not in {servers_of(daemon)[f"10.0.1.2{i}"] for i in range(3)}
@@ -178,8 +149,11 @@ def test_operator_commands_answer_and_bad_input_changes_nothing(daemon: Balancer
 
 def test_the_cli_drives_the_commands_and_exits_2_on_bad_input(
         daemon: BalancerDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(control, "request", lambda path, cmd, **args: daemon.handle_request({"cmd": cmd, **args}))
-    monkeypatch.setattr("orchestrator.capture.nftables.counters", lambda: {"rate_limited": 4})
+    async def counters() -> dict[str, int]:
+        return {"rate_limited": 4}
+
+    monkeypatch.setattr(control, "request", lambda path, cmd, **args: asyncio.run(daemon.answer({"cmd": cmd, **args})))
+    monkeypatch.setattr("orchestrator.capture.nftables.read_counters", counters)
     runner = CliRunner()
     daemon.decide([syn(1, "10.0.1.10")])
     bad = runner.invoke(app, ["servers", "drain", "nope"])
@@ -201,11 +175,10 @@ def test_the_cli_drives_the_commands_and_exits_2_on_bad_input(
     assert json.loads(flushed.stdout)["flushed"] == 1
     screen = runner.invoke(app, ["status"]).stdout
     assert "servers: 0 up, 0 down, 3 unknown; draining: s2" in screen
-    assert "rate limited" in screen and "labels: 0 in use, 1 held down" in screen
+    assert "4 rate limited" in screen and "labels: 0 in use, 1 held down" in screen
 
 
-def test_metrics_agree_with_status(daemon: BalancerDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("orchestrator.capture.nftables.counters", lambda: {})
+def test_metrics_agree_with_status(daemon: BalancerDaemon) -> None:
     daemon.config = dataclasses.replace(daemon.config, metrics=MetricsConfig("127.0.0.1", 0))
     daemon.decide([syn(1, "10.0.1.10"), syn(2, "10.0.1.11"), syn(3, "10.0.1.11", 40001)])
     fail(daemon, "s2", 3)  # its session moves: a second batch
@@ -229,37 +202,22 @@ def test_metrics_agree_with_status(daemon: BalancerDaemon, monkeypatch: pytest.M
     assert metrics['mplsorch_packets_userspace_total{verdict="accept"}'] == 3
 
 
-class FakeSocket:
-    def __init__(self) -> None:
-        self.a, self.b = socket.socketpair()
-
-    def fileno(self) -> int:
-        return self.a.fileno()
-
-    def close(self) -> None:
-        self.a.close()
-        self.b.close()
-
-
 class LoopDaemon(BalancerDaemon):
-    """Everything but the kernel: sockets that never speak, a reload that only counts."""
+    """Everything but the kernel: scripted sockets that never speak, a reload that only counts."""
 
     reloads = 0
 
     def setup(self) -> None:
-        self.queue = FakeSocket()  # type: ignore[assignment]
-        self.conntrack = FakeSocket()  # type: ignore[assignment]
-        self.conntrack.read = lambda: []  # type: ignore[attr-defined]
-        self.conntrack.sweep = lambda: None  # type: ignore[attr-defined]
+        self.queue = self.capture.queue(0, 0)
+        self.conntrack = self.capture.conntrack()
 
     def reload(self) -> None:
         self.reloads += 1
 
 
 def test_sd_notify_ready_watchdog_reloading_stopping() -> None:
-    d = LoopDaemon(str(EXAMPLE), parse_config(EXAMPLE.read_text(), "lb.yaml"))
-    d.provider.close()
-    d.provider = Kernel(["fab0"])  # type: ignore[assignment]
+    d = balancer_daemon(config(), FakeProvider(["fab0"]), daemon_class=LoopDaemon)
+    assert isinstance(d, LoopDaemon)
     with tempfile.TemporaryDirectory() as tmp:
         d.control_socket = os.path.join(tmp, "control.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -282,9 +240,9 @@ def test_sd_notify_ready_watchdog_reloading_stopping() -> None:
                 drain()
             assert os.path.exists(d.control_socket)  # READY only once the control socket is up
             await asyncio.sleep(1.2)  # two watchdog intervals (WatchdogSec / 2)
-            d._flag("reload")
+            d.flag("reload")
             await asyncio.sleep(0.3)
-            d._flag("stop")
+            d.flag("stop")
             return await task
 
         assert asyncio.run(scenario()) == 0
@@ -295,6 +253,22 @@ def test_sd_notify_ready_watchdog_reloading_stopping() -> None:
     i = kinds.index("RELOADING=1")
     assert kinds[i + 1:].index("READY=1") >= 0 and kinds[-1] == "STOPPING=1" and d.reloads == 1
     assert "MONOTONIC_USEC=" in got[i]
+
+
+def test_the_queue_is_read_in_batches_and_a_failing_batch_lets_its_packets_go_unlabelled(
+        caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(FakeProvider):
+        def routes_to(self, addresses: Any) -> dict[str, ops.NextHop | None]:
+            raise RuntimeError("a bug")
+
+    queue = ScriptedQueue()
+    d = balancer_daemon(config(), Broken(["lan0", "fab0"]), queue)
+    queue.script(syn(1, "10.0.1.10"), syn(2, "10.0.1.11"))
+    d.on_packets()
+    d.on_packets()  # nothing waiting: nothing sent
+    assert [(v.packet_id, v.verdict) for v in queue.sent] == [(1, NF_ACCEPT), (2, NF_ACCEPT)]
+    assert len(queue.sent_batches) == 1 and d.core.counters["batch_errors"] == 1 and len(d.core.table) == 0
+    assert "first-packet batch failed; accepting its 2 packets unlabelled" in caplog.messages
 
 
 def test_json_logs_give_one_object_per_line_with_the_session_fields(daemon: BalancerDaemon) -> None:
@@ -321,7 +295,7 @@ def test_json_logs_give_one_object_per_line_with_the_session_fields(daemon: Bala
 
 
 def test_run_refuses_an_unknown_log_format() -> None:
-    result = CliRunner().invoke(app, ["run", "--config", str(EXAMPLE), "--log-format", "xml"])
+    result = CliRunner().invoke(app, ["run", "--config", str(BALANCER_EXAMPLE), "--log-format", "xml"])
     assert result.exit_code == 2 and "--log-format 'xml': one of text, json" in result.stderr
 
 

@@ -12,8 +12,6 @@ import re
 import socket
 import struct
 from collections import deque
-from pathlib import Path
-from typing import Any
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -24,15 +22,13 @@ from orchestrator.capture.nfqueue import NF_ACCEPT, NF_DROP, QueuedPacket
 from orchestrator.config import ConfigError, load_balancer_config, parse_config
 from orchestrator.core.balancer import Balancer
 from orchestrator.core.events import Action
-from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.fake import FakeProvider
 from orchestrator.dataplane.netlink import constants as c
 from orchestrator.dataplane.netlink import decode, encode, nla, nlsocket
 from orchestrator.dataplane.netlink.provider import NetlinkProvider
-from tests.unit.test_balancer_core import EXAMPLE, TRANSPORT, Node, config, syn
+from tests.unit.conftest import BALANCER_EXAMPLE, EXAMPLE, TRANSPORT, Node, ScriptedQueue, balancer_daemon, config, syn
 
-EXAMPLE_PATH = Path(__file__).resolve().parents[2] / "templates" / "balancer.example.yaml"
 GATEWAY = "10.0.1.10"      # a client-side router on lan1
 FAR = "10.0.9.1"           # a client behind it
 AWARE = {"label_aware: []": "label_aware: [10.0.9.0/24, 10.0.1.11]"}
@@ -231,11 +227,7 @@ class RouteKernel:
 
 
 def provider_with(kernel: RouteKernel) -> NetlinkProvider:
-    provider = NetlinkProvider.__new__(NetlinkProvider)
-    provider._sock = nlsocket.NetlinkSocket(sock=kernel)  # type: ignore[arg-type]
-    provider._by_name, provider._by_index = {"lo": 1, "lan0": 2, "lan1": 3}, {1: "lo", 2: "lan0", 3: "lan1"}
-    provider._links_fresh = True
-    return provider
+    return NetlinkProvider(sock=nlsocket.NetlinkSocket(sock=kernel), links={"lo": 1, "lan0": 2, "lan1": 3})
 
 
 def test_route_lookups_go_in_one_sendmsg_and_answers_are_matched_by_sequence() -> None:
@@ -303,29 +295,18 @@ def test_source_address_reads_the_fixed_header_as_the_analyzer_does() -> None:
 
 # ---- the daemon's glue --------------------------------------------------------------------------------
 
-class ScriptedQueue:
-    def __init__(self) -> None:
-        self.sent: list[Any] = []
-
-    def send_verdicts(self, verdicts: Any) -> None:
-        self.sent += list(verdicts)
-
-
 def test_the_daemon_looks_up_a_batchs_clients_once_and_passes_the_next_hops() -> None:
-    daemon = BalancerDaemon(str(EXAMPLE_PATH), load_balancer_config(EXAMPLE_PATH))
-    daemon.provider.close()
     kernel = FakeProvider(["lan0", "lan1", "fab0"])
     kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
     kernel.add_ip_route("10.0.1.0/24", "lan0")
     kernel.add_ip_route("10.0.9.0/24", "lan1", via=GATEWAY)
-    kernel.ifname = lambda index: "lan0"  # type: ignore[attr-defined]
-    daemon.provider = kernel  # type: ignore[assignment]
-    daemon.queue = ScriptedQueue()  # type: ignore[assignment]
+    queue = ScriptedQueue()
+    daemon = balancer_daemon(load_balancer_config(BALANCER_EXAMPLE), kernel, queue)
     batch = [QueuedPacket(0, i, syn(src, sport=40000 + i), 2, None, 0)
              for i, src in enumerate([FAR, "10.0.1.12", "192.0.2.9", FAR])]
     daemon.decide(batch)
     assert kernel.route_queries == [(FAR, "10.0.1.12", "192.0.2.9")]
-    assert [v.verdict for v in daemon.queue.sent] == [NF_ACCEPT, NF_ACCEPT, NF_DROP, NF_ACCEPT]  # type: ignore[attr-defined]
+    assert [v.verdict for v in queue.sent] == [NF_ACCEPT, NF_ACCEPT, NF_DROP, NF_ACCEPT]
     far = next(s for s in daemon.core.table if s.key.value == FAR)
     assert kernel.receive_mpls([far.s2c]) is not None and kernel.receive_mpls([far.s2c]).via == GATEWAY
     assert daemon.core.counters["no_route"] == 1

@@ -169,6 +169,13 @@ def test_server_blocks_validate_and_size_admission() -> None:
     assert cfg.pool("web").server("s2").label_block == (1100, 1199)
 
 
+def test_as_many_ports_as_filter_handles_are_accepted_and_five_tuple_sessions_take_any() -> None:
+    """A five-tuple session has one filter per client address whatever the ports of its service."""
+    assert len(parse_config(_edit(BASE, "ports: [80]", f"ports: {list(range(1, 257))}")).service("http").ports) == 256
+    five = _edit(BASE, "ports: [80]", f"ports: {list(range(1, 401))}\n    session_key: five-tuple")
+    assert len(parse_config(five).service("http").ports) == 400
+
+
 def test_esp_service_has_no_ports() -> None:
     cfg = parse_config(_edit(_edit(BASE, "protocol: tcp", "protocol: esp"), "    ports: [80]\n",
                              "    session_key: esp-spi\n"))
@@ -281,6 +288,9 @@ CASES: dict[str, tuple[str, str, str, str]] = {
     "port twice": (_edit(BASE, "ports: [80]", "ports: [80, 80]"), "ports:", "services.http.ports[1]",
                    "listed twice"),
     "no ports": (_edit(BASE, "ports: [80]", "ports: []"), "ports:", "services.http.ports", "at least one port"),
+    "ports beyond the filter handles": (_edit(BASE, "ports: [80]", f"ports: {list(range(1, 258))}"), "ports:",
+                                        "services.http.ports", "257 ports, but a session's filter handles hold "
+                                        "at most 256 filters"),
     "esp with ports": (_edit(BASE, "protocol: tcp", "protocol: esp"), "ports:", "services.http.ports",
                        "esp has no ports"),
     "protocol": (_edit(BASE, "protocol: tcp", "protocol: tcpp"), "protocol:", "services.http.protocol",

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 from orchestrator.capture import conntrack as ct
-from orchestrator.core.events import FlowKey, FlowsEnded
+from orchestrator.core.events import FlowKey, FlowsEnded, FlowTableResync
+from orchestrator.daemon import loop
+from orchestrator.dataplane.fake import FakeProvider
 from orchestrator.dataplane.netlink import nla
+from tests.unit.conftest import Node, ScriptedConntrack, balancer_daemon, config
 
 
 def destroy_body(src: str, dst: str, proto: int, sport: int, dport: int) -> bytes:
@@ -26,7 +30,6 @@ def test_destroy_message_parses_into_the_cores_flow_key() -> None:
 
 
 def test_a_parsed_destroy_ends_a_session_in_the_core() -> None:
-    from tests.unit.test_balancer_core import Node
     from scapy.layers.inet import IP, UDP
 
     node = Node()
@@ -58,7 +61,6 @@ def test_dumps_ask_the_kernel_only_for_the_flows_our_rulesets_tag() -> None:
 
 
 def test_a_sweep_ends_the_flows_conntrack_no_longer_holds_and_keeps_the_others() -> None:
-    from tests.unit.test_balancer_core import Node
     from scapy.layers.inet import IP, UDP
 
     from orchestrator.core.events import FlowTableResync
@@ -76,31 +78,20 @@ def test_a_sweep_ends_the_flows_conntrack_no_longer_holds_and_keeps_the_others()
 
 
 def test_the_daemon_sweeps_after_reading_pending_events_and_on_a_timer() -> None:
-    from orchestrator.core.events import FlowTableResync
-    from orchestrator.daemon import loop
-
     calls: list[str] = []
-    seen: list[object] = []
 
-    class Listener:
-        def read(self) -> list[object]:
+    class Listener(ScriptedConntrack):
+        def read(self) -> list[FlowsEnded | FlowTableResync]:
             calls.append("read")
-            return []
+            return super().read()
 
         def sweep(self) -> FlowTableResync:
             calls.append("sweep")
-            return FlowTableResync(frozenset(), sweep=True)
+            return super().sweep()
 
-    class Core:
-        counters: dict[str, int] = {}
-
-        def on_flow_events(self, events: list[object], now: float) -> None:
-            seen.extend(events)
-
-    d = loop.Daemon.__new__(loop.Daemon)
-    d.conntrack, d.core = Listener(), Core()  # type: ignore[assignment]
-    import time
-
-    d._sweep()
-    assert calls == ["read", "sweep"] and seen == [FlowTableResync(frozenset(), sweep=True)]
+    d = balancer_daemon(config(), FakeProvider(["fab0"]))
+    d.conntrack = listener = Listener()
+    d.sweep()
+    listener.close()
+    assert calls == ["read", "sweep"] and d.core.counters["conntrack_sweeps"] == 1
     assert loop.SWEEP - 1 < d.next_sweep - time.monotonic() <= loop.SWEEP

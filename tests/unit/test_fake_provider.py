@@ -4,10 +4,13 @@ kernel's errors for what the kernel refuses."""
 from __future__ import annotations
 
 import errno
+import inspect
+from collections.abc import Callable
 
 import pytest
 
 from orchestrator.dataplane.fake import FakeProvider, Forwarding
+from orchestrator.dataplane.netlink.provider import NetlinkProvider
 from orchestrator.dataplane.ops import (
     MAX_STACK,
     Add,
@@ -25,6 +28,7 @@ from orchestrator.dataplane.ops import (
     describe,
     push_stack,
 )
+from orchestrator.dataplane.provider import Provider, UnknownDevice
 
 CLIENT, VIP = "10.0.1.10", "10.0.0.100"
 C2S, S2C = 1001, 1002
@@ -370,3 +374,25 @@ def test_addresses_of_an_unknown_device_are_enodev():
         with pytest.raises(OSError) as raised:
             call()
         assert raised.value.errno == errno.ENODEV
+
+
+def test_both_providers_have_every_method_of_the_protocol_with_its_arguments() -> None:
+    """A daemon runs over either: what the protocol declares, both take the same way."""
+    declared = [name for name, value in vars(Provider).items() if inspect.isfunction(value) and not name.startswith("_")]
+    assert {"apply", "dump", "routes_to", "addresses", "add_address", "ifindex", "ifname", "close"} <= set(declared)
+
+    def shape(function: Callable[..., object]) -> list[tuple[str, bool]]:
+        """Each parameter's kind and whether it is required (names may differ)."""
+        return [(p.kind.name, p.default is inspect.Parameter.empty) for p in inspect.signature(function).parameters.values()]
+
+    for cls in (FakeProvider, NetlinkProvider):
+        for name in declared:
+            assert shape(getattr(cls, name)) == shape(getattr(Provider, name)), f"{cls.__name__}.{name}"
+
+
+def test_the_fake_numbers_devices_as_a_kernel_does() -> None:
+    kernel = FakeProvider(["lan0", "fab0"])
+    assert [kernel.ifindex(name) for name in ("lo", "lan0", "fab0")] == [1, 2, 3]
+    assert [kernel.ifname(index) for index in (1, 2, 3, 9)] == ["lo", "lan0", "fab0", "if9"]
+    with pytest.raises(UnknownDevice):
+        kernel.ifindex("eth9")

@@ -63,11 +63,7 @@ class ScriptedKernel:
 
 
 def provider_with(kernel: ScriptedKernel) -> NetlinkProvider:
-    provider = NetlinkProvider.__new__(NetlinkProvider)
-    provider._sock = nlsocket.NetlinkSocket(sock=kernel)  # type: ignore[arg-type]
-    provider._by_name, provider._by_index = {"lo": 1}, {1: "lo"}
-    provider._links_fresh = True
-    return provider
+    return NetlinkProvider(sock=nlsocket.NetlinkSocket(sock=kernel), links={"lo": 1})
 
 
 def test_one_sendmsg_per_chunk_and_ack_only_on_the_last(monkeypatch) -> None:
@@ -101,7 +97,6 @@ def test_unencodable_operation_is_reported_and_others_still_sent() -> None:
     operations = [ops.Add(ops.MplsRoute(100, "lo")), ops.Add(ops.MplsRoute(1 << 20, "lo")),
                   ops.Add(ops.MplsRoute(101, "nosuchdev")), ops.Add(ops.MplsRoute(102, "lo"))]
     provider = provider_with(kernel)
-    provider._load_links = lambda: None  # type: ignore[method-assign]
     results = provider.apply(operations)
     assert [r.ok for r in results] == [True, False, False, True]
     assert results[1].errno == errno.EINVAL and "not an MPLS label" in results[1].error
@@ -126,7 +121,6 @@ def test_a_big_batch_is_sent_by_the_pipeline_in_order_with_every_error_mapped(mo
     monkeypatch.setattr(provider_module, "PIPELINE_PIECE", 10)
     kernel = ScriptedKernel(refuse={25: (errno.EEXIST, ""), 51: (errno.EINVAL, "bad")})
     provider = provider_with(kernel)
-    provider._load_links = lambda: None  # type: ignore[method-assign]
     operations = [ops.Add(ops.MplsRoute(label, "lo" if label != 40 else "nosuchdev")) for label in range(16, 66)]
     results = provider.apply(operations)
     assert [r.op for r in results] == operations
@@ -166,7 +160,6 @@ def test_add_address_failures_are_os_errors_with_the_kernels_errno() -> None:
     assert raised.value.errno == errno.EPERM and "not allowed (EPERM)" in str(raised.value)
     kernel = AddressKernel()
     provider = provider_with(kernel)
-    provider._load_links = lambda: None  # type: ignore[method-assign]
     with pytest.raises(OSError) as raised:
         provider.add_address("nosuchdev", "10.0.0.100/32")
     assert raised.value.errno == errno.ENODEV and "nosuchdev" in str(raised.value)

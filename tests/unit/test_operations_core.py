@@ -10,9 +10,8 @@ import pytest
 from orchestrator.core import commands
 from orchestrator.core.servers import AdminState, BadCommand
 from orchestrator.dataplane import ops
-from orchestrator.health.scheduling import HealthView
-from orchestrator.health.state import HealthEvent, HealthState
-from tests.unit.test_balancer_core import TRANSPORT, Node, config, syn
+from orchestrator.core.health import HealthEvent, HealthState, HealthView
+from tests.unit.conftest import TRANSPORT, Node, config, syn
 
 UP, DOWN = HealthState.UP, HealthState.DOWN
 VIP6 = "2001:db8::100"

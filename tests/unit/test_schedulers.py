@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import pytest
@@ -322,15 +321,3 @@ def test_maglev_pick_rebuilds_on_its_own_and_weight_zero_is_out():
     m.pick("k", servers)
     m.rebuild([S("x")])
     assert m.pick("k", servers) in {"a", "c"} and set(m.table) == {"a", "c"}
-
-
-def test_maglev_speed():
-    servers = [S(f"s{i}", 1 + i % 3) for i in range(100)]
-    m = Maglev()
-    t0 = time.perf_counter()
-    m.rebuild(servers)
-    t1 = time.perf_counter()
-    picks(m, servers, 20_000, KEYS)
-    t2 = time.perf_counter()
-    print(f"\nmaglev: 100 servers, M={m.size}: build {1000 * (t1 - t0):.1f} ms, "
-          f"pick {1e6 * (t2 - t1) / 20_000:.1f} us")

@@ -6,44 +6,42 @@ and `mplsorch run` exiting with the node's problems."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import pytest
 from scapy.layers.inet import IP, TCP
 from typer.testing import CliRunner
 
-from orchestrator.capture.nfqueue import NF_ACCEPT, QueuedPacket, Verdict
+from orchestrator.capture.nfqueue import NF_ACCEPT, QueuedPacket
 from orchestrator.cli.main import app
 from orchestrator.config import load_server_config
 from orchestrator.core.agent import MARK_TAG
-from orchestrator.daemon import node_setup, server
+from orchestrator.cli import daemon as cli_daemon
+from orchestrator.daemon import node_setup
 from orchestrator.daemon.server import ServerDaemon
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.fake import FakeProvider
+from tests.unit.conftest import SERVER_EXAMPLE, VIP, ScriptedQueue, server_daemon
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "templates" / "server.example.yaml"
-VIP, CLIENT = "10.0.0.100", "10.0.1.10"
-
-
-class ScriptedQueue:
-    """Records the verdicts and what the kernel held when they were sent."""
-
-    def __init__(self, kernel: FakeProvider) -> None:
-        self.kernel = kernel
-        self.sent: list[tuple[list[Verdict], bool]] = []
-
-    def send_verdicts(self, verdicts: Any) -> None:
-        self.sent.append((list(verdicts), self.kernel.route_ip(VIP, CLIENT) is not None))
+EXAMPLE = SERVER_EXAMPLE
+CLIENT = "10.0.1.10"
 
 
 @pytest.fixture
-def daemon() -> ServerDaemon:
-    d = ServerDaemon(str(EXAMPLE), load_server_config(EXAMPLE))
-    d.provider.close()
-    d.provider = FakeProvider(["eth0"])  # type: ignore[assignment]
+def kernel() -> FakeProvider:
+    return FakeProvider(["eth0"])
+
+
+@pytest.fixture
+def queue(kernel: FakeProvider) -> ScriptedQueue:
+    """Records, with each batch of verdicts, whether the client's return route was in the kernel."""
+    return ScriptedQueue(observe=lambda: kernel.route_ip(VIP, CLIENT) is not None)
+
+
+@pytest.fixture
+def daemon(kernel: FakeProvider, queue: ScriptedQueue) -> ServerDaemon:
+    d = server_daemon(load_server_config(EXAMPLE), kernel, queue)
     d.install_node_objects()
-    d.queue = ScriptedQueue(d.provider)  # type: ignore[arg-type,assignment]
     return d
 
 
@@ -51,8 +49,8 @@ def syn(packet_id: int, mark: int, src: str = CLIENT) -> QueuedPacket:
     return QueuedPacket(8, packet_id, bytes(IP(src=src, dst=VIP) / TCP(sport=40000, dport=80, flags="S")), 1, None, mark)
 
 
-def test_node_objects_are_installed_idempotently_and_stale_ones_removed(daemon: ServerDaemon) -> None:
-    kernel: FakeProvider = daemon.provider  # type: ignore[assignment]
+def test_node_objects_are_installed_idempotently_and_stale_ones_removed(daemon: ServerDaemon,
+                                                                       kernel: FakeProvider) -> None:
     first = {i.obj for i in kernel.dump()}
     daemon.install_node_objects()  # a restart: the same objects, no error
     assert {i.obj for i in kernel.dump()} == first and daemon.op_results["error"] == 0
@@ -67,13 +65,14 @@ def test_node_objects_are_installed_idempotently_and_stale_ones_removed(daemon: 
 
 
 def test_a_marked_first_packet_gets_its_return_route_before_its_verdict(
-        daemon: ServerDaemon, caplog: pytest.LogCaptureFixture) -> None:
+        daemon: ServerDaemon, kernel: FakeProvider, queue: ScriptedQueue, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "mplsorch")
     daemon.decide([syn(1, MARK_TAG | 1001), syn(2, 0x1234, src="10.0.1.11")])
-    [(verdicts, route_present)] = daemon.queue.sent  # type: ignore[union-attr]
+    [(verdicts, route_present)] = queue.sent_batches
     assert route_present  # the verdict went after the route was in the kernel
     assert sorted(v.packet_id for v in verdicts) == [1, 2] and {v.verdict for v in verdicts} == {NF_ACCEPT}
-    assert daemon.provider.route_ip(VIP, CLIENT).labels == (100, 1002)  # type: ignore[attr-defined]
+    route = kernel.route_ip(VIP, CLIENT)
+    assert route is not None and route.labels == (100, 1002)
     assert daemon.core.counters["unmarked"] == 1
     assert "session learned: 10.0.1.10 -> 10.0.0.100 c2s 1001 s2c 1002" in caplog.messages
     [row] = daemon.handle_request({"cmd": "sessions"})["sessions"]
@@ -100,7 +99,7 @@ def test_run_prints_every_problem_and_exits_4_when_the_node_is_not_ready(monkeyp
     def not_ready(path: str, config: Any, log_format: str = "text") -> int:
         raise node_setup.NodeNotReady(problems)
 
-    monkeypatch.setattr(server, "run", not_ready)
+    monkeypatch.setattr(cli_daemon, "serve_on_kernel", not_ready)
     result = CliRunner().invoke(app, ["run", "--config", str(EXAMPLE)])
     assert result.exit_code == 4
     assert result.stderr.splitlines() == [

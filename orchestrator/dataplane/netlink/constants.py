@@ -1,5 +1,8 @@
 """Netlink numbers from the kernel's uAPI headers (linux/netlink.h, rtnetlink.h, pkt_cls.h,
-pkt_sched.h, fib_rules.h, tc_act/tc_mpls.h, lwtunnel.h, mpls_iptunnel.h). Only what we use."""
+pkt_sched.h, fib_rules.h, tc_act/tc_mpls.h, lwtunnel.h, mpls_iptunnel.h, and for capture/
+netfilter/nfnetlink.h, nfnetlink_queue.h, nfnetlink_conntrack.h). Only what we use, each once:
+the dataplane and the capture sockets import them from here. IP protocol numbers are in
+orchestrator.ipproto."""
 
 # Our identity in the kernel: routes and rules carry RT_PROTO; every act_mpls we install carries
 # an action cookie that starts with TC_COOKIE_PREFIX. Dumps keep only objects marked so.
@@ -10,8 +13,9 @@ TC_COOKIE_PREFIX = b"mplsorch"
 AF_UNSPEC, AF_INET, AF_INET6, AF_MPLS = 0, 2, 10, 28
 
 # netlink.h
-NETLINK_ROUTE = 0
+NETLINK_ROUTE, NETLINK_NETFILTER = 0, 12
 SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP, NETLINK_NO_ENOBUFS = 1, 5
 NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK = 10, 11, 12
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP_INTR = 0x1, 0x2, 0x4, 0x10
@@ -78,4 +82,24 @@ TCA_MPLS_ACT_POP, TCA_MPLS_ACT_PUSH = 1, 2
 TCA_MPLS_PARMS, TCA_MPLS_PROTO, TCA_MPLS_LABEL, TCA_MPLS_TTL = 2, 4, 5, 7
 
 ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC = 0x0800, 0x86DD, 0x8847
-IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP, IPPROTO_ESP = 6, 17, 132, 50
+
+# netfilter/nfnetlink.h, netfilter.h
+NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_QUEUE = 1, 3
+NF_DROP, NF_ACCEPT, NF_REPEAT = 0, 1, 4
+
+# netfilter/nfnetlink_queue.h
+NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
+NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_MARK = 1, 2, 3
+NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV, NFQA_PAYLOAD = 5, 6, 10
+NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN, NFQA_CFG_MASK, NFQA_CFG_FLAGS = 1, 2, 3, 4, 5
+NFQNL_CFG_CMD_BIND, NFQNL_CFG_CMD_UNBIND = 1, 2
+NFQNL_COPY_PACKET = 2
+NFQA_CFG_F_FAIL_OPEN = 1
+
+# netfilter/nfnetlink_conntrack.h
+IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
+NFNLGRP_CONNTRACK_DESTROY = 3
+CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 1, 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+CTA_MARK, CTA_MARK_MASK = 8, 21

@@ -7,6 +7,7 @@ import ipaddress
 import struct
 from typing import Callable
 
+from orchestrator import ipproto
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.constants import (
@@ -20,14 +21,11 @@ from orchestrator.dataplane.netlink.constants import (
     TCA_MPLS_ACT_POP, TCA_MPLS_ACT_PUSH, TCA_MPLS_LABEL, TCA_MPLS_PARMS, TCA_MPLS_PROTO,
     TCA_MPLS_TTL, TCA_OPTIONS, TCA_SKBEDIT_MARK,
 )
-from orchestrator.dataplane.netlink.encode import ADDR_ATTRS, IP_PROTOS, PORT_ATTRS
+from orchestrator.dataplane.netlink.encode import ADDR_ATTRS, PORT_ATTRS
 
 Ifname = Callable[[int], str]
 
-_RTMSG = struct.Struct("=BBBBBBBBI")
-_TCMSG = struct.Struct("=BBHiIII")
 _PROTO_NAMES = {ETH_P_IP: "ip", ETH_P_IPV6: "ipv6", ETH_P_MPLS_UC: "mpls_uc"}
-_IP_PROTO_NAMES = {number: name for name, number in IP_PROTOS.items()}
 
 
 def labels_of(payload: memoryview) -> tuple[int, ...]:
@@ -48,10 +46,10 @@ def _route_offload(flags: int) -> ops.OffloadState:
 
 def route(body: memoryview, ifname: Ifname) -> ops.Installed | None:
     """An AF_MPLS label route or an AF_INET/AF_INET6 encap route of ours."""
-    family, dst_len, _src_len, _tos, table, proto, _scope, _type, flags = _RTMSG.unpack_from(body)
+    family, dst_len, _src_len, _tos, table, proto, _scope, _type, flags = nla.RTMSG.unpack_from(body)
     if proto != RT_PROTO:
         return None
-    a = nla.attrs(body, _RTMSG.size)
+    a = nla.attrs(body, nla.RTMSG.size)
     oif = a.get(RTA_OIF)
     dev = ifname(nla.get_u32(oif)) if oif is not None else ""
     if family == 28:
@@ -76,8 +74,8 @@ def next_hop(body: memoryview | bytes, ifname: Ifname) -> ops.NextHop | None:
     """The answer to a route query (encode.route_query): device and gateway (RTA_GATEWAY, or
     RTA_VIA for an IPv4 route via an IPv6 gateway; neither: on-link). None for anything but a
     unicast route out of a device: a local address, a broadcast, a blackhole."""
-    _family, _dst_len, _src_len, _tos, _table, _proto, _scope, rtype, _flags = _RTMSG.unpack_from(body)
-    a = nla.attrs(body, _RTMSG.size)
+    _family, _dst_len, _src_len, _tos, _table, _proto, _scope, rtype, _flags = nla.RTMSG.unpack_from(body)
+    a = nla.attrs(body, nla.RTMSG.size)
     if rtype != RTN_UNICAST or RTA_OIF not in a:
         return None
     via = str(ipaddress.ip_address(bytes(a[RTA_GATEWAY]))) if RTA_GATEWAY in a else (
@@ -86,8 +84,8 @@ def next_hop(body: memoryview | bytes, ifname: Ifname) -> ops.NextHop | None:
 
 
 def rule(body: memoryview) -> ops.Installed | None:
-    family, _dst_len, src_len, _tos, table, _r1, _r2, _action, _flags = _RTMSG.unpack_from(body)
-    a = nla.attrs(body, _RTMSG.size)
+    family, _dst_len, src_len, _tos, table, _r1, _r2, _action, _flags = nla.RTMSG.unpack_from(body)
+    a = nla.attrs(body, nla.RTMSG.size)
     if FRA_PROTOCOL not in a or nla.get_u8(a[FRA_PROTOCOL]) != RT_PROTO or FRA_SRC not in a:
         return None
     src = ipaddress.ip_address(bytes(a[FRA_SRC]))
@@ -99,12 +97,12 @@ def rule(body: memoryview) -> ops.Installed | None:
 
 def tc_header(body: memoryview) -> tuple[int, int, int, int]:
     """(ifindex, handle, parent, info) of a tcmsg."""
-    _family, _pad1, _pad2, ifindex, handle, parent, info = _TCMSG.unpack_from(body)
+    _family, _pad1, _pad2, ifindex, handle, parent, info = nla.TCMSG.unpack_from(body)
     return ifindex, handle, parent, info
 
 
 def qdisc_kind(body: memoryview) -> str:
-    a = nla.attrs(body, _TCMSG.size)
+    a = nla.attrs(body, nla.TCMSG.size)
     return nla.get_str(a[TCA_KIND]) if TCA_KIND in a else ""
 
 
@@ -141,7 +139,7 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
     is not ours).
     `require_cookie=False` decodes filters made by others, e.g. by `tc` in the encoder tests."""
     ifindex, handle, parent, info = tc_header(body)
-    a = nla.attrs(body, _TCMSG.size)
+    a = nla.attrs(body, nla.TCMSG.size)
     if handle == 0 or TCA_KIND not in a or nla.get_str(a[TCA_KIND]) != "flower" or TCA_OPTIONS not in a:
         return None
     o = nla.attrs(a[TCA_OPTIONS])
@@ -156,7 +154,7 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
     eth_type = nla.get_be16(o[TCA_FLOWER_KEY_ETH_TYPE]) if TCA_FLOWER_KEY_ETH_TYPE in o else 0
     mpls_label = nla.get_u32(o[TCA_FLOWER_KEY_MPLS_LABEL]) if TCA_FLOWER_KEY_MPLS_LABEL in o else None
     version = 6 if eth_type == ETH_P_IPV6 else 4
-    ip_proto = _IP_PROTO_NAMES.get(nla.get_u8(o[TCA_FLOWER_KEY_IP_PROTO])) \
+    ip_proto = ipproto.NAME_OF.get(nla.get_u8(o[TCA_FLOWER_KEY_IP_PROTO])) \
         if TCA_FLOWER_KEY_IP_PROTO in o else None
     prefixes = {side: _prefix(o[key], o.get(mask))
                 for (v, side), (key, mask) in ADDR_ATTRS.items() if v == version and key in o}

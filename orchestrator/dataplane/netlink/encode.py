@@ -12,11 +12,12 @@ import ipaddress
 import struct
 from typing import Callable
 
+from orchestrator import ipproto
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.constants import (
     AF_INET, AF_INET6, AF_MPLS, AF_UNSPEC, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, FR_ACT_TO_TBL,
-    FRA_PRIORITY, FRA_PROTOCOL, FRA_SRC, FRA_TABLE, IFA_ADDRESS, IFA_LOCAL, IPPROTO_ESP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    FRA_PRIORITY, FRA_PROTOCOL, FRA_SRC, FRA_TABLE, IFA_ADDRESS, IFA_LOCAL,
     LWTUNNEL_ENCAP_MPLS,
     MPLS_IPTUNNEL_DST, NLA_F_NESTED, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, RT_PROTO,
     RT_SCOPE_HOST, RT_SCOPE_UNIVERSE, RT_TABLE_MAIN, RTA_DST, RTA_ENCAP, RTA_ENCAP_TYPE, RTA_GATEWAY, RTA_NEWDST,
@@ -38,13 +39,9 @@ from orchestrator.dataplane.netlink.constants import (
 Ifindex = Callable[[str], int]
 Request = tuple[int, int, bytes]
 
-_RTMSG = struct.Struct("=BBBBBBBBI")
-_TCMSG = struct.Struct("=BBHiIII")
-_IFADDRMSG = struct.Struct("=BBBBI")
 _LABEL = struct.Struct("!I")
 
 ETH_TYPES = {"ip": ETH_P_IP, "ipv6": ETH_P_IPV6, "mpls_uc": ETH_P_MPLS_UC}
-IP_PROTOS = {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP, "sctp": IPPROTO_SCTP, "esp": IPPROTO_ESP}
 # (key, mask) attribute types of the port matches, by protocol and side.
 PORT_ATTRS = {
     ("tcp", "src"): (TCA_FLOWER_KEY_TCP_SRC, TCA_FLOWER_KEY_TCP_SRC_MASK),
@@ -99,7 +96,7 @@ def _gateway_attr(address: str) -> bytes:
 
 # Constant parts of the messages on the session-setup path, packed once: the encoders below
 # only pack what varies (labels, addresses, indexes), which is most of their speed.
-_MPLS_ROUTE_HEAD = (_RTMSG.pack(AF_MPLS, 20, 0, 0, RT_TABLE_MAIN, RT_PROTO, RT_SCOPE_UNIVERSE,
+_MPLS_ROUTE_HEAD = (nla.RTMSG.pack(AF_MPLS, 20, 0, 0, RT_TABLE_MAIN, RT_PROTO, RT_SCOPE_UNIVERSE,
                                 RTN_UNICAST, 0) + _ATTR_HDR.pack(8, RTA_DST))
 _ENCAP_TYPE_MPLS = nla.u16(RTA_ENCAP_TYPE, LWTUNNEL_ENCAP_MPLS)
 
@@ -128,7 +125,7 @@ def route_query(address: str) -> Request:
     route, one path of a multipath one). With strict checking the kernel wants every header
     field but the family and a full-length rtm_dst_len at zero. Raises InvalidOperation."""
     version, packed = ops.parse_address(address)
-    body = _RTMSG.pack(_family(version), 32 if version == 4 else 128, 0, 0, 0, 0, 0, 0, 0)
+    body = nla.RTMSG.pack(_family(version), 32 if version == 4 else 128, 0, 0, 0, 0, 0, 0, 0)
     return RTM_GETROUTE, NLM_F_REQUEST, body + nla.attr(RTA_DST, packed)
 
 
@@ -144,7 +141,7 @@ def address_add(address: str, index: int) -> Request:
     iface = ipaddress.ip_interface(address)
     packed = iface.ip.packed
     scope = RT_SCOPE_HOST if iface.version == 4 and iface.ip in _IPV4_LOOPBACK else RT_SCOPE_UNIVERSE
-    body = _IFADDRMSG.pack(_family(iface.version), iface.network.prefixlen, 0, scope, index)
+    body = nla.IFADDRMSG.pack(_family(iface.version), iface.network.prefixlen, 0, scope, index)
     body += nla.attr(IFA_LOCAL, packed) + nla.attr(IFA_ADDRESS, packed)
     return RTM_NEWADDR, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL, body
 
@@ -152,7 +149,7 @@ def address_add(address: str, index: int) -> Request:
 def encap_route(op: ops.Operation, obj: ops.EncapRoute, ifindex: Ifindex) -> Request:
     version, packed, plen = ops.parse_prefix(obj.dst)
     table = obj.table if obj.table < 256 else 0
-    body = _RTMSG.pack(_family(version), plen, 0, 0, table, RT_PROTO,
+    body = nla.RTMSG.pack(_family(version), plen, 0, 0, table, RT_PROTO,
                        RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
     body += nla.attr(RTA_DST, packed) + _ATTR_U32.pack(8, RTA_TABLE, obj.table)
     if isinstance(op, ops.Delete):
@@ -169,7 +166,7 @@ def encap_route(op: ops.Operation, obj: ops.EncapRoute, ifindex: Ifindex) -> Req
 def rule(op: ops.Operation, obj: ops.Rule, _ifindex: Ifindex) -> Request:
     version, packed, plen = ops.parse_prefix(obj.src)
     table = obj.table if obj.table < 256 else 0
-    body = _RTMSG.pack(_family(version), 0, plen, 0, table, 0, 0, FR_ACT_TO_TBL, 0)
+    body = nla.RTMSG.pack(_family(version), 0, plen, 0, table, 0, 0, FR_ACT_TO_TBL, 0)
     body += (nla.attr(FRA_SRC, packed) + nla.u32(FRA_PRIORITY, obj.priority)
              + nla.u32(FRA_TABLE, obj.table) + nla.u8(FRA_PROTOCOL, RT_PROTO))
     if isinstance(op, ops.Delete):
@@ -179,7 +176,7 @@ def rule(op: ops.Operation, obj: ops.Rule, _ifindex: Ifindex) -> Request:
 
 
 def clsact(op: ops.Operation, obj: ops.ClsactQdisc, ifindex: Ifindex) -> Request:
-    body = _TCMSG.pack(AF_UNSPEC, 0, 0, ifindex(obj.dev), 0xFFFF0000, TC_H_CLSACT, 0)
+    body = nla.TCMSG.pack(AF_UNSPEC, 0, 0, ifindex(obj.dev), 0xFFFF0000, TC_H_CLSACT, 0)
     body += nla.asciiz(TCA_KIND, "clsact")
     if isinstance(op, ops.Delete):
         return RTM_DELQDISC, _FLAGS["delete"], body
@@ -203,7 +200,7 @@ _FLOWER_ETH_MPLS = nla.be16(TCA_FLOWER_KEY_ETH_TYPE, ETH_P_MPLS_UC)
 _FLOWER_FLAGS = {ops.OffloadPolicy.AUTO: nla.u32(TCA_FLOWER_FLAGS, 0),
                  ops.OffloadPolicy.SOFTWARE: nla.u32(TCA_FLOWER_FLAGS, TCA_CLS_FLAGS_SKIP_HW),
                  ops.OffloadPolicy.REQUIRED: nla.u32(TCA_FLOWER_FLAGS, TCA_CLS_FLAGS_SKIP_SW)}
-_IP_PROTO_ATTRS = {name: nla.u8(TCA_FLOWER_KEY_IP_PROTO, number) for name, number in IP_PROTOS.items()}
+_IP_PROTO_ATTRS = {name: nla.u8(TCA_FLOWER_KEY_IP_PROTO, number) for name, number in ipproto.BY_NAME.items()}
 
 
 def flower_filter(op: ops.Operation, obj: ops.FlowerFilter, ifindex: Ifindex,
@@ -213,7 +210,7 @@ def flower_filter(op: ops.Operation, obj: ops.FlowerFilter, ifindex: Ifindex,
     dst = ops.parse_prefix(m.dst) if m.dst else None
     version = (src or dst or (4,))[0]
     eth_type = ETH_P_MPLS_UC if m.mpls_label is not None else ETH_P_IPV6 if version == 6 else ETH_P_IP
-    body = _TCMSG.pack(AF_UNSPEC, 0, 0, ifindex(obj.dev), obj.handle,
+    body = nla.TCMSG.pack(AF_UNSPEC, 0, 0, ifindex(obj.dev), obj.handle,
                        filter_parent(obj.direction), _tc_info(obj.pref, eth_type)) + _FLOWER_KIND
     if isinstance(op, ops.Delete):
         return RTM_DELTFILTER, NLM_F_REQUEST, body

@@ -9,6 +9,14 @@ from typing import Iterator
 from orchestrator.dataplane.netlink.constants import NLA_F_NESTED, NLA_TYPE_MASK
 
 _HDR = struct.Struct("=IHHII")
+
+# The fixed header after the netlink header, per message family (each defined once, here).
+# rtmsg and fib_rule_hdr: family, dst_len, src_len, tos, table, protocol, scope, type, flags
+RTMSG = struct.Struct("=BBBBBBBBI")
+TCMSG = struct.Struct("=BBHiIII")     # tcmsg: family, pad, pad, ifindex, handle, parent, info
+IFINFOMSG = struct.Struct("=BxHiII")  # ifinfomsg: family, pad, type, index, flags, change
+IFADDRMSG = struct.Struct("=BBBBI")   # ifaddrmsg: family, prefixlen, flags, scope, index
+NFGENMSG = struct.Struct("!BBH")      # nfgenmsg: family, version, res_id (queue number), network order
 _ATTR = struct.Struct("=HH")
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
 

@@ -8,8 +8,7 @@ import contextlib
 import errno
 import gc
 import socket
-import struct
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import decode, encode, nla
@@ -19,28 +18,24 @@ from orchestrator.dataplane.netlink.constants import (
     RTM_NEWROUTE, TC_H_CLSACT,
 )
 from orchestrator.dataplane.netlink.nlsocket import KernelError, NetlinkSocket
+from orchestrator.dataplane.provider import UnknownDevice
 
 PIPELINE_PIECE = 4096  # operations encoded while the previous piece is in the kernel
-_IFINFO = struct.Struct("=BxHiII")
-_RTMSG = struct.Struct("=BBBBBBBBI")
-_TCMSG = struct.Struct("=BBHiIII")
-_IFADDRMSG = struct.Struct("=BBBBI")
-
-
-class UnknownDevice(KeyError):
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
 
 
 class NetlinkProvider:
     """Provider for the kernel of one network namespace (None: ours)."""
 
-    def __init__(self, netns: str | None = None) -> None:
-        self._sock = NetlinkSocket(netns)
-        self._by_name: dict[str, int] = {}
-        self._by_index: dict[int, str] = {}
-        self._links_fresh = False
+    def __init__(self, netns: str | None = None, sock: NetlinkSocket | None = None,
+                 links: Mapping[str, int] | None = None) -> None:
+        """`sock` instead of a new socket in `netns`, and `links` (name -> index) as a fixed link
+        table instead of the kernel's (never dumped): how tests run the provider against a
+        scripted kernel."""
+        self._sock = sock if sock is not None else NetlinkSocket(netns)
+        self._static_links = links is not None
+        self._by_name: dict[str, int] = dict(links or {})
+        self._by_index: dict[int, str] = {index: name for name, index in self._by_name.items()}
+        self._links_fresh = self._static_links
 
     def close(self) -> None:
         self._sock.close()
@@ -53,13 +48,15 @@ class NetlinkProvider:
 
     # -- links ------------------------------------------------------------------------------
     def _load_links(self) -> None:
+        if self._static_links:
+            return
         self._by_name.clear()
         self._by_index.clear()
-        for kind, body in self._sock.dump(RTM_GETLINK, _IFINFO.pack(AF_UNSPEC, 0, 0, 0, 0)):
+        for kind, body in self._sock.dump(RTM_GETLINK, nla.IFINFOMSG.pack(AF_UNSPEC, 0, 0, 0, 0)):
             if kind != RTM_NEWLINK:
                 continue
-            index = _IFINFO.unpack_from(body)[2]
-            attrs = nla.attrs(body, _IFINFO.size)
+            index = nla.IFINFOMSG.unpack_from(body)[2]
+            attrs = nla.attrs(body, nla.IFINFOMSG.size)
             if IFLA_IFNAME in attrs:
                 name = nla.get_str(attrs[IFLA_IFNAME])
                 self._by_name[name] = index
@@ -138,13 +135,13 @@ class NetlinkProvider:
         out: list[ops.Installed] = []
         for family in (AF_MPLS, AF_INET, AF_INET6):
             # With strict checking the kernel itself keeps only routes of our protocol.
-            request = _RTMSG.pack(family, 0, 0, 0, 0, RT_PROTO, 0, 0, 0)
+            request = nla.RTMSG.pack(family, 0, 0, 0, 0, RT_PROTO, 0, 0, 0)
             for _kind, body in self._sock.dump(RTM_GETROUTE, request):
                 installed = decode.route(body, self.ifname)
                 if installed is not None:
                     out.append(installed)
         for family in (AF_INET, AF_INET6):
-            for _kind, body in self._sock.dump(RTM_GETRULE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
+            for _kind, body in self._sock.dump(RTM_GETRULE, nla.RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
                 installed = decode.rule(body)
                 if installed is not None:
                     out.append(installed)
@@ -154,14 +151,14 @@ class NetlinkProvider:
     def _dump_tc(self) -> list[ops.Installed]:
         """Our flower filters, and the clsact qdiscs that hold at least one of them."""
         out: list[ops.Installed] = []
-        qdiscs = self._sock.dump(RTM_GETQDISC, _TCMSG.pack(AF_UNSPEC, 0, 0, 0, 0, 0, 0))
+        qdiscs = self._sock.dump(RTM_GETQDISC, nla.TCMSG.pack(AF_UNSPEC, 0, 0, 0, 0, 0, 0))
         for _kind, body in qdiscs:
             ifindex, _handle, parent, _info = decode.tc_header(body)
             if parent != TC_H_CLSACT or decode.qdisc_kind(body) != "clsact":
                 continue
             filters = []
             for direction in ops.Direction:
-                request = _TCMSG.pack(AF_UNSPEC, 0, 0, ifindex, 0, encode.filter_parent(direction), 0)
+                request = nla.TCMSG.pack(AF_UNSPEC, 0, 0, ifindex, 0, encode.filter_parent(direction), 0)
                 for _k, fbody in self._sock.dump(RTM_GETTFILTER, request):
                     installed = decode.flower(fbody, self.ifname)
                     if installed is not None:
@@ -200,10 +197,10 @@ class NetlinkProvider:
         index = self.ifindex(dev)
         out = []
         for family in (AF_INET, AF_INET6):
-            for kind, body in self._sock.dump(RTM_GETADDR, _IFADDRMSG.pack(family, 0, 0, 0, index)):
-                if kind != RTM_NEWADDR or _IFADDRMSG.unpack_from(body)[4] != index:
+            for kind, body in self._sock.dump(RTM_GETADDR, nla.IFADDRMSG.pack(family, 0, 0, 0, index)):
+                if kind != RTM_NEWADDR or nla.IFADDRMSG.unpack_from(body)[4] != index:
                     continue
-                attrs = nla.attrs(body, _IFADDRMSG.size)
+                attrs = nla.attrs(body, nla.IFADDRMSG.size)
                 raw = attrs.get(IFA_LOCAL, attrs.get(IFA_ADDRESS))
                 if raw is not None:
                     out.append(socket.inet_ntop(socket.AF_INET6 if family == AF_INET6 else socket.AF_INET,
@@ -227,7 +224,7 @@ class NetlinkProvider:
     def dump_filters(self, dev: str, direction: ops.Direction = ops.Direction.EGRESS,
                      ours_only: bool = True) -> list[ops.Installed]:
         """Flower filters of one device, optionally including others' (to compare with tc)."""
-        request = _TCMSG.pack(AF_UNSPEC, 0, 0, self.ifindex(dev), 0, encode.filter_parent(direction), 0)
+        request = nla.TCMSG.pack(AF_UNSPEC, 0, 0, self.ifindex(dev), 0, encode.filter_parent(direction), 0)
         out = []
         for _kind, body in self._sock.dump(RTM_GETTFILTER, request):
             installed = decode.flower(body, self.ifname, require_cookie=ours_only)

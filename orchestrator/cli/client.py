@@ -1,0 +1,55 @@
+"""What every command that asks the running daemon shares: the options that find its control
+socket, `ask` (one request, the exit codes of a failure) and the table printer. Both
+`daemon.py` and `operate.py` use it, so neither imports the other."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.config.model import DEFAULT_CONTROL_SOCKET
+
+SocketOption = typer.Option(None, "--socket", metavar="PATH", help="Control socket of the daemon.")
+ConfigOption = typer.Option(None, "--config", metavar="FILE", help="Find the socket in this config.")
+JsonOption = typer.Option(False, "--json", help="The documented JSON on stdout.")
+
+BAD_INPUT = 2
+
+
+def ask(cmd: str, socket_path: Optional[str], config: Optional[str], **args: Any) -> dict[str, Any]:
+    from orchestrator.daemon.control import request
+
+    path = socket_path
+    if path is None and config is not None:
+        from orchestrator.config.load import ConfigError, load_config
+
+        try:
+            path = load_config(config).node.control_socket
+        except ConfigError as exc:
+            typer.echo(f"mplsorch: {exc}", err=True)
+            raise typer.Exit(2) from None
+    path = path or DEFAULT_CONTROL_SOCKET
+    try:
+        answer = request(path, cmd, **args)
+    except (FileNotFoundError, ConnectionRefusedError):
+        typer.echo(f"mplsorch: no daemon answers on {path} (is `mplsorch run` running?)", err=True)
+        raise typer.Exit(3) from None
+    except PermissionError:
+        typer.echo(f"mplsorch: {path}: the control socket is for root only", err=True)
+        raise typer.Exit(3) from None
+    if "error" in answer:
+        typer.echo(f"mplsorch: {answer['error']}", err=True)
+        raise typer.Exit(BAD_INPUT if answer.get("bad_input") else 1)
+    return answer
+
+
+def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    Console().print(table)

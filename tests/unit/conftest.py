@@ -1,0 +1,204 @@
+"""The unit tests' one harness: the example configurations, a balancer core glued to the fake
+kernel as the daemon glues them (`Node`; `AgentNode` for the server role), and the daemons over the fake provider with a scripted
+queue and conntrack socket instead of the kernel's. Test modules import these from here and never
+from each other, so a change to the harness is made once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from scapy.layers.inet import IP, TCP
+
+from orchestrator.analyze.packet import source_address
+from orchestrator.capture.nfqueue import QueuedPacket, Verdict
+from orchestrator.config.load import load_server_config, parse_config
+from orchestrator.config.model import BalancerConfig
+from orchestrator.config.server_model import ServerConfig
+from orchestrator.core.agent import ServerAgent
+from orchestrator.core.balancer import Balancer, Commit, Plan
+from orchestrator.core.events import Action, FirstPacket, FlowKey, FlowsEnded, FlowTableResync, LabelledPacket
+from orchestrator.daemon.balancer import BalancerDaemon
+from orchestrator.daemon.loop import Capture
+from orchestrator.daemon.server import ServerDaemon
+from orchestrator.dataplane import ops
+from orchestrator.dataplane.fake import FakeProvider
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+BALANCER_EXAMPLE = TEMPLATES / "balancer.example.yaml"
+SERVER_EXAMPLE = TEMPLATES / "server.example.yaml"
+EXAMPLE = BALANCER_EXAMPLE.read_text()
+VIP = "10.0.0.100"
+TRANSPORT = {"s1": 101, "s2": 102, "s3": 103}   # the example's servers' transport labels
+
+
+def edited(text: str, **replace: str) -> str:
+    """`text` with each key replaced by its value; every key must occur."""
+    for old, new in replace.items():
+        assert old in text, f"{old!r} not in the text"
+        text = text.replace(old, new)
+    return text
+
+
+def config(text: str = EXAMPLE, **replace: str) -> BalancerConfig:
+    cfg = parse_config(edited(text, **replace), "test.yaml")
+    assert isinstance(cfg, BalancerConfig)
+    return cfg
+
+
+def syn(src: str, sport: int = 40000, dport: int = 80, dst: str = VIP) -> bytes:
+    return bytes(IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags="S"))
+
+
+class Node:
+    """The balancer core plus a fake kernel, glued as the daemon glues them."""
+
+    def __init__(self, cfg: BalancerConfig | None = None, now: float = 1000.0) -> None:
+        self.core = Balancer(cfg or config(), now)
+        self.kernel = FakeProvider(["lan0", "lan1", "fab0"])
+        assert all(r.ok for r in self.kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))]))
+        # The client LANs are on-link on lan0 (tests add routes through gateways).
+        self.kernel.add_ip_route("10.0.0.0/16", "lan0")
+        self.kernel.add_ip_route("2001:db8::/32", "lan0")
+        self.now = now
+        self.seq = 0
+        self.plan = Plan()
+
+    def packets(self, *datas: bytes) -> Commit:
+        batch = []
+        sources = [source_address(data) for data in datas]
+        hops = self.kernel.routes_to(s for s in sources if s is not None)
+        for data, src in zip(datas, sources):
+            self.seq += 1
+            batch.append(FirstPacket(0, self.seq, data, "lan0", hops.get(src) if src else None))
+        plan = self.core.on_packets(batch, self.now)
+        self.plan = plan
+        results = self.kernel.apply(plan.ops)
+        commit = self.core.commit(plan, results, self.now)
+        assert all(r.ok for r in self.kernel.apply(commit.cleanup))
+        return commit
+
+    def labels_of(self, client: str, dport: int = 80, proto: str = "tcp") -> tuple[int, ...]:
+        fwd = self.kernel.forward_ip(client, VIP, proto=proto, sport=40000, dport=dport, out_dev="fab0")
+        return fwd.labels if fwd else ()
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        assert all(r.ok for r in self.kernel.apply(self.core.tick(self.now)))
+
+
+class AgentNode:
+    """The agent and a fake kernel, wired as the daemon wires them."""
+
+    def __init__(self) -> None:
+        self.config = load_server_config(SERVER_EXAMPLE)
+        self.agent = ServerAgent(self.config)
+        self.kernel = FakeProvider(["eth0"])
+        assert all(r.ok for r in self.kernel.apply([ops.Add(o) for o in self.agent.node_objects()]))
+        self.next_id = 0
+
+    def first(self, label: int, data: bytes, now: float = 0.0) -> list[Action]:
+        self.next_id += 1
+        plan = self.agent.on_packets([LabelledPacket(8, self.next_id, label, data)], now)
+        return [v.action for v in self.agent.commit(plan, self.kernel.apply(plan.ops))]
+
+    def answer(self, client: str, vip: str = VIP) -> tuple[int, ...] | None:
+        """The label stack an answer from the VIP to `client` leaves with (None: plain IP)."""
+        fwd = self.kernel.route_ip(vip, client)
+        return None if fwd is None else fwd.labels
+
+    def tick(self, now: float) -> None:
+        assert all(r.ok for r in self.kernel.apply(self.agent.tick(now)))
+
+
+class _Pipe:
+    """A file descriptor the loop can watch that never becomes readable: a pipe, made only when
+    the loop asks for it (most tests call the daemon's hooks directly), no socket."""
+
+    def __init__(self) -> None:
+        self._fds: tuple[int, int] | None = None
+
+    def fileno(self) -> int:
+        if self._fds is None:
+            self._fds = os.pipe()
+        return self._fds[0]
+
+    def close(self) -> None:
+        if self._fds is not None:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = None
+
+
+class ScriptedQueue(_Pipe):
+    """The daemon's NFQUEUE socket: hands out the batches given to `script`, records each batch of
+    verdicts sent and what `observe` said at that moment (e.g. whether the kernel held a route
+    yet: verdicts must go only after the objects they wait for)."""
+
+    def __init__(self, observe: Callable[[], object] = lambda: None) -> None:
+        super().__init__()
+        self.observe = observe
+        self.batches: list[list[QueuedPacket]] = []
+        self.sent_batches: list[tuple[list[Verdict], object]] = []
+
+    def script(self, *packets: QueuedPacket) -> None:
+        self.batches.append(list(packets))
+
+    def read_batch(self, limit: int) -> list[QueuedPacket]:
+        """The next scripted batch, at most `limit` of it (the rest waits for the next read)."""
+        if not self.batches:
+            return []
+        batch = self.batches.pop(0)
+        if len(batch) > limit:
+            self.batches.insert(0, batch[limit:])
+        return batch[:limit]
+
+    def send_verdicts(self, verdicts: Iterable[Verdict]) -> None:
+        self.sent_batches.append((list(verdicts), self.observe()))
+
+    @property
+    def sent(self) -> list[Verdict]:
+        """Every verdict sent, in order."""
+        return [v for batch, _ in self.sent_batches for v in batch]
+
+
+class ScriptedConntrack(_Pipe):
+    """The daemon's conntrack socket: scripted events, a scripted live flow table."""
+
+    def __init__(self, live: Iterable[FlowKey] = ()) -> None:
+        super().__init__()
+        self.live = frozenset(live)
+        self.events: list[FlowsEnded | FlowTableResync] = []
+
+    def read(self) -> list[FlowsEnded | FlowTableResync]:
+        events, self.events = self.events, []
+        return events
+
+    def sweep(self) -> FlowTableResync:
+        return FlowTableResync(self.live, sweep=True)
+
+    def dump(self) -> frozenset[FlowKey]:
+        return self.live
+
+
+def scripted_capture(queue: ScriptedQueue, conntrack: ScriptedConntrack | None = None) -> Capture:
+    """Openers that hand the daemon these scripted sockets instead of the kernel's."""
+    flows = conntrack if conntrack is not None else ScriptedConntrack()
+    return Capture(queue=lambda first, last: queue, conntrack=lambda: flows)
+
+
+def balancer_daemon(cfg: BalancerConfig, kernel: FakeProvider, queue: ScriptedQueue | None = None,
+                    daemon_class: type[BalancerDaemon] = BalancerDaemon) -> BalancerDaemon:
+    """A balancer daemon over the fake kernel, its queue already open (as after setup)."""
+    queue = queue if queue is not None else ScriptedQueue()
+    daemon = daemon_class(str(BALANCER_EXAMPLE), kernel, scripted_capture(queue), cfg)
+    daemon.queue = queue
+    return daemon
+
+
+def server_daemon(cfg: ServerConfig, kernel: FakeProvider, queue: ScriptedQueue) -> ServerDaemon:
+    """A server daemon over the fake kernel, its queue already open (as after setup)."""
+    daemon = ServerDaemon(str(SERVER_EXAMPLE), kernel, scripted_capture(queue), cfg)
+    daemon.queue = queue
+    return daemon

@@ -51,6 +51,8 @@ case "$job" in
   demo) exec mplsorch lab demo ;;
   test)
     python -m pytest -q tests
+    # The lab itself, from the host: exit status and output through the guest, SIGTERM, leftovers.
+    python -m pytest -q -p no:cacheprovider lab_tests
     # The VM backend stays alive: one boot of the emulated VM with the hand-built reference session.
     vm=0
     mplsorch lab run --backend vm -- python -m pytest -q -p no:cacheprovider netns_tests/test_reference_session.py || vm=$?

@@ -3,7 +3,9 @@
 Each module runs in a lab of its own (`lab run -- python -m pytest MODULE`): a fresh kernel and
 topology per module, so no module depends on what another left behind, and on the uml backend as
 many labs run side by side as the machine has cores (a UML kernel uses one CPU). The slowest
-modules start first (durations of the last run, kept in the lab cache; file size before that).
+modules start first: the durations measured on this machine (kept in the lab cache), else those
+kept beside the modules (`pytest-durations.json`, measured when they were written down), else the
+file's size.
 A module's output is printed in one piece when it ends. The run fails when any test fails or
 errs, when a lab fails before its tests report (counted as an error), or when a module runs no
 test; skipped tests are listed with their reasons.
@@ -179,6 +181,22 @@ def default_jobs(name: str) -> int:
     return max(1, os.cpu_count() or 1) if name == "uml" else 1
 
 
+def _read_durations(path: Path) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text())
+        return {str(k): float(v) for k, v in data.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def known_durations(modules: list[str], cache: Path) -> dict[str, float]:
+    """Seconds per module: this machine's last measurements over those kept beside the modules."""
+    out: dict[str, float] = {}
+    for d in sorted({str(Path(m).parent) for m in modules}):
+        out |= {str(Path(d) / k): v for k, v in _read_durations(Path(d) / DURATIONS_FILE).items()}
+    return out | _read_durations(cache)
+
+
 def run_parallel(paths: list[str], jobs: int | None, backend_name: str | None, pytest_args: list[str]) -> int:
     """Exit status: 0 every test passed; 1 a test failed or erred, a lab failed, or a module ran
     no test; 2 nothing to run; 3 no backend; 128+N interrupted by signal N."""
@@ -196,11 +214,7 @@ def run_parallel(paths: list[str], jobs: int | None, backend_name: str | None, p
         print("mplsorch lab: the host backend runs one lab at a time", file=sys.stderr)
         n = 1
     durations_path = uml.cache_dir() / DURATIONS_FILE
-    try:
-        durations = {str(k): float(v) for k, v in json.loads(durations_path.read_text()).items()}
-    except (OSError, ValueError, AttributeError):
-        durations = {}
-    ordered = order(modules, durations)
+    ordered = order(modules, known_durations(modules, durations_path))
     print(f"mplsorch lab: {len(modules)} test modules on {n} {choice.name} lab(s): {choice.detail}", flush=True)
     t0 = time.monotonic()
     # the guests write JUnit files here: not under /tmp or /run, which a guest replaces
@@ -220,12 +234,12 @@ def run_parallel(paths: list[str], jobs: int | None, backend_name: str | None, p
     for m in not_run:
         print(f"NOT RUN {m} (interrupted)")
     print(summary_line(results, elapsed), flush=True)
-    if not not_run:
-        try:
-            durations_path.parent.mkdir(parents=True, exist_ok=True)
-            durations_path.write_text(json.dumps({r.module: round(r.seconds, 1) for r in results}, indent=1))
-        except OSError:
-            pass
+    measured = {r.module: round(r.seconds, 1) for r in results if r.ok}   # a failed module's time says little
+    try:
+        durations_path.parent.mkdir(parents=True, exist_ok=True)
+        durations_path.write_text(json.dumps(_read_durations(durations_path) | measured, indent=1, sort_keys=True))
+    except OSError:
+        pass
     if runner.stopping is not None:
         return 128 + runner.stopping
     return 0 if all(r.ok for r in results) and not not_run else 1

@@ -226,3 +226,14 @@ def test_slow_modules_start_first_and_untimed_ones_before_them(tmp_path: Path) -
     durations = {mods[0]: 100.0, mods[2]: 300.0}
     assert [Path(m).name for m in parallel.order(mods, durations)] == ["test_b.py", "test_d.py", "test_c.py", "test_a.py"]
     assert parallel.default_jobs("host") == 1 and parallel.default_jobs("vm") == 1
+
+
+def test_durations_measured_here_win_over_those_kept_beside_the_modules(tmp_path: Path) -> None:
+    tests = tmp_path / "suite"
+    tests.mkdir()
+    (tests / parallel.DURATIONS_FILE).write_text(json.dumps({"test_a.py": 400, "test_b.py": 50}))
+    cache = tmp_path / "cache.json"
+    cache.write_text(json.dumps({str(tests / "test_b.py"): 60.0}))
+    mods = [str(tests / "test_a.py"), str(tests / "test_b.py"), str(tests / "test_c.py")]
+    assert parallel.known_durations(mods, cache) == {str(tests / "test_a.py"): 400.0, str(tests / "test_b.py"): 60.0}
+    assert parallel.known_durations(mods, tmp_path / "missing.json")[str(tests / "test_b.py")] == 50.0

@@ -19,7 +19,7 @@ import pytest
 
 from orchestrator.dataplane import ops
 from orchestrator.lab.kit import Lab, patience
-from orchestrator.lab.server_lab import ServerLab, server_config
+from netns_tests.harness.server_lab import ServerLab, server_config
 
 SESSION_KEYS = {"client", "vip", "c2s_label", "s2c_label", "state", "flows", "created", "last_seen", "ends_at"}
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from orchestrator.lab.ansible_lab import (WHEELHOUSE, AnsibleLab, Run, bare, managed, mpls_routes, restore,
+from netns_tests.harness.ansible_lab import (WHEELHOUSE, AnsibleLab, Run, bare, managed, mpls_routes, restore,
                                           wheelhouse_wheel)
 from orchestrator.lab.kit import Lab
 

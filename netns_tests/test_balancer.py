@@ -117,7 +117,7 @@ def test_a_session_ends_after_its_flows_and_the_persistence_timeout(lab: Lab, ba
 
 def test_admission_refusal_reaches_the_client_as_a_reset(lab: Lab, balancer: BalancerLab) -> None:
     assert balancer.curl("c1") == "200"  # c1's session is fresh: the service holds at least one
-    balancer.reload(**{"max_sessions: 100000      # all sessions of the service": "max_sessions: 1"})
+    balancer.reload({"services.http.admission.max_sessions": 1})
     assert "reload rejected" not in balancer.log()
     lab.sh("c1", "ip", "addr", "add", "10.0.1.20/24", "dev", lab.iface("c1", towards="lb")["dev"])
     try:
@@ -136,7 +136,7 @@ def test_admission_refusal_reaches_the_client_as_a_reset(lab: Lab, balancer: Bal
 
 
 def test_an_invalid_reload_is_rejected_and_the_old_configuration_stays(lab: Lab, balancer: BalancerLab) -> None:
-    balancer.reload(**{"scheduler: rr": "scheduler: fastest"})
+    balancer.reload({"services.http.scheduler": "fastest"})
     assert "reload rejected" in balancer.log()
     assert balancer.curl("c2") == "200"
     balancer.reload()
@@ -250,8 +250,8 @@ def test_weighted_round_robin_over_300_sessions_and_least_connections(lab: Lab, 
     for net in behind_c1:
         lab.sh("lb", "ip", "route", "replace", net, "via", lab.address("c1"))
     try:
-        dns = "persistence_timeout: 30s\n    scheduler: wrr"  # in the example; held long for lc below
-        balancer.reload(**{dns: "persistence_timeout: 600s\n    scheduler: wrr"})
+        held = {"services.dns.persistence_timeout": "600s"}  # the example's wrr service; held long for lc below
+        balancer.reload(held)
         lab.sh("c1", sys.executable, "-c", SPREAD, lab.vip, "200", "300", timeout=patience(60))
         spread = _wait_for(balancer, "dns", "10.200.", 300)
         weights = {"s1": 1, "s2": 1, "s3": 2}  # templates/balancer.example.yaml
@@ -259,7 +259,7 @@ def test_weighted_round_robin_over_300_sessions_and_least_connections(lab: Lab, 
             expected = 300 * weight / sum(weights.values())
             assert abs(spread[server] - expected) <= 0.1 * expected, spread
         # lc: new sessions go to the servers with the fewest sessions (s3 holds twice as many).
-        balancer.reload(**{dns: "persistence_timeout: 600s\n    scheduler: lc"})
+        balancer.reload({**held, "services.dns.scheduler": "lc"})
         lab.sh("c1", sys.executable, "-c", SPREAD, lab.vip, "210", "4", timeout=patience(60))
         least = _wait_for(balancer, "dns", "10.210.", 4)
         assert set(least) <= {"s1", "s2"} and sum(least.values()) == 4, least

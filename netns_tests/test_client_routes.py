@@ -22,7 +22,7 @@ FAR = "10.0.9.1"  # on c1's lo; the balancer routes 10.0.9.0/24 via c1
 
 @pytest.fixture(scope="module")
 def balancer(lab: Lab) -> Iterator[BalancerLab]:
-    b = BalancerLab(lab, **{"label_aware: []": f"label_aware: [{lab.address('c2')}/32]"})
+    b = BalancerLab(lab, changes={"clients.label_aware": [f"{lab.address('c2')}/32"]})
     try:
         b.start()
         yield b

@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator.dataplane import ops
 from orchestrator.lab.kit import Lab
-from orchestrator.lab.reference import balancer_node
+from netns_tests.harness.reference import balancer_node
 
 TC_DEV, OURS_DEV = "tcref0", "ours0"
 

@@ -21,19 +21,18 @@ from orchestrator.dataplane import ops
 from orchestrator.lab.balancer_lab import CHECK_PORT, BalancerLab
 from orchestrator.lab.kit import Lab, patience
 
-CHECK = (f"  web:\n    health_check: {{type: http, port: {CHECK_PORT}, path: /, interval: 2s, timeout: 2s, "
-         "rise: 1, fall: 3}\n")
+CHECK = {"type": "http", "port": CHECK_PORT, "path": "/", "interval": "2s", "timeout": "2s", "rise": 1, "fall": 3}
 METRICS = "127.0.0.1:9469"
 PATIENCE = patience(40)  # seconds
 
 
 @pytest.fixture(scope="module")
 def balancer(lab: Lab) -> Iterator[BalancerLab]:
-    b = BalancerLab(lab, checked=True, **{
-        "  web:\n": CHECK,
+    b = BalancerLab(lab, checked=True, changes={
+        "pools.web.health_check": CHECK,
         # The IPv6 service resets its sessions when their server fails; http (IPv4) reassigns.
-        "scheduler: maglev\n": "scheduler: maglev\n    on_server_failure: reset\n",
-        "# metrics:  ": f'metrics: {{listen: "{METRICS}"}}\n# metrics:  '})
+        "services.mobile.on_server_failure": "reset",
+        "metrics.listen": METRICS})
     try:
         b.start()
         yield b

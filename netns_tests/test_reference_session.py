@@ -8,7 +8,7 @@ from typing import Iterator
 import pytest
 
 from orchestrator.lab.kit import Lab
-from orchestrator.lab.reference import (
+from netns_tests.harness.reference import (
     Session, apply_all, balancer_node, deletes, fabric_node, once_per_node, session_ops,
 )
 

@@ -19,7 +19,7 @@ import pytest
 
 from orchestrator.dataplane import ops
 from orchestrator.lab.kit import Lab, patience
-from orchestrator.lab.server_lab import ServerLab, server_config
+from netns_tests.harness.server_lab import ServerLab, server_config
 
 SESSION_KEYS = {"client", "vip", "c2s_label", "s2c_label", "state", "flows", "created", "last_seen", "ends_at"}
 
@@ -122,7 +122,7 @@ def test_setup_apply_made_the_node_ready_and_check_names_what_is_not(lab: Lab, f
     assert lab.sh("s3", "sysctl", "-n", "net.mpls.conf.lo.input").stdout.strip() == "1"
     agent = farm.agents["s2"]
     config, sock = agent.dir / "not-ready.yaml", agent.dir / "not-ready.sock"
-    config.write_text(server_config(lab, "s2", sock, setup="check", extra_vips="  10.0.0.200: {table: 102}\n"))
+    config.write_text(server_config(lab, "s2", sock, {"node.setup": "check", ("vips", "10.0.0.200"): {"table": 102}}))
     result = lab.sh("s2", sys.executable, "-m", "orchestrator", "run", "--config", str(config), check=False,
                     timeout=patience(30))
     assert result.returncode == 4, result
@@ -135,9 +135,8 @@ def test_setup_apply_made_the_node_ready_and_check_names_what_is_not(lab: Lab, f
 
 def test_reload_rejects_an_invalid_file_and_applies_a_new_vip(lab: Lab, farm: ServerLab) -> None:
     agent = farm.agents["s2"]
-    main_table = agent.config.read_text().replace("{table: 100}", "{table: 254}")
-    assert "reload rejected" in agent.reload(text=main_table)
-    assert "configuration reloaded" in agent.reload(extra_vips="  10.0.0.200: {table: 102}\n")  # apply: onto lo
+    assert "reload rejected" in agent.reload({("vips", lab.vip, "table"): 254})  # the kernel's main table
+    assert "configuration reloaded" in agent.reload({("vips", "10.0.0.200"): {"table": 102}})  # apply: onto lo
     assert "from 10.0.0.200 lookup 102" in lab.sh("s2", "ip", "rule").stdout
     assert "10.0.0.200" in lab.sh("s2", "nft", "list", "chain", "inet", "mplsorch", "input").stdout
     assert "configuration reloaded" in agent.reload()

@@ -11,9 +11,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config.examples import KeyPath, example
 from orchestrator.dataplane import ops
 from orchestrator.lab.kit import Lab, daemon_cli, patience
 
@@ -29,35 +31,36 @@ UDP_ASK = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM
            "s.sendto(b'hello', (sys.argv[1], 53)); print(s.recvfrom(100)[0].decode())")
 
 
-def lab_config(sock: Path, **changes: str) -> str:
-    """templates/balancer.example.yaml fitted to the lab; `changes` replace text in it."""
-    text = (ROOT / "templates" / "balancer.example.yaml").read_text()
-    replace = {"range: [1000, 99999]": f"range: [{LABELS[0]}, {LABELS[1]}]",
-               # http sessions outlive a whole test run however slow the emulated VM is; dns
-               # sessions end soon after their flow, so tests can watch a session end.
-               "persistence_timeout: 30s\n    scheduler: rr": "persistence_timeout: 3600s\n    scheduler: rr",
-               "persistence_timeout: 30s\n    scheduler: maglev": "persistence_timeout: 3600s\n    scheduler: maglev",
-               "persistence_timeout: 30s\n    scheduler: wrr": "persistence_timeout: 2s\n    scheduler: wrr",
-               "hold_down: 2s": "hold_down: 1s",
-               "setup: check ": "setup: apply ",  # the lab proves apply: conntrack's checksum check goes
-               "control_socket: /run/mplsorch/mplsorch.sock": f"control_socket: {sock}", **changes}
-    for old, new in replace.items():
-        if old not in text:
-            raise KeyError(f"{old!r} is not in the example configuration")
-        text = text.replace(old, new)
-    return text
+# The lab's changes to templates/balancer.example.yaml (key paths of orchestrator.config.examples).
+LAB_CHANGES: dict[KeyPath, Any] = {
+    "labels.range": list(LABELS),
+    # http and mobile sessions outlive a whole test run however slow the emulated VM is; dns
+    # sessions end soon after their flow, so tests can watch a session end.
+    "services.http.persistence_timeout": "3600s",
+    "services.mobile.persistence_timeout": "3600s",
+    "services.dns.persistence_timeout": "2s",
+    "labels.hold_down": "1s",
+    "node.setup": "apply",  # the lab proves apply: conntrack's checksum check goes
+}
+
+
+def lab_config(sock: Path, changes: Mapping[KeyPath, Any] | None = None) -> str:
+    """templates/balancer.example.yaml fitted to the lab (LAB_CHANGES, the control socket `sock`),
+    then `changes` (key path -> value, `DELETE` removes; see orchestrator.config.examples)."""
+    return example("balancer", {**LAB_CHANGES, "node.control_socket": str(sock), **(changes or {})})
 
 
 class BalancerLab:
     """Set up with `start()`, torn down with `close()`: everything it made is removed."""
 
     def __init__(self, lab: Lab, node: str = "lb", plain_servers: bool = True, checked: bool = False,
-                 **changes: str) -> None:
+                 changes: Mapping[KeyPath, Any] | None = None) -> None:
         """`plain_servers=False`: the servers run the agent (server_lab.py), which installs the
         termination routes itself and answers under S2C labels, so neither the hand-made
         termination routes nor the fabric's plain-IP way back to the clients are set up.
         `checked=True`: each server's application also serves HTTP on its own address, port
-        CHECK_PORT, where health checks reach it, and the balancer gets routes to the servers."""
+        CHECK_PORT, where health checks reach it, and the balancer gets routes to the servers.
+        `changes`: to the lab's configuration (`lab_config`)."""
         self.lab = lab
         self.node = node
         self.plain_servers = plain_servers
@@ -66,7 +69,7 @@ class BalancerLab:
         self.dir = Path(lab.node(node)["runtime_dir"])
         self.sock = self.dir / "mplsorch.sock"
         self.config = self.dir / "balancer.yaml"
-        self.config.write_text(lab_config(self.sock, **changes))
+        self.config.write_text(lab_config(self.sock, changes))
         self.proc: subprocess.Popen[bytes] | None = None
         self._procs: list[subprocess.Popen[bytes]] = []
         self.flows = 0  # new flows started through curl()/udp()
@@ -153,9 +156,9 @@ class BalancerLab:
         return sum(a["stats"]["packets"] for f in json.loads(out) if "options" in f
                    for a in f["options"].get("actions", []) if a.get("order") == 1)
 
-    def reload(self, **changes: str) -> None:
-        """Rewrite the configuration (the example plus `changes`) and SIGHUP the daemon."""
-        self.config.write_text(lab_config(self.sock, **changes))
+    def reload(self, changes: Mapping[KeyPath, Any] | None = None) -> None:
+        """Rewrite the configuration (the lab's plus `changes`, as in `lab_config`) and SIGHUP the daemon."""
+        self.config.write_text(lab_config(self.sock, changes))
         assert self.proc is not None
         before = self.log().count("configuration reloaded") + self.log().count("reload rejected")
         os.kill(self.proc.pid, signal.SIGHUP)

@@ -20,8 +20,7 @@ HTTP_PER_CLIENT = 2
 
 def run(lab: Lab) -> dict[str, Any]:
     # Both services' sessions persist for the whole demo, so the table shows every one of them.
-    balancer = BalancerLab(lab, **{"persistence_timeout: 30s\n    scheduler: wrr":
-                                   "persistence_timeout: 3600s\n    scheduler: wrr"})
+    balancer = BalancerLab(lab, changes={"services.dns.persistence_timeout": "3600s"})
     try:
         balancer.start()
         capture = lab.capture("p", lab.iface("p", towards="lb")["dev"], "demo-c2s")

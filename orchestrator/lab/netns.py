@@ -301,7 +301,9 @@ def _links(topo: Topology, shell: Shell) -> None:
     _batch(shell, SWITCH_NETNS, sw_post)
 
 
-def _addresses(topo: Topology, node: str) -> list[str]:
+def node_addresses(topo: Topology, node: str) -> list[str]:
+    """The node's `ip -batch` lines for its links and addresses (lo up; every address of each
+    attachment, IPv6 without DAD; the VIPs on a server's lo)."""
     lines = ["link set lo up"]
     for seg, m in topo.attachments(node):
         for addr in m.addresses:
@@ -313,8 +315,8 @@ def _addresses(topo: Topology, node: str) -> list[str]:
     return lines
 
 
-def _routes(topo: Topology, node: str) -> list[str]:
-    """Derived default routes and VIP routes, then the node's static routes."""
+def node_routes(topo: Topology, node: str) -> list[str]:
+    """The node's `ip -batch` route lines: derived default routes and VIP routes, then its static routes."""
     n = topo.node(node)
     lines: list[str] = []
     explicit_default = any(r.to == "default" for r in n.routes)
@@ -388,11 +390,11 @@ def build(topo: Topology, paths: LabPaths, state: LabState, shell: Shell = run_c
     _links(topo, shell)
     progress("addresses, sysctls and routes")
     for node in topo.names():
-        _batch(shell, node, _addresses(topo, node))
+        _batch(shell, node, node_addresses(topo, node))
     for node in topo.names():
         _sysctl(shell, node, sysctls(topo, node))
     for node in topo.names():
-        _batch(shell, node, _routes(topo, node))
+        _batch(shell, node, node_routes(topo, node))
     for fabric in topo.names("fabric"):
         _batch(shell, fabric, transport_routes(topo, fabric), family="mpls")
 

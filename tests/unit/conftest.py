@@ -6,13 +6,15 @@ from each other, so a change to the harness is made once."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from scapy.layers.inet import IP, TCP
 
 from orchestrator.analyze.packet import source_address
 from orchestrator.capture.nfqueue import QueuedPacket, Verdict
+from orchestrator.config.examples import KeyPath, example
 from orchestrator.config.load import load_server_config, parse_config
 from orchestrator.config.model import BalancerConfig
 from orchestrator.config.server_model import ServerConfig
@@ -33,16 +35,9 @@ VIP = "10.0.0.100"
 TRANSPORT = {"s1": 101, "s2": 102, "s3": 103}   # the example's servers' transport labels
 
 
-def edited(text: str, **replace: str) -> str:
-    """`text` with each key replaced by its value; every key must occur."""
-    for old, new in replace.items():
-        assert old in text, f"{old!r} not in the text"
-        text = text.replace(old, new)
-    return text
-
-
-def config(text: str = EXAMPLE, **replace: str) -> BalancerConfig:
-    cfg = parse_config(edited(text, **replace), "test.yaml")
+def config(changes: Mapping[KeyPath, Any] | None = None) -> BalancerConfig:
+    """The balancer example with `changes` (key path -> value; orchestrator.config.examples)."""
+    cfg = parse_config(example("balancer", changes), "test.yaml")
     assert isinstance(cfg, BalancerConfig)
     return cfg
 

@@ -8,6 +8,7 @@ import collections
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
 
+from orchestrator.config.examples import DELETE
 from orchestrator.core.balancer import Balancer
 from orchestrator.core.events import Action, FlowsEnded, FlowTableResync
 from orchestrator.dataplane import ops
@@ -51,11 +52,11 @@ def test_two_first_packets_of_one_client_in_one_batch_open_one_session() -> None
 
 
 def test_wrr_and_lc_follow_their_rules() -> None:
-    node = Node(config(**{"scheduler: rr": "scheduler: wrr"}))
+    node = Node(config({"services.http.scheduler": "wrr"}))
     node.packets(*(syn(f"10.0.{i // 200}.{i % 200 + 1}") for i in range(300)))
     counts = collections.Counter(s.server for s in node.core.table)
     assert counts == {"s1": 75, "s2": 75, "s3": 150}  # weights 1:1:2, exact over whole cycles
-    lc = Node(config(**{"scheduler: rr": "scheduler: lc"}))
+    lc = Node(config({"services.http.scheduler": "lc"}))
     lc.packets(syn("10.0.1.10"), syn("10.0.1.11"))
     first = next(s for s in lc.core.table if s.key.value == "10.0.1.10")
     lc.core.on_flow_events([FlowsEnded(tuple(first.flows))], lc.now)
@@ -105,8 +106,7 @@ def test_lost_conntrack_events_are_recovered_from_a_dump() -> None:
 
 
 def test_admission_refuses_new_sessions_only() -> None:
-    node = Node(config(**{"max_sessions: 100000      # all sessions of the service":
-                          "max_sessions: 2"}))
+    node = Node(config({"services.http.admission.max_sessions": 2}))
     commit = node.packets(syn("10.0.1.10"), syn("10.0.1.11"), syn("10.0.1.12"))
     assert [v.action for v in commit.verdicts] == [Action.ACCEPT, Action.ACCEPT, Action.REFUSE]
     assert commit.verdicts[2].refuse_with == "rst" and commit.verdicts[2].reason == "service-full"
@@ -116,8 +116,8 @@ def test_admission_refuses_new_sessions_only() -> None:
 
 
 def test_label_pool_headroom_and_exhaustion() -> None:
-    node = Node(config(**{"range: [1000, 99999]": "range: [1001, 1010]",
-                          "min_free_labels: 16": "min_free_labels: 4"}))
+    node = Node(config({"labels.range": [1001, 1010],
+                        **{f"services.{s}.admission.min_free_labels": 4 for s in ("http", "dns", "mobile")}}))
     commit = node.packets(*(syn(f"10.0.1.{10 + i}") for i in range(5)))
     # 5 pairs: 1001..1010; sessions stop while 2 pairs (4 labels) would be left.
     assert [v.action for v in commit.verdicts] == [Action.ACCEPT] * 3 + [Action.REFUSE] * 2
@@ -145,8 +145,7 @@ def test_failed_programming_drops_the_packet_and_leaves_nothing_behind() -> None
 
 
 def test_mobile_client_keeps_server_and_labels_when_its_care_of_address_changes() -> None:
-    v6 = config(**{"vip: 10.0.0.100\n    protocol: tcp": "vip: 2001:db8::100\n    protocol: tcp",
-                   "session_key: client-ip      # client-ip": "session_key: mip6-home-address  #"})
+    v6 = config({"services.http.vip": "2001:db8::100", "services.http.session_key": "mip6-home-address"})
     node = Node(v6)
 
     def mip6_syn(coa: str, sport: int) -> bytes:
@@ -169,9 +168,8 @@ def test_mobile_client_keeps_server_and_labels_when_its_care_of_address_changes(
 def test_a_client_address_beyond_the_sessions_filter_handles_is_dropped() -> None:
     """128 ports: two client addresses fill the session's 256 filter handles; a third one would
     wrap onto the first one's handles, so its packet is dropped and nothing is programmed."""
-    v6 = config(**{"vip: 10.0.0.100\n    protocol: tcp": "vip: 2001:db8::100\n    protocol: tcp",
-                   "ports: [80]\n    pool: web\n    session_key: client-ip      # client-ip":
-                   f"ports: {list(range(80, 208))}\n    pool: web\n    session_key: mip6-home-address  #"})
+    v6 = config({"services.http.vip": "2001:db8::100", "services.http.ports": list(range(80, 208)),
+                 "services.http.session_key": "mip6-home-address"})
     node = Node(v6)
 
     def mip6_syn(coa: str) -> bytes:
@@ -207,10 +205,10 @@ def test_restart_restores_sessions_from_the_kernel() -> None:
 
 
 def test_reload_changes_the_scheduler_and_keeps_sessions() -> None:
-    node = Node(config(**{"scheduler: rr": "scheduler: wrr"}))
+    node = Node(config({"services.http.scheduler": "wrr"}))
     node.packets(*(syn(f"10.0.1.{10 + i}") for i in range(4)))  # wrr 1:1:2 -> s1, s2, s3, s3
     assert collections.Counter(s.server for s in node.core.table) == {"s1": 1, "s2": 1, "s3": 2}
-    node.core.configure(config(**{"scheduler: rr": "scheduler: lc"}), node.now)
+    node.core.configure(config({"services.http.scheduler": "lc"}), node.now)
     node.packets(syn("10.0.1.50"), syn("10.0.1.51"))
     picked = {s.key.value: s.server for s in node.core.table}
     assert len(picked) == 6 and {picked["10.0.1.50"], picked["10.0.1.51"]} == {"s1", "s2"}
@@ -219,8 +217,7 @@ def test_reload_changes_the_scheduler_and_keeps_sessions() -> None:
 def test_esp_and_sctp_sessions_match_their_protocol_in_the_kernel() -> None:
     """The C2S filter of an ESP or SCTP service matches its IP protocol, so other traffic of the
     same client to the same VIP is not labelled into the session."""
-    esp = "  dns:\n    vip: 10.0.0.100\n    protocol: udp\n    ports: [53]"
-    node = Node(config(**{esp: "  dns:\n    vip: 10.0.0.100\n    protocol: esp"}))
+    node = Node(config({"services.dns.protocol": "esp", "services.dns.ports": DELETE}))
     packet = bytes(IP(src="10.0.1.30", dst=VIP, proto=50) / (b"\x00\x00\x10\x01" + b"\x00" * 12))
     assert [v.action for v in node.packets(packet).verdicts] == [Action.ACCEPT]
     flt = next(i.obj for i in node.kernel.dump() if isinstance(i.obj, ops.FlowerFilter))

@@ -14,6 +14,7 @@ import os
 import socket
 import tempfile
 import urllib.request
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 from orchestrator import systemd
 from orchestrator.capture.nfqueue import NF_ACCEPT, QueuedPacket, parse_queue_stats
 from orchestrator.cli.main import app
+from orchestrator.config.examples import KeyPath
 from orchestrator.config.model import MetricsConfig
 from orchestrator.daemon import control, logs, views
 from orchestrator.daemon.balancer import BalancerDaemon
@@ -30,16 +32,16 @@ from orchestrator.dataplane import ops
 from orchestrator.dataplane.fake import FakeProvider
 from orchestrator.health import CheckResult
 from orchestrator.core.health import HealthState
-from tests.unit.conftest import BALANCER_EXAMPLE, EXAMPLE, VIP, ScriptedQueue, balancer_daemon, config
+from tests.unit.conftest import BALANCER_EXAMPLE, VIP, ScriptedQueue, balancer_daemon, config
 
-CHECK = "  web:\n    health_check: {type: tcp, port: 80, interval: 1s, timeout: 1s, rise: 1, fall: 3}\n"
+CHECK = {"pools.web.health_check": {"type": "tcp", "port": 80, "interval": "1s", "timeout": "1s", "rise": 1, "fall": 3}}
 
 
-def make_daemon(**replace: str) -> BalancerDaemon:
+def make_daemon(changes: Mapping[KeyPath, Any] | None = None) -> BalancerDaemon:
     kernel = FakeProvider(["lan0", "fab0"])
     kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
     kernel.add_ip_route("10.0.0.0/16", "lan0")
-    return balancer_daemon(config(EXAMPLE.replace("  web:\n", CHECK), **replace), kernel)
+    return balancer_daemon(config({**CHECK, **(changes or {})}), kernel)
 
 
 @pytest.fixture
@@ -92,7 +94,7 @@ def test_a_server_down_is_logged_avoided_and_its_sessions_move(
 
 
 def test_reset_policy_ends_the_sessions_and_logs_their_end(caplog: pytest.LogCaptureFixture) -> None:
-    d = make_daemon(**{"on_server_failure: reassign": "on_server_failure: reset"})
+    d = make_daemon({"services.http.on_server_failure": "reset"})
     caplog.set_level(logging.INFO, "mplsorch")
     d.decide([syn(1, "10.0.1.10"), syn(2, "10.0.1.11")])
     gone = next(s for s in d.core.table if s.server == "s2")
@@ -103,7 +105,7 @@ def test_reset_policy_ends_the_sessions_and_logs_their_end(caplog: pytest.LogCap
 
 
 def test_the_health_runner_marks_a_server_down_within_fall_times_interval() -> None:
-    d = make_daemon(**{"interval: 1s, timeout: 1s": "interval: 50ms, timeout: 50ms"})
+    d = make_daemon({"pools.web.health_check.interval": "50ms", "pools.web.health_check.timeout": "50ms"})
     d.decide([syn(1, "10.0.1.10"), syn(2, "10.0.1.11")])
 
     async def checker(check: Any, address: str) -> CheckResult:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import socket
 import struct
 from collections import deque
+from collections.abc import Mapping
+from typing import Any
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -20,6 +21,7 @@ from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
 from orchestrator.analyze.packet import source_address
 from orchestrator.capture.nfqueue import NF_ACCEPT, NF_DROP, QueuedPacket
 from orchestrator.config import ConfigError, load_balancer_config, parse_config
+from orchestrator.config.examples import DELETE, KeyPath, example
 from orchestrator.core.balancer import Balancer
 from orchestrator.core.events import Action
 from orchestrator.dataplane import ops
@@ -31,7 +33,7 @@ from tests.unit.conftest import BALANCER_EXAMPLE, EXAMPLE, TRANSPORT, Node, Scri
 
 GATEWAY = "10.0.1.10"      # a client-side router on lan1
 FAR = "10.0.9.1"           # a client behind it
-AWARE = {"label_aware: []": "label_aware: [10.0.9.0/24, 10.0.1.11]"}
+AWARE = {"clients.label_aware": ["10.0.9.0/24", "10.0.1.11"]}
 
 
 def s2c_route(node: Node, client: str) -> ops.MplsRoute:
@@ -41,8 +43,8 @@ def s2c_route(node: Node, client: str) -> ops.MplsRoute:
     return route
 
 
-def far_node(**replace: str) -> Node:
-    node = Node(config(**replace) if replace else None)
+def far_node(changes: Mapping[KeyPath, Any] | None = None) -> Node:
+    node = Node(config(changes))
     node.kernel.add_ip_route("10.0.9.0/24", "lan1", via=GATEWAY)
     return node
 
@@ -72,7 +74,7 @@ def test_an_on_link_client_is_answered_directly_on_the_routes_device() -> None:
 
 
 def test_label_aware_clients_get_the_s2c_label_swapped_not_popped() -> None:
-    node = far_node(**AWARE)
+    node = far_node(AWARE)
     node.packets(syn(FAR), syn("10.0.1.11"), syn("10.0.1.12"))
     for client, via, dev in ((FAR, GATEWAY, "lan1"), ("10.0.1.11", "10.0.1.11", "lan0")):
         route = s2c_route(node, client)
@@ -97,8 +99,7 @@ def test_a_client_without_a_route_is_dropped_and_counted_and_nothing_is_installe
 
 
 def test_a_mobile_client_moving_to_an_unroutable_care_of_address_keeps_its_old_return_path() -> None:
-    v6 = config(**{"vip: 10.0.0.100\n    protocol: tcp": "vip: 2001:db8::100\n    protocol: tcp",
-                   "session_key: client-ip      # client-ip": "session_key: mip6-home-address  #"})
+    v6 = config({"services.http.vip": "2001:db8::100", "services.http.session_key": "mip6-home-address"})
     node = Node(v6)
 
     def mip6_syn(coa: str, sport: int) -> bytes:
@@ -114,9 +115,9 @@ def test_a_mobile_client_moving_to_an_unroutable_care_of_address_keeps_its_old_r
 
 
 def test_a_restart_restores_both_route_forms_as_the_sessions_s2c_route() -> None:
-    node = far_node(**AWARE)
+    node = far_node(AWARE)
     node.packets(syn(FAR), syn("10.0.1.12"))
-    fresh = Balancer(config(**AWARE), node.now)
+    fresh = Balancer(config(AWARE), node.now)
     assert fresh.restore(node.kernel.dump(), frozenset(), node.now) == []
     for client, labels in ((FAR, 1), ("10.0.1.12", 0)):
         session = next(s for s in fresh.table if s.key.value == client)
@@ -131,13 +132,13 @@ def test_a_restart_restores_both_route_forms_as_the_sessions_s2c_route() -> None
 # ---- configuration ---------------------------------------------------------------------------------
 
 def test_label_aware_prefixes_parse_and_show_round_trips() -> None:
-    cfg = parse_config(EXAMPLE.replace("label_aware: []", 'label_aware: [10.0.9.0/24, 10.0.1.11, "fd00:1::/64"]'))
+    cfg = parse_config(example("balancer", {"clients.label_aware": ["10.0.9.0/24", "10.0.1.11", "fd00:1::/64"]}))
     assert [str(n) for n in cfg.clients.label_aware] == ["10.0.9.0/24", "10.0.1.11/32", "fd00:1::/64"]
     assert cfg.clients.is_label_aware("10.0.9.200") and cfg.clients.is_label_aware("fd00:1::5")
     assert not cfg.clients.is_label_aware("10.0.1.12") and not cfg.clients.is_label_aware("fd00:2::5")
     assert parse_config(json.dumps(cfg.to_dict())) == cfg
     assert parse_config(EXAMPLE).clients.label_aware == ()
-    without = re.sub(r"^clients:\n(?:  .*\n)+", "", EXAMPLE, flags=re.M)
+    without = example("balancer", {"clients": DELETE})
     assert "label_aware" not in without
     assert parse_config(without).clients.label_aware == ()  # the section is optional
 
@@ -151,7 +152,7 @@ def test_label_aware_prefixes_parse_and_show_round_trips() -> None:
     ("[[10.0.9.0/24]]", "expected an IP prefix, got a list"),
 ])
 def test_bad_label_aware_prefixes_are_named_with_their_line(value: str, message: str) -> None:
-    text = EXAMPLE.replace("label_aware: []", f"label_aware: {value}")
+    text = EXAMPLE.replace("label_aware: []", f"label_aware: {value}")  # text: the error's line is checked
     line = next(i + 1 for i, s in enumerate(text.splitlines()) if s.startswith("  label_aware: "))
     with pytest.raises(ConfigError) as info:
         parse_config(text, "lb.yaml")
@@ -161,7 +162,7 @@ def test_bad_label_aware_prefixes_are_named_with_their_line(value: str, message:
 
 
 def test_unknown_key_under_clients_suggests_the_known_one() -> None:
-    text = EXAMPLE.replace("label_aware: []", "label_awre: []")
+    text = example("balancer", {"clients.label_aware": DELETE, "clients.label_awre": []})
     with pytest.raises(ConfigError) as info:
         parse_config(text, "lb.yaml")
     assert info.value.path == "clients.label_awre" and "did you mean 'label_aware'" in info.value.message

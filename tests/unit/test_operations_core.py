@@ -15,7 +15,7 @@ from tests.unit.conftest import TRANSPORT, Node, config, syn
 
 UP, DOWN = HealthState.UP, HealthState.DOWN
 VIP6 = "2001:db8::100"
-V6 = {"vip: \"fd00:100::100\"": f"vip: \"{VIP6}\""}
+V6 = {"services.mobile.vip": VIP6}
 
 
 def view(**states: HealthState | tuple[HealthState, float]) -> HealthView:
@@ -51,7 +51,7 @@ def test_new_sessions_avoid_a_server_that_is_down() -> None:
 
 
 def test_the_response_time_scheduler_reads_the_measured_times() -> None:
-    node = Node(config(**{"scheduler: rr": "scheduler: response-time"}))
+    node = Node(config({"services.http.scheduler": "response-time"}))
     node.core.on_health(view(s1=(UP, 0.030), s2=(UP, 0.002), s3=(UP, 0.010)), [], node.now)
     node.packets(syn("10.0.1.10"), syn("10.0.1.11"))
     assert {s.server for s in node.core.table} == {"s2"}
@@ -90,7 +90,7 @@ def test_reassign_moves_the_session_in_one_batch_with_new_labels() -> None:
 
 
 def test_reset_ends_the_sessions_of_a_failed_server() -> None:
-    node = Node(config(**{"on_server_failure: reassign": "on_server_failure: reset"}))
+    node = Node(config({"services.http.on_server_failure": "reset"}))
     node.packets(syn("10.0.1.10"), syn("10.0.1.11"), syn("10.0.1.12"))
     gone = session_of(node, "10.0.1.11")
     plan, _ = down(node, "s2")
@@ -163,7 +163,7 @@ def test_unknown_servers_are_refused_naming_them(server: object) -> None:
 
 
 def test_a_weight_change_rebuilds_maglev_and_reports_the_keys_that_moved() -> None:
-    node = Node(config(**V6))
+    node = Node(config(V6))
     keys = [f"2001:db8:1::{i:x}" for i in range(1, 301)]
     sched = node.core.scheduler("mobile")
     svc = node.core.config.service("mobile")
@@ -184,15 +184,15 @@ def test_a_weight_change_rebuilds_maglev_and_reports_the_keys_that_moved() -> No
     assert node.core.weight("s3") == 1
     assert commands.set_weight(node.core, "s3", 1, node.now).moved == {"mobile": 0.0}
     # A reload keeps it while the file's weight of s3 is unchanged; a new file weight wins.
-    node.core.configure(config(**V6), node.now)
+    node.core.configure(config(V6), node.now)
     assert node.core.weight("s3") == 1
-    node.core.configure(config(**V6, **{"transport_label: 103, weight: 2": "transport_label: 103, weight: 3"}),
+    node.core.configure(config({**V6, "pools.web.servers.s3.weight": 3}),
                         node.now)
     assert node.core.weight("s3") == 3
 
 
 def test_weight_zero_takes_no_new_sessions_and_bad_weights_change_nothing() -> None:
-    node = Node(config(**{"scheduler: rr": "scheduler: wrr"}))
+    node = Node(config({"services.http.scheduler": "wrr"}))
     commands.set_weight(node.core, "s3", 0, node.now)
     node.packets(*(syn(f"10.0.1.{10 + i}") for i in range(4)))
     assert collections.Counter(s.server for s in node.core.table) == {"s1": 2, "s2": 2}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from orchestrator.capture import nftables
 from orchestrator.config import load_server_config, parse_config
+from orchestrator.config.examples import DELETE, example
 from orchestrator.core.agent import MARK_MASK, MARK_TAG, label_of
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "templates" / "server.example.yaml"
@@ -40,9 +41,8 @@ def test_the_matched_mark_is_the_one_the_agent_reads() -> None:
 
 
 def test_only_the_families_the_server_has_vips_of() -> None:
-    text = EXAMPLE.read_text()
-    text = text.replace('  "fd00:100::100": {table: 101}\n', "  10.0.0.101: {table: 101}\n")
-    text = text.replace("queue: 8 ", "queue: 12 ")
+    text = example("server", {("vips", "fd00:100::100"): DELETE, ("vips", "10.0.0.101"): {"table": 101},
+                              "nfqueue.queue": 12})
     ruleset = nftables.render_server(parse_config(text))  # type: ignore[arg-type]
     assert rules(ruleset) == [
         f"{MATCH} ct state new ip daddr {{ 10.0.0.100, 10.0.0.101 }} {TAG} counter name queued queue flags bypass to 12",

@@ -40,12 +40,12 @@ def test_default_parses() -> None:
 
 def test_dual_stack_nodes_get_both_addresses_and_default_routes() -> None:
     t = load()
-    assert netns._addresses(t, "c1") == ["link set lo up", "addr add 10.0.1.10/24 dev eth0",
+    assert netns.node_addresses(t, "c1") == ["link set lo up", "addr add 10.0.1.10/24 dev eth0",
                                          "addr add fd00:1::10/64 dev eth0 nodad", "link set eth0 up"]
-    assert netns._routes(t, "c1") == ["route add 0.0.0.0/0 via 10.0.1.1", "route add ::/0 via fd00:1::1"]
-    assert netns._routes(t, "lb") == ["route add 10.0.0.100/32 via 10.255.0.2 dev fab0",
+    assert netns.node_routes(t, "c1") == ["route add 0.0.0.0/0 via 10.0.1.1", "route add ::/0 via fd00:1::1"]
+    assert netns.node_routes(t, "lb") == ["route add 10.0.0.100/32 via 10.255.0.2 dev fab0",
                                       "route add fd00:100::100/128 via fd00:ff::2 dev fab0"]
-    assert "addr add fd00:100::100/128 dev lo" in netns._addresses(t, "s1")
+    assert "addr add fd00:100::100/128 dev lo" in netns.node_addresses(t, "s1")
 
 
 @pytest.mark.parametrize("mutate, expected", [

@@ -29,10 +29,10 @@ def balancer_phase(bed: Testbed) -> tuple[RateRun, Latency]:
 
     lab = bed.lab
     first, last = label_range(bed.sessions, bed.samples)
-    balancer = BalancerLab(lab, bed.balancer, **{
-        "range: [1000, 99999]": f"range: [{first}, {last}]",
+    balancer = BalancerLab(lab, bed.balancer, changes={
+        "labels.range": [first, last],
         # the flood's sessions live through the whole phase, so the kernel holds them all at the end
-        "persistence_timeout: 30s\n    scheduler: wrr": "persistence_timeout: 600s\n    scheduler: wrr"})
+        "services.dns.persistence_timeout": "600s"})
     try:
         say("balancer: starting the daemon and the servers")
         start_balancer(balancer)

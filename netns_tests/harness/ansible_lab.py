@@ -33,7 +33,7 @@ import yaml
 
 from orchestrator.lab.kit import Lab
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]  # netns_tests/harness/ansible_lab.py -> the repository
 ANSIBLE_DIR = ROOT / "ansible"
 INVENTORY = ANSIBLE_DIR / "inventories" / "lab"
 # Filled by bootstrap.sh (`pip wheel`, which needs the package index): the lab VM has no network,

@@ -10,41 +10,33 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from orchestrator.lab.balancer_lab import LABELS, ROOT, START_TIMEOUT, BalancerLab
+from orchestrator.config.examples import KeyPath, example
+from orchestrator.lab.balancer_lab import LABELS, START_TIMEOUT, BalancerLab
 from orchestrator.lab.kit import Lab, daemon_cli, patience
 
-EXAMPLE_VIPS = '  10.0.0.100: {table: 100}      # not 253, 254, 255: the kernel\'s default, main and local tables\n' \
-               '  "fd00:100::100": {table: 101}\n'
 
-
-def server_config(lab: Lab, node: str, sock: Path, setup: str = "apply", extra_vips: str = "",
-                  persistence: str = "2s") -> str:
-    """templates/server.example.yaml fitted to server `node`; `extra_vips` are more `vips:` lines.
-    Sessions end 2 s after their last flow by default, like the balancer's shortest service (dns),
-    so a server never answers under a pair the balancer has handed to another session."""
-    text = (ROOT / "templates" / "server.example.yaml").read_text()
+def server_config(lab: Lab, node: str, sock: Path, changes: Mapping[KeyPath, Any] | None = None) -> str:
+    """templates/server.example.yaml fitted to server `node`, then `changes` (key path -> value,
+    see orchestrator.config.examples; a VIP is a key with dots: `("vips", "10.0.0.200")`).
+    `node.setup` is apply. Sessions end 2 s after their last flow, like the balancer's shortest
+    service (dns), so a server never answers under a pair the balancer has handed to another session."""
     fabric = lab.iface(node, towards="p")
     hops = next(p["addresses"] for p in fabric["peers"] if p["node"] == "p")
-    vips = "".join(f'  "{vip}": {{table: {100 + i}}}\n' for i, vip in enumerate(lab.desc["vips"]))
-    replace = {
-        "transport_label: 101 ": f"transport_label: {lab.node(node)['transport_label']} ",
-        "control_socket: /run/mplsorch/mplsorch.sock": f"control_socket: {sock}",
-        "setup: check ": f"setup: {setup} ",
-        "transport_label: 100 ": f"transport_label: {lab.node('lb')['transport_label']} ",
-        "fabric: [eth0] ": f"fabric: [{fabric['dev']}] ",
-        'fabric_next_hop: [10.1.1.1, "fd00:11::1"]': "fabric_next_hop: [" + ", ".join(f'"{h}"' for h in hops) + "]",
-        "block: [1001, 1999]": f"block: [{LABELS[0]}, {LABELS[1]}]",
-        EXAMPLE_VIPS: vips + extra_vips,
-        "persistence_timeout: 30s": f"persistence_timeout: {persistence}",
-    }
-    for old, new in replace.items():
-        if old not in text:
-            raise KeyError(f"{old!r} is not in the example server configuration")
-        text = text.replace(old, new)
-    return text
+    return example("server", {
+        "node.transport_label": lab.node(node)["transport_label"],
+        "node.control_socket": str(sock),
+        "node.setup": "apply",
+        "balancer.transport_label": lab.node("lb")["transport_label"],
+        "interfaces.fabric": [fabric["dev"]],
+        "interfaces.fabric_next_hop": list(hops),
+        "labels.block": list(LABELS),
+        "vips": {vip: {"table": 100 + i} for i, vip in enumerate(lab.desc["vips"])},
+        "sessions.persistence_timeout": "2s",
+        **(changes or {})})
 
 
 class AgentLab:
@@ -59,8 +51,8 @@ class AgentLab:
         self.write_config()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def write_config(self, **kwargs: str) -> None:
-        self.config.write_text(server_config(self.lab, self.node, self.sock, **kwargs))
+    def write_config(self, changes: Mapping[KeyPath, Any] | None = None) -> None:
+        self.config.write_text(server_config(self.lab, self.node, self.sock, changes))
 
     def spawn(self) -> None:
         # The log is appended to, so it tells the whole story across restarts.
@@ -94,11 +86,11 @@ class AgentLab:
     def sessions(self) -> list[dict[str, Any]]:
         return self.cli("sessions")
 
-    def reload(self, text: str | None = None, **kwargs: str) -> str:
-        """Rewrite the configuration (`text`, or `server_config` with `kwargs`), SIGHUP; the log
+    def reload(self, changes: Mapping[KeyPath, Any] | None = None, text: str | None = None) -> str:
+        """Rewrite the configuration (`text`, or `server_config` with `changes`), SIGHUP; the log
         line that answered."""
         if text is None:
-            self.write_config(**kwargs)
+            self.write_config(changes)
         else:
             self.config.write_text(text)
         assert self.proc is not None
@@ -116,9 +108,9 @@ class AgentLab:
 class ServerLab:
     """The balancer and an agent on every server; `start()` and `close()` like BalancerLab."""
 
-    def __init__(self, lab: Lab, **balancer_changes: str) -> None:
+    def __init__(self, lab: Lab, balancer_changes: Mapping[KeyPath, Any] | None = None) -> None:
         self.lab = lab
-        self.balancer = BalancerLab(lab, plain_servers=False, **balancer_changes)
+        self.balancer = BalancerLab(lab, plain_servers=False, changes=balancer_changes)
         self.agents = {node: AgentLab(lab, node) for node in lab.names("server")}
 
     def start(self) -> None:

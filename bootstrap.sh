@@ -15,7 +15,7 @@ job="${1:-setup}"
 # test runs an sshd in every lab node (netns_tests/test_ansible.py).
 apt_packages="linux-source-6.1 build-essential flex bison bc libelf-dev
   qemu-system-x86 linux-image-amd64 busybox-static kmod nftables iproute2 tcpdump
-  curl iputils-ping ipvsadm python3 python3-venv openssh-server"
+  curl iputils-ping ipvsadm python3 python3-venv openssh-server ethtool"
 missing=""
 for pkg in $apt_packages; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"

@@ -26,7 +26,7 @@ CASES = [
       "protocol", "mpls_uc", "label", "1003", "ttl", "64"],
      ops.FlowerFilter(OURS_DEV, 7, ops.FlowerMatch(src="10.0.1.0/24", dst="10.0.0.100/32",
                                                    ip_proto="tcp", dst_port=80),
-                      (ops.MplsPush(1003, ttl=64),), pref=11, offload=ops.OffloadPolicy.SOFTWARE)),
+                      (ops.MplsPush(1003, ttl=64),), pref=11, offload=ops.OffloadPolicy.NEVER)),
     (["protocol", "ipv6", "pref", "12", "handle", "9", "flower", "ip_proto", "udp", "src_ip",
       "2001:db8::/64", "dst_ip", "2001:db8:ff::100", "src_port", "5000", "action", "mpls", "push",
       "protocol", "mpls_uc", "label", "1005", "action", "mpls", "push", "protocol", "mpls_uc",

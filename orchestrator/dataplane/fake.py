@@ -306,9 +306,9 @@ class FakeProvider:
 
     def _offload_state(self, obj: DataplaneObject) -> OffloadState:
         if (isinstance(obj, FlowerFilter) and obj.dev in self.offload_capable
-                and obj.offload != OffloadPolicy.SOFTWARE):
+                and obj.offload != OffloadPolicy.NEVER):
             return OffloadState(in_hw=True, in_hw_count=1)
-        return OffloadState()
+        return OffloadState(not_in_hw=isinstance(obj, FlowerFilter))
 
     def _tables_for(self, src: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[int]:
         rules: list[tuple[int, int]] = list(_DEFAULT_RULES)  # the kernel's come first on ties

@@ -20,11 +20,12 @@ MPLS_FIRST_UNRESERVED = 16
 
 
 class OffloadPolicy(enum.StrEnum):
-    """Where a tc filter may run: `auto` lets the driver decide, `software` never offloads
-    (skip_hw), `required` fails unless hardware takes it (skip_sw)."""
+    """Where a tc filter may run: `auto` lets the driver decide (software always, hardware too
+    where the driver takes it), `never` keeps it in software (skip_hw), `required` fails unless
+    the hardware takes it (skip_sw). The words are the configuration's (`interfaces.offload`)."""
 
     AUTO = "auto"
-    SOFTWARE = "software"
+    NEVER = "never"
     REQUIRED = "required"
 
 
@@ -252,7 +253,7 @@ class FlowerFilter:
 
     def describe(self) -> str:
         actions = " ".join(f"action {a.describe()}" for a in self.actions)
-        skip = {OffloadPolicy.AUTO: "", OffloadPolicy.SOFTWARE: " skip_hw",
+        skip = {OffloadPolicy.AUTO: "", OffloadPolicy.NEVER: " skip_hw",
                 OffloadPolicy.REQUIRED: " skip_sw"}[self.offload]
         return (f"filter dev {self.dev} {self.direction} protocol {self.protocol} pref {self.pref} "
                 f"handle {self.handle} flower{skip} {self.match.describe()} {actions}").rstrip()
@@ -310,22 +311,40 @@ class OpResult:
         return f"{describe(self.op)}: {'ok' if self.ok else self.error}"
 
 
+OFFLOAD_STATES = ("in_hw", "not_in_hw", "trap", "offload_failed")  # OffloadState.state
+
+
 @dataclass(frozen=True)
 class OffloadState:
-    """What the kernel says about hardware: tc in_hw/not_in_hw (with the count of devices),
-    routes RTM_F_OFFLOAD / RTM_F_TRAP / RTM_F_OFFLOAD_FAILED."""
+    """What the kernel says about hardware, as it says it: a tc filter's TCA_CLS_FLAGS_IN_HW /
+    TCA_CLS_FLAGS_NOT_IN_HW (with the count of devices holding it), a route's RTM_F_OFFLOAD /
+    RTM_F_TRAP / RTM_F_OFFLOAD_FAILED (or their RTNH_F_ next-hop forms). Nothing is inferred:
+    `not_in_hw` is set only where the kernel reports it (filters)."""
 
     in_hw: bool = False
     in_hw_count: int = 0
     trap: bool = False
     failed: bool = False
+    not_in_hw: bool = False
 
-    def describe(self) -> str:
+    @property
+    def state(self) -> str:
+        """One word of OFFLOAD_STATES: what `status` and the metrics count by."""
         if self.failed:
             return "offload_failed"
         if self.in_hw:
-            return "in_hw" + (f" ({self.in_hw_count})" if self.in_hw_count else "")
+            return "in_hw"
         return "trap" if self.trap else "not_in_hw"
+
+    def describe(self) -> str:
+        if self.in_hw and not self.failed:
+            return "in_hw" + (f" ({self.in_hw_count})" if self.in_hw_count else "")
+        return self.state
+
+    def to_dict(self) -> dict[str, object]:
+        """The documented `offload` object of `mplsorch routes --json` (docs/json.md)."""
+        return {"state": self.state, "in_hw": self.in_hw, "in_hw_count": self.in_hw_count,
+                "not_in_hw": self.not_in_hw, "trap": self.trap, "offload_failed": self.failed}
 
 
 @dataclass(frozen=True)

@@ -278,7 +278,7 @@ def test_offload_required_on_capable_device_is_in_hw():
     hw = FlowerFilter("sw0", 1, FlowerMatch(src=f"{CLIENT}/32"), push_stack((1001,)),
                       offload=OffloadPolicy.REQUIRED)
     sw = FlowerFilter("sw0", 2, FlowerMatch(src="10.0.1.11/32"), push_stack((1003,)),
-                      offload=OffloadPolicy.SOFTWARE)
+                      offload=OffloadPolicy.NEVER)
     auto = FlowerFilter("sw0", 3, FlowerMatch(src="10.0.1.12/32"), push_stack((1005,)))
     plain = FlowerFilter("eth0", 1, FlowerMatch(src=f"{CLIENT}/32"), push_stack((1001,)))
     results = node.apply([Add(ClsactQdisc("sw0")), Add(ClsactQdisc("eth0")),
@@ -286,8 +286,10 @@ def test_offload_required_on_capable_device_is_in_hw():
     assert all(r.ok for r in results), [str(r) for r in results]
     offload = {i.obj: i.offload for i in node.dump()}
     assert offload[hw] == offload[auto] == OffloadState(in_hw=True, in_hw_count=1)
-    assert offload[sw] == offload[plain] == offload[MplsRoute(2000, "sw0")] == OffloadState()
-    assert offload[hw].describe() == "in_hw (1)"
+    # Like the kernel: a filter outside hardware says not_in_hw, a route says nothing at all.
+    assert offload[sw] == offload[plain] == OffloadState(not_in_hw=True)
+    assert offload[MplsRoute(2000, "sw0")] == OffloadState()
+    assert offload[hw].describe() == "in_hw (1)" and offload[sw].describe() == "not_in_hw"
 
 
 # ---- batches, replace, delete, dump ----
@@ -348,7 +350,7 @@ def test_dump_round_trips(lb, s2):
     for node, added in ((lb, BALANCER_OPS), (s2, SERVER_OPS)):
         dumped = node.dump()
         assert [i.obj for i in dumped] == [op.obj for op in added]
-        assert all(i.offload == OffloadState() for i in dumped)
+        assert all(i.offload == OffloadState(not_in_hw=isinstance(i.obj, FlowerFilter)) for i in dumped)
         # what the dump says can rebuild the node (the daemon's reconcile after a restart)
         rebuilt = _node(node.devices, [Add(i.obj) for i in dumped])
         assert rebuilt.dump() == dumped

@@ -105,7 +105,7 @@ def _roundtrip(obj: ops.DataplaneObject) -> ops.DataplaneObject:
     ops.FlowerFilter("fab0", 2, ops.FlowerMatch(src="2001:db8::/64", dst="2001:db8:ff::100/128",
                                                 ip_proto="udp", src_port=5000, dst_port=53),
                      (ops.MplsPush(1003, ttl=64), ops.MplsPush(101)), pref=20,
-                     offload=ops.OffloadPolicy.SOFTWARE, direction=ops.Direction.INGRESS),
+                     offload=ops.OffloadPolicy.NEVER, direction=ops.Direction.INGRESS),
     ops.FlowerFilter("lan0", 3, ops.FlowerMatch(dst="10.0.0.0/8"), (ops.MplsPop("ip"),),
                      offload=ops.OffloadPolicy.REQUIRED),
     ops.FlowerFilter("fab0", 1001, ops.FlowerMatch(mpls_label=1001), (ops.SetMark(0x6D6003E9),),

@@ -21,6 +21,7 @@ from orchestrator.dataplane.netlink.constants import (
     TCA_MPLS_ACT_POP, TCA_MPLS_ACT_PUSH, TCA_MPLS_LABEL, TCA_MPLS_PARMS, TCA_MPLS_PROTO,
     TCA_MPLS_TTL, TCA_OPTIONS, TCA_SKBEDIT_MARK,
 )
+from orchestrator.dataplane.netlink.constants import TCA_CLS_FLAGS_NOT_IN_HW
 from orchestrator.dataplane.netlink.encode import ADDR_ATTRS, PORT_ATTRS
 
 Ifname = Callable[[int], str]
@@ -162,7 +163,7 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
              for (proto, side), (key, _mask) in PORT_ATTRS.items() if proto == ip_proto and key in o}
     flags = nla.get_u32(o[TCA_FLOWER_FLAGS]) if TCA_FLOWER_FLAGS in o else 0
     offload = (ops.OffloadPolicy.REQUIRED if flags & TCA_CLS_FLAGS_SKIP_SW else
-               ops.OffloadPolicy.SOFTWARE if flags & TCA_CLS_FLAGS_SKIP_HW else ops.OffloadPolicy.AUTO)
+               ops.OffloadPolicy.NEVER if flags & TCA_CLS_FLAGS_SKIP_HW else ops.OffloadPolicy.AUTO)
     obj = ops.FlowerFilter(
         dev=ifname(ifindex), handle=handle,
         match=ops.FlowerMatch(src=prefixes.get("src"), dst=prefixes.get("dst"), ip_proto=ip_proto,
@@ -172,4 +173,5 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
         pref=info >> 16, offload=offload)
     in_hw_count = nla.get_u32(o[TCA_FLOWER_IN_HW_COUNT]) if TCA_FLOWER_IN_HW_COUNT in o else 0
     return ops.Installed(obj, ops.OffloadState(in_hw=bool(flags & TCA_CLS_FLAGS_IN_HW),
-                                               in_hw_count=in_hw_count))
+                                               in_hw_count=in_hw_count,
+                                               not_in_hw=bool(flags & TCA_CLS_FLAGS_NOT_IN_HW)))

@@ -198,7 +198,7 @@ _FLOWER_KIND = nla.asciiz(TCA_KIND, "flower")
 _FLOWER_ETH = {4: nla.be16(TCA_FLOWER_KEY_ETH_TYPE, ETH_P_IP), 6: nla.be16(TCA_FLOWER_KEY_ETH_TYPE, ETH_P_IPV6)}
 _FLOWER_ETH_MPLS = nla.be16(TCA_FLOWER_KEY_ETH_TYPE, ETH_P_MPLS_UC)
 _FLOWER_FLAGS = {ops.OffloadPolicy.AUTO: nla.u32(TCA_FLOWER_FLAGS, 0),
-                 ops.OffloadPolicy.SOFTWARE: nla.u32(TCA_FLOWER_FLAGS, TCA_CLS_FLAGS_SKIP_HW),
+                 ops.OffloadPolicy.NEVER: nla.u32(TCA_FLOWER_FLAGS, TCA_CLS_FLAGS_SKIP_HW),
                  ops.OffloadPolicy.REQUIRED: nla.u32(TCA_FLOWER_FLAGS, TCA_CLS_FLAGS_SKIP_SW)}
 _IP_PROTO_ATTRS = {name: nla.u8(TCA_FLOWER_KEY_IP_PROTO, number) for name, number in ipproto.BY_NAME.items()}
 

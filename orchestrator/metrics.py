@@ -20,6 +20,8 @@ client address. Families:
     mplsorch_dataplane_batch_duration_seconds          histogram of one netlink batch's duration
     mplsorch_label_pairs{state}                        label pairs: free, in_use, held_down
     mplsorch_server_health{pool,server,state}          1 for the server's health state, 0 for the others
+    mplsorch_offload_objects{state}                    our filters and routes by what the kernel says of their offload
+    mplsorch_offload_refused_total                     filters with offload `required` the kernel would not put in hardware
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from prometheus_client.registry import Collector
 
 from orchestrator import __version__
 from orchestrator.config.model import MetricsConfig
+from orchestrator.dataplane.ops import OFFLOAD_STATES  # OffloadState.state's words
 
 __all__ = ["BATCH_BUCKETS", "DurationHistogram", "HistogramSnapshot", "LatestSnapshot", "MetricsEndpoint",
            "MetricsSnapshot", "MplsorchCollector", "make_registry", "snapshot_from", "start_metrics_server"]
@@ -100,22 +103,27 @@ class MetricsSnapshot:
     batch_duration: HistogramSnapshot = field(default_factory=HistogramSnapshot)
     label_pairs: Mapping[str, int] = field(default_factory=_frozen)        # free | in_use | held_down
     health: tuple[tuple[str, str, str], ...] = ()                          # (pool, server, state)
+    offload: Mapping[str, int] = field(default_factory=_frozen)            # offload state -> objects
+    offload_refused: int = 0
 
 
 def snapshot_from(counters: Mapping[str, int], sessions_by_state: Mapping[str, int],
                   label_pairs: Mapping[str, Any], dataplane_ops: Mapping[str, int],
                   batch_duration: HistogramSnapshot | None = None,
-                  health: Iterable[tuple[str, str, str]] = ()) -> MetricsSnapshot:
+                  health: Iterable[tuple[str, str, str]] = (),
+                  offload: Mapping[str, int] | None = None) -> MetricsSnapshot:
     """A snapshot from what the balancer daemon already keeps: the core's counters
     (`sessions_started`, `refused:<reason>`, `verdict:<action>`), its sessions counted by state,
     `labels.stats(now).to_dict()` (only free, in_use and held_down are taken: they add up to the
-    total), `op_results` and the health table as (pool, server, state) rows."""
+    total), `op_results`, the health table as (pool, server, state) rows and our kernel objects
+    counted by offload state (dataplane.offload.counts)."""
     pairs = {k: int(label_pairs[k]) for k in LABEL_STATES if k in label_pairs}
     refused = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("refused:")}
     packets = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("verdict:")}
     return MetricsSnapshot(_frozen(sessions_by_state), int(counters.get("sessions_started", 0)),
                            _frozen(refused), _frozen(packets), _frozen(dataplane_ops),
-                           batch_duration or HistogramSnapshot(), _frozen(pairs), tuple(health))
+                           batch_duration or HistogramSnapshot(), _frozen(pairs), tuple(health),
+                           _frozen(offload), int(counters.get("offload_refused", 0)))
 
 
 class LatestSnapshot:
@@ -209,6 +217,16 @@ class MplsorchCollector(Collector):
             for state in HEALTH_STATES:
                 health.add_metric([pool, server, state], 1 if state == current else 0)
         yield health
+
+        objects = GaugeMetricFamily("mplsorch_offload_objects", "Our tc filters and routes, by what the kernel "
+                                    "says of their hardware offload", labels=["state"])
+        for state, n in _known(s.offload, OFFLOAD_STATES):
+            objects.add_metric([state], n)
+        yield objects
+
+        yield CounterMetricFamily("mplsorch_offload_refused", "Filters with interfaces.offload `required` that "
+                                  "the kernel would not put in hardware (their sessions failed)",
+                                  value=s.offload_refused)
 
 
 def _le(bound: float) -> str:

@@ -25,6 +25,7 @@ from orchestrator.config.model import HealthCheck, HealthCheckType, MetricsConfi
 from orchestrator.config.parser import ConfigError, Parser, YamlValue, did_you_mean, join_path
 from orchestrator.config.server import SERVER_KEYS, ServerConfig, parse_server
 from orchestrator.dataplane.handles import FILTERS_PER_SESSION
+from orchestrator.dataplane.ops import OffloadPolicy
 
 __all__ = ["ConfigError", "load_balancer_config", "load_config", "load_server_config", "parse_config"]
 
@@ -47,7 +48,7 @@ def _node(p: Parser, v: YamlValue) -> NodeConfig:
 
 def _interfaces(p: Parser, v: YamlValue) -> Interfaces:
     keys = ("clients", "fabric", "fabric_next_hop")
-    m = p.mapping(v, keys, keys)
+    m = p.mapping(v, (*keys, "offload"), keys)
     clients = p.devices(m["clients"])
     fabric = p.devices(m["fabric"])
     both = [d for d in fabric if d in clients]
@@ -55,7 +56,26 @@ def _interfaces(p: Parser, v: YamlValue) -> Interfaces:
         raise p.error(m["fabric"].vline, m["fabric"].path,
                       f"interface {both[0]!r} is also in interfaces.clients: client-facing and fabric "
                       "interfaces must be disjoint")
-    return Interfaces(clients, fabric, p.address(m["fabric_next_hop"]))
+    offload = (_offload(p, m["offload"], fabric) if "offload" in m
+               else tuple((dev, OffloadPolicy.AUTO) for dev in fabric))
+    return Interfaces(clients, fabric, p.address(m["fabric_next_hop"]), offload)
+
+
+def _offload(p: Parser, v: YamlValue, fabric: tuple[str, ...]) -> tuple[tuple[str, OffloadPolicy], ...]:
+    """`interfaces.offload`: one word for every fabric interface, or a mapping of fabric
+    interface -> word; every fabric interface gets its policy (`auto` where not given), so what
+    `config show` prints reads back equal."""
+    if isinstance(v.node, ScalarNode):
+        policy = p.choice(v, OffloadPolicy, "offload policy")
+        return tuple((dev, policy) for dev in fabric)
+    given = {}
+    for dev, value in p.mapping(v, None).items():
+        if dev not in fabric:
+            raise p.error(value.line, value.path, f"interface {dev!r} is not in interfaces.fabric: the offload "
+                          "policy is for the fabric links, where the filters are"
+                          + did_you_mean(dev, fabric))
+        given[dev] = p.choice(value, OffloadPolicy, "offload policy")
+    return tuple((dev, given.get(dev, OffloadPolicy.AUTO)) for dev in fabric)
 
 
 def _clients(p: Parser, v: YamlValue) -> ClientsConfig:

@@ -15,6 +15,7 @@ from enum import Enum
 from typing import Any, Union
 
 from orchestrator.analyze.keys import SessionKeyKind  # one definition: the analyzer's
+from orchestrator.dataplane.ops import OffloadPolicy  # one mapping of the words: the dataplane's
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -102,10 +103,20 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class Interfaces:
-    """`interfaces:` all keys required; `clients` and `fabric` are non-empty and disjoint."""
+    """`interfaces:` `clients`, `fabric` (non-empty, disjoint) and `fabric_next_hop` required;
+    `offload` is the tc filters' hardware policy per fabric interface, `auto` where not given."""
     clients: tuple[str, ...]
     fabric: tuple[str, ...]
     fabric_next_hop: IPAddress
+    offload: tuple[tuple[str, OffloadPolicy], ...] = ()   # (fabric interface, policy), as given
+
+    def offload_of(self, dev: str) -> OffloadPolicy:
+        """The policy of the filters installed on `dev`."""
+        return dict(self.offload).get(dev, OffloadPolicy.AUTO)
+
+    def required_offload(self) -> tuple[str, ...]:
+        """The fabric interfaces whose filters must be in hardware (skip_sw)."""
+        return tuple(dev for dev in self.fabric if self.offload_of(dev) is OffloadPolicy.REQUIRED)
 
 
 @dataclass(frozen=True)
@@ -293,7 +304,9 @@ class BalancerConfig:
             "node": {"transport_label": self.node.transport_label,
                      "control_socket": self.node.control_socket, "setup": self.node.setup.value},
             "interfaces": {"clients": list(self.interfaces.clients), "fabric": list(self.interfaces.fabric),
-                           "fabric_next_hop": str(self.interfaces.fabric_next_hop)},
+                           "fabric_next_hop": str(self.interfaces.fabric_next_hop),
+                           "offload": {dev: self.interfaces.offload_of(dev).value
+                                       for dev in self.interfaces.fabric}},
             "clients": {"label_aware": [str(net) for net in self.clients.label_aware]},
             "labels": {"range": list(self.labels.range), "allocation": self.labels.allocation.value,
                        "hold_down": self.labels.hold_down},

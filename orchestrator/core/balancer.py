@@ -243,9 +243,11 @@ class Balancer:
                                     ip_proto=proto, dst_port=port if proto else None,
                                     src_port=info.sport if five and proto else None)
             handle = handles.filter_handle(session.c2s, n * len(ports) + i)
-            flt = ops.FlowerFilter(self.config.interfaces.fabric[0], handle, match,
+            dev = self.config.interfaces.fabric[0]
+            flt = ops.FlowerFilter(dev, handle, match,
                                    ops.push_stack((self.transport[session.server], session.c2s)),
-                                   pref=PREF_IPV6 if host == 128 else PREF_IPV4)
+                                   pref=PREF_IPV6 if host == 128 else PREF_IPV4,
+                                   offload=self.config.interfaces.offload_of(dev))
             plan.ops.append(ops.Add(flt))
             session.objects.append(flt)
         aware = self.config.clients.is_label_aware(client)

@@ -28,13 +28,16 @@ from orchestrator.core.servers import AdminState
 from orchestrator.daemon import node_setup, views
 from orchestrator.daemon.logs import fields
 from orchestrator.daemon.loop import Capture, Command, Daemon, Request, nf_verdict
-from orchestrator.dataplane import ops
+from orchestrator.dataplane import offload, ops
 from orchestrator.dataplane.provider import Provider
 from orchestrator.health import CheckResult, HealthRunner, HealthTable, HealthView, probes_of, run_check, targets_of
 from orchestrator.health.runner import Checker
 from orchestrator.metrics import LatestSnapshot, MetricsEndpoint, make_registry, start_metrics_server
 
 log = logging.getLogger("mplsorch")
+# Seconds between the metrics' dumps of our objects' offload states: a dump walks every filter
+# and route of ours, too much for each tick (4 per second) on a large table.
+OFFLOAD_DUMP_EVERY = 10.0
 
 
 class BalancerDaemon(Daemon):
@@ -54,6 +57,8 @@ class BalancerDaemon(Daemon):
         self.checker: Checker = run_check
         self.snapshot = LatestSnapshot()
         self.metrics: MetricsEndpoint | None = None
+        self.offload_counts: dict[str, int] = {}
+        self.next_offload_dump = 0.0
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -112,10 +117,15 @@ class BalancerDaemon(Daemon):
         self.publish()
 
     def publish(self) -> None:
-        """The metrics endpoint serves this snapshot until the next tick."""
+        """The metrics endpoint serves this snapshot until the next tick. The objects' offload
+        states need a dump of the kernel, taken at most every OFFLOAD_DUMP_EVERY seconds."""
         if self.config.metrics is not None:
-            self.snapshot.update(views.metrics_snapshot(self.core, time.monotonic(), self.op_results,
-                                                        self.batch_duration.snapshot()))
+            now = time.monotonic()
+            if now >= self.next_offload_dump:
+                self.offload_counts = offload.counts(self.provider.dump())
+                self.next_offload_dump = now + OFFLOAD_DUMP_EVERY
+            self.snapshot.update(views.metrics_snapshot(self.core, now, self.op_results,
+                                                        self.batch_duration.snapshot(), self.offload_counts))
 
     def end_sessions(self) -> None:
         """Sessions past their persistence timeout: delete their objects and say so in the log."""

@@ -27,7 +27,7 @@ from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowTableResyn
 from orchestrator.core.servers import BadCommand
 from orchestrator.daemon import logs, node_setup
 from orchestrator.daemon.control import ControlServer
-from orchestrator.dataplane import ops
+from orchestrator.dataplane import offload, ops
 from orchestrator.dataplane.provider import Provider
 from orchestrator.metrics import DurationHistogram
 
@@ -119,7 +119,12 @@ class Daemon:
         self.batch_duration.observe(time.perf_counter() - started)
         for r in results:
             self.op_results["ok" if r.ok else "error"] += 1
-            if not r.ok:
+            if offload.refused(r):
+                # The policy says hardware or nothing: say which device refused, in the kernel's words.
+                self.core.count("offload_refused")
+                log.error("%s: %s", why, r, extra=logs.fields(event="offload_refused", dev=getattr(r.op.obj, "dev", None),
+                                                               errno=r.errno, error=r.error))
+            elif not r.ok:
                 log.error("%s: %s", why, r)
         return results
 
@@ -216,14 +221,14 @@ class Daemon:
         """`mplsorch status --json` but for nftables' counters, which `answer` adds."""
         return {"role": self.role, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
                 **self.status_details(now), "counters": dict(self.core.counters),
-                "dataplane_ops": dict(self.op_results)}
+                "dataplane_ops": dict(self.op_results), "offload": offload.counts(self.provider.dump())}
 
     def sessions(self, now: float) -> dict[str, Any]:
         return {"role": self.role, "sessions": [session_json(view, now) for view in self.session_views()]}
 
     def routes(self, now: float) -> dict[str, Any]:
-        return {"routes": [{"object": i.obj.describe(), "kind": type(i.obj).__name__,
-                            "offload": i.offload.describe()} for i in self.provider.dump()]}
+        """Every object of ours as the kernel reports it now, with its offload state."""
+        return {"routes": [offload.row(i) for i in self.provider.dump()]}
 
     # -- the loop -----------------------------------------------------------------------------------
     async def run(self) -> int:

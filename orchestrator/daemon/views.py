@@ -57,12 +57,13 @@ def queue_summary(stats: Iterable[QueueStats], queues: tuple[int, int]) -> dict[
 
 
 def metrics_snapshot(core: Balancer, now: float, op_results: dict[str, int],
-                     batch: HistogramSnapshot) -> MetricsSnapshot:
-    """The same counts `status --json` shows, taken at one moment."""
+                     batch: HistogramSnapshot, offload: dict[str, int] | None = None) -> MetricsSnapshot:
+    """The same counts `status --json` shows, taken at one moment; `offload`: our kernel
+    objects by offload state (dataplane.offload.counts of a recent dump)."""
     health = [(pool.name, s.name, str(core.health.state(pool.name, s.name)))
               for pool in core.config.pools for s in pool.servers]
     return snapshot_from(core.counters, core.sessions_by_state(), core.labels.stats(now).to_dict(),
-                         op_results, batch, health)
+                         op_results, batch, health, offload)
 
 
 def describe(s: Session) -> str:

@@ -25,6 +25,8 @@ FAMILIES = {
     "mplsorch_dataplane_batch_duration_seconds": "histogram",
     "mplsorch_label_pairs": "gauge",
     "mplsorch_server_health": "gauge",
+    "mplsorch_offload_objects": "gauge",
+    "mplsorch_offload_refused": "counter",
 }
 
 
@@ -34,10 +36,11 @@ def sample_snapshot() -> MetricsSnapshot:
         h.observe(seconds)
     counters = {"packets_userspace": 12, "sessions_started": 9, "refused:no-server": 2,
                 "refused:label-headroom": 1, "verdict:accept": 9, "verdict:drop": 1, "verdict:refuse": 3,
-                "malformed:truncated": 1, "sessions_ended": 4}
+                "malformed:truncated": 1, "sessions_ended": 4, "offload_refused": 2}
     return snapshot_from(counters, {"serving": 4, "draining": 1}, {"free": 490, "in_use": 5, "held_down": 4},
                          {"ok": 40, "error": 2}, h.snapshot(),
-                         [("web", "s1", "up"), ("web", "s2", "down"), ("dns", "s1", "unknown")])
+                         [("web", "s1", "up"), ("web", "s2", "down"), ("dns", "s1", "unknown")],
+                         {"in_hw": 3, "not_in_hw": 7, "trap": 0, "offload_failed": 1})
 
 
 def exposition(snapshot: MetricsSnapshot) -> str:
@@ -80,6 +83,13 @@ def test_exposition_text() -> None:
         'mplsorch_server_health{pool="web",server="s1",state="down"} 0.0',
         'mplsorch_server_health{pool="web",server="s2",state="down"} 1.0',
         'mplsorch_server_health{pool="dns",server="s1",state="unknown"} 1.0',
+        "# TYPE mplsorch_offload_objects gauge",
+        'mplsorch_offload_objects{state="in_hw"} 3.0',
+        'mplsorch_offload_objects{state="not_in_hw"} 7.0',
+        'mplsorch_offload_objects{state="trap"} 0.0',
+        'mplsorch_offload_objects{state="offload_failed"} 1.0',
+        "# TYPE mplsorch_offload_refused_total counter",
+        "mplsorch_offload_refused_total 2.0",
     ]:
         assert line in lines, f"{line!r} missing from:\n{text}"
     sum_line = next(l for l in lines if l.startswith("mplsorch_dataplane_batch_duration_seconds_sum "))
@@ -131,6 +141,8 @@ def test_empty_snapshot_has_every_series_at_zero() -> None:
     assert len(families["mplsorch_sessions"].samples) == 4
     assert len(families["mplsorch_dataplane_batch_duration_seconds"].samples) == len(BATCH_BUCKETS) + 3
     assert families["mplsorch_server_health"].samples == []
+    assert [(x.labels["state"], x.value) for x in families["mplsorch_offload_objects"].samples] == \
+        [("in_hw", 0), ("not_in_hw", 0), ("trap", 0), ("offload_failed", 0)]
 
 
 def test_histogram_accumulates_without_a_global_registry() -> None:

@@ -42,7 +42,8 @@ class KernelError:
     message: str
 
     def __str__(self) -> str:
-        name = errno_mod.errorcode.get(self.errno, str(self.errno))
+        # The kernel's name: Python calls 95 ENOTSUP, which the kernel's own messages never do.
+        name = "EOPNOTSUPP" if self.errno == errno_mod.EOPNOTSUPP else errno_mod.errorcode.get(self.errno, str(self.errno))
         text = self.message or os.strerror(self.errno)
         return f"{text} ({name})"
 

@@ -88,7 +88,7 @@ def status_lines(answer: dict[str, Any]) -> list[str]:
     if answer["role"] == "server":
         first, last = answer["block"]
         return [head, f"VIPs: {', '.join(answer['vips'])}", f"labels: {first}-{last}, queue {answer['queue']}",
-                f"sessions: {answer['sessions']}", _counter_line(counters)]
+                f"sessions: {answer['sessions']}", _offload_line(answer), _counter_line(counters)]
     labels, health, queue = answer["labels"], answer.get("health", {}), answer.get("queue", {})
     by_state = ", ".join(f"{n} {state}" for state, n in sorted(answer.get("sessions_by_state", {}).items()))
     draining = answer.get("draining") or []
@@ -106,14 +106,22 @@ def status_lines(answer: dict[str, Any]) -> list[str]:
         f"{queue.get('user_dropped', 0)} dropped (daemon's buffer full), {nft.get('rate_limited', 0)} rate limited",
         f"dataplane: {answer['dataplane_ops'].get('ok', 0)} operations ok, "
         f"{answer['dataplane_ops'].get('error', 0)} failed",
+        _offload_line(answer),
         _counter_line(counters),
     ]
+
+
+def _offload_line(answer: dict[str, Any]) -> str:
+    """Our filters and routes by what the kernel says of their offload (docs/offload.md)."""
+    counts = answer.get("offload", {})
+    return "offload: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("in_hw", "not_in_hw", "trap", "offload_failed"))
 
 
 def _counter_line(counters: dict[str, int]) -> str:
     keys = ("sessions_started", "sessions_ended", "sessions_reassigned", "packets_userspace")
     trouble = sorted((k, v) for k, v in counters.items()
-                     if k.split(":")[0] in ("refused", "malformed", "no_route", "batch_errors", "sessions_failed"))
+                     if k.split(":")[0] in ("refused", "malformed", "no_route", "batch_errors", "sessions_failed",
+                                            "offload_refused"))
     return "counters: " + ", ".join(f"{k} {v}" for k, v in [*((k, counters.get(k, 0)) for k in keys), *trouble])
 
 
@@ -130,12 +138,14 @@ def labels(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
 
 def routes(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
            config: Optional[str] = ConfigOption) -> None:
-    """Our kernel objects, with what the kernel says of their offload state."""
+    """Our kernel objects, with their offload policy (filters) and what the kernel says of their
+    offload state (filters and routes)."""
     rows = ask("routes", socket, config)["routes"]
     if json_output:
         print(json.dumps(rows))
         return
-    print_table("kernel objects", ["object", "offload"], [[r["object"], r["offload"]] for r in rows])
+    print_table("kernel objects", ["object", "policy", "offload"],
+                [[r["object"], r.get("policy"), r["offload"]] for r in rows])
 
 
 if __name__ == "__main__":  # pragma: no cover

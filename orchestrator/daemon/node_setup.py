@@ -1,5 +1,6 @@
 """Is this node ready for its role? Kernel modules, sysctls, and on a server the VIPs on lo and
-rp_filter; on a balancer forwarding and, for Mobile IPv6 services, conntrack's checksum check.
+rp_filter; on a balancer forwarding, for Mobile IPv6 services conntrack's checksum check, and
+hw-tc-offload on every fabric interface whose `interfaces.offload` is `required`.
 
 A daemon refuses to start half-configured: `check` (`check_balancer`) returns every problem at
 once, each naming the exact module, sysctl or address and the command that fixes it; with
@@ -19,6 +20,7 @@ from orchestrator import kmod
 from orchestrator.analyze.keys import SessionKeyKind
 from orchestrator.config.model import BalancerConfig
 from orchestrator.config.server import ServerConfig
+from orchestrator.daemon import ethtool
 from orchestrator.dataplane.provider import Provider, UnknownDevice
 
 MPLS_MODULE = "mpls_router"  # present when net.mpls.platform_labels exists
@@ -29,6 +31,7 @@ MODULES = ("mpls_iptunnel", "sch_ingress", "cls_flower", "act_skbedit", "nfnetli
 # The balancer's: clsact on the fabric links, flower filters pushing the session labels (act_mpls).
 BALANCER_MODULES = ("sch_ingress", "cls_flower", "act_mpls", "nfnetlink_queue")
 STRICT = 1  # rp_filter 1: strict reverse-path check; 0 off, 2 loose
+TC_OFFLOAD = "hw-tc-offload"  # NETIF_F_HW_TC, as ethtool names it: the driver takes tc filters
 
 
 def sysctl_name(*parts: str) -> str:
@@ -57,13 +60,18 @@ class NodeSystem(Protocol):
 
     def add_address(self, dev: str, address: str) -> None: ...
 
+    def feature(self, dev: str, name: str) -> ethtool.Feature | None:
+        """The ethtool feature `name` of `dev` (None: the kernel knows no such feature)."""
+
+    def set_feature(self, dev: str, name: str, on: bool) -> None: ...
+
 
 @dataclass(frozen=True)
 class Fix:
     """One action that makes the node ready; `command` is how an operator would do it by hand."""
 
-    kind: str                 # "sysctl" | "modprobe" | "address"
-    target: tuple[str, ...]   # the sysctl's path parts, (module,) or (dev, address/prefix)
+    kind: str                 # "sysctl" | "modprobe" | "address" | "feature"
+    target: tuple[str, ...]   # the sysctl's path parts, (module,), (dev, address/prefix) or (dev, feature)
     value: str = ""
 
     @property
@@ -72,6 +80,8 @@ class Fix:
             return f"sysctl -w {sysctl_name(*self.target)}={self.value}"
         if self.kind == "modprobe":
             return f"modprobe {self.target[0]}"
+        if self.kind == "feature":
+            return f"ethtool -K {self.target[0]} {self.target[1]} {self.value}"
         return f"ip address add {self.target[1]} dev {self.target[0]}"
 
     def apply(self, system: NodeSystem) -> None:
@@ -79,6 +89,8 @@ class Fix:
             system.write_sysctl(self.target, self.value)
         elif self.kind == "modprobe":
             system.modprobe(self.target[0])
+        elif self.kind == "feature":
+            system.set_feature(self.target[0], self.target[1], self.value == "on")
         else:
             system.add_address(*self.target)
 
@@ -115,7 +127,8 @@ def check(config: ServerConfig, system: NodeSystem) -> list[Problem]:
 
 def check_balancer(config: BalancerConfig, system: NodeSystem) -> list[Problem]:
     """Every problem of a balancer node."""
-    problems, _ = _mpls(system, BALANCER_MODULES, config.labels.range[1], config.interfaces.fabric, None)
+    problems, devices = _mpls(system, BALANCER_MODULES, config.labels.range[1], config.interfaces.fabric, None)
+    problems += _tc_offload(system, [dev for dev in config.interfaces.required_offload() if dev in devices])
     for version in sorted({s.vip.version for s in config.services}):
         parts = ("net", "ipv4", "ip_forward") if version == 4 else ("net", "ipv6", "conf", "all", "forwarding")
         if system.sysctl(*parts) != "1":
@@ -177,6 +190,27 @@ def _mpls(system: NodeSystem, modules: tuple[str, ...], last_label: int, fabric:
                                     f"{mpls_sysctl('conf', dev, 'input')}, not 1: MPLS input is off ({why})",
                                     Fix("sysctl", ("net", "mpls", "conf", dev, "input"), "1")))
     return problems, devices
+
+
+def _tc_offload(system: NodeSystem, devs: list[str]) -> list[Problem]:
+    """A fabric interface with `interfaces.offload: required` must take tc filters into hardware
+    (hw-tc-offload on), or every session's filter there would be refused: better refuse to start
+    and say so than fail each session."""
+    problems = []
+    for dev in devs:
+        state = system.feature(dev, TC_OFFLOAD)
+        why = f"interface {dev} has interfaces.offload required"
+        if state is not None and state.active:
+            continue
+        if state is not None and state.available:
+            problems.append(Problem(f"{why} but {TC_OFFLOAD} is off: the driver would refuse every session's "
+                                    "filter", Fix("feature", (dev, TC_OFFLOAD), "on")))
+        else:
+            problems.append(Problem(f"{why} but its driver offers no {TC_OFFLOAD} (ethtool -k {dev} shows it "
+                                    "off [fixed]): no filter can be in hardware there",
+                                    hint=f"use a device whose driver offloads flower filters, or set "
+                                    f"interfaces.offload.{dev} to auto"))
+    return problems
 
 
 def _rp_filter(system: NodeSystem, devs: list[str]) -> list[Problem]:
@@ -265,6 +299,13 @@ class HostSystem:
 
     def modprobe(self, name: str) -> None:
         subprocess.run(["modprobe", name], check=True, capture_output=True, text=True)
+
+    def feature(self, dev: str, name: str) -> ethtool.Feature | None:
+        """Read with the SIOCETHTOOL ioctl in this namespace (no ethtool binary needed)."""
+        return ethtool.feature(dev, name)
+
+    def set_feature(self, dev: str, name: str, on: bool) -> None:
+        ethtool.set_feature(dev, name, on)
 
     def add_address(self, dev: str, address: str) -> None:
         """Through the provider (one RTM_NEWADDR), not ip(8): product code speaks netlink itself.

@@ -17,6 +17,8 @@ REPORTING = (ops.FlowerFilter, ops.MplsRoute, ops.EncapRoute)
 # What a skip_sw filter the hardware refuses comes back with: EOPNOTSUPP from tc_setup_cb_add()
 # when a device of the block cannot offload, EINVAL from cls_flower when none took it.
 REFUSED_ERRNOS = (errno.EOPNOTSUPP, errno.EINVAL)
+# How both providers begin that error (an EINVAL of an operation no kernel could take does not).
+REFUSED_PREFIX = "offload required"
 
 
 def row(item: ops.Installed) -> dict[str, Any]:
@@ -45,4 +47,5 @@ def refused(result: ops.OpResult) -> bool:
     failure that `interfaces.offload: required` promises to make loud."""
     obj = result.op.obj
     return (not result.ok and isinstance(obj, ops.FlowerFilter) and obj.offload is ops.OffloadPolicy.REQUIRED
-            and not isinstance(result.op, ops.Delete) and result.errno in REFUSED_ERRNOS)
+            and not isinstance(result.op, ops.Delete) and result.errno in REFUSED_ERRNOS
+            and (result.error or "").startswith(REFUSED_PREFIX))

@@ -141,3 +141,12 @@ def test_the_netlink_provider_puts_the_drivers_extack_text_in_the_error() -> Non
     [result] = provider.apply([ops.Add(flt)])
     assert result.errno == errno.EOPNOTSUPP
     assert result.error == f"offload required but device nsim0 cannot offload this filter: {text} (EOPNOTSUPP)"
+
+
+def test_an_invalid_required_filter_is_not_counted_as_a_hardware_refusal() -> None:
+    """EINVAL before the kernel (a label out of range) is a bug, not the hardware saying no."""
+    d = make("required", capable=True)
+    bad = ops.FlowerFilter("fab0", 1, ops.FlowerMatch(src="10.0.1.10/32"), (ops.MplsPush(1 << 20),),
+                           offload=ops.OffloadPolicy.REQUIRED)
+    [result] = d.program([ops.Add(bad)], "test")
+    assert result.errno == errno.EINVAL and "offload_refused" not in d.core.counters

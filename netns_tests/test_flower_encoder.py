@@ -97,7 +97,7 @@ def test_filters_made_by_tc_are_not_ours(lab: Lab, devices: str) -> None:
 def test_offload_state_and_required_policy(lab: Lab, devices: str) -> None:
     lb = devices
     state = {i.obj.handle: i.offload for i in lab.provider(lb).dump_filters(OURS_DEV)}
-    assert state[1] == ops.OffloadState(in_hw=False) and state[1].describe() == "not_in_hw"
+    assert state[1] == ops.OffloadState(not_in_hw=True) and state[1].describe() == "not_in_hw"
     required = ops.FlowerFilter(OURS_DEV, 42, ops.FlowerMatch(src="10.9.9.9/32"),
                                 ops.push_stack((5,)), pref=14, offload=ops.OffloadPolicy.REQUIRED)
     result = lab.provider(lb).apply([ops.Add(required)])[0]

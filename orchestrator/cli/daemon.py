@@ -6,6 +6,7 @@ unknown server name, a bad value: the daemon changed nothing); 3 no daemon answe
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from typing import Any, Optional
@@ -63,9 +64,13 @@ def serve_on_kernel(config_path: str, config: BalancerConfig | ServerConfig, log
     from orchestrator.daemon.server import ServerDaemon
     from orchestrator.dataplane.netlink.provider import NetlinkProvider
 
-    kernel = Capture(queue=NfQueue, conntrack=ConntrackListener)
-    daemon: Daemon = ServerDaemon(config_path, NetlinkProvider(), kernel, config) \
-        if isinstance(config, ServerConfig) else BalancerDaemon(config_path, NetlinkProvider(), kernel, config)
+    daemon: Daemon
+    if isinstance(config, ServerConfig):
+        daemon = ServerDaemon(config_path, NetlinkProvider(), Capture(NfQueue, ConntrackListener), config)
+    else:
+        # The balancer also hears its tagged flows start: those its fast path admitted count too.
+        kernel = Capture(NfQueue, functools.partial(ConntrackListener, new_events=True))
+        daemon = BalancerDaemon(config_path, NetlinkProvider(), kernel, config)
     return serve(daemon, log_format)
 
 

@@ -119,6 +119,14 @@ class FakeProvider:
     def dump(self) -> list[Installed]:
         return [Installed(obj, self._offload_state(obj)) for obj in self._objects.values()]
 
+    def dump_elements(self) -> list[Installed]:
+        return [Installed(obj) for obj in self._objects.values() if isinstance(obj, FastPathElement)]
+
+    def flush_elements(self) -> None:
+        """What loading the ruleset does to the fast-path sets: they start empty."""
+        for key in [k for k, obj in self._objects.items() if isinstance(obj, FastPathElement)]:
+            del self._objects[key]
+
     def routes_to(self, addresses: Iterable[str]) -> dict[str, NextHop | None]:
         """The node's route to each address, as the netlink provider's RTM_GETROUTE answers it."""
         wanted = tuple(dict.fromkeys(addresses))
@@ -248,10 +256,6 @@ class FakeProvider:
             if isinstance(found, FastPathElement):
                 return found
         return None
-
-    def elements(self) -> list[FastPathElement]:
-        """Every fast-path set element, in the order added."""
-        return [o for o in self._objects.values() if isinstance(o, FastPathElement)]
 
     # ---- applying ----
 

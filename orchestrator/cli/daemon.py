@@ -117,9 +117,14 @@ def status_lines(answer: dict[str, Any]) -> list[str]:
 
 def _counter_line(counters: dict[str, int]) -> str:
     keys = ("sessions_started", "sessions_ended", "sessions_reassigned", "packets_userspace")
+    # A balancer's first packets the kernel's fast path could not take: worth seeing at a glance.
     trouble = sorted((k, v) for k, v in counters.items()
-                     if k.split(":")[0] in ("refused", "malformed", "no_route", "batch_errors", "sessions_failed"))
-    return "counters: " + ", ".join(f"{k} {v}" for k, v in [*((k, counters.get(k, 0)) for k in keys), *trouble])
+                     if k.split(":")[0] in ("refused", "malformed", "no_route", "batch_errors", "sessions_failed",
+                                            "fastpath_unmatched", "fastpath_late"))
+    shown = [*((k, counters.get(k, 0)) for k in keys), *trouble]
+    if "flows_fast_path" in counters:
+        shown.insert(len(keys), ("flows_fast_path", counters["flows_fast_path"]))
+    return "counters: " + ", ".join(f"{k} {v}" for k, v in shown)
 
 
 def labels(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,

@@ -169,7 +169,10 @@ class Balancer:
             session.packets_userspace += 1
             # The kernel's fast path admits a session's later flows from the addresses it knows;
             # a new address of the session (its key matched beyond the address) came here instead.
-            self.counters[f"fastpath_unmatched:{key.kind}" if needs_route else "fastpath_late"] += 1
+            if needs_route:
+                self.counters[f"fastpath_unmatched:{key.kind}"] += 1
+            elif key.kind != SessionKeyKind.FIVE_TUPLE:  # there: the same flow again, no element
+                self.counters["fastpath_late"] += 1
             if needs_route and first.next_hop is not None:  # a mobile client's new care-of address
                 self._rekey(session, svc, info, key, first.next_hop, plan)
             if session.state == State.OPENING:

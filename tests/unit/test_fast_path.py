@@ -362,3 +362,19 @@ def test_the_fast_path_rule_comes_before_the_rate_limit_and_the_queue_and_tags_t
     assert "@persrc4" in limit and " queue " in queue
     assert any("ip6 saddr . ip6 daddr . meta l4proto . th dport @fast6" in line for line in lines)
     assert {f"set {name} {{" for name in decode.FAST_PATH_SETS} <= {line.strip() for line in lines}
+
+
+def test_a_flow_queued_before_its_element_was_in_is_counted_late_and_joins_its_session() -> None:
+    node = Node()
+    commit = node.packets(syn("10.0.1.10"), syn("10.0.1.10", 40001))  # one batch: the element is not in yet
+    assert [v.action for v in commit.verdicts] == [Action.ACCEPT, Action.ACCEPT]
+    [session] = node.core.table
+    assert session.packets_userspace == 2 and session.flows_total == 2
+    assert node.core.counters["fastpath_late"] == 1 and elements(node) == [E("10.0.1.10", "10.0.0.100", "tcp", 80)]
+
+
+def test_status_shows_fast_path_flows_and_what_the_kernel_could_not_take() -> None:
+    from orchestrator.cli.daemon import _counter_line
+
+    line = _counter_line({"packets_userspace": 3, "flows_fast_path": 9, "fastpath_unmatched:ipv6-iid": 1})
+    assert "packets_userspace 3, flows_fast_path 9" in line and "fastpath_unmatched:ipv6-iid 1" in line

@@ -148,3 +148,18 @@ def _iid_words(address: str) -> list[str]:
 
     low = ipaddress.IPv6Address(address).packed[8:].hex()
     return [low[i:i + 4] for i in range(0, 16, 4)]
+
+
+def test_a_reload_refills_the_sets_it_emptied(lab: Lab, balancer: BalancerLab) -> None:
+    """Loading the ruleset empties the sets; the daemon adds every session's elements back, so
+    the client's next connection still stays in the kernel."""
+    session = _session(balancer, "http", lab.address("c1"))
+    balancer.reload(**CHANGES)
+    assert "configuration reloaded" in balancer.log()
+    listed = lab.sh("lb", "nft", "list", "set", "inet", "mplsorch", "fast4").stdout
+    assert f"{lab.address('c1')} . {lab.vip} . tcp . 80" in listed, listed
+    before = _counters(balancer, "http")
+    assert balancer.curl("c1") == "200"
+    after = _counters(balancer, "http")
+    assert (after[0], after[1], after[2]) == (before[0], before[1], before[2] + 1), (before, after)
+    assert _session(balancer, "http", lab.address("c1"))["id"] == session["id"]

@@ -24,7 +24,7 @@ from orchestrator.ipproto import IPPROTO_ESP
 
 from .packet import Packet
 
-__all__ = ["SessionKeyKind", "SessionKey", "session_key", "icmp_error_client", "icmp_error_session_key"]
+__all__ = ["SessionKeyKind", "SessionKey", "session_key", "ipv6_iid", "icmp_error_client", "icmp_error_session_key"]
 
 
 class SessionKeyKind(enum.StrEnum):
@@ -53,6 +53,11 @@ def _iid(addr: str) -> str:
     b = pton(addr)[1]
     h = b[8:16].hex()
     return f"iid:{h[0:4]}:{h[4:8]}:{h[8:12]}:{h[12:16]}"
+
+
+def ipv6_iid(addr: str) -> str:
+    """The ipv6-iid key value of an IPv6 address (what `session_key` gives its packets)."""
+    return _iid(addr)
 
 
 def _value(kind: SessionKeyKind, version: int, proto: int, src: str, sport: Optional[int], dst: str,

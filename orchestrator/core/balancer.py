@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from orchestrator import ipproto
-from orchestrator.analyze.keys import SessionKey, SessionKeyKind, session_key
+from orchestrator.analyze.keys import SessionKey, SessionKeyKind, ipv6_iid, session_key
 from orchestrator.analyze.packet import Malformed, Packet, analyze
 from orchestrator.config.model import BalancerConfig, LabelAllocation, Server, ServerFailure, Service
 from orchestrator.core.events import (
-    Action, FirstPacket, FlowKey, FlowsEnded, FlowTableResync, PacketVerdict,
+    Action, FirstPacket, FlowKey, FlowsEnded, FlowsStarted, FlowTableResync, PacketVerdict,
 )
 from orchestrator.core.failover import Failover, Outcome, relabelled, replacement
 from orchestrator.core.health import HealthEvent, HealthState, HealthView, apply_health
@@ -166,6 +166,13 @@ class Balancer:
                 return verdict(Action.DROP, f"session {session.id} has no filter handle left for client "
                                             f"{key.client}"), None
             self.table.add_flow(session, flow, now)
+            session.packets_userspace += 1
+            # The kernel's fast path admits a session's later flows from the addresses it knows;
+            # a new address of the session (its key matched beyond the address) came here instead.
+            if needs_route:
+                self.counters[f"fastpath_unmatched:{key.kind}"] += 1
+            elif key.kind != SessionKeyKind.FIVE_TUPLE:  # there: the same flow again, no element
+                self.counters["fastpath_late"] += 1
             if needs_route and first.next_hop is not None:  # a mobile client's new care-of address
                 self._rekey(session, svc, info, key, first.next_hop, plan)
             if session.state == State.OPENING:
@@ -192,6 +199,7 @@ class Balancer:
                           created=now, last_seen=now)
         self.table.add(session)
         self.table.add_flow(session, flow, now)
+        session.packets_userspace += 1
         start = len(plan.ops)
         self._add_client(session, svc, info, key.client, first.next_hop, plan)
         plan.groups[session.id] = (start, len(plan.ops))
@@ -254,6 +262,24 @@ class Balancer:
         plan.ops.append(ops.Replace(route) if n else ops.Add(route))
         session.objects = [o for o in session.objects if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
         session.objects.append(route)
+        for element in self.fast_elements(session, svc, client):
+            plan.ops.append(ops.Add(element))
+            session.objects.append(element)
+
+    @staticmethod
+    def fast_elements(session: Session, svc: Service, client: str) -> list[ops.FastPathElement]:
+        """The fast-path set elements that let the kernel admit `client`'s new flows to the
+        session (the ruleset's rule for the service looks them up, see
+        capture.nftables.fast_path_match): one per service port, one for a service without
+        ports, the SPI for an esp-spi session. None for five-tuple: each flow is a session."""
+        kind = session.key.kind
+        if kind == SessionKeyKind.FIVE_TUPLE or session.protocol not in FLOWER_PROTOS:
+            return []
+        if kind == SessionKeyKind.ESP_SPI and session.protocol == "esp" and session.key.value.startswith("spi:"):
+            return [ops.FastPathElement(client, session.vip, "esp", spi=int(session.key.value[4:], 16))]
+        if session.protocol == "esp" or not svc.ports:
+            return [ops.FastPathElement(client, session.vip, session.protocol)]
+        return [ops.FastPathElement(client, session.vip, session.protocol, port) for port in svc.ports]
 
     @staticmethod
     def _filters_per_client(session: Session, svc: Service) -> int:
@@ -300,18 +326,69 @@ class Balancer:
         return Commit(tuple(verdicts), tuple(cleanup), tuple(x for f in failed.values() for x in f))
 
     # -- flows and time -------------------------------------------------------------------------
-    def on_flow_events(self, events: Sequence[FlowsEnded | FlowTableResync], now: float) -> None:
+    def on_flow_events(self, events: Sequence[FlowsStarted | FlowsEnded | FlowTableResync], now: float) -> None:
         for event in events:
+            if isinstance(event, FlowsStarted):
+                for flow in event.flows:
+                    self._adopt(flow, now)
+                continue
             if isinstance(event, FlowsEnded):
                 ended = event.flows
             else:
                 self.counters["conntrack_sweeps" if event.sweep else "conntrack_resyncs"] += 1
-                ended = tuple(f for f in self.table.flows() if f not in event.live)
+                known = set(self.table.flows())
+                ended = tuple(f for f in known if f not in event.live)
+                for flow in event.live - known:  # fast-path flows whose start events were lost
+                    self._adopt(flow, now)
             for flow in ended:
                 session = self.table.end_flow(flow)
                 if session is not None and not session.flows and session.state != State.CLOSING:
                     session.state = State.DRAINING
                     session.ends_at = now + self._persistence(session)
+
+    def _adopt(self, flow: FlowKey, now: float) -> None:
+        """A tagged flow the daemon did not see start: the kernel's fast path admitted it, so it
+        belongs to the session of its client address, and keeps that session alive."""
+        if self.table.by_flow(flow) is not None:
+            return
+        session = self.session_of_flow(flow)
+        if session is None:
+            return
+        self.table.add_flow(session, flow, now)
+        self.counters["flows_fast_path"] += 1
+
+    def session_of_flow(self, flow: FlowKey) -> Session | None:
+        """The session whose fast-path element admits `flow`: of the flow's service, with the
+        flow's source among its client addresses. Found by key where the address gives the key;
+        mip6-home-address and esp-spi sessions (keyed by what conntrack does not record) are
+        looked for among the service's sessions."""
+        svc = self.services.get((flow.dst, flow.proto, flow.dport)) or self.services.get((flow.dst, flow.proto, None))
+        if svc is None or svc.session_key == SessionKeyKind.FIVE_TUPLE:
+            return None
+        value = ipv6_iid(flow.src) if svc.session_key == SessionKeyKind.IPV6_IID and ":" in flow.src else flow.src
+        session = self.table.get(svc.name, value)
+        if session is not None and flow.src in session.clients:
+            return session
+        if svc.session_key in (SessionKeyKind.MIP6_HOME_ADDRESS, SessionKeyKind.ESP_SPI):
+            return next((s for s in self.table if s.service == svc.name and flow.src in s.clients), None)
+        return None
+
+    def fast_path_sync(self, installed: Sequence[ops.Installed]) -> list[ops.Operation]:
+        """After the ruleset was (re)loaded, which empties the fast-path sets, or after a restart:
+        the operations that make the sets hold exactly the elements of the sessions in the table
+        (`installed`: what a dump of them shows), and each session's objects name its elements,
+        so its end deletes them. A session whose service a reload removed gets none."""
+        wanted: dict[tuple[object, ...], ops.FastPathElement] = {}
+        for session in self.table:
+            svc = self.service_of(session)
+            mine = [e for client in session.clients for e in self.fast_elements(session, svc, client)] if svc else []
+            keys = {e.key for e in mine}
+            session.objects = [o for o in session.objects if not isinstance(o, ops.FastPathElement) or o.key in keys]
+            session.objects += [e for e in mine if e not in session.objects]
+            wanted.update((e.key, e) for e in mine)
+        present = {i.obj.key: i.obj for i in installed if isinstance(i.obj, ops.FastPathElement)}
+        return ([ops.Delete(e) for key, e in present.items() if key not in wanted]
+                + [ops.Add(e) for key, e in wanted.items() if key not in present])
 
     def _persistence(self, session: Session) -> float:
         """The persistence timeout of the session's service; a service a reload removed keeps

@@ -69,7 +69,11 @@ def relabelled(objects: list[ops.DataplaneObject], old_c2s: int, new_c2s: int,
 
 def replacement(old: list[ops.DataplaneObject], new: list[ops.DataplaneObject]) -> list[ops.Operation]:
     """One batch from the old objects to the new: filters out before their successors go in,
-    routes in before their predecessors go out."""
+    routes in before their predecessors go out. Fast-path set elements name only the client and
+    the service, so a move keeps them as they are."""
+    kept = [o for o in old if isinstance(o, ops.FastPathElement) and o in new]
+    old, new = [o for o in old if o not in kept], [o for o in new if o not in kept]
+
     def filters(objects: list[ops.DataplaneObject]) -> list[ops.DataplaneObject]:
         return [o for o in objects if isinstance(o, ops.FlowerFilter)]
 

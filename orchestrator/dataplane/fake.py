@@ -14,7 +14,10 @@ net/ipv4/fib_trie.c, net/core/fib_rules.c, net/sched/cls_api.c, cls_flower.c, sc
 - a tc filter on a device without a clsact qdisc gives EINVAL ("Parent Qdisc doesn't exists"), so
   does a filter at a pref already used by another protocol; deleting the qdisc deletes its filters;
 - `replace` of an existing clsact qdisc is a no-op success (no options to change);
-- skip_sw (OffloadPolicy.REQUIRED) on a device that cannot offload gives EOPNOTSUPP.
+- skip_sw (OffloadPolicy.REQUIRED) on a device that cannot offload gives EOPNOTSUPP;
+- a fast-path set element (nf_tables, net/netfilter/nf_tables_api.c): adding one that is there
+  with NLM_F_EXCL gives EEXIST, deleting one that is not there ENOENT (nft_del_setelem). The sets
+  themselves are the ruleset's (`nft -f`), taken as loaded.
 
 Plain IP routes are modelled only as far as the balancer looks them up (`add_ip_route`,
 `routes_to`: longest prefix match, no route gives None as the kernel's ENETUNREACH does); they
@@ -37,6 +40,7 @@ from orchestrator.dataplane.ops import (
     ClsactQdisc,
     DataplaneObject,
     Delete,
+    FastPathElement,
     Direction,
     EncapRoute,
     FlowerFilter,
@@ -62,7 +66,7 @@ IMPLICIT_NULL = 3
 # holds no encap routes, so it is left out.
 _DEFAULT_RULES = ((32766, MAIN_TABLE), (32767, DEFAULT_TABLE))
 _KIND = {MplsRoute: "label route", EncapRoute: "route", Rule: "rule", ClsactQdisc: "clsact qdisc",
-         FlowerFilter: "filter"}
+         FlowerFilter: "filter", FastPathElement: "set element"}
 # Like an MPLS TTL: a swap loop through lo ends in a drop instead of hanging the test.
 _MAX_HOPS = 255
 
@@ -114,6 +118,14 @@ class FakeProvider:
 
     def dump(self) -> list[Installed]:
         return [Installed(obj, self._offload_state(obj)) for obj in self._objects.values()]
+
+    def dump_elements(self) -> list[Installed]:
+        return [Installed(obj) for obj in self._objects.values() if isinstance(obj, FastPathElement)]
+
+    def flush_elements(self) -> None:
+        """What loading the ruleset does to the fast-path sets: they start empty."""
+        for key in [k for k, obj in self._objects.items() if isinstance(obj, FastPathElement)]:
+            del self._objects[key]
 
     def routes_to(self, addresses: Iterable[str]) -> dict[str, NextHop | None]:
         """The node's route to each address, as the netlink provider's RTM_GETROUTE answers it."""
@@ -227,6 +239,23 @@ class FakeProvider:
                         labels = labels[1:]
                 break
         return Forwarding(labels, None, out_dev)
+
+    def fast_path(self, src: str, dst: str, proto: str, dport: int | None = None,
+                  spi: int | None = None) -> FastPathElement | None:
+        """The element that lets the kernel accept a new flow of this packet without queueing it
+        (the ruleset's fast-path rules: the ESP set by SPI, else by port, else by protocol), or
+        None: the packet goes to userspace."""
+        candidates = []
+        if proto == "esp" and spi is not None:
+            candidates.append(FastPathElement(src, dst, proto, spi=spi))
+        if dport is not None and proto != "esp":
+            candidates.append(FastPathElement(src, dst, proto, port=dport))
+        candidates.append(FastPathElement(src, dst, proto))
+        for element in candidates:
+            found = self._objects.get(element.key)
+            if isinstance(found, FastPathElement):
+                return found
+        return None
 
     # ---- applying ----
 

@@ -258,7 +258,48 @@ class FlowerFilter:
                 f"handle {self.handle} flower{skip} {self.match.describe()} {actions}").rstrip()
 
 
-DataplaneObject = Union[MplsRoute, EncapRoute, Rule, ClsactQdisc, FlowerFilter]
+NFT_TABLE = "mplsorch"  # the balancer's nftables table (family inet), made by its ruleset
+FAST_PATH_PROTOS = ("tcp", "udp", "sctp", "esp")
+
+
+@dataclass(frozen=True)
+class FastPathElement:
+    """An element of a fast-path set of the balancer's ruleset (table inet mplsorch): a new flow
+    (ct state new) whose packet matches it is tagged and accepted by the kernel, so a session's
+    later flows never reach userspace. Its set follows from what it holds:
+
+    - `fast4`/`fast6`: saddr . daddr . l4proto . dport (a service with ports);
+    - `fastproto4`/`fastproto6`: saddr . daddr . l4proto (a service without ports);
+    - `fastesp4`/`fastesp6`: saddr . daddr . esp spi (an esp-spi session of an ESP service).
+
+    The client address is always in it: a session's new address needs its own C2S filter first,
+    which only the daemon can add."""
+
+    client: str
+    vip: str
+    proto: str  # "tcp" | "udp" | "sctp" | "esp"
+    port: int | None = None
+    spi: int | None = None
+
+    @property
+    def family(self) -> int:
+        return family_of(self.client)
+
+    @property
+    def set_name(self) -> str:
+        kind = "esp" if self.spi is not None else "" if self.port is not None else "proto"
+        return f"fast{kind}{self.family}"
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return ("setelem", self.set_name, self.client, self.vip, self.proto, self.port, self.spi)
+
+    def describe(self) -> str:
+        last = f" . spi 0x{self.spi:08x}" if self.spi is not None else "" if self.port is None else f" . {self.port}"
+        return f"element inet {NFT_TABLE} {self.set_name} {{ {self.client} . {self.vip} . {self.proto}{last} }}"
+
+
+DataplaneObject = Union[MplsRoute, EncapRoute, Rule, ClsactQdisc, FlowerFilter, FastPathElement]
 
 
 @dataclass(frozen=True)
@@ -389,6 +430,18 @@ def validate(op: Operation) -> None:
         parse_prefix(obj.src)
         if not 0 < obj.table < 1 << 32 or not 0 <= obj.priority < 1 << 32:
             raise InvalidOperation("rule table or priority out of range")
+    elif isinstance(obj, FastPathElement):
+        if isinstance(op, Replace):
+            raise InvalidOperation("a set element has no content to replace: add or delete it")
+        version = parse_address(obj.client)[0]
+        if parse_address(obj.vip)[0] != version:
+            raise InvalidOperation("client and VIP of a set element are of different families")
+        if obj.proto not in FAST_PATH_PROTOS:
+            raise InvalidOperation(f"proto {obj.proto!r} is not tcp, udp, sctp or esp")
+        if obj.port is not None and (obj.proto == "esp" or not 0 <= obj.port <= 0xFFFF):
+            raise InvalidOperation(f"port {obj.port!r} out of range or with esp")
+        if obj.spi is not None and (obj.proto != "esp" or obj.port is not None or not 0 <= obj.spi < 1 << 32):
+            raise InvalidOperation("an spi needs proto esp, no port, and 32 bits")
     elif isinstance(obj, FlowerFilter):
         m = obj.match
         if m.src and m.dst and family_of(m.src) != family_of(m.dst):

@@ -12,7 +12,8 @@ from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.constants import (
     AF_INET6, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, FRA_PRIORITY, FRA_PROTOCOL, FRA_SRC, FRA_TABLE,
-    LWTUNNEL_ENCAP_MPLS, MPLS_IPTUNNEL_DST, RT_PROTO, RTA_DST,
+    LWTUNNEL_ENCAP_MPLS, MPLS_IPTUNNEL_DST, NFTA_DATA_VALUE, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_LIST_ELEMENTS,
+    NFTA_SET_ELEM_LIST_SET, RT_PROTO, RTA_DST,
     RTA_ENCAP, RTA_ENCAP_TYPE, RTA_GATEWAY, RTA_NEWDST, RTA_OIF, RTA_TABLE, RTA_VIA, RTM_F_OFFLOAD,
     RTM_F_OFFLOAD_FAILED, RTM_F_TRAP, RTN_UNICAST, RTNH_F_OFFLOAD, RTNH_F_TRAP, TC_COOKIE_PREFIX,
     TC_H_MIN_EGRESS, TCA_ACT_COOKIE, TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_CLS_FLAGS_IN_HW,
@@ -173,3 +174,34 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
     in_hw_count = nla.get_u32(o[TCA_FLOWER_IN_HW_COUNT]) if TCA_FLOWER_IN_HW_COUNT in o else 0
     return ops.Installed(obj, ops.OffloadState(in_hw=bool(flags & TCA_CLS_FLAGS_IN_HW),
                                                in_hw_count=in_hw_count))
+
+
+FAST_PATH_SETS = tuple(f"fast{kind}{family}" for kind in ("", "proto", "esp") for family in (4, 6))
+
+
+def set_elements(body: memoryview) -> list[ops.FastPathElement]:
+    """The elements of one NFT_MSG_NEWSETELEM dump message of a fast-path set (the inverse of
+    encode.element_key); elements of other sets, or of another key size, are not ours."""
+    attrs = nla.attrs(body, nla.NFGENMSG.size)
+    name = nla.get_str(attrs[NFTA_SET_ELEM_LIST_SET]) if NFTA_SET_ELEM_LIST_SET in attrs else ""
+    if name not in FAST_PATH_SETS or NFTA_SET_ELEM_LIST_ELEMENTS not in attrs:
+        return []
+    size = 16 if name.endswith("6") else 4
+    out = []
+    for _kind, element in nla.iter_attrs(attrs[NFTA_SET_ELEM_LIST_ELEMENTS]):
+        key = nla.attrs(element).get(NFTA_SET_ELEM_KEY)
+        raw = nla.attrs(key).get(NFTA_DATA_VALUE) if key is not None else None
+        if raw is None or len(raw) != 2 * size + (4 if name.startswith(("fastproto", "fastesp")) else 8):
+            continue
+        client = str(ipaddress.ip_address(bytes(raw[:size])))
+        vip = str(ipaddress.ip_address(bytes(raw[size:2 * size])))
+        tail = bytes(raw[2 * size:])
+        if name.startswith("fastesp"):
+            out.append(ops.FastPathElement(client, vip, "esp", spi=struct.unpack("!I", tail)[0]))
+            continue
+        proto = ipproto.NAME_OF.get(tail[0])
+        if proto is None:
+            continue
+        port = struct.unpack_from("!H", tail, 4)[0] if len(tail) == 8 else None
+        out.append(ops.FastPathElement(client, vip, proto, port))
+    return out

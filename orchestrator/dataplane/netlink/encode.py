@@ -1,8 +1,10 @@
-"""Operations -> rtnetlink request bodies. One function per object kind; each returns
-(message type, flags, body) so the batching socket can stamp sequence numbers.
+"""Operations -> rtnetlink (and, for fast-path set elements, nf_tables) request bodies. One
+function per object kind; each returns (message type, flags, body) so the batching socket can
+stamp sequence numbers.
 
 Layouts follow the kernel: af_mpls.c (RTA_DST/RTA_VIA/RTA_NEWDST), lwtunnel MPLS encap
-(RTA_ENCAP_TYPE + RTA_ENCAP{MPLS_IPTUNNEL_DST}), fib_rules.c, cls_flower.c and act_mpls.c.
+(RTA_ENCAP_TYPE + RTA_ENCAP{MPLS_IPTUNNEL_DST}), fib_rules.c, cls_flower.c and act_mpls.c;
+set elements nf_tables_api.c (nf_tables_newsetelem/delsetelem, nft_setelem_parse_key).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.constants import (
     AF_INET, AF_INET6, AF_MPLS, AF_UNSPEC, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, FR_ACT_TO_TBL,
+    NFNL_SUBSYS_NFTABLES, NFPROTO_INET, NFT_MSG_DELSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_NEWSETELEM,
+    NFTA_DATA_VALUE, NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET,
+    NFTA_SET_ELEM_LIST_TABLE,
     FRA_PRIORITY, FRA_PROTOCOL, FRA_SRC, FRA_TABLE, IFA_ADDRESS, IFA_LOCAL,
     LWTUNNEL_ENCAP_MPLS,
     MPLS_IPTUNNEL_DST, NLA_F_NESTED, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, RT_PROTO,
@@ -294,12 +299,44 @@ def mpls_action(action: ops.Action, cookie: bytes = TC_COOKIE_PREFIX) -> bytes:
             + nla.attr(TCA_ACT_COOKIE, cookie))
 
 
+def element_key(obj: ops.FastPathElement) -> bytes:
+    """The key of a fast-path set element as nf_tables stores a concatenation: each field at the
+    start of its own 4-byte slot (NFT_REG32_SIZE), zero padded, in network byte order:
+    saddr . daddr . l4proto . dport, saddr . daddr . l4proto, or saddr . daddr . esp spi."""
+    key = ops.parse_address(obj.client)[1] + ops.parse_address(obj.vip)[1]
+    if obj.spi is not None:
+        return key + struct.pack("!I", obj.spi)
+    key += struct.pack("!B3x", ipproto.BY_NAME[obj.proto])
+    return key if obj.port is None else key + struct.pack("!H2x", obj.port)
+
+
+def _set_head(set_name: str) -> bytes:
+    return (nla.NFGENMSG.pack(NFPROTO_INET, 0, 0) + nla.asciiz(NFTA_SET_ELEM_LIST_TABLE, ops.NFT_TABLE)
+            + nla.asciiz(NFTA_SET_ELEM_LIST_SET, set_name))
+
+
+def set_element(op: ops.Operation, obj: ops.FastPathElement, _ifindex: Ifindex) -> Request:
+    """NFT_MSG_NEWSETELEM / DELSETELEM of one element (one per message, so an error names its
+    operation). Add is exclusive (NLM_F_EXCL: an element already there is EEXIST), as every Add."""
+    element = nla.nest(NFTA_LIST_ELEM, nla.nest(NFTA_SET_ELEM_KEY, nla.attr(NFTA_DATA_VALUE, element_key(obj))))
+    body = _set_head(obj.set_name) + nla.nest(NFTA_SET_ELEM_LIST_ELEMENTS, element)
+    if isinstance(op, ops.Delete):
+        return NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_DELSETELEM, NLM_F_REQUEST, body
+    return NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL, body
+
+
+def set_elements_dump(set_name: str) -> tuple[int, bytes]:
+    """(message type, body) of NFT_MSG_GETSETELEM for one of our sets (sent with NLM_F_DUMP)."""
+    return NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM, _set_head(set_name)
+
+
 ENCODERS: dict[type, Callable[..., Request]] = {
     ops.MplsRoute: mpls_route,
     ops.EncapRoute: encap_route,
     ops.Rule: rule,
     ops.ClsactQdisc: clsact,
     ops.FlowerFilter: flower_filter,
+    ops.FastPathElement: set_element,
 }
 
 

@@ -14,17 +14,18 @@ from typing import Any, Iterator
 
 import pytest
 
+from orchestrator.config.examples import DELETE, KeyPath
 from orchestrator.lab.balancer_lab import BalancerLab
 from orchestrator.lab.kit import Capture, Lab, patience
 
 N = 4
-CHANGES = {
-    "protocol: udp\n    ports: [53]": "protocol: esp",
-    "persistence_timeout: 30s\n    scheduler: wrr": "persistence_timeout: 3600s\n    scheduler: wrr",
-    "session_key: client-ip\n    persistence_timeout: 3600s\n    scheduler: wrr":
-        "session_key: esp-spi\n    persistence_timeout: 3600s\n    scheduler: wrr",
-    "# metrics:": "  iid:\n    vip: \"fd00:100::100\"\n    protocol: tcp\n    ports: [8080]\n    pool: web\n"
-                  "    session_key: ipv6-iid\n    persistence_timeout: 3600s\n    scheduler: rr\n\n# metrics:",
+CHANGES: dict[KeyPath, Any] = {
+    "services.dns.protocol": "esp",
+    "services.dns.ports": DELETE,
+    "services.dns.session_key": "esp-spi",
+    "services.dns.persistence_timeout": "3600s",
+    "services.iid": {"vip": "fd00:100::100", "protocol": "tcp", "ports": [8080], "pool": "web",
+                     "session_key": "ipv6-iid", "persistence_timeout": "3600s", "scheduler": "rr"},
 }
 # Raw first packets from a client: TCP SYNs (with a Home Address option when given one) or ESP,
 # sent to the balancer's MAC (a care-of address the client does not hold has no neighbour entry).
@@ -47,7 +48,7 @@ for i in range(int(first), int(first) + int(count)):
 
 @pytest.fixture(scope="module")
 def balancer(lab: Lab) -> Iterator[BalancerLab]:
-    b = BalancerLab(lab, **CHANGES)
+    b = BalancerLab(lab, changes=CHANGES)
     try:
         b.start()
         yield b
@@ -154,7 +155,7 @@ def test_a_reload_refills_the_sets_it_emptied(lab: Lab, balancer: BalancerLab) -
     """Loading the ruleset empties the sets; the daemon adds every session's elements back, so
     the client's next connection still stays in the kernel."""
     session = _session(balancer, "http", lab.address("c1"))
-    balancer.reload(**CHANGES)
+    balancer.reload(CHANGES)
     assert "configuration reloaded" in balancer.log()
     listed = lab.sh("lb", "nft", "list", "set", "inet", "mplsorch", "fast4").stdout
     assert f"{lab.address('c1')} . {lab.vip} . tcp . 80" in listed, listed

@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections import deque
+from typing import Any
 
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
@@ -15,6 +16,7 @@ from scapy.layers.inet import TCP
 from scapy.layers.ipsec import ESP
 
 from orchestrator.capture import conntrack as ct
+from orchestrator.config.examples import DELETE, KeyPath
 from orchestrator.capture import nftables
 from orchestrator.core.balancer import Balancer
 from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowsStarted, FlowTableResync
@@ -28,14 +30,12 @@ from orchestrator.capture.nfqueue import QueuedPacket
 from tests.unit.conftest import Node, ScriptedQueue, balancer_daemon, config, syn
 
 E = ops.FastPathElement
-V6 = {"vip: 10.0.0.100\n    protocol: tcp": "vip: 2001:db8::100\n    protocol: tcp"}
-IID = {**V6, "session_key: client-ip      # client-ip": "session_key: ipv6-iid  #"}
-MIP6 = {**V6, "session_key: client-ip      # client-ip": "session_key: mip6-home-address  #"}
-FIVE = {"session_key: client-ip      # client-ip": "session_key: five-tuple  #"}
-ESP_SPI = {"protocol: udp\n    ports: [53]": "protocol: esp",
-           "session_key: client-ip\n    persistence_timeout: 30s\n    scheduler: wrr":
-           "session_key: esp-spi\n    persistence_timeout: 30s\n    scheduler: wrr"}
-ESP_CLIENT = {"protocol: udp\n    ports: [53]": "protocol: esp"}
+V6: dict[KeyPath, Any] = {"services.http.vip": "2001:db8::100"}
+IID: dict[KeyPath, Any] = {**V6, "services.http.session_key": "ipv6-iid"}
+MIP6: dict[KeyPath, Any] = {**V6, "services.http.session_key": "mip6-home-address"}
+FIVE: dict[KeyPath, Any] = {"services.http.session_key": "five-tuple"}
+ESP_CLIENT: dict[KeyPath, Any] = {"services.dns.protocol": "esp", "services.dns.ports": DELETE}
+ESP_SPI: dict[KeyPath, Any] = {**ESP_CLIENT, "services.dns.session_key": "esp-spi"}
 
 
 def syn6(src: str, sport: int = 40000, hoa: str | None = None) -> bytes:
@@ -63,8 +63,7 @@ def _one_batch_with_the_filter(node: Node, element: ops.FastPathElement) -> None
 # ---- per key kind: added with the session, removed with it -------------------------------------
 
 def test_client_ip_one_element_per_service_port_with_the_session_and_gone_with_it() -> None:
-    node = Node(config(**{"ports: [80]\n    pool: web\n    session_key: client-ip":
-                          "ports: [80, 443]\n    pool: web\n    session_key: client-ip"}))
+    node = Node(config({"services.http.ports": [80, 443]}))
     commit = node.packets(syn("10.0.1.10"))
     assert [v.action for v in commit.verdicts] == [Action.ACCEPT]
     want = [E("10.0.1.10", "10.0.0.100", "tcp", 80), E("10.0.1.10", "10.0.0.100", "tcp", 443)]
@@ -83,14 +82,14 @@ def test_client_ip_one_element_per_service_port_with_the_session_and_gone_with_i
 
 
 def test_five_tuple_sessions_get_no_element_every_flow_is_its_own_session() -> None:
-    node = Node(config(**FIVE))
+    node = Node(config(FIVE))
     node.packets(syn("10.0.1.10"), syn("10.0.1.10", 40001))
     assert len(node.core.table) == 2 and elements(node) == []
-    assert "fastpath" not in nftables.render(config(**FIVE)).split("queued_http")[1].split("\n")[0]
+    assert "fastpath" not in nftables.render(config(FIVE)).split("queued_http")[1].split("\n")[0]
 
 
 def test_ipv6_iid_element_holds_the_full_address_a_new_prefix_comes_to_the_daemon() -> None:
-    node = Node(config(**IID))
+    node = Node(config(IID))
     node.packets(syn6("2001:db8:1::aa:bb"))
     assert elements(node) == [E("2001:db8:1::aa:bb", "2001:db8::100", "tcp", 80)]
     _one_batch_with_the_filter(node, elements(node)[0])
@@ -104,7 +103,7 @@ def test_ipv6_iid_element_holds_the_full_address_a_new_prefix_comes_to_the_daemo
 
 
 def test_mip6_element_holds_the_care_of_address_a_new_one_comes_to_the_daemon() -> None:
-    node = Node(config(**MIP6))
+    node = Node(config(MIP6))
     node.packets(syn6("2001:db8:1::10", hoa="2001:db8:aa::1"))
     assert elements(node) == [E("2001:db8:1::10", "2001:db8::100", "tcp", 80)]
     node.packets(syn6("2001:db8:2::10", 40001, hoa="2001:db8:aa::1"))  # moved: a new care-of address
@@ -117,22 +116,22 @@ def test_mip6_element_holds_the_care_of_address_a_new_one_comes_to_the_daemon() 
 
 
 def test_esp_spi_element_holds_address_and_spi() -> None:
-    node = Node(config(**ESP_SPI))
+    node = Node(config(ESP_SPI))
     node.packets(esp("10.0.1.10", 0x1234))
     want = E("10.0.1.10", "10.0.0.100", "esp", spi=0x1234)
     assert elements(node) == [want] and want.set_name == "fastesp4"
     _one_batch_with_the_filter(node, want)
     assert node.kernel.fast_path("10.0.1.10", "10.0.0.100", "esp", spi=0x1234) == want
     assert node.kernel.fast_path("10.0.1.10", "10.0.0.100", "esp", spi=0x9999) is None
-    assert "ip saddr . ip daddr . esp spi @fastesp4" in nftables.render(config(**ESP_SPI))
+    assert "ip saddr . ip daddr . esp spi @fastesp4" in nftables.render(config(ESP_SPI))
 
 
 def test_a_service_without_ports_gets_the_protocol_element() -> None:
-    node = Node(config(**ESP_CLIENT))
+    node = Node(config(ESP_CLIENT))
     node.packets(esp("10.0.1.10", 0x1234))
     assert elements(node) == [E("10.0.1.10", "10.0.0.100", "esp")]
     assert elements(node)[0].set_name == "fastproto4"
-    assert "ip saddr . ip daddr . meta l4proto @fastproto4" in nftables.render(config(**ESP_CLIENT))
+    assert "ip saddr . ip daddr . meta l4proto @fastproto4" in nftables.render(config(ESP_CLIENT))
 
 
 def test_the_element_is_in_the_kernel_before_the_verdict_in_the_sessions_batch() -> None:

@@ -239,6 +239,9 @@ class FlowerFilter:
     direction: Direction = Direction.EGRESS
     pref: int = 10
     offload: OffloadPolicy = OffloadPolicy.AUTO
+    # Opaque bytes the kernel keeps with the filter (in its actions' TC cookies) and gives back
+    # in dumps: what restore needs beyond the match (dataplane/records.py says what they mean).
+    tag: bytes = b""
 
     @property
     def protocol(self) -> str:
@@ -363,6 +366,16 @@ def _check_address(address: str) -> int:
         raise InvalidOperation(f"next hop {address!r} is not an IP address") from None
 
 
+TC_COOKIE_MAX_SIZE = 16   # include/uapi/linux/pkt_cls.h: the kernel refuses longer action cookies
+TC_COOKIE_OWNER = 8       # len(b"mplsorch"), the ownership mark that opens the first action's cookie
+
+
+def tag_capacity(actions: int) -> int:
+    """Tag bytes a filter with `actions` actions can carry: the first cookie after the ownership
+    mark, then whole cookies (the netlink encoder's split, encode.action_cookies)."""
+    return 0 if actions == 0 else TC_COOKIE_MAX_SIZE - TC_COOKIE_OWNER + TC_COOKIE_MAX_SIZE * (actions - 1)
+
+
 MAX_STACK = 30  # the kernel's MAX_NEW_LABELS (net/mpls/internal.h), for routes and encap
 
 
@@ -404,6 +417,9 @@ def validate(op: Operation) -> None:
             _check_label(m.mpls_label, "matched label")
             if m.src or m.dst or m.ip_proto:
                 raise InvalidOperation("an mpls_label match takes no IP keys (the packet is MPLS)")
+        if len(obj.tag) > tag_capacity(len(obj.actions)):
+            raise InvalidOperation(f"a tag of {len(obj.tag)} bytes does not fit the cookies of "
+                                   f"{len(obj.actions)} actions ({tag_capacity(len(obj.actions))} bytes)")
         if not 0 < obj.handle < 1 << 32:
             raise InvalidOperation(f"handle {obj.handle} out of range (1..2^32-1)")
         if not 0 < obj.pref < 1 << 16:

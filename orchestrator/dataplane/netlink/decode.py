@@ -144,13 +144,20 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
         return None
     o = nla.attrs(a[TCA_OPTIONS])
     actions: list[ops.Action] = []
+    cookies: list[bytes] = []
     for _order, payload in sorted(nla.iter_attrs(o[TCA_FLOWER_ACT]) if TCA_FLOWER_ACT in o else ()):
         decoded = _action(payload)
-        if decoded is None or (require_cookie and not decoded[1].startswith(TC_COOKIE_PREFIX)):
+        if decoded is None:
             return None
         actions.append(decoded[0])
-    if require_cookie and not actions:
+        cookies.append(decoded[1])
+    # Ours: the first action's cookie opens with the mark; the others carry the rest of the tag
+    # (encode.action_cookies) or the mark alone.
+    if require_cookie and (not cookies or not cookies[0].startswith(TC_COOKIE_PREFIX)):
         return None
+    tag = b""
+    if cookies and cookies[0].startswith(TC_COOKIE_PREFIX):
+        tag = cookies[0][len(TC_COOKIE_PREFIX):] + b"".join(c for c in cookies[1:] if c != TC_COOKIE_PREFIX)
     eth_type = nla.get_be16(o[TCA_FLOWER_KEY_ETH_TYPE]) if TCA_FLOWER_KEY_ETH_TYPE in o else 0
     mpls_label = nla.get_u32(o[TCA_FLOWER_KEY_MPLS_LABEL]) if TCA_FLOWER_KEY_MPLS_LABEL in o else None
     version = 6 if eth_type == ETH_P_IPV6 else 4
@@ -169,7 +176,7 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
                               src_port=ports.get("src"), dst_port=ports.get("dst"), mpls_label=mpls_label),
         actions=tuple(actions),
         direction=ops.Direction.EGRESS if parent & 0xFFFF == TC_H_MIN_EGRESS else ops.Direction.INGRESS,
-        pref=info >> 16, offload=offload)
+        pref=info >> 16, offload=offload, tag=tag)
     in_hw_count = nla.get_u32(o[TCA_FLOWER_IN_HW_COUNT]) if TCA_FLOWER_IN_HW_COUNT in o else 0
     return ops.Installed(obj, ops.OffloadState(in_hw=bool(flags & TCA_CLS_FLAGS_IN_HW),
                                                in_hw_count=in_hw_count))

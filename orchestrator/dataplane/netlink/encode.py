@@ -246,14 +246,29 @@ def flower_options(obj: ops.FlowerFilter, cookie: bytes = TC_COOKIE_PREFIX,
             key, mask = PORT_ATTRS[(m.ip_proto, side)]
             out += nla.be16(key, port) + nla.be16(mask, 0xFFFF)
     out += _FLOWER_FLAGS[obj.offload]
-    actions = b"".join(_action_attr(order, action, cookie)
+    cookies = action_cookies(cookie, obj.tag, len(obj.actions))
+    actions = b"".join(_action_attr(order, action, cookies[order - 1])
                        for order, action in enumerate(obj.actions, start=1))
     return out + _ATTR_HDR.pack(4 + len(actions), TCA_FLOWER_ACT | NLA_F_NESTED) + actions
 
 
+def action_cookies(owner: bytes, tag: bytes, count: int) -> list[bytes]:
+    """The cookies of a filter's `count` actions: the first is the ownership mark followed by the
+    tag's first bytes, the next ones carry the rest of the tag, 16 bytes each (TC_COOKIE_MAX_SIZE);
+    an action left without tag bytes carries the mark alone. decode.flower joins them back."""
+    room = ops.TC_COOKIE_MAX_SIZE - len(owner)
+    out = [owner + tag[:room]]
+    rest = tag[room:]
+    for _ in range(count - 1):
+        out.append(rest[:ops.TC_COOKIE_MAX_SIZE] or owner)
+        rest = rest[ops.TC_COOKIE_MAX_SIZE:]
+    return out
+
+
 def _action_attr(order: int, action: ops.Action, cookie: bytes) -> bytes:
-    """The action list entry `order`; a plain push is built from a template (label varies)."""
-    if type(action) is ops.MplsPush and action.ttl == ops.ACT_MPLS_TTL_DEFAULT:
+    """The action list entry `order`; a plain push under the bare mark is built from a template
+    (label varies); a session's tagged cookies vary per session and are encoded in full."""
+    if type(action) is ops.MplsPush and action.ttl == ops.ACT_MPLS_TTL_DEFAULT and cookie == TC_COOKIE_PREFIX:
         head, tail = _push_template(order, cookie)
         return head + _ATTR_U32.pack(8, TCA_MPLS_LABEL, action.label) + tail
     if isinstance(action, ops.SetMark):

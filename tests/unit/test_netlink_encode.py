@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from orchestrator.dataplane import ops
+from orchestrator.dataplane import ops, records
 from orchestrator.dataplane.netlink import constants as c
 from orchestrator.dataplane.netlink import decode, encode, nla
 
@@ -117,6 +117,25 @@ def _roundtrip(obj: ops.DataplaneObject) -> ops.DataplaneObject:
 ])
 def test_decode_inverts_encode(obj: ops.DataplaneObject) -> None:
     assert _roundtrip(obj) == obj
+
+
+def test_a_session_record_rides_in_the_action_cookies_and_comes_back() -> None:
+    """The kernel keeps at most 16 bytes per action cookie (TC_COOKIE_MAX_SIZE): the record is
+    spread over both pushes, the ownership mark first."""
+    tag = records.pack(records.SessionRecord(42, "mip6-home-address", 80, home="2001:db8:aa::1"))
+    flt = ops.FlowerFilter("fab0", 1001 << 8 | 1, ops.FlowerMatch(src="2001:db8:1::10/128",
+                                                                  dst="2001:db8:ff::100/128", ip_proto="tcp",
+                                                                  dst_port=80),
+                           ops.push_stack((102, 1001)), pref=11, tag=tag)
+    _, _, body = encode.encode(ops.Add(flt), ifindex)
+    o = nla.attrs(nla.attrs(body, TCMSG.size)[c.TCA_OPTIONS])
+    cookies = [bytes(nla.attrs(p)[c.TCA_ACT_COOKIE]) for _, p in nla.iter_attrs(o[c.TCA_FLOWER_ACT])]
+    assert cookies == [c.TC_COOKIE_PREFIX + tag[:8], tag[8:]]
+    assert all(len(cookie) <= ops.TC_COOKIE_MAX_SIZE for cookie in cookies)
+    assert _roundtrip(flt) == flt
+    too_long = ops.FlowerFilter("fab0", 1, flt.match, (ops.MplsPush(1001),), tag=tag)
+    with pytest.raises(ops.InvalidOperation, match="does not fit the cookies of 1 actions"):
+        encode.encode(ops.Add(too_long), ifindex)
 
 
 def test_others_objects_are_not_ours() -> None:

@@ -294,7 +294,7 @@ def test_sigkill_and_a_restart_give_back_every_session_and_the_hold_downs(lab: L
         assert balancer.cli("sessions", "flush", "--client", held["client"])["flushed"] >= 1
         before = _restored_view(balancer)
         assert {s["key_kind"] for s in before} >= {"client-ip", "mip6-home-address"}
-        held_down = balancer.cli("labels")["labels"]["held_down"]
+        held_down = balancer.cli("status")["labels"]["held_down"]
         assert held_down >= 1
 
         os.kill(balancer.proc.pid, signal.SIGKILL)
@@ -308,7 +308,7 @@ def test_sigkill_and_a_restart_give_back_every_session_and_the_hold_downs(lab: L
             time.sleep(0.5)
         assert f"restored {len(before)} sessions from the kernel" in balancer.log(), balancer.log()[-2000:]
         assert _restored_view(balancer) == before
-        assert balancer.cli("labels")["labels"]["held_down"] == held_down
+        assert balancer.cli("status")["labels"]["held_down"] == held_down
         installed = [i.obj for i in lab.provider("lb").dump()]
         assert records.hold_marker(held["s2c_label"]) in installed
 

@@ -31,6 +31,7 @@ from orchestrator.dataplane import handles, ops, records
 
 FLOWER_PROTOS = frozenset(ipproto.BY_NAME)  # every service protocol has a flower ip_proto key
 PREF_IPV4, PREF_IPV6 = 10, 11  # the kernel keeps one protocol per filter priority
+PREF_ESP4 = 12  # cls_u32 nodes of IPv4 esp-spi sessions: one classifier per priority too
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Balancer:
         # Pairs in hold-down whose S2C label is routed to the hold marker (dataplane.records):
         # C2S -> when the hold-down ends and the marker is deleted.
         self.markers: dict[int, float] = {}
+        self.u32_nodes: set[int] = set()  # the u32 nodes our ESP filters hold (dataplane.handles)
         self.configure(config, now)
 
     # -- configuration ---------------------------------------------------------------------
@@ -178,8 +180,8 @@ class Balancer:
             self.counters["no_route"] += 1
             return verdict(Action.DROP, f"no route to client {key.client}"), None
         if session is not None:
-            if needs_route and (len(session.clients) + 1) * self._filters_per_client(session, svc) \
-                    > handles.FILTERS_PER_SESSION:
+            if needs_route and ((len(session.clients) + 1) * self._filters_per_client(session, svc)
+                                > handles.FILTERS_PER_SESSION or self._by_spi(key) and self._free_node() is None):
                 self.counters["no_filter_handle"] += 1
                 return verdict(Action.DROP, f"session {session.id} has no filter handle left for client "
                                             f"{key.client}"), None
@@ -197,6 +199,9 @@ class Balancer:
                 return verdict(Action.ACCEPT), session.id
             return verdict(Action.ACCEPT), None
         assert first.next_hop is not None
+        if self._by_spi(key) and self._free_node() is None:
+            self.counters["no_filter_handle"] += 1
+            return verdict(Action.DROP, f"no u32 node left for an ESP session of {key.client}"), None
         refusal = self._admit(svc)
         server = None if refusal else self._schedule(svc, key, now)
         if refusal is None and server is None:
@@ -264,6 +269,18 @@ class Balancer:
         five = session.key.kind == SessionKeyKind.FIVE_TUPLE
         ports: tuple[int | None, ...] = (info.dport,) if five else (svc.ports or (None,))
         tag = records.pack(self._record(session))
+        if self._by_spi(SessionKey(session.key.kind, session.key.value, client)):
+            # flower has no SPI key: a u32 node matches source, VIP and SPI (IPv4).
+            node = self._free_node()
+            assert node is not None  # _packet checked
+            self.u32_nodes.add(node)
+            spi = int(session.key.value[len("spi:"):], 16)
+            u32 = ops.U32Filter(self.config.interfaces.fabric[0], handles.u32_handle(node),
+                                ops.esp_keys(client, session.vip, spi),
+                                ops.push_stack((self.transport[session.server], session.c2s)), pref=PREF_ESP4, tag=tag)
+            plan.ops.append(ops.Add(u32))
+            session.objects.append(u32)
+            ports = ()
         for i, port in enumerate(ports):
             match = ops.FlowerMatch(src=f"{client}/{host}", dst=f"{session.vip}/{vip_host}",
                                     ip_proto=proto, dst_port=port if proto else None,
@@ -283,6 +300,21 @@ class Balancer:
                         else ops.Add(route))
         session.objects = [o for o in session.objects if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
         session.objects.append(route)
+
+    @staticmethod
+    def _by_spi(key: SessionKey) -> bool:
+        """Is this an ESP session told apart by its SPI from an IPv4 client (a u32 filter)?"""
+        return key.kind == SessionKeyKind.ESP_SPI and key.value.startswith("spi:") and ":" not in key.client
+
+    def _free_node(self) -> int | None:
+        """The lowest u32 node no filter of ours holds (None: all 4095 are taken)."""
+        return next((n for n in range(1, handles.U32_NODES + 1) if n not in self.u32_nodes), None)
+
+    def _forget(self, objects: Sequence[ops.DataplaneObject]) -> None:
+        """The u32 nodes of filters that leave the kernel are free again."""
+        for o in objects:
+            if isinstance(o, ops.U32Filter):
+                self.u32_nodes.discard(handles.u32_node(o.handle))
 
     @staticmethod
     def _record(session: Session) -> records.SessionRecord:
@@ -334,6 +366,7 @@ class Balancer:
             if session is not None:
                 self.counters["sessions_failed"] += 1
                 self.table.remove(session)
+                self._forget(session.objects)
                 self.labels.release(session.c2s, now, hold_down=False)
         verdicts = [v if session_id not in failed else
                     PacketVerdict(v.queue, v.packet_id, Action.DROP, None,
@@ -361,6 +394,7 @@ class Balancer:
                 out.append(ops.Replace(previous) if previous is not None else ops.Delete(r.op.obj))
         for flow in undo.flows:
             self.table.end_flow(flow)
+        self._forget([o for o in session.objects if o not in undo.objects])
         session.clients, session.objects = undo.clients, undo.objects
         if not session.flows and undo.state == State.DRAINING:
             session.state, session.ends_at = State.DRAINING, undo.ends_at
@@ -404,6 +438,7 @@ class Balancer:
         the S2C route replaced by the pair's hold marker (kept in the kernel until the hold-down
         ends, so a restart holds the pair down again)."""
         self.table.remove(session)
+        self._forget(session.objects)
         self.counters["sessions_ended"] += 1
         self.counters[f"ended:{reason}"] += 1
         out: list[ops.Operation] = [ops.Delete(o) for o in reversed(session.objects)
@@ -511,17 +546,20 @@ class Balancer:
         by_transport = {s.transport_label: name for name, s in self.servers.items()}
         routes = {i.obj.label: i.obj for i in installed if isinstance(i.obj, ops.MplsRoute)}
         stale: list[ops.Operation] = []
-        filters = [(records.unpack(i.obj.tag), i.obj) for i in installed if isinstance(i.obj, ops.FlowerFilter)]
+        filters = [(records.unpack(i.obj.tag), i.obj) for i in installed
+                   if isinstance(i.obj, (ops.FlowerFilter, ops.U32Filter))]
         # Recorded sessions first (their ids are taken), each session's filters in handle order
         # (the order its client addresses came in: their indexes go on from there).
-        filters.sort(key=lambda rf: (rf[0] is None, rf[1].handle))
+        filters.sort(key=lambda rf: (rf[0] is None, isinstance(rf[1], ops.U32Filter), rf[1].handle))
         for record, flt in filters:
             session = self._restore_filter(record, flt, by_transport, now)
             if session is None:
                 stale.append(ops.Delete(flt))
                 continue
             session.objects.append(flt)
-            client = (flt.match.src or "").split("/")[0]
+            client = _filter_client(flt)
+            if isinstance(flt, ops.U32Filter):
+                self.u32_nodes.add(handles.u32_node(flt.handle))
             if client not in session.clients:
                 session.clients.append(client)
         for session in self.table:  # the S2C route last, as _add_client leaves it
@@ -552,34 +590,53 @@ class Balancer:
         self.counters["restored_hold_downs"] = len(self.markers)
         return stale
 
-    def _restore_filter(self, record: records.SessionRecord | None, flt: ops.FlowerFilter,
+    def _restore_filter(self, record: records.SessionRecord | None, flt: ops.FlowerFilter | ops.U32Filter,
                         by_transport: dict[int, str], now: float) -> Session | None:
         """The session one of our C2S filters belongs to, made on its first filter; None when it
         fits no service or server of the configuration, or contradicts the session it names."""
-        if flt.direction != ops.Direction.EGRESS or flt.match.mpls_label is not None:
-            return None
         pushes = [a.label for a in flt.actions if isinstance(a, ops.MplsPush)]
-        c2s = handles.handle_c2s(flt.handle)
-        client = (flt.match.src or "").split("/")[0]
-        vip = (flt.match.dst or "").split("/")[0]
-        proto = ipproto.BY_NAME.get(flt.match.ip_proto or "", 0)
-        svc = self.services.get((vip, proto, flt.match.dst_port)) or self.services.get((vip, proto, None))
-        server = by_transport.get(pushes[-1]) if len(pushes) == 2 else None
+        if flt.direction != ops.Direction.EGRESS or len(pushes) != 2:
+            return None
+        src_port = dst_port = spi = None
+        if isinstance(flt, ops.U32Filter):  # an ESP session's node: its C2S is the label it pushes
+            esp = ops.esp_of(flt.keys)
+            if esp is None or record is None or record.spi != esp[2]:
+                return None
+            client, vip, spi = esp
+            proto, c2s = ipproto.IPPROTO_ESP, pushes[0]
+        else:
+            if flt.match.mpls_label is not None:
+                return None
+            client = (flt.match.src or "").split("/")[0]
+            vip = (flt.match.dst or "").split("/")[0]
+            proto = ipproto.BY_NAME.get(flt.match.ip_proto or "", 0)
+            src_port, dst_port, c2s = flt.match.src_port, flt.match.dst_port, handles.handle_c2s(flt.handle)
+            spi = record.spi if record else None
+        svc = self.services.get((vip, proto, dst_port)) or self.services.get((vip, proto, None))
+        server = by_transport.get(pushes[-1])
         if svc is None or server is None or pushes[0] != c2s or not client:
             return None
         kind = SessionKeyKind(record.kind) if record is not None else svc.session_key
-        value = key_value(kind, 6 if ":" in client else 4, proto, client, flt.match.src_port, vip,
-                          flt.match.dst_port, record.home if record else None, record.spi if record else None)
+        value = key_value(kind, 6 if ":" in client else 4, proto, client, src_port, vip,
+                          dst_port, record.home if record else None, spi)
         session = self.table.by_id(record.session_id) if record is not None else self.table.get(svc.name, value)
         if session is not None:
             same = (session.service, session.key.value, session.c2s, session.server) == (svc.name, value, c2s, server)
             return session if same else None
         if self.table.get(svc.name, value) is not None or not self.labels.claim(c2s, server):
             return None
-        port = record.port if record is not None and record.port is not None else flt.match.dst_port
+        port = record.port if record is not None and record.port is not None else dst_port
         session = Session(id=record.session_id if record is not None else self.table.new_id(), service=svc.name,
                           key=SessionKey(kind, value, client), vip=vip, protocol=str(svc.protocol.value),
                           port=port, server=server, c2s=c2s, created=now, last_seen=now,
                           state=State.SERVING)
         self.table.add(session)
         return session
+
+
+def _filter_client(flt: ops.FlowerFilter | ops.U32Filter) -> str:
+    """The client address a C2S filter matches."""
+    if isinstance(flt, ops.U32Filter):
+        esp = ops.esp_of(flt.keys)
+        return esp[0] if esp else ""
+    return (flt.match.src or "").split("/")[0]

@@ -12,6 +12,7 @@ from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
 
 from orchestrator.core.balancer import Balancer
 from orchestrator.core.events import Action
+from orchestrator.core.health import HealthEvent, HealthState, HealthView
 from orchestrator.config.model import BalancerConfig
 from orchestrator.dataplane import handles, ops, records
 from tests.unit.conftest import TRANSPORT, VIP, Node, config, syn
@@ -35,6 +36,10 @@ def esp(src: str, spi: int) -> bytes:
     return bytes(IP(src=src, dst=VIP, proto=50) / (spi.to_bytes(4, "big") + b"\x00\x00\x00\x01" + b"\x00" * 8))
 
 
+ESP = config(**{DNS: "  dns:\n    vip: 10.0.0.100\n    protocol: esp\n    session_key: esp-spi",
+                "    session_key: client-ip\n    persistence_timeout: 30s\n    scheduler: wrr":
+                "    persistence_timeout: 30s\n    scheduler: wrr"})
+
 # Per key kind: the configuration, and the first packets of its sessions in order (several
 # addresses of one mobile client, a new IPv6 prefix of one interface, two clients' SPIs).
 CASES: dict[str, tuple[BalancerConfig, list[bytes]]] = {
@@ -47,10 +52,7 @@ CASES: dict[str, tuple[BalancerConfig, list[bytes]]] = {
                                      mip6("2001:db8:bb::1", home=None)]),
     "ipv6-iid": (config(**{MOBILE: "session_key: ipv6-iid"}),
                  [v6("2001:db8:1::abcd"), v6("2001:db8:2::abcd", sport=2), v6("2001:db8:1::1234")]),
-    "esp-spi": (config(**{DNS: "  dns:\n    vip: 10.0.0.100\n    protocol: esp\n    session_key: esp-spi",
-                          "    session_key: client-ip\n    persistence_timeout: 30s\n    scheduler: wrr":
-                          "    persistence_timeout: 30s\n    scheduler: wrr"}),
-                [esp("10.0.1.30", 0x1001), esp("10.0.1.31", 0x2002)]),
+    "esp-spi": (ESP, [esp("10.0.1.30", 0x1001), esp("10.0.1.30", 0x1002), esp("10.0.1.31", 0x2002)]),
 }
 
 
@@ -229,3 +231,49 @@ def test_the_record_round_trips_and_refuses_what_does_not_fit() -> None:
                 records.SessionRecord(1, "client-ip", 70000)):
         with pytest.raises(ValueError):
             records.pack(bad)
+
+
+def test_one_esp_session_per_spi_and_several_spis_per_client() -> None:
+    """flower has no SPI key: on main a client's second SPI got "same match" and its first packet
+    was dropped. Each SPI of an IPv4 client is a u32 node matching source, VIP and SPI."""
+    node = Node(ESP)
+    for spi in (0x1001, 0x1002, 0x1003):
+        assert [v.action for v in node.packets(esp("10.0.1.30", spi)).verdicts] == [Action.ACCEPT]
+    sessions = {s.key.value: s for s in node.core.table}
+    assert sorted(sessions) == ["spi:0x00001001", "spi:0x00001002", "spi:0x00001003"]
+    assert len({s.c2s for s in sessions.values()}) == 3 and len({s.server for s in sessions.values()}) == 3
+    for value, session in sessions.items():
+        spi = int(value[4:], 16)
+        out = node.kernel.forward_ip("10.0.1.30", VIP, proto="esp", spi=spi, out_dev="fab0")
+        assert out is not None and out.labels == (TRANSPORT[session.server], session.c2s)
+    # Another SPI, another client's packets and other protocols are not labelled by them.
+    assert node.kernel.forward_ip("10.0.1.30", VIP, proto="esp", spi=0x9999, out_dev="fab0").labels == ()
+    assert node.kernel.forward_ip("10.0.1.31", VIP, proto="esp", spi=0x1001, out_dev="fab0").labels == ()
+    assert node.labels_of("10.0.1.30", dport=53, proto="udp") == ()
+    # Ending one frees its node; the next session takes it, the others keep theirs.
+    gone = sessions["spi:0x00001002"]
+    [u32] = [o for o in gone.objects if isinstance(o, ops.U32Filter)]
+    node.kernel.apply(node.core.end(gone, node.now, "test"))
+    node.packets(esp("10.0.1.31", 0x2002))
+    newest = next(s for s in node.core.table if s.key.value == "spi:0x00002002")
+    assert [o.handle for o in newest.objects if isinstance(o, ops.U32Filter)] == [u32.handle]
+
+
+def test_esp_sessions_refuse_a_new_spi_when_every_u32_node_is_taken() -> None:
+    node = Node(ESP)
+    node.core.u32_nodes.update(range(1, handles.U32_NODES + 1))
+    commit = node.packets(esp("10.0.1.30", 0x1001))
+    assert [v.action for v in commit.verdicts] == [Action.DROP] and "no u32 node left" in commit.verdicts[0].reason
+    assert node.plan.ops == [] and node.core.counters["no_filter_handle"] == 1 and len(node.core.table) == 0
+    assert node.core.labels.stats(node.now).in_use == 0
+
+
+def test_an_esp_session_moves_to_another_server_under_its_node() -> None:
+    node = Node(ESP)
+    node.packets(esp("10.0.1.30", 0x1001))
+    [session] = list(node.core.table)
+    event = HealthEvent("web", session.server, HealthState.UP, HealthState.DOWN, "refused", None, node.now)
+    plan = node.core.on_health(HealthView((("web", session.server, HealthState.DOWN, None),)), [event], node.now)
+    assert all(r.ok for r in node.kernel.apply(plan.ops))
+    out = node.kernel.forward_ip("10.0.1.30", VIP, proto="esp", spi=0x1001, out_dev="fab0")
+    assert out is not None and out.labels == (TRANSPORT[session.server], session.c2s)

@@ -33,7 +33,7 @@ from orchestrator.dataplane.netlink.constants import (
     TCA_FLOWER_KEY_UDP_DST_MASK, TCA_FLOWER_KEY_UDP_SRC, TCA_FLOWER_KEY_UDP_SRC_MASK, TCA_KIND,
     TCA_FLOWER_KEY_SCTP_DST, TCA_FLOWER_KEY_SCTP_DST_MASK, TCA_FLOWER_KEY_SCTP_SRC, TCA_FLOWER_KEY_SCTP_SRC_MASK,
     TCA_MPLS_ACT_POP, TCA_MPLS_ACT_PUSH, TCA_MPLS_LABEL, TCA_MPLS_PARMS, TCA_MPLS_PROTO,
-    TCA_MPLS_TTL, TCA_OPTIONS, TCA_SKBEDIT_MARK, TCA_SKBEDIT_PARMS,
+    TCA_MPLS_TTL, TCA_OPTIONS, TCA_SKBEDIT_MARK, TCA_SKBEDIT_PARMS, TC_U32_TERMINAL, TCA_U32_ACT, TCA_U32_SEL,
 )
 
 Ifindex = Callable[[str], int]
@@ -309,12 +309,37 @@ def mpls_action(action: ops.Action, cookie: bytes = TC_COOKIE_PREFIX) -> bytes:
             + nla.attr(TCA_ACT_COOKIE, cookie))
 
 
+_U32_KIND = nla.asciiz(TCA_KIND, "u32")
+U32_SEL = struct.Struct("=BBBxHHhhI")  # struct tc_u32_sel: flags offshift nkeys, offmask off offoff hoff hmask
+U32_KEY = struct.Struct("!IIii")       # struct tc_u32_key: mask and val (network order), off, offmask
+
+
+def u32_filter(op: ops.Operation, obj: ops.U32Filter, ifindex: Ifindex,
+               cookie: bytes = TC_COOKIE_PREFIX) -> Request:
+    """A cls_u32 node: one terminal selector of fixed-offset keys and the act_mpls list, under its
+    full handle (htid:hash:node), so the kernel puts it in that hash table at that node."""
+    body = nla.TCMSG.pack(AF_UNSPEC, 0, 0, ifindex(obj.dev), obj.handle, filter_parent(obj.direction),
+                          _tc_info(obj.pref, ETH_P_IP)) + _U32_KIND
+    if isinstance(op, ops.Delete):
+        return RTM_DELTFILTER, NLM_F_REQUEST, body
+    sel = U32_SEL.pack(TC_U32_TERMINAL, 0, len(obj.keys), 0, 0, 0, 0, 0) + b"".join(
+        struct.pack("!II", k.mask, k.value) + struct.pack("=ii", k.offset, 0) for k in obj.keys)
+    cookies = action_cookies(cookie, obj.tag, len(obj.actions))
+    actions = b"".join(_action_attr(order, action, cookies[order - 1])
+                       for order, action in enumerate(obj.actions, start=1))
+    options = nla.attr(TCA_U32_SEL, sel) + _ATTR_HDR.pack(4 + len(actions), TCA_U32_ACT | NLA_F_NESTED) + actions
+    body += _ATTR_HDR.pack(4 + len(options), TCA_OPTIONS | NLA_F_NESTED) + options
+    flags = NLM_F_REQUEST | NLM_F_CREATE | (NLM_F_EXCL if isinstance(op, ops.Add) else 0)
+    return RTM_NEWTFILTER, flags, body
+
+
 ENCODERS: dict[type, Callable[..., Request]] = {
     ops.MplsRoute: mpls_route,
     ops.EncapRoute: encap_route,
     ops.Rule: rule,
     ops.ClsactQdisc: clsact,
     ops.FlowerFilter: flower_filter,
+    ops.U32Filter: u32_filter,
 }
 
 

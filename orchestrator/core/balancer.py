@@ -526,6 +526,7 @@ class Balancer:
             session = self.table.by_id(session_id)
             cleanup += [ops.Delete(r.op.obj) for r in reversed(group) if r.ok and isinstance(r.op, ops.Add)]
             if session is not None:
+                self._forget(session.objects)  # its u32 nodes, deleted or never added
                 session.objects = []
                 self.end(session, now, "reassign failed")
         return cleanup

@@ -277,3 +277,18 @@ def test_an_esp_session_moves_to_another_server_under_its_node() -> None:
     assert all(r.ok for r in node.kernel.apply(plan.ops))
     out = node.kernel.forward_ip("10.0.1.30", VIP, proto="esp", spi=0x1001, out_dev="fab0")
     assert out is not None and out.labels == (TRANSPORT[session.server], session.c2s)
+
+
+def test_a_failed_move_of_an_esp_session_frees_its_node() -> None:
+    node = Node(ESP)
+    node.packets(esp("10.0.1.30", 0x1001))
+    [session] = list(node.core.table)
+    blocker = ops.MplsRoute(session.c2s + 3, "lan0", via="10.9.9.9")  # the next pair's S2C: someone else's
+    assert all(r.ok for r in node.kernel.apply([ops.Add(blocker)]))
+    event = HealthEvent("web", session.server, HealthState.UP, HealthState.DOWN, "refused", None, node.now)
+    plan = node.core.on_health(HealthView((("web", session.server, HealthState.DOWN, None),)), [event], node.now)
+    results = node.kernel.apply(plan.ops)
+    assert not all(r.ok for r in results)
+    assert all(r.ok for r in node.kernel.apply(node.core.commit_failover(plan, results, node.now)))
+    assert len(node.core.table) == 0 and node.core.u32_nodes == set()
+    assert not any(isinstance(i.obj, ops.U32Filter) for i in node.kernel.dump())

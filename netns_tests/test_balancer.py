@@ -323,7 +323,10 @@ def test_sigkill_and_a_restart_give_back_every_session_and_the_hold_downs(lab: L
         stacks = set(capture.stacks())
         assert stacks == {(lab.node(served[lab.address(c)]["server"])["transport_label"], served[lab.address(c)]["c2s_label"])
                           for c in ("c1", "c2")}, stacks
-        assert _restored_view(balancer) == before
+        # (The dns sessions of the earlier tests end meanwhile: their persistence timer restarted
+        # with the restart, under the 2 s of the file.)
+        lasting = [s for s in before if s["service"] != "dns"]
+        assert [s for s in _restored_view(balancer) if s["service"] != "dns"] == lasting
         # The held-down pair is not handed out: c3 gets a new session under another pair.
         assert balancer.curl("c3") == "200"
         renewed = _by_client(balancer.sessions())[held["client"]]

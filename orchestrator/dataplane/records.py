@@ -4,8 +4,9 @@ one encoding of the session record of a C2S filter and of the hold-down marker o
 The kernel is the source of truth after a restart (docs/design.md, Restore). A filter's match
 says the client address, the VIP, the protocol and the port(s); its handle the C2S label
 (dataplane/handles.py); its pushed transport label the server. What it cannot say is stored in
-the filter itself as a `SessionRecord`, packed into `FlowerFilter.tag`, which the netlink
-provider spreads over its actions' TC cookies (TCA_ACT_COOKIE, at most 16 bytes each, kept by
+the filter itself as a `SessionRecord`, packed into `FlowerFilter.tag` (`U32Filter.tag` for an
+ESP session's u32 node, whose keys hold client, VIP and SPI), which the netlink provider spreads
+over its actions' TC cookies (TCA_ACT_COOKIE, at most 16 bytes each, kept by
 the kernel with the action and returned by every dump; see encode.flower_options):
 
     action 1 (push C2S)        cookie = b"mplsorch" + tag[0:8]    (the ownership mark first)
@@ -16,7 +17,8 @@ the kernel with the action and returned by every dump; see encode.flower_options
     tag[2:4]   the destination port of the session's first packet (its `port`), 0 for none
     tag[4:8]   session id, u32 big endian
     tag[8:24]  key material, by kind:
-                 mip6-home-address  the home address (16 bytes, IPv6), when it is not the source
+                 mip6-home-address  the home address (16 bytes): the key of every IPv6 session,
+                                    at home or away (all its care-of filters carry it)
                  esp-spi            the SPI (u32 big endian) and 12 zero bytes, when the key is one
                  others             16 zero bytes (flag clear): client-ip, five-tuple and
                                     ipv6-iid are rebuilt from the match (the IID is the lower

@@ -213,6 +213,8 @@ class BalancerDaemon(Daemon):
         installed session keeps forwarding."""
         if not self.keep_on_exit:
             deletes = [op for s in list(self.core.table) for op in self.core.end(s, time.monotonic(), "shutdown")]
+            # Nothing of ours stays: the hold markers of the pairs just released go as well.
+            deletes = [op for op in deletes if not isinstance(op, ops.Replace)] + self.core.drop_markers()
             self.program(deletes, "shutdown")
             nftables.remove()
         log.info("balancer stopped; %d sessions %s", len(self.core.table),

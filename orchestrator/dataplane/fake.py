@@ -35,6 +35,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from orchestrator import ipproto
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.ops import (
     ClsactQdisc,
@@ -55,6 +56,7 @@ from orchestrator.dataplane.ops import (
     Operation,
     Replace,
     Rule,
+    U32Filter,
 )
 from orchestrator.dataplane.provider import UnknownDevice
 
@@ -66,7 +68,8 @@ IMPLICIT_NULL = 3
 # holds no encap routes, so it is left out.
 _DEFAULT_RULES = ((32766, MAIN_TABLE), (32767, DEFAULT_TABLE))
 _KIND = {MplsRoute: "label route", EncapRoute: "route", Rule: "rule", ClsactQdisc: "clsact qdisc",
-         FlowerFilter: "filter", FastPathElement: "set element"}
+         FlowerFilter: "filter", U32Filter: "filter", FastPathElement: "set element"}
+_U32_ROOT = 0x800  # the root hash table of the first u32 classifier of a device's egress
 # Like an MPLS TTL: a swap loop through lo ends in a drop instead of hanging the test.
 _MAX_HOPS = 255
 
@@ -215,11 +218,12 @@ class FakeProvider:
         return None
 
     def forward_ip(self, src: str, dst: str, proto: str | None = None, sport: int | None = None,
-                   dport: int | None = None, out_dev: str | None = None) -> Forwarding | None:
+                   dport: int | None = None, out_dev: str | None = None, spi: int | None = None) -> Forwarding | None:
         """An IP packet leaving the node. With `out_dev`, a plain IP route (not modelled) sends it
         there and the egress flower filters of that device label it (first match by pref, then
-        handle). Without, policy routing decides (route_ip); the encap then makes it an MPLS packet,
-        which ip/ipv6 flower filters no longer match."""
+        handle; u32 filters read the words of an IPv4 header without options and, for ESP, `spi`).
+        Without, policy routing decides (route_ip); the encap then makes it an MPLS packet, which
+        ip/ipv6 filters no longer match."""
         if out_dev is None:
             return self.route_ip(src, dst)
         if out_dev not in self.devices:
@@ -227,11 +231,14 @@ class FakeProvider:
         src_ip, dst_ip = ipaddress.ip_address(src), ipaddress.ip_address(dst)
         labels: tuple[int, ...] = ()
         filters = sorted((f for f in self._objects.values()
-                          if isinstance(f, FlowerFilter) and f.dev == out_dev
+                          if isinstance(f, (FlowerFilter, U32Filter)) and f.dev == out_dev
                           and f.direction == Direction.EGRESS),
                          key=lambda f: (f.pref, f.handle))
+        header = _ipv4_words(src_ip, dst_ip, proto, spi)
         for flt in filters:
-            if _matches(flt, src_ip, dst_ip, proto, sport, dport):
+            if (_matches(flt, src_ip, dst_ip, proto, sport, dport) if isinstance(flt, FlowerFilter)
+                    else header is not None and all(int.from_bytes(header[k.offset:k.offset + 4], "big") & k.mask
+                                                    == k.value for k in flt.keys)):
                 for action in flt.actions:
                     if isinstance(action, MplsPush):
                         labels = (action.label,) + labels
@@ -287,6 +294,8 @@ class FakeProvider:
             missing = errno.ESRCH  # fib_table_delete / ip6_route_del: "No such process"
         elif isinstance(obj, FlowerFilter):
             self._check_filter(op, obj)
+        elif isinstance(obj, U32Filter):
+            self._check_u32(op, obj)
 
         exists = obj.key in self._objects
         if isinstance(op, Delete):
@@ -295,7 +304,7 @@ class FakeProvider:
             del self._objects[obj.key]
             if isinstance(obj, ClsactQdisc):  # the filters go with their qdisc
                 for key, other in list(self._objects.items()):
-                    if isinstance(other, FlowerFilter) and other.dev == obj.dev:
+                    if isinstance(other, (FlowerFilter, U32Filter)) and other.dev == obj.dev:
                         del self._objects[key]
             return
         if exists and not isinstance(op, Replace):
@@ -331,6 +340,19 @@ class FakeProvider:
             raise _Rejected(errno.EOPNOTSUPP, f"offload required (skip_sw) but {flt.dev} "
                                               "cannot offload tc filters")
 
+    def _check_u32(self, op: Operation, flt: U32Filter) -> None:
+        """A node's hash table must be the root of its pref (cls_u32: "Handle specified hash
+        table address mismatch"); the pref keeps one classifier and protocol, as for flower."""
+        if ClsactQdisc(flt.dev).key not in self._objects:
+            raise _Rejected(errno.EINVAL, f"no clsact qdisc on {flt.dev} (kernel: Parent Qdisc doesn't exists)")
+        same_pref = [f for f in self._objects.values()
+                     if isinstance(f, (FlowerFilter, U32Filter)) and f.dev == flt.dev
+                     and f.direction == flt.direction and f.pref == flt.pref]
+        if any(not isinstance(f, U32Filter) for f in same_pref):
+            raise _Rejected(errno.EINVAL, f"pref {flt.pref} on {flt.dev} {flt.direction} holds another classifier")
+        if not isinstance(op, Delete) and flt.handle >> 20 != _U32_ROOT:
+            raise _Rejected(errno.EINVAL, "Handle specified hash table address mismatch")
+
     # ---- model helpers ----
 
     def _offload_state(self, obj: DataplaneObject) -> OffloadState:
@@ -364,6 +386,17 @@ def _check_stack(labels: tuple[int, ...], what: str) -> None:
                                       f"maximum of {ops.MAX_STACK}")
     if IMPLICIT_NULL in labels:
         raise _Rejected(errno.EINVAL, f"implicit null (3) cannot be in an {what} label stack")
+
+
+def _ipv4_words(src: ipaddress.IPv4Address | ipaddress.IPv6Address,
+                dst: ipaddress.IPv4Address | ipaddress.IPv6Address, proto: str | None,
+                spi: int | None) -> bytes | None:
+    """The first 24 bytes of an IPv4 packet without options as u32 sees them (None for IPv6)."""
+    if src.version != 4:
+        return None
+    number = ipproto.BY_NAME.get(proto or "", 0)
+    return (bytes([0x45, 0, 0, 0, 0, 0, 0, 0, 64, number, 0, 0]) + src.packed + dst.packed
+            + (spi or 0).to_bytes(4, "big"))
 
 
 def _matches(flt: FlowerFilter, src: ipaddress.IPv4Address | ipaddress.IPv6Address,

@@ -128,6 +128,7 @@ def test_a_restart_restores_both_route_forms_as_the_sessions_s2c_route() -> None
     # Their end deletes them: nothing of ours is left.
     node.core = fresh
     node.advance(31)
+    node.advance(2)  # and the hold-down of their pairs, whose markers go with it
     assert node.kernel.dump() == [ops.Installed(ops.ClsactQdisc("fab0"))]
 
 

@@ -54,10 +54,12 @@ def elements(node: Node) -> list[ops.FastPathElement]:
 
 
 def _one_batch_with_the_filter(node: Node, element: ops.FastPathElement) -> None:
-    """The element was added in the batch that added the session's filter, after it."""
+    """The element was added in the batch that added the session's C2S filter (flower, or u32
+    for an IPv4 esp-spi session), after it."""
     kinds = [type(op.obj) for op in node.plan.ops]
-    assert ops.Add(element) in node.plan.ops and ops.FlowerFilter in kinds
-    assert node.plan.ops.index(ops.Add(element)) > kinds.index(ops.FlowerFilter)
+    c2s = ops.U32Filter if ops.U32Filter in kinds else ops.FlowerFilter
+    assert ops.Add(element) in node.plan.ops and c2s in kinds
+    assert node.plan.ops.index(ops.Add(element)) > kinds.index(c2s)
 
 
 # ---- per key kind: added with the session, removed with it -------------------------------------

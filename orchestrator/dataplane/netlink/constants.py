@@ -76,6 +76,9 @@ TCA_FLOWER_KEY_SCTP_SRC, TCA_FLOWER_KEY_SCTP_DST = 41, 42
 TCA_FLOWER_IN_HW_COUNT = 86
 TCA_FLOWER_KEY_MPLS_LABEL = 70  # u32 (host order), lower 20 bits: the top label
 TCA_SKBEDIT_PARMS, TCA_SKBEDIT_MARK = 2, 5
+# cls_u32 (include/uapi/linux/pkt_cls.h): its attributes, and a node that ends classification
+TCA_U32_DIVISOR, TCA_U32_SEL, TCA_U32_ACT = 4, 5, 7
+TC_U32_TERMINAL = 1
 
 # tc_act/tc_mpls.h
 TCA_MPLS_ACT_POP, TCA_MPLS_ACT_PUSH = 1, 2

@@ -38,7 +38,7 @@ from orchestrator.dataplane.netlink.constants import (
     TCA_FLOWER_KEY_UDP_DST_MASK, TCA_FLOWER_KEY_UDP_SRC, TCA_FLOWER_KEY_UDP_SRC_MASK, TCA_KIND,
     TCA_FLOWER_KEY_SCTP_DST, TCA_FLOWER_KEY_SCTP_DST_MASK, TCA_FLOWER_KEY_SCTP_SRC, TCA_FLOWER_KEY_SCTP_SRC_MASK,
     TCA_MPLS_ACT_POP, TCA_MPLS_ACT_PUSH, TCA_MPLS_LABEL, TCA_MPLS_PARMS, TCA_MPLS_PROTO,
-    TCA_MPLS_TTL, TCA_OPTIONS, TCA_SKBEDIT_MARK, TCA_SKBEDIT_PARMS,
+    TCA_MPLS_TTL, TCA_OPTIONS, TCA_SKBEDIT_MARK, TCA_SKBEDIT_PARMS, TC_U32_TERMINAL, TCA_U32_ACT, TCA_U32_SEL,
 )
 
 Ifindex = Callable[[str], int]
@@ -251,14 +251,29 @@ def flower_options(obj: ops.FlowerFilter, cookie: bytes = TC_COOKIE_PREFIX,
             key, mask = PORT_ATTRS[(m.ip_proto, side)]
             out += nla.be16(key, port) + nla.be16(mask, 0xFFFF)
     out += _FLOWER_FLAGS[obj.offload]
-    actions = b"".join(_action_attr(order, action, cookie)
+    cookies = action_cookies(cookie, obj.tag, len(obj.actions))
+    actions = b"".join(_action_attr(order, action, cookies[order - 1])
                        for order, action in enumerate(obj.actions, start=1))
     return out + _ATTR_HDR.pack(4 + len(actions), TCA_FLOWER_ACT | NLA_F_NESTED) + actions
 
 
+def action_cookies(owner: bytes, tag: bytes, count: int) -> list[bytes]:
+    """The cookies of a filter's `count` actions: the first is the ownership mark followed by the
+    tag's first bytes, the next ones carry the rest of the tag, 16 bytes each (TC_COOKIE_MAX_SIZE);
+    an action left without tag bytes carries the mark alone. decode.flower joins them back."""
+    room = ops.TC_COOKIE_MAX_SIZE - len(owner)
+    out = [owner + tag[:room]]
+    rest = tag[room:]
+    for _ in range(count - 1):
+        out.append(rest[:ops.TC_COOKIE_MAX_SIZE] or owner)
+        rest = rest[ops.TC_COOKIE_MAX_SIZE:]
+    return out
+
+
 def _action_attr(order: int, action: ops.Action, cookie: bytes) -> bytes:
-    """The action list entry `order`; a plain push is built from a template (label varies)."""
-    if type(action) is ops.MplsPush and action.ttl == ops.ACT_MPLS_TTL_DEFAULT:
+    """The action list entry `order`; a plain push under the bare mark is built from a template
+    (label varies); a session's tagged cookies vary per session and are encoded in full."""
+    if type(action) is ops.MplsPush and action.ttl == ops.ACT_MPLS_TTL_DEFAULT and cookie == TC_COOKIE_PREFIX:
         head, tail = _push_template(order, cookie)
         return head + _ATTR_U32.pack(8, TCA_MPLS_LABEL, action.label) + tail
     if isinstance(action, ops.SetMark):
@@ -330,6 +345,30 @@ def set_elements_dump(set_name: str) -> tuple[int, bytes]:
     return NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM, _set_head(set_name)
 
 
+_U32_KIND = nla.asciiz(TCA_KIND, "u32")
+U32_SEL = struct.Struct("=BBBxHHhhI")  # struct tc_u32_sel: flags offshift nkeys, offmask off offoff hoff hmask
+U32_KEY = struct.Struct("!IIii")       # struct tc_u32_key: mask and val (network order), off, offmask
+
+
+def u32_filter(op: ops.Operation, obj: ops.U32Filter, ifindex: Ifindex,
+               cookie: bytes = TC_COOKIE_PREFIX) -> Request:
+    """A cls_u32 node: one terminal selector of fixed-offset keys and the act_mpls list, under its
+    full handle (htid:hash:node), so the kernel puts it in that hash table at that node."""
+    body = nla.TCMSG.pack(AF_UNSPEC, 0, 0, ifindex(obj.dev), obj.handle, filter_parent(obj.direction),
+                          _tc_info(obj.pref, ETH_P_IP)) + _U32_KIND
+    if isinstance(op, ops.Delete):
+        return RTM_DELTFILTER, NLM_F_REQUEST, body
+    sel = U32_SEL.pack(TC_U32_TERMINAL, 0, len(obj.keys), 0, 0, 0, 0, 0) + b"".join(
+        struct.pack("!II", k.mask, k.value) + struct.pack("=ii", k.offset, 0) for k in obj.keys)
+    cookies = action_cookies(cookie, obj.tag, len(obj.actions))
+    actions = b"".join(_action_attr(order, action, cookies[order - 1])
+                       for order, action in enumerate(obj.actions, start=1))
+    options = nla.attr(TCA_U32_SEL, sel) + _ATTR_HDR.pack(4 + len(actions), TCA_U32_ACT | NLA_F_NESTED) + actions
+    body += _ATTR_HDR.pack(4 + len(options), TCA_OPTIONS | NLA_F_NESTED) + options
+    flags = NLM_F_REQUEST | NLM_F_CREATE | (NLM_F_EXCL if isinstance(op, ops.Add) else 0)
+    return RTM_NEWTFILTER, flags, body
+
+
 ENCODERS: dict[type, Callable[..., Request]] = {
     ops.MplsRoute: mpls_route,
     ops.EncapRoute: encap_route,
@@ -337,6 +376,7 @@ ENCODERS: dict[type, Callable[..., Request]] = {
     ops.ClsactQdisc: clsact,
     ops.FlowerFilter: flower_filter,
     ops.FastPathElement: set_element,
+    ops.U32Filter: u32_filter,
 }
 
 

@@ -213,7 +213,7 @@ class NetlinkProvider:
             for direction in ops.Direction:
                 request = nla.TCMSG.pack(AF_UNSPEC, 0, 0, ifindex, 0, encode.filter_parent(direction), 0)
                 for _k, fbody in self._sock.dump(RTM_GETTFILTER, request):
-                    installed = decode.flower(fbody, self.ifname)
+                    installed = decode.tc_filter(fbody, self.ifname)
                     if installed is not None:
                         filters.append(installed)
             if filters:

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from orchestrator.dataplane import ops
+from orchestrator.dataplane import ops, records
 from orchestrator.lab.balancer_lab import LABELS, BalancerLab
 from orchestrator.lab.kit import Lab, patience
 
@@ -67,14 +67,18 @@ def test_repeated_connections_reuse_the_session_and_only_first_packets_reach_use
         lab: Lab, balancer: BalancerLab) -> None:
     c1 = lab.address("c1")
     before = _by_client(balancer.sessions())[c1]
+    sessions = len(balancer.sessions())
     assert [balancer.curl("c1") for _ in range(3)] == ["200"] * 3
     after = _by_client(balancer.sessions())
     assert after[c1]["id"] == before["id"] and after[c1]["c2s_label"] == before["c2s_label"]
     assert len(after) == len(lab.names("client"))  # no new session
+    # The kernel's fast path admitted the three: they count towards the session, not userspace.
+    assert after[c1]["flows_total"] == before["flows_total"] + 3 and after[c1]["packets_userspace"] == 1
     status = balancer.cli("status")
-    # One packet per new flow reached userspace, and the queue counter says the same ...
-    assert status["counters"]["packets_userspace"] == balancer.flows
-    assert status["nft_counters"]["queued_http"] == balancer.flows
+    # One packet per session reached userspace, and the queue counter says the same ...
+    assert status["counters"]["packets_userspace"] == sessions
+    assert status["nft_counters"]["queued_http"] == sessions
+    assert status["nft_counters"]["fastpath_http"] == balancer.flows - sessions
     # ... while the kernel label-switched all the others (each curl is 5+ packets towards the VIP).
     assert balancer.kernel_packets() >= 5 * balancer.flows
 
@@ -111,7 +115,8 @@ def test_a_session_ends_after_its_flows_and_the_persistence_timeout(lab: Lab, ba
     assert c3 not in _by_client(balancer.sessions(), "dns")
     installed = [i.obj for i in lab.provider("lb").dump()]
     assert not any(isinstance(o, ops.FlowerFilter) and o.handle >> 8 == session["c2s_label"] for o in installed)
-    assert not any(isinstance(o, ops.MplsRoute) and o.label == session["s2c_label"] for o in installed)
+    assert not any(isinstance(o, ops.MplsRoute) and o.label == session["s2c_label"] and not records.is_hold_marker(o)
+                   for o in installed)  # at most the pair's hold marker, while it is held down
     assert balancer.cli("status")["counters"]["ended:persistence timeout"] >= 1
 
 
@@ -267,6 +272,70 @@ def test_weighted_round_robin_over_300_sessions_and_least_connections(lab: Lab, 
         balancer.reload()
         for net in behind_c1:
             lab.sh("lb", "ip", "route", "del", net, check=False)
+
+
+# What `mplsorch sessions --json` must give back after a restart: all but what the clock and
+# conntrack say now (created, last_seen, ends_at, flows, state).
+RESTORED = ("id", "client", "clients", "key", "key_kind", "service", "vip", "protocol", "port", "server",
+            "c2s_label", "s2c_label")
+
+
+def _restored_view(balancer: BalancerLab) -> list[dict[str, Any]]:
+    return sorted(({k: s[k] for k in RESTORED} for s in balancer.sessions()), key=lambda s: s["id"])
+
+
+def test_sigkill_and_a_restart_give_back_every_session_and_the_hold_downs(lab: Lab, balancer: BalancerLab) -> None:
+    """The balancer dies without a word (SIGKILL) and starts again: the kernel's objects give back
+    every session as it was (ids, keys, clients, labels, servers), held-down pairs stay held
+    down, and the next connections of every client go to the same server under the same labels."""
+    assert balancer.proc is not None
+    clients = lab.names("client")
+    assert [balancer.curl(c) for c in clients] == ["200"] * len(clients)
+    assert balancer.curl("c2", lab.vip6) == "200"
+    # Hold-downs and the dns sessions' persistence (timers restart with the daemon) outlive the
+    # restart in the slowest VM.
+    balancer.reload({"labels.hold_down": "600s", "services.dns.persistence_timeout": "3600s"})
+    try:
+        held = _by_client(balancer.sessions())[lab.address("c3")]
+        assert balancer.cli("sessions", "flush", "--client", held["client"])["flushed"] >= 1
+        before = _restored_view(balancer)
+        assert {s["key_kind"] for s in before} >= {"client-ip", "mip6-home-address"}
+        held_down = balancer.cli("status")["labels"]["held_down"]
+        assert held_down >= 1
+
+        os.kill(balancer.proc.pid, signal.SIGKILL)
+        balancer.proc.wait(timeout=patience(15))
+        (balancer.dir / "daemon.log").rename(balancer.dir / "daemon-killed.log")
+        balancer.proc = lab.spawn("lb", sys.executable, "-m", "orchestrator", "run", "--config",
+                                  str(balancer.config), log=balancer.dir / "daemon.log")
+        deadline = time.monotonic() + patience(60)
+        while "balancer running" not in balancer.log():
+            assert balancer.proc.poll() is None and time.monotonic() < deadline, balancer.log()
+            time.sleep(0.5)
+        assert f"restored {len(before)} sessions from the kernel" in balancer.log(), balancer.log()[-2000:]
+        assert _restored_view(balancer) == before
+        assert balancer.cli("status")["labels"]["held_down"] == held_down
+        installed = [i.obj for i in lab.provider("lb").dump()]
+        assert records.hold_marker(held["s2c_label"]) in installed
+
+        # The next connections: the same sessions, servers and labels; no new session.
+        served = {s["client"]: s for s in before if s["service"] == "http"}
+        capture = lab.capture("p", lab.iface("p", towards="lb")["dev"], "restart-c2s")
+        for client in ("c1", "c2"):
+            assert balancer.curl(client) == "200"
+            session = served[lab.address(client)]
+            log = (Path(lab.node(session["server"])["runtime_dir"]) / "http-80.log").read_text()
+            assert sum(line.startswith(session["client"] + " ") for line in log.splitlines()) >= 2, log
+        stacks = set(capture.stacks())
+        assert stacks == {(lab.node(served[lab.address(c)]["server"])["transport_label"], served[lab.address(c)]["c2s_label"])
+                          for c in ("c1", "c2")}, stacks
+        assert _restored_view(balancer) == before
+        # The held-down pair is not handed out: c3 gets a new session under another pair.
+        assert balancer.curl("c3") == "200"
+        renewed = _by_client(balancer.sessions())[held["client"]]
+        assert renewed["c2s_label"] != held["c2s_label"] and renewed["id"] > max(s["id"] for s in before)
+    finally:
+        balancer.reload()
 
 
 def test_sigterm_stops_cleanly_and_sessions_keep_forwarding(lab: Lab, balancer: BalancerLab) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from orchestrator.daemon.control import request
-from orchestrator.dataplane import ops
+from orchestrator.dataplane import ops, records
 from orchestrator.lab.balancer_lab import CHECK_PORT, BalancerLab
 from orchestrator.lab.kit import Lab, patience
 
@@ -127,7 +127,9 @@ def test_a_stopped_application_is_marked_down_and_its_sessions_follow_the_policy
     served = (Path(lab.node(moved["server"])["runtime_dir"]) / "http-80.log").read_text()
     assert any(line.startswith(moving["client"] + " ") for line in served.splitlines())
     installed = [i.obj for i in lab.provider("lb").dump()]
-    assert not any(isinstance(o, ops.MplsRoute) and o.label == moving["s2c_label"] for o in installed)
+    # The old pair's S2C label routes nowhere but to its hold marker while it is held down.
+    assert not any(isinstance(o, ops.MplsRoute) and o.label == moving["s2c_label"] and not records.is_hold_marker(o)
+                   for o in installed)
     assert any(isinstance(o, ops.MplsRoute) and o.label == moved["s2c_label"] for o in installed)
 
     # reset (mobile): the session ended, its objects went; the next request opens a new one elsewhere.

@@ -16,6 +16,9 @@ client address. Families:
     mplsorch_sessions_started_total                    new sessions
     mplsorch_sessions_refused_total{reason}            refusals by admission control
     mplsorch_packets_userspace_total{verdict}          first packets queued to the daemon, by verdict
+    mplsorch_fast_path_flows_total                     new flows of a session the kernel admitted (fast path)
+    mplsorch_fast_path_unmatched_total{key_kind}       first packets of a session's new client address:
+                                                       its key matched what the kernel cannot match
     mplsorch_dataplane_operations_total{result}        kernel operations, ok or error
     mplsorch_dataplane_batch_duration_seconds          histogram of one netlink batch's duration
     mplsorch_label_pairs{state}                        label pairs: free, in_use, held_down
@@ -50,6 +53,7 @@ VERDICTS = ("accept", "drop", "refuse")                          # core.events.A
 OP_RESULTS = ("ok", "error")
 LABEL_STATES = ("free", "in_use", "held_down")
 HEALTH_STATES = ("unknown", "up", "down")                        # core.health.HealthState
+KEY_KINDS = ("client-ip", "five-tuple", "mip6-home-address", "ipv6-iid", "esp-spi")  # analyze.keys.SessionKeyKind
 REFUSAL_REASONS = ("service-full", "no-server", "label-headroom", "labels-exhausted")  # core.balancer
 # A netlink batch takes tens of microseconds to a few hundred milliseconds (a large reconcile).
 BATCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -105,6 +109,8 @@ class MetricsSnapshot:
     health: tuple[tuple[str, str, str], ...] = ()                          # (pool, server, state)
     offload: Mapping[str, int] = field(default_factory=_frozen)            # offload state -> objects
     offload_refused: int = 0
+    fast_path_flows: int = 0
+    fast_path_unmatched: Mapping[str, int] = field(default_factory=_frozen)  # key kind -> first packets
 
 
 def snapshot_from(counters: Mapping[str, int], sessions_by_state: Mapping[str, int],
@@ -120,10 +126,12 @@ def snapshot_from(counters: Mapping[str, int], sessions_by_state: Mapping[str, i
     pairs = {k: int(label_pairs[k]) for k in LABEL_STATES if k in label_pairs}
     refused = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("refused:")}
     packets = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("verdict:")}
+    unmatched = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("fastpath_unmatched:")}
     return MetricsSnapshot(_frozen(sessions_by_state), int(counters.get("sessions_started", 0)),
                            _frozen(refused), _frozen(packets), _frozen(dataplane_ops),
                            batch_duration or HistogramSnapshot(), _frozen(pairs), tuple(health),
-                           _frozen(offload), int(counters.get("offload_refused", 0)))
+                           _frozen(offload), int(counters.get("offload_refused", 0)),
+                           int(counters.get("flows_fast_path", 0)), _frozen(unmatched))
 
 
 class LatestSnapshot:
@@ -191,6 +199,15 @@ class MplsorchCollector(Collector):
         for verdict, n in _known(s.packets, VERDICTS):
             packets.add_metric([verdict], n)
         yield packets
+
+        yield CounterMetricFamily("mplsorch_fast_path_flows", "New flows of existing sessions the kernel "
+                                  "admitted without the daemon (fast path)", value=s.fast_path_flows)
+        unmatched = CounterMetricFamily("mplsorch_fast_path_unmatched", "First packets of an existing session "
+                                        "from a new client address, which the kernel cannot match, by key kind",
+                                        labels=["key_kind"])
+        for kind, n in _known(s.fast_path_unmatched, KEY_KINDS):
+            unmatched.add_metric([kind], n)
+        yield unmatched
 
         ops = CounterMetricFamily("mplsorch_dataplane_operations", "Kernel (netlink) operations, by result",
                                   labels=["result"])

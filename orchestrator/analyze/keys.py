@@ -24,7 +24,8 @@ from orchestrator.ipproto import IPPROTO_ESP
 
 from .packet import Packet
 
-__all__ = ["SessionKeyKind", "SessionKey", "session_key", "icmp_error_client", "icmp_error_session_key"]
+__all__ = ["SessionKeyKind", "SessionKey", "key_value", "session_key", "ipv6_iid", "icmp_error_client",
+           "icmp_error_session_key"]
 
 
 class SessionKeyKind(enum.StrEnum):
@@ -55,6 +56,11 @@ def _iid(addr: str) -> str:
     return f"iid:{h[0:4]}:{h[4:8]}:{h[8:12]}:{h[12:16]}"
 
 
+def ipv6_iid(addr: str) -> str:
+    """The ipv6-iid key value of an IPv6 address (what `session_key` gives its packets)."""
+    return _iid(addr)
+
+
 def _value(kind: SessionKeyKind, version: int, proto: int, src: str, sport: Optional[int], dst: str,
            dport: Optional[int], home: Optional[str], spi: Optional[int]) -> str:
     if kind is SessionKeyKind.CLIENT_IP:
@@ -68,6 +74,13 @@ def _value(kind: SessionKeyKind, version: int, proto: int, src: str, sport: Opti
     if kind is SessionKeyKind.ESP_SPI:
         return f"spi:0x{spi:08x}" if (proto == IPPROTO_ESP and spi is not None) else src
     raise ValueError(f"unknown session key kind {kind!r}")  # pragma: no cover - StrEnum is closed
+
+
+def key_value(kind: Union[SessionKeyKind, str], version: int, proto: int, src: str, sport: Optional[int],
+              dst: str, dport: Optional[int], home: Optional[str] = None, spi: Optional[int] = None) -> str:
+    """The table key of the given parts, exactly as `session_key` derives it from a packet: a
+    restart rebuilds a session's key from its filter's match and record with it."""
+    return _value(SessionKeyKind(kind), version, proto, src, sport, dst, dport, home, spi)
 
 
 def session_key(pkt: Packet, kind: Union[SessionKeyKind, str]) -> SessionKey:

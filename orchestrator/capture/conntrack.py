@@ -1,4 +1,5 @@
-"""Conntrack destroy events: a session's flows end here. When the kernel cannot deliver events
+"""Conntrack events: a session's flows end here, and (balancer) the flows the kernel's fast path
+admitted start here: new-flow events of flows carrying our tag. When the kernel cannot deliver events
 (ENOBUFS on the socket), the listener dumps our flows instead and reports the live ones, so the
 daemon ends exactly the flows that are gone: a session end is never lost.
 
@@ -14,13 +15,13 @@ import errno
 import socket
 import struct
 
-from orchestrator.core.events import FlowKey, FlowsEnded, FlowTableResync
+from orchestrator.core.events import FlowKey, FlowsEnded, FlowsStarted, FlowTableResync
 from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.constants import (
     CTA_IP_V4_DST, CTA_IP_V4_SRC, CTA_IP_V6_DST, CTA_IP_V6_SRC, CTA_MARK, CTA_MARK_MASK, CTA_PROTO_DST_PORT,
     CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_TUPLE_IP, CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, IPCTNL_MSG_CT_DELETE,
-    IPCTNL_MSG_CT_GET, NETLINK_ADD_MEMBERSHIP, NETLINK_NETFILTER, NFNL_SUBSYS_CTNETLINK,
-    NFNLGRP_CONNTRACK_DESTROY, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, SOL_NETLINK,
+    IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_NEW, NETLINK_ADD_MEMBERSHIP, NETLINK_NETFILTER, NFNL_SUBSYS_CTNETLINK,
+    NFNLGRP_CONNTRACK_DESTROY, NFNLGRP_CONNTRACK_NEW, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, SOL_NETLINK,
 )
 from orchestrator.dataplane.netlink.nlsocket import open_netlink
 
@@ -52,14 +53,23 @@ def parse_flow(body: memoryview) -> FlowKey | None:
                    socket.inet_ntop(family, bytes(dst)), sport, dport)
 
 
-class ConntrackListener:
-    """Destroy events of one network namespace's conntrack table."""
+def is_tagged(body: memoryview) -> bool:
+    """Whether a ctnetlink message's conntrack mark carries our tag (CT_TAG)."""
+    a = nla.attrs(body, nla.NFGENMSG.size)
+    return CTA_MARK in a and struct.unpack_from("!I", a[CTA_MARK])[0] & CT_MASK == CT_TAG
 
-    def __init__(self, netns: str | None = None, rcvbuf: int = 8 << 20) -> None:
+
+class ConntrackListener:
+    """Destroy events of one network namespace's conntrack table; with `new_events`, also the
+    new-flow events of our tagged flows (the balancer's fast path: flows it never saw)."""
+
+    def __init__(self, netns: str | None = None, rcvbuf: int = 8 << 20, new_events: bool = False) -> None:
         self._netns = netns
         self._sock = open_netlink(NETLINK_NETFILTER, netns, rcvbuf)
         self._sock.bind((0, 0))
         self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_CONNTRACK_DESTROY)
+        if new_events:
+            self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_CONNTRACK_NEW)
         self._sock.setblocking(False)
         self._buf = bytearray(1 << 18)
         self.resyncs = 0
@@ -70,9 +80,18 @@ class ConntrackListener:
     def close(self) -> None:
         self._sock.close()
 
-    def read(self) -> list[FlowsEnded | FlowTableResync]:
-        """What happened since the last read (call when readable)."""
-        ended: list[FlowKey] = []
+    def read(self) -> list[FlowsStarted | FlowsEnded | FlowTableResync]:
+        """What happened since the last read (call when readable), in the order it happened:
+        a flow that started and ended between two reads is reported started first."""
+        events: list[FlowsStarted | FlowsEnded | FlowTableResync] = []
+        run: list[FlowKey] = []
+        started = False
+
+        def flush() -> None:
+            if run:
+                events.append(FlowsStarted(tuple(run)) if started else FlowsEnded(tuple(run)))
+                run.clear()
+
         while True:
             try:
                 size = self._sock.recv_into(self._buf)
@@ -82,13 +101,26 @@ class ConntrackListener:
                 if exc.errno != errno.ENOBUFS:
                     raise
                 self.resyncs += 1
-                return [FlowsEnded(tuple(ended)), FlowTableResync(self.dump())]
+                flush()
+                return [*events, FlowTableResync(self.dump())]
             for kind, _flags, _seq, body in nla.messages(memoryview(self._buf)[:size]):
-                if kind == NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE:
-                    flow = parse_flow(body)
-                    if flow is not None:
-                        ended.append(flow)
-        return [FlowsEnded(tuple(ended))] if ended else []
+                if kind == NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_NEW:
+                    new = True
+                    if not is_tagged(body):
+                        continue
+                elif kind == NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE:
+                    new = False
+                else:
+                    continue
+                flow = parse_flow(body)
+                if flow is None:
+                    continue
+                if new != started:
+                    flush()
+                    started = new
+                run.append(flow)
+        flush()
+        return events
 
     def sweep(self) -> FlowTableResync:
         """Our live flows now; expired ones are ended by the dump itself (their destroy events

@@ -1,8 +1,9 @@
 """The nftables rulesets of both roles (table `inet mplsorch`): rendered from templates/ with
 jinja2, loaded with `nft -f`.
 
-The ruleset is per node, loaded at start and on reload, never per session: nftables' own netlink
-batch protocol buys nothing here, and `nft` checks the whole ruleset atomically for us."""
+The ruleset is per node, loaded at start and on reload, never per session: `nft` checks the whole
+ruleset atomically for us. What changes per session, the elements of the fast-path sets, goes
+over netlink as dataplane operations (dataplane.ops.FastPathElement), never through `nft`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import jinja2
 
+from orchestrator.analyze.keys import SessionKeyKind
 from orchestrator.capture.conntrack import CT_MASK, CT_TAG
 from orchestrator.config.model import BalancerConfig, FailPolicy
 from orchestrator.config.server_model import ServerConfig
@@ -37,14 +39,31 @@ def render(config: BalancerConfig, template_dir: Path = TEMPLATES) -> str:
         else:
             l4 = f"meta l4proto {proto}"
         flags = "bypass,fanout" if svc.fail_policy == FailPolicy.OPEN else "fanout"
-        services.append({"name": svc.name, "vip": str(svc.vip), "version": version,
-                         "family": "ip6" if version == 6 else "ip", "l4": l4, "queue_flags": flags})
+        family = "ip6" if version == 6 else "ip"
+        services.append({"name": svc.name, "vip": str(svc.vip), "version": version, "family": family,
+                         "l4": l4, "queue_flags": flags, "fast": fast_path_match(svc.session_key, family,
+                                                                                 proto, bool(svc.ports))})
     first, last = config.nfqueue.queues
     rate = config.nfqueue.rate_limit
     return _template(template_dir, "nftables.balancer.nft.j2").render(
         services=services, queues=f"{first}-{last}" if last > first else str(first),
         rate_limit={"count": rate.count, "per": str(rate.per.value), "burst": rate.burst} if rate else None,
         mark_rst=hex(MARK_RST), mark_icmp=hex(MARK_ICMP), **CT_MARKS)
+
+
+def fast_path_match(kind: SessionKeyKind, family: str, proto: str, ports: bool) -> str | None:
+    """The set lookup of a service's fast-path rule (dataplane.ops.FastPathElement names the
+    sets), None for five-tuple: there every flow is a session of its own, so no new flow ever
+    belongs to an existing one. Every key keeps the client address: a session's new address
+    (a mobile node's care-of address, a new prefix with a known IPv6 IID, an SPI from elsewhere)
+    needs its own C2S filter, which only the daemon can add."""
+    if kind == SessionKeyKind.FIVE_TUPLE:
+        return None
+    head = f"{family} saddr . {family} daddr"
+    version = 6 if family == "ip6" else 4
+    if kind == SessionKeyKind.ESP_SPI and proto == "esp":
+        return f"{head} . esp spi @fastesp{version}"
+    return f"{head} . meta l4proto . th dport @fast{version}" if ports else f"{head} . meta l4proto @fastproto{version}"
 
 
 def render_server(config: ServerConfig, template_dir: Path = TEMPLATES) -> str:

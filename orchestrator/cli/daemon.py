@@ -6,6 +6,7 @@ unknown server name, a bad value: the daemon changed nothing); 3 no daemon answe
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from typing import Any, Optional
@@ -63,9 +64,13 @@ def serve_on_kernel(config_path: str, config: BalancerConfig | ServerConfig, log
     from orchestrator.daemon.server import ServerDaemon
     from orchestrator.dataplane.netlink.provider import NetlinkProvider
 
-    kernel = Capture(queue=NfQueue, conntrack=ConntrackListener)
-    daemon: Daemon = ServerDaemon(config_path, NetlinkProvider(), kernel, config) \
-        if isinstance(config, ServerConfig) else BalancerDaemon(config_path, NetlinkProvider(), kernel, config)
+    daemon: Daemon
+    if isinstance(config, ServerConfig):
+        daemon = ServerDaemon(config_path, NetlinkProvider(), Capture(NfQueue, ConntrackListener), config)
+    else:
+        # The balancer also hears its tagged flows start: those its fast path admitted count too.
+        kernel = Capture(NfQueue, functools.partial(ConntrackListener, new_events=True))
+        daemon = BalancerDaemon(config_path, NetlinkProvider(), kernel, config)
     return serve(daemon, log_format)
 
 
@@ -119,10 +124,14 @@ def _offload_line(answer: dict[str, Any]) -> str:
 
 def _counter_line(counters: dict[str, int]) -> str:
     keys = ("sessions_started", "sessions_ended", "sessions_reassigned", "packets_userspace")
+    # A balancer's first packets the kernel's fast path could not take: worth seeing at a glance.
     trouble = sorted((k, v) for k, v in counters.items()
                      if k.split(":")[0] in ("refused", "malformed", "no_route", "batch_errors", "sessions_failed",
-                                            "offload_refused"))
-    return "counters: " + ", ".join(f"{k} {v}" for k, v in [*((k, counters.get(k, 0)) for k in keys), *trouble])
+                                            "fastpath_unmatched", "fastpath_late", "offload_refused"))
+    shown = [*((k, counters.get(k, 0)) for k in keys), *trouble]
+    if "flows_fast_path" in counters:
+        shown.insert(len(keys), ("flows_fast_path", counters["flows_fast_path"]))
+    return "counters: " + ", ".join(f"{k} {v}" for k, v in shown)
 
 
 def labels(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,

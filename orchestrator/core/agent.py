@@ -22,7 +22,8 @@ from typing import Any, Sequence
 
 from orchestrator.analyze.packet import Packet, analyze
 from orchestrator.config.server_model import ServerConfig
-from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowTableResync, LabelledPacket, PacketVerdict
+from orchestrator.core.events import (Action, FlowKey, FlowsEnded, FlowsStarted, FlowTableResync, LabelledPacket,
+                                      PacketVerdict)
 from orchestrator.dataplane import ops
 
 RULE_PRIORITY = 1000  # `from VIP lookup TABLE`: before the main table (32766)
@@ -193,8 +194,11 @@ class ServerAgent:
         return [ops.Replace(route) if current is not None else ops.Add(route)]
 
     # -- flows and time -----------------------------------------------------------------------------
-    def on_flow_events(self, events: Sequence[FlowsEnded | FlowTableResync], now: float) -> None:
+    def on_flow_events(self, events: Sequence[FlowsStarted | FlowsEnded | FlowTableResync], now: float) -> None:
+        """Flow ends drain sessions; a server learns its flows in-band, so starts say nothing new."""
         for event in events:
+            if isinstance(event, FlowsStarted):
+                continue
             if isinstance(event, FlowsEnded):
                 ended: Sequence[FlowKey] = event.flows
             else:

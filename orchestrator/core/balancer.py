@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from orchestrator import ipproto
-from orchestrator.analyze.keys import SessionKey, SessionKeyKind, session_key
+from orchestrator.analyze.keys import SessionKey, SessionKeyKind, ipv6_iid, key_value, session_key
 from orchestrator.analyze.packet import Malformed, Packet, analyze
 from orchestrator.config.model import BalancerConfig, LabelAllocation, Server, ServerFailure, Service
 from orchestrator.core.events import (
-    Action, FirstPacket, FlowKey, FlowsEnded, FlowTableResync, PacketVerdict,
+    Action, FirstPacket, FlowKey, FlowsEnded, FlowsStarted, FlowTableResync, PacketVerdict,
 )
 from orchestrator.core.failover import Failover, Outcome, relabelled, replacement
 from orchestrator.core.health import HealthEvent, HealthState, HealthView, apply_health
@@ -27,10 +27,23 @@ from orchestrator.core.labels import LabelAllocator
 from orchestrator.core.schedulers import Scheduler, ServerState, make_scheduler
 from orchestrator.core.servers import AdminState, ServerAdmin
 from orchestrator.core.sessions import Session, SessionTable, State
-from orchestrator.dataplane import handles, ops
+from orchestrator.dataplane import handles, ops, records
 
 FLOWER_PROTOS = frozenset(ipproto.BY_NAME)  # every service protocol has a flower ip_proto key
 PREF_IPV4, PREF_IPV6 = 10, 11  # the kernel keeps one protocol per filter priority
+PREF_ESP4 = 12  # cls_u32 nodes of IPv4 esp-spi sessions: one classifier per priority too
+
+
+@dataclass
+class Undo:
+    """A session of an earlier batch as it was before this batch re-keyed it: a failed re-key
+    puts it back and removes only what the re-key added."""
+
+    clients: list[str]
+    objects: list[ops.DataplaneObject]
+    state: State
+    ends_at: float | None
+    flows: list[FlowKey] = field(default_factory=list)  # flows the re-keying packets added
 
 
 @dataclass
@@ -40,6 +53,7 @@ class Plan:
     ops: list[ops.Operation] = field(default_factory=list)
     groups: dict[int, tuple[int, int]] = field(default_factory=dict)  # session id -> ops slice
     rekeyed: set[int] = field(default_factory=set)  # sessions of earlier batches that got a new client address
+    undo: dict[int, Undo] = field(default_factory=dict)  # those sessions before their re-key
     # In packet order: each verdict, and the session whose objects it waits for (None: final).
     verdicts: list[tuple[int | None, PacketVerdict]] = field(default_factory=list)
 
@@ -58,6 +72,10 @@ class Balancer:
         self.admin = ServerAdmin()      # the operator's drain and weights
         self.health = HealthView()      # the latest health checks: every server unknown until then
         self._schedulers: dict[str, Scheduler] = {}
+        # Pairs in hold-down whose S2C label is routed to the hold marker (dataplane.records):
+        # C2S -> when the hold-down ends and the marker is deleted.
+        self.markers: dict[int, float] = {}
+        self.u32_nodes: set[int] = set()  # the u32 nodes our ESP filters hold (dataplane.handles)
         self.configure(config, now)
 
     # -- configuration ---------------------------------------------------------------------
@@ -74,6 +92,8 @@ class Balancer:
                                          config.labels.hold_down, blocks)
             for session in self.table:
                 self.labels.claim(session.c2s, session.server)
+            for c2s in self.markers:  # held down again from now in the new pool
+                self.labels.hold(c2s, now)
             self._label_shape = shape
         self.config = config
         self.servers: dict[str, Server] = {s.name: s for p in config.pools for s in p.servers}
@@ -160,18 +180,35 @@ class Balancer:
             self.counters["no_route"] += 1
             return verdict(Action.DROP, f"no route to client {key.client}"), None
         if session is not None:
-            if needs_route and (len(session.clients) + 1) * self._filters_per_client(session, svc) \
-                    > handles.FILTERS_PER_SESSION:
+            if needs_route and ((len(session.clients) + 1) * self._filters_per_client(session, svc)
+                                > handles.FILTERS_PER_SESSION or self._by_spi(key) and self._free_node() is None):
                 self.counters["no_filter_handle"] += 1
                 return verdict(Action.DROP, f"session {session.id} has no filter handle left for client "
                                             f"{key.client}"), None
+            if needs_route and session.id not in plan.groups:  # first re-key of an earlier session
+                plan.undo[session.id] = Undo(list(session.clients), list(session.objects), session.state,
+                                             session.ends_at)
             self.table.add_flow(session, flow, now)
+            session.packets_userspace += 1
+            # The kernel's fast path admits a session's later flows from the addresses it knows;
+            # a new address of the session (its key matched beyond the address) came here instead.
+            if needs_route:
+                self.counters[f"fastpath_unmatched:{key.kind}"] += 1
+            elif key.kind != SessionKeyKind.FIVE_TUPLE:  # there: the same flow again, no element
+                self.counters["fastpath_late"] += 1
             if needs_route and first.next_hop is not None:  # a mobile client's new care-of address
+                undo = plan.undo.get(session.id)
+                if undo is not None:
+                    undo.flows.append(flow)
                 self._rekey(session, svc, info, key, first.next_hop, plan)
+                return verdict(Action.ACCEPT), session.id  # it waits for its new filter
             if session.state == State.OPENING:
                 return verdict(Action.ACCEPT), session.id
             return verdict(Action.ACCEPT), None
         assert first.next_hop is not None
+        if self._by_spi(key) and self._free_node() is None:
+            self.counters["no_filter_handle"] += 1
+            return verdict(Action.DROP, f"no u32 node left for an ESP session of {key.client}"), None
         refusal = self._admit(svc)
         server = None if refusal else self._schedule(svc, key, now)
         if refusal is None and server is None:
@@ -192,6 +229,7 @@ class Balancer:
                           created=now, last_seen=now)
         self.table.add(session)
         self.table.add_flow(session, flow, now)
+        session.packets_userspace += 1
         start = len(plan.ops)
         self._add_client(session, svc, info, key.client, first.next_hop, plan)
         plan.groups[session.id] = (start, len(plan.ops))
@@ -238,6 +276,19 @@ class Balancer:
         proto = session.protocol if session.protocol in FLOWER_PROTOS else None
         five = session.key.kind == SessionKeyKind.FIVE_TUPLE
         ports: tuple[int | None, ...] = (info.dport,) if five else (svc.ports or (None,))
+        tag = records.pack(self._record(session))
+        if self._by_spi(SessionKey(session.key.kind, session.key.value, client)):
+            # flower has no SPI key: a u32 node matches source, VIP and SPI (IPv4).
+            node = self._free_node()
+            assert node is not None  # _packet checked
+            self.u32_nodes.add(node)
+            spi = int(session.key.value[len("spi:"):], 16)
+            u32 = ops.U32Filter(self.config.interfaces.fabric[0], handles.u32_handle(node),
+                                ops.esp_keys(client, session.vip, spi),
+                                ops.push_stack((self.transport[session.server], session.c2s)), pref=PREF_ESP4, tag=tag)
+            plan.ops.append(ops.Add(u32))
+            session.objects.append(u32)
+            ports = ()
         for i, port in enumerate(ports):
             match = ops.FlowerMatch(src=f"{client}/{host}", dst=f"{session.vip}/{vip_host}",
                                     ip_proto=proto, dst_port=port if proto else None,
@@ -246,16 +297,61 @@ class Balancer:
             dev = self.config.interfaces.fabric[0]
             flt = ops.FlowerFilter(dev, handle, match,
                                    ops.push_stack((self.transport[session.server], session.c2s)),
-                                   pref=PREF_IPV6 if host == 128 else PREF_IPV4,
+                                   pref=PREF_IPV6 if host == 128 else PREF_IPV4, tag=tag,
                                    offload=self.config.interfaces.offload_of(dev))
             plan.ops.append(ops.Add(flt))
             session.objects.append(flt)
         aware = self.config.clients.is_label_aware(client)
         route = ops.MplsRoute(session.s2c, hop.dev, via=hop.via or client,
                               out_labels=(session.s2c,) if aware else ())
-        plan.ops.append(ops.Replace(route) if n else ops.Add(route))
+        # Replace: the session's own route (a re-key), or the hold marker of a pair whose
+        # hold-down ended before the tick deleted the marker.
+        plan.ops.append(ops.Replace(route) if n or self.markers.pop(session.c2s, None) is not None
+                        else ops.Add(route))
         session.objects = [o for o in session.objects if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
         session.objects.append(route)
+        for element in self.fast_elements(session, svc, client):
+            plan.ops.append(ops.Add(element))
+            session.objects.append(element)
+
+    @staticmethod
+    def fast_elements(session: Session, svc: Service, client: str) -> list[ops.FastPathElement]:
+        """The fast-path set elements that let the kernel admit `client`'s new flows to the
+        session (the ruleset's rule for the service looks them up, see
+        capture.nftables.fast_path_match): one per service port, one for a service without
+        ports, the SPI for an esp-spi session. None for five-tuple: each flow is a session."""
+        kind = session.key.kind
+        if kind == SessionKeyKind.FIVE_TUPLE or session.protocol not in FLOWER_PROTOS:
+            return []
+        if kind == SessionKeyKind.ESP_SPI and session.protocol == "esp" and session.key.value.startswith("spi:"):
+            return [ops.FastPathElement(client, session.vip, "esp", spi=int(session.key.value[4:], 16))]
+        if session.protocol == "esp" or not svc.ports:
+            return [ops.FastPathElement(client, session.vip, session.protocol)]
+        return [ops.FastPathElement(client, session.vip, session.protocol, port) for port in svc.ports]
+
+    @staticmethod
+    def _by_spi(key: SessionKey) -> bool:
+        """Is this an ESP session told apart by its SPI from an IPv4 client (a u32 filter)?"""
+        return key.kind == SessionKeyKind.ESP_SPI and key.value.startswith("spi:") and ":" not in key.client
+
+    def _free_node(self) -> int | None:
+        """The lowest u32 node no filter of ours holds (None: all 4095 are taken)."""
+        return next((n for n in range(1, handles.U32_NODES + 1) if n not in self.u32_nodes), None)
+
+    def _forget(self, objects: Sequence[ops.DataplaneObject]) -> None:
+        """The u32 nodes of filters that leave the kernel are free again."""
+        for o in objects:
+            if isinstance(o, ops.U32Filter):
+                self.u32_nodes.discard(handles.u32_node(o.handle))
+
+    @staticmethod
+    def _record(session: Session) -> records.SessionRecord:
+        """What the session's filters carry for a restart (dataplane.records): its id, key kind
+        and port, and the key material their match cannot hold."""
+        kind, value = session.key.kind, session.key.value
+        home = value if kind == SessionKeyKind.MIP6_HOME_ADDRESS and ":" in value else None
+        spi = int(value[len("spi:"):], 16) if kind == SessionKeyKind.ESP_SPI and value.startswith("spi:") else None
+        return records.SessionRecord(session.id, str(kind), session.port, home, spi)
 
     @staticmethod
     def _filters_per_client(session: Session, svc: Service) -> int:
@@ -287,12 +383,19 @@ class Balancer:
                     session.state = State.SERVING
                 continue
             failed[session_id] = bad
-            cleanup += [ops.Delete(r.op.obj) for r in group if r.ok and isinstance(r.op, ops.Add)]
             session = self.table.by_id(session_id)
+            undo = plan.undo.get(session_id)
+            if undo is not None and session is not None:
+                cleanup += self._undo_rekey(session, undo, group, now)
+                continue
+            # A new session: what did get in goes (a route that replaced a hold marker too), and
+            # its pair is free at once: no packet of it can be in flight.
+            cleanup += [ops.Delete(r.op.obj) for r in group if r.ok and isinstance(r.op, (ops.Add, ops.Replace))]
             if session is not None:
                 self.counters["sessions_failed"] += 1
                 self.table.remove(session)
-                self.labels.release(session.c2s, now)
+                self._forget(session.objects)
+                self.labels.release(session.c2s, now, hold_down=False)
         verdicts = [v if session_id not in failed else
                     PacketVerdict(v.queue, v.packet_id, Action.DROP, None,
                                   "programming failed: " + "; ".join(failed[session_id]))
@@ -301,19 +404,94 @@ class Balancer:
             self.counters[f"verdict:{v.action}"] += 1
         return Commit(tuple(verdicts), tuple(cleanup), tuple(x for f in failed.values() for x in f))
 
+    def _undo_rekey(self, session: Session, undo: Undo, group: Sequence[ops.OpResult],
+                    now: float) -> list[ops.Operation]:
+        """A re-key whose operations failed: the session goes back to what it was (clients,
+        objects, state); its new filters that did get in are deleted and its S2C route, if it was
+        replaced, points back to the previous next hop. Nothing else of the session is touched."""
+        self.counters["rekeys_failed"] += 1
+        old_routes = {o.label: o for o in undo.objects if isinstance(o, ops.MplsRoute)}
+        out: list[ops.Operation] = []
+        for r in reversed(group):
+            if not r.ok:
+                continue
+            if isinstance(r.op, ops.Add):
+                out.append(ops.Delete(r.op.obj))
+            elif isinstance(r.op, ops.Replace) and isinstance(r.op.obj, ops.MplsRoute):
+                previous = old_routes.get(r.op.obj.label)
+                out.append(ops.Replace(previous) if previous is not None else ops.Delete(r.op.obj))
+        for flow in undo.flows:
+            self.table.end_flow(flow)
+        self._forget([o for o in session.objects if o not in undo.objects])
+        session.clients, session.objects = undo.clients, undo.objects
+        if not session.flows and undo.state == State.DRAINING:
+            session.state, session.ends_at = State.DRAINING, undo.ends_at
+        return list(dict.fromkeys(out))  # one S2C restore even after several re-keys
+
     # -- flows and time -------------------------------------------------------------------------
-    def on_flow_events(self, events: Sequence[FlowsEnded | FlowTableResync], now: float) -> None:
+    def on_flow_events(self, events: Sequence[FlowsStarted | FlowsEnded | FlowTableResync], now: float) -> None:
         for event in events:
+            if isinstance(event, FlowsStarted):
+                for flow in event.flows:
+                    self._adopt(flow, now)
+                continue
             if isinstance(event, FlowsEnded):
                 ended = event.flows
             else:
                 self.counters["conntrack_sweeps" if event.sweep else "conntrack_resyncs"] += 1
-                ended = tuple(f for f in self.table.flows() if f not in event.live)
+                known = set(self.table.flows())
+                ended = tuple(f for f in known if f not in event.live)
+                for flow in event.live - known:  # fast-path flows whose start events were lost
+                    self._adopt(flow, now)
             for flow in ended:
                 session = self.table.end_flow(flow)
                 if session is not None and not session.flows and session.state != State.CLOSING:
                     session.state = State.DRAINING
                     session.ends_at = now + self._persistence(session)
+
+    def _adopt(self, flow: FlowKey, now: float) -> None:
+        """A tagged flow the daemon did not see start: the kernel's fast path admitted it, so it
+        belongs to the session of its client address, and keeps that session alive."""
+        if self.table.by_flow(flow) is not None:
+            return
+        session = self.session_of_flow(flow)
+        if session is None:
+            return
+        self.table.add_flow(session, flow, now)
+        self.counters["flows_fast_path"] += 1
+
+    def session_of_flow(self, flow: FlowKey) -> Session | None:
+        """The session whose fast-path element admits `flow`: of the flow's service, with the
+        flow's source among its client addresses. Found by key where the address gives the key;
+        mip6-home-address and esp-spi sessions (keyed by what conntrack does not record) are
+        looked for among the service's sessions."""
+        svc = self.services.get((flow.dst, flow.proto, flow.dport)) or self.services.get((flow.dst, flow.proto, None))
+        if svc is None or svc.session_key == SessionKeyKind.FIVE_TUPLE:
+            return None
+        value = ipv6_iid(flow.src) if svc.session_key == SessionKeyKind.IPV6_IID and ":" in flow.src else flow.src
+        session = self.table.get(svc.name, value)
+        if session is not None and flow.src in session.clients:
+            return session
+        if svc.session_key in (SessionKeyKind.MIP6_HOME_ADDRESS, SessionKeyKind.ESP_SPI):
+            return next((s for s in self.table if s.service == svc.name and flow.src in s.clients), None)
+        return None
+
+    def fast_path_sync(self, installed: Sequence[ops.Installed]) -> list[ops.Operation]:
+        """After the ruleset was (re)loaded, which empties the fast-path sets, or after a restart:
+        the operations that make the sets hold exactly the elements of the sessions in the table
+        (`installed`: what a dump of them shows), and each session's objects name its elements,
+        so its end deletes them. A session whose service a reload removed gets none."""
+        wanted: dict[tuple[object, ...], ops.FastPathElement] = {}
+        for session in self.table:
+            svc = self.service_of(session)
+            mine = [e for client in session.clients for e in self.fast_elements(session, svc, client)] if svc else []
+            keys = {e.key for e in mine}
+            session.objects = [o for o in session.objects if not isinstance(o, ops.FastPathElement) or o.key in keys]
+            session.objects += [e for e in mine if e not in session.objects]
+            wanted.update((e.key, e) for e in mine)
+        present = {i.obj.key: i.obj for i in installed if isinstance(i.obj, ops.FastPathElement)}
+        return ([ops.Delete(e) for key, e in present.items() if key not in wanted]
+                + [ops.Add(e) for key, e in wanted.items() if key not in present])
 
     def _persistence(self, session: Session) -> float:
         """The persistence timeout of the session's service; a service a reload removed keeps
@@ -328,15 +506,35 @@ class Balancer:
         for session in self.table:
             if session.state == State.DRAINING and session.ends_at is not None and now >= session.ends_at:
                 out += self.end(session, now, "persistence timeout")
+        for c2s, until in list(self.markers.items()):
+            if now >= until:  # the hold-down is over: the pair's marker goes
+                del self.markers[c2s]
+                out.append(ops.Delete(records.hold_marker(c2s + 1)))
         return out
 
     def end(self, session: Session, now: float, reason: str) -> list[ops.Operation]:
-        """The session leaves the table, its pair goes to hold-down; the deletes of its objects."""
+        """The session leaves the table, its pair goes to hold-down; the deletes of its filters and
+        the S2C route replaced by the pair's hold marker (kept in the kernel until the hold-down
+        ends, so a restart holds the pair down again)."""
         self.table.remove(session)
-        self.labels.release(session.c2s, now)
+        self._forget(session.objects)
         self.counters["sessions_ended"] += 1
         self.counters[f"ended:{reason}"] += 1
-        return [ops.Delete(o) for o in reversed(session.objects)]
+        out: list[ops.Operation] = [ops.Delete(o) for o in reversed(session.objects)
+                                    if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
+        return out + self._hold(session.c2s, now)
+
+    def _hold(self, c2s: int, now: float) -> list[ops.Operation]:
+        """Release a pair into hold-down, with its marker in the kernel."""
+        self.labels.release(c2s, now)
+        self.markers[c2s] = now + self.labels.hold_down
+        return [ops.Replace(records.hold_marker(c2s + 1))]
+
+    def drop_markers(self) -> list[ops.Operation]:
+        """The deletes of every hold marker (a shutdown that removes all of its objects)."""
+        out: list[ops.Operation] = [ops.Delete(records.hold_marker(c2s + 1)) for c2s in self.markers]
+        self.markers.clear()
+        return out
 
     def count(self, event: str, n: int = 1) -> None:
         """An event the daemon saw around the core (a failed batch, conntrack errors), counted
@@ -380,11 +578,17 @@ class Balancer:
     def _move(self, session: Session, target: str, c2s: int, now: float, plan: Failover, reason: str) -> None:
         old_server, old_c2s, old = session.server, session.c2s, list(session.objects)
         new = relabelled(old, old_c2s, c2s, self.transport[target])
-        self.labels.release(old_c2s, now)
         self.table.reassign(session, target, c2s)
         session.objects = new
         start = len(plan.ops)
-        plan.ops += replacement(old, new)
+        steps = replacement(old, new)
+        if self.markers.pop(c2s, None) is not None:  # the new pair's marker is overwritten
+            steps = [ops.Replace(op.obj) if isinstance(op, ops.Add) and isinstance(op.obj, ops.MplsRoute)
+                     and op.obj.label == c2s + 1 else op for op in steps]
+        # The old pair's S2C route becomes its hold marker instead of going.
+        hold = self._hold(old_c2s, now)
+        plan.ops += [hold[0] if isinstance(op, ops.Delete) and isinstance(op.obj, ops.MplsRoute)
+                     and op.obj.label == old_c2s + 1 else op for op in steps]
         plan.groups[session.id] = (start, len(plan.ops))
         self.counters["sessions_reassigned"] += 1
         plan.outcomes.append(Outcome(session.id, session.service, session.key.value, old_server, old_c2s,
@@ -401,6 +605,7 @@ class Balancer:
             session = self.table.by_id(session_id)
             cleanup += [ops.Delete(r.op.obj) for r in reversed(group) if r.ok and isinstance(r.op, ops.Add)]
             if session is not None:
+                self._forget(session.objects)  # its u32 nodes, deleted or never added
                 session.objects = []
                 self.end(session, now, "reassign failed")
         return cleanup
@@ -408,46 +613,39 @@ class Balancer:
     # -- restart ----------------------------------------------------------------------------------
     def restore(self, installed: Sequence[ops.Installed], live: frozenset[FlowKey], now: float) -> list[ops.Operation]:
         """Rebuild the session table from our kernel objects after a restart (the kernel is the
-        source of truth). Filters name their session by handle (dataplane.handles), their client and
-        VIP by match, their server by transport label; flows come from a conntrack dump. A
-        session's S2C route is our route at label C2S + 1, whatever its form: pop, or swap to
-        itself (a label-aware client), to the client or its gateway. Objects that fit no service
-        or server any more are deleted."""
+        source of truth). A C2S filter names its session's pair by handle (dataplane.handles), its
+        client and VIP by match, its server by transport label, and carries the session's record
+        (dataplane.records): id, key kind, port and the key material the match cannot hold; so
+        every session comes back with its id, key, labels and server. Filters without a record
+        (an older version's) are keyed from their source address. A session's S2C route is our
+        route at label C2S + 1, whatever its form: pop, or swap to itself (a label-aware
+        client), to the client or its gateway. A hold marker at a label no session has holds its
+        pair down again, the timer restarted. Flows come from a conntrack dump. Objects that
+        belong to no session (no service or server any more, a pair out of range, a route
+        without its session) are deleted."""
         by_transport = {s.transport_label: name for name, s in self.servers.items()}
         routes = {i.obj.label: i.obj for i in installed if isinstance(i.obj, ops.MplsRoute)}
         stale: list[ops.Operation] = []
-        for item in installed:
-            flt = item.obj
-            if not isinstance(flt, ops.FlowerFilter):
-                continue
-            pushes = [a.label for a in flt.actions if isinstance(a, ops.MplsPush)]
-            c2s = handles.handle_c2s(flt.handle)
-            client = (flt.match.src or "").split("/")[0]
-            vip = (flt.match.dst or "").split("/")[0]
-            proto = ipproto.BY_NAME.get(flt.match.ip_proto or "", 0)
-            svc = self.services.get((vip, proto, flt.match.dst_port)) or self.services.get((vip, proto, None))
-            server = by_transport.get(pushes[-1]) if len(pushes) == 2 else None
-            if svc is None or server is None or pushes[0] != c2s:
+        filters = [(records.unpack(i.obj.tag), i.obj) for i in installed
+                   if isinstance(i.obj, (ops.FlowerFilter, ops.U32Filter))]
+        # Recorded sessions first (their ids are taken), each session's filters in handle order
+        # (the order its client addresses came in: their indexes go on from there).
+        filters.sort(key=lambda rf: (rf[0] is None, isinstance(rf[1], ops.U32Filter), rf[1].handle))
+        for record, flt in filters:
+            session = self._restore_filter(record, flt, by_transport, now)
+            if session is None:
                 stale.append(ops.Delete(flt))
                 continue
-            kind = svc.session_key
-            value = client if kind != SessionKeyKind.FIVE_TUPLE else \
-                f"{proto}/{client}/{flt.match.src_port}/{vip}/{flt.match.dst_port}"
-            session = self.table.get(svc.name, value)
-            if session is None:
-                if not self.labels.claim(c2s, server):
-                    stale.append(ops.Delete(flt))
-                    continue
-                session = Session(id=self.table.new_id(), service=svc.name,
-                                  key=SessionKey(kind, value, client), vip=vip, protocol=str(svc.protocol.value),
-                                  port=flt.match.dst_port, server=server, c2s=c2s, created=now,
-                                  last_seen=now, state=State.SERVING)
-                self.table.add(session)
-                if c2s + 1 in routes:
-                    session.objects.append(routes.pop(c2s + 1))
-            session.objects.insert(0, flt)
+            session.objects.append(flt)
+            client = _filter_client(flt)
+            if isinstance(flt, ops.U32Filter):
+                self.u32_nodes.add(handles.u32_node(flt.handle))
             if client not in session.clients:
                 session.clients.append(client)
+        for session in self.table:  # the S2C route last, as _add_client leaves it
+            route = routes.get(session.s2c)
+            if route is not None and not records.is_hold_marker(route):
+                session.objects.append(routes.pop(session.s2c))
         for flow in live:
             for session in self.table:
                 if flow.src in session.clients and flow.dst == session.vip and \
@@ -458,7 +656,67 @@ class Balancer:
             if not session.flows:
                 session.state = State.DRAINING
                 session.ends_at = now + self._persistence(session)
+            else:
+                session.state = State.SERVING
         claimed = {s.s2c for s in self.table}
-        stale += [ops.Delete(r) for label, r in routes.items() if label not in claimed]
+        for label, route in routes.items():
+            if label in claimed:
+                continue
+            if records.is_hold_marker(route) and label % 2 == 0 and self.labels.hold(label - 1, now):
+                self.markers[label - 1] = now + self.labels.hold_down
+                continue
+            stale.append(ops.Delete(route))
         self.counters["restored_sessions"] = len(self.table)
+        self.counters["restored_hold_downs"] = len(self.markers)
         return stale
+
+    def _restore_filter(self, record: records.SessionRecord | None, flt: ops.FlowerFilter | ops.U32Filter,
+                        by_transport: dict[int, str], now: float) -> Session | None:
+        """The session one of our C2S filters belongs to, made on its first filter; None when it
+        fits no service or server of the configuration, or contradicts the session it names."""
+        pushes = [a.label for a in flt.actions if isinstance(a, ops.MplsPush)]
+        if flt.direction != ops.Direction.EGRESS or len(pushes) != 2:
+            return None
+        src_port = dst_port = spi = None
+        if isinstance(flt, ops.U32Filter):  # an ESP session's node: its C2S is the label it pushes
+            esp = ops.esp_of(flt.keys)
+            if esp is None or record is None or record.spi != esp[2]:
+                return None
+            client, vip, spi = esp
+            proto, c2s = ipproto.IPPROTO_ESP, pushes[0]
+        else:
+            if flt.match.mpls_label is not None:
+                return None
+            client = (flt.match.src or "").split("/")[0]
+            vip = (flt.match.dst or "").split("/")[0]
+            proto = ipproto.BY_NAME.get(flt.match.ip_proto or "", 0)
+            src_port, dst_port, c2s = flt.match.src_port, flt.match.dst_port, handles.handle_c2s(flt.handle)
+            spi = record.spi if record else None
+        svc = self.services.get((vip, proto, dst_port)) or self.services.get((vip, proto, None))
+        server = by_transport.get(pushes[-1])
+        if svc is None or server is None or pushes[0] != c2s or not client:
+            return None
+        kind = SessionKeyKind(record.kind) if record is not None else svc.session_key
+        value = key_value(kind, 6 if ":" in client else 4, proto, client, src_port, vip,
+                          dst_port, record.home if record else None, spi)
+        session = self.table.by_id(record.session_id) if record is not None else self.table.get(svc.name, value)
+        if session is not None:
+            same = (session.service, session.key.value, session.c2s, session.server) == (svc.name, value, c2s, server)
+            return session if same else None
+        if self.table.get(svc.name, value) is not None or not self.labels.claim(c2s, server):
+            return None
+        port = record.port if record is not None and record.port is not None else dst_port
+        session = Session(id=record.session_id if record is not None else self.table.new_id(), service=svc.name,
+                          key=SessionKey(kind, value, client), vip=vip, protocol=str(svc.protocol.value),
+                          port=port, server=server, c2s=c2s, created=now, last_seen=now,
+                          state=State.SERVING)
+        self.table.add(session)
+        return session
+
+
+def _filter_client(flt: ops.FlowerFilter | ops.U32Filter) -> str:
+    """The client address a C2S filter matches."""
+    if isinstance(flt, ops.U32Filter):
+        esp = ops.esp_of(flt.keys)
+        return esp[0] if esp else ""
+    return (flt.match.src or "").split("/")[0]

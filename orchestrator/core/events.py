@@ -46,6 +46,15 @@ class LabelledPacket:
 
 
 @dataclass(frozen=True)
+class FlowsStarted:
+    """Conntrack confirmed these new flows carrying our tag. The daemon saw the first packet of
+    most of them; the others were admitted by the kernel's fast path and belong to the session
+    whose set element let them in."""
+
+    flows: tuple[FlowKey, ...]
+
+
+@dataclass(frozen=True)
 class FlowsEnded:
     """Conntrack destroyed these flows."""
 

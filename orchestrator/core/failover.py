@@ -59,6 +59,8 @@ def relabelled(objects: list[ops.DataplaneObject], old_c2s: int, new_c2s: int,
         if isinstance(obj, ops.FlowerFilter):
             out.append(replace(obj, handle=handles.relabel_handle(obj.handle, new_c2s),
                                actions=ops.push_stack((transport, new_c2s))))
+        elif isinstance(obj, ops.U32Filter):  # its node names no label: it keeps it
+            out.append(replace(obj, actions=ops.push_stack((transport, new_c2s))))
         elif isinstance(obj, ops.MplsRoute):
             out.append(replace(obj, label=labels.get(obj.label, obj.label),
                                out_labels=tuple(labels.get(label, label) for label in obj.out_labels)))
@@ -69,12 +71,16 @@ def relabelled(objects: list[ops.DataplaneObject], old_c2s: int, new_c2s: int,
 
 def replacement(old: list[ops.DataplaneObject], new: list[ops.DataplaneObject]) -> list[ops.Operation]:
     """One batch from the old objects to the new: filters out before their successors go in,
-    routes in before their predecessors go out."""
+    routes in before their predecessors go out. Fast-path set elements name only the client and
+    the service, so a move keeps them as they are."""
+    kept = [o for o in old if isinstance(o, ops.FastPathElement) and o in new]
+    old, new = [o for o in old if o not in kept], [o for o in new if o not in kept]
+
     def filters(objects: list[ops.DataplaneObject]) -> list[ops.DataplaneObject]:
-        return [o for o in objects if isinstance(o, ops.FlowerFilter)]
+        return [o for o in objects if isinstance(o, (ops.FlowerFilter, ops.U32Filter))]
 
     def others(objects: list[ops.DataplaneObject]) -> list[ops.DataplaneObject]:
-        return [o for o in objects if not isinstance(o, ops.FlowerFilter)]
+        return [o for o in objects if not isinstance(o, (ops.FlowerFilter, ops.U32Filter))]
 
     return ([ops.Delete(o) for o in filters(old)] + [ops.Add(o) for o in filters(new)]
             + [ops.Add(o) for o in others(new)] + [ops.Delete(o) for o in reversed(others(old))])

@@ -236,19 +236,39 @@ class LabelAllocator:
                 return c2s
         raise AssertionError("label pool counters out of step")  # pragma: no cover
 
-    def release(self, c2s: int, now: float) -> None:
+    def release(self, c2s: int, now: float, hold_down: bool = True) -> None:
         """Release an allocated pair; it becomes allocatable again at ``now + hold_down``.
-        ValueError if ``c2s`` is not allocated."""
+        With ``hold_down=False`` it is free at once: a session whose objects never made it into
+        the kernel had no packet that could still be in flight. ValueError if ``c2s`` is not
+        allocated."""
         entry = self._used.pop(c2s, None)
         if entry is None:
             state = "held down" if c2s in self._held else "not allocated"
             raise ValueError(f"label {c2s} is {state}; cannot release it")
         pool = entry[1]
         pool.in_use -= 1
+        g = self._bump(c2s)
+        if not hold_down:
+            pool.recycled.appendleft((c2s, g))  # the next allocation takes it back
+            return
         pool.held += 1
+        self._held[c2s] = g
+        heapq.heappush(pool.heap, (now + self.hold_down, c2s, g))
+
+    def hold(self, c2s: int, now: float) -> bool:
+        """Put a pair that is not in use into hold-down from ``now`` (a restart found it held down
+        in the kernel: its timer restarts). False if ``c2s`` is no C2S label of the range (or of
+        any block) or is in use; a pair already held down is held again from ``now``."""
+        pool = self._shared if self._shared is not None else next(
+            (p for p in self._sorted if p.contains(c2s)), None)
+        if pool is None or not pool.contains(c2s) or c2s in self._used:
+            return False
+        if self._held.pop(c2s, None) is None:
+            pool.held += 1
         g = self._bump(c2s)
         self._held[c2s] = g
         heapq.heappush(pool.heap, (now + self.hold_down, c2s, g))
+        return True
 
     def claim(self, c2s: int, server: str) -> bool:
         """Mark a pair in use for ``server`` (reconciling from the kernel after a restart).

@@ -14,7 +14,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "ServerState", "Scheduler", "RoundRobin", "WeightedRoundRobin", "LeastConnections",
@@ -185,7 +185,7 @@ class ResponseTime(_Stateless):
 
     def pick(self, key: str, servers: Sequence[ServerState]) -> str | None:
         best: ServerState | None = None
-        best_rank: tuple | None = None
+        best_rank: tuple[float, ...] | None = None
         for s in servers:
             if not s.available:
                 continue
@@ -350,7 +350,7 @@ def scheduler_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def make_scheduler(name: str, **options) -> Scheduler:
+def make_scheduler(name: str, **options: Any) -> Scheduler:
     """A new scheduler by its configuration name; options go to its constructor
     (maglev: ``capacity``). ValueError for an unknown name."""
     try:

@@ -38,6 +38,8 @@ class Session:
     ends_at: float | None = None
     clients: list[str] = field(default_factory=list)       # addresses with a C2S filter
     objects: list[ops.DataplaneObject] = field(default_factory=list)  # ours in the kernel
+    flows_total: int = 0        # flows it has had: through the daemon or the kernel's fast path
+    packets_userspace: int = 0  # its first packets that went through the daemon
 
     @property
     def s2c(self) -> int:
@@ -49,7 +51,8 @@ class Session:
                 "clients": list(self.clients), "key": self.key.value, "key_kind": str(self.key.kind),
                 "service": self.service, "vip": self.vip, "protocol": self.protocol, "port": self.port,
                 "server": self.server, "c2s_label": self.c2s, "s2c_label": self.s2c,
-                "state": str(self.state), "flows": len(self.flows), "created": self.created,
+                "state": str(self.state), "flows": len(self.flows), "flows_total": self.flows_total,
+                "packets_userspace": self.packets_userspace, "created": self.created,
                 "last_seen": self.last_seen, "ends_at": self.ends_at}
 
 
@@ -90,6 +93,8 @@ class SessionTable:
         self._next_id = max(self._next_id, session.id + 1)
 
     def add_flow(self, session: Session, flow: FlowKey, now: float) -> None:
+        if flow not in session.flows:
+            session.flows_total += 1
         session.flows.add(flow)
         session.last_seen = now
         session.ends_at = None

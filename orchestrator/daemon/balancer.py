@@ -76,8 +76,15 @@ class BalancerDaemon(Daemon):
         if len(self.core.table):
             log.info("restored %d sessions from the kernel", len(self.core.table))
         nftables.load(nftables.render(self.config))
+        self.fill_fast_path()
         first, last = self.config.nfqueue.queues
         self.queue = self.capture.queue(first, last)
+
+    def fill_fast_path(self) -> None:
+        """Loading the ruleset empties the fast-path sets: the table's sessions get their
+        elements back (and any element of no session goes), or their clients' new flows would
+        all come to the daemon."""
+        self.program(self.core.fast_path_sync(self.provider.dump_elements()), "fast path")
 
     def running_message(self) -> str:
         metrics = f", metrics {self.config.metrics.listen}" if self.config.metrics else ""
@@ -199,6 +206,7 @@ class BalancerDaemon(Daemon):
             return
         now = time.monotonic()
         self.core.configure(config, now)
+        self.fill_fast_path()
         metrics_changed = config.metrics != self.config.metrics
         self.config = config
         self.health.configure(targets_of(config))
@@ -215,6 +223,8 @@ class BalancerDaemon(Daemon):
         installed session keeps forwarding."""
         if not self.keep_on_exit:
             deletes = [op for s in list(self.core.table) for op in self.core.end(s, time.monotonic(), "shutdown")]
+            # Nothing of ours stays: the hold markers of the pairs just released go as well.
+            deletes = [op for op in deletes if not isinstance(op, ops.Replace)] + self.core.drop_markers()
             self.program(deletes, "shutdown")
             nftables.remove()
         log.info("balancer stopped; %d sessions %s", len(self.core.table),

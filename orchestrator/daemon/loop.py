@@ -23,7 +23,7 @@ from orchestrator.capture import nftables
 from orchestrator.capture.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueuedPacket, Verdict, accept_all
 from orchestrator.config.model import BalancerConfig, Setup
 from orchestrator.config.server_model import ServerConfig
-from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowTableResync, PacketVerdict
+from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowsStarted, FlowTableResync, PacketVerdict
 from orchestrator.core.servers import BadCommand
 from orchestrator.daemon import logs, node_setup
 from orchestrator.daemon.control import ControlServer
@@ -41,7 +41,7 @@ class FlowCore(Protocol):
 
     counters: Any  # read for status
 
-    def on_flow_events(self, events: list[FlowsEnded | FlowTableResync], now: float) -> None: ...
+    def on_flow_events(self, events: list[FlowsStarted | FlowsEnded | FlowTableResync], now: float) -> None: ...
 
     def count(self, event: str, n: int = 1) -> None: ...
 
@@ -63,7 +63,7 @@ class FlowSource(Protocol):
 
     def fileno(self) -> int: ...
 
-    def read(self) -> list[FlowsEnded | FlowTableResync]: ...
+    def read(self) -> list[FlowsStarted | FlowsEnded | FlowTableResync]: ...
 
     def sweep(self) -> FlowTableResync: ...
 
@@ -298,7 +298,7 @@ class Daemon:
         self._on_conntrack()
         self._flow_events(lambda: [self.conntrack.sweep()] if self.conntrack else [])
 
-    def _flow_events(self, read: Callable[[], list[FlowsEnded | FlowTableResync]]) -> None:
+    def _flow_events(self, read: Callable[[], list[FlowsStarted | FlowsEnded | FlowTableResync]]) -> None:
         try:
             events = read()
             if events:

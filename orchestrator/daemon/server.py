@@ -80,7 +80,7 @@ class ServerDaemon(Daemon):
         stale = [ops.Delete(i.obj) for i in self.provider.dump()
                  if _node_key(i.obj) is not None and _node_key(i.obj) not in keys]
         installs = [ops.Add(o) if isinstance(o, (ops.ClsactQdisc, ops.Rule)) else ops.Replace(o) for o in wanted]
-        results = self.provider.apply(stale + installs)
+        results = self.provider.apply([*stale, *installs])
         failed = [r for r in results if not r.ok and not (isinstance(r.op, ops.Add) and r.errno == errno.EEXIST)]
         self.op_results["ok"] += len(results) - len(failed)
         self.op_results["error"] += len(failed)

@@ -14,7 +14,10 @@ net/ipv4/fib_trie.c, net/core/fib_rules.c, net/sched/cls_api.c, cls_flower.c, sc
 - a tc filter on a device without a clsact qdisc gives EINVAL ("Parent Qdisc doesn't exists"), so
   does a filter at a pref already used by another protocol; deleting the qdisc deletes its filters;
 - `replace` of an existing clsact qdisc is a no-op success (no options to change);
-- skip_sw (OffloadPolicy.REQUIRED) on a device that cannot offload gives EOPNOTSUPP.
+- skip_sw (OffloadPolicy.REQUIRED) on a device that cannot offload gives EOPNOTSUPP;
+- a fast-path set element (nf_tables, net/netfilter/nf_tables_api.c): adding one that is there
+  with NLM_F_EXCL gives EEXIST, deleting one that is not there ENOENT (nft_del_setelem). The sets
+  themselves are the ruleset's (`nft -f`), taken as loaded.
 
 Plain IP routes are modelled only as far as the balancer looks them up (`add_ip_route`,
 `routes_to`: longest prefix match, no route gives None as the kernel's ENETUNREACH does); they
@@ -32,11 +35,13 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from orchestrator import ipproto
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.ops import (
     ClsactQdisc,
     DataplaneObject,
     Delete,
+    FastPathElement,
     Direction,
     EncapRoute,
     FlowerFilter,
@@ -51,6 +56,7 @@ from orchestrator.dataplane.ops import (
     Operation,
     Replace,
     Rule,
+    U32Filter,
 )
 from orchestrator.dataplane.provider import UnknownDevice
 
@@ -62,7 +68,8 @@ IMPLICIT_NULL = 3
 # holds no encap routes, so it is left out.
 _DEFAULT_RULES = ((32766, MAIN_TABLE), (32767, DEFAULT_TABLE))
 _KIND = {MplsRoute: "label route", EncapRoute: "route", Rule: "rule", ClsactQdisc: "clsact qdisc",
-         FlowerFilter: "filter"}
+         FlowerFilter: "filter", U32Filter: "filter", FastPathElement: "set element"}
+_U32_ROOT = 0x800  # the root hash table of the first u32 classifier of a device's egress
 # Like an MPLS TTL: a swap loop through lo ends in a drop instead of hanging the test.
 _MAX_HOPS = 255
 
@@ -113,7 +120,21 @@ class FakeProvider:
         return [self._apply_one(op) for op in operations]
 
     def dump(self) -> list[Installed]:
-        return [Installed(obj, self._offload_state(obj)) for obj in self._objects.values()]
+        """Routes, rules, qdiscs and filters, as the netlink provider's rtnetlink dumps; the
+        fast-path set elements come from `dump_elements`, as from nf_tables."""
+        return [
+            Installed(obj, self._offload_state(obj))
+            for obj in self._objects.values()
+            if not isinstance(obj, FastPathElement)
+        ]
+
+    def dump_elements(self) -> list[Installed]:
+        return [Installed(obj) for obj in self._objects.values() if isinstance(obj, FastPathElement)]
+
+    def flush_elements(self) -> None:
+        """What loading the ruleset does to the fast-path sets: they start empty."""
+        for key in [k for k, obj in self._objects.items() if isinstance(obj, FastPathElement)]:
+            del self._objects[key]
 
     def routes_to(self, addresses: Iterable[str]) -> dict[str, NextHop | None]:
         """The node's route to each address, as the netlink provider's RTM_GETROUTE answers it."""
@@ -203,11 +224,12 @@ class FakeProvider:
         return None
 
     def forward_ip(self, src: str, dst: str, proto: str | None = None, sport: int | None = None,
-                   dport: int | None = None, out_dev: str | None = None) -> Forwarding | None:
+                   dport: int | None = None, out_dev: str | None = None, spi: int | None = None) -> Forwarding | None:
         """An IP packet leaving the node. With `out_dev`, a plain IP route (not modelled) sends it
         there and the egress flower filters of that device label it (first match by pref, then
-        handle). Without, policy routing decides (route_ip); the encap then makes it an MPLS packet,
-        which ip/ipv6 flower filters no longer match."""
+        handle; u32 filters read the words of an IPv4 header without options and, for ESP, `spi`).
+        Without, policy routing decides (route_ip); the encap then makes it an MPLS packet, which
+        ip/ipv6 filters no longer match."""
         if out_dev is None:
             return self.route_ip(src, dst)
         if out_dev not in self.devices:
@@ -215,11 +237,14 @@ class FakeProvider:
         src_ip, dst_ip = ipaddress.ip_address(src), ipaddress.ip_address(dst)
         labels: tuple[int, ...] = ()
         filters = sorted((f for f in self._objects.values()
-                          if isinstance(f, FlowerFilter) and f.dev == out_dev
+                          if isinstance(f, (FlowerFilter, U32Filter)) and f.dev == out_dev
                           and f.direction == Direction.EGRESS),
                          key=lambda f: (f.pref, f.handle))
+        header = _ipv4_words(src_ip, dst_ip, proto, spi)
         for flt in filters:
-            if _matches(flt, src_ip, dst_ip, proto, sport, dport):
+            if (_matches(flt, src_ip, dst_ip, proto, sport, dport) if isinstance(flt, FlowerFilter)
+                    else header is not None and all(int.from_bytes(header[k.offset:k.offset + 4], "big") & k.mask
+                                                    == k.value for k in flt.keys)):
                 for action in flt.actions:
                     if isinstance(action, MplsPush):
                         labels = (action.label,) + labels
@@ -227,6 +252,23 @@ class FakeProvider:
                         labels = labels[1:]
                 break
         return Forwarding(labels, None, out_dev)
+
+    def fast_path(self, src: str, dst: str, proto: str, dport: int | None = None,
+                  spi: int | None = None) -> FastPathElement | None:
+        """The element that lets the kernel accept a new flow of this packet without queueing it
+        (the ruleset's fast-path rules: the ESP set by SPI, else by port, else by protocol), or
+        None: the packet goes to userspace."""
+        candidates = []
+        if proto == "esp" and spi is not None:
+            candidates.append(FastPathElement(src, dst, proto, spi=spi))
+        if dport is not None and proto != "esp":
+            candidates.append(FastPathElement(src, dst, proto, port=dport))
+        candidates.append(FastPathElement(src, dst, proto))
+        for element in candidates:
+            found = self._objects.get(element.key)
+            if isinstance(found, FastPathElement):
+                return found
+        return None
 
     # ---- applying ----
 
@@ -258,6 +300,8 @@ class FakeProvider:
             missing = errno.ESRCH  # fib_table_delete / ip6_route_del: "No such process"
         elif isinstance(obj, FlowerFilter):
             self._check_filter(op, obj)
+        elif isinstance(obj, U32Filter):
+            self._check_u32(op, obj)
 
         exists = obj.key in self._objects
         if isinstance(op, Delete):
@@ -266,7 +310,7 @@ class FakeProvider:
             del self._objects[obj.key]
             if isinstance(obj, ClsactQdisc):  # the filters go with their qdisc
                 for key, other in list(self._objects.items()):
-                    if isinstance(other, FlowerFilter) and other.dev == obj.dev:
+                    if isinstance(other, (FlowerFilter, U32Filter)) and other.dev == obj.dev:
                         del self._objects[key]
             return
         if exists and not isinstance(op, Replace):
@@ -302,6 +346,19 @@ class FakeProvider:
             raise _Rejected(errno.EOPNOTSUPP, f"offload required (skip_sw) but {flt.dev} "
                                               "cannot offload tc filters")
 
+    def _check_u32(self, op: Operation, flt: U32Filter) -> None:
+        """A node's hash table must be the root of its pref (cls_u32: "Handle specified hash
+        table address mismatch"); the pref keeps one classifier and protocol, as for flower."""
+        if ClsactQdisc(flt.dev).key not in self._objects:
+            raise _Rejected(errno.EINVAL, f"no clsact qdisc on {flt.dev} (kernel: Parent Qdisc doesn't exists)")
+        same_pref = [f for f in self._objects.values()
+                     if isinstance(f, (FlowerFilter, U32Filter)) and f.dev == flt.dev
+                     and f.direction == flt.direction and f.pref == flt.pref]
+        if any(not isinstance(f, U32Filter) for f in same_pref):
+            raise _Rejected(errno.EINVAL, f"pref {flt.pref} on {flt.dev} {flt.direction} holds another classifier")
+        if not isinstance(op, Delete) and flt.handle >> 20 != _U32_ROOT:
+            raise _Rejected(errno.EINVAL, "Handle specified hash table address mismatch")
+
     # ---- model helpers ----
 
     def _offload_state(self, obj: DataplaneObject) -> OffloadState:
@@ -335,6 +392,17 @@ def _check_stack(labels: tuple[int, ...], what: str) -> None:
                                       f"maximum of {ops.MAX_STACK}")
     if IMPLICIT_NULL in labels:
         raise _Rejected(errno.EINVAL, f"implicit null (3) cannot be in an {what} label stack")
+
+
+def _ipv4_words(src: ipaddress.IPv4Address | ipaddress.IPv6Address,
+                dst: ipaddress.IPv4Address | ipaddress.IPv6Address, proto: str | None,
+                spi: int | None) -> bytes | None:
+    """The first 24 bytes of an IPv4 packet without options as u32 sees them (None for IPv6)."""
+    if src.version != 4:
+        return None
+    number = ipproto.BY_NAME.get(proto or "", 0)
+    return (bytes([0x45, 0, 0, 0, 0, 0, 0, 0, 64, number, 0, 0]) + src.packed + dst.packed
+            + (spi or 0).to_bytes(4, "big"))
 
 
 def _matches(flt: FlowerFilter, src: ipaddress.IPv4Address | ipaddress.IPv6Address,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from orchestrator.inet import pton
+from orchestrator.ipproto import IPPROTO_ESP
 
 MPLS_LABEL_MAX = (1 << 20) - 1
 MPLS_FIRST_UNRESERVED = 16
@@ -240,6 +241,9 @@ class FlowerFilter:
     direction: Direction = Direction.EGRESS
     pref: int = 10
     offload: OffloadPolicy = OffloadPolicy.AUTO
+    # Opaque bytes the kernel keeps with the filter (in its actions' TC cookies) and gives back
+    # in dumps: what restore needs beyond the match (dataplane/records.py says what they mean).
+    tag: bytes = b""
 
     @property
     def protocol(self) -> str:
@@ -259,7 +263,107 @@ class FlowerFilter:
                 f"handle {self.handle} flower{skip} {self.match.describe()} {actions}").rstrip()
 
 
-DataplaneObject = Union[MplsRoute, EncapRoute, Rule, ClsactQdisc, FlowerFilter]
+NFT_TABLE = "mplsorch"  # the balancer's nftables table (family inet), made by its ruleset
+FAST_PATH_PROTOS = ("tcp", "udp", "sctp", "esp")
+
+
+@dataclass(frozen=True)
+class FastPathElement:
+    """An element of a fast-path set of the balancer's ruleset (table inet mplsorch): a new flow
+    (ct state new) whose packet matches it is tagged and accepted by the kernel, so a session's
+    later flows never reach userspace. Its set follows from what it holds:
+
+    - `fast4`/`fast6`: saddr . daddr . l4proto . dport (a service with ports);
+    - `fastproto4`/`fastproto6`: saddr . daddr . l4proto (a service without ports);
+    - `fastesp4`/`fastesp6`: saddr . daddr . esp spi (an esp-spi session of an ESP service).
+
+    The client address is always in it: a session's new address needs its own C2S filter first,
+    which only the daemon can add."""
+
+    client: str
+    vip: str
+    proto: str  # "tcp" | "udp" | "sctp" | "esp"
+    port: int | None = None
+    spi: int | None = None
+
+    @property
+    def family(self) -> int:
+        return family_of(self.client)
+
+    @property
+    def set_name(self) -> str:
+        kind = "esp" if self.spi is not None else "" if self.port is not None else "proto"
+        return f"fast{kind}{self.family}"
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return ("setelem", self.set_name, self.client, self.vip, self.proto, self.port, self.spi)
+
+    def describe(self) -> str:
+        last = f" . spi 0x{self.spi:08x}" if self.spi is not None else "" if self.port is None else f" . {self.port}"
+        return f"element inet {NFT_TABLE} {self.set_name} {{ {self.client} . {self.vip} . {self.proto}{last} }}"
+
+
+@dataclass(frozen=True)
+class U32Key:
+    """One 32-bit word of the packet, `offset` bytes from its network header, compared under a
+    mask: (word & mask) == value."""
+
+    value: int
+    mask: int
+    offset: int
+
+
+def esp_keys(src: str, dst: str, spi: int) -> tuple[U32Key, ...]:
+    """The u32 keys of IPv4 ESP packets from `src` to `dst` under `spi`: version 4 with a 20-byte
+    header (the SPI is then the word at offset 20; a packet with IP options does not match), ESP,
+    source, destination, SPI."""
+    return (U32Key(0x45000000, 0xFF000000, 0), U32Key(IPPROTO_ESP << 16, 0x00FF0000, 8),
+            U32Key(int.from_bytes(parse_address(src)[1], "big"), 0xFFFFFFFF, 12),
+            U32Key(int.from_bytes(parse_address(dst)[1], "big"), 0xFFFFFFFF, 16),
+            U32Key(spi, 0xFFFFFFFF, 20))
+
+
+def esp_of(keys: tuple[U32Key, ...]) -> tuple[str, str, int] | None:
+    """(source, destination, SPI) of keys `esp_keys` made; None for any other selector."""
+    if len(keys) != 5 or keys[:2] != esp_keys("0.0.0.0", "0.0.0.0", 0)[:2]:
+        return None
+    src, dst, spi = keys[2], keys[3], keys[4]
+    if (src.offset, dst.offset, spi.offset) != (12, 16, 20) or {src.mask, dst.mask, spi.mask} != {0xFFFFFFFF}:
+        return None
+    return str(ipaddress.IPv4Address(src.value)), str(ipaddress.IPv4Address(dst.value)), spi.value
+
+
+@dataclass(frozen=True)
+class U32Filter:
+    """A cls_u32 node with act_mpls actions: the C2S imposition of an `esp-spi` session over IPv4,
+    which flower cannot classify (it has no SPI key). Nodes live in the root hash table 800: of
+    their pref, so `handle` is 0x800:0:NODE (dataplane/handles.py); IPv4 only."""
+
+    dev: str
+    handle: int
+    keys: tuple[U32Key, ...]
+    actions: tuple[Action, ...]
+    direction: Direction = Direction.EGRESS
+    pref: int = 12
+    tag: bytes = b""  # as FlowerFilter.tag
+
+    protocol = "ip"
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return ("u32", self.dev, str(self.direction), self.pref, self.protocol, self.handle)
+
+    def describe(self) -> str:
+        esp = esp_of(self.keys)
+        match = (f"esp src {esp[0]} dst {esp[1]} spi 0x{esp[2]:08x}" if esp else
+                 " ".join(f"match u32 0x{k.value:08x} 0x{k.mask:08x} at {k.offset}" for k in self.keys))
+        actions = " ".join(f"action {a.describe()}" for a in self.actions)
+        return (f"filter dev {self.dev} {self.direction} protocol ip pref {self.pref} handle "
+                f"{self.handle >> 20:x}:{(self.handle >> 12) & 0xFF:x}:{self.handle & 0xFFF:x} u32 {match} {actions}")
+
+
+DataplaneObject = Union[MplsRoute, EncapRoute, Rule, ClsactQdisc, FlowerFilter, U32Filter, FastPathElement]
 
 
 @dataclass(frozen=True)
@@ -382,6 +486,16 @@ def _check_address(address: str) -> int:
         raise InvalidOperation(f"next hop {address!r} is not an IP address") from None
 
 
+TC_COOKIE_MAX_SIZE = 16   # include/uapi/linux/pkt_cls.h: the kernel refuses longer action cookies
+TC_COOKIE_OWNER = 8       # len(b"mplsorch"), the ownership mark that opens the first action's cookie
+
+
+def tag_capacity(actions: int) -> int:
+    """Tag bytes a filter with `actions` actions can carry: the first cookie after the ownership
+    mark, then whole cookies (the netlink encoder's split, encode.action_cookies)."""
+    return 0 if actions == 0 else TC_COOKIE_MAX_SIZE - TC_COOKIE_OWNER + TC_COOKIE_MAX_SIZE * (actions - 1)
+
+
 MAX_STACK = 30  # the kernel's MAX_NEW_LABELS (net/mpls/internal.h), for routes and encap
 
 
@@ -408,6 +522,31 @@ def validate(op: Operation) -> None:
         parse_prefix(obj.src)
         if not 0 < obj.table < 1 << 32 or not 0 <= obj.priority < 1 << 32:
             raise InvalidOperation("rule table or priority out of range")
+    elif isinstance(obj, FastPathElement):
+        if isinstance(op, Replace):
+            raise InvalidOperation("a set element has no content to replace: add or delete it")
+        version = parse_address(obj.client)[0]
+        if parse_address(obj.vip)[0] != version:
+            raise InvalidOperation("client and VIP of a set element are of different families")
+        if obj.proto not in FAST_PATH_PROTOS:
+            raise InvalidOperation(f"proto {obj.proto!r} is not tcp, udp, sctp or esp")
+        if obj.port is not None and (obj.proto == "esp" or not 0 <= obj.port <= 0xFFFF):
+            raise InvalidOperation(f"port {obj.port!r} out of range or with esp")
+        if obj.spi is not None and (obj.proto != "esp" or obj.port is not None or not 0 <= obj.spi < 1 << 32):
+            raise InvalidOperation("an spi needs proto esp, no port, and 32 bits")
+    elif isinstance(obj, U32Filter):
+        if not obj.keys:
+            raise InvalidOperation("a u32 filter needs at least one key")
+        for k in obj.keys:
+            if not (0 <= k.value < 1 << 32 and 0 <= k.mask < 1 << 32) or k.value & ~k.mask:
+                raise InvalidOperation(f"u32 key {k} is not a masked 32-bit value")
+            if k.offset % 4 or not 0 <= k.offset < 1 << 16:
+                raise InvalidOperation(f"u32 key offset {k.offset} is not a word offset")
+        if not obj.handle & 0xFFF or obj.handle >> 20 == 0:
+            raise InvalidOperation(f"u32 handle {obj.handle:#x} names no node of a hash table")
+        if not 0 < obj.pref < 1 << 16:
+            raise InvalidOperation(f"pref {obj.pref} out of range (1..65535)")
+        _check_actions(obj.actions, obj.tag)
     elif isinstance(obj, FlowerFilter):
         m = obj.match
         if m.src and m.dst and family_of(m.src) != family_of(m.dst):
@@ -427,16 +566,24 @@ def validate(op: Operation) -> None:
             raise InvalidOperation(f"handle {obj.handle} out of range (1..2^32-1)")
         if not 0 < obj.pref < 1 << 16:
             raise InvalidOperation(f"pref {obj.pref} out of range (1..65535)")
-        for action in obj.actions:
-            if isinstance(action, MplsPush):
-                _check_label(action.label, "pushed label")
-                if not 1 <= action.ttl <= 255:
-                    raise InvalidOperation(f"ttl {action.ttl} out of range (1..255)")
-            elif isinstance(action, MplsPop):
-                if action.protocol not in ("ip", "ipv6", "mpls_uc"):
-                    raise InvalidOperation(f"pop protocol {action.protocol!r} unknown")
-            elif isinstance(action, SetMark):
-                if not 0 <= action.mark < 1 << 32:
-                    raise InvalidOperation(f"mark {action.mark} out of range (32 bits)")
-            else:
-                raise InvalidOperation(f"unknown filter action {action!r}")
+        _check_actions(obj.actions, obj.tag)
+
+
+def _check_actions(actions: tuple[Action, ...], tag: bytes) -> None:
+    """The actions of a tc filter, and whether its tag fits their cookies."""
+    if len(tag) > tag_capacity(len(actions)):
+        raise InvalidOperation(f"a tag of {len(tag)} bytes does not fit the cookies of "
+                               f"{len(actions)} actions ({tag_capacity(len(actions))} bytes)")
+    for action in actions:
+        if isinstance(action, MplsPush):
+            _check_label(action.label, "pushed label")
+            if not 1 <= action.ttl <= 255:
+                raise InvalidOperation(f"ttl {action.ttl} out of range (1..255)")
+        elif isinstance(action, MplsPop):
+            if action.protocol not in ("ip", "ipv6", "mpls_uc"):
+                raise InvalidOperation(f"pop protocol {action.protocol!r} unknown")
+        elif isinstance(action, SetMark):
+            if not 0 <= action.mark < 1 << 32:
+                raise InvalidOperation(f"mark {action.mark} out of range (32 bits)")
+        else:
+            raise InvalidOperation(f"unknown filter action {action!r}")

@@ -26,6 +26,11 @@ class Provider(Protocol):
         """Our own objects as currently installed (nothing of other route owners)."""
         ...
 
+    def dump_elements(self) -> list[Installed]:
+        """The elements of the balancer's fast-path sets (none without its ruleset): the part of
+        `dump` that a ruleset load empties."""
+        ...
+
     def routes_to(self, addresses: Iterable[str]) -> dict[str, NextHop | None]:
         """The node's route to each address (all looked up in one request batch): its device and
         gateway, or None where there is no usable route (unreachable, or a local address)."""

@@ -401,7 +401,7 @@ def build(topo: Topology, paths: LabPaths, state: LabState, shell: Shell = run_c
 
 def describe(topo: Topology, paths: LabPaths, vm: bool, backend: str | None = None) -> dict[str, Any]:
     """The lab description given to CMD (the MPLSORCH_LAB_JSON file); its format is documented."""
-    def peers(seg: Segment, node: str) -> list[dict[str, str]]:
+    def peers(seg: Segment, node: str) -> list[dict[str, Any]]:
         return [{"node": o.node, "dev": o.dev, "address": str(o.address),
                  "addresses": [str(a) for a in o.addresses]} for o in seg.members if o.node != node]
 

@@ -12,6 +12,7 @@ from orchestrator.config.examples import DELETE
 from orchestrator.core.balancer import Balancer
 from orchestrator.core.events import Action, FlowsEnded, FlowTableResync
 from orchestrator.dataplane import ops
+from orchestrator.dataplane.records import hold_marker
 from tests.unit.conftest import TRANSPORT, VIP, Node, config, syn
 
 def test_new_session_is_programmed_before_its_packet_is_accepted() -> None:
@@ -78,10 +79,13 @@ def test_session_ends_after_its_last_flow_and_the_persistence_timeout() -> None:
     assert len(node.core.table) == 1 and node.labels_of("10.0.1.10") != ()
     node.advance(0.2)
     assert len(node.core.table) == 0
-    assert node.kernel.dump() == [ops.Installed(ops.ClsactQdisc("fab0"))]  # every object gone
-    # The labels come back only after the hold-down (2 s).
+    # Every object gone but the pair's hold marker, which says in the kernel that it is held down.
+    assert node.kernel.dump() == [ops.Installed(ops.ClsactQdisc("fab0")), ops.Installed(hold_marker(session.s2c))]
+    # The labels come back only after the hold-down (2 s), and the marker goes with it.
     stats = node.core.labels.stats(node.now)
     assert stats.held_down == 1 and node.core.labels.stats(node.now + 2).held_down == 0
+    node.advance(2)
+    assert node.kernel.dump() == [ops.Installed(ops.ClsactQdisc("fab0"))]
 
 
 def test_a_new_flow_during_the_persistence_timeout_keeps_the_session() -> None:

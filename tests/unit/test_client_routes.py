@@ -95,7 +95,9 @@ def test_a_client_without_a_route_is_dropped_and_counted_and_nothing_is_installe
     assert node.core.counters["no_route"] == 1 and node.core.counters.get("sessions_started") == 1
     assert [s.key.value for s in node.core.table] == ["10.0.1.10"]
     assert node.core.labels.stats(node.now).free == free - 1  # only the served client's pair
+    # The served client's filter, S2C route and fast-path element; nothing for the other.
     assert node.labels_of("192.0.2.7") == () and len(node.kernel.dump()) == len(before) + 2
+    assert len(node.kernel.dump_elements()) == 1
 
 
 def test_a_mobile_client_moving_to_an_unroutable_care_of_address_keeps_its_old_return_path() -> None:
@@ -119,6 +121,7 @@ def test_a_restart_restores_both_route_forms_as_the_sessions_s2c_route() -> None
     node.packets(syn(FAR), syn("10.0.1.12"))
     fresh = Balancer(config(AWARE), node.now)
     assert fresh.restore(node.kernel.dump(), frozenset(), node.now) == []
+    assert fresh.fast_path_sync(node.kernel.dump_elements()) == []  # as the daemon does: the elements are there
     for client, labels in ((FAR, 1), ("10.0.1.12", 0)):
         session = next(s for s in fresh.table if s.key.value == client)
         [route] = [o for o in session.objects if isinstance(o, ops.MplsRoute)]
@@ -126,6 +129,7 @@ def test_a_restart_restores_both_route_forms_as_the_sessions_s2c_route() -> None
     # Their end deletes them: nothing of ours is left.
     node.core = fresh
     node.advance(31)
+    node.advance(2)  # and the hold-down of their pairs, whose markers go with it
     assert node.kernel.dump() == [ops.Installed(ops.ClsactQdisc("fab0"))]
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.dataplane.handles import (
-    FILTERS_PER_SESSION, HandleOverflow, filter_handle, handle_c2s, handle_index, relabel_handle,
+    FILTERS_PER_SESSION, U32_NODES, HandleOverflow, filter_handle, handle_c2s, handle_index, relabel_handle,
+    u32_handle, u32_node,
 )
 from orchestrator.dataplane.ops import MPLS_LABEL_MAX
 
@@ -30,3 +31,10 @@ def test_a_relabelled_handle_keeps_its_index() -> None:
     assert relabel_handle(filter_handle(1001, 3), 2003) == filter_handle(2003, 3)
     with pytest.raises(HandleOverflow):
         relabel_handle(filter_handle(1001, 3), MPLS_LABEL_MAX + 1)
+
+
+def test_u32_nodes_are_nodes_of_the_root_hash_table() -> None:
+    assert u32_handle(1) == 0x80000001 and u32_node(u32_handle(U32_NODES)) == U32_NODES
+    for bad in (0, U32_NODES + 1):
+        with pytest.raises(HandleOverflow, match="is no node of a hash table"):
+            u32_handle(bad)

@@ -246,3 +246,23 @@ def test_speed_50k_pairs_100k_alloc_release():
     elapsed_fill = time.perf_counter() - t1
     print(f"\nlabels: 100k allocate + 80k release with 50k pairs, hold-down active: "
           f"{elapsed:.3f}s; exhaust 50k + release 50k: {elapsed_fill:.3f}s")
+
+
+def test_a_pair_released_without_hold_down_is_free_at_once() -> None:
+    """A session whose objects never reached the kernel had nothing in flight."""
+    a = LabelAllocator(1001, 1006, hold_down=30)
+    c2s = a.allocate("s1", now=0)
+    a.release(c2s, now=0, hold_down=False)
+    assert not a.is_held_down(c2s) and a.stats(0).free == 3
+    assert [a.allocate("s1", now=0) for _ in range(3)] == [1003, 1005, c2s]
+
+
+def test_hold_puts_a_free_pair_in_hold_down_from_now() -> None:
+    """A restart found the pair's hold marker: held down again, its timer restarted."""
+    a = LabelAllocator(1001, 1006, hold_down=30)
+    assert a.hold(1003, now=100) and a.is_held_down(1003)
+    assert a.stats(129.9).held_down == 1 and a.stats(130).held_down == 0
+    assert not a.hold(1002, now=100) and not a.hold(2001, now=100)  # an S2C label, out of range
+    c2s = a.allocate("s1", now=0)
+    assert not a.hold(c2s, now=0)  # in use
+    assert sorted(a.allocate("s1", now=101) for _ in range(1)) == [1005]  # never the held pair

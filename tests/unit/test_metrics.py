@@ -21,6 +21,8 @@ FAMILIES = {
     "mplsorch_sessions_started": "counter",
     "mplsorch_sessions_refused": "counter",
     "mplsorch_packets_userspace": "counter",
+    "mplsorch_fast_path_flows": "counter",
+    "mplsorch_fast_path_unmatched": "counter",
     "mplsorch_dataplane_operations": "counter",
     "mplsorch_dataplane_batch_duration_seconds": "histogram",
     "mplsorch_label_pairs": "gauge",

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from orchestrator.dataplane import ops
+from orchestrator.dataplane import ops, records
 from orchestrator.dataplane.netlink import constants as c
 from orchestrator.dataplane.netlink import decode, encode, nla
 
@@ -82,8 +82,8 @@ def test_flower_filter_layout() -> None:
 def _roundtrip(obj: ops.DataplaneObject) -> ops.DataplaneObject:
     _, _, body = encode.encode(ops.Add(obj), ifindex)
     view = memoryview(body)
-    if isinstance(obj, ops.FlowerFilter):
-        installed = decode.flower(view, NAMES.__getitem__)
+    if isinstance(obj, (ops.FlowerFilter, ops.U32Filter)):
+        installed = decode.tc_filter(view, NAMES.__getitem__)
     elif isinstance(obj, ops.Rule):
         installed = decode.rule(view)
     else:
@@ -117,6 +117,41 @@ def _roundtrip(obj: ops.DataplaneObject) -> ops.DataplaneObject:
 ])
 def test_decode_inverts_encode(obj: ops.DataplaneObject) -> None:
     assert _roundtrip(obj) == obj
+
+
+def test_a_session_record_rides_in_the_action_cookies_and_comes_back() -> None:
+    """The kernel keeps at most 16 bytes per action cookie (TC_COOKIE_MAX_SIZE): the record is
+    spread over both pushes, the ownership mark first."""
+    tag = records.pack(records.SessionRecord(42, "mip6-home-address", 80, home="2001:db8:aa::1"))
+    flt = ops.FlowerFilter("fab0", 1001 << 8 | 1, ops.FlowerMatch(src="2001:db8:1::10/128",
+                                                                  dst="2001:db8:ff::100/128", ip_proto="tcp",
+                                                                  dst_port=80),
+                           ops.push_stack((102, 1001)), pref=11, tag=tag)
+    _, _, body = encode.encode(ops.Add(flt), ifindex)
+    o = nla.attrs(nla.attrs(body, TCMSG.size)[c.TCA_OPTIONS])
+    cookies = [bytes(nla.attrs(p)[c.TCA_ACT_COOKIE]) for _, p in nla.iter_attrs(o[c.TCA_FLOWER_ACT])]
+    assert cookies == [c.TC_COOKIE_PREFIX + tag[:8], tag[8:]]
+    assert all(len(cookie) <= ops.TC_COOKIE_MAX_SIZE for cookie in cookies)
+    assert _roundtrip(flt) == flt
+    too_long = ops.FlowerFilter("fab0", 1, flt.match, (ops.MplsPush(1001),), tag=tag)
+    with pytest.raises(ops.InvalidOperation, match="does not fit the cookies of 1 actions"):
+        encode.encode(ops.Add(too_long), ifindex)
+
+
+def test_an_esp_u32_node_round_trips_with_its_record() -> None:
+    tag = records.pack(records.SessionRecord(9, "esp-spi", None, spi=0x1001))
+    node = ops.U32Filter("fab0", 0x800 << 20 | 7, ops.esp_keys("10.0.1.30", "10.0.0.100", 0x1001),
+                         ops.push_stack((102, 1001)), tag=tag)
+    kind, flags, body = encode.encode(ops.Add(node), ifindex)
+    assert kind == c.RTM_NEWTFILTER and flags & c.NLM_F_EXCL
+    _, _, _, idx, handle, parent, info = TCMSG.unpack_from(body)
+    assert (idx, handle, parent, info >> 16) == (3, 0x80000007, 0xFFFFFFF3, 12)
+    sel = bytes(nla.attrs(nla.attrs(body, TCMSG.size)[c.TCA_OPTIONS])[c.TCA_U32_SEL])
+    assert sel[:4] == bytes([c.TC_U32_TERMINAL, 0, 5, 0]) and len(sel) == 16 + 5 * 16
+    assert sel[16 + 4 * 16:16 + 4 * 16 + 8] == struct.pack("!II", 0xFFFFFFFF, 0x1001)  # the SPI word
+    assert _roundtrip(node) == node
+    assert ops.esp_of(node.keys) == ("10.0.1.30", "10.0.0.100", 0x1001)
+    assert encode.encode(ops.Delete(node), ifindex)[0] == c.RTM_DELTFILTER
 
 
 def test_others_objects_are_not_ours() -> None:

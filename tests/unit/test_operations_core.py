@@ -10,6 +10,7 @@ import pytest
 from orchestrator.core import commands
 from orchestrator.core.servers import AdminState, BadCommand
 from orchestrator.dataplane import ops
+from orchestrator.dataplane.records import hold_marker
 from orchestrator.core.health import HealthEvent, HealthState, HealthView
 from tests.unit.conftest import TRANSPORT, Node, config, syn
 
@@ -70,7 +71,7 @@ def test_reassign_moves_the_session_in_one_batch_with_new_labels() -> None:
     # match), the new S2C route in before the old one goes out.
     kinds = [(type(op).__name__, type(op.obj).__name__) for op in plan.ops]
     assert kinds == [("Delete", "FlowerFilter"), ("Add", "FlowerFilter"), ("Add", "MplsRoute"),
-                     ("Delete", "MplsRoute")]
+                     ("Replace", "MplsRoute")]  # the old S2C route becomes the old pair's hold marker
     assert all(r.ok for r in results)
     session = session_of(node, "10.0.1.11")
     assert session.id == old_id and session.server == outcome.new_server != "s2"
@@ -80,7 +81,7 @@ def test_reassign_moves_the_session_in_one_batch_with_new_labels() -> None:
     # ... answers under the new S2C reach it; the old pair routes nothing and is held down.
     back = node.kernel.receive_mpls([session.s2c])
     assert back is not None and back.via == "10.0.1.11"
-    assert node.kernel.mpls_lookup(old_c2s + 1) is None
+    assert node.kernel.mpls_lookup(old_c2s + 1) == hold_marker(old_c2s + 1)
     assert node.core.labels.is_held_down(old_c2s) and node.core.labels.stats(node.now).held_down == 1
     assert node.core.table.count(server="s2") == 0 and node.core.table.count(server=session.server) == 2
     # The other sessions are untouched, and the moved one keeps serving new flows.
@@ -96,7 +97,7 @@ def test_reset_ends_the_sessions_of_a_failed_server() -> None:
     plan, _ = down(node, "s2")
     assert [(o.action, o.session) for o in plan.outcomes] == [("reset", gone.id)]
     assert [s.key.value for s in node.core.table] == ["10.0.1.10", "10.0.1.12"]
-    assert node.labels_of("10.0.1.11") == () and node.kernel.mpls_lookup(gone.s2c) is None
+    assert node.labels_of("10.0.1.11") == () and node.kernel.mpls_lookup(gone.s2c) == hold_marker(gone.s2c)
     assert node.core.counters["ended:server down"] == 1
     # Its labels return after the hold-down (2 s), as every ended session's do.
     assert node.core.labels.stats(node.now).held_down == 1
@@ -114,6 +115,7 @@ def test_a_session_with_nowhere_to_go_is_reset() -> None:
     plan, _ = down(node, "s1", s3=DOWN)
     [outcome] = plan.outcomes
     assert outcome.action == "reset" and "no other server available" in outcome.reason
+    node.advance(2)  # the hold-down: its marker goes too
     assert len(node.core.table) == 0 and node.kernel.dump() == [ops.Installed(ops.ClsactQdisc("fab0"))]
 
 
@@ -222,5 +224,6 @@ def test_flush_ends_the_matching_sessions_and_deletes_their_objects() -> None:
     assert len(node.core.table) == 3
     everything = commands.flush(node.core, node.now)
     node.kernel.apply(everything.ops)
+    node.advance(2)  # the hold-down: the markers go too
     assert len(everything.ended) == 3 and node.kernel.dump() == [ops.Installed(ops.ClsactQdisc("fab0"))]
 

@@ -12,17 +12,18 @@ from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.constants import (
     AF_INET6, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, FRA_PRIORITY, FRA_PROTOCOL, FRA_SRC, FRA_TABLE,
-    LWTUNNEL_ENCAP_MPLS, MPLS_IPTUNNEL_DST, RT_PROTO, RTA_DST,
+    LWTUNNEL_ENCAP_MPLS, MPLS_IPTUNNEL_DST, NFTA_DATA_VALUE, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_LIST_ELEMENTS,
+    NFTA_SET_ELEM_LIST_SET, RT_PROTO, RTA_DST,
     RTA_ENCAP, RTA_ENCAP_TYPE, RTA_GATEWAY, RTA_NEWDST, RTA_OIF, RTA_TABLE, RTA_VIA, RTM_F_OFFLOAD,
     RTM_F_OFFLOAD_FAILED, RTM_F_TRAP, RTN_UNICAST, RTNH_F_OFFLOAD, RTNH_F_TRAP, TC_COOKIE_PREFIX,
     TC_H_MIN_EGRESS, TCA_ACT_COOKIE, TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_CLS_FLAGS_IN_HW,
     TCA_CLS_FLAGS_SKIP_HW, TCA_CLS_FLAGS_SKIP_SW, TCA_FLOWER_ACT, TCA_FLOWER_FLAGS,
     TCA_FLOWER_IN_HW_COUNT, TCA_FLOWER_KEY_ETH_TYPE, TCA_FLOWER_KEY_IP_PROTO, TCA_FLOWER_KEY_MPLS_LABEL, TCA_KIND,
     TCA_MPLS_ACT_POP, TCA_MPLS_ACT_PUSH, TCA_MPLS_LABEL, TCA_MPLS_PARMS, TCA_MPLS_PROTO,
-    TCA_MPLS_TTL, TCA_OPTIONS, TCA_SKBEDIT_MARK,
+    TCA_MPLS_TTL, TCA_OPTIONS, TCA_SKBEDIT_MARK, TCA_U32_ACT, TCA_U32_DIVISOR, TCA_U32_SEL,
 )
 from orchestrator.dataplane.netlink.constants import TCA_CLS_FLAGS_NOT_IN_HW
-from orchestrator.dataplane.netlink.encode import ADDR_ATTRS, PORT_ATTRS
+from orchestrator.dataplane.netlink.encode import ADDR_ATTRS, PORT_ATTRS, U32_KEY, U32_SEL
 
 Ifname = Callable[[int], str]
 
@@ -127,6 +128,57 @@ def _action(payload: memoryview) -> tuple[ops.Action, bytes] | None:
     return None
 
 
+def _tagged_actions(payload: memoryview | None, require_cookie: bool) -> tuple[list[ops.Action], bytes] | None:
+    """A filter's action list and the tag its cookies carry (encode.action_cookies); None when
+    an action is of a kind we never make, or (with require_cookie) the list is not ours."""
+    actions: list[ops.Action] = []
+    cookies: list[bytes] = []
+    for _order, action in sorted(nla.iter_attrs(payload) if payload is not None else ()):
+        decoded = _action(action)
+        if decoded is None:
+            return None
+        actions.append(decoded[0])
+        cookies.append(decoded[1])
+    # Ours: the first action's cookie opens with the mark; the others carry the rest of the tag
+    # (encode.action_cookies) or the mark alone.
+    if require_cookie and (not cookies or not cookies[0].startswith(TC_COOKIE_PREFIX)):
+        return None
+    tag = b""
+    if cookies and cookies[0].startswith(TC_COOKIE_PREFIX):
+        tag = cookies[0][len(TC_COOKIE_PREFIX):] + b"".join(c for c in cookies[1:] if c != TC_COOKIE_PREFIX)
+    return actions, tag
+
+
+def u32(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops.Installed | None:
+    """A cls_u32 node of ours (hash tables themselves, which dump with a divisor, are not)."""
+    ifindex, handle, parent, info = tc_header(body)
+    a = nla.attrs(body, nla.TCMSG.size)
+    if TCA_KIND not in a or nla.get_str(a[TCA_KIND]) != "u32" or TCA_OPTIONS not in a:
+        return None
+    o = nla.attrs(a[TCA_OPTIONS])
+    if TCA_U32_DIVISOR in o or TCA_U32_SEL not in o or not handle & 0xFFF:
+        return None
+    tagged = _tagged_actions(o.get(TCA_U32_ACT), require_cookie)
+    if tagged is None:
+        return None
+    sel = o[TCA_U32_SEL]
+    nkeys = U32_SEL.unpack_from(sel)[2]
+    keys = []
+    for i in range(nkeys):
+        mask, value, offset, _offmask = U32_KEY.unpack_from(sel, U32_SEL.size + i * U32_KEY.size)
+        offset = struct.unpack("=i", struct.pack("!i", offset))[0]  # off is host order, unlike mask and val
+        keys.append(ops.U32Key(value, mask, offset))
+    obj = ops.U32Filter(dev=ifname(ifindex), handle=handle, keys=tuple(keys), actions=tuple(tagged[0]),
+                        direction=ops.Direction.EGRESS if parent & 0xFFFF == TC_H_MIN_EGRESS else ops.Direction.INGRESS,
+                        pref=info >> 16, tag=tagged[1])
+    return ops.Installed(obj)
+
+
+def tc_filter(body: memoryview, ifname: Ifname) -> ops.Installed | None:
+    """One of our filters of a dump, whatever its classifier (flower or u32)."""
+    return flower(body, ifname) or u32(body, ifname)
+
+
 def _prefix(key: memoryview, mask: memoryview | None) -> str:
     address = ipaddress.ip_address(bytes(key))
     if mask is None:
@@ -144,14 +196,10 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
     if handle == 0 or TCA_KIND not in a or nla.get_str(a[TCA_KIND]) != "flower" or TCA_OPTIONS not in a:
         return None
     o = nla.attrs(a[TCA_OPTIONS])
-    actions: list[ops.Action] = []
-    for _order, payload in sorted(nla.iter_attrs(o[TCA_FLOWER_ACT]) if TCA_FLOWER_ACT in o else ()):
-        decoded = _action(payload)
-        if decoded is None or (require_cookie and not decoded[1].startswith(TC_COOKIE_PREFIX)):
-            return None
-        actions.append(decoded[0])
-    if require_cookie and not actions:
+    tagged = _tagged_actions(o.get(TCA_FLOWER_ACT), require_cookie)
+    if tagged is None:
         return None
+    actions, tag = tagged
     eth_type = nla.get_be16(o[TCA_FLOWER_KEY_ETH_TYPE]) if TCA_FLOWER_KEY_ETH_TYPE in o else 0
     mpls_label = nla.get_u32(o[TCA_FLOWER_KEY_MPLS_LABEL]) if TCA_FLOWER_KEY_MPLS_LABEL in o else None
     version = 6 if eth_type == ETH_P_IPV6 else 4
@@ -170,8 +218,39 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
                               src_port=ports.get("src"), dst_port=ports.get("dst"), mpls_label=mpls_label),
         actions=tuple(actions),
         direction=ops.Direction.EGRESS if parent & 0xFFFF == TC_H_MIN_EGRESS else ops.Direction.INGRESS,
-        pref=info >> 16, offload=offload)
+        pref=info >> 16, offload=offload, tag=tag)
     in_hw_count = nla.get_u32(o[TCA_FLOWER_IN_HW_COUNT]) if TCA_FLOWER_IN_HW_COUNT in o else 0
     return ops.Installed(obj, ops.OffloadState(in_hw=bool(flags & TCA_CLS_FLAGS_IN_HW),
                                                in_hw_count=in_hw_count,
                                                not_in_hw=bool(flags & TCA_CLS_FLAGS_NOT_IN_HW)))
+
+
+FAST_PATH_SETS = tuple(f"fast{kind}{family}" for kind in ("", "proto", "esp") for family in (4, 6))
+
+
+def set_elements(body: memoryview) -> list[ops.FastPathElement]:
+    """The elements of one NFT_MSG_NEWSETELEM dump message of a fast-path set (the inverse of
+    encode.element_key); elements of other sets, or of another key size, are not ours."""
+    attrs = nla.attrs(body, nla.NFGENMSG.size)
+    name = nla.get_str(attrs[NFTA_SET_ELEM_LIST_SET]) if NFTA_SET_ELEM_LIST_SET in attrs else ""
+    if name not in FAST_PATH_SETS or NFTA_SET_ELEM_LIST_ELEMENTS not in attrs:
+        return []
+    size = 16 if name.endswith("6") else 4
+    out = []
+    for _kind, element in nla.iter_attrs(attrs[NFTA_SET_ELEM_LIST_ELEMENTS]):
+        key = nla.attrs(element).get(NFTA_SET_ELEM_KEY)
+        raw = nla.attrs(key).get(NFTA_DATA_VALUE) if key is not None else None
+        if raw is None or len(raw) != 2 * size + (4 if name.startswith(("fastproto", "fastesp")) else 8):
+            continue
+        client = str(ipaddress.ip_address(bytes(raw[:size])))
+        vip = str(ipaddress.ip_address(bytes(raw[size:2 * size])))
+        tail = bytes(raw[2 * size:])
+        if name.startswith("fastesp"):
+            out.append(ops.FastPathElement(client, vip, "esp", spi=struct.unpack("!I", tail)[0]))
+            continue
+        proto = ipproto.NAME_OF.get(tail[0])
+        if proto is None:
+            continue
+        port = struct.unpack_from("!H", tail, 4)[0] if len(tail) == 8 else None
+        out.append(ops.FastPathElement(client, vip, proto, port))
+    return out

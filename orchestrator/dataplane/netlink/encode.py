@@ -1,8 +1,10 @@
-"""Operations -> rtnetlink request bodies. One function per object kind; each returns
-(message type, flags, body) so the batching socket can stamp sequence numbers.
+"""Operations -> rtnetlink (and, for fast-path set elements, nf_tables) request bodies. One
+function per object kind; each returns (message type, flags, body) so the batching socket can
+stamp sequence numbers.
 
 Layouts follow the kernel: af_mpls.c (RTA_DST/RTA_VIA/RTA_NEWDST), lwtunnel MPLS encap
-(RTA_ENCAP_TYPE + RTA_ENCAP{MPLS_IPTUNNEL_DST}), fib_rules.c, cls_flower.c and act_mpls.c.
+(RTA_ENCAP_TYPE + RTA_ENCAP{MPLS_IPTUNNEL_DST}), fib_rules.c, cls_flower.c and act_mpls.c;
+set elements nf_tables_api.c (nf_tables_newsetelem/delsetelem, nft_setelem_parse_key).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.constants import (
     AF_INET, AF_INET6, AF_MPLS, AF_UNSPEC, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, FR_ACT_TO_TBL,
+    NFNL_SUBSYS_NFTABLES, NFPROTO_INET, NFT_MSG_DELSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_NEWSETELEM,
+    NFTA_DATA_VALUE, NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET,
+    NFTA_SET_ELEM_LIST_TABLE,
     FRA_PRIORITY, FRA_PROTOCOL, FRA_SRC, FRA_TABLE, IFA_ADDRESS, IFA_LOCAL,
     LWTUNNEL_ENCAP_MPLS,
     MPLS_IPTUNNEL_DST, NLA_F_NESTED, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, RT_PROTO,
@@ -33,7 +38,7 @@ from orchestrator.dataplane.netlink.constants import (
     TCA_FLOWER_KEY_UDP_DST_MASK, TCA_FLOWER_KEY_UDP_SRC, TCA_FLOWER_KEY_UDP_SRC_MASK, TCA_KIND,
     TCA_FLOWER_KEY_SCTP_DST, TCA_FLOWER_KEY_SCTP_DST_MASK, TCA_FLOWER_KEY_SCTP_SRC, TCA_FLOWER_KEY_SCTP_SRC_MASK,
     TCA_MPLS_ACT_POP, TCA_MPLS_ACT_PUSH, TCA_MPLS_LABEL, TCA_MPLS_PARMS, TCA_MPLS_PROTO,
-    TCA_MPLS_TTL, TCA_OPTIONS, TCA_SKBEDIT_MARK, TCA_SKBEDIT_PARMS,
+    TCA_MPLS_TTL, TCA_OPTIONS, TCA_SKBEDIT_MARK, TCA_SKBEDIT_PARMS, TC_U32_TERMINAL, TCA_U32_ACT, TCA_U32_SEL,
 )
 
 Ifindex = Callable[[str], int]
@@ -246,14 +251,29 @@ def flower_options(obj: ops.FlowerFilter, cookie: bytes = TC_COOKIE_PREFIX,
             key, mask = PORT_ATTRS[(m.ip_proto, side)]
             out += nla.be16(key, port) + nla.be16(mask, 0xFFFF)
     out += _FLOWER_FLAGS[obj.offload]
-    actions = b"".join(_action_attr(order, action, cookie)
+    cookies = action_cookies(cookie, obj.tag, len(obj.actions))
+    actions = b"".join(_action_attr(order, action, cookies[order - 1])
                        for order, action in enumerate(obj.actions, start=1))
     return out + _ATTR_HDR.pack(4 + len(actions), TCA_FLOWER_ACT | NLA_F_NESTED) + actions
 
 
+def action_cookies(owner: bytes, tag: bytes, count: int) -> list[bytes]:
+    """The cookies of a filter's `count` actions: the first is the ownership mark followed by the
+    tag's first bytes, the next ones carry the rest of the tag, 16 bytes each (TC_COOKIE_MAX_SIZE);
+    an action left without tag bytes carries the mark alone. decode.flower joins them back."""
+    room = ops.TC_COOKIE_MAX_SIZE - len(owner)
+    out = [owner + tag[:room]]
+    rest = tag[room:]
+    for _ in range(count - 1):
+        out.append(rest[:ops.TC_COOKIE_MAX_SIZE] or owner)
+        rest = rest[ops.TC_COOKIE_MAX_SIZE:]
+    return out
+
+
 def _action_attr(order: int, action: ops.Action, cookie: bytes) -> bytes:
-    """The action list entry `order`; a plain push is built from a template (label varies)."""
-    if type(action) is ops.MplsPush and action.ttl == ops.ACT_MPLS_TTL_DEFAULT:
+    """The action list entry `order`; a plain push under the bare mark is built from a template
+    (label varies); a session's tagged cookies vary per session and are encoded in full."""
+    if type(action) is ops.MplsPush and action.ttl == ops.ACT_MPLS_TTL_DEFAULT and cookie == TC_COOKIE_PREFIX:
         head, tail = _push_template(order, cookie)
         return head + _ATTR_U32.pack(8, TCA_MPLS_LABEL, action.label) + tail
     if isinstance(action, ops.SetMark):
@@ -294,12 +314,69 @@ def mpls_action(action: ops.Action, cookie: bytes = TC_COOKIE_PREFIX) -> bytes:
             + nla.attr(TCA_ACT_COOKIE, cookie))
 
 
+def element_key(obj: ops.FastPathElement) -> bytes:
+    """The key of a fast-path set element as nf_tables stores a concatenation: each field at the
+    start of its own 4-byte slot (NFT_REG32_SIZE), zero padded, in network byte order:
+    saddr . daddr . l4proto . dport, saddr . daddr . l4proto, or saddr . daddr . esp spi."""
+    key = ops.parse_address(obj.client)[1] + ops.parse_address(obj.vip)[1]
+    if obj.spi is not None:
+        return key + struct.pack("!I", obj.spi)
+    key += struct.pack("!B3x", ipproto.BY_NAME[obj.proto])
+    return key if obj.port is None else key + struct.pack("!H2x", obj.port)
+
+
+def _set_head(set_name: str) -> bytes:
+    return (nla.NFGENMSG.pack(NFPROTO_INET, 0, 0) + nla.asciiz(NFTA_SET_ELEM_LIST_TABLE, ops.NFT_TABLE)
+            + nla.asciiz(NFTA_SET_ELEM_LIST_SET, set_name))
+
+
+def set_element(op: ops.Operation, obj: ops.FastPathElement, _ifindex: Ifindex) -> Request:
+    """NFT_MSG_NEWSETELEM / DELSETELEM of one element (one per message, so an error names its
+    operation). Add is exclusive (NLM_F_EXCL: an element already there is EEXIST), as every Add."""
+    element = nla.nest(NFTA_LIST_ELEM, nla.nest(NFTA_SET_ELEM_KEY, nla.attr(NFTA_DATA_VALUE, element_key(obj))))
+    body = _set_head(obj.set_name) + nla.nest(NFTA_SET_ELEM_LIST_ELEMENTS, element)
+    if isinstance(op, ops.Delete):
+        return NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_DELSETELEM, NLM_F_REQUEST, body
+    return NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL, body
+
+
+def set_elements_dump(set_name: str) -> tuple[int, bytes]:
+    """(message type, body) of NFT_MSG_GETSETELEM for one of our sets (sent with NLM_F_DUMP)."""
+    return NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM, _set_head(set_name)
+
+
+_U32_KIND = nla.asciiz(TCA_KIND, "u32")
+U32_SEL = struct.Struct("=BBBxHHhhI")  # struct tc_u32_sel: flags offshift nkeys, offmask off offoff hoff hmask
+U32_KEY = struct.Struct("!IIii")       # struct tc_u32_key: mask and val (network order), off, offmask
+
+
+def u32_filter(op: ops.Operation, obj: ops.U32Filter, ifindex: Ifindex,
+               cookie: bytes = TC_COOKIE_PREFIX) -> Request:
+    """A cls_u32 node: one terminal selector of fixed-offset keys and the act_mpls list, under its
+    full handle (htid:hash:node), so the kernel puts it in that hash table at that node."""
+    body = nla.TCMSG.pack(AF_UNSPEC, 0, 0, ifindex(obj.dev), obj.handle, filter_parent(obj.direction),
+                          _tc_info(obj.pref, ETH_P_IP)) + _U32_KIND
+    if isinstance(op, ops.Delete):
+        return RTM_DELTFILTER, NLM_F_REQUEST, body
+    sel = U32_SEL.pack(TC_U32_TERMINAL, 0, len(obj.keys), 0, 0, 0, 0, 0) + b"".join(
+        struct.pack("!II", k.mask, k.value) + struct.pack("=ii", k.offset, 0) for k in obj.keys)
+    cookies = action_cookies(cookie, obj.tag, len(obj.actions))
+    actions = b"".join(_action_attr(order, action, cookies[order - 1])
+                       for order, action in enumerate(obj.actions, start=1))
+    options = nla.attr(TCA_U32_SEL, sel) + _ATTR_HDR.pack(4 + len(actions), TCA_U32_ACT | NLA_F_NESTED) + actions
+    body += _ATTR_HDR.pack(4 + len(options), TCA_OPTIONS | NLA_F_NESTED) + options
+    flags = NLM_F_REQUEST | NLM_F_CREATE | (NLM_F_EXCL if isinstance(op, ops.Add) else 0)
+    return RTM_NEWTFILTER, flags, body
+
+
 ENCODERS: dict[type, Callable[..., Request]] = {
     ops.MplsRoute: mpls_route,
     ops.EncapRoute: encap_route,
     ops.Rule: rule,
     ops.ClsactQdisc: clsact,
     ops.FlowerFilter: flower_filter,
+    ops.FastPathElement: set_element,
+    ops.U32Filter: u32_filter,
 }
 
 

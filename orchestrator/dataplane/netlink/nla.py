@@ -97,15 +97,18 @@ def get_u8(payload: memoryview) -> int:
 
 
 def get_u16(payload: memoryview) -> int:
-    return struct.unpack_from("=H", payload)[0]
+    value: int = struct.unpack_from("=H", payload)[0]
+    return value
 
 
 def get_u32(payload: memoryview) -> int:
-    return struct.unpack_from("=I", payload)[0]
+    value: int = struct.unpack_from("=I", payload)[0]
+    return value
 
 
 def get_be16(payload: memoryview) -> int:
-    return struct.unpack_from("!H", payload)[0]
+    value: int = struct.unpack_from("!H", payload)[0]
+    return value
 
 
 def get_str(payload: memoryview) -> str:

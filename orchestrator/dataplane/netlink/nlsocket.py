@@ -18,7 +18,8 @@ from typing import Iterator, Sequence
 
 from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.constants import (
-    NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK, NETLINK_ROUTE, NLM_F_ACK,
+    AF_UNSPEC, NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK, NETLINK_NETFILTER, NETLINK_ROUTE,
+    NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NLM_F_ACK,
     NLM_F_ACK_TLVS, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
     NLMSGERR_ATTR_MSG, SOL_NETLINK,
 )
@@ -99,10 +100,12 @@ def parse_error(flags: int, body: memoryview) -> KernelError | None:
 class NetlinkSocket:
     """One rtnetlink socket, opened in a network namespace; not thread-safe."""
 
+    protocol = NETLINK_ROUTE
+
     def __init__(self, netns: str | None = None, sock: socket.socket | None = None) -> None:
         """`sock` replaces the kernel socket (tests script the kernel's replies with it)."""
         if sock is None:
-            sock = open_netlink(NETLINK_ROUTE, netns, RCVBUF)
+            sock = open_netlink(self.protocol, netns, RCVBUF)
         self._sock = sock
         self.netns = netns
         with contextlib.suppress(OSError):
@@ -215,6 +218,56 @@ class NetlinkSocket:
             if not interrupted:
                 return out
         raise DumpInterrupted(f"dump of message type {kind} kept changing; gave up after {DUMP_RETRIES}")
+
+
+class NftBatchSocket(NetlinkSocket):
+    """A NETLINK_NETFILTER socket for nf_tables requests (the fast-path set elements), which the
+    kernel takes only inside a batch: NFNL_MSG_BATCH_BEGIN (res_id NFNL_SUBSYS_NFTABLES), the
+    messages, NFNL_MSG_BATCH_END, all in one sendmsg (nfnetlink_rcv_batch reads the batch from one
+    skb). A batch is a transaction: the kernel runs every message, reports each one's error, and
+    if any failed aborts them all. So every message asks for an ACK, and after a failure the
+    messages that did not fail are sent again in a new batch: as on rtnetlink, a failed
+    operation never stops the others."""
+
+    protocol = NETLINK_NETFILTER
+
+    def transact(self, requests: Sequence[tuple[int, int, bytes]]) -> list[KernelError | None]:
+        results: list[KernelError | None] = [None] * len(requests)
+        for start, end in _chunks(requests):
+            todo = list(range(start, end))
+            while todo:
+                errors = self._batch([requests[i] for i in todo])
+                for i, error in zip(todo, errors):
+                    results[i] = error
+                if all(error is None for error in errors):
+                    break
+                todo = [i for i, error in zip(todo, errors) if error is None]  # rolled back: again
+        return results
+
+    def _batch(self, requests: Sequence[tuple[int, int, bytes]]) -> list[KernelError | None]:
+        """One transaction; per message None (acknowledged) or its error. An error answering the
+        batch header (e.g. ENOMEM, EPERM) is every message's."""
+        first = self._next_seqs(len(requests) + 2)
+        frame = nla.NFGENMSG.pack(AF_UNSPEC, 0, NFNL_SUBSYS_NFTABLES)
+        parts = [nla.message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, first, frame)]
+        parts += [nla.message(kind, flags | NLM_F_ACK, first + 1 + i, body)
+                  for i, (kind, flags, body) in enumerate(requests)]
+        parts.append(nla.message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, first + len(requests) + 1, frame))
+        self._sock.sendall(b"".join(parts))
+        results: list[KernelError | None] = [None] * len(requests)
+        waiting = set(range(len(requests)))
+        while waiting:
+            for kind, flags, seq, body in nla.messages(self._recv()):
+                if kind != NLMSG_ERROR or not first <= seq <= first + len(requests) + 1:
+                    continue  # a late reply of an earlier exchange
+                error = parse_error(flags, body)
+                if seq in (first, first + len(requests) + 1):
+                    if error is not None:
+                        return [error] * len(requests)
+                    continue
+                results[seq - first - 1] = error
+                waiting.discard(seq - first - 1)
+        return results
 
 
 def _chunks(requests: Sequence[tuple[int, int, bytes]]) -> Iterator[tuple[int, int]]:

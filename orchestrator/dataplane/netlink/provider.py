@@ -17,7 +17,7 @@ from orchestrator.dataplane.netlink.constants import (
     RTM_GETLINK, RTM_GETQDISC, RTM_GETROUTE, RTM_GETRULE, RTM_GETTFILTER, RTM_NEWADDR, RTM_NEWLINK,
     RTM_NEWROUTE, TC_H_CLSACT,
 )
-from orchestrator.dataplane.netlink.nlsocket import KernelError, NetlinkSocket
+from orchestrator.dataplane.netlink.nlsocket import KernelError, NetlinkSocket, NftBatchSocket
 from orchestrator.dataplane.provider import UnknownDevice
 
 PIPELINE_PIECE = 4096  # operations encoded while the previous piece is in the kernel
@@ -27,11 +27,13 @@ class NetlinkProvider:
     """Provider for the kernel of one network namespace (None: ours)."""
 
     def __init__(self, netns: str | None = None, sock: NetlinkSocket | None = None,
-                 links: Mapping[str, int] | None = None) -> None:
-        """`sock` instead of a new socket in `netns`, and `links` (name -> index) as a fixed link
-        table instead of the kernel's (never dumped): how tests run the provider against a
-        scripted kernel."""
+                 links: Mapping[str, int] | None = None, nft_sock: NftBatchSocket | None = None) -> None:
+        """`sock` (and `nft_sock`) instead of new sockets in `netns`, and `links` (name -> index)
+        as a fixed link table instead of the kernel's (never dumped): how tests run the provider
+        against a scripted kernel. The nf_tables socket is opened when first needed."""
         self._sock = sock if sock is not None else NetlinkSocket(netns)
+        self._netns = netns
+        self._nft = nft_sock
         self._static_links = links is not None
         self._by_name: dict[str, int] = dict(links or {})
         self._by_index: dict[int, str] = {index: name for name, index in self._by_name.items()}
@@ -39,6 +41,13 @@ class NetlinkProvider:
 
     def close(self) -> None:
         self._sock.close()
+        if self._nft is not None:
+            self._nft.close()
+
+    def _nft_socket(self) -> NftBatchSocket:
+        if self._nft is None:
+            self._nft = NftBatchSocket(self._netns)
+        return self._nft
 
     def __enter__(self) -> "NetlinkProvider":
         return self
@@ -83,7 +92,34 @@ class NetlinkProvider:
     # -- apply --------------------------------------------------------------------------------
     def apply(self, operations: Sequence[ops.Operation]) -> list[ops.OpResult]:
         with _cyclic_gc_paused():
+            return self._apply_all(operations)
+
+    def _apply_all(self, operations: Sequence[ops.Operation]) -> list[ops.OpResult]:
+        """Set elements travel on their own socket (NETLINK_NETFILTER; routes and filters on
+        NETLINK_ROUTE), so the batch goes in three steps that keep the fast path safe: element
+        deletes first (no new flow is admitted to a session whose objects are going), then the
+        rtnetlink operations, then element adds (a flow the kernel admits finds its session's
+        C2S filter in place). Each step is many messages per sendmsg."""
+        elements = [i for i, op in enumerate(operations) if isinstance(op.obj, ops.FastPathElement)]
+        if not elements:
             return self._apply(operations)
+        chosen = set(elements)
+        steps = ([i for i in elements if isinstance(operations[i], ops.Delete)],
+                 [i for i in range(len(operations)) if i not in chosen],
+                 [i for i in elements if not isinstance(operations[i], ops.Delete)])
+        results: list[ops.OpResult | None] = [None] * len(operations)
+        for step, apply in zip(steps, (self._apply_nft, self._apply, self._apply_nft)):
+            if step:
+                for i, result in zip(step, apply([operations[i] for i in step])):
+                    results[i] = result
+        return [r for r in results if r is not None]
+
+    def _apply_nft(self, operations: Sequence[ops.Operation]) -> list[ops.OpResult]:
+        results: list[ops.OpResult | None] = [None] * len(operations)
+        sent, requests = self._encode(operations, 0, results)
+        if requests:
+            self._finish(operations, sent, self._nft_socket().transact(requests), results)
+        return [r for r in results if r is not None]
 
     def _apply(self, operations: Sequence[ops.Operation]) -> list[ops.OpResult]:
         """Encode and send in pieces of PIPELINE_PIECE operations; a big batch is sent by one
@@ -146,6 +182,23 @@ class NetlinkProvider:
                 if installed is not None:
                     out.append(installed)
         out.extend(self._dump_tc())
+        out.extend(self.dump_elements())
+        return out
+
+    def dump_elements(self) -> list[ops.Installed]:
+        """The elements of the balancer's fast-path sets (NFT_MSG_GETSETELEM per set); none where
+        the table or a set is not there (a server's ruleset has none, or no ruleset is loaded)."""
+        out: list[ops.Installed] = []
+        for name in decode.FAST_PATH_SETS:
+            kind, body = encode.set_elements_dump(name)
+            try:
+                replies = self._nft_socket().dump(kind, body)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    continue
+                raise
+            for _kind, mbody in replies:
+                out.extend(ops.Installed(element) for element in decode.set_elements(mbody))
         return out
 
     def _dump_tc(self) -> list[ops.Installed]:
@@ -160,7 +213,7 @@ class NetlinkProvider:
             for direction in ops.Direction:
                 request = nla.TCMSG.pack(AF_UNSPEC, 0, 0, ifindex, 0, encode.filter_parent(direction), 0)
                 for _k, fbody in self._sock.dump(RTM_GETTFILTER, request):
-                    installed = decode.flower(fbody, self.ifname)
+                    installed = decode.tc_filter(fbody, self.ifname)
                     if installed is not None:
                         filters.append(installed)
             if filters:

@@ -1,0 +1,104 @@
+"""What the balancer's kernel objects carry so that a restart rebuilds every session exactly: the
+one encoding of the session record of a C2S filter and of the hold-down marker of a label pair.
+
+The kernel is the source of truth after a restart (docs/design.md, Restore). A filter's match
+says the client address, the VIP, the protocol and the port(s); its handle the C2S label
+(dataplane/handles.py); its pushed transport label the server. What it cannot say is stored in
+the filter itself as a `SessionRecord`, packed into `FlowerFilter.tag` (`U32Filter.tag` for an
+ESP session's u32 node, whose keys hold client, VIP and SPI), which the netlink provider spreads
+over its actions' TC cookies (TCA_ACT_COOKIE, at most 16 bytes each, kept by
+the kernel with the action and returned by every dump; see encode.flower_options):
+
+    action 1 (push C2S)        cookie = b"mplsorch" + tag[0:8]    (the ownership mark first)
+    action 2 (push transport)  cookie = tag[8:24]
+
+    tag[0]     format version (1)
+    tag[1]     key kind (KIND_CODES) | 0x80 when the key material below is present
+    tag[2:4]   the destination port of the session's first packet (its `port`), 0 for none
+    tag[4:8]   session id, u32 big endian
+    tag[8:24]  key material, by kind:
+                 mip6-home-address  the home address (16 bytes): the key of every IPv6 session,
+                                    at home or away (all its care-of filters carry it)
+                 esp-spi            the SPI (u32 big endian) and 12 zero bytes, when the key is one
+                 others             16 zero bytes (flag clear): client-ip, five-tuple and
+                                    ipv6-iid are rebuilt from the match (the IID is the lower
+                                    64 bits of the filter's source address)
+
+A label pair in hold-down keeps its S2C label routed as `S2C dev lo` (pop, local delivery, see
+`hold_marker`): no session's S2C route has that form (they always name a next hop), so a
+restart finds the pair held down and restarts its hold-down timer. The marker is deleted when
+the hold-down ends (or replaced by the S2C route of the session that gets the pair).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+from orchestrator.dataplane import ops
+
+__all__ = ["KIND_CODES", "SessionRecord", "TAG_SIZE", "hold_marker", "is_hold_marker", "pack", "unpack"]
+
+VERSION = 1
+TAG_SIZE = 24
+_HEAD = struct.Struct("!BBHI")
+KIND_CODES = {"client-ip": 1, "five-tuple": 2, "mip6-home-address": 3, "ipv6-iid": 4, "esp-spi": 5}
+_KINDS = {code: kind for kind, code in KIND_CODES.items()}
+_MATERIAL = 0x80
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """What a C2S filter carries beyond its match: the session's id and key kind, and the key
+    material the match cannot hold (a mobile node's home address, an ESP SPI)."""
+
+    session_id: int
+    kind: str
+    port: int | None = None
+    home: str | None = None
+    spi: int | None = None
+
+
+def pack(record: SessionRecord) -> bytes:
+    """The tag of a session's C2S filters (TAG_SIZE bytes). ValueError for what does not fit."""
+    if not 0 <= record.session_id < 1 << 32:
+        raise ValueError(f"session id {record.session_id} does not fit 32 bits")
+    if record.port is not None and not 0 < record.port < 1 << 16:
+        raise ValueError(f"port {record.port} out of range")
+    if record.kind not in KIND_CODES:
+        raise ValueError(f"unknown key kind {record.kind!r}")
+    material, flags = bytes(16), 0
+    if record.home is not None:
+        material, flags = ipaddress.IPv6Address(record.home).packed, _MATERIAL
+    elif record.spi is not None:
+        material, flags = struct.pack("!I", record.spi) + bytes(12), _MATERIAL
+    return _HEAD.pack(VERSION, KIND_CODES[record.kind] | flags, record.port or 0, record.session_id) + material
+
+
+def unpack(tag: bytes) -> SessionRecord | None:
+    """The record a filter's tag holds; None for a filter without one (or of another format),
+    which restore treats as a legacy filter keyed by its source address."""
+    if len(tag) != TAG_SIZE:
+        return None
+    version, code, port, session_id = _HEAD.unpack_from(tag)
+    flags, kind = code & _MATERIAL, _KINDS.get(code & ~_MATERIAL)
+    if version != VERSION or kind is None:
+        return None
+    material = tag[_HEAD.size:]
+    home = spi = None
+    if flags & _MATERIAL:
+        if kind == "mip6-home-address":
+            home = str(ipaddress.IPv6Address(material))
+        elif kind == "esp-spi":
+            spi = struct.unpack_from("!I", material)[0]
+    return SessionRecord(session_id, kind, port or None, home, spi)
+
+
+def hold_marker(s2c: int) -> ops.MplsRoute:
+    """The route that says in the kernel that the pair of `s2c` is held down."""
+    return ops.MplsRoute(s2c, "lo")
+
+
+def is_hold_marker(route: ops.MplsRoute) -> bool:
+    return route.dev == "lo" and route.via is None and not route.out_labels

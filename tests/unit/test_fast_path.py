@@ -1,0 +1,381 @@
+"""The kernel fast path (docs/design.md, "The first-packet path"): a session's set elements go to
+the kernel in the same batch as its other objects, before its first packet's verdict, and leave
+with them; the kernel then admits the session's later flows without the daemon, and conntrack's
+new-flow events count them towards their session."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections import deque
+from typing import Any
+
+from scapy.layers.inet import IP, UDP
+from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
+from scapy.layers.inet import TCP
+from scapy.layers.ipsec import ESP
+
+from orchestrator.capture import conntrack as ct
+from orchestrator.config.examples import DELETE, KeyPath
+from orchestrator.capture import nftables
+from orchestrator.core.balancer import Balancer
+from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowsStarted, FlowTableResync
+from orchestrator.core.sessions import State
+from orchestrator.dataplane import ops
+from orchestrator.dataplane.fake import FakeProvider
+from orchestrator.dataplane.netlink import constants as c
+from orchestrator.dataplane.netlink import decode, encode, nla, nlsocket
+from orchestrator.dataplane.netlink.provider import NetlinkProvider
+from orchestrator.capture.nfqueue import QueuedPacket
+from tests.unit.conftest import Node, ScriptedQueue, balancer_daemon, config, syn
+
+E = ops.FastPathElement
+V6: dict[KeyPath, Any] = {"services.http.vip": "2001:db8::100"}
+IID: dict[KeyPath, Any] = {**V6, "services.http.session_key": "ipv6-iid"}
+MIP6: dict[KeyPath, Any] = {**V6, "services.http.session_key": "mip6-home-address"}
+FIVE: dict[KeyPath, Any] = {"services.http.session_key": "five-tuple"}
+ESP_CLIENT: dict[KeyPath, Any] = {"services.dns.protocol": "esp", "services.dns.ports": DELETE}
+ESP_SPI: dict[KeyPath, Any] = {**ESP_CLIENT, "services.dns.session_key": "esp-spi"}
+
+
+def syn6(src: str, sport: int = 40000, hoa: str | None = None) -> bytes:
+    ip = IPv6(src=src, dst="2001:db8::100")
+    if hoa:
+        ip = ip / IPv6ExtHdrDestOpt(options=[HAO(hoa=hoa)])
+    return bytes(ip / TCP(sport=sport, dport=80, flags="S"))
+
+
+def esp(src: str, spi: int) -> bytes:
+    return bytes(IP(src=src, dst="10.0.0.100") / ESP(spi=spi, seq=1, data=b"\x00" * 16))
+
+
+def elements(node: Node) -> list[ops.FastPathElement]:
+    return [i.obj for i in node.kernel.dump_elements()]  # type: ignore[misc]
+
+
+def _one_batch_with_the_filter(node: Node, element: ops.FastPathElement) -> None:
+    """The element was added in the batch that added the session's C2S filter (flower, or u32
+    for an IPv4 esp-spi session), after it."""
+    kinds = [type(op.obj) for op in node.plan.ops]
+    c2s = ops.U32Filter if ops.U32Filter in kinds else ops.FlowerFilter
+    assert ops.Add(element) in node.plan.ops and c2s in kinds
+    assert node.plan.ops.index(ops.Add(element)) > kinds.index(c2s)
+
+
+# ---- per key kind: added with the session, removed with it -------------------------------------
+
+def test_client_ip_one_element_per_service_port_with_the_session_and_gone_with_it() -> None:
+    node = Node(config({"services.http.ports": [80, 443]}))
+    commit = node.packets(syn("10.0.1.10"))
+    assert [v.action for v in commit.verdicts] == [Action.ACCEPT]
+    want = [E("10.0.1.10", "10.0.0.100", "tcp", 80), E("10.0.1.10", "10.0.0.100", "tcp", 443)]
+    assert elements(node) == want
+    for element in want:
+        _one_batch_with_the_filter(node, element)
+    assert node.kernel.fast_path("10.0.1.10", "10.0.0.100", "tcp", 443) == want[1]
+    assert node.kernel.fast_path("10.0.1.11", "10.0.0.100", "tcp", 80) is None  # another client: queued
+    [session] = node.core.table
+    node.core.on_flow_events([FlowsEnded(tuple(session.flows))], node.now)
+    deletes = node.core.tick(node.now + 31)
+    assert {ops.Delete(e) for e in want} <= set(deletes)
+    assert any(isinstance(op.obj, ops.FlowerFilter) for op in deletes)  # the same batch as its filter
+    assert all(r.ok for r in node.kernel.apply(deletes))
+    assert elements(node) == [] and node.kernel.fast_path("10.0.1.10", "10.0.0.100", "tcp", 80) is None
+
+
+def test_five_tuple_sessions_get_no_element_every_flow_is_its_own_session() -> None:
+    node = Node(config(FIVE))
+    node.packets(syn("10.0.1.10"), syn("10.0.1.10", 40001))
+    assert len(node.core.table) == 2 and elements(node) == []
+    assert "fastpath" not in nftables.render(config(FIVE)).split("queued_http")[1].split("\n")[0]
+
+
+def test_ipv6_iid_element_holds_the_full_address_a_new_prefix_comes_to_the_daemon() -> None:
+    node = Node(config(IID))
+    node.packets(syn6("2001:db8:1::aa:bb"))
+    assert elements(node) == [E("2001:db8:1::aa:bb", "2001:db8::100", "tcp", 80)]
+    _one_batch_with_the_filter(node, elements(node)[0])
+    # Same IID, new prefix: the kernel cannot admit it (it needs its own filter first); counted.
+    assert node.kernel.fast_path("2001:db8:2::aa:bb", "2001:db8::100", "tcp", 80) is None
+    node.packets(syn6("2001:db8:2::aa:bb", 40001))
+    [session] = node.core.table
+    assert session.clients == ["2001:db8:1::aa:bb", "2001:db8:2::aa:bb"] and session.packets_userspace == 2
+    assert node.core.counters["fastpath_unmatched:ipv6-iid"] == 1
+    assert E("2001:db8:2::aa:bb", "2001:db8::100", "tcp", 80) in elements(node)
+
+
+def test_mip6_element_holds_the_care_of_address_a_new_one_comes_to_the_daemon() -> None:
+    node = Node(config(MIP6))
+    node.packets(syn6("2001:db8:1::10", hoa="2001:db8:aa::1"))
+    assert elements(node) == [E("2001:db8:1::10", "2001:db8::100", "tcp", 80)]
+    node.packets(syn6("2001:db8:2::10", 40001, hoa="2001:db8:aa::1"))  # moved: a new care-of address
+    assert node.core.counters["fastpath_unmatched:mip6-home-address"] == 1
+    assert elements(node) == [E("2001:db8:1::10", "2001:db8::100", "tcp", 80),
+                              E("2001:db8:2::10", "2001:db8::100", "tcp", 80)]
+    [session] = node.core.table
+    deletes = node.core.end(session, node.now, "test")
+    assert all(r.ok for r in node.kernel.apply(deletes)) and elements(node) == []
+
+
+def test_esp_spi_element_holds_address_and_spi() -> None:
+    node = Node(config(ESP_SPI))
+    node.packets(esp("10.0.1.10", 0x1234))
+    want = E("10.0.1.10", "10.0.0.100", "esp", spi=0x1234)
+    assert elements(node) == [want] and want.set_name == "fastesp4"
+    _one_batch_with_the_filter(node, want)
+    assert node.kernel.fast_path("10.0.1.10", "10.0.0.100", "esp", spi=0x1234) == want
+    assert node.kernel.fast_path("10.0.1.10", "10.0.0.100", "esp", spi=0x9999) is None
+    assert "ip saddr . ip daddr . esp spi @fastesp4" in nftables.render(config(ESP_SPI))
+
+
+def test_a_service_without_ports_gets_the_protocol_element() -> None:
+    node = Node(config(ESP_CLIENT))
+    node.packets(esp("10.0.1.10", 0x1234))
+    assert elements(node) == [E("10.0.1.10", "10.0.0.100", "esp")]
+    assert elements(node)[0].set_name == "fastproto4"
+    assert "ip saddr . ip daddr . meta l4proto @fastproto4" in nftables.render(config(ESP_CLIENT))
+
+
+def test_the_element_is_in_the_kernel_before_the_verdict_in_the_sessions_batch() -> None:
+    kernel = FakeProvider(["lan0", "fab0"])
+    kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
+    kernel.add_ip_route("10.0.0.0/16", "lan0")
+    applies: list[list[ops.Operation]] = []
+    apply = kernel.apply
+    kernel.apply = lambda operations: applies.append(list(operations)) or apply(operations)  # type: ignore[method-assign]
+    queue = ScriptedQueue(observe=lambda: kernel.fast_path("10.0.1.10", "10.0.0.100", "tcp", 80))
+    daemon = balancer_daemon(config(), kernel, queue)
+    queue.script(QueuedPacket(0, 1, syn("10.0.1.10"), 2, None, 0))
+    daemon.on_packets()
+    [(verdicts, element_then)] = queue.sent_batches
+    assert element_then == E("10.0.1.10", "10.0.0.100", "tcp", 80)
+    [batch] = applies
+    assert {type(op.obj) for op in batch} == {ops.FlowerFilter, ops.MplsRoute, ops.FastPathElement}
+
+
+# ---- flows the kernel admitted count towards their session ----------------------------------------
+
+def test_new_flow_events_count_fast_path_flows_and_keep_the_session_alive() -> None:
+    node = Node()
+    node.packets(syn("10.0.1.10"))
+    [session] = node.core.table
+    first = next(iter(session.flows))
+    later = FlowKey(6, "10.0.1.10", "10.0.0.100", 40001, 80)
+    stranger = FlowKey(6, "10.0.1.99", "10.0.0.100", 40001, 80)
+    node.core.on_flow_events([FlowsStarted((first, later, stranger))], node.now)
+    assert session.flows == {first, later} and session.flows_total == 2 and session.packets_userspace == 1
+    assert node.core.counters["flows_fast_path"] == 1
+    node.core.on_flow_events([FlowsEnded((first,))], node.now)
+    node.advance(31)
+    assert session.state == State.SERVING and len(node.core.table) == 1  # the fast-path flow lives on
+    node.core.on_flow_events([FlowsEnded((later,))], node.now)
+    node.advance(31)
+    assert len(node.core.table) == 0 and elements(node) == []
+    view = session.view()
+    assert view["flows_total"] == 2 and view["packets_userspace"] == 1
+
+
+def test_a_sweep_adopts_fast_path_flows_whose_start_was_missed() -> None:
+    node = Node()
+    node.packets(syn("10.0.1.10"))
+    [session] = node.core.table
+    later = FlowKey(6, "10.0.1.10", "10.0.0.100", 40001, 80)
+    node.core.on_flow_events([FlowTableResync(frozenset({later}), sweep=True)], node.now)
+    assert session.flows == {later} and session.state == State.SERVING and session.flows_total == 2
+
+
+def test_conntrack_new_events_of_tagged_flows_become_flows_started_in_order() -> None:
+    def message(kind: int, src: str, sport: int, mark: int | None) -> bytes:
+        ip = nla.nest(ct.CTA_TUPLE_IP, nla.attr(c.CTA_IP_V4_SRC, socket.inet_aton(src)),
+                      nla.attr(c.CTA_IP_V4_DST, socket.inet_aton("10.0.0.100")))
+        l4 = nla.nest(ct.CTA_TUPLE_PROTO, nla.u8(c.CTA_PROTO_NUM, 6),
+                      nla.attr(c.CTA_PROTO_SRC_PORT, struct.pack("!H", sport)),
+                      nla.attr(c.CTA_PROTO_DST_PORT, struct.pack("!H", 80)))
+        body = struct.pack("!BBH", socket.AF_INET, 0, 0) + nla.nest(ct.CTA_TUPLE_ORIG, ip, l4)
+        if mark is not None:
+            body += nla.attr(ct.CTA_MARK, struct.pack("!I", mark))
+        return nla.message(c.NFNL_SUBSYS_CTNETLINK << 8 | kind, 0, 0, body)
+
+    class Sock:
+        def __init__(self) -> None:
+            self.data = deque([message(c.IPCTNL_MSG_CT_NEW, "10.0.1.10", 1, ct.CT_TAG | 5)
+                               + message(c.IPCTNL_MSG_CT_NEW, "10.0.1.11", 2, 0x5)  # not ours
+                               + message(c.IPCTNL_MSG_CT_NEW, "10.0.1.12", 3, None)
+                               + message(c.IPCTNL_MSG_CT_DELETE, "10.0.1.10", 1, ct.CT_TAG)])
+
+        def recv_into(self, buf: bytearray) -> int:
+            if not self.data:
+                raise BlockingIOError
+            data = self.data.popleft()
+            buf[:len(data)] = data
+            return len(data)
+
+    listener = ct.ConntrackListener.__new__(ct.ConntrackListener)
+    listener._sock, listener._buf = Sock(), bytearray(1 << 16)  # type: ignore[assignment]
+    flow = FlowKey(6, "10.0.1.10", "10.0.0.100", 1, 80)
+    assert listener.read() == [FlowsStarted((flow,)), FlowsEnded((flow,))]
+
+
+# ---- after a ruleset load ------------------------------------------------------------------------
+
+def test_a_reload_refills_the_emptied_sets_and_drops_elements_of_no_session(monkeypatch) -> None:
+    kernel = FakeProvider(["lan0", "fab0"])
+    kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
+    kernel.add_ip_route("10.0.0.0/16", "lan0")
+    monkeypatch.setattr(nftables, "load", lambda ruleset: kernel.flush_elements())
+    daemon = balancer_daemon(config(), kernel)
+    daemon.make_ready = lambda cfg: None  # type: ignore[method-assign]
+    monkeypatch.setattr("orchestrator.daemon.balancer.load_balancer_config", lambda path: config())
+    daemon.queue.script(QueuedPacket(0, 1, syn("10.0.1.10"), 2, None, 0))  # type: ignore[union-attr]
+    daemon.on_packets()
+    assert kernel.apply([ops.Add(E("10.0.9.9", "10.0.0.100", "tcp", 80))])[0].ok  # of no session
+    daemon.reload()
+    assert [i.obj for i in kernel.dump_elements()] == [E("10.0.1.10", "10.0.0.100", "tcp", 80)]
+    [session] = daemon.core.table
+    assert session.objects.count(E("10.0.1.10", "10.0.0.100", "tcp", 80)) == 1
+    assert daemon.core.fast_path_sync(kernel.dump_elements()) == []
+
+
+def test_sync_deletes_stray_elements_and_adds_missing_ones_of_restored_sessions() -> None:
+    node = Node()
+    node.packets(syn("10.0.1.10"))
+    fresh = Balancer(config(), node.now)
+    fresh.restore(node.kernel.dump(), frozenset(), node.now)
+    node.kernel.flush_elements()
+    stray = E("10.0.9.9", "10.0.0.100", "tcp", 80)
+    node.kernel.apply([ops.Add(stray)])
+    sync = fresh.fast_path_sync(node.kernel.dump_elements())
+    assert sync == [ops.Delete(stray), ops.Add(E("10.0.1.10", "10.0.0.100", "tcp", 80))]
+    [session] = fresh.table
+    assert E("10.0.1.10", "10.0.0.100", "tcp", 80) in session.objects  # its end deletes it
+
+
+# ---- nf_tables encoding ----------------------------------------------------------------------------
+
+def test_element_keys_are_laid_out_as_nft_lays_out_a_concatenation() -> None:
+    # `nft --debug=netlink add element inet t fast4 { 10.0.1.11 . 10.0.0.100 . tcp . 443 }`
+    # prints the key as host-order words: 0b01000a 6400000a 00000006 0000bb01
+    key = encode.element_key(E("10.0.1.11", "10.0.0.100", "tcp", 443))
+    assert key.hex() == "0a00010b" "0a000064" "06000000" "01bb0000"
+    assert encode.element_key(E("10.0.1.11", "10.0.0.100", "udp")).hex() == "0a00010b0a00006411000000"
+    assert encode.element_key(E("10.0.1.11", "10.0.0.100", "esp", spi=0x1234)).hex() == "0a00010b0a00006400001234"
+    assert len(encode.element_key(E("2001:db8::1", "2001:db8::100", "sctp", 80))) == 40
+
+
+def test_elements_round_trip_through_a_dump_message() -> None:
+    for element in (E("10.0.1.11", "10.0.0.100", "tcp", 443), E("2001:db8::1", "2001:db8::100", "udp"),
+                    E("2001:db8::1", "2001:db8::100", "esp", spi=0xDEADBEEF)):
+        kind, flags, body = encode.set_element(ops.Add(element), element, lambda dev: 0)
+        assert kind == c.NFNL_SUBSYS_NFTABLES << 8 | c.NFT_MSG_NEWSETELEM and flags & c.NLM_F_EXCL
+        assert decode.set_elements(memoryview(body)) == [element]
+        kind, _flags, _body = encode.set_element(ops.Delete(element), element, lambda dev: 0)
+        assert kind == c.NFNL_SUBSYS_NFTABLES << 8 | c.NFT_MSG_DELSETELEM
+
+
+def test_replace_of_an_element_is_refused_before_the_kernel() -> None:
+    results = FakeProvider(["fab0"]).apply([ops.Replace(E("10.0.1.1", "10.0.0.100", "tcp", 80)),
+                                            ops.Add(E("10.0.1.1", "2001:db8::1", "tcp", 80)),
+                                            ops.Add(E("10.0.1.1", "10.0.0.100", "tcp", 80, spi=1))])
+    assert [r.ok for r in results] == [False, False, False]
+
+
+class NftKernel:
+    """The kernel side of an nf_tables batch: refuses the elements it is told to, acknowledges the
+    others, and commits only a batch without errors (nfnetlink_rcv_batch)."""
+
+    def __init__(self, refuse: set[bytes]) -> None:
+        self.refuse = refuse
+        self.committed: list[bytes] = []
+        self.sends: list[list[int]] = []
+        self.replies: deque[bytes] = deque()
+
+    def setsockopt(self, *args: object) -> None:
+        pass
+
+    bind = settimeout = close = setsockopt
+
+    def sendall(self, data: bytes) -> None:
+        parts = list(nla.messages(data))
+        self.sends.append([kind for kind, _f, _s, _b in parts])
+        assert parts[0][0] == c.NFNL_MSG_BATCH_BEGIN and parts[-1][0] == c.NFNL_MSG_BATCH_END
+        assert nla.NFGENMSG.unpack_from(parts[0][3])[2] == c.NFNL_SUBSYS_NFTABLES
+        batch, failed = [], False
+        for kind, flags, seq, body in parts[1:-1]:
+            key = bytes(nla.attrs(nla.attrs(nla.attrs(nla.attrs(body, 4)[c.NFTA_SET_ELEM_LIST_ELEMENTS])[
+                c.NFTA_LIST_ELEM])[c.NFTA_SET_ELEM_KEY])[c.NFTA_DATA_VALUE])
+            code = 17 if key in self.refuse else 0
+            failed |= bool(code)
+            batch.append(key)
+            assert flags & c.NLM_F_ACK
+            self.replies.append(nla.message(c.NLMSG_ERROR, 0x100, seq, struct.pack("=i", -code)
+                                            + struct.pack("=IHHII", 16, kind, flags, seq, 0)))
+        if not failed:
+            self.committed += batch
+
+    def recv_into(self, buf: bytearray) -> int:
+        data = b"".join(self.replies)
+        self.replies.clear()
+        buf[:len(data)] = data
+        return len(data)
+
+
+def test_a_failed_element_fails_alone_the_batch_is_sent_again_without_it() -> None:
+    good = [E("10.0.1.1", "10.0.0.100", "tcp", 80), E("10.0.1.3", "10.0.0.100", "tcp", 80)]
+    bad = E("10.0.1.2", "10.0.0.100", "tcp", 80)
+    kernel = NftKernel({encode.element_key(bad)})
+    provider = NetlinkProvider(sock=nlsocket.NetlinkSocket(sock=kernel),  # type: ignore[arg-type]
+                               links={"lo": 1}, nft_sock=nlsocket.NftBatchSocket(sock=kernel))  # type: ignore[arg-type]
+    results = provider.apply([ops.Add(good[0]), ops.Add(bad), ops.Add(good[1])])
+    assert [r.ok for r in results] == [True, False, True] and results[1].errno == 17
+    assert kernel.committed == [encode.element_key(e) for e in good]
+    element = c.NFNL_SUBSYS_NFTABLES << 8 | c.NFT_MSG_NEWSETELEM
+    assert kernel.sends == [[c.NFNL_MSG_BATCH_BEGIN, element, element, element, c.NFNL_MSG_BATCH_END],
+                            [c.NFNL_MSG_BATCH_BEGIN, element, element, c.NFNL_MSG_BATCH_END]]
+
+
+def test_the_provider_deletes_elements_first_and_adds_them_last() -> None:
+    order: list[str] = []
+
+    class Recording(NetlinkProvider):
+        def _apply(self, operations):  # type: ignore[no-untyped-def]
+            order.append("rtnetlink")
+            return [ops.OpResult(op) for op in operations]
+
+        def _apply_nft(self, operations):  # type: ignore[no-untyped-def]
+            order.append("add" if isinstance(operations[0], ops.Add) else "delete")
+            return [ops.OpResult(op) for op in operations]
+
+    provider = Recording.__new__(Recording)
+    element = E("10.0.1.1", "10.0.0.100", "tcp", 80)
+    route = ops.MplsRoute(1002, "lan0", via="10.0.1.1")
+    operations = [ops.Add(route), ops.Add(element), ops.Delete(element), ops.Delete(route)]
+    results = provider._apply_all(operations)
+    assert [r.op for r in results] == operations and order == ["delete", "rtnetlink", "add"]
+
+
+def test_the_fast_path_rule_comes_before_the_rate_limit_and_the_queue_and_tags_the_flow() -> None:
+    lines = nftables.render(config()).splitlines()
+    http = [i for i, line in enumerate(lines) if "tcp dport { 80 }" in line and "10.0.0.100" in line]
+    fast, limit, queue = (lines[i] for i in http)
+    assert "ip saddr . ip daddr . meta l4proto . th dport @fast4" in fast and fast.endswith(
+        "counter name fastpath_http accept")
+    assert "ct mark set ct mark and 0x000fffff or 0x6d600000" in fast
+    assert "@persrc4" in limit and " queue " in queue
+    assert any("ip6 saddr . ip6 daddr . meta l4proto . th dport @fast6" in line for line in lines)
+    assert {f"set {name} {{" for name in decode.FAST_PATH_SETS} <= {line.strip() for line in lines}
+
+
+def test_a_flow_queued_before_its_element_was_in_is_counted_late_and_joins_its_session() -> None:
+    node = Node()
+    commit = node.packets(syn("10.0.1.10"), syn("10.0.1.10", 40001))  # one batch: the element is not in yet
+    assert [v.action for v in commit.verdicts] == [Action.ACCEPT, Action.ACCEPT]
+    [session] = node.core.table
+    assert session.packets_userspace == 2 and session.flows_total == 2
+    assert node.core.counters["fastpath_late"] == 1 and elements(node) == [E("10.0.1.10", "10.0.0.100", "tcp", 80)]
+
+
+def test_status_shows_fast_path_flows_and_what_the_kernel_could_not_take() -> None:
+    from orchestrator.cli.daemon import _counter_line
+
+    line = _counter_line({"packets_userspace": 3, "flows_fast_path": 9, "fastpath_unmatched:ipv6-iid": 1})
+    assert "packets_userspace 3, flows_fast_path 9" in line and "fastpath_unmatched:ipv6-iid 1" in line

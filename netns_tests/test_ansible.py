@@ -15,8 +15,16 @@ from typing import Any, Iterator
 
 import pytest
 
-from netns_tests.harness.ansible_lab import (WHEELHOUSE, AnsibleLab, Run, bare, managed, mpls_routes, restore,
-                                          wheelhouse_wheel)
+from netns_tests.harness.ansible_lab import (
+    WHEELHOUSE,
+    AnsibleLab,
+    Run,
+    bare,
+    managed,
+    mpls_routes,
+    restore,
+    wheelhouse_wheel,
+)
 from orchestrator.lab.kit import Lab
 
 DAEMONS = ("lb", "s1", "s2", "s3")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import errno
 
+from netns_tests.harness.reference import balancer_node, fabric_node
 from orchestrator.dataplane import ops
 from orchestrator.lab.kit import Lab
-from netns_tests.harness.reference import balancer_node, fabric_node
 
 
 def test_each_bad_operation_is_reported_and_the_good_ones_land(lab: Lab) -> None:

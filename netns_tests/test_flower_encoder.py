@@ -9,9 +9,9 @@ from typing import Iterator
 
 import pytest
 
+from netns_tests.harness.reference import balancer_node
 from orchestrator.dataplane import ops
 from orchestrator.lab.kit import Lab
-from netns_tests.harness.reference import balancer_node
 
 TC_DEV, OURS_DEV = "tcref0", "ours0"
 

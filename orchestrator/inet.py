@@ -45,7 +45,7 @@ def ntop6(packed: bytes) -> str:
 
 def _ntop6(packed: bytes) -> str:
     text = _HEX_GROUPS % _WORDS.unpack(packed)
-    for length, zeros in _ZERO_RUNS:
+    for length, zeros in _ZERO_RUNS:  # noqa: B007 (the run found is used after the loop)
         at = text.find(zeros)
         if at >= 0:
             break

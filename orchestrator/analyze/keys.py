@@ -17,7 +17,6 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass
-from typing import Optional, Union
 
 from orchestrator.inet import pton
 from orchestrator.ipproto import IPPROTO_ESP
@@ -43,7 +42,7 @@ class SessionKey:
     client: str
 
 
-def _port(p: Optional[int]) -> str:
+def _port(p: int | None) -> str:
     return "-" if p is None else str(p)
 
 
@@ -61,8 +60,8 @@ def ipv6_iid(addr: str) -> str:
     return _iid(addr)
 
 
-def _value(kind: SessionKeyKind, version: int, proto: int, src: str, sport: Optional[int], dst: str,
-           dport: Optional[int], home: Optional[str], spi: Optional[int]) -> str:
+def _value(kind: SessionKeyKind, version: int, proto: int, src: str, sport: int | None, dst: str,
+           dport: int | None, home: str | None, spi: int | None) -> str:
     if kind is SessionKeyKind.CLIENT_IP:
         return src
     if kind is SessionKeyKind.FIVE_TUPLE:
@@ -76,14 +75,14 @@ def _value(kind: SessionKeyKind, version: int, proto: int, src: str, sport: Opti
     raise ValueError(f"unknown session key kind {kind!r}")  # pragma: no cover - StrEnum is closed
 
 
-def key_value(kind: Union[SessionKeyKind, str], version: int, proto: int, src: str, sport: Optional[int],
-              dst: str, dport: Optional[int], home: Optional[str] = None, spi: Optional[int] = None) -> str:
+def key_value(kind: SessionKeyKind | str, version: int, proto: int, src: str, sport: int | None,
+              dst: str, dport: int | None, home: str | None = None, spi: int | None = None) -> str:
     """The table key of the given parts, exactly as `session_key` derives it from a packet: a
     restart rebuilds a session's key from its filter's match and record with it."""
     return _value(SessionKeyKind(kind), version, proto, src, sport, dst, dport, home, spi)
 
 
-def session_key(pkt: Packet, kind: Union[SessionKeyKind, str]) -> SessionKey:
+def session_key(pkt: Packet, kind: SessionKeyKind | str) -> SessionKey:
     """The session key of a packet a client sent towards a VIP.
 
     - client-ip: the source address.
@@ -99,7 +98,7 @@ def session_key(pkt: Packet, kind: Union[SessionKeyKind, str]) -> SessionKey:
                                 pkt.home_address, pkt.esp_spi), pkt.src)
 
 
-def icmp_error_client(pkt: Packet) -> Optional[str]:
+def icmp_error_client(pkt: Packet) -> str | None:
     """The client address an ICMP/ICMPv6 error packet is about, or None if it is not an error or
     its embedded datagram could not be parsed.
 
@@ -114,7 +113,7 @@ def icmp_error_client(pkt: Packet) -> Optional[str]:
     return pkt.inner.dst
 
 
-def icmp_error_session_key(pkt: Packet, kind: Union[SessionKeyKind, str]) -> Optional[SessionKey]:
+def icmp_error_session_key(pkt: Packet, kind: SessionKeyKind | str) -> SessionKey | None:
     """The key of the session an ICMP error is about: the embedded (VIP -> client) datagram reversed,
     so it equals `session_key` of the client's own packets for client-ip, five-tuple and ipv6-iid
     (and for mip6-home-address when the embedded datagram carries a type 2 routing header with the

@@ -30,12 +30,22 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Optional, Union
 
 from orchestrator.inet import ntop4, ntop6
 from orchestrator.ipproto import (
-    IPPROTO_AH, IPPROTO_DCCP, IPPROTO_DSTOPTS, IPPROTO_ESP, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ICMP,
-    IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
+    IPPROTO_AH,
+    IPPROTO_DCCP,
+    IPPROTO_DSTOPTS,
+    IPPROTO_ESP,
+    IPPROTO_FRAGMENT,
+    IPPROTO_HOPOPTS,
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_ROUTING,
+    IPPROTO_SCTP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPPROTO_UDPLITE,
 )
 
 __all__ = [
@@ -99,15 +109,15 @@ class Packet:
     dst: str
     proto: int
     length: int
-    sport: Optional[int] = None
-    dport: Optional[int] = None
-    tcp_flags: Optional[int] = None
-    home_address: Optional[str] = None
-    esp_spi: Optional[int] = None
+    sport: int | None = None
+    dport: int | None = None
+    tcp_flags: int | None = None
+    home_address: str | None = None
+    esp_spi: int | None = None
     fragment: bool = False
-    icmp_type: Optional[int] = None
-    icmp_code: Optional[int] = None
-    inner: Optional["Packet"] = None
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    inner: Packet | None = None
 
     @property
     def is_icmp_error(self) -> bool:
@@ -136,7 +146,7 @@ class _Bad(Exception):
         self.detail = detail
 
 
-def analyze(data: bytes, *, partial: bool = False) -> Union[Packet, Malformed]:
+def analyze(data: bytes, *, partial: bool = False) -> Packet | Malformed:
     """Analyse one raw IP datagram. Never raises.
 
     `partial=True` accepts a buffer shorter than the datagram's declared length (a capture cut
@@ -149,7 +159,7 @@ def analyze(data: bytes, *, partial: bool = False) -> Union[Packet, Malformed]:
         return Malformed("internal", f"internal: {type(e).__name__}: {e}")
 
 
-def source_address(data: bytes) -> Optional[str]:
+def source_address(data: bytes) -> str | None:
     """The source address of a raw IP datagram from its fixed header alone, in the form
     `analyze` gives (`Packet.src`); None when the header is not there. The balancer daemon looks
     up its routes to a batch's clients with it before the core analyses the batch."""
@@ -343,7 +353,7 @@ def _parse(data: bytes, partial: bool, lenient: bool) -> Packet:
     return Packet(version, src, dst, proto, length, home_address=home, fragment=is_frag)
 
 
-def _home_address_option(data: bytes, pos: int, end: int) -> Optional[str]:
+def _home_address_option(data: bytes, pos: int, end: int) -> str | None:
     """Walk the TLV options of a destination options header; return the Home Address option's
     address (type 201, length 16) if there is one."""
     home = None

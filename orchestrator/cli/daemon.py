@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -74,8 +74,8 @@ def serve_on_kernel(config_path: str, config: BalancerConfig | ServerConfig, log
     return serve(daemon, log_format)
 
 
-def status(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
-           config: Optional[str] = ConfigOption) -> None:
+def status(json_output: bool = JsonOption, socket: str | None = SocketOption,
+           config: str | None = ConfigOption) -> None:
     """The daemon's state on one screen."""
     answer = ask("status", socket, config)
     if json_output:
@@ -127,8 +127,8 @@ def _counter_line(counters: dict[str, int]) -> str:
     return "counters: " + ", ".join(f"{k} {v}" for k, v in shown)
 
 
-def labels(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
-           config: Optional[str] = ConfigOption) -> None:
+def labels(json_output: bool = JsonOption, socket: str | None = SocketOption,
+           config: str | None = ConfigOption) -> None:
     """Label pool use (balancer)."""
     answer = ask("labels", socket, config)["labels"]
     if json_output:
@@ -138,8 +138,8 @@ def labels(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
                 [[answer["total"], answer["in_use"], answer["held_down"], answer["free"]]])
 
 
-def routes(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
-           config: Optional[str] = ConfigOption) -> None:
+def routes(json_output: bool = JsonOption, socket: str | None = SocketOption,
+           config: str | None = ConfigOption) -> None:
     """Our kernel objects, with what the kernel says of their offload state."""
     rows = ask("routes", socket, config)["routes"]
     if json_output:

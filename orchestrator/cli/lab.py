@@ -8,10 +8,9 @@ lab_app = typer.Typer(no_args_is_help=True, help="Build the netns lab and run co
 
 
 # ---- lab run, status, pytest ----
-from typing import List, Optional  # noqa: E402
 
 
-def _backend_name(value: Optional[str]) -> Optional[str]:
+def _backend_name(value: str | None) -> str | None:
     from orchestrator.lab.backend import BACKENDS
 
     if value is not None and value not in BACKENDS:
@@ -21,12 +20,12 @@ def _backend_name(value: Optional[str]) -> Optional[str]:
 
 @lab_app.command("run", context_settings={"allow_interspersed_args": False})
 def lab_run(
-    cmd: List[str] = typer.Argument(..., metavar="CMD...", help="Command to run while the lab is up."),
-    topology: Optional[str] = typer.Option(None, "--topology", metavar="FILE",
+    cmd: list[str] = typer.Argument(..., metavar="CMD...", help="Command to run while the lab is up."),
+    topology: str | None = typer.Option(None, "--topology", metavar="FILE",
                                            help="Topology YAML (default: the embedded default lab)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout at the end "
                                                             "(CMD's stdout then goes to stderr)."),
-    backend: Optional[str] = typer.Option(None, "--backend", metavar="host|uml|vm", callback=_backend_name,
+    backend: str | None = typer.Option(None, "--backend", metavar="host|uml|vm", callback=_backend_name,
                                           help="The lab's kernel (default: MPLSORCH_LAB_BACKEND, else the first "
                                                "available of host, uml, vm; see `lab status`)."),
 ) -> None:
@@ -41,7 +40,7 @@ def lab_run(
 @lab_app.command("status")
 def lab_status(
     json_output: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
-    backend: Optional[str] = typer.Option(None, "--backend", metavar="host|uml|vm", callback=_backend_name,
+    backend: str | None = typer.Option(None, "--backend", metavar="host|uml|vm", callback=_backend_name,
                                           help="Judge this backend instead of choosing one."),
 ) -> None:
     """Which backend `lab run` would use and why, the kernels, and what each other backend lacks.
@@ -67,11 +66,11 @@ def lab_status(
 
 @lab_app.command("pytest", context_settings={"allow_interspersed_args": False})
 def lab_pytest(
-    paths: List[str] = typer.Argument(..., metavar="PATH... [-- PYTEST_ARGS]",
+    paths: list[str] = typer.Argument(..., metavar="PATH... [-- PYTEST_ARGS]",
                                       help="Test modules, or directories of test_*.py modules."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1,
+    jobs: int | None = typer.Option(None, "--jobs", "-j", min=1,
                                        help="Labs at once (default: one per core on uml, else 1)."),
-    backend: Optional[str] = typer.Option(None, "--backend", metavar="host|uml|vm", callback=_backend_name,
+    backend: str | None = typer.Option(None, "--backend", metavar="host|uml|vm", callback=_backend_name,
                                           help="As for `lab run`."),
 ) -> None:
     """Run each test module in a lab of its own, several labs at once, and print one combined
@@ -141,7 +140,7 @@ lab_app.add_typer(kernel_app, name="kernel")
 @kernel_app.command("build")
 def kernel_build(
     force: bool = typer.Option(False, "--force", help="Build even when the cached kernel is current."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel compile jobs (default: all cores)."),
+    jobs: int | None = typer.Option(None, "--jobs", "-j", min=1, help="Parallel compile jobs (default: all cores)."),
 ) -> None:
     """Build the UML kernel from Debian's linux-source package and the repository's config fragment,
     unless the cache already holds one for this source version and fragment.
@@ -155,6 +154,6 @@ def kernel_build(
         kernel, built = build_kernel(say, jobs=jobs, force=force)
     except GuestUnavailable as e:
         say(f"cannot build the UML kernel: {e}")
-        raise typer.Exit(EXIT_ENV)
+        raise typer.Exit(EXIT_ENV) from None
     if not built:
         say(f"the UML kernel is current: {kernel.binary} ({kernel.release})")

@@ -13,14 +13,34 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.config.model import (
-    Admission, BalancerConfig, FailPolicy, Interfaces, LabelAllocation, LabelConfig, NfqueueConfig, NodeConfig,
-    Pool, Protocol, RateLimit, RateUnit, RefuseWith, Role, Scheduler, Server, Service, SessionKeyKind,
+    Admission,
+    BalancerConfig,
+    FailPolicy,
+    Interfaces,
+    LabelAllocation,
+    LabelConfig,
+    NfqueueConfig,
+    NodeConfig,
+    Pool,
+    Protocol,
+    RateLimit,
+    RateUnit,
+    RefuseWith,
+    Role,
+    Scheduler,
+    Server,
+    Service,
+    SessionKeyKind,
 )
 from orchestrator.config.server_model import ServerConfig, ServerNode, ServerQueue, Setup, Vip
 
 if TYPE_CHECKING:  # the checker sees the loaders' real types; at run time __getattr__ imports them
     from orchestrator.config.load import (
-        ConfigError, load_balancer_config, load_config, load_server_config, parse_config,
+        ConfigError,
+        load_balancer_config,
+        load_config,
+        load_server_config,
+        parse_config,
     )
 
 _LOADERS = {name: "orchestrator.config.load" for name in (

@@ -17,11 +17,34 @@ from typing import Any
 from yaml.nodes import ScalarNode
 
 from orchestrator.config.model import (
-    MAX_LABEL, MIN_LABEL, Admission, BalancerConfig, ClientsConfig, FailPolicy, Interfaces, LabelAllocation,
-    LabelConfig, NfqueueConfig, NodeConfig, Pool, Protocol, RateLimit, RateUnit, RefuseWith, Role, Scheduler,
-    Server, Service, SessionKeyKind, Setup, pair_labels,
+    MAX_LABEL,
+    MIN_LABEL,
+    Admission,
+    BalancerConfig,
+    ClientsConfig,
+    FailPolicy,
+    HealthCheck,
+    HealthCheckType,
+    Interfaces,
+    LabelAllocation,
+    LabelConfig,
+    MetricsConfig,
+    NfqueueConfig,
+    NodeConfig,
+    Pool,
+    Protocol,
+    RateLimit,
+    RateUnit,
+    RefuseWith,
+    Role,
+    Scheduler,
+    Server,
+    ServerFailure,
+    Service,
+    SessionKeyKind,
+    Setup,
+    pair_labels,
 )
-from orchestrator.config.model import HealthCheck, HealthCheckType, MetricsConfig, ServerFailure
 from orchestrator.config.parser import ConfigError, Parser, YamlValue, did_you_mean, join_path
 from orchestrator.config.server import SERVER_KEYS, ServerConfig, parse_server
 from orchestrator.dataplane.handles import FILTERS_PER_SESSION

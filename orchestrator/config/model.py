@@ -12,12 +12,12 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Union
+from typing import Any
 
 from orchestrator.analyze.keys import SessionKeyKind  # one definition: the analyzer's
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MIN_LABEL = 16                 # 0-15 are reserved
 MAX_LABEL = 1048575            # 20-bit label space

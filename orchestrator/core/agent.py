@@ -22,8 +22,15 @@ from typing import Any, Sequence
 
 from orchestrator.analyze.packet import Packet, analyze
 from orchestrator.config.server_model import ServerConfig
-from orchestrator.core.events import (Action, FlowKey, FlowsEnded, FlowsStarted, FlowTableResync, LabelledPacket,
-                                      PacketVerdict)
+from orchestrator.core.events import (
+    Action,
+    FlowKey,
+    FlowsEnded,
+    FlowsStarted,
+    FlowTableResync,
+    LabelledPacket,
+    PacketVerdict,
+)
 from orchestrator.dataplane import ops
 
 RULE_PRIORITY = 1000  # `from VIP lookup TABLE`: before the main table (32766)

@@ -19,7 +19,13 @@ from orchestrator.analyze.keys import SessionKey, SessionKeyKind, ipv6_iid, key_
 from orchestrator.analyze.packet import Malformed, Packet, analyze
 from orchestrator.config.model import BalancerConfig, LabelAllocation, Server, ServerFailure, Service
 from orchestrator.core.events import (
-    Action, FirstPacket, FlowKey, FlowsEnded, FlowsStarted, FlowTableResync, PacketVerdict,
+    Action,
+    FirstPacket,
+    FlowKey,
+    FlowsEnded,
+    FlowsStarted,
+    FlowTableResync,
+    PacketVerdict,
 )
 from orchestrator.core.failover import Failover, Outcome, relabelled, replacement
 from orchestrator.core.health import HealthEvent, HealthState, HealthView, apply_health

@@ -243,7 +243,7 @@ class Daemon:
             while "stop" not in self.flags:
                 try:
                     await asyncio.wait_for(self.wake.wait(), TICK)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 self.wake.clear()
                 if "reload" in self.flags:

@@ -12,9 +12,9 @@ from typing import Any, Iterable
 from orchestrator.capture.nfqueue import QueueStats
 from orchestrator.core.balancer import Balancer
 from orchestrator.core.failover import Outcome
+from orchestrator.core.health import HealthTable
 from orchestrator.core.sessions import Session
 from orchestrator.daemon.logs import fields
-from orchestrator.core.health import HealthTable
 from orchestrator.metrics import HistogramSnapshot, MetricsSnapshot, snapshot_from
 
 log = logging.getLogger("mplsorch")

@@ -11,7 +11,6 @@ import enum
 import functools
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Union
 
 from orchestrator.inet import pton
 from orchestrator.ipproto import IPPROTO_ESP
@@ -220,7 +219,7 @@ class SetMark:
         return f"skbedit mark {self.mark}"
 
 
-Action = Union[MplsPush, MplsPop, SetMark]
+Action = MplsPush | MplsPop | SetMark
 
 
 def push_stack(labels: tuple[int, ...] | list[int]) -> tuple[MplsPush, ...]:
@@ -362,7 +361,7 @@ class U32Filter:
                 f"{self.handle >> 20:x}:{(self.handle >> 12) & 0xFF:x}:{self.handle & 0xFFF:x} u32 {match} {actions}")
 
 
-DataplaneObject = Union[MplsRoute, EncapRoute, Rule, ClsactQdisc, FlowerFilter, U32Filter, FastPathElement]
+DataplaneObject = MplsRoute | EncapRoute | Rule | ClsactQdisc | FlowerFilter | U32Filter | FastPathElement
 
 
 @dataclass(frozen=True)
@@ -390,7 +389,7 @@ class Delete:
     verb: str = field(default="delete", init=False)
 
 
-Operation = Union[Add, Replace, Delete]
+Operation = Add | Replace | Delete
 
 
 def describe(op: Operation) -> str:

@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from orchestrator.config.model import BalancerConfig, HealthCheck
-from orchestrator.health.checks import run_check
 from orchestrator.core.health import CheckResult, Target
+from orchestrator.health.checks import run_check
 
 __all__ = ["Probe", "HealthRunner", "probes_of", "targets_of"]
 

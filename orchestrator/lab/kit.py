@@ -43,7 +43,7 @@ class Lab:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @classmethod
-    def from_env(cls) -> "Lab":
+    def from_env(cls) -> Lab:
         return cls(json.loads(Path(os.environ["MPLSORCH_LAB_JSON"]).read_text()))
 
     def node(self, name: str) -> dict[str, Any]:
@@ -128,7 +128,7 @@ class Lab:
                          url, check=False, timeout=timeout + 10)
         return result.stdout.strip() or "000"
 
-    def capture(self, node: str, dev: str, name: str) -> "Capture":
+    def capture(self, node: str, dev: str, name: str) -> Capture:
         path = Path(self.node(node)["runtime_dir"]) / f"{name}.pcap"
         proc = self.spawn(node, "tcpdump", "--immediate-mode", "-U", "-nn", "-i", dev, "-w", str(path), "mpls",
                           log=path.with_suffix(".log"))

@@ -10,12 +10,12 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 ROLES: tuple[str, ...] = ("client", "balancer", "fabric", "server")
 LABELED_ROLES: frozenset[str] = frozenset({"balancer", "server"})

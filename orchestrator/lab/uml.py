@@ -33,8 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from orchestrator.lab.guest import (RESULT_ENV, FileRelay, GuestResult, GuestUnavailable, guest_env, launcher,
-                                   read_result)
+from orchestrator.lab.guest import (
+    RESULT_ENV,
+    FileRelay,
+    GuestResult,
+    GuestUnavailable,
+    guest_env,
+    launcher,
+    read_result,
+)
 
 FRAGMENT = Path(__file__).with_name("uml_kernel.config")
 SOURCE_PACKAGE = "linux-source-6.1"

@@ -22,7 +22,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from orchestrator.lab.guest import RESULT_ENV, GuestResult, GuestUnavailable, guest_env, launcher, read_result, relay_stream
+from orchestrator.lab.guest import (
+    RESULT_ENV,
+    GuestResult,
+    GuestUnavailable,
+    guest_env,
+    launcher,
+    read_result,
+    relay_stream,
+)
 
 KVM_PROBE_TIMEOUT = 10.0
 

@@ -4,13 +4,12 @@ first packets, S2C = C2S + 1 return routes per VIP table, session end, label reu
 from __future__ import annotations
 
 import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
 
 from orchestrator.core.agent import RULE_PRIORITY, ServerAgent, State
 from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowTableResync, LabelledPacket
 from orchestrator.dataplane import ops
-from scapy.layers.inet import IP, TCP
-from scapy.layers.inet6 import IPv6
-
 from tests.unit.conftest import VIP, AgentNode
 
 VIP6 = "fd00:100::100"

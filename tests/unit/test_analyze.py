@@ -7,18 +7,40 @@ import random
 from pathlib import Path
 
 import pytest
-
 import scapy.all as scapy_all  # a declared test dependency: missing means broken, not skipped
 from scapy.all import (  # noqa: E402
-    AH, ESP, HAO, ICMP, IP, TCP, UDP, ICMPv6DestUnreach, ICMPv6EchoRequest, ICMPv6PacketTooBig,
-    ICMPv6TimeExceeded, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop,
-    IPv6ExtHdrRouting, PadN, raw,
+    AH,
+    ESP,
+    HAO,
+    ICMP,
+    IP,
+    TCP,
+    UDP,
+    ICMPv6DestUnreach,
+    ICMPv6EchoRequest,
+    ICMPv6PacketTooBig,
+    ICMPv6TimeExceeded,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+    PadN,
+    raw,
 )
 from scapy.layers.sctp import SCTP  # noqa: E402
 
 from orchestrator.analyze import (  # noqa: E402
-    MAX_EXT_HEADERS, REASONS, Malformed, Packet, SessionKey, SessionKeyKind, analyze, icmp_error_client,
-    icmp_error_session_key, session_key,
+    MAX_EXT_HEADERS,
+    REASONS,
+    Malformed,
+    Packet,
+    SessionKey,
+    SessionKeyKind,
+    analyze,
+    icmp_error_client,
+    icmp_error_session_key,
+    session_key,
 )
 
 CLIENT4, VIP4 = "192.0.2.10", "10.0.0.100"

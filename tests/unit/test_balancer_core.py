@@ -15,6 +15,7 @@ from orchestrator.dataplane import ops
 from orchestrator.dataplane.records import hold_marker
 from tests.unit.conftest import TRANSPORT, VIP, Node, config, syn
 
+
 def test_new_session_is_programmed_before_its_packet_is_accepted() -> None:
     node = Node()
     commit = node.packets(syn("10.0.1.10"))

@@ -26,12 +26,12 @@ from orchestrator.capture.nfqueue import NF_ACCEPT, QueuedPacket, parse_queue_st
 from orchestrator.cli.main import app
 from orchestrator.config.examples import KeyPath
 from orchestrator.config.model import MetricsConfig
+from orchestrator.core.health import HealthState
 from orchestrator.daemon import control, logs, views
 from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.fake import FakeProvider
 from orchestrator.health import CheckResult
-from orchestrator.core.health import HealthState
 from tests.unit.conftest import BALANCER_EXAMPLE, VIP, ScriptedQueue, balancer_daemon, config
 
 CHECK = {"pools.web.health_check": {"type": "tcp", "port": 80, "interval": "1s", "timeout": "1s", "rise": 1, "fall": 3}}

@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.lab.bench.stats import (alias_addresses, chunks, flood_sources, ipvs_connections, percentile,
-                                          pktgen_result, ratio, softnet_drops, tx_packets)
+from orchestrator.lab.bench.stats import (
+    alias_addresses,
+    chunks,
+    flood_sources,
+    ipvs_connections,
+    percentile,
+    pktgen_result,
+    ratio,
+    softnet_drops,
+    tx_packets,
+)
 
 
 def test_percentile_interpolates_between_closest_ranks_like_numpy() -> None:

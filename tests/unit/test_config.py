@@ -12,8 +12,17 @@ from typer.testing import CliRunner
 
 from orchestrator.cli.main import app
 from orchestrator.config import (
-    ConfigError, FailPolicy, LabelAllocation, Protocol, RateUnit, RefuseWith, Role, Scheduler, SessionKeyKind,
-    load_config, parse_config,
+    ConfigError,
+    FailPolicy,
+    LabelAllocation,
+    Protocol,
+    RateUnit,
+    RefuseWith,
+    Role,
+    Scheduler,
+    SessionKeyKind,
+    load_config,
+    parse_config,
 )
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "templates" / "balancer.example.yaml"

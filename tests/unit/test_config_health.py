@@ -48,7 +48,7 @@ def assert_error(text: str, marker: str, path: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(text, "lb.yaml")
     e = info.value
-    line = next(i + 1 for i, l in enumerate(text.splitlines()) if marker in l)
+    line = next(i + 1 for i, text_line in enumerate(text.splitlines()) if marker in text_line)
     assert (e.source, e.line, e.path) == ("lb.yaml", line, path), str(e)
     assert fragment in e.message, str(e)
 
@@ -213,6 +213,6 @@ def test_example_documents_health_check_and_metrics_and_they_validate() -> None:
     # The udp lines of the block, uncommented too, describe a valid udp check.
     udp = uncomment(uncomment(text, "health_check:"), "send:").replace("type: http", "type: udp")
     for key in ("path", "expect_status", "host"):
-        udp = "".join(l for l in udp.splitlines(keepends=True) if not l.lstrip().startswith(key + ":"))
+        udp = "".join(x for x in udp.splitlines(keepends=True) if not x.lstrip().startswith(key + ":"))
     check = parse_config(udp).pool("web").health_check
     assert check is not None and check.send == b"ping\n"

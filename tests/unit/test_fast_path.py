@@ -10,14 +10,14 @@ import struct
 from collections import deque
 from typing import Any
 
-from scapy.layers.inet import IP, UDP
+from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
-from scapy.layers.inet import TCP
 from scapy.layers.ipsec import ESP
 
 from orchestrator.capture import conntrack as ct
-from orchestrator.config.examples import DELETE, KeyPath
 from orchestrator.capture import nftables
+from orchestrator.capture.nfqueue import QueuedPacket
+from orchestrator.config.examples import DELETE, KeyPath
 from orchestrator.core.balancer import Balancer
 from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowsStarted, FlowTableResync
 from orchestrator.core.sessions import State
@@ -26,7 +26,6 @@ from orchestrator.dataplane.fake import FakeProvider
 from orchestrator.dataplane.netlink import constants as c
 from orchestrator.dataplane.netlink import decode, encode, nla, nlsocket
 from orchestrator.dataplane.netlink.provider import NetlinkProvider
-from orchestrator.capture.nfqueue import QueuedPacket
 from tests.unit.conftest import Node, ScriptedQueue, balancer_daemon, config, syn
 
 E = ops.FastPathElement

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.dataplane.handles import (
-    FILTERS_PER_SESSION, U32_NODES, HandleOverflow, filter_handle, handle_c2s, handle_index, relabel_handle,
-    u32_handle, u32_node,
+    FILTERS_PER_SESSION,
+    U32_NODES,
+    HandleOverflow,
+    filter_handle,
+    handle_c2s,
+    handle_index,
+    relabel_handle,
+    u32_handle,
+    u32_node,
 )
 from orchestrator.dataplane.ops import MPLS_LABEL_MAX
 

@@ -14,8 +14,20 @@ import pytest
 from orchestrator.config.model import HealthCheck, HealthCheckType
 from orchestrator.core.schedulers import ResponseTime, ServerState
 from orchestrator.health import (
-    CheckResult, HealthEvent, HealthMachine, HealthRunner, HealthState, HealthTable, HealthView, Probe,
-    Target, apply_health, check_http, check_tcp, check_udp, run_check,
+    CheckResult,
+    HealthEvent,
+    HealthMachine,
+    HealthRunner,
+    HealthState,
+    HealthTable,
+    HealthView,
+    Probe,
+    Target,
+    apply_health,
+    check_http,
+    check_tcp,
+    check_udp,
+    run_check,
 )
 
 OK = CheckResult(True, 0.010, "connected")

@@ -13,7 +13,6 @@ import pytest
 from orchestrator import kmod
 from orchestrator.lab import backend, guest, parallel, uml
 
-
 # ---- choosing a backend ----
 
 def _fake(monkeypatch: pytest.MonkeyPatch, **available: bool) -> None:

@@ -11,8 +11,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from orchestrator import __version__
 from orchestrator.config.model import MetricsConfig
 from orchestrator.metrics import (
-    BATCH_BUCKETS, MAX_REASONS, DurationHistogram, HistogramSnapshot, LatestSnapshot, MetricsSnapshot,
-    MplsorchCollector, make_registry, snapshot_from, start_metrics_server,
+    BATCH_BUCKETS,
+    MAX_REASONS,
+    DurationHistogram,
+    HistogramSnapshot,
+    LatestSnapshot,
+    MetricsSnapshot,
+    MplsorchCollector,
+    make_registry,
+    snapshot_from,
+    start_metrics_server,
 )
 
 FAMILIES = {
@@ -84,7 +92,7 @@ def test_exposition_text() -> None:
         'mplsorch_server_health{pool="dns",server="s1",state="unknown"} 1.0',
     ]:
         assert line in lines, f"{line!r} missing from:\n{text}"
-    sum_line = next(l for l in lines if l.startswith("mplsorch_dataplane_batch_duration_seconds_sum "))
+    sum_line = next(x for x in lines if x.startswith("mplsorch_dataplane_batch_duration_seconds_sum "))
     assert float(sum_line.split()[1]) == pytest.approx(3.0047)
 
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import collections
 
 import pytest
+
 from orchestrator.core import commands
+from orchestrator.core.health import HealthEvent, HealthState, HealthView
 from orchestrator.core.servers import AdminState, BadCommand
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.records import hold_marker
-from orchestrator.core.health import HealthEvent, HealthState, HealthView
 from tests.unit.conftest import TRANSPORT, Node, config, syn
 
 UP, DOWN = HealthState.UP, HealthState.DOWN

@@ -10,12 +10,12 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
 
+from orchestrator.config.examples import DELETE
+from orchestrator.config.model import BalancerConfig
 from orchestrator.core.balancer import Balancer
 from orchestrator.core.events import Action
 from orchestrator.core.health import HealthEvent, HealthState, HealthView
-from orchestrator.config.model import BalancerConfig
 from orchestrator.dataplane import handles, ops, records
-from orchestrator.config.examples import DELETE
 from tests.unit.conftest import TRANSPORT, VIP, Node, config, syn
 
 VIP6 = "fd00:100::100"

@@ -13,8 +13,18 @@ from typer.testing import CliRunner
 
 from orchestrator.cli.main import app
 from orchestrator.config import (
-    BalancerConfig, ConfigError, Role, ServerConfig, ServerNode, ServerQueue, Setup, Vip, load_balancer_config,
-    load_config, load_server_config, parse_config,
+    BalancerConfig,
+    ConfigError,
+    Role,
+    ServerConfig,
+    ServerNode,
+    ServerQueue,
+    Setup,
+    Vip,
+    load_balancer_config,
+    load_config,
+    load_server_config,
+    parse_config,
 )
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"

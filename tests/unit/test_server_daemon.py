@@ -13,10 +13,10 @@ from scapy.layers.inet import IP, TCP
 from typer.testing import CliRunner
 
 from orchestrator.capture.nfqueue import NF_ACCEPT, QueuedPacket
+from orchestrator.cli import daemon as cli_daemon
 from orchestrator.cli.main import app
 from orchestrator.config import load_server_config
 from orchestrator.core.agent import MARK_TAG
-from orchestrator.cli import daemon as cli_daemon
 from orchestrator.daemon import node_setup
 from orchestrator.daemon.server import ServerDaemon
 from orchestrator.dataplane import ops

@@ -18,10 +18,24 @@ from typing import Iterator, Sequence
 
 from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.constants import (
-    AF_UNSPEC, NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK, NETLINK_NETFILTER, NETLINK_ROUTE,
-    NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NLM_F_ACK,
-    NLM_F_ACK_TLVS, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
-    NLMSGERR_ATTR_MSG, SOL_NETLINK,
+    AF_UNSPEC,
+    NETLINK_CAP_ACK,
+    NETLINK_EXT_ACK,
+    NETLINK_GET_STRICT_CHK,
+    NETLINK_NETFILTER,
+    NETLINK_ROUTE,
+    NFNL_MSG_BATCH_BEGIN,
+    NFNL_MSG_BATCH_END,
+    NFNL_SUBSYS_NFTABLES,
+    NLM_F_ACK,
+    NLM_F_ACK_TLVS,
+    NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSGERR_ATTR_MSG,
+    SOL_NETLINK,
 )
 
 CLONE_NEWNET = 0x40000000
@@ -120,7 +134,7 @@ class NetlinkSocket:
     def close(self) -> None:
         self._sock.close()
 
-    def __enter__(self) -> "NetlinkSocket":
+    def __enter__(self) -> NetlinkSocket:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,9 +13,24 @@ from typing import Iterable, Iterator, Mapping, Sequence
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import decode, encode, nla
 from orchestrator.dataplane.netlink.constants import (
-    AF_INET, AF_INET6, AF_MPLS, AF_UNSPEC, IFA_ADDRESS, IFA_LOCAL, IFLA_IFNAME, RT_PROTO, RTM_GETADDR,
-    RTM_GETLINK, RTM_GETQDISC, RTM_GETROUTE, RTM_GETRULE, RTM_GETTFILTER, RTM_NEWADDR, RTM_NEWLINK,
-    RTM_NEWROUTE, TC_H_CLSACT,
+    AF_INET,
+    AF_INET6,
+    AF_MPLS,
+    AF_UNSPEC,
+    IFA_ADDRESS,
+    IFA_LOCAL,
+    IFLA_IFNAME,
+    RT_PROTO,
+    RTM_GETADDR,
+    RTM_GETLINK,
+    RTM_GETQDISC,
+    RTM_GETROUTE,
+    RTM_GETRULE,
+    RTM_GETTFILTER,
+    RTM_NEWADDR,
+    RTM_NEWLINK,
+    RTM_NEWROUTE,
+    TC_H_CLSACT,
 )
 from orchestrator.dataplane.netlink.nlsocket import KernelError, NetlinkSocket, NftBatchSocket
 from orchestrator.dataplane.provider import UnknownDevice
@@ -49,7 +64,7 @@ class NetlinkProvider:
             self._nft = NftBatchSocket(self._netns)
         return self._nft
 
-    def __enter__(self) -> "NetlinkProvider":
+    def __enter__(self) -> NetlinkProvider:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -60,7 +60,7 @@ def balancer_phase(bed: Testbed) -> tuple[RateRun, Latency]:
     return rate, latency
 
 
-def start_balancer(balancer: "BalancerLab", attempts: int = 2) -> None:
+def start_balancer(balancer: BalancerLab, attempts: int = 2) -> None:
     """The harness gives the daemon 90 s to come up, which a loaded emulated VM can overrun
     (imports over 9p, nft's module loads): one more try before giving up."""
     for attempt in range(1, attempts + 1):
@@ -74,7 +74,7 @@ def start_balancer(balancer: "BalancerLab", attempts: int = 2) -> None:
             balancer.close()
 
 
-def stop_servers(lab: "Lab") -> None:
+def stop_servers(lab: Lab) -> None:
     """Stop what the harness runs on the servers' IPv4 VIP: UDP echo would answer every flood
     packet from Python, competing for the emulated CPUs with what is measured (the answers have
     nowhere to go anyway; the servers' kernels now drop the flood with a rate-limited ICMP port
@@ -87,7 +87,7 @@ def stop_servers(lab: "Lab") -> None:
             lab.stop(proc)
 
 
-def check_balancer(bed: Testbed, balancer: "BalancerLab", started_before: int) -> None:
+def check_balancer(bed: Testbed, balancer: BalancerLab, started_before: int) -> None:
     """The daemon counted every flood session, and the kernel holds a filter for each."""
     from orchestrator.dataplane import ops
 

@@ -54,7 +54,7 @@ def flood(dev: str, dst_mac: str, vip: str, second_octet: int, count: int,
         sent_base = sent()
         runner = pktgen.start(dev, sources[first:first + length])
         if first_sent is None:
-            first_sent, _ = wait_for(lambda: sent() - sent_base, 1, time.monotonic())
+            first_sent, _ = wait_for(lambda base=sent_base: sent() - base, 1, time.monotonic())
         runner.join()
         usec, done = pktgen.result(dev)
         if done != length:

@@ -21,7 +21,7 @@ SCHEDULERS = {"rr": "rr", "wrr": "wrr", "lc": "lc", "wlc": "wlc", "maglev": "mh"
 MODULES = ("ip_vs", "ip_vs_rr", "ip_vs_wrr", "ipip")
 
 
-def service_commands(config: "BalancerConfig", vip: str) -> list[list[str]]:
+def service_commands(config: BalancerConfig, vip: str) -> list[list[str]]:
     """ipvsadm's arguments for the configuration's TCP and UDP services on `vip` (what the
     benchmark sends to): a persistent virtual service per port, its pool's servers as tunnel
     (-i) real servers with their weights."""
@@ -38,14 +38,14 @@ def service_commands(config: "BalancerConfig", vip: str) -> list[list[str]]:
     return commands
 
 
-def lab_servers(lab: "Lab") -> list[str]:
+def lab_servers(lab: Lab) -> list[str]:
     return [lab.address(s) for s in lab.names("server")]
 
 
 class Ipvs:
     """IPVS set up on the lab, and taken down again."""
 
-    def __init__(self, bed: Testbed, config: "BalancerConfig") -> None:
+    def __init__(self, bed: Testbed, config: BalancerConfig) -> None:
         self.bed, self.config = bed, config
         self.lab = bed.lab
 
@@ -84,7 +84,7 @@ class Ipvs:
             lab.sh(server, "ip", "link", "set", "tunl0", "down", check=False)
 
 
-def ipvs_phase(bed: Testbed, config: "BalancerConfig") -> tuple[RateRun, Latency]:
+def ipvs_phase(bed: Testbed, config: BalancerConfig) -> tuple[RateRun, Latency]:
     ipvs = Ipvs(bed, config)
     try:
         say("ipvs: starting")

@@ -35,16 +35,16 @@ def say(msg: str) -> None:
     print(f"bench: {time.monotonic() - T0:7.1f}s {msg}", file=sys.stderr, flush=True)
 
 
-def helper(lab: "Lab", node: str, module: "ModuleType", *args: str) -> list[str]:
+def helper(lab: Lab, node: str, module: ModuleType, *args: str) -> list[str]:
     """The command that runs a helper module with `python -m` inside `node`'s namespace."""
     return ["ip", "netns", "exec", lab.netns(node), sys.executable, "-m", module.__name__, *args]
 
 
-def mac(lab: "Lab", node: str, dev: str) -> str:
+def mac(lab: Lab, node: str, dev: str) -> str:
     return str(json.loads(lab.sh(node, "ip", "-j", "link", "show", "dev", dev).stdout)[0]["address"])
 
 
-def batch(lab: "Lab", node: str, lines: list[str]) -> None:
+def batch(lab: Lab, node: str, lines: list[str]) -> None:
     """Many `ip` commands in one run: hundreds of aliases and neighbours, one process."""
     with tempfile.NamedTemporaryFile("w", suffix=".batch", delete=False) as f:
         f.write("\n".join(lines) + "\n")
@@ -58,7 +58,7 @@ class NodeProcess:
     """A process parked in a node, so that /proc/PID/net/dev shows that node's links to any
     process (reading it costs the systems under test nothing)."""
 
-    def __init__(self, lab: "Lab", node: str) -> None:
+    def __init__(self, lab: Lab, node: str) -> None:
         self.lab = lab
         self.proc = lab.spawn(node, "sleep", "100000")
         netns = os.stat(f"/run/netns/{lab.netns(node)}").st_ino
@@ -79,7 +79,7 @@ class NodeProcess:
 class Testbed:
     """The topology facts both phases need, and the client side they share."""
 
-    def __init__(self, lab: "Lab", sessions: int, samples: int) -> None:
+    def __init__(self, lab: Lab, sessions: int, samples: int) -> None:
         self.lab, self.sessions, self.samples = lab, sessions, samples
         self.client = lab.names("client")[0]
         self.balancer = lab.names("balancer")[0]

@@ -23,8 +23,15 @@ from orchestrator.ipproto import IPPROTO_ESP
 
 from .packet import Packet
 
-__all__ = ["SessionKeyKind", "SessionKey", "key_value", "session_key", "ipv6_iid", "icmp_error_client",
-           "icmp_error_session_key"]
+__all__ = [
+    "SessionKeyKind",
+    "SessionKey",
+    "key_value",
+    "session_key",
+    "ipv6_iid",
+    "icmp_error_client",
+    "icmp_error_session_key",
+]
 
 
 class SessionKeyKind(enum.StrEnum):
@@ -60,8 +67,17 @@ def ipv6_iid(addr: str) -> str:
     return _iid(addr)
 
 
-def _value(kind: SessionKeyKind, version: int, proto: int, src: str, sport: int | None, dst: str,
-           dport: int | None, home: str | None, spi: int | None) -> str:
+def _value(
+    kind: SessionKeyKind,
+    version: int,
+    proto: int,
+    src: str,
+    sport: int | None,
+    dst: str,
+    dport: int | None,
+    home: str | None,
+    spi: int | None,
+) -> str:
     if kind is SessionKeyKind.CLIENT_IP:
         return src
     if kind is SessionKeyKind.FIVE_TUPLE:
@@ -75,8 +91,17 @@ def _value(kind: SessionKeyKind, version: int, proto: int, src: str, sport: int 
     raise ValueError(f"unknown session key kind {kind!r}")  # pragma: no cover - StrEnum is closed
 
 
-def key_value(kind: SessionKeyKind | str, version: int, proto: int, src: str, sport: int | None,
-              dst: str, dport: int | None, home: str | None = None, spi: int | None = None) -> str:
+def key_value(
+    kind: SessionKeyKind | str,
+    version: int,
+    proto: int,
+    src: str,
+    sport: int | None,
+    dst: str,
+    dport: int | None,
+    home: str | None = None,
+    spi: int | None = None,
+) -> str:
     """The table key of the given parts, exactly as `session_key` derives it from a packet: a
     restart rebuilds a session's key from its filter's match and record with it."""
     return _value(SessionKeyKind(kind), version, proto, src, sport, dst, dport, home, spi)
@@ -94,8 +119,11 @@ def session_key(pkt: Packet, kind: SessionKeyKind | str) -> SessionKey:
     This keys the packet as it is; for an ICMP error about a session use `icmp_error_session_key`.
     Raises ValueError for an unknown kind string (configuration error, not a packet error)."""
     k = SessionKeyKind(kind)
-    return SessionKey(k, _value(k, pkt.version, pkt.proto, pkt.src, pkt.sport, pkt.dst, pkt.dport,
-                                pkt.home_address, pkt.esp_spi), pkt.src)
+    return SessionKey(
+        k,
+        _value(k, pkt.version, pkt.proto, pkt.src, pkt.sport, pkt.dst, pkt.dport, pkt.home_address, pkt.esp_spi),
+        pkt.src,
+    )
 
 
 def icmp_error_client(pkt: Packet) -> str | None:
@@ -125,5 +153,8 @@ def icmp_error_session_key(pkt: Packet, kind: SessionKeyKind | str) -> SessionKe
     if inner is None or not pkt.is_icmp_error:
         return None
     k = SessionKeyKind(kind)
-    return SessionKey(k, _value(k, inner.version, inner.proto, inner.dst, inner.dport, inner.src, inner.sport,
-                                inner.home_address, None), inner.dst)
+    return SessionKey(
+        k,
+        _value(k, inner.version, inner.proto, inner.dst, inner.dport, inner.src, inner.sport, inner.home_address, None),
+        inner.dst,
+    )

@@ -70,8 +70,13 @@ def parse_flow(body: memoryview) -> FlowKey | None:
         return None
     sport = struct.unpack_from("!H", proto[CTA_PROTO_SRC_PORT])[0] if CTA_PROTO_SRC_PORT in proto else None
     dport = struct.unpack_from("!H", proto[CTA_PROTO_DST_PORT])[0] if CTA_PROTO_DST_PORT in proto else None
-    return FlowKey(proto[CTA_PROTO_NUM][0], socket.inet_ntop(family, bytes(src)),
-                   socket.inet_ntop(family, bytes(dst)), sport, dport)
+    return FlowKey(
+        proto[CTA_PROTO_NUM][0],
+        socket.inet_ntop(family, bytes(src)),
+        socket.inet_ntop(family, bytes(dst)),
+        sport,
+        dport,
+    )
 
 
 def is_tagged(body: memoryview) -> bool:
@@ -156,8 +161,11 @@ class ConntrackListener:
             buf = bytearray(1 << 18)
             for family in (socket.AF_INET, socket.AF_INET6):
                 body = nla.NFGENMSG.pack(family, 0, 0) + mark_filter()
-                sock.send(nla.message(NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET,
-                                      NLM_F_REQUEST | NLM_F_DUMP, family, body))
+                sock.send(
+                    nla.message(
+                        NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family, body
+                    )
+                )
                 done = False
                 while not done:
                     size = sock.recv_into(buf)
@@ -173,4 +181,4 @@ class ConntrackListener:
 
 def mark_filter() -> bytes:
     """The dump request's attributes that make the kernel report only flows tagged CT_TAG."""
-    return (nla.attr(CTA_MARK, struct.pack("!I", CT_TAG)) + nla.attr(CTA_MARK_MASK, struct.pack("!I", CT_MASK)))
+    return nla.attr(CTA_MARK, struct.pack("!I", CT_TAG)) + nla.attr(CTA_MARK_MASK, struct.pack("!I", CT_MASK))

@@ -43,14 +43,40 @@ if TYPE_CHECKING:  # the checker sees the loaders' real types; at run time __get
         parse_config,
     )
 
-_LOADERS = {name: "orchestrator.config.load" for name in (
-    "ConfigError", "load_balancer_config", "load_config", "load_server_config", "parse_config")}
+_LOADERS = {
+    name: "orchestrator.config.load"
+    for name in ("ConfigError", "load_balancer_config", "load_config", "load_server_config", "parse_config")
+}
 
 __all__ = [
-    "Admission", "BalancerConfig", "ConfigError", "FailPolicy", "Interfaces", "LabelAllocation", "LabelConfig",
-    "NfqueueConfig", "NodeConfig", "Pool", "Protocol", "RateLimit", "RateUnit", "RefuseWith", "Role", "Scheduler",
-    "Server", "ServerConfig", "ServerNode", "ServerQueue", "Service", "SessionKeyKind", "Setup", "Vip",
-    "load_balancer_config", "load_config", "load_server_config", "parse_config",
+    "Admission",
+    "BalancerConfig",
+    "ConfigError",
+    "FailPolicy",
+    "Interfaces",
+    "LabelAllocation",
+    "LabelConfig",
+    "NfqueueConfig",
+    "NodeConfig",
+    "Pool",
+    "Protocol",
+    "RateLimit",
+    "RateUnit",
+    "RefuseWith",
+    "Role",
+    "Scheduler",
+    "Server",
+    "ServerConfig",
+    "ServerNode",
+    "ServerQueue",
+    "Service",
+    "SessionKeyKind",
+    "Setup",
+    "Vip",
+    "load_balancer_config",
+    "load_config",
+    "load_server_config",
+    "parse_config",
 ]
 
 

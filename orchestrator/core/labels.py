@@ -51,16 +51,14 @@ class LabelStats:
     in_use: int
     held_down: int
     free: int
-    blocks: Mapping[str, LabelStats] = field(
-        default_factory=lambda: MappingProxyType({}), hash=False)
+    blocks: Mapping[str, LabelStats] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
     @property
     def exhausted(self) -> bool:
         return self.free == 0
 
     def to_dict(self) -> dict:
-        out: dict = {"total": self.total, "in_use": self.in_use,
-                     "held_down": self.held_down, "free": self.free}
+        out: dict = {"total": self.total, "in_use": self.in_use, "held_down": self.held_down, "free": self.free}
         if self.blocks:
             out["blocks"] = {name: s.to_dict() for name, s in self.blocks.items()}
         return out
@@ -109,8 +107,9 @@ class LabelAllocator:
     inside ``[first, last]`` and are disjoint. Without blocks, one pool serves every server.
     """
 
-    def __init__(self, first: int, last: int, hold_down: float,
-                 blocks: Mapping[str, tuple[int, int]] | None = None) -> None:
+    def __init__(
+        self, first: int, last: int, hold_down: float, blocks: Mapping[str, tuple[int, int]] | None = None
+    ) -> None:
         if not (0 <= first <= last <= MAX_LABEL):
             raise ValueError(f"label range {first}-{last} must satisfy 0 <= first <= last <= {MAX_LABEL}")
         if hold_down < 0:
@@ -125,8 +124,10 @@ class LabelAllocator:
         if blocks is None:
             lo, hi = _pair_bounds(first, last)
             if hi < lo:
-                raise ValueError(f"label range {first}-{last} holds no C2S/S2C pair "
-                                 f"(C2S odd >= {FIRST_USABLE_C2S}, S2C = C2S + 1 <= last)")
+                raise ValueError(
+                    f"label range {first}-{last} holds no C2S/S2C pair "
+                    f"(C2S odd >= {FIRST_USABLE_C2S}, S2C = C2S + 1 <= last)"
+                )
             self._shared = _Pool(None, lo, hi)
             self._sorted: list[_Pool] = [self._shared]
             return
@@ -146,7 +147,8 @@ class LabelAllocator:
             if widest is not None and blo <= widest[1]:
                 raise ValueError(
                     f"label blocks {widest[2]!r} {widest[0]}-{widest[1]} and {name!r} {blo}-{bhi} "
-                    f"overlap at {blo}-{min(bhi, widest[1])}")
+                    f"overlap at {blo}-{min(bhi, widest[1])}"
+                )
             if widest is None or bhi > widest[1]:
                 widest = (blo, bhi, name)
         self._sorted = [self._pools[n] for _, _, n in spans]
@@ -259,8 +261,7 @@ class LabelAllocator:
         """Put a pair that is not in use into hold-down from ``now`` (a restart found it held down
         in the kernel: its timer restarts). False if ``c2s`` is no C2S label of the range (or of
         any block) or is in use; a pair already held down is held again from ``now``."""
-        pool = self._shared if self._shared is not None else next(
-            (p for p in self._sorted if p.contains(c2s)), None)
+        pool = self._shared if self._shared is not None else next((p for p in self._sorted if p.contains(c2s)), None)
         if pool is None or not pool.contains(c2s) or c2s in self._used:
             return False
         if self._held.pop(c2s, None) is None:

@@ -77,7 +77,7 @@ class Capture:
     """How a daemon opens its sockets. Openers, not open sockets: setup opens conntrack before it
     reconciles and the queue last, so no first packet waits before the core knows the sessions."""
 
-    queue: Callable[[int, int], PacketQueue]   # (first, last queue number) -> the queue
+    queue: Callable[[int, int], PacketQueue]  # (first, last queue number) -> the queue
     conntrack: Callable[[], FlowSource]
 
 
@@ -214,16 +214,25 @@ class Daemon:
 
     def status(self, now: float) -> dict[str, Any]:
         """`mplsorch status --json` but for nftables' counters, which `answer` adds."""
-        return {"role": self.role, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
-                **self.status_details(now), "counters": dict(self.core.counters),
-                "dataplane_ops": dict(self.op_results)}
+        return {
+            "role": self.role,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            **self.status_details(now),
+            "counters": dict(self.core.counters),
+            "dataplane_ops": dict(self.op_results),
+        }
 
     def sessions(self, now: float) -> dict[str, Any]:
         return {"role": self.role, "sessions": [session_json(view, now) for view in self.session_views()]}
 
     def routes(self, now: float) -> dict[str, Any]:
-        return {"routes": [{"object": i.obj.describe(), "kind": type(i.obj).__name__,
-                            "offload": i.offload.describe()} for i in self.provider.dump()]}
+        return {
+            "routes": [
+                {"object": i.obj.describe(), "kind": type(i.obj).__name__, "offload": i.offload.describe()}
+                for i in self.provider.dump()
+            ]
+        }
 
     # -- the loop -----------------------------------------------------------------------------------
     async def run(self) -> int:

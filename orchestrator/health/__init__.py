@@ -18,7 +18,21 @@ from orchestrator.health.checks import check_http, check_tcp, check_udp, run_che
 from orchestrator.health.runner import HealthRunner, Probe, probes_of, targets_of
 
 __all__ = [
-    "CheckResult", "HealthEvent", "HealthMachine", "HealthRunner", "HealthState", "HealthTable", "HealthView",
-    "Probe", "ServerHealth", "Target", "apply_health", "check_http", "check_tcp", "check_udp", "probes_of",
-    "run_check", "targets_of",
+    "CheckResult",
+    "HealthEvent",
+    "HealthMachine",
+    "HealthRunner",
+    "HealthState",
+    "HealthTable",
+    "HealthView",
+    "Probe",
+    "ServerHealth",
+    "Target",
+    "apply_health",
+    "check_http",
+    "check_tcp",
+    "check_udp",
+    "probes_of",
+    "run_check",
+    "targets_of",
 ]

@@ -42,12 +42,25 @@ def sample_snapshot() -> MetricsSnapshot:
     h = DurationHistogram()
     for seconds in (0.0002, 0.0005, 0.004, 3.0):
         h.observe(seconds)
-    counters = {"packets_userspace": 12, "sessions_started": 9, "refused:no-server": 2,
-                "refused:label-headroom": 1, "verdict:accept": 9, "verdict:drop": 1, "verdict:refuse": 3,
-                "malformed:truncated": 1, "sessions_ended": 4}
-    return snapshot_from(counters, {"serving": 4, "draining": 1}, {"free": 490, "in_use": 5, "held_down": 4},
-                         {"ok": 40, "error": 2}, h.snapshot(),
-                         [("web", "s1", "up"), ("web", "s2", "down"), ("dns", "s1", "unknown")])
+    counters = {
+        "packets_userspace": 12,
+        "sessions_started": 9,
+        "refused:no-server": 2,
+        "refused:label-headroom": 1,
+        "verdict:accept": 9,
+        "verdict:drop": 1,
+        "verdict:refuse": 3,
+        "malformed:truncated": 1,
+        "sessions_ended": 4,
+    }
+    return snapshot_from(
+        counters,
+        {"serving": 4, "draining": 1},
+        {"free": 490, "in_use": 5, "held_down": 4},
+        {"ok": 40, "error": 2},
+        h.snapshot(),
+        [("web", "s1", "up"), ("web", "s2", "down"), ("dns", "s1", "unknown")],
+    )
 
 
 def exposition(snapshot: MetricsSnapshot) -> str:
@@ -78,7 +91,7 @@ def test_exposition_text() -> None:
         "# TYPE mplsorch_dataplane_batch_duration_seconds histogram",
         'mplsorch_dataplane_batch_duration_seconds_bucket{le="0.0001"} 0.0',
         'mplsorch_dataplane_batch_duration_seconds_bucket{le="0.00025"} 1.0',
-        'mplsorch_dataplane_batch_duration_seconds_bucket{le="0.0005"} 2.0',   # le is inclusive
+        'mplsorch_dataplane_batch_duration_seconds_bucket{le="0.0005"} 2.0',  # le is inclusive
         'mplsorch_dataplane_batch_duration_seconds_bucket{le="0.005"} 3.0',
         'mplsorch_dataplane_batch_duration_seconds_bucket{le="2.5"} 3.0',
         'mplsorch_dataplane_batch_duration_seconds_bucket{le="+Inf"} 4.0',
@@ -110,6 +123,7 @@ def test_exactly_the_listed_families_with_prefix_total_and_base_units() -> None:
 def test_snapshot_from_the_label_allocator_stats() -> None:
     """`labels.stats(now).to_dict()` goes in as it is: its total and blocks are not label states."""
     from orchestrator.core.labels import LabelStats
+
     stats = LabelStats(10, 3, 2, 5).to_dict()
     snap = snapshot_from({}, {}, stats, {})
     assert dict(snap.label_pairs) == {"free": 5, "in_use": 3, "held_down": 2}
@@ -121,8 +135,12 @@ def test_label_values_are_bounded() -> None:
     capped: unknown values add up under "other"."""
     reasons = {f"reason{i:03d}": 1 for i in range(MAX_REASONS * 3)}
     reasons.update({"10.0.0.7": 5, "fd00::1": 5, "1001": 5, "Session 42": 5})
-    snap = MetricsSnapshot(refused=reasons, packets={"accept": 1, "weird:verdict": 2},
-                           sessions={"serving": 1, "bogus": 3}, dataplane_ops={"ok": 1, "EEXIST": 1})
+    snap = MetricsSnapshot(
+        refused=reasons,
+        packets={"accept": 1, "weird:verdict": 2},
+        sessions={"serving": 1, "bogus": 3},
+        dataplane_ops={"ok": 1, "EEXIST": 1},
+    )
     families = {f.name: f for f in text_string_to_metric_families(exposition(snap))}
     refused = {s.labels["reason"]: s.value for s in families["mplsorch_sessions_refused"].samples}
     assert len(refused) <= MAX_REASONS + 1
@@ -159,6 +177,7 @@ def test_registering_does_not_call_the_snapshot() -> None:
     def snapshot() -> MetricsSnapshot:
         calls.append(1)
         return MetricsSnapshot()
+
     registry = make_registry(snapshot)
     assert calls == []
     generate_latest(registry)

@@ -29,10 +29,15 @@ def balancer_phase(bed: Testbed) -> tuple[RateRun, Latency]:
 
     lab = bed.lab
     first, last = label_range(bed.sessions, bed.samples)
-    balancer = BalancerLab(lab, bed.balancer, changes={
-        "labels.range": [first, last],
-        # the flood's sessions live through the whole phase, so the kernel holds them all at the end
-        "services.dns.persistence_timeout": "600s"})
+    balancer = BalancerLab(
+        lab,
+        bed.balancer,
+        changes={
+            "labels.range": [first, last],
+            # the flood's sessions live through the whole phase, so the kernel holds them all at the end
+            "services.dns.persistence_timeout": "600s",
+        },
+    )
     try:
         say("balancer: starting the daemon and the servers")
         start_balancer(balancer)
@@ -41,8 +46,9 @@ def balancer_phase(bed: Testbed) -> tuple[RateRun, Latency]:
         say("balancer: started")
         lab.sh(bed.balancer, "sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=600")
         for server in lab.names("server"):  # termination routes beyond the harness's own range
-            results = lab.provider(server).apply([ops.Add(ops.MplsRoute(label, "lo"))
-                                                  for label in range(LABELS[1], last, 2)])
+            results = lab.provider(server).apply(
+                [ops.Add(ops.MplsRoute(label, "lo")) for label in range(LABELS[1], last, 2)]
+            )
             if not all(r.ok for r in results):
                 raise RuntimeError(f"termination routes on {server}: {next(r for r in results if not r.ok)}")
         started = balancer.cli("status")["counters"].get("sessions_started", 0)
@@ -96,5 +102,7 @@ def check_balancer(bed: Testbed, balancer: BalancerLab, started_before: int) -> 
     filters = [i.obj for i in bed.lab.provider(bed.balancer).dump() if isinstance(i.obj, ops.FlowerFilter)]
     held = sum(f.match.src in sources for f in filters)
     if started < bed.sessions or held < bed.sessions:
-        raise RuntimeError(f"balancer: {started} sessions started, {held} filters in the kernel, "
-                           f"{bed.sessions} first packets out on the fabric")
+        raise RuntimeError(
+            f"balancer: {started} sessions started, {held} filters in the kernel, "
+            f"{bed.sessions} first packets out on the fabric"
+        )

@@ -431,7 +431,7 @@ def _check(p: Parser, cfg: BalancerConfig) -> None:
                     "a server in several pools must be defined identically",
                 )
             where.setdefault(s.name, (pool.name, s))
-    servers = {name: (pool, s) for name, (pool, s) in where.items()}
+    servers = {name: (pool_name, s) for name, (pool_name, s) in where.items()}
 
     # Transport labels: unique across the node and all servers, outside the session label range.
     owners: dict[int, str] = {cfg.node.transport_label: "node"}
@@ -440,8 +440,8 @@ def _check(p: Parser, cfg: BalancerConfig) -> None:
             "node.transport_label",
             f"transport label {cfg.node.transport_label} lies inside labels.range {first}..{last}",
         )
-    for name, (pool, s) in servers.items():
-        path = f"pools.{pool}.servers.{name}.transport_label"
+    for name, (pool_name, s) in servers.items():
+        path = f"pools.{pool_name}.servers.{name}.transport_label"
         if s.transport_label in owners:
             raise p.at(path, f"transport label {s.transport_label} is already used by {owners[s.transport_label]}")
         if first <= s.transport_label <= last:
@@ -450,8 +450,8 @@ def _check(p: Parser, cfg: BalancerConfig) -> None:
 
     # Label blocks.
     blocks: list[tuple[int, int, str]] = []
-    for name, (pool, s) in servers.items():
-        path = f"pools.{pool}.servers.{name}"
+    for name, (pool_name, s) in servers.items():
+        path = f"pools.{pool_name}.servers.{name}"
         if labels.allocation is LabelAllocation.POOL:
             if s.label_block is not None:
                 raise p.at(path + ".label_block", "label_block is only used with labels.allocation: server-blocks")
@@ -492,16 +492,16 @@ def _check(p: Parser, cfg: BalancerConfig) -> None:
                 )
             claimed[k] = svc.name
         if labels.allocation is LabelAllocation.POOL:
-            size, of = labels.size, "the label pool"
+            size, drawn_from = labels.size, "the label pool"
         else:
             pool = cfg.pool(svc.pool)
             size = sum(pair_labels(*s.label_block) for s in pool.servers if s.label_block)
-            of = f"the label blocks of pool {svc.pool!r}"
+            drawn_from = f"the label blocks of pool {svc.pool!r}"
         if svc.admission.min_free_labels >= size:
             path = base + ".admission.min_free_labels"
             line = p.lines.get(path, p.key_lines.get(base + ".admission", p.key_lines.get(base)))
             raise p.error(
-                line, path, f"{svc.admission.min_free_labels} must be smaller than {of} ({size} usable labels)"
+                line, path, f"{svc.admission.min_free_labels} must be smaller than {drawn_from} ({size} usable labels)"
             )
 
 

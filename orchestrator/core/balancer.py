@@ -72,6 +72,8 @@ class Commit:
 
 
 class Balancer:
+    config: BalancerConfig
+
     def __init__(self, config: BalancerConfig, now: float) -> None:
         self.table = SessionTable()
         self.counters: collections.Counter[str] = collections.Counter()
@@ -535,9 +537,8 @@ class Balancer:
             session.objects += [e for e in mine if e not in session.objects]
             wanted.update((e.key, e) for e in mine)
         present = {i.obj.key: i.obj for i in installed if isinstance(i.obj, ops.FastPathElement)}
-        return [ops.Delete(e) for key, e in present.items() if key not in wanted] + [
-            ops.Add(e) for key, e in wanted.items() if key not in present
-        ]
+        sync: list[ops.Operation] = [ops.Delete(e) for key, e in present.items() if key not in wanted]
+        return sync + [ops.Add(e) for key, e in wanted.items() if key not in present]
 
     def _persistence(self, session: Session) -> float:
         """The persistence timeout of the session's service; a service a reload removed keeps

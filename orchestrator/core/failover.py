@@ -93,9 +93,8 @@ def replacement(old: list[ops.DataplaneObject], new: list[ops.DataplaneObject]) 
     def others(objects: list[ops.DataplaneObject]) -> list[ops.DataplaneObject]:
         return [o for o in objects if not isinstance(o, (ops.FlowerFilter, ops.U32Filter))]
 
-    return (
-        [ops.Delete(o) for o in filters(old)]
-        + [ops.Add(o) for o in filters(new)]
-        + [ops.Add(o) for o in others(new)]
-        + [ops.Delete(o) for o in reversed(others(old))]
-    )
+    moves: list[ops.Operation] = [ops.Delete(o) for o in filters(old)]
+    moves += [ops.Add(o) for o in filters(new)]
+    moves += [ops.Add(o) for o in others(new)]
+    moves += [ops.Delete(o) for o in reversed(others(old))]
+    return moves

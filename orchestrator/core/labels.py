@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 __all__ = ["MAX_LABEL", "FIRST_USABLE_C2S", "LabelAllocator", "LabelStats", "c2s_of", "s2c_of"]
 
@@ -57,8 +58,13 @@ class LabelStats:
     def exhausted(self) -> bool:
         return self.free == 0
 
-    def to_dict(self) -> dict:
-        out: dict = {"total": self.total, "in_use": self.in_use, "held_down": self.held_down, "free": self.free}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "total": self.total,
+            "in_use": self.in_use,
+            "held_down": self.held_down,
+            "free": self.free,
+        }
         if self.blocks:
             out["blocks"] = {name: s.to_dict() for name, s in self.blocks.items()}
         return out
@@ -275,12 +281,9 @@ class LabelAllocator:
         """Mark a pair in use for ``server`` (reconciling from the kernel after a restart).
         A held-down pair can be claimed (the kernel says it is in use). False if ``c2s`` is not a
         C2S label of the server's block (or of the range), or is already in use."""
-        if self._shared is not None:
-            pool = self._shared
-        else:
-            pool = self._pools.get(server)
-            if pool is None:
-                return False
+        pool: _Pool | None = self._shared if self._shared is not None else self._pools.get(server)
+        if pool is None:
+            return False
         if not pool.contains(c2s) or c2s in self._used:
             return False
         if self._held.pop(c2s, None) is not None:

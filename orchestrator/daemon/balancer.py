@@ -251,9 +251,10 @@ class BalancerDaemon(Daemon):
         """The queue is closed (the ruleset's fail policy applies from now on); by default every
         installed session keeps forwarding."""
         if not self.keep_on_exit:
-            deletes = [op for s in list(self.core.table) for op in self.core.end(s, time.monotonic(), "shutdown")]
+            ended = [op for s in list(self.core.table) for op in self.core.end(s, time.monotonic(), "shutdown")]
             # Nothing of ours stays: the hold markers of the pairs just released go as well.
-            deletes = [op for op in deletes if not isinstance(op, ops.Replace)] + self.core.drop_markers()
+            deletes: list[ops.Operation] = [op for op in ended if not isinstance(op, ops.Replace)]
+            deletes += self.core.drop_markers()
             self.program(deletes, "shutdown")
             nftables.remove()
         log.info(

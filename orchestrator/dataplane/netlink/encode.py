@@ -287,7 +287,8 @@ def filter_parent(direction: ops.Direction) -> int:
 @functools.lru_cache(maxsize=1024)
 def _tc_info(pref: int, eth_type: int) -> int:
     """tcm_info of a filter: priority in the upper half, protocol (network order) in the lower."""
-    return pref << 16 | struct.unpack("=H", struct.pack("!H", eth_type))[0]
+    proto: int = struct.unpack("=H", struct.pack("!H", eth_type))[0]
+    return pref << 16 | proto
 
 
 _FLOWER_KIND = nla.asciiz(TCA_KIND, "flower")
@@ -400,7 +401,7 @@ def _push_template(order: int, cookie: bytes) -> tuple[bytes, bytes]:
     return whole[:at], whole[at + len(label_attr) :]
 
 
-def mpls_action(action: ops.Action, cookie: bytes = TC_COOKIE_PREFIX) -> bytes:
+def mpls_action(action: ops.MplsPush | ops.MplsPop, cookie: bytes = TC_COOKIE_PREFIX) -> bytes:
     """One act_mpls action: struct tc_mpls (tc_gen with action TC_ACT_PIPE, then m_action) and
     the label or protocol; the cookie marks it as ours."""
     if isinstance(action, ops.MplsPush):

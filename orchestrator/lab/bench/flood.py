@@ -53,7 +53,11 @@ def flood(dev: str, dst_mac: str, vip: str, second_octet: int, count: int, out: 
         sent_base = sent()
         runner = pktgen.start(dev, sources[first : first + length])
         if first_sent is None:
-            first_sent, _ = wait_for(lambda base=sent_base: sent() - base, 1, time.monotonic())
+
+            def sent_now(base: int = sent_base) -> int:
+                return sent() - base
+
+            first_sent, _ = wait_for(sent_now, 1, time.monotonic())
         runner.join()
         usec, done = pktgen.result(dev)
         if done != length:

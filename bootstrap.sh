@@ -50,6 +50,10 @@ case "$job" in
   setup) ;;
   demo) exec mplsorch lab demo ;;
   test)
+    # Lint, layout and types first: they take seconds (configuration in pyproject.toml).
+    ruff check .
+    ruff format --check .
+    mypy
     python -m pytest -q tests
     # The lab itself, from the host: exit status and output through the guest, SIGTERM, leftovers.
     python -m pytest -q -p no:cacheprovider lab_tests

@@ -32,10 +32,16 @@ def backend() -> str:
 
 def _host_state() -> dict[str, object]:
     """What a lab could leave on the host: namespaces, /etc/netns, its run dir, guest scratch dirs."""
+
     def ls(p: str) -> list[str]:
         return sorted(os.listdir(p)) if os.path.isdir(p) else []
-    return {"netns": ls("/run/netns"), "etc_netns": ls("/etc/netns"), "run_dir": os.path.exists("/run/mplsorch-lab"),
-            "scratch": [d for d in ls("/var/tmp") if d.startswith(("mplsorch-uml-", "mplsorch-vm-"))]}
+
+    return {
+        "netns": ls("/run/netns"),
+        "etc_netns": ls("/etc/netns"),
+        "run_dir": os.path.exists("/run/mplsorch-lab"),
+        "scratch": [d for d in ls("/var/tmp") if d.startswith(("mplsorch-uml-", "mplsorch-vm-"))],
+    }
 
 
 def test_exit_status_stdout_and_stderr_pass_through(backend: str) -> None:
@@ -46,12 +52,12 @@ def test_exit_status_stdout_and_stderr_pass_through(backend: str) -> None:
 
 
 def test_the_json_summary_names_the_backend_and_the_guest_kernel(backend: str) -> None:
-    run = lab("run", "--json", "--", "sh", "-c", "uname -r; test -n \"$MPLSORCH_LAB_JSON\"")
+    run = lab("run", "--json", "--", "sh", "-c", 'uname -r; test -n "$MPLSORCH_LAB_JSON"')
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     assert out["backend"] == backend and out["exit_status"] == 0 and out["error"] is None
     assert out["vm"] == (backend != "host")
-    assert out["kernel"] in run.stderr          # CMD's stdout (uname -r) went to stderr
+    assert out["kernel"] in run.stderr  # CMD's stdout (uname -r) went to stderr
 
 
 def test_the_lab_has_mpls_and_builtin_modules_count(backend: str) -> None:
@@ -63,10 +69,11 @@ def test_the_lab_has_mpls_and_builtin_modules_count(backend: str) -> None:
 
 def test_sigterm_tears_the_guest_down_and_leaves_nothing_on_the_host(backend: str) -> None:
     before = _host_state()
-    proc = subprocess.Popen([*LAB, "run", "--", "sh", "-c", "echo up; sleep 600"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*LAB, "run", "--", "sh", "-c", "echo up; sleep 600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
-    assert proc.stdout.readline() == "up\n"      # the lab is built and CMD runs
+    assert proc.stdout.readline() == "up\n"  # the lab is built and CMD runs
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
@@ -75,7 +82,7 @@ def test_sigterm_tears_the_guest_down_and_leaves_nothing_on_the_host(backend: st
 
 
 def test_a_backend_that_cannot_run_is_named_not_fallen_back_from(tmp_path: Path, backend: str) -> None:
-    env = dict(os.environ, MPLSORCH_LAB_CACHE=str(tmp_path))   # an empty cache: no UML kernel
+    env = dict(os.environ, MPLSORCH_LAB_CACHE=str(tmp_path))  # an empty cache: no UML kernel
     run = lab("run", "--backend", "uml", "--", "true", env=env)
     assert run.returncode == 3
     assert "backend uml cannot run: no UML kernel is built" in run.stderr

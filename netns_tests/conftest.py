@@ -15,7 +15,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if not os.environ.get("MPLSORCH_LAB_JSON"):
         raise pytest.UsageError(
             "netns tests need the kernel lab: run them as "
-            "`mplsorch lab run -- python -m pytest netns_tests` (MPLSORCH_LAB_JSON is not set)")
+            "`mplsorch lab run -- python -m pytest netns_tests` (MPLSORCH_LAB_JSON is not set)"
+        )
 
 
 @pytest.fixture(scope="session")

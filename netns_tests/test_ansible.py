@@ -15,8 +15,16 @@ from typing import Any, Iterator
 
 import pytest
 
-from netns_tests.harness.ansible_lab import (WHEELHOUSE, AnsibleLab, Run, bare, managed, mpls_routes, restore,
-                                          wheelhouse_wheel)
+from netns_tests.harness.ansible_lab import (
+    WHEELHOUSE,
+    AnsibleLab,
+    Run,
+    bare,
+    managed,
+    mpls_routes,
+    restore,
+    wheelhouse_wheel,
+)
 from orchestrator.lab.kit import Lab
 
 DAEMONS = ("lb", "s1", "s2", "s3")
@@ -25,8 +33,9 @@ LOG_MARKS = ("running:", "configuration reloaded", "reload rejected", "node setu
 
 @pytest.fixture(scope="module")
 def ansible_lab(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AnsibleLab]:
-    assert any(WHEELHOUSE.glob("pyroute2-*.whl")), \
+    assert any(WHEELHOUSE.glob("pyroute2-*.whl")), (
         f"no wheelhouse at {WHEELHOUSE}: `bash bootstrap.sh setup` fills it (the lab VM has no network)"
+    )
     wheel = wheelhouse_wheel()  # built from this tree by bootstrap.sh
     taken = bare(lab)
     a = AnsibleLab(lab, tmp_path_factory.mktemp("ansible"))
@@ -52,12 +61,14 @@ def _sysctl(lab: Lab, node: str, name: str) -> str:
 
 def _state(lab: Lab, a: AnsibleLab) -> dict[str, Any]:
     """What a run must not change: configuration files, daemon pids and logs, labels, sysctls."""
-    return {"configs": {n: a.config_file(n).read_text() for n in DAEMONS},
-            "pids": {n: a.daemon_pid(n) for n in DAEMONS},
-            # Starts and reloads (sessions of the HTTP test may still start and end meanwhile).
-            "log_marks": {n: [a.daemon_log(n).count(m) for m in LOG_MARKS] for n in DAEMONS},
-            "routes": mpls_routes(lab, "p"),
-            "labels": {n: _sysctl(lab, n, "net.mpls.platform_labels") for n in managed(lab)}}
+    return {
+        "configs": {n: a.config_file(n).read_text() for n in DAEMONS},
+        "pids": {n: a.daemon_pid(n) for n in DAEMONS},
+        # Starts and reloads (sessions of the HTTP test may still start and end meanwhile).
+        "log_marks": {n: [a.daemon_log(n).count(m) for m in LOG_MARKS] for n in DAEMONS},
+        "routes": mpls_routes(lab, "p"),
+        "labels": {n: _sysctl(lab, n, "net.mpls.platform_labels") for n in managed(lab)},
+    }
 
 
 def test_the_playbook_rolls_out_the_lab_from_bare_namespaces(lab: Lab, ansible_lab: AnsibleLab, rollout: Run) -> None:
@@ -72,9 +83,12 @@ def test_the_playbook_rolls_out_the_lab_from_bare_namespaces(lab: Lab, ansible_l
         line = routes.pop(str(lab.node(node)["transport_label"]))
         assert f"via inet {lab.peer_address('p', node)} dev {lab.iface('p', towards=node)['dev']}" in line, line
     assert routes == {}
-    assert _sysctl(lab, "p", "net.mpls.platform_labels") == str(max(lab.node(n)["transport_label"] for n in labelled) + 1)
-    assert {d["dev"]: _sysctl(lab, "p", f"net.mpls.conf.{d['dev']}.input") for d in lab.node("p")["interfaces"]} \
-        == {d["dev"]: "1" for d in lab.node("p")["interfaces"]}
+    assert _sysctl(lab, "p", "net.mpls.platform_labels") == str(
+        max(lab.node(n)["transport_label"] for n in labelled) + 1
+    )
+    assert {d["dev"]: _sysctl(lab, "p", f"net.mpls.conf.{d['dev']}.input") for d in lab.node("p")["interfaces"]} == {
+        d["dev"]: "1" for d in lab.node("p")["interfaces"]
+    }
     # The balancer: MPLS input on the fabric link only, its label table past labels.range.
     assert _sysctl(lab, "lb", "net.mpls.conf.fab0.input") == "1"
     assert _sysctl(lab, "lb", "net.mpls.conf.lan0.input") == "0"
@@ -130,13 +144,20 @@ def test_check_mode_shows_a_change_and_makes_none(lab: Lab, ansible_lab: Ansible
     assert _state(lab, ansible_lab) == before
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"mplsorch_label_block": [1001, 1400]},
-     "pools.web.servers.s2.label_block: block 1001..1400 of server 's2' overlaps block 1001..1400 of server 's1'"),
-    ({"mplsorch_vip4": "10.0.0.x"}, "services.http.vip: '10.0.0.x' is not an IP address"),
-], ids=["overlapping-label-block", "vip-not-an-address"])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            {"mplsorch_label_block": [1001, 1400]},
+            "pools.web.servers.s2.label_block: block 1001..1400 of server 's2' overlaps block 1001..1400 of server 's1'",
+        ),
+        ({"mplsorch_vip4": "10.0.0.x"}, "services.http.vip: '10.0.0.x' is not an IP address"),
+    ],
+    ids=["overlapping-label-block", "vip-not-an-address"],
+)
 def test_a_broken_variable_fails_with_the_validators_message_and_changes_nothing(
-        lab: Lab, ansible_lab: AnsibleLab, rollout: Run, extra: dict[str, Any], message: str) -> None:
+    lab: Lab, ansible_lab: AnsibleLab, rollout: Run, extra: dict[str, Any], message: str
+) -> None:
     assert rollout.rc == 0
     before = _state(lab, ansible_lab)
     run = ansible_lab.playbook(**extra)
@@ -156,6 +177,9 @@ def test_the_nodes_files_stay_in_their_own_runtime_dirs(lab: Lab, ansible_lab: A
         d = ansible_lab.node_dir(node)
         assert (d / "etc" / "sysctl.d" / "60-mplsorch.conf").exists()
         assert "mpls_router" in (d / "etc" / "modules-load.d" / "mplsorch.conf").read_text()
-    assert "-net.mpls.conf.pl.input = 1" in (ansible_lab.node_dir("p") / "etc" / "sysctl.d" / "60-mplsorch.conf").read_text()
+    assert (
+        "-net.mpls.conf.pl.input = 1"
+        in (ansible_lab.node_dir("p") / "etc" / "sysctl.d" / "60-mplsorch.conf").read_text()
+    )
     assert not Path("/etc/mplsorch").exists() and not Path("/opt/mplsorch").exists()
     assert os.environ.get("MPLSORCH_LAB_JSON")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import errno
 
+from netns_tests.harness.reference import balancer_node, fabric_node
 from orchestrator.dataplane import ops
 from orchestrator.lab.kit import Lab
-from netns_tests.harness.reference import balancer_node, fabric_node
 
 
 def test_each_bad_operation_is_reported_and_the_good_ones_land(lab: Lab) -> None:
@@ -18,13 +18,13 @@ def test_each_bad_operation_is_reported_and_the_good_ones_land(lab: Lab) -> None
     deepest = ops.EncapRoute("192.0.2.30/32", tuple(range(200, 230)), fab, via=peer, table=4242)
     too_deep = ops.EncapRoute("192.0.2.31/32", tuple(range(200, 231)), fab, via=peer, table=4242)
     batch = [
-        ops.Add(ops.MplsRoute(3, fab, via=peer)),             # reserved (implicit null)
-        ops.Add(ops.MplsRoute(1 << 20, fab, via=peer)),       # not a label at all
-        ops.Add(ops.MplsRoute(5003, "nosuch0", via=peer)),    # unknown device
+        ops.Add(ops.MplsRoute(3, fab, via=peer)),  # reserved (implicit null)
+        ops.Add(ops.MplsRoute(1 << 20, fab, via=peer)),  # not a label at all
+        ops.Add(ops.MplsRoute(5003, "nosuch0", via=peer)),  # unknown device
         ops.Add(good),
-        ops.Add(good),                                        # duplicate
-        ops.Add(deepest),                                     # 30 labels: the kernel's limit
-        ops.Add(too_deep),                                    # 31 labels
+        ops.Add(good),  # duplicate
+        ops.Add(deepest),  # 30 labels: the kernel's limit
+        ops.Add(too_deep),  # 31 labels
     ]
     results = lab.provider(lb).apply(batch)
     assert [r.op for r in results] == batch
@@ -49,11 +49,16 @@ def test_delete_of_something_absent_is_an_error_that_names_it(lab: Lab) -> None:
     lb = balancer_node(lab)
     lab.sh(lb, "ip", "link", "add", "absent0", "type", "dummy")
     try:
-        missing = ops.FlowerFilter("absent0", 77777, ops.FlowerMatch(src="192.0.2.77/32"),
-                                   ops.push_stack((5,)))
+        missing = ops.FlowerFilter("absent0", 77777, ops.FlowerMatch(src="192.0.2.77/32"), ops.push_stack((5,)))
         missing_route = ops.EncapRoute("192.0.2.78/32", (5,), "absent0", table=4243)
-        results = lab.provider(lb).apply([ops.Add(ops.ClsactQdisc("absent0")), ops.Delete(missing),
-                                          ops.Delete(missing_route), ops.Add(ops.ClsactQdisc("absent0"))])
+        results = lab.provider(lb).apply(
+            [
+                ops.Add(ops.ClsactQdisc("absent0")),
+                ops.Delete(missing),
+                ops.Delete(missing_route),
+                ops.Add(ops.ClsactQdisc("absent0")),
+            ]
+        )
         assert results[0].ok
         assert results[1].errno == errno.ENOENT and "handle 77777" in str(results[1])
         assert results[2].errno == errno.ESRCH and "192.0.2.78/32" in str(results[2])
@@ -67,15 +72,15 @@ def test_objects_of_other_owners_are_neither_dumped_nor_touched(lab: Lab) -> Non
     fab = lab.iface(lb, towards=fabric_node(lab))["dev"]
     peer = lab.peer_address(lb, fabric_node(lab))
     lab.sh(lb, "ip", "-f", "mpls", "route", "add", "6001", "via", "inet", peer, "dev", fab)
-    lab.sh(lb, "ip", "route", "add", "192.0.2.60/32", "encap", "mpls", "100/6001", "via", peer,
-           "dev", fab, "table", "4244")
+    lab.sh(
+        lb, "ip", "route", "add", "192.0.2.60/32", "encap", "mpls", "100/6001", "via", peer, "dev", fab, "table", "4244"
+    )
     try:
         dumped = lab.provider(lb).dump()
         assert not any(isinstance(i.obj, ops.MplsRoute) and i.obj.label == 6001 for i in dumped)
         assert not any(isinstance(i.obj, ops.EncapRoute) and i.obj.table == 4244 for i in dumped)
         # Our delete carries our protocol: the kernel refuses to remove someone else's route.
-        result = lab.provider(lb).apply([ops.Delete(ops.EncapRoute("192.0.2.60/32", (100, 6001), fab,
-                                                                   table=4244))])[0]
+        result = lab.provider(lb).apply([ops.Delete(ops.EncapRoute("192.0.2.60/32", (100, 6001), fab, table=4244))])[0]
         assert result.errno == errno.ESRCH
         assert "192.0.2.60" in lab.sh(lb, "ip", "route", "show", "table", "4244").stdout
     finally:

@@ -42,8 +42,21 @@ def test_round_robin_sessions_with_consecutive_label_pairs(lab: Lab, balancer: B
     sessions = sorted(balancer.sessions(), key=lambda s: s["id"])
     assert [s["server"] for s in sessions] == lab.names("server")  # rr: exactly in turn
     for s in sessions:
-        assert {"id", "client", "key", "vip", "protocol", "port", "server", "c2s_label", "s2c_label",
-                "state", "flows", "created", "last_seen"} <= set(s)
+        assert {
+            "id",
+            "client",
+            "key",
+            "vip",
+            "protocol",
+            "port",
+            "server",
+            "c2s_label",
+            "s2c_label",
+            "state",
+            "flows",
+            "created",
+            "last_seen",
+        } <= set(s)
         assert s["c2s_label"] % 2 == 1 and s["s2c_label"] == s["c2s_label"] + 1
         assert LABELS[0] <= s["c2s_label"] < LABELS[1]
         assert (s["vip"], s["protocol"], s["port"]) == (lab.vip, "tcp", 80)
@@ -64,7 +77,8 @@ def test_the_first_packet_leaves_with_the_session_labels(lab: Lab, balancer: Bal
 
 
 def test_repeated_connections_reuse_the_session_and_only_first_packets_reach_userspace(
-        lab: Lab, balancer: BalancerLab) -> None:
+    lab: Lab, balancer: BalancerLab
+) -> None:
     c1 = lab.address("c1")
     before = _by_client(balancer.sessions())[c1]
     sessions = len(balancer.sessions())
@@ -87,8 +101,10 @@ def _logged(balancer: BalancerLab, event: str, service: str, key: str) -> list[d
     """Sessions the daemon logged as started or ended: the log outlives short sessions, which a
     slow VM may see end before a second command can ask for them."""
     pattern = re.compile(rf"session (\d+) {event}: {service} {re.escape(key)} -> (\S+) c2s (\d+) s2c (\d+)")
-    return [{"id": int(m[1]), "server": m[2], "c2s_label": int(m[3]), "s2c_label": int(m[4])}
-            for m in pattern.finditer(balancer.log())]
+    return [
+        {"id": int(m[1]), "server": m[2], "c2s_label": int(m[3]), "s2c_label": int(m[4])}
+        for m in pattern.finditer(balancer.log())
+    ]
 
 
 def test_udp_clients_get_a_session_of_their_own(lab: Lab, balancer: BalancerLab) -> None:
@@ -100,7 +116,9 @@ def test_udp_clients_get_a_session_of_their_own(lab: Lab, balancer: BalancerLab)
     DNS_SESSION.update(session)
     assert session["server"] in lab.names("server")
     assert session["c2s_label"] % 2 == 1 and session["s2c_label"] == session["c2s_label"] + 1
-    assert not _logged(balancer, "start", "dns", lab.address("c1")) + _logged(balancer, "start", "dns", lab.address("c2"))
+    assert not _logged(balancer, "start", "dns", lab.address("c1")) + _logged(
+        balancer, "start", "dns", lab.address("c2")
+    )
 
 
 def test_a_session_ends_after_its_flows_and_the_persistence_timeout(lab: Lab, balancer: BalancerLab) -> None:
@@ -115,8 +133,10 @@ def test_a_session_ends_after_its_flows_and_the_persistence_timeout(lab: Lab, ba
     assert c3 not in _by_client(balancer.sessions(), "dns")
     installed = [i.obj for i in lab.provider("lb").dump()]
     assert not any(isinstance(o, ops.FlowerFilter) and o.handle >> 8 == session["c2s_label"] for o in installed)
-    assert not any(isinstance(o, ops.MplsRoute) and o.label == session["s2c_label"] and not records.is_hold_marker(o)
-                   for o in installed)  # at most the pair's hold marker, while it is held down
+    assert not any(
+        isinstance(o, ops.MplsRoute) and o.label == session["s2c_label"] and not records.is_hold_marker(o)
+        for o in installed
+    )  # at most the pair's hold marker, while it is held down
     assert balancer.cli("status")["counters"]["ended:persistence timeout"] >= 1
 
 
@@ -127,8 +147,7 @@ def test_admission_refusal_reaches_the_client_as_a_reset(lab: Lab, balancer: Bal
     lab.sh("c1", "ip", "addr", "add", "10.0.1.20/24", "dev", lab.iface("c1", towards="lb")["dev"])
     try:
         started = time.monotonic()
-        refused = lab.sh("c1", "curl", "-s", "-m", "10", "--interface", "10.0.1.20",
-                         f"http://{lab.vip}/", check=False)
+        refused = lab.sh("c1", "curl", "-s", "-m", "10", "--interface", "10.0.1.20", f"http://{lab.vip}/", check=False)
         assert refused.returncode == 7, refused  # "connection refused": a TCP reset, not a timeout
         assert time.monotonic() - started < 8
         status = balancer.cli("status")
@@ -192,7 +211,8 @@ sendp(Ether(dst=mac) / IPv6(src=coa, dst=vip) / IPv6ExtHdrDestOpt(options=[HAO(h
 
 
 def test_a_mobile_client_keeps_its_server_and_labels_when_its_care_of_address_changes(
-        lab: Lab, balancer: BalancerLab) -> None:
+    lab: Lab, balancer: BalancerLab
+) -> None:
     home, coas = "fd00:200::7", ("fd00:1::71", "fd00:1::72")  # home network elsewhere; two care-of addresses
     # The client's checksum covers its home address (RFC 6275), which conntrack would judge invalid:
     # the balancer's `node.setup: apply` (the lab's) turned that check off, saying so.
@@ -202,16 +222,30 @@ def test_a_mobile_client_keeps_its_server_and_labels_when_its_care_of_address_ch
     lan0 = lab.iface("lb", towards="c1")["dev"]
     mac = lab.sh("lb", "cat", f"/sys/class/net/{lan0}/address").stdout.strip()
     for i, coa in enumerate(coas):
-        lab.sh("c1", sys.executable, "-c", MOBILE, lab.vip6, home, coa, str(40000 + i), mac,
-               lab.iface("c1", towards="lb")["dev"], timeout=patience(60))
+        lab.sh(
+            "c1",
+            sys.executable,
+            "-c",
+            MOBILE,
+            lab.vip6,
+            home,
+            coa,
+            str(40000 + i),
+            mac,
+            lab.iface("c1", towards="lb")["dev"],
+            timeout=patience(60),
+        )
         deadline = time.monotonic() + patience(40)
         while coa not in {c for s in balancer.sessions() if s["key"] == home for c in s["clients"]}:
             assert time.monotonic() < deadline, balancer.log()[-2000:]
             time.sleep(0.5)
     started = _logged(balancer, "start", "mobile", home)
     assert len(started) == 1, balancer.log()[-2000:]  # one session, re-keyed, not a second one
-    assert re.search(rf"session {started[0]['id']} rekeyed: mobile {re.escape(home)} -> \S+ c2s \d+ s2c \d+ "
-                     rf"client {re.escape(coas[1])}\n", balancer.log()), balancer.log()[-2000:]
+    assert re.search(
+        rf"session {started[0]['id']} rekeyed: mobile {re.escape(home)} -> \S+ c2s \d+ s2c \d+ "
+        rf"client {re.escape(coas[1])}\n",
+        balancer.log(),
+    ), balancer.log()[-2000:]
     session = next(s for s in balancer.sessions() if s["key"] == home)
     assert session["key_kind"] == "mip6-home-address" and session["clients"] == list(coas)
     assert (session["server"], session["c2s_label"]) == (started[0]["server"], started[0]["c2s_label"])
@@ -276,8 +310,20 @@ def test_weighted_round_robin_over_300_sessions_and_least_connections(lab: Lab, 
 
 # What `mplsorch sessions --json` must give back after a restart: all but what the clock and
 # conntrack say now (created, last_seen, ends_at, flows, state).
-RESTORED = ("id", "client", "clients", "key", "key_kind", "service", "vip", "protocol", "port", "server",
-            "c2s_label", "s2c_label")
+RESTORED = (
+    "id",
+    "client",
+    "clients",
+    "key",
+    "key_kind",
+    "service",
+    "vip",
+    "protocol",
+    "port",
+    "server",
+    "c2s_label",
+    "s2c_label",
+)
 
 
 def _restored_view(balancer: BalancerLab) -> list[dict[str, Any]]:
@@ -306,8 +352,16 @@ def test_sigkill_and_a_restart_give_back_every_session_and_the_hold_downs(lab: L
         os.kill(balancer.proc.pid, signal.SIGKILL)
         balancer.proc.wait(timeout=patience(15))
         (balancer.dir / "daemon.log").rename(balancer.dir / "daemon-killed.log")
-        balancer.proc = lab.spawn("lb", sys.executable, "-m", "orchestrator", "run", "--config",
-                                  str(balancer.config), log=balancer.dir / "daemon.log")
+        balancer.proc = lab.spawn(
+            "lb",
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "run",
+            "--config",
+            str(balancer.config),
+            log=balancer.dir / "daemon.log",
+        )
         deadline = time.monotonic() + patience(60)
         while "balancer running" not in balancer.log():
             assert balancer.proc.poll() is None and time.monotonic() < deadline, balancer.log()
@@ -327,8 +381,10 @@ def test_sigkill_and_a_restart_give_back_every_session_and_the_hold_downs(lab: L
             log = (Path(lab.node(session["server"])["runtime_dir"]) / "http-80.log").read_text()
             assert sum(line.startswith(session["client"] + " ") for line in log.splitlines()) >= 2, log
         stacks = set(capture.stacks())
-        assert stacks == {(lab.node(served[lab.address(c)]["server"])["transport_label"], served[lab.address(c)]["c2s_label"])
-                          for c in ("c1", "c2")}, stacks
+        assert stacks == {
+            (lab.node(served[lab.address(c)]["server"])["transport_label"], served[lab.address(c)]["c2s_label"])
+            for c in ("c1", "c2")
+        }, stacks
         assert _restored_view(balancer) == before
         # The held-down pair is not handed out: c3 gets a new session under another pair.
         assert balancer.curl("c3") == "200"

@@ -44,8 +44,22 @@ def _s2c_route(lab: Lab, s2c: int) -> ops.MplsRoute:
 
 
 def _curl_from(lab: Lab, node: str, source: str) -> str:
-    result = lab.sh(node, "curl", "-s", "-o", "/dev/null", "-m", "20", "-w", "%{http_code}",
-                    "--interface", source, f"http://{lab.vip}/", check=False, timeout=40)
+    result = lab.sh(
+        node,
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-m",
+        "20",
+        "-w",
+        "%{http_code}",
+        "--interface",
+        source,
+        f"http://{lab.vip}/",
+        check=False,
+        timeout=40,
+    )
     return result.stdout.strip() or "000"
 
 
@@ -55,15 +69,19 @@ def test_an_off_link_client_is_answered_through_its_gateway(lab: Lab, balancer: 
     pl = lab.iface("p", towards="lb")["dev"]
     # c1 routes for 10.0.9.0/24 and answers ARP only for its own LAN address, so a label route
     # that named the client itself as next hop could not deliver.
-    setup = [("c1", "ip", "addr", "add", f"{FAR}/32", "dev", "lo"),
-             ("c1", "sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"),
-             ("lb", "ip", "route", "add", "10.0.9.0/24", "via", c1),
-             ("p", "ip", "route", "add", "10.0.9.0/24", "via", lb_fabric)]
-    undo = [("c1", "ip", "addr", "del", f"{FAR}/32", "dev", "lo"),
-            ("c1", "sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=0"),
-            ("lb", "ip", "route", "del", "10.0.9.0/24"),
-            ("p", "ip", "route", "del", "10.0.9.0/24"),
-            ("p", "ip", "route", "del", f"{FAR}/32")]
+    setup = [
+        ("c1", "ip", "addr", "add", f"{FAR}/32", "dev", "lo"),
+        ("c1", "sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"),
+        ("lb", "ip", "route", "add", "10.0.9.0/24", "via", c1),
+        ("p", "ip", "route", "add", "10.0.9.0/24", "via", lb_fabric),
+    ]
+    undo = [
+        ("c1", "ip", "addr", "del", f"{FAR}/32", "dev", "lo"),
+        ("c1", "sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=0"),
+        ("lb", "ip", "route", "del", "10.0.9.0/24"),
+        ("p", "ip", "route", "del", "10.0.9.0/24"),
+        ("p", "ip", "route", "del", f"{FAR}/32"),
+    ]
     try:
         for node, *cmd in setup:
             lab.sh(node, *cmd)
@@ -91,8 +109,16 @@ def test_a_label_aware_client_receives_its_answers_under_the_s2c_label(lab: Lab,
     assert _s2c_route(lab, s2c) == ops.MplsRoute(s2c, "lan0", via=c2, out_labels=(s2c,))  # swap, not pop
     try:
         # c2 takes labelled packets and pops its session label itself (answers then arrive on lo).
-        lab.sh("c2", "sysctl", "-qw", "net.mpls.platform_labels=100000", f"net.mpls.conf.{dev}.input=1",
-               "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.lo.rp_filter=0", f"net.ipv4.conf.{dev}.rp_filter=0")
+        lab.sh(
+            "c2",
+            "sysctl",
+            "-qw",
+            "net.mpls.platform_labels=100000",
+            f"net.mpls.conf.{dev}.input=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.lo.rp_filter=0",
+            f"net.ipv4.conf.{dev}.rp_filter=0",
+        )
         lab.sh("c2", "ip", "-f", "mpls", "route", "add", str(s2c), "dev", "lo")
         lab.sh("p", "ip", "route", "replace", f"{c2}/32", "encap", "mpls", str(s2c), "via", lb_fabric, "dev", pl)
         capture = lab.capture("c2", dev, "label-aware-s2c")

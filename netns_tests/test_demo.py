@@ -11,13 +11,29 @@ import sys
 from orchestrator.lab.demo import HTTP6_PER_CLIENT, HTTP_PER_CLIENT, UDP_PER_CLIENT
 from orchestrator.lab.kit import Lab, patience
 
-SESSION_KEYS = {"id", "client", "key", "vip", "protocol", "port", "server", "c2s_label", "s2c_label",
-                "state", "flows", "flows_total", "packets_userspace", "created", "last_seen"}
+SESSION_KEYS = {
+    "id",
+    "client",
+    "key",
+    "vip",
+    "protocol",
+    "port",
+    "server",
+    "c2s_label",
+    "s2c_label",
+    "state",
+    "flows",
+    "flows_total",
+    "packets_userspace",
+    "created",
+    "last_seen",
+}
 
 
 def test_demo_json(lab: Lab) -> None:
-    run = subprocess.run([sys.executable, "-m", "orchestrator.lab.demo", "--json"], capture_output=True,
-                         text=True, timeout=patience(120))
+    run = subprocess.run(
+        [sys.executable, "-m", "orchestrator.lab.demo", "--json"], capture_output=True, text=True, timeout=patience(120)
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     out = json.loads(run.stdout)
     assert out["ok"] is True

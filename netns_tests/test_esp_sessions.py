@@ -20,7 +20,9 @@ from orchestrator.lab.balancer_lab import BalancerLab
 from orchestrator.lab.kit import Lab, patience
 
 ESP_SERVICE: dict[KeyPath, Any] = {
-    "services.dns.protocol": "esp", "services.dns.ports": DELETE, "services.dns.session_key": "esp-spi",
+    "services.dns.protocol": "esp",
+    "services.dns.ports": DELETE,
+    "services.dns.session_key": "esp-spi",
     "services.dns.persistence_timeout": "3600s",
 }
 SEND = """
@@ -91,7 +93,7 @@ def test_each_spi_of_a_client_is_a_session_and_survives_a_sigkill(lab: Lab, bala
     capture.stacks()
     seen = _labelled_spis(str(capture.path))
     for key, s in sessions.items():
-        spi = int(key[len("spi:"):], 16)
+        spi = int(key[len("spi:") :], 16)
         assert seen.get(spi) == {(lab.node(s["server"])["transport_label"], s["c2s_label"])}, seen
     nodes = [i.obj for i in lab.provider("lb").dump() if isinstance(i.obj, ops.U32Filter)]
     assert sorted(ops.esp_of(n.keys)[2] for n in nodes) == [0x1001, 0x1002, 0x2001]
@@ -102,14 +104,34 @@ def test_each_spi_of_a_client_is_a_session_and_survives_a_sigkill(lab: Lab, bala
     os.kill(balancer.proc.pid, signal.SIGKILL)
     balancer.proc.wait(timeout=patience(15))
     (balancer.dir / "daemon.log").rename(balancer.dir / "daemon-killed.log")
-    balancer.proc = lab.spawn("lb", sys.executable, "-m", "orchestrator", "run", "--config",
-                              str(balancer.config), log=balancer.dir / "daemon.log")
+    balancer.proc = lab.spawn(
+        "lb",
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "run",
+        "--config",
+        str(balancer.config),
+        log=balancer.dir / "daemon.log",
+    )
     deadline = time.monotonic() + patience(60)
     while "balancer running" not in balancer.log():
         assert balancer.proc.poll() is None and time.monotonic() < deadline, balancer.log()
         time.sleep(0.5)
-    keep = ("id", "client", "clients", "key", "key_kind", "service", "vip", "protocol", "port", "server",
-            "c2s_label", "s2c_label")
+    keep = (
+        "id",
+        "client",
+        "clients",
+        "key",
+        "key_kind",
+        "service",
+        "vip",
+        "protocol",
+        "port",
+        "server",
+        "c2s_label",
+        "s2c_label",
+    )
     after = sorted(balancer.sessions(), key=lambda s: s["id"])
     assert [{k: s[k] for k in keep} for s in after] == [{k: s[k] for k in keep} for s in before]
     assert [i.obj for i in lab.provider("lb").dump() if isinstance(i.obj, ops.U32Filter)] == nodes

@@ -24,8 +24,15 @@ CHANGES: dict[KeyPath, Any] = {
     "services.dns.ports": DELETE,
     "services.dns.session_key": "esp-spi",
     "services.dns.persistence_timeout": "3600s",
-    "services.iid": {"vip": "fd00:100::100", "protocol": "tcp", "ports": [8080], "pool": "web",
-                     "session_key": "ipv6-iid", "persistence_timeout": "3600s", "scheduler": "rr"},
+    "services.iid": {
+        "vip": "fd00:100::100",
+        "protocol": "tcp",
+        "ports": [8080],
+        "pool": "web",
+        "session_key": "ipv6-iid",
+        "persistence_timeout": "3600s",
+        "scheduler": "rr",
+    },
 }
 # Raw first packets from a client: TCP SYNs (with a Home Address option when given one) or ESP,
 # sent to the balancer's MAC (a care-of address the client does not hold has no neighbour entry).
@@ -76,12 +83,24 @@ def _session(balancer: BalancerLab, service: str, key: str) -> dict[str, Any]:
 def _send(lab: Lab, client: str, kind: str, src: str, dst: str, first: int, count: int, hoa: str = "-") -> None:
     lan = lab.iface("lb", towards=client)["dev"]
     mac = lab.sh("lb", "cat", f"/sys/class/net/{lan}/address").stdout.strip()
-    lab.sh(client, sys.executable, "-c", SEND, kind, src, dst, str(first), str(count), hoa, mac,
-           lab.iface(client, towards="lb")["dev"], timeout=patience(60))
+    lab.sh(
+        client,
+        sys.executable,
+        "-c",
+        SEND,
+        kind,
+        src,
+        dst,
+        str(first),
+        str(count),
+        hoa,
+        mac,
+        lab.iface(client, towards="lb")["dev"],
+        timeout=patience(60),
+    )
 
 
-def _one_userspace_packet(balancer: BalancerLab, service: str, before: tuple[int, int, int],
-                          flows: int) -> None:
+def _one_userspace_packet(balancer: BalancerLab, service: str, before: tuple[int, int, int], flows: int) -> None:
     after = _counters(balancer, service)
     assert after[0] - before[0] == 1 and after[1] - before[1] == 1, (before, after)
     assert after[2] - before[2] == flows - 1, (before, after)
@@ -103,8 +122,11 @@ def test_client_ip_n_connections_one_userspace_packet_one_server(lab: Lab, balan
     assert session["packets_userspace"] == 1 and session["flows_total"] == N
     for server in lab.names("server"):  # every connection reached the session's server, none another
         log = Path(lab.node(server)["runtime_dir"]) / "http-80.log"
-        lines = [line for line in (log.read_text() if log.exists() else "").splitlines()
-                 if line.startswith(lab.address("c1") + " ")]
+        lines = [
+            line
+            for line in (log.read_text() if log.exists() else "").splitlines()
+            if line.startswith(lab.address("c1") + " ")
+        ]
         assert len(lines) == (N if server == session["server"] else 0), (server, lines)
 
 
@@ -120,7 +142,8 @@ def test_ipv6_iid_n_connections_one_userspace_packet_one_server(lab: Lab, balanc
 
 
 def test_mip6_n_connections_from_a_care_of_address_one_userspace_packet_one_server(
-        lab: Lab, balancer: BalancerLab) -> None:
+    lab: Lab, balancer: BalancerLab
+) -> None:
     home, coa = "fd00:200::8", "fd00:1::81"
     before = _counters(balancer, "mobile")
     capture = lab.capture("p", lab.iface("p", towards="lb")["dev"], "fast-mobile")
@@ -148,7 +171,7 @@ def _iid_words(address: str) -> list[str]:
     import ipaddress
 
     low = ipaddress.IPv6Address(address).packed[8:].hex()
-    return [low[i:i + 4] for i in range(0, 16, 4)]
+    return [low[i : i + 4] for i in range(0, 16, 4)]
 
 
 def test_a_reload_refills_the_sets_it_emptied(lab: Lab, balancer: BalancerLab) -> None:

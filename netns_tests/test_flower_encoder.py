@@ -9,47 +9,218 @@ from typing import Iterator
 
 import pytest
 
+from netns_tests.harness.reference import balancer_node
 from orchestrator.dataplane import ops
 from orchestrator.lab.kit import Lab
-from netns_tests.harness.reference import balancer_node
 
 TC_DEV, OURS_DEV = "tcref0", "ours0"
 
 CASES = [
-    (["protocol", "ip", "pref", "10", "handle", "1", "flower", "src_ip", "10.0.1.10", "dst_ip",
-      "10.0.0.100", "action", "mpls", "push", "protocol", "mpls_uc", "label", "1001",
-      "action", "mpls", "push", "protocol", "mpls_uc", "label", "102"],
-     ops.FlowerFilter(OURS_DEV, 1, ops.FlowerMatch(src="10.0.1.10/32", dst="10.0.0.100/32"),
-                      ops.push_stack((102, 1001)))),
-    (["protocol", "ip", "pref", "11", "handle", "7", "flower", "skip_hw", "ip_proto", "tcp",
-      "src_ip", "10.0.1.0/24", "dst_ip", "10.0.0.100", "dst_port", "80", "action", "mpls", "push",
-      "protocol", "mpls_uc", "label", "1003", "ttl", "64"],
-     ops.FlowerFilter(OURS_DEV, 7, ops.FlowerMatch(src="10.0.1.0/24", dst="10.0.0.100/32",
-                                                   ip_proto="tcp", dst_port=80),
-                      (ops.MplsPush(1003, ttl=64),), pref=11, offload=ops.OffloadPolicy.NEVER)),
-    (["protocol", "ipv6", "pref", "12", "handle", "9", "flower", "ip_proto", "udp", "src_ip",
-      "2001:db8::/64", "dst_ip", "2001:db8:ff::100", "src_port", "5000", "action", "mpls", "push",
-      "protocol", "mpls_uc", "label", "1005", "action", "mpls", "push", "protocol", "mpls_uc",
-      "label", "103"],
-     ops.FlowerFilter(OURS_DEV, 9, ops.FlowerMatch(src="2001:db8::/64", dst="2001:db8:ff::100/128",
-                                                   ip_proto="udp", src_port=5000),
-                      ops.push_stack((103, 1005)), pref=12)),
-    (["protocol", "ip", "pref", "13", "handle", "3", "flower", "dst_ip", "10.0.0.0/8", "action",
-      "mpls", "pop", "protocol", "ipv4"],
-     ops.FlowerFilter(OURS_DEV, 3, ops.FlowerMatch(dst="10.0.0.0/8"), (ops.MplsPop("ip"),), pref=13)),
-    (["protocol", "ip", "pref", "14", "handle", "5", "flower", "ip_proto", "sctp", "dst_ip", "10.0.0.100",
-      "dst_port", "3868", "action", "mpls", "push", "protocol", "mpls_uc", "label", "1007"],
-     ops.FlowerFilter(OURS_DEV, 5, ops.FlowerMatch(dst="10.0.0.100/32", ip_proto="sctp", dst_port=3868),
-                      (ops.MplsPush(1007),), pref=14)),
-    (["protocol", "ipv6", "pref", "15", "handle", "6", "flower", "ip_proto", "0x32", "dst_ip", "2001:db8:ff::100",
-      "action", "mpls", "push", "protocol", "mpls_uc", "label", "1009"],
-     ops.FlowerFilter(OURS_DEV, 6, ops.FlowerMatch(dst="2001:db8:ff::100/128", ip_proto="esp"),
-                      (ops.MplsPush(1009),), pref=15)),
+    (
+        [
+            "protocol",
+            "ip",
+            "pref",
+            "10",
+            "handle",
+            "1",
+            "flower",
+            "src_ip",
+            "10.0.1.10",
+            "dst_ip",
+            "10.0.0.100",
+            "action",
+            "mpls",
+            "push",
+            "protocol",
+            "mpls_uc",
+            "label",
+            "1001",
+            "action",
+            "mpls",
+            "push",
+            "protocol",
+            "mpls_uc",
+            "label",
+            "102",
+        ],
+        ops.FlowerFilter(
+            OURS_DEV, 1, ops.FlowerMatch(src="10.0.1.10/32", dst="10.0.0.100/32"), ops.push_stack((102, 1001))
+        ),
+    ),
+    (
+        [
+            "protocol",
+            "ip",
+            "pref",
+            "11",
+            "handle",
+            "7",
+            "flower",
+            "skip_hw",
+            "ip_proto",
+            "tcp",
+            "src_ip",
+            "10.0.1.0/24",
+            "dst_ip",
+            "10.0.0.100",
+            "dst_port",
+            "80",
+            "action",
+            "mpls",
+            "push",
+            "protocol",
+            "mpls_uc",
+            "label",
+            "1003",
+            "ttl",
+            "64",
+        ],
+        ops.FlowerFilter(
+            OURS_DEV,
+            7,
+            ops.FlowerMatch(src="10.0.1.0/24", dst="10.0.0.100/32", ip_proto="tcp", dst_port=80),
+            (ops.MplsPush(1003, ttl=64),),
+            pref=11,
+            offload=ops.OffloadPolicy.NEVER,
+        ),
+    ),
+    (
+        [
+            "protocol",
+            "ipv6",
+            "pref",
+            "12",
+            "handle",
+            "9",
+            "flower",
+            "ip_proto",
+            "udp",
+            "src_ip",
+            "2001:db8::/64",
+            "dst_ip",
+            "2001:db8:ff::100",
+            "src_port",
+            "5000",
+            "action",
+            "mpls",
+            "push",
+            "protocol",
+            "mpls_uc",
+            "label",
+            "1005",
+            "action",
+            "mpls",
+            "push",
+            "protocol",
+            "mpls_uc",
+            "label",
+            "103",
+        ],
+        ops.FlowerFilter(
+            OURS_DEV,
+            9,
+            ops.FlowerMatch(src="2001:db8::/64", dst="2001:db8:ff::100/128", ip_proto="udp", src_port=5000),
+            ops.push_stack((103, 1005)),
+            pref=12,
+        ),
+    ),
+    (
+        [
+            "protocol",
+            "ip",
+            "pref",
+            "13",
+            "handle",
+            "3",
+            "flower",
+            "dst_ip",
+            "10.0.0.0/8",
+            "action",
+            "mpls",
+            "pop",
+            "protocol",
+            "ipv4",
+        ],
+        ops.FlowerFilter(OURS_DEV, 3, ops.FlowerMatch(dst="10.0.0.0/8"), (ops.MplsPop("ip"),), pref=13),
+    ),
+    (
+        [
+            "protocol",
+            "ip",
+            "pref",
+            "14",
+            "handle",
+            "5",
+            "flower",
+            "ip_proto",
+            "sctp",
+            "dst_ip",
+            "10.0.0.100",
+            "dst_port",
+            "3868",
+            "action",
+            "mpls",
+            "push",
+            "protocol",
+            "mpls_uc",
+            "label",
+            "1007",
+        ],
+        ops.FlowerFilter(
+            OURS_DEV,
+            5,
+            ops.FlowerMatch(dst="10.0.0.100/32", ip_proto="sctp", dst_port=3868),
+            (ops.MplsPush(1007),),
+            pref=14,
+        ),
+    ),
+    (
+        [
+            "protocol",
+            "ipv6",
+            "pref",
+            "15",
+            "handle",
+            "6",
+            "flower",
+            "ip_proto",
+            "0x32",
+            "dst_ip",
+            "2001:db8:ff::100",
+            "action",
+            "mpls",
+            "push",
+            "protocol",
+            "mpls_uc",
+            "label",
+            "1009",
+        ],
+        ops.FlowerFilter(
+            OURS_DEV, 6, ops.FlowerMatch(dst="2001:db8:ff::100/128", ip_proto="esp"), (ops.MplsPush(1009),), pref=15
+        ),
+    ),
     # The server agent's learning filter: an MPLS packet's top label into the packet mark.
-    (["protocol", "mpls_uc", "pref", "20", "handle", "1001", "flower", "mpls_label", "1001",
-      "action", "skbedit", "mark", "1835009001"],
-     ops.FlowerFilter(OURS_DEV, 1001, ops.FlowerMatch(mpls_label=1001), (ops.SetMark(0x6D6003E9),),
-                      ops.Direction.INGRESS, pref=20)),
+    (
+        [
+            "protocol",
+            "mpls_uc",
+            "pref",
+            "20",
+            "handle",
+            "1001",
+            "flower",
+            "mpls_label",
+            "1001",
+            "action",
+            "skbedit",
+            "mark",
+            "1835009001",
+        ],
+        ops.FlowerFilter(
+            OURS_DEV, 1001, ops.FlowerMatch(mpls_label=1001), (ops.SetMark(0x6D6003E9),), ops.Direction.INGRESS, pref=20
+        ),
+    ),
 ]
 
 
@@ -65,17 +236,26 @@ def devices(lab: Lab) -> Iterator[str]:
         lab.sh(lb, "ip", "link", "del", dev, check=False)
 
 
-@pytest.mark.parametrize("tc_args, ours", CASES, ids=["reference", "tcp-port-ttl", "ipv6-udp", "pop", "sctp-port", "ipv6-esp", "mpls-label-mark"])
-def test_same_filter_reads_back_the_same(lab: Lab, devices: str, tc_args: list[str],
-                                         ours: ops.FlowerFilter) -> None:
+@pytest.mark.parametrize(
+    "tc_args, ours",
+    CASES,
+    ids=["reference", "tcp-port-ttl", "ipv6-udp", "pop", "sctp-port", "ipv6-esp", "mpls-label-mark"],
+)
+def test_same_filter_reads_back_the_same(lab: Lab, devices: str, tc_args: list[str], ours: ops.FlowerFilter) -> None:
     lb = devices
     lab.sh(lb, "tc", "filter", "add", "dev", TC_DEV, str(ours.direction), *tc_args)
     results = lab.provider(lb).apply([ops.Add(ours)])
     assert results[0].ok, str(results[0])
-    theirs = [i.obj for i in lab.provider(lb).dump_filters(TC_DEV, ours.direction, ours_only=False)
-              if i.obj.handle == ours.handle and i.obj.pref == ours.pref]
-    mine = [i.obj for i in lab.provider(lb).dump_filters(OURS_DEV, ours.direction)
-            if i.obj.handle == ours.handle and i.obj.pref == ours.pref]
+    theirs = [
+        i.obj
+        for i in lab.provider(lb).dump_filters(TC_DEV, ours.direction, ours_only=False)
+        if i.obj.handle == ours.handle and i.obj.pref == ours.pref
+    ]
+    mine = [
+        i.obj
+        for i in lab.provider(lb).dump_filters(OURS_DEV, ours.direction)
+        if i.obj.handle == ours.handle and i.obj.pref == ours.pref
+    ]
     assert mine == [ours]
     assert theirs == [dataclasses.replace(ours, dev=TC_DEV)]
     # tc's own reading of our filter matches its reading of its own, line for line.
@@ -85,8 +265,12 @@ def test_same_filter_reads_back_the_same(lab: Lab, devices: str, tc_args: list[s
     tc_text = lab.sh(lb, *show, TC_DEV, *tail).stdout
 
     def normal(text: str) -> list[str]:
-        return [line.strip() for line in text.splitlines()
-                if line.strip() and not line.strip().startswith(("index", "cookie"))]
+        return [
+            line.strip()
+            for line in text.splitlines()
+            if line.strip() and not line.strip().startswith(("index", "cookie"))
+        ]
+
     assert normal(ours_text) == normal(tc_text)
 
 
@@ -98,8 +282,14 @@ def test_offload_state_and_required_policy(lab: Lab, devices: str) -> None:
     lb = devices
     state = {i.obj.handle: i.offload for i in lab.provider(lb).dump_filters(OURS_DEV)}
     assert state[1] == ops.OffloadState(not_in_hw=True) and state[1].describe() == "not_in_hw"
-    required = ops.FlowerFilter(OURS_DEV, 42, ops.FlowerMatch(src="10.9.9.9/32"),
-                                ops.push_stack((5,)), pref=14, offload=ops.OffloadPolicy.REQUIRED)
+    required = ops.FlowerFilter(
+        OURS_DEV,
+        42,
+        ops.FlowerMatch(src="10.9.9.9/32"),
+        ops.push_stack((5,)),
+        pref=14,
+        offload=ops.OffloadPolicy.REQUIRED,
+    )
     result = lab.provider(lb).apply([ops.Add(required)])[0]
     assert not result.ok and result.errno in (errno.EOPNOTSUPP, errno.EINVAL)
     assert f"offload required but device {OURS_DEV} cannot offload" in result.error

@@ -30,7 +30,7 @@ from orchestrator.dataplane import ops
 from orchestrator.lab.balancer_lab import BalancerLab, lab_config
 from orchestrator.lab.kit import Lab, patience
 
-NSIM_ID = 17          # the netdevsim bus device; its one port becomes nsim0 in the balancer's namespace
+NSIM_ID = 17  # the netdevsim bus device; its one port becomes nsim0 in the balancer's namespace
 DEV = "nsim0"
 SYSFS = Path("/sys/bus/netdevsim")
 
@@ -87,12 +87,14 @@ def test_required_without_hw_tc_offload_refuses_to_start_naming_interface_and_co
     run_dir = Path(lab.node("lb")["runtime_dir"])
     config = run_dir / "offload-check.yaml"
     config.write_text(lab_config(run_dir / "offload-check.sock", changes("required", **{"node.setup": "check"})))
-    result = lab.sh("lb", sys.executable, "-m", "orchestrator", "run", "--config", str(config), check=False,
-                    timeout=patience(120))
+    result = lab.sh(
+        "lb", sys.executable, "-m", "orchestrator", "run", "--config", str(config), check=False, timeout=patience(120)
+    )
     assert result.returncode == 4, result.stderr
-    assert (f"mplsorch: node not ready: interface {DEV} has interfaces.offload required but hw-tc-offload is off: "
-            f"the driver would refuse every session's filter; fix: ethtool -K {DEV} hw-tc-offload on") \
-        in result.stderr.splitlines(), result.stderr
+    assert (
+        f"mplsorch: node not ready: interface {DEV} has interfaces.offload required but hw-tc-offload is off: "
+        f"the driver would refuse every session's filter; fix: ethtool -K {DEV} hw-tc-offload on"
+    ) in result.stderr.splitlines(), result.stderr
     assert hw_tc_offload(lab) == "off"  # check changes nothing
 
 
@@ -113,8 +115,9 @@ def test_each_policy_on_netdevsim_and_routes_reports_what_the_kernel_says(lab: L
         assert b.sessions() == []
         refusal = next(line for line in b.log().splitlines() if "skip_sw" in line)
         assert f"new session: add filter dev {DEV} egress" in refusal
-        assert (f"offload required but device {DEV} cannot offload this filter: Operation not supported "
-                "(EOPNOTSUPP)") in refusal, refusal
+        assert (
+            f"offload required but device {DEV} cannot offload this filter: Operation not supported (EOPNOTSUPP)"
+        ) in refusal, refusal
         assert tc_filters(lab) == {}  # nothing stays in the kernel: the S2C route was rolled back too
         assert not [r for r in b.cli("routes") if r["kind"] == "MplsRoute"]
 
@@ -124,8 +127,12 @@ def test_each_policy_on_netdevsim_and_routes_reports_what_the_kernel_says(lab: L
         [session] = wait_for("the auto session", b.sessions)
         rows = [r for r in b.cli("routes") if r["kind"] == "FlowerFilter"]
         assert len(rows) == 1 and rows[0]["dev"] == DEV and rows[0]["policy"] == "auto"
-        assert (rows[0]["in_hw"], rows[0]["in_hw_count"], rows[0]["not_in_hw"], rows[0]["offload"]) == \
-            (False, 0, True, "not_in_hw")
+        assert (rows[0]["in_hw"], rows[0]["in_hw_count"], rows[0]["not_in_hw"], rows[0]["offload"]) == (
+            False,
+            0,
+            True,
+            "not_in_hw",
+        )
         [(handle, kernel)] = tc_filters(lab).items()
         assert kernel.get("not_in_hw") is True and not kernel.get("in_hw") and not kernel.get("skip_hw")
         assert f"handle {handle} " in rows[0]["object"]
@@ -155,8 +162,10 @@ def test_each_policy_on_netdevsim_and_routes_reports_what_the_kernel_says(lab: L
         assert all(not set(r.get("flags", [])) & {"offload", "trap", "offload_failed"} for r in kernel_routes)
         routes = [r for r in rows if r["kind"] == "MplsRoute"]
         assert {int(r["object"].split()[2]) for r in routes} == labels
-        assert all((r["in_hw"], r["trap"], r["offload_failed"], r["offload"]) == (False, False, False, "not_in_hw")
-                   for r in routes)
+        assert all(
+            (r["in_hw"], r["trap"], r["offload_failed"], r["offload"]) == (False, False, False, "not_in_hw")
+            for r in routes
+        )
         status = b.cli("status")
         assert status["offload"] == {"in_hw": 0, "not_in_hw": 4, "trap": 0, "offload_failed": 0}
         assert status["counters"]["offload_refused"] == refused  # auto and never refuse nothing
@@ -169,9 +178,17 @@ def test_the_drivers_extack_text_reaches_the_error(lab: Lab, nsim: str) -> None:
     lb = lab.provider("lb")
     [qdisc] = lb.apply([ops.Add(ops.ClsactQdisc(DEV))])
     assert qdisc.ok or qdisc.errno == errno.EEXIST, str(qdisc)
-    flt = ops.FlowerFilter(DEV, 1, ops.FlowerMatch(src="10.0.1.10/32"), ops.push_stack((103, 1001)),
-                           direction=ops.Direction.INGRESS, offload=ops.OffloadPolicy.REQUIRED)
+    flt = ops.FlowerFilter(
+        DEV,
+        1,
+        ops.FlowerMatch(src="10.0.1.10/32"),
+        ops.push_stack((103, 1001)),
+        direction=ops.Direction.INGRESS,
+        offload=ops.OffloadPolicy.REQUIRED,
+    )
     [result] = lb.apply([ops.Add(flt)])
     assert result.errno == errno.EOPNOTSUPP, str(result)
-    assert result.error == (f"offload required but device {DEV} cannot offload this filter: "
-                            "netdevsim: only offload of BPF classifiers supported (EOPNOTSUPP)"), result.error
+    assert result.error == (
+        f"offload required but device {DEV} cannot offload this filter: "
+        "netdevsim: only offload of BPF classifiers supported (EOPNOTSUPP)"
+    ), result.error

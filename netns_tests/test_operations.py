@@ -28,11 +28,16 @@ PATIENCE = patience(40)  # seconds
 
 @pytest.fixture(scope="module")
 def balancer(lab: Lab) -> Iterator[BalancerLab]:
-    b = BalancerLab(lab, checked=True, changes={
-        "pools.web.health_check": CHECK,
-        # The IPv6 service resets its sessions when their server fails; http (IPv4) reassigns.
-        "services.mobile.on_server_failure": "reset",
-        "metrics.listen": METRICS})
+    b = BalancerLab(
+        lab,
+        checked=True,
+        changes={
+            "pools.web.health_check": CHECK,
+            # The IPv6 service resets its sessions when their server fails; http (IPv4) reassigns.
+            "services.mobile.on_server_failure": "reset",
+            "metrics.listen": METRICS,
+        },
+    )
     try:
         b.start()
         yield b
@@ -75,8 +80,22 @@ class Aliases:
         return address
 
     def curl(self, address: str) -> str:
-        out = self.lab.sh("c1", "curl", "-s", "-o", "/dev/null", "-m", "10", "-w", "%{http_code}", "--interface",
-                          address, f"http://{self.lab.vip}/", check=False, timeout=30)
+        out = self.lab.sh(
+            "c1",
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-m",
+            "10",
+            "-w",
+            "%{http_code}",
+            "--interface",
+            address,
+            f"http://{self.lab.vip}/",
+            check=False,
+            timeout=30,
+        )
         return out.stdout.strip() or "000"
 
 
@@ -99,7 +118,8 @@ def new_sessions(balancer: BalancerLab, aliases: Aliases, count: int) -> list[st
 
 
 def test_a_stopped_application_is_marked_down_and_its_sessions_follow_the_policy(
-        lab: Lab, balancer: BalancerLab, aliases: Aliases) -> None:
+    lab: Lab, balancer: BalancerLab, aliases: Aliases
+) -> None:
     wait("every server up", lambda: {r["state"] for r in servers(balancer).values()} == {"up"}, balancer)
     assert all(r["response_time"] is not None and r["checked"] for r in servers(balancer).values())
     clients = lab.names("client")
@@ -113,29 +133,39 @@ def test_a_stopped_application_is_marked_down_and_its_sessions_follow_the_policy
 
     balancer.stop_app(victim)
     wait(f"{victim} down", lambda: servers(balancer)[victim]["state"] == "down", balancer)
-    assert re.search(rf"server {victim} down: (connection refused|timeout after 2s) \(pool web, was up\)",
-                     balancer.log()), balancer.log()[-3000:]
+    assert re.search(
+        rf"server {victim} down: (connection refused|timeout after 2s) \(pool web, was up\)", balancer.log()
+    ), balancer.log()[-3000:]
 
     # reassign (http): same session, another server, a new pair; the client's next request works.
-    moved = wait("the http session moved", lambda: (s := sessions(balancer, "http").get(moving["client"]))
-                 and s["server"] != victim and s, balancer)
+    moved = wait(
+        "the http session moved",
+        lambda: (s := sessions(balancer, "http").get(moving["client"])) and s["server"] != victim and s,
+        balancer,
+    )
     assert moved["id"] == moving["id"] and moved["c2s_label"] != moving["c2s_label"]
-    assert f"session {moved['id']} moved: http {moving['client']} -> {moved['server']} c2s {moved['c2s_label']}" \
+    assert (
+        f"session {moved['id']} moved: http {moving['client']} -> {moved['server']} c2s {moved['c2s_label']}"
         in balancer.log()
+    )
     client = next(c for c in clients if lab.address(c) == moving["client"])
     assert balancer.curl(client) == "200"
     served = (Path(lab.node(moved["server"])["runtime_dir"]) / "http-80.log").read_text()
     assert any(line.startswith(moving["client"] + " ") for line in served.splitlines())
     installed = [i.obj for i in lab.provider("lb").dump()]
     # The old pair's S2C label routes nowhere but to its hold marker while it is held down.
-    assert not any(isinstance(o, ops.MplsRoute) and o.label == moving["s2c_label"] and not records.is_hold_marker(o)
-                   for o in installed)
+    assert not any(
+        isinstance(o, ops.MplsRoute) and o.label == moving["s2c_label"] and not records.is_hold_marker(o)
+        for o in installed
+    )
     assert any(isinstance(o, ops.MplsRoute) and o.label == moved["s2c_label"] for o in installed)
 
     # reset (mobile): the session ended, its objects went; the next request opens a new one elsewhere.
     for old in resetting:
-        assert f"session {old['id']} end: mobile {old['key']} -> {victim} c2s {old['c2s_label']} " \
-               f"s2c {old['s2c_label']} (server {victim} down)" in balancer.log()
+        assert (
+            f"session {old['id']} end: mobile {old['key']} -> {victim} c2s {old['c2s_label']} "
+            f"s2c {old['s2c_label']} (server {victim} down)" in balancer.log()
+        )
         client = next(c for c in clients if lab.address(c, version=6) == old["client"])
         assert balancer.curl(client, lab.vip6) == "200"
         again = sessions(balancer, "mobile")[old["client"]]
@@ -151,11 +181,16 @@ def test_a_stopped_application_is_marked_down_and_its_sessions_follow_the_policy
 
 
 def test_drain_keeps_sessions_and_enable_takes_new_ones_again(
-        lab: Lab, balancer: BalancerLab, aliases: Aliases) -> None:
+    lab: Lab, balancer: BalancerLab, aliases: Aliases
+) -> None:
     kept = min(sessions(balancer, "http").values(), key=lambda s: s["id"])
     target = kept["server"]
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "servers", "drain", target, "--socket",
-                          str(balancer.sock)], capture_output=True, text=True, timeout=PATIENCE)
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "servers", "drain", target, "--socket", str(balancer.sock)],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,
+    )
     assert out.returncode == 0 and out.stdout.startswith(f"{target}: draining (was enabled)"), out
     assert target not in new_sessions(balancer, aliases, 2)
     clients = {lab.address(c): c for c in lab.names("client")}
@@ -172,8 +207,12 @@ def test_a_weight_change_reports_the_maglev_keys_that_moved(lab: Lab, balancer: 
     assert (answer["weight"], answer["previous"]) == (1, 2)
     assert 0.1 < answer["moved"]["mobile"] < 0.4, answer  # s3's share 1/2 -> 1/3: about 1/6 moves
     assert servers(balancer)["s3"]["weight"] == 1
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "servers", "weight", "s9", "1", "--socket",
-                          str(balancer.sock)], capture_output=True, text=True, timeout=PATIENCE)
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "servers", "weight", "s9", "1", "--socket", str(balancer.sock)],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,
+    )
     assert out.returncode == 2 and "unknown server 's9'; known: s1, s2, s3" in out.stderr, out
     back = ask(balancer, "weight", server="s3", weight=2)
     assert back["previous"] == 1 and back["moved"]["mobile"] > 0
@@ -191,8 +230,11 @@ def test_flush_ends_a_clients_sessions(lab: Lab, balancer: BalancerLab, aliases:
 
 def scrape(lab: Lab) -> dict[str, float]:
     text = lab.sh("lb", "curl", "-s", "-m", "20", f"http://{METRICS}/metrics").stdout
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 def test_the_metrics_endpoint_agrees_with_status(lab: Lab, balancer: BalancerLab) -> None:
@@ -204,8 +246,10 @@ def test_the_metrics_endpoint_agrees_with_status(lab: Lab, balancer: BalancerLab
             "sessions": (sum(v for k, v in metrics.items() if k.startswith("mplsorch_sessions{")), status["sessions"]),
             "started": (metrics["mplsorch_sessions_started_total"], status["counters"]["sessions_started"]),
             "ops_ok": (metrics['mplsorch_dataplane_operations_total{result="ok"}'], status["dataplane_ops"]["ok"]),
-            **{f"labels_{s}": (metrics[f'mplsorch_label_pairs{{state="{s}"}}'], status["labels"][s])
-               for s in ("free", "in_use", "held_down")},
+            **{
+                f"labels_{s}": (metrics[f'mplsorch_label_pairs{{state="{s}"}}'], status["labels"][s])
+                for s in ("free", "in_use", "held_down")
+            },
         }
         if all(a == b for a, b in comparable.values()):
             break

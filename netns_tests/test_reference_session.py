@@ -7,10 +7,16 @@ from typing import Iterator
 
 import pytest
 
-from orchestrator.lab.kit import Lab
 from netns_tests.harness.reference import (
-    Session, apply_all, balancer_node, deletes, fabric_node, once_per_node, session_ops,
+    Session,
+    apply_all,
+    balancer_node,
+    deletes,
+    fabric_node,
+    once_per_node,
+    session_ops,
 )
+from orchestrator.lab.kit import Lab
 
 # c1 -> s2 with the reference's labels; a second, independent session c2 -> s3.
 FIRST = Session(client="c1", server="s2", c2s=1001, handle=1)

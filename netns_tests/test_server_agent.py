@@ -17,9 +17,9 @@ from typing import Any, Iterator
 
 import pytest
 
+from netns_tests.harness.server_lab import ServerLab, server_config
 from orchestrator.dataplane import ops
 from orchestrator.lab.kit import Lab, patience
-from netns_tests.harness.server_lab import ServerLab, server_config
 
 SESSION_KEYS = {"client", "vip", "c2s_label", "s2c_label", "state", "flows", "created", "last_seen", "ends_at"}
 
@@ -39,8 +39,9 @@ def farm(lab: Lab) -> Iterator[ServerLab]:
 def _started(farm: ServerLab, service: str, client: str) -> tuple[str, int, int]:
     """(server, C2S, S2C) of the balancer's session of `client` for `service`, from its log (the
     log is instant; a CLI call costs tens of seconds in the emulated VM)."""
-    found = re.findall(rf"session \d+ start: {service} {re.escape(client)} -> (\S+) c2s (\d+) s2c (\d+)",
-                       farm.balancer.log())
+    found = re.findall(
+        rf"session \d+ start: {service} {re.escape(client)} -> (\S+) c2s (\d+) s2c (\d+)", farm.balancer.log()
+    )
     assert len(found) == 1, farm.balancer.log()[-2000:]
     return found[0][0], int(found[0][1]), int(found[0][2])
 
@@ -123,12 +124,15 @@ def test_setup_apply_made_the_node_ready_and_check_names_what_is_not(lab: Lab, f
     agent = farm.agents["s2"]
     config, sock = agent.dir / "not-ready.yaml", agent.dir / "not-ready.sock"
     config.write_text(server_config(lab, "s2", sock, {"node.setup": "check", ("vips", "10.0.0.200"): {"table": 102}}))
-    result = lab.sh("s2", sys.executable, "-m", "orchestrator", "run", "--config", str(config), check=False,
-                    timeout=patience(30))
+    result = lab.sh(
+        "s2", sys.executable, "-m", "orchestrator", "run", "--config", str(config), check=False, timeout=patience(30)
+    )
     assert result.returncode == 4, result
     lines = result.stderr.splitlines()
-    assert "mplsorch: node not ready: VIP 10.0.0.200 is not on lo (servers answer from it); " \
-           "fix: ip address add 10.0.0.200/32 dev lo" in lines, lines
+    assert (
+        "mplsorch: node not ready: VIP 10.0.0.200 is not on lo (servers answer from it); "
+        "fix: ip address add 10.0.0.200/32 dev lo" in lines
+    ), lines
     assert all(line.startswith("mplsorch: node not ready: ") for line in lines), lines
     assert not sock.exists()
 
@@ -146,8 +150,11 @@ def test_reload_rejects_an_invalid_file_and_applies_a_new_vip(lab: Lab, farm: Se
 
 def _in_no_routes(lab: Lab, node: str) -> int:
     """Packets `node` could not route (a plain-IP answer reaching the fabric would count here)."""
-    lines = [line.split() for line in lab.sh(node, "cat", "/proc/net/netstat").stdout.splitlines()
-             if line.startswith("IpExt:")]
+    lines = [
+        line.split()
+        for line in lab.sh(node, "cat", "/proc/net/netstat").stdout.splitlines()
+        if line.startswith("IpExt:")
+    ]
     return int(dict(zip(lines[0], lines[1]))["InNoRoutes"])
 
 
@@ -193,11 +200,14 @@ def test_a_restarted_agent_relearns_from_the_kernel_and_a_download_keeps_going(l
     with open(Path(lab.node(agent.node)["runtime_dir"]) / "www" / "big.bin", "wb") as f:
         f.truncate(size)
     out = Path(lab.node("c1")["runtime_dir"]) / "big.bin"
-    download = lab.spawn("c1", sys.executable, "-c", SLOW_GET, lab.vip, "/big.bin", str(out), str(100 << 10),
-                         log=out.with_suffix(".log"))  # its errors, should it fail
+    download = lab.spawn(
+        "c1", sys.executable, "-c", SLOW_GET, lab.vip, "/big.bin", str(out), str(100 << 10), log=out.with_suffix(".log")
+    )  # its errors, should it fail
     log = out.with_suffix(".log")
-    _wait_for("started", lambda: "started" if out.exists() and out.stat().st_size > 0 else
-              log.read_text() if log.exists() else "")
+    _wait_for(
+        "started",
+        lambda: "started" if out.exists() and out.stat().st_size > 0 else log.read_text() if log.exists() else "",
+    )
     unroutable = _in_no_routes(lab, "p")
     assert agent.stop() == 0
     assert "return routes left in place" in agent.log()

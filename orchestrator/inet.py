@@ -16,7 +16,7 @@ import struct
 __all__ = ["ntop", "ntop4", "ntop6", "pton"]
 
 _WORDS = struct.Struct("!8H")
-_HEX_GROUPS = ":%x:%x:%x:%x:%x:%x:%x:%x:"   # framed by colons, so every group is ":g:"
+_HEX_GROUPS = ":%x:%x:%x:%x:%x:%x:%x:%x:"  # framed by colons, so every group is ":g:"
 # The zero runs that `::` may stand for, longest first: str.find gives the first of the longest.
 _ZERO_RUNS = tuple((n, ":" + ":".join(["0"] * n) + ":") for n in range(8, 1, -1))
 
@@ -45,7 +45,7 @@ def ntop6(packed: bytes) -> str:
 
 def _ntop6(packed: bytes) -> str:
     text = _HEX_GROUPS % _WORDS.unpack(packed)
-    for length, zeros in _ZERO_RUNS:
+    for length, zeros in _ZERO_RUNS:  # noqa: B007 (the run found is used after the loop)
         at = text.find(zeros)
         if at >= 0:
             break
@@ -53,7 +53,7 @@ def _ntop6(packed: bytes) -> str:
         return text[1:-1]
     if at == 0 and (length == 6 or (length == 5 and packed[10:12] == b"\xff\xff")):
         return ("::" if length == 6 else "::ffff:") + ntop4(packed[12:])
-    return text[1:at] + "::" + text[at + len(zeros):-1] if at else "::" + text[len(zeros):-1]
+    return text[1:at] + "::" + text[at + len(zeros) : -1] if at else "::" + text[len(zeros) : -1]
 
 
 def ntop(packed: bytes) -> str:

@@ -24,5 +24,6 @@ IPPROTO_UDPLITE = 136
 
 # The protocols a service and a flower filter name (config `protocol:`, FlowerMatch.ip_proto).
 BY_NAME: Mapping[str, int] = MappingProxyType(
-    {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP, "sctp": IPPROTO_SCTP, "esp": IPPROTO_ESP})
+    {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP, "sctp": IPPROTO_SCTP, "esp": IPPROTO_ESP}
+)
 NAME_OF: Mapping[int, str] = MappingProxyType({number: name for name, number in BY_NAME.items()})

@@ -45,20 +45,30 @@ from orchestrator import __version__
 from orchestrator.config.model import MetricsConfig
 from orchestrator.dataplane.ops import OFFLOAD_STATES  # OffloadState.state's words
 
-__all__ = ["BATCH_BUCKETS", "DurationHistogram", "HistogramSnapshot", "LatestSnapshot", "MetricsEndpoint",
-           "MetricsSnapshot", "MplsorchCollector", "make_registry", "snapshot_from", "start_metrics_server"]
+__all__ = [
+    "BATCH_BUCKETS",
+    "DurationHistogram",
+    "HistogramSnapshot",
+    "LatestSnapshot",
+    "MetricsEndpoint",
+    "MetricsSnapshot",
+    "MplsorchCollector",
+    "make_registry",
+    "snapshot_from",
+    "start_metrics_server",
+]
 
-SESSION_STATES = ("opening", "serving", "draining", "closing")   # core.sessions.State
-VERDICTS = ("accept", "drop", "refuse")                          # core.events.Action
+SESSION_STATES = ("opening", "serving", "draining", "closing")  # core.sessions.State
+VERDICTS = ("accept", "drop", "refuse")  # core.events.Action
 OP_RESULTS = ("ok", "error")
 LABEL_STATES = ("free", "in_use", "held_down")
-HEALTH_STATES = ("unknown", "up", "down")                        # core.health.HealthState
+HEALTH_STATES = ("unknown", "up", "down")  # core.health.HealthState
 KEY_KINDS = ("client-ip", "five-tuple", "mip6-home-address", "ipv6-iid", "esp-spi")  # analyze.keys.SessionKeyKind
 REFUSAL_REASONS = ("service-full", "no-server", "label-headroom", "labels-exhausted")  # core.balancer
 # A netlink batch takes tens of microseconds to a few hundred milliseconds (a large reconcile).
 BATCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-MAX_REASONS = 32                 # distinct refusal reasons exposed; the rest add up under "other"
-_TOKEN_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")   # a word: never an address, a number or a key
+MAX_REASONS = 32  # distinct refusal reasons exposed; the rest add up under "other"
+_TOKEN_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")  # a word: never an address, a number or a key
 
 
 def _frozen(m: Mapping[str, int] | None = None) -> Mapping[str, int]:
@@ -68,6 +78,7 @@ def _frozen(m: Mapping[str, int] | None = None) -> Mapping[str, int]:
 @dataclass(frozen=True)
 class HistogramSnapshot:
     """Cumulative bucket counts (upper bounds without +Inf), the total count and the sum."""
+
     bounds: tuple[float, ...] = BATCH_BUCKETS
     cumulative: tuple[int, ...] = (0,) * len(BATCH_BUCKETS)
     count: int = 0
@@ -99,25 +110,30 @@ class DurationHistogram:
 @dataclass(frozen=True)
 class MetricsSnapshot:
     """Everything one scrape shows, taken at one moment on the daemon's loop."""
-    sessions: Mapping[str, int] = field(default_factory=_frozen)           # state -> sessions
+
+    sessions: Mapping[str, int] = field(default_factory=_frozen)  # state -> sessions
     sessions_started: int = 0
-    refused: Mapping[str, int] = field(default_factory=_frozen)            # reason -> refusals
-    packets: Mapping[str, int] = field(default_factory=_frozen)            # verdict -> packets
-    dataplane_ops: Mapping[str, int] = field(default_factory=_frozen)      # ok | error -> operations
+    refused: Mapping[str, int] = field(default_factory=_frozen)  # reason -> refusals
+    packets: Mapping[str, int] = field(default_factory=_frozen)  # verdict -> packets
+    dataplane_ops: Mapping[str, int] = field(default_factory=_frozen)  # ok | error -> operations
     batch_duration: HistogramSnapshot = field(default_factory=HistogramSnapshot)
-    label_pairs: Mapping[str, int] = field(default_factory=_frozen)        # free | in_use | held_down
-    health: tuple[tuple[str, str, str], ...] = ()                          # (pool, server, state)
-    offload: Mapping[str, int] = field(default_factory=_frozen)            # offload state -> objects
+    label_pairs: Mapping[str, int] = field(default_factory=_frozen)  # free | in_use | held_down
+    health: tuple[tuple[str, str, str], ...] = ()  # (pool, server, state)
+    offload: Mapping[str, int] = field(default_factory=_frozen)  # offload state -> objects
     offload_refused: int = 0
     fast_path_flows: int = 0
     fast_path_unmatched: Mapping[str, int] = field(default_factory=_frozen)  # key kind -> first packets
 
 
-def snapshot_from(counters: Mapping[str, int], sessions_by_state: Mapping[str, int],
-                  label_pairs: Mapping[str, Any], dataplane_ops: Mapping[str, int],
-                  batch_duration: HistogramSnapshot | None = None,
-                  health: Iterable[tuple[str, str, str]] = (),
-                  offload: Mapping[str, int] | None = None) -> MetricsSnapshot:
+def snapshot_from(
+    counters: Mapping[str, int],
+    sessions_by_state: Mapping[str, int],
+    label_pairs: Mapping[str, Any],
+    dataplane_ops: Mapping[str, int],
+    batch_duration: HistogramSnapshot | None = None,
+    health: Iterable[tuple[str, str, str]] = (),
+    offload: Mapping[str, int] | None = None,
+) -> MetricsSnapshot:
     """A snapshot from what the balancer daemon already keeps: the core's counters
     (`sessions_started`, `refused:<reason>`, `verdict:<action>`), its sessions counted by state,
     `labels.stats(now).to_dict()` (only free, in_use and held_down are taken: they add up to the
@@ -127,11 +143,20 @@ def snapshot_from(counters: Mapping[str, int], sessions_by_state: Mapping[str, i
     refused = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("refused:")}
     packets = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("verdict:")}
     unmatched = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("fastpath_unmatched:")}
-    return MetricsSnapshot(_frozen(sessions_by_state), int(counters.get("sessions_started", 0)),
-                           _frozen(refused), _frozen(packets), _frozen(dataplane_ops),
-                           batch_duration or HistogramSnapshot(), _frozen(pairs), tuple(health),
-                           _frozen(offload), int(counters.get("offload_refused", 0)),
-                           int(counters.get("flows_fast_path", 0)), _frozen(unmatched))
+    return MetricsSnapshot(
+        _frozen(sessions_by_state),
+        int(counters.get("sessions_started", 0)),
+        _frozen(refused),
+        _frozen(packets),
+        _frozen(dataplane_ops),
+        batch_duration or HistogramSnapshot(),
+        _frozen(pairs),
+        tuple(health),
+        _frozen(offload),
+        int(counters.get("offload_refused", 0)),
+        int(counters.get("flows_fast_path", 0)),
+        _frozen(unmatched),
+    )
 
 
 class LatestSnapshot:
@@ -188,62 +213,84 @@ class MplsorchCollector(Collector):
 
         yield CounterMetricFamily("mplsorch_sessions_started", "New sessions started", value=s.sessions_started)
 
-        refused = CounterMetricFamily("mplsorch_sessions_refused", "New sessions refused by admission control, "
-                                      "by reason", labels=["reason"])
+        refused = CounterMetricFamily(
+            "mplsorch_sessions_refused", "New sessions refused by admission control, by reason", labels=["reason"]
+        )
         for reason, n in _tokens(s.refused, REFUSAL_REASONS):
             refused.add_metric([reason], n)
         yield refused
 
-        packets = CounterMetricFamily("mplsorch_packets_userspace", "First packets queued to the daemon, by "
-                                      "verdict", labels=["verdict"])
+        packets = CounterMetricFamily(
+            "mplsorch_packets_userspace", "First packets queued to the daemon, by verdict", labels=["verdict"]
+        )
         for verdict, n in _known(s.packets, VERDICTS):
             packets.add_metric([verdict], n)
         yield packets
 
-        yield CounterMetricFamily("mplsorch_fast_path_flows", "New flows of existing sessions the kernel "
-                                  "admitted without the daemon (fast path)", value=s.fast_path_flows)
-        unmatched = CounterMetricFamily("mplsorch_fast_path_unmatched", "First packets of an existing session "
-                                        "from a new client address, which the kernel cannot match, by key kind",
-                                        labels=["key_kind"])
+        yield CounterMetricFamily(
+            "mplsorch_fast_path_flows",
+            "New flows of existing sessions the kernel admitted without the daemon (fast path)",
+            value=s.fast_path_flows,
+        )
+        unmatched = CounterMetricFamily(
+            "mplsorch_fast_path_unmatched",
+            "First packets of an existing session "
+            "from a new client address, which the kernel cannot match, by key kind",
+            labels=["key_kind"],
+        )
         for kind, n in _known(s.fast_path_unmatched, KEY_KINDS):
             unmatched.add_metric([kind], n)
         yield unmatched
 
-        ops = CounterMetricFamily("mplsorch_dataplane_operations", "Kernel (netlink) operations, by result",
-                                  labels=["result"])
+        ops = CounterMetricFamily(
+            "mplsorch_dataplane_operations", "Kernel (netlink) operations, by result", labels=["result"]
+        )
         for result, n in _known(s.dataplane_ops, OP_RESULTS):
             ops.add_metric([result], n)
         yield ops
 
         h = s.batch_duration
         buckets = [(_le(b), c) for b, c in zip(h.bounds, h.cumulative)] + [("+Inf", h.count)]
-        batch = HistogramMetricFamily("mplsorch_dataplane_batch_duration_seconds",
-                                      "Duration of one netlink batch of operations", unit="seconds")
+        batch = HistogramMetricFamily(
+            "mplsorch_dataplane_batch_duration_seconds", "Duration of one netlink batch of operations", unit="seconds"
+        )
         batch.add_metric([], buckets, h.sum)
         yield batch
 
-        labels = GaugeMetricFamily("mplsorch_label_pairs", "Session label pairs (C2S odd, S2C = C2S + 1) of "
-                                   "the pool, by state", labels=["state"])
+        labels = GaugeMetricFamily(
+            "mplsorch_label_pairs",
+            "Session label pairs (C2S odd, S2C = C2S + 1) of the pool, by state",
+            labels=["state"],
+        )
         for state, n in _known(s.label_pairs, LABEL_STATES):
             labels.add_metric([state], n)
         yield labels
 
-        health = GaugeMetricFamily("mplsorch_server_health", "Health check state of a server in a pool: 1 for "
-                                   "its state, 0 for the others", labels=["pool", "server", "state"])
+        health = GaugeMetricFamily(
+            "mplsorch_server_health",
+            "Health check state of a server in a pool: 1 for its state, 0 for the others",
+            labels=["pool", "server", "state"],
+        )
         for pool, server, current in s.health:
             for state in HEALTH_STATES:
                 health.add_metric([pool, server, state], 1 if state == current else 0)
         yield health
 
-        objects = GaugeMetricFamily("mplsorch_offload_objects", "Our tc filters and routes, by what the kernel "
-                                    "says of their hardware offload", labels=["state"])
+        objects = GaugeMetricFamily(
+            "mplsorch_offload_objects",
+            "Our tc filters and routes, by what the kernel says of their hardware offload",
+            labels=["state"],
+        )
         for state, n in _known(s.offload, OFFLOAD_STATES):
             objects.add_metric([state], n)
         yield objects
 
-        yield CounterMetricFamily("mplsorch_offload_refused", "Filters with interfaces.offload `required` that "
-                                  "the kernel would not put in hardware (their sessions failed)",
-                                  value=s.offload_refused)
+        yield CounterMetricFamily(
+            "mplsorch_offload_refused",
+            "Filters with interfaces.offload `required` that "
+            "the kernel would not put in hardware (their sessions failed)",
+            value=s.offload_refused,
+        )
 
 
 def _le(bound: float) -> str:
@@ -260,6 +307,7 @@ def make_registry(snapshot: Callable[[], MetricsSnapshot], version: str = __vers
 @dataclass
 class MetricsEndpoint:
     """The running HTTP endpoint (prometheus_client's server in a daemon thread)."""
+
     server: Any
     thread: threading.Thread
 

@@ -45,8 +45,11 @@ SSHD = "/usr/sbin/sshd"
 # An ansible-playbook run in the emulated VM: starting Python alone takes a while there, and every
 # task costs each node one more.
 PLAYBOOK_TIMEOUT = 600
-RECAP_RE = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)"
-                      r"\s+skipped=(\d+)\s+rescued=(\d+)\s+ignored=(\d+)", re.M)
+RECAP_RE = re.compile(
+    r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)"
+    r"\s+skipped=(\d+)\s+rescued=(\d+)\s+ignored=(\d+)",
+    re.M,
+)
 
 
 def managed(lab: Lab) -> list[str]:
@@ -58,6 +61,7 @@ def managed(lab: Lab) -> list[str]:
 class Taken:
     """What bare() took from the lab, for restore(): per node the sysctls it set (name to the
     value before), the fabric's label routes (`ip -f mpls route` lines), the servers' VIPs."""
+
     sysctls: dict[str, dict[str, str]]
     label_routes: dict[str, list[str]]
     vips: dict[str, list[str]]
@@ -109,8 +113,10 @@ def wheelhouse_wheel() -> Path:
     (Building it inside the emulated lab VM takes a quarter of an hour.)"""
     wheels = sorted(WHEELHOUSE.glob("mplsorch-*.whl"))
     if len(wheels) != 1:
-        raise RuntimeError(f"expected one mplsorch wheel in {WHEELHOUSE}, found {[w.name for w in wheels]}: "
-                           "`bash bootstrap.sh setup` builds it")
+        raise RuntimeError(
+            f"expected one mplsorch wheel in {WHEELHOUSE}, found {[w.name for w in wheels]}: "
+            "`bash bootstrap.sh setup` builds it"
+        )
     with zipfile.ZipFile(wheels[0]) as z:
         record_name = next(n for n in z.namelist() if n.endswith(".dist-info/RECORD"))
         record = {row[0]: row[1] for row in csv.reader(z.read(record_name).decode().splitlines()) if row}
@@ -123,19 +129,23 @@ def wheelhouse_wheel() -> Path:
         if record.get(name) != digest:
             stale.append(name)
     if stale:
-        raise RuntimeError(f"{wheels[0].name} in {WHEELHOUSE} is older than the tree ({', '.join(sorted(stale)[:5])}"
-                           f"{' ...' if len(stale) > 5 else ''}): `bash bootstrap.sh setup` builds it again")
+        raise RuntimeError(
+            f"{wheels[0].name} in {WHEELHOUSE} is older than the tree ({', '.join(sorted(stale)[:5])}"
+            f"{' ...' if len(stale) > 5 else ''}): `bash bootstrap.sh setup` builds it again"
+        )
     return wheels[0]
 
 
 def mpls_routes(lab: Lab, node: str) -> list[str]:
-    return [line.strip() for line in lab.sh(node, "ip", "-f", "mpls", "route", "show").stdout.splitlines()
-            if line.strip()]
+    return [
+        line.strip() for line in lab.sh(node, "ip", "-f", "mpls", "route", "show").stdout.splitlines() if line.strip()
+    ]
 
 
 @dataclass
 class Run:
     """One ansible-playbook run: its exit status, its output and the PLAY RECAP per host."""
+
     rc: int
     output: str
     recap: dict[str, dict[str, int]]
@@ -150,7 +160,7 @@ class Run:
 
 def parse_recap(output: str) -> dict[str, dict[str, int]]:
     keys = ("ok", "changed", "unreachable", "failed", "skipped", "rescued", "ignored")
-    tail = output[output.rfind("PLAY RECAP"):] if "PLAY RECAP" in output else ""
+    tail = output[output.rfind("PLAY RECAP") :] if "PLAY RECAP" in output else ""
     return {m.group(1): dict(zip(keys, map(int, m.groups()[1:]))) for m in RECAP_RE.finditer(tail)}
 
 
@@ -203,31 +213,60 @@ class AnsibleLab:
             _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", node, "-f", str(host_key)])
         address = self.lab.address(node)
         config = d / "sshd_config"
-        config.write_text("\n".join([
-            f"ListenAddress {address}", "Port 22", f"HostKey {host_key}", f"PidFile {d / 'sshd.pid'}",
-            f"AuthorizedKeysFile {self.dir / 'authorized_keys'}",
-            "StrictModes no",  # the key lives in the test's own directory
-            "PermitRootLogin prohibit-password", "PubkeyAuthentication yes", "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            # With PAM, not sshd itself, judging the account: root's password is locked in the lab
-            # VM (virtme-ng's own /etc/shadow), which sshd alone refuses even for a key.
-            "UsePAM yes",
-            "UseDNS no", "PrintMotd no", "X11Forwarding no", "AllowTcpForwarding no",
-            "MaxStartups 100", "MaxSessions 100", "LoginGraceTime 600",
-            "Subsystem sftp internal-sftp", "LogLevel " + os.environ.get("MPLSORCH_SSHD_LOGLEVEL", "INFO"), ""]))
+        config.write_text(
+            "\n".join(
+                [
+                    f"ListenAddress {address}",
+                    "Port 22",
+                    f"HostKey {host_key}",
+                    f"PidFile {d / 'sshd.pid'}",
+                    f"AuthorizedKeysFile {self.dir / 'authorized_keys'}",
+                    "StrictModes no",  # the key lives in the test's own directory
+                    "PermitRootLogin prohibit-password",
+                    "PubkeyAuthentication yes",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    # With PAM, not sshd itself, judging the account: root's password is locked in the lab
+                    # VM (virtme-ng's own /etc/shadow), which sshd alone refuses even for a key.
+                    "UsePAM yes",
+                    "UseDNS no",
+                    "PrintMotd no",
+                    "X11Forwarding no",
+                    "AllowTcpForwarding no",
+                    "MaxStartups 100",
+                    "MaxSessions 100",
+                    "LoginGraceTime 600",
+                    "Subsystem sftp internal-sftp",
+                    "LogLevel " + os.environ.get("MPLSORCH_SSHD_LOGLEVEL", "INFO"),
+                    "",
+                ]
+            )
+        )
         pid_file = d / "sshd.pid"
         pid_file.unlink(missing_ok=True)
         self.lab.sh(node, SSHD, "-t", "-f", str(config))
-        self.lab.sh(node, "sh", "-c", self._hide_rc_files() + 'exec "$@"', "sshd",
-                    SSHD, "-f", str(config), "-E", str(d / "sshd.log"))
+        self.lab.sh(
+            node,
+            "sh",
+            "-c",
+            self._hide_rc_files() + 'exec "$@"',
+            "sshd",
+            SSHD,
+            "-f",
+            str(config),
+            "-E",
+            str(d / "sshd.log"),
+        )
         deadline = time.monotonic() + 60
         while not pid_file.exists():
             if time.monotonic() > deadline:
                 raise RuntimeError(f"sshd did not start in {node}: {(d / 'sshd.log').read_text()}")
             time.sleep(0.2)
         self.sshd_pids[node] = int(pid_file.read_text().split()[0])
-        return f"{address} {host_key.with_suffix('.pub').read_text().split(' ')[0]} " \
-               f"{host_key.with_suffix('.pub').read_text().split(' ')[1]}\n"
+        return (
+            f"{address} {host_key.with_suffix('.pub').read_text().split(' ')[0]} "
+            f"{host_key.with_suffix('.pub').read_text().split(' ')[1]}\n"
+        )
 
     def _hide_rc_files(self) -> str:
         """Shell commands that bind an empty file over root's shell start-up files, in the mount
@@ -239,8 +278,9 @@ class AnsibleLab:
         empty.write_text("")
         home = Path(pwd.getpwnam("root").pw_dir)
         files = [home / name for name in (".bashrc", ".bash_profile", ".bash_login", ".profile")]
-        return "".join(f"mount --bind {shlex.quote(str(empty))} {shlex.quote(str(f))} && "
-                       for f in files if f.is_file())
+        return "".join(
+            f"mount --bind {shlex.quote(str(empty))} {shlex.quote(str(f))} && " for f in files if f.is_file()
+        )
 
     def _wait_listening(self, node: str) -> None:
         deadline = time.monotonic() + 60
@@ -252,15 +292,17 @@ class AnsibleLab:
     def write_vars(self, wheel: Path | None = None, **more: Any) -> None:
         """The extra variables every run gets: the key, the known hosts, the wheelhouse, the wheel
         (none: the first run builds it from this repository), where the wheel is built."""
-        extra: dict[str, Any] = {"lab_dir": str(self.lab_dir),
-                                 "lab_ssh_key": str(self.key), "lab_known_hosts": str(self.known_hosts),
-                                 "lab_wheelhouse": str(WHEELHOUSE),
-                                 "mplsorch_wheel_build_dir": str(self.dir / "wheels")}
+        extra: dict[str, Any] = {
+            "lab_dir": str(self.lab_dir),
+            "lab_ssh_key": str(self.key),
+            "lab_known_hosts": str(self.known_hosts),
+            "lab_wheelhouse": str(WHEELHOUSE),
+            "mplsorch_wheel_build_dir": str(self.dir / "wheels"),
+        }
         if wheel is not None:
             extra["mplsorch_wheel"] = str(wheel)
         extra.update(more)
         self.vars_file.write_text(yaml.safe_dump(extra))
-
 
     # -- ansible-playbook ----------------------------------------------------------------------
     def env(self) -> dict[str, str]:
@@ -283,8 +325,14 @@ class AnsibleLab:
     def playbook(self, *args: str, timeout: float = PLAYBOOK_TIMEOUT, **extra_vars: Any) -> Run:
         """ansible-playbook -i inventories/lab site.yml -e @<lab vars> [-e <extra_vars as JSON>] ARGS."""
         self.runs += 1
-        argv = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(INVENTORY),
-                str(ANSIBLE_DIR / "site.yml"), "-e", f"@{self.vars_file}"]
+        argv = [
+            str(Path(sys.executable).parent / "ansible-playbook"),
+            "-i",
+            str(INVENTORY),
+            str(ANSIBLE_DIR / "site.yml"),
+            "-e",
+            f"@{self.vars_file}",
+        ]
         if extra_vars:
             argv += ["-e", json.dumps(extra_vars)]
         argv += list(args)
@@ -293,8 +341,15 @@ class AnsibleLab:
         lines: list[str] = []
         with open(log, "w") as out:
             out.write("$ " + " ".join(argv) + "\n")
-            proc = subprocess.Popen(argv, cwd=ANSIBLE_DIR, env=self.env(), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+            proc = subprocess.Popen(
+                argv,
+                cwd=ANSIBLE_DIR,
+                env=self.env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+            )
             assert proc.stdout is not None
             for line in proc.stdout:
                 lines.append(line)
@@ -337,8 +392,23 @@ class AnsibleLab:
     def close(self) -> None:
         self.stop_daemons()
         for node in self.nodes:  # the master connections Ansible left (ControlPersist)
-            subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={self.control_dir}/%C", "-p", "22", "-l", "root",
-                            self.lab.address(node)], capture_output=True, timeout=30, check=False)
+            subprocess.run(
+                [
+                    "ssh",
+                    "-O",
+                    "exit",
+                    "-o",
+                    f"ControlPath={self.control_dir}/%C",
+                    "-p",
+                    "22",
+                    "-l",
+                    "root",
+                    self.lab.address(node),
+                ],
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
         for pid in self.sshd_pids.values():
             if _alive(pid):
                 os.kill(pid, signal.SIGTERM)

@@ -49,17 +49,27 @@ def session_ops(lab: Lab, s: Session) -> dict[str, list[ops.Operation]]:
     server_iface = lab.iface(s.server, towards=p)
     return {
         lb: [
-            ops.Add(ops.FlowerFilter(
-                lab.iface(lb, towards=p)["dev"], s.handle,
-                ops.FlowerMatch(src=f"{client_addr}/32", dst=f"{lab.vip}/32"),
-                ops.push_stack((lab.node(s.server)["transport_label"], s.c2s)))),
+            ops.Add(
+                ops.FlowerFilter(
+                    lab.iface(lb, towards=p)["dev"],
+                    s.handle,
+                    ops.FlowerMatch(src=f"{client_addr}/32", dst=f"{lab.vip}/32"),
+                    ops.push_stack((lab.node(s.server)["transport_label"], s.c2s)),
+                )
+            ),
             ops.Add(ops.MplsRoute(s.s2c, lab.iface(lb, towards=s.client)["dev"], via=client_addr)),
         ],
         s.server: [
             ops.Add(ops.MplsRoute(s.c2s, "lo")),
-            ops.Add(ops.EncapRoute(f"{client_addr}/32", (lab.node(lb)["transport_label"], s.s2c),
-                                   server_iface["dev"], via=lab.peer_address(s.server, p),
-                                   table=RETURN_TABLE)),
+            ops.Add(
+                ops.EncapRoute(
+                    f"{client_addr}/32",
+                    (lab.node(lb)["transport_label"], s.s2c),
+                    server_iface["dev"],
+                    via=lab.peer_address(s.server, p),
+                    table=RETURN_TABLE,
+                )
+            ),
         ],
     }
 

@@ -26,17 +26,21 @@ def server_config(lab: Lab, node: str, sock: Path, changes: Mapping[KeyPath, Any
     service (dns), so a server never answers under a pair the balancer has handed to another session."""
     fabric = lab.iface(node, towards="p")
     hops = next(p["addresses"] for p in fabric["peers"] if p["node"] == "p")
-    return example("server", {
-        "node.transport_label": lab.node(node)["transport_label"],
-        "node.control_socket": str(sock),
-        "node.setup": "apply",
-        "balancer.transport_label": lab.node("lb")["transport_label"],
-        "interfaces.fabric": [fabric["dev"]],
-        "interfaces.fabric_next_hop": list(hops),
-        "labels.block": list(LABELS),
-        "vips": {vip: {"table": 100 + i} for i, vip in enumerate(lab.desc["vips"])},
-        "sessions.persistence_timeout": "2s",
-        **(changes or {})})
+    return example(
+        "server",
+        {
+            "node.transport_label": lab.node(node)["transport_label"],
+            "node.control_socket": str(sock),
+            "node.setup": "apply",
+            "balancer.transport_label": lab.node("lb")["transport_label"],
+            "interfaces.fabric": [fabric["dev"]],
+            "interfaces.fabric_next_hop": list(hops),
+            "labels.block": list(LABELS),
+            "vips": {vip: {"table": 100 + i} for i, vip in enumerate(lab.desc["vips"])},
+            "sessions.persistence_timeout": "2s",
+            **(changes or {}),
+        },
+    )
 
 
 class AgentLab:
@@ -57,9 +61,23 @@ class AgentLab:
     def spawn(self) -> None:
         # The log is appended to, so it tells the whole story across restarts.
         with open(self.dir / "agent.log", "ab") as log:
-            self.proc = subprocess.Popen(["ip", "netns", "exec", self.lab.netns(self.node), sys.executable, "-m",
-                                          "orchestrator", "run", "--config", str(self.config)],
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.lab.netns(self.node),
+                    sys.executable,
+                    "-m",
+                    "orchestrator",
+                    "run",
+                    "--config",
+                    str(self.config),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.lab.procs.append(self.proc)
 
     def wait_running(self) -> None:

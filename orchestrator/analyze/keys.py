@@ -17,15 +17,21 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass
-from typing import Optional, Union
 
 from orchestrator.inet import pton
 from orchestrator.ipproto import IPPROTO_ESP
 
 from .packet import Packet
 
-__all__ = ["SessionKeyKind", "SessionKey", "key_value", "session_key", "ipv6_iid", "icmp_error_client",
-           "icmp_error_session_key"]
+__all__ = [
+    "SessionKeyKind",
+    "SessionKey",
+    "key_value",
+    "session_key",
+    "ipv6_iid",
+    "icmp_error_client",
+    "icmp_error_session_key",
+]
 
 
 class SessionKeyKind(enum.StrEnum):
@@ -43,7 +49,7 @@ class SessionKey:
     client: str
 
 
-def _port(p: Optional[int]) -> str:
+def _port(p: int | None) -> str:
     return "-" if p is None else str(p)
 
 
@@ -61,8 +67,17 @@ def ipv6_iid(addr: str) -> str:
     return _iid(addr)
 
 
-def _value(kind: SessionKeyKind, version: int, proto: int, src: str, sport: Optional[int], dst: str,
-           dport: Optional[int], home: Optional[str], spi: Optional[int]) -> str:
+def _value(
+    kind: SessionKeyKind,
+    version: int,
+    proto: int,
+    src: str,
+    sport: int | None,
+    dst: str,
+    dport: int | None,
+    home: str | None,
+    spi: int | None,
+) -> str:
     if kind is SessionKeyKind.CLIENT_IP:
         return src
     if kind is SessionKeyKind.FIVE_TUPLE:
@@ -76,14 +91,23 @@ def _value(kind: SessionKeyKind, version: int, proto: int, src: str, sport: Opti
     raise ValueError(f"unknown session key kind {kind!r}")  # pragma: no cover - StrEnum is closed
 
 
-def key_value(kind: Union[SessionKeyKind, str], version: int, proto: int, src: str, sport: Optional[int],
-              dst: str, dport: Optional[int], home: Optional[str] = None, spi: Optional[int] = None) -> str:
+def key_value(
+    kind: SessionKeyKind | str,
+    version: int,
+    proto: int,
+    src: str,
+    sport: int | None,
+    dst: str,
+    dport: int | None,
+    home: str | None = None,
+    spi: int | None = None,
+) -> str:
     """The table key of the given parts, exactly as `session_key` derives it from a packet: a
     restart rebuilds a session's key from its filter's match and record with it."""
     return _value(SessionKeyKind(kind), version, proto, src, sport, dst, dport, home, spi)
 
 
-def session_key(pkt: Packet, kind: Union[SessionKeyKind, str]) -> SessionKey:
+def session_key(pkt: Packet, kind: SessionKeyKind | str) -> SessionKey:
     """The session key of a packet a client sent towards a VIP.
 
     - client-ip: the source address.
@@ -95,11 +119,14 @@ def session_key(pkt: Packet, kind: Union[SessionKeyKind, str]) -> SessionKey:
     This keys the packet as it is; for an ICMP error about a session use `icmp_error_session_key`.
     Raises ValueError for an unknown kind string (configuration error, not a packet error)."""
     k = SessionKeyKind(kind)
-    return SessionKey(k, _value(k, pkt.version, pkt.proto, pkt.src, pkt.sport, pkt.dst, pkt.dport,
-                                pkt.home_address, pkt.esp_spi), pkt.src)
+    return SessionKey(
+        k,
+        _value(k, pkt.version, pkt.proto, pkt.src, pkt.sport, pkt.dst, pkt.dport, pkt.home_address, pkt.esp_spi),
+        pkt.src,
+    )
 
 
-def icmp_error_client(pkt: Packet) -> Optional[str]:
+def icmp_error_client(pkt: Packet) -> str | None:
     """The client address an ICMP/ICMPv6 error packet is about, or None if it is not an error or
     its embedded datagram could not be parsed.
 
@@ -114,7 +141,7 @@ def icmp_error_client(pkt: Packet) -> Optional[str]:
     return pkt.inner.dst
 
 
-def icmp_error_session_key(pkt: Packet, kind: Union[SessionKeyKind, str]) -> Optional[SessionKey]:
+def icmp_error_session_key(pkt: Packet, kind: SessionKeyKind | str) -> SessionKey | None:
     """The key of the session an ICMP error is about: the embedded (VIP -> client) datagram reversed,
     so it equals `session_key` of the client's own packets for client-ip, five-tuple and ipv6-iid
     (and for mip6-home-address when the embedded datagram carries a type 2 routing header with the
@@ -126,5 +153,8 @@ def icmp_error_session_key(pkt: Packet, kind: Union[SessionKeyKind, str]) -> Opt
     if inner is None or not pkt.is_icmp_error:
         return None
     k = SessionKeyKind(kind)
-    return SessionKey(k, _value(k, inner.version, inner.proto, inner.dst, inner.dport, inner.src, inner.sport,
-                                inner.home_address, None), inner.dst)
+    return SessionKey(
+        k,
+        _value(k, inner.version, inner.proto, inner.dst, inner.dport, inner.src, inner.sport, inner.home_address, None),
+        inner.dst,
+    )

@@ -30,12 +30,22 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Optional, Union
 
 from orchestrator.inet import ntop4, ntop6
 from orchestrator.ipproto import (
-    IPPROTO_AH, IPPROTO_DCCP, IPPROTO_DSTOPTS, IPPROTO_ESP, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ICMP,
-    IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
+    IPPROTO_AH,
+    IPPROTO_DCCP,
+    IPPROTO_DSTOPTS,
+    IPPROTO_ESP,
+    IPPROTO_FRAGMENT,
+    IPPROTO_HOPOPTS,
+    IPPROTO_ICMP,
+    IPPROTO_ICMPV6,
+    IPPROTO_ROUTING,
+    IPPROTO_SCTP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPPROTO_UDPLITE,
 )
 
 __all__ = [
@@ -55,28 +65,30 @@ ICMP4_ERRORS = frozenset({3, 11, 12})  # dest unreachable (incl. frag needed), t
 ICMP6_ERRORS = frozenset({1, 2, 3, 4})  # dest unreachable, packet too big, time exceeded, param problem
 
 # Every reason token analyze() can return (stable: used as metric label values).
-REASONS = frozenset({
-    "empty",
-    "bad-ip-version",
-    "truncated-ipv4-header",
-    "bad-ihl",
-    "truncated-ipv6-header",
-    "bad-total-length",
-    "truncated-ext-header",
-    "misplaced-hop-by-hop",
-    "too-many-ext-headers",
-    "bad-dest-option",
-    "bad-home-address-option",
-    "bad-routing-header",
-    "truncated-esp",
-    "truncated-tcp",
-    "bad-tcp-offset",
-    "truncated-udp",
-    "truncated-sctp",
-    "truncated-dccp",
-    "truncated-icmp",
-    "internal",
-})
+REASONS = frozenset(
+    {
+        "empty",
+        "bad-ip-version",
+        "truncated-ipv4-header",
+        "bad-ihl",
+        "truncated-ipv6-header",
+        "bad-total-length",
+        "truncated-ext-header",
+        "misplaced-hop-by-hop",
+        "too-many-ext-headers",
+        "bad-dest-option",
+        "bad-home-address-option",
+        "bad-routing-header",
+        "truncated-esp",
+        "truncated-tcp",
+        "bad-tcp-offset",
+        "truncated-udp",
+        "truncated-sctp",
+        "truncated-dccp",
+        "truncated-icmp",
+        "internal",
+    }
+)
 
 _V4 = struct.Struct("!BBHHHBBH4s4s")  # ver/ihl, tos, total length, id, flags/frag, ttl, proto, csum, src, dst
 _V6 = struct.Struct("!IHBB16s16s")  # ver/tc/flow, payload length, next header, hop limit, src, dst
@@ -99,15 +111,15 @@ class Packet:
     dst: str
     proto: int
     length: int
-    sport: Optional[int] = None
-    dport: Optional[int] = None
-    tcp_flags: Optional[int] = None
-    home_address: Optional[str] = None
-    esp_spi: Optional[int] = None
+    sport: int | None = None
+    dport: int | None = None
+    tcp_flags: int | None = None
+    home_address: str | None = None
+    esp_spi: int | None = None
     fragment: bool = False
-    icmp_type: Optional[int] = None
-    icmp_code: Optional[int] = None
-    inner: Optional["Packet"] = None
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    inner: Packet | None = None
 
     @property
     def is_icmp_error(self) -> bool:
@@ -136,7 +148,7 @@ class _Bad(Exception):
         self.detail = detail
 
 
-def analyze(data: bytes, *, partial: bool = False) -> Union[Packet, Malformed]:
+def analyze(data: bytes, *, partial: bool = False) -> Packet | Malformed:
     """Analyse one raw IP datagram. Never raises.
 
     `partial=True` accepts a buffer shorter than the datagram's declared length (a capture cut
@@ -149,7 +161,7 @@ def analyze(data: bytes, *, partial: bool = False) -> Union[Packet, Malformed]:
         return Malformed("internal", f"internal: {type(e).__name__}: {e}")
 
 
-def source_address(data: bytes) -> Optional[str]:
+def source_address(data: bytes) -> str | None:
     """The source address of a raw IP datagram from its fixed header alone, in the form
     `analyze` gives (`Packet.src`); None when the header is not there. The balancer daemon looks
     up its routes to a batch's clients with it before the core analyses the batch."""
@@ -248,7 +260,7 @@ def _parse(data: bytes, partial: bool, lenient: bool) -> Packet:
                         if hend - off != 24:
                             raise _Bad("bad-routing-header", f"type 2 routing header of {hend - off} bytes")
                         if home is None:
-                            home = ntop6(data[off + 8:off + 24])
+                            home = ntop6(data[off + 8 : off + 24])
                 proto = nxt
                 off = hend
             elif proto == IPPROTO_FRAGMENT:
@@ -321,8 +333,16 @@ def _parse(data: bytes, partial: bool, lenient: bool) -> Packet:
             if not lenient:
                 raise _Bad("truncated-esp", f"{avail} bytes < 4")
             return Packet(version, src, dst, proto, length, home_address=home, fragment=is_frag)
-        return Packet(version, src, dst, proto, length, home_address=home,
-                      esp_spi=_U32.unpack_from(data, off)[0], fragment=is_frag)
+        return Packet(
+            version,
+            src,
+            dst,
+            proto,
+            length,
+            home_address=home,
+            esp_spi=_U32.unpack_from(data, off)[0],
+            fragment=is_frag,
+        )
     if (proto == IPPROTO_ICMP and version == 4) or (proto == IPPROTO_ICMPV6 and version == 6):
         if avail < 4:
             if not lenient:
@@ -335,15 +355,25 @@ def _parse(data: bytes, partial: bool, lenient: bool) -> Packet:
         if not lenient and avail >= 8 + 20 and itype in (ICMP4_ERRORS if version == 4 else ICMP6_ERRORS):
             # the offending datagram starts after the 8-byte ICMP header; it is truncated by design
             try:
-                inner = _parse(data[off + 8:end], True, True)
+                inner = _parse(data[off + 8 : end], True, True)
             except _Bad:
                 inner = None
-        return Packet(version, src, dst, proto, length, home_address=home, fragment=is_frag,
-                      icmp_type=itype, icmp_code=icode, inner=inner)
+        return Packet(
+            version,
+            src,
+            dst,
+            proto,
+            length,
+            home_address=home,
+            fragment=is_frag,
+            icmp_type=itype,
+            icmp_code=icode,
+            inner=inner,
+        )
     return Packet(version, src, dst, proto, length, home_address=home, fragment=is_frag)
 
 
-def _home_address_option(data: bytes, pos: int, end: int) -> Optional[str]:
+def _home_address_option(data: bytes, pos: int, end: int) -> str | None:
     """Walk the TLV options of a destination options header; return the Home Address option's
     address (type 201, length 16) if there is one."""
     home = None
@@ -362,6 +392,6 @@ def _home_address_option(data: bytes, pos: int, end: int) -> Optional[str]:
             if olen != 16:
                 raise _Bad("bad-home-address-option", f"home address option of {olen} bytes, not 16")
             if home is None:
-                home = ntop6(data[pos + 2:oend])
+                home = ntop6(data[pos + 2 : oend])
         pos = oend
     return home

@@ -18,10 +18,31 @@ import struct
 from orchestrator.core.events import FlowKey, FlowsEnded, FlowsStarted, FlowTableResync
 from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.constants import (
-    CTA_IP_V4_DST, CTA_IP_V4_SRC, CTA_IP_V6_DST, CTA_IP_V6_SRC, CTA_MARK, CTA_MARK_MASK, CTA_PROTO_DST_PORT,
-    CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_TUPLE_IP, CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, IPCTNL_MSG_CT_DELETE,
-    IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_NEW, NETLINK_ADD_MEMBERSHIP, NETLINK_NETFILTER, NFNL_SUBSYS_CTNETLINK,
-    NFNLGRP_CONNTRACK_DESTROY, NFNLGRP_CONNTRACK_NEW, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, SOL_NETLINK,
+    CTA_IP_V4_DST,
+    CTA_IP_V4_SRC,
+    CTA_IP_V6_DST,
+    CTA_IP_V6_SRC,
+    CTA_MARK,
+    CTA_MARK_MASK,
+    CTA_PROTO_DST_PORT,
+    CTA_PROTO_NUM,
+    CTA_PROTO_SRC_PORT,
+    CTA_TUPLE_IP,
+    CTA_TUPLE_ORIG,
+    CTA_TUPLE_PROTO,
+    IPCTNL_MSG_CT_DELETE,
+    IPCTNL_MSG_CT_GET,
+    IPCTNL_MSG_CT_NEW,
+    NETLINK_ADD_MEMBERSHIP,
+    NETLINK_NETFILTER,
+    NFNL_SUBSYS_CTNETLINK,
+    NFNLGRP_CONNTRACK_DESTROY,
+    NFNLGRP_CONNTRACK_NEW,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    SOL_NETLINK,
 )
 from orchestrator.dataplane.netlink.nlsocket import open_netlink
 
@@ -49,8 +70,13 @@ def parse_flow(body: memoryview) -> FlowKey | None:
         return None
     sport = struct.unpack_from("!H", proto[CTA_PROTO_SRC_PORT])[0] if CTA_PROTO_SRC_PORT in proto else None
     dport = struct.unpack_from("!H", proto[CTA_PROTO_DST_PORT])[0] if CTA_PROTO_DST_PORT in proto else None
-    return FlowKey(proto[CTA_PROTO_NUM][0], socket.inet_ntop(family, bytes(src)),
-                   socket.inet_ntop(family, bytes(dst)), sport, dport)
+    return FlowKey(
+        proto[CTA_PROTO_NUM][0],
+        socket.inet_ntop(family, bytes(src)),
+        socket.inet_ntop(family, bytes(dst)),
+        sport,
+        dport,
+    )
 
 
 def is_tagged(body: memoryview) -> bool:
@@ -135,8 +161,11 @@ class ConntrackListener:
             buf = bytearray(1 << 18)
             for family in (socket.AF_INET, socket.AF_INET6):
                 body = nla.NFGENMSG.pack(family, 0, 0) + mark_filter()
-                sock.send(nla.message(NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET,
-                                      NLM_F_REQUEST | NLM_F_DUMP, family, body))
+                sock.send(
+                    nla.message(
+                        NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family, body
+                    )
+                )
                 done = False
                 while not done:
                     size = sock.recv_into(buf)
@@ -152,4 +181,4 @@ class ConntrackListener:
 
 def mark_filter() -> bytes:
     """The dump request's attributes that make the kernel report only flows tagged CT_TAG."""
-    return (nla.attr(CTA_MARK, struct.pack("!I", CT_TAG)) + nla.attr(CTA_MARK_MASK, struct.pack("!I", CT_MASK)))
+    return nla.attr(CTA_MARK, struct.pack("!I", CT_TAG)) + nla.attr(CTA_MARK_MASK, struct.pack("!I", CT_MASK))

@@ -20,16 +20,48 @@ from typing import Iterable, Sequence
 
 from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.constants import (
-    NETLINK_NETFILTER, NF_ACCEPT, NF_DROP, NF_REPEAT, NFNL_SUBSYS_QUEUE, NFQA_CFG_CMD,
-    NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_FLAGS, NFQA_CFG_MASK, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN,
-    NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV, NFQA_MARK, NFQA_PACKET_HDR, NFQA_PAYLOAD, NFQA_VERDICT_HDR,
-    NFQNL_CFG_CMD_BIND, NFQNL_CFG_CMD_UNBIND, NFQNL_COPY_PACKET, NFQNL_MSG_CONFIG, NFQNL_MSG_PACKET,
-    NFQNL_MSG_VERDICT, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR,
+    NETLINK_NETFILTER,
+    NF_ACCEPT,
+    NF_DROP,
+    NF_REPEAT,
+    NFNL_SUBSYS_QUEUE,
+    NFQA_CFG_CMD,
+    NFQA_CFG_F_FAIL_OPEN,
+    NFQA_CFG_FLAGS,
+    NFQA_CFG_MASK,
+    NFQA_CFG_PARAMS,
+    NFQA_CFG_QUEUE_MAXLEN,
+    NFQA_IFINDEX_INDEV,
+    NFQA_IFINDEX_OUTDEV,
+    NFQA_MARK,
+    NFQA_PACKET_HDR,
+    NFQA_PAYLOAD,
+    NFQA_VERDICT_HDR,
+    NFQNL_CFG_CMD_BIND,
+    NFQNL_CFG_CMD_UNBIND,
+    NFQNL_COPY_PACKET,
+    NFQNL_MSG_CONFIG,
+    NFQNL_MSG_PACKET,
+    NFQNL_MSG_VERDICT,
+    NLM_F_ACK,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
 )
 from orchestrator.dataplane.netlink.nlsocket import open_netlink, parse_error
 
-__all__ = ["NF_ACCEPT", "NF_DROP", "NF_REPEAT", "NfQueue", "QueueError", "QueueStats", "QueuedPacket", "Verdict",
-           "accept_all", "parse_queue_stats", "queue_stats"]
+__all__ = [
+    "NF_ACCEPT",
+    "NF_DROP",
+    "NF_REPEAT",
+    "NfQueue",
+    "QueueError",
+    "QueueStats",
+    "QueuedPacket",
+    "Verdict",
+    "accept_all",
+    "parse_queue_stats",
+    "queue_stats",
+]
 
 _PKT_HDR = struct.Struct("!IHB")
 _VERDICT = struct.Struct("!II")
@@ -65,8 +97,16 @@ class QueueError(OSError):
 class NfQueue:
     """A netlink socket bound to queues first..last, copy mode full packet."""
 
-    def __init__(self, first: int, last: int, netns: str | None = None, copy_range: int = 0xFFFF,
-                 max_len: int = 4096, fail_open: bool = True, rcvbuf: int = 8 << 20) -> None:
+    def __init__(
+        self,
+        first: int,
+        last: int,
+        netns: str | None = None,
+        copy_range: int = 0xFFFF,
+        max_len: int = 4096,
+        fail_open: bool = True,
+        rcvbuf: int = 8 << 20,
+    ) -> None:
         self._sock = open_netlink(NETLINK_NETFILTER, netns, rcvbuf)
         self._sock.bind((0, 0))
         self.queues = list(range(first, last + 1))
@@ -76,10 +116,13 @@ class NfQueue:
             self._config(queue, nla.attr(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_BIND, 0)))
             params = struct.pack("!IBxxx", copy_range, NFQNL_COPY_PACKET)[:5]
             flags = NFQA_CFG_F_FAIL_OPEN if fail_open else 0
-            self._config(queue, nla.attr(NFQA_CFG_PARAMS, params)
-                         + nla.attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", max_len))
-                         + nla.attr(NFQA_CFG_MASK, struct.pack("!I", NFQA_CFG_F_FAIL_OPEN))
-                         + nla.attr(NFQA_CFG_FLAGS, struct.pack("!I", flags)))
+            self._config(
+                queue,
+                nla.attr(NFQA_CFG_PARAMS, params)
+                + nla.attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", max_len))
+                + nla.attr(NFQA_CFG_MASK, struct.pack("!I", NFQA_CFG_F_FAIL_OPEN))
+                + nla.attr(NFQA_CFG_FLAGS, struct.pack("!I", flags)),
+            )
         self._sock.setblocking(False)
 
     def fileno(self) -> int:
@@ -119,7 +162,7 @@ class NfQueue:
                 break
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:  # the kernel dropped packets for us: counted by
-                    continue                     # the queue's stats; the loop goes on
+                    continue  # the queue's stats; the loop goes on
                 raise
             for kind, _flags, _seq, body in nla.messages(memoryview(self._buf)[:size]):
                 if kind != NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_PACKET:

@@ -23,7 +23,7 @@ from orchestrator.core.agent import MARK_MASK, MARK_TAG
 # In the package (package data), so an installed daemon has them; templates/ at the top of the
 # repository is a link to the same folder.
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
-MARK_RST = 0x6D6F0001   # "mo" + 1: reject with TCP reset
+MARK_RST = 0x6D6F0001  # "mo" + 1: reject with TCP reset
 MARK_ICMP = 0x6D6F0002  # reject with ICMP administratively prohibited
 CT_MARKS = {"ct_tag": f"{CT_TAG:#010x}", "ct_keep": f"{~CT_MASK & 0xFFFFFFFF:#010x}"}  # tag our flows
 
@@ -40,15 +40,27 @@ def render(config: BalancerConfig, template_dir: Path = TEMPLATES) -> str:
             l4 = f"meta l4proto {proto}"
         flags = "bypass,fanout" if svc.fail_policy == FailPolicy.OPEN else "fanout"
         family = "ip6" if version == 6 else "ip"
-        services.append({"name": svc.name, "vip": str(svc.vip), "version": version, "family": family,
-                         "l4": l4, "queue_flags": flags, "fast": fast_path_match(svc.session_key, family,
-                                                                                 proto, bool(svc.ports))})
+        services.append(
+            {
+                "name": svc.name,
+                "vip": str(svc.vip),
+                "version": version,
+                "family": family,
+                "l4": l4,
+                "queue_flags": flags,
+                "fast": fast_path_match(svc.session_key, family, proto, bool(svc.ports)),
+            }
+        )
     first, last = config.nfqueue.queues
     rate = config.nfqueue.rate_limit
     return _template(template_dir, "nftables.balancer.nft.j2").render(
-        services=services, queues=f"{first}-{last}" if last > first else str(first),
+        services=services,
+        queues=f"{first}-{last}" if last > first else str(first),
         rate_limit={"count": rate.count, "per": str(rate.per.value), "burst": rate.burst} if rate else None,
-        mark_rst=hex(MARK_RST), mark_icmp=hex(MARK_ICMP), **CT_MARKS)
+        mark_rst=hex(MARK_RST),
+        mark_icmp=hex(MARK_ICMP),
+        **CT_MARKS,
+    )
 
 
 def fast_path_match(kind: SessionKeyKind, family: str, proto: str, ports: bool) -> str | None:
@@ -70,16 +82,26 @@ def render_server(config: ServerConfig, template_dir: Path = TEMPLATES) -> str:
     """The server agent's ruleset: queue the first packet of each new flow that came to a VIP
     under one of our session labels (its mark says so), count the labelled ones that stay in the
     kernel."""
-    families = [(family, [str(v.address) for v in config.vips if v.address.version == version])
-                for family, version in (("ip", 4), ("ip6", 6))]
+    families = [
+        (family, [str(v.address) for v in config.vips if v.address.version == version])
+        for family, version in (("ip", 4), ("ip6", 6))
+    ]
     return _template(template_dir, "nftables.server.nft.j2").render(
-        families=[(family, vips) for family, vips in families if vips], queue=config.nfqueue.queue,
-        mark_mask=f"{MARK_MASK:#010x}", mark_tag=f"{MARK_TAG:#010x}", **CT_MARKS)
+        families=[(family, vips) for family, vips in families if vips],
+        queue=config.nfqueue.queue,
+        mark_mask=f"{MARK_MASK:#010x}",
+        mark_tag=f"{MARK_TAG:#010x}",
+        **CT_MARKS,
+    )
 
 
 def _template(template_dir: Path, name: str) -> jinja2.Template:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir)), autoescape=False,
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir)),
+        autoescape=False,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
     return env.get_template(name)
 
 
@@ -94,8 +116,16 @@ async def read_counters() -> dict[str, int]:
     """Our named counters' packet counts (for `status`). `nft` runs as a subprocess the event loop
     awaits: run synchronously it would stall the first-packet path for as long as nft takes."""
     proc = await asyncio.create_subprocess_exec(
-        "nft", "-j", "list", "counters", "table", "inet", "mplsorch",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        "nft",
+        "-j",
+        "list",
+        "counters",
+        "table",
+        "inet",
+        "mplsorch",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     stdout, _stderr = await proc.communicate()
     return parse_counters(stdout.decode()) if proc.returncode == 0 else {}
 

@@ -4,7 +4,7 @@ socket, `ask` (one request, the exit codes of a failure) and the table printer. 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -19,7 +19,7 @@ JsonOption = typer.Option(False, "--json", help="The documented JSON on stdout."
 BAD_INPUT = 2
 
 
-def ask(cmd: str, socket_path: Optional[str], config: Optional[str], **args: Any) -> dict[str, Any]:
+def ask(cmd: str, socket_path: str | None, config: str | None, **args: Any) -> dict[str, Any]:
     from orchestrator.daemon.control import request
 
     path = socket_path

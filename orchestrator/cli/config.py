@@ -35,7 +35,7 @@ def summary(cfg: BalancerConfig | ServerConfig) -> str:
 
     if isinstance(cfg, ServerConfig):
         return f"server, {_count(len(cfg.vips), 'VIP')}, {_count(len(cfg.c2s_labels()), 'C2S label')}"
-    return f"{len(cfg.services)} services, {len(cfg.servers)} servers"     # unchanged since before servers
+    return f"{len(cfg.services)} services, {len(cfg.servers)} servers"  # unchanged since before servers
 
 
 @config_app.command("validate")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -28,9 +28,12 @@ def register(app: typer.Typer) -> None:
 NODE_NOT_READY = 4  # the server role's node check failed (node.setup: check, or apply could not fix it)
 
 
-def run(config: str = typer.Option(..., "--config", metavar="FILE", help="Daemon configuration."),
-        log_format: str = typer.Option("text", "--log-format", metavar="text|json",
-                                       help="Log lines on stderr: text, or one JSON object per line.")) -> None:
+def run(
+    config: str = typer.Option(..., "--config", metavar="FILE", help="Daemon configuration."),
+    log_format: str = typer.Option(
+        "text", "--log-format", metavar="text|json", help="Log lines on stderr: text, or one JSON object per line."
+    ),
+) -> None:
     """Run the daemon of the role the configuration names (balancer or server)."""
     from orchestrator.config.load import ConfigError, load_config
     from orchestrator.daemon.logs import FORMATS
@@ -74,8 +77,9 @@ def serve_on_kernel(config_path: str, config: BalancerConfig | ServerConfig, log
     return serve(daemon, log_format)
 
 
-def status(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
-           config: Optional[str] = ConfigOption) -> None:
+def status(
+    json_output: bool = JsonOption, socket: str | None = SocketOption, config: str | None = ConfigOption
+) -> None:
     """The daemon's state on one screen."""
     answer = ask("status", socket, config)
     if json_output:
@@ -92,8 +96,14 @@ def status_lines(answer: dict[str, Any]) -> list[str]:
     counters = answer.get("counters", {})
     if answer["role"] == "server":
         first, last = answer["block"]
-        return [head, f"VIPs: {', '.join(answer['vips'])}", f"labels: {first}-{last}, queue {answer['queue']}",
-                f"sessions: {answer['sessions']}", _offload_line(answer), _counter_line(counters)]
+        return [
+            head,
+            f"VIPs: {', '.join(answer['vips'])}",
+            f"labels: {first}-{last}, queue {answer['queue']}",
+            f"sessions: {answer['sessions']}",
+            _offload_line(answer),
+            _counter_line(counters),
+        ]
     labels, health, queue = answer["labels"], answer.get("health", {}), answer.get("queue", {})
     by_state = ", ".join(f"{n} {state}" for state, n in sorted(answer.get("sessions_by_state", {}).items()))
     draining = answer.get("draining") or []
@@ -103,7 +113,9 @@ def status_lines(answer: dict[str, Any]) -> list[str]:
         f"services: {', '.join(answer['services'])}",
         f"servers: {health.get('up', 0)} up, {health.get('down', 0)} down, {health.get('unknown', 0)} unknown"
         + (f"; draining: {', '.join(draining)}" if draining else ""),
-        f"sessions: {answer['sessions']}" + (f" ({by_state})" if by_state else "") + "; per server: "
+        f"sessions: {answer['sessions']}"
+        + (f" ({by_state})" if by_state else "")
+        + "; per server: "
         + ", ".join(f"{k} {v}" for k, v in answer["servers"].items()),
         f"labels: {labels['in_use']} in use, {labels['held_down']} held down, {labels['free']} free "
         f"of {labels['total']} pairs",
@@ -125,36 +137,54 @@ def _offload_line(answer: dict[str, Any]) -> str:
 def _counter_line(counters: dict[str, int]) -> str:
     keys = ("sessions_started", "sessions_ended", "sessions_reassigned", "packets_userspace")
     # A balancer's first packets the kernel's fast path could not take: worth seeing at a glance.
-    trouble = sorted((k, v) for k, v in counters.items()
-                     if k.split(":")[0] in ("refused", "malformed", "no_route", "batch_errors", "sessions_failed",
-                                            "fastpath_unmatched", "fastpath_late", "offload_refused"))
+    trouble = sorted(
+        (k, v)
+        for k, v in counters.items()
+        if k.split(":")[0]
+        in (
+            "refused",
+            "malformed",
+            "no_route",
+            "batch_errors",
+            "sessions_failed",
+            "fastpath_unmatched",
+            "fastpath_late",
+            "offload_refused",
+        )
+    )
     shown = [*((k, counters.get(k, 0)) for k in keys), *trouble]
     if "flows_fast_path" in counters:
         shown.insert(len(keys), ("flows_fast_path", counters["flows_fast_path"]))
     return "counters: " + ", ".join(f"{k} {v}" for k, v in shown)
 
 
-def labels(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
-           config: Optional[str] = ConfigOption) -> None:
+def labels(
+    json_output: bool = JsonOption, socket: str | None = SocketOption, config: str | None = ConfigOption
+) -> None:
     """Label pool use (balancer)."""
     answer = ask("labels", socket, config)["labels"]
     if json_output:
         print(json.dumps(answer))
         return
-    print_table("label pairs", ["total", "in use", "held down", "free"],
-                [[answer["total"], answer["in_use"], answer["held_down"], answer["free"]]])
+    print_table(
+        "label pairs",
+        ["total", "in use", "held down", "free"],
+        [[answer["total"], answer["in_use"], answer["held_down"], answer["free"]]],
+    )
 
 
-def routes(json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
-           config: Optional[str] = ConfigOption) -> None:
+def routes(
+    json_output: bool = JsonOption, socket: str | None = SocketOption, config: str | None = ConfigOption
+) -> None:
     """Our kernel objects, with their offload policy (filters) and what the kernel says of their
     offload state (filters and routes)."""
     rows = ask("routes", socket, config)["routes"]
     if json_output:
         print(json.dumps(rows))
         return
-    print_table("kernel objects", ["object", "policy", "offload"],
-                [[r["object"], r.get("policy"), r["offload"]] for r in rows])
+    print_table(
+        "kernel objects", ["object", "policy", "offload"], [[r["object"], r.get("policy"), r["offload"]] for r in rows]
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,10 +8,9 @@ lab_app = typer.Typer(no_args_is_help=True, help="Build the netns lab and run co
 
 
 # ---- lab run, status, pytest ----
-from typing import List, Optional  # noqa: E402
 
 
-def _backend_name(value: Optional[str]) -> Optional[str]:
+def _backend_name(value: str | None) -> str | None:
     from orchestrator.lab.backend import BACKENDS
 
     if value is not None and value not in BACKENDS:
@@ -21,14 +20,21 @@ def _backend_name(value: Optional[str]) -> Optional[str]:
 
 @lab_app.command("run", context_settings={"allow_interspersed_args": False})
 def lab_run(
-    cmd: List[str] = typer.Argument(..., metavar="CMD...", help="Command to run while the lab is up."),
-    topology: Optional[str] = typer.Option(None, "--topology", metavar="FILE",
-                                           help="Topology YAML (default: the embedded default lab)."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout at the end "
-                                                            "(CMD's stdout then goes to stderr)."),
-    backend: Optional[str] = typer.Option(None, "--backend", metavar="host|uml|vm", callback=_backend_name,
-                                          help="The lab's kernel (default: MPLSORCH_LAB_BACKEND, else the first "
-                                               "available of host, uml, vm; see `lab status`)."),
+    cmd: list[str] = typer.Argument(..., metavar="CMD...", help="Command to run while the lab is up."),
+    topology: str | None = typer.Option(
+        None, "--topology", metavar="FILE", help="Topology YAML (default: the embedded default lab)."
+    ),
+    json_output: bool = typer.Option(
+        False, "--json", help="Print one JSON summary on stdout at the end (CMD's stdout then goes to stderr)."
+    ),
+    backend: str | None = typer.Option(
+        None,
+        "--backend",
+        metavar="host|uml|vm",
+        callback=_backend_name,
+        help="The lab's kernel (default: MPLSORCH_LAB_BACKEND, else the first "
+        "available of host, uml, vm; see `lab status`).",
+    ),
 ) -> None:
     """Build the netns lab (in a guest kernel when this one lacks MPLS), run CMD in it, tear it down.
 
@@ -41,8 +47,13 @@ def lab_run(
 @lab_app.command("status")
 def lab_status(
     json_output: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
-    backend: Optional[str] = typer.Option(None, "--backend", metavar="host|uml|vm", callback=_backend_name,
-                                          help="Judge this backend instead of choosing one."),
+    backend: str | None = typer.Option(
+        None,
+        "--backend",
+        metavar="host|uml|vm",
+        callback=_backend_name,
+        help="Judge this backend instead of choosing one.",
+    ),
 ) -> None:
     """Which backend `lab run` would use and why, the kernels, and what each other backend lacks.
 
@@ -60,19 +71,24 @@ def lab_status(
         for name, b in st["backends"].items():
             print(f"  {name:<5} {'available' if b['available'] else 'missing  '}  {b['detail']}")
         k = st["uml_kernel"]
-        print(f"UML kernel: {k['path'] + ' (' + k.get('release', '?') + ', ' + k.get('source_package', '?') + ' ' + k.get('source_version', '?') + ')' if k else 'not built'}"
-              f"; cache {st['uml_cache']}, config fragment {st['uml_fragment_sha256']}")
+        print(
+            f"UML kernel: {k['path'] + ' (' + k.get('release', '?') + ', ' + k.get('source_package', '?') + ' ' + k.get('source_version', '?') + ')' if k else 'not built'}"
+            f"; cache {st['uml_cache']}, config fragment {st['uml_fragment_sha256']}"
+        )
     raise typer.Exit(0 if st["backend"] else 3)
 
 
 @lab_app.command("pytest", context_settings={"allow_interspersed_args": False})
 def lab_pytest(
-    paths: List[str] = typer.Argument(..., metavar="PATH... [-- PYTEST_ARGS]",
-                                      help="Test modules, or directories of test_*.py modules."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1,
-                                       help="Labs at once (default: one per core on uml, else 1)."),
-    backend: Optional[str] = typer.Option(None, "--backend", metavar="host|uml|vm", callback=_backend_name,
-                                          help="As for `lab run`."),
+    paths: list[str] = typer.Argument(
+        ..., metavar="PATH... [-- PYTEST_ARGS]", help="Test modules, or directories of test_*.py modules."
+    ),
+    jobs: int | None = typer.Option(
+        None, "--jobs", "-j", min=1, help="Labs at once (default: one per core on uml, else 1)."
+    ),
+    backend: str | None = typer.Option(
+        None, "--backend", metavar="host|uml|vm", callback=_backend_name, help="As for `lab run`."
+    ),
 ) -> None:
     """Run each test module in a lab of its own, several labs at once, and print one combined
     pytest summary. Arguments after `--` go to every pytest.
@@ -82,8 +98,8 @@ def lab_pytest(
     from orchestrator.lab.parallel import run_parallel
 
     args = list(paths)
-    extra = args[args.index("--") + 1:] if "--" in args else []
-    args = args[:args.index("--")] if "--" in args else args
+    extra = args[args.index("--") + 1 :] if "--" in args else []
+    args = args[: args.index("--")] if "--" in args else args
     raise typer.Exit(run_parallel(args, jobs, backend, extra))
 
 
@@ -120,10 +136,10 @@ def bench_program(
 
 @bench_app.command("setup")
 def bench_setup(
-    sessions: int = typer.Option(2000, "--sessions", min=1, max=40000,
-                                 help="First packets (new sessions) for the rate."),
-    samples: int = typer.Option(100, "--samples", min=1, max=4000,
-                                help="New/existing connect pairs for the latency."),
+    sessions: int = typer.Option(
+        2000, "--sessions", min=1, max=40000, help="First packets (new sessions) for the rate."
+    ),
+    samples: int = typer.Option(100, "--samples", min=1, max=4000, help="New/existing connect pairs for the latency."),
     json_output: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
     """New sessions per second turned into kernel state, and the added latency of a new session's
@@ -141,7 +157,7 @@ lab_app.add_typer(kernel_app, name="kernel")
 @kernel_app.command("build")
 def kernel_build(
     force: bool = typer.Option(False, "--force", help="Build even when the cached kernel is current."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Parallel compile jobs (default: all cores)."),
+    jobs: int | None = typer.Option(None, "--jobs", "-j", min=1, help="Parallel compile jobs (default: all cores)."),
 ) -> None:
     """Build the UML kernel from Debian's linux-source package and the repository's config fragment,
     unless the cache already holds one for this source version and fragment.
@@ -155,6 +171,6 @@ def kernel_build(
         kernel, built = build_kernel(say, jobs=jobs, force=force)
     except GuestUnavailable as e:
         say(f"cannot build the UML kernel: {e}")
-        raise typer.Exit(EXIT_ENV)
+        raise typer.Exit(EXIT_ENV) from None
     if not built:
         say(f"the UML kernel is current: {kernel.binary} ({kernel.release})")

@@ -10,8 +10,11 @@ from orchestrator.cli.config import config_app
 from orchestrator.cli.lab import lab_app
 from orchestrator.cli.operate import servers_app, sessions_app
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="Linux kernel MPLS route orchestrator (session-label load balancing).")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Linux kernel MPLS route orchestrator (session-label load balancing).",
+)
 app.add_typer(lab_app, name="lab")
 app.add_typer(config_app, name="config")
 daemon.register(app)

@@ -5,7 +5,7 @@ value changes nothing and exits 2, naming it."""
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -20,8 +20,12 @@ def _print(answer: Any, json_output: bool, text: str) -> None:
 
 
 @sessions_app.callback(invoke_without_command=True)
-def sessions(ctx: typer.Context, json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
-             config: Optional[str] = ConfigOption) -> None:
+def sessions(
+    ctx: typer.Context,
+    json_output: bool = JsonOption,
+    socket: str | None = SocketOption,
+    config: str | None = ConfigOption,
+) -> None:
     """The session table."""
     if ctx.invoked_subcommand is not None:
         return
@@ -31,19 +35,40 @@ def sessions(ctx: typer.Context, json_output: bool = JsonOption, socket: Optiona
         print(json.dumps(rows))
         return
     if answer.get("role") == "server":
-        print_table("sessions", ["client", "VIP", "C2S", "S2C", "state", "flows"],
-                    [[s["client"], s["vip"], s["c2s_label"], s["s2c_label"], s["state"], s["flows"]] for s in rows])
+        print_table(
+            "sessions",
+            ["client", "VIP", "C2S", "S2C", "state", "flows"],
+            [[s["client"], s["vip"], s["c2s_label"], s["s2c_label"], s["state"], s["flows"]] for s in rows],
+        )
         return
-    print_table("sessions", ["id", "service", "client", "key", "server", "C2S", "S2C", "state", "flows"],
-                [[s["id"], s["service"], s["client"], s["key"], s["server"], s["c2s_label"], s["s2c_label"],
-                  s["state"], s["flows"]] for s in rows])
+    print_table(
+        "sessions",
+        ["id", "service", "client", "key", "server", "C2S", "S2C", "state", "flows"],
+        [
+            [
+                s["id"],
+                s["service"],
+                s["client"],
+                s["key"],
+                s["server"],
+                s["c2s_label"],
+                s["s2c_label"],
+                s["state"],
+                s["flows"],
+            ]
+            for s in rows
+        ],
+    )
 
 
 @sessions_app.command("flush")
-def flush(server: Optional[str] = typer.Option(None, "--server", metavar="NAME", help="Only sessions on it."),
-          client: Optional[str] = typer.Option(None, "--client", metavar="ADDRESS", help="Only sessions of it."),
-          json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
-          config: Optional[str] = ConfigOption) -> None:
+def flush(
+    server: str | None = typer.Option(None, "--server", metavar="NAME", help="Only sessions on it."),
+    client: str | None = typer.Option(None, "--client", metavar="ADDRESS", help="Only sessions of it."),
+    json_output: bool = JsonOption,
+    socket: str | None = SocketOption,
+    config: str | None = ConfigOption,
+) -> None:
     """End sessions (all of them without --server or --client) and delete their kernel objects."""
     args = {k: v for k, v in (("server", server), ("client", client)) if v is not None}
     answer = ask("flush", socket, config, **args)
@@ -54,8 +79,12 @@ def flush(server: Optional[str] = typer.Option(None, "--server", metavar="NAME",
 
 
 @servers_app.callback(invoke_without_command=True)
-def servers(ctx: typer.Context, json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
-            config: Optional[str] = ConfigOption) -> None:
+def servers(
+    ctx: typer.Context,
+    json_output: bool = JsonOption,
+    socket: str | None = SocketOption,
+    config: str | None = ConfigOption,
+) -> None:
     """Every server of every pool: health, admin state, weight, sessions, response time."""
     if ctx.invoked_subcommand is not None:
         return
@@ -63,38 +92,68 @@ def servers(ctx: typer.Context, json_output: bool = JsonOption, socket: Optional
     if json_output:
         print(json.dumps(rows))
         return
-    print_table("servers",
-                ["server", "pool", "address", "state", "admin", "weight", "sessions", "response ms", "reason"],
-                [[r["name"], r["pool"], r["address"], r["state"] if r["checked"] else f"{r['state']} (no check)",
-                  r["admin"], r["weight"], r["sessions"],
-                  None if r["response_time"] is None else f"{r['response_time'] * 1000:.1f}", r["reason"]]
-                 for r in rows])
+    print_table(
+        "servers",
+        ["server", "pool", "address", "state", "admin", "weight", "sessions", "response ms", "reason"],
+        [
+            [
+                r["name"],
+                r["pool"],
+                r["address"],
+                r["state"] if r["checked"] else f"{r['state']} (no check)",
+                r["admin"],
+                r["weight"],
+                r["sessions"],
+                None if r["response_time"] is None else f"{r['response_time'] * 1000:.1f}",
+                r["reason"],
+            ]
+            for r in rows
+        ],
+    )
 
 
 @servers_app.command("drain")
-def drain(name: str = typer.Argument(..., metavar="NAME"), json_output: bool = JsonOption,
-          socket: Optional[str] = SocketOption, config: Optional[str] = ConfigOption) -> None:
+def drain(
+    name: str = typer.Argument(..., metavar="NAME"),
+    json_output: bool = JsonOption,
+    socket: str | None = SocketOption,
+    config: str | None = ConfigOption,
+) -> None:
     """No new sessions for NAME; its sessions stay until they end."""
     answer = ask("drain", socket, config, server=name)
-    _print(answer, json_output, f"{answer['server']}: draining (was {answer['previous']}); "
-                                f"its {answer['sessions']} sessions stay until they end")
+    _print(
+        answer,
+        json_output,
+        f"{answer['server']}: draining (was {answer['previous']}); "
+        f"its {answer['sessions']} sessions stay until they end",
+    )
 
 
 @servers_app.command("enable")
-def enable(name: str = typer.Argument(..., metavar="NAME"), json_output: bool = JsonOption,
-           socket: Optional[str] = SocketOption, config: Optional[str] = ConfigOption) -> None:
+def enable(
+    name: str = typer.Argument(..., metavar="NAME"),
+    json_output: bool = JsonOption,
+    socket: str | None = SocketOption,
+    config: str | None = ConfigOption,
+) -> None:
     """NAME takes new sessions again."""
     answer = ask("enable", socket, config, server=name)
     _print(answer, json_output, f"{answer['server']}: enabled (was {answer['previous']})")
 
 
 @servers_app.command("weight")
-def weight(name: str = typer.Argument(..., metavar="NAME"),
-           value: int = typer.Argument(..., metavar="W", help="0 or more; 0 takes no new sessions."),
-           json_output: bool = JsonOption, socket: Optional[str] = SocketOption,
-           config: Optional[str] = ConfigOption) -> None:
+def weight(
+    name: str = typer.Argument(..., metavar="NAME"),
+    value: int = typer.Argument(..., metavar="W", help="0 or more; 0 takes no new sessions."),
+    json_output: bool = JsonOption,
+    socket: str | None = SocketOption,
+    config: str | None = ConfigOption,
+) -> None:
     """Set NAME's weight in every pool; maglev tables are rebuilt and the keys that moved reported."""
     answer = ask("weight", socket, config, server=name, weight=value)
     moved = ", ".join(f"{svc} {share:.1%}" for svc, share in answer["moved"].items()) or "no maglev service"
-    _print(answer, json_output, f"{answer['server']}: weight {answer['weight']} (was {answer['previous']}); "
-                                f"keys moved: {moved}")
+    _print(
+        answer,
+        json_output,
+        f"{answer['server']}: weight {answer['weight']} (was {answer['previous']}); keys moved: {moved}",
+    )

@@ -13,24 +13,70 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.config.model import (
-    Admission, BalancerConfig, FailPolicy, Interfaces, LabelAllocation, LabelConfig, NfqueueConfig, NodeConfig,
-    Pool, Protocol, RateLimit, RateUnit, RefuseWith, Role, Scheduler, Server, Service, SessionKeyKind,
+    Admission,
+    BalancerConfig,
+    FailPolicy,
+    Interfaces,
+    LabelAllocation,
+    LabelConfig,
+    NfqueueConfig,
+    NodeConfig,
+    Pool,
+    Protocol,
+    RateLimit,
+    RateUnit,
+    RefuseWith,
+    Role,
+    Scheduler,
+    Server,
+    Service,
+    SessionKeyKind,
 )
 from orchestrator.config.server_model import ServerConfig, ServerNode, ServerQueue, Setup, Vip
 
 if TYPE_CHECKING:  # the checker sees the loaders' real types; at run time __getattr__ imports them
     from orchestrator.config.load import (
-        ConfigError, load_balancer_config, load_config, load_server_config, parse_config,
+        ConfigError,
+        load_balancer_config,
+        load_config,
+        load_server_config,
+        parse_config,
     )
 
-_LOADERS = {name: "orchestrator.config.load" for name in (
-    "ConfigError", "load_balancer_config", "load_config", "load_server_config", "parse_config")}
+_LOADERS = {
+    name: "orchestrator.config.load"
+    for name in ("ConfigError", "load_balancer_config", "load_config", "load_server_config", "parse_config")
+}
 
 __all__ = [
-    "Admission", "BalancerConfig", "ConfigError", "FailPolicy", "Interfaces", "LabelAllocation", "LabelConfig",
-    "NfqueueConfig", "NodeConfig", "Pool", "Protocol", "RateLimit", "RateUnit", "RefuseWith", "Role", "Scheduler",
-    "Server", "ServerConfig", "ServerNode", "ServerQueue", "Service", "SessionKeyKind", "Setup", "Vip",
-    "load_balancer_config", "load_config", "load_server_config", "parse_config",
+    "Admission",
+    "BalancerConfig",
+    "ConfigError",
+    "FailPolicy",
+    "Interfaces",
+    "LabelAllocation",
+    "LabelConfig",
+    "NfqueueConfig",
+    "NodeConfig",
+    "Pool",
+    "Protocol",
+    "RateLimit",
+    "RateUnit",
+    "RefuseWith",
+    "Role",
+    "Scheduler",
+    "Server",
+    "ServerConfig",
+    "ServerNode",
+    "ServerQueue",
+    "Service",
+    "SessionKeyKind",
+    "Setup",
+    "Vip",
+    "load_balancer_config",
+    "load_config",
+    "load_server_config",
+    "parse_config",
 ]
 
 

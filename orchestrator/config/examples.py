@@ -75,8 +75,9 @@ def apply_changes(data: dict[str, Any], changes: Mapping[KeyPath, Any]) -> dict[
             if key not in here and value is not DELETE:
                 here[key] = {}
             if not isinstance(here.get(key), dict):
-                raise KeyError(f"{'.'.join(map(str, (*parents[:i], key)))}: no mapping to change in "
-                               f"(in change {path!r})")
+                raise KeyError(
+                    f"{'.'.join(map(str, (*parents[:i], key)))}: no mapping to change in (in change {path!r})"
+                )
             here = here[key]
         if value is DELETE:
             if last not in here:

@@ -17,11 +17,34 @@ from typing import Any
 from yaml.nodes import ScalarNode
 
 from orchestrator.config.model import (
-    MAX_LABEL, MIN_LABEL, Admission, BalancerConfig, ClientsConfig, FailPolicy, Interfaces, LabelAllocation,
-    LabelConfig, NfqueueConfig, NodeConfig, Pool, Protocol, RateLimit, RateUnit, RefuseWith, Role, Scheduler,
-    Server, Service, SessionKeyKind, Setup, pair_labels,
+    MAX_LABEL,
+    MIN_LABEL,
+    Admission,
+    BalancerConfig,
+    ClientsConfig,
+    FailPolicy,
+    HealthCheck,
+    HealthCheckType,
+    Interfaces,
+    LabelAllocation,
+    LabelConfig,
+    MetricsConfig,
+    NfqueueConfig,
+    NodeConfig,
+    Pool,
+    Protocol,
+    RateLimit,
+    RateUnit,
+    RefuseWith,
+    Role,
+    Scheduler,
+    Server,
+    ServerFailure,
+    Service,
+    SessionKeyKind,
+    Setup,
+    pair_labels,
 )
-from orchestrator.config.model import HealthCheck, HealthCheckType, MetricsConfig, ServerFailure
 from orchestrator.config.parser import ConfigError, Parser, YamlValue, did_you_mean, join_path
 from orchestrator.config.server import SERVER_KEYS, ServerConfig, parse_server
 from orchestrator.dataplane.handles import FILTERS_PER_SESSION
@@ -45,7 +68,6 @@ def _node(p: Parser, v: YamlValue) -> NodeConfig:
     return NodeConfig(label, sock, setup)
 
 
-
 def _interfaces(p: Parser, v: YamlValue) -> Interfaces:
     keys = ("clients", "fabric", "fabric_next_hop")
     m = p.mapping(v, (*keys, "offload"), keys)
@@ -53,11 +75,15 @@ def _interfaces(p: Parser, v: YamlValue) -> Interfaces:
     fabric = p.devices(m["fabric"])
     both = [d for d in fabric if d in clients]
     if both:
-        raise p.error(m["fabric"].vline, m["fabric"].path,
-                      f"interface {both[0]!r} is also in interfaces.clients: client-facing and fabric "
-                      "interfaces must be disjoint")
-    offload = (_offload(p, m["offload"], fabric) if "offload" in m
-               else tuple((dev, OffloadPolicy.AUTO) for dev in fabric))
+        raise p.error(
+            m["fabric"].vline,
+            m["fabric"].path,
+            f"interface {both[0]!r} is also in interfaces.clients: client-facing and fabric "
+            "interfaces must be disjoint",
+        )
+    offload = (
+        _offload(p, m["offload"], fabric) if "offload" in m else tuple((dev, OffloadPolicy.AUTO) for dev in fabric)
+    )
     return Interfaces(clients, fabric, p.address(m["fabric_next_hop"]), offload)
 
 
@@ -71,9 +97,12 @@ def _offload(p: Parser, v: YamlValue, fabric: tuple[str, ...]) -> tuple[tuple[st
     given = {}
     for dev, value in p.mapping(v, None).items():
         if dev not in fabric:
-            raise p.error(value.line, value.path, f"interface {dev!r} is not in interfaces.fabric: the offload "
-                          "policy is for the fabric links, where the filters are"
-                          + did_you_mean(dev, fabric))
+            raise p.error(
+                value.line,
+                value.path,
+                f"interface {dev!r} is not in interfaces.fabric: the offload "
+                "policy is for the fabric links, where the filters are" + did_you_mean(dev, fabric),
+            )
         given[dev] = p.choice(value, OffloadPolicy, "offload policy")
     return tuple((dev, given.get(dev, OffloadPolicy.AUTO)) for dev in fabric)
 
@@ -96,8 +125,9 @@ def _labels(p: Parser, v: YamlValue) -> LabelConfig:
     rng = p.int_pair(m["range"], MIN_LABEL, MAX_LABEL, strict=True, what="label")
     if pair_labels(*rng) == 0:
         raise p.error(m["range"].vline, m["range"].path, "the range holds no (odd C2S, even S2C) label pair")
-    alloc = p.choice(m["allocation"], LabelAllocation, "label allocation") if "allocation" in m \
-        else LabelConfig.allocation
+    alloc = (
+        p.choice(m["allocation"], LabelAllocation, "label allocation") if "allocation" in m else LabelConfig.allocation
+    )
     hold = p.duration(m["hold_down"]) if "hold_down" in m else LabelConfig.hold_down
     return LabelConfig(rng, alloc, hold)
 
@@ -150,9 +180,14 @@ def _server(p: Parser, name: str, v: YamlValue) -> Server:
 
 
 _HC_COMMON = ("type", "port", "interval", "timeout", "rise", "fall")
-_HC_ONLY = {"path": HealthCheckType.HTTP, "expect_status": HealthCheckType.HTTP, "host": HealthCheckType.HTTP,
-            "send": HealthCheckType.UDP, "expect": HealthCheckType.UDP}
-_PATH_RE = re.compile(r"^/[\x21-\x7e]*\Z")      # no spaces or control characters: one request line
+_HC_ONLY = {
+    "path": HealthCheckType.HTTP,
+    "expect_status": HealthCheckType.HTTP,
+    "host": HealthCheckType.HTTP,
+    "send": HealthCheckType.UDP,
+    "expect": HealthCheckType.UDP,
+}
+_PATH_RE = re.compile(r"^/[\x21-\x7e]*\Z")  # no spaces or control characters: one request line
 _HOST_RE = re.compile(r"^[\x21-\x7e]+\Z")
 _LISTEN_RES = (re.compile(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)\Z"), re.compile(r"^([0-9.]+):(\d+)\Z"))
 
@@ -164,8 +199,12 @@ def _octets(p: Parser, v: YamlValue) -> bytes:
     try:
         return text.encode("latin-1")
     except UnicodeEncodeError as e:
-        raise p.error(v.vline, v.path, f"character {text[e.start]!r} is not a byte: every character must be "
-                                       "U+0000..U+00FF (write binary as \"\\xNN\" escapes)") from None
+        raise p.error(
+            v.vline,
+            v.path,
+            f"character {text[e.start]!r} is not a byte: every character must be "
+            'U+0000..U+00FF (write binary as "\\xNN" escapes)',
+        ) from None
 
 
 def _health_check(p: Parser, v: YamlValue) -> HealthCheck | None:
@@ -177,8 +216,9 @@ def _health_check(p: Parser, v: YamlValue) -> HealthCheck | None:
     kind = p.choice(m["type"], HealthCheckType, "health check type")
     for key, only in _HC_ONLY.items():
         if key in m and kind is not only:
-            raise p.error(m[key].line, m[key].path, f"{key} is only used with type: {only.value}, "
-                                                    f"this check is {kind.value}")
+            raise p.error(
+                m[key].line, m[key].path, f"{key} is only used with type: {only.value}, this check is {kind.value}"
+            )
     d = HealthCheck(kind, 0)
     interval = p.duration(m["interval"]) if "interval" in m else d.interval
     if interval <= 0:
@@ -186,18 +226,27 @@ def _health_check(p: Parser, v: YamlValue) -> HealthCheck | None:
     timeout = p.duration(m["timeout"]) if "timeout" in m else d.timeout
     if timeout <= 0 or timeout > interval:
         tv = m.get("timeout") or m["interval"]
-        raise p.error(tv.vline, tv.path, f"timeout {timeout:g}s must be > 0 and <= interval {interval:g}s "
-                                         "(a check ends before the next one starts)")
+        raise p.error(
+            tv.vline,
+            tv.path,
+            f"timeout {timeout:g}s must be > 0 and <= interval {interval:g}s (a check ends before the next one starts)",
+        )
     check = HealthCheck(
-        type=kind, port=p.integer(m["port"], 1, 65535, "port"), interval=interval, timeout=timeout,
+        type=kind,
+        port=p.integer(m["port"], 1, 65535, "port"),
+        interval=interval,
+        timeout=timeout,
         rise=p.integer(m["rise"], 1, 100, "rise") if "rise" in m else d.rise,
         fall=p.integer(m["fall"], 1, 100, "fall") if "fall" in m else d.fall,
     )
     if kind is HealthCheckType.HTTP:
         path = p.string(m["path"]) if "path" in m else d.path
         if not _PATH_RE.match(path):
-            raise p.error(m["path"].vline, m["path"].path, f"{path!r} is not a request path: it starts with '/' "
-                                                           "and has no spaces or control characters")
+            raise p.error(
+                m["path"].vline,
+                m["path"].path,
+                f"{path!r} is not a request path: it starts with '/' and has no spaces or control characters",
+            )
         status = d.expect_status
         if "expect_status" in m:
             sv = m["expect_status"]
@@ -243,8 +292,11 @@ def _metrics(p: Parser, v: YamlValue) -> MetricsConfig | None:
             raise ValueError(text)
         host = str(ipaddress.ip_address(match.group(1)))
     except ValueError:
-        raise p.error(lv.vline, lv.path, f"{text!r} is not an address to listen on: write \"IP:PORT\" "
-                                         "or \"[IPv6]:PORT\", e.g. \"127.0.0.1:9469\"") from None
+        raise p.error(
+            lv.vline,
+            lv.path,
+            f'{text!r} is not an address to listen on: write "IP:PORT" or "[IPv6]:PORT", e.g. "127.0.0.1:9469"',
+        ) from None
     port = int(match.group(2))
     if not 1 <= port <= 65535:
         raise p.error(lv.vline, lv.path, f"port {port} is out of range: must be 1..65535")
@@ -272,8 +324,18 @@ def _pools(p: Parser, v: YamlValue) -> tuple[Pool, ...]:
     return tuple(pools)
 
 
-_SERVICE_KEYS = ("vip", "protocol", "ports", "pool", "session_key", "persistence_timeout", "scheduler",
-                 "admission", "fail_policy", "on_server_failure")
+_SERVICE_KEYS = (
+    "vip",
+    "protocol",
+    "ports",
+    "pool",
+    "session_key",
+    "persistence_timeout",
+    "scheduler",
+    "admission",
+    "fail_policy",
+    "on_server_failure",
+)
 
 
 def _ports(p: Parser, v: YamlValue) -> tuple[int, ...]:
@@ -297,14 +359,20 @@ def _admission(p: Parser, v: YamlValue | None, protocol: Protocol) -> Admission:
     max_sessions = None
     if "max_sessions" in m and not p.is_null(m["max_sessions"]):
         max_sessions = p.integer(m["max_sessions"], 1, None, "max_sessions")
-    free = p.integer(m["min_free_labels"], 0, None, "min_free_labels") if "min_free_labels" in m \
+    free = (
+        p.integer(m["min_free_labels"], 0, None, "min_free_labels")
+        if "min_free_labels" in m
         else Admission.min_free_labels
+    )
     refuse = default_refuse
     if "refuse_with" in m:
         refuse = p.choice(m["refuse_with"], RefuseWith, "refusal")
         if refuse is RefuseWith.RST and protocol is not Protocol.TCP:
-            raise p.error(m["refuse_with"].vline, m["refuse_with"].path,
-                          f"rst can only refuse tcp sessions, this service is {protocol.value}; use icmp")
+            raise p.error(
+                m["refuse_with"].vline,
+                m["refuse_with"].path,
+                f"rst can only refuse tcp sessions, this service is {protocol.value}; use icmp",
+            )
     return Admission(max_sessions, free, refuse)
 
 
@@ -320,28 +388,37 @@ def _service(p: Parser, name: str, v: YamlValue) -> Service:
         raise p.error(v.line, join_path(v.path, "ports"), "required key is missing")
     else:
         ports = _ports(p, m["ports"])
-    key = p.choice(m["session_key"], SessionKeyKind, "session key") if "session_key" in m \
-        else Service.session_key
+    key = p.choice(m["session_key"], SessionKeyKind, "session key") if "session_key" in m else Service.session_key
     if key is not SessionKeyKind.FIVE_TUPLE and len(ports) > FILTERS_PER_SESSION:
         # Each client address takes one C2S filter per port, all under the session's C2S label.
-        raise p.error(m["ports"].line, m["ports"].path,
-                      f"{len(ports)} ports, but a session's filter handles hold at most {FILTERS_PER_SESSION} "
-                      "filters (one per port); split the service, or use session_key: five-tuple")
+        raise p.error(
+            m["ports"].line,
+            m["ports"].path,
+            f"{len(ports)} ports, but a session's filter handles hold at most {FILTERS_PER_SESSION} "
+            "filters (one per port); split the service, or use session_key: five-tuple",
+        )
     if key in (SessionKeyKind.IPV6_IID, SessionKeyKind.MIP6_HOME_ADDRESS) and vip.version != 6:
-        raise p.error(m["session_key"].vline, m["session_key"].path,
-                      f"{key.value} keys IPv6 clients, but vip {vip} is IPv4")
+        raise p.error(
+            m["session_key"].vline, m["session_key"].path, f"{key.value} keys IPv6 clients, but vip {vip} is IPv4"
+        )
     return Service(
-        name=name, vip=vip, protocol=protocol, ports=ports,
+        name=name,
+        vip=vip,
+        protocol=protocol,
+        ports=ports,
         pool=p.string(m["pool"]),
         session_key=key,
-        persistence_timeout=p.duration(m["persistence_timeout"]) if "persistence_timeout" in m
+        persistence_timeout=p.duration(m["persistence_timeout"])
+        if "persistence_timeout" in m
         else Service.persistence_timeout,
         scheduler=p.choice(m["scheduler"], Scheduler, "scheduler") if "scheduler" in m else Service.scheduler,
         admission=_admission(p, m.get("admission"), protocol),
-        fail_policy=p.choice(m["fail_policy"], FailPolicy, "fail policy") if "fail_policy" in m
+        fail_policy=p.choice(m["fail_policy"], FailPolicy, "fail policy")
+        if "fail_policy" in m
         else Service.fail_policy,
         on_server_failure=p.choice(m["on_server_failure"], ServerFailure, "server failure policy")
-        if "on_server_failure" in m else Service.on_server_failure,
+        if "on_server_failure" in m
+        else Service.on_server_failure,
     )
 
 
@@ -358,6 +435,7 @@ def _services(p: Parser, v: YamlValue) -> tuple[Service, ...]:
 
 # ---- cross-checks ----
 
+
 def _check(p: Parser, cfg: BalancerConfig) -> None:
     labels = cfg.labels
     first, last = labels.range
@@ -369,20 +447,25 @@ def _check(p: Parser, cfg: BalancerConfig) -> None:
             if s.name in where and where[s.name][1] != s:
                 other = where[s.name][0]
                 path = f"pools.{pool.name}.servers.{s.name}"
-                raise p.error(p.key_lines.get(path), path,
-                           f"server {s.name!r} is also defined in pool {other!r} "
-                           f"(pools.{other}.servers.{s.name}) with different settings; "
-                           "a server in several pools must be defined identically")
+                raise p.error(
+                    p.key_lines.get(path),
+                    path,
+                    f"server {s.name!r} is also defined in pool {other!r} "
+                    f"(pools.{other}.servers.{s.name}) with different settings; "
+                    "a server in several pools must be defined identically",
+                )
             where.setdefault(s.name, (pool.name, s))
-    servers = {name: (pool, s) for name, (pool, s) in where.items()}
+    servers = {name: (pool_name, s) for name, (pool_name, s) in where.items()}
 
     # Transport labels: unique across the node and all servers, outside the session label range.
     owners: dict[int, str] = {cfg.node.transport_label: "node"}
     if first <= cfg.node.transport_label <= last:
-        raise p.at("node.transport_label", f"transport label {cfg.node.transport_label} lies inside "
-                                           f"labels.range {first}..{last}")
-    for name, (pool, s) in servers.items():
-        path = f"pools.{pool}.servers.{name}.transport_label"
+        raise p.at(
+            "node.transport_label",
+            f"transport label {cfg.node.transport_label} lies inside labels.range {first}..{last}",
+        )
+    for name, (pool_name, s) in servers.items():
+        path = f"pools.{pool_name}.servers.{name}.transport_label"
         if s.transport_label in owners:
             raise p.at(path, f"transport label {s.transport_label} is already used by {owners[s.transport_label]}")
         if first <= s.transport_label <= last:
@@ -391,15 +474,18 @@ def _check(p: Parser, cfg: BalancerConfig) -> None:
 
     # Label blocks.
     blocks: list[tuple[int, int, str]] = []
-    for name, (pool, s) in servers.items():
-        path = f"pools.{pool}.servers.{name}"
+    for name, (pool_name, s) in servers.items():
+        path = f"pools.{pool_name}.servers.{name}"
         if labels.allocation is LabelAllocation.POOL:
             if s.label_block is not None:
                 raise p.at(path + ".label_block", "label_block is only used with labels.allocation: server-blocks")
             continue
         if s.label_block is None:
-            raise p.error(p.key_lines.get(path), path + ".label_block",
-                          "required key is missing (labels.allocation is server-blocks)")
+            raise p.error(
+                p.key_lines.get(path),
+                path + ".label_block",
+                "required key is missing (labels.allocation is server-blocks)",
+            )
         bf, bl = s.label_block
         if not (first <= bf and bl <= last):
             raise p.at(path + ".label_block", f"block {bf}..{bl} is not inside labels.range {first}..{last}")
@@ -407,8 +493,10 @@ def _check(p: Parser, cfg: BalancerConfig) -> None:
             raise p.at(path + ".label_block", f"block {bf}..{bl} holds no (odd C2S, even S2C) label pair")
         for of, ol, other in blocks:
             if bf <= ol and of <= bl:
-                raise p.at(path + ".label_block", f"block {bf}..{bl} of server {name!r} overlaps block "
-                                                  f"{of}..{ol} of server {other!r}")
+                raise p.at(
+                    path + ".label_block",
+                    f"block {bf}..{bl} of server {name!r} overlaps block {of}..{ol} of server {other!r}",
+                )
         blocks.append((bf, bl, name))
 
     # Services: pools exist, no two services claim the same vip/protocol/port, label headroom.
@@ -422,20 +510,23 @@ def _check(p: Parser, cfg: BalancerConfig) -> None:
             k = (svc.vip, svc.protocol, port)
             if k in claimed:
                 what = f"{svc.vip} {svc.protocol.value}" + (f" port {port}" if port is not None else "")
-                raise p.at(base + (".ports" if port is not None else ".vip"),
-                           f"{what} is already served by service {claimed[k]!r}")
+                raise p.at(
+                    base + (".ports" if port is not None else ".vip"),
+                    f"{what} is already served by service {claimed[k]!r}",
+                )
             claimed[k] = svc.name
         if labels.allocation is LabelAllocation.POOL:
-            size, of = labels.size, "the label pool"
+            size, drawn_from = labels.size, "the label pool"
         else:
             pool = cfg.pool(svc.pool)
             size = sum(pair_labels(*s.label_block) for s in pool.servers if s.label_block)
-            of = f"the label blocks of pool {svc.pool!r}"
+            drawn_from = f"the label blocks of pool {svc.pool!r}"
         if svc.admission.min_free_labels >= size:
             path = base + ".admission.min_free_labels"
             line = p.lines.get(path, p.key_lines.get(base + ".admission", p.key_lines.get(base)))
-            raise p.error(line, path, f"{svc.admission.min_free_labels} must be smaller than {of} "
-                                      f"({size} usable labels)")
+            raise p.error(
+                line, path, f"{svc.admission.min_free_labels} must be smaller than {drawn_from} ({size} usable labels)"
+            )
 
 
 def _parse_balancer(p: Parser, root: YamlValue, source: str) -> BalancerConfig:

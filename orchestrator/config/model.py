@@ -12,16 +12,16 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Union
+from typing import Any
 
 from orchestrator.analyze.keys import SessionKeyKind  # one definition: the analyzer's
 from orchestrator.dataplane.ops import OffloadPolicy  # one mapping of the words: the dataplane's
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-MIN_LABEL = 16                 # 0-15 are reserved
-MAX_LABEL = 1048575            # 20-bit label space
+MIN_LABEL = 16  # 0-15 are reserved
+MAX_LABEL = 1048575  # 20-bit label space
 DEFAULT_CONTROL_SOCKET = "/run/mplsorch/mplsorch.sock"
 
 
@@ -34,14 +34,15 @@ class _Named(str, Enum):
 
 class Role(_Named):
     BALANCER = "balancer"
-    SERVER = "server"      # the server agent: `orchestrator/config/server.py`
+    SERVER = "server"  # the server agent: `orchestrator/config/server.py`
 
 
 class Setup(_Named):
     """`node.setup`: what the daemon does about a node that is not ready (modules, sysctls, and on
     a server the VIPs on lo)."""
-    CHECK = "check"      # refuse to start and name what is not ready
-    APPLY = "apply"      # make it ready
+
+    CHECK = "check"  # refuse to start and name what is not ready
+    APPLY = "apply"  # make it ready
 
 
 class Scheduler(_Named):
@@ -58,7 +59,7 @@ class Protocol(_Named):
     TCP = "tcp"
     UDP = "udp"
     SCTP = "sctp"
-    ESP = "esp"          # no ports
+    ESP = "esp"  # no ports
 
 
 class LabelAllocation(_Named):
@@ -67,13 +68,13 @@ class LabelAllocation(_Named):
 
 
 class RefuseWith(_Named):
-    RST = "rst"          # TCP reset (tcp services only)
-    ICMP = "icmp"        # ICMP administratively prohibited
+    RST = "rst"  # TCP reset (tcp services only)
+    ICMP = "icmp"  # ICMP administratively prohibited
 
 
 class FailPolicy(_Named):
-    OPEN = "open"        # bypass: traffic to the VIP is no longer queued
-    CLOSED = "closed"    # new sessions are dropped
+    OPEN = "open"  # bypass: traffic to the VIP is no longer queued
+    CLOSED = "closed"  # new sessions are dropped
 
 
 class RateUnit(_Named):
@@ -82,21 +83,23 @@ class RateUnit(_Named):
 
 
 class HealthCheckType(_Named):
-    TCP = "tcp"          # a TCP connect succeeds
-    HTTP = "http"        # an HTTP/1.0 GET answers with an expected status
-    UDP = "udp"          # a datagram is answered (with the expected bytes)
+    TCP = "tcp"  # a TCP connect succeeds
+    HTTP = "http"  # an HTTP/1.0 GET answers with an expected status
+    UDP = "udp"  # a datagram is answered (with the expected bytes)
 
 
 class ServerFailure(_Named):
     """What happens to a service's sessions when their server fails its health check."""
+
     REASSIGN = "reassign"  # the session moves to another server of its pool; its clients stay on it
-    RESET = "reset"        # the session ends; its clients' flows are reset and start anew
+    RESET = "reset"  # the session ends; its clients' flows are reset and start anew
 
 
 @dataclass(frozen=True)
 class NodeConfig:
     """`node:` this balancer in the fabric."""
-    transport_label: int                                  # required; 16..1048575
+
+    transport_label: int  # required; 16..1048575
     control_socket: str = DEFAULT_CONTROL_SOCKET
     setup: Setup = Setup.CHECK
 
@@ -105,10 +108,11 @@ class NodeConfig:
 class Interfaces:
     """`interfaces:` `clients`, `fabric` (non-empty, disjoint) and `fabric_next_hop` required;
     `offload` is the tc filters' hardware policy per fabric interface, `auto` where not given."""
+
     clients: tuple[str, ...]
     fabric: tuple[str, ...]
     fabric_next_hop: IPAddress
-    offload: tuple[tuple[str, OffloadPolicy], ...] = ()   # (fabric interface, policy), as given
+    offload: tuple[tuple[str, OffloadPolicy], ...] = ()  # (fabric interface, policy), as given
 
     def offload_of(self, dev: str) -> OffloadPolicy:
         """The policy of the filters installed on `dev`."""
@@ -123,6 +127,7 @@ class Interfaces:
 class ClientsConfig:
     """`clients:` (optional section). A client inside a `label_aware` prefix takes the session's
     labels itself: its answers keep the S2C label (the S2C route swaps instead of popping)."""
+
     label_aware: tuple[IPNetwork, ...] = ()
 
     def is_label_aware(self, address: str) -> bool:
@@ -135,9 +140,10 @@ class ClientsConfig:
 @dataclass(frozen=True)
 class LabelConfig:
     """`labels:` the session label pool."""
-    range: tuple[int, int]                                # required; 16 <= first < last <= 1048575
+
+    range: tuple[int, int]  # required; 16 <= first < last <= 1048575
     allocation: LabelAllocation = LabelAllocation.POOL
-    hold_down: float = 2.0                                # seconds before a released pair is reused
+    hold_down: float = 2.0  # seconds before a released pair is reused
 
     @property
     def size(self) -> int:
@@ -154,6 +160,7 @@ def pair_labels(first: int, last: int) -> int:
 @dataclass(frozen=True)
 class RateLimit:
     """`nfqueue.rate_limit:` per-source new sessions, written "N/second" or "N/minute"."""
+
     count: int = 200
     per: RateUnit = RateUnit.SECOND
     burst: int = 400
@@ -169,53 +176,63 @@ class RateLimit:
 @dataclass(frozen=True)
 class NfqueueConfig:
     """`nfqueue:` (optional section). `rate_limit: null` disables the per-source limit."""
-    queues: tuple[int, int] = (0, 0)                      # first..last queue number, 0..65535
-    batch: int = 64                                       # packets read per wakeup, >= 1
+
+    queues: tuple[int, int] = (0, 0)  # first..last queue number, 0..65535
+    batch: int = 64  # packets read per wakeup, >= 1
     rate_limit: RateLimit | None = field(default_factory=RateLimit)
 
 
 @dataclass(frozen=True)
 class Server:
     """One server of a pool (`pools.NAME.servers.NAME`). A server in several pools is one server."""
+
     name: str
-    address: IPAddress                                    # required
-    transport_label: int                                  # required; unique across servers and node
-    weight: int = 1                                       # >= 0; 0 takes no new sessions
-    max_sessions: int | None = None                       # None: unlimited; else >= 1
-    label_block: tuple[int, int] | None = None            # required with allocation: server-blocks
+    address: IPAddress  # required
+    transport_label: int  # required; unique across servers and node
+    weight: int = 1  # >= 0; 0 takes no new sessions
+    max_sessions: int | None = None  # None: unlimited; else >= 1
+    label_block: tuple[int, int] | None = None  # required with allocation: server-blocks
 
 
 @dataclass(frozen=True)
 class HealthCheck:
     """`pools.NAME.health_check:` (optional; without it a pool's servers are never checked and
     count as healthy). The check goes to each server's `address` on `port`."""
-    type: HealthCheckType                                 # required
-    port: int                                             # required; 1..65535
-    interval: float = 2.0                                 # seconds between checks of one server, > 0
-    timeout: float = 1.0                                  # seconds; > 0 and <= interval
-    rise: int = 2                                         # consecutive successes: down -> up
-    fall: int = 3                                         # consecutive failures: up -> down
-    path: str = "/"                                       # http only
-    expect_status: tuple[int, ...] = (200,)               # http only
-    host: str | None = None                               # http only; None: the server's address
-    send: bytes = b""                                     # udp only; required there
-    expect: bytes | None = None                           # udp only; None: any answer will do
+
+    type: HealthCheckType  # required
+    port: int  # required; 1..65535
+    interval: float = 2.0  # seconds between checks of one server, > 0
+    timeout: float = 1.0  # seconds; > 0 and <= interval
+    rise: int = 2  # consecutive successes: down -> up
+    fall: int = 3  # consecutive failures: up -> down
+    path: str = "/"  # http only
+    expect_status: tuple[int, ...] = (200,)  # http only
+    host: str | None = None  # http only; None: the server's address
+    send: bytes = b""  # udp only; required there
+    expect: bytes | None = None  # udp only; None: any answer will do
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"type": self.type.value, "port": self.port, "interval": self.interval,
-                             "timeout": self.timeout, "rise": self.rise, "fall": self.fall}
+        d: dict[str, Any] = {
+            "type": self.type.value,
+            "port": self.port,
+            "interval": self.interval,
+            "timeout": self.timeout,
+            "rise": self.rise,
+            "fall": self.fall,
+        }
         if self.type is HealthCheckType.HTTP:
             d.update(path=self.path, expect_status=list(self.expect_status), host=self.host)
         elif self.type is HealthCheckType.UDP:
-            d.update(send=self.send.decode("latin-1"),
-                     expect=None if self.expect is None else self.expect.decode("latin-1"))
+            d.update(
+                send=self.send.decode("latin-1"), expect=None if self.expect is None else self.expect.decode("latin-1")
+            )
         return d
 
 
 @dataclass(frozen=True)
 class Pool:
     name: str
-    servers: tuple[Server, ...]                           # at least one
+    servers: tuple[Server, ...]  # at least one
     health_check: HealthCheck | None = None
 
     def server(self, name: str) -> Server:
@@ -228,20 +245,21 @@ class Pool:
 @dataclass(frozen=True)
 class Admission:
     """`services.NAME.admission:` (optional)."""
-    max_sessions: int | None = None                       # None: unlimited; else >= 1
-    min_free_labels: int = 16                             # < the labels the service can draw on
-    refuse_with: RefuseWith = RefuseWith.RST              # default: rst for tcp, icmp otherwise
+
+    max_sessions: int | None = None  # None: unlimited; else >= 1
+    min_free_labels: int = 16  # < the labels the service can draw on
+    refuse_with: RefuseWith = RefuseWith.RST  # default: rst for tcp, icmp otherwise
 
 
 @dataclass(frozen=True)
 class Service:
     name: str
-    vip: IPAddress                                        # required
-    protocol: Protocol                                    # required
-    ports: tuple[int, ...]                                # required (none for esp); 1..65535
-    pool: str                                             # required; a key of `pools`
+    vip: IPAddress  # required
+    protocol: Protocol  # required
+    ports: tuple[int, ...]  # required (none for esp); 1..65535
+    pool: str  # required; a key of `pools`
     session_key: SessionKeyKind = SessionKeyKind.CLIENT_IP
-    persistence_timeout: float = 30.0                     # seconds, >= 0
+    persistence_timeout: float = 30.0  # seconds, >= 0
     scheduler: Scheduler = Scheduler.RR
     admission: Admission = field(default_factory=Admission)
     fail_policy: FailPolicy = FailPolicy.OPEN
@@ -254,8 +272,9 @@ DEFAULT_METRICS_LISTEN = "127.0.0.1:9469"
 @dataclass(frozen=True)
 class MetricsConfig:
     """`metrics:` (optional; no endpoint when absent or null): the Prometheus endpoint."""
-    host: str = "127.0.0.1"                               # an IP address (IPv6 written [addr]:port)
-    port: int = 9469                                      # 1..65535
+
+    host: str = "127.0.0.1"  # an IP address (IPv6 written [addr]:port)
+    port: int = 9469  # 1..65535
 
     @property
     def listen(self) -> str:
@@ -301,29 +320,49 @@ class BalancerConfig:
         nq = self.nfqueue
         return {
             "role": self.role.value,
-            "node": {"transport_label": self.node.transport_label,
-                     "control_socket": self.node.control_socket, "setup": self.node.setup.value},
-            "interfaces": {"clients": list(self.interfaces.clients), "fabric": list(self.interfaces.fabric),
-                           "fabric_next_hop": str(self.interfaces.fabric_next_hop),
-                           "offload": {dev: self.interfaces.offload_of(dev).value
-                                       for dev in self.interfaces.fabric}},
+            "node": {
+                "transport_label": self.node.transport_label,
+                "control_socket": self.node.control_socket,
+                "setup": self.node.setup.value,
+            },
+            "interfaces": {
+                "clients": list(self.interfaces.clients),
+                "fabric": list(self.interfaces.fabric),
+                "fabric_next_hop": str(self.interfaces.fabric_next_hop),
+                "offload": {dev: self.interfaces.offload_of(dev).value for dev in self.interfaces.fabric},
+            },
             "clients": {"label_aware": [str(net) for net in self.clients.label_aware]},
-            "labels": {"range": list(self.labels.range), "allocation": self.labels.allocation.value,
-                       "hold_down": self.labels.hold_down},
-            "nfqueue": {"queues": list(nq.queues), "batch": nq.batch,
-                        "rate_limit": None if nq.rate_limit is None
-                        else {"rate": str(nq.rate_limit), "burst": nq.rate_limit.burst}},
-            "pools": {p.name: {"servers": {s.name: _server_dict(s) for s in p.servers},
-                               "health_check": None if p.health_check is None else p.health_check.to_dict()}
-                      for p in self.pools},
+            "labels": {
+                "range": list(self.labels.range),
+                "allocation": self.labels.allocation.value,
+                "hold_down": self.labels.hold_down,
+            },
+            "nfqueue": {
+                "queues": list(nq.queues),
+                "batch": nq.batch,
+                "rate_limit": None
+                if nq.rate_limit is None
+                else {"rate": str(nq.rate_limit), "burst": nq.rate_limit.burst},
+            },
+            "pools": {
+                p.name: {
+                    "servers": {s.name: _server_dict(s) for s in p.servers},
+                    "health_check": None if p.health_check is None else p.health_check.to_dict(),
+                }
+                for p in self.pools
+            },
             "services": {s.name: _service_dict(s) for s in self.services},
             "metrics": None if self.metrics is None else {"listen": self.metrics.listen},
         }
 
 
 def _server_dict(s: Server) -> dict[str, Any]:
-    d: dict[str, Any] = {"address": str(s.address), "transport_label": s.transport_label,
-                         "weight": s.weight, "max_sessions": s.max_sessions}
+    d: dict[str, Any] = {
+        "address": str(s.address),
+        "transport_label": s.transport_label,
+        "weight": s.weight,
+        "max_sessions": s.max_sessions,
+    }
     if s.label_block is not None:
         d["label_block"] = list(s.label_block)
     return d
@@ -333,11 +372,19 @@ def _service_dict(s: Service) -> dict[str, Any]:
     d: dict[str, Any] = {"vip": str(s.vip), "protocol": s.protocol.value}
     if s.protocol is not Protocol.ESP:
         d["ports"] = list(s.ports)
-    d.update({
-        "pool": s.pool, "session_key": s.session_key.value, "persistence_timeout": s.persistence_timeout,
-        "scheduler": s.scheduler.value,
-        "admission": {"max_sessions": s.admission.max_sessions, "min_free_labels": s.admission.min_free_labels,
-                      "refuse_with": s.admission.refuse_with.value},
-        "fail_policy": s.fail_policy.value, "on_server_failure": s.on_server_failure.value,
-    })
+    d.update(
+        {
+            "pool": s.pool,
+            "session_key": s.session_key.value,
+            "persistence_timeout": s.persistence_timeout,
+            "scheduler": s.scheduler.value,
+            "admission": {
+                "max_sessions": s.admission.max_sessions,
+                "min_free_labels": s.admission.min_free_labels,
+                "refuse_with": s.admission.refuse_with.value,
+            },
+            "fail_policy": s.fail_policy.value,
+            "on_server_failure": s.on_server_failure.value,
+        }
+    )
     return d

@@ -23,7 +23,7 @@ E = TypeVar("E", bound=Enum)
 
 _TAG = "tag:yaml.org,2002:"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_DEV_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,14}$")   # IFNAMSIZ - 1, no '/' or spaces
+_DEV_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,14}$")  # IFNAMSIZ - 1, no '/' or spaces
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -42,6 +42,7 @@ class ConfigError(ValueError):
 @dataclass
 class YamlValue:
     """A YAML node at a key path; `line` is the line of the key that introduced it."""
+
     node: Node
     path: str
     line: int
@@ -74,8 +75,8 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 class Parser:
     def __init__(self, source: str) -> None:
         self.source = source
-        self.lines: dict[str, int] = {}          # key path -> line of its value, for semantic errors
-        self.key_lines: dict[str, int] = {}      # key path -> line of its key
+        self.lines: dict[str, int] = {}  # key path -> line of its value, for semantic errors
+        self.key_lines: dict[str, int] = {}  # key path -> line of its key
         self._constructor = yaml.constructor.SafeConstructor()
 
     # ---- errors ----
@@ -91,8 +92,13 @@ class Parser:
         return v
 
     # ---- structure ----
-    def mapping(self, v: YamlValue, allowed: Iterable[str] | None, required: Iterable[str] = (),
-                elsewhere: Mapping[str, str] | None = None) -> dict[str, YamlValue]:
+    def mapping(
+        self,
+        v: YamlValue,
+        allowed: Iterable[str] | None,
+        required: Iterable[str] = (),
+        elsewhere: Mapping[str, str] | None = None,
+    ) -> dict[str, YamlValue]:
         """A mapping's entries by key; rejects duplicate keys, unknown keys (when `allowed` is given)
         and missing required keys. `elsewhere` explains unknown keys that are known in another
         place (the other role's top-level keys), where a spelling suggestion would mislead."""
@@ -107,16 +113,16 @@ class Parser:
                 raise self.error(kline, join_path(v.path, "<<"), "merge keys (<<) are not supported")
             if not isinstance(knode, ScalarNode) or knode.tag != _TAG + "str":
                 hint = "; quote it to make it one" if isinstance(knode, ScalarNode) else ""
-                raise self.error(kline, v.path or "(document)",
-                                 f"keys must be plain strings, got {_describe(knode)}{hint}")
+                raise self.error(
+                    kline, v.path or "(document)", f"keys must be plain strings, got {_describe(knode)}{hint}"
+                )
             key = knode.value
             path = join_path(v.path, key)
             if key in out:
                 raise self.error(kline, path, f"duplicate key (first given at line {out[key].line})")
             if allowed is not None and key not in allowed:
                 note = (elsewhere or {}).get(key)
-                raise self.error(kline, path, "unknown key" + (f" ({note})" if note else
-                                                               did_you_mean(key, allowed)))
+                raise self.error(kline, path, "unknown key" + (f" ({note})" if note else did_you_mean(key, allowed)))
             out[key] = self._seen(YamlValue(vnode, path, kline))
             self.key_lines[path] = kline
         for key in required:
@@ -143,8 +149,7 @@ class Parser:
         if v.node.tag != _TAG + "int":
             raise self.error(v.vline, v.path, f"expected an integer, got {_describe(v.node)}")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            rng = f"{lo}..{hi}" if lo is not None and hi is not None else (f">= {lo}" if lo is not None
-                                                                          else f"<= {hi}")
+            rng = f"{lo}..{hi}" if lo is not None and hi is not None else (f">= {lo}" if lo is not None else f"<= {hi}")
             raise self.error(v.vline, v.path, f"{(what + ' ') if what else ''}{value} is out of range: must be {rng}")
         return value
 
@@ -156,8 +161,12 @@ class Parser:
 
     def name(self, key: str, path: str, line: int, what: str) -> str:
         if not _NAME_RE.match(key):
-            raise self.error(line, path, f"invalid {what} name {key!r}: use letters, digits, '-' and '_' "
-                                         "(at most 64, starting with a letter or digit)")
+            raise self.error(
+                line,
+                path,
+                f"invalid {what} name {key!r}: use letters, digits, '-' and '_' "
+                "(at most 64, starting with a letter or digit)",
+            )
         return key
 
     def address(self, v: YamlValue) -> IPAddress:
@@ -195,11 +204,14 @@ class Parser:
             return enum(text)
         except ValueError:
             names = [e.value for e in enum]
-            raise self.error(v.vline, v.path, f"unknown {what} {text!r}; expected one of {', '.join(names)}"
-                             + did_you_mean(text, names)) from None
+            raise self.error(
+                v.vline,
+                v.path,
+                f"unknown {what} {text!r}; expected one of {', '.join(names)}" + did_you_mean(text, names),
+            ) from None
 
     def duration(self, v: YamlValue) -> float:
-        """"30s", "5m", "1h", "500ms" or a number of seconds; must be >= 0."""
+        """ "30s", "5m", "1h", "500ms" or a number of seconds; must be >= 0."""
         value = self._scalar(v, "a duration")
         tag = v.node.tag
         if tag in (_TAG + "int", _TAG + "float"):
@@ -207,9 +219,12 @@ class Parser:
         elif tag == _TAG + "str" and (m := _DURATION_RE.match(value)):
             seconds = float(m.group(1)) * _UNITS[m.group(2)]
         else:
-            raise self.error(v.vline, v.path, f"{_describe(v.node)} is not a duration: write e.g. "
-                                              "\"30s\", \"5m\", \"1h\", \"500ms\" or a number of seconds")
-        if not seconds >= 0 or seconds == float("inf"):      # also rejects NaN
+            raise self.error(
+                v.vline,
+                v.path,
+                f'{_describe(v.node)} is not a duration: write e.g. "30s", "5m", "1h", "500ms" or a number of seconds',
+            )
+        if not seconds >= 0 or seconds == float("inf"):  # also rejects NaN
             raise self.error(v.vline, v.path, f"{v.node.value} is out of range: must be >= 0")
         return seconds
 
@@ -267,4 +282,3 @@ class Parser:
                 return self.choice(self._seen(YamlValue(vnode, "role", knode.start_mark.line + 1)), Role, "role")
         roles = " or ".join(r.value for r in Role)
         raise self.error(root.line, "role", f"required key is missing ({roles})")
-

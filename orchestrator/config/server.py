@@ -46,8 +46,11 @@ def _next_hops(p: Parser, v: YamlValue) -> tuple[IPAddress, ...]:
         hop = p.address(i)
         for other in hops:
             if other.version == hop.version:
-                raise p.error(i.vline, i.path, f"a second IPv{hop.version} next hop ({other} is the first): "
-                                               "give at most one per address family")
+                raise p.error(
+                    i.vline,
+                    i.path,
+                    f"a second IPv{hop.version} next hop ({other} is the first): give at most one per address family",
+                )
         hops.append(hop)
     return tuple(hops)
 
@@ -63,8 +66,11 @@ def _block(p: Parser, v: YamlValue) -> tuple[int, int]:
     bv = m["block"]
     block = p.int_pair(bv, MIN_LABEL, MAX_LABEL, strict=True, what="label")
     if pair_labels(*block) == 0:
-        raise p.error(bv.vline, bv.path, f"block {block[0]}..{block[1]} holds no odd C2S label whose S2C "
-                                         "label (C2S + 1) is inside it too")
+        raise p.error(
+            bv.vline,
+            bv.path,
+            f"block {block[0]}..{block[1]} holds no odd C2S label whose S2C label (C2S + 1) is inside it too",
+        )
     return block
 
 
@@ -79,18 +85,26 @@ def _vips(p: Parser, v: YamlValue) -> tuple[tuple[Vip, ...], dict[IPAddress, str
     for key, kv in entries.items():
         addr = p.address_text(key, kv.line, kv.path)
         if addr in paths:
-            raise p.error(kv.line, kv.path, f"VIP {addr} is already given as {paths[addr]} "
-                                            f"(line {p.key_lines[paths[addr]]})")
+            raise p.error(
+                kv.line, kv.path, f"VIP {addr} is already given as {paths[addr]} (line {p.key_lines[paths[addr]]})"
+            )
         m = p.mapping(kv, ("table",), ("table",))
         tv = m["table"]
         table = p.integer(tv, 1, MAX_TABLE, "table")
         if table in KERNEL_TABLES:
-            raise p.error(tv.vline, tv.path, f"table {table} is the kernel's {KERNEL_TABLES[table]} table "
-                                             "(253 default, 254 main and 255 local are the kernel's own): "
-                                             "use another")
+            raise p.error(
+                tv.vline,
+                tv.path,
+                f"table {table} is the kernel's {KERNEL_TABLES[table]} table "
+                "(253 default, 254 main and 255 local are the kernel's own): "
+                "use another",
+            )
         if table in tables:
-            raise p.error(tv.vline, tv.path, f"table {table} is already the return table of {tables[table]}: "
-                                             "each VIP needs its own")
+            raise p.error(
+                tv.vline,
+                tv.path,
+                f"table {table} is already the return table of {tables[table]}: each VIP needs its own",
+            )
         tables[table] = kv.path
         paths[addr] = kv.path
         vips.append(Vip(addr, table))
@@ -119,16 +133,21 @@ def _check(p: Parser, cfg: ServerConfig, vip_paths: dict[IPAddress, str]) -> Non
         raise p.at("node.transport_label", f"transport label {own} lies inside labels.block {first}..{last}")
     lb = cfg.balancer_transport_label
     if lb == own:
-        raise p.at("balancer.transport_label", f"transport label {lb} is this server's own (node.transport_label): "
-                                               "the balancer's must differ")
+        raise p.at(
+            "balancer.transport_label",
+            f"transport label {lb} is this server's own (node.transport_label): the balancer's must differ",
+        )
     if first <= lb <= last:
         raise p.at("balancer.transport_label", f"transport label {lb} lies inside labels.block {first}..{last}")
     for vip in cfg.vips:
         if cfg.next_hop(vip.address.version) is None:
             path = vip_paths[vip.address]
             n = vip.address.version
-            raise p.error(p.key_lines.get(path), path, f"IPv{n} VIP needs an IPv{n} interfaces.fabric_next_hop "
-                                                       "(its S2C return routes go there)")
+            raise p.error(
+                p.key_lines.get(path),
+                path,
+                f"IPv{n} VIP needs an IPv{n} interfaces.fabric_next_hop (its S2C return routes go there)",
+            )
 
 
 def parse_server(p: Parser, root: YamlValue, source: str, elsewhere: Mapping[str, str] | None = None) -> ServerConfig:
@@ -142,8 +161,13 @@ def parse_server(p: Parser, root: YamlValue, source: str, elsewhere: Mapping[str
     block = _block(p, top["labels"])
     vips, vip_paths = _vips(p, top["vips"])
     cfg = ServerConfig(
-        role=role, node=node, balancer_transport_label=balancer_label, fabric=fabric, fabric_next_hops=hops,
-        block=block, vips=vips,
+        role=role,
+        node=node,
+        balancer_transport_label=balancer_label,
+        fabric=fabric,
+        fabric_next_hops=hops,
+        block=block,
+        vips=vips,
         persistence_timeout=_sessions(p, top["sessions"]) if "sessions" in top else ServerConfig.persistence_timeout,
         nfqueue=_nfqueue(p, top["nfqueue"]) if "nfqueue" in top else ServerQueue(),
         source=source,

@@ -15,14 +15,15 @@ from typing import Any
 
 from orchestrator.config.model import DEFAULT_CONTROL_SOCKET, IPAddress, Role, Setup
 
-MAX_TABLE = 4294967295                                   # routing table ids are 32 bits; 0 is "unspecified"
+MAX_TABLE = 4294967295  # routing table ids are 32 bits; 0 is "unspecified"
 KERNEL_TABLES = {253: "default", 254: "main", 255: "local"}
 
 
 @dataclass(frozen=True)
 class ServerNode:
     """`node:` this server in the fabric."""
-    transport_label: int                                  # required; 16..1048575, outside labels.block
+
+    transport_label: int  # required; 16..1048575, outside labels.block
     control_socket: str = DEFAULT_CONTROL_SOCKET
     setup: Setup = Setup.CHECK
 
@@ -31,27 +32,29 @@ class ServerNode:
 class Vip:
     """One VIP this server answers from (on lo) and the routing table of its S2C return routes
     (one rule `from VIP lookup TABLE`)."""
+
     address: IPAddress
-    table: int                                            # 1..4294967295, not 253/254/255, unique
+    table: int  # 1..4294967295, not 253/254/255, unique
 
 
 @dataclass(frozen=True)
 class ServerQueue:
     """`nfqueue:` the queue that receives the first packet of each labelled session."""
-    queue: int = 8                                        # 0..65535
-    batch: int = 64                                       # packets read per wakeup, >= 1
+
+    queue: int = 8  # 0..65535
+    batch: int = 64  # packets read per wakeup, >= 1
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     role: Role
     node: ServerNode
-    balancer_transport_label: int                         # S2C answers go out under this label
-    fabric: tuple[str, ...]                               # MPLS input allowed here; S2C leaves via [0]
-    fabric_next_hops: tuple[IPAddress, ...]               # at most one per address family, in file order
-    block: tuple[int, int]                                # inclusive [first, last] of the C2S labels
-    vips: tuple[Vip, ...]                                 # at least one, in file order
-    persistence_timeout: float = 30.0                     # seconds a return route outlives its last flow
+    balancer_transport_label: int  # S2C answers go out under this label
+    fabric: tuple[str, ...]  # MPLS input allowed here; S2C leaves via [0]
+    fabric_next_hops: tuple[IPAddress, ...]  # at most one per address family, in file order
+    block: tuple[int, int]  # inclusive [first, last] of the C2S labels
+    vips: tuple[Vip, ...]  # at least one, in file order
+    persistence_timeout: float = 30.0  # seconds a return route outlives its last flow
     nfqueue: ServerQueue = field(default_factory=ServerQueue)
     source: str = field(default="<string>", compare=False)
 
@@ -87,11 +90,13 @@ class ServerConfig:
         so the output of `config show` is itself a valid configuration."""
         return {
             "role": self.role.value,
-            "node": {"transport_label": self.node.transport_label, "control_socket": self.node.control_socket,
-                     "setup": self.node.setup.value},
+            "node": {
+                "transport_label": self.node.transport_label,
+                "control_socket": self.node.control_socket,
+                "setup": self.node.setup.value,
+            },
             "balancer": {"transport_label": self.balancer_transport_label},
-            "interfaces": {"fabric": list(self.fabric),
-                           "fabric_next_hop": [str(h) for h in self.fabric_next_hops]},
+            "interfaces": {"fabric": list(self.fabric), "fabric_next_hop": [str(h) for h in self.fabric_next_hops]},
             "labels": {"block": list(self.block)},
             "vips": {str(v.address): {"table": v.table} for v in self.vips},
             "sessions": {"persistence_timeout": self.persistence_timeout},

@@ -22,14 +22,21 @@ from typing import Any, Sequence
 
 from orchestrator.analyze.packet import Packet, analyze
 from orchestrator.config.server_model import ServerConfig
-from orchestrator.core.events import (Action, FlowKey, FlowsEnded, FlowsStarted, FlowTableResync, LabelledPacket,
-                                      PacketVerdict)
+from orchestrator.core.events import (
+    Action,
+    FlowKey,
+    FlowsEnded,
+    FlowsStarted,
+    FlowTableResync,
+    LabelledPacket,
+    PacketVerdict,
+)
 from orchestrator.dataplane import ops
 
 RULE_PRIORITY = 1000  # `from VIP lookup TABLE`: before the main table (32766)
 MARK_TAG = 0x6D600000  # "m`" in the high 12 bits; the low 20 bits carry the session label
 MARK_MASK = 0xFFF00000
-PREF_LEARN = 20        # the ingress label-marking filters
+PREF_LEARN = 20  # the ingress label-marking filters
 
 
 def label_of(mark: int) -> int | None:
@@ -38,7 +45,7 @@ def label_of(mark: int) -> int | None:
 
 
 class State(enum.StrEnum):
-    SERVING = "serving"    # flows alive
+    SERVING = "serving"  # flows alive
     DRAINING = "draining"  # no flow left; ends when the persistence timeout has passed
 
 
@@ -61,9 +68,17 @@ class ReturnSession:
 
     def view(self) -> dict[str, Any]:
         """The documented JSON row of `mplsorch sessions --json` on a server."""
-        return {"client": self.client, "vip": self.vip, "c2s_label": self.c2s, "s2c_label": self.s2c,
-                "state": str(self.state), "flows": len(self.flows), "created": self.created,
-                "last_seen": self.last_seen, "ends_at": self.ends_at}
+        return {
+            "client": self.client,
+            "vip": self.vip,
+            "c2s_label": self.c2s,
+            "s2c_label": self.s2c,
+            "state": str(self.state),
+            "flows": len(self.flows),
+            "created": self.created,
+            "last_seen": self.last_seen,
+            "ends_at": self.ends_at,
+        }
 
 
 @dataclass
@@ -81,9 +96,9 @@ def _host(address: str) -> str:
 
 class ServerAgent:
     def __init__(self, config: ServerConfig) -> None:
-        self.sessions: dict[int, ReturnSession] = {}          # by C2S label
+        self.sessions: dict[int, ReturnSession] = {}  # by C2S label
         self.by_flow: dict[FlowKey, ReturnSession] = {}
-        self.routes: dict[tuple[str, str], int] = {}          # (VIP, client) -> S2C installed
+        self.routes: dict[tuple[str, str], int] = {}  # (VIP, client) -> S2C installed
         self.counters: collections.Counter[str] = collections.Counter()
         self.configure(config)
 
@@ -101,8 +116,7 @@ class ServerAgent:
         """A reload: the sessions of a VIP that is gone or has another table end now (their
         return routes are deleted from the old table); all others are kept."""
         kept = {str(v.address): v.table for v in config.vips}
-        out = [op for s in list(self.sessions.values()) if kept.get(s.vip) != self.tables[s.vip]
-               for op in self._end(s)]
+        out = [op for s in list(self.sessions.values()) if kept.get(s.vip) != self.tables[s.vip] for op in self._end(s)]
         self.configure(config)
         return out
 
@@ -114,17 +128,31 @@ class ServerAgent:
         with its label; and one `from VIP lookup TABLE` rule per VIP."""
         objs: list[ops.DataplaneObject] = [ops.ClsactQdisc(dev) for dev in self.config.fabric]
         objs += [ops.MplsRoute(label, "lo") for label in self.block]
-        objs += [ops.FlowerFilter(dev, label, ops.FlowerMatch(mpls_label=label), (ops.SetMark(MARK_TAG | label),),
-                                  ops.Direction.INGRESS, PREF_LEARN)
-                 for dev in self.config.fabric for label in self.block]
+        objs += [
+            ops.FlowerFilter(
+                dev,
+                label,
+                ops.FlowerMatch(mpls_label=label),
+                (ops.SetMark(MARK_TAG | label),),
+                ops.Direction.INGRESS,
+                PREF_LEARN,
+            )
+            for dev in self.config.fabric
+            for label in self.block
+        ]
         objs += [ops.Rule(_host(vip), table, RULE_PRIORITY) for vip, table in self.tables.items()]
         return objs
 
     def return_route(self, vip: str, client: str, s2c: int) -> ops.EncapRoute:
         version = 6 if ":" in client else 4
         via = self.config.next_hop(version)
-        return ops.EncapRoute(_host(client), (self.config.balancer_transport_label, s2c), self.config.fabric[0],
-                              None if via is None else str(via), self.tables[vip])
+        return ops.EncapRoute(
+            _host(client),
+            (self.config.balancer_transport_label, s2c),
+            self.config.fabric[0],
+            None if via is None else str(via),
+            self.tables[vip],
+        )
 
     # -- first packets ----------------------------------------------------------------------------
     def on_packets(self, packets: Sequence[LabelledPacket], now: float) -> Plan:
@@ -143,8 +171,12 @@ class ServerAgent:
             if info.dst not in self.tables:
                 self.counters["not_a_vip"] += 1
                 continue
-            if info.version == 6 and self.config.next_hop(6) is None or \
-                    info.version == 4 and self.config.next_hop(4) is None:
+            if (
+                info.version == 6
+                and self.config.next_hop(6) is None
+                or info.version == 4
+                and self.config.next_hop(4) is None
+            ):
                 self.counters["no_next_hop"] += 1
                 continue
             session = self.sessions.get(p.label)

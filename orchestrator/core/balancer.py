@@ -19,7 +19,13 @@ from orchestrator.analyze.keys import SessionKey, SessionKeyKind, ipv6_iid, key_
 from orchestrator.analyze.packet import Malformed, Packet, analyze
 from orchestrator.config.model import BalancerConfig, LabelAllocation, Server, ServerFailure, Service
 from orchestrator.core.events import (
-    Action, FirstPacket, FlowKey, FlowsEnded, FlowsStarted, FlowTableResync, PacketVerdict,
+    Action,
+    FirstPacket,
+    FlowKey,
+    FlowsEnded,
+    FlowsStarted,
+    FlowTableResync,
+    PacketVerdict,
 )
 from orchestrator.core.failover import Failover, Outcome, relabelled, replacement
 from orchestrator.core.health import HealthEvent, HealthState, HealthView, apply_health
@@ -66,11 +72,13 @@ class Commit:
 
 
 class Balancer:
+    config: BalancerConfig
+
     def __init__(self, config: BalancerConfig, now: float) -> None:
         self.table = SessionTable()
         self.counters: collections.Counter[str] = collections.Counter()
-        self.admin = ServerAdmin()      # the operator's drain and weights
-        self.health = HealthView()      # the latest health checks: every server unknown until then
+        self.admin = ServerAdmin()  # the operator's drain and weights
+        self.health = HealthView()  # the latest health checks: every server unknown until then
         self._schedulers: dict[str, Scheduler] = {}
         # Pairs in hold-down whose S2C label is routed to the hold marker (dataplane.records):
         # C2S -> when the hold-down ends and the marker is deleted.
@@ -88,8 +96,9 @@ class Balancer:
         shape = (config.labels.range, tuple(sorted((blocks or {}).items())), config.labels.hold_down)
         if shape != getattr(self, "_label_shape", None):
             # A new pool; the pairs of sessions in the table stay theirs.
-            self.labels = LabelAllocator(config.labels.range[0], config.labels.range[1],
-                                         config.labels.hold_down, blocks)
+            self.labels = LabelAllocator(
+                config.labels.range[0], config.labels.range[1], config.labels.hold_down, blocks
+            )
             for session in self.table:
                 self.labels.claim(session.c2s, session.server)
             for c2s in self.markers:  # held down again from now in the new pool
@@ -109,7 +118,8 @@ class Balancer:
             svc.name: self._schedulers[svc.name]
             if svc.name in self._schedulers and old_kinds.get(svc.name) == svc.scheduler
             else self._new_scheduler(svc)
-            for svc in config.services}
+            for svc in config.services
+        }
         self.transport = {name: s.transport_label for name, s in self.servers.items()}
         self.admin.configure({name: s.weight for name, s in self.servers.items()})
 
@@ -180,14 +190,19 @@ class Balancer:
             self.counters["no_route"] += 1
             return verdict(Action.DROP, f"no route to client {key.client}"), None
         if session is not None:
-            if needs_route and ((len(session.clients) + 1) * self._filters_per_client(session, svc)
-                                > handles.FILTERS_PER_SESSION or self._by_spi(key) and self._free_node() is None):
+            if needs_route and (
+                (len(session.clients) + 1) * self._filters_per_client(session, svc) > handles.FILTERS_PER_SESSION
+                or self._by_spi(key)
+                and self._free_node() is None
+            ):
                 self.counters["no_filter_handle"] += 1
-                return verdict(Action.DROP, f"session {session.id} has no filter handle left for client "
-                                            f"{key.client}"), None
+                return verdict(
+                    Action.DROP, f"session {session.id} has no filter handle left for client {key.client}"
+                ), None
             if needs_route and session.id not in plan.groups:  # first re-key of an earlier session
-                plan.undo[session.id] = Undo(list(session.clients), list(session.objects), session.state,
-                                             session.ends_at)
+                plan.undo[session.id] = Undo(
+                    list(session.clients), list(session.objects), session.state, session.ends_at
+                )
             self.table.add_flow(session, flow, now)
             session.packets_userspace += 1
             # The kernel's fast path admits a session's later flows from the addresses it knows;
@@ -214,8 +229,11 @@ class Balancer:
         if refusal is None and server is None:
             refusal = "no-server"
         # Headroom: the labels left free after this session's pair must not drop below the minimum.
-        if refusal is None and 2 * (self.labels.free(server if self.labels.blocks else None, now=now) - 1) \
-                < svc.admission.min_free_labels:
+        if (
+            refusal is None
+            and 2 * (self.labels.free(server if self.labels.blocks else None, now=now) - 1)
+            < svc.admission.min_free_labels
+        ):
             refusal = "label-headroom"
         c2s = None if refusal else self.labels.allocate(server, now)  # type: ignore[arg-type]
         if refusal is None and c2s is None:
@@ -224,9 +242,18 @@ class Balancer:
             self.counters[f"refused:{refusal}"] += 1
             return verdict(Action.REFUSE, refusal, str(svc.admission.refuse_with.value)), None
         assert server is not None and c2s is not None
-        session = Session(id=self.table.new_id(), service=svc.name, key=key, vip=str(svc.vip),
-                          protocol=str(svc.protocol.value), port=info.dport, server=server, c2s=c2s,
-                          created=now, last_seen=now)
+        session = Session(
+            id=self.table.new_id(),
+            service=svc.name,
+            key=key,
+            vip=str(svc.vip),
+            protocol=str(svc.protocol.value),
+            port=info.dport,
+            server=server,
+            c2s=c2s,
+            created=now,
+            last_seen=now,
+        )
         self.table.add(session)
         self.table.add_flow(session, flow, now)
         session.packets_userspace += 1
@@ -251,9 +278,12 @@ class Balancer:
         for s in self.pools[svc.pool].servers:
             sessions = self.table.count(server=s.name)
             weight = self.weight(s.name)
-            available = (weight > 0 and s.name not in self.admin.draining
-                         and (s.max_sessions is None or sessions < s.max_sessions)
-                         and (not self.labels.blocks or self.labels.free(s.name, now=now) > 0))
+            available = (
+                weight > 0
+                and s.name not in self.admin.draining
+                and (s.max_sessions is None or sessions < s.max_sessions)
+                and (not self.labels.blocks or self.labels.free(s.name, now=now) > 0)
+            )
             out.append(ServerState(s.name, weight, sessions, None, available))
         return apply_health(out, svc.pool, self.health)
 
@@ -263,8 +293,9 @@ class Balancer:
     def _schedule(self, svc: Service, key: SessionKey, now: float) -> str | None:
         return self.pick(svc, key.value, now)
 
-    def _add_client(self, session: Session, svc: Service, info: Packet, client: str,
-                    hop: ops.NextHop, plan: Plan) -> None:
+    def _add_client(
+        self, session: Session, svc: Service, info: Packet, client: str, hop: ops.NextHop, plan: Plan
+    ) -> None:
         """Objects that bring `client`'s packets into the session: the C2S imposition filter(s) on
         the fabric link and the S2C label route towards the balancer's next hop to the client (the
         client itself when on-link, else the gateway, on the device of that route). The route pops
@@ -282,32 +313,44 @@ class Balancer:
             node = self._free_node()
             assert node is not None  # _packet checked
             self.u32_nodes.add(node)
-            spi = int(session.key.value[len("spi:"):], 16)
-            u32 = ops.U32Filter(self.config.interfaces.fabric[0], handles.u32_handle(node),
-                                ops.esp_keys(client, session.vip, spi),
-                                ops.push_stack((self.transport[session.server], session.c2s)), pref=PREF_ESP4, tag=tag)
+            spi = int(session.key.value[len("spi:") :], 16)
+            u32 = ops.U32Filter(
+                self.config.interfaces.fabric[0],
+                handles.u32_handle(node),
+                ops.esp_keys(client, session.vip, spi),
+                ops.push_stack((self.transport[session.server], session.c2s)),
+                pref=PREF_ESP4,
+                tag=tag,
+            )
             plan.ops.append(ops.Add(u32))
             session.objects.append(u32)
             ports = ()
         for i, port in enumerate(ports):
-            match = ops.FlowerMatch(src=f"{client}/{host}", dst=f"{session.vip}/{vip_host}",
-                                    ip_proto=proto, dst_port=port if proto else None,
-                                    src_port=info.sport if five and proto else None)
+            match = ops.FlowerMatch(
+                src=f"{client}/{host}",
+                dst=f"{session.vip}/{vip_host}",
+                ip_proto=proto,
+                dst_port=port if proto else None,
+                src_port=info.sport if five and proto else None,
+            )
             handle = handles.filter_handle(session.c2s, n * len(ports) + i)
             dev = self.config.interfaces.fabric[0]
-            flt = ops.FlowerFilter(dev, handle, match,
-                                   ops.push_stack((self.transport[session.server], session.c2s)),
-                                   pref=PREF_IPV6 if host == 128 else PREF_IPV4, tag=tag,
-                                   offload=self.config.interfaces.offload_of(dev))
+            flt = ops.FlowerFilter(
+                dev,
+                handle,
+                match,
+                ops.push_stack((self.transport[session.server], session.c2s)),
+                pref=PREF_IPV6 if host == 128 else PREF_IPV4,
+                tag=tag,
+                offload=self.config.interfaces.offload_of(dev),
+            )
             plan.ops.append(ops.Add(flt))
             session.objects.append(flt)
         aware = self.config.clients.is_label_aware(client)
-        route = ops.MplsRoute(session.s2c, hop.dev, via=hop.via or client,
-                              out_labels=(session.s2c,) if aware else ())
+        route = ops.MplsRoute(session.s2c, hop.dev, via=hop.via or client, out_labels=(session.s2c,) if aware else ())
         # Replace: the session's own route (a re-key), or the hold marker of a pair whose
         # hold-down ended before the tick deleted the marker.
-        plan.ops.append(ops.Replace(route) if n or self.markers.pop(session.c2s, None) is not None
-                        else ops.Add(route))
+        plan.ops.append(ops.Replace(route) if n or self.markers.pop(session.c2s, None) is not None else ops.Add(route))
         session.objects = [o for o in session.objects if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
         session.objects.append(route)
         for element in self.fast_elements(session, svc, client):
@@ -350,7 +393,7 @@ class Balancer:
         and port, and the key material their match cannot hold."""
         kind, value = session.key.kind, session.key.value
         home = value if kind == SessionKeyKind.MIP6_HOME_ADDRESS and ":" in value else None
-        spi = int(value[len("spi:"):], 16) if kind == SessionKeyKind.ESP_SPI and value.startswith("spi:") else None
+        spi = int(value[len("spi:") :], 16) if kind == SessionKeyKind.ESP_SPI and value.startswith("spi:") else None
         return records.SessionRecord(session.id, str(kind), session.port, home, spi)
 
     @staticmethod
@@ -358,8 +401,9 @@ class Balancer:
         """C2S filters each client address of the session takes (see `_add_client`)."""
         return 1 if session.key.kind == SessionKeyKind.FIVE_TUPLE else len(svc.ports) or 1
 
-    def _rekey(self, session: Session, svc: Service, info: Packet, key: SessionKey,
-               hop: ops.NextHop, plan: Plan) -> None:
+    def _rekey(
+        self, session: Session, svc: Service, info: Packet, key: SessionKey, hop: ops.NextHop, plan: Plan
+    ) -> None:
         """Same home address, new care-of address: same server, same labels; answers now go to
         the new address. The old address's filter stays until the session ends."""
         self.counters["rekeyed"] += 1
@@ -396,16 +440,21 @@ class Balancer:
                 self.table.remove(session)
                 self._forget(session.objects)
                 self.labels.release(session.c2s, now, hold_down=False)
-        verdicts = [v if session_id not in failed else
-                    PacketVerdict(v.queue, v.packet_id, Action.DROP, None,
-                                  "programming failed: " + "; ".join(failed[session_id]))
-                    for session_id, v in plan.verdicts]
+        verdicts = [
+            v
+            if session_id not in failed
+            else PacketVerdict(
+                v.queue, v.packet_id, Action.DROP, None, "programming failed: " + "; ".join(failed[session_id])
+            )
+            for session_id, v in plan.verdicts
+        ]
         for v in verdicts:
             self.counters[f"verdict:{v.action}"] += 1
         return Commit(tuple(verdicts), tuple(cleanup), tuple(x for f in failed.values() for x in f))
 
-    def _undo_rekey(self, session: Session, undo: Undo, group: Sequence[ops.OpResult],
-                    now: float) -> list[ops.Operation]:
+    def _undo_rekey(
+        self, session: Session, undo: Undo, group: Sequence[ops.OpResult], now: float
+    ) -> list[ops.Operation]:
         """A re-key whose operations failed: the session goes back to what it was (clients,
         objects, state); its new filters that did get in are deleted and its S2C route, if it was
         replaced, points back to the previous next hop. Nothing else of the session is touched."""
@@ -490,8 +539,8 @@ class Balancer:
             session.objects += [e for e in mine if e not in session.objects]
             wanted.update((e.key, e) for e in mine)
         present = {i.obj.key: i.obj for i in installed if isinstance(i.obj, ops.FastPathElement)}
-        return ([ops.Delete(e) for key, e in present.items() if key not in wanted]
-                + [ops.Add(e) for key, e in wanted.items() if key not in present])
+        sync: list[ops.Operation] = [ops.Delete(e) for key, e in present.items() if key not in wanted]
+        return sync + [ops.Add(e) for key, e in wanted.items() if key not in present]
 
     def _persistence(self, session: Session) -> float:
         """The persistence timeout of the session's service; a service a reload removed keeps
@@ -520,8 +569,11 @@ class Balancer:
         self._forget(session.objects)
         self.counters["sessions_ended"] += 1
         self.counters[f"ended:{reason}"] += 1
-        out: list[ops.Operation] = [ops.Delete(o) for o in reversed(session.objects)
-                                    if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
+        out: list[ops.Operation] = [
+            ops.Delete(o)
+            for o in reversed(session.objects)
+            if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)
+        ]
         return out + self._hold(session.c2s, now)
 
     def _hold(self, c2s: int, now: float) -> list[ops.Operation]:
@@ -571,8 +623,9 @@ class Balancer:
                     self._move(session, target, c2s, now, plan, reason)
                     continue
                 reason += ": no other server available" if target is None else f": no label pair for {target}"
-            plan.outcomes.append(Outcome(session.id, session.service, session.key.value, server, session.c2s,
-                                         "reset", reason=reason))
+            plan.outcomes.append(
+                Outcome(session.id, session.service, session.key.value, server, session.c2s, "reset", reason=reason)
+            )
             plan.ops += self.end(session, now, "server down")
 
     def _move(self, session: Session, target: str, c2s: int, now: float, plan: Failover, reason: str) -> None:
@@ -583,16 +636,27 @@ class Balancer:
         start = len(plan.ops)
         steps = replacement(old, new)
         if self.markers.pop(c2s, None) is not None:  # the new pair's marker is overwritten
-            steps = [ops.Replace(op.obj) if isinstance(op, ops.Add) and isinstance(op.obj, ops.MplsRoute)
-                     and op.obj.label == c2s + 1 else op for op in steps]
+            steps = [
+                ops.Replace(op.obj)
+                if isinstance(op, ops.Add) and isinstance(op.obj, ops.MplsRoute) and op.obj.label == c2s + 1
+                else op
+                for op in steps
+            ]
         # The old pair's S2C route becomes its hold marker instead of going.
         hold = self._hold(old_c2s, now)
-        plan.ops += [hold[0] if isinstance(op, ops.Delete) and isinstance(op.obj, ops.MplsRoute)
-                     and op.obj.label == old_c2s + 1 else op for op in steps]
+        plan.ops += [
+            hold[0]
+            if isinstance(op, ops.Delete) and isinstance(op.obj, ops.MplsRoute) and op.obj.label == old_c2s + 1
+            else op
+            for op in steps
+        ]
         plan.groups[session.id] = (start, len(plan.ops))
         self.counters["sessions_reassigned"] += 1
-        plan.outcomes.append(Outcome(session.id, session.service, session.key.value, old_server, old_c2s,
-                                     "reassign", target, c2s, reason))
+        plan.outcomes.append(
+            Outcome(
+                session.id, session.service, session.key.value, old_server, old_c2s, "reassign", target, c2s, reason
+            )
+        )
 
     def commit_failover(self, plan: Failover, results: Sequence[ops.OpResult], now: float) -> list[ops.Operation]:
         """A move whose batch failed in part leaves its session half on the new server: it ends,
@@ -626,8 +690,11 @@ class Balancer:
         by_transport = {s.transport_label: name for name, s in self.servers.items()}
         routes = {i.obj.label: i.obj for i in installed if isinstance(i.obj, ops.MplsRoute)}
         stale: list[ops.Operation] = []
-        filters = [(records.unpack(i.obj.tag), i.obj) for i in installed
-                   if isinstance(i.obj, (ops.FlowerFilter, ops.U32Filter))]
+        filters = [
+            (records.unpack(i.obj.tag), i.obj)
+            for i in installed
+            if isinstance(i.obj, (ops.FlowerFilter, ops.U32Filter))
+        ]
         # Recorded sessions first (their ids are taken), each session's filters in handle order
         # (the order its client addresses came in: their indexes go on from there).
         filters.sort(key=lambda rf: (rf[0] is None, isinstance(rf[1], ops.U32Filter), rf[1].handle))
@@ -648,8 +715,15 @@ class Balancer:
                 session.objects.append(routes.pop(session.s2c))
         for flow in live:
             for session in self.table:
-                if flow.src in session.clients and flow.dst == session.vip and \
-                        (session.port is None or flow.dport == session.port or session.key.kind != SessionKeyKind.FIVE_TUPLE):
+                if (
+                    flow.src in session.clients
+                    and flow.dst == session.vip
+                    and (
+                        session.port is None
+                        or flow.dport == session.port
+                        or session.key.kind != SessionKeyKind.FIVE_TUPLE
+                    )
+                ):
                     self.table.add_flow(session, flow, now)
                     break
         for session in self.table:
@@ -670,8 +744,13 @@ class Balancer:
         self.counters["restored_hold_downs"] = len(self.markers)
         return stale
 
-    def _restore_filter(self, record: records.SessionRecord | None, flt: ops.FlowerFilter | ops.U32Filter,
-                        by_transport: dict[int, str], now: float) -> Session | None:
+    def _restore_filter(
+        self,
+        record: records.SessionRecord | None,
+        flt: ops.FlowerFilter | ops.U32Filter,
+        by_transport: dict[int, str],
+        now: float,
+    ) -> Session | None:
         """The session one of our C2S filters belongs to, made on its first filter; None when it
         fits no service or server of the configuration, or contradicts the session it names."""
         pushes = [a.label for a in flt.actions if isinstance(a, ops.MplsPush)]
@@ -697,8 +776,17 @@ class Balancer:
         if svc is None or server is None or pushes[0] != c2s or not client:
             return None
         kind = SessionKeyKind(record.kind) if record is not None else svc.session_key
-        value = key_value(kind, 6 if ":" in client else 4, proto, client, src_port, vip,
-                          dst_port, record.home if record else None, spi)
+        value = key_value(
+            kind,
+            6 if ":" in client else 4,
+            proto,
+            client,
+            src_port,
+            vip,
+            dst_port,
+            record.home if record else None,
+            spi,
+        )
         session = self.table.by_id(record.session_id) if record is not None else self.table.get(svc.name, value)
         if session is not None:
             same = (session.service, session.key.value, session.c2s, session.server) == (svc.name, value, c2s, server)
@@ -706,10 +794,19 @@ class Balancer:
         if self.table.get(svc.name, value) is not None or not self.labels.claim(c2s, server):
             return None
         port = record.port if record is not None and record.port is not None else dst_port
-        session = Session(id=record.session_id if record is not None else self.table.new_id(), service=svc.name,
-                          key=SessionKey(kind, value, client), vip=vip, protocol=str(svc.protocol.value),
-                          port=port, server=server, c2s=c2s, created=now, last_seen=now,
-                          state=State.SERVING)
+        session = Session(
+            id=record.session_id if record is not None else self.table.new_id(),
+            service=svc.name,
+            key=SessionKey(kind, value, client),
+            vip=vip,
+            protocol=str(svc.protocol.value),
+            port=port,
+            server=server,
+            c2s=c2s,
+            created=now,
+            last_seen=now,
+            state=State.SERVING,
+        )
         self.table.add(session)
         return session
 

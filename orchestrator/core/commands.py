@@ -22,8 +22,12 @@ class WeightChange:
     moved: dict[str, float]  # maglev service -> share of its lookup table now on another server
 
     def to_dict(self) -> dict[str, object]:
-        return {"server": self.server, "weight": self.weight, "previous": self.previous,
-                "moved": {k: round(v, 6) for k, v in self.moved.items()}}
+        return {
+            "server": self.server,
+            "weight": self.weight,
+            "previous": self.previous,
+            "moved": {k: round(v, 6) for k, v in self.moved.items()},
+        }
 
 
 @dataclass
@@ -36,8 +40,7 @@ def set_admin(core: Balancer, server: object, state: AdminState) -> dict[str, ob
     """drain: no new sessions, its sessions stay until they end; enable: new sessions again."""
     name = check_server(server, core.servers)
     previous = core.set_admin(name, state)
-    return {"server": name, "admin": str(state), "previous": str(previous),
-            "sessions": core.session_count(server=name)}
+    return {"server": name, "admin": str(state), "previous": str(previous), "sessions": core.session_count(server=name)}
 
 
 def set_weight(core: Balancer, server: object, weight: object, now: float) -> WeightChange:
@@ -46,8 +49,7 @@ def set_weight(core: Balancer, server: object, weight: object, now: float) -> We
     name = check_server(server, core.servers)
     value = check_weight(weight)
     previous = core.weight(name)
-    affected = [svc for svc in core.config.services
-                if any(s.name == name for s in core.pools[svc.pool].servers)]
+    affected = [svc for svc in core.config.services if any(s.name == name for s in core.pools[svc.pool].servers)]
     before: dict[str, tuple[str, ...]] = {}
     for svc in affected:
         sched = core.scheduler(svc.name)

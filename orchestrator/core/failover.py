@@ -31,9 +31,9 @@ class Outcome:
     session: int
     service: str
     key: str
-    server: str                  # the failed server
-    c2s: int                     # the pair it had
-    action: str                  # "reassign" | "reset"
+    server: str  # the failed server
+    c2s: int  # the pair it had
+    action: str  # "reassign" | "reset"
     new_server: str | None = None
     new_c2s: int | None = None
     reason: str = ""
@@ -48,8 +48,9 @@ class Failover:
     groups: dict[int, tuple[int, int]] = field(default_factory=dict)  # moved session id -> ops slice
 
 
-def relabelled(objects: list[ops.DataplaneObject], old_c2s: int, new_c2s: int,
-               transport: int) -> list[ops.DataplaneObject]:
+def relabelled(
+    objects: list[ops.DataplaneObject], old_c2s: int, new_c2s: int, transport: int
+) -> list[ops.DataplaneObject]:
     """A session's objects under a new pair and server: each C2S filter keeps its match and the
     index of its handle and pushes [new transport, new C2S]; the S2C route keeps its next hop
     (and its swap for a label-aware client) under the new S2C."""
@@ -57,13 +58,23 @@ def relabelled(objects: list[ops.DataplaneObject], old_c2s: int, new_c2s: int,
     out: list[ops.DataplaneObject] = []
     for obj in objects:
         if isinstance(obj, ops.FlowerFilter):
-            out.append(replace(obj, handle=handles.relabel_handle(obj.handle, new_c2s),
-                               actions=ops.push_stack((transport, new_c2s))))
+            out.append(
+                replace(
+                    obj,
+                    handle=handles.relabel_handle(obj.handle, new_c2s),
+                    actions=ops.push_stack((transport, new_c2s)),
+                )
+            )
         elif isinstance(obj, ops.U32Filter):  # its node names no label: it keeps it
             out.append(replace(obj, actions=ops.push_stack((transport, new_c2s))))
         elif isinstance(obj, ops.MplsRoute):
-            out.append(replace(obj, label=labels.get(obj.label, obj.label),
-                               out_labels=tuple(labels.get(label, label) for label in obj.out_labels)))
+            out.append(
+                replace(
+                    obj,
+                    label=labels.get(obj.label, obj.label),
+                    out_labels=tuple(labels.get(label, label) for label in obj.out_labels),
+                )
+            )
         else:
             out.append(obj)
     return out
@@ -82,5 +93,8 @@ def replacement(old: list[ops.DataplaneObject], new: list[ops.DataplaneObject]) 
     def others(objects: list[ops.DataplaneObject]) -> list[ops.DataplaneObject]:
         return [o for o in objects if not isinstance(o, (ops.FlowerFilter, ops.U32Filter))]
 
-    return ([ops.Delete(o) for o in filters(old)] + [ops.Add(o) for o in filters(new)]
-            + [ops.Add(o) for o in others(new)] + [ops.Delete(o) for o in reversed(others(old))])
+    moves: list[ops.Operation] = [ops.Delete(o) for o in filters(old)]
+    moves += [ops.Add(o) for o in filters(new)]
+    moves += [ops.Add(o) for o in others(new)]
+    moves += [ops.Delete(o) for o in reversed(others(old))]
+    return moves

@@ -31,16 +31,26 @@ from typing import Mapping, NamedTuple
 
 from orchestrator.core.schedulers import ServerState
 
-__all__ = ["CheckResult", "HealthEvent", "HealthMachine", "HealthState", "HealthTable", "HealthView", "ServerHealth",
-           "Target", "DEFAULT_SMOOTHING", "apply_health"]
+__all__ = [
+    "CheckResult",
+    "HealthEvent",
+    "HealthMachine",
+    "HealthState",
+    "HealthTable",
+    "HealthView",
+    "ServerHealth",
+    "Target",
+    "DEFAULT_SMOOTHING",
+    "apply_health",
+]
 
-DEFAULT_SMOOTHING = 0.3   # weight of the newest response time in the moving average
+DEFAULT_SMOOTHING = 0.3  # weight of the newest response time in the moving average
 
 
 class HealthState(enum.StrEnum):
-    UNKNOWN = "unknown"   # not checked yet, or its pool has no health check: available
+    UNKNOWN = "unknown"  # not checked yet, or its pool has no health check: available
     UP = "up"
-    DOWN = "down"         # takes no new sessions; its sessions follow on_server_failure
+    DOWN = "down"  # takes no new sessions; its sessions follow on_server_failure
 
     @property
     def available(self) -> bool:
@@ -50,6 +60,7 @@ class HealthState(enum.StrEnum):
 class CheckResult(NamedTuple):
     """One check's outcome: (ok, response_time_s, reason). response_time_s is None when the check
     failed before an answer (timeout, refused)."""
+
     ok: bool
     response_time: float | None
     reason: str
@@ -58,13 +69,14 @@ class CheckResult(NamedTuple):
 @dataclass(frozen=True)
 class HealthEvent:
     """A server's health state changed (only changes are events)."""
+
     pool: str
     server: str
     old: HealthState
     new: HealthState
-    reason: str                       # the check result that decided it, e.g. "timeout after 1s"
-    response_time: float | None       # of that check, seconds
-    at: float                         # the time given with the result (the daemon's monotonic clock)
+    reason: str  # the check result that decided it, e.g. "timeout after 1s"
+    response_time: float | None  # of that check, seconds
+    at: float  # the time given with the result (the daemon's monotonic clock)
 
     def describe(self) -> str:
         rt = f", {self.response_time * 1000:.1f} ms" if self.response_time is not None else ""
@@ -74,15 +86,16 @@ class HealthEvent:
 @dataclass(frozen=True)
 class ServerHealth:
     """A server's health as `mplsorch servers`, the metrics and the scheduler see it."""
+
     pool: str
     server: str
     state: HealthState = HealthState.UNKNOWN
-    successes: int = 0                # consecutive
-    failures: int = 0                 # consecutive
+    successes: int = 0  # consecutive
+    failures: int = 0  # consecutive
     response_time: float | None = None  # smoothed, seconds; None until measured or while down
     last_reason: str = ""
     last_check: float | None = None
-    since: float | None = None        # when the current state began (None: never changed)
+    since: float | None = None  # when the current state began (None: never changed)
 
     @property
     def available(self) -> bool:
@@ -90,17 +103,23 @@ class ServerHealth:
 
     def view(self) -> dict[str, object]:
         """JSON-ready (times still monotonic: the control socket converts them)."""
-        return {"pool": self.pool, "server": self.server, "health": self.state.value,
-                "response_time_s": None if self.response_time is None else round(self.response_time, 6),
-                "successes": self.successes, "failures": self.failures, "reason": self.last_reason,
-                "last_check": self.last_check, "since": self.since}
+        return {
+            "pool": self.pool,
+            "server": self.server,
+            "health": self.state.value,
+            "response_time_s": None if self.response_time is None else round(self.response_time, 6),
+            "successes": self.successes,
+            "failures": self.failures,
+            "reason": self.last_reason,
+            "last_check": self.last_check,
+            "since": self.since,
+        }
 
 
 class HealthMachine:
     """The rise/fall counter of one server in one pool."""
 
-    def __init__(self, pool: str, server: str, rise: int, fall: int,
-                 smoothing: float = DEFAULT_SMOOTHING) -> None:
+    def __init__(self, pool: str, server: str, rise: int, fall: int, smoothing: float = DEFAULT_SMOOTHING) -> None:
         if rise < 1 or fall < 1:
             raise ValueError("rise and fall must be >= 1")
         if not 0.0 < smoothing <= 1.0:
@@ -124,8 +143,11 @@ class HealthMachine:
             successes, failures = h.successes + 1, 0
             rt = h.response_time
             if result.response_time is not None:
-                rt = result.response_time if rt is None else \
-                    self.smoothing * result.response_time + (1.0 - self.smoothing) * rt
+                rt = (
+                    result.response_time
+                    if rt is None
+                    else self.smoothing * result.response_time + (1.0 - self.smoothing) * rt
+                )
         else:
             successes, failures, rt = 0, h.failures + 1, h.response_time
         new = h.state
@@ -140,9 +162,16 @@ class HealthMachine:
             new = HealthState.UP
         if new is HealthState.DOWN:
             rt = None
-        self._h = replace(h, state=new, successes=successes, failures=failures, response_time=rt,
-                          last_reason=result.reason, last_check=now,
-                          since=now if new is not h.state else h.since)
+        self._h = replace(
+            h,
+            state=new,
+            successes=successes,
+            failures=failures,
+            response_time=rt,
+            last_reason=result.reason,
+            last_check=now,
+            since=now if new is not h.state else h.since,
+        )
         if new is h.state:
             return None
         return HealthEvent(h.pool, h.server, h.state, new, result.reason, result.response_time, now)
@@ -151,6 +180,7 @@ class HealthMachine:
 @dataclass(frozen=True)
 class Target:
     """One (pool, server) to check, with its pool's rise and fall."""
+
     pool: str
     server: str
     rise: int
@@ -201,7 +231,8 @@ class HealthView:
 
     entries: tuple[tuple[str, str, HealthState, float | None], ...] = ()
     _index: Mapping[tuple[str, str], tuple[HealthState, float | None]] = field(
-        init=False, repr=False, compare=False, hash=False)
+        init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         index = {(pool, server): (state, rt) for pool, server, state, rt in self.entries}
@@ -225,8 +256,7 @@ class HealthView:
 
     def down(self, pool: str) -> frozenset[str]:
         """The servers of `pool` that are DOWN: their sessions follow `on_server_failure`."""
-        return frozenset(s for (p, s), (state, _) in self._index.items()
-                         if p == pool and state is HealthState.DOWN)
+        return frozenset(s for (p, s), (state, _) in self._index.items() if p == pool and state is HealthState.DOWN)
 
 
 def apply_health(states: Sequence[ServerState], pool: str, view: HealthView) -> list[ServerState]:

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 __all__ = ["MAX_LABEL", "FIRST_USABLE_C2S", "LabelAllocator", "LabelStats", "c2s_of", "s2c_of"]
 
@@ -51,16 +52,19 @@ class LabelStats:
     in_use: int
     held_down: int
     free: int
-    blocks: Mapping[str, LabelStats] = field(
-        default_factory=lambda: MappingProxyType({}), hash=False)
+    blocks: Mapping[str, LabelStats] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
     @property
     def exhausted(self) -> bool:
         return self.free == 0
 
-    def to_dict(self) -> dict:
-        out: dict = {"total": self.total, "in_use": self.in_use,
-                     "held_down": self.held_down, "free": self.free}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "total": self.total,
+            "in_use": self.in_use,
+            "held_down": self.held_down,
+            "free": self.free,
+        }
         if self.blocks:
             out["blocks"] = {name: s.to_dict() for name, s in self.blocks.items()}
         return out
@@ -109,8 +113,9 @@ class LabelAllocator:
     inside ``[first, last]`` and are disjoint. Without blocks, one pool serves every server.
     """
 
-    def __init__(self, first: int, last: int, hold_down: float,
-                 blocks: Mapping[str, tuple[int, int]] | None = None) -> None:
+    def __init__(
+        self, first: int, last: int, hold_down: float, blocks: Mapping[str, tuple[int, int]] | None = None
+    ) -> None:
         if not (0 <= first <= last <= MAX_LABEL):
             raise ValueError(f"label range {first}-{last} must satisfy 0 <= first <= last <= {MAX_LABEL}")
         if hold_down < 0:
@@ -125,8 +130,10 @@ class LabelAllocator:
         if blocks is None:
             lo, hi = _pair_bounds(first, last)
             if hi < lo:
-                raise ValueError(f"label range {first}-{last} holds no C2S/S2C pair "
-                                 f"(C2S odd >= {FIRST_USABLE_C2S}, S2C = C2S + 1 <= last)")
+                raise ValueError(
+                    f"label range {first}-{last} holds no C2S/S2C pair "
+                    f"(C2S odd >= {FIRST_USABLE_C2S}, S2C = C2S + 1 <= last)"
+                )
             self._shared = _Pool(None, lo, hi)
             self._sorted: list[_Pool] = [self._shared]
             return
@@ -146,7 +153,8 @@ class LabelAllocator:
             if widest is not None and blo <= widest[1]:
                 raise ValueError(
                     f"label blocks {widest[2]!r} {widest[0]}-{widest[1]} and {name!r} {blo}-{bhi} "
-                    f"overlap at {blo}-{min(bhi, widest[1])}")
+                    f"overlap at {blo}-{min(bhi, widest[1])}"
+                )
             if widest is None or bhi > widest[1]:
                 widest = (blo, bhi, name)
         self._sorted = [self._pools[n] for _, _, n in spans]
@@ -259,8 +267,7 @@ class LabelAllocator:
         """Put a pair that is not in use into hold-down from ``now`` (a restart found it held down
         in the kernel: its timer restarts). False if ``c2s`` is no C2S label of the range (or of
         any block) or is in use; a pair already held down is held again from ``now``."""
-        pool = self._shared if self._shared is not None else next(
-            (p for p in self._sorted if p.contains(c2s)), None)
+        pool = self._shared if self._shared is not None else next((p for p in self._sorted if p.contains(c2s)), None)
         if pool is None or not pool.contains(c2s) or c2s in self._used:
             return False
         if self._held.pop(c2s, None) is None:
@@ -274,12 +281,9 @@ class LabelAllocator:
         """Mark a pair in use for ``server`` (reconciling from the kernel after a restart).
         A held-down pair can be claimed (the kernel says it is in use). False if ``c2s`` is not a
         C2S label of the server's block (or of the range), or is already in use."""
-        if self._shared is not None:
-            pool = self._shared
-        else:
-            pool = self._pools.get(server)
-            if pool is None:
-                return False
+        pool: _Pool | None = self._shared if self._shared is not None else self._pools.get(server)
+        if pool is None:
+            return False
         if not pool.contains(c2s) or c2s in self._used:
             return False
         if self._held.pop(c2s, None) is not None:

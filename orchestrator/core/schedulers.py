@@ -17,9 +17,20 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
-    "ServerState", "Scheduler", "RoundRobin", "WeightedRoundRobin", "LeastConnections",
-    "WeightedLeastConnections", "ResponseTime", "Maglev", "SourceHash",
-    "make_scheduler", "register_scheduler", "scheduler_names", "key_hash", "smallest_prime_at_least",
+    "ServerState",
+    "Scheduler",
+    "RoundRobin",
+    "WeightedRoundRobin",
+    "LeastConnections",
+    "WeightedLeastConnections",
+    "ResponseTime",
+    "Maglev",
+    "SourceHash",
+    "make_scheduler",
+    "register_scheduler",
+    "scheduler_names",
+    "key_hash",
+    "smallest_prime_at_least",
 ]
 
 

@@ -34,8 +34,7 @@ class ServerAdmin:
         """A (re)loaded configuration's servers and weights: forget servers it no longer has, and
         operator weights of servers whose configured weight changed."""
         self.draining &= set(weights)
-        self._weights = {name: (base, w) for name, (base, w) in self._weights.items()
-                         if weights.get(name) == base}
+        self._weights = {name: (base, w) for name, (base, w) in self._weights.items() if weights.get(name) == base}
 
     def state(self, server: str) -> AdminState:
         return AdminState.DRAINING if server in self.draining else AdminState.ENABLED

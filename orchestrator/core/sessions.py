@@ -13,10 +13,10 @@ from orchestrator.dataplane import ops
 
 
 class State(enum.StrEnum):
-    OPENING = "opening"    # objects being programmed; its first packet waits for them
-    SERVING = "serving"    # flows alive
+    OPENING = "opening"  # objects being programmed; its first packet waits for them
+    SERVING = "serving"  # flows alive
     DRAINING = "draining"  # no flow left; ends when the persistence timeout has passed
-    CLOSING = "closing"    # removed; its objects are being deleted
+    CLOSING = "closing"  # removed; its objects are being deleted
 
 
 @dataclass
@@ -36,9 +36,9 @@ class Session:
     state: State = State.OPENING
     flows: set[FlowKey] = field(default_factory=set)
     ends_at: float | None = None
-    clients: list[str] = field(default_factory=list)       # addresses with a C2S filter
+    clients: list[str] = field(default_factory=list)  # addresses with a C2S filter
     objects: list[ops.DataplaneObject] = field(default_factory=list)  # ours in the kernel
-    flows_total: int = 0        # flows it has had: through the daemon or the kernel's fast path
+    flows_total: int = 0  # flows it has had: through the daemon or the kernel's fast path
     packets_userspace: int = 0  # its first packets that went through the daemon
 
     @property
@@ -47,13 +47,27 @@ class Session:
 
     def view(self) -> dict[str, object]:
         """The documented JSON row of `mplsorch sessions --json`."""
-        return {"id": self.id, "client": self.clients[-1] if self.clients else self.key.client,
-                "clients": list(self.clients), "key": self.key.value, "key_kind": str(self.key.kind),
-                "service": self.service, "vip": self.vip, "protocol": self.protocol, "port": self.port,
-                "server": self.server, "c2s_label": self.c2s, "s2c_label": self.s2c,
-                "state": str(self.state), "flows": len(self.flows), "flows_total": self.flows_total,
-                "packets_userspace": self.packets_userspace, "created": self.created,
-                "last_seen": self.last_seen, "ends_at": self.ends_at}
+        return {
+            "id": self.id,
+            "client": self.clients[-1] if self.clients else self.key.client,
+            "clients": list(self.clients),
+            "key": self.key.value,
+            "key_kind": str(self.key.kind),
+            "service": self.service,
+            "vip": self.vip,
+            "protocol": self.protocol,
+            "port": self.port,
+            "server": self.server,
+            "c2s_label": self.c2s,
+            "s2c_label": self.s2c,
+            "state": str(self.state),
+            "flows": len(self.flows),
+            "flows_total": self.flows_total,
+            "packets_userspace": self.packets_userspace,
+            "created": self.created,
+            "last_seen": self.last_seen,
+            "ends_at": self.ends_at,
+        }
 
 
 class SessionTable:

@@ -43,8 +43,14 @@ OFFLOAD_DUMP_EVERY = 10.0
 class BalancerDaemon(Daemon):
     role = "balancer"
 
-    def __init__(self, config_path: str, provider: Provider, capture: Capture, config: BalancerConfig | None = None,
-                 keep_on_exit: bool = True) -> None:
+    def __init__(
+        self,
+        config_path: str,
+        provider: Provider,
+        capture: Capture,
+        config: BalancerConfig | None = None,
+        keep_on_exit: bool = True,
+    ) -> None:
         super().__init__(config_path, provider, capture)
         self.config: BalancerConfig = config or load_balancer_config(config_path)
         self.control_socket = self.config.node.control_socket
@@ -88,9 +94,11 @@ class BalancerDaemon(Daemon):
 
     def running_message(self) -> str:
         metrics = f", metrics {self.config.metrics.listen}" if self.config.metrics else ""
-        return (f"balancer running: {len(self.config.services)} services, queues "
-                f"{'-'.join(map(str, self.config.nfqueue.queues))}, control {self.control_socket}, "
-                f"{len(self.health)} servers checked{metrics}")
+        return (
+            f"balancer running: {len(self.config.services)} services, queues "
+            f"{'-'.join(map(str, self.config.nfqueue.queues))}, control {self.control_socket}, "
+            f"{len(self.health)} servers checked{metrics}"
+        )
 
     async def start_tasks(self) -> None:
         """The health checks' tasks and the metrics endpoint, before READY."""
@@ -110,8 +118,12 @@ class BalancerDaemon(Daemon):
             try:
                 self.metrics = start_metrics_server(self.config.metrics, make_registry(self.snapshot))
             except OSError as exc:
-                log.error("metrics endpoint %s not started: %s", self.config.metrics.listen, exc,
-                          extra=fields(event="metrics_failed", reason=str(exc)))
+                log.error(
+                    "metrics endpoint %s not started: %s",
+                    self.config.metrics.listen,
+                    exc,
+                    extra=fields(event="metrics_failed", reason=str(exc)),
+                )
 
     def stop_metrics(self) -> None:
         if self.metrics is not None:
@@ -131,8 +143,11 @@ class BalancerDaemon(Daemon):
             if now >= self.next_offload_dump:
                 self.offload_counts = offload.counts(self.provider.dump())
                 self.next_offload_dump = now + OFFLOAD_DUMP_EVERY
-            self.snapshot.update(views.metrics_snapshot(self.core, now, self.op_results,
-                                                        self.batch_duration.snapshot(), self.offload_counts))
+            self.snapshot.update(
+                views.metrics_snapshot(
+                    self.core, now, self.op_results, self.batch_duration.snapshot(), self.offload_counts
+                )
+            )
 
     def end_sessions(self) -> None:
         """Sessions past their persistence timeout: delete their objects and say so in the log."""
@@ -148,9 +163,22 @@ class BalancerDaemon(Daemon):
         if event is None:  # no change of state: only the response time is news
             self.core.on_health(HealthView.of(self.health), [], now)
             return
-        log.info("server %s %s: %s (pool %s, was %s)", server, event.new, event.reason, pool, event.old,
-                 extra=fields(event="server_health", server=server, pool=pool, state=str(event.new),
-                              previous=str(event.old), reason=event.reason))
+        log.info(
+            "server %s %s: %s (pool %s, was %s)",
+            server,
+            event.new,
+            event.reason,
+            pool,
+            event.old,
+            extra=fields(
+                event="server_health",
+                server=server,
+                pool=pool,
+                state=str(event.new),
+                previous=str(event.old),
+                reason=event.reason,
+            ),
+        )
         before = {s.id: s for s in self.core.table}
         plan = self.core.on_health(HealthView.of(self.health), [event], now)
         if not plan.outcomes:
@@ -162,8 +190,9 @@ class BalancerDaemon(Daemon):
             if outcome.action == "reassign" and session is not None:
                 views.log_moved(outcome, session)
             else:
-                views.log_end(before[outcome.session], outcome.reason if outcome.action == "reset"
-                              else "reassign failed")
+                views.log_end(
+                    before[outcome.session], outcome.reason if outcome.action == "reset" else "reassign failed"
+                )
 
     def decide(self, batch: list[QueuedPacket]) -> None:
         assert self.queue is not None
@@ -173,9 +202,16 @@ class BalancerDaemon(Daemon):
         # the balancer's next hop towards its client, which the pure core cannot look up.
         sources = [source_address(p.payload) for p in batch]
         hops = self.provider.routes_to(s for s in sources if s is not None)
-        packets = [FirstPacket(p.queue, p.packet_id, p.payload, names(p.indev) if p.indev else None,
-                               hops.get(src) if src is not None else None)
-                   for p, src in zip(batch, sources)]
+        packets = [
+            FirstPacket(
+                p.queue,
+                p.packet_id,
+                p.payload,
+                names(p.indev) if p.indev else None,
+                hops.get(src) if src is not None else None,
+            )
+            for p, src in zip(batch, sources)
+        ]
         plan = self.core.on_packets(packets, now)
         results = self.program(plan.ops, "new session")
         commit = self.core.commit(plan, results, now)
@@ -192,8 +228,13 @@ class BalancerDaemon(Daemon):
                 views.log_start(session)
         for v, src in zip(commit.verdicts, sources):
             if v.action != Action.ACCEPT:
-                log.warning("packet from %s %s: %s", src, v.action, v.reason,
-                            extra=fields(event=f"packet_{v.action}", client=src, reason=v.reason))
+                log.warning(
+                    "packet from %s %s: %s",
+                    src,
+                    v.action,
+                    v.reason,
+                    extra=fields(event=f"packet_{v.action}", client=src, reason=v.reason),
+                )
 
     def reload(self) -> None:
         """SIGHUP: a new configuration without dropping sessions; an invalid one changes nothing."""
@@ -222,36 +263,57 @@ class BalancerDaemon(Daemon):
         """The queue is closed (the ruleset's fail policy applies from now on); by default every
         installed session keeps forwarding."""
         if not self.keep_on_exit:
-            deletes = [op for s in list(self.core.table) for op in self.core.end(s, time.monotonic(), "shutdown")]
+            ended = [op for s in list(self.core.table) for op in self.core.end(s, time.monotonic(), "shutdown")]
             # Nothing of ours stays: the hold markers of the pairs just released go as well.
-            deletes = [op for op in deletes if not isinstance(op, ops.Replace)] + self.core.drop_markers()
+            deletes: list[ops.Operation] = [op for op in ended if not isinstance(op, ops.Replace)]
+            deletes += self.core.drop_markers()
             self.program(deletes, "shutdown")
             nftables.remove()
-        log.info("balancer stopped; %d sessions %s", len(self.core.table),
-                 "left forwarding" if self.keep_on_exit else "removed")
+        log.info(
+            "balancer stopped; %d sessions %s",
+            len(self.core.table),
+            "left forwarding" if self.keep_on_exit else "removed",
+        )
 
     # -- control socket -------------------------------------------------------------------------------
     def requests(self) -> dict[str, Request]:
-        return {**super().requests(), "labels": lambda now: {"labels": self.core.labels.stats(now).to_dict()},
-                "servers": lambda now: {"servers": views.server_rows(self.core, self.health)}}
+        return {
+            **super().requests(),
+            "labels": lambda now: {"labels": self.core.labels.stats(now).to_dict()},
+            "servers": lambda now: {"servers": views.server_rows(self.core, self.health)},
+        }
 
     def commands(self) -> dict[str, Command]:
-        return {"drain": lambda req, now: self.set_admin(req, AdminState.DRAINING),
-                "enable": lambda req, now: self.set_admin(req, AdminState.ENABLED),
-                "weight": self.set_weight, "flush": self.flush}
+        return {
+            "drain": lambda req, now: self.set_admin(req, AdminState.DRAINING),
+            "enable": lambda req, now: self.set_admin(req, AdminState.ENABLED),
+            "weight": self.set_weight,
+            "flush": self.flush,
+        }
 
     def set_admin(self, request: dict[str, Any], state: AdminState) -> dict[str, Any]:
         answer = commands.set_admin(self.core, request.get("server"), state)
-        log.info("server %s %s by the operator (was %s; %d sessions)", answer["server"], state,
-                 answer["previous"], answer["sessions"],
-                 extra=fields(event="server_admin", server=answer["server"], admin=str(state)))
+        log.info(
+            "server %s %s by the operator (was %s; %d sessions)",
+            answer["server"],
+            state,
+            answer["previous"],
+            answer["sessions"],
+            extra=fields(event="server_admin", server=answer["server"], admin=str(state)),
+        )
         return answer
 
     def set_weight(self, request: dict[str, Any], now: float) -> dict[str, Any]:
         change = commands.set_weight(self.core, request.get("server"), request.get("weight"), now)
         moved = ", ".join(f"{svc} {share:.1%}" for svc, share in change.moved.items()) or "no maglev service"
-        log.info("server %s weight %d (was %d) by the operator; keys moved: %s", change.server, change.weight,
-                 change.previous, moved, extra=fields(event="server_weight", **change.to_dict()))
+        log.info(
+            "server %s weight %d (was %d) by the operator; keys moved: %s",
+            change.server,
+            change.weight,
+            change.previous,
+            moved,
+            extra=fields(event="server_weight", **change.to_dict()),
+        )
         return change.to_dict()
 
     def flush(self, request: dict[str, Any], now: float) -> dict[str, Any]:
@@ -259,17 +321,23 @@ class BalancerDaemon(Daemon):
         results = self.program(done.ops, "flush")
         for session in done.ended:
             views.log_end(session, "flushed")
-        return {"flushed": len(done.ended), "sessions": [s.id for s in done.ended],
-                "errors": sum(not r.ok for r in results)}
+        return {
+            "flushed": len(done.ended),
+            "sessions": [s.id for s in done.ended],
+            "errors": sum(not r.ok for r in results),
+        }
 
     def session_views(self) -> Iterable[dict[str, Any]]:
         return (s.view() for s in self.core.table)
 
     def status_details(self, now: float) -> dict[str, Any]:
         servers = {s.name: self.core.table.count(server=s.name) for p in self.config.pools for s in p.servers}
-        return {"services": [s.name for s in self.config.services], "sessions": len(self.core.table),
-                "sessions_by_state": self.core.sessions_by_state(),
-                "servers": servers, **views.server_summary(views.server_rows(self.core, self.health)),
-                "labels": self.core.labels.stats(now).to_dict(),
-                "queue": views.queue_summary(queue_stats(), self.config.nfqueue.queues)}
-
+        return {
+            "services": [s.name for s in self.config.services],
+            "sessions": len(self.core.table),
+            "sessions_by_state": self.core.sessions_by_state(),
+            "servers": servers,
+            **views.server_summary(views.server_rows(self.core, self.health)),
+            "labels": self.core.labels.stats(now).to_dict(),
+            "queue": views.queue_summary(queue_stats(), self.config.nfqueue.queues),
+        }

@@ -39,11 +39,12 @@ def _names(dev: str) -> list[str]:
     info = ctypes.create_string_buffer(struct.pack("=IIQI", ETHTOOL_GSSET_INFO, 0, 1 << ETH_SS_FEATURES, 0))
     _ioctl(dev, info)
     count = struct.unpack_from("=I", info.raw, 16)[0]
-    strings = ctypes.create_string_buffer(struct.pack("=III", ETHTOOL_GSTRINGS, ETH_SS_FEATURES, count)
-                                          + bytes(count * ETH_GSTRING_LEN))
+    strings = ctypes.create_string_buffer(
+        struct.pack("=III", ETHTOOL_GSTRINGS, ETH_SS_FEATURES, count) + bytes(count * ETH_GSTRING_LEN)
+    )
     _ioctl(dev, strings)
-    raw = strings.raw[12:12 + count * ETH_GSTRING_LEN]
-    return [raw[i:i + ETH_GSTRING_LEN].split(b"\0", 1)[0].decode() for i in range(0, len(raw), ETH_GSTRING_LEN)]
+    raw = strings.raw[12 : 12 + count * ETH_GSTRING_LEN]
+    return [raw[i : i + ETH_GSTRING_LEN].split(b"\0", 1)[0].decode() for i in range(0, len(raw), ETH_GSTRING_LEN)]
 
 
 def feature(dev: str, name: str) -> Feature | None:

@@ -28,10 +28,12 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (Unix seconds), level, message, then the record's fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {"time": round(record.created, 6),
-                               "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                               + f".{int(record.msecs):03d}Z",
-                               "level": record.levelname.lower(), "message": record.getMessage()}
+        out: dict[str, Any] = {
+            "time": round(record.created, 6),
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+        }
         extra = getattr(record, "fields", None)
         if isinstance(extra, dict):
             out.update({k: v for k, v in extra.items() if k not in out})

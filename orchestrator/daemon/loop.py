@@ -77,7 +77,7 @@ class Capture:
     """How a daemon opens its sockets. Openers, not open sockets: setup opens conntrack before it
     reconciles and the queue last, so no first packet waits before the core knows the sessions."""
 
-    queue: Callable[[int, int], PacketQueue]   # (first, last queue number) -> the queue
+    queue: Callable[[int, int], PacketQueue]  # (first, last queue number) -> the queue
     conntrack: Callable[[], FlowSource]
 
 
@@ -122,8 +122,14 @@ class Daemon:
             if offload.refused(r):
                 # The policy says hardware or nothing: say which device refused, in the kernel's words.
                 self.core.count("offload_refused")
-                log.error("%s: %s", why, r, extra=logs.fields(event="offload_refused", dev=getattr(r.op.obj, "dev", None),
-                                                               errno=r.errno, error=r.error))
+                log.error(
+                    "%s: %s",
+                    why,
+                    r,
+                    extra=logs.fields(
+                        event="offload_refused", dev=getattr(r.op.obj, "dev", None), errno=r.errno, error=r.error
+                    ),
+                )
             elif not r.ok:
                 log.error("%s: %s", why, r)
         return results
@@ -219,9 +225,15 @@ class Daemon:
 
     def status(self, now: float) -> dict[str, Any]:
         """`mplsorch status --json` but for nftables' counters, which `answer` adds."""
-        return {"role": self.role, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
-                **self.status_details(now), "counters": dict(self.core.counters),
-                "dataplane_ops": dict(self.op_results), "offload": offload.counts(self.provider.dump())}
+        return {
+            "role": self.role,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            **self.status_details(now),
+            "counters": dict(self.core.counters),
+            "dataplane_ops": dict(self.op_results),
+            "offload": offload.counts(self.provider.dump()),
+        }
 
     def sessions(self, now: float) -> dict[str, Any]:
         return {"role": self.role, "sessions": [session_json(view, now) for view in self.session_views()]}
@@ -248,7 +260,7 @@ class Daemon:
             while "stop" not in self.flags:
                 try:
                     await asyncio.wait_for(self.wake.wait(), TICK)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 self.wake.clear()
                 if "reload" in self.flags:

@@ -70,8 +70,8 @@ class NodeSystem(Protocol):
 class Fix:
     """One action that makes the node ready; `command` is how an operator would do it by hand."""
 
-    kind: str                 # "sysctl" | "modprobe" | "address" | "feature"
-    target: tuple[str, ...]   # the sysctl's path parts, (module,), (dev, address/prefix) or (dev, feature)
+    kind: str  # "sysctl" | "modprobe" | "address" | "feature"
+    target: tuple[str, ...]  # the sysctl's path parts, (module,), (dev, address/prefix) or (dev, feature)
     value: str = ""
 
     @property
@@ -120,8 +120,12 @@ def check(config: ServerConfig, system: NodeSystem) -> list[Problem]:
     on_lo = system.addresses("lo")
     for vip in config.vips:
         if str(vip.address) not in on_lo:
-            problems.append(Problem(f"VIP {vip.address} is not on lo (servers answer from it)",
-                                    Fix("address", ("lo", f"{vip.address}/{vip.address.max_prefixlen}"))))
+            problems.append(
+                Problem(
+                    f"VIP {vip.address} is not on lo (servers answer from it)",
+                    Fix("address", ("lo", f"{vip.address}/{vip.address.max_prefixlen}")),
+                )
+            )
     return problems
 
 
@@ -132,38 +136,60 @@ def check_balancer(config: BalancerConfig, system: NodeSystem) -> list[Problem]:
     for version in sorted({s.vip.version for s in config.services}):
         parts = ("net", "ipv4", "ip_forward") if version == 4 else ("net", "ipv6", "conf", "all", "forwarding")
         if system.sysctl(*parts) != "1":
-            problems.append(Problem(f"sysctl {sysctl_name(*parts)} is {system.sysctl(*parts)}, not 1: "
-                                    f"IPv{version} first packets are not forwarded", Fix("sysctl", parts, "1")))
+            problems.append(
+                Problem(
+                    f"sysctl {sysctl_name(*parts)} is {system.sysctl(*parts)}, not 1: "
+                    f"IPv{version} first packets are not forwarded",
+                    Fix("sysctl", parts, "1"),
+                )
+            )
     mobile = [s.name for s in config.services if s.session_key == SessionKeyKind.MIP6_HOME_ADDRESS]
     checksum = ("net", "netfilter", "nf_conntrack_checksum")
     value = system.sysctl(*checksum)
     if mobile and value is None:
         # Its sysctls appear when the module loads (at the latest with our ruleset), at their defaults.
-        problems.append(Problem(f"kernel module {CONNTRACK_MODULE} is not loaded (no {sysctl_name(*checksum)})",
-                                Fix("modprobe", (CONNTRACK_MODULE,))))
+        problems.append(
+            Problem(
+                f"kernel module {CONNTRACK_MODULE} is not loaded (no {sysctl_name(*checksum)})",
+                Fix("modprobe", (CONNTRACK_MODULE,)),
+            )
+        )
     if mobile and value != "0":
         now = f"is {value}" if value is not None else f"will be 1 ({CONNTRACK_MODULE} is not loaded)"
-        problems.append(Problem(
-            f"sysctl {sysctl_name(*checksum)} {now}: a mobile node computes its transport checksum over its home "
-            f"address (RFC 6275), so conntrack would judge every packet of service {', '.join(mobile)} invalid "
-            "and never queue its first packet (the servers still verify checksums)", Fix("sysctl", checksum, "0")))
+        problems.append(
+            Problem(
+                f"sysctl {sysctl_name(*checksum)} {now}: a mobile node computes its transport checksum over its home "
+                f"address (RFC 6275), so conntrack would judge every packet of service {', '.join(mobile)} invalid "
+                "and never queue its first packet (the servers still verify checksums)",
+                Fix("sysctl", checksum, "0"),
+            )
+        )
     return problems
 
 
-def _mpls(system: NodeSystem, modules: tuple[str, ...], last_label: int, fabric: tuple[str, ...],
-          local: str | None) -> tuple[list[Problem], list[str]]:
+def _mpls(
+    system: NodeSystem, modules: tuple[str, ...], last_label: int, fabric: tuple[str, ...], local: str | None
+) -> tuple[list[Problem], list[str]]:
     """The problems of the MPLS side, modules first (so that applying the fixes in order works even
     when mpls_router is missing: its sysctls are then judged by their values after loading, 0),
     and the fabric devices that exist. `local`: a device labelled packets are delivered to."""
     problems: list[Problem] = []
     mpls_loaded = system.sysctl("net", "mpls", "platform_labels") is not None
     if not mpls_loaded:
-        problems.append(Problem(f"kernel module {MPLS_MODULE} is not loaded (no net.mpls.platform_labels): "
-                                "no MPLS label routes", Fix("modprobe", (MPLS_MODULE,))))
+        problems.append(
+            Problem(
+                f"kernel module {MPLS_MODULE} is not loaded (no net.mpls.platform_labels): no MPLS label routes",
+                Fix("modprobe", (MPLS_MODULE,)),
+            )
+        )
     for module in modules:
         if system.module(module) is False:
-            problems.append(Problem(f"kernel module {module} is not available (not loaded, built in or installed "
-                                    "for this kernel)", hint="install this kernel's modules"))
+            problems.append(
+                Problem(
+                    f"kernel module {module} is not available (not loaded, built in or installed for this kernel)",
+                    hint="install this kernel's modules",
+                )
+            )
 
     def mpls_sysctl(*parts: str) -> int:
         value = system.sysctl("net", "mpls", *parts) if mpls_loaded else "0"
@@ -172,23 +198,33 @@ def _mpls(system: NodeSystem, modules: tuple[str, ...], last_label: int, fabric:
     now = "is" if mpls_loaded else f"will be ({MPLS_MODULE} is not loaded)"
     labels = mpls_sysctl("platform_labels")
     if labels <= last_label:
-        problems.append(Problem(
-            f"sysctl {sysctl_name('net', 'mpls', 'platform_labels')} {now} {labels}: the session labels end at "
-            f"{last_label}, so it must be greater",
-            Fix("sysctl", ("net", "mpls", "platform_labels"), str(last_label + 1))))
+        problems.append(
+            Problem(
+                f"sysctl {sysctl_name('net', 'mpls', 'platform_labels')} {now} {labels}: the session labels end at "
+                f"{last_label}, so it must be greater",
+                Fix("sysctl", ("net", "mpls", "platform_labels"), str(last_label + 1)),
+            )
+        )
     devices = []
     for dev in fabric:
         if system.device_exists(dev):
             devices.append(dev)
         else:
-            problems.append(Problem(f"interface {dev} (interfaces.fabric) does not exist",
-                                    hint="create it or correct interfaces.fabric"))
+            problems.append(
+                Problem(
+                    f"interface {dev} (interfaces.fabric) does not exist", hint="create it or correct interfaces.fabric"
+                )
+            )
     for dev in [*devices, *([local] if local else [])]:
         if mpls_sysctl("conf", dev, "input") != 1:
             why = "labelled packets from the fabric" if dev != local else "the C2S termination routes deliver to lo"
-            problems.append(Problem(f"sysctl {sysctl_name('net', 'mpls', 'conf', dev, 'input')} {now} "
-                                    f"{mpls_sysctl('conf', dev, 'input')}, not 1: MPLS input is off ({why})",
-                                    Fix("sysctl", ("net", "mpls", "conf", dev, "input"), "1")))
+            problems.append(
+                Problem(
+                    f"sysctl {sysctl_name('net', 'mpls', 'conf', dev, 'input')} {now} "
+                    f"{mpls_sysctl('conf', dev, 'input')}, not 1: MPLS input is off ({why})",
+                    Fix("sysctl", ("net", "mpls", "conf", dev, "input"), "1"),
+                )
+            )
     return problems, devices
 
 
@@ -203,13 +239,20 @@ def _tc_offload(system: NodeSystem, devs: list[str]) -> list[Problem]:
         if state is not None and state.active:
             continue
         if state is not None and state.available:
-            problems.append(Problem(f"{why} but {TC_OFFLOAD} is off: the driver would refuse every session's "
-                                    "filter", Fix("feature", (dev, TC_OFFLOAD), "on")))
+            problems.append(
+                Problem(
+                    f"{why} but {TC_OFFLOAD} is off: the driver would refuse every session's filter",
+                    Fix("feature", (dev, TC_OFFLOAD), "on"),
+                )
+            )
         else:
-            problems.append(Problem(f"{why} but its driver offers no {TC_OFFLOAD} (ethtool -k {dev} shows it "
-                                    "off [fixed]): no filter can be in hardware there",
-                                    hint=f"use a device whose driver offloads flower filters, or set "
-                                    f"interfaces.offload.{dev} to auto"))
+            problems.append(
+                Problem(
+                    f"{why} but its driver offers no {TC_OFFLOAD} (ethtool -k {dev} shows it "
+                    "off [fixed]): no filter can be in hardware there",
+                    hint=f"use a device whose driver offloads flower filters, or set interfaces.offload.{dev} to auto",
+                )
+            )
     return problems
 
 
@@ -217,20 +260,30 @@ def _rp_filter(system: NodeSystem, devs: list[str]) -> list[Problem]:
     """Session packets arrive on lo from client addresses whose route leaves elsewhere, so the
     effective rp_filter (the kernel takes max(all, dev)) must not be strict on lo or the fabric
     links. One problem per sysctl that makes it strict."""
+
     def value(dev: str) -> int:
         return int(system.sysctl("net", "ipv4", "conf", dev, "rp_filter") or 0)
 
     every = value("all")
     strict = [dev for dev in devs if max(every, value(dev)) == STRICT]
-    problems = [Problem(f"sysctl {sysctl_name('net', 'ipv4', 'conf', dev, 'rp_filter')} is 1 (strict): drops "
-                        f"session packets arriving on {dev} from client addresses",
-                        Fix("sysctl", ("net", "ipv4", "conf", dev, "rp_filter"), "0"))
-                for dev in strict if value(dev) == STRICT]
+    problems = [
+        Problem(
+            f"sysctl {sysctl_name('net', 'ipv4', 'conf', dev, 'rp_filter')} is 1 (strict): drops "
+            f"session packets arriving on {dev} from client addresses",
+            Fix("sysctl", ("net", "ipv4", "conf", dev, "rp_filter"), "0"),
+        )
+        for dev in strict
+        if value(dev) == STRICT
+    ]
     if strict and every == STRICT:
-        problems.append(Problem(f"sysctl {sysctl_name('net', 'ipv4', 'conf', 'all', 'rp_filter')} is 1 (strict), "
-                                f"which makes rp_filter strict on {', '.join(strict)}: drops session packets "
-                                "arriving there from client addresses",
-                                Fix("sysctl", ("net", "ipv4", "conf", "all", "rp_filter"), "0")))
+        problems.append(
+            Problem(
+                f"sysctl {sysctl_name('net', 'ipv4', 'conf', 'all', 'rp_filter')} is 1 (strict), "
+                f"which makes rp_filter strict on {', '.join(strict)}: drops session packets "
+                "arriving there from client addresses",
+                Fix("sysctl", ("net", "ipv4", "conf", "all", "rp_filter"), "0"),
+            )
+        )
     return problems
 
 
@@ -267,9 +320,13 @@ class HostSystem:
     kernel's modules.builtin and modules.dep, and the provider for devices and for reading and
     adding addresses."""
 
-    def __init__(self, provider: Provider, proc_sys: Path = Path("/proc/sys"),
-                 sys_module: Path = Path("/sys/module"),
-                 modules_dir: Path = Path("/lib/modules") / os.uname().release) -> None:
+    def __init__(
+        self,
+        provider: Provider,
+        proc_sys: Path = Path("/proc/sys"),
+        sys_module: Path = Path("/sys/module"),
+        modules_dir: Path = Path("/lib/modules") / os.uname().release,
+    ) -> None:
         self.provider = provider
         self.proc_sys = proc_sys
         self.sys_module = sys_module

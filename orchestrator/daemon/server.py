@@ -48,8 +48,14 @@ def _describe(s: ReturnSession) -> str:
 class ServerDaemon(Daemon):
     role = "server"
 
-    def __init__(self, config_path: str, provider: Provider, capture: Capture, config: ServerConfig | None = None,
-                 keep_on_exit: bool = True) -> None:
+    def __init__(
+        self,
+        config_path: str,
+        provider: Provider,
+        capture: Capture,
+        config: ServerConfig | None = None,
+        keep_on_exit: bool = True,
+    ) -> None:
         super().__init__(config_path, provider, capture)
         self.config: ServerConfig = config or load_server_config(config_path)
         self.control_socket = self.config.node.control_socket
@@ -77,8 +83,11 @@ class ServerDaemon(Daemon):
         the rules, which cannot be replaced)."""
         wanted = self.core.node_objects()
         keys = {_node_key(o) for o in wanted}
-        stale = [ops.Delete(i.obj) for i in self.provider.dump()
-                 if _node_key(i.obj) is not None and _node_key(i.obj) not in keys]
+        stale = [
+            ops.Delete(i.obj)
+            for i in self.provider.dump()
+            if _node_key(i.obj) is not None and _node_key(i.obj) not in keys
+        ]
         installs = [ops.Add(o) if isinstance(o, (ops.ClsactQdisc, ops.Rule)) else ops.Replace(o) for o in wanted]
         results = self.provider.apply([*stale, *installs])
         failed = [r for r in results if not r.ok and not (isinstance(r.op, ops.Add) and r.errno == errno.EEXIST)]
@@ -89,8 +98,10 @@ class ServerDaemon(Daemon):
 
     def running_message(self) -> str:
         first, last = self.config.block
-        return (f"server agent running: VIPs {', '.join(str(v.address) for v in self.config.vips)}, "
-                f"labels {first}-{last}, queue {self.config.nfqueue.queue}, control {self.control_socket}")
+        return (
+            f"server agent running: VIPs {', '.join(str(v.address) for v in self.config.vips)}, "
+            f"labels {first}-{last}, queue {self.config.nfqueue.queue}, control {self.control_socket}"
+        )
 
     # -- the loop's hooks ---------------------------------------------------------------------------
     def decide(self, batch: list[QueuedPacket]) -> None:
@@ -157,17 +168,24 @@ class ServerDaemon(Daemon):
         """By default the return routes and the ruleset stay: sessions keep answering labelled,
         and new flows pass the queue (bypass) and are answered as plain IP."""
         if not self.keep_on_exit:
-            self.program([ops.Delete(i.obj) for i in self.provider.dump() if isinstance(i.obj, ops.EncapRoute)],
-                         "shutdown")
+            self.program(
+                [ops.Delete(i.obj) for i in self.provider.dump() if isinstance(i.obj, ops.EncapRoute)], "shutdown"
+            )
             nftables.remove()
-        log.info("server agent stopped; %d sessions' return routes %s", len(self.core.sessions),
-                 "left in place" if self.keep_on_exit else "removed")
+        log.info(
+            "server agent stopped; %d sessions' return routes %s",
+            len(self.core.sessions),
+            "left in place" if self.keep_on_exit else "removed",
+        )
 
     # -- control socket -------------------------------------------------------------------------------
     def session_views(self) -> Iterable[dict[str, Any]]:
         return (s.view() for s in self.core.sessions.values())
 
     def status_details(self, now: float) -> dict[str, Any]:
-        return {"vips": [str(v.address) for v in self.config.vips], "block": list(self.config.block),
-                "queue": self.config.nfqueue.queue, "sessions": len(self.core.sessions)}
-
+        return {
+            "vips": [str(v.address) for v in self.config.vips],
+            "block": list(self.config.block),
+            "queue": self.config.nfqueue.queue,
+            "sessions": len(self.core.sessions),
+        }

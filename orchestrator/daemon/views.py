@@ -12,9 +12,9 @@ from typing import Any, Iterable
 from orchestrator.capture.nfqueue import QueueStats
 from orchestrator.core.balancer import Balancer
 from orchestrator.core.failover import Outcome
+from orchestrator.core.health import HealthTable
 from orchestrator.core.sessions import Session
 from orchestrator.daemon.logs import fields
-from orchestrator.core.health import HealthTable
 from orchestrator.metrics import HistogramSnapshot, MetricsSnapshot, snapshot_from
 
 log = logging.getLogger("mplsorch")
@@ -28,14 +28,21 @@ def server_rows(core: Balancer, health: HealthTable) -> list[dict[str, Any]]:
         services = [svc.name for svc in core.config.services if svc.pool == pool.name]
         for s in pool.servers:
             h = health.get(pool.name, s.name)
-            rows.append({
-                "name": s.name, "pool": pool.name, "address": str(s.address),
-                "state": str(core.health.state(pool.name, s.name)), "admin": str(core.admin.state(s.name)),
-                "weight": core.weight(s.name), "configured_weight": s.weight,
-                "sessions": sum(core.table.count(server=s.name, service=svc) for svc in services),
-                "response_time": None if h.response_time is None else round(h.response_time, 6),
-                "checked": pool.health_check is not None, "reason": h.last_reason or None,
-            })
+            rows.append(
+                {
+                    "name": s.name,
+                    "pool": pool.name,
+                    "address": str(s.address),
+                    "state": str(core.health.state(pool.name, s.name)),
+                    "admin": str(core.admin.state(s.name)),
+                    "weight": core.weight(s.name),
+                    "configured_weight": s.weight,
+                    "sessions": sum(core.table.count(server=s.name, service=svc) for svc in services),
+                    "response_time": None if h.response_time is None else round(h.response_time, 6),
+                    "checked": pool.health_check is not None,
+                    "reason": h.last_reason or None,
+                }
+            )
     return rows
 
 
@@ -43,27 +50,41 @@ def server_summary(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """`status --json`'s `health` (rows by state) and `draining` (server names)."""
     rows = list(rows)
     states = collections.Counter(r["state"] for r in rows)
-    return {"health": {state: states.get(state, 0) for state in ("up", "down", "unknown")},
-            "draining": sorted({r["name"] for r in rows if r["admin"] == "draining"})}
+    return {
+        "health": {state: states.get(state, 0) for state in ("up", "down", "unknown")},
+        "draining": sorted({r["name"] for r in rows if r["admin"] == "draining"}),
+    }
 
 
 def queue_summary(stats: Iterable[QueueStats], queues: tuple[int, int]) -> dict[str, int]:
     """Our queues' counters added up: packets waiting, dropped when a queue was full, dropped
     when the daemon's socket buffer was full."""
     ours = [q for q in stats if queues[0] <= q.queue <= queues[1]]
-    return {"bound": len(ours), "waiting": sum(q.waiting for q in ours),
-            "queue_dropped": sum(q.queue_dropped for q in ours),
-            "user_dropped": sum(q.user_dropped for q in ours)}
+    return {
+        "bound": len(ours),
+        "waiting": sum(q.waiting for q in ours),
+        "queue_dropped": sum(q.queue_dropped for q in ours),
+        "user_dropped": sum(q.user_dropped for q in ours),
+    }
 
 
-def metrics_snapshot(core: Balancer, now: float, op_results: dict[str, int],
-                     batch: HistogramSnapshot, offload: dict[str, int] | None = None) -> MetricsSnapshot:
+def metrics_snapshot(
+    core: Balancer,
+    now: float,
+    op_results: dict[str, int],
+    batch: HistogramSnapshot,
+    offload: dict[str, int] | None = None,
+) -> MetricsSnapshot:
     """The same counts `status --json` shows, taken at one moment; `offload`: our kernel
     objects by offload state (dataplane.offload.counts of a recent dump)."""
-    health = [(pool.name, s.name, str(core.health.state(pool.name, s.name)))
-              for pool in core.config.pools for s in pool.servers]
-    return snapshot_from(core.counters, core.sessions_by_state(), core.labels.stats(now).to_dict(),
-                         op_results, batch, health, offload)
+    health = [
+        (pool.name, s.name, str(core.health.state(pool.name, s.name)))
+        for pool in core.config.pools
+        for s in pool.servers
+    ]
+    return snapshot_from(
+        core.counters, core.sessions_by_state(), core.labels.stats(now).to_dict(), op_results, batch, health, offload
+    )
 
 
 def describe(s: Session) -> str:
@@ -71,8 +92,16 @@ def describe(s: Session) -> str:
 
 
 def _session_fields(s: Session, event: str) -> dict[str, Any]:
-    return fields(event=event, session=s.id, service=s.service, key=s.key.value, client=s.key.client,
-                  server=s.server, c2s=s.c2s, s2c=s.s2c)
+    return fields(
+        event=event,
+        session=s.id,
+        service=s.service,
+        key=s.key.value,
+        client=s.key.client,
+        server=s.server,
+        c2s=s.c2s,
+        s2c=s.s2c,
+    )
 
 
 def log_start(s: Session) -> None:
@@ -95,5 +124,4 @@ def log_end(s: Session, reason: str) -> None:
 def log_moved(o: Outcome, s: Session) -> None:
     extra = _session_fields(s, "session_moved")
     extra["fields"].update(old_server=o.server, old_c2s=o.c2s, reason=o.reason)
-    log.info("session %d moved: %s (was %s c2s %d: %s)", s.id, describe(s), o.server, o.c2s, o.reason,
-             extra=extra)
+    log.info("session %d moved: %s (was %s c2s %d: %s)", s.id, describe(s), o.server, o.c2s, o.reason, extra=extra)

@@ -41,9 +41,9 @@ from orchestrator.dataplane.ops import (
     ClsactQdisc,
     DataplaneObject,
     Delete,
-    FastPathElement,
     Direction,
     EncapRoute,
+    FastPathElement,
     FlowerFilter,
     FlowerMatch,
     Installed,
@@ -52,8 +52,8 @@ from orchestrator.dataplane.ops import (
     NextHop,
     OffloadPolicy,
     OffloadState,
-    OpResult,
     Operation,
+    OpResult,
     Replace,
     Rule,
     U32Filter,
@@ -67,8 +67,15 @@ IMPLICIT_NULL = 3
 # The kernel's own rules that stay after ours: (priority, table). The local table (priority 0)
 # holds no encap routes, so it is left out.
 _DEFAULT_RULES = ((32766, MAIN_TABLE), (32767, DEFAULT_TABLE))
-_KIND = {MplsRoute: "label route", EncapRoute: "route", Rule: "rule", ClsactQdisc: "clsact qdisc",
-         FlowerFilter: "filter", U32Filter: "filter", FastPathElement: "set element"}
+_KIND = {
+    MplsRoute: "label route",
+    EncapRoute: "route",
+    Rule: "rule",
+    ClsactQdisc: "clsact qdisc",
+    FlowerFilter: "filter",
+    U32Filter: "filter",
+    FastPathElement: "set element",
+}
 _U32_ROOT = 0x800  # the root hash table of the first u32 classifier of a device's egress
 # Like an MPLS TTL: a swap loop through lo ends in a drop instead of hanging the test.
 _MAX_HOPS = 255
@@ -96,8 +103,9 @@ class _Rejected(Exception):
 class FakeProvider:
     """The Provider protocol over an in-memory forwarding model of one node."""
 
-    def __init__(self, devices: Iterable[str], platform_labels: int = 100000,
-                 offload_capable: Iterable[str] = ()) -> None:
+    def __init__(
+        self, devices: Iterable[str], platform_labels: int = 100000, offload_capable: Iterable[str] = ()
+    ) -> None:
         self.devices = frozenset(devices) | {LOOPBACK}
         # Indexes as a kernel numbers them: lo first, then the devices in the order given.
         self._indexes = {name: i for i, name in enumerate(dict.fromkeys([LOOPBACK, *devices]), start=1)}
@@ -112,7 +120,8 @@ class FakeProvider:
         self._ip_routes: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, NextHop] = {}
         self.route_queries: list[tuple[str, ...]] = []  # the addresses of each routes_to call
         self._addresses: dict[str, list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]] = {
-            LOOPBACK: [ipaddress.ip_interface("127.0.0.1/8"), ipaddress.ip_interface("::1/128")]}
+            LOOPBACK: [ipaddress.ip_interface("127.0.0.1/8"), ipaddress.ip_interface("::1/128")]
+        }
 
     # ---- Provider ----
 
@@ -159,8 +168,10 @@ class FakeProvider:
         """`ip address add ADDRESS dev DEV`, except that an address already there is no error."""
         iface = ipaddress.ip_interface(address)
         present = self._device_addresses(dev)
-        if any(iface.ip == other.ip and (iface.version == 6 or iface.network.prefixlen == other.network.prefixlen)
-               for other in present):
+        if any(
+            iface.ip == other.ip and (iface.version == 6 or iface.network.prefixlen == other.network.prefixlen)
+            for other in present
+        ):
             return  # the kernel's EEXIST: already done
         present.append(iface)
 
@@ -223,8 +234,16 @@ class FakeProvider:
                 return Forwarding(route.labels, route.via, route.dev)
         return None
 
-    def forward_ip(self, src: str, dst: str, proto: str | None = None, sport: int | None = None,
-                   dport: int | None = None, out_dev: str | None = None, spi: int | None = None) -> Forwarding | None:
+    def forward_ip(
+        self,
+        src: str,
+        dst: str,
+        proto: str | None = None,
+        sport: int | None = None,
+        dport: int | None = None,
+        out_dev: str | None = None,
+        spi: int | None = None,
+    ) -> Forwarding | None:
         """An IP packet leaving the node. With `out_dev`, a plain IP route (not modelled) sends it
         there and the egress flower filters of that device label it (first match by pref, then
         handle; u32 filters read the words of an IPv4 header without options and, for ESP, `spi`).
@@ -236,15 +255,22 @@ class FakeProvider:
             raise ValueError(f"no such device {out_dev}")
         src_ip, dst_ip = ipaddress.ip_address(src), ipaddress.ip_address(dst)
         labels: tuple[int, ...] = ()
-        filters = sorted((f for f in self._objects.values()
-                          if isinstance(f, (FlowerFilter, U32Filter)) and f.dev == out_dev
-                          and f.direction == Direction.EGRESS),
-                         key=lambda f: (f.pref, f.handle))
+        filters = sorted(
+            (
+                f
+                for f in self._objects.values()
+                if isinstance(f, (FlowerFilter, U32Filter)) and f.dev == out_dev and f.direction == Direction.EGRESS
+            ),
+            key=lambda f: (f.pref, f.handle),
+        )
         header = _ipv4_words(src_ip, dst_ip, proto, spi)
         for flt in filters:
-            if (_matches(flt, src_ip, dst_ip, proto, sport, dport) if isinstance(flt, FlowerFilter)
-                    else header is not None and all(int.from_bytes(header[k.offset:k.offset + 4], "big") & k.mask
-                                                    == k.value for k in flt.keys)):
+            if (
+                _matches(flt, src_ip, dst_ip, proto, sport, dport)
+                if isinstance(flt, FlowerFilter)
+                else header is not None
+                and all(int.from_bytes(header[k.offset : k.offset + 4], "big") & k.mask == k.value for k in flt.keys)
+            ):
                 for action in flt.actions:
                     if isinstance(action, MplsPush):
                         labels = (action.label,) + labels
@@ -253,8 +279,9 @@ class FakeProvider:
                 break
         return Forwarding(labels, None, out_dev)
 
-    def fast_path(self, src: str, dst: str, proto: str, dport: int | None = None,
-                  spi: int | None = None) -> FastPathElement | None:
+    def fast_path(
+        self, src: str, dst: str, proto: str, dport: int | None = None, spi: int | None = None
+    ) -> FastPathElement | None:
         """The element that lets the kernel accept a new flow of this packet without queueing it
         (the ruleset's fast-path rules: the ESP set by SPI, else by port, else by protocol), or
         None: the packet goes to userspace."""
@@ -321,39 +348,43 @@ class FakeProvider:
         if route.label < ops.MPLS_FIRST_UNRESERVED:
             raise _Rejected(errno.EINVAL, f"label {route.label} is reserved (0-15 cannot be routed)")
         if route.label >= self.platform_labels:
-            raise _Rejected(errno.EINVAL, f"label {route.label} >= net.mpls.platform_labels "
-                                          f"({self.platform_labels})")
+            raise _Rejected(errno.EINVAL, f"label {route.label} >= net.mpls.platform_labels ({self.platform_labels})")
         _check_stack(route.out_labels, "out")
 
     def _check_filter(self, op: Operation, flt: FlowerFilter) -> None:
         if ClsactQdisc(flt.dev).key not in self._objects:
-            raise _Rejected(errno.EINVAL, f"no clsact qdisc on {flt.dev} "
-                                          "(kernel: Parent Qdisc doesn't exists)")
-        same_pref = [f for f in self._objects.values()
-                     if isinstance(f, FlowerFilter) and f.dev == flt.dev
-                     and f.direction == flt.direction and f.pref == flt.pref]
+            raise _Rejected(errno.EINVAL, f"no clsact qdisc on {flt.dev} (kernel: Parent Qdisc doesn't exists)")
+        same_pref = [
+            f
+            for f in self._objects.values()
+            if isinstance(f, FlowerFilter) and f.dev == flt.dev and f.direction == flt.direction and f.pref == flt.pref
+        ]
         if any(f.protocol != flt.protocol for f in same_pref):
-            raise _Rejected(errno.EINVAL, f"pref {flt.pref} on {flt.dev} {flt.direction} is used by "
-                                          f"another protocol than {flt.protocol}")
+            raise _Rejected(
+                errno.EINVAL,
+                f"pref {flt.pref} on {flt.dev} {flt.direction} is used by another protocol than {flt.protocol}",
+            )
         if isinstance(op, Delete):
             return
-        if flt.key not in self._objects and any(
-                f.match == flt.match and f.protocol == flt.protocol for f in same_pref):
+        if flt.key not in self._objects and any(f.match == flt.match and f.protocol == flt.protocol for f in same_pref):
             # cls_flower keeps one filter per (mask, key) in a pref: fl_ht_insert_unique().
-            raise _Rejected(errno.EEXIST, f"another filter at pref {flt.pref} on {flt.dev} "
-                                          "has the same match")
+            raise _Rejected(errno.EEXIST, f"another filter at pref {flt.pref} on {flt.dev} has the same match")
         if flt.offload == OffloadPolicy.REQUIRED and flt.dev not in self.offload_capable:
-            raise _Rejected(errno.EOPNOTSUPP, f"offload required (skip_sw) but {flt.dev} "
-                                              "cannot offload tc filters")
+            raise _Rejected(errno.EOPNOTSUPP, f"offload required (skip_sw) but {flt.dev} cannot offload tc filters")
 
     def _check_u32(self, op: Operation, flt: U32Filter) -> None:
         """A node's hash table must be the root of its pref (cls_u32: "Handle specified hash
         table address mismatch"); the pref keeps one classifier and protocol, as for flower."""
         if ClsactQdisc(flt.dev).key not in self._objects:
             raise _Rejected(errno.EINVAL, f"no clsact qdisc on {flt.dev} (kernel: Parent Qdisc doesn't exists)")
-        same_pref = [f for f in self._objects.values()
-                     if isinstance(f, (FlowerFilter, U32Filter)) and f.dev == flt.dev
-                     and f.direction == flt.direction and f.pref == flt.pref]
+        same_pref = [
+            f
+            for f in self._objects.values()
+            if isinstance(f, (FlowerFilter, U32Filter))
+            and f.dev == flt.dev
+            and f.direction == flt.direction
+            and f.pref == flt.pref
+        ]
         if any(not isinstance(f, U32Filter) for f in same_pref):
             raise _Rejected(errno.EINVAL, f"pref {flt.pref} on {flt.dev} {flt.direction} holds another classifier")
         if not isinstance(op, Delete) and flt.handle >> 20 != _U32_ROOT:
@@ -362,19 +393,20 @@ class FakeProvider:
     # ---- model helpers ----
 
     def _offload_state(self, obj: DataplaneObject) -> OffloadState:
-        if (isinstance(obj, FlowerFilter) and obj.dev in self.offload_capable
-                and obj.offload != OffloadPolicy.NEVER):
+        if isinstance(obj, FlowerFilter) and obj.dev in self.offload_capable and obj.offload != OffloadPolicy.NEVER:
             return OffloadState(in_hw=True, in_hw_count=1)
         return OffloadState(not_in_hw=isinstance(obj, FlowerFilter))
 
     def _tables_for(self, src: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[int]:
         rules: list[tuple[int, int]] = list(_DEFAULT_RULES)  # the kernel's come first on ties
-        rules += [(r.priority, r.table) for r in self._objects.values()
-                  if isinstance(r, Rule) and src in ipaddress.ip_network(r.src)]
+        rules += [
+            (r.priority, r.table)
+            for r in self._objects.values()
+            if isinstance(r, Rule) and src in ipaddress.ip_network(r.src)
+        ]
         return [table for _, table in sorted(rules, key=lambda rule: rule[0])]
 
-    def _longest_match(self, table: int, dst: ipaddress.IPv4Address | ipaddress.IPv6Address
-                       ) -> EncapRoute | None:
+    def _longest_match(self, table: int, dst: ipaddress.IPv4Address | ipaddress.IPv6Address) -> EncapRoute | None:
         best: EncapRoute | None = None
         best_len = -1
         for route in self._objects.values():
@@ -388,26 +420,36 @@ class FakeProvider:
 def _check_stack(labels: tuple[int, ...], what: str) -> None:
     """nla_get_labels(): at most MAX_NEW_LABELS, and never implicit null on the wire."""
     if len(labels) > ops.MAX_STACK:
-        raise _Rejected(errno.EINVAL, f"{what} stack of {len(labels)} labels exceeds the kernel's "
-                                      f"maximum of {ops.MAX_STACK}")
+        raise _Rejected(
+            errno.EINVAL, f"{what} stack of {len(labels)} labels exceeds the kernel's maximum of {ops.MAX_STACK}"
+        )
     if IMPLICIT_NULL in labels:
         raise _Rejected(errno.EINVAL, f"implicit null (3) cannot be in an {what} label stack")
 
 
-def _ipv4_words(src: ipaddress.IPv4Address | ipaddress.IPv6Address,
-                dst: ipaddress.IPv4Address | ipaddress.IPv6Address, proto: str | None,
-                spi: int | None) -> bytes | None:
+def _ipv4_words(
+    src: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    dst: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    proto: str | None,
+    spi: int | None,
+) -> bytes | None:
     """The first 24 bytes of an IPv4 packet without options as u32 sees them (None for IPv6)."""
     if src.version != 4:
         return None
     number = ipproto.BY_NAME.get(proto or "", 0)
-    return (bytes([0x45, 0, 0, 0, 0, 0, 0, 0, 64, number, 0, 0]) + src.packed + dst.packed
-            + (spi or 0).to_bytes(4, "big"))
+    return (
+        bytes([0x45, 0, 0, 0, 0, 0, 0, 0, 64, number, 0, 0]) + src.packed + dst.packed + (spi or 0).to_bytes(4, "big")
+    )
 
 
-def _matches(flt: FlowerFilter, src: ipaddress.IPv4Address | ipaddress.IPv6Address,
-             dst: ipaddress.IPv4Address | ipaddress.IPv6Address, proto: str | None,
-             sport: int | None, dport: int | None) -> bool:
+def _matches(
+    flt: FlowerFilter,
+    src: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    dst: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    proto: str | None,
+    sport: int | None,
+    dport: int | None,
+) -> bool:
     m: FlowerMatch = flt.match
     if (6 if flt.protocol == "ipv6" else 4) != src.version:
         return False

@@ -14,11 +14,20 @@ from __future__ import annotations
 
 from orchestrator.dataplane.ops import MPLS_LABEL_MAX
 
-__all__ = ["FILTERS_PER_SESSION", "HandleOverflow", "U32_NODES", "filter_handle", "handle_c2s", "handle_index",
-           "relabel_handle", "u32_handle", "u32_node"]
+__all__ = [
+    "FILTERS_PER_SESSION",
+    "HandleOverflow",
+    "U32_NODES",
+    "filter_handle",
+    "handle_c2s",
+    "handle_index",
+    "relabel_handle",
+    "u32_handle",
+    "u32_node",
+]
 
 INDEX_BITS = 8
-FILTERS_PER_SESSION = 1 << INDEX_BITS   # indexes 0..255 under one C2S label
+FILTERS_PER_SESSION = 1 << INDEX_BITS  # indexes 0..255 under one C2S label
 
 
 class HandleOverflow(ValueError):
@@ -27,8 +36,9 @@ class HandleOverflow(ValueError):
 
 def filter_handle(c2s: int, index: int) -> int:
     if not 0 <= index < FILTERS_PER_SESSION:
-        raise HandleOverflow(f"filter index {index} of session {c2s}: at most {FILTERS_PER_SESSION} filters "
-                             "fit a session's handles")
+        raise HandleOverflow(
+            f"filter index {index} of session {c2s}: at most {FILTERS_PER_SESSION} filters fit a session's handles"
+        )
     if not 0 < c2s <= MPLS_LABEL_MAX:
         raise HandleOverflow(f"C2S label {c2s} is no MPLS label (1..{MPLS_LABEL_MAX})")
     return c2s << INDEX_BITS | index
@@ -48,8 +58,8 @@ def relabel_handle(handle: int, c2s: int) -> int:
     return filter_handle(c2s, handle_index(handle))
 
 
-U32_ROOT = 0x800       # the root hash table of the first u32 classifier of a device's egress
-U32_NODES = 0xFFF      # node ids 1..4095 of one hash table
+U32_ROOT = 0x800  # the root hash table of the first u32 classifier of a device's egress
+U32_NODES = 0xFFF  # node ids 1..4095 of one hash table
 
 
 def u32_handle(node: int) -> int:

@@ -25,11 +25,18 @@ def row(item: ops.Installed) -> dict[str, Any]:
     """One documented row of `mplsorch routes --json` (docs/json.md)."""
     obj, state = item.obj, item.offload
     reports = isinstance(obj, REPORTING)
-    return {"object": obj.describe(), "kind": type(obj).__name__, "dev": getattr(obj, "dev", None),
-            "policy": obj.offload.value if isinstance(obj, ops.FlowerFilter) else None,
-            "offload": state.describe() if reports else None,
-            **({k: v for k, v in state.to_dict().items() if k != "state"} if reports else
-               {"in_hw": None, "in_hw_count": None, "not_in_hw": None, "trap": None, "offload_failed": None})}
+    return {
+        "object": obj.describe(),
+        "kind": type(obj).__name__,
+        "dev": getattr(obj, "dev", None),
+        "policy": obj.offload.value if isinstance(obj, ops.FlowerFilter) else None,
+        "offload": state.describe() if reports else None,
+        **(
+            {k: v for k, v in state.to_dict().items() if k != "state"}
+            if reports
+            else {"in_hw": None, "in_hw_count": None, "not_in_hw": None, "trap": None, "offload_failed": None}
+        ),
+    }
 
 
 def counts(installed: Iterable[ops.Installed]) -> dict[str, int]:
@@ -46,6 +53,11 @@ def refused(result: ops.OpResult) -> bool:
     """A filter whose policy is `required` that the kernel would not put in hardware: the
     failure that `interfaces.offload: required` promises to make loud."""
     obj = result.op.obj
-    return (not result.ok and isinstance(obj, ops.FlowerFilter) and obj.offload is ops.OffloadPolicy.REQUIRED
-            and not isinstance(result.op, ops.Delete) and result.errno in REFUSED_ERRNOS
-            and (result.error or "").startswith(REFUSED_PREFIX))
+    return (
+        not result.ok
+        and isinstance(obj, ops.FlowerFilter)
+        and obj.offload is ops.OffloadPolicy.REQUIRED
+        and not isinstance(result.op, ops.Delete)
+        and result.errno in REFUSED_ERRNOS
+        and (result.error or "").startswith(REFUSED_PREFIX)
+    )

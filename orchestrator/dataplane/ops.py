@@ -11,7 +11,6 @@ import enum
 import functools
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Union
 
 from orchestrator.inet import pton
 from orchestrator.ipproto import IPPROTO_ESP
@@ -221,7 +220,7 @@ class SetMark:
         return f"skbedit mark {self.mark}"
 
 
-Action = Union[MplsPush, MplsPop, SetMark]
+Action = MplsPush | MplsPop | SetMark
 
 
 def push_stack(labels: tuple[int, ...] | list[int]) -> tuple[MplsPush, ...]:
@@ -257,10 +256,13 @@ class FlowerFilter:
 
     def describe(self) -> str:
         actions = " ".join(f"action {a.describe()}" for a in self.actions)
-        skip = {OffloadPolicy.AUTO: "", OffloadPolicy.NEVER: " skip_hw",
-                OffloadPolicy.REQUIRED: " skip_sw"}[self.offload]
-        return (f"filter dev {self.dev} {self.direction} protocol {self.protocol} pref {self.pref} "
-                f"handle {self.handle} flower{skip} {self.match.describe()} {actions}").rstrip()
+        skip = {OffloadPolicy.AUTO: "", OffloadPolicy.NEVER: " skip_hw", OffloadPolicy.REQUIRED: " skip_sw"}[
+            self.offload
+        ]
+        return (
+            f"filter dev {self.dev} {self.direction} protocol {self.protocol} pref {self.pref} "
+            f"handle {self.handle} flower{skip} {self.match.describe()} {actions}"
+        ).rstrip()
 
 
 NFT_TABLE = "mplsorch"  # the balancer's nftables table (family inet), made by its ruleset
@@ -318,10 +320,13 @@ def esp_keys(src: str, dst: str, spi: int) -> tuple[U32Key, ...]:
     """The u32 keys of IPv4 ESP packets from `src` to `dst` under `spi`: version 4 with a 20-byte
     header (the SPI is then the word at offset 20; a packet with IP options does not match), ESP,
     source, destination, SPI."""
-    return (U32Key(0x45000000, 0xFF000000, 0), U32Key(IPPROTO_ESP << 16, 0x00FF0000, 8),
-            U32Key(int.from_bytes(parse_address(src)[1], "big"), 0xFFFFFFFF, 12),
-            U32Key(int.from_bytes(parse_address(dst)[1], "big"), 0xFFFFFFFF, 16),
-            U32Key(spi, 0xFFFFFFFF, 20))
+    return (
+        U32Key(0x45000000, 0xFF000000, 0),
+        U32Key(IPPROTO_ESP << 16, 0x00FF0000, 8),
+        U32Key(int.from_bytes(parse_address(src)[1], "big"), 0xFFFFFFFF, 12),
+        U32Key(int.from_bytes(parse_address(dst)[1], "big"), 0xFFFFFFFF, 16),
+        U32Key(spi, 0xFFFFFFFF, 20),
+    )
 
 
 def esp_of(keys: tuple[U32Key, ...]) -> tuple[str, str, int] | None:
@@ -356,14 +361,19 @@ class U32Filter:
 
     def describe(self) -> str:
         esp = esp_of(self.keys)
-        match = (f"esp src {esp[0]} dst {esp[1]} spi 0x{esp[2]:08x}" if esp else
-                 " ".join(f"match u32 0x{k.value:08x} 0x{k.mask:08x} at {k.offset}" for k in self.keys))
+        match = (
+            f"esp src {esp[0]} dst {esp[1]} spi 0x{esp[2]:08x}"
+            if esp
+            else " ".join(f"match u32 0x{k.value:08x} 0x{k.mask:08x} at {k.offset}" for k in self.keys)
+        )
         actions = " ".join(f"action {a.describe()}" for a in self.actions)
-        return (f"filter dev {self.dev} {self.direction} protocol ip pref {self.pref} handle "
-                f"{self.handle >> 20:x}:{(self.handle >> 12) & 0xFF:x}:{self.handle & 0xFFF:x} u32 {match} {actions}")
+        return (
+            f"filter dev {self.dev} {self.direction} protocol ip pref {self.pref} handle "
+            f"{self.handle >> 20:x}:{(self.handle >> 12) & 0xFF:x}:{self.handle & 0xFFF:x} u32 {match} {actions}"
+        )
 
 
-DataplaneObject = Union[MplsRoute, EncapRoute, Rule, ClsactQdisc, FlowerFilter, U32Filter, FastPathElement]
+DataplaneObject = MplsRoute | EncapRoute | Rule | ClsactQdisc | FlowerFilter | U32Filter | FastPathElement
 
 
 @dataclass(frozen=True)
@@ -391,7 +401,7 @@ class Delete:
     verb: str = field(default="delete", init=False)
 
 
-Operation = Union[Add, Replace, Delete]
+Operation = Add | Replace | Delete
 
 
 def describe(op: Operation) -> str:
@@ -447,8 +457,14 @@ class OffloadState:
 
     def to_dict(self) -> dict[str, object]:
         """The documented `offload` object of `mplsorch routes --json` (docs/json.md)."""
-        return {"state": self.state, "in_hw": self.in_hw, "in_hw_count": self.in_hw_count,
-                "not_in_hw": self.not_in_hw, "trap": self.trap, "offload_failed": self.failed}
+        return {
+            "state": self.state,
+            "in_hw": self.in_hw,
+            "in_hw_count": self.in_hw_count,
+            "not_in_hw": self.not_in_hw,
+            "trap": self.trap,
+            "offload_failed": self.failed,
+        }
 
 
 @dataclass(frozen=True)
@@ -486,8 +502,8 @@ def _check_address(address: str) -> int:
         raise InvalidOperation(f"next hop {address!r} is not an IP address") from None
 
 
-TC_COOKIE_MAX_SIZE = 16   # include/uapi/linux/pkt_cls.h: the kernel refuses longer action cookies
-TC_COOKIE_OWNER = 8       # len(b"mplsorch"), the ownership mark that opens the first action's cookie
+TC_COOKIE_MAX_SIZE = 16  # include/uapi/linux/pkt_cls.h: the kernel refuses longer action cookies
+TC_COOKIE_OWNER = 8  # len(b"mplsorch"), the ownership mark that opens the first action's cookie
 
 
 def tag_capacity(actions: int) -> int:
@@ -572,8 +588,10 @@ def validate(op: Operation) -> None:
 def _check_actions(actions: tuple[Action, ...], tag: bytes) -> None:
     """The actions of a tc filter, and whether its tag fits their cookies."""
     if len(tag) > tag_capacity(len(actions)):
-        raise InvalidOperation(f"a tag of {len(tag)} bytes does not fit the cookies of "
-                               f"{len(actions)} actions ({tag_capacity(len(actions))} bytes)")
+        raise InvalidOperation(
+            f"a tag of {len(tag)} bytes does not fit the cookies of "
+            f"{len(actions)} actions ({tag_capacity(len(actions))} bytes)"
+        )
     for action in actions:
         if isinstance(action, MplsPush):
             _check_label(action.label, "pushed label")

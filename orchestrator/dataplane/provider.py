@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Iterable, Protocol, Sequence
 
-from orchestrator.dataplane.ops import Installed, NextHop, OpResult, Operation
+from orchestrator.dataplane.ops import Installed, NextHop, Operation, OpResult
 
 
 class UnknownDevice(KeyError):

@@ -85,7 +85,7 @@ def unpack(tag: bytes) -> SessionRecord | None:
     flags, kind = code & _MATERIAL, _KINDS.get(code & ~_MATERIAL)
     if version != VERSION or kind is None:
         return None
-    material = tag[_HEAD.size:]
+    material = tag[_HEAD.size :]
     home = spi = None
     if flags & _MATERIAL:
         if kind == "mip6-home-address":

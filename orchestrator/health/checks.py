@@ -23,7 +23,7 @@ from orchestrator.core.health import CheckResult
 __all__ = ["check_tcp", "check_http", "check_udp", "run_check", "http_request"]
 
 _STATUS_RE = re.compile(rb"^HTTP/\d\.\d (\d{3})(?:[ \r\n]|$)")
-_CLOSE_GRACE = 0.5   # seconds to let a closed connection finish; not part of the response time
+_CLOSE_GRACE = 0.5  # seconds to let a closed connection finish; not part of the response time
 
 
 def _failed(exc: BaseException, timeout: float) -> CheckResult:
@@ -60,8 +60,10 @@ async def check_tcp(host: str, port: int, timeout: float) -> CheckResult:
 
 def http_request(path: str, host_header: str) -> bytes:
     """The request a check sends: HTTP/1.0, so the server closes after one answer."""
-    return (f"GET {path} HTTP/1.0\r\nHost: {host_header}\r\nUser-Agent: mplsorch-health/{__version__}\r\n"
-            "Accept: */*\r\nConnection: close\r\n\r\n").encode("ascii")
+    return (
+        f"GET {path} HTTP/1.0\r\nHost: {host_header}\r\nUser-Agent: mplsorch-health/{__version__}\r\n"
+        "Accept: */*\r\nConnection: close\r\n\r\n"
+    ).encode("ascii")
 
 
 def _default_host(host: str, port: int) -> str:
@@ -71,8 +73,14 @@ def _default_host(host: str, port: int) -> str:
     return host if port == 80 else f"{host}:{port}"
 
 
-async def check_http(host: str, port: int, timeout: float, path: str = "/",
-                     expect_status: Sequence[int] = (200,), host_header: str | None = None) -> CheckResult:
+async def check_http(
+    host: str,
+    port: int,
+    timeout: float,
+    path: str = "/",
+    expect_status: Sequence[int] = (200,),
+    host_header: str | None = None,
+) -> CheckResult:
     """Healthy when GET `path` answers within `timeout` with a status in `expect_status`. Only
     the status line is read; the Host header defaults to the address (and port unless 80)."""
     start = time.monotonic()
@@ -84,7 +92,7 @@ async def check_http(host: str, port: int, timeout: float, path: str = "/",
             await writer.drain()
             line = await reader.readline()
         elapsed = time.monotonic() - start
-    except (OSError, TimeoutError, ValueError) as exc:   # ValueError: a status line over the limit
+    except (OSError, TimeoutError, ValueError) as exc:  # ValueError: a status line over the limit
         if writer is not None:
             await _close(writer)
         return _failed(exc, timeout)
@@ -109,7 +117,7 @@ class _Answer(asyncio.DatagramProtocol):
         if not self.future.done():
             self.future.set_result(data)
 
-    def error_received(self, exc: Exception) -> None:   # ICMP port unreachable on a connected socket
+    def error_received(self, exc: Exception) -> None:  # ICMP port unreachable on a connected socket
         if not self.future.done():
             self.future.set_exception(exc)
 
@@ -139,7 +147,7 @@ async def check_udp(host: str, port: int, timeout: float, send: bytes, expect: b
         if transport is not None:
             transport.close()
         if not future.done():
-            future.cancel()   # so that a late error or the close cannot leave an unretrieved exception
+            future.cancel()  # so that a late error or the close cannot leave an unretrieved exception
     if expect is not None and expect not in data:
         return CheckResult(False, elapsed, f"unexpected answer ({len(data)} bytes)")
     return CheckResult(True, elapsed, f"answer ({len(data)} bytes)")

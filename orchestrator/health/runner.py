@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from orchestrator.config.model import BalancerConfig, HealthCheck
-from orchestrator.health.checks import run_check
 from orchestrator.core.health import CheckResult, Target
+from orchestrator.health.checks import run_check
 
 __all__ = ["Probe", "HealthRunner", "probes_of", "targets_of"]
 
@@ -30,6 +30,7 @@ Checker = Callable[[HealthCheck, str], Awaitable[CheckResult]]
 @dataclass(frozen=True)
 class Probe:
     """What to check: a server of a pool, at its address, as the pool's health_check says."""
+
     pool: str
     server: str
     address: str
@@ -37,8 +38,12 @@ class Probe:
 
 
 def probes_of(config: BalancerConfig) -> list[Probe]:
-    return [Probe(pool.name, s.name, str(s.address), pool.health_check)
-            for pool in config.pools if pool.health_check is not None for s in pool.servers]
+    return [
+        Probe(pool.name, s.name, str(s.address), pool.health_check)
+        for pool in config.pools
+        if pool.health_check is not None
+        for s in pool.servers
+    ]
 
 
 def targets_of(config: BalancerConfig) -> list[Target]:
@@ -47,8 +52,9 @@ def targets_of(config: BalancerConfig) -> list[Target]:
 
 
 class HealthRunner:
-    def __init__(self, on_result: OnResult, checker: Checker = run_check,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, on_result: OnResult, checker: Checker = run_check, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.on_result, self.checker, self.clock = on_result, checker, clock
         self._tasks: dict[tuple[str, str], tuple[Probe, asyncio.Task[None]]] = {}
 
@@ -63,8 +69,9 @@ class HealthRunner:
         new = [p for key, p in wanted.items() if key not in self._tasks]
         for i, probe in enumerate(new):
             delay = probe.check.interval * i / len(new)
-            task = asyncio.get_running_loop().create_task(self._loop(probe, delay),
-                                                          name=f"health {probe.pool}/{probe.server}")
+            task = asyncio.get_running_loop().create_task(
+                self._loop(probe, delay), name=f"health {probe.pool}/{probe.server}"
+            )
             self._tasks[(probe.pool, probe.server)] = (probe, task)
 
     @property
@@ -87,7 +94,7 @@ class HealthRunner:
                 result = await self.checker(probe.check, probe.address)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:   # a checker bug must not end the server's checks
+            except Exception as exc:  # a checker bug must not end the server's checks
                 log.exception("health check of %s/%s failed", probe.pool, probe.server)
                 result = CheckResult(False, None, f"check error: {exc}")
             try:
@@ -96,6 +103,6 @@ class HealthRunner:
                 log.exception("health result of %s/%s not taken", probe.pool, probe.server)
             now = self.clock()
             due += interval
-            if due < now:   # overran: skip the missed turns
+            if due < now:  # overran: skip the missed turns
                 due += interval * ((now - due) // interval + 1)
             await asyncio.sleep(due - now)

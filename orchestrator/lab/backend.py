@@ -39,10 +39,11 @@ def kernel_has_mpls() -> bool:
 @dataclass(frozen=True)
 class Availability:
     """One backend: whether it can run here, and what it would run (or what it lacks)."""
+
     name: str
     available: bool
     detail: str
-    kvm: bool = False          # vm only: KVM works (a probe guest ran)
+    kvm: bool = False  # vm only: KVM works (a probe guest ran)
 
 
 def host() -> Availability:
@@ -109,16 +110,27 @@ def status(name: str | None) -> dict[str, Any]:
     found = {"host": host(), "uml": uml_kernel(), "vm": qemu_vm()}
     if name is not None:
         chosen = name if found[name].available else None
-        why = (f"asked for ({BACKEND_ENV} or --backend): {found[name].detail}" if chosen
-               else f"asked for {name}, which cannot run: {found[name].detail}")
+        why = (
+            f"asked for ({BACKEND_ENV} or --backend): {found[name].detail}"
+            if chosen
+            else f"asked for {name}, which cannot run: {found[name].detail}"
+        )
     else:
         chosen = next((b for b in BACKENDS if found[b].available), None)
-        skipped = [f"{b}: {found[b].detail}" for b in BACKENDS[:BACKENDS.index(chosen)]] if chosen else []
-        why = (f"first available: {found[chosen].detail}" if chosen else "none is available") \
-            + ("".join(f"; not {s}" for s in skipped))
+        skipped = [f"{b}: {found[b].detail}" for b in BACKENDS[: BACKENDS.index(chosen)]] if chosen else []
+        why = (f"first available: {found[chosen].detail}" if chosen else "none is available") + (
+            "".join(f"; not {s}" for s in skipped)
+        )
     kernel = uml.built_kernel()
-    return {"backend": chosen, "reason": why, "host_kernel": platform.release(),
-            "backends": {b: {"available": a.available, "detail": a.detail, **({"kvm": a.kvm} if b == "vm" else {})}
-                         for b, a in found.items()},
-            "uml_kernel": None if kernel is None else {"path": str(kernel.binary), **kernel.info},
-            "uml_fragment_sha256": uml.fragment_hash(), "uml_cache": str(uml.cache_dir())}
+    return {
+        "backend": chosen,
+        "reason": why,
+        "host_kernel": platform.release(),
+        "backends": {
+            b: {"available": a.available, "detail": a.detail, **({"kvm": a.kvm} if b == "vm" else {})}
+            for b, a in found.items()
+        },
+        "uml_kernel": None if kernel is None else {"path": str(kernel.binary), **kernel.info},
+        "uml_fragment_sha256": uml.fragment_hash(),
+        "uml_cache": str(uml.cache_dir()),
+    }

@@ -25,10 +25,14 @@ CHECK_PORT = 8080  # with `checked`: the servers' application on their own addre
 # Seconds a daemon may take to answer on its control socket: Python's start alone takes 20-45 s
 # in the emulated VM, several times that when other VMs share the host's CPUs.
 START_TIMEOUT = 30
-UDP_ECHO = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 53))\n"
-            "while True:\n d,a=s.recvfrom(2048); s.sendto(b'echo '+d, a)")
-UDP_ASK = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5);"
-           "s.sendto(b'hello', (sys.argv[1], 53)); print(s.recvfrom(100)[0].decode())")
+UDP_ECHO = (
+    "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 53))\n"
+    "while True:\n d,a=s.recvfrom(2048); s.sendto(b'echo '+d, a)"
+)
+UDP_ASK = (
+    "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5);"
+    "s.sendto(b'hello', (sys.argv[1], 53)); print(s.recvfrom(100)[0].decode())"
+)
 
 
 # The lab's changes to templates/balancer.example.yaml (key paths of orchestrator.config.examples).
@@ -53,8 +57,14 @@ def lab_config(sock: Path, changes: Mapping[KeyPath, Any] | None = None) -> str:
 class BalancerLab:
     """Set up with `start()`, torn down with `close()`: everything it made is removed."""
 
-    def __init__(self, lab: Lab, node: str = "lb", plain_servers: bool = True, checked: bool = False,
-                 changes: Mapping[KeyPath, Any] | None = None) -> None:
+    def __init__(
+        self,
+        lab: Lab,
+        node: str = "lb",
+        plain_servers: bool = True,
+        checked: bool = False,
+        changes: Mapping[KeyPath, Any] | None = None,
+    ) -> None:
         """`plain_servers=False`: the servers run the agent (server_lab.py), which installs the
         termination routes itself and answers under S2C labels, so neither the hand-made
         termination routes nor the fabric's plain-IP way back to the clients are set up.
@@ -77,9 +87,9 @@ class BalancerLab:
     def start(self) -> None:
         lab = self.lab
         for server in lab.names("server"):
-            results = lab.provider(server).apply([ops.Add(ops.MplsRoute(label, "lo"))
-                                                  for label in range(LABELS[0], LABELS[1], 2)
-                                                  if self.plain_servers])
+            results = lab.provider(server).apply(
+                [ops.Add(ops.MplsRoute(label, "lo")) for label in range(LABELS[0], LABELS[1], 2) if self.plain_servers]
+            )
             if not all(r.ok for r in results):
                 raise RuntimeError(f"termination routes on {server}: {next(r for r in results if not r.ok)}")
             self.start_app(server)
@@ -88,19 +98,32 @@ class BalancerLab:
             lab.sh("p", "ip", "route", "replace", net, "via", gw)
         for net in self._server_nets() if self.checked else []:
             lab.sh(self.node, "ip", "route", "replace", net, "via", lab.peer_address(self.node, "p"))
-        self.proc = lab.spawn(self.node, sys.executable, "-m", "orchestrator", "run", "--config",
-                              str(self.config), log=self.dir / "daemon.log")
+        self.proc = lab.spawn(
+            self.node,
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "run",
+            "--config",
+            str(self.config),
+            log=self.dir / "daemon.log",
+        )
         deadline = time.monotonic() + patience(START_TIMEOUT)
         while not self.sock.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the balancer did not start:\n" + self.log())
             time.sleep(0.2)
         # Short conntrack timeouts, so flows (and then sessions) end within a test's patience.
-        lab.sh(self.node, "sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=3",
-               "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1",
-               "net.netfilter.nf_conntrack_tcp_timeout_close=1",
-               "net.netfilter.nf_conntrack_tcp_timeout_fin_wait=1",
-               "net.netfilter.nf_conntrack_tcp_timeout_last_ack=1")
+        lab.sh(
+            self.node,
+            "sysctl",
+            "-qw",
+            "net.netfilter.nf_conntrack_udp_timeout=3",
+            "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1",
+            "net.netfilter.nf_conntrack_tcp_timeout_close=1",
+            "net.netfilter.nf_conntrack_tcp_timeout_fin_wait=1",
+            "net.netfilter.nf_conntrack_tcp_timeout_last_ack=1",
+        )
 
     def start_app(self, server: str) -> None:
         """The server's application: HTTP on both VIPs (and on its own address when checked), UDP echo."""
@@ -118,15 +141,23 @@ class BalancerLab:
 
     def _server_nets(self) -> list[str]:
         """The servers' IPv4 subnets: health checks go to the servers' own addresses."""
-        return sorted({str(ipaddress.ip_interface(a).network) for server in self.lab.names("server")
-                       for a in self.lab.iface(server, towards="p")["addresses"] if ":" not in a})
+        return sorted(
+            {
+                str(ipaddress.ip_interface(a).network)
+                for server in self.lab.names("server")
+                for a in self.lab.iface(server, towards="p")["addresses"]
+                if ":" not in a
+            }
+        )
 
     def _client_lan_routes(self) -> list[tuple[str, str]]:
         """(client LAN, balancer's fabric address) per address family: the fabric's way back."""
         lan = self.lab.iface(self.node, segment="lan")["addresses"]
         fab = self.lab.iface(self.node, towards="p")["addresses"]
-        return [(str(ipaddress.ip_interface(a).network), next(g.split("/")[0] for g in fab if (":" in g) == (":" in a)))
-                for a in lan]
+        return [
+            (str(ipaddress.ip_interface(a).network), next(g.split("/")[0] for g in fab if (":" in g) == (":" in a)))
+            for a in lan
+        ]
 
     def log(self) -> str:
         path = self.dir / "daemon.log"
@@ -153,8 +184,13 @@ class BalancerLab:
     def kernel_packets(self) -> int:
         """Packets our C2S filters labelled in the kernel (the first action's counter)."""
         out = self.lab.sh(self.node, "tc", "-s", "-j", "filter", "show", "dev", "fab0", "egress").stdout
-        return sum(a["stats"]["packets"] for f in json.loads(out) if "options" in f
-                   for a in f["options"].get("actions", []) if a.get("order") == 1)
+        return sum(
+            a["stats"]["packets"]
+            for f in json.loads(out)
+            if "options" in f
+            for a in f["options"].get("actions", [])
+            if a.get("order") == 1
+        )
 
     def reload(self, changes: Mapping[KeyPath, Any] | None = None) -> None:
         """Rewrite the configuration (the lab's plus `changes`, as in `lab_config`) and SIGHUP the daemon."""

@@ -17,9 +17,9 @@ from typing import Any
 from orchestrator.lab.balancer_lab import BalancerLab
 from orchestrator.lab.kit import Lab
 
-HTTP_PER_CLIENT = 3   # connections to the IPv4 VIP per client: one session
+HTTP_PER_CLIENT = 3  # connections to the IPv4 VIP per client: one session
 HTTP6_PER_CLIENT = 2  # to the IPv6 VIP: another
-UDP_PER_CLIENT = 2    # UDP exchanges (each a new flow) to the IPv4 VIP: a third
+UDP_PER_CLIENT = 2  # UDP exchanges (each a new flow) to the IPv4 VIP: a third
 
 
 def run(lab: Lab) -> dict[str, Any]:
@@ -28,8 +28,11 @@ def run(lab: Lab) -> dict[str, Any]:
     try:
         balancer.start()
         capture = lab.capture("p", lab.iface("p", towards="lb")["dev"], "demo-c2s")
-        http = {c: [balancer.curl(c) for _ in range(HTTP_PER_CLIENT)]
-                + [balancer.curl(c, lab.vip6) for _ in range(HTTP6_PER_CLIENT)] for c in lab.names("client")}
+        http = {
+            c: [balancer.curl(c) for _ in range(HTTP_PER_CLIENT)]
+            + [balancer.curl(c, lab.vip6) for _ in range(HTTP6_PER_CLIENT)]
+            for c in lab.names("client")
+        }
         udp = {c: [balancer.udp(c) for _ in range(UDP_PER_CLIENT)] for c in lab.names("client")}
         stacks = Counter(capture.stacks())
         sessions = sorted(balancer.sessions(), key=lambda s: s["id"])
@@ -46,33 +49,46 @@ def run(lab: Lab) -> dict[str, Any]:
     userspace = status["counters"].get("packets_userspace", 0)
     # Each client's flows to one service: the first through the daemon, the others admitted by
     # the kernel's fast path (nft counts both), every one counted towards its session.
-    packets = {"userspace": userspace, "total": kernel, "flows": balancer.flows, "sessions": len(sessions),
-               "queued": sum(v for k, v in nft.items() if k.startswith("queued_")),
-               "fast_path": sum(v for k, v in nft.items() if k.startswith("fastpath_"))}
-    ok = (all(code == "200" for codes in http.values() for code in codes)
-          and all(answer == "echo hello" for answers in udp.values() for answer in answers)
-          and all(s["c2s_stack_on_wire"] for s in sessions)
-          and len(sessions) == 3 * len(lab.names("client"))
-          and userspace == packets["queued"] == len(sessions)
-          and all(s["packets_userspace"] == 1 for s in sessions)
-          and sum(s["flows_total"] for s in sessions) == balancer.flows
-          and packets["fast_path"] == balancer.flows - len(sessions))
+    packets = {
+        "userspace": userspace,
+        "total": kernel,
+        "flows": balancer.flows,
+        "sessions": len(sessions),
+        "queued": sum(v for k, v in nft.items() if k.startswith("queued_")),
+        "fast_path": sum(v for k, v in nft.items() if k.startswith("fastpath_")),
+    }
+    ok = (
+        all(code == "200" for codes in http.values() for code in codes)
+        and all(answer == "echo hello" for answers in udp.values() for answer in answers)
+        and all(s["c2s_stack_on_wire"] for s in sessions)
+        and len(sessions) == 3 * len(lab.names("client"))
+        and userspace == packets["queued"] == len(sessions)
+        and all(s["packets_userspace"] == 1 for s in sessions)
+        and sum(s["flows_total"] for s in sessions) == balancer.flows
+        and packets["fast_path"] == balancer.flows - len(sessions)
+    )
     return {"sessions": sessions, "servers": servers, "packets": packets, "http": http, "udp": udp, "ok": ok}
 
 
 def show(result: dict[str, Any]) -> None:
-    print("mplsorch demo: the balancer on the default lab, several HTTP (IPv4 and IPv6) and UDP flows "
-          "from every client\n")
-    print(f"{'client':14}{'service':9}{'server':8}{'C2S':>6}{'S2C':>6}  {'on the fabric':16}{'flows':>6}"
-          f"{'userspace':>10}")
+    print(
+        "mplsorch demo: the balancer on the default lab, several HTTP (IPv4 and IPv6) and UDP flows from every client\n"
+    )
+    print(
+        f"{'client':14}{'service':9}{'server':8}{'C2S':>6}{'S2C':>6}  {'on the fabric':16}{'flows':>6}{'userspace':>10}"
+    )
     for s in result["sessions"]:
         wire = "[" + ", ".join(map(str, s["c2s_stack_on_wire"])) + "]" if s["c2s_stack_on_wire"] else "not seen"
-        print(f"{s['client']:14}{s['service']:9}{s['server']:8}{s['c2s_label']:>6}{s['s2c_label']:>6}  "
-              f"{wire:16}{s['flows_total']:>6}{s['packets_userspace']:>10}")
+        print(
+            f"{s['client']:14}{s['service']:9}{s['server']:8}{s['c2s_label']:>6}{s['s2c_label']:>6}  "
+            f"{wire:16}{s['flows_total']:>6}{s['packets_userspace']:>10}"
+        )
     print("\nsessions per server: " + ", ".join(f"{k} {v}" for k, v in result["servers"].items()))
     p = result["packets"]
-    print(f"flows: {p['flows']} in {p['sessions']} sessions; {p['userspace']} first packets went through the "
-          f"daemon (one per session), {p['fast_path']} new flows were admitted by the kernel's fast path")
+    print(
+        f"flows: {p['flows']} in {p['sessions']} sessions; {p['userspace']} first packets went through the "
+        f"daemon (one per session), {p['fast_path']} new flows were admitted by the kernel's fast path"
+    )
     print(f"packets towards the VIP: {p['total']} label-switched by the kernel")
     print("result: " + ("ok" if result["ok"] else "FAILED"))
 

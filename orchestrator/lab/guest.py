@@ -18,10 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TextIO
 
-IN_GUEST_ENV = "MPLSORCH_LAB_IN_VM"       # set inside a guest: build the lab here, do not boot again
-RESULT_ENV = "MPLSORCH_LAB_RESULT"        # where the inner run writes its result for the outer one
-PASS_ENV: tuple[str, ...] = ("PATH", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE",
-                             "HOME", "LANG", "LC_ALL", "TERM", "NO_COLOR")
+IN_GUEST_ENV = "MPLSORCH_LAB_IN_VM"  # set inside a guest: build the lab here, do not boot again
+RESULT_ENV = "MPLSORCH_LAB_RESULT"  # where the inner run writes its result for the outer one
+PASS_ENV: tuple[str, ...] = (
+    "PATH",
+    "VIRTUAL_ENV",
+    "PYTHONPATH",
+    "PYTHONUNBUFFERED",
+    "PYTHONDONTWRITEBYTECODE",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "TERM",
+    "NO_COLOR",
+)
 
 
 class GuestUnavailable(RuntimeError):
@@ -30,8 +40,8 @@ class GuestUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class GuestResult:
-    returncode: int                 # the guest process's (vng's or the UML kernel's) exit status
-    result: dict[str, Any] | None   # what the inner run wrote, None when it never finished
+    returncode: int  # the guest process's (vng's or the UML kernel's) exit status
+    result: dict[str, Any] | None  # what the inner run wrote, None when it never finished
 
 
 def guest_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
@@ -47,11 +57,12 @@ def guest_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
 
 def launcher(cwd: str, env: dict[str, str], inner_args: list[str]) -> str:
     """A shell script that runs the inner `lab run` in CWD with exactly ENV."""
-    return ("#!/bin/sh\n"
-            f"cd {shlex.quote(cwd)} || exit 3\n"
-            f"exec env {' '.join(shlex.quote(f'{k}={v}') for k, v in sorted(env.items()))} "
-            f"{shlex.quote(sys.executable)} -m orchestrator lab run "
-            + " ".join(shlex.quote(a) for a in inner_args) + "\n")
+    return (
+        "#!/bin/sh\n"
+        f"cd {shlex.quote(cwd)} || exit 3\n"
+        f"exec env {' '.join(shlex.quote(f'{k}={v}') for k, v in sorted(env.items()))} "
+        f"{shlex.quote(sys.executable)} -m orchestrator lab run " + " ".join(shlex.quote(a) for a in inner_args) + "\n"
+    )
 
 
 def read_result(path: Path) -> dict[str, Any] | None:
@@ -74,7 +85,7 @@ def relay_stream(src: IO[bytes] | None, dst: TextIO) -> None:
     """Copy a pipe to DST until it closes (bytes as they come, nothing decoded on the way)."""
     if src is None:
         return
-    for chunk in iter(lambda: src.read1(65536), b""):   # type: ignore[attr-defined]
+    for chunk in iter(lambda: src.read1(65536), b""):  # type: ignore[attr-defined]
         _out(dst, chunk)
 
 

@@ -28,8 +28,12 @@ def daemon_cli(sock: Path, *args: str, node: str | None = None, timeout: float =
     its parsed JSON: one place for how the lab's balancer and agents are queried. It runs in this
     namespace (the control socket is a file, reachable from any). Raises RuntimeError with the
     CLI's stderr, naming `node` when given, if the command fails."""
-    out = subprocess.run([sys.executable, "-m", "orchestrator", *args, "--json", "--socket", str(sock)],
-                         capture_output=True, text=True, timeout=patience(timeout))
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args, "--json", "--socket", str(sock)],
+        capture_output=True,
+        text=True,
+        timeout=patience(timeout),
+    )
     if out.returncode != 0:
         where = f" on {node}" if node else ""
         raise RuntimeError(f"mplsorch {' '.join(args)}{where}: {out.stderr}")
@@ -43,7 +47,7 @@ class Lab:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @classmethod
-    def from_env(cls) -> "Lab":
+    def from_env(cls) -> Lab:
         return cls(json.loads(Path(os.environ["MPLSORCH_LAB_JSON"]).read_text()))
 
     def node(self, name: str) -> dict[str, Any]:
@@ -83,8 +87,13 @@ class Lab:
         return self.node(node)["netns"]
 
     def sh(self, node: str, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ip", "netns", "exec", self.netns(node), *cmd], capture_output=True,
-                              text=True, check=check, timeout=timeout)
+        return subprocess.run(
+            ["ip", "netns", "exec", self.netns(node), *cmd],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+        )
 
     def provider(self, node: str) -> NetlinkProvider:
         if node not in self.providers:
@@ -93,8 +102,12 @@ class Lab:
 
     def spawn(self, node: str, *cmd: str, log: Path | None = None) -> subprocess.Popen[bytes]:
         out = open(log, "wb") if log else subprocess.DEVNULL
-        proc = subprocess.Popen(["ip", "netns", "exec", self.netns(node), *cmd], stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.netns(node), *cmd],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.procs.append(proc)
         return proc
 
@@ -113,8 +126,9 @@ class Lab:
         root.mkdir(parents=True, exist_ok=True)
         (root / "index.html").write_text(f"served by {node}\n")
         log = Path(self.node(node)["runtime_dir"]) / f"http-{port}{'-v6' if ':' in address else ''}.log"
-        proc = self.spawn(node, "python3", "-u", "-m", "http.server", str(port), "--bind", address,
-                          "--directory", str(root), log=log)
+        proc = self.spawn(
+            node, "python3", "-u", "-m", "http.server", str(port), "--bind", address, "--directory", str(root), log=log
+        )
         deadline = time.monotonic() + 30
         while b"Serving HTTP" not in (log.read_bytes() if log.exists() else b""):
             if time.monotonic() > deadline or proc.poll() is not None:
@@ -124,17 +138,39 @@ class Lab:
 
     def curl(self, node: str, url: str, timeout: float = 5) -> str:
         """The HTTP status code, or '000' when no answer came."""
-        result = self.sh(node, "curl", "-s", "-o", "/dev/null", "-m", str(timeout), "-w", "%{http_code}",
-                         url, check=False, timeout=timeout + 10)
+        result = self.sh(
+            node,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-m",
+            str(timeout),
+            "-w",
+            "%{http_code}",
+            url,
+            check=False,
+            timeout=timeout + 10,
+        )
         return result.stdout.strip() or "000"
 
-    def capture(self, node: str, dev: str, name: str) -> "Capture":
+    def capture(self, node: str, dev: str, name: str) -> Capture:
         path = Path(self.node(node)["runtime_dir"]) / f"{name}.pcap"
-        proc = self.spawn(node, "tcpdump", "--immediate-mode", "-U", "-nn", "-i", dev, "-w", str(path), "mpls",
-                          log=path.with_suffix(".log"))
+        proc = self.spawn(
+            node,
+            "tcpdump",
+            "--immediate-mode",
+            "-U",
+            "-nn",
+            "-i",
+            dev,
+            "-w",
+            str(path),
+            "mpls",
+            log=path.with_suffix(".log"),
+        )
         deadline = time.monotonic() + 20
-        while b"listening" not in (path.with_suffix(".log").read_bytes()
-                                   if path.with_suffix(".log").exists() else b""):
+        while b"listening" not in (path.with_suffix(".log").read_bytes() if path.with_suffix(".log").exists() else b""):
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"tcpdump on {node}:{dev} did not start")
             time.sleep(0.2)
@@ -157,7 +193,7 @@ class Capture:
         """Stop the capture; the MPLS label stack (outermost first) of every packet seen."""
         time.sleep(1.0)  # packets just sent may still be on their way through the namespaces
         self.lab.stop(self.proc)
-        text = subprocess.run(["tcpdump", "-nn", "-r", str(self.path)], capture_output=True,
-                              text=True, check=True).stdout
-        return [tuple(int(x) for x in re.findall(r"label (\d+)", line))
-                for line in text.splitlines() if "MPLS" in line]
+        text = subprocess.run(
+            ["tcpdump", "-nn", "-r", str(self.path)], capture_output=True, text=True, check=True
+        ).stdout
+        return [tuple(int(x) for x in re.findall(r"label (\d+)", line)) for line in text.splitlines() if "MPLS" in line]

@@ -53,6 +53,7 @@ def run_cmd(argv: list[str], input: str | None = None) -> str:
 @dataclass(frozen=True)
 class LabPaths:
     """Where the lab keeps its files (overridable for tests)."""
+
     run_dir: Path = Path("/run/mplsorch-lab")
     etc_netns: Path = Path("/etc/netns")
     lock: Path = Path("/run/mplsorch-lab.lock")
@@ -69,20 +70,30 @@ class LabPaths:
 @dataclass
 class LabState:
     """What one lab run created (the content of the state file)."""
+
     netns: list[str] = field(default_factory=list)
-    dirs: list[str] = field(default_factory=list)              # removed recursively
-    rmdir_if_empty: list[str] = field(default_factory=list)    # parents we had to create
+    dirs: list[str] = field(default_factory=list)  # removed recursively
+    rmdir_if_empty: list[str] = field(default_factory=list)  # parents we had to create
     pid: int = field(default_factory=os.getpid)
 
     def to_json(self) -> str:
-        return json.dumps({"version": 1, "pid": self.pid, "netns": self.netns, "dirs": self.dirs,
-                           "rmdir_if_empty": self.rmdir_if_empty}, indent=1)
+        return json.dumps(
+            {
+                "version": 1,
+                "pid": self.pid,
+                "netns": self.netns,
+                "dirs": self.dirs,
+                "rmdir_if_empty": self.rmdir_if_empty,
+            },
+            indent=1,
+        )
 
     @classmethod
     def from_json(cls, text: str) -> LabState:
         d = json.loads(text)
-        return cls(list(d.get("netns", [])), list(d.get("dirs", [])), list(d.get("rmdir_if_empty", [])),
-                   int(d.get("pid", 0)))
+        return cls(
+            list(d.get("netns", [])), list(d.get("dirs", [])), list(d.get("rmdir_if_empty", [])), int(d.get("pid", 0))
+        )
 
 
 @contextmanager
@@ -184,7 +195,7 @@ def cleanup_leftovers(paths: LabPaths, shell: Shell = run_cmd) -> LabState | Non
     """Remove a crashed run's objects, as named by its state file; call with the lock held."""
     if not paths.state.exists():
         try:
-            paths.run_dir.rmdir()    # empty: a run that died between mkdir and writing its state
+            paths.run_dir.rmdir()  # empty: a run that died between mkdir and writing its state
         except OSError:
             pass
         return None
@@ -255,8 +266,11 @@ def _sysctl(shell: Shell, ns: str, settings: dict[str, str]) -> None:
 
 def _fabric_facing(topo: Topology, node: str) -> list[str]:
     """The node's devices on segments that contain a fabric node (where MPLS input is allowed)."""
-    return [m.dev for seg, m in topo.attachments(node)
-            if any(topo.node(o.node).role == "fabric" for o in seg.members if o.node != node)]
+    return [
+        m.dev
+        for seg, m in topo.attachments(node)
+        if any(topo.node(o.node).role == "fabric" for o in seg.members if o.node != node)
+    ]
 
 
 def sysctls(topo: Topology, node: str) -> dict[str, str]:
@@ -330,8 +344,14 @@ def node_routes(topo: Topology, node: str) -> list[str]:
                     lines.append(f"route add {_default(addr.version)} via {addr}")
     if n.role == "balancer":
         for vip in topo.vips:
-            hop = next(((mine, o.of_version(vip.version)) for _, mine, o in topo.neighbours(node, "fabric")
-                        if o.of_version(vip.version) is not None), None)
+            hop = next(
+                (
+                    (mine, o.of_version(vip.version))
+                    for _, mine, o in topo.neighbours(node, "fabric")
+                    if o.of_version(vip.version) is not None
+                ),
+                None,
+            )
             if hop is None:
                 raise LabError(f"balancer {node} has no fabric neighbour of the VIP {vip}'s address family")
             lines.append(f"route add {vip}/{vip.max_prefixlen} via {hop[1]} dev {hop[0].dev}")
@@ -358,15 +378,22 @@ def check_free(state: LabState) -> None:
     """Refuse to start when a name we would create exists but is not ours (no state file names it)."""
     for ns in state.netns:
         if (NETNS_DIR / ns).exists():
-            raise LabError(f"network namespace {ns} already exists and no lab state file names it; "
-                           f"delete it (`ip netns delete {ns}`) if it is a lab leftover")
+            raise LabError(
+                f"network namespace {ns} already exists and no lab state file names it; "
+                f"delete it (`ip netns delete {ns}`) if it is a lab leftover"
+            )
     for d in state.dirs:
         if Path(d).exists():
             raise LabError(f"{d} already exists and no lab state file names it; remove it if it is a lab leftover")
 
 
-def build(topo: Topology, paths: LabPaths, state: LabState, shell: Shell = run_cmd,
-          progress: Callable[[str], None] = lambda _msg: None) -> None:
+def build(
+    topo: Topology,
+    paths: LabPaths,
+    state: LabState,
+    shell: Shell = run_cmd,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> None:
     """Create the lab planned in `state` (after check_free, with the lock held); on failure the
     caller removes `state`. The state file is written before anything else is created."""
     paths.run_dir.mkdir(parents=True, exist_ok=False)
@@ -379,8 +406,10 @@ def build(topo: Topology, paths: LabPaths, state: LabState, shell: Shell = run_c
             etc.mkdir(parents=True)
             (etc / "hosts").write_text(hosts)
         except OSError as e:
-            raise LabError(f"cannot create {etc} ({e.strerror}); /etc must be writable "
-                           "(in the VM it is an overlay: vng --overlay-rwdir /etc)") from None
+            raise LabError(
+                f"cannot create {etc} ({e.strerror}); /etc must be writable "
+                "(in the VM it is an overlay: vng --overlay-rwdir /etc)"
+            ) from None
         (paths.run_dir / name).mkdir()
     for ns in state.netns:
         shell(["ip", "netns", "add", ns])
@@ -401,9 +430,13 @@ def build(topo: Topology, paths: LabPaths, state: LabState, shell: Shell = run_c
 
 def describe(topo: Topology, paths: LabPaths, vm: bool, backend: str | None = None) -> dict[str, Any]:
     """The lab description given to CMD (the MPLSORCH_LAB_JSON file); its format is documented."""
+
     def peers(seg: Segment, node: str) -> list[dict[str, Any]]:
-        return [{"node": o.node, "dev": o.dev, "address": str(o.address),
-                 "addresses": [str(a) for a in o.addresses]} for o in seg.members if o.node != node]
+        return [
+            {"node": o.node, "dev": o.dev, "address": str(o.address), "addresses": [str(a) for a in o.addresses]}
+            for o in seg.members
+            if o.node != node
+        ]
 
     bridges = bridge_names(topo)
     nodes = []
@@ -411,18 +444,51 @@ def describe(topo: Topology, paths: LabPaths, vm: bool, backend: str | None = No
         ifaces = []
         for seg, m in topo.attachments(n.name):
             p = peers(seg, n.name)
-            ifaces.append({"dev": m.dev, "address": str(m.address), "prefix": seg.subnet.prefixlen,
-                           "addresses": [f"{a}/{seg.prefixlen(a.version)}" for a in m.addresses],
-                           "segment": seg.name, "peer": p[0]["node"] if len(p) == 1 else None, "peers": p})
-        nodes.append({"name": n.name, "role": n.role, "netns": n.name, "transport_label": n.transport_label,
-                      "interfaces": ifaces, "runtime_dir": str(paths.run_dir / n.name),
-                      "etc_dir": str(paths.etc_netns / n.name),
-                      "routes": [{"to": r.to, "via": str(r.via), "dev": r.dev} for r in n.routes]})
-    segments = [{"name": s.name, "subnet": str(s.subnet), "subnets": [str(n) for n in s.subnets], "kind": "bridge" if s.is_bridge else "veth",
-                 "bridge": bridges.get(s.name), "switch_netns": SWITCH_NETNS if s.is_bridge else None,
-                 "members": [{"node": m.node, "dev": m.dev, "address": str(m.address),
-                              "addresses": [str(a) for a in m.addresses]} for m in s.members]}
-                for s in topo.segments]
-    return {"version": 1, "source": topo.source, "platform_labels": topo.platform_labels, "vm": vm,
-            "backend": backend,
-            "nodes": nodes, "segments": segments, "vips": [str(v) for v in topo.vips]}
+            ifaces.append(
+                {
+                    "dev": m.dev,
+                    "address": str(m.address),
+                    "prefix": seg.subnet.prefixlen,
+                    "addresses": [f"{a}/{seg.prefixlen(a.version)}" for a in m.addresses],
+                    "segment": seg.name,
+                    "peer": p[0]["node"] if len(p) == 1 else None,
+                    "peers": p,
+                }
+            )
+        nodes.append(
+            {
+                "name": n.name,
+                "role": n.role,
+                "netns": n.name,
+                "transport_label": n.transport_label,
+                "interfaces": ifaces,
+                "runtime_dir": str(paths.run_dir / n.name),
+                "etc_dir": str(paths.etc_netns / n.name),
+                "routes": [{"to": r.to, "via": str(r.via), "dev": r.dev} for r in n.routes],
+            }
+        )
+    segments = [
+        {
+            "name": s.name,
+            "subnet": str(s.subnet),
+            "subnets": [str(n) for n in s.subnets],
+            "kind": "bridge" if s.is_bridge else "veth",
+            "bridge": bridges.get(s.name),
+            "switch_netns": SWITCH_NETNS if s.is_bridge else None,
+            "members": [
+                {"node": m.node, "dev": m.dev, "address": str(m.address), "addresses": [str(a) for a in m.addresses]}
+                for m in s.members
+            ],
+        }
+        for s in topo.segments
+    ]
+    return {
+        "version": 1,
+        "source": topo.source,
+        "platform_labels": topo.platform_labels,
+        "vm": vm,
+        "backend": backend,
+        "nodes": nodes,
+        "segments": segments,
+        "vips": [str(v) for v in topo.vips],
+    }

@@ -35,14 +35,15 @@ DURATIONS_FILE = "pytest-durations.json"
 @dataclass(frozen=True)
 class ModuleResult:
     """One module's lab run: counts from its JUnit XML, or one error when the lab gave none."""
+
     module: str
     exit_code: int
     seconds: float
     tests: int = 0
     failures: int = 0
     errors: int = 0
-    skipped: list[str] = field(default_factory=list)     # "nodeid: reason"
-    problem: str | None = None                             # why the module counts as an error
+    skipped: list[str] = field(default_factory=list)  # "nodeid: reason"
+    problem: str | None = None  # why the module counts as an error
 
     @property
     def passed(self) -> int:
@@ -66,10 +67,12 @@ def collect(paths: list[str]) -> list[str]:
 def order(modules: list[str], durations: dict[str, float]) -> list[str]:
     """Slowest first, so that the last module to start is a short one; modules never timed go
     first (ordered by size), since they may be the slowest."""
+
     def key(m: str) -> tuple[int, float]:
         if m in durations:
             return (1, -durations[m])
         return (0, -float(Path(m).stat().st_size) if Path(m).exists() else 0.0)
+
     return sorted(modules, key=key)
 
 
@@ -78,8 +81,9 @@ def parse_junit(module: str, xml_path: Path, exit_code: int, seconds: float) -> 
     try:
         root = ET.parse(xml_path).getroot()
     except (OSError, ET.ParseError):
-        return ModuleResult(module, exit_code, seconds, problem=f"the lab ended with exit status {exit_code} "
-                            "before pytest reported")
+        return ModuleResult(
+            module, exit_code, seconds, problem=f"the lab ended with exit status {exit_code} before pytest reported"
+        )
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     tests = failures = errors = 0
     skipped: list[str] = []
@@ -104,8 +108,12 @@ def summary_line(results: list[ModuleResult], seconds: float) -> str:
     failed = sum(r.failures for r in results)
     errors = sum(r.errors + (1 if r.problem else 0) for r in results)
     skipped = sum(len(r.skipped) for r in results)
-    parts = [f"{passed} passed"] + ([f"{failed} failed"] if failed else []) \
-        + ([f"{skipped} skipped"] if skipped else []) + ([f"{errors} error{'s' if errors != 1 else ''}"] if errors else [])
+    parts = (
+        [f"{passed} passed"]
+        + ([f"{failed} failed"] if failed else [])
+        + ([f"{skipped} skipped"] if skipped else [])
+        + ([f"{errors} error{'s' if errors != 1 else ''}"] if errors else [])
+    )
     return f"{'=' * 20} {', '.join(parts)} in {seconds:.2f}s {'=' * 20}"
 
 
@@ -126,9 +134,25 @@ class _Runner:
     def _one(self, module: str) -> ModuleResult:
         stem = module.replace("/", "_")
         xml, log = self.out_dir / f"{stem}.xml", self.out_dir / f"{stem}.log"
-        argv = [sys.executable, "-m", "orchestrator", "lab", "run", "--backend", self.backend_name, "--",
-                sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-                *self.pytest_args, module]
+        argv = [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "lab",
+            "run",
+            "--backend",
+            self.backend_name,
+            "--",
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={xml}",
+            *self.pytest_args,
+            module,
+        ]
         t0 = time.monotonic()
         with open(log, "wb") as f:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
@@ -225,8 +249,10 @@ def run_parallel(paths: list[str], jobs: int | None, backend_name: str | None, p
     results = sorted(runner.results, key=lambda r: r.module)
     print(f"\n{'module':<44} {'tests':>5} {'passed':>6} {'failed':>6} {'errors':>6} {'skipped':>7} {'seconds':>8}")
     for r in results:
-        print(f"{r.module:<44} {r.tests:>5} {r.passed:>6} {r.failures:>6} {r.errors + bool(r.problem):>6} "
-              f"{len(r.skipped):>7} {r.seconds:>8.1f}" + (f"  {r.problem}" if r.problem else ""))
+        print(
+            f"{r.module:<44} {r.tests:>5} {r.passed:>6} {r.failures:>6} {r.errors + bool(r.problem):>6} "
+            f"{len(r.skipped):>7} {r.seconds:>8.1f}" + (f"  {r.problem}" if r.problem else "")
+        )
     for r in results:
         for s in r.skipped:
             print(f"SKIPPED {s}")
@@ -234,7 +260,7 @@ def run_parallel(paths: list[str], jobs: int | None, backend_name: str | None, p
     for m in not_run:
         print(f"NOT RUN {m} (interrupted)")
     print(summary_line(results, elapsed), flush=True)
-    measured = {r.module: round(r.seconds, 1) for r in results if r.ok}   # a failed module's time says little
+    measured = {r.module: round(r.seconds, 1) for r in results if r.ok}  # a failed module's time says little
     try:
         durations_path.parent.mkdir(parents=True, exist_ok=True)
         durations_path.write_text(json.dumps(_read_durations(durations_path) | measured, indent=1, sort_keys=True))

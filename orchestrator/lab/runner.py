@@ -66,22 +66,29 @@ class _Signals:
 
 
 def summary(topo: Topology) -> dict[str, Any]:
-    return {"source": topo.source, "platform_labels": topo.platform_labels,
-            "nodes": {role: topo.names(role) for role in ROLES},
-            "segments": [s.name for s in topo.segments], "vips": [str(v) for v in topo.vips]}
+    return {
+        "source": topo.source,
+        "platform_labels": topo.platform_labels,
+        "nodes": {role: topo.names(role) for role in ROLES},
+        "segments": [s.name for s in topo.segments],
+        "vips": [str(v) for v in topo.vips],
+    }
 
 
 def cmd_env(topo: Topology, paths: netns.LabPaths) -> dict[str, str]:
     """The documented environment of CMD."""
     env = dict(os.environ)
     env.pop(RESULT_ENV, None)
-    env |= {"MPLSORCH_LAB_JSON": str(paths.description), "MPLSORCH_LAB_DIR": str(paths.run_dir),
-            "MPLSORCH_LAB_NODES": " ".join(topo.names()),
-            "MPLSORCH_LAB_CLIENTS": " ".join(topo.names("client")),
-            "MPLSORCH_LAB_BALANCERS": " ".join(topo.names("balancer")),
-            "MPLSORCH_LAB_FABRIC": " ".join(topo.names("fabric")),
-            "MPLSORCH_LAB_SERVERS": " ".join(topo.names("server")),
-            "MPLSORCH_LAB_VIPS": " ".join(str(v) for v in topo.vips)}
+    env |= {
+        "MPLSORCH_LAB_JSON": str(paths.description),
+        "MPLSORCH_LAB_DIR": str(paths.run_dir),
+        "MPLSORCH_LAB_NODES": " ".join(topo.names()),
+        "MPLSORCH_LAB_CLIENTS": " ".join(topo.names("client")),
+        "MPLSORCH_LAB_BALANCERS": " ".join(topo.names("balancer")),
+        "MPLSORCH_LAB_FABRIC": " ".join(topo.names("fabric")),
+        "MPLSORCH_LAB_SERVERS": " ".join(topo.names("server")),
+        "MPLSORCH_LAB_VIPS": " ".join(str(v) for v in topo.vips),
+    }
     return env
 
 
@@ -129,7 +136,9 @@ def _direct(topo: Topology, json_output: bool, cmd: list[str], result: dict[str,
             try:
                 t0 = time.monotonic()
                 netns.build(topo, paths, state, progress=say)
-                paths.description.write_text(json.dumps(netns.describe(topo, paths, result["vm"], result["backend"]), indent=2))
+                paths.description.write_text(
+                    json.dumps(netns.describe(topo, paths, result["vm"], result["backend"]), indent=2)
+                )
                 say(f"lab up in {time.monotonic() - t0:.1f}s ({len(topo.nodes)} nodes); running: {' '.join(cmd)}")
                 sigs.check()
                 rc = _run_cmd(cmd, cmd_env(topo, paths), json_output, sigs)
@@ -148,11 +157,16 @@ def _direct(topo: Topology, json_output: bool, cmd: list[str], result: dict[str,
         sigs.restore()
 
 
-def _via_guest(choice: backend.Availability, topology_path: str | None, json_output: bool, cmd: list[str],
-               result: dict[str, Any]) -> int:
+def _via_guest(
+    choice: backend.Availability, topology_path: str | None, json_output: bool, cmd: list[str], result: dict[str, Any]
+) -> int:
     """Run this same `lab run` inside the backend's guest kernel and take over its result."""
-    args = (["--topology", os.path.abspath(topology_path)] if topology_path else []) \
-        + (["--json"] if json_output else []) + ["--"] + cmd
+    args = (
+        (["--topology", os.path.abspath(topology_path)] if topology_path else [])
+        + (["--json"] if json_output else [])
+        + ["--"]
+        + cmd
+    )
     sigs = _Signals()
     sigs.install()
     try:
@@ -188,9 +202,16 @@ def run_lab(topology_path: str | None, json_output: bool, cmd: list[str], backen
     first available). Returns the process exit code (see module docstring)."""
     start = time.monotonic()
     in_guest = os.environ.get(IN_GUEST_ENV) == "1"
-    result: dict[str, Any] = {"topology": None, "exit_status": None, "exit_code": None, "duration_s": None,
-                              "vm": in_guest, "backend": os.environ.get(backend.BACKEND_ENV) if in_guest else None,
-                              "kernel": platform.release(), "error": None}
+    result: dict[str, Any] = {
+        "topology": None,
+        "exit_status": None,
+        "exit_code": None,
+        "duration_s": None,
+        "vm": in_guest,
+        "backend": os.environ.get(backend.BACKEND_ENV) if in_guest else None,
+        "kernel": platform.release(),
+        "error": None,
+    }
     try:
         if not cmd:
             raise TopologyError("no command given: mplsorch lab run [--topology FILE] [--json] -- CMD...")
@@ -205,7 +226,7 @@ def run_lab(topology_path: str | None, json_output: bool, cmd: list[str], backen
                 code = _direct(topo, json_output, cmd, result)
             else:
                 result["vm"] = True
-                os.environ[backend.BACKEND_ENV] = choice.name     # the guest's run reports it
+                os.environ[backend.BACKEND_ENV] = choice.name  # the guest's run reports it
                 code = _via_guest(choice, topology_path, json_output, cmd, result)
     except TopologyError as e:
         say(f"bad topology: {e}")

@@ -10,17 +10,17 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 ROLES: tuple[str, ...] = ("client", "balancer", "fabric", "server")
 LABELED_ROLES: frozenset[str] = frozenset({"balancer", "server"})
-SWITCH_NETNS = "mplsorch-sw"          # hidden namespace holding the bridges of >2-member segments
-MAX_LABEL = 1048575                   # 20-bit MPLS label space
+SWITCH_NETNS = "mplsorch-sw"  # hidden namespace holding the bridges of >2-member segments
+MAX_LABEL = 1048575  # 20-bit MPLS label space
 FIRST_UNRESERVED_LABEL = 16
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 _DEV_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
@@ -33,6 +33,7 @@ class TopologyError(ValueError):
 @dataclass(frozen=True)
 class Route:
     """A static route of a node: `to` is a prefix or 'default'."""
+
     to: str
     via: IPAddress
     dev: str | None = None
@@ -50,6 +51,7 @@ class Node:
 class Member:
     """One node's attachment to a segment: `address` is the first of `addresses` (at most one
     per address family, so a segment can be dual-stack)."""
+
     node: str
     dev: str
     address: IPAddress
@@ -66,6 +68,7 @@ class Member:
 @dataclass(frozen=True)
 class Segment:
     """An L2 segment: a veth pair with 2 members, a bridge in SWITCH_NETNS with more."""
+
     name: str
     subnet: IPNetwork
     members: tuple[Member, ...]
@@ -142,8 +145,10 @@ def _label(value: Any, path: str, platform_labels: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TopologyError(f"{path}: must be an integer label, got {value!r}")
     if not FIRST_UNRESERVED_LABEL <= value < platform_labels:
-        raise TopologyError(f"{path}: label {value} outside {FIRST_UNRESERVED_LABEL}..{platform_labels - 1} "
-                            "(0-15 are reserved; platform_labels bounds the table)")
+        raise TopologyError(
+            f"{path}: label {value} outside {FIRST_UNRESERVED_LABEL}..{platform_labels - 1} "
+            "(0-15 are reserved; platform_labels bounds the table)"
+        )
     return value
 
 
@@ -174,8 +179,9 @@ def _nodes(raw: Any, platform_labels: int) -> tuple[Node, ...]:
     for name, spec in _mapping(raw, "nodes").items():
         path = f"nodes.{name}"
         if not isinstance(name, str) or not _NAME_RE.match(name) or name == SWITCH_NETNS:
-            raise TopologyError(f"{path}: bad node name (lower-case letter, then [a-z0-9-], at most 32; "
-                                f"not {SWITCH_NETNS!r})")
+            raise TopologyError(
+                f"{path}: bad node name (lower-case letter, then [a-z0-9-], at most 32; not {SWITCH_NETNS!r})"
+            )
         spec = _mapping(spec if spec is not None else {}, path)
         _keys(spec, path, {"role"}, {"transport_label", "routes"})
         role = spec["role"]
@@ -240,10 +246,14 @@ def _segments(raw: Any, nodes: dict[str, Node]) -> tuple[Segment, ...]:
             for addr in (_address(a, f"{mpath}.address") for a in raw_addrs):
                 subnet = next((n for n in subnets if n.version == addr.version), None)
                 if subnet is None or addr not in subnet:
-                    raise TopologyError(f"{mpath}.address: {addr} is outside the subnet "
-                                        f"{' and '.join(map(str, subnets))}")
-                if subnet.version == 4 and subnet.prefixlen < 31 and addr in (subnet.network_address,
-                                                                              subnet.broadcast_address):
+                    raise TopologyError(
+                        f"{mpath}.address: {addr} is outside the subnet {' and '.join(map(str, subnets))}"
+                    )
+                if (
+                    subnet.version == 4
+                    and subnet.prefixlen < 31
+                    and addr in (subnet.network_address, subnet.broadcast_address)
+                ):
                     raise TopologyError(f"{mpath}.address: {addr} is the network or broadcast address of {subnet}")
                 if addr in seen_addr:
                     raise TopologyError(f"{mpath}.address: duplicate address {addr} (also {seen_addr[addr]})")
@@ -265,14 +275,20 @@ def _check_reachability(topo: Topology) -> None:
     for node in topo.nodes:
         has_default = any(r.to == "default" for r in node.routes)
         if node.role == "client" and not has_default and not topo.neighbours(node.name, "balancer"):
-            raise TopologyError(f"nodes.{node.name}: client shares no segment with a balancer "
-                                "(attach it to one, or give it a 'default' route)")
+            raise TopologyError(
+                f"nodes.{node.name}: client shares no segment with a balancer "
+                "(attach it to one, or give it a 'default' route)"
+            )
         if node.role == "server" and not has_default and not topo.neighbours(node.name, "fabric"):
-            raise TopologyError(f"nodes.{node.name}: server shares no segment with a fabric node "
-                                "(attach it to one, or give it a 'default' route)")
+            raise TopologyError(
+                f"nodes.{node.name}: server shares no segment with a fabric node "
+                "(attach it to one, or give it a 'default' route)"
+            )
         if node.role == "balancer" and topo.vips and not topo.neighbours(node.name, "fabric"):
-            raise TopologyError(f"nodes.{node.name}: balancer shares no segment with a fabric node, "
-                                "so the VIPs cannot be routed into the fabric")
+            raise TopologyError(
+                f"nodes.{node.name}: balancer shares no segment with a fabric node, "
+                "so the VIPs cannot be routed into the fabric"
+            )
         if node.transport_label is not None and topo.names("fabric") and not topo.neighbours(node.name, "fabric"):
             raise TopologyError(f"nodes.{node.name}.transport_label: node shares no segment with a fabric node")
         if not topo.attachments(node.name):
@@ -305,10 +321,15 @@ def parse(text: str, source: str = "<string>") -> Topology:
     top = _mapping(raw, "topology")
     _keys(top, "topology", {"nodes", "segments"}, {"vips", "platform_labels"})
     platform_labels = top.get("platform_labels", 100000)
-    if not isinstance(platform_labels, int) or isinstance(platform_labels, bool) \
-            or not FIRST_UNRESERVED_LABEL < platform_labels <= MAX_LABEL + 1:
-        raise TopologyError(f"platform_labels: must be an integer in {FIRST_UNRESERVED_LABEL + 1}..{MAX_LABEL + 1}, "
-                            f"got {platform_labels!r}")
+    if (
+        not isinstance(platform_labels, int)
+        or isinstance(platform_labels, bool)
+        or not FIRST_UNRESERVED_LABEL < platform_labels <= MAX_LABEL + 1
+    ):
+        raise TopologyError(
+            f"platform_labels: must be an integer in {FIRST_UNRESERVED_LABEL + 1}..{MAX_LABEL + 1}, "
+            f"got {platform_labels!r}"
+        )
     nodes = _nodes(top["nodes"], platform_labels)
     by_name = {n.name: n for n in nodes}
     segments = _segments(top["segments"], by_name)

@@ -33,8 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from orchestrator.lab.guest import (RESULT_ENV, FileRelay, GuestResult, GuestUnavailable, guest_env, launcher,
-                                   read_result)
+from orchestrator.lab.guest import (
+    RESULT_ENV,
+    FileRelay,
+    GuestResult,
+    GuestUnavailable,
+    guest_env,
+    launcher,
+    read_result,
+)
 
 FRAGMENT = Path(__file__).with_name("uml_kernel.config")
 SOURCE_PACKAGE = "linux-source-6.1"
@@ -51,6 +58,7 @@ def cache_dir() -> Path:
 @dataclass(frozen=True)
 class KernelSource:
     """Debian's kernel source tarball and the version of the package that installed it."""
+
     tarball: Path
     version: str
 
@@ -58,6 +66,7 @@ class KernelSource:
 @dataclass(frozen=True)
 class Kernel:
     """A built UML kernel: the binary and the modules tree whose modules.builtin lists what is in."""
+
     dir: Path
 
     @property
@@ -106,10 +115,11 @@ def find_source() -> KernelSource:
     if not tarball.is_file():
         raise GuestUnavailable(f"{tarball} is missing (apt-get install {' '.join(BUILD_PACKAGES)})")
     try:
-        version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", SOURCE_PACKAGE], capture_output=True,
-                                 text=True, check=True).stdout.strip()
+        version = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", SOURCE_PACKAGE], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        st = tarball.stat()     # not from a package: the file itself stands for its version
+        st = tarball.stat()  # not from a package: the file itself stands for its version
         version = f"{st.st_size}.{int(st.st_mtime)}"
     return KernelSource(tarball, version)
 
@@ -137,7 +147,7 @@ def built_kernel() -> Kernel | None:
 def _build_lock(cache: Path) -> Iterator[None]:
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".build.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)    # a second build waits for the first, then finds it done
+        fcntl.flock(f, fcntl.LOCK_EX)  # a second build waits for the first, then finds it done
         try:
             yield
         finally:
@@ -187,13 +197,15 @@ def build_kernel(progress: Callable[[str], None], jobs: int | None = None, force
             subprocess.run(["tar", "-xaf", str(source.tarball), "-C", str(work)], check=True)
             src = next(p for p in work.iterdir() if p.is_dir())
             _make(src, log, "defconfig")
-            with open(src / ".config", "a") as cfg:     # later assignments win: the fragment's
+            with open(src / ".config", "a") as cfg:  # later assignments win: the fragment's
                 cfg.write("\n" + text)
             _make(src, log, "olddefconfig")
             missing = missing_options((src / ".config").read_text(), fragment_options(text))
             if missing:
-                raise GuestUnavailable(f"{SOURCE_PACKAGE} {source.version} cannot build the lab kernel: "
-                                       f"{', '.join(missing)} not available for ARCH=um (see {FRAGMENT.name})")
+                raise GuestUnavailable(
+                    f"{SOURCE_PACKAGE} {source.version} cannot build the lab kernel: "
+                    f"{', '.join(missing)} not available for ARCH=um (see {FRAGMENT.name})"
+                )
             n = jobs or os.cpu_count() or 1
             progress(f"compiling with {n} jobs (about 5 minutes on 2 cores; log {log})")
             _make(src, log, f"-j{n}", "linux", "modules")
@@ -203,10 +215,19 @@ def build_kernel(progress: Callable[[str], None], jobs: int | None = None, force
             # modules.builtin: modprobe and the node checks then know what is built in
             _make(src, log, "modules_install", f"INSTALL_MOD_PATH={out / 'modules'}")
             shutil.copy2(src / "linux", out / "linux")
-            (out / "build.json").write_text(json.dumps({
-                "release": release, "source_package": SOURCE_PACKAGE, "source_version": source.version,
-                "fragment_sha256": hashlib.sha256(text.encode()).hexdigest(),
-                "build_seconds": round(time.monotonic() - t0, 1)}, indent=1) + "\n")
+            (out / "build.json").write_text(
+                json.dumps(
+                    {
+                        "release": release,
+                        "source_package": SOURCE_PACKAGE,
+                        "source_version": source.version,
+                        "fragment_sha256": hashlib.sha256(text.encode()).hexdigest(),
+                        "build_seconds": round(time.monotonic() - t0, 1),
+                    },
+                    indent=1,
+                )
+                + "\n"
+            )
             if final.exists():
                 shutil.rmtree(final)
             out.rename(final)
@@ -240,7 +261,7 @@ ln -s {q(str(kernel.modules))} /lib/modules/{q(kernel.release)}
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null || true
 ip link set lo up
 set +e
-sh {q(str(tmp / 'launch.sh'))} >>{q(str(out))} 2>>{q(str(err))}
+sh {q(str(tmp / "launch.sh"))} >>{q(str(out))} 2>>{q(str(err))}
 echo $? > {q(str(rc))}
 sync
 """
@@ -261,15 +282,32 @@ def run_in_uml(kernel: Kernel, inner_args: list[str], memory: str) -> GuestResul
         init.write_text(_init_script(tmp, kernel, out, err, rc))
         init.chmod(0o755)
         (tmp / "uml").mkdir()
-        argv = [str(kernel.binary), f"mem={memory}", "root=/dev/root", "rootfstype=hostfs", "rootflags=/", "rw",
-                f"init={init}", f"uml_dir={tmp / 'uml'}", "umid=lab", "con=null", "con0=null,fd:1", "quiet"]
+        argv = [
+            str(kernel.binary),
+            f"mem={memory}",
+            "root=/dev/root",
+            "rootfstype=hostfs",
+            "rootflags=/",
+            "rw",
+            f"init={init}",
+            f"uml_dir={tmp / 'uml'}",
+            "umid=lab",
+            "con=null",
+            "con0=null,fd:1",
+            "quiet",
+        ]
         relays = [FileRelay(out, sys.stdout), FileRelay(err, sys.stderr)]
         sys.stdout.flush()
         sys.stderr.flush()
         with open(tmp / "console", "wb") as console:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=console,
-                                    start_new_session=True, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                                                                 "TMPDIR": _memory_dir(tmp)})
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=console,
+                start_new_session=True,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": _memory_dir(tmp)},
+            )
             for r in relays:
                 r.start()
             try:
@@ -280,12 +318,13 @@ def run_in_uml(kernel: Kernel, inner_args: list[str], memory: str) -> GuestResul
             finally:
                 for r in relays:
                     r.finish()
-                _kill_group(proc)    # UML's helper processes, should any outlive the kernel
+                _kill_group(proc)  # UML's helper processes, should any outlive the kernel
         data = read_result(result)
         if data is None and not rc.exists():
             tail = (tmp / "console").read_text(errors="replace").splitlines()[-20:]
-            sys.stderr.write("mplsorch lab: the UML guest ended before its command did; its console:\n"
-                             + "\n".join(tail) + "\n")
+            sys.stderr.write(
+                "mplsorch lab: the UML guest ended before its command did; its console:\n" + "\n".join(tail) + "\n"
+            )
         return GuestResult(code, data)
 
 

@@ -22,7 +22,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from orchestrator.lab.guest import RESULT_ENV, GuestResult, GuestUnavailable, guest_env, launcher, read_result, relay_stream
+from orchestrator.lab.guest import (
+    RESULT_ENV,
+    GuestResult,
+    GuestUnavailable,
+    guest_env,
+    launcher,
+    read_result,
+    relay_stream,
+)
 
 KVM_PROBE_TIMEOUT = 10.0
 
@@ -44,8 +52,10 @@ def find_kernel() -> Path:
         return k
     images = sorted(Path("/boot").glob("vmlinuz-*"), key=_version_key)
     if not images:
-        raise VMUnavailable("no kernel image /boot/vmlinuz-* to boot the lab VM "
-                            "(apt-get install linux-image-amd64, or set MPLSORCH_LAB_KERNEL)")
+        raise VMUnavailable(
+            "no kernel image /boot/vmlinuz-* to boot the lab VM "
+            "(apt-get install linux-image-amd64, or set MPLSORCH_LAB_KERNEL)"
+        )
     if not os.access(images[-1], os.R_OK):
         raise VMUnavailable(f"kernel image {images[-1]} is not readable")
     return images[-1]
@@ -59,8 +69,11 @@ def find_vng() -> Path:
     found = shutil.which("vng")
     if found:
         return Path(found)
-    raise VMUnavailable("virtme-ng's `vng` is neither next to " + sys.executable +
-                        " nor on PATH (pip install virtme-ng, or the project's [lab] extra)")
+    raise VMUnavailable(
+        "virtme-ng's `vng` is neither next to "
+        + sys.executable
+        + " nor on PATH (pip install virtme-ng, or the project's [lab] extra)"
+    )
 
 
 def check_qemu() -> None:
@@ -85,11 +98,27 @@ def probe_kvm(kernel: Path, timeout: float = KVM_PROBE_TIMEOUT) -> str | None:
     guest hangs after the boot loader, so opening it proves nothing, and a hang must not last."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "/dev/kvm is absent or not accessible"
-    argv = ["qemu-system-x86_64", "-accel", "kvm", "-m", "256", "-nodefaults", "-no-reboot", "-display", "none",
-            "-serial", "stdio", "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 earlyprintk=ttyS0"]
+    argv = [
+        "qemu-system-x86_64",
+        "-accel",
+        "kvm",
+        "-m",
+        "256",
+        "-nodefaults",
+        "-no-reboot",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-kernel",
+        str(kernel),
+        "-append",
+        "console=ttyS0 panic=-1 earlyprintk=ttyS0",
+    ]
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
     except OSError as e:
         return f"qemu-system-x86_64 cannot start: {e.strerror}"
     seen = threading.Event()
@@ -100,6 +129,7 @@ def probe_kvm(kernel: Path, timeout: float = KVM_PROBE_TIMEOUT) -> str | None:
             if b"Linux version" in line:
                 seen.set()
                 return
+
     threading.Thread(target=watch, daemon=True).start()
     ok = seen.wait(timeout)
     try:
@@ -119,10 +149,22 @@ def run_in_vm(inner_args: list[str], kvm: bool) -> GuestResult:
         result = Path(tmp, "result.json")
         script = Path(tmp, "launch.sh")
         script.write_text(launcher(cwd, guest_env({RESULT_ENV: str(result)}), inner_args))
-        argv = [str(vng), "--run", str(kernel), *([] if kvm else ["--disable-kvm"]),
-                "--memory", os.environ.get("MPLSORCH_LAB_MEMORY", "2G"),
-                "--cpus", os.environ.get("MPLSORCH_LAB_CPUS", "2"),
-                "--overlay-rwdir", "/etc", "--cwd", cwd, "--rwdir", tmp]
+        argv = [
+            str(vng),
+            "--run",
+            str(kernel),
+            *([] if kvm else ["--disable-kvm"]),
+            "--memory",
+            os.environ.get("MPLSORCH_LAB_MEMORY", "2G"),
+            "--cpus",
+            os.environ.get("MPLSORCH_LAB_CPUS", "2"),
+            "--overlay-rwdir",
+            "/etc",
+            "--cwd",
+            cwd,
+            "--rwdir",
+            tmp,
+        ]
         for d in rw_dirs(cwd):
             argv += ["--rwdir", d]
         argv += ["--exec", f"sh {shlex.quote(str(script))}"]
@@ -131,8 +173,10 @@ def run_in_vm(inner_args: list[str], kvm: bool) -> GuestResult:
         sys.stdout.flush()
         sys.stderr.flush()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        relays = [threading.Thread(target=relay_stream, args=(src, dst), daemon=True)
-                  for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
+        relays = [
+            threading.Thread(target=relay_stream, args=(src, dst), daemon=True)
+            for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
+        ]
         for r in relays:
             r.start()
         try:

@@ -32,7 +32,7 @@ BALANCER_EXAMPLE = TEMPLATES / "balancer.example.yaml"
 SERVER_EXAMPLE = TEMPLATES / "server.example.yaml"
 EXAMPLE = BALANCER_EXAMPLE.read_text()
 VIP = "10.0.0.100"
-TRANSPORT = {"s1": 101, "s2": 102, "s3": 103}   # the example's servers' transport labels
+TRANSPORT = {"s1": 101, "s2": 102, "s3": 103}  # the example's servers' transport labels
 
 
 def config(changes: Mapping[KeyPath, Any] | None = None) -> BalancerConfig:
@@ -183,8 +183,12 @@ def scripted_capture(queue: ScriptedQueue, conntrack: ScriptedConntrack | None =
     return Capture(queue=lambda first, last: queue, conntrack=lambda: flows)
 
 
-def balancer_daemon(cfg: BalancerConfig, kernel: FakeProvider, queue: ScriptedQueue | None = None,
-                    daemon_class: type[BalancerDaemon] = BalancerDaemon) -> BalancerDaemon:
+def balancer_daemon(
+    cfg: BalancerConfig,
+    kernel: FakeProvider,
+    queue: ScriptedQueue | None = None,
+    daemon_class: type[BalancerDaemon] = BalancerDaemon,
+) -> BalancerDaemon:
     """A balancer daemon over the fake kernel, its queue already open (as after setup)."""
     queue = queue if queue is not None else ScriptedQueue()
     daemon = daemon_class(str(BALANCER_EXAMPLE), kernel, scripted_capture(queue), cfg)

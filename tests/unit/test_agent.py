@@ -4,13 +4,12 @@ first packets, S2C = C2S + 1 return routes per VIP table, session end, label reu
 from __future__ import annotations
 
 import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
 
 from orchestrator.core.agent import RULE_PRIORITY, ServerAgent, State
 from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowTableResync, LabelledPacket
 from orchestrator.dataplane import ops
-from scapy.layers.inet import IP, TCP
-from scapy.layers.inet6 import IPv6
-
 from tests.unit.conftest import VIP, AgentNode
 
 VIP6 = "fd00:100::100"
@@ -43,8 +42,13 @@ def test_a_labelled_first_packet_installs_the_s2c_return_route_before_its_verdic
     # Answers from another source than the VIP are not labelled.
     assert node.answer("10.0.1.10", vip="10.1.1.10") is None
     [session] = [s.view() for s in node.agent.sessions.values()]
-    assert (session["client"], session["vip"], session["c2s_label"], session["s2c_label"], session["flows"]) == \
-        ("10.0.1.10", VIP, 1001, 1002, 1)
+    assert (session["client"], session["vip"], session["c2s_label"], session["s2c_label"], session["flows"]) == (
+        "10.0.1.10",
+        VIP,
+        1001,
+        1002,
+        1,
+    )
 
 
 def test_ipv6_clients_get_their_route_in_the_ipv6_vip_table() -> None:
@@ -101,12 +105,15 @@ def test_a_reused_label_from_another_client_starts_a_new_session() -> None:
     assert node.agent.counters["label_reused"] == 1
 
 
-@pytest.mark.parametrize("label, data, counter", [
-    (1002, ipv4_tcp("10.0.1.10", VIP, 1, 80), "label_outside_block"),       # an S2C label
-    (5001, ipv4_tcp("10.0.1.10", VIP, 1, 80), "label_outside_block"),
-    (1001, ipv4_tcp("10.0.1.10", "10.0.0.7", 1, 80), "not_a_vip"),
-    (1001, b"\x45\x00", "malformed:truncated-ipv4-header"),
-])
+@pytest.mark.parametrize(
+    "label, data, counter",
+    [
+        (1002, ipv4_tcp("10.0.1.10", VIP, 1, 80), "label_outside_block"),  # an S2C label
+        (5001, ipv4_tcp("10.0.1.10", VIP, 1, 80), "label_outside_block"),
+        (1001, ipv4_tcp("10.0.1.10", "10.0.0.7", 1, 80), "not_a_vip"),
+        (1001, b"\x45\x00", "malformed:truncated-ipv4-header"),
+    ],
+)
 def test_packets_it_cannot_learn_from_are_accepted_and_counted(label: int, data: bytes, counter: str) -> None:
     node = AgentNode()
     assert node.first(label, data) == [Action.ACCEPT]  # the agent never breaks traffic
@@ -134,8 +141,10 @@ def test_restart_rebuilds_sessions_from_the_kernel_and_deletes_what_fits_no_vip(
     live = frozenset({FlowKey(6, "10.0.1.10", VIP, 40000, 80)})
     stale = fresh.restore(node.kernel.dump(), live, now=50)
     assert stale == [ops.Delete(foreign)]
-    assert {c: (s.client, s.state) for c, s in fresh.sessions.items()} == \
-        {1001: ("10.0.1.10", State.SERVING), 1003: ("10.0.1.11", State.DRAINING)}
+    assert {c: (s.client, s.state) for c, s in fresh.sessions.items()} == {
+        1001: ("10.0.1.10", State.SERVING),
+        1003: ("10.0.1.11", State.DRAINING),
+    }
     node.kernel.apply(stale)
     assert fresh.tick(50 + 30) == [ops.Delete(ops.EncapRoute("10.0.1.11/32", (100, 1004), "eth0", "10.1.1.1", 100))]
     # The restored session goes on: its next flow changes nothing in the kernel.

@@ -7,18 +7,40 @@ import random
 from pathlib import Path
 
 import pytest
-
 import scapy.all as scapy_all  # a declared test dependency: missing means broken, not skipped
 from scapy.all import (  # noqa: E402
-    AH, ESP, HAO, ICMP, IP, TCP, UDP, ICMPv6DestUnreach, ICMPv6EchoRequest, ICMPv6PacketTooBig,
-    ICMPv6TimeExceeded, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop,
-    IPv6ExtHdrRouting, PadN, raw,
+    AH,
+    ESP,
+    HAO,
+    ICMP,
+    IP,
+    TCP,
+    UDP,
+    ICMPv6DestUnreach,
+    ICMPv6EchoRequest,
+    ICMPv6PacketTooBig,
+    ICMPv6TimeExceeded,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+    PadN,
+    raw,
 )
 from scapy.layers.sctp import SCTP  # noqa: E402
 
 from orchestrator.analyze import (  # noqa: E402
-    MAX_EXT_HEADERS, REASONS, Malformed, Packet, SessionKey, SessionKeyKind, analyze, icmp_error_client,
-    icmp_error_session_key, session_key,
+    MAX_EXT_HEADERS,
+    REASONS,
+    Malformed,
+    Packet,
+    SessionKey,
+    SessionKeyKind,
+    analyze,
+    icmp_error_client,
+    icmp_error_session_key,
+    session_key,
 )
 
 CLIENT4, VIP4 = "192.0.2.10", "10.0.0.100"
@@ -31,8 +53,11 @@ def syn4() -> bytes:
 
 
 def syn6_hao() -> bytes:
-    return raw(IPv6(src=COA, dst=VIP6) / IPv6ExtHdrDestOpt(options=[HAO(hoa=HOME)])
-               / TCP(sport=50000, dport=443, flags="S", options=SYN_OPTS))
+    return raw(
+        IPv6(src=COA, dst=VIP6)
+        / IPv6ExtHdrDestOpt(options=[HAO(hoa=HOME)])
+        / TCP(sport=50000, dport=443, flags="S", options=SYN_OPTS)
+    )
 
 
 def esp6() -> bytes:
@@ -60,15 +85,31 @@ def test_ipv4_tcp_syn_all_fields() -> None:
     data = syn4()
     assert len(data) == 60
     p = pkt(data)
-    assert p == Packet(version=4, src=CLIENT4, dst=VIP4, proto=6, length=60, sport=40000, dport=80,
-                       tcp_flags=0x02, home_address=None, esp_spi=None, fragment=False,
-                       icmp_type=None, icmp_code=None, inner=None)
+    assert p == Packet(
+        version=4,
+        src=CLIENT4,
+        dst=VIP4,
+        proto=6,
+        length=60,
+        sport=40000,
+        dport=80,
+        tcp_flags=0x02,
+        home_address=None,
+        esp_spi=None,
+        fragment=False,
+        icmp_type=None,
+        icmp_code=None,
+        inner=None,
+    )
     assert not p.is_icmp_error
 
 
 def test_ipv4_options_and_trailing_bytes() -> None:
-    data = raw(IP(src=CLIENT4, dst=VIP4, options=[scapy_all.IPOption_RR(routers=["1.1.1.1", "2.2.2.2"])])
-               / UDP(sport=1234, dport=53) / b"q")
+    data = raw(
+        IP(src=CLIENT4, dst=VIP4, options=[scapy_all.IPOption_RR(routers=["1.1.1.1", "2.2.2.2"])])
+        / UDP(sport=1234, dport=53)
+        / b"q"
+    )
     assert data[0] & 15 > 5
     p = pkt(data + b"\xff" * 7)  # bytes past the total length are ignored
     assert (p.proto, p.sport, p.dport, p.length) == (17, 1234, 53, len(data))
@@ -83,8 +124,13 @@ def test_ipv4_fragments() -> None:
 
 
 def test_ipv4_ah_then_tcp() -> None:
-    p = pkt(raw(IP(src=CLIENT4, dst=VIP4) / AH(nh=6, payloadlen=4, spi=9, icv=b"\x00" * 12)
-                / TCP(sport=1, dport=2, flags="SA")))
+    p = pkt(
+        raw(
+            IP(src=CLIENT4, dst=VIP4)
+            / AH(nh=6, payloadlen=4, spi=9, icv=b"\x00" * 12)
+            / TCP(sport=1, dport=2, flags="SA")
+        )
+    )
     assert (p.proto, p.sport, p.dport, p.tcp_flags) == (6, 1, 2, 0x12)
 
 
@@ -95,25 +141,49 @@ def test_ipv4_esp() -> None:
 
 def test_ipv6_dest_opt_home_address() -> None:
     p = pkt(syn6_hao())
-    assert p == Packet(version=6, src=COA, dst=VIP6, proto=6, length=len(syn6_hao()), sport=50000,
-                       dport=443, tcp_flags=0x02, home_address=HOME, esp_spi=None, fragment=False,
-                       icmp_type=None, icmp_code=None, inner=None)
+    assert p == Packet(
+        version=6,
+        src=COA,
+        dst=VIP6,
+        proto=6,
+        length=len(syn6_hao()),
+        sport=50000,
+        dport=443,
+        tcp_flags=0x02,
+        home_address=HOME,
+        esp_spi=None,
+        fragment=False,
+        icmp_type=None,
+        icmp_code=None,
+        inner=None,
+    )
 
 
 def test_ipv6_dest_opt_without_hao_and_with_padding() -> None:
-    p = pkt(raw(IPv6(src=COA, dst=VIP6) / IPv6ExtHdrDestOpt(options=[PadN(optdata=b"\x00" * 4)])
-                / UDP(sport=9, dport=10)))
+    p = pkt(
+        raw(IPv6(src=COA, dst=VIP6) / IPv6ExtHdrDestOpt(options=[PadN(optdata=b"\x00" * 4)]) / UDP(sport=9, dport=10))
+    )
     assert p.home_address is None and (p.proto, p.sport, p.dport) == (17, 9, 10)
     # Pad1 + PadN + HAO mixed
-    p = pkt(raw(IPv6(src=COA, dst=VIP6) / IPv6ExtHdrDestOpt(options=[PadN(optdata=b"\x00\x00"), HAO(hoa=HOME)])
-                / UDP(sport=9, dport=10)))
+    p = pkt(
+        raw(
+            IPv6(src=COA, dst=VIP6)
+            / IPv6ExtHdrDestOpt(options=[PadN(optdata=b"\x00\x00"), HAO(hoa=HOME)])
+            / UDP(sport=9, dport=10)
+        )
+    )
     assert p.home_address == HOME
 
 
 def test_ipv6_full_chain() -> None:
-    data = raw(IPv6(src=COA, dst=VIP6) / IPv6ExtHdrHopByHop() / IPv6ExtHdrRouting(addresses=["2001:db8::5"])
-               / IPv6ExtHdrFragment(offset=0, m=1, id=77) / IPv6ExtHdrDestOpt(options=[HAO(hoa=HOME)])
-               / UDP(sport=5, dport=6))
+    data = raw(
+        IPv6(src=COA, dst=VIP6)
+        / IPv6ExtHdrHopByHop()
+        / IPv6ExtHdrRouting(addresses=["2001:db8::5"])
+        / IPv6ExtHdrFragment(offset=0, m=1, id=77)
+        / IPv6ExtHdrDestOpt(options=[HAO(hoa=HOME)])
+        / UDP(sport=5, dport=6)
+    )
     p = pkt(data)
     assert (p.proto, p.sport, p.dport, p.home_address, p.fragment, p.length) == (17, 5, 6, HOME, True, len(data))
 
@@ -129,8 +199,14 @@ def test_ipv6_non_first_fragment() -> None:
 
 
 def test_ipv6_ah_esp_spi() -> None:
-    p = pkt(raw(IPv6(src=COA, dst=VIP6) / IPv6ExtHdrDestOpt(options=[HAO(hoa=HOME)])
-                / AH(nh=50, payloadlen=4, spi=5, icv=b"\x00" * 12) / ESP(spi=0x218, seq=1)))
+    p = pkt(
+        raw(
+            IPv6(src=COA, dst=VIP6)
+            / IPv6ExtHdrDestOpt(options=[HAO(hoa=HOME)])
+            / AH(nh=50, payloadlen=4, spi=5, icv=b"\x00" * 12)
+            / ESP(spi=0x218, seq=1)
+        )
+    )
     assert (p.proto, p.esp_spi, p.home_address, p.sport) == (50, 0x218, HOME, None)
     assert pkt(esp6()).esp_spi == 0x218
 
@@ -141,8 +217,13 @@ def test_ipv6_no_next_header() -> None:
 
 
 def test_ipv6_type2_routing_header_home_address() -> None:
-    p = pkt(raw(IPv6(src=VIP6, dst=COA) / IPv6ExtHdrRouting(type=2, segleft=1, addresses=[HOME])
-                / TCP(sport=443, dport=50000, flags="SA")))
+    p = pkt(
+        raw(
+            IPv6(src=VIP6, dst=COA)
+            / IPv6ExtHdrRouting(type=2, segleft=1, addresses=[HOME])
+            / TCP(sport=443, dport=50000, flags="SA")
+        )
+    )
     assert p.home_address == HOME and (p.sport, p.dport) == (443, 50000)
 
 
@@ -189,11 +270,22 @@ def test_icmp4_error_with_unparsable_inner() -> None:
     assert p.is_icmp_error and p.inner is None and icmp_error_client(p) is None
 
 
-@pytest.mark.parametrize("layer", [ICMPv6DestUnreach(code=4), ICMPv6PacketTooBig(mtu=1280),
-                                   ICMPv6TimeExceeded(), scapy_all.ICMPv6ParamProblem(ptr=6)])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        ICMPv6DestUnreach(code=4),
+        ICMPv6PacketTooBig(mtu=1280),
+        ICMPv6TimeExceeded(),
+        scapy_all.ICMPv6ParamProblem(ptr=6),
+    ],
+)
 def test_icmp6_errors_inner(layer) -> None:
-    orig = raw(IPv6(src=VIP6, dst=COA) / IPv6ExtHdrRouting(type=2, segleft=1, addresses=[HOME])
-               / TCP(sport=443, dport=50000, flags="SA") / (b"y" * 2000))
+    orig = raw(
+        IPv6(src=VIP6, dst=COA)
+        / IPv6ExtHdrRouting(type=2, segleft=1, addresses=[HOME])
+        / TCP(sport=443, dport=50000, flags="SA")
+        / (b"y" * 2000)
+    )
     p = pkt(raw(IPv6(src="2001:db8:ffff::1", dst=VIP6) / layer / orig[:1232]))
     assert p.is_icmp_error and p.icmp_type in (1, 2, 3, 4)
     inner = p.inner
@@ -214,8 +306,7 @@ def test_icmp_error_inner_is_not_recursed() -> None:
 
 
 def test_session_key_kinds_are_the_designs() -> None:
-    assert [k.value for k in SessionKeyKind] == ["client-ip", "five-tuple", "mip6-home-address", "ipv6-iid",
-                                                 "esp-spi"]
+    assert [k.value for k in SessionKeyKind] == ["client-ip", "five-tuple", "mip6-home-address", "ipv6-iid", "esp-spi"]
 
 
 def test_session_keys_ipv4() -> None:
@@ -280,8 +371,11 @@ def test_icmp_error_session_key_matches_the_clients_own_key() -> None:
 
 def test_icmp6_error_session_key_mobile() -> None:
     client_syn = pkt(syn6_hao())
-    orig = raw(IPv6(src=VIP6, dst=COA) / IPv6ExtHdrRouting(type=2, segleft=1, addresses=[HOME])
-               / TCP(sport=443, dport=50000, flags="SA"))
+    orig = raw(
+        IPv6(src=VIP6, dst=COA)
+        / IPv6ExtHdrRouting(type=2, segleft=1, addresses=[HOME])
+        / TCP(sport=443, dport=50000, flags="SA")
+    )
     err = pkt(raw(IPv6(src="2001:db8:ffff::1", dst=VIP6) / ICMPv6PacketTooBig(mtu=1280) / orig))
     for kind in ("client-ip", "five-tuple", "mip6-home-address", "ipv6-iid"):
         assert icmp_error_session_key(err, kind) == session_key(client_syn, kind), kind
@@ -332,8 +426,10 @@ def test_truncated_l4_within_declared_length() -> None:
     assert bad(raw(IP(src=CLIENT4, dst=VIP4, len=23) / ICMP())).reason == "truncated-icmp"
     assert bad(raw(IP(src=CLIENT4, dst=VIP4, len=30) / SCTP())).reason == "truncated-sctp"
     assert bad(raw(IPv6(src=COA, dst=VIP6, plen=3) / ESP(spi=1))).reason == "truncated-esp"
-    assert bad(raw(IPv6(src=COA, dst=VIP6, plen=12) / IPv6ExtHdrDestOpt(options=[HAO(hoa=HOME)])
-                   / TCP())).reason == "truncated-ext-header"
+    assert (
+        bad(raw(IPv6(src=COA, dst=VIP6, plen=12) / IPv6ExtHdrDestOpt(options=[HAO(hoa=HOME)]) / TCP())).reason
+        == "truncated-ext-header"
+    )
 
 
 def test_bad_tcp_offset() -> None:
@@ -341,19 +437,25 @@ def test_bad_tcp_offset() -> None:
 
 
 def test_bad_options() -> None:
-    assert bad(raw(IPv6(src=COA, dst=VIP6) / IPv6ExtHdrDestOpt(options=[HAO(hoa=HOME, optlen=8)])
-                   / TCP())).reason in ("bad-home-address-option", "bad-dest-option")
+    assert bad(raw(IPv6(src=COA, dst=VIP6) / IPv6ExtHdrDestOpt(options=[HAO(hoa=HOME, optlen=8)]) / TCP())).reason in (
+        "bad-home-address-option",
+        "bad-dest-option",
+    )
     # option length that overruns its header
     data = bytearray(raw(IPv6(src=COA, dst=VIP6) / IPv6ExtHdrDestOpt(options=[PadN(optdata=b"\x00" * 4)]) / UDP()))
     data[40 + 3] = 40  # PadN length
     assert bad(bytes(data)).reason == "bad-dest-option"
-    assert bad(raw(IPv6(src=VIP6, dst=COA) / IPv6ExtHdrRouting(type=2, segleft=1, addresses=[HOME, HOME])
-                   / TCP())).reason == "bad-routing-header"
+    assert (
+        bad(raw(IPv6(src=VIP6, dst=COA) / IPv6ExtHdrRouting(type=2, segleft=1, addresses=[HOME, HOME]) / TCP())).reason
+        == "bad-routing-header"
+    )
 
 
 def test_misplaced_hop_by_hop() -> None:
-    assert bad(raw(IPv6(src=COA, dst=VIP6) / IPv6ExtHdrDestOpt() / IPv6ExtHdrHopByHop()
-                   / TCP())).reason == "misplaced-hop-by-hop"
+    assert (
+        bad(raw(IPv6(src=COA, dst=VIP6) / IPv6ExtHdrDestOpt() / IPv6ExtHdrHopByHop() / TCP())).reason
+        == "misplaced-hop-by-hop"
+    )
 
 
 def _dest_opts_chain(n: int) -> bytes:
@@ -378,8 +480,9 @@ def test_extension_header_self_loop() -> None:
     assert bad(short).reason == "truncated-ext-header"
     ah_loop = b"\x33\x01" + b"\x00" * 10  # AH -> AH, 12 bytes
     assert bad(raw(IPv6(src=COA, dst=VIP6, nh=51, plen=12 * 40)) + ah_loop * 40).reason == "too-many-ext-headers"
-    assert bad(raw(IP(src=CLIENT4, dst=VIP4, proto=51, len=20 + 12 * 40)) + ah_loop * 40).reason == \
-        "too-many-ext-headers"
+    assert (
+        bad(raw(IP(src=CLIENT4, dst=VIP4, proto=51, len=20 + 12 * 40)) + ah_loop * 40).reason == "too-many-ext-headers"
+    )
 
 
 @pytest.mark.parametrize("build", [syn4, syn6_hao, esp6], ids=["tcp4-syn", "ipv6-destopt-tcp", "ipv6-esp"])
@@ -393,8 +496,13 @@ def test_every_truncation_point(build) -> None:
         # with a copy range: either malformed, or a packet whose fields are all right
         r = analyze(data[:n], partial=True)
         if isinstance(r, Packet):
-            assert (r.sport, r.dport, r.tcp_flags, r.home_address, r.esp_spi) == \
-                (full.sport, full.dport, full.tcp_flags, full.home_address, full.esp_spi), (n, r)
+            assert (r.sport, r.dport, r.tcp_flags, r.home_address, r.esp_spi) == (
+                full.sport,
+                full.dport,
+                full.tcp_flags,
+                full.home_address,
+                full.esp_spi,
+            ), (n, r)
         else:
             assert r.reason in REASONS and r.reason != "internal", (n, r)
 
@@ -417,10 +525,18 @@ def test_truncation_reasons_ipv6_destopt() -> None:
 
 def _corpus() -> list[bytes]:
     return [
-        syn4(), syn6_hao(), esp6(),
-        raw(IPv6(src=COA, dst=VIP6) / IPv6ExtHdrHopByHop() / IPv6ExtHdrRouting(addresses=["2001:db8::5"])
-            / IPv6ExtHdrFragment(m=1) / IPv6ExtHdrDestOpt(options=[HAO(hoa=HOME)])
-            / AH(nh=17, payloadlen=4, icv=b"\x00" * 12) / UDP()),
+        syn4(),
+        syn6_hao(),
+        esp6(),
+        raw(
+            IPv6(src=COA, dst=VIP6)
+            / IPv6ExtHdrHopByHop()
+            / IPv6ExtHdrRouting(addresses=["2001:db8::5"])
+            / IPv6ExtHdrFragment(m=1)
+            / IPv6ExtHdrDestOpt(options=[HAO(hoa=HOME)])
+            / AH(nh=17, payloadlen=4, icv=b"\x00" * 12)
+            / UDP()
+        ),
         raw(IP(src="198.51.100.1", dst=VIP4) / ICMP(type=3, code=4) / _answer4()[:60]),
         raw(IPv6(src="2001:db8:ffff::1", dst=VIP6) / ICMPv6PacketTooBig() / syn6_hao()),
     ]

@@ -37,17 +37,34 @@ def build(tmp: Path, out: str) -> Path:
     wheelhouse = ROOT / ".wheelhouse"
     offline = any(wheelhouse.glob("setuptools-*.whl")) and any(wheelhouse.glob("wheel-*.whl"))
     args = f'["--no-index", "--find-links", "{wheelhouse}"]' if offline else "[]"
-    env = dict(os.environ) | {"ANSIBLE_ROLES_PATH": str(ROOT / "ansible" / "roles"), "ANSIBLE_HOME": str(tmp / "home"),
-                              "ANSIBLE_LOCAL_TEMP": str(tmp / "local"), "ANSIBLE_NOCOLOR": "1",
-                              "LC_ALL": os.environ.get("LC_ALL") or "C.UTF-8"}
+    env = dict(os.environ) | {
+        "ANSIBLE_ROLES_PATH": str(ROOT / "ansible" / "roles"),
+        "ANSIBLE_HOME": str(tmp / "home"),
+        "ANSIBLE_LOCAL_TEMP": str(tmp / "local"),
+        "ANSIBLE_NOCOLOR": "1",
+        "LC_ALL": os.environ.get("LC_ALL") or "C.UTF-8",
+    }
     ansible_playbook = Path(sys.executable).parent / "ansible-playbook"
     if not ansible_playbook.exists():
         pytest.fail(f"ansible-playbook is not installed next to {sys.executable}: pip install -e '.[test]'")
-    result = subprocess.run([str(ansible_playbook), "-i", "localhost,", str(playbook),
-                             "-e", f"ansible_python_interpreter={sys.executable}",
-                             "-e", f"mplsorch_wheel_build_dir={tmp / out}",
-                             "-e", f'{{"mplsorch_wheel": "", "mplsorch_wheel_build_args": {args}}}'],
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            str(ansible_playbook),
+            "-i",
+            "localhost,",
+            str(playbook),
+            "-e",
+            f"ansible_python_interpreter={sys.executable}",
+            "-e",
+            f"mplsorch_wheel_build_dir={tmp / out}",
+            "-e",
+            f'{{"mplsorch_wheel": "", "mplsorch_wheel_build_args": {args}}}',
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     wheel = Path(result.stdout.split("WHEEL=")[1].split('"')[0])
     assert wheel.parent == tmp / out and wheel.name.startswith("mplsorch-") and wheel.suffix == ".whl"

@@ -26,20 +26,36 @@ def _tool(name: str) -> str:
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    return dict(os.environ) | {"ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"), "ANSIBLE_HOME": str(tmp_path),
-                               "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"), "NO_COLOR": "1",
-                               "LC_ALL": os.environ.get("LC_ALL") or "C.UTF-8"}
+    return dict(os.environ) | {
+        "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"),
+        "ANSIBLE_HOME": str(tmp_path),
+        "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"),
+        "NO_COLOR": "1",
+        "LC_ALL": os.environ.get("LC_ALL") or "C.UTF-8",
+    }
 
 
 def test_ansible_lint_passes(tmp_path: Path) -> None:
-    out = subprocess.run([_tool("ansible-lint"), "--offline", "--profile", "production", "--format", "pep8"],
-                         cwd=ANSIBLE, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [_tool("ansible-lint"), "--offline", "--profile", "production", "--format", "pep8"],
+        cwd=ANSIBLE,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_the_playbook_passes_its_syntax_check(tmp_path: Path) -> None:
-    out = subprocess.run([_tool("ansible-playbook"), "--syntax-check", "-i", "inventories/lab", "site.yml"],
-                         cwd=ANSIBLE, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [_tool("ansible-playbook"), "--syntax-check", "-i", "inventories/lab", "site.yml"],
+        cwd=ANSIBLE,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 

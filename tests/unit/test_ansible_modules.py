@@ -52,9 +52,13 @@ def module(path: Path, tmp: Path, check: bool = False, **args: Any) -> dict[str,
 def service(tmp_path: Path) -> Iterator[dict[str, Any]]:
     script = tmp_path / "daemon.py"
     script.write_text(DAEMON)
-    args = {"command": [sys.executable, str(script), str(tmp_path / "run" / "d.sock"), str(tmp_path / "REJECT")],
-            "pid_file": str(tmp_path / "run" / "d.pid"), "log_file": str(tmp_path / "log" / "d.log"),
-            "ready_path": str(tmp_path / "run" / "d.sock"), "timeout": 30}
+    args = {
+        "command": [sys.executable, str(script), str(tmp_path / "run" / "d.sock"), str(tmp_path / "REJECT")],
+        "pid_file": str(tmp_path / "run" / "d.pid"),
+        "log_file": str(tmp_path / "log" / "d.log"),
+        "ready_path": str(tmp_path / "run" / "d.sock"),
+        "timeout": 30,
+    }
     (tmp_path / "run").mkdir()
     yield args
     pid_file = Path(args["pid_file"])
@@ -97,10 +101,17 @@ def test_start_is_idempotent_and_reload_waits_for_the_daemons_answer(tmp_path: P
 
 
 def test_a_daemon_that_exits_while_starting_fails_the_task_with_its_own_words(tmp_path: Path) -> None:
-    args = {"command": [sys.executable, "-c", "import sys; print('mplsorch: node not ready: X; fix: Y', "
-                                              "file=sys.stderr); sys.exit(4)"],
-            "pid_file": str(tmp_path / "p.pid"), "log_file": str(tmp_path / "p.log"),
-            "ready_path": str(tmp_path / "p.sock"), "timeout": 30}
+    args = {
+        "command": [
+            sys.executable,
+            "-c",
+            "import sys; print('mplsorch: node not ready: X; fix: Y', file=sys.stderr); sys.exit(4)",
+        ],
+        "pid_file": str(tmp_path / "p.pid"),
+        "log_file": str(tmp_path / "p.log"),
+        "ready_path": str(tmp_path / "p.sock"),
+        "timeout": 30,
+    }
     result = module(SERVICE, tmp_path, **args)
     assert result.get("failed") and result["rc"] == 4
     assert "exited with status 4 while starting" in result["msg"]

@@ -15,6 +15,7 @@ from orchestrator.dataplane import ops
 from orchestrator.dataplane.records import hold_marker
 from tests.unit.conftest import TRANSPORT, VIP, Node, config, syn
 
+
 def test_new_session_is_programmed_before_its_packet_is_accepted() -> None:
     node = Node()
     commit = node.packets(syn("10.0.1.10"))
@@ -120,8 +121,14 @@ def test_admission_refuses_new_sessions_only() -> None:
 
 
 def test_label_pool_headroom_and_exhaustion() -> None:
-    node = Node(config({"labels.range": [1001, 1010],
-                        **{f"services.{s}.admission.min_free_labels": 4 for s in ("http", "dns", "mobile")}}))
+    node = Node(
+        config(
+            {
+                "labels.range": [1001, 1010],
+                **{f"services.{s}.admission.min_free_labels": 4 for s in ("http", "dns", "mobile")},
+            }
+        )
+    )
     commit = node.packets(*(syn(f"10.0.1.{10 + i}") for i in range(5)))
     # 5 pairs: 1001..1010; sessions stop while 2 pairs (4 labels) would be left.
     assert [v.action for v in commit.verdicts] == [Action.ACCEPT] * 3 + [Action.REFUSE] * 2
@@ -153,8 +160,11 @@ def test_mobile_client_keeps_server_and_labels_when_its_care_of_address_changes(
     node = Node(v6)
 
     def mip6_syn(coa: str, sport: int) -> bytes:
-        return bytes(IPv6(src=coa, dst="2001:db8::100") / IPv6ExtHdrDestOpt(options=[HAO(hoa="2001:db8:aa::1")])
-                     / TCP(sport=sport, dport=80, flags="S"))
+        return bytes(
+            IPv6(src=coa, dst="2001:db8::100")
+            / IPv6ExtHdrDestOpt(options=[HAO(hoa="2001:db8:aa::1")])
+            / TCP(sport=sport, dport=80, flags="S")
+        )
 
     node.packets(mip6_syn("2001:db8:1::10", 1))
     [session] = list(node.core.table)
@@ -172,13 +182,21 @@ def test_mobile_client_keeps_server_and_labels_when_its_care_of_address_changes(
 def test_a_client_address_beyond_the_sessions_filter_handles_is_dropped() -> None:
     """128 ports: two client addresses fill the session's 256 filter handles; a third one would
     wrap onto the first one's handles, so its packet is dropped and nothing is programmed."""
-    v6 = config({"services.http.vip": "2001:db8::100", "services.http.ports": list(range(80, 208)),
-                 "services.http.session_key": "mip6-home-address"})
+    v6 = config(
+        {
+            "services.http.vip": "2001:db8::100",
+            "services.http.ports": list(range(80, 208)),
+            "services.http.session_key": "mip6-home-address",
+        }
+    )
     node = Node(v6)
 
     def mip6_syn(coa: str) -> bytes:
-        return bytes(IPv6(src=coa, dst="2001:db8::100") / IPv6ExtHdrDestOpt(options=[HAO(hoa="2001:db8:aa::1")])
-                     / TCP(sport=1, dport=80, flags="S"))
+        return bytes(
+            IPv6(src=coa, dst="2001:db8::100")
+            / IPv6ExtHdrDestOpt(options=[HAO(hoa="2001:db8:aa::1")])
+            / TCP(sport=1, dport=80, flags="S")
+        )
 
     for coa in ("2001:db8:1::10", "2001:db8:2::20"):
         assert [v.action for v in node.packets(mip6_syn(coa)).verdicts] == [Action.ACCEPT]

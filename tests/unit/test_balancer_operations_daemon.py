@@ -26,12 +26,12 @@ from orchestrator.capture.nfqueue import NF_ACCEPT, QueuedPacket, parse_queue_st
 from orchestrator.cli.main import app
 from orchestrator.config.examples import KeyPath
 from orchestrator.config.model import MetricsConfig
+from orchestrator.core.health import HealthState
 from orchestrator.daemon import control, logs, views
 from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.fake import FakeProvider
 from orchestrator.health import CheckResult
-from orchestrator.core.health import HealthState
 from tests.unit.conftest import BALANCER_EXAMPLE, VIP, ScriptedQueue, balancer_daemon, config
 
 CHECK = {"pools.web.health_check": {"type": "tcp", "port": 80, "interval": "1s", "timeout": "1s", "rise": 1, "fall": 3}}
@@ -63,7 +63,8 @@ def servers_of(d: BalancerDaemon) -> dict[str, str]:
 
 
 def test_a_server_down_is_logged_avoided_and_its_sessions_move(
-        daemon: BalancerDaemon, caplog: pytest.LogCaptureFixture) -> None:
+    daemon: BalancerDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, "mplsorch")
     daemon.decide([syn(1, "10.0.1.10"), syn(2, "10.0.1.11"), syn(3, "10.0.1.12")])
     assert servers_of(daemon) == {"10.0.1.10": "s1", "10.0.1.11": "s2", "10.0.1.12": "s3"}
@@ -75,8 +76,10 @@ def test_a_server_down_is_logged_avoided_and_its_sessions_move(
     assert "server s2 down: connection refused (pool web, was unknown)" in caplog.messages
     moved = next(s for s in daemon.core.table if s.key.value == "10.0.1.11")
     assert moved.server != "s2" and moved.c2s != old_c2s
-    assert f"session {moved.id} moved: http 10.0.1.11 -> {moved.server} c2s {moved.c2s} s2c {moved.s2c} " \
-           f"(was s2 c2s {old_c2s}: server s2 down)" in caplog.messages
+    assert (
+        f"session {moved.id} moved: http 10.0.1.11 -> {moved.server} c2s {moved.c2s} s2c {moved.s2c} "
+        f"(was s2 c2s {old_c2s}: server s2 down)" in caplog.messages
+    )
     assert isinstance(daemon.provider, FakeProvider)
     fwd = daemon.provider.forward_ip("10.0.1.11", VIP, proto="tcp", sport=1, dport=80, out_dev="fab0")
     assert fwd is not None and fwd.labels == (daemon.core.transport[moved.server], moved.c2s)
@@ -99,8 +102,9 @@ def test_reset_policy_ends_the_sessions_and_logs_their_end(caplog: pytest.LogCap
     d.decide([syn(1, "10.0.1.10"), syn(2, "10.0.1.11")])
     gone = next(s for s in d.core.table if s.server == "s2")
     fail(d, "s2", 3)
-    assert f"session {gone.id} end: http 10.0.1.11 -> s2 c2s {gone.c2s} s2c {gone.s2c} (server s2 down)" \
-        in caplog.messages
+    assert (
+        f"session {gone.id} end: http 10.0.1.11 -> s2 c2s {gone.c2s} s2c {gone.s2c} (server s2 down)" in caplog.messages
+    )
     assert list(servers_of(d)) == ["10.0.1.10"]
 
 
@@ -130,10 +134,14 @@ def test_the_health_runner_marks_a_server_down_within_fall_times_interval() -> N
 
 def test_operator_commands_answer_and_bad_input_changes_nothing(daemon: BalancerDaemon) -> None:
     daemon.decide([syn(1, "10.0.1.10"), syn(2, "10.0.1.11"), syn(3, "10.0.1.12")])
-    assert daemon.handle_request({"cmd": "drain", "server": "s9"}) == \
-        {"error": "unknown server 's9'; known: s1, s2, s3", "bad_input": True}
-    assert daemon.handle_request({"cmd": "weight", "server": "s1", "weight": -2}) == \
-        {"error": "bad weight -2: an integer >= 0 (0 takes no new sessions)", "bad_input": True}
+    assert daemon.handle_request({"cmd": "drain", "server": "s9"}) == {
+        "error": "unknown server 's9'; known: s1, s2, s3",
+        "bad_input": True,
+    }
+    assert daemon.handle_request({"cmd": "weight", "server": "s1", "weight": -2}) == {
+        "error": "bad weight -2: an integer >= 0 (0 takes no new sessions)",
+        "bad_input": True,
+    }
     assert daemon.handle_request({"cmd": "flush", "client": "10.0.1.x"})["bad_input"] is True
     assert len(daemon.core.table) == 3 and not daemon.core.admin.draining
     assert daemon.handle_request({"cmd": "drain", "server": "s1"})["admin"] == "draining"
@@ -150,7 +158,8 @@ def test_operator_commands_answer_and_bad_input_changes_nothing(daemon: Balancer
 
 
 def test_the_cli_drives_the_commands_and_exits_2_on_bad_input(
-        daemon: BalancerDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon: BalancerDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def counters() -> dict[str, int]:
         return {"rate_limited": 4}
 
@@ -166,9 +175,11 @@ def test_the_cli_drives_the_commands_and_exits_2_on_bad_input(
     ok = runner.invoke(app, ["servers", "drain", "s2"])
     assert ok.exit_code == 0 and ok.stdout.strip() == "s2: draining (was enabled); its 0 sessions stay until they end"
     rows = json.loads(runner.invoke(app, ["servers", "--json"]).stdout)
-    assert [(r["name"], r["pool"], r["address"], r["state"], r["admin"], r["weight"], r["sessions"]) for r in rows] \
-        == [("s1", "web", "10.1.1.10", "unknown", "enabled", 1, 1), ("s2", "web", "10.1.1.11", "unknown", "draining", 1, 0),
-            ("s3", "web", "10.1.2.10", "unknown", "enabled", 2, 0)]
+    assert [(r["name"], r["pool"], r["address"], r["state"], r["admin"], r["weight"], r["sessions"]) for r in rows] == [
+        ("s1", "web", "10.1.1.10", "unknown", "enabled", 1, 1),
+        ("s2", "web", "10.1.1.11", "unknown", "draining", 1, 0),
+        ("s3", "web", "10.1.2.10", "unknown", "enabled", 2, 0),
+    ]
     weight = runner.invoke(app, ["servers", "weight", "s3", "1"])
     assert weight.exit_code == 0 and "s3: weight 1 (was 2); keys moved: mobile " in weight.stdout
     sessions = json.loads(runner.invoke(app, ["sessions", "--json"]).stdout)
@@ -191,8 +202,11 @@ def test_metrics_agree_with_status(daemon: BalancerDaemon) -> None:
         text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics.port}/metrics", timeout=5).read().decode()
     finally:
         daemon.stop_metrics()
-    metrics = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line and not line.startswith("#")}
+    metrics = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     status = daemon.handle_request({"cmd": "status"})
     assert sum(v for k, v in metrics.items() if k.startswith("mplsorch_sessions{")) == status["sessions"] == 2
     assert metrics["mplsorch_sessions_started_total"] == status["counters"]["sessions_started"] == 2
@@ -253,12 +267,13 @@ def test_sd_notify_ready_watchdog_reloading_stopping() -> None:
     kinds = [m.split("\n")[0] for m in got]
     assert kinds[0] == "READY=1" and kinds.count("WATCHDOG=1") >= 2
     i = kinds.index("RELOADING=1")
-    assert kinds[i + 1:].index("READY=1") >= 0 and kinds[-1] == "STOPPING=1" and d.reloads == 1
+    assert kinds[i + 1 :].index("READY=1") >= 0 and kinds[-1] == "STOPPING=1" and d.reloads == 1
     assert "MONOTONIC_USEC=" in got[i]
 
 
 def test_the_queue_is_read_in_batches_and_a_failing_batch_lets_its_packets_go_unlabelled(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     class Broken(FakeProvider):
         def routes_to(self, addresses: Any) -> dict[str, ops.NextHop | None]:
             raise RuntimeError("a bug")
@@ -291,7 +306,12 @@ def test_json_logs_give_one_object_per_line_with_the_session_fields(daemon: Bala
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     start, end = lines
     assert start["message"] == f"session {session.id} start: http 10.0.1.10 -> s1 c2s {session.c2s} s2c {session.s2c}"
-    assert (start["event"], start["level"], start["server"], start["client"]) == ("session_start", "info", "s1", "10.0.1.10")
+    assert (start["event"], start["level"], start["server"], start["client"]) == (
+        "session_start",
+        "info",
+        "s1",
+        "10.0.1.10",
+    )
     assert (end["event"], end["reason"], end["session"]) == ("session_end", "flushed", session.id)
     assert isinstance(start["time"], float) and start["ts"].endswith("Z")
 
@@ -309,7 +329,8 @@ def test_nfqueue_proc_lines_are_parsed() -> None:
 
 
 def test_a_metrics_port_in_use_is_logged_and_the_daemon_goes_on(
-        daemon: BalancerDaemon, caplog: pytest.LogCaptureFixture) -> None:
+    daemon: BalancerDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

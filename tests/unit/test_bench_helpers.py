@@ -67,8 +67,9 @@ def free_port() -> int:
 
 def test_the_sink_runs_as_a_module_says_when_it_listens_and_accepts() -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", sink.__name__, "127.0.0.1", str(port)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", sink.__name__, "127.0.0.1", str(port)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "listening\n"
         for _ in range(3):

@@ -12,11 +12,27 @@ from orchestrator.lab.bench.balancer import label_range
 from orchestrator.lab.bench.result import Latency, RateRun, SetupResult, build_result, format_table
 from orchestrator.lab.bench.setup import BACKLOG, MAX_SAMPLES, MAX_SESSIONS, parse_args
 
-JSON_KEYS = ["sessions", "samples", "sessions_per_s", "ipvs_connections_per_s", "setup_ratio",
-             "added_latency_p50_ms", "added_latency_p99_ms", "ipvs_added_latency_p50_ms",
-             "ipvs_added_latency_p99_ms", "latency_p50_ratio", "latency_p99_ratio", "connect_new_p50_ms",
-             "connect_existing_p50_ms", "ipvs_connect_new_p50_ms", "ipvs_connect_existing_p50_ms",
-             "offered_per_s", "ipvs_offered_per_s", "syn_retransmits", "ipvs_syn_retransmits"]
+JSON_KEYS = [
+    "sessions",
+    "samples",
+    "sessions_per_s",
+    "ipvs_connections_per_s",
+    "setup_ratio",
+    "added_latency_p50_ms",
+    "added_latency_p99_ms",
+    "ipvs_added_latency_p50_ms",
+    "ipvs_added_latency_p99_ms",
+    "latency_p50_ratio",
+    "latency_p99_ratio",
+    "connect_new_p50_ms",
+    "connect_existing_p50_ms",
+    "ipvs_connect_new_p50_ms",
+    "ipvs_connect_existing_p50_ms",
+    "offered_per_s",
+    "ipvs_offered_per_s",
+    "syn_retransmits",
+    "ipvs_syn_retransmits",
+]
 
 
 def _result() -> object:

@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.lab.bench.stats import (alias_addresses, chunks, flood_sources, ipvs_connections, percentile,
-                                          pktgen_result, ratio, softnet_drops, tx_packets)
+from orchestrator.lab.bench.stats import (
+    alias_addresses,
+    chunks,
+    flood_sources,
+    ipvs_connections,
+    percentile,
+    pktgen_result,
+    ratio,
+    softnet_drops,
+    tx_packets,
+)
 
 
 def test_percentile_interpolates_between_closest_ranks_like_numpy() -> None:
@@ -45,37 +54,45 @@ def test_bursts_cover_every_packet_once() -> None:
 
 
 def test_pktgen_result_gives_its_own_time_and_count() -> None:
-    text = ("Params: count 2000  min_pkt_size: 60  max_pkt_size: 60\n"
-            "Current:\n     pkts-sofar: 2000  errors: 0\n"
-            "Result: OK: 155090(c136647+d18442) usec, 2000 (60byte,0frags)\n"
-            "  12895pps 6Mb/sec (6189600bps) errors: 0\n")
+    text = (
+        "Params: count 2000  min_pkt_size: 60  max_pkt_size: 60\n"
+        "Current:\n     pkts-sofar: 2000  errors: 0\n"
+        "Result: OK: 155090(c136647+d18442) usec, 2000 (60byte,0frags)\n"
+        "  12895pps 6Mb/sec (6189600bps) errors: 0\n"
+    )
     assert pktgen_result(text) == (155090, 2000)
     with pytest.raises(RuntimeError, match="Result: Idle"):
         pktgen_result("Params: count 0\nResult: Idle\n")
 
 
 def test_softnet_drops_sums_the_second_column_of_every_cpu() -> None:
-    text = ("0000178a 00000000 00000005 00000000 00000000 00000000 00000000 00000000 00000000 00000000\n"
-            "00000155 0000002f 00000003 00000000 00000000 00000000 00000000 00000000 00000000 00000000\n")
+    text = (
+        "0000178a 00000000 00000005 00000000 00000000 00000000 00000000 00000000 00000000 00000000\n"
+        "00000155 0000002f 00000003 00000000 00000000 00000000 00000000 00000000 00000000 00000000\n"
+    )
     assert softnet_drops(text) == 0x2F
 
 
 def test_ipvs_connections_counts_connections_of_the_sources_not_templates() -> None:
-    text = ("Pro FromIP   FPrt ToIP     TPrt DestIP   DPrt State       Expires PEName PEData\n"
-            "UDP 0AC90001 14E9 0A000064 0035 0A01010A 0035 UDP         299\n"
-            "UDP 0AC90001 0000 0A000064 0035 0A01010A 0035 NONE        299\n"      # the template
-            "UDP 0AC90002 14E9 0A000064 0035 0A01020A 0035 UDP         299\n"
-            "TCP 0A00100A 9C40 0A000064 0050 0A01010B 0050 ESTABLISHED 899\n")
+    text = (
+        "Pro FromIP   FPrt ToIP     TPrt DestIP   DPrt State       Expires PEName PEData\n"
+        "UDP 0AC90001 14E9 0A000064 0035 0A01010A 0035 UDP         299\n"
+        "UDP 0AC90001 0000 0A000064 0035 0A01010A 0035 NONE        299\n"  # the template
+        "UDP 0AC90002 14E9 0A000064 0035 0A01020A 0035 UDP         299\n"
+        "TCP 0A00100A 9C40 0A000064 0050 0A01010B 0050 ESTABLISHED 899\n"
+    )
     assert ipvs_connections(text, {"10.201.0.1", "10.201.0.2"}) == 2
     assert ipvs_connections(text, {"10.0.16.10"}) == 1
     assert ipvs_connections(text, set()) == 0
 
 
 def test_tx_packets_reads_the_device_row() -> None:
-    text = ("Inter-|   Receive                                                |  Transmit\n"
-            " face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n"
-            "    lo:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0\n"
-            "  fab0:    1234      10    0    0    0     0          0         0    99999     321    0    0    0     0       0          0\n")
+    text = (
+        "Inter-|   Receive                                                |  Transmit\n"
+        " face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n"
+        "    lo:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0\n"
+        "  fab0:    1234      10    0    0    0     0          0         0    99999     321    0    0    0     0       0          0\n"
+    )
     assert tx_packets(text, "fab0") == 321 and tx_packets(text, "lo") == 0
     with pytest.raises(KeyError):
         tx_packets(text, "lan0")
@@ -106,15 +123,16 @@ def test_softnet_drops_ignores_blank_lines() -> None:
 
 
 def test_ipvs_connections_skips_what_is_not_a_connection_row() -> None:
-    text = ("Pro FromIP   FPrt ToIP     TPrt DestIP   DPrt State       Expires PEName PEData\n"
-            "\n"
-            "UDP 0AC9\n"                                                          # too short
-            "UDP ZZZZZZZZ 14E9 0A000064 0035 0A01010A 0035 UDP         299\n"      # not hex
-            "UDP 0AC90001 14E9 0A000064 0035 0A01010A 0035 UDP         299\n")
+    text = (
+        "Pro FromIP   FPrt ToIP     TPrt DestIP   DPrt State       Expires PEName PEData\n"
+        "\n"
+        "UDP 0AC9\n"  # too short
+        "UDP ZZZZZZZZ 14E9 0A000064 0035 0A01010A 0035 UDP         299\n"  # not hex
+        "UDP 0AC90001 14E9 0A000064 0035 0A01010A 0035 UDP         299\n"
+    )
     assert ipvs_connections(text, {"10.201.0.1"}) == 1
 
 
 def test_tx_packets_matches_the_whole_device_name() -> None:
-    text = ("  fab01:    0 0 0 0 0 0 0 0    0    7 0 0 0 0 0 0\n"
-            "   fab0:    0 0 0 0 0 0 0 0    0    5 0 0 0 0 0 0\n")
+    text = "  fab01:    0 0 0 0 0 0 0 0    0    7 0 0 0 0 0 0\n   fab0:    0 0 0 0 0 0 0 0    0    5 0 0 0 0 0 0\n"
     assert tx_packets(text, "fab0") == 5 and tx_packets(text, "fab01") == 7

@@ -31,8 +31,8 @@ from orchestrator.dataplane.netlink import decode, encode, nla, nlsocket
 from orchestrator.dataplane.netlink.provider import NetlinkProvider
 from tests.unit.conftest import BALANCER_EXAMPLE, EXAMPLE, TRANSPORT, Node, ScriptedQueue, balancer_daemon, config, syn
 
-GATEWAY = "10.0.1.10"      # a client-side router on lan1
-FAR = "10.0.9.1"           # a client behind it
+GATEWAY = "10.0.1.10"  # a client-side router on lan1
+FAR = "10.0.9.1"  # a client behind it
 AWARE = {"clients.label_aware": ["10.0.9.0/24", "10.0.1.11"]}
 
 
@@ -50,6 +50,7 @@ def far_node(changes: Mapping[KeyPath, Any] | None = None) -> Node:
 
 
 # ---- the core ------------------------------------------------------------------------------------
+
 
 def test_an_off_link_client_is_answered_through_the_gateway_on_the_routes_device() -> None:
     node = far_node()
@@ -105,8 +106,11 @@ def test_a_mobile_client_moving_to_an_unroutable_care_of_address_keeps_its_old_r
     node = Node(v6)
 
     def mip6_syn(coa: str, sport: int) -> bytes:
-        return bytes(IPv6(src=coa, dst="2001:db8::100") / IPv6ExtHdrDestOpt(options=[HAO(hoa="2001:db8:aa::1")])
-                     / TCP(sport=sport, dport=80, flags="S"))
+        return bytes(
+            IPv6(src=coa, dst="2001:db8::100")
+            / IPv6ExtHdrDestOpt(options=[HAO(hoa="2001:db8:aa::1")])
+            / TCP(sport=sport, dport=80, flags="S")
+        )
 
     node.packets(mip6_syn("2001:db8:1::10", 1))
     commit = node.packets(mip6_syn("3fff::20", 2))  # no route to 3fff::/20
@@ -135,6 +139,7 @@ def test_a_restart_restores_both_route_forms_as_the_sessions_s2c_route() -> None
 
 # ---- configuration ---------------------------------------------------------------------------------
 
+
 def test_label_aware_prefixes_parse_and_show_round_trips() -> None:
     cfg = parse_config(example("balancer", {"clients.label_aware": ["10.0.9.0/24", "10.0.1.11", "fd00:1::/64"]}))
     assert [str(n) for n in cfg.clients.label_aware] == ["10.0.9.0/24", "10.0.1.11/32", "fd00:1::/64"]
@@ -147,14 +152,17 @@ def test_label_aware_prefixes_parse_and_show_round_trips() -> None:
     assert parse_config(without).clients.label_aware == ()  # the section is optional
 
 
-@pytest.mark.parametrize("value, message", [
-    ("[10.0.9.1/24]", "'10.0.9.1/24' has host bits set; did you mean 10.0.9.0/24?"),
-    ("[lan0]", "'lan0' is not an IP prefix (ADDRESS/LENGTH)"),
-    ("[10.0.9.0/33]", "'10.0.9.0/33' is not an IP prefix"),
-    ("[10.0.9.0/24, 10.0.9.0/24]", "prefix 10.0.9.0/24 is listed twice"),
-    ("10.0.9.0/24", "expected a list"),
-    ("[[10.0.9.0/24]]", "expected an IP prefix, got a list"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("[10.0.9.1/24]", "'10.0.9.1/24' has host bits set; did you mean 10.0.9.0/24?"),
+        ("[lan0]", "'lan0' is not an IP prefix (ADDRESS/LENGTH)"),
+        ("[10.0.9.0/33]", "'10.0.9.0/33' is not an IP prefix"),
+        ("[10.0.9.0/24, 10.0.9.0/24]", "prefix 10.0.9.0/24 is listed twice"),
+        ("10.0.9.0/24", "expected a list"),
+        ("[[10.0.9.0/24]]", "expected an IP prefix, got a list"),
+    ],
+)
 def test_bad_label_aware_prefixes_are_named_with_their_line(value: str, message: str) -> None:
     text = EXAMPLE.replace("label_aware: []", f"label_aware: {value}")  # text: the error's line is checked
     line = next(i + 1 for i, s in enumerate(text.splitlines()) if s.startswith("  label_aware: "))
@@ -173,6 +181,7 @@ def test_unknown_key_under_clients_suggests_the_known_one() -> None:
 
 
 # ---- the netlink provider's route lookup -----------------------------------------------------------
+
 
 class RouteKernel:
     """The kernel side of a route lookup: answers each RTM_GETROUTE with RTM_NEWROUTE (ifindex,
@@ -199,18 +208,26 @@ class RouteKernel:
         answers, ack = [], []
         for kind, flags, seq, body in sent:
             family, dst_len = body[0], body[1]
-            dst = socket.inet_ntop(socket.AF_INET6 if family == c.AF_INET6 else socket.AF_INET,
-                                   bytes(nla.attrs(body, 12)[c.RTA_DST]))
+            dst = socket.inet_ntop(
+                socket.AF_INET6 if family == c.AF_INET6 else socket.AF_INET, bytes(nla.attrs(body, 12)[c.RTA_DST])
+            )
             entry = self.table[dst]
             if isinstance(entry, int):
-                answers.append(nla.message(c.NLMSG_ERROR, 0x100, seq,
-                                           struct.pack("=i", -entry) + struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0)))
+                answers.append(
+                    nla.message(
+                        c.NLMSG_ERROR,
+                        0x100,
+                        seq,
+                        struct.pack("=i", -entry) + struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0),
+                    )
+                )
                 continue
             oif, gateway, rtype = entry
             attrs = nla.attr(c.RTA_DST, bytes(nla.attrs(body, 12)[c.RTA_DST])) + nla.u32(c.RTA_OIF, oif)
             if gateway:
-                attrs += nla.attr(c.RTA_GATEWAY, socket.inet_pton(
-                    socket.AF_INET6 if ":" in gateway else socket.AF_INET, gateway))
+                attrs += nla.attr(
+                    c.RTA_GATEWAY, socket.inet_pton(socket.AF_INET6 if ":" in gateway else socket.AF_INET, gateway)
+                )
             reply = struct.pack("=BBBBBBBBI", family, dst_len, 0, 0, 254, 2, 0, rtype, 0) + attrs
             answers.append(nla.message(c.RTM_NEWROUTE, 0, seq, reply))
             if flags & c.NLM_F_ACK:
@@ -224,7 +241,7 @@ class RouteKernel:
 
     def recv_into(self, buf: bytearray) -> int:
         data = self.replies.popleft()
-        buf[:len(data)] = data
+        buf[: len(data)] = data
         return len(data)
 
     def close(self) -> None:
@@ -236,19 +253,27 @@ def provider_with(kernel: RouteKernel) -> NetlinkProvider:
 
 
 def test_route_lookups_go_in_one_sendmsg_and_answers_are_matched_by_sequence() -> None:
-    kernel = RouteKernel({
-        "10.0.1.10": (2, None, c.RTN_UNICAST),          # on-link
-        "10.0.9.1": (3, "10.0.1.10", c.RTN_UNICAST),    # behind a gateway
-        "fd00:9::1": (3, "fe80::1", c.RTN_UNICAST),
-        "192.0.2.1": 101,                                # ENETUNREACH
-        "10.0.1.1": (1, None, 2),                        # RTN_LOCAL: our own address
-        "10.0.9.2": (3, "10.0.1.10", c.RTN_UNICAST),
-    })
+    kernel = RouteKernel(
+        {
+            "10.0.1.10": (2, None, c.RTN_UNICAST),  # on-link
+            "10.0.9.1": (3, "10.0.1.10", c.RTN_UNICAST),  # behind a gateway
+            "fd00:9::1": (3, "fe80::1", c.RTN_UNICAST),
+            "192.0.2.1": 101,  # ENETUNREACH
+            "10.0.1.1": (1, None, 2),  # RTN_LOCAL: our own address
+            "10.0.9.2": (3, "10.0.1.10", c.RTN_UNICAST),
+        }
+    )
     asked = ["10.0.1.10", "10.0.9.1", "fd00:9::1", "192.0.2.1", "10.0.1.1", "10.0.9.1", "10.0.9.2", "nonsense"]
     hops = provider_with(kernel).routes_to(asked)
-    assert hops == {"10.0.1.10": ops.NextHop("lan0"), "10.0.9.1": ops.NextHop("lan1", "10.0.1.10"),
-                    "fd00:9::1": ops.NextHop("lan1", "fe80::1"), "192.0.2.1": None, "10.0.1.1": None,
-                    "10.0.9.2": ops.NextHop("lan1", "10.0.1.10"), "nonsense": None}
+    assert hops == {
+        "10.0.1.10": ops.NextHop("lan0"),
+        "10.0.9.1": ops.NextHop("lan1", "10.0.1.10"),
+        "fd00:9::1": ops.NextHop("lan1", "fe80::1"),
+        "192.0.2.1": None,
+        "10.0.1.1": None,
+        "10.0.9.2": ops.NextHop("lan1", "10.0.1.10"),
+        "nonsense": None,
+    }
     [sent] = kernel.sends  # one sendmsg, each address once, an ACK asked of the last only
     assert [kind for kind, *_ in sent] == [c.RTM_GETROUTE] * 6
     assert [bool(flags & c.NLM_F_ACK) for _k, flags, _s, _b in sent] == [False] * 5 + [True]
@@ -258,14 +283,18 @@ def test_route_lookups_go_in_one_sendmsg_and_answers_are_matched_by_sequence() -
 
 def test_the_last_lookup_failing_ends_the_exchange_too() -> None:
     kernel = RouteKernel({"10.0.1.10": (2, None, c.RTN_UNICAST), "192.0.2.1": 113})
-    assert provider_with(kernel).routes_to(["10.0.1.10", "192.0.2.1"]) == \
-        {"10.0.1.10": ops.NextHop("lan0"), "192.0.2.1": None}
+    assert provider_with(kernel).routes_to(["10.0.1.10", "192.0.2.1"]) == {
+        "10.0.1.10": ops.NextHop("lan0"),
+        "192.0.2.1": None,
+    }
     assert provider_with(RouteKernel({})).routes_to([]) == {}
 
 
 def test_route_query_layout_passes_strict_checking() -> None:
-    for address, family, plen, packed in (("10.0.9.1", c.AF_INET, 32, bytes([10, 0, 9, 1])),
-                                          ("fd00::1", c.AF_INET6, 128, socket.inet_pton(socket.AF_INET6, "fd00::1"))):
+    for address, family, plen, packed in (
+        ("10.0.9.1", c.AF_INET, 32, bytes([10, 0, 9, 1])),
+        ("fd00::1", c.AF_INET6, 128, socket.inet_pton(socket.AF_INET6, "fd00::1")),
+    ):
         kind, flags, body = encode.route_query(address)
         assert (kind, flags) == (c.RTM_GETROUTE, c.NLM_F_REQUEST)
         # family, dst_len, then src_len, tos, table, protocol, scope, type, flags all zero
@@ -274,20 +303,27 @@ def test_route_query_layout_passes_strict_checking() -> None:
 
 
 def test_an_ipv4_route_via_an_ipv6_gateway_is_decoded() -> None:
-    body = struct.pack("=BBBBBBBBI", c.AF_INET, 32, 0, 0, 254, 2, 0, c.RTN_UNICAST, 0) + \
-        nla.u32(c.RTA_OIF, 3) + nla.attr(c.RTA_VIA, struct.pack("=H", c.AF_INET6) + socket.inet_pton(socket.AF_INET6, "fe80::9"))
+    body = (
+        struct.pack("=BBBBBBBBI", c.AF_INET, 32, 0, 0, 254, 2, 0, c.RTN_UNICAST, 0)
+        + nla.u32(c.RTA_OIF, 3)
+        + nla.attr(c.RTA_VIA, struct.pack("=H", c.AF_INET6) + socket.inet_pton(socket.AF_INET6, "fe80::9"))
+    )
     assert decode.next_hop(body, {3: "lan1"}.__getitem__) == ops.NextHop("lan1", "fe80::9")
 
 
 # ---- the fake provider ------------------------------------------------------------------------------
+
 
 def test_the_fake_answers_lookups_by_longest_prefix() -> None:
     kernel = FakeProvider(["lan0", "lan1"])
     kernel.add_ip_route("10.0.0.0/8", "lan0")
     kernel.add_ip_route("10.0.9.0/24", "lan1", via="10.0.1.10")
     assert kernel.routes_to(["10.0.9.3", "10.0.1.3", "192.0.2.1", "bad"]) == {
-        "10.0.9.3": ops.NextHop("lan1", "10.0.1.10"), "10.0.1.3": ops.NextHop("lan0"),
-        "192.0.2.1": None, "bad": None}
+        "10.0.9.3": ops.NextHop("lan1", "10.0.1.10"),
+        "10.0.1.3": ops.NextHop("lan0"),
+        "192.0.2.1": None,
+        "bad": None,
+    }
     with pytest.raises(ValueError):
         kernel.add_ip_route("10.1.0.0/16", "eth9")
 
@@ -300,6 +336,7 @@ def test_source_address_reads_the_fixed_header_as_the_analyzer_does() -> None:
 
 # ---- the daemon's glue --------------------------------------------------------------------------------
 
+
 def test_the_daemon_looks_up_a_batchs_clients_once_and_passes_the_next_hops() -> None:
     kernel = FakeProvider(["lan0", "lan1", "fab0"])
     kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
@@ -307,12 +344,13 @@ def test_the_daemon_looks_up_a_batchs_clients_once_and_passes_the_next_hops() ->
     kernel.add_ip_route("10.0.9.0/24", "lan1", via=GATEWAY)
     queue = ScriptedQueue()
     daemon = balancer_daemon(load_balancer_config(BALANCER_EXAMPLE), kernel, queue)
-    batch = [QueuedPacket(0, i, syn(src, sport=40000 + i), 2, None, 0)
-             for i, src in enumerate([FAR, "10.0.1.12", "192.0.2.9", FAR])]
+    batch = [
+        QueuedPacket(0, i, syn(src, sport=40000 + i), 2, None, 0)
+        for i, src in enumerate([FAR, "10.0.1.12", "192.0.2.9", FAR])
+    ]
     daemon.decide(batch)
     assert kernel.route_queries == [(FAR, "10.0.1.12", "192.0.2.9")]
     assert [v.verdict for v in queue.sent] == [NF_ACCEPT, NF_ACCEPT, NF_DROP, NF_ACCEPT]
     far = next(s for s in daemon.core.table if s.key.value == FAR)
     assert kernel.receive_mpls([far.s2c]) is not None and kernel.receive_mpls([far.s2c]).via == GATEWAY
     assert daemon.core.counters["no_route"] == 1
-

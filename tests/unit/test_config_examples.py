@@ -15,8 +15,17 @@ def test_an_unchanged_example_reads_as_the_file_does(role: str) -> None:
 
 
 def test_changes_set_and_add_keys_by_dotted_path() -> None:
-    cfg = parse_config(example("balancer", {"labels.range": [1001, 1999], "services.http.ports": [80, 8080],
-                                            "labels.allocation": "pool", "metrics.listen": "127.0.0.1:9469"}))
+    cfg = parse_config(
+        example(
+            "balancer",
+            {
+                "labels.range": [1001, 1999],
+                "services.http.ports": [80, 8080],
+                "labels.allocation": "pool",
+                "metrics.listen": "127.0.0.1:9469",
+            },
+        )
+    )
     assert cfg.to_dict()["labels"]["range"] == [1001, 1999]
     http = next(s for s in cfg.services if s.name == "http")
     assert list(http.ports) == [80, 8080]

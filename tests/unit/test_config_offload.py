@@ -80,18 +80,29 @@ def test_show_output_reads_back_equal(offload: str) -> None:
     assert parse_config(json.dumps(cfg.to_dict())) == cfg
 
 
-@pytest.mark.parametrize("offload,marker,path,fragment", [
-    ("software", "offload:", "interfaces.offload",
-     "unknown offload policy 'software'; expected one of auto, never, required"),
-    ("{fab0: skip_sw}", "offload:", "interfaces.offload.fab0", "unknown offload policy 'skip_sw'"),
-    ("{lan0: required}", "offload:", "interfaces.offload.lan0",
-     "interface 'lan0' is not in interfaces.fabric: the offload policy is for the fabric links"),
-    ("{fab2: never}", "offload:", "interfaces.offload.fab2", "did you mean"),
-    ("[fab0]", "offload:", "interfaces.offload", "expected a mapping"),
-], ids=["old word", "bad word", "client interface", "unknown interface", "a list"])
+@pytest.mark.parametrize(
+    "offload,marker,path,fragment",
+    [
+        (
+            "software",
+            "offload:",
+            "interfaces.offload",
+            "unknown offload policy 'software'; expected one of auto, never, required",
+        ),
+        ("{fab0: skip_sw}", "offload:", "interfaces.offload.fab0", "unknown offload policy 'skip_sw'"),
+        (
+            "{lan0: required}",
+            "offload:",
+            "interfaces.offload.lan0",
+            "interface 'lan0' is not in interfaces.fabric: the offload policy is for the fabric links",
+        ),
+        ("{fab2: never}", "offload:", "interfaces.offload.fab2", "did you mean"),
+        ("[fab0]", "offload:", "interfaces.offload", "expected a mapping"),
+    ],
+    ids=["old word", "bad word", "client interface", "unknown interface", "a list"],
+)
 def test_bad_offload_values_name_line_and_key(offload: str, marker: str, path: str, fragment: str) -> None:
-    assert_error(_edit(TWO, "  fabric_next_hop:", f"  offload: {offload}\n  fabric_next_hop:"),
-                 marker, path, fragment)
+    assert_error(_edit(TWO, "  fabric_next_hop:", f"  offload: {offload}\n  fabric_next_hop:"), marker, path, fragment)
 
 
 def test_cli_config_show_prints_the_policy(tmp_path: Path) -> None:

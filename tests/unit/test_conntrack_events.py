@@ -15,11 +15,17 @@ from tests.unit.conftest import Node, ScriptedConntrack, balancer_daemon, config
 
 
 def destroy_body(src: str, dst: str, proto: int, sport: int, dport: int) -> bytes:
-    ip = nla.nest(ct.CTA_TUPLE_IP, nla.attr(ct.CTA_IP_V4_SRC, socket.inet_pton(socket.AF_INET, src)),
-                  nla.attr(ct.CTA_IP_V4_DST, socket.inet_pton(socket.AF_INET, dst)))
-    l4 = nla.nest(ct.CTA_TUPLE_PROTO, nla.u8(ct.CTA_PROTO_NUM, proto),
-                  nla.attr(ct.CTA_PROTO_SRC_PORT, struct.pack("!H", sport)),
-                  nla.attr(ct.CTA_PROTO_DST_PORT, struct.pack("!H", dport)))
+    ip = nla.nest(
+        ct.CTA_TUPLE_IP,
+        nla.attr(ct.CTA_IP_V4_SRC, socket.inet_pton(socket.AF_INET, src)),
+        nla.attr(ct.CTA_IP_V4_DST, socket.inet_pton(socket.AF_INET, dst)),
+    )
+    l4 = nla.nest(
+        ct.CTA_TUPLE_PROTO,
+        nla.u8(ct.CTA_PROTO_NUM, proto),
+        nla.attr(ct.CTA_PROTO_SRC_PORT, struct.pack("!H", sport)),
+        nla.attr(ct.CTA_PROTO_DST_PORT, struct.pack("!H", dport)),
+    )
     return struct.pack("!BBH", socket.AF_INET, 0, 0) + nla.nest(ct.CTA_TUPLE_ORIG, ip, l4)
 
 
@@ -50,8 +56,10 @@ def test_dumps_ask_the_kernel_only_for_the_flows_our_rulesets_tag() -> None:
     mark, mask = (struct.unpack("!I", a[k])[0] for k in (ct.CTA_MARK, ct.CTA_MARK_MASK))
     assert mark & mask == mark == ct.CT_TAG
     templates = Path(__file__).resolve().parents[2] / "templates"
-    rulesets = (nftables.render(load_balancer_config(templates / "balancer.example.yaml")),
-                nftables.render_server(load_server_config(templates / "server.example.yaml")))
+    rulesets = (
+        nftables.render(load_balancer_config(templates / "balancer.example.yaml")),
+        nftables.render_server(load_server_config(templates / "server.example.yaml")),
+    )
     for ruleset in rulesets:
         queue_rules = [line for line in ruleset.splitlines() if " queue " in line]
         assert queue_rules

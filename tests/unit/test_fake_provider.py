@@ -35,8 +35,7 @@ C2S, S2C = 1001, 1002
 T_LB, T_S2 = 100, 102  # transport labels of the balancer and of server s2 at the fabric switch
 
 QDISC = ClsactQdisc("fab0")
-C2S_FILTER = FlowerFilter("fab0", 1, FlowerMatch(src=f"{CLIENT}/32", dst=f"{VIP}/32"),
-                          push_stack((T_S2, C2S)))
+C2S_FILTER = FlowerFilter("fab0", 1, FlowerMatch(src=f"{CLIENT}/32", dst=f"{VIP}/32"), push_stack((T_S2, C2S)))
 S2C_ROUTE = MplsRoute(S2C, "lan0", via=CLIENT)
 BALANCER_OPS = [Add(QDISC), Add(C2S_FILTER), Add(S2C_ROUTE)]
 
@@ -45,9 +44,11 @@ VIP_RULE = Rule(VIP, table=100, priority=1000)
 S2C_ENCAP = EncapRoute(f"{CLIENT}/32", (T_LB, S2C), "eth0", via="10.1.2.1", table=100)
 SERVER_OPS = [Add(C2S_TERM), Add(VIP_RULE), Add(S2C_ENCAP)]
 
-FABRIC_OPS = [Add(MplsRoute(101, "ps1", via="10.1.1.10")),
-              Add(MplsRoute(T_S2, "ps2", via="10.1.2.10")),
-              Add(MplsRoute(T_LB, "pl", via="10.255.0.1"))]
+FABRIC_OPS = [
+    Add(MplsRoute(101, "ps1", via="10.1.1.10")),
+    Add(MplsRoute(T_S2, "ps2", via="10.1.2.10")),
+    Add(MplsRoute(T_LB, "pl", via="10.255.0.1")),
+]
 
 
 def _node(devices, op_list, **kwargs) -> FakeProvider:
@@ -78,6 +79,7 @@ def _one(node: FakeProvider, op):
 
 
 # ---- the reference session ----
+
 
 def test_reference_session_round_trip(lb, s2, p):
     # client -> VIP leaves the balancer's fabric link labelled [transport of s2, C2S]
@@ -120,12 +122,14 @@ def test_swap_keeps_the_labels_below():
 
 
 def test_swap_loop_through_lo_is_dropped():
-    node = _node(set(), [Add(MplsRoute(2000, "lo", out_labels=(2001,))),
-                         Add(MplsRoute(2001, "lo", out_labels=(2000,)))])
+    node = _node(
+        set(), [Add(MplsRoute(2000, "lo", out_labels=(2001,))), Add(MplsRoute(2001, "lo", out_labels=(2000,)))]
+    )
     assert node.receive_mpls((2000,)) is None
 
 
 # ---- flower matching and order ----
+
 
 def _filters_node(*filters) -> FakeProvider:
     return _node({"fab0"}, [Add(ClsactQdisc("fab0"))] + [Add(f) for f in filters])
@@ -136,7 +140,8 @@ def test_lowest_pref_then_lowest_handle_wins():
     node = _filters_node(
         FlowerFilter("fab0", 1, vip_only, push_stack((7001,)), pref=20),
         FlowerFilter("fab0", 9, FlowerMatch(src=f"{CLIENT}/32"), push_stack((5001,)), pref=10),
-        FlowerFilter("fab0", 2, FlowerMatch(src="10.0.1.0/24"), push_stack((6001,)), pref=10))
+        FlowerFilter("fab0", 2, FlowerMatch(src="10.0.1.0/24"), push_stack((6001,)), pref=10),
+    )
     assert node.forward_ip(CLIENT, VIP, out_dev="fab0").labels == (6001,)  # pref 10, handle 2
     assert node.forward_ip("10.0.1.99", VIP, out_dev="fab0").labels == (6001,)
     assert node.forward_ip("10.9.9.9", VIP, out_dev="fab0").labels == (7001,)
@@ -165,24 +170,27 @@ def test_ipv6_filter_does_not_match_ipv4_and_pop_action():
 
 
 def test_policy_rules_by_priority_then_main_with_longest_prefix():
-    node = _node({"eth0", "eth1"}, [
-        Add(Rule(VIP, table=100, priority=1000)),
-        Add(Rule("10.0.0.0/24", table=200, priority=500)),
-        Add(Rule(VIP, table=300, priority=40000)),  # after the kernel's main-table rule (32766)
-        Add(EncapRoute("10.0.1.0/24", (100, 3000), "eth0", table=100)),
-        Add(EncapRoute("10.0.1.10/32", (100, 1002), "eth0", table=100)),
-        Add(EncapRoute("10.0.2.0/24", (200, 2000), "eth1", table=200)),
-        Add(EncapRoute("10.0.4.0/24", (254, 2540), "eth1")),
-        Add(EncapRoute("10.0.0.0/8", (300, 3003), "eth1", table=300)),
-        Add(EncapRoute("10.0.0.0/22", (100, 2200), "eth0", table=100)),  # added last, shorter
-    ])
-    assert node.route_ip(VIP, CLIENT).labels == (100, 1002)       # /32 beats /24 in table 100
+    node = _node(
+        {"eth0", "eth1"},
+        [
+            Add(Rule(VIP, table=100, priority=1000)),
+            Add(Rule("10.0.0.0/24", table=200, priority=500)),
+            Add(Rule(VIP, table=300, priority=40000)),  # after the kernel's main-table rule (32766)
+            Add(EncapRoute("10.0.1.0/24", (100, 3000), "eth0", table=100)),
+            Add(EncapRoute("10.0.1.10/32", (100, 1002), "eth0", table=100)),
+            Add(EncapRoute("10.0.2.0/24", (200, 2000), "eth1", table=200)),
+            Add(EncapRoute("10.0.4.0/24", (254, 2540), "eth1")),
+            Add(EncapRoute("10.0.0.0/8", (300, 3003), "eth1", table=300)),
+            Add(EncapRoute("10.0.0.0/22", (100, 2200), "eth0", table=100)),  # added last, shorter
+        ],
+    )
+    assert node.route_ip(VIP, CLIENT).labels == (100, 1002)  # /32 beats /24 in table 100
     assert node.route_ip(VIP, "10.0.1.11").labels == (100, 3000)
     assert node.route_ip(VIP, "10.0.2.5") == Forwarding((200, 2000), None, "eth1")  # pref 500
     assert node.route_ip(VIP, "10.0.3.5").labels == (100, 2200)
-    assert node.route_ip(VIP, "10.0.4.5").labels == (254, 2540)   # falls through to main
-    assert node.route_ip(VIP, "10.0.9.9").labels == (300, 3003)   # after main
-    assert node.route_ip("192.0.2.1", CLIENT) is None             # no rule for this source
+    assert node.route_ip(VIP, "10.0.4.5").labels == (254, 2540)  # falls through to main
+    assert node.route_ip(VIP, "10.0.9.9").labels == (300, 3003)  # after main
+    assert node.route_ip("192.0.2.1", CLIENT) is None  # no rule for this source
 
 
 # ---- errors: the kernel's errno and a message ----
@@ -190,59 +198,82 @@ def test_policy_rules_by_priority_then_main_with_longest_prefix():
 ERROR_CASES = [
     ("label out of 20 bits", Add(MplsRoute(1 << 20, "lo")), errno.EINVAL, "not an MPLS label"),
     ("bad prefix", Add(EncapRoute("10.0.1.10/24", (100,), "eth0")), errno.EINVAL, "host bits"),
-    ("port without proto", Add(FlowerFilter("eth0", 1, FlowerMatch(dst_port=80), ())),
-     errno.EINVAL, "ip_proto"),
+    ("port without proto", Add(FlowerFilter("eth0", 1, FlowerMatch(dst_port=80), ())), errno.EINVAL, "ip_proto"),
     ("unknown device", Add(MplsRoute(2000, "eth9")), errno.ENODEV, "no such device eth9"),
     ("unknown device qdisc", Add(ClsactQdisc("eth9")), errno.ENODEV, "eth9"),
     ("reserved label", Add(MplsRoute(15, "lo")), errno.EINVAL, "reserved"),
     ("reserved label delete", Delete(MplsRoute(3, "lo")), errno.EINVAL, "reserved"),
     ("platform_labels", Add(MplsRoute(100000, "lo")), errno.EINVAL, "platform_labels"),
-    ("implicit null swap", Add(MplsRoute(2000, "eth0", via="10.1.2.1", out_labels=(100, 3))),
-     errno.EINVAL, "implicit null"),
-    ("implicit null encap", Add(EncapRoute("10.0.1.11/32", (3, 1002), "eth0")),
-     errno.EINVAL, "implicit null"),
-    ("deep swap", Add(MplsRoute(2000, "eth0", via="10.1.2.1",
-                                out_labels=tuple(range(16, 17 + MAX_STACK)))),
-     errno.EINVAL, "maximum"),
-    ("deep encap", Add(EncapRoute("10.0.1.11/32", tuple(range(16, 17 + MAX_STACK)), "eth0")),
-     errno.EINVAL, "maximum"),
+    (
+        "implicit null swap",
+        Add(MplsRoute(2000, "eth0", via="10.1.2.1", out_labels=(100, 3))),
+        errno.EINVAL,
+        "implicit null",
+    ),
+    ("implicit null encap", Add(EncapRoute("10.0.1.11/32", (3, 1002), "eth0")), errno.EINVAL, "implicit null"),
+    (
+        "deep swap",
+        Add(MplsRoute(2000, "eth0", via="10.1.2.1", out_labels=tuple(range(16, 17 + MAX_STACK)))),
+        errno.EINVAL,
+        "maximum",
+    ),
+    ("deep encap", Add(EncapRoute("10.0.1.11/32", tuple(range(16, 17 + MAX_STACK)), "eth0")), errno.EINVAL, "maximum"),
     ("add existing mpls", Add(MplsRoute(C2S, "lo")), errno.EEXIST, "exists"),
     ("add existing encap", Add(S2C_ENCAP), errno.EEXIST, "exists"),
     ("add existing rule", Add(VIP_RULE), errno.EEXIST, "exists"),
     ("add existing qdisc", Add(ClsactQdisc("eth0")), errno.EEXIST, "exists"),
-    ("add existing filter", Add(FlowerFilter("eth0", 7, FlowerMatch(src="10.9.9.9/32"),
-                                             push_stack((1,)))), errno.EEXIST, "exists"),
-    ("same match other handle", Add(FlowerFilter("eth0", 8, FlowerMatch(dst=f"{VIP}/32"),
-                                                 push_stack((1,)))), errno.EEXIST, "same match"),
-    ("pref of other protocol", Add(FlowerFilter("eth0", 9, FlowerMatch(dst="2001:db8::/64"), ())),
-     errno.EINVAL, "another protocol"),
-    ("delete missing encap", Delete(EncapRoute("10.0.1.99/32", (1,), "eth0", table=100)),
-     errno.ESRCH, "no such route"),
+    (
+        "add existing filter",
+        Add(FlowerFilter("eth0", 7, FlowerMatch(src="10.9.9.9/32"), push_stack((1,)))),
+        errno.EEXIST,
+        "exists",
+    ),
+    (
+        "same match other handle",
+        Add(FlowerFilter("eth0", 8, FlowerMatch(dst=f"{VIP}/32"), push_stack((1,)))),
+        errno.EEXIST,
+        "same match",
+    ),
+    (
+        "pref of other protocol",
+        Add(FlowerFilter("eth0", 9, FlowerMatch(dst="2001:db8::/64"), ())),
+        errno.EINVAL,
+        "another protocol",
+    ),
+    ("delete missing encap", Delete(EncapRoute("10.0.1.99/32", (1,), "eth0", table=100)), errno.ESRCH, "no such route"),
     ("delete missing rule", Delete(Rule(VIP, table=100, priority=1001)), errno.ENOENT, "no such"),
-    ("delete missing filter", Delete(FlowerFilter("eth0", 99, FlowerMatch(), ())),
-     errno.ENOENT, "no such"),
+    ("delete missing filter", Delete(FlowerFilter("eth0", 99, FlowerMatch(), ())), errno.ENOENT, "no such"),
     ("delete missing qdisc", Delete(ClsactQdisc("eth1")), errno.ENOENT, "no such"),
-    ("filter without clsact", Add(FlowerFilter("eth1", 1, FlowerMatch(), push_stack((1,)))),
-     errno.EINVAL, "no clsact qdisc on eth1"),
-    ("delete filter without clsact", Delete(FlowerFilter("eth1", 1, FlowerMatch(), ())),
-     errno.EINVAL, "clsact"),
-    ("offload required", Add(FlowerFilter("eth0", 2, FlowerMatch(src="10.8.8.8/32"),
-                                          push_stack((1,)), offload=OffloadPolicy.REQUIRED)),
-     errno.EOPNOTSUPP, "cannot offload"),
+    (
+        "filter without clsact",
+        Add(FlowerFilter("eth1", 1, FlowerMatch(), push_stack((1,)))),
+        errno.EINVAL,
+        "no clsact qdisc on eth1",
+    ),
+    ("delete filter without clsact", Delete(FlowerFilter("eth1", 1, FlowerMatch(), ())), errno.EINVAL, "clsact"),
+    (
+        "offload required",
+        Add(FlowerFilter("eth0", 2, FlowerMatch(src="10.8.8.8/32"), push_stack((1,)), offload=OffloadPolicy.REQUIRED)),
+        errno.EOPNOTSUPP,
+        "cannot offload",
+    ),
 ]
 
 
 @pytest.fixture
 def busy() -> FakeProvider:
     """A server with one of everything, for the error cases."""
-    return _node({"eth0", "eth1"}, SERVER_OPS + [
-        Add(ClsactQdisc("eth0")),
-        Add(FlowerFilter("eth0", 7, FlowerMatch(dst=f"{VIP}/32"), push_stack((1,)), pref=10)),
-    ])
+    return _node(
+        {"eth0", "eth1"},
+        SERVER_OPS
+        + [
+            Add(ClsactQdisc("eth0")),
+            Add(FlowerFilter("eth0", 7, FlowerMatch(dst=f"{VIP}/32"), push_stack((1,)), pref=10)),
+        ],
+    )
 
 
-@pytest.mark.parametrize("op,code,text", [c[1:] for c in ERROR_CASES],
-                         ids=[c[0] for c in ERROR_CASES])
+@pytest.mark.parametrize("op,code,text", [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
 def test_errors(busy, op, code, text):
     before = busy.dump()
     result = _one(busy, op)
@@ -255,14 +286,16 @@ def test_errors(busy, op, code, text):
 
 def test_label_range_edges_are_accepted():
     node = FakeProvider({"eth0"}, platform_labels=2000)
-    results = node.apply([
-        Add(MplsRoute(16, "lo")),
-        Add(MplsRoute(1999, "lo")),
-        Add(MplsRoute(2000, "lo")),
-        Add(MplsRoute(17, "eth0", via="10.1.2.1", out_labels=tuple(range(16, 16 + MAX_STACK)))),
-        Add(MplsRoute(18, "eth0", via="10.1.2.1", out_labels=(0, 2))),  # explicit nulls are fine
-        Add(EncapRoute("10.0.1.11/32", tuple(range(16, 16 + MAX_STACK)), "eth0")),
-    ])
+    results = node.apply(
+        [
+            Add(MplsRoute(16, "lo")),
+            Add(MplsRoute(1999, "lo")),
+            Add(MplsRoute(2000, "lo")),
+            Add(MplsRoute(17, "eth0", via="10.1.2.1", out_labels=tuple(range(16, 16 + MAX_STACK)))),
+            Add(MplsRoute(18, "eth0", via="10.1.2.1", out_labels=(0, 2))),  # explicit nulls are fine
+            Add(EncapRoute("10.0.1.11/32", tuple(range(16, 16 + MAX_STACK)), "eth0")),
+        ]
+    )
     assert [r.ok for r in results] == [True, True, False, True, True, True]
     assert results[2].errno == errno.EINVAL and "2000" in results[2].error
 
@@ -275,14 +308,21 @@ def test_delete_of_missing_mpls_route_succeeds_like_the_kernel():
 
 def test_offload_required_on_capable_device_is_in_hw():
     node = FakeProvider({"sw0", "eth0"}, offload_capable={"sw0"})
-    hw = FlowerFilter("sw0", 1, FlowerMatch(src=f"{CLIENT}/32"), push_stack((1001,)),
-                      offload=OffloadPolicy.REQUIRED)
-    sw = FlowerFilter("sw0", 2, FlowerMatch(src="10.0.1.11/32"), push_stack((1003,)),
-                      offload=OffloadPolicy.NEVER)
+    hw = FlowerFilter("sw0", 1, FlowerMatch(src=f"{CLIENT}/32"), push_stack((1001,)), offload=OffloadPolicy.REQUIRED)
+    sw = FlowerFilter("sw0", 2, FlowerMatch(src="10.0.1.11/32"), push_stack((1003,)), offload=OffloadPolicy.NEVER)
     auto = FlowerFilter("sw0", 3, FlowerMatch(src="10.0.1.12/32"), push_stack((1005,)))
     plain = FlowerFilter("eth0", 1, FlowerMatch(src=f"{CLIENT}/32"), push_stack((1001,)))
-    results = node.apply([Add(ClsactQdisc("sw0")), Add(ClsactQdisc("eth0")),
-                          Add(hw), Add(sw), Add(auto), Add(plain), Add(MplsRoute(2000, "sw0"))])
+    results = node.apply(
+        [
+            Add(ClsactQdisc("sw0")),
+            Add(ClsactQdisc("eth0")),
+            Add(hw),
+            Add(sw),
+            Add(auto),
+            Add(plain),
+            Add(MplsRoute(2000, "sw0")),
+        ]
+    )
     assert all(r.ok for r in results), [str(r) for r in results]
     offload = {i.obj: i.offload for i in node.dump()}
     assert offload[hw] == offload[auto] == OffloadState(in_hw=True, in_hw_count=1)
@@ -294,10 +334,16 @@ def test_offload_required_on_capable_device_is_in_hw():
 
 # ---- batches, replace, delete, dump ----
 
+
 def test_a_failure_does_not_stop_later_operations():
     node = FakeProvider({"lan0", "fab0"})
-    batch = [Add(QDISC), Add(MplsRoute(S2C, "lan9", via=CLIENT)), Add(MplsRoute(7, "lo")),
-             Add(C2S_FILTER), Add(S2C_ROUTE)]
+    batch = [
+        Add(QDISC),
+        Add(MplsRoute(S2C, "lan9", via=CLIENT)),
+        Add(MplsRoute(7, "lo")),
+        Add(C2S_FILTER),
+        Add(S2C_ROUTE),
+    ]
     results = node.apply(batch)
     assert [r.op for r in results] == batch
     assert [r.errno for r in results] == [None, errno.ENODEV, errno.EINVAL, None, None]
@@ -358,13 +404,14 @@ def test_dump_round_trips(lb, s2):
 
 # ---- interface addresses (node setup) ----
 
+
 def test_added_addresses_are_listed_and_adding_again_changes_nothing():
     node = FakeProvider({"eth0"})
     assert node.addresses("lo") == ["127.0.0.1", "::1"] and node.addresses("eth0") == []
     node.add_address("lo", f"{VIP}/32")
     node.add_address("lo", "fd00:100::100/128")
-    node.add_address("lo", f"{VIP}/32")            # the kernel's EEXIST: already done
-    node.add_address("lo", "fd00:100::100/64")     # IPv6: the same address whatever its prefix
+    node.add_address("lo", f"{VIP}/32")  # the kernel's EEXIST: already done
+    node.add_address("lo", "fd00:100::100/64")  # IPv6: the same address whatever its prefix
     assert node.addresses("lo") == ["127.0.0.1", "::1", VIP, "fd00:100::100"]
     node.add_address("eth0", "10.1.2.2/24")
     assert node.addresses("eth0") == ["10.1.2.2"]
@@ -380,12 +427,16 @@ def test_addresses_of_an_unknown_device_are_enodev():
 
 def test_both_providers_have_every_method_of_the_protocol_with_its_arguments() -> None:
     """A daemon runs over either: what the protocol declares, both take the same way."""
-    declared = [name for name, value in vars(Provider).items() if inspect.isfunction(value) and not name.startswith("_")]
+    declared = [
+        name for name, value in vars(Provider).items() if inspect.isfunction(value) and not name.startswith("_")
+    ]
     assert {"apply", "dump", "routes_to", "addresses", "add_address", "ifindex", "ifname", "close"} <= set(declared)
 
     def shape(function: Callable[..., object]) -> list[tuple[str, bool]]:
         """Each parameter's kind and whether it is required (names may differ)."""
-        return [(p.kind.name, p.default is inspect.Parameter.empty) for p in inspect.signature(function).parameters.values()]
+        return [
+            (p.kind.name, p.default is inspect.Parameter.empty) for p in inspect.signature(function).parameters.values()
+        ]
 
     for cls in (FakeProvider, NetlinkProvider):
         for name in declared:

@@ -10,14 +10,14 @@ import struct
 from collections import deque
 from typing import Any
 
-from scapy.layers.inet import IP, UDP
+from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
-from scapy.layers.inet import TCP
 from scapy.layers.ipsec import ESP
 
 from orchestrator.capture import conntrack as ct
-from orchestrator.config.examples import DELETE, KeyPath
 from orchestrator.capture import nftables
+from orchestrator.capture.nfqueue import QueuedPacket
+from orchestrator.config.examples import DELETE, KeyPath
 from orchestrator.core.balancer import Balancer
 from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowsStarted, FlowTableResync
 from orchestrator.core.sessions import State
@@ -26,7 +26,6 @@ from orchestrator.dataplane.fake import FakeProvider
 from orchestrator.dataplane.netlink import constants as c
 from orchestrator.dataplane.netlink import decode, encode, nla, nlsocket
 from orchestrator.dataplane.netlink.provider import NetlinkProvider
-from orchestrator.capture.nfqueue import QueuedPacket
 from tests.unit.conftest import Node, ScriptedQueue, balancer_daemon, config, syn
 
 E = ops.FastPathElement
@@ -63,6 +62,7 @@ def _one_batch_with_the_filter(node: Node, element: ops.FastPathElement) -> None
 
 
 # ---- per key kind: added with the session, removed with it -------------------------------------
+
 
 def test_client_ip_one_element_per_service_port_with_the_session_and_gone_with_it() -> None:
     node = Node(config({"services.http.ports": [80, 443]}))
@@ -110,8 +110,10 @@ def test_mip6_element_holds_the_care_of_address_a_new_one_comes_to_the_daemon() 
     assert elements(node) == [E("2001:db8:1::10", "2001:db8::100", "tcp", 80)]
     node.packets(syn6("2001:db8:2::10", 40001, hoa="2001:db8:aa::1"))  # moved: a new care-of address
     assert node.core.counters["fastpath_unmatched:mip6-home-address"] == 1
-    assert elements(node) == [E("2001:db8:1::10", "2001:db8::100", "tcp", 80),
-                              E("2001:db8:2::10", "2001:db8::100", "tcp", 80)]
+    assert elements(node) == [
+        E("2001:db8:1::10", "2001:db8::100", "tcp", 80),
+        E("2001:db8:2::10", "2001:db8::100", "tcp", 80),
+    ]
     [session] = node.core.table
     deletes = node.core.end(session, node.now, "test")
     assert all(r.ok for r in node.kernel.apply(deletes)) and elements(node) == []
@@ -155,6 +157,7 @@ def test_the_element_is_in_the_kernel_before_the_verdict_in_the_sessions_batch()
 
 # ---- flows the kernel admitted count towards their session ----------------------------------------
 
+
 def test_new_flow_events_count_fast_path_flows_and_keep_the_session_alive() -> None:
     node = Node()
     node.packets(syn("10.0.1.10"))
@@ -186,11 +189,17 @@ def test_a_sweep_adopts_fast_path_flows_whose_start_was_missed() -> None:
 
 def test_conntrack_new_events_of_tagged_flows_become_flows_started_in_order() -> None:
     def message(kind: int, src: str, sport: int, mark: int | None) -> bytes:
-        ip = nla.nest(ct.CTA_TUPLE_IP, nla.attr(c.CTA_IP_V4_SRC, socket.inet_aton(src)),
-                      nla.attr(c.CTA_IP_V4_DST, socket.inet_aton("10.0.0.100")))
-        l4 = nla.nest(ct.CTA_TUPLE_PROTO, nla.u8(c.CTA_PROTO_NUM, 6),
-                      nla.attr(c.CTA_PROTO_SRC_PORT, struct.pack("!H", sport)),
-                      nla.attr(c.CTA_PROTO_DST_PORT, struct.pack("!H", 80)))
+        ip = nla.nest(
+            ct.CTA_TUPLE_IP,
+            nla.attr(c.CTA_IP_V4_SRC, socket.inet_aton(src)),
+            nla.attr(c.CTA_IP_V4_DST, socket.inet_aton("10.0.0.100")),
+        )
+        l4 = nla.nest(
+            ct.CTA_TUPLE_PROTO,
+            nla.u8(c.CTA_PROTO_NUM, 6),
+            nla.attr(c.CTA_PROTO_SRC_PORT, struct.pack("!H", sport)),
+            nla.attr(c.CTA_PROTO_DST_PORT, struct.pack("!H", 80)),
+        )
         body = struct.pack("!BBH", socket.AF_INET, 0, 0) + nla.nest(ct.CTA_TUPLE_ORIG, ip, l4)
         if mark is not None:
             body += nla.attr(ct.CTA_MARK, struct.pack("!I", mark))
@@ -198,16 +207,20 @@ def test_conntrack_new_events_of_tagged_flows_become_flows_started_in_order() ->
 
     class Sock:
         def __init__(self) -> None:
-            self.data = deque([message(c.IPCTNL_MSG_CT_NEW, "10.0.1.10", 1, ct.CT_TAG | 5)
-                               + message(c.IPCTNL_MSG_CT_NEW, "10.0.1.11", 2, 0x5)  # not ours
-                               + message(c.IPCTNL_MSG_CT_NEW, "10.0.1.12", 3, None)
-                               + message(c.IPCTNL_MSG_CT_DELETE, "10.0.1.10", 1, ct.CT_TAG)])
+            self.data = deque(
+                [
+                    message(c.IPCTNL_MSG_CT_NEW, "10.0.1.10", 1, ct.CT_TAG | 5)
+                    + message(c.IPCTNL_MSG_CT_NEW, "10.0.1.11", 2, 0x5)  # not ours
+                    + message(c.IPCTNL_MSG_CT_NEW, "10.0.1.12", 3, None)
+                    + message(c.IPCTNL_MSG_CT_DELETE, "10.0.1.10", 1, ct.CT_TAG)
+                ]
+            )
 
         def recv_into(self, buf: bytearray) -> int:
             if not self.data:
                 raise BlockingIOError
             data = self.data.popleft()
-            buf[:len(data)] = data
+            buf[: len(data)] = data
             return len(data)
 
     listener = ct.ConntrackListener.__new__(ct.ConntrackListener)
@@ -217,6 +230,7 @@ def test_conntrack_new_events_of_tagged_flows_become_flows_started_in_order() ->
 
 
 # ---- after a ruleset load ------------------------------------------------------------------------
+
 
 def test_a_reload_refills_the_emptied_sets_and_drops_elements_of_no_session(monkeypatch) -> None:
     kernel = FakeProvider(["lan0", "fab0"])
@@ -252,19 +266,23 @@ def test_sync_deletes_stray_elements_and_adds_missing_ones_of_restored_sessions(
 
 # ---- nf_tables encoding ----------------------------------------------------------------------------
 
+
 def test_element_keys_are_laid_out_as_nft_lays_out_a_concatenation() -> None:
     # `nft --debug=netlink add element inet t fast4 { 10.0.1.11 . 10.0.0.100 . tcp . 443 }`
     # prints the key as host-order words: 0b01000a 6400000a 00000006 0000bb01
     key = encode.element_key(E("10.0.1.11", "10.0.0.100", "tcp", 443))
-    assert key.hex() == "0a00010b" "0a000064" "06000000" "01bb0000"
+    assert key.hex() == "0a00010b0a0000640600000001bb0000"
     assert encode.element_key(E("10.0.1.11", "10.0.0.100", "udp")).hex() == "0a00010b0a00006411000000"
     assert encode.element_key(E("10.0.1.11", "10.0.0.100", "esp", spi=0x1234)).hex() == "0a00010b0a00006400001234"
     assert len(encode.element_key(E("2001:db8::1", "2001:db8::100", "sctp", 80))) == 40
 
 
 def test_elements_round_trip_through_a_dump_message() -> None:
-    for element in (E("10.0.1.11", "10.0.0.100", "tcp", 443), E("2001:db8::1", "2001:db8::100", "udp"),
-                    E("2001:db8::1", "2001:db8::100", "esp", spi=0xDEADBEEF)):
+    for element in (
+        E("10.0.1.11", "10.0.0.100", "tcp", 443),
+        E("2001:db8::1", "2001:db8::100", "udp"),
+        E("2001:db8::1", "2001:db8::100", "esp", spi=0xDEADBEEF),
+    ):
         kind, flags, body = encode.set_element(ops.Add(element), element, lambda dev: 0)
         assert kind == c.NFNL_SUBSYS_NFTABLES << 8 | c.NFT_MSG_NEWSETELEM and flags & c.NLM_F_EXCL
         assert decode.set_elements(memoryview(body)) == [element]
@@ -273,9 +291,13 @@ def test_elements_round_trip_through_a_dump_message() -> None:
 
 
 def test_replace_of_an_element_is_refused_before_the_kernel() -> None:
-    results = FakeProvider(["fab0"]).apply([ops.Replace(E("10.0.1.1", "10.0.0.100", "tcp", 80)),
-                                            ops.Add(E("10.0.1.1", "2001:db8::1", "tcp", 80)),
-                                            ops.Add(E("10.0.1.1", "10.0.0.100", "tcp", 80, spi=1))])
+    results = FakeProvider(["fab0"]).apply(
+        [
+            ops.Replace(E("10.0.1.1", "10.0.0.100", "tcp", 80)),
+            ops.Add(E("10.0.1.1", "2001:db8::1", "tcp", 80)),
+            ops.Add(E("10.0.1.1", "10.0.0.100", "tcp", 80, spi=1)),
+        ]
+    )
     assert [r.ok for r in results] == [False, False, False]
 
 
@@ -301,21 +323,29 @@ class NftKernel:
         assert nla.NFGENMSG.unpack_from(parts[0][3])[2] == c.NFNL_SUBSYS_NFTABLES
         batch, failed = [], False
         for kind, flags, seq, body in parts[1:-1]:
-            key = bytes(nla.attrs(nla.attrs(nla.attrs(nla.attrs(body, 4)[c.NFTA_SET_ELEM_LIST_ELEMENTS])[
-                c.NFTA_LIST_ELEM])[c.NFTA_SET_ELEM_KEY])[c.NFTA_DATA_VALUE])
+            key = bytes(
+                nla.attrs(
+                    nla.attrs(nla.attrs(nla.attrs(body, 4)[c.NFTA_SET_ELEM_LIST_ELEMENTS])[c.NFTA_LIST_ELEM])[
+                        c.NFTA_SET_ELEM_KEY
+                    ]
+                )[c.NFTA_DATA_VALUE]
+            )
             code = 17 if key in self.refuse else 0
             failed |= bool(code)
             batch.append(key)
             assert flags & c.NLM_F_ACK
-            self.replies.append(nla.message(c.NLMSG_ERROR, 0x100, seq, struct.pack("=i", -code)
-                                            + struct.pack("=IHHII", 16, kind, flags, seq, 0)))
+            self.replies.append(
+                nla.message(
+                    c.NLMSG_ERROR, 0x100, seq, struct.pack("=i", -code) + struct.pack("=IHHII", 16, kind, flags, seq, 0)
+                )
+            )
         if not failed:
             self.committed += batch
 
     def recv_into(self, buf: bytearray) -> int:
         data = b"".join(self.replies)
         self.replies.clear()
-        buf[:len(data)] = data
+        buf[: len(data)] = data
         return len(data)
 
 
@@ -323,14 +353,19 @@ def test_a_failed_element_fails_alone_the_batch_is_sent_again_without_it() -> No
     good = [E("10.0.1.1", "10.0.0.100", "tcp", 80), E("10.0.1.3", "10.0.0.100", "tcp", 80)]
     bad = E("10.0.1.2", "10.0.0.100", "tcp", 80)
     kernel = NftKernel({encode.element_key(bad)})
-    provider = NetlinkProvider(sock=nlsocket.NetlinkSocket(sock=kernel),  # type: ignore[arg-type]
-                               links={"lo": 1}, nft_sock=nlsocket.NftBatchSocket(sock=kernel))  # type: ignore[arg-type]
+    provider = NetlinkProvider(
+        sock=nlsocket.NetlinkSocket(sock=kernel),  # type: ignore[arg-type]
+        links={"lo": 1},
+        nft_sock=nlsocket.NftBatchSocket(sock=kernel),
+    )  # type: ignore[arg-type]
     results = provider.apply([ops.Add(good[0]), ops.Add(bad), ops.Add(good[1])])
     assert [r.ok for r in results] == [True, False, True] and results[1].errno == 17
     assert kernel.committed == [encode.element_key(e) for e in good]
     element = c.NFNL_SUBSYS_NFTABLES << 8 | c.NFT_MSG_NEWSETELEM
-    assert kernel.sends == [[c.NFNL_MSG_BATCH_BEGIN, element, element, element, c.NFNL_MSG_BATCH_END],
-                            [c.NFNL_MSG_BATCH_BEGIN, element, element, c.NFNL_MSG_BATCH_END]]
+    assert kernel.sends == [
+        [c.NFNL_MSG_BATCH_BEGIN, element, element, element, c.NFNL_MSG_BATCH_END],
+        [c.NFNL_MSG_BATCH_BEGIN, element, element, c.NFNL_MSG_BATCH_END],
+    ]
 
 
 def test_the_provider_deletes_elements_first_and_adds_them_last() -> None:
@@ -358,7 +393,8 @@ def test_the_fast_path_rule_comes_before_the_rate_limit_and_the_queue_and_tags_t
     http = [i for i, line in enumerate(lines) if "tcp dport { 80 }" in line and "10.0.0.100" in line]
     fast, limit, queue = (lines[i] for i in http)
     assert "ip saddr . ip daddr . meta l4proto . th dport @fast4" in fast and fast.endswith(
-        "counter name fastpath_http accept")
+        "counter name fastpath_http accept"
+    )
     assert "ct mark set ct mark and 0x000fffff or 0x6d600000" in fast
     assert "@persrc4" in limit and " queue " in queue
     assert any("ip6 saddr . ip6 daddr . meta l4proto . th dport @fast6" in line for line in lines)

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.dataplane.handles import (
-    FILTERS_PER_SESSION, U32_NODES, HandleOverflow, filter_handle, handle_c2s, handle_index, relabel_handle,
-    u32_handle, u32_node,
+    FILTERS_PER_SESSION,
+    U32_NODES,
+    HandleOverflow,
+    filter_handle,
+    handle_c2s,
+    handle_index,
+    relabel_handle,
+    u32_handle,
+    u32_node,
 )
 from orchestrator.dataplane.ops import MPLS_LABEL_MAX
 
@@ -18,10 +25,15 @@ def test_a_handle_gives_back_its_label_and_index(c2s: int, index: int) -> None:
     assert 0 < handle < 1 << 32
 
 
-@pytest.mark.parametrize("c2s,index,fragment", [
-    (1001, FILTERS_PER_SESSION, "filter index 256"), (1001, -1, "filter index -1"),
-    (0, 0, "C2S label 0"), (MPLS_LABEL_MAX + 1, 0, "C2S label 1048576"),
-])
+@pytest.mark.parametrize(
+    "c2s,index,fragment",
+    [
+        (1001, FILTERS_PER_SESSION, "filter index 256"),
+        (1001, -1, "filter index -1"),
+        (0, 0, "C2S label 0"),
+        (MPLS_LABEL_MAX + 1, 0, "C2S label 1048576"),
+    ],
+)
 def test_out_of_bounds_raises_instead_of_wrapping(c2s: int, index: int, fragment: str) -> None:
     with pytest.raises(HandleOverflow, match=fragment):
         filter_handle(c2s, index)

@@ -14,8 +14,20 @@ import pytest
 from orchestrator.config.model import HealthCheck, HealthCheckType
 from orchestrator.core.schedulers import ResponseTime, ServerState
 from orchestrator.health import (
-    CheckResult, HealthEvent, HealthMachine, HealthRunner, HealthState, HealthTable, HealthView, Probe,
-    Target, apply_health, check_http, check_tcp, check_udp, run_check,
+    CheckResult,
+    HealthEvent,
+    HealthMachine,
+    HealthRunner,
+    HealthState,
+    HealthTable,
+    HealthView,
+    Probe,
+    Target,
+    apply_health,
+    check_http,
+    check_tcp,
+    check_udp,
+    run_check,
 )
 
 OK = CheckResult(True, 0.010, "connected")
@@ -26,17 +38,19 @@ def run(coro: Awaitable[Any], limit: float = 10.0) -> Any:
     async def bounded() -> Any:
         async with asyncio.timeout(limit):
             return await coro
+
     return asyncio.run(bounded())
 
 
 # ---- the state machine ----
+
 
 def test_unknown_server_is_available_and_first_success_confirms_up() -> None:
     m = HealthMachine("web", "s1", rise=3, fall=2)
     assert m.health.state is HealthState.UNKNOWN and m.health.available
     ev = m.observe(OK, 5.0)
     assert ev == HealthEvent("web", "s1", HealthState.UNKNOWN, HealthState.UP, "connected", 0.010, 5.0)
-    assert m.observe(OK, 6.0) is None                 # no change, no event
+    assert m.observe(OK, 6.0) is None  # no change, no event
     assert m.health.since == 5.0 and m.health.successes == 2
 
 
@@ -44,14 +58,19 @@ def test_fall_consecutive_failures_make_it_down_and_rise_successes_bring_it_back
     m = HealthMachine("web", "s1", rise=2, fall=3)
     m.observe(OK, 0.0)
     assert m.observe(FAIL, 1.0) is None and m.observe(FAIL, 2.0) is None
-    assert m.observe(OK, 3.0) is None                 # a success in between resets the count
+    assert m.observe(OK, 3.0) is None  # a success in between resets the count
     assert m.observe(FAIL, 4.0) is None and m.observe(FAIL, 5.0) is None
     ev = m.observe(FAIL, 6.0)
-    assert ev is not None and (ev.old, ev.new, ev.reason, ev.response_time, ev.at) == \
-        (HealthState.UP, HealthState.DOWN, "connection refused", None, 6.0)
+    assert ev is not None and (ev.old, ev.new, ev.reason, ev.response_time, ev.at) == (
+        HealthState.UP,
+        HealthState.DOWN,
+        "connection refused",
+        None,
+        6.0,
+    )
     assert not m.health.available and m.health.failures == 3
     assert m.observe(OK, 7.0) is None and m.health.state is HealthState.DOWN
-    assert m.observe(FAIL, 8.0) is None and m.observe(OK, 9.0) is None   # the failure reset the rise count
+    assert m.observe(FAIL, 8.0) is None and m.observe(OK, 9.0) is None  # the failure reset the rise count
     ev = m.observe(CheckResult(True, 0.002, "status 200"), 10.0)
     assert ev is not None and (ev.old, ev.new, ev.reason) == (HealthState.DOWN, HealthState.UP, "status 200")
     assert ev.describe() == "server s1 (pool web) down -> up: status 200, 2.0 ms"
@@ -77,12 +96,12 @@ def test_response_time_is_smoothed_and_forgotten_when_down() -> None:
     assert m.health.response_time == pytest.approx(0.100)
     m.observe(CheckResult(True, 0.200, "ok"), 1.0)
     assert m.health.response_time == pytest.approx(0.150)
-    m.observe(CheckResult(True, None, "ok"), 2.0)      # a success without a time keeps the average
+    m.observe(CheckResult(True, None, "ok"), 2.0)  # a success without a time keeps the average
     assert m.health.response_time == pytest.approx(0.150)
     m.observe(FAIL, 3.0)
     assert m.health.state is HealthState.DOWN and m.health.response_time is None
     m.observe(CheckResult(True, 0.050, "ok"), 4.0)
-    assert m.health.response_time == pytest.approx(0.050)   # judged by its new answers only
+    assert m.health.response_time == pytest.approx(0.050)  # judged by its new answers only
 
 
 def test_bad_parameters() -> None:
@@ -97,11 +116,11 @@ def test_table_configure_keeps_state_of_servers_that_stay() -> None:
     t.configure([Target("web", "s1", 1, 1), Target("web", "s2", 1, 1)])
     t.observe("web", "s1", FAIL, 1.0)
     assert t.get("web", "s1").state is HealthState.DOWN
-    t.configure([Target("web", "s1", 2, 5)])           # reload: s2 leaves, s1 gets new rise/fall
+    t.configure([Target("web", "s1", 2, 5)])  # reload: s2 leaves, s1 gets new rise/fall
     assert t.get("web", "s1").state is HealthState.DOWN and len(t) == 1
-    assert t.observe("web", "s2", OK, 2.0) is None      # a late result of a removed server
+    assert t.observe("web", "s2", OK, 2.0) is None  # a late result of a removed server
     assert t.get("web", "s2").state is HealthState.UNKNOWN
-    assert t.observe("web", "s1", OK, 3.0) is None      # rise is 2 now
+    assert t.observe("web", "s1", OK, 3.0) is None  # rise is 2 now
     ev = t.observe("web", "s1", OK, 4.0)
     assert ev is not None and ev.new is HealthState.UP
     assert [h.server for h in t] == ["s1"]
@@ -109,6 +128,7 @@ def test_table_configure_keeps_state_of_servers_that_stay() -> None:
 
 
 # ---- the scheduler hook ----
+
 
 def test_health_view_feeds_the_response_time_scheduler() -> None:
     t = HealthTable()
@@ -133,8 +153,10 @@ def test_health_view_feeds_the_response_time_scheduler() -> None:
 
 # ---- the checkers, against real servers ----
 
-async def _tcp_server(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-                      host: str = "127.0.0.1") -> tuple[asyncio.Server, int]:
+
+async def _tcp_server(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], host: str = "127.0.0.1"
+) -> tuple[asyncio.Server, int]:
     server = await asyncio.start_server(handler, host, 0)
     return server, server.sockets[0].getsockname()[1]
 
@@ -150,10 +172,12 @@ def test_tcp_connect_ok_and_refused() -> None:
     async def main() -> tuple[CheckResult, CheckResult]:
         async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             writer.close()
+
         server, port = await _tcp_server(accept)
         async with server:
             ok = await check_tcp("127.0.0.1", port, 1.0)
         return ok, await check_tcp("127.0.0.1", _closed_port(), 1.0)
+
     ok, refused = run(main())
     assert ok.ok and ok.reason == "connected" and ok.response_time is not None and 0 <= ok.response_time < 1.0
     assert refused == CheckResult(False, None, "connection refused")
@@ -172,6 +196,7 @@ def _http_handler(answer: bytes, seen: list[bytes] | None = None, delay: float =
             pass
         finally:
             writer.close()
+
     return handle
 
 
@@ -181,28 +206,35 @@ def test_http_get_sends_path_and_host_and_checks_the_status() -> None:
     async def main() -> list[CheckResult]:
         server, port = await _tcp_server(_http_handler(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", seen))
         async with server:
-            return [await check_http("127.0.0.1", port, 1.0, "/healthz", (200,), "www.example.org"),
-                    await check_http("127.0.0.1", port, 1.0),
-                    await check_http("127.0.0.1", port, 1.0, "/", (204, 301))]
+            return [
+                await check_http("127.0.0.1", port, 1.0, "/healthz", (200,), "www.example.org"),
+                await check_http("127.0.0.1", port, 1.0),
+                await check_http("127.0.0.1", port, 1.0, "/", (204, 301)),
+            ]
+
     named, default, wrong = run(main())
     assert named.ok and named.reason == "status 200" and named.response_time is not None
     first = seen[0].decode()
     assert first.startswith("GET /healthz HTTP/1.0\r\n") and "\r\nHost: www.example.org\r\n" in first
     port = int(seen[1].decode().split("Host: 127.0.0.1:")[1].split("\r\n")[0])
-    assert default.ok and port > 0                  # the default Host header: the address and port
+    assert default.ok and port > 0  # the default Host header: the address and port
     assert not wrong.ok and wrong.reason == "status 200, expected 204, 301" and wrong.response_time is not None
 
 
-@pytest.mark.parametrize("answer,reason", [
-    (b"HTTP/1.0 503 Service Unavailable\r\n\r\n", "status 503, expected 200"),
-    (b"SSH-2.0-OpenSSH_9.2\r\n", "not an HTTP answer"),
-    (b"", "closed before answering"),
-])
+@pytest.mark.parametrize(
+    "answer,reason",
+    [
+        (b"HTTP/1.0 503 Service Unavailable\r\n\r\n", "status 503, expected 200"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "not an HTTP answer"),
+        (b"", "closed before answering"),
+    ],
+)
 def test_http_failures(answer: bytes, reason: str) -> None:
     async def main() -> CheckResult:
         server, port = await _tcp_server(_http_handler(answer))
         async with server:
             return await check_http("127.0.0.1", port, 1.0)
+
     result = run(main())
     assert not result.ok and result.reason == reason
 
@@ -212,6 +244,7 @@ def test_http_timeout_when_the_server_does_not_answer() -> None:
         server, port = await _tcp_server(_http_handler(b"HTTP/1.0 200 OK\r\n\r\n", delay=5.0))
         async with server:
             return await check_http("127.0.0.1", port, 0.2)
+
     assert run(main()) == CheckResult(False, None, "timeout after 0.2s")
 
 
@@ -237,7 +270,8 @@ class _Udp(asyncio.DatagramProtocol):
 
 async def _udp_server(prefix: bytes | None, host: str = "127.0.0.1") -> tuple[asyncio.DatagramTransport, _Udp, int]:
     transport, proto = await asyncio.get_running_loop().create_datagram_endpoint(
-        lambda: _Udp(prefix), local_addr=(host, 0))
+        lambda: _Udp(prefix), local_addr=(host, 0)
+    )
     return transport, proto, transport.get_extra_info("sockname")[1]
 
 
@@ -245,12 +279,15 @@ def test_udp_request_response() -> None:
     async def main() -> tuple[list[CheckResult], list[bytes]]:
         transport, proto, port = await _udp_server(b"pong:")
         try:
-            results = [await check_udp("127.0.0.1", port, 1.0, b"\x00ping\xff", b"pong:\x00ping"),
-                       await check_udp("127.0.0.1", port, 1.0, b"x", None),
-                       await check_udp("127.0.0.1", port, 1.0, b"x", b"nope")]
+            results = [
+                await check_udp("127.0.0.1", port, 1.0, b"\x00ping\xff", b"pong:\x00ping"),
+                await check_udp("127.0.0.1", port, 1.0, b"x", None),
+                await check_udp("127.0.0.1", port, 1.0, b"x", b"nope"),
+            ]
         finally:
             transport.close()
         return results, proto.got
+
     (match, any_answer, wrong), got = run(main())
     assert got == [b"\x00ping\xff", b"x", b"x"]
     assert match.ok and match.reason == "answer (11 bytes)" and match.response_time is not None
@@ -266,6 +303,7 @@ def test_udp_timeout_and_port_unreachable() -> None:
         finally:
             transport.close()
         return silent, await check_udp("127.0.0.1", _closed_port(socket.SOCK_DGRAM), 1.0, b"ping")
+
     silent, unreachable = run(main())
     assert silent == CheckResult(False, None, "timeout after 0.2s")
     assert unreachable == CheckResult(False, None, "port unreachable")
@@ -288,6 +326,7 @@ def test_checks_over_ipv6() -> None:
         server, port = await _tcp_server(_http_handler(b"HTTP/1.0 200 OK\r\n\r\n", seen), "::1")
         async with server:
             return await check_http("::1", port, 1.0)
+
     assert run(main()).ok
     assert b"Host: [::1]:" in seen[0]
 
@@ -300,19 +339,23 @@ def test_run_check_follows_the_configuration() -> None:
             async with server:
                 return [
                     await run_check(HealthCheck(HealthCheckType.TCP, tport, timeout=1.0), "127.0.0.1"),
-                    await run_check(HealthCheck(HealthCheckType.HTTP, tport, timeout=1.0, expect_status=(404,)),
-                                    "127.0.0.1"),
-                    await run_check(HealthCheck(HealthCheckType.UDP, uport, timeout=1.0, send=b"q", expect=b"+q"),
-                                    "127.0.0.1"),
+                    await run_check(
+                        HealthCheck(HealthCheckType.HTTP, tport, timeout=1.0, expect_status=(404,)), "127.0.0.1"
+                    ),
+                    await run_check(
+                        HealthCheck(HealthCheckType.UDP, uport, timeout=1.0, send=b"q", expect=b"+q"), "127.0.0.1"
+                    ),
                 ]
         finally:
             transport.close()
+
     tcp, http, udp = run(main())
     assert (tcp.reason, http.reason, udp.reason) == ("connected", "status 404", "answer (2 bytes)")
     assert tcp.ok and http.ok and udp.ok
 
 
 # ---- the runner ----
+
 
 def test_runner_checks_every_interval_and_feeds_the_table() -> None:
     table = HealthTable()
@@ -336,14 +379,16 @@ def test_runner_checks_every_interval_and_feeds_the_table() -> None:
         await server.wait_closed()
         while len(events) < 2:
             await asyncio.sleep(0.01)
-        runner.configure([probe])                  # unchanged: the task keeps running
+        runner.configure([probe])  # unchanged: the task keeps running
         assert runner.probes == [probe]
         await runner.close()
         assert runner.probes == []
 
     run(main())
-    assert [(e.old, e.new) for e in events] == [(HealthState.UNKNOWN, HealthState.UP),
-                                                (HealthState.UP, HealthState.DOWN)]
+    assert [(e.old, e.new) for e in events] == [
+        (HealthState.UNKNOWN, HealthState.UP),
+        (HealthState.UP, HealthState.DOWN),
+    ]
     assert events[1].reason == "connection refused"
 
 
@@ -363,7 +408,7 @@ def test_runner_survives_a_checker_bug_and_restarts_changed_probes() -> None:
         runner.configure([Probe("web", "s1", "192.0.2.1", check)])
         while len(results) < 2:
             await asyncio.sleep(0.01)
-        runner.configure([Probe("web", "s1", "192.0.2.9", check)])   # a new address: restarted
+        runner.configure([Probe("web", "s1", "192.0.2.9", check)])  # a new address: restarted
         while ("192.0.2.9", 80) not in calls:
             await asyncio.sleep(0.01)
         runner.configure([])

@@ -25,11 +25,26 @@ def _words(rnd: random.Random) -> bytes:
     return b"".join(rnd.choice((0, 0, 0, 1, 0xFFFF, rnd.randrange(1 << 16))).to_bytes(2, "big") for _ in range(8))
 
 
-@pytest.mark.parametrize("text", [
-    "::", "::1", "1::", "2001:db8::1", "2001:db8:0:1::10", "1:0:0:2:0:0:0:3", "1:0:0:2:0:0:3:4",
-    "1:2:3:4:5:6:7:8", "1:0:3:4:5:6:7:8", "::ffff:10.0.0.1", "::10.0.0.1", "::ffff:0:10.0.0.1",
-    "::1:0:0:1", "fe80::1:2", "0:0:1::",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "::",
+        "::1",
+        "1::",
+        "2001:db8::1",
+        "2001:db8:0:1::10",
+        "1:0:0:2:0:0:0:3",
+        "1:0:0:2:0:0:3:4",
+        "1:2:3:4:5:6:7:8",
+        "1:0:3:4:5:6:7:8",
+        "::ffff:10.0.0.1",
+        "::10.0.0.1",
+        "::ffff:0:10.0.0.1",
+        "::1:0:0:1",
+        "fe80::1:2",
+        "0:0:1::",
+    ],
+)
 def test_ntop6_is_inet_ntop_on_the_rfc_5952_cases(text: str) -> None:
     packed = socket.inet_pton(socket.AF_INET6, text)
     assert ntop6(packed) == ntop(packed) == socket.inet_ntop(socket.AF_INET6, packed)
@@ -49,11 +64,31 @@ def test_ntop_refuses_other_lengths() -> None:
         ntop(b"\x01\x02\x03\x04\x05")
 
 
-@pytest.mark.parametrize("text", [
-    "10.0.0.1", "0.0.0.0", "255.255.255.255", "01.2.3.4", "1.2.3", "256.1.1.1", "1.2.3.4.", " 1.2.3.4",
-    "0x1.2.3.4", "::1", "::ffff:1.2.3.4", "::ffff:01.2.3.4", "1:2:3:4:5:6:1.2.3.4", "ABCD::", "1::2::3",
-    "1:2:3:4:5:6:7:8:9", "::00001", "fe80::1%eth0", "", "example.org",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "10.0.0.1",
+        "0.0.0.0",
+        "255.255.255.255",
+        "01.2.3.4",
+        "1.2.3",
+        "256.1.1.1",
+        "1.2.3.4.",
+        " 1.2.3.4",
+        "0x1.2.3.4",
+        "::1",
+        "::ffff:1.2.3.4",
+        "::ffff:01.2.3.4",
+        "1:2:3:4:5:6:1.2.3.4",
+        "ABCD::",
+        "1::2::3",
+        "1:2:3:4:5:6:7:8:9",
+        "::00001",
+        "fe80::1%eth0",
+        "",
+        "example.org",
+    ],
+)
 def test_pton_accepts_what_inet_pton_accepts(text: str) -> None:
     expected = _libc_pton(text)
     if expected is None:

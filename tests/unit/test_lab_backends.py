@@ -13,8 +13,8 @@ import pytest
 from orchestrator import kmod
 from orchestrator.lab import backend, guest, parallel, uml
 
-
 # ---- choosing a backend ----
+
 
 def _fake(monkeypatch: pytest.MonkeyPatch, **available: bool) -> None:
     for name, fn in (("host", "host"), ("uml", "uml_kernel"), ("vm", "qemu_vm")):
@@ -22,11 +22,13 @@ def _fake(monkeypatch: pytest.MonkeyPatch, **available: bool) -> None:
         monkeypatch.setattr(backend, fn, lambda n=name, ok=ok: backend.Availability(n, ok, f"{n} says {ok}"))
 
 
-@pytest.mark.parametrize("available, chosen", [({"host": True, "uml": True, "vm": True}, "host"),
-                                               ({"uml": True, "vm": True}, "uml"),
-                                               ({"vm": True}, "vm")])
-def test_auto_takes_the_first_available_of_host_uml_vm(monkeypatch: pytest.MonkeyPatch,
-                                                       available: dict[str, bool], chosen: str) -> None:
+@pytest.mark.parametrize(
+    "available, chosen",
+    [({"host": True, "uml": True, "vm": True}, "host"), ({"uml": True, "vm": True}, "uml"), ({"vm": True}, "vm")],
+)
+def test_auto_takes_the_first_available_of_host_uml_vm(
+    monkeypatch: pytest.MonkeyPatch, available: dict[str, bool], chosen: str
+) -> None:
     _fake(monkeypatch, **available)
     assert backend.choose(None).name == chosen
 
@@ -35,8 +37,9 @@ def test_no_backend_names_what_each_lacks(monkeypatch: pytest.MonkeyPatch) -> No
     _fake(monkeypatch)
     with pytest.raises(backend.BackendError) as e:
         backend.choose(None)
-    assert str(e.value) == ("no lab backend can run here; host: host says False; uml: uml says False; "
-                            "vm: vm says False")
+    assert str(e.value) == (
+        "no lab backend can run here; host: host says False; uml: uml says False; vm: vm says False"
+    )
 
 
 def test_an_asked_for_backend_that_cannot_run_is_an_error_not_a_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,17 +72,32 @@ def test_status_says_which_would_run_and_why_the_others_cannot(monkeypatch: pyte
 
 # ---- the UML kernel and its cache ----
 
+
 def test_the_fragment_turns_on_what_the_lab_and_product_need() -> None:
     opts = uml.fragment_options()
-    for name in ("MPLS_ROUTING", "MPLS_IPTUNNEL", "NET_ACT_MPLS", "NET_CLS_FLOWER", "NFT_QUEUE", "NF_CT_NETLINK",
-                 "IP_VS", "HOSTFS", "OVERLAY_FS", "NET_NS", "VETH"):
+    for name in (
+        "MPLS_ROUTING",
+        "MPLS_IPTUNNEL",
+        "NET_ACT_MPLS",
+        "NET_CLS_FLOWER",
+        "NFT_QUEUE",
+        "NF_CT_NETLINK",
+        "IP_VS",
+        "HOSTFS",
+        "OVERLAY_FS",
+        "NET_NS",
+        "VETH",
+    ):
         assert opts[f"CONFIG_{name}"] == "y", name
 
 
 def test_options_the_kernel_would_not_build_are_named() -> None:
     config = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=m\n"
-    assert uml.missing_options(config, {"CONFIG_A": "y", "CONFIG_B": "y", "CONFIG_C": "y", "CONFIG_D": "y"}) \
-        == ["CONFIG_B", "CONFIG_C", "CONFIG_D"]
+    assert uml.missing_options(config, {"CONFIG_A": "y", "CONFIG_B": "y", "CONFIG_C": "y", "CONFIG_D": "y"}) == [
+        "CONFIG_B",
+        "CONFIG_C",
+        "CONFIG_D",
+    ]
 
 
 def _built(cache: Path, key: str, release: str = "6.1.192") -> Path:
@@ -90,13 +108,14 @@ def _built(cache: Path, key: str, release: str = "6.1.192") -> Path:
     return d
 
 
-def test_a_kernel_is_current_only_for_todays_source_version_and_fragment(monkeypatch: pytest.MonkeyPatch,
-                                                                          tmp_path: Path) -> None:
+def test_a_kernel_is_current_only_for_todays_source_version_and_fragment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv(uml.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(uml, "find_source", lambda: uml.KernelSource(Path("/src.tar.xz"), "6.1.192-3"))
     assert uml.built_kernel() is None
-    _built(tmp_path, f"6.1.192-2-{uml.fragment_hash()}")                 # an older source
-    _built(tmp_path, "6.1.192-3-000000000000")                            # another fragment
+    _built(tmp_path, f"6.1.192-2-{uml.fragment_hash()}")  # an older source
+    _built(tmp_path, "6.1.192-3-000000000000")  # another fragment
     assert uml.built_kernel() is None
     d = _built(tmp_path, f"6.1.192-3-{uml.fragment_hash()}")
     kernel = uml.built_kernel()
@@ -104,12 +123,14 @@ def test_a_kernel_is_current_only_for_todays_source_version_and_fragment(monkeyp
     assert kernel.modules == d / "modules" / "lib" / "modules" / "6.1.192"
 
 
-def test_without_the_source_the_newest_kernel_of_todays_fragment_serves(monkeypatch: pytest.MonkeyPatch,
-                                                                         tmp_path: Path) -> None:
+def test_without_the_source_the_newest_kernel_of_todays_fragment_serves(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv(uml.CACHE_ENV, str(tmp_path))
 
     def gone() -> uml.KernelSource:
         raise guest.GuestUnavailable("no source")
+
     monkeypatch.setattr(uml, "find_source", gone)
     _built(tmp_path, f"6.1.191-1-{uml.fragment_hash()}", "6.1.191")
     time.sleep(0.01)
@@ -134,26 +155,29 @@ def test_a_current_kernel_is_not_built_again(monkeypatch: pytest.MonkeyPatch, tm
 
 # ---- modules built into the kernel ----
 
+
 def test_a_builtin_module_counts_as_there(tmp_path: Path) -> None:
     mods, sysmod = tmp_path / "lib", tmp_path / "sys"
     mods.mkdir()
     sysmod.mkdir()
-    assert kmod.available("mpls_router", sysmod, mods) is None          # nothing to tell from
+    assert kmod.available("mpls_router", sysmod, mods) is None  # nothing to tell from
     (mods / "modules.builtin").write_text("kernel/net/mpls/mpls_router.ko\nkernel/net/sched/act-mpls.ko\n")
     (mods / "modules.dep").write_text("kernel/net/sched/cls_flower.ko.xz:\n")
     assert kmod.builtin("mpls_router", mods) and kmod.builtin("act_mpls", mods)
     assert not kmod.builtin("cls_flower", mods)
-    assert kmod.available("cls_flower", sysmod, mods) is True            # loadable
+    assert kmod.available("cls_flower", sysmod, mods) is True  # loadable
     assert kmod.available("nf_tables", sysmod, mods) is False
     (sysmod / "nf_tables").mkdir()
-    assert kmod.available("nf_tables", sysmod, mods) is True             # loaded
+    assert kmod.available("nf_tables", sysmod, mods) is True  # loaded
 
 
 # ---- what goes into and comes back from a guest ----
 
+
 def test_the_launcher_runs_the_inner_lab_run_with_exactly_its_environment() -> None:
-    script = guest.launcher("/work/my tree", {"MPLSORCH_LAB_IN_VM": "1", "HOME": "/run/guest/home"},
-                            ["--json", "--", "true"])
+    script = guest.launcher(
+        "/work/my tree", {"MPLSORCH_LAB_IN_VM": "1", "HOME": "/run/guest/home"}, ["--json", "--", "true"]
+    )
     assert "cd '/work/my tree' || exit 3\n" in script
     assert "exec env HOME=/run/guest/home MPLSORCH_LAB_IN_VM=1 " in script
     assert script.rstrip().endswith("-m orchestrator lab run --json -- true")
@@ -193,8 +217,7 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="py
 def test_junit_counts_become_the_modules_result(tmp_path: Path) -> None:
     (tmp_path / "a.xml").write_text(JUNIT)
     r = parallel.parse_junit("netns_tests/test_a.py", tmp_path / "a.xml", 1, 12.5)
-    assert (r.tests, r.passed, r.failures, r.errors, r.skipped) == \
-        (5, 2, 1, 1, ["netns_tests.test_a::t3: no ipvs"])
+    assert (r.tests, r.passed, r.failures, r.errors, r.skipped) == (5, 2, 1, 1, ["netns_tests.test_a::t3: no ipvs"])
     assert not r.ok and r.problem is None
 
 
@@ -205,8 +228,10 @@ def test_a_lab_that_never_reported_or_ran_nothing_is_an_error(tmp_path: Path) ->
     assert parallel.parse_junit("m.py", tmp_path / "e.xml", 5, 1.0).problem == "no test ran"
     (tmp_path / "p.xml").write_text('<testsuites><testsuite tests="2" failures="0" errors="0"/></testsuites>')
     assert parallel.parse_junit("m.py", tmp_path / "p.xml", 0, 1.0).ok
-    assert parallel.parse_junit("m.py", tmp_path / "p.xml", 143, 1.0).problem == \
-        "pytest reported no failure but exited 143"
+    assert (
+        parallel.parse_junit("m.py", tmp_path / "p.xml", 143, 1.0).problem
+        == "pytest reported no failure but exited 143"
+    )
 
 
 def test_the_combined_summary_is_a_pytest_closing_line() -> None:
@@ -214,8 +239,10 @@ def test_the_combined_summary_is_a_pytest_closing_line() -> None:
     bad = parallel.ModuleResult("b", 1, 1.0, tests=2, failures=1, skipped=["b::x: why"])
     lost = parallel.ModuleResult("c", 3, 1.0, problem="the lab ended")
     assert parallel.summary_line([ok], 61.234) == f"{'=' * 20} 3 passed in 61.23s {'=' * 20}"
-    assert parallel.summary_line([ok, bad, lost], 5) == \
-        f"{'=' * 20} 3 passed, 1 failed, 1 skipped, 1 error in 5.00s {'=' * 20}"
+    assert (
+        parallel.summary_line([ok, bad, lost], 5)
+        == f"{'=' * 20} 3 passed, 1 failed, 1 skipped, 1 error in 5.00s {'=' * 20}"
+    )
 
 
 def test_slow_modules_start_first_and_untimed_ones_before_them(tmp_path: Path) -> None:
@@ -224,7 +251,12 @@ def test_slow_modules_start_first_and_untimed_ones_before_them(tmp_path: Path) -
     mods = parallel.collect([str(tmp_path)])
     assert [Path(m).name for m in mods] == ["test_a.py", "test_b.py", "test_c.py", "test_d.py"]
     durations = {mods[0]: 100.0, mods[2]: 300.0}
-    assert [Path(m).name for m in parallel.order(mods, durations)] == ["test_b.py", "test_d.py", "test_c.py", "test_a.py"]
+    assert [Path(m).name for m in parallel.order(mods, durations)] == [
+        "test_b.py",
+        "test_d.py",
+        "test_c.py",
+        "test_a.py",
+    ]
     assert parallel.default_jobs("host") == 1 and parallel.default_jobs("vm") == 1
 
 

@@ -18,6 +18,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch, returncode: int, stdout: str = "",
     def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
         calls.append((argv, kwargs))
         return subprocess.CompletedProcess(argv, returncode, stdout, stderr)
+
     monkeypatch.setattr(kit.subprocess, "run", run)
     return calls
 
@@ -30,10 +31,16 @@ def test_asks_the_daemons_socket_for_json_and_parses_it(monkeypatch: pytest.Monk
     assert kwargs["timeout"] == 20 and kwargs["capture_output"] and kwargs["text"]
 
 
-@pytest.mark.parametrize("node, words", [(None, "mplsorch servers drain s1: no such server\n"),
-                                         ("s1", "mplsorch servers drain s1 on s1: no such server\n")])
-def test_a_failing_command_raises_with_its_stderr(monkeypatch: pytest.MonkeyPatch, node: str | None,
-                                                  words: str) -> None:
+@pytest.mark.parametrize(
+    "node, words",
+    [
+        (None, "mplsorch servers drain s1: no such server\n"),
+        ("s1", "mplsorch servers drain s1 on s1: no such server\n"),
+    ],
+)
+def test_a_failing_command_raises_with_its_stderr(
+    monkeypatch: pytest.MonkeyPatch, node: str | None, words: str
+) -> None:
     scripted(monkeypatch, 2, stderr="no such server\n")
     with pytest.raises(RuntimeError) as raised:
         kit.daemon_cli(Path("/s"), "servers", "drain", "s1", node=node)

@@ -29,9 +29,16 @@ def test_pairs_are_odd_c2s_even_s2c_and_never_below_16():
         c2s_of(1001)
 
 
-@pytest.mark.parametrize("first,last,pairs", [
-    (17, 20, [17, 19]), (17, 19, [17]), (18, 21, [19]), (16, 18, [17]), (1000, 1003, [1001]),
-])
+@pytest.mark.parametrize(
+    "first,last,pairs",
+    [
+        (17, 20, [17, 19]),
+        (17, 19, [17]),
+        (18, 21, [19]),
+        (16, 18, [17]),
+        (1000, 1003, [1001]),
+    ],
+)
 def test_pair_must_lie_wholly_in_range(first, last, pairs):
     a = LabelAllocator(first, last, hold_down=0)
     assert a.stats(0).total == len(pairs)
@@ -244,8 +251,10 @@ def test_speed_50k_pairs_100k_alloc_release():
         fill.release(c, 1)
     assert fill.free(now=1) == 50_000
     elapsed_fill = time.perf_counter() - t1
-    print(f"\nlabels: 100k allocate + 80k release with 50k pairs, hold-down active: "
-          f"{elapsed:.3f}s; exhaust 50k + release 50k: {elapsed_fill:.3f}s")
+    print(
+        f"\nlabels: 100k allocate + 80k release with 50k pairs, hold-down active: "
+        f"{elapsed:.3f}s; exhaust 50k + release 50k: {elapsed_fill:.3f}s"
+    )
 
 
 def test_a_pair_released_without_hold_down_is_free_at_once() -> None:

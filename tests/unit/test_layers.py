@@ -42,7 +42,7 @@ def imported(name: str, path: Path, known: Mapping[str, Path]) -> set[str]:
             targets.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module or ""
@@ -66,8 +66,10 @@ def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
 
 def package_graph(graph: Graph) -> dict[str, set[str]]:
     """The same graph between orchestrator's subpackages (orchestrator.core, .health, ...)."""
+
     def top(name: str) -> str:
         return ".".join(name.split(".")[:2])
+
     out: dict[str, set[str]] = {}
     for name, deps in graph.items():
         out.setdefault(top(name), set()).update(top(d) for d in deps if top(d) != top(name))
@@ -84,7 +86,7 @@ def find_cycle(graph: Graph) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)) is not None:
                 return found
         path.pop()
@@ -135,9 +137,9 @@ def test_the_core_loads_no_io_library() -> None:
         "for m in pkgutil.walk_packages(core.__path__, 'orchestrator.core.'):\n"
         "    importlib.import_module(m.name)\n"
         f"print(json.dumps([[m for m in {IO_MODULES!r} if m in sys.modules],\n"
-        "                  sorted(m for m in sys.modules if m.startswith('orchestrator.core'))]))\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          cwd=ROOT.parent)
+        "                  sorted(m for m in sys.modules if m.startswith('orchestrator.core'))]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT.parent)
     loaded_io, core_modules = json.loads(done.stdout)
     assert core_modules == sorted(m for m in module_names() if m.startswith("orchestrator.core"))
     assert loaded_io == []
@@ -151,9 +153,13 @@ def test_no_test_module_imports_another() -> None:
     offenders = []
     for path in sorted(here.glob("test_*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names] \
-                if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             offenders += [f"{path.name} imports {n}" for n in names if n.rpartition(".")[2] in modules]
     assert offenders == []
 
@@ -162,15 +168,36 @@ def test_protocol_numbers_are_defined_once() -> None:
     """Netlink and netfilter numbers live in dataplane/netlink/constants.py, IP protocol numbers
     in ipproto.py: a second definition drifts (or hides a typo) without anyone noticing."""
     owners = {"IPPROTO_": "orchestrator.ipproto"}
-    netlink = ("NETLINK_", "NLM_", "NLMSG_", "NLA_", "RTM_", "RTA_", "TCA_", "NFQA_", "NFQNL_", "NFNL_", "CTA_",
-               "IPCTNL_", "NF_", "IFLA_", "IFA_", "FRA_")
+    netlink = (
+        "NETLINK_",
+        "NLM_",
+        "NLMSG_",
+        "NLA_",
+        "RTM_",
+        "RTA_",
+        "TCA_",
+        "NFQA_",
+        "NFQNL_",
+        "NFNL_",
+        "CTA_",
+        "IPCTNL_",
+        "NF_",
+        "IFLA_",
+        "IFA_",
+        "FRA_",
+    )
     owners.update({prefix: "orchestrator.dataplane.netlink.constants" for prefix in netlink})
     found = []
     for name, path in module_names().items():
         for node in ast.parse(path.read_text(), str(path)).body:
             targets = node.targets if isinstance(node, ast.Assign) else []
-            names = [e.id for t in targets for e in (t.elts if isinstance(t, ast.Tuple) else [t])
-                     if isinstance(e, ast.Name)]
-            found += [f"{name}.{n}" for n in names
-                      for prefix, owner in owners.items() if n.startswith(prefix) and name != owner]
+            names = [
+                e.id for t in targets for e in (t.elts if isinstance(t, ast.Tuple) else [t]) if isinstance(e, ast.Name)
+            ]
+            found += [
+                f"{name}.{n}"
+                for n in names
+                for prefix, owner in owners.items()
+                if n.startswith(prefix) and name != owner
+            ]
     assert found == []

@@ -11,8 +11,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from orchestrator import __version__
 from orchestrator.config.model import MetricsConfig
 from orchestrator.metrics import (
-    BATCH_BUCKETS, MAX_REASONS, DurationHistogram, HistogramSnapshot, LatestSnapshot, MetricsSnapshot,
-    MplsorchCollector, make_registry, snapshot_from, start_metrics_server,
+    BATCH_BUCKETS,
+    MAX_REASONS,
+    DurationHistogram,
+    HistogramSnapshot,
+    LatestSnapshot,
+    MetricsSnapshot,
+    MplsorchCollector,
+    make_registry,
+    snapshot_from,
+    start_metrics_server,
 )
 
 FAMILIES = {
@@ -36,13 +44,27 @@ def sample_snapshot() -> MetricsSnapshot:
     h = DurationHistogram()
     for seconds in (0.0002, 0.0005, 0.004, 3.0):
         h.observe(seconds)
-    counters = {"packets_userspace": 12, "sessions_started": 9, "refused:no-server": 2,
-                "refused:label-headroom": 1, "verdict:accept": 9, "verdict:drop": 1, "verdict:refuse": 3,
-                "malformed:truncated": 1, "sessions_ended": 4, "offload_refused": 2}
-    return snapshot_from(counters, {"serving": 4, "draining": 1}, {"free": 490, "in_use": 5, "held_down": 4},
-                         {"ok": 40, "error": 2}, h.snapshot(),
-                         [("web", "s1", "up"), ("web", "s2", "down"), ("dns", "s1", "unknown")],
-                         {"in_hw": 3, "not_in_hw": 7, "trap": 0, "offload_failed": 1})
+    counters = {
+        "packets_userspace": 12,
+        "sessions_started": 9,
+        "refused:no-server": 2,
+        "refused:label-headroom": 1,
+        "verdict:accept": 9,
+        "verdict:drop": 1,
+        "verdict:refuse": 3,
+        "malformed:truncated": 1,
+        "sessions_ended": 4,
+        "offload_refused": 2,
+    }
+    return snapshot_from(
+        counters,
+        {"serving": 4, "draining": 1},
+        {"free": 490, "in_use": 5, "held_down": 4},
+        {"ok": 40, "error": 2},
+        h.snapshot(),
+        [("web", "s1", "up"), ("web", "s2", "down"), ("dns", "s1", "unknown")],
+        {"in_hw": 3, "not_in_hw": 7, "trap": 0, "offload_failed": 1},
+    )
 
 
 def exposition(snapshot: MetricsSnapshot) -> str:
@@ -73,7 +95,7 @@ def test_exposition_text() -> None:
         "# TYPE mplsorch_dataplane_batch_duration_seconds histogram",
         'mplsorch_dataplane_batch_duration_seconds_bucket{le="0.0001"} 0.0',
         'mplsorch_dataplane_batch_duration_seconds_bucket{le="0.00025"} 1.0',
-        'mplsorch_dataplane_batch_duration_seconds_bucket{le="0.0005"} 2.0',   # le is inclusive
+        'mplsorch_dataplane_batch_duration_seconds_bucket{le="0.0005"} 2.0',  # le is inclusive
         'mplsorch_dataplane_batch_duration_seconds_bucket{le="0.005"} 3.0',
         'mplsorch_dataplane_batch_duration_seconds_bucket{le="2.5"} 3.0',
         'mplsorch_dataplane_batch_duration_seconds_bucket{le="+Inf"} 4.0',
@@ -94,7 +116,7 @@ def test_exposition_text() -> None:
         "mplsorch_offload_refused_total 2.0",
     ]:
         assert line in lines, f"{line!r} missing from:\n{text}"
-    sum_line = next(l for l in lines if l.startswith("mplsorch_dataplane_batch_duration_seconds_sum "))
+    sum_line = next(x for x in lines if x.startswith("mplsorch_dataplane_batch_duration_seconds_sum "))
     assert float(sum_line.split()[1]) == pytest.approx(3.0047)
 
 
@@ -112,6 +134,7 @@ def test_exactly_the_listed_families_with_prefix_total_and_base_units() -> None:
 def test_snapshot_from_the_label_allocator_stats() -> None:
     """`labels.stats(now).to_dict()` goes in as it is: its total and blocks are not label states."""
     from orchestrator.core.labels import LabelStats
+
     stats = LabelStats(10, 3, 2, 5).to_dict()
     snap = snapshot_from({}, {}, stats, {})
     assert dict(snap.label_pairs) == {"free": 5, "in_use": 3, "held_down": 2}
@@ -123,8 +146,12 @@ def test_label_values_are_bounded() -> None:
     capped: unknown values add up under "other"."""
     reasons = {f"reason{i:03d}": 1 for i in range(MAX_REASONS * 3)}
     reasons.update({"10.0.0.7": 5, "fd00::1": 5, "1001": 5, "Session 42": 5})
-    snap = MetricsSnapshot(refused=reasons, packets={"accept": 1, "weird:verdict": 2},
-                           sessions={"serving": 1, "bogus": 3}, dataplane_ops={"ok": 1, "EEXIST": 1})
+    snap = MetricsSnapshot(
+        refused=reasons,
+        packets={"accept": 1, "weird:verdict": 2},
+        sessions={"serving": 1, "bogus": 3},
+        dataplane_ops={"ok": 1, "EEXIST": 1},
+    )
     families = {f.name: f for f in text_string_to_metric_families(exposition(snap))}
     refused = {s.labels["reason"]: s.value for s in families["mplsorch_sessions_refused"].samples}
     assert len(refused) <= MAX_REASONS + 1
@@ -143,8 +170,12 @@ def test_empty_snapshot_has_every_series_at_zero() -> None:
     assert len(families["mplsorch_sessions"].samples) == 4
     assert len(families["mplsorch_dataplane_batch_duration_seconds"].samples) == len(BATCH_BUCKETS) + 3
     assert families["mplsorch_server_health"].samples == []
-    assert [(x.labels["state"], x.value) for x in families["mplsorch_offload_objects"].samples] == \
-        [("in_hw", 0), ("not_in_hw", 0), ("trap", 0), ("offload_failed", 0)]
+    assert [(x.labels["state"], x.value) for x in families["mplsorch_offload_objects"].samples] == [
+        ("in_hw", 0),
+        ("not_in_hw", 0),
+        ("trap", 0),
+        ("offload_failed", 0),
+    ]
 
 
 def test_histogram_accumulates_without_a_global_registry() -> None:
@@ -163,6 +194,7 @@ def test_registering_does_not_call_the_snapshot() -> None:
     def snapshot() -> MetricsSnapshot:
         calls.append(1)
         return MetricsSnapshot()
+
     registry = make_registry(snapshot)
     assert calls == []
     generate_latest(registry)

@@ -62,9 +62,13 @@ def test_encap_route_layout_in_high_table() -> None:
 
 
 def test_flower_filter_layout() -> None:
-    flt = ops.FlowerFilter("fab0", 7, ops.FlowerMatch(src="10.0.1.10/32", dst="10.0.0.100/32",
-                                                      ip_proto="tcp", dst_port=80),
-                           ops.push_stack((102, 1001)), pref=10)
+    flt = ops.FlowerFilter(
+        "fab0",
+        7,
+        ops.FlowerMatch(src="10.0.1.10/32", dst="10.0.0.100/32", ip_proto="tcp", dst_port=80),
+        ops.push_stack((102, 1001)),
+        pref=10,
+    )
     kind, flags, body = encode.encode(ops.Add(flt), ifindex)
     assert kind == c.RTM_NEWTFILTER and flags & c.NLM_F_EXCL
     _, _, _, idx, handle, parent, info = TCMSG.unpack_from(body)
@@ -92,29 +96,51 @@ def _roundtrip(obj: ops.DataplaneObject) -> ops.DataplaneObject:
     return installed.obj
 
 
-@pytest.mark.parametrize("obj", [
-    ops.MplsRoute(1002, "lan0", via="10.0.1.10"),
-    ops.MplsRoute(1001, "lo"),
-    ops.MplsRoute(2001, "fab0", via="fe80::1", out_labels=(102, 2001)),
-    ops.EncapRoute("10.0.1.10/32", (100, 1002), "eth0", via="10.1.2.1", table=100),
-    ops.EncapRoute("2001:db8::/64", (100,), "eth0", via="2001:db8:1::1", table=70000),
-    ops.Rule("10.0.0.100/32", 100, 1000),
-    ops.Rule("2001:db8::100/128", 101, 1001),
-    ops.FlowerFilter("fab0", 1, ops.FlowerMatch(src="10.0.1.10/32", dst="10.0.0.100/32"),
-                     ops.push_stack((102, 1001))),
-    ops.FlowerFilter("fab0", 2, ops.FlowerMatch(src="2001:db8::/64", dst="2001:db8:ff::100/128",
-                                                ip_proto="udp", src_port=5000, dst_port=53),
-                     (ops.MplsPush(1003, ttl=64), ops.MplsPush(101)), pref=20,
-                     offload=ops.OffloadPolicy.NEVER, direction=ops.Direction.INGRESS),
-    ops.FlowerFilter("lan0", 3, ops.FlowerMatch(dst="10.0.0.0/8"), (ops.MplsPop("ip"),),
-                     offload=ops.OffloadPolicy.REQUIRED),
-    ops.FlowerFilter("fab0", 1001, ops.FlowerMatch(mpls_label=1001), (ops.SetMark(0x6D6003E9),),
-                     ops.Direction.INGRESS, pref=20),
-    ops.FlowerFilter("fab0", 4, ops.FlowerMatch(src="10.0.1.10/32", dst="10.0.0.100/32", ip_proto="sctp",
-                                                dst_port=3868), ops.push_stack((102, 1007))),
-    ops.FlowerFilter("fab0", 5, ops.FlowerMatch(src="2001:db8::7/128", dst="2001:db8:ff::100/128",
-                                                ip_proto="esp"), ops.push_stack((102, 1009)), pref=11),
-])
+@pytest.mark.parametrize(
+    "obj",
+    [
+        ops.MplsRoute(1002, "lan0", via="10.0.1.10"),
+        ops.MplsRoute(1001, "lo"),
+        ops.MplsRoute(2001, "fab0", via="fe80::1", out_labels=(102, 2001)),
+        ops.EncapRoute("10.0.1.10/32", (100, 1002), "eth0", via="10.1.2.1", table=100),
+        ops.EncapRoute("2001:db8::/64", (100,), "eth0", via="2001:db8:1::1", table=70000),
+        ops.Rule("10.0.0.100/32", 100, 1000),
+        ops.Rule("2001:db8::100/128", 101, 1001),
+        ops.FlowerFilter(
+            "fab0", 1, ops.FlowerMatch(src="10.0.1.10/32", dst="10.0.0.100/32"), ops.push_stack((102, 1001))
+        ),
+        ops.FlowerFilter(
+            "fab0",
+            2,
+            ops.FlowerMatch(
+                src="2001:db8::/64", dst="2001:db8:ff::100/128", ip_proto="udp", src_port=5000, dst_port=53
+            ),
+            (ops.MplsPush(1003, ttl=64), ops.MplsPush(101)),
+            pref=20,
+            offload=ops.OffloadPolicy.NEVER,
+            direction=ops.Direction.INGRESS,
+        ),
+        ops.FlowerFilter(
+            "lan0", 3, ops.FlowerMatch(dst="10.0.0.0/8"), (ops.MplsPop("ip"),), offload=ops.OffloadPolicy.REQUIRED
+        ),
+        ops.FlowerFilter(
+            "fab0", 1001, ops.FlowerMatch(mpls_label=1001), (ops.SetMark(0x6D6003E9),), ops.Direction.INGRESS, pref=20
+        ),
+        ops.FlowerFilter(
+            "fab0",
+            4,
+            ops.FlowerMatch(src="10.0.1.10/32", dst="10.0.0.100/32", ip_proto="sctp", dst_port=3868),
+            ops.push_stack((102, 1007)),
+        ),
+        ops.FlowerFilter(
+            "fab0",
+            5,
+            ops.FlowerMatch(src="2001:db8::7/128", dst="2001:db8:ff::100/128", ip_proto="esp"),
+            ops.push_stack((102, 1009)),
+            pref=11,
+        ),
+    ],
+)
 def test_decode_inverts_encode(obj: ops.DataplaneObject) -> None:
     assert _roundtrip(obj) == obj
 
@@ -123,10 +149,14 @@ def test_a_session_record_rides_in_the_action_cookies_and_comes_back() -> None:
     """The kernel keeps at most 16 bytes per action cookie (TC_COOKIE_MAX_SIZE): the record is
     spread over both pushes, the ownership mark first."""
     tag = records.pack(records.SessionRecord(42, "mip6-home-address", 80, home="2001:db8:aa::1"))
-    flt = ops.FlowerFilter("fab0", 1001 << 8 | 1, ops.FlowerMatch(src="2001:db8:1::10/128",
-                                                                  dst="2001:db8:ff::100/128", ip_proto="tcp",
-                                                                  dst_port=80),
-                           ops.push_stack((102, 1001)), pref=11, tag=tag)
+    flt = ops.FlowerFilter(
+        "fab0",
+        1001 << 8 | 1,
+        ops.FlowerMatch(src="2001:db8:1::10/128", dst="2001:db8:ff::100/128", ip_proto="tcp", dst_port=80),
+        ops.push_stack((102, 1001)),
+        pref=11,
+        tag=tag,
+    )
     _, _, body = encode.encode(ops.Add(flt), ifindex)
     o = nla.attrs(nla.attrs(body, TCMSG.size)[c.TCA_OPTIONS])
     cookies = [bytes(nla.attrs(p)[c.TCA_ACT_COOKIE]) for _, p in nla.iter_attrs(o[c.TCA_FLOWER_ACT])]
@@ -140,15 +170,16 @@ def test_a_session_record_rides_in_the_action_cookies_and_comes_back() -> None:
 
 def test_an_esp_u32_node_round_trips_with_its_record() -> None:
     tag = records.pack(records.SessionRecord(9, "esp-spi", None, spi=0x1001))
-    node = ops.U32Filter("fab0", 0x800 << 20 | 7, ops.esp_keys("10.0.1.30", "10.0.0.100", 0x1001),
-                         ops.push_stack((102, 1001)), tag=tag)
+    node = ops.U32Filter(
+        "fab0", 0x800 << 20 | 7, ops.esp_keys("10.0.1.30", "10.0.0.100", 0x1001), ops.push_stack((102, 1001)), tag=tag
+    )
     kind, flags, body = encode.encode(ops.Add(node), ifindex)
     assert kind == c.RTM_NEWTFILTER and flags & c.NLM_F_EXCL
     _, _, _, idx, handle, parent, info = TCMSG.unpack_from(body)
     assert (idx, handle, parent, info >> 16) == (3, 0x80000007, 0xFFFFFFF3, 12)
     sel = bytes(nla.attrs(nla.attrs(body, TCMSG.size)[c.TCA_OPTIONS])[c.TCA_U32_SEL])
     assert sel[:4] == bytes([c.TC_U32_TERMINAL, 0, 5, 0]) and len(sel) == 16 + 5 * 16
-    assert sel[16 + 4 * 16:16 + 4 * 16 + 8] == struct.pack("!II", 0xFFFFFFFF, 0x1001)  # the SPI word
+    assert sel[16 + 4 * 16 : 16 + 4 * 16 + 8] == struct.pack("!II", 0xFFFFFFFF, 0x1001)  # the SPI word
     assert _roundtrip(node) == node
     assert ops.esp_of(node.keys) == ("10.0.1.30", "10.0.0.100", 0x1001)
     assert encode.encode(ops.Delete(node), ifindex)[0] == c.RTM_DELTFILTER
@@ -165,15 +196,17 @@ def test_others_objects_are_not_ours() -> None:
     assert decode.flower(memoryview(fbody), NAMES.__getitem__, require_cookie=False) is not None
 
 
-@pytest.mark.parametrize("op, words", [
-    (ops.Add(ops.MplsRoute(1 << 20, "lo")), "not an MPLS label"),
-    (ops.Add(ops.MplsRoute(100, "lo", out_labels=(-1,))), "not an MPLS label"),
-    (ops.Add(ops.EncapRoute("10.0.1.10/32", (), "eth0")), "at least one label"),
-    (ops.Add(ops.EncapRoute("10.0.1.10/24", (5,), "eth0")), "host bits"),
-    (ops.Add(ops.FlowerFilter("fab0", 1, ops.FlowerMatch(dst_port=80), ops.push_stack((5,)))),
-     "needs ip_proto"),
-    (ops.Add(ops.FlowerFilter("fab0", 0, ops.FlowerMatch(), ops.push_stack((5,)))), "handle"),
-])
+@pytest.mark.parametrize(
+    "op, words",
+    [
+        (ops.Add(ops.MplsRoute(1 << 20, "lo")), "not an MPLS label"),
+        (ops.Add(ops.MplsRoute(100, "lo", out_labels=(-1,))), "not an MPLS label"),
+        (ops.Add(ops.EncapRoute("10.0.1.10/32", (), "eth0")), "at least one label"),
+        (ops.Add(ops.EncapRoute("10.0.1.10/24", (5,), "eth0")), "host bits"),
+        (ops.Add(ops.FlowerFilter("fab0", 1, ops.FlowerMatch(dst_port=80), ops.push_stack((5,)))), "needs ip_proto"),
+        (ops.Add(ops.FlowerFilter("fab0", 0, ops.FlowerMatch(), ops.push_stack((5,)))), "handle"),
+    ],
+)
 def test_unencodable_operations_are_rejected_with_reason(op: ops.Operation, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         encode.encode(op, ifindex)
@@ -182,8 +215,9 @@ def test_unencodable_operations_are_rejected_with_reason(op: ops.Operation, word
 def test_mpls_label_filter_layout() -> None:
     """protocol mpls_uc in tcm_info and as the key's ethertype, the label as a host-order u32
     (the kernel reads it with nla_get_u32), then act_skbedit with its mark."""
-    flt = ops.FlowerFilter("fab0", 1001, ops.FlowerMatch(mpls_label=1001), (ops.SetMark(0x6D6003E9),),
-                           ops.Direction.INGRESS, pref=20)
+    flt = ops.FlowerFilter(
+        "fab0", 1001, ops.FlowerMatch(mpls_label=1001), (ops.SetMark(0x6D6003E9),), ops.Direction.INGRESS, pref=20
+    )
     _kind, _flags, body = encode.flower_filter(ops.Add(flt), flt, ifindex)
     _ifindex, _handle, _parent, info = decode.tc_header(memoryview(body))
     assert info == 20 << 16 | 0x4788  # ETH_P_MPLS_UC in network order
@@ -196,23 +230,29 @@ def test_mpls_label_filter_layout() -> None:
     assert nla.get_u32(nla.attrs(a[c.TCA_ACT_OPTIONS])[c.TCA_SKBEDIT_MARK]) == 0x6D6003E9
 
 
-@pytest.mark.parametrize("match, words", [
-    (ops.FlowerMatch(mpls_label=1 << 20), "not an MPLS label"),
-    (ops.FlowerMatch(mpls_label=1001, dst="10.0.0.100/32"), "takes no IP keys"),
-    (ops.FlowerMatch(dst="10.0.0.100/32", ip_proto="esp", dst_port=80), "needs ip_proto tcp, udp or sctp"),
-    (ops.FlowerMatch(dst="10.0.0.100/32", ip_proto="gre"), "is not tcp, udp, sctp or esp"),
-])
+@pytest.mark.parametrize(
+    "match, words",
+    [
+        (ops.FlowerMatch(mpls_label=1 << 20), "not an MPLS label"),
+        (ops.FlowerMatch(mpls_label=1001, dst="10.0.0.100/32"), "takes no IP keys"),
+        (ops.FlowerMatch(dst="10.0.0.100/32", ip_proto="esp", dst_port=80), "needs ip_proto tcp, udp or sctp"),
+        (ops.FlowerMatch(dst="10.0.0.100/32", ip_proto="gre"), "is not tcp, udp, sctp or esp"),
+    ],
+)
 def test_bad_mpls_label_matches_are_refused(match: ops.FlowerMatch, words: str) -> None:
     with pytest.raises(ops.InvalidOperation, match=words):
         ops.validate(ops.Add(ops.FlowerFilter("fab0", 1, match, (ops.SetMark(1),), ops.Direction.INGRESS)))
 
 
-@pytest.mark.parametrize("address, family, plen, scope", [
-    ("10.0.0.100/32", c.AF_INET, 32, c.RT_SCOPE_UNIVERSE),       # a VIP, as node setup passes it
-    ("fd00:100::100/128", c.AF_INET6, 128, c.RT_SCOPE_UNIVERSE),
-    ("10.0.1.5/24", c.AF_INET, 24, c.RT_SCOPE_UNIVERSE),         # host bits set: an interface address
-    ("127.0.0.2", c.AF_INET, 32, c.RT_SCOPE_HOST),               # bare: host prefix; 127/8 scope host, as ip does
-])
+@pytest.mark.parametrize(
+    "address, family, plen, scope",
+    [
+        ("10.0.0.100/32", c.AF_INET, 32, c.RT_SCOPE_UNIVERSE),  # a VIP, as node setup passes it
+        ("fd00:100::100/128", c.AF_INET6, 128, c.RT_SCOPE_UNIVERSE),
+        ("10.0.1.5/24", c.AF_INET, 24, c.RT_SCOPE_UNIVERSE),  # host bits set: an interface address
+        ("127.0.0.2", c.AF_INET, 32, c.RT_SCOPE_HOST),  # bare: host prefix; 127/8 scope host, as ip does
+    ],
+)
 def test_address_add_layout(address: str, family: int, plen: int, scope: int) -> None:
     """What `ip address add ADDRESS dev eth0` sends: ifaddrmsg with family, prefix length, scope
     and index, the address in both IFA_LOCAL and IFA_ADDRESS, exclusive create."""

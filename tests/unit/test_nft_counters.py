@@ -13,8 +13,10 @@ from orchestrator.capture import nftables
 from orchestrator.dataplane.fake import FakeProvider
 from tests.unit.conftest import balancer_daemon, config
 
-COUNTERS = '{"nftables": [{"metainfo": {"json_schema_version": 1}}, ' \
-           '{"counter": {"family": "inet", "name": "rate_limited", "table": "mplsorch", "packets": 7, "bytes": 420}}]}'
+COUNTERS = (
+    '{"nftables": [{"metainfo": {"json_schema_version": 1}}, '
+    '{"counter": {"family": "inet", "name": "rate_limited", "table": "mplsorch", "packets": 7, "bytes": 420}}]}'
+)
 
 
 def fake_nft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> None:
@@ -46,8 +48,7 @@ def test_the_loop_runs_on_while_nft_answers(tmp_path: Path, monkeypatch: pytest.
     assert ticks >= 10  # the loop kept turning for most of nft's half second
 
 
-def test_status_over_the_control_socket_carries_the_counters(tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_status_over_the_control_socket_carries_the_counters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_nft(tmp_path, monkeypatch, f"echo '{COUNTERS}'\n")
     daemon = balancer_daemon(config(), FakeProvider(["lan0", "fab0"]))
     status = asyncio.run(daemon.answer({"cmd": "status"}))

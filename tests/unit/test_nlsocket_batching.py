@@ -47,15 +47,13 @@ class ScriptedKernel:
             code, text = self.answer(body)
             if code or flags & c.NLM_F_ACK:
                 tlv = nla.asciiz(c.NLMSGERR_ATTR_MSG, text) if text else b""
-                payload = struct.pack("=i", -code) + struct.pack("=IHHII", 16 + len(body), kind,
-                                                                 flags, seq, 0) + tlv
-                self.replies.append(nla.message(c.NLMSG_ERROR, 0x100 | (0x200 if tlv else 0),
-                                                seq, payload))
+                payload = struct.pack("=i", -code) + struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + tlv
+                self.replies.append(nla.message(c.NLMSG_ERROR, 0x100 | (0x200 if tlv else 0), seq, payload))
         self.sends.append(batch)
 
     def recv_into(self, buf: bytearray) -> int:
         data = self.replies.popleft()
-        buf[:len(data)] = data
+        buf[: len(data)] = data
         return len(data)
 
     def close(self) -> None:
@@ -79,8 +77,7 @@ def test_one_sendmsg_per_chunk_and_ack_only_on_the_last(monkeypatch) -> None:
 
 def test_errors_map_to_their_operation_and_nothing_else_is_lost(monkeypatch) -> None:
     monkeypatch.setattr(nlsocket, "CHUNK_MESSAGES", 10)
-    kernel = ScriptedKernel(refuse={23: (errno.EEXIST, ""), 29: (errno.EINVAL, "bad label"),
-                                    30: (errno.ENOBUFS, "")})
+    kernel = ScriptedKernel(refuse={23: (errno.EEXIST, ""), 29: (errno.EINVAL, "bad label"), 30: (errno.ENOBUFS, "")})
     operations = [ops.Add(ops.MplsRoute(label, "lo")) for label in range(16, 40)]
     results = provider_with(kernel).apply(operations)
     assert [r.op for r in results] == operations
@@ -94,8 +91,12 @@ def test_errors_map_to_their_operation_and_nothing_else_is_lost(monkeypatch) -> 
 
 def test_unencodable_operation_is_reported_and_others_still_sent() -> None:
     kernel = ScriptedKernel()
-    operations = [ops.Add(ops.MplsRoute(100, "lo")), ops.Add(ops.MplsRoute(1 << 20, "lo")),
-                  ops.Add(ops.MplsRoute(101, "nosuchdev")), ops.Add(ops.MplsRoute(102, "lo"))]
+    operations = [
+        ops.Add(ops.MplsRoute(100, "lo")),
+        ops.Add(ops.MplsRoute(1 << 20, "lo")),
+        ops.Add(ops.MplsRoute(101, "nosuchdev")),
+        ops.Add(ops.MplsRoute(102, "lo")),
+    ]
     provider = provider_with(kernel)
     results = provider.apply(operations)
     assert [r.ok for r in results] == [True, False, False, True]
@@ -109,8 +110,9 @@ def test_stale_replies_of_other_sequences_are_ignored() -> None:
     sock = nlsocket.NetlinkSocket(sock=kernel)  # type: ignore[arg-type]
     stale = nla.message(c.NLMSG_ERROR, 0, 99999, struct.pack("=i", -errno.EPERM) + bytes(16))
     kernel.replies.append(stale)
-    body = struct.pack("=BBBBBBBBI", c.AF_MPLS, 20, 0, 0, 254, c.RT_PROTO, 0, 1, 0) + \
-        nla.attr(c.RTA_DST, struct.pack("!I", 100 << 12 | 0x100))
+    body = struct.pack("=BBBBBBBBI", c.AF_MPLS, 20, 0, 0, 254, c.RT_PROTO, 0, 1, 0) + nla.attr(
+        c.RTA_DST, struct.pack("!I", 100 << 12 | 0x100)
+    )
     assert sock.transact([(c.RTM_NEWROUTE, c.NLM_F_REQUEST, body)]) == [None]
 
 
@@ -124,8 +126,11 @@ def test_a_big_batch_is_sent_by_the_pipeline_in_order_with_every_error_mapped(mo
     operations = [ops.Add(ops.MplsRoute(label, "lo" if label != 40 else "nosuchdev")) for label in range(16, 66)]
     results = provider.apply(operations)
     assert [r.op for r in results] == operations
-    assert {r.op.obj.label: r.errno for r in results if not r.ok} == \
-        {25: errno.EEXIST, 40: errno.ENODEV, 51: errno.EINVAL}
+    assert {r.op.obj.label: r.errno for r in results if not r.ok} == {
+        25: errno.EEXIST,
+        40: errno.ENODEV,
+        51: errno.EINVAL,
+    }
     assert kernel.handled == [label for label in range(16, 66) if label != 40]
 
 

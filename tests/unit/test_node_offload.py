@@ -22,10 +22,13 @@ class Node:
     def __init__(self, features: dict[str, ethtool.Feature | None]) -> None:
         self.features = features
         self.devices = {"lo", "fab0", "sw0"}
-        self.sysctls = {("net", "mpls", "platform_labels"): "100000", ("net", "ipv4", "ip_forward"): "1",
-                        ("net", "ipv6", "conf", "all", "forwarding"): "1",
-                        ("net", "netfilter", "nf_conntrack_checksum"): "0",
-                        **{("net", "mpls", "conf", d, "input"): "1" for d in ("fab0", "sw0")}}
+        self.sysctls = {
+            ("net", "mpls", "platform_labels"): "100000",
+            ("net", "ipv4", "ip_forward"): "1",
+            ("net", "ipv6", "conf", "all", "forwarding"): "1",
+            ("net", "netfilter", "nf_conntrack_checksum"): "0",
+            **{("net", "mpls", "conf", d, "input"): "1" for d in ("fab0", "sw0")},
+        }
         self.set: list[tuple[str, str, bool]] = []
 
     def sysctl(self, *parts: str) -> str | None:
@@ -81,8 +84,10 @@ def test_only_required_interfaces_are_asked_for_hw_tc_offload() -> None:
 def test_required_with_hw_tc_offload_off_names_the_interface_and_the_command() -> None:
     node = Node({"sw0": OFF, "fab0": FIXED})
     [problem] = check_balancer(cfg({"sw0": "required"}), node)
-    assert str(problem) == ("interface sw0 has interfaces.offload required but hw-tc-offload is off: the driver "
-                            "would refuse every session's filter; fix: ethtool -K sw0 hw-tc-offload on")
+    assert str(problem) == (
+        "interface sw0 has interfaces.offload required but hw-tc-offload is off: the driver "
+        "would refuse every session's filter; fix: ethtool -K sw0 hw-tc-offload on"
+    )
     with pytest.raises(NodeNotReady, match="interface sw0 .* ethtool -K sw0 hw-tc-offload on"):
         make_ready(cfg({"sw0": "required"}), node, fix=False)
     assert node.set == []  # check never changes the node
@@ -102,7 +107,9 @@ def test_a_driver_without_tc_offload_cannot_be_fixed_and_says_what_to_do(state: 
     assert [str(p) for p in info.value.problems] == [
         f"interface {dev} has interfaces.offload required but its driver offers no hw-tc-offload (ethtool -k {dev} "
         f"shows it off [fixed]): no filter can be in hardware there; fix: use a device whose driver offloads "
-        f"flower filters, or set interfaces.offload.{dev} to auto" for dev in ("sw0", "fab0")]
+        f"flower filters, or set interfaces.offload.{dev} to auto"
+        for dev in ("sw0", "fab0")
+    ]
     assert node.set == []
 
 

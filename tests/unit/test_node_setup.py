@@ -54,11 +54,17 @@ class FakeSystem:
 
     def modprobe(self, name: str) -> None:
         if name in self.fail_modprobe:
-            raise subprocess.CalledProcessError(1, ["modprobe", name], stderr=f"modprobe: FATAL: Module {name} not found")
+            raise subprocess.CalledProcessError(
+                1, ["modprobe", name], stderr=f"modprobe: FATAL: Module {name} not found"
+            )
         self.modules.add(name)
         if name == "mpls_router":  # its sysctls appear, at their defaults
-            self.sysctls.update({("net", "mpls", "platform_labels"): "0",
-                                 **{("net", "mpls", "conf", d, "input"): "0" for d in self.devices}})
+            self.sysctls.update(
+                {
+                    ("net", "mpls", "platform_labels"): "0",
+                    **{("net", "mpls", "conf", d, "input"): "0" for d in self.devices},
+                }
+            )
 
     def add_address(self, dev: str, address: str) -> None:
         self.addrs.setdefault(dev, set()).add(address.split("/")[0])
@@ -102,10 +108,11 @@ def test_rp_filter_is_judged_by_its_effective_value(config) -> None:  # type: ig
     node = FakeSystem()
     node.sysctls[("net", "ipv4", "conf", "all", "rp_filter")] = "1"
     [problem] = check(config, node)  # max(all 1, dev 0) is strict on lo and eth0: one sysctl to fix
-    assert str(problem).startswith("sysctl net.ipv4.conf.all.rp_filter is 1 (strict), which makes rp_filter "
-                                   "strict on lo, eth0")
+    assert str(problem).startswith(
+        "sysctl net.ipv4.conf.all.rp_filter is 1 (strict), which makes rp_filter strict on lo, eth0"
+    )
     assert problem.fix is not None and problem.fix.command == "sysctl -w net.ipv4.conf.all.rp_filter=0"
-    node.sysctls[("net", "ipv4", "conf", "lo", "rp_filter")] = "2"   # loose wins over all = 1
+    node.sysctls[("net", "ipv4", "conf", "lo", "rp_filter")] = "2"  # loose wins over all = 1
     node.sysctls[("net", "ipv4", "conf", "eth0", "rp_filter")] = "2"
     assert check(config, node) == []
 
@@ -119,12 +126,17 @@ def test_apply_fixes_everything_even_without_mpls_router(config) -> None:  # typ
     problems = lines(check(config, node))
     assert problems[:1] == [
         "kernel module mpls_router is not loaded (no net.mpls.platform_labels): no MPLS label routes; "
-        "fix: modprobe mpls_router"]
+        "fix: modprobe mpls_router"
+    ]
     assert "sysctl net.mpls.conf.eth0.input will be (mpls_router is not loaded) 0, not 1" in problems[2]
     done = make_ready(config, node, fix=True)
-    assert done == ["done: modprobe mpls_router",
-                    "done: sysctl -w net.mpls.platform_labels=2000", "done: sysctl -w net.mpls.conf.eth0.input=1",
-                    "done: sysctl -w net.mpls.conf.lo.input=1", "done: ip address add 10.0.0.100/32 dev lo"]
+    assert done == [
+        "done: modprobe mpls_router",
+        "done: sysctl -w net.mpls.platform_labels=2000",
+        "done: sysctl -w net.mpls.conf.eth0.input=1",
+        "done: sysctl -w net.mpls.conf.lo.input=1",
+        "done: ip address add 10.0.0.100/32 dev lo",
+    ]
     assert check(config, node) == []
 
 
@@ -137,7 +149,8 @@ def test_what_cannot_be_fixed_is_reported_after_apply(config) -> None:  # type: 
     assert lines(raised.value.problems) == [
         "kernel module cls_flower is not available (not loaded, built in or installed for this kernel); "
         "fix: install this kernel's modules",
-        "interface eth0 (interfaces.fabric) does not exist; fix: create it or correct interfaces.fabric"]
+        "interface eth0 (interfaces.fabric) does not exist; fix: create it or correct interfaces.fabric",
+    ]
 
 
 def test_check_mode_changes_nothing(config) -> None:  # type: ignore[no-untyped-def]
@@ -161,8 +174,13 @@ def test_host_system_reads_proc_sys_sys_module_and_modules_builtin(tmp_path: Pat
     assert host.sysctl("net", "mpls", "conf", "eth0.100", "input") == "0"
     assert node_setup.sysctl_name("net", "mpls", "conf", "eth0.100", "input") == "net.mpls.conf.eth0/100.input"
     # loaded, built in, installed (loaded by the kernel on first use), none of these
-    assert (host.module("cls_flower"), host.module("act_skbedit"), host.module("mpls_gso"),
-            host.module("mpls_iptunnel"), host.module("nfnetlink_queue")) == (True, True, True, True, False)
+    assert (
+        host.module("cls_flower"),
+        host.module("act_skbedit"),
+        host.module("mpls_gso"),
+        host.module("mpls_iptunnel"),
+        host.module("nfnetlink_queue"),
+    ) == (True, True, True, True, False)
     assert HostSystem(None, sys_module=tmp_path / "none", modules_dir=tmp_path / "none").module("x") is None  # type: ignore[arg-type]
 
 
@@ -171,17 +189,19 @@ def test_a_modprobe_that_fails_is_reported_and_its_problem_stays(config) -> None
     del node.sysctls[("net", "mpls", "platform_labels")]
     node.modules.discard("mpls_router")
     node.fail_modprobe.add("mpls_router")
-    assert node_setup.apply(check(config, node), node)[0] == \
-        "failed: modprobe mpls_router: modprobe: FATAL: Module mpls_router not found"
+    assert (
+        node_setup.apply(check(config, node), node)[0]
+        == "failed: modprobe mpls_router: modprobe: FATAL: Module mpls_router not found"
+    )
     with pytest.raises(NodeNotReady) as raised:
         make_ready(config, node, fix=True)
     assert lines(raised.value.problems)[0].startswith("kernel module mpls_router is not loaded")
 
 
-def test_apply_puts_a_missing_vip_on_lo_through_the_provider_and_again_changes_nothing(
-        config, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_apply_puts_a_missing_vip_on_lo_through_the_provider_and_again_changes_nothing(config, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     def no_ip(*args: object, **kwargs: object) -> None:
         raise AssertionError(f"ran a program: {args}")
+
     monkeypatch.setattr(node_setup.subprocess, "run", no_ip)
     node = FakeSystem()
     node.addrs["lo"] -= {"10.0.0.100"}
@@ -200,7 +220,8 @@ def test_an_address_the_provider_cannot_add_is_reported() -> None:
     host = HostSystem(FakeProvider({"eth0"}))  # type: ignore[arg-type]
     problem = Problem("VIP 10.0.0.100 is not on lo0", Fix("address", ("lo0", "10.0.0.100/32")))
     assert node_setup.apply([problem], host) == [
-        "failed: ip address add 10.0.0.100/32 dev lo0: [Errno 19] no such device lo0"]
+        "failed: ip address add 10.0.0.100/32 dev lo0: [Errno 19] no such device lo0"
+    ]
 
 
 BALANCER = Path(__file__).resolve().parents[2] / "templates" / "balancer.example.yaml"
@@ -211,9 +232,14 @@ def balancer_node() -> FakeSystem:
     node = FakeSystem()
     node.devices.add("fab0")
     node.modules |= set(node_setup.BALANCER_MODULES)
-    node.sysctls.update({("net", "mpls", "conf", "fab0", "input"): "1", ("net", "ipv4", "ip_forward"): "1",
-                         ("net", "ipv6", "conf", "all", "forwarding"): "1",
-                         ("net", "netfilter", "nf_conntrack_checksum"): "0"})
+    node.sysctls.update(
+        {
+            ("net", "mpls", "conf", "fab0", "input"): "1",
+            ("net", "ipv4", "ip_forward"): "1",
+            ("net", "ipv6", "conf", "all", "forwarding"): "1",
+            ("net", "netfilter", "nf_conntrack_checksum"): "0",
+        }
+    )
     return node
 
 
@@ -221,8 +247,13 @@ def test_a_balancer_needs_forwarding_fabric_input_and_for_mobile_ipv6_no_conntra
     config = load_balancer_config(BALANCER)  # fabric fab0; an IPv4 and an IPv6 VIP; service mobile
     assert check_balancer(config, balancer_node()) == []
     node = balancer_node()
-    node.sysctls.update({("net", "mpls", "conf", "fab0", "input"): "0", ("net", "ipv6", "conf", "all", "forwarding"): "0",
-                         ("net", "netfilter", "nf_conntrack_checksum"): "1"})
+    node.sysctls.update(
+        {
+            ("net", "mpls", "conf", "fab0", "input"): "0",
+            ("net", "ipv6", "conf", "all", "forwarding"): "0",
+            ("net", "netfilter", "nf_conntrack_checksum"): "1",
+        }
+    )
     node.modules.discard("act_mpls")
     problems = check_balancer(config, node)
     assert lines(problems)[:3] == [
@@ -231,7 +262,8 @@ def test_a_balancer_needs_forwarding_fabric_input_and_for_mobile_ipv6_no_conntra
         "sysctl net.mpls.conf.fab0.input is 0, not 1: MPLS input is off (labelled packets from the fabric); "
         "fix: sysctl -w net.mpls.conf.fab0.input=1",
         "sysctl net.ipv6.conf.all.forwarding is 0, not 1: IPv6 first packets are not forwarded; "
-        "fix: sysctl -w net.ipv6.conf.all.forwarding=1"]
+        "fix: sysctl -w net.ipv6.conf.all.forwarding=1",
+    ]
     assert lines(problems)[3].startswith("sysctl net.netfilter.nf_conntrack_checksum is 1: a mobile node computes")
     assert lines(problems)[3].endswith("fix: sysctl -w net.netfilter.nf_conntrack_checksum=0")
     node.modules.add("act_mpls")
@@ -257,14 +289,17 @@ def test_before_conntrack_is_loaded_the_balancer_loads_it_and_then_turns_the_che
 
     def modprobe(name: str) -> None:  # loading it makes its sysctls appear, at their defaults
         node.sysctls[("net", "netfilter", "nf_conntrack_checksum")] = "1"
+
     node.modprobe = modprobe  # type: ignore[method-assign]
     assert lines(check_balancer(config, node)) == [
-        "kernel module nf_conntrack is not loaded (no net.netfilter.nf_conntrack_checksum); "
-        "fix: modprobe nf_conntrack",
+        "kernel module nf_conntrack is not loaded (no net.netfilter.nf_conntrack_checksum); fix: modprobe nf_conntrack",
         "sysctl net.netfilter.nf_conntrack_checksum will be 1 (nf_conntrack is not loaded): a mobile node computes "
         "its transport checksum over its home address (RFC 6275), so conntrack would judge every packet of service "
         "mobile invalid and never queue its first packet (the servers still verify checksums); "
-        "fix: sysctl -w net.netfilter.nf_conntrack_checksum=0"]
+        "fix: sysctl -w net.netfilter.nf_conntrack_checksum=0",
+    ]
     assert make_ready(config, node, fix=True) == [
-        "done: modprobe nf_conntrack", "done: sysctl -w net.netfilter.nf_conntrack_checksum=0"]
+        "done: modprobe nf_conntrack",
+        "done: sysctl -w net.netfilter.nf_conntrack_checksum=0",
+    ]
     assert node.sysctls[("net", "netfilter", "nf_conntrack_checksum")] == "0"

@@ -63,12 +63,19 @@ def test_required_on_a_device_that_cannot_offload_fails_the_session_loudly(caplo
     assert [i.obj for i in d.provider.dump() if not isinstance(i.obj, ops.ClsactQdisc)] == []
 
 
-@pytest.mark.parametrize("policy,capable,skip,in_hw", [
-    ("required", True, " skip_sw ", True), ("auto", True, "flower ip_proto", True),
-    ("auto", False, "flower ip_proto", False), ("never", True, " skip_hw ", False),
-], ids=["required capable", "auto capable", "auto plain", "never"])
+@pytest.mark.parametrize(
+    "policy,capable,skip,in_hw",
+    [
+        ("required", True, " skip_sw ", True),
+        ("auto", True, "flower ip_proto", True),
+        ("auto", False, "flower ip_proto", False),
+        ("never", True, " skip_hw ", False),
+    ],
+    ids=["required capable", "auto capable", "auto plain", "never"],
+)
 def test_each_policy_programs_its_flag_and_routes_reports_the_kernels_state(
-        policy: str, capable: bool, skip: str, in_hw: bool) -> None:
+    policy: str, capable: bool, skip: str, in_hw: bool
+) -> None:
     d = make(policy, capable)
     d.decide([syn(1, "10.0.1.10")])
     assert len(d.core.table) == 1 and "offload_refused" not in d.core.counters
@@ -98,11 +105,21 @@ def test_the_routes_command_prints_a_table_and_json(monkeypatch: pytest.MonkeyPa
     runner = CliRunner()
     rows = json.loads(runner.invoke(app, ["routes", "--json"]).stdout)
     assert {r["kind"] for r in rows} == {"FlowerFilter", "MplsRoute", "ClsactQdisc"}
-    assert set(rows[0]) == {"object", "kind", "dev", "policy", "offload", "in_hw", "in_hw_count", "not_in_hw",
-                            "trap", "offload_failed"}
+    assert set(rows[0]) == {
+        "object",
+        "kind",
+        "dev",
+        "policy",
+        "offload",
+        "in_hw",
+        "in_hw_count",
+        "not_in_hw",
+        "trap",
+        "offload_failed",
+    }
     screen = runner.invoke(app, ["routes"], env={"COLUMNS": "250"})
     assert screen.exit_code == 0, screen.output
-    line = next(l for l in screen.stdout.splitlines() if "skip_hw" in l)
+    line = next(x for x in screen.stdout.splitlines() if "skip_hw" in x)
     assert "never" in line and "not_in_hw" in line
     status = runner.invoke(app, ["status"]).stdout
     assert "offload: 0 in_hw, 2 not_in_hw, 0 trap, 0 offload_failed" in status
@@ -129,15 +146,16 @@ class RefusingKernel:
 
     def recv_into(self, buf: bytearray) -> int:
         data = self.replies.popleft()
-        buf[:len(data)] = data
+        buf[: len(data)] = data
         return len(data)
 
 
 def test_the_netlink_provider_puts_the_drivers_extack_text_in_the_error() -> None:
     text = "netdevsim: only offload of BPF classifiers supported"
     provider = NetlinkProvider(sock=nlsocket.NetlinkSocket(sock=RefusingKernel(text)), links={"nsim0": 7})  # type: ignore[arg-type]
-    flt = ops.FlowerFilter("nsim0", 1, ops.FlowerMatch(src="10.0.1.10/32"), ops.push_stack((103, 1001)),
-                           offload=ops.OffloadPolicy.REQUIRED)
+    flt = ops.FlowerFilter(
+        "nsim0", 1, ops.FlowerMatch(src="10.0.1.10/32"), ops.push_stack((103, 1001)), offload=ops.OffloadPolicy.REQUIRED
+    )
     [result] = provider.apply([ops.Add(flt)])
     assert result.errno == errno.EOPNOTSUPP
     assert result.error == f"offload required but device nsim0 cannot offload this filter: {text} (EOPNOTSUPP)"
@@ -146,7 +164,8 @@ def test_the_netlink_provider_puts_the_drivers_extack_text_in_the_error() -> Non
 def test_an_invalid_required_filter_is_not_counted_as_a_hardware_refusal() -> None:
     """EINVAL before the kernel (a label out of range) is a bug, not the hardware saying no."""
     d = make("required", capable=True)
-    bad = ops.FlowerFilter("fab0", 1, ops.FlowerMatch(src="10.0.1.10/32"), (ops.MplsPush(1 << 20),),
-                           offload=ops.OffloadPolicy.REQUIRED)
+    bad = ops.FlowerFilter(
+        "fab0", 1, ops.FlowerMatch(src="10.0.1.10/32"), (ops.MplsPush(1 << 20),), offload=ops.OffloadPolicy.REQUIRED
+    )
     [result] = d.program([ops.Add(bad)], "test")
     assert result.errno == errno.EINVAL and "offload_refused" not in d.core.counters

@@ -14,8 +14,17 @@ import pytest
 from orchestrator.dataplane import offload, ops
 from orchestrator.dataplane.netlink import decode, nla
 from orchestrator.dataplane.netlink.constants import (
-    RTM_F_OFFLOAD, RTM_F_OFFLOAD_FAILED, RTM_F_TRAP, RTNH_F_OFFLOAD, RTNH_F_TRAP, TCA_CLS_FLAGS_IN_HW,
-    TCA_CLS_FLAGS_NOT_IN_HW, TCA_CLS_FLAGS_SKIP_HW, TCA_CLS_FLAGS_SKIP_SW, TCA_FLOWER_FLAGS, TCA_FLOWER_IN_HW_COUNT,
+    RTM_F_OFFLOAD,
+    RTM_F_OFFLOAD_FAILED,
+    RTM_F_TRAP,
+    RTNH_F_OFFLOAD,
+    RTNH_F_TRAP,
+    TCA_CLS_FLAGS_IN_HW,
+    TCA_CLS_FLAGS_NOT_IN_HW,
+    TCA_CLS_FLAGS_SKIP_HW,
+    TCA_CLS_FLAGS_SKIP_SW,
+    TCA_FLOWER_FLAGS,
+    TCA_FLOWER_IN_HW_COUNT,
     TCA_OPTIONS,
 )
 
@@ -73,16 +82,25 @@ def test_the_captured_netdevsim_filters_are_not_in_hw_as_the_kernel_said() -> No
     assert offload.row(never)["policy"] == "never" and " skip_hw " in never.obj.describe()
 
 
-@pytest.mark.parametrize("flags,count,policy,state", [
-    (TCA_CLS_FLAGS_IN_HW, 1, ops.OffloadPolicy.AUTO, ops.OffloadState(in_hw=True, in_hw_count=1)),
-    (TCA_CLS_FLAGS_IN_HW, 2, ops.OffloadPolicy.AUTO, ops.OffloadState(in_hw=True, in_hw_count=2)),
-    (TCA_CLS_FLAGS_SKIP_SW | TCA_CLS_FLAGS_IN_HW, 1, ops.OffloadPolicy.REQUIRED,
-     ops.OffloadState(in_hw=True, in_hw_count=1)),
-    (TCA_CLS_FLAGS_SKIP_HW | TCA_CLS_FLAGS_NOT_IN_HW, 0, ops.OffloadPolicy.NEVER, ops.OffloadState(not_in_hw=True)),
-    (TCA_CLS_FLAGS_NOT_IN_HW, 0, ops.OffloadPolicy.AUTO, ops.OffloadState(not_in_hw=True)),
-], ids=["in_hw", "in_hw on two devices", "skip_sw in_hw", "skip_hw", "not_in_hw"])
-def test_each_filter_flag_is_decoded(flags: int, count: int, policy: ops.OffloadPolicy,
-                                     state: ops.OffloadState) -> None:
+@pytest.mark.parametrize(
+    "flags,count,policy,state",
+    [
+        (TCA_CLS_FLAGS_IN_HW, 1, ops.OffloadPolicy.AUTO, ops.OffloadState(in_hw=True, in_hw_count=1)),
+        (TCA_CLS_FLAGS_IN_HW, 2, ops.OffloadPolicy.AUTO, ops.OffloadState(in_hw=True, in_hw_count=2)),
+        (
+            TCA_CLS_FLAGS_SKIP_SW | TCA_CLS_FLAGS_IN_HW,
+            1,
+            ops.OffloadPolicy.REQUIRED,
+            ops.OffloadState(in_hw=True, in_hw_count=1),
+        ),
+        (TCA_CLS_FLAGS_SKIP_HW | TCA_CLS_FLAGS_NOT_IN_HW, 0, ops.OffloadPolicy.NEVER, ops.OffloadState(not_in_hw=True)),
+        (TCA_CLS_FLAGS_NOT_IN_HW, 0, ops.OffloadPolicy.AUTO, ops.OffloadState(not_in_hw=True)),
+    ],
+    ids=["in_hw", "in_hw on two devices", "skip_sw in_hw", "skip_hw", "not_in_hw"],
+)
+def test_each_filter_flag_is_decoded(
+    flags: int, count: int, policy: ops.OffloadPolicy, state: ops.OffloadState
+) -> None:
     item = _flower(_with_filter_flags(_captured_filters()[1], flags, count))
     assert item is not None and item.obj.offload is policy and item.offload == state
     row = offload.row(item)
@@ -105,14 +123,18 @@ def test_the_captured_routes_say_nothing_of_hardware() -> None:
 
 
 @pytest.mark.parametrize("kind", [ops.MplsRoute, ops.EncapRoute])
-@pytest.mark.parametrize("flags,state,word", [
-    (RTM_F_OFFLOAD, ops.OffloadState(in_hw=True), "in_hw"),
-    (RTNH_F_OFFLOAD, ops.OffloadState(in_hw=True), "in_hw"),
-    (RTM_F_TRAP, ops.OffloadState(trap=True), "trap"),
-    (RTNH_F_TRAP, ops.OffloadState(trap=True), "trap"),
-    (RTM_F_OFFLOAD_FAILED, ops.OffloadState(failed=True), "offload_failed"),
-    (RTM_F_OFFLOAD | RTM_F_OFFLOAD_FAILED, ops.OffloadState(in_hw=True, failed=True), "offload_failed"),
-], ids=["RTM_F_OFFLOAD", "RTNH_F_OFFLOAD", "RTM_F_TRAP", "RTNH_F_TRAP", "RTM_F_OFFLOAD_FAILED", "offload+failed"])
+@pytest.mark.parametrize(
+    "flags,state,word",
+    [
+        (RTM_F_OFFLOAD, ops.OffloadState(in_hw=True), "in_hw"),
+        (RTNH_F_OFFLOAD, ops.OffloadState(in_hw=True), "in_hw"),
+        (RTM_F_TRAP, ops.OffloadState(trap=True), "trap"),
+        (RTNH_F_TRAP, ops.OffloadState(trap=True), "trap"),
+        (RTM_F_OFFLOAD_FAILED, ops.OffloadState(failed=True), "offload_failed"),
+        (RTM_F_OFFLOAD | RTM_F_OFFLOAD_FAILED, ops.OffloadState(in_hw=True, failed=True), "offload_failed"),
+    ],
+    ids=["RTM_F_OFFLOAD", "RTNH_F_OFFLOAD", "RTM_F_TRAP", "RTNH_F_TRAP", "RTM_F_OFFLOAD_FAILED", "offload+failed"],
+)
 def test_each_route_flag_is_decoded(kind: type, flags: int, state: ops.OffloadState, word: str) -> None:
     item = _route(_with_route_flags(_captured_routes()[kind], flags))
     assert item is not None and isinstance(item.obj, kind) and item.offload == state
@@ -123,10 +145,17 @@ def test_each_route_flag_is_decoded(kind: type, flags: int, state: ops.OffloadSt
 
 def test_status_counts_every_filter_and_route_by_state_and_never_a_qdisc() -> None:
     filters, routes = _captured_filters(), _captured_routes()
-    items = [_flower(_with_filter_flags(filters[1], TCA_CLS_FLAGS_IN_HW, 1)), _flower(filters[2]),
-             _route(_with_route_flags(routes[ops.MplsRoute], RTNH_F_TRAP)),
-             _route(_with_route_flags(routes[ops.EncapRoute], RTM_F_OFFLOAD_FAILED)),
-             ops.Installed(ops.ClsactQdisc("nsim0"))]
-    assert offload.counts(i for i in items if i is not None) == \
-        {"in_hw": 1, "not_in_hw": 1, "trap": 1, "offload_failed": 1}
+    items = [
+        _flower(_with_filter_flags(filters[1], TCA_CLS_FLAGS_IN_HW, 1)),
+        _flower(filters[2]),
+        _route(_with_route_flags(routes[ops.MplsRoute], RTNH_F_TRAP)),
+        _route(_with_route_flags(routes[ops.EncapRoute], RTM_F_OFFLOAD_FAILED)),
+        ops.Installed(ops.ClsactQdisc("nsim0")),
+    ]
+    assert offload.counts(i for i in items if i is not None) == {
+        "in_hw": 1,
+        "not_in_hw": 1,
+        "trap": 1,
+        "offload_failed": 1,
+    }
     assert offload.row(items[-1])["offload"] is None  # a qdisc has no offload state

@@ -7,11 +7,12 @@ from __future__ import annotations
 import collections
 
 import pytest
+
 from orchestrator.core import commands
+from orchestrator.core.health import HealthEvent, HealthState, HealthView
 from orchestrator.core.servers import AdminState, BadCommand
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.records import hold_marker
-from orchestrator.core.health import HealthEvent, HealthState, HealthView
 from tests.unit.conftest import TRANSPORT, Node, config, syn
 
 UP, DOWN = HealthState.UP, HealthState.DOWN
@@ -70,8 +71,12 @@ def test_reassign_moves_the_session_in_one_batch_with_new_labels() -> None:
     # One batch: the old filter out before its successor goes in (flower keeps one filter per
     # match), the new S2C route in before the old one goes out.
     kinds = [(type(op).__name__, type(op.obj).__name__) for op in plan.ops]
-    assert kinds == [("Delete", "FlowerFilter"), ("Add", "FlowerFilter"), ("Add", "MplsRoute"),
-                     ("Replace", "MplsRoute")]  # the old S2C route becomes the old pair's hold marker
+    assert kinds == [
+        ("Delete", "FlowerFilter"),
+        ("Add", "FlowerFilter"),
+        ("Add", "MplsRoute"),
+        ("Replace", "MplsRoute"),
+    ]  # the old S2C route becomes the old pair's hold marker
     assert all(r.ok for r in results)
     session = session_of(node, "10.0.1.11")
     assert session.id == old_id and session.server == outcome.new_server != "s2"
@@ -188,8 +193,7 @@ def test_a_weight_change_rebuilds_maglev_and_reports_the_keys_that_moved() -> No
     # A reload keeps it while the file's weight of s3 is unchanged; a new file weight wins.
     node.core.configure(config(V6), node.now)
     assert node.core.weight("s3") == 1
-    node.core.configure(config({**V6, "pools.web.servers.s3.weight": 3}),
-                        node.now)
+    node.core.configure(config({**V6, "pools.web.servers.s3.weight": 3}), node.now)
     assert node.core.weight("s3") == 3
 
 
@@ -226,4 +230,3 @@ def test_flush_ends_the_matching_sessions_and_deletes_their_objects() -> None:
     node.kernel.apply(everything.ops)
     node.advance(2)  # the hold-down: the markers go too
     assert len(everything.ended) == 3 and node.kernel.dump() == [ops.Installed(ops.ClsactQdisc("fab0"))]
-

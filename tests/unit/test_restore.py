@@ -10,12 +10,12 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
 
+from orchestrator.config.examples import DELETE
+from orchestrator.config.model import BalancerConfig
 from orchestrator.core.balancer import Balancer
 from orchestrator.core.events import Action
 from orchestrator.core.health import HealthEvent, HealthState, HealthView
-from orchestrator.config.model import BalancerConfig
 from orchestrator.dataplane import handles, ops, records
-from orchestrator.config.examples import DELETE
 from tests.unit.conftest import TRANSPORT, VIP, Node, config, syn
 
 VIP6 = "fd00:100::100"
@@ -40,14 +40,22 @@ ESP = config({"services.dns.protocol": "esp", "services.dns.ports": DELETE, "ser
 # Per key kind: the configuration, and the first packets of its sessions in order (several
 # addresses of one mobile client, a new IPv6 prefix of one interface, two clients' SPIs).
 CASES: dict[str, tuple[BalancerConfig, list[bytes]]] = {
-    "client-ip": (config({"services.http.ports": [80, 8080]}),
-                  [syn("10.0.1.10"), syn("10.0.1.11", dport=8080), syn("10.0.1.12")]),
-    "five-tuple": (config({"services.http.session_key": "five-tuple"}),
-                   [syn("10.0.1.10", sport=1), syn("10.0.1.10", sport=2), syn("10.0.1.11", sport=1)]),
-    "mip6-home-address": (config(), [mip6("2001:db8:1::10"), mip6("2001:db8:2::20", sport=2),
-                                     mip6("2001:db8:bb::1", home=None)]),
-    "ipv6-iid": (config({"services.mobile.session_key": "ipv6-iid"}),
-                 [v6("2001:db8:1::abcd"), v6("2001:db8:2::abcd", sport=2), v6("2001:db8:1::1234")]),
+    "client-ip": (
+        config({"services.http.ports": [80, 8080]}),
+        [syn("10.0.1.10"), syn("10.0.1.11", dport=8080), syn("10.0.1.12")],
+    ),
+    "five-tuple": (
+        config({"services.http.session_key": "five-tuple"}),
+        [syn("10.0.1.10", sport=1), syn("10.0.1.10", sport=2), syn("10.0.1.11", sport=1)],
+    ),
+    "mip6-home-address": (
+        config(),
+        [mip6("2001:db8:1::10"), mip6("2001:db8:2::20", sport=2), mip6("2001:db8:bb::1", home=None)],
+    ),
+    "ipv6-iid": (
+        config({"services.mobile.session_key": "ipv6-iid"}),
+        [v6("2001:db8:1::abcd"), v6("2001:db8:2::abcd", sport=2), v6("2001:db8:1::1234")],
+    ),
     "esp-spi": (ESP, [esp("10.0.1.30", 0x1001), esp("10.0.1.30", 0x1002), esp("10.0.1.31", 0x2002)]),
 }
 
@@ -56,8 +64,19 @@ def identity(node_or_core: Node | Balancer) -> list[tuple[object, ...]]:
     """What a restart must give back of each session: all of `mplsorch sessions --json` but the
     times and the flow count, and the session's objects (in any order)."""
     core = node_or_core.core if isinstance(node_or_core, Node) else node_or_core
-    keep = ("id", "clients", "key", "key_kind", "service", "vip", "protocol", "port", "server",
-            "c2s_label", "s2c_label")
+    keep = (
+        "id",
+        "clients",
+        "key",
+        "key_kind",
+        "service",
+        "vip",
+        "protocol",
+        "port",
+        "server",
+        "c2s_label",
+        "s2c_label",
+    )
     return sorted((tuple(str(s.view()[k]) for k in keep), tuple(sorted(map(repr, s.objects)))) for s in core.table)
 
 
@@ -138,13 +157,20 @@ def test_a_restart_removes_what_belongs_to_no_session() -> None:
     orphans = [
         ops.MplsRoute(3002, "lan0", via="10.0.1.50"),  # an S2C route without its filter
         ops.MplsRoute(3005, "lo"),  # a marker at an odd label: no pair's
-        ops.FlowerFilter("fab0", handles.filter_handle(3011, 0),  # a VIP no service has
-                         ops.FlowerMatch(src="10.0.1.60/32", dst="10.0.0.200/32", ip_proto="tcp", dst_port=80),
-                         ops.push_stack((101, 3011)), tag=tag),
-        ops.FlowerFilter("fab0", handles.filter_handle(3013, 0),  # names the session's id, not its pair
-                         ops.FlowerMatch(src="10.0.1.61/32", dst=f"{VIP}/32", ip_proto="tcp", dst_port=80),
-                         ops.push_stack((101, 3013)),
-                         tag=records.pack(records.SessionRecord(session.id, "client-ip", 80))),
+        ops.FlowerFilter(
+            "fab0",
+            handles.filter_handle(3011, 0),  # a VIP no service has
+            ops.FlowerMatch(src="10.0.1.60/32", dst="10.0.0.200/32", ip_proto="tcp", dst_port=80),
+            ops.push_stack((101, 3011)),
+            tag=tag,
+        ),
+        ops.FlowerFilter(
+            "fab0",
+            handles.filter_handle(3013, 0),  # names the session's id, not its pair
+            ops.FlowerMatch(src="10.0.1.61/32", dst=f"{VIP}/32", ip_proto="tcp", dst_port=80),
+            ops.push_stack((101, 3013)),
+            tag=records.pack(records.SessionRecord(session.id, "client-ip", 80)),
+        ),
     ]
     assert all(r.ok for r in node.kernel.apply([ops.Add(o) for o in orphans]))
     fresh = Balancer(config(), node.now)
@@ -161,9 +187,13 @@ def test_a_failed_rekey_removes_only_what_it_added() -> None:
     [session] = list(node.core.table)
     first = [o for o in session.objects]
     # Someone else's filter where the re-key's filter goes: its add fails (EEXIST).
-    other = ops.FlowerFilter("fab0", handles.filter_handle(session.c2s, 1),
-                             ops.FlowerMatch(src="2001:db8:99::1/128", dst=f"{VIP6}/128"), ops.push_stack((5,)),
-                             pref=11)
+    other = ops.FlowerFilter(
+        "fab0",
+        handles.filter_handle(session.c2s, 1),
+        ops.FlowerMatch(src="2001:db8:99::1/128", dst=f"{VIP6}/128"),
+        ops.push_stack((5,)),
+        pref=11,
+    )
     assert all(r.ok for r in node.kernel.apply([ops.Add(other)]))
     commit = node.packets(mip6("2001:db8:2::20", sport=2))
     assert [v.action for v in commit.verdicts] == [Action.DROP]
@@ -173,7 +203,8 @@ def test_a_failed_rekey_removes_only_what_it_added() -> None:
     assert session.objects == first and len(session.flows) == 1
     assert node.kernel.receive_mpls([session.s2c]).via == "2001:db8:1::10"
     assert sorted(map(repr, (i.obj for i in node.kernel.dump() + node.kernel.dump_elements()))) == sorted(
-        map(repr, [ops.ClsactQdisc("fab0"), other, *first]))
+        map(repr, [ops.ClsactQdisc("fab0"), other, *first])
+    )
     assert not node.core.labels.is_held_down(session.c2s) and node.core.labels.owner(session.c2s) == session.server
     # Once the obstacle is gone the same care-of address re-keys.
     node.kernel.apply([ops.Delete(other)])
@@ -186,8 +217,9 @@ def test_a_failed_new_session_frees_its_pair_at_once() -> None:
     node = Node()
     first = node.core.labels.c2s_range()[0]
     free = node.core.labels.free(now=node.now)
-    other = ops.FlowerFilter("fab0", handles.filter_handle(first, 0), ops.FlowerMatch(src="10.9.9.9/32"),
-                             ops.push_stack((5,)))
+    other = ops.FlowerFilter(
+        "fab0", handles.filter_handle(first, 0), ops.FlowerMatch(src="10.9.9.9/32"), ops.push_stack((5,))
+    )
     assert all(r.ok for r in node.kernel.apply([ops.Add(other)]))
     commit = node.packets(syn("10.0.1.10"))
     assert [v.action for v in commit.verdicts] == [Action.DROP]
@@ -217,14 +249,21 @@ def test_restore_keeps_the_handle_limit_of_a_session() -> None:
 
 
 def test_the_record_round_trips_and_refuses_what_does_not_fit() -> None:
-    for record in (records.SessionRecord(1, "client-ip"), records.SessionRecord(2**32 - 1, "five-tuple", 65535),
-                   records.SessionRecord(5, "mip6-home-address", 80, home=HOME),
-                   records.SessionRecord(6, "esp-spi", None, spi=0xFFFFFFFF), records.SessionRecord(7, "ipv6-iid", 443)):
+    for record in (
+        records.SessionRecord(1, "client-ip"),
+        records.SessionRecord(2**32 - 1, "five-tuple", 65535),
+        records.SessionRecord(5, "mip6-home-address", 80, home=HOME),
+        records.SessionRecord(6, "esp-spi", None, spi=0xFFFFFFFF),
+        records.SessionRecord(7, "ipv6-iid", 443),
+    ):
         tag = records.pack(record)
         assert len(tag) == records.TAG_SIZE == ops.tag_capacity(2) and records.unpack(tag) == record
     assert records.unpack(b"") is None and records.unpack(bytes(24)) is None  # no record: a legacy filter
-    for bad in (records.SessionRecord(2**32, "client-ip"), records.SessionRecord(1, "mac"),
-                records.SessionRecord(1, "client-ip", 70000)):
+    for bad in (
+        records.SessionRecord(2**32, "client-ip"),
+        records.SessionRecord(1, "mac"),
+        records.SessionRecord(1, "client-ip", 70000),
+    ):
         with pytest.raises(ValueError):
             records.pack(bad)
 

@@ -30,10 +30,11 @@ def picks(sched, servers, n, keys=None):
 
 
 def _prime(n: int) -> bool:
-    return n > 1 and all(n % d for d in range(2, int(n ** 0.5) + 1))
+    return n > 1 and all(n % d for d in range(2, int(n**0.5) + 1))
 
 
 # -- registry ---------------------------------------------------------------------------------------
+
 
 def test_registry():
     assert set(ALL) <= set(scheduler_names())
@@ -70,6 +71,7 @@ def test_key_hash_is_stable_across_processes():
 
 # -- rr -----------------------------------------------------------------------------------------------
 
+
 def test_rr_exact_rotation():
     rr = make_scheduler("rr")
     servers = [S("a"), S("b"), S("c")]
@@ -94,13 +96,17 @@ def test_rr_removed_server_keeps_position():
 
 # -- wrr ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("weights,cycle", [
-    ((5, 1, 1), "aabacaa"),  # the sequence nginx documents for its smooth weighted round robin
-    ((1, 1, 2), "cabc"),
-    ((3, 2, 1), "abacba"),
-    ((4, 3, 2, 1), "abcabdacba"),
-    ((10, 10, 1), "ababababcabababababab"),
-])
+
+@pytest.mark.parametrize(
+    "weights,cycle",
+    [
+        ((5, 1, 1), "aabacaa"),  # the sequence nginx documents for its smooth weighted round robin
+        ((1, 1, 2), "cabc"),
+        ((3, 2, 1), "abacba"),
+        ((4, 3, 2, 1), "abcabdacba"),
+        ((10, 10, 1), "ababababcabababababab"),
+    ],
+)
 def test_wrr_nginx_sequence_and_exact_proportions(weights, cycle):
     servers = [S(n, w) for n, w in zip("abcd", weights)]
     wrr = make_scheduler("wrr")
@@ -108,7 +114,7 @@ def test_wrr_nginx_sequence_and_exact_proportions(weights, cycle):
     seq = picks(wrr, servers, total * 4)
     assert "".join(seq[:total]) == cycle
     for k in range(4):  # every cycle is the same, with exact proportions
-        part = seq[k * total:(k + 1) * total]
+        part = seq[k * total : (k + 1) * total]
         assert "".join(part) == cycle
         assert Counter(part) == {s.name: s.weight for s in servers}
     # smooth: at every prefix each server is within one pick of its exact share
@@ -135,11 +141,11 @@ def test_wrr_skips_unavailable_and_weight_zero():
 
 # -- lc / wlc -----------------------------------------------------------------------------------------
 
+
 def test_lc_fewest_sessions_ties_by_order():
     lc = make_scheduler("lc")
     assert lc.pick("k", [S("a", sessions=5), S("b", sessions=2), S("c", sessions=2)]) == "b"
-    assert lc.pick("k", [S("a", sessions=5), S("b", sessions=2, available=False),
-                         S("c", sessions=3)]) == "c"
+    assert lc.pick("k", [S("a", sessions=5), S("b", sessions=2, available=False), S("c", sessions=3)]) == "c"
     assert lc.pick("k", [S("a", 9, sessions=1), S("b", 1, sessions=0)]) == "b"  # weight ignored
 
 
@@ -169,18 +175,19 @@ def test_wlc_converges_to_weights():
 
 # -- response time ------------------------------------------------------------------------------------
 
+
 def test_response_time():
     rt = make_scheduler("response-time")
     assert rt.pick("k", [S("a", rt=0.030), S("b", rt=0.010), S("c", rt=0.020)]) == "b"
     # unmeasured first (so they get measured), fewest sessions among them
     assert rt.pick("k", [S("a", rt=0.001), S("b", sessions=3), S("c", sessions=1)]) == "c"
     # ties broken by least connections, then order
-    assert rt.pick("k", [S("a", sessions=4, rt=0.01), S("b", sessions=2, rt=0.01),
-                         S("c", sessions=2, rt=0.01)]) == "b"
+    assert rt.pick("k", [S("a", sessions=4, rt=0.01), S("b", sessions=2, rt=0.01), S("c", sessions=2, rt=0.01)]) == "b"
     assert rt.pick("k", [S("a", rt=0.001, available=False), S("b", rt=0.5)]) == "b"
 
 
 # -- source hash --------------------------------------------------------------------------------------
+
 
 def test_source_hash_order_independent_and_spread():
     sh = make_scheduler("source-hash")
@@ -194,6 +201,7 @@ def test_source_hash_order_independent_and_spread():
 
 
 # -- maglev -------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 10, 37, 100])
 def test_maglev_table_size_is_smallest_prime_at_least_100n(n):

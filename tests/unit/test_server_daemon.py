@@ -13,10 +13,10 @@ from scapy.layers.inet import IP, TCP
 from typer.testing import CliRunner
 
 from orchestrator.capture.nfqueue import NF_ACCEPT, QueuedPacket
+from orchestrator.cli import daemon as cli_daemon
 from orchestrator.cli.main import app
 from orchestrator.config import load_server_config
 from orchestrator.core.agent import MARK_TAG
-from orchestrator.cli import daemon as cli_daemon
 from orchestrator.daemon import node_setup
 from orchestrator.daemon.server import ServerDaemon
 from orchestrator.dataplane import ops
@@ -46,18 +46,26 @@ def daemon(kernel: FakeProvider, queue: ScriptedQueue) -> ServerDaemon:
 
 
 def syn(packet_id: int, mark: int, src: str = CLIENT) -> QueuedPacket:
-    return QueuedPacket(8, packet_id, bytes(IP(src=src, dst=VIP) / TCP(sport=40000, dport=80, flags="S")), 1, None, mark)
+    return QueuedPacket(
+        8, packet_id, bytes(IP(src=src, dst=VIP) / TCP(sport=40000, dport=80, flags="S")), 1, None, mark
+    )
 
 
-def test_node_objects_are_installed_idempotently_and_stale_ones_removed(daemon: ServerDaemon,
-                                                                       kernel: FakeProvider) -> None:
+def test_node_objects_are_installed_idempotently_and_stale_ones_removed(
+    daemon: ServerDaemon, kernel: FakeProvider
+) -> None:
     first = {i.obj for i in kernel.dump()}
     daemon.install_node_objects()  # a restart: the same objects, no error
     assert {i.obj for i in kernel.dump()} == first and daemon.op_results["error"] == 0
     assert kernel.receive_mpls([1001]).delivered_locally
     # A rule and a termination route the configuration no longer wants go; others' objects stay.
-    kernel.apply([ops.Add(ops.Rule("10.0.0.99/32", 99, 1000)), ops.Add(ops.MplsRoute(2001, "lo")),
-                  ops.Add(ops.MplsRoute(3001, "eth0", "10.1.1.1"))])
+    kernel.apply(
+        [
+            ops.Add(ops.Rule("10.0.0.99/32", 99, 1000)),
+            ops.Add(ops.MplsRoute(2001, "lo")),
+            ops.Add(ops.MplsRoute(3001, "eth0", "10.1.1.1")),
+        ]
+    )
     daemon.install_node_objects()
     left = {i.obj for i in kernel.dump()}
     assert ops.Rule("10.0.0.99/32", 99, 1000) not in left and ops.MplsRoute(2001, "lo") not in left
@@ -65,7 +73,8 @@ def test_node_objects_are_installed_idempotently_and_stale_ones_removed(daemon: 
 
 
 def test_a_marked_first_packet_gets_its_return_route_before_its_verdict(
-        daemon: ServerDaemon, kernel: FakeProvider, queue: ScriptedQueue, caplog: pytest.LogCaptureFixture) -> None:
+    daemon: ServerDaemon, kernel: FakeProvider, queue: ScriptedQueue, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, "mplsorch")
     daemon.decide([syn(1, MARK_TAG | 1001), syn(2, 0x1234, src="10.0.1.11")])
     [(verdicts, route_present)] = queue.sent_batches
@@ -84,7 +93,8 @@ def test_a_marked_first_packet_gets_its_return_route_before_its_verdict(
 
 
 def test_the_label_reused_for_another_client_is_a_new_session(
-        daemon: ServerDaemon, caplog: pytest.LogCaptureFixture) -> None:
+    daemon: ServerDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, "mplsorch")
     daemon.decide([syn(1, MARK_TAG | 1001)])
     daemon.decide([syn(2, MARK_TAG | 1001, src="10.0.1.11")])
@@ -93,8 +103,10 @@ def test_the_label_reused_for_another_client_is_a_new_session(
 
 
 def test_run_prints_every_problem_and_exits_4_when_the_node_is_not_ready(monkeypatch: pytest.MonkeyPatch) -> None:
-    problems = [node_setup.Problem("VIP 10.0.0.100 is not on lo", node_setup.Fix("address", ("lo", "10.0.0.100/32"))),
-                node_setup.Problem("interface eth0 (interfaces.fabric) does not exist", hint="create it")]
+    problems = [
+        node_setup.Problem("VIP 10.0.0.100 is not on lo", node_setup.Fix("address", ("lo", "10.0.0.100/32"))),
+        node_setup.Problem("interface eth0 (interfaces.fabric) does not exist", hint="create it"),
+    ]
 
     def not_ready(path: str, config: Any, log_format: str = "text") -> int:
         raise node_setup.NodeNotReady(problems)
@@ -104,4 +116,5 @@ def test_run_prints_every_problem_and_exits_4_when_the_node_is_not_ready(monkeyp
     assert result.exit_code == 4
     assert result.stderr.splitlines() == [
         "mplsorch: node not ready: VIP 10.0.0.100 is not on lo; fix: ip address add 10.0.0.100/32 dev lo",
-        "mplsorch: node not ready: interface eth0 (interfaces.fabric) does not exist; fix: create it"]
+        "mplsorch: node not ready: interface eth0 (interfaces.fabric) does not exist; fix: create it",
+    ]

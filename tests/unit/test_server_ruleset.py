@@ -41,8 +41,9 @@ def test_the_matched_mark_is_the_one_the_agent_reads() -> None:
 
 
 def test_only_the_families_the_server_has_vips_of() -> None:
-    text = example("server", {("vips", "fd00:100::100"): DELETE, ("vips", "10.0.0.101"): {"table": 101},
-                              "nfqueue.queue": 12})
+    text = example(
+        "server", {("vips", "fd00:100::100"): DELETE, ("vips", "10.0.0.101"): {"table": 101}, "nfqueue.queue": 12}
+    )
     ruleset = nftables.render_server(parse_config(text))  # type: ignore[arg-type]
     assert rules(ruleset) == [
         f"{MATCH} ct state new ip daddr {{ 10.0.0.100, 10.0.0.101 }} {TAG} counter name queued queue flags bypass to 12",

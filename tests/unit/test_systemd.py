@@ -28,7 +28,7 @@ def test_ready_status_watchdog_to_a_path_socket(listener: tuple[socket.socket, s
     assert n.ready("balancer running: 3 services")
     assert sock.recv(4096) == b"READY=1\nSTATUS=balancer running: 3 services"
     assert n.status("reconciling\n200 sessions")
-    assert sock.recv(4096) == b"STATUS=reconciling 200 sessions"     # one datagram, one field
+    assert sock.recv(4096) == b"STATUS=reconciling 200 sessions"  # one datagram, one field
     assert n.watchdog() and sock.recv(4096) == b"WATCHDOG=1"
     assert n.stopping() and sock.recv(4096) == b"STOPPING=1"
     assert n.reloading()
@@ -62,14 +62,21 @@ def test_watchdog_interval_is_half_the_timeout(listener: tuple[socket.socket, st
     env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "30000000"}
     assert Notifier(env).watchdog_interval() == 15.0
     assert Notifier({**env, "WATCHDOG_PID": str(os.getpid())}).watchdog_interval() == 15.0
-    assert Notifier({**env, "WATCHDOG_PID": "1"}).watchdog_interval() is None      # meant for another process
-    assert Notifier({"WATCHDOG_USEC": "30000000"}).watchdog_interval() is None     # nowhere to send it
+    assert Notifier({**env, "WATCHDOG_PID": "1"}).watchdog_interval() is None  # meant for another process
+    assert Notifier({"WATCHDOG_USEC": "30000000"}).watchdog_interval() is None  # nowhere to send it
 
 
-@pytest.mark.parametrize("env,expected", [
-    ({}, None), ({"WATCHDOG_USEC": "0"}, None), ({"WATCHDOG_USEC": "x"}, None), ({"WATCHDOG_USEC": "-5"}, None),
-    ({"WATCHDOG_USEC": "500000"}, 0.5), ({"WATCHDOG_USEC": "500000", "WATCHDOG_PID": "77"}, None),
-])
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        ({}, None),
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "x"}, None),
+        ({"WATCHDOG_USEC": "-5"}, None),
+        ({"WATCHDOG_USEC": "500000"}, 0.5),
+        ({"WATCHDOG_USEC": "500000", "WATCHDOG_PID": "77"}, None),
+    ],
+)
 def test_watchdog_timeout(env: dict[str, str], expected: float | None) -> None:
     assert watchdog_timeout(env, pid=42) == expected
     assert watchdog_timeout({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "42"}, pid=42) == 2.0

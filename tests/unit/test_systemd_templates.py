@@ -79,11 +79,22 @@ def test_only_net_admin_and_each_capability_says_why(unit: dict[str, dict[str, t
 
 def test_hardening(unit: dict[str, dict[str, tuple[str, str]]]) -> None:
     expected = {
-        "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
-        "PrivateDevices": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
-        "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes", "RestrictNamespaces": "yes",
-        "RestrictRealtime": "yes", "RestrictSUIDSGID": "yes", "LockPersonality": "yes",
-        "MemoryDenyWriteExecute": "yes", "SystemCallArchitectures": "native", "SystemCallFilter": "@system-service",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes",
+        "RestrictNamespaces": "yes",
+        "RestrictRealtime": "yes",
+        "RestrictSUIDSGID": "yes",
+        "LockPersonality": "yes",
+        "MemoryDenyWriteExecute": "yes",
+        "SystemCallArchitectures": "native",
+        "SystemCallFilter": "@system-service",
     }
     assert {k: value(unit, k) for k in expected} == expected
     assert set(value(unit, "RestrictAddressFamilies").split()) == {"AF_NETLINK", "AF_UNIX", "AF_INET", "AF_INET6"}
@@ -92,7 +103,8 @@ def test_hardening(unit: dict[str, dict[str, tuple[str, str]]]) -> None:
 
 
 def test_the_writable_runtime_directory_holds_the_default_control_socket(
-        unit: dict[str, dict[str, tuple[str, str]]]) -> None:
+    unit: dict[str, dict[str, tuple[str, str]]],
+) -> None:
     assert value(unit, "RuntimeDirectory") == "mplsorch" and value(unit, "RuntimeDirectoryMode") == "0700"
     assert Path(DEFAULT_CONTROL_SOCKET).parent == Path("/run") / value(unit, "RuntimeDirectory")
 
@@ -115,8 +127,16 @@ def test_modules_load_d() -> None:
     text = (TEMPLATES / "modules-load.d" / "mplsorch.conf").read_text()
     modules = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith(("#", ";"))]
     assert len(modules) == len(set(modules))
-    assert {"mpls_router", "mpls_iptunnel", "cls_flower", "act_mpls", "sch_ingress", "nfnetlink_queue",
-            "nf_conntrack", "act_skbedit"} <= set(modules)
+    assert {
+        "mpls_router",
+        "mpls_iptunnel",
+        "cls_flower",
+        "act_mpls",
+        "sch_ingress",
+        "nfnetlink_queue",
+        "nf_conntrack",
+        "act_skbedit",
+    } <= set(modules)
     assert all(re.fullmatch(r"[a-z0-9_]+", m) for m in modules)
 
 

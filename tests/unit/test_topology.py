@@ -25,8 +25,12 @@ def test_default_parses() -> None:
     assert t.names("client") == ["c1", "c2", "c3"]
     assert t.names("balancer") == ["lb"] and t.names("fabric") == ["p"]
     assert t.names("server") == ["s1", "s2", "s3"]
-    assert {n.name: n.transport_label for n in t.nodes if n.transport_label} == \
-        {"lb": 100, "s1": 101, "s2": 102, "s3": 103}
+    assert {n.name: n.transport_label for n in t.nodes if n.transport_label} == {
+        "lb": 100,
+        "s1": 101,
+        "s2": 102,
+        "s3": 103,
+    }
     assert [str(v) for v in t.vips] == ["10.0.0.100", "fd00:100::100"] and t.platform_labels == 100000
     seg = {s.name: s for s in t.segments}
     assert seg["lan"].is_bridge and seg["farm1"].is_bridge
@@ -40,48 +44,75 @@ def test_default_parses() -> None:
 
 def test_dual_stack_nodes_get_both_addresses_and_default_routes() -> None:
     t = load()
-    assert netns.node_addresses(t, "c1") == ["link set lo up", "addr add 10.0.1.10/24 dev eth0",
-                                         "addr add fd00:1::10/64 dev eth0 nodad", "link set eth0 up"]
+    assert netns.node_addresses(t, "c1") == [
+        "link set lo up",
+        "addr add 10.0.1.10/24 dev eth0",
+        "addr add fd00:1::10/64 dev eth0 nodad",
+        "link set eth0 up",
+    ]
     assert netns.node_routes(t, "c1") == ["route add 0.0.0.0/0 via 10.0.1.1", "route add ::/0 via fd00:1::1"]
-    assert netns.node_routes(t, "lb") == ["route add 10.0.0.100/32 via 10.255.0.2 dev fab0",
-                                      "route add fd00:100::100/128 via fd00:ff::2 dev fab0"]
+    assert netns.node_routes(t, "lb") == [
+        "route add 10.0.0.100/32 via 10.255.0.2 dev fab0",
+        "route add fd00:100::100/128 via fd00:ff::2 dev fab0",
+    ]
     assert "addr add fd00:100::100/128 dev lo" in netns.node_addresses(t, "s1")
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda d: d["nodes"]["c1"].update(role="router"), r"nodes\.c1\.role: unknown role 'router'"),
-    (lambda d: d["segments"]["lan"]["members"]["c2"].update(address="10.0.1.10"),
-     r"segments\.lan\.members\.c2\.address: duplicate address 10\.0\.1\.10"),
-    (lambda d: d["segments"]["lan"]["members"]["c1"].update(address="10.9.9.9"),
-     r"segments\.lan\.members\.c1\.address: 10\.9\.9\.9 is outside the subnet 10\.0\.1\.0/24"),
-    (lambda d: d["segments"]["lan"]["members"].update(c9={"dev": "eth0", "address": "10.0.1.99"}),
-     r"segments\.lan\.members\.c9: not a node"),
-    (lambda d: d["segments"]["core"].pop("subnet"), r"segments\.core\.subnet: missing key"),
-    (lambda d: d["segments"]["core"].update(subnet=["10.255.0.0/30", "10.255.1.0/30"]),
-     r"segments\.core\.subnet: two IPv4 subnets \(one per family\)"),
-    (lambda d: d["segments"]["core"].update(subnet="10.255.0.0/30"),
-     r"segments\.core\.members\.lb\.address: fd00:ff::1 is outside the subnet 10\.255\.0\.0/30$"),
-    (lambda d: d["segments"]["lan"]["members"]["c1"].update(address=["fd00:1::10", "fd00:1::20"]),
-     r"segments\.lan\.members\.c1\.address: two IPv6 addresses"),
-    (lambda d: d["nodes"]["lb"].pop("role"), r"nodes\.lb\.role: missing key"),
-    (lambda d: d.pop("segments"), r"topology\.segments: missing key"),
-    (lambda d: d["segments"]["lan"]["members"]["c1"].pop("dev"), r"segments\.lan\.members\.c1\.dev: missing key"),
-    (lambda d: d["nodes"]["s2"].update(transport_label=101),
-     r"nodes\.s2\.transport_label: 101 already used by node s1"),
-    (lambda d: d["nodes"]["s1"].update(transport_label=7), r"nodes\.s1\.transport_label: label 7 outside"),
-    (lambda d: d["nodes"]["c1"].update(transport_label=200), r"nodes\.c1\.transport_label: only balancer"),
-    (lambda d: d["nodes"]["c1"].update(colour="red"), r"nodes\.c1\.colour: unknown key"),
-    (lambda d: d["segments"]["lan"]["members"]["c1"].update(dev="averyveryverylongname"),
-     r"segments\.lan\.members\.c1\.dev: 'averyveryverylongname' is not a valid interface name"),
-    (lambda d: d["segments"]["lan"].update(subnet="10.0.1.1/24"), r"segments\.lan\.subnet: '10\.0\.1\.1/24'"),
-    (lambda d: d.update(vips=["10.0.0.100", "10.0.0.100"]), r"vips\[1\]: duplicate address"),
-    (lambda d: d.update(vips=["not-an-ip"]), r"vips\[0\]: 'not-an-ip' is not an IP address"),
-    (lambda d: d["segments"].pop("core"), r"nodes\.lb: balancer shares no segment with a fabric node"),
-    (lambda d: d["segments"]["lan"]["members"]["lb"].update(dev="fab0"),
-     r"segments\.core\.members\.lb\.dev: lb already has fab0 on segment lan"),
-    (lambda d: d["nodes"].update({"Bad_Name": {"role": "client"}}), r"nodes\.Bad_Name: bad node name"),
-    (lambda d: d["nodes"].update({SWITCH_NETNS: {"role": "client"}}), r"bad node name"),
-])
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda d: d["nodes"]["c1"].update(role="router"), r"nodes\.c1\.role: unknown role 'router'"),
+        (
+            lambda d: d["segments"]["lan"]["members"]["c2"].update(address="10.0.1.10"),
+            r"segments\.lan\.members\.c2\.address: duplicate address 10\.0\.1\.10",
+        ),
+        (
+            lambda d: d["segments"]["lan"]["members"]["c1"].update(address="10.9.9.9"),
+            r"segments\.lan\.members\.c1\.address: 10\.9\.9\.9 is outside the subnet 10\.0\.1\.0/24",
+        ),
+        (
+            lambda d: d["segments"]["lan"]["members"].update(c9={"dev": "eth0", "address": "10.0.1.99"}),
+            r"segments\.lan\.members\.c9: not a node",
+        ),
+        (lambda d: d["segments"]["core"].pop("subnet"), r"segments\.core\.subnet: missing key"),
+        (
+            lambda d: d["segments"]["core"].update(subnet=["10.255.0.0/30", "10.255.1.0/30"]),
+            r"segments\.core\.subnet: two IPv4 subnets \(one per family\)",
+        ),
+        (
+            lambda d: d["segments"]["core"].update(subnet="10.255.0.0/30"),
+            r"segments\.core\.members\.lb\.address: fd00:ff::1 is outside the subnet 10\.255\.0\.0/30$",
+        ),
+        (
+            lambda d: d["segments"]["lan"]["members"]["c1"].update(address=["fd00:1::10", "fd00:1::20"]),
+            r"segments\.lan\.members\.c1\.address: two IPv6 addresses",
+        ),
+        (lambda d: d["nodes"]["lb"].pop("role"), r"nodes\.lb\.role: missing key"),
+        (lambda d: d.pop("segments"), r"topology\.segments: missing key"),
+        (lambda d: d["segments"]["lan"]["members"]["c1"].pop("dev"), r"segments\.lan\.members\.c1\.dev: missing key"),
+        (
+            lambda d: d["nodes"]["s2"].update(transport_label=101),
+            r"nodes\.s2\.transport_label: 101 already used by node s1",
+        ),
+        (lambda d: d["nodes"]["s1"].update(transport_label=7), r"nodes\.s1\.transport_label: label 7 outside"),
+        (lambda d: d["nodes"]["c1"].update(transport_label=200), r"nodes\.c1\.transport_label: only balancer"),
+        (lambda d: d["nodes"]["c1"].update(colour="red"), r"nodes\.c1\.colour: unknown key"),
+        (
+            lambda d: d["segments"]["lan"]["members"]["c1"].update(dev="averyveryverylongname"),
+            r"segments\.lan\.members\.c1\.dev: 'averyveryverylongname' is not a valid interface name",
+        ),
+        (lambda d: d["segments"]["lan"].update(subnet="10.0.1.1/24"), r"segments\.lan\.subnet: '10\.0\.1\.1/24'"),
+        (lambda d: d.update(vips=["10.0.0.100", "10.0.0.100"]), r"vips\[1\]: duplicate address"),
+        (lambda d: d.update(vips=["not-an-ip"]), r"vips\[0\]: 'not-an-ip' is not an IP address"),
+        (lambda d: d["segments"].pop("core"), r"nodes\.lb: balancer shares no segment with a fabric node"),
+        (
+            lambda d: d["segments"]["lan"]["members"]["lb"].update(dev="fab0"),
+            r"segments\.core\.members\.lb\.dev: lb already has fab0 on segment lan",
+        ),
+        (lambda d: d["nodes"].update({"Bad_Name": {"role": "client"}}), r"nodes\.Bad_Name: bad node name"),
+        (lambda d: d["nodes"].update({SWITCH_NETNS: {"role": "client"}}), r"bad node name"),
+    ],
+)
 def test_bad_topologies_name_the_problem(mutate, expected: str) -> None:
     doc = _default()
     mutate(doc)
@@ -128,10 +159,15 @@ def test_describe_lists_interfaces_and_peers(tmp_path: Path) -> None:
     d = netns.describe(load(), netns.LabPaths(run_dir=tmp_path), vm=False)
     lb = next(n for n in d["nodes"] if n["name"] == "lb")
     assert lb["netns"] == "lb" and lb["transport_label"] == 100
-    assert lb["interfaces"][1] == {"dev": "fab0", "address": "10.255.0.1", "prefix": 30, "segment": "core",
-                                   "addresses": ["10.255.0.1/30", "fd00:ff::1/64"], "peer": "p",
-                                   "peers": [{"node": "p", "dev": "pl", "address": "10.255.0.2",
-                                              "addresses": ["10.255.0.2", "fd00:ff::2"]}]}
+    assert lb["interfaces"][1] == {
+        "dev": "fab0",
+        "address": "10.255.0.1",
+        "prefix": 30,
+        "segment": "core",
+        "addresses": ["10.255.0.1/30", "fd00:ff::1/64"],
+        "peer": "p",
+        "peers": [{"node": "p", "dev": "pl", "address": "10.255.0.2", "addresses": ["10.255.0.2", "fd00:ff::2"]}],
+    }
     assert lb["interfaces"][0]["peer"] is None and len(lb["interfaces"][0]["peers"]) == 3
     json.dumps(d)
 
@@ -171,7 +207,7 @@ def test_leftovers_named_by_the_state_file_are_removed(tmp_path: Path, monkeypat
     assert not (paths.etc_netns / "c1").exists() and not (paths.etc_netns / "s3").exists()
     assert (paths.etc_netns / "foreign").exists()
     assert not paths.run_dir.exists()
-    assert netns.cleanup_leftovers(paths, shell) is None      # nothing left the second time
+    assert netns.cleanup_leftovers(paths, shell) is None  # nothing left the second time
 
 
 def test_state_never_removes_outside_its_roots(tmp_path: Path) -> None:
@@ -194,5 +230,5 @@ def test_lock_refuses_a_second_run(tmp_path: Path) -> None:
     paths = netns.LabPaths(run_dir=tmp_path / "run", lock=tmp_path / "lock")
     with netns.lab_lock(paths):
         with pytest.raises(netns.LabError, match=r"another lab run holds .*lock \(pid \d+\)"):
-            with netns.lab_lock(paths):        # a second open file description: flock conflicts
+            with netns.lab_lock(paths):  # a second open file description: flock conflicts
                 pass

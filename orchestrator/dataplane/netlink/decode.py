@@ -11,18 +11,63 @@ from orchestrator import ipproto
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.constants import (
-    AF_INET6, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, FRA_PRIORITY, FRA_PROTOCOL, FRA_SRC, FRA_TABLE,
-    LWTUNNEL_ENCAP_MPLS, MPLS_IPTUNNEL_DST, NFTA_DATA_VALUE, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_LIST_ELEMENTS,
-    NFTA_SET_ELEM_LIST_SET, RT_PROTO, RTA_DST,
-    RTA_ENCAP, RTA_ENCAP_TYPE, RTA_GATEWAY, RTA_NEWDST, RTA_OIF, RTA_TABLE, RTA_VIA, RTM_F_OFFLOAD,
-    RTM_F_OFFLOAD_FAILED, RTM_F_TRAP, RTN_UNICAST, RTNH_F_OFFLOAD, RTNH_F_TRAP, TC_COOKIE_PREFIX,
-    TC_H_MIN_EGRESS, TCA_ACT_COOKIE, TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_CLS_FLAGS_IN_HW,
-    TCA_CLS_FLAGS_SKIP_HW, TCA_CLS_FLAGS_SKIP_SW, TCA_FLOWER_ACT, TCA_FLOWER_FLAGS,
-    TCA_FLOWER_IN_HW_COUNT, TCA_FLOWER_KEY_ETH_TYPE, TCA_FLOWER_KEY_IP_PROTO, TCA_FLOWER_KEY_MPLS_LABEL, TCA_KIND,
-    TCA_MPLS_ACT_POP, TCA_MPLS_ACT_PUSH, TCA_MPLS_LABEL, TCA_MPLS_PARMS, TCA_MPLS_PROTO,
-    TCA_MPLS_TTL, TCA_OPTIONS, TCA_SKBEDIT_MARK, TCA_U32_ACT, TCA_U32_DIVISOR, TCA_U32_SEL,
+    AF_INET6,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    ETH_P_MPLS_UC,
+    FRA_PRIORITY,
+    FRA_PROTOCOL,
+    FRA_SRC,
+    FRA_TABLE,
+    LWTUNNEL_ENCAP_MPLS,
+    MPLS_IPTUNNEL_DST,
+    NFTA_DATA_VALUE,
+    NFTA_SET_ELEM_KEY,
+    NFTA_SET_ELEM_LIST_ELEMENTS,
+    NFTA_SET_ELEM_LIST_SET,
+    RT_PROTO,
+    RTA_DST,
+    RTA_ENCAP,
+    RTA_ENCAP_TYPE,
+    RTA_GATEWAY,
+    RTA_NEWDST,
+    RTA_OIF,
+    RTA_TABLE,
+    RTA_VIA,
+    RTM_F_OFFLOAD,
+    RTM_F_OFFLOAD_FAILED,
+    RTM_F_TRAP,
+    RTN_UNICAST,
+    RTNH_F_OFFLOAD,
+    RTNH_F_TRAP,
+    TC_COOKIE_PREFIX,
+    TC_H_MIN_EGRESS,
+    TCA_ACT_COOKIE,
+    TCA_ACT_KIND,
+    TCA_ACT_OPTIONS,
+    TCA_CLS_FLAGS_IN_HW,
+    TCA_CLS_FLAGS_NOT_IN_HW,
+    TCA_CLS_FLAGS_SKIP_HW,
+    TCA_CLS_FLAGS_SKIP_SW,
+    TCA_FLOWER_ACT,
+    TCA_FLOWER_FLAGS,
+    TCA_FLOWER_IN_HW_COUNT,
+    TCA_FLOWER_KEY_ETH_TYPE,
+    TCA_FLOWER_KEY_IP_PROTO,
+    TCA_FLOWER_KEY_MPLS_LABEL,
+    TCA_KIND,
+    TCA_MPLS_ACT_POP,
+    TCA_MPLS_ACT_PUSH,
+    TCA_MPLS_LABEL,
+    TCA_MPLS_PARMS,
+    TCA_MPLS_PROTO,
+    TCA_MPLS_TTL,
+    TCA_OPTIONS,
+    TCA_SKBEDIT_MARK,
+    TCA_U32_ACT,
+    TCA_U32_DIVISOR,
+    TCA_U32_SEL,
 )
-from orchestrator.dataplane.netlink.constants import TCA_CLS_FLAGS_NOT_IN_HW
 from orchestrator.dataplane.netlink.encode import ADDR_ATTRS, PORT_ATTRS, U32_KEY, U32_SEL
 
 Ifname = Callable[[int], str]
@@ -41,9 +86,11 @@ def _via(payload: memoryview) -> str:
 
 
 def _route_offload(flags: int) -> ops.OffloadState:
-    return ops.OffloadState(in_hw=bool(flags & (RTM_F_OFFLOAD | RTNH_F_OFFLOAD)),
-                            trap=bool(flags & (RTM_F_TRAP | RTNH_F_TRAP)),
-                            failed=bool(flags & RTM_F_OFFLOAD_FAILED))
+    return ops.OffloadState(
+        in_hw=bool(flags & (RTM_F_OFFLOAD | RTNH_F_OFFLOAD)),
+        trap=bool(flags & (RTM_F_TRAP | RTNH_F_TRAP)),
+        failed=bool(flags & RTM_F_OFFLOAD_FAILED),
+    )
 
 
 def route(body: memoryview, ifname: Ifname) -> ops.Installed | None:
@@ -56,19 +103,27 @@ def route(body: memoryview, ifname: Ifname) -> ops.Installed | None:
     dev = ifname(nla.get_u32(oif)) if oif is not None else ""
     if family == 28:
         obj: ops.DataplaneObject = ops.MplsRoute(
-            label=labels_of(a[RTA_DST])[0], dev=dev,
+            label=labels_of(a[RTA_DST])[0],
+            dev=dev,
             via=_via(a[RTA_VIA]) if RTA_VIA in a else None,
-            out_labels=labels_of(a[RTA_NEWDST]) if RTA_NEWDST in a else ())
+            out_labels=labels_of(a[RTA_NEWDST]) if RTA_NEWDST in a else (),
+        )
     else:
         if RTA_ENCAP_TYPE not in a or nla.get_u16(a[RTA_ENCAP_TYPE]) != LWTUNNEL_ENCAP_MPLS:
             return None
-        dst = ipaddress.ip_address(bytes(a[RTA_DST])) if RTA_DST in a else (
-            ipaddress.IPv6Address(0) if family == AF_INET6 else ipaddress.IPv4Address(0))
+        dst = (
+            ipaddress.ip_address(bytes(a[RTA_DST]))
+            if RTA_DST in a
+            else (ipaddress.IPv6Address(0) if family == AF_INET6 else ipaddress.IPv4Address(0))
+        )
         encap = nla.attrs(a[RTA_ENCAP])
         obj = ops.EncapRoute(
-            dst=f"{dst}/{dst_len}", labels=labels_of(encap[MPLS_IPTUNNEL_DST]), dev=dev,
+            dst=f"{dst}/{dst_len}",
+            labels=labels_of(encap[MPLS_IPTUNNEL_DST]),
+            dev=dev,
             via=str(ipaddress.ip_address(bytes(a[RTA_GATEWAY]))) if RTA_GATEWAY in a else None,
-            table=nla.get_u32(a[RTA_TABLE]) if RTA_TABLE in a else table)
+            table=nla.get_u32(a[RTA_TABLE]) if RTA_TABLE in a else table,
+        )
     return ops.Installed(obj, _route_offload(flags))
 
 
@@ -80,8 +135,11 @@ def next_hop(body: memoryview | bytes, ifname: Ifname) -> ops.NextHop | None:
     a = nla.attrs(body, nla.RTMSG.size)
     if rtype != RTN_UNICAST or RTA_OIF not in a:
         return None
-    via = str(ipaddress.ip_address(bytes(a[RTA_GATEWAY]))) if RTA_GATEWAY in a else (
-        _via(a[RTA_VIA]) if RTA_VIA in a else None)
+    via = (
+        str(ipaddress.ip_address(bytes(a[RTA_GATEWAY])))
+        if RTA_GATEWAY in a
+        else (_via(a[RTA_VIA]) if RTA_VIA in a else None)
+    )
     return ops.NextHop(ifname(nla.get_u32(a[RTA_OIF])), via)
 
 
@@ -91,10 +149,13 @@ def rule(body: memoryview) -> ops.Installed | None:
     if FRA_PROTOCOL not in a or nla.get_u8(a[FRA_PROTOCOL]) != RT_PROTO or FRA_SRC not in a:
         return None
     src = ipaddress.ip_address(bytes(a[FRA_SRC]))
-    return ops.Installed(ops.Rule(
-        src=f"{src}/{src_len}",
-        table=nla.get_u32(a[FRA_TABLE]) if FRA_TABLE in a else table,
-        priority=nla.get_u32(a[FRA_PRIORITY]) if FRA_PRIORITY in a else 0))
+    return ops.Installed(
+        ops.Rule(
+            src=f"{src}/{src_len}",
+            table=nla.get_u32(a[FRA_TABLE]) if FRA_TABLE in a else table,
+            priority=nla.get_u32(a[FRA_PRIORITY]) if FRA_PRIORITY in a else 0,
+        )
+    )
 
 
 def tc_header(body: memoryview) -> tuple[int, int, int, int]:
@@ -145,7 +206,7 @@ def _tagged_actions(payload: memoryview | None, require_cookie: bool) -> tuple[l
         return None
     tag = b""
     if cookies and cookies[0].startswith(TC_COOKIE_PREFIX):
-        tag = cookies[0][len(TC_COOKIE_PREFIX):] + b"".join(c for c in cookies[1:] if c != TC_COOKIE_PREFIX)
+        tag = cookies[0][len(TC_COOKIE_PREFIX) :] + b"".join(c for c in cookies[1:] if c != TC_COOKIE_PREFIX)
     return actions, tag
 
 
@@ -168,9 +229,15 @@ def u32(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops.In
         mask, value, offset, _offmask = U32_KEY.unpack_from(sel, U32_SEL.size + i * U32_KEY.size)
         offset = struct.unpack("=i", struct.pack("!i", offset))[0]  # off is host order, unlike mask and val
         keys.append(ops.U32Key(value, mask, offset))
-    obj = ops.U32Filter(dev=ifname(ifindex), handle=handle, keys=tuple(keys), actions=tuple(tagged[0]),
-                        direction=ops.Direction.EGRESS if parent & 0xFFFF == TC_H_MIN_EGRESS else ops.Direction.INGRESS,
-                        pref=info >> 16, tag=tagged[1])
+    obj = ops.U32Filter(
+        dev=ifname(ifindex),
+        handle=handle,
+        keys=tuple(keys),
+        actions=tuple(tagged[0]),
+        direction=ops.Direction.EGRESS if parent & 0xFFFF == TC_H_MIN_EGRESS else ops.Direction.INGRESS,
+        pref=info >> 16,
+        tag=tagged[1],
+    )
     return ops.Installed(obj)
 
 
@@ -203,26 +270,49 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
     eth_type = nla.get_be16(o[TCA_FLOWER_KEY_ETH_TYPE]) if TCA_FLOWER_KEY_ETH_TYPE in o else 0
     mpls_label = nla.get_u32(o[TCA_FLOWER_KEY_MPLS_LABEL]) if TCA_FLOWER_KEY_MPLS_LABEL in o else None
     version = 6 if eth_type == ETH_P_IPV6 else 4
-    ip_proto = ipproto.NAME_OF.get(nla.get_u8(o[TCA_FLOWER_KEY_IP_PROTO])) \
-        if TCA_FLOWER_KEY_IP_PROTO in o else None
-    prefixes = {side: _prefix(o[key], o.get(mask))
-                for (v, side), (key, mask) in ADDR_ATTRS.items() if v == version and key in o}
-    ports = {side: nla.get_be16(o[key])
-             for (proto, side), (key, _mask) in PORT_ATTRS.items() if proto == ip_proto and key in o}
+    ip_proto = ipproto.NAME_OF.get(nla.get_u8(o[TCA_FLOWER_KEY_IP_PROTO])) if TCA_FLOWER_KEY_IP_PROTO in o else None
+    prefixes = {
+        side: _prefix(o[key], o.get(mask)) for (v, side), (key, mask) in ADDR_ATTRS.items() if v == version and key in o
+    }
+    ports = {
+        side: nla.get_be16(o[key])
+        for (proto, side), (key, _mask) in PORT_ATTRS.items()
+        if proto == ip_proto and key in o
+    }
     flags = nla.get_u32(o[TCA_FLOWER_FLAGS]) if TCA_FLOWER_FLAGS in o else 0
-    offload = (ops.OffloadPolicy.REQUIRED if flags & TCA_CLS_FLAGS_SKIP_SW else
-               ops.OffloadPolicy.NEVER if flags & TCA_CLS_FLAGS_SKIP_HW else ops.OffloadPolicy.AUTO)
+    offload = (
+        ops.OffloadPolicy.REQUIRED
+        if flags & TCA_CLS_FLAGS_SKIP_SW
+        else ops.OffloadPolicy.NEVER
+        if flags & TCA_CLS_FLAGS_SKIP_HW
+        else ops.OffloadPolicy.AUTO
+    )
     obj = ops.FlowerFilter(
-        dev=ifname(ifindex), handle=handle,
-        match=ops.FlowerMatch(src=prefixes.get("src"), dst=prefixes.get("dst"), ip_proto=ip_proto,
-                              src_port=ports.get("src"), dst_port=ports.get("dst"), mpls_label=mpls_label),
+        dev=ifname(ifindex),
+        handle=handle,
+        match=ops.FlowerMatch(
+            src=prefixes.get("src"),
+            dst=prefixes.get("dst"),
+            ip_proto=ip_proto,
+            src_port=ports.get("src"),
+            dst_port=ports.get("dst"),
+            mpls_label=mpls_label,
+        ),
         actions=tuple(actions),
         direction=ops.Direction.EGRESS if parent & 0xFFFF == TC_H_MIN_EGRESS else ops.Direction.INGRESS,
-        pref=info >> 16, offload=offload, tag=tag)
+        pref=info >> 16,
+        offload=offload,
+        tag=tag,
+    )
     in_hw_count = nla.get_u32(o[TCA_FLOWER_IN_HW_COUNT]) if TCA_FLOWER_IN_HW_COUNT in o else 0
-    return ops.Installed(obj, ops.OffloadState(in_hw=bool(flags & TCA_CLS_FLAGS_IN_HW),
-                                               in_hw_count=in_hw_count,
-                                               not_in_hw=bool(flags & TCA_CLS_FLAGS_NOT_IN_HW)))
+    return ops.Installed(
+        obj,
+        ops.OffloadState(
+            in_hw=bool(flags & TCA_CLS_FLAGS_IN_HW),
+            in_hw_count=in_hw_count,
+            not_in_hw=bool(flags & TCA_CLS_FLAGS_NOT_IN_HW),
+        ),
+    )
 
 
 FAST_PATH_SETS = tuple(f"fast{kind}{family}" for kind in ("", "proto", "esp") for family in (4, 6))
@@ -243,8 +333,8 @@ def set_elements(body: memoryview) -> list[ops.FastPathElement]:
         if raw is None or len(raw) != 2 * size + (4 if name.startswith(("fastproto", "fastesp")) else 8):
             continue
         client = str(ipaddress.ip_address(bytes(raw[:size])))
-        vip = str(ipaddress.ip_address(bytes(raw[size:2 * size])))
-        tail = bytes(raw[2 * size:])
+        vip = str(ipaddress.ip_address(bytes(raw[size : 2 * size])))
+        tail = bytes(raw[2 * size :])
         if name.startswith("fastesp"):
             out.append(ops.FastPathElement(client, vip, "esp", spi=struct.unpack("!I", tail)[0]))
             continue

@@ -18,27 +18,109 @@ from orchestrator import ipproto
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.constants import (
-    AF_INET, AF_INET6, AF_MPLS, AF_UNSPEC, ETH_P_IP, ETH_P_IPV6, ETH_P_MPLS_UC, FR_ACT_TO_TBL,
-    NFNL_SUBSYS_NFTABLES, NFPROTO_INET, NFT_MSG_DELSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_NEWSETELEM,
-    NFTA_DATA_VALUE, NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET,
-    NFTA_SET_ELEM_LIST_TABLE,
-    FRA_PRIORITY, FRA_PROTOCOL, FRA_SRC, FRA_TABLE, IFA_ADDRESS, IFA_LOCAL,
+    AF_INET,
+    AF_INET6,
+    AF_MPLS,
+    AF_UNSPEC,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    ETH_P_MPLS_UC,
+    FR_ACT_TO_TBL,
+    FRA_PRIORITY,
+    FRA_PROTOCOL,
+    FRA_SRC,
+    FRA_TABLE,
+    IFA_ADDRESS,
+    IFA_LOCAL,
     LWTUNNEL_ENCAP_MPLS,
-    MPLS_IPTUNNEL_DST, NLA_F_NESTED, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, RT_PROTO,
-    RT_SCOPE_HOST, RT_SCOPE_UNIVERSE, RT_TABLE_MAIN, RTA_DST, RTA_ENCAP, RTA_ENCAP_TYPE, RTA_GATEWAY, RTA_NEWDST,
-    RTA_OIF, RTA_TABLE, RTA_VIA, RTM_DELQDISC, RTM_DELROUTE, RTM_DELRULE, RTM_DELTFILTER,
-    RTM_GETROUTE, RTM_NEWADDR, RTM_NEWQDISC, RTM_NEWROUTE, RTM_NEWRULE, RTM_NEWTFILTER, RTN_UNICAST, TC_ACT_PIPE,
-    TC_COOKIE_PREFIX, TC_H_CLSACT, TC_H_MIN_EGRESS, TC_H_MIN_INGRESS, TCA_ACT_COOKIE, TCA_ACT_KIND,
-    TCA_ACT_OPTIONS, TCA_CLS_FLAGS_SKIP_HW, TCA_CLS_FLAGS_SKIP_SW, TCA_FLOWER_ACT,
-    TCA_FLOWER_FLAGS, TCA_FLOWER_KEY_ETH_TYPE, TCA_FLOWER_KEY_IP_PROTO, TCA_FLOWER_KEY_IPV4_DST, TCA_FLOWER_KEY_MPLS_LABEL,
-    TCA_FLOWER_KEY_IPV4_DST_MASK, TCA_FLOWER_KEY_IPV4_SRC, TCA_FLOWER_KEY_IPV4_SRC_MASK,
-    TCA_FLOWER_KEY_IPV6_DST, TCA_FLOWER_KEY_IPV6_DST_MASK, TCA_FLOWER_KEY_IPV6_SRC,
-    TCA_FLOWER_KEY_IPV6_SRC_MASK, TCA_FLOWER_KEY_TCP_DST, TCA_FLOWER_KEY_TCP_DST_MASK,
-    TCA_FLOWER_KEY_TCP_SRC, TCA_FLOWER_KEY_TCP_SRC_MASK, TCA_FLOWER_KEY_UDP_DST,
-    TCA_FLOWER_KEY_UDP_DST_MASK, TCA_FLOWER_KEY_UDP_SRC, TCA_FLOWER_KEY_UDP_SRC_MASK, TCA_KIND,
-    TCA_FLOWER_KEY_SCTP_DST, TCA_FLOWER_KEY_SCTP_DST_MASK, TCA_FLOWER_KEY_SCTP_SRC, TCA_FLOWER_KEY_SCTP_SRC_MASK,
-    TCA_MPLS_ACT_POP, TCA_MPLS_ACT_PUSH, TCA_MPLS_LABEL, TCA_MPLS_PARMS, TCA_MPLS_PROTO,
-    TCA_MPLS_TTL, TCA_OPTIONS, TCA_SKBEDIT_MARK, TCA_SKBEDIT_PARMS, TC_U32_TERMINAL, TCA_U32_ACT, TCA_U32_SEL,
+    MPLS_IPTUNNEL_DST,
+    NFNL_SUBSYS_NFTABLES,
+    NFPROTO_INET,
+    NFT_MSG_DELSETELEM,
+    NFT_MSG_GETSETELEM,
+    NFT_MSG_NEWSETELEM,
+    NFTA_DATA_VALUE,
+    NFTA_LIST_ELEM,
+    NFTA_SET_ELEM_KEY,
+    NFTA_SET_ELEM_LIST_ELEMENTS,
+    NFTA_SET_ELEM_LIST_SET,
+    NFTA_SET_ELEM_LIST_TABLE,
+    NLA_F_NESTED,
+    NLM_F_CREATE,
+    NLM_F_EXCL,
+    NLM_F_REPLACE,
+    NLM_F_REQUEST,
+    RT_PROTO,
+    RT_SCOPE_HOST,
+    RT_SCOPE_UNIVERSE,
+    RT_TABLE_MAIN,
+    RTA_DST,
+    RTA_ENCAP,
+    RTA_ENCAP_TYPE,
+    RTA_GATEWAY,
+    RTA_NEWDST,
+    RTA_OIF,
+    RTA_TABLE,
+    RTA_VIA,
+    RTM_DELQDISC,
+    RTM_DELROUTE,
+    RTM_DELRULE,
+    RTM_DELTFILTER,
+    RTM_GETROUTE,
+    RTM_NEWADDR,
+    RTM_NEWQDISC,
+    RTM_NEWROUTE,
+    RTM_NEWRULE,
+    RTM_NEWTFILTER,
+    RTN_UNICAST,
+    TC_ACT_PIPE,
+    TC_COOKIE_PREFIX,
+    TC_H_CLSACT,
+    TC_H_MIN_EGRESS,
+    TC_H_MIN_INGRESS,
+    TC_U32_TERMINAL,
+    TCA_ACT_COOKIE,
+    TCA_ACT_KIND,
+    TCA_ACT_OPTIONS,
+    TCA_CLS_FLAGS_SKIP_HW,
+    TCA_CLS_FLAGS_SKIP_SW,
+    TCA_FLOWER_ACT,
+    TCA_FLOWER_FLAGS,
+    TCA_FLOWER_KEY_ETH_TYPE,
+    TCA_FLOWER_KEY_IP_PROTO,
+    TCA_FLOWER_KEY_IPV4_DST,
+    TCA_FLOWER_KEY_IPV4_DST_MASK,
+    TCA_FLOWER_KEY_IPV4_SRC,
+    TCA_FLOWER_KEY_IPV4_SRC_MASK,
+    TCA_FLOWER_KEY_IPV6_DST,
+    TCA_FLOWER_KEY_IPV6_DST_MASK,
+    TCA_FLOWER_KEY_IPV6_SRC,
+    TCA_FLOWER_KEY_IPV6_SRC_MASK,
+    TCA_FLOWER_KEY_MPLS_LABEL,
+    TCA_FLOWER_KEY_SCTP_DST,
+    TCA_FLOWER_KEY_SCTP_DST_MASK,
+    TCA_FLOWER_KEY_SCTP_SRC,
+    TCA_FLOWER_KEY_SCTP_SRC_MASK,
+    TCA_FLOWER_KEY_TCP_DST,
+    TCA_FLOWER_KEY_TCP_DST_MASK,
+    TCA_FLOWER_KEY_TCP_SRC,
+    TCA_FLOWER_KEY_TCP_SRC_MASK,
+    TCA_FLOWER_KEY_UDP_DST,
+    TCA_FLOWER_KEY_UDP_DST_MASK,
+    TCA_FLOWER_KEY_UDP_SRC,
+    TCA_FLOWER_KEY_UDP_SRC_MASK,
+    TCA_KIND,
+    TCA_MPLS_ACT_POP,
+    TCA_MPLS_ACT_PUSH,
+    TCA_MPLS_LABEL,
+    TCA_MPLS_PARMS,
+    TCA_MPLS_PROTO,
+    TCA_MPLS_TTL,
+    TCA_OPTIONS,
+    TCA_SKBEDIT_MARK,
+    TCA_SKBEDIT_PARMS,
+    TCA_U32_ACT,
+    TCA_U32_SEL,
 )
 
 Ifindex = Callable[[str], int]
@@ -62,9 +144,11 @@ ADDR_ATTRS = {
     (6, "src"): (TCA_FLOWER_KEY_IPV6_SRC, TCA_FLOWER_KEY_IPV6_SRC_MASK),
     (6, "dst"): (TCA_FLOWER_KEY_IPV6_DST, TCA_FLOWER_KEY_IPV6_DST_MASK),
 }
-_FLAGS = {"add": NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL,
-          "replace": NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE,
-          "delete": NLM_F_REQUEST}
+_FLAGS = {
+    "add": NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL,
+    "replace": NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE,
+    "delete": NLM_F_REQUEST,
+}
 
 
 _TWO_LABELS = struct.Struct("!II")
@@ -80,8 +164,7 @@ def label_stack(labels: tuple[int, ...]) -> bytes:
     if len(labels) == 2:  # the common case: [transport, session]
         return _TWO_LABELS.pack(labels[0] << 12, labels[1] << 12 | 0x100)
     last = len(labels) - 1
-    return b"".join(_LABEL.pack(label << 12 | (0x100 if i == last else 0))
-                    for i, label in enumerate(labels))
+    return b"".join(_LABEL.pack(label << 12 | (0x100 if i == last else 0)) for i, label in enumerate(labels))
 
 
 def _family(version: int) -> int:
@@ -101,12 +184,13 @@ def _gateway_attr(address: str) -> bytes:
 
 # Constant parts of the messages on the session-setup path, packed once: the encoders below
 # only pack what varies (labels, addresses, indexes), which is most of their speed.
-_MPLS_ROUTE_HEAD = (nla.RTMSG.pack(AF_MPLS, 20, 0, 0, RT_TABLE_MAIN, RT_PROTO, RT_SCOPE_UNIVERSE,
-                                RTN_UNICAST, 0) + _ATTR_HDR.pack(8, RTA_DST))
+_MPLS_ROUTE_HEAD = nla.RTMSG.pack(
+    AF_MPLS, 20, 0, 0, RT_TABLE_MAIN, RT_PROTO, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0
+) + _ATTR_HDR.pack(8, RTA_DST)
 _ENCAP_TYPE_MPLS = nla.u16(RTA_ENCAP_TYPE, LWTUNNEL_ENCAP_MPLS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def netmask(version: int, plen: int) -> bytes:
     bits = 32 if version == 4 else 128
     return (((1 << bits) - 1) ^ ((1 << (bits - plen)) - 1)).to_bytes(bits // 8, "big")
@@ -154,8 +238,7 @@ def address_add(address: str, index: int) -> Request:
 def encap_route(op: ops.Operation, obj: ops.EncapRoute, ifindex: Ifindex) -> Request:
     version, packed, plen = ops.parse_prefix(obj.dst)
     table = obj.table if obj.table < 256 else 0
-    body = nla.RTMSG.pack(_family(version), plen, 0, 0, table, RT_PROTO,
-                       RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
+    body = nla.RTMSG.pack(_family(version), plen, 0, 0, table, RT_PROTO, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
     body += nla.attr(RTA_DST, packed) + _ATTR_U32.pack(8, RTA_TABLE, obj.table)
     if isinstance(op, ops.Delete):
         return RTM_DELROUTE, _FLAGS["delete"], body
@@ -163,8 +246,12 @@ def encap_route(op: ops.Operation, obj: ops.EncapRoute, ifindex: Ifindex) -> Req
     if obj.via:
         body += _gateway_attr(obj.via)
     stack = label_stack(obj.labels)
-    body += (_ENCAP_TYPE_MPLS + _ATTR_HDR.pack(8 + len(stack), RTA_ENCAP | NLA_F_NESTED)
-             + _ATTR_HDR.pack(4 + len(stack), MPLS_IPTUNNEL_DST) + stack)
+    body += (
+        _ENCAP_TYPE_MPLS
+        + _ATTR_HDR.pack(8 + len(stack), RTA_ENCAP | NLA_F_NESTED)
+        + _ATTR_HDR.pack(4 + len(stack), MPLS_IPTUNNEL_DST)
+        + stack
+    )
     return RTM_NEWROUTE, _FLAGS[op.verb], body
 
 
@@ -172,8 +259,12 @@ def rule(op: ops.Operation, obj: ops.Rule, _ifindex: Ifindex) -> Request:
     version, packed, plen = ops.parse_prefix(obj.src)
     table = obj.table if obj.table < 256 else 0
     body = nla.RTMSG.pack(_family(version), 0, plen, 0, table, 0, 0, FR_ACT_TO_TBL, 0)
-    body += (nla.attr(FRA_SRC, packed) + nla.u32(FRA_PRIORITY, obj.priority)
-             + nla.u32(FRA_TABLE, obj.table) + nla.u8(FRA_PROTOCOL, RT_PROTO))
+    body += (
+        nla.attr(FRA_SRC, packed)
+        + nla.u32(FRA_PRIORITY, obj.priority)
+        + nla.u32(FRA_TABLE, obj.table)
+        + nla.u8(FRA_PROTOCOL, RT_PROTO)
+    )
     if isinstance(op, ops.Delete):
         return RTM_DELRULE, _FLAGS["delete"], body
     # Rules have no replace in the kernel; EXCL makes an equal rule an EEXIST error.
@@ -196,27 +287,35 @@ def filter_parent(direction: ops.Direction) -> int:
 @functools.lru_cache(maxsize=1024)
 def _tc_info(pref: int, eth_type: int) -> int:
     """tcm_info of a filter: priority in the upper half, protocol (network order) in the lower."""
-    return pref << 16 | struct.unpack("=H", struct.pack("!H", eth_type))[0]
+    proto: int = struct.unpack("=H", struct.pack("!H", eth_type))[0]
+    return pref << 16 | proto
 
 
 _FLOWER_KIND = nla.asciiz(TCA_KIND, "flower")
 _FLOWER_ETH = {4: nla.be16(TCA_FLOWER_KEY_ETH_TYPE, ETH_P_IP), 6: nla.be16(TCA_FLOWER_KEY_ETH_TYPE, ETH_P_IPV6)}
 _FLOWER_ETH_MPLS = nla.be16(TCA_FLOWER_KEY_ETH_TYPE, ETH_P_MPLS_UC)
-_FLOWER_FLAGS = {ops.OffloadPolicy.AUTO: nla.u32(TCA_FLOWER_FLAGS, 0),
-                 ops.OffloadPolicy.NEVER: nla.u32(TCA_FLOWER_FLAGS, TCA_CLS_FLAGS_SKIP_HW),
-                 ops.OffloadPolicy.REQUIRED: nla.u32(TCA_FLOWER_FLAGS, TCA_CLS_FLAGS_SKIP_SW)}
+_FLOWER_FLAGS = {
+    ops.OffloadPolicy.AUTO: nla.u32(TCA_FLOWER_FLAGS, 0),
+    ops.OffloadPolicy.NEVER: nla.u32(TCA_FLOWER_FLAGS, TCA_CLS_FLAGS_SKIP_HW),
+    ops.OffloadPolicy.REQUIRED: nla.u32(TCA_FLOWER_FLAGS, TCA_CLS_FLAGS_SKIP_SW),
+}
 _IP_PROTO_ATTRS = {name: nla.u8(TCA_FLOWER_KEY_IP_PROTO, number) for name, number in ipproto.BY_NAME.items()}
 
 
-def flower_filter(op: ops.Operation, obj: ops.FlowerFilter, ifindex: Ifindex,
-                  cookie: bytes = TC_COOKIE_PREFIX) -> Request:
+def flower_filter(
+    op: ops.Operation, obj: ops.FlowerFilter, ifindex: Ifindex, cookie: bytes = TC_COOKIE_PREFIX
+) -> Request:
     m = obj.match
     src = ops.parse_prefix(m.src) if m.src else None
     dst = ops.parse_prefix(m.dst) if m.dst else None
     version = (src or dst or (4,))[0]
     eth_type = ETH_P_MPLS_UC if m.mpls_label is not None else ETH_P_IPV6 if version == 6 else ETH_P_IP
-    body = nla.TCMSG.pack(AF_UNSPEC, 0, 0, ifindex(obj.dev), obj.handle,
-                       filter_parent(obj.direction), _tc_info(obj.pref, eth_type)) + _FLOWER_KIND
+    body = (
+        nla.TCMSG.pack(
+            AF_UNSPEC, 0, 0, ifindex(obj.dev), obj.handle, filter_parent(obj.direction), _tc_info(obj.pref, eth_type)
+        )
+        + _FLOWER_KIND
+    )
     if isinstance(op, ops.Delete):
         return RTM_DELTFILTER, NLM_F_REQUEST, body
     options = flower_options(obj, cookie, src, dst, version)
@@ -226,9 +325,13 @@ def flower_filter(op: ops.Operation, obj: ops.FlowerFilter, ifindex: Ifindex,
     return RTM_NEWTFILTER, flags, body
 
 
-def flower_options(obj: ops.FlowerFilter, cookie: bytes = TC_COOKIE_PREFIX,
-                   src: tuple[int, bytes, int] | None = None, dst: tuple[int, bytes, int] | None = None,
-                   version: int = 4) -> bytes:
+def flower_options(
+    obj: ops.FlowerFilter,
+    cookie: bytes = TC_COOKIE_PREFIX,
+    src: tuple[int, bytes, int] | None = None,
+    dst: tuple[int, bytes, int] | None = None,
+    version: int = 4,
+) -> bytes:
     """The TCA_OPTIONS payload of a flower filter: keys, flags and the act_mpls list (the
     parsed prefixes are passed in by flower_filter, which has them already)."""
     m = obj.match
@@ -252,8 +355,9 @@ def flower_options(obj: ops.FlowerFilter, cookie: bytes = TC_COOKIE_PREFIX,
             out += nla.be16(key, port) + nla.be16(mask, 0xFFFF)
     out += _FLOWER_FLAGS[obj.offload]
     cookies = action_cookies(cookie, obj.tag, len(obj.actions))
-    actions = b"".join(_action_attr(order, action, cookies[order - 1])
-                       for order, action in enumerate(obj.actions, start=1))
+    actions = b"".join(
+        _action_attr(order, action, cookies[order - 1]) for order, action in enumerate(obj.actions, start=1)
+    )
     return out + _ATTR_HDR.pack(4 + len(actions), TCA_FLOWER_ACT | NLA_F_NESTED) + actions
 
 
@@ -265,8 +369,8 @@ def action_cookies(owner: bytes, tag: bytes, count: int) -> list[bytes]:
     out = [owner + tag[:room]]
     rest = tag[room:]
     for _ in range(count - 1):
-        out.append(rest[:ops.TC_COOKIE_MAX_SIZE] or owner)
-        rest = rest[ops.TC_COOKIE_MAX_SIZE:]
+        out.append(rest[: ops.TC_COOKIE_MAX_SIZE] or owner)
+        rest = rest[ops.TC_COOKIE_MAX_SIZE :]
     return out
 
 
@@ -285,8 +389,7 @@ def skbedit_action(action: ops.SetMark, cookie: bytes = TC_COOKIE_PREFIX) -> byt
     """act_skbedit setting the packet mark: struct tc_skbedit (tc_gen, TC_ACT_PIPE) and the mark."""
     parms = struct.pack("=IIiii", 0, 0, TC_ACT_PIPE, 0, 0)
     opts = nla.attr(TCA_SKBEDIT_PARMS, parms) + nla.u32(TCA_SKBEDIT_MARK, action.mark)
-    return (nla.asciiz(TCA_ACT_KIND, "skbedit") + nla.nest(TCA_ACT_OPTIONS, opts)
-            + nla.attr(TCA_ACT_COOKIE, cookie))
+    return nla.asciiz(TCA_ACT_KIND, "skbedit") + nla.nest(TCA_ACT_OPTIONS, opts) + nla.attr(TCA_ACT_COOKIE, cookie)
 
 
 @functools.lru_cache(maxsize=256)
@@ -295,23 +398,25 @@ def _push_template(order: int, cookie: bytes) -> tuple[bytes, bytes]:
     whole = nla.nest(order, mpls_action(ops.MplsPush(0), cookie))  # default TTL: no attribute
     label_attr = _ATTR_U32.pack(8, TCA_MPLS_LABEL, 0)
     at = whole.index(label_attr)
-    return whole[:at], whole[at + len(label_attr):]
+    return whole[:at], whole[at + len(label_attr) :]
 
 
-def mpls_action(action: ops.Action, cookie: bytes = TC_COOKIE_PREFIX) -> bytes:
+def mpls_action(action: ops.MplsPush | ops.MplsPop, cookie: bytes = TC_COOKIE_PREFIX) -> bytes:
     """One act_mpls action: struct tc_mpls (tc_gen with action TC_ACT_PIPE, then m_action) and
     the label or protocol; the cookie marks it as ours."""
     if isinstance(action, ops.MplsPush):
         parms = struct.pack("=IIiiii", 0, 0, TC_ACT_PIPE, 0, 0, TCA_MPLS_ACT_PUSH)
-        opts = (nla.attr(TCA_MPLS_PARMS, parms) + nla.be16(TCA_MPLS_PROTO, ETH_P_MPLS_UC)
-                + nla.u32(TCA_MPLS_LABEL, action.label))
+        opts = (
+            nla.attr(TCA_MPLS_PARMS, parms)
+            + nla.be16(TCA_MPLS_PROTO, ETH_P_MPLS_UC)
+            + nla.u32(TCA_MPLS_LABEL, action.label)
+        )
         if action.ttl != ops.ACT_MPLS_TTL_DEFAULT:
             opts += nla.u8(TCA_MPLS_TTL, action.ttl)
     else:
         parms = struct.pack("=IIiiii", 0, 0, TC_ACT_PIPE, 0, 0, TCA_MPLS_ACT_POP)
         opts = nla.attr(TCA_MPLS_PARMS, parms) + nla.be16(TCA_MPLS_PROTO, ETH_TYPES[action.protocol])
-    return (nla.asciiz(TCA_ACT_KIND, "mpls") + nla.nest(TCA_ACT_OPTIONS, opts)
-            + nla.attr(TCA_ACT_COOKIE, cookie))
+    return nla.asciiz(TCA_ACT_KIND, "mpls") + nla.nest(TCA_ACT_OPTIONS, opts) + nla.attr(TCA_ACT_COOKIE, cookie)
 
 
 def element_key(obj: ops.FastPathElement) -> bytes:
@@ -326,8 +431,11 @@ def element_key(obj: ops.FastPathElement) -> bytes:
 
 
 def _set_head(set_name: str) -> bytes:
-    return (nla.NFGENMSG.pack(NFPROTO_INET, 0, 0) + nla.asciiz(NFTA_SET_ELEM_LIST_TABLE, ops.NFT_TABLE)
-            + nla.asciiz(NFTA_SET_ELEM_LIST_SET, set_name))
+    return (
+        nla.NFGENMSG.pack(NFPROTO_INET, 0, 0)
+        + nla.asciiz(NFTA_SET_ELEM_LIST_TABLE, ops.NFT_TABLE)
+        + nla.asciiz(NFTA_SET_ELEM_LIST_SET, set_name)
+    )
 
 
 def set_element(op: ops.Operation, obj: ops.FastPathElement, _ifindex: Ifindex) -> Request:
@@ -347,22 +455,27 @@ def set_elements_dump(set_name: str) -> tuple[int, bytes]:
 
 _U32_KIND = nla.asciiz(TCA_KIND, "u32")
 U32_SEL = struct.Struct("=BBBxHHhhI")  # struct tc_u32_sel: flags offshift nkeys, offmask off offoff hoff hmask
-U32_KEY = struct.Struct("!IIii")       # struct tc_u32_key: mask and val (network order), off, offmask
+U32_KEY = struct.Struct("!IIii")  # struct tc_u32_key: mask and val (network order), off, offmask
 
 
-def u32_filter(op: ops.Operation, obj: ops.U32Filter, ifindex: Ifindex,
-               cookie: bytes = TC_COOKIE_PREFIX) -> Request:
+def u32_filter(op: ops.Operation, obj: ops.U32Filter, ifindex: Ifindex, cookie: bytes = TC_COOKIE_PREFIX) -> Request:
     """A cls_u32 node: one terminal selector of fixed-offset keys and the act_mpls list, under its
     full handle (htid:hash:node), so the kernel puts it in that hash table at that node."""
-    body = nla.TCMSG.pack(AF_UNSPEC, 0, 0, ifindex(obj.dev), obj.handle, filter_parent(obj.direction),
-                          _tc_info(obj.pref, ETH_P_IP)) + _U32_KIND
+    body = (
+        nla.TCMSG.pack(
+            AF_UNSPEC, 0, 0, ifindex(obj.dev), obj.handle, filter_parent(obj.direction), _tc_info(obj.pref, ETH_P_IP)
+        )
+        + _U32_KIND
+    )
     if isinstance(op, ops.Delete):
         return RTM_DELTFILTER, NLM_F_REQUEST, body
     sel = U32_SEL.pack(TC_U32_TERMINAL, 0, len(obj.keys), 0, 0, 0, 0, 0) + b"".join(
-        struct.pack("!II", k.mask, k.value) + struct.pack("=ii", k.offset, 0) for k in obj.keys)
+        struct.pack("!II", k.mask, k.value) + struct.pack("=ii", k.offset, 0) for k in obj.keys
+    )
     cookies = action_cookies(cookie, obj.tag, len(obj.actions))
-    actions = b"".join(_action_attr(order, action, cookies[order - 1])
-                       for order, action in enumerate(obj.actions, start=1))
+    actions = b"".join(
+        _action_attr(order, action, cookies[order - 1]) for order, action in enumerate(obj.actions, start=1)
+    )
     options = nla.attr(TCA_U32_SEL, sel) + _ATTR_HDR.pack(4 + len(actions), TCA_U32_ACT | NLA_F_NESTED) + actions
     body += _ATTR_HDR.pack(4 + len(options), TCA_OPTIONS | NLA_F_NESTED) + options
     flags = NLM_F_REQUEST | NLM_F_CREATE | (NLM_F_EXCL if isinstance(op, ops.Add) else 0)

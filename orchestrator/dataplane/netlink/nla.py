@@ -13,10 +13,10 @@ _HDR = struct.Struct("=IHHII")
 # The fixed header after the netlink header, per message family (each defined once, here).
 # rtmsg and fib_rule_hdr: family, dst_len, src_len, tos, table, protocol, scope, type, flags
 RTMSG = struct.Struct("=BBBBBBBBI")
-TCMSG = struct.Struct("=BBHiIII")     # tcmsg: family, pad, pad, ifindex, handle, parent, info
+TCMSG = struct.Struct("=BBHiIII")  # tcmsg: family, pad, pad, ifindex, handle, parent, info
 IFINFOMSG = struct.Struct("=BxHiII")  # ifinfomsg: family, pad, type, index, flags, change
-IFADDRMSG = struct.Struct("=BBBBI")   # ifaddrmsg: family, prefixlen, flags, scope, index
-NFGENMSG = struct.Struct("!BBH")      # nfgenmsg: family, version, res_id (queue number), network order
+IFADDRMSG = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefixlen, flags, scope, index
+NFGENMSG = struct.Struct("!BBH")  # nfgenmsg: family, version, res_id (queue number), network order
 _ATTR = struct.Struct("=HH")
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
 
@@ -69,7 +69,7 @@ def messages(buf: bytes | memoryview) -> Iterator[tuple[int, int, int, memoryvie
         length, kind, flags, seq, _pid = _HDR.unpack_from(view, offset)
         if length < 16:
             break
-        yield kind, flags, seq, view[offset + 16: offset + length]
+        yield kind, flags, seq, view[offset + 16 : offset + length]
         offset += (length + 3) & ~3
 
 
@@ -88,7 +88,7 @@ def iter_attrs(buf: bytes | memoryview, offset: int = 0) -> Iterator[tuple[int, 
         length, kind = _ATTR.unpack_from(view, offset)
         if length < 4:
             break
-        yield kind & NLA_TYPE_MASK, view[offset + 4: offset + length]
+        yield kind & NLA_TYPE_MASK, view[offset + 4 : offset + length]
         offset += (length + 3) & ~3
 
 

@@ -18,10 +18,24 @@ from typing import Iterator, Sequence
 
 from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.constants import (
-    AF_UNSPEC, NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK, NETLINK_NETFILTER, NETLINK_ROUTE,
-    NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NLM_F_ACK,
-    NLM_F_ACK_TLVS, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
-    NLMSGERR_ATTR_MSG, SOL_NETLINK,
+    AF_UNSPEC,
+    NETLINK_CAP_ACK,
+    NETLINK_EXT_ACK,
+    NETLINK_GET_STRICT_CHK,
+    NETLINK_NETFILTER,
+    NETLINK_ROUTE,
+    NFNL_MSG_BATCH_BEGIN,
+    NFNL_MSG_BATCH_END,
+    NFNL_SUBSYS_NFTABLES,
+    NLM_F_ACK,
+    NLM_F_ACK_TLVS,
+    NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSGERR_ATTR_MSG,
+    SOL_NETLINK,
 )
 
 CLONE_NEWNET = 0x40000000
@@ -44,7 +58,9 @@ class KernelError:
 
     def __str__(self) -> str:
         # The kernel's name: Python calls 95 ENOTSUP, which the kernel's own messages never do.
-        name = "EOPNOTSUPP" if self.errno == errno_mod.EOPNOTSUPP else errno_mod.errorcode.get(self.errno, str(self.errno))
+        name = (
+            "EOPNOTSUPP" if self.errno == errno_mod.EOPNOTSUPP else errno_mod.errorcode.get(self.errno, str(self.errno))
+        )
         text = self.message or os.strerror(self.errno)
         return f"{text} ({name})"
 
@@ -121,7 +137,7 @@ class NetlinkSocket:
     def close(self) -> None:
         self._sock.close()
 
-    def __enter__(self) -> "NetlinkSocket":
+    def __enter__(self) -> NetlinkSocket:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -146,12 +162,15 @@ class NetlinkSocket:
             self._transact_chunk(requests, start, end, results)
         return results
 
-    def _transact_chunk(self, requests: Sequence[tuple[int, int, bytes]], start: int, end: int,
-                        results: list[KernelError | None]) -> None:
+    def _transact_chunk(
+        self, requests: Sequence[tuple[int, int, bytes]], start: int, end: int, results: list[KernelError | None]
+    ) -> None:
         first = self._next_seqs(end - start)
         last_seq = first + end - start - 1
-        parts = [nla.message(kind, flags | (NLM_F_ACK if i == end - 1 else 0), first + i - start, body)
-                 for i, (kind, flags, body) in enumerate(requests[start:end], start=start)]
+        parts = [
+            nla.message(kind, flags | (NLM_F_ACK if i == end - 1 else 0), first + i - start, body)
+            for i, (kind, flags, body) in enumerate(requests[start:end], start=start)
+        ]
         self._sock.sendall(b"".join(parts))
         while True:
             for kind, flags, seq, body in nla.messages(self._recv()):
@@ -171,10 +190,14 @@ class NetlinkSocket:
         for start, end in _chunks(requests):
             first = self._next_seqs(end - start)
             last_seq = first + end - start - 1
-            self._sock.sendall(b"".join(
-                nla.message(kind, flags | NLM_F_REQUEST | (NLM_F_ACK if i == end - 1 else 0),
-                            first + i - start, body)
-                for i, (kind, flags, body) in enumerate(requests[start:end], start=start)))
+            self._sock.sendall(
+                b"".join(
+                    nla.message(
+                        kind, flags | NLM_F_REQUEST | (NLM_F_ACK if i == end - 1 else 0), first + i - start, body
+                    )
+                    for i, (kind, flags, body) in enumerate(requests[start:end], start=start)
+                )
+            )
             done = False
             while not done:
                 for kind, flags, seq, body in nla.messages(self._recv()):
@@ -250,8 +273,9 @@ class NftBatchSocket(NetlinkSocket):
         first = self._next_seqs(len(requests) + 2)
         frame = nla.NFGENMSG.pack(AF_UNSPEC, 0, NFNL_SUBSYS_NFTABLES)
         parts = [nla.message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, first, frame)]
-        parts += [nla.message(kind, flags | NLM_F_ACK, first + 1 + i, body)
-                  for i, (kind, flags, body) in enumerate(requests)]
+        parts += [
+            nla.message(kind, flags | NLM_F_ACK, first + 1 + i, body) for i, (kind, flags, body) in enumerate(requests)
+        ]
         parts.append(nla.message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, first + len(requests) + 1, frame))
         self._sock.sendall(b"".join(parts))
         results: list[KernelError | None] = [None] * len(requests)
@@ -276,8 +300,7 @@ def _chunks(requests: Sequence[tuple[int, int, bytes]]) -> Iterator[tuple[int, i
     start = 0
     while start < len(requests):
         end, size = start, 0
-        while end < len(requests) and end - start < CHUNK_MESSAGES and (
-                size < CHUNK_BYTES or end == start):
+        while end < len(requests) and end - start < CHUNK_MESSAGES and (size < CHUNK_BYTES or end == start):
             size += 16 + len(requests[end][2])
             end += 1
         yield start, end

@@ -13,9 +13,24 @@ from typing import Iterable, Iterator, Mapping, Sequence
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import decode, encode, nla
 from orchestrator.dataplane.netlink.constants import (
-    AF_INET, AF_INET6, AF_MPLS, AF_UNSPEC, IFA_ADDRESS, IFA_LOCAL, IFLA_IFNAME, RT_PROTO, RTM_GETADDR,
-    RTM_GETLINK, RTM_GETQDISC, RTM_GETROUTE, RTM_GETRULE, RTM_GETTFILTER, RTM_NEWADDR, RTM_NEWLINK,
-    RTM_NEWROUTE, TC_H_CLSACT,
+    AF_INET,
+    AF_INET6,
+    AF_MPLS,
+    AF_UNSPEC,
+    IFA_ADDRESS,
+    IFA_LOCAL,
+    IFLA_IFNAME,
+    RT_PROTO,
+    RTM_GETADDR,
+    RTM_GETLINK,
+    RTM_GETQDISC,
+    RTM_GETROUTE,
+    RTM_GETRULE,
+    RTM_GETTFILTER,
+    RTM_NEWADDR,
+    RTM_NEWLINK,
+    RTM_NEWROUTE,
+    TC_H_CLSACT,
 )
 from orchestrator.dataplane.netlink.nlsocket import KernelError, NetlinkSocket, NftBatchSocket
 from orchestrator.dataplane.provider import UnknownDevice
@@ -26,8 +41,13 @@ PIPELINE_PIECE = 4096  # operations encoded while the previous piece is in the k
 class NetlinkProvider:
     """Provider for the kernel of one network namespace (None: ours)."""
 
-    def __init__(self, netns: str | None = None, sock: NetlinkSocket | None = None,
-                 links: Mapping[str, int] | None = None, nft_sock: NftBatchSocket | None = None) -> None:
+    def __init__(
+        self,
+        netns: str | None = None,
+        sock: NetlinkSocket | None = None,
+        links: Mapping[str, int] | None = None,
+        nft_sock: NftBatchSocket | None = None,
+    ) -> None:
         """`sock` (and `nft_sock`) instead of new sockets in `netns`, and `links` (name -> index)
         as a fixed link table instead of the kernel's (never dumped): how tests run the provider
         against a scripted kernel. The nf_tables socket is opened when first needed."""
@@ -49,7 +69,7 @@ class NetlinkProvider:
             self._nft = NftBatchSocket(self._netns)
         return self._nft
 
-    def __enter__(self) -> "NetlinkProvider":
+    def __enter__(self) -> NetlinkProvider:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -104,9 +124,11 @@ class NetlinkProvider:
         if not elements:
             return self._apply(operations)
         chosen = set(elements)
-        steps = ([i for i in elements if isinstance(operations[i], ops.Delete)],
-                 [i for i in range(len(operations)) if i not in chosen],
-                 [i for i in elements if not isinstance(operations[i], ops.Delete)])
+        steps = (
+            [i for i in elements if isinstance(operations[i], ops.Delete)],
+            [i for i in range(len(operations)) if i not in chosen],
+            [i for i in elements if not isinstance(operations[i], ops.Delete)],
+        )
         results: list[ops.OpResult | None] = [None] * len(operations)
         for step, apply in zip(steps, (self._apply_nft, self._apply, self._apply_nft)):
             if step:
@@ -137,14 +159,15 @@ class NetlinkProvider:
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as sender:
             pending = []
             for start in pieces:
-                sent, requests = self._encode(operations[start:start + PIPELINE_PIECE], start, results)
+                sent, requests = self._encode(operations[start : start + PIPELINE_PIECE], start, results)
                 pending.append((sent, sender.submit(self._sock.transact, requests)))
             for sent, future in pending:
                 self._finish(operations, sent, future.result(), results)
         return [r for r in results if r is not None]
 
-    def _encode(self, operations: Sequence[ops.Operation], offset: int,
-                results: list[ops.OpResult | None]) -> tuple[list[int], list[tuple[int, int, bytes]]]:
+    def _encode(
+        self, operations: Sequence[ops.Operation], offset: int, results: list[ops.OpResult | None]
+    ) -> tuple[list[int], list[tuple[int, int, bytes]]]:
         """Requests for the operations that encode; the others get their result now."""
         requests: list[tuple[int, int, bytes]] = []
         sent: list[int] = []
@@ -159,8 +182,12 @@ class NetlinkProvider:
         return sent, requests
 
     @staticmethod
-    def _finish(operations: Sequence[ops.Operation], sent: list[int],
-                errors: Sequence[KernelError | None], results: list[ops.OpResult | None]) -> None:
+    def _finish(
+        operations: Sequence[ops.Operation],
+        sent: list[int],
+        errors: Sequence[KernelError | None],
+        results: list[ops.OpResult | None],
+    ) -> None:
         for i, error in zip(sent, errors):
             op = operations[i]
             results[i] = ops.OpResult(op) if error is None else ops.OpResult(op, _explain(op, error), error.errno)
@@ -256,8 +283,7 @@ class NetlinkProvider:
                 attrs = nla.attrs(body, nla.IFADDRMSG.size)
                 raw = attrs.get(IFA_LOCAL, attrs.get(IFA_ADDRESS))
                 if raw is not None:
-                    out.append(socket.inet_ntop(socket.AF_INET6 if family == AF_INET6 else socket.AF_INET,
-                                                bytes(raw)))
+                    out.append(socket.inet_ntop(socket.AF_INET6 if family == AF_INET6 else socket.AF_INET, bytes(raw)))
         return out
 
     def add_address(self, dev: str, address: str) -> None:
@@ -274,8 +300,9 @@ class NetlinkProvider:
         if error is not None and error.errno != errno.EEXIST:
             raise OSError(error.errno, str(error))
 
-    def dump_filters(self, dev: str, direction: ops.Direction = ops.Direction.EGRESS,
-                     ours_only: bool = True) -> list[ops.Installed]:
+    def dump_filters(
+        self, dev: str, direction: ops.Direction = ops.Direction.EGRESS, ours_only: bool = True
+    ) -> list[ops.Installed]:
         """Flower filters of one device, optionally including others' (to compare with tc)."""
         request = nla.TCMSG.pack(AF_UNSPEC, 0, 0, self.ifindex(dev), 0, encode.filter_parent(direction), 0)
         out = []
@@ -302,8 +329,11 @@ def _cyclic_gc_paused() -> Iterator[None]:
 def _explain(op: ops.Operation, error: KernelError) -> str:
     """The kernel's words, plus what they mean for this operation where they are terse."""
     obj = op.obj
-    if (isinstance(obj, ops.FlowerFilter) and obj.offload == ops.OffloadPolicy.REQUIRED
-            and error.errno in (errno.EOPNOTSUPP, errno.EINVAL)):
+    if (
+        isinstance(obj, ops.FlowerFilter)
+        and obj.offload == ops.OffloadPolicy.REQUIRED
+        and error.errno in (errno.EOPNOTSUPP, errno.EINVAL)
+    ):
         return f"offload required but device {obj.dev} cannot offload this filter: {error}"
     if isinstance(obj, ops.FlowerFilter) and error.errno == errno.EINVAL and "Qdisc" in error.message:
         return f"{error}; device {obj.dev} needs a clsact qdisc first"

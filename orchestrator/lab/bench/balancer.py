@@ -29,10 +29,15 @@ def balancer_phase(bed: Testbed) -> tuple[RateRun, Latency]:
 
     lab = bed.lab
     first, last = label_range(bed.sessions, bed.samples)
-    balancer = BalancerLab(lab, bed.balancer, changes={
-        "labels.range": [first, last],
-        # the flood's sessions live through the whole phase, so the kernel holds them all at the end
-        "services.dns.persistence_timeout": "600s"})
+    balancer = BalancerLab(
+        lab,
+        bed.balancer,
+        changes={
+            "labels.range": [first, last],
+            # the flood's sessions live through the whole phase, so the kernel holds them all at the end
+            "services.dns.persistence_timeout": "600s",
+        },
+    )
     try:
         say("balancer: starting the daemon and the servers")
         start_balancer(balancer)
@@ -41,8 +46,9 @@ def balancer_phase(bed: Testbed) -> tuple[RateRun, Latency]:
         say("balancer: started")
         lab.sh(bed.balancer, "sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=600")
         for server in lab.names("server"):  # termination routes beyond the harness's own range
-            results = lab.provider(server).apply([ops.Add(ops.MplsRoute(label, "lo"))
-                                                  for label in range(LABELS[1], last, 2)])
+            results = lab.provider(server).apply(
+                [ops.Add(ops.MplsRoute(label, "lo")) for label in range(LABELS[1], last, 2)]
+            )
             if not all(r.ok for r in results):
                 raise RuntimeError(f"termination routes on {server}: {next(r for r in results if not r.ok)}")
         started = balancer.cli("status")["counters"].get("sessions_started", 0)
@@ -60,7 +66,7 @@ def balancer_phase(bed: Testbed) -> tuple[RateRun, Latency]:
     return rate, latency
 
 
-def start_balancer(balancer: "BalancerLab", attempts: int = 2) -> None:
+def start_balancer(balancer: BalancerLab, attempts: int = 2) -> None:
     """The harness gives the daemon 90 s to come up, which a loaded emulated VM can overrun
     (imports over 9p, nft's module loads): one more try before giving up."""
     for attempt in range(1, attempts + 1):
@@ -74,7 +80,7 @@ def start_balancer(balancer: "BalancerLab", attempts: int = 2) -> None:
             balancer.close()
 
 
-def stop_servers(lab: "Lab") -> None:
+def stop_servers(lab: Lab) -> None:
     """Stop what the harness runs on the servers' IPv4 VIP: UDP echo would answer every flood
     packet from Python, competing for the emulated CPUs with what is measured (the answers have
     nowhere to go anyway; the servers' kernels now drop the flood with a rate-limited ICMP port
@@ -87,7 +93,7 @@ def stop_servers(lab: "Lab") -> None:
             lab.stop(proc)
 
 
-def check_balancer(bed: Testbed, balancer: "BalancerLab", started_before: int) -> None:
+def check_balancer(bed: Testbed, balancer: BalancerLab, started_before: int) -> None:
     """The daemon counted every flood session, and the kernel holds a filter for each."""
     from orchestrator.dataplane import ops
 
@@ -96,5 +102,7 @@ def check_balancer(bed: Testbed, balancer: "BalancerLab", started_before: int) -
     filters = [i.obj for i in bed.lab.provider(bed.balancer).dump() if isinstance(i.obj, ops.FlowerFilter)]
     held = sum(f.match.src in sources for f in filters)
     if started < bed.sessions or held < bed.sessions:
-        raise RuntimeError(f"balancer: {started} sessions started, {held} filters in the kernel, "
-                           f"{bed.sessions} first packets out on the fabric")
+        raise RuntimeError(
+            f"balancer: {started} sessions started, {held} filters in the kernel, "
+            f"{bed.sessions} first packets out on the fabric"
+        )

@@ -35,8 +35,7 @@ def wait_for(count: Callable[[], int], target: int, since: float) -> tuple[float
         time.sleep(min(max((now - since) / 200, 0.001), 0.02))
 
 
-def flood(dev: str, dst_mac: str, vip: str, second_octet: int, count: int,
-          out: Callable[[], int]) -> dict[str, float]:
+def flood(dev: str, dst_mac: str, vip: str, second_octet: int, count: int, out: Callable[[], int]) -> dict[str, float]:
     """Send `count` first packets from consecutive sources with pktgen, in bursts the daemon's
     queue can hold, each once the previous one is through; return the time the first packet left
     this node and the time `out` (packets out of the balancer node) had grown by `count`."""
@@ -52,9 +51,13 @@ def flood(dev: str, dst_mac: str, vip: str, second_octet: int, count: int,
     busy_us, reached, seen = 0, 0.0, 0
     for first, length in chunks(count, CHUNK):
         sent_base = sent()
-        runner = pktgen.start(dev, sources[first:first + length])
+        runner = pktgen.start(dev, sources[first : first + length])
         if first_sent is None:
-            first_sent, _ = wait_for(lambda: sent() - sent_base, 1, time.monotonic())
+
+            def sent_now(base: int = sent_base) -> int:
+                return sent() - base
+
+            first_sent, _ = wait_for(sent_now, 1, time.monotonic())
         runner.join()
         usec, done = pktgen.result(dev)
         if done != length:
@@ -70,8 +73,11 @@ def flood(dev: str, dst_mac: str, vip: str, second_octet: int, count: int,
 def main(argv: list[str]) -> int:
     dev, dst_mac, vip, octet, count, pid, counter_dev = argv
     counters = Path(f"/proc/{pid}/net/dev")
-    print(json.dumps(flood(dev, dst_mac, vip, int(octet), int(count),
-                           lambda: tx_packets(counters.read_text(), counter_dev))))
+    print(
+        json.dumps(
+            flood(dev, dst_mac, vip, int(octet), int(count), lambda: tx_packets(counters.read_text(), counter_dev))
+        )
+    )
     return 0
 
 

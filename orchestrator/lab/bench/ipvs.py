@@ -16,12 +16,19 @@ if TYPE_CHECKING:
     from orchestrator.lab.kit import Lab
 
 PERSISTENCE_S = 300
-SCHEDULERS = {"rr": "rr", "wrr": "wrr", "lc": "lc", "wlc": "wlc", "maglev": "mh",
-              "source-hash": "sh", "response-time": "sed"}  # the balancer's name: IPVS's
+SCHEDULERS = {
+    "rr": "rr",
+    "wrr": "wrr",
+    "lc": "lc",
+    "wlc": "wlc",
+    "maglev": "mh",
+    "source-hash": "sh",
+    "response-time": "sed",
+}  # the balancer's name: IPVS's
 MODULES = ("ip_vs", "ip_vs_rr", "ip_vs_wrr", "ipip")
 
 
-def service_commands(config: "BalancerConfig", vip: str) -> list[list[str]]:
+def service_commands(config: BalancerConfig, vip: str) -> list[list[str]]:
     """ipvsadm's arguments for the configuration's TCP and UDP services on `vip` (what the
     benchmark sends to): a persistent virtual service per port, its pool's servers as tunnel
     (-i) real servers with their weights."""
@@ -33,19 +40,21 @@ def service_commands(config: "BalancerConfig", vip: str) -> list[list[str]]:
         for port in svc.ports:
             virtual = f"{svc.vip}:{port}"
             commands.append(["-A", flag, virtual, "-s", SCHEDULERS[svc.scheduler.value], "-p", str(PERSISTENCE_S)])
-            commands += [["-a", flag, virtual, "-r", f"{server.address}:{port}", "-i", "-w", str(server.weight)]
-                         for server in config.pool(svc.pool).servers]
+            commands += [
+                ["-a", flag, virtual, "-r", f"{server.address}:{port}", "-i", "-w", str(server.weight)]
+                for server in config.pool(svc.pool).servers
+            ]
     return commands
 
 
-def lab_servers(lab: "Lab") -> list[str]:
+def lab_servers(lab: Lab) -> list[str]:
     return [lab.address(s) for s in lab.names("server")]
 
 
 class Ipvs:
     """IPVS set up on the lab, and taken down again."""
 
-    def __init__(self, bed: Testbed, config: "BalancerConfig") -> None:
+    def __init__(self, bed: Testbed, config: BalancerConfig) -> None:
         self.bed, self.config = bed, config
         self.lab = bed.lab
 
@@ -56,10 +65,18 @@ class Ipvs:
         fabric_hop = lab.peer_address(lb, bed.fabric)
         # IPVS takes packets to local addresses only; the servers' answers come back through this
         # node from the VIP, now a local address, which fab0 must accept.
-        batch(lab, lb, [f"address add {lab.vip}/32 dev lo"]
-              + [f"route replace {s}/32 via {fabric_hop}" for s in lab_servers(lab)])
-        lab.sh(lb, "sysctl", "-qw", f"net.ipv4.conf.{bed.fab_dev}.accept_local=1",
-               f"net.ipv4.conf.{bed.fab_dev}.rp_filter=0")
+        batch(
+            lab,
+            lb,
+            [f"address add {lab.vip}/32 dev lo"] + [f"route replace {s}/32 via {fabric_hop}" for s in lab_servers(lab)],
+        )
+        lab.sh(
+            lb,
+            "sysctl",
+            "-qw",
+            f"net.ipv4.conf.{bed.fab_dev}.accept_local=1",
+            f"net.ipv4.conf.{bed.fab_dev}.rp_filter=0",
+        )
         lab.sh(bed.fabric, "ip", "route", "replace", bed.client_subnet, "via", lab.peer_address(bed.fabric, lb))
         for server in lab.names("server"):
             lab.sh(server, "ip", "link", "set", "tunl0", "up")
@@ -84,7 +101,7 @@ class Ipvs:
             lab.sh(server, "ip", "link", "set", "tunl0", "down", check=False)
 
 
-def ipvs_phase(bed: Testbed, config: "BalancerConfig") -> tuple[RateRun, Latency]:
+def ipvs_phase(bed: Testbed, config: BalancerConfig) -> tuple[RateRun, Latency]:
     ipvs = Ipvs(bed, config)
     try:
         say("ipvs: starting")

@@ -20,10 +20,19 @@ Command = tuple[str, str]  # (file under /proc/net/pktgen, what is written to it
 def setup_commands(dev: str, dst_mac: str, vip: str) -> list[Command]:
     """One device on the first pktgen thread, minimal UDP packets to the VIP's port 53, at full
     speed, each skb built afresh (veth cannot share them)."""
-    return [(THREAD, "rem_device_all"), (THREAD, f"add_device {dev}"),
-            (dev, "clone_skb 0"), (dev, "pkt_size 60"), (dev, "delay 0"), (dev, f"dst {vip}"),
-            (dev, f"dst_mac {dst_mac}"), (dev, "udp_src_min 5353"), (dev, "udp_src_max 5353"),
-            (dev, f"udp_dst_min {UDP_PORT}"), (dev, f"udp_dst_max {UDP_PORT}")]
+    return [
+        (THREAD, "rem_device_all"),
+        (THREAD, f"add_device {dev}"),
+        (dev, "clone_skb 0"),
+        (dev, "pkt_size 60"),
+        (dev, "delay 0"),
+        (dev, f"dst {vip}"),
+        (dev, f"dst_mac {dst_mac}"),
+        (dev, "udp_src_min 5353"),
+        (dev, "udp_src_max 5353"),
+        (dev, f"udp_dst_min {UDP_PORT}"),
+        (dev, f"udp_dst_max {UDP_PORT}"),
+    ]
 
 
 def burst_commands(dev: str, sources: list[str]) -> list[Command]:

@@ -56,12 +56,15 @@ def sessions(count: int) -> list[Session]:
 
 def session_objects(s: Session, handle: int) -> list[ops.DataplaneObject]:
     return [
-        ops.FlowerFilter("fab0", handle, ops.FlowerMatch(src=f"{s.client}/32", dst=f"{VIP}/32"),
-                         ops.push_stack((TRANSPORT_SERVER, s.c2s))),
+        ops.FlowerFilter(
+            "fab0",
+            handle,
+            ops.FlowerMatch(src=f"{s.client}/32", dst=f"{VIP}/32"),
+            ops.push_stack((TRANSPORT_SERVER, s.c2s)),
+        ),
         ops.MplsRoute(s.s2c, "lan0", via=CLIENT_NEXT_HOP),
         ops.MplsRoute(s.c2s, "fab0", via=FABRIC_NEXT_HOP, out_labels=(TRANSPORT_SERVER, s.c2s)),
-        ops.EncapRoute(f"{s.client}/32", (TRANSPORT_BALANCER, s.s2c), "fab0", via=FABRIC_NEXT_HOP,
-                       table=RETURN_TABLE),
+        ops.EncapRoute(f"{s.client}/32", (TRANSPORT_BALANCER, s.s2c), "fab0", via=FABRIC_NEXT_HOP, table=RETURN_TABLE),
     ]
 
 
@@ -73,18 +76,21 @@ def iproute2_batches(all_sessions: list[Session]) -> dict[str, list[tuple[list[s
     for handle, s in enumerate(all_sessions, start=1):
         add[0].append(f"route add {s.s2c} via inet {CLIENT_NEXT_HOP} dev lan0")
         add[0].append(f"route add {s.c2s} as {TRANSPORT_SERVER}/{s.c2s} via inet {FABRIC_NEXT_HOP} dev fab0")
-        add[1].append(f"route add {s.client}/32 encap mpls {TRANSPORT_BALANCER}/{s.s2c} "
-                      f"via {FABRIC_NEXT_HOP} dev fab0 table {RETURN_TABLE}")
-        add[2].append(f"filter add dev fab0 egress protocol ip pref 10 handle {handle} flower "
-                      f"src_ip {s.client}/32 dst_ip {VIP}/32 action mpls push protocol mpls_uc "
-                      f"label {s.c2s} action mpls push protocol mpls_uc label {TRANSPORT_SERVER}")
+        add[1].append(
+            f"route add {s.client}/32 encap mpls {TRANSPORT_BALANCER}/{s.s2c} "
+            f"via {FABRIC_NEXT_HOP} dev fab0 table {RETURN_TABLE}"
+        )
+        add[2].append(
+            f"filter add dev fab0 egress protocol ip pref 10 handle {handle} flower "
+            f"src_ip {s.client}/32 dst_ip {VIP}/32 action mpls push protocol mpls_uc "
+            f"label {s.c2s} action mpls push protocol mpls_uc label {TRANSPORT_SERVER}"
+        )
         delete[0].append(f"route del {s.s2c}")
         delete[0].append(f"route del {s.c2s}")
         delete[1].append(f"route del {s.client}/32 table {RETURN_TABLE}")
         delete[2].append(f"filter del dev fab0 egress protocol ip pref 10 handle {handle} flower")
     tools = (["ip", "-f", "mpls"], ["ip"], ["tc"])
-    return {job: [(tool, "\n".join(text) + "\n") for tool, text in zip(tools, parts)]
-            for job, parts in lines.items()}
+    return {job: [(tool, "\n".join(text) + "\n") for tool, text in zip(tools, parts)] for job, parts in lines.items()}
 
 
 def _sh(*cmd: str) -> None:
@@ -96,10 +102,17 @@ def build_netns(name: str, platform_labels: int) -> None:
     for module in ("mpls_router", "mpls_iptunnel", "act_mpls", "cls_flower", "sch_ingress"):
         subprocess.run(["modprobe", module], check=False)
     _sh("ip", "netns", "add", name)
-    for cmd in ("link set lo up", "link add fab0 type veth peer name fabp",
-                "link add lan0 type veth peer name lanp", "addr add 10.255.0.1/30 dev fab0",
-                "addr add 10.0.1.1/24 dev lan0", "link set fab0 up", "link set fabp up",
-                "link set lan0 up", "link set lanp up"):
+    for cmd in (
+        "link set lo up",
+        "link add fab0 type veth peer name fabp",
+        "link add lan0 type veth peer name lanp",
+        "addr add 10.255.0.1/30 dev fab0",
+        "addr add 10.0.1.1/24 dev lan0",
+        "link set fab0 up",
+        "link set fabp up",
+        "link set lan0 up",
+        "link set lanp up",
+    ):
         _sh("ip", "-n", name, *cmd.split())
     _sh("ip", "netns", "exec", name, "sysctl", "-qw", f"net.mpls.platform_labels={platform_labels}")
 
@@ -166,10 +179,15 @@ def run(count: int) -> BenchResult:
     finally:
         subprocess.run(["ip", "netns", "del", netns], check=False)
     return BenchResult(
-        sessions=count, objects=n,
-        provider_install_per_s=n / t_install, provider_delete_per_s=n / t_delete,
-        iproute2_install_per_s=n / t_ip_install, iproute2_delete_per_s=n / t_ip_delete,
-        install_ratio=t_ip_install / t_install, delete_ratio=t_ip_delete / t_delete)
+        sessions=count,
+        objects=n,
+        provider_install_per_s=n / t_install,
+        provider_delete_per_s=n / t_delete,
+        iproute2_install_per_s=n / t_ip_install,
+        iproute2_delete_per_s=n / t_ip_delete,
+        install_ratio=t_ip_install / t_install,
+        delete_ratio=t_ip_delete / t_delete,
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -183,13 +201,19 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(asdict(result)))
     else:
-        print(f"sessions {result.sessions}, objects {result.objects} "
-              f"(per session: 2 label routes, 1 flower filter, 1 encap route)")
+        print(
+            f"sessions {result.sessions}, objects {result.objects} "
+            f"(per session: 2 label routes, 1 flower filter, 1 encap route)"
+        )
         print(f"{'':10}{'provider/s':>14}{'iproute2/s':>14}{'ratio':>8}")
-        print(f"{'install':10}{result.provider_install_per_s:14.0f}"
-              f"{result.iproute2_install_per_s:14.0f}{result.install_ratio:8.2f}")
-        print(f"{'delete':10}{result.provider_delete_per_s:14.0f}"
-              f"{result.iproute2_delete_per_s:14.0f}{result.delete_ratio:8.2f}")
+        print(
+            f"{'install':10}{result.provider_install_per_s:14.0f}"
+            f"{result.iproute2_install_per_s:14.0f}{result.install_ratio:8.2f}"
+        )
+        print(
+            f"{'delete':10}{result.provider_delete_per_s:14.0f}"
+            f"{result.iproute2_delete_per_s:14.0f}{result.delete_ratio:8.2f}"
+        )
     return 0
 
 

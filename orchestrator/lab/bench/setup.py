@@ -39,7 +39,7 @@ MAX_SESSIONS, MAX_SAMPLES = 40000, 4000
 BACKLOG = 4 * CHUNK  # net.core.netdev_max_backlog during the run
 
 
-def run(lab: "Lab", sessions: int, samples: int) -> SetupResult:
+def run(lab: Lab, sessions: int, samples: int) -> SetupResult:
     from orchestrator.config.load import load_config
     from orchestrator.config.model import BalancerConfig
     from orchestrator.lab.balancer_lab import ROOT

@@ -35,16 +35,16 @@ def say(msg: str) -> None:
     print(f"bench: {time.monotonic() - T0:7.1f}s {msg}", file=sys.stderr, flush=True)
 
 
-def helper(lab: "Lab", node: str, module: "ModuleType", *args: str) -> list[str]:
+def helper(lab: Lab, node: str, module: ModuleType, *args: str) -> list[str]:
     """The command that runs a helper module with `python -m` inside `node`'s namespace."""
     return ["ip", "netns", "exec", lab.netns(node), sys.executable, "-m", module.__name__, *args]
 
 
-def mac(lab: "Lab", node: str, dev: str) -> str:
+def mac(lab: Lab, node: str, dev: str) -> str:
     return str(json.loads(lab.sh(node, "ip", "-j", "link", "show", "dev", dev).stdout)[0]["address"])
 
 
-def batch(lab: "Lab", node: str, lines: list[str]) -> None:
+def batch(lab: Lab, node: str, lines: list[str]) -> None:
     """Many `ip` commands in one run: hundreds of aliases and neighbours, one process."""
     with tempfile.NamedTemporaryFile("w", suffix=".batch", delete=False) as f:
         f.write("\n".join(lines) + "\n")
@@ -58,7 +58,7 @@ class NodeProcess:
     """A process parked in a node, so that /proc/PID/net/dev shows that node's links to any
     process (reading it costs the systems under test nothing)."""
 
-    def __init__(self, lab: "Lab", node: str) -> None:
+    def __init__(self, lab: Lab, node: str) -> None:
         self.lab = lab
         self.proc = lab.spawn(node, "sleep", "100000")
         netns = os.stat(f"/run/netns/{lab.netns(node)}").st_ino
@@ -79,7 +79,7 @@ class NodeProcess:
 class Testbed:
     """The topology facts both phases need, and the client side they share."""
 
-    def __init__(self, lab: "Lab", sessions: int, samples: int) -> None:
+    def __init__(self, lab: Lab, sessions: int, samples: int) -> None:
         self.lab, self.sessions, self.samples = lab, sessions, samples
         self.client = lab.names("client")[0]
         self.balancer = lab.names("balancer")[0]
@@ -103,9 +103,13 @@ class Testbed:
         client_mac = mac(lab, self.client, self.client_dev)
         # The flood's spoofed sources sit behind the client LAN too: the balancer answers (and so
         # opens sessions for) only clients it has a route to.
-        batch(lab, lb, [f"route replace {ALIAS_NET} dev {self.lan_dev}"]
-              + [f"route replace 10.{octet}.0.0/16 dev {self.lan_dev}" for octet in FLOOD_NETS.values()]
-              + [f"neigh replace {a} lladdr {client_mac} dev {self.lan_dev} nud permanent" for a in self.aliases])
+        batch(
+            lab,
+            lb,
+            [f"route replace {ALIAS_NET} dev {self.lan_dev}"]
+            + [f"route replace 10.{octet}.0.0/16 dev {self.lan_dev}" for octet in FLOOD_NETS.values()]
+            + [f"neigh replace {a} lladdr {client_mac} dev {self.lan_dev} nud permanent" for a in self.aliases],
+        )
         lab.sh(self.fabric, "ip", "route", "replace", ALIAS_NET, "via", lab.peer_address(self.fabric, lb))
         lab.sh(lb, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", f"net.ipv4.conf.{self.lan_dev}.rp_filter=0")
         lab.sh(self.client, "ping", "-c", "1", "-W", "5", lab.address(lb, towards=self.client))
@@ -133,8 +137,18 @@ class Testbed:
         watch = NodeProcess(lab, self.balancer)
         drops_before = softnet_drops(SOFTNET.read_text())
         try:
-            cmd = helper(lab, self.client, flood, self.client_dev, mac(lab, self.balancer, self.lan_dev),
-                         lab.vip, str(FLOOD_NETS[phase]), str(self.sessions), str(watch.pid), self.fab_dev)
+            cmd = helper(
+                lab,
+                self.client,
+                flood,
+                self.client_dev,
+                mac(lab, self.balancer, self.lan_dev),
+                lab.vip,
+                str(FLOOD_NETS[phase]),
+                str(self.sessions),
+                str(watch.pid),
+                self.fab_dev,
+            )
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=900 + self.sessions)
         finally:
             watch.close()
@@ -142,19 +156,24 @@ class Testbed:
             raise RuntimeError(f"flood helper failed: {done.stderr}")
         out = json.loads(done.stdout)
         elapsed = out["reached"] - out["start"]
-        say(f"{phase}: {out['seen']} of {self.sessions} first packets out on the fabric after {elapsed:.3f} s "
-            f"(pktgen busy {out['send_s']:.3f} s)")
+        say(
+            f"{phase}: {out['seen']} of {self.sessions} first packets out on the fabric after {elapsed:.3f} s "
+            f"(pktgen busy {out['send_s']:.3f} s)"
+        )
         if out["seen"] < self.sessions:
             drops = softnet_drops(SOFTNET.read_text()) - drops_before
-            raise RuntimeError(f"{phase}: only {out['seen']} of {self.sessions} first packets left the "
-                               f"balancer node ({flood.STALL_S:.0f} s without progress; {drops} dropped "
-                               f"from the kernel's input backlog)")
+            raise RuntimeError(
+                f"{phase}: only {out['seen']} of {self.sessions} first packets left the "
+                f"balancer node ({flood.STALL_S:.0f} s without progress; {drops} dropped "
+                f"from the kernel's input backlog)"
+            )
         return RateRun(self.sessions, elapsed, out["send_s"])
 
     def latency(self, phase: str) -> Latency:
         lab = self.lab
-        cmd = helper(lab, self.client, connect, lab.vip, str(TCP_PORT), lab.address(self.client),
-                     ",".join(self.aliases))
+        cmd = helper(
+            lab, self.client, connect, lab.vip, str(TCP_PORT), lab.address(self.client), ",".join(self.aliases)
+        )
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 5 * self.samples)
         if done.returncode != 0:
             raise RuntimeError(f"connect helper failed: {done.stderr}")

@@ -117,8 +117,9 @@ class Node(object):
     def run(self, argv):
         rc, out, err = self.m.run_command(argv)
         if rc != 0:
-            self.m.fail_json(msg="%s failed (%d): %s" % (" ".join(argv), rc, (err or out).strip()),
-                             actions=self.actions)
+            self.m.fail_json(
+                msg="%s failed (%d): %s" % (" ".join(argv), rc, (err or out).strip()), actions=self.actions
+            )
         return out
 
     # -- modules --------------------------------------------------------------------------------
@@ -145,8 +146,13 @@ class Node(object):
         for version in p["forwarding"]:
             if version not in (4, 6):
                 self.m.fail_json(msg="forwarding: %r is not an IP version (4 or 6)" % version)
-            out.append((["net", "ipv4", "ip_forward"] if version == 4 else ["net", "ipv6", "conf", "all", "forwarding"],
-                        "1", False))
+            out.append(
+                (
+                    ["net", "ipv4", "ip_forward"] if version == 4 else ["net", "ipv6", "conf", "all", "forwarding"],
+                    "1",
+                    False,
+                )
+            )
         for dev in p["rp_filter_loose"]:
             out.append((["net", "ipv4", "conf", dev, "rp_filter"], "2", dev != "lo"))
         if p["conntrack_checksum"] is not None:
@@ -164,8 +170,11 @@ class Node(object):
                     # Not there yet: a module this run would load brings it.
                     self.change(name, "(absent)", value, "sysctl -w %s=%s" % (name, value))
                     continue
-                self.m.fail_json(msg="sysctl %s does not exist here (is the interface missing, or its kernel "
-                                     "module not loaded?)" % name, actions=self.actions)
+                self.m.fail_json(
+                    msg="sysctl %s does not exist here (is the interface missing, or its kernel "
+                    "module not loaded?)" % name,
+                    actions=self.actions,
+                )
             if parts[-1] == "platform_labels" and not self.p["shrink_platform_labels"] and int(current) >= int(value):
                 continue
             if parts[-1] == "rp_filter" and current != "1":
@@ -224,12 +233,30 @@ class Node(object):
             if current is not None and current[:2] == (via, dev):
                 continue
             family = "inet6" if ":" in via else "inet"
-            self.change("mpls route %d" % label, current[2] if current else "(none)",
-                        "via %s %s dev %s" % (family, via, dev),
-                        "ip -f mpls route replace %d via %s %s dev %s" % (label, family, via, dev))
+            self.change(
+                "mpls route %d" % label,
+                current[2] if current else "(none)",
+                "via %s %s dev %s" % (family, via, dev),
+                "ip -f mpls route replace %d via %s %s dev %s" % (label, family, via, dev),
+            )
             if not self.check:
-                self.run(["ip", "-f", "mpls", "route", "replace", str(label), "via", family, via, "dev", dev,
-                          "proto", "static"])
+                self.run(
+                    [
+                        "ip",
+                        "-f",
+                        "mpls",
+                        "route",
+                        "replace",
+                        str(label),
+                        "via",
+                        family,
+                        via,
+                        "dev",
+                        dev,
+                        "proto",
+                        "static",
+                    ]
+                )
 
     # -- files ------------------------------------------------------------------------------------
     def file(self, path, content):
@@ -258,10 +285,15 @@ class Node(object):
     def files(self, wanted):
         p = self.p
         if p["modules"]:
-            self.file(p["modules_load_file"], "# mplsorch (mpls_node role): kernel modules loaded at boot\n"
-                      + "".join(name + "\n" for name in p["modules"]))
-        lines = ["# mplsorch (mpls_node role): applied at boot by systemd-sysctl, after modules-load.d",
-                 "# (per device lines start with '-': a device that is not there yet is no error)."]
+            self.file(
+                p["modules_load_file"],
+                "# mplsorch (mpls_node role): kernel modules loaded at boot\n"
+                + "".join(name + "\n" for name in p["modules"]),
+            )
+        lines = [
+            "# mplsorch (mpls_node role): applied at boot by systemd-sysctl, after modules-load.d",
+            "# (per device lines start with '-': a device that is not there yet is no error).",
+        ]
         for parts, value, optional in wanted:
             lines.append("%s%s = %s" % ("-" if optional else "", sysctl_name(parts), value))
         self.file(p["sysctl_file"], "\n".join(lines) + "\n")
@@ -300,8 +332,15 @@ def main():
     node.files(wanted)
     diff = list(node.diffs)
     if node.before:
-        diff.insert(0, {"before_header": "kernel state", "after_header": "kernel state",
-                        "before": "\n".join(node.before) + "\n", "after": "\n".join(node.after) + "\n"})
+        diff.insert(
+            0,
+            {
+                "before_header": "kernel state",
+                "after_header": "kernel state",
+                "before": "\n".join(node.before) + "\n",
+                "after": "\n".join(node.after) + "\n",
+            },
+        )
     module.exit_json(changed=bool(node.actions), actions=node.actions, diff=diff)
 
 

@@ -59,7 +59,7 @@ def running_pid(pid_file, command):
     except (OSError, ValueError):
         return 0
     args = cmdline(pid)
-    if args is None or args[-len(command):] != command:
+    if args is None or args[-len(command) :] != command:
         return 0
     try:
         with open("/proc/%d/stat" % pid) as f:
@@ -111,8 +111,9 @@ class Service(object):
             os.unlink(p["ready_path"])  # a stale socket of a daemon that is gone
         offset = log_size(p["log_file"])
         with open(p["log_file"], "ab") as log, open(os.devnull, "rb") as devnull:
-            proc = subprocess.Popen(self.command, stdin=devnull, stdout=log, stderr=log, cwd="/",
-                                    start_new_session=True, close_fds=True)
+            proc = subprocess.Popen(
+                self.command, stdin=devnull, stdout=log, stderr=log, cwd="/", start_new_session=True, close_fds=True
+            )
         with open(p["pid_file"] + ".tmp", "w") as f:
             f.write("%d\n" % proc.pid)
         os.rename(p["pid_file"] + ".tmp", p["pid_file"])
@@ -120,11 +121,15 @@ class Service(object):
         while not os.path.exists(p["ready_path"]):
             status = proc.poll()
             if status is not None:
-                self.fail("%s exited with status %d while starting" % (" ".join(self.command), status), offset,
-                          rc=status)
+                self.fail(
+                    "%s exited with status %d while starting" % (" ".join(self.command), status), offset, rc=status
+                )
             if time.monotonic() > deadline:
-                self.fail("%s did not open %s within %d s (left running, pid %d)"
-                          % (" ".join(self.command), p["ready_path"], p["timeout"], proc.pid), offset)
+                self.fail(
+                    "%s did not open %s within %d s (left running, pid %d)"
+                    % (" ".join(self.command), p["ready_path"], p["timeout"], proc.pid),
+                    offset,
+                )
             time.sleep(0.2)
         return proc.pid
 
@@ -179,8 +184,12 @@ def main():
     if state == "reloaded" and not pid:
         module.exit_json(changed=False, pid=0, msg="not running: nothing to reload")
     if module.check_mode:
-        verb = {"started": "start", "restarted": "restart" if pid else "start", "reloaded": "reload",
-                "stopped": "stop"}[state]
+        verb = {
+            "started": "start",
+            "restarted": "restart" if pid else "start",
+            "reloaded": "reload",
+            "stopped": "stop",
+        }[state]
         module.exit_json(changed=True, pid=pid, msg="would %s" % verb)
     if state == "reloaded":
         answer = svc.reload(pid)

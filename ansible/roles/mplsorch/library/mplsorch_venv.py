@@ -86,15 +86,21 @@ def main():
     if installed == wanted and os.access(executable, os.X_OK):
         module.exit_json(msg="%s is installed in %s" % (name, venv), **result)
     result["changed"] = True
-    result["diff"] = [{"before_header": stamp, "after_header": stamp,
-                       "before": json.dumps(installed, indent=1) + "\n" if installed else "",
-                       "after": json.dumps(wanted, indent=1) + "\n"}]
+    result["diff"] = [
+        {
+            "before_header": stamp,
+            "after_header": stamp,
+            "before": json.dumps(installed, indent=1) + "\n" if installed else "",
+            "after": json.dumps(wanted, indent=1) + "\n",
+        }
+    ]
     if module.check_mode:
         module.exit_json(msg="would install %s into %s" % (name, venv), **result)
 
     def run(argv):
-        rc, out, err = module.run_command(argv, environ_update={"PIP_DISABLE_PIP_VERSION_CHECK": "1",
-                                                                "PIP_NO_INPUT": "1"})
+        rc, out, err = module.run_command(
+            argv, environ_update={"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
+        )
         if rc != 0:
             module.fail_json(msg="%s failed (%d)" % (" ".join(argv), rc), stdout=out, stderr=err, **result)
         return out
@@ -102,8 +108,12 @@ def main():
     python = os.path.join(venv, "bin", "python")
     pip_wheel = None
     if p["pip_wheel"]:
-        found = sorted(glob.glob(p["pip_wheel"]), key=lambda w: [(int(x), "") if x.isdigit() else (-1, x) for x in
-                                                                 os.path.basename(w).split("-")[1].split(".")])
+        found = sorted(
+            glob.glob(p["pip_wheel"]),
+            key=lambda w: [
+                (int(x), "") if x.isdigit() else (-1, x) for x in os.path.basename(w).split("-")[1].split(".")
+            ],
+        )
         if not found:
             module.fail_json(msg="no pip wheel matches %s" % p["pip_wheel"], **result)
         pip_wheel = found[-1]

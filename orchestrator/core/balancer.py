@@ -34,6 +34,7 @@ from orchestrator.core.schedulers import Scheduler, ServerState, make_scheduler
 from orchestrator.core.servers import AdminState, ServerAdmin
 from orchestrator.core.sessions import Session, SessionTable, State
 from orchestrator.dataplane import handles, ops, records
+from orchestrator.dataplane.ops import Operation
 
 FLOWER_PROTOS = frozenset(ipproto.BY_NAME)  # every service protocol has a flower ip_proto key
 PREF_IPV4, PREF_IPV6 = 10, 11  # the kernel keeps one protocol per filter priority
@@ -60,6 +61,9 @@ class Plan:
     groups: dict[int, tuple[int, int]] = field(default_factory=dict)  # session id -> ops slice
     rekeyed: set[int] = field(default_factory=set)  # sessions of earlier batches that got a new client address
     undo: dict[int, Undo] = field(default_factory=dict)  # those sessions before their re-key
+    # Fast-path element adds per session, kept out of `ops`: commit releases those of sessions
+    # whose objects all got in (Commit.admit), so no element admits flows past a failed filter.
+    elements: dict[int, list[Operation]] = field(default_factory=dict)
     # In packet order: each verdict, and the session whose objects it waits for (None: final).
     verdicts: list[tuple[int | None, PacketVerdict]] = field(default_factory=list)
 
@@ -69,6 +73,9 @@ class Commit:
     verdicts: tuple[PacketVerdict, ...]
     cleanup: tuple[ops.Operation, ...]  # deletes of what a failed session did get installed
     failures: tuple[str, ...]
+    # The fast-path elements of the sessions (and re-keys) whose objects all got in: applied
+    # after `plan.ops`, before the verdicts, so an element never exists for a session that failed.
+    admit: tuple[ops.Operation, ...] = ()
 
 
 class Balancer:
@@ -352,7 +359,7 @@ class Balancer:
         session.objects = [o for o in session.objects if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
         session.objects.append(route)
         for element in self.fast_elements(session, svc, client):
-            plan.ops.append(ops.Add(element))
+            plan.elements.setdefault(session.id, []).append(ops.Add(element))
             session.objects.append(element)
 
     @staticmethod
@@ -416,6 +423,7 @@ class Balancer:
         """The provider's results for `plan.ops` decide the waiting packets' verdicts."""
         failed: dict[int, list[str]] = {}
         cleanup: list[ops.Operation] = []
+        admit: list[ops.Operation] = []
         for session_id, (start, end) in plan.groups.items():
             group = results[start:end]
             bad = [str(r) for r in group if not r.ok]
@@ -423,6 +431,7 @@ class Balancer:
                 session = self.table.by_id(session_id)
                 if session is not None and session.state == State.OPENING:
                     session.state = State.SERVING
+                admit += plan.elements.get(session_id, [])
                 continue
             failed[session_id] = bad
             session = self.table.by_id(session_id)
@@ -448,7 +457,7 @@ class Balancer:
         ]
         for v in verdicts:
             self.counters[f"verdict:{v.action}"] += 1
-        return Commit(tuple(verdicts), tuple(cleanup), tuple(x for f in failed.values() for x in f))
+        return Commit(tuple(verdicts), tuple(cleanup), tuple(x for f in failed.values() for x in f), tuple(admit))
 
     def _undo_rekey(
         self, session: Session, undo: Undo, group: Sequence[ops.OpResult], now: float

@@ -38,7 +38,7 @@ from orchestrator.dataplane.ops import Operation
 
 FLOWER_PROTOS = frozenset(ipproto.BY_NAME)  # every service protocol has a flower ip_proto key
 PREF_IPV4, PREF_IPV6 = 10, 11  # the kernel keeps one protocol per filter priority
-PREF_ESP4 = 12  # cls_u32 nodes of IPv4 esp-spi sessions: one classifier per priority too
+PREF_ESP = 12  # cls_u32 nodes of esp-spi sessions, both families (protocol all): one classifier per priority too
 
 
 @dataclass
@@ -316,7 +316,7 @@ class Balancer:
         ports: tuple[int | None, ...] = (info.dport,) if five else (svc.ports or (None,))
         tag = records.pack(self._record(session))
         if self._by_spi(SessionKey(session.key.kind, session.key.value, client)):
-            # flower has no SPI key: a u32 node matches source, VIP and SPI (IPv4).
+            # flower has no SPI key: a u32 node matches source, VIP and SPI.
             node = self._free_node()
             assert node is not None  # _packet checked
             self.u32_nodes.add(node)
@@ -326,7 +326,7 @@ class Balancer:
                 handles.u32_handle(node),
                 ops.esp_keys(client, session.vip, spi),
                 ops.push_stack((self.transport[session.server], session.c2s)),
-                pref=PREF_ESP4,
+                pref=PREF_ESP,
                 tag=tag,
             )
             plan.ops.append(ops.Add(u32))
@@ -379,8 +379,8 @@ class Balancer:
 
     @staticmethod
     def _by_spi(key: SessionKey) -> bool:
-        """Is this an ESP session told apart by its SPI from an IPv4 client (a u32 filter)?"""
-        return key.kind == SessionKeyKind.ESP_SPI and key.value.startswith("spi:") and ":" not in key.client
+        """Is this an ESP session told apart by its SPI (a u32 filter, either family)?"""
+        return key.kind == SessionKeyKind.ESP_SPI and key.value.startswith("spi:")
 
     def _free_node(self) -> int | None:
         """The lowest u32 node no filter of ours holds (None: all 4095 are taken)."""

@@ -144,6 +144,27 @@ def test_esp_spi_queues_every_packet_of_an_unknown_spi_whatever_its_ct_state() -
     assert any(line.strip().startswith("ct state new ip daddr 10.0.0.100 tcp dport { 80 }") for line in lines)
 
 
+def test_ipv6_esp_behind_extension_headers_is_dropped_and_counted_in_the_kernel() -> None:
+    """The IPv6 u32 node reads the SPI right after the fixed header: ESP behind extension
+    headers could not be labelled, so the ruleset drops it (first packet or not) and counts it."""
+    cfg = config(
+        {
+            "services.mobile.protocol": "esp",
+            "services.mobile.ports": DELETE,
+            "services.mobile.session_key": "esp-spi",
+            "services.mobile.admission.refuse_with": "icmp",
+        }
+    )
+    lines = [line.strip() for line in nftables.render(cfg).splitlines()]
+    rule = "ip6 daddr fd00:100::100 meta l4proto esp ip6 nexthdr != esp counter name esp_exthdr_mobile drop"
+    assert "counter esp_exthdr_mobile {}" in lines
+    mobile = [line for line in lines if line.startswith(("ct state new ip6", "ip6 daddr"))]
+    assert mobile[0] == rule and "@fastesp6 ct mark set" in mobile[1]
+    assert mobile[-1].startswith(
+        "ip6 daddr fd00:100::100 meta l4proto esp ip6 saddr . ip6 daddr . esp spi != @fastesp6"
+    )
+
+
 def test_a_service_without_ports_gets_the_protocol_element() -> None:
     node = Node(config(ESP_CLIENT))
     node.packets(esp("10.0.1.10", 0x1234))

@@ -11,7 +11,7 @@ objects failed is rolled back, its packet dropped, nothing left half-programmed.
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from orchestrator import ipproto
@@ -693,7 +693,8 @@ class Balancer:
         client), to the client or its gateway. A hold marker at a label no session has holds its
         pair down again, the timer restarted. Flows come from a conntrack dump. Objects that
         belong to no session (no service or server any more, a pair out of range, a route
-        without its session) are deleted."""
+        without its session) are deleted; u32 nodes of an earlier layout are made again in this
+        one."""
         by_transport = {s.transport_label: name for name, s in self.servers.items()}
         routes = {i.obj.label: i.obj for i in installed if isinstance(i.obj, ops.MplsRoute)}
         stale: list[ops.Operation] = []
@@ -749,7 +750,22 @@ class Balancer:
             stale.append(ops.Delete(route))
         self.counters["restored_sessions"] = len(self.table)
         self.counters["restored_hold_downs"] = len(self.markers)
-        return stale
+        return stale + self._migrate_u32()
+
+    def _migrate_u32(self) -> list[ops.Operation]:
+        """Restored u32 nodes of the IPv4-only layout (protocol ip) move to the protocol-all
+        classifier, or no new ESP session could join their pref (the kernel keeps one protocol
+        per pref). All of them go first, so their classifier goes with the last and the new one
+        gets the root table 800: again; each session's packets pass unlabelled only between."""
+        old = [(s, o) for s in self.table for o in s.objects if isinstance(o, ops.U32Filter) and o.protocol != "all"]
+        adds: list[ops.Operation] = []
+        for session, node in old:
+            new = replace(node, protocol="all")
+            session.objects[session.objects.index(node)] = new
+            adds.append(ops.Add(new))
+        if old:
+            self.counters["u32_nodes_migrated"] += len(old)
+        return [ops.Delete(node) for _, node in old] + adds
 
     def _restore_filter(
         self,

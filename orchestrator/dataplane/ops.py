@@ -369,7 +369,8 @@ class U32Filter:
     pref, so `handle` is 0x800:0:NODE (dataplane/handles.py). One classifier (protocol `all`)
     holds the nodes of both families: a second u32 classifier on the device would get another
     root table (801:, ...) in the order they were made, which no handle could name in advance.
-    `ip` is the protocol of nodes an earlier, IPv4-only version made (restored as they are)."""
+    `ip` is the protocol of nodes an earlier, IPv4-only version made (restore makes them again
+    as `all`, core.balancer)."""
 
     dev: str
     handle: int

@@ -6,6 +6,8 @@ new session frees its pair at once."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
@@ -341,20 +343,29 @@ def test_ipv6_esp_sessions_one_per_spi_in_the_same_u32_classifier_as_ipv4() -> N
     assert out is not None and out.labels == (TRANSPORT[v4.server], v4.c2s)
 
 
-def test_nodes_of_an_ipv4_only_version_are_restored_as_they_are() -> None:
-    """An earlier version put IPv4 nodes in a protocol-ip classifier: they come back with their
-    sessions and are deleted under that protocol."""
-    node = Node(ESP)
-    node.packets(esp("10.0.1.30", 0x1001))
-    [session] = node.core.table
-    [new] = [o for o in session.objects if isinstance(o, ops.U32Filter)]
-    old = ops.U32Filter(new.dev, new.handle, new.keys, new.actions, pref=new.pref, tag=new.tag, protocol="ip")
-    assert all(r.ok for r in node.kernel.apply([ops.Delete(new), ops.Add(old)]))
-    fresh = Balancer(ESP, node.now)
-    assert fresh.restore(node.kernel.dump(), frozenset(), node.now) == []
-    [restored] = fresh.table
-    assert old in restored.objects and restored.key.value == "spi:0x00001001"
-    assert all(r.ok for r in node.kernel.apply(fresh.end(restored, node.now, "test")))
+def test_nodes_of_the_ipv4_only_layout_move_to_the_protocol_all_classifier_at_restore() -> None:
+    """An earlier version put IPv4 nodes in a protocol-ip classifier at pref 12: while one stays
+    there no protocol-all node can join the pref, so restore makes them again in the new one."""
+    node = Node(ESP46)
+    node.packets(esp("10.0.1.30", 0x1001), esp("10.0.1.31", 0x1002))
+    new = [o for s in node.core.table for o in s.objects if isinstance(o, ops.U32Filter)]
+    old = [replace(n, protocol="ip") for n in new]
+    assert all(r.ok for r in node.kernel.apply([ops.Delete(n) for n in new] + [ops.Add(n) for n in old]))
+    # What the old layout blocks: an IPv6 node at the same pref.
+    blocked = ops.U32Filter("fab0", handles.u32_handle(9), ops.esp_keys("2001:db8::9", VIP6, 9), new[0].actions)
+    [refused] = node.kernel.apply([ops.Add(blocked)])
+    assert not refused.ok and "another protocol" in str(refused)
+    fresh = Balancer(ESP46, node.now)
+    migrate = fresh.restore(node.kernel.dump(), frozenset(), node.now)
+    assert migrate == [ops.Delete(n) for n in old] + [ops.Add(n) for n in new]
+    assert all(r.ok for r in node.kernel.apply(migrate)) and fresh.counters["u32_nodes_migrated"] == 2
+    assert sorted(map(repr, (o for s in fresh.table for o in s.objects if isinstance(o, ops.U32Filter)))) == sorted(
+        map(repr, new)
+    )
+    node.core = fresh
+    assert [v.action for v in node.packets(esp6("2001:db8:1::30", 0x6001)).verdicts] == [Action.ACCEPT]
+    for session in fresh.table:
+        assert all(r.ok for r in node.kernel.apply(fresh.end(session, node.now, "test")))
     assert not any(isinstance(i.obj, ops.U32Filter) for i in node.kernel.dump())
 
 

@@ -40,6 +40,8 @@ def render(config: BalancerConfig, template_dir: Path = TEMPLATES) -> str:
             l4 = f"meta l4proto {proto}"
         flags = "bypass,fanout" if svc.fail_policy == FailPolicy.OPEN else "fanout"
         family = "ip6" if version == 6 else "ip"
+        fast = fast_path_match(svc.session_key, family, proto, bool(svc.ports))
+        by_spi = svc.session_key == SessionKeyKind.ESP_SPI and proto == "esp"
         services.append(
             {
                 "name": svc.name,
@@ -48,7 +50,9 @@ def render(config: BalancerConfig, template_dir: Path = TEMPLATES) -> str:
                 "family": family,
                 "l4": l4,
                 "queue_flags": flags,
-                "fast": fast_path_match(svc.session_key, family, proto, bool(svc.ports)),
+                "fast": fast,
+                "new": new_packet_match(by_spi, family, str(svc.vip), l4),
+                "exthdr": by_spi and family == "ip6",
             }
         )
     first, last = config.nfqueue.queues
@@ -76,6 +80,19 @@ def fast_path_match(kind: SessionKeyKind, family: str, proto: str, ports: bool) 
     if kind == SessionKeyKind.ESP_SPI and proto == "esp":
         return f"{head} . esp spi @fastesp{version}"
     return f"{head} . meta l4proto . th dport @fast{version}" if ports else f"{head} . meta l4proto @fastproto{version}"
+
+
+def new_packet_match(by_spi: bool, family: str, vip: str, l4: str) -> str:
+    """What makes a packet to a service a session's first: a new flow (`ct state new`), except
+    for ESP told apart by SPI, where conntrack keeps one entry per address pair (generic
+    protocol) and a client's second SPI is an established flow to it. There any packet whose
+    (source, VIP, SPI) is not in the fast-path set is a first packet, whatever its ct state;
+    the packets of known SPIs never match, so they never reach userspace."""
+    head = f"{family} daddr {vip} {l4}"
+    if by_spi:
+        version = 6 if family == "ip6" else 4
+        return f"{head} {family} saddr . {family} daddr . esp spi != @fastesp{version}"
+    return f"ct state new {head}"
 
 
 def render_server(config: ServerConfig, template_dir: Path = TEMPLATES) -> str:

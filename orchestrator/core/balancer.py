@@ -11,7 +11,7 @@ objects failed is rolled back, its packet dropped, nothing left half-programmed.
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from orchestrator import ipproto
@@ -34,10 +34,11 @@ from orchestrator.core.schedulers import Scheduler, ServerState, make_scheduler
 from orchestrator.core.servers import AdminState, ServerAdmin
 from orchestrator.core.sessions import Session, SessionTable, State
 from orchestrator.dataplane import handles, ops, records
+from orchestrator.dataplane.ops import Operation
 
 FLOWER_PROTOS = frozenset(ipproto.BY_NAME)  # every service protocol has a flower ip_proto key
 PREF_IPV4, PREF_IPV6 = 10, 11  # the kernel keeps one protocol per filter priority
-PREF_ESP4 = 12  # cls_u32 nodes of IPv4 esp-spi sessions: one classifier per priority too
+PREF_ESP = 12  # cls_u32 nodes of esp-spi sessions, both families (protocol all): one classifier per priority too
 
 
 @dataclass
@@ -60,6 +61,9 @@ class Plan:
     groups: dict[int, tuple[int, int]] = field(default_factory=dict)  # session id -> ops slice
     rekeyed: set[int] = field(default_factory=set)  # sessions of earlier batches that got a new client address
     undo: dict[int, Undo] = field(default_factory=dict)  # those sessions before their re-key
+    # Fast-path element adds per session, kept out of `ops`: commit releases those of sessions
+    # whose objects all got in (Commit.admit), so no element admits flows past a failed filter.
+    elements: dict[int, list[Operation]] = field(default_factory=dict)
     # In packet order: each verdict, and the session whose objects it waits for (None: final).
     verdicts: list[tuple[int | None, PacketVerdict]] = field(default_factory=list)
 
@@ -69,6 +73,9 @@ class Commit:
     verdicts: tuple[PacketVerdict, ...]
     cleanup: tuple[ops.Operation, ...]  # deletes of what a failed session did get installed
     failures: tuple[str, ...]
+    # The fast-path elements of the sessions (and re-keys) whose objects all got in: applied
+    # after `plan.ops`, before the verdicts, so an element never exists for a session that failed.
+    admit: tuple[ops.Operation, ...] = ()
 
 
 class Balancer:
@@ -309,7 +316,7 @@ class Balancer:
         ports: tuple[int | None, ...] = (info.dport,) if five else (svc.ports or (None,))
         tag = records.pack(self._record(session))
         if self._by_spi(SessionKey(session.key.kind, session.key.value, client)):
-            # flower has no SPI key: a u32 node matches source, VIP and SPI (IPv4).
+            # flower has no SPI key: a u32 node matches source, VIP and SPI.
             node = self._free_node()
             assert node is not None  # _packet checked
             self.u32_nodes.add(node)
@@ -319,7 +326,7 @@ class Balancer:
                 handles.u32_handle(node),
                 ops.esp_keys(client, session.vip, spi),
                 ops.push_stack((self.transport[session.server], session.c2s)),
-                pref=PREF_ESP4,
+                pref=PREF_ESP,
                 tag=tag,
             )
             plan.ops.append(ops.Add(u32))
@@ -354,7 +361,7 @@ class Balancer:
         session.objects = [o for o in session.objects if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
         session.objects.append(route)
         for element in self.fast_elements(session, svc, client):
-            plan.ops.append(ops.Add(element))
+            plan.elements.setdefault(session.id, []).append(ops.Add(element))
             session.objects.append(element)
 
     @staticmethod
@@ -374,8 +381,8 @@ class Balancer:
 
     @staticmethod
     def _by_spi(key: SessionKey) -> bool:
-        """Is this an ESP session told apart by its SPI from an IPv4 client (a u32 filter)?"""
-        return key.kind == SessionKeyKind.ESP_SPI and key.value.startswith("spi:") and ":" not in key.client
+        """Is this an ESP session told apart by its SPI (a u32 filter, either family)?"""
+        return key.kind == SessionKeyKind.ESP_SPI and key.value.startswith("spi:")
 
     def _free_node(self) -> int | None:
         """The lowest u32 node no filter of ours holds (None: all 4095 are taken)."""
@@ -418,6 +425,7 @@ class Balancer:
         """The provider's results for `plan.ops` decide the waiting packets' verdicts."""
         failed: dict[int, list[str]] = {}
         cleanup: list[ops.Operation] = []
+        admit: list[ops.Operation] = []
         for session_id, (start, end) in plan.groups.items():
             group = results[start:end]
             bad = [str(r) for r in group if not r.ok]
@@ -425,6 +433,7 @@ class Balancer:
                 session = self.table.by_id(session_id)
                 if session is not None and session.state == State.OPENING:
                     session.state = State.SERVING
+                admit += plan.elements.get(session_id, [])
                 continue
             failed[session_id] = bad
             session = self.table.by_id(session_id)
@@ -450,7 +459,7 @@ class Balancer:
         ]
         for v in verdicts:
             self.counters[f"verdict:{v.action}"] += 1
-        return Commit(tuple(verdicts), tuple(cleanup), tuple(x for f in failed.values() for x in f))
+        return Commit(tuple(verdicts), tuple(cleanup), tuple(x for f in failed.values() for x in f), tuple(admit))
 
     def _undo_rekey(
         self, session: Session, undo: Undo, group: Sequence[ops.OpResult], now: float
@@ -686,7 +695,8 @@ class Balancer:
         client), to the client or its gateway. A hold marker at a label no session has holds its
         pair down again, the timer restarted. Flows come from a conntrack dump. Objects that
         belong to no session (no service or server any more, a pair out of range, a route
-        without its session) are deleted."""
+        without its session) are deleted; u32 nodes of an earlier layout are made again in this
+        one."""
         by_transport = {s.transport_label: name for name, s in self.servers.items()}
         routes = {i.obj.label: i.obj for i in installed if isinstance(i.obj, ops.MplsRoute)}
         stale: list[ops.Operation] = []
@@ -742,7 +752,22 @@ class Balancer:
             stale.append(ops.Delete(route))
         self.counters["restored_sessions"] = len(self.table)
         self.counters["restored_hold_downs"] = len(self.markers)
-        return stale
+        return stale + self._migrate_u32()
+
+    def _migrate_u32(self) -> list[ops.Operation]:
+        """Restored u32 nodes of the IPv4-only layout (protocol ip) move to the protocol-all
+        classifier, or no new ESP session could join their pref (the kernel keeps one protocol
+        per pref). All of them go first, so their classifier goes with the last and the new one
+        gets the root table 800: again; each session's packets pass unlabelled only between."""
+        old = [(s, o) for s in self.table for o in s.objects if isinstance(o, ops.U32Filter) and o.protocol != "all"]
+        adds: list[ops.Operation] = []
+        for session, node in old:
+            new = replace(node, protocol="all")
+            session.objects[session.objects.index(node)] = new
+            adds.append(ops.Add(new))
+        if old:
+            self.counters["u32_nodes_migrated"] += len(old)
+        return [ops.Delete(node) for _, node in old] + adds
 
     def _restore_filter(
         self,

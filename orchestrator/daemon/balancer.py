@@ -216,6 +216,7 @@ class BalancerDaemon(Daemon):
         results = self.program(plan.ops, "new session")
         commit = self.core.commit(plan, results, now)
         self.program(list(commit.cleanup), "rollback")
+        self.program(list(commit.admit), "fast path")
         self.queue.send_verdicts(nf_verdict(v) for v in commit.verdicts)
         self.batches += 1
         for session_id in plan.groups:

@@ -246,7 +246,8 @@ class FakeProvider:
     ) -> Forwarding | None:
         """An IP packet leaving the node. With `out_dev`, a plain IP route (not modelled) sends it
         there and the egress flower filters of that device label it (first match by pref, then
-        handle; u32 filters read the words of an IPv4 header without options and, for ESP, `spi`).
+        handle; u32 filters read the words of an IPv4 header without options or an IPv6 header
+        without extension headers and, for ESP, `spi`).
         Without, policy routing decides (route_ip); the encap then makes it an MPLS packet, which
         ip/ipv6 filters no longer match."""
         if out_dev is None:
@@ -263,12 +264,12 @@ class FakeProvider:
             ),
             key=lambda f: (f.pref, f.handle),
         )
-        header = _ipv4_words(src_ip, dst_ip, proto, spi)
+        header = _header_words(src_ip, dst_ip, proto, spi)
         for flt in filters:
             if (
                 _matches(flt, src_ip, dst_ip, proto, sport, dport)
                 if isinstance(flt, FlowerFilter)
-                else header is not None
+                else (flt.protocol == "all" or src_ip.version == 4)
                 and all(int.from_bytes(header[k.offset : k.offset + 4], "big") & k.mask == k.value for k in flt.keys)
             ):
                 for action in flt.actions:
@@ -387,6 +388,8 @@ class FakeProvider:
         ]
         if any(not isinstance(f, U32Filter) for f in same_pref):
             raise _Rejected(errno.EINVAL, f"pref {flt.pref} on {flt.dev} {flt.direction} holds another classifier")
+        if any(f.protocol != flt.protocol for f in same_pref if isinstance(f, U32Filter) and f.key != flt.key):
+            raise _Rejected(errno.EINVAL, f"pref {flt.pref} on {flt.dev} {flt.direction} holds another protocol")
         if not isinstance(op, Delete) and flt.handle >> 20 != _U32_ROOT:
             raise _Rejected(errno.EINVAL, "Handle specified hash table address mismatch")
 
@@ -427,19 +430,19 @@ def _check_stack(labels: tuple[int, ...], what: str) -> None:
         raise _Rejected(errno.EINVAL, f"implicit null (3) cannot be in an {what} label stack")
 
 
-def _ipv4_words(
+def _header_words(
     src: ipaddress.IPv4Address | ipaddress.IPv6Address,
     dst: ipaddress.IPv4Address | ipaddress.IPv6Address,
     proto: str | None,
     spi: int | None,
-) -> bytes | None:
-    """The first 24 bytes of an IPv4 packet without options as u32 sees them (None for IPv6)."""
-    if src.version != 4:
-        return None
+) -> bytes:
+    """The start of an IP packet as u32 sees it: an IPv4 header without options or an IPv6
+    header without extension headers, then the first word of the transport header (the SPI)."""
     number = ipproto.BY_NAME.get(proto or "", 0)
-    return (
-        bytes([0x45, 0, 0, 0, 0, 0, 0, 0, 64, number, 0, 0]) + src.packed + dst.packed + (spi or 0).to_bytes(4, "big")
-    )
+    tail = (spi or 0).to_bytes(4, "big")
+    if src.version == 6:
+        return bytes([0x60, 0, 0, 0, 0, 0, number, 64]) + src.packed + dst.packed + tail
+    return bytes([0x45, 0, 0, 0, 0, 0, 0, 0, 64, number, 0, 0]) + src.packed + dst.packed + tail
 
 
 def _matches(

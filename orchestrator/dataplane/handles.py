@@ -2,9 +2,10 @@
 session (a restart rebuilds the table from the kernel's filters by it) and the index tells a
 session's filters apart (one per port of the service, for every client address it has had).
 
-The C2S filters of IPv4 `esp-spi` sessions are cls_u32 nodes, whose handle is `htid:hash:node`
-(12, 8 and 12 bits): ours are nodes 1..4095 of the root hash table 800: of their pref, so a
-device holds at most U32_NODES of them; their C2S label is the one they push.
+The C2S filters of `esp-spi` sessions (both families) are cls_u32 nodes, whose handle is
+`htid:hash:node` (12, 8 and 12 bits): ours are nodes 1..4095 of the root hash table 800: of
+their pref, the device's only u32 classifier (a second one would get 801:), so a device holds
+at most U32_NODES of them; their C2S label is the one they push.
 
 Only this module writes or reads that layout. An index that does not fit in 8 bits raises instead
 of wrapping onto another filter of the same session (the kernel would answer "object exists");

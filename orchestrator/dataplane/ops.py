@@ -317,33 +317,61 @@ class U32Key:
 
 
 def esp_keys(src: str, dst: str, spi: int) -> tuple[U32Key, ...]:
-    """The u32 keys of IPv4 ESP packets from `src` to `dst` under `spi`: version 4 with a 20-byte
-    header (the SPI is then the word at offset 20; a packet with IP options does not match), ESP,
-    source, destination, SPI."""
+    """The u32 keys of ESP packets from `src` to `dst` under `spi`, read at fixed offsets, so
+    only where ESP directly follows the fixed IP header. IPv4: version 4 with a 20-byte header
+    (a packet with IP options does not match), protocol ESP, source, destination, the SPI at 20.
+    IPv6: version 6, next header ESP (offset 6), source (8..23), destination (24..39), the SPI
+    at 40 (ESP behind extension headers does not match: the ruleset drops it, see
+    capture.nftables)."""
+    version, src_bytes = parse_address(src)
+    _, dst_bytes = parse_address(dst)
+    if version == 6:
+        words = [int.from_bytes(b[i : i + 4], "big") for b in (src_bytes, dst_bytes) for i in range(0, 16, 4)]
+        return (
+            U32Key(0x60000000, 0xF0000000, 0),
+            U32Key(IPPROTO_ESP << 8, 0x0000FF00, 4),
+            *(U32Key(w, 0xFFFFFFFF, 8 + 4 * i) for i, w in enumerate(words)),
+            U32Key(spi, 0xFFFFFFFF, 40),
+        )
     return (
         U32Key(0x45000000, 0xFF000000, 0),
         U32Key(IPPROTO_ESP << 16, 0x00FF0000, 8),
-        U32Key(int.from_bytes(parse_address(src)[1], "big"), 0xFFFFFFFF, 12),
-        U32Key(int.from_bytes(parse_address(dst)[1], "big"), 0xFFFFFFFF, 16),
+        U32Key(int.from_bytes(src_bytes, "big"), 0xFFFFFFFF, 12),
+        U32Key(int.from_bytes(dst_bytes, "big"), 0xFFFFFFFF, 16),
         U32Key(spi, 0xFFFFFFFF, 20),
     )
 
 
 def esp_of(keys: tuple[U32Key, ...]) -> tuple[str, str, int] | None:
-    """(source, destination, SPI) of keys `esp_keys` made; None for any other selector."""
-    if len(keys) != 5 or keys[:2] != esp_keys("0.0.0.0", "0.0.0.0", 0)[:2]:
-        return None
-    src, dst, spi = keys[2], keys[3], keys[4]
-    if (src.offset, dst.offset, spi.offset) != (12, 16, 20) or {src.mask, dst.mask, spi.mask} != {0xFFFFFFFF}:
-        return None
-    return str(ipaddress.IPv4Address(src.value)), str(ipaddress.IPv4Address(dst.value)), spi.value
+    """(source, destination, SPI) of keys `esp_keys` made, either family; None for any other
+    selector."""
+    if len(keys) == 5 and keys[:2] == esp_keys("0.0.0.0", "0.0.0.0", 0)[:2]:
+        src, dst, spi = keys[2], keys[3], keys[4]
+        if (src.offset, dst.offset, spi.offset) != (12, 16, 20) or {src.mask, dst.mask, spi.mask} != {0xFFFFFFFF}:
+            return None
+        return str(ipaddress.IPv4Address(src.value)), str(ipaddress.IPv4Address(dst.value)), spi.value
+    if len(keys) == 11 and keys[:2] == esp_keys("::", "::", 0)[:2]:
+        words = keys[2:]
+        if [k.offset for k in words] != list(range(8, 44, 4)) or {k.mask for k in words} != {0xFFFFFFFF}:
+            return None
+        source = b"".join(k.value.to_bytes(4, "big") for k in words[:4])
+        destination = b"".join(k.value.to_bytes(4, "big") for k in words[4:8])
+        return str(ipaddress.IPv6Address(source)), str(ipaddress.IPv6Address(destination)), words[8].value
+    return None
+
+
+U32_PROTOCOLS = {"all": 0x0003, "ip": 0x0800}  # ETH_P_ALL, ETH_P_IP
 
 
 @dataclass(frozen=True)
 class U32Filter:
-    """A cls_u32 node with act_mpls actions: the C2S imposition of an `esp-spi` session over IPv4,
-    which flower cannot classify (it has no SPI key). Nodes live in the root hash table 800: of
-    their pref, so `handle` is 0x800:0:NODE (dataplane/handles.py); IPv4 only."""
+    """A cls_u32 node with act_mpls actions: the C2S imposition of an `esp-spi` session, which
+    flower cannot classify (it has no SPI key). Nodes live in the root hash table 800: of their
+    pref, so `handle` is 0x800:0:NODE (dataplane/handles.py). One classifier (protocol `all`)
+    holds the nodes of both families: a second u32 classifier on the device would get another
+    root table (801:, ...) in the order they were made, which no handle could name in advance.
+    `ip` is the protocol of nodes an earlier, IPv4-only version made (restore makes them again
+    as `all`, core.balancer)."""
 
     dev: str
     handle: int
@@ -352,8 +380,7 @@ class U32Filter:
     direction: Direction = Direction.EGRESS
     pref: int = 12
     tag: bytes = b""  # as FlowerFilter.tag
-
-    protocol = "ip"
+    protocol: str = "all"  # "all" | "ip" (an earlier version's IPv4 nodes)
 
     @property
     def key(self) -> tuple[object, ...]:
@@ -368,7 +395,7 @@ class U32Filter:
         )
         actions = " ".join(f"action {a.describe()}" for a in self.actions)
         return (
-            f"filter dev {self.dev} {self.direction} protocol ip pref {self.pref} handle "
+            f"filter dev {self.dev} {self.direction} protocol {self.protocol} pref {self.pref} handle "
             f"{self.handle >> 20:x}:{(self.handle >> 12) & 0xFF:x}:{self.handle & 0xFFF:x} u32 {match} {actions}"
         )
 
@@ -562,6 +589,8 @@ def validate(op: Operation) -> None:
             raise InvalidOperation(f"u32 handle {obj.handle:#x} names no node of a hash table")
         if not 0 < obj.pref < 1 << 16:
             raise InvalidOperation(f"pref {obj.pref} out of range (1..65535)")
+        if obj.protocol not in U32_PROTOCOLS:
+            raise InvalidOperation(f"u32 protocol {obj.protocol!r} is not one of {sorted(U32_PROTOCOLS)}")
         _check_actions(obj.actions, obj.tag)
     elif isinstance(obj, FlowerFilter):
         m = obj.match

@@ -72,6 +72,7 @@ class Node:
         results = self.kernel.apply(plan.ops)
         commit = self.core.commit(plan, results, self.now)
         assert all(r.ok for r in self.kernel.apply(commit.cleanup))
+        assert all(r.ok for r in self.kernel.apply(commit.admit))
         return commit
 
     def labels_of(self, client: str, dport: int = 80, proto: str = "tcp") -> tuple[int, ...]:

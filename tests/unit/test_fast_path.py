@@ -21,7 +21,7 @@ from orchestrator.config.examples import DELETE, KeyPath
 from orchestrator.core.balancer import Balancer
 from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowsStarted, FlowTableResync
 from orchestrator.core.sessions import State
-from orchestrator.dataplane import ops
+from orchestrator.dataplane import handles, ops
 from orchestrator.dataplane.fake import FakeProvider
 from orchestrator.dataplane.netlink import constants as c
 from orchestrator.dataplane.netlink import decode, encode, nla, nlsocket
@@ -53,12 +53,12 @@ def elements(node: Node) -> list[ops.FastPathElement]:
 
 
 def _one_batch_with_the_filter(node: Node, element: ops.FastPathElement) -> None:
-    """The element was added in the batch that added the session's C2S filter (flower, or u32
-    for an IPv4 esp-spi session), after it."""
+    """The element came with the batch that added the session's C2S filter (flower, or u32 for
+    an esp-spi session), held back until the filter and route were in (Plan.elements)."""
     kinds = [type(op.obj) for op in node.plan.ops]
     c2s = ops.U32Filter if ops.U32Filter in kinds else ops.FlowerFilter
-    assert ops.Add(element) in node.plan.ops and c2s in kinds
-    assert node.plan.ops.index(ops.Add(element)) > kinds.index(c2s)
+    assert c2s in kinds and ops.FastPathElement not in kinds
+    assert ops.Add(element) in [op for adds in node.plan.elements.values() for op in adds]
 
 
 # ---- per key kind: added with the session, removed with it -------------------------------------
@@ -130,6 +130,41 @@ def test_esp_spi_element_holds_address_and_spi() -> None:
     assert "ip saddr . ip daddr . esp spi @fastesp4" in nftables.render(config(ESP_SPI))
 
 
+def test_esp_spi_queues_every_packet_of_an_unknown_spi_whatever_its_ct_state() -> None:
+    """Conntrack keeps one ESP entry per address pair: a client's second SPI is no new flow to
+    it, so the queue and rate-limit rules of an esp-spi service ask the set, not `ct state`."""
+    lines = nftables.render(config(ESP_SPI)).splitlines()
+    dns = [line.strip() for line in lines if "10.0.0.100 meta l4proto esp" in line]
+    unknown = "ip daddr 10.0.0.100 meta l4proto esp ip saddr . ip daddr . esp spi != @fastesp4"
+    assert dns[0].startswith("ct state new") and dns[0].endswith("counter name fastpath_dns accept")
+    assert dns[1].startswith(f"{unknown} update @persrc4") and dns[1].endswith("counter name rate_limited drop")
+    assert dns[2].startswith(f"{unknown} ct mark set ct mark and 0x000fffff or 0x6d600000 counter name queued_dns")
+    assert len(dns) == 3 and not any("counter name esp_exthdr" in line for line in lines)  # IPv6 only
+    # Other services keep `ct state new`.
+    assert any(line.strip().startswith("ct state new ip daddr 10.0.0.100 tcp dport { 80 }") for line in lines)
+
+
+def test_ipv6_esp_behind_extension_headers_is_dropped_and_counted_in_the_kernel() -> None:
+    """The IPv6 u32 node reads the SPI right after the fixed header: ESP behind extension
+    headers could not be labelled, so the ruleset drops it (first packet or not) and counts it."""
+    cfg = config(
+        {
+            "services.mobile.protocol": "esp",
+            "services.mobile.ports": DELETE,
+            "services.mobile.session_key": "esp-spi",
+            "services.mobile.admission.refuse_with": "icmp",
+        }
+    )
+    lines = [line.strip() for line in nftables.render(cfg).splitlines()]
+    rule = "ip6 daddr fd00:100::100 meta l4proto esp ip6 nexthdr != esp counter name esp_exthdr_mobile drop"
+    assert "counter esp_exthdr_mobile {}" in lines
+    mobile = [line for line in lines if line.startswith(("ct state new ip6", "ip6 daddr"))]
+    assert mobile[0] == rule and "@fastesp6 ct mark set" in mobile[1]
+    assert mobile[-1].startswith(
+        "ip6 daddr fd00:100::100 meta l4proto esp ip6 saddr . ip6 daddr . esp spi != @fastesp6"
+    )
+
+
 def test_a_service_without_ports_gets_the_protocol_element() -> None:
     node = Node(config(ESP_CLIENT))
     node.packets(esp("10.0.1.10", 0x1234))
@@ -138,7 +173,7 @@ def test_a_service_without_ports_gets_the_protocol_element() -> None:
     assert "ip saddr . ip daddr . meta l4proto @fastproto4" in nftables.render(config(ESP_CLIENT))
 
 
-def test_the_element_is_in_the_kernel_before_the_verdict_in_the_sessions_batch() -> None:
+def test_the_element_is_in_the_kernel_before_the_verdict_after_the_sessions_batch() -> None:
     kernel = FakeProvider(["lan0", "fab0"])
     kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
     kernel.add_ip_route("10.0.0.0/16", "lan0")
@@ -151,8 +186,29 @@ def test_the_element_is_in_the_kernel_before_the_verdict_in_the_sessions_batch()
     daemon.on_packets()
     [(verdicts, element_then)] = queue.sent_batches
     assert element_then == E("10.0.1.10", "10.0.0.100", "tcp", 80)
-    [batch] = applies
-    assert {type(op.obj) for op in batch} == {ops.FlowerFilter, ops.MplsRoute, ops.FastPathElement}
+    [batch, admit] = applies
+    assert {type(op.obj) for op in batch} == {ops.FlowerFilter, ops.MplsRoute}
+    assert admit == [ops.Add(E("10.0.1.10", "10.0.0.100", "tcp", 80))]
+
+
+def test_a_session_whose_filter_failed_never_gets_its_element() -> None:
+    """Had the element gone in the filter's batch, a new flow of the client could pass the fast
+    path unlabelled until the rollback deleted it: it is only added once the filter is in."""
+    node = Node(config(ESP_SPI))
+    # Another owner's node at the handle the first session takes: its filter fails (EEXIST),
+    # its S2C route gets in and is rolled back.
+    squatter = ops.U32Filter("fab0", handles.u32_handle(1), ops.esp_keys("10.9.9.9", "10.0.0.100", 7), ())
+    assert all(r.ok for r in node.kernel.apply([ops.Add(squatter)]))
+    seen: list[ops.Operation] = []
+    apply = node.kernel.apply
+    node.kernel.apply = lambda operations: seen.extend(operations) or apply(operations)  # type: ignore[method-assign]
+    commit = node.packets(esp("10.0.1.11", 0x1), esp("10.0.1.12", 0x2))
+    assert [v.action for v in commit.verdicts] == [Action.DROP, Action.ACCEPT]
+    assert commit.admit == (ops.Add(E("10.0.1.12", "10.0.0.100", "esp", spi=0x2)),)
+    assert [op.obj for op in seen if isinstance(op.obj, ops.FastPathElement)] == [
+        E("10.0.1.12", "10.0.0.100", "esp", spi=0x2)
+    ]
+    assert elements(node) == [E("10.0.1.12", "10.0.0.100", "esp", spi=0x2)] and len(node.core.table) == 1
 
 
 # ---- flows the kernel admitted count towards their session ----------------------------------------

@@ -177,12 +177,38 @@ def test_an_esp_u32_node_round_trips_with_its_record() -> None:
     assert kind == c.RTM_NEWTFILTER and flags & c.NLM_F_EXCL
     _, _, _, idx, handle, parent, info = TCMSG.unpack_from(body)
     assert (idx, handle, parent, info >> 16) == (3, 0x80000007, 0xFFFFFFF3, 12)
+    assert struct.pack("=H", info & 0xFFFF) == struct.pack("!H", 0x0003)  # protocol all: both families
     sel = bytes(nla.attrs(nla.attrs(body, TCMSG.size)[c.TCA_OPTIONS])[c.TCA_U32_SEL])
     assert sel[:4] == bytes([c.TC_U32_TERMINAL, 0, 5, 0]) and len(sel) == 16 + 5 * 16
     assert sel[16 + 4 * 16 : 16 + 4 * 16 + 8] == struct.pack("!II", 0xFFFFFFFF, 0x1001)  # the SPI word
     assert _roundtrip(node) == node
     assert ops.esp_of(node.keys) == ("10.0.1.30", "10.0.0.100", 0x1001)
     assert encode.encode(ops.Delete(node), ifindex)[0] == c.RTM_DELTFILTER
+
+
+def test_an_ipv6_esp_u32_node_reads_the_spi_after_the_fixed_header() -> None:
+    tag = records.pack(records.SessionRecord(9, "esp-spi", None, spi=0xABCD))
+    node = ops.U32Filter(
+        "fab0",
+        0x800 << 20 | 8,
+        ops.esp_keys("2001:db8:1::30", "fd00:100::100", 0xABCD),
+        ops.push_stack((102, 1001)),
+        tag=tag,
+    )
+    assert [(k.offset, k.mask) for k in node.keys] == [(0, 0xF0000000), (4, 0x0000FF00)] + [
+        (offset, 0xFFFFFFFF) for offset in range(8, 44, 4)
+    ]
+    assert (node.keys[1].value, node.keys[-1].value) == (50 << 8, 0xABCD)  # next header ESP; the SPI at 40
+    assert _roundtrip(node) == node
+    assert ops.esp_of(node.keys) == ("2001:db8:1::30", "fd00:100::100", 0xABCD)
+    assert ops.esp_of(node.keys[:-1]) is None and ops.esp_of(ops.esp_keys("10.0.0.1", "10.0.0.2", 1)[1:]) is None
+    # An earlier version's IPv4 node (protocol ip) decodes with its protocol, so it is deleted under it.
+    old = ops.U32Filter(
+        "fab0", 0x800 << 20 | 9, ops.esp_keys("10.0.1.30", "10.0.0.100", 1), node.actions, tag=tag, protocol="ip"
+    )
+    assert _roundtrip(old) == old
+    with pytest.raises(ops.InvalidOperation, match="u32 protocol"):
+        encode.encode(ops.Add(ops.U32Filter("fab0", 0x800 << 20 | 9, old.keys, old.actions, protocol="ipv6")), ifindex)
 
 
 def test_others_objects_are_not_ours() -> None:

@@ -6,6 +6,8 @@ new session frees its pair at once."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
@@ -35,7 +37,23 @@ def esp(src: str, spi: int) -> bytes:
     return bytes(IP(src=src, dst=VIP, proto=50) / (spi.to_bytes(4, "big") + b"\x00\x00\x00\x01" + b"\x00" * 8))
 
 
+def esp6(src: str, spi: int) -> bytes:
+    return bytes(IPv6(src=src, dst=VIP6, nh=50) / (spi.to_bytes(4, "big") + b"\x00\x00\x00\x01" + b"\x00" * 8))
+
+
 ESP = config({"services.dns.protocol": "esp", "services.dns.ports": DELETE, "services.dns.session_key": "esp-spi"})
+# Both families: dns over IPv4, mobile (VIP6) as ESP keyed by SPI over IPv6.
+ESP46 = config(
+    {
+        "services.dns.protocol": "esp",
+        "services.dns.ports": DELETE,
+        "services.dns.session_key": "esp-spi",
+        "services.mobile.protocol": "esp",
+        "services.mobile.ports": DELETE,
+        "services.mobile.session_key": "esp-spi",
+        "services.mobile.admission.refuse_with": "icmp",
+    }
+)
 
 # Per key kind: the configuration, and the first packets of its sessions in order (several
 # addresses of one mobile client, a new IPv6 prefix of one interface, two clients' SPIs).
@@ -57,6 +75,10 @@ CASES: dict[str, tuple[BalancerConfig, list[bytes]]] = {
         [v6("2001:db8:1::abcd"), v6("2001:db8:2::abcd", sport=2), v6("2001:db8:1::1234")],
     ),
     "esp-spi": (ESP, [esp("10.0.1.30", 0x1001), esp("10.0.1.30", 0x1002), esp("10.0.1.31", 0x2002)]),
+    "esp-spi-ipv6": (
+        ESP46,
+        [esp6("2001:db8:1::30", 0x1001), esp6("2001:db8:1::30", 0x1002), esp("10.0.1.30", 0x1001)],
+    ),
 }
 
 
@@ -84,14 +106,14 @@ def identity(node_or_core: Node | Balancer) -> list[tuple[object, ...]]:
 def test_a_restart_gives_back_every_session_of_every_key_kind(kind: str) -> None:
     cfg, packets = CASES[kind]
     node = Node(cfg)
-    v4 = kind in ("client-ip", "five-tuple", "esp-spi")
+    v4 = kind in ("client-ip", "five-tuple", "esp-spi", "esp-spi-ipv6")
     node.packets(syn("10.0.1.5") if v4 else v6("2001:db8:5::5"))
     ended = next(iter(node.core.table))  # ended below: a gap in the ids, a pair held down
     for packet in packets:
         assert [v.action for v in node.packets(packet).verdicts] == [Action.ACCEPT]
     node.packets(packets[0])  # a flow of an earlier session: no new session
     assert all(r.ok for r in node.kernel.apply(node.core.end(ended, node.now, "test")))
-    assert {str(s.key.kind) for s in node.core.table} == {kind}
+    assert {str(s.key.kind) for s in node.core.table} == {kind.removesuffix("-ipv6")}
     before = identity(node)
     live = frozenset(f for s in node.core.table for f in s.flows)
 
@@ -292,6 +314,59 @@ def test_one_esp_session_per_spi_and_several_spis_per_client() -> None:
     node.packets(esp("10.0.1.31", 0x2002))
     newest = next(s for s in node.core.table if s.key.value == "spi:0x00002002")
     assert [o.handle for o in newest.objects if isinstance(o, ops.U32Filter)] == [u32.handle]
+
+
+def test_ipv6_esp_sessions_one_per_spi_in_the_same_u32_classifier_as_ipv4() -> None:
+    """On main an IPv6 client's second SPI got flower's "same match" and its first packet was
+    dropped. Now each SPI is a u32 node reading the IPv6 header (next header ESP, source,
+    destination, the SPI at 40), in the one protocol-all classifier that holds the IPv4 nodes."""
+    node = Node(ESP46)
+    for packet in (esp6("2001:db8:1::30", 0x1001), esp6("2001:db8:1::30", 0x1002), esp("10.0.1.30", 0x1001)):
+        assert [v.action for v in node.packets(packet).verdicts] == [Action.ACCEPT]
+    sessions = {(s.vip, s.key.value): s for s in node.core.table}
+    assert len(sessions) == 3 and len({s.c2s for s in sessions.values()}) == 3
+    nodes = [o for s in sessions.values() for o in s.objects if isinstance(o, ops.U32Filter)]
+    assert {(n.pref, n.protocol) for n in nodes} == {(12, "all")} and len({n.handle for n in nodes}) == 3
+    assert not any(isinstance(o, ops.FlowerFilter) for s in sessions.values() for o in s.objects)
+    for spi in (0x1001, 0x1002):
+        session = sessions[(VIP6, f"spi:0x{spi:08x}")]
+        assert session.clients == ["2001:db8:1::30"]
+        out = node.kernel.forward_ip("2001:db8:1::30", VIP6, proto="esp", spi=spi, out_dev="fab0")
+        assert out is not None and out.labels == (TRANSPORT[session.server], session.c2s)
+        [element] = [o for o in session.objects if isinstance(o, ops.FastPathElement)]
+        assert (element.set_name, element.spi) == ("fastesp6", spi)
+    # IPv4 keys never match an IPv6 packet nor the reverse; an unknown SPI is not labelled.
+    assert node.kernel.forward_ip("2001:db8:1::30", VIP6, proto="esp", spi=0x9999, out_dev="fab0").labels == ()
+    assert node.kernel.forward_ip("2001:db8:1::31", VIP6, proto="esp", spi=0x1001, out_dev="fab0").labels == ()
+    v4 = sessions[(VIP, "spi:0x00001001")]
+    out = node.kernel.forward_ip("10.0.1.30", VIP, proto="esp", spi=0x1001, out_dev="fab0")
+    assert out is not None and out.labels == (TRANSPORT[v4.server], v4.c2s)
+
+
+def test_nodes_of_the_ipv4_only_layout_move_to_the_protocol_all_classifier_at_restore() -> None:
+    """An earlier version put IPv4 nodes in a protocol-ip classifier at pref 12: while one stays
+    there no protocol-all node can join the pref, so restore makes them again in the new one."""
+    node = Node(ESP46)
+    node.packets(esp("10.0.1.30", 0x1001), esp("10.0.1.31", 0x1002))
+    new = [o for s in node.core.table for o in s.objects if isinstance(o, ops.U32Filter)]
+    old = [replace(n, protocol="ip") for n in new]
+    assert all(r.ok for r in node.kernel.apply([ops.Delete(n) for n in new] + [ops.Add(n) for n in old]))
+    # What the old layout blocks: an IPv6 node at the same pref.
+    blocked = ops.U32Filter("fab0", handles.u32_handle(9), ops.esp_keys("2001:db8::9", VIP6, 9), new[0].actions)
+    [refused] = node.kernel.apply([ops.Add(blocked)])
+    assert not refused.ok and "another protocol" in str(refused)
+    fresh = Balancer(ESP46, node.now)
+    migrate = fresh.restore(node.kernel.dump(), frozenset(), node.now)
+    assert migrate == [ops.Delete(n) for n in old] + [ops.Add(n) for n in new]
+    assert all(r.ok for r in node.kernel.apply(migrate)) and fresh.counters["u32_nodes_migrated"] == 2
+    assert sorted(map(repr, (o for s in fresh.table for o in s.objects if isinstance(o, ops.U32Filter)))) == sorted(
+        map(repr, new)
+    )
+    node.core = fresh
+    assert [v.action for v in node.packets(esp6("2001:db8:1::30", 0x6001)).verdicts] == [Action.ACCEPT]
+    for session in fresh.table:
+        assert all(r.ok for r in node.kernel.apply(fresh.end(session, node.now, "test")))
+    assert not any(isinstance(i.obj, ops.U32Filter) for i in node.kernel.dump())
 
 
 def test_esp_sessions_refuse_a_new_spi_when_every_u32_node_is_taken() -> None:

@@ -222,6 +222,9 @@ def u32(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops.In
     tagged = _tagged_actions(o.get(TCA_U32_ACT), require_cookie)
     if tagged is None:
         return None
+    protocol = _U32_PROTOCOL_NAMES.get(struct.unpack("!H", struct.pack("=H", info & 0xFFFF))[0])
+    if protocol is None:  # not a classifier of ours (they are protocol all, or an earlier ip)
+        return None
     sel = o[TCA_U32_SEL]
     nkeys = U32_SEL.unpack_from(sel)[2]
     keys = []
@@ -237,8 +240,12 @@ def u32(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops.In
         direction=ops.Direction.EGRESS if parent & 0xFFFF == TC_H_MIN_EGRESS else ops.Direction.INGRESS,
         pref=info >> 16,
         tag=tagged[1],
+        protocol=protocol,
     )
     return ops.Installed(obj)
+
+
+_U32_PROTOCOL_NAMES = {number: name for name, number in ops.U32_PROTOCOLS.items()}
 
 
 def tc_filter(body: memoryview, ifname: Ifname) -> ops.Installed | None:

@@ -463,7 +463,13 @@ def u32_filter(op: ops.Operation, obj: ops.U32Filter, ifindex: Ifindex, cookie: 
     full handle (htid:hash:node), so the kernel puts it in that hash table at that node."""
     body = (
         nla.TCMSG.pack(
-            AF_UNSPEC, 0, 0, ifindex(obj.dev), obj.handle, filter_parent(obj.direction), _tc_info(obj.pref, ETH_P_IP)
+            AF_UNSPEC,
+            0,
+            0,
+            ifindex(obj.dev),
+            obj.handle,
+            filter_parent(obj.direction),
+            _tc_info(obj.pref, ops.U32_PROTOCOLS[obj.protocol]),
         )
         + _U32_KIND
     )

@@ -25,7 +25,8 @@ def register(app: typer.Typer) -> None:
     app.command("routes")(routes)
 
 
-NODE_NOT_READY = 4  # the server role's node check failed (node.setup: check, or apply could not fix it)
+NODE_NOT_READY = 4  # the node check failed (node.setup: check, or apply could not fix it)
+START_FAILED = 5  # the kernel refused a start-up step: the ruleset, a netlink request, a socket
 
 
 def run(
@@ -37,6 +38,7 @@ def run(
     """Run the daemon of the role the configuration names (balancer or server)."""
     from orchestrator.config.load import ConfigError, load_config
     from orchestrator.daemon.logs import FORMATS
+    from orchestrator.daemon.loop import StartupError
     from orchestrator.daemon.node_setup import NodeNotReady
 
     if log_format not in FORMATS:
@@ -54,6 +56,15 @@ def run(
         for problem in exc.problems:
             typer.echo(f"mplsorch: node not ready: {problem}", err=True)
         raise typer.Exit(NODE_NOT_READY) from None
+    except StartupError as exc:
+        typer.echo(f"mplsorch: cannot start: {exc}", err=True)
+        raise typer.Exit(START_FAILED) from None
+    except OSError as exc:  # a socket or netlink failure before the first step (e.g. opening netlink)
+        typer.echo(f"mplsorch: cannot start: {exc}", err=True)
+        raise typer.Exit(START_FAILED) from None
+    except Exception as exc:  # a bug: still one line, never a traceback on the operator's screen
+        typer.echo(f"mplsorch: unexpected error: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
     raise typer.Exit(code)
 
 

@@ -60,11 +60,12 @@ _TOP_REQUIRED = ("role", "node", "interfaces", "labels", "pools", "services")
 
 
 def _node(p: Parser, v: YamlValue) -> NodeConfig:
-    m = p.mapping(v, ("transport_label", "control_socket", "setup"), ("transport_label",))
+    m = p.mapping(v, ("transport_label", "control_socket", "control_group", "setup"), ("transport_label",))
     label = p.integer(m["transport_label"], MIN_LABEL, MAX_LABEL, "transport label")
     sock = p.string(m["control_socket"]) if "control_socket" in m else NodeConfig.control_socket
     setup = p.choice(m["setup"], Setup, "setup mode") if "setup" in m else NodeConfig.setup
-    return NodeConfig(label, sock, setup)
+    group = p.group(m["control_group"]) if "control_group" in m else None
+    return NodeConfig(label, sock, setup, group)
 
 
 def _interfaces(p: Parser, v: YamlValue) -> Interfaces:

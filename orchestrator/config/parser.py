@@ -8,6 +8,7 @@ use these helpers, so a server file fails the way a balancer file does.
 from __future__ import annotations
 
 import difflib
+import grp
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -152,6 +153,18 @@ class Parser:
             rng = f"{lo}..{hi}" if lo is not None and hi is not None else (f">= {lo}" if lo is not None else f"<= {hi}")
             raise self.error(v.vline, v.path, f"{(what + ' ') if what else ''}{value} is out of range: must be {rng}")
         return value
+
+    def group(self, v: YamlValue) -> str | None:
+        """A group name of this host (null: none). Checked here so that a typo stops `config
+        validate` and a reload, not the daemon's control socket at run time."""
+        if self.is_null(v):
+            return None
+        name = self.string(v)
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            raise self.error(v.vline, v.path, f"no group {name!r} on this host") from None
+        return name
 
     def string(self, v: YamlValue) -> str:
         self._scalar(v, "a string")

@@ -21,11 +21,12 @@ _REQUIRED = ("role", "node", "balancer", "interfaces", "labels", "vips")
 
 
 def _node(p: Parser, v: YamlValue) -> ServerNode:
-    m = p.mapping(v, ("transport_label", "control_socket", "setup"), ("transport_label",))
+    m = p.mapping(v, ("transport_label", "control_socket", "control_group", "setup"), ("transport_label",))
     return ServerNode(
         transport_label=p.integer(m["transport_label"], MIN_LABEL, MAX_LABEL, "transport label"),
         control_socket=p.string(m["control_socket"]) if "control_socket" in m else ServerNode.control_socket,
         setup=p.choice(m["setup"], Setup, "setup mode") if "setup" in m else ServerNode.setup,
+        control_group=p.group(m["control_group"]) if "control_group" in m else None,
     )
 
 

@@ -26,6 +26,7 @@ class ServerNode:
     transport_label: int  # required; 16..1048575, outside labels.block
     control_socket: str = DEFAULT_CONTROL_SOCKET
     setup: Setup = Setup.CHECK
+    control_group: str | None = None  # also this group's members may use the control socket (0660)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class ServerConfig:
             "node": {
                 "transport_label": self.node.transport_label,
                 "control_socket": self.node.control_socket,
+                "control_group": self.node.control_group,
                 "setup": self.node.setup.value,
             },
             "balancer": {"transport_label": self.balancer_transport_label},

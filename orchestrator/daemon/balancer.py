@@ -27,7 +27,7 @@ from orchestrator.core.events import Action, FirstPacket
 from orchestrator.core.servers import AdminState
 from orchestrator.daemon import node_setup, views
 from orchestrator.daemon.logs import fields
-from orchestrator.daemon.loop import Capture, Command, Daemon, Request, nf_verdict
+from orchestrator.daemon.loop import Capture, Command, Daemon, Request, nf_verdict, start_step
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.provider import Provider
 from orchestrator.health import CheckResult, HealthRunner, HealthTable, HealthView, probes_of, run_check, targets_of
@@ -66,20 +66,27 @@ class BalancerDaemon(Daemon):
         """Node check, node objects, reconcile with the kernel, ruleset, queue: in this order, so
         that nothing is touched on a node that is not ready and no first packet is queued before
         the table knows the sessions that survived a restart."""
-        self.make_ready(self.config)
-        for dev in self.config.interfaces.fabric:
-            result = self.provider.apply([ops.Add(ops.ClsactQdisc(dev))])[0]
-            if not result.ok and result.errno != errno.EEXIST:
-                raise RuntimeError(str(result))
-        self.conntrack = self.capture.conntrack()
-        stale = self.core.restore(self.provider.dump(), self.conntrack.dump(), time.monotonic())
-        self.program(stale, "reconcile")
+        with start_step("node check"):
+            self.make_ready(self.config)
+        with start_step("node objects"):
+            for dev in self.config.interfaces.fabric:
+                result = self.provider.apply([ops.Add(ops.ClsactQdisc(dev))])[0]
+                if not result.ok and result.errno != errno.EEXIST:
+                    raise RuntimeError(str(result))
+        with start_step("conntrack socket"):
+            self.conntrack = self.capture.conntrack()
+        with start_step("restore from the kernel"):
+            stale = self.core.restore(self.provider.dump(), self.conntrack.dump(), time.monotonic())
+            self.program(stale, "reconcile")
         if len(self.core.table):
             log.info("restored %d sessions from the kernel", len(self.core.table))
-        nftables.load(nftables.render(self.config))
-        self.fill_fast_path()
+        with start_step("nftables ruleset"):
+            nftables.load(nftables.render(self.config))
+        with start_step("fast-path sets"):
+            self.fill_fast_path()
         first, last = self.config.nfqueue.queues
-        self.queue = self.capture.queue(first, last)
+        with start_step(f"nfqueue {first}-{last}"):
+            self.queue = self.capture.queue(first, last)
 
     def fill_fast_path(self) -> None:
         """Loading the ruleset empties the fast-path sets: the table's sessions get their
@@ -232,6 +239,7 @@ class BalancerDaemon(Daemon):
             nftables.load(nftables.render(config))
         except (ConfigError, OSError, RuntimeError, node_setup.NodeNotReady) as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc)
+            self.core.count("reloads_rejected")
             return
         now = time.monotonic()
         self.core.configure(config, now)

@@ -11,12 +11,13 @@ A daemon is given its dataplane provider and how to open its queue and conntrack
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from orchestrator import systemd
 from orchestrator.capture import nftables
@@ -34,6 +35,7 @@ from orchestrator.metrics import DurationHistogram
 log = logging.getLogger("mplsorch")
 TICK = 0.25
 SWEEP = 10.0  # seconds between conntrack sweeps: how late at most a flow's end is noticed
+RETRY_SWEEP = 1.0  # after a failed conntrack read: the sweep that recovers what it lost
 
 
 class FlowCore(Protocol):
@@ -48,6 +50,8 @@ class FlowCore(Protocol):
 
 class PacketQueue(Protocol):
     """The NFQUEUE socket as the daemon uses it (capture.nfqueue.NfQueue)."""
+
+    overruns: int  # times the kernel could not hand us packets (ENOBUFS: our socket buffer was full)
 
     def fileno(self) -> int: ...
 
@@ -81,6 +85,27 @@ class Capture:
     conntrack: Callable[[], FlowSource]
 
 
+class StartupError(Exception):
+    """A start-up step the kernel refused (a netlink request, the ruleset, a socket): `mplsorch
+    run` prints it as one line and exits START_FAILED. The node check has NodeNotReady instead."""
+
+    def __init__(self, step: str, cause: BaseException) -> None:
+        super().__init__(f"{step}: {cause}")
+        self.step = step
+
+
+@contextlib.contextmanager
+def start_step(step: str) -> Iterator[None]:
+    """Name the start-up step a failure comes from, so the one line says what went wrong where.
+    PermissionError passes unchanged: not being root is the environment's problem (exit 3)."""
+    try:
+        yield
+    except PermissionError:
+        raise
+    except (OSError, RuntimeError) as exc:
+        raise StartupError(step, exc) from exc
+
+
 Request = Callable[[float], dict[str, Any]]
 Command = Callable[[dict[str, Any], float], dict[str, Any]]  # a request with arguments
 
@@ -109,6 +134,8 @@ class Daemon:
         self.next_sweep = time.monotonic() + SWEEP
         self.notify = systemd.notifier()
         self.next_watchdog = 0.0
+        self.seen_overruns = 0
+        self.control: ControlServer | None = None
 
     def program(self, operations: list[ops.Operation], why: str) -> list[ops.OpResult]:
         """Apply one batch; its duration feeds the metrics, each failure is logged with its reason."""
@@ -134,7 +161,13 @@ class Daemon:
         """The queue is readable: decide one batch. A bug must not strand queued packets: they
         are let go unlabelled, loudly."""
         assert self.queue is not None
-        batch = self.queue.read_batch(self.config.nfqueue.batch)
+        try:
+            batch = self.queue.read_batch(self.config.nfqueue.batch)
+        except OSError as exc:
+            log.error("nfqueue read failed: %s", exc)
+            self.core.count("queue_errors")
+            return
+        self._queue_overruns()
         if not batch:
             return
         try:
@@ -143,6 +176,28 @@ class Daemon:
             log.exception("first-packet batch failed; accepting its %d packets unlabelled", len(batch))
             self.core.count("batch_errors")
             self.queue.send_verdicts(accept_all(batch))
+
+    def _queue_overruns(self) -> None:
+        """A full socket buffer loses queued packets (the kernel reports ENOBUFS, the queue goes on
+        reading): logged and counted once per read that saw it."""
+        assert self.queue is not None
+        lost = self.queue.overruns - self.seen_overruns
+        if lost > 0:
+            self.seen_overruns = self.queue.overruns
+            self.core.count("queue_overruns", lost)
+            log.warning("nfqueue: the daemon's socket buffer was full (ENOBUFS): queued packets were lost")
+
+    def do_reload(self) -> None:
+        """SIGHUP, around the role's reload: whatever it raises is one logged line and a counted
+        rejection, never the end of the daemon (the role keeps its running configuration)."""
+        try:
+            self.reload()
+            if self.control is not None and self.control.group != self.config.node.control_group:
+                self.control.set_group(self.config.node.control_group)
+        except Exception as exc:
+            log.error("reload failed, keeping the running configuration: %s: %s", type(exc).__name__, exc)
+            log.debug("reload failure", exc_info=True)
+            self.core.count("reloads_rejected")
 
     # -- hooks ----------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -243,7 +298,8 @@ class Daemon:
             loop.add_signal_handler(sig, self.flag, flag)
         loop.add_reader(self.queue.fileno(), self.on_packets)
         loop.add_reader(self.conntrack.fileno(), self._on_conntrack)
-        control = ControlServer(self.control_socket, self.answer)
+        control = ControlServer(self.control_socket, self.answer, self.config.node.control_group)
+        self.control = control
         await control.start()
         try:
             await self.start_tasks()
@@ -258,7 +314,7 @@ class Daemon:
                 if "reload" in self.flags:
                     self.flags.discard("reload")
                     self.notify.reloading()
-                    self.reload()
+                    self.do_reload()
                     self.notify.ready(self.running_message())
                 if time.monotonic() >= self.next_sweep:
                     self.sweep()
@@ -307,9 +363,17 @@ class Daemon:
             events = read()
             if events:
                 self.core.on_flow_events(events, time.monotonic())
-        except Exception:
-            log.exception("conntrack events failed")
+        except Exception as exc:
+            log.error("conntrack events failed: %s: %s", type(exc).__name__, exc)
+            log.debug("conntrack failure", exc_info=True)
             self.core.count("conntrack_errors")
+            # What the failed read would have told is in the table: a sweep soon reads it back,
+            # so no flow's end is lost with the failure.
+            self.next_sweep = min(self.next_sweep, time.monotonic() + RETRY_SWEEP)
+            return
+        for event in events:
+            if isinstance(event, FlowTableResync) and not event.sweep:
+                log.warning("conntrack: events lost (ENOBUFS); resynced from a dump of %d live flows", len(event.live))
 
 
 def session_json(view: dict[str, Any], now: float) -> dict[str, Any]:

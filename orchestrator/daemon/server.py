@@ -22,7 +22,7 @@ from orchestrator.config.server import ServerConfig
 from orchestrator.core.agent import PREF_LEARN, RULE_PRIORITY, ReturnSession, ServerAgent, label_of
 from orchestrator.core.events import LabelledPacket
 from orchestrator.daemon import node_setup
-from orchestrator.daemon.loop import Capture, Daemon, nf_verdict
+from orchestrator.daemon.loop import Capture, Daemon, nf_verdict, start_step
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.provider import Provider
 
@@ -67,15 +67,22 @@ class ServerDaemon(Daemon):
         """Node check, node objects, reconcile with the kernel, ruleset, queue: in this order, so
         that nothing is touched on a node that is not ready and no first packet is queued before
         the core knows the sessions that survived a restart."""
-        self.make_ready(self.config)
-        self.install_node_objects()
-        self.conntrack = self.capture.conntrack()
-        now = time.monotonic()
-        self.program(self.core.restore(self.provider.dump(), self.conntrack.dump(), now), "reconcile")
+        with start_step("node check"):
+            self.make_ready(self.config)
+        with start_step("node objects"):
+            self.install_node_objects()
+        with start_step("conntrack socket"):
+            self.conntrack = self.capture.conntrack()
+        with start_step("restore from the kernel"):
+            now = time.monotonic()
+            self.program(self.core.restore(self.provider.dump(), self.conntrack.dump(), now), "reconcile")
         if self.core.sessions:
             log.info("restored %d sessions from the kernel", len(self.core.sessions))
-        nftables.load(nftables.render_server(self.config))
-        self.queue = self.capture.queue(self.config.nfqueue.queue, self.config.nfqueue.queue)
+        with start_step("nftables ruleset"):
+            nftables.load(nftables.render_server(self.config))
+        queue = self.config.nfqueue.queue
+        with start_step(f"nfqueue {queue}"):
+            self.queue = self.capture.queue(queue, queue)
 
     def install_node_objects(self) -> None:
         """Bring the node objects to the core's: remove ours that are no longer wanted, then
@@ -148,9 +155,12 @@ class ServerDaemon(Daemon):
             if config.nfqueue.queue != self.config.nfqueue.queue:
                 raise ConfigError(self.config_path, None, "nfqueue.queue", "changes only at a restart")
             self.make_ready(config)
-            ruleset = nftables.render_server(config)
-        except (ConfigError, OSError, node_setup.NodeNotReady) as exc:
+            # The ruleset first: nft takes all of it or nothing, so a refused one leaves the
+            # running configuration whole (the reload is synchronous: no packet is decided between).
+            nftables.load(nftables.render_server(config))
+        except (ConfigError, OSError, RuntimeError, node_setup.NodeNotReady) as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc)
+            self.core.count("reloads_rejected")
             return
         before = dict(self.core.sessions)
         self.program(self.core.reconfigure(config), "reload")
@@ -158,9 +168,9 @@ class ServerDaemon(Daemon):
         self.config = config
         try:
             self.install_node_objects()
-            nftables.load(ruleset)
         except (OSError, RuntimeError) as exc:
             log.error("reload: %s", exc)
+            self.core.count("reload_errors")
             return
         log.info("configuration reloaded from %s", self.config_path)
 

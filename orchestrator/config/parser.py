@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, TypeVar
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from orchestrator.config.model import IPAddress, IPNetwork, Role
+from orchestrator.config.model import IPAddress, IPNetwork, MetricsConfig, Role
 
 E = TypeVar("E", bound=Enum)
 
@@ -295,3 +295,33 @@ class Parser:
                 return self.choice(self._seen(YamlValue(vnode, "role", knode.start_mark.line + 1)), Role, "role")
         roles = " or ".join(r.value for r in Role)
         raise self.error(root.line, "role", f"required key is missing ({roles})")
+
+
+_LISTEN_RES = (re.compile(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)\Z"), re.compile(r"^([0-9.]+):(\d+)\Z"))
+
+
+def parse_metrics(p: Parser, v: YamlValue) -> MetricsConfig | None:
+    """`metrics.listen: "IP:PORT"` (both roles) ("[IPv6]:PORT"); null: no endpoint. An address, never a host
+    name: the daemon must not depend on DNS to start. 0.0.0.0 or [::] listen everywhere."""
+    if p.is_null(v):
+        return None
+    m = p.mapping(v, ("listen",))
+    if "listen" not in m:
+        return MetricsConfig()
+    lv = m["listen"]
+    text = p.string(lv)
+    match = _LISTEN_RES[0].match(text) or _LISTEN_RES[1].match(text)
+    try:
+        if not match:
+            raise ValueError(text)
+        host = str(ipaddress.ip_address(match.group(1)))
+    except ValueError:
+        raise p.error(
+            lv.vline,
+            lv.path,
+            f'{text!r} is not an address to listen on: write "IP:PORT" or "[IPv6]:PORT", e.g. "127.0.0.1:9469"',
+        ) from None
+    port = int(match.group(2))
+    if not 1 <= port <= 65535:
+        raise p.error(lv.vline, lv.path, f"port {port} is out of range: must be 1..65535")
+    return MetricsConfig(host, port)

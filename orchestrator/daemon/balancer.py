@@ -32,7 +32,7 @@ from orchestrator.dataplane import ops
 from orchestrator.dataplane.provider import Provider
 from orchestrator.health import CheckResult, HealthRunner, HealthTable, HealthView, probes_of, run_check, targets_of
 from orchestrator.health.runner import Checker
-from orchestrator.metrics import LatestSnapshot, MetricsEndpoint, make_registry, start_metrics_server
+from orchestrator.metrics import MetricsSnapshot
 
 log = logging.getLogger("mplsorch")
 
@@ -58,8 +58,6 @@ class BalancerDaemon(Daemon):
         self.health.configure(targets_of(self.config))
         self.runner: HealthRunner | None = None
         self.checker: Checker = run_check
-        self.snapshot = LatestSnapshot()
-        self.metrics: MetricsEndpoint | None = None
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -113,36 +111,13 @@ class BalancerDaemon(Daemon):
             await self.runner.close()
         self.stop_metrics()
 
-    def start_metrics(self) -> None:
-        """A port that cannot be bound is logged, not fatal: balancing matters more than its metrics."""
-        self.publish()
-        if self.config.metrics is not None:
-            try:
-                self.metrics = start_metrics_server(self.config.metrics, make_registry(self.snapshot))
-            except OSError as exc:
-                log.error(
-                    "metrics endpoint %s not started: %s",
-                    self.config.metrics.listen,
-                    exc,
-                    extra=fields(event="metrics_failed", reason=str(exc)),
-                )
-
-    def stop_metrics(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
-
     # -- the loop's hooks ---------------------------------------------------------------------------
     def tick(self) -> None:
         self.end_sessions()
         self.publish()
 
-    def publish(self) -> None:
-        """The metrics endpoint serves this snapshot until the next tick."""
-        if self.config.metrics is not None:
-            self.snapshot.update(
-                views.metrics_snapshot(self.core, time.monotonic(), self.op_results, self.batch_duration.snapshot())
-            )
+    def metrics_snapshot(self, now: float) -> MetricsSnapshot:
+        return views.metrics_snapshot(self.core, now, self.op_results, self.batch_duration.snapshot())
 
     def end_sessions(self) -> None:
         """Sessions past their persistence timeout: delete their objects and say so in the log."""

@@ -28,9 +28,17 @@ from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowsStarted, 
 from orchestrator.core.servers import BadCommand
 from orchestrator.daemon import logs, node_setup
 from orchestrator.daemon.control import ControlServer
+from orchestrator.daemon.logs import fields
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.provider import Provider
-from orchestrator.metrics import DurationHistogram
+from orchestrator.metrics import (
+    DurationHistogram,
+    LatestSnapshot,
+    MetricsEndpoint,
+    MetricsSnapshot,
+    make_registry,
+    start_metrics_server,
+)
 
 log = logging.getLogger("mplsorch")
 TICK = 0.25
@@ -136,6 +144,8 @@ class Daemon:
         self.next_watchdog = 0.0
         self.seen_overruns = 0
         self.control: ControlServer | None = None
+        self.snapshot = LatestSnapshot()
+        self.metrics: MetricsEndpoint | None = None
 
     def program(self, operations: list[ops.Operation], why: str) -> list[ops.OpResult]:
         """Apply one batch; its duration feeds the metrics, each failure is logged with its reason."""
@@ -198,6 +208,36 @@ class Daemon:
             log.error("reload failed, keeping the running configuration: %s: %s", type(exc).__name__, exc)
             log.debug("reload failure", exc_info=True)
             self.core.count("reloads_rejected")
+
+    # -- metrics (metrics.listen, both roles) ---------------------------------------------------------
+    def metrics_snapshot(self, now: float) -> MetricsSnapshot:
+        """What the role's endpoint serves: the same counts `status --json` shows."""
+        raise NotImplementedError
+
+    def publish(self) -> None:
+        """The metrics endpoint serves this snapshot until the next tick."""
+        if self.config.metrics is not None:
+            self.snapshot.update(self.metrics_snapshot(time.monotonic()))
+
+    def start_metrics(self) -> None:
+        """A port that cannot be bound is logged, not fatal: the role's work matters more than its
+        metrics."""
+        self.publish()
+        if self.config.metrics is not None:
+            try:
+                self.metrics = start_metrics_server(self.config.metrics, make_registry(self.snapshot))
+            except OSError as exc:
+                log.error(
+                    "metrics endpoint %s not started: %s",
+                    self.config.metrics.listen,
+                    exc,
+                    extra=fields(event="metrics_failed", reason=str(exc)),
+                )
+
+    def stop_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     # -- hooks ----------------------------------------------------------------------------------------
     def setup(self) -> None:

@@ -10,6 +10,7 @@ reloads, SIGTERM/SIGINT stop and leave the return routes and the ruleset in plac
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import time
@@ -25,6 +26,7 @@ from orchestrator.daemon import node_setup
 from orchestrator.daemon.loop import Capture, Daemon, nf_verdict, start_step
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.provider import Provider
+from orchestrator.metrics import MetricsSnapshot, server_snapshot_from
 
 log = logging.getLogger("mplsorch")
 
@@ -105,9 +107,26 @@ class ServerDaemon(Daemon):
 
     def running_message(self) -> str:
         first, last = self.config.block
+        metrics = f", metrics {self.config.metrics.listen}" if self.config.metrics else ""
         return (
             f"server agent running: VIPs {', '.join(str(v.address) for v in self.config.vips)}, "
-            f"labels {first}-{last}, queue {self.config.nfqueue.queue}, control {self.control_socket}"
+            f"labels {first}-{last}, queue {self.config.nfqueue.queue}, control {self.control_socket}{metrics}"
+        )
+
+    async def start_tasks(self) -> None:
+        """The metrics endpoint, before READY."""
+        self.start_metrics()
+
+    async def stop_tasks(self) -> None:
+        self.stop_metrics()
+
+    def metrics_snapshot(self, now: float) -> MetricsSnapshot:
+        """Sessions by state, C2S labels in use (one per session) and free, and the counters."""
+        by_state = collections.Counter(str(s.state) for s in self.core.sessions.values())
+        in_use = len(self.core.sessions)
+        labels = {"in_use": in_use, "free": max(len(self.config.c2s_labels()) - in_use, 0)}
+        return server_snapshot_from(
+            self.core.counters, by_state, labels, self.op_results, self.batch_duration.snapshot()
         )
 
     # -- the loop's hooks ---------------------------------------------------------------------------
@@ -144,6 +163,7 @@ class ServerDaemon(Daemon):
         before = dict(self.core.sessions)
         self.program(self.core.tick(time.monotonic()), "session end")
         self.log_changes(before, "persistence timeout")
+        self.publish()
 
     def reload(self) -> None:
         """SIGHUP: a new configuration without dropping sessions; an invalid one, or one this node
@@ -165,7 +185,11 @@ class ServerDaemon(Daemon):
         before = dict(self.core.sessions)
         self.program(self.core.reconfigure(config), "reload")
         self.log_changes(before, "its VIP left the configuration")
+        metrics_changed = config.metrics != self.config.metrics
         self.config = config
+        if metrics_changed:  # the endpoint moves (or starts, or stops) with the file
+            self.stop_metrics()
+            self.start_metrics()
         try:
             self.install_node_objects()
         except (OSError, RuntimeError) as exc:

@@ -206,6 +206,7 @@ def test_to_dict_is_the_file_format() -> None:
         "vips": {"10.0.0.100": {"table": 100}, "fd00:100::100": {"table": 101}},
         "sessions": {"persistence_timeout": 30.0},
         "nfqueue": {"queue": 8, "batch": 64},
+        "metrics": None,
     }
 
 

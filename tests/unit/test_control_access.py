@@ -21,8 +21,10 @@ import pytest
 from orchestrator.config.examples import example
 from orchestrator.config.load import ConfigError, parse_config
 from orchestrator.config.model import BalancerConfig
+from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.daemon.control import ControlServer, peer_groups
-from tests.unit.conftest import EXAMPLE
+from orchestrator.dataplane.fake import FakeProvider
+from tests.unit.conftest import EXAMPLE, balancer_daemon, config
 
 NOBODY = 65534
 
@@ -162,3 +164,30 @@ def test_control_group_is_validated_as_an_existing_group() -> None:
         parse_config(text.replace(f"control_group: {group.gr_name}", "control_group: no-such-group-x"), "lb.yaml")
     assert str(raised.value).endswith("node.control_group: no group 'no-such-group-x' on this host")
     assert str(raised.value).startswith("lb.yaml:")
+
+
+def test_a_reload_that_changes_control_group_applies_it_at_once() -> None:
+    """The daemon's reload hands the new group to the running socket: 0660 with it, then 0600."""
+    group = other_group()
+    d = balancer_daemon(config(), FakeProvider(["lan0", "fab0"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "s.sock")
+
+        async def scenario() -> list[tuple[int, int]]:
+            d.control = ControlServer(path, echo)
+            await d.control.start()
+            seen = [(stat.S_IMODE(os.stat(path).st_mode), os.stat(path).st_gid)]
+            for cfg in (config({"node.control_group": group.gr_name}), config()):
+
+                def reload(cfg: BalancerConfig = cfg) -> None:
+                    d.config = cfg
+
+                d.reload = reload  # type: ignore[method-assign]
+                d.do_reload()
+                seen.append((stat.S_IMODE(os.stat(path).st_mode), os.stat(path).st_gid))
+            await d.control.stop()
+            return seen
+
+        seen = asyncio.run(scenario())
+    assert isinstance(d, BalancerDaemon)
+    assert seen == [(0o600, os.getgid()), (0o660, group.gr_gid), (0o600, os.getgid())]

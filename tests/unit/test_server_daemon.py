@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import socket
 import urllib.request
 from typing import Any
 
@@ -168,3 +170,32 @@ def test_the_server_configuration_takes_a_metrics_endpoint() -> None:
     assert load_server_config(EXAMPLE).metrics is None
     with pytest.raises(ConfigError, match=r"metrics.listen: 'localhost:1' is not an address"):
         parse_config(example("server", {"metrics": {"listen": "localhost:1"}}), "s1.yaml")
+
+
+def test_a_reload_moves_the_agents_metrics_endpoint(
+    kernel: FakeProvider, queue: ScriptedQueue, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Start without an endpoint; a reload whose file has one starts it (the ruleset is taken by a
+    stand-in nft, the node declared ready)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "nft").write_text("#!/bin/sh\ncat > /dev/null\n")
+    (bindir / "nft").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    d = server_daemon(load_server_config(EXAMPLE), kernel, queue)
+    d.make_ready = lambda config: None  # type: ignore[method-assign]
+    d.install_node_objects()
+    path = tmp_path / "s1.yaml"
+    # Port 0 is refused by the file format: a free port is found first and written in.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path.write_text(example("server", {"metrics": {"listen": f"127.0.0.1:{port}"}}))
+    d.config_path = str(path)
+    assert d.metrics is None
+    d.do_reload()
+    try:
+        assert d.metrics is not None and d.metrics.port == port and d.config.metrics is not None
+        assert d.core.counters["reloads_rejected"] == 0
+    finally:
+        d.stop_metrics()

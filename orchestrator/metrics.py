@@ -85,6 +85,7 @@ ERRORS = (
     "route_errors",
     "sessions_failed",
     "rekeys_failed",
+    "tick_errors",
 )
 # A netlink batch takes tens of microseconds to a few hundred milliseconds (a large reconcile).
 BATCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

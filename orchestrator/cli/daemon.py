@@ -74,17 +74,19 @@ def serve_on_kernel(config_path: str, config: BalancerConfig | ServerConfig, log
     from orchestrator.capture.conntrack import ConntrackListener
     from orchestrator.capture.nfqueue import NfQueue
     from orchestrator.daemon.balancer import BalancerDaemon
-    from orchestrator.daemon.loop import Capture, Daemon, serve
+    from orchestrator.daemon.loop import Capture, Daemon, serve, start_step
     from orchestrator.daemon.server import ServerDaemon
     from orchestrator.dataplane.netlink.provider import NetlinkProvider
 
     daemon: Daemon
+    with start_step("netlink socket"):
+        provider = NetlinkProvider()
     if isinstance(config, ServerConfig):
-        daemon = ServerDaemon(config_path, NetlinkProvider(), Capture(NfQueue, ConntrackListener), config)
+        daemon = ServerDaemon(config_path, provider, Capture(NfQueue, ConntrackListener), config)
     else:
         # The balancer also hears its tagged flows start: those its fast path admitted count too.
         kernel = Capture(NfQueue, functools.partial(ConntrackListener, new_events=True))
-        daemon = BalancerDaemon(config_path, NetlinkProvider(), kernel, config)
+        daemon = BalancerDaemon(config_path, provider, kernel, config)
     return serve(daemon, log_format)
 
 

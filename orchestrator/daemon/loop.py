@@ -197,6 +197,16 @@ class Daemon:
             self.core.count("queue_overruns", lost)
             log.warning("nfqueue: the daemon's socket buffer was full (ENOBUFS): queued packets were lost")
 
+    def guarded_tick(self) -> None:
+        """The role's tick; a failure (a netlink socket error while ending sessions) is one logged
+        line and a count, and the next tick tries again: the loop, and the sessions, go on."""
+        try:
+            self.tick()
+        except Exception as exc:
+            log.error("tick failed: %s: %s", type(exc).__name__, exc)
+            log.debug("tick failure", exc_info=True)
+            self.core.count("tick_errors")
+
     def do_reload(self) -> None:
         """SIGHUP, around the role's reload: whatever it raises is one logged line and a counted
         rejection, never the end of the daemon (the role keeps its running configuration)."""
@@ -358,7 +368,7 @@ class Daemon:
                     self.notify.ready(self.running_message())
                 if time.monotonic() >= self.next_sweep:
                     self.sweep()
-                self.tick()
+                self.guarded_tick()
                 self._watchdog()
         finally:
             self.notify.stopping()

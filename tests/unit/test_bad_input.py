@@ -391,3 +391,50 @@ def test_nft_load_reports_the_first_line_of_nfts_message(tmp_path: Path, monkeyp
     with pytest.raises(nftables.NftError) as raised:
         nftables.load("table inet mplsorch {}\n")
     assert str(raised.value) == f"nft refused the ruleset: {NFT_ERROR}"
+
+
+def test_a_failing_tick_is_logged_counted_and_the_loop_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    """A session's end whose deletes meet a broken netlink socket: the tick fails, the loop does not."""
+
+    class Broken(FakeProvider):
+        def apply(self, operations: Any) -> Any:
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+
+    d = balancer_daemon(config(), Broken(["lan0", "fab0"]))
+    ended = [ops.Delete(ops.MplsRoute(1002, "lan0", "10.0.1.10"))]
+    d.core.tick = lambda now: ended  # type: ignore[method-assign]
+    d.guarded_tick()
+    d.guarded_tick()
+    assert d.core.counters["tick_errors"] == 2
+    assert caplog.messages.count("tick failed: OSError: [Errno 105] No buffer space available") == 2
+
+
+def test_a_netlink_socket_that_cannot_open_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.dataplane.netlink import provider as netlink_provider
+
+    def no_netlink(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EPROTONOSUPPORT, "Protocol not supported")
+
+    monkeypatch.setattr(netlink_provider, "NetlinkProvider", no_netlink)
+    result = CliRunner().invoke(app, ["run", "--config", str(BALANCER_EXAMPLE)])
+    one_line(result, 5, "mplsorch: cannot start: netlink socket: [Errno 93] Protocol not supported")
+
+
+def test_a_control_request_that_fails_inside_the_daemon_is_an_error_answer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from orchestrator.daemon.control import ControlServer, request
+
+    async def broken(req: dict[str, Any]) -> dict[str, Any]:
+        raise ZeroDivisionError("division by zero")
+
+    async def scenario() -> dict[str, Any]:
+        server = ControlServer(str(tmp_path / "s.sock"), broken)
+        await server.start()
+        try:
+            return await asyncio.to_thread(request, str(tmp_path / "s.sock"), "status")
+        finally:
+            await server.stop()
+
+    assert asyncio.run(scenario()) == {"error": "internal error: ZeroDivisionError: division by zero"}
+    assert caplog.messages == ["control request failed: ZeroDivisionError: division by zero"]

@@ -55,7 +55,9 @@ class ControlServer:
 
     def set_group(self, group: str | None) -> None:
         """Mode 0600 root only, or 0660 owned by `group` (start, and a reload that changes it). A
-        group gone since the configuration was checked leaves the socket root-only, logged."""
+        group gone since the configuration was checked, or one the daemon may not give the socket
+        (not a member and no CAP_CHOWN, as under the shipped unit without `Group=`), leaves the
+        socket root-only, logged: the daemon runs on either way."""
         gid = -1
         if group is not None:
             try:
@@ -63,8 +65,12 @@ class ControlServer:
             except KeyError:
                 log.error("control socket: no group %r; the socket stays root-only", group)
                 group = None
+        try:
+            os.chown(self.path, -1, gid if group is not None else os.getgid())
+        except PermissionError as exc:
+            log.error("control socket: cannot give it group %s (%s); the socket stays root-only", group, exc.strerror)
+            group = None
         self.group = group
-        os.chown(self.path, -1, gid if group is not None else os.getgid())
         os.chmod(self.path, 0o660 if group is not None else 0o600)
 
     def allowed(self, pid: int, uid: int, gid: int) -> bool:

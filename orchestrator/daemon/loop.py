@@ -350,7 +350,8 @@ class Daemon:
         loop.add_reader(self.conntrack.fileno(), self._on_conntrack)
         control = ControlServer(self.control_socket, self.answer, self.config.node.control_group)
         self.control = control
-        await control.start()
+        with start_step(f"control socket {self.control_socket}"):
+            await control.start()
         try:
             await self.start_tasks()
             log.info("%s", self.running_message())

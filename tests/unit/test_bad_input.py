@@ -438,3 +438,17 @@ def test_a_control_request_that_fails_inside_the_daemon_is_an_error_answer(
 
     assert asyncio.run(scenario()) == {"error": "internal error: ZeroDivisionError: division by zero"}
     assert caplog.messages == ["control request failed: ZeroDivisionError: division by zero"]
+
+
+def test_a_control_socket_that_cannot_be_made_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_nft(tmp_path, monkeypatch, status=0, stderr="")
+    (tmp_path / "file").write_text("")
+    where = tmp_path / "file" / "mplsorch.sock"  # under a file: no directory can be made there
+
+    def make(cfg: BalancerConfig) -> Daemon:
+        d = ReadyBalancer(str(BALANCER_EXAMPLE), kernel(), scripted_capture(ScriptedQueue()), cfg)
+        d.control_socket = str(where)
+        return d
+
+    result = run_cli(monkeypatch, make)
+    one_line(result, 5, f"mplsorch: cannot start: control socket {where}: [Errno 17] File exists")

@@ -191,3 +191,30 @@ def test_a_reload_that_changes_control_group_applies_it_at_once() -> None:
         seen = asyncio.run(scenario())
     assert isinstance(d, BalancerDaemon)
     assert seen == [(0o600, os.getgid()), (0o660, group.gr_gid), (0o600, os.getgid())]
+
+
+def test_a_group_the_daemon_may_not_give_leaves_the_socket_root_only(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As under the shipped unit without `Group=`: no CAP_CHOWN, not a member of the group."""
+    group = other_group()
+
+    def denied(path: Any, uid: int, gid: int) -> None:
+        if gid != os.getgid():
+            raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chown", denied)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "s.sock")
+
+        async def start() -> tuple[int, str | None]:
+            server = ControlServer(path, echo, group.gr_name)
+            await server.start()
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+            await server.stop()
+            return mode, server.group
+
+        assert asyncio.run(start()) == (0o600, None)
+    assert caplog.messages == [
+        f"control socket: cannot give it group {group.gr_name} (Operation not permitted); the socket stays root-only"
+    ]

@@ -35,7 +35,10 @@ def run(
         "text", "--log-format", metavar="text|json", help="Log lines on stderr: text, or one JSON object per line."
     ),
 ) -> None:
-    """Run the daemon of the role the configuration names (balancer or server)."""
+    """Run the daemon of the role the configuration names (balancer or server).
+
+    Exit codes: 0 stopped (SIGTERM/SIGINT); 1 an unexpected error (one line); 2 the configuration is missing, unreadable or invalid, or a bad --log-format; 3 not permitted (root with CAP_NET_ADMIN); 4 the node is not ready (one line per problem and its fix); 5 the kernel refused a start-up step (one line naming it: netlink, node objects, restore, nftables ruleset, queue, control socket). Never a traceback.
+    """
     from orchestrator.config.load import ConfigError, load_config
     from orchestrator.daemon.logs import FORMATS
     from orchestrator.daemon.loop import StartupError

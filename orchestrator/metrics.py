@@ -25,6 +25,14 @@ client address. Families:
     mplsorch_server_health{pool,server,state}          1 for the server's health state, 0 for the others
     mplsorch_offload_objects{state}                    our filters and routes by what the kernel says of their offload
     mplsorch_offload_refused_total                     filters with offload `required` the kernel would not put in hardware
+    mplsorch_malformed_packets_total{reason}           queued packets the analyser refused (both roles)
+    mplsorch_errors_total{error}                       failures the daemon survived, by kind (both roles)
+
+The server agent's endpoint serves the families both roles share (build info, sessions by state,
+dataplane operations and batches, malformed packets, errors) and its own:
+
+    mplsorch_sessions_learned_total                    sessions learned in-band
+    mplsorch_c2s_labels{state}                         C2S labels of labels.block: in_use, free
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from orchestrator import __version__
+from orchestrator.analyze.packet import REASONS as MALFORMED_REASONS
 from orchestrator.config.model import MetricsConfig
 from orchestrator.dataplane.ops import OFFLOAD_STATES  # OffloadState.state's words
 
@@ -54,6 +63,7 @@ __all__ = [
     "MetricsSnapshot",
     "MplsorchCollector",
     "make_registry",
+    "server_snapshot_from",
     "snapshot_from",
     "start_metrics_server",
 ]
@@ -65,6 +75,21 @@ LABEL_STATES = ("free", "in_use", "held_down")
 HEALTH_STATES = ("unknown", "up", "down")  # core.health.HealthState
 KEY_KINDS = ("client-ip", "five-tuple", "mip6-home-address", "ipv6-iid", "esp-spi")  # analyze.keys.SessionKeyKind
 REFUSAL_REASONS = ("service-full", "no-server", "label-headroom", "labels-exhausted")  # core.balancer
+SERVER_SESSION_STATES = ("serving", "draining")  # core.agent.State
+C2S_LABEL_STATES = ("in_use", "free")
+# The counters (status --json) of failures a daemon goes on after, one vocabulary for both roles.
+ERRORS = (
+    "batch_errors",
+    "conntrack_errors",
+    "queue_overruns",
+    "queue_errors",
+    "reloads_rejected",
+    "reload_errors",
+    "route_errors",
+    "sessions_failed",
+    "rekeys_failed",
+    "tick_errors",
+)
 # A netlink batch takes tens of microseconds to a few hundred milliseconds (a large reconcile).
 BATCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 MAX_REASONS = 32  # distinct refusal reasons exposed; the rest add up under "other"
@@ -123,6 +148,11 @@ class MetricsSnapshot:
     offload_refused: int = 0
     fast_path_flows: int = 0
     fast_path_unmatched: Mapping[str, int] = field(default_factory=_frozen)  # key kind -> first packets
+    malformed: Mapping[str, int] = field(default_factory=_frozen)  # analyser reason -> packets
+    errors: Mapping[str, int] = field(default_factory=_frozen)  # one of ERRORS -> count
+    role: str = "balancer"  # which families the endpoint serves: the balancer's or the agent's
+    sessions_learned: int = 0  # server
+    c2s_labels: Mapping[str, int] = field(default_factory=_frozen)  # server: in_use | free
 
 
 def snapshot_from(
@@ -156,7 +186,38 @@ def snapshot_from(
         int(counters.get("offload_refused", 0)),
         int(counters.get("flows_fast_path", 0)),
         _frozen(unmatched),
+        _malformed(counters),
+        _errors(counters),
     )
+
+
+def server_snapshot_from(
+    counters: Mapping[str, int],
+    sessions_by_state: Mapping[str, int],
+    c2s_labels: Mapping[str, int],
+    dataplane_ops: Mapping[str, int],
+    batch_duration: HistogramSnapshot | None = None,
+) -> MetricsSnapshot:
+    """The server agent's snapshot: its counters (`sessions_learned`, `malformed:<reason>`, the
+    ERRORS), its sessions by state, its C2S labels in use and free, `op_results`."""
+    return MetricsSnapshot(
+        sessions=_frozen(sessions_by_state),
+        dataplane_ops=_frozen(dataplane_ops),
+        batch_duration=batch_duration or HistogramSnapshot(),
+        malformed=_malformed(counters),
+        errors=_errors(counters),
+        role="server",
+        sessions_learned=int(counters.get("sessions_learned", 0)),
+        c2s_labels=_frozen(c2s_labels),
+    )
+
+
+def _malformed(counters: Mapping[str, int]) -> Mapping[str, int]:
+    return _frozen({k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("malformed:")})
+
+
+def _errors(counters: Mapping[str, int]) -> Mapping[str, int]:
+    return _frozen({k: int(counters.get(k, 0)) for k in ERRORS})
 
 
 class LatestSnapshot:
@@ -207,10 +268,59 @@ class MplsorchCollector(Collector):
         yield info
 
         sessions = GaugeMetricFamily("mplsorch_sessions", "Sessions in the table, by state", labels=["state"])
-        for state, n in _known(s.sessions, SESSION_STATES):
+        states = SERVER_SESSION_STATES if s.role == "server" else SESSION_STATES
+        for state, n in _known(s.sessions, states):
             sessions.add_metric([state], n)
         yield sessions
+        yield from self._shared(s)
+        if s.role == "server":
+            yield from self._server(s)
+        else:
+            yield from self._balancer(s)
 
+    def _shared(self, s: MetricsSnapshot) -> Iterator[Any]:
+        """The families of both roles beyond sessions: kernel operations, malformed packets, errors."""
+        ops = CounterMetricFamily(
+            "mplsorch_dataplane_operations", "Kernel (netlink) operations, by result", labels=["result"]
+        )
+        for result, n in _known(s.dataplane_ops, OP_RESULTS):
+            ops.add_metric([result], n)
+        yield ops
+
+        h = s.batch_duration
+        buckets = [(_le(b), c) for b, c in zip(h.bounds, h.cumulative)] + [("+Inf", h.count)]
+        batch = HistogramMetricFamily(
+            "mplsorch_dataplane_batch_duration_seconds", "Duration of one netlink batch of operations", unit="seconds"
+        )
+        batch.add_metric([], buckets, h.sum)
+        yield batch
+
+        malformed = CounterMetricFamily(
+            "mplsorch_malformed_packets", "Queued packets the analyser refused, by reason", labels=["reason"]
+        )
+        for reason, n in _tokens(s.malformed, sorted(MALFORMED_REASONS)):
+            malformed.add_metric([reason], n)
+        yield malformed
+
+        errors = CounterMetricFamily(
+            "mplsorch_errors", "Failures the daemon logged and went on after, by kind", labels=["error"]
+        )
+        for kind, n in _known(s.errors, ERRORS):
+            errors.add_metric([kind], n)
+        yield errors
+
+    def _server(self, s: MetricsSnapshot) -> Iterator[Any]:
+        yield CounterMetricFamily(
+            "mplsorch_sessions_learned", "Sessions learned in-band from their first packet", value=s.sessions_learned
+        )
+        labels = GaugeMetricFamily(
+            "mplsorch_c2s_labels", "C2S labels of labels.block, by state (in use: a session's)", labels=["state"]
+        )
+        for state, n in _known(s.c2s_labels, C2S_LABEL_STATES):
+            labels.add_metric([state], n)
+        yield labels
+
+    def _balancer(self, s: MetricsSnapshot) -> Iterator[Any]:
         yield CounterMetricFamily("mplsorch_sessions_started", "New sessions started", value=s.sessions_started)
 
         refused = CounterMetricFamily(
@@ -241,21 +351,6 @@ class MplsorchCollector(Collector):
         for kind, n in _known(s.fast_path_unmatched, KEY_KINDS):
             unmatched.add_metric([kind], n)
         yield unmatched
-
-        ops = CounterMetricFamily(
-            "mplsorch_dataplane_operations", "Kernel (netlink) operations, by result", labels=["result"]
-        )
-        for result, n in _known(s.dataplane_ops, OP_RESULTS):
-            ops.add_metric([result], n)
-        yield ops
-
-        h = s.batch_duration
-        buckets = [(_le(b), c) for b, c in zip(h.bounds, h.cumulative)] + [("+Inf", h.count)]
-        batch = HistogramMetricFamily(
-            "mplsorch_dataplane_batch_duration_seconds", "Duration of one netlink batch of operations", unit="seconds"
-        )
-        batch.add_metric([], buckets, h.sum)
-        yield batch
 
         labels = GaugeMetricFamily(
             "mplsorch_label_pairs",

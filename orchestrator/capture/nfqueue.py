@@ -112,6 +112,7 @@ class NfQueue:
         self.queues = list(range(first, last + 1))
         self._seq = 0
         self._buf = bytearray(1 << 18)
+        self.overruns = 0
         for queue in self.queues:
             self._config(queue, nla.attr(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_BIND, 0)))
             params = struct.pack("!IBxxx", copy_range, NFQNL_COPY_PACKET)[:5]
@@ -161,8 +162,9 @@ class NfQueue:
             except BlockingIOError:
                 break
             except OSError as exc:
-                if exc.errno == errno.ENOBUFS:  # the kernel dropped packets for us: counted by
-                    continue  # the queue's stats; the loop goes on
+                if exc.errno == errno.ENOBUFS:  # the kernel dropped packets for us: the queue's
+                    self.overruns += 1  # stats count them, the daemon logs it; reading goes on
+                    continue
                 raise
             for kind, _flags, _seq, body in nla.messages(memoryview(self._buf)[:size]):
                 if kind != NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_PACKET:

@@ -122,11 +122,21 @@ def _template(template_dir: Path, name: str) -> jinja2.Template:
     return env.get_template(name)
 
 
+class NftError(RuntimeError):
+    """`nft` refused the ruleset or could not run: the message is one line, nft's own first."""
+
+
 def load(ruleset: str) -> None:
-    """Replace our table atomically; raise with nft's own message on failure."""
-    result = subprocess.run(["nft", "-f", "-"], input=ruleset, capture_output=True, text=True)
+    """Replace our table atomically; raise NftError with nft's own message on failure (an
+    unchanged table: nft applies all of the file or none of it)."""
+    try:
+        result = subprocess.run(["nft", "-f", "-"], input=ruleset, capture_output=True, text=True)
+    except OSError as exc:
+        raise NftError(f"cannot run nft: {exc.strerror or exc}") from None
     if result.returncode != 0:
-        raise RuntimeError(f"nft refused the ruleset: {result.stderr.strip()}")
+        lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+        first = lines[0] if lines else f"exit status {result.returncode}"
+        raise NftError(f"nft refused the ruleset: {first}")
 
 
 async def read_counters() -> dict[str, int]:

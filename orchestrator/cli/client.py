@@ -38,7 +38,7 @@ def ask(cmd: str, socket_path: str | None, config: str | None, **args: Any) -> d
         typer.echo(f"mplsorch: no daemon answers on {path} (is `mplsorch run` running?)", err=True)
         raise typer.Exit(3) from None
     except PermissionError:
-        typer.echo(f"mplsorch: {path}: the control socket is for root only", err=True)
+        typer.echo(f"mplsorch: {path}: the control socket is for root (or node.control_group) only", err=True)
         raise typer.Exit(3) from None
     if "error" in answer:
         typer.echo(f"mplsorch: {answer['error']}", err=True)

@@ -25,7 +25,8 @@ def register(app: typer.Typer) -> None:
     app.command("routes")(routes)
 
 
-NODE_NOT_READY = 4  # the server role's node check failed (node.setup: check, or apply could not fix it)
+NODE_NOT_READY = 4  # the node check failed (node.setup: check, or apply could not fix it)
+START_FAILED = 5  # the kernel refused a start-up step: the ruleset, a netlink request, a socket
 
 
 def run(
@@ -34,9 +35,13 @@ def run(
         "text", "--log-format", metavar="text|json", help="Log lines on stderr: text, or one JSON object per line."
     ),
 ) -> None:
-    """Run the daemon of the role the configuration names (balancer or server)."""
+    """Run the daemon of the role the configuration names (balancer or server).
+
+    Exit codes: 0 stopped (SIGTERM/SIGINT); 1 an unexpected error (one line); 2 the configuration is missing, unreadable or invalid, or a bad --log-format; 3 not permitted (root with CAP_NET_ADMIN); 4 the node is not ready (one line per problem and its fix); 5 the kernel refused a start-up step (one line naming it: netlink, node objects, restore, nftables ruleset, queue, control socket). Never a traceback.
+    """
     from orchestrator.config.load import ConfigError, load_config
     from orchestrator.daemon.logs import FORMATS
+    from orchestrator.daemon.loop import StartupError
     from orchestrator.daemon.node_setup import NodeNotReady
 
     if log_format not in FORMATS:
@@ -54,6 +59,15 @@ def run(
         for problem in exc.problems:
             typer.echo(f"mplsorch: node not ready: {problem}", err=True)
         raise typer.Exit(NODE_NOT_READY) from None
+    except StartupError as exc:
+        typer.echo(f"mplsorch: cannot start: {exc}", err=True)
+        raise typer.Exit(START_FAILED) from None
+    except OSError as exc:  # a socket or netlink failure before the first step (e.g. opening netlink)
+        typer.echo(f"mplsorch: cannot start: {exc}", err=True)
+        raise typer.Exit(START_FAILED) from None
+    except Exception as exc:  # a bug: still one line, never a traceback on the operator's screen
+        typer.echo(f"mplsorch: unexpected error: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
     raise typer.Exit(code)
 
 
@@ -63,17 +77,19 @@ def serve_on_kernel(config_path: str, config: BalancerConfig | ServerConfig, log
     from orchestrator.capture.conntrack import ConntrackListener
     from orchestrator.capture.nfqueue import NfQueue
     from orchestrator.daemon.balancer import BalancerDaemon
-    from orchestrator.daemon.loop import Capture, Daemon, serve
+    from orchestrator.daemon.loop import Capture, Daemon, serve, start_step
     from orchestrator.daemon.server import ServerDaemon
     from orchestrator.dataplane.netlink.provider import NetlinkProvider
 
     daemon: Daemon
+    with start_step("netlink socket"):
+        provider = NetlinkProvider()
     if isinstance(config, ServerConfig):
-        daemon = ServerDaemon(config_path, NetlinkProvider(), Capture(NfQueue, ConntrackListener), config)
+        daemon = ServerDaemon(config_path, provider, Capture(NfQueue, ConntrackListener), config)
     else:
         # The balancer also hears its tagged flows start: those its fast path admitted count too.
         kernel = Capture(NfQueue, functools.partial(ConntrackListener, new_events=True))
-        daemon = BalancerDaemon(config_path, NetlinkProvider(), kernel, config)
+        daemon = BalancerDaemon(config_path, provider, kernel, config)
     return serve(daemon, log_format)
 
 

@@ -8,7 +8,6 @@ touches the kernel or the network.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +27,6 @@ from orchestrator.config.model import (
     Interfaces,
     LabelAllocation,
     LabelConfig,
-    MetricsConfig,
     NfqueueConfig,
     NodeConfig,
     Pool,
@@ -46,6 +44,7 @@ from orchestrator.config.model import (
     pair_labels,
 )
 from orchestrator.config.parser import ConfigError, Parser, YamlValue, did_you_mean, join_path
+from orchestrator.config.parser import parse_metrics as _metrics
 from orchestrator.config.server import SERVER_KEYS, ServerConfig, parse_server
 from orchestrator.dataplane.handles import FILTERS_PER_SESSION
 from orchestrator.dataplane.ops import OffloadPolicy
@@ -61,11 +60,12 @@ _TOP_REQUIRED = ("role", "node", "interfaces", "labels", "pools", "services")
 
 
 def _node(p: Parser, v: YamlValue) -> NodeConfig:
-    m = p.mapping(v, ("transport_label", "control_socket", "setup"), ("transport_label",))
+    m = p.mapping(v, ("transport_label", "control_socket", "control_group", "setup"), ("transport_label",))
     label = p.integer(m["transport_label"], MIN_LABEL, MAX_LABEL, "transport label")
     sock = p.string(m["control_socket"]) if "control_socket" in m else NodeConfig.control_socket
     setup = p.choice(m["setup"], Setup, "setup mode") if "setup" in m else NodeConfig.setup
-    return NodeConfig(label, sock, setup)
+    group = p.group(m["control_group"]) if "control_group" in m else None
+    return NodeConfig(label, sock, setup, group)
 
 
 def _interfaces(p: Parser, v: YamlValue) -> Interfaces:
@@ -189,7 +189,6 @@ _HC_ONLY = {
 }
 _PATH_RE = re.compile(r"^/[\x21-\x7e]*\Z")  # no spaces or control characters: one request line
 _HOST_RE = re.compile(r"^[\x21-\x7e]+\Z")
-_LISTEN_RES = (re.compile(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)\Z"), re.compile(r"^([0-9.]+):(\d+)\Z"))
 
 
 def _octets(p: Parser, v: YamlValue) -> bytes:
@@ -274,33 +273,6 @@ def _health_check(p: Parser, v: YamlValue) -> HealthCheck | None:
             expect = _octets(p, m["expect"])
         return replace(check, send=_octets(p, m["send"]), expect=expect)
     return check
-
-
-def _metrics(p: Parser, v: YamlValue) -> MetricsConfig | None:
-    """`metrics.listen: "IP:PORT"` ("[IPv6]:PORT"); null: no endpoint. An address, never a host
-    name: the daemon must not depend on DNS to start. 0.0.0.0 or [::] listen everywhere."""
-    if p.is_null(v):
-        return None
-    m = p.mapping(v, ("listen",))
-    if "listen" not in m:
-        return MetricsConfig()
-    lv = m["listen"]
-    text = p.string(lv)
-    match = _LISTEN_RES[0].match(text) or _LISTEN_RES[1].match(text)
-    try:
-        if not match:
-            raise ValueError(text)
-        host = str(ipaddress.ip_address(match.group(1)))
-    except ValueError:
-        raise p.error(
-            lv.vline,
-            lv.path,
-            f'{text!r} is not an address to listen on: write "IP:PORT" or "[IPv6]:PORT", e.g. "127.0.0.1:9469"',
-        ) from None
-    port = int(match.group(2))
-    if not 1 <= port <= 65535:
-        raise p.error(lv.vline, lv.path, f"port {port} is out of range: must be 1..65535")
-    return MetricsConfig(host, port)
 
 
 def _pools(p: Parser, v: YamlValue) -> tuple[Pool, ...]:

@@ -102,6 +102,7 @@ class NodeConfig:
     transport_label: int  # required; 16..1048575
     control_socket: str = DEFAULT_CONTROL_SOCKET
     setup: Setup = Setup.CHECK
+    control_group: str | None = None  # also this group's members may use the control socket (0660)
 
 
 @dataclass(frozen=True)
@@ -323,6 +324,7 @@ class BalancerConfig:
             "node": {
                 "transport_label": self.node.transport_label,
                 "control_socket": self.node.control_socket,
+                "control_group": self.node.control_group,
                 "setup": self.node.setup.value,
             },
             "interfaces": {

@@ -8,6 +8,7 @@ use these helpers, so a server file fails the way a balancer file does.
 from __future__ import annotations
 
 import difflib
+import grp
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any, Iterable, Mapping, TypeVar
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from orchestrator.config.model import IPAddress, IPNetwork, Role
+from orchestrator.config.model import IPAddress, IPNetwork, MetricsConfig, Role
 
 E = TypeVar("E", bound=Enum)
 
@@ -153,6 +154,18 @@ class Parser:
             raise self.error(v.vline, v.path, f"{(what + ' ') if what else ''}{value} is out of range: must be {rng}")
         return value
 
+    def group(self, v: YamlValue) -> str | None:
+        """A group name of this host (null: none). Checked here so that a typo stops `config
+        validate` and a reload, not the daemon's control socket at run time."""
+        if self.is_null(v):
+            return None
+        name = self.string(v)
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            raise self.error(v.vline, v.path, f"no group {name!r} on this host") from None
+        return name
+
     def string(self, v: YamlValue) -> str:
         self._scalar(v, "a string")
         if v.node.tag != _TAG + "str" or v.node.value == "":
@@ -282,3 +295,33 @@ class Parser:
                 return self.choice(self._seen(YamlValue(vnode, "role", knode.start_mark.line + 1)), Role, "role")
         roles = " or ".join(r.value for r in Role)
         raise self.error(root.line, "role", f"required key is missing ({roles})")
+
+
+_LISTEN_RES = (re.compile(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)\Z"), re.compile(r"^([0-9.]+):(\d+)\Z"))
+
+
+def parse_metrics(p: Parser, v: YamlValue) -> MetricsConfig | None:
+    """`metrics.listen: "IP:PORT"` (both roles) ("[IPv6]:PORT"); null: no endpoint. An address, never a host
+    name: the daemon must not depend on DNS to start. 0.0.0.0 or [::] listen everywhere."""
+    if p.is_null(v):
+        return None
+    m = p.mapping(v, ("listen",))
+    if "listen" not in m:
+        return MetricsConfig()
+    lv = m["listen"]
+    text = p.string(lv)
+    match = _LISTEN_RES[0].match(text) or _LISTEN_RES[1].match(text)
+    try:
+        if not match:
+            raise ValueError(text)
+        host = str(ipaddress.ip_address(match.group(1)))
+    except ValueError:
+        raise p.error(
+            lv.vline,
+            lv.path,
+            f'{text!r} is not an address to listen on: write "IP:PORT" or "[IPv6]:PORT", e.g. "127.0.0.1:9469"',
+        ) from None
+    port = int(match.group(2))
+    if not 1 <= port <= 65535:
+        raise p.error(lv.vline, lv.path, f"port {port} is out of range: must be 1..65535")
+    return MetricsConfig(host, port)

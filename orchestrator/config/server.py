@@ -11,21 +11,22 @@ from typing import Mapping
 from yaml.nodes import SequenceNode
 
 from orchestrator.config.model import MAX_LABEL, MIN_LABEL, IPAddress, Role, Setup, pair_labels
-from orchestrator.config.parser import Parser, YamlValue
+from orchestrator.config.parser import Parser, YamlValue, parse_metrics
 from orchestrator.config.server_model import KERNEL_TABLES, MAX_TABLE, ServerConfig, ServerNode, ServerQueue, Vip
 
 __all__ = ["SERVER_KEYS", "ServerConfig", "ServerNode", "ServerQueue", "Vip", "parse_server"]
 
-SERVER_KEYS = ("role", "node", "balancer", "interfaces", "labels", "vips", "sessions", "nfqueue")
+SERVER_KEYS = ("role", "node", "balancer", "interfaces", "labels", "vips", "sessions", "nfqueue", "metrics")
 _REQUIRED = ("role", "node", "balancer", "interfaces", "labels", "vips")
 
 
 def _node(p: Parser, v: YamlValue) -> ServerNode:
-    m = p.mapping(v, ("transport_label", "control_socket", "setup"), ("transport_label",))
+    m = p.mapping(v, ("transport_label", "control_socket", "control_group", "setup"), ("transport_label",))
     return ServerNode(
         transport_label=p.integer(m["transport_label"], MIN_LABEL, MAX_LABEL, "transport label"),
         control_socket=p.string(m["control_socket"]) if "control_socket" in m else ServerNode.control_socket,
         setup=p.choice(m["setup"], Setup, "setup mode") if "setup" in m else ServerNode.setup,
+        control_group=p.group(m["control_group"]) if "control_group" in m else None,
     )
 
 
@@ -171,6 +172,7 @@ def parse_server(p: Parser, root: YamlValue, source: str, elsewhere: Mapping[str
         persistence_timeout=_sessions(p, top["sessions"]) if "sessions" in top else ServerConfig.persistence_timeout,
         nfqueue=_nfqueue(p, top["nfqueue"]) if "nfqueue" in top else ServerQueue(),
         source=source,
+        metrics=parse_metrics(p, top["metrics"]) if "metrics" in top else None,
     )
     _check(p, cfg, vip_paths)
     return cfg

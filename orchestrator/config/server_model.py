@@ -13,7 +13,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.config.model import DEFAULT_CONTROL_SOCKET, IPAddress, Role, Setup
+from orchestrator.config.model import DEFAULT_CONTROL_SOCKET, IPAddress, MetricsConfig, Role, Setup
 
 MAX_TABLE = 4294967295  # routing table ids are 32 bits; 0 is "unspecified"
 KERNEL_TABLES = {253: "default", 254: "main", 255: "local"}
@@ -26,6 +26,7 @@ class ServerNode:
     transport_label: int  # required; 16..1048575, outside labels.block
     control_socket: str = DEFAULT_CONTROL_SOCKET
     setup: Setup = Setup.CHECK
+    control_group: str | None = None  # also this group's members may use the control socket (0660)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class ServerConfig:
     persistence_timeout: float = 30.0  # seconds a return route outlives its last flow
     nfqueue: ServerQueue = field(default_factory=ServerQueue)
     source: str = field(default="<string>", compare=False)
+    metrics: MetricsConfig | None = None  # the Prometheus endpoint, as the balancer's
 
     @property
     def return_device(self) -> str:
@@ -93,6 +95,7 @@ class ServerConfig:
             "node": {
                 "transport_label": self.node.transport_label,
                 "control_socket": self.node.control_socket,
+                "control_group": self.node.control_group,
                 "setup": self.node.setup.value,
             },
             "balancer": {"transport_label": self.balancer_transport_label},
@@ -101,4 +104,5 @@ class ServerConfig:
             "vips": {str(v.address): {"table": v.table} for v in self.vips},
             "sessions": {"persistence_timeout": self.persistence_timeout},
             "nfqueue": {"queue": self.nfqueue.queue, "batch": self.nfqueue.batch},
+            "metrics": None if self.metrics is None else {"listen": self.metrics.listen},
         }

@@ -27,12 +27,12 @@ from orchestrator.core.events import Action, FirstPacket
 from orchestrator.core.servers import AdminState
 from orchestrator.daemon import node_setup, views
 from orchestrator.daemon.logs import fields
-from orchestrator.daemon.loop import Capture, Command, Daemon, Request, nf_verdict
+from orchestrator.daemon.loop import Capture, Command, Daemon, Request, nf_verdict, start_step
 from orchestrator.dataplane import offload, ops
 from orchestrator.dataplane.provider import Provider
 from orchestrator.health import CheckResult, HealthRunner, HealthTable, HealthView, probes_of, run_check, targets_of
 from orchestrator.health.runner import Checker
-from orchestrator.metrics import LatestSnapshot, MetricsEndpoint, make_registry, start_metrics_server
+from orchestrator.metrics import MetricsSnapshot
 
 log = logging.getLogger("mplsorch")
 # Seconds between the metrics' dumps of our objects' offload states: a dump walks every filter
@@ -61,8 +61,6 @@ class BalancerDaemon(Daemon):
         self.health.configure(targets_of(self.config))
         self.runner: HealthRunner | None = None
         self.checker: Checker = run_check
-        self.snapshot = LatestSnapshot()
-        self.metrics: MetricsEndpoint | None = None
         self.offload_counts: dict[str, int] = {}
         self.next_offload_dump = 0.0
 
@@ -71,20 +69,27 @@ class BalancerDaemon(Daemon):
         """Node check, node objects, reconcile with the kernel, ruleset, queue: in this order, so
         that nothing is touched on a node that is not ready and no first packet is queued before
         the table knows the sessions that survived a restart."""
-        self.make_ready(self.config)
-        for dev in self.config.interfaces.fabric:
-            result = self.provider.apply([ops.Add(ops.ClsactQdisc(dev))])[0]
-            if not result.ok and result.errno != errno.EEXIST:
-                raise RuntimeError(str(result))
-        self.conntrack = self.capture.conntrack()
-        stale = self.core.restore(self.provider.dump(), self.conntrack.dump(), time.monotonic())
-        self.program(stale, "reconcile")
+        with start_step("node check"):
+            self.make_ready(self.config)
+        with start_step("node objects"):
+            for dev in self.config.interfaces.fabric:
+                result = self.provider.apply([ops.Add(ops.ClsactQdisc(dev))])[0]
+                if not result.ok and result.errno != errno.EEXIST:
+                    raise RuntimeError(str(result))
+        with start_step("conntrack socket"):
+            self.conntrack = self.capture.conntrack()
+        with start_step("restore from the kernel"):
+            stale = self.core.restore(self.provider.dump(), self.conntrack.dump(), time.monotonic())
+            self.program(stale, "reconcile")
         if len(self.core.table):
             log.info("restored %d sessions from the kernel", len(self.core.table))
-        nftables.load(nftables.render(self.config))
-        self.fill_fast_path()
+        with start_step("nftables ruleset"):
+            nftables.load(nftables.render(self.config))
+        with start_step("fast-path sets"):
+            self.fill_fast_path()
         first, last = self.config.nfqueue.queues
-        self.queue = self.capture.queue(first, last)
+        with start_step(f"nfqueue {first}-{last}"):
+            self.queue = self.capture.queue(first, last)
 
     def fill_fast_path(self) -> None:
         """Loading the ruleset empties the fast-path sets: the table's sessions get their
@@ -111,43 +116,20 @@ class BalancerDaemon(Daemon):
             await self.runner.close()
         self.stop_metrics()
 
-    def start_metrics(self) -> None:
-        """A port that cannot be bound is logged, not fatal: balancing matters more than its metrics."""
-        self.publish()
-        if self.config.metrics is not None:
-            try:
-                self.metrics = start_metrics_server(self.config.metrics, make_registry(self.snapshot))
-            except OSError as exc:
-                log.error(
-                    "metrics endpoint %s not started: %s",
-                    self.config.metrics.listen,
-                    exc,
-                    extra=fields(event="metrics_failed", reason=str(exc)),
-                )
-
-    def stop_metrics(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
-
     # -- the loop's hooks ---------------------------------------------------------------------------
     def tick(self) -> None:
         self.end_sessions()
         self.publish()
 
-    def publish(self) -> None:
-        """The metrics endpoint serves this snapshot until the next tick. The objects' offload
-        states need a dump of the kernel, taken at most every OFFLOAD_DUMP_EVERY seconds."""
-        if self.config.metrics is not None:
-            now = time.monotonic()
-            if now >= self.next_offload_dump:
-                self.offload_counts = offload.counts(self.provider.dump())
-                self.next_offload_dump = now + OFFLOAD_DUMP_EVERY
-            self.snapshot.update(
-                views.metrics_snapshot(
-                    self.core, now, self.op_results, self.batch_duration.snapshot(), self.offload_counts
-                )
-            )
+    def metrics_snapshot(self, now: float) -> MetricsSnapshot:
+        """The objects' offload states need a dump of the kernel, taken at most every
+        OFFLOAD_DUMP_EVERY seconds."""
+        if now >= self.next_offload_dump:
+            self.offload_counts = offload.counts(self.provider.dump())
+            self.next_offload_dump = now + OFFLOAD_DUMP_EVERY
+        return views.metrics_snapshot(
+            self.core, now, self.op_results, self.batch_duration.snapshot(), self.offload_counts
+        )
 
     def end_sessions(self) -> None:
         """Sessions past their persistence timeout: delete their objects and say so in the log."""
@@ -245,6 +227,7 @@ class BalancerDaemon(Daemon):
             nftables.load(nftables.render(config))
         except (ConfigError, OSError, RuntimeError, node_setup.NodeNotReady) as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc)
+            self.core.count("reloads_rejected")
             return
         now = time.monotonic()
         self.core.configure(config, now)

@@ -11,12 +11,13 @@ A daemon is given its dataplane provider and how to open its queue and conntrack
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from orchestrator import systemd
 from orchestrator.capture import nftables
@@ -27,13 +28,22 @@ from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowsStarted, 
 from orchestrator.core.servers import BadCommand
 from orchestrator.daemon import logs, node_setup
 from orchestrator.daemon.control import ControlServer
+from orchestrator.daemon.logs import fields
 from orchestrator.dataplane import offload, ops
 from orchestrator.dataplane.provider import Provider
-from orchestrator.metrics import DurationHistogram
+from orchestrator.metrics import (
+    DurationHistogram,
+    LatestSnapshot,
+    MetricsEndpoint,
+    MetricsSnapshot,
+    make_registry,
+    start_metrics_server,
+)
 
 log = logging.getLogger("mplsorch")
 TICK = 0.25
 SWEEP = 10.0  # seconds between conntrack sweeps: how late at most a flow's end is noticed
+RETRY_SWEEP = 1.0  # after a failed conntrack read: the sweep that recovers what it lost
 
 
 class FlowCore(Protocol):
@@ -48,6 +58,8 @@ class FlowCore(Protocol):
 
 class PacketQueue(Protocol):
     """The NFQUEUE socket as the daemon uses it (capture.nfqueue.NfQueue)."""
+
+    overruns: int  # times the kernel could not hand us packets (ENOBUFS: our socket buffer was full)
 
     def fileno(self) -> int: ...
 
@@ -81,6 +93,27 @@ class Capture:
     conntrack: Callable[[], FlowSource]
 
 
+class StartupError(Exception):
+    """A start-up step the kernel refused (a netlink request, the ruleset, a socket): `mplsorch
+    run` prints it as one line and exits START_FAILED. The node check has NodeNotReady instead."""
+
+    def __init__(self, step: str, cause: BaseException) -> None:
+        super().__init__(f"{step}: {cause}")
+        self.step = step
+
+
+@contextlib.contextmanager
+def start_step(step: str) -> Iterator[None]:
+    """Name the start-up step a failure comes from, so the one line says what went wrong where.
+    PermissionError passes unchanged: not being root is the environment's problem (exit 3)."""
+    try:
+        yield
+    except PermissionError:
+        raise
+    except (OSError, RuntimeError) as exc:
+        raise StartupError(step, exc) from exc
+
+
 Request = Callable[[float], dict[str, Any]]
 Command = Callable[[dict[str, Any], float], dict[str, Any]]  # a request with arguments
 
@@ -109,6 +142,10 @@ class Daemon:
         self.next_sweep = time.monotonic() + SWEEP
         self.notify = systemd.notifier()
         self.next_watchdog = 0.0
+        self.seen_overruns = 0
+        self.control: ControlServer | None = None
+        self.snapshot = LatestSnapshot()
+        self.metrics: MetricsEndpoint | None = None
 
     def program(self, operations: list[ops.Operation], why: str) -> list[ops.OpResult]:
         """Apply one batch; its duration feeds the metrics, each failure is logged with its reason."""
@@ -145,7 +182,13 @@ class Daemon:
         """The queue is readable: decide one batch. A bug must not strand queued packets: they
         are let go unlabelled, loudly."""
         assert self.queue is not None
-        batch = self.queue.read_batch(self.config.nfqueue.batch)
+        try:
+            batch = self.queue.read_batch(self.config.nfqueue.batch)
+        except OSError as exc:
+            log.error("nfqueue read failed: %s", exc)
+            self.core.count("queue_errors")
+            return
+        self._queue_overruns()
         if not batch:
             return
         try:
@@ -154,6 +197,68 @@ class Daemon:
             log.exception("first-packet batch failed; accepting its %d packets unlabelled", len(batch))
             self.core.count("batch_errors")
             self.queue.send_verdicts(accept_all(batch))
+
+    def _queue_overruns(self) -> None:
+        """A full socket buffer loses queued packets (the kernel reports ENOBUFS, the queue goes on
+        reading): logged and counted once per read that saw it."""
+        assert self.queue is not None
+        lost = self.queue.overruns - self.seen_overruns
+        if lost > 0:
+            self.seen_overruns = self.queue.overruns
+            self.core.count("queue_overruns", lost)
+            log.warning("nfqueue: the daemon's socket buffer was full (ENOBUFS): queued packets were lost")
+
+    def guarded_tick(self) -> None:
+        """The role's tick; a failure (a netlink socket error while ending sessions) is one logged
+        line and a count, and the next tick tries again: the loop, and the sessions, go on."""
+        try:
+            self.tick()
+        except Exception as exc:
+            log.error("tick failed: %s: %s", type(exc).__name__, exc)
+            log.debug("tick failure", exc_info=True)
+            self.core.count("tick_errors")
+
+    def do_reload(self) -> None:
+        """SIGHUP, around the role's reload: whatever it raises is one logged line and a counted
+        rejection, never the end of the daemon (the role keeps its running configuration)."""
+        try:
+            self.reload()
+            if self.control is not None and self.control.group != self.config.node.control_group:
+                self.control.set_group(self.config.node.control_group)
+        except Exception as exc:
+            log.error("reload failed, keeping the running configuration: %s: %s", type(exc).__name__, exc)
+            log.debug("reload failure", exc_info=True)
+            self.core.count("reloads_rejected")
+
+    # -- metrics (metrics.listen, both roles) ---------------------------------------------------------
+    def metrics_snapshot(self, now: float) -> MetricsSnapshot:
+        """What the role's endpoint serves: the same counts `status --json` shows."""
+        raise NotImplementedError
+
+    def publish(self) -> None:
+        """The metrics endpoint serves this snapshot until the next tick."""
+        if self.config.metrics is not None:
+            self.snapshot.update(self.metrics_snapshot(time.monotonic()))
+
+    def start_metrics(self) -> None:
+        """A port that cannot be bound is logged, not fatal: the role's work matters more than its
+        metrics."""
+        self.publish()
+        if self.config.metrics is not None:
+            try:
+                self.metrics = start_metrics_server(self.config.metrics, make_registry(self.snapshot))
+            except OSError as exc:
+                log.error(
+                    "metrics endpoint %s not started: %s",
+                    self.config.metrics.listen,
+                    exc,
+                    extra=fields(event="metrics_failed", reason=str(exc)),
+                )
+
+    def stop_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     # -- hooks ----------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -251,8 +356,10 @@ class Daemon:
             loop.add_signal_handler(sig, self.flag, flag)
         loop.add_reader(self.queue.fileno(), self.on_packets)
         loop.add_reader(self.conntrack.fileno(), self._on_conntrack)
-        control = ControlServer(self.control_socket, self.answer)
-        await control.start()
+        control = ControlServer(self.control_socket, self.answer, self.config.node.control_group)
+        self.control = control
+        with start_step(f"control socket {self.control_socket}"):
+            await control.start()
         try:
             await self.start_tasks()
             log.info("%s", self.running_message())
@@ -266,11 +373,11 @@ class Daemon:
                 if "reload" in self.flags:
                     self.flags.discard("reload")
                     self.notify.reloading()
-                    self.reload()
+                    self.do_reload()
                     self.notify.ready(self.running_message())
                 if time.monotonic() >= self.next_sweep:
                     self.sweep()
-                self.tick()
+                self.guarded_tick()
                 self._watchdog()
         finally:
             self.notify.stopping()
@@ -315,9 +422,17 @@ class Daemon:
             events = read()
             if events:
                 self.core.on_flow_events(events, time.monotonic())
-        except Exception:
-            log.exception("conntrack events failed")
+        except Exception as exc:
+            log.error("conntrack events failed: %s: %s", type(exc).__name__, exc)
+            log.debug("conntrack failure", exc_info=True)
             self.core.count("conntrack_errors")
+            # What the failed read would have told is in the table: a sweep soon reads it back,
+            # so no flow's end is lost with the failure.
+            self.next_sweep = min(self.next_sweep, time.monotonic() + RETRY_SWEEP)
+            return
+        for event in events:
+            if isinstance(event, FlowTableResync) and not event.sweep:
+                log.warning("conntrack: events lost (ENOBUFS); resynced from a dump of %d live flows", len(event.live))
 
 
 def session_json(view: dict[str, Any], now: float) -> dict[str, Any]:

@@ -10,6 +10,7 @@ reloads, SIGTERM/SIGINT stop and leave the return routes and the ruleset in plac
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import time
@@ -22,9 +23,10 @@ from orchestrator.config.server import ServerConfig
 from orchestrator.core.agent import PREF_LEARN, RULE_PRIORITY, ReturnSession, ServerAgent, label_of
 from orchestrator.core.events import LabelledPacket
 from orchestrator.daemon import node_setup
-from orchestrator.daemon.loop import Capture, Daemon, nf_verdict
+from orchestrator.daemon.loop import Capture, Daemon, nf_verdict, start_step
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.provider import Provider
+from orchestrator.metrics import MetricsSnapshot, server_snapshot_from
 
 log = logging.getLogger("mplsorch")
 
@@ -67,15 +69,22 @@ class ServerDaemon(Daemon):
         """Node check, node objects, reconcile with the kernel, ruleset, queue: in this order, so
         that nothing is touched on a node that is not ready and no first packet is queued before
         the core knows the sessions that survived a restart."""
-        self.make_ready(self.config)
-        self.install_node_objects()
-        self.conntrack = self.capture.conntrack()
-        now = time.monotonic()
-        self.program(self.core.restore(self.provider.dump(), self.conntrack.dump(), now), "reconcile")
+        with start_step("node check"):
+            self.make_ready(self.config)
+        with start_step("node objects"):
+            self.install_node_objects()
+        with start_step("conntrack socket"):
+            self.conntrack = self.capture.conntrack()
+        with start_step("restore from the kernel"):
+            now = time.monotonic()
+            self.program(self.core.restore(self.provider.dump(), self.conntrack.dump(), now), "reconcile")
         if self.core.sessions:
             log.info("restored %d sessions from the kernel", len(self.core.sessions))
-        nftables.load(nftables.render_server(self.config))
-        self.queue = self.capture.queue(self.config.nfqueue.queue, self.config.nfqueue.queue)
+        with start_step("nftables ruleset"):
+            nftables.load(nftables.render_server(self.config))
+        queue = self.config.nfqueue.queue
+        with start_step(f"nfqueue {queue}"):
+            self.queue = self.capture.queue(queue, queue)
 
     def install_node_objects(self) -> None:
         """Bring the node objects to the core's: remove ours that are no longer wanted, then
@@ -98,9 +107,26 @@ class ServerDaemon(Daemon):
 
     def running_message(self) -> str:
         first, last = self.config.block
+        metrics = f", metrics {self.config.metrics.listen}" if self.config.metrics else ""
         return (
             f"server agent running: VIPs {', '.join(str(v.address) for v in self.config.vips)}, "
-            f"labels {first}-{last}, queue {self.config.nfqueue.queue}, control {self.control_socket}"
+            f"labels {first}-{last}, queue {self.config.nfqueue.queue}, control {self.control_socket}{metrics}"
+        )
+
+    async def start_tasks(self) -> None:
+        """The metrics endpoint, before READY."""
+        self.start_metrics()
+
+    async def stop_tasks(self) -> None:
+        self.stop_metrics()
+
+    def metrics_snapshot(self, now: float) -> MetricsSnapshot:
+        """Sessions by state, C2S labels in use (one per session) and free, and the counters."""
+        by_state = collections.Counter(str(s.state) for s in self.core.sessions.values())
+        in_use = len(self.core.sessions)
+        labels = {"in_use": in_use, "free": max(len(self.config.c2s_labels()) - in_use, 0)}
+        return server_snapshot_from(
+            self.core.counters, by_state, labels, self.op_results, self.batch_duration.snapshot()
         )
 
     # -- the loop's hooks ---------------------------------------------------------------------------
@@ -137,6 +163,7 @@ class ServerDaemon(Daemon):
         before = dict(self.core.sessions)
         self.program(self.core.tick(time.monotonic()), "session end")
         self.log_changes(before, "persistence timeout")
+        self.publish()
 
     def reload(self) -> None:
         """SIGHUP: a new configuration without dropping sessions; an invalid one, or one this node
@@ -148,19 +175,26 @@ class ServerDaemon(Daemon):
             if config.nfqueue.queue != self.config.nfqueue.queue:
                 raise ConfigError(self.config_path, None, "nfqueue.queue", "changes only at a restart")
             self.make_ready(config)
-            ruleset = nftables.render_server(config)
-        except (ConfigError, OSError, node_setup.NodeNotReady) as exc:
+            # The ruleset first: nft takes all of it or nothing, so a refused one leaves the
+            # running configuration whole (the reload is synchronous: no packet is decided between).
+            nftables.load(nftables.render_server(config))
+        except (ConfigError, OSError, RuntimeError, node_setup.NodeNotReady) as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc)
+            self.core.count("reloads_rejected")
             return
         before = dict(self.core.sessions)
         self.program(self.core.reconfigure(config), "reload")
         self.log_changes(before, "its VIP left the configuration")
+        metrics_changed = config.metrics != self.config.metrics
         self.config = config
+        if metrics_changed:  # the endpoint moves (or starts, or stops) with the file
+            self.stop_metrics()
+            self.start_metrics()
         try:
             self.install_node_objects()
-            nftables.load(ruleset)
         except (OSError, RuntimeError) as exc:
             log.error("reload: %s", exc)
+            self.core.count("reload_errors")
             return
         log.info("configuration reloaded from %s", self.config_path)
 

@@ -135,6 +135,7 @@ class ScriptedQueue(_Pipe):
     def __init__(self, observe: Callable[[], object] = lambda: None) -> None:
         super().__init__()
         self.observe = observe
+        self.overruns = 0  # set by a test: ENOBUFS the kernel reported
         self.batches: list[list[QueuedPacket]] = []
         self.sent_batches: list[tuple[list[Verdict], object]] = []
 

@@ -12,6 +12,7 @@ from orchestrator import __version__
 from orchestrator.config.model import MetricsConfig
 from orchestrator.metrics import (
     BATCH_BUCKETS,
+    ERRORS,
     MAX_REASONS,
     DurationHistogram,
     HistogramSnapshot,
@@ -19,6 +20,7 @@ from orchestrator.metrics import (
     MetricsSnapshot,
     MplsorchCollector,
     make_registry,
+    server_snapshot_from,
     snapshot_from,
     start_metrics_server,
 )
@@ -37,6 +39,19 @@ FAMILIES = {
     "mplsorch_server_health": "gauge",
     "mplsorch_offload_objects": "gauge",
     "mplsorch_offload_refused": "counter",
+    "mplsorch_malformed_packets": "counter",
+    "mplsorch_errors": "counter",
+}
+# The server agent's endpoint: the families both roles share, and its own.
+SERVER_FAMILIES = {
+    "mplsorch_build_info": "gauge",
+    "mplsorch_sessions": "gauge",
+    "mplsorch_dataplane_operations": "counter",
+    "mplsorch_dataplane_batch_duration_seconds": "histogram",
+    "mplsorch_malformed_packets": "counter",
+    "mplsorch_errors": "counter",
+    "mplsorch_sessions_learned": "counter",
+    "mplsorch_c2s_labels": "gauge",
 }
 
 
@@ -216,3 +231,28 @@ def test_endpoint_serves_the_latest_snapshot() -> None:
         assert 'mplsorch_server_health{pool="web",server="s2",state="down"} 1.0' in body
     finally:
         endpoint.close()
+
+
+def test_the_server_agents_endpoint_serves_its_families_only() -> None:
+    counters = {"sessions_learned": 4, "malformed:truncated-tcp": 2, "route_errors": 1, "queue_overruns": 3}
+    snap = server_snapshot_from(counters, {"serving": 2, "draining": 1}, {"in_use": 3, "free": 496}, {"ok": 7})
+    families = list(text_string_to_metric_families(exposition(snap)))
+    assert {f.name: f.type for f in families} == SERVER_FAMILIES
+    by_name = {f.name: {tuple(s.labels.values()): s.value for s in f.samples} for f in families}
+    assert by_name["mplsorch_sessions"] == {("serving",): 2, ("draining",): 1}
+    assert by_name["mplsorch_sessions_learned"] == {(): 4}
+    assert by_name["mplsorch_c2s_labels"] == {("in_use",): 3, ("free",): 496}
+    assert by_name["mplsorch_malformed_packets"][("truncated-tcp",)] == 2
+    assert by_name["mplsorch_malformed_packets"][("empty",)] == 0  # every known reason, from the start
+    assert by_name["mplsorch_errors"][("route_errors",)] == 1 and by_name["mplsorch_errors"][("queue_overruns",)] == 3
+    assert by_name["mplsorch_dataplane_operations"] == {("ok",): 7, ("error",): 0}
+
+
+def test_malformed_reasons_and_errors_are_bounded_on_the_balancer_too() -> None:
+    counters = {f"malformed:{i}.{i}.0.1": 1 for i in range(40)} | {"malformed:bad-ihl": 2, "batch_errors": 1}
+    snap = snapshot_from(counters, {}, {}, {})
+    families = {f.name: f for f in text_string_to_metric_families(exposition(snap))}
+    malformed = {s.labels["reason"]: s.value for s in families["mplsorch_malformed_packets"].samples}
+    assert malformed["bad-ihl"] == 2 and malformed["other"] == 40 and not any("." in k for k in malformed)
+    errors = {s.labels["error"]: s.value for s in families["mplsorch_errors"].samples}
+    assert errors["batch_errors"] == 1 and set(errors) == set(ERRORS)

@@ -194,13 +194,19 @@ def test_show_output_is_a_valid_equal_configuration(path: Path | None) -> None:
 def test_to_dict_is_the_file_format() -> None:
     assert load_config(EXAMPLE).to_dict() == {
         "role": "server",
-        "node": {"transport_label": 101, "control_socket": "/run/mplsorch/mplsorch.sock", "setup": "check"},
+        "node": {
+            "transport_label": 101,
+            "control_socket": "/run/mplsorch/mplsorch.sock",
+            "control_group": None,
+            "setup": "check",
+        },
         "balancer": {"transport_label": 100},
         "interfaces": {"fabric": ["eth0"], "fabric_next_hop": ["10.1.1.1", "fd00:11::1"]},
         "labels": {"block": [1001, 1999]},
         "vips": {"10.0.0.100": {"table": 100}, "fd00:100::100": {"table": 101}},
         "sessions": {"persistence_timeout": 30.0},
         "nfqueue": {"queue": 8, "batch": 64},
+        "metrics": None,
     }
 
 
@@ -365,6 +371,12 @@ CASES: dict[str, tuple[str, str, str, str]] = {
         "setup",
         "node.setup",
         "unknown setup mode 'chek'; expected one of check, apply; did you mean 'check'?",
+    ),
+    "control group unknown": (
+        _edit(BASE, "  transport_label: 101\n", "  transport_label: 101\n  control_group: no-such-group-x\n"),
+        "control_group",
+        "node.control_group",
+        "no group 'no-such-group-x' on this host",
     ),
     "control socket empty": (
         _edit(BASE, "  transport_label: 101\n", "  transport_label: 101\n  control_socket: ''\n"),
@@ -772,6 +784,11 @@ def test_cli_show_fills_in_defaults(tmp_path: Path) -> None:
     r = runner.invoke(app, ["config", "show", str(f)])
     assert r.exit_code == 0, r.output
     shown = yaml.safe_load(r.stdout)
-    assert shown["node"] == {"transport_label": 101, "control_socket": "/run/mplsorch/mplsorch.sock", "setup": "check"}
+    assert shown["node"] == {
+        "transport_label": 101,
+        "control_socket": "/run/mplsorch/mplsorch.sock",
+        "control_group": None,
+        "setup": "check",
+    }
     assert shown["sessions"] == {"persistence_timeout": 30.0} and shown["nfqueue"] == {"queue": 8, "batch": 64}
     assert parse_config(r.stdout) == parse_config(BASE)

@@ -5,10 +5,16 @@ and `mplsorch run` exiting with the node's problems."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
+import socket
+import urllib.request
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from scapy.layers.inet import IP, TCP
 from typer.testing import CliRunner
 
@@ -16,6 +22,10 @@ from orchestrator.capture.nfqueue import NF_ACCEPT, QueuedPacket
 from orchestrator.cli import daemon as cli_daemon
 from orchestrator.cli.main import app
 from orchestrator.config import load_server_config
+from orchestrator.config.examples import example
+from orchestrator.config.load import ConfigError, parse_config
+from orchestrator.config.model import MetricsConfig
+from orchestrator.config.server_model import ServerConfig
 from orchestrator.core.agent import MARK_TAG
 from orchestrator.daemon import node_setup
 from orchestrator.daemon.server import ServerDaemon
@@ -118,3 +128,74 @@ def test_run_prints_every_problem_and_exits_4_when_the_node_is_not_ready(monkeyp
         "mplsorch: node not ready: VIP 10.0.0.100 is not on lo; fix: ip address add 10.0.0.100/32 dev lo",
         "mplsorch: node not ready: interface eth0 (interfaces.fabric) does not exist; fix: create it",
     ]
+
+
+def test_the_agents_metrics_endpoint_agrees_with_status(kernel: FakeProvider, queue: ScriptedQueue) -> None:
+    cfg = dataclasses.replace(load_server_config(EXAMPLE), metrics=MetricsConfig("127.0.0.1", 0))
+    d = server_daemon(cfg, kernel, queue)
+    d.install_node_objects()
+    d.start_metrics()
+    try:
+        assert d.metrics is not None
+        d.decide([syn(1, MARK_TAG | 1001), QueuedPacket(8, 2, b"\x45\x00", 1, None, MARK_TAG | 1003)])
+        queue.overruns = 1
+        d.on_packets()
+        d.tick()
+        with urllib.request.urlopen(f"http://127.0.0.1:{d.metrics.port}/metrics", timeout=5) as answer:
+            body = answer.read().decode()
+    finally:
+        d.stop_metrics()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(body)
+        for s in f.samples
+    }
+    status = d.handle_request({"cmd": "status"})
+    assert samples[("mplsorch_sessions", (("state", "serving"),))] == status["sessions"] == 1
+    assert samples[("mplsorch_sessions_learned_total", ())] == status["counters"]["sessions_learned"] == 1
+    assert samples[("mplsorch_c2s_labels", (("state", "in_use"),))] == 1
+    assert samples[("mplsorch_c2s_labels", (("state", "free"),))] == len(cfg.c2s_labels()) - 1
+    [reason] = [k.split(":", 1)[1] for k in status["counters"] if k.startswith("malformed:")]
+    assert samples[("mplsorch_malformed_packets_total", (("reason", reason),))] == 1
+    assert samples[("mplsorch_errors_total", (("error", "queue_overruns"),))] == status["counters"]["queue_overruns"]
+    assert samples[("mplsorch_dataplane_operations_total", (("result", "ok"),))] == status["dataplane_ops"]["ok"]
+    assert ("mplsorch_label_pairs", (("state", "free"),)) not in samples  # the balancer's family
+
+
+def test_the_server_configuration_takes_a_metrics_endpoint() -> None:
+    text = example("server", {"metrics": {"listen": "[::1]:9470"}})
+    cfg = parse_config(text, "s1.yaml")
+    assert isinstance(cfg, ServerConfig) and cfg.metrics == MetricsConfig("::1", 9470)
+    assert cfg.to_dict()["metrics"] == {"listen": "[::1]:9470"} and parse_config(json.dumps(cfg.to_dict())) == cfg
+    assert load_server_config(EXAMPLE).metrics is None
+    with pytest.raises(ConfigError, match=r"metrics.listen: 'localhost:1' is not an address"):
+        parse_config(example("server", {"metrics": {"listen": "localhost:1"}}), "s1.yaml")
+
+
+def test_a_reload_moves_the_agents_metrics_endpoint(
+    kernel: FakeProvider, queue: ScriptedQueue, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Start without an endpoint; a reload whose file has one starts it (the ruleset is taken by a
+    stand-in nft, the node declared ready)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "nft").write_text("#!/bin/sh\ncat > /dev/null\n")
+    (bindir / "nft").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    d = server_daemon(load_server_config(EXAMPLE), kernel, queue)
+    d.make_ready = lambda config: None  # type: ignore[method-assign]
+    d.install_node_objects()
+    path = tmp_path / "s1.yaml"
+    # Port 0 is refused by the file format: a free port is found first and written in.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path.write_text(example("server", {"metrics": {"listen": f"127.0.0.1:{port}"}}))
+    d.config_path = str(path)
+    assert d.metrics is None
+    d.do_reload()
+    try:
+        assert d.metrics is not None and d.metrics.port == port and d.config.metrics is not None
+        assert d.core.counters["reloads_rejected"] == 0
+    finally:
+        d.stop_metrics()

@@ -1,11 +1,13 @@
 """rtnetlink dump messages -> the objects of ops.py, with the offload state the kernel reports.
-Each function returns None for a message that is not one of ours (other owner, other kind)."""
+Each function returns None for a message that is not one of ours (other owner, other kind), and
+raises DecodeError, and nothing else, for one it cannot read (truncated, a value out of range)."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
-from typing import Callable
+from typing import Callable, ParamSpec, TypeVar
 
 from orchestrator import ipproto
 from orchestrator.dataplane import ops
@@ -71,10 +73,35 @@ from orchestrator.dataplane.netlink.constants import (
 from orchestrator.dataplane.netlink.encode import ADDR_ATTRS, PORT_ATTRS, U32_KEY, U32_SEL
 
 Ifname = Callable[[int], str]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class DecodeError(RuntimeError):
+    """A netlink message the decoder cannot read: the kernel's answer was cut or is not what its
+    header says. A RuntimeError, so the daemon's start names it as a refused step."""
+
+
+def _decoding(fn: Callable[P, R]) -> Callable[P, R]:
+    """Whatever a malformed message makes the parsing raise becomes one DecodeError naming the
+    decoder, so a caller handles one error, not struct's, ipaddress's and the ops' validation's."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except DecodeError:
+            raise
+        except (struct.error, IndexError, KeyError, ValueError, UnicodeDecodeError) as exc:
+            raise DecodeError(f"{fn.__name__}: undecodable message: {type(exc).__name__}: {exc}") from exc
+
+    return wrapper
+
 
 _PROTO_NAMES = {ETH_P_IP: "ip", ETH_P_IPV6: "ipv6", ETH_P_MPLS_UC: "mpls_uc"}
 
 
+@_decoding
 def labels_of(payload: memoryview) -> tuple[int, ...]:
     return tuple(struct.unpack_from("!I", payload, i)[0] >> 12 for i in range(0, len(payload), 4))
 
@@ -93,6 +120,7 @@ def _route_offload(flags: int) -> ops.OffloadState:
     )
 
 
+@_decoding
 def route(body: memoryview, ifname: Ifname) -> ops.Installed | None:
     """An AF_MPLS label route or an AF_INET/AF_INET6 encap route of ours."""
     family, dst_len, _src_len, _tos, table, proto, _scope, _type, flags = nla.RTMSG.unpack_from(body)
@@ -127,6 +155,7 @@ def route(body: memoryview, ifname: Ifname) -> ops.Installed | None:
     return ops.Installed(obj, _route_offload(flags))
 
 
+@_decoding
 def next_hop(body: memoryview | bytes, ifname: Ifname) -> ops.NextHop | None:
     """The answer to a route query (encode.route_query): device and gateway (RTA_GATEWAY, or
     RTA_VIA for an IPv4 route via an IPv6 gateway; neither: on-link). None for anything but a
@@ -143,6 +172,7 @@ def next_hop(body: memoryview | bytes, ifname: Ifname) -> ops.NextHop | None:
     return ops.NextHop(ifname(nla.get_u32(a[RTA_OIF])), via)
 
 
+@_decoding
 def rule(body: memoryview) -> ops.Installed | None:
     family, _dst_len, src_len, _tos, table, _r1, _r2, _action, _flags = nla.RTMSG.unpack_from(body)
     a = nla.attrs(body, nla.RTMSG.size)
@@ -158,12 +188,14 @@ def rule(body: memoryview) -> ops.Installed | None:
     )
 
 
+@_decoding
 def tc_header(body: memoryview) -> tuple[int, int, int, int]:
     """(ifindex, handle, parent, info) of a tcmsg."""
     _family, _pad1, _pad2, ifindex, handle, parent, info = nla.TCMSG.unpack_from(body)
     return ifindex, handle, parent, info
 
 
+@_decoding
 def qdisc_kind(body: memoryview) -> str:
     a = nla.attrs(body, nla.TCMSG.size)
     return nla.get_str(a[TCA_KIND]) if TCA_KIND in a else ""
@@ -194,7 +226,10 @@ def _tagged_actions(payload: memoryview | None, require_cookie: bool) -> tuple[l
     an action is of a kind we never make, or (with require_cookie) the list is not ours."""
     actions: list[ops.Action] = []
     cookies: list[bytes] = []
-    for _order, action in sorted(nla.iter_attrs(payload) if payload is not None else ()):
+    # By order number alone (stable): two actions of one number, which the kernel never sends,
+    # would otherwise compare their payloads (found by tests/unit/test_properties.py).
+    attrs = nla.iter_attrs(payload) if payload is not None else ()
+    for _order, action in sorted(attrs, key=lambda item: item[0]):
         decoded = _action(action)
         if decoded is None:
             return None
@@ -210,6 +245,7 @@ def _tagged_actions(payload: memoryview | None, require_cookie: bool) -> tuple[l
     return actions, tag
 
 
+@_decoding
 def u32(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops.Installed | None:
     """A cls_u32 node of ours (hash tables themselves, which dump with a divisor, are not)."""
     ifindex, handle, parent, info = tc_header(body)
@@ -248,6 +284,7 @@ def u32(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops.In
 _U32_PROTOCOL_NAMES = {number: name for name, number in ops.U32_PROTOCOLS.items()}
 
 
+@_decoding
 def tc_filter(body: memoryview, ifname: Ifname) -> ops.Installed | None:
     """One of our filters of a dump, whatever its classifier (flower or u32)."""
     return flower(body, ifname) or u32(body, ifname)
@@ -261,6 +298,7 @@ def _prefix(key: memoryview, mask: memoryview | None) -> str:
     return f"{address}/{bits}"
 
 
+@_decoding
 def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops.Installed | None:
     """A flower filter whose actions all carry our cookie (act_mpls and act_skbedit only, or it
     is not ours).
@@ -325,6 +363,7 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
 FAST_PATH_SETS = tuple(f"fast{kind}{family}" for kind in ("", "proto", "esp") for family in (4, 6))
 
 
+@_decoding
 def set_elements(body: memoryview) -> list[ops.FastPathElement]:
     """The elements of one NFT_MSG_NEWSETELEM dump message of a fast-path set (the inverse of
     encode.element_key); elements of other sets, or of another key size, are not ours."""

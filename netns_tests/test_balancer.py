@@ -349,23 +349,7 @@ def test_sigkill_and_a_restart_give_back_every_session_and_the_hold_downs(lab: L
         held_down = balancer.cli("status")["labels"]["held_down"]
         assert held_down >= 1
 
-        os.kill(balancer.proc.pid, signal.SIGKILL)
-        balancer.proc.wait(timeout=patience(15))
-        (balancer.dir / "daemon.log").rename(balancer.dir / "daemon-killed.log")
-        balancer.proc = lab.spawn(
-            "lb",
-            sys.executable,
-            "-m",
-            "orchestrator",
-            "run",
-            "--config",
-            str(balancer.config),
-            log=balancer.dir / "daemon.log",
-        )
-        deadline = time.monotonic() + patience(60)
-        while "balancer running" not in balancer.log():
-            assert balancer.proc.poll() is None and time.monotonic() < deadline, balancer.log()
-            time.sleep(0.5)
+        balancer.kill_and_restart()
         assert f"restored {len(before)} sessions from the kernel" in balancer.log(), balancer.log()[-2000:]
         assert _restored_view(balancer) == before
         assert balancer.cli("status")["labels"]["held_down"] == held_down

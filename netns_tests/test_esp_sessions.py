@@ -6,9 +6,7 @@ exactly after the balancer is killed (SIGKILL) and started again."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -168,23 +166,7 @@ def test_each_spi_of_a_client_is_a_session_and_survives_a_sigkill(lab: Lab, bala
     # SIGKILL, then a new daemon: the same sessions, from the kernel's u32 nodes and their records.
     before = sorted(balancer.sessions(), key=lambda s: s["id"])
     assert balancer.proc is not None
-    os.kill(balancer.proc.pid, signal.SIGKILL)
-    balancer.proc.wait(timeout=patience(15))
-    (balancer.dir / "daemon.log").rename(balancer.dir / "daemon-killed.log")
-    balancer.proc = lab.spawn(
-        "lb",
-        sys.executable,
-        "-m",
-        "orchestrator",
-        "run",
-        "--config",
-        str(balancer.config),
-        log=balancer.dir / "daemon.log",
-    )
-    deadline = time.monotonic() + patience(60)
-    while "balancer running" not in balancer.log():
-        assert balancer.proc.poll() is None and time.monotonic() < deadline, balancer.log()
-        time.sleep(0.5)
+    balancer.kill_and_restart()
     keep = (
         "id",
         "client",

@@ -98,16 +98,7 @@ class BalancerLab:
             lab.sh("p", "ip", "route", "replace", net, "via", gw)
         for net in self._server_nets() if self.checked else []:
             lab.sh(self.node, "ip", "route", "replace", net, "via", lab.peer_address(self.node, "p"))
-        self.proc = lab.spawn(
-            self.node,
-            sys.executable,
-            "-m",
-            "orchestrator",
-            "run",
-            "--config",
-            str(self.config),
-            log=self.dir / "daemon.log",
-        )
+        self.proc = self._spawn()
         deadline = time.monotonic() + patience(START_TIMEOUT)
         while not self.sock.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -191,6 +182,31 @@ class BalancerLab:
             for a in f["options"].get("actions", [])
             if a.get("order") == 1
         )
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return self.lab.spawn(
+            self.node,
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "run",
+            "--config",
+            str(self.config),
+            log=self.dir / "daemon.log",
+        )
+
+    def kill_and_restart(self) -> None:
+        """SIGKILL the daemon (it cleans nothing up), then start a new one on the same
+        configuration and return once it runs; the killed one's log is kept as daemon-killed.log."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=patience(15))
+        (self.dir / "daemon.log").rename(self.dir / "daemon-killed.log")
+        self.proc = self._spawn()
+        deadline = time.monotonic() + patience(60)
+        while "balancer running" not in self.log():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log()
+            time.sleep(0.5)
 
     def reload(self, changes: Mapping[KeyPath, Any] | None = None) -> None:
         """Rewrite the configuration (the lab's plus `changes`, as in `lab_config`) and SIGHUP the daemon."""

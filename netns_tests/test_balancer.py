@@ -310,26 +310,6 @@ def test_weighted_round_robin_over_300_sessions_and_least_connections(lab: Lab, 
 
 # What `mplsorch sessions --json` must give back after a restart: all but what the clock and
 # conntrack say now (created, last_seen, ends_at, flows, state).
-RESTORED = (
-    "id",
-    "client",
-    "clients",
-    "key",
-    "key_kind",
-    "service",
-    "vip",
-    "protocol",
-    "port",
-    "server",
-    "c2s_label",
-    "s2c_label",
-)
-
-
-def _restored_view(balancer: BalancerLab) -> list[dict[str, Any]]:
-    return sorted(({k: s[k] for k in RESTORED} for s in balancer.sessions()), key=lambda s: s["id"])
-
-
 def test_sigkill_and_a_restart_give_back_every_session_and_the_hold_downs(lab: Lab, balancer: BalancerLab) -> None:
     """The balancer dies without a word (SIGKILL) and starts again: the kernel's objects give back
     every session as it was (ids, keys, clients, labels, servers), held-down pairs stay held
@@ -344,14 +324,14 @@ def test_sigkill_and_a_restart_give_back_every_session_and_the_hold_downs(lab: L
     try:
         held = _by_client(balancer.sessions())[lab.address("c3")]
         assert balancer.cli("sessions", "flush", "--client", held["client"])["flushed"] >= 1
-        before = _restored_view(balancer)
+        before = balancer.restorable_sessions()
         assert {s["key_kind"] for s in before} >= {"client-ip", "mip6-home-address"}
         held_down = balancer.cli("status")["labels"]["held_down"]
         assert held_down >= 1
 
         balancer.kill_and_restart()
         assert f"restored {len(before)} sessions from the kernel" in balancer.log(), balancer.log()[-2000:]
-        assert _restored_view(balancer) == before
+        assert balancer.restorable_sessions() == before
         assert balancer.cli("status")["labels"]["held_down"] == held_down
         installed = [i.obj for i in lab.provider("lb").dump()]
         assert records.hold_marker(held["s2c_label"]) in installed
@@ -369,7 +349,7 @@ def test_sigkill_and_a_restart_give_back_every_session_and_the_hold_downs(lab: L
             (lab.node(served[lab.address(c)]["server"])["transport_label"], served[lab.address(c)]["c2s_label"])
             for c in ("c1", "c2")
         }, stacks
-        assert _restored_view(balancer) == before
+        assert balancer.restorable_sessions() == before
         # The held-down pair is not handed out: c3 gets a new session under another pair.
         assert balancer.curl("c3") == "200"
         renewed = _by_client(balancer.sessions())[held["client"]]

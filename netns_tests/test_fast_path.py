@@ -1,9 +1,11 @@
 """The kernel fast path, for every key kind the kernel can match: N new flows from one client put
 exactly one packet in userspace (the daemon's counter and the ruleset's queue counter say so, the
 fast-path rule's counter took the others) and every one of them reaches the same server under
-the session's labels. One balancer serves the module, with four services: http (client-ip, IPv4),
-mobile (mip6-home-address, IPv6), iid (ipv6-iid, IPv6 port 8080) and dns made ESP (esp-spi).
-five-tuple has no fast path (every flow is its own session), so it is not here."""
+the session's labels. One balancer serves the module, with five services: http (client-ip, IPv4),
+mobile (mip6-home-address, IPv6), iid (ipv6-iid, IPv6 port 8080), dns made ESP (esp-spi) and ft
+(five-tuple, IPv6 port 8081: no fast path, every flow is its own session and its one userspace
+packet). Last, the balancer is killed and started again: every key kind's sessions come back as
+they were, and their next flows stay in the kernel."""
 
 from __future__ import annotations
 
@@ -30,6 +32,15 @@ CHANGES: dict[KeyPath, Any] = {
         "ports": [8080],
         "pool": "web",
         "session_key": "ipv6-iid",
+        "persistence_timeout": "3600s",
+        "scheduler": "rr",
+    },
+    "services.ft": {
+        "vip": "fd00:100::100",
+        "protocol": "tcp",
+        "ports": [8081],
+        "pool": "web",
+        "session_key": "five-tuple",
         "persistence_timeout": "3600s",
         "scheduler": "rr",
     },
@@ -187,3 +198,47 @@ def test_a_reload_refills_the_sets_it_emptied(lab: Lab, balancer: BalancerLab) -
     after = _counters(balancer, "http")
     assert (after[0], after[1], after[2]) == (before[0], before[1], before[2] + 1), (before, after)
     assert _session(balancer, "http", lab.address("c1"))["id"] == session["id"]
+
+
+def test_five_tuple_every_flow_is_a_session_with_one_userspace_packet(lab: Lab, balancer: BalancerLab) -> None:
+    def seen() -> tuple[int, int]:
+        status = balancer.cli("status")
+        return status["counters"].get("packets_userspace", 0), status["nft_counters"]["queued_ft"]
+
+    before = seen()
+    src = lab.address("c3", version=6)
+    _send(lab, "c3", "8081", src, lab.vip6, 0, N)
+    deadline = time.monotonic() + patience(40)
+    while len(mine := [s for s in balancer.sessions() if s["service"] == "ft"]) < N:
+        assert time.monotonic() < deadline, (mine, balancer.log()[-2000:])
+        time.sleep(0.5)
+    assert len(mine) == N and all(s["packets_userspace"] == 1 for s in mine), mine
+    after = seen()
+    assert (after[0] - before[0], after[1] - before[1]) == (N, N), (before, after)
+
+
+def test_after_sigkill_and_a_restart_every_key_kind_comes_back_and_stays_in_the_kernel(
+    lab: Lab, balancer: BalancerLab
+) -> None:
+    before = balancer.restorable_sessions()
+    kinds = {"client-ip", "ipv6-iid", "mip6-home-address", "esp-spi", "five-tuple"}
+    assert {s["key_kind"] for s in before} == kinds, before
+    balancer.kill_and_restart()
+    assert f"restored {len(before)} sessions from the kernel" in balancer.log(), balancer.log()[-2000:]
+    assert balancer.restorable_sessions() == before
+    # The sets were refilled from the restored sessions: a client's next flows stay in the kernel,
+    # under the same labels.
+    session = _session(balancer, "http", lab.address("c1"))
+    counters = _counters(balancer, "http")
+    capture = lab.capture("p", lab.iface("p", towards="lb")["dev"], "fast-restarted")
+    assert [balancer.curl("c1") for _ in range(N)] == ["200"] * N
+    _all_under(capture, lab, session, N)
+    after = _counters(balancer, "http")
+    assert (after[0], after[1], after[2]) == (counters[0], counters[1], counters[2] + N), (counters, after)
+    esp = _session(balancer, "dns", "spi:0x00001234")
+    counters = _counters(balancer, "dns")
+    capture = lab.capture("p", lab.iface("p", towards="lb")["dev"], "fast-restarted-esp")
+    _send(lab, "c3", "esp", lab.address("c3"), lab.vip, 100, N)
+    _all_under(capture, lab, esp, N)
+    after = _counters(balancer, "dns")
+    assert (after[0], after[1]) == (counters[0], counters[1]), (counters, after)

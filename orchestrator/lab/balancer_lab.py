@@ -54,6 +54,24 @@ def lab_config(sock: Path, changes: Mapping[KeyPath, Any] | None = None) -> str:
     return example("balancer", {**LAB_CHANGES, "node.control_socket": str(sock), **(changes or {})})
 
 
+# What a restart gives back of each session: all of `sessions --json` but the times, the flow
+# counts and the state, which start again from the restart and conntrack's dump.
+RESTORED = (
+    "id",
+    "client",
+    "clients",
+    "key",
+    "key_kind",
+    "service",
+    "vip",
+    "protocol",
+    "port",
+    "server",
+    "c2s_label",
+    "s2c_label",
+)
+
+
 class BalancerLab:
     """Set up with `start()`, torn down with `close()`: everything it made is removed."""
 
@@ -194,6 +212,10 @@ class BalancerLab:
             str(self.config),
             log=self.dir / "daemon.log",
         )
+
+    def restorable_sessions(self) -> list[dict[str, Any]]:
+        """`mplsorch sessions --json` as far as a restart must give it back (RESTORED), by id."""
+        return sorted(({k: s[k] for k in RESTORED} for s in self.sessions()), key=lambda s: s["id"])
 
     def kill_and_restart(self) -> None:
         """SIGKILL the daemon (it cleans nothing up), then start a new one on the same

@@ -236,11 +236,9 @@ class Balancer:
         if refusal is None and server is None:
             refusal = "no-server"
         # Headroom: the labels left free after this session's pair must not drop below the minimum.
-        if (
-            refusal is None
-            and 2 * (self.labels.free(server if self.labels.blocks else None, now=now) - 1)
-            < svc.admission.min_free_labels
-        ):
+        # No pair free at all is exhaustion, whatever the minimum (counted as such below).
+        free = 0 if refusal else self.labels.free(server if self.labels.blocks else None, now=now)
+        if refusal is None and free > 0 and 2 * (free - 1) < svc.admission.min_free_labels:
             refusal = "label-headroom"
         c2s = None if refusal else self.labels.allocate(server, now)  # type: ignore[arg-type]
         if refusal is None and c2s is None:

@@ -135,6 +135,23 @@ def test_label_pool_headroom_and_exhaustion() -> None:
     assert node.core.counters["refused:label-headroom"] == 2
 
 
+def test_an_empty_pool_is_counted_as_exhausted_not_as_headroom() -> None:
+    node = Node(
+        config(
+            {
+                "labels.range": [1001, 1006],
+                **{f"services.{s}.admission.min_free_labels": 0 for s in ("http", "dns", "mobile")},
+            }
+        )
+    )
+    commit = node.packets(*(syn(f"10.0.1.{10 + i}") for i in range(5)))
+    # 3 pairs: 1001/1002, 1003/1004, 1005/1006; then the pool is empty.
+    assert [v.action for v in commit.verdicts] == [Action.ACCEPT] * 3 + [Action.REFUSE] * 2
+    assert commit.verdicts[3].reason == "labels-exhausted"
+    assert node.core.counters["refused:labels-exhausted"] == 2
+    assert node.core.counters["refused:label-headroom"] == 0
+
+
 def test_malformed_and_unknown_packets_are_dropped_and_counted() -> None:
     node = Node()
     commit = node.packets(b"\x45\x00", syn("10.0.1.10", dport=8080), syn("10.0.1.10")[:30])

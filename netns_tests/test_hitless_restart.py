@@ -94,18 +94,24 @@ while True:
 print(json.dumps({"bytes": got, "seconds": round(time.monotonic() - start, 1)}), flush=True)
 """
 
-# One UDP datagram from `src` (a new source port each time) to the VIP's port 53: 1 if echoed.
+# N UDP datagrams from `src`, each from a socket of its own (a new flow each) to the VIP's port
+# 53; prints how many were echoed within 1 s.
 PROBE = r"""
-import socket, sys
-src, vip = sys.argv[1], sys.argv[2]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((src, 0))
-s.settimeout(0.5)
-s.sendto(b"probe", (vip, 53))
-try:
-    print(1 if s.recvfrom(100)[0].startswith(b"echo ") else 0)
-except OSError:
-    print(0)
+import select, socket, sys, time
+src, vip, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+for s in socks:
+    s.bind((src, 0))
+    s.sendto(b"probe", (vip, 53))
+echoed, deadline = set(), time.monotonic() + 1
+while len(echoed) < n and time.monotonic() < deadline:
+    for s in select.select(socks, [], [], max(0.0, deadline - time.monotonic()))[0]:
+        try:
+            if s.recv(100).startswith(b"echo "):
+                echoed.add(s)
+        except OSError:
+            pass
+print(len(echoed))
 """
 
 
@@ -217,10 +223,8 @@ def test_sigkill_outage_and_restart_lose_nothing(lab: Lab, balancer: BalancerLab
         during = {c: balancer.curl(c) for c in clients}
         during_udp = balancer.udp("c2")
         # ... and a new client's first packets meet fail_policy open: counted, never queued.
-        answered = [
-            int(lab.sh("c3", sys.executable, "-c", PROBE, NEW_CLIENT, lab.vip).stdout.strip() or 0)
-            for _ in range(PROBES)
-        ]
+        answered = int(lab.sh("c3", sys.executable, "-c", PROBE, NEW_CLIENT, lab.vip, str(PROBES)).stdout.strip())
+        fabric_route = lab.sh("p", "ip", "route", "get", lab.vip, check=False)
         outage_counters = _nft_counters(lab)
         time.sleep(max(0.0, killed + DOWN - time.monotonic()))
         restarting = time.monotonic()
@@ -230,10 +234,9 @@ def test_sigkill_outage_and_restart_lose_nothing(lab: Lab, balancer: BalancerLab
             f"{c}: {downloads[c].read_text()}" for c in clients
         )
         time.sleep(1.0)
-        for proc in mon:
-            lab.stop(proc)
         kernel_after = _kernel(lab)
         after = _restored_view(balancer)
+        events = {k: [line for line in p.read_text().splitlines() if line.strip()] for k, p in monitors.items()}
 
         stop.touch()
         for client in clients:
@@ -242,9 +245,9 @@ def test_sigkill_outage_and_restart_lose_nothing(lab: Lab, balancer: BalancerLab
             proc.wait(timeout=patience(30))
         udp = {c: _last_json(streams[c]) for c in clients}
         tcp = {c: _last_json(downloads[c]) for c in clients}
-        events = {k: [line for line in p.read_text().splitlines() if line.strip()] for k, p in monitors.items()}
 
-        # After the restart the new client gets a session of its own, queued as usual.
+        # After the restart the new client gets a session of its own, queued as usual (and the
+        # monitors, still running, see its objects come: they were listening).
         new_client = lab.sh(
             "c3",
             "curl",
@@ -261,6 +264,10 @@ def test_sigkill_outage_and_restart_lose_nothing(lab: Lab, balancer: BalancerLab
             check=False,
         ).stdout.strip()
         sessions = balancer.sessions()
+        time.sleep(0.5)
+        for proc in mon:
+            lab.stop(proc)
+        seen = {k: [line for line in p.read_text().splitlines() if NEW_CLIENT in line] for k, p in monitors.items()}
 
         fast = outage_counters["fastpath_http"] - counters["fastpath_http"]
         fast_dns = outage_counters["fastpath_dns"] - counters["fastpath_dns"]
@@ -276,7 +283,8 @@ def test_sigkill_outage_and_restart_lose_nothing(lab: Lab, balancer: BalancerLab
             + f"; while down: new connections of served clients {sum(v == '200' for v in during.values())}/"
             f"{len(during)} http + udp {'ok' if during_udp.startswith('echo ') else 'lost'} "
             f"(fast-path counters +{fast} http, +{fast_dns} dns), new client's first packets "
-            f"{PROBES} sent, {queued} past the queue unqueued (queued_dns), {sum(answered)} answered; "
+            f"{PROBES} sent, {queued} past the queue unqueued (queued_dns), {answered} answered "
+            f"(the fabric's route to the VIP: {(fabric_route.stdout or fabric_route.stderr).strip() or '-'}); "
             f"kernel events during the restart: ip {len(events['ip'])}, tc {len(events['tc'])}; "
             f"new client after the restart: {new_client}"
         )
@@ -293,6 +301,7 @@ def test_sigkill_outage_and_restart_lose_nothing(lab: Lab, balancer: BalancerLab
             assert udp[client]["lost"] == 0 and udp[client]["sent"] > (DOWN + 2) / INTERVAL, udp[client]
             assert tcp[client]["bytes"] == SIZE, tcp[client]
         assert new_client == "200"
+        assert seen["tc"], "the tc monitor saw no filter of the new client's session: was it listening?"
         assert any(s["client"] == NEW_CLIENT for s in sessions)
         assert min(s["id"] for s in sessions if s["client"] == NEW_CLIENT) > max(s["id"] for s in before)
     finally:

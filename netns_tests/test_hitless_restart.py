@@ -60,11 +60,13 @@ while True:
             continue
         if data.startswith(b"echo "):
             got.add(int(data[5:]))
-            times.append(time.monotonic())
+            times.append(time.time())
 gaps = [b - a for a, b in zip(times, times[1:])]
+long = sorted(((b - a, a) for a, b in zip(times, times[1:]) if b - a > 0.1), reverse=True)[:5]
 missing = sorted(set(range(sent)) - got)
 print(json.dumps({"sent": sent, "received": len(got), "lost": len(missing), "missing": missing[:20],
-                  "max_gap_ms": round(1000 * max(gaps, default=0)), "errors": errors}), flush=True)
+                  "max_gap_ms": round(1000 * max(gaps, default=0)), "errors": errors,
+                  "long_gaps": [[round(at, 3), round(1000 * gap)] for gap, at in long]}), flush=True)
 """
 
 # A paced HTTP/1.0 download (small receive buffer, reads at `rate`): prints the body's byte count.
@@ -217,7 +219,7 @@ def test_sigkill_outage_and_restart_lose_nothing(lab: Lab, balancer: BalancerLab
         time.sleep(0.5)
         counters = _nft_counters(lab)
 
-        killed = time.monotonic()
+        killed, killed_at = time.monotonic(), time.time()
         balancer.kill()
         # While it is down: served clients' new connections through the fast path...
         during = {c: balancer.curl(c) for c in clients}
@@ -280,6 +282,12 @@ def test_sigkill_outage_and_restart_lose_nothing(lab: Lab, balancer: BalancerLab
             + "; TCP per client (bytes of "
             + f"{SIZE}): "
             + ", ".join(f"{c} {t['bytes']} in {t['seconds']} s" for c, t in tcp.items())
+            + "; echo gaps over 100 ms, starting at seconds from the kill: "
+            + ", ".join(
+                f"{c} " + " ".join(f"{at - killed_at:+.1f}s:{ms}ms" for at, ms in u["long_gaps"])
+                for c, u in udp.items()
+            )
+            + f"; restored {len(after)} sessions"
             + f"; while down: new connections of served clients {sum(v == '200' for v in during.values())}/"
             f"{len(during)} http + udp {'ok' if during_udp.startswith('echo ') else 'lost'} "
             f"(fast-path counters +{fast} http, +{fast_dns} dns), new client's first packets "

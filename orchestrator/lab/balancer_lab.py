@@ -217,18 +217,27 @@ class BalancerLab:
         """`mplsorch sessions --json` as far as a restart must give it back (RESTORED), by id."""
         return sorted(({k: s[k] for k in RESTORED} for s in self.sessions()), key=lambda s: s["id"])
 
-    def kill_and_restart(self) -> None:
-        """SIGKILL the daemon (it cleans nothing up), then start a new one on the same
-        configuration and return once it runs; the killed one's log is kept as daemon-killed.log."""
+    def kill(self) -> None:
+        """SIGKILL the daemon (it cleans nothing up) and wait for it to be gone; its log is kept as
+        daemon-killed.log. Its sessions' kernel objects stay and keep forwarding."""
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=patience(15))
         (self.dir / "daemon.log").rename(self.dir / "daemon-killed.log")
+
+    def restart(self) -> None:
+        """Start a new daemon on the same configuration (after `kill`) and return once it runs."""
+        assert self.proc is not None and self.proc.poll() is not None, "the daemon still runs"
         self.proc = self._spawn()
         deadline = time.monotonic() + patience(60)
         while "balancer running" not in self.log():
             assert self.proc.poll() is None and time.monotonic() < deadline, self.log()
-            time.sleep(0.5)
+            time.sleep(0.1)
+
+    def kill_and_restart(self) -> None:
+        """`kill`, then `restart` at once."""
+        self.kill()
+        self.restart()
 
     def reload(self, changes: Mapping[KeyPath, Any] | None = None) -> None:
         """Rewrite the configuration (the lab's plus `changes`, as in `lab_config`) and SIGHUP the daemon."""

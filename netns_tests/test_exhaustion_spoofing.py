@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from netns_tests.harness.traffic import HTTP_REQUESTS as STREAM
 from orchestrator.config.examples import KeyPath
 from orchestrator.lab.balancer_lab import BalancerLab
 from orchestrator.lab.kit import Capture, Lab, patience
@@ -41,28 +42,6 @@ import socket, sys, time
 s = socket.create_connection((sys.argv[1], 80), timeout=5)
 print("connected", flush=True)
 time.sleep(float(sys.argv[2]))
-"""
-# c1's counted stream: one HTTP request per new connection from its own address, each outcome
-# one JSON line (time, ok), until the stop file appears, COUNT requests or 120 s.
-STREAM = """
-import http.client, json, os, sys, time
-vip, src, count, stop, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-deadline = time.monotonic() + 120
-with open(out, "w") as f:
-    for _ in range(count):
-        if os.path.exists(stop) or time.monotonic() > deadline:
-            break
-        t, ok = time.time(), False
-        try:
-            c = http.client.HTTPConnection(vip, 80, timeout=5, source_address=(src, 0))
-            c.request("GET", "/")
-            ok = c.getresponse().status == 200
-            c.close()
-        except OSError:
-            pass
-        f.write(json.dumps({"t": t, "ok": ok}) + "\\n")
-        f.flush()
-        time.sleep(0.05)
 """
 # One first packet per source address (TCP connect, or one UDP datagram to port 53); per source
 # what came back: served, rst (connection refused), unreachable (ICMP: EHOSTUNREACH), timeout.

@@ -8,7 +8,6 @@ labels, servers), and no kernel object of a live session deleted, added or repla
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -18,6 +17,10 @@ from typing import Any, Iterator
 
 import pytest
 
+from netns_tests.harness.traffic import UDP_STREAM as STREAM
+from netns_tests.harness.traffic import last_json as _last_json
+from netns_tests.harness.traffic import nft_counters as _nft_counters
+from netns_tests.harness.traffic import wait as _wait
 from orchestrator.config.examples import KeyPath
 from orchestrator.lab.balancer_lab import BalancerLab
 from orchestrator.lab.kit import Lab, patience
@@ -31,43 +34,6 @@ PROBES = 5  # the new client's first packets (UDP, each a new flow) while the da
 RESTORED = ("id", "service", "key", "key_kind", "client", "vip", "protocol", "port", "server", "c2s_label", "s2c_label")
 CHANGES: dict[KeyPath, Any] = {"services.dns.persistence_timeout": "3600s"}  # no dns session ends during the test
 
-# A paced UDP stream to the VIP's port 53 (the servers echo `echo SEQ`), until the stop file
-# appears or `limit` seconds pass, then 2 s for the last echoes; prints one JSON line.
-STREAM = r"""
-import json, os, select, socket, sys, time
-vip, interval, stop, limit = sys.argv[1], float(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.connect((vip, 53))
-sent, got, times, errors = 0, set(), [], 0
-start = time.monotonic()
-drain = None
-while True:
-    now = time.monotonic()
-    if drain is None and (now > start + limit or os.path.exists(stop)):
-        drain = now + 2
-    if drain is not None and now > drain:
-        break
-    due = start + sent * interval
-    if drain is None and now >= due:
-        s.send(b"%d" % sent)
-        sent += 1
-        continue
-    if select.select([s], [], [], max(0.0, (drain or due) - now))[0]:
-        try:
-            data = s.recv(100)
-        except OSError:
-            errors += 1
-            continue
-        if data.startswith(b"echo "):
-            got.add(int(data[5:]))
-            times.append(time.time())
-gaps = [b - a for a, b in zip(times, times[1:])]
-long = sorted(((b - a, a) for a, b in zip(times, times[1:]) if b - a > 0.1), reverse=True)[:5]
-missing = sorted(set(range(sent)) - got)
-print(json.dumps({"sent": sent, "received": len(got), "lost": len(missing), "missing": missing[:20],
-                  "max_gap_ms": round(1000 * max(gaps, default=0)), "errors": errors,
-                  "long_gaps": [[round(at, 3), round(1000 * gap)] for gap, at in long]}), flush=True)
-"""
 
 # A paced HTTP/1.0 download (small receive buffer, reads at `rate`): prints the body's byte count.
 GET = r"""
@@ -140,26 +106,6 @@ def _kernel(lab: Lab) -> dict[str, str]:
         "mpls_routes": lab.sh("lb", "ip", "-f", "mpls", "route", "show").stdout,
         "fast4": "\n".join(sorted(re.findall(r"\d+\.\d+\.\d+\.\d+ \. \d+\.\d+\.\d+\.\d+ \. \w+ \. \d+", sets))),
     }
-
-
-def _nft_counters(lab: Lab) -> dict[str, int]:
-    """The ruleset's named counters (packets), read from the kernel: also while the daemon is down."""
-    out = json.loads(lab.sh("lb", "nft", "-j", "list", "counters", "table", "inet", "mplsorch").stdout)
-    return {c["counter"]["name"]: c["counter"]["packets"] for c in out["nftables"] if "counter" in c}
-
-
-def _wait(what: str, ready: Any, seconds: float) -> None:
-    deadline = time.monotonic() + patience(seconds)
-    while not ready():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
-def _last_json(path: Path) -> dict[str, Any]:
-    lines = [line for line in path.read_text().splitlines() if line.startswith("{")]
-    assert lines, path.read_text()
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
 
 
 def test_sigkill_outage_and_restart_lose_nothing(lab: Lab, balancer: BalancerLab) -> None:

@@ -56,11 +56,12 @@ def render(config: BalancerConfig, template_dir: Path = TEMPLATES) -> str:
             }
         )
     first, last = config.nfqueue.queues
-    rate = config.nfqueue.rate_limit
+    rate, total = config.nfqueue.rate_limit, config.nfqueue.global_rate_limit
     return _template(template_dir, "nftables.balancer.nft.j2").render(
         services=services,
         queues=f"{first}-{last}" if last > first else str(first),
         rate_limit={"count": rate.count, "per": str(rate.per.value), "burst": rate.burst} if rate else None,
+        global_rate_limit={"count": total.count, "per": str(total.per.value), "burst": total.burst} if total else None,
         mark_rst=hex(MARK_RST),
         mark_icmp=hex(MARK_ICMP),
         **CT_MARKS,

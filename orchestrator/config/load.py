@@ -40,6 +40,7 @@ from orchestrator.config.model import (
     ServerFailure,
     Service,
     SessionKeyKind,
+    SessionsConfig,
     Setup,
     pair_labels,
 )
@@ -55,7 +56,7 @@ _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*$")
 
 # ---- sections ----
 
-_TOP = ("role", "node", "interfaces", "clients", "labels", "nfqueue", "pools", "services", "metrics")
+_TOP = ("role", "node", "interfaces", "clients", "labels", "nfqueue", "sessions", "pools", "services", "metrics")
 _TOP_REQUIRED = ("role", "node", "interfaces", "labels", "pools", "services")
 
 
@@ -150,12 +151,25 @@ def _rate_limit(p: Parser, v: YamlValue) -> RateLimit | None:
 
 
 def _nfqueue(p: Parser, v: YamlValue) -> NfqueueConfig:
-    m = p.mapping(v, ("queues", "batch", "rate_limit"))
+    m = p.mapping(v, ("queues", "batch", "rate_limit", "global_rate_limit"))
     d = NfqueueConfig()
     queues = p.int_pair(m["queues"], 0, 65535, strict=False, what="queue") if "queues" in m else d.queues
     batch = p.integer(m["batch"], 1, None, "batch") if "batch" in m else d.batch
     rate = _rate_limit(p, m["rate_limit"]) if "rate_limit" in m else d.rate_limit
-    return NfqueueConfig(queues, batch, rate)
+    total = _rate_limit(p, m["global_rate_limit"]) if "global_rate_limit" in m else d.global_rate_limit
+    return NfqueueConfig(queues, batch, rate, total)
+
+
+def _balancer_sessions(p: Parser, v: YamlValue) -> SessionsConfig:
+    m = p.mapping(v, ("embryonic_timeout",))
+    if "embryonic_timeout" not in m:
+        return SessionsConfig()
+    if p.is_null(m["embryonic_timeout"]):
+        return SessionsConfig(None)
+    timeout = p.duration(m["embryonic_timeout"])
+    if timeout <= 0:
+        raise p.error(m["embryonic_timeout"].vline, m["embryonic_timeout"].path, "must be > 0 (null turns it off)")
+    return SessionsConfig(timeout)
 
 
 _SERVER_KEYS = ("address", "transport_label", "weight", "max_sessions", "label_block")
@@ -514,6 +528,7 @@ def _parse_balancer(p: Parser, root: YamlValue, source: str) -> BalancerConfig:
         clients=_clients(p, top["clients"]) if "clients" in top else ClientsConfig(),
         source=source,
         metrics=_metrics(p, top["metrics"]) if "metrics" in top else None,
+        sessions=_balancer_sessions(p, top["sessions"]) if "sessions" in top else SessionsConfig(),
     )
     _check(p, cfg)
     return cfg

@@ -160,7 +160,8 @@ def pair_labels(first: int, last: int) -> int:
 
 @dataclass(frozen=True)
 class RateLimit:
-    """`nfqueue.rate_limit:` per-source new sessions, written "N/second" or "N/minute"."""
+    """`nfqueue.rate_limit:` per-source new sessions (and `nfqueue.global_rate_limit:` all sources
+    together), written "N/second" or "N/minute"."""
 
     count: int = 200
     per: RateUnit = RateUnit.SECOND
@@ -176,11 +177,22 @@ class RateLimit:
 
 @dataclass(frozen=True)
 class NfqueueConfig:
-    """`nfqueue:` (optional section). `rate_limit: null` disables the per-source limit."""
+    """`nfqueue:` (optional section). `rate_limit: null` disables the per-source limit;
+    `global_rate_limit` (off by default) caps the first packets queued from all sources together."""
 
     queues: tuple[int, int] = (0, 0)  # first..last queue number, 0..65535
     batch: int = 64  # packets read per wakeup, >= 1
     rate_limit: RateLimit | None = field(default_factory=RateLimit)
+    global_rate_limit: RateLimit | None = None
+
+
+@dataclass(frozen=True)
+class SessionsConfig:
+    """`sessions:` (optional section). `embryonic_timeout`: a TCP session whose client sent
+    nothing after its first packet (no handshake completed, e.g. a spoofed SYN) ends this long
+    after it started; None (`null`) keeps it until its flows end, as any session."""
+
+    embryonic_timeout: float | None = 5.0
 
 
 @dataclass(frozen=True)
@@ -294,6 +306,7 @@ class BalancerConfig:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     source: str = field(default="<string>", compare=False)
     metrics: MetricsConfig | None = None
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
 
     def pool(self, name: str) -> Pool:
         for p in self.pools:
@@ -342,10 +355,10 @@ class BalancerConfig:
             "nfqueue": {
                 "queues": list(nq.queues),
                 "batch": nq.batch,
-                "rate_limit": None
-                if nq.rate_limit is None
-                else {"rate": str(nq.rate_limit), "burst": nq.rate_limit.burst},
+                "rate_limit": _rate_dict(nq.rate_limit),
+                "global_rate_limit": _rate_dict(nq.global_rate_limit),
             },
+            "sessions": {"embryonic_timeout": self.sessions.embryonic_timeout},
             "pools": {
                 p.name: {
                     "servers": {s.name: _server_dict(s) for s in p.servers},
@@ -356,6 +369,10 @@ class BalancerConfig:
             "services": {s.name: _service_dict(s) for s in self.services},
             "metrics": None if self.metrics is None else {"listen": self.metrics.listen},
         }
+
+
+def _rate_dict(rate: RateLimit | None) -> dict[str, Any] | None:
+    return None if rate is None else {"rate": str(rate), "burst": rate.burst}
 
 
 def _server_dict(s: Server) -> dict[str, Any]:

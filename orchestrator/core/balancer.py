@@ -11,8 +11,9 @@ objects failed is rolled back, its packet dropped, nothing left half-programmed.
 from __future__ import annotations
 
 import collections
+import heapq
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from orchestrator import ipproto
 from orchestrator.analyze.keys import SessionKey, SessionKeyKind, ipv6_iid, key_value, session_key
@@ -91,6 +92,9 @@ class Balancer:
         # C2S -> when the hold-down ends and the marker is deleted.
         self.markers: dict[int, float] = {}
         self.u32_nodes: set[int] = set()  # the u32 nodes our ESP filters hold (dataplane.handles)
+        # Embryonic sessions by deadline: (embryonic_until, session id); entries of sessions that
+        # ended or were answered meanwhile are skipped when they come up.
+        self._embryonic: list[tuple[float, int]] = []
         self.configure(config, now)
 
     # -- configuration ---------------------------------------------------------------------
@@ -262,6 +266,10 @@ class Balancer:
         self.table.add(session)
         self.table.add_flow(session, flow, now)
         session.packets_userspace += 1
+        timeout = self.config.sessions.embryonic_timeout
+        if timeout is not None and session.protocol == "tcp":
+            session.embryonic_until = now + timeout
+            heapq.heappush(self._embryonic, (session.embryonic_until, session.id))
         start = len(plan.ops)
         self._add_client(session, svc, info, key.client, first.next_hop, plan)
         plan.groups[session.id] = (start, len(plan.ops))
@@ -567,6 +575,55 @@ class Balancer:
                 del self.markers[c2s]
                 out.append(ops.Delete(records.hold_marker(c2s + 1)))
         return out
+
+    # -- embryonic sessions ------------------------------------------------------------------------
+    def embryonic_due(self, now: float) -> dict[int, tuple[ops.FlowerFilter | ops.U32Filter, ...]]:
+        """TCP sessions whose embryonic timeout has passed, each with its C2S filters: the daemon
+        asks the kernel how many packets went through them and hands the counts to
+        `on_embryonic`. The balancer's conntrack never sees a reply (answers come back under S2C
+        labels, past netfilter), so the client's own packets tell: its first packet goes through
+        a filter once; a handshake completed (or any later packet, a new flow of the session)
+        makes it twice or more. A spoofed SYN never gets there."""
+        due: dict[int, tuple[ops.FlowerFilter | ops.U32Filter, ...]] = {}
+        while self._embryonic and self._embryonic[0][0] <= now:
+            until, session_id = heapq.heappop(self._embryonic)
+            session = self.table.by_id(session_id)
+            if session is None or session.embryonic_until != until:
+                continue  # ended, or answered, since
+            due[session_id] = tuple(o for o in session.objects if isinstance(o, (ops.FlowerFilter, ops.U32Filter)))
+        return due
+
+    def on_embryonic(
+        self,
+        due: Mapping[int, Sequence[ops.FlowerFilter | ops.U32Filter]],
+        counts: Sequence[int | None],
+        now: float,
+    ) -> tuple[list[ops.Operation], list[Session]]:
+        """`counts`: the packets that went through each filter of `due` (as `embryonic_due`
+        returned it), in that order; None where the kernel could not say. Two or more over a
+        session's filters and it is answered; fewer and it ends as any session does (objects
+        deleted, pair held down), reason `embryonic timeout`. A session whose filters' counts are
+        all unknown is kept (`embryonic_unchecked`): never end a session that may be in use.
+        Returns the operations and the sessions ended."""
+        out: list[ops.Operation] = []
+        ended: list[Session] = []
+        at = 0
+        for session_id, filters in due.items():
+            known = [c for c in counts[at : at + len(filters)] if c is not None]
+            at += len(filters)
+            session = self.table.by_id(session_id)
+            if session is None or session.embryonic_until is None:
+                continue
+            if not known or sum(known) >= 2:
+                session.embryonic_until = None
+                self.counters["embryonic_answered" if known else "embryonic_unchecked"] += 1
+                continue
+            out += self.end(session, now, "embryonic timeout")
+            ended.append(session)
+        return out, ended
+
+    def embryonic_count(self) -> int:
+        return sum(1 for s in self.table if s.embryonic_until is not None)
 
     def end(self, session: Session, now: float, reason: str) -> list[ops.Operation]:
         """The session leaves the table, its pair goes to hold-down; the deletes of its filters and

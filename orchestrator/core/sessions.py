@@ -40,6 +40,9 @@ class Session:
     objects: list[ops.DataplaneObject] = field(default_factory=list)  # ours in the kernel
     flows_total: int = 0  # flows it has had: through the daemon or the kernel's fast path
     packets_userspace: int = 0  # its first packets that went through the daemon
+    # Embryonic (TCP): until when its client may send nothing past its first packet; None once
+    # it did (or never for a session that is not checked). See Balancer.embryonic_due.
+    embryonic_until: float | None = None
 
     @property
     def s2c(self) -> int:
@@ -64,6 +67,7 @@ class Session:
             "flows": len(self.flows),
             "flows_total": self.flows_total,
             "packets_userspace": self.packets_userspace,
+            "embryonic": self.embryonic_until is not None,
             "created": self.created,
             "last_seen": self.last_seen,
             "ends_at": self.ends_at,

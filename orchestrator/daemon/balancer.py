@@ -119,6 +119,7 @@ class BalancerDaemon(Daemon):
     # -- the loop's hooks ---------------------------------------------------------------------------
     def tick(self) -> None:
         self.end_sessions()
+        self.end_embryonic()
         self.publish()
 
     def metrics_snapshot(self, now: float) -> MetricsSnapshot:
@@ -137,6 +138,27 @@ class BalancerDaemon(Daemon):
         self.program(self.core.tick(time.monotonic()), "session end")
         for session_id in before.keys() - {s.id for s in self.core.table}:
             views.log_end(before[session_id], "persistence timeout")
+
+    def end_embryonic(self) -> None:
+        """TCP sessions past `sessions.embryonic_timeout`: the kernel says how many packets went
+        through their C2S filters (one RTM_GETTFILTER each, in one sendmsg); those whose client
+        sent nothing past its first packet end (a spoofed SYN), the others are answered. A failed
+        query keeps them all (counted `embryonic_check_errors`)."""
+        now = time.monotonic()
+        due = self.core.embryonic_due(now)
+        if not due:
+            return
+        filters = [f for fs in due.values() for f in fs]
+        try:
+            counts = self.provider.filter_packets(filters)
+        except OSError as exc:
+            log.error("embryonic sessions: the filters' counts could not be read: %s", exc)
+            self.core.count("embryonic_check_errors")
+            counts = [None] * len(filters)
+        operations, ended = self.core.on_embryonic(due, counts, now)
+        self.program(operations, "embryonic session end")
+        for session in ended:
+            views.log_end(session, "embryonic timeout")
 
     def on_health_result(self, pool: str, server: str, result: CheckResult, now: float) -> None:
         """A check's result (from its task): the rise/fall table judges it; the core gets the new
@@ -320,6 +342,7 @@ class BalancerDaemon(Daemon):
             "services": [s.name for s in self.config.services],
             "sessions": len(self.core.table),
             "sessions_by_state": self.core.sessions_by_state(),
+            "sessions_embryonic": self.core.embryonic_count(),
             "servers": servers,
             **views.server_summary(views.server_rows(self.core, self.health)),
             "labels": self.core.labels.stats(now).to_dict(),

@@ -119,6 +119,8 @@ class FakeProvider:
         self._objects: dict[tuple[object, ...], DataplaneObject] = {}
         self._ip_routes: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, NextHop] = {}
         self.route_queries: list[tuple[str, ...]] = []  # the addresses of each routes_to call
+        # Packets each filter labelled in forward_ip (by the filter's key), as tc's action stats.
+        self.filter_hits: dict[tuple[object, ...], int] = {}
         self._addresses: dict[str, list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]] = {
             LOOPBACK: [ipaddress.ip_interface("127.0.0.1/8"), ipaddress.ip_interface("::1/128")]
         }
@@ -159,6 +161,13 @@ class FakeProvider:
             nets = [net for net in self._ip_routes if ip in net]
             out[address] = self._ip_routes[max(nets, key=lambda n: n.prefixlen)] if nets else None
         return out
+
+    def filter_packets(self, filters: Sequence[FlowerFilter | U32Filter]) -> list[int | None]:
+        """The packets `forward_ip` sent through each filter; None for one not installed."""
+        return [
+            self.filter_hits.get(f.key, 0) if isinstance(self._objects.get(f.key), (FlowerFilter, U32Filter)) else None
+            for f in filters
+        ]
 
     def addresses(self, dev: str) -> list[str]:
         """The addresses on `dev` without prefix length, in the order they were added."""
@@ -272,6 +281,7 @@ class FakeProvider:
                 else (flt.protocol == "all" or src_ip.version == 4)
                 and all(int.from_bytes(header[k.offset : k.offset + 4], "big") & k.mask == k.value for k in flt.keys)
             ):
+                self.filter_hits[flt.key] = self.filter_hits.get(flt.key, 0) + 1
                 for action in flt.actions:
                     if isinstance(action, MplsPush):
                         labels = (action.label,) + labels
@@ -336,6 +346,7 @@ class FakeProvider:
             if not exists:
                 raise _Rejected(missing, f"no such {_KIND[type(obj)]}")
             del self._objects[obj.key]
+            self.filter_hits.pop(obj.key, None)  # a filter made again counts from zero
             if isinstance(obj, ClsactQdisc):  # the filters go with their qdisc
                 for key, other in list(self._objects.items()):
                     if isinstance(other, (FlowerFilter, U32Filter)) and other.dev == obj.dev:

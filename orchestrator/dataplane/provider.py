@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Iterable, Protocol, Sequence
 
-from orchestrator.dataplane.ops import Installed, NextHop, Operation, OpResult
+from orchestrator.dataplane.ops import FlowerFilter, Installed, NextHop, Operation, OpResult, U32Filter
 
 
 class UnknownDevice(KeyError):
@@ -34,6 +34,11 @@ class Provider(Protocol):
     def routes_to(self, addresses: Iterable[str]) -> dict[str, NextHop | None]:
         """The node's route to each address (all looked up in one request batch): its device and
         gateway, or None where there is no usable route (unreachable, or a local address)."""
+        ...
+
+    def filter_packets(self, filters: Sequence[FlowerFilter | U32Filter]) -> list[int | None]:
+        """How many packets went through each of these filters of ours so far, in order; None
+        for one the node does not have (the balancer tells embryonic sessions by it)."""
         ...
 
     def addresses(self, dev: str) -> list[str]:

@@ -83,6 +83,15 @@ class Node:
         self.now += seconds
         assert all(r.ok for r in self.kernel.apply(self.core.tick(self.now)))
 
+    def check_embryonic(self) -> list[int]:
+        """What the daemon's tick does after `tick` (BalancerDaemon.end_embryonic): the due
+        embryonic sessions' filter counts from the fake kernel; the ids of the sessions ended."""
+        due = self.core.embryonic_due(self.now)
+        counts = self.kernel.filter_packets([f for fs in due.values() for f in fs])
+        operations, ended = self.core.on_embryonic(due, counts, self.now)
+        assert all(r.ok for r in self.kernel.apply(operations))
+        return [s.id for s in ended]
+
 
 class AgentNode:
     """The agent and a fake kernel, wired as the daemon wires them."""

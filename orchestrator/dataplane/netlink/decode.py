@@ -47,6 +47,7 @@ from orchestrator.dataplane.netlink.constants import (
     TCA_ACT_COOKIE,
     TCA_ACT_KIND,
     TCA_ACT_OPTIONS,
+    TCA_ACT_STATS,
     TCA_CLS_FLAGS_IN_HW,
     TCA_CLS_FLAGS_NOT_IN_HW,
     TCA_CLS_FLAGS_SKIP_HW,
@@ -66,6 +67,7 @@ from orchestrator.dataplane.netlink.constants import (
     TCA_MPLS_TTL,
     TCA_OPTIONS,
     TCA_SKBEDIT_MARK,
+    TCA_STATS_BASIC,
     TCA_U32_ACT,
     TCA_U32_DIVISOR,
     TCA_U32_SEL,
@@ -282,6 +284,28 @@ def u32(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops.In
 
 
 _U32_PROTOCOL_NAMES = {number: name for name, number in ops.U32_PROTOCOLS.items()}
+
+
+@_decoding
+def filter_packets(body: memoryview) -> int | None:
+    """The packets that went through a flower or u32 filter (RTM_NEWTFILTER of a get or a dump):
+    its first action's count (struct gnet_stats_basic: bytes u64, packets u32), which every
+    packet the filter matches runs through, in software or hardware. None without actions."""
+    a = nla.attrs(body, nla.TCMSG.size)
+    if TCA_KIND not in a or TCA_OPTIONS not in a:
+        return None
+    acts = {"flower": TCA_FLOWER_ACT, "u32": TCA_U32_ACT}.get(nla.get_str(a[TCA_KIND]))
+    o = nla.attrs(a[TCA_OPTIONS])
+    if acts is None or acts not in o:
+        return None
+    actions = sorted(nla.iter_attrs(o[acts]), key=lambda item: item[0])
+    if not actions:
+        return None
+    stats = nla.attrs(actions[0][1]).get(TCA_ACT_STATS)
+    basic = nla.attrs(stats).get(TCA_STATS_BASIC) if stats is not None else None
+    if basic is None or len(basic) < 12:
+        return None
+    return int(struct.unpack_from("=QI", basic)[1])
 
 
 @_decoding

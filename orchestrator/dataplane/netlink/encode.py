@@ -67,6 +67,7 @@ from orchestrator.dataplane.netlink.constants import (
     RTM_DELRULE,
     RTM_DELTFILTER,
     RTM_GETROUTE,
+    RTM_GETTFILTER,
     RTM_NEWADDR,
     RTM_NEWQDISC,
     RTM_NEWROUTE,
@@ -497,6 +498,13 @@ ENCODERS: dict[type, Callable[..., Request]] = {
     ops.FastPathElement: set_element,
     ops.U32Filter: u32_filter,
 }
+
+
+def filter_get(obj: ops.FlowerFilter | ops.U32Filter, ifindex: Ifindex) -> Request:
+    """RTM_GETTFILTER of one filter of ours: its device, direction, priority, protocol, handle
+    and kind, as its delete names it (the answer carries its actions' statistics)."""
+    _kind, flags, body = ENCODERS[type(obj)](ops.Delete(obj), obj, ifindex)
+    return RTM_GETTFILTER, flags, body
 
 
 def encode(op: ops.Operation, ifindex: Ifindex) -> Request:

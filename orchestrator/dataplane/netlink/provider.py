@@ -30,6 +30,7 @@ from orchestrator.dataplane.netlink.constants import (
     RTM_NEWADDR,
     RTM_NEWLINK,
     RTM_NEWROUTE,
+    RTM_NEWTFILTER,
     TC_H_CLSACT,
 )
 from orchestrator.dataplane.netlink.nlsocket import KernelError, NetlinkSocket, NftBatchSocket
@@ -269,6 +270,24 @@ class NetlinkProvider:
         for address, answer in zip(wanted, answers):
             if isinstance(answer, tuple) and answer[0] == RTM_NEWROUTE:
                 out[address] = decode.next_hop(answer[1], self.ifname)
+        return out
+
+    def filter_packets(self, filters: Sequence[ops.FlowerFilter | ops.U32Filter]) -> list[int | None]:
+        """How many packets went through each filter (one RTM_GETTFILTER each, all in one
+        sendmsg, as `routes_to`); None for a filter the kernel does not have or cannot report."""
+        out: list[int | None] = [None] * len(filters)
+        wanted: list[int] = []
+        requests: list[tuple[int, int, bytes]] = []
+        for i, flt in enumerate(filters):
+            try:
+                requests.append(encode.filter_get(flt, self.ifindex))
+            except (KeyError, ValueError):  # a device gone (UnknownDevice), or not encodable
+                continue
+            wanted.append(i)
+        answers = self._sock.query(requests) if requests else []
+        for i, answer in zip(wanted, answers):
+            if isinstance(answer, tuple) and answer[0] == RTM_NEWTFILTER:
+                out[i] = decode.filter_packets(memoryview(answer[1]))
         return out
 
     def addresses(self, dev: str) -> list[str]:

@@ -192,7 +192,7 @@ class SessionsConfig:
     nothing after its first packet (no handshake completed, e.g. a spoofed SYN) ends this long
     after it started; None (`null`) keeps it until its flows end, as any session."""
 
-    embryonic_timeout: float | None = 5.0
+    embryonic_timeout: float | None = 30.0
 
 
 @dataclass(frozen=True)

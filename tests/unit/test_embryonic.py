@@ -148,11 +148,11 @@ def test_the_daemon_ends_embryonic_sessions_on_its_tick() -> None:
 def test_configuration_keys() -> None:
     cfg = config({"nfqueue.global_rate_limit": {"rate": "600/minute", "burst": 20}})
     assert cfg.nfqueue.global_rate_limit is not None and cfg.nfqueue.global_rate_limit.per_second == 10.0
-    assert cfg.sessions.embryonic_timeout == 5.0  # the default
+    assert cfg.sessions.embryonic_timeout == 30.0  # the default
     assert config().nfqueue.global_rate_limit is None  # off unless configured
     shown = cfg.to_dict()
     assert shown["nfqueue"]["global_rate_limit"] == {"rate": "600/minute", "burst": 20}
-    assert shown["sessions"] == {"embryonic_timeout": 5.0}
+    assert shown["sessions"] == {"embryonic_timeout": 30.0}
     for bad, message in (
         ({"sessions.embryonic_timeout": "0s"}, "sessions.embryonic_timeout: must be > 0"),
         ({"nfqueue.global_rate_limit": {"rate": "5/hour"}}, "nfqueue.global_rate_limit.rate"),

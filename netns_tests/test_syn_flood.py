@@ -2,7 +2,7 @@
 
 c1 sends spoofed TCP SYNs to the VIP's port 80, each from a random source of 10.64.0.0/10 (a
 route on the balancer sends their answers back to c1, which drops them: no handshake ever
-completes), at 25 times the configured global rate limit for 8 s. Meanwhile c2 and c3 hold
+completes), at 40 times the configured global rate limit for 8 s (at least 20 times asserted). Meanwhile c2 and c3 hold
 established sessions carrying counted traffic (a paced UDP stream each, echoed by sequence
 number, and c2's stream of HTTP requests, a new connection each), and a legitimate client that
 is not flooding (an alias address of c3, no session yet) opens a TCP connection.
@@ -26,11 +26,12 @@ import pytest
 
 from netns_tests.harness.traffic import HTTP_REQUESTS, UDP_STREAM, last_json, nft_counters, wait
 from orchestrator.config.examples import KeyPath
+from orchestrator.daemon.control import request
 from orchestrator.lab.balancer_lab import BalancerLab
 from orchestrator.lab.kit import Lab, patience
 
-LIMIT = 20  # nfqueue.global_rate_limit: first packets a second, all sources together (burst the same)
-FLOOD_RATE = 25 * LIMIT  # spoofed SYNs a second
+LIMIT = 15  # nfqueue.global_rate_limit: first packets a second, all sources together (burst the same)
+FLOOD_RATE = 40 * LIMIT  # spoofed SYNs a second: room above 20 times the limit on a loaded host
 FLOOD_S = 8.0  # how long the flood lasts
 FLOOD_NET, FLOOD_BITS = "10.64.0.0", 10  # the spoofed sources: 4 M addresses, so hardly one repeats
 EMBRYONIC = 2.0  # sessions.embryonic_timeout, seconds
@@ -90,6 +91,13 @@ def _rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for {pid}")
+
+
+def _labels(balancer: BalancerLab) -> dict[str, Any]:
+    """The label pool (`labels --json`) straight from the control socket, in this process: a
+    CLI process per sample would take seconds to start on a loaded lab."""
+    labels: dict[str, Any] = request(str(balancer.sock), "labels", timeout=patience(10))["labels"]
+    return labels
 
 
 def _status(balancer: BalancerLab) -> dict[str, Any]:
@@ -170,14 +178,13 @@ def test_syn_flood_cut_by_the_limits_sessions_kept_pool_recovers(lab: Lab, balan
             log=legit_log,
         )
         procs.append(legit_proc)
-        # Sampled from memory (`labels`, `sessions`: no nft subprocess, unlike `status`).
-        peak_in_use, peak_embryonic, samples = 0, 0, 0
+        # Sampled from memory (`labels`: no nft subprocess, unlike `status`), every 0.1 s.
+        peak_in_use, samples = 0, 0
         while flood.poll() is None:
-            peak_in_use = max(peak_in_use, balancer.cli("labels")["in_use"])
-            peak_embryonic = max(peak_embryonic, sum(s["embryonic"] for s in balancer.sessions()))
+            peak_in_use = max(peak_in_use, _labels(balancer)["in_use"])
             samples += 1
             assert time.monotonic() < flood_start + patience(FLOOD_S + 30), "the flood did not end"
-            time.sleep(0.2)
+            time.sleep(0.1)
         flood_end, flood_wall_end = time.monotonic(), time.time()
         sent = last_json(flood_log)
         assert legit_proc.wait(timeout=patience(30)) == 0, legit_log.read_text()
@@ -187,9 +194,9 @@ def test_syn_flood_cut_by_the_limits_sessions_kept_pool_recovers(lab: Lab, balan
         # pairs, none held down.
         want_in_use = before["labels"]["in_use"] + 1
         recovered = None
-        deadline = flood_end + patience(EMBRYONIC + 8)
+        deadline = flood_end + patience(EMBRYONIC + 12)
         while time.monotonic() < deadline:
-            labels = balancer.cli("labels")
+            labels = _labels(balancer)
             if labels["in_use"] == want_in_use and labels["held_down"] == 0:
                 recovered = time.monotonic() - flood_end
                 break
@@ -218,7 +225,7 @@ def test_syn_flood_cut_by_the_limits_sessions_kept_pool_recovers(lab: Lab, balan
             f"global_rate_retried +{retried}, rate_limited +{nft_after['rate_limited'] - nft_before['rate_limited']}, "
             f"queued_http +{queued}; sessions started {started}, ended as embryonic {embryonic_ended}, "
             f"answered {delta('embryonic_answered')}; label pairs in use {before['labels']['in_use']} before, "
-            f"peak {peak_in_use} (embryonic sessions peak {peak_embryonic}, {samples} samples), back to {want_in_use} "
+            f"peak {peak_in_use} ({samples} samples), back to {want_in_use} "
             f"with none held down {recovered if recovered is None else round(recovered, 1)} s after the flood; "
             f"legitimate client: HTTP {legit} in {legit_s} s; UDP per client (sent/received/lost): "
             + ", ".join(f"{c} {u['sent']}/{u['received']}/{u['lost']}" for c, u in udp.items())
@@ -249,7 +256,9 @@ def test_syn_flood_cut_by_the_limits_sessions_kept_pool_recovers(lab: Lab, balan
         # Every session the flood opened ended as embryonic; the pool came back within seconds.
         assert embryonic_ended == started - 1, (started, embryonic_ended)
         assert peak_in_use > want_in_use, peak_in_use
-        assert recovered is not None and recovered <= EMBRYONIC + 5, (recovered, after["labels"], before["labels"])
+        # embryonic timeout + hold-down (1 s) + the daemon's backlog on a loaded lab: seconds, where
+        # conntrack alone would keep the pairs 120 s + the persistence timeout.
+        assert recovered is not None and recovered <= EMBRYONIC + 7, (recovered, after["labels"], before["labels"])
         assert after["labels"]["free"] == before["labels"]["free"] - 1, (before["labels"], after["labels"])
         assert after["sessions_embryonic"] == 0, after
         # Bounded memory.

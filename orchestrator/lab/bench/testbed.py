@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator.lab.bench import connect, flood, sink
+from orchestrator.lab.bench import connect, flood, pktgen, sink
 from orchestrator.lab.bench.result import Latency, RateRun
 from orchestrator.lab.bench.stats import alias_addresses, softnet_drops
 
@@ -131,8 +131,9 @@ class Testbed:
             self.lab.stop(proc)
         self.sinks.clear()
 
-    def rate(self, phase: str) -> RateRun:
-        """Flood from the client; the helper waits until the balancer node has sent it all on."""
+    def rate(self, phase: str, sport: int = pktgen.SOURCE_PORT) -> RateRun:
+        """Flood from the client (UDP from `sport`); the helper waits until the balancer node has
+        sent it all on."""
         lab = self.lab
         watch = NodeProcess(lab, self.balancer)
         drops_before = softnet_drops(SOFTNET.read_text())
@@ -148,6 +149,7 @@ class Testbed:
                 str(self.sessions),
                 str(watch.pid),
                 self.fab_dev,
+                str(sport),
             )
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=900 + self.sessions)
         finally:

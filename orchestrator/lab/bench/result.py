@@ -126,7 +126,7 @@ def build_result(
             "ipvs": round(theirs.offered_per_s, 1),
         },
         syn_retransmits={"balancer": our_lat.retransmits, "ipvs": their_lat.retransmits},
-        kernel_limit_s={tool: round(t, 3) for tool, t in limit.seconds.items()},
+        kernel_limit_s={tool: round(t, 4) for tool, t in limit.seconds.items()},
     )
 
 

@@ -347,7 +347,8 @@ def test_sessions_come_in_pages_with_the_tables_size(daemon: BalancerDaemon, mon
     whole = daemon.handle_request({"cmd": "sessions"})
     assert whole["total"] == 5 and whole["offset"] == 0 and [s["client"] for s in whole["sessions"]] == clients
     page = daemon.handle_request({"cmd": "sessions", "offset": 1, "limit": 2})
-    assert page["total"] == 5 and page["offset"] == 1 and page["sessions"] == whole["sessions"][1:3]
+    assert page["total"] == 5 and page["offset"] == 1
+    assert [s["id"] for s in page["sessions"]] == [s["id"] for s in whole["sessions"][1:3]]  # times move per answer
     assert daemon.handle_request({"cmd": "sessions", "offset": 9, "limit": 2})["sessions"] == []
     for bad in ({"offset": -1}, {"limit": 0}, {"limit": "2"}, {"offset": 1.5}):
         assert daemon.handle_request({"cmd": "sessions", **bad})["bad_input"] is True

@@ -142,11 +142,24 @@ def bench_setup(
     samples: int = typer.Option(100, "--samples", min=1, max=4000, help="New/existing connect pairs for the latency."),
     json_output: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
-    """New sessions per second turned into kernel state, and the added latency of a new session's
-    first packet (p50, p99), for the balancer and for IPVS (tunnel mode) in one lab run; ratios
-    balancer/IPVS (setup_ratio, latency_p50_ratio, latency_p99_ratio)."""
+    """The kernel's limit (the daemon's per-session objects through tc/ip/nft batches), the daemon's
+    new sessions/s, IPVS's new connections/s, new connections/s of existing sessions, connect
+    p50/p99 (new, existing session) against IPVS, in one lab run; ratios and goals (issue 15)."""
     args = ["--sessions", str(sessions), "--samples", str(samples)] + (["--json"] if json_output else [])
     raise typer.Exit(_in_lab("orchestrator.lab.bench.setup", args))
+
+
+@bench_app.command("scale")
+def bench_scale(
+    sessions: int = typer.Option(500_000, "--sessions", min=3, help="Concurrent sessions to hold (N)."),
+    reference: int = typer.Option(10_000, "--reference", min=1, help="The smaller size the rate is compared at."),
+    probe: int = typer.Option(2000, "--probe", min=1, max=20_000, help="New sessions per timed probe."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+) -> None:
+    """The daemon holding N sessions opened by first packets: memory per session, the programming
+    rate at the reference size and at N, `status` and `sessions` pages answered at N."""
+    args = ["--sessions", str(sessions), "--reference", str(reference), "--probe", str(probe)]
+    raise typer.Exit(_in_lab("orchestrator.lab.bench.scale", args + (["--json"] if json_output else [])))
 
 
 # ---- lab kernel: the UML backend's kernel ----

@@ -25,15 +25,24 @@ def sessions(
     json_output: bool = JsonOption,
     socket: str | None = SocketOption,
     config: str | None = ConfigOption,
+    limit: int | None = typer.Option(None, "--limit", min=1, metavar="N", help="At most N sessions (a page)."),
+    offset: int = typer.Option(0, "--offset", min=0, metavar="N", help="Skip the first N sessions."),
 ) -> None:
-    """The session table."""
+    """The session table, or a page of it (--limit, --offset; in the table's order)."""
     if ctx.invoked_subcommand is not None:
         return
-    answer = ask("sessions", socket, config)
+    page = {k: v for k, v in (("limit", limit), ("offset", offset or None)) if v is not None}
+    answer = ask("sessions", socket, config, **page)
     rows = answer["sessions"]
     if json_output:
         print(json.dumps(rows))
         return
+    _table(answer, rows)
+    if "total" in answer and (limit is not None or offset):
+        print(f"sessions {offset + 1}-{offset + len(rows)} of {answer['total']}")
+
+
+def _table(answer: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     if answer.get("role") == "server":
         print_table(
             "sessions",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from orchestrator.dataplane.ops import NextHop
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FlowKey:
     """A flow as the client sent it (conntrack's original tuple; ports None without L4 ports)."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import itertools
 from dataclasses import dataclass, field
 
 from orchestrator.analyze.keys import SessionKey
@@ -19,7 +20,7 @@ class State(enum.StrEnum):
     CLOSING = "closing"  # removed; its objects are being deleted
 
 
-@dataclass
+@dataclass(slots=True)
 class Session:
     """One row of the session table (mutable inside the core; exported via `view()`)."""
 
@@ -89,6 +90,10 @@ class SessionTable:
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(list(self._by_id.values()))
+
+    def page(self, offset: int, limit: int | None) -> list[Session]:
+        """Sessions in table order, `offset` skipped, at most `limit` (all without one)."""
+        return list(itertools.islice(self._by_id.values(), offset, None if limit is None else offset + limit))
 
     def new_id(self) -> int:
         self._next_id += 1

@@ -291,6 +291,7 @@ class BalancerDaemon(Daemon):
 
     def commands(self) -> dict[str, Command]:
         return {
+            **super().commands(),
             "drain": lambda req, now: self.set_admin(req, AdminState.DRAINING),
             "enable": lambda req, now: self.set_admin(req, AdminState.ENABLED),
             "weight": self.set_weight,
@@ -333,8 +334,11 @@ class BalancerDaemon(Daemon):
             "errors": sum(not r.ok for r in results),
         }
 
-    def session_views(self) -> Iterable[dict[str, Any]]:
-        return (s.view() for s in self.core.table)
+    def session_views(self, offset: int = 0, limit: int | None = None) -> Iterable[dict[str, Any]]:
+        return (s.view() for s in self.core.table.page(offset, limit))
+
+    def session_count(self) -> int:
+        return len(self.core.table)
 
     def status_details(self, now: float) -> dict[str, Any]:
         servers = {s.name: self.core.table.count(server=s.name) for p in self.config.pools for s in p.servers}

@@ -277,8 +277,12 @@ class Daemon:
         """After the queue and conntrack sockets are closed, before the provider is."""
         raise NotImplementedError
 
-    def session_views(self) -> Iterable[dict[str, Any]]:
-        """The documented rows of `mplsorch sessions --json`, times still monotonic."""
+    def session_views(self, offset: int = 0, limit: int | None = None) -> Iterable[dict[str, Any]]:
+        """The documented rows of `mplsorch sessions --json`, times still monotonic: `offset`
+        sessions skipped (without building their rows), at most `limit` (all without one)."""
+        raise NotImplementedError
+
+    def session_count(self) -> int:
         raise NotImplementedError
 
     def status_details(self, now: float) -> dict[str, Any]:
@@ -297,12 +301,12 @@ class Daemon:
     # -- control socket -------------------------------------------------------------------------------
     def requests(self) -> dict[str, Request]:
         """The control socket's queries (each gets the monotonic time); a role adds its own."""
-        return {"status": self.status, "sessions": self.sessions, "routes": self.routes}
+        return {"status": self.status, "routes": self.routes}
 
     def commands(self) -> dict[str, Command]:
         """The control socket's commands that take arguments (the request itself) and may change
-        state; a BadCommand they raise has changed nothing."""
-        return {}
+        state; a BadCommand they raise has changed nothing. `sessions` takes its page's."""
+        return {"sessions": self.sessions}
 
     async def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         """The control socket's handler. `status` also reports nftables' counters, read by an `nft`
@@ -340,8 +344,12 @@ class Daemon:
             "offload": offload.counts(self.provider.dump()),
         }
 
-    def sessions(self, now: float) -> dict[str, Any]:
-        return {"role": self.role, "sessions": [session_json(view, now) for view in self.session_views()]}
+    def sessions(self, request: dict[str, Any], now: float) -> dict[str, Any]:
+        """A page of the session table (all of it without `limit`), in the table's order, and
+        the table's size: at 500,000 sessions a whole answer is hundreds of MB of JSON."""
+        offset, limit = page(request)
+        rows = [session_json(view, now) for view in self.session_views(offset, limit)]
+        return {"role": self.role, "sessions": rows, "offset": offset, "total": self.session_count()}
 
     def routes(self, now: float) -> dict[str, Any]:
         """Every object of ours as the kernel reports it now, with its offload state."""
@@ -433,6 +441,16 @@ class Daemon:
         for event in events:
             if isinstance(event, FlowTableResync) and not event.sweep:
                 log.warning("conntrack: events lost (ENOBUFS); resynced from a dump of %d live flows", len(event.live))
+
+
+def page(request: dict[str, Any]) -> tuple[int, int | None]:
+    """The `offset` (default 0) and `limit` (default none) of a `sessions` request."""
+    offset, limit = request.get("offset", 0), request.get("limit")
+    if type(offset) is not int or offset < 0:
+        raise BadCommand(f"offset must be an integer >= 0, not {offset!r}")
+    if limit is not None and (type(limit) is not int or limit < 1):
+        raise BadCommand(f"limit must be an integer >= 1, not {limit!r}")
+    return offset, limit
 
 
 def session_json(view: dict[str, Any], now: float) -> dict[str, Any]:

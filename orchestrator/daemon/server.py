@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import itertools
 import logging
 import time
 from typing import Any, Iterable
@@ -213,8 +214,12 @@ class ServerDaemon(Daemon):
         )
 
     # -- control socket -------------------------------------------------------------------------------
-    def session_views(self) -> Iterable[dict[str, Any]]:
-        return (s.view() for s in self.core.sessions.values())
+    def session_views(self, offset: int = 0, limit: int | None = None) -> Iterable[dict[str, Any]]:
+        stop = None if limit is None else offset + limit
+        return (s.view() for s in itertools.islice(self.core.sessions.values(), offset, stop))
+
+    def session_count(self) -> int:
+        return len(self.core.sessions)
 
     def status_details(self, now: float) -> dict[str, Any]:
         return {

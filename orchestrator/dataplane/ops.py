@@ -70,7 +70,7 @@ def family_of(address: str) -> int:
     return parse_prefix(address)[0]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MplsRoute:
     """An entry of the kernel's label table (AF_MPLS): pop (no out_labels) or swap to out_labels,
     then forward to `via` on `dev`; without `via` the packet is delivered locally (`dev lo`)."""
@@ -93,7 +93,7 @@ class MplsRoute:
         return text + f" dev {self.dev}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EncapRoute:
     """An IPv4/IPv6 route whose packets get an MPLS label stack (lwtunnel encap mpls)."""
 
@@ -151,7 +151,7 @@ class ClsactQdisc:
         return f"qdisc clsact dev {self.dev}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FlowerMatch:
     """What a flower filter matches. Prefixes are CIDR strings; ports need ip_proto."""
 
@@ -187,7 +187,7 @@ class FlowerMatch:
 ACT_MPLS_TTL_DEFAULT = 255  # what act_mpls stores (and dumps) for a push given no TTL
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MplsPush:
     """act_mpls push of one label (bottom-of-stack is set by the kernel). The TTL is explicit
     because the kernel reports one either way: what we ask for is what a dump gives back."""
@@ -199,7 +199,7 @@ class MplsPush:
         return f"mpls push {self.label}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MplsPop:
     """act_mpls pop; `protocol` is the ethertype of what lies under the popped label."""
 
@@ -209,7 +209,7 @@ class MplsPop:
         return f"mpls pop protocol {self.protocol}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SetMark:
     """act_skbedit mark: the packet mark, so later hooks (nftables, after the label is popped)
     know which session label the packet came under."""
@@ -228,7 +228,7 @@ def push_stack(labels: tuple[int, ...] | list[int]) -> tuple[MplsPush, ...]:
     return tuple(MplsPush(label) for label in reversed(labels))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FlowerFilter:
     """A cls_flower filter with act_mpls actions, identified by dev, direction, pref and handle.
     The C2S imposition of a session: match client key and VIP, push [transport, C2S]."""
@@ -269,7 +269,7 @@ NFT_TABLE = "mplsorch"  # the balancer's nftables table (family inet), made by i
 FAST_PATH_PROTOS = ("tcp", "udp", "sctp", "esp")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FastPathElement:
     """An element of a fast-path set of the balancer's ruleset (table inet mplsorch): a new flow
     (ct state new) whose packet matches it is tagged and accepted by the kernel, so a session's
@@ -306,7 +306,7 @@ class FastPathElement:
         return f"element inet {NFT_TABLE} {self.set_name} {{ {self.client} . {self.vip} . {self.proto}{last} }}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class U32Key:
     """One 32-bit word of the packet, `offset` bytes from its network header, compared under a
     mask: (word & mask) == value."""
@@ -363,7 +363,7 @@ def esp_of(keys: tuple[U32Key, ...]) -> tuple[str, str, int] | None:
 U32_PROTOCOLS = {"all": 0x0003, "ip": 0x0800}  # ETH_P_ALL, ETH_P_IP
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class U32Filter:
     """A cls_u32 node with act_mpls actions: the C2S imposition of an `esp-spi` session, which
     flower cannot classify (it has no SPI key). Nodes live in the root hash table 800: of their

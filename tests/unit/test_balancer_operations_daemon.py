@@ -339,3 +339,33 @@ def test_a_metrics_port_in_use_is_logged_and_the_daemon_goes_on(
         daemon.start_metrics()
     assert daemon.metrics is None
     assert any(m.startswith(f"metrics endpoint 127.0.0.1:{port} not started") for m in caplog.messages)
+
+
+def test_sessions_come_in_pages_with_the_tables_size(daemon: BalancerDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    clients = [f"10.0.1.{10 + i}" for i in range(5)]
+    daemon.decide([syn(i + 1, c) for i, c in enumerate(clients)])
+    whole = daemon.handle_request({"cmd": "sessions"})
+    assert whole["total"] == 5 and whole["offset"] == 0 and [s["client"] for s in whole["sessions"]] == clients
+    page = daemon.handle_request({"cmd": "sessions", "offset": 1, "limit": 2})
+    assert page["total"] == 5 and page["offset"] == 1
+    assert [s["id"] for s in page["sessions"]] == [s["id"] for s in whole["sessions"][1:3]]  # times move per answer
+    assert daemon.handle_request({"cmd": "sessions", "offset": 9, "limit": 2})["sessions"] == []
+    for bad in ({"offset": -1}, {"limit": 0}, {"limit": "2"}, {"offset": 1.5}):
+        assert daemon.handle_request({"cmd": "sessions", **bad})["bad_input"] is True
+    monkeypatch.setattr(control, "request", lambda path, cmd, **args: asyncio.run(daemon.answer({"cmd": cmd, **args})))
+    runner = CliRunner()
+    rows = json.loads(runner.invoke(app, ["sessions", "--json", "--offset", "3", "--limit", "5"]).stdout)
+    assert [r["client"] for r in rows] == clients[3:]
+    text = runner.invoke(app, ["sessions", "--limit", "2"])
+    assert text.exit_code == 0 and text.stdout.splitlines()[-1] == "sessions 1-2 of 5"
+    assert runner.invoke(app, ["sessions", "--limit", "0"]).exit_code == 2
+
+
+def test_a_daemon_that_does_not_answer_in_time_is_one_line_and_exit_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    def slow(path: str, cmd: str, **args: Any) -> dict[str, Any]:
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(control, "request", slow)
+    out = CliRunner().invoke(app, ["status", "--socket", "/run/x.sock"])
+    assert out.exit_code == 1
+    assert out.stderr.strip() == "mplsorch: the daemon on /run/x.sock did not answer 'status' within 10 s"

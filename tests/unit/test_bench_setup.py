@@ -9,72 +9,94 @@ from dataclasses import asdict, fields
 import pytest
 
 from orchestrator.lab.bench.balancer import label_range
-from orchestrator.lab.bench.result import Latency, RateRun, SetupResult, build_result, format_table
+from orchestrator.lab.bench.kernel_limit import KernelLimit
+from orchestrator.lab.bench.result import GOALS, Latency, RateRun, SetupResult, build_result, format_table, goal_met
 from orchestrator.lab.bench.setup import BACKLOG, MAX_SAMPLES, MAX_SESSIONS, parse_args
 
 JSON_KEYS = [
     "sessions",
     "samples",
+    "kernel_limit_sessions_per_s",
     "sessions_per_s",
     "ipvs_connections_per_s",
-    "setup_ratio",
-    "added_latency_p50_ms",
-    "added_latency_p99_ms",
-    "ipvs_added_latency_p50_ms",
-    "ipvs_added_latency_p99_ms",
-    "latency_p50_ratio",
-    "latency_p99_ratio",
-    "connect_new_p50_ms",
-    "connect_existing_p50_ms",
-    "ipvs_connect_new_p50_ms",
-    "ipvs_connect_existing_p50_ms",
+    "existing_session_connections_per_s",
+    "added_latency_ms",
+    "ipvs_added_latency_ms",
+    "ratios",
+    "goals",
     "offered_per_s",
-    "ipvs_offered_per_s",
     "syn_retransmits",
-    "ipvs_syn_retransmits",
+    "kernel_limit_s",
 ]
+RATIOS = ["sessions_vs_kernel_limit", "existing_vs_ipvs", "new_p99_vs_ipvs", "existing_p99_vs_ipvs"]
 
 
-def _result() -> object:
-    ours, theirs = RateRun(2000, 4.0, 1.0), RateRun(2000, 0.5, 0.5)
-    our_lat = Latency([(0.030, 0.010)] * 98 + [(0.110, 0.010)] * 2)
+def _result(existing_s: float = 0.5) -> SetupResult:
+    limit = KernelLimit(2000, {"tc": 1.0, "ip": 0.5, "nft": 0.5})  # 1,000/s
+    ours, existing, theirs = RateRun(2000, 4.0, 1.0), RateRun(2000, existing_s, 0.5), RateRun(2000, 0.5, 0.5)
+    our_lat = Latency([(0.030, 0.010)] * 98 + [(0.110, 0.012)] * 2, retransmits=1)
     their_lat = Latency([(0.0105, 0.010)] * 98 + [(0.015, 0.010)] * 2)
-    return build_result(ours, theirs, our_lat, their_lat)
+    return build_result(limit, ours, existing, theirs, our_lat, their_lat)
 
 
 def test_result_rates_latencies_and_ratios() -> None:
-    r = _result()
-    d = asdict(r)  # type: ignore[call-overload]
+    d = asdict(_result())
+    assert d["kernel_limit_sessions_per_s"] == 1000 and d["kernel_limit_s"] == {"tc": 1.0, "ip": 0.5, "nft": 0.5}
     assert d["sessions_per_s"] == 500 and d["ipvs_connections_per_s"] == 4000
-    assert d["setup_ratio"] == 0.125
-    assert d["added_latency_p50_ms"] == 20 and d["ipvs_added_latency_p50_ms"] == 0.5
-    assert d["latency_p50_ratio"] == 40
-    assert d["added_latency_p99_ms"] == 100 and d["ipvs_added_latency_p99_ms"] == 5
-    assert d["latency_p99_ratio"] == 20
-    assert d["connect_new_p50_ms"] == 30 and d["connect_existing_p50_ms"] == 10
-    assert d["offered_per_s"] == 2000 and d["ipvs_offered_per_s"] == 4000
+    assert d["existing_session_connections_per_s"] == 4000
+    assert d["added_latency_ms"] == {"new": {"p50": 30, "p99": 110}, "existing": {"p50": 10, "p99": 12}}
+    assert d["ipvs_added_latency_ms"] == {"new": {"p50": 10.5, "p99": 15}, "existing": {"p50": 10, "p99": 10}}
+    assert d["ratios"] == {
+        "sessions_vs_kernel_limit": 0.5,
+        "existing_vs_ipvs": 1.0,
+        "new_p99_vs_ipvs": 7.333,
+        "existing_p99_vs_ipvs": 1.2,
+    }
+    assert d["offered_per_s"] == {"sessions": 2000, "existing": 4000, "ipvs": 4000}
+    assert d["syn_retransmits"] == {"balancer": 1, "ipvs": 0}
     assert d["sessions"] == 2000 and d["samples"] == 100
     json.dumps(d)  # one JSON object, as --json prints it
 
 
-def test_a_reference_without_added_latency_gives_no_ratio() -> None:
-    ours, theirs = RateRun(10, 1.0, 1.0), RateRun(10, 1.0, 1.0)
-    r = build_result(ours, theirs, Latency([(0.02, 0.01)]), Latency([(0.01, 0.011)]))
-    assert r.latency_p50_ratio is None and r.ipvs_added_latency_p50_ms == -1.0
-    assert "-" in format_table(r).splitlines()[4].split()[-1]
+def test_goals_are_judged_on_their_bounds_inclusive() -> None:
+    goals = _result().goals
+    assert list(goals) == RATIOS
+    assert goals["sessions_vs_kernel_limit"] == {"goal": ">= 0.5", "value": 0.5, "met": True}
+    assert goals["existing_vs_ipvs"]["met"] is True
+    assert goals["new_p99_vs_ipvs"] == {"goal": "<= 3.0", "value": 7.333, "met": False}
+    assert goals["existing_p99_vs_ipvs"]["met"] is True  # 1.2 exactly
+    slow = _result(existing_s=0.6).goals["existing_vs_ipvs"]  # 3,333/s against 4,000/s
+    assert slow["value"] == 0.833 and slow["met"] is False
 
 
-def test_table_shows_both_systems_and_ratios_side_by_side() -> None:
-    lines = format_table(_result()).splitlines()  # type: ignore[arg-type]
-    assert lines[1].split() == ["balancer", "IPVS", "ratio"]
-    assert lines[2].split()[-3:] == ["500", "4000", "0.12"]
-    assert lines[4].split()[-3:] == ["20.00", "0.50", "40.00"]
-    assert lines[5].split()[-3:] == ["100.00", "5.00", "20.00"]
+def test_goal_met_compares_both_ways_and_has_no_verdict_without_a_ratio() -> None:
+    assert goal_met(0.49, ">=", 0.5) is False and goal_met(0.5, ">=", 0.5) is True
+    assert goal_met(3.01, "<=", 3.0) is False and goal_met(3.0, "<=", 3.0) is True
+    assert goal_met(None, "<=", 3.0) is None
+    assert [g[0] for g in GOALS] == RATIOS
+
+
+def test_a_reference_of_zero_gives_no_ratio_and_no_verdict() -> None:
+    limit = KernelLimit(10, {"tc": 1.0})
+    lat = Latency([(0.02, 0.01)])
+    zero = Latency([(0.0, 0.0)])
+    r = build_result(limit, RateRun(10, 1.0, 1.0), RateRun(10, 1.0, 1.0), RateRun(10, 1.0, 1.0), lat, zero)
+    assert r.ratios["new_p99_vs_ipvs"] is None and r.goals["new_p99_vs_ipvs"]["met"] is None
+    assert "-" in format_table(r)
+
+
+def test_table_shows_balancer_reference_ratio_and_goal() -> None:
+    lines = format_table(_result()).splitlines()
+    assert lines[1].split() == ["balancer", "reference", "ratio", "goal"]
+    assert lines[2].split()[-6:] == ["500", "1000", "0.50", ">=", "0.5", "met"]
+    assert lines[3].split()[-6:] == ["4000", "4000", "1.00", ">=", "0.9", "met"]
+    assert lines[4].split()[-7:] == ["110.00", "15.00", "7.33", "<=", "3.0", "NOT", "met"]
+    assert lines[5].split()[-6:] == ["12.00", "10.00", "1.20", "<=", "1.2", "met"]
 
 
 def test_json_fields_are_the_documented_ones_in_order() -> None:
     assert [f.name for f in fields(SetupResult)] == JSON_KEYS
-    assert list(asdict(_result())) == JSON_KEYS  # type: ignore[call-overload]
+    assert list(asdict(_result())) == JSON_KEYS
 
 
 def test_a_sender_without_time_offers_infinitely() -> None:

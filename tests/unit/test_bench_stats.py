@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.lab.bench.stats import (
+    FLOOD_SPAN,
     alias_addresses,
     chunks,
     flood_sources,
@@ -103,10 +104,14 @@ def test_alias_addresses_refuse_a_network_too_small() -> None:
         alias_addresses("10.0.16.0/30", 3)  # two hosts
 
 
-def test_flood_sources_stay_within_one_second_octet() -> None:
+def test_flood_sources_go_on_into_the_next_octets_up_to_the_label_space() -> None:
     assert flood_sources(201, 65534)[-1] == "10.201.255.254"
+    assert flood_sources(64, 2, offset=65535) == ["10.65.0.0", "10.65.0.1"]  # pktgen walks them all
+    assert flood_sources(64, 1, offset=FLOOD_SPAN - 1) == ["10.79.255.254"]
     with pytest.raises(ValueError):
-        flood_sources(201, 65535)
+        flood_sources(64, 1, offset=FLOOD_SPAN)
+    with pytest.raises(ValueError):
+        flood_sources(64, 1, offset=-1)
 
 
 def test_no_packets_no_bursts() -> None:

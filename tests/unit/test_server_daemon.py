@@ -97,6 +97,8 @@ def test_a_marked_first_packet_gets_its_return_route_before_its_verdict(
     [row] = daemon.handle_request({"cmd": "sessions"})["sessions"]
     assert (row["client"], row["vip"], row["c2s_label"], row["s2c_label"]) == (CLIENT, VIP, 1001, 1002)
     assert row["created"] > 1.6e9  # Unix time
+    paged = daemon.handle_request({"cmd": "sessions", "offset": 1, "limit": 5})
+    assert paged["sessions"] == [] and paged["total"] == 1  # pages as the balancer's
     status = daemon.handle_request({"cmd": "status"})
     assert (status["role"], status["sessions"], status["vips"]) == ("server", 1, [VIP, "fd00:100::100"])
     assert daemon.handle_request({"cmd": "labels"}) == {"error": "unknown command 'labels'"}

@@ -10,6 +10,8 @@ from orchestrator.lab.bench.result import Latency, RateRun
 from orchestrator.lab.bench.stats import flood_sources
 from orchestrator.lab.bench.testbed import FLOOD_NETS, Testbed, say
 
+EXISTING_SPORT = 5354  # the second flood's source port: new flows, same clients
+
 if TYPE_CHECKING:
     from orchestrator.lab.balancer_lab import BalancerLab
     from orchestrator.lab.kit import Lab
@@ -23,7 +25,7 @@ def label_range(sessions: int, samples: int) -> tuple[int, int]:
     return LABELS[0], max(last, LABELS[1])
 
 
-def balancer_phase(bed: Testbed) -> tuple[RateRun, Latency]:
+def balancer_phase(bed: Testbed) -> tuple[RateRun, RateRun, Latency]:
     from orchestrator.dataplane import ops
     from orchestrator.lab.balancer_lab import LABELS, BalancerLab
 
@@ -54,7 +56,11 @@ def balancer_phase(bed: Testbed) -> tuple[RateRun, Latency]:
         started = balancer.cli("status")["counters"].get("sessions_started", 0)
         rate = bed.rate("balancer")
         check_balancer(bed, balancer, started)
-        say("balancer: checked; latency")
+        say("balancer: checked; new flows of the same clients (the kernel's fast path)")
+        counters = balancer.cli("status")["counters"]
+        existing = bed.rate("balancer", sport=EXISTING_SPORT)
+        check_fast_path(balancer, counters)
+        say("balancer: fast path checked; latency")
         latency = bed.latency("balancer")
         say("balancer: latency done; closing")
     except Exception:
@@ -63,7 +69,17 @@ def balancer_phase(bed: Testbed) -> tuple[RateRun, Latency]:
     finally:
         bed.stop_sinks()
         balancer.close()
-    return rate, latency
+    return rate, existing, latency
+
+
+def check_fast_path(balancer: BalancerLab, before: dict[str, int]) -> None:
+    """The second flood (new flows of the flood's clients) opened no session and none of its
+    packets reached the daemon: the kernel admitted them all (they were counted out on the
+    fabric by the flood helper)."""
+    after = balancer.cli("status")["counters"]
+    grown = {k: after.get(k, 0) - before.get(k, 0) for k in ("sessions_started", "packets_userspace")}
+    if any(grown.values()):
+        raise RuntimeError(f"balancer: new flows of existing sessions reached the daemon: {grown}")
 
 
 def start_balancer(balancer: BalancerLab, attempts: int = 2) -> None:

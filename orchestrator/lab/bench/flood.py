@@ -1,6 +1,7 @@
 """The flood, run inside the client's namespace by `lab bench setup` (`python -m
-orchestrator.lab.bench.flood DEV DST_MAC VIP SECOND_OCTET COUNT PID COUNTER_DEV`): COUNT first
-packets from consecutive spoofed sources 10.SECOND_OCTET.0.1 onwards, timed from the first one
+orchestrator.lab.bench.flood DEV DST_MAC VIP SECOND_OCTET COUNT PID COUNTER_DEV [SPORT [OFFSET]]`):
+COUNT first packets (UDP from port SPORT, 5353 by default) from consecutive spoofed sources
+10.SECOND_OCTET.0.1 + OFFSET onwards, timed from the first one
 leaving DEV to COUNT more packets out of COUNTER_DEV in the namespace of process PID (the
 balancer node's fabric link). Prints one JSON object: start, send_s, reached, seen."""
 
@@ -35,12 +36,21 @@ def wait_for(count: Callable[[], int], target: int, since: float) -> tuple[float
         time.sleep(min(max((now - since) / 200, 0.001), 0.02))
 
 
-def flood(dev: str, dst_mac: str, vip: str, second_octet: int, count: int, out: Callable[[], int]) -> dict[str, float]:
+def flood(
+    dev: str,
+    dst_mac: str,
+    vip: str,
+    second_octet: int,
+    count: int,
+    out: Callable[[], int],
+    sport: int = pktgen.SOURCE_PORT,
+    offset: int = 0,
+) -> dict[str, float]:
     """Send `count` first packets from consecutive sources with pktgen, in bursts the daemon's
     queue can hold, each once the previous one is through; return the time the first packet left
     this node and the time `out` (packets out of the balancer node) had grown by `count`."""
-    sources = flood_sources(second_octet, count)
-    pktgen.configure(dev, dst_mac, vip)
+    sources = flood_sources(second_octet, count, offset)
+    pktgen.configure(dev, dst_mac, vip, sport)
     net_dev = Path("/proc/self/net/dev")
 
     def sent() -> int:
@@ -71,11 +81,24 @@ def flood(dev: str, dst_mac: str, vip: str, second_octet: int, count: int, out: 
 
 
 def main(argv: list[str]) -> int:
-    dev, dst_mac, vip, octet, count, pid, counter_dev = argv
+    if not 7 <= len(argv) <= 9:
+        raise ValueError("usage: DEV DST_MAC VIP SECOND_OCTET COUNT PID COUNTER_DEV [SPORT [OFFSET]]")
+    dev, dst_mac, vip, octet, count, pid, counter_dev = argv[:7]
+    sport = int(argv[7]) if len(argv) > 7 else pktgen.SOURCE_PORT
+    offset = int(argv[8]) if len(argv) > 8 else 0
     counters = Path(f"/proc/{pid}/net/dev")
     print(
         json.dumps(
-            flood(dev, dst_mac, vip, int(octet), int(count), lambda: tx_packets(counters.read_text(), counter_dev))
+            flood(
+                dev,
+                dst_mac,
+                vip,
+                int(octet),
+                int(count),
+                lambda: tx_packets(counters.read_text(), counter_dev),
+                sport,
+                offset,
+            )
         )
     )
     return 0

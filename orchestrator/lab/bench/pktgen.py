@@ -11,15 +11,16 @@ from pathlib import Path
 from orchestrator.lab.bench.stats import pktgen_result
 
 UDP_PORT = 53  # the VIP's DNS service: each first packet to it opens a session
+SOURCE_PORT = 5353  # a flood's source port; another one makes new flows of the same clients
 PROC = Path("/proc/net/pktgen")
 THREAD = "kpktgend_0"
 
 Command = tuple[str, str]  # (file under /proc/net/pktgen, what is written to it)
 
 
-def setup_commands(dev: str, dst_mac: str, vip: str) -> list[Command]:
-    """One device on the first pktgen thread, minimal UDP packets to the VIP's port 53, at full
-    speed, each skb built afresh (veth cannot share them)."""
+def setup_commands(dev: str, dst_mac: str, vip: str, sport: int = SOURCE_PORT) -> list[Command]:
+    """One device on the first pktgen thread, minimal UDP packets from port `sport` to the VIP's
+    port 53, at full speed, each skb built afresh (veth cannot share them)."""
     return [
         (THREAD, "rem_device_all"),
         (THREAD, f"add_device {dev}"),
@@ -28,8 +29,8 @@ def setup_commands(dev: str, dst_mac: str, vip: str) -> list[Command]:
         (dev, "delay 0"),
         (dev, f"dst {vip}"),
         (dev, f"dst_mac {dst_mac}"),
-        (dev, "udp_src_min 5353"),
-        (dev, "udp_src_max 5353"),
+        (dev, f"udp_src_min {sport}"),
+        (dev, f"udp_src_max {sport}"),
         (dev, f"udp_dst_min {UDP_PORT}"),
         (dev, f"udp_dst_max {UDP_PORT}"),
     ]
@@ -47,8 +48,8 @@ def write(commands: list[Command]) -> None:
             f.write(command + "\n")
 
 
-def configure(dev: str, dst_mac: str, vip: str) -> None:
-    write(setup_commands(dev, dst_mac, vip))
+def configure(dev: str, dst_mac: str, vip: str, sport: int = SOURCE_PORT) -> None:
+    write(setup_commands(dev, dst_mac, vip, sport))
 
 
 def start(dev: str, sources: list[str]) -> threading.Thread:

@@ -1,11 +1,16 @@
-"""What `lab bench setup` measured and how it prints it: the two phases' raw figures, the
-result's JSON fields (documented in docs/json.md) and the table. Pure, so tested without a lab."""
+"""What `lab bench setup` measured and how it prints it: the phases' raw figures, the result's
+JSON fields (documented in docs/json.md), the ratios, issue 15's goals and the table. Pure, so
+tested without a lab."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from orchestrator.lab.bench.stats import percentile, ratio
+
+if TYPE_CHECKING:
+    from orchestrator.lab.bench.kernel_limit import KernelLimit as KernelLimitRun
 
 
 @dataclass(frozen=True)
@@ -34,14 +39,26 @@ class Latency:
     pairs: list[tuple[float, float]]
     retransmits: int = 0
 
-    def added_ms(self, q: float) -> float:
-        return 1000 * percentile([new - old for new, old in self.pairs], q)
-
     def new_ms(self, q: float) -> float:
         return 1000 * percentile([new for new, _ in self.pairs], q)
 
     def existing_ms(self, q: float) -> float:
         return 1000 * percentile([old for _, old in self.pairs], q)
+
+
+GOALS: tuple[tuple[str, str, float], ...] = (
+    ("sessions_vs_kernel_limit", ">=", 0.5),
+    ("existing_vs_ipvs", ">=", 0.9),
+    ("new_p99_vs_ipvs", "<=", 3.0),
+    ("existing_p99_vs_ipvs", "<=", 1.2),
+)  # issue 15's goals: (ratio, comparison, bound)
+
+
+def goal_met(value: float | None, comparison: str, bound: float) -> bool | None:
+    """Whether a ratio meets its goal; None when there is no ratio (a reference of zero)."""
+    if value is None:
+        return None
+    return value >= bound if comparison == ">=" else value <= bound
 
 
 @dataclass(frozen=True)
@@ -50,83 +67,119 @@ class SetupResult:
 
     sessions: int
     samples: int
+    kernel_limit_sessions_per_s: float
     sessions_per_s: float
     ipvs_connections_per_s: float
-    setup_ratio: float | None
-    added_latency_p50_ms: float
-    added_latency_p99_ms: float
-    ipvs_added_latency_p50_ms: float
-    ipvs_added_latency_p99_ms: float
-    latency_p50_ratio: float | None
-    latency_p99_ratio: float | None
-    connect_new_p50_ms: float
-    connect_existing_p50_ms: float
-    ipvs_connect_new_p50_ms: float
-    ipvs_connect_existing_p50_ms: float
-    offered_per_s: float
-    ipvs_offered_per_s: float
-    syn_retransmits: int
-    ipvs_syn_retransmits: int
+    existing_session_connections_per_s: float
+    added_latency_ms: dict[str, dict[str, float]]  # {new, existing} x {p50, p99}
+    ipvs_added_latency_ms: dict[str, dict[str, float]]
+    ratios: dict[str, float | None]
+    goals: dict[str, dict[str, object]]  # ratio name -> {goal, value, met}
+    offered_per_s: dict[str, float]  # pktgen's own rate per flood: sessions, existing, ipvs
+    syn_retransmits: dict[str, int]  # balancer, ipvs
+    kernel_limit_s: dict[str, float]  # seconds per batch: tc, ip, nft
 
 
-def build_result(ours: RateRun, theirs: RateRun, our_lat: Latency, their_lat: Latency) -> SetupResult:
-    """Both phases in one result, rounded as printed (rates to 0.1/s, times and ratios to 0.001)."""
-
-    def r3(x: float) -> float:
-        return round(x, 3)
+def build_result(
+    limit: KernelLimitRun,
+    ours: RateRun,
+    existing: RateRun,
+    theirs: RateRun,
+    our_lat: Latency,
+    their_lat: Latency,
+) -> SetupResult:
+    """All phases in one result, rounded as printed (rates to 0.1/s, times and ratios to 0.001)."""
 
     def opt(x: float | None) -> float | None:
         return None if x is None else round(x, 3)
 
-    added = {q: (our_lat.added_ms(q), their_lat.added_ms(q)) for q in (50, 99)}
+    def latency_ms(lat: Latency) -> dict[str, dict[str, float]]:
+        return {
+            "new": {"p50": round(lat.new_ms(50), 3), "p99": round(lat.new_ms(99), 3)},
+            "existing": {"p50": round(lat.existing_ms(50), 3), "p99": round(lat.existing_ms(99), 3)},
+        }
+
+    ratios = {
+        "sessions_vs_kernel_limit": opt(ratio(ours.per_s, limit.per_s)),
+        "existing_vs_ipvs": opt(ratio(existing.per_s, theirs.per_s)),
+        "new_p99_vs_ipvs": opt(ratio(our_lat.new_ms(99), their_lat.new_ms(99))),
+        "existing_p99_vs_ipvs": opt(ratio(our_lat.existing_ms(99), their_lat.existing_ms(99))),
+    }
+    goals: dict[str, dict[str, object]] = {
+        name: {"goal": f"{comparison} {bound}", "value": ratios[name], "met": goal_met(ratios[name], comparison, bound)}
+        for name, comparison, bound in GOALS
+    }
     return SetupResult(
         sessions=ours.count,
         samples=len(our_lat.pairs),
+        kernel_limit_sessions_per_s=round(limit.per_s, 1),
         sessions_per_s=round(ours.per_s, 1),
         ipvs_connections_per_s=round(theirs.per_s, 1),
-        setup_ratio=opt(ratio(ours.per_s, theirs.per_s)),
-        added_latency_p50_ms=r3(added[50][0]),
-        added_latency_p99_ms=r3(added[99][0]),
-        ipvs_added_latency_p50_ms=r3(added[50][1]),
-        ipvs_added_latency_p99_ms=r3(added[99][1]),
-        latency_p50_ratio=opt(ratio(*added[50])),
-        latency_p99_ratio=opt(ratio(*added[99])),
-        connect_new_p50_ms=r3(our_lat.new_ms(50)),
-        connect_existing_p50_ms=r3(our_lat.existing_ms(50)),
-        ipvs_connect_new_p50_ms=r3(their_lat.new_ms(50)),
-        ipvs_connect_existing_p50_ms=r3(their_lat.existing_ms(50)),
-        offered_per_s=round(ours.offered_per_s, 1),
-        ipvs_offered_per_s=round(theirs.offered_per_s, 1),
-        syn_retransmits=our_lat.retransmits,
-        ipvs_syn_retransmits=their_lat.retransmits,
+        existing_session_connections_per_s=round(existing.per_s, 1),
+        added_latency_ms=latency_ms(our_lat),
+        ipvs_added_latency_ms=latency_ms(their_lat),
+        ratios=ratios,
+        goals=goals,
+        offered_per_s={
+            "sessions": round(ours.offered_per_s, 1),
+            "existing": round(existing.offered_per_s, 1),
+            "ipvs": round(theirs.offered_per_s, 1),
+        },
+        syn_retransmits={"balancer": our_lat.retransmits, "ipvs": their_lat.retransmits},
+        kernel_limit_s={tool: round(t, 4) for tool, t in limit.seconds.items()},
     )
 
 
 def format_table(r: SetupResult) -> str:
-    """The human-readable result: both systems side by side, ratio = balancer / IPVS."""
+    """The human-readable result: the balancer beside its reference, the ratio, the goal."""
 
     def num(x: float | None, digits: int) -> str:
         return "-" if x is None else f"{x:.{digits}f}"
 
-    rows: list[tuple[str, float, float, float | None, int]] = [
-        (f"new sessions/s ({r.sessions} first packets)", r.sessions_per_s, r.ipvs_connections_per_s, r.setup_ratio, 0),
-        ("  offered by the sender/s", r.offered_per_s, r.ipvs_offered_per_s, None, 0),
+    def verdict(name: str) -> str:
+        met = r.goals[name]["met"]
+        return f"{r.goals[name]['goal']} {'met' if met else 'NOT met' if met is False else '-'}"
+
+    lat, ipvs_lat = r.added_latency_ms, r.ipvs_added_latency_ms
+    rows: list[tuple[str, float, float, str, int]] = [
         (
-            f"added latency p50, ms ({r.samples} samples)",
-            r.added_latency_p50_ms,
-            r.ipvs_added_latency_p50_ms,
-            r.latency_p50_ratio,
+            f"new sessions/s vs kernel limit ({r.sessions})",
+            r.sessions_per_s,
+            r.kernel_limit_sessions_per_s,
+            "sessions_vs_kernel_limit",
+            0,
+        ),
+        (
+            "existing-session conns/s vs IPVS new/s",
+            r.existing_session_connections_per_s,
+            r.ipvs_connections_per_s,
+            "existing_vs_ipvs",
+            0,
+        ),
+        (f"connect p99 new session, ms ({r.samples})", lat["new"]["p99"], ipvs_lat["new"]["p99"], "new_p99_vs_ipvs", 2),
+        (
+            "connect p99 existing session, ms",
+            lat["existing"]["p99"],
+            ipvs_lat["existing"]["p99"],
+            "existing_p99_vs_ipvs",
             2,
         ),
-        ("added latency p99, ms", r.added_latency_p99_ms, r.ipvs_added_latency_p99_ms, r.latency_p99_ratio, 2),
-        ("  connect p50, new session, ms", r.connect_new_p50_ms, r.ipvs_connect_new_p50_ms, None, 2),
-        ("  connect p50, existing session, ms", r.connect_existing_p50_ms, r.ipvs_connect_existing_p50_ms, None, 2),
-        (f"  connects with a SYN retransmit (of {2 * r.samples})", r.syn_retransmits, r.ipvs_syn_retransmits, None, 0),
     ]
     lines = [
-        "session setup: the balancer against IPVS (tunnel mode), same lab, same run",
-        f"{'':40}{'balancer':>12}{'IPVS':>12}{'ratio':>8}",
+        "session setup: the balancer against the kernel's limit and IPVS (tunnel mode), same lab, same run",
+        f"{'':44}{'balancer':>10}{'reference':>11}{'ratio':>8}  goal",
     ]
-    for label, ours, theirs, rat, digits in rows:
-        lines.append(f"{label:40}{num(ours, digits):>12}{num(theirs, digits):>12}{num(rat, 2):>8}")
+    for label, ours, theirs, name, digits in rows:
+        lines.append(
+            f"{label:44}{num(ours, digits):>10}{num(theirs, digits):>11}{num(r.ratios[name], 2):>8}  {verdict(name)}"
+        )
+    lines += [
+        f"{'  connect p50 new / existing session, ms':44}{lat['new']['p50']:>10.2f}{ipvs_lat['new']['p50']:>11.2f}"
+        f"  (IPVS) / {lat['existing']['p50']:.2f} vs {ipvs_lat['existing']['p50']:.2f}",
+        f"  offered by pktgen/s: sessions {r.offered_per_s['sessions']:.0f}, existing "
+        f"{r.offered_per_s['existing']:.0f}, IPVS {r.offered_per_s['ipvs']:.0f}",
+        "  kernel limit batches, s: " + ", ".join(f"{tool} {t:.2f}" for tool, t in r.kernel_limit_s.items()),
+        f"  connects with a SYN retransmit (of {2 * r.samples}): balancer {r.syn_retransmits['balancer']}, "
+        f"IPVS {r.syn_retransmits['ipvs']}",
+    ]
     return "\n".join(lines)

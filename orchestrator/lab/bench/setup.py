@@ -1,22 +1,28 @@
-"""Benchmark: session setup, the balancer daemon against Linux IPVS (tunnel mode) on the same lab,
-in one run. Two figures per system:
+"""Benchmark: session setup, the balancer daemon against the kernel's own limit and against Linux
+IPVS (tunnel mode) on the same lab, in one run (issue 15's figures and goals):
 
-- rate: N first packets (UDP to the VIP's port 53, each from its own spoofed source) sent from
-  c1 by the kernel's packet generator (pktgen; a Python sender would be IPVS's bottleneck), in
-  bursts of at most 2,000, against the time from the first of them leaving c1 to the N-th
-  leaving the balancer node on its fabric link. The balancer accepts a first packet only after
-  its session's objects are in the kernel, and IPVS forwards one only after it made the
-  connection, so that moment is "N sessions installed". Afterwards the daemon's counters and the
-  kernel's filters (or IPVS's connection table) are checked to hold all N.
-- added latency: TCP connect() time to VIP:80 of a new session (a fresh source address) minus
-  that of a second connection from the same address right after (the session exists: the
-  balancer still sees its first packet, IPVS finds its persistence template), per sample;
-  p50 and p99.
+- (a) the kernel's limit: the same per-session objects the daemon installs, planned by the
+  balancer core and fed to `tc -batch`, `ip -f mpls -batch` and `nft -f` in a scratch namespace
+  of the lab's kernel (`kernel_limit`), N over their summed time.
+- (b) the daemon's new sessions per second, (c) IPVS's new connections per second: N first
+  packets (UDP to the VIP's port 53, each from its own spoofed source) sent from c1 by the
+  kernel's packet generator (pktgen; a Python sender would be IPVS's bottleneck), in bursts of
+  at most 2,000, against the time from the first of them leaving c1 to the N-th leaving the
+  balancer node on its fabric link. The balancer accepts a first packet only after its
+  session's objects are in the kernel, and IPVS forwards one only after it made the connection,
+  so that moment is "N sessions installed". Afterwards the daemon's counters and the kernel's
+  filters (or IPVS's connection table) are checked to hold all N.
+- (d) new connections per second of clients that have a session: the same N sources again from
+  another source port (new flows), admitted by the kernel's fast path; checked to have reached
+  the daemon not once.
+- (e) connect latency: TCP connect() time to VIP:80 of a new session (a fresh source address)
+  and of a second connection from the same address right after (the session exists), p50 and
+  p99, for both systems.
 
 Runs as root inside `mplsorch lab run` on the default lab (`mplsorch lab bench setup`): this
-module is the order of things and the command line; the phases are `balancer` and `ipvs`, the
-shared lab side `testbed`, the helpers run with `python -m` `flood` and `connect` (in the client's
-namespace) and `sink` (on the servers).
+module is the order of things and the command line; the phases are `kernel_limit`, `balancer`
+and `ipvs`, the shared lab side `testbed`, the helpers run with `python -m` `flood` and
+`connect` (in the client's namespace) and `sink` (on the servers).
 """
 
 from __future__ import annotations
@@ -45,18 +51,22 @@ def run(lab: Lab, sessions: int, samples: int) -> SetupResult:
     from orchestrator.lab.balancer_lab import ROOT
     from orchestrator.lab.bench.balancer import balancer_phase
     from orchestrator.lab.bench.ipvs import ipvs_phase
+    from orchestrator.lab.bench.kernel_limit import measure
     from orchestrator.lab.bench.result import build_result
     from orchestrator.lab.bench.testbed import Testbed, say
 
+    say(f"kernel limit: {sessions} sessions' objects through tc/ip/nft batches")
+    limit = measure(sessions)
+    say(f"kernel limit: {limit.per_s:.0f} sessions/s ({limit.seconds})")
     bed = Testbed(lab, sessions, samples)
     bed.prepare_clients()
     say("clients prepared")
     with backlog(BACKLOG):
-        ours, our_latency = balancer_phase(bed)
+        ours, existing, our_latency = balancer_phase(bed)
         config = load_config(ROOT / "templates" / "balancer.example.yaml")
         assert isinstance(config, BalancerConfig)  # IPVS gets the balancer's services and pools
         theirs, their_latency = ipvs_phase(bed, config)
-    return build_result(ours, theirs, our_latency, their_latency)
+    return build_result(limit, ours, existing, theirs, our_latency, their_latency)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,8 @@ import math
 import re
 from typing import Sequence
 
+FLOOD_SPAN = 2**20 - 2  # sources one flood plan may use: the label space's worth
+
 
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0..100), linear between closest ranks (numpy's default)."""
@@ -27,11 +29,12 @@ def ratio(ours: float, theirs: float) -> float | None:
     return ours / theirs if theirs > 0 else None
 
 
-def flood_sources(second_octet: int, count: int) -> list[str]:
-    """`count` consecutive spoofed sources from 10.<second_octet>.0.1 (as pktgen walks them)."""
-    if not 0 < count <= 65534:
-        raise ValueError(f"count {count} out of range")
-    first = int(ipaddress.IPv4Address(f"10.{second_octet}.0.1"))
+def flood_sources(second_octet: int, count: int, offset: int = 0) -> list[str]:
+    """`count` consecutive spoofed sources from 10.<second_octet>.0.1 + `offset` (as pktgen walks
+    them; past 10.<second_octet>.255.255 they go on into the next /16s, up to 2^20 in all)."""
+    if not 0 < count or offset < 0 or offset + count > FLOOD_SPAN:
+        raise ValueError(f"count {count} at offset {offset} out of range")
+    first = int(ipaddress.IPv4Address(f"10.{second_octet}.0.1")) + offset
     return [str(ipaddress.IPv4Address(first + i)) for i in range(count)]
 
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator.lab.bench import connect, flood, sink
+from orchestrator.lab.bench import connect, flood, pktgen, sink
 from orchestrator.lab.bench.result import Latency, RateRun
 from orchestrator.lab.bench.stats import alias_addresses, softnet_drops
 
@@ -131,8 +131,14 @@ class Testbed:
             self.lab.stop(proc)
         self.sinks.clear()
 
-    def rate(self, phase: str) -> RateRun:
-        """Flood from the client; the helper waits until the balancer node has sent it all on."""
+    def rate(self, phase: str, sport: int = pktgen.SOURCE_PORT) -> RateRun:
+        """Flood from the client (UDP from `sport`); the helper waits until the balancer node has
+        sent it all on."""
+        return self.flood(phase, FLOOD_NETS[phase], self.sessions, sport=sport)
+
+    def flood(self, phase: str, octet: int, count: int, offset: int = 0, sport: int = pktgen.SOURCE_PORT) -> RateRun:
+        """`count` first packets from 10.<octet>.0.1 + `offset` onwards, timed until the
+        balancer node has sent them all on to the fabric."""
         lab = self.lab
         watch = NodeProcess(lab, self.balancer)
         drops_before = softnet_drops(SOFTNET.read_text())
@@ -144,12 +150,14 @@ class Testbed:
                 self.client_dev,
                 mac(lab, self.balancer, self.lan_dev),
                 lab.vip,
-                str(FLOOD_NETS[phase]),
-                str(self.sessions),
+                str(octet),
+                str(count),
                 str(watch.pid),
                 self.fab_dev,
+                str(sport),
+                str(offset),
             )
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=900 + self.sessions)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=900 + count)
         finally:
             watch.close()
         if done.returncode != 0:
@@ -157,17 +165,17 @@ class Testbed:
         out = json.loads(done.stdout)
         elapsed = out["reached"] - out["start"]
         say(
-            f"{phase}: {out['seen']} of {self.sessions} first packets out on the fabric after {elapsed:.3f} s "
+            f"{phase}: {out['seen']} of {count} first packets out on the fabric after {elapsed:.3f} s "
             f"(pktgen busy {out['send_s']:.3f} s)"
         )
-        if out["seen"] < self.sessions:
+        if out["seen"] < count:
             drops = softnet_drops(SOFTNET.read_text()) - drops_before
             raise RuntimeError(
-                f"{phase}: only {out['seen']} of {self.sessions} first packets left the "
+                f"{phase}: only {out['seen']} of {count} first packets left the "
                 f"balancer node ({flood.STALL_S:.0f} s without progress; {drops} dropped "
                 f"from the kernel's input backlog)"
             )
-        return RateRun(self.sessions, elapsed, out["send_s"])
+        return RateRun(count, elapsed, out["send_s"])
 
     def latency(self, phase: str) -> Latency:
         lab = self.lab

@@ -1,0 +1,61 @@
+"""`lab bench setup` at a tiny size in the lab, so the benchmark cannot rot: the run itself
+fails unless every first packet left the balancer node, the daemon counted every session and
+the kernel holds a filter for each (IPVS: a connection each), and the second flood never reached
+the daemon; here its JSON keeps the documented keys and its ratios and goals follow from its
+figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from orchestrator.lab.bench.result import GOALS
+from orchestrator.lab.kit import Lab, patience
+
+SESSIONS, SAMPLES = 200, 10
+
+
+def test_setup_bench_measures_all_five_figures(lab: Lab) -> None:
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.lab.bench.setup",
+            "--sessions",
+            str(SESSIONS),
+            "--samples",
+            str(SAMPLES),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=patience(600),
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    out = json.loads(run.stdout)
+    assert (out["sessions"], out["samples"]) == (SESSIONS, SAMPLES)
+    rates = {
+        "a": out["kernel_limit_sessions_per_s"],
+        "b": out["sessions_per_s"],
+        "c": out["ipvs_connections_per_s"],
+        "d": out["existing_session_connections_per_s"],
+    }
+    assert all(rate > 0 for rate in rates.values()), rates
+    assert set(out["kernel_limit_s"]) == {"tc", "ip", "nft"} and all(t > 0 for t in out["kernel_limit_s"].values())
+    assert SESSIONS / sum(out["kernel_limit_s"].values()) == pytest.approx(rates["a"], rel=0.02)
+    for latency in (out["added_latency_ms"], out["ipvs_added_latency_ms"]):
+        assert set(latency) == {"new", "existing"}
+        for kind in latency.values():
+            assert set(kind) == {"p50", "p99"} and 0 < kind["p50"] <= kind["p99"]
+    ratios = out["ratios"]
+    assert ratios["sessions_vs_kernel_limit"] == pytest.approx(rates["b"] / rates["a"], rel=0.01)
+    assert ratios["existing_vs_ipvs"] == pytest.approx(rates["d"] / rates["c"], rel=0.01)
+    p99 = out["added_latency_ms"]["new"]["p99"] / out["ipvs_added_latency_ms"]["new"]["p99"]
+    assert ratios["new_p99_vs_ipvs"] == pytest.approx(p99, rel=0.01)
+    for name, comparison, bound in GOALS:
+        goal = out["goals"][name]
+        assert goal["value"] == ratios[name]
+        assert goal["met"] is (ratios[name] >= bound if comparison == ">=" else ratios[name] <= bound)

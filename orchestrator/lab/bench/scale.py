@@ -1,0 +1,217 @@
+"""Benchmark: the balancer daemon holding N concurrent sessions (issue 15: 500,000; the 2^20 label
+space holds 524,287 pairs). One run on the default lab:
+
+1. the daemon starts with a label range for N + P sessions (P: a probe), long persistence, the
+   servers' Python echo stopped; its RSS (/proc/PID/status) and the guest's MemAvailable are read;
+2. sessions are opened the way clients open them, by first packets: pktgen floods UDP to VIP:53
+   from consecutive spoofed sources (10.64.0.1 onwards, up to 2^20 of them; one packet each, so
+   the per-source rate limit never bites), each released by the daemon only once its objects
+   are in the kernel and counted out on the balancer node's fabric link;
+3. the table is filled to the reference size (10,000), a probe of P new sessions is timed
+   (the programming rate with the reference installed), the table is filled to N, RSS and MemAvailable are
+   read again, `status` and the first and last `sessions` pages are timed (on the control
+   socket, and through the `mplsorch` command), and a second probe of P is timed (the rate at
+   N); the daemon's counters must show every session.
+
+`mplsorch lab bench scale` runs this module inside `mplsorch lab run`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.lab.bench.scale_result import TARGET_SESSIONS, ScaleRun, build_scale_result, format_scale
+
+if TYPE_CHECKING:
+    from orchestrator.config.examples import KeyPath
+    from orchestrator.lab.balancer_lab import BalancerLab
+    from orchestrator.lab.bench.testbed import Testbed
+    from orchestrator.lab.kit import Lab
+
+SCALE_OCTET = 64  # sources 10.64.0.1 onwards (10.64.0.0/12 holds the label space's worth)
+SCALE_NET = "10.64.0.0/12"
+LABEL_MAX = 2**20 - 1
+HEADROOM = 256  # label pairs beyond the sessions (admission keeps min_free_labels free)
+PAGE = 1000  # rows of a timed `sessions` page
+
+
+def max_sessions(probe: int) -> int:
+    """The largest N whose sessions and the last probe fit the label space from the lab's first label."""
+    from orchestrator.lab.balancer_lab import LABELS
+
+    return (LABEL_MAX - LABELS[0] - 1) // 2 - HEADROOM - probe
+
+
+def changes(total: int) -> dict[KeyPath, Any]:
+    """The daemon's configuration for `total` sessions: labels, admission, persistence."""
+    from orchestrator.lab.balancer_lab import LABELS
+
+    return {
+        "labels.range": [LABELS[0], min(LABEL_MAX, LABELS[0] + 2 * (total + HEADROOM) + 1)],
+        "services.dns.persistence_timeout": "3600s",
+        "services.dns.admission.max_sessions": total + 16,
+    }
+
+
+def vm_rss_kb(pid: int) -> int:
+    match = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+    if not match:
+        raise RuntimeError(f"no VmRSS for process {pid}")
+    return int(match[1])
+
+
+def meminfo_kb(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+    if not match:
+        raise RuntimeError(f"no {field} in /proc/meminfo")
+    return int(match[1])
+
+
+def prepare(bed: Testbed, total: int) -> None:
+    """The flood's sources routed (and not reverse-path filtered) by the balancer node; room in
+    conntrack for every flow; pktgen loaded."""
+    lab, lb = bed.lab, bed.balancer
+    subprocess.run(["modprobe", "pktgen"], check=True)
+    lab.sh(lb, "ip", "route", "replace", SCALE_NET, "dev", bed.lan_dev)
+    lab.sh(lb, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", f"net.ipv4.conf.{bed.lan_dev}.rp_filter=0")
+    Path("/proc/sys/net/netfilter/nf_conntrack_max").write_text(str(total + 65536))
+    lab.sh(lab.names("client")[0], "ping", "-c", "1", "-W", "5", lab.address(lb, towards=bed.client))
+
+
+def answers(balancer: BalancerLab, held: int) -> tuple[dict[str, float], dict[str, float | None]]:
+    """`status` and the first and last `sessions` page: the control socket's round trip (what
+    the daemon takes), and the `mplsorch` command's wall time (its Python start included; None
+    when it failed, e.g. on its own 10 s timeout)."""
+    from orchestrator.daemon.control import request
+    from orchestrator.lab.bench.testbed import say
+
+    sock = str(balancer.sock)
+    last = max(0, held - PAGE)
+    checks: dict[str, tuple[str, dict[str, int]]] = {
+        "status": ("status", {}),
+        "sessions_first_page": ("sessions", {"limit": PAGE}),
+        "sessions_last_page": ("sessions", {"offset": last, "limit": PAGE}),
+    }
+    socket_s: dict[str, float] = {}
+    for name, (cmd, page_args) in checks.items():
+        start = time.perf_counter()
+        request(sock, cmd, timeout=900, **page_args)
+        socket_s[name] = time.perf_counter() - start
+    cli = {
+        "status": ["status"],
+        "sessions_first_page": ["sessions", "--limit", str(PAGE)],
+        "sessions_last_page": ["sessions", "--offset", str(last), "--limit", str(PAGE)],
+    }
+    cli_s: dict[str, float | None] = {}
+    for name, words in cli.items():
+        start = time.perf_counter()
+        try:
+            balancer.cli(*words)
+            cli_s[name] = time.perf_counter() - start
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:  # the command's own 10 s timeout
+            say(f"scale: `mplsorch {' '.join(words)}` failed after {time.perf_counter() - start:.1f} s: {exc}"[:400])
+            cli_s[name] = None
+    page = request(sock, "sessions", timeout=120, offset=last, limit=PAGE)
+    if page["total"] != held or len(page["sessions"]) != min(PAGE, held):
+        raise RuntimeError(f"scale: the last page holds {len(page['sessions'])} of {page['total']} sessions")
+    return socket_s, cli_s
+
+
+def run(lab: Lab, sessions: int, reference: int, probe: int) -> ScaleRun:
+    from orchestrator.daemon.control import request
+    from orchestrator.lab.balancer_lab import BalancerLab
+    from orchestrator.lab.bench.balancer import start_balancer, stop_servers
+    from orchestrator.lab.bench.setup import BACKLOG, backlog
+    from orchestrator.lab.bench.testbed import Testbed, say
+
+    total = sessions + probe
+    bed = Testbed(lab, probe, 1)
+    prepare(bed, total)
+    balancer = BalancerLab(lab, bed.balancer, changes=changes(total))
+    try:
+        say(f"scale: starting the daemon for {total} sessions")
+        start_balancer(balancer)
+        stop_servers(lab)
+        lab.sh(bed.balancer, "sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=3600")
+        status = balancer.cli("status")
+        pid, started0 = status["pid"], status["counters"].get("sessions_started", 0)
+        rss0, avail0 = vm_rss_kb(pid), meminfo_kb("MemAvailable")
+        say(f"scale: daemon {pid} RSS {rss0} kB, guest MemAvailable {avail0} kB")
+        with backlog(BACKLOG):
+            bed.flood(f"scale fill to {reference}", SCALE_OCTET, reference)
+            at_reference = bed.flood(f"scale probe at {reference}", SCALE_OCTET, probe, offset=reference)
+            done = reference + probe
+            chunk = 65_000  # one flood helper per chunk: its progress on stderr
+            while done < sessions:
+                count = min(chunk, sessions - done)
+                bed.flood(f"scale fill to {done + count}", SCALE_OCTET, count, offset=done)
+                done += count
+            time.sleep(2)  # the last flows' conntrack events
+            rss1, avail1 = vm_rss_kb(pid), meminfo_kb("MemAvailable")
+            say(f"scale: {done} sessions; daemon RSS {rss1} kB, guest MemAvailable {avail1} kB")
+            socket_s, cli_s = answers(balancer, done)
+            say(f"scale: answers {socket_s}, through the command {cli_s}")
+            at_sessions = bed.flood(f"scale probe at {done}", SCALE_OCTET, probe, offset=done)
+        final = request(str(balancer.sock), "status", timeout=900)  # slow at N: see answers()
+        started = final["counters"].get("sessions_started", 0) - started0
+        held = final["sessions"]
+        if started != done + probe or held != done + probe:
+            raise RuntimeError(f"scale: {started} sessions started, {held} held, {done + probe} first packets")
+    except Exception:
+        print(balancer.log()[-3000:], file=sys.stderr)
+        raise
+    finally:
+        balancer.close()
+    return ScaleRun(
+        sessions=done,
+        reference=reference,
+        probe=probe,
+        rate_at_reference=at_reference.per_s,
+        rate_at_sessions=at_sessions.per_s,
+        rss_before_kb=rss0,
+        rss_after_kb=rss1,
+        guest_available_before_kb=avail0,
+        guest_available_after_kb=avail1,
+        guest_total_kb=meminfo_kb("MemTotal"),
+        answer_s=socket_s,
+        cli_s=cli_s,
+        page=PAGE,
+    )
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mplsorch lab bench scale")
+    parser.add_argument("--sessions", type=int, default=TARGET_SESSIONS)
+    parser.add_argument("--reference", type=int, default=10_000)
+    parser.add_argument("--probe", type=int, default=2000)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if not 1 <= args.probe <= 20_000 or not 1 <= args.reference < args.sessions - args.probe:
+        parser.error("need 1 <= --probe <= 20000 and 1 <= --reference < --sessions - --probe")
+    if args.sessions > max_sessions(args.probe):
+        parser.error(f"--sessions at most {max_sessions(args.probe)} (the label space, two probes, headroom)")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    from orchestrator.lab.kit import Lab
+
+    lab = Lab.from_env()
+    try:
+        result = build_scale_result(run(lab, args.sessions, args.reference, args.probe))
+    finally:
+        lab.close()
+    print(json.dumps(asdict(result)) if args.json else format_scale(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -38,7 +38,6 @@ def render(config: BalancerConfig, template_dir: Path = TEMPLATES) -> str:
             l4 = f"{proto} dport {{ {ports} }}"
         else:
             l4 = f"meta l4proto {proto}"
-        flags = "bypass,fanout" if svc.fail_policy == FailPolicy.OPEN else "fanout"
         family = "ip6" if version == 6 else "ip"
         fast = fast_path_match(svc.session_key, family, proto, bool(svc.ports))
         by_spi = svc.session_key == SessionKeyKind.ESP_SPI and proto == "esp"
@@ -49,22 +48,35 @@ def render(config: BalancerConfig, template_dir: Path = TEMPLATES) -> str:
                 "version": version,
                 "family": family,
                 "l4": l4,
-                "queue_flags": flags,
+                "queue": queue_statement(config, svc.session_key, family, svc.fail_policy),
                 "fast": fast,
                 "new": new_packet_match(by_spi, family, str(svc.vip), l4),
                 "exthdr": by_spi and family == "ip6",
             }
         )
-    first, last = config.nfqueue.queues
     rate = config.nfqueue.rate_limit
     return _template(template_dir, "nftables.balancer.nft.j2").render(
         services=services,
-        queues=f"{first}-{last}" if last > first else str(first),
         rate_limit={"count": rate.count, "per": str(rate.per.value), "burst": rate.burst} if rate else None,
         mark_rst=hex(MARK_RST),
         mark_icmp=hex(MARK_ICMP),
         **CT_MARKS,
     )
+
+
+def queue_statement(config: BalancerConfig, key: SessionKeyKind, family: str, fail: FailPolicy) -> str:
+    """A service's queue statement, after `queue`. One daemon: the queue range, fanned out over
+    it. Workers (nfqueue.workers): the queue of the client's worker, by a hash of its source
+    address (of its interface identifier for ipv6-iid, whose sessions keep a client that changes
+    prefix), so a client's first packets always reach the same worker; fanout would break that."""
+    first, last = config.nfqueue.queues
+    bypass = fail == FailPolicy.OPEN
+    if config.nfqueue.workers > 1:
+        source = "@nh,128,64" if key == SessionKeyKind.IPV6_IID and family == "ip6" else f"{family} saddr"
+        target = f"jhash {source} mod {config.nfqueue.workers} offset {first}"
+        return f"flags bypass to {target}" if bypass else f"to {target}"
+    queues = f"{first}-{last}" if last > first else str(first)
+    return f"flags {'bypass,fanout' if bypass else 'fanout'} to {queues}"
 
 
 def fast_path_match(kind: SessionKeyKind, family: str, proto: str, ports: bool) -> str | None:

@@ -181,6 +181,7 @@ class NfqueueConfig:
     queues: tuple[int, int] = (0, 0)  # first..last queue number, 0..65535
     batch: int = 64  # packets read per wakeup, >= 1
     rate_limit: RateLimit | None = field(default_factory=RateLimit)
+    workers: int = 1  # worker processes, one queue each (queues holds exactly `workers` then)
 
 
 @dataclass(frozen=True)
@@ -342,6 +343,7 @@ class BalancerConfig:
             "nfqueue": {
                 "queues": list(nq.queues),
                 "batch": nq.batch,
+                "workers": nq.workers,
                 "rate_limit": None
                 if nq.rate_limit is None
                 else {"rate": str(nq.rate_limit), "burst": nq.rate_limit.burst},

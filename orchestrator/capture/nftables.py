@@ -25,6 +25,7 @@ from orchestrator.core.agent import MARK_MASK, MARK_TAG
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 MARK_RST = 0x6D6F0001  # "mo" + 1: reject with TCP reset
 MARK_ICMP = 0x6D6F0002  # reject with ICMP administratively prohibited
+HASH_SEED = 0x6D706C73  # "mpls": the workers' jhash seed (queue_statement)
 CT_MARKS = {"ct_tag": f"{CT_TAG:#010x}", "ct_keep": f"{~CT_MASK & 0xFFFFFFFF:#010x}"}  # tag our flows
 
 
@@ -68,12 +69,15 @@ def queue_statement(config: BalancerConfig, key: SessionKeyKind, family: str, fa
     """A service's queue statement, after `queue`. One daemon: the queue range, fanned out over
     it. Workers (nfqueue.workers): the queue of the client's worker, by a hash of its source
     address (of its interface identifier for ipv6-iid, whose sessions keep a client that changes
-    prefix), so a client's first packets always reach the same worker; fanout would break that."""
+    prefix), so a client's first packets always reach the same worker; fanout would break that.
+    One seed for every rule and every load: without it the kernel draws one per rule (a client's
+    sessions of two services would reach different workers) and per load (a restart would move
+    clients away from the worker that holds their sessions)."""
     first, last = config.nfqueue.queues
     bypass = fail == FailPolicy.OPEN
     if config.nfqueue.workers > 1:
         source = "@nh,128,64" if key == SessionKeyKind.IPV6_IID and family == "ip6" else f"{family} saddr"
-        target = f"jhash {source} mod {config.nfqueue.workers} offset {first}"
+        target = f"jhash {source} mod {config.nfqueue.workers} seed {HASH_SEED:#x} offset {first}"
         return f"flags bypass to {target}" if bypass else f"to {target}"
     queues = f"{first}-{last}" if last > first else str(first)
     return f"flags {'bypass,fanout' if bypass else 'fanout'} to {queues}"

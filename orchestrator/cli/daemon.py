@@ -105,8 +105,23 @@ def serve_on_kernel(
         # The balancer also hears its tagged flows start: those its fast path admitted count too.
         kernel = Capture(NfQueue, functools.partial(ConntrackListener, new_events=True))
         shard = Shard(worker, config.nfqueue.workers) if worker is not None else None
+        if shard is not None:
+            stop_with_parent()
         daemon = BalancerDaemon(config_path, provider, kernel, config, shard=shard)
     return serve(daemon, log_format)
+
+
+def stop_with_parent() -> None:
+    """A worker gets SIGTERM when its supervisor dies, however it dies (prctl PR_SET_PDEATHSIG),
+    and so stops as on any SIGTERM: its sessions keep forwarding for the next supervisor."""
+    import ctypes
+    import os
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def status(

@@ -123,8 +123,10 @@ class BalancerDaemon(Daemon):
 
     def running_message(self) -> str:
         metrics = f", metrics {self.config.metrics.listen}" if self.config.metrics else ""
+        # A worker's own line must not read as the balancer's (its supervisor says that).
+        who = "balancer running" if self.shard is None else f"balancer worker {self.shard.index} serving"
         return (
-            f"balancer running: {len(self.config.services)} services, queues "
+            f"{who}: {len(self.config.services)} services, queues "
             f"{'-'.join(map(str, self.config.nfqueue.queues))}, control {self.control_socket}, "
             f"{len(self.health)} servers checked{metrics}"
         )

@@ -259,6 +259,20 @@ class Supervisor:
                 log.error("metrics endpoint %s not started: %s", self.config.metrics.listen, exc)
 
     # -- the loop -------------------------------------------------------------------------------------
+    async def workers_answer(self) -> bool:
+        """Wait until every worker answers on its control socket (True), or the stop (False; a
+        worker that failed at start sets it). StartupError after START_TIMEOUT."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while "stop" not in self.flags:
+            self.check_workers()
+            await self.ask_all({"cmd": "labels"})
+            if all(w.answered for w in self.workers):
+                return True
+            if time.monotonic() > deadline:
+                raise StartupError("workers", RuntimeError(f"not all answered in {START_TIMEOUT:.0f} s"))
+            await asyncio.sleep(0.2)
+        return False
+
     def flag(self, flag: str) -> None:
         self.flags.add(flag)
         self.wake.set()
@@ -293,11 +307,15 @@ class Supervisor:
         for w in self.workers:
             self.spawn(w)
         control = ControlServer(self.config.node.control_socket, self.answer, self.config.node.control_group)
-        with start_step(f"control socket {self.config.node.control_socket}"):
-            await control.start()
-        deadline = time.monotonic() + START_TIMEOUT
-        ready = False
         try:
+            if await self.workers_answer():
+                # The control socket only once every worker answers: its presence means ready.
+                with start_step(f"control socket {self.config.node.control_socket}"):
+                    await control.start()
+                message = f"balancer running: {self.count} workers, control {self.config.node.control_socket}"
+                log.info("%s", message)
+                self.start_metrics()
+                self.notify.ready(message)
             while "stop" not in self.flags:
                 try:
                     await asyncio.wait_for(self.wake.wait(), TICK)
@@ -305,17 +323,6 @@ class Supervisor:
                     pass
                 self.wake.clear()
                 self.check_workers()
-                if not ready:
-                    await self.ask_all({"cmd": "labels"})
-                    if all(w.answered for w in self.workers):
-                        ready = True
-                        message = f"balancer running: {self.count} workers, control {self.config.node.control_socket}"
-                        log.info("%s", message)
-                        self.start_metrics()
-                        self.notify.ready(message)
-                    elif time.monotonic() > deadline:
-                        raise StartupError("workers", RuntimeError(f"not all answered in {START_TIMEOUT:.0f} s"))
-                    continue
                 if "reload" in self.flags:
                     self.flags.discard("reload")
                     self.notify.reloading()

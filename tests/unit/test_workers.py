@@ -86,9 +86,9 @@ def test_the_ruleset_shards_by_source_address() -> None:
     assert rules
     for rule in rules:
         family = "ip6" if "ip6 daddr" in rule else "ip"
-        assert f"to jhash {family} saddr mod 2 offset 8" in rule, rule
+        assert f"to jhash {family} saddr mod 2 seed 0x6d706c73 offset 8" in rule, rule
     iid = config({"nfqueue.workers": 2, "services.mobile.session_key": "ipv6-iid"})
-    assert "jhash @nh,128,64 mod 2 offset 0" in nftables.render(iid)
+    assert "jhash @nh,128,64 mod 2 seed 0x6d706c73 offset 0" in nftables.render(iid)
 
 
 def flower(c2s: int, client: str, server_label: int = 101) -> ops.FlowerFilter:

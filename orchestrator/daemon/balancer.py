@@ -147,12 +147,30 @@ class BalancerDaemon(Daemon):
         self.end_sessions()
         self.publish()
 
-    def metrics_snapshot(self, now: float) -> MetricsSnapshot:
+    def recent_offload_counts(self, now: float) -> dict[str, int]:
         """The objects' offload states need a dump of the kernel, taken at most every
         OFFLOAD_DUMP_EVERY seconds."""
         if now >= self.next_offload_dump:
             self.offload_counts = offload.counts(self.provider.dump())
             self.next_offload_dump = now + OFFLOAD_DUMP_EVERY
+        return self.offload_counts
+
+    def offload_states(self, now: float) -> dict[str, int]:
+        """A worker is asked for its status each second (the supervisor's metrics): a recent
+        dump's counts, not a dump per question."""
+        return super().offload_states(now) if self.shard is None else self.recent_offload_counts(now)
+
+    def worker_status(self, now: float) -> dict[str, Any]:
+        """What a worker's supervisor adds up, asked each second for the metrics: the status
+        without nftables' counters (the supervisor reads them once), the offload states of a
+        recent dump (not a dump per question) and the batch durations."""
+        return {
+            **self.status(now),
+            "batch_duration": dataclasses.asdict(self.batch_duration.snapshot()),
+        }
+
+    def metrics_snapshot(self, now: float) -> MetricsSnapshot:
+        self.recent_offload_counts(now)
         return views.metrics_snapshot(
             self.core, now, self.op_results, self.batch_duration.snapshot(), self.offload_counts
         )
@@ -293,12 +311,7 @@ class BalancerDaemon(Daemon):
             **super().requests(),
             "labels": lambda now: {"labels": self.core.labels.stats(now).to_dict()},
             "servers": lambda now: {"servers": views.server_rows(self.core, self.health)},
-            # What a worker's supervisor adds up: status without nftables' counters (the
-            # supervisor reads them once) and the batch durations of the metrics.
-            "worker_status": lambda now: {
-                **self.status(now),
-                "batch_duration": dataclasses.asdict(self.batch_duration.snapshot()),
-            },
+            "worker_status": self.worker_status,
         }
 
     def commands(self) -> dict[str, Command]:

@@ -337,8 +337,12 @@ class Daemon:
             **self.status_details(now),
             "counters": dict(self.core.counters),
             "dataplane_ops": dict(self.op_results),
-            "offload": offload.counts(self.provider.dump()),
+            "offload": self.offload_states(now),
         }
+
+    def offload_states(self, now: float) -> dict[str, int]:
+        """`status`'s offload counts: of a dump of the kernel now."""
+        return offload.counts(self.provider.dump())
 
     def sessions(self, now: float) -> dict[str, Any]:
         return {"role": self.role, "sessions": [session_json(view, now) for view in self.session_views()]}

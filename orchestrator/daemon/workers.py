@@ -56,6 +56,7 @@ START_TIMEOUT = 120.0  # seconds for every worker to answer on its control socke
 RESTART_DELAY = 1.0
 STOP_TIMEOUT = 20.0
 ASK_TIMEOUT = 10.0
+PUBLISH_EVERY = 1.0  # seconds between two refreshes of the metrics from the workers
 
 
 class Worker:
@@ -85,6 +86,7 @@ class Supervisor:
         self.metrics: MetricsEndpoint | None = None
         self.failed: int | None = None  # a worker's exit code before it ever answered
         self.reloads_rejected = 0
+        self.next_publish = 0.0
 
     # -- workers ------------------------------------------------------------------------------------
     def spawn(self, worker: Worker) -> None:
@@ -224,8 +226,10 @@ class Supervisor:
 
     # -- metrics --------------------------------------------------------------------------------------
     async def publish(self) -> None:
-        if self.config.metrics is None:
+        """The metrics' snapshot, at most once a second."""
+        if self.config.metrics is None or time.monotonic() < self.next_publish:
             return
+        self.next_publish = time.monotonic() + PUBLISH_EVERY
         answers = await self.ask_all({"cmd": "worker_status"})
         servers = await self.ask(self.workers[0], {"cmd": "servers"})
         status = self.merge_status(answers)

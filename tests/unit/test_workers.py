@@ -3,17 +3,29 @@ objects each worker owns, the session ids, the ruleset's sharding and the superv
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from orchestrator.capture import nftables
+from orchestrator.capture.nfqueue import QueuedPacket
 from orchestrator.config.examples import example
 from orchestrator.config.load import ConfigError, parse_config
+from orchestrator.config.model import MetricsConfig
 from orchestrator.core import shards
 from orchestrator.core.labels import LabelAllocator
 from orchestrator.core.sessions import SessionTable
-from orchestrator.daemon.workers import add_up, merge_answers
+from orchestrator.core.shards import Shard, worker_socket
+from orchestrator.daemon.balancer import BalancerDaemon
+from orchestrator.daemon.control import ControlServer
+from orchestrator.daemon.workers import Supervisor, add_up, merge_answers
 from orchestrator.dataplane import handles, ops
-from tests.unit.conftest import config
+from orchestrator.dataplane.fake import FakeProvider
+from orchestrator.metrics import MetricsSnapshot
+from tests.unit.conftest import BALANCER_EXAMPLE, ScriptedQueue, config, scripted_capture, syn
 
 
 def two_workers(changes: dict[str, object] | None = None) -> object:
@@ -144,3 +156,45 @@ def test_the_supervisor_adds_the_workers_answers_up() -> None:
     assert flushed == {"flushed": 3, "sessions": [2, 3, 4], "errors": 1}
     rows = [{"pool": "web", "name": "s1", "sessions": n, "state": "up"} for n in (2, 5)]
     assert merge_answers("servers", [{"servers": [rows[0]]}, {"servers": [rows[1]]}])["servers"][0]["sessions"] == 7
+
+
+def test_the_supervisor_answers_for_the_union_of_real_workers(tmp_path: Path) -> None:
+    """Two balancer daemons as workers 0 and 1 (fake kernels), each serving its own control
+    socket; the supervisor's answers are their union, and its metrics add them up."""
+    cfg = config({"nfqueue.workers": 2, "node.control_socket": str(tmp_path / "ctl.sock")})
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], MetricsSnapshot]:
+        servers = []
+        daemons = []
+        for index, clients in enumerate((["10.0.1.10", "10.0.1.11"], ["10.0.1.12"])):
+            kernel = FakeProvider(["lan0", "lan1", "fab0"])
+            kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
+            kernel.add_ip_route("10.0.0.0/16", "lan0")
+            queue = ScriptedQueue()
+            daemon = BalancerDaemon(str(BALANCER_EXAMPLE), kernel, scripted_capture(queue), cfg, shard=Shard(index, 2))
+            daemon.queue = queue
+            lan0 = kernel.ifindex("lan0")
+            daemon.decide([QueuedPacket(index, n + 1, syn(c), lan0, None, 0) for n, c in enumerate(clients)])
+            server = ControlServer(worker_socket(cfg.node.control_socket, index), daemon.answer)
+            await server.start()
+            servers.append(server)
+            daemons.append(daemon)
+        supervisor = Supervisor(str(BALANCER_EXAMPLE), replace(cfg, metrics=MetricsConfig()), FakeProvider([]))
+        try:
+            sessions = await supervisor.answer({"cmd": "sessions"})
+            status = await supervisor.answer({"cmd": "status"})
+            labels = await supervisor.answer({"cmd": "labels"})
+            await supervisor.publish()
+        finally:
+            for server in servers:
+                await server.stop()
+        return sessions, status, labels, supervisor.snapshot()
+
+    sessions, status, labels, metrics = asyncio.run(scenario())
+    rows = sessions["sessions"]
+    assert sorted(r["client"] for r in rows) == ["10.0.1.10", "10.0.1.11", "10.0.1.12"]
+    assert sorted(r["id"] for r in rows) == [1, 2, 3]  # worker 0: 1, 3; worker 1: 2
+    assert status["sessions"] == 3 and [w["sessions"] for w in status["workers"]] == [2, 1]
+    assert status["counters"]["sessions_started"] == 3 and status["labels"]["in_use"] == 3
+    assert labels["labels"]["in_use"] == 3
+    assert metrics.sessions_started == 3 and metrics.label_pairs["in_use"] == 3

@@ -25,6 +25,7 @@ from orchestrator.core.agent import MARK_MASK, MARK_TAG
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 MARK_RST = 0x6D6F0001  # "mo" + 1: reject with TCP reset
 MARK_ICMP = 0x6D6F0002  # reject with ICMP administratively prohibited
+HASH_SEED = 0x6D706C73  # "mpls": the workers' jhash seed (queue_statement)
 CT_MARKS = {"ct_tag": f"{CT_TAG:#010x}", "ct_keep": f"{~CT_MASK & 0xFFFFFFFF:#010x}"}  # tag our flows
 
 
@@ -38,7 +39,6 @@ def render(config: BalancerConfig, template_dir: Path = TEMPLATES) -> str:
             l4 = f"{proto} dport {{ {ports} }}"
         else:
             l4 = f"meta l4proto {proto}"
-        flags = "bypass,fanout" if svc.fail_policy == FailPolicy.OPEN else "fanout"
         family = "ip6" if version == 6 else "ip"
         fast = fast_path_match(svc.session_key, family, proto, bool(svc.ports))
         by_spi = svc.session_key == SessionKeyKind.ESP_SPI and proto == "esp"
@@ -49,23 +49,39 @@ def render(config: BalancerConfig, template_dir: Path = TEMPLATES) -> str:
                 "version": version,
                 "family": family,
                 "l4": l4,
-                "queue_flags": flags,
+                "queue": queue_statement(config, svc.session_key, family, svc.fail_policy),
                 "fast": fast,
                 "new": new_packet_match(by_spi, family, str(svc.vip), l4),
                 "exthdr": by_spi and family == "ip6",
             }
         )
-    first, last = config.nfqueue.queues
     rate, total = config.nfqueue.rate_limit, config.nfqueue.global_rate_limit
     return _template(template_dir, "nftables.balancer.nft.j2").render(
         services=services,
-        queues=f"{first}-{last}" if last > first else str(first),
         rate_limit={"count": rate.count, "per": str(rate.per.value), "burst": rate.burst} if rate else None,
         global_rate_limit={"count": total.count, "per": str(total.per.value), "burst": total.burst} if total else None,
         mark_rst=hex(MARK_RST),
         mark_icmp=hex(MARK_ICMP),
         **CT_MARKS,
     )
+
+
+def queue_statement(config: BalancerConfig, key: SessionKeyKind, family: str, fail: FailPolicy) -> str:
+    """A service's queue statement, after `queue`. One daemon: the queue range, fanned out over
+    it. Workers (nfqueue.workers): the queue of the client's worker, by a hash of its source
+    address (of its interface identifier for ipv6-iid, whose sessions keep a client that changes
+    prefix), so a client's first packets always reach the same worker; fanout would break that.
+    One seed for every rule and every load: without it the kernel draws one per rule (a client's
+    sessions of two services would reach different workers) and per load (a restart would move
+    clients away from the worker that holds their sessions)."""
+    first, last = config.nfqueue.queues
+    bypass = fail == FailPolicy.OPEN
+    if config.nfqueue.workers > 1:
+        source = "@nh,128,64" if key == SessionKeyKind.IPV6_IID and family == "ip6" else f"{family} saddr"
+        target = f"jhash {source} mod {config.nfqueue.workers} seed {HASH_SEED:#x} offset {first}"
+        return f"flags bypass to {target}" if bypass else f"to {target}"
+    queues = f"{first}-{last}" if last > first else str(first)
+    return f"flags {'bypass,fanout' if bypass else 'fanout'} to {queues}"
 
 
 def fast_path_match(kind: SessionKeyKind, family: str, proto: str, ports: bool) -> str | None:

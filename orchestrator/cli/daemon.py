@@ -34,6 +34,7 @@ def run(
     log_format: str = typer.Option(
         "text", "--log-format", metavar="text|json", help="Log lines on stderr: text, or one JSON object per line."
     ),
+    worker: int | None = typer.Option(None, "--worker", hidden=True, help="Run as worker I of nfqueue.workers."),
 ) -> None:
     """Run the daemon of the role the configuration names (balancer or server).
 
@@ -48,7 +49,11 @@ def run(
         typer.echo(f"mplsorch: --log-format {log_format!r}: one of {', '.join(FORMATS)}", err=True)
         raise typer.Exit(BAD_INPUT)
     try:
-        code = serve_on_kernel(config, load_config(config), log_format)
+        loaded = load_config(config)
+        if worker is None:
+            code = serve_on_kernel(config, loaded, log_format)
+        else:  # one of nfqueue.workers, started by the balancer's supervisor
+            code = serve_on_kernel(config, loaded, log_format, worker)
     except ConfigError as exc:
         typer.echo(f"mplsorch: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -71,9 +76,13 @@ def run(
     raise typer.Exit(code)
 
 
-def serve_on_kernel(config_path: str, config: BalancerConfig | ServerConfig, log_format: str) -> int:
+def serve_on_kernel(
+    config_path: str, config: BalancerConfig | ServerConfig, log_format: str, worker: int | None = None
+) -> int:
     """The daemon of the configuration's role over the kernel's dataplane and sockets: the one
-    place that wires the real ones (the daemons take them as arguments)."""
+    place that wires the real ones (the daemons take them as arguments). A balancer with
+    `nfqueue.workers` > 1 runs as their supervisor (daemon.workers), which starts each worker as
+    `mplsorch run --worker I`."""
     from orchestrator.capture.conntrack import ConntrackListener
     from orchestrator.capture.nfqueue import NfQueue
     from orchestrator.daemon.balancer import BalancerDaemon
@@ -86,11 +95,33 @@ def serve_on_kernel(config_path: str, config: BalancerConfig | ServerConfig, log
         provider = NetlinkProvider()
     if isinstance(config, ServerConfig):
         daemon = ServerDaemon(config_path, provider, Capture(NfQueue, ConntrackListener), config)
+    elif config.nfqueue.workers > 1 and worker is None:
+        from orchestrator.daemon import workers
+
+        return workers.serve(config_path, config, provider, log_format)
     else:
+        from orchestrator.core.shards import Shard
+
         # The balancer also hears its tagged flows start: those its fast path admitted count too.
         kernel = Capture(NfQueue, functools.partial(ConntrackListener, new_events=True))
-        daemon = BalancerDaemon(config_path, provider, kernel, config)
+        shard = Shard(worker, config.nfqueue.workers) if worker is not None else None
+        if shard is not None:
+            stop_with_parent()
+        daemon = BalancerDaemon(config_path, provider, kernel, config, shard=shard)
     return serve(daemon, log_format)
+
+
+def stop_with_parent() -> None:
+    """A worker gets SIGTERM when its supervisor dies, however it dies (prctl PR_SET_PDEATHSIG),
+    and so stops as on any SIGTERM: its sessions keep forwarding for the next supervisor."""
+    import ctypes
+    import os
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def status(

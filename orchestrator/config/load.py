@@ -52,6 +52,7 @@ from orchestrator.dataplane.ops import OffloadPolicy
 
 __all__ = ["ConfigError", "load_balancer_config", "load_config", "load_server_config", "parse_config"]
 
+MAX_WORKERS = 64  # nfqueue.workers: worker processes (each one queue, one share of the labels)
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*$")
 
 # ---- sections ----
@@ -151,13 +152,26 @@ def _rate_limit(p: Parser, v: YamlValue) -> RateLimit | None:
 
 
 def _nfqueue(p: Parser, v: YamlValue) -> NfqueueConfig:
-    m = p.mapping(v, ("queues", "batch", "rate_limit", "global_rate_limit"))
+    m = p.mapping(v, ("queues", "batch", "rate_limit", "global_rate_limit", "workers"))
     d = NfqueueConfig()
     queues = p.int_pair(m["queues"], 0, 65535, strict=False, what="queue") if "queues" in m else d.queues
     batch = p.integer(m["batch"], 1, None, "batch") if "batch" in m else d.batch
     rate = _rate_limit(p, m["rate_limit"]) if "rate_limit" in m else d.rate_limit
     total = _rate_limit(p, m["global_rate_limit"]) if "global_rate_limit" in m else d.global_rate_limit
-    return NfqueueConfig(queues, batch, rate, total)
+    workers = p.integer(m["workers"], 1, MAX_WORKERS, "workers") if "workers" in m else d.workers
+    if workers > 1:
+        # One queue per worker: a single queue given is the first of them.
+        first, last = queues
+        if last == first:
+            queues = (first, first + workers - 1)
+        if queues[1] > 65535 or queues[1] - queues[0] + 1 != workers:
+            where = m["queues"] if "queues" in m else m["workers"]
+            raise p.error(
+                where.vline,
+                where.path,
+                f"{workers} workers need {workers} queues: a single first queue, or [first, last] holding {workers}",
+            )
+    return NfqueueConfig(queues, batch, rate, total, workers)
 
 
 def _balancer_sessions(p: Parser, v: YamlValue) -> SessionsConfig:
@@ -507,6 +521,9 @@ def _check(p: Parser, cfg: BalancerConfig) -> None:
             pool = cfg.pool(svc.pool)
             size = sum(pair_labels(*s.label_block) for s in pool.servers if s.label_block)
             drawn_from = f"the label blocks of pool {svc.pool!r}"
+        size //= cfg.nfqueue.workers  # each worker draws on its own share
+        if cfg.nfqueue.workers > 1:
+            drawn_from += f" shared by {cfg.nfqueue.workers} workers"
         if svc.admission.min_free_labels >= size:
             path = base + ".admission.min_free_labels"
             line = p.lines.get(path, p.key_lines.get(base + ".admission", p.key_lines.get(base)))

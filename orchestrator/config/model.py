@@ -184,6 +184,7 @@ class NfqueueConfig:
     batch: int = 64  # packets read per wakeup, >= 1
     rate_limit: RateLimit | None = field(default_factory=RateLimit)
     global_rate_limit: RateLimit | None = None
+    workers: int = 1  # worker processes, one queue each (queues holds exactly `workers` then)
 
 
 @dataclass(frozen=True)
@@ -355,6 +356,7 @@ class BalancerConfig:
             "nfqueue": {
                 "queues": list(nq.queues),
                 "batch": nq.batch,
+                "workers": nq.workers,
                 "rate_limit": _rate_dict(nq.rate_limit),
                 "global_rate_limit": _rate_dict(nq.global_rate_limit),
             },

@@ -76,11 +76,13 @@ class Session:
 
 
 class SessionTable:
-    def __init__(self) -> None:
+    def __init__(self, first_id: int = 1, id_step: int = 1) -> None:
+        """New ids are first_id, first_id + id_step, ... (a worker's ids: core.shards)."""
         self._by_key: dict[tuple[str, str], Session] = {}
         self._by_flow: dict[FlowKey, Session] = {}
         self._by_id: dict[int, Session] = {}
-        self._next_id = 1
+        self._next_id = first_id
+        self._id_step = id_step
         # Sessions per (server, service), per server and per service: admission and the
         # schedulers ask for them on every new session, so they must not cost a scan.
         self._counts: collections.Counter[tuple[str | None, str | None]] = collections.Counter()
@@ -96,8 +98,8 @@ class SessionTable:
         return list(itertools.islice(self._by_id.values(), offset, None if limit is None else offset + limit))
 
     def new_id(self) -> int:
-        self._next_id += 1
-        return self._next_id - 1
+        self._next_id += self._id_step
+        return self._next_id - self._id_step
 
     def get(self, service: str, key: str) -> Session | None:
         return self._by_key.get((service, key))
@@ -113,7 +115,8 @@ class SessionTable:
             self._count(session, 1)
         self._by_key[(session.service, session.key.value)] = session
         self._by_id[session.id] = session
-        self._next_id = max(self._next_id, session.id + 1)
+        if session.id >= self._next_id:  # the next id of ours above it
+            self._next_id = session.id + 1 + (self._next_id - session.id - 1) % self._id_step
 
     def add_flow(self, session: Session, flow: FlowKey, now: float) -> None:
         if flow not in session.flows:

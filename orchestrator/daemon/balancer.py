@@ -11,6 +11,7 @@ that the Prometheus endpoint's thread serves.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import time
@@ -21,10 +22,11 @@ from orchestrator.capture import nftables
 from orchestrator.capture.nfqueue import QueuedPacket, queue_stats
 from orchestrator.config.load import ConfigError, load_balancer_config
 from orchestrator.config.model import BalancerConfig
-from orchestrator.core import commands
+from orchestrator.core import commands, shards
 from orchestrator.core.balancer import Balancer
 from orchestrator.core.events import Action, FirstPacket
 from orchestrator.core.servers import AdminState
+from orchestrator.core.sessions import SessionTable
 from orchestrator.daemon import node_setup, views
 from orchestrator.daemon.logs import fields
 from orchestrator.daemon.loop import Capture, Command, Daemon, Request, nf_verdict, start_step
@@ -50,12 +52,19 @@ class BalancerDaemon(Daemon):
         capture: Capture,
         config: BalancerConfig | None = None,
         keep_on_exit: bool = True,
+        shard: shards.Shard | None = None,
     ) -> None:
+        """`shard`: this daemon is one of `nfqueue.workers` (daemon.workers starts them): it runs
+        with its share of `config` (core.shards), owns the kernel's objects of its share only and
+        leaves the ruleset to the supervisor."""
         super().__init__(config_path, provider, capture)
-        self.config: BalancerConfig = config or load_balancer_config(config_path)
+        self.shard = shard
+        self.config: BalancerConfig = self._share(config or load_balancer_config(config_path))
         self.control_socket = self.config.node.control_socket
         self.keep_on_exit = keep_on_exit
         self.core: Balancer = Balancer(self.config, time.monotonic())
+        if shard is not None:  # ids of its own, so the workers' sessions never share one
+            self.core.table = SessionTable(shard.index + 1, shard.count)
         self.batches = 0
         self.health = HealthTable()
         self.health.configure(targets_of(self.config))
@@ -63,6 +72,19 @@ class BalancerDaemon(Daemon):
         self.checker: Checker = run_check
         self.offload_counts: dict[str, int] = {}
         self.next_offload_dump = 0.0
+
+    def _share(self, config: BalancerConfig) -> BalancerConfig:
+        """The configuration this daemon runs with: all of it, or a worker's share."""
+        if self.shard is None:
+            return config
+        self.owner = shards.owner_of_label(config, self.shard.count)
+        return shards.worker_config(config, self.shard)
+
+    def mine(self, installed: list[ops.Installed]) -> list[ops.Installed]:
+        """Of a dump of the kernel, what is this daemon's: everything, or a worker's share."""
+        if self.shard is None:
+            return installed
+        return shards.share_of(installed, self.owner, self.shard.index)
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -79,12 +101,13 @@ class BalancerDaemon(Daemon):
         with start_step("conntrack socket"):
             self.conntrack = self.capture.conntrack()
         with start_step("restore from the kernel"):
-            stale = self.core.restore(self.provider.dump(), self.conntrack.dump(), time.monotonic())
+            stale = self.core.restore(self.mine(self.provider.dump()), self.conntrack.dump(), time.monotonic())
             self.program(stale, "reconcile")
         if len(self.core.table):
             log.info("restored %d sessions from the kernel", len(self.core.table))
-        with start_step("nftables ruleset"):
-            nftables.load(nftables.render(self.config))
+        if self.shard is None:  # a worker's supervisor loaded it
+            with start_step("nftables ruleset"):
+                nftables.load(nftables.render(self.config))
         with start_step("fast-path sets"):
             self.fill_fast_path()
         first, last = self.config.nfqueue.queues
@@ -94,13 +117,16 @@ class BalancerDaemon(Daemon):
     def fill_fast_path(self) -> None:
         """Loading the ruleset empties the fast-path sets: the table's sessions get their
         elements back (and any element of no session goes), or their clients' new flows would
-        all come to the daemon."""
-        self.program(self.core.fast_path_sync(self.provider.dump_elements()), "fast path")
+        all come to the daemon. A worker tells its elements by their clients' filters."""
+        present = self.provider.dump_elements() if self.shard is None else self.mine(self.provider.dump())
+        self.program(self.core.fast_path_sync(present), "fast path")
 
     def running_message(self) -> str:
         metrics = f", metrics {self.config.metrics.listen}" if self.config.metrics else ""
+        # A worker's own line must not read as the balancer's (its supervisor says that).
+        who = "balancer running" if self.shard is None else f"balancer worker {self.shard.index} serving"
         return (
-            f"balancer running: {len(self.config.services)} services, queues "
+            f"{who}: {len(self.config.services)} services, queues "
             f"{'-'.join(map(str, self.config.nfqueue.queues))}, control {self.control_socket}, "
             f"{len(self.health)} servers checked{metrics}"
         )
@@ -122,12 +148,30 @@ class BalancerDaemon(Daemon):
         self.end_embryonic()
         self.publish()
 
-    def metrics_snapshot(self, now: float) -> MetricsSnapshot:
+    def recent_offload_counts(self, now: float) -> dict[str, int]:
         """The objects' offload states need a dump of the kernel, taken at most every
         OFFLOAD_DUMP_EVERY seconds."""
         if now >= self.next_offload_dump:
             self.offload_counts = offload.counts(self.provider.dump())
             self.next_offload_dump = now + OFFLOAD_DUMP_EVERY
+        return self.offload_counts
+
+    def offload_states(self, now: float) -> dict[str, int]:
+        """A worker is asked for its status each second (the supervisor's metrics): a recent
+        dump's counts, not a dump per question."""
+        return super().offload_states(now) if self.shard is None else self.recent_offload_counts(now)
+
+    def worker_status(self, now: float) -> dict[str, Any]:
+        """What a worker's supervisor adds up, asked each second for the metrics: the status
+        without nftables' counters (the supervisor reads them once), the offload states of a
+        recent dump (not a dump per question) and the batch durations."""
+        return {
+            **self.status(now),
+            "batch_duration": dataclasses.asdict(self.batch_duration.snapshot()),
+        }
+
+    def metrics_snapshot(self, now: float) -> MetricsSnapshot:
+        self.recent_offload_counts(now)
         return views.metrics_snapshot(
             self.core, now, self.op_results, self.batch_duration.snapshot(), self.offload_counts
         )
@@ -244,9 +288,10 @@ class BalancerDaemon(Daemon):
     def reload(self) -> None:
         """SIGHUP: a new configuration without dropping sessions; an invalid one changes nothing."""
         try:
-            config = load_balancer_config(self.config_path)
+            config = self._share(load_balancer_config(self.config_path))
             self.make_ready(config)
-            nftables.load(nftables.render(config))
+            if self.shard is None:  # a worker's supervisor loaded it before the worker's SIGHUP
+                nftables.load(nftables.render(config))
         except (ConfigError, OSError, RuntimeError, node_setup.NodeNotReady) as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc)
             self.core.count("reloads_rejected")
@@ -274,7 +319,8 @@ class BalancerDaemon(Daemon):
             deletes: list[ops.Operation] = [op for op in ended if not isinstance(op, ops.Replace)]
             deletes += self.core.drop_markers()
             self.program(deletes, "shutdown")
-            nftables.remove()
+            if self.shard is None:
+                nftables.remove()
         log.info(
             "balancer stopped; %d sessions %s",
             len(self.core.table),
@@ -287,6 +333,7 @@ class BalancerDaemon(Daemon):
             **super().requests(),
             "labels": lambda now: {"labels": self.core.labels.stats(now).to_dict()},
             "servers": lambda now: {"servers": views.server_rows(self.core, self.health)},
+            "worker_status": self.worker_status,
         }
 
     def commands(self) -> dict[str, Command]:

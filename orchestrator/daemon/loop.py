@@ -341,8 +341,12 @@ class Daemon:
             **self.status_details(now),
             "counters": dict(self.core.counters),
             "dataplane_ops": dict(self.op_results),
-            "offload": offload.counts(self.provider.dump()),
+            "offload": self.offload_states(now),
         }
+
+    def offload_states(self, now: float) -> dict[str, int]:
+        """`status`'s offload counts: of a dump of the kernel now."""
+        return offload.counts(self.provider.dump())
 
     def sessions(self, request: dict[str, Any], now: float) -> dict[str, Any]:
         """A page of the session table (all of it without `limit`), in the table's order, and

@@ -202,9 +202,13 @@ class BalancerLab:
         )
 
     def _spawn(self) -> subprocess.Popen[bytes]:
+        # MPLSORCH_LAB_PROFILE=FILE: the daemon runs under cProfile, whose stats go to FILE when it
+        # stops (SIGTERM); how the first-packet path was profiled (docs/lab.md).
+        profile = os.environ.get("MPLSORCH_LAB_PROFILE")
         return self.lab.spawn(
             self.node,
             sys.executable,
+            *(("-m", "cProfile", "-o", profile) if profile else ()),
             "-m",
             "orchestrator",
             "run",

@@ -378,9 +378,18 @@ def action_cookies(owner: bytes, tag: bytes, count: int) -> list[bytes]:
 def _action_attr(order: int, action: ops.Action, cookie: bytes) -> bytes:
     """The action list entry `order`; a plain push under the bare mark is built from a template
     (label varies); a session's tagged cookies vary per session and are encoded in full."""
-    if type(action) is ops.MplsPush and action.ttl == ops.ACT_MPLS_TTL_DEFAULT and cookie == TC_COOKIE_PREFIX:
-        head, tail = _push_template(order, cookie)
-        return head + _ATTR_U32.pack(8, TCA_MPLS_LABEL, action.label) + tail
+    if type(action) is ops.MplsPush and action.ttl == ops.ACT_MPLS_TTL_DEFAULT:
+        # The template of its constant attributes (the profile of the first-packet path showed
+        # act_mpls encoding first): only the label and the session's cookie vary.
+        head, tail = _push_template(order)
+        cookie_attr = nla.attr(TCA_ACT_COOKIE, cookie)
+        return (
+            _ATTR_HDR.pack(len(head) + len(tail) + 12 + len(cookie_attr), order | NLA_F_NESTED)
+            + head
+            + _ATTR_U32.pack(8, TCA_MPLS_LABEL, action.label)
+            + tail
+            + cookie_attr
+        )
     if isinstance(action, ops.SetMark):
         return nla.nest(order, skbedit_action(action, cookie))
     return nla.nest(order, mpls_action(action, cookie))
@@ -394,9 +403,13 @@ def skbedit_action(action: ops.SetMark, cookie: bytes = TC_COOKIE_PREFIX) -> byt
 
 
 @functools.lru_cache(maxsize=256)
-def _push_template(order: int, cookie: bytes) -> tuple[bytes, bytes]:
-    """The bytes of a push action before and after its 8-byte label attribute."""
-    whole = nla.nest(order, mpls_action(ops.MplsPush(0), cookie))  # default TTL: no attribute
+def _push_template(order: int) -> tuple[bytes, bytes]:
+    """A push action's payload before and after its 8-byte label attribute, without the cookie
+    attribute that ends it (mpls_action puts it last)."""
+    empty_cookie = nla.attr(TCA_ACT_COOKIE, b"")
+    whole = mpls_action(ops.MplsPush(0), b"")  # default TTL: no attribute
+    assert whole.endswith(empty_cookie)
+    whole = whole[: -len(empty_cookie)]
     label_attr = _ATTR_U32.pack(8, TCA_MPLS_LABEL, 0)
     at = whole.index(label_attr)
     return whole[:at], whole[at + len(label_attr) :]

@@ -11,7 +11,7 @@ import socket
 from typing import Iterable, Iterator, Mapping, Sequence
 
 from orchestrator.dataplane import ops
-from orchestrator.dataplane.netlink import decode, encode, nla
+from orchestrator.dataplane.netlink import decode, encode, nla, routewatch
 from orchestrator.dataplane.netlink.constants import (
     AF_INET,
     AF_INET6,
@@ -59,9 +59,16 @@ class NetlinkProvider:
         self._by_name: dict[str, int] = dict(links or {})
         self._by_index: dict[int, str] = {index: name for name, index in self._by_name.items()}
         self._links_fresh = self._static_links
+        # A scripted kernel (tests) answers every lookup; over the kernel's sockets the answers
+        # are remembered, watched from the first lookup on.
+        self._watch_routes = sock is None
+        self._changes: routewatch.RouteChanges | None = None
+        self._routes: routewatch.RouteCache[ops.NextHop | None] | None = None
 
     def close(self) -> None:
         self._sock.close()
+        if self._changes is not None:
+            self._changes.close()
         if self._nft is not None:
             self._nft.close()
 
@@ -255,7 +262,17 @@ class NetlinkProvider:
         None where there is no usable route (the kernel's error, e.g. ENETUNREACH, or a route
         that is not unicast out of a device). All lookups go in one sendmsg; the answers are
         matched to their address by sequence number. The balancer asks this of each batch's
-        client addresses: an S2C label route can only name a neighbour."""
+        client addresses: an S2C label route can only name a neighbour. On the kernel's own
+        sockets the answers are remembered until a route, rule, address or link changes
+        (routewatch): a known client costs no lookup."""
+        if not self._watch_routes:
+            return self._routes_to(list(addresses))
+        if self._routes is None:
+            self._changes = routewatch.RouteChanges(self._netns)
+            self._routes = routewatch.RouteCache(self._changes.changed)
+        return self._routes.resolve(addresses, self._routes_to)
+
+    def _routes_to(self, addresses: list[str]) -> dict[str, ops.NextHop | None]:
         out: dict[str, ops.NextHop | None] = {}
         wanted: list[str] = []
         requests: list[tuple[int, int, bytes]] = []

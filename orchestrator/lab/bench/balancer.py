@@ -4,7 +4,7 @@ sampled, then checked to hold every flood session in its table and the kernel.""
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.lab.bench.result import Latency, RateRun
 from orchestrator.lab.bench.stats import flood_sources
@@ -13,6 +13,7 @@ from orchestrator.lab.bench.testbed import FLOOD_NETS, Testbed, say
 EXISTING_SPORT = 5354  # the second flood's source port: new flows, same clients
 
 if TYPE_CHECKING:
+    from orchestrator.config.examples import KeyPath
     from orchestrator.lab.balancer_lab import BalancerLab
     from orchestrator.lab.kit import Lab
 
@@ -25,7 +26,8 @@ def label_range(sessions: int, samples: int) -> tuple[int, int]:
     return LABELS[0], max(last, LABELS[1])
 
 
-def balancer_phase(bed: Testbed) -> tuple[RateRun, RateRun, Latency]:
+def balancer_phase(bed: Testbed, changes: dict[KeyPath, Any] | None = None) -> tuple[RateRun, RateRun, Latency]:
+    """`changes`: more configuration changes (bench.workers runs it with nfqueue.workers)."""
     from orchestrator.dataplane import ops
     from orchestrator.lab.balancer_lab import LABELS, BalancerLab
 
@@ -38,6 +40,7 @@ def balancer_phase(bed: Testbed) -> tuple[RateRun, RateRun, Latency]:
             "labels.range": [first, last],
             # the flood's sessions live through the whole phase, so the kernel holds them all at the end
             "services.dns.persistence_timeout": "600s",
+            **(changes or {}),
         },
     )
     try:

@@ -1,0 +1,189 @@
+"""The first-packet path's own cost, without a kernel: the balancer daemon's `decide` (analyse,
+decide, commit, verdicts) over the fake provider, every operation also encoded as the netlink
+provider would send it (only the system calls are missing). Counted load: N first packets, each
+from its own client, in batches as NFQUEUE hands them over; sessions per second of CPU.
+
+`--workers W` runs W processes at once, each a worker with its own share of the labels (the
+configuration's `nfqueue.workers: W`, core.shards) and its own clients, as the ruleset's hash
+would give them: how the pure per-session cost scales over the machine's cores.
+`--profile FILE` writes cProfile's stats of one process (workers 1).
+
+    python -m orchestrator.lab.bench.hotpath --sessions 20000 --workers 1
+    python -m orchestrator.lab.bench.hotpath --sessions 20000 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import ipaddress
+import json
+import multiprocessing
+import time
+from typing import Any, Iterable, Sequence
+
+from orchestrator.capture.nfqueue import QueuedPacket, Verdict
+from orchestrator.config.examples import KeyPath, example
+from orchestrator.config.load import parse_config
+from orchestrator.config.model import BalancerConfig
+from orchestrator.core.shards import Shard
+from orchestrator.daemon.balancer import BalancerDaemon
+from orchestrator.daemon.loop import Capture
+from orchestrator.dataplane import ops
+from orchestrator.dataplane.netlink import encode
+
+VIP = "10.0.0.100"
+
+
+class EncodingProvider:
+    """A kernel that takes every operation: each is encoded as the netlink provider would send
+    it, and succeeds (the fake provider's model of the kernel's checks costs more than the
+    daemon; the kernel's own cost is what the lab's `bench setup` measures)."""
+
+    def __init__(self) -> None:
+        self.links = {"lan0": 2, "lan1": 3, "fab0": 4}
+        self.names = {i: n for n, i in self.links.items()}
+        self.route_lookups = 0
+
+    def apply(self, operations: Sequence[ops.Operation]) -> list[ops.OpResult]:
+        for op in operations:
+            encode.encode(op, self.ifindex)
+        return [ops.OpResult(op) for op in operations]
+
+    def dump(self) -> list[ops.Installed]:
+        return []
+
+    def dump_elements(self) -> list[ops.Installed]:
+        return []
+
+    def routes_to(self, addresses: Iterable[str]) -> dict[str, ops.NextHop | None]:
+        out: dict[str, ops.NextHop | None] = {a: ops.NextHop("lan0") for a in addresses}
+        self.route_lookups += len(out)
+        return out
+
+    def ifindex(self, name: str) -> int:
+        return self.links[name]
+
+    def filter_packets(self, filters: Sequence[ops.FlowerFilter | ops.U32Filter]) -> list[int | None]:
+        return [None for _ in filters]  # a kernel that takes every operation and counts nothing
+
+    def addresses(self, dev: str) -> list[str]:
+        return []
+
+    def add_address(self, dev: str, address: str) -> None:
+        pass
+
+    def ifname(self, index: int) -> str:
+        return self.names[index]
+
+    def close(self) -> None:
+        pass
+
+
+class Queue:
+    overruns = 0
+
+    def __init__(self) -> None:
+        self.verdicts = 0
+
+    def fileno(self) -> int:
+        return -1
+
+    def read_batch(self, limit: int) -> list[QueuedPacket]:
+        return []
+
+    def send_verdicts(self, verdicts: Any) -> None:
+        self.verdicts += sum(1 for v in verdicts if isinstance(v, Verdict))
+
+    def close(self) -> None:
+        pass
+
+
+def syn(src: str, sport: int) -> bytes:
+    """A TCP SYN to the VIP's port 80, built by hand (no scapy in the measured process)."""
+    import socket
+    import struct
+
+    tcp = struct.pack("!HHIIBBHHH", sport, 80, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+    total = 20 + len(tcp)
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, 6, 0, socket.inet_aton(src), socket.inet_aton(VIP))
+    return header + tcp
+
+
+def worker_run(index: int, workers: int, sessions: int, batch: int, profile: str | None) -> dict[str, float]:
+    changes: dict[KeyPath, Any] = {
+        "labels.range": [1000, 1000 + 2 * (sessions + 1000) * workers + 1],
+        "services.http.admission.min_free_labels": 1,
+        "nfqueue.workers": workers,
+        "nfqueue.queues": [0, workers - 1],
+        "nfqueue.rate_limit": None,
+    }
+    config = parse_config(example("balancer", changes), "hotpath.yaml")
+    assert isinstance(config, BalancerConfig)
+    kernel = EncodingProvider()
+    queue = Queue()
+    capture = Capture(queue=lambda first, last: queue, conntrack=lambda: None)  # type: ignore[arg-type,return-value]
+    shard = Shard(index, workers) if workers > 1 else None
+    daemon = BalancerDaemon("hotpath.yaml", kernel, capture, config, shard=shard)
+    daemon.queue = queue
+    lan0 = kernel.ifindex("lan0")
+    base = int(ipaddress.ip_address("10.64.0.0")) + index * sessions
+    packets = [
+        QueuedPacket(index, i + 1, syn(str(ipaddress.ip_address(base + i)), 40000), lan0, None, 0)
+        for i in range(sessions)
+    ]
+    profiler = cProfile.Profile() if profile else None
+    started = time.process_time()
+    wall = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    for start in range(0, sessions, batch):
+        daemon.decide(packets[start : start + batch])
+    if profiler and profile:
+        profiler.disable()
+        profiler.dump_stats(profile)
+    cpu = time.process_time() - started
+    elapsed = time.perf_counter() - wall
+    made = daemon.core.counters.get("sessions_started", 0)
+    if made != sessions or queue.verdicts != sessions:
+        raise RuntimeError(f"worker {index}: {made} sessions, {queue.verdicts} verdicts of {sessions}")
+    return {"sessions": made, "cpu_s": cpu, "wall_s": elapsed}
+
+
+def _run(args: tuple[int, int, int, int, str | None]) -> dict[str, float]:
+    return worker_run(*args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.lab.bench.hotpath")
+    parser.add_argument("--sessions", type=int, default=20000, help="sessions per worker")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--profile", default=None)
+    args = parser.parse_args(argv)
+    jobs = [(i, args.workers, args.sessions, args.batch, args.profile) for i in range(args.workers)]
+    wall = time.perf_counter()
+    if args.workers == 1:
+        results = [_run(jobs[0])]
+    else:
+        with multiprocessing.get_context("fork").Pool(args.workers) as pool:
+            results = pool.map(_run, jobs)
+    total = time.perf_counter() - wall
+    sessions = sum(r["sessions"] for r in results)
+    slowest = max(r["wall_s"] for r in results)
+    print(
+        json.dumps(
+            {
+                "workers": args.workers,
+                "sessions": sessions,
+                "sessions_per_s": round(sessions / slowest),
+                "per_worker": [{k: round(v, 3) for k, v in r.items()} for r in results],
+                "wall_s_with_start": round(total, 3),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -128,8 +128,11 @@ def test_a_restart_restores_both_route_forms_as_the_sessions_s2c_route() -> None
     assert fresh.fast_path_sync(node.kernel.dump_elements()) == []  # as the daemon does: the elements are there
     for client, labels in ((FAR, 1), ("10.0.1.12", 0)):
         session = next(s for s in fresh.table if s.key.value == client)
-        [route] = [o for o in session.objects if isinstance(o, ops.MplsRoute)]
-        assert route.label == session.s2c and len(route.out_labels) == labels
+        [route] = [o for o in session.objects if isinstance(o, ops.MplsRoute) and o.label == session.s2c]
+        assert len(route.out_labels) == labels
+        # A label-aware client's session also has its C2S label route back: [C2S] -> [transport, C2S].
+        c2s = [o for o in session.objects if isinstance(o, ops.MplsRoute) and o.label == session.c2s]
+        assert c2s == ([fresh.c2s_route(session)] if labels else [])
     # Their end deletes them: nothing of ours is left.
     node.core = fresh
     node.advance(31)

@@ -7,9 +7,7 @@ it, a UDP session ends on both sides, and a SIGKILLed client agent keeps its ses
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,11 +15,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from netns_tests.harness.client_lab import NODE, ClientAgentLab, balancer_changes
-from netns_tests.harness.server_lab import ServerLab
-from orchestrator.dataplane import handles, ops
+from orchestrator.dataplane import ops
 from orchestrator.lab.balancer_lab import UDP_ASK
+from orchestrator.lab.client_lab import NODE, ClientAgentLab, Sniffer, balancer_changes, filter_packets
 from orchestrator.lab.kit import Lab, patience
+from orchestrator.lab.server_lab import ServerLab
 
 
 @pytest.fixture(scope="module")
@@ -46,35 +44,6 @@ def agent(lab: Lab, farm: ServerLab) -> Iterator[ClientAgentLab]:
         a.close()
 
 
-class Sniffer:
-    """Every packet of c4's link to or from the VIP, labelled or not (tcpdump)."""
-
-    def __init__(self, lab: Lab, name: str) -> None:
-        self.lab = lab
-        self.path = Path(lab.node(NODE)["runtime_dir"]) / f"{name}.pcap"
-        log = self.path.with_suffix(".log")
-        dev = lab.iface(NODE, towards="lb")["dev"]
-        self.proc = lab.spawn(
-            NODE, "tcpdump", "--immediate-mode", "-U", "-nn", "-i", dev, "-w", str(self.path), log=log
-        )
-        deadline = time.monotonic() + patience(20)
-        while b"listening" not in (log.read_bytes() if log.exists() else b""):
-            assert time.monotonic() < deadline and self.proc.poll() is None, "tcpdump did not start"
-            time.sleep(0.2)
-
-    def packets(self) -> list[tuple[tuple[int, ...], str, str]]:
-        """(label stack, inner source, inner destination) of every IPv4 packet seen."""
-        time.sleep(1.0)
-        self.lab.stop(self.proc)
-        text = subprocess.run(["tcpdump", "-nn", "-r", str(self.path)], capture_output=True, text=True).stdout
-        out = []
-        for line in text.splitlines():
-            m = re.search(r"IP (\d+\.\d+\.\d+\.\d+)\.\d+ > (\d+\.\d+\.\d+\.\d+)\.\d+:", line)
-            if m:
-                out.append((tuple(int(x) for x in re.findall(r"label (\d+)", line)), m.group(1), m.group(2)))
-        return out
-
-
 def _lb_session(farm: ServerLab, service: str, client: str) -> tuple[int, int, int]:
     """(id, C2S, S2C) of the balancer's session of `client` for `service`, from its log."""
     found = re.findall(
@@ -82,16 +51,6 @@ def _lb_session(farm: ServerLab, service: str, client: str) -> tuple[int, int, i
     )
     assert len(found) == 1, farm.balancer.log()[-2000:]
     return int(found[0][0]), int(found[0][1]), int(found[0][2])
-
-
-def _filter_packets(lab: Lab, c2s: int) -> int:
-    """Packets the balancer's C2S flower filters of session C2S classified (their first action)."""
-    out = lab.sh("lb", "tc", "-s", "-j", "filter", "show", "dev", "fab0", "egress").stdout
-    return sum(
-        f["options"]["actions"][0]["stats"]["packets"]
-        for f in json.loads(out)
-        if "options" in f and "actions" in f["options"] and handles.handle_c2s(f["options"].get("handle", 0)) == c2s
-    )
 
 
 def _nft(farm: ServerLab) -> dict[str, Any]:
@@ -128,7 +87,7 @@ def test_after_the_first_packet_the_session_crosses_the_balancer_on_labels_alone
     # the session's flower filter (one packet) and by its ruleset (no fast-path admission either).
     assert after["queued_http"] - before["queued_http"] == 1, (before, after)
     assert after["fastpath_http"] == before["fastpath_http"], (before, after)
-    assert _filter_packets(lab, c2s) == 1
+    assert filter_packets(lab, c2s) == 1
     routes = {i.obj.label: i.obj for i in lab.provider("lb").dump() if isinstance(i.obj, ops.MplsRoute)}
     transports = {lab.node(s)["transport_label"] for s in lab.names("server")}
     assert routes[c2s].dev == "fab0" and routes[c2s].out_labels[1:] == (c2s,), routes[c2s]

@@ -1,4 +1,4 @@
-"""The harnesses only the netns tests use (moved here from orchestrator/lab/, which keeps what the
-demo and the benchmarks share with them: kit.py, balancer_lab.py): `server_lab.py` (the agent on
-every server behind the real balancer), `ansible_lab.py` (the roll-out over SSH) and `reference.py`
-(the reference session's kernel objects)."""
+"""The harnesses only the netns tests use (orchestrator/lab/ keeps what the demo and the benchmarks
+share with them: kit.py, balancer_lab.py, server_lab.py, client_lab.py): `ansible_lab.py` (the
+roll-out over SSH) and `reference.py` (the reference session's kernel objects); `server_lab.py`
+here re-exports orchestrator/lab/server_lab.py."""

@@ -3,7 +3,8 @@ and the server agents. Its first packet is unlabelled and queued by the balancer
 packet, in both directions and on every connection of the session, is labelled on c4's link
 ([C2S] towards the balancer, [S2C] back) and switched by the balancer's kernel: its C2S flower
 filter and its queue never see them (tc and nftables counters). Plain clients keep working beside
-it, a UDP session ends on both sides, and a SIGKILLed client agent keeps its session."""
+it, a UDP session ends on both sides, a SIGKILLed client agent keeps its session, and a session
+the balancer ended ends on the client when its answers stop."""
 
 from __future__ import annotations
 
@@ -147,8 +148,8 @@ def test_a_udp_session_ends_on_both_sides(lab: Lab, farm: ServerLab, agent: Clie
     answers = lab.sh(NODE, sys.executable, "-c", asks, UDP_ASK, lab.vip).stdout.split()
     assert answers.count("hello") == 3, answers
     session_id, c2s, s2c = _lb_session(farm, "dns", c4)
-    [row] = [s for s in agent.cli("sessions") if s["s2c_label"] == s2c]
-    assert row["ports"] == ["udp/53"] and row["flows"] >= 1
+    # Learned from the first answer (the row may already be draining: UDP flows end after 3 s here).
+    assert f"session learned: {c4} -> {lab.vip} (udp/53) c2s {c2s} s2c {s2c}" in agent.log()
     # The client: flows gone (conntrack's UDP timeout, 3 s) plus its persistence (2 s).
     _wait_for(f"session end: {c4} -> {lab.vip} (udp/53) c2s {c2s} s2c {s2c} (persistence timeout)", agent.log, 180)
     dev = lab.iface(NODE, towards="lb")["dev"]
@@ -157,3 +158,27 @@ def test_a_udp_session_ends_on_both_sides(lab: Lab, farm: ServerLab, agent: Clie
     _wait_for(f"session {session_id} end", farm.balancer.log, 180)
     routes = {i.obj.label: i.obj for i in lab.provider("lb").dump() if isinstance(i.obj, ops.MplsRoute)}
     assert c2s not in routes, routes
+
+
+def test_when_the_balancer_ends_the_session_the_client_agent_sees_its_answers_stop(
+    lab: Lab, farm: ServerLab, agent: ClientAgentLab
+) -> None:
+    c4 = lab.address(NODE)
+    out = Path(lab.node(NODE)["runtime_dir"]) / "hold-stop.out"
+    holder = lab.spawn(NODE, sys.executable, "-c", HOLD, lab.vip, str(patience(6)), log=out)
+    deadline = time.monotonic() + patience(30)
+    while not (held := [s for s in agent.cli("sessions") if s["flows"] and s["ports"] == ["tcp/80"]]):
+        assert time.monotonic() < deadline and holder.poll() is None, agent.log()[-2000:]
+        time.sleep(0.5)
+    s2c = held[0]["s2c_label"]
+    starts = len(re.findall(rf"start: http {re.escape(c4)} ", farm.balancer.log()))
+    # The balancer ends the session (its C2S route goes): the held connection's request, labelled,
+    # meets no route there and nothing comes back; a whole answer_timeout (2 s) later the agent ends it.
+    assert farm.balancer.cli("sessions", "flush", "--client", c4)["flushed"] >= 1
+    _wait_for(f"c2s {s2c - 1} s2c {s2c} (answers stopped)", agent.log, 60)
+    lab.stop(holder)
+    assert s2c not in {s["s2c_label"] for s in agent.cli("sessions")}
+    assert agent.cli("status")["counters"]["answers_stopped"] >= 1
+    # Its packets leave plain again: the next connection is a first packet, a new session.
+    assert farm.balancer.curl(NODE) == "200", (farm.balancer.log()[-2000:], agent.log()[-2000:])
+    assert len(re.findall(rf"start: http {re.escape(c4)} ", farm.balancer.log())) == starts + 1

@@ -47,9 +47,12 @@ def _vips(p: Parser, v: YamlValue) -> tuple[IPAddress, ...]:
     return tuple(out)
 
 
-def _sessions(p: Parser, v: YamlValue) -> float:
-    m = p.mapping(v, ("persistence_timeout",))
-    return p.duration(m["persistence_timeout"]) if "persistence_timeout" in m else ClientConfig.persistence_timeout
+def _sessions(p: Parser, v: YamlValue) -> tuple[float, float]:
+    m = p.mapping(v, ("persistence_timeout", "answer_timeout"))
+    return (
+        p.duration(m["persistence_timeout"]) if "persistence_timeout" in m else ClientConfig.persistence_timeout,
+        p.duration(m["answer_timeout"]) if "answer_timeout" in m else ClientConfig.answer_timeout,
+    )
 
 
 def _nfqueue(p: Parser, v: YamlValue) -> ClientQueue:
@@ -65,13 +68,19 @@ def parse_client(p: Parser, root: YamlValue, source: str, elsewhere: Mapping[str
     other roles' top-level keys when they appear here."""
     top = p.mapping(root, CLIENT_KEYS, _REQUIRED, elsewhere)
     interfaces = p.mapping(top["interfaces"], ("balancer",), ("balancer",))
+    persistence, answers = (
+        _sessions(p, top["sessions"])
+        if "sessions" in top
+        else (ClientConfig.persistence_timeout, ClientConfig.answer_timeout)
+    )
     return ClientConfig(
         role=p.choice(top["role"], Role, "role"),
         node=_node(p, top["node"]) if "node" in top else ClientNode(),
         balancer=p.devices(interfaces["balancer"]),
         label_range=_range(p, top["labels"]),
         vips=_vips(p, top["vips"]),
-        persistence_timeout=_sessions(p, top["sessions"]) if "sessions" in top else ClientConfig.persistence_timeout,
+        persistence_timeout=persistence,
+        answer_timeout=answers,
         nfqueue=_nfqueue(p, top["nfqueue"]) if "nfqueue" in top else ClientQueue(),
         source=source,
         metrics=parse_metrics(p, top["metrics"]) if "metrics" in top else None,

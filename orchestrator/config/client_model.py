@@ -41,6 +41,7 @@ class ClientConfig:
     label_range: tuple[int, int]  # the balancer's labels.range: the S2C labels (even) terminated here
     vips: tuple[IPAddress, ...]  # the balancer's VIPs whose answers are learned from
     persistence_timeout: float = 30.0  # seconds a session's C2S filters outlive its last flow
+    answer_timeout: float = 10.0  # sent under C2S with no answer under S2C this long: the session ends (0: never)
     nfqueue: ClientQueue = field(default_factory=ClientQueue)
     source: str = field(default="<string>", compare=False)
     metrics: MetricsConfig | None = None
@@ -68,7 +69,7 @@ class ClientConfig:
             "interfaces": {"balancer": list(self.balancer)},
             "labels": {"range": list(self.label_range)},
             "vips": [str(v) for v in self.vips],
-            "sessions": {"persistence_timeout": self.persistence_timeout},
+            "sessions": {"persistence_timeout": self.persistence_timeout, "answer_timeout": self.answer_timeout},
             "nfqueue": {"queue": self.nfqueue.queue, "batch": self.nfqueue.batch},
             "metrics": None if self.metrics is None else {"listen": self.metrics.listen},
         }

@@ -10,9 +10,11 @@ C2S imposition is in the kernel: a flower filter on the egress of the balancer l
 the client address, the VIP, the protocol and the service port and pushes [C2S], so every later
 packet of the session, on every connection, leaves labelled and the balancer only switches it.
 
-A session ends when conntrack has destroyed its last flow and the persistence timeout has passed:
-its filters are deleted and its packets leave as plain IP again (the balancer then queues the
-next flow as a first packet). A restart rebuilds the sessions from the filters alone (the match
+A session ends when conntrack has destroyed its last flow and the persistence timeout has passed,
+or when its answers stop: the client went on sending under C2S (its filters' packet counters
+rose) and nothing came back under S2C (the marking filter's counter stood still) for a whole
+`sessions.answer_timeout` after (the balancer has ended the session). Its filters are deleted and
+its packets leave as plain IP again (the balancer then queues the next flow as a first packet). A restart rebuilds the sessions from the filters alone (the match
 says client, VIP, protocol and port, the push says C2S).
 """
 
@@ -71,6 +73,8 @@ class ClientSession:
     state: State = State.SERVING
     flows: set[FlowKey] = field(default_factory=set)
     ends_at: float | None = None
+    # (packets sent under C2S, answers under S2C), one sample per answer_timeout, the last three
+    samples: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def c2s(self) -> int:
@@ -287,6 +291,46 @@ class ClientAgent:
                 if not session.flows:
                     session.state = State.DRAINING
                     session.ends_at = now + self.config.persistence_timeout
+
+    def on_counters(self, installed: Sequence[ops.Installed]) -> list[ops.Operation]:
+        """One sample of the packet counters (a dump), taken every `sessions.answer_timeout`: what
+        each session's C2S filters sent and what its S2C marking filters took in. A session that
+        sent between the last two samples but got no answer from the one before them to this one
+        (a whole timeout after its last packets) has lost its balancer session: it ends. A counter
+        that went down (a filter made again) starts the samples over."""
+        sent: dict[int, int] = {}
+        answers: dict[int, int] = {}
+        owner = {f.key: s for s in self.sessions.values() for f in s.filters.values()}
+        for item in installed:
+            flt = item.obj
+            if item.packets is None or not isinstance(flt, ops.FlowerFilter):
+                continue
+            label = flt.match.mpls_label
+            if (
+                flt.direction == ops.Direction.INGRESS
+                and flt.pref == PREF_LEARN
+                and label is not None
+                and label in self.sessions
+            ):
+                answers[label] = answers.get(label, 0) + item.packets
+            session = owner.get(flt.key)
+            if session is not None and flt in session.filters.values():
+                sent[session.s2c] = sent.get(session.s2c, 0) + item.packets
+        out: list[ops.Operation] = []
+        for session in list(self.sessions.values()):
+            if session.s2c not in sent or session.s2c not in answers:
+                session.samples.clear()
+                continue
+            sample = (sent[session.s2c], answers[session.s2c])
+            if session.samples and (sample[0] < session.samples[-1][0] or sample[1] < session.samples[-1][1]):
+                session.samples.clear()
+            session.samples = [*session.samples[-2:], sample]
+            if len(session.samples) == 3:
+                (sent0, answers0), (sent1, _), (_, answers2) = session.samples
+                if sent1 > sent0 and answers2 == answers0:
+                    self.counters["answers_stopped"] += 1
+                    out += self._end(session)
+        return out
 
     def tick(self, now: float) -> list[ops.Operation]:
         out: list[ops.Operation] = []

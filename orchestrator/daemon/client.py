@@ -64,6 +64,7 @@ class ClientDaemon(Daemon):
         self.control_socket = self.config.node.control_socket
         self.keep_on_exit = keep_on_exit
         self.core: ClientAgent = ClientAgent(self.config)
+        self.next_counters = 0.0  # when the filters' counters are sampled next (answer_timeout)
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -161,9 +162,16 @@ class ClientDaemon(Daemon):
                 log.info("session extended: %s", _describe(session))
 
     def tick(self) -> None:
+        now = time.monotonic()
         before = {k: (s, dict(s.filters)) for k, s in self.core.sessions.items()}
-        self.program(self.core.tick(time.monotonic()), "session end")
+        self.program(self.core.tick(now), "session end")
         self.log_changes(before, "persistence timeout")
+        if self.config.answer_timeout and now >= self.next_counters:
+            # One dump per answer_timeout: the filters' packet counters tell whether answers stopped.
+            self.next_counters = now + self.config.answer_timeout
+            before = {k: (s, dict(s.filters)) for k, s in self.core.sessions.items()}
+            self.program(self.core.on_counters(self.provider.dump()), "session end")
+            self.log_changes(before, "answers stopped")
         self.publish()
 
     def reload(self) -> None:

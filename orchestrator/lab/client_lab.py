@@ -38,7 +38,7 @@ def balancer_changes(lab: Lab) -> dict[KeyPath, Any]:
 
 def client_config(lab: Lab, sock: Path, changes: Mapping[KeyPath, Any] | None = None) -> str:
     """templates/client.example.yaml fitted to c4, then `changes`. Sessions end 2 s after their
-    last flow, so tests can watch them end."""
+    last flow, or 2 s after the client sent in vain, so tests can watch them end."""
     return example(
         "client",
         {
@@ -48,6 +48,7 @@ def client_config(lab: Lab, sock: Path, changes: Mapping[KeyPath, Any] | None = 
             "labels.range": list(LABELS),
             "vips": list(lab.desc["vips"]),
             "sessions.persistence_timeout": "2s",
+            "sessions.answer_timeout": "2s",
             **(changes or {}),
         },
     )

@@ -113,6 +113,37 @@ def test_a_new_label_for_the_same_packets_replaces_the_old_filter() -> None:
     assert node.labels_of(CLIENT, dport=53, proto="udp") == (1019,) and node.labels_of(CLIENT) == (1009,)
 
 
+def test_a_session_whose_answers_stop_ends_a_timeout_after_the_client_sent_in_vain() -> None:
+    node = ClientAgentNode()
+    node.answer(1002, answer())
+
+    def traffic(sent: int, answered: int) -> None:
+        for _ in range(sent):
+            assert node.labels_of(CLIENT) == (1001,)  # through the C2S filter, counted
+        for _ in range(answered):
+            assert node.kernel.receive_mpls([1002], dev="eth0").delivered_locally  # the marking filter counts it
+
+    def sample() -> None:
+        assert all(r.ok for r in node.kernel.apply(node.agent.on_counters(node.kernel.dump())))
+
+    sample()
+    traffic(3, 3)
+    sample()
+    sample()  # a request answered, then quiet: nothing stopped
+    traffic(2, 0)
+    sample()  # sent, no answer yet: not a whole timeout
+    assert 1002 in node.agent.sessions
+    traffic(1, 0)
+    sample()  # still nothing back a timeout after: the balancer's session is gone
+    assert 1002 not in node.agent.sessions and node.agent.counters["answers_stopped"] == 1
+    assert node.labels_of(CLIENT) == ()  # the client's packets leave as plain IP again
+    # A quiet session is never ended by it.
+    node.answer(1004, answer(dport=40001))
+    for _ in range(5):
+        sample()
+    assert 1004 in node.agent.sessions
+
+
 def test_what_is_not_a_labelled_answer_from_a_vip_is_counted_and_still_accepted() -> None:
     node = ClientAgentNode()
     assert node.answer(2002, answer()) == [Action.ACCEPT]  # outside the range

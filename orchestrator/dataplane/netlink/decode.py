@@ -47,6 +47,7 @@ from orchestrator.dataplane.netlink.constants import (
     TCA_ACT_COOKIE,
     TCA_ACT_KIND,
     TCA_ACT_OPTIONS,
+    TCA_ACT_STATS,
     TCA_CLS_FLAGS_IN_HW,
     TCA_CLS_FLAGS_NOT_IN_HW,
     TCA_CLS_FLAGS_SKIP_HW,
@@ -66,6 +67,8 @@ from orchestrator.dataplane.netlink.constants import (
     TCA_MPLS_TTL,
     TCA_OPTIONS,
     TCA_SKBEDIT_MARK,
+    TCA_STATS_BASIC,
+    TCA_STATS_PKT64,
     TCA_U32_ACT,
     TCA_U32_DIVISOR,
     TCA_U32_SEL,
@@ -221,6 +224,23 @@ def _action(payload: memoryview) -> tuple[ops.Action, bytes] | None:
     return None
 
 
+def first_action_packets(payload: memoryview | None) -> int | None:
+    """The packet counter of a filter's first action (TCA_ACT_STATS: the 64-bit count when the
+    kernel sends one, else struct gnet_stats_basic's 32-bit one); None when it is not reported."""
+    attrs = sorted(nla.iter_attrs(payload), key=lambda item: item[0]) if payload is not None else []
+    if not attrs:
+        return None
+    a = nla.attrs(attrs[0][1])
+    if TCA_ACT_STATS not in a:
+        return None
+    stats = nla.attrs(a[TCA_ACT_STATS])
+    if TCA_STATS_PKT64 in stats:
+        return int(struct.unpack_from("=Q", stats[TCA_STATS_PKT64])[0])
+    if TCA_STATS_BASIC in stats and len(stats[TCA_STATS_BASIC]) >= 12:
+        return int(struct.unpack_from("=QI", stats[TCA_STATS_BASIC])[1])
+    return None
+
+
 def _tagged_actions(payload: memoryview | None, require_cookie: bool) -> tuple[list[ops.Action], bytes] | None:
     """A filter's action list and the tag its cookies carry (encode.action_cookies); None when
     an action is of a kind we never make, or (with require_cookie) the list is not ours."""
@@ -357,6 +377,7 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
             in_hw_count=in_hw_count,
             not_in_hw=bool(flags & TCA_CLS_FLAGS_NOT_IN_HW),
         ),
+        packets=first_action_packets(o.get(TCA_FLOWER_ACT)),
     )
 
 

@@ -16,6 +16,7 @@ from scapy.layers.inet6 import IPv6
 
 from orchestrator.capture import nftables
 from orchestrator.capture.nfqueue import NF_ACCEPT, QueuedPacket
+from orchestrator.cli.daemon import status_lines
 from orchestrator.config.client_model import ClientConfig
 from orchestrator.config.examples import DELETE, example
 from orchestrator.config.load import ConfigError, load_client_config, parse_config
@@ -227,6 +228,14 @@ def test_the_daemon_sends_verdicts_only_after_the_filter_and_answers_its_socket(
     [row] = daemon.handle_request({"cmd": "sessions"})["sessions"]
     assert (row["c2s_label"], row["s2c_label"], row["ports"]) == (1001, 1002, ["tcp/80"])
     json.dumps(status)
+
+
+def test_status_without_json_reads_the_client_keys() -> None:
+    kernel = FakeProvider(["eth0"])
+    daemon = client_daemon(load_client_config(CLIENT_EXAMPLE), kernel, ScriptedQueue())
+    daemon.install_node_objects()
+    lines = status_lines({**daemon.handle_request({"cmd": "status"}), "nft_counters": {}})
+    assert lines[0].startswith("client  pid ") and "labels: 1001-1999, balancer link eth0, queue 9" in lines
 
 
 def test_the_daemon_serves_the_agent_metrics_as_role_client() -> None:

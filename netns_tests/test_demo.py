@@ -1,6 +1,7 @@
 """The main job (`mplsorch lab demo`) in the lab: the balancer serves HTTP and UDP from every
 client, the JSON output keeps its documented keys, and only the first packet of each session
-reaches userspace: every client's later flows are admitted by the kernel's fast path."""
+reaches userspace: every client's later flows are admitted by the kernel's fast path; the
+label-aware client's sessions cross the balancer on labels after their first packet."""
 
 from __future__ import annotations
 
@@ -53,5 +54,13 @@ def test_demo_json(lab: Lab) -> None:
     assert packets["userspace"] == packets["queued"] == packets["sessions"] == len(sessions)
     assert packets["flows"] == flows and packets["fast_path"] == flows - len(sessions)
     assert packets["total"] > 3 * packets["userspace"]
+    # The label-aware client: one plain packet per session (the balancer's filter labels it),
+    # every later one labelled by the client, both ways, and switched by the balancer.
+    aware = out["label_aware"]
+    assert aware["ok"] is True and {r["service"] for r in aware["sessions"]} == {"http", "dns"}
+    assert aware["plain_packets"] == len(aware["sessions"])
+    for r in aware["sessions"]:
+        assert r["balancer_filter_packets"] == 1 and r["later_packets"]["stack"] == [r["c2s_label"]], r
+        assert r["labelled_out"] >= 1 and r["labelled_back"] >= 1 and r["client_ports"], r
     # The demo removes what it installed: nothing of ours is left on the balancer.
     assert lab.provider("lb").dump() == []

@@ -75,7 +75,8 @@ LABEL_STATES = ("free", "in_use", "held_down")
 HEALTH_STATES = ("unknown", "up", "down")  # core.health.HealthState
 KEY_KINDS = ("client-ip", "five-tuple", "mip6-home-address", "ipv6-iid", "esp-spi")  # analyze.keys.SessionKeyKind
 REFUSAL_REASONS = ("service-full", "no-server", "label-headroom", "labels-exhausted")  # core.balancer
-SERVER_SESSION_STATES = ("serving", "draining")  # core.agent.State
+SERVER_SESSION_STATES = ("serving", "draining")  # core.agent.State, core.client_agent.State
+AGENT_ROLES = ("server", "client")  # the agents: sessions learned in-band
 C2S_LABEL_STATES = ("in_use", "free")
 # The counters (status --json) of failures a daemon goes on after, one vocabulary for both roles.
 ERRORS = (
@@ -197,8 +198,10 @@ def server_snapshot_from(
     c2s_labels: Mapping[str, int],
     dataplane_ops: Mapping[str, int],
     batch_duration: HistogramSnapshot | None = None,
+    role: str = "server",
 ) -> MetricsSnapshot:
-    """The server agent's snapshot: its counters (`sessions_learned`, `malformed:<reason>`, the
+    """The server agent's snapshot (and the client agent's, `role` client, the same families: its
+    C2S labels are the pairs of the balancer's range): its counters (`sessions_learned`, `malformed:<reason>`, the
     ERRORS), its sessions by state, its C2S labels in use and free, `op_results`."""
     return MetricsSnapshot(
         sessions=_frozen(sessions_by_state),
@@ -206,7 +209,7 @@ def server_snapshot_from(
         batch_duration=batch_duration or HistogramSnapshot(),
         malformed=_malformed(counters),
         errors=_errors(counters),
-        role="server",
+        role=role,
         sessions_learned=int(counters.get("sessions_learned", 0)),
         c2s_labels=_frozen(c2s_labels),
     )
@@ -268,12 +271,12 @@ class MplsorchCollector(Collector):
         yield info
 
         sessions = GaugeMetricFamily("mplsorch_sessions", "Sessions in the table, by state", labels=["state"])
-        states = SERVER_SESSION_STATES if s.role == "server" else SESSION_STATES
+        states = SERVER_SESSION_STATES if s.role in AGENT_ROLES else SESSION_STATES
         for state, n in _known(s.sessions, states):
             sessions.add_metric([state], n)
         yield sessions
         yield from self._shared(s)
-        if s.role == "server":
+        if s.role in AGENT_ROLES:
             yield from self._server(s)
         else:
             yield from self._balancer(s)

@@ -16,6 +16,7 @@ import jinja2
 
 from orchestrator.analyze.keys import SessionKeyKind
 from orchestrator.capture.conntrack import CT_MASK, CT_TAG
+from orchestrator.config.client_model import ClientConfig
 from orchestrator.config.model import BalancerConfig, FailPolicy
 from orchestrator.config.server_model import ServerConfig
 from orchestrator.core.agent import MARK_MASK, MARK_TAG
@@ -125,6 +126,22 @@ def render_server(config: ServerConfig, template_dir: Path = TEMPLATES) -> str:
         queue=config.nfqueue.queue,
         mark_mask=f"{MARK_MASK:#010x}",
         mark_tag=f"{MARK_TAG:#010x}",
+        **CT_MARKS,
+    )
+
+
+def render_client(config: ClientConfig, template_dir: Path = TEMPLATES) -> str:
+    """The client agent's ruleset: queue the first labelled answer from a VIP of each flow not
+    yet tagged, count the labelled ones that stay in the kernel."""
+    families = [
+        (family, [str(v) for v in config.vips if v.version == version]) for family, version in (("ip", 4), ("ip6", 6))
+    ]
+    return _template(template_dir, "nftables.client.nft.j2").render(
+        families=[(family, vips) for family, vips in families if vips],
+        queue=config.nfqueue.queue,
+        mark_mask=f"{MARK_MASK:#010x}",
+        mark_tag=f"{MARK_TAG:#010x}",
+        ct_mask=f"{CT_MASK:#010x}",
         **CT_MARKS,
     )
 

@@ -1,4 +1,4 @@
-"""`mplsorch config ...`: check and print a configuration file of either role (balancer or server).
+"""`mplsorch config ...`: check and print a configuration file of either role (balancer, server or client).
 Reads the file only: no daemon, no kernel. Exit codes: 0 ok, 2 the file is missing, unreadable or
 invalid (message on stderr)."""
 
@@ -11,11 +11,14 @@ import typer
 
 if TYPE_CHECKING:
     from orchestrator.config import BalancerConfig, ServerConfig
+    from orchestrator.config.client_model import ClientConfig
 
-config_app = typer.Typer(no_args_is_help=True, help="Validate and show configuration files (balancer or server).")
+config_app = typer.Typer(
+    no_args_is_help=True, help="Validate and show configuration files (balancer, server or client)."
+)
 
 
-def _load(file: str) -> BalancerConfig | ServerConfig:
+def _load(file: str) -> BalancerConfig | ServerConfig | ClientConfig:
     from orchestrator.config import ConfigError, load_config
 
     try:
@@ -29,10 +32,13 @@ def _count(n: int, what: str) -> str:
     return f"{n} {what}" + ("" if n == 1 else "s")
 
 
-def summary(cfg: BalancerConfig | ServerConfig) -> str:
+def summary(cfg: BalancerConfig | ServerConfig | ClientConfig) -> str:
     """The part of `validate`'s line in parentheses: what the file configures, in a few numbers."""
     from orchestrator.config import ServerConfig
+    from orchestrator.config.client_model import ClientConfig
 
+    if isinstance(cfg, ClientConfig):
+        return f"client, {_count(len(cfg.vips), 'VIP')}, {_count(len(cfg.s2c_labels()), 'S2C label')}"
     if isinstance(cfg, ServerConfig):
         return f"server, {_count(len(cfg.vips), 'VIP')}, {_count(len(cfg.c2s_labels()), 'C2S label')}"
     return f"{len(cfg.services)} services, {len(cfg.servers)} servers"  # unchanged since before servers

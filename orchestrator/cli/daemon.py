@@ -14,6 +14,7 @@ from typing import Any
 import typer
 
 from orchestrator.cli.client import BAD_INPUT, ConfigOption, JsonOption, SocketOption, ask, print_table
+from orchestrator.config.client_model import ClientConfig
 from orchestrator.config.model import BalancerConfig
 from orchestrator.config.server_model import ServerConfig
 
@@ -36,7 +37,7 @@ def run(
     ),
     worker: int | None = typer.Option(None, "--worker", hidden=True, help="Run as worker I of nfqueue.workers."),
 ) -> None:
-    """Run the daemon of the role the configuration names (balancer or server).
+    """Run the daemon of the role the configuration names (balancer, server or client).
 
     Exit codes: 0 stopped (SIGTERM/SIGINT); 1 an unexpected error (one line); 2 the configuration is missing, unreadable or invalid, or a bad --log-format; 3 not permitted (root with CAP_NET_ADMIN); 4 the node is not ready (one line per problem and its fix); 5 the kernel refused a start-up step (one line naming it: netlink, node objects, restore, nftables ruleset, queue, control socket). Never a traceback.
     """
@@ -77,7 +78,7 @@ def run(
 
 
 def serve_on_kernel(
-    config_path: str, config: BalancerConfig | ServerConfig, log_format: str, worker: int | None = None
+    config_path: str, config: BalancerConfig | ServerConfig | ClientConfig, log_format: str, worker: int | None = None
 ) -> int:
     """The daemon of the configuration's role over the kernel's dataplane and sockets: the one
     place that wires the real ones (the daemons take them as arguments). A balancer with
@@ -86,6 +87,7 @@ def serve_on_kernel(
     from orchestrator.capture.conntrack import ConntrackListener
     from orchestrator.capture.nfqueue import NfQueue
     from orchestrator.daemon.balancer import BalancerDaemon
+    from orchestrator.daemon.client import ClientDaemon
     from orchestrator.daemon.loop import Capture, Daemon, serve, start_step
     from orchestrator.daemon.server import ServerDaemon
     from orchestrator.dataplane.netlink.provider import NetlinkProvider
@@ -95,6 +97,8 @@ def serve_on_kernel(
         provider = NetlinkProvider()
     if isinstance(config, ServerConfig):
         daemon = ServerDaemon(config_path, provider, Capture(NfQueue, ConntrackListener), config)
+    elif isinstance(config, ClientConfig):
+        daemon = ClientDaemon(config_path, provider, Capture(NfQueue, ConntrackListener), config)
     elif config.nfqueue.workers > 1 and worker is None:
         from orchestrator.daemon import workers
 
@@ -141,6 +145,17 @@ def status_lines(answer: dict[str, Any]) -> list[str]:
     the counters that tell of trouble, each on a line."""
     head = f"{answer['role']}  pid {answer['pid']}  up {answer['uptime_s']} s"
     counters = answer.get("counters", {})
+    if answer["role"] == "client":
+        first, last = answer["range"]
+        return [
+            head,
+            f"VIPs: {', '.join(answer['vips'])}",
+            f"labels: {first}-{last}, balancer link {', '.join(answer['balancer_interfaces'])}, "
+            f"queue {answer['queue']}",
+            f"sessions: {answer['sessions']}",
+            _offload_line(answer),
+            _counter_line(counters),
+        ]
     if answer["role"] == "server":
         first, last = answer["block"]
         return [

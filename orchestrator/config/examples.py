@@ -24,7 +24,7 @@ import yaml
 __all__ = ["DELETE", "EXAMPLES", "KeyPath", "apply_changes", "example", "example_data", "example_path", "render"]
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "templates"
-ROLES = ("balancer", "server")
+ROLES = ("balancer", "server", "client")
 
 KeyPath = str | tuple[str, ...]
 

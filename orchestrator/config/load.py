@@ -15,6 +15,7 @@ from typing import Any
 
 from yaml.nodes import ScalarNode
 
+from orchestrator.config.client import CLIENT_KEYS, ClientConfig, parse_client
 from orchestrator.config.model import (
     MAX_LABEL,
     MIN_LABEL,
@@ -50,7 +51,14 @@ from orchestrator.config.server import SERVER_KEYS, ServerConfig, parse_server
 from orchestrator.dataplane.handles import FILTERS_PER_SESSION
 from orchestrator.dataplane.ops import OffloadPolicy
 
-__all__ = ["ConfigError", "load_balancer_config", "load_config", "load_server_config", "parse_config"]
+__all__ = [
+    "ConfigError",
+    "load_balancer_config",
+    "load_client_config",
+    "load_config",
+    "load_server_config",
+    "parse_config",
+]
 
 MAX_WORKERS = 64  # nfqueue.workers: worker processes (each one queue, one share of the labels)
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*$")
@@ -109,17 +117,30 @@ def _offload(p: Parser, v: YamlValue, fabric: tuple[str, ...]) -> tuple[tuple[st
     return tuple((dev, given.get(dev, OffloadPolicy.AUTO)) for dev in fabric)
 
 
-def _clients(p: Parser, v: YamlValue) -> ClientsConfig:
-    m = p.mapping(v, ("label_aware",))
+def _clients(p: Parser, v: YamlValue, client_devs: tuple[str, ...]) -> ClientsConfig:
+    m = p.mapping(v, ("label_aware", "label_aware_interfaces"))
+    devs: tuple[str, ...] = ()
+    if "label_aware_interfaces" in m and not p.is_null(m["label_aware_interfaces"]):
+        dv = m["label_aware_interfaces"]
+        devs = p.devices(dv) if p.sequence(dv) else ()
+        for i, dev in enumerate(devs):
+            if dev not in client_devs:
+                item = p.sequence(dv)[i]
+                raise p.error(
+                    item.vline,
+                    item.path,
+                    f"interface {dev!r} is not in interfaces.clients: MPLS input is enabled only on "
+                    "client interfaces that label-aware clients send from" + did_you_mean(dev, client_devs),
+                )
     if "label_aware" not in m or p.is_null(m["label_aware"]):
-        return ClientsConfig()
+        return ClientsConfig(label_aware_interfaces=devs)
     out: list[Any] = []
     for item in p.sequence(m["label_aware"]):
         net = p.prefix(item)
         if net in out:
             raise p.error(item.vline, item.path, f"prefix {net} is listed twice")
         out.append(net)
-    return ClientsConfig(tuple(out))
+    return ClientsConfig(tuple(out), devs)
 
 
 def _labels(p: Parser, v: YamlValue) -> LabelConfig:
@@ -534,15 +555,16 @@ def _check(p: Parser, cfg: BalancerConfig) -> None:
 
 def _parse_balancer(p: Parser, root: YamlValue, source: str) -> BalancerConfig:
     top = p.mapping(root, _TOP, _TOP_REQUIRED, elsewhere=_SERVER_ONLY)
+    interfaces = _interfaces(p, top["interfaces"])
     cfg = BalancerConfig(
         role=p.choice(top["role"], Role, "role"),
         node=_node(p, top["node"]),
-        interfaces=_interfaces(p, top["interfaces"]),
+        interfaces=interfaces,
         labels=_labels(p, top["labels"]),
         pools=_pools(p, top["pools"]),
         services=_services(p, top["services"]),
         nfqueue=_nfqueue(p, top["nfqueue"]) if "nfqueue" in top else NfqueueConfig(),
-        clients=_clients(p, top["clients"]) if "clients" in top else ClientsConfig(),
+        clients=_clients(p, top["clients"], interfaces.clients) if "clients" in top else ClientsConfig(),
         source=source,
         metrics=_metrics(p, top["metrics"]) if "metrics" in top else None,
         sessions=_balancer_sessions(p, top["sessions"]) if "sessions" in top else SessionsConfig(),
@@ -554,9 +576,15 @@ def _parse_balancer(p: Parser, root: YamlValue, source: str) -> BalancerConfig:
 # A key of the other role's files is named as such rather than answered with a spelling suggestion.
 _SERVER_ONLY = {k: "a key of role server, but this file has role: balancer" for k in SERVER_KEYS if k not in _TOP}
 _BALANCER_ONLY = {k: "a key of role balancer, but this file has role: server" for k in _TOP if k not in SERVER_KEYS}
+_NOT_CLIENT = {
+    **{k: "a key of role server, but this file has role: client" for k in SERVER_KEYS if k not in CLIENT_KEYS},
+    **{k: "a key of role balancer, but this file has role: client" for k in _TOP if k not in CLIENT_KEYS},
+}
 
 
-def parse_config(text: str, source: str = "<string>", role: Role | None = None) -> BalancerConfig | ServerConfig:
+def parse_config(
+    text: str, source: str = "<string>", role: Role | None = None
+) -> BalancerConfig | ServerConfig | ClientConfig:
     """Parse and validate a configuration of the role its `role` key names; raise ConfigError on the
     first problem. With `role`, a file of another role is refused too (a daemon must not start on
     the other role's file)."""
@@ -567,10 +595,12 @@ def parse_config(text: str, source: str = "<string>", role: Role | None = None) 
         raise p.at("role", f"this is a {found.value} configuration, but a {role.value} configuration is needed here")
     if found is Role.SERVER:
         return parse_server(p, root, source, _BALANCER_ONLY)
+    if found is Role.CLIENT:
+        return parse_client(p, root, source, _NOT_CLIENT)
     return _parse_balancer(p, root, source)
 
 
-def load_config(path: str | Path, role: Role | None = None) -> BalancerConfig | ServerConfig:
+def load_config(path: str | Path, role: Role | None = None) -> BalancerConfig | ServerConfig | ClientConfig:
     """Read, parse and validate a configuration file (of `role`, when given)."""
     source = str(path)
     try:
@@ -595,4 +625,11 @@ def load_server_config(path: str | Path) -> ServerConfig:
     """`load_config` for the server agent: a balancer file is a ConfigError at its `role` line."""
     cfg = load_config(path, Role.SERVER)
     assert isinstance(cfg, ServerConfig)
+    return cfg
+
+
+def load_client_config(path: str | Path) -> ClientConfig:
+    """`load_config` for the client agent: another role's file is a ConfigError at its `role` line."""
+    cfg = load_config(path, Role.CLIENT)
+    assert isinstance(cfg, ClientConfig)
     return cfg

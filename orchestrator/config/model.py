@@ -35,6 +35,7 @@ class _Named(str, Enum):
 class Role(_Named):
     BALANCER = "balancer"
     SERVER = "server"  # the server agent: `orchestrator/config/server.py`
+    CLIENT = "client"  # the client agent of a label-aware client: `orchestrator/config/client.py`
 
 
 class Setup(_Named):
@@ -127,9 +128,13 @@ class Interfaces:
 @dataclass(frozen=True)
 class ClientsConfig:
     """`clients:` (optional section). A client inside a `label_aware` prefix takes the session's
-    labels itself: its answers keep the S2C label (the S2C route swaps instead of popping)."""
+    labels itself: its answers keep the S2C label (the S2C route swaps instead of popping), and
+    its sessions get a C2S label route (C2S -> swap [server transport, C2S] -> fabric) for the
+    labelled packets its client agent sends. `label_aware_interfaces`: the client interfaces those
+    arrive on, the only client interfaces with MPLS input on."""
 
     label_aware: tuple[IPNetwork, ...] = ()
+    label_aware_interfaces: tuple[str, ...] = ()
 
     def is_label_aware(self, address: str) -> bool:
         if not self.label_aware:
@@ -347,7 +352,10 @@ class BalancerConfig:
                 "fabric_next_hop": str(self.interfaces.fabric_next_hop),
                 "offload": {dev: self.interfaces.offload_of(dev).value for dev in self.interfaces.fabric},
             },
-            "clients": {"label_aware": [str(net) for net in self.clients.label_aware]},
+            "clients": {
+                "label_aware": [str(net) for net in self.clients.label_aware],
+                "label_aware_interfaces": list(self.clients.label_aware_interfaces),
+            },
             "labels": {
                 "range": list(self.labels.range),
                 "allocation": self.labels.allocation.value,

@@ -366,9 +366,25 @@ class Balancer:
         plan.ops.append(ops.Replace(route) if n or self.markers.pop(session.c2s, None) is not None else ops.Add(route))
         session.objects = [o for o in session.objects if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
         session.objects.append(route)
+        c2s_route = self.c2s_route(session)
+        if aware and c2s_route not in session.objects:
+            # The client agent labels the session's later packets [C2S]: switched on that alone.
+            plan.ops.append(ops.Replace(c2s_route))
+            session.objects.append(c2s_route)
         for element in self.fast_elements(session, svc, client):
             plan.elements.setdefault(session.id, []).append(ops.Add(element))
             session.objects.append(element)
+
+    def c2s_route(self, session: Session) -> ops.MplsRoute:
+        """The C2S label route of a label-aware client's session: the labelled packets its client
+        agent sends, [C2S], leave into the fabric as [server transport, C2S], like the packets the
+        C2S filter labels. Only the clients.label_aware_interfaces take MPLS input."""
+        return ops.MplsRoute(
+            session.c2s,
+            self.config.interfaces.fabric[0],
+            via=str(self.config.interfaces.fabric_next_hop),
+            out_labels=(self.transport[session.server], session.c2s),
+        )
 
     @staticmethod
     def fast_elements(session: Session, svc: Service, client: str) -> list[ops.FastPathElement]:
@@ -774,10 +790,14 @@ class Balancer:
                 self.u32_nodes.add(handles.u32_node(flt.handle))
             if client not in session.clients:
                 session.clients.append(client)
-        for session in self.table:  # the S2C route last, as _add_client leaves it
+        for session in self.table:  # the S2C route, then the C2S route, as _add_client leaves them
             route = routes.get(session.s2c)
             if route is not None and not records.is_hold_marker(route):
                 session.objects.append(routes.pop(session.s2c))
+            if routes.get(session.c2s) == self.c2s_route(session) and any(
+                self.config.clients.is_label_aware(c) for c in session.clients
+            ):
+                session.objects.append(routes.pop(session.c2s))
         for flow in live:
             for session in self.table:
                 if (

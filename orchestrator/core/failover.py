@@ -53,7 +53,8 @@ def relabelled(
 ) -> list[ops.DataplaneObject]:
     """A session's objects under a new pair and server: each C2S filter keeps its match and the
     index of its handle and pushes [new transport, new C2S]; the S2C route keeps its next hop
-    (and its swap for a label-aware client) under the new S2C."""
+    (and its swap for a label-aware client) under the new S2C; a label-aware client's C2S route
+    swaps to [new transport, new C2S] under the new C2S."""
     labels = {old_c2s: new_c2s, old_c2s + 1: new_c2s + 1}
     out: list[ops.DataplaneObject] = []
     for obj in objects:
@@ -67,6 +68,8 @@ def relabelled(
             )
         elif isinstance(obj, ops.U32Filter):  # its node names no label: it keeps it
             out.append(replace(obj, actions=ops.push_stack((transport, new_c2s))))
+        elif isinstance(obj, ops.MplsRoute) and obj.label == old_c2s:  # a label-aware client's C2S route
+            out.append(replace(obj, label=new_c2s, out_labels=(transport, new_c2s)))
         elif isinstance(obj, ops.MplsRoute):
             out.append(
                 replace(

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 from orchestrator import systemd
 from orchestrator.capture import nftables
 from orchestrator.capture.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, QueuedPacket, Verdict, accept_all
+from orchestrator.config.client_model import ClientConfig
 from orchestrator.config.model import BalancerConfig, Setup
 from orchestrator.config.server_model import ServerConfig
 from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowsStarted, FlowTableResync, PacketVerdict
@@ -124,7 +125,7 @@ class Daemon:
     answers the control socket."""
 
     role: str
-    config: BalancerConfig | ServerConfig
+    config: BalancerConfig | ServerConfig | ClientConfig
     core: FlowCore
     control_socket: str
 
@@ -171,7 +172,7 @@ class Daemon:
                 log.error("%s: %s", why, r)
         return results
 
-    def make_ready(self, config: BalancerConfig | ServerConfig) -> None:
+    def make_ready(self, config: BalancerConfig | ServerConfig | ClientConfig) -> None:
         """Raise NodeNotReady naming every problem of this node for the role; with
         `node.setup: apply` fix them first."""
         system = node_setup.HostSystem(self.provider)

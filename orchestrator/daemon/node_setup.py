@@ -18,6 +18,7 @@ from typing import Protocol
 
 from orchestrator import kmod
 from orchestrator.analyze.keys import SessionKeyKind
+from orchestrator.config.client_model import ClientConfig
 from orchestrator.config.model import BalancerConfig
 from orchestrator.config.server import ServerConfig
 from orchestrator.daemon import ethtool
@@ -30,6 +31,8 @@ CONNTRACK_MODULE = "nf_conntrack"  # present when net.netfilter.nf_conntrack_che
 MODULES = ("mpls_iptunnel", "sch_ingress", "cls_flower", "act_skbedit", "nfnetlink_queue")
 # The balancer's: clsact on the fabric links, flower filters pushing the session labels (act_mpls).
 BALANCER_MODULES = ("sch_ingress", "cls_flower", "act_mpls", "nfnetlink_queue")
+# The client agent's: the server agent's label-marking filters, and act_mpls for its C2S filters.
+CLIENT_MODULES = ("sch_ingress", "cls_flower", "act_skbedit", "act_mpls", "nfnetlink_queue")
 STRICT = 1  # rp_filter 1: strict reverse-path check; 0 off, 2 loose
 TC_OFFLOAD = "hw-tc-offload"  # NETIF_F_HW_TC, as ethtool names it: the driver takes tc filters
 
@@ -129,10 +132,21 @@ def check(config: ServerConfig, system: NodeSystem) -> list[Problem]:
     return problems
 
 
+def check_client(config: ClientConfig, system: NodeSystem) -> list[Problem]:
+    """Every problem of a label-aware client node: MPLS input on the balancer links (and lo, where
+    the S2C termination routes deliver), a label table past the balancer's range, rp_filter not
+    strict where answers re-enter (lo)."""
+    problems, devices = _mpls(
+        system, CLIENT_MODULES, config.label_range[1], config.balancer, "lo", "interfaces.balancer"
+    )
+    return problems + _rp_filter(system, ["lo", *devices])
+
+
 def check_balancer(config: BalancerConfig, system: NodeSystem) -> list[Problem]:
     """Every problem of a balancer node."""
     problems, devices = _mpls(system, BALANCER_MODULES, config.labels.range[1], config.interfaces.fabric, None)
     problems += _tc_offload(system, [dev for dev in config.interfaces.required_offload() if dev in devices])
+    problems += _client_input(system, config.interfaces.clients, config.clients.label_aware_interfaces)
     for version in sorted({s.vip.version for s in config.services}):
         parts = ("net", "ipv4", "ip_forward") if version == 4 else ("net", "ipv6", "conf", "all", "forwarding")
         if system.sysctl(*parts) != "1":
@@ -168,7 +182,12 @@ def check_balancer(config: BalancerConfig, system: NodeSystem) -> list[Problem]:
 
 
 def _mpls(
-    system: NodeSystem, modules: tuple[str, ...], last_label: int, fabric: tuple[str, ...], local: str | None
+    system: NodeSystem,
+    modules: tuple[str, ...],
+    last_label: int,
+    fabric: tuple[str, ...],
+    local: str | None,
+    key: str = "interfaces.fabric",
 ) -> tuple[list[Problem], list[str]]:
     """The problems of the MPLS side, modules first (so that applying the fixes in order works even
     when mpls_router is missing: its sysctls are then judged by their values after loading, 0),
@@ -210,14 +229,16 @@ def _mpls(
         if system.device_exists(dev):
             devices.append(dev)
         else:
-            problems.append(
-                Problem(
-                    f"interface {dev} (interfaces.fabric) does not exist", hint="create it or correct interfaces.fabric"
-                )
-            )
+            problems.append(Problem(f"interface {dev} ({key}) does not exist", hint=f"create it or correct {key}"))
     for dev in [*devices, *([local] if local else [])]:
         if mpls_sysctl("conf", dev, "input") != 1:
-            why = "labelled packets from the fabric" if dev != local else "the C2S termination routes deliver to lo"
+            why = (
+                "labelled packets from the fabric"
+                if dev != local
+                else "the C2S termination routes deliver to lo"
+                if key == "interfaces.fabric"
+                else "the S2C termination routes deliver to lo"
+            )
             problems.append(
                 Problem(
                     f"sysctl {sysctl_name('net', 'mpls', 'conf', dev, 'input')} {now} "
@@ -226,6 +247,32 @@ def _mpls(
                 )
             )
     return problems, devices
+
+
+def _client_input(system: NodeSystem, clients: tuple[str, ...], aware: tuple[str, ...]) -> list[Problem]:
+    """MPLS input on the client interfaces: on where label-aware clients send their labelled
+    packets (clients.label_aware_interfaces), off on every other one, where no client may inject
+    labelled packets into the fabric. Interfaces that do not exist (yet) are not judged."""
+    problems = []
+    for dev in clients:
+        if not system.device_exists(dev):
+            continue
+        want = 1 if dev in aware else 0
+        value = system.sysctl("net", "mpls", "conf", dev, "input")
+        have = int(value) if value is not None else 0
+        if have != want:
+            why = (
+                "labelled packets of label-aware clients arrive there (clients.label_aware_interfaces)"
+                if want
+                else "a client interface not in clients.label_aware_interfaces must not take labelled packets"
+            )
+            problems.append(
+                Problem(
+                    f"sysctl {sysctl_name('net', 'mpls', 'conf', dev, 'input')} is {have}, not {want}: {why}",
+                    Fix("sysctl", ("net", "mpls", "conf", dev, "input"), str(want)),
+                )
+            )
+    return problems
 
 
 def _tc_offload(system: NodeSystem, devs: list[str]) -> list[Problem]:
@@ -302,10 +349,16 @@ def apply(problems: list[Problem], system: NodeSystem) -> list[str]:
     return done
 
 
-def make_ready(config: ServerConfig | BalancerConfig, system: NodeSystem, fix: bool) -> list[str]:
+def make_ready(config: ServerConfig | BalancerConfig | ClientConfig, system: NodeSystem, fix: bool) -> list[str]:
     """Check the node for its role; with `fix`, apply the fixes and check again. Returns what was
     done; raises NodeNotReady with every remaining problem."""
-    checker = check if isinstance(config, ServerConfig) else check_balancer
+    checker = (
+        check
+        if isinstance(config, ServerConfig)
+        else check_client
+        if isinstance(config, ClientConfig)
+        else check_balancer
+    )
     problems = checker(config, system)  # type: ignore[arg-type]
     done = apply(problems, system) if problems and fix else []
     if done:

@@ -26,6 +26,9 @@ forward nothing. Interface addresses only as far as node setup reads and adds th
 kernel's EEXIST, which the providers count as success (IPv4: same address and prefix length, else
 another address is added; IPv6: same address). Not modelled: neighbours, sysctls
 (conf.<dev>.input is taken as enabled where the reference enables it, including lo on servers).
+A filter's first-action packet counter (`Installed.packets` in dumps) counts the packets
+`forward_ip` sent through it and, for ingress `mpls_label` filters, those `receive_mpls` took in
+on their device.
 """
 
 from __future__ import annotations
@@ -117,10 +120,9 @@ class FakeProvider:
         # One dict keyed by obj.key: insertion order is kept, and Replace keeps the position
         # (which matters for rules of equal priority, evaluated in insertion order by the kernel).
         self._objects: dict[tuple[object, ...], DataplaneObject] = {}
+        self._packets: dict[tuple[object, ...], int] = {}  # a filter's key -> packets it handled
         self._ip_routes: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, NextHop] = {}
         self.route_queries: list[tuple[str, ...]] = []  # the addresses of each routes_to call
-        # Packets each filter labelled in forward_ip (by the filter's key), as tc's action stats.
-        self.filter_hits: dict[tuple[object, ...], int] = {}
         self._addresses: dict[str, list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]] = {
             LOOPBACK: [ipaddress.ip_interface("127.0.0.1/8"), ipaddress.ip_interface("::1/128")]
         }
@@ -134,7 +136,11 @@ class FakeProvider:
         """Routes, rules, qdiscs and filters, as the netlink provider's rtnetlink dumps; the
         fast-path set elements come from `dump_elements`, as from nf_tables."""
         return [
-            Installed(obj, self._offload_state(obj))
+            Installed(
+                obj,
+                self._offload_state(obj),
+                self._packets.get(obj.key, 0) if isinstance(obj, (FlowerFilter, U32Filter)) else None,
+            )
             for obj in self._objects.values()
             if not isinstance(obj, FastPathElement)
         ]
@@ -165,7 +171,7 @@ class FakeProvider:
     def filter_packets(self, filters: Sequence[FlowerFilter | U32Filter]) -> list[int | None]:
         """The packets `forward_ip` sent through each filter; None for one not installed."""
         return [
-            self.filter_hits.get(f.key, 0) if isinstance(self._objects.get(f.key), (FlowerFilter, U32Filter)) else None
+            self._packets.get(f.key, 0) if isinstance(self._objects.get(f.key), (FlowerFilter, U32Filter)) else None
             for f in filters
         ]
 
@@ -215,13 +221,24 @@ class FakeProvider:
         route = self._objects.get(("mpls", label))
         return route if isinstance(route, MplsRoute) else None
 
-    def receive_mpls(self, stack: Sequence[int]) -> Forwarding | None:
-        """A labelled packet arrives; None when the kernel drops it (no route for the top label).
+    def receive_mpls(self, stack: Sequence[int], dev: str | None = None) -> Forwarding | None:
+        """A labelled packet arrives (on `dev`: its ingress `mpls_label` filters count it); None
+        when the kernel drops it (no route for the top label).
         A route to lo with labels left loops back and the new top is looked up again, which is how a
         server pops a transport label and then terminates the session label under it."""
         labels = tuple(stack)
         if not labels:
             raise ValueError("an MPLS packet needs at least one label")
+        for flt in self._objects.values():
+            if (
+                dev is not None
+                and isinstance(flt, FlowerFilter)
+                and flt.dev == dev
+                and flt.direction == Direction.INGRESS
+                and flt.match.mpls_label == labels[0]
+            ):
+                self._packets[flt.key] = self._packets.get(flt.key, 0) + 1
+                break
         for _ in range(_MAX_HOPS):
             route = self.mpls_lookup(labels[0])
             if route is None:
@@ -281,7 +298,7 @@ class FakeProvider:
                 else (flt.protocol == "all" or src_ip.version == 4)
                 and all(int.from_bytes(header[k.offset : k.offset + 4], "big") & k.mask == k.value for k in flt.keys)
             ):
-                self.filter_hits[flt.key] = self.filter_hits.get(flt.key, 0) + 1
+                self._packets[flt.key] = self._packets.get(flt.key, 0) + 1
                 for action in flt.actions:
                     if isinstance(action, MplsPush):
                         labels = (action.label,) + labels
@@ -346,7 +363,7 @@ class FakeProvider:
             if not exists:
                 raise _Rejected(missing, f"no such {_KIND[type(obj)]}")
             del self._objects[obj.key]
-            self.filter_hits.pop(obj.key, None)  # a filter made again counts from zero
+            self._packets.pop(obj.key, None)
             if isinstance(obj, ClsactQdisc):  # the filters go with their qdisc
                 for key, other in list(self._objects.items()):
                     if isinstance(other, (FlowerFilter, U32Filter)) and other.dev == obj.dev:
@@ -355,6 +372,7 @@ class FakeProvider:
         if exists and not isinstance(op, Replace):
             raise _Rejected(errno.EEXIST, "object exists (use replace to overwrite)")
         self._objects[obj.key] = obj
+        self._packets.pop(obj.key, None)  # a new filter's actions count from 0
 
     def _check_mpls_route(self, route: MplsRoute) -> None:
         if route.label < ops.MPLS_FIRST_UNRESERVED:

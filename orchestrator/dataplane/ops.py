@@ -496,10 +496,13 @@ class OffloadState:
 
 @dataclass(frozen=True)
 class Installed:
-    """One of our objects as the kernel reports it."""
+    """One of our objects as the kernel reports it. `packets`: what a tc filter's first action has
+    handled (its counter, for telling whether traffic still flows; None where nothing is counted);
+    not part of the object's identity."""
 
     obj: DataplaneObject
     offload: OffloadState = OffloadState()
+    packets: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

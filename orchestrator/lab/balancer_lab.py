@@ -83,7 +83,7 @@ class BalancerLab:
         checked: bool = False,
         changes: Mapping[KeyPath, Any] | None = None,
     ) -> None:
-        """`plain_servers=False`: the servers run the agent (server_lab.py), which installs the
+        """`plain_servers=False`: the servers run the agent (lab/server_lab.py), which installs the
         termination routes itself and answers under S2C labels, so neither the hand-made
         termination routes nor the fabric's plain-IP way back to the clients are set up.
         `checked=True`: each server's application also serves HTTP on its own address, port

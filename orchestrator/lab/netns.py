@@ -278,7 +278,7 @@ def sysctls(topo: Topology, node: str) -> dict[str, str]:
     role = topo.node(node).role
     devs = [m.dev for _, m in topo.attachments(node)]
     s: dict[str, str] = {}
-    if role == "client":
+    if role in ("client", "label-aware-client"):  # the client agent's node setup enables what it needs
         return s
     s["net/mpls/platform_labels"] = str(topo.platform_labels)
     if role in ("balancer", "fabric"):
@@ -334,7 +334,7 @@ def node_routes(topo: Topology, node: str) -> list[str]:
     n = topo.node(node)
     lines: list[str] = []
     explicit_default = any(r.to == "default" for r in n.routes)
-    gw_role = {"client": "balancer", "server": "fabric"}.get(n.role)
+    gw_role = {"client": "balancer", "label-aware-client": "balancer", "server": "fabric"}.get(n.role)
     if gw_role and not explicit_default:
         done: set[int] = set()
         for _, _, gw in topo.neighbours(node, gw_role):

@@ -17,7 +17,10 @@ import yaml
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-ROLES: tuple[str, ...] = ("client", "balancer", "fabric", "server")
+# A label-aware client runs the client agent (role: client configuration); apart from "client" so
+# that what counts or loops over the plain clients is unchanged by it.
+ROLES: tuple[str, ...] = ("client", "balancer", "fabric", "server", "label-aware-client")
+CLIENT_ROLES: frozenset[str] = frozenset({"client", "label-aware-client"})
 LABELED_ROLES: frozenset[str] = frozenset({"balancer", "server"})
 SWITCH_NETNS = "mplsorch-sw"  # hidden namespace holding the bridges of >2-member segments
 MAX_LABEL = 1048575  # 20-bit MPLS label space
@@ -274,7 +277,7 @@ def _check_reachability(topo: Topology) -> None:
     """Refuse topologies where a derived route or label route would have no next hop."""
     for node in topo.nodes:
         has_default = any(r.to == "default" for r in node.routes)
-        if node.role == "client" and not has_default and not topo.neighbours(node.name, "balancer"):
+        if node.role in CLIENT_ROLES and not has_default and not topo.neighbours(node.name, "balancer"):
             raise TopologyError(
                 f"nodes.{node.name}: client shares no segment with a balancer "
                 "(attach it to one, or give it a 'default' route)"

@@ -14,14 +14,17 @@ from scapy.layers.inet import IP, TCP
 
 from orchestrator.analyze.packet import source_address
 from orchestrator.capture.nfqueue import QueuedPacket, Verdict
+from orchestrator.config.client_model import ClientConfig
 from orchestrator.config.examples import KeyPath, example
-from orchestrator.config.load import load_server_config, parse_config
+from orchestrator.config.load import load_client_config, load_server_config, parse_config
 from orchestrator.config.model import BalancerConfig
 from orchestrator.config.server_model import ServerConfig
 from orchestrator.core.agent import ServerAgent
 from orchestrator.core.balancer import Balancer, Commit, Plan
+from orchestrator.core.client_agent import ClientAgent
 from orchestrator.core.events import Action, FirstPacket, FlowKey, FlowsEnded, FlowTableResync, LabelledPacket
 from orchestrator.daemon.balancer import BalancerDaemon
+from orchestrator.daemon.client import ClientDaemon
 from orchestrator.daemon.loop import Capture
 from orchestrator.daemon.server import ServerDaemon
 from orchestrator.dataplane import ops
@@ -30,6 +33,7 @@ from orchestrator.dataplane.fake import FakeProvider
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 BALANCER_EXAMPLE = TEMPLATES / "balancer.example.yaml"
 SERVER_EXAMPLE = TEMPLATES / "server.example.yaml"
+CLIENT_EXAMPLE = TEMPLATES / "client.example.yaml"
 EXAMPLE = BALANCER_EXAMPLE.read_text()
 VIP = "10.0.0.100"
 TRANSPORT = {"s1": 101, "s2": 102, "s3": 103}  # the example's servers' transport labels
@@ -112,6 +116,31 @@ class AgentNode:
         """The label stack an answer from the VIP to `client` leaves with (None: plain IP)."""
         fwd = self.kernel.route_ip(vip, client)
         return None if fwd is None else fwd.labels
+
+    def tick(self, now: float) -> None:
+        assert all(r.ok for r in self.kernel.apply(self.agent.tick(now)))
+
+
+class ClientAgentNode:
+    """The client agent and a fake kernel (the client host), wired as the daemon wires them."""
+
+    def __init__(self, cfg: ClientConfig | None = None) -> None:
+        self.config = cfg or load_client_config(CLIENT_EXAMPLE)
+        self.agent = ClientAgent(self.config)
+        self.kernel = FakeProvider(["eth0"])
+        assert all(r.ok for r in self.kernel.apply([ops.Add(o) for o in self.agent.node_objects()]))
+        self.next_id = 0
+
+    def answer(self, s2c: int, data: bytes, now: float = 0.0) -> list[Action]:
+        """A flow's first labelled answer, queued under S2C: the verdicts."""
+        self.next_id += 1
+        plan = self.agent.on_packets([LabelledPacket(9, self.next_id, s2c, data)], now)
+        return [v.action for v in self.agent.commit(plan, self.kernel.apply(plan.ops))]
+
+    def labels_of(self, client: str, dport: int = 80, vip: str = VIP, proto: str = "tcp") -> tuple[int, ...]:
+        """The labels the client's packet to the VIP leaves the balancer link with (() plain IP)."""
+        fwd = self.kernel.forward_ip(client, vip, proto=proto, sport=40000, dport=dport, out_dev="eth0")
+        return fwd.labels if fwd else ()
 
     def tick(self, now: float) -> None:
         assert all(r.ok for r in self.kernel.apply(self.agent.tick(now)))
@@ -210,5 +239,12 @@ def balancer_daemon(
 def server_daemon(cfg: ServerConfig, kernel: FakeProvider, queue: ScriptedQueue) -> ServerDaemon:
     """A server daemon over the fake kernel, its queue already open (as after setup)."""
     daemon = ServerDaemon(str(SERVER_EXAMPLE), kernel, scripted_capture(queue), cfg)
+    daemon.queue = queue
+    return daemon
+
+
+def client_daemon(cfg: ClientConfig, kernel: FakeProvider, queue: ScriptedQueue) -> ClientDaemon:
+    """A client agent daemon over the fake kernel, its queue already open (as after setup)."""
+    daemon = ClientDaemon(str(CLIENT_EXAMPLE), kernel, scripted_capture(queue), cfg)
     daemon.queue = queue
     return daemon

@@ -23,7 +23,8 @@ from orchestrator.capture.nfqueue import NF_ACCEPT, NF_DROP, QueuedPacket
 from orchestrator.config import ConfigError, load_balancer_config, parse_config
 from orchestrator.config.examples import DELETE, KeyPath, example
 from orchestrator.core.balancer import Balancer
-from orchestrator.core.events import Action
+from orchestrator.core.events import Action, FlowTableResync
+from orchestrator.core.health import HealthEvent, HealthState, HealthView
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.fake import FakeProvider
 from orchestrator.dataplane.netlink import constants as c
@@ -86,6 +87,42 @@ def test_label_aware_clients_get_the_s2c_label_swapped_not_popped() -> None:
     assert plain.out_labels == () and node.kernel.receive_mpls([plain.label]).labels == ()
 
 
+def test_a_label_aware_clients_session_gets_a_c2s_label_route_into_the_fabric() -> None:
+    node = far_node(AWARE)
+    node.packets(syn("10.0.1.11"), syn("10.0.1.12"))
+    aware = next(s for s in node.core.table if s.key.value == "10.0.1.11")
+    plain = next(s for s in node.core.table if s.key.value == "10.0.1.12")
+    # The client agent's [C2S] leaves into the fabric as the filter's packets do: [transport, C2S].
+    fwd = node.kernel.receive_mpls([aware.c2s])
+    assert fwd is not None and (fwd.labels, fwd.via, fwd.dev) == (
+        (TRANSPORT[aware.server], aware.c2s),
+        "10.255.0.2",
+        "fab0",
+    )
+    assert node.labels_of("10.0.1.11") == (TRANSPORT[aware.server], aware.c2s)  # the first packet, by filter
+    assert node.kernel.receive_mpls([plain.c2s]) is None  # a plain client's label routes nothing
+    # The route goes with the session: a label no live session has goes nowhere.
+    node.core.on_flow_events([FlowTableResync(frozenset(), sweep=True)], node.now)
+    node.advance(3601)
+    assert not node.core.table and node.kernel.receive_mpls([aware.c2s]) is None
+
+
+def test_a_reassigned_label_aware_session_moves_its_c2s_route_to_the_new_pair_and_server() -> None:
+    node = Node(config(AWARE))
+    node.packets(syn("10.0.1.10"), syn("10.0.1.11"))
+    moved = next(s for s in node.core.table if s.key.value == "10.0.1.11")
+    old_c2s = moved.c2s
+    event = HealthEvent("web", moved.server, HealthState.UP, HealthState.DOWN, "refused", None, node.now)
+    states = {"s1": HealthState.UP, "s2": HealthState.UP, "s3": HealthState.UP, moved.server: HealthState.DOWN}
+    plan = node.core.on_health(HealthView(tuple(("web", s, st, None) for s, st in states.items())), [event], node.now)
+    assert all(r.ok for r in node.kernel.apply(plan.ops))
+    session = next(s for s in node.core.table if s.key.value == "10.0.1.11")
+    assert session.c2s != old_c2s
+    fwd = node.kernel.receive_mpls([session.c2s])
+    assert fwd is not None and fwd.labels == (TRANSPORT[session.server], session.c2s)
+    assert node.kernel.receive_mpls([old_c2s]) is None
+
+
 def test_a_client_without_a_route_is_dropped_and_counted_and_nothing_is_installed() -> None:
     node = Node()
     free = node.core.labels.stats(node.now).free
@@ -128,8 +165,11 @@ def test_a_restart_restores_both_route_forms_as_the_sessions_s2c_route() -> None
     assert fresh.fast_path_sync(node.kernel.dump_elements()) == []  # as the daemon does: the elements are there
     for client, labels in ((FAR, 1), ("10.0.1.12", 0)):
         session = next(s for s in fresh.table if s.key.value == client)
-        [route] = [o for o in session.objects if isinstance(o, ops.MplsRoute)]
-        assert route.label == session.s2c and len(route.out_labels) == labels
+        [route] = [o for o in session.objects if isinstance(o, ops.MplsRoute) and o.label == session.s2c]
+        assert len(route.out_labels) == labels
+        # A label-aware client's session also has its C2S label route back: [C2S] -> [transport, C2S].
+        c2s = [o for o in session.objects if isinstance(o, ops.MplsRoute) and o.label == session.c2s]
+        assert c2s == ([fresh.c2s_route(session)] if labels else [])
     # Their end deletes them: nothing of ours is left.
     node.core = fresh
     node.advance(31)

@@ -44,7 +44,7 @@ def test_a_change_that_misses_is_an_error_and_the_example_stays_untouched() -> N
     with pytest.raises(KeyError, match="no mapping"):
         example("balancer", {"labels.range.first": 1})
     with pytest.raises(ValueError, match="no example"):
-        example("client")
+        example("fabric")
     data = example_data("balancer")
     data["labels"]["range"] = [1, 2]
     assert example_data("balancer")["labels"]["range"] == [1000, 99999]

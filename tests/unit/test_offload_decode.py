@@ -159,3 +159,10 @@ def test_status_counts_every_filter_and_route_by_state_and_never_a_qdisc() -> No
         "offload_failed": 1,
     }
     assert offload.row(items[-1])["offload"] is None  # a qdisc has no offload state
+
+
+def test_the_first_actions_packet_counter_is_decoded() -> None:
+    """The lab-captured filters carry their actions' statistics: nothing went through them."""
+    for body in _captured_filters().values():
+        item = _flower(body)
+        assert item is not None and item.packets == 0

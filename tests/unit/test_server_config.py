@@ -251,13 +251,13 @@ CASES: dict[str, tuple[str, str, str, str]] = {
         _edit(BASE, "role: server", "role: servr"),
         "role:",
         "role",
-        "unknown role 'servr'; expected one of balancer, server; did you mean 'server'?",
+        "unknown role 'servr'; expected one of balancer, server, client; did you mean 'server'?",
     ),
     "role missing": (
         _edit(BASE, "role: server\n", ""),
         "node:",
         "role",
-        "required key is missing (balancer or server)",
+        "required key is missing (balancer or server or client)",
     ),
     "role not a string": (
         _edit(BASE, "role: server", "role: [server]"),

@@ -68,6 +68,7 @@ from orchestrator.dataplane.netlink.constants import (
     TCA_OPTIONS,
     TCA_SKBEDIT_MARK,
     TCA_STATS_BASIC,
+    TCA_STATS_PKT64,
     TCA_U32_ACT,
     TCA_U32_DIVISOR,
     TCA_U32_SEL,
@@ -223,6 +224,23 @@ def _action(payload: memoryview) -> tuple[ops.Action, bytes] | None:
     return None
 
 
+def first_action_packets(payload: memoryview | None) -> int | None:
+    """The packet counter of a filter's first action (TCA_ACT_STATS: the 64-bit count when the
+    kernel sends one, else struct gnet_stats_basic's 32-bit one); None when it is not reported."""
+    attrs = sorted(nla.iter_attrs(payload), key=lambda item: item[0]) if payload is not None else []
+    if not attrs:
+        return None
+    a = nla.attrs(attrs[0][1])
+    if TCA_ACT_STATS not in a:
+        return None
+    stats = nla.attrs(a[TCA_ACT_STATS])
+    if TCA_STATS_PKT64 in stats:
+        return int(struct.unpack_from("=Q", stats[TCA_STATS_PKT64])[0])
+    if TCA_STATS_BASIC in stats and len(stats[TCA_STATS_BASIC]) >= 12:
+        return int(struct.unpack_from("=QI", stats[TCA_STATS_BASIC])[1])
+    return None
+
+
 def _tagged_actions(payload: memoryview | None, require_cookie: bool) -> tuple[list[ops.Action], bytes] | None:
     """A filter's action list and the tag its cookies carry (encode.action_cookies); None when
     an action is of a kind we never make, or (with require_cookie) the list is not ours."""
@@ -289,8 +307,8 @@ _U32_PROTOCOL_NAMES = {number: name for name, number in ops.U32_PROTOCOLS.items(
 @_decoding
 def filter_packets(body: memoryview) -> int | None:
     """The packets that went through a flower or u32 filter (RTM_NEWTFILTER of a get or a dump):
-    its first action's count (struct gnet_stats_basic: bytes u64, packets u32), which every
-    packet the filter matches runs through, in software or hardware. None without actions."""
+    its first action's count, which every packet the filter matches runs through, in software or
+    hardware. None without actions."""
     a = nla.attrs(body, nla.TCMSG.size)
     if TCA_KIND not in a or TCA_OPTIONS not in a:
         return None
@@ -298,14 +316,7 @@ def filter_packets(body: memoryview) -> int | None:
     o = nla.attrs(a[TCA_OPTIONS])
     if acts is None or acts not in o:
         return None
-    actions = sorted(nla.iter_attrs(o[acts]), key=lambda item: item[0])
-    if not actions:
-        return None
-    stats = nla.attrs(actions[0][1]).get(TCA_ACT_STATS)
-    basic = nla.attrs(stats).get(TCA_STATS_BASIC) if stats is not None else None
-    if basic is None or len(basic) < 12:
-        return None
-    return int(struct.unpack_from("=QI", basic)[1])
+    return first_action_packets(o[acts])
 
 
 @_decoding
@@ -381,6 +392,7 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
             in_hw_count=in_hw_count,
             not_in_hw=bool(flags & TCA_CLS_FLAGS_NOT_IN_HW),
         ),
+        packets=first_action_packets(o.get(TCA_FLOWER_ACT)),
     )
 
 

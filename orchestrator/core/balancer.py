@@ -267,7 +267,9 @@ class Balancer:
         self.table.add_flow(session, flow, now)
         session.packets_userspace += 1
         timeout = self.config.sessions.embryonic_timeout
-        if timeout is not None and session.protocol == "tcp":
+        # A label-aware client's later packets come under its C2S label route, past the C2S filter
+        # the check counts: those clients are trusted edges (design.md), their sessions never embryonic.
+        if timeout is not None and session.protocol == "tcp" and not self.config.clients.is_label_aware(key.client):
             session.embryonic_until = now + timeout
             heapq.heappush(self._embryonic, (session.embryonic_until, session.id))
         start = len(plan.ops)

@@ -65,6 +65,20 @@ def test_a_spoofed_syn_session_ends_at_its_embryonic_timeout_and_its_pair_is_hel
     assert node.core.labels.stats(node.now).in_use == 0 and node.core.labels.stats(node.now).held_down == 0
 
 
+def test_a_label_aware_clients_session_is_never_embryonic() -> None:
+    """Its later packets come under the C2S label route, past no C2S filter: a count of one
+    would end a live session. Label-aware clients are trusted edges."""
+    node = Node(config({**EMBRYONIC, "clients.label_aware": ["10.0.1.52"]}))
+    node.packets(syn("10.0.1.52"), syn("10.0.1.53"))
+    _packets_out(node, "10.0.1.52", 1)
+    _packets_out(node, "10.0.1.53", 1)
+    aware, plain = sorted(node.core.sessions(), key=lambda s: s.clients[0])
+    assert aware.view()["embryonic"] is False and plain.view()["embryonic"] is True
+    node.advance(2.0)
+    assert node.check_embryonic() == [plain.id]
+    assert node.core.sessions() == [aware]
+
+
 def test_a_session_whose_client_went_on_is_answered_and_kept() -> None:
     node = Node(config(EMBRYONIC))
     node.packets(syn("10.0.1.51"))

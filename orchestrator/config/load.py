@@ -15,6 +15,7 @@ from typing import Any
 
 from yaml.nodes import ScalarNode
 
+from orchestrator.config.cluster import parse_cluster
 from orchestrator.config.model import (
     MAX_LABEL,
     MIN_LABEL,
@@ -55,7 +56,7 @@ _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*$")
 
 # ---- sections ----
 
-_TOP = ("role", "node", "interfaces", "clients", "labels", "nfqueue", "pools", "services", "metrics")
+_TOP = ("role", "node", "interfaces", "clients", "labels", "nfqueue", "pools", "services", "metrics", "cluster")
 _TOP_REQUIRED = ("role", "node", "interfaces", "labels", "pools", "services")
 
 
@@ -503,17 +504,19 @@ def _check(p: Parser, cfg: BalancerConfig) -> None:
 
 def _parse_balancer(p: Parser, root: YamlValue, source: str) -> BalancerConfig:
     top = p.mapping(root, _TOP, _TOP_REQUIRED, elsewhere=_SERVER_ONLY)
+    labels = _labels(p, top["labels"])
     cfg = BalancerConfig(
         role=p.choice(top["role"], Role, "role"),
         node=_node(p, top["node"]),
         interfaces=_interfaces(p, top["interfaces"]),
-        labels=_labels(p, top["labels"]),
+        labels=labels,
         pools=_pools(p, top["pools"]),
         services=_services(p, top["services"]),
         nfqueue=_nfqueue(p, top["nfqueue"]) if "nfqueue" in top else NfqueueConfig(),
         clients=_clients(p, top["clients"]) if "clients" in top else ClientsConfig(),
         source=source,
         metrics=_metrics(p, top["metrics"]) if "metrics" in top else None,
+        cluster=parse_cluster(p, top["cluster"], labels) if "cluster" in top else None,
     )
     _check(p, cfg)
     return cfg

@@ -40,6 +40,8 @@ class Session:
     objects: list[ops.DataplaneObject] = field(default_factory=list)  # ours in the kernel
     flows_total: int = 0  # flows it has had: through the daemon or the kernel's fast path
     packets_userspace: int = 0  # its first packets that went through the daemon
+    sport: int | None = None  # its first flow's source port (a five-tuple session's filter matches it)
+    owner: str | None = None  # cluster mode: the member that owns it in the shared table (None: this one)
 
     @property
     def s2c(self) -> int:
@@ -67,6 +69,7 @@ class Session:
             "created": self.created,
             "last_seen": self.last_seen,
             "ends_at": self.ends_at,
+            **({} if self.owner is None else {"owner": self.owner}),
         }
 
 

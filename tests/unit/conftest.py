@@ -203,3 +203,60 @@ def server_daemon(cfg: ServerConfig, kernel: FakeProvider, queue: ScriptedQueue)
     daemon = ServerDaemon(str(SERVER_EXAMPLE), kernel, scripted_capture(queue), cfg)
     daemon.queue = queue
     return daemon
+
+
+class EtcdServer:
+    """One etcd member on loopback with random ports in a temporary directory (the cluster
+    tests' store), stopped and started again on the same ports and data by the tests."""
+
+    def __init__(self, binary: str, data: Path) -> None:
+        import socket
+
+        self.binary, self.data = binary, data
+        ports = []
+        for _ in range(2):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                ports.append(s.getsockname()[1])
+        self.port, self.peer_port = ports
+        self.proc: Any = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import socket
+        import subprocess
+        import time
+
+        client, peer = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer_port}"
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--name=t",
+                f"--data-dir={self.data}",
+                f"--listen-client-urls={client}",
+                f"--advertise-client-urls={client}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=t={peer}",
+                "--log-level=error",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=(self.data.parent / "etcd.log").open("ab"),
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("etcd did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None

@@ -70,6 +70,9 @@ class Member:
         await self.store.connect()
         await self.store.join()
         self.snapshot = await self.store.load()
+        for index, holder in sorted(self.snapshot.blocks.items()):
+            if holder == self.config.name:  # a restart that resumed its lease: its blocks are its own
+                self.core.add_label_block(index)
         for _ in range(64):  # enough blocks for admission's reserve and a quarter block more
             if not self.wants_block() or not await self._claim(first=True):
                 break
@@ -79,16 +82,18 @@ class Member:
         """The table read by `start` into the core and the kernel (after the restore from the
         kernel, before the ruleset and the queue)."""
         assert self.snapshot is not None
-        self._apply_snapshot(self.snapshot, now)
+        # A start that resumed its lease finds its own sessions in the table: what the kernel
+        # restored beyond them belongs to sessions that ended while this member was down.
+        self._apply_snapshot(self.snapshot, now, keep_ours=not self.store.resumed)
         self.snapshot = None
 
-    def _apply_snapshot(self, snap: TableSnapshot, now: float) -> None:
+    def _apply_snapshot(self, snap: TableSnapshot, now: float, keep_ours: bool = True) -> None:
         self.members = set(snap.members)
         self.blocks = dict(snap.blocks)
         self.revision = snap.revision
         if snap.damaged:
             self.core.count("cluster_damaged_rows", snap.damaged)
-        self._apply(self.core.remote_sync(self._puts(snap.sessions), now), now)
+        self._apply(self.core.remote_sync(self._puts(snap.sessions), now, keep_ours), now)
 
     def wants_block(self) -> bool:
         labels = self.core.labels

@@ -82,6 +82,7 @@ class Store:
         self.endpoint: tuple[str, int] | None = None
         self.lease: int | None = None
         self._written: dict[bytes, bytes] = {}  # our last value of each session key we own
+        self.resumed = False  # join took over our previous lease (a restart within its TTL)
 
     async def _call(self, coro: Any) -> Any:
         try:
@@ -119,23 +120,40 @@ class Store:
             self.client = None
 
     async def join(self) -> None:
-        """A fresh lease, and this member's key under it. Another live member of the same name
-        is an error (two balancers would share blocks)."""
-        lease = await self._call(self.client.lease(self.config.lease_ttl))
-        self.lease = lease.id
+        """This member's key under a lease. A key of our name still alive (a restart within the
+        lease's TTL) hands us its lease: its blocks and session keys stay ours, nothing moves.
+        Two running balancers must not share a name (docs/scale.md)."""
         key = codec.member_key(self.prefix, self.config.name)
         t = self.client.transactions
-        ok, _ = await self._call(
-            self.client.transaction(
-                compare=[t.create(key) == 0],
-                success=[t.put(key, str(lease.id).encode(), lease=lease.id)],
-                failure=[],
+        for _ in range(3):
+            lease = await self._call(self.client.lease(self.config.lease_ttl))
+            ok, _ = await self._call(
+                self.client.transaction(
+                    compare=[t.create(key) == 0],
+                    success=[t.put(key, str(lease.id).encode(), lease=lease.id)],
+                    failure=[],
+                )
             )
-        )
-        if not ok:
+            if ok:
+                self.lease = lease.id
+                return
             await self._call(self.client.revoke_lease(lease.id))
+            got = await self._call(self.client.get(key))
+            try:
+                old = int(got.value) if got is not None else 0
+            except ValueError:
+                old = 0
+            if old:
+                self.lease = old
+                try:
+                    if await self.keepalive():
+                        self.resumed = True
+                        return
+                except StoreError:
+                    pass
             self.lease = None
-            raise StoreError(f"member {self.config.name!r} is already in the cluster (its key {key.decode()} exists)")
+            await asyncio.sleep(0.2)  # it expired meanwhile: its keys are going; try again
+        raise StoreError(f"member {self.config.name!r}: cannot create its key {key.decode()}")
 
     async def keepalive(self) -> bool:
         """Refresh the lease; False when etcd says it has expired (its keys are gone)."""

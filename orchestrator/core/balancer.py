@@ -1016,10 +1016,12 @@ class Balancer:
         plan.groups[session.id] = (start, len(plan.ops))
         self.counters["cluster_remote_sessions"] += 1
 
-    def remote_sync(self, rows: Sequence[RemotePut], now: float) -> Plan:
+    def remote_sync(self, rows: Sequence[RemotePut], now: float, keep_ours: bool = True) -> Plan:
         """The whole shared table (at start, and when the store is back): other members'
-        sessions it no longer holds end here, the rest as `on_remote`; sessions of ours it lacks
-        are written again."""
+        sessions it no longer holds end here, the rest as `on_remote`. Sessions of ours it lacks
+        are written again (`keep_ours`), or end: at a start that resumed this member's lease, a
+        session restored from the kernel but absent from the table is another member's that
+        ended while this one was down (ours would still be there under the lease)."""
         keys = {(p.session.service, p.session.key) for p in rows}
         gone = [
             RemoteDelete(s.service, s.key.value, s.owner)
@@ -1029,7 +1031,12 @@ class Balancer:
         plan = self.on_remote([*gone, *rows], now)
         for session in self.table:
             if session.owner is None and (session.service, session.key.value) not in keys:
-                self._publish(session)
+                if keep_ours:
+                    self._publish(session)
+                else:
+                    self.counters["cluster_remote_ended"] += 1
+                    plan.ops += self.end(session, now, "ended elsewhere")
+                    self.changes.pop((session.service, session.key.value), None)
         return plan
 
 

@@ -18,7 +18,7 @@ from scapy.layers.inet import IP, TCP
 
 from orchestrator.capture.nfqueue import NF_ACCEPT, NF_REPEAT, QueuedPacket
 from orchestrator.cluster import codec
-from orchestrator.cluster.store import Store, StoreError
+from orchestrator.cluster.store import Store
 from orchestrator.config.model import BalancerConfig
 from orchestrator.core.label_blocks import BlockLayout
 from orchestrator.daemon.balancer import BalancerDaemon
@@ -87,7 +87,7 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(test(), 120))
 
 
-def test_two_stores_never_hold_the_same_block_and_a_batch_is_one_transaction(etcd: EtcdServer) -> None:
+def test_two_stores_never_hold_the_same_block(etcd: EtcdServer) -> None:
     async def test() -> None:
         one, two = Store(cluster_config(etcd, "lb1").cluster), Store(cluster_config(etcd, "lb2").cluster)  # type: ignore[arg-type]
         for s in (one, two):
@@ -95,8 +95,8 @@ def test_two_stores_never_hold_the_same_block_and_a_batch_is_one_transaction(etc
             await s.join()
         again = Store(cluster_config(etcd, "lb1").cluster)  # type: ignore[arg-type]
         await again.connect()
-        with pytest.raises(StoreError, match="already in the cluster"):
-            await again.join()
+        await again.join()  # the same name again (a restart): it resumes the live lease
+        assert again.resumed and again.lease == one.lease
         await again.close()
         # both race for the same blocks: each block goes to exactly one of them
         won = await asyncio.gather(*(s.claim_block(i) for i in range(6) for s in (one, two)))
@@ -250,3 +250,48 @@ def test_codec_round_trip_and_key_names() -> None:
     assert codec.parse_key(p, codec.block_key(p, 7)) == ("block", "7", "")
     assert codec.parse_key(p, codec.member_key(p, "lb1")) == ("member", "lb1", "")
     assert codec.parse_key(p, b"/other/x") is None and codec.parse_key(p, b"/mplsorch/blocks/x") is None
+
+
+def test_a_restart_within_the_lease_resumes_it_and_nothing_moves(etcd: EtcdServer) -> None:
+    async def test() -> None:
+        a, ka, _ = make_member(etcd, "lb1", ttl=5)
+        b, kb, _ = make_member(etcd, "lb2", ttl=5)
+        await join(a)
+        await join(b)
+        a.decide([syn(1, "10.0.1.1"), syn(2, "10.0.1.2")])
+        b.decide([syn(1, "10.0.2.1"), syn(2, "10.0.2.2")])
+        await until(lambda: labels_of(kb, "10.0.1.2") != () and labels_of(ka, "10.0.2.2") != ())
+        blocks = a.core.labels.held_blocks  # type: ignore[union-attr]
+        for task in a.member.tasks:  # SIGKILL: no leave, the kernel keeps its objects
+            task.cancel()
+        await a.member.store.close()
+        b.flush({"client": "10.0.2.2"}, time.monotonic())  # ends while A is down
+        b.tick()
+        await asyncio.sleep(1)
+        again = balancer_daemon(cluster_config(etcd, "lb1", ttl=5), ka, ScriptedQueue())
+        await again.prepare()  # as run(): the store first, then the kernel, then the table
+        assert again.member.store.resumed
+        again.core.restore(ka.dump(), frozenset(), time.monotonic())
+        again.member.sync(time.monotonic())
+        again.member.run()
+        assert again.core.labels.held_blocks == blocks  # type: ignore[union-attr]
+        assert {(s.key.value, s.owner) for s in again.core.table} == {
+            ("10.0.1.1", None),
+            ("10.0.1.2", None),
+            ("10.0.2.1", "lb2"),
+        }
+        assert labels_of(ka, "10.0.2.2") == ()  # restored from the kernel, gone from the table: ended
+        again.decide([syn(3, "10.0.1.3")])
+        await until(lambda: labels_of(kb, "10.0.1.3") != ())
+        await asyncio.sleep(6)  # past the TTL: the resumed lease is kept alive, nothing was adopted
+        assert b.core.counters["cluster_adopted"] == 0
+        assert {s.key.value: s.owner for s in b.core.table} == {
+            "10.0.1.1": "lb1",
+            "10.0.1.2": "lb1",
+            "10.0.1.3": "lb1",
+            "10.0.2.1": None,
+        }
+        for d in (again, b):
+            await d.member.stop(leave=False)
+
+    run(test)

@@ -209,10 +209,12 @@ class EtcdServer:
     """One etcd member on loopback with random ports in a temporary directory (the cluster
     tests' store), stopped and started again on the same ports and data by the tests."""
 
-    def __init__(self, binary: str, data: Path) -> None:
+    def __init__(self, binary: str, data: Path, tls: dict[str, Path] | None = None) -> None:
+        """`tls`: ca, cert, key (etcd's), client-cert, client-key files: etcd serves https and
+        asks clients for a certificate signed by the CA."""
         import socket
 
-        self.binary, self.data = binary, data
+        self.binary, self.data, self.tls = binary, data, tls
         ports = []
         for _ in range(2):
             with socket.socket() as s:
@@ -226,14 +228,25 @@ class EtcdServer:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        import socket
         import subprocess
         import time
 
-        client, peer = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer_port}"
+        scheme = "https" if self.tls else "http"
+        client, peer = f"{scheme}://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer_port}"
+        tls = (
+            [
+                f"--cert-file={self.tls['cert']}",
+                f"--key-file={self.tls['key']}",
+                f"--trusted-ca-file={self.tls['ca']}",
+                "--client-cert-auth",
+            ]
+            if self.tls
+            else []
+        )
         self.proc = subprocess.Popen(
             [
                 self.binary,
+                *tls,
                 "--name=t",
                 f"--data-dir={self.data}",
                 f"--listen-client-urls={client}",
@@ -246,13 +259,24 @@ class EtcdServer:
             stdout=subprocess.DEVNULL,
             stderr=(self.data.parent / "etcd.log").open("ab"),
         )
+        # Ready when /health says so (a leader elected), not when the port opens.
+        import json
+        import ssl
+        import urllib.request
+
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(cafile=str(self.tls["ca"]))
+            context.load_cert_chain(str(self.tls["client-cert"]), str(self.tls["client-key"]))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), 0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
+                with urllib.request.urlopen(f"{client}/health", timeout=1, context=context) as answer:
+                    if json.loads(answer.read()).get("health") == "true":
+                        return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
         raise RuntimeError("etcd did not start")
 
     def stop(self) -> None:

@@ -12,15 +12,17 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from scapy.layers.inet import IP, TCP
 
 from orchestrator.capture.nfqueue import NF_ACCEPT, NF_REPEAT, QueuedPacket
 from orchestrator.cluster import codec
-from orchestrator.cluster.store import Store
+from orchestrator.cluster.store import Store, StoreError
 from orchestrator.config.model import BalancerConfig
 from orchestrator.core.label_blocks import BlockLayout
+from orchestrator.core.remote import ClusterSession
 from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.fake import FakeProvider
@@ -55,7 +57,6 @@ def make_member(etcd: EtcdServer, name: str, ttl: int = 3) -> tuple[BalancerDaem
     kernel.add_ip_route("10.0.0.0/16", "lan0")
     queue = ScriptedQueue()
     daemon = balancer_daemon(cluster_config(etcd, name, ttl), kernel, queue)
-    daemon.member.store.timeout = 1.0
     return daemon, kernel, queue
 
 
@@ -219,8 +220,6 @@ def test_etcd_away_refuses_new_sessions_keeps_the_old_and_reconciles(etcd: EtcdS
 
 
 def test_codec_round_trip_and_key_names() -> None:
-    from orchestrator.core.remote import ClusterSession
-
     row = ClusterSession("http", "client-ip", "10.0.1.1", ("10.0.1.1",), VIP, "tcp", 80, 40000, "s1", 1001, "lb1")
     assert codec.decode_session(codec.encode_session(row)) == row
     v6 = ClusterSession(
@@ -295,3 +294,89 @@ def test_a_restart_within_the_lease_resumes_it_and_nothing_moves(etcd: EtcdServe
             await d.member.stop(leave=False)
 
     run(test)
+
+
+def make_certificates(where: Path) -> dict[str, Path]:
+    """A CA, etcd's certificate for 127.0.0.1 and a client certificate, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def issue(cn: str, key: Any, issuer: Any, issuer_key: Any, ca: bool, usage: Any = None) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if usage is not None:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        if cn == "etcd":
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            )
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    out: dict[str, Path] = {}
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = issue("test ca", ca_key, name("test ca"), ca_key, True)
+    out["ca"] = where / "ca.pem"
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for cn, usage in (("etcd", ExtendedKeyUsageOID.SERVER_AUTH), ("lb1", ExtendedKeyUsageOID.CLIENT_AUTH)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = issue(cn, key, ca.subject, ca_key, False, usage)
+        prefix = "server" if cn == "etcd" else "client"
+        out[f"{prefix}-cert"] = where / f"{cn}.pem"
+        out[f"{prefix}-cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        out[f"{prefix}-key"] = where / f"{cn}-key.pem"
+        out[f"{prefix}-key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return out
+
+
+def test_tls_to_etcd_with_a_client_certificate(tmp_path: Path) -> None:
+    assert ETCD is not None
+    files = make_certificates(tmp_path)
+    server = EtcdServer(ETCD, tmp_path / "etcd", {**files, "cert": files["server-cert"], "key": files["server-key"]})
+    server.start()
+    try:
+
+        async def test() -> None:
+            tls = {"ca": str(files["ca"]), "cert": str(files["client-cert"]), "key": str(files["client-key"])}
+            cfg = config({"cluster": {"name": "lb1", "endpoints": [server.endpoint], "tls": tls}}).cluster
+            assert cfg is not None and cfg.tls is not None
+            store = Store(cfg, timeout=5)
+            await store.connect()
+            await store.join()
+            assert await store.claim_block(0)
+            row = ClusterSession("http", "client-ip", "10.0.1.1", ("10.0.1.1",), VIP, "tcp", 80, 1, "s1", 1001, "lb1")
+            assert await store.write({("http", "10.0.1.1"): row}) == 1
+            snap = await store.load()
+            assert snap.sessions == (row,) and snap.blocks == {0: "lb1"} and snap.members == {"lb1"}
+            await store.close()
+            # without a client certificate etcd refuses the connection
+            plain = Store(config({"cluster": {"name": "lb2", "endpoints": [server.endpoint]}}).cluster)  # type: ignore[arg-type]
+            plain.timeout = 2
+            with pytest.raises(StoreError):
+                await plain.connect()
+            await plain.close()
+
+        run(test)
+    finally:
+        server.stop()

@@ -78,9 +78,11 @@ class ClusterLab:
             "p", "sysctl", "-qw", "net.mpls.conf.pl2.input=1", "net.ipv4.conf.all.ignore_routes_with_linkdown=1"
         )
 
-    def _start_etcd(self) -> None:
+    def start_etcd(self, fresh: bool = False) -> None:
+        """etcd in its namespace (`fresh`: on an empty data directory, else on the one it had)."""
         data = self.dir / "etcd-data"
-        shutil.rmtree(data, ignore_errors=True)
+        if fresh:
+            shutil.rmtree(data, ignore_errors=True)
         urls = f"http://{ETCD_LB1}:2379,http://{ETCD_LB2}:2379"
         self.etcd = subprocess.Popen(
             [
@@ -90,7 +92,7 @@ class ClusterLab:
                 "--initial-cluster=lab=http://127.0.0.1:2380", "--log-level=error",
             ],
             stdout=subprocess.DEVNULL,
-            stderr=(self.dir / "etcd.log").open("wb"),
+            stderr=(self.dir / "etcd.log").open("ab"),
             start_new_session=True,
         )  # fmt: skip
 
@@ -110,9 +112,15 @@ class ClusterLab:
 
     def start(self) -> None:
         self._wire()
-        self._start_etcd()
+        self.start_etcd(fresh=True)
         self.lb1.start()
         self._spawn_lb2()
+
+    def stop_etcd(self) -> None:
+        assert self.etcd is not None
+        self.etcd.kill()
+        self.etcd.wait()
+        self.etcd = None
 
     def log2(self) -> str:
         path = self.dir / "lb2.log"
@@ -151,7 +159,8 @@ class ClusterLab:
 
 
 # A paced UDP stream to the VIP's port 53 (the servers echo `echo SEQ`) for `seconds`, then 2 s
-# for the last echoes; prints one JSON line: sent, received, the sequence numbers lost.
+# for the last echoes; prints "running" at its first echo, then one JSON line: sent, received,
+# the sequence numbers lost.
 STREAM = r"""
 import json, select, socket, sys, time
 vip, interval, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
@@ -175,6 +184,8 @@ while True:
         except OSError:
             continue
         if data.startswith(b"echo "):
+            if not got:
+                print("running", flush=True)
             got.add(int(data[5:]))
 lost = sorted(set(range(sent)) - got)
 print(json.dumps({"sent": sent, "received": len(got), "lost": lost, "start": time.time() - (time.monotonic() - start)}))

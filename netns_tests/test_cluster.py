@@ -1,8 +1,7 @@
 """Two balancers sharing the session table in etcd (issue 16, docs/scale.md), on a real kernel:
 the lab's balancer and a second one (netns_tests/harness/cluster_lab.py), one etcd member, plain
 servers. A session made through either balancer is installed on both under the same server and
-labels, and a client served through the other balancer keeps it; with etcd away the sessions
-go on and a new client is refused (counted), served once etcd is back; then, under counted UDP
+labels, and a client served through the other balancer keeps it; then, under counted UDP
 streams, the first balancer is SIGKILLed and its links go down, its clients and the fabric's way
 back move to the second (the reconvergence ECMP and routing would make; the test makes it: the
 lab's kernel has no IP multipath), and their sessions go on there: no datagram lost but those
@@ -84,23 +83,6 @@ def test_sessions_through_either_balancer_are_served_by_both_and_survive_a_balan
         assert same(after1[key], on1[key]) and same(after2[key], on1[key])
     assert after1[key1]["owner"] == "lb2" and after2[key2]["owner"] == "lb1"
 
-    # etcd away: the sessions go on, a new client is refused (counted), then all reconciles.
-    cluster.stop_etcd()
-    wait("both balancers see etcd down", lambda: lb1.cli("status")["cluster"]["store"]
-         == cluster.cli2("status")["cluster"]["store"] == "down")  # fmt: skip
-    cluster.via("c3", "lb2")
-    refused = cluster.cli2("status")["counters"].get("refused:store-down", 0)
-    assert lb1.curl("c3") == "000"  # a TCP reset at once
-    assert cluster.cli2("status")["counters"]["refused:store-down"] == refused + 1
-    assert lb1.curl("c1") == "200"  # a served client's new flow
-    cluster.start_etcd()
-    wait("both balancers back", lambda: lb1.cli("status")["cluster"]["store"]
-         == cluster.cli2("status")["cluster"]["store"] == "up")  # fmt: skip
-    assert lb1.curl("c3") == "200"
-    key3 = ("http", lab.address("c3"))
-    wait("c3's session on both", lambda: key3 in rows(lb1.sessions()))
-    assert same(rows(lb1.sessions())[key3], rows(cluster.cli2("sessions"))[key3])
-
     # Counted UDP streams across the death of lb (c1 through lb, c2 through lb2).
     cluster.via("c1", "lb")
     cluster.via("c2", "lb2")
@@ -152,6 +134,6 @@ def test_sessions_through_either_balancer_are_served_by_both_and_survive_a_balan
     )
     wait("lb1's lease expired", lambda: cluster.cli2("status")["cluster"]["members"] == ["lb2"], TTL + 15)
     final = rows(cluster.cli2("sessions"))
-    assert same(final[key1], on1[key1]) and same(final[key2], on1[key2]) and key3 in final
+    assert same(final[key1], on1[key1]) and same(final[key2], on1[key2])
     assert all("owner" not in s for s in final.values()), final
     assert cluster.lb2 is not None and cluster.lb2.poll() is None

@@ -978,7 +978,14 @@ class Balancer:
             return
         if owner is None:
             return  # our own write echoed, of a session since ended or replaced here
-        if session is not None:  # both made it at once, or its owner moved it: the table's wins
+        if session is not None and session.owner is None and me < owner:
+            # Both made it at once (the client reached both before either write): the same rule
+            # on every member, whatever order the writes arrive in: the lower member name's
+            # version stays. Ours: written again, so the table ends with it.
+            self.counters["cluster_race_kept"] += 1
+            self._publish(session)
+            return
+        if session is not None:  # the other member's version won the race, or its owner moved it
             self.counters["cluster_replaced"] += 1
             plan.ops += self.end(session, now, "replaced by the shared table")
             self.changes.pop((row.service, row.key), None)
@@ -1009,9 +1016,7 @@ class Balancer:
         )
         self.table.add(session)
         start = len(plan.ops)
-        if self.markers.pop(row.c2s, None) is not None:  # our hold marker of that pair is replaced
-            self.markers[row.c2s] = 0.0  # _add_client pops it again and replaces the route
-        for client, hop in hops:
+        for client, hop in hops:  # a hold marker of the pair here is replaced (_add_client)
             self._add_client(session, svc, _RemotePorts(row.sport, row.port), client, hop, plan)
         plan.groups[session.id] = (start, len(plan.ops))
         self.counters["cluster_remote_sessions"] += 1

@@ -10,7 +10,7 @@ from orchestrator.core.events import Action, FlowKey, FlowsStarted
 from orchestrator.core.label_blocks import BlockAllocator, BlockLayout, next_block, wants_block
 from orchestrator.core.remote import ClusterSession, RemoteDelete, RemotePut
 from orchestrator.dataplane import ops
-from tests.unit.conftest import VIP, Node, config, syn
+from tests.unit.conftest import TRANSPORT, VIP, Node, config, syn
 
 IPPROTO_TCP = 6
 
@@ -144,18 +144,27 @@ def test_flows_through_the_other_member_take_the_session_over_and_the_first_owne
     assert written(a) == {}
 
 
-def test_the_shared_table_wins_a_race_for_the_same_client() -> None:
+def test_a_race_for_the_same_client_is_settled_the_same_way_on_both_members() -> None:
     a, b = member("lb1", 0), member("lb2", 1)
     a.packets(syn("10.0.1.1"))
     b.packets(syn("10.0.1.1"))  # the same client reached both before either write
     row_a = next(r for r in written(a).values() if r is not None)
-    written(b)
-    deliver(b, puts(b, [row_a]))  # A's write came first: B takes its version
+    row_b = next(r for r in written(b).values() if r is not None)
+    assert row_a.c2s != row_b.c2s
+    # whatever order the rows arrive in, the lower member name's version stays on both
+    deliver(b, puts(b, [row_a]))
     session = b.core.table.get("http", "10.0.1.1")
     assert session is not None and (session.server, session.c2s, session.owner) == (row_a.server, row_a.c2s, "lb1")
-    assert b.labels_of("10.0.1.1") == a.labels_of("10.0.1.1")
     assert b.core.counters["cluster_replaced"] == 1
-    assert written(b) == {}  # B's own row is not written after all
+    assert written(b) == {}  # B's own row is not written again
+    deliver(b, puts(b, [row_b]))  # B's own write echoed after A's: nothing changes
+    assert b.core.table.get("http", "10.0.1.1") is session
+    deliver(a, puts(a, [row_b]))
+    kept = a.core.table.get("http", "10.0.1.1")
+    assert kept is not None and (kept.c2s, kept.owner) == (row_a.c2s, None)
+    assert a.core.counters["cluster_race_kept"] == 1
+    assert written(a) == {("http", "10.0.1.1"): row_a}  # written again: the table ends with it
+    assert b.labels_of("10.0.1.1") == a.labels_of("10.0.1.1") == (TRANSPORT[row_a.server], row_a.c2s)
 
 
 def test_store_down_refuses_new_sessions_counted_and_existing_ones_keep_forwarding() -> None:

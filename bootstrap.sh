@@ -12,10 +12,11 @@ job="${1:-setup}"
 # backend when this host's kernel has no MPLS routing; orchestrator/lab/uml.py BUILD_PACKAGES);
 # QEMU and Debian's kernel for the lab VM (the slow backend, kept alive by one smoke test); the
 # tools the lab and tests use to build and check topologies; openssh-server: the Ansible roll-out
-# test runs an sshd in every lab node (netns_tests/test_ansible.py).
+# test runs an sshd in every lab node (netns_tests/test_ansible.py); etcd-server: the cluster tests
+# start their own etcd on loopback (tests/unit/test_cluster_etcd.py; docs/scale.md).
 apt_packages="linux-source-6.1 build-essential flex bison bc libelf-dev
   qemu-system-x86 linux-image-amd64 busybox-static kmod nftables iproute2 tcpdump
-  curl iputils-ping ipvsadm python3 python3-venv openssh-server ethtool"
+  curl iputils-ping ipvsadm python3 python3-venv openssh-server ethtool etcd-server"
 missing=""
 for pkg in $apt_packages; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
@@ -30,7 +31,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,lab]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,lab,cluster]"
 # The wheelhouse of the Ansible roll-out test (netns_tests/test_ansible.py): mplsorch's wheel, built
 # from this tree, and its dependencies' (and setuptools/wheel, to build it offline). The lab VM has
 # no network, and building the wheel in its emulated CPU takes a quarter of an hour.

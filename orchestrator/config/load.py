@@ -16,6 +16,7 @@ from typing import Any
 from yaml.nodes import ScalarNode
 
 from orchestrator.config.client import CLIENT_KEYS, ClientConfig, parse_client
+from orchestrator.config.cluster import parse_cluster
 from orchestrator.config.model import (
     MAX_LABEL,
     MIN_LABEL,
@@ -65,7 +66,19 @@ _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*$")
 
 # ---- sections ----
 
-_TOP = ("role", "node", "interfaces", "clients", "labels", "nfqueue", "sessions", "pools", "services", "metrics")
+_TOP = (
+    "role",
+    "node",
+    "interfaces",
+    "clients",
+    "labels",
+    "nfqueue",
+    "sessions",
+    "pools",
+    "services",
+    "metrics",
+    "cluster",
+)
 _TOP_REQUIRED = ("role", "node", "interfaces", "labels", "pools", "services")
 
 
@@ -461,6 +474,10 @@ def _check(p: Parser, cfg: BalancerConfig) -> None:
     labels = cfg.labels
     first, last = labels.range
 
+    if cfg.cluster is not None and cfg.nfqueue.workers > 1:
+        # Both split the label pool (workers by shares, members by leased blocks); not yet together.
+        raise p.at("nfqueue.workers", "cluster: runs one worker per balancer for now (docs/scale.md); set workers: 1")
+
     # A server in two pools must be defined identically there; it is then one server.
     where: dict[str, tuple[str, Server]] = {}
     for pool in cfg.pools:
@@ -555,12 +572,13 @@ def _check(p: Parser, cfg: BalancerConfig) -> None:
 
 def _parse_balancer(p: Parser, root: YamlValue, source: str) -> BalancerConfig:
     top = p.mapping(root, _TOP, _TOP_REQUIRED, elsewhere=_SERVER_ONLY)
+    labels = _labels(p, top["labels"])
     interfaces = _interfaces(p, top["interfaces"])
     cfg = BalancerConfig(
         role=p.choice(top["role"], Role, "role"),
         node=_node(p, top["node"]),
         interfaces=interfaces,
-        labels=_labels(p, top["labels"]),
+        labels=labels,
         pools=_pools(p, top["pools"]),
         services=_services(p, top["services"]),
         nfqueue=_nfqueue(p, top["nfqueue"]) if "nfqueue" in top else NfqueueConfig(),
@@ -568,6 +586,7 @@ def _parse_balancer(p: Parser, root: YamlValue, source: str) -> BalancerConfig:
         source=source,
         metrics=_metrics(p, top["metrics"]) if "metrics" in top else None,
         sessions=_balancer_sessions(p, top["sessions"]) if "sessions" in top else SessionsConfig(),
+        cluster=parse_cluster(p, top["cluster"], labels) if "cluster" in top else None,
     )
     _check(p, cfg)
     return cfg

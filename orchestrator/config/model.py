@@ -300,6 +300,48 @@ class MetricsConfig:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+class StoreDown(_Named):
+    """`cluster.when_store_down`: what a balancer does with a new session while etcd is
+    unreachable (existing sessions keep forwarding either way)."""
+
+    REFUSE = "refuse"  # refused (admission.refuse_with), counted refused:store-down
+    LOCAL = "local"  # not implemented yet: a reserved local block, reconciled on return
+
+
+@dataclass(frozen=True)
+class ClusterTls:
+    """`cluster.tls`: client certificate and the CA that signed etcd's certificate (files)."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """`cluster:` (optional; absent = one balancer, no etcd): several balancers sharing the
+    session table in etcd (docs/scale.md)."""
+
+    name: str  # this balancer's member name, unique in the cluster
+    endpoints: tuple[tuple[str, int], ...]  # etcd client endpoints (host, port), tried in order
+    tls: ClusterTls | None = None
+    lease_ttl: int = 10  # seconds: a dead balancer's label blocks and membership go after this
+    label_block: int = 256  # label pairs per block a balancer leases
+    prefix: str = "/mplsorch/"  # every key of the cluster starts with it
+    when_store_down: StoreDown = StoreDown.REFUSE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "endpoints": [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.endpoints],
+            "tls": None if self.tls is None else {"ca": self.tls.ca, "cert": self.tls.cert, "key": self.tls.key},
+            "lease_ttl": self.lease_ttl,
+            "label_block": self.label_block,
+            "prefix": self.prefix,
+            "when_store_down": self.when_store_down.value,
+        }
+
+
 @dataclass(frozen=True)
 class BalancerConfig:
     role: Role
@@ -313,6 +355,7 @@ class BalancerConfig:
     source: str = field(default="<string>", compare=False)
     metrics: MetricsConfig | None = None
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    cluster: ClusterConfig | None = None
 
     def pool(self, name: str) -> Pool:
         for p in self.pools:
@@ -378,6 +421,7 @@ class BalancerConfig:
             },
             "services": {s.name: _service_dict(s) for s in self.services},
             "metrics": None if self.metrics is None else {"listen": self.metrics.listen},
+            **({} if self.cluster is None else {"cluster": self.cluster.to_dict()}),
         }
 
 

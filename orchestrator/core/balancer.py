@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import heapq
 from dataclasses import dataclass, field, replace
-from typing import Mapping, Sequence
+from typing import Mapping, Protocol, Sequence
 
 from orchestrator import ipproto
 from orchestrator.analyze.keys import SessionKey, SessionKeyKind, ipv6_iid, key_value, session_key
@@ -30,7 +30,9 @@ from orchestrator.core.events import (
 )
 from orchestrator.core.failover import Failover, Outcome, relabelled, replacement
 from orchestrator.core.health import HealthEvent, HealthState, HealthView, apply_health
+from orchestrator.core.label_blocks import BlockAllocator, BlockLayout
 from orchestrator.core.labels import LabelAllocator
+from orchestrator.core.remote import ClusterSession, RemoteDelete, RemotePut
 from orchestrator.core.schedulers import Scheduler, ServerState, make_scheduler
 from orchestrator.core.servers import AdminState, ServerAdmin
 from orchestrator.core.sessions import Session, SessionTable, State
@@ -40,6 +42,22 @@ from orchestrator.dataplane.ops import Operation
 FLOWER_PROTOS = frozenset(ipproto.BY_NAME)  # every service protocol has a flower ip_proto key
 PREF_IPV4, PREF_IPV6 = 10, 11  # the kernel keeps one protocol per filter priority
 PREF_ESP = 12  # cls_u32 nodes of esp-spi sessions, both families (protocol all): one classifier per priority too
+
+
+class Ports(Protocol):
+    """What `_add_client` reads of a session's first packet (a remote session gives its own)."""
+
+    @property
+    def sport(self) -> int | None: ...
+
+    @property
+    def dport(self) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class _RemotePorts:
+    sport: int | None
+    dport: int | None
 
 
 @dataclass
@@ -95,6 +113,11 @@ class Balancer:
         # Embryonic sessions by deadline: (embryonic_until, session id); entries of sessions that
         # ended or were answered meanwhile are skipped when they come up.
         self._embryonic: list[tuple[float, int]] = []
+        # Cluster mode (config.cluster): the shared table's changes this balancer owes it, by
+        # (service, key): the session to write, None to delete (taken by the daemon, see
+        # take_changes); and whether the store answers (new sessions follow when_store_down).
+        self.changes: dict[tuple[str, str], Session | None] = {}
+        self.store_up = True
         self.configure(config, now)
 
     # -- configuration ---------------------------------------------------------------------
@@ -104,12 +127,24 @@ class Balancer:
         blocks = None
         if config.labels.allocation == LabelAllocation.SERVER_BLOCKS:
             blocks = {s.name: s.label_block for p in config.pools for s in p.servers if s.label_block}
-        shape = (config.labels.range, tuple(sorted((blocks or {}).items())), config.labels.hold_down)
+        block_size = config.cluster.label_block if config.cluster is not None else None
+        shape = (config.labels.range, tuple(sorted((blocks or {}).items())), config.labels.hold_down, block_size)
         if shape != getattr(self, "_label_shape", None):
             # A new pool; the pairs of sessions in the table stay theirs.
-            self.labels = LabelAllocator(
-                config.labels.range[0], config.labels.range[1], config.labels.hold_down, blocks
-            )
+            old = getattr(self, "labels", None)
+            held = old.held_blocks if isinstance(old, BlockAllocator) else ()
+            self.labels: LabelAllocator | BlockAllocator
+            if block_size is not None:
+                self.labels = BlockAllocator(
+                    BlockLayout(config.labels.range[0], config.labels.range[1], block_size), config.labels.hold_down
+                )
+                for index in held:
+                    if index < self.labels.layout.count:
+                        self.labels.add_block(index)
+            else:
+                self.labels = LabelAllocator(
+                    config.labels.range[0], config.labels.range[1], config.labels.hold_down, blocks
+                )
             for session in self.table:
                 self.labels.claim(session.c2s, session.server)
             for c2s in self.markers:  # held down again from now in the new pool
@@ -216,6 +251,7 @@ class Balancer:
                 )
             self.table.add_flow(session, flow, now)
             session.packets_userspace += 1
+            self._take_over(session)
             # The kernel's fast path admits a session's later flows from the addresses it knows;
             # a new address of the session (its key matched beyond the address) came here instead.
             if needs_route:
@@ -262,6 +298,7 @@ class Balancer:
             c2s=c2s,
             created=now,
             last_seen=now,
+            sport=info.sport,
         )
         self.table.add(session)
         self.table.add_flow(session, flow, now)
@@ -280,6 +317,8 @@ class Balancer:
 
     def _admit(self, svc: Service) -> str | None:
         """Admission control judges only new sessions: refuse rather than degrade those served."""
+        if self.config.cluster is not None and not self.store_up:
+            return "store-down"  # cluster.when_store_down: refuse
         limit = svc.admission.max_sessions
         if limit is not None and self.table.count(service=svc.name) >= limit:
             return "service-full"
@@ -309,7 +348,7 @@ class Balancer:
         return self.pick(svc, key.value, now)
 
     def _add_client(
-        self, session: Session, svc: Service, info: Packet, client: str, hop: ops.NextHop, plan: Plan
+        self, session: Session, svc: Service, info: Ports, client: str, hop: ops.NextHop, plan: Plan
     ) -> None:
         """Objects that bring `client`'s packets into the session: the C2S imposition filter(s) on
         the fabric link and the S2C label route towards the balancer's next hop to the client (the
@@ -457,6 +496,8 @@ class Balancer:
                 session = self.table.by_id(session_id)
                 if session is not None and session.state == State.OPENING:
                     session.state = State.SERVING
+                if session is not None:
+                    self._publish(session)
                 admit += plan.elements.get(session_id, [])
                 continue
             failed[session_id] = bad
@@ -540,6 +581,7 @@ class Balancer:
         if session is None:
             return
         self.table.add_flow(session, flow, now)
+        self._take_over(session)
         self.counters["flows_fast_path"] += 1
 
     def session_of_flow(self, flow: FlowKey) -> Session | None:
@@ -586,6 +628,8 @@ class Balancer:
         their labels go back to the pool after the hold-down."""
         out: list[ops.Operation] = []
         for session in self.table:
+            if session.owner is not None:
+                continue  # another member's: it ends when its key leaves the shared table
             if session.state == State.DRAINING and session.ends_at is not None and now >= session.ends_at:
                 out += self.end(session, now, "persistence timeout")
         for c2s, until in list(self.markers.items()):
@@ -649,6 +693,8 @@ class Balancer:
         ends, so a restart holds the pair down again)."""
         self.table.remove(session)
         self._forget(session.objects)
+        if self.config.cluster is not None and session.owner is None:
+            self.changes[(session.service, session.key.value)] = None
         self.counters["sessions_ended"] += 1
         self.counters[f"ended:{reason}"] += 1
         out: list[ops.Operation] = [
@@ -695,8 +741,8 @@ class Balancer:
         core.failover): reassigned to another server with a new pair, else reset."""
         for session in self.table:
             svc = self.service_of(session)
-            if svc is None or svc.pool != pool or session.server != server:
-                continue
+            if svc is None or svc.pool != pool or session.server != server or session.owner is not None:
+                continue  # another member's session: its owner moves it, this one follows the table
             reason = f"server {server} down"
             if svc.on_server_failure is ServerFailure.REASSIGN:
                 target = self.pick(svc, session.key.value, now)
@@ -733,6 +779,8 @@ class Balancer:
             for op in steps
         ]
         plan.groups[session.id] = (start, len(plan.ops))
+        session.owner = None  # the member that moves it owns it from now on
+        self._publish(session)
         self.counters["sessions_reassigned"] += 1
         plan.outcomes.append(
             Outcome(
@@ -911,6 +959,169 @@ class Balancer:
         )
         self.table.add(session)
         return session
+
+    # -- cluster mode (config.cluster; docs/scale.md) ------------------------------------------------
+    def _publish(self, session: Session) -> None:
+        """A session of ours changed (started, re-keyed, moved, taken over): the shared table
+        gets it with the next write."""
+        if self.config.cluster is not None and session.owner is None:
+            self.changes[(session.service, session.key.value)] = session
+
+    def _take_over(self, session: Session) -> None:
+        """Another member's session whose flows now come through this balancer (ECMP moved its
+        client, or its owner died): this balancer owns it from now on, so its end follows the
+        flows seen here."""
+        if session.owner is not None:
+            session.owner = None
+            self.counters["cluster_taken_over"] += 1
+            self._publish(session)
+
+    def take_changes(self) -> dict[tuple[str, str], ClusterSession | None]:
+        """What the shared table must learn since the last call: each changed session of ours as
+        a row (None: its key goes). The daemon writes them all in one transaction."""
+        out = {k: None if s is None else self.cluster_row(s) for k, s in self.changes.items()}
+        self.changes.clear()
+        return out
+
+    def owned(self) -> list[ClusterSession]:
+        """Every session this balancer owns, as rows (re-written after the store's return)."""
+        return [self.cluster_row(s) for s in self.table if s.owner is None]
+
+    def cluster_row(self, session: Session) -> ClusterSession:
+        assert self.config.cluster is not None
+        return ClusterSession(
+            session.service,
+            str(session.key.kind),
+            session.key.value,
+            tuple(session.clients) or (session.key.client,),
+            session.vip,
+            session.protocol,
+            session.port,
+            session.sport,
+            session.server,
+            session.c2s,
+            session.owner or self.config.cluster.name,
+        )
+
+    def add_label_block(self, index: int) -> None:
+        """A label block this balancer now holds in the shared table."""
+        assert isinstance(self.labels, BlockAllocator)
+        self.labels.add_block(index)
+        self.counters["label_blocks_claimed"] += 1
+
+    def on_remote(self, events: Sequence[RemotePut | RemoteDelete], now: float) -> Plan:
+        """The shared table's changes: another member's session gets its kernel objects here
+        too (C2S filters, S2C route, fast-path elements, under its server and labels), so its
+        client's packets may come through either balancer; a deleted key ends it here; an
+        orphaned one (its owner's lease went) is adopted. `commit` settles the plan as for
+        first packets (no verdicts)."""
+        plan = Plan()
+        assert self.config.cluster is not None
+        me = self.config.cluster.name
+        for event in events:
+            if isinstance(event, RemoteDelete):
+                session = self.table.get(event.service, event.key)
+                if session is None:
+                    continue
+                if session.owner is None and event.owner != me and not event.orphaned:
+                    continue  # a stale delete of a key this balancer has since written
+                if event.orphaned or session.owner is None:
+                    # Its owner's lease expired (the owner died, or this balancer's own lease
+                    # lapsed while the store was away): the session lives on, owned here.
+                    session.owner = None
+                    self.counters["cluster_adopted"] += 1
+                    self._publish(session)
+                    continue
+                self.counters["cluster_remote_ended"] += 1
+                plan.ops += self.end(session, now, "ended elsewhere")
+                continue
+            self._remote_put(event, me, now, plan)
+        return plan
+
+    def _remote_put(self, event: RemotePut, me: str, now: float, plan: Plan) -> None:
+        row = event.session
+        owner = None if row.owner == me else row.owner
+        svc = self._by_name.get(row.service)
+        session = self.table.get(row.service, row.key)
+        if session is not None and (session.server, session.c2s) == (row.server, row.c2s):
+            if owner is not None and session.owner is None:
+                self.counters["cluster_handed_over"] += 1  # its flows moved to the other member
+            session.owner = owner
+            for client in row.clients:  # a re-key written by its owner
+                hop = event.hops.get(client)
+                if svc is not None and client not in session.clients and hop is not None:
+                    start = len(plan.ops)
+                    self._add_client(session, svc, _RemotePorts(row.sport, row.port), client, hop, plan)
+                    first, _ = plan.groups.get(session.id, (start, start))
+                    plan.groups[session.id] = (first, len(plan.ops))
+            return
+        if owner is None:
+            return  # our own write echoed, of a session since ended or replaced here
+        if session is not None and session.owner is None and me < owner:
+            # Both made it at once (the client reached both before either write): the same rule
+            # on every member, whatever order the writes arrive in: the lower member name's
+            # version stays. Ours: written again, so the table ends with it.
+            self.counters["cluster_race_kept"] += 1
+            self._publish(session)
+            return
+        if session is not None:  # the other member's version won the race, or its owner moved it
+            self.counters["cluster_replaced"] += 1
+            plan.ops += self.end(session, now, "replaced by the shared table")
+            self.changes.pop((row.service, row.key), None)
+        if svc is None or row.server not in self.servers:
+            self.counters["cluster_unknown"] += 1  # another configuration's service or server
+            return
+        if not self.labels.claim(row.c2s, row.server):
+            self.counters["cluster_label_conflict"] += 1
+            return
+        hops = [(c, event.hops[c]) for c in row.clients if c in event.hops]
+        if not hops:
+            self.labels.release(row.c2s, now, hold_down=False)
+            self.counters["no_route"] += 1
+            return
+        session = Session(
+            id=self.table.new_id(),
+            service=row.service,
+            key=SessionKey(SessionKeyKind(row.kind), row.key, row.clients[0]),
+            vip=row.vip,
+            protocol=row.protocol,
+            port=row.port,
+            server=row.server,
+            c2s=row.c2s,
+            created=now,
+            last_seen=now,
+            sport=row.sport,
+            owner=owner,
+        )
+        self.table.add(session)
+        start = len(plan.ops)
+        for client, hop in hops:  # a hold marker of the pair here is replaced (_add_client)
+            self._add_client(session, svc, _RemotePorts(row.sport, row.port), client, hop, plan)
+        plan.groups[session.id] = (start, len(plan.ops))
+        self.counters["cluster_remote_sessions"] += 1
+
+    def remote_sync(self, rows: Sequence[RemotePut], now: float, keep_ours: bool = True) -> Plan:
+        """The whole shared table (at start, and when the store is back): other members'
+        sessions it no longer holds end here, the rest as `on_remote`. Sessions of ours it lacks
+        are written again (`keep_ours`), or end: at a start that resumed this member's lease, a
+        session restored from the kernel but absent from the table is another member's that
+        ended while this one was down (ours would still be there under the lease)."""
+        keys = {(p.session.service, p.session.key) for p in rows}
+        gone = [
+            RemoteDelete(s.service, s.key.value, s.owner)
+            for s in self.table
+            if s.owner is not None and (s.service, s.key.value) not in keys
+        ]
+        plan = self.on_remote([*gone, *rows], now)
+        for session in self.table:
+            if session.owner is None and (session.service, session.key.value) not in keys:
+                if keep_ours:
+                    self._publish(session)
+                else:
+                    self.counters["cluster_remote_ended"] += 1
+                    plan.ops += self.end(session, now, "ended elsewhere")
+                    self.changes.pop((session.service, session.key.value), None)
+        return plan
 
 
 def _filter_client(flt: ops.FlowerFilter | ops.U32Filter) -> str:

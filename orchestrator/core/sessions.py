@@ -44,6 +44,8 @@ class Session:
     # Embryonic (TCP): until when its client may send nothing past its first packet; None once
     # it did (or never for a session that is not checked). See Balancer.embryonic_due.
     embryonic_until: float | None = None
+    sport: int | None = None  # its first flow's source port (a five-tuple session's filter matches it)
+    owner: str | None = None  # cluster mode: the member that owns it in the shared table (None: this one)
 
     @property
     def s2c(self) -> int:
@@ -72,6 +74,7 @@ class Session:
             "created": self.created,
             "last_seen": self.last_seen,
             "ends_at": self.ends_at,
+            **({} if self.owner is None else {"owner": self.owner}),
         }
 
 

@@ -72,6 +72,21 @@ class BalancerDaemon(Daemon):
         self.checker: Checker = run_check
         self.offload_counts: dict[str, int] = {}
         self.next_offload_dump = 0.0
+        self.member: Any = None  # cluster mode: orchestrator.cluster.member.Member
+        if self.config.cluster is not None:
+            from orchestrator.cluster.member import Member  # etcd's client only in cluster mode
+
+            self.member = Member(self.config.cluster, self)
+
+    def routes_to(self, addresses: list[str]) -> dict[str, ops.NextHop | None]:
+        return self.provider.routes_to(addresses)
+
+    async def prepare(self) -> None:
+        """Cluster mode: join, claim a label block and read the shared table before anything else
+        (the daemon takes no packet before it knows every member's sessions)."""
+        if self.member is not None:
+            with start_step("cluster (etcd)"):
+                await self.member.start()
 
     def _share(self, config: BalancerConfig) -> BalancerConfig:
         """The configuration this daemon runs with: all of it, or a worker's share."""
@@ -105,6 +120,9 @@ class BalancerDaemon(Daemon):
             self.program(stale, "reconcile")
         if len(self.core.table):
             log.info("restored %d sessions from the kernel", len(self.core.table))
+        if self.member is not None:
+            with start_step("cluster table"):
+                self.member.sync(time.monotonic())
         if self.shard is None:  # a worker's supervisor loaded it
             with start_step("nftables ruleset"):
                 nftables.load(nftables.render(self.config))
@@ -136,17 +154,24 @@ class BalancerDaemon(Daemon):
         self.runner = HealthRunner(self.on_health_result, self.checker)
         self.runner.configure(probes_of(self.config))
         self.start_metrics()
+        if self.member is not None:
+            self.member.run()
+            self.member.flush()
 
     async def stop_tasks(self) -> None:
         if self.runner is not None:
             await self.runner.close()
         self.stop_metrics()
+        if self.member is not None:
+            await self.member.stop(leave=True)
 
     # -- the loop's hooks ---------------------------------------------------------------------------
     def tick(self) -> None:
         self.end_sessions()
         self.end_embryonic()
         self.publish()
+        if self.member is not None:
+            self.member.flush()
 
     def recent_offload_counts(self, now: float) -> dict[str, int]:
         """The objects' offload states need a dump of the kernel, taken at most every
@@ -267,6 +292,8 @@ class BalancerDaemon(Daemon):
         self.program(list(commit.admit), "fast path")
         self.queue.send_verdicts(nf_verdict(v) for v in commit.verdicts)
         self.batches += 1
+        if self.member is not None:
+            self.member.flush()  # the batch's sessions, in one transaction
         for session_id in plan.groups:
             session = self.core.table.by_id(session_id)
             if session is None:
@@ -398,4 +425,5 @@ class BalancerDaemon(Daemon):
             **views.server_summary(views.server_rows(self.core, self.health)),
             "labels": self.core.labels.stats(now).to_dict(),
             "queue": views.queue_summary(queue_stats(), self.config.nfqueue.queues),
+            **({} if self.member is None else {"cluster": self.member.status()}),
         }

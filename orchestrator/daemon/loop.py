@@ -262,6 +262,10 @@ class Daemon:
             self.metrics = None
 
     # -- hooks ----------------------------------------------------------------------------------------
+    async def prepare(self) -> None:
+        """On the running loop, before `setup`: what a role must await first (a balancer of a
+        cluster joins it and reads the shared table)."""
+
     def setup(self) -> None:
         raise NotImplementedError
 
@@ -363,6 +367,7 @@ class Daemon:
     # -- the loop -----------------------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        await self.prepare()
         self.setup()
         assert self.queue is not None and self.conntrack is not None
         for sig, flag in ((signal.SIGHUP, "reload"), (signal.SIGTERM, "stop"), (signal.SIGINT, "stop")):

@@ -248,3 +248,84 @@ def client_daemon(cfg: ClientConfig, kernel: FakeProvider, queue: ScriptedQueue)
     daemon = ClientDaemon(str(CLIENT_EXAMPLE), kernel, scripted_capture(queue), cfg)
     daemon.queue = queue
     return daemon
+
+
+class EtcdServer:
+    """One etcd member on loopback with random ports in a temporary directory (the cluster
+    tests' store), stopped and started again on the same ports and data by the tests."""
+
+    def __init__(self, binary: str, data: Path, tls: dict[str, Path] | None = None) -> None:
+        """`tls`: ca, cert, key (etcd's), client-cert, client-key files: etcd serves https and
+        asks clients for a certificate signed by the CA."""
+        import socket
+
+        self.binary, self.data, self.tls = binary, data, tls
+        ports = []
+        for _ in range(2):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                ports.append(s.getsockname()[1])
+        self.port, self.peer_port = ports
+        self.proc: Any = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import subprocess
+        import time
+
+        scheme = "https" if self.tls else "http"
+        client, peer = f"{scheme}://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer_port}"
+        tls = (
+            [
+                f"--cert-file={self.tls['cert']}",
+                f"--key-file={self.tls['key']}",
+                f"--trusted-ca-file={self.tls['ca']}",
+                "--client-cert-auth",
+            ]
+            if self.tls
+            else []
+        )
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                *tls,
+                "--name=t",
+                f"--data-dir={self.data}",
+                f"--listen-client-urls={client}",
+                f"--advertise-client-urls={client}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=t={peer}",
+                "--log-level=error",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=(self.data.parent / "etcd.log").open("ab"),
+        )
+        # Ready when /health says so (a leader elected), not when the port opens.
+        import json
+        import ssl
+        import urllib.request
+
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(cafile=str(self.tls["ca"]))
+            context.load_cert_chain(str(self.tls["client-cert"]), str(self.tls["client-key"]))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{client}/health", timeout=1, context=context) as answer:
+                    if json.loads(answer.read()).get("health") == "true":
+                        return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("etcd did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None

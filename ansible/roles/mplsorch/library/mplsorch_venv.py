@@ -28,6 +28,7 @@ options:
   find_links: {description: Directories on the node with wheels of the dependencies (pip --find-links)., type: list, elements: path, default: []}
   index: {description: Use the package index (false - pip --no-index - takes everything from find_links)., type: bool, default: true}
   extra_args: {description: More pip install arguments., type: list, elements: str, default: []}
+  extras: {description: "The package's extras to install with it (e.g. [cluster]: etcd's client for cluster mode).", type: list, elements: str, default: []}
   pip_wheel:
     description:
       - A pip wheel on the node (a path, or a glob whose newest match is taken) to run pip from, so that
@@ -62,6 +63,7 @@ def main():
             find_links=dict(type="list", elements="path", default=[]),
             index=dict(type="bool", default=True),
             extra_args=dict(type="list", elements="str", default=[]),
+            extras=dict(type="list", elements="str", default=[]),
             pip_wheel=dict(type="str", default=""),
         ),
         supports_check_mode=True,
@@ -77,6 +79,8 @@ def main():
             module.exit_json(msg="would install %s into %s" % (name, venv), **dict(result, changed=True))
         module.fail_json(msg="no wheel at %s" % wheel, **result)
     wanted = {"wheel": name, "sha256": sha256(wheel)}
+    if p["extras"]:  # absent without extras: installs of earlier versions keep their stamp
+        wanted["extras"] = sorted(p["extras"])
     stamp = os.path.join(venv, STAMP)
     try:
         with open(stamp) as f:
@@ -126,7 +130,8 @@ def main():
         pip += ["--find-links", link]
     pip += p["extra_args"]
     was_installed = installed is not None or os.path.exists(executable)
-    run(pip + [wheel])  # new dependencies; the package itself if it was not there
+    target = wheel + ("[%s]" % ",".join(sorted(p["extras"])) if p["extras"] else "")
+    run(pip + [target])  # new dependencies (the extras' too); the package itself if it was not there
     if was_installed:  # a rebuilt wheel of the same version: pip calls it "already satisfied"
         run(pip + ["--force-reinstall", "--no-deps", wheel])
     with open(stamp + ".tmp", "w") as f:

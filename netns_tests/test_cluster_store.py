@@ -1,0 +1,77 @@
+"""Two balancers sharing the session table in etcd (issue 16, docs/scale.md) while etcd is away,
+on a real kernel (netns_tests/harness/cluster_lab.py): a counted UDP stream of a served client
+loses nothing across etcd's death and restart, a new client is refused at once and counted
+(`when_store_down: refuse`), a served client's new connection is served; once etcd is back
+both balancers rejoin and the new client is served, its session on both."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from netns_tests.harness.cluster_lab import STREAM, ClusterLab
+from orchestrator.lab.kit import Lab, patience
+
+KEYS = ("service", "key", "server", "c2s_label", "s2c_label")
+
+
+@pytest.fixture(scope="module")
+def cluster(lab: Lab) -> Iterator[ClusterLab]:
+    c = ClusterLab(lab)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.close()
+
+
+def rows(sessions: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(s["service"], s["key"]): s for s in sessions}
+
+
+def wait(what: str, ready: Any, seconds: float = 20) -> None:
+    deadline = time.monotonic() + patience(seconds)
+    while not ready():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def stores(cluster: ClusterLab) -> tuple[str, str]:
+    return cluster.lb1.cli("status")["cluster"]["store"], cluster.cli2("status")["cluster"]["store"]
+
+
+def test_etcd_away_keeps_sessions_refuses_new_ones_counted_and_reconciles(lab: Lab, cluster: ClusterLab) -> None:
+    lb1 = cluster.lb1
+    cluster.via("c1", "lb")
+    cluster.via("c3", "lb2")
+    assert lb1.curl("c1") == "200"
+    stream = lab.spawn("c1", sys.executable, "-c", STREAM, lab.vip, "0.02", str(patience(12)),
+                       log=cluster.dir / "stream-c1.log")  # fmt: skip
+    log = cluster.dir / "stream-c1.log"
+    wait("the stream echoed", lambda: log.exists() and "running" in log.read_text())
+    key1 = ("http", lab.address("c1"))
+    wait("c1's session on lb2", lambda: key1 in rows(cluster.cli2("sessions")))
+    cluster.stop_etcd()
+    wait("both balancers see etcd down", lambda: stores(cluster) == ("down", "down"))
+    refused = cluster.cli2("status")["counters"].get("refused:store-down", 0)
+    assert lb1.curl("c3") == "000"  # refused at once: a TCP reset
+    assert cluster.cli2("status")["counters"]["refused:store-down"] == refused + 1
+    assert lb1.curl("c1") == "200"  # a served client's new connection
+    cluster.start_etcd()
+    wait("both balancers back", lambda: stores(cluster) == ("up", "up"))
+    assert lb1.curl("c3") == "200"
+    key3 = ("http", lab.address("c3"))
+    wait("c3's session on both", lambda: key3 in rows(lb1.sessions()))
+    on1, on2 = rows(lb1.sessions()), rows(cluster.cli2("sessions"))
+    for key in (key1, key3):
+        assert all(on1[key][k] == on2[key][k] for k in KEYS), (on1[key], on2[key])
+    assert lb1.cli("status")["counters"]["store_rejoins"] == cluster.cli2("status")["counters"]["store_rejoins"] == 1
+    stream.wait(timeout=patience(60))
+    result = json.loads(log.read_text().splitlines()[-1])
+    print(f"\nc1's stream across etcd's outage: {result['sent']} sent, {result['received']} echoed")
+    assert result["sent"] > 0 and result["lost"] == [], result

@@ -1,0 +1,230 @@
+"""Cluster mode's pure parts over the fake kernel: two balancer cores share sessions through
+the rows one writes and the other receives as remote events (as the daemons do through etcd).
+A session made on A gets the same filters, S2C route and fast-path elements on B; a deleted key
+ends it there; an orphaned one (its owner's lease went) is adopted; flows through B take it
+over; the store away refuses new sessions, counted; label blocks keep the members' pairs apart."""
+
+from __future__ import annotations
+
+from orchestrator.core.events import Action, FlowKey, FlowsStarted
+from orchestrator.core.label_blocks import BlockAllocator, BlockLayout, next_block, wants_block
+from orchestrator.core.remote import ClusterSession, RemoteDelete, RemotePut
+from orchestrator.dataplane import ops
+from tests.unit.conftest import TRANSPORT, VIP, Node, config, syn
+
+IPPROTO_TCP = 6
+
+
+def member(name: str, block: int, changes: dict[str, object] | None = None) -> Node:
+    node = Node(
+        config(
+            {
+                "cluster": {"name": name, "endpoints": ["127.0.0.1:2379"], "label_block": 64},
+                "labels.hold_down": 2,
+                **(changes or {}),
+            }
+        )
+    )
+    node.core.add_label_block(block)
+    return node
+
+
+def deliver(node: Node, events: list[RemotePut | RemoteDelete]) -> None:
+    """A member's watch: the events to the core, its operations to the kernel."""
+    plan = node.core.on_remote(events, node.now)
+    results = node.kernel.apply(plan.ops)
+    assert all(r.ok for r in results), [str(r) for r in results if not r.ok]
+    commit = node.core.commit(plan, results, node.now)
+    assert not commit.verdicts and not commit.failures
+    assert all(r.ok for r in node.kernel.apply(commit.admit))
+
+
+def puts(node: Node, rows: list[ClusterSession]) -> list[RemotePut | RemoteDelete]:
+    clients = [c for r in rows for c in r.clients]
+    hops = node.kernel.routes_to(clients)
+    return [RemotePut(r, {c: h for c in r.clients if (h := hops.get(c)) is not None}) for r in rows]
+
+
+def written(node: Node) -> dict[tuple[str, str], ClusterSession | None]:
+    return node.core.take_changes()
+
+
+def test_a_session_made_on_one_member_is_installed_on_the_other_under_the_same_labels() -> None:
+    a, b = member("lb1", 0), member("lb2", 1)
+    commit = a.packets(syn("10.0.1.1"), syn("10.0.1.2"))
+    assert [v.action for v in commit.verdicts] == [Action.ACCEPT] * 2
+    changes = written(a)
+    assert len(changes) == 2  # one write for the whole batch
+    rows = [r for r in changes.values() if r is not None]
+    assert {r.owner for r in rows} == {"lb1"}
+    assert all(r.c2s in range(*BlockLayout(1000, 99999, 64).bounds(0)) for r in rows)
+    deliver(b, puts(b, rows))
+    for client in ("10.0.1.1", "10.0.1.2"):
+        assert b.labels_of(client) == a.labels_of(client) != ()
+        session = b.core.table.get("http", client)
+        assert session is not None and session.owner == "lb1"
+        # the answers through B reach the client: its S2C label routed to it, popped
+        s2c = session.s2c
+        fwd = b.kernel.receive_mpls([s2c])
+        assert fwd is not None and fwd.via == client and fwd.labels == ()
+        # and B's kernel admits the client's next flows itself
+        assert b.kernel.fast_path(client, VIP, "tcp", 80) is not None
+    assert b.core.counters["cluster_remote_sessions"] == 2
+    assert written(b) == {}  # B writes nothing of another member's sessions
+    # the pairs are B's to know but never to hand out: B's own sessions come from its block
+    b.packets(syn("10.0.2.1"))
+    own = b.core.table.get("http", "10.0.2.1")
+    assert own is not None and BlockLayout(1000, 99999, 64).block_of(own.c2s) == 1
+
+
+def test_a_deleted_key_ends_the_session_on_the_other_member_and_a_tick_never_does() -> None:
+    a, b = member("lb1", 0), member("lb2", 1)
+    a.packets(syn("10.0.1.1"))
+    row = next(r for r in written(a).values() if r is not None)
+    deliver(b, puts(b, [row]))
+    session = b.core.table.get("http", "10.0.1.1")
+    assert session is not None
+    b.advance(3600)  # no flow on B, persistence long past: another member's session stays
+    assert b.labels_of("10.0.1.1") == a.labels_of("10.0.1.1") != ()
+    deliver(b, [RemoteDelete("http", "10.0.1.1", "lb1")])
+    assert b.core.table.get("http", "10.0.1.1") is None
+    assert b.labels_of("10.0.1.1") == ()
+    assert b.kernel.fast_path("10.0.1.1", VIP, "tcp", 80) is None
+    assert b.core.counters["cluster_remote_ended"] == 1
+    # its S2C label is held down (marker), then gone
+    assert b.kernel.mpls_lookup(row.c2s + 1) == ops.MplsRoute(row.c2s + 1, "lo")
+    b.advance(3)
+    assert b.kernel.mpls_lookup(row.c2s + 1) is None
+    assert written(b) == {}
+
+
+def test_the_owner_ending_a_session_deletes_its_key() -> None:
+    a = member("lb1", 0)
+    a.packets(syn("10.0.1.1"))
+    written(a)
+    a.core.on_flow_events([FlowsStarted(())], a.now)
+    session = a.core.table.get("http", "10.0.1.1")
+    assert session is not None
+    for flow in list(session.flows):
+        a.core.table.end_flow(flow)
+    session.state, session.ends_at = session.state.DRAINING, a.now
+    a.advance(1)
+    assert written(a) == {("http", "10.0.1.1"): None}
+
+
+def test_an_orphaned_session_is_adopted_and_written_under_the_survivor() -> None:
+    a, b = member("lb1", 0), member("lb2", 1)
+    a.packets(syn("10.0.1.1"))
+    row = next(r for r in written(a).values() if r is not None)
+    deliver(b, puts(b, [row]))
+    deliver(b, [RemoteDelete("http", "10.0.1.1", "lb1", orphaned=True)])
+    session = b.core.table.get("http", "10.0.1.1")
+    assert session is not None and session.owner is None
+    assert b.labels_of("10.0.1.1") == a.labels_of("10.0.1.1")  # nothing of it changed in the kernel
+    adopted = written(b)[("http", "10.0.1.1")]
+    assert adopted is not None and adopted.owner == "lb2" and (adopted.server, adopted.c2s) == (row.server, row.c2s)
+    assert b.core.counters["cluster_adopted"] == 1
+
+
+def test_flows_through_the_other_member_take_the_session_over_and_the_first_owner_follows() -> None:
+    a, b = member("lb1", 0), member("lb2", 1)
+    a.packets(syn("10.0.1.1"))
+    row = next(r for r in written(a).values() if r is not None)
+    deliver(b, puts(b, [row]))
+    flow = FlowKey(IPPROTO_TCP, "10.0.1.1", VIP, 40001, 80)
+    b.core.on_flow_events([FlowsStarted((flow,))], b.now)  # admitted by B's fast path
+    taken = written(b)[("http", "10.0.1.1")]
+    assert taken is not None and taken.owner == "lb2"
+    deliver(a, puts(a, [taken]))
+    session = a.core.table.get("http", "10.0.1.1")
+    assert session is not None and session.owner == "lb2"
+    assert a.core.counters["cluster_handed_over"] == 1
+    a.advance(3600)  # A no longer ends it by its own timer
+    assert a.core.table.get("http", "10.0.1.1") is not None
+    assert written(a) == {}
+
+
+def test_a_race_for_the_same_client_is_settled_the_same_way_on_both_members() -> None:
+    a, b = member("lb1", 0), member("lb2", 1)
+    a.packets(syn("10.0.1.1"))
+    b.packets(syn("10.0.1.1"))  # the same client reached both before either write
+    row_a = next(r for r in written(a).values() if r is not None)
+    row_b = next(r for r in written(b).values() if r is not None)
+    assert row_a.c2s != row_b.c2s
+    # whatever order the rows arrive in, the lower member name's version stays on both
+    deliver(b, puts(b, [row_a]))
+    session = b.core.table.get("http", "10.0.1.1")
+    assert session is not None and (session.server, session.c2s, session.owner) == (row_a.server, row_a.c2s, "lb1")
+    assert b.core.counters["cluster_replaced"] == 1
+    assert written(b) == {}  # B's own row is not written again
+    deliver(b, puts(b, [row_b]))  # B's own write echoed after A's: nothing changes
+    assert b.core.table.get("http", "10.0.1.1") is session
+    deliver(a, puts(a, [row_b]))
+    kept = a.core.table.get("http", "10.0.1.1")
+    assert kept is not None and (kept.c2s, kept.owner) == (row_a.c2s, None)
+    assert a.core.counters["cluster_race_kept"] == 1
+    assert written(a) == {("http", "10.0.1.1"): row_a}  # written again: the table ends with it
+    assert b.labels_of("10.0.1.1") == a.labels_of("10.0.1.1") == (TRANSPORT[row_a.server], row_a.c2s)
+
+
+def test_store_down_refuses_new_sessions_counted_and_existing_ones_keep_forwarding() -> None:
+    a = member("lb1", 0)
+    a.packets(syn("10.0.1.1"))
+    labels = a.labels_of("10.0.1.1")
+    a.core.store_up = False
+    commit = a.packets(syn("10.0.1.9"), syn("10.0.1.1", sport=40002))
+    assert [v.action for v in commit.verdicts] == [Action.REFUSE, Action.ACCEPT]
+    assert commit.verdicts[0].reason == "store-down"
+    assert a.core.counters["refused:store-down"] == 1
+    assert a.labels_of("10.0.1.1") == labels
+    a.core.store_up = True
+    assert a.packets(syn("10.0.1.9")).verdicts[0].action == Action.ACCEPT
+
+
+def test_remote_sync_ends_sessions_the_table_lost_and_republishes_ours() -> None:
+    a, b = member("lb1", 0), member("lb2", 1)
+    a.packets(syn("10.0.1.1"), syn("10.0.1.2"))
+    rows = [r for r in written(a).values() if r is not None]
+    deliver(b, puts(b, rows))
+    b.packets(syn("10.0.2.1"))
+    written(b)
+    keep = [r for r in rows if r.key == "10.0.1.2"]
+    plan = b.core.remote_sync(puts(b, keep), b.now)  # type: ignore[arg-type]
+    results = b.kernel.apply(plan.ops)
+    b.core.commit(plan, results, b.now)
+    assert b.core.table.get("http", "10.0.1.1") is None
+    assert b.core.table.get("http", "10.0.1.2") is not None
+    assert set(written(b)) == {("http", "10.0.2.1")}  # ours, missing from the table: written again
+
+
+def test_no_label_block_no_session_and_blocks_keep_members_apart() -> None:
+    a = Node(config({"cluster": {"name": "lb1", "endpoints": ["127.0.0.1:2379"], "label_block": 4}}))
+    commit = a.packets(syn("10.0.1.1"))
+    assert commit.verdicts[0].action == Action.REFUSE and commit.verdicts[0].reason == "labels-exhausted"
+    layout = BlockLayout(1000, 99999, 4)
+    assert layout.first_c2s == 1001 and layout.bounds(0) == (1001, 1008) and layout.bounds(1) == (1009, 1016)
+    assert layout.block_of(1007) == 0 and layout.block_of(1009) == 1 and layout.block_of(1000) is None
+    assert layout.count == (99999 - 1001 + 1) // 2 // 4
+    # a dead member's block comes back only once no session uses it
+    assert next_block(layout, held={0}, in_use=[1011]) == 2
+    assert next_block(layout, held={0}, in_use=[]) == 1
+    assert next_block(BlockLayout(1001, 1008, 4), held={0}, in_use=[]) is None
+    assert wants_block(0, 64) and wants_block(15, 64) and not wants_block(16, 64)
+
+
+def test_block_allocator_hands_out_only_held_blocks_and_claims_foreign_pairs() -> None:
+    alloc = BlockAllocator(BlockLayout(1001, 1040, 2), hold_down=1)
+    assert alloc.allocate("s1", 0) is None
+    alloc.add_block(1)  # 1005, 1007
+    assert alloc.claim(1001, "s2")  # another member's pair (block 0): known in use
+    assert not alloc.claim(1001, "s2")
+    assert [alloc.allocate("s1", 0), alloc.allocate("s1", 0), alloc.allocate("s1", 0)] == [1005, 1007, None]
+    assert alloc.stats(0).in_use == 2 and alloc.free(now=0) == 0
+    alloc.release(1005, 0)
+    assert alloc.allocate("s1", 0.5) is None and alloc.allocate("s1", 1.0) == 1005
+    alloc.release(1001, 0)  # a foreign pair goes without touching our blocks
+    assert sorted(alloc.in_use()) == [1005, 1007]
+    alloc.claim(1001, "s2")
+    alloc.add_block(0)  # a block whose pairs are in use: they stay in use
+    assert alloc.allocate("s1", 2) == 1003
+    assert alloc.allocate("s1", 2) is None

@@ -1,0 +1,382 @@
+"""Cluster mode against a real etcd on loopback (started here, random ports; skipped only when
+the etcd binary is absent: bootstrap.sh installs etcd-server, so CI runs it). Two balancer
+daemons over fake kernels share one etcd: label blocks are claimed apart, a first-packet batch
+is one transaction, each session is installed on the other member and removed with its key,
+a killed member's sessions are adopted, and while etcd is away new sessions are refused
+(counted) and existing ones keep forwarding, then everything reconciles."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scapy.layers.inet import IP, TCP
+
+from orchestrator.capture.nfqueue import NF_ACCEPT, NF_REPEAT, QueuedPacket
+from orchestrator.cluster import codec
+from orchestrator.cluster.store import Store, StoreError
+from orchestrator.config.model import BalancerConfig
+from orchestrator.core.label_blocks import BlockLayout
+from orchestrator.core.remote import ClusterSession
+from orchestrator.daemon.balancer import BalancerDaemon
+from orchestrator.dataplane import ops
+from orchestrator.dataplane.fake import FakeProvider
+from tests.unit.conftest import VIP, EtcdServer, ScriptedQueue, balancer_daemon, config
+
+ETCD = shutil.which("etcd")
+pytestmark = pytest.mark.skipif(ETCD is None, reason="no etcd binary (bootstrap.sh installs etcd-server)")
+BLOCK = 8
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    assert ETCD is not None
+    server = EtcdServer(ETCD, tmp_path / "etcd")
+    server.start()
+    yield server
+    server.stop()
+
+
+def cluster_config(etcd: EtcdServer, name: str, ttl: int = 3) -> BalancerConfig:
+    return config(
+        {
+            "cluster": {"name": name, "endpoints": [etcd.endpoint], "label_block": BLOCK, "lease_ttl": ttl},
+            "labels.hold_down": 1,
+        }
+    )
+
+
+def make_member(etcd: EtcdServer, name: str, ttl: int = 3) -> tuple[BalancerDaemon, FakeProvider, ScriptedQueue]:
+    kernel = FakeProvider(["lan0", "fab0"])
+    kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
+    kernel.add_ip_route("10.0.0.0/16", "lan0")
+    queue = ScriptedQueue()
+    daemon = balancer_daemon(cluster_config(etcd, name, ttl), kernel, queue)
+    return daemon, kernel, queue
+
+
+async def join(daemon: BalancerDaemon) -> None:
+    """What `run` does for the cluster before READY (prepare, the table in setup, the tasks)."""
+    await daemon.prepare()
+    daemon.member.sync(time.monotonic())
+    daemon.member.run()
+
+
+def syn(n: int, src: str, sport: int = 40000) -> QueuedPacket:
+    return QueuedPacket(0, n, bytes(IP(src=src, dst=VIP) / TCP(sport=sport, dport=80, flags="S")), 0, None, 0)
+
+
+def labels_of(kernel: FakeProvider, client: str) -> tuple[int, ...]:
+    fwd = kernel.forward_ip(client, VIP, proto="tcp", sport=40000, dport=80, out_dev="fab0")
+    return fwd.labels if fwd else ()
+
+
+async def until(what: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not what():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.05)
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(test(), 120))
+
+
+def test_two_stores_never_hold_the_same_block(etcd: EtcdServer) -> None:
+    async def test() -> None:
+        one, two = Store(cluster_config(etcd, "lb1").cluster), Store(cluster_config(etcd, "lb2").cluster)  # type: ignore[arg-type]
+        for s in (one, two):
+            await s.connect()
+            await s.join()
+        again = Store(cluster_config(etcd, "lb1").cluster)  # type: ignore[arg-type]
+        await again.connect()
+        await again.join()  # the same name again (a restart): it resumes the live lease
+        assert again.resumed and again.lease == one.lease
+        await again.close()
+        # both race for the same blocks: each block goes to exactly one of them
+        won = await asyncio.gather(*(s.claim_block(i) for i in range(6) for s in (one, two)))
+        assert [won[2 * i] + won[2 * i + 1] for i in range(6)] == [1] * 6
+        snap = await one.load()
+        assert snap.members == {"lb1", "lb2"} and sorted(snap.blocks) == list(range(6))
+        assert {n: sum(1 for v in snap.blocks.values() if v == n) for n in ("lb1", "lb2")} == {
+            "lb1": sum(won[0::2]),
+            "lb2": sum(won[1::2]),
+        }
+        await one.close()
+        await two.close()
+
+    run(test)
+
+
+def test_sessions_through_either_member_are_installed_on_both_and_end_with_their_key(etcd: EtcdServer) -> None:
+    async def test() -> None:
+        a, ka, qa = make_member(etcd, "lb1")
+        b, kb, qb = make_member(etcd, "lb2")
+        await join(a)
+        await join(b)
+        la, lb = a.core.labels, b.core.labels
+        assert la.held_blocks and lb.held_blocks and not set(la.held_blocks) & set(lb.held_blocks)  # type: ignore[union-attr]
+        a.decide([syn(1, "10.0.1.1"), syn(2, "10.0.1.2"), syn(3, "10.0.1.3")])
+        b.decide([syn(1, "10.0.2.1")])
+        assert [v.verdict for v in qa.sent] == [NF_ACCEPT] * 3
+        await until(lambda: all(labels_of(kb, c) for c in ("10.0.1.1", "10.0.1.2", "10.0.1.3")))
+        await until(lambda: labels_of(ka, "10.0.2.1") != ())
+        for c in ("10.0.1.1", "10.0.1.2", "10.0.1.3", "10.0.2.1"):
+            assert labels_of(ka, c) == labels_of(kb, c) != ()
+        assert a.core.counters["cluster_txns"] == 1  # the batch of three in one transaction
+        assert a.core.counters["cluster_rows_written"] == 3
+        assert b.core.counters["cluster_remote_sessions"] == 3
+        layout = BlockLayout(1000, 99999, BLOCK)
+        owned_a = {layout.block_of(s.c2s) for s in a.core.table if s.owner is None}
+        assert owned_a <= set(la.held_blocks)  # type: ignore[union-attr]
+        status = b.status_details(time.monotonic())["cluster"]
+        assert status["members"] == ["lb1", "lb2"] and status["store"] == "up" and status["remote_sessions"] == 3
+        # A flushes a session: its key goes, B removes its objects
+        a.flush({"client": "10.0.1.2"}, time.monotonic())
+        a.tick()
+        await until(lambda: labels_of(kb, "10.0.1.2") == ())
+        assert b.core.table.get("http", "10.0.1.2") is None
+        assert labels_of(kb, "10.0.1.1") != ()
+        # a member that starts later loads the table before it takes traffic
+        c, kc, _ = make_member(etcd, "lb3")
+        await join(c)
+        for cl in ("10.0.1.1", "10.0.1.3", "10.0.2.1"):
+            assert labels_of(kc, cl) == labels_of(ka, cl) != ()
+        for d in (a, b, c):
+            await d.member.stop(leave=False)
+
+    run(test)
+
+
+def test_a_dead_members_sessions_are_adopted_and_keep_forwarding(etcd: EtcdServer) -> None:
+    async def test() -> None:
+        a, ka, _ = make_member(etcd, "lb1", ttl=2)
+        b, kb, _ = make_member(etcd, "lb2", ttl=2)
+        await join(a)
+        await join(b)
+        a.decide([syn(1, "10.0.1.1"), syn(2, "10.0.1.2")])
+        await until(lambda: labels_of(kb, "10.0.1.2") != ())
+        before = {c: labels_of(kb, c) for c in ("10.0.1.1", "10.0.1.2")}
+        # A dies: no leave, no keep-alive; its lease runs out after its TTL
+        for task in a.member.tasks:
+            task.cancel()
+        await a.member.store.close()
+        await until(lambda: b.core.counters["cluster_adopted"] == 2, 15)
+        assert {c: labels_of(kb, c) for c in before} == before
+        assert all(s.owner is None for s in b.core.table)
+        await until(lambda: b.core.counters["cluster_rows_written"] >= 2)
+        store = Store(cluster_config(etcd, "probe").cluster)  # type: ignore[arg-type]
+        await store.connect()
+        snap = await store.load()
+        assert {(r.key, r.owner) for r in snap.sessions} == {("10.0.1.1", "lb2"), ("10.0.1.2", "lb2")}
+        assert "lb1" not in snap.members and set(snap.blocks.values()) == {"lb2"}
+        await store.close()
+        await b.member.stop(leave=False)
+
+    run(test)
+
+
+def test_etcd_away_refuses_new_sessions_keeps_the_old_and_reconciles(etcd: EtcdServer) -> None:
+    async def test() -> None:
+        a, ka, qa = make_member(etcd, "lb1", ttl=2)
+        b, kb, _ = make_member(etcd, "lb2", ttl=2)
+        await join(a)
+        await join(b)
+        a.decide([syn(1, "10.0.1.1")])
+        await until(lambda: labels_of(kb, "10.0.1.1") != ())
+        kept = labels_of(ka, "10.0.1.1")
+        etcd.stop()
+        await until(lambda: not a.member.up and not b.member.up, 15)
+        a.decide([syn(2, "10.0.1.5"), syn(3, "10.0.1.1", sport=40001)])
+        verdicts = [v.verdict for v in qa.sent[-2:]]
+        assert verdicts == [NF_REPEAT, NF_ACCEPT]  # the new client refused, the served one accepted
+        assert a.core.counters["refused:store-down"] == 1 and a.core.counters["store_down"] == 1
+        assert labels_of(ka, "10.0.1.1") == labels_of(kb, "10.0.1.1") == kept
+        # B ends one of its... nothing; A ends its session while etcd is away: written on return
+        a.flush({"client": "10.0.1.1"}, time.monotonic())
+        a.tick()
+        etcd.start()
+        await until(lambda: a.member.up and b.member.up, 20)
+        await until(lambda: labels_of(kb, "10.0.1.1") == (), 10)
+        a.decide([syn(4, "10.0.1.5")])
+        assert qa.sent[-1].verdict == NF_ACCEPT
+        await until(lambda: labels_of(kb, "10.0.1.5") != ())
+        assert a.core.counters["store_rejoins"] == 1
+        for d in (a, b):
+            await d.member.stop(leave=True)
+        store = Store(cluster_config(etcd, "probe").cluster)  # type: ignore[arg-type]
+        await store.connect()
+        snap = await store.load()
+        assert snap.members == frozenset() and snap.sessions == ()  # both left: their keys went
+        await store.close()
+
+    run(test)
+
+
+def test_codec_round_trip_and_key_names() -> None:
+    row = ClusterSession("http", "client-ip", "10.0.1.1", ("10.0.1.1",), VIP, "tcp", 80, 40000, "s1", 1001, "lb1")
+    assert codec.decode_session(codec.encode_session(row)) == row
+    v6 = ClusterSession(
+        "mobile",
+        "mip6-home-address",
+        "fd00::1",
+        ("fd00::1", "fd00:9::2"),
+        "fd00:100::100",
+        "tcp",
+        443,
+        None,
+        "s2",
+        2003,
+        "lb2",
+    )
+    assert codec.decode_session(codec.encode_session(v6)) == v6
+    assert len(codec.encode_session(row)) < 300
+    for bad in (b"", b"{", b"[]", b'{"v":2}', codec.encode_session(row).replace(b'"c2s":1001', b'"c2s":1002')):
+        assert codec.decode_session(bad) is None
+    p = "/mplsorch/"
+    assert codec.parse_key(p, codec.session_key(p, "http", "10.0.1.1")) == ("session", "http", "10.0.1.1")
+    assert codec.parse_key(p, codec.session_key(p, "x", "tcp/fd00::1/1/fd00::2/2")) == (
+        "session",
+        "x",
+        "tcp/fd00::1/1/fd00::2/2",
+    )
+    assert codec.parse_key(p, codec.block_key(p, 7)) == ("block", "7", "")
+    assert codec.parse_key(p, codec.member_key(p, "lb1")) == ("member", "lb1", "")
+    assert codec.parse_key(p, b"/other/x") is None and codec.parse_key(p, b"/mplsorch/blocks/x") is None
+
+
+def test_a_restart_within_the_lease_resumes_it_and_nothing_moves(etcd: EtcdServer) -> None:
+    async def test() -> None:
+        a, ka, _ = make_member(etcd, "lb1", ttl=5)
+        b, kb, _ = make_member(etcd, "lb2", ttl=5)
+        await join(a)
+        await join(b)
+        a.decide([syn(1, "10.0.1.1"), syn(2, "10.0.1.2")])
+        b.decide([syn(1, "10.0.2.1"), syn(2, "10.0.2.2")])
+        await until(lambda: labels_of(kb, "10.0.1.2") != () and labels_of(ka, "10.0.2.2") != ())
+        blocks = a.core.labels.held_blocks  # type: ignore[union-attr]
+        for task in a.member.tasks:  # SIGKILL: no leave, the kernel keeps its objects
+            task.cancel()
+        await a.member.store.close()
+        b.flush({"client": "10.0.2.2"}, time.monotonic())  # ends while A is down
+        b.tick()
+        await asyncio.sleep(1)
+        again = balancer_daemon(cluster_config(etcd, "lb1", ttl=5), ka, ScriptedQueue())
+        await again.prepare()  # as run(): the store first, then the kernel, then the table
+        assert again.member.store.resumed
+        again.core.restore(ka.dump(), frozenset(), time.monotonic())
+        again.member.sync(time.monotonic())
+        again.member.run()
+        assert again.core.labels.held_blocks == blocks  # type: ignore[union-attr]
+        assert {(s.key.value, s.owner) for s in again.core.table} == {
+            ("10.0.1.1", None),
+            ("10.0.1.2", None),
+            ("10.0.2.1", "lb2"),
+        }
+        assert labels_of(ka, "10.0.2.2") == ()  # restored from the kernel, gone from the table: ended
+        again.decide([syn(3, "10.0.1.3")])
+        await until(lambda: labels_of(kb, "10.0.1.3") != ())
+        await asyncio.sleep(6)  # past the TTL: the resumed lease is kept alive, nothing was adopted
+        assert b.core.counters["cluster_adopted"] == 0
+        assert {s.key.value: s.owner for s in b.core.table} == {
+            "10.0.1.1": "lb1",
+            "10.0.1.2": "lb1",
+            "10.0.1.3": "lb1",
+            "10.0.2.1": None,
+        }
+        for d in (again, b):
+            await d.member.stop(leave=False)
+
+    run(test)
+
+
+def make_certificates(where: Path) -> dict[str, Path]:
+    """A CA, etcd's certificate for 127.0.0.1 and a client certificate, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def issue(cn: str, key: Any, issuer: Any, issuer_key: Any, ca: bool, usage: Any = None) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if usage is not None:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        if cn == "etcd":
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            )
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    out: dict[str, Path] = {}
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = issue("test ca", ca_key, name("test ca"), ca_key, True)
+    out["ca"] = where / "ca.pem"
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for cn, usage in (("etcd", ExtendedKeyUsageOID.SERVER_AUTH), ("lb1", ExtendedKeyUsageOID.CLIENT_AUTH)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = issue(cn, key, ca.subject, ca_key, False, usage)
+        prefix = "server" if cn == "etcd" else "client"
+        out[f"{prefix}-cert"] = where / f"{cn}.pem"
+        out[f"{prefix}-cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        out[f"{prefix}-key"] = where / f"{cn}-key.pem"
+        out[f"{prefix}-key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return out
+
+
+def test_tls_to_etcd_with_a_client_certificate(tmp_path: Path) -> None:
+    assert ETCD is not None
+    files = make_certificates(tmp_path)
+    server = EtcdServer(ETCD, tmp_path / "etcd", {**files, "cert": files["server-cert"], "key": files["server-key"]})
+    server.start()
+    try:
+
+        async def test() -> None:
+            tls = {"ca": str(files["ca"]), "cert": str(files["client-cert"]), "key": str(files["client-key"])}
+            cfg = config({"cluster": {"name": "lb1", "endpoints": [server.endpoint], "tls": tls}}).cluster
+            assert cfg is not None and cfg.tls is not None
+            store = Store(cfg, timeout=5)
+            await store.connect()
+            await store.join()
+            assert await store.claim_block(0)
+            row = ClusterSession("http", "client-ip", "10.0.1.1", ("10.0.1.1",), VIP, "tcp", 80, 1, "s1", 1001, "lb1")
+            assert await store.write({("http", "10.0.1.1"): row}) == 1
+            snap = await store.load()
+            assert snap.sessions == (row,) and snap.blocks == {0: "lb1"} and snap.members == {"lb1"}
+            await store.close()
+            # without a client certificate etcd refuses the connection
+            plain = Store(config({"cluster": {"name": "lb2", "endpoints": [server.endpoint]}}).cluster)  # type: ignore[arg-type]
+            plain.timeout = 2
+            with pytest.raises(StoreError):
+                await plain.connect()
+            await plain.close()
+
+        run(test)
+    finally:
+        server.stop()

@@ -107,10 +107,19 @@ def _logged(balancer: BalancerLab, event: str, service: str, key: str) -> list[d
     ]
 
 
+def _logged_soon(balancer: BalancerLab, event: str, service: str, key: str) -> list[dict[str, Any]]:
+    """`_logged` once it has a line: the daemon logs a session's start after its first packet's
+    verdict, so the client's answer may come back before the line is written."""
+    deadline = time.monotonic() + patience(5)
+    while not (found := _logged(balancer, event, service, key)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found
+
+
 def test_udp_clients_get_a_session_of_their_own(lab: Lab, balancer: BalancerLab) -> None:
     c3 = lab.address("c3")
     assert balancer.udp("c3") == "echo hello"
-    started = _logged(balancer, "start", "dns", c3)
+    started = _logged_soon(balancer, "start", "dns", c3)
     assert len(started) == 1, balancer.log()[-2000:]
     session = started[0]
     DNS_SESSION.update(session)
@@ -192,7 +201,7 @@ for packet in bad:
 
 def test_ipv6_clients_reach_the_ipv6_vip(lab: Lab, balancer: BalancerLab) -> None:
     assert balancer.curl("c2", lab.vip6) == "200"
-    started = _logged(balancer, "start", "mobile", lab.address("c2", version=6))
+    started = _logged_soon(balancer, "start", "mobile", lab.address("c2", version=6))
     assert len(started) == 1, balancer.log()[-2000:]  # no Home Address option: keyed by the source
     log = (Path(lab.node(started[0]["server"])["runtime_dir"]) / "http-80-v6.log").read_text()
     assert any(line.startswith(lab.address("c2", version=6) + " ") for line in log.splitlines()), log
@@ -239,7 +248,7 @@ def test_a_mobile_client_keeps_its_server_and_labels_when_its_care_of_address_ch
         while coa not in {c for s in balancer.sessions() if s["key"] == home for c in s["clients"]}:
             assert time.monotonic() < deadline, balancer.log()[-2000:]
             time.sleep(0.5)
-    started = _logged(balancer, "start", "mobile", home)
+    started = _logged_soon(balancer, "start", "mobile", home)
     assert len(started) == 1, balancer.log()[-2000:]  # one session, re-keyed, not a second one
     assert re.search(
         rf"session {started[0]['id']} rekeyed: mobile {re.escape(home)} -> \S+ c2s \d+ s2c \d+ "

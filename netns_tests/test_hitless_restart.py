@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from netns_tests.harness.traffic import GET, PROBE, STREAM, last_json
 from orchestrator.config.examples import KeyPath
 from orchestrator.lab.balancer_lab import BalancerLab
 from orchestrator.lab.kit import Lab, patience
@@ -30,91 +31,6 @@ NEW_CLIENT = "10.0.1.50"  # a second address of c3 that has no session: the outa
 PROBES = 5  # the new client's first packets (UDP, each a new flow) while the daemon is down
 RESTORED = ("id", "service", "key", "key_kind", "client", "vip", "protocol", "port", "server", "c2s_label", "s2c_label")
 CHANGES: dict[KeyPath, Any] = {"services.dns.persistence_timeout": "3600s"}  # no dns session ends during the test
-
-# A paced UDP stream to the VIP's port 53 (the servers echo `echo SEQ`), until the stop file
-# appears or `limit` seconds pass, then 2 s for the last echoes; prints one JSON line.
-STREAM = r"""
-import json, os, select, socket, sys, time
-vip, interval, stop, limit = sys.argv[1], float(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.connect((vip, 53))
-sent, got, times, errors = 0, set(), [], 0
-start = time.monotonic()
-drain = None
-while True:
-    now = time.monotonic()
-    if drain is None and (now > start + limit or os.path.exists(stop)):
-        drain = now + 2
-    if drain is not None and now > drain:
-        break
-    due = start + sent * interval
-    if drain is None and now >= due:
-        s.send(b"%d" % sent)
-        sent += 1
-        continue
-    if select.select([s], [], [], max(0.0, (drain or due) - now))[0]:
-        try:
-            data = s.recv(100)
-        except OSError:
-            errors += 1
-            continue
-        if data.startswith(b"echo "):
-            got.add(int(data[5:]))
-            times.append(time.time())
-gaps = [b - a for a, b in zip(times, times[1:])]
-long = sorted(((b - a, a) for a, b in zip(times, times[1:]) if b - a > 0.1), reverse=True)[:5]
-missing = sorted(set(range(sent)) - got)
-print(json.dumps({"sent": sent, "received": len(got), "lost": len(missing), "missing": missing[:20],
-                  "max_gap_ms": round(1000 * max(gaps, default=0)), "errors": errors,
-                  "long_gaps": [[round(at, 3), round(1000 * gap)] for gap, at in long]}), flush=True)
-"""
-
-# A paced HTTP/1.0 download (small receive buffer, reads at `rate`): prints the body's byte count.
-GET = r"""
-import json, socket, sys, time
-vip, path, rate = sys.argv[1], sys.argv[2], int(sys.argv[3])
-s = socket.socket(socket.AF_INET)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-s.settimeout(30)
-s.connect((vip, 80))
-s.sendall(f"GET {path} HTTP/1.0\r\nHost: {vip}\r\n\r\n".encode())
-head = b""
-while b"\r\n\r\n" not in head:
-    chunk = s.recv(4096)
-    if not chunk:
-        sys.exit(1)
-    head += chunk
-head, _, body = head.partition(b"\r\n\r\n")
-print("started", head.split(b"\r\n")[0].decode(), flush=True)
-got, start = len(body), time.monotonic()
-while True:
-    time.sleep(max(0.0, start + got / rate - time.monotonic()))
-    chunk = s.recv(4096)
-    if not chunk:
-        break
-    got += len(chunk)
-print(json.dumps({"bytes": got, "seconds": round(time.monotonic() - start, 1)}), flush=True)
-"""
-
-# N UDP datagrams from `src`, each from a socket of its own (a new flow each) to the VIP's port
-# 53; prints how many were echoed within 1 s.
-PROBE = r"""
-import select, socket, sys, time
-src, vip, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
-for s in socks:
-    s.bind((src, 0))
-    s.sendto(b"probe", (vip, 53))
-echoed, deadline = set(), time.monotonic() + 1
-while len(echoed) < n and time.monotonic() < deadline:
-    for s in select.select(socks, [], [], max(0.0, deadline - time.monotonic()))[0]:
-        try:
-            if s.recv(100).startswith(b"echo "):
-                echoed.add(s)
-        except OSError:
-            pass
-print(len(echoed))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -153,13 +69,6 @@ def _wait(what: str, ready: Any, seconds: float) -> None:
     while not ready():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
-
-
-def _last_json(path: Path) -> dict[str, Any]:
-    lines = [line for line in path.read_text().splitlines() if line.startswith("{")]
-    assert lines, path.read_text()
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
 
 
 def test_sigkill_outage_and_restart_lose_nothing(lab: Lab, balancer: BalancerLab) -> None:
@@ -245,8 +154,8 @@ def test_sigkill_outage_and_restart_lose_nothing(lab: Lab, balancer: BalancerLab
             assert getters[client].wait(timeout=patience(120)) == 0, downloads[client].read_text()
         for proc in procs:
             proc.wait(timeout=patience(30))
-        udp = {c: _last_json(streams[c]) for c in clients}
-        tcp = {c: _last_json(downloads[c]) for c in clients}
+        udp = {c: last_json(streams[c]) for c in clients}
+        tcp = {c: last_json(downloads[c]) for c in clients}
 
         # After the restart the new client gets a session of its own, queued as usual (and the
         # monitors, still running, see its objects come: they were listening).

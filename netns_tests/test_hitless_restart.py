@@ -18,10 +18,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from netns_tests.harness.traffic import GET, PROBE, STREAM, last_json
 from orchestrator.config.examples import KeyPath
 from orchestrator.lab.balancer_lab import BalancerLab
 from orchestrator.lab.kit import Lab, patience
+from orchestrator.lab.traffic import GET, PROBE, STREAM, last_json
 
 INTERVAL = 0.02  # the UDP streams' pace: 50 datagrams a second per client
 RATE = 100 << 10  # the downloads' pace, bytes a second per client

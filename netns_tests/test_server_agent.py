@@ -18,9 +18,9 @@ from typing import Any, Iterator
 import pytest
 
 from netns_tests.harness.server_lab import ServerLab, server_config
-from netns_tests.harness.traffic import GET
 from orchestrator.dataplane import ops
 from orchestrator.lab.kit import Lab, patience
+from orchestrator.lab.traffic import GET
 
 SESSION_KEYS = {"client", "vip", "c2s_label", "s2c_label", "state", "flows", "created", "last_seen", "ends_at"}
 

@@ -27,9 +27,9 @@ from typing import Any, Iterator
 import pytest
 
 from netns_tests.harness.server_lab import ServerLab
-from netns_tests.harness.traffic import CONNECT, GET, PROBE, STREAM, last_json
 from orchestrator.config.examples import KeyPath
 from orchestrator.lab.kit import Lab, patience
+from orchestrator.lab.traffic import CONNECT, GET, PROBE, STREAM, last_json
 
 INTERVAL = 0.02  # the UDP streams' pace: 50 datagrams a second per client
 RATE = 100 << 10  # the downloads' pace, bytes a second per client

@@ -78,15 +78,23 @@ class BalancerDaemon(Daemon):
                     raise RuntimeError(str(result))
         with start_step("conntrack socket"):
             self.conntrack = self.capture.conntrack()
+        began = time.monotonic()
         with start_step("restore from the kernel"):
             stale = self.core.restore(self.provider.dump(), self.conntrack.dump(), time.monotonic())
             self.program(stale, "reconcile")
+        restored = time.monotonic()
         if len(self.core.table):
-            log.info("restored %d sessions from the kernel", len(self.core.table))
+            log.info("restored %d sessions from the kernel in %.2f s", len(self.core.table), restored - began)
         with start_step("nftables ruleset"):
             nftables.load(nftables.render(self.config))
         with start_step("fast-path sets"):
             self.fill_fast_path()
+        log.info(
+            "reconciled with the kernel in %.2f s (restore %.2f s, ruleset and fast-path sets %.2f s)",
+            time.monotonic() - began,
+            restored - began,
+            time.monotonic() - restored,
+        )
         first, last = self.config.nfqueue.queues
         with start_step(f"nfqueue {first}-{last}"):
             self.queue = self.capture.queue(first, last)

@@ -1,6 +1,7 @@
-"""Counted test traffic, as small Python scripts run in a lab node (`python -c SCRIPT ARGS`): one
+"""Counted lab traffic, as small Python scripts run in a lab node (`python -c SCRIPT ARGS`): one
 place for the paced UDP stream, the paced HTTP download and the first-packet probes that the
-restart and agent tests count. Each prints what it counted; `last_json` reads it back."""
+restart and agent tests (netns_tests) and `lab bench restart` count. Each prints what it
+counted; `last_json` reads it back."""
 
 from __future__ import annotations
 

@@ -721,17 +721,15 @@ class Balancer:
             route = routes.get(session.s2c)
             if route is not None and not records.is_hold_marker(route):
                 session.objects.append(routes.pop(session.s2c))
+        # Each live flow joins the first session (in table order) of its client and VIP that
+        # takes it: an index by (client, VIP), so the flows cost one lookup each, not a table scan.
+        by_pair: dict[tuple[str, str], list[Session]] = {}
+        for session in self.table:
+            for client in session.clients:
+                by_pair.setdefault((client, session.vip), []).append(session)
         for flow in live:
-            for session in self.table:
-                if (
-                    flow.src in session.clients
-                    and flow.dst == session.vip
-                    and (
-                        session.port is None
-                        or flow.dport == session.port
-                        or session.key.kind != SessionKeyKind.FIVE_TUPLE
-                    )
-                ):
+            for session in by_pair.get((flow.src, flow.dst), ()):
+                if session.port is None or flow.dport == session.port or session.key.kind != SessionKeyKind.FIVE_TUPLE:
                     self.table.add_flow(session, flow, now)
                     break
         for session in self.table:

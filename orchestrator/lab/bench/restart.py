@@ -145,7 +145,7 @@ def generate(config: BalancerConfig, provider: Provider, vip: str, hop: NextHop,
 
     now = time.monotonic()
     core = Balancer(config, now)
-    core.restore(provider.dump(), frozenset(), now)
+    core.restore(provider.dump(elements=False), frozenset(), now)
     for n, batch in enumerate(chunks(clients(count), BATCH)):
         packets = [FirstPacket(0, i, udp_packet(c, vip, 40000, 53), hop.dev, hop) for i, c in enumerate(batch)]
         plan = core.on_packets(packets, now)
@@ -171,7 +171,33 @@ def install(lab: Lab, config_path: Path, count: int) -> float:
     return time.monotonic() - start
 
 
-def run(lab: Lab, count: int) -> RestartResult:
+def profile_restore(lab: Lab, config_path: Path, top: int = 30) -> str:
+    """The daemon's restore path run in this process under cProfile (the dump of our objects and
+    of the fast-path sets, `restore`, `fast_path_sync`): its top functions by cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    from orchestrator.config.load import load_config
+    from orchestrator.config.model import BalancerConfig
+    from orchestrator.core.balancer import Balancer
+
+    config = load_config(config_path)
+    assert isinstance(config, BalancerConfig)
+    provider = lab.provider("lb")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    now = time.monotonic()
+    core = Balancer(config, now)
+    core.restore(provider.dump(elements=False), frozenset(), now)
+    core.fast_path_sync(provider.dump_elements())
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
+
+
+def run(lab: Lab, count: int, profile: bool = False) -> RestartResult:
     import subprocess
 
     from orchestrator.lab.balancer_lab import BalancerLab
@@ -216,6 +242,8 @@ def run(lab: Lab, count: int) -> RestartResult:
         say(f"daemon killed; installing {count} sessions")
         installed = install(lab, balancer.config, count)
         say(f"installed in {installed:.1f} s; restarting the daemon")
+        if profile:
+            print(profile_restore(lab, balancer.config), file=sys.stderr, flush=True)
         started = time.monotonic()
         balancer.restart()
         ready = time.monotonic() - started
@@ -251,6 +279,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mplsorch lab bench restart")
     parser.add_argument("--sessions", type=int, default=DEFAULT_SESSIONS)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="cProfile of the restore path, on stderr")
     args = parser.parse_args(argv)
     if not 1 <= args.sessions <= MAX_SESSIONS:
         parser.error(f"--sessions 1..{MAX_SESSIONS}")
@@ -263,7 +292,7 @@ def main(argv: list[str]) -> int:
 
     lab = Lab.from_env()
     try:
-        result = run(lab, args.sessions)
+        result = run(lab, args.sessions, args.profile)
     finally:
         lab.close()
     print(json.dumps(asdict(result)) if args.json else format_result(result))

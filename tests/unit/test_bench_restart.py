@@ -34,11 +34,12 @@ def test_the_label_range_holds_the_sessions_and_the_spare_pairs() -> None:
 
 def test_the_log_lines_are_read_back() -> None:
     log = (
-        "2026-11-30 05:00:00,000 mplsorch INFO restored 100003 sessions from the kernel in 2.50 s\n"
+        "2026-11-30 05:00:00,000 mplsorch INFO restored 100003 sessions from the kernel in 2.50 s "
+        "(dumps 1.50 s, table and stale objects 1.00 s)\n"
         "2026-11-30 05:00:01,000 mplsorch INFO reconciled with the kernel in 3.10 s "
         "(restore 2.50 s, ruleset and fast-path sets 0.60 s)\n"
     )
-    assert restart.parse_log(log) == (100003, 3.10, 2.50)
+    assert restart.parse_log(log) == (100003, 3.10, 2.50, 1.50)
     with pytest.raises(ValueError):
         restart.parse_log("balancer running")
 
@@ -61,9 +62,12 @@ def test_generated_sessions_are_installed_and_restored_exactly() -> None:
 
 
 def test_the_result_prints_and_its_json_keys_are_the_documented_ones() -> None:
-    result = restart.RestartResult(100003, 100000, 40.0, 3.1, 2.5, 9.0, 3, 1500, 0, 2800, 2400, 350)
+    result = restart.RestartResult(100003, 100000, 40.0, 3.1, 2.5, 1.5, 9.0, 3, 1500, 0, 2800, 2400, 350)
     text = restart.format_result(result)
-    assert "reconcile (daemon)       3.10 s (restore 2.50 s)" in text and "1500 datagrams sent, 0 lost" in text
+    assert (
+        "reconcile (daemon)       3.10 s (restore 2.50 s, of which dumps 1.50 s)" in text
+        and "1500 datagrams sent, 0 lost" in text
+    )
     keys = set(json.loads(json.dumps(asdict(result))))
     documented = open("docs/json.md").read()
     assert all(f"`{k}`" in documented for k in keys), keys

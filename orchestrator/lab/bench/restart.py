@@ -42,7 +42,7 @@ FIRST_LABEL = 1001
 SPARE_PAIRS = 1000  # label pairs beyond N: the live sessions and the pool's headroom
 INTERVAL = 0.02  # the live streams' pace
 RECONCILED = re.compile(r"reconciled with the kernel in ([\d.]+) s \(restore ([\d.]+) s")
-RESTORED = re.compile(r"restored (\d+) sessions from the kernel")
+RESTORED = re.compile(r"restored (\d+) sessions from the kernel in [\d.]+ s \(dumps ([\d.]+) s")
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class RestartResult:
     install_seconds: float  # generating and installing the N sessions' objects
     reconcile_seconds: float  # the daemon's own: restore to ready (its log line)
     restore_seconds: float  # of which: dump, decode, restore and stale deletes
+    dump_seconds: float  # of which: the dumps of our objects and of conntrack, decoded
     ready_seconds: float  # from the daemon's start (Python's too) to `balancer running`
     live_sessions: int
     datagrams_sent: int
@@ -98,13 +99,18 @@ def label_range(sessions: int) -> list[int]:
     return [FIRST_LABEL, FIRST_LABEL + 2 * (sessions + SPARE_PAIRS) - 1]
 
 
-def parse_log(log: str) -> tuple[int, float, float]:
-    """(sessions restored, reconcile seconds, restore seconds) from the restarted daemon's log;
-    ValueError when a line is missing."""
+def parse_log(log: str) -> tuple[int, float, float, float]:
+    """(sessions restored, reconcile seconds, restore seconds, dump seconds) from the restarted
+    daemon's log; ValueError when a line is missing."""
     restored, reconciled = RESTORED.search(log), RECONCILED.search(log)
     if restored is None or reconciled is None:
         raise ValueError("the daemon's log has no restore or reconcile line")
-    return int(restored.group(1)), float(reconciled.group(1)), float(reconciled.group(2))
+    return (
+        int(restored.group(1)),
+        float(reconciled.group(1)),
+        float(reconciled.group(2)),
+        float(restored.group(2)),
+    )
 
 
 def mem_available_mib() -> int:
@@ -126,7 +132,8 @@ def format_result(r: RestartResult) -> str:
         [
             f"sessions restored        {r.sessions} ({r.generated} generated, {r.live_sessions} live)",
             f"install (bench)          {r.install_seconds:.1f} s",
-            f"reconcile (daemon)       {r.reconcile_seconds:.2f} s (restore {r.restore_seconds:.2f} s)",
+            f"reconcile (daemon)       {r.reconcile_seconds:.2f} s (restore {r.restore_seconds:.2f} s, "
+            f"of which dumps {r.dump_seconds:.2f} s)",
             f"start to ready           {r.ready_seconds:.1f} s",
             f"live streams             {r.datagrams_sent} datagrams sent, {r.datagrams_lost} lost",
             f"memory                   available {r.mem_available_before_mib} -> {r.mem_available_after_mib} MiB, "
@@ -210,6 +217,7 @@ def run(lab: Lab, count: int, profile: bool = False) -> RestartResult:
         changes={
             "labels.range": label_range(count),
             "services.dns.persistence_timeout": "3600s",
+            "services.dns.admission.max_sessions": count + SPARE_PAIRS,
         },
     )
     streams: dict[str, Path] = {}
@@ -245,7 +253,16 @@ def run(lab: Lab, count: int, profile: bool = False) -> RestartResult:
         if profile:
             print(profile_restore(lab, balancer.config), file=sys.stderr, flush=True)
         started = time.monotonic()
-        balancer.restart()
+        try:
+            balancer.restart(timeout=patience(1200))
+        except AssertionError:
+            assert balancer.proc is not None
+            kernel_log = subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()[-15:]
+            raise RuntimeError(
+                f"the daemon did not come back (exit status {balancer.proc.poll()}, guest memory available "
+                f"{mem_available_mib()} MiB); its log:\n{balancer.log()[-2000:]}\nthe kernel's:\n"
+                + "\n".join(kernel_log)
+            ) from None
         ready = time.monotonic() - started
         time.sleep(2.0)
         assert balancer.proc is not None
@@ -254,13 +271,14 @@ def run(lab: Lab, count: int, profile: bool = False) -> RestartResult:
         for proc in procs:
             proc.wait(timeout=patience(60))
         udp = [last_json(p) for p in streams.values()]
-        restored, reconcile, restore = parse_log(balancer.log())
+        restored, reconcile, restore, dump = parse_log(balancer.log())
         return RestartResult(
             sessions=restored,
             generated=count,
             install_seconds=round(installed, 2),
             reconcile_seconds=reconcile,
             restore_seconds=restore,
+            dump_seconds=dump,
             ready_seconds=round(ready, 2),
             live_sessions=len(live),
             datagrams_sent=sum(u["sent"] for u in udp),

@@ -22,10 +22,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from netns_tests.harness.traffic import HTTP_REQUESTS as STREAM
 from orchestrator.config.examples import KeyPath
 from orchestrator.lab.balancer_lab import BalancerLab
 from orchestrator.lab.kit import Capture, Lab, patience
+from orchestrator.lab.traffic import REQUESTS
 
 SERVICES = ("http", "dns", "mobile")
 EXHAUST: dict[KeyPath, Any] = {
@@ -119,7 +119,7 @@ def test_label_pool_exhaustion_refuses_and_counts_keeps_sessions_and_recovers(
     stop.unlink(missing_ok=True)
     # Three sessions take the three pairs: c1's stream, c2 and c3 holding a connection each.
     c1 = lab.address("c1")
-    stream = lab.spawn("c1", sys.executable, "-c", STREAM, lab.vip, c1, "2000", str(stop), str(stream_log))
+    stream = lab.spawn("c1", sys.executable, "-c", REQUESTS, lab.vip, c1, "2000", str(stop), str(stream_log))
     holders = []
     for client in ("c2", "c3"):
         log = Path(lab.node(client)["runtime_dir"]) / "hold.log"

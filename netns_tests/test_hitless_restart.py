@@ -17,13 +17,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from netns_tests.harness.traffic import UDP_STREAM as STREAM
-from netns_tests.harness.traffic import last_json as _last_json
-from netns_tests.harness.traffic import nft_counters as _nft_counters
-from netns_tests.harness.traffic import wait as _wait
 from orchestrator.config.examples import KeyPath
 from orchestrator.lab.balancer_lab import BalancerLab
 from orchestrator.lab.kit import Lab, patience
+from orchestrator.lab.traffic import GET, PROBE, STREAM, last_json, nft_counters, wait
 
 INTERVAL = 0.02  # the UDP streams' pace: 50 datagrams a second per client
 RATE = 100 << 10  # the downloads' pace, bytes a second per client
@@ -33,54 +30,6 @@ NEW_CLIENT = "10.0.1.50"  # a second address of c3 that has no session: the outa
 PROBES = 5  # the new client's first packets (UDP, each a new flow) while the daemon is down
 RESTORED = ("id", "service", "key", "key_kind", "client", "vip", "protocol", "port", "server", "c2s_label", "s2c_label")
 CHANGES: dict[KeyPath, Any] = {"services.dns.persistence_timeout": "3600s"}  # no dns session ends during the test
-
-
-# A paced HTTP/1.0 download (small receive buffer, reads at `rate`): prints the body's byte count.
-GET = r"""
-import json, socket, sys, time
-vip, path, rate = sys.argv[1], sys.argv[2], int(sys.argv[3])
-s = socket.socket(socket.AF_INET)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-s.settimeout(30)
-s.connect((vip, 80))
-s.sendall(f"GET {path} HTTP/1.0\r\nHost: {vip}\r\n\r\n".encode())
-head = b""
-while b"\r\n\r\n" not in head:
-    chunk = s.recv(4096)
-    if not chunk:
-        sys.exit(1)
-    head += chunk
-head, _, body = head.partition(b"\r\n\r\n")
-print("started", head.split(b"\r\n")[0].decode(), flush=True)
-got, start = len(body), time.monotonic()
-while True:
-    time.sleep(max(0.0, start + got / rate - time.monotonic()))
-    chunk = s.recv(4096)
-    if not chunk:
-        break
-    got += len(chunk)
-print(json.dumps({"bytes": got, "seconds": round(time.monotonic() - start, 1)}), flush=True)
-"""
-
-# N UDP datagrams from `src`, each from a socket of its own (a new flow each) to the VIP's port
-# 53; prints how many were echoed within 1 s.
-PROBE = r"""
-import select, socket, sys, time
-src, vip, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
-for s in socks:
-    s.bind((src, 0))
-    s.sendto(b"probe", (vip, 53))
-echoed, deadline = set(), time.monotonic() + 1
-while len(echoed) < n and time.monotonic() < deadline:
-    for s in select.select(socks, [], [], max(0.0, deadline - time.monotonic()))[0]:
-        try:
-            if s.recv(100).startswith(b"echo "):
-                echoed.add(s)
-        except OSError:
-            pass
-print(len(echoed))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +99,7 @@ def test_sigkill_outage_and_restart_lose_nothing(lab: Lab, balancer: BalancerLab
             )
         for client in clients:
             log = downloads[client]
-            _wait(f"{client}'s download", lambda log=log: log.exists() and "started" in log.read_text(), 20)
+            wait(f"{client}'s download", lambda log=log: log.exists() and "started" in log.read_text(), 20)
         time.sleep(1.0)
         kernel_before = _kernel(lab)
         # Every change the kernel reports on the balancer's routes and filters from here on.
@@ -163,7 +112,7 @@ def test_sigkill_outage_and_restart_lose_nothing(lab: Lab, balancer: BalancerLab
             lab.spawn("lb", "tc", "monitor", log=monitors["tc"]),
         ]
         time.sleep(0.5)
-        counters = _nft_counters(lab)
+        counters = nft_counters(lab)
 
         killed, killed_at = time.monotonic(), time.time()
         balancer.kill()
@@ -173,7 +122,7 @@ def test_sigkill_outage_and_restart_lose_nothing(lab: Lab, balancer: BalancerLab
         # ... and a new client's first packets meet fail_policy open: counted, never queued.
         answered = int(lab.sh("c3", sys.executable, "-c", PROBE, NEW_CLIENT, lab.vip, str(PROBES)).stdout.strip())
         fabric_route = lab.sh("p", "ip", "route", "get", lab.vip, check=False)
-        outage_counters = _nft_counters(lab)
+        outage_counters = nft_counters(lab)
         time.sleep(max(0.0, killed + DOWN - time.monotonic()))
         restarting = time.monotonic()
         balancer.restart()
@@ -191,8 +140,8 @@ def test_sigkill_outage_and_restart_lose_nothing(lab: Lab, balancer: BalancerLab
             assert getters[client].wait(timeout=patience(120)) == 0, downloads[client].read_text()
         for proc in procs:
             proc.wait(timeout=patience(30))
-        udp = {c: _last_json(streams[c]) for c in clients}
-        tcp = {c: _last_json(downloads[c]) for c in clients}
+        udp = {c: last_json(streams[c]) for c in clients}
+        tcp = {c: last_json(downloads[c]) for c in clients}
 
         # After the restart the new client gets a session of its own, queued as usual (and the
         # monitors, still running, see its objects come: they were listening).

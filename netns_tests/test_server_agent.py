@@ -17,9 +17,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from netns_tests.harness.server_lab import ServerLab, server_config
 from orchestrator.dataplane import ops
 from orchestrator.lab.kit import Lab, patience
+from orchestrator.lab.server_lab import ServerLab, server_config
+from orchestrator.lab.traffic import GET
 
 SESSION_KEYS = {"client", "vip", "c2s_label", "s2c_label", "state", "flows", "created", "last_seen", "ends_at"}
 
@@ -158,39 +159,6 @@ def _in_no_routes(lab: Lab, node: str) -> int:
     return int(dict(zip(lines[0], lines[1]))["InNoRoutes"])
 
 
-# An HTTP download read at a fixed pace (TCP flow control holds the server back), body to a file;
-# exit 0 once the whole body arrived with status 200. curl's --limit-rate does not hold its pace
-# in a UML guest (1 MiB arrives in well under a second at "100k"), so the test paces reads itself.
-SLOW_GET = r"""
-import socket, sys, time
-vip, path, out, rate = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-s = socket.socket(socket.AF_INET6 if ":" in vip else socket.AF_INET)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-s.settimeout(30)
-s.connect((vip, 80))
-s.sendall(f"GET {path} HTTP/1.0\r\nHost: {vip}\r\n\r\n".encode())
-head = b""
-while b"\r\n\r\n" not in head:
-    chunk = s.recv(4096)
-    if not chunk:
-        sys.exit(1)
-    head += chunk
-head, _, body = head.partition(b"\r\n\r\n")
-if head.split(b" ", 2)[1:2] != [b"200"]:
-    sys.exit(1)
-got, start = 0, time.monotonic()
-with open(out, "wb") as f:
-    while True:
-        f.write(body)
-        f.flush()
-        got += len(body)
-        time.sleep(max(0.0, start + got / rate - time.monotonic()))
-        body = s.recv(4096)
-        if not body:
-            break
-"""
-
-
 def test_a_restarted_agent_relearns_from_the_kernel_and_a_download_keeps_going(lab: Lab, farm: ServerLab) -> None:
     c1 = lab.address("c1")
     assert farm.balancer.curl("c1") == "200"  # c1's session (kept by the balancer for an hour)
@@ -201,7 +169,7 @@ def test_a_restarted_agent_relearns_from_the_kernel_and_a_download_keeps_going(l
         f.truncate(size)
     out = Path(lab.node("c1")["runtime_dir"]) / "big.bin"
     download = lab.spawn(
-        "c1", sys.executable, "-c", SLOW_GET, lab.vip, "/big.bin", str(out), str(100 << 10), log=out.with_suffix(".log")
+        "c1", sys.executable, "-c", GET, lab.vip, "/big.bin", str(100 << 10), str(out), log=out.with_suffix(".log")
     )  # its errors, should it fail
     log = out.with_suffix(".log")
     _wait_for(

@@ -24,11 +24,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from netns_tests.harness.traffic import HTTP_REQUESTS, UDP_STREAM, last_json, nft_counters, wait
 from orchestrator.config.examples import KeyPath
 from orchestrator.daemon.control import request
 from orchestrator.lab.balancer_lab import BalancerLab
 from orchestrator.lab.kit import Lab, patience
+from orchestrator.lab.traffic import REQUESTS, STREAM, last_json, nft_counters, wait
 
 LIMIT = 15  # nfqueue.global_rate_limit: first packets a second, all sources together (burst the same)
 FLOOD_RATE = 40 * LIMIT  # spoofed SYNs a second: room above 20 times the limit on a loaded host
@@ -126,7 +126,7 @@ def test_syn_flood_cut_by_the_limits_sessions_kept_pool_recovers(lab: Lab, balan
                     client,
                     sys.executable,
                     "-c",
-                    UDP_STREAM,
+                    STREAM,
                     lab.vip,
                     str(INTERVAL),
                     str(stop),
@@ -136,9 +136,7 @@ def test_syn_flood_cut_by_the_limits_sessions_kept_pool_recovers(lab: Lab, balan
             )
         requests = Path(lab.node("c2")["runtime_dir"]) / "flood-http.log"
         c2 = lab.address("c2", towards="lb")
-        procs.append(
-            lab.spawn("c2", sys.executable, "-c", HTTP_REQUESTS, lab.vip, c2, "100000", str(stop), str(requests))
-        )
+        procs.append(lab.spawn("c2", sys.executable, "-c", REQUESTS, lab.vip, c2, "100000", str(stop), str(requests)))
         wait("c2's first request", lambda: requests.exists() and '"ok": true' in requests.read_text(), 20)
         time.sleep(1.0)
         pid = balancer.proc.pid if balancer.proc else 0

@@ -162,6 +162,21 @@ def bench_scale(
     raise typer.Exit(_in_lab("orchestrator.lab.bench.scale", args + (["--json"] if json_output else [])))
 
 
+@bench_app.command("restart")
+def bench_restart(
+    sessions: int = typer.Option(
+        100000, "--sessions", min=1, max=400000, help="Sessions in the kernel when the daemon restarts."
+    ),
+    json_output: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+    profile: bool = typer.Option(False, "--profile", help="A cProfile of the restore path on stderr."),
+) -> None:
+    """The balancer's restart with N sessions' objects in the kernel: the daemon's reconcile time
+    (restore to ready), its start-to-ready time, and the datagrams a few live sessions' paced UDP
+    streams lost across the SIGKILL, the install and the restart."""
+    args = ["--sessions", str(sessions)] + (["--json"] if json_output else []) + (["--profile"] if profile else [])
+    raise typer.Exit(_in_lab("orchestrator.lab.bench.restart", args))
+
+
 # ---- lab kernel: the UML backend's kernel ----
 kernel_app = typer.Typer(no_args_is_help=True, help="The lab's User-Mode Linux kernel.")
 lab_app.add_typer(kernel_app, name="kernel")

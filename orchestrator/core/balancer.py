@@ -848,16 +848,24 @@ class Balancer:
                 self.config.clients.is_label_aware(c) for c in session.clients
             ):
                 session.objects.append(routes.pop(session.c2s))
+        # Each live flow joins the first session (in table order) of its client and VIP that
+        # takes it: an index by (client, VIP), so the flows cost one lookup each, not a table
+        # scan. A five-tuple session takes only its own flow (its key is the flow's five-tuple):
+        # joined to a sibling, it would drain and end while its flow lives.
+        by_pair: dict[tuple[str, str], list[Session]] = {}
+        for session in self.table:
+            for client in session.clients:
+                by_pair.setdefault((client, session.vip), []).append(session)
         for flow in live:
-            for session in self.table:
-                if (
-                    flow.src in session.clients
-                    and flow.dst == session.vip
-                    and (
-                        session.port is None
-                        or flow.dport == session.port
-                        or session.key.kind != SessionKeyKind.FIVE_TUPLE
-                    )
+            for session in by_pair.get((flow.src, flow.dst), ()):
+                if session.key.kind != SessionKeyKind.FIVE_TUPLE or session.key.value == key_value(
+                    SessionKeyKind.FIVE_TUPLE,
+                    6 if ":" in flow.src else 4,
+                    flow.proto,
+                    flow.src,
+                    flow.sport,
+                    flow.dst,
+                    flow.dport,
                 ):
                     self.table.add_flow(session, flow, now)
                     break

@@ -88,17 +88,22 @@ class ServerDaemon(Daemon):
             self.queue = self.capture.queue(queue, queue)
 
     def install_node_objects(self) -> None:
-        """Bring the node objects to the core's: remove ours that are no longer wanted, then
-        install every wanted one idempotently (Replace; Add tolerating EEXIST for the qdisc and
-        the rules, which cannot be replaced)."""
+        """Bring the node objects to the core's, the kernel being the source of truth: remove
+        ours that are no longer wanted, install the wanted ones the kernel does not hold exactly
+        (Replace; Add tolerating EEXIST for the qdisc and the rules, which cannot be replaced) and
+        leave the others untouched, so a restart sends the kernel no change for a node whose
+        objects are all there (`ip monitor`, `tc monitor` stay silent; no filter is swapped under
+        live traffic)."""
         wanted = self.core.node_objects()
         keys = {_node_key(o) for o in wanted}
-        stale = [
-            ops.Delete(i.obj)
-            for i in self.provider.dump()
-            if _node_key(i.obj) is not None and _node_key(i.obj) not in keys
+        dumped = [i.obj for i in self.provider.dump()]
+        installed = set(dumped)
+        stale = [ops.Delete(o) for o in dumped if _node_key(o) is not None and _node_key(o) not in keys]
+        installs = [
+            ops.Add(o) if isinstance(o, (ops.ClsactQdisc, ops.Rule)) else ops.Replace(o)
+            for o in wanted
+            if o not in installed
         ]
-        installs = [ops.Add(o) if isinstance(o, (ops.ClsactQdisc, ops.Rule)) else ops.Replace(o) for o in wanted]
         results = self.provider.apply([*stale, *installs])
         failed = [r for r in results if not r.ok and not (isinstance(r.op, ops.Add) and r.errno == errno.EEXIST)]
         self.op_results["ok"] += len(results) - len(failed)

@@ -132,9 +132,9 @@ class FakeProvider:
     def apply(self, operations: Sequence[Operation]) -> list[OpResult]:
         return [self._apply_one(op) for op in operations]
 
-    def dump(self) -> list[Installed]:
+    def dump(self, elements: bool = True) -> list[Installed]:
         """Routes, rules, qdiscs and filters, as the netlink provider's rtnetlink dumps; the
-        fast-path set elements come from `dump_elements`, as from nf_tables."""
+        fast-path set elements come from `dump_elements` (whatever `elements` says)."""
         return [
             Installed(
                 obj,

@@ -22,8 +22,10 @@ class Provider(Protocol):
         A failed operation never stops the ones after it."""
         ...
 
-    def dump(self) -> list[Installed]:
-        """Our own objects as currently installed (nothing of other route owners)."""
+    def dump(self, elements: bool = True) -> list[Installed]:
+        """Our own objects as currently installed (nothing of other route owners); without the
+        fast-path set elements when `elements` is false (a restore needs none, and the kernel
+        dumps a set's elements in time quadratic in their number)."""
         ...
 
     def dump_elements(self) -> list[Installed]:

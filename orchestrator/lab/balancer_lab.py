@@ -229,11 +229,12 @@ class BalancerLab:
         self.proc.wait(timeout=patience(15))
         (self.dir / "daemon.log").rename(self.dir / "daemon-killed.log")
 
-    def restart(self) -> None:
-        """Start a new daemon on the same configuration (after `kill`) and return once it runs."""
+    def restart(self, timeout: float = patience(60)) -> None:
+        """Start a new daemon on the same configuration (after `kill`) and return once it runs
+        (within `timeout` seconds)."""
         assert self.proc is not None and self.proc.poll() is not None, "the daemon still runs"
         self.proc = self._spawn()
-        deadline = time.monotonic() + patience(60)
+        deadline = time.monotonic() + timeout
         while "balancer running" not in self.log():
             assert self.proc.poll() is None and time.monotonic() < deadline, self.log()
             time.sleep(0.1)
@@ -260,7 +261,10 @@ class BalancerLab:
         for proc in [*self._procs, *([self.proc] if self.proc else [])]:
             lab.stop(proc)
         lb = lab.provider(self.node)
-        lb.apply([ops.Delete(i.obj) for i in reversed(lb.dump()) if not isinstance(i.obj, ops.ClsactQdisc)])
+        # The fast-path sets' elements go with the table, below.
+        lb.apply(
+            [ops.Delete(i.obj) for i in reversed(lb.dump(elements=False)) if not isinstance(i.obj, ops.ClsactQdisc)]
+        )
         # The daemon made the clsact qdisc (a dump shows it only while it holds our filters).
         lb.apply([ops.Delete(ops.ClsactQdisc(dev)) for dev in ("fab0",)])
         lab.sh(self.node, "nft", "delete", "table", "inet", "mplsorch", check=False)

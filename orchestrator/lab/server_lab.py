@@ -54,6 +54,7 @@ class AgentLab:
         self.config = self.dir / "server.yaml"
         self.write_config()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.running = 0  # `server agent running` lines in the log before the last restart
 
     def write_config(self, changes: Mapping[KeyPath, Any] | None = None) -> None:
         self.config.write_text(server_config(self.lab, self.node, self.sock, changes))
@@ -92,6 +93,27 @@ class AgentLab:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGTERM)
         return self.proc.wait(timeout=patience(15))
+
+    def kill(self) -> None:
+        """SIGKILL (it cleans nothing up: its return routes, node objects and ruleset stay, and so
+        does its control socket's file) and wait for it to be gone."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=patience(15))
+
+    def restart(self) -> None:
+        """Start a new agent on the same configuration (after `kill` or `stop`); `wait_restarted`
+        returns once it logged that it runs (the socket's file may be the dead agent's)."""
+        assert self.proc is not None and self.proc.poll() is not None, "the agent still runs"
+        self.running = self.log().count("server agent running")
+        self.spawn()
+
+    def wait_restarted(self) -> None:
+        deadline = time.monotonic() + patience(60)
+        while self.log().count("server agent running") <= self.running:
+            if self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the agent on {self.node} did not restart:\n" + self.log()[-3000:])
+            time.sleep(0.1)
 
     def log(self) -> str:
         path = self.dir / "agent.log"

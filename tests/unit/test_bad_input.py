@@ -127,10 +127,10 @@ class Failing(FakeProvider):
         super().__init__(devices)
         self.fail = fail
 
-    def dump(self) -> Any:
+    def dump(self, elements: bool = True) -> Any:
         if self.fail == "dump":
             raise OSError(errno.ENOBUFS, "No buffer space available")
-        return super().dump()
+        return super().dump(elements)
 
     def apply(self, operations: Any) -> Any:
         if self.fail == "apply":
@@ -200,14 +200,14 @@ def test_a_queue_that_cannot_be_bound_is_one_line(tmp_path: Path, monkeypatch: p
 
 def test_not_root_is_exit_3_and_a_bug_is_still_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     class Denied(FakeProvider):
-        def dump(self) -> Any:
+        def dump(self, elements: bool = True) -> Any:
             raise PermissionError(errno.EPERM, "Operation not permitted")
 
     result = run_cli(monkeypatch, balancer_over(Denied(["lan0", "lan1", "fab0"])))
     one_line(result, 3, "mplsorch: not permitted (run as root with CAP_NET_ADMIN)")
 
     class Buggy(FakeProvider):
-        def dump(self) -> Any:
+        def dump(self, elements: bool = True) -> Any:
             raise KeyError("oops")
 
     result = run_cli(monkeypatch, balancer_over(Buggy(["lan0", "lan1", "fab0"])))

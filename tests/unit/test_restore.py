@@ -402,3 +402,21 @@ def test_a_failed_move_of_an_esp_session_frees_its_node() -> None:
     assert all(r.ok for r in node.kernel.apply(node.core.commit_failover(plan, results, node.now)))
     assert len(node.core.table) == 0 and node.core.u32_nodes == set()
     assert not any(isinstance(i.obj, ops.U32Filter) for i in node.kernel.dump())
+
+
+@pytest.mark.parametrize("kind", ["client-ip", "five-tuple"])
+def test_live_flows_join_their_own_sessions_at_restore(kind: str) -> None:
+    """Each live flow joins the session it belongs to (found by client and VIP, then port for a
+    five-tuple key), whatever the number of sessions: the flows of many clients, several each."""
+    cfg = config({"services.http.session_key": kind})
+    node = Node(cfg)
+    for i in range(60):
+        for sport in (40000, 40001):
+            node.packets(syn(f"10.0.2.{i}", sport=sport))
+    flows = {s.id: frozenset(s.flows) for s in node.core.table}
+    live = frozenset(f for s in node.core.table for f in s.flows)
+    assert len(live) == 120 and len(flows) == (60 if kind == "client-ip" else 120)
+    fresh = Balancer(cfg, node.now)
+    assert fresh.restore(node.kernel.dump(), live, node.now) == []
+    assert {s.id: frozenset(s.flows) for s in fresh.table} == flows
+    assert {str(s.state) for s in fresh.table} == {"serving"}

@@ -65,8 +65,19 @@ def test_node_objects_are_installed_idempotently_and_stale_ones_removed(
     daemon: ServerDaemon, kernel: FakeProvider
 ) -> None:
     first = {i.obj for i in kernel.dump()}
-    daemon.install_node_objects()  # a restart: the same objects, no error
+    applied: list[ops.Operation] = []
+    apply = kernel.apply
+    kernel.apply = lambda batch: (applied.extend(batch), apply(batch))[1]  # type: ignore[method-assign]
+    daemon.install_node_objects()  # a restart: the same objects, no error, and no change sent
     assert {i.obj for i in kernel.dump()} == first and daemon.op_results["error"] == 0
+    assert applied == []
+    # One object changed behind the agent's back (a filter's mark): only that one is replaced.
+    changed = next(o for o in first if isinstance(o, ops.FlowerFilter))
+    kernel.apply([ops.Replace(dataclasses.replace(changed, actions=(ops.SetMark(1),)))])
+    applied.clear()
+    daemon.install_node_objects()
+    assert applied == [ops.Replace(changed)] and {i.obj for i in kernel.dump()} == first
+    kernel.apply = apply  # type: ignore[method-assign]
     assert kernel.receive_mpls([1001]).delivered_locally
     # A rule and a termination route the configuration no longer wants go; others' objects stay.
     kernel.apply(

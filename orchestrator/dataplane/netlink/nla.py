@@ -74,10 +74,19 @@ def messages(buf: bytes | memoryview) -> Iterator[tuple[int, int, int, memoryvie
 
 
 def attrs(buf: bytes | memoryview, offset: int = 0) -> dict[int, memoryview]:
-    """Attributes from `offset` to the end, by type (flags stripped; the last of a type wins)."""
+    """Attributes from `offset` to the end, by type (flags stripped; the last of a type wins).
+    The loop of `iter_attrs` inlined: a restore decodes ~50 attributes per filter, and the
+    generator's overhead was a third of decoding a dump of 100,000 sessions."""
+    view = memoryview(buf)
+    end = len(view)
+    unpack = _ATTR.unpack_from
     out: dict[int, memoryview] = {}
-    for kind, payload in iter_attrs(buf, offset):
-        out[kind] = payload
+    while offset + 4 <= end:
+        length, kind = unpack(view, offset)
+        if length < 4:
+            break
+        out[kind & NLA_TYPE_MASK] = view[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
     return out
 
 

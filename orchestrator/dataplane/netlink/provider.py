@@ -201,7 +201,7 @@ class NetlinkProvider:
             results[i] = ops.OpResult(op) if error is None else ops.OpResult(op, _explain(op, error), error.errno)
 
     # -- dump ---------------------------------------------------------------------------------
-    def dump(self) -> list[ops.Installed]:
+    def dump(self, elements: bool = True) -> list[ops.Installed]:
         self._load_links()
         out: list[ops.Installed] = []
         for family in (AF_MPLS, AF_INET, AF_INET6):
@@ -217,7 +217,8 @@ class NetlinkProvider:
                 if installed is not None:
                     out.append(installed)
         out.extend(self._dump_tc())
-        out.extend(self.dump_elements())
+        if elements:
+            out.extend(self.dump_elements())
         return out
 
     def dump_elements(self) -> list[ops.Installed]:

@@ -56,7 +56,7 @@ def send(spec: dict[str, Any]) -> dict[str, Any]:
     frames, kinds, outs, rotate = build(spec)
     built = time.monotonic() - t0
     spoofed = [pton(a)[1] for a in spec["targets"]["spoofed6"]]
-    n, burst, high = spec["packets"], spec.get("burst", 64), spec.get("high", 256)
+    n, burst, high = spec["packets"], spec.get("burst", 256), spec.get("high", 1536)
     depth = Path(f"/proc/{spec['pace_pid']}/net/netfilter/nfnetlink_queue") if spec.get("pace_pid") else None
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     s.bind((spec["iface"], 0))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import struct
 from collections import Counter
+from pathlib import Path
 
 from scapy.layers.inet import TCP
 from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrRouting
@@ -175,3 +176,12 @@ def test_the_senders_frames_rotate_spoofed_sources_and_carry_the_right_ethertype
         version = frame[14] >> 4 if len(frame) > 14 else None
         assert frame[12:14] == (b"\x86\xdd" if version == 6 else b"\x08\x00")
         assert rot == (version == 6 and out != VALID and len(frame) >= 54)
+
+
+def test_the_sender_paces_by_the_depth_of_all_queues(tmp_path: Path) -> None:
+    """/proc/PID/net/netfilter/nfnetlink_queue: the third column of each queue, added up; a
+    daemon gone (no file) is no depth."""
+    proc = tmp_path / "nfnetlink_queue"
+    proc.write_text("    0  12345   700 2 65535     0     0  9000  1\n    1 -4000   123 2 65535     0     0  8000  1\n")
+    assert fuzz_send.queue_depth(proc) == 823
+    assert fuzz_send.queue_depth(tmp_path / "gone") == 0

@@ -123,6 +123,23 @@ def lab_demo(json_output: bool = typer.Option(False, "--json", help="One JSON ob
     raise typer.Exit(_in_lab("orchestrator.lab.demo", ["--json"] if json_output else []))
 
 
+@lab_app.command("fuzz")
+def lab_fuzz(
+    packets: int = typer.Option(100_000, "--packets", min=1, help="Mutated first packets to send."),
+    seed: int = typer.Option(1, "--seed", help="The corpus's seed: the same seed, the same packets."),
+    distinct: int = typer.Option(
+        50_000, "--distinct", min=1, help="Distinct mutants built before sending; the packets cycle through them."
+    ),
+    json_output: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+) -> None:
+    """Malformed and mutated first packets through the running balancer daemon while established
+    sessions carry counted traffic; counts by reason, the daemon's pid and memory, what the
+    established flows lost. Exit 1 if the daemon died, an established session lost anything or
+    the counts do not add up."""
+    args = ["--packets", str(packets), "--seed", str(seed), "--distinct", str(distinct)]
+    raise typer.Exit(_in_lab("orchestrator.lab.fuzz", args + (["--json"] if json_output else [])))
+
+
 @bench_app.command("program")
 def bench_program(
     sessions: int = typer.Option(20000, "--sessions", min=1, help="Sessions to install and delete."),

@@ -77,7 +77,9 @@ class Plan:
     """Operations for one batch of first packets, and what each packet waits for."""
 
     ops: list[ops.Operation] = field(default_factory=list)
-    groups: dict[int, tuple[int, int]] = field(default_factory=dict)  # session id -> ops slice
+    # Session id -> the slices of `ops` that are its own: a session re-keyed later in the batch
+    # than other sessions' packets has more than one, and is judged by its own operations only.
+    groups: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     rekeyed: set[int] = field(default_factory=set)  # sessions of earlier batches that got a new client address
     undo: dict[int, Undo] = field(default_factory=dict)  # those sessions before their re-key
     # Fast-path element adds per session, kept out of `ops`: commit releases those of sessions
@@ -311,7 +313,7 @@ class Balancer:
             heapq.heappush(self._embryonic, (session.embryonic_until, session.id))
         start = len(plan.ops)
         self._add_client(session, svc, info, key.client, first.next_hop, plan)
-        plan.groups[session.id] = (start, len(plan.ops))
+        plan.groups[session.id] = [(start, len(plan.ops))]
         self.counters["sessions_started"] += 1
         return verdict(Action.ACCEPT), session.id
 
@@ -481,16 +483,15 @@ class Balancer:
             plan.rekeyed.add(session.id)
         start = len(plan.ops)
         self._add_client(session, svc, info, key.client, hop, plan)
-        first, _ = plan.groups.get(session.id, (start, start))
-        plan.groups[session.id] = (first, len(plan.ops))
+        plan.groups.setdefault(session.id, []).append((start, len(plan.ops)))
 
     def commit(self, plan: Plan, results: Sequence[ops.OpResult], now: float) -> Commit:
         """The provider's results for `plan.ops` decide the waiting packets' verdicts."""
         failed: dict[int, list[str]] = {}
         cleanup: list[ops.Operation] = []
         admit: list[ops.Operation] = []
-        for session_id, (start, end) in plan.groups.items():
-            group = results[start:end]
+        for session_id, slices in plan.groups.items():
+            group = [r for start, end in slices for r in results[start:end]]
             bad = [str(r) for r in group if not r.ok]
             if not bad:
                 session = self.table.by_id(session_id)

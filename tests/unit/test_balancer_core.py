@@ -196,6 +196,39 @@ def test_mobile_client_keeps_server_and_labels_when_its_care_of_address_changes(
     assert fwd is not None and fwd.labels == (TRANSPORT[same.server], same.c2s)
 
 
+def test_a_failed_session_in_a_batch_does_not_fail_or_undo_another_sessions_rekey() -> None:
+    """Found by the lab fuzz (issue 13, item 6): in one batch a mobile session starts, another
+    session's objects fail (here: its care-of address is already the first one's, so flower
+    refuses the same match), then the first session re-keys to a new care-of address. Each
+    session is judged by its own operations: the first keeps both its clients, the second fails
+    alone and only its objects are rolled back."""
+    v6 = config({"services.http.vip": "2001:db8::100", "services.http.session_key": "mip6-home-address"})
+    node = Node(v6)
+
+    def mip6_syn(coa: str, home: str, sport: int) -> bytes:
+        return bytes(
+            IPv6(src=coa, dst="2001:db8::100")
+            / IPv6ExtHdrDestOpt(options=[HAO(hoa=home)])
+            / TCP(sport=sport, dport=80, flags="S")
+        )
+
+    commit = node.packets(
+        mip6_syn("2001:db8:1::10", "2001:db8:aa::1", 1),
+        mip6_syn("2001:db8:1::10", "2001:db8:aa::2", 2),  # another home, the same care-of address
+        mip6_syn("2001:db8:2::20", "2001:db8:aa::1", 3),  # the first home moves on
+    )
+    assert [v.action for v in commit.verdicts] == [Action.ACCEPT, Action.DROP, Action.ACCEPT]
+    assert "same match" in commit.verdicts[1].reason
+    [session] = list(node.core.table)
+    assert session.key.value == "2001:db8:aa::1" and session.clients == ["2001:db8:1::10", "2001:db8:2::20"]
+    assert node.core.counters["sessions_failed"] == 1 and node.core.counters["rekeys_failed"] == 0
+    for coa in session.clients:  # both addresses' filters are in the kernel
+        fwd = node.kernel.forward_ip(coa, "2001:db8::100", proto="tcp", sport=9, dport=80, out_dev="fab0")
+        assert fwd is not None and fwd.labels == (TRANSPORT[session.server], session.c2s)
+    assert node.kernel.receive_mpls([session.s2c]).via == "2001:db8:2::20"
+    assert node.core.labels.stats(node.now).in_use == 1  # the failed session's pair is free again
+
+
 def test_a_client_address_beyond_the_sessions_filter_handles_is_dropped() -> None:
     """128 ports: two client addresses fill the session's 256 filter handles; a third one would
     wrap onto the first one's handles, so its packet is dropped and nothing is programmed."""

@@ -29,6 +29,7 @@ from typing import Any
 from orchestrator.config.examples import KeyPath
 from orchestrator.lab.balancer_lab import RESTORED, BalancerLab
 from orchestrator.lab.kit import Lab, patience
+from orchestrator.lab.traffic import PACED_REQUESTS, STREAM, last_json
 
 SESSION4 = tuple(f"10.0.1.{i}" for i in range(100, 108))  # c3's own: valid mutants' sources
 SESSION6 = tuple(f"fd00:1::{i:x}" for i in range(0x100, 0x108))
@@ -69,55 +70,12 @@ SYSCTLS = (
     "net.netfilter.nf_conntrack_generic_timeout=3",
 )
 
-# A paced UDP stream (one connected socket: one flow) until the stop file appears, then 2 s for
-# the last echoes; prints {"sent", "answered"}.
-STREAM = r"""
-import json, os, select, socket, sys, time
-vip, interval, stop = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.connect((vip, 53))
-sent, got, start, drain = 0, set(), time.monotonic(), None
-while True:
-    now = time.monotonic()
-    if drain is None and os.path.exists(stop):
-        drain = now + 2
-    if drain is not None and now > drain:
-        break
-    due = start + sent * interval
-    if drain is None and now >= due:
-        s.send(b"%d" % sent)
-        sent += 1
-        continue
-    if select.select([s], [], [], max(0.0, (due if drain is None else drain) - now))[0]:
-        try:
-            data = s.recv(100)
-        except OSError:
-            continue
-        if data.startswith(b"echo "):
-            got.add(int(data[5:]))
-print(json.dumps({"sent": sent, "answered": len(got & set(range(sent)))}), flush=True)
-"""
+STREAM_LIMIT = "3600"  # seconds: the UDP streams run until the stop file
 
-# HTTP requests, a new connection each, paced, until the stop file appears; prints {"sent", "answered"}.
-REQUESTS = r"""
-import http.client, json, os, sys, time
-vip, interval, stop = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-sent = answered = 0
-while not os.path.exists(stop):
-    t = time.monotonic()
-    sent += 1
-    try:
-        c = http.client.HTTPConnection(vip, 80, timeout=5)
-        c.request("GET", "/")
-        r = c.getresponse()
-        r.read()
-        answered += r.status == 200
-        c.close()
-    except OSError:
-        pass
-    time.sleep(max(0.0, t + interval - time.monotonic()))
-print(json.dumps({"sent": sent, "answered": answered}), flush=True)
-"""
+
+def _counted(result: dict[str, Any]) -> dict[str, Any]:
+    """{"sent", "answered"} of a STREAM's (sent, received) or a PACED_REQUESTS' result."""
+    return {"sent": result["sent"], "answered": result.get("answered", result.get("received"))}
 
 
 def _rss_kb(pid: int) -> int:
@@ -172,10 +130,13 @@ def run(lab: Lab, packets: int, seed: int, distinct: int) -> dict[str, Any]:
         logs: dict[str, Path] = {}
         for client in CHECKED:
             run_dir = Path(lab.node(client)["runtime_dir"])
-            flows = {"udp": (STREAM, lab.vip, INTERVAL), "http": (REQUESTS, lab.vip, HTTP_INTERVAL)}
+            flows = {
+                "udp": (STREAM, lab.vip, INTERVAL, [STREAM_LIMIT]),
+                "http": (PACED_REQUESTS, lab.vip, HTTP_INTERVAL, []),
+            }
             if client == CHECKED[0]:
-                flows["http6"] = (REQUESTS, lab.vip6, HTTP_INTERVAL)
-            for name, (script, vip, interval) in flows.items():
+                flows["http6"] = (PACED_REQUESTS, lab.vip6, HTTP_INTERVAL, [])
+            for name, (script, vip, interval, more) in flows.items():
                 logs[f"{client}-{name}"] = run_dir / f"fuzz-{name}.log"
                 procs.append(
                     lab.spawn(
@@ -186,6 +147,7 @@ def run(lab: Lab, packets: int, seed: int, distinct: int) -> dict[str, Any]:
                         vip,
                         str(interval),
                         str(stop),
+                        *more,
                         log=logs[f"{client}-{name}"],
                     )
                 )
@@ -239,7 +201,7 @@ def run(lab: Lab, packets: int, seed: int, distinct: int) -> dict[str, Any]:
         stop.touch()
         for proc in procs:
             proc.wait(timeout=patience(60))
-        traffic = {name: json.loads(log.read_text().strip().splitlines()[-1]) for name, log in logs.items()}
+        traffic = {name: _counted(last_json(log)) for name, log in logs.items()}
     finally:
         stop_file = Path(lab.node("lb")["runtime_dir"]) / "fuzz-stop"
         stop_file.touch()

@@ -160,6 +160,30 @@ with open(out, "w") as f:
 """
 
 
+# HTTP requests from any source address, a new connection each, one every INTERVAL seconds, until
+# the stop file appears; prints one JSON line {"sent", "answered"} at the end (REQUESTS logs each
+# request's time and outcome instead). Arguments: VIP INTERVAL STOP_FILE.
+PACED_REQUESTS = r"""
+import http.client, json, os, sys, time
+vip, interval, stop = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+sent = answered = 0
+while not os.path.exists(stop):
+    t = time.monotonic()
+    sent += 1
+    try:
+        c = http.client.HTTPConnection(vip, 80, timeout=5)
+        c.request("GET", "/")
+        r = c.getresponse()
+        r.read()
+        answered += r.status == 200
+        c.close()
+    except OSError:
+        pass
+    time.sleep(max(0.0, t + interval - time.monotonic()))
+print(json.dumps({"sent": sent, "answered": answered}), flush=True)
+"""
+
+
 def nft_counters(lab: Lab, node: str = "lb") -> dict[str, int]:
     """A node's mplsorch ruleset's named counters (packets), read from the kernel: also while its
     daemon is down."""

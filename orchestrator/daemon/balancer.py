@@ -29,7 +29,7 @@ from orchestrator.core.events import Action, FirstPacket
 from orchestrator.core.servers import AdminState
 from orchestrator.core.sessions import SessionTable
 from orchestrator.daemon import node_setup, views
-from orchestrator.daemon.logs import fields
+from orchestrator.daemon.logs import Throttle, fields
 from orchestrator.daemon.loop import Capture, Command, Daemon, Request, nf_verdict, start_step
 from orchestrator.dataplane import offload, ops
 from orchestrator.dataplane.provider import Provider
@@ -72,6 +72,7 @@ class BalancerDaemon(Daemon):
         self.runner: HealthRunner | None = None
         self.checker: Checker = run_check
         self.offload_counts: dict[str, int] = {}
+        self.refusal_lines = Throttle()  # refused packets logged one by one up to 10 a second per reason
         self.next_offload_dump = 0.0
         self.member: Any = None  # cluster mode: orchestrator.cluster.member.Member
         if self.config.cluster is not None:
@@ -329,15 +330,20 @@ class BalancerDaemon(Daemon):
                 views.log_rekeyed(session)
             else:
                 views.log_start(session)
+        now = time.monotonic()
         for v, src in zip(commit.verdicts, sources):
             if v.action != Action.ACCEPT:
-                log.warning(
-                    "packet from %s %s: %s",
-                    src,
-                    v.action,
-                    v.reason,
-                    extra=fields(event=f"packet_{v.action}", client=src, reason=v.reason),
-                )
+                allowed, suppressed = self.refusal_lines.allow(v.reason, now)
+                if suppressed:
+                    log.warning("%d more packets %s: %s (not logged one by one)", suppressed, v.action, v.reason)
+                if allowed:
+                    log.warning(
+                        "packet from %s %s: %s",
+                        src,
+                        v.action,
+                        v.reason,
+                        extra=fields(event=f"packet_{v.action}", client=src, reason=v.reason),
+                    )
 
     def reload(self) -> None:
         """SIGHUP: a new configuration without dropping sessions; an invalid one changes nothing."""

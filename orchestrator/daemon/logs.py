@@ -4,7 +4,8 @@ structured fields (`extra=fields(...)`), which JSON lines show as keys of their 
 
 What is logged at info: start, reload, stop, one line per session start and end, server health
 changes and operator commands; never one line per packet. Every refusal and failure is logged
-with its reason (warning or error).
+with its reason (warning or error), per packet up to `Throttle`'s cap a second per reason: a
+flood of bad first packets is counted in full, not written out in full.
 """
 
 from __future__ import annotations
@@ -17,6 +18,28 @@ from typing import Any
 
 FORMATS = ("text", "json")
 TEXT = "%(asctime)s mplsorch %(levelname)s %(message)s"
+
+
+class Throttle:
+    """At most `per_second` lines a second per key; the rest counted, their number said once the
+    next second's first line for that key is allowed (`allow` returns it)."""
+
+    def __init__(self, per_second: int = 10) -> None:
+        self.per_second = per_second
+        self.windows: dict[str, tuple[int, int, int]] = {}  # key -> (second, allowed, suppressed)
+
+    def allow(self, key: str, now: float) -> tuple[bool, int]:
+        """(whether to log this line, lines suppressed since the last one logged for this key)."""
+        second = int(now)
+        start, allowed, suppressed = self.windows.get(key, (second, 0, 0))
+        if start != second:
+            self.windows[key] = (second, 1, 0)
+            return True, suppressed
+        if allowed < self.per_second:
+            self.windows[key] = (start, allowed + 1, 0)
+            return True, suppressed
+        self.windows[key] = (start, allowed, suppressed + 1)
+        return False, 0
 
 
 def fields(**values: Any) -> dict[str, Any]:

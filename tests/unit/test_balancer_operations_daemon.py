@@ -369,3 +369,13 @@ def test_a_daemon_that_does_not_answer_in_time_is_one_line_and_exit_1(monkeypatc
     out = CliRunner().invoke(app, ["status", "--socket", "/run/x.sock"])
     assert out.exit_code == 1
     assert out.stderr.strip() == "mplsorch: the daemon on /run/x.sock did not answer 'status' within 10 s"
+
+
+def test_refused_packets_are_logged_one_by_one_only_up_to_the_cap_then_counted_in_one_line() -> None:
+    """A flood of bad first packets is counted in full by the daemon, not written out in full."""
+    throttle = logs.Throttle(per_second=3)
+    allowed = [throttle.allow("truncated", 100.0 + i / 100) for i in range(10)]  # 10 within one second
+    assert [a for a, _ in allowed] == [True] * 3 + [False] * 7
+    assert throttle.allow("other reason", 100.5) == (True, 0)  # each reason has its own cap
+    assert throttle.allow("truncated", 101.0) == (True, 7)  # the next second says how many were not
+    assert throttle.allow("truncated", 101.1) == (True, 0)

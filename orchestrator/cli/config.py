@@ -62,7 +62,8 @@ def config_show(
     Exit 2 as `validate` does when FILE is unusable."""
     data = _load(file).to_dict()
     if json_output:
-        typer.echo(json.dumps(data, indent=2))
+        # UTF-8 as it is: a YAML reader does not join JSON's surrogate-pair escapes of non-BMP text.
+        typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
     else:
         import yaml
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from pathlib import Path
 
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -17,6 +18,8 @@ from scapy.layers.ipsec import ESP
 
 from orchestrator.analyze.keys import SessionKeyKind, session_key
 from orchestrator.analyze.packet import REASONS, Malformed, Packet, analyze
+from orchestrator.config.client_model import ClientConfig
+from orchestrator.config.examples import example
 from orchestrator.config.load import ConfigError, parse_config
 from orchestrator.config.model import BalancerConfig
 from orchestrator.config.server_model import ServerConfig
@@ -122,8 +125,9 @@ def check_loaded(text: str, need_line: bool = False) -> None:
         if need_line:
             assert exc.line is not None, str(exc)
         return
-    assert isinstance(cfg, (BalancerConfig, ServerConfig))
-    assert parse_config(json.dumps(cfg.to_dict()), SOURCE) == cfg  # `config show` validates
+    assert isinstance(cfg, (BalancerConfig, ServerConfig, ClientConfig))
+    # `config show --json` (written as it writes it) is read back as the same configuration
+    assert parse_config(json.dumps(cfg.to_dict(), ensure_ascii=False), SOURCE) == cfg
 
 
 @PROPERTY
@@ -391,3 +395,17 @@ def test_decode_inverts_encode_for_generated_operations(obj: ops.DataplaneObject
 def test_a_cut_encoded_filter_decodes_or_raises_decode_error(obj: ops.FlowerFilter, cut: int) -> None:
     _, _, body = encode.encode(ops.Add(obj), DEVS.__getitem__)
     decoded(lambda: decode.tc_filter(memoryview(body[: cut % (len(body) + 1)]), ifname))
+
+
+def test_config_show_json_of_text_beyond_the_bmp_reads_back_as_the_same_config(tmp_path: Path) -> None:
+    """Found by the mutated-examples property: JSON's default escapes a non-BMP character as a
+    surrogate pair, which a YAML reader keeps as two characters."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli.main import app
+
+    path = tmp_path / "lb.yaml"
+    path.write_text(example("balancer", {"node.control_socket": "/run/\U0001d400.sock"}), encoding="utf-8")
+    shown = CliRunner().invoke(app, ["config", "show", str(path), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert parse_config(shown.output, SOURCE) == parse_config(path.read_text(encoding="utf-8"), SOURCE)

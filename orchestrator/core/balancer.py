@@ -1061,8 +1061,7 @@ class Balancer:
                 if svc is not None and client not in session.clients and hop is not None:
                     start = len(plan.ops)
                     self._add_client(session, svc, _RemotePorts(row.sport, row.port), client, hop, plan)
-                    first, _ = plan.groups.get(session.id, (start, start))
-                    plan.groups[session.id] = (first, len(plan.ops))
+                    plan.groups.setdefault(session.id, []).append((start, len(plan.ops)))
             return
         if owner is None:
             return  # our own write echoed, of a session since ended or replaced here
@@ -1106,7 +1105,7 @@ class Balancer:
         start = len(plan.ops)
         for client, hop in hops:  # a hold marker of the pair here is replaced (_add_client)
             self._add_client(session, svc, _RemotePorts(row.sport, row.port), client, hop, plan)
-        plan.groups[session.id] = (start, len(plan.ops))
+        plan.groups[session.id] = [(start, len(plan.ops))]
         self.counters["cluster_remote_sessions"] += 1
 
     def remote_sync(self, rows: Sequence[RemotePut], now: float, keep_ours: bool = True) -> Plan:

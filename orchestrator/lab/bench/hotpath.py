@@ -50,7 +50,7 @@ class EncodingProvider:
             encode.encode(op, self.ifindex)
         return [ops.OpResult(op) for op in operations]
 
-    def dump(self) -> list[ops.Installed]:
+    def dump(self, elements: bool = True) -> list[ops.Installed]:
         return []
 
     def dump_elements(self) -> list[ops.Installed]:

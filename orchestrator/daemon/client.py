@@ -12,21 +12,17 @@ SIGHUP reloads, SIGTERM/SIGINT stop and leave the filters and the ruleset in pla
 from __future__ import annotations
 
 import collections
-import errno
-import itertools
 import logging
 import time
-from typing import Any, Iterable
+from typing import Any
 
 from orchestrator.capture import nftables
-from orchestrator.capture.nfqueue import NF_ACCEPT, QueuedPacket, Verdict
+from orchestrator.capture.nfqueue import QueuedPacket
 from orchestrator.config.client_model import ClientConfig
-from orchestrator.config.load import ConfigError, load_client_config
-from orchestrator.core.agent import PREF_LEARN, label_of
+from orchestrator.config.load import load_client_config
 from orchestrator.core.client_agent import ClientAgent, ClientSession, imposition_of
-from orchestrator.core.events import LabelledPacket
-from orchestrator.daemon import node_setup
-from orchestrator.daemon.loop import Capture, Daemon, nf_verdict, start_step
+from orchestrator.daemon.agent import AgentDaemon
+from orchestrator.daemon.loop import Capture, nf_verdict
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.provider import Provider
 from orchestrator.metrics import MetricsSnapshot, server_snapshot_from
@@ -34,22 +30,12 @@ from orchestrator.metrics import MetricsSnapshot, server_snapshot_from
 log = logging.getLogger("mplsorch")
 
 
-def _node_key(obj: ops.DataplaneObject) -> tuple[Any, ...] | None:
-    """The identity of one of the agent's node objects (termination route, label-marking filter),
-    None for anything else: only these are the agent's to replace or remove."""
-    if isinstance(obj, ops.MplsRoute) and obj.dev == "lo" and not obj.via and not obj.out_labels:
-        return ("route", obj.label)
-    if isinstance(obj, ops.FlowerFilter) and obj.direction == ops.Direction.INGRESS and obj.pref == PREF_LEARN:
-        return ("filter", obj.dev, obj.handle)
-    return None
-
-
 def _describe(s: ClientSession) -> str:
     ports = ", ".join(s.view()["ports"])
     return f"{', '.join(s.view()['clients'])} -> {s.vip} ({ports}) c2s {s.c2s} s2c {s.s2c}"
 
 
-class ClientDaemon(Daemon):
+class ClientDaemon(AgentDaemon):
     role = "client"
 
     def __init__(
@@ -67,43 +53,11 @@ class ClientDaemon(Daemon):
         self.core: ClientAgent = ClientAgent(self.config)
         self.next_counters = 0.0  # when the filters' counters are sampled next (answer_timeout)
 
-    # -- setup ------------------------------------------------------------------------------------
-    def setup(self) -> None:
-        """Node check, node objects, reconcile with the kernel, ruleset, queue: in this order, as
-        the server agent's."""
-        with start_step("node check"):
-            self.make_ready(self.config)
-        with start_step("node objects"):
-            self.install_node_objects()
-        with start_step("conntrack socket"):
-            self.conntrack = self.capture.conntrack()
-        with start_step("restore from the kernel"):
-            now = time.monotonic()
-            self.program(self.core.restore(self.provider.dump(), self.conntrack.dump(), now), "reconcile")
-        if self.core.sessions:
-            log.info("restored %d sessions from the kernel", len(self.core.sessions))
-        with start_step("nftables ruleset"):
-            nftables.load(nftables.render_client(self.config))
-        queue = self.config.nfqueue.queue
-        with start_step(f"nfqueue {queue}"):
-            self.queue = self.capture.queue(queue, queue)
+    def load_config(self, path: str) -> ClientConfig:
+        return load_client_config(path)
 
-    def install_node_objects(self) -> None:
-        """Bring the node objects to the core's (as the server agent does)."""
-        wanted = self.core.node_objects()
-        keys = {_node_key(o) for o in wanted}
-        stale = [
-            ops.Delete(i.obj)
-            for i in self.provider.dump()
-            if _node_key(i.obj) is not None and _node_key(i.obj) not in keys
-        ]
-        installs = [ops.Add(o) if isinstance(o, ops.ClsactQdisc) else ops.Replace(o) for o in wanted]
-        results = self.provider.apply([*stale, *installs])
-        failed = [r for r in results if not r.ok and not (isinstance(r.op, ops.Add) and r.errno == errno.EEXIST)]
-        self.op_results["ok"] += len(results) - len(failed)
-        self.op_results["error"] += len(failed)
-        if failed:
-            raise RuntimeError(f"node objects: {len(failed)} of {len(results)} failed, the first: {failed[0]}")
+    def render_ruleset(self, config: ClientConfig) -> str:
+        return nftables.render_client(config)
 
     def running_message(self) -> str:
         first, last = self.config.label_range
@@ -113,12 +67,6 @@ class ClientDaemon(Daemon):
             f"balancer link {', '.join(self.config.balancer)}, queue {self.config.nfqueue.queue}, "
             f"control {self.control_socket}{metrics}"
         )
-
-    async def start_tasks(self) -> None:
-        self.start_metrics()
-
-    async def stop_tasks(self) -> None:
-        self.stop_metrics()
 
     def metrics_snapshot(self, now: float) -> MetricsSnapshot:
         """Sessions by state, label pairs of the range in use (one per session) and free, counters."""
@@ -134,16 +82,8 @@ class ClientDaemon(Daemon):
         """Learn from a batch of first labelled answers; the verdicts go only after the C2S filters
         are in the kernel."""
         assert self.queue is not None
-        packets, unmarked = [], []
-        for p in batch:
-            label = label_of(p.mark)
-            if label is None:
-                unmarked.append(Verdict(p.queue, p.packet_id, NF_ACCEPT))
-            else:
-                packets.append(LabelledPacket(p.queue, p.packet_id, label, p.payload))
-        if unmarked:
-            self.core.count("unmarked", len(unmarked))
-        before = {k: (s, dict(s.filters)) for k, s in self.core.sessions.items()}
+        packets, unmarked = self.labelled(batch)
+        before = self.sessions_before()
         plan = self.core.on_packets(packets, time.monotonic())
         verdicts = self.core.commit(plan, self.program(plan.ops, "C2S filter"))
         self.queue.send_verdicts([*unmarked, *(nf_verdict(v) for v in verdicts)])
@@ -164,47 +104,20 @@ class ClientDaemon(Daemon):
 
     def tick(self) -> None:
         now = time.monotonic()
-        before = {k: (s, dict(s.filters)) for k, s in self.core.sessions.items()}
+        before = self.sessions_before()
         self.program(self.core.tick(now), "session end")
         self.log_changes(before, "persistence timeout")
         if self.config.answer_timeout and now >= self.next_counters:
             # One dump per answer_timeout: the filters' packet counters tell whether answers stopped.
             self.next_counters = now + self.config.answer_timeout
-            before = {k: (s, dict(s.filters)) for k, s in self.core.sessions.items()}
+            before = self.sessions_before()
             self.program(self.core.on_counters(self.provider.dump()), "session end")
             self.log_changes(before, "answers stopped")
         self.publish()
 
-    def reload(self) -> None:
-        """SIGHUP: a new configuration without dropping sessions; an invalid one, or one this node
-        is not ready for, changes nothing."""
-        try:
-            config = load_client_config(self.config_path)
-            if config.node.control_socket != self.config.node.control_socket:
-                raise ConfigError(self.config_path, None, "node.control_socket", "changes only at a restart")
-            if config.nfqueue.queue != self.config.nfqueue.queue:
-                raise ConfigError(self.config_path, None, "nfqueue.queue", "changes only at a restart")
-            self.make_ready(config)
-            nftables.load(nftables.render_client(config))
-        except (ConfigError, OSError, RuntimeError, node_setup.NodeNotReady) as exc:
-            log.error("reload rejected, keeping the running configuration: %s", exc)
-            self.core.count("reloads_rejected")
-            return
-        before = {k: (s, dict(s.filters)) for k, s in self.core.sessions.items()}
-        self.program(self.core.reconfigure(config), "reload")
-        self.log_changes(before, "left the configuration")
-        metrics_changed = config.metrics != self.config.metrics
-        self.config = config
-        if metrics_changed:
-            self.stop_metrics()
-            self.start_metrics()
-        try:
-            self.install_node_objects()
-        except (OSError, RuntimeError) as exc:
-            log.error("reload: %s", exc)
-            self.core.count("reload_errors")
-            return
-        log.info("configuration reloaded from %s", self.config_path)
+    def sessions_before(self) -> dict[int, tuple[ClientSession, dict[Any, ops.FlowerFilter]]]:
+        """With each session's filters: a session that gained a client address is logged too."""
+        return {k: (s, dict(s.filters)) for k, s in self.core.sessions.items()}
 
     def shutdown(self) -> None:
         """By default the C2S filters and the ruleset stay: sessions keep crossing the balancer on
@@ -226,13 +139,6 @@ class ClientDaemon(Daemon):
         )
 
     # -- control socket -------------------------------------------------------------------------------
-    def session_views(self, offset: int = 0, limit: int | None = None) -> Iterable[dict[str, Any]]:
-        stop = None if limit is None else offset + limit
-        return (s.view() for s in itertools.islice(self.core.sessions.values(), offset, stop))
-
-    def session_count(self) -> int:
-        return len(self.core.sessions)
-
     def status_details(self, now: float) -> dict[str, Any]:
         return {
             "vips": [str(v) for v in self.config.vips],

@@ -20,7 +20,14 @@ import pytest
 from orchestrator.config.examples import KeyPath
 from orchestrator.lab.balancer_lab import BalancerLab
 from orchestrator.lab.kit import Lab, patience
-from orchestrator.lab.traffic import GET, PROBE, STREAM, last_json, nft_counters, wait
+from orchestrator.lab.traffic import (
+    PROBE,
+    last_json,
+    nft_counters,
+    spawn_download,
+    spawn_stream,
+    wait_running,
+)
 
 INTERVAL = 0.02  # the UDP streams' pace: 50 datagrams a second per client
 RATE = 100 << 10  # the downloads' pace, bytes a second per client
@@ -80,26 +87,10 @@ def test_sigkill_outage_and_restart_lose_nothing(lab: Lab, balancer: BalancerLab
         for client in clients:
             run = Path(lab.node(client)["runtime_dir"])
             streams[client] = run / "hitless-udp.log"
-            procs.append(
-                lab.spawn(
-                    client,
-                    sys.executable,
-                    "-c",
-                    STREAM,
-                    lab.vip,
-                    str(INTERVAL),
-                    str(stop),
-                    str(patience(120)),
-                    log=streams[client],
-                )
-            )
+            procs.append(spawn_stream(lab, client, streams[client], stop, patience(120), INTERVAL))
             downloads[client] = run / "hitless-tcp.log"
-            getters[client] = lab.spawn(
-                client, sys.executable, "-u", "-c", GET, lab.vip, "/big.bin", str(RATE), log=downloads[client]
-            )
-        for client in clients:
-            log = downloads[client]
-            wait(f"{client}'s download", lambda log=log: log.exists() and "started" in log.read_text(), 20)
+            getters[client] = spawn_download(lab, client, downloads[client], RATE)
+        wait_running(downloads.values())
         time.sleep(1.0)
         kernel_before = _kernel(lab)
         # Every change the kernel reports on the balancer's routes and filters from here on.

@@ -28,7 +28,16 @@ import pytest
 from orchestrator.config.examples import KeyPath
 from orchestrator.lab.kit import Lab, patience
 from orchestrator.lab.server_lab import ServerLab
-from orchestrator.lab.traffic import CONNECT, GET, PROBE, STREAM, last_json, nft_counters, wait
+from orchestrator.lab.traffic import (
+    CONNECT,
+    PROBE,
+    last_json,
+    nft_counters,
+    spawn_download,
+    spawn_stream,
+    wait,
+    wait_running,
+)
 
 INTERVAL = 0.02  # the UDP streams' pace: 50 datagrams a second per client
 RATE = 100 << 10  # the downloads' pace, bytes a second per client
@@ -103,26 +112,10 @@ def test_agents_sigkill_outage_and_restart_lose_nothing(lab: Lab, farm: ServerLa
         for client in clients:
             run = Path(lab.node(client)["runtime_dir"])
             streams[client] = run / "server-restart-udp.log"
-            procs.append(
-                lab.spawn(
-                    client,
-                    sys.executable,
-                    "-c",
-                    STREAM,
-                    lab.vip,
-                    str(INTERVAL),
-                    str(stop),
-                    str(patience(120)),
-                    log=streams[client],
-                )
-            )
+            procs.append(spawn_stream(lab, client, streams[client], stop, patience(120), INTERVAL))
             downloads[client] = run / "server-restart-tcp.log"
-            getters[client] = lab.spawn(
-                client, sys.executable, "-u", "-c", GET, lab.vip, "/big.bin", str(RATE), log=downloads[client]
-            )
-        for client in clients:
-            log = downloads[client]
-            wait(f"{client}'s download", lambda log=log: log.exists() and "started" in log.read_text(), 20)
+            getters[client] = spawn_download(lab, client, downloads[client], RATE)
+        wait_running(downloads.values())
         loaded = time.monotonic()
         # The load runs (a session whose first flow had ended was learned again by its stream's
         # first packet): the sessions and the kernel's objects now, and from here on every change

@@ -28,7 +28,7 @@ from orchestrator.config.examples import KeyPath
 from orchestrator.daemon.control import request
 from orchestrator.lab.balancer_lab import BalancerLab
 from orchestrator.lab.kit import Lab, patience
-from orchestrator.lab.traffic import REQUESTS, STREAM, last_json, nft_counters, wait
+from orchestrator.lab.traffic import REQUESTS, last_json, nft_counters, spawn_stream, wait
 
 LIMIT = 15  # nfqueue.global_rate_limit: first packets a second, all sources together (burst the same)
 FLOOD_RATE = 40 * LIMIT  # spoofed SYNs a second: room above 20 times the limit on a loaded host
@@ -121,19 +121,7 @@ def test_syn_flood_cut_by_the_limits_sessions_kept_pool_recovers(lab: Lab, balan
     try:
         streams = {c: Path(lab.node(c)["runtime_dir"]) / "flood-udp.log" for c in ("c2", "c3")}
         for client, log in streams.items():
-            procs.append(
-                lab.spawn(
-                    client,
-                    sys.executable,
-                    "-c",
-                    STREAM,
-                    lab.vip,
-                    str(INTERVAL),
-                    str(stop),
-                    str(patience(90)),
-                    log=log,
-                )
-            )
+            procs.append(spawn_stream(lab, client, log, stop, patience(90), INTERVAL))
         requests = Path(lab.node("c2")["runtime_dir"]) / "flood-http.log"
         c2 = lab.address("c2", towards="lb")
         procs.append(lab.spawn("c2", sys.executable, "-c", REQUESTS, lab.vip, c2, "100000", str(stop), str(requests)))

@@ -156,37 +156,3 @@ class ClusterLab:
             self.lab.sh("lb", "ip", "link", "del", "mg0", check=False)
             for dev in ("lan0", "fab0"):
                 self.lab.sh("lb", "ip", "link", "set", dev, "up", check=False)
-
-
-# A paced UDP stream to the VIP's port 53 (the servers echo `echo SEQ`) for `seconds`, then 2 s
-# for the last echoes; prints "running" at its first echo, then one JSON line: sent, received,
-# the sequence numbers lost.
-STREAM = r"""
-import json, select, socket, sys, time
-vip, interval, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.connect((vip, 53))
-sent, got, start = 0, set(), time.monotonic()
-end = start + seconds
-while True:
-    now = time.monotonic()
-    if now > end + 2:
-        break
-    due = start + sent * interval
-    if now < end and now >= due:
-        s.send(b"%d" % sent)
-        sent += 1
-        continue
-    wait = max(0.0, (due if now < end else end + 2) - now)
-    if select.select([s], [], [], wait)[0]:
-        try:
-            data = s.recv(100)
-        except OSError:
-            continue
-        if data.startswith(b"echo "):
-            if not got:
-                print("running", flush=True)
-            got.add(int(data[5:]))
-lost = sorted(set(range(sent)) - got)
-print(json.dumps({"sent": sent, "received": len(got), "lost": lost, "start": time.time() - (time.monotonic() - start)}))
-"""

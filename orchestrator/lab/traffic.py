@@ -7,9 +7,11 @@ counted; `last_json` reads it back."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from orchestrator.lab.kit import patience
 
@@ -17,9 +19,10 @@ if TYPE_CHECKING:
     from orchestrator.lab.kit import Lab
 
 # A paced UDP stream to the VIP's port 53 (the servers echo `echo SEQ`), until the stop file
-# appears or `limit` seconds pass, then 2 s for the last echoes; prints one JSON line: sent,
-# received, lost, the first missing sequence numbers, the longest gap between two echoes and the
-# five longest gaps over 100 ms as [Unix time of the echo before it, milliseconds].
+# appears or `limit` seconds pass, then 2 s for the last echoes. Prints `running` at the first
+# echo, then one JSON line: sent, received, lost, the missing sequence numbers, the Unix time it
+# started (datagram N was due N * INTERVAL later), the longest gap between two echoes and the five
+# longest gaps over 100 ms as [Unix time of the echo before it, milliseconds].
 # Arguments: VIP INTERVAL STOP_FILE LIMIT.
 STREAM = r"""
 import json, os, select, socket, sys, time
@@ -47,12 +50,15 @@ while True:
             errors += 1
             continue
         if data.startswith(b"echo "):
+            if not got:
+                print("running", flush=True)
             got.add(int(data[5:]))
             times.append(time.time())
 gaps = [b - a for a, b in zip(times, times[1:])]
 long = sorted(((b - a, a) for a, b in zip(times, times[1:]) if b - a > 0.1), reverse=True)[:5]
 missing = sorted(set(range(sent)) - got)
-print(json.dumps({"sent": sent, "received": len(got), "lost": len(missing), "missing": missing[:20],
+print(json.dumps({"sent": sent, "received": len(got), "lost": len(missing), "missing": missing,
+                  "start": time.time() - (time.monotonic() - start),
                   "max_gap_ms": round(1000 * max(gaps, default=0)), "errors": errors,
                   "long_gaps": [[round(at, 3), round(1000 * gap)] for gap, at in long]}), flush=True)
 """
@@ -184,6 +190,30 @@ print(json.dumps({"sent": sent, "answered": answered}), flush=True)
 """
 
 
+def spawn_stream(
+    lab: Lab, client: str, log: Path, stop: Path, limit: float, interval: float, vip: str | None = None
+) -> subprocess.Popen[bytes]:
+    """A STREAM from `client` to `vip` (the lab's IPv4 VIP), its output in `log`."""
+    args = (vip or lab.vip, str(interval), str(stop), str(limit))
+    return lab.spawn(client, sys.executable, "-c", STREAM, *args, log=log)
+
+
+def spawn_download(lab: Lab, client: str, log: Path, rate: int, path: str = "/big.bin") -> subprocess.Popen[bytes]:
+    """A GET of `path` from `client` at `rate` bytes a second, its output in `log`."""
+    return lab.spawn(client, sys.executable, "-u", "-c", GET, lab.vip, path, str(rate), log=log)
+
+
+def wait_running(logs: Iterable[Path], what: str = "started", seconds: float = 20) -> None:
+    """Until every log shows `what` (a download's head arrived: `started`; a stream's first echo:
+    `running`)."""
+    for log in logs:
+
+        def shows(log: Path = log) -> bool:
+            return log.exists() and what in log.read_text()
+
+        wait(f"{what} in {log.name}", shows, seconds)
+
+
 def nft_counters(lab: Lab, node: str = "lb") -> dict[str, int]:
     """A node's mplsorch ruleset's named counters (packets), read from the kernel: also while its
     daemon is down."""
@@ -191,7 +221,7 @@ def nft_counters(lab: Lab, node: str = "lb") -> dict[str, int]:
     return {c["counter"]["name"]: c["counter"]["packets"] for c in out["nftables"] if "counter" in c}
 
 
-def wait(what: str, ready: Callable[[], object], seconds: float) -> None:
+def wait(what: str, ready: Callable[[], object], seconds: float = 20) -> None:
     """Until `ready()` is true, or an AssertionError after `seconds` (scaled by the backend)."""
     deadline = time.monotonic() + patience(seconds)
     while not ready():

@@ -1,5 +1,5 @@
 """Two balancers sharing the session table in etcd (issue 16, docs/scale.md), on a real kernel:
-the lab's balancer and a second one (netns_tests/harness/cluster_lab.py), one etcd member, plain
+the lab's balancer and a second one (orchestrator.lab.cluster_lab.py), one etcd member, plain
 servers. A session made through either balancer is installed on both under the same server and
 labels, and a client served through the other balancer keeps it; then, under counted UDP
 streams, the first balancer is SIGKILLed and its links go down, its clients and the fabric's way
@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from netns_tests.harness.cluster_lab import LB2_FAB, LB2_LAN, TTL, ClusterLab
+from orchestrator.lab.cluster_lab import LB2_FAB, LB2_LAN, TTL, ClusterLab
 from orchestrator.lab.kit import Lab, patience
 from orchestrator.lab.traffic import spawn_stream, wait, wait_running
 

@@ -1,5 +1,5 @@
 """Two balancers sharing the session table in etcd (issue 16, docs/scale.md) while etcd is away,
-on a real kernel (netns_tests/harness/cluster_lab.py): a counted UDP stream of a served client
+on a real kernel (orchestrator.lab.cluster_lab.py): a counted UDP stream of a served client
 loses nothing across etcd's death and restart, a new client is refused at once and counted
 (`when_store_down: refuse`), a served client's new connection is served; once etcd is back
 both balancers rejoin and the new client is served, its session on both."""
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from netns_tests.harness.cluster_lab import ClusterLab
+from orchestrator.lab.cluster_lab import ClusterLab
 from orchestrator.lab.kit import Lab, patience
 from orchestrator.lab.traffic import spawn_stream, wait, wait_running
 

@@ -2,6 +2,9 @@
 
     PREFIX members/NAME                 the member's lease id (decimal), under that lease
     PREFIX blocks/INDEX                 the name of the member holding label block INDEX, under its lease
+                                        (its reserve's: without a lease)
+    PREFIX reserve/NAME                 the index of member NAME's reserve block (when_store_down:
+                                        local), without a lease: it outlives an etcd outage
     PREFIX sessions/SERVICE/KEY         a session row (JSON, `encode_session`), under its owner's lease
 
 SERVICE is a service name (letters, digits, '-', '_'); KEY the session key's value as the core
@@ -22,6 +25,7 @@ __all__ = [
     "encode_session",
     "member_key",
     "parse_key",
+    "reserve_key",
     "session_key",
 ]
 
@@ -36,13 +40,17 @@ def block_key(prefix: str, index: int) -> bytes:
     return f"{prefix}blocks/{index}".encode()
 
 
+def reserve_key(prefix: str, name: str) -> bytes:
+    return f"{prefix}reserve/{name}".encode()
+
+
 def session_key(prefix: str, service: str, key: str) -> bytes:
     return f"{prefix}sessions/{service}/{key}".encode()
 
 
 def parse_key(prefix: str, raw: bytes) -> tuple[str, str, str] | None:
     """What a key of the cluster names: ("member", NAME, ""), ("block", INDEX, ""),
-    ("session", SERVICE, KEY); None for anything else under the prefix."""
+    ("reserve", NAME, ""), ("session", SERVICE, KEY); None for anything else under the prefix."""
     try:
         text = raw.decode()
     except UnicodeDecodeError:
@@ -54,6 +62,8 @@ def parse_key(prefix: str, raw: bytes) -> tuple[str, str, str] | None:
         return ("member", rest, "")
     if kind == "blocks" and rest.isdigit():
         return ("block", rest, "")
+    if kind == "reserve" and rest:
+        return ("reserve", rest, "")
     if kind == "sessions":
         service, _, key = rest.partition("/")
         if service and key:

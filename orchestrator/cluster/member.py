@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from orchestrator.cluster.store import Store, StoreError, TableSnapshot, WatchEvent
-from orchestrator.config.model import ClusterConfig
+from orchestrator.config.model import ClusterConfig, StoreDown
 from orchestrator.core.balancer import Balancer, Plan
 from orchestrator.core.label_blocks import BlockAllocator, next_block, wants_block
 from orchestrator.core.remote import ClusterSession, RemoteDelete, RemotePut
@@ -70,13 +70,53 @@ class Member:
         await self.store.connect()
         await self.store.join()
         self.snapshot = await self.store.load()
+        reserve = self.snapshot.reserves.get(self.config.name)
+        if reserve is not None and self.snapshot.blocks.get(reserve) == self.config.name:
+            self.labels.set_reserve(reserve)  # ours from before a restart, whatever its lease
         for index, holder in sorted(self.snapshot.blocks.items()):
-            if holder == self.config.name:  # a restart that resumed its lease: its blocks are its own
+            if holder == self.config.name and index != reserve:  # a restart that resumed its lease
                 self.core.add_label_block(index)
         for _ in range(64):  # enough blocks for admission's reserve and a quarter block more
             if not self.wants_block() or not await self._claim(first=True):
                 break
+        await self._claim_reserve()
         self.up = True
+
+    @property
+    def labels(self) -> BlockAllocator:
+        labels = self.core.labels
+        assert isinstance(labels, BlockAllocator)
+        return labels
+
+    def wants_reserve(self) -> bool:
+        cluster = self.core.config.cluster
+        return cluster is not None and cluster.when_store_down is StoreDown.LOCAL and self.labels.reserve is None
+
+    async def _claim_reserve(self) -> None:
+        """With `when_store_down: local`, the reserve block: the lowest free one, claimed without
+        a lease (codec.py). At start, and after a reload that sets the policy."""
+        for _ in range(8):
+            if not self.wants_reserve():
+                return
+            in_use = self.labels.in_use() + [r.c2s for r in (self.snapshot.sessions if self.snapshot else ())]
+            index = next_block(self.labels.layout, set(self.blocks) | set(self.labels.held_blocks), in_use)
+            if index is None:
+                self.core.count("label_blocks_exhausted")
+                log.warning("cluster: no free label block in labels.range for the reserve (when_store_down: local)")
+                return
+            if await self.store.claim_reserve(index):
+                self.blocks[index] = self.config.name
+                self.labels.set_reserve(index)
+                lo, hi = self.labels.layout.bounds(index)
+                log.info(
+                    "cluster: label block %d (%d-%d) reserved for etcd's absence",
+                    index,
+                    lo,
+                    hi,
+                    extra=fields(event="label_reserve", block=index),
+                )
+                return
+            self.blocks[index] = "?"
 
     def sync(self, now: float) -> None:
         """The table read by `start` into the core and the kernel (after the restore from the
@@ -147,6 +187,7 @@ class Member:
             "store": "up" if self.up else "down",
             "members": sorted(self.members),
             "label_blocks": list(labels.held_blocks) if isinstance(labels, BlockAllocator) else [],
+            "reserve_block": labels.reserve if isinstance(labels, BlockAllocator) else None,
             "revision": self.revision,
             "remote_sessions": sum(1 for s in self.core.table if s.owner is not None),
         }
@@ -196,10 +237,12 @@ class Member:
         self.up = False
         self.core.store_up = False
         self.core.count("store_down")
+        policy = self.core.config.cluster.when_store_down if self.core.config.cluster else StoreDown.REFUSE
         log.error(
-            "cluster: etcd unreachable (%s): sessions keep forwarding, new ones are refused (when_store_down: %s)",
+            "cluster: etcd unreachable (%s): sessions keep forwarding, new ones %s (when_store_down: %s)",
             why,
-            self.config.when_store_down.value,
+            "take pairs of the reserve block" if policy is StoreDown.LOCAL else "are refused",
+            policy.value,
             extra=fields(event="store_down", reason=why),
         )
 
@@ -313,6 +356,8 @@ class Member:
             try:
                 while self.up and self.wants_block() and await self._claim():
                     pass
+                if self.up:
+                    await self._claim_reserve()
             except StoreError as exc:
                 self._down(str(exc))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class TableSnapshot:
     blocks: Mapping[int, str]  # index -> holder
     sessions: tuple[ClusterSession, ...]
     damaged: int  # session values that did not decode
+    reserves: Mapping[str, int] = field(default_factory=dict)  # member -> its reserve block
 
 
 @dataclass(frozen=True)
@@ -189,17 +190,81 @@ class Store:
         )
         return bool(ok)
 
+    async def claim_reserve(self, index: int) -> bool:
+        """blocks/INDEX and reserve/NAME -> INDEX, both without a lease, unless the block exists:
+        the reserve stays this member's through an outage longer than its lease (and a restart
+        under the same name finds it again)."""
+        block, reserve = codec.block_key(self.prefix, index), codec.reserve_key(self.prefix, self.config.name)
+        t = self.client.transactions
+        name = self.config.name.encode()
+        ok, _ = await self._call(
+            self.client.transaction(
+                compare=[t.create(block) == 0, t.create(reserve) == 0],
+                success=[t.put(block, name), t.put(reserve, str(index).encode())],
+                failure=[],
+            )
+        )
+        return bool(ok)
+
+    async def release_blocks(self, indexes: list[int], reserve: int | None) -> None:
+        """Give blocks up (a graceful leave), each only if it is still ours, and the reserve's
+        keys with them."""
+        t = self.client.transactions
+        name = self.config.name.encode()
+        ops: list[Any] = []
+        for index in [*indexes, *([reserve] if reserve is not None else [])]:
+            key = codec.block_key(self.prefix, index)
+            ops.append(t.txn(compare=[t.value(key) == name], success=[t.delete(key)], failure=[]))
+        if reserve is not None:
+            ops.append(t.delete(codec.reserve_key(self.prefix, self.config.name)))
+        for start in range(0, len(ops), MAX_TXN_OPS):
+            await self._call(self.client.transaction(compare=[], success=ops[start : start + MAX_TXN_OPS], failure=[]))
+
+    async def member_leases(self) -> dict[str, int]:
+        """Every member's lease id (the value of its member key)."""
+        got = await self._call(self.client.get_prefix(codec.member_key(self.prefix, "")))
+        out = {}
+        for kv in got:
+            what = codec.parse_key(self.prefix, kv.key)
+            if what is not None and what[0] == "member" and kv.value.isdigit():
+                out[what[1]] = int(kv.value)
+        return out
+
+    async def hand_over(self, rows: list[ClusterSession], leases: Mapping[str, int]) -> int:
+        """Rows of our sessions written with another member as owner, under that member's lease
+        (a graceful leave: as an adoption, without waiting for our lease to expire); each only if
+        the key still holds our value. The number of transactions."""
+        t = self.client.transactions
+        ops: list[Any] = []
+        keys = []
+        for row in rows:
+            k = codec.session_key(self.prefix, row.service, row.key)
+            put = t.put(k, codec.encode_session(row), lease=leases[row.owner])
+            ours = self._written.get(k)
+            ops.append(put if ours is None else t.txn(compare=[t.value(k) == ours], success=[put], failure=[]))
+            keys.append(k)
+        txns = 0
+        for start in range(0, len(ops), MAX_TXN_OPS):
+            await self._call(self.client.transaction(compare=[], success=ops[start : start + MAX_TXN_OPS], failure=[]))
+            txns += 1
+        for k in keys:
+            self._written.pop(k, None)
+        return txns
+
     # -- the table ------------------------------------------------------------------------------------
     async def load(self) -> TableSnapshot:
         """Members, blocks and sessions in one range read, with its revision."""
         got = await self._call(self.client.get_prefix(self.prefix.encode()))
-        members, blocks, rows, damaged = set(), {}, [], 0
+        members, blocks, rows, damaged, reserves = set(), {}, [], 0, {}
         for kv in got:
             what = codec.parse_key(self.prefix, kv.key)
             if what is None:
                 continue
             if what[0] == "member":
                 members.add(what[1])
+            elif what[0] == "reserve":
+                if kv.value.isdigit():
+                    reserves[what[1]] = int(kv.value)
             elif what[0] == "block":
                 blocks[int(what[1])] = kv.value.decode(errors="replace")
             else:
@@ -210,7 +275,7 @@ class Store:
                 rows.append(row)
                 if row.owner == self.config.name:
                     self._written[kv.key] = kv.value
-        return TableSnapshot(got.header.revision, frozenset(members), blocks, tuple(rows), damaged)
+        return TableSnapshot(got.header.revision, frozenset(members), blocks, tuple(rows), damaged, reserves)
 
     async def watch(self, revision: int) -> AsyncIterator[WatchEvent]:
         """Every change under the prefix after `revision`, with the deleted rows' last values."""

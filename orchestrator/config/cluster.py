@@ -70,12 +70,6 @@ def parse_cluster(p: Parser, v: YamlValue, labels: LabelConfig) -> ClusterConfig
     down = ClusterConfig.when_store_down
     if "when_store_down" in m:
         down = p.choice(m["when_store_down"], StoreDown, "policy")
-        if down is StoreDown.LOCAL:
-            raise p.error(
-                m["when_store_down"].vline,
-                m["when_store_down"].path,
-                "'local' is not implemented yet (docs/scale.md); use 'refuse'",
-            )
     if labels.allocation is LabelAllocation.SERVER_BLOCKS:
         raise p.at(
             "labels.allocation",

@@ -305,7 +305,7 @@ class StoreDown(_Named):
     unreachable (existing sessions keep forwarding either way)."""
 
     REFUSE = "refuse"  # refused (admission.refuse_with), counted refused:store-down
-    LOCAL = "local"  # not implemented yet: a reserved local block, reconciled on return
+    LOCAL = "local"  # pairs of a reserved block (claimed while etcd was up), written on return
 
 
 @dataclass(frozen=True)

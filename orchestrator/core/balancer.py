@@ -18,7 +18,7 @@ from typing import Mapping, Protocol, Sequence
 from orchestrator import ipproto
 from orchestrator.analyze.keys import SessionKey, SessionKeyKind, ipv6_iid, key_value, session_key
 from orchestrator.analyze.packet import Malformed, Packet, analyze
-from orchestrator.config.model import BalancerConfig, LabelAllocation, Server, ServerFailure, Service
+from orchestrator.config.model import BalancerConfig, LabelAllocation, Server, ServerFailure, Service, StoreDown
 from orchestrator.core.events import (
     Action,
     FirstPacket,
@@ -120,6 +120,7 @@ class Balancer:
         # take_changes); and whether the store answers (new sessions follow when_store_down).
         self.changes: dict[tuple[str, str], Session | None] = {}
         self.store_up = True
+        self.leaving = False  # a graceful leave began: no new session, no takeover
         self.configure(config, now)
 
     # -- configuration ---------------------------------------------------------------------
@@ -277,14 +278,24 @@ class Balancer:
         server = None if refusal else self._schedule(svc, key, now)
         if refusal is None and server is None:
             refusal = "no-server"
-        # Headroom: the labels left free after this session's pair must not drop below the minimum.
-        # No pair free at all is exhaustion, whatever the minimum (counted as such below).
-        free = 0 if refusal else self.labels.free(server if self.labels.blocks else None, now=now)
-        if refusal is None and free > 0 and 2 * (free - 1) < svc.admission.min_free_labels:
-            refusal = "label-headroom"
-        c2s = None if refusal else self.labels.allocate(server, now)  # type: ignore[arg-type]
-        if refusal is None and c2s is None:
-            refusal = "labels-exhausted"
+        local = self.local_policy()
+        if local:
+            # etcd is away (when_store_down: local): a pair of the reserve, which no other member
+            # can hand out; none left is refused as `refuse` would (the pool's headroom is not
+            # the reserve's business: the reserve is this member's alone).
+            assert isinstance(self.labels, BlockAllocator)
+            c2s = None if refusal else self.labels.allocate_reserved(server, now)  # type: ignore[arg-type]
+            if refusal is None and c2s is None:
+                refusal = "store-down"
+        else:
+            # Headroom: the labels left free after this session's pair must not drop below the
+            # minimum. No pair free at all is exhaustion, whatever the minimum (counted below).
+            free = 0 if refusal else self.labels.free(server if self.labels.blocks else None, now=now)
+            if refusal is None and free > 0 and 2 * (free - 1) < svc.admission.min_free_labels:
+                refusal = "label-headroom"
+            c2s = None if refusal else self.labels.allocate(server, now)  # type: ignore[arg-type]
+            if refusal is None and c2s is None:
+                refusal = "labels-exhausted"
         if refusal:
             self.counters[f"refused:{refusal}"] += 1
             return verdict(Action.REFUSE, refusal, str(svc.admission.refuse_with.value)), None
@@ -315,11 +326,15 @@ class Balancer:
         self._add_client(session, svc, info, key.client, first.next_hop, plan)
         plan.groups[session.id] = [(start, len(plan.ops))]
         self.counters["sessions_started"] += 1
+        if local:
+            self.counters["sessions_local"] += 1
         return verdict(Action.ACCEPT), session.id
 
     def _admit(self, svc: Service) -> str | None:
         """Admission control judges only new sessions: refuse rather than degrade those served."""
-        if self.config.cluster is not None and not self.store_up:
+        if self.leaving:
+            return "leaving"  # a graceful leave: the other members take the new sessions
+        if self.config.cluster is not None and not self.store_up and not self.local_policy():
             return "store-down"  # cluster.when_store_down: refuse
         limit = svc.admission.max_sessions
         if limit is not None and self.table.count(service=svc.name) >= limit:
@@ -976,11 +991,16 @@ class Balancer:
         if self.config.cluster is not None and session.owner is None:
             self.changes[(session.service, session.key.value)] = session
 
+    def local_policy(self) -> bool:
+        """etcd is away and new sessions take pairs of the reserve (when_store_down: local)."""
+        cluster = self.config.cluster
+        return cluster is not None and not self.store_up and cluster.when_store_down is StoreDown.LOCAL
+
     def _take_over(self, session: Session) -> None:
         """Another member's session whose flows now come through this balancer (ECMP moved its
         client, or its owner died): this balancer owns it from now on, so its end follows the
-        flows seen here."""
-        if session.owner is not None:
+        flows seen here. Not while leaving: its sessions go to the others, never back."""
+        if session.owner is not None and not self.leaving:
             session.owner = None
             self.counters["cluster_taken_over"] += 1
             self._publish(session)
@@ -1018,13 +1038,13 @@ class Balancer:
         self.labels.add_block(index)
         self.counters["label_blocks_claimed"] += 1
 
-    def on_remote(self, events: Sequence[RemotePut | RemoteDelete], now: float) -> Plan:
+    def on_remote(self, events: Sequence[RemotePut | RemoteDelete], now: float, plan: Plan | None = None) -> Plan:
         """The shared table's changes: another member's session gets its kernel objects here
         too (C2S filters, S2C route, fast-path elements, under its server and labels), so its
         client's packets may come through either balancer; a deleted key ends it here; an
         orphaned one (its owner's lease went) is adopted. `commit` settles the plan as for
-        first packets (no verdicts)."""
-        plan = Plan()
+        first packets (no verdicts). `plan`: to add to (a new one without)."""
+        plan = Plan() if plan is None else plan
         assert self.config.cluster is not None
         me = self.config.cluster.name
         for event in events:
@@ -1055,7 +1075,13 @@ class Balancer:
         if session is not None and (session.server, session.c2s) == (row.server, row.c2s):
             if owner is not None and session.owner is None:
                 self.counters["cluster_handed_over"] += 1  # its flows moved to the other member
+            handed = owner is None and session.owner is not None
             session.owner = owner
+            if handed:
+                # Another member wrote it as ours (its graceful leave): written again, so that
+                # our own write (and later our delete) holds the key.
+                self.counters["cluster_received"] += 1
+                self._publish(session)
             for client in row.clients:  # a re-key written by its owner
                 hop = event.hops.get(client)
                 if svc is not None and client not in session.clients and hop is not None:
@@ -1120,10 +1146,27 @@ class Balancer:
             for s in self.table
             if s.owner is not None and (s.service, s.key.value) not in keys
         ]
-        plan = self.on_remote([*gone, *rows], now)
+        # A session of ours that the table holds under another member with another pair: that
+        # member made it meanwhile (etcd was away from us, e.g. a session of the reserve). The
+        # table's row wins, whatever the names: every other member has installed it already.
+        plan = Plan()
+        for put in rows:
+            row = put.session
+            mine = self.table.get(row.service, row.key)
+            if (
+                mine is not None
+                and mine.owner is None
+                and row.owner != self.config.cluster.name  # type: ignore[union-attr]
+                and (mine.server, mine.c2s) != (row.server, row.c2s)
+            ):
+                self.counters["cluster_reconcile_conflicts"] += 1
+                plan.ops += self.end(mine, now, "replaced by the shared table")
+                self.changes.pop((row.service, row.key), None)
+        self.on_remote([*gone, *rows], now, plan)
         for session in self.table:
             if session.owner is None and (session.service, session.key.value) not in keys:
                 if keep_ours:
+                    self.counters["cluster_reconciled"] += 1
                     self._publish(session)
                 else:
                     self.counters["cluster_remote_ended"] += 1

@@ -4,6 +4,10 @@ hands out pairs only from the blocks this balancer holds while it tracks every p
 of the cluster uses. The claim itself is an etcd transaction (orchestrator/cluster/store.py): a
 block key created only if absent, under the member's lease, so two balancers never hold one block.
 
+With `cluster.when_store_down: local` one more block is the member's reserve: claimed without a
+lease (it outlives an outage longer than the lease), used only while etcd is unreachable, so the
+sessions made then take pairs that no other member can hand out (docs/scale.md).
+
 Block i holds the C2S labels first_c2s + 2*size*i ... first_c2s + 2*size*(i+1) - 2 (odd), the last
 incomplete block of the range is not used.
 """
@@ -75,29 +79,60 @@ class BlockAllocator:
         self.layout = layout
         self.hold_down = float(hold_down)
         self._held: dict[int, LabelAllocator] = {}
+        self._reserve: tuple[int, LabelAllocator] | None = None  # when_store_down: local
         self._foreign: dict[int, str] = {}  # c2s -> server, pairs outside our blocks
 
     # -- blocks -------------------------------------------------------------------------------
     def add_block(self, index: int) -> None:
         """A block this balancer now holds (its claim succeeded). Pairs already claimed in it
         (sessions of a member that held it before) stay in use."""
-        if index in self._held:
+        if index in self._held or index == self.reserve:
             return
+        self._held[index] = self._take(index)
+
+    def _take(self, index: int) -> LabelAllocator:
         lo, hi = self.layout.bounds(index)
         alloc = LabelAllocator(lo, hi, self.hold_down)
         for c2s, server in list(self._foreign.items()):
             if self.layout.block_of(c2s) == index:
                 del self._foreign[c2s]
                 alloc.claim(c2s, server)
-        self._held[index] = alloc
+        return alloc
+
+    def set_reserve(self, index: int) -> None:
+        """The block this balancer reserved for sessions made while etcd is away (`local`)."""
+        if self.reserve == index:
+            return
+        if self.reserve is not None or index in self._held:
+            raise ValueError(f"block {index} cannot be the reserve: it is held, or a reserve is set")
+        self._reserve = (index, self._take(index))
+
+    @property
+    def reserve(self) -> int | None:
+        return None if self._reserve is None else self._reserve[0]
+
+    def drop_blocks(self) -> None:
+        """Give every block up (a graceful leave): the pairs still in use are other members'
+        sessions from now on (handed over), known in use, never handed out here again."""
+        allocs = [*self._held.values(), *([self._reserve[1]] if self._reserve else [])]
+        self._held.clear()
+        self._reserve = None
+        for alloc in allocs:
+            for c2s, server in alloc.allocations():
+                self._foreign[c2s] = server
 
     @property
     def held_blocks(self) -> tuple[int, ...]:
+        """The leased blocks (the reserve apart)."""
         return tuple(sorted(self._held))
 
     def _alloc_of(self, c2s: int) -> LabelAllocator | None:
         index = self.layout.block_of(c2s)
-        return self._held.get(index) if index is not None else None
+        if index is None:
+            return None
+        if self._reserve is not None and self._reserve[0] == index:
+            return self._reserve[1]
+        return self._held.get(index)
 
     # -- the LabelAllocator interface ------------------------------------------------------------
     @property
@@ -110,6 +145,13 @@ class BlockAllocator:
             if c2s is not None:
                 return c2s
         return None
+
+    def allocate_reserved(self, server: str, now: float) -> int | None:
+        """A pair of the reserve (etcd is away and the policy is `local`); None without one."""
+        return self._reserve[1].allocate(server, now) if self._reserve is not None else None
+
+    def reserve_free(self, now: float) -> int:
+        return self._reserve[1].free(now=now) if self._reserve is not None else 0
 
     def release(self, c2s: int, now: float, hold_down: bool = True) -> None:
         alloc = self._alloc_of(c2s)
@@ -135,14 +177,18 @@ class BlockAllocator:
 
     def in_use(self) -> list[int]:
         """Every C2S label in use here: ours and other members' (remote sessions)."""
-        return [c for a in self._held.values() for c, _ in a.allocations()] + list(self._foreign)
+        return [c for a in self._allocators() for c, _ in a.allocations()] + list(self._foreign)
+
+    def _allocators(self) -> list[LabelAllocator]:
+        return [*self._held.values(), *([self._reserve[1]] if self._reserve is not None else [])]
 
     def free(self, server: str | None = None, *, now: float) -> int:
+        """Free pairs of the leased blocks (the reserve is only for etcd's absence)."""
         return sum(a.free(now=now) for a in self._held.values())
 
     def stats(self, now: float) -> LabelStats:
         t = u = h = 0
-        for a in self._held.values():
+        for a in self._allocators():
             s = a.stats(now)
             t, u, h = t + s.total, u + s.in_use, h + s.held_down
         return LabelStats(t, u, h, t - u - h)

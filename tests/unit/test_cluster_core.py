@@ -228,3 +228,88 @@ def test_block_allocator_hands_out_only_held_blocks_and_claims_foreign_pairs() -
     alloc.add_block(0)  # a block whose pairs are in use: they stay in use
     assert alloc.allocate("s1", 2) == 1003
     assert alloc.allocate("s1", 2) is None
+
+
+def test_store_down_local_takes_pairs_of_the_reserve_only_and_writes_them_on_return() -> None:
+    a = member("lb1", 0, {"cluster.when_store_down": "local"})
+    b = member("lb2", 1)
+    assert isinstance(a.core.labels, BlockAllocator)
+    a.core.labels.set_reserve(2)
+    layout = BlockLayout(1000, 99999, 64)
+    a.packets(syn("10.0.1.1"))
+    first = a.core.table.get("http", "10.0.1.1")
+    assert first is not None and layout.block_of(first.c2s) == 0  # etcd up: the leased blocks
+    table = [r for r in written(a).values() if r is not None]  # in etcd
+    a.core.store_up = False
+    commit = a.packets(syn("10.0.1.9"), syn("10.0.1.1", sport=40002))
+    assert [v.action for v in commit.verdicts] == [Action.ACCEPT, Action.ACCEPT]
+    local = a.core.table.get("http", "10.0.1.9")
+    assert local is not None and layout.block_of(local.c2s) == 2  # the reserve, never block 0
+    assert a.core.counters["sessions_local"] == 1 and a.core.counters["refused:store-down"] == 0
+    # etcd back: the table lacks the local session; the re-read writes it, B installs it
+    a.core.store_up = True
+    plan = a.core.remote_sync(puts(a, table), a.now)  # type: ignore[arg-type]
+    assert plan.ops == []
+    rows = [r for r in written(a).values() if r is not None]
+    assert [r.key for r in rows] == ["10.0.1.9"] and a.core.counters["cluster_reconciled"] >= 1
+    deliver(b, puts(b, rows))
+    assert b.labels_of("10.0.1.9") == a.labels_of("10.0.1.9") == (TRANSPORT[local.server], local.c2s)
+    # the reserve used up: refused as `refuse` would, counted
+    a.core.store_up = False
+    for i in range(63):
+        a.packets(syn(f"10.0.3.{i + 1}"))
+    assert a.core.counters["sessions_local"] == 64
+    refused = a.packets(syn("10.0.4.1")).verdicts[0]
+    assert (refused.action, refused.reason) == (Action.REFUSE, "store-down")
+
+
+def test_a_local_session_the_table_holds_under_another_member_is_replaced_by_the_tables_row() -> None:
+    a = member("lb1", 0, {"cluster.when_store_down": "local"})  # lb1 < lb2: a live race would keep A's
+    b = member("lb2", 1)
+    assert isinstance(a.core.labels, BlockAllocator)
+    a.core.labels.set_reserve(2)
+    a.core.store_up = False
+    a.packets(syn("10.0.1.1"), syn("10.0.1.2"))
+    mine = a.core.table.get("http", "10.0.1.1")
+    assert mine is not None
+    old_c2s = mine.c2s
+    b.packets(syn("10.0.1.1"))  # meanwhile B, which etcd still answered, made the same client's
+    row_b = next(r for r in written(b).values() if r is not None)
+    assert row_b.c2s != old_c2s
+    a.core.store_up = True
+    plan = a.core.remote_sync(puts(a, [row_b]), a.now)  # type: ignore[arg-type]
+    results = a.kernel.apply(plan.ops)
+    assert all(r.ok for r in results), [str(r) for r in results if not r.ok]
+    a.core.commit(plan, results, a.now)
+    assert a.core.counters["cluster_reconcile_conflicts"] == 1
+    now = a.core.table.get("http", "10.0.1.1")
+    assert now is not None and (now.server, now.c2s, now.owner) == (row_b.server, row_b.c2s, "lb2")
+    assert a.labels_of("10.0.1.1") == b.labels_of("10.0.1.1") == (TRANSPORT[row_b.server], row_b.c2s)
+    # the kernel keeps nothing of the replaced session: one filter for the client (the row's),
+    # the replaced pair's S2C label only on its hold marker
+    filters = [i.obj for i in a.kernel.dump() if isinstance(i.obj, ops.FlowerFilter)]
+    assert [f.actions for f in filters if f.match.src == "10.0.1.1/32"] == [
+        ops.push_stack((TRANSPORT[row_b.server], row_b.c2s))
+    ]
+    assert old_c2s in a.core.markers
+    changes = written(a)
+    assert set(changes) == {("http", "10.0.1.2")}  # the other local one written; B's row left alone
+
+
+def test_the_reserve_is_apart_from_the_leased_blocks_and_dropping_blocks_keeps_pairs_in_use() -> None:
+    alloc = BlockAllocator(BlockLayout(1001, 1040, 2), hold_down=1)
+    alloc.add_block(0)  # 1001, 1003
+    alloc.set_reserve(1)  # 1005, 1007
+    assert alloc.held_blocks == (0,) and alloc.reserve == 1
+    assert alloc.free(now=0) == 2 and alloc.reserve_free(0) == 2
+    assert [alloc.allocate("s1", 0), alloc.allocate("s1", 0), alloc.allocate("s1", 0)] == [1001, 1003, None]
+    assert alloc.allocate_reserved("s1", 0) == 1005
+    assert alloc.stats(0).in_use == 3
+    alloc.release(1005, 0, hold_down=False)
+    assert alloc.reserve_free(0) == 2
+    again = alloc.allocate_reserved("s2", 0)
+    assert again in (1005, 1007)
+    alloc.drop_blocks()  # a leave: no block, the pairs still in use known as foreign
+    assert alloc.held_blocks == () and alloc.reserve is None
+    assert sorted(alloc.in_use()) == [1001, 1003, again]
+    assert alloc.allocate("s1", 0) is None and alloc.allocate_reserved("s1", 0) is None

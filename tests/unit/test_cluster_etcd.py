@@ -19,7 +19,7 @@ from scapy.layers.inet import IP, TCP
 
 from orchestrator.capture.nfqueue import NF_ACCEPT, NF_REPEAT, QueuedPacket
 from orchestrator.cluster import codec
-from orchestrator.cluster.store import Store, StoreError
+from orchestrator.cluster.store import Store, StoreError, TableSnapshot
 from orchestrator.config.model import BalancerConfig
 from orchestrator.core.label_blocks import BlockLayout
 from orchestrator.core.remote import ClusterSession
@@ -42,22 +42,40 @@ def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
     server.stop()
 
 
-def cluster_config(etcd: EtcdServer, name: str, ttl: int = 3) -> BalancerConfig:
+def cluster_config(etcd: EtcdServer, name: str, ttl: int = 3, down: str = "refuse") -> BalancerConfig:
     return config(
         {
-            "cluster": {"name": name, "endpoints": [etcd.endpoint], "label_block": BLOCK, "lease_ttl": ttl},
+            "cluster": {
+                "name": name,
+                "endpoints": [etcd.endpoint],
+                "label_block": BLOCK,
+                "lease_ttl": ttl,
+                "when_store_down": down,
+            },
             "labels.hold_down": 1,
         }
     )
 
 
-def make_member(etcd: EtcdServer, name: str, ttl: int = 3) -> tuple[BalancerDaemon, FakeProvider, ScriptedQueue]:
+def make_member(
+    etcd: EtcdServer, name: str, ttl: int = 3, down: str = "refuse"
+) -> tuple[BalancerDaemon, FakeProvider, ScriptedQueue]:
     kernel = FakeProvider(["lan0", "fab0"])
     kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
     kernel.add_ip_route("10.0.0.0/16", "lan0")
     queue = ScriptedQueue()
-    daemon = balancer_daemon(cluster_config(etcd, name, ttl), kernel, queue)
+    daemon = balancer_daemon(cluster_config(etcd, name, ttl, down), kernel, queue)
     return daemon, kernel, queue
+
+
+async def probe(etcd: EtcdServer) -> TableSnapshot:
+    """The table as a third client reads it."""
+    store = Store(cluster_config(etcd, "probe").cluster)  # type: ignore[arg-type]
+    await store.connect()
+    try:
+        return await store.load()
+    finally:
+        await store.close()
 
 
 async def join(daemon: BalancerDaemon) -> None:
@@ -380,3 +398,85 @@ def test_tls_to_etcd_with_a_client_certificate(tmp_path: Path) -> None:
         run(test)
     finally:
         server.stop()
+
+
+def test_local_policy_serves_new_clients_while_etcd_is_away_and_the_table_wins_a_conflict(etcd: EtcdServer) -> None:
+    """when_store_down: local. While etcd is down both members serve new clients from their
+    reserve blocks (counted) and keep the old; etcd back, lb2 rejoins first and writes its
+    sessions; lb1 then finds the client both served under lb2 in the table: the table's row wins
+    (not the lower name, lb1, as in a live race), counted, and lb1's kernel takes lb2's labels;
+    lb1's other local session is written and installed on lb2 under the labels it had."""
+
+    async def test() -> None:
+        a, ka, qa = make_member(etcd, "lb1", ttl=2, down="local")
+        b, kb, qb = make_member(etcd, "lb2", ttl=2, down="local")
+        await join(a)
+        await join(b)
+        snap = await probe(etcd)
+        ra, rb = snap.reserves["lb1"], snap.reserves["lb2"]
+        assert a.member.status()["reserve_block"] == ra and b.member.status()["reserve_block"] == rb
+        assert snap.blocks[ra] == "lb1" and snap.blocks[rb] == "lb2"
+        held = set(a.core.labels.held_blocks) | set(b.core.labels.held_blocks)  # type: ignore[union-attr]
+        assert ra != rb and not {ra, rb} & held
+        a.decide([syn(1, "10.0.1.1")])
+        await until(lambda: labels_of(kb, "10.0.1.1") != ())
+        kept = labels_of(ka, "10.0.1.1")
+        # lb1's rejoin waits until the test lets it (its partition lasts longer than lb2's)
+        gate = asyncio.Event()
+        connect = a.member.store.connect
+
+        async def late() -> None:
+            if not gate.is_set():
+                raise StoreError("partitioned by the test")
+            await connect()
+
+        a.member.store.connect = late  # type: ignore[method-assign]
+        etcd.stop()
+        await until(lambda: not a.member.up and not b.member.up, 15)
+        a.decide([syn(2, "10.0.1.5"), syn(3, "10.0.1.6"), syn(4, "10.0.1.1", sport=40001)])
+        b.decide([syn(1, "10.0.1.6")])  # the same client reached both while etcd was away
+        assert [v.verdict for v in qa.sent[-3:]] == [NF_ACCEPT] * 3 and qb.sent[-1].verdict == NF_ACCEPT
+        layout = BlockLayout(1000, 99999, BLOCK)
+        a5, a6 = a.core.table.get("http", "10.0.1.5"), a.core.table.get("http", "10.0.1.6")
+        b6 = b.core.table.get("http", "10.0.1.6")
+        assert a5 is not None and a6 is not None and b6 is not None
+        assert layout.block_of(a5.c2s) == layout.block_of(a6.c2s) == ra and layout.block_of(b6.c2s) == rb
+        assert a.core.counters["sessions_local"] == 2 and b.core.counters["sessions_local"] == 1
+        assert a.core.counters["refused:store-down"] == 0
+        assert labels_of(ka, "10.0.1.1") == labels_of(kb, "10.0.1.1") == kept
+        etcd.start()
+        await until(lambda: b.member.up, 20)
+        deadline = time.monotonic() + 10
+        snap = await probe(etcd)
+        while not any(r.key == "10.0.1.6" for r in snap.sessions):
+            assert time.monotonic() < deadline, "lb2's local session not written"
+            await asyncio.sleep(0.1)
+            snap = await probe(etcd)
+        assert {r.key: r.owner for r in snap.sessions} == {"10.0.1.1": "lb1", "10.0.1.6": "lb2"}
+        gate.set()
+        await until(lambda: a.member.up, 20)
+        await until(lambda: labels_of(kb, "10.0.1.5") != ())
+        assert (
+            a.core.counters["cluster_reconcile_conflicts"] == 1 and b.core.counters["cluster_reconcile_conflicts"] == 0
+        )
+        assert labels_of(ka, "10.0.1.6") == labels_of(kb, "10.0.1.6") == (ops_transport(b, b6.server), b6.c2s)
+        assert labels_of(kb, "10.0.1.5") == labels_of(ka, "10.0.1.5") == (ops_transport(a, a5.server), a5.c2s)
+        assert labels_of(ka, "10.0.1.1") == labels_of(kb, "10.0.1.1") == kept
+        await until(lambda: a.core.changes == {} and not a.member.wake.is_set())
+        await asyncio.sleep(0.5)  # both watches have seen every write
+        snap = await probe(etcd)
+        assert {(r.key, r.owner, r.c2s) for r in snap.sessions} == {
+            ("10.0.1.1", "lb1", kept[1]),
+            ("10.0.1.5", "lb1", a5.c2s),
+            ("10.0.1.6", "lb2", b6.c2s),
+        }
+        for d in (a, b):
+            assert {s.key.value for s in d.core.table} == {"10.0.1.1", "10.0.1.5", "10.0.1.6"}
+        for d in (a, b):
+            await d.member.stop(leave=True)
+
+    run(test)
+
+
+def ops_transport(daemon: BalancerDaemon, server: str) -> int:
+    return daemon.core.transport[server]

@@ -29,6 +29,9 @@ def test_absent_or_null_is_one_balancer_and_defaults_fill_in() -> None:
     assert cfg.cluster.when_store_down is StoreDown.REFUSE
     again = parse_config(example("balancer", {"cluster": cfg.to_dict()["cluster"]}))
     assert again == cfg
+    local = load({"name": "lb1", "endpoints": ["10.0.0.5:2379"], "when_store_down": "local"})
+    assert local.cluster is not None and local.cluster.when_store_down is StoreDown.LOCAL
+    assert parse_config(example("balancer", {"cluster": local.to_dict()["cluster"]})) == local
 
 
 TEXT = """role: balancer
@@ -57,7 +60,6 @@ cluster:
             "test.yaml:14: cluster.label_block: a block of 500 pairs is larger than labels.range (499 pairs)",
         ),
         ("  prefix: mplsorch\n", "test.yaml:14: cluster.prefix: 'mplsorch' is not a key prefix"),
-        ("  when_store_down: local\n", "test.yaml:14: cluster.when_store_down: 'local' is not implemented yet"),
         ("  when_store_down: maybe\n", "test.yaml:14: cluster.when_store_down: unknown policy 'maybe'"),
         ("  tls: {ca: /ca.pem}\n", "test.yaml:14: cluster.tls.cert: required key is missing"),
         ("  members: 3\n", "test.yaml:14: cluster.members: unknown key"),

@@ -2,16 +2,26 @@
 on a real kernel (orchestrator.lab.cluster_lab.py): a counted UDP stream of a served client
 loses nothing across etcd's death and restart, a new client is refused at once and counted
 (`when_store_down: refuse`), a served client's new connection is served; once etcd is back
-both balancers rejoin and the new client is served, its session on both."""
+both balancers rejoin and the new client is served, its session on both. Then both reload with
+`when_store_down: local`: each reserves a block; etcd away again, a new client is served at once
+from lb2's reserve (counted), a stream through lb loses nothing, and once etcd is back the new
+client's session is in the table (lb1 installs it with the same server and labels)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from orchestrator.config.load import parse_config
+from orchestrator.config.model import BalancerConfig
+from orchestrator.core.label_blocks import BlockLayout
+from orchestrator.lab import cluster_lab
+from orchestrator.lab.balancer_lab import lab_config
 from orchestrator.lab.cluster_lab import ClusterLab
 from orchestrator.lab.kit import Lab, patience
 from orchestrator.lab.traffic import spawn_stream, wait, wait_running
@@ -65,4 +75,61 @@ def test_etcd_away_keeps_sessions_refuses_new_ones_counted_and_reconciles(lab: L
     stream.wait(timeout=patience(60))
     result = json.loads(log.read_text().splitlines()[-1])
     print(f"\nc1's stream across etcd's outage: {result['sent']} sent, {result['received']} echoed")
+    assert result["sent"] > 0 and result["lost"] == 0, result
+
+
+def reload_local(cluster: ClusterLab) -> None:
+    """Both members' configurations with when_store_down: local, reloaded (SIGHUP)."""
+    local = {"cluster.when_store_down": "local"}
+    cluster.lb1.reload({**cluster_lab.cluster("lb1", cluster_lab.ETCD_LB1), **local})
+    cluster.config2.write_text(lab_config(cluster.sock2, {**cluster_lab.cluster("lb2", cluster_lab.ETCD_LB2), **local}))
+    before = cluster.log2().count("configuration reloaded")
+    assert cluster.lb2 is not None
+    os.kill(cluster.lb2.pid, signal.SIGHUP)
+    wait("lb2 reloaded", lambda: cluster.log2().count("configuration reloaded") > before)
+
+
+def test_local_policy_serves_a_new_client_while_etcd_is_away_and_writes_it_on_return(
+    lab: Lab, cluster: ClusterLab
+) -> None:
+    lb1 = cluster.lb1
+    reload_local(cluster)
+    wait(
+        "both members hold a reserve block",
+        lambda: (
+            None
+            not in (lb1.cli("status")["cluster"]["reserve_block"], cluster.cli2("status")["cluster"]["reserve_block"])
+        ),
+    )
+    reserve = cluster.cli2("status")["cluster"]["reserve_block"]
+    assert reserve != lb1.cli("status")["cluster"]["reserve_block"]
+    config = parse_config(cluster.config2.read_text())
+    assert isinstance(config, BalancerConfig) and config.cluster is not None
+    layout = BlockLayout(*config.labels.range, config.cluster.label_block)
+    cluster.via("c1", "lb")
+    cluster.via("c2", "lb2")
+    log = cluster.dir / "stream-c1-local.log"
+    stream = spawn_stream(lab, "c1", log, cluster.dir / "stream-stop-local", patience(12), 0.02)
+    wait_running([log], "running")
+    refused = cluster.cli2("status")["counters"].get("refused:store-down", 0)
+    cluster.stop_etcd()
+    wait("both balancers see etcd down", lambda: stores(cluster) == ("down", "down"))
+    assert lb1.curl("c2") == "200"  # a new client served at once, from lb2's reserve
+    counters = cluster.cli2("status")["counters"]
+    assert counters["sessions_local"] == 1 and counters.get("refused:store-down", 0) == refused
+    key2 = ("http", lab.address("c2"))
+    made = rows(cluster.cli2("sessions"))[key2]
+    assert layout.block_of(made["c2s_label"]) == reserve, made
+    assert key2 not in rows(lb1.sessions())  # lb1 cannot know it yet
+    cluster.start_etcd()
+    wait("both balancers back", lambda: stores(cluster) == ("up", "up"))
+    wait("c2's session on lb1, through etcd", lambda: key2 in rows(lb1.sessions()))
+    on1, on2 = rows(lb1.sessions()), rows(cluster.cli2("sessions"))
+    assert all(on1[key2][k] == on2[key2][k] == made[k] for k in KEYS), (on1[key2], on2[key2], made)
+    assert cluster.cli2("status")["counters"]["cluster_reconciled"] >= 1
+    assert cluster.cli2("status")["counters"].get("cluster_reconcile_conflicts", 0) == 0
+    assert lb1.curl("c2") == "200"
+    stream.wait(timeout=patience(60))
+    result = json.loads(log.read_text().splitlines()[-1])
+    print(f"\nc1's stream across etcd's second outage (local): {result['sent']} sent, {result['received']} echoed")
     assert result["sent"] > 0 and result["lost"] == 0, result

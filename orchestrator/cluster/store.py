@@ -199,7 +199,7 @@ class Store:
         name = self.config.name.encode()
         ok, _ = await self._call(
             self.client.transaction(
-                compare=[t.create(block) == 0, t.create(reserve) == 0],
+                compare=[t.create(block) == 0],
                 success=[t.put(block, name), t.put(reserve, str(index).encode())],
                 failure=[],
             )

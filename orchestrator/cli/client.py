@@ -22,7 +22,9 @@ BAD_INPUT = 2
 ANSWER_TIMEOUT_S = 10.0  # control.request's: a daemon busy longer than this is reported, not waited for
 
 
-def ask(cmd: str, socket_path: str | None, config: str | None, **args: Any) -> dict[str, Any]:
+def ask(
+    cmd: str, socket_path: str | None, config: str | None, timeout: float = ANSWER_TIMEOUT_S, **args: Any
+) -> dict[str, Any]:
     from orchestrator.daemon.control import request
 
     path = socket_path
@@ -36,12 +38,12 @@ def ask(cmd: str, socket_path: str | None, config: str | None, **args: Any) -> d
             raise typer.Exit(2) from None
     path = path or DEFAULT_CONTROL_SOCKET
     try:
-        answer = request(path, cmd, **args)  # its timeout: ANSWER_TIMEOUT_S
+        answer = request(path, cmd, timeout=timeout, **args)
     except (FileNotFoundError, ConnectionRefusedError):
         typer.echo(f"mplsorch: no daemon answers on {path} (is `mplsorch run` running?)", err=True)
         raise typer.Exit(3) from None
     except TimeoutError:
-        typer.echo(f"mplsorch: the daemon on {path} did not answer {cmd!r} within {ANSWER_TIMEOUT_S:.0f} s", err=True)
+        typer.echo(f"mplsorch: the daemon on {path} did not answer {cmd!r} within {timeout:.0f} s", err=True)
         raise typer.Exit(1) from None
     except PermissionError:
         typer.echo(f"mplsorch: {path}: the control socket is for root (or node.control_group) only", err=True)

@@ -8,7 +8,7 @@ import typer
 from orchestrator.cli import daemon
 from orchestrator.cli.config import config_app
 from orchestrator.cli.lab import lab_app
-from orchestrator.cli.operate import servers_app, sessions_app
+from orchestrator.cli.operate import cluster_app, servers_app, sessions_app
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -20,6 +20,7 @@ app.add_typer(config_app, name="config")
 daemon.register(app)
 app.add_typer(sessions_app, name="sessions")
 app.add_typer(servers_app, name="servers")
+app.add_typer(cluster_app, name="cluster")
 
 
 def main() -> None:

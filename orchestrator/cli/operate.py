@@ -1,6 +1,6 @@
-"""`mplsorch sessions [flush]` and `mplsorch servers [drain|enable|weight]`: the tables, and the
-operator's commands that change the running balancer without a restart. An unknown name or a bad
-value changes nothing and exits 2, naming it."""
+"""`mplsorch sessions [flush]`, `mplsorch servers [drain|enable|weight]` and `mplsorch cluster
+[ready|leave]`: the tables, and the operator's commands that change the running balancer without
+a restart. An unknown name or a bad value changes nothing and exits 2, naming it."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ from typing import Any
 
 import typer
 
-from orchestrator.cli.client import ConfigOption, JsonOption, SocketOption, ask, print_table
+from orchestrator.cli.client import BAD_INPUT, ConfigOption, JsonOption, SocketOption, ask, print_table
 
 sessions_app = typer.Typer(help="The session table; `flush` ends sessions.")
 servers_app = typer.Typer(help="Servers: health, admin state, weight; drain, enable, weight.")
+cluster_app = typer.Typer(help="This balancer as a member of a cluster (cluster:): ready, leave.")
+LEAVE_TIMEOUT_S = 300.0  # a hand-over of 100,000 sessions is about 800 etcd transactions
+NOT_READY = 1
 
 
 def _print(answer: Any, json_output: bool, text: str) -> None:
@@ -79,7 +82,7 @@ def flush(
     config: str | None = ConfigOption,
 ) -> None:
     """End sessions (all of them without --server or --client) and delete their kernel objects."""
-    args = {k: v for k, v in (("server", server), ("client", client)) if v is not None}
+    args: dict[str, Any] = {k: v for k, v in (("server", server), ("client", client)) if v is not None}
     answer = ask("flush", socket, config, **args)
     errors = f" ({answer['errors']} kernel operations failed, see the daemon's log)" if answer.get("errors") else ""
     _print(answer, json_output, f"flushed {answer['flushed']} sessions{errors}")
@@ -165,4 +168,40 @@ def weight(
         answer,
         json_output,
         f"{answer['server']}: weight {answer['weight']} (was {answer['previous']}); keys moved: {moved}",
+    )
+
+
+@cluster_app.command("ready")
+def cluster_ready(
+    json_output: bool = JsonOption,
+    socket: str | None = SocketOption,
+    config: str | None = ConfigOption,
+) -> None:
+    """Exit 0 while this balancer takes new sessions as a member (announce it), 1 once it leaves
+    (withdraw it): the check of the ECMP route's or VIP's announcer (docs/scale.md)."""
+    cluster = ask("status", socket, config).get("cluster")
+    if cluster is None:
+        typer.echo("mplsorch: this balancer is not a member of a cluster (no cluster: in its configuration)", err=True)
+        raise typer.Exit(BAD_INPUT)
+    answer = {"ready": cluster["ready"], "state": cluster["state"], "store": cluster["store"]}
+    _print(answer, json_output, f"{cluster['name']}: {cluster['state']}{'' if cluster['ready'] else ' (not ready)'}")
+    if not cluster["ready"]:
+        raise typer.Exit(NOT_READY)
+
+
+@cluster_app.command("leave")
+def cluster_leave(
+    json_output: bool = JsonOption,
+    socket: str | None = SocketOption,
+    config: str | None = ConfigOption,
+) -> None:
+    """Leave the cluster gracefully: no new sessions, every session handed to the members that
+    stay, the label blocks given up, the lease revoked; then the daemon exits (0)."""
+    answer = ask("leave", socket, config, timeout=LEAVE_TIMEOUT_S)
+    to = ", ".join(f"{n} to {m}" for m, n in sorted(answer["to"].items())) or "none"
+    blocks = ", ".join(map(str, answer["label_blocks"])) or "none"
+    _print(
+        answer,
+        json_output,
+        f"left the cluster: {answer['sessions']} sessions handed over ({to}); label blocks given up: {blocks}",
     )

@@ -46,6 +46,10 @@ class Host(Protocol):
     def routes_to(self, addresses: list[str]) -> dict[str, ops.NextHop | None]: ...
 
 
+class LeaveRefused(Exception):
+    """A graceful leave that cannot start (nothing changed): one line for the operator."""
+
+
 class Member:
     def __init__(self, config: ClusterConfig, host: Host, store: Store | None = None) -> None:
         self.config = config
@@ -59,6 +63,7 @@ class Member:
         self.want_block = asyncio.Event()
         self.up = False
         self.revision = 0
+        self.state = "member"  # "leaving", "left" (a graceful leave)
 
     @property
     def core(self) -> Balancer:
@@ -184,6 +189,8 @@ class Member:
         labels = self.core.labels
         return {
             "name": self.config.name,
+            "state": self.state,
+            "ready": self.state == "member",
             "store": "up" if self.up else "down",
             "members": sorted(self.members),
             "label_blocks": list(labels.held_blocks) if isinstance(labels, BlockAllocator) else [],
@@ -202,17 +209,70 @@ class Member:
     async def stop(self, leave: bool) -> None:
         """Write what is pending, then leave (revoke the lease: the others adopt our sessions)
         or let the lease run out."""
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if self.up:
+        await _cancel(self.tasks)
+        if self.up and self.state == "member":
             with contextlib.suppress(StoreError):
                 await self._write()
                 if leave:
                     await self.store.leave()
         await self.store.close()
+
+    async def leave(self) -> dict[str, object]:
+        """The graceful leave (`mplsorch cluster leave`, docs/scale.md): no new session from
+        now on (`state` leaving: the announcer withdraws this balancer), what is pending
+        written, every session of ours handed to a member that stays (owner changed in the
+        table, under that member's lease), our blocks and reserve given up, the lease revoked.
+        The kernel's objects stay: the clients still sent here keep forwarding until the ECMP
+        moves them. Raises LeaveRefused (nothing changed) when etcd is away or no other member
+        is there to take our sessions; StoreError if etcd fails on the way (the sessions not
+        handed over yet go with the lease, adopted as after a death)."""
+        if self.state in ("leaving", "left"):
+            raise LeaveRefused(f"already {self.state}")
+        if not self.up:
+            raise LeaveRefused("etcd is unreachable: the sessions cannot be handed over (try again once it is back)")
+        leases = await self.store.member_leases()
+        others = sorted(n for n in leases if n != self.config.name)
+        owned = sum(1 for s in self.core.table if s.owner is None)
+        if owned and not others:
+            raise LeaveRefused(f"no other member to take this balancer's {owned} sessions")
+        self.core.leaving = True
+        self.state = "leaving"
+        log.info(
+            "cluster: leaving: no new sessions; %d sessions to hand over to %s",
+            owned,
+            ", ".join(others) or "nobody",
+            extra=fields(event="cluster_leaving", sessions=owned),
+        )
+        # No watch, no block claim, no write of ours from now on; the keep-alive goes on until
+        # the hand-over is written (a long one must not outlive the lease).
+        keepalive, others_tasks = self.tasks[:1], self.tasks[1:]
+        await _cancel(others_tasks)
+        self.tasks = keepalive
+        try:
+            await self._write()
+            rows = self.core.hand_over(others) if others else []
+            txns = await self.store.hand_over(rows, leases)
+            blocks, reserve = list(self.labels.held_blocks), self.labels.reserve
+            await self.store.release_blocks(blocks, reserve)
+            self.core.release_label_blocks()
+        finally:
+            await _cancel(self.tasks)
+            self.tasks = []
+        await self.store.leave()
+        self.up = False
+        self.state = "left"
+        to: dict[str, int] = {}
+        for row in rows:
+            to[row.owner] = to.get(row.owner, 0) + 1
+        released = sorted([*blocks, *([reserve] if reserve is not None else [])])
+        log.info(
+            "cluster: left: %d sessions handed over (%s), label blocks %s given up",
+            len(rows),
+            ", ".join(f"{n} to {m}" for m, n in sorted(to.items())) or "none",
+            released,
+            extra=fields(event="cluster_left", sessions=len(rows), blocks=released),
+        )
+        return {"left": True, "sessions": len(rows), "to": to, "label_blocks": released, "txns": txns}
 
     async def _keepalive_loop(self) -> None:
         every = max(0.5, self.config.lease_ttl / 3)
@@ -384,3 +444,11 @@ class Member:
             raise
         self.core.count("cluster_txns", txns)
         self.core.count("cluster_rows_written", len(changes))
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

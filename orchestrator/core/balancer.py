@@ -33,7 +33,7 @@ from orchestrator.core.health import HealthEvent, HealthState, HealthView, apply
 from orchestrator.core.label_blocks import BlockAllocator, BlockLayout
 from orchestrator.core.labels import LabelAllocator
 from orchestrator.core.remote import ClusterSession, RemoteDelete, RemotePut
-from orchestrator.core.schedulers import Scheduler, ServerState, make_scheduler
+from orchestrator.core.schedulers import Scheduler, ServerState, key_hash, make_scheduler
 from orchestrator.core.servers import AdminState, ServerAdmin
 from orchestrator.core.sessions import Session, SessionTable, State
 from orchestrator.dataplane import handles, ops, records
@@ -1032,6 +1032,30 @@ class Balancer:
             session.owner or self.config.cluster.name,
         )
 
+    def hand_over(self, members: Sequence[str]) -> list[ClusterSession]:
+        """A graceful leave: every session of ours goes to one of `members` (the highest random
+        weight of its key: spread evenly, the same choice on a retry), as an adoption after our
+        lease's expiry would, without waiting for it. Their kernel objects stay here, as another
+        member's session's do; the rows (owner: the new one) are for the writer. `leaving` must
+        be set: no session comes back to us by a takeover."""
+        assert self.leaving and members
+        rows = []
+        for session in self.table:
+            if session.owner is not None:
+                continue
+            key = f"{session.service}/{session.key.value}"
+            session.owner = max(members, key=lambda m: key_hash(f"{m}/{key}", b"mplsorch-leave"))
+            self.changes.pop((session.service, session.key.value), None)
+            rows.append(self.cluster_row(session))
+            self.counters["cluster_handed_over"] += 1
+        return rows
+
+    def release_label_blocks(self) -> None:
+        """Every block given up (a graceful leave, after `hand_over`): their pairs in use are
+        other members' sessions' from now on."""
+        assert isinstance(self.labels, BlockAllocator)
+        self.labels.drop_blocks()
+
     def add_label_block(self, index: int) -> None:
         """A label block this balancer now holds in the shared table."""
         assert isinstance(self.labels, BlockAllocator)
@@ -1054,6 +1078,8 @@ class Balancer:
                     continue
                 if session.owner is None and event.owner != me and not event.orphaned:
                     continue  # a stale delete of a key this balancer has since written
+                if self.leaving and event.orphaned and session.owner is not None:
+                    continue  # an orphan while we leave: the members that stay adopt it
                 if event.orphaned or session.owner is None:
                     # Its owner's lease expired (the owner died, or this balancer's own lease
                     # lapsed while the store was away): the session lives on, owned here.

@@ -11,6 +11,7 @@ that the Prometheus endpoint's thread serves.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
 import gc
@@ -404,6 +405,37 @@ class BalancerDaemon(Daemon):
             "weight": self.set_weight,
             "flush": self.flush,
         }
+
+    async def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`leave` awaits etcd (the hand-over); the rest as every role's."""
+        if request.get("cmd") == "leave":
+            return await self.leave_cluster()
+        return await super().answer(request)
+
+    async def leave_cluster(self) -> dict[str, Any]:
+        """`mplsorch cluster leave`: the member's graceful leave, then the daemon stops (exit 0;
+        the kernel's objects stay, as at every stop). Refused, changing nothing, without a
+        cluster, while etcd is away, or with nobody to take the sessions."""
+        if self.member is None:
+            return {
+                "error": "this balancer is not a member of a cluster (no cluster: in its configuration)",
+                "bad_input": True,
+            }
+        from orchestrator.cluster.member import LeaveRefused
+        from orchestrator.cluster.store import StoreError
+
+        try:
+            done = await self.member.leave()
+        except LeaveRefused as exc:
+            log.warning("cluster leave refused: %s", exc, extra=fields(event="command_refused", cmd="leave"))
+            return {"error": f"cluster leave refused: {exc}", "bad_input": True}
+        except StoreError as exc:
+            # Past the point of no return: what was not handed over goes with the lease, and the
+            # members that stay adopt it as after a death.
+            log.error("cluster leave failed: %s; stopping: the lease's expiry hands the rest over", exc)
+            done = {"error": f"cluster leave failed: {exc}; the daemon stops, its lease's expiry hands the rest over"}
+        asyncio.get_running_loop().call_later(0.2, self.flag, "stop")  # after the answer is sent
+        return done
 
     def set_admin(self, request: dict[str, Any], state: AdminState) -> dict[str, Any]:
         answer = commands.set_admin(self.core, request.get("server"), state)

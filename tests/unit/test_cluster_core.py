@@ -313,3 +313,41 @@ def test_the_reserve_is_apart_from_the_leased_blocks_and_dropping_blocks_keeps_p
     assert alloc.held_blocks == () and alloc.reserve is None
     assert sorted(alloc.in_use()) == [1001, 1003, again]
     assert alloc.allocate("s1", 0) is None and alloc.allocate_reserved("s1", 0) is None
+
+
+def test_a_leaving_member_hands_its_sessions_out_takes_none_back_and_no_new_one() -> None:
+    a = member("lb1", 0)
+    clients = [f"10.0.1.{i}" for i in range(1, 41)]
+    a.packets(*(syn(c) for c in clients))
+    before = {s.key.value: (s.server, s.c2s) for s in a.core.table}
+    written(a)
+    a.core.leaving = True
+    rows = a.core.hand_over(["lb2", "lb3"])
+    assert {r.key: (r.server, r.c2s) for r in rows} == before  # same server and labels
+    owners = {r.key: r.owner for r in rows}
+    assert {s.key.value: s.owner for s in a.core.table} == owners
+    spread = {m: sum(1 for o in owners.values() if o == m) for m in ("lb2", "lb3")}
+    assert sum(spread.values()) == 40 and min(spread.values()) >= 10, spread  # both get a share
+    assert written(a) == {}  # the rows go through the hand-over, not the journal
+    # the clients' packets still forward here, but no session comes back, none is new
+    labels = a.labels_of("10.0.1.1")
+    commit = a.packets(syn("10.0.1.1", sport=40002), syn("10.0.9.9"))
+    assert [(v.action, v.reason) for v in commit.verdicts] == [(Action.ACCEPT, ""), (Action.REFUSE, "leaving")]
+    assert a.core.table.get("http", "10.0.1.1").owner == owners["10.0.1.1"]  # type: ignore[union-attr]
+    assert a.labels_of("10.0.1.1") == labels and written(a) == {}
+    a.core.release_label_blocks()
+    assert a.core.labels.held_blocks == ()  # type: ignore[union-attr]
+    assert sorted(a.core.labels.in_use()) == sorted(c2s for _, c2s in before.values())  # type: ignore[union-attr]
+    # a member that receives a row naming it owns the session and writes it under its own lease
+    b = member("lb2", 1)
+    deliver(b, puts(b, [replace_owner(r, "lb1") for r in rows]))
+    deliver(b, puts(b, rows))
+    mine = {s.key.value for s in b.core.table if s.owner is None}
+    assert mine == {k for k, o in owners.items() if o == "lb2"}
+    assert b.core.counters["cluster_received"] == len(mine) and set(written(b)) == {("http", k) for k in mine}
+
+
+def replace_owner(row: ClusterSession, owner: str) -> ClusterSession:
+    from dataclasses import replace
+
+    return replace(row, owner=owner)

@@ -8,6 +8,7 @@ a killed member's sessions are adopted, and while etcd is away new sessions are 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -16,13 +17,16 @@ from typing import Any
 
 import pytest
 from scapy.layers.inet import IP, TCP
+from typer.testing import CliRunner
 
 from orchestrator.capture.nfqueue import NF_ACCEPT, NF_REPEAT, QueuedPacket
+from orchestrator.cli.main import app
 from orchestrator.cluster import codec
 from orchestrator.cluster.store import Store, StoreError, TableSnapshot
 from orchestrator.config.model import BalancerConfig
 from orchestrator.core.label_blocks import BlockLayout
 from orchestrator.core.remote import ClusterSession
+from orchestrator.daemon import control
 from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.fake import FakeProvider
@@ -480,3 +484,90 @@ def test_local_policy_serves_new_clients_while_etcd_is_away_and_the_table_wins_a
 
 def ops_transport(daemon: BalancerDaemon, server: str) -> int:
     return daemon.core.transport[server]
+
+
+def test_a_graceful_leave_hands_every_session_over_and_gives_its_blocks_up(etcd: EtcdServer) -> None:
+    """`mplsorch cluster leave` on lb1 (over the control socket's handler): refused while it is
+    alone with sessions; with lb2 there: lb1 stops taking new sessions at once, lb2 owns every
+    session of lb1 with the same server and labels without waiting for a lease, lb1 holds no
+    block (nor its reserve) in etcd or in its core, its member key goes, and the daemon stops."""
+
+    async def test() -> None:
+        a, ka, qa = make_member(etcd, "lb1", ttl=30, down="local")  # a lease that would not expire in the test
+        await join(a)
+        a.decide([syn(1, "10.0.1.1"), syn(2, "10.0.1.2"), syn(3, "10.0.1.3")])
+        await until(lambda: a.core.counters["cluster_rows_written"] == 3)
+        alone = await a.answer({"cmd": "leave"})
+        assert alone.get("bad_input") and "no other member to take this balancer's 3 sessions" in alone["error"]
+        assert a.member.status()["state"] == "member" and a.member.up and "stop" not in a.flags
+        b, kb, _ = make_member(etcd, "lb2", ttl=30)
+        await join(b)
+        b.decide([syn(1, "10.0.2.1")])
+        await until(lambda: labels_of(ka, "10.0.2.1") != ())
+        before = {c: labels_of(ka, c) for c in ("10.0.1.1", "10.0.1.2", "10.0.1.3")}
+        assert all(labels_of(kb, c) == before[c] != () for c in before)
+        servers = {s.key.value: (s.server, s.c2s) for s in a.core.table if s.owner is None}
+        held = [*a.core.labels.held_blocks, a.core.labels.reserve]  # type: ignore[union-attr]
+        # the operator's commands, through the CLI to the daemon's handler on its loop
+        loop = asyncio.get_running_loop()
+
+        def request(path: str, cmd: str, **args: Any) -> dict[str, Any]:
+            args.pop("timeout", None)
+            return asyncio.run_coroutine_threadsafe(a.answer({"cmd": cmd, **args}), loop).result(60)
+
+        async def counters() -> dict[str, int]:
+            return {}
+
+        patch = pytest.MonkeyPatch()
+        patch.setattr(control, "request", request)
+        patch.setattr("orchestrator.capture.nftables.read_counters", counters)
+        runner = CliRunner()
+        ready = await asyncio.to_thread(runner.invoke, app, ["cluster", "ready"])
+        assert (ready.exit_code, ready.stdout.strip()) == (0, "lb1: member")
+        left = await asyncio.to_thread(runner.invoke, app, ["cluster", "leave", "--json"])
+        assert left.exit_code == 0, left.stderr
+        done = json.loads(left.stdout)
+        not_ready = await asyncio.to_thread(runner.invoke, app, ["cluster", "ready", "--json"])
+        assert not_ready.exit_code == 1
+        assert json.loads(not_ready.stdout) == {"ready": False, "state": "left", "store": "down"}
+        again = await asyncio.to_thread(runner.invoke, app, ["cluster", "leave"])
+        assert again.exit_code == 2 and again.stderr.strip() == "mplsorch: cluster leave refused: already left"
+        patch.undo()
+        assert done == {
+            "left": True,
+            "sessions": 3,
+            "to": {"lb2": 3},
+            "label_blocks": sorted(held),
+            "txns": 1,
+        }
+        assert a.member.status()["state"] == "left" and not a.member.status()["ready"]
+        a.decide([syn(4, "10.0.1.9"), syn(5, "10.0.1.1", sport=40001)])
+        assert [v.verdict for v in qa.sent[-2:]] == [NF_REPEAT, NF_ACCEPT]  # new refused, old served
+        assert a.core.counters["refused:leaving"] == 1
+        assert a.core.table.get("http", "10.0.1.1").owner == "lb2"  # type: ignore[union-attr]  # no takeover
+        await until(lambda: b.core.counters["cluster_received"] == 3)
+        assert b.core.counters["cluster_adopted"] == 0  # handed over, not adopted after an expiry
+        assert {s.key.value: (s.server, s.c2s) for s in b.core.table if s.owner is None} == {
+            **servers,
+            "10.0.2.1": (b.core.table.get("http", "10.0.2.1").server, b.core.table.get("http", "10.0.2.1").c2s),  # type: ignore[union-attr]
+        }
+        assert all(labels_of(kb, c) == labels_of(ka, c) == before[c] for c in before)
+        await until(lambda: b.core.changes == {} and b.core.counters["cluster_rows_written"] >= 4)
+        await asyncio.sleep(0.3)
+        snap = await probe(etcd)
+        assert {(r.key, r.owner, r.server, r.c2s) for r in snap.sessions} == {
+            (s.key.value, "lb2", s.server, s.c2s) for s in b.core.table
+        }
+        assert snap.members == {"lb2"} and set(snap.blocks.values()) == {"lb2"} and "lb1" not in snap.reserves
+        assert a.core.labels.held_blocks == () and a.core.labels.reserve is None  # type: ignore[union-attr]
+        await asyncio.sleep(0.5)
+        assert "stop" in a.flags  # the daemon stops after its answer
+        # lb2 ends a session it was handed: its key goes (lb2 wrote it again under its own lease)
+        b.flush({"client": "10.0.1.2"}, time.monotonic())
+        b.tick()
+        await until(lambda: labels_of(kb, "10.0.1.2") == ())
+        assert not any(r.key == "10.0.1.2" for r in (await probe(etcd)).sessions)
+        await b.member.stop(leave=False)
+        await a.member.stop(leave=True)
+
+    run(test)

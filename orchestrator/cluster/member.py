@@ -75,6 +75,7 @@ class Member:
         await self.store.connect()
         await self.store.join()
         self.snapshot = await self.store.load()
+        self.blocks = dict(self.snapshot.blocks)  # the claims below skip every block held already
         reserve = self.snapshot.reserves.get(self.config.name)
         if reserve is not None and self.snapshot.blocks.get(reserve) == self.config.name:
             self.labels.set_reserve(reserve)  # ours from before a restart, whatever its lease

@@ -219,6 +219,13 @@ def test_etcd_away_refuses_new_sessions_keeps_the_old_and_reconciles(etcd: EtcdS
         verdicts = [v.verdict for v in qa.sent[-2:]]
         assert verdicts == [NF_REPEAT, NF_ACCEPT]  # the new client refused, the served one accepted
         assert a.core.counters["refused:store-down"] == 1 and a.core.counters["store_down"] == 1
+        refused = await a.answer({"cmd": "leave"})  # a leave needs etcd: refused, nothing changed
+        assert refused == {
+            "error": "cluster leave refused: etcd is unreachable: the sessions cannot be handed over "
+            "(try again once it is back)",
+            "bad_input": True,
+        }
+        assert a.member.state == "member" and not a.core.leaving and "stop" not in a.flags
         assert labels_of(ka, "10.0.1.1") == labels_of(kb, "10.0.1.1") == kept
         # B ends one of its... nothing; A ends its session while etcd is away: written on return
         a.flush({"client": "10.0.1.1"}, time.monotonic())
@@ -571,3 +578,12 @@ def test_a_graceful_leave_hands_every_session_over_and_gives_its_blocks_up(etcd:
         await a.member.stop(leave=True)
 
     run(test)
+
+
+def test_leave_without_a_cluster_is_refused() -> None:
+    daemon = balancer_daemon(config({}), FakeProvider(["lan0", "fab0"]))
+    answer = asyncio.run(daemon.answer({"cmd": "leave"}))
+    assert answer == {
+        "error": "this balancer is not a member of a cluster (no cluster: in its configuration)",
+        "bad_input": True,
+    }

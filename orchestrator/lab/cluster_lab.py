@@ -303,8 +303,10 @@ class ClusterLab:
     # -- lb's failure and rejoin -------------------------------------------------------------------
     def fail_lb1(self) -> tuple[float, float]:
         """SIGKILL lb's daemon and set all its links down at once (each `ip` is a process start,
-        slow on a loaded UML); then its announcement is withdrawn, as a routing daemon would on
-        losing it. The Unix times of the kill and of the links' being down."""
+        slow on a loaded UML). Its next hops stay in the router's and p's routes until `withdraw`
+        (a routing protocol notices a death only after its hold time): the kernels skip them for
+        their links' being down (`dead_hops`). The Unix times of the kill and of the links' being
+        down."""
         assert self.lb1.proc is not None
         killed = time.time()
         os.kill(self.lb1.proc.pid, signal.SIGKILL)
@@ -312,8 +314,25 @@ class ClusterLab:
         assert all(d.wait(timeout=patience(30)) == 0 for d in downs)
         down = time.time()
         self.lb1.proc.wait(timeout=patience(15))
-        self.withdraw("lb")
         return killed, down
+
+    def dead_hops(self) -> dict[str, list[str]]:
+        """The balancers whose next hops the kernel flags dead or linkdown (skipped), in the
+        router's route to the VIP and in p's route for the anycast label."""
+        label = str(self.lab.node("lb")["transport_label"])
+        shown = {
+            "router": (in_router("ip", "route", "show", f"{self.lab.vip}/32"), ECMP_HOPS),
+            "p": (self.lab.sh("p", "ip", "-f", "mpls", "route", "show", label).stdout, FABRIC_HOPS),
+        }
+        out: dict[str, list[str]] = {}
+        for where, (text, hops) in shown.items():
+            dead = [
+                line.split(" dev ", 1)[1].split()[0]
+                for line in text.splitlines()
+                if " dev " in line and ("linkdown" in line.split() or "dead" in line.split())
+            ]
+            out[where] = sorted(b for b, (_, dev) in hops.items() if dev in dead)
+        return out
 
     def rejoin_lb1(self) -> float:
         """lb's links up (and the routes their failure flushed), its daemon started again on the

@@ -128,7 +128,6 @@ class ClusterLab:
         self.etcd: subprocess.Popen[bytes] | None = None
         self.netns: list[str] = []
         self.ready = {"lb": ReadyWatch(self.dir / "notify-lb1"), LB2: ReadyWatch(self.dir / "notify-lb2")}
-        self.lb1.env.update(self.ready["lb"].env())
         self.announced: list[str] = []  # balancers whose next hops are in the router's and p's routes
         self.sources: dict[str, str] = {}  # client -> the source address `via` gave it
         self.added: list[tuple[str, str]] = []  # (client, address) added by `via`
@@ -246,6 +245,7 @@ class ClusterLab:
     def start(self) -> None:
         self._wire()
         self.start_etcd(fresh=True)
+        self.lb1.env.update(self.ready["lb"].env())  # here: lb1 may have been replaced since __init__
         if self.servers is not None:
             self.servers.start()
         else:

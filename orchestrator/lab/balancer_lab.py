@@ -101,6 +101,7 @@ class BalancerLab:
         self.proc: subprocess.Popen[bytes] | None = None
         self._procs: list[subprocess.Popen[bytes]] = []
         self.flows = 0  # new flows started through curl()/udp()
+        self.env: dict[str, str] = {}  # added to the daemon's environment (e.g. NOTIFY_SOCKET)
 
     def start(self) -> None:
         lab = self.lab
@@ -215,6 +216,7 @@ class BalancerLab:
             "--config",
             str(self.config),
             log=self.dir / "daemon.log",
+            env=self.env,
         )
 
     def restorable_sessions(self) -> list[dict[str, Any]]:

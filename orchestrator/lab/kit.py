@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,13 +101,17 @@ class Lab:
             self.providers[node] = NetlinkProvider(self.netns(node))
         return self.providers[node]
 
-    def spawn(self, node: str, *cmd: str, log: Path | None = None) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, node: str, *cmd: str, log: Path | None = None, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """`cmd` in `node`, its output in `log`; `env`: variables added to this process's."""
         out = open(log, "wb") if log else subprocess.DEVNULL
         proc = subprocess.Popen(
             ["ip", "netns", "exec", self.netns(node), *cmd],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, **env} if env else None,
         )
         self.procs.append(proc)
         return proc

@@ -24,7 +24,7 @@ from orchestrator.capture.nfqueue import QueuedPacket, queue_stats
 from orchestrator.config.load import ConfigError, load_balancer_config
 from orchestrator.config.model import BalancerConfig
 from orchestrator.core import commands, shards
-from orchestrator.core.balancer import Balancer
+from orchestrator.core.balancer import Balancer, qdiscs
 from orchestrator.core.events import Action, FirstPacket
 from orchestrator.core.servers import AdminState
 from orchestrator.core.sessions import SessionTable
@@ -111,10 +111,7 @@ class BalancerDaemon(Daemon):
         with start_step("node check"):
             self.make_ready(self.config)
         with start_step("node objects"):
-            for dev in self.config.interfaces.fabric:
-                result = self.provider.apply([ops.Add(ops.ClsactQdisc(dev))])[0]
-                if not result.ok and result.errno != errno.EEXIST:
-                    raise RuntimeError(str(result))
+            self.add_qdiscs(self.config)
         with start_step("conntrack socket"):
             self.conntrack = self.capture.conntrack()
         began = time.monotonic()
@@ -160,6 +157,13 @@ class BalancerDaemon(Daemon):
         with start_step(f"nfqueue {first}-{last}"):
             self.queue = self.capture.queue(first, last)
 
+    def add_qdiscs(self, config: BalancerConfig) -> None:
+        """The clsact qdiscs of the fabric devices (C2S filters) and of the label-aware client
+        interfaces (liveness filters); one already there is no error."""
+        for result in self.provider.apply([ops.Add(q) for q in qdiscs(config)]):
+            if not result.ok and result.errno != errno.EEXIST:
+                raise RuntimeError(str(result))
+
     def fill_fast_path(self) -> None:
         """Loading the ruleset empties the fast-path sets: the table's sessions get their
         elements back (and any element of no session goes), or their clients' new flows would
@@ -196,6 +200,7 @@ class BalancerDaemon(Daemon):
     # -- the loop's hooks ---------------------------------------------------------------------------
     def tick(self) -> None:
         self.end_sessions()
+        self.check_liveness()
         self.end_embryonic()
         self.publish()
         if self.member is not None:
@@ -235,6 +240,27 @@ class BalancerDaemon(Daemon):
         self.program(self.core.tick(time.monotonic()), "session end")
         for session_id in before.keys() - {s.id for s in self.core.table}:
             views.log_end(before[session_id], "persistence timeout")
+
+    def check_liveness(self) -> None:
+        """Label-aware sessions whose liveness check is due: the kernel says how many packets
+        their liveness filters counted (one RTM_GETTFILTER each, in one sendmsg); a session
+        whose count stood still a whole persistence timeout ends, the others live on. A failed
+        query keeps them all (counted `liveness_check_errors`)."""
+        now = time.monotonic()
+        due = self.core.liveness_due(now)
+        if not due:
+            return
+        filters = [f for fs in due.values() for f in fs]
+        try:
+            counts = self.provider.filter_packets(filters)
+        except OSError as exc:
+            log.error("label-aware sessions: the liveness filters' counts could not be read: %s", exc)
+            self.core.count("liveness_check_errors")
+            counts = [None] * len(filters)
+        operations, ended = self.core.on_liveness(due, counts, now)
+        self.program(operations, "label-aware session end")
+        for session in ended:
+            views.log_end(session, "persistence timeout")
 
     def end_embryonic(self) -> None:
         """TCP sessions past `sessions.embryonic_timeout`: the kernel says how many packets went
@@ -350,6 +376,7 @@ class BalancerDaemon(Daemon):
         try:
             config = self._share(load_balancer_config(self.config_path))
             self.make_ready(config)
+            self.add_qdiscs(config)  # a label-aware interface the reload added
             if self.shard is None:  # a worker's supervisor loaded it before the worker's SIGHUP
                 nftables.load(nftables.render(config))
         except (ConfigError, OSError, RuntimeError, node_setup.NodeNotReady) as exc:

@@ -16,7 +16,7 @@ import errno
 import gc
 import logging
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from orchestrator.analyze.packet import source_address
 from orchestrator.capture import nftables
@@ -27,7 +27,7 @@ from orchestrator.core import commands, shards
 from orchestrator.core.balancer import Balancer, qdiscs
 from orchestrator.core.events import Action, FirstPacket
 from orchestrator.core.servers import AdminState
-from orchestrator.core.sessions import SessionTable
+from orchestrator.core.sessions import Session, SessionTable
 from orchestrator.daemon import node_setup, views
 from orchestrator.daemon.logs import Throttle, fields
 from orchestrator.daemon.loop import Capture, Command, Daemon, Request, nf_verdict, start_step
@@ -38,6 +38,7 @@ from orchestrator.health.runner import Checker
 from orchestrator.metrics import MetricsSnapshot
 
 log = logging.getLogger("mplsorch")
+Filter = ops.FlowerFilter | ops.U32Filter
 # Seconds between the metrics' dumps of our objects' offload states: a dump walks every filter
 # and route of ours, too much for each tick (4 per second) on a large table.
 OFFLOAD_DUMP_EVERY = 10.0
@@ -242,46 +243,52 @@ class BalancerDaemon(Daemon):
             views.log_end(before[session_id], "persistence timeout")
 
     def check_liveness(self) -> None:
-        """Label-aware sessions whose liveness check is due: the kernel says how many packets
-        their liveness filters counted (one RTM_GETTFILTER each, in one sendmsg); a session
-        whose count stood still a whole persistence timeout ends, the others live on. A failed
-        query keeps them all (counted `liveness_check_errors`)."""
-        now = time.monotonic()
-        due = self.core.liveness_due(now)
-        if not due:
-            return
-        filters = [f for fs in due.values() for f in fs]
-        try:
-            counts = self.provider.filter_packets(filters)
-        except OSError as exc:
-            log.error("label-aware sessions: the liveness filters' counts could not be read: %s", exc)
-            self.core.count("liveness_check_errors")
-            counts = [None] * len(filters)
-        operations, ended = self.core.on_liveness(due, counts, now)
-        self.program(operations, "label-aware session end")
-        for session in ended:
-            views.log_end(session, "persistence timeout")
+        """Label-aware sessions whose liveness check is due: a session whose liveness filter's
+        count stood still a whole persistence timeout ends, the others live on."""
+        self._judge_counts(
+            self.core.liveness_due(time.monotonic()),
+            self.core.on_liveness,
+            "label-aware sessions: the liveness filters'",
+            "liveness_check_errors",
+            "persistence timeout",
+        )
 
     def end_embryonic(self) -> None:
-        """TCP sessions past `sessions.embryonic_timeout`: the kernel says how many packets went
-        through their C2S filters (one RTM_GETTFILTER each, in one sendmsg); those whose client
-        sent nothing past its first packet end (a spoofed SYN), the others are answered. A failed
-        query keeps them all (counted `embryonic_check_errors`)."""
-        now = time.monotonic()
-        due = self.core.embryonic_due(now)
+        """TCP sessions past `sessions.embryonic_timeout`: those whose client sent nothing past
+        its first packet (a spoofed SYN) end, the others are answered."""
+        self._judge_counts(
+            self.core.embryonic_due(time.monotonic()),
+            self.core.on_embryonic,
+            "embryonic sessions: the filters'",
+            "embryonic_check_errors",
+            "embryonic timeout",
+        )
+
+    def _judge_counts(
+        self,
+        due: Mapping[int, Sequence[Filter]],
+        judge: Callable[[Any, list[int | None], float], tuple[list[ops.Operation], list[Session]]],
+        what: str,
+        errors: str,
+        reason: str,
+    ) -> None:
+        """The kernel says how many packets went through the due sessions' filters (one
+        RTM_GETTFILTER each, in one sendmsg); the core judges them and the sessions it ends go.
+        A failed query gives no count, so the core keeps them all (counted `errors`)."""
         if not due:
             return
         filters = [f for fs in due.values() for f in fs]
         try:
             counts = self.provider.filter_packets(filters)
         except OSError as exc:
-            log.error("embryonic sessions: the filters' counts could not be read: %s", exc)
-            self.core.count("embryonic_check_errors")
+            log.error("%s counts could not be read: %s", what, exc)
+            self.core.count(errors)
             counts = [None] * len(filters)
-        operations, ended = self.core.on_embryonic(due, counts, now)
-        self.program(operations, "embryonic session end")
+        now = time.monotonic()
+        operations, ended = judge(due, counts, now)
+        self.program(operations, f"{reason} end")
         for session in ended:
-            views.log_end(session, "embryonic timeout")
+            views.log_end(session, reason)
 
     def on_health_result(self, pool: str, server: str, result: CheckResult, now: float) -> None:
         """A check's result (from its task): the rise/fall table judges it; the core gets the new

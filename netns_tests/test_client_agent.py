@@ -175,30 +175,6 @@ def test_a_udp_session_ends_on_both_sides(lab: Lab, farm: ServerLab, agent: Clie
     assert c2s not in routes, routes
 
 
-def test_when_the_balancer_ends_the_session_the_client_agent_sees_its_answers_stop(
-    lab: Lab, farm: ServerLab, agent: ClientAgentLab
-) -> None:
-    c4 = lab.address(NODE)
-    out = Path(lab.node(NODE)["runtime_dir"]) / "hold-stop.out"
-    holder = lab.spawn(NODE, sys.executable, "-c", HOLD, lab.vip, str(patience(6)), log=out)
-    deadline = time.monotonic() + patience(30)
-    while not (held := [s for s in agent.cli("sessions") if s["flows"] and s["ports"] == ["tcp/80"]]):
-        assert time.monotonic() < deadline and holder.poll() is None, agent.log()[-2000:]
-        time.sleep(0.5)
-    s2c = held[0]["s2c_label"]
-    starts = len(re.findall(rf"start: http {re.escape(c4)} ", farm.balancer.log()))
-    # The balancer ends the session (its C2S route goes): the held connection's request, labelled,
-    # meets no route there and nothing comes back; a whole answer_timeout (2 s) later the agent ends it.
-    assert farm.balancer.cli("sessions", "flush", "--client", c4)["flushed"] >= 1
-    _wait_for(f"c2s {s2c - 1} s2c {s2c} (answers stopped)", agent.log, 60)
-    lab.stop(holder)
-    assert s2c not in {s["s2c_label"] for s in agent.cli("sessions")}
-    assert agent.cli("status")["counters"]["answers_stopped"] >= 1
-    # Its packets leave plain again: the next connection is a first packet, a new session.
-    assert farm.balancer.curl(NODE) == "200", (farm.balancer.log()[-2000:], agent.log()[-2000:])
-    assert len(re.findall(rf"start: http {re.escape(c4)} ", farm.balancer.log())) == starts + 1
-
-
 def c2s_of(rows: list[dict[str, Any]]) -> int:
     return int(rows[-1]["c2s_label"]) if rows else 0
 
@@ -285,3 +261,54 @@ def test_a_long_label_aware_session_lives_while_its_liveness_filter_counts(
     routes = {i.obj.label: i.obj for i in lab.provider("lb").dump() if isinstance(i.obj, ops.MplsRoute)}
     assert c2s not in routes, routes
     _wait_for(f"session end: {c4} -> {vip} (udp/53) c2s {c2s} s2c {s2c} (persistence timeout)", agent.log, 60)
+
+
+def test_an_ipv6_session_is_labelled_both_ways(lab: Lab, farm: ServerLab, agent: ClientAgentLab) -> None:
+    """c4's IPv6 address is label-aware too: after its first packet (plain), every packet of three
+    connections to the IPv6 VIP leaves [C2S] and comes back [S2C] (the client agent's pref 11
+    filter, the balancer's C2S route and liveness filter)."""
+    c4, vip = lab.address(NODE, version=6), lab.vip6
+    sniff = Sniffer(lab, "client-agent-ipv6")
+    codes = [farm.balancer.curl(NODE, vip) for _ in range(3)]
+    assert codes == ["200"] * 3, (farm.balancer.log()[-2000:], agent.log()[-2000:])
+    packets = sniff.packets()
+    [row] = [r for r in farm.balancer.sessions() if r["client"] == c4 and r["vip"] == vip]
+    c2s, s2c = row["c2s_label"], row["s2c_label"]
+    out = [p[0] for p in packets if p[1:] == (c4, vip)]
+    back = [p[0] for p in packets if p[1:] == (vip, c4)]
+    assert len(out) >= 3 * 4 and len(back) >= 3 * 4, packets  # three HTTP connections each way
+    assert out[0] == () and set(out[1:]) == {(c2s,)} and set(back) == {(s2c,)}, packets
+    assert f"session learned: {c4} -> {vip} (tcp/80) c2s {c2s} s2c {s2c}" in agent.log()
+    assert filter_packets(lab, c2s) == 1  # the balancer's C2S filter labelled the first packet only
+    assert liveness_packets(lab, c2s) >= len(out) - 1  # its liveness filter saw the [C2S] ones
+    routes = {i.obj.label: i.obj for i in lab.provider("lb").dump() if isinstance(i.obj, ops.MplsRoute)}
+    assert routes[c2s].out_labels[1:] == (c2s,) and routes[s2c].out_labels == (s2c,)
+
+
+# Last: its held connection, killed, goes on retransmitting towards the VIP for a while, and the
+# server agents answer a client's packets of every service of a VIP under its newest session's
+# S2C (one return route per VIP and client), which the client agent then learns for that port.
+def test_when_the_balancer_ends_the_session_the_client_agent_sees_its_answers_stop(
+    lab: Lab, farm: ServerLab, agent: ClientAgentLab
+) -> None:
+    c4 = lab.address(NODE)
+    out = Path(lab.node(NODE)["runtime_dir"]) / "hold-stop.out"
+    holder = lab.spawn(NODE, sys.executable, "-c", HOLD, lab.vip, str(patience(6)), log=out)
+    deadline = time.monotonic() + patience(30)
+    while not (
+        held := [s for s in agent.cli("sessions") if s["flows"] and s["ports"] == ["tcp/80"] and s["vip"] == lab.vip]
+    ):
+        assert time.monotonic() < deadline and holder.poll() is None, agent.log()[-2000:]
+        time.sleep(0.5)
+    s2c = held[0]["s2c_label"]
+    starts = len(re.findall(rf"start: http {re.escape(c4)} ", farm.balancer.log()))
+    # The balancer ends the session (its C2S route goes): the held connection's request, labelled,
+    # meets no route there and nothing comes back; a whole answer_timeout (2 s) later the agent ends it.
+    assert farm.balancer.cli("sessions", "flush", "--client", c4)["flushed"] >= 1
+    _wait_for(f"c2s {s2c - 1} s2c {s2c} (answers stopped)", agent.log, 60)
+    lab.stop(holder)
+    assert s2c not in {s["s2c_label"] for s in agent.cli("sessions")}
+    assert agent.cli("status")["counters"]["answers_stopped"] >= 1
+    # Its packets leave plain again: the next connection is a first packet, a new session.
+    assert farm.balancer.curl(NODE) == "200", (farm.balancer.log()[-2000:], agent.log()[-2000:])
+    assert len(re.findall(rf"start: http {re.escape(c4)} ", farm.balancer.log())) == starts + 1

@@ -153,13 +153,14 @@ class Sniffer:
             time.sleep(0.2)
 
     def packets(self) -> list[tuple[tuple[int, ...], str, str]]:
-        """Stop the capture; (label stack, inner source, inner destination) of every IPv4 packet."""
+        """Stop the capture; (label stack, inner source, inner destination) of every IPv4 and IPv6
+        packet with ports."""
         time.sleep(1.0)  # packets just sent may still be on their way through the namespaces
         self.lab.stop(self.proc)
         text = subprocess.run(["tcpdump", "-nn", "-r", str(self.path)], capture_output=True, text=True).stdout
         out = []
         for line in text.splitlines():
-            m = re.search(r"IP (\d+\.\d+\.\d+\.\d+)\.\d+ > (\d+\.\d+\.\d+\.\d+)\.\d+:", line)
+            m = re.search(r"IP6? ([0-9a-f:.]+?)\.\d+ > ([0-9a-f:.]+?)\.\d+:", line)
             if m:
                 out.append((tuple(int(x) for x in re.findall(r"label (\d+)", line)), m.group(1), m.group(2)))
         return out

@@ -15,52 +15,30 @@ ends, so no answer ever goes out under a label whose session has ended.
 
 from __future__ import annotations
 
-import collections
-import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
-from orchestrator.analyze.packet import Packet, analyze
 from orchestrator.config.server_model import ServerConfig
-from orchestrator.core.events import (
-    Action,
-    FlowKey,
-    FlowsEnded,
-    FlowsStarted,
-    FlowTableResync,
-    LabelledPacket,
-    PacketVerdict,
-)
+from orchestrator.core.events import FlowKey, LabelledPacket, PacketVerdict
+from orchestrator.core.learning import MARK_MASK as MARK_MASK
+from orchestrator.core.learning import MARK_TAG as MARK_TAG
+from orchestrator.core.learning import PREF_LEARN as PREF_LEARN
+from orchestrator.core.learning import LearnedSession, LearningAgent, Plan, State, host
+from orchestrator.core.learning import label_of as label_of
 from orchestrator.dataplane import ops
 
+__all__ = ["MARK_MASK", "MARK_TAG", "PREF_LEARN", "RULE_PRIORITY", "ReturnSession", "ServerAgent", "State", "label_of"]
+
 RULE_PRIORITY = 1000  # `from VIP lookup TABLE`: before the main table (32766)
-MARK_TAG = 0x6D600000  # "m`" in the high 12 bits; the low 20 bits carry the session label
-MARK_MASK = 0xFFF00000
-PREF_LEARN = 20  # the ingress label-marking filters
-
-
-def label_of(mark: int) -> int | None:
-    """The session label a packet mark carries, or None for a mark that is not ours."""
-    return mark & 0xFFFFF if mark & MARK_MASK == MARK_TAG else None
-
-
-class State(enum.StrEnum):
-    SERVING = "serving"  # flows alive
-    DRAINING = "draining"  # no flow left; ends when the persistence timeout has passed
 
 
 @dataclass
-class ReturnSession:
+class ReturnSession(LearnedSession):
     """A session as the server knows it: the label it arrived under and where answers go."""
 
     c2s: int
     client: str
     vip: str
-    created: float
-    last_seen: float
-    state: State = State.SERVING
-    flows: set[FlowKey] = field(default_factory=set)
-    ends_at: float | None = None
 
     @property
     def s2c(self) -> int:
@@ -68,44 +46,28 @@ class ReturnSession:
 
     def view(self) -> dict[str, Any]:
         """The documented JSON row of `mplsorch sessions --json` on a server."""
-        return {
-            "client": self.client,
-            "vip": self.vip,
-            "c2s_label": self.c2s,
-            "s2c_label": self.s2c,
-            "state": str(self.state),
-            "flows": len(self.flows),
-            "created": self.created,
-            "last_seen": self.last_seen,
-            "ends_at": self.ends_at,
-        }
+        return {"client": self.client, "vip": self.vip, "c2s_label": self.c2s, "s2c_label": self.s2c, **self.times()}
 
 
-@dataclass
-class Plan:
-    """The operations a batch of first packets needs, and the packets' verdicts, which are sent
-    only after the operations are applied (so even the first answer leaves labelled)."""
+class ServerAgent(LearningAgent[ReturnSession]):
+    """Sessions by C2S label."""
 
-    ops: list[ops.Operation] = field(default_factory=list)
-    verdicts: list[PacketVerdict] = field(default_factory=list)
+    OUTSIDE = "label_outside_block"
 
-
-def _host(address: str) -> str:
-    return f"{address}/{128 if ':' in address else 32}"
-
-
-class ServerAgent:
     def __init__(self, config: ServerConfig) -> None:
-        self.sessions: dict[int, ReturnSession] = {}  # by C2S label
-        self.by_flow: dict[FlowKey, ReturnSession] = {}
+        super().__init__()
         self.routes: dict[tuple[str, str], int] = {}  # (VIP, client) -> S2C installed
-        self.counters: collections.Counter[str] = collections.Counter()
         self.configure(config)
 
-    def count(self, event: str, n: int = 1) -> None:
-        """An event the daemon saw around the core (unmarked packets, a failed batch), counted
-        with the core's own."""
-        self.counters[event] += n
+    @property
+    def persistence(self) -> float:
+        return self.config.persistence_timeout
+
+    def learned_labels(self) -> Sequence[int]:
+        return self.block
+
+    def label(self, session: ReturnSession) -> int:
+        return session.c2s
 
     def configure(self, config: ServerConfig) -> None:
         self.config = config
@@ -126,28 +88,15 @@ class ServerAgent:
         locally) and an ingress filter on each fabric link that marks the packet with its label
         (MARK_TAG | label) before the pop, so the ruleset can queue a new flow's first packet
         with its label; and one `from VIP lookup TABLE` rule per VIP."""
-        objs: list[ops.DataplaneObject] = [ops.ClsactQdisc(dev) for dev in self.config.fabric]
-        objs += [ops.MplsRoute(label, "lo") for label in self.block]
-        objs += [
-            ops.FlowerFilter(
-                dev,
-                label,
-                ops.FlowerMatch(mpls_label=label),
-                (ops.SetMark(MARK_TAG | label),),
-                ops.Direction.INGRESS,
-                PREF_LEARN,
-            )
-            for dev in self.config.fabric
-            for label in self.block
-        ]
-        objs += [ops.Rule(_host(vip), table, RULE_PRIORITY) for vip, table in self.tables.items()]
+        objs = self.marking_objects(self.config.fabric)
+        objs += [ops.Rule(host(vip), table, RULE_PRIORITY) for vip, table in self.tables.items()]
         return objs
 
     def return_route(self, vip: str, client: str, s2c: int) -> ops.EncapRoute:
         version = 6 if ":" in client else 4
         via = self.config.next_hop(version)
         return ops.EncapRoute(
-            _host(client),
+            host(client),
             (self.config.balancer_transport_label, s2c),
             self.config.fabric[0],
             None if via is None else str(via),
@@ -159,14 +108,8 @@ class ServerAgent:
         plan = Plan()
         touched: set[tuple[str, str]] = set()
         for p in packets:
-            plan.verdicts.append(PacketVerdict(p.queue, p.packet_id, Action.ACCEPT))  # never break traffic
-            self.counters["packets_userspace"] += 1
-            info = analyze(p.data)
-            if not isinstance(info, Packet):
-                self.counters[f"malformed:{info.reason}"] += 1
-                continue
-            if p.label not in self.block:
-                self.counters["label_outside_block"] += 1
+            info = self.admit(p, plan)
+            if info is None:
                 continue
             if info.dst not in self.tables:
                 self.counters["not_a_vip"] += 1
@@ -186,13 +129,10 @@ class ServerAgent:
                 plan.ops += self._end(session)
                 session = None
             if session is None:
-                session = ReturnSession(p.label, info.src, info.dst, now, now)
+                session = ReturnSession(p.label, info.src, info.dst, created=now, last_seen=now)
                 self.sessions[p.label] = session
                 self.counters["sessions_learned"] += 1
-            flow = FlowKey(info.proto, info.src, info.dst, info.sport, info.dport)
-            session.flows.add(flow)
-            self.by_flow[flow] = session
-            session.state, session.ends_at, session.last_seen = State.SERVING, None, now
+            self.serve(session, FlowKey(info.proto, info.src, info.dst, info.sport, info.dport), now)
             touched.add((session.vip, session.client))
         for vip, client in touched:
             plan.ops += self._route_ops(vip, client)
@@ -225,38 +165,8 @@ class ServerAgent:
         route = self.return_route(vip, client, want)
         return [ops.Replace(route) if current is not None else ops.Add(route)]
 
-    # -- flows and time -----------------------------------------------------------------------------
-    def on_flow_events(self, events: Sequence[FlowsStarted | FlowsEnded | FlowTableResync], now: float) -> None:
-        """Flow ends drain sessions; a server learns its flows in-band, so starts say nothing new."""
-        for event in events:
-            if isinstance(event, FlowsStarted):
-                continue
-            if isinstance(event, FlowsEnded):
-                ended: Sequence[FlowKey] = event.flows
-            else:
-                self.counters["conntrack_sweeps" if event.sweep else "conntrack_resyncs"] += 1
-                ended = [f for f in self.by_flow if f not in event.live]
-            for flow in ended:
-                session = self.by_flow.pop(flow, None)
-                if session is None:
-                    continue
-                session.flows.discard(flow)
-                if not session.flows:
-                    session.state = State.DRAINING
-                    session.ends_at = now + self.config.persistence_timeout
-
-    def tick(self, now: float) -> list[ops.Operation]:
-        out: list[ops.Operation] = []
-        for session in list(self.sessions.values()):
-            if session.state == State.DRAINING and session.ends_at is not None and now >= session.ends_at:
-                out += self._end(session)
-        return out
-
-    def _end(self, session: ReturnSession) -> list[ops.Operation]:
-        del self.sessions[session.c2s]
-        for flow in session.flows:
-            self.by_flow.pop(flow, None)
-        self.counters["sessions_ended"] += 1
+    def _forget(self, session: ReturnSession) -> list[ops.Operation]:
+        """The client's return route falls back to its next live session, or goes."""
         return self._route_ops(session.vip, session.client)
 
     # -- restart ----------------------------------------------------------------------------------
@@ -277,7 +187,7 @@ class ServerAgent:
             if vip is None or c2s not in self.block or c2s in self.sessions:
                 stale.append(ops.Delete(route))
                 continue
-            self.sessions[c2s] = ReturnSession(c2s, client, vip, now, now)
+            self.sessions[c2s] = ReturnSession(c2s, client, vip, created=now, last_seen=now)
             self.routes[vip, client] = c2s + 1
         by_pair = {(s.client, s.vip): s for s in self.sessions.values()}
         for flow in live:
@@ -285,9 +195,5 @@ class ServerAgent:
             if session is not None:
                 session.flows.add(flow)
                 self.by_flow[flow] = session
-        for session in self.sessions.values():
-            if not session.flows:
-                session.state = State.DRAINING
-                session.ends_at = now + self.config.persistence_timeout
-        self.counters["restored_sessions"] = len(self.sessions)
+        self.restored(now)
         return stale

@@ -220,7 +220,16 @@ class SetMark:
         return f"skbedit mark {self.mark}"
 
 
-Action = MplsPush | MplsPop | SetMark
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """act_gact pass (TC_ACT_OK): the packet goes on as if no filter had matched; the action
+    only counts it (the balancer's liveness filters of label-aware sessions)."""
+
+    def describe(self) -> str:
+        return "gact pass"
+
+
+Action = MplsPush | MplsPop | SetMark | Pass
 
 
 def push_stack(labels: tuple[int, ...] | list[int]) -> tuple[MplsPush, ...]:
@@ -635,5 +644,5 @@ def _check_actions(actions: tuple[Action, ...], tag: bytes) -> None:
         elif isinstance(action, SetMark):
             if not 0 <= action.mark < 1 << 32:
                 raise InvalidOperation(f"mark {action.mark} out of range (32 bits)")
-        else:
+        elif not isinstance(action, Pass):
             raise InvalidOperation(f"unknown filter action {action!r}")

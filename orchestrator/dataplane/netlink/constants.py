@@ -57,7 +57,7 @@ TC_H_MIN_INGRESS, TC_H_MIN_EGRESS = 0xFFF2, 0xFFF3
 TCA_KIND, TCA_OPTIONS = 1, 2
 TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_ACT_STATS, TCA_ACT_COOKIE = 1, 2, 4, 6
 TCA_STATS_BASIC, TCA_STATS_PKT64 = 1, 8  # in TCA_ACT_STATS: struct gnet_stats_basic, a 64-bit packet count
-TC_ACT_PIPE = 3
+TC_ACT_OK, TC_ACT_PIPE = 0, 3
 TCA_CLS_FLAGS_SKIP_HW, TCA_CLS_FLAGS_SKIP_SW = 1, 2
 TCA_CLS_FLAGS_IN_HW, TCA_CLS_FLAGS_NOT_IN_HW = 4, 8
 
@@ -77,6 +77,7 @@ TCA_FLOWER_KEY_SCTP_SRC, TCA_FLOWER_KEY_SCTP_DST = 41, 42
 TCA_FLOWER_IN_HW_COUNT = 86
 TCA_FLOWER_KEY_MPLS_LABEL = 70  # u32 (host order), lower 20 bits: the top label
 TCA_SKBEDIT_PARMS, TCA_SKBEDIT_MARK = 2, 5
+TCA_GACT_PARMS = 2  # tc_act/tc_gact.h: struct tc_gact (tc_gen)
 # cls_u32 (include/uapi/linux/pkt_cls.h): its attributes, and a node that ends classification
 TCA_U32_DIVISOR, TCA_U32_SEL, TCA_U32_ACT = 4, 5, 7
 TC_U32_TERMINAL = 1

@@ -43,6 +43,7 @@ from orchestrator.dataplane.netlink.constants import (
     RTN_UNICAST,
     RTNH_F_OFFLOAD,
     RTNH_F_TRAP,
+    TC_ACT_OK,
     TC_COOKIE_PREFIX,
     TC_H_MIN_EGRESS,
     TCA_ACT_COOKIE,
@@ -59,6 +60,7 @@ from orchestrator.dataplane.netlink.constants import (
     TCA_FLOWER_KEY_ETH_TYPE,
     TCA_FLOWER_KEY_IP_PROTO,
     TCA_FLOWER_KEY_MPLS_LABEL,
+    TCA_GACT_PARMS,
     TCA_KIND,
     TCA_MPLS_ACT_POP,
     TCA_MPLS_ACT_PUSH,
@@ -206,13 +208,19 @@ def qdisc_kind(body: memoryview) -> str:
 
 
 def _action(payload: memoryview) -> tuple[ops.Action, bytes] | None:
-    """An act_mpls push/pop or act_skbedit mark with its cookie; None for any other action."""
+    """An act_mpls push/pop, act_skbedit mark or act_gact pass with its cookie; None for any
+    other action (a gact of another verdict too)."""
     a = nla.attrs(payload)
     kind = nla.get_str(a[TCA_ACT_KIND]) if TCA_ACT_KIND in a else ""
-    if kind not in ("mpls", "skbedit") or TCA_ACT_OPTIONS not in a:
+    if kind not in ("mpls", "skbedit", "gact") or TCA_ACT_OPTIONS not in a:
         return None
     cookie = bytes(a[TCA_ACT_COOKIE]) if TCA_ACT_COOKIE in a else b""
     opts = nla.attrs(a[TCA_ACT_OPTIONS])
+    if kind == "gact":
+        parms = opts.get(TCA_GACT_PARMS)
+        if parms is None or len(parms) < 20 or struct.unpack_from("=IIiii", parms)[2] != TC_ACT_OK:
+            return None
+        return ops.Pass(), cookie
     if kind == "skbedit":
         return (ops.SetMark(nla.get_u32(opts[TCA_SKBEDIT_MARK])), cookie) if TCA_SKBEDIT_MARK in opts else None
     m_action = struct.unpack_from("=IIiiii", opts[TCA_MPLS_PARMS])[5]
@@ -339,8 +347,8 @@ def _prefix(key: memoryview, mask: memoryview | None) -> str:
 
 @_decoding
 def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops.Installed | None:
-    """A flower filter whose actions all carry our cookie (act_mpls and act_skbedit only, or it
-    is not ours).
+    """A flower filter whose actions all carry our cookie (act_mpls, act_skbedit and act_gact
+    pass only, or it is not ours).
     `require_cookie=False` decodes filters made by others, e.g. by `tc` in the encoder tests."""
     ifindex, handle, parent, info = tc_header(body)
     a = nla.attrs(body, nla.TCMSG.size)

@@ -74,6 +74,7 @@ from orchestrator.dataplane.netlink.constants import (
     RTM_NEWRULE,
     RTM_NEWTFILTER,
     RTN_UNICAST,
+    TC_ACT_OK,
     TC_ACT_PIPE,
     TC_COOKIE_PREFIX,
     TC_H_CLSACT,
@@ -110,6 +111,7 @@ from orchestrator.dataplane.netlink.constants import (
     TCA_FLOWER_KEY_UDP_DST_MASK,
     TCA_FLOWER_KEY_UDP_SRC,
     TCA_FLOWER_KEY_UDP_SRC_MASK,
+    TCA_GACT_PARMS,
     TCA_KIND,
     TCA_MPLS_ACT_POP,
     TCA_MPLS_ACT_PUSH,
@@ -392,6 +394,8 @@ def _action_attr(order: int, action: ops.Action, cookie: bytes) -> bytes:
         )
     if isinstance(action, ops.SetMark):
         return nla.nest(order, skbedit_action(action, cookie))
+    if isinstance(action, ops.Pass):
+        return nla.nest(order, gact_pass(cookie))
     return nla.nest(order, mpls_action(action, cookie))
 
 
@@ -400,6 +404,17 @@ def skbedit_action(action: ops.SetMark, cookie: bytes = TC_COOKIE_PREFIX) -> byt
     parms = struct.pack("=IIiii", 0, 0, TC_ACT_PIPE, 0, 0)
     opts = nla.attr(TCA_SKBEDIT_PARMS, parms) + nla.u32(TCA_SKBEDIT_MARK, action.mark)
     return nla.asciiz(TCA_ACT_KIND, "skbedit") + nla.nest(TCA_ACT_OPTIONS, opts) + nla.attr(TCA_ACT_COOKIE, cookie)
+
+
+def gact_pass(cookie: bytes = TC_COOKIE_PREFIX) -> bytes:
+    """act_gact with TC_ACT_OK: struct tc_gact (tc_gen) whose verdict lets the packet go on
+    unchanged; the action's statistics count it."""
+    parms = struct.pack("=IIiii", 0, 0, TC_ACT_OK, 0, 0)
+    return (
+        nla.asciiz(TCA_ACT_KIND, "gact")
+        + nla.nest(TCA_ACT_OPTIONS, nla.attr(TCA_GACT_PARMS, parms))
+        + nla.attr(TCA_ACT_COOKIE, cookie)
+    )
 
 
 @functools.lru_cache(maxsize=256)

@@ -9,10 +9,13 @@ routing protocol would (the lab's UML kernel has no IP multipath)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +159,50 @@ class ClusterLab:
             self.lab.sh("lb", "ip", "link", "del", "mg0", check=False)
             for dev in ("lan0", "fab0"):
                 self.lab.sh("lb", "ip", "link", "set", dev, "up", check=False)
+
+    # -- for `lab bench cluster` (orchestrator/lab/bench/cluster.py) --------------------------------
+    def configure(self, changes: Mapping[KeyPath, Any]) -> None:
+        """Both members' configurations with `changes` on top of the cluster's (before `start`)."""
+        self.lb1 = BalancerLab(self.lab, changes={**cluster("lb1", ETCD_LB1), **changes})
+        self.config2.write_text(lab_config(self.sock2, {**cluster("lb2", ETCD_LB2), **changes}))
+
+    def request2(self, cmd: str, timeout: float = 60, **args: Any) -> dict[str, Any]:
+        """lb2's control socket asked directly (no `mplsorch` process: cheap enough to poll)."""
+        from orchestrator.daemon.control import request
+
+        return request(str(self.sock2), cmd, timeout=patience(timeout), **args)
+
+    def etcd_metrics(self) -> str:
+        """etcd's Prometheus text (its /metrics endpoint), read inside its own namespace."""
+        out = subprocess.run(
+            ["ip", "netns", "exec", ETCD, "curl", "-sf", "-m", "10", f"http://{ETCD_LB1}:2379/metrics"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout
+
+    def flood_port(self) -> tuple[str, str, str]:
+        """(namespace, LAN device, fabric device) of lb2, where a flood enters and leaves it."""
+        return LB2, "lan0", "fab0"
+
+    def fail_lb1(self, clients: Sequence[str]) -> tuple[float, float]:
+        """lb's death and the reconvergence, as the failover test makes them: its daemon
+        SIGKILLed, its links down (waited for), then `clients`' way to the VIP and the fabric's
+        way back to the clients' LAN moved to lb2 (what ECMP and routing would do; each `ip` a
+        process, started together). The Unix times of the kill and of the routes moved."""
+        assert self.lb1.proc is not None
+        os.kill(self.lb1.proc.pid, signal.SIGKILL)
+        killed = time.time()
+        downs = [subprocess.Popen(["ip", "-n", "lb", "link", "set", dev, "down"]) for dev in ("lan0", "fab0", "mg0")]
+        if not all(p.wait(timeout=patience(30)) == 0 for p in downs):
+            raise RuntimeError("lb's links did not go down")
+        moves = [
+            subprocess.Popen(["ip", "-n", c, "route", "replace", f"{self.lab.vip}/32", "via", LB2_LAN]) for c in clients
+        ]
+        moves.append(subprocess.Popen(["ip", "-n", "p", "route", "replace", "10.0.1.0/24", "via", LB2_FAB]))
+        if not all(m.wait(timeout=patience(30)) == 0 for m in moves):
+            raise RuntimeError("the routes did not move to lb2")
+        moved = time.time()
+        self.lb1.proc.wait(timeout=patience(15))
+        return killed, moved

@@ -59,6 +59,7 @@ LEASE_TTL = 10  # cluster.lease_ttl's default: the lab's 3 s expired under a flo
 FLOOD_NET = "10.208.0.0/12"  # every flood's spoofed sources, routed by both balancers to the clients' LAN
 OCTETS = {"single": 208, "lb1": 212, "lb2": 216}  # second octet of each flood's first source (4 /16s each)
 INTERVAL = 0.01  # the failover stream's pace
+START_S = 5  # the two floods start together this long after their helpers are spawned
 CONVERGE_S = 300  # at most this long for every member to hold every session after the floods
 
 
@@ -95,16 +96,28 @@ def prepare(netns: str, lan_dev: str, sessions: int) -> None:
 
 
 def start_flood(
-    lab: Lab, client: str, netns: str, lan_dev: str, fab_dev: str, pid: int, octet: int, count: int
+    lab: Lab, client: str, netns: str, lan_dev: str, fab_dev: str, pid: int, octet: int, count: int, at: float = 0
 ) -> subprocess.Popen[str]:
     """The flood helper in `client`: `count` first packets to the balancer in `netns` (its LAN
-    device's MAC), counted out of its `fab_dev` through process `pid` (one in that namespace)."""
-    from orchestrator.lab.bench import flood
+    device's MAC), counted out of its `fab_dev` through process `pid` (one in that namespace),
+    not before the monotonic time `at`."""
+    from orchestrator.lab.bench import flood, pktgen
     from orchestrator.lab.bench.testbed import helper
 
     link = json.loads(ns_sh(netns, "ip", "-j", "link", "show", "dev", lan_dev))[0]
     dev = lab.iface(client, towards="lb")["dev"]
-    args = (dev, link["address"], lab.vip, str(octet), str(count), str(pid), fab_dev)
+    args = (
+        dev,
+        link["address"],
+        lab.vip,
+        str(octet),
+        str(count),
+        str(pid),
+        fab_dev,
+        str(pktgen.SOURCE_PORT),
+        "0",
+        str(at),
+    )
     return subprocess.Popen(
         helper(lab, client, flood, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -146,6 +159,12 @@ class Member:
         status = self.ask("status", timeout=300)
         names = ("sessions_started", *DAEMON_COUNTERS)
         return {"pid": int(status["pid"]), **{n: int(status["counters"].get(n, 0)) for n in names}}
+
+
+def refusals(member: Member) -> dict[str, int]:
+    """A member's counters that say why first packets were not served (`refused:*`, `store_down`)."""
+    counters = member.ask("status", timeout=300)["counters"]
+    return {k: int(v) for k, v in counters.items() if k.startswith("refused") or k in ("store_down", "store_rejoins")}
 
 
 def on_socket(sock: Path) -> Ask:
@@ -215,13 +234,20 @@ def cluster_phase(lab: Lab, cluster: ClusterLab, sessions: int, single: RateRun)
 
     shares = {"lb1": sessions - sessions // 2, "lb2": sessions // 2}
     say(f"cluster: {shares['lb1']} first packets through lb and {shares['lb2']} through lb2, at once")
+    at = time.monotonic() + patience(START_S)  # both helpers (Python processes) up by then
     procs = {
-        m: start_flood(lab, client, ns, lan, fab, before[m]["pid"], OCTETS[m], shares[m])
+        m: start_flood(lab, client, ns, lan, fab, before[m]["pid"], OCTETS[m], shares[m], at)
         for m, (client, ns, lan, fab) in ports.items()
     }
-    floods = {m: flood_result(proc, f"cluster {m}", shares[m]) for m, proc in procs.items()}
+    try:
+        floods = {m: flood_result(proc, f"cluster {m}", shares[m]) for m, proc in procs.items()}
+    except RuntimeError as exc:  # what the members refused, and whether etcd went away meanwhile
+        raise RuntimeError(
+            f"{exc}; the members' refusals: {[refusals(member) for member in members.values()]}"
+        ) from None
     start = min(f[1] for f in floods.values())
     elapsed = max(f[2] for f in floods.values()) - start
+    say(f"cluster: the floods' first packets {abs(floods['lb1'][1] - floods['lb2'][1]) * 1000:.0f} ms apart")
     deadline = time.monotonic() + patience(CONVERGE_S)
     while True:
         held = {m: member.held() - base[m] for m, member in members.items()}

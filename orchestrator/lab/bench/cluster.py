@@ -254,7 +254,8 @@ def cluster_phase(lab: Lab, cluster: ClusterLab, sessions: int, single: RateRun)
         if all(h >= sessions for h in held.values()):
             break
         if time.monotonic() > deadline:
-            raise RuntimeError(f"cluster: the members hold {held} of the flood's {sessions} sessions")
+            why = {m: refusals(member) for m, member in members.items()}
+            raise RuntimeError(f"cluster: the members hold {held} of the flood's {sessions} sessions; {why}")
         time.sleep(0.2)
     converged = time.monotonic() - start
     say(f"cluster: {sessions} sessions out after {elapsed:.3f} s, on both members after {converged:.3f} s")

@@ -194,6 +194,20 @@ def bench_restart(
     raise typer.Exit(_in_lab("orchestrator.lab.bench.restart", args))
 
 
+@bench_app.command("cluster")
+def bench_cluster(
+    sessions: int = typer.Option(
+        10_000, "--sessions", min=2, max=30_000, help="First packets (new sessions) per phase."
+    ),
+    json_output: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+) -> None:
+    """New sessions/s of one balancer, then of two in cluster mode with etcd (the first packets
+    spread over both), the ratio; etcd's writes per session (its own counters); the failover gap
+    in ms of a counted UDP stream when one balancer is killed. One lab run (issue 16)."""
+    args = ["--sessions", str(sessions)] + (["--json"] if json_output else [])
+    raise typer.Exit(_in_lab("orchestrator.lab.bench.cluster", args))
+
+
 # ---- lab kernel: the UML backend's kernel ----
 kernel_app = typer.Typer(no_args_is_help=True, help="The lab's User-Mode Linux kernel.")
 lab_app.add_typer(kernel_app, name="kernel")

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,9 @@ ECMP_DEV = "ecmp0"  # each balancer's link to the router
 # balancer -> (its address on its link to the router, the router's device of that link)
 ECMP_HOPS = {"lb": ("10.253.0.1", "to-lb"), LB2: ("10.253.1.1", "to-lb2")}
 FABRIC_HOPS = {"lb": ("10.255.0.1", "pl"), LB2: (LB2_FAB, "pl2")}  # p's next hop to each, its device
+# After lb's links went down, the time its neighbours' kernels may take to skip its next hops
+# (the link watch and the next hops' flags are a work queue's, run late on a loaded UML).
+LINK_EVENT = 0.5
 LB_LINKS = ("lan0", "lan1", "fab0", "mg0", ECMP_DEV)  # lb's links, down when it fails
 TTL = 3
 
@@ -383,3 +387,29 @@ class ClusterLab:
             self.lab.sh("p", "ip", "-f", "mpls", "route", "replace", label, "via", "inet", hop, "dev", dev, check=False)
             for dev in ("lan0", "lan1", "fab0"):
                 self.lab.sh("lb", "ip", "link", "set", dev, "up", check=False)
+
+    # -- for `lab bench cluster` (orchestrator/lab/bench/cluster.py) --------------------------------
+    def configure(self, changes: Mapping[KeyPath, Any]) -> None:
+        """Both members' configurations with `changes` on top of the cluster's (before `start`)."""
+        self.lb1 = BalancerLab(self.lab, changes={**cluster("lb1", ETCD_LB1), **changes})
+        self.config2.write_text(lab_config(self.sock2, {**cluster("lb2", ETCD_LB2), **changes}))
+
+    def request2(self, cmd: str, timeout: float = 60, **args: Any) -> dict[str, Any]:
+        """lb2's control socket asked directly (no `mplsorch` process: cheap enough to poll)."""
+        from orchestrator.daemon.control import request
+
+        return request(str(self.sock2), cmd, timeout=patience(timeout), **args)
+
+    def etcd_metrics(self) -> str:
+        """etcd's Prometheus text (its /metrics endpoint), read inside its own namespace."""
+        out = subprocess.run(
+            ["ip", "netns", "exec", ETCD, "curl", "-sf", "-m", "10", f"http://{ETCD_LB1}:2379/metrics"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout
+
+    def flood_port(self) -> tuple[str, str, str]:
+        """(namespace, LAN device, fabric device) of lb2, where a flood enters and leaves it."""
+        return LB2, "lan0", "fab0"

@@ -3,8 +3,10 @@ operations and verdicts out).
 
 A server learns each session in-band, from the first packet of each new flow that arrives under a
 session label (the ingress ruleset copies the label into the packet mark; see
-capture/server_rules): no message from the balancer. It answers with S2C = C2S + 1: one lwtunnel
-route per (VIP, client) in the VIP's return table, encap [balancer transport, S2C]. Return routes
+capture/server_rules): no message from the balancer. It answers with S2C = C2S + 1: one route
+per (VIP, client) in the VIP's return table to a nexthop object of its session (encap [balancer
+transport, S2C] via the fabric next hop; its id from the S2C label, dataplane/records.py), or,
+on a kernel without nexthop objects, a plain lwtunnel encap route with the same stack. Return routes
 end like balancer sessions: when conntrack has destroyed the session's last flow and the
 persistence timeout has passed.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import errno
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -31,7 +34,7 @@ from orchestrator.core.events import (
     LabelledPacket,
     PacketVerdict,
 )
-from orchestrator.dataplane import ops
+from orchestrator.dataplane import ops, records
 
 RULE_PRIORITY = 1000  # `from VIP lookup TABLE`: before the main table (32766)
 MARK_TAG = 0x6D600000  # "m`" in the high 12 bits; the low 20 bits carry the session label
@@ -95,10 +98,17 @@ def _host(address: str) -> str:
 
 
 class ServerAgent:
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, nexthops: bool = True) -> None:
         self.sessions: dict[int, ReturnSession] = {}  # by C2S label
         self.by_flow: dict[FlowKey, ReturnSession] = {}
         self.routes: dict[tuple[str, str], int] = {}  # (VIP, client) -> S2C installed
+        # (VIP, client) -> the nexthop object its route points at, as installed (or restored);
+        # absent for a plain encap route.
+        self.route_nexthops: dict[tuple[str, str], ops.EncapNexthop] = {}
+        # Whether return routes use nexthop objects: the daemon says whether the kernel has them,
+        # and a nexthop refused as not supported turns them off (`commit`).
+        self.nexthops = nexthops
+        self.retry: set[tuple[str, str]] = set()  # routes to program again, as plain encap routes
         self.counters: collections.Counter[str] = collections.Counter()
         self.configure(config)
 
@@ -154,6 +164,20 @@ class ServerAgent:
             self.tables[vip],
         )
 
+    def return_nexthop(self, client: str, s2c: int) -> ops.EncapNexthop | None:
+        """The nexthop object of the return route under `s2c` to `client` (None without a next
+        hop of the client's family)."""
+        version = 6 if ":" in client else 4
+        via = self.config.next_hop(version)
+        if via is None:
+            return None
+        return ops.EncapNexthop(
+            records.nexthop_id(s2c, version),
+            (self.config.balancer_transport_label, s2c),
+            self.config.fabric[0],
+            str(via),
+        )
+
     # -- first packets ----------------------------------------------------------------------------
     def on_packets(self, packets: Sequence[LabelledPacket], now: float) -> Plan:
         plan = Plan()
@@ -200,30 +224,66 @@ class ServerAgent:
 
     def commit(self, plan: Plan, results: Sequence[ops.OpResult]) -> list[PacketVerdict]:
         """Count failed return routes (their answers go out as plain IP; nothing is dropped) and
-        forget what the kernel does not hold, so the next first packet tries again."""
+        forget what the kernel does not hold, so the next first packet tries again. A nexthop
+        object refused as not supported (EOPNOTSUPP: a kernel without them) turns nexthops off;
+        the routes that failed with it are in `retry`, for `retry_ops` to make as plain routes."""
+        unsupported = False
+        failed: list[tuple[str, str]] = []
         for r in results:
-            if not r.ok:
-                self.counters["route_errors"] += 1
-                if isinstance(r.op, (ops.Add, ops.Replace)) and isinstance(r.op.obj, ops.EncapRoute):
-                    vip = next(v for v, t in self.tables.items() if t == r.op.obj.table)
-                    self.routes.pop((vip, r.op.obj.dst.split("/")[0]), None)
+            if r.ok:
+                continue
+            obj = r.op.obj
+            if isinstance(obj, ops.EncapNexthop):
+                unsupported |= r.errno == errno.EOPNOTSUPP
+                continue
+            self.counters["route_errors"] += 1
+            if isinstance(r.op, (ops.Add, ops.Replace)) and isinstance(obj, (ops.EncapRoute, ops.NexthopRoute)):
+                vip = next(v for v, t in self.tables.items() if t == obj.table)
+                pair = (vip, obj.dst.split("/")[0])
+                self.routes.pop(pair, None)
+                self.route_nexthops.pop(pair, None)
+                failed.append(pair)
+        if unsupported and self.nexthops:
+            self.nexthops = False
+            self.counters["nexthops_unsupported"] += 1
+            self.retry.update(failed)
         return plan.verdicts
+
+    def retry_ops(self) -> list[ops.Operation]:
+        """The return routes a refused nexthop left out, now as plain encap routes."""
+        pairs, self.retry = self.retry, set()
+        return [op for vip, client in sorted(pairs) for op in self._route_ops(vip, client)]
 
     def _route_ops(self, vip: str, client: str) -> list[ops.Operation]:
         """Bring the (VIP, client) return route to the newest live session's S2C."""
         live = [s for s in self.sessions.values() if (s.vip, s.client) == (vip, client)]
         current = self.routes.get((vip, client))
+        old = self.route_nexthops.pop((vip, client), None)
         if not live:
             if current is None:
                 return []
             del self.routes[vip, client]
-            return [ops.Delete(self.return_route(vip, client, current))]
+            plain = self.return_route(vip, client, current)
+            if old is None:
+                return [ops.Delete(plain)]
+            return [ops.Delete(ops.NexthopRoute(plain.dst, old.id, plain.table)), ops.Delete(old)]
         want = max(live, key=lambda s: (s.last_seen, s.created)).s2c
         if want == current:
+            if old is not None:
+                self.route_nexthops[vip, client] = old
             return []
         self.routes[vip, client] = want
-        route = self.return_route(vip, client, want)
-        return [ops.Replace(route) if current is not None else ops.Add(route)]
+        nexthop = self.return_nexthop(client, want) if self.nexthops else None
+        out: list[ops.Operation] = []
+        route: ops.EncapRoute | ops.NexthopRoute = self.return_route(vip, client, want)
+        if nexthop is not None:
+            # The nexthop first (create or overwrite: its id is the S2C's), then the route to it;
+            # the old session's nexthop last, once no route uses it.
+            self.route_nexthops[vip, client] = nexthop
+            out.append(ops.Replace(nexthop))
+            route = ops.NexthopRoute(route.dst, nexthop.id, route.table)
+        out.append(ops.Replace(route) if current is not None else ops.Add(route))
+        return out + ([ops.Delete(old)] if old is not None else [])
 
     # -- flows and time -----------------------------------------------------------------------------
     def on_flow_events(self, events: Sequence[FlowsStarted | FlowsEnded | FlowTableResync], now: float) -> None:
@@ -266,19 +326,39 @@ class ServerAgent:
         between a client and a VIP join that session; routes without one drain. Routes in no
         VIP's table any more, or under a label outside the block, are deleted."""
         by_table = {table: vip for vip, table in self.tables.items()}
+        nexthops = {
+            i.obj.id: i.obj
+            for i in installed
+            if isinstance(i.obj, ops.EncapNexthop) and i.obj.id in records.NEXTHOP_IDS and i.obj.labels
+        }
+        used: set[int] = set()
         stale: list[ops.Operation] = []
         for item in installed:
             route = item.obj
-            if not isinstance(route, ops.EncapRoute):
+            nexthop = None
+            if isinstance(route, ops.NexthopRoute):
+                nexthop = nexthops.get(route.nexthop)
+                if nexthop is None or records.nexthop_label(nexthop.id) != (nexthop.labels[-1], nexthop.family):
+                    stale.append(ops.Delete(route))  # to no nexthop of ours, or one whose id lies
+                    continue
+                s2c = nexthop.labels[-1]
+            elif isinstance(route, ops.EncapRoute):
+                s2c = route.labels[-1]
+            else:
                 continue
             vip = by_table.get(route.table)
-            c2s = route.labels[-1] - 1
+            c2s = s2c - 1
             client = route.dst.split("/")[0]
             if vip is None or c2s not in self.block or c2s in self.sessions:
                 stale.append(ops.Delete(route))
                 continue
             self.sessions[c2s] = ReturnSession(c2s, client, vip, now, now)
             self.routes[vip, client] = c2s + 1
+            if nexthop is not None:
+                self.route_nexthops[vip, client] = nexthop
+                used.add(nexthop.id)
+        # Nexthops of ours that no kept route uses (a crash between a nexthop and its route).
+        stale += [ops.Delete(nh) for nh_id, nh in nexthops.items() if nh_id not in used]
         by_pair = {(s.client, s.vip): s for s in self.sessions.values()}
         for flow in live:
             session = by_pair.get((flow.src, flow.dst))

@@ -100,6 +100,9 @@ def _host(address: str) -> str:
 class ServerAgent:
     def __init__(self, config: ServerConfig, nexthops: bool = True) -> None:
         self.sessions: dict[int, ReturnSession] = {}  # by C2S label
+        # The sessions of each (VIP, client), by C2S: what its return route chooses from, found
+        # without a walk over every session (which made learning quadratic in their number).
+        self.by_pair: dict[tuple[str, str], dict[int, ReturnSession]] = {}
         self.by_flow: dict[FlowKey, ReturnSession] = {}
         self.routes: dict[tuple[str, str], int] = {}  # (VIP, client) -> S2C installed
         # (VIP, client) -> the nexthop object its route points at, as installed (or restored);
@@ -211,7 +214,7 @@ class ServerAgent:
                 session = None
             if session is None:
                 session = ReturnSession(p.label, info.src, info.dst, now, now)
-                self.sessions[p.label] = session
+                self._add(session)
                 self.counters["sessions_learned"] += 1
             flow = FlowKey(info.proto, info.src, info.dst, info.sport, info.dport)
             session.flows.add(flow)
@@ -256,7 +259,7 @@ class ServerAgent:
 
     def _route_ops(self, vip: str, client: str) -> list[ops.Operation]:
         """Bring the (VIP, client) return route to the newest live session's S2C."""
-        live = [s for s in self.sessions.values() if (s.vip, s.client) == (vip, client)]
+        live = list(self.by_pair.get((vip, client), {}).values())
         current = self.routes.get((vip, client))
         old = self.route_nexthops.pop((vip, client), None)
         if not live:
@@ -312,8 +315,16 @@ class ServerAgent:
                 out += self._end(session)
         return out
 
+    def _add(self, session: ReturnSession) -> None:
+        self.sessions[session.c2s] = session
+        self.by_pair.setdefault((session.vip, session.client), {})[session.c2s] = session
+
     def _end(self, session: ReturnSession) -> list[ops.Operation]:
         del self.sessions[session.c2s]
+        pair = self.by_pair[session.vip, session.client]
+        del pair[session.c2s]
+        if not pair:
+            del self.by_pair[session.vip, session.client]
         for flow in session.flows:
             self.by_flow.pop(flow, None)
         self.counters["sessions_ended"] += 1
@@ -352,16 +363,16 @@ class ServerAgent:
             if vip is None or c2s not in self.block or c2s in self.sessions:
                 stale.append(ops.Delete(route))
                 continue
-            self.sessions[c2s] = ReturnSession(c2s, client, vip, now, now)
+            self._add(ReturnSession(c2s, client, vip, now, now))
             self.routes[vip, client] = c2s + 1
             if nexthop is not None:
                 self.route_nexthops[vip, client] = nexthop
                 used.add(nexthop.id)
         # Nexthops of ours that no kept route uses (a crash between a nexthop and its route).
         stale += [ops.Delete(nh) for nh_id, nh in nexthops.items() if nh_id not in used]
-        by_pair = {(s.client, s.vip): s for s in self.sessions.values()}
+        of_flow = {(s.client, s.vip): s for s in self.sessions.values()}
         for flow in live:
-            session = by_pair.get((flow.src, flow.dst))
+            session = of_flow.get((flow.src, flow.dst))
             if session is not None:
                 session.flows.add(flow)
                 self.by_flow[flow] = session

@@ -152,6 +152,8 @@ def test_a_reused_label_from_another_client_starts_a_new_session() -> None:
     assert node.answer("10.0.1.10") is None  # the old session's route went with it
     assert node.answer("10.0.1.11") == (100, 1002)
     assert node.agent.counters["label_reused"] == 1
+    # The index of sessions by (VIP, client) follows: the old client's entry went with it.
+    assert node.agent.by_pair == {(VIP, "10.0.1.11"): {1001: node.agent.sessions[1001]}}
 
 
 @pytest.mark.parametrize(
@@ -229,6 +231,10 @@ def test_a_restart_leaves_what_the_kernel_holds_exactly() -> None:
     fresh = ServerAgent(node.config)
     assert fresh.restore(before, frozenset(), now=10) == []
     assert fresh.routes == node.agent.routes and fresh.route_nexthops == node.agent.route_nexthops
+    assert {pair: set(by_c2s) for pair, by_c2s in fresh.by_pair.items()} == {
+        (VIP, "10.0.1.10"): {1001},
+        (VIP6, "fd00:1::10"): {1003},
+    }
     # A later session of the same client moves the route to its own nexthop and frees the old one.
     plan = fresh.on_packets([LabelledPacket(8, 1, 1005, ipv4_tcp("10.0.1.10", VIP, 40001, 53))], 20)
     assert all(r.ok for r in node.kernel.apply(plan.ops))

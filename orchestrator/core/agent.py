@@ -3,8 +3,10 @@ operations and verdicts out).
 
 A server learns each session in-band, from the first packet of each new flow that arrives under a
 session label (the ingress ruleset copies the label into the packet mark; see
-capture/server_rules): no message from the balancer. It answers with S2C = C2S + 1: one lwtunnel
-route per (VIP, client) in the VIP's return table, encap [balancer transport, S2C]. Return routes
+capture/server_rules): no message from the balancer. It answers with S2C = C2S + 1: one route
+per (VIP, client) in the VIP's return table to a nexthop object of its session (encap [balancer
+transport, S2C] via the fabric next hop; its id from the S2C label, dataplane/records.py), or,
+on a kernel without nexthop objects, a plain lwtunnel encap route with the same stack. Return routes
 end like balancer sessions: when conntrack has destroyed the session's last flow and the
 persistence timeout has passed.
 
@@ -15,6 +17,7 @@ ends, so no answer ever goes out under a label whose session has ended.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -25,7 +28,7 @@ from orchestrator.core.learning import MARK_TAG as MARK_TAG
 from orchestrator.core.learning import PREF_LEARN as PREF_LEARN
 from orchestrator.core.learning import LearnedSession, LearningAgent, Plan, State, host
 from orchestrator.core.learning import label_of as label_of
-from orchestrator.dataplane import ops
+from orchestrator.dataplane import ops, records
 
 __all__ = ["MARK_MASK", "MARK_TAG", "PREF_LEARN", "RULE_PRIORITY", "ReturnSession", "ServerAgent", "State", "label_of"]
 
@@ -54,9 +57,19 @@ class ServerAgent(LearningAgent[ReturnSession]):
 
     OUTSIDE = "label_outside_block"
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, nexthops: bool = True) -> None:
         super().__init__()
+        # The sessions of each (VIP, client), by C2S: what its return route chooses from, found
+        # without a walk over every session (which made learning quadratic in their number).
+        self.by_pair: dict[tuple[str, str], dict[int, ReturnSession]] = {}
         self.routes: dict[tuple[str, str], int] = {}  # (VIP, client) -> S2C installed
+        # (VIP, client) -> the nexthop object its route points at, as installed (or restored);
+        # absent for a plain encap route.
+        self.route_nexthops: dict[tuple[str, str], ops.EncapNexthop] = {}
+        # Whether return routes use nexthop objects: the daemon says whether the kernel has them,
+        # and a nexthop refused as not supported turns them off (`commit`).
+        self.nexthops = nexthops
+        self.retry: set[tuple[str, str]] = set()  # routes to program again, as plain encap routes
         self.configure(config)
 
     @property
@@ -103,6 +116,20 @@ class ServerAgent(LearningAgent[ReturnSession]):
             self.tables[vip],
         )
 
+    def return_nexthop(self, client: str, s2c: int) -> ops.EncapNexthop | None:
+        """The nexthop object of the return route under `s2c` to `client` (None without a next
+        hop of the client's family)."""
+        version = 6 if ":" in client else 4
+        via = self.config.next_hop(version)
+        if via is None:
+            return None
+        return ops.EncapNexthop(
+            records.nexthop_id(s2c, version),
+            (self.config.balancer_transport_label, s2c),
+            self.config.fabric[0],
+            str(via),
+        )
+
     # -- first packets ----------------------------------------------------------------------------
     def on_packets(self, packets: Sequence[LabelledPacket], now: float) -> Plan:
         plan = Plan()
@@ -130,7 +157,7 @@ class ServerAgent(LearningAgent[ReturnSession]):
                 session = None
             if session is None:
                 session = ReturnSession(p.label, info.src, info.dst, created=now, last_seen=now)
-                self.sessions[p.label] = session
+                self._add(session)
                 self.counters["sessions_learned"] += 1
             self.serve(session, FlowKey(info.proto, info.src, info.dst, info.sport, info.dport), now)
             touched.add((session.vip, session.client))
@@ -140,33 +167,77 @@ class ServerAgent(LearningAgent[ReturnSession]):
 
     def commit(self, plan: Plan, results: Sequence[ops.OpResult]) -> list[PacketVerdict]:
         """Count failed return routes (their answers go out as plain IP; nothing is dropped) and
-        forget what the kernel does not hold, so the next first packet tries again."""
+        forget what the kernel does not hold, so the next first packet tries again. A nexthop
+        object refused as not supported (EOPNOTSUPP: a kernel without them) turns nexthops off;
+        the routes that failed with it are in `retry`, for `retry_ops` to make as plain routes."""
+        unsupported = False
+        failed: list[tuple[str, str]] = []
         for r in results:
-            if not r.ok:
-                self.counters["route_errors"] += 1
-                if isinstance(r.op, (ops.Add, ops.Replace)) and isinstance(r.op.obj, ops.EncapRoute):
-                    vip = next(v for v, t in self.tables.items() if t == r.op.obj.table)
-                    self.routes.pop((vip, r.op.obj.dst.split("/")[0]), None)
+            if r.ok:
+                continue
+            obj = r.op.obj
+            if isinstance(obj, ops.EncapNexthop):
+                unsupported |= r.errno == errno.EOPNOTSUPP
+                continue
+            self.counters["route_errors"] += 1
+            if isinstance(r.op, (ops.Add, ops.Replace)) and isinstance(obj, (ops.EncapRoute, ops.NexthopRoute)):
+                vip = next(v for v, t in self.tables.items() if t == obj.table)
+                pair = (vip, obj.dst.split("/")[0])
+                self.routes.pop(pair, None)
+                self.route_nexthops.pop(pair, None)
+                failed.append(pair)
+        if unsupported and self.nexthops:
+            self.nexthops = False
+            self.counters["nexthops_unsupported"] += 1
+            self.retry.update(failed)
         return plan.verdicts
+
+    def retry_ops(self) -> list[ops.Operation]:
+        """The return routes a refused nexthop left out, now as plain encap routes."""
+        pairs, self.retry = self.retry, set()
+        return [op for vip, client in sorted(pairs) for op in self._route_ops(vip, client)]
 
     def _route_ops(self, vip: str, client: str) -> list[ops.Operation]:
         """Bring the (VIP, client) return route to the newest live session's S2C."""
-        live = [s for s in self.sessions.values() if (s.vip, s.client) == (vip, client)]
+        live = list(self.by_pair.get((vip, client), {}).values())
         current = self.routes.get((vip, client))
+        old = self.route_nexthops.pop((vip, client), None)
         if not live:
             if current is None:
                 return []
             del self.routes[vip, client]
-            return [ops.Delete(self.return_route(vip, client, current))]
+            plain = self.return_route(vip, client, current)
+            if old is None:
+                return [ops.Delete(plain)]
+            return [ops.Delete(ops.NexthopRoute(plain.dst, old.id, plain.table)), ops.Delete(old)]
         want = max(live, key=lambda s: (s.last_seen, s.created)).s2c
         if want == current:
+            if old is not None:
+                self.route_nexthops[vip, client] = old
             return []
         self.routes[vip, client] = want
-        route = self.return_route(vip, client, want)
-        return [ops.Replace(route) if current is not None else ops.Add(route)]
+        nexthop = self.return_nexthop(client, want) if self.nexthops else None
+        out: list[ops.Operation] = []
+        route: ops.EncapRoute | ops.NexthopRoute = self.return_route(vip, client, want)
+        if nexthop is not None:
+            # The nexthop first (create or overwrite: its id is the S2C's), then the route to it;
+            # the old session's nexthop last, once no route uses it.
+            self.route_nexthops[vip, client] = nexthop
+            out.append(ops.Replace(nexthop))
+            route = ops.NexthopRoute(route.dst, nexthop.id, route.table)
+        out.append(ops.Replace(route) if current is not None else ops.Add(route))
+        return out + ([ops.Delete(old)] if old is not None else [])
+
+    def _add(self, session: ReturnSession) -> None:
+        self.sessions[session.c2s] = session
+        self.by_pair.setdefault((session.vip, session.client), {})[session.c2s] = session
 
     def _forget(self, session: ReturnSession) -> list[ops.Operation]:
         """The client's return route falls back to its next live session, or goes."""
+        pair = self.by_pair[session.vip, session.client]
+        del pair[session.c2s]
+        if not pair:
+            del self.by_pair[session.vip, session.client]
         return self._route_ops(session.vip, session.client)
 
     # -- restart ----------------------------------------------------------------------------------
@@ -176,22 +247,42 @@ class ServerAgent(LearningAgent[ReturnSession]):
         between a client and a VIP join that session; routes without one drain. Routes in no
         VIP's table any more, or under a label outside the block, are deleted."""
         by_table = {table: vip for vip, table in self.tables.items()}
+        nexthops = {
+            i.obj.id: i.obj
+            for i in installed
+            if isinstance(i.obj, ops.EncapNexthop) and i.obj.id in records.NEXTHOP_IDS and i.obj.labels
+        }
+        used: set[int] = set()
         stale: list[ops.Operation] = []
         for item in installed:
             route = item.obj
-            if not isinstance(route, ops.EncapRoute):
+            nexthop = None
+            if isinstance(route, ops.NexthopRoute):
+                nexthop = nexthops.get(route.nexthop)
+                if nexthop is None or records.nexthop_label(nexthop.id) != (nexthop.labels[-1], nexthop.family):
+                    stale.append(ops.Delete(route))  # to no nexthop of ours, or one whose id lies
+                    continue
+                s2c = nexthop.labels[-1]
+            elif isinstance(route, ops.EncapRoute):
+                s2c = route.labels[-1]
+            else:
                 continue
             vip = by_table.get(route.table)
-            c2s = route.labels[-1] - 1
+            c2s = s2c - 1
             client = route.dst.split("/")[0]
             if vip is None or c2s not in self.block or c2s in self.sessions:
                 stale.append(ops.Delete(route))
                 continue
-            self.sessions[c2s] = ReturnSession(c2s, client, vip, created=now, last_seen=now)
+            self._add(ReturnSession(c2s, client, vip, created=now, last_seen=now))
             self.routes[vip, client] = c2s + 1
-        by_pair = {(s.client, s.vip): s for s in self.sessions.values()}
+            if nexthop is not None:
+                self.route_nexthops[vip, client] = nexthop
+                used.add(nexthop.id)
+        # Nexthops of ours that no kept route uses (a crash between a nexthop and its route).
+        stale += [ops.Delete(nh) for nh_id, nh in nexthops.items() if nh_id not in used]
+        of_flow = {(s.client, s.vip): s for s in self.sessions.values()}
         for flow in live:
-            session = by_pair.get((flow.src, flow.dst))
+            session = of_flow.get((flow.src, flow.dst))
             if session is not None:
                 session.flows.add(flow)
                 self.by_flow[flow] = session

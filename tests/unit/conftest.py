@@ -110,10 +110,10 @@ class Node:
 class AgentNode:
     """The agent and a fake kernel, wired as the daemon wires them."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernel: FakeProvider | None = None) -> None:
         self.config = load_server_config(SERVER_EXAMPLE)
         self.agent = ServerAgent(self.config)
-        self.kernel = FakeProvider(["eth0"])
+        self.kernel = kernel or FakeProvider(["eth0"])
         assert all(r.ok for r in self.kernel.apply([ops.Add(o) for o in self.agent.node_objects()]))
         self.next_id = 0
 

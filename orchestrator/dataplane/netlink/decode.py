@@ -28,12 +28,18 @@ from orchestrator.dataplane.netlink.constants import (
     NFTA_SET_ELEM_KEY,
     NFTA_SET_ELEM_LIST_ELEMENTS,
     NFTA_SET_ELEM_LIST_SET,
+    NHA_ENCAP,
+    NHA_ENCAP_TYPE,
+    NHA_GATEWAY,
+    NHA_ID,
+    NHA_OIF,
     RT_PROTO,
     RTA_DST,
     RTA_ENCAP,
     RTA_ENCAP_TYPE,
     RTA_GATEWAY,
     RTA_NEWDST,
+    RTA_NH_ID,
     RTA_OIF,
     RTA_TABLE,
     RTA_VIA,
@@ -143,13 +149,20 @@ def route(body: memoryview, ifname: Ifname) -> ops.Installed | None:
             out_labels=labels_of(a[RTA_NEWDST]) if RTA_NEWDST in a else (),
         )
     else:
-        if RTA_ENCAP_TYPE not in a or nla.get_u16(a[RTA_ENCAP_TYPE]) != LWTUNNEL_ENCAP_MPLS:
-            return None
         dst = (
             ipaddress.ip_address(bytes(a[RTA_DST]))
             if RTA_DST in a
             else (ipaddress.IPv6Address(0) if family == AF_INET6 else ipaddress.IPv4Address(0))
         )
+        if RTA_NH_ID in a:  # a route to a nexthop object: the id is all (the kernel may add its details)
+            obj = ops.NexthopRoute(
+                dst=f"{dst}/{dst_len}",
+                nexthop=nla.get_u32(a[RTA_NH_ID]),
+                table=nla.get_u32(a[RTA_TABLE]) if RTA_TABLE in a else table,
+            )
+            return ops.Installed(obj, _route_offload(flags))
+        if RTA_ENCAP_TYPE not in a or nla.get_u16(a[RTA_ENCAP_TYPE]) != LWTUNNEL_ENCAP_MPLS:
+            return None
         encap = nla.attrs(a[RTA_ENCAP])
         obj = ops.EncapRoute(
             dst=f"{dst}/{dst_len}",
@@ -159,6 +172,27 @@ def route(body: memoryview, ifname: Ifname) -> ops.Installed | None:
             table=nla.get_u32(a[RTA_TABLE]) if RTA_TABLE in a else table,
         )
     return ops.Installed(obj, _route_offload(flags))
+
+
+@_decoding
+def nexthop(body: memoryview, ifname: Ifname) -> ops.Installed | None:
+    """A nexthop object of ours (RTM_NEWNEXTHOP of a dump, nexthop.c nh_fill_node): our protocol,
+    a gateway and an MPLS encap. Others' nexthops, groups and blackholes are None."""
+    _family, _scope, protocol, _resvd, _flags = nla.NHMSG.unpack_from(body)
+    if protocol != RT_PROTO:
+        return None
+    a = nla.attrs(body, nla.NHMSG.size)
+    if NHA_GATEWAY not in a or NHA_ENCAP not in a or NHA_ENCAP_TYPE not in a:
+        return None
+    if nla.get_u16(a[NHA_ENCAP_TYPE]) != LWTUNNEL_ENCAP_MPLS:
+        return None
+    obj = ops.EncapNexthop(
+        id=nla.get_u32(a[NHA_ID]),
+        labels=labels_of(nla.attrs(a[NHA_ENCAP])[MPLS_IPTUNNEL_DST]),
+        dev=ifname(nla.get_u32(a[NHA_OIF])) if NHA_OIF in a else "",
+        via=str(ipaddress.ip_address(bytes(a[NHA_GATEWAY]))),
+    )
+    return ops.Installed(obj)
 
 
 @_decoding

@@ -115,6 +115,11 @@ class Balancer:
         # Embryonic sessions by deadline: (embryonic_until, session id); entries of sessions that
         # ended or were answered meanwhile are skipped when they come up.
         self._embryonic: list[tuple[float, int]] = []
+        # Draining sessions by end: (ends_at, session id), and hold markers by end: (until, C2S),
+        # so that a tick costs what is due, not a walk of the table (issue 15: 500,000 sessions).
+        # Entries whose session or marker changed since are skipped when they come up.
+        self._draining: list[tuple[float, int]] = []
+        self._marker_ends: list[tuple[float, int]] = []
         # Cluster mode (config.cluster): the shared table's changes this balancer owes it, by
         # (service, key): the session to write, None to delete (taken by the daemon, see
         # take_changes); and whether the store answers (new sessions follow when_store_down).
@@ -496,7 +501,7 @@ class Balancer:
             if not bad:
                 session = self.table.by_id(session_id)
                 if session is not None and session.state == State.OPENING:
-                    session.state = State.SERVING
+                    self.table.set_state(session, State.SERVING)
                 if session is not None:
                     self._publish(session)
                 admit += plan.elements.get(session_id, [])
@@ -548,8 +553,8 @@ class Balancer:
             self.table.end_flow(flow)
         self._forget([o for o in session.objects if o not in undo.objects])
         session.clients, session.objects = undo.clients, undo.objects
-        if not session.flows and undo.state == State.DRAINING:
-            session.state, session.ends_at = State.DRAINING, undo.ends_at
+        if not session.flows and undo.state == State.DRAINING and undo.ends_at is not None:
+            self._drain(session, undo.ends_at)
         return list(dict.fromkeys(out))  # one S2C restore even after several re-keys
 
     # -- flows and time -------------------------------------------------------------------------
@@ -570,8 +575,7 @@ class Balancer:
             for flow in ended:
                 session = self.table.end_flow(flow)
                 if session is not None and not session.flows and session.state != State.CLOSING:
-                    session.state = State.DRAINING
-                    session.ends_at = now + self._persistence(session)
+                    self._drain(session, now + self._persistence(session))
 
     def _adopt(self, flow: FlowKey, now: float) -> None:
         """A tagged flow the daemon did not see start: the kernel's fast path admitted it, so it
@@ -624,20 +628,50 @@ class Balancer:
         svc = self._by_name.get(session.service)
         return svc.persistence_timeout if svc is not None else 0.0
 
+    def _drain(self, session: Session, ends_at: float) -> None:
+        """The session's last flow has gone: it ends at `ends_at` unless a flow comes first."""
+        self.table.set_state(session, State.DRAINING)
+        session.ends_at = ends_at
+        heapq.heappush(self._draining, (ends_at, session.id))
+
+    def _requeue(self, session: Session) -> None:
+        """A draining session that became ours (adopted, taken over, moved): its end is due
+        again (its entry was dropped while another member owned it)."""
+        if session.state == State.DRAINING and session.ends_at is not None:
+            heapq.heappush(self._draining, (session.ends_at, session.id))
+
     def tick(self, now: float) -> list[ops.Operation]:
         """Sessions whose persistence timeout has passed end: all their objects are deleted and
         their labels go back to the pool after the hold-down."""
+        return self.expire(now)[0]
+
+    def expire(self, now: float) -> tuple[list[ops.Operation], list[Session]]:
+        """`tick`, and the sessions it ended (the daemon logs them). It costs what is due: the
+        draining sessions and hold markers come off their heaps in end order; an entry whose
+        session has since served again, drained again (a later entry) or ended is dropped."""
         out: list[ops.Operation] = []
-        for session in self.table:
+        ended: list[Session] = []
+        while self._draining and self._draining[0][0] <= now:
+            ends_at, session_id = heapq.heappop(self._draining)
+            session = self.table.by_id(session_id)
+            if session is None or session.state != State.DRAINING or session.ends_at != ends_at:
+                continue
             if session.owner is not None:
-                continue  # another member's: it ends when its key leaves the shared table
-            if session.state == State.DRAINING and session.ends_at is not None and now >= session.ends_at:
-                out += self.end(session, now, "persistence timeout")
-        for c2s, until in list(self.markers.items()):
-            if now >= until:  # the hold-down is over: the pair's marker goes
-                del self.markers[c2s]
-                out.append(ops.Delete(records.hold_marker(c2s + 1)))
-        return out
+                continue  # another member's: it ends when its key leaves the shared table (_requeue)
+            out += self.end(session, now, "persistence timeout")
+            ended.append(session)
+        while self._marker_ends and self._marker_ends[0][0] <= now:
+            until, c2s = heapq.heappop(self._marker_ends)
+            if self.markers.get(c2s) != until:
+                continue  # replaced by a session's route, or held down again later
+            del self.markers[c2s]  # the hold-down is over: the pair's marker goes
+            out.append(ops.Delete(records.hold_marker(c2s + 1)))
+        return out, ended
+
+    def _mark(self, c2s: int, until: float) -> None:
+        """The pair's hold marker stays until `until`."""
+        self.markers[c2s] = until
+        heapq.heappush(self._marker_ends, (until, c2s))
 
     # -- embryonic sessions ------------------------------------------------------------------------
     def embryonic_due(self, now: float) -> dict[int, tuple[ops.FlowerFilter | ops.U32Filter, ...]]:
@@ -686,7 +720,12 @@ class Balancer:
         return out, ended
 
     def embryonic_count(self) -> int:
-        return sum(1 for s in self.table if s.embryonic_until is not None)
+        """Sessions still embryonic: those of the deadline heap (a walk of it, not of the table)."""
+        return sum(
+            1
+            for until, session_id in self._embryonic
+            if (s := self.table.by_id(session_id)) is not None and s.embryonic_until == until
+        )
 
     def end(self, session: Session, now: float, reason: str) -> list[ops.Operation]:
         """The session leaves the table, its pair goes to hold-down; the deletes of its filters and
@@ -708,7 +747,7 @@ class Balancer:
     def _hold(self, c2s: int, now: float) -> list[ops.Operation]:
         """Release a pair into hold-down, with its marker in the kernel."""
         self.labels.release(c2s, now)
-        self.markers[c2s] = now + self.labels.hold_down
+        self._mark(c2s, now + self.labels.hold_down)
         return [ops.Replace(records.hold_marker(c2s + 1))]
 
     def drop_markers(self) -> list[ops.Operation]:
@@ -723,7 +762,7 @@ class Balancer:
         self.counters[event] += n
 
     def sessions_by_state(self) -> dict[str, int]:
-        return dict(collections.Counter(str(s.state) for s in self.table))
+        return self.table.by_state()
 
     # -- health -----------------------------------------------------------------------------------
     def on_health(self, view: HealthView, events: Sequence[HealthEvent], now: float) -> Failover:
@@ -780,7 +819,9 @@ class Balancer:
             for op in steps
         ]
         plan.groups[session.id] = (start, len(plan.ops))
-        session.owner = None  # the member that moves it owns it from now on
+        if session.owner is not None:  # the member that moves it owns it from now on
+            session.owner = None
+            self._requeue(session)
         self._publish(session)
         self.counters["sessions_reassigned"] += 1
         plan.outcomes.append(
@@ -872,16 +913,15 @@ class Balancer:
                     break
         for session in self.table:
             if not session.flows:
-                session.state = State.DRAINING
-                session.ends_at = now + self._persistence(session)
+                self._drain(session, now + self._persistence(session))
             else:
-                session.state = State.SERVING
+                self.table.set_state(session, State.SERVING)
         claimed = {s.s2c for s in self.table}
         for label, route in routes.items():
             if label in claimed:
                 continue
             if records.is_hold_marker(route) and label % 2 == 0 and self.labels.hold(label - 1, now):
-                self.markers[label - 1] = now + self.labels.hold_down
+                self._mark(label - 1, now + self.labels.hold_down)
                 continue
             stale.append(ops.Delete(route))
         self.counters["restored_sessions"] = len(self.table)
@@ -983,6 +1023,7 @@ class Balancer:
         if session.owner is not None:
             session.owner = None
             self.counters["cluster_taken_over"] += 1
+            self._requeue(session)
             self._publish(session)
 
     def take_changes(self) -> dict[tuple[str, str], ClusterSession | None]:
@@ -1039,6 +1080,7 @@ class Balancer:
                     # lapsed while the store was away): the session lives on, owned here.
                     session.owner = None
                     self.counters["cluster_adopted"] += 1
+                    self._requeue(session)
                     self._publish(session)
                     continue
                 self.counters["cluster_remote_ended"] += 1
@@ -1055,6 +1097,9 @@ class Balancer:
         if session is not None and (session.server, session.c2s) == (row.server, row.c2s):
             if owner is not None and session.owner is None:
                 self.counters["cluster_handed_over"] += 1  # its flows moved to the other member
+            if owner is None and session.owner is not None:
+                session.owner = None
+                self._requeue(session)
             session.owner = owner
             for client in row.clients:  # a re-key written by its owner
                 hop = event.hops.get(client)

@@ -89,6 +89,9 @@ class SessionTable:
         # Sessions per (server, service), per server and per service: admission and the
         # schedulers ask for them on every new session, so they must not cost a scan.
         self._counts: collections.Counter[tuple[str | None, str | None]] = collections.Counter()
+        # Sessions per state (status and the metrics): kept as states change (set_state), so
+        # that asking costs no walk of the table.
+        self._states: collections.Counter[State] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -116,6 +119,7 @@ class SessionTable:
     def add(self, session: Session) -> None:
         if session.id not in self._by_id:
             self._count(session, 1)
+            self._states[session.state] += 1
         self._by_key[(session.service, session.key.value)] = session
         self._by_id[session.id] = session
         if session.id >= self._next_id:  # the next id of ours above it
@@ -128,7 +132,7 @@ class SessionTable:
         session.last_seen = now
         session.ends_at = None
         if session.state == State.DRAINING:
-            session.state = State.SERVING
+            self.set_state(session, State.SERVING)
         self._by_flow[flow] = session
 
     def end_flow(self, flow: FlowKey) -> Session | None:
@@ -150,10 +154,22 @@ class SessionTable:
         self._by_key.pop((session.service, session.key.value), None)
         if self._by_id.pop(session.id, None) is not None:
             self._count(session, -1)
+            self._states[session.state] -= 1
         for flow in session.flows:
             self._by_flow.pop(flow, None)
         session.flows.clear()
         session.state = State.CLOSING
+
+    def set_state(self, session: Session, state: State) -> None:
+        """Every state change of a session in the table goes through here (the counts by state)."""
+        if session.id in self._by_id:
+            self._states[session.state] -= 1
+            self._states[state] += 1
+        session.state = state
+
+    def by_state(self) -> dict[str, int]:
+        """Sessions per state, the states that have none left out."""
+        return {str(state): n for state, n in self._states.items() if n > 0}
 
     def _count(self, session: Session, delta: int) -> None:
         for key in ((session.server, session.service), (session.server, None), (None, session.service)):

@@ -41,6 +41,18 @@ log = logging.getLogger("mplsorch")
 # Seconds between the metrics' dumps of our objects' offload states: a dump walks every filter
 # and route of ours, too much for each tick (4 per second) on a large table.
 OFFLOAD_DUMP_EVERY = 10.0
+# The garbage collector and a large table (issue 15: 500,000 sessions, a dozen tracked objects
+# each). The table's objects live long and hold no reference cycles, yet every full collection
+# walks them all: at 100,000 sessions and more the loop stalled for seconds in collections
+# while first packets waited. So the daemon (not the core) collects young objects less often
+# (GC_THRESHOLDS: first packets allocate in bursts; the defaults are 700, 10, 10), and freezes
+# what is alive (gc.freeze: later collections skip it) after the restore and each time the table
+# has grown by a quarter since the last freeze, right after a full collection, so no garbage is
+# frozen. The work stays proportional to the table's growth; only cycles made garbage later
+# among frozen objects would stay (the table makes none).
+GC_THRESHOLDS = (20_000, 20, 20)
+FREEZE_GROWTH = 1.25
+FREEZE_MIN = 10_000  # sessions: below, the defaults' collections cost nothing worth avoiding
 
 
 class BalancerDaemon(Daemon):
@@ -74,6 +86,7 @@ class BalancerDaemon(Daemon):
         self.offload_counts: dict[str, int] = {}
         self.refusal_lines = Throttle()  # refused packets logged one by one up to 10 a second per reason
         self.next_offload_dump = 0.0
+        self.frozen_at = 0  # table size at the last gc.freeze
         self.member: Any = None  # cluster mode: orchestrator.cluster.member.Member
         if self.config.cluster is not None:
             from orchestrator.cluster.member import Member  # etcd's client only in cluster mode
@@ -148,8 +161,10 @@ class BalancerDaemon(Daemon):
             with start_step("fast-path sets"):
                 self.fill_fast_path()
         finally:
+            gc.set_threshold(*GC_THRESHOLDS)
             gc.enable()
             gc.freeze()
+            self.frozen_at = len(self.core.table)
         log.info(
             "reconciled with the kernel in %.2f s (restore %.2f s, ruleset and fast-path sets %.2f s)",
             time.monotonic() - began,
@@ -197,9 +212,18 @@ class BalancerDaemon(Daemon):
     def tick(self) -> None:
         self.end_sessions()
         self.end_embryonic()
+        self.freeze_grown()
         self.publish()
         if self.member is not None:
             self.member.flush()
+
+    def freeze_grown(self) -> None:
+        """The table grew by a quarter since the last freeze: collect, then freeze (GC_THRESHOLDS)."""
+        size = len(self.core.table)
+        if size >= FREEZE_MIN and size >= FREEZE_GROWTH * self.frozen_at:
+            gc.collect()
+            gc.freeze()
+            self.frozen_at = size
 
     def recent_offload_counts(self, now: float) -> dict[str, int]:
         """The objects' offload states need a dump of the kernel, taken at most every
@@ -231,10 +255,10 @@ class BalancerDaemon(Daemon):
 
     def end_sessions(self) -> None:
         """Sessions past their persistence timeout: delete their objects and say so in the log."""
-        before = {s.id: s for s in self.core.table}
-        self.program(self.core.tick(time.monotonic()), "session end")
-        for session_id in before.keys() - {s.id for s in self.core.table}:
-            views.log_end(before[session_id], "persistence timeout")
+        operations, ended = self.core.expire(time.monotonic())
+        self.program(operations, "session end")
+        for session in ended:
+            views.log_end(session, "persistence timeout")
 
     def end_embryonic(self) -> None:
         """TCP sessions past `sessions.embryonic_timeout`: the kernel says how many packets went

@@ -1,0 +1,141 @@
+"""Issue 15's scale: the balancer's tick, status and metrics cost what is due, never a walk of the
+session table (at 500,000 sessions a walk per tick stalled the daemon). A table that refuses to
+be walked proves it; the counts kept as states change are checked against a walk."""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any
+
+from orchestrator.core.events import Action, FirstPacket, FlowKey, FlowsEnded
+from orchestrator.core.sessions import Session, SessionTable, State
+from orchestrator.daemon import loop
+from orchestrator.dataplane import ops, records
+from orchestrator.dataplane.fake import FakeProvider
+from tests.unit.conftest import Node, ScriptedConntrack, balancer_daemon, config, syn
+
+PERSISTENCE = 30.0  # the example's http service
+HOLD_DOWN = 2.0  # the example's labels.hold_down
+
+
+class NoWalk(SessionTable):
+    """A table whose walk fails the test: lookups by key, id and flow only."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("the session table was walked")
+
+    def page(self, offset: int, limit: int | None) -> list[Session]:
+        raise AssertionError("the session table was paged")
+
+
+def clients(n: int, first: int = 1) -> list[str]:
+    return [f"10.0.{(i >> 8) & 255}.{i & 255}" for i in range(first, first + n)]
+
+
+def filled(n: int) -> Node:
+    node = Node()
+    for batch in range(0, n, 100):
+        node.packets(*(syn(c) for c in clients(min(100, n - batch), first=batch + 1)))
+    assert len(node.core.table) == n
+    return node
+
+
+def flows_of(node: Node, client: str) -> tuple[FlowKey, ...]:
+    session = node.core.table.get("http", client)
+    assert session is not None
+    return tuple(session.flows)
+
+
+def walked_states(table: SessionTable) -> dict[str, int]:
+    return dict(collections.Counter(str(s.state) for s in SessionTable.__iter__(table)))
+
+
+def test_a_tick_ends_the_due_sessions_without_walking_the_table() -> None:
+    node = filled(1000)
+    ending = clients(5, first=11)
+    node.core.on_flow_events([FlowsEnded(tuple(f for c in ending for f in flows_of(node, c)))], node.now)
+    node.core.table.__class__ = NoWalk
+    node.advance(PERSISTENCE - 1)  # not yet due
+    assert len(node.core.table) == 1000
+    operations, ended = node.core.expire(node.now + 2)
+    assert sorted(s.key.value for s in ended) == sorted(ending)
+    assert all(r.ok for r in node.kernel.apply(operations))
+    assert len(node.core.table) == 995 and node.core.counters["ended:persistence timeout"] == 5
+    for client in ending:  # their filters and S2C routes are gone, their pairs' markers in place
+        assert node.labels_of(client) == ()
+    assert node.core.sessions_by_state() == {"serving": 995}
+    assert node.core.embryonic_count() == 995  # TCP sessions, none checked yet (check_embryonic)
+    # The hold markers end by their own heap, at the hold-down's end, again without a walk.
+    markers = dict(node.core.markers)
+    assert len(markers) == 5
+    node.now += 2
+    assert all(r.ok for r in node.kernel.apply(node.core.tick(node.now + HOLD_DOWN - 0.5)))
+    assert node.core.markers == markers
+    deletes = node.core.tick(node.now + HOLD_DOWN + 0.5)
+    assert sorted(deletes, key=str) == sorted((ops.Delete(records.hold_marker(c + 1)) for c in markers), key=str)
+    assert node.core.markers == {}
+
+
+def test_a_session_that_serves_again_before_its_end_is_not_ended_by_its_old_entry() -> None:
+    node = filled(3)
+    client = clients(1)[0]
+    flows = flows_of(node, client)
+    node.core.on_flow_events([FlowsEnded(flows)], node.now)
+    node.now += 10
+    node.packets(syn(client, sport=40001))  # a new flow: serving again
+    session = node.core.table.get("http", client)
+    assert session is not None and session.state == State.SERVING
+    node.advance(PERSISTENCE)  # the first drain's end has passed
+    assert node.core.table.get("http", client) is session
+    node.core.on_flow_events([FlowsEnded(tuple(session.flows))], node.now)  # drains again, from now
+    node.advance(PERSISTENCE - 1)
+    assert node.core.table.get("http", client) is session and session.state == State.DRAINING
+    node.advance(2)
+    assert node.core.table.get("http", client) is None
+    assert node.core.counters["ended:persistence timeout"] == 1
+
+
+def test_the_counts_by_state_follow_every_change() -> None:
+    node = filled(50)
+    table = node.core.table
+    assert table.by_state() == walked_states(table) == {"serving": 50}
+    node.core.on_flow_events([FlowsEnded(tuple(f for c in clients(20) for f in flows_of(node, c)))], node.now)
+    assert table.by_state() == walked_states(table) == {"serving": 30, "draining": 20}
+    node.packets(*(syn(c, sport=40001) for c in clients(5)))  # five serve again
+    assert table.by_state() == walked_states(table) == {"serving": 35, "draining": 15}
+    node.advance(PERSISTENCE + 1)  # the fifteen end
+    assert table.by_state() == walked_states(table) == {"serving": 35}
+    # A first packet whose objects fail: its session never counts once it is rolled back.
+    hop = ops.NextHop("lan0", None)
+    plan = node.core.on_packets([FirstPacket(0, 1, syn("10.0.9.9"), "lan0", hop)], node.now)
+    assert table.by_state() == walked_states(table) == {"serving": 35, "opening": 1}
+    results = [ops.OpResult(op, "EEXIST", 17) for op in plan.ops]
+    assert [v.action for v in node.core.commit(plan, results, node.now).verdicts] == [Action.DROP]
+    assert table.by_state() == walked_states(table) == {"serving": 35}
+
+
+def test_status_and_the_tick_of_the_daemon_never_walk_the_table() -> None:
+    d = balancer_daemon(config(), FakeProvider(["lan0", "fab0"]))
+    d.conntrack = ScriptedConntrack()
+    d.core.table.__class__ = NoWalk
+    d.tick()
+    details: dict[str, Any] = d.status_details(time.monotonic())
+    assert details["sessions"] == 0 and details["sessions_by_state"] == {} and details["sessions_embryonic"] == 0
+
+
+def test_a_slow_conntrack_sweep_spaces_the_next_one() -> None:
+    """A sweep dumps every live flow: the next waits SWEEP_SPACING times as long as it took."""
+
+    class Slow(ScriptedConntrack):
+        def sweep(self) -> Any:
+            time.sleep(1.2)
+            return super().sweep()
+
+    d = balancer_daemon(config(), FakeProvider(["fab0"]))
+    d.conntrack = slow = Slow()
+    d.sweep()
+    slow.close()
+    wait = d.next_sweep - time.monotonic()
+    assert loop.SWEEP < loop.SWEEP_SPACING * 1.2 - 0.5 < wait <= loop.SWEEP_SPACING * 1.5
+    assert d.core.counters["conntrack_sweeps"] == 1

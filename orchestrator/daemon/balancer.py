@@ -31,16 +31,14 @@ from orchestrator.core.sessions import SessionTable
 from orchestrator.daemon import node_setup, views
 from orchestrator.daemon.logs import Throttle, fields
 from orchestrator.daemon.loop import Capture, Command, Daemon, Request, nf_verdict, start_step
-from orchestrator.dataplane import offload, ops
+from orchestrator.daemon.offload_sampler import OffloadSampler
+from orchestrator.dataplane import ops
 from orchestrator.dataplane.provider import Provider
 from orchestrator.health import CheckResult, HealthRunner, HealthTable, HealthView, probes_of, run_check, targets_of
 from orchestrator.health.runner import Checker
 from orchestrator.metrics import MetricsSnapshot
 
 log = logging.getLogger("mplsorch")
-# Seconds between the metrics' dumps of our objects' offload states: a dump walks every filter
-# and route of ours, too much for each tick (4 per second) on a large table.
-OFFLOAD_DUMP_EVERY = 10.0
 # The garbage collector and a large table (issue 15: 500,000 sessions, a dozen tracked objects
 # each). The table's objects live long and hold no reference cycles, yet every full collection
 # walks them all: at 100,000 sessions and more the loop stalled for seconds in collections
@@ -83,9 +81,11 @@ class BalancerDaemon(Daemon):
         self.health.configure(targets_of(self.config))
         self.runner: HealthRunner | None = None
         self.checker: Checker = run_check
-        self.offload_counts: dict[str, int] = {}
+        # Our objects' offload states: a dump walks every filter and route of ours, far too much
+        # for a request or a tick on a large table; a background task takes it (start_tasks).
+        self.offload_provider: Provider = provider
+        self.offload = OffloadSampler(lambda: self.mine(self.offload_provider.dump(elements=False)))
         self.refusal_lines = Throttle()  # refused packets logged one by one up to 10 a second per reason
-        self.next_offload_dump = 0.0
         self.frozen_at = 0  # table size at the last gc.freeze
         self.member: Any = None  # cluster mode: orchestrator.cluster.member.Member
         if self.config.cluster is not None:
@@ -194,6 +194,12 @@ class BalancerDaemon(Daemon):
 
     async def start_tasks(self) -> None:
         """The health checks' tasks and the metrics endpoint, before READY."""
+        twin = self.provider.twin()
+        self.offload_provider = twin
+        self.offload = OffloadSampler(
+            lambda: self.mine(twin.dump(elements=False)), twin.close if twin is not self.provider else lambda: None
+        )
+        self.offload.start()
         self.runner = HealthRunner(self.on_health_result, self.checker)
         self.runner.configure(probes_of(self.config))
         self.start_metrics()
@@ -202,6 +208,7 @@ class BalancerDaemon(Daemon):
             self.member.flush()
 
     async def stop_tasks(self) -> None:
+        await self.offload.stop()
         if self.runner is not None:
             await self.runner.close()
         self.stop_metrics()
@@ -225,32 +232,22 @@ class BalancerDaemon(Daemon):
             gc.freeze()
             self.frozen_at = size
 
-    def recent_offload_counts(self, now: float) -> dict[str, int]:
-        """The objects' offload states need a dump of the kernel, taken at most every
-        OFFLOAD_DUMP_EVERY seconds."""
-        if now >= self.next_offload_dump:
-            self.offload_counts = offload.counts(self.provider.dump())
-            self.next_offload_dump = now + OFFLOAD_DUMP_EVERY
-        return self.offload_counts
-
     def offload_states(self, now: float) -> dict[str, int]:
-        """A worker is asked for its status each second (the supervisor's metrics): a recent
-        dump's counts, not a dump per question."""
-        return super().offload_states(now) if self.shard is None else self.recent_offload_counts(now)
+        """The counts of the latest background dump (daemon.offload_sampler), never a dump on
+        the request path; `status_details` says their age."""
+        return self.offload.counts()
 
     def worker_status(self, now: float) -> dict[str, Any]:
         """What a worker's supervisor adds up, asked each second for the metrics: the status
-        without nftables' counters (the supervisor reads them once), the offload states of a
-        recent dump (not a dump per question) and the batch durations."""
+        without nftables' counters (the supervisor reads them once) and the batch durations."""
         return {
             **self.status(now),
             "batch_duration": dataclasses.asdict(self.batch_duration.snapshot()),
         }
 
     def metrics_snapshot(self, now: float) -> MetricsSnapshot:
-        self.recent_offload_counts(now)
         return views.metrics_snapshot(
-            self.core, now, self.op_results, self.batch_duration.snapshot(), self.offload_counts
+            self.core, now, self.op_results, self.batch_duration.snapshot(), self.offload.counts()
         )
 
     def end_sessions(self) -> None:
@@ -481,6 +478,7 @@ class BalancerDaemon(Daemon):
             "servers": servers,
             **views.server_summary(views.server_rows(self.core, self.health)),
             "labels": self.core.labels.stats(now).to_dict(),
+            "offload_age_s": self.offload.age(now),
             "queue": views.queue_summary(queue_stats(), self.config.nfqueue.queues),
             **({} if self.member is None else {"cluster": self.member.status()}),
         }

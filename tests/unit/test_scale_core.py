@@ -4,14 +4,17 @@ be walked proves it; the counts kept as states change are checked against a walk
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import threading
 import time
 from typing import Any
 
+from orchestrator.capture.nfqueue import QueuedPacket
 from orchestrator.core.events import Action, FirstPacket, FlowKey, FlowsEnded
 from orchestrator.core.sessions import Session, SessionTable, State
 from orchestrator.daemon import loop
-from orchestrator.dataplane import ops, records
+from orchestrator.dataplane import offload, ops, records
 from orchestrator.dataplane.fake import FakeProvider
 from tests.unit.conftest import Node, ScriptedConntrack, balancer_daemon, config, syn
 
@@ -139,3 +142,44 @@ def test_a_slow_conntrack_sweep_spaces_the_next_one() -> None:
     wait = d.next_sweep - time.monotonic()
     assert loop.SWEEP < loop.SWEEP_SPACING * 1.2 - 0.5 < wait <= loop.SWEEP_SPACING * 1.5
     assert d.core.counters["conntrack_sweeps"] == 1
+
+
+def test_status_answers_at_once_while_the_offload_dump_runs_in_its_own_thread() -> None:
+    """The offload counts come from a background dump on another thread (Provider.twin): status
+    never waits for one, says how old its counts are, and they are the kernel's."""
+    dumps: list[str] = []
+
+    class Slow(FakeProvider):
+        def dump(self, elements: bool = True) -> list[ops.Installed]:
+            dumps.append(threading.current_thread().name)
+            time.sleep(1.0)
+            return super().dump(elements)
+
+    kernel = Slow(["lan0", "fab0"])
+    kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
+    kernel.add_ip_route("10.0.0.0/16", "lan0")
+    d = balancer_daemon(config(), kernel)
+    d.decide([QueuedPacket(0, n, syn(src), 0, None, 0) for n, src in ((1, "10.0.1.10"), (2, "10.0.1.11"))])
+    assert len(d.core.table) == 2
+
+    async def scenario() -> list[tuple[float, Any]]:
+        answers = []
+        await d.start_tasks()
+        try:
+            for _ in range(40):
+                began = time.perf_counter()
+                status = d.handle_request({"cmd": "status"})
+                answers.append((time.perf_counter() - began, status["offload_age_s"]))
+                if status["offload_age_s"] is not None:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            await d.stop_tasks()
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert answers[0][1] is None and answers[-1][1] is not None  # no counts, then the dump's
+    assert max(took for took, _ in answers) < 0.5  # never the dump's second
+    assert dumps and threading.main_thread().name not in dumps
+    two_sessions = {"in_hw": 0, "not_in_hw": 4, "trap": 0, "offload_failed": 0}  # 2 filters, 2 S2C routes
+    assert d.offload.counts() == offload.counts(FakeProvider.dump(kernel)) == two_sessions

@@ -99,6 +99,97 @@ class Commit:
     admit: tuple[ops.Operation, ...] = ()
 
 
+class Shape:
+    """A session's kernel objects as they follow from its row and the configuration in force when
+    they were made (one Shape per configuration, shared by its sessions): the builders
+    `Balancer._add_client` uses, and `objects`, which makes a single-client session's objects
+    again, so the session need not store them (issue 15: memory per session). A reload makes a
+    new Shape; sessions made before keep theirs, so what they derive is what was installed."""
+
+    def __init__(self, config: BalancerConfig, transport: Mapping[str, int]) -> None:
+        self.config = config
+        self.transport = dict(transport)
+        self.services = {svc.name: svc for svc in config.services}
+        self.fabric = config.interfaces.fabric[0]
+        self.offload = config.interfaces.offload_of(self.fabric)
+        self._strings: dict[str, str] = {}
+        self._hops: dict[ops.NextHop, ops.NextHop] = {}
+
+    def filters(
+        self, session: Session, client: str, n: int, ports: Sequence[int | None], sport: int | None, tag: bytes
+    ) -> list[ops.FlowerFilter]:
+        """The C2S filters of the session's `n`th client address, one per port."""
+        host = 32 if ":" not in client else 128
+        vip_host = 32 if ":" not in session.vip else 128
+        proto = session.protocol if session.protocol in FLOWER_PROTOS else None
+        push = ops.push_stack((self.transport[session.server], session.c2s))
+        dst = self.intern(f"{session.vip}/{vip_host}")
+        out = []
+        for i, port in enumerate(ports):
+            match = ops.FlowerMatch(
+                src=f"{client}/{host}",
+                dst=dst,
+                ip_proto=proto,
+                dst_port=port if proto else None,
+                src_port=sport if proto else None,
+            )
+            handle = handles.filter_handle(session.c2s, n * len(ports) + i)
+            out.append(
+                ops.FlowerFilter(
+                    self.fabric,
+                    handle,
+                    match,
+                    push,
+                    pref=PREF_IPV6 if host == 128 else PREF_IPV4,
+                    tag=tag,
+                    offload=self.offload,
+                )
+            )
+        return out
+
+    def s2c_route(self, session: Session, client: str, hop: ops.NextHop) -> ops.MplsRoute:
+        """The S2C label route towards `client` through `hop`: it pops the label, or swaps S2C
+        for S2C for a label-aware client."""
+        aware = self.config.clients.is_label_aware(client)
+        return ops.MplsRoute(session.s2c, hop.dev, via=hop.via or client, out_labels=(session.s2c,) if aware else ())
+
+    def intern(self, text: str) -> str:
+        """One string object for texts every session repeats (the VIP's prefix)."""
+        return self._strings.setdefault(text, text)
+
+    def next_hop(self, hop: ops.NextHop) -> ops.NextHop:
+        """One object per next hop, shared by the sessions behind it."""
+        return self._hops.setdefault(hop, hop)
+
+    def c2s_route(self, session: Session) -> ops.MplsRoute:
+        """The C2S label route of a label-aware client's session: the labelled packets its client
+        agent sends, [C2S], leave into the fabric as [server transport, C2S], like the packets the
+        C2S filter labels. Only the clients.label_aware_interfaces take MPLS input."""
+        return ops.MplsRoute(
+            session.c2s,
+            self.fabric,
+            via=str(self.config.interfaces.fabric_next_hop),
+            out_labels=(self.transport[session.server], session.c2s),
+        )
+
+    def objects(self, session: Session) -> list[ops.DataplaneObject]:
+        """A single-client session's objects, in `_add_client`'s order."""
+        assert session.hop is not None and len(session.clients) == 1
+        svc = self.services[session.service]
+        client = session.clients[0]
+        five = session.key.kind == SessionKeyKind.FIVE_TUPLE
+        ports: tuple[int | None, ...] = (session.port,) if five else (svc.ports or (None,))
+        tag = records.pack(Balancer._record(session))
+        out: list[ops.DataplaneObject] = [
+            *self.filters(session, client, 0, ports, session.sport if five else None, tag)
+        ]
+        out.append(self.s2c_route(session, client, session.hop))
+        if self.config.clients.is_label_aware(client):
+            out.append(self.c2s_route(session))
+        out += Balancer.fast_elements(session, svc, client)
+        return out
+
+
 class Balancer:
     config: BalancerConfig
 
@@ -174,6 +265,7 @@ class Balancer:
             for svc in config.services
         }
         self.transport = {name: s.transport_label for name, s in self.servers.items()}
+        self._shape = Shape(config, self.transport)
         self.admin.configure({name: s.weight for name, s in self.servers.items()})
 
     def _new_scheduler(self, svc: Service) -> Scheduler:
@@ -360,12 +452,12 @@ class Balancer:
         """Objects that bring `client`'s packets into the session: the C2S imposition filter(s) on
         the fabric link and the S2C label route towards the balancer's next hop to the client (the
         client itself when on-link, else the gateway, on the device of that route). The route pops
-        the label; for a label-aware client it swaps S2C for S2C, so the answer still carries it."""
+        the label; for a label-aware client it swaps S2C for S2C, so the answer still carries it.
+        A session's first client's objects are not stored when the Shape derives exactly them."""
+        shape = self._shape
         n = len(session.clients)
+        objects = session.materialize()
         session.clients.append(client)
-        host = 32 if ":" not in client else 128
-        vip_host = 32 if ":" not in session.vip else 128
-        proto = session.protocol if session.protocol in FLOWER_PROTOS else None
         five = session.key.kind == SessionKeyKind.FIVE_TUPLE
         ports: tuple[int | None, ...] = (info.dport,) if five else (svc.ports or (None,))
         tag = records.pack(self._record(session))
@@ -376,63 +468,39 @@ class Balancer:
             self.u32_nodes.add(node)
             spi = int(session.key.value[len("spi:") :], 16)
             u32 = ops.U32Filter(
-                self.config.interfaces.fabric[0],
+                shape.fabric,
                 handles.u32_handle(node),
                 ops.esp_keys(client, session.vip, spi),
-                ops.push_stack((self.transport[session.server], session.c2s)),
+                ops.push_stack((shape.transport[session.server], session.c2s)),
                 pref=PREF_ESP,
                 tag=tag,
             )
             plan.ops.append(ops.Add(u32))
-            session.objects.append(u32)
+            objects.append(u32)
             ports = ()
-        for i, port in enumerate(ports):
-            match = ops.FlowerMatch(
-                src=f"{client}/{host}",
-                dst=f"{session.vip}/{vip_host}",
-                ip_proto=proto,
-                dst_port=port if proto else None,
-                src_port=info.sport if five and proto else None,
-            )
-            handle = handles.filter_handle(session.c2s, n * len(ports) + i)
-            dev = self.config.interfaces.fabric[0]
-            flt = ops.FlowerFilter(
-                dev,
-                handle,
-                match,
-                ops.push_stack((self.transport[session.server], session.c2s)),
-                pref=PREF_IPV6 if host == 128 else PREF_IPV4,
-                tag=tag,
-                offload=self.config.interfaces.offload_of(dev),
-            )
+        for flt in shape.filters(session, client, n, ports, info.sport if five else None, tag):
             plan.ops.append(ops.Add(flt))
-            session.objects.append(flt)
-        aware = self.config.clients.is_label_aware(client)
-        route = ops.MplsRoute(session.s2c, hop.dev, via=hop.via or client, out_labels=(session.s2c,) if aware else ())
+            objects.append(flt)
+        route = shape.s2c_route(session, client, hop)
         # Replace: the session's own route (a re-key), or the hold marker of a pair whose
         # hold-down ended before the tick deleted the marker.
         plan.ops.append(ops.Replace(route) if n or self.markers.pop(session.c2s, None) is not None else ops.Add(route))
-        session.objects = [o for o in session.objects if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
-        session.objects.append(route)
-        c2s_route = self.c2s_route(session)
-        if aware and c2s_route not in session.objects:
+        objects[:] = [o for o in objects if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
+        objects.append(route)
+        c2s_route = shape.c2s_route(session)
+        if self.config.clients.is_label_aware(client) and c2s_route not in objects:
             # The client agent labels the session's later packets [C2S]: switched on that alone.
             plan.ops.append(ops.Replace(c2s_route))
-            session.objects.append(c2s_route)
+            objects.append(c2s_route)
         for element in self.fast_elements(session, svc, client):
             plan.elements.setdefault(session.id, []).append(ops.Add(element))
-            session.objects.append(element)
+            objects.append(element)
+        if n == 0 and ports:  # an ESP session's u32 node is not derived
+            session.derive(shape, shape.next_hop(hop))
 
     def c2s_route(self, session: Session) -> ops.MplsRoute:
-        """The C2S label route of a label-aware client's session: the labelled packets its client
-        agent sends, [C2S], leave into the fabric as [server transport, C2S], like the packets the
-        C2S filter labels. Only the clients.label_aware_interfaces take MPLS input."""
-        return ops.MplsRoute(
-            session.c2s,
-            self.config.interfaces.fabric[0],
-            via=str(self.config.interfaces.fabric_next_hop),
-            out_labels=(self.transport[session.server], session.c2s),
-        )
+        """The C2S label route of a label-aware client's session (see Shape.c2s_route)."""
+        return self._shape.c2s_route(session)
 
     @staticmethod
     def fast_elements(session: Session, svc: Service, client: str) -> list[ops.FastPathElement]:
@@ -615,8 +683,11 @@ class Balancer:
             svc = self.service_of(session)
             mine = [e for client in session.clients for e in self.fast_elements(session, svc, client)] if svc else []
             keys = {e.key for e in mine}
-            session.objects = [o for o in session.objects if not isinstance(o, ops.FastPathElement) or o.key in keys]
-            session.objects += [e for e in mine if e not in session.objects]
+            current = session.objects
+            kept = [o for o in current if not isinstance(o, ops.FastPathElement) or o.key in keys]
+            kept += [e for e in mine if e not in kept]
+            if kept != current:  # a derived session's objects stay derived when they hold
+                session.objects = kept
             wanted.update((e.key, e) for e in mine)
         present = {i.obj.key: i.obj for i in installed if isinstance(i.obj, ops.FastPathElement)}
         sync: list[ops.Operation] = [ops.Delete(e) for key, e in present.items() if key not in wanted]

@@ -7,6 +7,7 @@ import collections
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from orchestrator.analyze.keys import SessionKey
 from orchestrator.core.events import FlowKey
@@ -18,6 +19,13 @@ class State(enum.StrEnum):
     SERVING = "serving"  # flows alive
     DRAINING = "draining"  # no flow left; ends when the persistence timeout has passed
     CLOSING = "closing"  # removed; its objects are being deleted
+
+
+class Derives(Protocol):
+    """What a session's kernel objects follow from besides its row (core.balancer.Shape: the
+    configuration in force when they were made)."""
+
+    def objects(self, session: Session) -> list[ops.DataplaneObject]: ...
 
 
 @dataclass(slots=True)
@@ -38,7 +46,12 @@ class Session:
     flows: set[FlowKey] = field(default_factory=set)
     ends_at: float | None = None
     clients: list[str] = field(default_factory=list)  # addresses with a C2S filter
-    objects: list[ops.DataplaneObject] = field(default_factory=list)  # ours in the kernel
+    # Its objects in the kernel: `stored`, or None when `shape` derives them from the row and
+    # `hop` (issue 15: a copy of every object was 820 of the 1,950 bytes of a session). Read
+    # and set them as `objects`.
+    stored: list[ops.DataplaneObject] | None = field(default_factory=list)
+    shape: Derives | None = None
+    hop: ops.NextHop | None = None  # its S2C route's next hop (a derived session's only client)
     flows_total: int = 0  # flows it has had: through the daemon or the kernel's fast path
     packets_userspace: int = 0  # its first packets that went through the daemon
     # Embryonic (TCP): until when its client may send nothing past its first packet; None once
@@ -50,6 +63,35 @@ class Session:
     @property
     def s2c(self) -> int:
         return self.c2s + 1
+
+    @property
+    def objects(self) -> list[ops.DataplaneObject]:
+        """Its objects in the kernel; a derived session's are made anew on each read, so change
+        them only by assigning (or `materialize` first)."""
+        if self.stored is not None:
+            return self.stored
+        assert self.shape is not None
+        return self.shape.objects(self)
+
+    @objects.setter
+    def objects(self, objects: list[ops.DataplaneObject]) -> None:
+        self.stored, self.shape, self.hop = objects, None, None
+
+    def materialize(self) -> list[ops.DataplaneObject]:
+        """Its objects stored from now on (before they change in place); returns them."""
+        if self.stored is None:
+            self.objects = self.objects
+        assert self.stored is not None
+        return self.stored
+
+    def derive(self, shape: Derives, hop: ops.NextHop) -> bool:
+        """Keep no copy of its objects if `shape` derives exactly them; True if so."""
+        stored = self.materialize()
+        self.stored, self.shape, self.hop = None, shape, hop
+        if shape.objects(self) == stored:
+            return True
+        self.objects = stored
+        return False
 
     def view(self) -> dict[str, object]:
         """The documented JSON row of `mplsorch sessions --json`."""

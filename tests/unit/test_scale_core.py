@@ -183,3 +183,53 @@ def test_status_answers_at_once_while_the_offload_dump_runs_in_its_own_thread() 
     assert dumps and threading.main_thread().name not in dumps
     two_sessions = {"in_hw": 0, "not_in_hw": 4, "trap": 0, "offload_failed": 0}  # 2 filters, 2 S2C routes
     assert d.offload.counts() == offload.counts(FakeProvider.dump(kernel)) == two_sessions
+
+
+def installed(node: Node) -> set[ops.DataplaneObject]:
+    dumped = node.kernel.dump() + node.kernel.dump_elements()
+    return {i.obj for i in dumped if not isinstance(i.obj, ops.ClsactQdisc)}
+
+
+def test_a_sessions_objects_are_derived_not_stored_and_are_exactly_what_the_kernel_got() -> None:
+    """A single-client session keeps no copy of its objects: they follow from its row and the
+    configuration it was made under; what they derive is what was installed, and what its end
+    deletes leaves the kernel with the hold marker only, even after a reload changed the ports."""
+    node = filled(20)
+    assert all(s.stored is None and s.shape is not None for s in SessionTable.__iter__(node.core.table))
+    assert installed(node) == {o for s in SessionTable.__iter__(node.core.table) for o in s.objects}
+    node.core.configure(config({"services.http.ports": [80, 8080]}), node.now)  # new sessions: two filters
+    node.packets(syn("10.0.7.1"))
+    new = node.core.table.get("http", "10.0.7.1")
+    assert new is not None and new.stored is None
+    assert sum(isinstance(o, ops.FlowerFilter) for o in new.objects) == 2
+    old = node.core.table.get("http", clients(1)[0])
+    assert old is not None and sum(isinstance(o, ops.FlowerFilter) for o in old.objects) == 1  # as installed
+    assert installed(node) == {o for s in SessionTable.__iter__(node.core.table) for o in s.objects}
+    for session in list(SessionTable.__iter__(node.core.table)):
+        assert all(r.ok for r in node.kernel.apply(node.core.end(session, node.now, "flushed")))
+    assert installed(node) == {records.hold_marker(c + 1) for c in node.core.markers}
+
+
+def test_a_rekeyed_session_stores_its_objects() -> None:
+    """A second client address (a mobile client's care-of address) is not derived: the session
+    stores its objects from then on, the first client's included."""
+    cfg = config()
+    svc = next(s for s in cfg.services if s.session_key.value == "mip6-home-address")
+    node = Node(cfg)
+    home = "2001:db8:1::10"
+    from scapy.layers.inet import TCP
+    from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
+
+    def mobile(care_of: str) -> bytes:
+        return bytes(
+            IPv6(src=care_of, dst=str(svc.vip))
+            / IPv6ExtHdrDestOpt(options=[HAO(hoa=home)])
+            / TCP(dport=svc.ports[0] if svc.ports else 80, flags="S")
+        )
+
+    node.packets(mobile("2001:db8:2::1"))
+    [session] = list(SessionTable.__iter__(node.core.table))
+    assert session.stored is None
+    node.packets(mobile("2001:db8:2::2"))
+    assert session.stored is not None and len(session.clients) == 2
+    assert installed(node) == set(session.objects)

@@ -326,7 +326,7 @@ class Balancer:
             self.counters["no_service"] += 1
             return verdict(Action.DROP, "no service"), None
         key = session_key(info, svc.session_key)
-        flow = FlowKey(info.proto, info.src, info.dst, info.sport, info.dport)
+        flow = FlowKey(info.proto, info.src, self._shape.intern(info.dst), info.sport, info.dport)  # dst: a VIP
         session = self.table.get(svc.name, key.value)
         # Answers go to the client through the balancer's own route to it. Without one the
         # client cannot be answered (a refusal could not reach it either): no session, no objects.
@@ -390,8 +390,8 @@ class Balancer:
             id=self.table.new_id(),
             service=svc.name,
             key=key,
-            vip=str(svc.vip),
-            protocol=str(svc.protocol.value),
+            vip=self._shape.intern(str(svc.vip)),
+            protocol=self._shape.intern(str(svc.protocol.value)),
             port=info.dport,
             server=server,
             c2s=c2s,

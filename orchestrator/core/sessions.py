@@ -43,7 +43,9 @@ class Session:
     created: float
     last_seen: float
     state: State = State.OPENING
-    flows: set[FlowKey] = field(default_factory=set)
+    # Its live flows (read them as `flows`): None, the one flow, or a set of two or more; most
+    # sessions have one, and an empty set alone is 216 bytes (issue 15: memory per session).
+    live: FlowKey | set[FlowKey] | None = None
     ends_at: float | None = None
     clients: list[str] = field(default_factory=list)  # addresses with a C2S filter
     # Its objects in the kernel: `stored`, or None when `shape` derives them from the row and
@@ -63,6 +65,14 @@ class Session:
     @property
     def s2c(self) -> int:
         return self.c2s + 1
+
+    @property
+    def flows(self) -> frozenset[FlowKey]:
+        """Its live flows (the table changes them: SessionTable.add_flow, end_flow)."""
+        live = self.live
+        if live is None:
+            return frozenset()
+        return frozenset(live) if isinstance(live, set) else frozenset((live,))
 
     @property
     def objects(self) -> list[ops.DataplaneObject]:
@@ -123,7 +133,8 @@ class Session:
 class SessionTable:
     def __init__(self, first_id: int = 1, id_step: int = 1) -> None:
         """New ids are first_id, first_id + id_step, ... (a worker's ids: core.shards)."""
-        self._by_key: dict[tuple[str, str], Session] = {}
+        # service -> key -> session: no (service, key) tuple per session (56 bytes each)
+        self._by_key: dict[str, dict[str, Session]] = {}
         self._by_flow: dict[FlowKey, Session] = {}
         self._by_id: dict[int, Session] = {}
         self._next_id = first_id
@@ -150,7 +161,8 @@ class SessionTable:
         return self._next_id - self._id_step
 
     def get(self, service: str, key: str) -> Session | None:
-        return self._by_key.get((service, key))
+        keys = self._by_key.get(service)
+        return None if keys is None else keys.get(key)
 
     def by_flow(self, flow: FlowKey) -> Session | None:
         return self._by_flow.get(flow)
@@ -162,15 +174,23 @@ class SessionTable:
         if session.id not in self._by_id:
             self._count(session, 1)
             self._states[session.state] += 1
-        self._by_key[(session.service, session.key.value)] = session
+        self._by_key.setdefault(session.service, {})[session.key.value] = session
         self._by_id[session.id] = session
         if session.id >= self._next_id:  # the next id of ours above it
             self._next_id = session.id + 1 + (self._next_id - session.id - 1) % self._id_step
 
     def add_flow(self, session: Session, flow: FlowKey, now: float) -> None:
-        if flow not in session.flows:
+        live = session.live
+        if live is None:
+            session.live = flow
             session.flows_total += 1
-        session.flows.add(flow)
+        elif isinstance(live, set):
+            if flow not in live:
+                live.add(flow)
+                session.flows_total += 1
+        elif live != flow:
+            session.live = {live, flow}
+            session.flows_total += 1
         session.last_seen = now
         session.ends_at = None
         if session.state == State.DRAINING:
@@ -180,7 +200,13 @@ class SessionTable:
     def end_flow(self, flow: FlowKey) -> Session | None:
         session = self._by_flow.pop(flow, None)
         if session is not None:
-            session.flows.discard(flow)
+            live = session.live
+            if isinstance(live, set):
+                live.discard(flow)
+                if len(live) == 1:
+                    session.live = next(iter(live))
+            elif live == flow:
+                session.live = None
         return session
 
     def flows(self) -> list[FlowKey]:
@@ -193,13 +219,15 @@ class SessionTable:
         self._count(session, 1)
 
     def remove(self, session: Session) -> None:
-        self._by_key.pop((session.service, session.key.value), None)
+        keys = self._by_key.get(session.service)
+        if keys is not None:
+            keys.pop(session.key.value, None)
         if self._by_id.pop(session.id, None) is not None:
             self._count(session, -1)
             self._states[session.state] -= 1
-        for flow in session.flows:
+        for flow in session.flows:  # a copy: `live` goes below
             self._by_flow.pop(flow, None)
-        session.flows.clear()
+        session.live = None
         session.state = State.CLOSING
 
     def set_state(self, session: Session, state: State) -> None:

@@ -233,3 +233,18 @@ def test_a_rekeyed_session_stores_its_objects() -> None:
     node.packets(mobile("2001:db8:2::2"))
     assert session.stored is not None and len(session.clients) == 2
     assert installed(node) == set(session.objects)
+
+
+def test_a_sessions_flows_take_a_set_only_when_there_are_two_or_more() -> None:
+    node = filled(1)
+    [session] = list(SessionTable.__iter__(node.core.table))
+    [first] = session.flows
+    assert session.live == first  # one flow: the flow itself, no set
+    node.packets(syn(session.key.client, sport=40001))
+    assert isinstance(session.live, set) and len(session.flows) == 2 and session.flows_total == 2
+    [second] = session.flows - {first}
+    node.packets(syn(session.key.client, sport=40001))  # the same flow again: counted once
+    assert session.flows == {first, second} and session.flows_total == 2
+    assert node.core.table.end_flow(first) is session and session.live == second
+    assert node.core.table.end_flow(second) is session and session.live is None and session.flows == frozenset()
+    assert node.core.table.by_flow(first) is None and node.core.table.by_flow(second) is None

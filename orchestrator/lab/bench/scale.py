@@ -166,6 +166,14 @@ def run(lab: Lab, sessions: int, reference: int, probe: int) -> ScaleRun:
             raise RuntimeError(f"scale: {started} sessions started, {held} held, {done + probe} first packets")
     except Exception:
         print(balancer.log()[-3000:], file=sys.stderr)
+        try:  # where the daemon stands: its counters and queue (status answers at once at any size)
+            stand = request(str(balancer.sock), "status", timeout=30)
+            print(
+                json.dumps({k: stand.get(k) for k in ("sessions", "counters", "queue", "offload_age_s")}),
+                file=sys.stderr,
+            )
+        except Exception as exc:  # the daemon may be what failed
+            print(f"scale: no status: {exc}", file=sys.stderr)
         raise
     finally:
         balancer.close()

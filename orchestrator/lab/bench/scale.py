@@ -42,6 +42,9 @@ HEADROOM = 256  # label pairs beyond the sessions (admission keeps min_free_labe
 PAGE = 1000  # rows of a timed `sessions` page
 
 
+SERVERS = ("s1", "s2", "s3")  # the example's pool web, which serves dns
+
+
 def max_sessions(probe: int) -> int:
     """The largest N whose sessions and the last probe fit the label space from the lab's first label."""
     from orchestrator.lab.balancer_lab import LABELS
@@ -51,12 +54,15 @@ def max_sessions(probe: int) -> int:
 
 def changes(total: int) -> dict[KeyPath, Any]:
     """The daemon's configuration for `total` sessions: labels, admission, persistence."""
+    from orchestrator.config.examples import DELETE
     from orchestrator.lab.balancer_lab import LABELS
 
     return {
         "labels.range": [LABELS[0], min(LABEL_MAX, LABELS[0] + 2 * (total + HEADROOM) + 1)],
         "services.dns.persistence_timeout": "3600s",
         "services.dns.admission.max_sessions": total + 16,
+        # The example's servers take 50,000 sessions each: 150,000 in all would refuse the rest.
+        **{f"pools.web.servers.{server}.max_sessions": DELETE for server in SERVERS},
     }
 
 
@@ -173,7 +179,11 @@ def run(lab: Lab, sessions: int, reference: int, probe: int) -> ScaleRun:
                 file=sys.stderr,
             )
         except Exception as exc:  # the daemon may be what failed
-            print(f"scale: no status: {exc}", file=sys.stderr)
+            alive = Path(f"/proc/{pid}").exists() if "pid" in locals() else None
+            print(
+                f"scale: no status: {exc}; daemon alive: {alive}; {meminfo_kb('MemAvailable')} kB available",
+                file=sys.stderr,
+            )
         raise
     finally:
         balancer.close()

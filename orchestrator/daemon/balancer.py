@@ -11,6 +11,7 @@ that the Prometheus endpoint's thread serves.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
 import gc
@@ -25,12 +26,22 @@ from orchestrator.config.load import ConfigError, load_balancer_config
 from orchestrator.config.model import BalancerConfig
 from orchestrator.core import commands, shards
 from orchestrator.core.balancer import Balancer
-from orchestrator.core.events import Action, FirstPacket
+from orchestrator.core.events import Action, FirstPacket, FlowTableResync
 from orchestrator.core.servers import AdminState
 from orchestrator.core.sessions import SessionTable
 from orchestrator.daemon import node_setup, views
 from orchestrator.daemon.logs import Throttle, fields
-from orchestrator.daemon.loop import Capture, Command, Daemon, Request, nf_verdict, start_step
+from orchestrator.daemon.loop import (
+    RETRY_SWEEP,
+    SWEEP,
+    SWEEP_SPACING,
+    Capture,
+    Command,
+    Daemon,
+    Request,
+    nf_verdict,
+    start_step,
+)
 from orchestrator.daemon.offload_sampler import OffloadSampler
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.provider import Provider
@@ -87,6 +98,7 @@ class BalancerDaemon(Daemon):
         self.offload = OffloadSampler(lambda: self.mine(self.offload_provider.dump(elements=False)))
         self.refusal_lines = Throttle()  # refused packets logged one by one up to 10 a second per reason
         self.frozen_at = 0  # table size at the last gc.freeze
+        self.sweeping: asyncio.Task[None] | None = None  # a conntrack sweep's dump under way
         self.member: Any = None  # cluster mode: orchestrator.cluster.member.Member
         if self.config.cluster is not None:
             from orchestrator.cluster.member import Member  # etcd's client only in cluster mode
@@ -208,6 +220,8 @@ class BalancerDaemon(Daemon):
             self.member.flush()
 
     async def stop_tasks(self) -> None:
+        if self.sweeping is not None:
+            self.sweeping.cancel()
         await self.offload.stop()
         if self.runner is not None:
             await self.runner.close()
@@ -223,6 +237,45 @@ class BalancerDaemon(Daemon):
         self.publish()
         if self.member is not None:
             self.member.flush()
+
+    def sweep(self) -> None:
+        """The conntrack sweep (Daemon.sweep), its dump in a thread: at 260,000 flows the dump's
+        decoding took the loop for tens of seconds, first packets waiting. Pending events are
+        read first; flows the table gained while the dump ran count as live (the dump may have
+        missed them), so only flows known before it and absent from it end. Outside a running
+        loop (tests), the dump is taken at once as before."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return super().sweep()
+        assert self.conntrack is not None
+        if self.sweeping is not None:
+            return  # one at a time
+        began = time.monotonic()
+        self.next_sweep = began + SWEEP
+        self._on_conntrack()
+        before = frozenset(self.core.table.flows())
+        self.sweeping = loop.create_task(self._sweep(before, began), name="conntrack sweep")
+
+    async def _sweep(self, before: frozenset[Any], began: float) -> None:
+        try:
+            assert self.conntrack is not None
+            sweep = self.conntrack.sweep
+            try:
+                resync = await asyncio.to_thread(sweep)
+            except Exception as exc:
+                log.error("conntrack sweep failed: %s: %s", type(exc).__name__, exc)
+                self.core.count("conntrack_errors")
+                self.next_sweep = min(self.next_sweep, time.monotonic() + RETRY_SWEEP)
+                return
+            gained = frozenset(self.core.table.flows()) - before
+            planned = self.next_sweep
+            self._flow_events(lambda: [FlowTableResync(resync.live | gained, sweep=True)])
+            ended = time.monotonic()
+            if self.next_sweep >= planned:  # no failed read asked for an early retry
+                self.next_sweep = max(planned, ended + SWEEP_SPACING * (ended - began))
+        finally:
+            self.sweeping = None
 
     def freeze_grown(self) -> None:
         """The table grew by a quarter since the last freeze: collect, then freeze (GC_THRESHOLDS)."""

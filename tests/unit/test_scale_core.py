@@ -248,3 +248,42 @@ def test_a_sessions_flows_take_a_set_only_when_there_are_two_or_more() -> None:
     assert node.core.table.end_flow(first) is session and session.live == second
     assert node.core.table.end_flow(second) is session and session.live is None and session.flows == frozenset()
     assert node.core.table.by_flow(first) is None and node.core.table.by_flow(second) is None
+
+
+def test_the_daemons_sweep_dumps_in_a_thread_and_ends_only_flows_known_before_it() -> None:
+    """The conntrack sweep's dump runs off the loop: first packets are decided meanwhile; a flow
+    known before the dump and absent from it ends, a flow gained during it does not."""
+    release = threading.Event()
+    kernel = FakeProvider(["lan0", "fab0"])
+    kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
+    kernel.add_ip_route("10.0.0.0/16", "lan0")
+    d = balancer_daemon(config(), kernel)
+    d.decide([QueuedPacket(0, n, syn(src), 0, None, 0) for n, src in ((1, "10.0.1.10"), (2, "10.0.1.11"))])
+    kept, gone = (d.core.table.get("http", c) for c in ("10.0.1.10", "10.0.1.11"))
+    assert kept is not None and gone is not None
+
+    class Blocking(ScriptedConntrack):
+        def sweep(self) -> Any:
+            assert release.wait(10)
+            return super().sweep()
+
+    d.conntrack = conntrack = Blocking(kept.flows)  # the dump: only the first session's flow
+
+    async def scenario() -> None:
+        d.sweep()
+        assert d.sweeping is not None
+        await asyncio.sleep(0.2)  # the dump is under way in its thread; the loop goes on
+        d.decide([QueuedPacket(0, 3, syn("10.0.1.12"), 0, None, 0)])
+        assert d.core.table.get("http", "10.0.1.12") is not None
+        d.sweep()  # one sweep at a time: this one is skipped
+        release.set()
+        task = d.sweeping
+        assert task is not None
+        await task
+
+    asyncio.run(scenario())
+    conntrack.close()
+    gained = d.core.table.get("http", "10.0.1.12")
+    assert gained is not None and gained.state == State.SERVING and len(gained.flows) == 1
+    assert kept.state == State.SERVING and gone.state == State.DRAINING and not gone.flows
+    assert d.core.counters["conntrack_sweeps"] == 1 and d.sweeping is None

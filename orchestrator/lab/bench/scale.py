@@ -73,6 +73,19 @@ def vm_rss_kb(pid: int) -> int:
     return int(match[1])
 
 
+def threads(pid: int) -> list[str]:
+    """Each thread of a process: its name, state and kernel wait channel (what a stalled run shows)."""
+    out = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            stat = (task / "stat").read_text()
+            name, state = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2]
+            out.append(f"{task.name} {name} {state} {(task / 'wchan').read_text()}")
+        except OSError:
+            continue
+    return out
+
+
 def meminfo_kb(field: str) -> int:
     match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
     if not match:
@@ -172,6 +185,12 @@ def run(lab: Lab, sessions: int, reference: int, probe: int) -> ScaleRun:
             raise RuntimeError(f"scale: {started} sessions started, {held} held, {done + probe} first packets")
     except Exception:
         print(balancer.log()[-3000:], file=sys.stderr)
+        print("\n".join([x for x in balancer.log().splitlines() if " start: " not in x][-40:]), file=sys.stderr)
+        if "pid" in locals():
+            print(
+                f"scale: daemon threads: {threads(pid)}; control socket there: {balancer.sock.exists()}",
+                file=sys.stderr,
+            )
         try:  # where the daemon stands: its counters and queue (status answers at once at any size)
             stand = request(str(balancer.sock), "status", timeout=30)
             print(

@@ -191,6 +191,10 @@ def run(lab: Lab, sessions: int, reference: int, probe: int) -> ScaleRun:
                 f"scale: daemon threads: {threads(pid)}; control socket there: {balancer.sock.exists()}",
                 file=sys.stderr,
             )
+        if balancer.proc is not None and balancer.proc.poll() is not None:
+            print(f"scale: the daemon exited: {balancer.proc.returncode}", file=sys.stderr)
+        dmesg = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
+        print("scale: the kernel's last words:\n" + "\n".join(dmesg.splitlines()[-25:]), file=sys.stderr)
         try:  # where the daemon stands: its counters and queue (status answers at once at any size)
             stand = request(str(balancer.sock), "status", timeout=30)
             print(

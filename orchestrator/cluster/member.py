@@ -34,6 +34,7 @@ def fields(**values: object) -> dict[str, object]:
 
 
 RETRY = 1.0  # seconds between tries while the store is away
+SLICE = 128  # watch events installed in one step at least (a revision is never split)
 
 
 class Host(Protocol):
@@ -64,6 +65,7 @@ class Member:
         self.up = False
         self.revision = 0
         self.state = "member"  # "leaving", "left" (a graceful leave)
+        self.late_counted = 0  # the store's late deadlines already in the core's counters
 
     @property
     def core(self) -> Balancer:
@@ -279,6 +281,9 @@ class Member:
         every = max(0.5, self.config.lease_ttl / 3)
         while True:
             await asyncio.sleep(every if self.up else RETRY)
+            late, self.late_counted = self.store.late_deadlines - self.late_counted, self.store.late_deadlines
+            if late:
+                self.core.count("store_deadlines_late", late)
             if not self.up:
                 await self._rejoin()
                 continue
@@ -351,11 +356,19 @@ class Member:
                 async for event in self.store.watch(start):
                     if not self.up:
                         break  # the rejoin reloads the table; watch again from there
+                    if len(pending) >= SLICE and event.revision != pending[-1].revision:
+                        # A large response (the other member's flood) is installed a slice at
+                        # a time, and the loop serves first packets and deadlines in between.
+                        if handle is not None:
+                            handle.cancel()
+                        drain()
+                        await asyncio.sleep(0)
                     pending.append(event)
                     self.revision = max(self.revision, event.revision)
                     # All events of one etcd response are queued before this task yields: drain
-                    # them together, so a lease's expiry (member key and sessions at once) is
-                    # seen whole.
+                    # them together (up to a slice, and never apart from the events of their
+                    # own revision), so a lease's expiry (member key and sessions at once, one
+                    # revision) is seen whole.
                     if handle is None:
                         handle = asyncio.get_running_loop().call_soon(drain)
             except StoreError as exc:

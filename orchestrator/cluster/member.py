@@ -349,7 +349,14 @@ class Member:
                 nonlocal handle
                 handle = None
                 events, batch[:] = list(batch), []
-                self._on_events(events)
+                try:
+                    self._on_events(events)
+                except Exception as exc:  # noqa: BLE001 - see below
+                    # These events are lost to this member: it must not go on as if it had
+                    # them. The store counts as down, and the rejoin reads the whole table.
+                    log.exception("cluster: installing %d watch events failed", len(events))
+                    self.core.count("cluster_watch_failures")
+                    self._down(f"installing the watch's events failed: {type(exc).__name__}: {exc}")
 
             start = self.revision + 1
             try:
@@ -445,6 +452,9 @@ class Member:
                 await self._write()
             except StoreError as exc:
                 self._down(str(exc))
+            except Exception as exc:  # noqa: BLE001 - the writer must outlive any one batch
+                log.exception("cluster: writing the table failed")
+                self._down(f"writing failed: {type(exc).__name__}: {exc}")
 
     async def _write(self) -> None:
         changes = self.core.take_changes()
@@ -452,7 +462,7 @@ class Member:
             return
         try:
             txns = await self.store.write(changes)
-        except StoreError:
+        except BaseException:  # a failure, or a cancellation (a stop): nothing taken is lost
             for key, row in changes.items():  # written again once the store is back
                 self.core.changes.setdefault(key, None if row is None else self.core.table.get(*key))
             raise

@@ -108,6 +108,8 @@ class Store:
             for wait in range(1, MAX_WAITS + 1):
                 done, _ = await asyncio.wait({task}, timeout=self.timeout)
                 if done:
+                    if task.cancelled():  # not by us (we are not cancelled): its channel closed
+                        raise OSError("the call was cancelled (its channel closed)")
                     return task.result()
                 now = loop.time()
                 stall = max(self.lag.since(waiting), now - waiting - self.timeout)

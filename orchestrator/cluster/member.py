@@ -200,6 +200,7 @@ class Member:
             "reserve_block": labels.reserve if isinstance(labels, BlockAllocator) else None,
             "revision": self.revision,
             "remote_sessions": sum(1 for s in self.core.table if s.owner is not None),
+            "loop_lag_max_ms": round(self.store.lag.worst * 1000),
         }
 
     def flush(self) -> None:

@@ -164,7 +164,13 @@ class Member:
 def refusals(member: Member) -> dict[str, int]:
     """A member's counters that say why first packets were not served (`refused:*`, `store_down`)."""
     counters = member.ask("status", timeout=300)["counters"]
-    return {k: int(v) for k, v in counters.items() if k.startswith("refused") or k in ("store_down", "store_rejoins")}
+    names = ("store_down", "store_rejoins", "store_deadlines_late", "cluster_watch_failures", "cluster_label_conflict")
+    return {k: int(v) for k, v in counters.items() if k.startswith("refused") or k in names}
+
+
+def loop_lags(member: Member) -> int:
+    """The longest its loop ran late, in milliseconds."""
+    return int(member.ask("status", timeout=300)["cluster"]["loop_lag_max_ms"])
 
 
 def table_owners(cluster: ClusterLab) -> dict[str, int]:
@@ -294,6 +300,8 @@ def cluster_phase(lab: Lab, cluster: ClusterLab, sessions: int, single: RateRun)
         time.sleep(0.2)
     converged = time.monotonic() - start
     say(f"cluster: {sessions} sessions out after {elapsed:.3f} s, on both members after {converged:.3f} s")
+    for m, member in members.items():
+        say(f"cluster {m}: loop late by up to {loop_lags(member)} ms; {refusals(member)}")
     metrics_after = cluster.etcd_metrics()
     after = {m: member.counters() for m, member in members.items()}
     for m in members:

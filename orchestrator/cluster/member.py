@@ -65,7 +65,7 @@ class Member:
         self.up = False
         self.revision = 0
         self.state = "member"  # "leaving", "left" (a graceful leave)
-        self.late_counted = 0  # the store's late deadlines already in the core's counters
+        self.store.on_late = lambda: self.core.count("store_deadlines_late")
 
     @property
     def core(self) -> Balancer:
@@ -282,9 +282,6 @@ class Member:
         every = max(0.5, self.config.lease_ttl / 3)
         while True:
             await asyncio.sleep(every if self.up else RETRY)
-            late, self.late_counted = self.store.late_deadlines - self.late_counted, self.store.late_deadlines
-            if late:
-                self.core.count("store_deadlines_late", late)
             if not self.up:
                 await self._rejoin()
                 continue

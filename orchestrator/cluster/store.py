@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,12 @@ class Store:
         self.lag = LoopLag()
         self.late_deadlines = 0  # deadlines that expired while the loop was late (waited again)
         self.last_stall = 0.0  # the loop's lag at the last expiry
+        self.on_late: Callable[[], None] | None = None  # told of each late deadline (the counter)
+
+    def _late(self) -> None:
+        self.late_deadlines += 1
+        if self.on_late is not None:
+            self.on_late()
 
     async def _call(self, coro: Any) -> Any:
         """`coro` within the deadline. gRPC's own deadline (the client's `timeout`, kept by gRPC's
@@ -118,7 +124,7 @@ class Store:
                     raise TimeoutError(
                         f"no answer in {now - started:.1f} s (the loop was late by up to {stall:.2f} s meanwhile)"
                     )
-                self.late_deadlines += 1
+                self._late()
                 log.warning(
                     "cluster: an etcd call's %.1f s deadline expired while the loop was %.2f s late: waiting again",
                     self.timeout,
@@ -338,7 +344,7 @@ class Store:
                     raise
                 if attempt == MAX_WAITS:
                     raise
-                self.late_deadlines += 1
+                self._late()
                 log.warning(
                     "cluster: the watch's creation timed out while the loop was %.2f s late: trying again",
                     stall,

@@ -34,6 +34,7 @@ def fields(**values: object) -> dict[str, object]:
 
 
 RETRY = 1.0  # seconds between tries while the store is away
+SLICE = 128  # watch events installed in one step at least (a revision is never split)
 
 
 class Host(Protocol):
@@ -64,6 +65,7 @@ class Member:
         self.up = False
         self.revision = 0
         self.state = "member"  # "leaving", "left" (a graceful leave)
+        self.store.on_late = lambda: self.core.count("store_deadlines_late")
 
     @property
     def core(self) -> Balancer:
@@ -198,6 +200,7 @@ class Member:
             "reserve_block": labels.reserve if isinstance(labels, BlockAllocator) else None,
             "revision": self.revision,
             "remote_sessions": sum(1 for s in self.core.table if s.owner is not None),
+            "loop_lag_max_ms": round(self.store.lag.worst * 1000),
         }
 
     def flush(self) -> None:
@@ -344,18 +347,33 @@ class Member:
                 nonlocal handle
                 handle = None
                 events, batch[:] = list(batch), []
-                self._on_events(events)
+                try:
+                    self._on_events(events)
+                except Exception as exc:  # noqa: BLE001 - see below
+                    # These events are lost to this member: it must not go on as if it had
+                    # them. The store counts as down, and the rejoin reads the whole table.
+                    log.exception("cluster: installing %d watch events failed", len(events))
+                    self.core.count("cluster_watch_failures")
+                    self._down(f"installing the watch's events failed: {type(exc).__name__}: {exc}")
 
             start = self.revision + 1
             try:
                 async for event in self.store.watch(start):
                     if not self.up:
                         break  # the rejoin reloads the table; watch again from there
+                    if len(pending) >= SLICE and event.revision != pending[-1].revision:
+                        # A large response (the other member's flood) is installed a slice at
+                        # a time, and the loop serves first packets and deadlines in between.
+                        if handle is not None:
+                            handle.cancel()
+                        drain()
+                        await asyncio.sleep(0)
                     pending.append(event)
                     self.revision = max(self.revision, event.revision)
                     # All events of one etcd response are queued before this task yields: drain
-                    # them together, so a lease's expiry (member key and sessions at once) is
-                    # seen whole.
+                    # them together (up to a slice, and never apart from the events of their
+                    # own revision), so a lease's expiry (member key and sessions at once, one
+                    # revision) is seen whole.
                     if handle is None:
                         handle = asyncio.get_running_loop().call_soon(drain)
             except StoreError as exc:
@@ -432,6 +450,9 @@ class Member:
                 await self._write()
             except StoreError as exc:
                 self._down(str(exc))
+            except Exception as exc:  # noqa: BLE001 - the writer must outlive any one batch
+                log.exception("cluster: writing the table failed")
+                self._down(f"writing failed: {type(exc).__name__}: {exc}")
 
     async def _write(self) -> None:
         changes = self.core.take_changes()
@@ -439,7 +460,7 @@ class Member:
             return
         try:
             txns = await self.store.write(changes)
-        except StoreError:
+        except BaseException:  # a failure, or a cancellation (a stop): nothing taken is lost
             for key, row in changes.items():  # written again once the store is back
                 self.core.changes.setdefault(key, None if row is None else self.core.table.get(*key))
             raise

@@ -7,7 +7,8 @@ never a hang of the daemon's loop. The keys and values are codec.py's."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,17 @@ import aetcd.rpc
 import grpc
 
 from orchestrator.cluster import codec
+from orchestrator.cluster.loop_lag import LoopLag
 from orchestrator.config.model import ClusterConfig, ClusterTls
 from orchestrator.core.remote import ClusterSession
 
 __all__ = ["MAX_TXN_OPS", "StoreError", "Store", "TableSnapshot", "WatchEvent"]
 
 MAX_TXN_OPS = 128  # etcd's --max-txn-ops default: a larger batch goes in several transactions
+STALL = 0.5  # seconds: a deadline that expired while the loop was this late is waited again
+MAX_WAITS = 3  # deadlines per call at most (a loop late every time: the third expiry counts)
+
+log = logging.getLogger("mplsorch")
 
 
 class StoreError(RuntimeError):
@@ -84,12 +90,54 @@ class Store:
         self.lease: int | None = None
         self._written: dict[bytes, bytes] = {}  # our last value of each session key we own
         self.resumed = False  # join took over our previous lease (a restart within its TTL)
+        self.lag = LoopLag()
+        self.late_deadlines = 0  # deadlines that expired while the loop was late (waited again)
+        self.last_stall = 0.0  # the loop's lag at the last expiry
+        self.on_late: Callable[[], None] | None = None  # told of each late deadline (the counter)
+
+    def _late(self) -> None:
+        self.late_deadlines += 1
+        if self.on_late is not None:
+            self.on_late()
 
     async def _call(self, coro: Any) -> Any:
+        """`coro` within the deadline. gRPC's own deadline (the client's `timeout`, kept by gRPC's
+        core, not this loop) judges etcd; this one, on the daemon's loop, is a backstop for a call
+        that hangs. A busy loop fires it late and handles a reply that came in time late too: a
+        deadline that expired while the loop was late by STALL or more gets another one (up to
+        MAX_WAITS in all), logged with the lag; only a deadline the loop kept is etcd's fault."""
+        loop = asyncio.get_running_loop()
+        self.lag.start()
+        task = asyncio.ensure_future(coro)
+        started = waiting = loop.time()
         try:
-            return await asyncio.wait_for(coro, self.timeout)
+            for wait in range(1, MAX_WAITS + 1):
+                done, _ = await asyncio.wait({task}, timeout=self.timeout)
+                if done:
+                    if task.cancelled():  # not by us (we are not cancelled): its channel closed
+                        raise OSError("the call was cancelled (its channel closed)")
+                    return task.result()
+                now = loop.time()
+                stall = max(self.lag.since(waiting), now - waiting - self.timeout)
+                self.last_stall = stall
+                if stall < STALL or wait == MAX_WAITS:
+                    raise TimeoutError(
+                        f"no answer in {now - started:.1f} s (the loop was late by up to {stall:.2f} s meanwhile)"
+                    )
+                self._late()
+                log.warning(
+                    "cluster: an etcd call's %.1f s deadline expired while the loop was %.2f s late: waiting again",
+                    self.timeout,
+                    stall,
+                    extra={"fields": {"event": "store_deadline_late", "lag": round(stall, 3)}},
+                )
+                waiting = now
+            raise AssertionError("unreachable")
         except (TimeoutError, aetcd.exceptions.ClientError, grpc.RpcError, OSError) as exc:
             raise StoreError(f"etcd {self._where()}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if not task.done():
+                task.cancel()
 
     def _where(self) -> str:
         if self.endpoint is None:
@@ -113,6 +161,7 @@ class Store:
         raise StoreError("; ".join(errors) or "no endpoint")
 
     async def close(self) -> None:
+        await self.lag.stop()
         if self.client is not None:
             try:
                 await asyncio.wait_for(self.client.close(), self.timeout)
@@ -279,7 +328,28 @@ class Store:
 
     async def watch(self, revision: int) -> AsyncIterator[WatchEvent]:
         """Every change under the prefix after `revision`, with the deleted rows' last values."""
-        watch = await self._call(self.client.watch_prefix(self.prefix.encode(), start_revision=revision, prev_kv=True))
+        loop = asyncio.get_running_loop()
+        for attempt in range(1, MAX_WAITS + 1):
+            # aetcd waits for the watch's creation with a deadline on this loop: a late loop
+            # gets another try, as in _call.
+            asked = loop.time()
+            try:
+                watch = await self._call(
+                    self.client.watch_prefix(self.prefix.encode(), start_revision=revision, prev_kv=True)
+                )
+                break
+            except StoreError as exc:
+                stall = self.lag.since(asked)
+                if not isinstance(exc.__cause__, aetcd.exceptions.WatchTimeoutError) or stall < STALL:
+                    raise
+                if attempt == MAX_WAITS:
+                    raise
+                self._late()
+                log.warning(
+                    "cluster: the watch's creation timed out while the loop was %.2f s late: trying again",
+                    stall,
+                    extra={"fields": {"event": "store_deadline_late", "lag": round(stall, 3)}},
+                )
         try:
             async for event in watch:
                 what = codec.parse_key(self.prefix, event.kv.key)

@@ -164,7 +164,44 @@ class Member:
 def refusals(member: Member) -> dict[str, int]:
     """A member's counters that say why first packets were not served (`refused:*`, `store_down`)."""
     counters = member.ask("status", timeout=300)["counters"]
-    return {k: int(v) for k, v in counters.items() if k.startswith("refused") or k in ("store_down", "store_rejoins")}
+    names = ("store_down", "store_rejoins", "store_deadlines_late", "cluster_watch_failures", "cluster_label_conflict")
+    return {k: int(v) for k, v in counters.items() if k.startswith("refused") or k in names}
+
+
+def loop_lags(member: Member) -> int:
+    """The longest its loop ran late, in milliseconds."""
+    return int(member.ask("status", timeout=300)["cluster"]["loop_lag_max_ms"])
+
+
+def table_owners(cluster: ClusterLab) -> dict[str, int]:
+    """Session rows in etcd per owner (etcd's JSON gateway, read in its namespace): whether a
+    member's sessions missing on the other are missing in etcd too."""
+    import base64
+
+    from orchestrator.cluster import codec
+    from orchestrator.lab.cluster_lab import ETCD, ETCD_LB1
+
+    prefix = codec.session_key("/mplsorch/", "", "")[: -len("/")]
+    end = prefix[:-1] + bytes([prefix[-1] + 1])
+    body = json.dumps({"key": base64.b64encode(prefix).decode(), "range_end": base64.b64encode(end).decode()})
+    out = subprocess.run(
+        ["ip", "netns", "exec", ETCD, "curl", "-sf", "-m", "30", "-d", body, f"http://{ETCD_LB1}:2379/v3/kv/range"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    owners: dict[str, int] = {}
+    for kv in json.loads(out).get("kvs", []):
+        row = codec.decode_session(base64.b64decode(kv["value"]))
+        name = row.owner if row is not None else "(damaged)"
+        owners[name] = owners.get(name, 0) + 1
+    return owners
+
+
+def store_events(log: str) -> list[str]:
+    """A daemon's log lines about etcd: its deadlines, downs and rejoins."""
+    words = ("etcd", "deadline", "watch")
+    return [line for line in log.splitlines() if any(w in line for w in words)][-40:]
 
 
 def on_socket(sock: Path) -> Ask:
@@ -256,10 +293,15 @@ def cluster_phase(lab: Lab, cluster: ClusterLab, sessions: int, single: RateRun)
             break
         if time.monotonic() > deadline:
             why = {m: refusals(member) for m, member in members.items()}
-            raise RuntimeError(f"cluster: the members hold {held} of the flood's {sessions} sessions; {why}")
+            raise RuntimeError(
+                f"cluster: the members hold {held} of the flood's {sessions} sessions; {why};"
+                f" session rows in etcd by owner: {table_owners(cluster)}"
+            )
         time.sleep(0.2)
     converged = time.monotonic() - start
     say(f"cluster: {sessions} sessions out after {elapsed:.3f} s, on both members after {converged:.3f} s")
+    for m, member in members.items():
+        say(f"cluster {m}: loop late by up to {loop_lags(member)} ms; {refusals(member)}")
     metrics_after = cluster.etcd_metrics()
     after = {m: member.counters() for m, member in members.items()}
     for m in members:
@@ -314,6 +356,9 @@ def run(lab: Lab, sessions: int) -> ClusterRun:
             print(cluster.lb1.log()[-2000:] + "\n--- lb2 ---\n" + cluster.log2()[-2000:], file=sys.stderr)
             raise
         finally:
+            for name, log in (("lb1", cluster.lb1.log()), ("lb2", cluster.log2())):
+                for line in store_events(log):
+                    print(f"{name}: {line}", file=sys.stderr)
             cluster.close()
 
 

@@ -28,6 +28,12 @@ A label pair in hold-down keeps its S2C label routed as `S2C dev lo` (pop, local
 `hold_marker`): no session's S2C route has that form (they always name a next hop), so a
 restart finds the pair held down and restarts its hold-down timer. The marker is deleted when
 the hold-down ends (or replaced by the S2C route of the session that gets the pair).
+
+In a cluster, the S2C labels of another member's label block that have no session here are
+routed to that member until a session's row arrives (`forward_route`): `S2C as OWNER/S2C via
+FABRIC_NEXT_HOP dev FABRIC`, OWNER that member's own label (cluster.member_label). No other route
+of ours swaps an even label to two labels whose inner one is the label itself (a session's S2C
+route pops, or swaps to S2C alone; a C2S route is at an odd label), so a restart recognises them.
 """
 
 from __future__ import annotations
@@ -38,7 +44,17 @@ from dataclasses import dataclass
 
 from orchestrator.dataplane import ops
 
-__all__ = ["KIND_CODES", "SessionRecord", "TAG_SIZE", "hold_marker", "is_hold_marker", "pack", "unpack"]
+__all__ = [
+    "KIND_CODES",
+    "SessionRecord",
+    "TAG_SIZE",
+    "forward_route",
+    "hold_marker",
+    "is_forward_route",
+    "is_hold_marker",
+    "pack",
+    "unpack",
+]
 
 VERSION = 1
 TAG_SIZE = 24
@@ -102,3 +118,18 @@ def hold_marker(s2c: int) -> ops.MplsRoute:
 
 def is_hold_marker(route: ops.MplsRoute) -> bool:
     return route.dev == "lo" and route.via is None and not route.out_labels
+
+
+def forward_route(s2c: int, owner_label: int, dev: str, via: str) -> ops.MplsRoute:
+    """The route that sends answers under `s2c` (a pair of another member's block, no session
+    here yet) to the member holding the block, under its own label."""
+    return ops.MplsRoute(s2c, dev, via=via, out_labels=(owner_label, s2c))
+
+
+def is_forward_route(route: ops.MplsRoute) -> bool:
+    return (
+        route.label % 2 == 0
+        and route.via is not None
+        and len(route.out_labels) == 2
+        and route.out_labels[1] == route.label
+    )

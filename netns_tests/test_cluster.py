@@ -29,6 +29,9 @@ KEYS = ("service", "key", "server", "c2s_label", "s2c_label")
 # route's next-hop flags are a work queue's, run late on a loaded UML).
 LINK_EVENT = 0.5
 IN_FLIGHT = 5  # datagrams (and their echoes) on the way when the links went down
+# etcd's packets to lb2 held back while the streams start (ms): lb2 learns c1's new row that much
+# after lb wrote it, so c1's first answers surely reach lb2 first (not left to the race's timing)
+STORE_DELAY = 500
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +99,13 @@ def test_sessions_served_through_both_balancers_survive_a_death_and_a_rejoin(lab
     cluster.announce("lb2")
 
     # Counted UDP streams (c1 through lb, c2 through lb2) across lb's death and its rejoin, each
-    # on a NEW dns session, while p sends every answer through lb2 (as its hash may): c1's first
-    # answers reach lb2 before c1's row, and lb2 sends them to lb under lb's own label.
+    # on a NEW dns session, while p sends every answer through lb2 (as its hash may) and lb2's
+    # watch learns every row STORE_DELAY late: c1's first answers reach lb2 before c1's row, and
+    # lb2 sends them to lb under lb's own label.
     dns = {c: ("dns", cluster.source(c)) for c in ("c1", "c2")}
     assert not set(dns.values()) & (rows(lb1.sessions()).keys() | rows(cluster.cli2("sessions")).keys())
     cluster.answers_through("lb2")
+    cluster.delay_store("lb2", STORE_DELAY)
     crossing = lab.capture("p", "pl2", "forwarded")  # lb2's link: what lb2 sends to p and back
     print(f"\nsetup {time.monotonic() - t0:.0f} s")
     stop = cluster.dir / "stream-stop"
@@ -110,6 +115,7 @@ def test_sessions_served_through_both_balancers_survive_a_death_and_a_rejoin(lab
     wait("the dns sessions on both", lambda: set(dns.values()) <= rows(cluster.cli2("sessions")).keys()
          and set(dns.values()) <= rows(lb1.sessions()).keys())  # fmt: skip
     stacks = crossing.stacks()
+    cluster.delay_store("lb2", 0)
     cluster.answers_through(None)
     before, before2 = rows(lb1.sessions()), rows(cluster.cli2("sessions"))
     s2c1 = before[dns["c1"]]["s2c_label"]

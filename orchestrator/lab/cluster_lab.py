@@ -220,6 +220,16 @@ class ClusterLab:
         self.answers = balancer
         self._routes()
 
+    def delay_store(self, balancer: str, ms: int) -> None:
+        """etcd's packets to `balancer` (lb or lb2) held `ms` milliseconds (netem on etcd's link
+        to it; 0: no more): its watch learns every row that much later, while its requests (its
+        lease's keep-alive) reach etcd at once. Kept well under the store's 2 s call timeout."""
+        dev = {"lb": "e1", LB2: "e2"}[balancer]
+        if ms:
+            ip("netns", "exec", ETCD, "tc", "qdisc", "replace", "dev", dev, "root", "netem", "delay", f"{ms}ms")
+        else:
+            ip("netns", "exec", ETCD, "tc", "qdisc", "del", "dev", dev, "root", check=False)
+
     def announce(self, balancer: str) -> None:
         """`balancer` (lb or lb2) said READY: its next hops go in."""
         if balancer not in self.announced:

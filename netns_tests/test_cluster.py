@@ -7,8 +7,8 @@ server and labels and served through both; then, under counted UDP streams, the 
 SIGKILLed and its links go down: the kernel drops its next hops, every session goes on through
 the second, no datagram lost but those of the reconvergence; the first comes back (links up,
 daemon restarted, READY, announced again) and takes its clients back with no datagram lost.
-The streams start NEW sessions while p sends every answer through lb2: c1's session is lb's, so
-its first answers reach lb2 before the row does; lb2 routes them to lb under lb's own label
+The streams start NEW sessions while p sends every answer through lb2 and etcd's packets to lb2
+are held 500 ms: c1's session is lb's, so its first answers reach lb2 before the row does; lb2 routes them to lb under lb's own label
 (cluster.member_label, the forwarding routes of docs/scale.md), captured on p, none lost."""
 
 from __future__ import annotations

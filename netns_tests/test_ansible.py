@@ -109,6 +109,9 @@ def test_the_playbook_rolls_out_the_lab_from_bare_namespaces(lab: Lab, ansible_l
         log = ansible_lab.daemon_log(node)
         assert "running:" in log and "node setup: done" not in log, log[-3000:]
         assert "setup: check" in ansible_lab.config_file(node).read_text()
+    # One balancer (no mplsorch_balancer_cluster): no cluster section, no etcd client installed.
+    assert "cluster:" not in ansible_lab.config_file("lb").read_text()
+    assert not list(ansible_lab.venv.glob("lib/python*/site-packages/aetcd"))
 
 
 def test_http_through_the_vips_works_from_every_client(lab: Lab, rollout: Run) -> None:

@@ -1,8 +1,9 @@
 """`lab bench setup` at a tiny size in the lab, so the benchmark cannot rot: the run itself
 fails unless every first packet left the balancer node, the daemon counted every session and
-the kernel holds a filter for each (IPVS: a connection each), and the second flood never reached
-the daemon; here its JSON keeps the documented keys and its ratios and goals follow from its
-figures."""
+the kernel holds a filter for each (IPVS: a connection each), the second flood never reached
+the daemon, and the latency's second connects (existing sessions) never reached it either; here
+its JSON keeps the documented keys, its ratios and goals follow from its figures, and the
+latency ran per repeat with IPVS beside the daemon."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from orchestrator.lab.bench.result import GOALS
 from orchestrator.lab.kit import Lab, patience
 
-SESSIONS, SAMPLES = 200, 10
+SESSIONS, SAMPLES, REPEATS = 200, 10, 2
 
 
 def test_setup_bench_measures_all_five_figures(lab: Lab) -> None:
@@ -28,6 +29,8 @@ def test_setup_bench_measures_all_five_figures(lab: Lab) -> None:
             str(SESSIONS),
             "--samples",
             str(SAMPLES),
+            "--repeats",
+            str(REPEATS),
             "--json",
         ],
         capture_output=True,
@@ -36,7 +39,7 @@ def test_setup_bench_measures_all_five_figures(lab: Lab) -> None:
     )
     assert run.returncode == 0, run.stderr[-4000:]
     out = json.loads(run.stdout)
-    assert (out["sessions"], out["samples"]) == (SESSIONS, SAMPLES)
+    assert (out["sessions"], out["samples"], out["repeats"]) == (SESSIONS, SAMPLES, REPEATS)
     rates = {
         "a": out["kernel_limit_sessions_per_s"],
         "b": out["sessions_per_s"],
@@ -59,3 +62,11 @@ def test_setup_bench_measures_all_five_figures(lab: Lab) -> None:
         goal = out["goals"][name]
         assert goal["value"] == ratios[name]
         assert goal["met"] is (ratios[name] >= bound if comparison == ">=" else ratios[name] <= bound)
+    # The latency, IPVS beside the daemon and their connects interleaved: per repeat both systems,
+    # each source one new session on the daemon, whose second connect never reached it.
+    assert [len(out["latency_repeats"][system]) for system in ("balancer", "ipvs")] == [REPEATS, REPEATS]
+    assert len(out["ratio_repeats"]["new_p99_vs_ipvs"]) == REPEATS
+    used = out["latency_userspace"]
+    # (the client's own address warms the path up: one more session)
+    assert SAMPLES * REPEATS <= used["sessions_started"] <= SAMPLES * REPEATS + 1, used
+    assert used["packets_userspace"] <= used["sessions_started"] + out["syn_retransmits"]["balancer"], used

@@ -19,15 +19,12 @@ from typing import Any
 
 import pytest
 
-from orchestrator.lab.cluster_lab import MEMBER_LABELS, TTL, ClusterLab
+from orchestrator.lab.cluster_lab import LINK_EVENT, MEMBER_LABELS, TTL, ClusterLab
 from orchestrator.lab.kit import Lab, patience
 from orchestrator.lab.traffic import last_json, spawn_stream, wait, wait_running
 
 INTERVAL = 0.02
 KEYS = ("service", "key", "server", "c2s_label", "s2c_label")
-# After the links went down, the time the kernel may take to act on it (the link watch and the
-# route's next-hop flags are a work queue's, run late on a loaded UML).
-LINK_EVENT = 0.5
 IN_FLIGHT = 5  # datagrams (and their echoes) on the way when the links went down
 # etcd's packets to lb2 held back while the streams start (ms): lb2 learns c1's new row that much
 # after lb wrote it, so c1's first answers surely reach lb2 first (not left to the race's timing)

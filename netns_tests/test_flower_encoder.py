@@ -1,4 +1,4 @@
-"""Our cls_flower/act_mpls encoder against `tc`: the same filter made both ways reads back the
+"""Our cls_flower encoder (act_mpls, act_skbedit, act_gact pass) against `tc`: the same filter made both ways reads back the
 same from the kernel; offload policy and state are what the kernel says."""
 
 from __future__ import annotations
@@ -221,6 +221,26 @@ CASES = [
             OURS_DEV, 1001, ops.FlowerMatch(mpls_label=1001), (ops.SetMark(0x6D6003E9),), ops.Direction.INGRESS, pref=20
         ),
     ),
+    # The balancer's liveness filter of a label-aware session: counts [C2S] and lets it pass.
+    (
+        [
+            "protocol",
+            "mpls_uc",
+            "pref",
+            "21",
+            "handle",
+            "256256",
+            "flower",
+            "mpls_label",
+            "1001",
+            "action",
+            "gact",
+            "pass",
+        ],
+        ops.FlowerFilter(
+            OURS_DEV, 256256, ops.FlowerMatch(mpls_label=1001), (ops.Pass(),), ops.Direction.INGRESS, pref=21
+        ),
+    ),
 ]
 
 
@@ -239,7 +259,7 @@ def devices(lab: Lab) -> Iterator[str]:
 @pytest.mark.parametrize(
     "tc_args, ours",
     CASES,
-    ids=["reference", "tcp-port-ttl", "ipv6-udp", "pop", "sctp-port", "ipv6-esp", "mpls-label-mark"],
+    ids=["reference", "tcp-port-ttl", "ipv6-udp", "pop", "sctp-port", "ipv6-esp", "mpls-label-mark", "liveness-pass"],
 )
 def test_same_filter_reads_back_the_same(lab: Lab, devices: str, tc_args: list[str], ours: ops.FlowerFilter) -> None:
     lb = devices

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from orchestrator.dataplane import ops
+from orchestrator.dataplane import ops, records
 from orchestrator.lab.kit import Lab, patience
 from orchestrator.lab.server_lab import ServerLab, server_config
 from orchestrator.lab.traffic import GET
@@ -75,6 +75,15 @@ def test_answers_leave_the_server_under_the_balancer_label_and_s2c(lab: Lab, far
     assert core_stacks == {(s1_label, c2s), (s2c,)}, core_stacks
     learned = _agent_session(farm, "s1", c1, lab.vip)
     assert (learned["c2s_label"], learned["s2c_label"]) == (c2s, s2c)
+    # The return route points at the session's nexthop object, whose id says its S2C (as the
+    # kernel shows them to iproute2 too).
+    nh_id = records.nexthop_id(s2c, 4)
+    dumped = [i.obj for i in lab.provider("s1").dump()]
+    nexthop = next(o for o in dumped if isinstance(o, ops.EncapNexthop) and o.id == nh_id)
+    assert nexthop.labels == (lb_label, s2c), dumped
+    assert any(isinstance(o, ops.NexthopRoute) and o.dst == f"{c1}/32" and o.nexthop == nh_id for o in dumped), dumped
+    shown = lab.sh("s1", "ip", "nexthop", "show", "id", str(nh_id)).stdout
+    assert f"encap mpls  {lb_label}/{s2c}" in shown or f"encap mpls {lb_label}/{s2c}" in shown, shown
     assert f"session learned: {c1} -> {lab.vip} c2s {c2s} s2c {s2c}" in farm.agents["s1"].log()
 
 
@@ -104,8 +113,11 @@ def test_udp_sessions_are_learned_and_end_after_their_flow_and_the_persistence(l
     # conntrack's UDP timeout (3 s), its garbage collector (up to a minute) and the persistence (2 s)
     _wait_for(f"session end: {c3} -> {lab.vip} c2s {c2s} s2c {s2c} (persistence timeout)", agent.log, 180)
     assert c2s not in {s["c2s_label"] for s in agent.sessions()}
-    routes = [i.obj for i in lab.provider(server).dump() if isinstance(i.obj, ops.EncapRoute)]
-    assert not [r for r in routes if r.labels[-1] == s2c], routes
+    dumped = [i.obj for i in lab.provider(server).dump()]
+    assert not [o for o in dumped if isinstance(o, ops.EncapRoute) and o.labels[-1] == s2c], dumped
+    # The session's nexthop object went with its route.
+    assert not [o for o in dumped if isinstance(o, ops.EncapNexthop) and o.labels[-1] == s2c], dumped
+    assert not [o for o in dumped if isinstance(o, ops.NexthopRoute) and o.nexthop == records.nexthop_id(s2c, 4)]
 
 
 def test_only_the_first_packet_of_each_flow_reaches_an_agent(farm: ServerLab) -> None:

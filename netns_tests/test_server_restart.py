@@ -7,8 +7,9 @@ down and a restart. While they are down, new flows of the existing sessions are 
 their sessions' S2C labels (the return routes stay), and a new session's first packets pass the
 server's queue unqueued (`bypass`) and, with no return route and no plain-IP way back, are not
 answered: counted. After the restart every datagram was echoed, every download is complete, each
-agent restored its sessions from its return routes and conntrack, and no route, rule or filter of
-the servers was deleted, added or replaced (`ip monitor`, `tc monitor` silent).
+agent restored its sessions from its return routes (each to its session's nexthop object) and
+conntrack, and no route, nexthop, rule or filter of the servers was deleted, added or replaced
+(`ip monitor`, `tc monitor` silent).
 
 The balancer's fail policy: with the daemon down, a `closed` service's first packets are dropped
 (the queue rule has no `bypass` and nothing listens), an `open` one's pass unqueued as plain IP;
@@ -76,6 +77,7 @@ def _kernel(lab: Lab, node: str) -> dict[str, list[str]]:
             for line in lines("ip", family, "-o", "route", "show", "table", "all")
             if "encap mpls" in line
         ],
+        "nexthops": lines("ip", "nexthop", "show"),  # the return routes' (one per session)
         "mpls_routes": lines("ip", "-f", "mpls", "route", "show"),
         "filters": lab.sh(node, "tc", "filter", "show", "dev", fabric, "ingress").stdout.splitlines(),
         "rules": lines("ip", "rule", "show") + lines("ip", "-6", "rule", "show"),
@@ -126,7 +128,7 @@ def test_agents_sigkill_outage_and_restart_lose_nothing(lab: Lab, farm: ServerLa
         monitors: dict[tuple[str, str], Path] = {}
         for server in servers:
             run = Path(lab.node(server)["runtime_dir"])
-            for kind, cmd in (("ip", ("ip", "-o", "monitor", "route", "rule")), ("tc", ("tc", "monitor"))):
+            for kind, cmd in (("ip", ("ip", "-o", "monitor", "route", "rule", "nexthop")), ("tc", ("tc", "monitor"))):
                 monitors[server, kind] = run / f"server-restart-{kind}-monitor.log"
                 mon.append(lab.spawn(server, *cmd, log=monitors[server, kind]))
         time.sleep(0.5)
@@ -173,7 +175,9 @@ def test_agents_sigkill_outage_and_restart_lose_nothing(lab: Lab, farm: ServerLa
         tcp = {c: last_json(downloads[c]) for c in clients}
         queued = sum(outage[s]["queued"] - counters[s]["queued"] for s in servers)
         routes_before = {
-            s: sorted(re.findall(r"^(\S+)\s+encap mpls\s+(\d+)/(\d+)", "\n".join(k["return_routes"]), re.M))
+            s: sorted(
+                re.findall(r"^(\S+)\s+(?:nhid \d+\s+)?encap mpls\s+(\d+)/(\d+)", "\n".join(k["return_routes"]), re.M)
+            )
             for s, k in kernel_before.items()
         }
         print(

@@ -156,14 +156,35 @@ def bench_setup(
     sessions: int = typer.Option(
         2000, "--sessions", min=1, max=40000, help="First packets (new sessions) for the rate."
     ),
-    samples: int = typer.Option(100, "--samples", min=1, max=4000, help="New/existing connect pairs for the latency."),
+    samples: int = typer.Option(
+        100, "--samples", min=1, max=4000, help="New/existing connect pairs per system and repeat."
+    ),
+    repeats: int = typer.Option(1, "--repeats", min=1, max=4000, help="Latency runs (samples x repeats <= 4000)."),
     json_output: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
     """The kernel's limit (the daemon's per-session objects through tc/ip/nft batches), the daemon's
     new sessions/s, IPVS's new connections/s, new connections/s of existing sessions, connect
-    p50/p99 (new, existing session) against IPVS, in one lab run; ratios and goals (issue 15)."""
-    args = ["--sessions", str(sessions), "--samples", str(samples)] + (["--json"] if json_output else [])
+    p50/p99 (new, existing session) against IPVS beside it, interleaved, per repeat and pooled,
+    in one lab run; ratios and goals (issue 15)."""
+    args = ["--sessions", str(sessions), "--samples", str(samples), "--repeats", str(repeats)]
+    args += ["--json"] if json_output else []
     raise typer.Exit(_in_lab("orchestrator.lab.bench.setup", args))
+
+
+@bench_app.command("nexthops")
+def bench_nexthops(
+    sessions: list[int] = typer.Option(
+        [10_000, 50_000], "--sessions", min=1, max=400_000, help="Return routes per run (repeat for several N)."
+    ),
+    repeats: int = typer.Option(2, "--repeats", min=1, max=10, help="Runs of each, plain and nexthop alternating."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+) -> None:
+    """A server's S2C return routes sharing one gateway, plain encap routes against routes to
+    nexthop objects: `ip -batch` routes/s and the server agent's sessions/s each way, per N
+    (the fastest of the repeats)."""
+    args = ["--sessions", *(str(n) for n in sessions), "--repeats", str(repeats)]
+    args += ["--json"] if json_output else []
+    raise typer.Exit(_in_lab("orchestrator.lab.bench.nexthops", args))
 
 
 @bench_app.command("scale")
@@ -192,6 +213,20 @@ def bench_restart(
     streams lost across the SIGKILL, the install and the restart."""
     args = ["--sessions", str(sessions)] + (["--json"] if json_output else []) + (["--profile"] if profile else [])
     raise typer.Exit(_in_lab("orchestrator.lab.bench.restart", args))
+
+
+@bench_app.command("cluster")
+def bench_cluster(
+    sessions: int = typer.Option(
+        10_000, "--sessions", min=2, max=30_000, help="First packets (new sessions) per phase."
+    ),
+    json_output: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+) -> None:
+    """New sessions/s of one balancer, then of two in cluster mode with etcd (the first packets
+    spread over both), the ratio; etcd's writes per session (its own counters); the failover gap
+    in ms of a counted UDP stream when one balancer is killed. One lab run (issue 16)."""
+    args = ["--sessions", str(sessions)] + (["--json"] if json_output else [])
+    raise typer.Exit(_in_lab("orchestrator.lab.bench.cluster", args))
 
 
 # ---- lab kernel: the UML backend's kernel ----

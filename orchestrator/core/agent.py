@@ -3,8 +3,10 @@ operations and verdicts out).
 
 A server learns each session in-band, from the first packet of each new flow that arrives under a
 session label (the ingress ruleset copies the label into the packet mark; see
-capture/server_rules): no message from the balancer. It answers with S2C = C2S + 1: one lwtunnel
-route per (VIP, client) in the VIP's return table, encap [balancer transport, S2C]. Return routes
+capture/server_rules): no message from the balancer. It answers with S2C = C2S + 1: one route
+per (VIP, client) in the VIP's return table to a nexthop object of its session (encap [balancer
+transport, S2C] via the fabric next hop; its id from the S2C label, dataplane/records.py), or,
+on a kernel without nexthop objects, a plain lwtunnel encap route with the same stack. Return routes
 end like balancer sessions: when conntrack has destroyed the session's last flow and the
 persistence timeout has passed.
 
@@ -15,52 +17,31 @@ ends, so no answer ever goes out under a label whose session has ended.
 
 from __future__ import annotations
 
-import collections
-import enum
-from dataclasses import dataclass, field
+import errno
+from dataclasses import dataclass
 from typing import Any, Sequence
 
-from orchestrator.analyze.packet import Packet, analyze
 from orchestrator.config.server_model import ServerConfig
-from orchestrator.core.events import (
-    Action,
-    FlowKey,
-    FlowsEnded,
-    FlowsStarted,
-    FlowTableResync,
-    LabelledPacket,
-    PacketVerdict,
-)
-from orchestrator.dataplane import ops
+from orchestrator.core.events import FlowKey, LabelledPacket, PacketVerdict
+from orchestrator.core.learning import MARK_MASK as MARK_MASK
+from orchestrator.core.learning import MARK_TAG as MARK_TAG
+from orchestrator.core.learning import PREF_LEARN as PREF_LEARN
+from orchestrator.core.learning import LearnedSession, LearningAgent, Plan, State, host
+from orchestrator.core.learning import label_of as label_of
+from orchestrator.dataplane import ops, records
+
+__all__ = ["MARK_MASK", "MARK_TAG", "PREF_LEARN", "RULE_PRIORITY", "ReturnSession", "ServerAgent", "State", "label_of"]
 
 RULE_PRIORITY = 1000  # `from VIP lookup TABLE`: before the main table (32766)
-MARK_TAG = 0x6D600000  # "m`" in the high 12 bits; the low 20 bits carry the session label
-MARK_MASK = 0xFFF00000
-PREF_LEARN = 20  # the ingress label-marking filters
-
-
-def label_of(mark: int) -> int | None:
-    """The session label a packet mark carries, or None for a mark that is not ours."""
-    return mark & 0xFFFFF if mark & MARK_MASK == MARK_TAG else None
-
-
-class State(enum.StrEnum):
-    SERVING = "serving"  # flows alive
-    DRAINING = "draining"  # no flow left; ends when the persistence timeout has passed
 
 
 @dataclass
-class ReturnSession:
+class ReturnSession(LearnedSession):
     """A session as the server knows it: the label it arrived under and where answers go."""
 
     c2s: int
     client: str
     vip: str
-    created: float
-    last_seen: float
-    state: State = State.SERVING
-    flows: set[FlowKey] = field(default_factory=set)
-    ends_at: float | None = None
 
     @property
     def s2c(self) -> int:
@@ -68,44 +49,38 @@ class ReturnSession:
 
     def view(self) -> dict[str, Any]:
         """The documented JSON row of `mplsorch sessions --json` on a server."""
-        return {
-            "client": self.client,
-            "vip": self.vip,
-            "c2s_label": self.c2s,
-            "s2c_label": self.s2c,
-            "state": str(self.state),
-            "flows": len(self.flows),
-            "created": self.created,
-            "last_seen": self.last_seen,
-            "ends_at": self.ends_at,
-        }
+        return {"client": self.client, "vip": self.vip, "c2s_label": self.c2s, "s2c_label": self.s2c, **self.times()}
 
 
-@dataclass
-class Plan:
-    """The operations a batch of first packets needs, and the packets' verdicts, which are sent
-    only after the operations are applied (so even the first answer leaves labelled)."""
+class ServerAgent(LearningAgent[ReturnSession]):
+    """Sessions by C2S label."""
 
-    ops: list[ops.Operation] = field(default_factory=list)
-    verdicts: list[PacketVerdict] = field(default_factory=list)
+    OUTSIDE = "label_outside_block"
 
-
-def _host(address: str) -> str:
-    return f"{address}/{128 if ':' in address else 32}"
-
-
-class ServerAgent:
-    def __init__(self, config: ServerConfig) -> None:
-        self.sessions: dict[int, ReturnSession] = {}  # by C2S label
-        self.by_flow: dict[FlowKey, ReturnSession] = {}
+    def __init__(self, config: ServerConfig, nexthops: bool = True) -> None:
+        super().__init__()
+        # The sessions of each (VIP, client), by C2S: what its return route chooses from, found
+        # without a walk over every session (which made learning quadratic in their number).
+        self.by_pair: dict[tuple[str, str], dict[int, ReturnSession]] = {}
         self.routes: dict[tuple[str, str], int] = {}  # (VIP, client) -> S2C installed
-        self.counters: collections.Counter[str] = collections.Counter()
+        # (VIP, client) -> the nexthop object its route points at, as installed (or restored);
+        # absent for a plain encap route.
+        self.route_nexthops: dict[tuple[str, str], ops.EncapNexthop] = {}
+        # Whether return routes use nexthop objects: the daemon says whether the kernel has them,
+        # and a nexthop refused as not supported turns them off (`commit`).
+        self.nexthops = nexthops
+        self.retry: set[tuple[str, str]] = set()  # routes to program again, as plain encap routes
         self.configure(config)
 
-    def count(self, event: str, n: int = 1) -> None:
-        """An event the daemon saw around the core (unmarked packets, a failed batch), counted
-        with the core's own."""
-        self.counters[event] += n
+    @property
+    def persistence(self) -> float:
+        return self.config.persistence_timeout
+
+    def learned_labels(self) -> Sequence[int]:
+        return self.block
+
+    def label(self, session: ReturnSession) -> int:
+        return session.c2s
 
     def configure(self, config: ServerConfig) -> None:
         self.config = config
@@ -126,32 +101,33 @@ class ServerAgent:
         locally) and an ingress filter on each fabric link that marks the packet with its label
         (MARK_TAG | label) before the pop, so the ruleset can queue a new flow's first packet
         with its label; and one `from VIP lookup TABLE` rule per VIP."""
-        objs: list[ops.DataplaneObject] = [ops.ClsactQdisc(dev) for dev in self.config.fabric]
-        objs += [ops.MplsRoute(label, "lo") for label in self.block]
-        objs += [
-            ops.FlowerFilter(
-                dev,
-                label,
-                ops.FlowerMatch(mpls_label=label),
-                (ops.SetMark(MARK_TAG | label),),
-                ops.Direction.INGRESS,
-                PREF_LEARN,
-            )
-            for dev in self.config.fabric
-            for label in self.block
-        ]
-        objs += [ops.Rule(_host(vip), table, RULE_PRIORITY) for vip, table in self.tables.items()]
+        objs = self.marking_objects(self.config.fabric)
+        objs += [ops.Rule(host(vip), table, RULE_PRIORITY) for vip, table in self.tables.items()]
         return objs
 
     def return_route(self, vip: str, client: str, s2c: int) -> ops.EncapRoute:
         version = 6 if ":" in client else 4
         via = self.config.next_hop(version)
         return ops.EncapRoute(
-            _host(client),
+            host(client),
             (self.config.balancer_transport_label, s2c),
             self.config.fabric[0],
             None if via is None else str(via),
             self.tables[vip],
+        )
+
+    def return_nexthop(self, client: str, s2c: int) -> ops.EncapNexthop | None:
+        """The nexthop object of the return route under `s2c` to `client` (None without a next
+        hop of the client's family)."""
+        version = 6 if ":" in client else 4
+        via = self.config.next_hop(version)
+        if via is None:
+            return None
+        return ops.EncapNexthop(
+            records.nexthop_id(s2c, version),
+            (self.config.balancer_transport_label, s2c),
+            self.config.fabric[0],
+            str(via),
         )
 
     # -- first packets ----------------------------------------------------------------------------
@@ -159,14 +135,8 @@ class ServerAgent:
         plan = Plan()
         touched: set[tuple[str, str]] = set()
         for p in packets:
-            plan.verdicts.append(PacketVerdict(p.queue, p.packet_id, Action.ACCEPT))  # never break traffic
-            self.counters["packets_userspace"] += 1
-            info = analyze(p.data)
-            if not isinstance(info, Packet):
-                self.counters[f"malformed:{info.reason}"] += 1
-                continue
-            if p.label not in self.block:
-                self.counters["label_outside_block"] += 1
+            info = self.admit(p, plan)
+            if info is None:
                 continue
             if info.dst not in self.tables:
                 self.counters["not_a_vip"] += 1
@@ -186,13 +156,10 @@ class ServerAgent:
                 plan.ops += self._end(session)
                 session = None
             if session is None:
-                session = ReturnSession(p.label, info.src, info.dst, now, now)
-                self.sessions[p.label] = session
+                session = ReturnSession(p.label, info.src, info.dst, created=now, last_seen=now)
+                self._add(session)
                 self.counters["sessions_learned"] += 1
-            flow = FlowKey(info.proto, info.src, info.dst, info.sport, info.dport)
-            session.flows.add(flow)
-            self.by_flow[flow] = session
-            session.state, session.ends_at, session.last_seen = State.SERVING, None, now
+            self.serve(session, FlowKey(info.proto, info.src, info.dst, info.sport, info.dport), now)
             touched.add((session.vip, session.client))
         for vip, client in touched:
             plan.ops += self._route_ops(vip, client)
@@ -200,63 +167,77 @@ class ServerAgent:
 
     def commit(self, plan: Plan, results: Sequence[ops.OpResult]) -> list[PacketVerdict]:
         """Count failed return routes (their answers go out as plain IP; nothing is dropped) and
-        forget what the kernel does not hold, so the next first packet tries again."""
+        forget what the kernel does not hold, so the next first packet tries again. A nexthop
+        object refused as not supported (EOPNOTSUPP: a kernel without them) turns nexthops off;
+        the routes that failed with it are in `retry`, for `retry_ops` to make as plain routes."""
+        unsupported = False
+        failed: list[tuple[str, str]] = []
         for r in results:
-            if not r.ok:
-                self.counters["route_errors"] += 1
-                if isinstance(r.op, (ops.Add, ops.Replace)) and isinstance(r.op.obj, ops.EncapRoute):
-                    vip = next(v for v, t in self.tables.items() if t == r.op.obj.table)
-                    self.routes.pop((vip, r.op.obj.dst.split("/")[0]), None)
+            if r.ok:
+                continue
+            obj = r.op.obj
+            if isinstance(obj, ops.EncapNexthop):
+                unsupported |= r.errno == errno.EOPNOTSUPP
+                continue
+            self.counters["route_errors"] += 1
+            if isinstance(r.op, (ops.Add, ops.Replace)) and isinstance(obj, (ops.EncapRoute, ops.NexthopRoute)):
+                vip = next(v for v, t in self.tables.items() if t == obj.table)
+                pair = (vip, obj.dst.split("/")[0])
+                self.routes.pop(pair, None)
+                self.route_nexthops.pop(pair, None)
+                failed.append(pair)
+        if unsupported and self.nexthops:
+            self.nexthops = False
+            self.counters["nexthops_unsupported"] += 1
+            self.retry.update(failed)
         return plan.verdicts
+
+    def retry_ops(self) -> list[ops.Operation]:
+        """The return routes a refused nexthop left out, now as plain encap routes."""
+        pairs, self.retry = self.retry, set()
+        return [op for vip, client in sorted(pairs) for op in self._route_ops(vip, client)]
 
     def _route_ops(self, vip: str, client: str) -> list[ops.Operation]:
         """Bring the (VIP, client) return route to the newest live session's S2C."""
-        live = [s for s in self.sessions.values() if (s.vip, s.client) == (vip, client)]
+        live = list(self.by_pair.get((vip, client), {}).values())
         current = self.routes.get((vip, client))
+        old = self.route_nexthops.pop((vip, client), None)
         if not live:
             if current is None:
                 return []
             del self.routes[vip, client]
-            return [ops.Delete(self.return_route(vip, client, current))]
+            plain = self.return_route(vip, client, current)
+            if old is None:
+                return [ops.Delete(plain)]
+            return [ops.Delete(ops.NexthopRoute(plain.dst, old.id, plain.table)), ops.Delete(old)]
         want = max(live, key=lambda s: (s.last_seen, s.created)).s2c
         if want == current:
+            if old is not None:
+                self.route_nexthops[vip, client] = old
             return []
         self.routes[vip, client] = want
-        route = self.return_route(vip, client, want)
-        return [ops.Replace(route) if current is not None else ops.Add(route)]
-
-    # -- flows and time -----------------------------------------------------------------------------
-    def on_flow_events(self, events: Sequence[FlowsStarted | FlowsEnded | FlowTableResync], now: float) -> None:
-        """Flow ends drain sessions; a server learns its flows in-band, so starts say nothing new."""
-        for event in events:
-            if isinstance(event, FlowsStarted):
-                continue
-            if isinstance(event, FlowsEnded):
-                ended: Sequence[FlowKey] = event.flows
-            else:
-                self.counters["conntrack_sweeps" if event.sweep else "conntrack_resyncs"] += 1
-                ended = [f for f in self.by_flow if f not in event.live]
-            for flow in ended:
-                session = self.by_flow.pop(flow, None)
-                if session is None:
-                    continue
-                session.flows.discard(flow)
-                if not session.flows:
-                    session.state = State.DRAINING
-                    session.ends_at = now + self.config.persistence_timeout
-
-    def tick(self, now: float) -> list[ops.Operation]:
+        nexthop = self.return_nexthop(client, want) if self.nexthops else None
         out: list[ops.Operation] = []
-        for session in list(self.sessions.values()):
-            if session.state == State.DRAINING and session.ends_at is not None and now >= session.ends_at:
-                out += self._end(session)
-        return out
+        route: ops.EncapRoute | ops.NexthopRoute = self.return_route(vip, client, want)
+        if nexthop is not None:
+            # The nexthop first (create or overwrite: its id is the S2C's), then the route to it;
+            # the old session's nexthop last, once no route uses it.
+            self.route_nexthops[vip, client] = nexthop
+            out.append(ops.Replace(nexthop))
+            route = ops.NexthopRoute(route.dst, nexthop.id, route.table)
+        out.append(ops.Replace(route) if current is not None else ops.Add(route))
+        return out + ([ops.Delete(old)] if old is not None else [])
 
-    def _end(self, session: ReturnSession) -> list[ops.Operation]:
-        del self.sessions[session.c2s]
-        for flow in session.flows:
-            self.by_flow.pop(flow, None)
-        self.counters["sessions_ended"] += 1
+    def _add(self, session: ReturnSession) -> None:
+        self.sessions[session.c2s] = session
+        self.by_pair.setdefault((session.vip, session.client), {})[session.c2s] = session
+
+    def _forget(self, session: ReturnSession) -> list[ops.Operation]:
+        """The client's return route falls back to its next live session, or goes."""
+        pair = self.by_pair[session.vip, session.client]
+        del pair[session.c2s]
+        if not pair:
+            del self.by_pair[session.vip, session.client]
         return self._route_ops(session.vip, session.client)
 
     # -- restart ----------------------------------------------------------------------------------
@@ -266,28 +247,44 @@ class ServerAgent:
         between a client and a VIP join that session; routes without one drain. Routes in no
         VIP's table any more, or under a label outside the block, are deleted."""
         by_table = {table: vip for vip, table in self.tables.items()}
+        nexthops = {
+            i.obj.id: i.obj
+            for i in installed
+            if isinstance(i.obj, ops.EncapNexthop) and i.obj.id in records.NEXTHOP_IDS and i.obj.labels
+        }
+        used: set[int] = set()
         stale: list[ops.Operation] = []
         for item in installed:
             route = item.obj
-            if not isinstance(route, ops.EncapRoute):
+            nexthop = None
+            if isinstance(route, ops.NexthopRoute):
+                nexthop = nexthops.get(route.nexthop)
+                if nexthop is None or records.nexthop_label(nexthop.id) != (nexthop.labels[-1], nexthop.family):
+                    stale.append(ops.Delete(route))  # to no nexthop of ours, or one whose id lies
+                    continue
+                s2c = nexthop.labels[-1]
+            elif isinstance(route, ops.EncapRoute):
+                s2c = route.labels[-1]
+            else:
                 continue
             vip = by_table.get(route.table)
-            c2s = route.labels[-1] - 1
+            c2s = s2c - 1
             client = route.dst.split("/")[0]
             if vip is None or c2s not in self.block or c2s in self.sessions:
                 stale.append(ops.Delete(route))
                 continue
-            self.sessions[c2s] = ReturnSession(c2s, client, vip, now, now)
+            self._add(ReturnSession(c2s, client, vip, created=now, last_seen=now))
             self.routes[vip, client] = c2s + 1
-        by_pair = {(s.client, s.vip): s for s in self.sessions.values()}
+            if nexthop is not None:
+                self.route_nexthops[vip, client] = nexthop
+                used.add(nexthop.id)
+        # Nexthops of ours that no kept route uses (a crash between a nexthop and its route).
+        stale += [ops.Delete(nh) for nh_id, nh in nexthops.items() if nh_id not in used]
+        of_flow = {(s.client, s.vip): s for s in self.sessions.values()}
         for flow in live:
-            session = by_pair.get((flow.src, flow.dst))
+            session = of_flow.get((flow.src, flow.dst))
             if session is not None:
                 session.flows.add(flow)
                 self.by_flow[flow] = session
-        for session in self.sessions.values():
-            if not session.flows:
-                session.state = State.DRAINING
-                session.ends_at = now + self.config.persistence_timeout
-        self.counters["restored_sessions"] = len(self.sessions)
+        self.restored(now)
         return stale

@@ -42,6 +42,9 @@ from orchestrator.dataplane.ops import Operation
 FLOWER_PROTOS = frozenset(ipproto.BY_NAME)  # every service protocol has a flower ip_proto key
 PREF_IPV4, PREF_IPV6 = 10, 11  # the kernel keeps one protocol per filter priority
 PREF_ESP = 12  # cls_u32 nodes of esp-spi sessions, both families (protocol all): one classifier per priority too
+PREF_LIVENESS = (
+    13  # label-aware sessions' liveness filters (protocol mpls_uc), ingress of clients.label_aware_interfaces
+)
 
 
 class Ports(Protocol):
@@ -115,6 +118,9 @@ class Balancer:
         # Embryonic sessions by deadline: (embryonic_until, session id); entries of sessions that
         # ended or were answered meanwhile are skipped when they come up.
         self._embryonic: list[tuple[float, int]] = []
+        # Liveness checks of label-aware sessions by when they are due: (label_check_at, session
+        # id); entries whose session ended or was rescheduled meanwhile are skipped.
+        self._liveness: list[tuple[float, int]] = []
         # Cluster mode (config.cluster): the shared table's changes this balancer owes it, by
         # (service, key): the session to write, None to delete (taken by the daemon, see
         # take_changes); and whether the store answers (new sessions follow when_store_down).
@@ -433,6 +439,13 @@ class Balancer:
         )
         session.objects = [o for o in session.objects if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
         session.objects.append(route)
+        if aware and hop.dev in self.config.clients.label_aware_interfaces:
+            # Its client's labelled packets arrive there and are switched past conntrack: the
+            # liveness filter counts them, so the session lives while they come (liveness_due).
+            live = self.liveness_filter(session, hop.dev)
+            if live not in session.objects:
+                plan.ops.append(ops.Add(live))
+                session.objects.append(live)
         c2s_route = self.c2s_route(session)
         if aware and c2s_route not in session.objects:
             # The client agent labels the session's later packets [C2S]: switched on that alone.
@@ -452,6 +465,25 @@ class Balancer:
             via=str(self.config.interfaces.fabric_next_hop),
             out_labels=(self.transport[session.server], session.c2s),
         )
+
+    def liveness_filter(self, session: Session, dev: str) -> ops.FlowerFilter:
+        """The liveness filter of a label-aware session on `dev` (one of
+        clients.label_aware_interfaces): ingress, `mpls_label C2S`, act_gact pass. It changes
+        nothing of the packet's way (af_mpls switches it after tc ingress); its action counts
+        the [C2S] packets the client agent sends, which the balancer's conntrack never sees."""
+        return ops.FlowerFilter(
+            dev,
+            handles.filter_handle(session.c2s, 0),
+            ops.FlowerMatch(mpls_label=session.c2s),
+            (ops.Pass(),),
+            direction=ops.Direction.INGRESS,
+            pref=PREF_LIVENESS,
+            offload=self.config.interfaces.offload_of(dev),
+        )
+
+    @staticmethod
+    def liveness_filters(session: Session) -> list[ops.FlowerFilter]:
+        return [o for o in session.objects if isinstance(o, ops.FlowerFilter) and _is_liveness(o)]
 
     @staticmethod
     def fast_elements(session: Session, svc: Service, client: str) -> list[ops.FastPathElement]:
@@ -594,8 +626,21 @@ class Balancer:
             for flow in ended:
                 session = self.table.end_flow(flow)
                 if session is not None and not session.flows and session.state != State.CLOSING:
-                    session.state = State.DRAINING
-                    session.ends_at = now + self._persistence(session)
+                    self._drain(session, now)
+
+    def _drain(self, session: Session, now: float) -> None:
+        """Its last flow is gone: it ends after its persistence timeout. A label-aware session
+        with a liveness filter is checked instead: its count now (read at the next tick), then
+        again when the persistence has passed (liveness_due, on_liveness)."""
+        session.state = State.DRAINING
+        session.ends_at = now + self._persistence(session)
+        if session.owner is None and self.liveness_filters(session):
+            session.label_packets = None
+            self._check_liveness(session, now)
+
+    def _check_liveness(self, session: Session, at: float) -> None:
+        session.label_check_at = at
+        heapq.heappush(self._liveness, (at, session.id))
 
     def _adopt(self, flow: FlowKey, now: float) -> None:
         """A tagged flow the daemon did not see start: the kernel's fast path admitted it, so it
@@ -656,12 +701,83 @@ class Balancer:
             if session.owner is not None:
                 continue  # another member's: it ends when its key leaves the shared table
             if session.state == State.DRAINING and session.ends_at is not None and now >= session.ends_at:
+                if session.label_check_at is not None:
+                    continue  # a label-aware session: its liveness check ends it (on_liveness)
                 out += self.end(session, now, "persistence timeout")
         for c2s, until in list(self.markers.items()):
             if now >= until:  # the hold-down is over: the pair's marker goes
                 del self.markers[c2s]
                 out.append(ops.Delete(records.hold_marker(c2s + 1)))
         return out
+
+    # -- label-aware sessions' liveness ------------------------------------------------------------
+    def liveness_due(self, now: float) -> dict[int, tuple[ops.FlowerFilter, ...]]:
+        """Label-aware sessions whose liveness check is due, each with its liveness filters: the
+        daemon asks the kernel how many packets went through them and hands the counts to
+        `on_liveness`. Their later packets come labelled [C2S] and never reach the balancer's
+        conntrack, so their first flow's entry (and with it the session's flows) ends while the
+        client still sends: the filter's count tells. One request per due session, never a
+        dump of every filter."""
+        due: dict[int, tuple[ops.FlowerFilter, ...]] = {}
+        while self._liveness and self._liveness[0][0] <= now:
+            at, session_id = heapq.heappop(self._liveness)
+            session = self.table.by_id(session_id)
+            if session is None or session.label_check_at != at:
+                continue  # ended, or checked at another time since
+            filters = tuple(self.liveness_filters(session))
+            if session.flows or session.owner is not None or not filters:
+                session.label_check_at = None  # its flows decide again (a new drain checks anew)
+                continue
+            due[session_id] = filters
+        return due
+
+    def on_liveness(
+        self,
+        due: Mapping[int, Sequence[ops.FlowerFilter]],
+        counts: Sequence[int | None],
+        now: float,
+    ) -> tuple[list[ops.Operation], list[Session]]:
+        """`counts`: the packets that went through each filter of `due` (as `liveness_due`
+        returned it), in that order; None where the kernel could not say. A session's first
+        check (as it drains) only reads its count. At the next, a persistence timeout later:
+        a count that moved keeps it `serving` (its client sent [C2S] meanwhile), checked again
+        a persistence timeout later; a count that did not ends it, reason `persistence
+        timeout`. A count the kernel cannot give keeps it and checks again later
+        (`liveness_unchecked`): never end a session that may be in use. Returns the operations
+        and the sessions ended."""
+        out: list[ops.Operation] = []
+        ended: list[Session] = []
+        at = 0
+        for session_id, filters in due.items():
+            got = counts[at : at + len(filters)]
+            at += len(filters)
+            session = self.table.by_id(session_id)
+            if session is None or session.label_check_at is None:
+                continue
+            persistence = self._persistence(session)
+            self.counters["liveness_checks"] += 1
+            if any(c is None for c in got) or len(got) != len(filters):
+                self.counters["liveness_unchecked"] += 1
+                self._check_liveness(session, now + persistence)
+                continue
+            count = sum(c for c in got if c is not None)
+            if session.label_packets is None:  # the count as it drained: judged after its persistence
+                session.label_packets = count
+                if session.state == State.DRAINING:
+                    session.ends_at = now + persistence
+                self._check_liveness(session, now + persistence)
+                continue
+            if count != session.label_packets:  # (a filter replaced since counts from 0: kept too)
+                session.label_packets = count
+                session.state, session.ends_at, session.last_seen = State.SERVING, None, now
+                self.counters["liveness_kept"] += 1
+                self._check_liveness(session, now + persistence)
+                continue
+            session.label_check_at = None
+            self.counters["liveness_ended"] += 1
+            out += self.end(session, now, "persistence timeout")
+            ended.append(session)
+        return out, ended
 
     # -- embryonic sessions ------------------------------------------------------------------------
     def embryonic_due(self, now: float) -> dict[int, tuple[ops.FlowerFilter | ops.U32Filter, ...]]:
@@ -940,8 +1056,9 @@ class Balancer:
         filters = [
             (records.unpack(i.obj.tag), i.obj)
             for i in installed
-            if isinstance(i.obj, (ops.FlowerFilter, ops.U32Filter))
+            if isinstance(i.obj, (ops.FlowerFilter, ops.U32Filter)) and not _is_liveness(i.obj)
         ]
+        liveness = [i for i in installed if isinstance(i.obj, ops.FlowerFilter) and _is_liveness(i.obj)]
         # Recorded sessions first (their ids are taken), each session's filters in handle order
         # (the order its client addresses came in: their indexes go on from there).
         filters.sort(key=lambda rf: (rf[0] is None, isinstance(rf[1], ops.U32Filter), rf[1].handle))
@@ -964,6 +1081,7 @@ class Balancer:
                 self.config.clients.is_label_aware(c) for c in session.clients
             ):
                 session.objects.append(routes.pop(session.c2s))
+        stale += self._restore_liveness(liveness)
         # Each live flow joins the first session (in table order) of its client and VIP that
         # takes it: an index by (client, VIP), so the flows cost one lookup each, not a table
         # scan. A five-tuple session takes only its own flow (its key is the flow's five-tuple):
@@ -987,10 +1105,14 @@ class Balancer:
                     break
         for session in self.table:
             if not session.flows:
-                session.state = State.DRAINING
-                session.ends_at = now + self._persistence(session)
+                counted = session.label_packets
+                self._drain(session, now)
+                if counted is not None:  # the dump's count: judged after its persistence
+                    session.label_packets = counted
+                    self._check_liveness(session, now + self._persistence(session))
             else:
                 session.state = State.SERVING
+                session.label_packets = None
         claimed = {s.s2c for s in self.table}
         for label, route in routes.items():
             if label in claimed:
@@ -1008,6 +1130,34 @@ class Balancer:
         self.counters["restored_sessions"] = len(self.table)
         self.counters["restored_hold_downs"] = len(self.markers)
         return stale + self._migrate_u32()
+
+    def _restore_liveness(self, installed: Sequence[ops.Installed]) -> list[ops.Operation]:
+        """Each liveness filter joins the session of its C2S label when it is exactly the one
+        that session would have there (a label-aware client's, on a label-aware interface);
+        the session's baseline is the count the dump gave. The others are deleted."""
+        by_c2s = {s.c2s: s for s in self.table}
+        stale: list[ops.Operation] = []
+        counts: dict[int, list[int | None]] = {}
+        for item in installed:
+            flt = item.obj
+            assert isinstance(flt, ops.FlowerFilter)
+            session = by_c2s.get(flt.match.mpls_label or 0)
+            if (
+                session is None
+                or flt in session.objects
+                or flt != self.liveness_filter(session, flt.dev)
+                or flt.dev not in self.config.clients.label_aware_interfaces
+                or not any(self.config.clients.is_label_aware(c) for c in session.clients)
+            ):
+                stale.append(ops.Delete(flt))
+                continue
+            session.objects.append(flt)
+            counts.setdefault(session.id, []).append(item.packets)
+        for session_id, got in counts.items():
+            session = self.table.by_id(session_id)
+            if session is not None and all(c is not None for c in got):
+                session.label_packets = sum(c for c in got if c is not None)
+        return stale
 
     def _migrate_u32(self) -> list[ops.Operation]:
         """Restored u32 nodes of the IPv4-only layout (protocol ip) move to the protocol-all
@@ -1313,3 +1463,19 @@ def _filter_client(flt: ops.FlowerFilter | ops.U32Filter) -> str:
         esp = ops.esp_of(flt.keys)
         return esp[0] if esp else ""
     return (flt.match.src or "").split("/")[0]
+
+
+def _is_liveness(flt: ops.FlowerFilter | ops.U32Filter) -> bool:
+    """A label-aware session's liveness filter (ingress, matching its C2S label)?"""
+    return (
+        isinstance(flt, ops.FlowerFilter)
+        and flt.direction == ops.Direction.INGRESS
+        and flt.match.mpls_label is not None
+    )
+
+
+def qdiscs(config: BalancerConfig) -> list[ops.ClsactQdisc]:
+    """The clsact qdiscs the balancer's filters need: its C2S filters' on the fabric devices,
+    the liveness filters' on the label-aware client interfaces."""
+    devs = (*config.interfaces.fabric, *config.clients.label_aware_interfaces)
+    return [ops.ClsactQdisc(dev) for dev in dict.fromkeys(devs)]

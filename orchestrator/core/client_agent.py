@@ -20,34 +20,20 @@ says client, VIP, protocol and port, the push says C2S).
 
 from __future__ import annotations
 
-import collections
-import enum
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from orchestrator import ipproto
-from orchestrator.analyze.packet import Packet, analyze
 from orchestrator.config.client_model import ClientConfig
-from orchestrator.core.agent import MARK_TAG, PREF_LEARN
-from orchestrator.core.events import (
-    Action,
-    FlowKey,
-    FlowsEnded,
-    FlowsStarted,
-    FlowTableResync,
-    LabelledPacket,
-    PacketVerdict,
-)
+from orchestrator.core.events import FlowKey, LabelledPacket, PacketVerdict
+from orchestrator.core.learning import PREF_LEARN, LearnedSession, LearningAgent, Plan, State, host
 from orchestrator.dataplane import handles, ops
+
+__all__ = ["ClientAgent", "ClientSession", "Imposition", "State", "imposition_of"]
 
 PREF_IMPOSE4 = 10  # the C2S filters of IPv4 sessions on the balancer link's egress
 PREF_IMPOSE6 = 11  # and of IPv6 sessions (one protocol per pref)
 PROTOS = {ipproto.IPPROTO_TCP: "tcp", ipproto.IPPROTO_UDP: "udp", ipproto.IPPROTO_SCTP: "sctp"}
-
-
-class State(enum.StrEnum):
-    SERVING = "serving"  # flows alive
-    DRAINING = "draining"  # no flow left; ends when the persistence timeout has passed
 
 
 @dataclass(frozen=True)
@@ -61,18 +47,13 @@ class Imposition:
 
 
 @dataclass
-class ClientSession:
+class ClientSession(LearnedSession):
     """A balancer session as the client knows it: the label its answers arrive under, and the
     filters that label its packets."""
 
     s2c: int
     vip: str
-    created: float
-    last_seen: float
     filters: dict[Imposition, ops.FlowerFilter] = field(default_factory=dict)
-    state: State = State.SERVING
-    flows: set[FlowKey] = field(default_factory=set)
-    ends_at: float | None = None
     # (packets sent under C2S, answers under S2C), one sample per answer_timeout, the last three
     samples: list[tuple[int, int]] = field(default_factory=list)
 
@@ -89,25 +70,8 @@ class ClientSession:
             "ports": sorted({f"{i.proto}/{i.port}" for i in self.filters}),
             "c2s_label": self.c2s,
             "s2c_label": self.s2c,
-            "state": str(self.state),
-            "flows": len(self.flows),
-            "created": self.created,
-            "last_seen": self.last_seen,
-            "ends_at": self.ends_at,
+            **self.times(),
         }
-
-
-@dataclass
-class Plan:
-    """The operations a batch of labelled answers needs, and their verdicts, sent only after the
-    operations are applied (so the client's next packet already leaves labelled)."""
-
-    ops: list[ops.Operation] = field(default_factory=list)
-    verdicts: list[PacketVerdict] = field(default_factory=list)
-
-
-def _host(address: str) -> str:
-    return f"{address}/{128 if ':' in address else 32}"
 
 
 def imposition_of(flt: ops.FlowerFilter) -> tuple[Imposition, int] | None:
@@ -131,15 +95,22 @@ def imposition_of(flt: ops.FlowerFilter) -> tuple[Imposition, int] | None:
     return Imposition(m.src.split("/")[0], m.dst.split("/")[0], m.ip_proto, m.dst_port), c2s
 
 
-class ClientAgent:
+class ClientAgent(LearningAgent[ClientSession]):
+    """Sessions by S2C label."""
+
     def __init__(self, config: ClientConfig) -> None:
-        self.sessions: dict[int, ClientSession] = {}  # by S2C label
-        self.by_flow: dict[FlowKey, ClientSession] = {}
-        self.counters: collections.Counter[str] = collections.Counter()
+        super().__init__()
         self.configure(config)
 
-    def count(self, event: str, n: int = 1) -> None:
-        self.counters[event] += n
+    @property
+    def persistence(self) -> float:
+        return self.config.persistence_timeout
+
+    def learned_labels(self) -> Sequence[int]:
+        return self.labels
+
+    def label(self, session: ClientSession) -> int:
+        return session.s2c
 
     def configure(self, config: ClientConfig) -> None:
         self.config = config
@@ -166,28 +137,14 @@ class ClientAgent:
         locally) and an ingress filter on each balancer link that marks the packet with its label
         (MARK_TAG | label) before the pop, so the ruleset can queue a new flow's first labelled
         answer with its label."""
-        objs: list[ops.DataplaneObject] = [ops.ClsactQdisc(dev) for dev in self.config.balancer]
-        objs += [ops.MplsRoute(label, "lo") for label in self.labels]
-        objs += [
-            ops.FlowerFilter(
-                dev,
-                label,
-                ops.FlowerMatch(mpls_label=label),
-                (ops.SetMark(MARK_TAG | label),),
-                ops.Direction.INGRESS,
-                PREF_LEARN,
-            )
-            for dev in self.config.balancer
-            for label in self.labels
-        ]
-        return objs
+        return self.marking_objects(self.config.balancer)
 
     def _filter(self, session: ClientSession, what: Imposition, index: int) -> ops.FlowerFilter:
         v6 = ":" in what.client
         return ops.FlowerFilter(
             self.config.impose_device,
             handles.filter_handle(session.c2s, index),
-            ops.FlowerMatch(src=_host(what.client), dst=_host(what.vip), ip_proto=what.proto, dst_port=what.port),
+            ops.FlowerMatch(src=host(what.client), dst=host(what.vip), ip_proto=what.proto, dst_port=what.port),
             ops.push_stack((session.c2s,)),
             ops.Direction.EGRESS,
             PREF_IMPOSE6 if v6 else PREF_IMPOSE4,
@@ -205,14 +162,8 @@ class ClientAgent:
         match goes first (the balancer gave the client a new session there)."""
         plan = Plan()
         for p in packets:
-            plan.verdicts.append(PacketVerdict(p.queue, p.packet_id, Action.ACCEPT))  # never break traffic
-            self.counters["packets_userspace"] += 1
-            info = analyze(p.data)
-            if not isinstance(info, Packet):
-                self.counters[f"malformed:{info.reason}"] += 1
-                continue
-            if p.label not in self.labels:
-                self.counters["label_outside_range"] += 1
+            info = self.admit(p, plan)
+            if info is None:
                 continue
             if info.src not in self.vips:
                 self.counters["not_a_vip"] += 1
@@ -227,7 +178,7 @@ class ClientAgent:
                 plan.ops += self._end(session)
                 session = None
             if session is None:
-                session = ClientSession(p.label, info.src, now, now)
+                session = ClientSession(p.label, info.src, created=now, last_seen=now)
                 self.sessions[p.label] = session
                 self.counters["sessions_learned"] += 1
             what = Imposition(info.dst, info.src, proto, info.sport)
@@ -237,13 +188,7 @@ class ClientAgent:
                 session.filters[what] = flt
                 plan.ops.append(ops.Replace(flt))
                 self.counters["filters_added"] += 1
-            flow = FlowKey(info.proto, info.dst, info.src, info.dport, info.sport)  # as the client sent it
-            old = self.by_flow.get(flow)
-            if old is not None and old is not session:
-                old.flows.discard(flow)
-            session.flows.add(flow)
-            self.by_flow[flow] = session
-            session.state, session.ends_at, session.last_seen = State.SERVING, None, now
+            self.serve(session, FlowKey(info.proto, info.dst, info.src, info.dport, info.sport), now)  # as sent
         return plan
 
     def _take(self, what: Imposition, session: ClientSession) -> list[ops.Operation]:
@@ -273,25 +218,6 @@ class ClientAgent:
         return plan.verdicts
 
     # -- flows and time ---------------------------------------------------------------------------
-    def on_flow_events(self, events: Sequence[FlowsStarted | FlowsEnded | FlowTableResync], now: float) -> None:
-        """Flow ends drain sessions; flows are learned from their first labelled answer."""
-        for event in events:
-            if isinstance(event, FlowsStarted):
-                continue
-            if isinstance(event, FlowsEnded):
-                ended: Sequence[FlowKey] = event.flows
-            else:
-                self.counters["conntrack_sweeps" if event.sweep else "conntrack_resyncs"] += 1
-                ended = [f for f in self.by_flow if f not in event.live]
-            for flow in ended:
-                session = self.by_flow.pop(flow, None)
-                if session is None:
-                    continue
-                session.flows.discard(flow)
-                if not session.flows:
-                    session.state = State.DRAINING
-                    session.ends_at = now + self.config.persistence_timeout
-
     def on_counters(self, installed: Sequence[ops.Installed]) -> list[ops.Operation]:
         """One sample of the packet counters (a dump), taken every `sessions.answer_timeout`: what
         each session's C2S filters sent and what its S2C marking filters took in. A session that
@@ -332,18 +258,8 @@ class ClientAgent:
                     out += self._end(session)
         return out
 
-    def tick(self, now: float) -> list[ops.Operation]:
-        out: list[ops.Operation] = []
-        for session in list(self.sessions.values()):
-            if session.state == State.DRAINING and session.ends_at is not None and now >= session.ends_at:
-                out += self._end(session)
-        return out
-
-    def _end(self, session: ClientSession) -> list[ops.Operation]:
-        del self.sessions[session.s2c]
-        for flow in session.flows:
-            self.by_flow.pop(flow, None)
-        self.counters["sessions_ended"] += 1
+    def _forget(self, session: ClientSession) -> list[ops.Operation]:
+        """Its filters go: its packets leave as plain IP again."""
         return [ops.Delete(f) for f in session.filters.values()]
 
     # -- restart ----------------------------------------------------------------------------------
@@ -374,7 +290,7 @@ class ClientAgent:
                 stale.append(ops.Delete(flt))
                 continue
             if session is None:
-                session = self.sessions[c2s + 1] = ClientSession(c2s + 1, what.vip, now, now)
+                session = self.sessions[c2s + 1] = ClientSession(c2s + 1, what.vip, created=now, last_seen=now)
             session.filters[what] = flt
         for flow in live:
             proto = PROTOS.get(flow.proto)
@@ -383,9 +299,5 @@ class ClientAgent:
                     session.flows.add(flow)
                     self.by_flow[flow] = session
                     break
-        for session in self.sessions.values():
-            if not session.flows:
-                session.state = State.DRAINING
-                session.ends_at = now + self.config.persistence_timeout
-        self.counters["restored_sessions"] = len(self.sessions)
+        self.restored(now)
         return stale

@@ -54,11 +54,20 @@ def relabelled(
     """A session's objects under a new pair and server: each C2S filter keeps its match and the
     index of its handle and pushes [new transport, new C2S]; the S2C route keeps its next hop
     (and its swap for a label-aware client) under the new S2C; a label-aware client's C2S route
-    swaps to [new transport, new C2S] under the new C2S."""
+    swaps to [new transport, new C2S] under the new C2S, and its liveness filter counts the new
+    C2S."""
     labels = {old_c2s: new_c2s, old_c2s + 1: new_c2s + 1}
     out: list[ops.DataplaneObject] = []
     for obj in objects:
-        if isinstance(obj, ops.FlowerFilter):
+        if isinstance(obj, ops.FlowerFilter) and obj.match.mpls_label == old_c2s:  # a liveness filter
+            out.append(
+                replace(
+                    obj,
+                    handle=handles.relabel_handle(obj.handle, new_c2s),
+                    match=replace(obj.match, mpls_label=new_c2s),
+                )
+            )
+        elif isinstance(obj, ops.FlowerFilter):
             out.append(
                 replace(
                     obj,

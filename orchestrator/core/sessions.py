@@ -45,6 +45,11 @@ class Session:
     # it did (or never for a session that is not checked). See Balancer.embryonic_due.
     embryonic_until: float | None = None
     sport: int | None = None  # its first flow's source port (a five-tuple session's filter matches it)
+    # A label-aware session's liveness (Balancer.liveness_due): the packets its liveness filters
+    # had counted at the last check (None: not read yet), and when the next check is due (None:
+    # none pending; its flows, or its persistence, decide its end as for any session).
+    label_packets: int | None = None
+    label_check_at: float | None = None
     owner: str | None = None  # cluster mode: the member that owns it in the shared table (None: this one)
 
     @property
@@ -71,6 +76,8 @@ class Session:
             "flows_total": self.flows_total,
             "packets_userspace": self.packets_userspace,
             "embryonic": self.embryonic_until is not None,
+            "label_packets": self.label_packets,
+            "label_check_at": self.label_check_at,
             "created": self.created,
             "last_seen": self.last_seen,
             "ends_at": self.ends_at,

@@ -17,7 +17,7 @@ import errno
 import gc
 import logging
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from orchestrator.analyze.packet import source_address
 from orchestrator.capture import nftables
@@ -25,10 +25,10 @@ from orchestrator.capture.nfqueue import QueuedPacket, queue_stats
 from orchestrator.config.load import ConfigError, load_balancer_config
 from orchestrator.config.model import BalancerConfig
 from orchestrator.core import commands, shards
-from orchestrator.core.balancer import Balancer
+from orchestrator.core.balancer import Balancer, qdiscs
 from orchestrator.core.events import Action, FirstPacket
 from orchestrator.core.servers import AdminState
-from orchestrator.core.sessions import SessionTable
+from orchestrator.core.sessions import Session, SessionTable
 from orchestrator.daemon import node_setup, views
 from orchestrator.daemon.logs import Throttle, fields
 from orchestrator.daemon.loop import Capture, Command, Daemon, Request, nf_verdict, start_step
@@ -39,6 +39,7 @@ from orchestrator.health.runner import Checker
 from orchestrator.metrics import MetricsSnapshot
 
 log = logging.getLogger("mplsorch")
+Filter = ops.FlowerFilter | ops.U32Filter
 # Seconds between the metrics' dumps of our objects' offload states: a dump walks every filter
 # and route of ours, too much for each tick (4 per second) on a large table.
 OFFLOAD_DUMP_EVERY = 10.0
@@ -112,10 +113,7 @@ class BalancerDaemon(Daemon):
         with start_step("node check"):
             self.make_ready(self.config)
         with start_step("node objects"):
-            for dev in self.config.interfaces.fabric:
-                result = self.provider.apply([ops.Add(ops.ClsactQdisc(dev))])[0]
-                if not result.ok and result.errno != errno.EEXIST:
-                    raise RuntimeError(str(result))
+            self.add_qdiscs(self.config)
         with start_step("conntrack socket"):
             self.conntrack = self.capture.conntrack()
         began = time.monotonic()
@@ -161,6 +159,13 @@ class BalancerDaemon(Daemon):
         with start_step(f"nfqueue {first}-{last}"):
             self.queue = self.capture.queue(first, last)
 
+    def add_qdiscs(self, config: BalancerConfig) -> None:
+        """The clsact qdiscs of the fabric devices (C2S filters) and of the label-aware client
+        interfaces (liveness filters); one already there is no error."""
+        for result in self.provider.apply([ops.Add(q) for q in qdiscs(config)]):
+            if not result.ok and result.errno != errno.EEXIST:
+                raise RuntimeError(str(result))
+
     def fill_fast_path(self) -> None:
         """Loading the ruleset empties the fast-path sets: the table's sessions get their
         elements back (and any element of no session goes), or their clients' new flows would
@@ -197,6 +202,7 @@ class BalancerDaemon(Daemon):
     # -- the loop's hooks ---------------------------------------------------------------------------
     def tick(self) -> None:
         self.end_sessions()
+        self.check_liveness()
         self.end_embryonic()
         self.publish()
         if self.member is not None:
@@ -237,26 +243,53 @@ class BalancerDaemon(Daemon):
         for session_id in before.keys() - {s.id for s in self.core.table}:
             views.log_end(before[session_id], "persistence timeout")
 
+    def check_liveness(self) -> None:
+        """Label-aware sessions whose liveness check is due: a session whose liveness filter's
+        count stood still a whole persistence timeout ends, the others live on."""
+        self._judge_counts(
+            self.core.liveness_due(time.monotonic()),
+            self.core.on_liveness,
+            "label-aware sessions: the liveness filters'",
+            "liveness_check_errors",
+            "persistence timeout",
+        )
+
     def end_embryonic(self) -> None:
-        """TCP sessions past `sessions.embryonic_timeout`: the kernel says how many packets went
-        through their C2S filters (one RTM_GETTFILTER each, in one sendmsg); those whose client
-        sent nothing past its first packet end (a spoofed SYN), the others are answered. A failed
-        query keeps them all (counted `embryonic_check_errors`)."""
-        now = time.monotonic()
-        due = self.core.embryonic_due(now)
+        """TCP sessions past `sessions.embryonic_timeout`: those whose client sent nothing past
+        its first packet (a spoofed SYN) end, the others are answered."""
+        self._judge_counts(
+            self.core.embryonic_due(time.monotonic()),
+            self.core.on_embryonic,
+            "embryonic sessions: the filters'",
+            "embryonic_check_errors",
+            "embryonic timeout",
+        )
+
+    def _judge_counts(
+        self,
+        due: Mapping[int, Sequence[Filter]],
+        judge: Callable[[Any, list[int | None], float], tuple[list[ops.Operation], list[Session]]],
+        what: str,
+        errors: str,
+        reason: str,
+    ) -> None:
+        """The kernel says how many packets went through the due sessions' filters (one
+        RTM_GETTFILTER each, in one sendmsg); the core judges them and the sessions it ends go.
+        A failed query gives no count, so the core keeps them all (counted `errors`)."""
         if not due:
             return
         filters = [f for fs in due.values() for f in fs]
         try:
             counts = self.provider.filter_packets(filters)
         except OSError as exc:
-            log.error("embryonic sessions: the filters' counts could not be read: %s", exc)
-            self.core.count("embryonic_check_errors")
+            log.error("%s counts could not be read: %s", what, exc)
+            self.core.count(errors)
             counts = [None] * len(filters)
-        operations, ended = self.core.on_embryonic(due, counts, now)
-        self.program(operations, "embryonic session end")
+        now = time.monotonic()
+        operations, ended = judge(due, counts, now)
+        self.program(operations, f"{reason} end")
         for session in ended:
-            views.log_end(session, "embryonic timeout")
+            views.log_end(session, reason)
 
     def on_health_result(self, pool: str, server: str, result: CheckResult, now: float) -> None:
         """A check's result (from its task): the rise/fall table judges it; the core gets the new
@@ -351,6 +384,7 @@ class BalancerDaemon(Daemon):
         try:
             config = self._share(load_balancer_config(self.config_path))
             self.make_ready(config)
+            self.add_qdiscs(config)  # a label-aware interface the reload added
             if self.shard is None:  # a worker's supervisor loaded it before the worker's SIGHUP
                 nftables.load(nftables.render(config))
         except (ConfigError, OSError, RuntimeError, node_setup.NodeNotReady) as exc:

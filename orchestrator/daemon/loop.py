@@ -467,7 +467,7 @@ def session_json(view: dict[str, Any], now: float) -> dict[str, Any]:
     """Times as Unix seconds (the cores keep monotonic time)."""
     shift = time.time() - now
     out = dict(view)
-    for key in ("created", "last_seen", "ends_at"):
+    for key in ("created", "last_seen", "ends_at", "label_check_at"):
         if out.get(key) is not None:
             out[key] = round(out[key] + shift, 3)
     return out

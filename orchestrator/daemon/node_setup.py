@@ -31,6 +31,8 @@ CONNTRACK_MODULE = "nf_conntrack"  # present when net.netfilter.nf_conntrack_che
 MODULES = ("mpls_iptunnel", "sch_ingress", "cls_flower", "act_skbedit", "nfnetlink_queue")
 # The balancer's: clsact on the fabric links, flower filters pushing the session labels (act_mpls).
 BALANCER_MODULES = ("sch_ingress", "cls_flower", "act_mpls", "nfnetlink_queue")
+# With clients.label_aware_interfaces: the label-aware sessions' liveness filters count with act_gact.
+LIVENESS_MODULES = ("act_gact",)
 # The client agent's: the server agent's label-marking filters, and act_mpls for its C2S filters.
 CLIENT_MODULES = ("sch_ingress", "cls_flower", "act_skbedit", "act_mpls", "nfnetlink_queue")
 STRICT = 1  # rp_filter 1: strict reverse-path check; 0 off, 2 loose
@@ -144,7 +146,8 @@ def check_client(config: ClientConfig, system: NodeSystem) -> list[Problem]:
 
 def check_balancer(config: BalancerConfig, system: NodeSystem) -> list[Problem]:
     """Every problem of a balancer node."""
-    problems, devices = _mpls(system, BALANCER_MODULES, config.labels.range[1], config.interfaces.fabric, None)
+    modules = BALANCER_MODULES + (LIVENESS_MODULES if config.clients.label_aware_interfaces else ())
+    problems, devices = _mpls(system, modules, config.labels.range[1], config.interfaces.fabric, None)
     problems += _tc_offload(system, [dev for dev in config.interfaces.required_offload() if dev in devices])
     problems += _client_input(system, config.interfaces.clients, config.clients.label_aware_interfaces)
     for version in sorted({s.vip.version for s in config.services}):

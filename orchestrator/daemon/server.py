@@ -21,7 +21,7 @@ from orchestrator.config.load import load_server_config
 from orchestrator.config.server import ServerConfig
 from orchestrator.core.agent import RULE_PRIORITY, ReturnSession, ServerAgent
 from orchestrator.daemon.agent import AgentDaemon, node_key
-from orchestrator.daemon.loop import Capture, nf_verdict
+from orchestrator.daemon.loop import Capture, nf_verdict, start_step
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.provider import Provider
 from orchestrator.metrics import MetricsSnapshot, server_snapshot_from
@@ -49,6 +49,23 @@ class ServerDaemon(AgentDaemon):
         self.control_socket = self.config.node.control_socket
         self.keep_on_exit = keep_on_exit
         self.core: ServerAgent = ServerAgent(self.config)
+
+    def setup(self) -> None:
+        """The agent's start (AgentDaemon.setup), after asking the kernel whether it has nexthop
+        objects: without, return routes are plain encap routes (said once in the log)."""
+        with start_step("nexthop objects"):
+            supported = self.provider.supports_nexthops()
+        if not supported:
+            self.core.nexthops = False
+            self._nexthops_off("the kernel has no nexthop objects (RTM_GETNEXTHOP: EOPNOTSUPP)")
+        super().setup()
+
+    def _nexthops_off(self, why: str) -> None:
+        log.warning(
+            "%s: S2C return routes are plain encap routes (the kernel's insert of those slows with "
+            "their number: docs/design.md, The server agent)",
+            why,
+        )
 
     def load_config(self, path: str) -> ServerConfig:
         return load_server_config(path)
@@ -87,7 +104,11 @@ class ServerDaemon(AgentDaemon):
         packets, unmarked = self.labelled(batch)
         before = self.sessions_before()
         plan = self.core.on_packets(packets, time.monotonic())
+        nexthops = self.core.nexthops
         verdicts = self.core.commit(plan, self.program(plan.ops, "return route"))
+        if nexthops and not self.core.nexthops:
+            self._nexthops_off("a nexthop object was refused as not supported (EOPNOTSUPP)")
+            self.core.commit(plan, self.program(self.core.retry_ops(), "return route"))
         self.queue.send_verdicts([*unmarked, *(nf_verdict(v) for v in verdicts)])
         self.log_changes(before, "label reused")
 
@@ -111,9 +132,12 @@ class ServerDaemon(AgentDaemon):
         """By default the return routes and the ruleset stay: sessions keep answering labelled,
         and new flows pass the queue (bypass) and are answered as plain IP."""
         if not self.keep_on_exit:
-            self.program(
-                [ops.Delete(i.obj) for i in self.provider.dump() if isinstance(i.obj, ops.EncapRoute)], "shutdown"
-            )
+            dumped = [i.obj for i in self.provider.dump()]
+            routes: list[ops.Operation] = [
+                ops.Delete(o) for o in dumped if isinstance(o, (ops.EncapRoute, ops.NexthopRoute))
+            ]
+            nexthops: list[ops.Operation] = [ops.Delete(o) for o in dumped if isinstance(o, ops.EncapNexthop)]
+            self.program(routes + nexthops, "shutdown")
             nftables.remove()
         log.info(
             "server agent stopped; %d sessions' return routes %s",

@@ -15,6 +15,11 @@ net/ipv4/fib_trie.c, net/core/fib_rules.c, net/sched/cls_api.c, cls_flower.c, sc
   does a filter at a pref already used by another protocol; deleting the qdisc deletes its filters;
 - `replace` of an existing clsact qdisc is a no-op success (no options to change);
 - skip_sw (OffloadPolicy.REQUIRED) on a device that cannot offload gives EOPNOTSUPP;
+- nexthop objects (net/ipv4/nexthop.c, fib_semantics.c): a route naming a nexthop id that does
+  not exist gives EINVAL ("Nexthop id does not exist"), so does an IPv6 route to an IPv4
+  nexthop; deleting a nexthop that is not there gives ENOENT, and deleting one deletes the
+  routes that use it (remove_nexthop); a kernel without them (`nexthops=False`) answers
+  EOPNOTSUPP to every nexthop request (no RTM_NEWNEXTHOP handler);
 - a fast-path set element (nf_tables, net/netfilter/nf_tables_api.c): adding one that is there
   with NLM_F_EXCL gives EEXIST, deleting one that is not there ENOENT (nft_del_setelem). The sets
   themselves are the ruleset's (`nft -f`), taken as loaded.
@@ -45,6 +50,7 @@ from orchestrator.dataplane.ops import (
     DataplaneObject,
     Delete,
     Direction,
+    EncapNexthop,
     EncapRoute,
     FastPathElement,
     FlowerFilter,
@@ -53,6 +59,7 @@ from orchestrator.dataplane.ops import (
     MplsPush,
     MplsRoute,
     NextHop,
+    NexthopRoute,
     OffloadPolicy,
     OffloadState,
     Operation,
@@ -73,6 +80,8 @@ _DEFAULT_RULES = ((32766, MAIN_TABLE), (32767, DEFAULT_TABLE))
 _KIND = {
     MplsRoute: "label route",
     EncapRoute: "route",
+    NexthopRoute: "route",
+    EncapNexthop: "nexthop",
     Rule: "rule",
     ClsactQdisc: "clsact qdisc",
     FlowerFilter: "filter",
@@ -107,12 +116,17 @@ class FakeProvider:
     """The Provider protocol over an in-memory forwarding model of one node."""
 
     def __init__(
-        self, devices: Iterable[str], platform_labels: int = 100000, offload_capable: Iterable[str] = ()
+        self,
+        devices: Iterable[str],
+        platform_labels: int = 100000,
+        offload_capable: Iterable[str] = (),
+        nexthops: bool = True,
     ) -> None:
         self.devices = frozenset(devices) | {LOOPBACK}
         # Indexes as a kernel numbers them: lo first, then the devices in the order given.
         self._indexes = {name: i for i, name in enumerate(dict.fromkeys([LOOPBACK, *devices]), start=1)}
         self.platform_labels = platform_labels
+        self.nexthops = nexthops  # whether this kernel has nexthop objects
         self.offload_capable = frozenset(offload_capable)
         unknown = self.offload_capable - self.devices
         if unknown:
@@ -152,6 +166,9 @@ class FakeProvider:
         """What loading the ruleset does to the fast-path sets: they start empty."""
         for key in [k for k, obj in self._objects.items() if isinstance(obj, FastPathElement)]:
             del self._objects[key]
+
+    def supports_nexthops(self) -> bool:
+        return self.nexthops
 
     def routes_to(self, addresses: Iterable[str]) -> dict[str, NextHop | None]:
         """The node's route to each address, as the netlink provider's RTM_GETROUTE answers it."""
@@ -256,6 +273,10 @@ class FakeProvider:
         src_ip, dst_ip = ipaddress.ip_address(src), ipaddress.ip_address(dst)
         for table in self._tables_for(src_ip):
             route = self._longest_match(table, dst_ip)
+            if isinstance(route, NexthopRoute):
+                nexthop = self._objects[("nexthop", route.nexthop)]
+                assert isinstance(nexthop, EncapNexthop)  # a route cannot outlive its nexthop
+                return Forwarding(nexthop.labels, nexthop.via, nexthop.dev)
             if route is not None:
                 return Forwarding(route.labels, route.via, route.dev)
         return None
@@ -353,6 +374,19 @@ class FakeProvider:
             if not isinstance(op, Delete):
                 _check_stack(obj.labels, "encap")
             missing = errno.ESRCH  # fib_table_delete / ip6_route_del: "No such process"
+        elif isinstance(obj, NexthopRoute):
+            if not isinstance(op, Delete):
+                self._check_nexthop_route(obj)
+            missing = errno.ESRCH
+        elif isinstance(obj, EncapNexthop):
+            if not self.nexthops:
+                raise _Rejected(errno.EOPNOTSUPP, "Operation not supported (no nexthop objects)")
+            if not isinstance(op, Delete):
+                _check_stack(obj.labels, "encap")
+            elif obj.key in self._objects:  # remove_nexthop(): its routes go with it
+                for key, other in list(self._objects.items()):
+                    if isinstance(other, NexthopRoute) and other.nexthop == obj.id:
+                        del self._objects[key]
         elif isinstance(obj, FlowerFilter):
             self._check_filter(op, obj)
         elif isinstance(obj, U32Filter):
@@ -373,6 +407,13 @@ class FakeProvider:
             raise _Rejected(errno.EEXIST, "object exists (use replace to overwrite)")
         self._objects[obj.key] = obj
         self._packets.pop(obj.key, None)  # a new filter's actions count from 0
+
+    def _check_nexthop_route(self, route: NexthopRoute) -> None:
+        nexthop = self._objects.get(("nexthop", route.nexthop))
+        if not isinstance(nexthop, EncapNexthop):
+            raise _Rejected(errno.EINVAL, "Nexthop id does not exist")
+        if route.family == 6 and nexthop.family == 4:
+            raise _Rejected(errno.EINVAL, "IPv6 routes can not use an IPv4 nexthop")
 
     def _check_mpls_route(self, route: MplsRoute) -> None:
         if route.label < ops.MPLS_FIRST_UNRESERVED:
@@ -438,11 +479,13 @@ class FakeProvider:
         ]
         return [table for _, table in sorted(rules, key=lambda rule: rule[0])]
 
-    def _longest_match(self, table: int, dst: ipaddress.IPv4Address | ipaddress.IPv6Address) -> EncapRoute | None:
-        best: EncapRoute | None = None
+    def _longest_match(
+        self, table: int, dst: ipaddress.IPv4Address | ipaddress.IPv6Address
+    ) -> EncapRoute | NexthopRoute | None:
+        best: EncapRoute | NexthopRoute | None = None
         best_len = -1
         for route in self._objects.values():
-            if isinstance(route, EncapRoute) and route.table == table:
+            if isinstance(route, (EncapRoute, NexthopRoute)) and route.table == table:
                 net = ipaddress.ip_network(route.dst)
                 if dst in net and net.prefixlen > best_len:
                     best, best_len = route, net.prefixlen

@@ -12,8 +12,9 @@ from typing import Any
 
 from orchestrator.dataplane import ops
 
-# Where the kernel reports an offload state: filters, label routes, encap routes.
-REPORTING = (ops.FlowerFilter, ops.MplsRoute, ops.EncapRoute)
+# Where the kernel reports an offload state: filters, label routes, encap routes (plain or to a
+# nexthop object).
+REPORTING = (ops.FlowerFilter, ops.MplsRoute, ops.EncapRoute, ops.NexthopRoute)
 # What a skip_sw filter the hardware refuses comes back with: EOPNOTSUPP from tc_setup_cb_add()
 # when a device of the block cannot offload, EINVAL from cls_flower when none took it.
 REFUSED_ERRNOS = (errno.EOPNOTSUPP, errno.EINVAL)

@@ -117,6 +117,54 @@ class EncapRoute:
         return f"route {self.dst} encap mpls {stack}{via} dev {self.dev} table {self.table}"
 
 
+@dataclass(frozen=True, slots=True)
+class EncapNexthop:
+    """A nexthop object (RTM_NEWNEXTHOP, net/ipv4/nexthop.c): gateway `via` on `dev`, whose
+    packets get an MPLS label stack (lwtunnel encap, as EncapRoute's). Routes point at it by its
+    id (NexthopRoute). Why: the kernel's IPv4 route insert compares the lwtunnel encaps of every
+    route sharing a gateway (fib_info hash chain), so N plain encap routes cost O(N^2), while a
+    route with a nexthop id hashes by the id. The family is the gateway's."""
+
+    id: int
+    labels: tuple[int, ...]
+    dev: str
+    via: str
+
+    @property
+    def family(self) -> int:
+        return family_of(self.via)
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return ("nexthop", self.id)
+
+    def describe(self) -> str:
+        stack = "/".join(str(label) for label in self.labels)
+        return f"nexthop id {self.id} encap mpls {stack} via {self.via} dev {self.dev}"
+
+
+@dataclass(frozen=True, slots=True)
+class NexthopRoute:
+    """An IPv4/IPv6 route to a nexthop object (RTA_NH_ID): the route of EncapRoute, its next hop
+    and label stack held by the EncapNexthop `nexthop`. The kernel knows one route per (table,
+    prefix) either way, so both kinds share one key: a Replace turns one into the other."""
+
+    dst: str
+    nexthop: int
+    table: int = 254
+
+    @property
+    def family(self) -> int:
+        return family_of(self.dst)
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return ("encap", self.family, self.table, str(_net(self.dst)))
+
+    def describe(self) -> str:
+        return f"route {self.dst} nhid {self.nexthop} table {self.table}"
+
+
 @dataclass(frozen=True)
 class Rule:
     """A policy routing rule `from SRC lookup TABLE` (the per-VIP return table on servers)."""
@@ -220,7 +268,16 @@ class SetMark:
         return f"skbedit mark {self.mark}"
 
 
-Action = MplsPush | MplsPop | SetMark
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """act_gact pass (TC_ACT_OK): the packet goes on as if no filter had matched; the action
+    only counts it (the balancer's liveness filters of label-aware sessions)."""
+
+    def describe(self) -> str:
+        return "gact pass"
+
+
+Action = MplsPush | MplsPop | SetMark | Pass
 
 
 def push_stack(labels: tuple[int, ...] | list[int]) -> tuple[MplsPush, ...]:
@@ -400,7 +457,17 @@ class U32Filter:
         )
 
 
-DataplaneObject = MplsRoute | EncapRoute | Rule | ClsactQdisc | FlowerFilter | U32Filter | FastPathElement
+DataplaneObject = (
+    MplsRoute
+    | EncapRoute
+    | EncapNexthop
+    | NexthopRoute
+    | Rule
+    | ClsactQdisc
+    | FlowerFilter
+    | U32Filter
+    | FastPathElement
+)
 
 
 @dataclass(frozen=True)
@@ -564,6 +631,21 @@ def validate(op: Operation) -> None:
             raise InvalidOperation(f"next hop {obj.via} is not of the family of {obj.dst}")
         if not 0 < obj.table < 1 << 32:
             raise InvalidOperation(f"table {obj.table} out of range")
+    elif isinstance(obj, EncapNexthop):
+        if not 0 < obj.id < 1 << 32:
+            raise InvalidOperation(f"nexthop id {obj.id} out of range (1..2^32-1)")
+        if not isinstance(op, Delete):
+            if not obj.labels:
+                raise InvalidOperation("an encap nexthop needs at least one label")
+            for label in obj.labels:
+                _check_label(label, "encap label")
+            _check_address(obj.via)
+    elif isinstance(obj, NexthopRoute):
+        parse_prefix(obj.dst)
+        if not 0 < obj.nexthop < 1 << 32:
+            raise InvalidOperation(f"nexthop id {obj.nexthop} out of range (1..2^32-1)")
+        if not 0 < obj.table < 1 << 32:
+            raise InvalidOperation(f"table {obj.table} out of range")
     elif isinstance(obj, Rule):
         parse_prefix(obj.src)
         if not 0 < obj.table < 1 << 32 or not 0 <= obj.priority < 1 << 32:
@@ -635,5 +717,5 @@ def _check_actions(actions: tuple[Action, ...], tag: bytes) -> None:
         elif isinstance(action, SetMark):
             if not 0 <= action.mark < 1 << 32:
                 raise InvalidOperation(f"mark {action.mark} out of range (32 bits)")
-        else:
+        elif not isinstance(action, Pass):
             raise InvalidOperation(f"unknown filter action {action!r}")

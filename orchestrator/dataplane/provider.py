@@ -33,6 +33,11 @@ class Provider(Protocol):
         `dump` that a ruleset load empties."""
         ...
 
+    def supports_nexthops(self) -> bool:
+        """Whether the node's kernel has nexthop objects (RTM_NEWNEXTHOP; Linux 5.3 and later):
+        without, the server agent installs plain encap routes."""
+        ...
+
     def routes_to(self, addresses: Iterable[str]) -> dict[str, NextHop | None]:
         """The node's route to each address (all looked up in one request batch): its device and
         gateway, or None where there is no usable route (unreachable, or a local address)."""

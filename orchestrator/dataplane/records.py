@@ -29,6 +29,16 @@ A label pair in hold-down keeps its S2C label routed as `S2C dev lo` (pop, local
 restart finds the pair held down and restarts its hold-down timer. The marker is deleted when
 the hold-down ends (or replaced by the S2C route of the session that gets the pair).
 
+A server agent's S2C return route points at a nexthop object (ops.EncapNexthop) whose id says
+the session's S2C label and the family of its gateway (`nexthop_id`):
+
+    id = 0x6D600000 | 0x100000 (IPv6 gateway) | S2C        (S2C < 2^20)
+
+so the ids of ours lie in 0x6D600000..0x6D7FFFFF (the high 11 bits 0x6D6 >> 1, "m`" as in the
+agents' packet marks) and a restart finds the same id for the same session: one nexthop per
+(S2C, family), made and deleted with the route that uses it. Nexthops carry route protocol 195
+too; those of ours outside the range, or used by no route, are deleted at restore.
+
 In a cluster, the S2C labels of another member's label block that have no session here are
 routed to that member until a session's row arrives (`forward_route`): `S2C as OWNER/S2C via
 FABRIC_NEXT_HOP dev FABRIC`, OWNER that member's own label (cluster.member_label). No other route
@@ -46,12 +56,15 @@ from orchestrator.dataplane import ops
 
 __all__ = [
     "KIND_CODES",
+    "NEXTHOP_IDS",
     "SessionRecord",
     "TAG_SIZE",
     "forward_route",
     "hold_marker",
     "is_forward_route",
     "is_hold_marker",
+    "nexthop_id",
+    "nexthop_label",
     "pack",
     "unpack",
 ]
@@ -133,3 +146,23 @@ def is_forward_route(route: ops.MplsRoute) -> bool:
         and len(route.out_labels) == 2
         and route.out_labels[1] == route.label
     )
+
+
+NEXTHOP_ID_BASE = 0x6D600000
+NEXTHOP_IDS = range(NEXTHOP_ID_BASE, NEXTHOP_ID_BASE + (2 << 20))  # ours: both families' S2C labels
+_NEXTHOP_V6 = 1 << 20
+
+
+def nexthop_id(s2c: int, family: int) -> int:
+    """The id of the nexthop object of the return route under `s2c` with a gateway of `family`
+    (4 or 6). ValueError for a label that is not one."""
+    if not 0 <= s2c <= ops.MPLS_LABEL_MAX:
+        raise ValueError(f"{s2c} is not an MPLS label")
+    return NEXTHOP_ID_BASE | (_NEXTHOP_V6 if family == 6 else 0) | s2c
+
+
+def nexthop_label(nexthop: int) -> tuple[int, int] | None:
+    """(S2C, family) of a nexthop id of ours, None for an id outside our range."""
+    if nexthop not in NEXTHOP_IDS:
+        return None
+    return nexthop & ops.MPLS_LABEL_MAX, 6 if nexthop & _NEXTHOP_V6 else 4

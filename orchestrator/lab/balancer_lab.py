@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config.examples import KeyPath, example
+from orchestrator.config.load import load_balancer_config
+from orchestrator.core.balancer import qdiscs
 from orchestrator.dataplane import ops
 from orchestrator.lab.kit import Lab, daemon_cli, patience
 
@@ -267,8 +269,9 @@ class BalancerLab:
         lb.apply(
             [ops.Delete(i.obj) for i in reversed(lb.dump(elements=False)) if not isinstance(i.obj, ops.ClsactQdisc)]
         )
-        # The daemon made the clsact qdisc (a dump shows it only while it holds our filters).
-        lb.apply([ops.Delete(ops.ClsactQdisc(dev)) for dev in ("fab0",)])
+        # The daemon made the clsact qdiscs (a dump shows one only while it holds our filters):
+        # fab0's, and those of the label-aware client interfaces.
+        lb.apply([ops.Delete(q) for q in qdiscs(load_balancer_config(str(self.config)))])
         lab.sh(self.node, "nft", "delete", "table", "inet", "mplsorch", check=False)
         for net, _ in self._client_lan_routes() if self.plain_servers else []:
             lab.sh("p", "ip", "route", "del", net, check=False)

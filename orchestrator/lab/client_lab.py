@@ -96,6 +96,7 @@ class ClientAgentLab:
             "sysctl",
             "-qw",
             "net.netfilter.nf_conntrack_udp_timeout=3",
+            "net.netfilter.nf_conntrack_udp_timeout_stream=3",  # a stream's flow, answered both ways
             "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1",
             "net.netfilter.nf_conntrack_tcp_timeout_close=1",
             "net.netfilter.nf_conntrack_tcp_timeout_fin_wait=1",
@@ -133,15 +134,17 @@ class ClientAgentLab:
 
 
 class Sniffer:
-    """Every packet of c4's link to or from a VIP, labelled or not (tcpdump)."""
+    """Every packet of c4's link to or from a VIP, labelled or not (tcpdump); with `expression`,
+    only those tcpdump's filter expression takes (e.g. one service's, labelled or not:
+    `udp port 53 or (mpls and udp port 53)`)."""
 
-    def __init__(self, lab: Lab, name: str, node: str = NODE) -> None:
+    def __init__(self, lab: Lab, name: str, node: str = NODE, expression: tuple[str, ...] = ()) -> None:
         self.lab = lab
         self.path = Path(lab.node(node)["runtime_dir"]) / f"{name}.pcap"
         log = self.path.with_suffix(".log")
         dev = lab.iface(node, towards="lb")["dev"]
         self.proc = lab.spawn(
-            node, "tcpdump", "--immediate-mode", "-U", "-nn", "-i", dev, "-w", str(self.path), log=log
+            node, "tcpdump", "--immediate-mode", "-U", "-nn", "-i", dev, "-w", str(self.path), *expression, log=log
         )
         deadline = time.monotonic() + patience(20)
         while b"listening" not in (log.read_bytes() if log.exists() else b""):
@@ -150,23 +153,31 @@ class Sniffer:
             time.sleep(0.2)
 
     def packets(self) -> list[tuple[tuple[int, ...], str, str]]:
-        """Stop the capture; (label stack, inner source, inner destination) of every IPv4 packet."""
+        """Stop the capture; (label stack, inner source, inner destination) of every IPv4 and IPv6
+        packet with ports."""
         time.sleep(1.0)  # packets just sent may still be on their way through the namespaces
         self.lab.stop(self.proc)
         text = subprocess.run(["tcpdump", "-nn", "-r", str(self.path)], capture_output=True, text=True).stdout
         out = []
         for line in text.splitlines():
-            m = re.search(r"IP (\d+\.\d+\.\d+\.\d+)\.\d+ > (\d+\.\d+\.\d+\.\d+)\.\d+:", line)
+            m = re.search(r"IP6? ([0-9a-f:.]+?)\.\d+ > ([0-9a-f:.]+?)\.\d+:", line)
             if m:
                 out.append((tuple(int(x) for x in re.findall(r"label (\d+)", line)), m.group(1), m.group(2)))
         return out
 
 
-def filter_packets(lab: Lab, c2s: int, node: str = "lb") -> int:
-    """Packets the balancer's C2S flower filters of session C2S labelled (their first action)."""
-    out = lab.sh(node, "tc", "-s", "-j", "filter", "show", "dev", "fab0", "egress").stdout
+def filter_packets(lab: Lab, c2s: int, node: str = "lb", dev: str = "fab0", direction: str = "egress") -> int:
+    """Packets the balancer's flower filters of session C2S on `dev` handled (their first
+    action's count): on fab0's egress its C2S filters, which label the client's plain packets;
+    on a label-aware interface's ingress its liveness filter, which counts the [C2S] packets."""
+    out = lab.sh(node, "tc", "-s", "-j", "filter", "show", "dev", dev, direction).stdout
     return sum(
         f["options"]["actions"][0]["stats"]["packets"]
         for f in json.loads(out)
         if "options" in f and "actions" in f["options"] and handles.handle_c2s(f["options"].get("handle", 0)) == c2s
     )
+
+
+def liveness_packets(lab: Lab, c2s: int) -> int:
+    """The [C2S] packets the balancer's liveness filter of session C2S counted on c4's link."""
+    return filter_packets(lab, c2s, dev=lab.iface("lb", towards=NODE)["dev"], direction="ingress")

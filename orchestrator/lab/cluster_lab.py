@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,9 @@ ECMP_DEV = "ecmp0"  # each balancer's link to the router
 # balancer -> (its address on its link to the router, the router's device of that link)
 ECMP_HOPS = {"lb": ("10.253.0.1", "to-lb"), LB2: ("10.253.1.1", "to-lb2")}
 FABRIC_HOPS = {"lb": ("10.255.0.1", "pl"), LB2: (LB2_FAB, "pl2")}  # p's next hop to each, its device
+# After lb's links went down, the time its neighbours' kernels may take to skip its next hops
+# (the link watch and the next hops' flags are a work queue's, run late on a loaded UML).
+LINK_EVENT = 0.5
 LB_LINKS = ("lan0", "lan1", "fab0", "mg0", ECMP_DEV)  # lb's links, down when it fails
 TTL = 3
 MEMBER_LABELS = {"lb1": 201, "lb2": 202}  # each member's own label, p routes it to that balancer
@@ -60,6 +64,8 @@ def cluster(name: str, endpoint: str) -> dict[KeyPath, Any]:
         },
         "services.dns.persistence_timeout": "3600s",
         "interfaces.clients": ["lan0", ECMP_DEV],
+        # lb2's own link to p (its forwarding routes' next hop)
+        **({"interfaces.fabric_next_hop": P_FAB2} if name == "lb2" else {}),
     }
 
 
@@ -133,9 +139,7 @@ class ClusterLab:
         self.lb1 = self.servers.balancer if self.servers else BalancerLab(lab, changes=cluster("lb1", ETCD_LB1))
         self.sock2 = self.dir / "lb2.sock"
         self.config2 = self.dir / "lb2.yaml"
-        self.config2.write_text(
-            lab_config(self.sock2, {**cluster("lb2", ETCD_LB2), "interfaces.fabric_next_hop": P_FAB2})
-        )
+        self.config2.write_text(lab_config(self.sock2, cluster("lb2", ETCD_LB2)))
         self.lb2: subprocess.Popen[bytes] | None = None
         self.etcd: subprocess.Popen[bytes] | None = None
         self.netns: list[str] = []
@@ -408,6 +412,8 @@ class ClusterLab:
                 watch.close()
             for ns in self.netns:
                 subprocess.run(["ip", "netns", "delete", ns], check=False)
+            for own in MEMBER_LABELS.values():
+                self.lab.sh("p", "ip", "-f", "mpls", "route", "del", str(own), check=False)
             self.lab.sh("p", "ip", "link", "del", "pl2", check=False)
             self.lab.sh("lb", "ip", "link", "del", "mg0", check=False)
             self.lab.sh("lb", "ip", "link", "del", ECMP_DEV, check=False)
@@ -416,3 +422,29 @@ class ClusterLab:
             self.lab.sh("p", "ip", "-f", "mpls", "route", "replace", label, "via", "inet", hop, "dev", dev, check=False)
             for dev in ("lan0", "lan1", "fab0"):
                 self.lab.sh("lb", "ip", "link", "set", dev, "up", check=False)
+
+    # -- for `lab bench cluster` (orchestrator/lab/bench/cluster.py) --------------------------------
+    def configure(self, changes: Mapping[KeyPath, Any]) -> None:
+        """Both members' configurations with `changes` on top of the cluster's (before `start`)."""
+        self.lb1 = BalancerLab(self.lab, changes={**cluster("lb1", ETCD_LB1), **changes})
+        self.config2.write_text(lab_config(self.sock2, {**cluster("lb2", ETCD_LB2), **changes}))
+
+    def request2(self, cmd: str, timeout: float = 60, **args: Any) -> dict[str, Any]:
+        """lb2's control socket asked directly (no `mplsorch` process: cheap enough to poll)."""
+        from orchestrator.daemon.control import request
+
+        return request(str(self.sock2), cmd, timeout=patience(timeout), **args)
+
+    def etcd_metrics(self) -> str:
+        """etcd's Prometheus text (its /metrics endpoint), read inside its own namespace."""
+        out = subprocess.run(
+            ["ip", "netns", "exec", ETCD, "curl", "-sf", "-m", "10", f"http://{ETCD_LB1}:2379/metrics"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout
+
+    def flood_port(self) -> tuple[str, str, str]:
+        """(namespace, LAN device, fabric device) of lb2, where a flood enters and leaves it."""
+        return LB2, "lan0", "fab0"

@@ -20,7 +20,7 @@ from orchestrator.config.load import load_client_config, load_server_config, par
 from orchestrator.config.model import BalancerConfig
 from orchestrator.config.server_model import ServerConfig
 from orchestrator.core.agent import ServerAgent
-from orchestrator.core.balancer import Balancer, Commit, Plan
+from orchestrator.core.balancer import Balancer, Commit, Plan, qdiscs
 from orchestrator.core.client_agent import ClientAgent
 from orchestrator.core.events import Action, FirstPacket, FlowKey, FlowsEnded, FlowTableResync, LabelledPacket
 from orchestrator.daemon.balancer import BalancerDaemon
@@ -56,7 +56,7 @@ class Node:
     def __init__(self, cfg: BalancerConfig | None = None, now: float = 1000.0) -> None:
         self.core = Balancer(cfg or config(), now)
         self.kernel = FakeProvider(["lan0", "lan1", "fab0"])
-        assert all(r.ok for r in self.kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))]))
+        assert all(r.ok for r in self.kernel.apply([ops.Add(q) for q in qdiscs(self.core.config)]))
         # The client LANs are on-link on lan0 (tests add routes through gateways).
         self.kernel.add_ip_route("10.0.0.0/16", "lan0")
         self.kernel.add_ip_route("2001:db8::/32", "lan0")
@@ -87,6 +87,16 @@ class Node:
         self.now += seconds
         assert all(r.ok for r in self.kernel.apply(self.core.tick(self.now)))
 
+    def check_liveness(self) -> list[int]:
+        """What the daemon's tick does after `tick` (BalancerDaemon.check_liveness): the due
+        label-aware sessions' liveness filter counts from the fake kernel; the ids of the
+        sessions ended."""
+        due = self.core.liveness_due(self.now)
+        counts = self.kernel.filter_packets([f for fs in due.values() for f in fs])
+        operations, ended = self.core.on_liveness(due, counts, self.now)
+        assert all(r.ok for r in self.kernel.apply(operations))
+        return [s.id for s in ended]
+
     def check_embryonic(self) -> list[int]:
         """What the daemon's tick does after `tick` (BalancerDaemon.end_embryonic): the due
         embryonic sessions' filter counts from the fake kernel; the ids of the sessions ended."""
@@ -100,10 +110,10 @@ class Node:
 class AgentNode:
     """The agent and a fake kernel, wired as the daemon wires them."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernel: FakeProvider | None = None) -> None:
         self.config = load_server_config(SERVER_EXAMPLE)
         self.agent = ServerAgent(self.config)
-        self.kernel = FakeProvider(["eth0"])
+        self.kernel = kernel or FakeProvider(["eth0"])
         assert all(r.ok for r in self.kernel.apply([ops.Add(o) for o in self.agent.node_objects()]))
         self.next_id = 0
 

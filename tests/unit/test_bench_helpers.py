@@ -52,11 +52,36 @@ def listener() -> Iterator[int]:
 
 
 def test_connects_time_a_pair_per_source_and_report_failures(listener: int) -> None:
-    out = connect.connects("127.0.0.1", listener, ["127.0.0.2", "127.0.0.3", "192.0.2.1"], "127.0.0.1", 0)
-    assert len(out["pairs"]) == 2 and all(0 < t < 1 for pair in out["pairs"] for t in pair)
-    assert out["retransmits"] == 0
-    assert len(out["failed"]) == 1 and out["failed"][0].startswith("192.0.2.1: ")  # not a local address
+    out = connect.connects(["127.0.0.1"], listener, ["127.0.0.2", "127.0.0.3", "192.0.2.1"], "127.0.0.1", 0)
+    [pairs] = out["pairs"]
+    assert len(pairs) == 2 and all(0 < t < 1 for pair in pairs for t in pair)
+    assert out["retransmits"] == [0]
+    assert len(out["failed"]) == 1 and out["failed"][0].startswith("192.0.2.1 -> 127.0.0.1: ")  # not local
     json.dumps(out)
+
+
+def test_connects_interleave_the_systems_taking_turns_first(listener: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    order: list[tuple[str, str]] = []
+    real = connect.connect_time
+
+    def timed(source: str, vip: str, port: int, timeout: float) -> tuple[float, bool]:
+        order.append((source, vip))
+        return real(source, "127.0.0.1", port, timeout)
+
+    monkeypatch.setattr(connect, "connect_time", timed)
+    out = connect.connects(["127.0.0.1", "127.0.0.4"], listener, ["127.0.0.2", "127.0.0.3"], "127.0.0.1", 0)
+    assert [len(p) for p in out["pairs"]] == [2, 2] and out["retransmits"] == [0, 0]
+    measured = [o for o in order if o[0] != "127.0.0.1"]  # after the warm-ups
+    assert measured == [
+        ("127.0.0.2", "127.0.0.1"),
+        ("127.0.0.2", "127.0.0.1"),
+        ("127.0.0.2", "127.0.0.4"),
+        ("127.0.0.2", "127.0.0.4"),
+        ("127.0.0.3", "127.0.0.4"),  # the other system first for the next source
+        ("127.0.0.3", "127.0.0.4"),
+        ("127.0.0.3", "127.0.0.1"),
+        ("127.0.0.3", "127.0.0.1"),
+    ]
 
 
 def free_port() -> int:

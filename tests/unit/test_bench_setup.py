@@ -16,6 +16,7 @@ from orchestrator.lab.bench.setup import BACKLOG, MAX_SAMPLES, MAX_SESSIONS, par
 JSON_KEYS = [
     "sessions",
     "samples",
+    "repeats",
     "kernel_limit_sessions_per_s",
     "sessions_per_s",
     "ipvs_connections_per_s",
@@ -27,6 +28,9 @@ JSON_KEYS = [
     "offered_per_s",
     "syn_retransmits",
     "kernel_limit_s",
+    "latency_repeats",
+    "ratio_repeats",
+    "latency_userspace",
 ]
 RATIOS = ["sessions_vs_kernel_limit", "existing_vs_ipvs", "new_p99_vs_ipvs", "existing_p99_vs_ipvs"]
 
@@ -34,9 +38,13 @@ RATIOS = ["sessions_vs_kernel_limit", "existing_vs_ipvs", "new_p99_vs_ipvs", "ex
 def _result(existing_s: float = 0.5) -> SetupResult:
     limit = KernelLimit(2000, {"tc": 1.0, "ip": 0.5, "nft": 0.5})  # 1,000/s
     ours, existing, theirs = RateRun(2000, 4.0, 1.0), RateRun(2000, existing_s, 0.5), RateRun(2000, 0.5, 0.5)
-    our_lat = Latency([(0.030, 0.010)] * 98 + [(0.110, 0.012)] * 2, retransmits=1)
-    their_lat = Latency([(0.0105, 0.010)] * 98 + [(0.015, 0.010)] * 2)
-    return build_result(limit, ours, existing, theirs, our_lat, their_lat)
+    # Two repeats of 50 samples each; pooled they are the 100 samples of the figures.
+    our_runs = [
+        Latency([(0.030, 0.010)] * 49 + [(0.110, 0.012)], retransmits=1),
+        Latency([(0.030, 0.010)] * 49 + [(0.110, 0.012)]),
+    ]
+    their_runs = [Latency([(0.0105, 0.010)] * 49 + [(0.015, 0.010)])] * 2
+    return build_result(limit, ours, existing, theirs, our_runs, their_runs, {"sessions_started": 100})
 
 
 def test_result_rates_latencies_and_ratios() -> None:
@@ -54,7 +62,14 @@ def test_result_rates_latencies_and_ratios() -> None:
     }
     assert d["offered_per_s"] == {"sessions": 2000, "existing": 4000, "ipvs": 4000}
     assert d["syn_retransmits"] == {"balancer": 1, "ipvs": 0}
-    assert d["sessions"] == 2000 and d["samples"] == 100
+    assert d["sessions"] == 2000 and (d["samples"], d["repeats"]) == (50, 2)
+    # Each repeat alone: 50 samples, so its p99 lies between its two slowest.
+    per_repeat = d["latency_repeats"]["balancer"]
+    assert per_repeat[0] == per_repeat[1] == {"new": {"p50": 30, "p99": 70.8}, "existing": {"p50": 10, "p99": 11.02}}
+    theirs = d["latency_repeats"]["ipvs"][0]
+    assert d["ratio_repeats"]["new_p99_vs_ipvs"] == [round(70.8 / theirs["new"]["p99"], 3)] * 2
+    assert d["ratio_repeats"]["existing_p99_vs_ipvs"] == [round(11.02 / theirs["existing"]["p99"], 3)] * 2
+    assert d["latency_userspace"] == {"sessions_started": 100}
     json.dumps(d)  # one JSON object, as --json prints it
 
 
@@ -80,7 +95,7 @@ def test_a_reference_of_zero_gives_no_ratio_and_no_verdict() -> None:
     limit = KernelLimit(10, {"tc": 1.0})
     lat = Latency([(0.02, 0.01)])
     zero = Latency([(0.0, 0.0)])
-    r = build_result(limit, RateRun(10, 1.0, 1.0), RateRun(10, 1.0, 1.0), RateRun(10, 1.0, 1.0), lat, zero)
+    r = build_result(limit, RateRun(10, 1.0, 1.0), RateRun(10, 1.0, 1.0), RateRun(10, 1.0, 1.0), [lat], [zero])
     assert r.ratios["new_p99_vs_ipvs"] is None and r.goals["new_p99_vs_ipvs"]["met"] is None
     assert "-" in format_table(r)
 

@@ -449,3 +449,36 @@ def test_the_fake_numbers_devices_as_a_kernel_does() -> None:
     assert [kernel.ifname(index) for index in (1, 2, 3, 9)] == ["lo", "lan0", "fab0", "if9"]
     with pytest.raises(UnknownDevice):
         kernel.ifindex("eth9")
+
+
+def test_a_route_to_a_nexthop_object_forwards_with_its_labels_and_goes_with_it() -> None:
+    from orchestrator.dataplane.ops import EncapNexthop, NexthopRoute
+
+    node = _node(["eth0"], [Add(C2S_TERM), Add(VIP_RULE)])
+    nexthop = EncapNexthop(7, (T_LB, S2C), "eth0", "10.1.2.1")
+    route = NexthopRoute(f"{CLIENT}/32", 7, 100)
+    # The kernel wants the nexthop first ("Nexthop id does not exist").
+    assert _one(node, Add(route)).errno == errno.EINVAL
+    assert _one(node, Add(nexthop)).ok and _one(node, Add(route)).ok
+    assert node.forward_ip(VIP, CLIENT) == Forwarding((T_LB, S2C), "10.1.2.1", "eth0")
+    assert _one(node, Add(nexthop)).errno == errno.EEXIST
+    # One route per (table, prefix): a plain encap route replaces it, and back.
+    assert _one(node, Replace(S2C_ENCAP)).ok
+    assert node.forward_ip(VIP, CLIENT) == Forwarding((T_LB, S2C), "10.1.2.1", "eth0")
+    assert [type(i.obj) for i in node.dump()].count(EncapRoute) == 1
+    assert _one(node, Replace(route)).ok
+    assert _one(node, Add(NexthopRoute("fd00:1::10/128", 7, 100))).errno == errno.EINVAL  # IPv6 to IPv4 nh
+    # Deleting the nexthop takes its route along (remove_nexthop); deleting it again: ENOENT.
+    assert _one(node, Delete(nexthop)).ok
+    assert node.forward_ip(VIP, CLIENT) is None
+    assert not [i for i in node.dump() if isinstance(i.obj, (NexthopRoute, EncapNexthop))]
+    assert _one(node, Delete(nexthop)).errno == errno.ENOENT
+    assert _one(node, Add(EncapNexthop(8, (T_LB, S2C), "eth9", "10.1.2.1"))).errno == errno.ENODEV
+
+
+def test_a_kernel_without_nexthop_objects_refuses_them() -> None:
+    from orchestrator.dataplane.ops import EncapNexthop
+
+    node = FakeProvider(["eth0"], nexthops=False)
+    assert not node.supports_nexthops() and FakeProvider(["eth0"]).supports_nexthops()
+    assert _one(node, Add(EncapNexthop(7, (T_LB, S2C), "eth0", "10.1.2.1"))).errno == errno.EOPNOTSUPP

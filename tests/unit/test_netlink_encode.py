@@ -61,6 +61,80 @@ def test_encap_route_layout_in_high_table() -> None:
     assert decode.labels_of(nla.attrs(a[c.RTA_ENCAP])[c.MPLS_IPTUNNEL_DST]) == (100, 1002)
 
 
+NH_ID = records.nexthop_id(1002, 4)
+
+
+def test_nexthop_object_layout_byte_for_byte() -> None:
+    """struct nhmsg and the attributes as net/ipv4/nexthop.c rtm_to_nh_config reads them (v6.1):
+    family of the gateway, scope/resvd/flags 0, our protocol; NHA_ID u32, NHA_OIF u32,
+    NHA_GATEWAY 4 bytes, NHA_ENCAP_TYPE u16 (padded), NHA_ENCAP nested {MPLS_IPTUNNEL_DST}."""
+    nexthop = ops.EncapNexthop(NH_ID, (100, 1002), "eth0", "10.1.2.1")
+    kind, flags, body = encode.encode(ops.Add(nexthop), ifindex)
+    assert (kind, flags) == (104, c.NLM_F_REQUEST | c.NLM_F_CREATE | c.NLM_F_EXCL)  # RTM_NEWNEXTHOP
+    stack = struct.pack("!II", 100 << 12, 1002 << 12 | 0x100)
+    assert body == (
+        struct.pack("=BBBBI", 2, 0, 195, 0, 0)  # nhmsg: AF_INET, scope, protocol 195, resvd, flags
+        + struct.pack("=HHI", 8, 1, NH_ID)  # NHA_ID
+        + struct.pack("=HHI", 8, 5, 4)  # NHA_OIF: eth0
+        + struct.pack("=HH", 8, 6)
+        + bytes([10, 1, 2, 1])  # NHA_GATEWAY
+        + struct.pack("=HHH2x", 6, 7, 1)  # NHA_ENCAP_TYPE: LWTUNNEL_ENCAP_MPLS
+        + struct.pack("=HH", 4 + 4 + len(stack), 8 | 0x8000)  # NHA_ENCAP, nested
+        + struct.pack("=HH", 4 + len(stack), 1)  # MPLS_IPTUNNEL_DST
+        + stack
+    )
+    assert encode.encode(ops.Replace(nexthop), ifindex)[1] == c.NLM_F_REQUEST | c.NLM_F_CREATE | c.NLM_F_REPLACE
+    # A delete names the id alone, under a header of zeros (nh_valid_get_del_req).
+    kind, flags, body = encode.encode(ops.Delete(nexthop), ifindex)
+    assert (kind, flags, body) == (105, c.NLM_F_REQUEST, bytes(8) + struct.pack("=HHI", 8, 1, NH_ID))
+    v6 = ops.EncapNexthop(records.nexthop_id(1004, 6), (100, 1004), "eth0", "fd00:11::1")
+    _, _, body = encode.encode(ops.Add(v6), ifindex)
+    assert body[0] == c.AF_INET6
+    assert bytes(nla.attrs(body, 8)[c.NHA_GATEWAY]) == ipaddress.IPv6Address("fd00:11::1").packed
+    assert encode.nexthops_dump() == (106, bytes(8))  # RTM_GETNEXTHOP: every family, no filter
+
+
+def test_route_to_a_nexthop_carries_only_its_id() -> None:
+    route = ops.NexthopRoute("10.0.1.10/32", NH_ID, 1000)
+    kind, flags, body = encode.encode(ops.Add(route), ifindex)
+    assert (kind, flags) == (c.RTM_NEWROUTE, c.NLM_F_REQUEST | c.NLM_F_CREATE | c.NLM_F_EXCL)
+    family, dst_len, _, _, table, proto, scope, rtype, _ = RTMSG.unpack_from(body)
+    assert (family, dst_len, table, proto, scope, rtype) == (c.AF_INET, 32, 0, c.RT_PROTO, 0, 1)
+    assert body[RTMSG.size :] == (
+        struct.pack("=HH", 8, c.RTA_DST)
+        + bytes([10, 0, 1, 10])
+        + struct.pack("=HHI", 8, c.RTA_TABLE, 1000)
+        # RTA_NH_ID (30); fib_semantics.c refuses it with a device, gateway or encap
+        + struct.pack("=HHI", 8, 30, NH_ID)
+    )
+    # Deleted as the encap route is: by prefix and table.
+    plain = ops.EncapRoute("10.0.1.10/32", (100, 1002), "eth0", via="10.1.2.1", table=1000)
+    assert encode.encode(ops.Delete(route), ifindex) == encode.encode(ops.Delete(plain), ifindex)
+    assert route.key == plain.key  # one route per (table, prefix) in the kernel
+
+
+def test_nexthop_and_its_route_decode_as_the_kernel_dumps_them() -> None:
+    nexthop = ops.EncapNexthop(NH_ID, (100, 1002), "eth0", "10.1.2.1")
+    _, _, body = encode.encode(ops.Add(nexthop), ifindex)
+    # A dump says the scope (nh_fill_node); ours are known by protocol.
+    dumped = bytearray(body)
+    dumped[1] = 0xFD  # RT_SCOPE_LINK
+    installed = decode.nexthop(memoryview(bytes(dumped)), NAMES.__getitem__)
+    assert installed is not None and installed.obj == nexthop
+    dumped[2] = 3  # RTPROT_BOOT: someone else's
+    assert decode.nexthop(memoryview(bytes(dumped)), NAMES.__getitem__) is None
+    # With nexthop_compat_mode (the default) a route dump adds the nexthop's device, gateway and
+    # encap after RTA_NH_ID: the id is what counts.
+    route = ops.NexthopRoute("10.0.1.10/32", NH_ID, 1000)
+    _, _, body = encode.encode(ops.Add(route), ifindex)
+    extra = nla.u32(c.RTA_OIF, 4) + nla.attr(c.RTA_GATEWAY, bytes([10, 1, 2, 1]))
+    extra += nla.u16(c.RTA_ENCAP_TYPE, c.LWTUNNEL_ENCAP_MPLS)
+    extra += nla.nest(c.RTA_ENCAP, nla.attr(c.MPLS_IPTUNNEL_DST, encode.label_stack((100, 1002))))
+    for raw in (body, body + extra):
+        decoded = decode.route(memoryview(raw), NAMES.__getitem__)
+        assert decoded is not None and decoded.obj == route
+
+
 def test_flower_filter_layout() -> None:
     flt = ops.FlowerFilter(
         "fab0",

@@ -212,3 +212,37 @@ def test_a_reload_moves_the_agents_metrics_endpoint(
         assert d.core.counters["reloads_rejected"] == 0
     finally:
         d.stop_metrics()
+
+
+def test_a_kernel_without_nexthop_objects_gets_plain_encap_routes_said_once(
+    queue: ScriptedQueue, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At start the agent asks the kernel (its nexthop dump says EOPNOTSUPP) and says so once; a
+    nexthop refused later as unsupported does the same, and the batch's routes are made plain
+    before its verdicts."""
+    from orchestrator.daemon import agent as agent_daemon
+
+    caplog.set_level(logging.INFO, "mplsorch")
+    monkeypatch.setattr(agent_daemon.nftables, "load", lambda ruleset: None)
+    monkeypatch.setattr(ServerDaemon, "make_ready", lambda self, config: None)
+    kernel = FakeProvider(["eth0"], nexthops=False)
+    started = server_daemon(load_server_config(EXAMPLE), kernel, queue)
+    started.setup()
+    assert not started.core.nexthops
+    started.decide([syn(1, MARK_TAG | 1001)])
+    assert [i.obj for i in kernel.dump() if isinstance(i.obj, ops.EncapRoute)] == [
+        ops.EncapRoute(f"{CLIENT}/32", (100, 1002), "eth0", "10.1.1.1", 100)
+    ]
+    # Mid-run (the daemon believed the kernel had them): one batch falls back, verdicts after.
+    queue.observe = lambda: kernel.route_ip(VIP, "10.0.1.11") is not None
+    running = server_daemon(load_server_config(EXAMPLE), kernel, queue)
+    running.decide([syn(2, MARK_TAG | 1003, src="10.0.1.11")])
+    running.decide([syn(3, MARK_TAG | 1005, src="10.0.1.12")])
+    assert [present for _verdicts, present in queue.sent_batches[-2:]] == [True, True]
+    assert kernel.route_ip(VIP, "10.0.1.11").labels == (100, 1004)  # type: ignore[union-attr]
+    assert kernel.route_ip(VIP, "10.0.1.12").labels == (100, 1006)  # type: ignore[union-attr]
+    warnings = [m for m in caplog.messages if "S2C return routes are plain encap routes" in m]
+    assert len(warnings) == 2, warnings  # once per daemon
+    assert warnings[0].startswith("the kernel has no nexthop objects")
+    assert warnings[1].startswith("a nexthop object was refused as not supported")
+    assert running.core.counters["nexthops_unsupported"] == 1

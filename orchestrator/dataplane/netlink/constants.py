@@ -1,5 +1,5 @@
 """Netlink numbers from the kernel's uAPI headers (linux/netlink.h, rtnetlink.h, pkt_cls.h,
-pkt_sched.h, fib_rules.h, tc_act/tc_mpls.h, lwtunnel.h, mpls_iptunnel.h, and for capture/
+pkt_sched.h, fib_rules.h, nexthop.h, tc_act/tc_mpls.h, lwtunnel.h, mpls_iptunnel.h, and for capture/
 netfilter/nfnetlink.h, nfnetlink_queue.h, nfnetlink_conntrack.h). Only what we use, each once:
 the dataplane and the capture sockets import them from here. IP protocol numbers are in
 orchestrator.ipproto."""
@@ -33,6 +33,7 @@ RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
 RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC = 36, 37, 38
 RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 44, 45, 46
+RTM_NEWNEXTHOP, RTM_DELNEXTHOP, RTM_GETNEXTHOP = 104, 105, 106
 
 IFLA_IFNAME = 3
 IFA_ADDRESS, IFA_LOCAL = 1, 2  # if_addr.h
@@ -42,10 +43,14 @@ RT_SCOPE_UNIVERSE, RT_SCOPE_HOST = 0, 254
 RTN_UNICAST = 1
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 RTA_VIA, RTA_NEWDST, RTA_ENCAP_TYPE, RTA_ENCAP = 18, 19, 21, 22
+RTA_NH_ID = 30
 RTM_F_OFFLOAD, RTM_F_TRAP, RTM_F_OFFLOAD_FAILED = 0x4000, 0x8000, 0x20000000
 RTNH_F_OFFLOAD, RTNH_F_TRAP = 8, 64
 LWTUNNEL_ENCAP_MPLS = 1
 MPLS_IPTUNNEL_DST = 1
+
+# nexthop.h: struct nhmsg (nla.NHMSG) and the attributes of a nexthop object
+NHA_ID, NHA_OIF, NHA_GATEWAY, NHA_ENCAP_TYPE, NHA_ENCAP = 1, 5, 6, 7, 8
 
 # fib_rules.h
 FR_ACT_TO_TBL = 1
@@ -57,7 +62,7 @@ TC_H_MIN_INGRESS, TC_H_MIN_EGRESS = 0xFFF2, 0xFFF3
 TCA_KIND, TCA_OPTIONS = 1, 2
 TCA_ACT_KIND, TCA_ACT_OPTIONS, TCA_ACT_STATS, TCA_ACT_COOKIE = 1, 2, 4, 6
 TCA_STATS_BASIC, TCA_STATS_PKT64 = 1, 8  # in TCA_ACT_STATS: struct gnet_stats_basic, a 64-bit packet count
-TC_ACT_PIPE = 3
+TC_ACT_OK, TC_ACT_PIPE = 0, 3
 TCA_CLS_FLAGS_SKIP_HW, TCA_CLS_FLAGS_SKIP_SW = 1, 2
 TCA_CLS_FLAGS_IN_HW, TCA_CLS_FLAGS_NOT_IN_HW = 4, 8
 
@@ -77,6 +82,7 @@ TCA_FLOWER_KEY_SCTP_SRC, TCA_FLOWER_KEY_SCTP_DST = 41, 42
 TCA_FLOWER_IN_HW_COUNT = 86
 TCA_FLOWER_KEY_MPLS_LABEL = 70  # u32 (host order), lower 20 bits: the top label
 TCA_SKBEDIT_PARMS, TCA_SKBEDIT_MARK = 2, 5
+TCA_GACT_PARMS = 2  # tc_act/tc_gact.h: struct tc_gact (tc_gen)
 # cls_u32 (include/uapi/linux/pkt_cls.h): its attributes, and a node that ends classification
 TCA_U32_DIVISOR, TCA_U32_SEL, TCA_U32_ACT = 4, 5, 7
 TC_U32_TERMINAL = 1

@@ -28,12 +28,18 @@ from orchestrator.dataplane.netlink.constants import (
     NFTA_SET_ELEM_KEY,
     NFTA_SET_ELEM_LIST_ELEMENTS,
     NFTA_SET_ELEM_LIST_SET,
+    NHA_ENCAP,
+    NHA_ENCAP_TYPE,
+    NHA_GATEWAY,
+    NHA_ID,
+    NHA_OIF,
     RT_PROTO,
     RTA_DST,
     RTA_ENCAP,
     RTA_ENCAP_TYPE,
     RTA_GATEWAY,
     RTA_NEWDST,
+    RTA_NH_ID,
     RTA_OIF,
     RTA_TABLE,
     RTA_VIA,
@@ -43,6 +49,7 @@ from orchestrator.dataplane.netlink.constants import (
     RTN_UNICAST,
     RTNH_F_OFFLOAD,
     RTNH_F_TRAP,
+    TC_ACT_OK,
     TC_COOKIE_PREFIX,
     TC_H_MIN_EGRESS,
     TCA_ACT_COOKIE,
@@ -59,6 +66,7 @@ from orchestrator.dataplane.netlink.constants import (
     TCA_FLOWER_KEY_ETH_TYPE,
     TCA_FLOWER_KEY_IP_PROTO,
     TCA_FLOWER_KEY_MPLS_LABEL,
+    TCA_GACT_PARMS,
     TCA_KIND,
     TCA_MPLS_ACT_POP,
     TCA_MPLS_ACT_PUSH,
@@ -141,13 +149,20 @@ def route(body: memoryview, ifname: Ifname) -> ops.Installed | None:
             out_labels=labels_of(a[RTA_NEWDST]) if RTA_NEWDST in a else (),
         )
     else:
-        if RTA_ENCAP_TYPE not in a or nla.get_u16(a[RTA_ENCAP_TYPE]) != LWTUNNEL_ENCAP_MPLS:
-            return None
         dst = (
             ipaddress.ip_address(bytes(a[RTA_DST]))
             if RTA_DST in a
             else (ipaddress.IPv6Address(0) if family == AF_INET6 else ipaddress.IPv4Address(0))
         )
+        if RTA_NH_ID in a:  # a route to a nexthop object: the id is all (the kernel may add its details)
+            obj = ops.NexthopRoute(
+                dst=f"{dst}/{dst_len}",
+                nexthop=nla.get_u32(a[RTA_NH_ID]),
+                table=nla.get_u32(a[RTA_TABLE]) if RTA_TABLE in a else table,
+            )
+            return ops.Installed(obj, _route_offload(flags))
+        if RTA_ENCAP_TYPE not in a or nla.get_u16(a[RTA_ENCAP_TYPE]) != LWTUNNEL_ENCAP_MPLS:
+            return None
         encap = nla.attrs(a[RTA_ENCAP])
         obj = ops.EncapRoute(
             dst=f"{dst}/{dst_len}",
@@ -157,6 +172,27 @@ def route(body: memoryview, ifname: Ifname) -> ops.Installed | None:
             table=nla.get_u32(a[RTA_TABLE]) if RTA_TABLE in a else table,
         )
     return ops.Installed(obj, _route_offload(flags))
+
+
+@_decoding
+def nexthop(body: memoryview, ifname: Ifname) -> ops.Installed | None:
+    """A nexthop object of ours (RTM_NEWNEXTHOP of a dump, nexthop.c nh_fill_node): our protocol,
+    a gateway and an MPLS encap. Others' nexthops, groups and blackholes are None."""
+    _family, _scope, protocol, _resvd, _flags = nla.NHMSG.unpack_from(body)
+    if protocol != RT_PROTO:
+        return None
+    a = nla.attrs(body, nla.NHMSG.size)
+    if NHA_GATEWAY not in a or NHA_ENCAP not in a or NHA_ENCAP_TYPE not in a:
+        return None
+    if nla.get_u16(a[NHA_ENCAP_TYPE]) != LWTUNNEL_ENCAP_MPLS:
+        return None
+    obj = ops.EncapNexthop(
+        id=nla.get_u32(a[NHA_ID]),
+        labels=labels_of(nla.attrs(a[NHA_ENCAP])[MPLS_IPTUNNEL_DST]),
+        dev=ifname(nla.get_u32(a[NHA_OIF])) if NHA_OIF in a else "",
+        via=str(ipaddress.ip_address(bytes(a[NHA_GATEWAY]))),
+    )
+    return ops.Installed(obj)
 
 
 @_decoding
@@ -206,13 +242,19 @@ def qdisc_kind(body: memoryview) -> str:
 
 
 def _action(payload: memoryview) -> tuple[ops.Action, bytes] | None:
-    """An act_mpls push/pop or act_skbedit mark with its cookie; None for any other action."""
+    """An act_mpls push/pop, act_skbedit mark or act_gact pass with its cookie; None for any
+    other action (a gact of another verdict too)."""
     a = nla.attrs(payload)
     kind = nla.get_str(a[TCA_ACT_KIND]) if TCA_ACT_KIND in a else ""
-    if kind not in ("mpls", "skbedit") or TCA_ACT_OPTIONS not in a:
+    if kind not in ("mpls", "skbedit", "gact") or TCA_ACT_OPTIONS not in a:
         return None
     cookie = bytes(a[TCA_ACT_COOKIE]) if TCA_ACT_COOKIE in a else b""
     opts = nla.attrs(a[TCA_ACT_OPTIONS])
+    if kind == "gact":
+        parms = opts.get(TCA_GACT_PARMS)
+        if parms is None or len(parms) < 20 or struct.unpack_from("=IIiii", parms)[2] != TC_ACT_OK:
+            return None
+        return ops.Pass(), cookie
     if kind == "skbedit":
         return (ops.SetMark(nla.get_u32(opts[TCA_SKBEDIT_MARK])), cookie) if TCA_SKBEDIT_MARK in opts else None
     m_action = struct.unpack_from("=IIiiii", opts[TCA_MPLS_PARMS])[5]
@@ -339,8 +381,8 @@ def _prefix(key: memoryview, mask: memoryview | None) -> str:
 
 @_decoding
 def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops.Installed | None:
-    """A flower filter whose actions all carry our cookie (act_mpls and act_skbedit only, or it
-    is not ours).
+    """A flower filter whose actions all carry our cookie (act_mpls, act_skbedit and act_gact
+    pass only, or it is not ours).
     `require_cookie=False` decodes filters made by others, e.g. by `tc` in the encoder tests."""
     ifindex, handle, parent, info = tc_header(body)
     a = nla.attrs(body, nla.TCMSG.size)

@@ -3,7 +3,9 @@ function per object kind; each returns (message type, flags, body) so the batchi
 stamp sequence numbers.
 
 Layouts follow the kernel: af_mpls.c (RTA_DST/RTA_VIA/RTA_NEWDST), lwtunnel MPLS encap
-(RTA_ENCAP_TYPE + RTA_ENCAP{MPLS_IPTUNNEL_DST}), fib_rules.c, cls_flower.c and act_mpls.c;
+(RTA_ENCAP_TYPE + RTA_ENCAP{MPLS_IPTUNNEL_DST}), nexthop objects (nexthop.c rtm_to_nh_config:
+struct nhmsg, NHA_ID/NHA_OIF/NHA_GATEWAY/NHA_ENCAP_TYPE/NHA_ENCAP) and routes to them
+(RTA_NH_ID, fib_semantics.c), fib_rules.c, cls_flower.c and act_mpls.c;
 set elements nf_tables_api.c (nf_tables_newsetelem/delsetelem, nft_setelem_parse_key).
 """
 
@@ -45,6 +47,11 @@ from orchestrator.dataplane.netlink.constants import (
     NFTA_SET_ELEM_LIST_ELEMENTS,
     NFTA_SET_ELEM_LIST_SET,
     NFTA_SET_ELEM_LIST_TABLE,
+    NHA_ENCAP,
+    NHA_ENCAP_TYPE,
+    NHA_GATEWAY,
+    NHA_ID,
+    NHA_OIF,
     NLA_F_NESTED,
     NLM_F_CREATE,
     NLM_F_EXCL,
@@ -59,21 +66,26 @@ from orchestrator.dataplane.netlink.constants import (
     RTA_ENCAP_TYPE,
     RTA_GATEWAY,
     RTA_NEWDST,
+    RTA_NH_ID,
     RTA_OIF,
     RTA_TABLE,
     RTA_VIA,
+    RTM_DELNEXTHOP,
     RTM_DELQDISC,
     RTM_DELROUTE,
     RTM_DELRULE,
     RTM_DELTFILTER,
+    RTM_GETNEXTHOP,
     RTM_GETROUTE,
     RTM_GETTFILTER,
     RTM_NEWADDR,
+    RTM_NEWNEXTHOP,
     RTM_NEWQDISC,
     RTM_NEWROUTE,
     RTM_NEWRULE,
     RTM_NEWTFILTER,
     RTN_UNICAST,
+    TC_ACT_OK,
     TC_ACT_PIPE,
     TC_COOKIE_PREFIX,
     TC_H_CLSACT,
@@ -110,6 +122,7 @@ from orchestrator.dataplane.netlink.constants import (
     TCA_FLOWER_KEY_UDP_DST_MASK,
     TCA_FLOWER_KEY_UDP_SRC,
     TCA_FLOWER_KEY_UDP_SRC_MASK,
+    TCA_GACT_PARMS,
     TCA_KIND,
     TCA_MPLS_ACT_POP,
     TCA_MPLS_ACT_PUSH,
@@ -246,14 +259,60 @@ def encap_route(op: ops.Operation, obj: ops.EncapRoute, ifindex: Ifindex) -> Req
     body += _ATTR_U32.pack(8, RTA_OIF, ifindex(obj.dev))
     if obj.via:
         body += _gateway_attr(obj.via)
-    stack = label_stack(obj.labels)
-    body += (
-        _ENCAP_TYPE_MPLS
-        + _ATTR_HDR.pack(8 + len(stack), RTA_ENCAP | NLA_F_NESTED)
+    body += _ENCAP_TYPE_MPLS + _encap_mpls(RTA_ENCAP, obj.labels)
+    return RTM_NEWROUTE, _FLAGS[op.verb], body
+
+
+def _encap_mpls(encap_attr: int, labels: tuple[int, ...]) -> bytes:
+    """The nested lwtunnel MPLS encap: {MPLS_IPTUNNEL_DST: the label stack}."""
+    stack = label_stack(labels)
+    return (
+        _ATTR_HDR.pack(8 + len(stack), encap_attr | NLA_F_NESTED)
         + _ATTR_HDR.pack(4 + len(stack), MPLS_IPTUNNEL_DST)
         + stack
     )
-    return RTM_NEWROUTE, _FLAGS[op.verb], body
+
+
+_NH_ENCAP_TYPE_MPLS = nla.u16(NHA_ENCAP_TYPE, LWTUNNEL_ENCAP_MPLS)
+_NH_DELETE_HEAD = nla.NHMSG.pack(AF_UNSPEC, 0, 0, 0, 0)  # nexthop.c wants protocol, scope, flags 0
+
+
+def encap_nexthop(op: ops.Operation, obj: ops.EncapNexthop, ifindex: Ifindex) -> Request:
+    """RTM_NEWNEXTHOP / RTM_DELNEXTHOP of a nexthop object (nexthop.c rtm_to_nh_config): struct
+    nhmsg with the gateway's family and our protocol (scope, resvd and flags must be 0), then
+    NHA_ID, NHA_OIF, NHA_GATEWAY (4 or 16 bytes), NHA_ENCAP_TYPE (u16) and NHA_ENCAP. A delete
+    names the id alone (nh_valid_get_del_req: protocol 0 in the header)."""
+    if isinstance(op, ops.Delete):
+        return RTM_DELNEXTHOP, _FLAGS["delete"], _NH_DELETE_HEAD + _ATTR_U32.pack(8, NHA_ID, obj.id)
+    version, packed = ops.parse_address(obj.via)
+    body = (
+        nla.NHMSG.pack(_family(version), 0, RT_PROTO, 0, 0)
+        + _ATTR_U32.pack(8, NHA_ID, obj.id)
+        + _ATTR_U32.pack(8, NHA_OIF, ifindex(obj.dev))
+        + nla.attr(NHA_GATEWAY, packed)
+        + _NH_ENCAP_TYPE_MPLS
+        + _encap_mpls(NHA_ENCAP, obj.labels)
+    )
+    return RTM_NEWNEXTHOP, _FLAGS[op.verb], body
+
+
+def nexthop_route(op: ops.Operation, obj: ops.NexthopRoute, _ifindex: Ifindex) -> Request:
+    """A route to a nexthop object: the encap route's header, RTA_DST and RTA_TABLE, then only
+    RTA_NH_ID (fib_semantics.c refuses a nexthop id together with a device, gateway or encap).
+    Its delete is the encap route's: the kernel deletes the table's route to the prefix."""
+    version, packed, plen = ops.parse_prefix(obj.dst)
+    table = obj.table if obj.table < 256 else 0
+    body = nla.RTMSG.pack(_family(version), plen, 0, 0, table, RT_PROTO, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
+    body += nla.attr(RTA_DST, packed) + _ATTR_U32.pack(8, RTA_TABLE, obj.table)
+    if isinstance(op, ops.Delete):
+        return RTM_DELROUTE, _FLAGS["delete"], body
+    return RTM_NEWROUTE, _FLAGS[op.verb], body + _ATTR_U32.pack(8, RTA_NH_ID, obj.nexthop)
+
+
+def nexthops_dump() -> tuple[int, bytes]:
+    """(message type, body) of RTM_GETNEXTHOP for every nexthop object (sent with NLM_F_DUMP;
+    nexthop.c __nh_valid_dump_req wants protocol, scope and flags 0: ours are kept by decoding)."""
+    return RTM_GETNEXTHOP, nla.NHMSG.pack(AF_UNSPEC, 0, 0, 0, 0)
 
 
 def rule(op: ops.Operation, obj: ops.Rule, _ifindex: Ifindex) -> Request:
@@ -392,6 +451,8 @@ def _action_attr(order: int, action: ops.Action, cookie: bytes) -> bytes:
         )
     if isinstance(action, ops.SetMark):
         return nla.nest(order, skbedit_action(action, cookie))
+    if isinstance(action, ops.Pass):
+        return nla.nest(order, gact_pass(cookie))
     return nla.nest(order, mpls_action(action, cookie))
 
 
@@ -400,6 +461,17 @@ def skbedit_action(action: ops.SetMark, cookie: bytes = TC_COOKIE_PREFIX) -> byt
     parms = struct.pack("=IIiii", 0, 0, TC_ACT_PIPE, 0, 0)
     opts = nla.attr(TCA_SKBEDIT_PARMS, parms) + nla.u32(TCA_SKBEDIT_MARK, action.mark)
     return nla.asciiz(TCA_ACT_KIND, "skbedit") + nla.nest(TCA_ACT_OPTIONS, opts) + nla.attr(TCA_ACT_COOKIE, cookie)
+
+
+def gact_pass(cookie: bytes = TC_COOKIE_PREFIX) -> bytes:
+    """act_gact with TC_ACT_OK: struct tc_gact (tc_gen) whose verdict lets the packet go on
+    unchanged; the action's statistics count it."""
+    parms = struct.pack("=IIiii", 0, 0, TC_ACT_OK, 0, 0)
+    return (
+        nla.asciiz(TCA_ACT_KIND, "gact")
+        + nla.nest(TCA_ACT_OPTIONS, nla.attr(TCA_GACT_PARMS, parms))
+        + nla.attr(TCA_ACT_COOKIE, cookie)
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -505,6 +577,8 @@ def u32_filter(op: ops.Operation, obj: ops.U32Filter, ifindex: Ifindex, cookie: 
 ENCODERS: dict[type, Callable[..., Request]] = {
     ops.MplsRoute: mpls_route,
     ops.EncapRoute: encap_route,
+    ops.EncapNexthop: encap_nexthop,
+    ops.NexthopRoute: nexthop_route,
     ops.Rule: rule,
     ops.ClsactQdisc: clsact,
     ops.FlowerFilter: flower_filter,

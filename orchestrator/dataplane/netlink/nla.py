@@ -16,6 +16,7 @@ RTMSG = struct.Struct("=BBBBBBBBI")
 TCMSG = struct.Struct("=BBHiIII")  # tcmsg: family, pad, pad, ifindex, handle, parent, info
 IFINFOMSG = struct.Struct("=BxHiII")  # ifinfomsg: family, pad, type, index, flags, change
 IFADDRMSG = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefixlen, flags, scope, index
+NHMSG = struct.Struct("=BBBBI")  # nhmsg: family, scope, protocol, resvd, flags
 NFGENMSG = struct.Struct("!BBH")  # nfgenmsg: family, version, res_id (queue number), network order
 _ATTR = struct.Struct("=HH")
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")

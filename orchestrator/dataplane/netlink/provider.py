@@ -64,6 +64,7 @@ class NetlinkProvider:
         self._watch_routes = sock is None
         self._changes: routewatch.RouteChanges | None = None
         self._routes: routewatch.RouteCache[ops.NextHop | None] | None = None
+        self._nexthops: bool | None = None  # nexthop objects: not asked yet
 
     def close(self) -> None:
         self._sock.close()
@@ -211,6 +212,7 @@ class NetlinkProvider:
                 installed = decode.route(body, self.ifname)
                 if installed is not None:
                     out.append(installed)
+        out.extend(self._dump_nexthops())
         for family in (AF_INET, AF_INET6):
             for _kind, body in self._sock.dump(RTM_GETRULE, nla.RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
                 installed = decode.rule(body)
@@ -220,6 +222,27 @@ class NetlinkProvider:
         if elements:
             out.extend(self.dump_elements())
         return out
+
+    def _dump_nexthops(self) -> list[ops.Installed]:
+        """Our nexthop objects; none on a kernel without them (EOPNOTSUPP, remembered)."""
+        if self._nexthops is False:
+            return []
+        kind, body = encode.nexthops_dump()
+        try:
+            replies = self._sock.dump(kind, body)
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+            self._nexthops = False
+            return []
+        self._nexthops = True
+        return [i for _kind, mbody in replies if (i := decode.nexthop(mbody, self.ifname)) is not None]
+
+    def supports_nexthops(self) -> bool:
+        """Whether this kernel has nexthop objects (RTM_GETNEXTHOP answers): asked once."""
+        if self._nexthops is None:
+            self._dump_nexthops()
+        return bool(self._nexthops)
 
     def dump_elements(self) -> list[ops.Installed]:
         """The elements of the balancer's fast-path sets (NFT_MSG_GETSETELEM per set); none where

@@ -14,25 +14,33 @@ EXISTING_SPORT = 5354  # the second flood's source port: new flows, same clients
 
 if TYPE_CHECKING:
     from orchestrator.config.examples import KeyPath
+    from orchestrator.config.model import BalancerConfig
     from orchestrator.lab.balancer_lab import BalancerLab
     from orchestrator.lab.kit import Lab
 
 
 def label_range(sessions: int, samples: int) -> tuple[int, int]:
-    """Labels for every session of the run, with room for the admission headroom."""
+    """`samples`: the latency sources of every repeat (each a new session)."""
+    # Labels for every session of the run, with room for the admission headroom.
     from orchestrator.lab.balancer_lab import LABELS
 
     last = LABELS[0] + 2 * (sessions + samples + 256) + 1
     return LABELS[0], max(last, LABELS[1])
 
 
-def balancer_phase(bed: Testbed, changes: dict[KeyPath, Any] | None = None) -> tuple[RateRun, RateRun, Latency]:
-    """`changes`: more configuration changes (bench.workers runs it with nfqueue.workers)."""
+def balancer_phase(
+    bed: Testbed, changes: dict[KeyPath, Any] | None = None, beside: BalancerConfig | None = None
+) -> tuple[RateRun, RateRun, dict[str, list[Latency]]]:
+    """`changes`: more configuration changes (bench.workers runs it with nfqueue.workers).
+    The latency runs per repeat, of the daemon (`balancer`) and, with `beside` (the
+    configuration IPVS mirrors), of IPVS on a VIP of its own beside the running daemon
+    (`ipvs`), their connects interleaved; the daemon's counters over them go to
+    `bed.userspace` (existing sessions' connects must never reach it)."""
     from orchestrator.dataplane import ops
     from orchestrator.lab.balancer_lab import LABELS, BalancerLab
 
     lab = bed.lab
-    first, last = label_range(bed.sessions, bed.samples)
+    first, last = label_range(bed.sessions, len(bed.aliases))
     balancer = BalancerLab(
         lab,
         bed.balancer,
@@ -64,15 +72,50 @@ def balancer_phase(bed: Testbed, changes: dict[KeyPath, Any] | None = None) -> t
         existing = bed.rate("balancer", sport=EXISTING_SPORT)
         check_fast_path(balancer, counters)
         say("balancer: fast path checked; latency")
-        latency = bed.latency("balancer")
-        say("balancer: latency done; closing")
+        before = balancer.cli("status")["counters"]
+        latencies = latency_runs(bed, beside)
+        after = balancer.cli("status")["counters"]
+        bed.userspace = {k: after.get(k, 0) - before.get(k, 0) for k in ("sessions_started", "packets_userspace")}
+        check_latency_path(bed, latencies["balancer"])
+        say(f"balancer: latency done ({bed.userspace}); closing")
     except Exception:
         print(balancer.log()[-3000:], file=sys.stderr)
         raise
     finally:
         bed.stop_sinks()
         balancer.close()
-    return rate, existing, latency
+    return rate, existing, latencies
+
+
+def latency_runs(bed: Testbed, beside: BalancerConfig | None) -> dict[str, list[Latency]]:
+    from orchestrator.lab.bench.ipvs import Ipvs
+    from orchestrator.lab.bench.testbed import IPVS_VIP
+
+    if beside is None:
+        return {"balancer": bed.latencies("balancer", [bed.lab.vip], bed.repeats)[0]}
+    ipvs = Ipvs(bed, beside, IPVS_VIP)
+    try:
+        say("latency: IPVS beside the daemon on its own VIP")
+        ipvs.start()
+        ours, theirs = bed.latencies("balancer and ipvs", [bed.lab.vip, IPVS_VIP], bed.repeats)
+    finally:
+        ipvs.close()
+    return {"balancer": ours, "ipvs": theirs}
+
+
+def check_latency_path(bed: Testbed, runs: list[Latency]) -> None:
+    """Each source's first connect opened a session whose SYN reached the daemon once (twice
+    when it was retransmitted); its second connect, an existing session's new flow, must have
+    stayed in the kernel (the fast path's set element). The client's own address, which warms
+    the path up before each run, opens one more session the first time."""
+    sources = sum(len(run.pairs) for run in runs)
+    started = bed.userspace.get("sessions_started", 0)
+    allowed = started + sum(run.retransmits for run in runs)
+    if not sources <= started <= sources + 1 or bed.userspace.get("packets_userspace", 0) > allowed:
+        raise RuntimeError(
+            f"balancer: {sources} new-session connects, the daemon counted {bed.userspace}: "
+            "an existing session's connect reached userspace"
+        )
 
 
 def check_fast_path(balancer: BalancerLab, before: dict[str, int]) -> None:

@@ -1,7 +1,8 @@
 """The latency samples, run inside the client's namespace by `lab bench setup` (`python -m
-orchestrator.lab.bench.connect VIP PORT WARMUP_SOURCE SOURCES`, SOURCES comma-separated): per
-source, a TCP connect() as a new session and one as an existing session. Prints one JSON object:
-pairs (seconds, new and existing), failed, retransmits."""
+orchestrator.lab.bench.connect VIPS PORT WARMUP_SOURCE SOURCES`, VIPS and SOURCES
+comma-separated; one VIP per system measured): per source and VIP, a TCP connect() as a new
+session and one as an existing session, the VIPs interleaved. Prints one JSON object: pairs
+(seconds, new and existing) and retransmits per VIP, failed."""
 
 from __future__ import annotations
 
@@ -31,30 +32,36 @@ def connect_time(source: str, vip: str, port: int, timeout: float) -> tuple[floa
         return elapsed, struct.unpack_from("I", info, TCPI_TOTAL_RETRANS)[0] > 0
 
 
-def connects(vip: str, port: int, sources: list[str], warmup: str, gap: float) -> dict[str, Any]:
-    """Per source: connect() as a new session, then again as an existing one (a gap before each,
-    so every connect meets an idle system: this is latency, not load)."""
-    for _ in range(2):  # code paths and caches along the way, not measured
-        connect_time(warmup, vip, port, 10)
-    pairs: list[tuple[float, float]] = []
+def connects(vips: list[str], port: int, sources: list[str], warmup: str, gap: float) -> dict[str, Any]:
+    """Per source and per VIP (one system each): connect() as a new session, then again as an
+    existing one (a gap before each, so every connect meets an idle system: this is latency,
+    not load). The systems are interleaved source by source, the first of them taking turns,
+    so a change of the machine's load hits every system alike. `pairs` and `retransmits` are
+    per VIP, in the order given."""
+    for vip in vips:
+        for _ in range(2):  # code paths and caches along the way, not measured
+            connect_time(warmup, vip, port, 10)
+    pairs: list[list[tuple[float, float]]] = [[] for _ in vips]
+    retransmits = [0 for _ in vips]
     failed: list[str] = []
-    retransmits = 0
-    for source in sources:
-        try:
-            time.sleep(gap)
-            new, again = connect_time(source, vip, port, 10)
-            time.sleep(gap)
-            old, again_old = connect_time(source, vip, port, 10)
-            pairs.append((new, old))
-            retransmits += again + again_old
-        except OSError as exc:
-            failed.append(f"{source}: {exc}")
+    for turn, source in enumerate(sources):
+        for k in range(len(vips)):
+            at = (turn + k) % len(vips)
+            try:
+                time.sleep(gap)
+                new, again = connect_time(source, vips[at], port, 10)
+                time.sleep(gap)
+                old, again_old = connect_time(source, vips[at], port, 10)
+                pairs[at].append((new, old))
+                retransmits[at] += again + again_old
+            except OSError as exc:
+                failed.append(f"{source} -> {vips[at]}: {exc}")
     return {"pairs": pairs, "failed": failed, "retransmits": retransmits}
 
 
 def main(argv: list[str]) -> int:
-    vip, port, warmup, sources = argv
-    print(json.dumps(connects(vip, int(port), sources.split(","), warmup, CONNECT_GAP_S)))
+    vips, port, warmup, sources = argv
+    print(json.dumps(connects(vips.split(","), int(port), sources.split(","), warmup, CONNECT_GAP_S)))
     return 0
 
 

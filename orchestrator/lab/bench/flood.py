@@ -1,7 +1,8 @@
 """The flood, run inside the client's namespace by `lab bench setup` (`python -m
-orchestrator.lab.bench.flood DEV DST_MAC VIP SECOND_OCTET COUNT PID COUNTER_DEV [SPORT [OFFSET]]`):
-COUNT first packets (UDP from port SPORT, 5353 by default) from consecutive spoofed sources
-10.SECOND_OCTET.0.1 + OFFSET onwards, timed from the first one
+orchestrator.lab.bench.flood DEV DST_MAC VIP SECOND_OCTET COUNT PID COUNTER_DEV [SPORT [OFFSET
+[START_AT]]]`): COUNT first packets (UDP from port SPORT, 5353 by default) from consecutive spoofed
+sources 10.SECOND_OCTET.0.1 + OFFSET onwards, not before the monotonic time START_AT (several
+floods started together: the clock is the kernel's, the same in every process), timed from the first one
 leaving DEV to COUNT more packets out of COUNTER_DEV in the namespace of process PID (the
 balancer node's fabric link). Prints one JSON object: start, send_s, reached, seen."""
 
@@ -45,12 +46,14 @@ def flood(
     out: Callable[[], int],
     sport: int = pktgen.SOURCE_PORT,
     offset: int = 0,
+    start_at: float = 0.0,
 ) -> dict[str, float]:
     """Send `count` first packets from consecutive sources with pktgen, in bursts the daemon's
     queue can hold, each once the previous one is through; return the time the first packet left
     this node and the time `out` (packets out of the balancer node) had grown by `count`."""
     sources = flood_sources(second_octet, count, offset)
     pktgen.configure(dev, dst_mac, vip, sport)
+    time.sleep(max(0.0, start_at - time.monotonic()))
     net_dev = Path("/proc/self/net/dev")
 
     def sent() -> int:
@@ -81,11 +84,12 @@ def flood(
 
 
 def main(argv: list[str]) -> int:
-    if not 7 <= len(argv) <= 9:
-        raise ValueError("usage: DEV DST_MAC VIP SECOND_OCTET COUNT PID COUNTER_DEV [SPORT [OFFSET]]")
+    if not 7 <= len(argv) <= 10:
+        raise ValueError("usage: DEV DST_MAC VIP SECOND_OCTET COUNT PID COUNTER_DEV [SPORT [OFFSET [START_AT]]]")
     dev, dst_mac, vip, octet, count, pid, counter_dev = argv[:7]
     sport = int(argv[7]) if len(argv) > 7 else pktgen.SOURCE_PORT
     offset = int(argv[8]) if len(argv) > 8 else 0
+    start_at = float(argv[9]) if len(argv) > 9 else 0.0
     counters = Path(f"/proc/{pid}/net/dev")
     print(
         json.dumps(
@@ -98,6 +102,7 @@ def main(argv: list[str]) -> int:
                 lambda: tx_packets(counters.read_text(), counter_dev),
                 sport,
                 offset,
+                start_at,
             )
         )
     )

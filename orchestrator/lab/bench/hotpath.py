@@ -56,6 +56,9 @@ class EncodingProvider:
     def dump_elements(self) -> list[ops.Installed]:
         return []
 
+    def supports_nexthops(self) -> bool:
+        return True
+
     def routes_to(self, addresses: Iterable[str]) -> dict[str, ops.NextHop | None]:
         out: dict[str, ops.NextHop | None] = {a: ops.NextHop("lan0") for a in addresses}
         self.route_lookups += len(out)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 from typing import TYPE_CHECKING
 
-from orchestrator.lab.bench.result import Latency, RateRun
+from orchestrator.lab.bench.result import RateRun
 from orchestrator.lab.bench.stats import flood_sources, ipvs_connections
 from orchestrator.lab.bench.testbed import FLOOD_NETS, Testbed, batch, say
 
@@ -28,17 +28,17 @@ SCHEDULERS = {
 MODULES = ("ip_vs", "ip_vs_rr", "ip_vs_wrr", "ipip")
 
 
-def service_commands(config: BalancerConfig, vip: str) -> list[list[str]]:
+def service_commands(config: BalancerConfig, vip: str, as_vip: str | None = None) -> list[list[str]]:
     """ipvsadm's arguments for the configuration's TCP and UDP services on `vip` (what the
-    benchmark sends to): a persistent virtual service per port, its pool's servers as tunnel
-    (-i) real servers with their weights."""
+    benchmark sends to), offered on `as_vip` (default `vip`): a persistent virtual service per
+    port, its pool's servers as tunnel (-i) real servers with their weights."""
     commands = []
     for svc in config.services:
         if str(svc.vip) != vip or svc.protocol.value not in ("tcp", "udp"):
             continue
         flag = {"tcp": "-t", "udp": "-u"}[svc.protocol.value]
         for port in svc.ports:
-            virtual = f"{svc.vip}:{port}"
+            virtual = f"{as_vip or svc.vip}:{port}"
             commands.append(["-A", flag, virtual, "-s", SCHEDULERS[svc.scheduler.value], "-p", str(PERSISTENCE_S)])
             commands += [
                 ["-a", flag, virtual, "-r", f"{server.address}:{port}", "-i", "-w", str(server.weight)]
@@ -52,11 +52,15 @@ def lab_servers(lab: Lab) -> list[str]:
 
 
 class Ipvs:
-    """IPVS set up on the lab, and taken down again."""
+    """IPVS set up on the lab, and taken down again: on the lab's VIP (the daemon gone), or
+    beside the running daemon on a VIP of its own (`vip`: testbed.IPVS_VIP), which the servers
+    then carry on lo as well, so that the two systems' connects can be interleaved."""
 
-    def __init__(self, bed: Testbed, config: BalancerConfig) -> None:
+    def __init__(self, bed: Testbed, config: BalancerConfig, vip: str | None = None) -> None:
         self.bed, self.config = bed, config
         self.lab = bed.lab
+        self.vip = vip or self.lab.vip
+        self.beside = self.vip != self.lab.vip
 
     def start(self) -> None:
         lab, lb, bed = self.lab, self.bed.balancer, self.bed
@@ -68,7 +72,8 @@ class Ipvs:
         batch(
             lab,
             lb,
-            [f"address add {lab.vip}/32 dev lo"] + [f"route replace {s}/32 via {fabric_hop}" for s in lab_servers(lab)],
+            [f"address add {self.vip}/32 dev lo"]
+            + [f"route replace {s}/32 via {fabric_hop}" for s in lab_servers(lab)],
         )
         lab.sh(
             lb,
@@ -81,8 +86,10 @@ class Ipvs:
         for server in lab.names("server"):
             lab.sh(server, "ip", "link", "set", "tunl0", "up")
             lab.sh(server, "sysctl", "-qw", "net.ipv4.conf.tunl0.rp_filter=0", "net.ipv4.conf.all.rp_filter=0")
-        bed.start_sinks()
-        for args in service_commands(self.config, lab.vip):
+            if self.beside:
+                lab.sh(server, "ip", "address", "add", f"{self.vip}/32", "dev", "lo")
+        bed.start_sinks(self.vip)
+        for args in service_commands(self.config, lab.vip, self.vip):
             lab.sh(lb, "ipvsadm", *args)
 
     def connections(self, sources: set[str]) -> int:
@@ -92,16 +99,21 @@ class Ipvs:
         lab, lb, bed = self.lab, self.bed.balancer, self.bed
         bed.stop_sinks()
         lab.sh(lb, "ipvsadm", "-C", check=False)
-        lab.sh(lb, "ip", "address", "del", f"{lab.vip}/32", "dev", "lo", check=False)
+        lab.sh(lb, "ip", "address", "del", f"{self.vip}/32", "dev", "lo", check=False)
         for s in lab_servers(lab):
             lab.sh(lb, "ip", "route", "del", f"{s}/32", check=False)
         lab.sh(lb, "sysctl", "-qw", f"net.ipv4.conf.{bed.fab_dev}.accept_local=0", check=False)
-        lab.sh(bed.fabric, "ip", "route", "del", bed.client_subnet, check=False)
+        if not self.beside:  # beside the daemon, its servers' plain answers still take it
+            lab.sh(bed.fabric, "ip", "route", "del", bed.client_subnet, check=False)
         for server in lab.names("server"):
             lab.sh(server, "ip", "link", "set", "tunl0", "down", check=False)
+            if self.beside:
+                lab.sh(server, "ip", "address", "del", f"{self.vip}/32", "dev", "lo", check=False)
 
 
-def ipvs_phase(bed: Testbed, config: BalancerConfig) -> tuple[RateRun, Latency]:
+def ipvs_phase(bed: Testbed, config: BalancerConfig) -> RateRun:
+    """IPVS's new connections per second (its latency is sampled beside the daemon's, in the
+    balancer phase)."""
     ipvs = Ipvs(bed, config)
     try:
         say("ipvs: starting")
@@ -111,9 +123,7 @@ def ipvs_phase(bed: Testbed, config: BalancerConfig) -> tuple[RateRun, Latency]:
         held = ipvs.connections(set(flood_sources(FLOOD_NETS["ipvs"], bed.sessions)))
         if held < bed.sessions:
             raise RuntimeError(f"ipvs: {held} connections in its table, {bed.sessions} packets forwarded")
-        say("ipvs: checked; latency")
-        latency = bed.latency("ipvs")
-        say("ipvs: latency done; closing")
+        say("ipvs: checked; closing")
     finally:
         ipvs.close()
-    return rate, latency
+    return rate

@@ -39,6 +39,11 @@ class Latency:
     pairs: list[tuple[float, float]]
     retransmits: int = 0
 
+    @staticmethod
+    def pooled(runs: list[Latency]) -> Latency:
+        """Every sample of several runs (repeats) as one."""
+        return Latency([p for run in runs for p in run.pairs], sum(run.retransmits for run in runs))
+
     def new_ms(self, q: float) -> float:
         return 1000 * percentile([new for new, _ in self.pairs], q)
 
@@ -66,7 +71,8 @@ class SetupResult:
     """The --json object, field for field (docs/json.md)."""
 
     sessions: int
-    samples: int
+    samples: int  # latency sources per repeat (each opens a new session on both systems)
+    repeats: int
     kernel_limit_sessions_per_s: float
     sessions_per_s: float
     ipvs_connections_per_s: float
@@ -78,6 +84,11 @@ class SetupResult:
     offered_per_s: dict[str, float]  # pktgen's own rate per flood: sessions, existing, ipvs
     syn_retransmits: dict[str, int]  # balancer, ipvs
     kernel_limit_s: dict[str, float]  # seconds per batch: tc, ip, nft
+    # Per repeat: each system's {new, existing} x {p50, p99}, and the p99 ratios.
+    latency_repeats: dict[str, list[dict[str, dict[str, float]]]]
+    ratio_repeats: dict[str, list[float | None]]
+    # The daemon's counters over the latency runs: new sessions and packets that reached it.
+    latency_userspace: dict[str, int]
 
 
 def build_result(
@@ -85,13 +96,18 @@ def build_result(
     ours: RateRun,
     existing: RateRun,
     theirs: RateRun,
-    our_lat: Latency,
-    their_lat: Latency,
+    our_runs: list[Latency],
+    their_runs: list[Latency],
+    userspace: dict[str, int] | None = None,
 ) -> SetupResult:
-    """All phases in one result, rounded as printed (rates to 0.1/s, times and ratios to 0.001)."""
+    """All phases in one result, rounded as printed (rates to 0.1/s, times and ratios to 0.001).
+    The latency figures pool every repeat's samples; `latency_repeats` and `ratio_repeats` give
+    each repeat's own, the spread."""
 
     def opt(x: float | None) -> float | None:
         return None if x is None else round(x, 3)
+
+    our_lat, their_lat = Latency.pooled(our_runs), Latency.pooled(their_runs)
 
     def latency_ms(lat: Latency) -> dict[str, dict[str, float]]:
         return {
@@ -111,7 +127,8 @@ def build_result(
     }
     return SetupResult(
         sessions=ours.count,
-        samples=len(our_lat.pairs),
+        samples=len(our_runs[0].pairs) if our_runs else 0,
+        repeats=len(our_runs),
         kernel_limit_sessions_per_s=round(limit.per_s, 1),
         sessions_per_s=round(ours.per_s, 1),
         ipvs_connections_per_s=round(theirs.per_s, 1),
@@ -127,6 +144,17 @@ def build_result(
         },
         syn_retransmits={"balancer": our_lat.retransmits, "ipvs": their_lat.retransmits},
         kernel_limit_s={tool: round(t, 4) for tool, t in limit.seconds.items()},
+        latency_repeats={
+            "balancer": [latency_ms(run) for run in our_runs],
+            "ipvs": [latency_ms(run) for run in their_runs],
+        },
+        ratio_repeats={
+            "new_p99_vs_ipvs": [opt(ratio(a.new_ms(99), b.new_ms(99))) for a, b in zip(our_runs, their_runs)],
+            "existing_p99_vs_ipvs": [
+                opt(ratio(a.existing_ms(99), b.existing_ms(99))) for a, b in zip(our_runs, their_runs)
+            ],
+        },
+        latency_userspace=dict(userspace or {}),
     )
 
 
@@ -156,7 +184,13 @@ def format_table(r: SetupResult) -> str:
             "existing_vs_ipvs",
             0,
         ),
-        (f"connect p99 new session, ms ({r.samples})", lat["new"]["p99"], ipvs_lat["new"]["p99"], "new_p99_vs_ipvs", 2),
+        (
+            f"connect p99 new session, ms ({r.samples}x{r.repeats})",
+            lat["new"]["p99"],
+            ipvs_lat["new"]["p99"],
+            "new_p99_vs_ipvs",
+            2,
+        ),
         (
             "connect p99 existing session, ms",
             lat["existing"]["p99"],
@@ -179,7 +213,11 @@ def format_table(r: SetupResult) -> str:
         f"  offered by pktgen/s: sessions {r.offered_per_s['sessions']:.0f}, existing "
         f"{r.offered_per_s['existing']:.0f}, IPVS {r.offered_per_s['ipvs']:.0f}",
         "  kernel limit batches, s: " + ", ".join(f"{tool} {t:.2f}" for tool, t in r.kernel_limit_s.items()),
-        f"  connects with a SYN retransmit (of {2 * r.samples}): balancer {r.syn_retransmits['balancer']}, "
-        f"IPVS {r.syn_retransmits['ipvs']}",
+        f"  connects with a SYN retransmit (of {2 * r.samples * r.repeats} each): balancer "
+        f"{r.syn_retransmits['balancer']}, IPVS {r.syn_retransmits['ipvs']}",
+        "  p99 ratios per repeat (interleaved samples): new "
+        + " ".join(num(x, 2) for x in r.ratio_repeats["new_p99_vs_ipvs"])
+        + ", existing "
+        + " ".join(num(x, 2) for x in r.ratio_repeats["existing_p99_vs_ipvs"]),
     ]
     return "\n".join(lines)

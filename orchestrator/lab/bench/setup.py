@@ -45,7 +45,7 @@ MAX_SESSIONS, MAX_SAMPLES = 40000, 4000
 BACKLOG = 4 * CHUNK  # net.core.netdev_max_backlog during the run
 
 
-def run(lab: Lab, sessions: int, samples: int) -> SetupResult:
+def run(lab: Lab, sessions: int, samples: int, repeats: int) -> SetupResult:
     from orchestrator.config.load import load_config
     from orchestrator.config.model import BalancerConfig
     from orchestrator.lab.balancer_lab import ROOT
@@ -58,15 +58,15 @@ def run(lab: Lab, sessions: int, samples: int) -> SetupResult:
     say(f"kernel limit: {sessions} sessions' objects through tc/ip/nft batches")
     limit = measure(sessions)
     say(f"kernel limit: {limit.per_s:.0f} sessions/s ({limit.seconds})")
-    bed = Testbed(lab, sessions, samples)
+    bed = Testbed(lab, sessions, samples, repeats)
     bed.prepare_clients()
     say("clients prepared")
+    config = load_config(ROOT / "templates" / "balancer.example.yaml")
+    assert isinstance(config, BalancerConfig)  # IPVS gets the balancer's services and pools
     with backlog(BACKLOG):
-        ours, existing, our_latency = balancer_phase(bed)
-        config = load_config(ROOT / "templates" / "balancer.example.yaml")
-        assert isinstance(config, BalancerConfig)  # IPVS gets the balancer's services and pools
-        theirs, their_latency = ipvs_phase(bed, config)
-    return build_result(limit, ours, existing, theirs, our_latency, their_latency)
+        ours, existing, latencies = balancer_phase(bed, beside=config)
+        theirs = ipvs_phase(bed, config)
+    return build_result(limit, ours, existing, theirs, latencies["balancer"], latencies["ipvs"], bed.userspace)
 
 
 @contextlib.contextmanager
@@ -88,10 +88,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mplsorch lab bench setup")
     parser.add_argument("--sessions", type=int, default=2000)
     parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if not 1 <= args.sessions <= MAX_SESSIONS or not 1 <= args.samples <= MAX_SAMPLES:
-        parser.error(f"--sessions 1..{MAX_SESSIONS}, --samples 1..{MAX_SAMPLES}")
+    if not 1 <= args.sessions <= MAX_SESSIONS or not 1 <= args.samples * args.repeats <= MAX_SAMPLES:
+        parser.error(f"--sessions 1..{MAX_SESSIONS}, --samples x --repeats 1..{MAX_SAMPLES}")
     return args
 
 
@@ -101,7 +102,7 @@ def main(argv: list[str]) -> int:
 
     lab = Lab.from_env()
     try:
-        result = run(lab, args.sessions, args.samples)
+        result = run(lab, args.sessions, args.samples, args.repeats)
     finally:
         lab.close()
     print(json.dumps(asdict(result)) if args.json else format_table(result))

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 TCP_PORT = 80  # the VIP's HTTP service, where the latency samples connect
 FLOOD_NETS = {"balancer": 200, "ipvs": 201}  # second octet of each phase's spoofed sources
 ALIAS_NET = "10.0.16.0/20"  # the latency samples' client addresses, on c1
+IPVS_VIP = "10.0.0.101"  # IPVS's VIP while the daemon serves the lab's: their connects interleaved
 SOFTNET = Path("/proc/net/softnet_stat")
 
 T0 = time.monotonic()
@@ -79,8 +80,9 @@ class NodeProcess:
 class Testbed:
     """The topology facts both phases need, and the client side they share."""
 
-    def __init__(self, lab: Lab, sessions: int, samples: int) -> None:
-        self.lab, self.sessions, self.samples = lab, sessions, samples
+    def __init__(self, lab: Lab, sessions: int, samples: int, repeats: int = 1) -> None:
+        """`samples` latency sources per repeat: each source opens one new session per system."""
+        self.lab, self.sessions, self.samples, self.repeats = lab, sessions, samples, repeats
         self.client = lab.names("client")[0]
         self.balancer = lab.names("balancer")[0]
         self.fabric = next(p["node"] for p in lab.iface(self.balancer, segment="core")["peers"])
@@ -89,7 +91,8 @@ class Testbed:
         self.client_subnet = next(s["subnet"] for s in lab.desc["segments"] if s["name"] == client_iface["segment"])
         self.lan_dev = lab.iface(self.balancer, towards=self.client)["dev"]
         self.fab_dev = lab.iface(self.balancer, towards=self.fabric)["dev"]
-        self.aliases = alias_addresses(ALIAS_NET, samples)
+        self.aliases = alias_addresses(ALIAS_NET, samples * repeats)
+        self.userspace: dict[str, int] = {}  # the daemon's counters over the latency runs
         self.sinks: list[subprocess.Popen[bytes]] = []
 
     def prepare_clients(self) -> None:
@@ -114,11 +117,12 @@ class Testbed:
         lab.sh(lb, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", f"net.ipv4.conf.{self.lan_dev}.rp_filter=0")
         lab.sh(self.client, "ping", "-c", "1", "-W", "5", lab.address(lb, towards=self.client))
 
-    def start_sinks(self) -> None:
-        """The accept sink on every server's VIP:80, ready when it says so."""
+    def start_sinks(self, vip: str | None = None) -> None:
+        """The accept sink on every server's VIP:80 (the lab's VIP by default), ready when it says so."""
+        vip = vip or self.lab.vip
         for server in self.lab.names("server"):
-            log = Path(self.lab.node(server)["runtime_dir"]) / "accept-sink.log"
-            proc = self.lab.spawn(server, sys.executable, "-m", sink.__name__, self.lab.vip, str(TCP_PORT), log=log)
+            log = Path(self.lab.node(server)["runtime_dir"]) / f"accept-sink-{vip}.log"
+            proc = self.lab.spawn(server, sys.executable, "-m", sink.__name__, vip, str(TCP_PORT), log=log)
             self.sinks.append(proc)
             deadline = time.monotonic() + 120
             while b"listening" not in (log.read_bytes() if log.exists() else b""):
@@ -178,15 +182,36 @@ class Testbed:
         return RateRun(count, elapsed, out["send_s"])
 
     def latency(self, phase: str) -> Latency:
+        """The lab's VIP alone, every source in one run."""
+        return Latency.pooled(self.latencies(phase, [self.lab.vip], 1)[0])
+
+    def latencies(self, phase: str, vips: list[str], repeats: int) -> list[list[Latency]]:
+        """Per VIP (a system each), per repeat: the connects of that repeat's share of the
+        sources, the VIPs interleaved source by source (connect.connects), one helper run each."""
         lab = self.lab
-        cmd = helper(
-            lab, self.client, connect, lab.vip, str(TCP_PORT), lab.address(self.client), ",".join(self.aliases)
-        )
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 5 * self.samples)
-        if done.returncode != 0:
-            raise RuntimeError(f"connect helper failed: {done.stderr}")
-        out = json.loads(done.stdout)
-        if out["failed"]:
-            raise RuntimeError(f"{phase}: {len(out['failed'])} connects failed, first: {out['failed'][0]}")
-        say(f"{phase}: {out['retransmits']} of {2 * len(out['pairs'])} connects retransmitted their SYN")
-        return Latency([(new, old) for new, old in out["pairs"]], out["retransmits"])
+        share = len(self.aliases) // repeats
+        out: list[list[Latency]] = [[] for _ in vips]
+        for r in range(repeats):
+            sources = self.aliases[r * share : (r + 1) * share]
+            cmd = helper(
+                lab,
+                self.client,
+                connect,
+                ",".join(vips),
+                str(TCP_PORT),
+                lab.address(self.client),
+                ",".join(sources),
+            )
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 5 * len(vips) * len(sources))
+            if done.returncode != 0:
+                raise RuntimeError(f"connect helper failed: {done.stderr}")
+            got = json.loads(done.stdout)
+            if got["failed"]:
+                raise RuntimeError(f"{phase}: {len(got['failed'])} connects failed, first: {got['failed'][0]}")
+            for k, (pairs, retransmits) in enumerate(zip(got["pairs"], got["retransmits"])):
+                out[k].append(Latency([(new, old) for new, old in pairs], retransmits))
+            say(
+                f"{phase}: repeat {r + 1}/{repeats}: {len(sources)} sources x {len(vips)} systems; "
+                f"SYN retransmits {got['retransmits']}"
+            )
+        return out

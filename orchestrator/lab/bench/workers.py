@@ -21,6 +21,7 @@ from typing import Any
 def main(argv: list[str]) -> int:
     from orchestrator.lab.bench import testbed
     from orchestrator.lab.bench.balancer import balancer_phase
+    from orchestrator.lab.bench.result import Latency
     from orchestrator.lab.bench.testbed import Testbed, say
     from orchestrator.lab.kit import Lab
 
@@ -39,7 +40,8 @@ def main(argv: list[str]) -> int:
         for count, octet in zip(args.workers, octets):
             testbed.FLOOD_NETS["balancer"] = octet
             say(f"workers {count}")
-            rate, _existing, latency = balancer_phase(bed, {"nfqueue.workers": count} if count > 1 else {})
+            rate, _existing, runs_latency = balancer_phase(bed, {"nfqueue.workers": count} if count > 1 else {})
+            latency = Latency.pooled(runs_latency["balancer"])
             runs.append(
                 {
                     "workers": count,

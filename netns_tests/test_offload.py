@@ -166,7 +166,17 @@ def test_each_policy_on_netdevsim_and_routes_reports_what_the_kernel_says(lab: L
             (r["in_hw"], r["trap"], r["offload_failed"], r["offload"]) == (False, False, False, "not_in_hw")
             for r in routes
         )
-        status = b.cli("status")
+        # status's counts come from a background dump (every 10 s at this size), never one on
+        # the request: the first status whose dump began after the objects above were read.
+        since = time.monotonic()
+        status = wait_for(
+            "an offload dump after the objects' check",
+            lambda: (
+                (s := b.cli("status"))["offload_age_s"] is not None
+                and s["offload_age_s"] < time.monotonic() - since
+                and s
+            ),
+        )
         assert status["offload"] == {"in_hw": 0, "not_in_hw": 4, "trap": 0, "offload_failed": 0}
         assert status["counters"]["offload_refused"] == refused  # auto and never refuse nothing
     finally:

@@ -193,7 +193,11 @@ def status_lines(answer: dict[str, Any]) -> list[str]:
 def _offload_line(answer: dict[str, Any]) -> str:
     """Our filters and routes by what the kernel says of their offload (docs/offload.md)."""
     counts = answer.get("offload", {})
-    return "offload: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("in_hw", "not_in_hw", "trap", "offload_failed"))
+    line = "offload: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("in_hw", "not_in_hw", "trap", "offload_failed"))
+    if "offload_age_s" not in answer:  # the agents dump on the request
+        return line
+    age = answer["offload_age_s"]
+    return line + (" (no dump yet)" if age is None else f" (a dump {age} s old)")
 
 
 def _counter_line(counters: dict[str, int]) -> str:

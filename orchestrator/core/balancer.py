@@ -102,6 +102,97 @@ class Commit:
     admit: tuple[ops.Operation, ...] = ()
 
 
+class Shape:
+    """A session's kernel objects as they follow from its row and the configuration in force when
+    they were made (one Shape per configuration, shared by its sessions): the builders
+    `Balancer._add_client` uses, and `objects`, which makes a single-client session's objects
+    again, so the session need not store them (issue 15: memory per session). A reload makes a
+    new Shape; sessions made before keep theirs, so what they derive is what was installed."""
+
+    def __init__(self, config: BalancerConfig, transport: Mapping[str, int]) -> None:
+        self.config = config
+        self.transport = dict(transport)
+        self.services = {svc.name: svc for svc in config.services}
+        self.fabric = config.interfaces.fabric[0]
+        self.offload = config.interfaces.offload_of(self.fabric)
+        self._strings: dict[str, str] = {}
+        self._hops: dict[ops.NextHop, ops.NextHop] = {}
+
+    def filters(
+        self, session: Session, client: str, n: int, ports: Sequence[int | None], sport: int | None, tag: bytes
+    ) -> list[ops.FlowerFilter]:
+        """The C2S filters of the session's `n`th client address, one per port."""
+        host = 32 if ":" not in client else 128
+        vip_host = 32 if ":" not in session.vip else 128
+        proto = session.protocol if session.protocol in FLOWER_PROTOS else None
+        push = ops.push_stack((self.transport[session.server], session.c2s))
+        dst = self.intern(f"{session.vip}/{vip_host}")
+        out = []
+        for i, port in enumerate(ports):
+            match = ops.FlowerMatch(
+                src=f"{client}/{host}",
+                dst=dst,
+                ip_proto=proto,
+                dst_port=port if proto else None,
+                src_port=sport if proto else None,
+            )
+            handle = handles.filter_handle(session.c2s, n * len(ports) + i)
+            out.append(
+                ops.FlowerFilter(
+                    self.fabric,
+                    handle,
+                    match,
+                    push,
+                    pref=PREF_IPV6 if host == 128 else PREF_IPV4,
+                    tag=tag,
+                    offload=self.offload,
+                )
+            )
+        return out
+
+    def s2c_route(self, session: Session, client: str, hop: ops.NextHop) -> ops.MplsRoute:
+        """The S2C label route towards `client` through `hop`: it pops the label, or swaps S2C
+        for S2C for a label-aware client."""
+        aware = self.config.clients.is_label_aware(client)
+        return ops.MplsRoute(session.s2c, hop.dev, via=hop.via or client, out_labels=(session.s2c,) if aware else ())
+
+    def intern(self, text: str) -> str:
+        """One string object for texts every session repeats (the VIP's prefix)."""
+        return self._strings.setdefault(text, text)
+
+    def next_hop(self, hop: ops.NextHop) -> ops.NextHop:
+        """One object per next hop, shared by the sessions behind it."""
+        return self._hops.setdefault(hop, hop)
+
+    def c2s_route(self, session: Session) -> ops.MplsRoute:
+        """The C2S label route of a label-aware client's session: the labelled packets its client
+        agent sends, [C2S], leave into the fabric as [server transport, C2S], like the packets the
+        C2S filter labels. Only the clients.label_aware_interfaces take MPLS input."""
+        return ops.MplsRoute(
+            session.c2s,
+            self.fabric,
+            via=str(self.config.interfaces.fabric_next_hop),
+            out_labels=(self.transport[session.server], session.c2s),
+        )
+
+    def objects(self, session: Session) -> list[ops.DataplaneObject]:
+        """A single-client session's objects, in `_add_client`'s order."""
+        assert session.hop is not None and len(session.clients) == 1
+        svc = self.services[session.service]
+        client = session.clients[0]
+        five = session.key.kind == SessionKeyKind.FIVE_TUPLE
+        ports: tuple[int | None, ...] = (session.port,) if five else (svc.ports or (None,))
+        tag = records.pack(Balancer._record(session))
+        out: list[ops.DataplaneObject] = [
+            *self.filters(session, client, 0, ports, session.sport if five else None, tag)
+        ]
+        out.append(self.s2c_route(session, client, session.hop))
+        if self.config.clients.is_label_aware(client):
+            out.append(self.c2s_route(session))
+        out += Balancer.fast_elements(session, svc, client)
+        return out
+
+
 class Balancer:
     config: BalancerConfig
 
@@ -121,6 +212,11 @@ class Balancer:
         # Liveness checks of label-aware sessions by when they are due: (label_check_at, session
         # id); entries whose session ended or was rescheduled meanwhile are skipped.
         self._liveness: list[tuple[float, int]] = []
+        # Draining sessions by end: (ends_at, session id), and hold markers by end: (until, C2S),
+        # so that a tick costs what is due, not a walk of the table (issue 15: 500,000 sessions).
+        # Entries whose session or marker changed since are skipped when they come up.
+        self._draining: list[tuple[float, int]] = []
+        self._marker_ends: list[tuple[float, int]] = []
         # Cluster mode (config.cluster): the shared table's changes this balancer owes it, by
         # (service, key): the session to write, None to delete (taken by the daemon, see
         # take_changes); and whether the store answers (new sessions follow when_store_down).
@@ -181,6 +277,7 @@ class Balancer:
             for svc in config.services
         }
         self.transport = {name: s.transport_label for name, s in self.servers.items()}
+        self._shape = Shape(config, self.transport)
         self.admin.configure({name: s.weight for name, s in self.servers.items()})
 
     def _new_scheduler(self, svc: Service) -> Scheduler:
@@ -241,7 +338,7 @@ class Balancer:
             self.counters["no_service"] += 1
             return verdict(Action.DROP, "no service"), None
         key = session_key(info, svc.session_key)
-        flow = FlowKey(info.proto, info.src, info.dst, info.sport, info.dport)
+        flow = FlowKey(info.proto, info.src, self._shape.intern(info.dst), info.sport, info.dport)  # dst: a VIP
         session = self.table.get(svc.name, key.value)
         # Answers go to the client through the balancer's own route to it. Without one the
         # client cannot be answered (a refusal could not reach it either): no session, no objects.
@@ -315,8 +412,8 @@ class Balancer:
             id=self.table.new_id(),
             service=svc.name,
             key=key,
-            vip=str(svc.vip),
-            protocol=str(svc.protocol.value),
+            vip=self._shape.intern(str(svc.vip)),
+            protocol=self._shape.intern(str(svc.protocol.value)),
             port=info.dport,
             server=server,
             c2s=c2s,
@@ -381,12 +478,12 @@ class Balancer:
         """Objects that bring `client`'s packets into the session: the C2S imposition filter(s) on
         the fabric link and the S2C label route towards the balancer's next hop to the client (the
         client itself when on-link, else the gateway, on the device of that route). The route pops
-        the label; for a label-aware client it swaps S2C for S2C, so the answer still carries it."""
+        the label; for a label-aware client it swaps S2C for S2C, so the answer still carries it.
+        A session's first client's objects are not stored when the Shape derives exactly them."""
+        shape = self._shape
         n = len(session.clients)
+        objects = session.materialize()
         session.clients.append(client)
-        host = 32 if ":" not in client else 128
-        vip_host = 32 if ":" not in session.vip else 128
-        proto = session.protocol if session.protocol in FLOWER_PROTOS else None
         five = session.key.kind == SessionKeyKind.FIVE_TUPLE
         ports: tuple[int | None, ...] = (info.dport,) if five else (svc.ports or (None,))
         tag = records.pack(self._record(session))
@@ -397,39 +494,20 @@ class Balancer:
             self.u32_nodes.add(node)
             spi = int(session.key.value[len("spi:") :], 16)
             u32 = ops.U32Filter(
-                self.config.interfaces.fabric[0],
+                shape.fabric,
                 handles.u32_handle(node),
                 ops.esp_keys(client, session.vip, spi),
-                ops.push_stack((self.transport[session.server], session.c2s)),
+                ops.push_stack((shape.transport[session.server], session.c2s)),
                 pref=PREF_ESP,
                 tag=tag,
             )
             plan.ops.append(ops.Add(u32))
-            session.objects.append(u32)
+            objects.append(u32)
             ports = ()
-        for i, port in enumerate(ports):
-            match = ops.FlowerMatch(
-                src=f"{client}/{host}",
-                dst=f"{session.vip}/{vip_host}",
-                ip_proto=proto,
-                dst_port=port if proto else None,
-                src_port=info.sport if five and proto else None,
-            )
-            handle = handles.filter_handle(session.c2s, n * len(ports) + i)
-            dev = self.config.interfaces.fabric[0]
-            flt = ops.FlowerFilter(
-                dev,
-                handle,
-                match,
-                ops.push_stack((self.transport[session.server], session.c2s)),
-                pref=PREF_IPV6 if host == 128 else PREF_IPV4,
-                tag=tag,
-                offload=self.config.interfaces.offload_of(dev),
-            )
+        for flt in shape.filters(session, client, n, ports, info.sport if five else None, tag):
             plan.ops.append(ops.Add(flt))
-            session.objects.append(flt)
-        aware = self.config.clients.is_label_aware(client)
-        route = ops.MplsRoute(session.s2c, hop.dev, via=hop.via or client, out_labels=(session.s2c,) if aware else ())
+            objects.append(flt)
+        route = shape.s2c_route(session, client, hop)
         # Replace: the session's own route (a re-key), or the hold marker of a pair whose
         # hold-down ended before the tick deleted the marker.
         # A forwarding route to the pair's owner (another member's block) is replaced likewise.
@@ -437,34 +515,30 @@ class Balancer:
         plan.ops.append(
             ops.Replace(route) if n or self.markers.pop(session.c2s, None) is not None or forwarded else ops.Add(route)
         )
-        session.objects = [o for o in session.objects if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
-        session.objects.append(route)
+        objects[:] = [o for o in objects if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
+        objects.append(route)
+        aware = self.config.clients.is_label_aware(client)
         if aware and hop.dev in self.config.clients.label_aware_interfaces:
             # Its client's labelled packets arrive there and are switched past conntrack: the
             # liveness filter counts them, so the session lives while they come (liveness_due).
             live = self.liveness_filter(session, hop.dev)
-            if live not in session.objects:
+            if live not in objects:
                 plan.ops.append(ops.Add(live))
-                session.objects.append(live)
-        c2s_route = self.c2s_route(session)
-        if aware and c2s_route not in session.objects:
+                objects.append(live)
+        c2s_route = shape.c2s_route(session)
+        if aware and c2s_route not in objects:
             # The client agent labels the session's later packets [C2S]: switched on that alone.
             plan.ops.append(ops.Replace(c2s_route))
-            session.objects.append(c2s_route)
+            objects.append(c2s_route)
         for element in self.fast_elements(session, svc, client):
             plan.elements.setdefault(session.id, []).append(ops.Add(element))
-            session.objects.append(element)
+            objects.append(element)
+        if n == 0 and ports:  # an ESP session's u32 node is not derived
+            session.derive(shape, shape.next_hop(hop))
 
     def c2s_route(self, session: Session) -> ops.MplsRoute:
-        """The C2S label route of a label-aware client's session: the labelled packets its client
-        agent sends, [C2S], leave into the fabric as [server transport, C2S], like the packets the
-        C2S filter labels. Only the clients.label_aware_interfaces take MPLS input."""
-        return ops.MplsRoute(
-            session.c2s,
-            self.config.interfaces.fabric[0],
-            via=str(self.config.interfaces.fabric_next_hop),
-            out_labels=(self.transport[session.server], session.c2s),
-        )
+        """The C2S label route of a label-aware client's session (see Shape.c2s_route)."""
+        return self._shape.c2s_route(session)
 
     def liveness_filter(self, session: Session, dev: str) -> ops.FlowerFilter:
         """The liveness filter of a label-aware session on `dev` (one of
@@ -552,7 +626,7 @@ class Balancer:
             if not bad:
                 session = self.table.by_id(session_id)
                 if session is not None and session.state == State.OPENING:
-                    session.state = State.SERVING
+                    self.table.set_state(session, State.SERVING)
                 if session is not None:
                     self._publish(session)
                 admit += plan.elements.get(session_id, [])
@@ -604,8 +678,8 @@ class Balancer:
             self.table.end_flow(flow)
         self._forget([o for o in session.objects if o not in undo.objects])
         session.clients, session.objects = undo.clients, undo.objects
-        if not session.flows and undo.state == State.DRAINING:
-            session.state, session.ends_at = State.DRAINING, undo.ends_at
+        if not session.flows and undo.state == State.DRAINING and undo.ends_at is not None:
+            self._drain(session, undo.ends_at)
         return list(dict.fromkeys(out))  # one S2C restore even after several re-keys
 
     # -- flows and time -------------------------------------------------------------------------
@@ -626,17 +700,7 @@ class Balancer:
             for flow in ended:
                 session = self.table.end_flow(flow)
                 if session is not None and not session.flows and session.state != State.CLOSING:
-                    self._drain(session, now)
-
-    def _drain(self, session: Session, now: float) -> None:
-        """Its last flow is gone: it ends after its persistence timeout. A label-aware session
-        with a liveness filter is checked instead: its count now (read at the next tick), then
-        again when the persistence has passed (liveness_due, on_liveness)."""
-        session.state = State.DRAINING
-        session.ends_at = now + self._persistence(session)
-        if session.owner is None and self.liveness_filters(session):
-            session.label_packets = None
-            self._check_liveness(session, now)
+                    self._drain(session, now + self._persistence(session), now)
 
     def _check_liveness(self, session: Session, at: float) -> None:
         session.label_check_at = at
@@ -680,8 +744,11 @@ class Balancer:
             svc = self.service_of(session)
             mine = [e for client in session.clients for e in self.fast_elements(session, svc, client)] if svc else []
             keys = {e.key for e in mine}
-            session.objects = [o for o in session.objects if not isinstance(o, ops.FastPathElement) or o.key in keys]
-            session.objects += [e for e in mine if e not in session.objects]
+            current = session.objects
+            kept = [o for o in current if not isinstance(o, ops.FastPathElement) or o.key in keys]
+            kept += [e for e in mine if e not in kept]
+            if kept != current:  # a derived session's objects stay derived when they hold
+                session.objects = kept
             wanted.update((e.key, e) for e in mine)
         present = {i.obj.key: i.obj for i in installed if isinstance(i.obj, ops.FastPathElement)}
         sync: list[ops.Operation] = [ops.Delete(e) for key, e in present.items() if key not in wanted]
@@ -693,22 +760,58 @@ class Balancer:
         svc = self._by_name.get(session.service)
         return svc.persistence_timeout if svc is not None else 0.0
 
+    def _drain(self, session: Session, ends_at: float, now: float | None = None) -> None:
+        """The session's last flow has gone: it ends at `ends_at` unless a flow comes first. A
+        label-aware session with a liveness filter is checked instead (given `now`: its count
+        then, read at the next tick, and again when the persistence has passed; liveness_due,
+        on_liveness)."""
+        self.table.set_state(session, State.DRAINING)
+        session.ends_at = ends_at
+        heapq.heappush(self._draining, (ends_at, session.id))
+        if now is not None and session.owner is None and self.liveness_filters(session):
+            session.label_packets = None
+            self._check_liveness(session, now)
+
+    def _requeue(self, session: Session) -> None:
+        """A draining session that became ours (adopted, taken over, moved): its end is due
+        again (its entry was dropped while another member owned it)."""
+        if session.state == State.DRAINING and session.ends_at is not None:
+            heapq.heappush(self._draining, (session.ends_at, session.id))
+
     def tick(self, now: float) -> list[ops.Operation]:
         """Sessions whose persistence timeout has passed end: all their objects are deleted and
         their labels go back to the pool after the hold-down."""
+        return self.expire(now)[0]
+
+    def expire(self, now: float) -> tuple[list[ops.Operation], list[Session]]:
+        """`tick`, and the sessions it ended (the daemon logs them). It costs what is due: the
+        draining sessions and hold markers come off their heaps in end order; an entry whose
+        session has since served again, drained again (a later entry) or ended is dropped."""
         out: list[ops.Operation] = []
-        for session in self.table:
+        ended: list[Session] = []
+        while self._draining and self._draining[0][0] <= now:
+            ends_at, session_id = heapq.heappop(self._draining)
+            session = self.table.by_id(session_id)
+            if session is None or session.state != State.DRAINING or session.ends_at != ends_at:
+                continue
             if session.owner is not None:
-                continue  # another member's: it ends when its key leaves the shared table
-            if session.state == State.DRAINING and session.ends_at is not None and now >= session.ends_at:
-                if session.label_check_at is not None:
-                    continue  # a label-aware session: its liveness check ends it (on_liveness)
-                out += self.end(session, now, "persistence timeout")
-        for c2s, until in list(self.markers.items()):
-            if now >= until:  # the hold-down is over: the pair's marker goes
-                del self.markers[c2s]
-                out.append(ops.Delete(records.hold_marker(c2s + 1)))
-        return out
+                continue  # another member's: it ends when its key leaves the shared table (_requeue)
+            if session.label_check_at is not None:
+                continue  # a label-aware session: its liveness check ends it (on_liveness)
+            out += self.end(session, now, "persistence timeout")
+            ended.append(session)
+        while self._marker_ends and self._marker_ends[0][0] <= now:
+            until, c2s = heapq.heappop(self._marker_ends)
+            if self.markers.get(c2s) != until:
+                continue  # replaced by a session's route, or held down again later
+            del self.markers[c2s]  # the hold-down is over: the pair's marker goes
+            out.append(ops.Delete(records.hold_marker(c2s + 1)))
+        return out, ended
+
+    def _mark(self, c2s: int, until: float) -> None:
+        """The pair's hold marker stays until `until`."""
+        self.markers[c2s] = until
+        heapq.heappush(self._marker_ends, (until, c2s))
 
     # -- label-aware sessions' liveness ------------------------------------------------------------
     def liveness_due(self, now: float) -> dict[int, tuple[ops.FlowerFilter, ...]]:
@@ -727,6 +830,7 @@ class Balancer:
             filters = tuple(self.liveness_filters(session))
             if session.flows or session.owner is not None or not filters:
                 session.label_check_at = None  # its flows decide again (a new drain checks anew)
+                self._requeue(session)  # a draining one ends by its persistence again
                 continue
             due[session_id] = filters
         return due
@@ -769,7 +873,8 @@ class Balancer:
                 continue
             if count != session.label_packets:  # (a filter replaced since counts from 0: kept too)
                 session.label_packets = count
-                session.state, session.ends_at, session.last_seen = State.SERVING, None, now
+                self.table.set_state(session, State.SERVING)
+                session.ends_at, session.last_seen = None, now
                 self.counters["liveness_kept"] += 1
                 self._check_liveness(session, now + persistence)
                 continue
@@ -826,7 +931,12 @@ class Balancer:
         return out, ended
 
     def embryonic_count(self) -> int:
-        return sum(1 for s in self.table if s.embryonic_until is not None)
+        """Sessions still embryonic: those of the deadline heap (a walk of it, not of the table)."""
+        return sum(
+            1
+            for until, session_id in self._embryonic
+            if (s := self.table.by_id(session_id)) is not None and s.embryonic_until == until
+        )
 
     def end(self, session: Session, now: float, reason: str) -> list[ops.Operation]:
         """The session leaves the table, its pair goes to hold-down; the deletes of its filters and
@@ -853,7 +963,7 @@ class Balancer:
         route = self._forward(c2s)
         if route is not None:
             return [ops.Replace(route)]
-        self.markers[c2s] = now + self.labels.hold_down
+        self._mark(c2s, now + self.labels.hold_down)
         return [ops.Replace(records.hold_marker(c2s + 1))]
 
     def drop_markers(self) -> list[ops.Operation]:
@@ -954,7 +1064,7 @@ class Balancer:
         self.counters[event] += n
 
     def sessions_by_state(self) -> dict[str, int]:
-        return dict(collections.Counter(str(s.state) for s in self.table))
+        return self.table.by_state()
 
     # -- health -----------------------------------------------------------------------------------
     def on_health(self, view: HealthView, events: Sequence[HealthEvent], now: float) -> Failover:
@@ -1011,7 +1121,9 @@ class Balancer:
             for op in steps
         ]
         plan.groups[session.id] = (start, len(plan.ops))
-        session.owner = None  # the member that moves it owns it from now on
+        if session.owner is not None:  # the member that moves it owns it from now on
+            session.owner = None
+            self._requeue(session)
         self._publish(session)
         self.counters["sessions_reassigned"] += 1
         plan.outcomes.append(
@@ -1106,19 +1218,19 @@ class Balancer:
         for session in self.table:
             if not session.flows:
                 counted = session.label_packets
-                self._drain(session, now)
+                self._drain(session, now + self._persistence(session), now)
                 if counted is not None:  # the dump's count: judged after its persistence
                     session.label_packets = counted
                     self._check_liveness(session, now + self._persistence(session))
             else:
-                session.state = State.SERVING
+                self.table.set_state(session, State.SERVING)
                 session.label_packets = None
         claimed = {s.s2c for s in self.table}
         for label, route in routes.items():
             if label in claimed:
                 continue
             if records.is_hold_marker(route) and label % 2 == 0 and self.labels.hold(label - 1, now):
-                self.markers[label - 1] = now + self.labels.hold_down
+                self._mark(label - 1, now + self.labels.hold_down)
                 continue
             index = self._block(label - 1) if label % 2 == 0 else None
             if records.is_forward_route(route) and index is not None:
@@ -1259,6 +1371,7 @@ class Balancer:
         if session.owner is not None and not self.leaving:
             session.owner = None
             self.counters["cluster_taken_over"] += 1
+            self._requeue(session)
             self._publish(session)
 
     def take_changes(self) -> dict[tuple[str, str], ClusterSession | None]:
@@ -1341,6 +1454,7 @@ class Balancer:
                     # lapsed while the store was away): the session lives on, owned here.
                     session.owner = None
                     self.counters["cluster_adopted"] += 1
+                    self._requeue(session)
                     self._publish(session)
                     continue
                 self.counters["cluster_remote_ended"] += 1
@@ -1358,6 +1472,9 @@ class Balancer:
             if owner is not None and session.owner is None:
                 self.counters["cluster_handed_over"] += 1  # its flows moved to the other member
             handed = owner is None and session.owner is not None
+            if handed:
+                session.owner = None
+                self._requeue(session)
             session.owner = owner
             if handed:
                 # Another member wrote it as ours (its graceful leave): written again, so that

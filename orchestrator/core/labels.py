@@ -86,7 +86,7 @@ class _Pool:
     neither in use nor held down. Never-touched pairs are handed out from ``next_fresh`` upwards;
     pairs that were ever touched come back through ``recycled`` once their hold-down ends."""
 
-    __slots__ = ("name", "lo", "hi", "total", "in_use", "held", "next_fresh", "recycled", "heap")
+    __slots__ = ("name", "lo", "hi", "total", "in_use", "held", "next_fresh", "recycled", "heap", "_owners")
 
     def __init__(self, name: str | None, lo: int, hi: int) -> None:
         self.name = name
@@ -97,6 +97,15 @@ class _Pool:
         self.next_fresh = lo
         self.recycled: deque[tuple[int, int]] = deque()  # (c2s, generation when it became free)
         self.heap: list[tuple[float, int, int]] = []  # (usable at, c2s, generation when held)
+        self._owners: dict[str, tuple[str, _Pool]] = {}
+
+    def owned(self, server: str) -> tuple[str, _Pool]:
+        """The (server, pool) entry of a pair in use: one tuple per server, shared by its pairs
+        (a tuple per pair was 56 bytes of every session)."""
+        entry = self._owners.get(server)
+        if entry is None:
+            entry = self._owners[server] = (server, self)
+        return entry
 
     def contains(self, c2s: int) -> bool:
         return self.lo <= c2s <= self.hi and c2s % 2 == 1
@@ -229,7 +238,7 @@ class LabelAllocator:
             if c2s not in gen:
                 pool.next_fresh = c2s + 2
                 gen[c2s] = 1
-                used[c2s] = (server, pool)
+                used[c2s] = pool.owned(server)
                 pool.in_use += 1
                 return c2s
             c2s += 2  # touched (claimed) before the fresh pointer got here: tracked elsewhere
@@ -239,7 +248,7 @@ class LabelAllocator:
             c2s, g = recycled.popleft()
             if gen.get(c2s) == g:  # not stale (not claimed since it became free)
                 gen[c2s] = g + 1
-                used[c2s] = (server, pool)
+                used[c2s] = pool.owned(server)
                 pool.in_use += 1
                 return c2s
         raise AssertionError("label pool counters out of step")  # pragma: no cover
@@ -289,7 +298,7 @@ class LabelAllocator:
         if self._held.pop(c2s, None) is not None:
             pool.held -= 1  # its heap entry is now stale
         self._bump(c2s)  # any recycled entry is now stale; the fresh pointer skips it
-        self._used[c2s] = (server, pool)
+        self._used[c2s] = pool.owned(server)
         pool.in_use += 1
         return True
 

@@ -7,6 +7,7 @@ import collections
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from orchestrator.analyze.keys import SessionKey
 from orchestrator.core.events import FlowKey
@@ -18,6 +19,13 @@ class State(enum.StrEnum):
     SERVING = "serving"  # flows alive
     DRAINING = "draining"  # no flow left; ends when the persistence timeout has passed
     CLOSING = "closing"  # removed; its objects are being deleted
+
+
+class Derives(Protocol):
+    """What a session's kernel objects follow from besides its row (core.balancer.Shape: the
+    configuration in force when they were made)."""
+
+    def objects(self, session: Session) -> list[ops.DataplaneObject]: ...
 
 
 @dataclass(slots=True)
@@ -35,10 +43,17 @@ class Session:
     created: float
     last_seen: float
     state: State = State.OPENING
-    flows: set[FlowKey] = field(default_factory=set)
+    # Its live flows (read them as `flows`): None, the one flow, or a set of two or more; most
+    # sessions have one, and an empty set alone is 216 bytes (issue 15: memory per session).
+    live: FlowKey | set[FlowKey] | None = None
     ends_at: float | None = None
     clients: list[str] = field(default_factory=list)  # addresses with a C2S filter
-    objects: list[ops.DataplaneObject] = field(default_factory=list)  # ours in the kernel
+    # Its objects in the kernel: `stored`, or None when `shape` derives them from the row and
+    # `hop` (issue 15: a copy of every object was 820 of the 1,950 bytes of a session). Read
+    # and set them as `objects`.
+    stored: list[ops.DataplaneObject] | None = field(default_factory=list)
+    shape: Derives | None = None
+    hop: ops.NextHop | None = None  # its S2C route's next hop (a derived session's only client)
     flows_total: int = 0  # flows it has had: through the daemon or the kernel's fast path
     packets_userspace: int = 0  # its first packets that went through the daemon
     # Embryonic (TCP): until when its client may send nothing past its first packet; None once
@@ -55,6 +70,43 @@ class Session:
     @property
     def s2c(self) -> int:
         return self.c2s + 1
+
+    @property
+    def flows(self) -> frozenset[FlowKey]:
+        """Its live flows (the table changes them: SessionTable.add_flow, end_flow)."""
+        live = self.live
+        if live is None:
+            return frozenset()
+        return frozenset(live) if isinstance(live, set) else frozenset((live,))
+
+    @property
+    def objects(self) -> list[ops.DataplaneObject]:
+        """Its objects in the kernel; a derived session's are made anew on each read, so change
+        them only by assigning (or `materialize` first)."""
+        if self.stored is not None:
+            return self.stored
+        assert self.shape is not None
+        return self.shape.objects(self)
+
+    @objects.setter
+    def objects(self, objects: list[ops.DataplaneObject]) -> None:
+        self.stored, self.shape, self.hop = objects, None, None
+
+    def materialize(self) -> list[ops.DataplaneObject]:
+        """Its objects stored from now on (before they change in place); returns them."""
+        if self.stored is None:
+            self.objects = self.objects
+        assert self.stored is not None
+        return self.stored
+
+    def derive(self, shape: Derives, hop: ops.NextHop) -> bool:
+        """Keep no copy of its objects if `shape` derives exactly them; True if so."""
+        stored = self.materialize()
+        self.stored, self.shape, self.hop = None, shape, hop
+        if shape.objects(self) == stored:
+            return True
+        self.objects = stored
+        return False
 
     def view(self) -> dict[str, object]:
         """The documented JSON row of `mplsorch sessions --json`."""
@@ -88,7 +140,8 @@ class Session:
 class SessionTable:
     def __init__(self, first_id: int = 1, id_step: int = 1) -> None:
         """New ids are first_id, first_id + id_step, ... (a worker's ids: core.shards)."""
-        self._by_key: dict[tuple[str, str], Session] = {}
+        # service -> key -> session: no (service, key) tuple per session (56 bytes each)
+        self._by_key: dict[str, dict[str, Session]] = {}
         self._by_flow: dict[FlowKey, Session] = {}
         self._by_id: dict[int, Session] = {}
         self._next_id = first_id
@@ -96,6 +149,9 @@ class SessionTable:
         # Sessions per (server, service), per server and per service: admission and the
         # schedulers ask for them on every new session, so they must not cost a scan.
         self._counts: collections.Counter[tuple[str | None, str | None]] = collections.Counter()
+        # Sessions per state (status and the metrics): kept as states change (set_state), so
+        # that asking costs no walk of the table.
+        self._states: collections.Counter[State] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -112,7 +168,8 @@ class SessionTable:
         return self._next_id - self._id_step
 
     def get(self, service: str, key: str) -> Session | None:
-        return self._by_key.get((service, key))
+        keys = self._by_key.get(service)
+        return None if keys is None else keys.get(key)
 
     def by_flow(self, flow: FlowKey) -> Session | None:
         return self._by_flow.get(flow)
@@ -123,25 +180,40 @@ class SessionTable:
     def add(self, session: Session) -> None:
         if session.id not in self._by_id:
             self._count(session, 1)
-        self._by_key[(session.service, session.key.value)] = session
+            self._states[session.state] += 1
+        self._by_key.setdefault(session.service, {})[session.key.value] = session
         self._by_id[session.id] = session
         if session.id >= self._next_id:  # the next id of ours above it
             self._next_id = session.id + 1 + (self._next_id - session.id - 1) % self._id_step
 
     def add_flow(self, session: Session, flow: FlowKey, now: float) -> None:
-        if flow not in session.flows:
+        live = session.live
+        if live is None:
+            session.live = flow
             session.flows_total += 1
-        session.flows.add(flow)
+        elif isinstance(live, set):
+            if flow not in live:
+                live.add(flow)
+                session.flows_total += 1
+        elif live != flow:
+            session.live = {live, flow}
+            session.flows_total += 1
         session.last_seen = now
         session.ends_at = None
         if session.state == State.DRAINING:
-            session.state = State.SERVING
+            self.set_state(session, State.SERVING)
         self._by_flow[flow] = session
 
     def end_flow(self, flow: FlowKey) -> Session | None:
         session = self._by_flow.pop(flow, None)
         if session is not None:
-            session.flows.discard(flow)
+            live = session.live
+            if isinstance(live, set):
+                live.discard(flow)
+                if len(live) == 1:
+                    session.live = next(iter(live))
+            elif live == flow:
+                session.live = None
         return session
 
     def flows(self) -> list[FlowKey]:
@@ -154,13 +226,27 @@ class SessionTable:
         self._count(session, 1)
 
     def remove(self, session: Session) -> None:
-        self._by_key.pop((session.service, session.key.value), None)
+        keys = self._by_key.get(session.service)
+        if keys is not None:
+            keys.pop(session.key.value, None)
         if self._by_id.pop(session.id, None) is not None:
             self._count(session, -1)
-        for flow in session.flows:
+            self._states[session.state] -= 1
+        for flow in session.flows:  # a copy: `live` goes below
             self._by_flow.pop(flow, None)
-        session.flows.clear()
+        session.live = None
         session.state = State.CLOSING
+
+    def set_state(self, session: Session, state: State) -> None:
+        """Every state change of a session in the table goes through here (the counts by state)."""
+        if session.id in self._by_id:
+            self._states[session.state] -= 1
+            self._states[state] += 1
+        session.state = state
+
+    def by_state(self) -> dict[str, int]:
+        """Sessions per state, the states that have none left out."""
+        return {str(state): n for state, n in self._states.items() if n > 0}
 
     def _count(self, session: Session, delta: int) -> None:
         for key in ((session.server, session.service), (session.server, None), (None, session.service)):

@@ -26,13 +26,24 @@ from orchestrator.config.load import ConfigError, load_balancer_config
 from orchestrator.config.model import BalancerConfig
 from orchestrator.core import commands, shards
 from orchestrator.core.balancer import Balancer, qdiscs
-from orchestrator.core.events import Action, FirstPacket
+from orchestrator.core.events import Action, FirstPacket, FlowTableResync
 from orchestrator.core.servers import AdminState
 from orchestrator.core.sessions import Session, SessionTable
 from orchestrator.daemon import node_setup, views
 from orchestrator.daemon.logs import Throttle, fields
-from orchestrator.daemon.loop import Capture, Command, Daemon, Request, nf_verdict, start_step
-from orchestrator.dataplane import offload, ops
+from orchestrator.daemon.loop import (
+    RETRY_SWEEP,
+    SWEEP,
+    SWEEP_SPACING,
+    Capture,
+    Command,
+    Daemon,
+    Request,
+    nf_verdict,
+    start_step,
+)
+from orchestrator.daemon.offload_sampler import OffloadSampler
+from orchestrator.dataplane import ops
 from orchestrator.dataplane.provider import Provider
 from orchestrator.health import CheckResult, HealthRunner, HealthTable, HealthView, probes_of, run_check, targets_of
 from orchestrator.health.runner import Checker
@@ -40,9 +51,18 @@ from orchestrator.metrics import MetricsSnapshot
 
 log = logging.getLogger("mplsorch")
 Filter = ops.FlowerFilter | ops.U32Filter
-# Seconds between the metrics' dumps of our objects' offload states: a dump walks every filter
-# and route of ours, too much for each tick (4 per second) on a large table.
-OFFLOAD_DUMP_EVERY = 10.0
+# The garbage collector and a large table (issue 15: 500,000 sessions, a dozen tracked objects
+# each). The table's objects live long and hold no reference cycles, yet every full collection
+# walks them all: at 100,000 sessions and more the loop stalled for seconds in collections
+# while first packets waited. So the daemon (not the core) collects young objects less often
+# (GC_THRESHOLDS: first packets allocate in bursts; the defaults are 700, 10, 10), and freezes
+# what is alive (gc.freeze: later collections skip it) after the restore and each time the table
+# has grown by a quarter since the last freeze, right after a full collection, so no garbage is
+# frozen. The work stays proportional to the table's growth; only cycles made garbage later
+# among frozen objects would stay (the table makes none).
+GC_THRESHOLDS = (20_000, 20, 20)
+FREEZE_GROWTH = 1.25
+FREEZE_MIN = 10_000  # sessions: below, the defaults' collections cost nothing worth avoiding
 
 
 class BalancerDaemon(Daemon):
@@ -73,9 +93,13 @@ class BalancerDaemon(Daemon):
         self.health.configure(targets_of(self.config))
         self.runner: HealthRunner | None = None
         self.checker: Checker = run_check
-        self.offload_counts: dict[str, int] = {}
+        # Our objects' offload states: a dump walks every filter and route of ours, far too much
+        # for a request or a tick on a large table; a background task takes it (start_tasks).
+        self.offload_provider: Provider = provider
+        self.offload = OffloadSampler(lambda: self.mine(self.offload_provider.dump(elements=False)))
         self.refusal_lines = Throttle()  # refused packets logged one by one up to 10 a second per reason
-        self.next_offload_dump = 0.0
+        self.frozen_at = 0  # table size at the last gc.freeze
+        self.sweeping: asyncio.Task[None] | None = None  # a conntrack sweep's dump under way
         self.member: Any = None  # cluster mode: orchestrator.cluster.member.Member
         if self.config.cluster is not None:
             from orchestrator.cluster.member import Member  # etcd's client only in cluster mode
@@ -147,8 +171,10 @@ class BalancerDaemon(Daemon):
             with start_step("fast-path sets"):
                 self.fill_fast_path()
         finally:
+            gc.set_threshold(*GC_THRESHOLDS)
             gc.enable()
             gc.freeze()
+            self.frozen_at = len(self.core.table)
         log.info(
             "reconciled with the kernel in %.2f s (restore %.2f s, ruleset and fast-path sets %.2f s)",
             time.monotonic() - began,
@@ -185,6 +211,12 @@ class BalancerDaemon(Daemon):
 
     async def start_tasks(self) -> None:
         """The health checks' tasks and the metrics endpoint, before READY."""
+        twin = self.provider.twin()
+        self.offload_provider = twin
+        self.offload = OffloadSampler(
+            lambda: self.mine(twin.dump(elements=False)), twin.close if twin is not self.provider else lambda: None
+        )
+        self.offload.start()
         self.runner = HealthRunner(self.on_health_result, self.checker)
         self.runner.configure(probes_of(self.config))
         self.start_metrics()
@@ -193,6 +225,9 @@ class BalancerDaemon(Daemon):
             self.member.flush()
 
     async def stop_tasks(self) -> None:
+        if self.sweeping is not None:
+            self.sweeping.cancel()
+        await self.offload.stop()
         if self.runner is not None:
             await self.runner.close()
         self.stop_metrics()
@@ -204,44 +239,82 @@ class BalancerDaemon(Daemon):
         self.end_sessions()
         self.check_liveness()
         self.end_embryonic()
+        self.freeze_grown()
         self.publish()
         if self.member is not None:
             self.member.flush()
 
-    def recent_offload_counts(self, now: float) -> dict[str, int]:
-        """The objects' offload states need a dump of the kernel, taken at most every
-        OFFLOAD_DUMP_EVERY seconds."""
-        if now >= self.next_offload_dump:
-            self.offload_counts = offload.counts(self.provider.dump())
-            self.next_offload_dump = now + OFFLOAD_DUMP_EVERY
-        return self.offload_counts
+    def sweep(self) -> None:
+        """The conntrack sweep (Daemon.sweep), its dump in a thread: at 260,000 flows the dump's
+        decoding took the loop for tens of seconds, first packets waiting. Pending events are
+        read first; flows the table gained while the dump ran count as live (the dump may have
+        missed them), so only flows known before it and absent from it end. Outside a running
+        loop (tests), the dump is taken at once as before."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return super().sweep()
+        assert self.conntrack is not None
+        if self.sweeping is not None:
+            return  # one at a time
+        began = time.monotonic()
+        self.next_sweep = began + SWEEP
+        self._on_conntrack()
+        before = frozenset(self.core.table.flows())
+        self.sweeping = loop.create_task(self._sweep(before, began), name="conntrack sweep")
+
+    async def _sweep(self, before: frozenset[Any], began: float) -> None:
+        try:
+            assert self.conntrack is not None
+            sweep = self.conntrack.sweep
+            try:
+                resync = await asyncio.to_thread(sweep)
+            except Exception as exc:
+                log.error("conntrack sweep failed: %s: %s", type(exc).__name__, exc)
+                self.core.count("conntrack_errors")
+                self.next_sweep = min(self.next_sweep, time.monotonic() + RETRY_SWEEP)
+                return
+            gained = frozenset(self.core.table.flows()) - before
+            planned = self.next_sweep
+            self._flow_events(lambda: [FlowTableResync(resync.live | gained, sweep=True)])
+            ended = time.monotonic()
+            if self.next_sweep >= planned:  # no failed read asked for an early retry
+                self.next_sweep = max(planned, ended + SWEEP_SPACING * (ended - began))
+        finally:
+            self.sweeping = None
+
+    def freeze_grown(self) -> None:
+        """The table grew by a quarter since the last freeze: collect, then freeze (GC_THRESHOLDS)."""
+        size = len(self.core.table)
+        if size >= FREEZE_MIN and size >= FREEZE_GROWTH * self.frozen_at:
+            gc.collect()
+            gc.freeze()
+            self.frozen_at = size
 
     def offload_states(self, now: float) -> dict[str, int]:
-        """A worker is asked for its status each second (the supervisor's metrics): a recent
-        dump's counts, not a dump per question."""
-        return super().offload_states(now) if self.shard is None else self.recent_offload_counts(now)
+        """The counts of the latest background dump (daemon.offload_sampler), never a dump on
+        the request path; `status_details` says their age."""
+        return self.offload.counts()
 
     def worker_status(self, now: float) -> dict[str, Any]:
         """What a worker's supervisor adds up, asked each second for the metrics: the status
-        without nftables' counters (the supervisor reads them once), the offload states of a
-        recent dump (not a dump per question) and the batch durations."""
+        without nftables' counters (the supervisor reads them once) and the batch durations."""
         return {
             **self.status(now),
             "batch_duration": dataclasses.asdict(self.batch_duration.snapshot()),
         }
 
     def metrics_snapshot(self, now: float) -> MetricsSnapshot:
-        self.recent_offload_counts(now)
         return views.metrics_snapshot(
-            self.core, now, self.op_results, self.batch_duration.snapshot(), self.offload_counts
+            self.core, now, self.op_results, self.batch_duration.snapshot(), self.offload.counts()
         )
 
     def end_sessions(self) -> None:
         """Sessions past their persistence timeout: delete their objects and say so in the log."""
-        before = {s.id: s for s in self.core.table}
-        self.program(self.core.tick(time.monotonic()), "session end")
-        for session_id in before.keys() - {s.id for s in self.core.table}:
-            views.log_end(before[session_id], "persistence timeout")
+        operations, ended = self.core.expire(time.monotonic())
+        self.program(operations, "session end")
+        for session in ended:
+            views.log_end(session, "persistence timeout")
 
     def check_liveness(self) -> None:
         """Label-aware sessions whose liveness check is due: a session whose liveness filter's
@@ -523,6 +596,7 @@ class BalancerDaemon(Daemon):
             "servers": servers,
             **views.server_summary(views.server_rows(self.core, self.health)),
             "labels": self.core.labels.stats(now).to_dict(),
+            "offload_age_s": self.offload.age(now),
             "queue": views.queue_summary(queue_stats(), self.config.nfqueue.queues),
             **({} if self.member is None else {"cluster": self.member.status()}),
         }

@@ -44,6 +44,10 @@ from orchestrator.metrics import (
 log = logging.getLogger("mplsorch")
 TICK = 0.25
 SWEEP = 10.0  # seconds between conntrack sweeps: how late at most a flow's end is noticed
+# A sweep dumps every live flow of ours (500,000 at issue 15's scale: seconds of decoding on the
+# loop): the next one waits at least this many times as long as the last took, so sweeps never
+# take more than a tenth of the loop; the bound on a flow's end grows with the table instead.
+SWEEP_SPACING = 10.0
 RETRY_SWEEP = 1.0  # after a failed conntrack read: the sweep that recovers what it lost
 
 
@@ -431,9 +435,13 @@ class Daemon:
         """Expired flows end now rather than when conntrack's garbage collector gets to them.
         Pending destroy events are read first, so the dump is never older than what the core knows."""
         assert self.conntrack is not None
-        self.next_sweep = time.monotonic() + SWEEP
+        began = time.monotonic()
+        planned = self.next_sweep = began + SWEEP
         self._on_conntrack()
         self._flow_events(lambda: [self.conntrack.sweep()] if self.conntrack else [])
+        ended = time.monotonic()
+        if self.next_sweep >= planned:  # no failed read asked for an early retry
+            self.next_sweep = max(planned, ended + SWEEP_SPACING * (ended - began))
 
     def _flow_events(self, read: Callable[[], list[FlowsStarted | FlowsEnded | FlowTableResync]]) -> None:
         try:

@@ -214,10 +214,13 @@ class Supervisor:
             "uptime_s": round(time.time() - self.started, 1),
             "queue": views.queue_summary(queue_stats(), self.config.nfqueue.queues),
         }
-        for key in ("sessions", "sessions_by_state", "servers", "labels", "counters", "dataplane_ops"):
+        for key in ("sessions", "sessions_by_state", "servers", "labels", "counters", "dataplane_ops", "offload"):
             values = [a[key] for a in present if key in a]
             if values:
                 out[key] = add_up(values)
+        ages = [a.get("offload_age_s") for a in present]
+        if ages:  # the oldest of the workers' counts (None while one has none yet)
+            out["offload_age_s"] = None if None in ages else max(float(age) for age in ages if age is not None)
         out.setdefault("counters", {})
         out["counters"] = {**out["counters"], "worker_restarts": sum(w.restarts for w in self.workers)}
         if self.reloads_rejected:

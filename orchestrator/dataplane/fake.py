@@ -146,6 +146,10 @@ class FakeProvider:
     def apply(self, operations: Sequence[Operation]) -> list[OpResult]:
         return [self._apply_one(op) for op in operations]
 
+    def twin(self) -> FakeProvider:
+        """Itself: the fake kernel is one in-memory table (tests sample it on their own thread)."""
+        return self
+
     def dump(self, elements: bool = True) -> list[Installed]:
         """Routes, rules, qdiscs and filters, as the netlink provider's rtnetlink dumps; the
         fast-path set elements come from `dump_elements` (whatever `elements` says)."""

@@ -69,3 +69,8 @@ class Provider(Protocol):
     def close(self) -> None:
         """Release the provider's sockets; the daemon calls it last."""
         ...
+
+    def twin(self) -> Provider:
+        """A provider of the same node on sockets of its own, for dumps in another thread (the
+        balancer's offload counts, daemon.offload_sampler); the caller closes it."""
+        ...

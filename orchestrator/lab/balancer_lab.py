@@ -211,6 +211,8 @@ class BalancerLab:
         return self.lab.spawn(
             self.node,
             sys.executable,
+            "-X",
+            "faulthandler",  # a fatal signal (SIGSEGV, SIGABRT) leaves the threads' tracebacks in the log
             *(("-m", "cProfile", "-o", profile) if profile else ()),
             "-m",
             "orchestrator",

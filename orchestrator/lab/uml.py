@@ -267,9 +267,35 @@ sync
 """
 
 
+MAX_MAP_COUNT = Path("/proc/sys/vm/max_map_count")
+
+
+def memory_bytes(memory: str) -> int:
+    """`mem=` as UML reads it: a number with an optional K, M or G."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(memory[:-1]) * units[memory[-1].upper()] if memory[-1:].upper() in units else int(memory)
+
+
+def room_for_mappings(memory: str) -> None:
+    """UML maps a guest process's pages into its host process one by one: a guest process with
+    more than vm.max_map_count (65,530 by default, 256 MB of 4 KB pages) scattered pages is
+    killed ("UML ran out of memory on the host side"); the scale bench's daemon was, at 150,000
+    to 310,000 sessions. The host's limit is raised (never lowered) to one mapping per page of
+    the guest's memory: a cap, not an allocation."""
+    try:
+        current = int(MAX_MAP_COUNT.read_text())
+        wanted = memory_bytes(memory) // 4096 + 65536
+        if current < wanted:
+            MAX_MAP_COUNT.write_text(str(wanted))
+            print(f"mplsorch lab: vm.max_map_count {current} -> {wanted} (a {memory} guest's pages)", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        print(f"mplsorch lab: vm.max_map_count not raised: {exc}", file=sys.stderr)
+
+
 def run_in_uml(kernel: Kernel, inner_args: list[str], memory: str) -> GuestResult:
     """Boot KERNEL and run `python -m orchestrator lab run INNER_ARGS` there, in the same cwd.
     Ctrl-C or SIGTERM (raised here as KeyboardInterrupt) kills the whole guest."""
+    room_for_mappings(memory)
     # not under /tmp or /run: the guest mounts its own tmpfs there and would not see these files
     with tempfile.TemporaryDirectory(prefix="mplsorch-uml-", dir="/var/tmp") as tmp_name:
         tmp = Path(tmp_name)

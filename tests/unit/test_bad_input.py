@@ -402,7 +402,7 @@ def test_a_failing_tick_is_logged_counted_and_the_loop_goes_on(caplog: pytest.Lo
 
     d = balancer_daemon(config(), Broken(["lan0", "fab0"]))
     ended = [ops.Delete(ops.MplsRoute(1002, "lan0", "10.0.1.10"))]
-    d.core.tick = lambda now: ended  # type: ignore[method-assign]
+    d.core.expire = lambda now: (ended, [])  # type: ignore[method-assign]
     d.guarded_tick()
     d.guarded_tick()
     assert d.core.counters["tick_errors"] == 2

@@ -7,7 +7,7 @@ over; the store away refuses new sessions, counted; label blocks keep the member
 from __future__ import annotations
 
 from orchestrator.cluster import codec
-from orchestrator.core.events import Action, FlowKey, FlowsStarted
+from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowsStarted
 from orchestrator.core.label_blocks import BlockAllocator, BlockLayout, next_block, wants_block
 from orchestrator.core.remote import ClusterSession, RemoteDelete, RemotePut
 from orchestrator.dataplane import ops, records
@@ -107,10 +107,10 @@ def test_the_owner_ending_a_session_deletes_its_key() -> None:
     a.core.on_flow_events([FlowsStarted(())], a.now)
     session = a.core.table.get("http", "10.0.1.1")
     assert session is not None
-    for flow in list(session.flows):
-        a.core.table.end_flow(flow)
-    session.state, session.ends_at = session.state.DRAINING, a.now
-    a.advance(1)
+    a.core.on_flow_events([FlowsEnded(tuple(session.flows))], a.now)
+    svc = a.core.service_of(session)
+    assert svc is not None
+    a.advance(svc.persistence_timeout + 1)
     assert written(a) == {("http", "10.0.1.1"): None}
 
 

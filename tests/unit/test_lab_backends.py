@@ -269,3 +269,22 @@ def test_durations_measured_here_win_over_those_kept_beside_the_modules(tmp_path
     mods = [str(tests / "test_a.py"), str(tests / "test_b.py"), str(tests / "test_c.py")]
     assert parallel.known_durations(mods, cache) == {str(tests / "test_a.py"): 400.0, str(tests / "test_b.py"): 60.0}
     assert parallel.known_durations(mods, tmp_path / "missing.json")[str(tests / "test_b.py")] == 50.0
+
+
+def test_a_large_uml_guest_gets_room_for_one_host_mapping_per_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """UML maps guest pages one by one: the host's vm.max_map_count must cover the guest's
+    memory, or a large guest process is killed (the scale bench's daemon at 150,000 sessions)."""
+    from orchestrator.lab import uml
+
+    assert uml.memory_bytes("8G") == 8 << 30 and uml.memory_bytes("512M") == 512 << 20
+    knob = tmp_path / "max_map_count"
+    knob.write_text("65530\n")
+    monkeypatch.setattr(uml, "MAX_MAP_COUNT", knob)
+    uml.room_for_mappings("8G")
+    assert int(knob.read_text()) == (8 << 30) // 4096 + 65536
+    assert "vm.max_map_count 65530 -> 2162688" in capsys.readouterr().err
+    knob.write_text("9999999")
+    uml.room_for_mappings("8G")  # never lowered
+    assert knob.read_text() == "9999999" and capsys.readouterr().err == ""

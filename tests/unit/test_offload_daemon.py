@@ -83,7 +83,13 @@ def test_each_policy_programs_its_flag_and_routes_reports_the_kernels_state(
     assert skip in row["object"] and row["policy"] == policy and row["dev"] == "fab0"
     assert (row["in_hw"], row["in_hw_count"], row["not_in_hw"]) == (in_hw, 1 if in_hw else 0, not in_hw)
     assert row["offload"] == ("in_hw (1)" if in_hw else "not_in_hw")
-    counts = d.handle_request({"cmd": "status"})["offload"]
+    status = d.handle_request({"cmd": "status"})
+    assert status["offload_age_s"] is None  # no dump yet: status never dumps on the request path
+    assert set(status["offload"].values()) == {0}
+    d.offload.sample()  # what the background task does (daemon.offload_sampler)
+    status = d.handle_request({"cmd": "status"})
+    counts = status["offload"]
+    assert status["offload_age_s"] is not None and 0 <= status["offload_age_s"] < 5
     # One filter, one S2C label route (never in hardware: no upstream driver offloads label routes).
     assert counts == {"in_hw": int(in_hw), "not_in_hw": 2 - int(in_hw), "trap": 0, "offload_failed": 0}
 
@@ -121,6 +127,10 @@ def test_the_routes_command_prints_a_table_and_json(monkeypatch: pytest.MonkeyPa
     assert screen.exit_code == 0, screen.output
     line = next(x for x in screen.stdout.splitlines() if "skip_hw" in x)
     assert "never" in line and "not_in_hw" in line
+    assert (
+        "offload: 0 in_hw, 0 not_in_hw, 0 trap, 0 offload_failed (no dump yet)" in runner.invoke(app, ["status"]).stdout
+    )
+    d.offload.sample()  # the background task's dump
     status = runner.invoke(app, ["status"]).stdout
     assert "offload: 0 in_hw, 2 not_in_hw, 0 trap, 0 offload_failed" in status
 

@@ -202,6 +202,9 @@ class NetlinkProvider:
             results[i] = ops.OpResult(op) if error is None else ops.OpResult(op, _explain(op, error), error.errno)
 
     # -- dump ---------------------------------------------------------------------------------
+    def twin(self) -> NetlinkProvider:
+        return NetlinkProvider(self._netns)
+
     def dump(self, elements: bool = True) -> list[ops.Installed]:
         self._load_links()
         out: list[ops.Installed] = []

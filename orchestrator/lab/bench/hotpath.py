@@ -82,6 +82,9 @@ class EncodingProvider:
     def close(self) -> None:
         pass
 
+    def twin(self) -> EncodingProvider:
+        return self
+
 
 class Queue:
     overruns = 0

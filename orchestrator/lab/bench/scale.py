@@ -42,6 +42,9 @@ HEADROOM = 256  # label pairs beyond the sessions (admission keeps min_free_labe
 PAGE = 1000  # rows of a timed `sessions` page
 
 
+SERVERS = ("s1", "s2", "s3")  # the example's pool web, which serves dns
+
+
 def max_sessions(probe: int) -> int:
     """The largest N whose sessions and the last probe fit the label space from the lab's first label."""
     from orchestrator.lab.balancer_lab import LABELS
@@ -51,12 +54,15 @@ def max_sessions(probe: int) -> int:
 
 def changes(total: int) -> dict[KeyPath, Any]:
     """The daemon's configuration for `total` sessions: labels, admission, persistence."""
+    from orchestrator.config.examples import DELETE
     from orchestrator.lab.balancer_lab import LABELS
 
     return {
         "labels.range": [LABELS[0], min(LABEL_MAX, LABELS[0] + 2 * (total + HEADROOM) + 1)],
         "services.dns.persistence_timeout": "3600s",
         "services.dns.admission.max_sessions": total + 16,
+        # The example's servers take 50,000 sessions each: 150,000 in all would refuse the rest.
+        **{f"pools.web.servers.{server}.max_sessions": DELETE for server in SERVERS},
     }
 
 
@@ -65,6 +71,19 @@ def vm_rss_kb(pid: int) -> int:
     if not match:
         raise RuntimeError(f"no VmRSS for process {pid}")
     return int(match[1])
+
+
+def threads(pid: int) -> list[str]:
+    """Each thread of a process: its name, state and kernel wait channel (what a stalled run shows)."""
+    out = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            stat = (task / "stat").read_text()
+            name, state = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2]
+            out.append(f"{task.name} {name} {state} {(task / 'wchan').read_text()}")
+        except OSError:
+            continue
+    return out
 
 
 def meminfo_kb(field: str) -> int:
@@ -166,6 +185,28 @@ def run(lab: Lab, sessions: int, reference: int, probe: int) -> ScaleRun:
             raise RuntimeError(f"scale: {started} sessions started, {held} held, {done + probe} first packets")
     except Exception:
         print(balancer.log()[-3000:], file=sys.stderr)
+        print("\n".join([x for x in balancer.log().splitlines() if " start: " not in x][-40:]), file=sys.stderr)
+        if "pid" in locals():
+            print(
+                f"scale: daemon threads: {threads(pid)}; control socket there: {balancer.sock.exists()}",
+                file=sys.stderr,
+            )
+        if balancer.proc is not None and balancer.proc.poll() is not None:
+            print(f"scale: the daemon exited: {balancer.proc.returncode}", file=sys.stderr)
+        dmesg = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
+        print("scale: the kernel's last words:\n" + "\n".join(dmesg.splitlines()[-25:]), file=sys.stderr)
+        try:  # where the daemon stands: its counters and queue (status answers at once at any size)
+            stand = request(str(balancer.sock), "status", timeout=30)
+            print(
+                json.dumps({k: stand.get(k) for k in ("sessions", "counters", "queue", "offload_age_s")}),
+                file=sys.stderr,
+            )
+        except Exception as exc:  # the daemon may be what failed
+            alive = Path(f"/proc/{pid}").exists() if "pid" in locals() else None
+            print(
+                f"scale: no status: {exc}; daemon alive: {alive}; {meminfo_kb('MemAvailable')} kB available",
+                file=sys.stderr,
+            )
         raise
     finally:
         balancer.close()

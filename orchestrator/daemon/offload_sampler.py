@@ -1,0 +1,84 @@
+"""The balancer's offload counts, taken off the loop (issue 15: `status` under 1 s at any size).
+
+The kernel tells an object's offload state only in a dump of it, and a dump of 500,000 sessions'
+filters and routes takes minutes of decoding: on the request path it made `status` take 35 s at
+60,000 sessions. So a background task dumps on a provider of its own (`Provider.twin`, sockets
+of its own) in a worker thread, and `status` and the metrics report the latest counts with their
+age. The next dump waits OFFLOAD_DUMP_EVERY seconds, or SPACING times as long as the last took,
+whichever is longer: dumping never takes more than about a tenth of the process's time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from orchestrator.dataplane import offload, ops
+
+log = logging.getLogger("mplsorch")
+OFFLOAD_DUMP_EVERY = 10.0  # seconds between dumps at least
+SPACING = 10.0  # ... and at least this many times the last dump's duration
+
+
+class OffloadSampler:
+    def __init__(self, dump: Callable[[], Iterable[ops.Installed]], close: Callable[[], None] = lambda: None) -> None:
+        """`dump`: our objects as the kernel reports them (callable from another thread);
+        `close`: releases what `dump` uses, called once no dump runs any more."""
+        self._dump = dump
+        self._close = close
+        # One tuple, replaced whole: the loop's thread reads it while the worker thread writes it.
+        self._latest: tuple[dict[str, int], float | None] = (dict.fromkeys(ops.OFFLOAD_STATES, 0), None)
+        self.took: float = 0.0  # seconds the last dump took
+        self.failures = 0
+        self._task: asyncio.Task[None] | None = None
+        self._lock = threading.Lock()  # held by a dump, and by `close` (after the last dump)
+
+    def sample(self) -> None:
+        """One dump now, in the calling thread."""
+        with self._lock:
+            began = time.monotonic()
+            counts = offload.counts(self._dump())
+            self.took = time.monotonic() - began
+            self._latest = (counts, began)
+
+    def counts(self) -> dict[str, int]:
+        """Our filters and routes by offload state, as the latest dump found them (every state
+        present; all 0 before the first dump)."""
+        return dict(self._latest[0])
+
+    def age(self, now: float) -> float | None:
+        """Seconds since the latest dump began (monotonic `now`); None before the first."""
+        taken = self._latest[1]
+        return None if taken is None else round(max(0.0, now - taken), 1)
+
+    def wait(self) -> float:
+        return max(OFFLOAD_DUMP_EVERY, SPACING * self.took)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="offload sampler")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.sample)
+            except Exception as exc:  # a failed dump keeps the previous counts (and their age)
+                self.failures += 1
+                log.error("offload counts: the dump failed: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(self.wait())
+
+    async def stop(self) -> None:
+        """Stop sampling; a dump under way finishes in its thread before `close`."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        await asyncio.to_thread(self._close_after_dumps)
+
+    def _close_after_dumps(self) -> None:
+        with self._lock:
+            self._close()

@@ -1,6 +1,7 @@
 """The one encoding of the cluster's keys and values in etcd (docs/scale.md, Keys):
 
-    PREFIX members/NAME                 the member's lease id (decimal), under that lease
+    PREFIX members/NAME                 the member's record, under its lease: its lease id (decimal),
+                                        or with a member label `{"lease":ID,"label":LABEL}` (JSON)
     PREFIX blocks/INDEX                 the name of the member holding label block INDEX, under its lease
                                         (its reserve's: without a lease)
     PREFIX reserve/NAME                 the index of member NAME's reserve block (when_store_down:
@@ -21,6 +22,8 @@ from orchestrator.core.remote import ClusterSession
 
 __all__ = [
     "block_key",
+    "decode_member",
+    "encode_member",
     "decode_session",
     "encode_session",
     "member_key",
@@ -34,6 +37,30 @@ FORMAT = 1
 
 def member_key(prefix: str, name: str) -> bytes:
     return f"{prefix}members/{name}".encode()
+
+
+def encode_member(lease: int, label: int | None) -> bytes:
+    """A member key's value: the lease id alone (no member label: as older versions wrote it),
+    else JSON with the member's own transport label (cluster.member_label)."""
+    if label is None:
+        return str(lease).encode()
+    return json.dumps({"lease": lease, "label": label}, separators=(",", ":")).encode()
+
+
+def decode_member(raw: bytes) -> tuple[int, int | None] | None:
+    """(lease id, member label or None) of a member key's value; None when damaged."""
+    if raw.isdigit():
+        return int(raw), None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    lease, label = doc.get("lease"), doc.get("label")
+    if not isinstance(lease, int) or not (label is None or isinstance(label, int)):
+        return None
+    return lease, label
 
 
 def block_key(prefix: str, index: int) -> bytes:

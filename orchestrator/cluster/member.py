@@ -59,6 +59,7 @@ class Member:
         self.snapshot: TableSnapshot | None = None
         self.members: set[str] = set()
         self.blocks: dict[int, str] = {}
+        self.member_labels: dict[str, int] = {}  # member -> its member label (cluster.member_label)
         self.tasks: list[asyncio.Task[None]] = []
         self.wake = asyncio.Event()
         self.want_block = asyncio.Event()
@@ -138,10 +139,24 @@ class Member:
     def _apply_snapshot(self, snap: TableSnapshot, now: float, keep_ours: bool = True) -> None:
         self.members = set(snap.members)
         self.blocks = dict(snap.blocks)
+        self.member_labels = dict(snap.member_labels)
         self.revision = snap.revision
         if snap.damaged:
             self.core.count("cluster_damaged_rows", snap.damaged)
         self._apply(self.core.remote_sync(self._puts(snap.sessions), now, keep_ours), now)
+        self.forward()
+
+    def forward(self) -> None:
+        """The S2C labels of the blocks other members hold routed to them until their sessions'
+        rows arrive (core.forward_blocks): one netlink batch per block that changed."""
+        held = set(self.labels.held_blocks) | ({self.labels.reserve} - {None})
+        owners = {
+            index: self.member_labels[holder]
+            for index, holder in self.blocks.items()
+            if holder != self.config.name and index not in held and holder in self.member_labels
+        }
+        for batch in self.core.forward_blocks(owners):
+            self.host.program(batch, "cluster forwarding")
 
     def wants_block(self) -> bool:
         labels = self.core.labels
@@ -165,6 +180,8 @@ class Member:
             if await self.store.claim_block(index):
                 self.blocks[index] = self.config.name
                 self.core.add_label_block(index)
+                if not first:
+                    self.forward()  # a block forwarded to its former holder is ours now
                 lo, hi = labels.layout.bounds(index)
                 log.info(
                     "cluster: label block %d (%d-%d) claimed",
@@ -384,18 +401,24 @@ class Member:
 
     def _on_events(self, events: list[WatchEvent]) -> None:
         gone = set()
+        owners = False  # blocks or member labels changed: the forwarding routes follow
         for e in events:
             if e.what[0] == "member":
+                owners = True
                 if e.deleted:
                     self.members.discard(e.what[1])
+                    self.member_labels.pop(e.what[1], None)
                     gone.add(e.what[1])
                 else:
                     self.members.add(e.what[1])
+                    if e.member_label is not None:
+                        self.member_labels[e.what[1]] = e.member_label
             elif e.what[0] == "block":
+                owners = True
                 if e.deleted:
                     self.blocks.pop(int(e.what[1]), None)
                 else:
-                    self.blocks[int(e.what[1])] = "?"
+                    self.blocks[int(e.what[1])] = e.holder or "?"
         rows = [e.row for e in events if e.what[0] == "session" and e.row is not None and not e.deleted]
         puts = iter(self._puts(rows))
         merged: list[RemotePut | RemoteDelete] = []
@@ -410,10 +433,11 @@ class Member:
                 merged.append(RemoteDelete(e.row.service, e.row.key, owner, orphaned))
             else:
                 merged.append(next(puts))
-        if not merged:
-            return
-        self._apply(self.core.on_remote(merged, time.monotonic()), time.monotonic())
-        self.flush()  # adoptions are written back under our lease
+        if merged:
+            self._apply(self.core.on_remote(merged, time.monotonic()), time.monotonic())
+            self.flush()  # adoptions are written back under our lease
+        if owners:
+            self.forward()
 
     def _puts(self, rows: Sequence[ClusterSession]) -> list[RemotePut]:
         """Rows with this node's next hop to each of their clients (one lookup for all)."""

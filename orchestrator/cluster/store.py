@@ -46,17 +46,21 @@ class TableSnapshot:
     sessions: tuple[ClusterSession, ...]
     damaged: int  # session values that did not decode
     reserves: Mapping[str, int] = field(default_factory=dict)  # member -> its reserve block
+    member_labels: Mapping[str, int] = field(default_factory=dict)  # member -> its member label
 
 
 @dataclass(frozen=True)
 class WatchEvent:
     """One key's change: ("member"|"block"|"session", the key's names), the new row of a session
-    put, and for a delete the row it had (etcd's prev_kv)."""
+    put, and for a delete the row it had (etcd's prev_kv); a block's holder and a member's label
+    (cluster.member_label) as put."""
 
     deleted: bool
     what: tuple[str, str, str]
     row: ClusterSession | None
     revision: int
+    holder: str | None = None  # a block put: the member holding it
+    member_label: int | None = None  # a member put: its member label, if it advertises one
 
 
 class _TlsClient(aetcd.Client):
@@ -180,7 +184,7 @@ class Store:
             ok, _ = await self._call(
                 self.client.transaction(
                     compare=[t.create(key) == 0],
-                    success=[t.put(key, str(lease.id).encode(), lease=lease.id)],
+                    success=[t.put(key, codec.encode_member(lease.id, self.config.member_label), lease=lease.id)],
                     failure=[],
                 )
             )
@@ -189,10 +193,8 @@ class Store:
                 return
             await self._call(self.client.revoke_lease(lease.id))
             got = await self._call(self.client.get(key))
-            try:
-                old = int(got.value) if got is not None else 0
-            except ValueError:
-                old = 0
+            record = codec.decode_member(got.value) if got is not None else None
+            old = record[0] if record is not None else 0
             if old:
                 self.lease = old
                 try:
@@ -275,8 +277,9 @@ class Store:
         out = {}
         for kv in got:
             what = codec.parse_key(self.prefix, kv.key)
-            if what is not None and what[0] == "member" and kv.value.isdigit():
-                out[what[1]] = int(kv.value)
+            record = codec.decode_member(kv.value) if what is not None and what[0] == "member" else None
+            if what is not None and record is not None:
+                out[what[1]] = record[0]
         return out
 
     async def hand_over(self, rows: list[ClusterSession], leases: Mapping[str, int]) -> int:
@@ -304,13 +307,16 @@ class Store:
     async def load(self) -> TableSnapshot:
         """Members, blocks and sessions in one range read, with its revision."""
         got = await self._call(self.client.get_prefix(self.prefix.encode()))
-        members, blocks, rows, damaged, reserves = set(), {}, [], 0, {}
+        members, blocks, rows, damaged, reserves, labels = set(), {}, [], 0, {}, {}
         for kv in got:
             what = codec.parse_key(self.prefix, kv.key)
             if what is None:
                 continue
             if what[0] == "member":
                 members.add(what[1])
+                record = codec.decode_member(kv.value)
+                if record is not None and record[1] is not None:
+                    labels[what[1]] = record[1]
             elif what[0] == "reserve":
                 if kv.value.isdigit():
                     reserves[what[1]] = int(kv.value)
@@ -324,7 +330,7 @@ class Store:
                 rows.append(row)
                 if row.owner == self.config.name:
                     self._written[kv.key] = kv.value
-        return TableSnapshot(got.header.revision, frozenset(members), blocks, tuple(rows), damaged, reserves)
+        return TableSnapshot(got.header.revision, frozenset(members), blocks, tuple(rows), damaged, reserves, labels)
 
     async def watch(self, revision: int) -> AsyncIterator[WatchEvent]:
         """Every change under the prefix after `revision`, with the deleted rows' last values."""
@@ -358,7 +364,10 @@ class Store:
                 deleted = event.kind == "DELETE"
                 raw = event.prev_kv.value if deleted and event.prev_kv is not None else event.kv.value
                 row = codec.decode_session(raw) if what[0] == "session" and raw else None
-                yield WatchEvent(deleted, what, row, event.kv.mod_revision)
+                holder = raw.decode(errors="replace") if what[0] == "block" and not deleted else None
+                record = codec.decode_member(raw) if what[0] == "member" and not deleted else None
+                label = record[1] if record is not None else None
+                yield WatchEvent(deleted, what, row, event.kv.mod_revision, holder, label)
         except (aetcd.exceptions.ClientError, grpc.RpcError) as exc:
             raise StoreError(f"etcd {self._where()}: watch: {type(exc).__name__}: {exc}") from exc
         finally:

@@ -6,14 +6,23 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from orchestrator.config.model import ClusterConfig, ClusterTls, LabelAllocation, LabelConfig, StoreDown, pair_labels
+from orchestrator.config.model import (
+    MAX_LABEL,
+    MIN_LABEL,
+    ClusterConfig,
+    ClusterTls,
+    LabelAllocation,
+    LabelConfig,
+    StoreDown,
+    pair_labels,
+)
 from orchestrator.config.parser import Parser, YamlValue
 
 __all__ = ["parse_cluster"]
 
 _ENDPOINT_RES = (re.compile(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)\Z"), re.compile(r"^([A-Za-z0-9.-]+):(\d+)\Z"))
 _PREFIX_RE = re.compile(r"^/[A-Za-z0-9._/-]*/\Z")
-_KEYS = ("name", "endpoints", "tls", "lease_ttl", "label_block", "prefix", "when_store_down")
+_KEYS = ("name", "endpoints", "tls", "lease_ttl", "label_block", "prefix", "when_store_down", "member_label")
 
 
 def _endpoint(p: Parser, v: YamlValue) -> tuple[str, int]:
@@ -80,4 +89,13 @@ def parse_cluster(p: Parser, v: YamlValue, labels: LabelConfig) -> ClusterConfig
         path = m["label_block"].path if "label_block" in m else "cluster.label_block"
         line = m["label_block"].vline if "label_block" in m else m["name"].vline
         raise p.error(line, path, f"a block of {block} pairs is larger than labels.range ({pairs} pairs)")
-    return ClusterConfig(name, tuple(endpoints), tls, ttl, block, prefix, down)
+    member_label = None
+    if "member_label" in m and not p.is_null(m["member_label"]):
+        member_label = p.integer(m["member_label"], MIN_LABEL, MAX_LABEL, "member label")
+        if labels.range[0] <= member_label <= labels.range[1]:
+            raise p.error(
+                m["member_label"].vline,
+                m["member_label"].path,
+                f"member label {member_label} lies inside labels.range {labels.range[0]}..{labels.range[1]}",
+            )
+    return ClusterConfig(name, tuple(endpoints), tls, ttl, block, prefix, down, member_label)

@@ -509,6 +509,9 @@ def _check(p: Parser, cfg: BalancerConfig) -> None:
         if first <= s.transport_label <= last:
             raise p.at(path, f"transport label {s.transport_label} lies inside labels.range {first}..{last}")
         owners[s.transport_label] = f"server {name!r}"
+    member_label = cfg.cluster.member_label if cfg.cluster is not None else None
+    if member_label is not None and member_label in owners:
+        raise p.at("cluster.member_label", f"member label {member_label} is already used by {owners[member_label]}")
 
     # Label blocks.
     blocks: list[tuple[int, int, str]] = []

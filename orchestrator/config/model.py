@@ -329,6 +329,10 @@ class ClusterConfig:
     label_block: int = 256  # label pairs per block a balancer leases
     prefix: str = "/mplsorch/"  # every key of the cluster starts with it
     when_store_down: StoreDown = StoreDown.REFUSE
+    # This member's own (unicast) transport label, besides the group's anycast one
+    # (node.transport_label): advertised in its member key, so the others route the S2C labels
+    # of its blocks to it until a session's row arrives (docs/scale.md). None: not advertised.
+    member_label: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -339,6 +343,7 @@ class ClusterConfig:
             "label_block": self.label_block,
             "prefix": self.prefix,
             "when_store_down": self.when_store_down.value,
+            "member_label": self.member_label,
         }
 
 

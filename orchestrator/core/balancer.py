@@ -223,6 +223,11 @@ class Balancer:
         self.changes: dict[tuple[str, str], Session | None] = {}
         self.store_up = True
         self.leaving = False  # a graceful leave began: no new session, no takeover
+        # The S2C labels of other members' blocks routed to their owner until a session's row
+        # arrives (records.forward_route): block -> its owner's member label, and block ->
+        # S2C -> the route in the kernel (`forward_blocks`).
+        self.forward_labels: dict[int, int] = {}
+        self.forwarding: dict[int, dict[int, ops.MplsRoute]] = {}
         self.configure(config, now)
 
     # -- configuration ---------------------------------------------------------------------
@@ -505,7 +510,11 @@ class Balancer:
         route = shape.s2c_route(session, client, hop)
         # Replace: the session's own route (a re-key), or the hold marker of a pair whose
         # hold-down ended before the tick deleted the marker.
-        plan.ops.append(ops.Replace(route) if n or self.markers.pop(session.c2s, None) is not None else ops.Add(route))
+        # A forwarding route to the pair's owner (another member's block) is replaced likewise.
+        forwarded = self._unforward(session.c2s)
+        plan.ops.append(
+            ops.Replace(route) if n or self.markers.pop(session.c2s, None) is not None or forwarded else ops.Add(route)
+        )
         objects[:] = [o for o in objects if not (isinstance(o, ops.MplsRoute) and o.label == session.s2c)]
         objects.append(route)
         aware = self.config.clients.is_label_aware(client)
@@ -630,7 +639,7 @@ class Balancer:
                 continue
             # A new session: what did get in goes (a route that replaced a hold marker too), and
             # its pair is free at once: no packet of it can be in flight.
-            cleanup += [ops.Delete(r.op.obj) for r in group if r.ok and isinstance(r.op, (ops.Add, ops.Replace))]
+            cleanup += [self._vacate(r.op.obj) for r in group if r.ok and isinstance(r.op, (ops.Add, ops.Replace))]
             if session is not None:
                 self.counters["sessions_failed"] += 1
                 self.table.remove(session)
@@ -947,16 +956,107 @@ class Balancer:
         return out + self._hold(session.c2s, now)
 
     def _hold(self, c2s: int, now: float) -> list[ops.Operation]:
-        """Release a pair into hold-down, with its marker in the kernel."""
+        """Release a pair into hold-down, with its marker in the kernel; a pair of another
+        member's block gets its forwarding route to that member back instead (its owner holds
+        the pair down)."""
         self.labels.release(c2s, now)
+        route = self._forward(c2s)
+        if route is not None:
+            return [ops.Replace(route)]
         self._mark(c2s, now + self.labels.hold_down)
         return [ops.Replace(records.hold_marker(c2s + 1))]
 
     def drop_markers(self) -> list[ops.Operation]:
-        """The deletes of every hold marker (a shutdown that removes all of its objects)."""
+        """The deletes of every hold marker and forwarding route (a shutdown that removes all of
+        its objects)."""
         out: list[ops.Operation] = [ops.Delete(records.hold_marker(c2s + 1)) for c2s in self.markers]
+        out += [ops.Delete(r) for routes in self.forwarding.values() for r in routes.values()]
         self.markers.clear()
+        self.forwarding.clear()
+        self.forward_labels.clear()
         return out
+
+    # -- forwarding to the owner of another member's block (cluster mode) ---------------------------
+    def forward_blocks(self, owners: Mapping[int, int]) -> list[list[ops.Operation]]:
+        """`owners`: every label block another member holds whose holder's member label is known,
+        with that label. Each S2C label of those blocks without a session here is routed to the
+        holder (records.forward_route), so an answer under a session made there a moment ago
+        reaches it before the session's row arrives here; blocks no longer in `owners` (released,
+        held here now, their holder gone) lose those routes. One batch of operations per block
+        that changed (nothing for a block as it is, e.g. after an exact restore)."""
+        if not isinstance(self.labels, BlockAllocator):
+            return []
+        layout = self.labels.layout
+        fabric = self.config.interfaces.fabric[0]
+        via = str(self.config.interfaces.fabric_next_hop)
+        in_use: set[int] | None = None
+        batches: list[list[ops.Operation]] = []
+        for index in sorted(set(owners) | set(self.forward_labels) | set(self.forwarding)):
+            label = owners.get(index)
+            if index in self.forward_labels and label == self.forward_labels[index]:
+                continue
+            if label is None and index not in self.forwarding:
+                self.forward_labels.pop(index, None)
+                continue
+            if in_use is None:
+                in_use = {s.c2s for s in self.table}
+            current = self.forwarding.pop(index, {})
+            wanted: dict[int, ops.MplsRoute] = {}
+            if label is not None and index < layout.count:
+                lo, hi = layout.bounds(index)
+                for c2s in range(lo, hi, 2):
+                    if c2s not in in_use:
+                        wanted[c2s + 1] = records.forward_route(c2s + 1, label, fabric, via)
+            batch: list[ops.Operation] = [ops.Delete(r) for s2c, r in current.items() if s2c not in wanted]
+            for s2c, route in wanted.items():
+                if current.get(s2c) != route:
+                    self.markers.pop(s2c - 1, None)  # a marker of ours there: overwritten
+                    batch.append(ops.Replace(route))
+            if wanted:
+                self.forwarding[index] = wanted
+                self.forward_labels[index] = label  # type: ignore[assignment]
+            else:
+                self.forward_labels.pop(index, None)
+            if batch:
+                batches.append(batch)
+        self.counters["forward_routes"] = sum(len(r) for r in self.forwarding.values())
+        return batches
+
+    def _block(self, c2s: int) -> int | None:
+        return self.labels.layout.block_of(c2s) if isinstance(self.labels, BlockAllocator) else None
+
+    def _unforward(self, c2s: int) -> bool:
+        """The pair's S2C label leaves the forwarding routes (a session takes it); was it one?"""
+        index = self._block(c2s)
+        if index is None or self.forwarding.get(index, {}).pop(c2s + 1, None) is None:
+            return False
+        self.counters["forward_routes"] -= 1
+        return True
+
+    def _forward(self, c2s: int) -> ops.MplsRoute | None:
+        """The forwarding route the pair's S2C label gets back when its session here ends (its
+        block another member's, with that member's label known), now counted as installed."""
+        index = self._block(c2s)
+        label = self.forward_labels.get(index) if index is not None else None
+        if index is None or label is None:
+            return None
+        route = records.forward_route(
+            c2s + 1, label, self.config.interfaces.fabric[0], str(self.config.interfaces.fabric_next_hop)
+        )
+        routes = self.forwarding.setdefault(index, {})
+        if c2s + 1 not in routes:
+            self.counters["forward_routes"] += 1
+        routes[c2s + 1] = route
+        return route
+
+    def _vacate(self, obj: ops.DataplaneObject) -> ops.Operation:
+        """The cleanup of an object a failed new session got in: deleted, except an S2C route of
+        a forwarded pair, which gets its forwarding route back."""
+        if isinstance(obj, ops.MplsRoute) and obj.label % 2 == 0:
+            route = self._forward(obj.label - 1)
+            if route is not None:
+                return ops.Replace(route)
+        return ops.Delete(obj)
 
     def count(self, event: str, n: int = 1) -> None:
         """An event the daemon saw around the core (a failed batch, conntrack errors), counted
@@ -1131,6 +1231,12 @@ class Balancer:
                 continue
             if records.is_hold_marker(route) and label % 2 == 0 and self.labels.hold(label - 1, now):
                 self._mark(label - 1, now + self.labels.hold_down)
+                continue
+            index = self._block(label - 1) if label % 2 == 0 else None
+            if records.is_forward_route(route) and index is not None:
+                # Ours, to another member's block: kept as it is until the blocks are known
+                # (forward_blocks keeps, replaces or deletes it then).
+                self.forwarding.setdefault(index, {})[label] = route
                 continue
             stale.append(ops.Delete(route))
         self.counters["restored_sessions"] = len(self.table)

@@ -38,6 +38,12 @@ so the ids of ours lie in 0x6D600000..0x6D7FFFFF (the high 11 bits 0x6D6 >> 1, "
 agents' packet marks) and a restart finds the same id for the same session: one nexthop per
 (S2C, family), made and deleted with the route that uses it. Nexthops carry route protocol 195
 too; those of ours outside the range, or used by no route, are deleted at restore.
+
+In a cluster, the S2C labels of another member's label block that have no session here are
+routed to that member until a session's row arrives (`forward_route`): `S2C as OWNER/S2C via
+FABRIC_NEXT_HOP dev FABRIC`, OWNER that member's own label (cluster.member_label). No other route
+of ours swaps an even label to two labels whose inner one is the label itself (a session's S2C
+route pops, or swaps to S2C alone; a C2S route is at an odd label), so a restart recognises them.
 """
 
 from __future__ import annotations
@@ -53,7 +59,9 @@ __all__ = [
     "NEXTHOP_IDS",
     "SessionRecord",
     "TAG_SIZE",
+    "forward_route",
     "hold_marker",
+    "is_forward_route",
     "is_hold_marker",
     "nexthop_id",
     "nexthop_label",
@@ -123,6 +131,21 @@ def hold_marker(s2c: int) -> ops.MplsRoute:
 
 def is_hold_marker(route: ops.MplsRoute) -> bool:
     return route.dev == "lo" and route.via is None and not route.out_labels
+
+
+def forward_route(s2c: int, owner_label: int, dev: str, via: str) -> ops.MplsRoute:
+    """The route that sends answers under `s2c` (a pair of another member's block, no session
+    here yet) to the member holding the block, under its own label."""
+    return ops.MplsRoute(s2c, dev, via=via, out_labels=(owner_label, s2c))
+
+
+def is_forward_route(route: ops.MplsRoute) -> bool:
+    return (
+        route.label % 2 == 0
+        and route.via is not None
+        and len(route.out_labels) == 2
+        and route.out_labels[1] == route.label
+    )
 
 
 NEXTHOP_ID_BASE = 0x6D600000

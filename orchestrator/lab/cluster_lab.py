@@ -9,7 +9,9 @@ LAN, a point-to-point link `ecmp0` to each balancer): its route to the VIP is a 
 over the balancers, hashed on L3 (fib_multipath_hash_policy 0: one client's flows take one
 balancer), ignore_routes_with_linkdown, so a balancer whose link goes down drops out at once.
 The fabric's way back is the balancers' anycast transport label: p's label route for it is a
-multipath MPLS route to both (af_mpls skips a next hop whose link is down), and for plain servers
+multipath MPLS route to both (`answers_through` forces it to one, as p's hash may choose it); each
+balancer also has its own label (cluster.member_label, `MEMBER_LABELS`), which p routes to it
+alone: the way a member sends another's answers to it before the session's row arrives (af_mpls skips a next hop whose link is down), and for plain servers
 p's route to the clients' LAN likewise. A balancer's next hops go into those routes only once
 its daemon said READY=1 on its sd_notify socket (`ReadyWatch`), and out when it dies, as a
 routing daemon would announce and withdraw the VIP (`announce`, `withdraw`). `via(client, lb)`
@@ -47,13 +49,23 @@ FABRIC_HOPS = {"lb": ("10.255.0.1", "pl"), LB2: (LB2_FAB, "pl2")}  # p's next ho
 LINK_EVENT = 0.5
 LB_LINKS = ("lan0", "lan1", "fab0", "mg0", ECMP_DEV)  # lb's links, down when it fails
 TTL = 3
+MEMBER_LABELS = {"lb1": 201, "lb2": 202}  # each member's own label, p routes it to that balancer
+MEMBER_HOSTS = {"lb1": "lb", "lb2": LB2}
 
 
 def cluster(name: str, endpoint: str) -> dict[KeyPath, Any]:
     return {
-        "cluster": {"name": name, "endpoints": [f"{endpoint}:2379"], "label_block": 64, "lease_ttl": TTL},
+        "cluster": {
+            "name": name,
+            "endpoints": [f"{endpoint}:2379"],
+            "label_block": 64,
+            "lease_ttl": TTL,
+            "member_label": MEMBER_LABELS[name],
+        },
         "services.dns.persistence_timeout": "3600s",
         "interfaces.clients": ["lan0", ECMP_DEV],
+        # lb2's own link to p (its forwarding routes' next hop)
+        **({"interfaces.fabric_next_hop": P_FAB2} if name == "lb2" else {}),
     }
 
 
@@ -133,6 +145,7 @@ class ClusterLab:
         self.netns: list[str] = []
         self.ready = {"lb": ReadyWatch(self.dir / "notify-lb1"), LB2: ReadyWatch(self.dir / "notify-lb2")}
         self.announced: list[str] = []  # balancers whose next hops are in the router's and p's routes
+        self.answers: str | None = None  # `answers_through`: p's anycast route to this balancer only
         self.sources: dict[str, str] = {}  # client -> the source address `via` gave it
         self.added: list[tuple[str, str]] = []  # (client, address) added by `via`
 
@@ -171,6 +184,9 @@ class ClusterLab:
         self.lab.sh(
             "p", "sysctl", "-qw", "net.mpls.conf.pl2.input=1", "net.ipv4.conf.all.ignore_routes_with_linkdown=1"
         )
+        for member, label in MEMBER_LABELS.items():  # each member's own label: to it alone, popped
+            hop, dev = FABRIC_HOPS[MEMBER_HOSTS[member]]
+            self.lab.sh("p", "ip", "-f", "mpls", "route", "replace", str(label), "via", "inet", hop, "dev", dev)
         # The router: forwarding, L3 hashing (one client, one balancer), a next hop whose link is
         # down is no next hop.
         ip(
@@ -195,11 +211,28 @@ class ClusterLab:
         ecmp = [w for b in self.announced for w in ("nexthop", "via", ECMP_HOPS[b][0], "dev", ECMP_HOPS[b][1])]
         fabric = [(FABRIC_HOPS[b][0], FABRIC_HOPS[b][1]) for b in self.announced]
         in_router("ip", "route", "replace", vip, *ecmp)
-        mpls = [w for a, dev in fabric for w in ("nexthop", "via", "inet", a, "dev", dev)]
+        answers = fabric if self.answers is None else [FABRIC_HOPS[self.answers]]
+        mpls = [w for a, dev in answers for w in ("nexthop", "via", "inet", a, "dev", dev)]
         self.lab.sh("p", "ip", "-f", "mpls", "route", "replace", label, *mpls)
         if self.servers is None:  # plain servers answer as IP
             lan = [w for a, dev in fabric for w in ("nexthop", "via", a, "dev", dev)]
             self.lab.sh("p", "ip", "route", "replace", "10.0.1.0/24", *lan)
+
+    def answers_through(self, balancer: str | None) -> None:
+        """p's anycast label route to `balancer` alone (the choice its hash may make for a
+        flow), whichever balancer made the session; None: over the announced ones again."""
+        self.answers = balancer
+        self._routes()
+
+    def delay_store(self, balancer: str, ms: int) -> None:
+        """etcd's packets to `balancer` (lb or lb2) held `ms` milliseconds (netem on etcd's link
+        to it; 0: no more): its watch learns every row that much later, while its requests (its
+        lease's keep-alive) reach etcd at once. Kept well under the store's 2 s call timeout."""
+        dev = {"lb": "e1", LB2: "e2"}[balancer]
+        if ms:
+            ip("netns", "exec", ETCD, "tc", "qdisc", "replace", "dev", dev, "root", "netem", "delay", f"{ms}ms")
+        else:
+            ip("netns", "exec", ETCD, "tc", "qdisc", "del", "dev", dev, "root", check=False)
 
     def announce(self, balancer: str) -> None:
         """`balancer` (lb or lb2) said READY: its next hops go in."""
@@ -379,6 +412,8 @@ class ClusterLab:
                 watch.close()
             for ns in self.netns:
                 subprocess.run(["ip", "netns", "delete", ns], check=False)
+            for own in MEMBER_LABELS.values():
+                self.lab.sh("p", "ip", "-f", "mpls", "route", "del", str(own), check=False)
             self.lab.sh("p", "ip", "link", "del", "pl2", check=False)
             self.lab.sh("lb", "ip", "link", "del", "mg0", check=False)
             self.lab.sh("lb", "ip", "link", "del", ECMP_DEV, check=False)

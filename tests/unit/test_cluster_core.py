@@ -6,10 +6,12 @@ over; the store away refuses new sessions, counted; label blocks keep the member
 
 from __future__ import annotations
 
+from orchestrator.cluster import codec
 from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowsStarted
 from orchestrator.core.label_blocks import BlockAllocator, BlockLayout, next_block, wants_block
 from orchestrator.core.remote import ClusterSession, RemoteDelete, RemotePut
-from orchestrator.dataplane import ops
+from orchestrator.dataplane import ops, records
+from orchestrator.dataplane.fake import Forwarding
 from tests.unit.conftest import TRANSPORT, VIP, Node, config, syn
 
 IPPROTO_TCP = 6
@@ -351,3 +353,116 @@ def replace_owner(row: ClusterSession, owner: str) -> ClusterSession:
     from dataclasses import replace
 
     return replace(row, owner=owner)
+
+
+# -- issue 16: a new session's first answers through another member ------------------------------
+# Each member routes the S2C labels of the other members' label blocks to their holder (under the
+# holder's own member label) until the session's row arrives; the row's real route replaces that
+# route, the session's end puts it back, a block released takes them away; a restart recognises
+# them (exact restore).
+
+FABRIC, FABRIC_HOP = "fab0", "10.255.0.2"  # the example's fabric device and first label switch
+LABELS = {"lb1": 201, "lb2": 202}  # cluster.member_label of each
+LAYOUT = BlockLayout(1000, 99999, 64)
+
+
+def apply(node: Node, batches: list[list[ops.Operation]]) -> None:
+    for batch in batches:
+        results = node.kernel.apply(batch)
+        assert all(r.ok for r in results), [str(r) for r in results if not r.ok]
+
+
+def answer(node: Node, s2c: int) -> Forwarding | None:
+    """Where an answer under `s2c` arriving from the fabric leaves this node (labels, next hop)."""
+    return node.kernel.receive_mpls([s2c], dev=FABRIC)
+
+
+def two_members() -> tuple[Node, Node]:
+    lb1 = member("lb1", 0, {"cluster.member_label": LABELS["lb1"]})
+    lb2 = member("lb2", 1, {"cluster.member_label": LABELS["lb2"]})
+    apply(lb1, lb1.core.forward_blocks({1: LABELS["lb2"]}))
+    apply(lb2, lb2.core.forward_blocks({0: LABELS["lb1"]}))
+    return lb1, lb2
+
+
+def test_an_answer_reaches_lb2_through_lb1_before_the_row_arrives_and_the_session_route_after() -> None:
+    lb1, lb2 = two_members()
+    lo, hi = LAYOUT.bounds(1)
+    assert lb1.core.counters["forward_routes"] == 64  # every pair of lb2's block, none of its own
+    assert answer(lb1, LAYOUT.bounds(0)[0] + 1) is None  # its own block's free pairs: nothing
+    commit = lb2.packets(syn("10.0.1.7"))
+    assert commit.verdicts[0].action == "accept"
+    session = lb2.core.table.get("http", "10.0.1.7")
+    assert session is not None and lo <= session.c2s <= hi
+    # the row is not written yet: lb1 sends the answer to lb2 under lb2's own label, S2C under it
+    assert answer(lb1, session.s2c) == Forwarding((LABELS["lb2"], session.s2c), FABRIC_HOP, FABRIC)
+    # and lb2, once the fabric popped its label, answers the client
+    assert answer(lb2, session.s2c) == Forwarding((), "10.0.1.7", "lan0")
+    rows = [r for r in written(lb2).values() if r is not None]
+    deliver(lb1, puts(lb1, rows))  # the row arrives: the real route replaced the forwarding one
+    assert answer(lb1, session.s2c) == Forwarding((), "10.0.1.7", "lan0")
+    assert lb1.core.counters["forward_routes"] == 63
+    # the session ends on lb2: its key's delete puts the forwarding route back on lb1
+    deliver(lb1, [RemoteDelete("http", "10.0.1.7", "lb2")])
+    assert answer(lb1, session.s2c) == Forwarding((LABELS["lb2"], session.s2c), FABRIC_HOP, FABRIC)
+    assert lb1.core.markers == {}  # lb2 holds the pair down, not lb1
+    assert lb1.core.counters["forward_routes"] == 64
+
+
+def test_one_batch_per_block_and_only_what_changed() -> None:
+    lb1 = member("lb1", 0, {"cluster.member_label": LABELS["lb1"]})
+    batches = lb1.core.forward_blocks({1: 202, 2: 203})
+    assert [len(b) for b in batches] == [64, 64]
+    assert {LAYOUT.block_of(op.obj.label - 1) for op in batches[1] if isinstance(op.obj, ops.MplsRoute)} == {2}
+    apply(lb1, batches)
+    assert lb1.core.forward_blocks({1: 202, 2: 203}) == []  # nothing changed, nothing sent
+    moved = lb1.core.forward_blocks({1: 202, 2: 204})  # block 2's holder changed
+    assert len(moved) == 1 and all(isinstance(op, ops.Replace) and op.obj.out_labels[0] == 204 for op in moved[0])
+    apply(lb1, moved)
+    released = lb1.core.forward_blocks({1: 202})  # block 2 released: its routes go
+    assert len(released) == 1 and all(isinstance(op, ops.Delete) for op in released[0]) and len(released[0]) == 64
+    apply(lb1, released)
+    assert answer(lb1, LAYOUT.bounds(2)[0] + 1) is None
+    # a block lb1 claims (its former holder gone): the routes go before lb1 hands its pairs out
+    lb1.core.add_label_block(1)
+    apply(lb1, lb1.core.forward_blocks({}))
+    assert lb1.core.forwarding == {} and answer(lb1, LAYOUT.bounds(1)[0] + 1) is None
+    lb1.packets(*(syn(f"10.0.3.{i}") for i in range(1, 70)))  # past block 0 into block 1
+    assert any(LAYOUT.block_of(s.c2s) == 1 for s in lb1.core.table)
+
+
+def test_a_session_row_replaces_a_forwarding_route_of_a_block_not_yet_known_as_ours() -> None:
+    """A route still there when a session takes its pair is replaced, never refused (EEXIST)."""
+    lb1, lb2 = two_members()
+    lb2.packets(syn("10.0.1.8"))
+    rows = [r for r in written(lb2).values() if r is not None]
+    deliver(lb1, puts(lb1, rows))
+    session = lb1.core.table.get("http", "10.0.1.8")
+    assert session is not None
+    assert lb1.kernel.mpls_lookup(session.s2c) == ops.MplsRoute(session.s2c, "lan0", via="10.0.1.8")
+
+
+def test_a_restart_recognises_the_forwarding_routes_and_changes_nothing() -> None:
+    lb1, lb2 = two_members()
+    lb2.packets(syn("10.0.1.9"))
+    deliver(lb1, puts(lb1, [r for r in written(lb2).values() if r is not None]))
+    installed = lb1.kernel.dump()
+    assert sum(isinstance(i.obj, ops.MplsRoute) and records.is_forward_route(i.obj) for i in installed) == 63
+    again = member("lb1", 0, {"cluster.member_label": LABELS["lb1"]})
+    again.kernel = lb1.kernel
+    stale = again.core.restore(installed, frozenset(), again.now)
+    assert stale == []  # the session's filter and route, and every forwarding route, are ours
+    assert again.core.forward_blocks({1: LABELS["lb2"]}) == []  # exactly as before
+    assert again.core.table.get("http", "10.0.1.9") is not None
+    # shutdown without keep: the forwarding routes go with everything else
+    drops = again.core.drop_markers()
+    assert len([op for op in drops if isinstance(op.obj, ops.MplsRoute) and records.is_forward_route(op.obj)]) == 63
+
+
+def test_no_member_label_no_forwarding_route_and_the_member_record_reads_back() -> None:
+    assert codec.decode_member(codec.encode_member(7, None)) == (7, None)
+    assert codec.encode_member(7, None) == b"7"  # as before member labels
+    assert codec.decode_member(codec.encode_member(7, 202)) == (7, 202)
+    assert codec.decode_member(b"{") is None and codec.decode_member(b'{"lease":"x"}') is None
+    single = Node()
+    assert single.core.forward_blocks({1: 202}) == []  # one balancer: no blocks, nothing to do

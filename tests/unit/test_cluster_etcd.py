@@ -52,7 +52,9 @@ def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
     server.stop()
 
 
-def cluster_config(etcd: EtcdServer, name: str, ttl: int = 3, down: str = "refuse") -> BalancerConfig:
+def cluster_config(
+    etcd: EtcdServer, name: str, ttl: int = 3, down: str = "refuse", member_label: int | None = None
+) -> BalancerConfig:
     return config(
         {
             "cluster": {
@@ -61,6 +63,7 @@ def cluster_config(etcd: EtcdServer, name: str, ttl: int = 3, down: str = "refus
                 "label_block": BLOCK,
                 "lease_ttl": ttl,
                 "when_store_down": down,
+                "member_label": member_label,
             },
             "labels.hold_down": 1,
         }
@@ -68,13 +71,13 @@ def cluster_config(etcd: EtcdServer, name: str, ttl: int = 3, down: str = "refus
 
 
 def make_member(
-    etcd: EtcdServer, name: str, ttl: int = 3, down: str = "refuse"
+    etcd: EtcdServer, name: str, ttl: int = 3, down: str = "refuse", member_label: int | None = None
 ) -> tuple[BalancerDaemon, FakeProvider, ScriptedQueue]:
     kernel = FakeProvider(["lan0", "fab0"])
     kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
     kernel.add_ip_route("10.0.0.0/16", "lan0")
     queue = ScriptedQueue()
-    daemon = balancer_daemon(cluster_config(etcd, name, ttl, down), kernel, queue)
+    daemon = balancer_daemon(cluster_config(etcd, name, ttl, down, member_label), kernel, queue)
     return daemon, kernel, queue
 
 
@@ -178,6 +181,47 @@ def test_sessions_through_either_member_are_installed_on_both_and_end_with_their
             assert labels_of(kc, cl) == labels_of(ka, cl) != ()
         for d in (a, b, c):
             await d.member.stop(leave=False)
+
+    run(test)
+
+
+def test_members_forward_the_answers_of_each_others_blocks_until_the_rows_arrive(etcd: EtcdServer) -> None:
+    """Through etcd: each member's label in its member key, the other's blocks routed to it
+    (read at start, or seen by the watch), a session's row replacing the route, its end putting
+    it back, a member's leave taking its routes away."""
+
+    async def test() -> None:
+        a, ka, _ = make_member(etcd, "lb1", member_label=201)
+        b, kb, _ = make_member(etcd, "lb2", member_label=202)
+        await join(a)
+        await join(b)
+        snap = await probe(etcd)
+        assert snap.member_labels == {"lb1": 201, "lb2": 202}
+        layout = BlockLayout(1000, 99999, BLOCK)
+        blocks_b = b.core.labels.held_blocks  # type: ignore[union-attr]
+        first_b = layout.bounds(blocks_b[0])[0]
+
+        def answer(kernel: FakeProvider, s2c: int) -> tuple[int, ...] | None:
+            fwd = kernel.receive_mpls([s2c], dev="fab0")
+            return None if fwd is None else fwd.labels
+
+        # lb2 read lb1's blocks at start; lb1 saw lb2's through its watch
+        first_a = layout.bounds(a.core.labels.held_blocks[0])[0]  # type: ignore[union-attr]
+        assert answer(kb, first_a + 1) == (201, first_a + 1)
+        await until(lambda: answer(ka, first_b + 1) == (202, first_b + 1))
+        assert a.core.counters["forward_routes"] == BLOCK * len(blocks_b)
+        b.decide([syn(1, "10.0.2.9")])
+        session = b.core.table.get("http", "10.0.2.9")
+        assert session is not None and layout.block_of(session.c2s) in blocks_b
+        await until(lambda: answer(ka, session.s2c) == ())  # the row's route: popped to the client
+        assert ka.receive_mpls([session.s2c], dev="fab0").via == "10.0.2.9"  # type: ignore[union-attr]
+        b.flush({"client": "10.0.2.9"}, time.monotonic())
+        b.tick()
+        await until(lambda: answer(ka, session.s2c) == (202, session.s2c))
+        await b.member.stop(leave=True)  # its lease revoked: its blocks and member key go
+        await until(lambda: answer(ka, first_b + 1) is None)
+        assert a.core.counters["forward_routes"] == 0
+        await a.member.stop(leave=False)
 
     run(test)
 

@@ -32,6 +32,9 @@ def test_absent_or_null_is_one_balancer_and_defaults_fill_in() -> None:
     local = load({"name": "lb1", "endpoints": ["10.0.0.5:2379"], "when_store_down": "local"})
     assert local.cluster is not None and local.cluster.when_store_down is StoreDown.LOCAL
     assert parse_config(example("balancer", {"cluster": local.to_dict()["cluster"]})) == local
+    own = load({"name": "lb1", "endpoints": ["10.0.0.5:2379"], "member_label": 201})
+    assert own.cluster is not None and own.cluster.member_label == 201 and cfg.cluster.member_label is None
+    assert parse_config(example("balancer", {"cluster": own.to_dict()["cluster"]})) == own
 
 
 TEXT = """role: balancer
@@ -63,6 +66,13 @@ cluster:
         ("  when_store_down: maybe\n", "test.yaml:14: cluster.when_store_down: unknown policy 'maybe'"),
         ("  tls: {ca: /ca.pem}\n", "test.yaml:14: cluster.tls.cert: required key is missing"),
         ("  members: 3\n", "test.yaml:14: cluster.members: unknown key"),
+        ("  member_label: 15\n", "test.yaml:14: cluster.member_label: member label 15 is out of range"),
+        ("  member_label: 1001\n", "test.yaml:14: cluster.member_label: member label 1001 lies inside labels.range"),
+        (
+            "  member_label: 101\n",
+            "test.yaml:14: cluster.member_label: member label 101 is already used by server 's1'",
+        ),
+        ("  member_label: 100\n", "test.yaml:14: cluster.member_label: member label 100 is already used by node"),
     ],
 )
 def test_wrong_values_are_named_with_their_line(extra: str, message: str) -> None:

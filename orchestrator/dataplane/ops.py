@@ -93,6 +93,12 @@ class MplsRoute:
         return text + f" dev {self.dev}"
 
 
+def _route_key(dst: str, table: int) -> tuple[object, ...]:
+    """The kernel holds one IPv4/IPv6 route per (table, prefix): EncapRoute's and NexthopRoute's
+    key, so a Replace turns one kind into the other."""
+    return ("encap", family_of(dst), table, str(_net(dst)))
+
+
 @dataclass(frozen=True, slots=True)
 class EncapRoute:
     """An IPv4/IPv6 route whose packets get an MPLS label stack (lwtunnel encap mpls)."""
@@ -109,7 +115,7 @@ class EncapRoute:
 
     @property
     def key(self) -> tuple[object, ...]:
-        return ("encap", self.family, self.table, str(_net(self.dst)))
+        return _route_key(self.dst, self.table)
 
     def describe(self) -> str:
         stack = "/".join(str(label) for label in self.labels)
@@ -159,7 +165,7 @@ class NexthopRoute:
 
     @property
     def key(self) -> tuple[object, ...]:
-        return ("encap", self.family, self.table, str(_net(self.dst)))
+        return _route_key(self.dst, self.table)
 
     def describe(self) -> str:
         return f"route {self.dst} nhid {self.nexthop} table {self.table}"

@@ -249,11 +249,17 @@ def address_add(address: str, index: int) -> Request:
     return RTM_NEWADDR, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL, body
 
 
-def encap_route(op: ops.Operation, obj: ops.EncapRoute, ifindex: Ifindex) -> Request:
-    version, packed, plen = ops.parse_prefix(obj.dst)
-    table = obj.table if obj.table < 256 else 0
+def _route_head(dst: str, table_id: int) -> bytes:
+    """The rtmsg, RTA_DST and RTA_TABLE of our IPv4/IPv6 routes (encap or to a nexthop object):
+    all a delete needs."""
+    version, packed, plen = ops.parse_prefix(dst)
+    table = table_id if table_id < 256 else 0
     body = nla.RTMSG.pack(_family(version), plen, 0, 0, table, RT_PROTO, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
-    body += nla.attr(RTA_DST, packed) + _ATTR_U32.pack(8, RTA_TABLE, obj.table)
+    return body + nla.attr(RTA_DST, packed) + _ATTR_U32.pack(8, RTA_TABLE, table_id)
+
+
+def encap_route(op: ops.Operation, obj: ops.EncapRoute, ifindex: Ifindex) -> Request:
+    body = _route_head(obj.dst, obj.table)
     if isinstance(op, ops.Delete):
         return RTM_DELROUTE, _FLAGS["delete"], body
     body += _ATTR_U32.pack(8, RTA_OIF, ifindex(obj.dev))
@@ -300,10 +306,7 @@ def nexthop_route(op: ops.Operation, obj: ops.NexthopRoute, _ifindex: Ifindex) -
     """A route to a nexthop object: the encap route's header, RTA_DST and RTA_TABLE, then only
     RTA_NH_ID (fib_semantics.c refuses a nexthop id together with a device, gateway or encap).
     Its delete is the encap route's: the kernel deletes the table's route to the prefix."""
-    version, packed, plen = ops.parse_prefix(obj.dst)
-    table = obj.table if obj.table < 256 else 0
-    body = nla.RTMSG.pack(_family(version), plen, 0, 0, table, RT_PROTO, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0)
-    body += nla.attr(RTA_DST, packed) + _ATTR_U32.pack(8, RTA_TABLE, obj.table)
+    body = _route_head(obj.dst, obj.table)
     if isinstance(op, ops.Delete):
         return RTM_DELROUTE, _FLAGS["delete"], body
     return RTM_NEWROUTE, _FLAGS[op.verb], body + _ATTR_U32.pack(8, RTA_NH_ID, obj.nexthop)

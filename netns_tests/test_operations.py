@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from orchestrator.daemon.control import request
+from orchestrator.control_socket import request
 from orchestrator.dataplane import ops, records
 from orchestrator.lab.balancer_lab import CHECK_PORT, BalancerLab
 from orchestrator.lab.kit import Lab, patience

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import pytest
 
 from orchestrator.config.examples import KeyPath
-from orchestrator.daemon.control import request
+from orchestrator.control_socket import request
 from orchestrator.lab.balancer_lab import BalancerLab
 from orchestrator.lab.kit import Lab, patience
 from orchestrator.lab.traffic import REQUESTS, last_json, nft_counters, spawn_stream, wait

@@ -7,10 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from orchestrator.config.model import DEFAULT_CONTROL_SOCKET
+from orchestrator import control_socket
 
 SocketOption = typer.Option(None, "--socket", metavar="PATH", help="Control socket of the daemon.")
 ConfigOption = typer.Option(None, "--config", metavar="FILE", help="Find the socket in this config.")
@@ -19,14 +17,12 @@ JsonOption = typer.Option(False, "--json", help="The documented JSON on stdout."
 BAD_INPUT = 2
 
 
-ANSWER_TIMEOUT_S = 10.0  # control.request's: a daemon busy longer than this is reported, not waited for
+ANSWER_TIMEOUT_S = 10.0  # control_socket.request's: a daemon busy longer than this is reported, not waited for
 
 
 def ask(
     cmd: str, socket_path: str | None, config: str | None, timeout: float = ANSWER_TIMEOUT_S, **args: Any
 ) -> dict[str, Any]:
-    from orchestrator.daemon.control import request
-
     path = socket_path
     if path is None and config is not None:
         from orchestrator.config.load import ConfigError, load_config
@@ -36,9 +32,9 @@ def ask(
         except ConfigError as exc:
             typer.echo(f"mplsorch: {exc}", err=True)
             raise typer.Exit(2) from None
-    path = path or DEFAULT_CONTROL_SOCKET
+    path = path or control_socket.DEFAULT_CONTROL_SOCKET
     try:
-        answer = request(path, cmd, timeout=timeout, **args)
+        answer = control_socket.request(path, cmd, timeout=timeout, **args)
     except (FileNotFoundError, ConnectionRefusedError):
         typer.echo(f"mplsorch: no daemon answers on {path} (is `mplsorch run` running?)", err=True)
         raise typer.Exit(3) from None
@@ -55,6 +51,9 @@ def ask(
 
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console  # imported here: the commands that print no table start faster
+    from rich.table import Table
+
     table = Table(title=title)
     for column in columns:
         table.add_column(column)

@@ -9,14 +9,16 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from orchestrator.cli.client import BAD_INPUT, ConfigOption, JsonOption, SocketOption, ask, print_table
-from orchestrator.config.client_model import ClientConfig
-from orchestrator.config.model import BalancerConfig
-from orchestrator.config.server_model import ServerConfig
+
+if TYPE_CHECKING:  # imported where used: `status` and the other commands that ask start faster
+    from orchestrator.config.client_model import ClientConfig
+    from orchestrator.config.model import BalancerConfig
+    from orchestrator.config.server_model import ServerConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -86,6 +88,8 @@ def serve_on_kernel(
     `mplsorch run --worker I`."""
     from orchestrator.capture.conntrack import ConntrackListener
     from orchestrator.capture.nfqueue import NfQueue
+    from orchestrator.config.client_model import ClientConfig
+    from orchestrator.config.server_model import ServerConfig
     from orchestrator.daemon.balancer import BalancerDaemon
     from orchestrator.daemon.client import ClientDaemon
     from orchestrator.daemon.loop import Capture, Daemon, serve, start_step

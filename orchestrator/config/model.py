@@ -15,6 +15,7 @@ from enum import Enum
 from typing import Any
 
 from orchestrator.analyze.keys import SessionKeyKind  # one definition: the analyzer's
+from orchestrator.control_socket import DEFAULT_CONTROL_SOCKET
 from orchestrator.dataplane.ops import OffloadPolicy  # one mapping of the words: the dataplane's
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -22,7 +23,6 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MIN_LABEL = 16  # 0-15 are reserved
 MAX_LABEL = 1048575  # 20-bit label space
-DEFAULT_CONTROL_SOCKET = "/run/mplsorch/mplsorch.sock"
 
 
 class _Named(str, Enum):

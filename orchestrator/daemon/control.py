@@ -116,18 +116,3 @@ class ControlServer:
             await writer.drain()
         finally:
             writer.close()
-
-
-def request(path: str, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
-    """Ask the running daemon (used by the CLI)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(1 << 16)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)

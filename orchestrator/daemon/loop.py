@@ -318,13 +318,12 @@ class Daemon:
         return {"sessions": self.sessions}
 
     async def answer(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The control socket's handler. `status` also reports nftables' counters, read by an `nft`
-        subprocess the loop awaits (first packets are decided meanwhile); everything else is
-        answered from memory at once."""
+        """The control socket's handler. `status` also reports nftables' counters, read by one
+        netlink dump of our table's counter objects (a few of them at any number of sessions);
+        everything else is answered from memory at once."""
         if request.get("cmd") != "status":
             return self.handle_request(request)
-        counters = await nftables.read_counters()
-        return {**self.handle_request(request), "nft_counters": counters}
+        return {**self.handle_request(request), "nft_counters": nftables.read_counters()}
 
     def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         cmd = request.get("cmd")

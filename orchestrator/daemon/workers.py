@@ -180,8 +180,7 @@ class Supervisor:
         cmd = request.get("cmd")
         if cmd == "status":
             answers = await self.ask_all({"cmd": "worker_status"})
-            counters = await nftables.read_counters()
-            return {**self.merge_status(answers), "nft_counters": counters}
+            return {**self.merge_status(answers), "nft_counters": nftables.read_counters()}
         wanted: tuple[int, int | None] = (0, None)
         if cmd == "sessions":
             # A page of the union: each worker's first offset + limit rows, merged by id, then cut.

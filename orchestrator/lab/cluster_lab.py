@@ -431,7 +431,7 @@ class ClusterLab:
 
     def request2(self, cmd: str, timeout: float = 60, **args: Any) -> dict[str, Any]:
         """lb2's control socket asked directly (no `mplsorch` process: cheap enough to poll)."""
-        from orchestrator.daemon.control import request
+        from orchestrator.control_socket import request
 
         return request(str(self.sock2), cmd, timeout=patience(timeout), **args)
 

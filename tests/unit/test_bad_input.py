@@ -423,7 +423,8 @@ def test_a_netlink_socket_that_cannot_open_is_one_line(monkeypatch: pytest.Monke
 def test_a_control_request_that_fails_inside_the_daemon_is_an_error_answer(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from orchestrator.daemon.control import ControlServer, request
+    from orchestrator.control_socket import request
+    from orchestrator.daemon.control import ControlServer
 
     async def broken(req: dict[str, Any]) -> dict[str, Any]:
         raise ZeroDivisionError("division by zero")

@@ -21,13 +21,13 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from typer.testing import CliRunner
 
-from orchestrator import systemd
+from orchestrator import control_socket, systemd
 from orchestrator.capture.nfqueue import NF_ACCEPT, QueuedPacket, parse_queue_stats
 from orchestrator.cli.main import app
 from orchestrator.config.examples import KeyPath
 from orchestrator.config.model import MetricsConfig
 from orchestrator.core.health import HealthState
-from orchestrator.daemon import control, logs, views
+from orchestrator.daemon import logs, views
 from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.fake import FakeProvider
@@ -160,10 +160,12 @@ def test_operator_commands_answer_and_bad_input_changes_nothing(daemon: Balancer
 def test_the_cli_drives_the_commands_and_exits_2_on_bad_input(
     daemon: BalancerDaemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def counters() -> dict[str, int]:
+    def counters() -> dict[str, int]:
         return {"rate_limited": 4}
 
-    monkeypatch.setattr(control, "request", lambda path, cmd, **args: asyncio.run(daemon.answer({"cmd": cmd, **args})))
+    monkeypatch.setattr(
+        control_socket, "request", lambda path, cmd, **args: asyncio.run(daemon.answer({"cmd": cmd, **args}))
+    )
     monkeypatch.setattr("orchestrator.capture.nftables.read_counters", counters)
     runner = CliRunner()
     daemon.decide([syn(1, "10.0.1.10")])
@@ -352,7 +354,9 @@ def test_sessions_come_in_pages_with_the_tables_size(daemon: BalancerDaemon, mon
     assert daemon.handle_request({"cmd": "sessions", "offset": 9, "limit": 2})["sessions"] == []
     for bad in ({"offset": -1}, {"limit": 0}, {"limit": "2"}, {"offset": 1.5}):
         assert daemon.handle_request({"cmd": "sessions", **bad})["bad_input"] is True
-    monkeypatch.setattr(control, "request", lambda path, cmd, **args: asyncio.run(daemon.answer({"cmd": cmd, **args})))
+    monkeypatch.setattr(
+        control_socket, "request", lambda path, cmd, **args: asyncio.run(daemon.answer({"cmd": cmd, **args}))
+    )
     runner = CliRunner()
     rows = json.loads(runner.invoke(app, ["sessions", "--json", "--offset", "3", "--limit", "5"]).stdout)
     assert [r["client"] for r in rows] == clients[3:]
@@ -365,7 +369,7 @@ def test_a_daemon_that_does_not_answer_in_time_is_one_line_and_exit_1(monkeypatc
     def slow(path: str, cmd: str, **args: Any) -> dict[str, Any]:
         raise TimeoutError("timed out")
 
-    monkeypatch.setattr(control, "request", slow)
+    monkeypatch.setattr(control_socket, "request", slow)
     out = CliRunner().invoke(app, ["status", "--socket", "/run/x.sock"])
     assert out.exit_code == 1
     assert out.stderr.strip() == "mplsorch: the daemon on /run/x.sock did not answer 'status' within 10 s"

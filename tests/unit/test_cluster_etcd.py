@@ -24,6 +24,7 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from typer.testing import CliRunner
 
+from orchestrator import control_socket
 from orchestrator.capture.nfqueue import NF_ACCEPT, NF_REPEAT, QueuedPacket
 from orchestrator.cli.main import app
 from orchestrator.cluster import codec
@@ -32,7 +33,6 @@ from orchestrator.cluster.store import STALL, Store, StoreError, TableSnapshot
 from orchestrator.config.model import BalancerConfig
 from orchestrator.core.label_blocks import BlockLayout
 from orchestrator.core.remote import ClusterSession
-from orchestrator.daemon import control
 from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.fake import FakeProvider
@@ -572,11 +572,11 @@ def test_a_graceful_leave_hands_every_session_over_and_gives_its_blocks_up(etcd:
             args.pop("timeout", None)
             return asyncio.run_coroutine_threadsafe(a.answer({"cmd": cmd, **args}), loop).result(60)
 
-        async def counters() -> dict[str, int]:
+        def counters() -> dict[str, int]:
             return {}
 
         patch = pytest.MonkeyPatch()
-        patch.setattr(control, "request", request)
+        patch.setattr(control_socket, "request", request)
         patch.setattr("orchestrator.capture.nftables.read_counters", counters)
         runner = CliRunner()
         ready = await asyncio.to_thread(runner.invoke, app, ["cluster", "ready"])

@@ -18,10 +18,10 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from typer.testing import CliRunner
 
+from orchestrator import control_socket
 from orchestrator.capture.nfqueue import QueuedPacket
 from orchestrator.cli.main import app
 from orchestrator.config.model import MetricsConfig
-from orchestrator.daemon import control
 from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.fake import FakeProvider
@@ -107,7 +107,9 @@ def test_metrics_count_objects_by_offload_state_and_refusals() -> None:
 def test_the_routes_command_prints_a_table_and_json(monkeypatch: pytest.MonkeyPatch) -> None:
     d = make("never")
     d.decide([syn(1, "10.0.1.10")])
-    monkeypatch.setattr(control, "request", lambda path, cmd, **args: asyncio.run(d.answer({"cmd": cmd, **args})))
+    monkeypatch.setattr(
+        control_socket, "request", lambda path, cmd, **args: asyncio.run(d.answer({"cmd": cmd, **args}))
+    )
     runner = CliRunner()
     rows = json.loads(runner.invoke(app, ["routes", "--json"]).stdout)
     assert {r["kind"] for r in rows} == {"FlowerFilter", "MplsRoute", "ClsactQdisc"}

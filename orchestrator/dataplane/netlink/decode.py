@@ -24,7 +24,13 @@ from orchestrator.dataplane.netlink.constants import (
     FRA_TABLE,
     LWTUNNEL_ENCAP_MPLS,
     MPLS_IPTUNNEL_DST,
+    NFT_OBJECT_COUNTER,
+    NFTA_COUNTER_PACKETS,
     NFTA_DATA_VALUE,
+    NFTA_OBJ_DATA,
+    NFTA_OBJ_NAME,
+    NFTA_OBJ_TABLE,
+    NFTA_OBJ_TYPE,
     NFTA_SET_ELEM_KEY,
     NFTA_SET_ELEM_LIST_ELEMENTS,
     NFTA_SET_ELEM_LIST_SET,
@@ -472,3 +478,18 @@ def set_elements(body: memoryview) -> list[ops.FastPathElement]:
         port = struct.unpack_from("!H", tail, 4)[0] if len(tail) == 8 else None
         out.append(ops.FastPathElement(client, vip, proto, port))
     return out
+
+
+@_decoding
+def counter(body: memoryview) -> tuple[str, int] | None:
+    """(name, packets) of one NFT_MSG_NEWOBJ dump message of a named counter of our table (the
+    answer to encode.counters_dump; nf_tables_fill_obj_info: NFTA_OBJ_TABLE, NFTA_OBJ_NAME,
+    NFTA_OBJ_TYPE big endian, NFTA_OBJ_DATA holding NFTA_COUNTER_PACKETS big endian 64 bits);
+    None for another table's object or another type."""
+    attrs = nla.attrs(body, nla.NFGENMSG.size)
+    if nla.get_str(attrs[NFTA_OBJ_TABLE]) != ops.NFT_TABLE:
+        return None
+    if struct.unpack_from("!I", attrs[NFTA_OBJ_TYPE])[0] != NFT_OBJECT_COUNTER:
+        return None
+    packets: int = struct.unpack_from("!Q", nla.attrs(attrs[NFTA_OBJ_DATA])[NFTA_COUNTER_PACKETS])[0]
+    return nla.get_str(attrs[NFTA_OBJ_NAME]), packets

@@ -6,7 +6,8 @@ Layouts follow the kernel: af_mpls.c (RTA_DST/RTA_VIA/RTA_NEWDST), lwtunnel MPLS
 (RTA_ENCAP_TYPE + RTA_ENCAP{MPLS_IPTUNNEL_DST}), nexthop objects (nexthop.c rtm_to_nh_config:
 struct nhmsg, NHA_ID/NHA_OIF/NHA_GATEWAY/NHA_ENCAP_TYPE/NHA_ENCAP) and routes to them
 (RTA_NH_ID, fib_semantics.c), fib_rules.c, cls_flower.c and act_mpls.c;
-set elements nf_tables_api.c (nf_tables_newsetelem/delsetelem, nft_setelem_parse_key).
+set elements nf_tables_api.c (nf_tables_newsetelem/delsetelem, nft_setelem_parse_key), the named
+counters' dump nf_tables_api.c (nf_tables_getobj, nf_tables_dump_obj_start: table and type filter).
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ from orchestrator.dataplane.netlink.constants import (
     NFNL_SUBSYS_NFTABLES,
     NFPROTO_INET,
     NFT_MSG_DELSETELEM,
+    NFT_MSG_GETOBJ,
     NFT_MSG_GETSETELEM,
     NFT_MSG_NEWSETELEM,
+    NFT_OBJECT_COUNTER,
     NFTA_DATA_VALUE,
     NFTA_LIST_ELEM,
+    NFTA_OBJ_TABLE,
+    NFTA_OBJ_TYPE,
     NFTA_SET_ELEM_KEY,
     NFTA_SET_ELEM_LIST_ELEMENTS,
     NFTA_SET_ELEM_LIST_SET,
@@ -540,6 +545,18 @@ def set_element(op: ops.Operation, obj: ops.FastPathElement, _ifindex: Ifindex) 
 def set_elements_dump(set_name: str) -> tuple[int, bytes]:
     """(message type, body) of NFT_MSG_GETSETELEM for one of our sets (sent with NLM_F_DUMP)."""
     return NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM, _set_head(set_name)
+
+
+def counters_dump() -> tuple[int, bytes]:
+    """(message type, body) of NFT_MSG_GETOBJ for the named counters of our table (sent with
+    NLM_F_DUMP): the kernel keeps to family inet (nfgen_family), to the table NFTA_OBJ_TABLE
+    names and to objects of type NFTA_OBJ_TYPE (big endian), so the answer never grows with the
+    sets' elements."""
+    return NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETOBJ, (
+        nla.NFGENMSG.pack(NFPROTO_INET, 0, 0)
+        + nla.asciiz(NFTA_OBJ_TABLE, ops.NFT_TABLE)
+        + nla.attr(NFTA_OBJ_TYPE, struct.pack("!I", NFT_OBJECT_COUNTER))
+    )
 
 
 _U32_KIND = nla.asciiz(TCA_KIND, "u32")

@@ -205,7 +205,7 @@ def store_events(log: str) -> list[str]:
 
 
 def on_socket(sock: Path) -> Ask:
-    from orchestrator.daemon.control import request
+    from orchestrator.control_socket import request
     from orchestrator.lab.kit import patience
 
     def ask(cmd: str, timeout: float = 60, **args: Any) -> dict[str, Any]:

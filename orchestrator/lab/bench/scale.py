@@ -108,7 +108,7 @@ def answers(balancer: BalancerLab, held: int) -> tuple[dict[str, float], dict[st
     """`status` and the first and last `sessions` page: the control socket's round trip (what
     the daemon takes), and the `mplsorch` command's wall time (its Python start included; None
     when it failed, e.g. on its own 10 s timeout)."""
-    from orchestrator.daemon.control import request
+    from orchestrator.control_socket import request
     from orchestrator.lab.bench.testbed import say
 
     sock = str(balancer.sock)
@@ -144,7 +144,7 @@ def answers(balancer: BalancerLab, held: int) -> tuple[dict[str, float], dict[st
 
 
 def run(lab: Lab, sessions: int, reference: int, probe: int) -> ScaleRun:
-    from orchestrator.daemon.control import request
+    from orchestrator.control_socket import request
     from orchestrator.lab.balancer_lab import BalancerLab
     from orchestrator.lab.bench.balancer import start_balancer, stop_servers
     from orchestrator.lab.bench.setup import BACKLOG, backlog

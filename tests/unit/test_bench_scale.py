@@ -23,6 +23,7 @@ JSON_KEYS = [
     "rate_ratio",
     "answer_s",
     "cli_s",
+    "python_start_s",
     "page_rows",
     "goals",
     "extrapolated",
@@ -41,6 +42,7 @@ RUN = ScaleRun(
     guest_total_kb=3_000_000,
     answer_s={"status": 0.4, "sessions_first_page": 0.05, "sessions_last_page": 0.08},
     cli_s={"status": 1.9, "sessions_first_page": 1.7, "sessions_last_page": 1.8},
+    python_start_s=0.5,
     page=1000,
 )
 
@@ -58,6 +60,11 @@ def test_goals_met_and_not_met() -> None:
     assert goals["daemon_bytes_per_session"] == {"goal": "<= 400", "value": 2000.0, "met": False}
     assert goals["rate_ratio"] == {"goal": ">= 0.8", "value": 0.85, "met": True}
     assert goals["answer_s"] == {"goal": "< 1.0", "value": 0.4, "met": True}
+    assert goals["cli_s"] == {"goal": "< 1.0", "value": 1.9, "met": False}
+    fast = {"status": 0.6, "sessions_first_page": 0.7, "sessions_last_page": 0.9}
+    assert build_scale_result(replace(RUN, cli_s=fast)).goals["cli_s"] == {"goal": "< 1.0", "value": 0.9, "met": True}
+    failed = build_scale_result(replace(RUN, cli_s={**fast, "status": None})).goals["cli_s"]
+    assert failed == {"goal": "< 1.0", "value": None, "met": False}
     slow = build_scale_result(replace(RUN, rate_at_sessions=790.0, answer_s={"status": 1.0})).goals
     assert slow["rate_ratio"]["met"] is False and slow["answer_s"]["met"] is False
     assert build_scale_result(replace(RUN, rate_at_reference=0.0)).goals["rate_ratio"]["met"] is None

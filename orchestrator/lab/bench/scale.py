@@ -104,6 +104,17 @@ def prepare(bed: Testbed, total: int) -> None:
     lab.sh(lab.names("client")[0], "ping", "-c", "1", "-W", "5", lab.address(lb, towards=bed.client))
 
 
+def python_start_s(runs: int = 5) -> float:
+    """The median wall time of `python -c pass` here: the floor under every `mplsorch` command
+    (in the UML guest a large part of it)."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[runs // 2]
+
+
 def answers(balancer: BalancerLab, held: int) -> tuple[dict[str, float], dict[str, float | None]]:
     """`status` and the first and last `sessions` page: the control socket's round trip (what
     the daemon takes), and the `mplsorch` command's wall time (its Python start included; None
@@ -176,7 +187,8 @@ def run(lab: Lab, sessions: int, reference: int, probe: int) -> ScaleRun:
             rss1, avail1 = vm_rss_kb(pid), meminfo_kb("MemAvailable")
             say(f"scale: {done} sessions; daemon RSS {rss1} kB, guest MemAvailable {avail1} kB")
             socket_s, cli_s = answers(balancer, done)
-            say(f"scale: answers {socket_s}, through the command {cli_s}")
+            start_s = python_start_s()
+            say(f"scale: answers {socket_s}, through the command {cli_s}, python -c pass {start_s:.3f} s")
             at_sessions = bed.flood(f"scale probe at {done}", SCALE_OCTET, probe, offset=done)
         final = request(str(balancer.sock), "status", timeout=900)  # slow at N: see answers()
         started = final["counters"].get("sessions_started", 0) - started0
@@ -223,6 +235,7 @@ def run(lab: Lab, sessions: int, reference: int, probe: int) -> ScaleRun:
         guest_total_kb=meminfo_kb("MemTotal"),
         answer_s=socket_s,
         cli_s=cli_s,
+        python_start_s=start_s,
         page=PAGE,
     )
 

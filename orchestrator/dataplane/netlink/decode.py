@@ -298,14 +298,19 @@ def _tagged_actions(payload: memoryview | None, require_cookie: bool) -> tuple[l
             return None
         actions.append(decoded[0])
         cookies.append(decoded[1])
-    # Ours: the first action's cookie opens with the mark; the others carry the rest of the tag
-    # (encode.action_cookies) or the mark alone.
+    tag = tag_of(cookies, require_cookie)
+    return None if tag is None else (actions, tag)
+
+
+def tag_of(cookies: list[bytes], require_cookie: bool) -> bytes | None:
+    """The tag a filter's action cookies carry, in action order; None when (with
+    require_cookie) they are not ours. Ours: the first action's cookie opens with the mark; the
+    others carry the rest of the tag (encode.action_cookies) or the mark alone."""
     if require_cookie and (not cookies or not cookies[0].startswith(TC_COOKIE_PREFIX)):
         return None
-    tag = b""
     if cookies and cookies[0].startswith(TC_COOKIE_PREFIX):
-        tag = cookies[0][len(TC_COOKIE_PREFIX) :] + b"".join(c for c in cookies[1:] if c != TC_COOKIE_PREFIX)
-    return actions, tag
+        return cookies[0][len(TC_COOKIE_PREFIX) :] + b"".join(c for c in cookies[1:] if c != TC_COOKIE_PREFIX)
+    return b""
 
 
 @_decoding
@@ -368,7 +373,7 @@ def tc_filter(body: memoryview, ifname: Ifname) -> ops.Installed | None:
     return flower(body, ifname) or u32(body, ifname)
 
 
-def _prefix(key: memoryview, mask: memoryview | None) -> str:
+def prefix_text(key: memoryview | bytes, mask: memoryview | bytes | None) -> str:
     raw = bytes(key)
     # IPv4 through inet_ntop (the same text as ipaddress's, several times faster: a restore
     # decodes two per filter); IPv6 through ipaddress, whose text (e.g. of mapped addresses) the
@@ -398,14 +403,50 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
     version = 6 if eth_type == ETH_P_IPV6 else 4
     ip_proto = ipproto.NAME_OF.get(nla.get_u8(o[TCA_FLOWER_KEY_IP_PROTO])) if TCA_FLOWER_KEY_IP_PROTO in o else None
     prefixes = {
-        side: _prefix(o[key], o.get(mask)) for (v, side), (key, mask) in ADDR_ATTRS.items() if v == version and key in o
+        side: prefix_text(o[key], o.get(mask))
+        for (v, side), (key, mask) in ADDR_ATTRS.items()
+        if v == version and key in o
     }
     ports = {
         side: nla.get_be16(o[key])
         for (proto, side), (key, _mask) in PORT_ATTRS.items()
         if proto == ip_proto and key in o
     }
-    flags = nla.get_u32(o[TCA_FLOWER_FLAGS]) if TCA_FLOWER_FLAGS in o else 0
+    return flower_object(
+        ifname(ifindex),
+        handle,
+        parent,
+        info,
+        ip_proto=ip_proto,
+        mpls_label=mpls_label,
+        prefixes=prefixes,
+        ports=ports,
+        flags=nla.get_u32(o[TCA_FLOWER_FLAGS]) if TCA_FLOWER_FLAGS in o else 0,
+        in_hw_count=nla.get_u32(o[TCA_FLOWER_IN_HW_COUNT]) if TCA_FLOWER_IN_HW_COUNT in o else 0,
+        actions=tuple(actions),
+        tag=tag,
+        packets=first_action_packets(o.get(TCA_FLOWER_ACT)),
+    )
+
+
+def flower_object(
+    dev: str,
+    handle: int,
+    parent: int,
+    info: int,
+    *,
+    ip_proto: str | None,
+    mpls_label: int | None,
+    prefixes: dict[str, str],
+    ports: dict[str, int],
+    flags: int,
+    in_hw_count: int,
+    actions: tuple[ops.Action, ...],
+    tag: bytes,
+    packets: int | None,
+) -> ops.Installed:
+    """A flower filter of a dump from the values its message holds (`flower`, and
+    layouts.FlowerDecoder, which reads the same values faster)."""
     offload = (
         ops.OffloadPolicy.REQUIRED
         if flags & TCA_CLS_FLAGS_SKIP_SW
@@ -414,7 +455,7 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
         else ops.OffloadPolicy.AUTO
     )
     obj = ops.FlowerFilter(
-        dev=ifname(ifindex),
+        dev=dev,
         handle=handle,
         match=ops.FlowerMatch(
             src=prefixes.get("src"),
@@ -424,13 +465,12 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
             dst_port=ports.get("dst"),
             mpls_label=mpls_label,
         ),
-        actions=tuple(actions),
+        actions=actions,
         direction=ops.Direction.EGRESS if parent & 0xFFFF == TC_H_MIN_EGRESS else ops.Direction.INGRESS,
         pref=info >> 16,
         offload=offload,
         tag=tag,
     )
-    in_hw_count = nla.get_u32(o[TCA_FLOWER_IN_HW_COUNT]) if TCA_FLOWER_IN_HW_COUNT in o else 0
     return ops.Installed(
         obj,
         ops.OffloadState(
@@ -438,7 +478,7 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
             in_hw_count=in_hw_count,
             not_in_hw=bool(flags & TCA_CLS_FLAGS_NOT_IN_HW),
         ),
-        packets=first_action_packets(o.get(TCA_FLOWER_ACT)),
+        packets=packets,
     )
 
 

@@ -11,7 +11,7 @@ import socket
 from typing import Iterable, Iterator, Mapping, Sequence
 
 from orchestrator.dataplane import ops
-from orchestrator.dataplane.netlink import decode, encode, nla, routewatch
+from orchestrator.dataplane.netlink import decode, encode, layouts, nla, routewatch
 from orchestrator.dataplane.netlink.constants import (
     AF_INET,
     AF_INET6,
@@ -264,8 +264,10 @@ class NetlinkProvider:
         return out
 
     def _dump_tc(self) -> list[ops.Installed]:
-        """Our flower filters, and the clsact qdiscs that hold at least one of them."""
+        """Our flower filters, and the clsact qdiscs that hold at least one of them (flower
+        filters decoded by layout: layouts.py)."""
         out: list[ops.Installed] = []
+        flower = layouts.FlowerDecoder()
         qdiscs = self._sock.dump(RTM_GETQDISC, nla.TCMSG.pack(AF_UNSPEC, 0, 0, 0, 0, 0, 0))
         for _kind, body in qdiscs:
             ifindex, _handle, parent, _info = decode.tc_header(body)
@@ -275,7 +277,7 @@ class NetlinkProvider:
             for direction in ops.Direction:
                 request = nla.TCMSG.pack(AF_UNSPEC, 0, 0, ifindex, 0, encode.filter_parent(direction), 0)
                 for _k, fbody in self._sock.dump(RTM_GETTFILTER, request):
-                    installed = decode.tc_filter(fbody, self.ifname)
+                    installed = flower(fbody, self.ifname) or decode.u32(fbody, self.ifname)
                     if installed is not None:
                         filters.append(installed)
             if filters:

@@ -734,11 +734,18 @@ class Balancer:
             return next((s for s in self.table if s.service == svc.name and flow.src in s.clients), None)
         return None
 
-    def fast_path_sync(self, installed: Sequence[ops.Installed]) -> list[ops.Operation]:
+    def fast_path_sync(self, installed: Sequence[ops.Installed] | None) -> list[ops.Operation]:
         """After the ruleset was (re)loaded, which empties the fast-path sets, or after a restart:
         the operations that make the sets hold exactly the elements of the sessions in the table
         (`installed`: what a dump of them shows), and each session's objects name its elements,
-        so its end deletes them. A session whose service a reload removed gets none."""
+        so its end deletes them. A session whose service a reload removed gets none.
+        `installed` None: a restart that kept the sets as they were (the kernel held the ruleset
+        it would load, and the restore deleted no filter), not read back (the kernel dumps a set
+        in time quadratic in its size): every element of the table's sessions is put in with
+        Replace, which leaves one that is there as it is, and none is deleted. None can be stale:
+        the provider adds a session's elements after its filters and deletes them before them,
+        so whatever a crash interrupted, an element in a set has its session's filter in the
+        kernel, and so its session in the restored table."""
         wanted: dict[tuple[object, ...], ops.FastPathElement] = {}
         for session in self.table:
             svc = self.service_of(session)
@@ -750,6 +757,8 @@ class Balancer:
             if kept != current:  # a derived session's objects stay derived when they hold
                 session.objects = kept
             wanted.update((e.key, e) for e in mine)
+        if installed is None:
+            return [ops.Replace(e) for e in wanted.values()]
         present = {i.obj.key: i.obj for i in installed if isinstance(i.obj, ops.FastPathElement)}
         sync: list[ops.Operation] = [ops.Delete(e) for key, e in present.items() if key not in wanted]
         return sync + [ops.Add(e) for key, e in wanted.items() if key not in present]

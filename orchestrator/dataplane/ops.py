@@ -656,9 +656,7 @@ def validate(op: Operation) -> None:
         parse_prefix(obj.src)
         if not 0 < obj.table < 1 << 32 or not 0 <= obj.priority < 1 << 32:
             raise InvalidOperation("rule table or priority out of range")
-    elif isinstance(obj, FastPathElement):
-        if isinstance(op, Replace):
-            raise InvalidOperation("a set element has no content to replace: add or delete it")
+    elif isinstance(obj, FastPathElement):  # Replace: added if absent, left as it is if present
         version = parse_address(obj.client)[0]
         if parse_address(obj.vip)[0] != version:
             raise InvalidOperation("client and VIP of a set element are of different families")

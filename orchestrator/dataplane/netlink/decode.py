@@ -28,6 +28,8 @@ from orchestrator.dataplane.netlink.constants import (
     NFTA_SET_ELEM_KEY,
     NFTA_SET_ELEM_LIST_ELEMENTS,
     NFTA_SET_ELEM_LIST_SET,
+    NFTA_TABLE_USERDATA,
+    NFTNL_UDATA_TABLE_COMMENT,
     NHA_ENCAP,
     NHA_ENCAP_TYPE,
     NHA_GATEWAY,
@@ -480,6 +482,26 @@ def flower_object(
         ),
         packets=packets,
     )
+
+
+@_decoding
+def table_comment(body: memoryview | bytes) -> str | None:
+    """The comment of an NFT_MSG_NEWTABLE (nft keeps it in the table's userdata, libnftnl's
+    type-length-value records); None without one."""
+    attrs = nla.attrs(body, nla.NFGENMSG.size)
+    if NFTA_TABLE_USERDATA not in attrs:
+        return None
+    udata = bytes(attrs[NFTA_TABLE_USERDATA])
+    offset = 0
+    while offset + 2 <= len(udata):
+        kind, length = udata[offset], udata[offset + 1]
+        value = udata[offset + 2 : offset + 2 + length]
+        if len(value) < length:
+            break
+        if kind == NFTNL_UDATA_TABLE_COMMENT:
+            return value.split(b"\0", 1)[0].decode()
+        offset += 2 + length
+    return None
 
 
 FAST_PATH_SETS = tuple(f"fast{kind}{family}" for kind in ("", "proto", "esp") for family in (4, 6))

@@ -750,12 +750,16 @@ class Balancer:
         for session in self.table:
             svc = self.service_of(session)
             mine = [e for client in session.clients for e in self.fast_elements(session, svc, client)] if svc else []
-            keys = {e.key for e in mine}
             current = session.objects
-            kept = [o for o in current if not isinstance(o, ops.FastPathElement) or o.key in keys]
-            kept += [e for e in mine if e not in kept]
-            if kept != current:  # a derived session's objects stay derived when they hold
-                session.objects = kept
+            if not any(isinstance(o, ops.FastPathElement) for o in current):  # as a restore leaves them
+                if mine:
+                    session.objects = current + mine
+            else:
+                keys = {e.key for e in mine}
+                kept = [o for o in current if not isinstance(o, ops.FastPathElement) or o.key in keys]
+                kept += [e for e in mine if e not in kept]
+                if kept != current:  # a derived session's objects stay derived when they hold
+                    session.objects = kept
             wanted.update((e.key, e) for e in mine)
         if installed is None:
             return [ops.Replace(e) for e in wanted.values()]
@@ -1198,9 +1202,9 @@ class Balancer:
             route = routes.get(session.s2c)
             if route is not None and not records.is_hold_marker(route):
                 session.objects.append(routes.pop(session.s2c))
-            if routes.get(session.c2s) == self.c2s_route(session) and any(
-                self.config.clients.is_label_aware(c) for c in session.clients
-            ):
+            if any(self.config.clients.is_label_aware(c) for c in session.clients) and routes.get(
+                session.c2s
+            ) == self.c2s_route(session):
                 session.objects.append(routes.pop(session.c2s))
         stale += self._restore_liveness(liveness)
         # Each live flow joins the first session (in table order) of its client and VIP that

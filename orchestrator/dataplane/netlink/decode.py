@@ -123,7 +123,8 @@ def labels_of(payload: memoryview) -> tuple[int, ...]:
 def _via(payload: memoryview) -> str:
     family = struct.unpack_from("=H", payload)[0]
     raw = bytes(payload[2:18] if family == AF_INET6 else payload[2:6])
-    return str(ipaddress.ip_address(raw))
+    # IPv4 through inet_ntop, as prefix_text (a restore decodes one per session's S2C route).
+    return socket.inet_ntop(socket.AF_INET, raw) if len(raw) == 4 else str(ipaddress.ip_address(raw))
 
 
 def _route_offload(flags: int) -> ops.OffloadState:

@@ -115,9 +115,14 @@ def _decoding(fn: Callable[P, R]) -> Callable[P, R]:
 _PROTO_NAMES = {ETH_P_IP: "ip", ETH_P_IPV6: "ipv6", ETH_P_MPLS_UC: "mpls_uc"}
 
 
+_LABEL = struct.Struct("!I")
+
+
 @_decoding
 def labels_of(payload: memoryview) -> tuple[int, ...]:
-    return tuple(struct.unpack_from("!I", payload, i)[0] >> 12 for i in range(0, len(payload), 4))
+    if len(payload) == 4:  # one label: every route of a restore's dump
+        return (_LABEL.unpack_from(payload)[0] >> 12,)
+    return tuple(_LABEL.unpack_from(payload, i)[0] >> 12 for i in range(0, len(payload), 4))
 
 
 def _via(payload: memoryview) -> str:
@@ -128,11 +133,18 @@ def _via(payload: memoryview) -> str:
 
 
 def _route_offload(flags: int) -> ops.OffloadState:
-    return ops.OffloadState(
-        in_hw=bool(flags & (RTM_F_OFFLOAD | RTNH_F_OFFLOAD)),
-        trap=bool(flags & (RTM_F_TRAP | RTNH_F_TRAP)),
-        failed=bool(flags & RTM_F_OFFLOAD_FAILED),
-    )
+    key = flags & (RTM_F_OFFLOAD | RTNH_F_OFFLOAD | RTM_F_TRAP | RTNH_F_TRAP | RTM_F_OFFLOAD_FAILED)
+    state = _ROUTE_OFFLOAD.get(key)
+    if state is None:  # frozen: one object per combination of flags serves every route
+        state = _ROUTE_OFFLOAD[key] = ops.OffloadState(
+            in_hw=bool(flags & (RTM_F_OFFLOAD | RTNH_F_OFFLOAD)),
+            trap=bool(flags & (RTM_F_TRAP | RTNH_F_TRAP)),
+            failed=bool(flags & RTM_F_OFFLOAD_FAILED),
+        )
+    return state
+
+
+_ROUTE_OFFLOAD: dict[int, ops.OffloadState] = {}
 
 
 @_decoding
@@ -474,15 +486,20 @@ def flower_object(
         offload=offload,
         tag=tag,
     )
-    return ops.Installed(
-        obj,
-        ops.OffloadState(
+    key = (flags & (TCA_CLS_FLAGS_IN_HW | TCA_CLS_FLAGS_NOT_IN_HW), in_hw_count)
+    state = _FILTER_OFFLOAD.get(key)
+    if state is None:  # frozen: one object per (flags, count) serves every filter
+        state = ops.OffloadState(
             in_hw=bool(flags & TCA_CLS_FLAGS_IN_HW),
             in_hw_count=in_hw_count,
             not_in_hw=bool(flags & TCA_CLS_FLAGS_NOT_IN_HW),
-        ),
-        packets=packets,
-    )
+        )
+        if len(_FILTER_OFFLOAD) < 1024:
+            _FILTER_OFFLOAD[key] = state
+    return ops.Installed(obj, state, packets=packets)
+
+
+_FILTER_OFFLOAD: dict[tuple[int, int], ops.OffloadState] = {}
 
 
 @_decoding

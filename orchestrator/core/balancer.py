@@ -1178,12 +1178,15 @@ class Balancer:
         by_transport = {s.transport_label: name for name, s in self.servers.items()}
         routes = {i.obj.label: i.obj for i in installed if isinstance(i.obj, ops.MplsRoute)}
         stale: list[ops.Operation] = []
-        filters = [
-            (records.unpack(i.obj.tag), i.obj)
-            for i in installed
-            if isinstance(i.obj, (ops.FlowerFilter, ops.U32Filter)) and not _is_liveness(i.obj)
-        ]
-        liveness = [i for i in installed if isinstance(i.obj, ops.FlowerFilter) and _is_liveness(i.obj)]
+        filters: list[tuple[records.SessionRecord | None, ops.FlowerFilter | ops.U32Filter]] = []
+        liveness: list[ops.Installed] = []
+        for i in installed:  # one pass: a restart's dump holds 100,000 filters and as many routes
+            obj = i.obj
+            if isinstance(obj, (ops.FlowerFilter, ops.U32Filter)):
+                if _is_liveness(obj):
+                    liveness.append(i)
+                else:
+                    filters.append((records.unpack(obj.tag), obj))
         # Recorded sessions first (their ids are taken), each session's filters in handle order
         # (the order its client addresses came in: their indexes go on from there).
         filters.sort(key=lambda rf: (rf[0] is None, isinstance(rf[1], ops.U32Filter), rf[1].handle))
@@ -1330,7 +1333,7 @@ class Balancer:
         server = by_transport.get(pushes[-1])
         if svc is None or server is None or pushes[0] != c2s or not client:
             return None
-        kind = SessionKeyKind(record.kind) if record is not None else svc.session_key
+        kind = (_KEY_KINDS.get(record.kind) or SessionKeyKind(record.kind)) if record is not None else svc.session_key
         value = key_value(
             kind,
             6 if ":" in client else 4,
@@ -1593,6 +1596,9 @@ def _filter_client(flt: ops.FlowerFilter | ops.U32Filter) -> str:
         esp = ops.esp_of(flt.keys)
         return esp[0] if esp else ""
     return (flt.match.src or "").split("/")[0]
+
+
+_KEY_KINDS = {str(kind.value): kind for kind in SessionKeyKind}  # a record's kind -> the enum, no Enum call
 
 
 def _is_liveness(flt: ops.FlowerFilter | ops.U32Filter) -> bool:

@@ -71,4 +71,13 @@ def pton(text: str) -> tuple[int, bytes]:
         raise ValueError(f"{text!r} is not an IP address")
     if ":" in text:  # only IPv6 text has one
         return 6, ipaddress.IPv6Address(text).packed
-    return 4, ipaddress.IPv4Address(text).packed
+    # Four ASCII decimal octets of at most 3 digits, no leading zero, each below 256: what
+    # ipaddress.IPv4Address reads, several times faster (a restore parses one per session).
+    octets = text.split(".")
+    if len(octets) == 4 and all(
+        o.isascii() and o.isdigit() and len(o) <= 3 and (o[0] != "0" or len(o) == 1) for o in octets
+    ):
+        values = [int(o) for o in octets]
+        if max(values) <= 255:
+            return 4, bytes(values)
+    raise ValueError(f"{text!r} is not an IPv4 address")

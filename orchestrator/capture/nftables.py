@@ -7,6 +7,7 @@ over netlink as dataplane operations (dataplane.ops.FastPathElement), never thro
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from orchestrator.config.model import BalancerConfig, FailPolicy
 from orchestrator.config.server_model import ServerConfig
 from orchestrator.core.agent import MARK_MASK, MARK_TAG
 from orchestrator.dataplane.netlink import decode, encode
+from orchestrator.dataplane.netlink.constants import NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWTABLE
 from orchestrator.dataplane.netlink.nlsocket import DumpInterrupted, NftBatchSocket
 
 # In the package (package data), so an installed daemon has them; templates/ at the top of the
@@ -156,15 +158,57 @@ def _template(template_dir: Path, name: str) -> jinja2.Template:
     return env.get_template(name)
 
 
+# Every ruleset loaded carries its own digest in its table's comment, so a restarting daemon can
+# tell whether the kernel already holds the very ruleset it would load: then it loads nothing, and
+# the fast-path sets keep their elements (loading would empty them: every session's elements
+# added again, and new flows of existing sessions queued until they are).
+DIGEST_COMMENT = "mplsorch ruleset sha256:"
+TABLE_OPENS = "table inet mplsorch {"
+
+
+def digest(ruleset: str) -> str:
+    return hashlib.sha256(ruleset.encode()).hexdigest()
+
+
+def with_digest(ruleset: str) -> str:
+    """The ruleset with its digest as its table's comment (the first line that opens the table
+    gets it; a ruleset without one is left as it is)."""
+    lines = ruleset.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.rstrip() == TABLE_OPENS:
+            lines.insert(i + 1, f'\tcomment "{DIGEST_COMMENT}{digest(ruleset)}"\n')
+            break
+    return "".join(lines)
+
+
+def loaded(ruleset: str) -> bool:
+    """Whether the kernel's table inet mplsorch is this ruleset as `load` loaded it (its comment
+    names the ruleset's digest). One NFT_MSG_GETTABLE, no listing: `nft list` reads every set
+    element (seconds at 100,000). False when there is no such table or it cannot be read."""
+    try:
+        with NftBatchSocket() as sock:
+            [answer] = sock.query([encode.table_get()])
+    except OSError:
+        return False
+    if not isinstance(answer, tuple) or answer[0] != NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWTABLE:
+        return False
+    try:
+        comment = decode.table_comment(answer[1])
+    except decode.DecodeError:
+        return False
+    return comment == f"{DIGEST_COMMENT}{digest(ruleset)}"
+
+
 class NftError(RuntimeError):
     """`nft` refused the ruleset or could not run: the message is one line, nft's own first."""
 
 
 def load(ruleset: str) -> None:
     """Replace our table atomically; raise NftError with nft's own message on failure (an
-    unchanged table: nft applies all of the file or none of it)."""
+    unchanged table: nft applies all of the file or none of it). The table carries the
+    ruleset's digest (`with_digest`, `loaded`)."""
     try:
-        result = subprocess.run(["nft", "-f", "-"], input=ruleset, capture_output=True, text=True)
+        result = subprocess.run(["nft", "-f", "-"], input=with_digest(ruleset), capture_output=True, text=True)
     except OSError as exc:
         raise NftError(f"cannot run nft: {exc.strerror or exc}") from None
     if result.returncode != 0:

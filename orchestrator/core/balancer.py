@@ -734,22 +734,35 @@ class Balancer:
             return next((s for s in self.table if s.service == svc.name and flow.src in s.clients), None)
         return None
 
-    def fast_path_sync(self, installed: Sequence[ops.Installed]) -> list[ops.Operation]:
+    def fast_path_sync(self, installed: Sequence[ops.Installed] | None) -> list[ops.Operation]:
         """After the ruleset was (re)loaded, which empties the fast-path sets, or after a restart:
         the operations that make the sets hold exactly the elements of the sessions in the table
         (`installed`: what a dump of them shows), and each session's objects name its elements,
-        so its end deletes them. A session whose service a reload removed gets none."""
+        so its end deletes them. A session whose service a reload removed gets none.
+        `installed` None: a restart that kept the sets as they were (the kernel held the ruleset
+        it would load, and the restore deleted no filter), not read back (the kernel dumps a set
+        in time quadratic in its size): every element of the table's sessions is put in with
+        Replace, which leaves one that is there as it is, and none is deleted. None can be stale:
+        the provider adds a session's elements after its filters and deletes them before them,
+        so whatever a crash interrupted, an element in a set has its session's filter in the
+        kernel, and so its session in the restored table."""
         wanted: dict[tuple[object, ...], ops.FastPathElement] = {}
         for session in self.table:
             svc = self.service_of(session)
             mine = [e for client in session.clients for e in self.fast_elements(session, svc, client)] if svc else []
-            keys = {e.key for e in mine}
             current = session.objects
-            kept = [o for o in current if not isinstance(o, ops.FastPathElement) or o.key in keys]
-            kept += [e for e in mine if e not in kept]
-            if kept != current:  # a derived session's objects stay derived when they hold
-                session.objects = kept
+            if not any(isinstance(o, ops.FastPathElement) for o in current):  # as a restore leaves them
+                if mine:
+                    session.objects = current + mine
+            else:
+                keys = {e.key for e in mine}
+                kept = [o for o in current if not isinstance(o, ops.FastPathElement) or o.key in keys]
+                kept += [e for e in mine if e not in kept]
+                if kept != current:  # a derived session's objects stay derived when they hold
+                    session.objects = kept
             wanted.update((e.key, e) for e in mine)
+        if installed is None:
+            return [ops.Replace(e) for e in wanted.values()]
         present = {i.obj.key: i.obj for i in installed if isinstance(i.obj, ops.FastPathElement)}
         sync: list[ops.Operation] = [ops.Delete(e) for key, e in present.items() if key not in wanted]
         return sync + [ops.Add(e) for key, e in wanted.items() if key not in present]
@@ -1165,12 +1178,15 @@ class Balancer:
         by_transport = {s.transport_label: name for name, s in self.servers.items()}
         routes = {i.obj.label: i.obj for i in installed if isinstance(i.obj, ops.MplsRoute)}
         stale: list[ops.Operation] = []
-        filters = [
-            (records.unpack(i.obj.tag), i.obj)
-            for i in installed
-            if isinstance(i.obj, (ops.FlowerFilter, ops.U32Filter)) and not _is_liveness(i.obj)
-        ]
-        liveness = [i for i in installed if isinstance(i.obj, ops.FlowerFilter) and _is_liveness(i.obj)]
+        filters: list[tuple[records.SessionRecord | None, ops.FlowerFilter | ops.U32Filter]] = []
+        liveness: list[ops.Installed] = []
+        for i in installed:  # one pass: a restart's dump holds 100,000 filters and as many routes
+            obj = i.obj
+            if isinstance(obj, (ops.FlowerFilter, ops.U32Filter)):
+                if _is_liveness(obj):
+                    liveness.append(i)
+                else:
+                    filters.append((records.unpack(obj.tag), obj))
         # Recorded sessions first (their ids are taken), each session's filters in handle order
         # (the order its client addresses came in: their indexes go on from there).
         filters.sort(key=lambda rf: (rf[0] is None, isinstance(rf[1], ops.U32Filter), rf[1].handle))
@@ -1189,9 +1205,9 @@ class Balancer:
             route = routes.get(session.s2c)
             if route is not None and not records.is_hold_marker(route):
                 session.objects.append(routes.pop(session.s2c))
-            if routes.get(session.c2s) == self.c2s_route(session) and any(
-                self.config.clients.is_label_aware(c) for c in session.clients
-            ):
+            if any(self.config.clients.is_label_aware(c) for c in session.clients) and routes.get(
+                session.c2s
+            ) == self.c2s_route(session):
                 session.objects.append(routes.pop(session.c2s))
         stale += self._restore_liveness(liveness)
         # Each live flow joins the first session (in table order) of its client and VIP that
@@ -1317,7 +1333,7 @@ class Balancer:
         server = by_transport.get(pushes[-1])
         if svc is None or server is None or pushes[0] != c2s or not client:
             return None
-        kind = SessionKeyKind(record.kind) if record is not None else svc.session_key
+        kind = (_KEY_KINDS.get(record.kind) or SessionKeyKind(record.kind)) if record is not None else svc.session_key
         value = key_value(
             kind,
             6 if ":" in client else 4,
@@ -1580,6 +1596,9 @@ def _filter_client(flt: ops.FlowerFilter | ops.U32Filter) -> str:
         esp = ops.esp_of(flt.keys)
         return esp[0] if esp else ""
     return (flt.match.src or "").split("/")[0]
+
+
+_KEY_KINDS = {str(kind.value): kind for kind in SessionKeyKind}  # a record's kind -> the enum, no Enum call
 
 
 def _is_liveness(flt: ops.FlowerFilter | ops.U32Filter) -> bool:

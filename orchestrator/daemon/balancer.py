@@ -152,6 +152,9 @@ class BalancerDaemon(Daemon):
                 dumped = time.monotonic()
                 stale = self.core.restore(installed, live, dumped)
                 self.program(stale, "reconcile")
+                # A deleted filter's session may have left elements in the fast-path sets: then
+                # they are emptied (the ruleset loaded) and filled again from the table.
+                kept = not any(isinstance(op.obj, (ops.FlowerFilter, ops.U32Filter)) for op in stale)
                 del installed, live, stale  # the dump's objects the table does not keep, freed now
             restored = time.monotonic()
             if len(self.core.table):
@@ -167,9 +170,14 @@ class BalancerDaemon(Daemon):
                     self.member.sync(time.monotonic())
             if self.shard is None:  # a worker's supervisor loaded it
                 with start_step("nftables ruleset"):
-                    nftables.load(nftables.render(self.config))
+                    ruleset = nftables.render(self.config)
+                    # The kernel holds this very ruleset (a restart): its sets keep their elements.
+                    kept = kept and nftables.loaded(ruleset)
+                    if not kept:
+                        nftables.load(ruleset)
+                    log.info("nftables ruleset %s", "kept: the kernel holds it" if kept else "loaded")
             with start_step("fast-path sets"):
-                self.fill_fast_path()
+                self.fill_fast_path(kept=kept and self.shard is None)
         finally:
             gc.set_threshold(*GC_THRESHOLDS)
             gc.enable()
@@ -192,10 +200,15 @@ class BalancerDaemon(Daemon):
             if not result.ok and result.errno != errno.EEXIST:
                 raise RuntimeError(str(result))
 
-    def fill_fast_path(self) -> None:
+    def fill_fast_path(self, kept: bool = False) -> None:
         """Loading the ruleset empties the fast-path sets: the table's sessions get their
         elements back (and any element of no session goes), or their clients' new flows would
-        all come to the daemon. A worker tells its elements by their clients' filters."""
+        all come to the daemon. A worker tells its elements by their clients' filters. `kept`:
+        the sets were not emptied (a restart that found its ruleset loaded): the table's
+        elements are put in again over what they hold, not read back (Balancer.fast_path_sync)."""
+        if kept:
+            self.program(self.core.fast_path_sync(None), "fast path")
+            return
         present = self.provider.dump_elements() if self.shard is None else self.mine(self.provider.dump())
         self.program(self.core.fast_path_sync(present), "fast path")
 

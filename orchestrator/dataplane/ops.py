@@ -353,7 +353,9 @@ class FastPathElement:
 
     @property
     def family(self) -> int:
-        return family_of(self.client)
+        # Only IPv6 text has a colon: no parse for each of a restart's 100,000 elements' keys
+        # (validate parses the addresses before anything reaches a kernel).
+        return 6 if ":" in self.client else 4
 
     @property
     def set_name(self) -> str:
@@ -656,9 +658,7 @@ def validate(op: Operation) -> None:
         parse_prefix(obj.src)
         if not 0 < obj.table < 1 << 32 or not 0 <= obj.priority < 1 << 32:
             raise InvalidOperation("rule table or priority out of range")
-    elif isinstance(obj, FastPathElement):
-        if isinstance(op, Replace):
-            raise InvalidOperation("a set element has no content to replace: add or delete it")
+    elif isinstance(obj, FastPathElement):  # Replace: added if absent, left as it is if present
         version = parse_address(obj.client)[0]
         if parse_address(obj.vip)[0] != version:
             raise InvalidOperation("client and VIP of a set element are of different families")

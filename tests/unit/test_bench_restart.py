@@ -62,11 +62,12 @@ def test_generated_sessions_are_installed_and_restored_exactly() -> None:
 
 
 def test_the_result_prints_and_its_json_keys_are_the_documented_ones() -> None:
-    result = restart.RestartResult(100003, 100000, 40.0, 3.1, 2.5, 1.5, 9.0, 3, 1500, 0, 2800, 2400, 350)
+    result = restart.RestartResult(100003, 100000, 40.0, 3.1, 2.5, 1.5, 9.0, 3, 1500, 0, 2800, 2400, 350, True)
     text = restart.format_result(result)
     assert (
         "reconcile (daemon)       3.10 s (restore 2.50 s, of which dumps 1.50 s)" in text
         and "1500 datagrams sent, 0 lost" in text
+        and "ruleset and sets         kept (the kernel held them)" in text
     )
     keys = set(json.loads(json.dumps(asdict(result))))
     documented = open("docs/json.md").read()

@@ -346,10 +346,10 @@ def test_elements_round_trip_through_a_dump_message() -> None:
         assert kind == c.NFNL_SUBSYS_NFTABLES << 8 | c.NFT_MSG_DELSETELEM
 
 
-def test_replace_of_an_element_is_refused_before_the_kernel() -> None:
+def test_an_impossible_element_is_refused_before_the_kernel() -> None:
     results = FakeProvider(["fab0"]).apply(
         [
-            ops.Replace(E("10.0.1.1", "10.0.0.100", "tcp", 80)),
+            ops.Add(E("10.0.1.1", "10.0.0.100", "icmp", 80)),
             ops.Add(E("10.0.1.1", "2001:db8::1", "tcp", 80)),
             ops.Add(E("10.0.1.1", "10.0.0.100", "tcp", 80, spi=1)),
         ]
@@ -379,16 +379,14 @@ class NftKernel:
         assert nla.NFGENMSG.unpack_from(parts[0][3])[2] == c.NFNL_SUBSYS_NFTABLES
         batch, failed = [], False
         for kind, flags, seq, body in parts[1:-1]:
-            key = bytes(
-                nla.attrs(
-                    nla.attrs(nla.attrs(nla.attrs(body, 4)[c.NFTA_SET_ELEM_LIST_ELEMENTS])[c.NFTA_LIST_ELEM])[
-                        c.NFTA_SET_ELEM_KEY
-                    ]
-                )[c.NFTA_DATA_VALUE]
-            )
-            code = 17 if key in self.refuse else 0
+            elements = nla.attrs(body, 4)[c.NFTA_SET_ELEM_LIST_ELEMENTS]
+            keys = [
+                bytes(nla.attrs(nla.attrs(element)[c.NFTA_SET_ELEM_KEY])[c.NFTA_DATA_VALUE])
+                for _kind, element in nla.iter_attrs(elements)
+            ]
+            code = 17 if any(key in self.refuse for key in keys) else 0  # a message fails whole
             failed |= bool(code)
-            batch.append(key)
+            batch += keys
             assert flags & c.NLM_F_ACK
             self.replies.append(
                 nla.message(
@@ -419,9 +417,38 @@ def test_a_failed_element_fails_alone_the_batch_is_sent_again_without_it() -> No
     assert kernel.committed == [encode.element_key(e) for e in good]
     element = c.NFNL_SUBSYS_NFTABLES << 8 | c.NFT_MSG_NEWSETELEM
     assert kernel.sends == [
-        [c.NFNL_MSG_BATCH_BEGIN, element, element, element, c.NFNL_MSG_BATCH_END],
-        [c.NFNL_MSG_BATCH_BEGIN, element, element, c.NFNL_MSG_BATCH_END],
+        [c.NFNL_MSG_BATCH_BEGIN, element, c.NFNL_MSG_BATCH_END],  # the three in one message: refused
+        [c.NFNL_MSG_BATCH_BEGIN, element, element, element, c.NFNL_MSG_BATCH_END],  # one each
+        [c.NFNL_MSG_BATCH_BEGIN, element, element, c.NFNL_MSG_BATCH_END],  # without the refused one
     ]
+
+
+def test_elements_go_many_to_a_message_one_message_per_set_and_kind() -> None:
+    kernel = NftKernel(set())
+    provider = NetlinkProvider(
+        sock=nlsocket.NetlinkSocket(sock=kernel),  # type: ignore[arg-type]
+        links={"lo": 1},
+        nft_sock=nlsocket.NftBatchSocket(sock=kernel),
+    )  # type: ignore[arg-type]
+    v4 = [E(f"10.0.{i // 250}.{i % 250 + 1}", "10.0.0.100", "udp", 53) for i in range(600)]
+    v6 = [E("2001:db8::1", "fd00:100::100", "tcp", 80), E("2001:db8::2", "fd00:100::100", "tcp", 80)]
+    operations: list[ops.Operation] = [ops.Replace(e) for e in v4] + [ops.Add(e) for e in v6]
+    results = provider.apply(operations)
+    assert all(r.ok for r in results) and [r.op for r in results] == operations
+    assert kernel.committed == [encode.element_key(e) for e in v4 + v6]
+    element = c.NFNL_SUBSYS_NFTABLES << 8 | c.NFT_MSG_NEWSETELEM
+    # 600 in fast4: 256 + 256 + 88; the two of fast6 in a fourth message.
+    assert kernel.sends == [[c.NFNL_MSG_BATCH_BEGIN, element, element, element, element, c.NFNL_MSG_BATCH_END]]
+
+
+def test_a_replaced_element_is_added_if_absent_and_left_if_present() -> None:
+    kernel = FakeProvider(["fab0"])
+    element = E("10.0.1.1", "10.0.0.100", "tcp", 80)
+    assert [r.ok for r in kernel.apply([ops.Replace(element), ops.Replace(element)])] == [True, True]
+    assert [i.obj for i in kernel.dump_elements()] == [element]
+    kind, flags, _body = encode.set_element(ops.Replace(element), element, lambda dev: 0)
+    assert kind == c.NFNL_SUBSYS_NFTABLES << 8 | c.NFT_MSG_NEWSETELEM and flags & c.NLM_F_CREATE
+    assert not flags & c.NLM_F_EXCL  # nft_add_set_elem: an element already there is no error
 
 
 def test_the_provider_deletes_elements_first_and_adds_them_last() -> None:
@@ -471,3 +498,83 @@ def test_status_shows_fast_path_flows_and_what_the_kernel_could_not_take() -> No
 
     line = _counter_line({"packets_userspace": 3, "flows_fast_path": 9, "fastpath_unmatched:ipv6-iid": 1})
     assert "packets_userspace 3, flows_fast_path 9" in line and "fastpath_unmatched:ipv6-iid 1" in line
+
+
+# ---- a restart that finds its ruleset loaded ------------------------------------------------------
+
+
+def _restarted(kernel: FakeProvider, monkeypatch: Any, loaded: bool) -> tuple[Any, list[str]]:
+    """A new daemon's setup over `kernel` (its node check stubbed), the kernel's table holding the
+    ruleset it would load when `loaded`; what it asked of nftables."""
+    asked: list[str] = []
+
+    def load(ruleset: str) -> None:
+        asked.append("load")
+        kernel.flush_elements()  # as loading the ruleset does to the sets
+
+    monkeypatch.setattr(nftables, "load", load)
+    monkeypatch.setattr(nftables, "loaded", lambda ruleset: asked.append("loaded?") or loaded)
+    daemon = balancer_daemon(config(), kernel)
+    daemon.make_ready = lambda cfg: None  # type: ignore[method-assign]
+    daemon.setup()
+    return daemon, asked
+
+
+def test_a_restart_that_finds_its_ruleset_loaded_keeps_the_sets_and_puts_every_element_in_again(
+    monkeypatch: Any,
+) -> None:
+    node = Node()
+    for client in ("10.0.1.10", "10.0.1.11", "10.0.1.12"):
+        node.packets(syn(client))
+    before = sorted(elements(node), key=str)
+    assert len(before) == 3
+    lost = before[1]
+    assert node.kernel.apply([ops.Delete(lost)])[0].ok  # as if a crash came between filter and element
+    dumped: list[bool] = []
+    monkeypatch.setattr(node.kernel, "dump_elements", lambda: dumped.append(True) or [])
+    daemon, asked = _restarted(node.kernel, monkeypatch, loaded=True)
+    assert asked == ["loaded?"] and not dumped  # no load, the sets not read back
+    monkeypatch.undo()
+    assert sorted((i.obj for i in node.kernel.dump_elements()), key=str) == before  # the lost one back
+    assert {e for s in daemon.core.table for e in s.objects if isinstance(e, E)} == set(before)  # its end deletes them
+    assert daemon.op_results["error"] == 0  # the two still there: no EEXIST
+
+
+def test_a_restart_loads_the_ruleset_when_the_kernel_holds_another_or_a_filter_was_stale(monkeypatch: Any) -> None:
+    node = Node()
+    node.packets(syn("10.0.1.10"))
+    _daemon, asked = _restarted(node.kernel, monkeypatch, loaded=False)
+    assert asked == ["loaded?", "load"] and [i.obj for i in node.kernel.dump_elements()] == elements(node)
+    # A filter of no service (its VIP gone): the restore deletes it, and its element may be in a
+    # set, so the sets start again from empty whatever the kernel's table says.
+    stray = ops.FlowerFilter(
+        "fab0",
+        handles.filter_handle(1999, 0),
+        ops.FlowerMatch("10.0.9.9/32", "10.0.0.99/32", "tcp", dst_port=80),
+        ops.push_stack([100, 1999]),
+        tag=b"",
+    )
+    assert node.kernel.apply([ops.Add(stray), ops.Add(E("10.0.9.9", "10.0.0.99", "tcp", 80))])[1].ok
+    _daemon, asked = _restarted(node.kernel, monkeypatch, loaded=True)
+    assert asked == ["load"]
+    assert [i.obj for i in node.kernel.dump_elements()] == [E("10.0.1.10", "10.0.0.100", "tcp", 80)]
+
+
+def test_the_ruleset_carries_its_digest_in_its_table_comment_as_nft_stores_it() -> None:
+    ruleset = nftables.render(config())
+    loaded = nftables.with_digest(ruleset)
+    comment = f"{nftables.DIGEST_COMMENT}{nftables.digest(ruleset)}"
+    lines = loaded.splitlines()
+    assert lines[lines.index(nftables.TABLE_OPENS) + 1] == f'\tcomment "{comment}"'
+    assert loaded.replace(f'\tcomment "{comment}"\n', "") == ruleset
+    assert nftables.digest(nftables.render(config({"services.dns.vip": "10.0.0.101"}))) != nftables.digest(ruleset)
+    # NFT_MSG_NEWTABLE as the kernel answers NFT_MSG_GETTABLE: the comment in libnftnl's udata
+    # record (type 0, length, the text and its NUL), after the table's name and flags.
+    udata = bytes([c.NFTNL_UDATA_TABLE_COMMENT, len(comment) + 1]) + comment.encode() + b"\0"
+    body = nla.NFGENMSG.pack(c.NFPROTO_INET, 0, 0) + nla.asciiz(c.NFTA_TABLE_NAME, "mplsorch")
+    assert decode.table_comment(memoryview(body)) is None
+    body += nla.u32(2, 0) + nla.attr(c.NFTA_TABLE_USERDATA, bytes([7, 1, 0]) + udata)
+    assert decode.table_comment(memoryview(body)) == comment
+    kind, flags, request = encode.table_get()
+    assert kind == c.NFNL_SUBSYS_NFTABLES << 8 | c.NFT_MSG_GETTABLE and not flags & c.NLM_F_DUMP
+    assert nla.get_str(nla.attrs(request, nla.NFGENMSG.size)[c.NFTA_TABLE_NAME]) == "mplsorch"

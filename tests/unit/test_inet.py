@@ -103,3 +103,23 @@ def test_pton_reads_back_what_ntop_writes() -> None:
     for _ in range(2000):
         packed = _words(rnd)
         assert pton(ntop(packed)) == (6, packed)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["1.2.3.4", "0.0.0.0", "255.255.255.255", "01.2.3.4", "1.2.3.04", "00.0.0.0", "256.1.1.1", "1234.1.1.1", "1.2.3"]
+    + ["1.2.3.4.5", "1..2.3", "", " 1.2.3.4", "1.2.3.4\n", "0x1.2.3.4", "1.2.3.+4", "\u0661.2.3.4", "\u00b2.2.3.4"],
+)
+def test_pton_reads_ipv4_text_as_ipaddress_does(text: str) -> None:
+    """pton's own IPv4 parser (no socket on the core's path) against ipaddress's."""
+    import ipaddress
+
+    try:
+        want: bytes | None = ipaddress.IPv4Address(text).packed
+    except ValueError:
+        want = None
+    try:
+        got: bytes | None = pton(text)[1]
+    except ValueError:
+        got = None
+    assert got == want

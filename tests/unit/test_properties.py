@@ -25,7 +25,7 @@ from orchestrator.config.model import BalancerConfig
 from orchestrator.config.server_model import ServerConfig
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import constants as c
-from orchestrator.dataplane.netlink import decode, encode, nla
+from orchestrator.dataplane.netlink import decode, encode, layouts, nla
 from tests.unit.conftest import BALANCER_EXAMPLE, SERVER_EXAMPLE
 
 # No example database: a run leaves no files behind, and each run explores afresh.
@@ -409,3 +409,47 @@ def test_config_show_json_of_text_beyond_the_bmp_reads_back_as_the_same_config(t
     shown = CliRunner().invoke(app, ["config", "show", str(path), "--json"])
     assert shown.exit_code == 0, shown.output
     assert parse_config(shown.output, SOURCE) == parse_config(path.read_text(encoding="utf-8"), SOURCE)
+
+
+# -- the layout decoder of dumps (dataplane/netlink/layouts.py) ----------------------------------------
+
+CAPTURED = [
+    bytes.fromhex(h)
+    for h in json.loads((Path(__file__).parent / "data" / "restart_filters.json").read_text())["filters"]
+]
+
+
+@PROPERTY
+@given(st.lists(flower_filters(), min_size=1, max_size=6))
+def test_the_layout_decoder_equals_decode_flower_on_generated_filters(objs: list[ops.FlowerFilter]) -> None:
+    flower = layouts.FlowerDecoder()
+    bodies = [encode.encode(ops.Add(obj), DEVS.__getitem__)[2] for obj in objs]
+    for body in bodies + bodies:  # the second pass through the layouts the first learnt
+        got, want = flower(memoryview(body), ifname), decode.flower(memoryview(body), ifname)
+        assert got == want and (got is None or got.packets == want.packets)  # type: ignore[union-attr]
+
+
+@PROPERTY
+@given(st.sampled_from(CAPTURED[1:]), st.lists(st.tuples(st.integers(0, 575), st.integers(0, 255)), max_size=4))
+def test_the_layout_decoder_equals_decode_flower_on_mutated_captured_filters(
+    body: bytes, changes: list[tuple[int, int]]
+) -> None:
+    flower = layouts.FlowerDecoder()
+    flower(memoryview(CAPTURED[1]), ifname)  # its layout learnt
+    mutated = bytearray(body)
+    for at, value in changes:
+        mutated[at % len(mutated)] = value
+    view = memoryview(bytes(mutated))
+    try:
+        want = decode.flower(view, ifname)
+    except decode.DecodeError:
+        want = None
+        raised = True
+    else:
+        raised = False
+    try:
+        got = flower(view, ifname)
+    except decode.DecodeError:
+        assert raised
+        return
+    assert not raised and got == want and (got is None or got.packets == want.packets)  # type: ignore[union-attr]

@@ -108,7 +108,11 @@ NFQNL_CFG_CMD_BIND, NFQNL_CFG_CMD_UNBIND = 1, 2
 NFQNL_COPY_PACKET = 2
 NFQA_CFG_F_FAIL_OPEN = 1
 
-# netfilter/nf_tables.h: set elements (the balancer's fast-path sets)
+# netfilter/nf_tables.h: tables (the comment of ours: capture.nftables.loaded), set elements
+# (the balancer's fast-path sets); libnftnl's udata: the comment nft stores in a table's userdata
+NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE = 0, 1
+NFTA_TABLE_NAME, NFTA_TABLE_USERDATA = 1, 6
+NFTNL_UDATA_TABLE_COMMENT = 0
 NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM = 12, 13, 14
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM = 1

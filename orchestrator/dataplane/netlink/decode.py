@@ -34,6 +34,8 @@ from orchestrator.dataplane.netlink.constants import (
     NFTA_SET_ELEM_KEY,
     NFTA_SET_ELEM_LIST_ELEMENTS,
     NFTA_SET_ELEM_LIST_SET,
+    NFTA_TABLE_USERDATA,
+    NFTNL_UDATA_TABLE_COMMENT,
     NHA_ENCAP,
     NHA_ENCAP_TYPE,
     NHA_GATEWAY,
@@ -119,23 +121,36 @@ def _decoding(fn: Callable[P, R]) -> Callable[P, R]:
 _PROTO_NAMES = {ETH_P_IP: "ip", ETH_P_IPV6: "ipv6", ETH_P_MPLS_UC: "mpls_uc"}
 
 
+_LABEL = struct.Struct("!I")
+
+
 @_decoding
 def labels_of(payload: memoryview) -> tuple[int, ...]:
-    return tuple(struct.unpack_from("!I", payload, i)[0] >> 12 for i in range(0, len(payload), 4))
+    if len(payload) == 4:  # one label: every route of a restore's dump
+        return (_LABEL.unpack_from(payload)[0] >> 12,)
+    return tuple(_LABEL.unpack_from(payload, i)[0] >> 12 for i in range(0, len(payload), 4))
 
 
 def _via(payload: memoryview) -> str:
     family = struct.unpack_from("=H", payload)[0]
     raw = bytes(payload[2:18] if family == AF_INET6 else payload[2:6])
-    return str(ipaddress.ip_address(raw))
+    # IPv4 through inet_ntop, as prefix_text (a restore decodes one per session's S2C route).
+    return socket.inet_ntop(socket.AF_INET, raw) if len(raw) == 4 else str(ipaddress.ip_address(raw))
 
 
 def _route_offload(flags: int) -> ops.OffloadState:
-    return ops.OffloadState(
-        in_hw=bool(flags & (RTM_F_OFFLOAD | RTNH_F_OFFLOAD)),
-        trap=bool(flags & (RTM_F_TRAP | RTNH_F_TRAP)),
-        failed=bool(flags & RTM_F_OFFLOAD_FAILED),
-    )
+    key = flags & (RTM_F_OFFLOAD | RTNH_F_OFFLOAD | RTM_F_TRAP | RTNH_F_TRAP | RTM_F_OFFLOAD_FAILED)
+    state = _ROUTE_OFFLOAD.get(key)
+    if state is None:  # frozen: one object per combination of flags serves every route
+        state = _ROUTE_OFFLOAD[key] = ops.OffloadState(
+            in_hw=bool(flags & (RTM_F_OFFLOAD | RTNH_F_OFFLOAD)),
+            trap=bool(flags & (RTM_F_TRAP | RTNH_F_TRAP)),
+            failed=bool(flags & RTM_F_OFFLOAD_FAILED),
+        )
+    return state
+
+
+_ROUTE_OFFLOAD: dict[int, ops.OffloadState] = {}
 
 
 @_decoding
@@ -304,14 +319,19 @@ def _tagged_actions(payload: memoryview | None, require_cookie: bool) -> tuple[l
             return None
         actions.append(decoded[0])
         cookies.append(decoded[1])
-    # Ours: the first action's cookie opens with the mark; the others carry the rest of the tag
-    # (encode.action_cookies) or the mark alone.
+    tag = tag_of(cookies, require_cookie)
+    return None if tag is None else (actions, tag)
+
+
+def tag_of(cookies: list[bytes], require_cookie: bool) -> bytes | None:
+    """The tag a filter's action cookies carry, in action order; None when (with
+    require_cookie) they are not ours. Ours: the first action's cookie opens with the mark; the
+    others carry the rest of the tag (encode.action_cookies) or the mark alone."""
     if require_cookie and (not cookies or not cookies[0].startswith(TC_COOKIE_PREFIX)):
         return None
-    tag = b""
     if cookies and cookies[0].startswith(TC_COOKIE_PREFIX):
-        tag = cookies[0][len(TC_COOKIE_PREFIX) :] + b"".join(c for c in cookies[1:] if c != TC_COOKIE_PREFIX)
-    return actions, tag
+        return cookies[0][len(TC_COOKIE_PREFIX) :] + b"".join(c for c in cookies[1:] if c != TC_COOKIE_PREFIX)
+    return b""
 
 
 @_decoding
@@ -374,7 +394,7 @@ def tc_filter(body: memoryview, ifname: Ifname) -> ops.Installed | None:
     return flower(body, ifname) or u32(body, ifname)
 
 
-def _prefix(key: memoryview, mask: memoryview | None) -> str:
+def prefix_text(key: memoryview | bytes, mask: memoryview | bytes | None) -> str:
     raw = bytes(key)
     # IPv4 through inet_ntop (the same text as ipaddress's, several times faster: a restore
     # decodes two per filter); IPv6 through ipaddress, whose text (e.g. of mapped addresses) the
@@ -404,14 +424,50 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
     version = 6 if eth_type == ETH_P_IPV6 else 4
     ip_proto = ipproto.NAME_OF.get(nla.get_u8(o[TCA_FLOWER_KEY_IP_PROTO])) if TCA_FLOWER_KEY_IP_PROTO in o else None
     prefixes = {
-        side: _prefix(o[key], o.get(mask)) for (v, side), (key, mask) in ADDR_ATTRS.items() if v == version and key in o
+        side: prefix_text(o[key], o.get(mask))
+        for (v, side), (key, mask) in ADDR_ATTRS.items()
+        if v == version and key in o
     }
     ports = {
         side: nla.get_be16(o[key])
         for (proto, side), (key, _mask) in PORT_ATTRS.items()
         if proto == ip_proto and key in o
     }
-    flags = nla.get_u32(o[TCA_FLOWER_FLAGS]) if TCA_FLOWER_FLAGS in o else 0
+    return flower_object(
+        ifname(ifindex),
+        handle,
+        parent,
+        info,
+        ip_proto=ip_proto,
+        mpls_label=mpls_label,
+        prefixes=prefixes,
+        ports=ports,
+        flags=nla.get_u32(o[TCA_FLOWER_FLAGS]) if TCA_FLOWER_FLAGS in o else 0,
+        in_hw_count=nla.get_u32(o[TCA_FLOWER_IN_HW_COUNT]) if TCA_FLOWER_IN_HW_COUNT in o else 0,
+        actions=tuple(actions),
+        tag=tag,
+        packets=first_action_packets(o.get(TCA_FLOWER_ACT)),
+    )
+
+
+def flower_object(
+    dev: str,
+    handle: int,
+    parent: int,
+    info: int,
+    *,
+    ip_proto: str | None,
+    mpls_label: int | None,
+    prefixes: dict[str, str],
+    ports: dict[str, int],
+    flags: int,
+    in_hw_count: int,
+    actions: tuple[ops.Action, ...],
+    tag: bytes,
+    packets: int | None,
+) -> ops.Installed:
+    """A flower filter of a dump from the values its message holds (`flower`, and
+    layouts.FlowerDecoder, which reads the same values faster)."""
     offload = (
         ops.OffloadPolicy.REQUIRED
         if flags & TCA_CLS_FLAGS_SKIP_SW
@@ -420,7 +476,7 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
         else ops.OffloadPolicy.AUTO
     )
     obj = ops.FlowerFilter(
-        dev=ifname(ifindex),
+        dev=dev,
         handle=handle,
         match=ops.FlowerMatch(
             src=prefixes.get("src"),
@@ -430,22 +486,46 @@ def flower(body: memoryview, ifname: Ifname, require_cookie: bool = True) -> ops
             dst_port=ports.get("dst"),
             mpls_label=mpls_label,
         ),
-        actions=tuple(actions),
+        actions=actions,
         direction=ops.Direction.EGRESS if parent & 0xFFFF == TC_H_MIN_EGRESS else ops.Direction.INGRESS,
         pref=info >> 16,
         offload=offload,
         tag=tag,
     )
-    in_hw_count = nla.get_u32(o[TCA_FLOWER_IN_HW_COUNT]) if TCA_FLOWER_IN_HW_COUNT in o else 0
-    return ops.Installed(
-        obj,
-        ops.OffloadState(
+    key = (flags & (TCA_CLS_FLAGS_IN_HW | TCA_CLS_FLAGS_NOT_IN_HW), in_hw_count)
+    state = _FILTER_OFFLOAD.get(key)
+    if state is None:  # frozen: one object per (flags, count) serves every filter
+        state = ops.OffloadState(
             in_hw=bool(flags & TCA_CLS_FLAGS_IN_HW),
             in_hw_count=in_hw_count,
             not_in_hw=bool(flags & TCA_CLS_FLAGS_NOT_IN_HW),
-        ),
-        packets=first_action_packets(o.get(TCA_FLOWER_ACT)),
-    )
+        )
+        if len(_FILTER_OFFLOAD) < 1024:
+            _FILTER_OFFLOAD[key] = state
+    return ops.Installed(obj, state, packets=packets)
+
+
+_FILTER_OFFLOAD: dict[tuple[int, int], ops.OffloadState] = {}
+
+
+@_decoding
+def table_comment(body: memoryview | bytes) -> str | None:
+    """The comment of an NFT_MSG_NEWTABLE (nft keeps it in the table's userdata, libnftnl's
+    type-length-value records); None without one."""
+    attrs = nla.attrs(body, nla.NFGENMSG.size)
+    if NFTA_TABLE_USERDATA not in attrs:
+        return None
+    udata = bytes(attrs[NFTA_TABLE_USERDATA])
+    offset = 0
+    while offset + 2 <= len(udata):
+        kind, length = udata[offset], udata[offset + 1]
+        value = udata[offset + 2 : offset + 2 + length]
+        if len(value) < length:
+            break
+        if kind == NFTNL_UDATA_TABLE_COMMENT:
+            return value.split(b"\0", 1)[0].decode()
+        offset += 2 + length
+    return None
 
 
 FAST_PATH_SETS = tuple(f"fast{kind}{family}" for kind in ("", "proto", "esp") for family in (4, 6))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import struct
-from typing import Callable
+from typing import Callable, Sequence
 
 from orchestrator import ipproto
 from orchestrator.dataplane import ops
@@ -42,6 +42,7 @@ from orchestrator.dataplane.netlink.constants import (
     NFT_MSG_DELSETELEM,
     NFT_MSG_GETOBJ,
     NFT_MSG_GETSETELEM,
+    NFT_MSG_GETTABLE,
     NFT_MSG_NEWSETELEM,
     NFT_OBJECT_COUNTER,
     NFTA_DATA_VALUE,
@@ -52,6 +53,7 @@ from orchestrator.dataplane.netlink.constants import (
     NFTA_SET_ELEM_LIST_ELEMENTS,
     NFTA_SET_ELEM_LIST_SET,
     NFTA_SET_ELEM_LIST_TABLE,
+    NFTA_TABLE_NAME,
     NHA_ENCAP,
     NHA_ENCAP_TYPE,
     NHA_GATEWAY,
@@ -534,12 +536,29 @@ def _set_head(set_name: str) -> bytes:
 
 def set_element(op: ops.Operation, obj: ops.FastPathElement, _ifindex: Ifindex) -> Request:
     """NFT_MSG_NEWSETELEM / DELSETELEM of one element (one per message, so an error names its
-    operation). Add is exclusive (NLM_F_EXCL: an element already there is EEXIST), as every Add."""
-    element = nla.nest(NFTA_LIST_ELEM, nla.nest(NFTA_SET_ELEM_KEY, nla.attr(NFTA_DATA_VALUE, element_key(obj))))
-    body = _set_head(obj.set_name) + nla.nest(NFTA_SET_ELEM_LIST_ELEMENTS, element)
+    operation). Add is exclusive (NLM_F_EXCL: an element already there is EEXIST), as every Add;
+    Replace is not (an element already there is left as it is: nft_add_set_elem)."""
+    return set_elements(op, [obj])
+
+
+def set_elements(op: ops.Operation, objs: Sequence[ops.FastPathElement]) -> Request:
+    """One NFT_MSG_NEWSETELEM / DELSETELEM of several elements of one set, all of `op`'s kind
+    (the provider's batches of elements: one message, one acknowledgement, for hundreds)."""
+    elements = b"".join(
+        nla.nest(NFTA_LIST_ELEM, nla.nest(NFTA_SET_ELEM_KEY, nla.attr(NFTA_DATA_VALUE, element_key(obj))))
+        for obj in objs
+    )
+    body = _set_head(objs[0].set_name) + nla.nest(NFTA_SET_ELEM_LIST_ELEMENTS, elements)
     if isinstance(op, ops.Delete):
         return NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_DELSETELEM, NLM_F_REQUEST, body
-    return NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL, body
+    exclusive = NLM_F_EXCL if isinstance(op, ops.Add) else 0
+    return NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE | exclusive, body
+
+
+def table_get(name: str = ops.NFT_TABLE) -> Request:
+    """NFT_MSG_GETTABLE of one table of family inet (its answer carries the table's comment)."""
+    body = nla.NFGENMSG.pack(NFPROTO_INET, 0, 0) + nla.asciiz(NFTA_TABLE_NAME, name)
+    return NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETTABLE, NLM_F_REQUEST, body
 
 
 def set_elements_dump(set_name: str) -> tuple[int, bytes]:

@@ -11,7 +11,7 @@ import socket
 from typing import Iterable, Iterator, Mapping, Sequence
 
 from orchestrator.dataplane import ops
-from orchestrator.dataplane.netlink import decode, encode, nla, routewatch
+from orchestrator.dataplane.netlink import decode, encode, layouts, nla, routewatch
 from orchestrator.dataplane.netlink.constants import (
     AF_INET,
     AF_INET6,
@@ -146,11 +146,45 @@ class NetlinkProvider:
         return [r for r in results if r is not None]
 
     def _apply_nft(self, operations: Sequence[ops.Operation]) -> list[ops.OpResult]:
+        """Set elements, many to a message: each run of operations of one kind on one set goes
+        as messages of up to ELEMENTS_PER_MESSAGE elements (a restart's 100,000 elements in a few
+        hundred messages, not 100,000 each acknowledged). A message the kernel refuses changed
+        nothing (the batch is a transaction), so its operations go again one per message, and
+        each gets its own result."""
         results: list[ops.OpResult | None] = [None] * len(operations)
-        sent, requests = self._encode(operations, 0, results)
-        if requests:
-            self._finish(operations, sent, self._nft_socket().transact(requests), results)
+        groups: list[list[int]] = []
+        requests: list[tuple[int, int, bytes]] = []
+        for group in _element_runs(operations):
+            try:
+                for i in group:
+                    ops.validate(operations[i])
+                requests.append(
+                    encode.set_elements(operations[group[0]], [operations[i].obj for i in group])  # type: ignore[misc]
+                )
+            except (ValueError, KeyError):  # one of them cannot be encoded: each gets its answer
+                self._apply_singly(operations, group, results)
+                continue
+            groups.append(group)
+        errors = self._nft_socket().transact(requests) if requests else []
+        for group, error in zip(groups, errors):
+            if error is None:
+                for i in group:
+                    results[i] = ops.OpResult(operations[i])
+            else:
+                self._apply_singly(operations, group, results)
         return [r for r in results if r is not None]
+
+    def _apply_singly(
+        self, operations: Sequence[ops.Operation], group: list[int], results: list[ops.OpResult | None]
+    ) -> None:
+        """Element operations one per message: each its own result."""
+        chosen = [operations[i] for i in group]
+        partial: list[ops.OpResult | None] = [None] * len(chosen)
+        sent, requests = self._encode(chosen, 0, partial)
+        if requests:
+            self._finish(chosen, sent, self._nft_socket().transact(requests), partial)
+        for i, result in zip(group, partial):
+            results[i] = result
 
     def _apply(self, operations: Sequence[ops.Operation]) -> list[ops.OpResult]:
         """Encode and send in pieces of PIPELINE_PIECE operations; a big batch is sent by one
@@ -264,8 +298,10 @@ class NetlinkProvider:
         return out
 
     def _dump_tc(self) -> list[ops.Installed]:
-        """Our flower filters, and the clsact qdiscs that hold at least one of them."""
+        """Our flower filters, and the clsact qdiscs that hold at least one of them (flower
+        filters decoded by layout: layouts.py)."""
         out: list[ops.Installed] = []
+        flower = layouts.FlowerDecoder()
         qdiscs = self._sock.dump(RTM_GETQDISC, nla.TCMSG.pack(AF_UNSPEC, 0, 0, 0, 0, 0, 0))
         for _kind, body in qdiscs:
             ifindex, _handle, parent, _info = decode.tc_header(body)
@@ -275,7 +311,7 @@ class NetlinkProvider:
             for direction in ops.Direction:
                 request = nla.TCMSG.pack(AF_UNSPEC, 0, 0, ifindex, 0, encode.filter_parent(direction), 0)
                 for _k, fbody in self._sock.dump(RTM_GETTFILTER, request):
-                    installed = decode.tc_filter(fbody, self.ifname)
+                    installed = flower(fbody, self.ifname) or decode.u32(fbody, self.ifname)
                     if installed is not None:
                         filters.append(installed)
             if filters:
@@ -374,6 +410,26 @@ class NetlinkProvider:
             if installed is not None:
                 out.append(installed)
         return out
+
+
+ELEMENTS_PER_MESSAGE = 256  # about 14 KiB of IPv4 elements, 26 KiB of IPv6 ones
+
+
+def _element_runs(operations: Sequence[ops.Operation]) -> Iterator[list[int]]:
+    """Indexes of consecutive set element operations of one kind on one set, at most
+    ELEMENTS_PER_MESSAGE each."""
+    run: list[int] = []
+    kind: tuple[type, str] | None = None
+    for i, op in enumerate(operations):
+        obj = op.obj
+        this = (type(op), obj.set_name if isinstance(obj, ops.FastPathElement) else "")
+        if run and (this != kind or len(run) == ELEMENTS_PER_MESSAGE):
+            yield run
+            run = []
+        kind = this
+        run.append(i)
+    if run:
+        yield run
 
 
 @contextlib.contextmanager

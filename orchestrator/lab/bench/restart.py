@@ -10,7 +10,8 @@ addresses, the dns service) and installed through the netlink provider in batche
 would install them, without sending a packet. The daemon is started again: the reconcile time is
 its own log's (`reconciled with the kernel in ... s`: dump, restore, stale deletes, ruleset and
 fast-path sets), the time to ready is from its start to `balancer running` (Python's start
-included). Then the streams stop and their loss is counted. Memory: the guest's available memory
+included). Whether it kept the ruleset (and so the fast-path sets' elements) is its log's word.
+Then the streams stop and their loss is counted. Memory: the guest's available memory
 before the sessions and after the restart, and the daemon's resident size.
 
 Runs as root inside `mplsorch lab run` (`mplsorch lab bench restart`).
@@ -43,6 +44,7 @@ SPARE_PAIRS = 1000  # label pairs beyond N: the live sessions and the pool's hea
 INTERVAL = 0.02  # the live streams' pace
 RECONCILED = re.compile(r"reconciled with the kernel in ([\d.]+) s \(restore ([\d.]+) s")
 RESTORED = re.compile(r"restored (\d+) sessions from the kernel in [\d.]+ s \(dumps ([\d.]+) s")
+KEPT = "nftables ruleset kept"  # the daemon's log: the kernel held its ruleset, the sets kept their elements
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class RestartResult:
     mem_available_before_mib: int
     mem_available_after_mib: int
     daemon_rss_mib: int
+    ruleset_kept: bool  # the restarted daemon found its ruleset loaded: it kept it and its sets
 
 
 def clients(count: int) -> list[str]:
@@ -138,6 +141,7 @@ def format_result(r: RestartResult) -> str:
             f"live streams             {r.datagrams_sent} datagrams sent, {r.datagrams_lost} lost",
             f"memory                   available {r.mem_available_before_mib} -> {r.mem_available_after_mib} MiB, "
             f"daemon {r.daemon_rss_mib} MiB",
+            f"ruleset and sets         {'kept (the kernel held them)' if r.ruleset_kept else 'loaded, sets filled'}",
         ]
     )
 
@@ -286,6 +290,7 @@ def run(lab: Lab, count: int, profile: bool = False) -> RestartResult:
             mem_available_before_mib=mem_before,
             mem_available_after_mib=mem_after,
             daemon_rss_mib=rss,
+            ruleset_kept=KEPT in balancer.log(),
         )
     finally:
         for proc in procs:

@@ -6,6 +6,8 @@ Drives the daemon's `decide` over the hot path's kernel that takes every operati
 
 - `tracemalloc_bytes_per_session`: the Python objects the N sessions keep (traced allocations
   after N minus before, over N; a separate run, since tracing costs memory itself);
+- `core_tracemalloc_bytes_per_session`: the same of the core alone (Balancer.on_packets and
+  commit, every operation accepted, nothing encoded), as tests/unit/test_memory.py bounds it;
 - `rss_bytes_per_session`: the process's VmRSS growth over N (what `lab bench scale` measures
   in the lab, minus the kernel dumps the lab's daemon runs in the background);
 - `top`: with `--top K`, the K source lines that hold most of the traced growth.
@@ -29,8 +31,11 @@ from orchestrator.capture.nfqueue import QueuedPacket
 from orchestrator.config.examples import KeyPath, example
 from orchestrator.config.load import parse_config
 from orchestrator.config.model import BalancerConfig
+from orchestrator.core.balancer import Balancer
+from orchestrator.core.events import FirstPacket
 from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.daemon.loop import Capture
+from orchestrator.dataplane import ops
 from orchestrator.lab.bench.hotpath import VIP, EncodingProvider, Queue
 
 BATCH = 64
@@ -46,16 +51,20 @@ def datagram(src: int, sport: int = 40000) -> bytes:
     return header + udp
 
 
-def daemon(sessions: int) -> tuple[BalancerDaemon, Queue, int]:
-    """A balancer daemon for `sessions` dns sessions over a kernel that takes everything."""
-    changes: dict[KeyPath, Any] = {
+def changes(sessions: int) -> dict[KeyPath, Any]:
+    """The example balancer, holding `sessions` dns sessions for an hour."""
+    return {
         "labels.range": [1000, 1000 + 2 * (sessions + 1000) + 1],
         "services.dns.admission.max_sessions": sessions + 16,
         "services.dns.admission.min_free_labels": 1,
         "services.dns.persistence_timeout": "3600s",
         "nfqueue.rate_limit": None,
     }
-    config = parse_config(example("balancer", changes), "memory.yaml")
+
+
+def daemon(sessions: int) -> tuple[BalancerDaemon, Queue, int]:
+    """A balancer daemon for `sessions` dns sessions over a kernel that takes everything."""
+    config = parse_config(example("balancer", changes(sessions)), "memory.yaml")
     assert isinstance(config, BalancerConfig)
     kernel = EncodingProvider()
     queue = Queue()
@@ -75,6 +84,41 @@ def fill(made: BalancerDaemon, lan0: int, first: int, count: int) -> None:
                 for i in range(start, min(start + BATCH, first + count))
             ]
         )
+
+
+def core_bytes_per_session(sessions: int, warmup: int = 1000) -> float:
+    """The core alone (Balancer.on_packets and commit, every operation accepted, no encoding):
+    traced bytes that `sessions` UDP sessions keep, over `sessions`, after `warmup` sessions
+    (interned strings, the label allocator's first pool, the counters)."""
+    config = parse_config(example("balancer", changes(sessions + warmup)), "memory.yaml")
+    assert isinstance(config, BalancerConfig)
+    core = Balancer(config, 0.0)
+    hop = ops.NextHop("lan0")
+
+    def fill(first: int, count: int) -> None:
+        for start in range(first, first + count, BATCH):
+            packets = [
+                FirstPacket(0, i, datagram(i), "lan0", hop) for i in range(start, min(start + BATCH, first + count))
+            ]
+            plan = core.on_packets(packets, 1.0)
+            core.commit(plan, [ops.OpResult(op) for op in plan.ops], 1.0)
+
+    fill(FIRST_SOURCE, warmup)
+    gc.collect()
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        fill(FIRST_SOURCE + warmup, sessions)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+    if len(core.table) != sessions + warmup:
+        raise RuntimeError(f"{len(core.table)} sessions held of {sessions + warmup}")
+    return grown / sessions
 
 
 def vm_rss() -> int:
@@ -124,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         out.update(measure(args.sessions, trace=False))
     if not args.rss:
         out.update(measure(args.sessions, trace=True, top=args.top))
+        out["core_tracemalloc_bytes_per_session"] = round(core_bytes_per_session(args.sessions), 1)
     print(json.dumps(out))
     return 0
 

@@ -182,10 +182,11 @@ class ConntrackListener:
                         flow = parse_flow(mbody)
                         if flow is None:
                             continue
-                        if flow in absent:
-                            absent.discard(flow)
-                        elif flow not in known:
-                            live.add(flow)
+                        try:
+                            absent.remove(flow)  # one hash of the key for a known flow
+                        except KeyError:
+                            if flow not in known:
+                                live.add(flow)
         return (known - absent) | live
 
 

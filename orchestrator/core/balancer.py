@@ -342,7 +342,7 @@ class Balancer:
         session = self.table.get(svc.name, key.value)
         # Answers go to the client through the balancer's own route to it. Without one the
         # client cannot be answered (a refusal could not reach it either): no session, no objects.
-        needs_route = session is None or key.client not in session.clients
+        needs_route = session is None or not session.has_client(key.client)
         if needs_route and first.next_hop is None:
             self.counters["no_route"] += 1
             return verdict(Action.DROP, f"no route to client {key.client}"), None
@@ -483,7 +483,7 @@ class Balancer:
         shape = self._shape
         n = len(session.clients)
         objects = session.materialize()
-        session.clients.append(client)
+        session.add_client(client)
         five = session.key.kind == SessionKeyKind.FIVE_TUPLE
         ports: tuple[int | None, ...] = (info.dport,) if five else (svc.ports or (None,))
         tag = records.pack(self._record(session))
@@ -728,10 +728,10 @@ class Balancer:
             return None
         value = ipv6_iid(flow.src) if svc.session_key == SessionKeyKind.IPV6_IID and ":" in flow.src else flow.src
         session = self.table.get(svc.name, value)
-        if session is not None and flow.src in session.clients:
+        if session is not None and session.has_client(flow.src):
             return session
         if svc.session_key in (SessionKeyKind.MIP6_HOME_ADDRESS, SessionKeyKind.ESP_SPI):
-            return next((s for s in self.table if s.service == svc.name and flow.src in s.clients), None)
+            return next((s for s in self.table if s.service == svc.name and s.has_client(flow.src)), None)
         return None
 
     def fast_path_sync(self, installed: Sequence[ops.Installed] | None) -> list[ops.Operation]:
@@ -1199,8 +1199,8 @@ class Balancer:
             client = _filter_client(flt)
             if isinstance(flt, ops.U32Filter):
                 self.u32_nodes.add(handles.u32_node(flt.handle))
-            if client not in session.clients:
-                session.clients.append(client)
+            if not session.has_client(client):
+                session.add_client(client)
         for session in self.table:  # the S2C route, then the C2S route, as _add_client leaves them
             route = routes.get(session.s2c)
             if route is not None and not records.is_hold_marker(route):
@@ -1499,7 +1499,7 @@ class Balancer:
                 self._publish(session)
             for client in row.clients:  # a re-key written by its owner
                 hop = event.hops.get(client)
-                if svc is not None and client not in session.clients and hop is not None:
+                if svc is not None and not session.has_client(client) and hop is not None:
                     start = len(plan.ops)
                     self._add_client(session, svc, _RemotePorts(row.sport, row.port), client, hop, plan)
                     plan.groups.setdefault(session.id, []).append((start, len(plan.ops)))

@@ -2,8 +2,8 @@
 
 Pure: no I/O, no clock (every call that depends on time takes ``now`` in seconds). All
 operations are O(1) amortised (heap operations on hold-down expiry are O(log n)); memory grows
-with the labels ever touched, not with the size of the range, so a range of 2**19 pairs costs
-nothing until it is used.
+with the highest pair ever touched (12 bytes of arrays per pair below it, no object per pair),
+not with the size of the range, so a range of 2**19 pairs costs nothing until it is used.
 
 Hold-down boundary: a pair released at ``t`` is allocatable at every ``now >= t + hold_down``
 and at no earlier ``now``.
@@ -15,6 +15,7 @@ hold-down expired (so a pair is reused as late as possible).
 from __future__ import annotations
 
 import heapq
+from array import array
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -81,6 +82,95 @@ def _pair_bounds(lo: int, hi: int) -> tuple[int, int]:
     return first, last
 
 
+class _Pairs:
+    """c2s -> an int > 0, for odd labels (0 and absence are one): the few dict methods the
+    allocator uses, over an array indexed by pair that grows (doubling, up to the range) to the
+    highest pair touched. A dict entry and its int were about 60 bytes of every session (issue
+    15: memory per session); a slot here is 8 bytes of the pairs below the highest one used."""
+
+    __slots__ = ("_first", "_size", "_values")
+
+    def __init__(self, first: int, last: int, typecode: str = "Q") -> None:
+        self._first = first >> 1  # an odd c2s's pair index is c2s >> 1
+        self._size = max(0, (last >> 1) - self._first + 1)  # the array never grows past it
+        self._values = array(typecode)
+
+    def get(self, c2s: int, default: int | None = None) -> int | None:
+        i = (c2s >> 1) - self._first
+        if c2s & 1 and 0 <= i < len(self._values):
+            value = self._values[i]
+            if value:
+                return value
+        return default
+
+    def __contains__(self, c2s: int) -> bool:
+        return self.get(c2s) is not None
+
+    def __getitem__(self, c2s: int) -> int:
+        value = self.get(c2s)
+        if value is None:
+            raise KeyError(c2s)
+        return value
+
+    def __setitem__(self, c2s: int, value: int) -> None:
+        i = (c2s >> 1) - self._first
+        if not c2s & 1 or not 0 <= i < self._size or value <= 0:
+            raise ValueError(f"label {c2s} (value {value}) is no C2S label of this allocator")
+        values = self._values
+        if i >= len(values):
+            grown = min(self._size, max(i + 1, 2 * len(values), 1024))
+            values.frombytes(bytes(values.itemsize * (grown - len(values))))
+        values[i] = value
+
+    def pop(self, c2s: int, default: int | None = None) -> int | None:
+        value = self.get(c2s)
+        if value is None:
+            return default
+        self._values[(c2s >> 1) - self._first] = 0
+        return value
+
+    def __iter__(self) -> Iterator[int]:
+        """The labels present, lowest first."""
+        base = self._first
+        return ((base + i) << 1 | 1 for i, value in enumerate(self._values) if value)
+
+
+class _Owners:
+    """c2s -> (server, pool) of the pairs in use: per pair the index of its entry in a short
+    list (one entry per server and pool, as _Pool.owned gives them), in a _Pairs."""
+
+    __slots__ = ("_pairs", "_entries", "_numbers")
+
+    def __init__(self, first: int, last: int) -> None:
+        self._pairs = _Pairs(first, last, "I")
+        self._entries: list[tuple[str, _Pool]] = []
+        self._numbers: dict[tuple[str, _Pool], int] = {}
+
+    def get(self, c2s: int) -> tuple[str, _Pool] | None:
+        number = self._pairs.get(c2s)
+        return None if number is None else self._entries[number - 1]
+
+    def __contains__(self, c2s: int) -> bool:
+        return c2s in self._pairs
+
+    def __getitem__(self, c2s: int) -> tuple[str, _Pool]:
+        return self._entries[self._pairs[c2s] - 1]
+
+    def __setitem__(self, c2s: int, entry: tuple[str, _Pool]) -> None:
+        number = self._numbers.get(entry)
+        if number is None:
+            self._entries.append(entry)
+            number = self._numbers[entry] = len(self._entries)
+        self._pairs[c2s] = number
+
+    def pop(self, c2s: int, default: None = None) -> tuple[str, _Pool] | None:
+        number = self._pairs.pop(c2s)
+        return None if number is None else self._entries[number - 1]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._pairs)
+
+
 class _Pool:
     """One block (or the single shared pool). Free state is implicit: a pair is free when it is
     neither in use nor held down. Never-touched pairs are handed out from ``next_fresh`` upwards;
@@ -130,9 +220,9 @@ class LabelAllocator:
         if hold_down < 0:
             raise ValueError(f"hold_down must be >= 0, got {hold_down}")
         self.first, self.last, self.hold_down = first, last, float(hold_down)
-        self._used: dict[int, tuple[str, _Pool]] = {}  # c2s -> (server, pool)
+        self._used = _Owners(first, last)  # c2s -> (server, pool)
         self._held: dict[int, int] = {}  # c2s -> generation of its hold-down
-        self._gen: dict[int, int] = {}  # c2s -> state generation; present iff ever touched
+        self._gen = _Pairs(first, last)  # c2s -> state generation; present iff ever touched
         self._pools: dict[str, _Pool] = {}
         self._shared: _Pool | None = None
         self._blocks: dict[str, tuple[int, int]] = {}
@@ -209,7 +299,7 @@ class LabelAllocator:
     # -- state changes ----------------------------------------------------------------------------
 
     def _bump(self, c2s: int) -> int:
-        g = self._gen.get(c2s, 0) + 1
+        g = (self._gen.get(c2s) or 0) + 1
         self._gen[c2s] = g
         return g
 

@@ -47,7 +47,9 @@ class Session:
     # sessions have one, and an empty set alone is 216 bytes (issue 15: memory per session).
     live: FlowKey | set[FlowKey] | None = None
     ends_at: float | None = None
-    clients: list[str] = field(default_factory=list)  # addresses with a C2S filter
+    # Its addresses with a C2S filter (read and set them as `clients`): None, the one address,
+    # or a list of two or more; most sessions have one, and a list of one is 88 bytes (issue 15).
+    addresses: str | list[str] | None = None
     # Its objects in the kernel: `stored`, or None when `shape` derives them from the row and
     # `hop` (issue 15: a copy of every object was 820 of the 1,950 bytes of a session). Read
     # and set them as `objects`.
@@ -78,6 +80,33 @@ class Session:
         if live is None:
             return frozenset()
         return frozenset(live) if isinstance(live, set) else frozenset((live,))
+
+    @property
+    def clients(self) -> list[str]:
+        """Its addresses with a C2S filter, first to last (a new list: change them by assigning,
+        or with `add_client`)."""
+        addresses = self.addresses
+        if addresses is None:
+            return []
+        return list(addresses) if isinstance(addresses, list) else [addresses]
+
+    @clients.setter
+    def clients(self, clients: list[str]) -> None:
+        self.addresses = None if not clients else clients[0] if len(clients) == 1 else list(clients)
+
+    def add_client(self, client: str) -> None:
+        """One more address with a C2S filter (last)."""
+        addresses = self.addresses
+        if addresses is None:
+            self.addresses = client
+        elif isinstance(addresses, list):
+            addresses.append(client)
+        else:
+            self.addresses = [addresses, client]
+
+    def has_client(self, client: str) -> bool:
+        addresses = self.addresses
+        return client in addresses if isinstance(addresses, list) else client == addresses
 
     @property
     def objects(self) -> list[ops.DataplaneObject]:

@@ -155,14 +155,21 @@ def share_of(installed: Sequence[ops.Installed], owner: Callable[[int], int], in
     out = []
     for item in installed:
         obj = item.obj
-        if isinstance(obj, (ops.FlowerFilter, ops.U32Filter)):
-            mine = owner(_filter_c2s(obj)) == index
-        elif isinstance(obj, ops.MplsRoute):
-            mine = owner(obj.label - 1 + obj.label % 2) == index
-        elif isinstance(obj, ops.FastPathElement):
+        if isinstance(obj, ops.FastPathElement):
             mine = by_client.get((obj.client, obj.vip), 0) == index
         else:
-            mine = index == 0
+            mine = is_mine(item, owner, index)
         if mine:
             out.append(item)
     return out
+
+
+def is_mine(item: ops.Installed, owner: Callable[[int], int], index: int) -> bool:
+    """Whether an object of a dump that is no fast-path element is worker `index`'s (share_of:
+    the same answer, one object at a time)."""
+    obj = item.obj
+    if isinstance(obj, (ops.FlowerFilter, ops.U32Filter)):
+        return owner(_filter_c2s(obj)) == index
+    if isinstance(obj, ops.MplsRoute):
+        return owner(obj.label - 1 + obj.label % 2) == index
+    return index == 0

@@ -96,7 +96,7 @@ class BalancerDaemon(Daemon):
         # Our objects' offload states: a dump walks every filter and route of ours, far too much
         # for a request or a tick on a large table; a background task takes it (start_tasks).
         self.offload_provider: Provider = provider
-        self.offload = OffloadSampler(lambda: self.mine(self.offload_provider.dump(elements=False)))
+        self.offload = OffloadSampler(lambda: self.offload_provider.offload_counts(self.is_mine))
         self.refusal_lines = Throttle()  # refused packets logged one by one up to 10 a second per reason
         self.frozen_at = 0  # table size at the last gc.freeze
         self.sweeping: asyncio.Task[None] | None = None  # a conntrack sweep's dump under way
@@ -128,6 +128,15 @@ class BalancerDaemon(Daemon):
         if self.shard is None:
             return installed
         return shards.share_of(installed, self.owner, self.shard.index)
+
+    @property
+    def is_mine(self) -> Callable[[ops.Installed], bool] | None:
+        """Of a dump without fast-path elements, which objects are this daemon's (None: all)."""
+        shard = self.shard
+        if shard is None:
+            return None
+        owner = self.owner
+        return lambda item: shards.is_mine(item, owner, shard.index)
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -227,7 +236,7 @@ class BalancerDaemon(Daemon):
         twin = self.provider.twin()
         self.offload_provider = twin
         self.offload = OffloadSampler(
-            lambda: self.mine(twin.dump(elements=False)), twin.close if twin is not self.provider else lambda: None
+            lambda: twin.offload_counts(self.is_mine), twin.close if twin is not self.provider else lambda: None
         )
         self.offload.start()
         self.runner = HealthRunner(self.on_health_result, self.checker)
@@ -281,7 +290,7 @@ class BalancerDaemon(Daemon):
             assert self.conntrack is not None
             sweep = self.conntrack.sweep
             try:
-                resync = await asyncio.to_thread(sweep)
+                resync = await asyncio.to_thread(sweep, before)  # known flows come back as the table's
             except Exception as exc:
                 log.error("conntrack sweep failed: %s: %s", type(exc).__name__, exc)
                 self.core.count("conntrack_errors")

@@ -13,9 +13,9 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
-from orchestrator.dataplane import offload, ops
+from orchestrator.dataplane import ops
 
 log = logging.getLogger("mplsorch")
 OFFLOAD_DUMP_EVERY = 10.0  # seconds between dumps at least
@@ -23,10 +23,12 @@ SPACING = 10.0  # ... and at least this many times the last dump's duration
 
 
 class OffloadSampler:
-    def __init__(self, dump: Callable[[], Iterable[ops.Installed]], close: Callable[[], None] = lambda: None) -> None:
-        """`dump`: our objects as the kernel reports them (callable from another thread);
-        `close`: releases what `dump` uses, called once no dump runs any more."""
-        self._dump = dump
+    def __init__(self, count: Callable[[], dict[str, int]], close: Callable[[], None] = lambda: None) -> None:
+        """`count`: our objects' offload counts as a dump of the kernel reports them
+        (offload.counts; callable from another thread; Provider.offload_counts counts as it
+        decodes, no list of every object); `close`: releases what `count` uses, called once no
+        dump runs any more."""
+        self._count = count
         self._close = close
         # One tuple, replaced whole: the loop's thread reads it while the worker thread writes it.
         self._latest: tuple[dict[str, int], float | None] = (dict.fromkeys(ops.OFFLOAD_STATES, 0), None)
@@ -39,7 +41,7 @@ class OffloadSampler:
         """One dump now, in the calling thread."""
         with self._lock:
             began = time.monotonic()
-            counts = offload.counts(self._dump())
+            counts = self._count()
             self.took = time.monotonic() - began
             self._latest = (counts, began)
 

@@ -41,10 +41,10 @@ from __future__ import annotations
 import errno
 import ipaddress
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from orchestrator import ipproto
-from orchestrator.dataplane import ops
+from orchestrator.dataplane import offload, ops
 from orchestrator.dataplane.ops import (
     ClsactQdisc,
     DataplaneObject,
@@ -165,6 +165,9 @@ class FakeProvider:
 
     def dump_elements(self) -> list[Installed]:
         return [Installed(obj) for obj in self._objects.values() if isinstance(obj, FastPathElement)]
+
+    def offload_counts(self, keep: Callable[[Installed], bool] | None = None) -> dict[str, int]:
+        return offload.counts(i for i in self.dump(elements=False) if keep is None or keep(i))
 
     def flush_elements(self) -> None:
         """What loading the ruleset does to the fast-path sets: they start empty."""

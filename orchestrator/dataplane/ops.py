@@ -38,7 +38,14 @@ def _net(prefix: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(prefix, strict=True)
 
 
-@functools.lru_cache(maxsize=1 << 17)
+# Entries of the two address caches below: the addresses that come back (VIPs, gateways, a batch's
+# clients between its checks and its encoding). Sized for those, not for every client: an entry
+# and its strings cost about 300 bytes, so 2^17 of them were 40 MB, a third of the daemon's
+# memory at 100,000 sessions (issue 15: memory per session), for clients seen once.
+ADDRESS_CACHE = 1 << 12
+
+
+@functools.lru_cache(maxsize=ADDRESS_CACHE)
 def parse_address(text: str) -> tuple[int, bytes]:
     """(4 or 6, packed bytes) of an IP address, as inet_pton reads it. Cached: parsing costs a few
     microseconds on the session-setup path and the same addresses come back."""
@@ -48,7 +55,7 @@ def parse_address(text: str) -> tuple[int, bytes]:
         raise InvalidOperation(f"{text!r} is not an IP address") from None
 
 
-@functools.lru_cache(maxsize=1 << 17)
+@functools.lru_cache(maxsize=ADDRESS_CACHE)
 def parse_prefix(text: str) -> tuple[int, bytes, int]:
     """(4 or 6, packed network address, prefix length) of a CIDR prefix (a bare address is a
     host prefix); host bits must be zero."""

@@ -3,7 +3,7 @@ that the daemons and the node setup ask of the node's dataplane, so a daemon run
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 from orchestrator.dataplane.ops import FlowerFilter, Installed, NextHop, Operation, OpResult, U32Filter
 
@@ -26,6 +26,11 @@ class Provider(Protocol):
         """Our own objects as currently installed (nothing of other route owners); without the
         fast-path set elements when `elements` is false (a restore needs none, and the kernel
         dumps a set's elements in time quadratic in their number)."""
+        ...
+
+    def offload_counts(self, keep: Callable[[Installed], bool] | None = None) -> dict[str, int]:
+        """`offload.counts(dump(elements=False))` of the objects `keep` takes (all without it),
+        with no list of every object where the provider can count as it reads."""
         ...
 
     def dump_elements(self) -> list[Installed]:

@@ -275,3 +275,29 @@ def test_hold_puts_a_free_pair_in_hold_down_from_now() -> None:
     c2s = a.allocate("s1", now=0)
     assert not a.hold(c2s, now=0)  # in use
     assert sorted(a.allocate("s1", now=101) for _ in range(1)) == [1005]  # never the held pair
+
+
+def test_the_allocators_state_is_kept_per_pair_in_arrays_not_dict_entries() -> None:
+    """Issue 15 (memory): generations and owners sit in arrays indexed by pair, which grow to the
+    highest pair touched only; they read as the dicts they replaced."""
+    from orchestrator.core.labels import _Owners, _Pairs
+
+    pairs = _Pairs(1001, 1999)
+    assert 1001 not in pairs and pairs.get(1001) is None and list(pairs) == []
+    pairs[1001] = 1
+    pairs[1201] = 7
+    assert pairs[1201] == 7 and pairs.get(1002) is None and 1003 not in pairs
+    assert list(pairs) == [1001, 1201]
+    assert pairs.pop(1201) == 7 and pairs.pop(1201) is None and list(pairs) == [1001]
+    with pytest.raises(ValueError):
+        pairs[2001] = 1  # past the range
+    with pytest.raises(ValueError):
+        pairs[1002] = 1  # no C2S label
+    owners = _Owners(1001, 1999)
+    allocator = LabelAllocator(1001, 1999, 2.0)
+    c2s = [allocator.allocate(s, 0.0) for s in ("s1", "s2", "s1")]
+    assert [allocator.owner(c) for c in c2s] == ["s1", "s2", "s1"]
+    assert list(allocator.allocations()) == [(c2s[0], "s1"), (c2s[1], "s2"), (c2s[2], "s1")]
+    entry = ("s1", allocator._shared)
+    owners[1001] = entry  # type: ignore[assignment]
+    assert owners.get(1001) is entry and owners.pop(1001) is entry and owners.get(1001) is None

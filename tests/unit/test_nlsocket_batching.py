@@ -169,3 +169,46 @@ def test_add_address_failures_are_os_errors_with_the_kernels_errno() -> None:
         provider.add_address("nosuchdev", "10.0.0.100/32")
     assert raised.value.errno == errno.ENODEV and "nosuchdev" in str(raised.value)
     assert kernel.sends == []
+
+
+class DumpingKernel(ScriptedKernel):
+    """Answers dump requests: MPLS label routes (the first attempt marked interrupted, as the
+    kernel marks a dump whose table changed under it), nothing else; no nexthop objects."""
+
+    def __init__(self, labels: list[int]) -> None:
+        super().__init__()
+        self.labels = labels
+        self.route_dumps = 0
+
+    def sendall(self, data: bytes) -> None:
+        for kind, _flags, seq, body in nla.messages(data):
+            family = body[0]
+            out = b""
+            if kind == c.RTM_GETROUTE and family == c.AF_MPLS:
+                self.route_dumps += 1
+                intr = c.NLM_F_DUMP_INTR if self.route_dumps == 1 else 0
+                for label in self.labels:
+                    route = ops.MplsRoute(label, "lo")
+                    _k, _f, rbody = encode.mpls_route(ops.Add(route), route, lambda dev: 1)
+                    out += nla.message(c.RTM_NEWROUTE, c.NLM_F_MULTI | intr, seq, rbody)
+            if kind == c.RTM_GETNEXTHOP:
+                payload = struct.pack("=i", -errno.EOPNOTSUPP) + bytes(16)
+                self.replies.append(nla.message(c.NLMSG_ERROR, 0, seq, payload))
+                continue
+            self.replies.append(out + nla.message(c.NLMSG_DONE, c.NLM_F_MULTI, seq, b"\0\0\0\0"))
+
+
+def test_offload_counts_are_a_dumps_counts_without_its_list() -> None:
+    """Provider.offload_counts (the offload sampler's, issue 15: memory): the counts of
+    dump(elements=False), an interrupted attempt counted again from the start, never twice."""
+    from orchestrator.dataplane import offload
+
+    labels = list(range(100, 140))
+    kernel = DumpingKernel(labels)
+    provider = provider_with(kernel)
+    counted = provider.offload_counts()
+    assert kernel.route_dumps == 2  # the interrupted attempt, then the whole one
+    assert counted == offload.counts(provider.dump(elements=False))
+    assert sum(counted.values()) == len(labels)
+    odd = provider.offload_counts(lambda item: isinstance(item.obj, ops.MplsRoute) and item.obj.label % 2 == 1)
+    assert sum(odd.values()) == len(labels) // 2

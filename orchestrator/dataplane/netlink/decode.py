@@ -230,7 +230,23 @@ def next_hop(body: memoryview | bytes, ifname: Ifname) -> ops.NextHop | None:
         if RTA_GATEWAY in a
         else (_via(a[RTA_VIA]) if RTA_VIA in a else None)
     )
-    return ops.NextHop(ifname(nla.get_u32(a[RTA_OIF])), via)
+    return shared_hop(ifname(nla.get_u32(a[RTA_OIF])), via)
+
+
+# A node has a handful of next hops and a client's answer is kept with its session: one object
+# per (device, gateway), not one per client (issue 15: memory per session). Bounded.
+_HOPS: dict[tuple[str, str | None], ops.NextHop] = {}
+MAX_HOPS = 4096
+
+
+def shared_hop(dev: str, via: str | None) -> ops.NextHop:
+    """The NextHop(dev, via), one object for equal answers."""
+    hop = _HOPS.get((dev, via))
+    if hop is None:
+        if len(_HOPS) >= MAX_HOPS:
+            _HOPS.clear()
+        hop = _HOPS[(dev, via)] = ops.NextHop(dev, via)
+    return hop
 
 
 @_decoding

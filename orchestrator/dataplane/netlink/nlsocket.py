@@ -14,7 +14,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 from orchestrator.dataplane.netlink import nla
 from orchestrator.dataplane.netlink.constants import (
@@ -47,6 +47,7 @@ CHUNK_BYTES = 256 * 1024
 RCVBUF = 32 * 1024 * 1024
 SNDBUF = 4 * 1024 * 1024
 DUMP_RETRIES = 5
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -217,30 +218,55 @@ class NetlinkSocket:
         """All messages of a dump request as (type, body); restarted if the kernel says the
         table changed under it (NLM_F_DUMP_INTR)."""
         for _attempt in range(DUMP_RETRIES):
-            seq = self._next_seqs(1)
-            self._sock.sendall(nla.message(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, body))
             out: list[tuple[int, memoryview]] = []
-            interrupted = False
-            done = False
-            while not done:
-                data = bytes(self._recv())  # copied: the receive buffer is reused
-                for mkind, flags, mseq, mbody in nla.messages(data):
-                    if mseq != seq:
-                        continue
-                    interrupted |= bool(flags & NLM_F_DUMP_INTR)
-                    if mkind == NLMSG_DONE:
-                        done = True
-                        break
-                    if mkind == NLMSG_ERROR:
-                        error = parse_error(flags, mbody)
-                        if error is not None:
-                            raise OSError(error.errno, f"dump failed: {error}")
-                        done = True
-                        break
-                    out.append((mkind, mbody))
-            if not interrupted:
-                return out
+            try:
+                out.extend(self.dump_stream(kind, body))
+            except _Changed:
+                continue
+            return out
         raise DumpInterrupted(f"dump of message type {kind} kept changing; gave up after {DUMP_RETRIES}")
+
+    def dump_stream(self, kind: int, body: bytes) -> Iterator[tuple[int, memoryview]]:
+        """One attempt at a dump, each message (type, body) handed over as it is read, for a
+        caller that counts as it decodes instead of keeping a list of every message (issue 15:
+        memory). Raises _Changed at its end if the kernel said the table changed under it: what
+        was handed over is then not the table, and the caller starts again (`fold_dump`)."""
+        seq = self._next_seqs(1)
+        self._sock.sendall(nla.message(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, body))
+        interrupted = False
+        done = False
+        while not done:
+            data = bytes(self._recv())  # copied: the receive buffer is reused
+            for mkind, flags, mseq, mbody in nla.messages(data):
+                if mseq != seq:
+                    continue
+                interrupted |= bool(flags & NLM_F_DUMP_INTR)
+                if mkind == NLMSG_DONE:
+                    done = True
+                    break
+                if mkind == NLMSG_ERROR:
+                    error = parse_error(flags, mbody)
+                    if error is not None:
+                        raise OSError(error.errno, f"dump failed: {error}")
+                    done = True
+                    break
+                yield mkind, mbody
+        if interrupted:
+            raise _Changed(kind)
+
+    def fold_dump(self, kind: int, body: bytes, fold: Callable[[Iterator[tuple[int, memoryview]]], T]) -> T:
+        """`fold` of a dump's messages as they are read (as `dump`, without the list): an attempt
+        the kernel interrupted is folded again from the start, at most DUMP_RETRIES times."""
+        for _attempt in range(DUMP_RETRIES):
+            try:
+                return fold(self.dump_stream(kind, body))
+            except _Changed:
+                continue
+        raise DumpInterrupted(f"dump of message type {kind} kept changing; gave up after {DUMP_RETRIES}")
+
+
+class _Changed(Exception):
+    """A dump's attempt that the kernel marked interrupted (NLM_F_DUMP_INTR)."""
 
 
 class NftBatchSocket(NetlinkSocket):

@@ -20,7 +20,7 @@ import ipaddress
 import json
 import multiprocessing
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from orchestrator.capture.nfqueue import QueuedPacket, Verdict
 from orchestrator.config.examples import KeyPath, example
@@ -29,7 +29,7 @@ from orchestrator.config.model import BalancerConfig
 from orchestrator.core.shards import Shard
 from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.daemon.loop import Capture
-from orchestrator.dataplane import ops
+from orchestrator.dataplane import offload, ops
 from orchestrator.dataplane.netlink import encode
 
 VIP = "10.0.0.100"
@@ -55,6 +55,9 @@ class EncodingProvider:
 
     def dump_elements(self) -> list[ops.Installed]:
         return []
+
+    def offload_counts(self, keep: Callable[[ops.Installed], bool] | None = None) -> dict[str, int]:
+        return offload.counts([])
 
     def supports_nexthops(self) -> bool:
         return True

@@ -26,7 +26,7 @@ from orchestrator.config.load import ConfigError, load_balancer_config
 from orchestrator.config.model import BalancerConfig
 from orchestrator.core import commands, shards
 from orchestrator.core.balancer import Balancer, qdiscs
-from orchestrator.core.events import Action, FirstPacket, FlowTableResync
+from orchestrator.core.events import Action, FirstPacket
 from orchestrator.core.servers import AdminState
 from orchestrator.core.sessions import Session, SessionTable
 from orchestrator.daemon import node_setup, views
@@ -236,20 +236,31 @@ class BalancerDaemon(Daemon):
 
     # -- the loop's hooks ---------------------------------------------------------------------------
     def tick(self) -> None:
-        self.end_sessions()
-        self.check_liveness()
-        self.end_embryonic()
-        self.freeze_grown()
-        self.publish()
+        step = self.stalls.step
+        with step("tick: persistence ends"):
+            self.end_sessions()
+        with step("tick: liveness"):
+            self.check_liveness()
+        with step("tick: embryonic"):
+            self.end_embryonic()
+        with step("tick: gc freeze"):
+            self.freeze_grown()
+        with step("tick: metrics"):
+            self.publish()
         if self.member is not None:
-            self.member.flush()
+            with step("tick: cluster flush"):
+                self.member.flush()
+
+    def background(self) -> list[str]:
+        return [name for name, on in (("conntrack dump", self.sweeping), ("offload dump", self.offload.busy)) if on]
 
     def sweep(self) -> None:
         """The conntrack sweep (Daemon.sweep), its dump in a thread: at 260,000 flows the dump's
         decoding took the loop for tens of seconds, first packets waiting. Pending events are
-        read first; flows the table gained while the dump ran count as live (the dump may have
-        missed them), so only flows known before it and absent from it end. Outside a running
-        loop (tests), the dump is taken at once as before."""
+        read first; flows that start or end while the dump runs are noted by the core
+        (`sweep_begins`), so the older dump neither ends nor revives them; the resync then runs
+        on the loop a slice of flows at a time (core.SweepResync), first packets served between
+        slices. Outside a running loop (tests), the dump is taken at once as before."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -260,27 +271,38 @@ class BalancerDaemon(Daemon):
         began = time.monotonic()
         self.next_sweep = began + SWEEP
         self._on_conntrack()
-        before = frozenset(self.core.table.flows())
-        self.sweeping = loop.create_task(self._sweep(before, began), name="conntrack sweep")
+        self.core.sweep_begins()
+        self.sweeping = loop.create_task(self._sweep(began), name="conntrack sweep")
 
-    async def _sweep(self, before: frozenset[Any], began: float) -> None:
+    async def _sweep(self, began: float) -> None:
         try:
             assert self.conntrack is not None
-            sweep = self.conntrack.sweep
             try:
-                resync = await asyncio.to_thread(sweep)
+                resync = await asyncio.to_thread(self.conntrack.sweep)
             except Exception as exc:
                 log.error("conntrack sweep failed: %s: %s", type(exc).__name__, exc)
                 self.core.count("conntrack_errors")
                 self.next_sweep = min(self.next_sweep, time.monotonic() + RETRY_SWEEP)
                 return
-            gained = frozenset(self.core.table.flows()) - before
             planned = self.next_sweep
-            self._flow_events(lambda: [FlowTableResync(resync.live | gained, sweep=True)])
+            steps = self.core.sweep_resync(resync.live)
+            while True:
+                try:
+                    with self.stalls.step("conntrack sweep: resync"):
+                        done = steps.step(time.monotonic())
+                except Exception as exc:  # a bug: the next sweep, soon, tries again
+                    log.error("conntrack sweep failed: %s: %s", type(exc).__name__, exc)
+                    self.core.count("conntrack_errors")
+                    self.next_sweep = min(self.next_sweep, time.monotonic() + RETRY_SWEEP)
+                    return
+                if done:
+                    break
+                await asyncio.sleep(0)  # what is ready (first packets) runs between slices
             ended = time.monotonic()
             if self.next_sweep >= planned:  # no failed read asked for an early retry
                 self.next_sweep = max(planned, ended + SWEEP_SPACING * (ended - began))
         finally:
+            self.core.sweep_done()
             self.sweeping = None
 
     def freeze_grown(self) -> None:

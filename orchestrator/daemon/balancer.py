@@ -430,8 +430,10 @@ class BalancerDaemon(Daemon):
         names = self.provider.ifname
         # The routes to the batch's clients, all asked in one sendmsg: each S2C route goes to
         # the balancer's next hop towards its client, which the pure core cannot look up.
+        step = self.stalls.step  # the batch's parts, named when one of them stalls the loop
         sources = [source_address(p.payload) for p in batch]
-        hops = self.provider.routes_to(s for s in sources if s is not None)
+        with step("batch: route lookup"):
+            hops = self.provider.routes_to(s for s in sources if s is not None)
         packets = [
             FirstPacket(
                 p.queue,
@@ -442,12 +444,16 @@ class BalancerDaemon(Daemon):
             )
             for p, src in zip(batch, sources)
         ]
-        plan = self.core.on_packets(packets, now)
-        results = self.program(plan.ops, "new session")
+        with step("batch: decide"):
+            plan = self.core.on_packets(packets, now)
+        with step("batch: rtnetlink"):
+            results = self.program(plan.ops, "new session")
         commit = self.core.commit(plan, results, now)
         self.program(list(commit.cleanup), "rollback")
-        self.program(list(commit.admit), "fast path")
-        self.queue.send_verdicts(nf_verdict(v) for v in commit.verdicts)
+        with step("batch: nf_tables"):
+            self.program(list(commit.admit), "fast path")
+        with step("batch: verdicts"):
+            self.queue.send_verdicts(nf_verdict(v) for v in commit.verdicts)
         self.batches += 1
         if self.member is not None:
             self.member.flush()  # the batch's sessions, in one transaction

@@ -346,7 +346,9 @@ class Daemon:
         return {**self.handle_request(request), "nft_counters": counters}
 
     def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
-        with self.stalls.step(f"request {request.get('cmd')}"):
+        cmd = request.get("cmd")
+        known = isinstance(cmd, str) and (cmd in self.requests() or cmd in self.commands())
+        with self.stalls.step(f"request {cmd if known else '(unknown)'}"):
             return self._handle_request(request)
 
     def _handle_request(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from orchestrator.lab.bench.balancer import RATE_ROUNDS
 from orchestrator.lab.bench.result import GOALS
 from orchestrator.lab.kit import Lab, patience
 
@@ -53,6 +54,11 @@ def test_setup_bench_measures_all_five_figures(lab: Lab) -> None:
         assert set(latency) == {"new", "existing"}
         for kind in latency.values():
             assert set(kind) == {"p50", "p99"} and 0 < kind["p50"] <= kind["p99"]
+    # (c) and (d) pool their rounds' floods: each round's rate is in the output, the pooled one
+    # lies between the slowest and the fastest round.
+    for system, key in (("existing", "d"), ("ipvs", "c")):
+        rounds = out["rate_rounds"][system]
+        assert len(rounds) == RATE_ROUNDS and min(rounds) <= rates[key] * 1.001 and rates[key] <= max(rounds) * 1.001
     ratios = out["ratios"]
     assert ratios["sessions_vs_kernel_limit"] == pytest.approx(rates["b"] / rates["a"], rel=0.01)
     assert ratios["existing_vs_ipvs"] == pytest.approx(rates["d"] / rates["c"], rel=0.01)

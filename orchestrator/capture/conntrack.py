@@ -148,20 +148,14 @@ class ConntrackListener:
         flush()
         return events
 
-    def sweep(self, known: frozenset[FlowKey] = frozenset()) -> FlowTableResync:
+    def sweep(self) -> FlowTableResync:
         """Our live flows now; expired ones are ended by the dump itself (their destroy events
-        follow on the event socket and find nothing left to end). `known`: see `dump`."""
-        return FlowTableResync(self.dump(known), sweep=True)
+        follow on the event socket and find nothing left to end)."""
+        return FlowTableResync(self.dump(), sweep=True)
 
-    def dump(self, known: frozenset[FlowKey] = frozenset()) -> frozenset[FlowKey]:
-        """Our flows (CT_TAG) in the table, on a socket of its own (events keep arriving on ours).
-        A flow of `known` (the session table's) comes back as known's own object: each decoded
-        key of a known flow is dropped at once, so a dump of N live flows keeps no N new keys
-        and their strings alive while the daemon allocates its sessions between them, which left
-        the process's memory fragmented after each sweep (issue 15: memory per session). The
-        set returned is the same either way."""
-        absent = set(known)  # known flows not found (yet)
-        live: set[FlowKey] = set()  # flows found that are not known
+    def dump(self) -> frozenset[FlowKey]:
+        """Our flows (CT_TAG) in the table, on a socket of its own (events keep arriving on ours)."""
+        live: set[FlowKey] = set()
         with open_netlink(NETLINK_NETFILTER, self._netns) as sock:
             sock.bind((0, 0))
             buf = bytearray(1 << 18)
@@ -180,14 +174,9 @@ class ConntrackListener:
                             done = True
                             break
                         flow = parse_flow(mbody)
-                        if flow is None:
-                            continue
-                        try:
-                            absent.remove(flow)  # one hash of the key for a known flow
-                        except KeyError:
-                            if flow not in known:
-                                live.add(flow)
-        return (known - absent) | live
+                        if flow is not None:
+                            live.add(flow)
+        return frozenset(live)
 
 
 def mark_filter() -> bytes:

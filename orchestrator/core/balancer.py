@@ -228,6 +228,9 @@ class Balancer:
         # S2C -> the route in the kernel (`forward_blocks`).
         self.forward_labels: dict[int, int] = {}
         self.forwarding: dict[int, dict[int, ops.MplsRoute]] = {}
+        # A conntrack sweep under way (sweep_begins .. its SweepResync done): the flows that
+        # started or ended since its dump began, which the dump's older picture must not undo.
+        self._sweep_changed: set[FlowKey] | None = None
         self.configure(config, now)
 
     # -- configuration ---------------------------------------------------------------------
@@ -360,7 +363,7 @@ class Balancer:
                 plan.undo[session.id] = Undo(
                     list(session.clients), list(session.objects), session.state, session.ends_at
                 )
-            self.table.add_flow(session, flow, now)
+            self._add_flow(session, flow, now)
             session.packets_userspace += 1
             self._take_over(session)
             # The kernel's fast path admits a session's later flows from the addresses it knows;
@@ -422,7 +425,7 @@ class Balancer:
             sport=info.sport,
         )
         self.table.add(session)
-        self.table.add_flow(session, flow, now)
+        self._add_flow(session, flow, now)
         session.packets_userspace += 1
         timeout = self.config.sessions.embryonic_timeout
         # A label-aware client's later packets come under its C2S label route, past the C2S filter
@@ -675,7 +678,7 @@ class Balancer:
                 previous = old_routes.get(r.op.obj.label)
                 out.append(ops.Replace(previous) if previous is not None else ops.Delete(r.op.obj))
         for flow in undo.flows:
-            self.table.end_flow(flow)
+            self._end_flow(flow)
         self._forget([o for o in session.objects if o not in undo.objects])
         session.clients, session.objects = undo.clients, undo.objects
         if not session.flows and undo.state == State.DRAINING and undo.ends_at is not None:
@@ -698,13 +701,48 @@ class Balancer:
                 for flow in event.live - known:  # fast-path flows whose start events were lost
                     self._adopt(flow, now)
             for flow in ended:
-                session = self.table.end_flow(flow)
-                if session is not None and not session.flows and session.state != State.CLOSING:
-                    self._drain(session, now + self._persistence(session), now)
+                self.end_swept(flow, now)
+
+    def _add_flow(self, session: Session, flow: FlowKey, now: float) -> None:
+        self.table.add_flow(session, flow, now)
+        if self._sweep_changed is not None:
+            self._sweep_changed.add(flow)
+
+    def _end_flow(self, flow: FlowKey) -> Session | None:
+        if self._sweep_changed is not None:
+            self._sweep_changed.add(flow)
+        return self.table.end_flow(flow)
+
+    def sweep_begins(self) -> None:
+        """A conntrack sweep's dump begins (the daemon takes it off the loop): from now until its
+        resync is done, flows that start or end are noted, so that the dump, older than they
+        are, neither ends the ones that started nor revives the ones that ended."""
+        self._sweep_changed = set()
+
+    def sweep_resync(self, live: frozenset[FlowKey]) -> SweepResync:
+        """The sweep's dump found `live`: the flows it ends and adopts, as a SweepResync that
+        the daemon runs a slice at a time between other work of its loop."""
+        self.counters["conntrack_sweeps"] += 1
+        return SweepResync(self, live, self.table.flows(), self._sweep_changed or set())
+
+    def sweep_done(self) -> None:
+        self._sweep_changed = None
+
+    def end_swept(self, flow: FlowKey, now: float) -> None:
+        """A flow of the table that a sweep did not find: it ended; its session drains when it
+        was its last."""
+        session = self._end_flow(flow)
+        if session is not None and not session.flows and session.state != State.CLOSING:
+            self._drain(session, now + self._persistence(session), now)
 
     def _check_liveness(self, session: Session, at: float) -> None:
         session.label_check_at = at
         heapq.heappush(self._liveness, (at, session.id))
+
+    def adopt(self, flow: FlowKey, now: float) -> None:
+        """A live flow a sweep found (SweepResync): the session of its client takes it, unless
+        it is known."""
+        self._adopt(flow, now)
 
     def _adopt(self, flow: FlowKey, now: float) -> None:
         """A tagged flow the daemon did not see start: the kernel's fast path admitted it, so it
@@ -714,7 +752,7 @@ class Balancer:
         session = self.session_of_flow(flow)
         if session is None:
             return
-        self.table.add_flow(session, flow, now)
+        self._add_flow(session, flow, now)
         self._take_over(session)
         self.counters["flows_fast_path"] += 1
 
@@ -1229,7 +1267,7 @@ class Balancer:
                     flow.dst,
                     flow.dport,
                 ):
-                    self.table.add_flow(session, flow, now)
+                    self._add_flow(session, flow, now)
                     break
         for session in self.table:
             if not session.flows:
@@ -1615,3 +1653,42 @@ def qdiscs(config: BalancerConfig) -> list[ops.ClsactQdisc]:
     the liveness filters' on the label-aware client interfaces."""
     devs = (*config.interfaces.fabric, *config.clients.label_aware_interfaces)
     return [ops.ClsactQdisc(dev) for dev in dict.fromkeys(devs)]
+
+
+SWEEP_SLICE = 1000  # flows a conntrack sweep's resync checks per step (SweepResync)
+
+
+class SweepResync:
+    """A conntrack sweep's resync in bounded steps (issue 15: at 20,000 flows one resync took the
+    daemon's loop for 0.7 s in the lab, first packets waiting): each `step` checks at most `budget`
+    flows, first the table's flows as they were when the resync began (those the dump did not
+    find end), then the dump's (those the table does not know are adopted). Flows that started or
+    ended since the dump began (Balancer.sweep_begins) are left as they are: the dump is older."""
+
+    def __init__(self, core: Balancer, live: frozenset[FlowKey], known: list[FlowKey], changed: set[FlowKey]) -> None:
+        self.core, self.live, self.known, self.changed = core, live, known, changed
+        self._next_known = 0
+        self._adopting = iter(live)
+        self.done = False
+
+    def step(self, now: float, budget: int = SWEEP_SLICE) -> bool:
+        """Check up to `budget` flows; True once the resync is complete."""
+        known, live, changed = self.known, self.live, self.changed
+        while budget > 0 and self._next_known < len(known):
+            for flow in known[self._next_known : self._next_known + budget]:
+                if flow not in live and flow not in changed:
+                    self.core.end_swept(flow, now)
+            taken = min(budget, len(known) - self._next_known)
+            self._next_known += taken
+            budget -= taken
+        if budget <= 0 and self._next_known < len(known):
+            return False
+        for flow in self._adopting:
+            if flow not in changed:
+                self.core.adopt(flow, now)
+            budget -= 1
+            if budget <= 0:
+                return False
+        self.done = True
+        self.core.sweep_done()
+        return True

@@ -26,7 +26,7 @@ from orchestrator.config.load import ConfigError, load_balancer_config
 from orchestrator.config.model import BalancerConfig
 from orchestrator.core import commands, shards
 from orchestrator.core.balancer import Balancer, qdiscs
-from orchestrator.core.events import Action, FirstPacket, FlowTableResync
+from orchestrator.core.events import Action, FirstPacket
 from orchestrator.core.servers import AdminState
 from orchestrator.core.sessions import Session, SessionTable
 from orchestrator.daemon import node_setup, views
@@ -258,20 +258,31 @@ class BalancerDaemon(Daemon):
 
     # -- the loop's hooks ---------------------------------------------------------------------------
     def tick(self) -> None:
-        self.end_sessions()
-        self.check_liveness()
-        self.end_embryonic()
-        self.freeze_grown()
-        self.publish()
+        step = self.stalls.step
+        with step("tick: persistence ends"):
+            self.end_sessions()
+        with step("tick: liveness"):
+            self.check_liveness()
+        with step("tick: embryonic"):
+            self.end_embryonic()
+        with step("tick: gc freeze"):
+            self.freeze_grown()
+        with step("tick: metrics"):
+            self.publish()
         if self.member is not None:
-            self.member.flush()
+            with step("tick: cluster flush"):
+                self.member.flush()
+
+    def background(self) -> list[str]:
+        return [name for name, on in (("conntrack dump", self.sweeping), ("offload dump", self.offload.busy)) if on]
 
     def sweep(self) -> None:
         """The conntrack sweep (Daemon.sweep), its dump in a thread: at 260,000 flows the dump's
         decoding took the loop for tens of seconds, first packets waiting. Pending events are
-        read first; flows the table gained while the dump ran count as live (the dump may have
-        missed them), so only flows known before it and absent from it end. Outside a running
-        loop (tests), the dump is taken at once as before."""
+        read first; flows that start or end while the dump runs are noted by the core
+        (`sweep_begins`), so the older dump neither ends nor revives them; the resync then runs
+        on the loop a slice of flows at a time (core.SweepResync), first packets served between
+        slices. Outside a running loop (tests), the dump is taken at once as before."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -282,27 +293,38 @@ class BalancerDaemon(Daemon):
         began = time.monotonic()
         self.next_sweep = began + SWEEP
         self._on_conntrack()
-        before = frozenset(self.core.table.flows())
-        self.sweeping = loop.create_task(self._sweep(before, began), name="conntrack sweep")
+        self.core.sweep_begins()
+        self.sweeping = loop.create_task(self._sweep(began), name="conntrack sweep")
 
-    async def _sweep(self, before: frozenset[Any], began: float) -> None:
+    async def _sweep(self, began: float) -> None:
         try:
             assert self.conntrack is not None
-            sweep = self.conntrack.sweep
             try:
-                resync = await asyncio.to_thread(sweep, before)  # known flows come back as the table's
+                resync = await asyncio.to_thread(self.conntrack.sweep)
             except Exception as exc:
                 log.error("conntrack sweep failed: %s: %s", type(exc).__name__, exc)
                 self.core.count("conntrack_errors")
                 self.next_sweep = min(self.next_sweep, time.monotonic() + RETRY_SWEEP)
                 return
-            gained = frozenset(self.core.table.flows()) - before
             planned = self.next_sweep
-            self._flow_events(lambda: [FlowTableResync(resync.live | gained, sweep=True)])
+            steps = self.core.sweep_resync(resync.live)
+            while True:
+                try:
+                    with self.stalls.step("conntrack sweep: resync"):
+                        done = steps.step(time.monotonic())
+                except Exception as exc:  # a bug: the next sweep, soon, tries again
+                    log.error("conntrack sweep failed: %s: %s", type(exc).__name__, exc)
+                    self.core.count("conntrack_errors")
+                    self.next_sweep = min(self.next_sweep, time.monotonic() + RETRY_SWEEP)
+                    return
+                if done:
+                    break
+                await asyncio.sleep(0)  # what is ready (first packets) runs between slices
             ended = time.monotonic()
             if self.next_sweep >= planned:  # no failed read asked for an early retry
                 self.next_sweep = max(planned, ended + SWEEP_SPACING * (ended - began))
         finally:
+            self.core.sweep_done()
             self.sweeping = None
 
     def freeze_grown(self) -> None:
@@ -430,8 +452,10 @@ class BalancerDaemon(Daemon):
         names = self.provider.ifname
         # The routes to the batch's clients, all asked in one sendmsg: each S2C route goes to
         # the balancer's next hop towards its client, which the pure core cannot look up.
+        step = self.stalls.step  # the batch's parts, named when one of them stalls the loop
         sources = [source_address(p.payload) for p in batch]
-        hops = self.provider.routes_to(s for s in sources if s is not None)
+        with step("batch: route lookup"):
+            hops = self.provider.routes_to(s for s in sources if s is not None)
         packets = [
             FirstPacket(
                 p.queue,
@@ -442,12 +466,16 @@ class BalancerDaemon(Daemon):
             )
             for p, src in zip(batch, sources)
         ]
-        plan = self.core.on_packets(packets, now)
-        results = self.program(plan.ops, "new session")
+        with step("batch: decide"):
+            plan = self.core.on_packets(packets, now)
+        with step("batch: rtnetlink"):
+            results = self.program(plan.ops, "new session")
         commit = self.core.commit(plan, results, now)
         self.program(list(commit.cleanup), "rollback")
-        self.program(list(commit.admit), "fast path")
-        self.queue.send_verdicts(nf_verdict(v) for v in commit.verdicts)
+        with step("batch: nf_tables"):
+            self.program(list(commit.admit), "fast path")
+        with step("batch: verdicts"):
+            self.queue.send_verdicts(nf_verdict(v) for v in commit.verdicts)
         self.batches += 1
         if self.member is not None:
             self.member.flush()  # the batch's sessions, in one transaction

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol
@@ -30,6 +31,7 @@ from orchestrator.core.servers import BadCommand
 from orchestrator.daemon import logs, node_setup
 from orchestrator.daemon.control import ControlServer
 from orchestrator.daemon.logs import fields
+from orchestrator.daemon.stalls import LoopStalls
 from orchestrator.dataplane import offload, ops
 from orchestrator.dataplane.provider import Provider
 from orchestrator.metrics import (
@@ -49,6 +51,12 @@ SWEEP = 10.0  # seconds between conntrack sweeps: how late at most a flow's end 
 # take more than a tenth of the loop; the bound on a flow's end grows with the table instead.
 SWEEP_SPACING = 10.0
 RETRY_SWEEP = 1.0  # after a failed conntrack read: the sweep that recovers what it lost
+# How long a thread that holds the GIL (a background dump's decoding: the conntrack sweep, the
+# offload sampler, the metrics endpoint) keeps the loop's thread waiting for it, at most, each
+# time the loop comes back from a system call (a first-packet batch makes several). Python's
+# default is 5 ms; on the 2-core host, a batch of 8 system calls beside a CPU-bound thread took
+# p99 100-145 ms at 5 ms, 20-38 ms at 1 ms and 0.4-26 ms at 0.5 ms (docs/lab.md).
+SWITCH_INTERVAL = 0.0005
 
 
 class FlowCore(Protocol):
@@ -82,9 +90,9 @@ class FlowSource(Protocol):
 
     def read(self) -> list[FlowsStarted | FlowsEnded | FlowTableResync]: ...
 
-    def sweep(self, known: frozenset[FlowKey] = frozenset()) -> FlowTableResync: ...
+    def sweep(self) -> FlowTableResync: ...
 
-    def dump(self, known: frozenset[FlowKey] = frozenset()) -> frozenset[FlowKey]: ...
+    def dump(self) -> frozenset[FlowKey]: ...
 
     def close(self) -> None: ...
 
@@ -151,6 +159,7 @@ class Daemon:
         self.control: ControlServer | None = None
         self.snapshot = LatestSnapshot()
         self.metrics: MetricsEndpoint | None = None
+        self.stalls = LoopStalls(self.background)  # the loop's long steps and lateness (daemon.stalls)
 
     def program(self, operations: list[ops.Operation], why: str) -> list[ops.OpResult]:
         """Apply one batch; its duration feeds the metrics, each failure is logged with its reason."""
@@ -186,6 +195,10 @@ class Daemon:
     def on_packets(self) -> None:
         """The queue is readable: decide one batch. A bug must not strand queued packets: they
         are let go unlabelled, loudly."""
+        with self.stalls.step("first-packet batch"):
+            self._on_packets()
+
+    def _on_packets(self) -> None:
         assert self.queue is not None
         try:
             batch = self.queue.read_batch(self.config.nfqueue.batch)
@@ -217,7 +230,8 @@ class Daemon:
         """The role's tick; a failure (a netlink socket error while ending sessions) is one logged
         line and a count, and the next tick tries again: the loop, and the sessions, go on."""
         try:
-            self.tick()
+            with self.stalls.step("tick"):
+                self.tick()
         except Exception as exc:
             log.error("tick failed: %s: %s", type(exc).__name__, exc)
             log.debug("tick failure", exc_info=True)
@@ -227,7 +241,8 @@ class Daemon:
         """SIGHUP, around the role's reload: whatever it raises is one logged line and a counted
         rejection, never the end of the daemon (the role keeps its running configuration)."""
         try:
-            self.reload()
+            with self.stalls.step("reload"):
+                self.reload()
             if self.control is not None and self.control.group != self.config.node.control_group:
                 self.control.set_group(self.config.node.control_group)
         except Exception as exc:
@@ -304,6 +319,10 @@ class Daemon:
     async def start_tasks(self) -> None:
         """On the running loop, after setup and before READY: a role's own tasks."""
 
+    def background(self) -> list[str]:
+        """The background work under way now (a dump in a thread), named in a stall's log line."""
+        return []
+
     async def stop_tasks(self) -> None:
         """At the stop, before the sockets close."""
 
@@ -326,6 +345,12 @@ class Daemon:
         return {**self.handle_request(request), "nft_counters": nftables.read_counters()}
 
     def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request.get("cmd")
+        known = isinstance(cmd, str) and (cmd in self.requests() or cmd in self.commands())
+        with self.stalls.step(f"request {cmd if known else '(unknown)'}"):
+            return self._handle_request(request)
+
+    def _handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         cmd = request.get("cmd")
         now = time.monotonic()
         query = self.requests().get(cmd) if isinstance(cmd, str) else None
@@ -381,7 +406,10 @@ class Daemon:
         self.control = control
         with start_step(f"control socket {self.control_socket}"):
             await control.start()
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL)
         try:
+            self.stalls.start()
             await self.start_tasks()
             log.info("%s", self.running_message())
             self.notify.ready(self.running_message())
@@ -397,11 +425,14 @@ class Daemon:
                     self.do_reload()
                     self.notify.ready(self.running_message())
                 if time.monotonic() >= self.next_sweep:
-                    self.sweep()
+                    with self.stalls.step("conntrack sweep"):
+                        self.sweep()
                 self.guarded_tick()
                 self._watchdog()
         finally:
             self.notify.stopping()
+            sys.setswitchinterval(switch_interval)
+            await self.stalls.stop()
             await self.stop_tasks()
             loop.remove_reader(self.queue.fileno())
             loop.remove_reader(self.conntrack.fileno())
@@ -428,7 +459,8 @@ class Daemon:
 
     def _on_conntrack(self) -> None:
         assert self.conntrack is not None
-        self._flow_events(self.conntrack.read)
+        with self.stalls.step("conntrack events"):
+            self._flow_events(self.conntrack.read)
 
     def sweep(self) -> None:
         """Expired flows end now rather than when conntrack's garbage collector gets to them.

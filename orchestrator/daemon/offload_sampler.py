@@ -45,6 +45,11 @@ class OffloadSampler:
             self.took = time.monotonic() - began
             self._latest = (counts, began)
 
+    @property
+    def busy(self) -> bool:
+        """A dump is under way."""
+        return self._lock.locked()
+
     def counts(self) -> dict[str, int]:
         """Our filters and routes by offload state, as the latest dump found them (every state
         present; all 0 before the first dump)."""

@@ -220,12 +220,11 @@ class ScriptedConntrack(_Pipe):
         events, self.events = self.events, []
         return events
 
-    def sweep(self, known: frozenset[FlowKey] = frozenset()) -> FlowTableResync:
-        return FlowTableResync(self.dump(known), sweep=True)
+    def sweep(self) -> FlowTableResync:
+        return FlowTableResync(self.live, sweep=True)
 
-    def dump(self, known: frozenset[FlowKey] = frozenset()) -> frozenset[FlowKey]:
-        """As the kernel's (ConntrackListener.dump): known flows as known's own objects."""
-        return (known & self.live) | (self.live - known)
+    def dump(self) -> frozenset[FlowKey]:
+        return self.live
 
 
 def scripted_capture(queue: ScriptedQueue, conntrack: ScriptedConntrack | None = None) -> Capture:

@@ -31,13 +31,17 @@ JSON_KEYS = [
     "latency_repeats",
     "ratio_repeats",
     "latency_userspace",
+    "rate_rounds",
 ]
 RATIOS = ["sessions_vs_kernel_limit", "existing_vs_ipvs", "new_p99_vs_ipvs", "existing_p99_vs_ipvs"]
 
 
 def _result(existing_s: float = 0.5) -> SetupResult:
     limit = KernelLimit(2000, {"tc": 1.0, "ip": 0.5, "nft": 0.5})  # 1,000/s
-    ours, existing, theirs = RateRun(2000, 4.0, 1.0), RateRun(2000, existing_s, 0.5), RateRun(2000, 0.5, 0.5)
+    ours = RateRun(2000, 4.0, 1.0)
+    # (d) and (c) in rounds: pooled, 4,000 connections in 1 s (at the default existing_s)
+    existing = [RateRun(1000, existing_s * 0.4, 0.2), RateRun(1000, existing_s * 0.6, 0.3)]
+    theirs = [RateRun(1000, 0.2, 0.25), RateRun(1000, 0.3, 0.25)]
     # Two repeats of 50 samples each; pooled they are the 100 samples of the figures.
     our_runs = [
         Latency([(0.030, 0.010)] * 49 + [(0.110, 0.012)], retransmits=1),
@@ -70,6 +74,7 @@ def test_result_rates_latencies_and_ratios() -> None:
     assert d["ratio_repeats"]["new_p99_vs_ipvs"] == [round(70.8 / theirs["new"]["p99"], 3)] * 2
     assert d["ratio_repeats"]["existing_p99_vs_ipvs"] == [round(11.02 / theirs["existing"]["p99"], 3)] * 2
     assert d["latency_userspace"] == {"sessions_started": 100}
+    assert d["rate_rounds"] == {"existing": [5000, 3333.3], "ipvs": [5000, 3333.3]}
     json.dumps(d)  # one JSON object, as --json prints it
 
 
@@ -95,7 +100,7 @@ def test_a_reference_of_zero_gives_no_ratio_and_no_verdict() -> None:
     limit = KernelLimit(10, {"tc": 1.0})
     lat = Latency([(0.02, 0.01)])
     zero = Latency([(0.0, 0.0)])
-    r = build_result(limit, RateRun(10, 1.0, 1.0), RateRun(10, 1.0, 1.0), RateRun(10, 1.0, 1.0), [lat], [zero])
+    r = build_result(limit, RateRun(10, 1.0, 1.0), [RateRun(10, 1.0, 1.0)], [RateRun(10, 1.0, 1.0)], [lat], [zero])
     assert r.ratios["new_p99_vs_ipvs"] is None and r.goals["new_p99_vs_ipvs"]["met"] is None
     assert "-" in format_table(r)
 
@@ -116,6 +121,11 @@ def test_json_fields_are_the_documented_ones_in_order() -> None:
 
 def test_a_sender_without_time_offers_infinitely() -> None:
     assert RateRun(10, 1.0, 0.0).offered_per_s == float("inf")
+
+
+def test_rounds_pool_their_packets_over_their_summed_times() -> None:
+    total = RateRun.total([RateRun(100, 1.0, 0.5), RateRun(300, 1.0, 0.5)])
+    assert total == RateRun(400, 2.0, 1.0) and total.per_s == 200  # not the mean of 100/s and 300/s
 
 
 def test_command_line_defaults_and_bounds() -> None:

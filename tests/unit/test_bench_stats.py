@@ -9,6 +9,7 @@ from orchestrator.lab.bench.stats import (
     FLOOD_SPAN,
     alias_addresses,
     chunks,
+    cpu_seconds,
     flood_sources,
     ipvs_connections,
     percentile,
@@ -141,3 +142,9 @@ def test_ipvs_connections_skips_what_is_not_a_connection_row() -> None:
 def test_tx_packets_matches_the_whole_device_name() -> None:
     text = "  fab01:    0 0 0 0 0 0 0 0    0    7 0 0 0 0 0 0\n   fab0:    0 0 0 0 0 0 0 0    0    5 0 0 0 0 0 0\n"
     assert tx_packets(text, "fab0") == 5 and tx_packets(text, "fab01") == 7
+
+
+def test_cpu_seconds_of_a_process_from_its_proc_stat() -> None:
+    # utime 250 and stime 50 ticks; the command name holds a space and a parenthesis
+    text = "4242 (python (x) y) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 50 0 0 20 0 3 0 100 0 0"
+    assert cpu_seconds(text, 100) == 3.0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from typing import Any
 
 from orchestrator.capture import conntrack as ct
 from orchestrator.core.events import FlowKey, FlowsEnded, FlowTableResync
@@ -94,9 +93,9 @@ def test_the_daemon_sweeps_after_reading_pending_events_and_on_a_timer() -> None
             calls.append("read")
             return super().read()
 
-        def sweep(self, known: frozenset[FlowKey] = frozenset()) -> FlowTableResync:
+        def sweep(self) -> FlowTableResync:
             calls.append("sweep")
-            return super().sweep(known)
+            return super().sweep()
 
     d = balancer_daemon(config(), FakeProvider(["fab0"]))
     d.conntrack = listener = Listener()
@@ -104,51 +103,3 @@ def test_the_daemon_sweeps_after_reading_pending_events_and_on_a_timer() -> None
     listener.close()
     assert calls == ["read", "sweep"] and d.core.counters["conntrack_sweeps"] == 1
     assert loop.SWEEP - 1 < d.next_sweep - time.monotonic() <= loop.SWEEP
-
-
-def test_a_dump_returns_the_known_flows_as_the_tables_own_keys(monkeypatch: Any) -> None:
-    """The sweep's dump (issue 15: memory): flows the table knows come back as the table's own
-    key objects (a decoded copy is dropped at once), unknown ones as decoded; the set is the
-    kernel's either way, and known flows absent from the kernel are not in it."""
-    kinds = ct.NFNL_SUBSYS_CTNETLINK << 8 | ct.IPCTNL_MSG_CT_NEW
-    flows = [("10.0.1.10", 40000), ("10.0.1.11", 40001), ("10.0.1.12", 40002)]
-    replies = {
-        socket.AF_INET: [
-            b"".join(nla.message(kinds, 0, 1, destroy_body(src, "10.0.0.100", 17, sport, 53)) for src, sport in flows)
-            + nla.message(ct.NLMSG_DONE, 0, 1, b"\0\0\0\0")
-        ],
-        socket.AF_INET6: [nla.message(ct.NLMSG_DONE, 0, 1, b"\0\0\0\0")],
-    }
-
-    class Socket:
-        def __init__(self) -> None:
-            self.pending: list[bytes] = []
-
-        def __enter__(self) -> Socket:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-        def bind(self, address: tuple[int, int]) -> None:
-            pass
-
-        def send(self, data: bytes) -> None:
-            family = nla.NFGENMSG.unpack_from(data, 16)[0]
-            self.pending = list(replies[family])
-
-        def recv_into(self, buf: bytearray) -> int:
-            data = self.pending.pop(0)
-            buf[: len(data)] = data
-            return len(data)
-
-    monkeypatch.setattr(ct, "open_netlink", lambda *args: Socket())
-    listener = ct.ConntrackListener.__new__(ct.ConntrackListener)
-    listener._netns = None
-    # The table's keys: two of the kernel's flows and one the kernel no longer has.
-    known = frozenset(FlowKey(17, src, "10.0.0.100", sport, 53) for src, sport in (*flows[:2], ("10.0.1.99", 1)))
-    live = listener.dump(known)
-    assert live == listener.dump() == frozenset(FlowKey(17, src, "10.0.0.100", sport, 53) for src, sport in flows)
-    ids = {id(f) for f in known}
-    assert sum(id(f) in ids for f in live) == 2  # the known ones are the table's objects
-    assert listener.sweep(known).live == live and listener.sweep(known).sweep

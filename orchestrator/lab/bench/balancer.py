@@ -3,14 +3,20 @@ sampled, then checked to hold every flood session in its table and the kernel.""
 
 from __future__ import annotations
 
+import os
+import re
 import sys
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.lab.bench.result import Latency, RateRun
-from orchestrator.lab.bench.stats import flood_sources
+from orchestrator.lab.bench.stats import cpu_seconds, flood_sources
 from orchestrator.lab.bench.testbed import FLOOD_NETS, Testbed, say
 
-EXISTING_SPORT = 5354  # the second flood's source port: new flows, same clients
+EXISTING_SPORT = 5354  # the first (d) round's source port: new flows, same clients (+1 per round)
+RATE_ROUNDS = 3  # floods of (c) and of (d) each: one of 10,000 lasts only about 1 s
+STALLS_SHOWN = 15  # the longest stalls the run prints
 
 if TYPE_CHECKING:
     from orchestrator.config.examples import KeyPath
@@ -30,7 +36,7 @@ def label_range(sessions: int, samples: int) -> tuple[int, int]:
 
 def balancer_phase(
     bed: Testbed, changes: dict[KeyPath, Any] | None = None, beside: BalancerConfig | None = None
-) -> tuple[RateRun, RateRun, dict[str, list[Latency]]]:
+) -> tuple[RateRun, list[RateRun], dict[str, list[Latency]]]:
     """`changes`: more configuration changes (bench.workers runs it with nfqueue.workers).
     The latency runs per repeat, of the daemon (`balancer`) and, with `beside` (the
     configuration IPVS mirrors), of IPVS on a VIP of its own beside the running daemon
@@ -68,12 +74,20 @@ def balancer_phase(
         rate = bed.rate("balancer")
         check_balancer(bed, balancer, started)
         say("balancer: checked; new flows of the same clients (the kernel's fast path)")
-        counters = balancer.cli("status")["counters"]
-        existing = bed.rate("balancer", sport=EXISTING_SPORT)
+        status = balancer.cli("status")
+        counters, cpu_before, began = status["counters"], daemon_cpu(status["pid"]), time.monotonic()
+        existing = [bed.rate("balancer", sport=EXISTING_SPORT + r) for r in range(RATE_ROUNDS)]
+        say(
+            f"balancer: the daemon's CPU over the (d) rounds: {daemon_cpu(status['pid']) - cpu_before:.2f} s in "
+            f"{time.monotonic() - began:.2f} s (helpers' starts included; the floods {sum(r.elapsed_s for r in existing):.2f} s): "
+            "it reads conntrack's new-flow event of each flow the fast path admits"
+        )
         check_fast_path(balancer, counters)
         say("balancer: fast path checked; latency")
         before = balancer.cli("status")["counters"]
+        stalls_before = len(stall_lines(balancer.log()))
         latencies = latency_runs(bed, beside)
+        report_stalls(stall_lines(balancer.log())[stalls_before:])
         after = balancer.cli("status")["counters"]
         bed.userspace = {k: after.get(k, 0) - before.get(k, 0) for k in ("sessions_started", "packets_userspace")}
         check_latency_path(bed, latencies["balancer"])
@@ -103,6 +117,36 @@ def latency_runs(bed: Testbed, beside: BalancerConfig | None) -> dict[str, list[
     return {"balancer": ours, "ipvs": theirs}
 
 
+def daemon_cpu(pid: int) -> float:
+    """The daemon's CPU seconds so far (the lab's namespaces share the host's /proc)."""
+    return cpu_seconds(Path(f"/proc/{pid}/stat").read_text(), os.sysconf("SC_CLK_TCK"))
+
+
+def stall_lines(daemon_log: str) -> list[str]:
+    """The daemon's `loop stall` lines (daemon.stalls)."""
+    return [line for line in daemon_log.splitlines() if "loop stall:" in line]
+
+
+def report_stalls(lines: list[str]) -> None:
+    """The loop's stalls during the latency runs, on stderr: where a new session's tail comes
+    from. Per cause, the stalls logged and the longest; then the longest lines themselves."""
+    parsed = []
+    for line in lines:
+        text = line.partition("loop stall: ")[2]
+        match = re.match(r"(.+?) (\d+) ms;", text)
+        if match:
+            parsed.append((int(match[2]), match[1], text))
+    causes: dict[str, list[int]] = {}
+    for ms, cause, _ in parsed:
+        causes.setdefault(cause, []).append(ms)
+    summary = ", ".join(
+        f"{c} {len(v)}x (worst {max(v)} ms)" for c, v in sorted(causes.items(), key=lambda i: -max(i[1]))
+    )
+    say(f"balancer: {len(lines)} loop stalls logged during the latency runs: {summary or 'none'}")
+    for _, _, text in sorted(parsed, reverse=True)[:STALLS_SHOWN]:
+        say("  " + text)
+
+
 def check_latency_path(bed: Testbed, runs: list[Latency]) -> None:
     """Each source's first connect opened a session whose SYN reached the daemon once (twice
     when it was retransmitted); its second connect, an existing session's new flow, must have
@@ -119,7 +163,7 @@ def check_latency_path(bed: Testbed, runs: list[Latency]) -> None:
 
 
 def check_fast_path(balancer: BalancerLab, before: dict[str, int]) -> None:
-    """The second flood (new flows of the flood's clients) opened no session and none of its
+    """The (d) floods (new flows of the flood's clients) opened no session and none of its
     packets reached the daemon: the kernel admitted them all (they were counted out on the
     fabric by the flood helper)."""
     after = balancer.cli("status")["counters"]

@@ -111,19 +111,20 @@ class Ipvs:
                 lab.sh(server, "ip", "address", "del", f"{self.vip}/32", "dev", "lo", check=False)
 
 
-def ipvs_phase(bed: Testbed, config: BalancerConfig) -> RateRun:
-    """IPVS's new connections per second (its latency is sampled beside the daemon's, in the
-    balancer phase)."""
+def ipvs_phase(bed: Testbed, config: BalancerConfig, rounds: int) -> list[RateRun]:
+    """IPVS's new connections per second, `rounds` floods of new clients each (its latency is
+    sampled beside the daemon's, in the balancer phase)."""
     ipvs = Ipvs(bed, config)
     try:
         say("ipvs: starting")
         ipvs.start()
         say("ipvs: started")
-        rate = bed.rate("ipvs")
-        held = ipvs.connections(set(flood_sources(FLOOD_NETS["ipvs"], bed.sessions)))
-        if held < bed.sessions:
-            raise RuntimeError(f"ipvs: {held} connections in its table, {bed.sessions} packets forwarded")
+        n = bed.sessions
+        rates = [bed.flood("ipvs", FLOOD_NETS["ipvs"], n, offset=r * n) for r in range(rounds)]
+        held = ipvs.connections(set(flood_sources(FLOOD_NETS["ipvs"], rounds * n)))
+        if held < rounds * n:
+            raise RuntimeError(f"ipvs: {held} connections in its table, {rounds * n} packets forwarded")
         say("ipvs: checked; closing")
     finally:
         ipvs.close()
-    return rate
+    return rates

@@ -30,6 +30,11 @@ class RateRun:
     def offered_per_s(self) -> float:
         return self.count / self.send_s if self.send_s > 0 else float("inf")
 
+    @staticmethod
+    def total(rounds: list[RateRun]) -> RateRun:
+        """Several floods (rounds) as one: their packets over their summed times."""
+        return RateRun(sum(r.count for r in rounds), sum(r.elapsed_s for r in rounds), sum(r.send_s for r in rounds))
+
 
 @dataclass(frozen=True)
 class Latency:
@@ -89,20 +94,24 @@ class SetupResult:
     ratio_repeats: dict[str, list[float | None]]
     # The daemon's counters over the latency runs: new sessions and packets that reached it.
     latency_userspace: dict[str, int]
+    # (c) and (d) are several floods each (rounds): each round's connections per second.
+    rate_rounds: dict[str, list[float]]
 
 
 def build_result(
     limit: KernelLimitRun,
     ours: RateRun,
-    existing: RateRun,
-    theirs: RateRun,
+    existing_rounds: list[RateRun],
+    their_rounds: list[RateRun],
     our_runs: list[Latency],
     their_runs: list[Latency],
     userspace: dict[str, int] | None = None,
 ) -> SetupResult:
     """All phases in one result, rounded as printed (rates to 0.1/s, times and ratios to 0.001).
     The latency figures pool every repeat's samples; `latency_repeats` and `ratio_repeats` give
-    each repeat's own, the spread."""
+    each repeat's own, the spread. (c) and (d) pool their rounds' floods (`rate_rounds`: each
+    round's own rate)."""
+    existing, theirs = RateRun.total(existing_rounds), RateRun.total(their_rounds)
 
     def opt(x: float | None) -> float | None:
         return None if x is None else round(x, 3)
@@ -155,6 +164,10 @@ def build_result(
             ],
         },
         latency_userspace=dict(userspace or {}),
+        rate_rounds={
+            "existing": [round(r.per_s, 1) for r in existing_rounds],
+            "ipvs": [round(r.per_s, 1) for r in their_rounds],
+        },
     )
 
 
@@ -210,6 +223,10 @@ def format_table(r: SetupResult) -> str:
     lines += [
         f"{'  connect p50 new / existing session, ms':44}{lat['new']['p50']:>10.2f}{ipvs_lat['new']['p50']:>11.2f}"
         f"  (IPVS) / {lat['existing']['p50']:.2f} vs {ipvs_lat['existing']['p50']:.2f}",
+        "  per round, existing-session conns/s "
+        + " ".join(f"{x:.0f}" for x in r.rate_rounds["existing"])
+        + ", IPVS new/s "
+        + " ".join(f"{x:.0f}" for x in r.rate_rounds["ipvs"]),
         f"  offered by pktgen/s: sessions {r.offered_per_s['sessions']:.0f}, existing "
         f"{r.offered_per_s['existing']:.0f}, IPVS {r.offered_per_s['ipvs']:.0f}",
         "  kernel limit batches, s: " + ", ".join(f"{tool} {t:.2f}" for tool, t in r.kernel_limit_s.items()),

@@ -87,3 +87,10 @@ def tx_packets(proc_net_dev: str, dev: str) -> int:
         if name.strip() == dev:
             return int(counters.split()[9])
     raise KeyError(f"no device {dev} in /proc/net/dev")
+
+
+def cpu_seconds(proc_stat: str, ticks_per_s: int) -> float:
+    """User and system CPU seconds of a process, from its /proc/PID/stat text (fields 14 and 15,
+    counted after the command name, which may hold spaces and parentheses)."""
+    fields = proc_stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / ticks_per_s

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 TCP_PORT = 80  # the VIP's HTTP service, where the latency samples connect
 FLOOD_NETS = {"balancer": 200, "ipvs": 201}  # second octet of each phase's spoofed sources
+FLOOD_ROUTE = "10.200.0.0/13"  # both, and the /16s after them that IPVS's later rounds reach
 ALIAS_NET = "10.0.16.0/20"  # the latency samples' client addresses, on c1
 IPVS_VIP = "10.0.0.101"  # IPVS's VIP while the daemon serves the lab's: their connects interleaved
 SOFTNET = Path("/proc/net/softnet_stat")
@@ -110,6 +111,7 @@ class Testbed:
             lab,
             lb,
             [f"route replace {ALIAS_NET} dev {self.lan_dev}"]
+            + [f"route replace {FLOOD_ROUTE} dev {self.lan_dev}"]
             + [f"route replace 10.{octet}.0.0/16 dev {self.lan_dev}" for octet in FLOOD_NETS.values()]
             + [f"neigh replace {a} lladdr {client_mac} dev {self.lan_dev} nud permanent" for a in self.aliases],
         )

@@ -131,9 +131,9 @@ def test_a_slow_conntrack_sweep_spaces_the_next_one() -> None:
     """A sweep dumps every live flow: the next waits SWEEP_SPACING times as long as it took."""
 
     class Slow(ScriptedConntrack):
-        def sweep(self, known: frozenset[FlowKey] = frozenset()) -> Any:
+        def sweep(self) -> Any:
             time.sleep(1.2)
-            return super().sweep(known)
+            return super().sweep()
 
     d = balancer_daemon(config(), FakeProvider(["fab0"]))
     d.conntrack = slow = Slow()
@@ -263,9 +263,9 @@ def test_the_daemons_sweep_dumps_in_a_thread_and_ends_only_flows_known_before_it
     assert kept is not None and gone is not None
 
     class Blocking(ScriptedConntrack):
-        def sweep(self, known: frozenset[FlowKey] = frozenset()) -> Any:
+        def sweep(self) -> Any:
             assert release.wait(10)
-            return super().sweep(known)
+            return super().sweep()
 
     d.conntrack = conntrack = Blocking(kept.flows)  # the dump: only the first session's flow
 

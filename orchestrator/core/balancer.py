@@ -46,6 +46,10 @@ PREF_LIVENESS = (
     13  # label-aware sessions' liveness filters (protocol mpls_uc), ingress of clients.label_aware_interfaces
 )
 
+# Session keys whose value is the client's address itself (session_of_flow finds the session of
+# a flow by it: Balancer._adopt_started's inlined case).
+_KEYED_BY_ADDRESS = frozenset({SessionKeyKind.CLIENT_IP, SessionKeyKind.MIP6_HOME_ADDRESS, SessionKeyKind.ESP_SPI})
+
 
 class Ports(Protocol):
     """What `_add_client` reads of a session's first packet (a remote session gives its own)."""
@@ -689,8 +693,7 @@ class Balancer:
     def on_flow_events(self, events: Sequence[FlowsStarted | FlowsEnded | FlowTableResync], now: float) -> None:
         for event in events:
             if isinstance(event, FlowsStarted):
-                for flow in event.flows:
-                    self._adopt(flow, now)
+                self._adopt_started(event.flows, now)
                 continue
             if isinstance(event, FlowsEnded):
                 ended = event.flows
@@ -702,6 +705,32 @@ class Balancer:
                     self._adopt(flow, now)
             for flow in ended:
                 self.end_swept(flow, now)
+
+    def _adopt_started(self, flows: Sequence[FlowKey], now: float) -> None:
+        """`_adopt` of each flow of a FlowsStarted (issue 15: one per flow the kernel's fast path
+        admits), its common cases inlined: a flow the table knows (the daemon saw it start), and
+        a flow of a session keyed by its client's address that this balancer owns, whose
+        adoption only adds the flow to the table; its counter is bumped once per batch. Any
+        other flow takes `_adopt` (the same state, tests/unit/test_adopt_fast_path.py)."""
+        table = self.table
+        by_flow, get, add_flow = table.by_flow, table.get, table.add_flow
+        services = self.services
+        changed = self._sweep_changed
+        adopted = 0
+        for flow in flows:
+            if by_flow(flow) is not None:
+                continue
+            svc = services.get((flow.dst, flow.proto, flow.dport)) or services.get((flow.dst, flow.proto, None))
+            session = get(svc.name, flow.src) if svc is not None and svc.session_key in _KEYED_BY_ADDRESS else None
+            if session is None or session.owner is not None or flow.src not in session.clients:
+                self._adopt(flow, now)
+                continue
+            add_flow(session, flow, now)
+            if changed is not None:
+                changed.add(flow)
+            adopted += 1
+        if adopted:
+            self.counters["flows_fast_path"] += adopted
 
     def _add_flow(self, session: Session, flow: FlowKey, now: float) -> None:
         self.table.add_flow(session, flow, now)

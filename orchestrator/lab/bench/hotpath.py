@@ -8,13 +8,21 @@ configuration's `nfqueue.workers: W`, core.shards) and its own clients, as the r
 would give them: how the pure per-session cost scales over the machine's cores.
 `--profile FILE` writes cProfile's stats of one process (workers 1).
 
+`--flows N` measures instead what a flow of an existing session costs when the kernel's fast
+path admitted it (issue 15, `lab bench setup`'s (d)): N new flows of the sessions, each as
+conntrack's new-flow event in the kernel's encoding, decoded by the listener in reads of
+`--batch` events and adopted by the core; decoding and adoption in microseconds of CPU per flow
+(decoding includes the emulated socket's own cost, `socket_us_per_flow`).
+
     python -m orchestrator.lab.bench.hotpath --sessions 20000 --workers 1
     python -m orchestrator.lab.bench.hotpath --sessions 20000 --workers 2
+    python -m orchestrator.lab.bench.hotpath --sessions 10000 --flows 30000 --batch 64
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import ipaddress
 import json
@@ -22,15 +30,18 @@ import multiprocessing
 import time
 from typing import Any, Callable, Iterable, Sequence
 
+from orchestrator.capture import conntrack
 from orchestrator.capture.nfqueue import QueuedPacket, Verdict
 from orchestrator.config.examples import KeyPath, example
 from orchestrator.config.load import parse_config
 from orchestrator.config.model import BalancerConfig
+from orchestrator.core.events import FlowKey
 from orchestrator.core.shards import Shard
 from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.daemon.loop import Capture
 from orchestrator.dataplane import offload, ops
 from orchestrator.dataplane.netlink import encode
+from orchestrator.dataplane.netlink.constants import IPCTNL_MSG_CT_NEW
 
 VIP = "10.0.0.100"
 
@@ -119,7 +130,11 @@ def syn(src: str, sport: int) -> bytes:
     return header + tcp
 
 
-def worker_run(index: int, workers: int, sessions: int, batch: int, profile: str | None) -> dict[str, float]:
+def daemon_with_sessions(
+    index: int, workers: int, sessions: int, batch: int, profiler: cProfile.Profile | None = None
+) -> tuple[BalancerDaemon, Queue, float, float]:
+    """A worker's daemon over the encoding kernel that made `sessions` sessions (tcp/80) from as
+    many first packets, fed in batches of `batch`; with the CPU and wall time they took."""
     changes: dict[KeyPath, Any] = {
         "labels.range": [1000, 1000 + 2 * (sessions + 1000) * workers + 1],
         "services.http.admission.min_free_labels": 1,
@@ -136,27 +151,104 @@ def worker_run(index: int, workers: int, sessions: int, batch: int, profile: str
     daemon = BalancerDaemon("hotpath.yaml", kernel, capture, config, shard=shard)
     daemon.queue = queue
     lan0 = kernel.ifindex("lan0")
-    base = int(ipaddress.ip_address("10.64.0.0")) + index * sessions
     packets = [
-        QueuedPacket(index, i + 1, syn(str(ipaddress.ip_address(base + i)), 40000), lan0, None, 0)
-        for i in range(sessions)
+        QueuedPacket(index, i + 1, syn(client(index, sessions, i), 40000), lan0, None, 0) for i in range(sessions)
     ]
-    profiler = cProfile.Profile() if profile else None
     started = time.process_time()
     wall = time.perf_counter()
     if profiler:
         profiler.enable()
     for start in range(0, sessions, batch):
         daemon.decide(packets[start : start + batch])
-    if profiler and profile:
+    if profiler:
         profiler.disable()
-        profiler.dump_stats(profile)
     cpu = time.process_time() - started
     elapsed = time.perf_counter() - wall
     made = daemon.core.counters.get("sessions_started", 0)
     if made != sessions or queue.verdicts != sessions:
         raise RuntimeError(f"worker {index}: {made} sessions, {queue.verdicts} verdicts of {sessions}")
-    return {"sessions": made, "cpu_s": cpu, "wall_s": elapsed}
+    return daemon, queue, cpu, elapsed
+
+
+def client(index: int, sessions: int, i: int) -> str:
+    """The address of worker `index`'s i-th client."""
+    return str(ipaddress.ip_address(int(ipaddress.ip_address("10.64.0.0")) + index * sessions + i))
+
+
+def worker_run(index: int, workers: int, sessions: int, batch: int, profile: str | None) -> dict[str, float]:
+    profiler = cProfile.Profile() if profile else None
+    daemon, _queue, cpu, elapsed = daemon_with_sessions(index, workers, sessions, batch, profiler)
+    if profiler and profile:
+        profiler.dump_stats(profile)
+    return {"sessions": daemon.core.counters["sessions_started"], "cpu_s": cpu, "wall_s": elapsed}
+
+
+class EventSocket:
+    """The conntrack event socket: one datagram per event, as the kernel multicasts them."""
+
+    def __init__(self) -> None:
+        self.datagrams: collections.deque[bytes] = collections.deque()
+
+    def recv_into(self, buf: bytearray) -> int:
+        if not self.datagrams:
+            raise BlockingIOError
+        data = self.datagrams.popleft()
+        buf[: len(data)] = data
+        return len(data)
+
+
+def flows_run(sessions: int, flows: int, batch: int, profile: str | None) -> dict[str, float]:
+    """`flows` new flows of existing sessions (tcp/80, round robin over the sessions, each from
+    a source port of its own), as the kernel's fast path admits them: conntrack's new-flow
+    event of each, encoded as the kernel sends it, read by the listener in reads of `batch`
+    events (what one wake-up of the loop finds queued) and handed to the core as the daemon
+    does. Times the decoding and the adoption apart (CPU of this process, per flow)."""
+    daemon, _queue, _cpu, _elapsed = daemon_with_sessions(0, 1, sessions, 64)
+    core = daemon.core
+    keys = [FlowKey(6, client(0, sessions, i % sessions), VIP, 40001 + i // sessions, 80) for i in range(flows)]
+    datagrams = [conntrack.event_message(IPCTNL_MSG_CT_NEW, k, conntrack.CT_TAG | 1, n) for n, k in enumerate(keys)]
+    sock = EventSocket()
+    listener = conntrack.ConntrackListener.__new__(conntrack.ConntrackListener)
+    listener._sock, listener._buf, listener.resyncs = sock, bytearray(1 << 18), 0  # type: ignore[assignment]
+    before = core.counters.get("flows_fast_path", 0)
+    profiler = cProfile.Profile() if profile else None
+    decode = adopt = 0
+    now = time.monotonic()
+    if profiler:
+        profiler.enable()
+    for start in range(0, flows, batch):
+        sock.datagrams.extend(datagrams[start : start + batch])
+        t0 = time.process_time_ns()
+        events = listener.read()
+        t1 = time.process_time_ns()
+        core.on_flow_events(events, now)
+        t2 = time.process_time_ns()
+        decode += t1 - t0
+        adopt += t2 - t1
+    if profiler and profile:
+        profiler.disable()
+        profiler.dump_stats(profile)
+    # What the emulated socket itself costs (the kernel's recv in the daemon), inside decode_us
+    drain = bytearray(1 << 18)
+    t0 = time.process_time_ns()
+    for start in range(0, flows, batch):
+        sock.datagrams.extend(datagrams[start : start + batch])
+        while sock.datagrams:
+            sock.recv_into(drain)
+    socket_ns = time.process_time_ns() - t0
+    adopted = core.counters.get("flows_fast_path", 0) - before
+    held = sum(len(s.flows) for s in core.table)
+    if adopted != flows or held != sessions + flows:
+        raise RuntimeError(f"{adopted} flows adopted of {flows}; the sessions hold {held} flows")
+    return {
+        "sessions": sessions,
+        "flows": flows,
+        "batch": batch,
+        "decode_us_per_flow": round(decode / flows / 1000, 2),
+        "adopt_us_per_flow": round(adopt / flows / 1000, 2),
+        "us_per_flow": round((decode + adopt) / flows / 1000, 2),
+        "socket_us_per_flow": round(socket_ns / flows / 1000, 2),
+    }
 
 
 def _run(args: tuple[int, int, int, int, str | None]) -> dict[str, float]:
@@ -169,7 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--profile", default=None)
+    parser.add_argument("--flows", type=int, default=0, help="new flows of the sessions through the fast path")
     args = parser.parse_args(argv)
+    if args.flows:
+        print(json.dumps(flows_run(args.sessions, args.flows, args.batch, args.profile)))
+        return 0
     jobs = [(i, args.workers, args.sessions, args.batch, args.profile) for i in range(args.workers)]
     wall = time.perf_counter()
     if args.workers == 1:

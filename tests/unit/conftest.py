@@ -6,6 +6,7 @@ from each other, so a change to the harness is made once."""
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from scapy.layers.inet import IP, TCP
 
 from orchestrator.analyze.packet import source_address
+from orchestrator.capture.conntrack import ConntrackListener
 from orchestrator.capture.nfqueue import QueuedPacket, Verdict
 from orchestrator.config.client_model import ClientConfig
 from orchestrator.config.examples import KeyPath, example
@@ -105,6 +107,46 @@ class Node:
         operations, ended = self.core.on_embryonic(due, counts, self.now)
         assert all(r.ok for r in self.kernel.apply(operations))
         return [s.id for s in ended]
+
+
+def clients(n: int, first: int = 1) -> list[str]:
+    """`n` distinct client addresses in 10.0.0.0/16, from the `first`-th on."""
+    return [f"10.0.{(i >> 8) & 255}.{i & 255}" for i in range(first, first + n)]
+
+
+def filled(n: int) -> Node:
+    """A balancer core with `n` http sessions, one flow each (first packets in batches of 100)."""
+    node = Node()
+    for batch in range(0, n, 100):
+        node.packets(*(syn(c) for c in clients(min(100, n - batch), first=batch + 1)))
+    assert len(node.core.table) == n
+    return node
+
+
+def flows_of(node: Node, client: str) -> tuple[FlowKey, ...]:
+    session = node.core.table.get("http", client)
+    assert session is not None
+    return tuple(session.flows)
+
+
+def conntrack_reading(datagrams: Iterable[bytes]) -> ConntrackListener:
+    """A conntrack listener whose socket hands out these datagrams, as the kernel's event socket
+    would, then has nothing more (BlockingIOError)."""
+
+    class Datagrams:
+        def __init__(self) -> None:
+            self.data = deque(datagrams)
+
+        def recv_into(self, buf: bytearray) -> int:
+            if not self.data:
+                raise BlockingIOError
+            data = self.data.popleft()
+            buf[: len(data)] = data
+            return len(data)
+
+    listener = ConntrackListener.__new__(ConntrackListener)
+    listener._sock, listener._buf = Datagrams(), bytearray(1 << 16)  # type: ignore[assignment]
+    return listener
 
 
 class AgentNode:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections import deque
 from collections.abc import Callable
 
 from scapy.layers.inet import IP, UDP
@@ -17,7 +16,7 @@ from orchestrator.core.events import FlowKey, FlowsEnded, FlowsStarted
 from orchestrator.core.sessions import State
 from orchestrator.dataplane.netlink import constants as c
 from orchestrator.dataplane.netlink import nla
-from tests.unit.conftest import VIP, Node, syn
+from tests.unit.conftest import VIP, Node, conntrack_reading, syn
 
 TAG = ct.CT_TAG | 7
 NEW, DELETE = c.IPCTNL_MSG_CT_NEW, c.IPCTNL_MSG_CT_DELETE
@@ -118,27 +117,15 @@ def test_the_listener_reads_kernel_events_into_runs_in_order() -> None:
     a, b = FlowKey(17, "10.0.1.11", VIP, 5354, 53), FlowKey(6, "fd00:1::10", "fd00:100::100", 40001, 80)
     stranger = FlowKey(17, "10.0.1.99", VIP, 5354, 53)
 
-    class Sock:
-        def __init__(self) -> None:
-            self.data = deque(
-                [
-                    ct.event_message(NEW, a, TAG),
-                    ct.event_message(NEW, stranger, 0x5) + ct.event_message(NEW, b, TAG),  # two in one datagram
-                    ct.event_message(DELETE, a, TAG),
-                    ct.event_message(DELETE, stranger, None),
-                    ct.event_message(NEW, a, TAG),
-                ]
-            )
-
-        def recv_into(self, buf: bytearray) -> int:
-            if not self.data:
-                raise BlockingIOError
-            data = self.data.popleft()
-            buf[: len(data)] = data
-            return len(data)
-
-    listener = ct.ConntrackListener.__new__(ct.ConntrackListener)
-    listener._sock, listener._buf = Sock(), bytearray(1 << 16)  # type: ignore[assignment]
+    listener = conntrack_reading(
+        [
+            ct.event_message(NEW, a, TAG),
+            ct.event_message(NEW, stranger, 0x5) + ct.event_message(NEW, b, TAG),  # two in one datagram
+            ct.event_message(DELETE, a, TAG),
+            ct.event_message(DELETE, stranger, None),
+            ct.event_message(NEW, a, TAG),
+        ]
+    )
     assert listener.read() == [FlowsStarted((a, b)), FlowsEnded((a, stranger)), FlowsStarted((a,))]
 
 

@@ -26,7 +26,7 @@ from orchestrator.dataplane.fake import FakeProvider
 from orchestrator.dataplane.netlink import constants as c
 from orchestrator.dataplane.netlink import decode, encode, nla, nlsocket
 from orchestrator.dataplane.netlink.provider import NetlinkProvider
-from tests.unit.conftest import Node, ScriptedQueue, balancer_daemon, config, syn
+from tests.unit.conftest import Node, ScriptedQueue, balancer_daemon, config, conntrack_reading, syn
 
 E = ops.FastPathElement
 V6: dict[KeyPath, Any] = {"services.http.vip": "2001:db8::100"}
@@ -261,26 +261,14 @@ def test_conntrack_new_events_of_tagged_flows_become_flows_started_in_order() ->
             body += nla.attr(ct.CTA_MARK, struct.pack("!I", mark))
         return nla.message(c.NFNL_SUBSYS_CTNETLINK << 8 | kind, 0, 0, body)
 
-    class Sock:
-        def __init__(self) -> None:
-            self.data = deque(
-                [
-                    message(c.IPCTNL_MSG_CT_NEW, "10.0.1.10", 1, ct.CT_TAG | 5)
-                    + message(c.IPCTNL_MSG_CT_NEW, "10.0.1.11", 2, 0x5)  # not ours
-                    + message(c.IPCTNL_MSG_CT_NEW, "10.0.1.12", 3, None)
-                    + message(c.IPCTNL_MSG_CT_DELETE, "10.0.1.10", 1, ct.CT_TAG)
-                ]
-            )
-
-        def recv_into(self, buf: bytearray) -> int:
-            if not self.data:
-                raise BlockingIOError
-            data = self.data.popleft()
-            buf[: len(data)] = data
-            return len(data)
-
-    listener = ct.ConntrackListener.__new__(ct.ConntrackListener)
-    listener._sock, listener._buf = Sock(), bytearray(1 << 16)  # type: ignore[assignment]
+    listener = conntrack_reading(
+        [
+            message(c.IPCTNL_MSG_CT_NEW, "10.0.1.10", 1, ct.CT_TAG | 5)
+            + message(c.IPCTNL_MSG_CT_NEW, "10.0.1.11", 2, 0x5)  # not ours
+            + message(c.IPCTNL_MSG_CT_NEW, "10.0.1.12", 3, None)
+            + message(c.IPCTNL_MSG_CT_DELETE, "10.0.1.10", 1, ct.CT_TAG)
+        ]
+    )
     flow = FlowKey(6, "10.0.1.10", "10.0.0.100", 1, 80)
     assert listener.read() == [FlowsStarted((flow,)), FlowsEnded((flow,))]
 

@@ -11,12 +11,12 @@ import time
 from typing import Any
 
 from orchestrator.capture.nfqueue import QueuedPacket
-from orchestrator.core.events import Action, FirstPacket, FlowKey, FlowsEnded
+from orchestrator.core.events import Action, FirstPacket, FlowsEnded
 from orchestrator.core.sessions import Session, SessionTable, State
 from orchestrator.daemon import loop
 from orchestrator.dataplane import offload, ops, records
 from orchestrator.dataplane.fake import FakeProvider
-from tests.unit.conftest import Node, ScriptedConntrack, balancer_daemon, config, syn
+from tests.unit.conftest import Node, ScriptedConntrack, balancer_daemon, clients, config, filled, flows_of, syn
 
 PERSISTENCE = 30.0  # the example's http service
 HOLD_DOWN = 2.0  # the example's labels.hold_down
@@ -30,24 +30,6 @@ class NoWalk(SessionTable):
 
     def page(self, offset: int, limit: int | None) -> list[Session]:
         raise AssertionError("the session table was paged")
-
-
-def clients(n: int, first: int = 1) -> list[str]:
-    return [f"10.0.{(i >> 8) & 255}.{i & 255}" for i in range(first, first + n)]
-
-
-def filled(n: int) -> Node:
-    node = Node()
-    for batch in range(0, n, 100):
-        node.packets(*(syn(c) for c in clients(min(100, n - batch), first=batch + 1)))
-    assert len(node.core.table) == n
-    return node
-
-
-def flows_of(node: Node, client: str) -> tuple[FlowKey, ...]:
-    session = node.core.table.get("http", client)
-    assert session is not None
-    return tuple(session.flows)
 
 
 def walked_states(table: SessionTable) -> dict[str, int]:

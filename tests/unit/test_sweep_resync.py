@@ -11,25 +11,7 @@ from orchestrator.core import balancer as core_balancer
 from orchestrator.core.events import FlowKey, FlowsEnded, FlowsStarted, FlowTableResync
 from orchestrator.core.sessions import State
 from orchestrator.dataplane.fake import FakeProvider
-from tests.unit.conftest import Node, ScriptedConntrack, balancer_daemon, config, syn
-
-
-def clients(n: int, first: int = 1) -> list[str]:
-    return [f"10.0.{(i >> 8) & 255}.{i & 255}" for i in range(first, first + n)]
-
-
-def filled(n: int) -> Node:
-    """A balancer core with `n` http sessions, one flow each."""
-    node = Node()
-    node.packets(*(syn(c) for c in clients(n)))
-    assert len(node.core.table) == n
-    return node
-
-
-def flows_of(node: Node, client: str) -> tuple[FlowKey, ...]:
-    session = node.core.table.get("http", client)
-    assert session is not None
-    return tuple(session.flows)
+from tests.unit.conftest import ScriptedConntrack, balancer_daemon, clients, config, filled, flows_of
 
 
 def states(node_core: core_balancer.Balancer) -> dict[int, tuple[State, int]]:

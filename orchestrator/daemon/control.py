@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-# A request -> its answer, awaited on the loop (an answer that needs a subprocess awaits it).
+# A request -> its answer, awaited on the loop (the workers' supervisor awaits its workers' answers).
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 log = logging.getLogger("mplsorch")
 PROC = "/proc"

@@ -6,7 +6,6 @@ from each other, so a change to the harness is made once."""
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from orchestrator.daemon.loop import Capture
 from orchestrator.daemon.server import ServerDaemon
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.fake import FakeProvider
+from orchestrator.lab.bench.hotpath import EventSocket
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 BALANCER_EXAMPLE = TEMPLATES / "balancer.example.yaml"
@@ -132,20 +132,10 @@ def flows_of(node: Node, client: str) -> tuple[FlowKey, ...]:
 def conntrack_reading(datagrams: Iterable[bytes]) -> ConntrackListener:
     """A conntrack listener whose socket hands out these datagrams, as the kernel's event socket
     would, then has nothing more (BlockingIOError)."""
-
-    class Datagrams:
-        def __init__(self) -> None:
-            self.data = deque(datagrams)
-
-        def recv_into(self, buf: bytearray) -> int:
-            if not self.data:
-                raise BlockingIOError
-            data = self.data.popleft()
-            buf[: len(data)] = data
-            return len(data)
-
+    sock = EventSocket()
+    sock.datagrams.extend(datagrams)
     listener = ConntrackListener.__new__(ConntrackListener)
-    listener._sock, listener._buf = Datagrams(), bytearray(1 << 16)  # type: ignore[assignment]
+    listener._sock, listener._buf = sock, bytearray(1 << 16)  # type: ignore[assignment]
     return listener
 
 

@@ -375,6 +375,8 @@ class Daemon:
             "counters": dict(self.core.counters),
             "dataplane_ops": dict(self.op_results),
             "offload": self.offload_states(now),
+            "loop_steps": self.stalls.spent(),
+            "loop_stalls": {cause: n for cause, n in self.stalls.stalls.items()},
         }
 
     def offload_states(self, now: float) -> dict[str, int]:

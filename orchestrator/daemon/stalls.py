@@ -11,7 +11,8 @@ Two cheap witnesses, always on:
 
 Each stall is one log line at info (at most LINES_PER_S a second, the rest counted) naming what
 ran in its window: the steps and collections that took STEP_S or more, and the background work
-(`busy`: the dumps under way). `counts()` gives the stalls per cause since the start."""
+(`busy`: the dumps under way). `counts()` gives the stalls per cause since the start, `spent()`
+every step's runs and time (`status --json`'s `loop_steps`: where a first packet's time goes)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class LoopStalls:
         self.stalls: collections.Counter[str] = collections.Counter()  # cause -> stalls
         self.worst: dict[str, float] = {}  # cause -> longest stall (seconds)
         self.lines = Throttle(LINES_PER_S)
+        self.runs: dict[str, list[float]] = {}  # step -> [runs, seconds], every run however short
         self._gc_began: float | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -59,6 +61,12 @@ class LoopStalls:
 
     def ran(self, what: str, began: float, ended: float) -> None:
         took = ended - began
+        runs = self.runs.get(what)
+        if runs is None:
+            self.runs[what] = [1, took]
+        else:
+            runs[0] += 1
+            runs[1] += took
         if took >= STEP_S:
             self.witnesses.append((ended, took, what))
         if took >= STALL_S:
@@ -106,6 +114,10 @@ class LoopStalls:
         return {
             cause: {"stalls": n, "worst_ms": round(self.worst[cause] * 1000, 1)} for cause, n in self.stalls.items()
         }
+
+    def spent(self) -> dict[str, dict[str, float]]:
+        """Each step's runs and their summed time since the start (seconds, to the microsecond)."""
+        return {what: {"runs": int(n), "seconds": round(t, 6)} for what, (n, t) in self.runs.items()}
 
     # -- the garbage collector's pauses -----------------------------------------------------------
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:

@@ -213,7 +213,17 @@ class Supervisor:
             "uptime_s": round(time.time() - self.started, 1),
             "queue": views.queue_summary(queue_stats(), self.config.nfqueue.queues),
         }
-        for key in ("sessions", "sessions_by_state", "servers", "labels", "counters", "dataplane_ops", "offload"):
+        for key in (
+            "sessions",
+            "sessions_by_state",
+            "servers",
+            "labels",
+            "counters",
+            "dataplane_ops",
+            "offload",
+            "loop_steps",
+            "loop_stalls",
+        ):
             values = [a[key] for a in present if key in a]
             if values:
                 out[key] = add_up(values)

@@ -8,7 +8,7 @@ from dataclasses import asdict, fields
 
 import pytest
 
-from orchestrator.lab.bench.balancer import label_range
+from orchestrator.lab.bench.balancer import label_range, step_means
 from orchestrator.lab.bench.kernel_limit import KernelLimit
 from orchestrator.lab.bench.result import GOALS, Latency, RateRun, SetupResult, build_result, format_table, goal_met
 from orchestrator.lab.bench.setup import BACKLOG, MAX_SAMPLES, MAX_SESSIONS, parse_args
@@ -31,9 +31,26 @@ JSON_KEYS = [
     "latency_repeats",
     "ratio_repeats",
     "latency_userspace",
+    "latency_loop_steps",
     "rate_rounds",
 ]
 RATIOS = ["sessions_vs_kernel_limit", "existing_vs_ipvs", "new_p99_vs_ipvs", "existing_p99_vs_ipvs"]
+
+
+STEPS = {"first-packet batch": {"runs": 100, "mean_ms": 2.5}}
+
+
+def test_the_loop_steps_of_a_window_are_the_difference_of_two_answers() -> None:
+    before = {"tick": {"runs": 5, "seconds": 0.01}, "batch: rtnetlink": {"runs": 10, "seconds": 0.02}}
+    after = {
+        "tick": {"runs": 5, "seconds": 0.01},  # did not run: left out
+        "batch: rtnetlink": {"runs": 14, "seconds": 0.03},
+        "batch: verdicts": {"runs": 4, "seconds": 0.002},  # first run in the window
+    }
+    assert step_means(before, after) == {
+        "batch: rtnetlink": {"runs": 4, "mean_ms": 2.5},
+        "batch: verdicts": {"runs": 4, "mean_ms": 0.5},
+    }
 
 
 def _result(existing_s: float = 0.5) -> SetupResult:
@@ -48,7 +65,7 @@ def _result(existing_s: float = 0.5) -> SetupResult:
         Latency([(0.030, 0.010)] * 49 + [(0.110, 0.012)]),
     ]
     their_runs = [Latency([(0.0105, 0.010)] * 49 + [(0.015, 0.010)])] * 2
-    return build_result(limit, ours, existing, theirs, our_runs, their_runs, {"sessions_started": 100})
+    return build_result(limit, ours, existing, theirs, our_runs, their_runs, {"sessions_started": 100}, STEPS)
 
 
 def test_result_rates_latencies_and_ratios() -> None:
@@ -74,6 +91,7 @@ def test_result_rates_latencies_and_ratios() -> None:
     assert d["ratio_repeats"]["new_p99_vs_ipvs"] == [round(70.8 / theirs["new"]["p99"], 3)] * 2
     assert d["ratio_repeats"]["existing_p99_vs_ipvs"] == [round(11.02 / theirs["existing"]["p99"], 3)] * 2
     assert d["latency_userspace"] == {"sessions_started": 100}
+    assert d["latency_loop_steps"] == STEPS
     assert d["rate_rounds"] == {"existing": [5000, 3333.3], "ipvs": [5000, 3333.3]}
     json.dumps(d)  # one JSON object, as --json prints it
 

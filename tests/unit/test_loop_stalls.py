@@ -130,3 +130,23 @@ def test_a_running_daemon_takes_the_gil_back_sooner_and_witnesses_its_stalls() -
         assert asyncio.run(scenario()) == 0
     assert seen == [(pytest.approx(loop.SWITCH_INTERVAL), True)]
     assert sys.getswitchinterval() == before and d.stalls._on_gc not in gc.callbacks
+
+
+def test_every_step_is_summed_however_short_and_status_says_so() -> None:
+    """`status --json`'s `loop_steps` (every run of every step, where a first packet's time
+    goes) and `loop_stalls` (the stalls by cause, counted past the log's cap)."""
+    clock = Clock()
+    s = LoopStalls(clock=clock)
+    for took in (0.001, 0.002, 0.06):
+        with s.step("first-packet batch"):
+            with s.step("batch: rtnetlink"):
+                clock.t += took
+    assert s.spent() == {
+        "batch: rtnetlink": {"runs": 3, "seconds": pytest.approx(0.063)},
+        "first-packet batch": {"runs": 3, "seconds": pytest.approx(0.063)},
+    }
+    d = balancer_daemon(config(), FakeProvider(["fab0"]))
+    d.stalls = s
+    status = d.status(clock.t)
+    assert status["loop_steps"] == s.spent()
+    assert status["loop_stalls"] == {"batch: rtnetlink": 1, "first-packet batch": 1}

@@ -202,5 +202,6 @@ def test_the_supervisor_answers_for_the_union_of_real_workers(tmp_path: Path) ->
     assert sorted(r["id"] for r in rows) == [1, 2, 3]  # worker 0: 1, 3; worker 1: 2
     assert status["sessions"] == 3 and [w["sessions"] for w in status["workers"]] == [2, 1]
     assert status["counters"]["sessions_started"] == 3 and status["labels"]["in_use"] == 3
+    assert status["loop_steps"]["batch: decide"]["runs"] == 2  # one batch each
     assert labels["labels"]["in_use"] == 3
     assert metrics.sessions_started == 3 and metrics.label_pairs["in_use"] == 3

@@ -84,11 +84,16 @@ def balancer_phase(
         )
         check_fast_path(balancer, counters)
         say("balancer: fast path checked; latency")
-        before = balancer.cli("status")["counters"]
+        status = balancer.cli("status")
+        before, steps_before = status["counters"], status["loop_steps"]
         stalls_before = len(stall_lines(balancer.log()))
         latencies = latency_runs(bed, beside)
         report_stalls(stall_lines(balancer.log())[stalls_before:])
-        after = balancer.cli("status")["counters"]
+        status = balancer.cli("status")
+        after = status["counters"]
+        bed.loop_steps = step_means(steps_before, status["loop_steps"])
+        batch = {k: v for k, v in bed.loop_steps.items() if k == "first-packet batch" or k.startswith("batch: ")}
+        say(f"balancer: the loop's first-packet batches over the latency runs (runs, mean ms): {batch}")
         bed.userspace = {k: after.get(k, 0) - before.get(k, 0) for k in ("sessions_started", "packets_userspace")}
         check_latency_path(bed, latencies["balancer"])
         say(f"balancer: latency done ({bed.userspace}); closing")
@@ -120,6 +125,17 @@ def latency_runs(bed: Testbed, beside: BalancerConfig | None) -> dict[str, list[
 def daemon_cpu(pid: int) -> float:
     """The daemon's CPU seconds so far (the lab's namespaces share the host's /proc)."""
     return cpu_seconds(Path(f"/proc/{pid}/stat").read_text(), os.sysconf("SC_CLK_TCK"))
+
+
+def step_means(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The steps that ran between two `status` answers' `loop_steps`: runs and mean ms each."""
+    out = {}
+    for step, now in after.items():
+        was = before.get(step, {"runs": 0, "seconds": 0.0})
+        runs = int(now["runs"] - was["runs"])
+        if runs:
+            out[step] = {"runs": runs, "mean_ms": round((now["seconds"] - was["seconds"]) * 1000 / runs, 3)}
+    return out
 
 
 def stall_lines(daemon_log: str) -> list[str]:

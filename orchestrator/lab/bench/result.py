@@ -94,6 +94,9 @@ class SetupResult:
     ratio_repeats: dict[str, list[float | None]]
     # The daemon's counters over the latency runs: new sessions and packets that reached it.
     latency_userspace: dict[str, int]
+    # The daemon's loop steps over the latency runs: step -> {runs, mean_ms} (where a new
+    # session's time goes: its first-packet batch and the batch's parts).
+    latency_loop_steps: dict[str, dict[str, float]]
     # (c) and (d) are several floods each (rounds): each round's connections per second.
     rate_rounds: dict[str, list[float]]
 
@@ -106,6 +109,7 @@ def build_result(
     our_runs: list[Latency],
     their_runs: list[Latency],
     userspace: dict[str, int] | None = None,
+    loop_steps: dict[str, dict[str, float]] | None = None,
 ) -> SetupResult:
     """All phases in one result, rounded as printed (rates to 0.1/s, times and ratios to 0.001).
     The latency figures pool every repeat's samples; `latency_repeats` and `ratio_repeats` give
@@ -164,6 +168,7 @@ def build_result(
             ],
         },
         latency_userspace=dict(userspace or {}),
+        latency_loop_steps=dict(loop_steps or {}),
         rate_rounds={
             "existing": [round(r.per_s, 1) for r in existing_rounds],
             "ipvs": [round(r.per_s, 1) for r in their_rounds],

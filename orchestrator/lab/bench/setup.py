@@ -66,7 +66,9 @@ def run(lab: Lab, sessions: int, samples: int, repeats: int) -> SetupResult:
     with backlog(BACKLOG):
         ours, existing, latencies = balancer_phase(bed, beside=config)
         theirs = ipvs_phase(bed, config, RATE_ROUNDS)
-    return build_result(limit, ours, existing, theirs, latencies["balancer"], latencies["ipvs"], bed.userspace)
+    return build_result(
+        limit, ours, existing, theirs, latencies["balancer"], latencies["ipvs"], bed.userspace, bed.loop_steps
+    )
 
 
 @contextlib.contextmanager

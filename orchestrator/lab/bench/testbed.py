@@ -94,6 +94,7 @@ class Testbed:
         self.fab_dev = lab.iface(self.balancer, towards=self.fabric)["dev"]
         self.aliases = alias_addresses(ALIAS_NET, samples * repeats)
         self.userspace: dict[str, int] = {}  # the daemon's counters over the latency runs
+        self.loop_steps: dict[str, dict[str, float]] = {}  # its loop's steps over them (step_means)
         self.sinks: list[subprocess.Popen[bytes]] = []
 
     def prepare_clients(self) -> None:

@@ -3,7 +3,7 @@
 The kernel tells an object's offload state only in a dump of it, and a dump of 500,000 sessions'
 filters and routes takes minutes of decoding: on the request path it made `status` take 35 s at
 60,000 sessions. So a background task dumps on a provider of its own (`Provider.twin`, sockets
-of its own) in a worker thread, and `status` and the metrics report the latest counts with their
+of its own) in a worker thread (daemon.background: the lowest CPU priority), and `status` and the metrics report the latest counts with their
 age. The next dump waits OFFLOAD_DUMP_EVERY seconds, or SPACING times as long as the last took,
 whichever is longer: dumping never takes more than about a tenth of the process's time."""
 
@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from orchestrator.daemon.background import Background
 from orchestrator.dataplane import ops
 
 log = logging.getLogger("mplsorch")
@@ -23,13 +24,20 @@ SPACING = 10.0  # ... and at least this many times the last dump's duration
 
 
 class OffloadSampler:
-    def __init__(self, count: Callable[[], dict[str, int]], close: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        count: Callable[[], dict[str, int]],
+        close: Callable[[], None] = lambda: None,
+        background: Background | None = None,
+    ) -> None:
         """`count`: our objects' offload counts as a dump of the kernel reports them
         (offload.counts; callable from another thread; Provider.offload_counts counts as it
         decodes, no list of every object); `close`: releases what `count` uses, called once no
-        dump runs any more."""
+        dump runs any more; `background`: the executor whose threads take the dumps (the
+        daemon's, at the lowest CPU priority; without one, asyncio's default executor)."""
         self._count = count
         self._close = close
+        self._background = background
         # One tuple, replaced whole: the loop's thread reads it while the worker thread writes it.
         self._latest: tuple[dict[str, int], float | None] = (dict.fromkeys(ops.OFFLOAD_STATES, 0), None)
         self.took: float = 0.0  # seconds the last dump took
@@ -69,7 +77,10 @@ class OffloadSampler:
     async def _run(self) -> None:
         while True:
             try:
-                await asyncio.to_thread(self.sample)
+                if self._background is not None:
+                    await self._background.run(self.sample)
+                else:
+                    await asyncio.to_thread(self.sample)
             except Exception as exc:  # a failed dump keeps the previous counts (and their age)
                 self.failures += 1
                 log.error("offload counts: the dump failed: %s: %s", type(exc).__name__, exc)

@@ -29,7 +29,7 @@ from orchestrator.core.balancer import Balancer, qdiscs
 from orchestrator.core.events import Action, FirstPacket, FlowTableResync
 from orchestrator.core.servers import AdminState
 from orchestrator.core.sessions import Session, SessionTable
-from orchestrator.daemon import node_setup, views
+from orchestrator.daemon import ethtool, node_setup, views
 from orchestrator.daemon.logs import Throttle, fields
 from orchestrator.daemon.loop import (
     SWEEP,
@@ -244,6 +244,7 @@ class BalancerDaemon(Daemon):
             lambda: twin.offload_counts(self.is_mine),
             twin.close if twin is not self.provider else lambda: None,
             self.background_work,
+            self.can_offload,
         )
         self.offload.start()
         self.runner = HealthRunner(self.on_health_result, self.checker)
@@ -369,6 +370,15 @@ class BalancerDaemon(Daemon):
             gc.collect()
             gc.freeze()
             self.frozen_at = size
+
+    def can_offload(self) -> bool:
+        """Whether a device our filters are on takes tc filters into hardware now (hw-tc-offload
+        on; label routes are never offloaded): without one, no object of ours is in hardware."""
+        for qdisc in qdiscs(self.config):
+            feature = ethtool.feature(qdisc.dev, node_setup.TC_OFFLOAD)
+            if feature is not None and feature.active:
+                return True
+        return False
 
     def offload_states(self, now: float) -> dict[str, int]:
         """The counts of the latest background dump (daemon.offload_sampler), never a dump on

@@ -21,6 +21,11 @@ from orchestrator.dataplane import ops
 log = logging.getLogger("mplsorch")
 OFFLOAD_DUMP_EVERY = 10.0  # seconds between dumps at least
 SPACING = 10.0  # ... and at least this many times the last dump's duration
+# While no device our filters are on can take a filter into hardware (`capable`: hw-tc-offload
+# off on each), none is there and none gets there: the dump, which at 10,000 sessions took the
+# lab VM's one CPU for most of a second, is taken this seldom; as soon as one can, every
+# OFFLOAD_DUMP_EVERY again. The counts stay the kernel's, their age says how old.
+OFFLOAD_IDLE_EVERY = 300.0
 
 
 class OffloadSampler:
@@ -29,12 +34,15 @@ class OffloadSampler:
         count: Callable[[], dict[str, int]],
         close: Callable[[], None] = lambda: None,
         background: Background | None = None,
+        capable: Callable[[], bool] = lambda: True,
     ) -> None:
         """`count`: our objects' offload counts as a dump of the kernel reports them
         (offload.counts; callable from another thread; Provider.offload_counts counts as it
         decodes, no list of every object); `close`: releases what `count` uses, called once no
         dump runs any more; `background`: the executor whose threads take the dumps (the
-        daemon's, at the lowest CPU priority; without one, asyncio's default executor)."""
+        daemon's, at the lowest CPU priority; without one, asyncio's default executor);
+        `capable`: whether a device of our filters can offload one now (OFFLOAD_IDLE_EVERY)."""
+        self._capable = capable
         self._count = count
         self._close = close
         self._background = background
@@ -71,11 +79,26 @@ class OffloadSampler:
     def wait(self) -> float:
         return max(OFFLOAD_DUMP_EVERY, SPACING * self.took)
 
+    def due(self, now: float) -> bool:
+        """Whether the next dump is due (monotonic `now`), asked every OFFLOAD_DUMP_EVERY or
+        more (`wait`): always while a device can offload, else OFFLOAD_IDLE_EVERY after the last."""
+        taken = self._latest[1]
+        if taken is None or now - taken >= OFFLOAD_IDLE_EVERY:
+            return True
+        try:
+            return self._capable()
+        except Exception as exc:  # unknown: dump as if one could
+            log.debug("offload counts: whether a device can offload is unknown: %s", exc)
+            return True
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="offload sampler")
 
     async def _run(self) -> None:
         while True:
+            if not self.due(time.monotonic()):
+                await asyncio.sleep(self.wait())
+                continue
             try:
                 if self._background is not None:
                     await self._background.run(self.sample)

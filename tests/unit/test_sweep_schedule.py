@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from orchestrator.core.events import FlowsEnded, FlowTableResync
-from orchestrator.daemon import background, loop
+from orchestrator.daemon import background, loop, offload_sampler
 from orchestrator.dataplane.fake import FakeProvider
 from tests.unit.conftest import ScriptedConntrack, balancer_daemon, config
 
@@ -129,3 +129,53 @@ def test_the_daemons_dumps_run_in_the_background_threads_at_the_lowest_priority(
     assert default_priority == "unchanged"  # the default executor's threads were never lowered
     assert d.core.counters["conntrack_sweeps"] == 1 and d.core.counters["conntrack_expiries"] == 1
     assert threading.current_thread().name == "MainThread" and background.priority() == "unchanged"
+
+
+def test_the_offload_sampler_dumps_seldom_while_no_device_can_offload() -> None:
+    """No device of our filters with hw-tc-offload on: no object of ours can be in hardware, so
+    after the first dump the next waits OFFLOAD_IDLE_EVERY; once one can, every check dumps."""
+    capable: list[bool | None] = [False]  # None: the check fails
+
+    def can() -> bool:
+        if capable[0] is None:
+            raise OSError(19, "No such device")
+        return capable[0]
+
+    dumps: list[int] = []
+
+    def count() -> dict[str, int]:
+        dumps.append(1)
+        return {"not_in_hw": 4}
+
+    sampler = offload_sampler.OffloadSampler(count, capable=can)
+    assert sampler.due(time.monotonic())  # before the first dump, whatever the devices say
+    sampler.sample()
+    now = time.monotonic()
+    assert not sampler.due(now) and not sampler.due(now + offload_sampler.OFFLOAD_IDLE_EVERY - 1)
+    assert sampler.due(now + offload_sampler.OFFLOAD_IDLE_EVERY + 1)
+    capable[0] = True
+    assert sampler.due(now)
+    capable[0] = None
+    assert sampler.due(now)  # unknown: dumped as if a device could offload
+    assert sampler.counts()["not_in_hw"] == 4 and dumps == [1]
+
+
+def test_the_balancer_can_offload_only_with_hw_tc_offload_on_a_device_of_its_filters(
+    monkeypatch: Any,
+) -> None:
+    from orchestrator.daemon import ethtool
+
+    active = {"fab0": False, "lan0": True}
+    asked: list[str] = []
+
+    def feature(dev: str, name: str) -> ethtool.Feature | None:
+        asked.append(dev)
+        assert name == "hw-tc-offload"
+        return ethtool.Feature(True, active[dev]) if dev in active else None
+
+    monkeypatch.setattr(ethtool, "feature", feature)
+    d = balancer_daemon(config(), FakeProvider(["lan0", "fab0"]))
+    assert not d.can_offload()  # fab0 off; lan0 carries no filter of the example's
+    assert "lan0" not in asked and "fab0" in asked
+    active["fab0"] = True
+    assert d.can_offload()

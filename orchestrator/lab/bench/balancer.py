@@ -86,8 +86,12 @@ def balancer_phase(
         say("balancer: fast path checked; latency")
         before = balancer.cli("status")["counters"]
         stalls_before = len(stall_lines(balancer.log()))
+        sweeps_before = len(sweep_lines(balancer.log()))
         latencies = latency_runs(bed, beside)
         report_stalls(stall_lines(balancer.log())[stalls_before:])
+        for line in sweep_lines(balancer.log())[sweeps_before:]:
+            say("balancer: " + line.partition("conntrack sweep: ")[2])
+        say(f"balancer: sweeps over the latency runs: {counted(before, balancer.cli('status')['counters'])}")
         after = balancer.cli("status")["counters"]
         bed.userspace = {k: after.get(k, 0) - before.get(k, 0) for k in ("sessions_started", "packets_userspace")}
         check_latency_path(bed, latencies["balancer"])
@@ -125,6 +129,16 @@ def daemon_cpu(pid: int) -> float:
 def stall_lines(daemon_log: str) -> list[str]:
     """The daemon's `loop stall` lines (daemon.stalls)."""
     return [line for line in daemon_log.splitlines() if "loop stall:" in line]
+
+
+def sweep_lines(daemon_log: str) -> list[str]:
+    """The daemon's full conntrack sweeps (flows, dump time, its thread's CPU)."""
+    return [line for line in daemon_log.splitlines() if "conntrack sweep: " in line and "live flows" in line]
+
+
+def counted(before: dict[str, int], after: dict[str, int]) -> str:
+    """The full sweeps and the kernel's expiry passes between two status answers."""
+    return ", ".join(f"{k} {after.get(k, 0) - before.get(k, 0)}" for k in ("conntrack_sweeps", "conntrack_expiries"))
 
 
 def report_stalls(lines: list[str]) -> None:

@@ -123,9 +123,10 @@ def test_the_daemons_dumps_run_in_the_background_threads_at_the_lowest_priority(
     listener.close()
     assert [c[0] for c in listener.calls] == ["sweep", "expire"]
     assert offload_threads
+    lowest = ("idle", "nice 19")  # SCHED_IDLE, or nice 19 where the system refuses it
     for _, thread, priority in listener.calls:
-        assert thread.startswith(background.NAME) and priority == "idle"
-    assert all(t.startswith(background.NAME) and p == "idle" for t, p in offload_threads)
+        assert thread.startswith(background.NAME) and priority in lowest
+    assert all(t.startswith(background.NAME) and p in lowest for t, p in offload_threads)
     assert default_priority == "unchanged"  # the default executor's threads were never lowered
     assert d.core.counters["conntrack_sweeps"] == 1 and d.core.counters["conntrack_expiries"] == 1
     assert threading.current_thread().name == "MainThread" and background.priority() == "unchanged"

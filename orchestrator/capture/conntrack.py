@@ -12,6 +12,7 @@ for ours only instead of copying a router's whole table to userspace."""
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 from typing import NamedTuple
@@ -54,6 +55,7 @@ __all__ = [
     "CTA_MARK_MASK",
     "CT_MASK",
     "CT_TAG",
+    "NO_FLOW",
     "ConntrackListener",
     "event_flow",
     "event_message",
@@ -62,6 +64,7 @@ __all__ = [
 ]
 
 CT_TAG, CT_MASK = 0x6D600000, 0xFFF00000  # "m`" in the high 12 bits of the conntrack mark
+NO_FLOW = (1, 0)  # (mark, mask): no mark under mask 0 is 1, so a dump with it reports no flow
 
 
 def parse_flow(body: memoryview) -> FlowKey | None:
@@ -299,6 +302,33 @@ class ConntrackListener:
         follow on the event socket and find nothing left to end)."""
         return FlowTableResync(self.dump(), sweep=True)
 
+    def expire(self) -> None:
+        """The kernel ends the expired entries a dump walks past (their destroy events follow on
+        the event socket and end the flows there). This dump asks for a mark no flow can carry
+        (NO_FLOW: CTA_MARK 1 under CTA_MARK_MASK 0): the kernel walks the whole table, both
+        families, and answers with its end only, so no flow is copied or decoded."""
+        with open_netlink(NETLINK_NETFILTER, self._netns) as sock:
+            sock.bind((0, 0))
+            body = nla.NFGENMSG.pack(socket.AF_UNSPEC, 0, 0) + mark_filter(*NO_FLOW)
+            sock.send(
+                nla.message(
+                    NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, socket.AF_UNSPEC, body
+                )
+            )
+            buf = bytearray(1 << 16)
+            while True:
+                size = sock.recv_into(buf)
+                offset = 0
+                while offset + 16 <= size:
+                    length, kind = _NLMSG.unpack_from(buf, offset)
+                    if length < 16 or kind in (NLMSG_DONE, NLMSG_ERROR):
+                        if kind == NLMSG_ERROR and length >= 20:
+                            code = -struct.unpack_from("=i", buf, offset + 16)[0]
+                            if code:
+                                raise OSError(code, f"conntrack expiry dump: {os.strerror(code)}")
+                        return
+                    offset += (length + 3) & ~3
+
     def dump(self) -> frozenset[FlowKey]:
         """Our flows (CT_TAG) in the table, on a socket of its own (events keep arriving on ours)."""
         live: set[FlowKey] = set()
@@ -369,6 +399,7 @@ def event_message(kind: int, flow: FlowKey, mark: int | None, flow_id: int = 1) 
     return nla.message(NFNL_SUBSYS_CTNETLINK << 8 | kind, 0, 0, body)
 
 
-def mark_filter() -> bytes:
-    """The dump request's attributes that make the kernel report only flows tagged CT_TAG."""
-    return nla.attr(CTA_MARK, struct.pack("!I", CT_TAG)) + nla.attr(CTA_MARK_MASK, struct.pack("!I", CT_MASK))
+def mark_filter(mark: int = CT_TAG, mask: int = CT_MASK) -> bytes:
+    """The dump request's attributes that make the kernel report only flows whose conntrack
+    mark under `mask` is `mark`: by default those tagged CT_TAG."""
+    return nla.attr(CTA_MARK, struct.pack("!I", mark)) + nla.attr(CTA_MARK_MASK, struct.pack("!I", mask))

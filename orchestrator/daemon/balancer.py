@@ -26,15 +26,13 @@ from orchestrator.config.load import ConfigError, load_balancer_config
 from orchestrator.config.model import BalancerConfig
 from orchestrator.core import commands, shards
 from orchestrator.core.balancer import Balancer, qdiscs
-from orchestrator.core.events import Action, FirstPacket
+from orchestrator.core.events import Action, FirstPacket, FlowTableResync
 from orchestrator.core.servers import AdminState
 from orchestrator.core.sessions import Session, SessionTable
-from orchestrator.daemon import node_setup, views
+from orchestrator.daemon import ethtool, node_setup, views
 from orchestrator.daemon.logs import Throttle, fields
 from orchestrator.daemon.loop import (
-    RETRY_SWEEP,
     SWEEP,
-    SWEEP_SPACING,
     Capture,
     Command,
     Daemon,
@@ -63,6 +61,13 @@ Filter = ops.FlowerFilter | ops.U32Filter
 GC_THRESHOLDS = (20_000, 20, 20)
 FREEZE_GROWTH = 1.25
 FREEZE_MIN = 10_000  # sessions: below, the defaults' collections cost nothing worth avoiding
+
+
+def _timed(conntrack: Any) -> tuple[FlowTableResync, float]:
+    """A full sweep's dump and the CPU seconds its thread spent on it (the kernel's and ours)."""
+    began = time.thread_time()
+    resync: FlowTableResync = conntrack.sweep()
+    return resync, time.thread_time() - began
 
 
 class BalancerDaemon(Daemon):
@@ -236,7 +241,10 @@ class BalancerDaemon(Daemon):
         twin = self.provider.twin()
         self.offload_provider = twin
         self.offload = OffloadSampler(
-            lambda: twin.offload_counts(self.is_mine), twin.close if twin is not self.provider else lambda: None
+            lambda: twin.offload_counts(self.is_mine),
+            twin.close if twin is not self.provider else lambda: None,
+            self.background_work,
+            self.can_offload,
         )
         self.offload.start()
         self.runner = HealthRunner(self.on_health_result, self.checker)
@@ -274,15 +282,18 @@ class BalancerDaemon(Daemon):
                 self.member.flush()
 
     def background(self) -> list[str]:
-        return [name for name, on in (("conntrack dump", self.sweeping), ("offload dump", self.offload.busy)) if on]
+        sweeping = [] if self.sweeping is None else [self.sweeping.get_name()]
+        return sweeping + (["offload dump"] if self.offload.busy else [])
 
     def sweep(self) -> None:
-        """The conntrack sweep (Daemon.sweep), its dump in a thread: at 260,000 flows the dump's
-        decoding took the loop for tens of seconds, first packets waiting. Pending events are
-        read first; flows that start or end while the dump runs are noted by the core
-        (`sweep_begins`), so the older dump neither ends nor revives them; the resync then runs
-        on the loop a slice of flows at a time (core.SweepResync), first packets served between
-        slices. Outside a running loop (tests), the dump is taken at once as before."""
+        """The conntrack sweep (Daemon.sweep), its dump in a background thread (daemon.background:
+        the lowest CPU priority): at 260,000 flows a full dump's decoding took the loop for tens
+        of seconds, first packets waiting. Pending events are read first. Most sweeps are the
+        kernel's expiry pass only, which gives back no flow. For a full one, flows that start or
+        end while the dump runs are noted by the core (`sweep_begins`), so the older dump neither
+        ends nor revives them; the resync then runs on the loop a slice of flows at a time
+        (core.SweepResync), first packets served between slices. Outside a running loop (tests),
+        the dump is taken at once as before."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -291,22 +302,41 @@ class BalancerDaemon(Daemon):
         if self.sweeping is not None:
             return  # one at a time
         began = time.monotonic()
+        full = self.full_sweep_due()
         self.next_sweep = began + SWEEP
         self._on_conntrack()
-        self.core.sweep_begins()
-        self.sweeping = loop.create_task(self._sweep(began), name="conntrack sweep")
+        if full:
+            self.core.sweep_begins()
+            self.sweeping = loop.create_task(self._sweep(began), name="conntrack sweep")
+        else:
+            self.sweeping = loop.create_task(self._expire(began), name="conntrack expiry")
+
+    async def _expire(self, began: float) -> None:
+        try:
+            assert self.conntrack is not None
+            planned = self.next_sweep
+            try:
+                await self.background_work.run(self.conntrack.expire)
+            except Exception as exc:
+                self.expiry_failed(exc)
+                return
+            self.core.count("conntrack_expiries")
+            self.swept(began, planned, full=False)
+        finally:
+            self.sweeping = None
 
     async def _sweep(self, began: float) -> None:
         try:
             assert self.conntrack is not None
+            planned = self.next_sweep
             try:
-                resync = await asyncio.to_thread(self.conntrack.sweep)
+                resync, cpu = await self.background_work.run(lambda: _timed(self.conntrack))
             except Exception as exc:
                 log.error("conntrack sweep failed: %s: %s", type(exc).__name__, exc)
                 self.core.count("conntrack_errors")
-                self.next_sweep = min(self.next_sweep, time.monotonic() + RETRY_SWEEP)
+                self.retry_sweep()
                 return
-            planned = self.next_sweep
+            dumped = time.monotonic()
             steps = self.core.sweep_resync(resync.live)
             while True:
                 try:
@@ -315,14 +345,20 @@ class BalancerDaemon(Daemon):
                 except Exception as exc:  # a bug: the next sweep, soon, tries again
                     log.error("conntrack sweep failed: %s: %s", type(exc).__name__, exc)
                     self.core.count("conntrack_errors")
-                    self.next_sweep = min(self.next_sweep, time.monotonic() + RETRY_SWEEP)
+                    self.retry_sweep()
                     return
                 if done:
                     break
                 await asyncio.sleep(0)  # what is ready (first packets) runs between slices
-            ended = time.monotonic()
-            if self.next_sweep >= planned:  # no failed read asked for an early retry
-                self.next_sweep = max(planned, ended + SWEEP_SPACING * (ended - began))
+            log.info(
+                "conntrack sweep: %d live flows of ours; dump %.3f s (its thread's CPU %.3f s), resync %.3f s",
+                len(resync.live),
+                dumped - began,
+                cpu,
+                time.monotonic() - dumped,
+                extra=fields(event="conntrack_sweep", flows=len(resync.live)),
+            )
+            self.swept(began, planned, full=True)
         finally:
             self.core.sweep_done()
             self.sweeping = None
@@ -334,6 +370,15 @@ class BalancerDaemon(Daemon):
             gc.collect()
             gc.freeze()
             self.frozen_at = size
+
+    def can_offload(self) -> bool:
+        """Whether a device our filters are on takes tc filters into hardware now (hw-tc-offload
+        on; label routes are never offloaded): without one, no object of ours is in hardware."""
+        for qdisc in qdiscs(self.config):
+            feature = ethtool.feature(qdisc.dev, node_setup.TC_OFFLOAD)
+            if feature is not None and feature.active:
+                return True
+        return False
 
     def offload_states(self, now: float) -> dict[str, int]:
         """The counts of the latest background dump (daemon.offload_sampler), never a dump on

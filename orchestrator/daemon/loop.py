@@ -29,6 +29,7 @@ from orchestrator.config.server_model import ServerConfig
 from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowsStarted, FlowTableResync, PacketVerdict
 from orchestrator.core.servers import BadCommand
 from orchestrator.daemon import logs, node_setup
+from orchestrator.daemon.background import Background
 from orchestrator.daemon.control import ControlServer
 from orchestrator.daemon.logs import fields
 from orchestrator.daemon.stalls import LoopStalls
@@ -46,6 +47,12 @@ from orchestrator.metrics import (
 log = logging.getLogger("mplsorch")
 TICK = 0.25
 SWEEP = 10.0  # seconds between conntrack sweeps: how late at most a flow's end is noticed
+# Most sweeps only make the kernel end its expired entries (ConntrackListener.expire: a dump that
+# reports no flow; their destroy events end the flows). Every FULL_SWEEP seconds, and the first
+# time, a full sweep reads our live flows back and resyncs the core with them: what events could
+# have missed without an ENOBUFS (which resyncs at once) or a failed read (a full sweep soon).
+# At 40,000 flows a full sweep's decoding took the lab VM's one CPU for a few hundred ms.
+FULL_SWEEP = 60.0
 # A sweep dumps every live flow of ours (500,000 at issue 15's scale: seconds of decoding on the
 # loop): the next one waits at least this many times as long as the last took, so sweeps never
 # take more than a tenth of the loop; the bound on a flow's end grows with the table instead.
@@ -91,6 +98,8 @@ class FlowSource(Protocol):
     def read(self) -> list[FlowsStarted | FlowsEnded | FlowTableResync]: ...
 
     def sweep(self) -> FlowTableResync: ...
+
+    def expire(self) -> None: ...
 
     def dump(self) -> frozenset[FlowKey]: ...
 
@@ -153,6 +162,7 @@ class Daemon:
         self.op_results: dict[str, int] = {"ok": 0, "error": 0}
         self.batch_duration = DurationHistogram()
         self.next_sweep = time.monotonic() + SWEEP
+        self.next_full_sweep = self.next_sweep  # the first sweep is a full one
         self.notify = systemd.notifier()
         self.next_watchdog = 0.0
         self.seen_overruns = 0
@@ -160,6 +170,7 @@ class Daemon:
         self.snapshot = LatestSnapshot()
         self.metrics: MetricsEndpoint | None = None
         self.stalls = LoopStalls(self.background)  # the loop's long steps and lateness (daemon.stalls)
+        self.background_work = Background()  # the dumps' threads, at the lowest CPU priority
 
     def program(self, operations: list[ops.Operation], why: str) -> list[ops.OpResult]:
         """Apply one batch; its duration feeds the metrics, each failure is logged with its reason."""
@@ -436,6 +447,7 @@ class Daemon:
             sys.setswitchinterval(switch_interval)
             await self.stalls.stop()
             await self.stop_tasks()
+            self.background_work.close()
             loop.remove_reader(self.queue.fileno())
             loop.remove_reader(self.conntrack.fileno())
             await control.stop()
@@ -466,15 +478,52 @@ class Daemon:
 
     def sweep(self) -> None:
         """Expired flows end now rather than when conntrack's garbage collector gets to them.
-        Pending destroy events are read first, so the dump is never older than what the core knows."""
+        Pending destroy events are read first, so the dump is never older than what the core
+        knows. A full sweep when one is due (`full_sweep_due`), else the kernel's expiry only."""
         assert self.conntrack is not None
         began = time.monotonic()
+        full = self.full_sweep_due()
         planned = self.next_sweep = began + SWEEP
         self._on_conntrack()
-        self._flow_events(lambda: [self.conntrack.sweep()] if self.conntrack else [])
+        if full:
+            self._flow_events(lambda: [self.conntrack.sweep()] if self.conntrack else [])
+        else:
+            try:
+                self.conntrack.expire()
+                self.core.count("conntrack_expiries")
+            except Exception as exc:
+                self.expiry_failed(exc)
+        self.swept(began, planned, full)
+
+    def full_sweep_due(self) -> bool:
+        """Whether the sweep that starts now reads the live flows back: the one planned
+        (`next_sweep`) is at or past the full sweep's time (FULL_SWEEP, or a retry's)."""
+        return self.next_sweep >= self.next_full_sweep
+
+    def swept(self, began: float, planned: float, full: bool) -> None:
+        """A sweep that began at `began` is done: the next waits SWEEP (FULL_SWEEP for a full
+        one), or SWEEP_SPACING times as long as this one took, whichever is longer; unless a
+        failure asked for an early retry (`retry_sweep`)."""
         ended = time.monotonic()
-        if self.next_sweep >= planned:  # no failed read asked for an early retry
-            self.next_sweep = max(planned, ended + SWEEP_SPACING * (ended - began))
+        if self.next_sweep < planned:
+            return
+        spaced = ended + SWEEP_SPACING * (ended - began)
+        self.next_sweep = max(planned, spaced)
+        if full:
+            self.next_full_sweep = max(began + FULL_SWEEP, spaced)
+
+    def retry_sweep(self) -> None:
+        """A conntrack read or dump failed: what it would have told is in the table, so a full
+        sweep soon reads it back and no flow's end is lost with the failure."""
+        soon = time.monotonic() + RETRY_SWEEP
+        self.next_sweep = min(self.next_sweep, soon)
+        self.next_full_sweep = min(self.next_full_sweep, soon)
+
+    def expiry_failed(self, exc: Exception) -> None:
+        """The kernel's expiry pass failed: logged, counted, and a full sweep soon."""
+        log.error("conntrack expiry dump failed: %s: %s", type(exc).__name__, exc)
+        self.core.count("conntrack_errors")
+        self.retry_sweep()
 
     def _flow_events(self, read: Callable[[], list[FlowsStarted | FlowsEnded | FlowTableResync]]) -> None:
         try:
@@ -485,9 +534,7 @@ class Daemon:
             log.error("conntrack events failed: %s: %s", type(exc).__name__, exc)
             log.debug("conntrack failure", exc_info=True)
             self.core.count("conntrack_errors")
-            # What the failed read would have told is in the table: a sweep soon reads it back,
-            # so no flow's end is lost with the failure.
-            self.next_sweep = min(self.next_sweep, time.monotonic() + RETRY_SWEEP)
+            self.retry_sweep()
             return
         for event in events:
             if isinstance(event, FlowTableResync) and not event.sweep:

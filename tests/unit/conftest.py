@@ -247,6 +247,7 @@ class ScriptedConntrack(_Pipe):
         super().__init__()
         self.live = frozenset(live)
         self.events: list[FlowsEnded | FlowTableResync] = []
+        self.expiries = 0  # the kernel's expiry passes asked for (ConntrackListener.expire)
 
     def read(self) -> list[FlowsEnded | FlowTableResync]:
         events, self.events = self.events, []
@@ -254,6 +255,9 @@ class ScriptedConntrack(_Pipe):
 
     def sweep(self) -> FlowTableResync:
         return FlowTableResync(self.live, sweep=True)
+
+    def expire(self) -> None:
+        self.expiries += 1
 
     def dump(self) -> frozenset[FlowKey]:
         return self.live

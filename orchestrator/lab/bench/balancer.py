@@ -87,10 +87,14 @@ def balancer_phase(
         status = balancer.cli("status")
         before, steps_before = status["counters"], status["loop_steps"]
         stalls_before = len(stall_lines(balancer.log()))
+        sweeps_before = len(sweep_lines(balancer.log()))
         latencies = latency_runs(bed, beside)
         report_stalls(stall_lines(balancer.log())[stalls_before:])
+        for line in sweep_lines(balancer.log())[sweeps_before:]:
+            say("balancer: " + line.partition("conntrack sweep: ")[2])
         status = balancer.cli("status")
         after = status["counters"]
+        say(f"balancer: sweeps over the latency runs: {counted(before, after)}")
         bed.loop_steps = step_means(steps_before, status["loop_steps"])
         batch = {k: v for k, v in bed.loop_steps.items() if k == "first-packet batch" or k.startswith("batch: ")}
         say(f"balancer: the loop's first-packet batches over the latency runs (runs, mean ms): {batch}")
@@ -141,6 +145,16 @@ def step_means(before: dict[str, dict[str, float]], after: dict[str, dict[str, f
 def stall_lines(daemon_log: str) -> list[str]:
     """The daemon's `loop stall` lines (daemon.stalls)."""
     return [line for line in daemon_log.splitlines() if "loop stall:" in line]
+
+
+def sweep_lines(daemon_log: str) -> list[str]:
+    """The daemon's full conntrack sweeps (flows, dump time, its thread's CPU)."""
+    return [line for line in daemon_log.splitlines() if "conntrack sweep: " in line and "live flows" in line]
+
+
+def counted(before: dict[str, int], after: dict[str, int]) -> str:
+    """The full sweeps and the kernel's expiry passes between two status answers."""
+    return ", ".join(f"{k} {after.get(k, 0) - before.get(k, 0)}" for k in ("conntrack_sweeps", "conntrack_expiries"))
 
 
 def report_stalls(lines: list[str]) -> None:

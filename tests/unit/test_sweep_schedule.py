@@ -1,0 +1,182 @@
+"""Which conntrack sweep reads the live flows back, and where the dumps run (issue 15: every
+stall of the loop over the latency runs had the sweep's dump under way): a full sweep first,
+then every FULL_SWEEP, and soon after a failed read or dump; the kernel's expiry pass (a dump
+that reports no flow) in between; both dumps and the offload sampler's in the background
+executor's threads, at the lowest CPU priority, never in asyncio's default executor's."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+from orchestrator.core.events import FlowsEnded, FlowTableResync
+from orchestrator.daemon import background, loop, offload_sampler
+from orchestrator.dataplane.fake import FakeProvider
+from tests.unit.conftest import ScriptedConntrack, balancer_daemon, config
+
+
+class Recording(ScriptedConntrack):
+    """Says which dump ran, in which thread, at which CPU priority."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str, str]] = []  # (dump, thread, priority)
+
+    def _note(self, what: str) -> None:
+        self.calls.append((what, threading.current_thread().name, background.priority()))
+
+    def sweep(self) -> FlowTableResync:
+        self._note("sweep")
+        return super().sweep()
+
+    def expire(self) -> None:
+        self._note("expire")
+        super().expire()
+
+
+def test_a_full_sweep_first_then_expiry_passes_until_the_next_full_one() -> None:
+    d = balancer_daemon(config(), FakeProvider(["fab0"]))
+    d.conntrack = listener = Recording()
+    d.sweep()  # the first: full
+    assert [c[0] for c in listener.calls] == ["sweep"] and d.core.counters["conntrack_sweeps"] == 1
+    now = time.monotonic()
+    assert loop.SWEEP - 1 < d.next_sweep - now <= loop.SWEEP
+    assert loop.FULL_SWEEP - 1 < d.next_full_sweep - now <= loop.FULL_SWEEP
+    for _ in range(3):  # the next ones, SWEEP apart, before FULL_SWEEP: the kernel's expiry only
+        d.sweep()
+    assert [c[0] for c in listener.calls] == ["sweep", "expire", "expire", "expire"]
+    assert listener.expiries == d.core.counters["conntrack_expiries"] == 3
+    assert d.core.counters["conntrack_sweeps"] == 1
+    d.next_sweep = d.next_full_sweep  # FULL_SWEEP later
+    d.sweep()
+    assert listener.calls[-1][0] == "sweep" and d.core.counters["conntrack_sweeps"] == 2
+    listener.close()
+
+
+def test_a_failed_conntrack_read_makes_the_next_sweep_a_full_one_soon() -> None:
+    class Failing(Recording):
+        def read(self) -> list[FlowsEnded | FlowTableResync]:
+            raise OSError(105, "No buffer space available")
+
+    d = balancer_daemon(config(), FakeProvider(["fab0"]))
+    d.conntrack = listener = Failing()
+    d.next_full_sweep = time.monotonic() + loop.FULL_SWEEP  # a full sweep was just done
+    assert not d.full_sweep_due()
+    d._on_conntrack()
+    assert d.core.counters["conntrack_errors"] == 1
+    assert d.next_sweep - time.monotonic() <= loop.RETRY_SWEEP and d.full_sweep_due()
+    listener.close()
+
+
+def test_a_failed_expiry_pass_is_counted_and_a_full_sweep_follows_soon() -> None:
+    class Failing(Recording):
+        def expire(self) -> None:
+            raise OSError(22, "Invalid argument")
+
+    d = balancer_daemon(config(), FakeProvider(["fab0"]))
+    d.conntrack = listener = Failing()
+    d.next_full_sweep = time.monotonic() + loop.FULL_SWEEP
+    d.sweep()
+    assert d.core.counters["conntrack_errors"] == 1 and "conntrack_expiries" not in d.core.counters
+    assert d.next_sweep - time.monotonic() <= loop.RETRY_SWEEP and d.full_sweep_due()
+    d.sweep()
+    assert [c[0] for c in listener.calls] == ["sweep"] and d.core.counters["conntrack_sweeps"] == 1
+    listener.close()
+
+
+def test_the_daemons_dumps_run_in_the_background_threads_at_the_lowest_priority() -> None:
+    """In a running loop: the full sweep's dump, the expiry pass and the offload sampler's dump
+    each in a thread of the daemon's background executor, under SCHED_IDLE; asyncio's default
+    executor's threads keep their priority."""
+    kernel = FakeProvider(["lan0", "fab0"])
+    offload_threads: list[tuple[str, str]] = []
+    counts = kernel.offload_counts
+
+    def offload_counts(keep: Any = None) -> dict[str, int]:
+        offload_threads.append((threading.current_thread().name, background.priority()))
+        return counts(keep)
+
+    kernel.offload_counts = offload_counts  # type: ignore[method-assign]
+    d = balancer_daemon(config(), kernel)
+    d.conntrack = listener = Recording()
+
+    async def scenario() -> str:
+        await d.start_tasks()
+        try:
+            for _ in range(2):  # a full sweep, then an expiry pass
+                d.sweep()
+                task = d.sweeping
+                assert task is not None
+                await task
+            for _ in range(50):
+                if offload_threads:
+                    break
+                await asyncio.sleep(0.05)
+            return await asyncio.to_thread(background.priority)
+        finally:
+            await d.stop_tasks()
+            d.background_work.close()
+
+    default_priority = asyncio.run(scenario())
+    listener.close()
+    assert [c[0] for c in listener.calls] == ["sweep", "expire"]
+    assert offload_threads
+    lowest = ("idle", "nice 19")  # SCHED_IDLE, or nice 19 where the system refuses it
+    for _, thread, priority in listener.calls:
+        assert thread.startswith(background.NAME) and priority in lowest
+    assert all(t.startswith(background.NAME) and p in lowest for t, p in offload_threads)
+    assert default_priority == "unchanged"  # the default executor's threads were never lowered
+    assert d.core.counters["conntrack_sweeps"] == 1 and d.core.counters["conntrack_expiries"] == 1
+    assert threading.current_thread().name == "MainThread" and background.priority() == "unchanged"
+
+
+def test_the_offload_sampler_dumps_seldom_while_no_device_can_offload() -> None:
+    """No device of our filters with hw-tc-offload on: no object of ours can be in hardware, so
+    after the first dump the next waits OFFLOAD_IDLE_EVERY; once one can, every check dumps."""
+    capable: list[bool | None] = [False]  # None: the check fails
+
+    def can() -> bool:
+        if capable[0] is None:
+            raise OSError(19, "No such device")
+        return capable[0]
+
+    dumps: list[int] = []
+
+    def count() -> dict[str, int]:
+        dumps.append(1)
+        return {"not_in_hw": 4}
+
+    sampler = offload_sampler.OffloadSampler(count, capable=can)
+    assert sampler.due(time.monotonic())  # before the first dump, whatever the devices say
+    sampler.sample()
+    now = time.monotonic()
+    assert not sampler.due(now) and not sampler.due(now + offload_sampler.OFFLOAD_IDLE_EVERY - 1)
+    assert sampler.due(now + offload_sampler.OFFLOAD_IDLE_EVERY + 1)
+    capable[0] = True
+    assert sampler.due(now)
+    capable[0] = None
+    assert sampler.due(now)  # unknown: dumped as if a device could offload
+    assert sampler.counts()["not_in_hw"] == 4 and dumps == [1]
+
+
+def test_the_balancer_can_offload_only_with_hw_tc_offload_on_a_device_of_its_filters(
+    monkeypatch: Any,
+) -> None:
+    from orchestrator.daemon import ethtool
+
+    active = {"fab0": False, "lan0": True}
+    asked: list[str] = []
+
+    def feature(dev: str, name: str) -> ethtool.Feature | None:
+        asked.append(dev)
+        assert name == "hw-tc-offload"
+        return ethtool.Feature(True, active[dev]) if dev in active else None
+
+    monkeypatch.setattr(ethtool, "feature", feature)
+    d = balancer_daemon(config(), FakeProvider(["lan0", "fab0"]))
+    assert not d.can_offload()  # fab0 off; lan0 carries no filter of the example's
+    assert "lan0" not in asked and "fab0" in asked
+    active["fab0"] = True
+    assert d.can_offload()

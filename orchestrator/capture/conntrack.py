@@ -62,6 +62,11 @@ __all__ = [
 ]
 
 CT_TAG, CT_MASK = 0x6D600000, 0xFFF00000  # "m`" in the high 12 bits of the conntrack mark
+# The event socket's receive buffer. The daemon reads it on its loop's tick (daemon.loop: every
+# 0.25 s, not when it turns readable), so it holds a tick's events of the fast path's busiest
+# moments: an event takes about 1.2 KB of it (an skb each), 32 MB about 27,000 events, where
+# `lab bench setup`'s (d) flood brings about 4,000 a tick. Memory only while events wait.
+EVENTS_RCVBUF = 32 << 20
 
 
 def parse_flow(body: memoryview) -> FlowKey | None:
@@ -236,7 +241,7 @@ class ConntrackListener:
     """Destroy events of one network namespace's conntrack table; with `new_events`, also the
     new-flow events of our tagged flows (the balancer's fast path: flows it never saw)."""
 
-    def __init__(self, netns: str | None = None, rcvbuf: int = 8 << 20, new_events: bool = False) -> None:
+    def __init__(self, netns: str | None = None, rcvbuf: int = EVENTS_RCVBUF, new_events: bool = False) -> None:
         self._netns = netns
         self._sock = open_netlink(NETLINK_NETFILTER, netns, rcvbuf)
         self._sock.bind((0, 0))

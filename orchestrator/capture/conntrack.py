@@ -64,8 +64,9 @@ __all__ = [
 CT_TAG, CT_MASK = 0x6D600000, 0xFFF00000  # "m`" in the high 12 bits of the conntrack mark
 # The event socket's receive buffer. The daemon reads it on its loop's tick (daemon.loop: every
 # 0.25 s, not when it turns readable), so it holds a tick's events of the fast path's busiest
-# moments: an event takes about 1.2 KB of it (an skb each), 32 MB about 27,000 events, where
-# `lab bench setup`'s (d) flood brings about 4,000 a tick. Memory only while events wait.
+# moments: an event takes an estimated 1-1.5 KB of it (an skb each; not measured), so 32 MB some
+# 20,000-30,000 events, where `lab bench setup`'s (d) flood brings about 4,000 a tick. Memory
+# only while events wait.
 EVENTS_RCVBUF = 32 << 20
 
 

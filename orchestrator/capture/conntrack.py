@@ -65,6 +65,12 @@ __all__ = [
 
 CT_TAG, CT_MASK = 0x6D600000, 0xFFF00000  # "m`" in the high 12 bits of the conntrack mark
 NO_FLOW = (1, 0)  # (mark, mask): no mark under mask 0 is 1, so a dump with it reports no flow
+# The event socket's receive buffer. The daemon reads it on its loop's tick (daemon.loop: every
+# 0.25 s, not when it turns readable), so it holds a tick's events of the fast path's busiest
+# moments: an event takes an estimated 1-1.5 KB of it (an skb each; not measured), so 32 MB some
+# 20,000-30,000 events, where `lab bench setup`'s (d) flood brings about 4,000 a tick. Memory
+# only while events wait.
+EVENTS_RCVBUF = 32 << 20
 
 
 def parse_flow(body: memoryview) -> FlowKey | None:
@@ -239,7 +245,7 @@ class ConntrackListener:
     """Destroy events of one network namespace's conntrack table; with `new_events`, also the
     new-flow events of our tagged flows (the balancer's fast path: flows it never saw)."""
 
-    def __init__(self, netns: str | None = None, rcvbuf: int = 8 << 20, new_events: bool = False) -> None:
+    def __init__(self, netns: str | None = None, rcvbuf: int = EVENTS_RCVBUF, new_events: bool = False) -> None:
         self._netns = netns
         self._sock = open_netlink(NETLINK_NETFILTER, netns, rcvbuf)
         self._sock.bind((0, 0))

@@ -64,6 +64,12 @@ RETRY_SWEEP = 1.0  # after a failed conntrack read: the sweep that recovers what
 # default is 5 ms; on the 2-core host, a batch of 8 system calls beside a CPU-bound thread took
 # p99 100-145 ms at 5 ms, 20-38 ms at 1 ms and 0.4-26 ms at 0.5 ms (docs/lab.md).
 SWITCH_INTERVAL = 0.0005
+# Conntrack events are read on the loop's tick (TICK), never when their socket turns readable:
+# the new-flow event of a flow the kernel's fast path admits comes while that flow's first packet
+# is on its way (an existing session's connect), and a daemon woken by it took the one CPU of a
+# small machine from that connect (0.59-0.68 ms against 0.38-0.41 with the daemon stopped,
+# IPVS's 0.37-0.40 either way; a read put off by 5 ms after the wake-up did no better: docs/lab.md).
+# The socket's buffer (capture.conntrack, EVENTS_RCVBUF) holds many ticks of a flood's events.
 
 
 class FlowCore(Protocol):
@@ -414,7 +420,6 @@ class Daemon:
         for sig, flag in ((signal.SIGHUP, "reload"), (signal.SIGTERM, "stop"), (signal.SIGINT, "stop")):
             loop.add_signal_handler(sig, self.flag, flag)
         loop.add_reader(self.queue.fileno(), self.on_packets)
-        loop.add_reader(self.conntrack.fileno(), self._on_conntrack)
         control = ControlServer(self.control_socket, self.answer, self.config.node.control_group)
         self.control = control
         with start_step(f"control socket {self.control_socket}"):
@@ -437,6 +442,7 @@ class Daemon:
                     self.notify.reloading()
                     self.do_reload()
                     self.notify.ready(self.running_message())
+                self._on_conntrack()  # the tick's events first: no session ends on an unread flow
                 if time.monotonic() >= self.next_sweep:
                     with self.stalls.step("conntrack sweep"):
                         self.sweep()
@@ -449,7 +455,6 @@ class Daemon:
             await self.stop_tasks()
             self.background_work.close()
             loop.remove_reader(self.queue.fileno())
-            loop.remove_reader(self.conntrack.fileno())
             await control.stop()
             self.queue.close()
             self.conntrack.close()

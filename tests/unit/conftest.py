@@ -23,7 +23,15 @@ from orchestrator.config.server_model import ServerConfig
 from orchestrator.core.agent import ServerAgent
 from orchestrator.core.balancer import Balancer, Commit, Plan, qdiscs
 from orchestrator.core.client_agent import ClientAgent
-from orchestrator.core.events import Action, FirstPacket, FlowKey, FlowsEnded, FlowTableResync, LabelledPacket
+from orchestrator.core.events import (
+    Action,
+    FirstPacket,
+    FlowKey,
+    FlowsEnded,
+    FlowsStarted,
+    FlowTableResync,
+    LabelledPacket,
+)
 from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.daemon.client import ClientDaemon
 from orchestrator.daemon.loop import Capture
@@ -246,10 +254,10 @@ class ScriptedConntrack(_Pipe):
     def __init__(self, live: Iterable[FlowKey] = ()) -> None:
         super().__init__()
         self.live = frozenset(live)
-        self.events: list[FlowsEnded | FlowTableResync] = []
         self.expiries = 0  # the kernel's expiry passes asked for (ConntrackListener.expire)
+        self.events: list[FlowsStarted | FlowsEnded | FlowTableResync] = []
 
-    def read(self) -> list[FlowsEnded | FlowTableResync]:
+    def read(self) -> list[FlowsStarted | FlowsEnded | FlowTableResync]:
         events, self.events = self.events, []
         return events
 

@@ -1,17 +1,29 @@
 """The session table: affinity between a client key and a service, with its labels and server.
-Indexed by (service, key) for new packets and by flow for conntrack's destroy events."""
+
+Sessions are rows in columns (issue 15: memory per session): each field an `array` of numbers,
+names (service, VIP, protocol, server, owner) as indexes into one table of strings, a session
+keyed by its IPv4 client address (the common case) with that address as a number and found by
+it in an `IntMap` (service index << 32 | address), its first flow kept in its row (its source
+port; the rest follows from its key, VIP, protocol and port). What only some sessions have (any
+other key, a second flow, other client addresses, stored objects) sits in side dicts by row.
+A `Session` is a light view of a row, made on access (one per row while anyone holds it); one
+that is not in a table, or was removed from it, holds its fields itself."""
 
 from __future__ import annotations
 
-import collections
 import enum
-import itertools
-from dataclasses import dataclass, field
-from typing import Protocol
+import math
+import weakref
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, Protocol, TypeVar, overload
 
-from orchestrator.analyze.keys import SessionKey
+from orchestrator.analyze.keys import SessionKey, SessionKeyKind
 from orchestrator.core.events import FlowKey
+from orchestrator.core.intmap import IntMap
 from orchestrator.dataplane import ops
+from orchestrator.ipproto import BY_NAME
 
 
 class State(enum.StrEnum):
@@ -21,6 +33,14 @@ class State(enum.StrEnum):
     CLOSING = "closing"  # removed; its objects are being deleted
 
 
+_STATES = tuple(State)
+_STATE_INDEX = {s: i for i, s in enumerate(_STATES)}
+_FREE = 255  # the state column of a row no session holds
+_KINDS = tuple(SessionKeyKind)
+_KIND_INDEX = {k: i for i, k in enumerate(_KINDS)}
+_ODD = 255  # the kind column of a session whose key is in the side dict (not an IPv4 client address)
+
+
 class Derives(Protocol):
     """What a session's kernel objects follow from besides its row (core.balancer.Shape: the
     configuration in force when they were made)."""
@@ -28,47 +48,322 @@ class Derives(Protocol):
     def objects(self, session: Session) -> list[ops.DataplaneObject]: ...
 
 
-@dataclass(slots=True)
-class Session:
-    """One row of the session table (mutable inside the core; exported via `view()`)."""
+def v4(text: str) -> int:
+    """The IPv4 address `text` as a number if it is one in inet_ntop's form, else -1 (such a
+    number gives back exactly `text`, see `ntop`)."""
+    parts = text.split(".")
+    if len(parts) != 4:
+        return -1
+    try:
+        a, b, c, d = (int(p) for p in parts)
+    except ValueError:
+        return -1
+    if 0 <= a < 256 and 0 <= b < 256 and 0 <= c < 256 and 0 <= d < 256 and f"{a}.{b}.{c}.{d}" == text:
+        return a << 24 | b << 16 | c << 8 | d
+    return -1
 
-    id: int
-    service: str
-    key: SessionKey
-    vip: str
-    protocol: str
-    port: int | None
-    server: str
-    c2s: int
-    created: float
-    last_seen: float
-    state: State = State.OPENING
-    # Its live flows (read them as `flows`): None, the one flow, or a set of two or more; most
-    # sessions have one, and an empty set alone is 216 bytes (issue 15: memory per session).
-    live: FlowKey | set[FlowKey] | None = None
-    ends_at: float | None = None
-    # Its addresses with a C2S filter (read and set them as `clients`): None, the one address,
-    # or a list of two or more; most sessions have one, and a list of one is 88 bytes (issue 15).
-    addresses: str | list[str] | None = None
-    # Its objects in the kernel: `stored`, or None when `shape` derives them from the row and
-    # `hop` (issue 15: a copy of every object was 820 of the 1,950 bytes of a session). Read
-    # and set them as `objects`.
-    stored: list[ops.DataplaneObject] | None = field(default_factory=list)
-    shape: Derives | None = None
-    hop: ops.NextHop | None = None  # its S2C route's next hop (a derived session's only client)
-    flows_total: int = 0  # flows it has had: through the daemon or the kernel's fast path
-    packets_userspace: int = 0  # its first packets that went through the daemon
+
+def ntop(n: int) -> str:
+    return f"{n >> 24}.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+
+
+T = TypeVar("T")
+Number = int | float
+
+
+def _plain(t: SessionTable, v: Number) -> Any:
+    return v
+
+
+def _plain_in(t: SessionTable, v: Any) -> Number:
+    return v  # type: ignore[no-any-return]
+
+
+def _opt_int(t: SessionTable, v: Number) -> Any:
+    return None if v < 0 else v
+
+
+def _opt_int_in(t: SessionTable, v: Any) -> Number:
+    return -1 if v is None else v  # type: ignore[no-any-return]
+
+
+def _opt_float(t: SessionTable, v: Number) -> Any:
+    return None if v != v else v  # NaN: None
+
+
+def _opt_float_in(t: SessionTable, v: Any) -> Number:
+    return math.nan if v is None else v  # type: ignore[no-any-return]
+
+
+def _name(t: SessionTable, v: Number) -> Any:
+    return t._names[int(v)]
+
+
+def _name_in(t: SessionTable, v: Any) -> Number:
+    return t._name_index(v)
+
+
+def _state(t: SessionTable, v: Number) -> Any:
+    return _STATES[int(v)]
+
+
+def _state_in(t: SessionTable, v: Any) -> Number:
+    return _STATE_INDEX[v]
+
+
+_Codec = tuple[Callable[["SessionTable", Number], Any], Callable[["SessionTable", Any], Number]]
+_PLAIN: _Codec = (_plain, _plain_in)
+_OPT_INT: _Codec = (_opt_int, _opt_int_in)
+_OPT_FLOAT: _Codec = (_opt_float, _opt_float_in)
+_NAME: _Codec = (_name, _name_in)
+_STATE: _Codec = (_state, _state_in)
+
+# A session's fields kept as one number each: name -> (array type code, codec).
+COLUMNS: dict[str, tuple[str, _Codec]] = {
+    "id": ("q", _PLAIN),
+    "service": ("H", _NAME),
+    "vip": ("H", _NAME),
+    "protocol": ("H", _NAME),
+    "port": ("i", _OPT_INT),
+    "server": ("H", _NAME),
+    "c2s": ("i", _PLAIN),
+    "created": ("d", _PLAIN),
+    "last_seen": ("d", _PLAIN),
+    "state": ("B", _STATE),
+    "ends_at": ("d", _OPT_FLOAT),
+    "flows_total": ("I", _PLAIN),
+    "packets_userspace": ("I", _PLAIN),
+    "embryonic_until": ("d", _OPT_FLOAT),
+    "sport": ("i", _OPT_INT),
+    "label_packets": ("q", _OPT_INT),
+    "label_check_at": ("d", _OPT_FLOAT),
+    "owner": ("H", _NAME),
+}
+# Columns of what the side dicts complete: the key's kind (_ODD: the key is in `_odd_keys`) and
+# IPv4 client address; the first flow's source port (-1: none in the row); the client addresses
+# (0: none, 1: the key's client, 2: in `_addresses`); the shape and next hop (indexes into
+# `_things`, 0: none; no shape: the objects are in `_stored`).
+INNER = {"kind": "B", "address": "I", "flow_sport": "i", "clients": "B", "shape": "H", "hop": "H"}
+
+
+class _Column(Generic[T]):
+    """A field of a Session: its column's number, or the field itself in a detached session."""
+
+    __slots__ = ("name", "decode", "encode")
+
+    def __init__(self) -> None:
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+        self.decode, self.encode = COLUMNS[name][1]
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _Column[T]: ...
+    @overload
+    def __get__(self, obj: Session, owner: type | None = None) -> T: ...
+    def __get__(self, obj: Session | None, owner: type | None = None) -> T | _Column[T]:
+        if obj is None:
+            return self
+        t = obj._t
+        if t is None:
+            return obj._d[self.name]  # type: ignore[no-any-return]
+        return self.decode(t, t._columns[self.name][obj._r])  # type: ignore[no-any-return]
+
+    def __set__(self, obj: Session, value: T) -> None:
+        t = obj._t
+        if t is None:
+            obj._d[self.name] = value
+        else:
+            t._columns[self.name][obj._r] = self.encode(t, value)
+
+
+_NO_STORED: list[ops.DataplaneObject] = []  # the default of `stored`: copied, never kept
+FIELDS = (
+    "id service key vip protocol port server c2s created last_seen state live ends_at addresses stored shape"
+    " hop flows_total packets_userspace embryonic_until sport label_packets label_check_at owner"
+).split()
+
+
+class Session:
+    """One row of the session table (mutable inside the core; exported via `view()`): a view of
+    the row while it is in a table, its own fields before (and after removal)."""
+
+    __slots__ = ("_t", "_r", "_d", "__weakref__")
+
+    id: _Column[int] = _Column()
+    service: _Column[str] = _Column()
+    vip: _Column[str] = _Column()
+    protocol: _Column[str] = _Column()
+    port: _Column[int | None] = _Column()
+    server: _Column[str] = _Column()
+    c2s: _Column[int] = _Column()
+    created: _Column[float] = _Column()
+    last_seen: _Column[float] = _Column()
+    state: _Column[State] = _Column()
+    ends_at: _Column[float | None] = _Column()
+    flows_total: _Column[int] = _Column()  # flows it has had: through the daemon or the kernel's fast path
+    packets_userspace: _Column[int] = _Column()  # its first packets that went through the daemon
     # Embryonic (TCP): until when its client may send nothing past its first packet; None once
     # it did (or never for a session that is not checked). See Balancer.embryonic_due.
-    embryonic_until: float | None = None
-    sport: int | None = None  # its first flow's source port (a five-tuple session's filter matches it)
+    embryonic_until: _Column[float | None] = _Column()
+    sport: _Column[int | None] = _Column()  # its first flow's source port (a five-tuple session's filter matches it)
     # A label-aware session's liveness (Balancer.liveness_due): the packets its liveness filters
     # had counted at the last check (None: not read yet), and when the next check is due (None:
     # none pending; its flows, or its persistence, decide its end as for any session).
-    label_packets: int | None = None
-    label_check_at: float | None = None
-    owner: str | None = None  # cluster mode: the member that owns it in the shared table (None: this one)
+    label_packets: _Column[int | None] = _Column()
+    label_check_at: _Column[float | None] = _Column()
+    owner: _Column[str | None] = _Column()  # cluster mode: the member that owns it in the shared table (None: this one)
 
+    def __init__(
+        self,
+        id: int,
+        service: str,
+        key: SessionKey,
+        vip: str,
+        protocol: str,
+        port: int | None,
+        server: str,
+        c2s: int,
+        created: float,
+        last_seen: float,
+        state: State = State.OPENING,
+        live: FlowKey | set[FlowKey] | None = None,
+        ends_at: float | None = None,
+        addresses: str | list[str] | None = None,
+        stored: list[ops.DataplaneObject] | None = _NO_STORED,
+        shape: Derives | None = None,
+        hop: ops.NextHop | None = None,
+        flows_total: int = 0,
+        packets_userspace: int = 0,
+        embryonic_until: float | None = None,
+        sport: int | None = None,
+        label_packets: int | None = None,
+        label_check_at: float | None = None,
+        owner: str | None = None,
+    ) -> None:
+        self._t: SessionTable | None = None
+        self._r = -1
+        self._d: dict[str, Any] = dict(
+            id=id,
+            service=service,
+            key=key,
+            vip=vip,
+            protocol=protocol,
+            port=port,
+            server=server,
+            c2s=c2s,
+            created=created,
+            last_seen=last_seen,
+            state=state,
+            live=live,
+            ends_at=ends_at,
+            addresses=addresses,
+            stored=[] if stored is _NO_STORED else stored,
+            shape=shape,
+            hop=hop,
+            flows_total=flows_total,
+            packets_userspace=packets_userspace,
+            embryonic_until=embryonic_until,
+            sport=sport,
+            label_packets=label_packets,
+            label_check_at=label_check_at,
+            owner=owner,
+        )
+
+    def fields(self) -> dict[str, Any]:
+        """Every field by name (a copy)."""
+        return {name: getattr(self, name) for name in FIELDS}
+
+    def __repr__(self) -> str:
+        return f"Session({', '.join(f'{k}={v!r}' for k, v in self.fields().items())})"
+
+    # -- the fields the side dicts complete ----------------------------------------------------
+    @property
+    def key(self) -> SessionKey:
+        t = self._t
+        if t is None:
+            return self._d["key"]  # type: ignore[no-any-return]
+        return t._key(self._r)
+
+    @property
+    def live(self) -> FlowKey | set[FlowKey] | None:
+        """Its live flows: None, the one flow, or a set of two or more (read them as `flows`;
+        the table changes them: SessionTable.add_flow, end_flow)."""
+        t = self._t
+        if t is None:
+            return self._d["live"]  # type: ignore[no-any-return]
+        return t._live(self._r)
+
+    @property
+    def addresses(self) -> str | list[str] | None:
+        """Its addresses with a C2S filter (read and set them as `clients`): None, the one
+        address, or a list of two or more."""
+        t = self._t
+        if t is None:
+            return self._d["addresses"]  # type: ignore[no-any-return]
+        return t._addresses_of(self._r)
+
+    @addresses.setter
+    def addresses(self, value: str | list[str] | None) -> None:
+        t = self._t
+        if t is None:
+            self._d["addresses"] = value
+        else:
+            t._set_addresses(self._r, value)
+
+    # Its objects in the kernel: `stored`, or None when `shape` derives them from the row and
+    # `hop` (issue 15: a copy of every object was 820 of the 1,950 bytes of a session). Read
+    # and set them as `objects`.
+    @property
+    def stored(self) -> list[ops.DataplaneObject] | None:
+        t = self._t
+        if t is None:
+            return self._d["stored"]  # type: ignore[no-any-return]
+        return t._stored_of(self._r)
+
+    @stored.setter
+    def stored(self, value: list[ops.DataplaneObject] | None) -> None:
+        t = self._t
+        if t is None:
+            self._d["stored"] = value
+        elif value is None:
+            t._stored.pop(self._r, None)
+        else:
+            t._stored[self._r] = value
+
+    @property
+    def shape(self) -> Derives | None:
+        t = self._t
+        if t is None:
+            return self._d["shape"]  # type: ignore[no-any-return]
+        return t._things[t._inner["shape"][self._r]]  # type: ignore[return-value]
+
+    @shape.setter
+    def shape(self, value: Derives | None) -> None:
+        t = self._t
+        if t is None:
+            self._d["shape"] = value
+        else:
+            t._inner["shape"][self._r] = t._thing_index(value)
+
+    @property
+    def hop(self) -> ops.NextHop | None:
+        """Its S2C route's next hop (a derived session's only client)."""
+        t = self._t
+        if t is None:
+            return self._d["hop"]  # type: ignore[no-any-return]
+        return t._things[t._inner["hop"][self._r]]  # type: ignore[return-value]
+
+    @hop.setter
+    def hop(self, value: ops.NextHop | None) -> None:
+        t = self._t
+        if t is None:
+            self._d["hop"] = value
+        else:
+            t._inner["hop"][self._r] = t._thing_index(value)
+
+    # -- derived --------------------------------------------------------------------------------
     @property
     def s2c(self) -> int:
         return self.c2s + 1
@@ -100,7 +395,7 @@ class Session:
         if addresses is None:
             self.addresses = client
         elif isinstance(addresses, list):
-            addresses.append(client)
+            self.addresses = [*addresses, client]
         else:
             self.addresses = [addresses, client]
 
@@ -112,10 +407,12 @@ class Session:
     def objects(self) -> list[ops.DataplaneObject]:
         """Its objects in the kernel; a derived session's are made anew on each read, so change
         them only by assigning (or `materialize` first)."""
-        if self.stored is not None:
-            return self.stored
-        assert self.shape is not None
-        return self.shape.objects(self)
+        stored = self.stored
+        if stored is not None:
+            return stored
+        shape = self.shape
+        assert shape is not None
+        return shape.objects(self)
 
     @objects.setter
     def objects(self, objects: list[ops.DataplaneObject]) -> None:
@@ -125,8 +422,9 @@ class Session:
         """Its objects stored from now on (before they change in place); returns them."""
         if self.stored is None:
             self.objects = self.objects
-        assert self.stored is not None
-        return self.stored
+        stored = self.stored
+        assert stored is not None
+        return stored
 
     def derive(self, shape: Derives, hop: ops.NextHop) -> bool:
         """Keep no copy of its objects if `shape` derives exactly them; True if so."""
@@ -139,12 +437,14 @@ class Session:
 
     def view(self) -> dict[str, object]:
         """The documented JSON row of `mplsorch sessions --json`."""
+        clients = self.clients
+        key = self.key
         return {
             "id": self.id,
-            "client": self.clients[-1] if self.clients else self.key.client,
-            "clients": list(self.clients),
-            "key": self.key.value,
-            "key_kind": str(self.key.kind),
+            "client": clients[-1] if clients else key.client,
+            "clients": clients,
+            "key": key.value,
+            "key_kind": str(key.kind),
             "service": self.service,
             "vip": self.vip,
             "protocol": self.protocol,
@@ -169,84 +469,290 @@ class Session:
 class SessionTable:
     def __init__(self, first_id: int = 1, id_step: int = 1) -> None:
         """New ids are first_id, first_id + id_step, ... (a worker's ids: core.shards)."""
-        # service -> key -> session: no (service, key) tuple per session (56 bytes each)
-        self._by_key: dict[str, dict[str, Session]] = {}
-        self._by_flow: dict[FlowKey, Session] = {}
-        self._by_id: dict[int, Session] = {}
+        self._columns: dict[str, array[Any]] = {name: array(code) for name, (code, _) in COLUMNS.items()}
+        self._inner: dict[str, array[int]] = {name: array(code) for name, code in INNER.items()}
+        self._free = array("i")  # rows no session holds, reused last freed first
+        self._names: list[str | None] = [None]  # index 0: None
+        self._name_at: dict[str, int] = {}
+        self._things: list[object] = [None]  # shapes and next hops, by identity; index 0: None
+        self._thing_at: dict[int, int] = {}
+        self._by_key = IntMap()  # service index << 32 | IPv4 client address -> row
+        self._by_id = IntMap()  # id -> row
+        # What only some sessions have, by row: another key (and its index by (service index,
+        # value)), flows besides the one in the row (and their index), client addresses other
+        # than the key's, stored objects.
+        self._odd_keys: dict[int, SessionKey] = {}
+        self._by_odd_key: dict[tuple[int, str], int] = {}
+        self._more_flows: dict[int, set[FlowKey]] = {}
+        self._by_flow: dict[FlowKey, int] = {}
+        self._addresses: dict[int, str | list[str]] = {}
+        self._stored: dict[int, list[ops.DataplaneObject]] = {}
+        # (VIP, protocol number, port) -> service indexes: where a flow kept in a row is looked for
+        self._services_at: dict[tuple[str, int, int], list[int]] = {}
+        self._views: weakref.WeakValueDictionary[int, Session] = weakref.WeakValueDictionary()
         self._next_id = first_id
         self._id_step = id_step
         # Sessions per (server, service), per server and per service: admission and the
         # schedulers ask for them on every new session, so they must not cost a scan.
-        self._counts: collections.Counter[tuple[str | None, str | None]] = collections.Counter()
+        self._counts: Counter[tuple[str | None, str | None]] = Counter()
         # Sessions per state (status and the metrics): kept as states change (set_state), so
         # that asking costs no walk of the table.
-        self._states: collections.Counter[State] = collections.Counter()
+        self._states: Counter[State] = Counter()
 
+    # -- shared tables -----------------------------------------------------------------------------
+    def _name_index(self, name: str | None) -> int:
+        if name is None:
+            return 0
+        i = self._name_at.get(name)
+        if i is None:
+            i = self._name_at[name] = len(self._names)
+            self._names.append(name)
+        return i
+
+    def _thing_index(self, thing: object) -> int:
+        if thing is None:
+            return 0
+        i = self._thing_at.get(id(thing))
+        if i is None:
+            i = self._thing_at[id(thing)] = len(self._things)
+            self._things.append(thing)  # kept: its id stays its own
+        return i
+
+    def _view(self, row: int) -> Session:
+        view = self._views.get(row)
+        if view is None:
+            view = Session.__new__(Session)
+            view._t, view._r, view._d = self, row, {}
+            self._views[row] = view
+        return view
+
+    # -- rows ------------------------------------------------------------------------------------
+    def _key(self, row: int) -> SessionKey:
+        kind = self._inner["kind"][row]
+        if kind == _ODD:
+            return self._odd_keys[row]
+        text = ntop(self._inner["address"][row])
+        return SessionKey(_KINDS[kind], text, text)
+
+    def _primary(self, row: int) -> FlowKey | None:
+        """The flow kept in the row, if any."""
+        inner = self._inner
+        sport = inner["flow_sport"][row]
+        if sport < 0:
+            return None
+        c, names = self._columns, self._names
+        vip, protocol = names[c["vip"][row]], names[c["protocol"][row]]
+        assert vip is not None and protocol is not None
+        return FlowKey(BY_NAME[protocol], ntop(inner["address"][row]), vip, sport, c["port"][row])
+
+    def _live(self, row: int) -> FlowKey | set[FlowKey] | None:
+        primary, more = self._primary(row), self._more_flows.get(row)
+        if not more:
+            return primary
+        if primary is None:
+            return set(more) if len(more) > 1 else next(iter(more))
+        return {primary, *more}
+
+    def _addresses_of(self, row: int) -> str | list[str] | None:
+        mode = self._inner["clients"][row]
+        if mode == 0:
+            return None
+        if mode == 1:
+            return ntop(self._inner["address"][row])
+        return self._addresses[row]
+
+    def _set_addresses(self, row: int, value: str | list[str] | None) -> None:
+        inner = self._inner
+        self._addresses.pop(row, None)
+        if value is None:
+            inner["clients"][row] = 0
+        elif isinstance(value, str) and inner["kind"][row] != _ODD and v4(value) == inner["address"][row]:
+            inner["clients"][row] = 1
+        else:
+            inner["clients"][row] = 2
+            self._addresses[row] = value
+
+    def _stored_of(self, row: int) -> list[ops.DataplaneObject] | None:
+        if self._inner["shape"][row]:
+            return self._stored.get(row)
+        return self._stored.setdefault(row, [])
+
+    def _flow_row(self, flow: FlowKey) -> int:
+        """The row that holds `flow` in itself (-1: none)."""
+        if flow.sport is None or flow.dport is None:
+            return -1
+        services = self._services_at.get((flow.dst, flow.proto, flow.dport))
+        if services is None:
+            return -1
+        address = v4(flow.src)
+        if address < 0:
+            return -1
+        for service in services:
+            row = self._by_key.get(service << 32 | address)
+            if row >= 0 and self._inner["flow_sport"][row] == flow.sport and self._primary(row) == flow:
+                return row
+        return -1
+
+    def _may_hold(self, row: int, flow: FlowKey) -> bool:
+        """Whether `flow` can be kept in the row (its row has none, and it is the client's flow
+        to the session's VIP, protocol and port)."""
+        inner, c, names = self._inner, self._columns, self._names
+        if inner["flow_sport"][row] >= 0 or inner["kind"][row] == _ODD or flow.sport is None or flow.sport < 0:
+            return False
+        protocol = names[c["protocol"][row]]
+        return (
+            flow.dport is not None
+            and c["port"][row] == flow.dport
+            and protocol in BY_NAME
+            and BY_NAME[protocol] == flow.proto
+            and names[c["vip"][row]] == flow.dst
+            and v4(flow.src) == inner["address"][row]
+        )
+
+    # -- the table -----------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(list(self._by_id.values()))
+    def _rows(self) -> Iterator[int]:
+        state = self._columns["state"]
+        return (row for row in range(len(state)) if state[row] != _FREE)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter([self._view(row) for row in self._rows()])
 
     def page(self, offset: int, limit: int | None) -> list[Session]:
         """Sessions in table order, `offset` skipped, at most `limit` (all without one)."""
-        return list(itertools.islice(self._by_id.values(), offset, None if limit is None else offset + limit))
+        out: list[Session] = []
+        for i, row in enumerate(self._rows()):
+            if limit is not None and len(out) >= limit:
+                break
+            if i >= offset:
+                out.append(self._view(row))
+        return out
 
     def new_id(self) -> int:
         self._next_id += self._id_step
         return self._next_id - self._id_step
 
     def get(self, service: str, key: str) -> Session | None:
-        keys = self._by_key.get(service)
-        return None if keys is None else keys.get(key)
+        index = self._name_at.get(service)
+        if index is None:
+            return None
+        address = v4(key)
+        if address >= 0:
+            row = self._by_key.get(index << 32 | address)
+            if row >= 0:
+                return self._view(row)
+        row = self._by_odd_key.get((index, key), -1)
+        return None if row < 0 else self._view(row)
 
     def by_flow(self, flow: FlowKey) -> Session | None:
-        return self._by_flow.get(flow)
+        row = self._by_flow.get(flow)
+        if row is None:
+            row = self._flow_row(flow)
+        return None if row < 0 else self._view(row)
 
     def by_id(self, session_id: int) -> Session | None:
-        return self._by_id.get(session_id)
+        row = self._by_id.get(session_id)
+        return None if row < 0 else self._view(row)
 
     def add(self, session: Session) -> None:
-        if session.id not in self._by_id:
-            self._count(session, 1)
-            self._states[session.state] += 1
-        self._by_key.setdefault(session.service, {})[session.key.value] = session
-        self._by_id[session.id] = session
+        if session._t is self:  # in the table already
+            return
+        if session._t is not None:  # another table's: this one takes a copy of its row
+            session._d = session.fields()
+            session._t.remove(session)
+        f = session._d
+        old = self._by_id.get(f["id"])
+        if old >= 0:
+            self.remove(self._view(old))
+        row = self._free.pop() if self._free else len(self._columns["id"])
+        for name, (_, (_, encode)) in COLUMNS.items():
+            column = self._columns[name]
+            value = encode(self, f[name])
+            if row == len(column):
+                column.append(value)
+            else:
+                column[row] = value
+        inner = self._inner
+        if row == len(inner["kind"]):
+            for column in inner.values():
+                column.append(0)
+        key: SessionKey = f["key"]
+        service = self._name_index(f["service"])
+        address = v4(key.value) if key.value == key.client else -1
+        if address >= 0:
+            inner["kind"][row], inner["address"][row] = _KIND_INDEX[key.kind], address
+            self._by_key.put(service << 32 | address, row)
+            port, protocol = f["port"], BY_NAME.get(f["protocol"])
+            if port is not None and protocol is not None:
+                at = self._services_at.setdefault((f["vip"], protocol, port), [])
+                if service not in at:
+                    at.append(service)
+        else:
+            inner["kind"][row], inner["address"][row] = _ODD, 0
+            self._odd_keys[row] = key
+            self._by_odd_key[(service, key.value)] = row
+        inner["flow_sport"][row] = -1
+        self._by_id.put(f["id"], row)
+        session._t, session._r, session._d = self, row, {}
+        self._views[row] = session
+        session.addresses = f["addresses"]
+        session.shape, session.hop = f["shape"], f["hop"]
+        if f["stored"] is not None:
+            session.stored = f["stored"]
+        live = f["live"]
+        for flow in live if isinstance(live, set) else () if live is None else (live,):
+            self._hold(row, flow)
+        self._count(session, 1)
+        self._states[session.state] += 1
         if session.id >= self._next_id:  # the next id of ours above it
             self._next_id = session.id + 1 + (self._next_id - session.id - 1) % self._id_step
 
+    def _hold(self, row: int, flow: FlowKey) -> bool:
+        """The row's session has `flow` (True: it did not before)."""
+        if self._may_hold(row, flow):
+            assert flow.sport is not None
+            self._inner["flow_sport"][row] = flow.sport
+            return True
+        if self._primary(row) == flow:
+            return False
+        more = self._more_flows.setdefault(row, set())
+        if flow in more:
+            return False
+        more.add(flow)
+        self._by_flow[flow] = row
+        return True
+
     def add_flow(self, session: Session, flow: FlowKey, now: float) -> None:
-        live = session.live
-        if live is None:
-            session.live = flow
-            session.flows_total += 1
-        elif isinstance(live, set):
-            if flow not in live:
-                live.add(flow)
-                session.flows_total += 1
-        elif live != flow:
-            session.live = {live, flow}
-            session.flows_total += 1
-        session.last_seen = now
-        session.ends_at = None
-        if session.state == State.DRAINING:
+        assert session._t is self, "a session of the table"
+        row = session._r
+        c = self._columns
+        if self._hold(row, flow):
+            c["flows_total"][row] += 1
+        c["last_seen"][row] = now
+        c["ends_at"][row] = math.nan
+        if c["state"][row] == _STATE_INDEX[State.DRAINING]:
             self.set_state(session, State.SERVING)
-        self._by_flow[flow] = session
 
     def end_flow(self, flow: FlowKey) -> Session | None:
-        session = self._by_flow.pop(flow, None)
-        if session is not None:
-            live = session.live
-            if isinstance(live, set):
-                live.discard(flow)
-                if len(live) == 1:
-                    session.live = next(iter(live))
-            elif live == flow:
-                session.live = None
-        return session
+        row = self._by_flow.pop(flow, None)
+        if row is not None:
+            more = self._more_flows[row]
+            more.discard(flow)
+            if not more:
+                del self._more_flows[row]
+            return self._view(row)
+        row = self._flow_row(flow)
+        if row < 0:
+            return None
+        self._inner["flow_sport"][row] = -1
+        return self._view(row)
 
     def flows(self) -> list[FlowKey]:
-        return list(self._by_flow)
+        held = self._inner["flow_sport"]
+        out = [flow for row in range(len(held)) if held[row] >= 0 and (flow := self._primary(row)) is not None]
+        return out + list(self._by_flow)
 
     def reassign(self, session: Session, server: str, c2s: int) -> None:
         """The session moves to another server under another pair (its server failed)."""
@@ -255,20 +761,40 @@ class SessionTable:
         self._count(session, 1)
 
     def remove(self, session: Session) -> None:
-        keys = self._by_key.get(session.service)
-        if keys is not None:
-            keys.pop(session.key.value, None)
-        if self._by_id.pop(session.id, None) is not None:
-            self._count(session, -1)
-            self._states[session.state] -= 1
-        for flow in session.flows:  # a copy: `live` goes below
+        if session._t is not self:
+            if session._t is None:
+                session._d["live"] = None
+                session._d["state"] = State.CLOSING
+            return
+        row = session._r
+        fields = session.fields()
+        self._count(session, -1)
+        self._states[session.state] -= 1
+        inner = self._inner
+        service = self._name_at[fields["service"]]
+        if inner["kind"][row] == _ODD:
+            key = self._odd_keys.pop(row)
+            if self._by_odd_key.get((service, key.value)) == row:
+                del self._by_odd_key[(service, key.value)]
+        else:
+            packed = service << 32 | inner["address"][row]
+            if self._by_key.get(packed) == row:
+                self._by_key.pop(packed)
+        self._by_id.pop(fields["id"])
+        for flow in self._more_flows.pop(row, ()):
             self._by_flow.pop(flow, None)
-        session.live = None
-        session.state = State.CLOSING
+        self._addresses.pop(row, None)
+        self._stored.pop(row, None)
+        inner["flow_sport"][row] = -1
+        self._columns["state"][row] = _FREE
+        self._views.pop(row, None)
+        self._free.append(row)
+        fields["live"], fields["state"] = None, State.CLOSING
+        session._t, session._r, session._d = None, -1, fields
 
     def set_state(self, session: Session, state: State) -> None:
         """Every state change of a session in the table goes through here (the counts by state)."""
-        if session.id in self._by_id:
+        if session._t is self:
             self._states[session.state] -= 1
             self._states[state] += 1
         session.state = state
@@ -278,7 +804,8 @@ class SessionTable:
         return {str(state): n for state, n in self._states.items() if n > 0}
 
     def _count(self, session: Session, delta: int) -> None:
-        for key in ((session.server, session.service), (session.server, None), (None, session.service)):
+        server, service = session.server, session.service
+        for key in ((server, service), (server, None), (None, service)):
             self._counts[key] += delta
 
     def count(self, server: str | None = None, service: str | None = None) -> int:

@@ -15,52 +15,55 @@ class IntMap:
     """Keys and values are ints in 0 .. 2**63 - 1 and 0 .. 2**31 - 1; at most half the slots
     are used, so a lookup probes about 1.5 slots."""
 
-    __slots__ = ("_keys", "_values", "_bits", "_used")
+    __slots__ = ("_keys", "_values", "_bits", "_shift", "_mask", "_used")
 
     def __init__(self, bits: int = 10) -> None:
-        self._bits = bits
+        self._size(bits)
+        self._used = 0
+
+    def _size(self, bits: int) -> None:
+        self._bits, self._shift, self._mask = bits, 64 - bits, (1 << bits) - 1
         self._keys = array("q", [_EMPTY]) * (1 << bits)
         self._values = array("i", bytes(4 << bits))
-        self._used = 0
 
     def __len__(self) -> int:
         return self._used
 
     def _slot(self, key: int) -> int:
-        return ((key * _FIB) & _MASK64) >> (64 - self._bits)
+        return ((key * _FIB) & _MASK64) >> self._shift
 
     def get(self, key: int) -> int:
         """The value of `key`; -1 if it has none."""
-        keys, mask = self._keys, (1 << self._bits) - 1
-        i = ((key * _FIB) & _MASK64) >> (64 - self._bits)
-        while True:
-            k = keys[i]
-            if k == key:
-                return self._values[i]
+        keys = self._keys
+        i = ((key * _FIB) & _MASK64) >> self._shift
+        k = keys[i]
+        while k != key:
             if k == _EMPTY:
                 return -1
-            i = (i + 1) & mask
+            i = (i + 1) & self._mask
+            k = keys[i]
+        return self._values[i]
 
     def put(self, key: int, value: int) -> None:
-        keys, mask = self._keys, (1 << self._bits) - 1
-        i = self._slot(key)
-        while True:
-            k = keys[i]
-            if k == key:
-                self._values[i] = value
-                return
+        keys, mask = self._keys, self._mask
+        i = ((key * _FIB) & _MASK64) >> self._shift
+        k = keys[i]
+        while k != key:
             if k == _EMPTY:
-                keys[i], self._values[i] = key, value
+                keys[i] = key
+                self._values[i] = value
                 self._used += 1
-                if 2 * self._used > len(keys):
+                if 2 * self._used > mask:
                     self._grow()
                 return
             i = (i + 1) & mask
+            k = keys[i]
+        self._values[i] = value
 
     def pop(self, key: int) -> int:
         """Removes `key`; its value, -1 if it had none. Backward-shift deletion: the entries
         after it in its run move up, so no tombstone is left."""
-        keys, values, mask = self._keys, self._values, (1 << self._bits) - 1
+        keys, values, mask = self._keys, self._values, self._mask
         i = self._slot(key)
         while True:
             k = keys[i]
@@ -87,9 +90,7 @@ class IntMap:
 
     def _grow(self) -> None:
         old_keys, old_values = self._keys, self._values
-        self._bits += 1
-        self._keys = array("q", [_EMPTY]) * (1 << self._bits)
-        self._values = array("i", bytes(4 << self._bits))
+        self._size(self._bits + 1)
         self._used = 0
         for k, v in zip(old_keys, old_values, strict=True):
             if k != _EMPTY:

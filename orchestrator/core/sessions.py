@@ -36,6 +36,8 @@ class State(enum.StrEnum):
 _STATES = tuple(State)
 _STATE_INDEX = {s: i for i, s in enumerate(_STATES)}
 _FREE = 255  # the state column of a row no session holds
+NOT_TAKEN, TAKEN, KNOWN = 0, 1, 2  # SessionTable.take's answers
+_DRAINING, _SERVING = _STATE_INDEX[State.DRAINING], _STATE_INDEX[State.SERVING]
 _KINDS = tuple(SessionKeyKind)
 _KIND_INDEX = {k: i for i, k in enumerate(_KINDS)}
 _ODD = 255  # the kind column of a session whose key is in the side dict (not an IPv4 client address)
@@ -55,7 +57,7 @@ def v4(text: str) -> int:
     if len(parts) != 4:
         return -1
     try:
-        a, b, c, d = (int(p) for p in parts)
+        a, b, c, d = map(int, parts)
     except ValueError:
         return -1
     if 0 <= a < 256 and 0 <= b < 256 and 0 <= c < 256 and 0 <= d < 256 and f"{a}.{b}.{c}.{d}" == text:
@@ -84,7 +86,7 @@ def _opt_int(t: SessionTable, v: Number) -> Any:
 
 
 def _opt_int_in(t: SessionTable, v: Any) -> Number:
-    return -1 if v is None else v  # type: ignore[no-any-return]
+    return -1 if v is None else v
 
 
 def _opt_float(t: SessionTable, v: Number) -> Any:
@@ -92,7 +94,7 @@ def _opt_float(t: SessionTable, v: Number) -> Any:
 
 
 def _opt_float_in(t: SessionTable, v: Any) -> Number:
-    return math.nan if v is None else v  # type: ignore[no-any-return]
+    return math.nan if v is None else v
 
 
 def _name(t: SessionTable, v: Number) -> Any:
@@ -168,7 +170,7 @@ class _Column(Generic[T]):
         t = obj._t
         if t is None:
             return obj._d[self.name]  # type: ignore[no-any-return]
-        return self.decode(t, t._columns[self.name][obj._r])  # type: ignore[no-any-return]
+        return t._columns[self.name][obj._r]  # type: ignore[no-any-return]
 
     def __set__(self, obj: Session, value: T) -> None:
         t = obj._t
@@ -176,6 +178,48 @@ class _Column(Generic[T]):
             obj._d[self.name] = value
         else:
             t._columns[self.name][obj._r] = self.encode(t, value)
+
+
+class _Name(_Column[T]):
+    def __get__(self, obj: Session | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        t = obj._t
+        if t is None:
+            return obj._d[self.name]
+        return t._names[t._columns[self.name][obj._r]]
+
+
+class _OptionalInt(_Column[T]):
+    def __get__(self, obj: Session | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        t = obj._t
+        if t is None:
+            return obj._d[self.name]
+        v = t._columns[self.name][obj._r]
+        return None if v < 0 else v
+
+
+class _OptionalFloat(_Column[T]):
+    def __get__(self, obj: Session | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        t = obj._t
+        if t is None:
+            return obj._d[self.name]
+        v = t._columns[self.name][obj._r]
+        return None if v != v else v  # NaN: None
+
+
+class _State(_Column[T]):
+    def __get__(self, obj: Session | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        t = obj._t
+        if t is None:
+            return obj._d[self.name]
+        return _STATES[t._columns[self.name][obj._r]]
 
 
 _NO_STORED: list[ops.DataplaneObject] = []  # the default of `stored`: copied, never kept
@@ -189,31 +233,33 @@ class Session:
     """One row of the session table (mutable inside the core; exported via `view()`): a view of
     the row while it is in a table, its own fields before (and after removal)."""
 
-    __slots__ = ("_t", "_r", "_d", "__weakref__")
+    __slots__ = ("_t", "_r", "_d", "_k", "__weakref__")
 
     id: _Column[int] = _Column()
-    service: _Column[str] = _Column()
-    vip: _Column[str] = _Column()
-    protocol: _Column[str] = _Column()
-    port: _Column[int | None] = _Column()
-    server: _Column[str] = _Column()
+    service: _Column[str] = _Name()
+    vip: _Column[str] = _Name()
+    protocol: _Column[str] = _Name()
+    port: _Column[int | None] = _OptionalInt()
+    server: _Column[str] = _Name()
     c2s: _Column[int] = _Column()
     created: _Column[float] = _Column()
     last_seen: _Column[float] = _Column()
-    state: _Column[State] = _Column()
-    ends_at: _Column[float | None] = _Column()
+    state: _Column[State] = _State()
+    ends_at: _Column[float | None] = _OptionalFloat()
     flows_total: _Column[int] = _Column()  # flows it has had: through the daemon or the kernel's fast path
     packets_userspace: _Column[int] = _Column()  # its first packets that went through the daemon
     # Embryonic (TCP): until when its client may send nothing past its first packet; None once
     # it did (or never for a session that is not checked). See Balancer.embryonic_due.
-    embryonic_until: _Column[float | None] = _Column()
-    sport: _Column[int | None] = _Column()  # its first flow's source port (a five-tuple session's filter matches it)
+    embryonic_until: _Column[float | None] = _OptionalFloat()
+    sport: _Column[int | None] = (
+        _OptionalInt()
+    )  # its first flow's source port (a five-tuple session's filter matches it)
     # A label-aware session's liveness (Balancer.liveness_due): the packets its liveness filters
     # had counted at the last check (None: not read yet), and when the next check is due (None:
     # none pending; its flows, or its persistence, decide its end as for any session).
-    label_packets: _Column[int | None] = _Column()
-    label_check_at: _Column[float | None] = _Column()
-    owner: _Column[str | None] = _Column()  # cluster mode: the member that owns it in the shared table (None: this one)
+    label_packets: _Column[int | None] = _OptionalInt()
+    label_check_at: _Column[float | None] = _OptionalFloat()
+    owner: _Column[str | None] = _Name()  # cluster mode: the member that owns it in the shared table (None: this one)
 
     def __init__(
         self,
@@ -244,6 +290,7 @@ class Session:
     ) -> None:
         self._t: SessionTable | None = None
         self._r = -1
+        self._k: SessionKey | None = None  # its key, once read from its row (no row changes it)
         self._d: dict[str, Any] = dict(
             id=id,
             service=service,
@@ -284,7 +331,10 @@ class Session:
         t = self._t
         if t is None:
             return self._d["key"]  # type: ignore[no-any-return]
-        return t._key(self._r)
+        k = self._k
+        if k is None:
+            k = self._k = t._key(self._r)
+        return k
 
     @property
     def live(self) -> FlowKey | set[FlowKey] | None:
@@ -471,6 +521,8 @@ class SessionTable:
         """New ids are first_id, first_id + id_step, ... (a worker's ids: core.shards)."""
         self._columns: dict[str, array[Any]] = {name: array(code) for name, (code, _) in COLUMNS.items()}
         self._inner: dict[str, array[int]] = {name: array(code) for name, code in INNER.items()}
+        # every column in `add`'s order: COLUMNS', then INNER's
+        self._all_columns: list[array[Any]] = [*self._columns.values(), *self._inner.values()]
         self._free = array("i")  # rows no session holds, reused last freed first
         self._names: list[str | None] = [None]  # index 0: None
         self._name_at: dict[str, int] = {}
@@ -522,7 +574,7 @@ class SessionTable:
         view = self._views.get(row)
         if view is None:
             view = Session.__new__(Session)
-            view._t, view._r, view._d = self, row, {}
+            view._t, view._r, view._d, view._k = self, row, {}, None
             self._views[row] = view
         return view
 
@@ -666,74 +718,161 @@ class SessionTable:
         old = self._by_id.get(f["id"])
         if old >= 0:
             self.remove(self._view(old))
-        row = self._free.pop() if self._free else len(self._columns["id"])
-        for name, (_, (_, encode)) in COLUMNS.items():
-            column = self._columns[name]
-            value = encode(self, f[name])
-            if row == len(column):
-                column.append(value)
-            else:
-                column[row] = value
-        inner = self._inner
-        if row == len(inner["kind"]):
-            for column in inner.values():
-                column.append(0)
+        name = self._name_at.get
+        service, vip, protocol, server, owner = (
+            name(f["service"]),
+            name(f["vip"]),
+            name(f["protocol"]),
+            name(f["server"]),
+            name(f["owner"]) if f["owner"] is not None else 0,
+        )
+        if service is None or vip is None or protocol is None or server is None or owner is None:
+            service, vip, protocol, server = (self._name_index(f[n]) for n in ("service", "vip", "protocol", "server"))
+            owner = self._name_index(f["owner"])
+        port, ends_at, embryonic_until, sport, label_packets, label_check_at, shape, hop = (
+            f["port"],
+            f["ends_at"],
+            f["embryonic_until"],
+            f["sport"],
+            f["label_packets"],
+            f["label_check_at"],
+            f["shape"],
+            f["hop"],
+        )
         key: SessionKey = f["key"]
-        service = self._name_index(f["service"])
+        addresses = f["addresses"]
         address = v4(key.value) if key.value == key.client else -1
+        values = (
+            f["id"],
+            service,
+            vip,
+            protocol,
+            -1 if port is None else port,
+            server,
+            f["c2s"],
+            f["created"],
+            f["last_seen"],
+            _STATE_INDEX[f["state"]],
+            math.nan if ends_at is None else ends_at,
+            f["flows_total"],
+            f["packets_userspace"],
+            math.nan if embryonic_until is None else embryonic_until,
+            -1 if sport is None else sport,
+            -1 if label_packets is None else label_packets,
+            math.nan if label_check_at is None else label_check_at,
+            owner,
+            _KIND_INDEX[key.kind] if address >= 0 else _ODD,
+            max(address, 0),
+            -1,
+            0 if addresses is None else 1 if address >= 0 and addresses == key.client else 2,
+            0 if shape is None else self._thing_index(shape),
+            0 if hop is None else self._thing_index(hop),
+        )
+        columns = self._all_columns
+        if self._free:
+            row = self._free.pop()
+            for column, value in zip(columns, values, strict=True):
+                column[row] = value
+        else:
+            row = len(columns[0])
+            for column, value in zip(columns, values, strict=True):
+                column.append(value)
         if address >= 0:
-            inner["kind"][row], inner["address"][row] = _KIND_INDEX[key.kind], address
             self._by_key.put(service << 32 | address, row)
-            port, protocol = f["port"], BY_NAME.get(f["protocol"])
-            if port is not None and protocol is not None:
-                at = self._services_at.setdefault((f["vip"], protocol, port), [])
+            number = BY_NAME.get(f["protocol"])
+            if port is not None and number is not None:
+                at = self._services_at.setdefault((f["vip"], number, port), [])
                 if service not in at:
                     at.append(service)
         else:
-            inner["kind"][row], inner["address"][row] = _ODD, 0
             self._odd_keys[row] = key
             self._by_odd_key[(service, key.value)] = row
-        inner["flow_sport"][row] = -1
-        self._by_id.put(f["id"], row)
-        session._t, session._r, session._d = self, row, {}
-        self._views[row] = session
-        session.addresses = f["addresses"]
-        session.shape, session.hop = f["shape"], f["hop"]
+        if values[-3] == 2:
+            self._addresses[row] = addresses
         if f["stored"] is not None:
-            session.stored = f["stored"]
+            self._stored[row] = f["stored"]
+        self._by_id.put(f["id"], row)
+        session._t, session._r, session._d, session._k = self, row, {}, key
+        self._views[row] = session
         live = f["live"]
         for flow in live if isinstance(live, set) else () if live is None else (live,):
             self._hold(row, flow)
         self._count(session, 1)
-        self._states[session.state] += 1
-        if session.id >= self._next_id:  # the next id of ours above it
-            self._next_id = session.id + 1 + (self._next_id - session.id - 1) % self._id_step
+        self._states[f["state"]] += 1
+        if f["id"] >= self._next_id:  # the next id of ours above it
+            self._next_id = f["id"] + 1 + (self._next_id - f["id"] - 1) % self._id_step
 
     def _hold(self, row: int, flow: FlowKey) -> bool:
         """The row's session has `flow` (True: it did not before)."""
-        if self._may_hold(row, flow):
-            assert flow.sport is not None
-            self._inner["flow_sport"][row] = flow.sport
-            return True
-        if self._primary(row) == flow:
+        held = self._inner["flow_sport"][row]
+        if held < 0:
+            if self._may_hold(row, flow):
+                assert flow.sport is not None
+                self._inner["flow_sport"][row] = flow.sport
+                return True
+        elif held == flow.sport and self._primary(row) == flow:
             return False
-        more = self._more_flows.setdefault(row, set())
-        if flow in more:
+        more = self._more_flows.get(row)
+        if more is None:
+            more = self._more_flows[row] = set()
+        elif flow in more:
             return False
         more.add(flow)
         self._by_flow[flow] = row
         return True
 
-    def add_flow(self, session: Session, flow: FlowKey, now: float) -> None:
-        assert session._t is self, "a session of the table"
-        row = session._r
+    def _add_flow_at(self, row: int, flow: FlowKey, now: float) -> None:
         c = self._columns
         if self._hold(row, flow):
             c["flows_total"][row] += 1
         c["last_seen"][row] = now
         c["ends_at"][row] = math.nan
-        if c["state"][row] == _STATE_INDEX[State.DRAINING]:
-            self.set_state(session, State.SERVING)
+        if c["state"][row] == _DRAINING:
+            c["state"][row] = _SERVING
+            self._states[State.DRAINING] -= 1
+            self._states[State.SERVING] += 1
+
+    def add_flow(self, session: Session, flow: FlowKey, now: float) -> None:
+        assert session._t is self, "a session of the table"
+        self._add_flow_at(session._r, flow, now)
+
+    def take(self, service: str | None, flow: FlowKey, now: float) -> int:
+        """Balancer._adopt_started's common case in row terms, without a view of the session:
+        KNOWN if a session has `flow` already; else, `service` given, its session keyed by the
+        flow's source address takes `flow` (as `add_flow`) if it is this balancer's own and has
+        that address among its clients: TAKEN; else NOT_TAKEN (nothing changed)."""
+        if flow in self._by_flow:
+            return KNOWN
+        src, sport = flow.src, flow.sport
+        address = v4(src)
+        if address >= 0 and sport is not None and flow.dport is not None:
+            services = self._services_at.get((flow.dst, flow.proto, flow.dport))
+            for other in services or ():
+                row = self._by_key.get(other << 32 | address)
+                if row >= 0 and self._inner["flow_sport"][row] == sport and self._primary(row) == flow:
+                    return KNOWN
+        index = None if service is None else self._name_at.get(service)
+        if index is None:
+            return NOT_TAKEN
+        row = self._by_key.get(index << 32 | address) if address >= 0 else -1
+        if row < 0:
+            row = self._by_odd_key.get((index, src), -1)
+            if row < 0:
+                return NOT_TAKEN
+        if self._columns["owner"][row]:
+            return NOT_TAKEN
+        mode = self._inner["clients"][row]
+        if mode == 1:
+            if self._inner["address"][row] != address:
+                return NOT_TAKEN
+        elif mode == 2:
+            addresses = self._addresses[row]
+            if not (src in addresses if isinstance(addresses, list) else src == addresses):
+                return NOT_TAKEN
+        else:
+            return NOT_TAKEN
+        self._add_flow_at(row, flow, now)
+        return TAKEN
 
     def end_flow(self, flow: FlowKey) -> Session | None:
         row = self._by_flow.pop(flow, None)
@@ -790,7 +929,7 @@ class SessionTable:
         self._views.pop(row, None)
         self._free.append(row)
         fields["live"], fields["state"] = None, State.CLOSING
-        session._t, session._r, session._d = None, -1, fields
+        session._t, session._r, session._d, session._k = None, -1, fields, None
 
     def set_state(self, session: Session, state: State) -> None:
         """Every state change of a session in the table goes through here (the counts by state)."""

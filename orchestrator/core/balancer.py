@@ -35,7 +35,7 @@ from orchestrator.core.labels import LabelAllocator
 from orchestrator.core.remote import ClusterSession, RemoteDelete, RemotePut
 from orchestrator.core.schedulers import Scheduler, ServerState, key_hash, make_scheduler
 from orchestrator.core.servers import AdminState, ServerAdmin
-from orchestrator.core.sessions import KNOWN, NOT_TAKEN, Session, SessionTable, State
+from orchestrator.core.sessions import KNOWN, NOT_TAKEN, FlowsNow, Session, SessionTable, State
 from orchestrator.dataplane import handles, ops, records
 from orchestrator.dataplane.ops import Operation
 
@@ -752,7 +752,7 @@ class Balancer:
         """The sweep's dump found `live`: the flows it ends and adopts, as a SweepResync that
         the daemon runs a slice at a time between other work of its loop."""
         self.counters["conntrack_sweeps"] += 1
-        return SweepResync(self, live, self.table.flows(), self._sweep_changed or set())
+        return SweepResync(self, live, self.table.flows_now(), self._sweep_changed or set())
 
     def sweep_done(self) -> None:
         self._sweep_changed = None
@@ -1694,7 +1694,7 @@ class SweepResync:
     find end), then the dump's (those the table does not know are adopted). Flows that started or
     ended since the dump began (Balancer.sweep_begins) are left as they are: the dump is older."""
 
-    def __init__(self, core: Balancer, live: frozenset[FlowKey], known: list[FlowKey], changed: set[FlowKey]) -> None:
+    def __init__(self, core: Balancer, live: frozenset[FlowKey], known: FlowsNow, changed: set[FlowKey]) -> None:
         self.core, self.live, self.known, self.changed = core, live, known, changed
         self._next_known = 0
         self._adopting = iter(live)
@@ -1704,8 +1704,8 @@ class SweepResync:
         """Check up to `budget` flows; True once the resync is complete."""
         known, live, changed = self.known, self.live, self.changed
         while budget > 0 and self._next_known < len(known):
-            for flow in known[self._next_known : self._next_known + budget]:
-                if flow not in live and flow not in changed:
+            for flow in known.slice(self._next_known, self._next_known + budget):
+                if flow is not None and flow not in live and flow not in changed:
                     self.core.end_swept(flow, now)
             taken = min(budget, len(known) - self._next_known)
             self._next_known += taken

@@ -893,6 +893,13 @@ class SessionTable:
         out = [flow for row in range(len(held)) if held[row] >= 0 and (flow := self._primary(row)) is not None]
         return out + list(self._by_flow)
 
+    def flows_now(self) -> FlowsNow:
+        """The table's flows as they are now, each made when read (a sweep's resync reads them
+        a slice at a time: a list of every flow would be a FlowKey and an address string per
+        session at once)."""
+        held = self._inner["flow_sport"]
+        return FlowsNow(self, array("i", (row for row in range(len(held)) if held[row] >= 0)), list(self._by_flow))
+
     def reassign(self, session: Session, server: str, c2s: int) -> None:
         """The session moves to another server under another pair (its server failed)."""
         self._count(session, -1)
@@ -951,3 +958,22 @@ class SessionTable:
         if server is None and service is None:
             return len(self._by_id)
         return self._counts[(server, service)]
+
+
+class FlowsNow:
+    """`SessionTable.flows_now`: the rows that held a flow in themselves, then the flows beside
+    them. A row's flow is read when asked for; None if the row holds none any more (it ended, or
+    its session did: whatever replaced it started later)."""
+
+    def __init__(self, table: SessionTable, rows: array[int], more: list[FlowKey]) -> None:
+        self._table, self._rows, self._more = table, rows, more
+
+    def __len__(self) -> int:
+        return len(self._rows) + len(self._more)
+
+    def slice(self, start: int, stop: int) -> list[FlowKey | None]:
+        rows, primary = self._rows, self._table._primary
+        out: list[FlowKey | None] = [primary(row) for row in rows[start:stop]]
+        if stop > len(rows):
+            out += self._more[max(0, start - len(rows)) : stop - len(rows)]
+        return out

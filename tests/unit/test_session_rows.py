@@ -99,3 +99,20 @@ def test_a_removed_session_keeps_its_fields_and_its_row_is_reused() -> None:
     table.add(b)
     assert b._r == row and a.key.value == "10.1.0.1" and b.key.value == "10.1.0.2" and b.flows == frozenset()
     assert table.by_state() == {"opening": 1} and table.count(server="s1") == 1
+
+
+def test_flows_now_reads_each_rows_flow_when_asked() -> None:
+    """A sweep's snapshot of the table's flows: a row's flow as it is when read (None once it
+    ended), the flows beside the rows as they were."""
+    table = SessionTable()
+    a, b = session(1, "10.1.0.1"), session(2, "10.1.0.2")
+    table.add(a)
+    table.add(b)
+    fa, fb = FlowKey(6, "10.1.0.1", VIP, 40000, 80), FlowKey(6, "10.1.0.2", VIP, 40000, 80)
+    more = FlowKey(6, "10.1.0.2", VIP, 40001, 80)
+    for s, f in ((a, fa), (b, fb), (b, more)):
+        table.add_flow(s, f, 1.0)
+    now = table.flows_now()
+    assert len(now) == 3
+    table.end_flow(fa)
+    assert now.slice(0, 3) == [None, fb, more] and now.slice(1, 2) == [fb] and now.slice(2, 10) == [more]

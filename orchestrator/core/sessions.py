@@ -34,12 +34,10 @@ class State(enum.StrEnum):
 
 
 _STATES = tuple(State)
-_STATE_INDEX = {s: i for i, s in enumerate(_STATES)}
 _FREE = 255  # the state column of a row no session holds
 NOT_TAKEN, TAKEN, KNOWN = 0, 1, 2  # SessionTable.take's answers
-_DRAINING, _SERVING = _STATE_INDEX[State.DRAINING], _STATE_INDEX[State.SERVING]
+_DRAINING, _SERVING = _STATES.index(State.DRAINING), _STATES.index(State.SERVING)
 _KINDS = tuple(SessionKeyKind)
-_KIND_INDEX = {k: i for i, k in enumerate(_KINDS)}
 _ODD = 255  # the kind column of a session whose key is in the side dict (not an IPv4 client address)
 
 
@@ -110,7 +108,7 @@ def _state(t: SessionTable, v: Number) -> Any:
 
 
 def _state_in(t: SessionTable, v: Any) -> Number:
-    return _STATE_INDEX[v]
+    return _STATES.index(v)  # tuple.index: identity first; an enum's hash is Python code
 
 
 _Codec = tuple[Callable[["SessionTable", Number], Any], Callable[["SessionTable", Any], Number]]
@@ -752,7 +750,7 @@ class SessionTable:
             f["c2s"],
             f["created"],
             f["last_seen"],
-            _STATE_INDEX[f["state"]],
+            _STATES.index(f["state"]),
             math.nan if ends_at is None else ends_at,
             f["flows_total"],
             f["packets_userspace"],
@@ -761,7 +759,7 @@ class SessionTable:
             -1 if label_packets is None else label_packets,
             math.nan if label_check_at is None else label_check_at,
             owner,
-            _KIND_INDEX[key.kind] if address >= 0 else _ODD,
+            _KINDS.index(key.kind) if address >= 0 else _ODD,
             max(address, 0),
             -1,
             0 if addresses is None else 1 if address >= 0 and addresses == key.client else 2,

@@ -17,7 +17,7 @@ import weakref
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, Protocol, TypeVar, overload
+from typing import Any, Protocol
 
 from orchestrator.analyze.keys import SessionKey, SessionKeyKind
 from orchestrator.core.events import FlowKey
@@ -67,7 +67,6 @@ def ntop(n: int) -> str:
     return f"{n >> 24}.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
 
 
-T = TypeVar("T")
 Number = int | float
 
 
@@ -146,80 +145,63 @@ COLUMNS: dict[str, tuple[str, _Codec]] = {
 INNER = {"kind": "B", "address": "I", "flow_sport": "i", "clients": "B", "shape": "H", "hop": "H"}
 
 
-class _Column(Generic[T]):
-    """A field of a Session: its column's number, or the field itself in a detached session."""
+class _Column:
+    """A field of a session in a table (`_View`): its column's number, decoded."""
 
-    __slots__ = ("name", "decode", "encode")
+    __slots__ = ("name", "encode")
 
-    def __init__(self) -> None:
-        self.name = ""
-
-    def __set_name__(self, owner: type, name: str) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.decode, self.encode = COLUMNS[name][1]
+        self.encode = COLUMNS[name][1][1]
 
-    @overload
-    def __get__(self, obj: None, owner: type | None = None) -> _Column[T]: ...
-    @overload
-    def __get__(self, obj: Session, owner: type | None = None) -> T: ...
-    def __get__(self, obj: Session | None, owner: type | None = None) -> T | _Column[T]:
+    def __get__(self, obj: _View | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return obj._t._columns[self.name][obj._r]
+
+    def __set__(self, obj: _View, value: Any) -> None:
+        t = obj._t
+        t._columns[self.name][obj._r] = self.encode(t, value)
+
+
+class _Name(_Column):
+    def __get__(self, obj: _View | None, owner: type | None = None) -> Any:
         if obj is None:
             return self
         t = obj._t
-        if t is None:
-            return obj._d[self.name]  # type: ignore[no-any-return]
-        return t._columns[self.name][obj._r]  # type: ignore[no-any-return]
-
-    def __set__(self, obj: Session, value: T) -> None:
-        t = obj._t
-        if t is None:
-            obj._d[self.name] = value
-        else:
-            t._columns[self.name][obj._r] = self.encode(t, value)
-
-
-class _Name(_Column[T]):
-    def __get__(self, obj: Session | None, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        t = obj._t
-        if t is None:
-            return obj._d[self.name]
         return t._names[t._columns[self.name][obj._r]]
 
 
-class _OptionalInt(_Column[T]):
-    def __get__(self, obj: Session | None, owner: type | None = None) -> Any:
+class _OptionalInt(_Column):
+    def __get__(self, obj: _View | None, owner: type | None = None) -> Any:
         if obj is None:
             return self
-        t = obj._t
-        if t is None:
-            return obj._d[self.name]
-        v = t._columns[self.name][obj._r]
+        v = obj._t._columns[self.name][obj._r]
         return None if v < 0 else v
 
 
-class _OptionalFloat(_Column[T]):
-    def __get__(self, obj: Session | None, owner: type | None = None) -> Any:
+class _OptionalFloat(_Column):
+    def __get__(self, obj: _View | None, owner: type | None = None) -> Any:
         if obj is None:
             return self
-        t = obj._t
-        if t is None:
-            return obj._d[self.name]
-        v = t._columns[self.name][obj._r]
+        v = obj._t._columns[self.name][obj._r]
         return None if v != v else v  # NaN: None
 
 
-class _State(_Column[T]):
-    def __get__(self, obj: Session | None, owner: type | None = None) -> Any:
+class _State(_Column):
+    def __get__(self, obj: _View | None, owner: type | None = None) -> Any:
         if obj is None:
             return self
-        t = obj._t
-        if t is None:
-            return obj._d[self.name]
-        return _STATES[t._columns[self.name][obj._r]]
+        return _STATES[obj._t._columns[self.name][obj._r]]
 
 
+_DESCRIPTORS: dict[int, type[_Column]] = {
+    id(_PLAIN): _Column,
+    id(_NAME): _Name,
+    id(_OPT_INT): _OptionalInt,
+    id(_OPT_FLOAT): _OptionalFloat,
+    id(_STATE): _State,
+}
 _NO_STORED: list[ops.DataplaneObject] = []  # the default of `stored`: copied, never kept
 FIELDS = (
     "id service key vip protocol port server c2s created last_seen state live ends_at addresses stored shape"
@@ -228,36 +210,47 @@ FIELDS = (
 
 
 class Session:
-    """One row of the session table (mutable inside the core; exported via `view()`): a view of
-    the row while it is in a table, its own fields before (and after removal)."""
+    """One session (mutable inside the core; exported via `view()`). As made, and once removed
+    from its table, it holds its fields itself; in a table it is a `_View` of its row (the
+    table changes its class both ways: the two have the same slots)."""
 
-    __slots__ = ("_t", "_r", "_d", "_k", "__weakref__")
+    __slots__ = (*FIELDS, "_t", "_r", "_k", "__weakref__")
 
-    id: _Column[int] = _Column()
-    service: _Column[str] = _Name()
-    vip: _Column[str] = _Name()
-    protocol: _Column[str] = _Name()
-    port: _Column[int | None] = _OptionalInt()
-    server: _Column[str] = _Name()
-    c2s: _Column[int] = _Column()
-    created: _Column[float] = _Column()
-    last_seen: _Column[float] = _Column()
-    state: _Column[State] = _State()
-    ends_at: _Column[float | None] = _OptionalFloat()
-    flows_total: _Column[int] = _Column()  # flows it has had: through the daemon or the kernel's fast path
-    packets_userspace: _Column[int] = _Column()  # its first packets that went through the daemon
+    id: int
+    service: str
+    key: SessionKey
+    vip: str
+    protocol: str
+    port: int | None
+    server: str
+    c2s: int
+    created: float
+    last_seen: float
+    state: State
+    # Its live flows (read them as `flows`): None, the one flow, or a set of two or more.
+    live: FlowKey | set[FlowKey] | None
+    ends_at: float | None
+    # Its addresses with a C2S filter (read and set them as `clients`): None, the one address,
+    # or a list of two or more.
+    addresses: str | list[str] | None
+    # Its objects in the kernel: `stored`, or None when `shape` derives them from the row and
+    # `hop` (issue 15: a copy of every object was 820 of the 1,950 bytes of a session). Read
+    # and set them as `objects`.
+    stored: list[ops.DataplaneObject] | None
+    shape: Derives | None
+    hop: ops.NextHop | None  # its S2C route's next hop (a derived session's only client)
+    flows_total: int  # flows it has had: through the daemon or the kernel's fast path
+    packets_userspace: int  # its first packets that went through the daemon
     # Embryonic (TCP): until when its client may send nothing past its first packet; None once
     # it did (or never for a session that is not checked). See Balancer.embryonic_due.
-    embryonic_until: _Column[float | None] = _OptionalFloat()
-    sport: _Column[int | None] = (
-        _OptionalInt()
-    )  # its first flow's source port (a five-tuple session's filter matches it)
+    embryonic_until: float | None
+    sport: int | None  # its first flow's source port (a five-tuple session's filter matches it)
     # A label-aware session's liveness (Balancer.liveness_due): the packets its liveness filters
     # had counted at the last check (None: not read yet), and when the next check is due (None:
     # none pending; its flows, or its persistence, decide its end as for any session).
-    label_packets: _Column[int | None] = _OptionalInt()
-    label_check_at: _Column[float | None] = _OptionalFloat()
-    owner: _Column[str | None] = _Name()  # cluster mode: the member that owns it in the shared table (None: this one)
+    label_packets: int | None
+    label_check_at: float | None
+    owner: str | None  # cluster mode: the member that owns it in the shared table (None: this one)
 
     def __init__(
         self,
@@ -286,35 +279,16 @@ class Session:
         label_check_at: float | None = None,
         owner: str | None = None,
     ) -> None:
+        self.id, self.service, self.key, self.vip, self.protocol, self.port = id, service, key, vip, protocol, port
+        self.server, self.c2s, self.created, self.last_seen, self.state = server, c2s, created, last_seen, state
+        self.live, self.ends_at, self.addresses = live, ends_at, addresses
+        self.stored = [] if stored is _NO_STORED else stored
+        self.shape, self.hop, self.flows_total, self.packets_userspace = shape, hop, flows_total, packets_userspace
+        self.embryonic_until, self.sport, self.label_packets = embryonic_until, sport, label_packets
+        self.label_check_at, self.owner = label_check_at, owner
         self._t: SessionTable | None = None
         self._r = -1
-        self._k: SessionKey | None = None  # its key, once read from its row (no row changes it)
-        self._d: dict[str, Any] = dict(
-            id=id,
-            service=service,
-            key=key,
-            vip=vip,
-            protocol=protocol,
-            port=port,
-            server=server,
-            c2s=c2s,
-            created=created,
-            last_seen=last_seen,
-            state=state,
-            live=live,
-            ends_at=ends_at,
-            addresses=addresses,
-            stored=[] if stored is _NO_STORED else stored,
-            shape=shape,
-            hop=hop,
-            flows_total=flows_total,
-            packets_userspace=packets_userspace,
-            embryonic_until=embryonic_until,
-            sport=sport,
-            label_packets=label_packets,
-            label_check_at=label_check_at,
-            owner=owner,
-        )
+        self._k: SessionKey | None = None
 
     def fields(self) -> dict[str, Any]:
         """Every field by name (a copy)."""
@@ -322,94 +296,6 @@ class Session:
 
     def __repr__(self) -> str:
         return f"Session({', '.join(f'{k}={v!r}' for k, v in self.fields().items())})"
-
-    # -- the fields the side dicts complete ----------------------------------------------------
-    @property
-    def key(self) -> SessionKey:
-        t = self._t
-        if t is None:
-            return self._d["key"]  # type: ignore[no-any-return]
-        k = self._k
-        if k is None:
-            k = self._k = t._key(self._r)
-        return k
-
-    @property
-    def live(self) -> FlowKey | set[FlowKey] | None:
-        """Its live flows: None, the one flow, or a set of two or more (read them as `flows`;
-        the table changes them: SessionTable.add_flow, end_flow)."""
-        t = self._t
-        if t is None:
-            return self._d["live"]  # type: ignore[no-any-return]
-        return t._live(self._r)
-
-    @property
-    def addresses(self) -> str | list[str] | None:
-        """Its addresses with a C2S filter (read and set them as `clients`): None, the one
-        address, or a list of two or more."""
-        t = self._t
-        if t is None:
-            return self._d["addresses"]  # type: ignore[no-any-return]
-        return t._addresses_of(self._r)
-
-    @addresses.setter
-    def addresses(self, value: str | list[str] | None) -> None:
-        t = self._t
-        if t is None:
-            self._d["addresses"] = value
-        else:
-            t._set_addresses(self._r, value)
-
-    # Its objects in the kernel: `stored`, or None when `shape` derives them from the row and
-    # `hop` (issue 15: a copy of every object was 820 of the 1,950 bytes of a session). Read
-    # and set them as `objects`.
-    @property
-    def stored(self) -> list[ops.DataplaneObject] | None:
-        t = self._t
-        if t is None:
-            return self._d["stored"]  # type: ignore[no-any-return]
-        return t._stored_of(self._r)
-
-    @stored.setter
-    def stored(self, value: list[ops.DataplaneObject] | None) -> None:
-        t = self._t
-        if t is None:
-            self._d["stored"] = value
-        elif value is None:
-            t._stored.pop(self._r, None)
-        else:
-            t._stored[self._r] = value
-
-    @property
-    def shape(self) -> Derives | None:
-        t = self._t
-        if t is None:
-            return self._d["shape"]  # type: ignore[no-any-return]
-        return t._things[t._inner["shape"][self._r]]  # type: ignore[return-value]
-
-    @shape.setter
-    def shape(self, value: Derives | None) -> None:
-        t = self._t
-        if t is None:
-            self._d["shape"] = value
-        else:
-            t._inner["shape"][self._r] = t._thing_index(value)
-
-    @property
-    def hop(self) -> ops.NextHop | None:
-        """Its S2C route's next hop (a derived session's only client)."""
-        t = self._t
-        if t is None:
-            return self._d["hop"]  # type: ignore[no-any-return]
-        return t._things[t._inner["hop"][self._r]]  # type: ignore[return-value]
-
-    @hop.setter
-    def hop(self, value: ops.NextHop | None) -> None:
-        t = self._t
-        if t is None:
-            self._d["hop"] = value
-        else:
-            t._inner["hop"][self._r] = t._thing_index(value)
 
     # -- derived --------------------------------------------------------------------------------
     @property
@@ -514,6 +400,73 @@ class Session:
         }
 
 
+class _View(Session):
+    """A session in a table: its fields are its row's (the columns' descriptors are set below)."""
+
+    __slots__ = ()
+    _t: SessionTable
+
+    @property
+    def key(self) -> SessionKey:
+        k = self._k
+        if k is None:
+            k = self._k = self._t._key(self._r)
+        return k
+
+    @key.setter
+    def key(self, value: SessionKey) -> None:
+        raise AttributeError("a session's key does not change in its table")
+
+    @property
+    def live(self) -> FlowKey | set[FlowKey] | None:
+        return self._t._live(self._r)
+
+    @live.setter
+    def live(self, value: FlowKey | set[FlowKey] | None) -> None:
+        raise AttributeError("the table changes a session's flows: add_flow, end_flow")
+
+    @property
+    def addresses(self) -> str | list[str] | None:
+        return self._t._addresses_of(self._r)
+
+    @addresses.setter
+    def addresses(self, value: str | list[str] | None) -> None:
+        self._t._set_addresses(self._r, value)
+
+    @property
+    def stored(self) -> list[ops.DataplaneObject] | None:
+        return self._t._stored_of(self._r)
+
+    @stored.setter
+    def stored(self, value: list[ops.DataplaneObject] | None) -> None:
+        if value is None:
+            self._t._stored.pop(self._r, None)
+        else:
+            self._t._stored[self._r] = value
+
+    @property
+    def shape(self) -> Derives | None:
+        t = self._t
+        return t._things[t._inner["shape"][self._r]]  # type: ignore[return-value]
+
+    @shape.setter
+    def shape(self, value: Derives | None) -> None:
+        self._t._inner["shape"][self._r] = self._t._thing_index(value)
+
+    @property
+    def hop(self) -> ops.NextHop | None:
+        t = self._t
+        return t._things[t._inner["hop"][self._r]]  # type: ignore[return-value]
+
+    @hop.setter
+    def hop(self, value: ops.NextHop | None) -> None:
+        self._t._inner["hop"][self._r] = self._t._thing_index(value)
+
+
+for _field, (_, _codec) in COLUMNS.items():
+    setattr(_View, _field, _DESCRIPTORS[id(_codec)](_field))
+
+
 class SessionTable:
     def __init__(self, first_id: int = 1, id_step: int = 1) -> None:
         """New ids are first_id, first_id + id_step, ... (a worker's ids: core.shards)."""
@@ -571,8 +524,8 @@ class SessionTable:
     def _view(self, row: int) -> Session:
         view = self._views.get(row)
         if view is None:
-            view = Session.__new__(Session)
-            view._t, view._r, view._d, view._k = self, row, {}, None
+            view = _View.__new__(_View)
+            view._t, view._r, view._k = self, row, None
             self._views[row] = view
         return view
 
@@ -710,50 +663,49 @@ class SessionTable:
         if session._t is self:  # in the table already
             return
         if session._t is not None:  # another table's: this one takes a copy of its row
-            session._d = session.fields()
+            fields = session.fields()
             session._t.remove(session)
-        f = session._d
-        old = self._by_id.get(f["id"])
+            for name, value in fields.items():
+                setattr(session, name, value)
+        f = session  # its own fields, read before it becomes a view of its row
+        old = self._by_id.get(f.id)
         if old >= 0:
             self.remove(self._view(old))
-        name = self._name_at.get
+        index = self._name_index
         service, vip, protocol, server, owner = (
-            name(f["service"]),
-            name(f["vip"]),
-            name(f["protocol"]),
-            name(f["server"]),
-            name(f["owner"]) if f["owner"] is not None else 0,
+            index(f.service),
+            index(f.vip),
+            index(f.protocol),
+            index(f.server),
+            index(f.owner),
         )
-        if service is None or vip is None or protocol is None or server is None or owner is None:
-            service, vip, protocol, server = (self._name_index(f[n]) for n in ("service", "vip", "protocol", "server"))
-            owner = self._name_index(f["owner"])
         port, ends_at, embryonic_until, sport, label_packets, label_check_at, shape, hop = (
-            f["port"],
-            f["ends_at"],
-            f["embryonic_until"],
-            f["sport"],
-            f["label_packets"],
-            f["label_check_at"],
-            f["shape"],
-            f["hop"],
+            f.port,
+            f.ends_at,
+            f.embryonic_until,
+            f.sport,
+            f.label_packets,
+            f.label_check_at,
+            f.shape,
+            f.hop,
         )
-        key: SessionKey = f["key"]
-        addresses = f["addresses"]
+        key: SessionKey = f.key
+        addresses = f.addresses
         address = v4(key.value) if key.value == key.client else -1
         values = (
-            f["id"],
+            f.id,
             service,
             vip,
             protocol,
             -1 if port is None else port,
             server,
-            f["c2s"],
-            f["created"],
-            f["last_seen"],
-            _STATES.index(f["state"]),
+            f.c2s,
+            f.created,
+            f.last_seen,
+            _STATES.index(f.state),
             math.nan if ends_at is None else ends_at,
-            f["flows_total"],
-            f["packets_userspace"],
+            f.flows_total,
+            f.packets_userspace,
             math.nan if embryonic_until is None else embryonic_until,
             -1 if sport is None else sport,
             -1 if label_packets is None else label_packets,
@@ -777,28 +729,29 @@ class SessionTable:
                 column.append(value)
         if address >= 0:
             self._by_key.put(service << 32 | address, row)
-            number = BY_NAME.get(f["protocol"])
+            number = BY_NAME.get(f.protocol)
             if port is not None and number is not None:
-                at = self._services_at.setdefault((f["vip"], number, port), [])
+                at = self._services_at.setdefault((f.vip, number, port), [])
                 if service not in at:
                     at.append(service)
         else:
             self._odd_keys[row] = key
             self._by_odd_key[(service, key.value)] = row
-        if values[-3] == 2:
+        if values[-3] == 2 and addresses is not None:
             self._addresses[row] = addresses
-        if f["stored"] is not None:
-            self._stored[row] = f["stored"]
-        self._by_id.put(f["id"], row)
-        session._t, session._r, session._d, session._k = self, row, {}, key
+        if f.stored is not None:
+            self._stored[row] = f.stored
+        self._by_id.put(f.id, row)
+        live, state, session_id = f.live, f.state, f.id
+        session.__class__ = _View
+        session._t, session._r, session._k = self, row, key
         self._views[row] = session
-        live = f["live"]
         for flow in live if isinstance(live, set) else () if live is None else (live,):
             self._hold(row, flow)
         self._count(session, 1)
-        self._states[f["state"]] += 1
-        if f["id"] >= self._next_id:  # the next id of ours above it
-            self._next_id = f["id"] + 1 + (self._next_id - f["id"] - 1) % self._id_step
+        self._states[state] += 1
+        if session_id >= self._next_id:  # the next id of ours above it
+            self._next_id = session_id + 1 + (self._next_id - session_id - 1) % self._id_step
 
     def _hold(self, row: int, flow: FlowKey) -> bool:
         """The row's session has `flow` (True: it did not before)."""
@@ -907,8 +860,7 @@ class SessionTable:
     def remove(self, session: Session) -> None:
         if session._t is not self:
             if session._t is None:
-                session._d["live"] = None
-                session._d["state"] = State.CLOSING
+                session.live, session.state = None, State.CLOSING
             return
         row = session._r
         fields = session.fields()
@@ -934,7 +886,10 @@ class SessionTable:
         self._views.pop(row, None)
         self._free.append(row)
         fields["live"], fields["state"] = None, State.CLOSING
-        session._t, session._r, session._d, session._k = None, -1, fields, None
+        session.__class__ = Session
+        for name, value in fields.items():
+            setattr(session, name, value)
+        session._t, session._r, session._k = None, -1, None
 
     def set_state(self, session: Session, state: State) -> None:
         """Every state change of a session in the table goes through here (the counts by state)."""

@@ -766,9 +766,10 @@ class SessionTable:
         more = self._more_flows.get(row)
         if more is None:
             more = self._more_flows[row] = set()
-        elif flow in more:
-            return False
+        held = len(more)
         more.add(flow)
+        if len(more) == held:
+            return False
         self._by_flow[flow] = row
         return True
 
@@ -796,16 +797,20 @@ class SessionTable:
             return KNOWN
         src, sport = flow.src, flow.sport
         address = v4(src)
+        index = None if service is None else self._name_at.get(service)
+        row = -1
         if address >= 0 and sport is not None and flow.dport is not None:
             services = self._services_at.get((flow.dst, flow.proto, flow.dport))
             for other in services or ():
-                row = self._by_key.get(other << 32 | address)
-                if row >= 0 and self._inner["flow_sport"][row] == sport and self._primary(row) == flow:
+                found = self._by_key.get(other << 32 | address)
+                if found >= 0 and self._inner["flow_sport"][found] == sport and self._primary(found) == flow:
                     return KNOWN
-        index = None if service is None else self._name_at.get(service)
+                if other == index:
+                    row = found
         if index is None:
             return NOT_TAKEN
-        row = self._by_key.get(index << 32 | address) if address >= 0 else -1
+        if row < 0 and address >= 0:
+            row = self._by_key.get(index << 32 | address)
         if row < 0:
             row = self._by_odd_key.get((index, src), -1)
             if row < 0:

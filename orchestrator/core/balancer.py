@@ -1161,7 +1161,7 @@ class Balancer:
     def _fail_over(self, pool: str, server: str, now: float, plan: Failover) -> None:
         """Every session on `server` of a service of `pool` follows its service's policy (see
         core.failover): reassigned to another server with a new pair, else reset."""
-        for session in self.table:
+        for session in self.table.on_server(server):
             svc = self.service_of(session)
             if svc is None or svc.pool != pool or session.server != server or session.owner is not None:
                 continue  # another member's session: its owner moves it, this one follows the table

@@ -621,7 +621,19 @@ class SessionTable:
         return (row for row in range(len(state)) if state[row] != _FREE)
 
     def __iter__(self) -> Iterator[Session]:
-        return iter([self._view(row) for row in self._rows()])
+        """Each session once, its view made as it comes (a view kept by nobody goes at once:
+        a list of every view would be an object per session again). Sessions removed on the
+        way are skipped; rows the table has when the walk begins are the ones walked."""
+        return (self._view(row) for row in self._rows())
+
+    def on_server(self, server: str) -> list[Session]:
+        """The sessions on `server` (a scan of the server column; only theirs get a view)."""
+        index = self._name_at.get(server)
+        if index is None:
+            return []
+        servers = self._columns["server"]
+        state = self._columns["state"]
+        return [self._view(row) for row in range(len(servers)) if servers[row] == index and state[row] != _FREE]
 
     def page(self, offset: int, limit: int | None) -> list[Session]:
         """Sessions in table order, `offset` skipped, at most `limit` (all without one)."""

@@ -548,6 +548,17 @@ class SessionTable:
         assert vip is not None and protocol is not None
         return FlowKey(BY_NAME[protocol], ntop(inner["address"][row]), vip, sport, c["port"][row])
 
+    def _is_primary(self, row: int, flow: FlowKey) -> bool:
+        """Whether `flow` is the flow kept in the row, the row found by the flow's source
+        address (so its address is the row's): `_primary(row) == flow` without making it."""
+        c, names = self._columns, self._names
+        return (
+            self._inner["flow_sport"][row] == flow.sport
+            and c["port"][row] == flow.dport
+            and names[c["vip"][row]] == flow.dst
+            and BY_NAME.get(names[c["protocol"][row]] or "") == flow.proto
+        )
+
     def _live(self, row: int) -> FlowKey | set[FlowKey] | None:
         primary, more = self._primary(row), self._more_flows.get(row)
         if not more:
@@ -592,7 +603,7 @@ class SessionTable:
             return -1
         for service in services:
             row = self._by_key.get(service << 32 | address)
-            if row >= 0 and self._inner["flow_sport"][row] == flow.sport and self._primary(row) == flow:
+            if row >= 0 and self._is_primary(row, flow):
                 return row
         return -1
 
@@ -773,7 +784,7 @@ class SessionTable:
                 assert flow.sport is not None
                 self._inner["flow_sport"][row] = flow.sport
                 return True
-        elif held == flow.sport and self._primary(row) == flow:
+        elif held == flow.sport and self._is_primary(row, flow) and v4(flow.src) == self._inner["address"][row]:
             return False
         more = self._more_flows.get(row)
         if more is None:
@@ -815,7 +826,7 @@ class SessionTable:
             services = self._services_at.get((flow.dst, flow.proto, flow.dport))
             for other in services or ():
                 found = self._by_key.get(other << 32 | address)
-                if found >= 0 and self._inner["flow_sport"][found] == sport and self._primary(found) == flow:
+                if found >= 0 and self._is_primary(found, flow):
                     return KNOWN
                 if other == index:
                     row = found

@@ -116,3 +116,14 @@ def test_flows_now_reads_each_rows_flow_when_asked() -> None:
     assert len(now) == 3
     table.end_flow(fa)
     assert now.slice(0, 3) == [None, fb, more] and now.slice(1, 2) == [fb] and now.slice(2, 10) == [more]
+
+
+def test_a_flow_from_another_address_with_the_same_ports_is_another_flow() -> None:
+    table = SessionTable()
+    s = session(1, "10.1.0.1")
+    table.add(s)
+    first = FlowKey(6, "10.1.0.1", VIP, 40000, 80)
+    moved = FlowKey(6, "10.1.0.2", VIP, 40000, 80)  # a new address of the session, same ports
+    table.add_flow(s, first, 1.0)
+    table.add_flow(s, moved, 1.0)
+    assert s.flows == {first, moved} and s.flows_total == 2 and table.by_flow(moved) is s

@@ -35,7 +35,7 @@ from orchestrator.core.labels import LabelAllocator
 from orchestrator.core.remote import ClusterSession, RemoteDelete, RemotePut
 from orchestrator.core.schedulers import Scheduler, ServerState, key_hash, make_scheduler
 from orchestrator.core.servers import AdminState, ServerAdmin
-from orchestrator.core.sessions import Session, SessionTable, State
+from orchestrator.core.sessions import KNOWN, NOT_TAKEN, FlowsNow, Session, SessionTable, State
 from orchestrator.dataplane import handles, ops, records
 from orchestrator.dataplane.ops import Operation
 
@@ -427,10 +427,8 @@ class Balancer:
             created=now,
             last_seen=now,
             sport=info.sport,
+            packets_userspace=1,
         )
-        self.table.add(session)
-        self._add_flow(session, flow, now)
-        session.packets_userspace += 1
         timeout = self.config.sessions.embryonic_timeout
         # A label-aware client's later packets come under its C2S label route, past the C2S filter
         # the check counts: those clients are trusted edges (design.md), their sessions never embryonic.
@@ -438,7 +436,11 @@ class Balancer:
             session.embryonic_until = now + timeout
             heapq.heappush(self._embryonic, (session.embryonic_until, session.id))
         start = len(plan.ops)
+        # Its objects are made before it joins the table: until then it holds its fields itself,
+        # which its many reads and writes here find faster than in the table's columns.
         self._add_client(session, svc, info, key.client, first.next_hop, plan)
+        self.table.add(session)
+        self._add_flow(session, flow, now)
         plan.groups[session.id] = [(start, len(plan.ops))]
         self.counters["sessions_started"] += 1
         if local:
@@ -712,20 +714,18 @@ class Balancer:
         a flow of a session keyed by its client's address that this balancer owns, whose
         adoption only adds the flow to the table; its counter is bumped once per batch. Any
         other flow takes `_adopt` (the same state, tests/unit/test_adopt_fast_path.py)."""
-        table = self.table
-        by_flow, get, add_flow = table.by_flow, table.get, table.add_flow
+        take = self.table.take
         services = self.services
         changed = self._sweep_changed
         adopted = 0
         for flow in flows:
-            if by_flow(flow) is not None:
-                continue
             svc = services.get((flow.dst, flow.proto, flow.dport)) or services.get((flow.dst, flow.proto, None))
-            session = get(svc.name, flow.src) if svc is not None and svc.session_key in _KEYED_BY_ADDRESS else None
-            if session is None or session.owner is not None or flow.src not in session.clients:
+            taken = take(svc.name if svc is not None and svc.session_key in _KEYED_BY_ADDRESS else None, flow, now)
+            if taken == KNOWN:
+                continue
+            if taken == NOT_TAKEN:
                 self._adopt(flow, now)
                 continue
-            add_flow(session, flow, now)
             if changed is not None:
                 changed.add(flow)
             adopted += 1
@@ -752,7 +752,7 @@ class Balancer:
         """The sweep's dump found `live`: the flows it ends and adopts, as a SweepResync that
         the daemon runs a slice at a time between other work of its loop."""
         self.counters["conntrack_sweeps"] += 1
-        return SweepResync(self, live, self.table.flows(), self._sweep_changed or set())
+        return SweepResync(self, live, self.table.flows_now(), self._sweep_changed or set())
 
     def sweep_done(self) -> None:
         self._sweep_changed = None
@@ -820,7 +820,7 @@ class Balancer:
             current = session.objects
             if not any(isinstance(o, ops.FastPathElement) for o in current):  # as a restore leaves them
                 if mine:
-                    session.objects = current + mine
+                    session.objects = [*current, *mine]
             else:
                 keys = {e.key for e in mine}
                 kept = [o for o in current if not isinstance(o, ops.FastPathElement) or o.key in keys]
@@ -1161,7 +1161,7 @@ class Balancer:
     def _fail_over(self, pool: str, server: str, now: float, plan: Failover) -> None:
         """Every session on `server` of a service of `pool` follows its service's policy (see
         core.failover): reassigned to another server with a new pair, else reset."""
-        for session in self.table:
+        for session in self.table.on_server(server):
             svc = self.service_of(session)
             if svc is None or svc.pool != pool or session.server != server or session.owner is not None:
                 continue  # another member's session: its owner moves it, this one follows the table
@@ -1694,7 +1694,7 @@ class SweepResync:
     find end), then the dump's (those the table does not know are adopted). Flows that started or
     ended since the dump began (Balancer.sweep_begins) are left as they are: the dump is older."""
 
-    def __init__(self, core: Balancer, live: frozenset[FlowKey], known: list[FlowKey], changed: set[FlowKey]) -> None:
+    def __init__(self, core: Balancer, live: frozenset[FlowKey], known: FlowsNow, changed: set[FlowKey]) -> None:
         self.core, self.live, self.known, self.changed = core, live, known, changed
         self._next_known = 0
         self._adopting = iter(live)
@@ -1704,8 +1704,8 @@ class SweepResync:
         """Check up to `budget` flows; True once the resync is complete."""
         known, live, changed = self.known, self.live, self.changed
         while budget > 0 and self._next_known < len(known):
-            for flow in known[self._next_known : self._next_known + budget]:
-                if flow not in live and flow not in changed:
+            for flow in known.slice(self._next_known, self._next_known + budget):
+                if flow is not None and flow not in live and flow not in changed:
                     self.core.end_swept(flow, now)
             taken = min(budget, len(known) - self._next_known)
             self._next_known += taken

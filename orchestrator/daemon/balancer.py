@@ -476,7 +476,7 @@ class BalancerDaemon(Daemon):
                 reason=event.reason,
             ),
         )
-        before = {s.id: s for s in self.core.table}
+        before = {s.id: s for s in self.core.table.on_server(server)}  # the sessions on_health may end
         plan = self.core.on_health(HealthView.of(self.health), [event], now)
         if not plan.outcomes:
             return

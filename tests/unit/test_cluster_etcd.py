@@ -684,13 +684,31 @@ def test_a_deadline_that_expired_while_the_loop_was_blocked_is_not_a_store_down(
     asyncio.run(main())
 
 
+def stopped(pid: int) -> None:
+    """SIGSTOP `pid` and wait until every thread of it has stopped: kill() only queues the
+    signal, and on a loaded machine etcd's threads went on to answer a request first."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    tasks = Path(f"/proc/{pid}/task")
+    while any(state_of(t) not in ("T", "t") for t in tasks.iterdir()):
+        assert time.monotonic() < deadline, f"process {pid} did not stop"
+        time.sleep(0.001)
+
+
+def state_of(task: Path) -> str:
+    try:
+        return (task / "stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:  # a thread that ended meanwhile
+        return "T"
+
+
 def test_a_store_that_does_not_answer_fails_after_one_deadline(etcd: EtcdServer) -> None:
     async def main() -> None:
         store = store_of(etcd)
         await store.connect()
         await store.join()
         assert etcd.proc is not None
-        os.kill(etcd.proc.pid, signal.SIGSTOP)
+        stopped(etcd.proc.pid)
         try:
             started = time.monotonic()
             with pytest.raises(StoreError):
@@ -762,7 +780,7 @@ def test_members_whose_loop_is_blocked_past_the_deadlines_stay_up_and_serve(etcd
                 # them 0.3 s later, in time: meanwhile the loop is busy past the deadline (as
                 # under a flood, or a large install).
                 assert etcd.proc is not None
-                os.kill(etcd.proc.pid, signal.SIGSTOP)
+                stopped(etcd.proc.pid)
                 resume = threading.Timer(0.3, os.kill, (etcd.proc.pid, signal.SIGCONT))
                 await asyncio.sleep(0.05)
                 resume.start()

@@ -524,7 +524,11 @@ class BalancerDaemon(Daemon):
         # whose objects the kernel acknowledged, so no element admits flows to a failed one; an
         # element the kernel refuses is counted, and its session's later flows are queued.
         with step("batch: nf_tables"):
-            refused = sum(not r.ok for r in self.program(list(commit.admit), "fast path"))
+            try:
+                refused = sum(not r.ok for r in self.program(list(commit.admit), "fast path"))
+            except OSError as exc:  # the packets went: not a failed batch to verdict again
+                log.error("fast path: %d set elements not added: %s", len(commit.admit), exc)
+                refused = len(commit.admit)
         if refused:
             self.core.count("fastpath_errors", refused)
         self.batches += 1

@@ -235,6 +235,29 @@ def test_a_failed_element_is_counted_and_the_verdicted_packet_still_goes() -> No
     assert [s.id for s in daemon.core.table] == [session.id] and daemon.core.counters["fastpath_late"] == 1
 
 
+def test_an_element_batch_that_raises_after_the_verdicts_sends_no_second_verdict() -> None:
+    """The nf_tables socket fails (OSError) after the verdicts went: the packet is not verdicted
+    again (it is gone), the batch is no `batch_errors`, its elements count `fastpath_errors`."""
+    kernel = FakeProvider(["lan0", "fab0"])
+    kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
+    kernel.add_ip_route("10.0.0.0/16", "lan0")
+    apply = kernel.apply
+
+    def failing(operations: Sequence[ops.Operation]) -> list[ops.OpResult]:
+        if all(isinstance(op.obj, E) for op in operations):
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+        return apply(operations)
+
+    kernel.apply = failing  # type: ignore[method-assign]
+    queue = ScriptedQueue()
+    daemon = balancer_daemon(config(), kernel, queue)
+    queue.script(QueuedPacket(0, 1, syn("10.0.1.10"), 2, None, 0))
+    daemon.on_packets()
+    assert [(v.packet_id, v.verdict) for v in queue.sent] == [(1, nfqueue.NF_ACCEPT)]
+    assert daemon.core.counters["fastpath_errors"] == 1 and daemon.core.counters["batch_errors"] == 0
+    assert len(daemon.core.table) == 1
+
+
 def test_a_session_whose_filter_failed_never_gets_its_element() -> None:
     """Had the element gone in the filter's batch, a new flow of the client could pass the fast
     path unlabelled until the rollback deleted it: it is only added once the filter is in."""

@@ -102,7 +102,7 @@ class Commit:
     cleanup: tuple[ops.Operation, ...]  # deletes of what a failed session did get installed
     failures: tuple[str, ...]
     # The fast-path elements of the sessions (and re-keys) whose objects all got in: applied
-    # after `plan.ops`, before the verdicts, so an element never exists for a session that failed.
+    # after `plan.ops` and the verdicts, so an element never exists for a session that failed.
     admit: tuple[ops.Operation, ...] = ()
 
 

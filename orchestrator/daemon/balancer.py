@@ -517,10 +517,20 @@ class BalancerDaemon(Daemon):
             results = self.program(plan.ops, "new session")
         commit = self.core.commit(plan, results, now)
         self.program(list(commit.cleanup), "rollback")
-        with step("batch: nf_tables"):
-            self.program(list(commit.admit), "fast path")
         with step("batch: verdicts"):
             self.queue.send_verdicts(nf_verdict(v) for v in commit.verdicts)
+        # The fast-path elements after the verdicts (design.md, "The kernel fast path"): the
+        # first packets waited for their filters and routes only. `admit` holds the sessions
+        # whose objects the kernel acknowledged, so no element admits flows to a failed one; an
+        # element the kernel refuses is counted, and its session's later flows are queued.
+        with step("batch: nf_tables"):
+            try:
+                refused = sum(not r.ok for r in self.program(list(commit.admit), "fast path"))
+            except OSError as exc:  # the packets went: not a failed batch to verdict again
+                log.error("fast path: %d set elements not added: %s", len(commit.admit), exc)
+                refused = len(commit.admit)
+        if refused:
+            self.core.count("fastpath_errors", refused)
         self.batches += 1
         if self.member is not None:
             self.member.flush()  # the batch's sessions, in one transaction

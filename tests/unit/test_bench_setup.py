@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, fields
+from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.lab.bench.balancer import label_range, step_means
+from orchestrator.lab.bench.balancer import check_latency_path, label_range, step_means
 from orchestrator.lab.bench.kernel_limit import KernelLimit
 from orchestrator.lab.bench.result import GOALS, Latency, RateRun, SetupResult, build_result, format_table, goal_met
 from orchestrator.lab.bench.setup import BACKLOG, MAX_SAMPLES, MAX_SESSIONS, parse_args
@@ -167,3 +168,15 @@ def test_label_range_has_room_for_every_session_and_the_headroom() -> None:
     first, last = label_range(2000, 100)
     assert first == LABELS[0] and last == LABELS[0] + 2 * (2000 + 100 + 256) + 1
     assert label_range(1, 1) == (LABELS[0], LABELS[1])  # never below the harness's own range
+
+
+def test_the_latency_check_allows_existing_connects_that_came_before_their_element_only() -> None:
+    """A new session's element goes in right after its first packet's verdict: an existing
+    session's connect that came before it reached the daemon, which counted it `fastpath_late`;
+    any other packet of an existing session's connect in userspace fails the check."""
+    runs = [Latency([(0.002, 0.0003)] * 3, retransmits=1)]
+    bed = SimpleNamespace(userspace={"sessions_started": 4, "packets_userspace": 6, "fastpath_late": 1})
+    check_latency_path(bed, runs)  # type: ignore[arg-type]
+    bed.userspace["fastpath_late"] = 0
+    with pytest.raises(RuntimeError, match="an existing session's connect reached userspace"):
+        check_latency_path(bed, runs)  # type: ignore[arg-type]

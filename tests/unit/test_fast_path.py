@@ -1,13 +1,15 @@
 """The kernel fast path (docs/design.md, "The first-packet path"): a session's set elements go to
-the kernel in the same batch as its other objects, before its first packet's verdict, and leave
-with them; the kernel then admits the session's later flows without the daemon, and conntrack's
+the kernel once its other objects are acknowledged, right after its first packet's verdict, and
+leave with them; the kernel then admits the session's later flows without the daemon, and conntrack's
 new-flow events count them towards their session."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from scapy.layers.inet import IP, TCP
@@ -15,7 +17,7 @@ from scapy.layers.inet6 import HAO, IPv6, IPv6ExtHdrDestOpt
 from scapy.layers.ipsec import ESP
 
 from orchestrator.capture import conntrack as ct
-from orchestrator.capture import nftables
+from orchestrator.capture import nfqueue, nftables
 from orchestrator.capture.nfqueue import QueuedPacket
 from orchestrator.config.examples import DELETE, KeyPath
 from orchestrator.core.balancer import Balancer
@@ -173,22 +175,87 @@ def test_a_service_without_ports_gets_the_protocol_element() -> None:
     assert "ip saddr . ip daddr . meta l4proto @fastproto4" in nftables.render(config(ESP_CLIENT))
 
 
-def test_the_element_is_in_the_kernel_before_the_verdict_after_the_sessions_batch() -> None:
+def test_the_element_goes_in_after_the_verdict_once_the_sessions_batch_is_acknowledged() -> None:
+    """The first packet waits for its filter and S2C route only: at its verdict's sendmsg the
+    filter is in the kernel (the packet leaves labelled) and the element is not yet; the element
+    is added right after, in its own nf_tables batch (issue 15: one round trip less per batch)."""
     kernel = FakeProvider(["lan0", "fab0"])
     kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
     kernel.add_ip_route("10.0.0.0/16", "lan0")
     applies: list[list[ops.Operation]] = []
     apply = kernel.apply
     kernel.apply = lambda operations: applies.append(list(operations)) or apply(operations)  # type: ignore[method-assign]
-    queue = ScriptedQueue(observe=lambda: kernel.fast_path("10.0.1.10", "10.0.0.100", "tcp", 80))
+    queue = ScriptedQueue(
+        observe=lambda: (
+            kernel.fast_path("10.0.1.10", "10.0.0.100", "tcp", 80),
+            kernel.forward_ip("10.0.1.10", "10.0.0.100", proto="tcp", sport=40000, dport=80, out_dev="fab0"),
+        )
+    )
     daemon = balancer_daemon(config(), kernel, queue)
     queue.script(QueuedPacket(0, 1, syn("10.0.1.10"), 2, None, 0))
     daemon.on_packets()
-    [(verdicts, element_then)] = queue.sent_batches
-    assert element_then == E("10.0.1.10", "10.0.0.100", "tcp", 80)
+    [(verdicts, (element_then, labels_then))] = queue.sent_batches
+    assert [v.verdict for v in verdicts] == [nfqueue.NF_ACCEPT]
+    assert element_then is None  # not in yet
+    assert labels_then is not None and labels_then.labels  # but the packet leaves labelled by its filter
+    assert kernel.fast_path("10.0.1.10", "10.0.0.100", "tcp", 80) == E("10.0.1.10", "10.0.0.100", "tcp", 80)
     [batch, admit] = applies
     assert {type(op.obj) for op in batch} == {ops.FlowerFilter, ops.MplsRoute}
     assert admit == [ops.Add(E("10.0.1.10", "10.0.0.100", "tcp", 80))]
+    assert daemon.core.counters["fastpath_errors"] == 0
+
+
+def test_a_failed_element_is_counted_and_the_verdicted_packet_still_goes() -> None:
+    """The kernel refuses the element (ENOMEM) after the packet's verdict: the packet went
+    (accepted, labelled), the failure is counted (`fastpath_errors`), the session stays, and its
+    client's next flow, which the kernel cannot admit, is queued and accepted into it."""
+    kernel = FakeProvider(["lan0", "fab0"])
+    kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
+    kernel.add_ip_route("10.0.0.0/16", "lan0")
+    apply = kernel.apply
+
+    def refusing(operations: Sequence[ops.Operation]) -> list[ops.OpResult]:
+        if all(isinstance(op.obj, E) for op in operations):
+            return [ops.OpResult(op, "Cannot allocate memory", errno.ENOMEM) for op in operations]
+        return apply(operations)
+
+    kernel.apply = refusing  # type: ignore[method-assign]
+    queue = ScriptedQueue()
+    daemon = balancer_daemon(config(), kernel, queue)
+    queue.script(QueuedPacket(0, 1, syn("10.0.1.10"), 2, None, 0))
+    daemon.on_packets()
+    assert [(v.packet_id, v.verdict) for v in queue.sent] == [(1, nfqueue.NF_ACCEPT)]
+    assert daemon.core.counters["fastpath_errors"] == 1 and daemon.core.counters["batch_errors"] == 0
+    assert kernel.fast_path("10.0.1.10", "10.0.0.100", "tcp", 80) is None
+    [session] = list(daemon.core.table)
+    assert session.state == State.SERVING
+    queue.script(QueuedPacket(0, 2, syn("10.0.1.10", 40001), 2, None, 0))
+    daemon.on_packets()
+    assert [(v.packet_id, v.verdict) for v in queue.sent] == [(1, nfqueue.NF_ACCEPT), (2, nfqueue.NF_ACCEPT)]
+    assert [s.id for s in daemon.core.table] == [session.id] and daemon.core.counters["fastpath_late"] == 1
+
+
+def test_an_element_batch_that_raises_after_the_verdicts_sends_no_second_verdict() -> None:
+    """The nf_tables socket fails (OSError) after the verdicts went: the packet is not verdicted
+    again (it is gone), the batch is no `batch_errors`, its elements count `fastpath_errors`."""
+    kernel = FakeProvider(["lan0", "fab0"])
+    kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
+    kernel.add_ip_route("10.0.0.0/16", "lan0")
+    apply = kernel.apply
+
+    def failing(operations: Sequence[ops.Operation]) -> list[ops.OpResult]:
+        if all(isinstance(op.obj, E) for op in operations):
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+        return apply(operations)
+
+    kernel.apply = failing  # type: ignore[method-assign]
+    queue = ScriptedQueue()
+    daemon = balancer_daemon(config(), kernel, queue)
+    queue.script(QueuedPacket(0, 1, syn("10.0.1.10"), 2, None, 0))
+    daemon.on_packets()
+    assert [(v.packet_id, v.verdict) for v in queue.sent] == [(1, nfqueue.NF_ACCEPT)]
+    assert daemon.core.counters["fastpath_errors"] == 1 and daemon.core.counters["batch_errors"] == 0
+    assert len(daemon.core.table) == 1
 
 
 def test_a_session_whose_filter_failed_never_gets_its_element() -> None:

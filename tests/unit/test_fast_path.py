@@ -9,7 +9,7 @@ import errno
 import socket
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from scapy.layers.inet import IP, TCP
@@ -23,6 +23,7 @@ from orchestrator.config.examples import DELETE, KeyPath
 from orchestrator.core.balancer import Balancer
 from orchestrator.core.events import Action, FlowKey, FlowsEnded, FlowsStarted, FlowTableResync
 from orchestrator.core.sessions import State
+from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.dataplane import handles, ops
 from orchestrator.dataplane.fake import FakeProvider
 from orchestrator.dataplane.netlink import constants as c
@@ -175,13 +176,36 @@ def test_a_service_without_ports_gets_the_protocol_element() -> None:
     assert "ip saddr . ip daddr . meta l4proto @fastproto4" in nftables.render(config(ESP_CLIENT))
 
 
+def balancer_kernel() -> FakeProvider:
+    """A balancer node's kernel: the clsact qdisc on the fabric, the clients' LAN routed."""
+    kernel = FakeProvider(["lan0", "fab0"])
+    kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
+    kernel.add_ip_route("10.0.0.0/16", "lan0")
+    return kernel
+
+
+def _first_packet_with_elements(
+    elements: Callable[[Sequence[ops.Operation]], list[ops.OpResult]],
+) -> tuple[FakeProvider, ScriptedQueue, BalancerDaemon]:
+    """A daemon whose kernel answers its fast-path element batches with `elements` (everything
+    else as the fake kernel does), after one SYN from 10.0.1.10."""
+    kernel = balancer_kernel()
+    apply = kernel.apply
+    kernel.apply = lambda operations: (  # type: ignore[method-assign]
+        elements(operations) if all(isinstance(op.obj, E) for op in operations) else apply(operations)
+    )
+    queue = ScriptedQueue()
+    daemon = balancer_daemon(config(), kernel, queue)
+    queue.script(QueuedPacket(0, 1, syn("10.0.1.10"), 2, None, 0))
+    daemon.on_packets()
+    return kernel, queue, daemon
+
+
 def test_the_element_goes_in_after_the_verdict_once_the_sessions_batch_is_acknowledged() -> None:
     """The first packet waits for its filter and S2C route only: at its verdict's sendmsg the
     filter is in the kernel (the packet leaves labelled) and the element is not yet; the element
     is added right after, in its own nf_tables batch (issue 15: one round trip less per batch)."""
-    kernel = FakeProvider(["lan0", "fab0"])
-    kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
-    kernel.add_ip_route("10.0.0.0/16", "lan0")
+    kernel = balancer_kernel()
     applies: list[list[ops.Operation]] = []
     apply = kernel.apply
     kernel.apply = lambda operations: applies.append(list(operations)) or apply(operations)  # type: ignore[method-assign]
@@ -209,21 +233,9 @@ def test_a_failed_element_is_counted_and_the_verdicted_packet_still_goes() -> No
     """The kernel refuses the element (ENOMEM) after the packet's verdict: the packet went
     (accepted, labelled), the failure is counted (`fastpath_errors`), the session stays, and its
     client's next flow, which the kernel cannot admit, is queued and accepted into it."""
-    kernel = FakeProvider(["lan0", "fab0"])
-    kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
-    kernel.add_ip_route("10.0.0.0/16", "lan0")
-    apply = kernel.apply
-
-    def refusing(operations: Sequence[ops.Operation]) -> list[ops.OpResult]:
-        if all(isinstance(op.obj, E) for op in operations):
-            return [ops.OpResult(op, "Cannot allocate memory", errno.ENOMEM) for op in operations]
-        return apply(operations)
-
-    kernel.apply = refusing  # type: ignore[method-assign]
-    queue = ScriptedQueue()
-    daemon = balancer_daemon(config(), kernel, queue)
-    queue.script(QueuedPacket(0, 1, syn("10.0.1.10"), 2, None, 0))
-    daemon.on_packets()
+    kernel, queue, daemon = _first_packet_with_elements(
+        lambda operations: [ops.OpResult(op, "Cannot allocate memory", errno.ENOMEM) for op in operations]
+    )
     assert [(v.packet_id, v.verdict) for v in queue.sent] == [(1, nfqueue.NF_ACCEPT)]
     assert daemon.core.counters["fastpath_errors"] == 1 and daemon.core.counters["batch_errors"] == 0
     assert kernel.fast_path("10.0.1.10", "10.0.0.100", "tcp", 80) is None
@@ -238,21 +250,11 @@ def test_a_failed_element_is_counted_and_the_verdicted_packet_still_goes() -> No
 def test_an_element_batch_that_raises_after_the_verdicts_sends_no_second_verdict() -> None:
     """The nf_tables socket fails (OSError) after the verdicts went: the packet is not verdicted
     again (it is gone), the batch is no `batch_errors`, its elements count `fastpath_errors`."""
-    kernel = FakeProvider(["lan0", "fab0"])
-    kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
-    kernel.add_ip_route("10.0.0.0/16", "lan0")
-    apply = kernel.apply
 
     def failing(operations: Sequence[ops.Operation]) -> list[ops.OpResult]:
-        if all(isinstance(op.obj, E) for op in operations):
-            raise OSError(errno.ENOBUFS, "No buffer space available")
-        return apply(operations)
+        raise OSError(errno.ENOBUFS, "No buffer space available")
 
-    kernel.apply = failing  # type: ignore[method-assign]
-    queue = ScriptedQueue()
-    daemon = balancer_daemon(config(), kernel, queue)
-    queue.script(QueuedPacket(0, 1, syn("10.0.1.10"), 2, None, 0))
-    daemon.on_packets()
+    _, queue, daemon = _first_packet_with_elements(failing)
     assert [(v.packet_id, v.verdict) for v in queue.sent] == [(1, nfqueue.NF_ACCEPT)]
     assert daemon.core.counters["fastpath_errors"] == 1 and daemon.core.counters["batch_errors"] == 0
     assert len(daemon.core.table) == 1
@@ -344,9 +346,7 @@ def test_conntrack_new_events_of_tagged_flows_become_flows_started_in_order() ->
 
 
 def test_a_reload_refills_the_emptied_sets_and_drops_elements_of_no_session(monkeypatch) -> None:
-    kernel = FakeProvider(["lan0", "fab0"])
-    kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
-    kernel.add_ip_route("10.0.0.0/16", "lan0")
+    kernel = balancer_kernel()
     monkeypatch.setattr(nftables, "load", lambda ruleset: kernel.flush_elements())
     daemon = balancer_daemon(config(), kernel)
     daemon.make_ready = lambda cfg: None  # type: ignore[method-assign]

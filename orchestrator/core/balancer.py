@@ -35,7 +35,7 @@ from orchestrator.core.labels import LabelAllocator
 from orchestrator.core.remote import ClusterSession, RemoteDelete, RemotePut
 from orchestrator.core.schedulers import Scheduler, ServerState, key_hash, make_scheduler
 from orchestrator.core.servers import AdminState, ServerAdmin
-from orchestrator.core.sessions import KNOWN, NOT_TAKEN, FlowsNow, Session, SessionTable, State
+from orchestrator.core.sessions import ANSWERED, KNOWN, NOT_TAKEN, FlowsNow, Session, SessionTable, State
 from orchestrator.dataplane import handles, ops, records
 from orchestrator.dataplane.ops import Operation
 
@@ -717,7 +717,7 @@ class Balancer:
         take = self.table.take
         services = self.services
         changed = self._sweep_changed
-        adopted = 0
+        adopted = answered = 0
         for flow in flows:
             svc = services.get((flow.dst, flow.proto, flow.dport)) or services.get((flow.dst, flow.proto, None))
             taken = take(svc.name if svc is not None and svc.session_key in _KEYED_BY_ADDRESS else None, flow, now)
@@ -729,8 +729,11 @@ class Balancer:
             if changed is not None:
                 changed.add(flow)
             adopted += 1
+            answered += taken == ANSWERED
         if adopted:
             self.counters["flows_fast_path"] += adopted
+        if answered:
+            self.counters["embryonic_answered"] += answered
 
     def _add_flow(self, session: Session, flow: FlowKey, now: float) -> None:
         self.table.add_flow(session, flow, now)
@@ -784,6 +787,9 @@ class Balancer:
         self._add_flow(session, flow, now)
         self._take_over(session)
         self.counters["flows_fast_path"] += 1
+        if session.embryonic_until is not None:  # the flow's first packet went through its filter
+            session.embryonic_until = None
+            self.counters["embryonic_answered"] += 1
 
     def session_of_flow(self, flow: FlowKey) -> Session | None:
         """The session whose fast-path element admits `flow`: of the flow's service, with the

@@ -35,7 +35,7 @@ class State(enum.StrEnum):
 
 _STATES = tuple(State)
 _FREE = 255  # the state column of a row no session holds
-NOT_TAKEN, TAKEN, KNOWN = 0, 1, 2  # SessionTable.take's answers
+NOT_TAKEN, TAKEN, KNOWN, ANSWERED = 0, 1, 2, 3  # SessionTable.take's answers
 _DRAINING, _SERVING = _STATES.index(State.DRAINING), _STATES.index(State.SERVING)
 _KINDS = tuple(SessionKeyKind)
 _ODD = 255  # the kind column of a session whose key is in the side dict (not an IPv4 client address)
@@ -815,7 +815,9 @@ class SessionTable:
         """Balancer._adopt_started's common case in row terms, without a view of the session:
         KNOWN if a session has `flow` already; else, `service` given, its session keyed by the
         flow's source address takes `flow` (as `add_flow`) if it is this balancer's own and has
-        that address among its clients: TAKEN; else NOT_TAKEN (nothing changed)."""
+        that address among its clients: TAKEN, or ANSWERED when that session was embryonic (the
+        flow's first packet went through its filter, so its client sent more than its first
+        packet: it is embryonic no longer); else NOT_TAKEN (nothing changed)."""
         if flow in self._by_flow:
             return KNOWN
         src, sport = flow.src, flow.sport
@@ -851,6 +853,10 @@ class SessionTable:
         else:
             return NOT_TAKEN
         self._add_flow_at(row, flow, now)
+        embryonic = self._columns["embryonic_until"]
+        if embryonic[row] == embryonic[row]:  # not NaN
+            embryonic[row] = math.nan
+            return ANSWERED
         return TAKEN
 
     def end_flow(self, flow: FlowKey) -> Session | None:

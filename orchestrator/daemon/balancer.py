@@ -271,8 +271,10 @@ class BalancerDaemon(Daemon):
             self.end_sessions()
         with step("tick: liveness"):
             self.check_liveness()
+        self.serve_waiting()  # the filter counts' round trips are the tick's longest part
         with step("tick: embryonic"):
             self.end_embryonic()
+        self.serve_waiting()
         with step("tick: gc freeze"):
             self.freeze_grown()
         with step("tick: metrics"):

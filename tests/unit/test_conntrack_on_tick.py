@@ -7,7 +7,9 @@ serves on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import select
 import tempfile
 import time
 
@@ -95,3 +97,42 @@ def test_a_session_due_to_end_serves_on_when_its_new_flow_waits_unread_at_the_ti
     assert [s.state for s in daemon.core.table] == [State.SERVING]
     assert daemon.core.counters["flows_fast_path"] == 1
     assert daemon.core.counters.get("sessions_ended", 0) == 0
+
+
+def test_a_first_packet_that_comes_during_a_tick_goes_before_the_tick_s_next_part() -> None:
+    """The tick's parts take turns with the queue (`serve_waiting`): a packet that came while the
+    liveness checks ran is verdicted before the embryonic checks' round trips, not after the
+    whole tick; and the queue is not read when nothing waits in it."""
+    queue = ScriptedQueue()
+    daemon = Quiet(str(BALANCER_EXAMPLE), kernel(), scripted_capture(queue), config())
+    daemon.queue = queue
+    readable_r, readable_w = os.pipe()
+    os.set_blocking(readable_r, False)
+    daemon.waiting = select.poll()
+    daemon.waiting.register(readable_r, select.POLLIN)
+    order: list[str] = []
+    checked = daemon.check_liveness
+
+    def liveness_while_a_packet_comes() -> None:
+        checked()
+        queue.script(QueuedPacket(0, 1, syn("10.0.1.10"), 2, None, 0))
+        os.write(readable_w, b"x")  # the queue's socket turns readable
+
+    def embryonic() -> None:
+        order.append(f"embryonic after {len(queue.sent)} verdicts")
+        with contextlib.suppress(BlockingIOError):
+            os.read(readable_r, 1)  # read: nothing waits any more
+
+    daemon.check_liveness = liveness_while_a_packet_comes  # type: ignore[method-assign]
+    daemon.end_embryonic = embryonic  # type: ignore[method-assign]
+    try:
+        daemon.tick()
+        assert order == ["embryonic after 1 verdicts"]
+        assert [v.packet_id for v in queue.sent] == [1]
+        queue.script(QueuedPacket(0, 2, syn("10.0.1.11"), 2, None, 0))  # scripted, not readable
+        daemon.check_liveness = checked  # type: ignore[method-assign]
+        daemon.tick()
+        assert order == ["embryonic after 1 verdicts"] * 2 and queue.batches, "no read without a packet"
+    finally:
+        os.close(readable_r)
+        os.close(readable_w)

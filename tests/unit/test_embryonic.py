@@ -17,7 +17,7 @@ from orchestrator.capture import nftables
 from orchestrator.capture.nfqueue import QueuedPacket
 from orchestrator.config import ConfigError, parse_config
 from orchestrator.config.examples import example
-from orchestrator.core.events import Action
+from orchestrator.core.events import Action, FlowKey, FlowsStarted, FlowTableResync
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.netlink import decode, encode, nla
 from orchestrator.dataplane.netlink.constants import (
@@ -91,6 +91,30 @@ def test_a_session_whose_client_went_on_is_answered_and_kept() -> None:
     node.advance(60.0)  # never checked again
     assert node.check_embryonic() == [] and node.core.sessions() == [session]
     assert node.labels_of("10.0.1.51")[-1] == session.c2s
+
+
+@pytest.mark.parametrize("told", ["new-flow event", "resync"])
+def test_a_later_fast_path_flow_answers_the_session_without_asking_the_kernel(told: str) -> None:
+    """Its first packet went through the session's filter, so the count would be two or more:
+    answered at once, and no filter count is ever asked for it. Its own first flow's event
+    (the daemon saw that packet) answers nothing. Through `_adopt_started`'s inlined case
+    (a new-flow event) and `_adopt` (a resync that finds the flow live)."""
+    node = Node(config(EMBRYONIC))
+    node.packets(syn("10.0.1.54"), syn("10.0.1.55"))
+    _packets_out(node, "10.0.1.54", 1)
+    first = FlowKey(6, "10.0.1.54", VIP, 40000, 80)
+    node.core.on_flow_events([FlowsStarted((first,))], node.now)
+    [answered, spoofed] = sorted(node.core.sessions(), key=lambda s: s.clients[0])
+    assert answered.view()["embryonic"] is True, "its own first flow says nothing new"
+    later = FlowKey(6, "10.0.1.54", VIP, 40001, 80)
+    assert node.kernel.forward_ip("10.0.1.54", VIP, proto="tcp", sport=40001, dport=80, out_dev="fab0")
+    events = [FlowsStarted((later,))] if told == "new-flow event" else [FlowTableResync(frozenset({first, later}))]
+    node.core.on_flow_events(events, node.now)
+    assert answered.view()["embryonic"] is False and spoofed.view()["embryonic"] is True
+    assert node.core.counters["embryonic_answered"] == 1
+    node.advance(2.0)
+    assert list(node.core.embryonic_due(node.now)) == [spoofed.id], "no count asked for the answered one"
+    assert node.core.sessions() == [answered, spoofed]
 
 
 def test_a_count_the_kernel_cannot_give_keeps_the_session() -> None:

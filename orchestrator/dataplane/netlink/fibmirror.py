@@ -115,9 +115,11 @@ def _classify(body: memoryview | bytes) -> _Entry:
     """One route's answer if it is alone at its prefix (a unicast route stays as its bytes:
     decoded when first asked for)."""
     _family, _dst_len, _src_len, tos, _table, _proto, _scope, rtype, flags = nla.RTMSG.unpack_from(body)
+    if tos or flags & (RTNH_F_DEAD | RTNH_F_LINKDOWN):  # the kernel may pass over it to a shorter prefix
+        return ASK
     if rtype in _UNUSABLE:
         return None
-    if rtype != RTN_UNICAST or tos or flags & (RTNH_F_DEAD | RTNH_F_LINKDOWN):
+    if rtype != RTN_UNICAST:
         return ASK
     a = nla.attrs(body, nla.RTMSG.size)
     if RTA_MULTIPATH in a or RTA_NH_ID in a:

@@ -11,7 +11,7 @@ import socket
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from orchestrator.dataplane import offload, ops
-from orchestrator.dataplane.netlink import decode, encode, layouts, nla, routewatch
+from orchestrator.dataplane.netlink import decode, encode, fibmirror, layouts, nla, routewatch
 from orchestrator.dataplane.netlink.constants import (
     AF_INET,
     AF_INET6,
@@ -64,6 +64,7 @@ class NetlinkProvider:
         self._watch_routes = sock is None
         self._changes: routewatch.RouteChanges | None = None
         self._routes: routewatch.RouteCache[ops.NextHop | None] | None = None
+        self._fib: fibmirror.FibMirror | None = None
         self._nexthops: bool | None = None  # nexthop objects: not asked yet
 
     def close(self) -> None:
@@ -363,13 +364,36 @@ class NetlinkProvider:
         matched to their address by sequence number. The balancer asks this of each batch's
         client addresses: an S2C label route can only name a neighbour. On the kernel's own
         sockets the answers are remembered until a route, rule, address or link changes
-        (routewatch): a known client costs no lookup."""
+        (routewatch): a known client costs no lookup; and a new IPv4 client is answered from a
+        mirror of the IPv4 tables (fibmirror), rebuilt after such a change, wherever the mirror
+        can be exact: only the others cost a lookup."""
         if not self._watch_routes:
             return self._routes_to(list(addresses))
         if self._routes is None:
             self._changes = routewatch.RouteChanges(self._netns)
-            self._routes = routewatch.RouteCache(self._changes.changed)
-        return self._routes.resolve(addresses, self._routes_to)
+            self._fib = fibmirror.FibMirror(self._sock.dump, self.ifname)
+            self._routes = routewatch.RouteCache(self._routes_changed)
+        assert self._fib is not None
+        return self._routes.resolve(addresses, self._routes_to, self._fib.split)
+
+    def _routes_changed(self) -> bool:
+        """Whether the kernel said a route may have changed (then the mirror is read again)."""
+        assert self._changes is not None and self._fib is not None
+        if self._changes.changed():
+            self._fib.mark_stale()
+            return True
+        return False
+
+    def route_counters(self) -> dict[str, int]:
+        """How `routes_to` answered since the start: kernel lookups (RTM_GETROUTE per address),
+        addresses the FIB mirror answered, the mirror's rebuilds, the cache's invalidations."""
+        cache, fib = self._routes, self._fib
+        return {
+            "kernel_lookups": cache.lookups if cache is not None else 0,
+            "mirror_answers": fib.answered if fib is not None else 0,
+            "mirror_rebuilds": fib.rebuilds if fib is not None else 0,
+            "invalidations": cache.invalidations if cache is not None else 0,
+        }
 
     def _routes_to(self, addresses: list[str]) -> dict[str, ops.NextHop | None]:
         out: dict[str, ops.NextHop | None] = {}

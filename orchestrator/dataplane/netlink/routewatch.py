@@ -87,9 +87,15 @@ class RouteCache(Generic[T]):
         self.lookups = 0  # addresses the kernel was asked about
         self.invalidations = 0
 
-    def resolve(self, addresses: Iterable[str], lookup: Callable[[list[str]], dict[str, T]]) -> dict[str, T]:
-        """Each address's answer: remembered ones as they are, the others from one `lookup` of
-        them all (none when every address is known)."""
+    def resolve(
+        self,
+        addresses: Iterable[str],
+        lookup: Callable[[list[str]], dict[str, T]],
+        mirror: Callable[[list[str]], tuple[dict[str, T], list[str]]] | None = None,
+    ) -> dict[str, T]:
+        """Each address's answer: remembered ones as they are, the others from `mirror` (the
+        answers it has, and the addresses it leaves to the kernel: fibmirror.FibMirror.split)
+        and then from one `lookup` of those left (none when every address is answered)."""
         if self._changed():
             self._known.clear()
             self.invalidations += 1
@@ -97,8 +103,12 @@ class RouteCache(Generic[T]):
         wanted = list(dict.fromkeys(addresses))
         missing = [a for a in wanted if a not in known]
         if missing:
-            self.lookups += len(missing)
-            found = lookup(missing)
+            found: dict[str, T] = {}
+            if mirror is not None:
+                found, missing = mirror(missing)
+            if missing:
+                self.lookups += len(missing)
+                found.update(lookup(missing))
             if len(known) + len(found) > self._max:
                 known.clear()
             known.update(found)

@@ -180,7 +180,8 @@ def worker_run(index: int, workers: int, sessions: int, batch: int, profile: str
     daemon, _queue, cpu, elapsed = daemon_with_sessions(index, workers, sessions, batch, profiler)
     if profiler and profile:
         profiler.dump_stats(profile)
-    return {"sessions": daemon.core.counters["sessions_started"], "cpu_s": cpu, "wall_s": elapsed}
+    made = daemon.core.counters["sessions_started"]
+    return {"sessions": made, "cpu_s": cpu, "wall_s": elapsed, "cpu_us_per_session": cpu / made * 1e6}
 
 
 class EventSocket:

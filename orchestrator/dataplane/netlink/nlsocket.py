@@ -162,21 +162,23 @@ class NetlinkSocket:
         return first
 
     def _recv(self) -> memoryview:
-        try:
-            size = self._sock.recv_into(self._buf)
-        except BlockingIOError:
-            self._wait(select.POLLIN)
-            size = self._sock.recv_into(self._buf)
+        while True:
+            try:
+                size = self._sock.recv_into(self._buf)
+                break
+            except BlockingIOError:  # not there yet (or a spurious wake-up): wait for it
+                self._wait(select.POLLIN)
         return memoryview(self._buf)[:size]
 
     def _send(self, data: bytes) -> None:
         """One datagram (a netlink message is never sent in part). The kernel takes it without
         waiting; should the socket ever say it would block, it is sent once it can be."""
-        try:
-            self._sock.sendall(data)
-        except BlockingIOError:
-            self._wait(select.POLLOUT)
-            self._sock.sendall(data)
+        while True:
+            try:
+                self._sock.sendall(data)
+                return
+            except BlockingIOError:
+                self._wait(select.POLLOUT)
 
     def _wait(self, events: int) -> None:
         """Until the socket is ready for `events`; TimeoutError after TIMEOUT seconds, as a

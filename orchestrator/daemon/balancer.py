@@ -497,12 +497,14 @@ class BalancerDaemon(Daemon):
         assert self.queue is not None
         now = time.monotonic()
         names = self.provider.ifname
+        # The batch's parts, named when one of them stalls the loop: each ends where the next
+        # begins, one clock reading apiece (the stall witness's clock is time.monotonic too).
+        laps = self.stalls.laps(now)
         # The routes to the batch's clients, all asked in one sendmsg: each S2C route goes to
         # the balancer's next hop towards its client, which the pure core cannot look up.
-        step = self.stalls.step  # the batch's parts, named when one of them stalls the loop
         sources = [source_address(p.payload) for p in batch]
-        with step("batch: route lookup"):
-            hops = self.provider.routes_to(s for s in sources if s is not None)
+        hops = self.provider.routes_to(s for s in sources if s is not None)
+        laps.lap("batch: route lookup")
         packets = [
             FirstPacket(
                 p.queue,
@@ -513,24 +515,32 @@ class BalancerDaemon(Daemon):
             )
             for p, src in zip(batch, sources)
         ]
-        with step("batch: decide"):
-            plan = self.core.on_packets(packets, now)
-        with step("batch: rtnetlink"):
-            results = self.program(plan.ops, "new session")
+        plan = self.core.on_packets(packets, now)
+        laps.lap("batch: decide")
+        applied = self.provider.apply(plan.ops) if plan.ops else []
+        took = laps.lap("batch: rtnetlink")
+        results = self.programmed(applied, "new session", took) if plan.ops else []
         commit = self.core.commit(plan, results, now)
         self.program(list(commit.cleanup), "rollback")
-        with step("batch: verdicts"):
-            self.queue.send_verdicts(nf_verdict(v) for v in commit.verdicts)
+        laps.lap("batch: commit")
+        self.queue.send_verdicts(nf_verdict(v) for v in commit.verdicts)
+        laps.lap("batch: verdicts")
         # The fast-path elements after the verdicts (design.md, "The kernel fast path"): the
         # first packets waited for their filters and routes only. `admit` holds the sessions
         # whose objects the kernel acknowledged, so no element admits flows to a failed one; an
         # element the kernel refuses is counted, and its session's later flows are queued.
-        with step("batch: nf_tables"):
-            try:
-                refused = sum(not r.ok for r in self.program(list(commit.admit), "fast path"))
-            except OSError as exc:  # the packets went: not a failed batch to verdict again
-                log.error("fast path: %d set elements not added: %s", len(commit.admit), exc)
-                refused = len(commit.admit)
+        admit = list(commit.admit)
+        failure: OSError | None = None
+        try:
+            applied = self.provider.apply(admit) if admit else []
+        except OSError as exc:  # the packets went: not a failed batch to verdict again
+            applied, failure = [], exc
+        took = laps.lap("batch: nf_tables")
+        if failure is not None:
+            log.error("fast path: %d set elements not added: %s", len(admit), failure)
+            refused = len(admit)
+        else:
+            refused = sum(not r.ok for r in self.programmed(applied, "fast path", took)) if admit else 0
         if refused:
             self.core.count("fastpath_errors", refused)
         self.batches += 1
@@ -544,7 +554,7 @@ class BalancerDaemon(Daemon):
                 views.log_rekeyed(session)
             else:
                 views.log_start(session)
-        now = time.monotonic()
+        now = laps.last
         for v, src in zip(commit.verdicts, sources):
             if v.action != Action.ACCEPT:
                 allowed, suppressed = self.refusal_lines.allow(v.reason, now)

@@ -186,7 +186,12 @@ class Daemon:
             return []
         started = time.perf_counter()
         results = self.provider.apply(operations)
-        self.batch_duration.observe(time.perf_counter() - started)
+        return self.programmed(results, why, time.perf_counter() - started)
+
+    def programmed(self, results: list[ops.OpResult], why: str, took: float) -> list[ops.OpResult]:
+        """A batch the caller applied and timed itself (`program`'s second half): its duration
+        feeds the metrics, each failure is logged with its reason."""
+        self.batch_duration.observe(took)
         for r in results:
             self.op_results["ok" if r.ok else "error"] += 1
             if offload.refused(r):

@@ -11,8 +11,10 @@ import contextlib
 import ctypes
 import errno as errno_mod
 import os
+import select
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, TypeVar
 
@@ -47,6 +49,13 @@ CHUNK_BYTES = 256 * 1024
 RCVBUF = 32 * 1024 * 1024
 SNDBUF = 4 * 1024 * 1024
 DUMP_RETRIES = 5
+# How long a request waits for the kernel's answer before TimeoutError. The socket itself is
+# non-blocking: a socket with a timeout makes Python read the clock and poll() before every
+# send and recv, four system calls more per round trip, each costing as much as the call itself
+# in the lab's UML guest (issue 15: a first-packet batch's own CPU). The kernel handles a
+# request inside the sendmsg that carries it, so its answer is queued when the call returns
+# and the first recv finds it; poll() runs only when it is not there yet (a long dump).
+TIMEOUT = 30.0
 T = TypeVar("T")
 
 
@@ -131,7 +140,7 @@ class NetlinkSocket:
             with contextlib.suppress(OSError):
                 sock.setsockopt(SOL_NETLINK, option, 1)
         sock.bind((0, 0))
-        sock.settimeout(30.0)
+        sock.settimeout(0.0)  # non-blocking: _send and _recv wait with poll() only when they must
         self._seq = 1
         self._buf = bytearray(1 << 20)
 
@@ -153,8 +162,33 @@ class NetlinkSocket:
         return first
 
     def _recv(self) -> memoryview:
-        size = self._sock.recv_into(self._buf)
+        while True:
+            try:
+                size = self._sock.recv_into(self._buf)
+                break
+            except BlockingIOError:  # not there yet (or a spurious wake-up): wait for it
+                self._wait(select.POLLIN)
         return memoryview(self._buf)[:size]
+
+    def _send(self, data: bytes) -> None:
+        """One datagram (a netlink message is never sent in part). The kernel takes it without
+        waiting; should the socket ever say it would block, it is sent once it can be."""
+        while True:
+            try:
+                self._sock.sendall(data)
+                return
+            except BlockingIOError:
+                self._wait(select.POLLOUT)
+
+    def _wait(self, events: int) -> None:
+        """Until the socket is ready for `events`; TimeoutError after TIMEOUT seconds, as a
+        socket with that timeout would raise."""
+        poller = select.poll()
+        poller.register(self._sock.fileno(), events | select.POLLERR)
+        deadline = time.monotonic() + TIMEOUT
+        while not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            if time.monotonic() >= deadline:
+                raise TimeoutError("timed out")
 
     def transact(self, requests: Sequence[tuple[int, int, bytes]]) -> list[KernelError | None]:
         """Send every request; return per request None (done) or its KernelError."""
@@ -172,7 +206,7 @@ class NetlinkSocket:
             nla.message(kind, flags | (NLM_F_ACK if i == end - 1 else 0), first + i - start, body)
             for i, (kind, flags, body) in enumerate(requests[start:end], start=start)
         ]
-        self._sock.sendall(b"".join(parts))
+        self._send(b"".join(parts))
         while True:
             for kind, flags, seq, body in nla.messages(self._recv()):
                 if kind != NLMSG_ERROR or not first <= seq <= last_seq:
@@ -191,7 +225,7 @@ class NetlinkSocket:
         for start, end in _chunks(requests):
             first = self._next_seqs(end - start)
             last_seq = first + end - start - 1
-            self._sock.sendall(
+            self._send(
                 b"".join(
                     nla.message(
                         kind, flags | NLM_F_REQUEST | (NLM_F_ACK if i == end - 1 else 0), first + i - start, body
@@ -232,7 +266,7 @@ class NetlinkSocket:
         memory). Raises _Changed at its end if the kernel said the table changed under it: what
         was handed over is then not the table, and the caller starts again (`fold_dump`)."""
         seq = self._next_seqs(1)
-        self._sock.sendall(nla.message(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, body))
+        self._send(nla.message(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, body))
         interrupted = False
         done = False
         while not done:
@@ -303,7 +337,7 @@ class NftBatchSocket(NetlinkSocket):
             nla.message(kind, flags | NLM_F_ACK, first + 1 + i, body) for i, (kind, flags, body) in enumerate(requests)
         ]
         parts.append(nla.message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, first + len(requests) + 1, frame))
-        self._sock.sendall(b"".join(parts))
+        self._send(b"".join(parts))
         results: list[KernelError | None] = [None] * len(requests)
         waiting = set(range(len(requests)))
         while waiting:

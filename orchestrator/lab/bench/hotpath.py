@@ -6,7 +6,11 @@ from its own client, in batches as NFQUEUE hands them over; sessions per second 
 `--workers W` runs W processes at once, each a worker with its own share of the labels (the
 configuration's `nfqueue.workers: W`, core.shards) and its own clients, as the ruleset's hash
 would give them: how the pure per-session cost scales over the machine's cores.
-`--profile FILE` writes cProfile's stats of one process (workers 1).
+`--profile FILE` writes cProfile's stats of one process (workers 1). `--gap SECONDS` sleeps that
+long between batches, as first packets arrive in `lab bench setup`'s latency runs (one every
+20 ms or so): the CPU per session then includes what the path's code and data cost when they
+have left the CPU's caches in between (issue 15: on a shared host several times the
+back-to-back cost).
 
 `--flows N` measures instead what a flow of an existing session costs when the kernel's fast
 path admitted it (issue 15, `lab bench setup`'s (d)): N new flows of the sessions, each as
@@ -16,6 +20,7 @@ conntrack's new-flow event in the kernel's encoding, decoded by the listener in 
 
     python -m orchestrator.lab.bench.hotpath --sessions 20000 --workers 1
     python -m orchestrator.lab.bench.hotpath --sessions 20000 --workers 2
+    python -m orchestrator.lab.bench.hotpath --sessions 300 --batch 1 --gap 0.02
     python -m orchestrator.lab.bench.hotpath --sessions 10000 --flows 30000 --batch 64
 """
 
@@ -131,7 +136,12 @@ def syn(src: str, sport: int) -> bytes:
 
 
 def daemon_with_sessions(
-    index: int, workers: int, sessions: int, batch: int, profiler: cProfile.Profile | None = None
+    index: int,
+    workers: int,
+    sessions: int,
+    batch: int,
+    profiler: cProfile.Profile | None = None,
+    gap: float = 0.0,
 ) -> tuple[BalancerDaemon, Queue, float, float]:
     """A worker's daemon over the encoding kernel that made `sessions` sessions (tcp/80) from as
     many first packets, fed in batches of `batch`; with the CPU and wall time they took."""
@@ -159,6 +169,8 @@ def daemon_with_sessions(
     if profiler:
         profiler.enable()
     for start in range(0, sessions, batch):
+        if gap:
+            time.sleep(gap)
         daemon.decide(packets[start : start + batch])
     if profiler:
         profiler.disable()
@@ -175,12 +187,15 @@ def client(index: int, sessions: int, i: int) -> str:
     return str(ipaddress.ip_address(int(ipaddress.ip_address("10.64.0.0")) + index * sessions + i))
 
 
-def worker_run(index: int, workers: int, sessions: int, batch: int, profile: str | None) -> dict[str, float]:
+def worker_run(
+    index: int, workers: int, sessions: int, batch: int, profile: str | None, gap: float = 0.0
+) -> dict[str, float]:
     profiler = cProfile.Profile() if profile else None
-    daemon, _queue, cpu, elapsed = daemon_with_sessions(index, workers, sessions, batch, profiler)
+    daemon, _queue, cpu, elapsed = daemon_with_sessions(index, workers, sessions, batch, profiler, gap)
     if profiler and profile:
         profiler.dump_stats(profile)
-    return {"sessions": daemon.core.counters["sessions_started"], "cpu_s": cpu, "wall_s": elapsed}
+    made = daemon.core.counters["sessions_started"]
+    return {"sessions": made, "cpu_s": cpu, "wall_s": elapsed, "cpu_us_per_session": cpu / made * 1e6}
 
 
 class EventSocket:
@@ -251,7 +266,7 @@ def flows_run(sessions: int, flows: int, batch: int, profile: str | None) -> dic
     }
 
 
-def _run(args: tuple[int, int, int, int, str | None]) -> dict[str, float]:
+def _run(args: tuple[int, int, int, int, str | None, float]) -> dict[str, float]:
     return worker_run(*args)
 
 
@@ -261,12 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--profile", default=None)
+    parser.add_argument("--gap", type=float, default=0.0, help="seconds of sleep between batches")
     parser.add_argument("--flows", type=int, default=0, help="new flows of the sessions through the fast path")
     args = parser.parse_args(argv)
     if args.flows:
         print(json.dumps(flows_run(args.sessions, args.flows, args.batch, args.profile)))
         return 0
-    jobs = [(i, args.workers, args.sessions, args.batch, args.profile) for i in range(args.workers)]
+    jobs = [(i, args.workers, args.sessions, args.batch, args.profile, args.gap) for i in range(args.workers)]
     wall = time.perf_counter()
     if args.workers == 1:
         results = [_run(jobs[0])]
@@ -280,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "workers": args.workers,
+                "gap_s": args.gap,
                 "sessions": sessions,
                 "sessions_per_s": round(sessions / slowest),
                 "per_worker": [{k: round(v, 3) for k, v in r.items()} for r in results],

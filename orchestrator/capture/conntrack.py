@@ -77,9 +77,10 @@ EVENTS_RCVBUF = 32 << 20
 # thread: a thread that decodes holds the GIL, and at the lowest CPU priority it held it while
 # normal-priority work had the one CPU, the loop waiting for it (docs/design.md, "the conntrack
 # sweep"). A slice is this many datagrams: the kernel writes a dump's datagrams of at most 32 KB
-# (netlink_recvmsg caps max_recvmsg_len), some 100-130 of our flows each, and fills the next one
-# in the recvmsg that reads this one, so a slice is the kernel's and our decoding of ~250 flows.
-DUMP_SLICE = 2
+# (netlink_recvmsg caps max_recvmsg_len), about 190 of our flows each in the lab, and fills the
+# next one in the recvmsg that reads this one. Two a slice took 3.7 ms of the lab guest's loop
+# on average (40,019 flows in 104 slices, 0.387 s): one is about half that.
+DUMP_SLICE = 1
 DUMP_WAIT = 5.0  # seconds a dump may keep the kernel's next datagram waiting: then it failed
 DumpState = Literal["done", "more", "wait"]
 

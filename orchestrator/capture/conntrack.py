@@ -386,8 +386,8 @@ class ConntrackListener:
 
 
 class FlowDump:
-    """A dump of our flows (CT_TAG) in the table, both families, on a non-blocking socket of its
-    own, read a slice at a time (`step`) by the thread that asks: the daemon's loop reads a
+    """A dump of our flows (CT_TAG) in the table, every family in one walk, on a non-blocking
+    socket of its own, read a slice at a time (`step`) by the thread that asks: the daemon's loop reads a
     slice, serves what is ready (first packets), reads the next. The kernel's own work for the
     dump happens in those reads (it fills the next datagram when one is read), so it comes in
     slices too."""
@@ -398,7 +398,6 @@ class FlowDump:
             self._sock.bind((0, 0))
             self._sock.setblocking(False)
             self._buf = bytearray(1 << 18)
-            self._families = [socket.AF_INET6, socket.AF_INET]  # popped: IPv4 first
             self._live: set[FlowKey] = set()
             self.datagrams = 0  # read so far
             self._request()
@@ -418,14 +417,19 @@ class FlowDump:
         return frozenset(self._live)
 
     def _request(self) -> None:
-        family = self._families.pop()
-        body = nla.NFGENMSG.pack(family, 0, 0) + mark_filter()
+        """One dump of every family (AF_UNSPEC): the kernel walks its table once. A dump per
+        family walked it twice, and the IPv6 one, finding none of our flows, never filled a
+        datagram, so its whole walk (40,000 entries in the lab) came in one read: a slice of
+        about 100 ms on the loop."""
+        body = nla.NFGENMSG.pack(socket.AF_UNSPEC, 0, 0) + mark_filter()
         self._sock.send(
-            nla.message(NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family, body)
+            nla.message(
+                NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, socket.AF_UNSPEC, body
+            )
         )
 
     def step(self, budget: int = DUMP_SLICE) -> DumpState:
-        """Read and decode up to `budget` datagrams: "done" once every family's dump has ended,
+        """Read and decode up to `budget` datagrams: "done" once the dump has ended,
         "wait" when the kernel has none ready (wait until `fileno` is readable), else "more".
         A dump the kernel ends with an error raises OSError."""
         buf, live = self._buf, self._live
@@ -446,10 +450,7 @@ class FlowDump:
                     if code:
                         raise OSError(code, f"conntrack dump: {os.strerror(code)}")
                 if kind in (NLMSG_DONE, NLMSG_ERROR):
-                    if not self._families:
-                        return "done"
-                    self._request()
-                    break
+                    return "done"
                 flow = event_flow(buf, offset + 16, min(offset + length, size), False)
                 if flow is not None:
                     live.add(flow)

@@ -157,7 +157,7 @@ def stall_lines(daemon_log: str) -> list[str]:
 
 
 def sweep_lines(daemon_log: str) -> list[str]:
-    """The daemon's full conntrack sweeps (flows, dump time, its thread's CPU)."""
+    """The daemon's full conntrack sweeps (flows, dump time, its slices on the loop, resync)."""
     return [line for line in daemon_log.splitlines() if "conntrack sweep: " in line and "live flows" in line]
 
 

@@ -157,6 +157,8 @@ def test_a_session_ends_after_its_flows_and_the_persistence_timeout(lab: Lab, ba
         time.sleep(1)
         counters = balancer.cli("status")["counters"]
     assert counters["conntrack_sweeps"] >= 1 and "conntrack_errors" not in counters, counters
+    # The full sweep's dump was read on the daemon's loop, a slice at a time, from the kernel.
+    assert re.search(r"conntrack sweep: \d+ live flows of ours; dump [\d.]+ s \(\d+ slices on the loop", balancer.log())
 
 
 def test_admission_refusal_reaches_the_client_as_a_reset(lab: Lab, balancer: BalancerLab) -> None:

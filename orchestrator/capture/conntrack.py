@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import struct
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from orchestrator.core.events import FlowKey, FlowsEnded, FlowsStarted, FlowTableResync
 from orchestrator.dataplane.netlink import nla
@@ -57,6 +58,7 @@ __all__ = [
     "CT_TAG",
     "NO_FLOW",
     "ConntrackListener",
+    "FlowDump",
     "event_flow",
     "event_message",
     "mark_filter",
@@ -71,6 +73,16 @@ NO_FLOW = (1, 0)  # (mark, mask): no mark under mask 0 is 1, so a dump with it r
 # 20,000-30,000 events, where `lab bench setup`'s (d) flood brings about 4,000 a tick. Memory
 # only while events wait.
 EVENTS_RCVBUF = 32 << 20
+# A full sweep's dump is read on the daemon's loop a slice at a time (FlowDump.step), never in a
+# thread: a thread that decodes holds the GIL, and at the lowest CPU priority it held it while
+# normal-priority work had the one CPU, the loop waiting for it (docs/design.md, "the conntrack
+# sweep"). A slice is this many datagrams: the kernel writes a dump's datagrams of at most 32 KB
+# (netlink_recvmsg caps max_recvmsg_len), about 190 of our flows each in the lab, and fills the
+# next one in the recvmsg that reads this one. Two a slice took 3.7 ms of the lab guest's loop
+# on average (40,019 flows in 104 slices, 0.387 s): one is about half that.
+DUMP_SLICE = 1
+DUMP_WAIT = 5.0  # seconds a dump may keep the kernel's next datagram waiting: then it failed
+DumpState = Literal["done", "more", "wait"]
 
 
 def parse_flow(body: memoryview) -> FlowKey | None:
@@ -285,6 +297,7 @@ class ConntrackListener:
                     raise
                 self.resyncs += 1
                 flush()
+                self.discard_queued()
                 return [*events, FlowTableResync(self.dump())]
             offset = 0
             while offset + 16 <= size:  # the datagram's messages (nla.messages, inlined)
@@ -302,6 +315,26 @@ class ConntrackListener:
                 offset += (length + 3) & ~3
         flush()
         return events
+
+    def discard_queued(self) -> int:
+        """Read and drop every event queued on our socket; how many datagrams. After an
+        overrun the kernel drops every event for this socket, silently, until a read empties
+        its queue (af_netlink.c: netlink_overrun sets NETLINK_S_CONGESTED and reports ENOBUFS
+        once; netlink_broadcast_deliver refuses while it is set; netlink_rcv_wake clears it
+        when the queue is empty). So the queue is emptied before the dump that resyncs: what
+        was queued is older than that dump, and every event after it is delivered again, or
+        its loss reported again by ENOBUFS."""
+        dropped = 0
+        while True:
+            try:
+                self._sock.recv_into(self._buf)
+            except BlockingIOError:
+                return dropped
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                continue  # an overrun after the one being handled: the dump after this covers it
+            dropped += 1
 
     def sweep(self) -> FlowTableResync:
         """Our live flows now; expired ones are ended by the dump itself (their destroy events
@@ -335,35 +368,94 @@ class ConntrackListener:
                         return
                     offset += (length + 3) & ~3
 
+    def start_dump(self) -> FlowDump:
+        """A dump of our flows, read by whoever drives it (`FlowDump.step`)."""
+        return FlowDump(self._netns)
+
     def dump(self) -> frozenset[FlowKey]:
-        """Our flows (CT_TAG) in the table, on a socket of its own (events keep arriving on ours)."""
-        live: set[FlowKey] = set()
-        with open_netlink(NETLINK_NETFILTER, self._netns) as sock:
-            sock.bind((0, 0))
-            buf = bytearray(1 << 18)
-            for family in (socket.AF_INET, socket.AF_INET6):
-                body = nla.NFGENMSG.pack(family, 0, 0) + mark_filter()
-                sock.send(
-                    nla.message(
-                        NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family, body
-                    )
-                )
-                done = False
-                while not done:
-                    size = sock.recv_into(buf)
-                    offset = 0
-                    while offset + 16 <= size:
-                        length, kind = _NLMSG.unpack_from(buf, offset)
-                        if length < 16:
-                            break
-                        if kind in (NLMSG_DONE, NLMSG_ERROR):
-                            done = True
-                            break
-                        flow = event_flow(buf, offset + 16, min(offset + length, size), False)
-                        if flow is not None:
-                            live.add(flow)
-                        offset += (length + 3) & ~3
-        return frozenset(live)
+        """Our flows (CT_TAG) in the table, on a socket of its own (events keep arriving on ours),
+        read in one go."""
+        dump = FlowDump(self._netns)
+        try:
+            while (state := dump.step(1 << 30)) != "done":
+                if state == "wait" and not select.select([dump], [], [], DUMP_WAIT)[0]:
+                    raise TimeoutError(f"conntrack dump: nothing from the kernel in {DUMP_WAIT:.0f} s")
+            return dump.live
+        finally:
+            dump.close()
+
+
+class FlowDump:
+    """A dump of our flows (CT_TAG) in the table, every family in one walk, on a non-blocking
+    socket of its own, read a slice at a time (`step`) by the thread that asks: the daemon's loop reads a
+    slice, serves what is ready (first packets), reads the next. The kernel's own work for the
+    dump happens in those reads (it fills the next datagram when one is read), so it comes in
+    slices too."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self._sock = open_netlink(NETLINK_NETFILTER, netns)
+        try:
+            self._sock.bind((0, 0))
+            self._sock.setblocking(False)
+            self._buf = bytearray(1 << 18)
+            self._live: set[FlowKey] = set()
+            self.datagrams = 0  # read so far
+            self._request()
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    @property
+    def live(self) -> frozenset[FlowKey]:
+        """Our flows read so far: all of them once `step` said "done"."""
+        return frozenset(self._live)
+
+    def _request(self) -> None:
+        """One dump of every family (AF_UNSPEC): the kernel walks its table once. A dump per
+        family walked it twice, and the IPv6 one, finding none of our flows, never filled a
+        datagram, so its whole walk (40,000 entries in the lab) came in one read: a slice of
+        about 100 ms on the loop."""
+        body = nla.NFGENMSG.pack(socket.AF_UNSPEC, 0, 0) + mark_filter()
+        self._sock.send(
+            nla.message(
+                NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, socket.AF_UNSPEC, body
+            )
+        )
+
+    def step(self, budget: int = DUMP_SLICE) -> DumpState:
+        """Read and decode up to `budget` datagrams: "done" once the dump has ended,
+        "wait" when the kernel has none ready (wait until `fileno` is readable), else "more".
+        A dump the kernel ends with an error raises OSError."""
+        buf, live = self._buf, self._live
+        while budget > 0:
+            try:
+                size = self._sock.recv_into(buf)
+            except BlockingIOError:
+                return "wait"
+            budget -= 1
+            self.datagrams += 1
+            offset = 0
+            while offset + 16 <= size:
+                length, kind = _NLMSG.unpack_from(buf, offset)
+                if length < 16:
+                    break
+                if kind == NLMSG_ERROR and length >= 20:
+                    code = -struct.unpack_from("=i", buf, offset + 16)[0]
+                    if code:
+                        raise OSError(code, f"conntrack dump: {os.strerror(code)}")
+                if kind in (NLMSG_DONE, NLMSG_ERROR):
+                    return "done"
+                flow = event_flow(buf, offset + 16, min(offset + length, size), False)
+                if flow is not None:
+                    live.add(flow)
+                offset += (length + 3) & ~3
+        return "more"
 
 
 # The other top-level attributes of an event (linux/netfilter/nfnetlink_conntrack.h); only

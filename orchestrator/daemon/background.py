@@ -1,5 +1,10 @@
-"""The threads that take the daemon's background dumps (the conntrack sweep, the offload
-sampler), at the lowest CPU priority (issue 15: a new session's connect p99).
+"""The threads that take the daemon's background dumps (the conntrack sweeps' expiry pass, the
+offload sampler), at the lowest CPU priority (issue 15: a new session's connect p99).
+
+Only work that is almost all system calls belongs here: a thread at idle priority that holds the
+GIL (decoding) and is preempted by normal-priority work keeps the loop waiting for the GIL until
+it gets the CPU back (docs/design.md, conntrack); so a full sweep's dump, which decodes every
+flow, is read on the loop in slices instead (capture.conntrack.FlowDump).
 
 In the lab's VM one CPU serves the daemon's loop, the kernel's forwarding and the clients; a dump
 thread at the loop's priority took that CPU for a whole system call or a slice of decoding, and
@@ -20,7 +25,7 @@ from typing import Callable, TypeVar
 
 log = logging.getLogger("mplsorch")
 T = TypeVar("T")
-WORKERS = 2  # the sweep and the offload sampler each have one: neither waits for the other
+WORKERS = 2  # the expiry pass and the offload sampler each have one: neither waits for the other
 NAME = "mplsorch-background"
 
 

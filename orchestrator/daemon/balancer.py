@@ -21,12 +21,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from orchestrator.analyze.packet import source_address
 from orchestrator.capture import nftables
+from orchestrator.capture.conntrack import DUMP_WAIT
 from orchestrator.capture.nfqueue import QueuedPacket, queue_stats
 from orchestrator.config.load import ConfigError, load_balancer_config
 from orchestrator.config.model import BalancerConfig
 from orchestrator.core import commands, shards
 from orchestrator.core.balancer import Balancer, qdiscs
-from orchestrator.core.events import Action, FirstPacket, FlowTableResync
+from orchestrator.core.events import Action, FirstPacket, FlowKey
 from orchestrator.core.servers import AdminState
 from orchestrator.core.sessions import Session, SessionTable
 from orchestrator.daemon import ethtool, node_setup, views
@@ -63,11 +64,20 @@ FREEZE_GROWTH = 1.25
 FREEZE_MIN = 10_000  # sessions: below, the defaults' collections cost nothing worth avoiding
 
 
-def _timed(conntrack: Any) -> tuple[FlowTableResync, float]:
-    """A full sweep's dump and the CPU seconds its thread spent on it (the kernel's and ours)."""
-    began = time.thread_time()
-    resync: FlowTableResync = conntrack.sweep()
-    return resync, time.thread_time() - began
+async def readable(fd: int, timeout: float) -> None:
+    """Wait until `fd` is readable, at most `timeout` seconds (then TimeoutError)."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await asyncio.wait_for(ready, timeout)
+    finally:
+        loop.remove_reader(fd)
 
 
 class BalancerDaemon(Daemon):
@@ -288,14 +298,16 @@ class BalancerDaemon(Daemon):
         return sweeping + (["offload dump"] if self.offload.busy else [])
 
     def sweep(self) -> None:
-        """The conntrack sweep (Daemon.sweep), its dump in a background thread (daemon.background:
-        the lowest CPU priority): at 260,000 flows a full dump's decoding took the loop for tens
-        of seconds, first packets waiting. Pending events are read first. Most sweeps are the
-        kernel's expiry pass only, which gives back no flow. For a full one, flows that start or
-        end while the dump runs are noted by the core (`sweep_begins`), so the older dump neither
-        ends nor revives them; the resync then runs on the loop a slice of flows at a time
-        (core.SweepResync), first packets served between slices. Outside a running loop (tests),
-        the dump is taken at once as before."""
+        """The conntrack sweep (Daemon.sweep), never a whole dump in one go on the loop: at
+        260,000 flows a full dump's decoding took the loop for tens of seconds, first packets
+        waiting. Pending events are read first. Most sweeps are the kernel's expiry pass only,
+        which gives back no flow: its one system call in a background thread (daemon.background:
+        the lowest CPU priority). A full one reads its dump on the loop a slice at a time
+        (`_dump`; not in a thread, which held the GIL at idle priority while the loop waited for
+        it: docs/design.md), and flows that start or end meanwhile are noted by the core
+        (`sweep_begins`), so the older dump neither ends nor revives them; the resync then runs a
+        slice of flows at a time too (core.SweepResync). First packets are served between slices.
+        Outside a running loop (tests), the dump is taken at once as before."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -327,19 +339,42 @@ class BalancerDaemon(Daemon):
         finally:
             self.sweeping = None
 
+    async def _dump(self) -> tuple[frozenset[FlowKey], int, float]:
+        """A full sweep's dump, read on the loop a slice at a time (conntrack.DUMP_SLICE
+        datagrams), what is ready served between slices: our live flows, the slices and the
+        seconds the loop spent in them."""
+        assert self.conntrack is not None
+        dump = self.conntrack.start_dump()
+        slices, spent = 0, 0.0
+        try:
+            while True:
+                started = time.perf_counter()
+                with self.stalls.step("conntrack sweep: dump"):
+                    state = dump.step()
+                spent += time.perf_counter() - started
+                slices += 1
+                if state == "done":
+                    return dump.live, slices, spent
+                if state == "wait":
+                    await readable(dump.fileno(), DUMP_WAIT)
+                else:
+                    await asyncio.sleep(0)
+        finally:
+            dump.close()
+
     async def _sweep(self, began: float) -> None:
         try:
             assert self.conntrack is not None
             planned = self.next_sweep
             try:
-                resync, cpu = await self.background_work.run(lambda: _timed(self.conntrack))
+                live, slices, spent = await self._dump()
             except Exception as exc:
                 log.error("conntrack sweep failed: %s: %s", type(exc).__name__, exc)
                 self.core.count("conntrack_errors")
                 self.retry_sweep()
                 return
             dumped = time.monotonic()
-            steps = self.core.sweep_resync(resync.live)
+            steps = self.core.sweep_resync(live)
             while True:
                 try:
                     with self.stalls.step("conntrack sweep: resync"):
@@ -353,12 +388,13 @@ class BalancerDaemon(Daemon):
                     break
                 await asyncio.sleep(0)  # what is ready (first packets) runs between slices
             log.info(
-                "conntrack sweep: %d live flows of ours; dump %.3f s (its thread's CPU %.3f s), resync %.3f s",
-                len(resync.live),
+                "conntrack sweep: %d live flows of ours; dump %.3f s (%d slices on the loop, %.3f s), resync %.3f s",
+                len(live),
                 dumped - began,
-                cpu,
+                slices,
+                spent,
                 time.monotonic() - dumped,
-                extra=fields(event="conntrack_sweep", flows=len(resync.live)),
+                extra=fields(event="conntrack_sweep", flows=len(live)),
             )
             self.swept(began, planned, full=True)
         finally:

@@ -52,7 +52,8 @@ SWEEP = 10.0  # seconds between conntrack sweeps: how late at most a flow's end 
 # reports no flow; their destroy events end the flows). Every FULL_SWEEP seconds, and the first
 # time, a full sweep reads our live flows back and resyncs the core with them: what events could
 # have missed without an ENOBUFS (which resyncs at once) or a failed read (a full sweep soon).
-# At 40,000 flows a full sweep's decoding took the lab VM's one CPU for a few hundred ms.
+# At 40,000 flows a full sweep's decoding took the lab VM's one CPU for a few hundred ms; the
+# balancer reads its dump on the loop a slice at a time (BalancerDaemon.sweep).
 FULL_SWEEP = 60.0
 # A sweep dumps every live flow of ours (500,000 at issue 15's scale: seconds of decoding on the
 # loop): the next one waits at least this many times as long as the last took, so sweeps never
@@ -97,6 +98,19 @@ class PacketQueue(Protocol):
     def close(self) -> None: ...
 
 
+class FlowDumpReader(Protocol):
+    """A dump of our flows read a slice at a time (capture.conntrack.FlowDump)."""
+
+    @property
+    def live(self) -> frozenset[FlowKey]: ...
+
+    def fileno(self) -> int: ...
+
+    def step(self) -> str: ...  # "done", "more" or "wait" (until fileno is readable)
+
+    def close(self) -> None: ...
+
+
 class FlowSource(Protocol):
     """The conntrack socket as the daemon uses it (capture.conntrack.ConntrackListener)."""
 
@@ -109,6 +123,8 @@ class FlowSource(Protocol):
     def expire(self) -> None: ...
 
     def dump(self) -> frozenset[FlowKey]: ...
+
+    def start_dump(self) -> FlowDumpReader: ...
 
     def close(self) -> None: ...
 

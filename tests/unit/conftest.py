@@ -6,6 +6,7 @@ from each other, so a change to the harness is made once."""
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -269,6 +270,56 @@ class ScriptedConntrack(_Pipe):
 
     def dump(self) -> frozenset[FlowKey]:
         return self.live
+
+    def start_dump(self) -> ScriptedDump:
+        return ScriptedDump(self.live)
+
+
+class ScriptedDump:
+    """A dump of a scripted table, read as capture.conntrack.FlowDump is: `per_step` flows a
+    step, "wait" (`fileno` readable at once) every other step when `waits`; steps noted in
+    `trace`; from step `fail_at` on, the kernel's error (OSError)."""
+
+    def __init__(
+        self,
+        live: Iterable[FlowKey],
+        per_step: int = 100,
+        waits: bool = False,
+        trace: list[str] | None = None,
+        fail_at: int | None = None,
+    ) -> None:
+        self._rest = list(live)
+        self.trace, self.fail_at = trace, fail_at
+        self._read: set[FlowKey] = set()
+        self.per_step, self.waits = per_step, waits
+        self.steps = 0
+        self.closed = False
+        self._ready, self._other = socket.socketpair()
+        self._other.send(b"!")  # always readable
+
+    @property
+    def live(self) -> frozenset[FlowKey]:
+        return frozenset(self._read)
+
+    def fileno(self) -> int:
+        return self._ready.fileno()
+
+    def step(self) -> str:
+        self.steps += 1
+        if self.trace is not None:
+            self.trace.append("dump")
+        if self.fail_at is not None and self.steps >= self.fail_at:
+            raise OSError(16, "conntrack dump: Device or resource busy")
+        if self.waits and self.steps % 2:
+            return "wait"
+        taken, self._rest = self._rest[: self.per_step], self._rest[self.per_step :]
+        self._read.update(taken)
+        return "more" if self._rest else "done"
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.close()
+        self._other.close()
 
 
 def scripted_capture(queue: ScriptedQueue, conntrack: ScriptedConntrack | None = None) -> Capture:

@@ -24,7 +24,7 @@ from orchestrator.cli.main import app
 from orchestrator.config import load_server_config
 from orchestrator.config.model import BalancerConfig
 from orchestrator.config.server_model import ServerConfig
-from orchestrator.core.events import FlowTableResync
+from orchestrator.core.events import FlowKey, FlowTableResync
 from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.daemon.loop import Daemon
 from orchestrator.daemon.server import ServerDaemon
@@ -371,6 +371,47 @@ def test_conntrack_enobufs_resyncs_and_no_session_end_is_lost(caplog: pytest.Log
     d.sweep()
     assert not session.flows and d.core.counters["conntrack_resyncs"] == 1
     assert "conntrack: events lost (ENOBUFS); resynced from a dump of 0 live flows" in caplog.messages
+
+
+def test_conntrack_enobufs_empties_the_queue_before_the_dump_that_resyncs() -> None:
+    """After an overrun the kernel drops every later event for the socket without a word until
+    a read empties its queue (NETLINK_S_CONGESTED): the listener reads out what is queued (older
+    than the dump), then dumps; a further ENOBUFS while emptying is covered by that dump. The
+    read before this change dumped with the queue still full."""
+    from orchestrator.capture import conntrack as ct
+    from orchestrator.dataplane.netlink.constants import IPCTNL_MSG_CT_DELETE
+
+    flow = FlowKey(6, "10.0.1.10", "10.0.0.100", 40_000, 80)
+    queued = [ct.event_message(IPCTNL_MSG_CT_DELETE, flow, ct.CT_TAG | 1)] * 3
+    order: list[str] = []
+
+    class Overrun:
+        def __init__(self) -> None:
+            self.script: list[bytes | OSError] = [OSError(errno.ENOBUFS, "overrun"), queued[0], queued[1]]
+            self.script += [OSError(errno.ENOBUFS, "again"), queued[2]]
+
+        def recv_into(self, buf: bytearray) -> int:
+            if not self.script:
+                order.append("empty")
+                raise BlockingIOError
+            item = self.script.pop(0)
+            if isinstance(item, OSError):
+                raise item
+            order.append("queued")
+            buf[: len(item)] = item
+            return len(item)
+
+    listener = ConntrackListener.__new__(ConntrackListener)
+    listener._sock, listener._buf, listener.resyncs = Overrun(), bytearray(1 << 16), 0  # type: ignore[assignment]
+
+    def dump() -> frozenset[FlowKey]:
+        order.append("dump")
+        return frozenset({flow})
+
+    listener.dump = dump  # type: ignore[method-assign]
+    events = listener.read()
+    assert order == ["queued", "queued", "queued", "empty", "dump"]
+    assert events == [FlowTableResync(frozenset({flow}))] and listener.resyncs == 1
 
 
 def test_a_failed_conntrack_read_is_counted_and_a_sweep_follows_soon(caplog: pytest.LogCaptureFixture) -> None:

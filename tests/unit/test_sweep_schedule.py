@@ -1,8 +1,11 @@
 """Which conntrack sweep reads the live flows back, and where the dumps run (issue 15: every
 stall of the loop over the latency runs had the sweep's dump under way): a full sweep first,
 then every FULL_SWEEP, and soon after a failed read or dump; the kernel's expiry pass (a dump
-that reports no flow) in between; both dumps and the offload sampler's in the background
-executor's threads, at the lowest CPU priority, never in asyncio's default executor's."""
+that reports no flow) in between. The expiry pass and the offload sampler's dump run in the
+background executor's threads, at the lowest CPU priority, never in asyncio's default
+executor's; the full sweep's dump is read on the loop's own thread a slice at a time, what is
+ready served between slices (a decoding thread at idle priority held the GIL the loop waited
+for: docs/design.md)."""
 
 from __future__ import annotations
 
@@ -11,10 +14,10 @@ import threading
 import time
 from typing import Any
 
-from orchestrator.core.events import FlowsEnded, FlowTableResync
+from orchestrator.core.events import FlowKey, FlowsEnded, FlowTableResync
 from orchestrator.daemon import background, loop, offload_sampler
 from orchestrator.dataplane.fake import FakeProvider
-from tests.unit.conftest import ScriptedConntrack, balancer_daemon, config
+from tests.unit.conftest import ScriptedConntrack, ScriptedDump, balancer_daemon, config
 
 
 class Recording(ScriptedConntrack):
@@ -23,6 +26,10 @@ class Recording(ScriptedConntrack):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[str, str, str]] = []  # (dump, thread, priority)
+        self.dumps: list[ScriptedDump] = []
+        self.per_step, self.waits = 100, False
+        self.trace: list[str] | None = None
+        self.fail_at: int | None = None
 
     def _note(self, what: str) -> None:
         self.calls.append((what, threading.current_thread().name, background.priority()))
@@ -34,6 +41,11 @@ class Recording(ScriptedConntrack):
     def expire(self) -> None:
         self._note("expire")
         super().expire()
+
+    def start_dump(self) -> ScriptedDump:
+        self._note("dump")
+        self.dumps.append(ScriptedDump(self.live, self.per_step, self.waits, self.trace, self.fail_at))
+        return self.dumps[-1]
 
 
 def test_a_full_sweep_first_then_expiry_passes_until_the_next_full_one() -> None:
@@ -121,11 +133,13 @@ def test_the_daemons_dumps_run_in_the_background_threads_at_the_lowest_priority(
 
     default_priority = asyncio.run(scenario())
     listener.close()
-    assert [c[0] for c in listener.calls] == ["sweep", "expire"]
+    assert [c[0] for c in listener.calls] == ["dump", "expire"]
     assert offload_threads
     lowest = ("idle", "nice 19")  # SCHED_IDLE, or nice 19 where the system refuses it
-    for _, thread, priority in listener.calls:
-        assert thread.startswith(background.NAME) and priority in lowest
+    _, thread, priority = listener.calls[0]  # the full sweep's dump: on the loop, never in a thread
+    assert thread == "MainThread" and priority == "unchanged"
+    _, thread, priority = listener.calls[1]
+    assert thread.startswith(background.NAME) and priority in lowest
     assert all(t.startswith(background.NAME) and p in lowest for t, p in offload_threads)
     assert default_priority == "unchanged"  # the default executor's threads were never lowered
     assert d.core.counters["conntrack_sweeps"] == 1 and d.core.counters["conntrack_expiries"] == 1
@@ -180,3 +194,62 @@ def test_the_balancer_can_offload_only_with_hw_tc_offload_on_a_device_of_its_fil
     assert "lan0" not in asked and "fab0" in asked
     active["fab0"] = True
     assert d.can_offload()
+
+
+def test_a_full_sweeps_dump_is_read_on_the_loop_a_slice_at_a_time_first_packets_between() -> None:
+    """The dump of 1,000 live flows is read 100 a step on the loop's thread; another task of the
+    loop (what first packets are) runs between every two steps, also while the dump waits for
+    the kernel ("wait"); the dump is closed, every flow read reaches the resync (none ends)."""
+    d = balancer_daemon(config(), FakeProvider(["fab0"]))
+    flows = [FlowKey(6, f"198.51.100.{i % 250 + 1}", "192.0.2.10", 10_000 + i, 80) for i in range(1000)]
+    d.conntrack = listener = Recording()
+    listener.live = frozenset(flows)
+    listener.waits = True
+    order: list[str] = []
+    listener.trace = order
+
+    async def other_work(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            order.append("other")
+            await asyncio.sleep(0)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        other = asyncio.create_task(other_work(stop))
+        await asyncio.sleep(0)
+        d.sweep()
+        assert d.sweeping is not None
+        await d.sweeping
+        stop.set()
+        await other
+
+    asyncio.run(scenario())
+    dump = listener.dumps[0]
+    assert dump.closed and dump.steps == 20  # 10 of 100 flows, 10 waits
+    assert dump.live == frozenset(flows)
+    steps = [i for i, what in enumerate(order) if what == "dump"]
+    assert len(steps) == 20
+    assert all(order[i + 1] == "other" for i in steps[:-1])  # never two slices in a row
+    assert d.core.counters["conntrack_sweeps"] == 1 and d.core.counters["conntrack_errors"] == 0
+    listener.close()
+
+
+def test_a_full_sweep_whose_dump_fails_is_counted_and_retried_soon() -> None:
+    """The kernel ends the dump with an error midway: one logged line, a count, the dump's socket
+    closed, and a full sweep again after RETRY_SWEEP; nothing ends from a partial dump."""
+    d = balancer_daemon(config(), FakeProvider(["fab0"]))
+    d.conntrack = listener = Recording()
+    listener.live = frozenset(FlowKey(6, "198.51.100.1", "192.0.2.10", 10_000 + i, 80) for i in range(300))
+
+    listener.fail_at = 2
+
+    async def scenario() -> None:
+        d.sweep()
+        assert d.sweeping is not None
+        await d.sweeping
+
+    asyncio.run(scenario())
+    assert listener.dumps[0].closed
+    assert d.core.counters["conntrack_errors"] == 1 and d.core.counters["conntrack_sweeps"] == 0
+    assert d.next_sweep - time.monotonic() <= loop.RETRY_SWEEP and d.full_sweep_due()
+    listener.close()

@@ -76,7 +76,14 @@ def balancer_phase(
         say("balancer: checked; new flows of the same clients (the kernel's fast path)")
         status = balancer.cli("status")
         counters, cpu_before, began = status["counters"], daemon_cpu(status["pid"]), time.monotonic()
-        existing = [bed.rate("balancer", sport=EXISTING_SPORT + r) for r in range(RATE_ROUNDS)]
+        existing = []
+        for r in range(RATE_ROUNDS):  # each round's flood beside what the daemon did meanwhile
+            was, cpu_was = balancer.cli("status")["counters"], daemon_cpu(status["pid"])
+            existing.append(bed.rate("balancer", sport=EXISTING_SPORT + r))
+            now, cpu_now = balancer.cli("status")["counters"], daemon_cpu(status["pid"])
+            say(
+                f"balancer: (d) round {r + 1}: {existing[-1].per_s:,.0f}/s; the daemon meanwhile: {round_work(was, now)}, CPU {cpu_now - cpu_was:.2f} s"
+            )
         say(
             f"balancer: the daemon's CPU over the (d) rounds: {daemon_cpu(status['pid']) - cpu_before:.2f} s in "
             f"{time.monotonic() - began:.2f} s (helpers' starts included; the floods {sum(r.elapsed_s for r in existing):.2f} s): "
@@ -150,8 +157,15 @@ def stall_lines(daemon_log: str) -> list[str]:
 
 
 def sweep_lines(daemon_log: str) -> list[str]:
-    """The daemon's full conntrack sweeps (flows, dump time, its thread's CPU)."""
+    """The daemon's full conntrack sweeps (flows, dump time, its slices on the loop, resync)."""
     return [line for line in daemon_log.splitlines() if "conntrack sweep: " in line and "live flows" in line]
+
+
+def round_work(before: dict[str, int], after: dict[str, int]) -> str:
+    """What the daemon did over one (d) round: fast-path flows adopted from their events, full
+    sweeps and the kernel's expiry passes, resyncs after lost events."""
+    keys = ("flows_fast_path", "conntrack_sweeps", "conntrack_expiries", "conntrack_resyncs")
+    return ", ".join(f"{k} {after.get(k, 0) - before.get(k, 0)}" for k in keys)
 
 
 def counted(before: dict[str, int], after: dict[str, int]) -> str:

@@ -235,6 +235,7 @@ class Balancer:
         # A conntrack sweep under way (sweep_begins .. its SweepResync done): the flows that
         # started or ended since its dump began, which the dump's older picture must not undo.
         self._sweep_changed: set[FlowKey] | None = None
+        self._unreported: set[FlowKey] | None = None  # flows only sweeps saw (swept_flows); None: no full sweep yet
         self.configure(config, now)
 
     # -- configuration ---------------------------------------------------------------------
@@ -703,8 +704,12 @@ class Balancer:
                 self.counters["conntrack_sweeps" if event.sweep else "conntrack_resyncs"] += 1
                 known = set(self.table.flows())
                 ended = tuple(f for f in known if f not in event.live)
+                adopted = set()
                 for flow in event.live - known:  # fast-path flows whose start events were lost
-                    self._adopt(flow, now)
+                    if self._adopt(flow, now):
+                        adopted.add(flow)
+                if event.sweep:
+                    self.swept_flows(event.live, adopted)
             for flow in ended:
                 self.end_swept(flow, now)
 
@@ -760,6 +765,24 @@ class Balancer:
     def sweep_done(self) -> None:
         self._sweep_changed = None
 
+    def swept_flows(self, live: frozenset[FlowKey], adopted: set[FlowKey]) -> None:
+        """A full sweep found `live` and adopted `adopted` into sessions: flows no event reported.
+        With `nf_conntrack_events` 2 (the default since Linux 5.19) an entry made while no
+        listener existed (before the daemon started, or restarted) never reports its end: a full
+        sweep is the only way to see it go. They are kept until a full sweep no longer finds
+        them (`full_sweeps_needed`)."""
+        if self._unreported is None:
+            self._unreported = set(adopted)
+        else:
+            self._unreported = {f for f in self._unreported if f in live} | adopted
+
+    def full_sweeps_needed(self) -> bool:
+        """Whether periodic full sweeps must go on: before the first one, and while a flow that
+        no event reported is live (`swept_flows`). Once every live flow of ours came with its
+        new-flow event, its end comes as a destroy event, and a lost event is an ENOBUFS (a
+        resync at once): the kernel's expiry passes are enough."""
+        return self._unreported is None or bool(self._unreported)
+
     def end_swept(self, flow: FlowKey, now: float) -> None:
         """A flow of the table that a sweep did not find: it ended; its session drains when it
         was its last."""
@@ -771,25 +794,27 @@ class Balancer:
         session.label_check_at = at
         heapq.heappush(self._liveness, (at, session.id))
 
-    def adopt(self, flow: FlowKey, now: float) -> None:
+    def adopt(self, flow: FlowKey, now: float) -> bool:
         """A live flow a sweep found (SweepResync): the session of its client takes it, unless
-        it is known."""
-        self._adopt(flow, now)
+        it is known. Whether it did."""
+        return self._adopt(flow, now)
 
-    def _adopt(self, flow: FlowKey, now: float) -> None:
+    def _adopt(self, flow: FlowKey, now: float) -> bool:
         """A tagged flow the daemon did not see start: the kernel's fast path admitted it, so it
-        belongs to the session of its client address, and keeps that session alive."""
+        belongs to the session of its client address, and keeps that session alive. Whether a
+        session took it (False: known already, or no session's)."""
         if self.table.by_flow(flow) is not None:
-            return
+            return False
         session = self.session_of_flow(flow)
         if session is None:
-            return
+            return False
         self._add_flow(session, flow, now)
         self._take_over(session)
         self.counters["flows_fast_path"] += 1
         if session.embryonic_until is not None:  # the flow's first packet went through its filter
             session.embryonic_until = None
             self.counters["embryonic_answered"] += 1
+        return True
 
     def session_of_flow(self, flow: FlowKey) -> Session | None:
         """The session whose fast-path element admits `flow`: of the flow's service, with the
@@ -1704,6 +1729,7 @@ class SweepResync:
         self.core, self.live, self.known, self.changed = core, live, known, changed
         self._next_known = 0
         self._adopting = iter(live)
+        self.adopted: set[FlowKey] = set()
         self.done = False
 
     def step(self, now: float, budget: int = SWEEP_SLICE) -> bool:
@@ -1719,11 +1745,12 @@ class SweepResync:
         if budget <= 0 and self._next_known < len(known):
             return False
         for flow in self._adopting:
-            if flow not in changed:
-                self.core.adopt(flow, now)
+            if flow not in changed and self.core.adopt(flow, now):
+                self.adopted.add(flow)
             budget -= 1
             if budget <= 0:
                 return False
         self.done = True
+        self.core.swept_flows(live, self.adopted)
         self.core.sweep_done()
         return True

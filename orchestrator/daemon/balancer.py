@@ -401,6 +401,9 @@ class BalancerDaemon(Daemon):
             self.core.sweep_done()
             self.sweeping = None
 
+    def full_sweeps_needed(self) -> bool:
+        return self.core.full_sweeps_needed()
+
     def freeze_grown(self) -> None:
         """The table grew by a quarter since the last freeze: collect, then freeze (GC_THRESHOLDS)."""
         size = len(self.core.table)

@@ -186,6 +186,8 @@ class Daemon:
         self.batch_duration = DurationHistogram()
         self.next_sweep = time.monotonic() + SWEEP
         self.next_full_sweep = self.next_sweep  # the first sweep is a full one
+        self.full_sweep_forced = False  # a failure asked for a full sweep (retry_sweep)
+        self.periodic_full_sweeps = True  # as full_sweeps_needed said after the latest full sweep
         self.notify = systemd.notifier()
         self.next_watchdog = 0.0
         self.seen_overruns = 0
@@ -537,8 +539,15 @@ class Daemon:
 
     def full_sweep_due(self) -> bool:
         """Whether the sweep that starts now reads the live flows back: the one planned
-        (`next_sweep`) is at or past the full sweep's time (FULL_SWEEP, or a retry's)."""
-        return self.next_sweep >= self.next_full_sweep
+        (`next_sweep`) is at or past the full sweep's time (FULL_SWEEP, or a retry's), and
+        either a failure asked for it or the role still needs periodic ones
+        (`full_sweeps_needed`)."""
+        return self.next_sweep >= self.next_full_sweep and (self.full_sweep_forced or self.full_sweeps_needed())
+
+    def full_sweeps_needed(self) -> bool:
+        """Whether live flows may end without a destroy event, so that only a full sweep sees
+        them go (the balancer's core knows: Balancer.full_sweeps_needed); always, by default."""
+        return True
 
     def swept(self, began: float, planned: float, full: bool) -> None:
         """A sweep that began at `began` is done: the next waits SWEEP (FULL_SWEEP for a full
@@ -551,6 +560,17 @@ class Daemon:
         self.next_sweep = max(planned, spaced)
         if full:
             self.next_full_sweep = max(began + FULL_SWEEP, spaced)
+            self.full_sweep_forced = False
+            needed = self.full_sweeps_needed()
+            if needed != self.periodic_full_sweeps:
+                self.periodic_full_sweeps = needed
+                if needed:
+                    log.info("conntrack: flows no event reported are live: full sweeps every %d s", FULL_SWEEP)
+                else:
+                    log.info(
+                        "conntrack: every live flow of ours came with its new-flow event: no periodic "
+                        "full sweep (the kernel's expiry passes only; a full one after a failed read)"
+                    )
 
     def retry_sweep(self) -> None:
         """A conntrack read or dump failed: what it would have told is in the table, so a full
@@ -558,6 +578,7 @@ class Daemon:
         soon = time.monotonic() + RETRY_SWEEP
         self.next_sweep = min(self.next_sweep, soon)
         self.next_full_sweep = min(self.next_full_sweep, soon)
+        self.full_sweep_forced = True
 
     def expiry_failed(self, exc: Exception) -> None:
         """The kernel's expiry pass failed: logged, counted, and a full sweep soon."""

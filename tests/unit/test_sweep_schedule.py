@@ -14,10 +14,12 @@ import threading
 import time
 from typing import Any
 
-from orchestrator.core.events import FlowKey, FlowsEnded, FlowTableResync
+from orchestrator.capture.nfqueue import QueuedPacket
+from orchestrator.core.events import FlowKey, FlowsEnded, FlowsStarted, FlowTableResync
 from orchestrator.daemon import background, loop, offload_sampler
+from orchestrator.dataplane import ops
 from orchestrator.dataplane.fake import FakeProvider
-from tests.unit.conftest import ScriptedConntrack, ScriptedDump, balancer_daemon, config
+from tests.unit.conftest import VIP, ScriptedConntrack, ScriptedDump, balancer_daemon, config, syn
 
 
 class Recording(ScriptedConntrack):
@@ -48,11 +50,27 @@ class Recording(ScriptedConntrack):
         return self.dumps[-1]
 
 
+def lan_kernel() -> FakeProvider:
+    """A fake kernel with a route to the clients, so that first packets make sessions."""
+    fake = FakeProvider(["lan0", "fab0"])
+    fake.apply([ops.Add(ops.ClsactQdisc("fab0"))])
+    fake.add_ip_route("10.0.0.0/16", "lan0")
+    return fake
+
+
 def test_a_full_sweep_first_then_expiry_passes_until_the_next_full_one() -> None:
-    d = balancer_daemon(config(), FakeProvider(["fab0"]))
+    """While a flow no event reported is live (here the first sweep adopts one: the fast path
+    admitted it before the daemon listened), a full sweep every FULL_SWEEP; once a full sweep no
+    longer finds it, none (the next test)."""
+    d = balancer_daemon(config(), lan_kernel())
+    d.queue.script(QueuedPacket(0, 1, syn("10.0.1.10"), 2, None, 0))  # type: ignore[union-attr]
+    d.on_packets()
     d.conntrack = listener = Recording()
+    before = FlowKey(6, "10.0.1.10", VIP, 40001, 80)  # the session's, never reported by an event
+    listener.live = frozenset({FlowKey(6, "10.0.1.10", VIP, 40000, 80), before})
     d.sweep()  # the first: full
     assert [c[0] for c in listener.calls] == ["sweep"] and d.core.counters["conntrack_sweeps"] == 1
+    assert d.core.counters["flows_fast_path"] == 1 and d.core.full_sweeps_needed()
     now = time.monotonic()
     assert loop.SWEEP - 1 < d.next_sweep - now <= loop.SWEEP
     assert loop.FULL_SWEEP - 1 < d.next_full_sweep - now <= loop.FULL_SWEEP
@@ -61,9 +79,47 @@ def test_a_full_sweep_first_then_expiry_passes_until_the_next_full_one() -> None
     assert [c[0] for c in listener.calls] == ["sweep", "expire", "expire", "expire"]
     assert listener.expiries == d.core.counters["conntrack_expiries"] == 3
     assert d.core.counters["conntrack_sweeps"] == 1
-    d.next_sweep = d.next_full_sweep  # FULL_SWEEP later
+    d.next_sweep = d.next_full_sweep  # FULL_SWEEP later: the flow is still live
     d.sweep()
     assert listener.calls[-1][0] == "sweep" and d.core.counters["conntrack_sweeps"] == 2
+    assert d.core.full_sweeps_needed()
+    listener.live = frozenset()  # it ended, and no destroy event said so: the sweep sees it
+    d.next_sweep = d.next_full_sweep
+    d.sweep()
+    assert listener.calls[-1][0] == "sweep" and d.core.counters["conntrack_sweeps"] == 3
+    assert not d.core.full_sweeps_needed() and d.core.table.by_flow(before) is None
+    d.next_sweep = d.next_full_sweep
+    d.sweep()
+    assert listener.calls[-1][0] == "expire" and d.core.counters["conntrack_sweeps"] == 3
+    listener.close()
+
+
+def test_full_sweeps_stop_once_every_live_flow_came_with_its_event_and_a_failure_brings_one_back() -> None:
+    """Flows the events reported (the daemon's own first packets, fast-path flows' new-flow
+    events) end with destroy events; a lost event is an ENOBUFS resync at once. So after a full
+    sweep that adopted nothing, the next ones at FULL_SWEEP are expiry passes; a failed read
+    still makes the next sweep a full one."""
+    d = balancer_daemon(config(), lan_kernel())
+    d.queue.script(QueuedPacket(0, 1, syn("10.0.1.10"), 2, None, 0))  # type: ignore[union-attr]
+    d.on_packets()
+    d.conntrack = listener = Recording()
+    first = FlowKey(6, "10.0.1.10", VIP, 40000, 80)
+    later = FlowKey(6, "10.0.1.10", VIP, 40001, 80)
+    d.core.on_flow_events([FlowsStarted((first, later))], time.monotonic())  # both reported
+    listener.live = frozenset({first, later})
+    d.sweep()
+    assert [c[0] for c in listener.calls] == ["sweep"] and not d.core.full_sweeps_needed()
+    for _ in range(3):
+        d.next_sweep = d.next_full_sweep  # FULL_SWEEP later, and later again
+        d.sweep()
+    assert [c[0] for c in listener.calls] == ["sweep", "expire", "expire", "expire"]
+    d.retry_sweep()  # a failed read: what it would have told is read back
+    d.next_sweep = d.next_full_sweep
+    d.sweep()
+    assert listener.calls[-1][0] == "sweep" and d.core.counters["conntrack_sweeps"] == 2
+    d.next_sweep = d.next_full_sweep
+    d.sweep()
+    assert listener.calls[-1][0] == "expire"
     listener.close()
 
 

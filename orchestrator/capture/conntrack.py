@@ -85,6 +85,19 @@ DUMP_WAIT = 5.0  # seconds a dump may keep the kernel's next datagram waiting: t
 DumpState = Literal["done", "more", "wait"]
 
 
+EVENTS_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_events"
+
+
+def events_enabled(path: str = EVENTS_SYSCTL) -> bool:
+    """Whether the kernel sends conntrack events in this network namespace (the sysctl above 0:
+    1 always, 2 for entries made while a listener exists); False when it cannot be read."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip() or 0) > 0
+    except (OSError, ValueError):
+        return False
+
+
 def parse_flow(body: memoryview) -> FlowKey | None:
     a = nla.attrs(body, nla.NFGENMSG.size)
     if CTA_TUPLE_ORIG not in a:

@@ -20,7 +20,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from orchestrator.analyze.packet import source_address
-from orchestrator.capture import nftables
+from orchestrator.capture import conntrack, nftables
 from orchestrator.capture.conntrack import DUMP_WAIT
 from orchestrator.capture.nfqueue import QueuedPacket, queue_stats
 from orchestrator.config.load import ConfigError, load_balancer_config
@@ -402,7 +402,9 @@ class BalancerDaemon(Daemon):
             self.sweeping = None
 
     def full_sweeps_needed(self) -> bool:
-        return self.core.full_sweeps_needed()
+        """The core's answer, and always while the kernel sends no conntrack events
+        (`nf_conntrack_events` 0: no flow's end is ever reported)."""
+        return not conntrack.events_enabled() or self.core.full_sweeps_needed()
 
     def freeze_grown(self) -> None:
         """The table grew by a quarter since the last freeze: collect, then freeze (GC_THRESHOLDS)."""

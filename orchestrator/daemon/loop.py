@@ -49,9 +49,10 @@ log = logging.getLogger("mplsorch")
 TICK = 0.25
 SWEEP = 10.0  # seconds between conntrack sweeps: how late at most a flow's end is noticed
 # Most sweeps only make the kernel end its expired entries (ConntrackListener.expire: a dump that
-# reports no flow; their destroy events end the flows). Every FULL_SWEEP seconds, and the first
-# time, a full sweep reads our live flows back and resyncs the core with them: what events could
-# have missed without an ENOBUFS (which resyncs at once) or a failed read (a full sweep soon).
+# reports no flow; their destroy events end the flows). The first time, and every FULL_SWEEP
+# seconds while a live flow may end without a destroy event (`full_sweeps_needed`: entries made
+# before the listener existed), a full sweep reads our live flows back and resyncs the core with
+# them; a lost event is an ENOBUFS (a resync at once), a failed read a full sweep soon.
 # At 40,000 flows a full sweep's decoding took the lab VM's one CPU for a few hundred ms; the
 # balancer reads its dump on the loop a slice at a time (BalancerDaemon.sweep).
 FULL_SWEEP = 60.0

@@ -14,6 +14,9 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
+from orchestrator.capture import conntrack
 from orchestrator.capture.nfqueue import QueuedPacket
 from orchestrator.core.events import FlowKey, FlowsEnded, FlowsStarted, FlowTableResync
 from orchestrator.daemon import background, loop, offload_sampler
@@ -58,10 +61,11 @@ def lan_kernel() -> FakeProvider:
     return fake
 
 
-def test_a_full_sweep_first_then_expiry_passes_until_the_next_full_one() -> None:
+def test_a_full_sweep_first_then_expiry_passes_until_the_next_full_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """While a flow no event reported is live (here the first sweep adopts one: the fast path
     admitted it before the daemon listened), a full sweep every FULL_SWEEP; once a full sweep no
     longer finds it, none (the next test)."""
+    monkeypatch.setattr(conntrack, "events_enabled", lambda: True)
     d = balancer_daemon(config(), lan_kernel())
     d.queue.script(QueuedPacket(0, 1, syn("10.0.1.10"), 2, None, 0))  # type: ignore[union-attr]
     d.on_packets()
@@ -94,11 +98,16 @@ def test_a_full_sweep_first_then_expiry_passes_until_the_next_full_one() -> None
     listener.close()
 
 
-def test_full_sweeps_stop_once_every_live_flow_came_with_its_event_and_a_failure_brings_one_back() -> None:
+@pytest.mark.parametrize("events", [True, False])
+def test_full_sweeps_stop_once_every_live_flow_came_with_its_event_and_a_failure_brings_one_back(
+    events: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Flows the events reported (the daemon's own first packets, fast-path flows' new-flow
     events) end with destroy events; a lost event is an ENOBUFS resync at once. So after a full
     sweep that adopted nothing, the next ones at FULL_SWEEP are expiry passes; a failed read
-    still makes the next sweep a full one."""
+    still makes the next sweep a full one. Unless the kernel sends no events at all
+    (`nf_conntrack_events` 0): then every FULL_SWEEP a full sweep, as before."""
+    monkeypatch.setattr(conntrack, "events_enabled", lambda: events)
     d = balancer_daemon(config(), lan_kernel())
     d.queue.script(QueuedPacket(0, 1, syn("10.0.1.10"), 2, None, 0))  # type: ignore[union-attr]
     d.on_packets()
@@ -112,6 +121,10 @@ def test_full_sweeps_stop_once_every_live_flow_came_with_its_event_and_a_failure
     for _ in range(3):
         d.next_sweep = d.next_full_sweep  # FULL_SWEEP later, and later again
         d.sweep()
+    if not events:
+        assert [c[0] for c in listener.calls] == ["sweep"] * 4
+        listener.close()
+        return
     assert [c[0] for c in listener.calls] == ["sweep", "expire", "expire", "expire"]
     d.retry_sweep()  # a failed read: what it would have told is read back
     d.next_sweep = d.next_full_sweep
@@ -309,3 +322,11 @@ def test_a_full_sweep_whose_dump_fails_is_counted_and_retried_soon() -> None:
     assert d.core.counters["conntrack_errors"] == 1 and d.core.counters["conntrack_sweeps"] == 0
     assert d.next_sweep - time.monotonic() <= loop.RETRY_SWEEP and d.full_sweep_due()
     listener.close()
+
+
+def test_conntrack_events_are_enabled_by_the_sysctl_above_zero(tmp_path: Any) -> None:
+    sysctl = tmp_path / "nf_conntrack_events"
+    for value, enabled in (("2\n", True), ("1\n", True), ("0\n", False), ("", False), ("x", False)):
+        sysctl.write_text(value)
+        assert conntrack.events_enabled(str(sysctl)) is enabled, value
+    assert conntrack.events_enabled(str(tmp_path / "missing")) is False

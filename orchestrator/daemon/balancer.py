@@ -80,6 +80,13 @@ async def readable(fd: int, timeout: float) -> None:
         loop.remove_reader(fd)
 
 
+def _timed_call(fn: Callable[[], object]) -> float:
+    """`fn()`'s wall time in seconds (in the thread that runs it)."""
+    began = time.monotonic()
+    fn()
+    return time.monotonic() - began
+
+
 class BalancerDaemon(Daemon):
     role = "balancer"
 
@@ -327,13 +334,15 @@ class BalancerDaemon(Daemon):
 
     async def _expire(self, began: float) -> None:
         try:
-            assert self.conntrack is not None
+            conntrack = self.conntrack
+            assert conntrack is not None
             planned = self.next_sweep
             try:
-                await self.background_work.run(self.conntrack.expire)
+                took = await self.background_work.run(lambda: _timed_call(conntrack.expire))
             except Exception as exc:
                 self.expiry_failed(exc)
                 return
+            self.stalls.noted("background: conntrack expiry", took)
             self.core.count("conntrack_expiries")
             self.swept(began, planned, full=False)
         finally:

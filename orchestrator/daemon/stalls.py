@@ -121,6 +121,14 @@ class LoopStalls:
             cause: {"stalls": n, "worst_ms": round(self.worst[cause] * 1000, 1)} for cause, n in self.stalls.items()
         }
 
+    def noted(self, what: str, took: float) -> None:
+        """Background work's time, counted beside the steps (`spent`) but never a stall of the
+        loop's own: the kernel's expiry pass, whose system call freezes a one-CPU guest while it
+        walks the conntrack table (the loop's lateness, if any, is the sampler's to see)."""
+        runs = self.runs.setdefault(what, [0, 0.0])
+        runs[0] += 1
+        runs[1] += took
+
     def spent(self) -> dict[str, dict[str, float]]:
         """Each step's runs and their summed time since the start (seconds, to the microsecond)."""
         return {what: {"runs": int(n), "seconds": round(t, 6)} for what, (n, t) in self.runs.items()}

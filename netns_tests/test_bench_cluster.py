@@ -22,7 +22,8 @@ def test_bench_cluster_measures_both_rates_etcds_writes_and_the_failover_gap(lab
     assert r["single_sessions_per_s"] > 0 and r["cluster_sessions_per_s"] > 0
     # every member held every session only after the last first packet was out
     assert 0 < r["cluster_converged_per_s"] <= r["cluster_sessions_per_s"]
-    assert r["ratios"]["cluster_vs_single"] == round(r["cluster_sessions_per_s"] / r["single_sessions_per_s"], 3)
+    # the ratio of the unrounded rates: within rounding of the printed ones' (0.457 against 0.458 once)
+    assert abs(r["ratios"]["cluster_vs_single"] - r["cluster_sessions_per_s"] / r["single_sessions_per_s"]) < 0.001
     # etcd saw every session's key put (a row per session, some written again on a takeover or a
     # race), in far fewer transactions: one per first-packet batch
     assert SESSIONS <= r["etcd"]["puts"] <= 3 * SESSIONS, r["etcd"]

@@ -146,5 +146,7 @@ def test_local_policy_serves_a_new_client_while_etcd_is_away_and_writes_it_on_re
         f"\nc1's stream across etcd's second outage (local, {back - outage:.1f} s from the kill to c2 served"
         f" again): {result['sent']} sent, {result['received']} echoed"
     )
-    assert result["start"] < outage and result["start"] + result["sent"] * 0.02 > back, result  # it spanned it
+    # it spanned it: it sent until it saw the stop file, touched after `back`; datagram `sent`
+    # may have been due as it saw it (never sent), hence one interval more (it missed by 16 ms once)
+    assert result["start"] < outage and result["start"] + (result["sent"] + 1) * 0.02 > back, result
     assert result["sent"] > 0 and result["lost"] == 0, result

@@ -14,6 +14,7 @@ import pytest
 from orchestrator.capture import conntrack as ct
 from orchestrator.core.events import FlowKey
 from orchestrator.dataplane.netlink.constants import IPCTNL_MSG_CT_NEW, NLMSG_DONE, NLMSG_ERROR
+from orchestrator.lab.bench.hotpath import EventSocket
 
 
 def end(kind: int = NLMSG_DONE, code: int = 0) -> bytes:
@@ -21,12 +22,13 @@ def end(kind: int = NLMSG_DONE, code: int = 0) -> bytes:
     return struct.pack("=IHHII", 20, kind, 2, 1, 0) + struct.pack("=i", -code)
 
 
-class DumpSocket:
-    """The dump's socket: each request sends back its datagrams, one by one."""
+class DumpSocket(EventSocket):
+    """The dump's socket: each request sends back its datagrams, one by one (read as the bench's
+    event socket reads them)."""
 
     def __init__(self, answers: list[list[bytes]]) -> None:
+        super().__init__()
         self.answers = collections.deque(answers)
-        self.datagrams: collections.deque[bytes] = collections.deque()
         self.families: list[int] = []
         self.closed = False
 
@@ -34,13 +36,6 @@ class DumpSocket:
         self.families.append(message[16])  # nfgenmsg's family
         self.datagrams.extend(self.answers.popleft())
         return len(message)
-
-    def recv_into(self, buf: bytearray) -> int:
-        if not self.datagrams:
-            raise BlockingIOError
-        data = self.datagrams.popleft()
-        buf[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         self.closed = True

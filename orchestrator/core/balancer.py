@@ -95,6 +95,15 @@ class Plan:
     # In packet order: each verdict, and the session whose objects it waits for (None: final).
     verdicts: list[tuple[int | None, PacketVerdict]] = field(default_factory=list)
 
+    def settled(self, results: Sequence[ops.OpResult]) -> list[PacketVerdict] | None:
+        """The verdicts when every operation got in: then they are the planned ones, as
+        `Balancer.commit` would give them, known before it books the batch (the daemon sends
+        them first: a first packet waits for its objects only). None: some failed, and
+        `commit` judges."""
+        if not all(r.ok for r in results):
+            return None
+        return [v for _, v in self.verdicts]
+
 
 @dataclass(frozen=True)
 class Commit:

@@ -78,13 +78,13 @@ class ClientDaemon(AgentDaemon):
         )
 
     # -- the loop's hooks ---------------------------------------------------------------------------
-    def decide(self, batch: list[QueuedPacket]) -> None:
+    def decide(self, batch: list[QueuedPacket], now: float | None = None) -> None:
         """Learn from a batch of first labelled answers; the verdicts go only after the C2S filters
         are in the kernel."""
         assert self.queue is not None
         packets, unmarked = self.labelled(batch)
         before = self.sessions_before()
-        plan = self.core.on_packets(packets, time.monotonic())
+        plan = self.core.on_packets(packets, time.monotonic() if now is None else now)
         verdicts = self.core.commit(plan, self.program(plan.ops, "C2S filter"))
         self.queue.send_verdicts([*unmarked, *(nf_verdict(v) for v in verdicts)])
         self.log_changes(before, "label changed")

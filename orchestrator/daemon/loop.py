@@ -246,10 +246,10 @@ class Daemon:
     def on_packets(self) -> None:
         """The queue is readable: decide one batch. A bug must not strand queued packets: they
         are let go unlabelled, loudly."""
-        with self.stalls.step("first-packet batch"):
-            self._on_packets()
+        with self.stalls.step("first-packet batch") as began:
+            self._on_packets(began)
 
-    def _on_packets(self) -> None:
+    def _on_packets(self, began: float) -> None:
         assert self.queue is not None
         try:
             batch = self.queue.read_batch(self.config.nfqueue.batch)
@@ -261,7 +261,7 @@ class Daemon:
         if not batch:
             return
         try:
-            self.decide(batch)
+            self.decide(batch, began)
         except Exception:
             log.exception("first-packet batch failed; accepting its %d packets unlabelled", len(batch))
             self.core.count("batch_errors")
@@ -339,7 +339,8 @@ class Daemon:
     def setup(self) -> None:
         raise NotImplementedError
 
-    def decide(self, batch: list[QueuedPacket]) -> None:
+    def decide(self, batch: list[QueuedPacket], now: float | None = None) -> None:
+        """`now`: the batch's time, read as its step began (None: read it here)."""
         raise NotImplementedError
 
     def reload(self) -> None:

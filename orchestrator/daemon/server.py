@@ -97,13 +97,13 @@ class ServerDaemon(AgentDaemon):
         )
 
     # -- the loop's hooks ---------------------------------------------------------------------------
-    def decide(self, batch: list[QueuedPacket]) -> None:
+    def decide(self, batch: list[QueuedPacket], now: float | None = None) -> None:
         """Learn from a batch of first packets; the verdicts go only after the return routes are
         in the kernel. A queued packet without our mark (the ruleset queues none) is let go."""
         assert self.queue is not None
         packets, unmarked = self.labelled(batch)
         before = self.sessions_before()
-        plan = self.core.on_packets(packets, time.monotonic())
+        plan = self.core.on_packets(packets, time.monotonic() if now is None else now)
         nexthops = self.core.nexthops
         verdicts = self.core.commit(plan, self.program(plan.ops, "return route"))
         if nexthops and not self.core.nexthops:

@@ -50,11 +50,12 @@ class LoopStalls:
         self._task: asyncio.Task[None] | None = None
 
     @contextlib.contextmanager
-    def step(self, what: str) -> Iterator[None]:
-        """Time one step of the loop."""
+    def step(self, what: str) -> Iterator[float]:
+        """Time one step of the loop; it is given the clock's reading where it began (a first-packet
+        batch's `now`: one reading fewer before its verdicts)."""
         began = self.clock()
         try:
-            yield
+            yield began
         finally:
             ended = self.clock()
             self.ran(what, began, ended)

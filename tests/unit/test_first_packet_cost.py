@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 from scapy.layers.inet import IP, TCP
 
-from orchestrator.capture.nfqueue import NF_ACCEPT, NfQueue, QueuedPacket, Verdict
+from orchestrator.capture.nfqueue import NF_ACCEPT, NF_DROP, NfQueue, QueuedPacket, Verdict
 from orchestrator.daemon import stalls
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.fake import FakeProvider
@@ -25,11 +25,10 @@ from orchestrator.dataplane.netlink import nla, nlsocket
 from tests.unit.conftest import VIP, ScriptedQueue, balancer_daemon, config
 
 PARTS = (
-    "batch: route lookup",
-    "batch: decide",
+    "batch: decide",  # the route lookup included
     "batch: rtnetlink",
-    "batch: commit",
     "batch: verdicts",
+    "batch: commit",
     "batch: nf_tables",
 )
 
@@ -69,6 +68,53 @@ def test_a_one_packet_batch_reads_the_clock_once_per_part(monkeypatch: pytest.Mo
     assert reads == 1 + len(PARTS)
     # the two netlink batches (session objects, then the fast-path element) in the metrics
     assert daemon.batch_duration.snapshot().count == 2
+
+
+def test_the_verdict_waits_for_two_clock_readings_and_not_for_the_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the loop the batch's `now` is the reading its step began with: before the verdict the
+    clock is read where the decision and the kernel's answer end, and nothing else (there were
+    five readings); the core's bookkeeping of the batch (`commit`: the session SERVING) comes
+    after the verdicts went."""
+    kernel = FakeProvider(["lan0", "fab0"])
+    kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
+    kernel.add_ip_route("10.0.0.0/16", "lan0")
+    clock = Counting(time.monotonic)
+    holder: list[Any] = []
+    queue = ScriptedQueue(
+        observe=lambda: (
+            clock.reads,
+            [str(s.state) for s in holder[0].core.sessions()],
+            [i for i in kernel.dump() if isinstance(i.obj, ops.FlowerFilter)],
+        )
+    )
+    daemon = balancer_daemon(config(), kernel, queue)
+    holder.append(daemon)
+    monkeypatch.setattr(time, "monotonic", clock)
+    daemon.stalls.clock = clock
+    packet = bytes(IP(src="10.0.1.10", dst=VIP) / TCP(sport=40000, dport=80, flags="S"))
+    with daemon.stalls.step("first-packet batch") as began:
+        daemon.decide([QueuedPacket(0, 7, packet, 0, None, 0)], began)
+    monkeypatch.undo()
+    [(verdicts, (reads, states, filters))] = queue.sent_batches
+    assert [(v.packet_id, v.verdict) for v in verdicts] == [(7, NF_ACCEPT)]
+    assert reads == 1 + 2  # the step's own, then the decision's and the kernel's laps
+    assert states == ["opening"] and len(filters) == 1  # its filter in, the batch not booked yet
+    assert [str(s.state) for s in daemon.core.sessions()] == ["serving"]
+
+
+def test_a_failed_session_is_judged_before_its_verdict() -> None:
+    """When an object of the batch is refused, `commit` decides first: the packet is dropped,
+    and what did get in is gone before the verdict."""
+    kernel = FakeProvider(["lan0", "fab0"])  # no clsact qdisc on fab0: the C2S filter is refused
+    kernel.add_ip_route("10.0.0.0/16", "lan0")
+    queue = ScriptedQueue(observe=lambda: [i for i in kernel.dump() if isinstance(i.obj, ops.MplsRoute)])
+    daemon = balancer_daemon(config(), kernel, queue)
+    packet = bytes(IP(src="10.0.1.10", dst=VIP) / TCP(sport=40000, dport=80, flags="S"))
+    daemon.decide([QueuedPacket(0, 7, packet, 0, None, 0)])
+    [(verdicts, routes)] = queue.sent_batches
+    assert [(v.packet_id, v.verdict) for v in verdicts] == [(7, NF_DROP)]
+    assert routes == []  # the S2C route that got in was deleted before the verdict
+    assert daemon.core.sessions() == []
 
 
 def test_laps_time_consecutive_steps_with_one_reading_each() -> None:

@@ -37,7 +37,7 @@ from orchestrator.core.schedulers import Scheduler, ServerState, key_hash, make_
 from orchestrator.core.servers import AdminState, ServerAdmin
 from orchestrator.core.sessions import ANSWERED, KNOWN, NOT_TAKEN, FlowsNow, Session, SessionTable, State
 from orchestrator.dataplane import handles, ops, records
-from orchestrator.dataplane.ops import Operation
+from orchestrator.dataplane.ops import Operation, OpResult
 
 FLOWER_PROTOS = frozenset(ipproto.BY_NAME)  # every service protocol has a flower ip_proto key
 PREF_IPV4, PREF_IPV6 = 10, 11  # the kernel keeps one protocol per filter priority
@@ -95,7 +95,7 @@ class Plan:
     # In packet order: each verdict, and the session whose objects it waits for (None: final).
     verdicts: list[tuple[int | None, PacketVerdict]] = field(default_factory=list)
 
-    def settled(self, results: Sequence[ops.OpResult]) -> list[PacketVerdict] | None:
+    def settled(self, results: Sequence[OpResult]) -> list[PacketVerdict] | None:
         """The verdicts when every operation got in: then they are the planned ones, as
         `Balancer.commit` would give them, known before it books the batch (the daemon sends
         them first: a first packet waits for its objects only). None: some failed, and

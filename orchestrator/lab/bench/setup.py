@@ -49,8 +49,7 @@ def run(lab: Lab, sessions: int, samples: int, repeats: int) -> SetupResult:
     from orchestrator.config.load import load_config
     from orchestrator.config.model import BalancerConfig
     from orchestrator.lab.balancer_lab import ROOT
-    from orchestrator.lab.bench.balancer import RATE_ROUNDS, balancer_phase
-    from orchestrator.lab.bench.ipvs import ipvs_phase
+    from orchestrator.lab.bench.balancer import balancer_phase
     from orchestrator.lab.bench.kernel_limit import measure
     from orchestrator.lab.bench.result import build_result
     from orchestrator.lab.bench.testbed import Testbed, say
@@ -64,8 +63,7 @@ def run(lab: Lab, sessions: int, samples: int, repeats: int) -> SetupResult:
     config = load_config(ROOT / "templates" / "balancer.example.yaml")
     assert isinstance(config, BalancerConfig)  # IPVS gets the balancer's services and pools
     with backlog(BACKLOG):
-        ours, existing, latencies = balancer_phase(bed, beside=config)
-        theirs = ipvs_phase(bed, config, RATE_ROUNDS)
+        ours, existing, theirs, latencies = balancer_phase(bed, beside=config)
     return build_result(
         limit, ours, existing, theirs, latencies["balancer"], latencies["ipvs"], bed.userspace, bed.loop_steps
     )

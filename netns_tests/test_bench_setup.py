@@ -79,10 +79,14 @@ def test_setup_bench_measures_all_five_figures(lab: Lab) -> None:
         assert goal["value"] == ratios[name]
         assert goal["met"] is (ratios[name] >= bound if comparison == ">=" else ratios[name] <= bound)
     # The latency, IPVS beside the daemon and their connects interleaved: per repeat both systems,
-    # each source one new session on the daemon, whose second connect never reached it.
+    # each source one new session on the daemon, whose second connect never reached it but when
+    # it came before its session's fast-path element (counted: `fastpath_late`, which the bench's
+    # own check allows too).
     assert [len(out["latency_repeats"][system]) for system in ("balancer", "ipvs")] == [REPEATS, REPEATS]
     assert len(out["ratio_repeats"]["new_p99_vs_ipvs"]) == REPEATS
     used = out["latency_userspace"]
     # (the client's own address warms the path up: one more session)
     assert SAMPLES * REPEATS <= used["sessions_started"] <= SAMPLES * REPEATS + 1, used
-    assert used["packets_userspace"] <= used["sessions_started"] + out["syn_retransmits"]["balancer"], used
+    allowed = used["sessions_started"] + out["syn_retransmits"]["balancer"] + used["fastpath_late"]
+    assert used["packets_userspace"] <= allowed, used
+    assert used["fastpath_late"] <= 2, used  # a rare race of a connect with its element, not the rule

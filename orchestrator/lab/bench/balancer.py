@@ -1,5 +1,6 @@
-"""Phase 1 of `lab bench setup`: the balancer daemon on the lab's balancer node, flooded and
-sampled, then checked to hold every flood session in its table and the kernel."""
+"""The balancer phase of `lab bench setup`: the balancer daemon on the lab's balancer node,
+flooded and sampled, then checked to hold every flood session in its table and the kernel; IPVS
+beside it (bench.ipvs) is flooded and sampled in the same minutes, round by round."""
 
 from __future__ import annotations
 

@@ -2,12 +2,14 @@
 fails unless every first packet left the balancer node, the daemon counted every session and
 the kernel holds a filter for each (IPVS: a connection each), the second flood never reached
 the daemon, and the latency's second connects (existing sessions) never reached it either; here
-its JSON keeps the documented keys, its ratios and goals follow from its figures, and the
-latency ran per repeat with IPVS beside the daemon."""
+its JSON keeps the documented keys, its ratios and goals follow from its figures, the (c) and
+(d) floods ran interleaved round by round, and the latency ran per repeat with IPVS beside the
+daemon."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -15,6 +17,7 @@ import pytest
 
 from orchestrator.lab.bench.balancer import RATE_ROUNDS
 from orchestrator.lab.bench.result import GOALS
+from orchestrator.lab.bench.stats import round_order
 from orchestrator.lab.kit import Lab, patience
 
 SESSIONS, SAMPLES, REPEATS = 200, 10, 2
@@ -59,6 +62,13 @@ def test_setup_bench_measures_all_five_figures(lab: Lab) -> None:
     for system, key in (("existing", "d"), ("ipvs", "c")):
         rounds = out["rate_rounds"][system]
         assert len(rounds) == RATE_ROUNDS and min(rounds) <= rates[key] * 1.001 and rates[key] <= max(rounds) * 1.001
+    # ... measured in the same minutes: IPVS beside the daemon, the (d) and (c) floods round by
+    # round, the first of each round alternating (the run's progress lines, in the order they ran)
+    ran = [
+        ("existing" if kind == "(d)" else "ipvs", int(r) - 1)
+        for kind, r in re.findall(r"(\(d\)|\(c\)) round (\d+): ", run.stderr)
+    ]
+    assert ran == round_order(RATE_ROUNDS), run.stderr[-4000:]
     ratios = out["ratios"]
     assert ratios["sessions_vs_kernel_limit"] == pytest.approx(rates["b"] / rates["a"], rel=0.01)
     assert ratios["existing_vs_ipvs"] == pytest.approx(rates["d"] / rates["c"], rel=0.01)
@@ -69,10 +79,14 @@ def test_setup_bench_measures_all_five_figures(lab: Lab) -> None:
         assert goal["value"] == ratios[name]
         assert goal["met"] is (ratios[name] >= bound if comparison == ">=" else ratios[name] <= bound)
     # The latency, IPVS beside the daemon and their connects interleaved: per repeat both systems,
-    # each source one new session on the daemon, whose second connect never reached it.
+    # each source one new session on the daemon, whose second connect never reached it but when
+    # it came before its session's fast-path element (counted: `fastpath_late`, which the bench's
+    # own check allows too).
     assert [len(out["latency_repeats"][system]) for system in ("balancer", "ipvs")] == [REPEATS, REPEATS]
     assert len(out["ratio_repeats"]["new_p99_vs_ipvs"]) == REPEATS
     used = out["latency_userspace"]
     # (the client's own address warms the path up: one more session)
     assert SAMPLES * REPEATS <= used["sessions_started"] <= SAMPLES * REPEATS + 1, used
-    assert used["packets_userspace"] <= used["sessions_started"] + out["syn_retransmits"]["balancer"], used
+    allowed = used["sessions_started"] + out["syn_retransmits"]["balancer"] + used["fastpath_late"]
+    assert used["packets_userspace"] <= allowed, used
+    assert used["fastpath_late"] <= 2, used  # a rare race of a connect with its element, not the rule

@@ -10,11 +10,14 @@ from orchestrator.lab.bench.stats import (
     alias_addresses,
     chunks,
     cpu_seconds,
+    cpu_times,
     flood_sources,
+    idle_share,
     ipvs_connections,
     percentile,
     pktgen_result,
     ratio,
+    round_order,
     softnet_drops,
     tx_packets,
 )
@@ -148,3 +151,28 @@ def test_cpu_seconds_of_a_process_from_its_proc_stat() -> None:
     # utime 250 and stime 50 ticks; the command name holds a space and a parenthesis
     text = "4242 (python (x) y) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 50 0 0 20 0 3 0 100 0 0"
     assert cpu_seconds(text, 100) == 3.0
+
+
+def test_rate_rounds_interleave_the_systems_and_alternate_the_first() -> None:
+    from orchestrator.lab.bench.balancer import RATE_ROUNDS
+
+    order = round_order(RATE_ROUNDS)
+    assert order == [("existing", 0), ("ipvs", 0), ("ipvs", 1), ("existing", 1), ("existing", 2), ("ipvs", 2)]
+    for system in ("existing", "ipvs"):  # every round of each system, in its order
+        assert [r for s, r in order if s == system] == list(range(RATE_ROUNDS))
+    # round by round: both floods of a round come before either of the next, so a drift in
+    # the host's load meets both systems alike, and neither floods first in every round
+    assert [r for _, r in order] == sorted(r for _, r in order)
+    firsts = [order[2 * r][0] for r in range(RATE_ROUNDS)]
+    assert set(firsts) == {"existing", "ipvs"}
+    assert round_order(1) == [("existing", 0), ("ipvs", 0)]
+
+
+def test_idle_share_is_the_idle_ticks_over_all_between_two_readings() -> None:
+    first = cpu_times("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 100 0 50 800 50 0 0 0 0 0\n")
+    assert first == (850, 1000)
+    busy = cpu_times("cpu  180 0 60 805 50 0 5 0 0 0\n")  # 100 ticks, 5 of them idle
+    assert idle_share(first, busy) == pytest.approx(0.05)
+    quiet = cpu_times("cpu  181 0 61 903 50 0 5 0 0 0\n")  # 100 more, 98 idle
+    assert idle_share(busy, quiet) == pytest.approx(0.98)
+    assert idle_share(quiet, quiet) == 1.0  # no tick passed: nothing ran

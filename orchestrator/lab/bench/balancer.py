@@ -1,5 +1,6 @@
-"""Phase 1 of `lab bench setup`: the balancer daemon on the lab's balancer node, flooded and
-sampled, then checked to hold every flood session in its table and the kernel."""
+"""The balancer phase of `lab bench setup`: the balancer daemon on the lab's balancer node,
+flooded and sampled, then checked to hold every flood session in its table and the kernel; IPVS
+beside it (bench.ipvs) is flooded and sampled in the same minutes, round by round."""
 
 from __future__ import annotations
 
@@ -11,17 +12,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.lab.bench.result import Latency, RateRun
-from orchestrator.lab.bench.stats import cpu_seconds, flood_sources
+from orchestrator.lab.bench.stats import cpu_seconds, flood_sources, round_order
 from orchestrator.lab.bench.testbed import FLOOD_NETS, Testbed, say
 
 EXISTING_SPORT = 5354  # the first (d) round's source port: new flows, same clients (+1 per round)
-RATE_ROUNDS = 3  # floods of (c) and of (d) each: one of 10,000 lasts only about 1 s
+RATE_ROUNDS = 3  # floods of (c) and of (d) each, interleaved (stats.round_order): one of 10,000 lasts about 1 s
 STALLS_SHOWN = 15  # the longest stalls the run prints
 
 if TYPE_CHECKING:
     from orchestrator.config.examples import KeyPath
     from orchestrator.config.model import BalancerConfig
     from orchestrator.lab.balancer_lab import BalancerLab
+    from orchestrator.lab.bench.ipvs import Ipvs
     from orchestrator.lab.kit import Lab
 
 
@@ -36,14 +38,19 @@ def label_range(sessions: int, samples: int) -> tuple[int, int]:
 
 def balancer_phase(
     bed: Testbed, changes: dict[KeyPath, Any] | None = None, beside: BalancerConfig | None = None
-) -> tuple[RateRun, list[RateRun], dict[str, list[Latency]]]:
+) -> tuple[RateRun, list[RateRun], list[RateRun], dict[str, list[Latency]]]:
     """`changes`: more configuration changes (bench.workers runs it with nfqueue.workers).
-    The latency runs per repeat, of the daemon (`balancer`) and, with `beside` (the
-    configuration IPVS mirrors), of IPVS on a VIP of its own beside the running daemon
-    (`ipvs`), their connects interleaved; the daemon's counters over them go to
-    `bed.userspace` (existing sessions' connects must never reach it)."""
+    Returns (b), the (d) rounds, the (c) rounds and the latency runs. With `beside` (the
+    configuration IPVS mirrors), IPVS is set up beside the running daemon on a VIP of its own
+    (testbed.IPVS_VIP) once (b) is checked, and both systems are measured in the same minutes:
+    the (d) and (c) floods round by round (`stats.round_order`), then the latency runs per
+    repeat, their connects interleaved (`ipvs`); without it, the (d) rounds and the daemon's
+    latency alone. The daemon's counters over the latency runs go to `bed.userspace`
+    (existing sessions' connects must never reach it)."""
     from orchestrator.dataplane import ops
     from orchestrator.lab.balancer_lab import LABELS, BalancerLab
+    from orchestrator.lab.bench.ipvs import Ipvs
+    from orchestrator.lab.bench.testbed import IPVS_VIP
 
     lab = bed.lab
     first, last = label_range(bed.sessions, len(bed.aliases))
@@ -57,6 +64,7 @@ def balancer_phase(
             **(changes or {}),
         },
     )
+    ipvs = Ipvs(bed, beside, IPVS_VIP) if beside is not None else None
     try:
         say("balancer: starting the daemon and the servers")
         start_balancer(balancer)
@@ -74,28 +82,20 @@ def balancer_phase(
         rate = bed.rate("balancer")
         check_balancer(bed, balancer, started)
         say("balancer: checked; new flows of the same clients (the kernel's fast path)")
-        status = balancer.cli("status")
-        counters, cpu_before, began = status["counters"], daemon_cpu(status["pid"]), time.monotonic()
-        existing = []
-        for r in range(RATE_ROUNDS):  # each round's flood beside what the daemon did meanwhile
-            was, cpu_was = balancer.cli("status")["counters"], daemon_cpu(status["pid"])
-            existing.append(bed.rate("balancer", sport=EXISTING_SPORT + r))
-            now, cpu_now = balancer.cli("status")["counters"], daemon_cpu(status["pid"])
-            say(
-                f"balancer: (d) round {r + 1}: {existing[-1].per_s:,.0f}/s; the daemon meanwhile: {round_work(was, now)}, CPU {cpu_now - cpu_was:.2f} s"
-            )
-        say(
-            f"balancer: the daemon's CPU over the (d) rounds: {daemon_cpu(status['pid']) - cpu_before:.2f} s in "
-            f"{time.monotonic() - began:.2f} s (helpers' starts included; the floods {sum(r.elapsed_s for r in existing):.2f} s): "
-            "it reads conntrack's new-flow event of each flow the fast path admits"
-        )
+        if ipvs is not None:
+            say("ipvs: beside the daemon on its own VIP, for (c) and the latency")
+            ipvs.start()
+        counters = balancer.cli("status")["counters"]
+        existing, theirs = rate_rounds(bed, balancer, ipvs)
         check_fast_path(balancer, counters)
+        if ipvs is not None:
+            check_ipvs(bed, ipvs, len(theirs))
         say("balancer: fast path checked; latency")
         status = balancer.cli("status")
         before, steps_before = status["counters"], status["loop_steps"]
         stalls_before = len(stall_lines(balancer.log()))
         sweeps_before = len(sweep_lines(balancer.log()))
-        latencies = latency_runs(bed, beside)
+        latencies = latency_runs(bed, ipvs is not None)
         report_stalls(stall_lines(balancer.log())[stalls_before:])
         for line in sweep_lines(balancer.log())[sweeps_before:]:
             say("balancer: " + line.partition("conntrack sweep: ")[2])
@@ -114,24 +114,66 @@ def balancer_phase(
         print(balancer.log()[-3000:], file=sys.stderr)
         raise
     finally:
+        if ipvs is not None:
+            ipvs.close()
         bed.stop_sinks()
         balancer.close()
-    return rate, existing, latencies
+    return rate, existing, theirs, latencies
 
 
-def latency_runs(bed: Testbed, beside: BalancerConfig | None) -> dict[str, list[Latency]]:
-    from orchestrator.lab.bench.ipvs import Ipvs
+def rate_rounds(bed: Testbed, balancer: BalancerLab, ipvs: Ipvs | None) -> tuple[list[RateRun], list[RateRun]]:
+    """The (d) floods (the flood's clients again, each round from a source port of its own) and,
+    with `ipvs`, the (c) floods (new clients to IPVS's VIP, each round from N sources of its
+    own), in `round_order`. Each round's line on stderr says what the daemon did meanwhile:
+    during (d) it reads the new-flow event of each flow the fast path admits; during (c) it has
+    nothing to do (IPVS's flows are not ours), so its CPU there is what it takes from IPVS."""
     from orchestrator.lab.bench.testbed import IPVS_VIP
 
-    if beside is None:
+    pid = balancer.cli("status")["pid"]
+    cpu_before, began = daemon_cpu(pid), time.monotonic()
+    rounds: dict[str, list[RateRun]] = {"existing": [], "ipvs": []}
+    n = bed.sessions
+    for system, r in round_order(RATE_ROUNDS):
+        if system == "ipvs" and ipvs is None:
+            continue
+        was, cpu_was = balancer.cli("status")["counters"], daemon_cpu(pid)
+        if system == "existing":
+            run = bed.rate("balancer", sport=EXISTING_SPORT + r)
+        else:
+            run = bed.flood("ipvs", FLOOD_NETS["ipvs"], n, offset=r * n, vip=IPVS_VIP)
+        now, cpu_now = balancer.cli("status")["counters"], daemon_cpu(pid)
+        rounds[system].append(run)
+        name = "balancer: (d)" if system == "existing" else "ipvs: (c)"
+        say(
+            f"{name} round {r + 1}: {run.per_s:,.0f}/s; the daemon meanwhile: {round_work(was, now)}, "
+            f"CPU {cpu_now - cpu_was:.2f} s"
+        )
+    existing = rounds["existing"]
+    say(
+        f"balancer: the daemon's CPU over the rate rounds: {daemon_cpu(pid) - cpu_before:.2f} s in "
+        f"{time.monotonic() - began:.2f} s (helpers' starts included; the (d) floods {sum(r.elapsed_s for r in existing):.2f} s): "
+        "it reads conntrack's new-flow event of each flow the fast path admits"
+    )
+    return existing, rounds["ipvs"]
+
+
+def check_ipvs(bed: Testbed, ipvs: Ipvs, rounds: int) -> None:
+    """IPVS's table holds a connection for every source of its floods."""
+    n = bed.sessions
+    held = ipvs.connections(set(flood_sources(FLOOD_NETS["ipvs"], rounds * n)))
+    if held < rounds * n:
+        raise RuntimeError(f"ipvs: {held} connections in its table, {rounds * n} packets forwarded")
+    say("ipvs: checked")
+
+
+def latency_runs(bed: Testbed, beside: bool) -> dict[str, list[Latency]]:
+    """The latency repeats: the daemon's VIP alone, or (`beside`: IPVS runs on its own VIP) both
+    VIPs, their connects interleaved."""
+    from orchestrator.lab.bench.testbed import IPVS_VIP
+
+    if not beside:
         return {"balancer": bed.latencies("balancer", [bed.lab.vip], bed.repeats)[0]}
-    ipvs = Ipvs(bed, beside, IPVS_VIP)
-    try:
-        say("latency: IPVS beside the daemon on its own VIP")
-        ipvs.start()
-        ours, theirs = bed.latencies("balancer and ipvs", [bed.lab.vip, IPVS_VIP], bed.repeats)
-    finally:
-        ipvs.close()
+    ours, theirs = bed.latencies("balancer and ipvs", [bed.lab.vip, IPVS_VIP], bed.repeats)
     return {"balancer": ours, "ipvs": theirs}
 
 

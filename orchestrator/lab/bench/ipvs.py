@@ -1,15 +1,15 @@
-"""Phase 2 of `lab bench setup`: Linux IPVS on the balancer node in tunnel mode (the servers sit
-behind the fabric in other subnets), with the balancer's pool, weights and schedulers and
-persistent services (the analogue of client-ip sessions), flooded and sampled like the daemon."""
+"""The reference of `lab bench setup`: Linux IPVS on the balancer node in tunnel mode (the servers
+sit behind the fabric in other subnets), with the balancer's pool, weights and schedulers and
+persistent services (the analogue of client-ip sessions), on a VIP of its own beside the running
+daemon, flooded and sampled in the same minutes as the daemon (bench.balancer)."""
 
 from __future__ import annotations
 
 import subprocess
 from typing import TYPE_CHECKING
 
-from orchestrator.lab.bench.result import RateRun
-from orchestrator.lab.bench.stats import flood_sources, ipvs_connections
-from orchestrator.lab.bench.testbed import FLOOD_NETS, Testbed, batch, say
+from orchestrator.lab.bench.stats import ipvs_connections
+from orchestrator.lab.bench.testbed import Testbed, batch
 
 if TYPE_CHECKING:
     from orchestrator.config.model import BalancerConfig
@@ -109,22 +109,3 @@ class Ipvs:
             lab.sh(server, "ip", "link", "set", "tunl0", "down", check=False)
             if self.beside:
                 lab.sh(server, "ip", "address", "del", f"{self.vip}/32", "dev", "lo", check=False)
-
-
-def ipvs_phase(bed: Testbed, config: BalancerConfig, rounds: int) -> list[RateRun]:
-    """IPVS's new connections per second, `rounds` floods of new clients each (its latency is
-    sampled beside the daemon's, in the balancer phase)."""
-    ipvs = Ipvs(bed, config)
-    try:
-        say("ipvs: starting")
-        ipvs.start()
-        say("ipvs: started")
-        n = bed.sessions
-        rates = [bed.flood("ipvs", FLOOD_NETS["ipvs"], n, offset=r * n) for r in range(rounds)]
-        held = ipvs.connections(set(flood_sources(FLOOD_NETS["ipvs"], rounds * n)))
-        if held < rounds * n:
-            raise RuntimeError(f"ipvs: {held} connections in its table, {rounds * n} packets forwarded")
-        say("ipvs: checked; closing")
-    finally:
-        ipvs.close()
-    return rates

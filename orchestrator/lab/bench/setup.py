@@ -15,13 +15,20 @@ IPVS (tunnel mode) on the same lab, in one run (issue 15's figures and goals):
 - (d) new connections per second of clients that have a session: the same N sources again from
   another source port (new flows), admitted by the kernel's fast path; checked to have reached
   the daemon not once.
+- (c) and (d) on equal terms: IPVS runs beside the daemon on a VIP of its own from (b)'s check
+  on, and their floods alternate round by round, the first of each round alternating too
+  (`stats.round_order`), so that neither system gets every first flood after (b) nor a moment
+  of the host's load the other escapes (the first (d) round was the slowest in most runs of
+  the day when (c) ran minutes later in a phase of its own: docs/lab.md, "The first (d)
+  round"); every flood starts on a quiet lab (`testbed.quiesce`), so what one flood left
+  behind (the daemon still reading a (d) round's new-flow events) is not timed in the next.
 - (e) connect latency: TCP connect() time to VIP:80 of a new session (a fresh source address)
   and of a second connection from the same address right after (the session exists), p50 and
   p99, for both systems.
 
 Runs as root inside `mplsorch lab run` on the default lab (`mplsorch lab bench setup`): this
-module is the order of things and the command line; the phases are `kernel_limit`, `balancer`
-and `ipvs`, the shared lab side `testbed`, the helpers run with `python -m` `flood` and
+module is the order of things and the command line; the phases are `kernel_limit` and
+`balancer` (with `ipvs` beside it), the shared lab side `testbed`, the helpers run with `python -m` `flood` and
 `connect` (in the client's namespace) and `sink` (on the servers).
 """
 
@@ -49,8 +56,7 @@ def run(lab: Lab, sessions: int, samples: int, repeats: int) -> SetupResult:
     from orchestrator.config.load import load_config
     from orchestrator.config.model import BalancerConfig
     from orchestrator.lab.balancer_lab import ROOT
-    from orchestrator.lab.bench.balancer import RATE_ROUNDS, balancer_phase
-    from orchestrator.lab.bench.ipvs import ipvs_phase
+    from orchestrator.lab.bench.balancer import balancer_phase
     from orchestrator.lab.bench.kernel_limit import measure
     from orchestrator.lab.bench.result import build_result
     from orchestrator.lab.bench.testbed import Testbed, say
@@ -64,8 +70,7 @@ def run(lab: Lab, sessions: int, samples: int, repeats: int) -> SetupResult:
     config = load_config(ROOT / "templates" / "balancer.example.yaml")
     assert isinstance(config, BalancerConfig)  # IPVS gets the balancer's services and pools
     with backlog(BACKLOG):
-        ours, existing, latencies = balancer_phase(bed, beside=config)
-        theirs = ipvs_phase(bed, config, RATE_ROUNDS)
+        ours, existing, theirs, latencies = balancer_phase(bed, beside=config)
     return build_result(
         limit, ours, existing, theirs, latencies["balancer"], latencies["ipvs"], bed.userspace, bed.loop_steps
     )

@@ -64,6 +64,18 @@ def softnet_drops(text: str) -> int:
     return sum(int(line.split()[1], 16) for line in text.splitlines() if line.strip())
 
 
+def cpu_times(proc_stat: str) -> tuple[int, int]:
+    """(idle, total) ticks of all CPUs from /proc/stat's first line (idle counts iowait too)."""
+    fields = [int(x) for x in proc_stat.splitlines()[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])  # user nice system idle iowait irq softirq steal
+
+
+def idle_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of CPU time spent idle between two `cpu_times` readings (1.0 when no tick passed)."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 1.0
+
+
 def ipvs_connections(proc_text: str, sources: set[str]) -> int:
     """Connections (not persistence templates, which carry client port 0) from `sources` in a
     /proc/net/ip_vs_conn text (addresses and ports in hex)."""
@@ -94,3 +106,15 @@ def cpu_seconds(proc_stat: str, ticks_per_s: int) -> float:
     counted after the command name, which may hold spaces and parentheses)."""
     fields = proc_stat.rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / ticks_per_s
+
+
+def round_order(rounds: int) -> list[tuple[str, int]]:
+    """The order of `lab bench setup`'s rate floods: (d) `existing` and (c) `ipvs` round by
+    round, in the same minutes, the system that floods first alternating from round to round
+    (d c, c d, d c, ...), so that neither gets every first flood after (b) nor every moment of
+    a drift in the host's load."""
+    order: list[tuple[str, int]] = []
+    for r in range(rounds):
+        pair = [("existing", r), ("ipvs", r)]
+        order += pair if r % 2 == 0 else pair[::-1]
+    return order

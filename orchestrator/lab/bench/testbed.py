@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from orchestrator.lab.bench import connect, flood, pktgen, sink
 from orchestrator.lab.bench.result import Latency, RateRun
-from orchestrator.lab.bench.stats import alias_addresses, softnet_drops
+from orchestrator.lab.bench.stats import alias_addresses, cpu_times, idle_share, softnet_drops
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -28,6 +28,10 @@ FLOOD_ROUTE = "10.200.0.0/13"  # both, and the /16s after them that IPVS's later
 ALIAS_NET = "10.0.16.0/20"  # the latency samples' client addresses, on c1
 IPVS_VIP = "10.0.0.101"  # IPVS's VIP while the daemon serves the lab's: their connects interleaved
 SOFTNET = Path("/proc/net/softnet_stat")
+PROC_STAT = Path("/proc/stat")
+QUIET_IDLE = 0.9  # a flood starts once the lab's CPUs were this idle ...
+QUIET_WINDOW_S = 0.5  # ... over this long (the daemon's tick and sampler leave it 96-98 % idle)
+QUIET_TIMEOUT_S = 30.0  # and starts anyway after this long (a host shared with other work)
 
 T0 = time.monotonic()
 
@@ -54,6 +58,25 @@ def batch(lab: Lab, node: str, lines: list[str]) -> None:
         lab.sh(node, "ip", "-batch", f.name)
     finally:
         os.unlink(f.name)
+
+
+def quiesce(timeout: float = QUIET_TIMEOUT_S) -> float:
+    """Wait until the lab's CPUs were at least QUIET_IDLE idle over QUIET_WINDOW_S (in the UML
+    guest: its one CPU), at most `timeout` (patience); return the seconds waited. Every flood
+    starts so: the work an earlier flood left behind (the daemon reading the new-flow events of
+    a (d) round's 10,000 fast-path flows goes on for a second or more after its last packet
+    left) must not land in the next flood's time, whichever system that flood measures."""
+    from orchestrator.lab.kit import patience
+
+    began = time.monotonic()
+    deadline = began + patience(timeout)
+    before = cpu_times(PROC_STAT.read_text())
+    while True:
+        time.sleep(QUIET_WINDOW_S)
+        now = cpu_times(PROC_STAT.read_text())
+        if idle_share(before, now) >= QUIET_IDLE or time.monotonic() > deadline:
+            return time.monotonic() - began
+        before = now
 
 
 class NodeProcess:
@@ -143,11 +166,20 @@ class Testbed:
         sent it all on."""
         return self.flood(phase, FLOOD_NETS[phase], self.sessions, sport=sport)
 
-    def flood(self, phase: str, octet: int, count: int, offset: int = 0, sport: int = pktgen.SOURCE_PORT) -> RateRun:
-        """`count` first packets from 10.<octet>.0.1 + `offset` onwards, timed until the
-        balancer node has sent them all on to the fabric."""
+    def flood(
+        self,
+        phase: str,
+        octet: int,
+        count: int,
+        offset: int = 0,
+        sport: int = pktgen.SOURCE_PORT,
+        vip: str | None = None,
+    ) -> RateRun:
+        """`count` first packets from 10.<octet>.0.1 + `offset` onwards to `vip` (the lab's VIP
+        by default), timed until the balancer node has sent them all on to the fabric."""
         lab = self.lab
         watch = NodeProcess(lab, self.balancer)
+        waited = quiesce()
         drops_before = softnet_drops(SOFTNET.read_text())
         try:
             cmd = helper(
@@ -156,7 +188,7 @@ class Testbed:
                 flood,
                 self.client_dev,
                 mac(lab, self.balancer, self.lan_dev),
-                lab.vip,
+                vip or lab.vip,
                 str(octet),
                 str(count),
                 str(watch.pid),
@@ -173,7 +205,7 @@ class Testbed:
         elapsed = out["reached"] - out["start"]
         say(
             f"{phase}: {out['seen']} of {count} first packets out on the fabric after {elapsed:.3f} s "
-            f"(pktgen busy {out['send_s']:.3f} s)"
+            f"(pktgen busy {out['send_s']:.3f} s; the lab quiet after {waited:.1f} s)"
         )
         if out["seen"] < count:
             drops = softnet_drops(SOFTNET.read_text()) - drops_before

@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
         for count, octet in zip(args.workers, octets):
             testbed.FLOOD_NETS["balancer"] = octet
             say(f"workers {count}")
-            rate, _existing, runs_latency = balancer_phase(bed, {"nfqueue.workers": count} if count > 1 else {})
+            rate, _existing, _ipvs, runs_latency = balancer_phase(bed, {"nfqueue.workers": count} if count > 1 else {})
             latency = Latency.pooled(runs_latency["balancer"])
             runs.append(
                 {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from orchestrator.cli.client import BAD_INPUT, FAILED, ask, fail, table, write
+from orchestrator.cli.client import BAD_INPUT, FAILED, ask, fail, json_list, table, write
 
 TYPE_CHECKING = False  # typing's own costs an import: not on the quick path
 if TYPE_CHECKING:
@@ -144,7 +144,7 @@ def sessions(json_output: bool, socket: str | None, config: str | None, limit: i
     answer = ask("sessions", socket, config, **page)
     rows = answer["sessions"]
     if json_output:
-        _show(rows, True, "")
+        write(json_list(rows) + "\n")
         return
     text = _sessions_table(answer, rows)
     if "total" in answer and (limit is not None or offset):

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from orchestrator import control_socket
 from orchestrator.capture.nfqueue import QueuedPacket
 from orchestrator.cli import quick
+from orchestrator.cli.client import json_list
 from orchestrator.cli.main import app
 from orchestrator.daemon.balancer import BalancerDaemon
 from orchestrator.dataplane import ops
@@ -277,3 +278,16 @@ LEFT_TO_TYPER = [
 def test_the_quick_path_leaves_everything_else_to_typer(args: list[str]) -> None:
     assert quick.parse(args) is None
     assert quick.run(args) is False
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [],
+        [{}],
+        [{"id": 1, "client": "fd00:1::10", "created": 1796064778.027, "ends_at": None, "embryonic": True}],
+        [{"name": "serveur \u00e9t\u00e9 \u2603 \U0001f600", "nested": {"a": [1, 2.5, None, 'x\n"y"']}}, [3, "t"]],
+    ],
+)
+def test_a_page_is_printed_as_json_dumps_prints_it(rows: list[Any]) -> None:
+    assert json_list(rows) == json.dumps(rows)

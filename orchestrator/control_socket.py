@@ -5,7 +5,10 @@ no configuration models): the daemon's own side is `daemon/control.py`."""
 from __future__ import annotations
 
 import json
-from typing import Any
+
+TYPE_CHECKING = False  # typing's own costs an import: not on the quick path
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_CONTROL_SOCKET = "/run/mplsorch/mplsorch.sock"
 

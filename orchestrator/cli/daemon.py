@@ -1,19 +1,16 @@
-"""`mplsorch run` and the commands that ask the running daemon over its control socket (the
-operator's commands that change it are in `operate.py`).
-
-Exit codes of the commands that ask: 0 answered; 1 the daemon answered an error; 2 bad input (an
-unknown server name, a bad value: the daemon changed nothing); 3 no daemon answers."""
+"""`mplsorch run`, and `status`, `labels` and `routes` as typer commands (what they do is in
+`asking.py`; the operator's commands that change the daemon are in `operate.py`)."""
 
 from __future__ import annotations
 
 import functools
-import json
-import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import typer
 
-from orchestrator.cli.client import BAD_INPUT, ConfigOption, JsonOption, SocketOption, ask, print_table
+from orchestrator.cli import asking
+from orchestrator.cli.client import BAD_INPUT
+from orchestrator.cli.options import ConfigOption, JsonOption, SocketOption
 
 if TYPE_CHECKING:  # imported where used: `status` and the other commands that ask start faster
     from orchestrator.config.client_model import ClientConfig
@@ -136,111 +133,14 @@ def status(
     json_output: bool = JsonOption, socket: str | None = SocketOption, config: str | None = ConfigOption
 ) -> None:
     """The daemon's state on one screen."""
-    answer = ask("status", socket, config)
-    if json_output:
-        print(json.dumps(answer))
-        return
-    for line in status_lines(answer):
-        print(line)
-
-
-def status_lines(answer: dict[str, Any]) -> list[str]:
-    """`mplsorch status` without --json: role, services, servers, sessions, labels, queue drops and
-    the counters that tell of trouble, each on a line."""
-    head = f"{answer['role']}  pid {answer['pid']}  up {answer['uptime_s']} s"
-    counters = answer.get("counters", {})
-    if answer["role"] == "client":
-        first, last = answer["range"]
-        return [
-            head,
-            f"VIPs: {', '.join(answer['vips'])}",
-            f"labels: {first}-{last}, balancer link {', '.join(answer['balancer_interfaces'])}, "
-            f"queue {answer['queue']}",
-            f"sessions: {answer['sessions']}",
-            _offload_line(answer),
-            _counter_line(counters),
-        ]
-    if answer["role"] == "server":
-        first, last = answer["block"]
-        return [
-            head,
-            f"VIPs: {', '.join(answer['vips'])}",
-            f"labels: {first}-{last}, queue {answer['queue']}",
-            f"sessions: {answer['sessions']}",
-            _offload_line(answer),
-            _counter_line(counters),
-        ]
-    labels, health, queue = answer["labels"], answer.get("health", {}), answer.get("queue", {})
-    by_state = ", ".join(f"{n} {state}" for state, n in sorted(answer.get("sessions_by_state", {}).items()))
-    draining = answer.get("draining") or []
-    nft = answer.get("nft_counters", {})
-    return [
-        head,
-        f"services: {', '.join(answer['services'])}",
-        f"servers: {health.get('up', 0)} up, {health.get('down', 0)} down, {health.get('unknown', 0)} unknown"
-        + (f"; draining: {', '.join(draining)}" if draining else ""),
-        f"sessions: {answer['sessions']}"
-        + (f" ({by_state})" if by_state else "")
-        + "; per server: "
-        + ", ".join(f"{k} {v}" for k, v in answer["servers"].items()),
-        f"labels: {labels['in_use']} in use, {labels['held_down']} held down, {labels['free']} free "
-        f"of {labels['total']} pairs",
-        f"queue: {queue.get('waiting', 0)} waiting, {queue.get('queue_dropped', 0)} dropped (queue full), "
-        f"{queue.get('user_dropped', 0)} dropped (daemon's buffer full), {nft.get('rate_limited', 0)} rate limited",
-        f"dataplane: {answer['dataplane_ops'].get('ok', 0)} operations ok, "
-        f"{answer['dataplane_ops'].get('error', 0)} failed",
-        _offload_line(answer),
-        _counter_line(counters),
-    ]
-
-
-def _offload_line(answer: dict[str, Any]) -> str:
-    """Our filters and routes by what the kernel says of their offload (docs/offload.md)."""
-    counts = answer.get("offload", {})
-    line = "offload: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("in_hw", "not_in_hw", "trap", "offload_failed"))
-    if "offload_age_s" not in answer:  # the agents dump on the request
-        return line
-    age = answer["offload_age_s"]
-    return line + (" (no dump yet)" if age is None else f" (a dump {age} s old)")
-
-
-def _counter_line(counters: dict[str, int]) -> str:
-    keys = ("sessions_started", "sessions_ended", "sessions_reassigned", "packets_userspace")
-    # A balancer's first packets the kernel's fast path could not take: worth seeing at a glance.
-    trouble = sorted(
-        (k, v)
-        for k, v in counters.items()
-        if k.split(":")[0]
-        in (
-            "refused",
-            "malformed",
-            "no_route",
-            "batch_errors",
-            "sessions_failed",
-            "fastpath_unmatched",
-            "fastpath_late",
-            "offload_refused",
-        )
-    )
-    shown = [*((k, counters.get(k, 0)) for k in keys), *trouble]
-    if "flows_fast_path" in counters:
-        shown.insert(len(keys), ("flows_fast_path", counters["flows_fast_path"]))
-    return "counters: " + ", ".join(f"{k} {v}" for k, v in shown)
+    asking.status(json_output, socket, config)
 
 
 def labels(
     json_output: bool = JsonOption, socket: str | None = SocketOption, config: str | None = ConfigOption
 ) -> None:
     """Label pool use (balancer)."""
-    answer = ask("labels", socket, config)["labels"]
-    if json_output:
-        print(json.dumps(answer))
-        return
-    print_table(
-        "label pairs",
-        ["total", "in use", "held down", "free"],
-        [[answer["total"], answer["in_use"], answer["held_down"], answer["free"]]],
-    )
+    asking.labels(json_output, socket, config)
 
 
 def routes(
@@ -248,14 +148,4 @@ def routes(
 ) -> None:
     """Our kernel objects, with their offload policy (filters) and what the kernel says of their
     offload state (filters and routes)."""
-    rows = ask("routes", socket, config)["routes"]
-    if json_output:
-        print(json.dumps(rows))
-        return
-    print_table(
-        "kernel objects", ["object", "policy", "offload"], [[r["object"], r.get("policy"), r["offload"]] for r in rows]
-    )
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(0)
+    asking.routes(json_output, socket, config)

@@ -1,27 +1,36 @@
 """The `mplsorch` command line. Exit codes: 0 ok, 1 operation failed, 2 bad input or
-configuration, 3 environment not usable (missing kernel features, not root)."""
+configuration, 3 environment not usable (missing kernel features, not root).
+
+A well-formed command line of a command that asks the running daemon (`status`, `sessions`, ...)
+runs on the quick path, without importing typer (`quick.py`); anything else, help and usage
+errors included, goes to the typer application (`app.py`), imported only then."""
 
 from __future__ import annotations
 
-import typer
+import sys
 
-from orchestrator.cli import daemon
-from orchestrator.cli.config import config_app
-from orchestrator.cli.lab import lab_app
-from orchestrator.cli.operate import cluster_app, servers_app, sessions_app
+TYPE_CHECKING = False  # typing's own costs an import: not on the quick path
+if TYPE_CHECKING:
+    from typing import Any
 
-app = typer.Typer(
-    no_args_is_help=True,
-    add_completion=False,
-    help="Linux kernel MPLS route orchestrator (session-label load balancing).",
-)
-app.add_typer(lab_app, name="lab")
-app.add_typer(config_app, name="config")
-daemon.register(app)
-app.add_typer(sessions_app, name="sessions")
-app.add_typer(servers_app, name="servers")
-app.add_typer(cluster_app, name="cluster")
+    import typer
+
+    app: typer.Typer
 
 
 def main() -> None:
-    app()
+    from orchestrator.cli import quick
+
+    if not quick.run(sys.argv[1:]):
+        from orchestrator.cli.app import app
+
+        app()
+
+
+def __getattr__(name: str) -> Any:
+    """`orchestrator.cli.main.app`, the typer application, imported on first use."""
+    if name == "app":
+        from orchestrator.cli.app import app
+
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

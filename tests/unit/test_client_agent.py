@@ -16,7 +16,7 @@ from scapy.layers.inet6 import IPv6
 
 from orchestrator.capture import nftables
 from orchestrator.capture.nfqueue import NF_ACCEPT, QueuedPacket
-from orchestrator.cli.daemon import status_lines
+from orchestrator.cli.asking import status_lines
 from orchestrator.config.client_model import ClientConfig
 from orchestrator.config.examples import DELETE, example
 from orchestrator.config.load import ConfigError, load_client_config, parse_config

@@ -549,7 +549,7 @@ def test_a_flow_queued_before_its_element_was_in_is_counted_late_and_joins_its_s
 
 
 def test_status_shows_fast_path_flows_and_what_the_kernel_could_not_take() -> None:
-    from orchestrator.cli.daemon import _counter_line
+    from orchestrator.cli.asking import _counter_line
 
     line = _counter_line({"packets_userspace": 3, "flows_fast_path": 9, "fastpath_unmatched:ipv6-iid": 1})
     assert "packets_userspace 3, flows_fast_path 9" in line and "fastpath_unmatched:ipv6-iid 1" in line

@@ -27,7 +27,7 @@ from orchestrator.config.load import ConfigError, load_balancer_config
 from orchestrator.config.model import BalancerConfig
 from orchestrator.core import commands, shards
 from orchestrator.core.balancer import Balancer, qdiscs
-from orchestrator.core.events import Action, FirstPacket, FlowKey
+from orchestrator.core.events import Action, FirstPacket, FlowKey, PacketVerdict
 from orchestrator.core.servers import AdminState
 from orchestrator.core.sessions import Session, SessionTable
 from orchestrator.daemon import ethtool, node_setup, views
@@ -42,6 +42,7 @@ from orchestrator.daemon.loop import (
     start_step,
 )
 from orchestrator.daemon.offload_sampler import OffloadSampler
+from orchestrator.daemon.stalls import Laps
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.provider import Provider
 from orchestrator.health import CheckResult, HealthRunner, HealthTable, HealthView, probes_of, run_check, targets_of
@@ -576,15 +577,13 @@ class BalancerDaemon(Daemon):
         took = laps.lap("batch: rtnetlink")
         settled = plan.settled(applied)
         if settled is not None:
-            self.queue.send_verdicts(nf_verdict(v) for v in settled)
-            laps.lap("batch: verdicts")
+            self._send_verdicts(settled, laps)
         results = self.programmed(applied, "new session", took) if plan.ops else []
         commit = self.core.commit(plan, results, now)
         self.program(list(commit.cleanup), "rollback")
         laps.lap("batch: commit")
         if settled is None:
-            self.queue.send_verdicts(nf_verdict(v) for v in commit.verdicts)
-            laps.lap("batch: verdicts")
+            self._send_verdicts(commit.verdicts, laps)
         # The fast-path elements after the verdicts (design.md, "The kernel fast path"): the
         # first packets waited for their filters and routes only. `admit` holds the sessions
         # whose objects the kernel acknowledged, so no element admits flows to a failed one; an
@@ -628,6 +627,12 @@ class BalancerDaemon(Daemon):
                         v.reason,
                         extra=fields(event=f"packet_{v.action}", client=src, reason=v.reason),
                     )
+
+    def _send_verdicts(self, verdicts: Sequence[PacketVerdict], laps: Laps) -> None:
+        """The batch's verdicts in one sendmsg, timed as its part `batch: verdicts`."""
+        assert self.queue is not None
+        self.queue.send_verdicts(nf_verdict(v) for v in verdicts)
+        laps.lap("batch: verdicts")
 
     def reload(self) -> None:
         """SIGHUP: a new configuration without dropping sessions; an invalid one changes nothing."""

@@ -547,7 +547,8 @@ class BalancerDaemon(Daemon):
     def decide(self, batch: list[QueuedPacket], now: float | None = None) -> None:
         """A batch's first packets wait for their sessions' objects only: the verdicts go as soon
         as the kernel took them all, the core's bookkeeping (`commit`) and the fast-path elements
-        after; when some failed, `commit` judges first. Before the verdicts the clock is read
+        after the loop stepped aside for what the verdicts woke (`step_aside`); when some
+        failed, `commit` judges first. Before the verdicts the clock is read
         twice (issue 15: in the lab's UML guest a reading is a system call)."""
         assert self.queue is not None
         if now is None:
@@ -578,6 +579,8 @@ class BalancerDaemon(Daemon):
         settled = plan.settled(applied)
         if settled is not None:
             self._send_verdicts(settled, laps)
+            self.step_aside()  # what the verdicts woke goes before the bookkeeping below
+            laps.lap("batch: step aside")
         results = self.programmed(applied, "new session", took) if plan.ops else []
         commit = self.core.commit(plan, results, now)
         self.program(list(commit.cleanup), "rollback")

@@ -67,6 +67,16 @@ RETRY_SWEEP = 1.0  # after a failed conntrack read: the sweep that recovers what
 # default is 5 ms; on the 2-core host, a batch of 8 system calls beside a CPU-bound thread took
 # p99 100-145 ms at 5 ms, 20-38 ms at 1 ms and 0.4-26 ms at 0.5 ms (docs/lab.md).
 SWITCH_INTERVAL = 0.0005
+# After a batch's verdicts, the balancer leaves the CPU for at most this long (ms) before its
+# bookkeeping of the batch, unless more first packets come (Daemon.step_aside). The verdicts
+# release packets whose endpoints may share this host's CPU: a server or client agent's
+# applications, or in the lab's one-CPU guest the clients and servers themselves. The kernel
+# forwards those packets inside the verdict's system call, but the processes they wake got
+# the CPU only once the daemon blocked again, and the scheduler preferred the daemon (it slept
+# longer): half of the lab's new-session connects waited for the batch's bookkeeping and the
+# loop's return, 0.8-0.9 ms after their SYN-ACK against 0.13-0.16 ms for the rest; 0.1 ms was
+# too short for them (docs/lab.md, "The step aside").
+STEP_ASIDE_MS = 1
 # Conntrack events are read on the loop's tick (TICK), never when their socket turns readable:
 # the new-flow event of a flow the kernel's fast path admits comes while that flow's first packet
 # is on its way (an existing session's connect), and a daemon woken by it took the one CPU of a
@@ -242,6 +252,13 @@ class Daemon:
         poll of the queue's socket; nothing outside the running loop."""
         if self.waiting is not None and self.waiting.poll(0):
             self.on_packets()
+
+    def step_aside(self) -> None:
+        """Block on the queue's socket for at most STEP_ASIDE_MS: what the
+        verdicts woke runs first, and more first packets end the wait at once. Outside the
+        running loop (tests) it returns at once."""
+        if self.waiting is not None:
+            self.waiting.poll(STEP_ASIDE_MS)
 
     def on_packets(self) -> None:
         """The queue is readable: decide one batch. A bug must not strand queued packets: they

@@ -7,6 +7,7 @@ sendmsg without switching the queue's socket to blocking and back."""
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import threading
@@ -17,7 +18,7 @@ import pytest
 from scapy.layers.inet import IP, TCP
 
 from orchestrator.capture.nfqueue import NF_ACCEPT, NF_DROP, NfQueue, QueuedPacket, Verdict
-from orchestrator.daemon import stalls
+from orchestrator.daemon import loop, stalls
 from orchestrator.dataplane import ops
 from orchestrator.dataplane.fake import FakeProvider
 from orchestrator.dataplane.netlink import constants as c
@@ -28,6 +29,7 @@ PARTS = (
     "batch: decide",  # the route lookup included
     "batch: rtnetlink",
     "batch: verdicts",
+    "batch: step aside",
     "batch: commit",
     "batch: nf_tables",
 )
@@ -100,6 +102,69 @@ def test_the_verdict_waits_for_two_clock_readings_and_not_for_the_commit(monkeyp
     assert reads == 1 + 2  # the step's own, then the decision's and the kernel's laps
     assert states == ["opening"] and len(filters) == 1  # its filter in, the batch not booked yet
     assert [str(s.state) for s in daemon.core.sessions()] == ["serving"]
+
+
+class Readiness:
+    """The loop's poll of the queue's socket (`Daemon.waiting`): notes what stood when the
+    daemon blocked on it, and for how long it asked."""
+
+    def __init__(self, observe: Callable[[], Any]) -> None:
+        self.observe = observe
+        self.polls: list[tuple[float | None, Any]] = []
+
+    def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+        self.polls.append((timeout, self.observe()))
+        return []
+
+
+def test_the_loop_steps_aside_after_the_verdicts_and_before_the_bookkeeping() -> None:
+    """What the verdicts woke (in the lab's one-CPU guest: the client whose SYN-ACK came back
+    inside the verdict's system call) gets the CPU before the batch's commit and fast-path
+    element: the daemon blocks on the queue's socket for at most STEP_ASIDE_MS."""
+    kernel = FakeProvider(["lan0", "fab0"])
+    kernel.apply([ops.Add(ops.ClsactQdisc("fab0"))])
+    kernel.add_ip_route("10.0.0.0/16", "lan0")
+    queue = ScriptedQueue()
+    daemon = balancer_daemon(config(), kernel, queue)
+    readiness = Readiness(lambda: (len(queue.sent), [str(s.state) for s in daemon.core.sessions()]))
+    daemon.waiting = readiness  # type: ignore[assignment]
+    packet = bytes(IP(src="10.0.1.10", dst=VIP) / TCP(sport=40000, dport=80, flags="S"))
+    daemon.decide([QueuedPacket(0, 7, packet, 0, None, 0)])
+    assert readiness.polls == [(loop.STEP_ASIDE_MS, (1, ["opening"]))]  # verdict sent, not booked
+    assert [str(s.state) for s in daemon.core.sessions()] == ["serving"]
+    assert daemon.stalls.spent()["batch: step aside"]["runs"] == 1
+
+
+def test_a_failed_batch_does_not_step_aside() -> None:
+    """When an object was refused the verdicts wait for `commit`: nothing to step aside for."""
+    kernel = FakeProvider(["lan0", "fab0"])  # no clsact qdisc on fab0: the C2S filter is refused
+    kernel.add_ip_route("10.0.0.0/16", "lan0")
+    daemon = balancer_daemon(config(), kernel, ScriptedQueue())
+    readiness = Readiness(lambda: None)
+    daemon.waiting = readiness  # type: ignore[assignment]
+    packet = bytes(IP(src="10.0.1.10", dst=VIP) / TCP(sport=40000, dport=80, flags="S"))
+    daemon.decide([QueuedPacket(0, 7, packet, 0, None, 0)])
+    assert readiness.polls == []
+
+
+def test_first_packets_waiting_end_the_step_aside_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step aside is a poll of the queue's socket: with a datagram waiting there it returns
+    at once, however long it may wait (here 10 minutes), so a busy queue is never kept waiting."""
+    kernel = FakeProvider(["lan0", "fab0"])
+    daemon = balancer_daemon(config(), kernel, ScriptedQueue())
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        theirs.send(b"a first packet")
+        daemon.waiting = select.poll()
+        daemon.waiting.register(ours.fileno(), select.POLLIN)
+        monkeypatch.setattr(loop, "STEP_ASIDE_MS", 600_000)
+        began = time.monotonic()
+        daemon.step_aside()
+        assert time.monotonic() - began < 60  # it did not wait its 10 minutes
+        assert ours.recv(64) == b"a first packet"  # left for the loop's read
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def test_a_failed_session_is_judged_before_its_verdict() -> None:

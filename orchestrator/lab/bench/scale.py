@@ -122,6 +122,28 @@ def python_start_s() -> float:
     return time.perf_counter() - start
 
 
+def command_s(balancer: BalancerLab, words: list[str]) -> float | None:
+    """The wall time of `mplsorch WORDS --json` (as `BalancerLab.cli` runs it), its output then
+    read as JSON outside the time (None: the command failed, e.g. on its own 10 s timeout)."""
+    from orchestrator.lab.bench.testbed import say
+    from orchestrator.lab.kit import daemon_cli_argv, patience
+
+    start = time.perf_counter()
+    try:
+        out = subprocess.run(
+            daemon_cli_argv(balancer.sock, *words), capture_output=True, text=True, timeout=patience(20)
+        )
+    except subprocess.TimeoutExpired as exc:
+        say(f"scale: `mplsorch {' '.join(words)}` did not end in {exc.timeout:.0f} s")
+        return None
+    took = time.perf_counter() - start
+    if out.returncode != 0:
+        say(f"scale: `mplsorch {' '.join(words)}` failed after {took:.1f} s: {out.stderr}"[:400])
+        return None
+    json.loads(out.stdout)  # what it printed is the JSON
+    return took
+
+
 def answers(balancer: BalancerLab, held: int, runs: int = RUNS) -> Answers:
     """`status` and the first and last `sessions` page, each `runs` times, in rounds (each round
     asks each once, then starts Python once, so that a slow spell of the guest weighs on every
@@ -129,11 +151,10 @@ def answers(balancer: BalancerLab, held: int, runs: int = RUNS) -> Answers:
     command's wall time (its Python start included; None when it failed, e.g. on its own 10 s
     timeout) and `python -c pass`'s."""
     from orchestrator.control_socket import request
-    from orchestrator.lab.bench.testbed import say
 
     sock = str(balancer.sock)
     last = max(0, held - PAGE)
-    checks: dict[str, tuple[str, dict[str, int]]] = {
+    checks: dict[str, tuple[str, dict[str, Any]]] = {
         "status": ("status", {}),
         "sessions_first_page": ("sessions", {"limit": PAGE}),
         "sessions_last_page": ("sessions", {"offset": last, "limit": PAGE}),
@@ -152,15 +173,7 @@ def answers(balancer: BalancerLab, held: int, runs: int = RUNS) -> Answers:
             request(sock, cmd, timeout=900, **page_args)
             socket_s[name].append(time.perf_counter() - start)
         for name, words in cli.items():
-            start = time.perf_counter()
-            try:
-                balancer.cli(*words)
-                cli_s[name].append(time.perf_counter() - start)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:  # the command's own 10 s timeout
-                say(
-                    f"scale: `mplsorch {' '.join(words)}` failed after {time.perf_counter() - start:.1f} s: {exc}"[:400]
-                )
-                cli_s[name].append(None)
+            cli_s[name].append(command_s(balancer, words))
         start_s.append(python_start_s())
     page = request(sock, "sessions", timeout=120, offset=last, limit=PAGE)
     if page["total"] != held or len(page["sessions"]) != min(PAGE, held):

@@ -195,13 +195,21 @@ def test_a_page_of_views_is_each_sessions_own_view_in_table_order() -> None:
 
 def test_a_page_reads_no_row_before_its_offset() -> None:
     """The last page at 500,000 sessions walked every row before it: this counts rows read."""
-    for table in (mixed_table(20_000), SessionTable()):
-        if not len(table):  # no free row: the offset is the row itself
-            for i in range(1, 20_001):
-                table.add(session(i, ntop(0x0A400000 + i)))
-        want = [s.id for s in list(table)[19_000:19_100]]
+    plain = SessionTable()  # no free row: the offset is the row itself
+    for i in range(1, 20_001):
+        plain.add(session(i, ntop(0x0A400000 + i)))
+    for table in (mixed_table(20_000), plain):
+        offset = len(table) - 150
+        want = [s.id for s in list(table)[offset : offset + 100]]
+        assert len(want) == 100
+        first, last = want[0], want[-1]
+        rows = [r for r in range(len(table._columns["state"])) if table._columns["state"][r] != 255]
+        span = rows[offset + 99] - rows[offset] + 1  # the page's rows and the free ones among them
+        assert span < 120 and (table is plain) == (span == 100)
         count_state_reads(table)
-        assert [s["id"] for s in table.page_views(19_000, 100)] == want
-        assert CountedState.reads <= 100 + len(range(3, 20_000, 19)) // 190 + 1  # the page's rows and free ones
-        assert [s.id for s in table.page(19_000, 100)] == want
-        assert CountedState.reads <= 2 * (100 + len(range(3, 20_000, 19)) // 190 + 1)
+        views = table.page_views(offset, 100)
+        assert [s["id"] for s in views] == want and (views[0]["id"], views[-1]["id"]) == (first, last)
+        assert CountedState.reads <= span + 100  # its span once, and each row's state for its view
+        CountedState.reads = 0
+        assert [s.id for s in table.page(offset, 100)] == want
+        assert CountedState.reads <= span

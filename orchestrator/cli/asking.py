@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 from orchestrator.cli.client import BAD_INPUT, FAILED, ask, fail, json_list, table, write
+from orchestrator.control_socket import RowsText
 
 TYPE_CHECKING = False  # typing's own costs an import: not on the quick path
 if TYPE_CHECKING:
@@ -141,11 +142,12 @@ def routes(json_output: bool, socket: str | None, config: str | None) -> None:
 def sessions(json_output: bool, socket: str | None, config: str | None, limit: int | None, offset: int) -> None:
     """The page is printed in one write: the table (or the JSON list) and its footer joined."""
     page = {k: v for k, v in (("limit", limit), ("offset", offset or None)) if v is not None}
+    if json_output:  # the rows' text as the daemon sent it (control_socket.with_rows_text)
+        rows = ask("sessions", socket, config, rows_text=True, **page)["sessions"]
+        write((rows if isinstance(rows, RowsText) else json_list(rows)) + "\n")
+        return
     answer = ask("sessions", socket, config, **page)
     rows = answer["sessions"]
-    if json_output:
-        write(json_list(rows) + "\n")
-        return
     text = _sessions_table(answer, rows)
     if "total" in answer and (limit is not None or offset):
         text += f"sessions {offset + 1}-{offset + len(rows)} of {answer['total']}\n"

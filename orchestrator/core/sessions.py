@@ -16,7 +16,7 @@ import math
 import weakref
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from orchestrator.analyze.keys import SessionKey, SessionKeyKind
@@ -35,6 +35,8 @@ class State(enum.StrEnum):
 
 _STATES = tuple(State)
 _FREE = 255  # the state column of a row no session holds
+_FREE_BYTE = bytes((_FREE,))
+_SPAN = 4096  # rows whose free ones `SessionTable._row_at` counts at once
 NOT_TAKEN, TAKEN, KNOWN, ANSWERED = 0, 1, 2, 3  # SessionTable.take's answers
 _DRAINING, _SERVING = _STATES.index(State.DRAINING), _STATES.index(State.SERVING)
 _KINDS = tuple(SessionKeyKind)
@@ -648,13 +650,110 @@ class SessionTable:
 
     def page(self, offset: int, limit: int | None) -> list[Session]:
         """Sessions in table order, `offset` skipped, at most `limit` (all without one)."""
-        out: list[Session] = []
-        for i, row in enumerate(self._rows()):
-            if limit is not None and len(out) >= limit:
-                break
-            if i >= offset:
-                out.append(self._view(row))
+        return [self._view(row) for row in self._page_rows(offset, limit)]
+
+    def page_views(self, offset: int, limit: int | None) -> list[dict[str, object]]:
+        """`page`'s sessions as their `view()`s, each built from its row's columns without a
+        `Session` (issue 15: a page of 1,000 views cost about 150 us a row in the lab's guest).
+        A row with what only some sessions have (another key, client addresses other than its
+        key's, flows beside its own) is left to its `Session.view`: one place for those."""
+        c, inner, names = self._columns, self._inner, self._names
+        ids, services, vips, protocols, ports = c["id"], c["service"], c["vip"], c["protocol"], c["port"]
+        servers, c2ss, created, last_seen, states = c["server"], c["c2s"], c["created"], c["last_seen"], c["state"]
+        ends_at, flows_total, packets, embryonic = (
+            c["ends_at"],
+            c["flows_total"],
+            c["packets_userspace"],
+            c["embryonic_until"],
+        )
+        label_packets, label_check_at, owners = c["label_packets"], c["label_check_at"], c["owner"]
+        kinds, addresses, modes, sports = inner["kind"], inner["address"], inner["clients"], inner["flow_sport"]
+        kind_names = [str(kind) for kind in _KINDS]
+        state_names = [str(state) for state in _STATES]
+        more = self._more_flows
+        out: list[dict[str, object]] = []
+        for row in self._page_rows(offset, limit):
+            kind, mode = kinds[row], modes[row]
+            if kind == _ODD or mode > 1 or row in more:
+                out.append(self._view(row).view())
+                continue
+            client = ntop(addresses[row])
+            port, packets_read, check_at, ends, owner = (
+                ports[row],
+                label_packets[row],
+                label_check_at[row],
+                ends_at[row],
+                owners[row],
+            )
+            c2s = c2ss[row]
+            view: dict[str, object] = {
+                "id": ids[row],
+                "client": client,
+                "clients": [client] if mode else [],
+                "key": client,
+                "key_kind": kind_names[kind],
+                "service": names[services[row]],
+                "vip": names[vips[row]],
+                "protocol": names[protocols[row]],
+                "port": None if port < 0 else port,
+                "server": names[servers[row]],
+                "c2s_label": c2s,
+                "s2c_label": c2s + 1,
+                "state": state_names[states[row]],
+                "flows": 1 if sports[row] >= 0 else 0,
+                "flows_total": flows_total[row],
+                "packets_userspace": packets[row],
+                "embryonic": embryonic[row] == embryonic[row],  # not NaN
+                "label_packets": None if packets_read < 0 else packets_read,
+                "label_check_at": None if check_at != check_at else check_at,
+                "created": created[row],
+                "last_seen": last_seen[row],
+                "ends_at": None if ends != ends else ends,
+            }
+            if owner:
+                view["owner"] = names[owner]
+            out.append(view)
         return out
+
+    def _page_rows(self, offset: int, limit: int | None) -> Iterable[int]:
+        """The rows of `page`: from the row of the session `offset` sessions in (`_row_at`, no
+        walk of the rows before it), the next `limit` rows that hold a session."""
+        state = self._columns["state"]
+        end, row = len(state), self._row_at(offset)
+        if not self._free:
+            return range(row, end if limit is None else min(end, row + limit))
+        rows: list[int] = []
+        while row < end and (limit is None or len(rows) < limit):
+            if state[row] != _FREE:
+                rows.append(row)
+            row += 1
+        return rows
+
+    def _row_at(self, offset: int) -> int:
+        """The row of the session `offset` sessions into the table's order (the number of rows
+        if there is none): `offset` itself while no row is free; else the rows before it are
+        counted a span at a time in the state column's bytes (C's count), never read one by one
+        (issue 15: the last page at 500,000 sessions walked 499,000 rows, 0.09 s in the guest)."""
+        state = self._columns["state"]
+        end = len(state)
+        if not self._free:
+            return min(offset, end)
+        data = state.tobytes()
+        row = 0
+        while row < end:
+            stop = min(row + _SPAN, end)
+            held = stop - row - data.count(_FREE_BYTE, row, stop)
+            if held > offset:
+                break
+            offset -= held
+            row = stop
+        while row < end:  # within the span that holds it
+            if data[row] != _FREE:
+                if not offset:
+                    return row
+                offset -= 1
+            row += 1
+        return end
 
     def new_id(self) -> int:
         self._next_id += self._id_step

@@ -766,7 +766,7 @@ class BalancerDaemon(Daemon):
         }
 
     def session_views(self, offset: int = 0, limit: int | None = None) -> Iterable[dict[str, Any]]:
-        return (s.view() for s in self.core.table.page(offset, limit))
+        return self.core.table.page_views(offset, limit)
 
     def session_count(self) -> int:
         return len(self.core.table)

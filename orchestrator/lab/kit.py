@@ -24,13 +24,18 @@ def patience(seconds: float) -> float:
     return seconds * (10 if os.environ.get("MPLSORCH_LAB_BACKEND") == "vm" else 1)
 
 
+def daemon_cli_argv(sock: Path, *args: str) -> list[str]:
+    """The command line of `daemon_cli`."""
+    return [sys.executable, "-m", "orchestrator", *args, "--json", "--socket", str(sock)]
+
+
 def daemon_cli(sock: Path, *args: str, node: str | None = None, timeout: float = 20) -> Any:
     """`mplsorch ARGS --json --socket SOCK` against a running daemon, as an operator asks it, and
     its parsed JSON: one place for how the lab's balancer and agents are queried. It runs in this
     namespace (the control socket is a file, reachable from any). Raises RuntimeError with the
     CLI's stderr, naming `node` when given, if the command fails."""
     out = subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args, "--json", "--socket", str(sock)],
+        daemon_cli_argv(sock, *args),
         capture_output=True,
         text=True,
         timeout=patience(timeout),

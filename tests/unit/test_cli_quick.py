@@ -6,6 +6,7 @@ tree, and the same output and exit code both ways for every command line the qui
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -71,14 +72,9 @@ sys.stderr.write(json.dumps({"code": code, "modules": sorted(sys.modules)}) + "\
 """
 
 
-@pytest.fixture
-def daemon_socket(tmp_path: Path) -> Iterator[Path]:
-    """A control socket that answers every request with a one-row `sessions` page (the
-    answer's shape is all the command reads)."""
-    path = tmp_path / "ctl.sock"
-    row = {"id": 1, "service": "http", "client": "10.0.1.10", "key": "10.0.1.10", "server": "s1"}
-    row |= {"c2s_label": 1001, "s2c_label": 1002, "state": "serving", "flows": 1}
-    answer = json.dumps({"role": "balancer", "sessions": [row], "offset": 0, "total": 1}).encode() + b"\n"
+@contextlib.contextmanager
+def answering(path: Path, answer: bytes) -> Iterator[Path]:
+    """A control socket at `path` that answers every request with `answer`."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen(4)
@@ -95,10 +91,23 @@ def daemon_socket(tmp_path: Path) -> Iterator[Path]:
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    yield path
-    server.shutdown(socket.SHUT_RDWR)
-    server.close()
-    thread.join(5)
+    try:
+        yield path
+    finally:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(5)
+
+
+@pytest.fixture
+def daemon_socket(tmp_path: Path) -> Iterator[Path]:
+    """A control socket that answers every request with a one-row `sessions` page (the
+    answer's shape is all the command reads)."""
+    row = {"id": 1, "service": "http", "client": "10.0.1.10", "key": "10.0.1.10", "server": "s1"}
+    row |= {"c2s_label": 1001, "s2c_label": 1002, "state": "serving", "flows": 1}
+    answer = json.dumps({"role": "balancer", "sessions": [row], "offset": 0, "total": 1}).encode() + b"\n"
+    with answering(tmp_path / "ctl.sock", answer) as path:
+        yield path
 
 
 def command(args: list[str]) -> tuple[int, list[str], str]:
@@ -291,3 +300,40 @@ def test_the_quick_path_leaves_everything_else_to_typer(args: list[str]) -> None
 )
 def test_a_page_is_printed_as_json_dumps_prints_it(rows: list[Any]) -> None:
     assert json_list(rows) == json.dumps(rows)
+
+
+# Rows whose strings hold both marks `with_rows_text` looks for, quotes, escapes and non-ASCII text.
+TRICKY_ROWS: list[Any] = [
+    {"id": 1, "client": 'a"], "offset": 3, "x', "key": '"sessions": [', "created": 1796064778.027, "ends_at": None},
+    {"id": 2, "name": "serveur \u00e9t\u00e9 \u2603 \U0001f600", "n": [1, 2.5, None, 'x\n"y"\\'], "f": 0.1 + 0.2},
+]
+
+
+@pytest.mark.parametrize("rows", [[], TRICKY_ROWS], ids=["empty", "tricky"])
+@pytest.mark.parametrize("role", ["balancer", "server"])
+def test_a_pages_rows_are_kept_as_the_daemon_encoded_them(rows: list[Any], role: str) -> None:
+    answer = {"role": role, "sessions": rows, "offset": 7, "total": 9}
+    kept = control_socket.with_rows_text(json.dumps(answer).encode() + b"\n")
+    assert isinstance(kept["sessions"], control_socket.RowsText)
+    assert kept["sessions"] == json_list(rows) and json.loads(kept["sessions"]) == rows
+    assert kept == {**answer, "sessions": json_list(rows)}
+    for other in ({"error": 'no "sessions": [ here], "offset": 1', "bad_input": True}, {"role": role, "x": 1}):
+        assert control_socket.with_rows_text(json.dumps(other).encode()) == other  # parsed whole
+
+
+def test_sessions_json_prints_the_daemons_rows_text_byte_for_byte(tmp_path: Path) -> None:
+    """Through a real socket and a fresh interpreter: the page as `json_list` of the rows prints it
+    (as the command printed it when it parsed the rows and encoded them again)."""
+    answer = json.dumps({"role": "balancer", "sessions": TRICKY_ROWS, "offset": 0, "total": 2}).encode() + b"\n"
+    with answering(tmp_path / "ctl.sock", answer) as path:
+        code, modules, stdout = command(["sessions", "--json", "--limit", "2", "--socket", str(path)])
+    assert code == 0 and stdout == json_list(TRICKY_ROWS) + "\n" and "orchestrator.cli.quick" in modules
+    error = json.dumps({"error": 'offset beyond "sessions": [', "bad_input": True}).encode() + b"\n"
+    with answering(tmp_path / "bad.sock", error) as path:
+        out = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "sessions", "--json", "--socket", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert (out.returncode, out.stdout, out.stderr) == (2, "", 'mplsorch: offset beyond "sessions": [\n')

@@ -4,7 +4,9 @@ object per session in the steady state, its first flow in its row, views that se
 from __future__ import annotations
 
 import gc
+import json
 import random
+from array import array
 
 from orchestrator.analyze.keys import SessionKey, SessionKeyKind
 from orchestrator.core.events import FlowKey
@@ -127,3 +129,87 @@ def test_a_flow_from_another_address_with_the_same_ports_is_another_flow() -> No
     table.add_flow(s, first, 1.0)
     table.add_flow(s, moved, 1.0)
     assert s.flows == {first, moved} and s.flows_total == 2 and table.by_flow(moved) is s
+
+
+class CountedState(array):  # type: ignore[type-arg]
+    """A state column that counts its reads one row at a time (a walk of the rows reads each)."""
+
+    reads = 0
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def]
+        CountedState.reads += 1
+        return super().__getitem__(index)
+
+
+def count_state_reads(table: SessionTable) -> None:
+    state = table._columns["state"]
+    counted = CountedState(state.typecode, state)
+    table._columns["state"] = counted
+    table._all_columns[table._all_columns.index(state)] = counted
+    CountedState.reads = 0
+
+
+def mixed_table(n: int) -> SessionTable:
+    """`n` sessions of every shape a row can have, some removed (free rows), a row reused."""
+    table = SessionTable()
+    for i in range(1, n + 1):
+        if i % 11 == 0:
+            s = session(i, f"10.2.{i >> 8 & 255}.{i & 255}", SessionKeyKind.FIVE_TUPLE, f"6|{i}|80")
+        elif i % 13 == 0:
+            s = session(i, f"fd00:1::{i:x}")
+        else:
+            s = session(i, f"10.1.{i >> 8 & 255}.{i & 255}")
+        s.embryonic_until = 5.0 if i % 3 == 0 else None
+        s.label_packets, s.label_check_at = (7, 9.5) if i % 5 == 0 else (None, None)
+        s.owner = "lb2" if i % 7 == 0 else None
+        s.ends_at = 30.0 if i % 4 == 0 else None
+        s.port = None if i % 17 == 0 else 80
+        s.state = State.SERVING if i % 2 else State.DRAINING
+        table.add(s)
+        if i % 6 == 0:
+            table.add_flow(s, FlowKey(6, s.key.client, VIP, 40000, 80), 1.0)
+        if i % 9 == 0:
+            table.add_flow(s, FlowKey(6, s.key.client, VIP, 40001, 80), 1.0)
+        if i % 10 == 0:
+            s.add_client("10.9.9.9")
+        elif i % 8 == 0:
+            s.clients = []
+    for i in range(3, n, 19):  # free rows spread through the table
+        found = table.by_id(i)
+        assert found is not None
+        table.remove(found)
+    table.add(session(n + 1, "10.3.0.1"))  # takes the last freed row
+    return table
+
+
+def test_a_page_of_views_is_each_sessions_own_view_in_table_order() -> None:
+    table = mixed_table(2000)
+    walked = list(table)
+    assert len(walked) == len(table) == 2000 - len(range(3, 2000, 19)) + 1
+    for offset, limit in ((0, 1000), (500, 700), (1800, 1000), (len(table) - 1, 5), (len(table), 5), (0, None)):
+        want = [s.view() for s in walked[offset : None if limit is None else offset + limit]]
+        assert [s.view() for s in table.page(offset, limit)] == want
+        assert table.page_views(offset, limit) == want  # the same values ...
+        assert json.dumps(table.page_views(offset, limit)) == json.dumps(want)  # ... and the same JSON text
+
+
+def test_a_page_reads_no_row_before_its_offset() -> None:
+    """The last page at 500,000 sessions walked every row before it: this counts rows read."""
+    plain = SessionTable()  # no free row: the offset is the row itself
+    for i in range(1, 20_001):
+        plain.add(session(i, ntop(0x0A400000 + i)))
+    for table in (mixed_table(20_000), plain):
+        offset = len(table) - 150
+        want = [s.id for s in list(table)[offset : offset + 100]]
+        assert len(want) == 100
+        first, last = want[0], want[-1]
+        rows = [r for r in range(len(table._columns["state"])) if table._columns["state"][r] != 255]
+        span = rows[offset + 99] - rows[offset] + 1  # the page's rows and the free ones among them
+        assert span < 120 and (table is plain) == (span == 100)
+        count_state_reads(table)
+        views = table.page_views(offset, 100)
+        assert [s["id"] for s in views] == want and (views[0]["id"], views[-1]["id"]) == (first, last)
+        assert CountedState.reads <= span + 100  # its span once, and each row's state for its view
+        CountedState.reads = 0
+        assert [s.id for s in table.page(offset, 100)] == want
+        assert CountedState.reads <= span

@@ -9,9 +9,10 @@ space holds 524,287 pairs). One run on the default lab:
    are in the kernel and counted out on the balancer node's fabric link;
 3. the table is filled to the reference size (10,000), a probe of P new sessions is timed
    (the programming rate with the reference installed), the table is filled to N, RSS and MemAvailable are
-   read again, `status` and the first and last `sessions` pages are timed (on the control
-   socket, and through the `mplsorch` command), and a second probe of P is timed (the rate at
-   N); the daemon's counters must show every session.
+   read again, `status` and the first and last `sessions` pages are timed five times each (on
+   the control socket, and through the `mplsorch` command, beside `python -c pass`: their
+   medians, and every run), and a second probe of P is timed (the rate at N); the daemon's
+   counters must show every session.
 
 `mplsorch lab bench scale` runs this module inside `mplsorch lab run`."""
 
@@ -25,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from orchestrator.lab.bench.scale_result import TARGET_SESSIONS, ScaleRun, build_scale_result, format_scale
 
@@ -40,9 +41,18 @@ SCALE_NET = "10.64.0.0/12"
 LABEL_MAX = 2**20 - 1
 HEADROOM = 256  # label pairs beyond the sessions (admission keeps min_free_labels free)
 PAGE = 1000  # rows of a timed `sessions` page
+RUNS = 5  # times each answer is timed (the result shows their median, and each)
 
 
 SERVERS = ("s1", "s2", "s3")  # the example's pool web, which serves dns
+
+
+class Answers(NamedTuple):
+    """`answers`' runs, in the order timed."""
+
+    socket_s: dict[str, list[float]]
+    cli_s: dict[str, list[float | None]]
+    start_s: list[float]
 
 
 def max_sessions(probe: int) -> int:
@@ -104,54 +114,71 @@ def prepare(bed: Testbed, total: int) -> None:
     lab.sh(lab.names("client")[0], "ping", "-c", "1", "-W", "5", lab.address(lb, towards=bed.client))
 
 
-def python_start_s(runs: int = 5) -> float:
-    """The median wall time of `python -c pass` here: the floor under every `mplsorch` command
-    (in the UML guest a large part of it)."""
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[runs // 2]
+def python_start_s() -> float:
+    """The wall time of one `python -c pass` here: the floor under every `mplsorch` command (in
+    the UML guest a large part of it)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    return time.perf_counter() - start
 
 
-def answers(balancer: BalancerLab, held: int) -> tuple[dict[str, float], dict[str, float | None]]:
-    """`status` and the first and last `sessions` page: the control socket's round trip (what
-    the daemon takes), and the `mplsorch` command's wall time (its Python start included; None
-    when it failed, e.g. on its own 10 s timeout)."""
-    from orchestrator.control_socket import request
+def command_s(balancer: BalancerLab, words: list[str]) -> float | None:
+    """The wall time of `mplsorch WORDS --json` (as `BalancerLab.cli` runs it), its output then
+    read as JSON outside the time (None: the command failed, e.g. on its own 10 s timeout)."""
     from orchestrator.lab.bench.testbed import say
+    from orchestrator.lab.kit import daemon_cli_argv, patience
+
+    start = time.perf_counter()
+    try:
+        out = subprocess.run(
+            daemon_cli_argv(balancer.sock, *words), capture_output=True, text=True, timeout=patience(20)
+        )
+    except subprocess.TimeoutExpired as exc:
+        say(f"scale: `mplsorch {' '.join(words)}` did not end in {exc.timeout:.0f} s")
+        return None
+    took = time.perf_counter() - start
+    if out.returncode != 0:
+        say(f"scale: `mplsorch {' '.join(words)}` failed after {took:.1f} s: {out.stderr}"[:400])
+        return None
+    json.loads(out.stdout)  # what it printed is the JSON
+    return took
+
+
+def answers(balancer: BalancerLab, held: int, runs: int = RUNS) -> Answers:
+    """`status` and the first and last `sessions` page, each `runs` times, in rounds (each round
+    asks each once, then starts Python once, so that a slow spell of the guest weighs on every
+    figure alike): the control socket's round trip (what the daemon takes), the `mplsorch`
+    command's wall time (its Python start included; None when it failed, e.g. on its own 10 s
+    timeout) and `python -c pass`'s."""
+    from orchestrator.control_socket import request
 
     sock = str(balancer.sock)
     last = max(0, held - PAGE)
-    checks: dict[str, tuple[str, dict[str, int]]] = {
+    checks: dict[str, tuple[str, dict[str, Any]]] = {
         "status": ("status", {}),
         "sessions_first_page": ("sessions", {"limit": PAGE}),
         "sessions_last_page": ("sessions", {"offset": last, "limit": PAGE}),
     }
-    socket_s: dict[str, float] = {}
-    for name, (cmd, page_args) in checks.items():
-        start = time.perf_counter()
-        request(sock, cmd, timeout=900, **page_args)
-        socket_s[name] = time.perf_counter() - start
     cli = {
         "status": ["status"],
         "sessions_first_page": ["sessions", "--limit", str(PAGE)],
         "sessions_last_page": ["sessions", "--offset", str(last), "--limit", str(PAGE)],
     }
-    cli_s: dict[str, float | None] = {}
-    for name, words in cli.items():
-        start = time.perf_counter()
-        try:
-            balancer.cli(*words)
-            cli_s[name] = time.perf_counter() - start
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:  # the command's own 10 s timeout
-            say(f"scale: `mplsorch {' '.join(words)}` failed after {time.perf_counter() - start:.1f} s: {exc}"[:400])
-            cli_s[name] = None
+    socket_s: dict[str, list[float]] = {name: [] for name in checks}
+    cli_s: dict[str, list[float | None]] = {name: [] for name in cli}
+    start_s: list[float] = []
+    for _ in range(runs):
+        for name, (cmd, page_args) in checks.items():
+            start = time.perf_counter()
+            request(sock, cmd, timeout=900, **page_args)
+            socket_s[name].append(time.perf_counter() - start)
+        for name, words in cli.items():
+            cli_s[name].append(command_s(balancer, words))
+        start_s.append(python_start_s())
     page = request(sock, "sessions", timeout=120, offset=last, limit=PAGE)
     if page["total"] != held or len(page["sessions"]) != min(PAGE, held):
         raise RuntimeError(f"scale: the last page holds {len(page['sessions'])} of {page['total']} sessions")
-    return socket_s, cli_s
+    return Answers(socket_s, cli_s, start_s)
 
 
 def run(lab: Lab, sessions: int, reference: int, probe: int) -> ScaleRun:
@@ -186,9 +213,8 @@ def run(lab: Lab, sessions: int, reference: int, probe: int) -> ScaleRun:
             time.sleep(2)  # the last flows' conntrack events
             rss1, avail1 = vm_rss_kb(pid), meminfo_kb("MemAvailable")
             say(f"scale: {done} sessions; daemon RSS {rss1} kB, guest MemAvailable {avail1} kB")
-            socket_s, cli_s = answers(balancer, done)
-            start_s = python_start_s()
-            say(f"scale: answers {socket_s}, through the command {cli_s}, python -c pass {start_s:.3f} s")
+            timed = answers(balancer, done)
+            say(f"scale: answers {timed.socket_s}, through the command {timed.cli_s}, python -c pass {timed.start_s}")
             at_sessions = bed.flood(f"scale probe at {done}", SCALE_OCTET, probe, offset=done)
         final = request(str(balancer.sock), "status", timeout=900)  # slow at N: see answers()
         started = final["counters"].get("sessions_started", 0) - started0
@@ -233,9 +259,9 @@ def run(lab: Lab, sessions: int, reference: int, probe: int) -> ScaleRun:
         guest_available_before_kb=avail0,
         guest_available_after_kb=avail1,
         guest_total_kb=meminfo_kb("MemTotal"),
-        answer_s=socket_s,
-        cli_s=cli_s,
-        python_start_s=start_s,
+        answer_s=timed.socket_s,
+        cli_s=timed.cli_s,
+        python_start_s=timed.start_s,
         page=PAGE,
     )
 

@@ -99,22 +99,12 @@ def test_repeated_connections_reuse_the_session_and_only_first_packets_reach_use
 
 
 def _logged(balancer: BalancerLab, event: str, service: str, key: str) -> list[dict[str, Any]]:
-    """Sessions the daemon logged as started or ended: the log outlives short sessions, which a
-    slow VM may see end before a second command can ask for them."""
-    pattern = re.compile(rf"session (\d+) {event}: {service} {re.escape(key)} -> (\S+) c2s (\d+) s2c (\d+)")
-    return [
-        {"id": int(m[1]), "server": m[2], "c2s_label": int(m[3]), "s2c_label": int(m[4])}
-        for m in pattern.finditer(balancer.log())
-    ]
+    """What the daemon logged so far, not waiting for a line (BalancerLab.logged)."""
+    return balancer.logged(event, service, key, at_least=0)
 
 
 def _logged_soon(balancer: BalancerLab, event: str, service: str, key: str) -> list[dict[str, Any]]:
-    """`_logged` once it has a line: the daemon logs a session's start after its first packet's
-    verdict, so the client's answer may come back before the line is written."""
-    deadline = time.monotonic() + patience(5)
-    while not (found := _logged(balancer, event, service, key)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return found
+    return balancer.logged(event, service, key)
 
 
 def test_udp_clients_get_a_session_of_their_own(lab: Lab, balancer: BalancerLab) -> None:

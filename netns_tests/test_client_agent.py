@@ -10,7 +10,6 @@ than its first flow's conntrack entry plus its persistence), then ends on both s
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from pathlib import Path
@@ -62,11 +61,9 @@ def agent(lab: Lab, farm: ServerLab) -> Iterator[ClientAgentLab]:
 
 def _lb_session(farm: ServerLab, service: str, client: str) -> tuple[int, int, int]:
     """(id, C2S, S2C) of the balancer's session of `client` for `service`, from its log."""
-    found = re.findall(
-        rf"session (\d+) start: {service} {re.escape(client)} -> \S+ c2s (\d+) s2c (\d+)", farm.balancer.log()
-    )
+    found = farm.balancer.logged("start", service, client)
     assert len(found) == 1, farm.balancer.log()[-2000:]
-    return int(found[0][0]), int(found[0][1]), int(found[0][2])
+    return found[0]["id"], found[0]["c2s_label"], found[0]["s2c_label"]
 
 
 def _nft(farm: ServerLab) -> dict[str, Any]:
@@ -301,7 +298,7 @@ def test_when_the_balancer_ends_the_session_the_client_agent_sees_its_answers_st
         assert time.monotonic() < deadline and holder.poll() is None, agent.log()[-2000:]
         time.sleep(0.5)
     s2c = held[0]["s2c_label"]
-    starts = len(re.findall(rf"start: http {re.escape(c4)} ", farm.balancer.log()))
+    starts = len(farm.balancer.logged("start", "http", c4, at_least=0))
     # The balancer ends the session (its C2S route goes): the held connection's request, labelled,
     # meets no route there and nothing comes back; a whole answer_timeout (2 s) later the agent ends it.
     assert farm.balancer.cli("sessions", "flush", "--client", c4)["flushed"] >= 1
@@ -311,4 +308,4 @@ def test_when_the_balancer_ends_the_session_the_client_agent_sees_its_answers_st
     assert agent.cli("status")["counters"]["answers_stopped"] >= 1
     # Its packets leave plain again: the next connection is a first packet, a new session.
     assert farm.balancer.curl(NODE) == "200", (farm.balancer.log()[-2000:], agent.log()[-2000:])
-    assert len(re.findall(rf"start: http {re.escape(c4)} ", farm.balancer.log())) == starts + 1
+    assert len(farm.balancer.logged("start", "http", c4, at_least=starts + 1)) == starts + 1

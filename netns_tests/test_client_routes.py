@@ -8,7 +8,6 @@ the answers of a second request reach the client only through the balancer's S2C
 
 from __future__ import annotations
 
-import re
 from typing import Iterator
 
 import pytest
@@ -32,9 +31,9 @@ def balancer(lab: Lab) -> Iterator[BalancerLab]:
 
 def _session(balancer: BalancerLab, client: str) -> tuple[int, int]:
     """(C2S, S2C) of the http session the daemon logged for `client`."""
-    found = re.findall(rf"session \d+ start: http {re.escape(client)} -> \S+ c2s (\d+) s2c (\d+)", balancer.log())
+    found = balancer.logged("start", "http", client)
     assert len(found) == 1, balancer.log()[-2000:]
-    return int(found[0][0]), int(found[0][1])
+    return found[0]["c2s_label"], found[0]["s2c_label"]
 
 
 def _s2c_route(lab: Lab, s2c: int) -> ops.MplsRoute:

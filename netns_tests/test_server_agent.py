@@ -9,7 +9,6 @@ answer as plain IP from the VIP, so they are not tested again here."""
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from pathlib import Path
@@ -40,11 +39,9 @@ def farm(lab: Lab) -> Iterator[ServerLab]:
 def _started(farm: ServerLab, service: str, client: str) -> tuple[str, int, int]:
     """(server, C2S, S2C) of the balancer's session of `client` for `service`, from its log (the
     log is instant; a CLI call costs tens of seconds in the emulated VM)."""
-    found = re.findall(
-        rf"session \d+ start: {service} {re.escape(client)} -> (\S+) c2s (\d+) s2c (\d+)", farm.balancer.log()
-    )
+    found = farm.balancer.logged("start", service, client)
     assert len(found) == 1, farm.balancer.log()[-2000:]
-    return found[0][0], int(found[0][1]), int(found[0][2])
+    return found[0]["server"], found[0]["c2s_label"], found[0]["s2c_label"]
 
 
 def _agent_session(farm: ServerLab, server: str, client: str, vip: str) -> dict[str, Any]:

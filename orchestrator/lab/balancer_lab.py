@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -174,6 +175,24 @@ class BalancerLab:
     def log(self) -> str:
         path = self.dir / "daemon.log"
         return path.read_text() if path.exists() else ""
+
+    def logged(self, event: str, service: str, key: str, at_least: int = 1) -> list[dict[str, Any]]:
+        """The sessions of `service` and `key` the daemon logged as `event` ("start", "end"):
+        id, server and labels, once there are `at_least` of them (or after patience(5) s). The
+        log outlives short sessions, and it is instant where a CLI call is not; but the daemon
+        writes a session's start line after its batch's bookkeeping, which comes after the first
+        packet's verdict and the loop's step aside (design.md), so the client's answer may come
+        back before the line."""
+        pattern = re.compile(rf"session (\d+) {event}: {service} {re.escape(key)} -> (\S+) c2s (\d+) s2c (\d+)")
+        deadline = time.monotonic() + patience(5)
+        while True:
+            found = [
+                {"id": int(m[1]), "server": m[2], "c2s_label": int(m[3]), "s2c_label": int(m[4])}
+                for m in pattern.finditer(self.log())
+            ]
+            if len(found) >= at_least or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.1)
 
     def cli(self, *args: str) -> Any:
         """`mplsorch ARGS --json` against the balancer's control socket, parsed."""

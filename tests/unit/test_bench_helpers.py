@@ -5,11 +5,13 @@ configuration: no lab."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -90,16 +92,34 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_the_sink_runs_as_a_module_says_when_it_listens_and_accepts() -> None:
+def accept_queue(port: int) -> int:
+    """The connections queued on 127.0.0.1:`port`'s listener (its rx_queue in /proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":  # LISTEN
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"no listener on 127.0.0.1:{port}")
+
+
+def test_the_sink_lets_the_kernel_complete_handshakes_and_drains_them_later() -> None:
+    """Connects complete while the sink sleeps (no process woken per connection: the timed
+    client keeps the CPU), the connections wait in the accept queue until the next drain, and
+    the sink never preempts on waking (SCHED_BATCH)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", sink.__name__, "127.0.0.1", str(port)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", sink.__name__, "127.0.0.1", str(port), "1.5"], stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "listening\n"
+        assert os.sched_getscheduler(proc.pid) == os.SCHED_BATCH
         for _ in range(3):
             elapsed, retransmitted = connect.connect_time("127.0.0.1", "127.0.0.1", port, 5)
             assert elapsed < 1 and not retransmitted
+        assert accept_queue(port) == 3  # accepted by the kernel, not yet by the sink
+        deadline = time.monotonic() + 10
+        while accept_queue(port):
+            assert time.monotonic() < deadline, "the sink did not drain its queue"
+            time.sleep(0.1)
     finally:
         proc.kill()
         proc.wait()

@@ -69,8 +69,8 @@ RETRY_SWEEP = 1.0  # after a failed conntrack read: the sweep that recovers what
 SWITCH_INTERVAL = 0.0005
 # After a batch's verdicts, the balancer leaves the CPU for at most this long (ms) before its
 # bookkeeping of the batch, unless more first packets come (Daemon.step_aside). The verdicts
-# release packets whose endpoints may share this host's CPU: a server or client agent's
-# applications, or in the lab's one-CPU guest the clients and servers themselves. The kernel
+# release packets that wake processes on this host (in the lab's one-CPU guest the clients and
+# servers themselves; the agents' verdicts end their batches, so they need no step aside). The kernel
 # forwards those packets inside the verdict's system call, but the processes they wake got
 # the CPU only once the daemon blocked again, and the scheduler preferred the daemon (it slept
 # longer): half of the lab's new-session connects waited for the batch's bookkeeping and the
@@ -254,9 +254,9 @@ class Daemon:
             self.on_packets()
 
     def step_aside(self) -> None:
-        """Block on the queue's socket for at most STEP_ASIDE_MS: what the
-        verdicts woke runs first, and more first packets end the wait at once. Outside the
-        running loop (tests) it returns at once."""
+        """Block on the queue's socket for at most STEP_ASIDE_MS: what the verdicts woke runs
+        first, and more first packets end the wait at once. Outside the running loop (tests) it
+        returns at once."""
         if self.waiting is not None:
             self.waiting.poll(STEP_ASIDE_MS)
 

@@ -98,26 +98,17 @@ def test_repeated_connections_reuse_the_session_and_only_first_packets_reach_use
     assert balancer.kernel_packets() >= 5 * balancer.flows
 
 
-def _logged(balancer: BalancerLab, event: str, service: str, key: str) -> list[dict[str, Any]]:
-    """What the daemon logged so far, not waiting for a line (BalancerLab.logged)."""
-    return balancer.logged(event, service, key, at_least=0)
-
-
-def _logged_soon(balancer: BalancerLab, event: str, service: str, key: str) -> list[dict[str, Any]]:
-    return balancer.logged(event, service, key)
-
-
 def test_udp_clients_get_a_session_of_their_own(lab: Lab, balancer: BalancerLab) -> None:
     c3 = lab.address("c3")
     assert balancer.udp("c3") == "echo hello"
-    started = _logged_soon(balancer, "start", "dns", c3)
+    started = balancer.logged("start", "dns", c3)
     assert len(started) == 1, balancer.log()[-2000:]
     session = started[0]
     DNS_SESSION.update(session)
     assert session["server"] in lab.names("server")
     assert session["c2s_label"] % 2 == 1 and session["s2c_label"] == session["c2s_label"] + 1
-    assert not _logged(balancer, "start", "dns", lab.address("c1")) + _logged(
-        balancer, "start", "dns", lab.address("c2")
+    assert not balancer.logged("start", "dns", lab.address("c1"), at_least=0) + balancer.logged(
+        "start", "dns", lab.address("c2"), at_least=0
     )
 
 
@@ -126,10 +117,10 @@ def test_a_session_ends_after_its_flows_and_the_persistence_timeout(lab: Lab, ba
     session = DNS_SESSION
     assert session, "the UDP test saw no session"
     deadline = time.monotonic() + patience(30)  # UDP timeout (3 s) + persistence (2 s) + a sweep (10 s)
-    while not _logged(balancer, "end", "dns", c3):
+    while not balancer.logged("end", "dns", c3, at_least=0):
         assert time.monotonic() < deadline, balancer.log()[-2000:]
         time.sleep(1)
-    assert _logged(balancer, "end", "dns", c3) == [session]
+    assert balancer.logged("end", "dns", c3, at_least=0) == [session]
     assert c3 not in _by_client(balancer.sessions(), "dns")
     installed = [i.obj for i in lab.provider("lb").dump()]
     assert not any(isinstance(o, ops.FlowerFilter) and o.handle >> 8 == session["c2s_label"] for o in installed)
@@ -203,7 +194,7 @@ for packet in bad:
 
 def test_ipv6_clients_reach_the_ipv6_vip(lab: Lab, balancer: BalancerLab) -> None:
     assert balancer.curl("c2", lab.vip6) == "200"
-    started = _logged_soon(balancer, "start", "mobile", lab.address("c2", version=6))
+    started = balancer.logged("start", "mobile", lab.address("c2", version=6))
     assert len(started) == 1, balancer.log()[-2000:]  # no Home Address option: keyed by the source
     log = (Path(lab.node(started[0]["server"])["runtime_dir"]) / "http-80-v6.log").read_text()
     assert any(line.startswith(lab.address("c2", version=6) + " ") for line in log.splitlines()), log
@@ -250,7 +241,7 @@ def test_a_mobile_client_keeps_its_server_and_labels_when_its_care_of_address_ch
         while coa not in {c for s in balancer.sessions() if s["key"] == home for c in s["clients"]}:
             assert time.monotonic() < deadline, balancer.log()[-2000:]
             time.sleep(0.5)
-    started = _logged_soon(balancer, "start", "mobile", home)
+    started = balancer.logged("start", "mobile", home)
     assert len(started) == 1, balancer.log()[-2000:]  # one session, re-keyed, not a second one
     assert re.search(
         rf"session {started[0]['id']} rekeyed: mobile {re.escape(home)} -> \S+ c2s \d+ s2c \d+ "

@@ -38,6 +38,10 @@ def test_scale_bench_holds_its_sessions_and_reports_per_session_figures(lab: Lab
     out = json.loads(run.stdout)
     assert (out["sessions"], out["reference_sessions"], out["probe_sessions"]) == (SESSIONS, REFERENCE, PROBE)
     assert out["rate_at_reference_per_s"] > 0 and out["rate_at_sessions_per_s"] > 0
+    runs = out["rate_runs_per_s"]
+    assert out["probes"] == len(runs["reference"]) == len(runs["sessions"]) == 3
+    assert out["rate_at_reference_per_s"] == sorted(runs["reference"])[1]
+    assert out["rate_at_sessions_per_s"] == sorted(runs["sessions"])[1]
     ratio = out["rate_at_sessions_per_s"] / out["rate_at_reference_per_s"]
     assert out["rate_ratio"] == pytest.approx(ratio, rel=0.01)
     assert out["daemon_bytes_per_session"] > 0  # 700 sessions grew the daemon

@@ -16,6 +16,7 @@ JSON_KEYS = [
     "sessions",
     "reference_sessions",
     "probe_sessions",
+    "probes",
     "daemon_bytes_per_session",
     "kernel_bytes_per_session",
     "rate_at_reference_per_s",
@@ -30,14 +31,15 @@ JSON_KEYS = [
     "answer_runs_s",
     "cli_runs_s",
     "python_start_runs_s",
+    "rate_runs_per_s",
 ]
 
 RUN = ScaleRun(
     sessions=100_000,
     reference=10_000,
     probe=2000,
-    rate_at_reference=1000.0,
-    rate_at_sessions=850.0,
+    rates_at_reference=[1000.0],
+    rates_at_sessions=[850.0],
     rss_before_kb=50_000,
     rss_after_kb=50_000 + 195_313,  # 2,000 B per session
     guest_available_before_kb=2_000_000,
@@ -69,9 +71,9 @@ def test_goals_met_and_not_met() -> None:
     assert build_scale_result(replace(RUN, cli_s=fast)).goals["cli_s"] == {"goal": "< 1.0", "value": 0.9, "met": True}
     failed = build_scale_result(replace(RUN, cli_s={**fast, "status": [None]})).goals["cli_s"]
     assert failed == {"goal": "< 1.0", "value": None, "met": False}
-    slow = build_scale_result(replace(RUN, rate_at_sessions=790.0, answer_s={"status": [1.0]})).goals
+    slow = build_scale_result(replace(RUN, rates_at_sessions=[790.0], answer_s={"status": [1.0]})).goals
     assert slow["rate_ratio"]["met"] is False and slow["answer_s"]["met"] is False
-    assert build_scale_result(replace(RUN, rate_at_reference=0.0)).goals["rate_ratio"]["met"] is None
+    assert build_scale_result(replace(RUN, rates_at_reference=[0.0])).goals["rate_ratio"]["met"] is None
 
 
 def test_the_figures_are_the_medians_of_the_runs_and_every_run_is_kept() -> None:
@@ -96,6 +98,17 @@ def test_the_figures_are_the_medians_of_the_runs_and_every_run_is_kept() -> None
     assert "sessions_first_page failed" in format_scale(r)
 
 
+def test_the_rates_are_the_medians_of_the_probes_and_every_probe_is_kept() -> None:
+    """One slow probe (a slow spell of the guest) moves neither rate nor the ratio."""
+    r = build_scale_result(
+        replace(RUN, rates_at_reference=[1200.0, 900.0, 1000.0], rates_at_sessions=[700.0, 850.0, 1300.0])
+    )
+    assert (r.rate_at_reference_per_s, r.rate_at_sessions_per_s, r.rate_ratio, r.probes) == (1000.0, 850.0, 0.85, 3)
+    assert r.rate_runs_per_s == {"reference": [1200.0, 900.0, 1000.0], "sessions": [700.0, 850.0, 1300.0]}
+    assert "(median of 3 probes of 2000: 1200, 900, 1000)" in format_scale(r)
+    assert "(700, 850, 1300)" in format_scale(r)
+
+
 def test_extrapolation_is_labelled_and_judges_the_guests_memory() -> None:
     r = build_scale_result(RUN)
     x = r.extrapolated
@@ -114,7 +127,8 @@ def test_json_fields_are_the_documented_ones_in_order() -> None:
 
 def test_command_line_defaults_and_the_label_space() -> None:
     args = parse_args([])
-    assert (args.sessions, args.reference, args.probe, args.json) == (500_000, 10_000, 2000, False)
+    assert (args.sessions, args.reference, args.probe, args.probes, args.json) == (500_000, 10_000, 2000, 3, False)
+    assert max_sessions(2000, 1) == max_sessions(2000) + 2 * 2000  # the probes at N take labels beyond N
     first, last = changes(502_000)["labels.range"]
     assert last <= 2**20 - 1 and (last - first + 1) // 2 >= 502_000
     assert max_sessions(2000) >= 500_000
@@ -123,6 +137,8 @@ def test_command_line_defaults_and_the_label_space() -> None:
         ["--sessions", str(max_sessions(2000) + 1)],
         ["--sessions", "1000", "--reference", "900", "--probe", "200"],
         ["--probe", "0"],
+        ["--probes", "0"],
+        ["--sessions", "1000", "--reference", "300", "--probe", "250"],  # the reference and its 3 probes exceed N
     ):
         with pytest.raises(SystemExit):
             parse_args(bad)

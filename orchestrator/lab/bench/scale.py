@@ -1,18 +1,20 @@
 """Benchmark: the balancer daemon holding N concurrent sessions (issue 15: 500,000; the 2^20 label
 space holds 524,287 pairs). One run on the default lab:
 
-1. the daemon starts with a label range for N + P sessions (P: a probe), long persistence, the
+1. the daemon starts with a label range for N + K x P sessions (P: a probe), long persistence, the
    servers' Python echo stopped; its RSS (/proc/PID/status) and the guest's MemAvailable are read;
 2. sessions are opened the way clients open them, by first packets: pktgen floods UDP to VIP:53
    from consecutive spoofed sources (10.64.0.1 onwards, up to 2^20 of them; one packet each, so
    the per-source rate limit never bites), each released by the daemon only once its objects
    are in the kernel and counted out on the balancer node's fabric link;
-3. the table is filled to the reference size (10,000), a probe of P new sessions is timed
-   (the programming rate with the reference installed), the table is filled to N, RSS and MemAvailable are
-   read again, `status` and the first and last `sessions` pages are timed five times each (on
-   the control socket, and through the `mplsorch` command, beside `python -c pass`: their
-   medians, and every run), and a second probe of P is timed (the rate at N); the daemon's
-   counters must show every session.
+3. the table is filled to the reference size (10,000), K probes of P new sessions each are
+   timed one after the other (the programming rate with the reference installed: their median),
+   the table is filled to N, RSS and MemAvailable are read again, `status` and the first and
+   last `sessions` pages are timed five times each (on the control socket, and through the
+   `mplsorch` command, beside `python -c pass`: their medians, and every run), and K more
+   probes are timed (the rate at N: their median); the daemon's counters must show every
+   session. One probe lasts a second or two, so a single slow spell of the guest moved a
+   one-probe ratio by a third (docs/lab.md, "The probes of `bench scale`").
 
 `mplsorch lab bench scale` runs this module inside `mplsorch lab run`."""
 
@@ -42,6 +44,7 @@ LABEL_MAX = 2**20 - 1
 HEADROOM = 256  # label pairs beyond the sessions (admission keeps min_free_labels free)
 PAGE = 1000  # rows of a timed `sessions` page
 RUNS = 5  # times each answer is timed (the result shows their median, and each)
+PROBES = 3  # timed probes at each size (the result shows their median rate, and each)
 
 
 SERVERS = ("s1", "s2", "s3")  # the example's pool web, which serves dns
@@ -55,11 +58,12 @@ class Answers(NamedTuple):
     start_s: list[float]
 
 
-def max_sessions(probe: int) -> int:
-    """The largest N whose sessions and the last probe fit the label space from the lab's first label."""
+def max_sessions(probe: int, probes: int = PROBES) -> int:
+    """The largest N whose sessions and the probes at N fit the label space from the lab's first
+    label (the probes at the reference size are among the N)."""
     from orchestrator.lab.balancer_lab import LABELS
 
-    return (LABEL_MAX - LABELS[0] - 1) // 2 - HEADROOM - probe
+    return (LABEL_MAX - LABELS[0] - 1) // 2 - HEADROOM - probes * probe
 
 
 def changes(total: int) -> dict[KeyPath, Any]:
@@ -181,14 +185,25 @@ def answers(balancer: BalancerLab, held: int, runs: int = RUNS) -> Answers:
     return Answers(socket_s, cli_s, start_s)
 
 
-def run(lab: Lab, sessions: int, reference: int, probe: int) -> ScaleRun:
+def probes(bed: Testbed, at: int, probe: int, count: int) -> list[float]:
+    """`count` probes of `probe` new sessions with `at` installed, one after the other: their rates."""
+    rates = []
+    for k in range(count):
+        installed = at + k * probe
+        rates.append(
+            bed.flood(f"scale probe {k + 1}/{count} at {installed}", SCALE_OCTET, probe, offset=installed).per_s
+        )
+    return rates
+
+
+def run(lab: Lab, sessions: int, reference: int, probe: int, count: int = PROBES) -> ScaleRun:
     from orchestrator.control_socket import request
     from orchestrator.lab.balancer_lab import BalancerLab
     from orchestrator.lab.bench.balancer import start_balancer, stop_servers
     from orchestrator.lab.bench.setup import BACKLOG, backlog
     from orchestrator.lab.bench.testbed import Testbed, say
 
-    total = sessions + probe
+    total = sessions + count * probe
     bed = Testbed(lab, probe, 1)
     prepare(bed, total)
     balancer = BalancerLab(lab, bed.balancer, changes=changes(total))
@@ -203,8 +218,8 @@ def run(lab: Lab, sessions: int, reference: int, probe: int) -> ScaleRun:
         say(f"scale: daemon {pid} RSS {rss0} kB, guest MemAvailable {avail0} kB")
         with backlog(BACKLOG):
             bed.flood(f"scale fill to {reference}", SCALE_OCTET, reference)
-            at_reference = bed.flood(f"scale probe at {reference}", SCALE_OCTET, probe, offset=reference)
-            done = reference + probe
+            at_reference = probes(bed, reference, probe, count)
+            done = reference + count * probe
             chunk = 65_000  # one flood helper per chunk: its progress on stderr
             while done < sessions:
                 count = min(chunk, sessions - done)
@@ -215,12 +230,13 @@ def run(lab: Lab, sessions: int, reference: int, probe: int) -> ScaleRun:
             say(f"scale: {done} sessions; daemon RSS {rss1} kB, guest MemAvailable {avail1} kB")
             timed = answers(balancer, done)
             say(f"scale: answers {timed.socket_s}, through the command {timed.cli_s}, python -c pass {timed.start_s}")
-            at_sessions = bed.flood(f"scale probe at {done}", SCALE_OCTET, probe, offset=done)
+            at_sessions = probes(bed, done, probe, count)
         final = request(str(balancer.sock), "status", timeout=900)  # slow at N: see answers()
         started = final["counters"].get("sessions_started", 0) - started0
         held = final["sessions"]
-        if started != done + probe or held != done + probe:
-            raise RuntimeError(f"scale: {started} sessions started, {held} held, {done + probe} first packets")
+        sent = done + count * probe
+        if started != sent or held != sent:
+            raise RuntimeError(f"scale: {started} sessions started, {held} held, {sent} first packets")
     except Exception:
         print(balancer.log()[-3000:], file=sys.stderr)
         print("\n".join([x for x in balancer.log().splitlines() if " start: " not in x][-40:]), file=sys.stderr)
@@ -252,8 +268,8 @@ def run(lab: Lab, sessions: int, reference: int, probe: int) -> ScaleRun:
         sessions=done,
         reference=reference,
         probe=probe,
-        rate_at_reference=at_reference.per_s,
-        rate_at_sessions=at_sessions.per_s,
+        rates_at_reference=at_reference,
+        rates_at_sessions=at_sessions,
         rss_before_kb=rss0,
         rss_after_kb=rss1,
         guest_available_before_kb=avail0,
@@ -271,12 +287,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sessions", type=int, default=TARGET_SESSIONS)
     parser.add_argument("--reference", type=int, default=10_000)
     parser.add_argument("--probe", type=int, default=2000)
+    parser.add_argument("--probes", type=int, default=PROBES, help="timed probes at each size")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if not 1 <= args.probe <= 20_000 or not 1 <= args.reference < args.sessions - args.probe:
-        parser.error("need 1 <= --probe <= 20000 and 1 <= --reference < --sessions - --probe")
-    if args.sessions > max_sessions(args.probe):
-        parser.error(f"--sessions at most {max_sessions(args.probe)} (the label space, two probes, headroom)")
+    if not 1 <= args.probes <= 9:
+        parser.error("need 1 <= --probes <= 9")
+    if not 1 <= args.probe <= 20_000 or not 1 <= args.reference < args.sessions - args.probes * args.probe:
+        parser.error("need 1 <= --probe <= 20000 and 1 <= --reference < --sessions - --probes x --probe")
+    if args.sessions > max_sessions(args.probe, args.probes):
+        parser.error(
+            f"--sessions at most {max_sessions(args.probe, args.probes)} (the label space, the probes at N, headroom)"
+        )
     return args
 
 
@@ -286,7 +307,7 @@ def main(argv: list[str]) -> int:
 
     lab = Lab.from_env()
     try:
-        result = build_scale_result(run(lab, args.sessions, args.reference, args.probe))
+        result = build_scale_result(run(lab, args.sessions, args.reference, args.probe, args.probes))
     finally:
         lab.close()
     print(json.dumps(asdict(result)) if args.json else format_scale(result))

@@ -4,6 +4,7 @@ extrapolation to the label space's worth of sessions. Pure, so tested without a 
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 from orchestrator.lab.bench.result import goal_met
@@ -21,8 +22,10 @@ class ScaleRun:
     sessions: int  # N: sessions held when memory and answers were measured
     reference: int  # the smaller size the rate is compared at (10,000)
     probe: int  # new sessions per timed probe
-    rate_at_reference: float  # new sessions/s of the probe with `reference` installed
-    rate_at_sessions: float  # ... with N installed
+    rates_at_reference: list[
+        float
+    ]  # new sessions/s of each probe with `reference` (and the probes before it) installed
+    rates_at_sessions: list[float]  # ... with N installed
     rss_before_kb: int  # the daemon's VmRSS with no session
     rss_after_kb: int  # ... with N
     guest_available_before_kb: int  # the guest's MemAvailable with no session
@@ -44,6 +47,7 @@ class ScaleResult:
     sessions: int
     reference_sessions: int
     probe_sessions: int
+    probes: int  # timed probes at each size
     daemon_bytes_per_session: float
     kernel_bytes_per_session: float
     rate_at_reference_per_s: float
@@ -58,6 +62,7 @@ class ScaleResult:
     answer_runs_s: dict[str, list[float]]  # every run, in the order timed
     cli_runs_s: dict[str, list[float | None]]
     python_start_runs_s: list[float]
+    rate_runs_per_s: dict[str, list[float]]  # each probe's rate, in the order timed: "reference", "sessions"
 
 
 def median(runs: list[float] | list[float | None]) -> float | None:
@@ -78,7 +83,9 @@ def build_scale_result(run: ScaleRun) -> ScaleResult:
     guest_kb = run.guest_available_before_kb - run.guest_available_after_kb - daemon_kb
     daemon_b = 1024 * daemon_kb / run.sessions
     kernel_b = 1024 * guest_kb / run.sessions
-    rate_ratio = run.rate_at_sessions / run.rate_at_reference if run.rate_at_reference > 0 else None
+    at_reference = statistics.median(run.rates_at_reference)
+    at_sessions = statistics.median(run.rates_at_sessions)
+    rate_ratio = at_sessions / at_reference if at_reference > 0 else None
     answer_s = {k: median(v) or 0.0 for k, v in run.answer_s.items()}
     cli_s = {k: median(v) for k, v in run.cli_s.items()}
     slowest = max(answer_s.values())
@@ -108,10 +115,11 @@ def build_scale_result(run: ScaleRun) -> ScaleResult:
         sessions=run.sessions,
         reference_sessions=run.reference,
         probe_sessions=run.probe,
+        probes=len(run.rates_at_reference),
         daemon_bytes_per_session=round(daemon_b, 1),
         kernel_bytes_per_session=round(kernel_b, 1),
-        rate_at_reference_per_s=round(run.rate_at_reference, 1),
-        rate_at_sessions_per_s=round(run.rate_at_sessions, 1),
+        rate_at_reference_per_s=round(at_reference, 1),
+        rate_at_sessions_per_s=round(at_sessions, 1),
         rate_ratio=None if rate_ratio is None else round(rate_ratio, 3),
         answer_s={k: round(v, 3) for k, v in answer_s.items()},
         cli_s={k: _rounded(v) for k, v in cli_s.items()},
@@ -130,6 +138,10 @@ def build_scale_result(run: ScaleRun) -> ScaleResult:
         answer_runs_s={k: [round(x, 3) for x in v] for k, v in run.answer_s.items()},
         cli_runs_s={k: [_rounded(x) for x in v] for k, v in run.cli_s.items()},
         python_start_runs_s=[round(x, 3) for x in run.python_start_s],
+        rate_runs_per_s={
+            "reference": [round(x, 1) for x in run.rates_at_reference],
+            "sessions": [round(x, 1) for x in run.rates_at_sessions],
+        },
     )
 
 
@@ -144,9 +156,10 @@ def format_scale(r: ScaleResult) -> str:
         f"scale: {r.sessions} concurrent sessions in the balancer daemon (lab)",
         f"  daemon memory per session      {r.daemon_bytes_per_session:10.0f} B   {verdict('daemon_bytes_per_session')}",
         f"  guest (kernel) per session     {r.kernel_bytes_per_session:10.0f} B",
-        f"  new sessions/s at {r.reference_sessions:>7}       {r.rate_at_reference_per_s:10.1f}",
+        f"  new sessions/s at {r.reference_sessions:>7}       {r.rate_at_reference_per_s:10.1f}     "
+        f"(median of {r.probes} probes of {r.probe_sessions}: {', '.join(f'{x:.0f}' for x in r.rate_runs_per_s['reference'])})",
         f"  new sessions/s at {r.sessions:>7}       {r.rate_at_sessions_per_s:10.1f}     ratio {ratio}   "
-        f"{verdict('rate_ratio')}",
+        f"{verdict('rate_ratio')}   ({', '.join(f'{x:.0f}' for x in r.rate_runs_per_s['sessions'])})",
         f"  control socket answer, s (median of {len(r.python_start_runs_s)}) "
         + ", ".join(f"{k} {v:.3f}" for k, v in r.answer_s.items())
         + f"   {verdict('answer_s')}",

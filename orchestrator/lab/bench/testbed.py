@@ -216,10 +216,6 @@ class Testbed:
             )
         return RateRun(count, elapsed, out["send_s"])
 
-    def latency(self, phase: str) -> Latency:
-        """The lab's VIP alone, every source in one run."""
-        return Latency.pooled(self.latencies(phase, [self.lab.vip], 1)[0])
-
     def latencies(self, phase: str, vips: list[str], repeats: int) -> list[list[Latency]]:
         """Per VIP (a system each), per repeat: the connects of that repeat's share of the
         sources, the VIPs interleaved source by source (connect.connects), one helper run each."""
@@ -243,8 +239,8 @@ class Testbed:
             got = json.loads(done.stdout)
             if got["failed"]:
                 raise RuntimeError(f"{phase}: {len(got['failed'])} connects failed, first: {got['failed'][0]}")
-            for k, (pairs, retransmits) in enumerate(zip(got["pairs"], got["retransmits"])):
-                out[k].append(Latency([(new, old) for new, old in pairs], retransmits))
+            for k, (new, existing, retransmits) in enumerate(zip(got["new"], got["existing"], got["retransmits"])):
+                out[k].append(Latency(new, existing, retransmits))
             say(
                 f"{phase}: repeat {r + 1}/{repeats}: {len(sources)} sources x {len(vips)} systems; "
                 f"SYN retransmits {got['retransmits']}"

@@ -53,11 +53,10 @@ def listener() -> Iterator[int]:
         s.shutdown(socket.SHUT_RDWR)
 
 
-def test_connects_time_a_new_and_later_connects_per_source_and_report_failures(listener: int) -> None:
+def test_connects_time_a_pair_per_source_and_report_failures(listener: int) -> None:
     out = connect.connects(["127.0.0.1"], listener, ["127.0.0.2", "127.0.0.3", "192.0.2.1"], "127.0.0.1", 0)
-    [new], [existing] = out["new"], out["existing"]
-    assert len(new) == 2 and len(existing) == 2 * connect.LATER == 6  # the failed source adds nothing
-    assert all(0 < t < 1 for t in new + existing)
+    [pairs] = out["pairs"]
+    assert len(pairs) == 2 and all(0 < t < 1 for pair in pairs for t in pair)
     assert out["retransmits"] == [0]
     assert len(out["failed"]) == 1 and out["failed"][0].startswith("192.0.2.1 -> 127.0.0.1: ")  # not local
     json.dumps(out)
@@ -72,8 +71,8 @@ def test_connects_interleave_the_systems_taking_turns_first(listener: int, monke
         return real(source, "127.0.0.1", port, timeout)
 
     monkeypatch.setattr(connect, "connect_time", timed)
-    out = connect.connects(["127.0.0.1", "127.0.0.4"], listener, ["127.0.0.2", "127.0.0.3"], "127.0.0.1", 0, later=1)
-    assert [len(p) for p in out["new"]] == [len(p) for p in out["existing"]] == [2, 2] and out["retransmits"] == [0, 0]
+    out = connect.connects(["127.0.0.1", "127.0.0.4"], listener, ["127.0.0.2", "127.0.0.3"], "127.0.0.1", 0)
+    assert [len(p) for p in out["pairs"]] == [2, 2] and out["retransmits"] == [0, 0]
     measured = [o for o in order if o[0] != "127.0.0.1"]  # after the warm-ups
     assert measured == [
         ("127.0.0.2", "127.0.0.1"),

@@ -34,7 +34,6 @@ JSON_KEYS = [
     "latency_userspace",
     "latency_loop_steps",
     "rate_rounds",
-    "existing_samples",
 ]
 RATIOS = ["sessions_vs_kernel_limit", "existing_vs_ipvs", "new_p99_vs_ipvs", "existing_p99_vs_ipvs"]
 
@@ -61,13 +60,12 @@ def _result(existing_s: float = 0.5) -> SetupResult:
     # (d) and (c) in rounds: pooled, 4,000 connections in 1 s (at the default existing_s)
     existing = [RateRun(1000, existing_s * 0.4, 0.2), RateRun(1000, existing_s * 0.6, 0.3)]
     theirs = [RateRun(1000, 0.2, 0.25), RateRun(1000, 0.3, 0.25)]
-    # Two repeats of 50 sources each, three later connects per source; pooled they are the 100
-    # and 300 samples of the figures.
+    # Two repeats of 50 samples each; pooled they are the 100 samples of the figures.
     our_runs = [
-        Latency([0.030] * 49 + [0.110], [0.010] * 147 + [0.012] * 3, retransmits=1),
-        Latency([0.030] * 49 + [0.110], [0.010] * 147 + [0.012] * 3),
+        Latency([(0.030, 0.010)] * 49 + [(0.110, 0.012)], retransmits=1),
+        Latency([(0.030, 0.010)] * 49 + [(0.110, 0.012)]),
     ]
-    their_runs = [Latency([0.0105] * 49 + [0.015], [0.010] * 50)] * 2
+    their_runs = [Latency([(0.0105, 0.010)] * 49 + [(0.015, 0.010)])] * 2
     return build_result(limit, ours, existing, theirs, our_runs, their_runs, {"sessions_started": 100}, STEPS)
 
 
@@ -86,13 +84,13 @@ def test_result_rates_latencies_and_ratios() -> None:
     }
     assert d["offered_per_s"] == {"sessions": 2000, "existing": 4000, "ipvs": 4000}
     assert d["syn_retransmits"] == {"balancer": 1, "ipvs": 0}
-    assert d["sessions"] == 2000 and (d["samples"], d["existing_samples"], d["repeats"]) == (50, 150, 2)
-    # Each repeat alone: 50 new samples, so its p99 lies between its two slowest.
+    assert d["sessions"] == 2000 and (d["samples"], d["repeats"]) == (50, 2)
+    # Each repeat alone: 50 samples, so its p99 lies between its two slowest.
     per_repeat = d["latency_repeats"]["balancer"]
-    assert per_repeat[0] == per_repeat[1] == {"new": {"p50": 30, "p99": 70.8}, "existing": {"p50": 10, "p99": 12}}
+    assert per_repeat[0] == per_repeat[1] == {"new": {"p50": 30, "p99": 70.8}, "existing": {"p50": 10, "p99": 11.02}}
     theirs = d["latency_repeats"]["ipvs"][0]
     assert d["ratio_repeats"]["new_p99_vs_ipvs"] == [round(70.8 / theirs["new"]["p99"], 3)] * 2
-    assert d["ratio_repeats"]["existing_p99_vs_ipvs"] == [round(12 / theirs["existing"]["p99"], 3)] * 2
+    assert d["ratio_repeats"]["existing_p99_vs_ipvs"] == [round(11.02 / theirs["existing"]["p99"], 3)] * 2
     assert d["latency_userspace"] == {"sessions_started": 100}
     assert d["latency_loop_steps"] == STEPS
     assert d["rate_rounds"] == {"existing": [5000, 3333.3], "ipvs": [5000, 3333.3]}
@@ -119,8 +117,8 @@ def test_goal_met_compares_both_ways_and_has_no_verdict_without_a_ratio() -> Non
 
 def test_a_reference_of_zero_gives_no_ratio_and_no_verdict() -> None:
     limit = KernelLimit(10, {"tc": 1.0})
-    lat = Latency([0.02], [0.01])
-    zero = Latency([0.0], [0.0])
+    lat = Latency([(0.02, 0.01)])
+    zero = Latency([(0.0, 0.0)])
     r = build_result(limit, RateRun(10, 1.0, 1.0), [RateRun(10, 1.0, 1.0)], [RateRun(10, 1.0, 1.0)], [lat], [zero])
     assert r.ratios["new_p99_vs_ipvs"] is None and r.goals["new_p99_vs_ipvs"]["met"] is None
     assert "-" in format_table(r)
@@ -176,7 +174,7 @@ def test_the_latency_check_allows_existing_connects_that_came_before_their_eleme
     """A new session's element goes in right after its first packet's verdict: an existing
     session's connect that came before it reached the daemon, which counted it `fastpath_late`;
     any other packet of an existing session's connect in userspace fails the check."""
-    runs = [Latency([0.002] * 3, [0.0003] * 9, retransmits=1)]
+    runs = [Latency([(0.002, 0.0003)] * 3, retransmits=1)]
     bed = SimpleNamespace(userspace={"sessions_started": 4, "packets_userspace": 6, "fastpath_late": 1})
     check_latency_path(bed, runs)  # type: ignore[arg-type]
     bed.userspace["fastpath_late"] = 0

@@ -242,7 +242,7 @@ def check_latency_path(bed: Testbed, runs: list[Latency]) -> None:
     goes in right after the first packet's verdict: the daemon counts those (`fastpath_late`,
     reported in `latency_userspace`). The client's own address, which warms the path up before
     each run, opens one more session the first time."""
-    sources = sum(len(run.new) for run in runs)
+    sources = sum(len(run.pairs) for run in runs)
     started = bed.userspace.get("sessions_started", 0)
     allowed = started + sum(run.retransmits for run in runs) + bed.userspace.get("fastpath_late", 0)
     if not sources <= started <= sources + 1 or bed.userspace.get("packets_userspace", 0) > allowed:

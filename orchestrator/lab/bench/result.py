@@ -38,27 +38,22 @@ class RateRun:
 
 @dataclass(frozen=True)
 class Latency:
-    """connect() times (seconds) of new sessions (one per source) and of their later connections
-    (connect.LATER per source), and how many of those connects retransmitted their SYN."""
+    """connect() times (seconds) of (new session, existing session) pairs, per sample, and how
+    many of those connects retransmitted their SYN."""
 
-    new: list[float]
-    existing: list[float]
+    pairs: list[tuple[float, float]]
     retransmits: int = 0
 
     @staticmethod
     def pooled(runs: list[Latency]) -> Latency:
         """Every sample of several runs (repeats) as one."""
-        return Latency(
-            [t for run in runs for t in run.new],
-            [t for run in runs for t in run.existing],
-            sum(run.retransmits for run in runs),
-        )
+        return Latency([p for run in runs for p in run.pairs], sum(run.retransmits for run in runs))
 
     def new_ms(self, q: float) -> float:
-        return 1000 * percentile(self.new, q)
+        return 1000 * percentile([new for new, _ in self.pairs], q)
 
     def existing_ms(self, q: float) -> float:
-        return 1000 * percentile(self.existing, q)
+        return 1000 * percentile([old for _, old in self.pairs], q)
 
 
 GOALS: tuple[tuple[str, str, float], ...] = (
@@ -104,7 +99,6 @@ class SetupResult:
     latency_loop_steps: dict[str, dict[str, float]]
     # (c) and (d) are several floods each (rounds): each round's connections per second.
     rate_rounds: dict[str, list[float]]
-    existing_samples: int  # later connections per repeat (connect.LATER per source), each an existing-session sample
 
 
 def build_result(
@@ -146,7 +140,7 @@ def build_result(
     }
     return SetupResult(
         sessions=ours.count,
-        samples=len(our_runs[0].new) if our_runs else 0,
+        samples=len(our_runs[0].pairs) if our_runs else 0,
         repeats=len(our_runs),
         kernel_limit_sessions_per_s=round(limit.per_s, 1),
         sessions_per_s=round(ours.per_s, 1),
@@ -179,7 +173,6 @@ def build_result(
             "existing": [round(r.per_s, 1) for r in existing_rounds],
             "ipvs": [round(r.per_s, 1) for r in their_rounds],
         },
-        existing_samples=len(our_runs[0].existing) if our_runs else 0,
     )
 
 
@@ -217,7 +210,7 @@ def format_table(r: SetupResult) -> str:
             2,
         ),
         (
-            f"connect p99 existing session, ms ({r.existing_samples}x{r.repeats})",
+            "connect p99 existing session, ms",
             lat["existing"]["p99"],
             ipvs_lat["existing"]["p99"],
             "existing_p99_vs_ipvs",
@@ -242,7 +235,7 @@ def format_table(r: SetupResult) -> str:
         f"  offered by pktgen/s: sessions {r.offered_per_s['sessions']:.0f}, existing "
         f"{r.offered_per_s['existing']:.0f}, IPVS {r.offered_per_s['ipvs']:.0f}",
         "  kernel limit batches, s: " + ", ".join(f"{tool} {t:.2f}" for tool, t in r.kernel_limit_s.items()),
-        f"  connects with a SYN retransmit (of {(r.samples + r.existing_samples) * r.repeats} each): balancer "
+        f"  connects with a SYN retransmit (of {2 * r.samples * r.repeats} each): balancer "
         f"{r.syn_retransmits['balancer']}, IPVS {r.syn_retransmits['ipvs']}",
         "  p99 ratios per repeat (interleaved samples): new "
         + " ".join(num(x, 2) for x in r.ratio_repeats["new_p99_vs_ipvs"])

@@ -239,8 +239,8 @@ class Testbed:
             got = json.loads(done.stdout)
             if got["failed"]:
                 raise RuntimeError(f"{phase}: {len(got['failed'])} connects failed, first: {got['failed'][0]}")
-            for k, (new, existing, retransmits) in enumerate(zip(got["new"], got["existing"], got["retransmits"])):
-                out[k].append(Latency(new, existing, retransmits))
+            for k, (pairs, retransmits) in enumerate(zip(got["pairs"], got["retransmits"])):
+                out[k].append(Latency([(new, old) for new, old in pairs], retransmits))
             say(
                 f"{phase}: repeat {r + 1}/{repeats}: {len(sources)} sources x {len(vips)} systems; "
                 f"SYN retransmits {got['retransmits']}"

@@ -186,7 +186,7 @@ def answers(balancer: BalancerLab, held: int, runs: int = RUNS) -> Answers:
 
 
 def probes(bed: Testbed, at: int, probe: int, count: int) -> list[float]:
-    """`count` probes of `probe` new sessions with `at` installed, one after the other: their rates."""
+    """`count` probes of `probe` new sessions from `at` installed on, one after the other: their rates."""
     rates = []
     for k in range(count):
         installed = at + k * probe
@@ -196,14 +196,15 @@ def probes(bed: Testbed, at: int, probe: int, count: int) -> list[float]:
     return rates
 
 
-def run(lab: Lab, sessions: int, reference: int, probe: int, count: int = PROBES) -> ScaleRun:
+def run(lab: Lab, sessions: int, reference: int, probe: int, per_size: int = PROBES) -> ScaleRun:
+    """`per_size`: the probes timed at each size."""
     from orchestrator.control_socket import request
     from orchestrator.lab.balancer_lab import BalancerLab
     from orchestrator.lab.bench.balancer import start_balancer, stop_servers
     from orchestrator.lab.bench.setup import BACKLOG, backlog
     from orchestrator.lab.bench.testbed import Testbed, say
 
-    total = sessions + count * probe
+    total = sessions + per_size * probe
     bed = Testbed(lab, probe, 1)
     prepare(bed, total)
     balancer = BalancerLab(lab, bed.balancer, changes=changes(total))
@@ -218,8 +219,8 @@ def run(lab: Lab, sessions: int, reference: int, probe: int, count: int = PROBES
         say(f"scale: daemon {pid} RSS {rss0} kB, guest MemAvailable {avail0} kB")
         with backlog(BACKLOG):
             bed.flood(f"scale fill to {reference}", SCALE_OCTET, reference)
-            at_reference = probes(bed, reference, probe, count)
-            done = reference + count * probe
+            at_reference = probes(bed, reference, probe, per_size)
+            done = reference + per_size * probe
             chunk = 65_000  # one flood helper per chunk: its progress on stderr
             while done < sessions:
                 count = min(chunk, sessions - done)
@@ -230,11 +231,11 @@ def run(lab: Lab, sessions: int, reference: int, probe: int, count: int = PROBES
             say(f"scale: {done} sessions; daemon RSS {rss1} kB, guest MemAvailable {avail1} kB")
             timed = answers(balancer, done)
             say(f"scale: answers {timed.socket_s}, through the command {timed.cli_s}, python -c pass {timed.start_s}")
-            at_sessions = probes(bed, done, probe, count)
+            at_sessions = probes(bed, done, probe, per_size)
         final = request(str(balancer.sock), "status", timeout=900)  # slow at N: see answers()
         started = final["counters"].get("sessions_started", 0) - started0
         held = final["sessions"]
-        sent = done + count * probe
+        sent = done + per_size * probe
         if started != sent or held != sent:
             raise RuntimeError(f"scale: {started} sessions started, {held} held, {sent} first packets")
     except Exception:

@@ -94,7 +94,7 @@ def lab_pytest(
     pytest summary. Arguments after `--` go to every pytest.
 
     Exit status: 0 all passed; 1 a test failed or erred, a lab failed, or a module ran no test;
-    2 no module found; 3 no backend can run; 130/143 interrupted."""
+    2 no module found, or a PATH that is not there; 3 no backend can run; 130/143 interrupted."""
     from orchestrator.lab.parallel import run_parallel
 
     args = list(paths)

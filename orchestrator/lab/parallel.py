@@ -223,7 +223,15 @@ def known_durations(modules: list[str], cache: Path) -> dict[str, float]:
 
 def run_parallel(paths: list[str], jobs: int | None, backend_name: str | None, pytest_args: list[str]) -> int:
     """Exit status: 0 every test passed; 1 a test failed or erred, a lab failed, or a module ran
-    no test; 2 nothing to run; 3 no backend; 128+N interrupted by signal N."""
+    no test; 2 nothing to run (or a PATH that is not there); 3 no backend; 128+N interrupted by
+    signal N."""
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:  # `-q` before `--` was once taken for a module: its lab ran every test of the tree
+        print(
+            f"mplsorch lab: no such test module or directory: {' '.join(missing)} (pytest's own arguments go after --)",
+            file=sys.stderr,
+        )
+        return 2
     modules = collect(paths)
     if not modules:
         print(f"mplsorch lab: no test modules in {' '.join(paths)}", file=sys.stderr)

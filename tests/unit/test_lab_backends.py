@@ -245,6 +245,16 @@ def test_the_combined_summary_is_a_pytest_closing_line() -> None:
     )
 
 
+def test_a_path_that_is_not_there_is_refused_before_any_lab(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pytest option given before `--` is not a module: no lab runs pytest on the whole tree."""
+    (tmp_path / "test_a.py").write_text("")
+    monkeypatch.setattr(parallel.backend, "choose", lambda name: pytest.fail("a lab was chosen"))
+    assert parallel.run_parallel([str(tmp_path / "test_a.py"), "-q"], None, None, []) == 2
+    assert "no such test module or directory: -q (pytest's own arguments go after --)" in capsys.readouterr().err
+
+
 def test_slow_modules_start_first_and_untimed_ones_before_them(tmp_path: Path) -> None:
     for name, size in (("test_a.py", 10), ("test_b.py", 500), ("test_c.py", 20), ("test_d.py", 30)):
         (tmp_path / name).write_text("#" * size)

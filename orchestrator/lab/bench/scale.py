@@ -1,17 +1,17 @@
 """Benchmark: the balancer daemon holding N concurrent sessions (issue 15: 500,000; the 2^20 label
 space holds 524,287 pairs). One run on the default lab:
 
-1. the daemon starts with a label range for N + K x P sessions (P: a probe), long persistence, the
+1. the daemon starts with a label range for N + R x P sessions (P: a probe), long persistence, the
    servers' Python echo stopped; its RSS (/proc/PID/status) and the guest's MemAvailable are read;
 2. sessions are opened the way clients open them, by first packets: pktgen floods UDP to VIP:53
    from consecutive spoofed sources (10.64.0.1 onwards, up to 2^20 of them; one packet each, so
    the per-source rate limit never bites), each released by the daemon only once its objects
    are in the kernel and counted out on the balancer node's fabric link;
-3. the table is filled to the reference size (10,000), K probes of P new sessions each are
+3. the table is filled to the reference size (10,000), R probes of P new sessions each are
    timed one after the other (the programming rate with the reference installed: their median),
    the table is filled to N, RSS and MemAvailable are read again, `status` and the first and
    last `sessions` pages are timed five times each (on the control socket, and through the
-   `mplsorch` command, beside `python -c pass`: their medians, and every run), and K more
+   `mplsorch` command, beside `python -c pass`: their medians, and every run), and R more
    probes are timed (the rate at N: their median); the daemon's counters must show every
    session. One probe lasts a second or two, so a single slow spell of the guest moved a
    one-probe ratio by a third (docs/lab.md, "The probes of `bench scale`").

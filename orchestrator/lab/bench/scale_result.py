@@ -22,10 +22,9 @@ class ScaleRun:
     sessions: int  # N: sessions held when memory and answers were measured
     reference: int  # the smaller size the rate is compared at (10,000)
     probe: int  # new sessions per timed probe
-    rates_at_reference: list[
-        float
-    ]  # new sessions/s of each probe with `reference` (and the probes before it) installed
-    rates_at_sessions: list[float]  # ... with N installed
+    # New sessions/s of each probe with `reference` (and the probes before it) installed; with N.
+    rates_at_reference: list[float]
+    rates_at_sessions: list[float]
     rss_before_kb: int  # the daemon's VmRSS with no session
     rss_after_kb: int  # ... with N
     guest_available_before_kb: int  # the guest's MemAvailable with no session

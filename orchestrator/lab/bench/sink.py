@@ -54,9 +54,9 @@ def drain(listener: socket.socket) -> int:
 
 
 def main(argv: list[str]) -> int:
-    address, port, *drain_s = argv
+    address, port, *rest = argv
     out_of_the_way()
-    serve(address, int(port), *(float(s) for s in drain_s[:1]))
+    serve(address, int(port), float(rest[0]) if rest else DRAIN_S)
     return 0
 
 
